@@ -1,0 +1,113 @@
+//! Block status across a backing chain, in the shape of qemu's `MapEntry`.
+
+use crate::device::{BlockDevice, ExtentKind, check_range};
+use crate::error::{Error, Result};
+
+/// What a guest range is once the whole backing chain is consulted
+/// (qemu-img map's `MapEntry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Guest byte offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Which layer decided the content: 0 = the top image, 1 = its backing, …
+    pub depth: u32,
+    /// Some layer holds the range (false: nothing in the chain does, reads as zeroes).
+    pub present: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Stored as data (not known-zero).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset in the deciding layer's file, when it has a plain one.
+    pub offset: Option<u64>,
+}
+
+/// The first [`MapEntry`] at `offset`, at most `len` bytes, following backing devices.
+pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapEntry> {
+    check_range(offset, len, dev.virtual_size())?;
+    if len == 0 {
+        return Err(Error::invalid("block_status of an empty range"));
+    }
+    let mut len = len;
+    let mut depth = 0u32;
+    let mut holder;
+    let mut cur: &dyn BlockDevice = dev;
+    loop {
+        let e = cur.map(offset, len)?;
+        if e.len == 0 || e.offset != offset {
+            return Err(Error::invalid(
+                "device map returned an empty or misplaced extent",
+            ));
+        }
+        len = len.min(e.len);
+        let entry = |present, zero, data, compressed, off| MapEntry {
+            start: offset,
+            length: len,
+            depth,
+            present,
+            zero,
+            data,
+            compressed,
+            offset: off,
+        };
+        match e.kind {
+            ExtentKind::Data { offset: o } => return Ok(entry(true, false, true, false, o)),
+            ExtentKind::Zero { offset: o } => return Ok(entry(true, true, false, false, o)),
+            ExtentKind::Compressed => return Ok(entry(true, false, true, true, None)),
+            ExtentKind::Unallocated => {}
+        }
+        match cur.backing_device() {
+            Some(b) if offset < b.virtual_size() => {
+                len = len.min(b.virtual_size() - offset);
+                depth = depth
+                    .checked_add(1)
+                    .ok_or(Error::invalid("backing chain too deep"))?;
+                holder = b;
+                cur = holder.as_ref();
+            }
+            Some(_) => {
+                // Beyond the end of the backing image: zeroes, reported at the next depth
+                // (as qemu does).
+                return Ok(MapEntry {
+                    depth: depth + 1,
+                    ..entry(false, true, false, false, None)
+                });
+            }
+            None => return Ok(entry(false, true, false, false, None)),
+        }
+    }
+}
+
+/// Every [`MapEntry`] over `offset..offset+len`, adjacent equal entries merged (with
+/// contiguous host offsets), as `qemu-img map --output=json` prints them.
+pub fn map_chain(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+    check_range(offset, len, dev.virtual_size())?;
+    let mut out: Vec<MapEntry> = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let e = block_status(dev, pos, end - pos)?;
+        pos += e.length;
+        if let Some(last) = out.last_mut() {
+            let same = last.depth == e.depth
+                && last.present == e.present
+                && last.zero == e.zero
+                && last.data == e.data
+                && last.compressed == e.compressed
+                && match (last.offset, e.offset) {
+                    (Some(a), Some(b)) => a.checked_add(last.length) == Some(b),
+                    (None, None) => true,
+                    _ => false,
+                };
+            if same {
+                last.length += e.length;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}

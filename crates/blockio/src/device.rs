@@ -1,0 +1,229 @@
+//! The guest view of one image layer: the [`BlockDevice`] trait and what it reports.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::info::{CheckReport, DeviceInfo, RepairMode};
+use crate::storage::Preallocation;
+
+/// What one guest byte range is, in one image layer (see [`BlockDevice::map`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated data stored in this layer. `offset` is its plain host offset in the image
+    /// (or data/extent) file, `None` where there is no such offset (encrypted, or a format
+    /// that does not expose it).
+    Data {
+        /// Host byte offset of the first byte of the extent.
+        offset: Option<u64>,
+    },
+    /// Reads as zeroes, decided by this layer (a zero flag, a hole in a raw file).
+    Zero {
+        /// Host offset when the zeroes are backed by host space (raw holes, preallocated).
+        offset: Option<u64>,
+    },
+    /// This layer holds nothing here: reads come from the backing device, or are
+    /// zeroes when there is none.
+    Unallocated,
+    /// Compressed data stored in this layer (no plain host offset).
+    Compressed,
+}
+
+impl ExtentKind {
+    /// True when a read returns zeroes without consulting another layer.
+    pub fn is_zero(self) -> bool {
+        matches!(self, ExtentKind::Zero { .. })
+    }
+    /// True when this layer determines the content.
+    pub fn is_present(self) -> bool {
+        !matches!(self, ExtentKind::Unallocated)
+    }
+}
+
+/// A guest byte range and what it is in one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest byte offset.
+    pub offset: u64,
+    /// Length in bytes (never zero).
+    pub len: u64,
+    /// What the range is.
+    pub kind: ExtentKind,
+}
+
+/// Flags for [`BlockDevice::write_zeroes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The device may deallocate the range (qemu's `BDRV_REQ_MAY_UNMAP`) as long as it
+    /// still reads as zeroes afterwards, even with a backing device.
+    pub may_unmap: bool,
+}
+
+/// The guest view of one image layer.
+///
+/// Offsets are guest byte offsets; every method takes `&self` and implementors lock
+/// internally, so one device can serve many threads at once (`Send + Sync`).
+///
+/// Implementors must:
+/// - fail accesses beyond [`DeviceInfo::virtual_size`] with [`Error::OutOfRange`]
+///   (use [`check_range`]);
+/// - read unallocated ranges from the backing device set with [`BlockDevice::set_backing`],
+///   zero-filling beyond its end or when there is none (use [`read_from_backing`]);
+/// - never return ciphertext or undecoded compressed bytes as data;
+/// - keep the on-disk image consistent if the process dies between any two storage writes
+///   (leaked space is acceptable, dangling references are not);
+/// - refuse writes with [`Error::ReadOnly`] when opened read-only.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Format, size, backing reference and other facts about the image.
+    fn info(&self) -> DeviceInfo;
+
+    /// Guest size in bytes.
+    fn virtual_size(&self) -> u64 {
+        self.info().virtual_size
+    }
+
+    /// Fills `buf` with guest bytes starting at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at guest `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes. The default writes zero buffers.
+    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+        check_range(offset, len, self.virtual_size())?;
+        const CHUNK: u64 = 1 << 20;
+        let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let chunk = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
+            self.write_at(chunk, offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Tells the device the range is no longer needed. Afterwards it reads as zeroes or as
+    /// the backing device's data (as qemu's discard). The default does nothing.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.virtual_size())
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Describes the range starting at `offset`: returns one extent beginning at `offset`,
+    /// no longer than `len` (and never past the virtual size), whose bytes are all of one
+    /// [`ExtentKind`]. `len` must be non-zero and `offset` inside the disk.
+    fn map(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// The size of the unit [`BlockDevice::write_compressed`] takes, when supported.
+    fn compressed_write_granularity(&self) -> Option<u64> {
+        None
+    }
+
+    /// Writes whole, aligned units of [`BlockDevice::compressed_write_granularity`]
+    /// bytes compressed. Only for units that were never written before (as `convert -c`).
+    fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(self.info().format, "compressed writes"))
+    }
+
+    /// Connects (or disconnects) the device reads defer to for unallocated ranges.
+    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
+        match backing {
+            None => Ok(()),
+            Some(_) => Err(Error::unsupported(self.info().format, "backing files")),
+        }
+    }
+
+    /// The device set with [`BlockDevice::set_backing`].
+    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+
+    /// Changes the virtual size. Shrinking needs `shrink`.
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation, _shrink: bool) -> Result<()> {
+        Err(Error::unsupported(self.info().format, "resizing"))
+    }
+
+    /// Checks (and optionally repairs) the image's metadata.
+    fn check(&self, _repair: RepairMode) -> Result<CheckReport> {
+        Err(Error::unsupported(self.info().format, "checks"))
+    }
+
+    /// For downcasting to the concrete format type (format-specific operations).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Fails with [`Error::OutOfRange`] unless `offset..offset+len` lies within `size`.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Reads `buf` at guest `offset` from an optional backing device: the part inside the
+/// backing device's size comes from it, the rest (or all, without backing) is zeroes.
+pub fn read_from_backing(
+    backing: Option<&dyn BlockDevice>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    let Some(b) = backing else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = b.virtual_size();
+    let avail = size.saturating_sub(offset).min(buf.len() as u64);
+    let avail = usize::try_from(avail).unwrap_or(buf.len());
+    let (head, tail) = buf.split_at_mut(avail);
+    if !head.is_empty() {
+        b.read_at(head, offset)?;
+    }
+    tail.fill(0);
+    Ok(())
+}
+
+/// Iterates the extents of `dev` over `offset..offset+len`, merging neighbours of the
+/// same kind (with contiguous host offsets).
+pub fn map_all(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    check_range(offset, len, dev.virtual_size())?;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let e = dev.map(pos, end - pos)?;
+        if e.len == 0 || e.offset != pos {
+            return Err(Error::invalid(
+                "device map returned an empty or misplaced extent",
+            ));
+        }
+        let e = Extent {
+            len: e.len.min(end - pos),
+            ..e
+        };
+        pos += e.len;
+        if let Some(last) = out.last_mut().filter(|l| mergeable(l, &e)) {
+            last.len += e.len;
+            continue;
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn mergeable(a: &Extent, b: &Extent) -> bool {
+    let contiguous = |x: Option<u64>, y: Option<u64>| match (x, y) {
+        (Some(x), Some(y)) => x.checked_add(a.len) == Some(y),
+        (None, None) => true,
+        _ => false,
+    };
+    match (a.kind, b.kind) {
+        (ExtentKind::Data { offset: x }, ExtentKind::Data { offset: y }) => contiguous(x, y),
+        (ExtentKind::Zero { offset: x }, ExtentKind::Zero { offset: y }) => contiguous(x, y),
+        (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
+        (ExtentKind::Compressed, ExtentKind::Compressed) => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,80 @@
+//! The core of diskimg: host bytes, the guest view, and the vocabulary every format shares.
+//!
+//! - [`Storage`]: the host bytes an image lives in ([`FileStorage`], [`MemStorage`],
+//!   [`ReadOnlyStorage`], and [`FaultStorage`] for crash tests). Positional, `&self`,
+//!   `Send + Sync`.
+//! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
+//!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
+//!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
+//! - [`Driver`]: probe, open and create for one format; the `diskimg` facade holds a
+//!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
+//!   object that denies everything by default ([`DenyFiles`]).
+//! - [`block_status`] / [`map_chain`]: qemu's `MapEntry` view across a backing chain.
+//! - [`Error`], one enum for all; [`Limits`], bounds on what an image may make us allocate;
+//!   [`units`], sectors, clusters, guest vs host offsets; [`bytes`], bounds-checked fields.
+//!
+//! # Example
+//!
+//! A trivial device over in-memory storage, then its map:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use diskimg_blockio::{BlockDevice, DeviceInfo, Extent, ExtentKind, MemStorage, Result,
+//!                       Storage, check_range, map_all};
+//!
+//! #[derive(Debug)]
+//! struct Flat(MemStorage);
+//!
+//! impl BlockDevice for Flat {
+//!     fn info(&self) -> DeviceInfo { DeviceInfo::new("raw", self.0.len().unwrap()) }
+//!     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+//!         check_range(off, buf.len() as u64, self.virtual_size())?;
+//!         self.0.read_exact_at(buf, off)
+//!     }
+//!     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+//!         check_range(off, buf.len() as u64, self.virtual_size())?;
+//!         self.0.write_all_at(buf, off)
+//!     }
+//!     fn flush(&self) -> Result<()> { self.0.flush() }
+//!     fn map(&self, off: u64, len: u64) -> Result<Extent> {
+//!         check_range(off, len, self.virtual_size())?;
+//!         Ok(Extent { offset: off, len, kind: ExtentKind::Data { offset: Some(off) } })
+//!     }
+//!     fn as_any(&self) -> &dyn std::any::Any { self }
+//! }
+//!
+//! let dev: Arc<dyn BlockDevice> = Arc::new(Flat(MemStorage::from_vec(vec![0; 4096])));
+//! dev.write_at(b"hello", 100)?;
+//! let mut buf = [0u8; 5];
+//! dev.read_at(&mut buf, 100)?;
+//! assert_eq!(&buf, b"hello");
+//! assert_eq!(map_all(dev.as_ref(), 0, 4096)?.len(), 1);
+//! assert!(dev.read_at(&mut buf, 4095).is_err());
+//! # Ok::<(), diskimg_blockio::Error>(())
+//! ```
+
+pub mod bytes;
+mod chain;
+mod device;
+mod driver;
+mod error;
+mod fault;
+mod info;
+mod limits;
+mod options;
+mod storage;
+pub mod units;
+
+pub use chain::{MapEntry, block_status, map_chain};
+pub use device::{
+    BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, read_from_backing,
+};
+pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
+pub use error::{Error, Result};
+pub use fault::{CrashMode, FaultStorage};
+pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
+pub use limits::Limits;
+pub use options::{CreateOptionSpec, OptionList, parse_size};
+pub use storage::{
+    FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,
+};

@@ -1,0 +1,2 @@
+//! The diskimg command-line tool (being written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Converting one device into another (being written).

@@ -1,0 +1,275 @@
+//! Raw disk images: the guest bytes are the host bytes.
+//!
+//! [`RawDevice`] implements [`BlockDevice`] over any [`Storage`]; [`map`](BlockDevice::map)
+//! reports holes from `SEEK_DATA`/`SEEK_HOLE` (as zero extents), so converting a sparse
+//! raw image stays sparse. [`DRIVER`] creates images with `preallocation=off|falloc|full`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use diskimg_blockio::{BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions,
+//!                       OptionList, Storage};
+//!
+//! let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//! let mut req = CreateRequest::new(1 << 20, OptionList::new());
+//! diskimg_raw::DRIVER.create(storage.clone(), &mut req)?;
+//! let dev = diskimg_raw::DRIVER.open(storage, &OpenOptions::new())?;
+//! dev.write_at(&[0xab; 512], 4096)?;
+//! let mut buf = [0u8; 512];
+//! dev.read_at(&mut buf, 4096)?;
+//! assert_eq!(buf, [0xab; 512]);
+//! assert_eq!(dev.info().virtual_size, 1 << 20);
+//! # Ok::<(), diskimg_blockio::Error>(())
+//! ```
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use diskimg_blockio::{
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, ExtentKind,
+    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range,
+};
+
+/// The raw driver for the facade's table. Its probe never claims a file: raw is the
+/// fallback when nothing else matches.
+pub static DRIVER: RawDriver = RawDriver;
+
+/// Probe, open and create for raw images.
+#[derive(Debug)]
+pub struct RawDriver;
+
+static CREATE_OPTIONS: &[CreateOptionSpec] = &[
+    CreateOptionSpec {
+        name: "size",
+        kind: "<size>",
+        help: "Virtual disk size",
+    },
+    CreateOptionSpec {
+        name: "preallocation",
+        kind: "<str>",
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+];
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn probe(&self, _storage: &dyn Storage) -> u32 {
+        0
+    }
+
+    fn open(
+        &self,
+        storage: Arc<dyn Storage>,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        Ok(Arc::new(RawDevice::new(storage, options.read_only)?))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
+        let mode = match request.options.take("preallocation") {
+            None => Preallocation::Off,
+            Some(s) => match Preallocation::parse(&s)? {
+                Preallocation::Metadata => {
+                    return Err(Error::invalid(
+                        "Unsupported preallocation mode 'metadata' for raw",
+                    ));
+                }
+                m => m,
+            },
+        };
+        storage.set_len(0)?;
+        storage.preallocate(0, request.size, mode)?;
+        storage.set_len(request.size)?;
+        storage.flush()
+    }
+
+    fn create_options(&self) -> &'static [CreateOptionSpec] {
+        CREATE_OPTIONS
+    }
+}
+
+/// A raw image: guest offset = host offset.
+#[derive(Debug)]
+pub struct RawDevice {
+    storage: Arc<dyn Storage>,
+    size: AtomicU64,
+    read_only: bool,
+}
+
+impl RawDevice {
+    /// Opens `storage` as a raw disk of its current length.
+    pub fn new(storage: Arc<dyn Storage>, read_only: bool) -> Result<Self> {
+        let size = storage.len()?;
+        Ok(Self {
+            read_only: read_only || storage.is_read_only(),
+            storage,
+            size: AtomicU64::new(size),
+        })
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl BlockDevice for RawDevice {
+    fn info(&self) -> DeviceInfo {
+        let mut info = DeviceInfo::new("raw", self.virtual_size());
+        info.read_only = self.read_only;
+        info
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.storage.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.storage.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        self.storage.write_zeroes(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        self.storage.discard(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.storage.flush()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.virtual_size();
+        check_range(offset, len, size)?;
+        if len == 0 {
+            return Err(Error::invalid("map of an empty range"));
+        }
+        let end = offset + len;
+        let data_at = self.storage.next_data(offset)?;
+        let (kind, stop) = match data_at {
+            Some(d) if d <= offset => {
+                let hole = self.storage.next_hole(offset)?.max(offset + 1);
+                (
+                    ExtentKind::Data {
+                        offset: Some(offset),
+                    },
+                    hole,
+                )
+            }
+            Some(d) => (
+                ExtentKind::Zero {
+                    offset: Some(offset),
+                },
+                d,
+            ),
+            None => (
+                ExtentKind::Zero {
+                    offset: Some(offset),
+                },
+                end,
+            ),
+        };
+        Ok(Extent {
+            offset,
+            len: stop.min(end) - offset,
+            kind,
+        })
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
+        self.writable()?;
+        let old = self.virtual_size();
+        if new_size < old && !shrink {
+            return Err(Error::invalid(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if new_size > old {
+            if prealloc == Preallocation::Metadata {
+                return Err(Error::invalid(
+                    "Unsupported preallocation mode 'metadata' for raw",
+                ));
+            }
+            self.storage.preallocate(old, new_size - old, prealloc)?;
+        }
+        self.storage.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diskimg_blockio::{FileStorage, MemStorage, OptionList, map_all};
+
+    #[test]
+    fn out_of_range_and_read_only() {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![0; 1024]));
+        let d = RawDevice::new(s.clone(), true).unwrap();
+        assert!(matches!(d.write_at(&[1], 0), Err(Error::ReadOnly)));
+        let mut b = [0u8; 2];
+        assert!(matches!(
+            d.read_at(&mut b, 1023),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn map_reports_holes_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::create(&path).unwrap());
+        let mut req = CreateRequest::new(8 << 20, OptionList::new());
+        DRIVER.create(s.clone(), &mut req).unwrap();
+        let d = DRIVER.open(s, &OpenOptions::new()).unwrap();
+        d.write_at(&[1u8; 65536], 1 << 20).unwrap();
+        let ext = map_all(d.as_ref(), 0, 8 << 20).unwrap();
+        let data: u64 = ext
+            .iter()
+            .filter(|e| matches!(e.kind, ExtentKind::Data { .. }))
+            .map(|e| e.len)
+            .sum();
+        assert!((65536..8 << 20).contains(&data), "{ext:?}");
+        assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 8 << 20);
+    }
+
+    #[test]
+    fn resize_needs_shrink_flag() {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![0; 1024]));
+        let d = RawDevice::new(s, false).unwrap();
+        assert!(d.resize(512, Preallocation::Off, false).is_err());
+        d.resize(512, Preallocation::Off, true).unwrap();
+        assert_eq!(d.virtual_size(), 512);
+        d.resize(4096, Preallocation::Full, false).unwrap();
+        assert_eq!(d.virtual_size(), 4096);
+    }
+}

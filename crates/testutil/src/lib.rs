@@ -1,0 +1,324 @@
+//! Test helpers shared by the diskimg crates (not published).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::disallowed_methods
+)]
+//!
+//! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
+//!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
+//! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
+//! - fixtures: [`corpus_file`] decompresses a sample from `../shared/corpus`.
+//!
+//! qemu-img and qemu-io are required: tests that need them panic with a clear message
+//! when they are missing (`.ci/run` installs `qemu-utils`), so a missing oracle can never
+//! turn into a silently passing test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use diskimg_blockio::BlockDevice;
+
+/// A scratch directory removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("create temp dir")
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("could not run {cmd} ({e}); install qemu-utils (apt-get install -y qemu-utils)")
+    })
+}
+
+/// Runs `qemu-img ARGS`, returning its output whatever the exit code.
+pub fn qemu_img(args: &[&str]) -> Output {
+    run("qemu-img", args)
+}
+
+/// Runs `qemu-img ARGS`, panicking (with stderr) unless it exits 0; returns stdout.
+pub fn qemu_img_ok(args: &[&str]) -> String {
+    let out = qemu_img(args);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `qemu-io -f FMT -c CMD… FILE`, panicking unless it succeeds and prints no
+/// failure; returns stdout.
+pub fn qemu_io(file: &Path, fmt: &str, cmds: &[&str]) -> String {
+    let mut args: Vec<String> = vec!["-f".into(), fmt.into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push((*c).into());
+    }
+    args.push(file.to_string_lossy().into_owned());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-io", &argv);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success()
+            && !stdout.contains("failed")
+            && !stdout.contains("Pattern verification"),
+        "qemu-io {argv:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The guest bytes of `file` as qemu reads them (via `qemu-img convert -O raw`).
+pub fn qemu_read_raw(file: &Path, fmt: &str) -> Vec<u8> {
+    let dir = tempdir();
+    let out = dir.path().join("out.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        fmt,
+        "-O",
+        "raw",
+        &file.to_string_lossy(),
+        &out.to_string_lossy(),
+    ]);
+    std::fs::read(&out).expect("read converted raw")
+}
+
+/// `qemu-img check --output=json`: the parsed report and the exit code.
+pub fn qemu_check_json(file: &Path, fmt: &str) -> (serde_json::Value, i32) {
+    let out = qemu_img(&[
+        "check",
+        "-U",
+        "--output=json",
+        "-f",
+        fmt,
+        &file.to_string_lossy(),
+    ]);
+    let code = out.status.code().unwrap_or(-1);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "qemu-img check gave no JSON (exit {code}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, code)
+}
+
+/// Asserts `qemu-img check` finds no corruption and no leak.
+pub fn assert_qemu_check_clean(file: &Path, fmt: &str) {
+    let (v, code) = qemu_check_json(file, fmt);
+    assert_eq!(code, 0, "qemu-img check not clean: {v}");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{key}: {v}"
+        );
+    }
+}
+
+/// `qemu-img compare -f FA -F FB A B`: true when identical, false when they differ;
+/// panics on errors.
+pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
+    let out = qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        fa,
+        "-F",
+        fb,
+        &a.to_string_lossy(),
+        &b.to_string_lossy(),
+    ]);
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        c => panic!(
+            "qemu-img compare failed ({c:?}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `qemu-img map --output=json` parsed.
+pub fn qemu_map_json(file: &Path, fmt: &str) -> serde_json::Value {
+    let s = qemu_img_ok(&[
+        "map",
+        "-U",
+        "--output=json",
+        "-f",
+        fmt,
+        &file.to_string_lossy(),
+    ]);
+    serde_json::from_str(&s).expect("map JSON")
+}
+
+/// `qemu-img info --output=json` parsed.
+pub fn qemu_info_json(file: &Path, fmt: &str) -> serde_json::Value {
+    let s = qemu_img_ok(&[
+        "info",
+        "-U",
+        "--output=json",
+        "-f",
+        fmt,
+        &file.to_string_lossy(),
+    ]);
+    serde_json::from_str(&s).expect("info JSON")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads a whole device into memory (tests use small virtual sizes).
+pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let size = usize::try_from(dev.virtual_size()).expect("size fits");
+    let mut buf = vec![0u8; size];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(4 << 20);
+        dev.read_at(&mut buf[off..off + n], off as u64)
+            .expect("read device");
+        off += n;
+    }
+    buf
+}
+
+/// The simple model a device must agree with: a byte vector.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    /// The expected guest bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Model {
+    /// A model of `size` zero bytes.
+    pub fn zeroed(size: usize) -> Self {
+        Self {
+            bytes: vec![0; size],
+        }
+    }
+    /// Applies a write.
+    pub fn write(&mut self, off: usize, data: &[u8]) {
+        self.bytes[off..off + data.len()].copy_from_slice(data);
+    }
+    /// Applies write-zeroes (or a discard on a device without backing).
+    pub fn zero(&mut self, off: usize, len: usize) {
+        self.bytes[off..off + len].fill(0);
+    }
+}
+
+/// Finds `shared/corpus` beside the checkout (walking up from this crate).
+pub fn corpus_dir() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    loop {
+        let cand = dir.join("shared").join("corpus");
+        if cand.is_dir() {
+            return cand;
+        }
+        if !dir.pop() {
+            panic!(
+                "shared/corpus not found above {}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+        }
+    }
+}
+
+/// Decompresses `qemu-sample-images/NAME.bz2` from the corpus into `dir`, returning
+/// the path of the decompressed file.
+pub fn corpus_file(name: &str, dir: &Path) -> PathBuf {
+    let src = corpus_dir()
+        .join("qemu-sample-images")
+        .join(format!("{name}.bz2"));
+    let out = Command::new("bzip2")
+        .arg("-dc")
+        .arg(&src)
+        .output()
+        .expect("run bzip2");
+    assert!(out.status.success(), "bzip2 -dc {} failed", src.display());
+    let dst = dir.join(name);
+    std::fs::write(&dst, out.stdout).expect("write decompressed corpus file");
+    dst
+}
+
+/// Opens `bytes` with `driver` read-only and exercises it the way a fuzzer should:
+/// info, map over the disk, reads of the mapped extents (bounded), and a check.
+/// Returns whether the image opened. Any panic inside is the bug being hunted.
+pub fn exercise_driver(driver: &dyn diskimg_blockio::Driver, bytes: &[u8]) -> bool {
+    use diskimg_blockio::{MemStorage, OpenOptions, RepairMode, Storage};
+    use std::sync::Arc;
+    let storage: Arc<dyn Storage> = Arc::new(diskimg_blockio::ReadOnlyStorage(
+        MemStorage::from_vec(bytes.to_vec()),
+    ));
+    let _ = driver.probe(storage.as_ref());
+    let Ok(dev) = driver.open(storage, &OpenOptions::new().read_only(true)) else {
+        return false;
+    };
+    let _ = dev.info();
+    let size = dev.virtual_size();
+    let mut pos = 0u64;
+    let mut read_budget: u64 = 8 << 20;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..256 {
+        if pos >= size {
+            break;
+        }
+        let Ok(e) = dev.map(pos, size - pos) else {
+            break;
+        };
+        if e.len == 0 || e.offset != pos {
+            panic!("map returned an empty or misplaced extent: {e:?} at {pos}");
+        }
+        let n = e.len.min(buf.len() as u64).min(read_budget);
+        if n > 0 {
+            let _ = dev.read_at(&mut buf[..n as usize], pos);
+            read_budget -= n;
+        }
+        pos = pos.saturating_add(e.len);
+    }
+    // A read at the very end, and one past it, must not panic.
+    if size > 0 {
+        let _ = dev.read_at(&mut buf[..1], size - 1);
+    }
+    let _ = dev.read_at(&mut buf[..1], size);
+    let _ = dev.check(RepairMode::None);
+    true
+}
+
+/// Truncates `image` at every `step` bytes and flips bytes in its first `header_len`
+/// bytes, exercising `driver` on each variant: nothing may panic or hang.
+pub fn corruption_sweep(
+    driver: &dyn diskimg_blockio::Driver,
+    image: &[u8],
+    step: usize,
+    header_len: usize,
+) {
+    let mut len = 0;
+    while len < image.len() {
+        exercise_driver(driver, &image[..len]);
+        len += step;
+    }
+    let header_len = header_len.min(image.len());
+    for i in 0..header_len {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut v = image.to_vec();
+            v[i] ^= flip;
+            exercise_driver(driver, &v);
+        }
+    }
+}

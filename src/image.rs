@@ -1,0 +1,338 @@
+//! Opening images (with their backing chains) and creating them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use diskimg_blockio::{
+    BlockDevice, CreateRequest, Error, FileStorage, Limits, OpenOptions, OptionList, Result,
+    Storage,
+};
+
+use crate::format::{Format, probe};
+use crate::policy::{OpenPolicy, PathRule, PolicyFiles};
+
+/// How [`open`] and [`create`] behave.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ImageOptions {
+    /// Open the top image read-only.
+    pub read_only: bool,
+    /// Which referenced files may be opened (default: none).
+    pub policy: OpenPolicy,
+    /// Resource bounds for every image in the chain.
+    pub limits: Limits,
+    /// Open the backing chain (when false, unallocated ranges read as zeroes, as with
+    /// qemu's `BDRV_O_NO_BACKING`; `info` uses this).
+    pub open_backing: bool,
+    /// Open backing images writable (commit needs this).
+    pub backing_writable: bool,
+    /// Runtime driver options for the top image (qemu `--image-opts` keys).
+    pub driver_options: OptionList,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            policy: OpenPolicy::default(),
+            limits: Limits::default(),
+            open_backing: true,
+            backing_writable: false,
+            driver_options: OptionList::new(),
+        }
+    }
+}
+
+impl ImageOptions {
+    /// Defaults with read-only set as given.
+    pub fn read_only(ro: bool) -> Self {
+        Self {
+            read_only: ro,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the open policy.
+    pub fn with_policy(mut self, policy: OpenPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets whether to open the backing chain.
+    pub fn with_backing(mut self, open_backing: bool) -> Self {
+        self.open_backing = open_backing;
+        self
+    }
+}
+
+/// An opened image: its device, and the chain below it.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The guest view (reads fall through to the backing chain).
+    pub device: Arc<dyn BlockDevice>,
+    /// Its format.
+    pub format: Format,
+    /// The path it was opened from.
+    pub path: PathBuf,
+    /// The file name as the user or the referencing image gave it.
+    pub filename: String,
+    /// The opened backing image, if any.
+    pub backing: Option<Box<Image>>,
+}
+
+impl Image {
+    /// This image and every backing image, top first.
+    pub fn chain(&self) -> Vec<&Image> {
+        let mut out = vec![self];
+        let mut cur = self;
+        while let Some(b) = cur.backing.as_deref() {
+            out.push(b);
+            cur = b;
+        }
+        out
+    }
+
+    /// The image's host storage size as qemu's "actual-size" reports it.
+    pub fn actual_size(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| m.blocks().saturating_mul(512))
+    }
+}
+
+/// Guesses the format of the file at `path` ([`probe`]).
+pub fn probe_path(path: impl AsRef<Path>) -> Result<Format> {
+    let s = FileStorage::open(path, true)?;
+    Ok(probe(&s))
+}
+
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Opens the image at `path`, as `format` or probed, with its backing chain as
+/// `options.policy` allows.
+pub fn open(
+    path: impl AsRef<Path>,
+    format: Option<Format>,
+    options: &ImageOptions,
+) -> Result<Image> {
+    let path = path.as_ref();
+    open_inner(
+        path,
+        &path.to_string_lossy(),
+        format,
+        options,
+        options.read_only,
+        options.driver_options.clone(),
+        &mut Vec::new(),
+    )
+}
+
+fn open_inner(
+    path: &Path,
+    filename: &str,
+    format: Option<Format>,
+    options: &ImageOptions,
+    read_only: bool,
+    mut driver_options: OptionList,
+    visited: &mut Vec<PathBuf>,
+) -> Result<Image> {
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    if visited.contains(&canon) {
+        return Err(Error::invalid(format!(
+            "Backing file '{}' forms a loop in the backing chain",
+            path.display()
+        )));
+    }
+    let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
+    if depth
+        > options
+            .policy
+            .max_chain_depth
+            .min(options.limits.max_chain_depth)
+    {
+        return Err(Error::LimitExceeded {
+            what: "backing chain depth",
+            requested: u64::from(depth),
+            limit: u64::from(options.policy.max_chain_depth),
+        });
+    }
+    visited.push(canon);
+
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only)?);
+    let format = match format {
+        Some(f) => f,
+        None => probe(storage.as_ref()),
+    };
+    let dir = dir_of(path);
+    let files = Arc::new(PolicyFiles {
+        dir: dir.clone(),
+        policy: options.policy,
+        read_only,
+    });
+    let mut open_opts = OpenOptions::new()
+        .read_only(read_only)
+        .limits(options.limits)
+        .files(files);
+    open_opts.driver_options = std::mem::take(&mut driver_options);
+    let device = format.driver()?.open(storage, &open_opts)?;
+
+    let mut image = Image {
+        device,
+        format,
+        path: path.to_path_buf(),
+        filename: filename.to_string(),
+        backing: None,
+    };
+    if !options.open_backing {
+        return Ok(image);
+    }
+    let Some(bref) = image.device.info().backing else {
+        return Ok(image);
+    };
+    if bref.filename.is_empty() {
+        return Ok(image);
+    }
+    let bformat = match bref.format.as_deref() {
+        Some(f) if !f.is_empty() => Some(Format::from_name(f)?),
+        _ => None,
+    };
+    let mut last_err = None;
+    for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
+        let bpath = match options.policy.backing.resolve(&dir, name) {
+            Ok(p) => p,
+            Err(reason) => {
+                last_err = Some(Error::BackingDenied {
+                    path: name.clone(),
+                    purpose: "backing file",
+                    reason,
+                });
+                continue;
+            }
+        };
+        if !bpath.exists() {
+            last_err = Some(Error::io(
+                format!("Could not open backing file '{}'", bpath.display()),
+                std::io::ErrorKind::NotFound.into(),
+            ));
+            continue;
+        }
+        let backing = open_inner(
+            &bpath,
+            name,
+            bformat,
+            options,
+            !options.backing_writable,
+            OptionList::new(),
+            visited,
+        )?;
+        image.device.set_backing(Some(backing.device.clone()))?;
+        image.backing = Some(Box::new(backing));
+        return Ok(image);
+    }
+    Err(last_err.unwrap_or_else(|| Error::invalid("backing file could not be opened")))
+}
+
+/// Opens an image held in any [`Storage`] (memory, a custom transport). No backing
+/// chain is followed and no other host file can be reached.
+pub fn open_storage(
+    storage: Arc<dyn Storage>,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(storage.as_ref()),
+    };
+    format
+        .driver()?
+        .open(storage, &OpenOptions::new().read_only(read_only))
+}
+
+/// Creates an image at `path` (overwriting it) of `size` bytes with qemu-style
+/// `options` (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …).
+///
+/// Without `size`, a `backing_file` option supplies it (the backing image is opened
+/// through `image_options.policy`). A backing file needs `backing_fmt`, as in qemu-img 10.
+/// Unknown options are refused before anything is written, naming the key.
+pub fn create(
+    path: impl AsRef<Path>,
+    format: Format,
+    size: Option<u64>,
+    mut options: OptionList,
+    image_options: &ImageOptions,
+) -> Result<()> {
+    let path = path.as_ref();
+    let driver = format.driver()?;
+    let specs = driver.create_options();
+    for (k, _) in options.entries() {
+        if k != "size" && !specs.iter().any(|s| s.name == k) {
+            return Err(Error::invalid(format!(
+                "Invalid parameter '{k}'\nqemu-img: {}: Invalid options for file format '{}'",
+                path.display(),
+                format.name()
+            )));
+        }
+    }
+    let size = match (options.take_size("size")?, size) {
+        (_, Some(s)) | (Some(s), None) => Some(s),
+        (None, None) => None,
+    };
+    let backing = options.get("backing_file").map(str::to_string);
+    if let Some(b) = backing.as_deref().filter(|b| !b.is_empty())
+        && options.get("backing_fmt").is_none()
+    {
+        return Err(Error::invalid(format!(
+            "Backing file specified without backing format\nDetected format of {b}."
+        )));
+    }
+    let size = match (size, backing.as_deref()) {
+        (Some(s), _) => s,
+        (None, Some(b)) if !b.is_empty() => {
+            let dir = dir_of(path);
+            let bpath = image_options
+                .policy
+                .backing
+                .resolve(&dir, b)
+                .map_err(|reason| Error::BackingDenied {
+                    path: b.to_string(),
+                    purpose: "backing file",
+                    reason,
+                })?;
+            let bfmt = options
+                .get("backing_fmt")
+                .map(Format::from_name)
+                .transpose()?;
+            let opts = ImageOptions {
+                read_only: true,
+                ..image_options.clone()
+            };
+            open(&bpath, bfmt, &opts)?.device.virtual_size()
+        }
+        _ => return Err(Error::invalid("Image creation needs a size parameter")),
+    };
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path)?);
+    let files = Arc::new(PolicyFiles {
+        dir: dir_of(path),
+        policy: OpenPolicy {
+            extents: PathRule::Beside,
+            ..image_options.policy
+        },
+        read_only: false,
+    });
+    let mut req = CreateRequest::new(size, options).files(files);
+    req.limits = image_options.limits;
+    let result = driver
+        .create(storage, &mut req)
+        .and_then(|()| std::mem::take(&mut req.options).finish(format.name()));
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}

@@ -1,0 +1,41 @@
+//! diskimg: open, probe, create and chain virtual-machine disk images.
+//!
+//! This facade ties the format crates together:
+//! - [`Format`] names the formats (qemu's names) and [`probe`] guesses one from the
+//!   bytes (raw is the fallback, never a probe hit);
+//! - [`open`] opens an image file and, as the [`OpenPolicy`] allows, its backing chain,
+//!   data files and extents (the library default denies every other file);
+//! - [`create`] makes a new image with qemu's `key=value` options;
+//! - [`Image`] holds the opened chain for `info --backing-chain`-style walks.
+//!
+//! The devices are [`BlockDevice`]s: `Send + Sync`, positional `&self` I/O.
+//!
+//! # Example
+//!
+//! ```
+//! use diskimg::{create, open, Format, ImageOptions, OptionList};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.img");
+//! create(&path, Format::Raw, Some(1 << 20), OptionList::new(), &ImageOptions::default())?;
+//! let img = open(&path, None, &ImageOptions::default())?;
+//! assert_eq!(img.format, Format::Raw);
+//! img.device.write_at(b"boot", 0)?;
+//! let mut buf = [0u8; 4];
+//! img.device.read_at(&mut buf, 0)?;
+//! assert_eq!(&buf, b"boot");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod format;
+mod image;
+mod policy;
+
+pub use diskimg_blockio as blockio;
+pub use diskimg_blockio::{
+    BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList, Result,
+    Storage, block_status, map_chain, parse_size,
+};
+pub use format::{Format, probe};
+pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
+pub use policy::{OpenPolicy, PathRule};
