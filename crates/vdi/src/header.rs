@@ -47,8 +47,9 @@ pub(crate) const VERSION_1_0: u32 = 0x0001_0000;
 pub(crate) const SECTOR: u64 = 512;
 /// Block size: the only one qemu (and diskimg) supports.
 pub(crate) const BLOCK_SIZE: u64 = 1 << 20;
-/// Most blocks an image may have (qemu's `VDI_BLOCKS_IN_IMAGE_MAX`).
-pub(crate) const BLOCKS_MAX: u64 = 0x3fff_ffff;
+/// Most blocks an image may have (qemu's `VDI_BLOCKS_IN_IMAGE_MAX`: the block map,
+/// rounded up to a sector, must stay below 2 GiB).
+pub(crate) const BLOCKS_MAX: u64 = ((1 << 31) - SECTOR) / 4;
 /// Largest virtual size (qemu's `VDI_DISK_SIZE_MAX`).
 pub(crate) const DISK_SIZE_MAX: u64 = BLOCKS_MAX * BLOCK_SIZE;
 /// Image type: dynamically allocated.

@@ -1,0 +1,245 @@
+//! Images qemu writes read back identical; images we write pass qemu-img check/compare.
+
+use diskimg_blockio::{Driver, MemStorage, RepairMode, Storage, map_chain};
+use diskimg_testutil::{
+    assert_qemu_check_clean, pattern, qemu_check_json, qemu_compare, qemu_img, qemu_img_ok,
+    qemu_info_json, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
+};
+
+use crate::{create, open};
+
+#[test]
+fn qemu_images_read_identical() {
+    let dir = tempdir();
+    for (name, opts, size) in [
+        ("dyn.vdi", "static=off", "5M"),
+        ("static.vdi", "static=on", "3M"),
+        ("odd.vdi", "static=off", "3001k"),
+    ] {
+        let p = dir.path().join(name);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "vdi",
+            "-o",
+            opts,
+            &p.to_string_lossy(),
+            size,
+        ]);
+        qemu_io(
+            &p,
+            "vdi",
+            &[
+                "write -P 0xab 0 4k",
+                "write -P 0x11 1048000 2000",
+                "write -P 0x22 2M 900k",
+            ],
+        );
+        let dev = open(&p, true);
+        assert_eq!(read_all(dev.as_ref()), qemu_read_raw(&p, "vdi"), "{name}");
+        let info = qemu_info_json(&p, "vdi");
+        assert_eq!(info["virtual-size"].as_u64().unwrap(), dev.virtual_size());
+        assert_eq!(
+            info["cluster-size"].as_u64(),
+            dev.info().cluster_size,
+            "{name}"
+        );
+        assert_eq!(dev.check(RepairMode::None).unwrap().corruptions, 0);
+    }
+}
+
+#[test]
+fn large_sparse_qemu_image() {
+    let dir = tempdir();
+    let p = dir.path().join("big.vdi");
+    qemu_img_ok(&["create", "-q", "-f", "vdi", &p.to_string_lossy(), "2T"]);
+    qemu_io(
+        &p,
+        "vdi",
+        &["write -P 0x5a 1T 64k", "write -P 0x33 2047G 4k"],
+    );
+    let dev = open(&p, true);
+    assert_eq!(dev.virtual_size(), 2 << 40);
+    let mut buf = vec![0u8; 65536 + 512];
+    dev.read_at(&mut buf, (1 << 40) - 512).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 0));
+    assert!(buf[512..].iter().all(|&b| b == 0x5a));
+    let mut b2 = vec![0u8; 4096];
+    dev.read_at(&mut b2, 2047 << 30).unwrap();
+    assert!(b2.iter().all(|&b| b == 0x33));
+    let ours = map_chain(dev.as_ref(), 0, dev.virtual_size()).unwrap();
+    let theirs = qemu_map_json(&p, "vdi");
+    assert_map_eq(&ours, &theirs);
+}
+
+/// Compares our map entries with qemu-img map's JSON, field by field.
+fn assert_map_eq(ours: &[diskimg_blockio::MapEntry], theirs: &serde_json::Value) {
+    let theirs = theirs.as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "ours {ours:?}\ntheirs {theirs:?}");
+    for (o, t) in ours.iter().zip(theirs) {
+        assert_eq!(o.start, t["start"].as_u64().unwrap(), "{o:?} {t}");
+        assert_eq!(o.length, t["length"].as_u64().unwrap(), "{o:?} {t}");
+        assert_eq!(o.present, t["present"].as_bool().unwrap(), "{o:?} {t}");
+        assert_eq!(o.zero, t["zero"].as_bool().unwrap(), "{o:?} {t}");
+        assert_eq!(o.data, t["data"].as_bool().unwrap(), "{o:?} {t}");
+        assert_eq!(o.offset, t["offset"].as_u64(), "{o:?} {t}");
+    }
+}
+
+#[test]
+fn our_images_pass_qemu_check_and_compare() {
+    let dir = tempdir();
+    for (name, opts) in [
+        ("dyn.vdi", ""),
+        ("static.vdi", "static=on"),
+        ("full.vdi", "static=on,preallocation=full"),
+        (
+            "falloc.vdi",
+            "preallocation=falloc,extent_size_hint=1M,nocow=off",
+        ),
+    ] {
+        let p = dir.path().join(name);
+        let size = 6 << 20;
+        create(&p, size, opts);
+        assert_qemu_check_clean(&p, "vdi");
+        let dev = open(&p, false);
+        let mut expect = vec![0u8; size as usize];
+        for (i, (off, len)) in [
+            (0usize, 4096usize),
+            (1048000, 2000),
+            (3 << 20, 1 << 20),
+            (5 << 20, 777),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = pattern(i as u64 + 1, len);
+            dev.write_at(&data, off as u64).unwrap();
+            expect[off..off + len].copy_from_slice(&data);
+        }
+        dev.flush().unwrap();
+        drop(dev);
+        assert_qemu_check_clean(&p, "vdi");
+        let raw = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&raw, &expect).unwrap();
+        assert!(qemu_compare(&p, "vdi", &raw, "raw"), "{name}");
+        assert_eq!(qemu_read_raw(&p, "vdi"), expect);
+        let dev = open(&p, true);
+        assert_eq!(read_all(dev.as_ref()), expect);
+        if !opts.contains("static") {
+            let ours = map_chain(dev.as_ref(), 0, size).unwrap();
+            assert_map_eq(&ours, &qemu_map_json(&p, "vdi"));
+        }
+    }
+}
+
+#[test]
+fn created_layout_matches_qemu() {
+    let dir = tempdir();
+    for (opts, size) in [
+        ("static=off", 5u64 << 20),
+        ("static=on", 3 << 20),
+        ("static=off", 0),
+    ] {
+        let q = dir.path().join("q.vdi");
+        let d = dir.path().join("d.vdi");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "vdi",
+            "-o",
+            opts,
+            &q.to_string_lossy(),
+            &size.to_string(),
+        ]);
+        create(&d, size, opts);
+        let qb = std::fs::read(&q).unwrap();
+        let db = std::fs::read(&d).unwrap();
+        assert_eq!(qb.len(), db.len(), "{opts}");
+        // Identical apart from the two random UUIDs (image and last snapshot).
+        assert_eq!(qb[..392], db[..392], "{opts}");
+        assert_eq!(qb[424..], db[424..], "{opts}");
+        assert_ne!(qb[392..424], db[392..424]);
+    }
+}
+
+#[test]
+fn static_map_agrees_on_offsets() {
+    let dir = tempdir();
+    let p = dir.path().join("s.vdi");
+    create(&p, 3 << 20, "static=on");
+    let dev = open(&p, false);
+    dev.write_at(&[0xab; 4096], 1 << 20).unwrap();
+    dev.flush().unwrap();
+    let ours = map_chain(dev.as_ref(), 0, 3 << 20).unwrap();
+    let theirs = qemu_map_json(&p, "vdi");
+    let theirs = theirs.as_array().unwrap();
+    // Same extents and host offsets; qemu marks host holes data+zero, we mark them zero.
+    assert_eq!(ours.len(), theirs.len(), "{ours:?} {theirs:?}");
+    for (o, t) in ours.iter().zip(theirs) {
+        assert_eq!(o.start, t["start"].as_u64().unwrap());
+        assert_eq!(o.length, t["length"].as_u64().unwrap());
+        assert_eq!(o.zero, t["zero"].as_bool().unwrap());
+        assert_eq!(o.offset, t["offset"].as_u64());
+    }
+}
+
+#[test]
+fn check_matches_qemu_on_corrupt_maps() {
+    let dir = tempdir();
+    let p = dir.path().join("c.vdi");
+    qemu_img_ok(&["create", "-q", "-f", "vdi", &p.to_string_lossy(), "8M"]);
+    qemu_io(
+        &p,
+        "vdi",
+        &["write -P 1 0 1M", "write -P 2 1M 1M", "write -P 3 4M 4k"],
+    );
+    let good = std::fs::read(&p).unwrap();
+    let put =
+        |b: &mut Vec<u8>, off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("duplicate", {
+            let mut b = good.clone();
+            put(&mut b, 512 + 4, 0);
+            b
+        }),
+        ("too large", {
+            let mut b = good.clone();
+            put(&mut b, 512 + 8 * 4 - 4, 100);
+            b
+        }),
+        ("count", {
+            let mut b = good.clone();
+            put(&mut b, 388, 7);
+            b
+        }),
+        ("several", {
+            let mut b = good.clone();
+            put(&mut b, 512 + 12, 2);
+            put(&mut b, 512 + 16, 0xffff_0000);
+            b
+        }),
+        ("clean", good.clone()),
+    ];
+    for (name, bytes) in cases {
+        std::fs::write(&p, &bytes).unwrap();
+        let (v, code) = qemu_check_json(&p, "vdi");
+        let qemu_corrupt = v.get("corruptions").and_then(|x| x.as_u64()).unwrap_or(0);
+        let s: std::sync::Arc<dyn Storage> = std::sync::Arc::new(MemStorage::from_vec(bytes));
+        let dev = diskimg_vdi::DRIVER
+            .open(s, &diskimg_blockio::OpenOptions::new().read_only(true))
+            .unwrap();
+        let r = dev.check(RepairMode::None).unwrap();
+        assert_eq!(r.corruptions, qemu_corrupt, "{name}: {v} {:?}", r.messages);
+        assert_eq!(code, if qemu_corrupt > 0 { 2 } else { 0 }, "{name}");
+        // qemu's stderr lines are our messages.
+        let out = qemu_img(&["check", "-f", "vdi", &p.to_string_lossy()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for m in &r.messages {
+            assert!(stderr.contains(m.as_str()), "{name}: {m} not in {stderr}");
+        }
+        assert!(dev.check(RepairMode::All).unwrap_err().is_unsupported());
+    }
+}
