@@ -309,6 +309,9 @@ impl BlockDevice for VdiDevice {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // As qemu: VDI has no discard; the data stays.
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
         check_range(offset, len, self.virtual_size())
     }
 

@@ -98,7 +98,6 @@ fn crash_at_every_operation() {
                 CrashMode::KeepAll,
                 CrashMode::DropUnflushed,
                 CrashMode::Random(cut * 31 + 1),
-                CrashMode::Random(cut * 17 + 5),
             ] {
                 let fs = Arc::new(FaultStorage::new(base.clone(), Some(cut)));
                 let (durable, touched) = run(fs.clone(), size);
@@ -119,7 +118,7 @@ fn crash_at_every_operation() {
                 let r = dev.check(diskimg_blockio::RepairMode::None).unwrap();
                 assert_eq!(r.corruptions, 0, "cut {cut} {mode:?}: {:?}", r.messages);
                 // qemu agrees (sampled: qemu-img is slow to spawn).
-                if cut % 5 == 0 && matches!(mode, CrashMode::Random(_)) {
+                if cut % 7 == 0 && matches!(mode, CrashMode::Random(_)) {
                     let p = dir.path().join("crash.vdi");
                     std::fs::write(&p, &img).unwrap();
                     assert_qemu_check_clean(&p, "vdi");
@@ -127,5 +126,69 @@ fn crash_at_every_operation() {
             }
         }
         assert_eq!(full.bytes.len(), size as usize);
+    }
+}
+
+#[test]
+fn crash_during_resize_keeps_old_or_new_image() {
+    let dir = tempdir();
+    for opts in ["", "static=on"] {
+        let base = base_image(opts, 3 << 20);
+        // Data in block 0, which the grown block map displaces.
+        let setup = Arc::new(MemStorage::from_vec(base));
+        let st: Arc<dyn Storage> = setup.clone();
+        let dev = diskimg_vdi::DRIVER.open(st, &OpenOptions::new()).unwrap();
+        dev.write_at(&[0x5a; 5000], 1000).unwrap();
+        dev.write_at(&[0x6b; 100], (2 << 20) + 5).unwrap();
+        dev.flush().unwrap();
+        let expect = read_all(dev.as_ref());
+        drop(dev);
+        let base = setup.to_vec();
+        // 130 blocks need a second block map sector: block 0's data must move.
+        let new_size = 130u64 << 20;
+        let grow = |fs: Arc<FaultStorage>| {
+            let st: Arc<dyn Storage> = fs;
+            let dev = diskimg_vdi::DRIVER.open(st, &OpenOptions::new())?;
+            dev.resize(new_size, diskimg_blockio::Preallocation::Off, false)
+        };
+        let counter = Arc::new(FaultStorage::new(base.clone(), None));
+        grow(counter.clone()).unwrap();
+        let total = counter.ops();
+        for cut in 0..=total {
+            for mode in [
+                CrashMode::KeepAll,
+                CrashMode::DropUnflushed,
+                CrashMode::Random(cut + 3),
+            ] {
+                let fs = Arc::new(FaultStorage::new(base.clone(), Some(cut)));
+                let _ = grow(fs.clone());
+                let img = fs.crash_image(mode);
+                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+                let dev = diskimg_vdi::DRIVER
+                    .open(s, &OpenOptions::new().read_only(true))
+                    .unwrap_or_else(|e| panic!("{opts} cut {cut} {mode:?}: {e}"));
+                let size = dev.virtual_size();
+                assert!(size == 3 << 20 || size == new_size, "{size}");
+                let mut got = vec![0u8; expect.len() + (1 << 20)];
+                let n = got.len().min(size as usize);
+                dev.read_at(&mut got[..n], 0).unwrap();
+                assert_eq!(got[..expect.len()], expect[..], "{opts} cut {cut} {mode:?}");
+                assert!(got[expect.len()..].iter().all(|&b| b == 0));
+                let mut tail = vec![1u8; 1 << 20];
+                dev.read_at(&mut tail, size - (1 << 20)).unwrap();
+                assert!(size == 3 << 20 || tail.iter().all(|&b| b == 0));
+                let r = dev.check(diskimg_blockio::RepairMode::None).unwrap();
+                assert_eq!(
+                    r.corruptions, 0,
+                    "{opts} cut {cut} {mode:?}: {:?}",
+                    r.messages
+                );
+                if matches!(mode, CrashMode::Random(_)) {
+                    let p = dir.path().join("crash.vdi");
+                    std::fs::write(&p, &img).unwrap();
+                    assert_qemu_check_clean(&p, "vdi");
+                }
+            }
+        }
     }
 }

@@ -112,3 +112,38 @@ fn qemu_writes_after_ours_and_back() {
     );
     assert_qemu_check_clean(&p, "vdi");
 }
+
+#[test]
+fn concurrent_writers_allocate_distinct_blocks() {
+    let dir = tempdir();
+    let p = dir.path().join("mt.vdi");
+    create(&p, 16 << 20, "");
+    let dev = open(&p, false);
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for i in 0..8u64 {
+                    // Threads interleave within the same blocks too.
+                    let off = i * (2 << 20) + u64::from(t) * 4096;
+                    dev.write_at(&[t + 1; 4096], off.min((16 << 20) - 4096))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    dev.flush().unwrap();
+    let mut model = Model::zeroed(16 << 20);
+    for t in 0..4u8 {
+        for i in 0..8u64 {
+            let off = (i * (2 << 20) + u64::from(t) * 4096).min((16 << 20) - 4096);
+            model.write(off as usize, &[t + 1; 4096]);
+        }
+    }
+    assert_eq!(read_all(dev.as_ref()), model.bytes);
+    drop(dev);
+    assert_qemu_check_clean(&p, "vdi");
+    let raw = dir.path().join("m.raw");
+    std::fs::write(&raw, &model.bytes).unwrap();
+    assert!(qemu_compare(&p, "vdi", &raw, "raw"));
+}
