@@ -243,3 +243,67 @@ fn check_matches_qemu_on_corrupt_maps() {
         assert!(dev.check(RepairMode::All).unwrap_err().is_unsupported());
     }
 }
+
+/// Rebuilds a qemu image with VirtualBox-style layout choices: header size 0x190, the map
+/// at `bmap_off` and the data area at `data_off`.
+fn relayout(q: &[u8], bmap_off: usize, data_off: usize) -> Vec<u8> {
+    let blocks = u32::from_le_bytes(q[384..388].try_into().unwrap()) as usize;
+    let od = u32::from_le_bytes(q[344..348].try_into().unwrap()) as usize;
+    let mut out = vec![0u8; data_off];
+    out[..512].copy_from_slice(&q[..512]);
+    out[72..76].copy_from_slice(&0x190u32.to_le_bytes());
+    out[..40].fill(0);
+    out[..39].copy_from_slice(b"<<< Oracle VM VirtualBox Disk Image >>>");
+    out[340..344].copy_from_slice(&(bmap_off as u32).to_le_bytes());
+    out[344..348].copy_from_slice(&(data_off as u32).to_le_bytes());
+    // Bytes between the header and the map must survive our rewrites.
+    for b in out.iter_mut().take(bmap_off).skip(512) {
+        *b = 0xee;
+    }
+    out[bmap_off..bmap_off + blocks * 4].copy_from_slice(&q[512..512 + blocks * 4]);
+    out.extend_from_slice(&q[od..]);
+    out
+}
+
+#[test]
+fn virtualbox_style_layouts() {
+    let dir = tempdir();
+    let q = dir.path().join("q.vdi");
+    qemu_img_ok(&["create", "-q", "-f", "vdi", &q.to_string_lossy(), "6M"]);
+    qemu_io(&q, "vdi", &["write -P 0x31 0 1M", "write -P 0x32 3M 64k"]);
+    let qb = std::fs::read(&q).unwrap();
+    for (bmap_off, data_off) in [(512usize, 1usize << 20), (2048, 4096)] {
+        let p = dir.path().join("vb.vdi");
+        std::fs::write(&p, relayout(&qb, bmap_off, data_off)).unwrap();
+        let mut expect = qemu_read_raw(&p, "vdi");
+        assert_eq!(expect, qemu_read_raw(&q, "vdi"));
+        let dev = open(&p, false);
+        assert_eq!(read_all(dev.as_ref()), expect);
+        let data = pattern(9, 300_000);
+        dev.write_at(&data, (5 << 20) - 100_000).unwrap();
+        expect[(5 << 20) - 100_000..(5 << 20) + 200_000].copy_from_slice(&data);
+        dev.flush().unwrap();
+        drop(dev);
+        assert_qemu_check_clean(&p, "vdi");
+        assert_eq!(qemu_read_raw(&p, "vdi"), expect);
+        let after = std::fs::read(&p).unwrap();
+        assert!(after[512..bmap_off].iter().all(|&b| b == 0xee));
+        assert_eq!(after[..64], relayout(&qb, bmap_off, data_off)[..64]);
+    }
+}
+
+#[test]
+fn odd_disk_size_rounds_up_like_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("odd.vdi");
+    qemu_img_ok(&["create", "-q", "-f", "vdi", &p.to_string_lossy(), "2M"]);
+    let mut b = std::fs::read(&p).unwrap();
+    b[368..376].copy_from_slice(&((1u64 << 20) + 1000).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let dev = open(&p, true);
+    assert_eq!(
+        Some(dev.virtual_size()),
+        qemu_info_json(&p, "vdi")["virtual-size"].as_u64()
+    );
+    assert_eq!(dev.virtual_size(), (1 << 20) + 1024);
+}
