@@ -68,7 +68,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, request: &mut CreateRequest) -> 
     request.options.take_bool("nocow")?;
 
     let size = request
-        .size
+        .options
+        .take_size("size")?
+        .unwrap_or(request.size)
         .checked_add(SECTOR - 1)
         .map(|v| v / SECTOR * SECTOR)
         .ok_or_else(|| Error::invalid("size overflow"))?;
