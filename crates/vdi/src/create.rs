@@ -58,9 +58,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, request: &mut CreateRequest) -> 
             return Err(Error::invalid("Unsupported preallocation mode: metadata"));
         }
         Some(v) => {
-            return Err(Error::invalid(format!(
-                "Invalid parameter '{v}' for 'preallocation' (allowed values: off, falloc, full)"
-            )));
+            return Err(Error::invalid(format!("invalid parameter value: {v}")));
         }
     };
     // File-layer hints qemu accepts; meaningless for diskimg's storage.

@@ -307,3 +307,37 @@ fn odd_disk_size_rounds_up_like_qemu() {
     );
     assert_eq!(dev.virtual_size(), (1 << 20) + 1024);
 }
+
+#[test]
+fn create_errors_match_qemu() {
+    let dir = tempdir();
+    for (size, opts) in [
+        (562_949_819_203_585u64, ""),
+        (1 << 20, "preallocation=metadata"),
+        (1 << 20, "preallocation=bogus"),
+        (1 << 20, "static=maybe"),
+    ] {
+        let p = dir.path().join("e.vdi");
+        let mut args = vec!["create", "-q", "-f", "vdi"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        let ps = p.to_string_lossy().into_owned();
+        let ss = size.to_string();
+        args.extend([ps.as_str(), ss.as_str()]);
+        let out = qemu_img(&args);
+        assert!(!out.status.success());
+        let theirs = String::from_utf8_lossy(&out.stderr).into_owned();
+        let s: std::sync::Arc<dyn Storage> = std::sync::Arc::new(MemStorage::new());
+        let mut req = diskimg_blockio::CreateRequest::new(
+            size,
+            diskimg_blockio::OptionList::parse(opts).unwrap(),
+        );
+        let ours = diskimg_vdi::DRIVER
+            .create(s, &mut req)
+            .unwrap_err()
+            .to_string();
+        let msg = ours.rsplit("unsupported: ").next().unwrap();
+        assert!(theirs.contains(msg), "ours: {ours}\ntheirs: {theirs}");
+    }
+}
