@@ -92,7 +92,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                     footer_at,
                 ));
             }
-            if footer_at == 0 {
+            if footer_at == 0 && size > 0 {
                 return Err(Error::unsupported(
                     FORMAT,
                     "fixed disk with a footer at offset 0",
@@ -103,17 +103,15 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
             let diff = dev.footer.disk_type == DiskType::Differencing;
             let hdr_at = dev.footer.data_offset;
             let mut hbuf = [0u8; HEADER_SIZE];
-            if hdr_at
-                .checked_add(HEADER_SIZE as u64)
-                .is_none_or(|e| e > file_len)
-            {
-                return Err(Error::corrupt(
-                    FORMAT,
-                    "dynamic disk header beyond the end of the file",
-                    16,
-                ));
+            if hdr_at >= file_len {
+                return Err(Error::invalid("Error reading dynamic VHD header"));
             }
-            dev.storage.read_exact_at(&mut hbuf, hdr_at)?;
+            // As qemu, bytes past the end of the file read as zeroes.
+            let avail = usize::try_from((file_len - hdr_at).min(HEADER_SIZE as u64)).unwrap_or(0);
+            let part = hbuf
+                .get_mut(..avail)
+                .ok_or(Error::invalid("Error reading dynamic VHD header"))?;
+            dev.storage.read_exact_at(part, hdr_at)?;
             let h = DynHeader::parse(&hbuf, hdr_at, dev.storage.as_ref(), &options.limits, diff)?;
             let d = load_dynamic(&dev, h, hdr_at, file_len, options)?;
             if diff {
