@@ -44,6 +44,17 @@ fn sweeps_do_not_panic() {
     corruption_sweep(&diskimg_vhd::DRIVER, &dynamic, 509, 2560);
     let fixed = image("subformat=fixed", 64 << 10, &[(0, 512)]);
     corruption_sweep(&diskimg_vhd::DRIVER, &fixed[fixed.len() - 2048..], 97, 2048);
+    // A differencing child (parent locator data right after the BAT) with one block.
+    let parent = MemStorage::from_vec(image("", 4 << 20, &[]));
+    let child: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    diskimg_vhd::create_differencing(child.as_ref(), &parent, "dir/parent.vhd").unwrap();
+    let dev = diskimg_vhd::DRIVER
+        .open(child.clone(), &OpenOptions::new())
+        .unwrap();
+    dev.write_at(&[1u8; 1000], 3000).unwrap();
+    let mut v = vec![0u8; child.len().unwrap() as usize];
+    child.read_exact_at(&mut v, 0).unwrap();
+    corruption_sweep(&diskimg_vhd::DRIVER, &v, 500, 3072);
     let dir = tempdir();
     for name in [
         "afl5.img",
