@@ -63,21 +63,51 @@ pub(crate) fn check(dev: &VhdDevice, repair: RepairMode) -> Result<CheckReport> 
         }
     }
     let used_end = alloc.free;
+    let mut end_footer = [0u8; 512];
+    let footer_ok = file_len >= FOOTER_BYTES
+        && dev
+            .storage
+            .read_exact_at(&mut end_footer, file_len - FOOTER_BYTES)
+            .is_ok()
+        && crate::footer::Footer::looks_valid(&end_footer);
+    if !footer_ok {
+        r.corruptions += 1;
+        r.messages
+            .push("ERROR the file does not end with a valid footer".to_string());
+    }
+    if !crate::header::checksum_ok(&d.raw_header) {
+        r.corruptions += 1;
+        r.messages
+            .push("ERROR dynamic disk header checksum mismatch".to_string());
+    }
     let tail = file_len
         .saturating_sub(FOOTER_BYTES)
         .saturating_sub(used_end);
-    r.leaks = tail.div_ceil(unit);
+    // Less than a block of slack is padding (Virtual PC leaves some), not a leak.
+    r.leaks = tail / unit;
     if r.leaks > 0 {
         r.messages.push(format!(
             "Leaked space: {tail} bytes after the last block at {used_end:#x}"
         ));
     }
-    if r.leaks > 0 && r.corruptions == 0 && repair != RepairMode::None && !dev.read_only {
+    // Trimming the tail and rewriting the end footer fixes leaks and a missing footer;
+    // other corruptions are only reported.
+    let fixable = r.corruptions == u64::from(!footer_ok);
+    let wanted = match repair {
+        RepairMode::None => false,
+        RepairMode::Leaks => r.leaks > 0 && r.corruptions == 0,
+        RepairMode::All => r.leaks > 0 || !footer_ok,
+    };
+    if wanted && fixable && !dev.read_only {
         dev.storage.write_all_at(&dev.footer.raw, used_end)?;
         dev.storage.set_len(used_end + FOOTER_BYTES)?;
         dev.storage.flush()?;
         r.leaks_fixed = r.leaks;
         r.leaks = 0;
+        if !footer_ok {
+            r.corruptions_fixed = 1;
+            r.corruptions -= 1;
+        }
     }
     r.allocated_clusters = Some(blocks.len() as u64);
     r.total_clusters = Some(bat.len() as u64);

@@ -25,6 +25,8 @@ pub(crate) struct Alloc {
 #[derive(Debug)]
 pub(crate) struct Dynamic {
     pub(crate) header: DynHeader,
+    /// The header bytes as read (for the checksum check).
+    pub(crate) raw_header: Vec<u8>,
     pub(crate) block_size: u64,
     pub(crate) bitmap_size: u64,
     pub(crate) bat_offset: u64,

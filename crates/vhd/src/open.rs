@@ -113,7 +113,8 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                 .ok_or(Error::invalid("Error reading dynamic VHD header"))?;
             dev.storage.read_exact_at(part, hdr_at)?;
             let h = DynHeader::parse(&hbuf, hdr_at, dev.storage.as_ref(), &options.limits, diff)?;
-            let d = load_dynamic(&dev, h, hdr_at, file_len, options)?;
+            let mut d = load_dynamic(&dev, h, hdr_at, file_len, options)?;
+            d.raw_header = hbuf.to_vec();
             if diff {
                 let (rel, abs) = d.header.parent_paths();
                 let mut r = BackingRef::new("", Some(FORMAT.to_string()));
@@ -186,6 +187,7 @@ fn load_dynamic(
     }
     Ok(Dynamic {
         header: h,
+        raw_header: Vec::new(),
         block_size: bs,
         bitmap_size,
         bat_offset: bat_off,

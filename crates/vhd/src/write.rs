@@ -1,8 +1,9 @@
 //! Writes: in place for fixed disks; for dynamic and differencing disks, block
 //! allocation ordered for crash safety and sector-bitmap updates.
 //!
-//! Allocating a block writes its data, its sector bitmap and a new footer at the new end
-//! of the file, flushes, and only then points the BAT entry at it. A crash before the
+//! Allocating a block writes a new footer at the new end of the file (flushed, so the
+//! file always ends with a valid footer), then the block's data and sector bitmap
+//! (over the old footer), flushes, and only then points the BAT entry at it. A crash before the
 //! BAT write leaves an unreferenced block (a leak), never a reference to garbage. In a
 //! differencing disk, data is flushed before bitmap bits that expose it are set.
 
@@ -123,6 +124,10 @@ impl VhdDevice {
         let data_start = new + d.bitmap_size;
         let block_end = data_start + d.block_size;
         let file_len = self.storage.len()?;
+        // First a valid footer at the new end, durable before the old one (where the
+        // bitmap goes) is overwritten: the file always ends with a footer.
+        self.storage.write_all_at(&self.footer.raw, block_end)?;
+        self.storage.flush()?;
         if !diff && file_len > data_start {
             // Space past the old end holds stale bytes (a leaked block): dynamic reads
             // ignore the bitmap, so the whole block must read as zeroes.
@@ -138,7 +143,7 @@ impl VhdDevice {
             bm.fill(0xff);
         }
         self.storage.write_all_at(&bm, new)?;
-        self.storage.write_all_at(&self.footer.raw, block_end)?;
+        // Data and bitmap durable before the BAT entry points at them.
         self.storage.flush()?;
         let bat_at = d.bat_offset + idx * 4;
         self.storage.write_all_at(&sector.to_be_bytes(), bat_at)?;

@@ -70,6 +70,8 @@ fn virtual_pc_and_hyper_v_sizes() {
         let p = corpus_file(name, dir.path());
         assert_eq!(qemu_size(&p), want);
         assert_eq!(open(&p, true).virtual_size(), want, "{name}");
+        let r = open(&p, true).check(Default::default()).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{name}: {r:?}");
         assert_map_like_qemu(&p);
     }
 }
@@ -107,6 +109,8 @@ fn disk2vhd_reads_like_qemu() {
     assert_eq!(qemu_size(&p), 263_454_720);
     assert_reads_like_qemu(&p);
     assert_map_like_qemu(&p);
+    let r = open(&p, true).check(Default::default()).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
 }
 
 #[test]
