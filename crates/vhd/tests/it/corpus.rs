@@ -97,6 +97,30 @@ fn force_size_calc_overrides() {
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
     assert_eq!(d.virtual_size(), q["virtual-size"].as_u64().unwrap());
     assert_eq!(d.virtual_size(), 136_365_211_648);
+    // iotest 146: chs on the Hyper-V image gives the geometry size; on the Disk2vhd
+    // image (maximal geometry) current_size still wins.
+    for (name, calc) in [
+        ("hyperv2012r2-dynamic.vhd", "chs"),
+        ("d2v-zerofilled.vhd", "chs"),
+    ] {
+        let p = corpus_file(name, dir.path());
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, true).unwrap());
+        let mut o = OpenOptions::new().read_only(true);
+        o.driver_options = OptionList::parse(&format!("force_size_calc={calc}")).unwrap();
+        let q = qemu_img_ok(&[
+            "info",
+            "-U",
+            "--output=json",
+            "--image-opts",
+            &format!(
+                "driver=vpc,force_size_calc={calc},file.filename={}",
+                p.display()
+            ),
+        ]);
+        let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+        let ours = diskimg_vhd::DRIVER.open(s, &o).unwrap().virtual_size();
+        assert_eq!(ours, q["virtual-size"].as_u64().unwrap(), "{name} {calc}");
+    }
     o.driver_options = OptionList::parse("force_size_calc=bogus").unwrap();
     assert!(diskimg_vhd::DRIVER.open(s, &o).is_err());
 }

@@ -176,3 +176,56 @@ fn fixed_vhd_probes_as_vpc() {
         0
     );
 }
+
+#[test]
+fn chs_rounding_matches_qemu_across_sizes() {
+    let dir = tempdir();
+    let sizes: [u64; 13] = [
+        1,
+        511,
+        513,
+        (1 << 20) + 1,
+        100 << 20,
+        1 << 30,
+        10 << 30,
+        127 << 30,
+        136_365_211_648,
+        1 << 40,
+        2040 << 30,
+        (2040 << 30) + 512,
+        2041 << 30,
+    ];
+    for size in sizes {
+        for o in ["subformat=dynamic", "subformat=dynamic,force_size=on"] {
+            let theirs = dir.path().join("t.vhd");
+            let ours = dir.path().join("o.vhd");
+            let q = diskimg_testutil::qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                o,
+                theirs.to_str().unwrap(),
+                &size.to_string(),
+            ]);
+            let s: std::sync::Arc<dyn diskimg_blockio::Storage> =
+                std::sync::Arc::new(diskimg_blockio::FileStorage::create(&ours).unwrap());
+            let mut req = diskimg_blockio::CreateRequest::new(
+                size,
+                diskimg_blockio::OptionList::parse(o).unwrap(),
+            );
+            use diskimg_blockio::Driver;
+            let r = diskimg_vhd::DRIVER.create(s, &mut req);
+            assert_eq!(q.status.success(), r.is_ok(), "{o} {size}: {r:?}");
+            if r.is_ok() {
+                assert_eq!(
+                    open(&ours, true).virtual_size(),
+                    qemu_size(&theirs),
+                    "{o} {size}"
+                );
+                assert_eq!(qemu_size(&ours), qemu_size(&theirs), "{o} {size}");
+            }
+        }
+    }
+}
