@@ -126,6 +126,13 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                     (None, Some(abs)) => r.filename = abs,
                     (None, None) => r.filename = d.header.parent_name.clone(),
                 }
+                // Last resort: the parent's file name beside the child (a chain copied
+                // from Windows keeps relative placement but not drive paths).
+                let base = d.header.parent_name.replace('\\', "/");
+                let base = base.rsplit('/').next().unwrap_or_default().to_string();
+                if !base.is_empty() && base != r.filename && !r.alternates.contains(&base) {
+                    r.alternates.push(base);
+                }
                 dev.backing_ref = Some(r);
             }
             dev.dynamic = Some(d);

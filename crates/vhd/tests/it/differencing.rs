@@ -127,6 +127,15 @@ fn locators_relative_and_absolute() {
             .parent_uuid(),
         Some(c1v.uuid())
     );
+    // The parent must be the VHD the child was made from.
+    let wrong = c3.set_backing(Some(open(&base, true))).unwrap_err();
+    assert!(wrong.to_string().contains("unique id"), "{wrong}");
+    c3.set_backing(Some(c1.clone())).unwrap();
+    // The absolute-path child also offers the parent's name beside it.
+    assert_eq!(
+        c2.info().backing.unwrap().alternates,
+        vec!["base.vhd".to_string()]
+    );
     // A dynamic disk takes no parent; a non-VHD parent is refused.
     let d = open(&base, true);
     assert!(d.set_backing(Some(c1.clone())).is_err());
