@@ -229,3 +229,43 @@ fn chs_rounding_matches_qemu_across_sizes() {
         }
     }
 }
+
+#[test]
+fn small_block_size_both_ways() {
+    use diskimg_vhd::footer::{DiskType, Footer, rounded_size};
+    // A dynamic VHD with 4 KiB blocks (qemu reads and writes any power-of-two size).
+    let size = 1u64 << 20;
+    let (geo, _) = rounded_size(size, true).unwrap();
+    let f = Footer::build(DiskType::Dynamic, size, geo, *b"qem2", 0, [3; 16]);
+    let entries = (size / 4096) as u32;
+    let h = diskimg_vhd::header::build(entries, 4096, None);
+    let mut img = Vec::new();
+    img.extend_from_slice(&f.raw);
+    img.extend_from_slice(&h);
+    img.extend(std::iter::repeat_n(0xffu8, entries as usize * 4));
+    img.extend_from_slice(&f.raw);
+    let dir = tempdir();
+    let a = dir.path().join("a.vhd");
+    let b = dir.path().join("b.vhd");
+    std::fs::write(&a, &img).unwrap();
+    std::fs::write(&b, &img).unwrap();
+    qemu_io(
+        &a,
+        "vpc",
+        &[
+            "write -P 0x61 1000 10000",
+            "write -P 0x62 500000 3",
+            "write -P 0x63 1040000 8576",
+        ],
+    );
+    let dev = open(&a, true);
+    assert_eq!(dev.info().cluster_size, Some(4096));
+    assert_eq!(read_all(dev.as_ref()), qemu_read_raw(&a, "vpc"));
+    let dev = open(&b, false);
+    dev.write_at(&[0x61; 10000], 1000).unwrap();
+    dev.write_at(&[0x62; 3], 500_000).unwrap();
+    dev.write_at(&[0x63; 8576], 1_040_000).unwrap();
+    dev.flush().unwrap();
+    assert_eq!(qemu_read_raw(&b, "vpc"), qemu_read_raw(&a, "vpc"));
+    assert_eq!(read_all(dev.as_ref()), qemu_read_raw(&a, "vpc"));
+}
