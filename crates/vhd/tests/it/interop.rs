@@ -269,3 +269,22 @@ fn small_block_size_both_ways() {
     assert_eq!(qemu_read_raw(&b, "vpc"), qemu_read_raw(&a, "vpc"));
     assert_eq!(read_all(dev.as_ref()), qemu_read_raw(&a, "vpc"));
 }
+
+#[test]
+fn fixed_preallocation_full() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let p = dir.path().join("pre.vhd");
+    create(&p, 2 << 20, "subformat=fixed,preallocation=full");
+    assert!(std::fs::metadata(&p).unwrap().blocks() * 512 >= 2 << 20);
+    assert_eq!(qemu_size(&p), open(&p, true).virtual_size());
+    assert!(qemu_read_raw(&p, "vpc").iter().all(|&b| b == 0));
+    let s: std::sync::Arc<dyn diskimg_blockio::Storage> =
+        std::sync::Arc::new(diskimg_blockio::FileStorage::create(&p).unwrap());
+    let mut req = diskimg_blockio::CreateRequest::new(
+        1 << 20,
+        diskimg_blockio::OptionList::parse("preallocation=metadata").unwrap(),
+    );
+    use diskimg_blockio::Driver;
+    assert!(diskimg_vhd::DRIVER.create(s, &mut req).is_err());
+}
