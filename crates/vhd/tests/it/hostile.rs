@@ -113,3 +113,56 @@ fn read_only_refuses_writes() {
     assert!(d.write_at(&[1], 0).is_err());
     assert!(d.read_at(&mut [0u8; 2], d.virtual_size() - 1).is_err());
 }
+
+/// Random multi-byte mutations of headers, BAT and bitmaps; the image is opened
+/// read-write, written, zeroed, mapped and checked: errors are fine, panics are not.
+#[test]
+fn writes_on_mutated_images_do_not_panic() {
+    use diskimg_blockio::{RepairMode, ZeroFlags, map_all};
+    let dynamic = image("", 4 << 20, &[(0, 4096), (2 << 20, 512)]);
+    let parent = MemStorage::from_vec(image("", 4 << 20, &[]));
+    let child: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    diskimg_vhd::create_differencing(child.as_ref(), &parent, "p.vhd").unwrap();
+    diskimg_vhd::DRIVER
+        .open(child.clone(), &OpenOptions::new())
+        .unwrap()
+        .write_at(&[9u8; 700], 1_000_000)
+        .unwrap();
+    let mut diff = vec![0u8; child.len().unwrap() as usize];
+    child.read_exact_at(&mut diff, 0).unwrap();
+    let mut seed = 0x9e37_79b9_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..1000 {
+        let mut v = if round % 2 == 0 {
+            dynamic.clone()
+        } else {
+            diff.clone()
+        };
+        let hot = 3584.min(v.len());
+        for _ in 0..1 + next() % 4 {
+            let i = (next() as usize) % hot;
+            v[i] = next() as u8;
+        }
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(v));
+        let Ok(dev) = diskimg_vhd::DRIVER.open(s, &OpenOptions::new()) else {
+            continue;
+        };
+        let size = dev.virtual_size();
+        if size == 0 {
+            continue;
+        }
+        let off = next() % size;
+        let len = (next() % 300_000).min(size - off);
+        let _ = dev.write_at(&vec![1u8; len as usize], off);
+        let _ = dev.write_zeroes(off / 2, len.min(size - off / 2), ZeroFlags::default());
+        let _ = map_all(dev.as_ref(), 0, size.min(64 << 20));
+        let mut buf = vec![0u8; len as usize];
+        let _ = dev.read_at(&mut buf, off);
+        let _ = dev.check(RepairMode::All);
+    }
+}
