@@ -103,7 +103,7 @@ fn take_params(req: &mut CreateRequest) -> Result<Params> {
 pub(crate) fn create(storage: &dyn Storage, req: &mut CreateRequest) -> Result<()> {
     let p = take_params(req)?;
     if let Some(name) = p.backing.clone() {
-        let parent = req.files.open(&name, FilePurpose::DataFile, false)?;
+        let parent = req.files.open(&name, FilePurpose::Backing, false)?;
         return create_differencing(storage, parent.as_ref(), &name);
     }
     // qemu silently rounds the size up to whole sectors.
