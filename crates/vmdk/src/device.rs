@@ -27,7 +27,7 @@ pub(crate) enum ExtentData {
     /// Reads as zeroes (ZERO).
     Zero,
     /// A sparse extent (SPARSE, VMFSSPARSE, stream-optimized).
-    Sparse(SparseExtent),
+    Sparse(Box<SparseExtent>),
 }
 
 /// One extent placed in the guest address space.
@@ -472,7 +472,11 @@ impl BlockDevice for VmdkDevice {
         let gb = s.grain_bytes();
         let in_ext = offset - ext.start;
         let len = buf.len() as u64;
-        if in_ext % gb != 0 || len > gb || (len < gb && in_ext + len != ext.len) || len == 0 {
+        if !in_ext.is_multiple_of(gb)
+            || len > gb
+            || (len < gb && in_ext + len != ext.len)
+            || len == 0
+        {
             return Err(Error::invalid("compressed writes must cover whole grains"));
         }
         let mut g = buf.to_vec();

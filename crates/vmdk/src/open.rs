@@ -115,7 +115,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                 let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
                 let sp = SparseExtent::open(s, !ro, &options.limits)?;
                 let sectors = sp.sectors;
-                (ExtentData::Sparse(sp), sectors)
+                (ExtentData::Sparse(Box::new(sp)), sectors)
             }
             ExtentType::SeSparse => {
                 return Err(Error::unsupported("vmdk", "SESPARSE extents"));
@@ -231,7 +231,7 @@ fn open_monolithic(
         file,
         type_name: String::new(),
         read_only,
-        data: ExtentData::Sparse(sp),
+        data: ExtentData::Sparse(Box::new(sp)),
     };
     let extents = if size > 0 { vec![ext] } else { Vec::new() };
     finish(desc, extents, size, loc, read_only)
