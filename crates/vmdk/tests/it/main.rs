@@ -9,6 +9,7 @@
 mod common;
 mod crash;
 mod create;
+mod extents;
 mod hostile;
 mod model;
 mod read;
