@@ -378,8 +378,9 @@ impl SparseExtent {
         }
     }
 
-    /// Compresses a whole grain and appends it with its marker (stream-optimized).
-    fn append_compressed(&self, st: &mut State, grain: u64, buf: &[u8]) -> Result<()> {
+    /// Deflates a whole grain into its on-disk record: marker (`lba`, `size`), zlib
+    /// stream, padding to a sector.
+    fn compress_record(&self, grain: u64, buf: &[u8]) -> Result<Vec<u8>> {
         let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(buf).map_err(|e| Error::io("deflate", e))?;
         let z = enc.finish().map_err(|e| Error::io("deflate", e))?;
@@ -390,20 +391,36 @@ impl SparseExtent {
         rec.extend_from_slice(&z);
         let padded = (rec.len() as u64).div_ceil(SECTOR) * SECTOR;
         rec.resize(usize::try_from(padded).unwrap_or(rec.len()), 0);
-        let sector = self.alloc(st, padded / SECTOR)?;
-        self.storage.write_all_at(&rec, sector * SECTOR)?;
+        Ok(rec)
+    }
+
+    /// Appends a compressed record for `grain` and points the grain tables at it.
+    fn append_record(&self, st: &mut State, grain: u64, rec: &[u8]) -> Result<()> {
+        let sector = self.alloc(st, rec.len() as u64 / SECTOR)?;
+        self.storage.write_all_at(rec, sector * SECTOR)?;
         self.storage.flush()?;
         self.set_gte(st, grain, u32::try_from(sector).unwrap_or(0))
     }
 
+    /// Compresses a whole grain and appends it with its marker (stream-optimized).
+    fn append_compressed(&self, st: &mut State, grain: u64, buf: &[u8]) -> Result<()> {
+        let rec = self.compress_record(grain, buf)?;
+        self.append_record(st, grain, &rec)
+    }
+
     /// Writes a whole grain compressed (stream-optimized only; unallocated grains only).
+    /// Deflating happens outside the extent lock, so callers on several threads
+    /// compress in parallel.
     pub(crate) fn write_compressed(&self, grain: u64, buf: &[u8]) -> Result<()> {
+        let refuse = || Error::invalid("Could not write to allocated cluster for streamOptimized");
+        if !matches!(self.lookup(grain)?, Grain::Unallocated | Grain::Zero) {
+            return Err(refuse());
+        }
+        let rec = self.compress_record(grain, buf)?;
         let mut st = self.lock();
         match self.lookup_locked(&mut st, grain)? {
-            Grain::Unallocated | Grain::Zero => self.append_compressed(&mut st, grain, buf),
-            _ => Err(Error::invalid(
-                "Could not write to allocated cluster for streamOptimized",
-            )),
+            Grain::Unallocated | Grain::Zero => self.append_record(&mut st, grain, &rec),
+            _ => Err(refuse()),
         }
     }
 
