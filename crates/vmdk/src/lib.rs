@@ -45,6 +45,7 @@ mod descriptor;
 mod device;
 mod header;
 mod open;
+mod sesparse;
 mod sparse;
 
 pub use device::VmdkDevice;

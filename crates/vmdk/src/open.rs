@@ -118,7 +118,10 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                 (ExtentData::Sparse(Box::new(sp)), sectors)
             }
             ExtentType::SeSparse => {
-                return Err(Error::unsupported("vmdk", "SESPARSE extents"));
+                let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                let sp = SparseExtent::open_sesparse(s, !ro, &options.limits)?;
+                let sectors = sp.sectors;
+                (ExtentData::Sparse(Box::new(sp)), sectors)
             }
         };
         let bytes = sectors

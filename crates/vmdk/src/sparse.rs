@@ -18,6 +18,7 @@ use crate::header::{
     CowdHeader, FLAG_COMPRESS, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN, GD_AT_END, SECTOR,
     SparseHeader, parse_footer,
 };
+use crate::sesparse::SeSparse;
 
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
@@ -63,6 +64,8 @@ pub(crate) struct SparseExtent {
     zero_grain: bool,
     /// The header, for embedded descriptors and info (None for COWD).
     pub(crate) header: Option<SparseHeader>,
+    /// seSparse tables, which replace the classic grain directory.
+    se: Option<Box<SeSparse>>,
     state: Mutex<State>,
 }
 
@@ -174,6 +177,7 @@ impl SparseExtent {
             markers: l.flags & FLAG_MARKER != 0,
             zero_grain: l.flags & FLAG_ZERO_GRAIN != 0,
             header: l.header,
+            se: None,
             state: Mutex::new(State {
                 gd,
                 rgd,
@@ -181,6 +185,39 @@ impl SparseExtent {
                 cache_max,
                 next_sector: l.end.div_ceil(SECTOR),
             }),
+        })
+    }
+
+    /// Opens an seSparse extent (read-only, as in qemu).
+    pub(crate) fn open_sesparse(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        limits: &Limits,
+    ) -> Result<Self> {
+        if writable {
+            return Err(Error::unsupported(
+                "vmdk",
+                "No write support for seSparse images available",
+            ));
+        }
+        let se = SeSparse::open(storage.as_ref(), limits)?;
+        Ok(Self {
+            sectors: se.capacity,
+            grain_sectors: se.grain_sectors(),
+            gtes_per_gt: 4096,
+            compressed: false,
+            markers: false,
+            zero_grain: false,
+            header: None,
+            se: Some(Box::new(se)),
+            state: Mutex::new(State {
+                gd: Vec::new(),
+                rgd: Vec::new(),
+                cache: HashMap::new(),
+                cache_max: 0,
+                next_sector: 0,
+            }),
+            storage,
         })
     }
 
@@ -226,6 +263,9 @@ impl SparseExtent {
     }
 
     fn lookup_locked(&self, st: &mut State, grain: u64) -> Result<Grain> {
+        if let Some(se) = &self.se {
+            return se.lookup(self.storage.as_ref(), grain);
+        }
         let (l1, l2) = self.gt_index(grain);
         let Some(&gt_sector) = usize::try_from(l1).ok().and_then(|i| st.gd.get(i)) else {
             return Ok(Grain::Unallocated);
