@@ -211,6 +211,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     {
         return Err(Error::invalid("Backing format must be 'vmdk'"));
     }
+    if zeroed_grain && subformat.contains("Flat") {
+        return Err(Error::invalid("Flat image can't enable zeroed grain"));
+    }
     let hw = match (compat6, hwversion) {
         (true, Some(_)) => {
             return Err(Error::invalid(
@@ -254,7 +257,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
             left -= n;
             i += 1;
         }
-    } else if flat {
+    } else if flat && size > 0 {
         files.push((format!("{prefix}-flat{postfix}"), size));
     }
     for (f, n) in &files {
@@ -264,7 +267,8 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
             lines.push_str(&format!("RW {} SPARSE \"{f}\"\n", n / SECTOR));
         }
     }
-    if files.is_empty() {
+    let single = !flat && !split;
+    if single {
         lines.push_str(&format!("RW {sectors} SPARSE \"{base}\"\n"));
     }
     let desc = NewDescriptor {
@@ -279,7 +283,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
         tools_version: &tools,
     }
     .render();
-    if files.is_empty() {
+    if single {
         init_sparse(
             storage.as_ref(),
             sectors,

@@ -139,7 +139,12 @@ fn sesparse_reads_like_qemu() {
     assert_eq!(q[..1 << 20], q[1 << 20..]);
     q.truncate(1 << 20);
     let diff = ours.iter().zip(&q).position(|(a, b)| a != b);
-    assert!(diff.is_none() && ours.len() == q.len(), "first difference at {diff:?} ({} vs {})", ours.len(), q.len());
+    assert!(
+        diff.is_none() && ours.len() == q.len(),
+        "first difference at {diff:?} ({} vs {})",
+        ours.len(),
+        q.len()
+    );
     assert_eq!(&ours[5 * 4096..6 * 4096], &pattern(12, 4096)[..]);
     assert_eq!(
         dev.map(7 * 4096, 4096).unwrap().kind,
