@@ -160,6 +160,8 @@ impl SparseExtent {
         if l.grain_sectors > MAX_GRAIN_SECTORS {
             return Err(Error::invalid("Invalid granularity, image may be corrupt"));
         }
+        // Whole grains are held in memory (compressed grains, copy-on-write).
+        limits.check("vmdk grain size", l.grain_sectors * SECTOR)?;
         let gd = read_table(storage.as_ref(), limits, l.gd_offset, l1_size)?;
         let rgd = match l.rgd_offset {
             Some(off) => read_table(storage.as_ref(), limits, off, l1_size)?,

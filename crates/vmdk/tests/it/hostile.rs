@@ -142,3 +142,35 @@ fn extents_cannot_escape_the_directory() {
             .is_err()
     );
 }
+
+#[test]
+fn corrupted_grain_tables_do_not_panic() {
+    let dir = tempdir();
+    let img = dir.path().join("g.vmdk");
+    qemu_img_ok(&["create", "-q", "-f", "vmdk", &p(&img), "1M"]);
+    qemu_io(&img, "vmdk", &["write -P 1 0 64k", "write -P 2 512k 4k"]);
+    let bytes = std::fs::read(&img).unwrap();
+    // Grain directories and tables live between sector 21 and the first grain.
+    for off in (21 * 512..31 * 512).step_by(3) {
+        for v in [0xffu8, 0x01, 0x80] {
+            let mut b = bytes.clone();
+            b[off] ^= v;
+            diskimg_testutil::exercise_driver(&diskimg_vmdk::DRIVER, &b);
+        }
+    }
+    // A compressed image with 1 GiB grains is refused by the limits, not allocated.
+    let mut b = bytes.clone();
+    b[8..12].copy_from_slice(&(0x30003u32).to_le_bytes());
+    b[20..28].copy_from_slice(&(0x20_0000u64).to_le_bytes());
+    b[77..79].copy_from_slice(&1u16.to_le_bytes());
+    let s: std::sync::Arc<dyn diskimg_blockio::Storage> =
+        std::sync::Arc::new(diskimg_blockio::MemStorage::from_vec(b));
+    use diskimg_blockio::Driver;
+    let e = diskimg_vmdk::DRIVER
+        .open(s, &diskimg_blockio::OpenOptions::new().read_only(true))
+        .unwrap_err();
+    assert!(
+        matches!(e, diskimg_blockio::Error::LimitExceeded { .. }),
+        "{e}"
+    );
+}
