@@ -110,3 +110,67 @@ fn crash_at_every_operation() {
         }
     }
 }
+
+fn stream_workload(dev: &dyn BlockDevice, flushed: &mut Vec<u64>) -> diskimg_blockio::Result<()> {
+    let g = dev.compressed_write_granularity().unwrap();
+    for (i, grain) in [0u64, 3, 4, 17, 31].iter().enumerate() {
+        dev.write_compressed(&pattern(*grain, g as usize), grain * g)?;
+        if i % 2 == 1 {
+            dev.flush()?;
+            flushed.extend([0u64, 3, 4, 17, 31].iter().take(i + 1));
+        }
+    }
+    dev.flush()?;
+    flushed.extend([0u64, 3, 4, 17, 31]);
+    Ok(())
+}
+
+#[test]
+fn stream_optimized_crash_at_every_operation() {
+    let s = Arc::new(MemStorage::new());
+    let mut req = CreateRequest::new(
+        SIZE,
+        OptionList::parse("subformat=streamOptimized").unwrap(),
+    )
+    .image_name("s.vmdk");
+    diskimg_vmdk::DRIVER.create(s.clone(), &mut req).unwrap();
+    let initial = s.to_vec();
+    let counter = Arc::new(FaultStorage::new(initial.clone(), None));
+    let dev = diskimg_vmdk::DRIVER
+        .open(counter.clone(), &OpenOptions::new())
+        .unwrap();
+    stream_workload(dev.as_ref(), &mut Vec::new()).unwrap();
+    let total = counter.ops();
+    let dir = tempdir();
+    for cut in 0..total {
+        for mode in [
+            CrashMode::KeepAll,
+            CrashMode::DropUnflushed,
+            CrashMode::Random(cut * 7),
+        ] {
+            let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
+            let dev = diskimg_vmdk::DRIVER
+                .open(fs.clone(), &OpenOptions::new())
+                .unwrap();
+            let mut flushed = Vec::new();
+            assert!(stream_workload(dev.as_ref(), &mut flushed).is_err());
+            drop(dev);
+            let img = fs.crash_image(mode);
+            let ms: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+            let dev = diskimg_vmdk::DRIVER
+                .open(ms, &OpenOptions::new().read_only(true))
+                .unwrap();
+            let content = read_all(dev.as_ref());
+            for grain in flushed {
+                let o = (grain * 65536) as usize;
+                assert!(
+                    content[o..o + 65536] == pattern(grain, 65536)[..],
+                    "cut {cut} {mode:?} grain {grain}"
+                );
+            }
+            let path = dir.path().join("crash.vmdk");
+            std::fs::write(&path, &img).unwrap();
+            assert_qemu_check_clean(&path, "vmdk");
+        }
+    }
+}
