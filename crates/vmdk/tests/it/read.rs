@@ -187,3 +187,53 @@ fn afl9_fails_cleanly() {
     let out = diskimg_testutil::qemu_img(&["info", &p(&img)]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("L1 size too big"));
 }
+
+#[test]
+fn large_sparse_sizes_iotest_059() {
+    let dir = tempdir();
+    // Big twoGbMaxExtentFlat made by qemu: 500 extent files, written near the end.
+    let big = dir.path().join("big.vmdk");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentFlat",
+        &p(&big),
+        "1000G",
+    ]);
+    qemu_io(&big, "vmdk", &["write -P 0x5a 999G 64k"]);
+    let dev = open(&big, false).unwrap();
+    assert_eq!(dev.virtual_size(), 1000 << 30);
+    let mut buf = vec![0u8; 65536];
+    dev.read_at(&mut buf, 999 << 30).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    dev.write_at(&[0x66; 4096], (2 << 30) - 2048).unwrap(); // crosses two extent files
+    dev.flush().unwrap();
+    drop(dev);
+    qemu_io(&big, "vmdk", &["read -P 0x66 2147481600 4096"]);
+    let e = open(&big, true)
+        .unwrap()
+        .map((2 << 30) - 2048, 4096)
+        .unwrap();
+    assert_eq!(e.len, 2048, "map stops at the extent boundary");
+    // 4 TB monolithicFlat made by us, written by qemu at 3 TB.
+    let flat = dir.path().join("flat.vmdk");
+    crate::common::create(&flat, 4 << 40, "subformat=monolithicFlat").unwrap();
+    assert_eq!(
+        diskimg_testutil::qemu_info_json(&flat, "vmdk")["virtual-size"].as_u64(),
+        Some(4 << 40)
+    );
+    qemu_io(&flat, "vmdk", &["write -P 0x77 3T 4k"]);
+    let dev = open(&flat, true).unwrap();
+    let mut b = [0u8; 4096];
+    dev.read_at(&mut b, 3 << 40).unwrap();
+    assert!(b.iter().all(|&x| x == 0x77));
+    assert_eq!(
+        dev.map(3 << 40, 4096).unwrap().kind,
+        ExtentKind::Data {
+            offset: Some(3 << 40)
+        }
+    );
+}
