@@ -213,7 +213,7 @@ impl VmdkDevice {
                         buf.fill(0);
                         Ok(())
                     }
-                    Grain::Data(h) => s.read_data(buf, h + in_grain),
+                    Grain::Data(h) => s.read_data(buf, h.saturating_add(in_grain)),
                     Grain::Compressed(h) => {
                         let g = s.read_compressed(h)?;
                         let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
@@ -234,7 +234,9 @@ impl VmdkDevice {
         }
         match &ext.data {
             ExtentData::Zero => Err(Error::unsupported("vmdk", "writes to a ZERO extent")),
-            ExtentData::Flat { storage, offset } => storage.write_all_at(data, offset + in_ext),
+            ExtentData::Flat { storage, offset } => {
+                storage.write_all_at(data, offset.saturating_add(in_ext))
+            }
             ExtentData::Sparse(s) => {
                 let gb = s.grain_bytes();
                 let grain = in_ext / gb;
@@ -254,7 +256,7 @@ impl VmdkDevice {
             Grain::Unallocated => ExtentKind::Unallocated,
             Grain::Zero => ExtentKind::Zero { offset: None },
             Grain::Data(h) => ExtentKind::Data {
-                offset: Some(h + in_grain),
+                offset: Some(h.saturating_add(in_grain)),
             },
             Grain::Compressed(_) => ExtentKind::Compressed,
         };
@@ -266,7 +268,7 @@ impl VmdkDevice {
             let g = s.lookup((in_ext + n) / gb)?;
             let same = match (k0, kind(g, 0)) {
                 (ExtentKind::Data { offset: Some(a) }, ExtentKind::Data { offset: Some(b) }) => {
-                    a + n == b
+                    a.checked_add(n) == Some(b)
                 }
                 (a, b) => a == b && !matches!(a, ExtentKind::Data { .. }),
             };
@@ -384,7 +386,9 @@ impl BlockDevice for VmdkDevice {
             }
             match &ext.data {
                 ExtentData::Zero => Ok(()),
-                ExtentData::Flat { storage, offset } => storage.write_zeroes(offset + in_ext, n),
+                ExtentData::Flat { storage, offset } => {
+                    storage.write_zeroes(offset.saturating_add(in_ext), n)
+                }
                 ExtentData::Sparse(s) => {
                     let gb = s.grain_bytes();
                     let grain = in_ext / gb;
@@ -442,7 +446,7 @@ impl BlockDevice for VmdkDevice {
                 offset,
                 len: n,
                 kind: ExtentKind::Data {
-                    offset: Some(base + in_ext),
+                    offset: Some(base.saturating_add(in_ext)),
                 },
             }),
             ExtentData::Sparse(s) => self.map_sparse(ext, s, in_ext, n),

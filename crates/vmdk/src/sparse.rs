@@ -396,7 +396,8 @@ impl SparseExtent {
         match g {
             Grain::Data(host) => {
                 drop(st);
-                self.storage.write_all_at(data, host + in_grain as u64)
+                self.storage
+                    .write_all_at(data, host.saturating_add(in_grain as u64))
             }
             Grain::Compressed(_) => Err(Error::invalid(
                 "Could not write to allocated cluster for streamOptimized",
