@@ -174,3 +174,77 @@ fn corrupted_grain_tables_do_not_panic() {
         "{e}"
     );
 }
+
+mod mutations {
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn seeds() -> &'static [Vec<u8>; 2] {
+        static S: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
+        S.get_or_init(|| {
+            let dir = diskimg_testutil::tempdir();
+            let img = dir.path().join("s.vmdk");
+            let st = dir.path().join("st.vmdk");
+            let p = |x: &std::path::Path| x.to_string_lossy().into_owned();
+            diskimg_testutil::qemu_img_ok(&["create", "-q", "-f", "vmdk", &p(&img), "1M"]);
+            diskimg_testutil::qemu_io(&img, "vmdk", &["write -P 3 0 128k"]);
+            diskimg_testutil::qemu_img_ok(&[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+                &p(&img),
+                &p(&st),
+            ]);
+            [std::fs::read(&img).unwrap(), std::fs::read(&st).unwrap()]
+        })
+    }
+
+    const WORDS: &[&str] = &[
+        "RW",
+        "RDONLY",
+        "FLAT",
+        "SPARSE",
+        "ZERO",
+        "VMFS",
+        "VMFSSPARSE",
+        "SESPARSE",
+        "\"x\"",
+        "\"\"",
+        "0",
+        "-1",
+        "99999999999999999999",
+        "18446744073709551615",
+        "createType=\"monolithicFlat\"",
+        "version=1",
+        "CID=",
+        "parentCID=zz",
+        "parentFileNameHint=\"../p\"",
+        "ddb.x = \"",
+        "\n",
+        "\r\n",
+        " ",
+        "#",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn mutated_images(which in 0usize..2, muts in proptest::collection::vec((0usize..40_000, any::<u8>()), 1..8)) {
+            let mut b = seeds()[which].clone();
+            for (off, v) in muts {
+                let i = off % b.len();
+                b[i] = v;
+            }
+            diskimg_testutil::exercise_driver(&diskimg_vmdk::DRIVER, &b);
+        }
+
+        #[test]
+        fn random_descriptors(words in proptest::collection::vec(0usize..WORDS.len(), 0..40)) {
+            let text: String = std::iter::once("version=1\n").chain(words.iter().map(|&i| WORDS[i])).collect::<Vec<_>>().join(" ");
+            let _ = diskimg_vmdk::parse_descriptor(&text);
+            diskimg_testutil::exercise_driver(&diskimg_vmdk::DRIVER, text.as_bytes());
+        }
+    }
+}
