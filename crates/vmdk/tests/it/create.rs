@@ -141,6 +141,14 @@ fn our_images_pass_qemu_check_and_compare() {
                 dev.write_compressed(&data, (grain * g) as u64).unwrap();
                 expect[grain * g..(grain + 1) * g].copy_from_slice(&data);
             }
+            // Plain writes to a fresh grain are compressed too (merged with zeroes).
+            let data = pattern(99, 1000);
+            dev.write_at(&data, 10 * 65536 + 100).unwrap();
+            expect[10 * 65536 + 100..10 * 65536 + 1100].copy_from_slice(&data);
+            assert_eq!(
+                dev.map(10 * 65536, 65536).unwrap().kind,
+                diskimg_blockio::ExtentKind::Compressed
+            );
             // Rewriting an allocated compressed grain is refused, like qemu.
             let err = dev.write_at(&[1; 512], 0).unwrap_err().to_string();
             assert!(err.contains("streamOptimized"), "{err}");
