@@ -309,21 +309,23 @@ impl BlockDevice for VmdkDevice {
             .extents
             .iter()
             .map(|e| {
-                let mut m = vec![
-                    (
-                        "virtual-size".to_string(),
-                        InfoValue::Int(i64::try_from(e.len).unwrap_or(i64::MAX)),
-                    ),
-                    ("filename".to_string(), InfoValue::Str(e.file.clone())),
-                ];
+                // qemu's ImageInfoSpecificVmdk extent order.
+                let mut m = Vec::new();
+                if let ExtentData::Sparse(s) = &e.data
+                    && s.compressed
+                {
+                    m.push(("compressed".to_string(), InfoValue::Bool(true)));
+                }
+                m.push((
+                    "virtual-size".to_string(),
+                    InfoValue::Int(i64::try_from(e.len).unwrap_or(i64::MAX)),
+                ));
+                m.push(("filename".to_string(), InfoValue::Str(e.file.clone())));
                 if let ExtentData::Sparse(s) = &e.data {
                     m.push((
                         "cluster-size".to_string(),
                         InfoValue::Int(i64::try_from(s.grain_bytes()).unwrap_or(i64::MAX)),
                     ));
-                    if s.compressed {
-                        m.push(("compressed".to_string(), InfoValue::Bool(true)));
-                    }
                 }
                 m.push(("format".to_string(), InfoValue::Str(e.type_name.clone())));
                 InfoValue::Map(m)

@@ -237,3 +237,60 @@ fn large_sparse_sizes_iotest_059() {
         }
     );
 }
+
+fn to_json(v: &diskimg_blockio::InfoValue) -> serde_json::Value {
+    use diskimg_blockio::InfoValue as I;
+    match v {
+        I::Bool(b) => (*b).into(),
+        I::Int(i) => (*i).into(),
+        I::Str(s) => s.clone().into(),
+        I::List(l) => l.iter().map(to_json).collect(),
+        I::Map(m) => {
+            serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+        }
+    }
+}
+
+#[test]
+fn format_specific_info_matches_qemu() {
+    for sub in SUBFORMATS {
+        let dir = tempdir();
+        let img = dir.path().join("i.vmdk");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            &p(&img),
+            "3G",
+        ]);
+        let q = diskimg_testutil::qemu_info_json(&img, "vmdk");
+        let mut qd = q["format-specific"]["data"].clone();
+        let info = open(&img, true).unwrap().info();
+        let (ty, data) = info.format_specific.unwrap();
+        assert_eq!(ty, q["format-specific"]["type"]);
+        let mut ours = to_json(&diskimg_blockio::InfoValue::Map(data));
+        // Extent file names: qemu prints them as opened (with the directory).
+        for v in [&mut qd, &mut ours] {
+            for e in v["extents"].as_array_mut().unwrap() {
+                let f = e["filename"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                e["filename"] = f.into();
+            }
+        }
+        assert_eq!(
+            serde_json::to_string(&ours).unwrap(),
+            serde_json::to_string(&qd).unwrap(),
+            "{sub}"
+        );
+        assert_eq!(info.cluster_size, q["cluster-size"].as_u64(), "{sub}");
+        assert_eq!(info.virtual_size, q["virtual-size"].as_u64().unwrap());
+    }
+}
