@@ -188,7 +188,8 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     )?
     .unwrap_or_else(|| "ide".to_string());
     let compat6 = req.options.take_bool("compat6")?.unwrap_or(false);
-    let hwversion = req.options.take("hwversion");
+    // qemu prints an unset hwversion as "undefined" and accepts that value as unset.
+    let hwversion = req.options.take("hwversion").filter(|h| h != "undefined");
     let tools = req
         .options
         .take("toolsversion")

@@ -98,6 +98,7 @@ fn created_files_match_qemu() {
         ("adapter_type=legacyESX,zeroed_grain=on", 1000),
         ("subformat=twoGbMaxExtentSparse,zeroed_grain=on", 8 << 20),
         ("subformat=streamOptimized,zeroed_grain=on", 1 << 20),
+        ("hwversion=undefined,compat6=on,toolsversion=abc", 1 << 20),
         ("subformat=twoGbMaxExtentSparse", 0),
         ("subformat=monolithicFlat", 0),
     ];
