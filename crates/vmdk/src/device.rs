@@ -478,16 +478,21 @@ impl BlockDevice for VmdkDevice {
         let gb = s.grain_bytes();
         let in_ext = offset - ext.start;
         let len = buf.len() as u64;
-        if !in_ext.is_multiple_of(gb)
-            || len > gb
-            || (len < gb && in_ext + len != ext.len)
-            || len == 0
-        {
+        let whole = len.is_multiple_of(gb) || in_ext + len == ext.len;
+        if !in_ext.is_multiple_of(gb) || !whole || len == 0 || in_ext + len > ext.len {
             return Err(Error::invalid("compressed writes must cover whole grains"));
         }
-        let mut g = buf.to_vec();
-        g.resize(usize::try_from(gb).unwrap_or(0), 0);
-        s.write_compressed(in_ext / gb, &g)
+        let gbu = usize::try_from(gb).map_err(|_| Error::invalid("grain size"))?;
+        let grains: Vec<(u64, Vec<u8>)> = buf
+            .chunks(gbu)
+            .enumerate()
+            .map(|(i, c)| {
+                let mut g = c.to_vec();
+                g.resize(gbu, 0);
+                (in_ext / gb + i as u64, g)
+            })
+            .collect();
+        s.write_compressed(&grains)
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {

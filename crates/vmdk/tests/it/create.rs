@@ -142,6 +142,19 @@ fn our_images_pass_qemu_check_and_compare() {
                 dev.write_compressed(&data, (grain * g) as u64).unwrap();
                 expect[grain * g..(grain + 1) * g].copy_from_slice(&data);
             }
+            // Several grains in one call are deflated in parallel.
+            let many = pattern(1234, 6 * g);
+            dev.write_compressed(&many, (80 * g) as u64).unwrap();
+            expect[80 * g..86 * g].copy_from_slice(&many);
+            assert!(
+                dev.write_compressed(&many, (84 * g) as u64).is_err(),
+                "overlaps allocated grains"
+            );
+            assert!(
+                dev.write_compressed(&many[..g + 1], (90 * g) as u64)
+                    .is_err(),
+                "partial grain"
+            );
             // Plain writes to a fresh grain are compressed too (merged with zeroes).
             let data = pattern(99, 1000);
             dev.write_at(&data, 10 * 65536 + 100).unwrap();
