@@ -125,6 +125,10 @@ pub struct CreateRequest {
     pub files: Arc<dyn HostFiles>,
     /// Resource bounds.
     pub limits: Limits,
+    /// The new image's own file name (no directory), when known. Formats that name
+    /// companion files after the image (VMDK extents `NAME-flat.vmdk`, `NAME-s001.vmdk`)
+    /// derive them from it; without it they use a generic name.
+    pub image_name: Option<String>,
 }
 
 impl CreateRequest {
@@ -135,7 +139,13 @@ impl CreateRequest {
             options,
             files: Arc::new(DenyFiles),
             limits: Limits::default(),
+            image_name: None,
         }
+    }
+    /// Sets the image's own file name (see [`CreateRequest::image_name`]).
+    pub fn image_name(mut self, name: impl Into<String>) -> Self {
+        self.image_name = Some(name.into());
+        self
     }
     /// Sets the host-file policy.
     pub fn files(mut self, files: Arc<dyn HostFiles>) -> Self {

@@ -1,0 +1,536 @@
+//! [`VmdkDevice`]: the guest view over a VMDK's extents (flat, zero, sparse), with the
+//! descriptor's CID bookkeeping and parent (delta disk) reads.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use diskimg_blockio::{
+    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, InfoValue,
+    RepairMode, Result, Storage, ZeroFlags, check_range, read_from_backing,
+};
+
+use crate::descriptor::{Descriptor, replace_cid};
+use crate::header::SECTOR;
+use crate::sparse::{Grain, SparseExtent};
+
+/// What an extent stores.
+#[derive(Debug)]
+pub(crate) enum ExtentData {
+    /// Plain bytes at `offset` in `storage` (FLAT, VMFS).
+    Flat {
+        /// The extent file.
+        storage: Arc<dyn Storage>,
+        /// Byte offset of the extent's first sector in the file.
+        offset: u64,
+    },
+    /// Reads as zeroes (ZERO).
+    Zero,
+    /// A sparse extent (SPARSE, VMFSSPARSE, stream-optimized).
+    Sparse(Box<SparseExtent>),
+}
+
+/// One extent placed in the guest address space.
+#[derive(Debug)]
+pub(crate) struct Ext {
+    /// First guest byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// File name as the descriptor gives it.
+    pub file: String,
+    /// Extent type as the descriptor gives it (empty for a monolithic sparse file).
+    pub type_name: String,
+    /// Writes refused (RDONLY/NOACCESS line).
+    pub read_only: bool,
+    /// The data.
+    pub data: ExtentData,
+}
+
+/// Where the descriptor text lives, for CID updates.
+#[derive(Debug)]
+pub(crate) struct DescLocation {
+    /// The file holding it.
+    pub storage: Arc<dyn Storage>,
+    /// Byte offset of the text.
+    pub offset: u64,
+    /// Room for the text (embedded descriptors), or `None` for a separate file.
+    pub room: Option<u64>,
+    /// The text as read.
+    pub text: String,
+}
+
+/// An open VMDK image.
+#[derive(Debug)]
+pub struct VmdkDevice {
+    pub(crate) extents: Vec<Ext>,
+    pub(crate) size: u64,
+    pub(crate) desc: Descriptor,
+    pub(crate) desc_loc: Option<DescLocation>,
+    pub(crate) read_only: bool,
+    pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    pub(crate) cid: std::sync::atomic::AtomicU32,
+    pub(crate) cid_updated: AtomicBool,
+}
+
+/// A random 32-bit value (for CIDs), from the standard library's random hasher keys.
+pub(crate) fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let v = h.finish();
+    u32::try_from(v >> 32).unwrap_or(0) ^ u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+impl VmdkDevice {
+    /// The descriptor's content id (`CID`).
+    pub fn cid(&self) -> u32 {
+        self.cid.load(Ordering::Acquire)
+    }
+
+    /// The parent's expected content id (`parentCID`, 0xffffffff without parent).
+    pub fn parent_cid(&self) -> u32 {
+        self.desc.parent_cid
+    }
+
+    /// The descriptor's `createType`.
+    pub fn create_type(&self) -> &str {
+        &self.desc.create_type
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn find(&self, pos: u64) -> Result<&Ext> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= pos);
+        self.extents.get(i).ok_or(Error::OutOfRange {
+            offset: pos,
+            len: 0,
+            size: self.size,
+        })
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if !self.cid_updated.swap(true, Ordering::AcqRel) {
+            self.update_cid()?;
+        }
+        Ok(())
+    }
+
+    /// qemu's `vmdk_write_cid` on the first write: a new random CID in the descriptor.
+    fn update_cid(&self) -> Result<()> {
+        let Some(loc) = &self.desc_loc else {
+            return Ok(());
+        };
+        let cid = random_u32();
+        let text = replace_cid(&loc.text, cid);
+        match loc.room {
+            Some(room) => {
+                let old = loc.text.len() as u64;
+                if text.len() as u64 > room {
+                    return Ok(());
+                }
+                let mut bytes = text.into_bytes();
+                let pad = usize::try_from(old.saturating_sub(bytes.len() as u64)).unwrap_or(0);
+                bytes.resize(bytes.len() + pad, 0);
+                loc.storage.write_all_at(&bytes, loc.offset)?;
+            }
+            None => {
+                loc.storage.write_all_at(text.as_bytes(), loc.offset)?;
+                loc.storage.set_len(loc.offset + text.len() as u64)?;
+            }
+        }
+        self.cid.store(cid, Ordering::Release);
+        Ok(())
+    }
+
+    /// Runs `f` over the pieces of `offset..offset+len`: each inside one extent and,
+    /// for sparse extents, one grain. `f(ext, offset_in_extent, piece_len, done)`.
+    fn for_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&Ext, u64, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let ext = self.find(pos)?;
+            let in_ext = pos - ext.start;
+            let mut n = (len - done).min(ext.len - in_ext);
+            if let ExtentData::Sparse(s) = &ext.data {
+                let gb = s.grain_bytes();
+                n = n.min(gb - in_ext % gb);
+            }
+            f(ext, in_ext, n, done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_piece(&self, ext: &Ext, in_ext: u64, buf: &mut [u8]) -> Result<()> {
+        match &ext.data {
+            ExtentData::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            ExtentData::Flat { storage, offset } => {
+                let host = offset
+                    .checked_add(in_ext)
+                    .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
+                let flen = storage.len()?;
+                let avail = usize::try_from(flen.saturating_sub(host))
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let (head, tail) = buf.split_at_mut(avail);
+                if !head.is_empty() {
+                    storage.read_exact_at(head, host)?;
+                }
+                tail.fill(0);
+                Ok(())
+            }
+            ExtentData::Sparse(s) => {
+                let gb = s.grain_bytes();
+                let grain = in_ext / gb;
+                let in_grain = in_ext % gb;
+                match s.lookup(grain)? {
+                    Grain::Unallocated => {
+                        read_from_backing(self.backing().as_deref(), buf, ext.start + in_ext)
+                    }
+                    Grain::Zero => {
+                        buf.fill(0);
+                        Ok(())
+                    }
+                    Grain::Data(h) => s.read_data(buf, h.saturating_add(in_grain)),
+                    Grain::Compressed(h) => {
+                        let g = s.read_compressed(h)?;
+                        let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
+                        let src = g
+                            .get(i..i.saturating_add(buf.len()))
+                            .ok_or_else(|| Error::corrupt("vmdk", "short grain", h))?;
+                        buf.copy_from_slice(src);
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_piece(&self, ext: &Ext, in_ext: u64, data: &[u8]) -> Result<()> {
+        if ext.read_only {
+            return Err(Error::ReadOnly);
+        }
+        match &ext.data {
+            ExtentData::Zero => Err(Error::unsupported("vmdk", "writes to a ZERO extent")),
+            ExtentData::Flat { storage, offset } => {
+                storage.write_all_at(data, offset.saturating_add(in_ext))
+            }
+            ExtentData::Sparse(s) => {
+                let gb = s.grain_bytes();
+                let grain = in_ext / gb;
+                let in_grain = usize::try_from(in_ext % gb).unwrap_or(usize::MAX);
+                let backing = self.backing();
+                let gstart = ext.start + grain * gb;
+                let fill = |buf: &mut [u8]| read_from_backing(backing.as_deref(), buf, gstart);
+                s.write(grain, in_grain, data, &fill)
+            }
+        }
+    }
+
+    fn map_sparse(&self, ext: &Ext, s: &SparseExtent, in_ext: u64, len: u64) -> Result<Extent> {
+        let gb = s.grain_bytes();
+        let first = s.lookup(in_ext / gb)?;
+        let kind = |g: Grain, in_grain: u64| match g {
+            Grain::Unallocated => ExtentKind::Unallocated,
+            Grain::Zero => ExtentKind::Zero { offset: None },
+            Grain::Data(h) => ExtentKind::Data {
+                offset: Some(h.saturating_add(in_grain)),
+            },
+            Grain::Compressed(_) => ExtentKind::Compressed,
+        };
+        let k0 = kind(first, in_ext % gb);
+        let limit = len.min(ext.len - in_ext);
+        let mut n = (gb - in_ext % gb).min(limit);
+        let mut steps = 0;
+        while n < limit && steps < 4096 {
+            let g = s.lookup((in_ext + n) / gb)?;
+            let same = match (k0, kind(g, 0)) {
+                (ExtentKind::Data { offset: Some(a) }, ExtentKind::Data { offset: Some(b) }) => {
+                    a.checked_add(n) == Some(b)
+                }
+                (a, b) => a == b && !matches!(a, ExtentKind::Data { .. }),
+            };
+            if !same {
+                break;
+            }
+            n = (n + gb).min(limit);
+            steps += 1;
+        }
+        Ok(Extent {
+            offset: ext.start + in_ext,
+            len: n,
+            kind: k0,
+        })
+    }
+
+    fn first_stream_extent(&self) -> Option<&SparseExtent> {
+        match self.extents.first().map(|e| &e.data) {
+            Some(ExtentData::Sparse(s)) if s.compressed => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl BlockDevice for VmdkDevice {
+    fn info(&self) -> DeviceInfo {
+        let mut info = DeviceInfo::new("vmdk", self.size);
+        info.read_only = self.read_only;
+        if let Some(ExtentData::Sparse(s)) = self.extents.first().map(|e| &e.data) {
+            info.cluster_size = Some(s.grain_bytes());
+        }
+        info.backing = self
+            .desc
+            .parent_hint
+            .as_ref()
+            .map(|p| BackingRef::new(p.clone(), Some("vmdk".to_string())));
+        let extents = self
+            .extents
+            .iter()
+            .map(|e| {
+                // qemu's ImageInfoSpecificVmdk extent order.
+                let mut m = Vec::new();
+                if let ExtentData::Sparse(s) = &e.data
+                    && s.compressed
+                {
+                    m.push(("compressed".to_string(), InfoValue::Bool(true)));
+                }
+                m.push((
+                    "virtual-size".to_string(),
+                    InfoValue::Int(i64::try_from(e.len).unwrap_or(i64::MAX)),
+                ));
+                m.push(("filename".to_string(), InfoValue::Str(e.file.clone())));
+                if let ExtentData::Sparse(s) = &e.data {
+                    m.push((
+                        "cluster-size".to_string(),
+                        InfoValue::Int(i64::try_from(s.grain_bytes()).unwrap_or(i64::MAX)),
+                    ));
+                }
+                m.push(("format".to_string(), InfoValue::Str(e.type_name.clone())));
+                InfoValue::Map(m)
+            })
+            .collect();
+        info.format_specific = Some((
+            "vmdk",
+            vec![
+                ("cid".to_string(), InfoValue::Int(i64::from(self.cid()))),
+                (
+                    "parent-cid".to_string(),
+                    InfoValue::Int(i64::from(self.desc.parent_cid)),
+                ),
+                (
+                    "create-type".to_string(),
+                    InfoValue::Str(self.desc.create_type.clone()),
+                ),
+                ("extents".to_string(), InfoValue::List(extents)),
+            ],
+        ));
+        info
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.for_pieces(offset, buf.len() as u64, |ext, in_ext, n, done| {
+            let d = usize::try_from(done).unwrap_or(usize::MAX);
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            let piece = buf
+                .get_mut(d..d.saturating_add(n))
+                .ok_or_else(|| Error::invalid("read piece out of buffer"))?;
+            self.read_piece(ext, in_ext, piece)
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.writable()?;
+        self.for_pieces(offset, buf.len() as u64, |ext, in_ext, n, done| {
+            let d = usize::try_from(done).unwrap_or(usize::MAX);
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            let piece = buf
+                .get(d..d.saturating_add(n))
+                .ok_or_else(|| Error::invalid("write piece out of buffer"))?;
+            self.write_piece(ext, in_ext, piece)
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        self.writable()?;
+        let has_backing = self.backing().is_some();
+        self.for_pieces(offset, len, |ext, in_ext, n, _| {
+            if ext.read_only {
+                return Err(Error::ReadOnly);
+            }
+            match &ext.data {
+                ExtentData::Zero => Ok(()),
+                ExtentData::Flat { storage, offset } => {
+                    storage.write_zeroes(offset.saturating_add(in_ext), n)
+                }
+                ExtentData::Sparse(s) => {
+                    let gb = s.grain_bytes();
+                    let grain = in_ext / gb;
+                    if in_ext % gb == 0
+                        && (n == gb || in_ext + n == ext.len)
+                        && s.zero_grain(grain)?
+                    {
+                        return Ok(());
+                    }
+                    match s.lookup(grain)? {
+                        Grain::Zero => Ok(()),
+                        Grain::Unallocated if !has_backing => Ok(()),
+                        _ => {
+                            let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
+                            self.write_piece(ext, in_ext, &z)
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        if let Some(loc) = &self.desc_loc {
+            loc.storage.flush()?;
+        }
+        for e in &self.extents {
+            match &e.data {
+                ExtentData::Flat { storage, .. } => storage.flush()?,
+                ExtentData::Sparse(s) => s.storage.flush()?,
+                ExtentData::Zero => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Err(Error::invalid("map of an empty range"));
+        }
+        let ext = self.find(offset)?;
+        let in_ext = offset - ext.start;
+        let n = len.min(ext.len - in_ext);
+        match &ext.data {
+            ExtentData::Zero => Ok(Extent {
+                offset,
+                len: n,
+                kind: ExtentKind::Zero { offset: None },
+            }),
+            ExtentData::Flat { offset: base, .. } => Ok(Extent {
+                offset,
+                len: n,
+                kind: ExtentKind::Data {
+                    offset: Some(base.saturating_add(in_ext)),
+                },
+            }),
+            ExtentData::Sparse(s) => self.map_sparse(ext, s, in_ext, n),
+        }
+    }
+
+    fn compressed_write_granularity(&self) -> Option<u64> {
+        self.first_stream_extent().map(SparseExtent::grain_bytes)
+    }
+
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        if self.first_stream_extent().is_none() {
+            return Err(Error::unsupported(
+                "vmdk",
+                "compressed writes outside streamOptimized",
+            ));
+        }
+        self.writable()?;
+        let ext = self.find(offset)?;
+        let ExtentData::Sparse(s) = &ext.data else {
+            return Err(Error::unsupported(
+                "vmdk",
+                "compressed writes to a flat extent",
+            ));
+        };
+        let gb = s.grain_bytes();
+        let in_ext = offset - ext.start;
+        let len = buf.len() as u64;
+        let whole = len.is_multiple_of(gb) || in_ext + len == ext.len;
+        if !in_ext.is_multiple_of(gb) || !whole || len == 0 || in_ext + len > ext.len {
+            return Err(Error::invalid("compressed writes must cover whole grains"));
+        }
+        let gbu = usize::try_from(gb).map_err(|_| Error::invalid("grain size"))?;
+        let grains: Vec<(u64, Vec<u8>)> = buf
+            .chunks(gbu)
+            .enumerate()
+            .map(|(i, c)| {
+                let mut g = c.to_vec();
+                g.resize(gbu, 0);
+                (in_ext / gb + i as u64, g)
+            })
+            .collect();
+        s.write_compressed(&grains)
+    }
+
+    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
+        if let Some(b) = &backing
+            && let Some(parent) = b.as_any().downcast_ref::<VmdkDevice>()
+            && parent.cid() != self.desc.parent_cid
+        {
+            return Err(Error::invalid(format!(
+                "Parent CID mismatch: image expects parentCID={:x}, parent has CID={:x}",
+                self.desc.parent_cid,
+                parent.cid()
+            )));
+        }
+        *self
+            .backing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = backing;
+        Ok(())
+    }
+
+    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing()
+    }
+
+    fn check(&self, _repair: RepairMode) -> Result<CheckReport> {
+        if _repair != RepairMode::None {
+            return Err(Error::unsupported("vmdk", "checks"));
+        }
+        let mut report = CheckReport::default();
+        for e in &self.extents {
+            if let ExtentData::Sparse(s) = &e.data {
+                s.check(e.start / SECTOR, &mut report)?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,260 @@
+//! Opening: a `KDMV`/`COWD` sparse file with its embedded descriptor, or a text
+//! descriptor naming extent files (opened only through [`HostFiles`]).
+//!
+//! [`HostFiles`]: diskimg_blockio::HostFiles
+
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::{Arc, RwLock};
+
+use diskimg_blockio::{Error, FilePurpose, OpenOptions, Result, Storage};
+
+use crate::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR, looks_like_descriptor};
+use crate::device::{DescLocation, Ext, ExtentData, VmdkDevice};
+use crate::header::{COWD_MAGIC, SECTOR, SPARSE_MAGIC};
+use crate::sparse::SparseExtent;
+
+/// createType values accepted in a separate descriptor (qemu's list, plus the
+/// single-file types, which qemu refuses there but which are harmless).
+const CREATE_TYPES: &[&str] = &[
+    "monolithicFlat",
+    "vmfs",
+    "vmfsSparse",
+    "seSparse",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "monolithicSparse",
+    "streamOptimized",
+];
+
+fn read_text(storage: &dyn Storage, offset: u64, max: u64) -> Result<String> {
+    let len = storage.len()?;
+    let n = len.saturating_sub(offset).min(max).min(MAX_DESCRIPTOR);
+    let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
+    storage.read_exact_at(&mut buf, offset)?;
+    if let Some(z) = buf.iter().position(|&b| b == 0) {
+        buf.truncate(z);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The CID of the image on `storage` (for `backing_file` at create time).
+pub(crate) fn read_cid(storage: &dyn Storage) -> Result<u32> {
+    let mut magic = [0u8; 512];
+    let len = storage.len()?;
+    let n = usize::try_from(len.min(512)).unwrap_or(0);
+    storage.read_exact_at(magic.get_mut(..n).unwrap_or(&mut []), 0)?;
+    let text = if magic.get(0..4) == Some(SPARSE_MAGIC.as_slice()) {
+        let h = crate::header::SparseHeader::parse(&magic)?;
+        read_text(
+            storage,
+            h.desc_offset.saturating_mul(SECTOR),
+            h.desc_size.saturating_mul(SECTOR),
+        )?
+    } else {
+        read_text(storage, 0, MAX_DESCRIPTOR)?
+    };
+    Ok(Descriptor::parse(&text, false)?.cid)
+}
+
+/// Opens a VMDK on `storage`.
+pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<VmdkDevice> {
+    let read_only = options.read_only || storage.is_read_only();
+    let len = storage.len()?;
+    let mut head = [0u8; 1024];
+    let n = usize::try_from(len.min(1024)).unwrap_or(0);
+    storage.read_exact_at(head.get_mut(..n).unwrap_or(&mut []), 0)?;
+    let head = head.get(..n).unwrap_or(&[]);
+    if head.get(0..4) == Some(SPARSE_MAGIC.as_slice())
+        || head.get(0..4) == Some(COWD_MAGIC.as_slice())
+    {
+        return open_monolithic(storage, options, read_only);
+    }
+    if !looks_like_descriptor(head) {
+        return Err(Error::corrupt(
+            "vmdk",
+            "not a VMDK image (no magic, no descriptor)",
+            0,
+        ));
+    }
+    if len < 4 {
+        return Err(Error::invalid("File too small, not a valid image"));
+    }
+    let text = read_text(storage.as_ref(), 0, MAX_DESCRIPTOR)?;
+    let desc = Descriptor::parse(&text, true)?;
+    if !CREATE_TYPES.contains(&desc.create_type.as_str()) {
+        return Err(Error::unsupported(
+            "vmdk",
+            format!("Unsupported image type '{}'", desc.create_type),
+        ));
+    }
+    if desc.extents.len() > usize::try_from(options.limits.max_extents).unwrap_or(usize::MAX) {
+        return Err(Error::LimitExceeded {
+            what: "vmdk extents",
+            requested: desc.extents.len() as u64,
+            limit: u64::from(options.limits.max_extents),
+        });
+    }
+    if desc.extents.is_empty() {
+        return Err(Error::invalid("vmdk descriptor names no extents"));
+    }
+    let mut extents = Vec::new();
+    let mut start = 0u64;
+    for line in &desc.extents {
+        let ro = read_only || line.access != "RW";
+        let (data, sectors) = match line.kind {
+            ExtentType::Zero => (ExtentData::Zero, line.sectors),
+            ExtentType::Flat | ExtentType::Vmfs => {
+                let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                let offset = line
+                    .offset
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| Error::invalid("flat extent offset too large"))?;
+                (ExtentData::Flat { storage: s, offset }, line.sectors)
+            }
+            ExtentType::Sparse | ExtentType::VmfsSparse => {
+                let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                let sp = SparseExtent::open(s, !ro, &options.limits)?;
+                let sectors = sp.sectors;
+                (ExtentData::Sparse(Box::new(sp)), sectors)
+            }
+            ExtentType::SeSparse => {
+                let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                let sp = SparseExtent::open_sesparse(s, !ro, &options.limits)?;
+                let sectors = sp.sectors;
+                (ExtentData::Sparse(Box::new(sp)), sectors)
+            }
+        };
+        let bytes = sectors
+            .checked_mul(SECTOR)
+            .ok_or_else(|| Error::invalid("vmdk extent too large"))?;
+        let type_name = match line.kind {
+            ExtentType::Flat => "FLAT",
+            ExtentType::Sparse => "SPARSE",
+            ExtentType::Zero => "ZERO",
+            ExtentType::Vmfs => "VMFS",
+            ExtentType::VmfsSparse => "VMFSSPARSE",
+            ExtentType::SeSparse => "SESPARSE",
+        };
+        if bytes > 0 {
+            extents.push(Ext {
+                start,
+                len: bytes,
+                file: line.file.clone(),
+                type_name: type_name.to_string(),
+                read_only: ro,
+                data,
+            });
+        }
+        start = start
+            .checked_add(bytes)
+            .ok_or_else(|| Error::invalid("vmdk disk too large"))?;
+    }
+    finish(
+        desc,
+        extents,
+        start,
+        Some(DescLocation {
+            storage,
+            offset: 0,
+            room: None,
+            text,
+        }),
+        read_only,
+    )
+}
+
+fn open_monolithic(
+    storage: Arc<dyn Storage>,
+    options: &OpenOptions,
+    read_only: bool,
+) -> Result<VmdkDevice> {
+    let sp = SparseExtent::open(storage.clone(), !read_only, &options.limits)?;
+    let (desc, loc) = match &sp.header {
+        Some(h) if h.desc_offset > 0 && h.desc_size > 0 => {
+            let offset = h
+                .desc_offset
+                .checked_mul(SECTOR)
+                .ok_or_else(|| Error::invalid("descriptor offset too large"))?;
+            let room = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
+            let text = read_text(storage.as_ref(), offset, room)?;
+            let desc = Descriptor::parse(&text, false).unwrap_or_else(|_| Descriptor {
+                create_type: "monolithicSparse".to_string(),
+                cid: 0xffff_ffff,
+                parent_cid: 0xffff_ffff,
+                ..Descriptor::default()
+            });
+            (
+                desc,
+                Some(DescLocation {
+                    storage: storage.clone(),
+                    offset,
+                    room: Some(room),
+                    text,
+                }),
+            )
+        }
+        Some(_) => (
+            Descriptor {
+                create_type: "monolithicSparse".to_string(),
+                cid: 0xffff_ffff,
+                parent_cid: 0xffff_ffff,
+                ..Descriptor::default()
+            },
+            None,
+        ),
+        None => (
+            Descriptor {
+                create_type: "vmfsSparse".to_string(),
+                cid: 0xffff_ffff,
+                parent_cid: 0xffff_ffff,
+                ..Descriptor::default()
+            },
+            None,
+        ),
+    };
+    let size = sp
+        .sectors
+        .checked_mul(SECTOR)
+        .ok_or_else(|| Error::invalid("vmdk capacity too large"))?;
+    let file = desc
+        .extents
+        .first()
+        .map(|e| e.file.clone())
+        .or_else(|| {
+            loc.as_ref().and_then(|l| {
+                Descriptor::parse(&l.text, true)
+                    .ok()
+                    .and_then(|d| d.extents.first().map(|e| e.file.clone()))
+            })
+        })
+        .unwrap_or_default();
+    let ext = Ext {
+        start: 0,
+        len: size,
+        file,
+        type_name: String::new(),
+        read_only,
+        data: ExtentData::Sparse(Box::new(sp)),
+    };
+    let extents = if size > 0 { vec![ext] } else { Vec::new() };
+    finish(desc, extents, size, loc, read_only)
+}
+
+fn finish(
+    desc: Descriptor,
+    extents: Vec<Ext>,
+    size: u64,
+    desc_loc: Option<DescLocation>,
+    read_only: bool,
+) -> Result<VmdkDevice> {
+    Ok(VmdkDevice {
+        cid: AtomicU32::new(desc.cid),
+        extents,
+        size,
+        desc,
+        desc_loc,
+        read_only,
+        backing: RwLock::new(None),
+        cid_updated: AtomicBool::new(false),
+    })
+}

@@ -1,0 +1,16 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+//! Integration tests for diskimg-vmdk against qemu-img / qemu-io.
+
+mod common;
+mod crash;
+mod create;
+mod extents;
+mod hostile;
+mod model;
+mod read;
+mod workload;
