@@ -327,6 +327,9 @@ pub fn create(
         read_only: false,
     });
     let mut req = CreateRequest::new(size, options).files(files);
+    if let Some(name) = path.file_name() {
+        req = req.image_name(name.to_string_lossy());
+    }
     req.limits = image_options.limits;
     let result = driver
         .create(storage, &mut req)

@@ -7,4 +7,5 @@
 //! Facade tests: probing, open policy, create options.
 
 mod create;
+mod formats;
 mod probe;

@@ -227,7 +227,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     };
     let parent_cid = match &backing {
         Some(b) => {
-            let s = req.files.open(b, FilePurpose::Extent, false)?;
+            let s = req.files.open(b, FilePurpose::Backing, false)?;
             crate::open::read_cid(s.as_ref())?
         }
         None => 0xffff_ffff,
