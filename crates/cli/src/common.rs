@@ -46,6 +46,12 @@ pub(crate) fn parse_size(s: &str) -> Result<u64> {
     diskimg::parse_size(s).map_err(|_| anyhow!("Invalid image size specified: '{s}'."))
 }
 
+/// Image sizes are rounded up to whole 512-byte sectors when created, as qemu-img does.
+pub(crate) fn round_to_sector(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(512)
+        .ok_or_else(|| anyhow!("Image size too large"))
+}
+
 /// Parses a number with an optional k/M/G/T suffix, or `0x` hex (qemu-io's cvtnum).
 pub(crate) fn parse_num(s: &str) -> Result<u64> {
     if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {

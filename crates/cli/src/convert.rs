@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 
-use crate::common::{Progress, open_image, opt_format, parse_format, parse_size};
+use crate::common::{Progress, open_image, opt_format, parse_format, parse_size, round_to_sector};
 use crate::create::{parse_options, print_help};
 
 /// Arguments of `convert`.
@@ -137,8 +137,14 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             }
         }
         let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
-        diskimg::create(dst_name, out_fmt, Some(total), options, &opts)
-            .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
+        diskimg::create(
+            dst_name,
+            out_fmt,
+            Some(round_to_sector(total)?),
+            options,
+            &opts,
+        )
+        .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }

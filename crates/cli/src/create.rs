@@ -3,7 +3,9 @@
 use anyhow::{Result, anyhow, bail};
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
 
-use crate::common::{full_backing_name, open_image, out, parse_format, parse_size};
+use crate::common::{
+    full_backing_name, open_image, out, parse_format, parse_size, round_to_sector,
+};
 
 /// Arguments of `create`.
 #[derive(clap::Args, Debug)]
@@ -129,7 +131,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         out(&format!("{line}\n"))?;
     }
     let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
-    diskimg::create(&a.file, format, Some(size), options, &opts)
-        .map_err(|e| anyhow!("{}: {e}", a.file))?;
+    diskimg::create(
+        &a.file,
+        format,
+        Some(round_to_sector(size)?),
+        options,
+        &opts,
+    )
+    .map_err(|e| anyhow!("{}: {e}", a.file))?;
     Ok(0)
 }

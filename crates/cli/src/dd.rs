@@ -6,7 +6,7 @@
 use anyhow::{Result, anyhow, bail};
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
 
-use crate::common::{open_image, opt_format, parse_format, parse_size};
+use crate::common::{open_image, opt_format, parse_format, parse_size, round_to_sector};
 
 /// Arguments of `dd`.
 #[derive(clap::Args, Debug)]
@@ -66,8 +66,14 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     };
     size -= in_off;
     let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
-    diskimg::create(&output, out_fmt, Some(size), OptionList::new(), &opts)
-        .map_err(|e| anyhow!("{output}: error while creating output image: {e}"))?;
+    diskimg::create(
+        &output,
+        out_fmt,
+        Some(round_to_sector(size)?),
+        OptionList::new(),
+        &opts,
+    )
+    .map_err(|e| anyhow!("{output}: error while creating output image: {e}"))?;
     let dst = open_image(&output, Some(out_fmt), false, false)?;
     let n = usize::try_from(bs).map_err(|_| anyhow!("block size too large"))?;
     let mut buf = vec![0u8; n.min(usize::try_from(size).unwrap_or(n))];

@@ -77,9 +77,6 @@ fn dump(buf: &[u8], offset: u64) -> String {
         for b in line {
             s.push_str(&format!("{b:02x} "));
         }
-        for _ in line.len()..16 {
-            s.push_str("   ");
-        }
         s.push(' ');
         for &b in line {
             s.push(if (0x20..0x7f).contains(&b) {

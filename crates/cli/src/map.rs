@@ -65,6 +65,18 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let end = start.saturating_add(max).min(size);
     let entries: Vec<MapEntry> = if start < end {
         diskimg::map_chain(img.device.as_ref(), start, end - start)?
+    } else if json {
+        // qemu prints one empty entry when there is nothing to map.
+        vec![MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        }]
     } else {
         Vec::new()
     };
