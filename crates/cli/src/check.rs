@@ -153,3 +153,67 @@ fn human(r: &CheckReport) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Expected texts are qemu-img 10.0.2 outputs recorded in
+    // ../shared/reference/qemu-img-surface.md §3.2.
+    #[test]
+    fn json_like_qemu() {
+        let clean = CheckReport {
+            image_end_offset: Some(1376256),
+            total_clusters: Some(1024),
+            allocated_clusters: Some(16),
+            fragmented_clusters: Some(0),
+            compressed_clusters: Some(0),
+            ..CheckReport::default()
+        };
+        assert_eq!(
+            pretty(&to_json(&clean, "img.qcow2", "qcow2")),
+            "{\n    \"image-end-offset\": 1376256,\n    \"total-clusters\": 1024,\n    \"check-errors\": 0,\n    \"allocated-clusters\": 16,\n    \"filename\": \"img.qcow2\",\n    \"format\": \"qcow2\"\n}"
+        );
+        let corrupt = CheckReport {
+            corruptions: 3,
+            leaks: 1,
+            ..clean.clone()
+        };
+        let v = to_json(&corrupt, "corrupt.qcow2", "qcow2");
+        let keys: Vec<&str> = v
+            .as_object()
+            .map_or(vec![], |m| m.keys().map(String::as_str).collect());
+        assert_eq!(
+            keys,
+            [
+                "image-end-offset",
+                "total-clusters",
+                "corruptions",
+                "check-errors",
+                "leaks",
+                "allocated-clusters",
+                "filename",
+                "format"
+            ]
+        );
+        let vdi = CheckReport::default();
+        assert_eq!(
+            pretty(&to_json(&vdi, "img.vdi", "vdi")),
+            "{\n    \"check-errors\": 0,\n    \"filename\": \"img.vdi\",\n    \"format\": \"vdi\"\n}"
+        );
+    }
+
+    #[test]
+    fn human_like_qemu() {
+        let r = CheckReport {
+            image_end_offset: Some(1507328),
+            total_clusters: Some(1024),
+            allocated_clusters: Some(16),
+            ..CheckReport::default()
+        };
+        assert_eq!(
+            human(&r),
+            "No errors were found on the image.\n16/1024 = 1.56% allocated, 0.00% fragmented, 0.00% compressed clusters\nImage end offset: 1507328\n"
+        );
+    }
+}

@@ -279,3 +279,30 @@ fn scalar(v: &InfoValue) -> String {
         InfoValue::List(_) | InfoValue::Map(_) => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_specific_dump_like_qemu() {
+        // qemu-img info of a qcow2 (qemu-img-surface.md §3.1, human form).
+        let data = vec![
+            ("compat".to_string(), InfoValue::Str("1.1".into())),
+            (
+                "compression-type".to_string(),
+                InfoValue::Str("zlib".into()),
+            ),
+            ("lazy-refcounts".to_string(), InfoValue::Bool(false)),
+            ("refcount-bits".to_string(), InfoValue::Int(16)),
+            ("corrupt".to_string(), InfoValue::Bool(false)),
+            ("extended-l2".to_string(), InfoValue::Bool(false)),
+        ];
+        let mut s = String::new();
+        dump_map(&data, 1, &mut s);
+        assert_eq!(
+            s,
+            "    compat: 1.1\n    compression type: zlib\n    lazy refcounts: false\n    refcount bits: 16\n    corrupt: false\n    extended l2: false\n"
+        );
+    }
+}
