@@ -173,3 +173,29 @@ fn several_sources_are_concatenated() {
     assert_eq!(code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not implemented"));
 }
+
+#[test]
+fn large_sparse_image_converts_quickly() {
+    let dir = tempdir();
+    let src = dir.path().join("big.raw");
+    diskimg_ok(&["create", "-q", "-f", "raw", s(&src), "100G"]);
+    diskimg_ok(&[
+        "io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x77 99G 64k",
+        "-c",
+        "write -P 1 0 4k",
+        s(&src),
+    ]);
+    let ours = dir.path().join("ours.raw");
+    let theirs = dir.path().join("theirs.raw");
+    let start = std::time::Instant::now();
+    diskimg_ok(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&ours)]);
+    assert!(start.elapsed().as_secs() < 30, "{:?}", start.elapsed());
+    qemu_img_ok(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&theirs)]);
+    assert_eq!(qemu_map_json(&ours, "raw"), qemu_map_json(&theirs, "raw"));
+    let o = diskimg(&["compare", "-f", "raw", "-F", "raw", s(&ours), s(&theirs)]);
+    assert_eq!(code(&o), 0);
+}
