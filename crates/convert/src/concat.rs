@@ -33,7 +33,7 @@ impl ConcatDevice {
     /// The part holding `offset`, its start, and how many of its bytes follow.
     fn part_at(&self, offset: u64) -> Option<(&dyn BlockDevice, u64, u64)> {
         self.parts.iter().find_map(|(start, d)| {
-            let end = start + d.virtual_size();
+            let end = start.saturating_add(d.virtual_size());
             (offset >= *start && offset < end).then(|| (d.as_ref(), *start, end - offset))
         })
     }

@@ -45,6 +45,10 @@ pub(crate) fn run(
     }
 
     let next = AtomicU64::new(0);
+    // Ordered mode: chunks written so far; workers stay within `window` chunks of it so
+    // a slow chunk cannot make the reorder buffer grow without bound.
+    let written = AtomicU64::new(0);
+    let window = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64) * 4;
     let abort = AtomicBool::new(false);
     let out_of_order = ctx.opts.out_of_order;
     let workers = ctx.opts.workers.min(64);
@@ -52,12 +56,18 @@ pub(crate) fn run(
         let (tx, rx) = mpsc::sync_channel::<Msg>(workers * 2);
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, abort) = (&next, &abort);
+            let (next, abort, written) = (&next, &abort, &written);
             scope.spawn(move || {
                 while !abort.load(Ordering::Relaxed) {
                     let idx = next.fetch_add(1, Ordering::Relaxed);
                     if idx >= nchunks {
                         break;
+                    }
+                    while !out_of_order
+                        && idx >= written.load(Ordering::Acquire).saturating_add(window)
+                        && !abort.load(Ordering::Relaxed)
+                    {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
                     }
                     let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
@@ -105,6 +115,7 @@ pub(crate) fn run(
                             }
                         }
                         next_write += 1;
+                        written.store(next_write, Ordering::Release);
                         done += len;
                         progress(done, total);
                     }

@@ -213,3 +213,81 @@ fn compression_in_whole_units() {
     };
     assert!(convert(src.as_ref(), dst.as_ref(), &opts, &mut |_, _| {}).is_err());
 }
+
+/// A device that fails reads at or after `bad`, and records write offsets.
+#[derive(Debug)]
+struct Probe {
+    inner: Arc<dyn BlockDevice>,
+    bad: u64,
+    writes: Mutex<Vec<u64>>,
+}
+
+impl BlockDevice for Probe {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        if off + buf.len() as u64 > self.bad {
+            return Err(diskimg_blockio::Error::invalid("injected read error"));
+        }
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.writes.lock().unwrap().push(off);
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        self.inner.map(off, len)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn probe(bytes: Vec<u8>, bad: u64) -> Probe {
+    Probe {
+        inner: raw(bytes),
+        bad,
+        writes: Mutex::new(Vec::new()),
+    }
+}
+
+#[test]
+fn ordered_parallel_writes_stay_in_order() {
+    let src = raw((0..1u32 << 20).map(|i| (i % 253) as u8 | 1).collect());
+    for (workers, ooo) in [(1, false), (4, false), (4, true)] {
+        let dst = probe(vec![0; 1 << 20], u64::MAX);
+        let opts = ConvertOptions {
+            workers,
+            out_of_order: ooo,
+            chunk_size: 4096,
+            ..ConvertOptions::default()
+        };
+        convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+        let w = dst.writes.lock().unwrap().clone();
+        assert_eq!(w.len(), 256);
+        if !ooo {
+            assert!(w.windows(2).all(|p| p[0] < p[1]), "{workers}: out of order");
+        }
+        assert_eq!(read(&dst), read(src.as_ref()));
+    }
+}
+
+#[test]
+fn read_errors_stop_every_mode() {
+    for (workers, ooo) in [(1, false), (3, false), (3, true)] {
+        let src = probe(vec![1; 1 << 20], 600_000);
+        let dst = raw(vec![0; 1 << 20]);
+        let opts = ConvertOptions {
+            workers,
+            out_of_order: ooo,
+            chunk_size: 4096,
+            ..ConvertOptions::default()
+        };
+        let err = convert(&src, dst.as_ref(), &opts, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+    }
+}
