@@ -90,7 +90,10 @@ fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
         let ea = block_status(da, pos, len).map_err(|e| Fail::Status(e.into()))?;
         let eb = block_status(db, pos, len).map_err(|e| Fail::Status(e.into()))?;
         let n = ea.length.min(eb.length);
-        if a.strict && ea.present != eb.present {
+        // qemu compares the whole block status (allocated, data, zero, offset valid).
+        let status =
+            |e: &diskimg::MapEntry| (e.present, e.data, e.zero, e.compressed, e.offset.is_some());
+        if a.strict && status(&ea) != status(&eb) {
             msgs.push_str(&format!(
                 "Strict mode: Offset {pos} block status mismatch!\n"
             ));

@@ -40,6 +40,8 @@ fn compare_like_qemu() {
         (vec![], &bigger_data, &a),
         (vec!["-s"], &a, &bigger_zero),
         (vec!["-s"], &a, &same),
+        (vec!["-s", "-f", "raw", "-F", "raw"], &a, &alloc),
+        (vec!["-s"], &alloc, &a),
         (vec!["-q"], &a, &diff),
         (vec![], &a, &missing),
     ];
