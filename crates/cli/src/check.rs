@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use diskimg::blockio::{CheckReport, RepairMode};
 use serde_json::{Map, Value, json};
 
-use crate::common::{open_image, opt_format, out};
+use crate::common::{open_image, opt_format, out, parse_output};
 use crate::json::pretty;
 
 /// Arguments of `check`.
@@ -32,18 +32,14 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.force_share;
-    let json = match a.output.as_str() {
-        "json" => true,
-        "human" => false,
-        o => bail!("--output must be used with human or json as argument (not '{o}')"),
-    };
+    let json = parse_output(&a.output)?;
     let repair = match a.repair.as_deref() {
         None => RepairMode::None,
         Some("leaks") => RepairMode::Leaks,
         Some("all") => RepairMode::All,
-        Some(r) => bail!("Unknown option value for -r (expecting 'leaks' or 'all'): {r}"),
+        Some(r) => bail!("--repair (-r) expects 'leaks' or 'all' not '{r}'"),
     };
-    let format = opt_format(a.format.as_deref())?;
+    let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, repair == RepairMode::None, false)?;
     let fmt = img.format.name();
     let first = match img.device.check(repair) {

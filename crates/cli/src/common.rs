@@ -11,9 +11,21 @@ pub(crate) fn parse_format(name: &str) -> Result<Format> {
     Format::from_name(name).map_err(|_| anyhow!("Unknown file format '{name}'"))
 }
 
-/// Parses an optional format name.
-pub(crate) fn opt_format(name: Option<&str>) -> Result<Option<Format>> {
-    name.map(parse_format).transpose()
+/// Parses the optional `-f` format of an image to open (qemu: "Unknown driver").
+pub(crate) fn opt_format(name: Option<&str>, file: &str) -> Result<Option<Format>> {
+    name.map(|n| {
+        Format::from_name(n).map_err(|_| anyhow!("Could not open '{file}': Unknown driver '{n}'"))
+    })
+    .transpose()
+}
+
+/// Parses `--output=human|json` (true for json).
+pub(crate) fn parse_output(o: &str) -> Result<bool> {
+    match o {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        _ => Err(anyhow!("--output expects 'human' or 'json' not '{o}'")),
+    }
 }
 
 /// Opens `file` as qemu-img does: the given or probed format, backing chains followed

@@ -68,8 +68,8 @@ fn first_diff(x: &[u8], y: &[u8]) -> Option<u64> {
 }
 
 fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
-    let fa = opt_format(a.format_a.as_deref()).map_err(Fail::Open)?;
-    let fb = opt_format(a.format_b.as_deref()).map_err(Fail::Open)?;
+    let fa = opt_format(a.format_a.as_deref(), &a.a).map_err(Fail::Open)?;
+    let fb = opt_format(a.format_b.as_deref(), &a.b).map_err(Fail::Open)?;
     let ia = open_image(&a.a, fa, true, true).map_err(Fail::Open)?;
     let ib = open_image(&a.b, fb, true, true).map_err(Fail::Open)?;
     let (da, db) = (ia.device.as_ref(), ib.device.as_ref());

@@ -85,24 +85,24 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         bail!("--target-is-zero cannot be used with -B");
     }
     if !(1..=16).contains(&a.workers) {
-        bail!("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+        bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
     }
     let sparse = match &a.sparse {
         Some(s) => {
             let v = parse_size(s)
                 .ok()
                 .filter(|v| v % 512 == 0 && *v <= 16 << 20);
-            v.ok_or_else(|| anyhow!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16MiB"))?
+            v.ok_or_else(|| anyhow!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."))?
         }
         None => diskimg_convert::DEFAULT_SPARSE,
     };
     let Some((dst_name, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         bail!("Expecting image file name");
     };
-    let src_fmt = opt_format(a.format.as_deref())?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {
+        let src_fmt = opt_format(a.format.as_deref(), s)?;
         let img = open_image(s, src_fmt, true, true)?;
         parts.push(img.device.clone());
         _images.push(img);
@@ -149,6 +149,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         target_is_zero = a.backing.is_none();
     }
     let dst = open_image(dst_name, Some(out_fmt), false, true)?;
+    if dst.device.virtual_size() < total {
+        bail!("output file is smaller than input file");
+    }
     if a.compress && dst.device.compressed_write_granularity().is_none() {
         bail!("Compression not supported for this file format");
     }

@@ -49,7 +49,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let (Some(input), Some(output)) = (input, output) else {
         bail!("Must specify both input and output files");
     };
-    let in_fmt = opt_format(a.format.as_deref())?;
+    let in_fmt = opt_format(a.format.as_deref(), &input)?;
     let out_fmt: Format = parse_format(&a.output_format)?;
     let src = open_image(&input, in_fmt, true, true)?;
     let in_size = src.device.virtual_size();

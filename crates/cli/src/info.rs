@@ -5,7 +5,7 @@ use diskimg::Image;
 use diskimg::blockio::InfoValue;
 use serde_json::{Map, Value, json};
 
-use crate::common::{full_backing_name, human_size, open_image, opt_format, out};
+use crate::common::{full_backing_name, human_size, open_image, opt_format, out, parse_output};
 use crate::json::{info_map, pretty};
 
 /// Arguments of `info`.
@@ -35,12 +35,8 @@ struct Entry<'a> {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.force_share;
-    let json = match a.output.as_str() {
-        "json" => true,
-        "human" => false,
-        o => anyhow::bail!("--output must be used with human or json as argument (not '{o}')"),
-    };
-    let format = opt_format(a.format.as_deref())?;
+    let json = parse_output(&a.output)?;
+    let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, true, a.backing_chain)?;
     let mut entries = vec![Entry {
         img: &img,

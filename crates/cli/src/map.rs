@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use diskimg::{Image, MapEntry};
 
-use crate::common::{full_backing_name, open_image, opt_format, out, parse_size};
+use crate::common::{full_backing_name, open_image, opt_format, out, parse_output, parse_size};
 use crate::json::map_entry;
 
 /// Arguments of `map`.
@@ -46,12 +46,8 @@ fn layer_name(img: &Image, top: &str, depth: u32) -> String {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.force_share;
-    let json = match a.output.as_str() {
-        "json" => true,
-        "human" => false,
-        o => bail!("--output must be used with human or json as argument (not '{o}')"),
-    };
-    let format = opt_format(a.format.as_deref())?;
+    let json = parse_output(&a.output)?;
+    let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, true, true)?;
     let size = img.device.virtual_size();
     let start = match &a.start_offset {

@@ -28,7 +28,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let format = opt_format(a.format.as_deref())?;
+    let format = opt_format(a.format.as_deref(), &a.file)?;
     let prealloc = match &a.preallocation {
         Some(p) => Preallocation::parse(p)?,
         None => Preallocation::Off,

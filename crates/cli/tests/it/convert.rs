@@ -97,6 +97,24 @@ fn fully_allocated_and_into_existing_targets() {
     let junk = qemu_raw(dir.path(), "junk.raw", "8M", &["write -P 0xee 0 8M"]);
     diskimg_ok(&["convert", "-n", "-f", "raw", "-O", "raw", s(&src), s(&junk)]);
     assert!(qemu_compare(&src, "raw", &junk, "raw"));
+    // A smaller existing target is refused with qemu's message.
+    let small = qemu_raw(dir.path(), "small.raw", "1M", &[]);
+    let a = [
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        s(&src),
+        s(&small),
+    ];
+    let (o, q) = (diskimg(&a), qemu_img(&a));
+    assert_eq!(code(&o), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg", "qemu-img"),
+        String::from_utf8_lossy(&q.stderr)
+    );
     // --target-is-zero without -n is refused, like qemu.
     let t = dir.path().join("t.raw");
     let a = [

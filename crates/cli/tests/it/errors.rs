@@ -91,3 +91,46 @@ fn broken_pipe_is_success() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn error_messages_match_qemu() {
+    let dir = tempdir();
+    let p = qemu_raw(dir.path(), "a.raw", "1M", &[]);
+    let new = dir.path().join("new.raw");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["info", "-f", "nope", s(&p)],
+        vec!["map", "-f", "nope", s(&p)],
+        vec!["create", "-f", "raw", s(&new), "12x"],
+        vec!["create", "-f", "raw", s(&new)],
+        vec![
+            "create",
+            "-f",
+            "raw",
+            "-b",
+            s(&p),
+            "-F",
+            "raw",
+            s(&new),
+            "1M",
+        ],
+        vec!["map", "--output=xml", s(&p)],
+        vec!["check", "-r", "foo", s(&p)],
+        vec!["convert", "-O", "nope", s(&p), s(&new)],
+        vec!["convert", "-S", "1000", s(&p), s(&new)],
+        vec!["convert", "-m", "0", s(&p), s(&new)],
+        vec!["resize", "-f", "raw", s(&p), "-200M"],
+        vec!["resize", "-f", "raw", s(&p), "-1k"],
+        vec!["dd", "if=x"],
+    ];
+    for args in cases {
+        let ours = String::from_utf8_lossy(&diskimg(&args).stderr).replace("diskimg:", "qemu-img:");
+        let q = qemu_img(&args);
+        let theirs = String::from_utf8_lossy(&q.stderr);
+        // qemu sometimes adds a "Try 'qemu-img … --help'" line.
+        let first = theirs
+            .lines()
+            .find(|l| !l.starts_with("Try "))
+            .unwrap_or("");
+        assert_eq!(ours.trim_end(), first, "{args:?}");
+    }
+}
