@@ -3,11 +3,15 @@
 #
 # Usage: benches/vs-qemu.sh [INPUT [FORMAT]]
 # Without INPUT, makes a 1 GiB raw image in a temp dir: 256 MiB of random data in
-# 4 MiB runs with holes between them. Builds diskimg in release mode first.
+# 4 MiB runs with holes between them. Builds diskimg in release mode first, unless
+# DISKIMG names a binary to use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p diskimg-cli
-bin=target/release/diskimg
+bin=${DISKIMG:-}
+if [ -z "$bin" ]; then
+    cargo build --release -q -p diskimg-cli
+    bin=target/release/diskimg
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 src=${1:-}
