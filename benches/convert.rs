@@ -17,7 +17,9 @@ fn device(bytes: Vec<u8>) -> Arc<dyn BlockDevice> {
 }
 
 fn dense() -> Vec<u8> {
-    (0..SIZE).map(|i| u8::try_from(i % 251).unwrap_or(0) | 1).collect()
+    (0..SIZE)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0) | 1)
+        .collect()
 }
 
 fn sparse() -> Vec<u8> {
