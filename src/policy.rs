@@ -103,6 +103,7 @@ impl OpenPolicy {
 
     fn rule(&self, purpose: FilePurpose) -> PathRule {
         match purpose {
+            FilePurpose::Backing => self.backing,
             FilePurpose::DataFile => self.data_files,
             FilePurpose::Extent => self.extents,
         }

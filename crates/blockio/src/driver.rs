@@ -12,6 +12,9 @@ use crate::storage::Storage;
 /// Why a driver wants another host file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilePurpose {
+    /// A backing (parent) image read at create time, e.g. to copy a VHD/VHDX parent's
+    /// identity into a new differencing image.
+    Backing,
     /// An external data file (qcow2 `data_file`).
     DataFile,
     /// An extent of a multi-file image (VMDK).
@@ -22,6 +25,7 @@ impl FilePurpose {
     /// A short description for messages.
     pub fn as_str(self) -> &'static str {
         match self {
+            FilePurpose::Backing => "backing file",
             FilePurpose::DataFile => "data file",
             FilePurpose::Extent => "extent file",
         }
@@ -70,8 +74,8 @@ pub struct OpenOptions {
     /// Access to other host files named by the image.
     pub files: Arc<dyn HostFiles>,
     /// Runtime options for the driver (qemu `--image-opts` keys without the `driver=` part,
-    /// e.g. `force_size_calc=chs` for vpc). Drivers take what they know; the facade
-    /// refuses leftovers.
+    /// e.g. `force_size_calc=chs` for vpc). Drivers read the keys they know; keys no
+    /// driver understands are ignored (the CLI validates `--image-opts` itself).
     pub driver_options: OptionList,
 }
 

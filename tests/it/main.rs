@@ -1,0 +1,10 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+//! Facade tests: probing, open policy, create options.
+
+mod create;
+mod probe;
