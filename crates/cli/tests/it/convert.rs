@@ -36,6 +36,7 @@ fn sparse_convert_matches_qemu() {
             vec!["-m", "4", "-W"],
             vec!["-m", "1"],
             vec!["-S", "64k"],
+            vec!["-p", "-m", "2"],
         ] {
             let ours = dir.path().join(format!("ours.{fmt}"));
             let theirs = dir.path().join(format!("theirs.{fmt}"));
