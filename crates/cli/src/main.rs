@@ -1,2 +1,139 @@
-//! The diskimg command-line tool (being written).
-fn main() {}
+//! `diskimg`: a qemu-img compatible command-line tool for disk images.
+//!
+//! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
+//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, and `io`
+//! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
+//! the verb defines other codes (check, compare).
+
+mod check;
+mod common;
+mod compare;
+mod convert;
+mod create;
+mod dd;
+mod info;
+mod io;
+mod json;
+mod map;
+mod resize;
+
+use clap::{Parser, Subcommand};
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "diskimg",
+    version,
+    about = "qemu-img compatible disk image tool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a new image.
+    Create(create::Args),
+    /// Show information about an image.
+    Info(info::Args),
+    /// Convert (copy) images to another format.
+    Convert(convert::Args),
+    /// Compare the guest content of two images.
+    Compare(compare::Args),
+    /// Show where the data of an image lives.
+    Map(map::Args),
+    /// Check the metadata of an image.
+    Check(check::Args),
+    /// Change the virtual size of an image.
+    Resize(resize::Args),
+    /// Copy blocks from one image into a new one, dd-style.
+    Dd(dd::Args),
+    /// Run qemu-io style commands (read, write, discard, flush) on an image.
+    Io(io::Args),
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Cmd::Create(a) => create::run(a),
+        Cmd::Info(a) => info::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::Compare(a) => compare::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Check(a) => check::run(a),
+        Cmd::Resize(a) => resize::run(a),
+        Cmd::Dd(a) => dd::run(a),
+        Cmd::Io(a) => io::run(a),
+    }
+}
+
+/// True when the error (or its cause) is a closed stdout: exit quietly like `head`.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The message as qemu words it: each cause once (sources already included in their
+/// parent's text are skipped), Rust's " (os error N)" suffixes removed.
+pub(crate) fn message(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if s.ends_with(&t) {
+            continue;
+        }
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&t);
+    }
+    while let Some(i) = s.find(" (os error ") {
+        let end = s
+            .get(i..)
+            .and_then(|t| t.find(')'))
+            .map_or(s.len(), |j| i + j + 1);
+        s.replace_range(i..end, "");
+    }
+    s
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                std::process::exit(1);
+            }
+            let text = e.render().to_string();
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let mut first = lines.next().unwrap_or("invalid arguments").to_string();
+            if first.ends_with(':')
+                && let Some(next) = lines.next()
+            {
+                first = format!("{first} {}", next.trim());
+            }
+            eprintln!(
+                "diskimg: {}",
+                first.strip_prefix("error: ").unwrap_or(&first)
+            );
+            std::process::exit(1);
+        }
+    };
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) => {
+            eprintln!("diskimg: {}", message(&e));
+            1
+        }
+    };
+    std::process::exit(code);
+}

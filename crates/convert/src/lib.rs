@@ -1,1 +1,173 @@
-//! Converting one device into another (being written).
+//! Convert any [`BlockDevice`] into any other, sparse-aware and optionally parallel.
+//!
+//! [`convert`] walks the source with [`block_status`](diskimg_blockio::block_status)
+//! across its whole backing chain, in chunks (2 MiB by default):
+//! - unallocated and known-zero ranges are skipped when the target is known to read as
+//!   zeroes ([`ConvertOptions::target_is_zero`]), otherwise written with
+//!   [`write_zeroes`](BlockDevice::write_zeroes);
+//! - data is read and scanned for all-zero blocks of [`ConvertOptions::sparse_size`]
+//!   bytes (qemu-img's `-S`, default 4 KiB; `0` fully allocates the target and scans
+//!   nothing);
+//! - with [`ConvertOptions::compress`], whole units of the target's
+//!   [`compressed_write_granularity`](BlockDevice::compressed_write_granularity) go
+//!   through [`write_compressed`](BlockDevice::write_compressed) (a partial tail unit is
+//!   written plainly);
+//! - with [`ConvertOptions::backing`] (qemu-img's `-B`), ranges whose content equals the
+//!   target's backing image are left unallocated in the target;
+//! - with [`ConvertOptions::workers`] > 1, chunks are read by that many threads; writes
+//!   stay in order unless [`ConvertOptions::out_of_order`] (qemu-img's `-W`).
+//!
+//! The source is only ever read. [`ConcatDevice`] joins several sources end to end
+//! (qemu-img convert with more than one input).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use diskimg_blockio::{BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions,
+//!                       OptionList, Storage};
+//! use diskimg_convert::{convert, ConvertOptions};
+//!
+//! let make = |size| -> diskimg_blockio::Result<Arc<dyn BlockDevice>> {
+//!     let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//!     diskimg_raw::DRIVER.create(s.clone(), &mut CreateRequest::new(size, OptionList::new()))?;
+//!     diskimg_raw::DRIVER.open(s, &OpenOptions::new())
+//! };
+//! let src = make(1 << 20)?;
+//! src.write_at(&[0xab; 4096], 8192)?;
+//! let dst = make(1 << 20)?;
+//! let opts = ConvertOptions { target_is_zero: true, ..ConvertOptions::default() };
+//! let stats = convert(src.as_ref(), dst.as_ref(), &opts, &mut |_done, _total| {})?;
+//! assert_eq!(stats.data_bytes, 4096);
+//! let mut buf = [0u8; 4096];
+//! dst.read_at(&mut buf, 8192)?;
+//! assert_eq!(buf, [0xab; 4096]);
+//! # Ok::<(), diskimg_blockio::Error>(())
+//! ```
+
+mod concat;
+mod plan;
+mod run;
+
+use std::sync::Arc;
+
+use diskimg_blockio::{BlockDevice, Error, Result};
+
+pub use concat::ConcatDevice;
+pub use plan::{Op, is_zero, zero_runs};
+
+/// Default chunk size: the unit of work for one thread and of progress reports.
+pub const DEFAULT_CHUNK: u64 = 2 << 20;
+
+/// Default zero-detection granularity (qemu-img's `-S` default).
+pub const DEFAULT_SPARSE: u64 = 4096;
+
+/// How [`convert`] copies.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Zero blocks of this many bytes inside data are not written (`-S`); 0 fully
+    /// allocates the target and writes zero ranges as data.
+    pub sparse_size: u64,
+    /// The target already reads as zeroes everywhere (freshly created, or
+    /// `--target-is-zero`): zero ranges need no write at all.
+    pub target_is_zero: bool,
+    /// Write whole units compressed (`-c`).
+    pub compress: bool,
+    /// The target's backing image (`-B`): ranges equal to it are not written.
+    pub backing: Option<Arc<dyn BlockDevice>>,
+    /// Bytes per chunk (rounded up to the compression unit when compressing).
+    pub chunk_size: u64,
+    /// Reader threads (`-m`); 1 copies on the calling thread.
+    pub workers: usize,
+    /// Let workers write as soon as they are done (`-W`) instead of in order.
+    pub out_of_order: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            sparse_size: DEFAULT_SPARSE,
+            target_is_zero: false,
+            compress: false,
+            backing: None,
+            chunk_size: DEFAULT_CHUNK,
+            workers: 1,
+            out_of_order: false,
+        }
+    }
+}
+
+/// What [`convert`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvertStats {
+    /// Bytes of the source (its virtual size).
+    pub total_bytes: u64,
+    /// Bytes written as plain data.
+    pub data_bytes: u64,
+    /// Bytes written compressed (before compression).
+    pub compressed_bytes: u64,
+    /// Bytes made zero with `write_zeroes`.
+    pub zeroed_bytes: u64,
+    /// Bytes not written at all (zero on a zero target, or equal to the backing).
+    pub skipped_bytes: u64,
+}
+
+impl ConvertStats {
+    fn add(&mut self, o: &ConvertStats) {
+        self.data_bytes += o.data_bytes;
+        self.compressed_bytes += o.compressed_bytes;
+        self.zeroed_bytes += o.zeroed_bytes;
+        self.skipped_bytes += o.skipped_bytes;
+    }
+}
+
+/// Copies the guest content of `src` (with its backing chain) into `dst`.
+///
+/// `dst` must be at least as large as `src`; bytes of `dst` beyond `src`'s size are not
+/// touched. `progress(done, total)` is called on the calling thread after every chunk.
+/// The target is flushed at the end.
+pub fn convert(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats> {
+    let total = src.virtual_size();
+    if dst.virtual_size() < total {
+        return Err(Error::invalid(format!(
+            "target image is smaller than the source ({} < {total} bytes)",
+            dst.virtual_size()
+        )));
+    }
+    let unit = if opts.compress {
+        Some(
+            dst.compressed_write_granularity()
+                .ok_or_else(|| Error::unsupported(dst.info().format, "compressed writes"))?,
+        )
+        .filter(|&u| u > 0)
+        .ok_or(Error::invalid("compression unit of zero bytes"))?
+    } else {
+        0
+    };
+    if opts.sparse_size > 0 && !opts.sparse_size.is_multiple_of(512) {
+        return Err(Error::invalid(
+            "sparse size must be a multiple of 512 bytes",
+        ));
+    }
+    let mut chunk = opts.chunk_size.max(512);
+    if unit > 0 {
+        chunk = chunk
+            .checked_next_multiple_of(unit)
+            .ok_or(Error::invalid("chunk size overflow"))?;
+    }
+    let ctx = plan::Ctx {
+        src,
+        opts,
+        unit,
+        chunk,
+    };
+    let mut stats = run::run(&ctx, dst, total, progress)?;
+    stats.total_bytes = total;
+    dst.flush()?;
+    Ok(stats)
+}

@@ -1,0 +1,178 @@
+//! Helpers shared by the verbs: opening images as qemu-img does, sizes, output.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use diskimg::{Format, Image, ImageOptions, OpenPolicy};
+
+/// Parses a format name (`-f`, `-O`, `-F`).
+pub(crate) fn parse_format(name: &str) -> Result<Format> {
+    Format::from_name(name).map_err(|_| anyhow!("Unknown file format '{name}'"))
+}
+
+/// Parses the optional `-f` format of an image to open (qemu: "Unknown driver").
+pub(crate) fn opt_format(name: Option<&str>, file: &str) -> Result<Option<Format>> {
+    name.map(|n| {
+        Format::from_name(n).map_err(|_| anyhow!("Could not open '{file}': Unknown driver '{n}'"))
+    })
+    .transpose()
+}
+
+/// Parses `--output=human|json` (true for json).
+pub(crate) fn parse_output(o: &str) -> Result<bool> {
+    match o {
+        "json" => Ok(true),
+        "human" => Ok(false),
+        _ => Err(anyhow!("--output expects 'human' or 'json' not '{o}'")),
+    }
+}
+
+/// Opens `file` as qemu-img does: the given or probed format, backing chains followed
+/// under [`OpenPolicy::qemu_compatible`] (unless `backing` is false).
+pub(crate) fn open_image(
+    file: &str,
+    format: Option<Format>,
+    read_only: bool,
+    backing: bool,
+) -> Result<Image> {
+    let opts = ImageOptions::read_only(read_only)
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_backing(backing);
+    diskimg::open(file, format, &opts).with_context(|| format!("Could not open '{file}'"))
+}
+
+/// Warns as qemu does when a raw image was probed and will be written.
+pub(crate) fn warn_probed_raw(file: &str, given: Option<Format>, img: &Image) {
+    if given.is_none() && img.format == Format::Raw {
+        eprintln!(
+            "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+             Specify the 'raw' format explicitly to remove the restrictions."
+        );
+    }
+}
+
+/// Parses a qemu size argument (`64M`, `1.5G`, `512`).
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
+    diskimg::parse_size(s).map_err(|_| anyhow!("Invalid image size specified: '{s}'."))
+}
+
+/// Image sizes are rounded up to whole 512-byte sectors when created, as qemu-img does.
+pub(crate) fn round_to_sector(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(512)
+        .ok_or_else(|| anyhow!("Image size too large"))
+}
+
+/// Parses a number with an optional k/M/G/T suffix, or `0x` hex (qemu-io's cvtnum).
+pub(crate) fn parse_num(s: &str) -> Result<u64> {
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).map_err(|_| anyhow!("invalid number '{s}'"));
+    }
+    diskimg::parse_size(s).map_err(|_| anyhow!("invalid number '{s}'"))
+}
+
+/// qemu's `size_to_str`: three significant digits and a binary unit (`64 MiB`,
+/// `1.31 MiB`, `324 KiB`, `0 B`).
+pub(crate) fn human_size(v: u64) -> String {
+    const UNITS: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // From 1000 of a unit up, qemu rolls over into the next unit (0.977 KiB).
+    let mut i = 0usize;
+    let mut div = 1u128;
+    while i + 1 < UNITS.len() && u128::from(v) >= 1000 * div {
+        div *= 1024;
+        i += 1;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let x = v as f64 / div as f64;
+    format!("{} {}B", fmt_g3(x), UNITS.get(i).copied().unwrap_or(""))
+}
+
+/// `printf("%0.3g")` for the values `human_size` produces (0 ≤ x < 1024).
+fn fmt_g3(x: f64) -> String {
+    let s = if x >= 99.95 {
+        format!("{x:.0}")
+    } else if x >= 9.995 {
+        format!("{x:.1}")
+    } else if x >= 0.9995 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    };
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// The directory of a path as given (`.`-free: empty for a bare name).
+pub(crate) fn dir_of(file: &str) -> PathBuf {
+    Path::new(file)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// qemu's `path_combine`: a backing name relative to the image's directory.
+pub(crate) fn full_backing_name(image: &str, backing: &str) -> String {
+    if Path::new(backing).is_absolute() {
+        return backing.to_string();
+    }
+    dir_of(image).join(backing).to_string_lossy().into_owned()
+}
+
+/// Writes `s` to stdout in one go.
+pub(crate) fn out(s: &str) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    o.write_all(s.as_bytes())?;
+    o.flush()?;
+    Ok(())
+}
+
+/// A progress reporter for `-p`: an indicatif bar on stderr (hidden without a terminal).
+pub(crate) struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    pub(crate) fn new(enabled: bool, total: u64) -> Self {
+        if !enabled {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "    ({percent:>3}/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Self(Some(bar))
+    }
+
+    pub(crate) fn set(&self, done: u64, total: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        // Expected strings are what qemu-img info prints for these sizes.
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(67108864), "64 MiB");
+        assert_eq!(human_size(65536), "64 KiB");
+        assert_eq!(human_size(331776), "324 KiB");
+        assert_eq!(human_size(1376256), "1.31 MiB");
+        assert_eq!(human_size(1000), "0.977 KiB");
+    }
+}

@@ -1,0 +1,142 @@
+//! `compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B`: exit 0 identical, 1 different,
+//! 2 open error, 3 block-status error, 4 read error (as qemu-img).
+
+use anyhow::{Result, anyhow};
+use diskimg::{BlockDevice, block_status};
+
+use crate::common::{Progress, open_image, opt_format, out};
+
+/// Arguments of `compare`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Format of the first image (probed when omitted).
+    #[arg(short = 'f')]
+    format_a: Option<String>,
+    /// Format of the second image (probed when omitted).
+    #[arg(short = 'F')]
+    format_b: Option<String>,
+    /// Strict: sizes and allocation must match too.
+    #[arg(short = 's', long = "strict")]
+    strict: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// First image.
+    a: String,
+    /// Second image.
+    b: String,
+}
+
+const CHUNK: u64 = 1 << 20;
+
+enum Fail {
+    Open(anyhow::Error),
+    Status(anyhow::Error),
+    Read(anyhow::Error),
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = a.force_share;
+    let mut msgs = String::new();
+    let res = compare(&a, &mut msgs);
+    if !a.quiet {
+        out(&msgs)?;
+    }
+    match res {
+        Ok(code) => Ok(code),
+        Err(f) => {
+            let (code, e) = match f {
+                Fail::Open(e) => (2, e),
+                Fail::Status(e) => (3, e),
+                Fail::Read(e) => (4, e),
+            };
+            eprintln!("diskimg: {}", crate::message(&e));
+            Ok(code)
+        }
+    }
+}
+
+/// First differing sector offset within `n` bytes (qemu reports 512-byte granularity).
+fn first_diff(x: &[u8], y: &[u8]) -> Option<u64> {
+    x.iter().zip(y).position(|(p, q)| p != q).map(|i| i as u64)
+}
+
+fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
+    let fa = opt_format(a.format_a.as_deref(), &a.a).map_err(Fail::Open)?;
+    let fb = opt_format(a.format_b.as_deref(), &a.b).map_err(Fail::Open)?;
+    let ia = open_image(&a.a, fa, true, true).map_err(Fail::Open)?;
+    let ib = open_image(&a.b, fb, true, true).map_err(Fail::Open)?;
+    let (da, db) = (ia.device.as_ref(), ib.device.as_ref());
+    let (sa, sb) = (da.virtual_size(), db.virtual_size());
+    if sa != sb {
+        if a.strict {
+            msgs.push_str("Strict mode: Image size mismatch!\n");
+            return Ok(1);
+        }
+        msgs.push_str("Warning: Image size mismatch!\n");
+    }
+    let common = sa.min(sb);
+    let total = sa.max(sb);
+    let bar = Progress::new(a.progress && !a.quiet, total);
+    let mut pos = 0u64;
+    while pos < common {
+        let len = CHUNK.min(common - pos);
+        let ea = block_status(da, pos, len).map_err(|e| Fail::Status(e.into()))?;
+        let eb = block_status(db, pos, len).map_err(|e| Fail::Status(e.into()))?;
+        let n = ea.length.min(eb.length);
+        // qemu compares the whole block status (allocated, data, zero, offset valid).
+        let status =
+            |e: &diskimg::MapEntry| (e.present, e.data, e.zero, e.compressed, e.offset.is_some());
+        if a.strict && status(&ea) != status(&eb) {
+            msgs.push_str(&format!(
+                "Strict mode: Offset {pos} block status mismatch!\n"
+            ));
+            return Ok(1);
+        }
+        if !(ea.zero && eb.zero) {
+            let (x, y) = (read(da, pos, n)?, read(db, pos, n)?);
+            if let Some(d) = first_diff(&x, &y) {
+                msgs.push_str(&format!(
+                    "Content mismatch at offset {}!\n",
+                    (pos + d) & !511
+                ));
+                return Ok(1);
+            }
+        }
+        pos += n;
+        bar.set(pos, total);
+    }
+    // The larger image must read as zeroes beyond the smaller one.
+    let larger: &dyn BlockDevice = if sa > sb { da } else { db };
+    while pos < total {
+        let e = block_status(larger, pos, CHUNK.min(total - pos))
+            .map_err(|e| Fail::Status(e.into()))?;
+        if !e.zero {
+            let x = read(larger, pos, e.length)?;
+            if let Some(i) = x.iter().position(|&b| b != 0) {
+                let off = (pos + i as u64) & !511;
+                msgs.push_str(&format!("Content mismatch at offset {off}!\n"));
+                return Ok(1);
+            }
+        }
+        pos += e.length;
+        bar.set(pos, total);
+    }
+    bar.finish();
+    msgs.push_str("Images are identical.\n");
+    Ok(0)
+}
+
+fn read(d: &dyn BlockDevice, off: u64, len: u64) -> std::result::Result<Vec<u8>, Fail> {
+    let n = usize::try_from(len).map_err(|_| Fail::Read(anyhow!("chunk too large")))?;
+    let mut buf = vec![0u8; n];
+    d.read_at(&mut buf, off)
+        .map_err(|e| Fail::Read(anyhow!("Error while reading offset {off}: {e}")))?;
+    Ok(buf)
+}

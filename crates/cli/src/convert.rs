@@ -1,0 +1,179 @@
+//! `convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-q] [-S SIZE] [-n] [--target-is-zero]
+//! [-B BACKING [-F FMT]] [-m N] [-W] SRC... DST`.
+
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow, bail};
+use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
+use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
+
+use crate::common::{Progress, open_image, opt_format, parse_format, parse_size, round_to_sector};
+use crate::create::{parse_options, print_help};
+
+/// Arguments of `convert`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Source format (probed when omitted).
+    #[arg(short = 'f', long = "source-format")]
+    format: Option<String>,
+    /// Output format (default raw).
+    #[arg(short = 'O', default_value = "raw")]
+    output_format: String,
+    /// Output format options (`-o help` lists them); may repeat.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Compress the output (formats with compressed writes).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Minimum run of zero bytes to leave unallocated (default 4k; 0 = fully allocate).
+    #[arg(short = 'S', long = "sparse-size")]
+    sparse: Option<String>,
+    /// Do not create the target: write into an existing image.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// The existing target (with -n) already reads as zeroes.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Backing file of the output (only ranges differing from it are written).
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the -B backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Parallel workers (1..16, default 8).
+    #[arg(short = 'm', long = "parallel", default_value_t = 8)]
+    workers: usize,
+    /// Allow out-of-order writes.
+    #[arg(short = 'W', long = "oob-writes")]
+    out_of_order: bool,
+    /// Source snapshot (not implemented).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    /// Source cache mode (accepted, ignored).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// Target cache mode (accepted, ignored).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Source image(s) followed by the output file.
+    #[arg(required = true, num_args = 1..)]
+    files: Vec<String>,
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = (a.force_share, &a.src_cache, &a.cache);
+    let out_fmt = parse_format(&a.output_format)?;
+    if a.options.iter().any(|o| o == "help" || o == "?") {
+        return print_help(out_fmt);
+    }
+    if a.snapshot.is_some() {
+        bail!("-l (source snapshots) is not implemented by diskimg");
+    }
+    if a.target_is_zero && !a.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
+    if a.target_is_zero && a.backing.is_some() {
+        bail!("--target-is-zero cannot be used with -B");
+    }
+    if !(1..=16).contains(&a.workers) {
+        bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
+    }
+    let sparse = match &a.sparse {
+        Some(s) => {
+            let v = parse_size(s)
+                .ok()
+                .filter(|v| v % 512 == 0 && *v <= 16 << 20);
+            v.ok_or_else(|| anyhow!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."))?
+        }
+        None => diskimg_convert::DEFAULT_SPARSE,
+    };
+    let Some((dst_name, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
+        bail!("Expecting image file name");
+    };
+    let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut _images = Vec::new();
+    for s in srcs {
+        let src_fmt = opt_format(a.format.as_deref(), s)?;
+        let img = open_image(s, src_fmt, true, true)?;
+        parts.push(img.device.clone());
+        _images.push(img);
+    }
+    let src: Arc<dyn BlockDevice> = match parts.as_slice() {
+        [one] => one.clone(),
+        _ => Arc::new(ConcatDevice::new(parts)?),
+    };
+    let total = src.virtual_size();
+
+    let mut target_is_zero = a.target_is_zero;
+    if !a.no_create {
+        let mut options = parse_options(&a.options)?;
+        let specs = out_fmt.driver()?.create_options();
+        if let Some(b) = &a.backing {
+            if !specs.iter().any(|s| s.name == "backing_file") {
+                bail!(
+                    "{dst_name}: Backing file not supported for file format '{}'",
+                    out_fmt.name()
+                );
+            }
+            options.set("backing_file", b);
+            let bf = a.backing_format.as_deref().ok_or_else(|| {
+                anyhow!("{dst_name}: Backing file specified without backing format")
+            })?;
+            parse_format(bf)?;
+            options.set("backing_fmt", bf);
+        }
+        for (k, _) in options.entries() {
+            if !specs.iter().any(|s| s.name == k) {
+                bail!("{dst_name}: Invalid parameter '{k}'");
+            }
+        }
+        let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+        diskimg::create(
+            dst_name,
+            out_fmt,
+            Some(round_to_sector(total)?),
+            options,
+            &opts,
+        )
+        .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
+        // A fresh image reads as zeroes; with a backing file it reads as the backing.
+        target_is_zero = a.backing.is_none();
+    }
+    let dst = open_image(dst_name, Some(out_fmt), false, true)?;
+    if dst.device.virtual_size() < total {
+        bail!("output file is smaller than input file");
+    }
+    if a.compress && dst.device.compressed_write_granularity().is_none() {
+        bail!("Compression not supported for this file format");
+    }
+    let backing = if a.backing.is_some() {
+        dst.device.backing_device()
+    } else {
+        None
+    };
+    let opts = ConvertOptions {
+        sparse_size: sparse,
+        target_is_zero,
+        compress: a.compress,
+        backing,
+        workers: a.workers,
+        out_of_order: a.out_of_order,
+        ..ConvertOptions::default()
+    };
+    let bar = Progress::new(a.progress && !a.quiet, total);
+    convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
+        bar.set(d, t)
+    })
+    .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+    bar.finish();
+    Ok(0)
+}

@@ -1,0 +1,143 @@
+//! `create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] [-q] FILE [SIZE]`.
+
+use anyhow::{Result, anyhow, bail};
+use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
+
+use crate::common::{
+    full_backing_name, open_image, out, parse_format, parse_size, round_to_sector,
+};
+
+/// Arguments of `create`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (default raw).
+    #[arg(short = 'f', long = "format", default_value = "raw")]
+    format: String,
+    /// Format options, `key=value,…` (`-o help` lists them); may repeat.
+    #[arg(short = 'o', long = "options")]
+    options: Vec<String>,
+    /// Backing file of the new image.
+    #[arg(short = 'b', long = "backing")]
+    backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    backing_format: Option<String>,
+    /// Do not open the backing file (needs SIZE).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// File to create.
+    file: String,
+    /// Virtual size (k, M, G, T suffixes).
+    size: Option<String>,
+}
+
+/// Prints the create options of `format` as `qemu-img create -o help` does.
+pub(crate) fn print_help(format: Format) -> Result<i32> {
+    let mut specs: Vec<_> = format.driver()?.create_options().to_vec();
+    specs.sort_by_key(|s| s.name);
+    let mut s = String::from("Supported options:\n");
+    for spec in specs {
+        let left = format!("{}={}", spec.name, spec.kind);
+        s.push_str(&format!("  {left:<22} - {}\n", spec.help));
+    }
+    out(&s)?;
+    Ok(0)
+}
+
+/// Merges repeated `-o` strings into one option list.
+pub(crate) fn parse_options(opts: &[String]) -> Result<OptionList> {
+    let mut list = OptionList::new();
+    for o in opts {
+        list.extend_from(o)?;
+    }
+    Ok(list)
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let format = parse_format(&a.format).map_err(|e| anyhow!("{}: {e}", a.file))?;
+    if a.options.iter().any(|o| o == "help" || o == "?") {
+        return print_help(format);
+    }
+    let mut options = parse_options(&a.options)?;
+    let specs = format.driver()?.create_options();
+    if let Some(b) = &a.backing {
+        if !specs.iter().any(|s| s.name == "backing_file") {
+            bail!(
+                "{}: Backing file not supported for file format '{}'",
+                a.file,
+                format.name()
+            );
+        }
+        options.set("backing_file", b);
+    }
+    if let Some(f) = &a.backing_format {
+        parse_format(f)?;
+        options.set("backing_fmt", f);
+    }
+    for (k, _) in options.entries() {
+        if k != "size" && !specs.iter().any(|s| s.name == k) {
+            bail!("{}: Invalid parameter '{k}'", a.file);
+        }
+    }
+    let mut size = a.size.as_deref().map(parse_size).transpose()?;
+    if size.is_none()
+        && let Some(s) = options.get("size")
+    {
+        size = Some(parse_size(s)?);
+    }
+    let backing = options.get("backing_file").map(str::to_string);
+    if let Some(b) = backing.as_deref().filter(|b| !b.is_empty()) {
+        if options.get("backing_fmt").is_none() {
+            bail!(
+                "{}: Backing file specified without backing format\nDetected format of {b}.",
+                a.file
+            );
+        }
+        if a.unsafe_backing {
+            if size.is_none() {
+                bail!("{}: Image creation needs a size parameter", a.file);
+            }
+        } else {
+            // Like qemu: the backing file must open, and gives the size when none is given.
+            let full = full_backing_name(&a.file, b);
+            let fmt = options.get("backing_fmt").map(parse_format).transpose()?;
+            let img = open_image(&full, fmt, true, true)
+                .map_err(|e| anyhow!("{}: Could not open backing image: {e:#}", a.file))?;
+            size.get_or_insert(img.device.virtual_size());
+        }
+    }
+    let Some(size) = size else {
+        bail!("{}: Image creation needs a size parameter", a.file);
+    };
+    // "Formatting" line: options in the driver's order, size where the driver lists it.
+    let mut line = format!("Formatting '{}', fmt={}", a.file, format.name());
+    let mut printed_size = false;
+    for spec in specs {
+        if spec.name == "size" {
+            line.push_str(&format!(" size={size}"));
+            printed_size = true;
+        } else if let Some(v) = options.get(spec.name) {
+            line.push_str(&format!(" {}={v}", spec.name));
+        }
+    }
+    if !printed_size {
+        line.insert_str(line.len(), &format!(" size={size}"));
+    }
+    options.take("size");
+    if !a.quiet {
+        out(&format!("{line}\n"))?;
+    }
+    let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+    diskimg::create(
+        &a.file,
+        format,
+        Some(round_to_sector(size)?),
+        options,
+        &opts,
+    )
+    .map_err(|e| anyhow!("{}: {e}", a.file))?;
+    Ok(0)
+}

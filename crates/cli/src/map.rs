@@ -1,0 +1,117 @@
+//! `map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] FILE`.
+
+use anyhow::{Result, bail};
+use diskimg::{Image, MapEntry};
+
+use crate::common::{full_backing_name, open_image, opt_format, out, parse_output, parse_size};
+use crate::json::map_entry;
+
+/// Arguments of `map`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// First guest byte to map.
+    #[arg(short = 's', long = "start-offset")]
+    start_offset: Option<String>,
+    /// Map at most this many bytes.
+    #[arg(short = 'l', long = "max-length")]
+    max_length: Option<String>,
+    /// Accepted for compatibility (images are opened read-only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    file: String,
+}
+
+/// The file name qemu prints for the layer at `depth`.
+fn layer_name(img: &Image, top: &str, depth: u32) -> String {
+    let mut name = top.to_string();
+    let mut cur = img;
+    for _ in 0..depth {
+        match cur.backing.as_deref() {
+            Some(b) => {
+                name = full_backing_name(&name, &b.filename);
+                cur = b;
+            }
+            None => break,
+        }
+    }
+    name
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = a.force_share;
+    let json = parse_output(&a.output)?;
+    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let img = open_image(&a.file, format, true, true)?;
+    let size = img.device.virtual_size();
+    let start = match &a.start_offset {
+        Some(s) => parse_size(s).map_err(|_| anyhow::anyhow!("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?,
+        None => 0,
+    };
+    let max = match &a.max_length {
+        Some(s) => parse_size(s).map_err(|_| anyhow::anyhow!("Invalid length specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."))?,
+        None => u64::MAX,
+    };
+    let end = start.saturating_add(max).min(size);
+    let entries: Vec<MapEntry> = if start < end {
+        diskimg::map_chain(img.device.as_ref(), start, end - start)?
+    } else if json {
+        // qemu prints one empty entry when there is nothing to map.
+        vec![MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        }]
+    } else {
+        Vec::new()
+    };
+    let mut s = String::new();
+    if json {
+        s.push('[');
+        let lines: Vec<String> = entries.iter().map(map_entry).collect();
+        s.push_str(&lines.join(",\n"));
+        s.push_str("]\n");
+    } else {
+        s.push_str(&format!(
+            "{:<16}{:<16}{:<16}{}\n",
+            "Offset", "Length", "Mapped to", "File"
+        ));
+        for e in &entries {
+            if e.data && e.offset.is_none() {
+                out(&s)?;
+                bail!("File contains external, encrypted or compressed clusters.");
+            }
+            if let (true, false, Some(off)) = (e.data, e.zero, e.offset) {
+                s.push_str(&format!(
+                    "{:<16}{:<16}{:<16}{}\n",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(off),
+                    layer_name(&img, &a.file, e.depth)
+                ));
+            }
+        }
+    }
+    out(&s)?;
+    Ok(0)
+}
+
+/// C's `%#x`: `0` for zero, `0x…` otherwise.
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}

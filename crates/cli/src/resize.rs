@@ -1,0 +1,75 @@
+//! `resize [-f FMT] [--shrink] [--preallocation=MODE] [-q] FILE [+|-]SIZE`.
+
+use anyhow::{Result, bail};
+use diskimg::blockio::Preallocation;
+
+use crate::common::{open_image, opt_format, out, parse_size, warn_probed_raw};
+
+/// Arguments of `resize`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Allow shrinking (data beyond the new end is lost).
+    #[arg(long = "shrink")]
+    shrink: bool,
+    /// Preallocation of the grown area: off, falloc, full (metadata where supported).
+    #[arg(long = "preallocation")]
+    preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    file: String,
+    /// New size, or `+SIZE`/`-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let prealloc = match &a.preallocation {
+        Some(p) => Preallocation::parse(p)?,
+        None => Preallocation::Off,
+    };
+    let (sign, num) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i8, a.size.get(1..).unwrap_or("")),
+        Some(b'-') => (-1, a.size.get(1..).unwrap_or("")),
+        _ => (0, a.size.as_str()),
+    };
+    let n = parse_size(num)?;
+    let img = open_image(&a.file, format, false, true)?;
+    warn_probed_raw(&a.file, format, &img);
+    let old = img.device.virtual_size();
+    let new = match sign {
+        1 => old
+            .checked_add(n)
+            .ok_or_else(|| anyhow::anyhow!("Image size too large"))?,
+        -1 => match old.checked_sub(n) {
+            Some(v) if v > 0 => v,
+            _ => bail!("New image size must be positive"),
+        },
+        _ => n,
+    };
+    if new < old && a.shrink {
+        eprintln!(
+            "diskimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+        );
+    }
+    if new < old && !a.shrink {
+        bail!("Use the --shrink option to perform a shrink operation.");
+    }
+    img.device.resize(new, prealloc, a.shrink).map_err(|e| {
+        if e.is_unsupported() {
+            anyhow::anyhow!("Image format driver does not support resize")
+        } else {
+            anyhow::Error::from(e)
+        }
+    })?;
+    img.device.flush()?;
+    if !a.quiet {
+        out("Image resized.\n")?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,141 @@
+//! create and info against qemu-img.
+
+use diskimg_testutil::{qemu_img, qemu_img_ok, qemu_info_json, tempdir};
+use serde_json::Value;
+
+use crate::{FORMATS, diskimg, diskimg_ok, s};
+
+/// Removes keys that legitimately differ (paths, host allocation).
+fn scrub(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for k in ["filename", "actual-size", "full-backing-filename"] {
+                m.remove(k);
+            }
+            m.values_mut().for_each(scrub);
+        }
+        Value::Array(a) => a.iter_mut().for_each(scrub),
+        _ => {}
+    }
+}
+
+#[test]
+fn create_output_and_info_json_match_qemu() {
+    let dir = tempdir();
+    for fmt in FORMATS {
+        let ours = dir.path().join(format!("ours.{fmt}"));
+        let theirs = dir.path().join(format!("theirs.{fmt}"));
+        let a = diskimg_ok(&["create", "-f", fmt, s(&ours), "64M"]);
+        let b = qemu_img_ok(&["create", "-f", fmt, s(&theirs), "64M"]);
+        // Every `key=value` we print appears in qemu's line (qemu adds defaults).
+        let (a, b) = (a.replace(s(&ours), "X"), b.replace(s(&theirs), "X"));
+        assert!(a.starts_with(&format!("Formatting 'X', fmt={fmt} ")), "{a}");
+        for tok in a.split_whitespace() {
+            assert!(
+                b.split_whitespace().any(|t| t == tok),
+                "{fmt}: {tok} not in {b}"
+            );
+        }
+        // qemu reads our image as we read theirs, and both agree on each file.
+        for file in [&ours, &theirs] {
+            let mut q = qemu_info_json(file, fmt);
+            let mut d: Value =
+                serde_json::from_str(&diskimg_ok(&["info", "-f", fmt, "--output=json", s(file)]))
+                    .unwrap();
+            assert_eq!(d["filename"], Value::from(s(file)));
+            scrub(&mut q);
+            scrub(&mut d);
+            assert_eq!(d, q, "{fmt}: info JSON of {file:?}");
+        }
+    }
+}
+
+#[test]
+fn info_text_and_json_bytes_match_qemu_on_same_file() {
+    let dir = tempdir();
+    let p = crate::qemu_raw(dir.path(), "a.raw", "64M", &["write -P 0xab 1M 64k"]);
+    // Same file, same stat: the outputs must be byte-identical.
+    for args in [
+        vec!["info", "-f", "raw"],
+        vec!["info"],
+        vec!["info", "-f", "raw", "--output=json"],
+        vec!["info", "--backing-chain", "--output=json"],
+    ] {
+        let mut a = args.clone();
+        a.push(s(&p));
+        let ours = diskimg_ok(&a);
+        let theirs = qemu_img_ok(&a);
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+}
+
+#[test]
+fn create_option_variants() {
+    let dir = tempdir();
+    let p = dir.path().join("p.raw");
+    let q = dir.path().join("q.raw");
+    let a = diskimg_ok(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=full",
+        s(&p),
+        "1M",
+    ]);
+    let b = qemu_img_ok(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=full",
+        s(&q),
+        "1M",
+    ]);
+    assert_eq!(a.replace(s(&p), "X"), b.replace(s(&q), "X"));
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    // Size given only through -o.
+    let r = dir.path().join("r.raw");
+    diskimg_ok(&["create", "-q", "-f", "raw", "-o", "size=2M", s(&r)]);
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 2 << 20);
+    // -o help lists the driver's options in qemu's layout (qemu adds the file
+    // protocol's extent_size_hint and nocow, which we do not offer).
+    let ours = diskimg_ok(&["create", "-f", "raw", "-o", "help", "x"]);
+    let theirs = qemu_img_ok(&["create", "-f", "raw", "-o", "help", "x"]);
+    for line in ours.lines() {
+        assert!(
+            theirs.lines().any(|l| l == line),
+            "{line:?} not in {theirs}"
+        );
+    }
+    // A backing file on raw is refused by both.
+    let bad = dir.path().join("bad.raw");
+    let o = diskimg(&[
+        "create",
+        "-f",
+        "raw",
+        "-b",
+        s(&p),
+        "-F",
+        "raw",
+        s(&bad),
+        "1M",
+    ]);
+    assert_eq!(crate::code(&o), 1);
+    assert_eq!(
+        qemu_img(&[
+            "create",
+            "-f",
+            "raw",
+            "-b",
+            s(&p),
+            "-F",
+            "raw",
+            s(&bad),
+            "1M"
+        ])
+        .status
+        .code(),
+        Some(1)
+    );
+}

@@ -1,0 +1,93 @@
+//! dd and resize against qemu-img.
+
+use diskimg_testutil::{qemu_img, qemu_img_ok, qemu_read_raw, tempdir};
+
+use crate::{code, diskimg, diskimg_ok, qemu_raw, s};
+
+#[test]
+fn dd_like_qemu() {
+    let dir = tempdir();
+    let src = qemu_raw(
+        dir.path(),
+        "src.raw",
+        "3M",
+        &["write -P 1 0 100k", "write -P 2 1M 1M"],
+    );
+    for ops in [
+        vec![],
+        vec!["bs=64k"],
+        vec!["bs=64k", "count=20"],
+        vec!["bs=64k", "count=20", "skip=16"],
+        vec!["bs=1M", "count=100"],
+        vec!["bs=1000", "count=7", "skip=3"],
+        vec!["bs=1M", "skip=3"],
+    ] {
+        let ours = dir.path().join("ours.raw");
+        let theirs = dir.path().join("theirs.raw");
+        let if_ = format!("if={}", s(&src));
+        let (of1, of2) = (format!("of={}", s(&ours)), format!("of={}", s(&theirs)));
+        let mut a = vec!["dd", "-f", "raw", "-O", "raw", if_.as_str(), of1.as_str()];
+        a.extend(&ops);
+        diskimg_ok(&a);
+        let mut q = vec!["dd", "-f", "raw", "-O", "raw", if_.as_str(), of2.as_str()];
+        q.extend(&ops);
+        qemu_img_ok(&q);
+        assert_eq!(
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+            "{ops:?}"
+        );
+    }
+    // Skipping past the end: qemu prints the error but exits 0 (a bug we do not copy).
+    let if_ = format!("if={}", s(&src));
+    let of = format!("of={}", s(&dir.path().join("x.raw")));
+    let a = [
+        "dd",
+        "-f",
+        "raw",
+        if_.as_str(),
+        of.as_str(),
+        "bs=1M",
+        "skip=4",
+    ];
+    let o = diskimg(&a);
+    assert_eq!(code(&o), 1);
+    let q = qemu_img(&a);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg", "qemu-img"),
+        String::from_utf8_lossy(&q.stderr)
+    );
+}
+
+#[test]
+fn resize_like_qemu() {
+    let dir = tempdir();
+    let ours = qemu_raw(dir.path(), "ours.raw", "4M", &["write -P 3 0 4M"]);
+    let theirs = qemu_raw(dir.path(), "theirs.raw", "4M", &["write -P 3 0 4M"]);
+    for args in [
+        vec!["resize", "-f", "raw", "+1M"],
+        vec!["resize", "-f", "raw", "--shrink", "-2M"],
+        vec!["resize", "-f", "raw", "-1M"],
+        vec!["resize", "-f", "raw", "8M"],
+        vec!["resize", "-f", "raw", "--preallocation=full", "9M"],
+        vec!["resize", "-f", "raw", "--shrink", "1M"],
+        vec!["resize", "-f", "raw", "-q", "--shrink", "-10M"],
+    ] {
+        let run = |file: &std::path::Path, f: &dyn Fn(&[&str]) -> std::process::Output| {
+            let mut a: Vec<&str> = args[..3].to_vec();
+            a.extend(&args[3..args.len() - 1]);
+            a.push(s(file));
+            a.push(args[args.len() - 1]);
+            f(&a)
+        };
+        let o = run(&ours, &|a| diskimg(a));
+        let q = run(&theirs, &|a| qemu_img(a));
+        assert_eq!(code(&o), q.status.code().unwrap(), "{args:?}");
+        assert_eq!(o.stdout, q.stdout, "{args:?}");
+        assert_eq!(
+            qemu_read_raw(&ours, "raw"),
+            qemu_read_raw(&theirs, "raw"),
+            "{args:?}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+//! Integration tests of diskimg-convert on in-memory raw devices.
+
+mod model;
+mod modes;

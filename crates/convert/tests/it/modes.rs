@@ -1,0 +1,293 @@
+//! Sparse behaviour, backing-aware targets, concatenation and compression.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use diskimg_blockio::{
+    BlockDevice, DeviceInfo, Extent, FileStorage, MemStorage, Result, Storage, map_all,
+};
+use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
+use diskimg_raw::RawDevice;
+
+fn raw(bytes: Vec<u8>) -> Arc<dyn BlockDevice> {
+    let st: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes));
+    Arc::new(RawDevice::new(st, false).unwrap())
+}
+
+fn read(d: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; d.virtual_size() as usize];
+    d.read_at(&mut v, 0).unwrap();
+    v
+}
+
+#[test]
+fn sparse_file_stays_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str, len: u64| -> Arc<dyn BlockDevice> {
+        let s = FileStorage::create(dir.path().join(name)).unwrap();
+        s.set_len(len).unwrap();
+        Arc::new(RawDevice::new(Arc::new(s), false).unwrap())
+    };
+    let src = open("src.raw", 8 << 20);
+    src.write_at(&[7; 65536], 1 << 20).unwrap();
+    // Zero bytes written as data: detected by the -S scan.
+    src.write_at(&[0; 65536], 4 << 20).unwrap();
+    let dst = open("dst.raw", 8 << 20);
+    let opts = ConvertOptions {
+        target_is_zero: true,
+        ..ConvertOptions::default()
+    };
+    let st = convert(src.as_ref(), dst.as_ref(), &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(st.data_bytes, 65536);
+    assert_eq!(st.zeroed_bytes, 0);
+    assert_eq!(read(dst.as_ref()), read(src.as_ref()));
+    let data: u64 = map_all(dst.as_ref(), 0, 8 << 20)
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e.kind, diskimg_blockio::ExtentKind::Data { .. }))
+        .map(|e| e.len)
+        .sum();
+    assert!(data <= 65536 * 2, "target not sparse: {data} data bytes");
+
+    // -S 0: fully allocated.
+    let full = open("full.raw", 8 << 20);
+    let opts = ConvertOptions {
+        sparse_size: 0,
+        target_is_zero: true,
+        ..ConvertOptions::default()
+    };
+    let st = convert(src.as_ref(), full.as_ref(), &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(st.data_bytes, 8 << 20);
+    let ext = map_all(full.as_ref(), 0, 8 << 20).unwrap();
+    assert_eq!(ext.len(), 1, "{ext:?}");
+}
+
+#[test]
+fn junk_target_gets_zeroes() {
+    let mut s = vec![0u8; 1 << 20];
+    s[100] = 1;
+    let src = raw(s.clone());
+    let dst = raw(vec![0xff; 1 << 20]);
+    let st = convert(
+        src.as_ref(),
+        dst.as_ref(),
+        &ConvertOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(read(dst.as_ref()), s);
+    assert_eq!(st.data_bytes, 4096);
+    assert_eq!(st.zeroed_bytes, (1 << 20) - 4096);
+}
+
+#[test]
+fn smaller_target_refused() {
+    let src = raw(vec![1; 8192]);
+    let dst = raw(vec![0; 4096]);
+    assert!(
+        convert(
+            src.as_ref(),
+            dst.as_ref(),
+            &ConvertOptions::default(),
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn backing_equal_ranges_are_skipped() {
+    let base: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let mut top = base.clone();
+    top[20000..20010].fill(0xee);
+    top[40960..45056].fill(0);
+    let src = raw(top.clone());
+    let backing = raw(base.clone());
+    // The "target" here records writes; it starts empty (reads through to nothing).
+    let dst = raw(vec![0; 65536]);
+    let opts = ConvertOptions {
+        backing: Some(backing),
+        ..ConvertOptions::default()
+    };
+    let st = convert(src.as_ref(), dst.as_ref(), &opts, &mut |_, _| {}).unwrap();
+    // Only the 4 KiB block holding the change and the zeroed block are written.
+    assert_eq!(st.data_bytes, 4096, "{st:?}");
+    assert_eq!(st.zeroed_bytes, 4096, "{st:?}");
+    let out = read(dst.as_ref());
+    assert_eq!(out[16384..20480], top[16384..20480]);
+    assert_eq!(out[40960..45056], [0; 4096]);
+    assert_eq!(out[0..4096], [0; 4096], "equal range was written");
+}
+
+#[test]
+fn concatenation() {
+    let a = raw(vec![1; 5000]);
+    let b = raw(vec![0; 3000]);
+    let c = raw(vec![3; 1000]);
+    let cat = ConcatDevice::new(vec![a, b, c]).unwrap();
+    assert_eq!(cat.virtual_size(), 9000);
+    let dst = raw(vec![9; 9000]);
+    convert(
+        &cat,
+        dst.as_ref(),
+        &ConvertOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let out = read(dst.as_ref());
+    assert!(out[..5000].iter().all(|&x| x == 1));
+    assert!(out[5000..8000].iter().all(|&x| x == 0));
+    assert!(out[8000..].iter().all(|&x| x == 3));
+    assert!(cat.write_at(&[0], 0).is_err());
+}
+
+/// A target that takes compressed writes of 4 KiB units and logs them.
+#[derive(Debug)]
+struct Compressing {
+    inner: Arc<dyn BlockDevice>,
+    units: Mutex<Vec<u64>>,
+}
+
+impl BlockDevice for Compressing {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        self.inner.map(off, len)
+    }
+    fn compressed_write_granularity(&self) -> Option<u64> {
+        Some(4096)
+    }
+    fn write_compressed(&self, buf: &[u8], off: u64) -> Result<()> {
+        assert_eq!(buf.len(), 4096);
+        assert_eq!(off % 4096, 0);
+        self.units.lock().unwrap().push(off);
+        self.inner.write_at(buf, off)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[test]
+fn compression_in_whole_units() {
+    let mut s = vec![0u8; 4 * 4096 + 100];
+    s[10] = 1; // unit 0
+    s[3 * 4096 + 5] = 2; // unit 3
+    s[4 * 4096 + 50] = 3; // partial tail
+    let src = raw(s.clone());
+    for workers in [1, 3] {
+        let dst = Compressing {
+            inner: raw(vec![0; s.len()]),
+            units: Mutex::new(Vec::new()),
+        };
+        let opts = ConvertOptions {
+            compress: true,
+            target_is_zero: true,
+            workers,
+            chunk_size: 4096,
+            ..ConvertOptions::default()
+        };
+        let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+        let mut units = dst.units.lock().unwrap().clone();
+        units.sort_unstable();
+        assert_eq!(units, vec![0, 3 * 4096]);
+        assert_eq!(st.compressed_bytes, 8192);
+        assert_eq!(st.data_bytes, 100);
+        assert_eq!(read(&dst), s);
+    }
+    // A target without compression support is refused.
+    let dst = raw(vec![0; s.len()]);
+    let opts = ConvertOptions {
+        compress: true,
+        ..ConvertOptions::default()
+    };
+    assert!(convert(src.as_ref(), dst.as_ref(), &opts, &mut |_, _| {}).is_err());
+}
+
+/// A device that fails reads at or after `bad`, and records write offsets.
+#[derive(Debug)]
+struct Probe {
+    inner: Arc<dyn BlockDevice>,
+    bad: u64,
+    writes: Mutex<Vec<u64>>,
+}
+
+impl BlockDevice for Probe {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        if off + buf.len() as u64 > self.bad {
+            return Err(diskimg_blockio::Error::invalid("injected read error"));
+        }
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.writes.lock().unwrap().push(off);
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        self.inner.map(off, len)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn probe(bytes: Vec<u8>, bad: u64) -> Probe {
+    Probe {
+        inner: raw(bytes),
+        bad,
+        writes: Mutex::new(Vec::new()),
+    }
+}
+
+#[test]
+fn ordered_parallel_writes_stay_in_order() {
+    let src = raw((0..1u32 << 20).map(|i| (i % 253) as u8 | 1).collect());
+    for (workers, ooo) in [(1, false), (4, false), (4, true)] {
+        let dst = probe(vec![0; 1 << 20], u64::MAX);
+        let opts = ConvertOptions {
+            workers,
+            out_of_order: ooo,
+            chunk_size: 4096,
+            ..ConvertOptions::default()
+        };
+        convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+        let w = dst.writes.lock().unwrap().clone();
+        assert_eq!(w.len(), 256);
+        if !ooo {
+            assert!(w.windows(2).all(|p| p[0] < p[1]), "{workers}: out of order");
+        }
+        assert_eq!(read(&dst), read(src.as_ref()));
+    }
+}
+
+#[test]
+fn read_errors_stop_every_mode() {
+    for (workers, ooo) in [(1, false), (3, false), (3, true)] {
+        let src = probe(vec![1; 1 << 20], 600_000);
+        let dst = raw(vec![0; 1 << 20]);
+        let opts = ConvertOptions {
+            workers,
+            out_of_order: ooo,
+            chunk_size: 4096,
+            ..ConvertOptions::default()
+        };
+        let err = convert(&src, dst.as_ref(), &opts, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+    }
+}
