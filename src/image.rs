@@ -274,8 +274,7 @@ pub fn create(
     for (k, _) in options.entries() {
         if k != "size" && !specs.iter().any(|s| s.name == k) {
             return Err(Error::invalid(format!(
-                "Invalid parameter '{k}'\nqemu-img: {}: Invalid options for file format '{}'",
-                path.display(),
+                "Invalid parameter '{k}' for file format '{}'",
                 format.name()
             )));
         }
