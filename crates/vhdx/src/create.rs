@@ -1,0 +1,219 @@
+//! Creating images: dynamic, fixed and differencing, with qemu's options and defaults.
+
+use diskimg_blockio::bytes::WriteBytes;
+use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, Result, Storage};
+
+use crate::bat::{Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_ZERO, make_entry};
+use crate::format::{BAT_GUID, FMT, Guid, METADATA_GUID, MIB};
+use crate::header::{Header, Region, Regions, file_identifier, header_offset, region_table_bytes};
+use crate::metadata::{MAX_VIRTUAL_SIZE, Metadata, ParentLocator, metadata_region_bytes};
+
+/// The create options (qemu's names, plus `backing_file`/`backing_fmt` for
+/// differencing images, which qemu cannot create).
+pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
+    CreateOptionSpec {
+        name: "size",
+        kind: "<size>",
+        help: "Virtual disk size; max of 64TB.",
+    },
+    CreateOptionSpec {
+        name: "log_size",
+        kind: "<size>",
+        help: "Log size; min 1MB.",
+    },
+    CreateOptionSpec {
+        name: "block_size",
+        kind: "<size>",
+        help: "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",
+    },
+    CreateOptionSpec {
+        name: "subformat",
+        kind: "<str>",
+        help: "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
+    },
+    CreateOptionSpec {
+        name: "block_state_zero",
+        kind: "<bool (on/off)>",
+        help: "Force use of payload blocks of type 'ZERO'. Non-standard, but default 'on'.",
+    },
+    CreateOptionSpec {
+        name: "backing_file",
+        kind: "<str>",
+        help: "Parent image of a differencing VHDX (diskimg extension)",
+    },
+    CreateOptionSpec {
+        name: "backing_fmt",
+        kind: "<str>",
+        help: "Format of the parent image (must be vhdx)",
+    },
+];
+
+/// qemu's automatic block size: it scales with the disk size.
+fn default_block_size(size: u64) -> u64 {
+    if size > 32 << 40 {
+        64 * MIB
+    } else if size > 100 << 30 {
+        32 * MIB
+    } else if size > 1 << 30 {
+        16 * MIB
+    } else {
+        8 * MIB
+    }
+}
+
+/// Parsed create options.
+#[derive(Debug)]
+struct Params {
+    size: u64,
+    block_size: u64,
+    log_size: u64,
+    fixed: bool,
+    block_state_zero: bool,
+    parent: Option<String>,
+}
+
+fn parse(request: &mut CreateRequest) -> Result<Params> {
+    let o = &mut request.options;
+    let size = request.size.next_multiple_of(512);
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid("Image size too large; max of 64TB"));
+    }
+    let log_size = o.take_size("log_size")?.unwrap_or(MIB);
+    let log_size = log_size.next_multiple_of(MIB);
+    if log_size == 0 || log_size > u64::from(u32::MAX) {
+        return Err(Error::invalid("Log size must be a multiple of 1 MB"));
+    }
+    let block_size = match o.take_size("block_size")?.unwrap_or(0) {
+        0 => default_block_size(size),
+        b => b.next_multiple_of(MIB).min(256 * MIB),
+    };
+    if !block_size.is_power_of_two() {
+        return Err(Error::invalid("Block size must be a power of two"));
+    }
+    let fixed = o.take_enum("subformat", &["dynamic", "fixed"])?.as_deref() == Some("fixed");
+    let block_state_zero = o.take_bool("block_state_zero")?.unwrap_or(true);
+    let parent = o.take("backing_file").filter(|s| !s.is_empty());
+    if let Some(f) = o.take("backing_fmt")
+        && f != "vhdx"
+    {
+        return Err(Error::invalid(
+            "A differencing VHDX image needs a vhdx backing file",
+        ));
+    }
+    if parent.is_some() && fixed {
+        return Err(Error::invalid("A differencing VHDX image cannot be fixed"));
+    }
+    Ok(Params {
+        size,
+        block_size,
+        log_size,
+        fixed,
+        block_state_zero,
+        parent,
+    })
+}
+
+fn parent_locator(name: &str) -> ParentLocator {
+    let win = name.replace('/', "\\");
+    let key = if name.starts_with('/') {
+        "absolute_win32_path"
+    } else {
+        "relative_path"
+    };
+    ParentLocator {
+        entries: vec![
+            ("parent_linkage".to_string(), Guid::ZERO.to_braced_string()),
+            (key.to_string(), win),
+        ],
+    }
+}
+
+/// Writes a new image to `storage`.
+pub(crate) fn create(storage: &dyn Storage, request: &mut CreateRequest) -> Result<()> {
+    let p = parse(request)?;
+    let meta = Metadata {
+        block_size: u32::try_from(p.block_size).map_err(|_| Error::invalid("block size"))?,
+        leave_blocks_allocated: p.fixed,
+        has_parent: p.parent.is_some(),
+        virtual_size: p.size,
+        logical_sector: 512,
+        physical_sector: 512,
+        disk_id: Guid::random(),
+        parent: p.parent.as_deref().map(parent_locator),
+    };
+    let geo = Geometry::new(&meta)?;
+    let log_offset = MIB;
+    let metadata_offset = log_offset + p.log_size;
+    let bat_offset = metadata_offset + MIB;
+    let bat_bytes = geo.entries.saturating_mul(8);
+    let bat_len = bat_bytes.next_multiple_of(MIB).max(MIB);
+    let data_offset = bat_offset + bat_len;
+    let too_big = || Error::invalid("image too large");
+    let regions = Regions {
+        bat: Region {
+            guid: BAT_GUID,
+            offset: bat_offset,
+            length: u32::try_from(bat_len).map_err(|_| too_big())?,
+            required: true,
+        },
+        metadata: Region {
+            guid: METADATA_GUID,
+            offset: metadata_offset,
+            length: 1 << 20,
+            required: true,
+        },
+    };
+    let log_len = u32::try_from(p.log_size).map_err(|_| too_big())?;
+    storage.set_len(0)?;
+    storage.write_all_at(&file_identifier("diskimg"), 0)?;
+    let h1 = Header::new(1, log_offset, log_len);
+    let mut h2 = h1.clone();
+    h2.sequence = 2;
+    storage.write_all_at(&h1.to_bytes(), header_offset(0))?;
+    storage.write_all_at(&h2.to_bytes(), header_offset(1))?;
+    let rt = region_table_bytes(&regions);
+    storage.write_all_at(&rt, crate::format::REGION1_OFFSET)?;
+    storage.write_all_at(&rt, crate::format::REGION2_OFFSET)?;
+    storage.write_all_at(&metadata_region_bytes(&meta)?, metadata_offset)?;
+    // The BAT, written in 1 MiB pieces so huge sparse disks need no huge buffer.
+    let mut end = data_offset;
+    let payload_state = if p.block_state_zero && !meta.has_parent {
+        PAYLOAD_ZERO
+    } else {
+        PAYLOAD_NOT_PRESENT
+    };
+    if p.fixed || payload_state != PAYLOAD_NOT_PRESENT {
+        let per_piece = MIB / 8;
+        let mut piece = vec![0u8; usize::try_from(MIB).unwrap_or(1 << 20)];
+        let mut i = 0u64;
+        let mut next_block = 0u64;
+        while i < geo.entries {
+            piece.fill(0);
+            let n = per_piece.min(geo.entries - i);
+            for k in 0..n {
+                let idx = i + k;
+                if geo.is_bitmap_index(idx) {
+                    continue;
+                }
+                let e = if p.fixed {
+                    let off = data_offset + next_block * p.block_size;
+                    next_block += 1;
+                    make_entry(PAYLOAD_FULLY_PRESENT, off)
+                } else {
+                    make_entry(payload_state, 0)
+                };
+                piece.put_le_u64(usize::try_from(k * 8).unwrap_or(0), e);
+            }
+            let bytes = usize::try_from(n * 8).unwrap_or(0);
+            storage.write_all_at(piece.get(..bytes).unwrap_or(&[]), bat_offset + i * 8)?;
+            i += n;
+        }
+        if p.fixed {
+            end = data_offset + next_block * p.block_size;
+        }
+    }
+    storage.set_len(end)?;
+    storage.flush()?;
+    let _ = FMT;
+    Ok(())
+}
