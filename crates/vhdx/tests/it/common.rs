@@ -17,6 +17,7 @@ pub(crate) fn open(path: &Path, read_only: bool) -> Arc<dyn BlockDevice> {
 }
 
 /// Creates `path` with our driver.
+#[allow(dead_code)]
 pub(crate) fn create(path: &Path, size: u64, opts: &str) {
     let s: Arc<dyn Storage> = Arc::new(FileStorage::create(path).unwrap());
     let mut req = CreateRequest::new(size, OptionList::parse(opts).unwrap());

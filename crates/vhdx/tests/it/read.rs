@@ -1,6 +1,6 @@
 //! Reading images qemu and other tools wrote, byte-identical to qemu's reading.
 
-use diskimg_blockio::{BlockDevice, RepairMode};
+use diskimg_blockio::RepairMode;
 use diskimg_testutil::{corpus_file, qemu_img, qemu_img_ok, qemu_io, tempdir};
 
 use crate::common::{assert_reads_like_raw, open, qemu_to_raw};
