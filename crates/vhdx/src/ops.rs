@@ -73,19 +73,16 @@ impl BlockDevice for VhdxDevice {
             return Ok(());
         }
         let mut st = self.write_state();
-        self.zero_locked(&mut st, offset, len, false)
+        self.zero_locked(&mut st, offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // As qemu's vhdx driver: discard is accepted and ignored (the data stays), so
+        // images we and qemu write stay identical.
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.meta.virtual_size)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let mut st = self.write_state();
-        self.zero_locked(&mut st, offset, len, true)
+        check_range(offset, len, self.meta.virtual_size)
     }
 
     fn flush(&self) -> Result<()> {

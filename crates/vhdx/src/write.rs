@@ -265,15 +265,9 @@ impl VhdxDevice {
         self.commit(st, vec![s])
     }
 
-    /// write_zeroes / discard: whole blocks change state, partial ones are written
-    /// (zeroes) unless they already read as zeroes, or skipped for a discard.
-    pub(crate) fn zero_locked(
-        &self,
-        st: &mut State,
-        offset: u64,
-        len: u64,
-        discard: bool,
-    ) -> Result<()> {
+    /// write_zeroes: whole blocks become `PAYLOAD_BLOCK_ZERO`, partial ones are written
+    /// with zeroes unless they already read as zeroes.
+    pub(crate) fn zero_locked(&self, st: &mut State, offset: u64, len: u64) -> Result<()> {
         self.start_session(st)?;
         let bs = self.geo.block_size;
         let mut pos = offset;
@@ -285,7 +279,7 @@ impl VhdxDevice {
             let whole = in_off == 0 && (n == bs || pos + n >= self.meta.virtual_size);
             if whole && !self.meta.leave_blocks_allocated {
                 self.set_block_state(st, block, PAYLOAD_ZERO)?;
-            } else if !discard {
+            } else {
                 let e = st.entry(self.geo.payload_index(block));
                 let reads_zero = match entry_state(e) {
                     PAYLOAD_ZERO | PAYLOAD_UNDEFINED | PAYLOAD_UNMAPPED => true,
