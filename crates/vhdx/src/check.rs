@@ -31,51 +31,75 @@ pub(crate) fn check(dev: &VhdxDevice, st: &State) -> Result<CheckReport> {
             None,
         ),
     ];
-    let mut allocated = 0u64;
-    for i in 0..geo.entries {
-        let e = st.entry(i);
+    // Payload blocks, as qemu's vhdx_check_bat_entries (messages use the block number).
+    for block in 0..geo.data_blocks {
+        let e = st.entry(geo.payload_index(block));
         let state = entry_state(e);
         let off = entry_offset(e);
-        let (len, present, valid) = if geo.is_bitmap_index(i) {
-            (
-                SB_BLOCK_SIZE,
-                state == SB_PRESENT,
-                matches!(state, SB_NOT_PRESENT | SB_PRESENT),
-            )
-        } else {
-            let present = matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT);
-            let valid = matches!(
-                state,
-                PAYLOAD_NOT_PRESENT
-                    | PAYLOAD_UNDEFINED
-                    | PAYLOAD_ZERO
-                    | PAYLOAD_UNMAPPED
-                    | PAYLOAD_FULLY_PRESENT
-            ) || (state == PAYLOAD_PARTIALLY_PRESENT && dev.meta.has_parent);
-            if present {
-                allocated += 1;
-            }
-            (geo.block_size, present, valid)
-        };
+        let valid = matches!(
+            state,
+            PAYLOAD_NOT_PRESENT
+                | PAYLOAD_UNDEFINED
+                | PAYLOAD_ZERO
+                | PAYLOAD_UNMAPPED
+                | PAYLOAD_FULLY_PRESENT
+        ) || (state == PAYLOAD_PARTIALLY_PRESENT && dev.meta.has_parent);
         if !valid {
             r.corruptions += 1;
             r.messages.push(format!(
-                "ERROR VHDX BAT entry {i} has an invalid state {state}"
+                "VHDX BAT entry {block} has an invalid state {state}"
             ));
             continue;
         }
-        if !present {
+        if !matches!(state, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) {
             continue;
         }
-        if off == 0 || off.checked_add(len).is_none_or(|end| end > file_len) {
+        let block_length = geo
+            .block_size
+            .min(dev.meta.virtual_size.saturating_sub(block * geo.block_size));
+        if off >= file_len {
             r.corruptions += 1;
             r.messages.push(format!(
-                "ERROR VHDX BAT entry {i} offset points after end of file ({off}). \
-                 Image has probably been truncated."
+                "VHDX BAT entry {block} start offset {off} points after end of file \
+                 ({file_len}). Image has probably been truncated."
             ));
             continue;
         }
-        used.push((off, len, Some(i)));
+        if off.saturating_add(block_length) > file_len {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "VHDX BAT entry {block} end offset {} points after end of file \
+                 ({file_len}). Image has probably been truncated.",
+                off.saturating_add(block_length) - 1
+            ));
+            continue;
+        }
+        used.push((off, block_length, Some(block)));
+    }
+    // Sector bitmap blocks (differencing images).
+    let chunks = geo.data_blocks.div_ceil(geo.chunk_ratio);
+    for chunk in 0..chunks {
+        let i = geo.bitmap_index(chunk * geo.chunk_ratio);
+        if i >= geo.entries {
+            break;
+        }
+        let e = st.entry(i);
+        let (state, off) = (entry_state(e), entry_offset(e));
+        if !matches!(state, SB_NOT_PRESENT | SB_PRESENT) {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "VHDX sector bitmap entry {chunk} has an invalid state {state}"
+            ));
+        } else if state == SB_PRESENT {
+            if off == 0 || off.saturating_add(SB_BLOCK_SIZE) > file_len {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "VHDX sector bitmap entry {chunk} points after end of file ({file_len})"
+                ));
+            } else {
+                used.push((off, SB_BLOCK_SIZE, Some(i)));
+            }
+        }
     }
     used.sort_unstable();
     let mut end = 0u64;
@@ -85,13 +109,11 @@ pub(crate) fn check(dev: &VhdxDevice, st: &State) -> Result<CheckReport> {
         {
             r.corruptions += 1;
             r.messages.push(format!(
-                "ERROR VHDX BAT entry {i} offset overlaps with other metadata or data regions"
+                "VHDX BAT entry {i} offset overlaps with other metadata or data regions"
             ));
         }
         end = end.max(off.saturating_add(*len));
     }
-    r.allocated_clusters = Some(allocated);
-    r.total_clusters = Some(geo.data_blocks);
-    r.image_end_offset = Some(file_len);
+    // qemu's vhdx check reports no cluster counts; neither do we (same JSON shape).
     Ok(r)
 }

@@ -138,3 +138,39 @@ fn large_sparse_qemu_image() {
     dev.read_at(&mut b, 1 << 40).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }
+
+#[test]
+fn check_matches_qemu_on_truncated_image() {
+    let dir = tempdir();
+    let img = dir.path().join("t.vhdx");
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        img.to_str().unwrap(),
+        "8M",
+    ]);
+    qemu_io(&img, "vhdx", &["write 1M 2M", "write 6M 1M"]);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(len - (1 << 20) - 4096).unwrap();
+    drop(f);
+    let (v, code) = diskimg_testutil::qemu_check_json(&img, "vhdx");
+    assert_eq!(code, 2);
+    let dev = open(&img, true);
+    let r = dev.check(RepairMode::None).unwrap();
+    assert_eq!(v["corruptions"], r.corruptions, "{r:?}");
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m.contains("Image has probably been truncated"))
+    );
+    let clean = dir.path().join("c.vhdx");
+    qemu_img_ok(&["create", "-f", "vhdx", clean.to_str().unwrap(), "8M"]);
+    assert_eq!(
+        open(&clean, true).check(RepairMode::None).unwrap(),
+        Default::default()
+    );
+}
