@@ -141,6 +141,28 @@ impl VhdxDevice {
         Ok(dev)
     }
 
+    /// `"dynamic"`, `"fixed"` or `"differencing"`.
+    pub fn subformat(&self) -> &'static str {
+        if self.meta.has_parent {
+            "differencing"
+        } else if self.meta.leave_blocks_allocated {
+            "fixed"
+        } else {
+            "dynamic"
+        }
+    }
+
+    /// Logical and physical sector sizes (MS-VHDX 2.6.2.4, 2.6.2.5).
+    pub fn sector_sizes(&self) -> (u32, u32) {
+        (self.meta.logical_sector, self.meta.physical_sector)
+    }
+
+    /// True when the image had a dirty log that was replayed only in memory (a
+    /// read-only open): the file still needs `check -r all` or a read-write open.
+    pub fn needs_log_replay(&self) -> bool {
+        self.replay == LogReplay::InMemory
+    }
+
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }

@@ -4,8 +4,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, InfoValue, RepairMode, Result, ZeroFlags,
-    check_range,
+    BlockDevice, CheckReport, DeviceInfo, Error, Extent, RepairMode, Result, ZeroFlags, check_range,
 };
 
 use crate::device::{LogReplay, VhdxDevice};
@@ -18,27 +17,7 @@ impl BlockDevice for VhdxDevice {
         info.read_only = self.read_only;
         info.backing = self.backing_ref();
         info.dirty = self.replay == LogReplay::InMemory;
-        let kind = if self.meta.has_parent {
-            "differencing"
-        } else if self.meta.leave_blocks_allocated {
-            "fixed"
-        } else {
-            "dynamic"
-        };
-        info.format_specific = Some((
-            "vhdx",
-            vec![
-                ("subformat".to_string(), InfoValue::Str(kind.to_string())),
-                (
-                    "logical-sector-size".to_string(),
-                    InfoValue::Int(i64::from(self.meta.logical_sector)),
-                ),
-                (
-                    "physical-sector-size".to_string(),
-                    InfoValue::Int(i64::from(self.meta.physical_sector)),
-                ),
-            ],
-        ));
+        // qemu reports no format-specific block for vhdx; neither do we.
         info
     }
 
