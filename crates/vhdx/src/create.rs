@@ -131,13 +131,18 @@ fn parent_locator(name: &str) -> ParentLocator {
 /// Writes a new image to `storage`.
 pub(crate) fn create(storage: &dyn Storage, request: &mut CreateRequest) -> Result<()> {
     let p = parse(request)?;
+    write_image(storage, &p, 512)
+}
+
+/// Writes the image described by `p` with `logical_sector`-byte logical sectors.
+fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result<()> {
     let meta = Metadata {
         block_size: u32::try_from(p.block_size).map_err(|_| Error::invalid("block size"))?,
         leave_blocks_allocated: p.fixed,
         has_parent: p.parent.is_some(),
         virtual_size: p.size,
-        logical_sector: 512,
-        physical_sector: 512,
+        logical_sector,
+        physical_sector: logical_sector,
         disk_id: Guid::random(),
         parent: p.parent.as_deref().map(parent_locator),
     };
@@ -216,4 +221,70 @@ pub(crate) fn create(storage: &dyn Storage, request: &mut CreateRequest) -> Resu
     storage.flush()?;
     let _ = FMT;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+mod tests {
+    use super::*;
+    use diskimg_blockio::{BlockDevice, Driver, MemStorage, OpenOptions};
+    use std::sync::Arc;
+
+    /// 4096-byte logical sectors (qemu cannot create them): chunk ratio and sector
+    /// bitmap granularity change; a differencing image must still read right.
+    #[test]
+    fn logical_4k_differencing() {
+        let size = 6u64 << 20;
+        let parent_s = Arc::new(MemStorage::new());
+        let p = Params {
+            size,
+            block_size: MIB,
+            log_size: MIB,
+            fixed: false,
+            block_state_zero: true,
+            parent: None,
+        };
+        write_image(parent_s.as_ref(), &p, 4096).unwrap();
+        let parent = crate::DRIVER.open(parent_s, &OpenOptions::new()).unwrap();
+        parent.write_at(&vec![0x5a; size as usize], 0).unwrap();
+        let child_s = Arc::new(MemStorage::new());
+        let c = Params {
+            parent: Some("p.vhdx".into()),
+            ..p
+        };
+        write_image(child_s.as_ref(), &c, 4096).unwrap();
+        let child = crate::DRIVER
+            .open(child_s.clone(), &OpenOptions::new())
+            .unwrap();
+        child.set_backing(Some(parent.clone())).unwrap();
+        let mut model = vec![0x5au8; size as usize];
+        for (i, (off, len)) in [
+            (10u64, 100usize),
+            (4095, 2),
+            (MIB + 8192, 4096),
+            (5 * MIB - 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let data = vec![i as u8 + 1; *len];
+            child.write_at(&data, *off).unwrap();
+            model[*off as usize..*off as usize + len].copy_from_slice(&data);
+        }
+        drop(child);
+        let child = crate::DRIVER.open(child_s, &OpenOptions::new()).unwrap();
+        child.set_backing(Some(parent)).unwrap();
+        let mut got = vec![0u8; size as usize];
+        child.read_at(&mut got, 0).unwrap();
+        assert!(got == model);
+        let e = child.map(0, size).unwrap();
+        assert_eq!(e.len, 8192);
+        let dev = child.as_any().downcast_ref::<crate::VhdxDevice>().unwrap();
+        assert_eq!(dev.sector_sizes(), (4096, 4096));
+        assert_eq!(dev.subformat(), "differencing");
+    }
 }
