@@ -231,7 +231,7 @@ fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result
 )]
 mod tests {
     use super::*;
-    use diskimg_blockio::{BlockDevice, Driver, MemStorage, OpenOptions};
+    use diskimg_blockio::{Driver, MemStorage, OpenOptions};
     use std::sync::Arc;
 
     /// 4096-byte logical sectors (qemu cannot create them): chunk ratio and sector
