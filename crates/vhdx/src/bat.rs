@@ -33,9 +33,16 @@ pub(crate) fn entry_state(e: u64) -> u8 {
     u8::try_from(e & 7).unwrap_or(0)
 }
 
+/// Largest host offset we accept anywhere (BAT entries, regions, the log), so that
+/// adding in-block offsets can never overflow.
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 62;
+
 /// The file offset (`FileOffsetMB`, bits 20-63, in MiB) of a BAT entry, in bytes.
+/// Offsets beyond [`MAX_HOST_OFFSET`] (no real file is that large) read as 0, which
+/// every user treats as invalid for a present block.
 pub(crate) fn entry_offset(e: u64) -> u64 {
-    e & !(MIB - 1)
+    let off = e & !(MIB - 1);
+    if off > MAX_HOST_OFFSET { 0 } else { off }
 }
 
 /// A BAT entry with `state` at byte `offset` (a multiple of 1 MiB).

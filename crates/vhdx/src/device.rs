@@ -210,7 +210,7 @@ impl VhdxDevice {
         count: u64,
     ) -> Result<Vec<bool>> {
         let sb = st.entry(self.geo.bitmap_index(block));
-        if entry_state(sb) != SB_PRESENT {
+        if entry_state(sb) != SB_PRESENT || entry_offset(sb) == 0 {
             return Err(Error::corrupt(
                 FMT,
                 "partially present block without a sector bitmap",

@@ -215,13 +215,20 @@ impl VhdxDevice {
         let e = st.entry(idx);
         let mut block_off = entry_offset(e);
         let new_block = entry_state(e) != PAYLOAD_PARTIALLY_PRESENT;
+        if !new_block && block_off == 0 {
+            return Err(Error::corrupt(
+                FMT,
+                "invalid BAT entry",
+                self.regions.bat.offset,
+            ));
+        }
         if new_block {
             block_off = self.allocate(st, bs)?;
         }
         let sb_idx = self.geo.bitmap_index(block);
         let sb = st.entry(sb_idx);
         let mut sb_off = entry_offset(sb);
-        let new_sb = entry_state(sb) != SB_PRESENT;
+        let new_sb = entry_state(sb) != SB_PRESENT || sb_off == 0;
         if new_sb {
             sb_off = self.allocate(st, SB_BLOCK_SIZE)?;
         }
