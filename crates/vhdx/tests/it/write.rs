@@ -206,3 +206,37 @@ fn map_reports_real_extents() {
     assert_eq!(m[0]["data"], true);
     assert!(m[0].get("offset").is_none());
 }
+
+#[test]
+fn concurrent_writers_and_readers() {
+    let dir = tempdir();
+    let img = dir.path().join("t.vhdx");
+    create(&img, 16 << 20, "block_size=1M");
+    let dev = open(&img, false);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for i in 0..8u64 {
+                    let off = (t * 4 + i % 4) * (1 << 20) + i * 4096;
+                    dev.write_at(&pattern(t * 100 + i, 5000), off).unwrap();
+                    let mut b = vec![0u8; 5000];
+                    dev.read_at(&mut b, off).unwrap();
+                    assert!(b == pattern(t * 100 + i, 5000));
+                }
+            });
+        }
+    });
+    dev.flush().unwrap();
+    drop(dev);
+    assert_qemu_check_clean(&img, "vhdx");
+    let dev = open(&img, true);
+    for t in 0..4u64 {
+        for i in 0..8u64 {
+            let off = (t * 4 + i % 4) * (1 << 20) + i * 4096;
+            let mut b = vec![0u8; 5000];
+            dev.read_at(&mut b, off).unwrap();
+            assert!(b == pattern(t * 100 + i, 5000));
+        }
+    }
+}
