@@ -39,6 +39,13 @@ impl BlockDevice for VhdxDevice {
         if buf.is_empty() {
             return Ok(());
         }
+        {
+            // Fast path: no allocation needed, many writers at once.
+            let st = self.read_state();
+            if self.all_present(&st, offset, buf.len() as u64) {
+                return self.write_present(&st, buf, offset);
+            }
+        }
         let mut st = self.write_state();
         self.write_locked(&mut st, buf, offset)
     }

@@ -272,8 +272,10 @@ impl VhdxDevice {
         self.commit(st, vec![s])
     }
 
-    /// write_zeroes: whole blocks become `PAYLOAD_BLOCK_ZERO`, partial ones are written
-    /// with zeroes unless they already read as zeroes.
+    /// write_zeroes: fully present blocks are zeroed in place (host `write_zeroes`, no
+    /// metadata change and no leaked space, like qemu's zero writes); whole blocks that
+    /// are not allocated become `PAYLOAD_BLOCK_ZERO` unless they already read as zeroes;
+    /// other partial ranges are written with zeroes.
     pub(crate) fn zero_locked(&self, st: &mut State, offset: u64, len: u64) -> Result<()> {
         self.start_session(st)?;
         let bs = self.geo.block_size;
@@ -284,21 +286,53 @@ impl VhdxDevice {
             let in_off = pos % bs;
             let n = (bs - in_off).min(end - pos);
             let whole = in_off == 0 && (n == bs || pos + n >= self.meta.virtual_size);
-            if whole && !self.meta.leave_blocks_allocated {
+            let e = st.entry(self.geo.payload_index(block));
+            let off = entry_offset(e);
+            let reads_zero = match entry_state(e) {
+                PAYLOAD_ZERO | PAYLOAD_UNDEFINED | PAYLOAD_UNMAPPED => true,
+                PAYLOAD_NOT_PRESENT => !self.meta.has_parent,
+                _ => false,
+            };
+            if entry_state(e) == PAYLOAD_FULLY_PRESENT && off != 0 {
+                self.storage.write_zeroes(off + in_off, n)?;
+            } else if reads_zero {
+                // Nothing to do.
+            } else if whole {
                 self.set_block_state(st, block, PAYLOAD_ZERO)?;
             } else {
-                let e = st.entry(self.geo.payload_index(block));
-                let reads_zero = match entry_state(e) {
-                    PAYLOAD_ZERO | PAYLOAD_UNDEFINED | PAYLOAD_UNMAPPED => true,
-                    PAYLOAD_NOT_PRESENT => !self.meta.has_parent,
-                    _ => false,
-                };
-                if !reads_zero {
-                    let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
-                    self.write_in_block(st, block, in_off, &z)?;
-                }
+                let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
+                self.write_in_block(st, block, in_off, &z)?;
             }
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// True when `len` bytes at `offset` lie in fully present blocks, so a write needs no
+    /// metadata change (and can run under the shared lock).
+    pub(crate) fn all_present(&self, st: &State, offset: u64, len: u64) -> bool {
+        let bs = self.geo.block_size;
+        let first = offset / bs;
+        let last = (offset + len.max(1) - 1) / bs;
+        st.session_started
+            && (first..=last).all(|b| {
+                let e = st.entry(self.geo.payload_index(b));
+                entry_state(e) == PAYLOAD_FULLY_PRESENT && entry_offset(e) != 0
+            })
+    }
+
+    /// Writes into fully present blocks only (see [`Self::all_present`]).
+    pub(crate) fn write_present(&self, st: &State, data: &[u8], offset: u64) -> Result<()> {
+        let bs = self.geo.block_size;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let in_off = pos % bs;
+            let n = usize::try_from((bs - in_off).min((data.len() - done) as u64)).unwrap_or(0);
+            let e = st.entry(self.geo.payload_index(pos / bs));
+            let chunk = data.get(done..done + n).unwrap_or(&[]);
+            self.storage.write_all_at(chunk, entry_offset(e) + in_off)?;
+            done += n.max(1);
         }
         Ok(())
     }
