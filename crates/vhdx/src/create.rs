@@ -4,7 +4,7 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, Result, Storage};
 
 use crate::bat::{Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_ZERO, make_entry};
-use crate::format::{BAT_GUID, FMT, Guid, METADATA_GUID, MIB};
+use crate::format::{BAT_GUID, Guid, METADATA_GUID, MIB};
 use crate::header::{Header, Region, Regions, file_identifier, header_offset, region_table_bytes};
 use crate::metadata::{MAX_VIRTUAL_SIZE, Metadata, ParentLocator, metadata_region_bytes};
 
@@ -219,7 +219,6 @@ fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result
     }
     storage.set_len(end)?;
     storage.flush()?;
-    let _ = FMT;
     Ok(())
 }
 

@@ -59,11 +59,10 @@ pub(crate) struct Header {
 impl Header {
     /// A fresh header for a new image.
     pub(crate) fn new(sequence: u64, log_offset: u64, log_length: u32) -> Self {
-        let data = Guid::random();
         Header {
             sequence,
             file_write_guid: Guid::random(),
-            data_write_guid: data,
+            data_write_guid: Guid::random(),
             log_guid: Guid::ZERO,
             log_version: 0,
             version: 1,

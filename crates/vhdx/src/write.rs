@@ -159,13 +159,24 @@ impl VhdxDevice {
         let e = st.entry(idx);
         let off = entry_offset(e);
         let state = entry_state(e);
+        let bs = self.geo.block_size;
+        let whole = in_off == 0
+            && (data.len() as u64 == bs
+                || (block * bs).saturating_add(data.len() as u64) >= self.meta.virtual_size);
         match state {
             PAYLOAD_FULLY_PRESENT if off != 0 => {
                 self.storage.write_all_at(data, off + in_off)?;
                 Ok(())
             }
-            PAYLOAD_PARTIALLY_PRESENT | PAYLOAD_NOT_PRESENT if self.meta.has_parent => {
+            PAYLOAD_PARTIALLY_PRESENT | PAYLOAD_NOT_PRESENT if self.meta.has_parent && !whole => {
                 self.write_partial(st, block, in_off, data)
+            }
+            PAYLOAD_PARTIALLY_PRESENT if off != 0 => {
+                // Overwritten entirely: the block becomes fully present where it is.
+                self.storage.write_all_at(data, off)?;
+                self.storage.flush()?;
+                let s = self.set_entry(st, idx, make_entry(PAYLOAD_FULLY_PRESENT, off))?;
+                self.commit(st, vec![s])
             }
             PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => {
                 // New block: zero-filled space, the data, flush, then the BAT entry.

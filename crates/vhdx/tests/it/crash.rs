@@ -57,7 +57,6 @@ fn verify(img: &[u8], flushed: usize, parent: Option<Arc<dyn BlockDevice>>, what
     let dev = diskimg_vhdx::DRIVER
         .open(s.clone(), &OpenOptions::new())
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
-    let diff = parent.is_some();
     dev.set_backing(parent).unwrap();
     let r = dev.check(RepairMode::None).unwrap();
     assert_eq!(r.corruptions, 0, "{what}: {r:?}");
@@ -74,7 +73,6 @@ fn verify(img: &[u8], flushed: usize, parent: Option<Arc<dyn BlockDevice>>, what
         dev.read_at(&mut buf, 6 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0), "{what}: flushed zeroes lost");
     }
-    let _ = diff;
     drop(dev);
     s.to_vec()
 }
