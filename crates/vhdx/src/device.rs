@@ -46,6 +46,8 @@ pub(crate) struct State {
     pub(crate) log_sequence: u64,
     /// Log offset where the next entry goes.
     pub(crate) log_head: u64,
+    /// The header names a log GUID we chose in this session (entries may follow).
+    pub(crate) log_active: bool,
 }
 
 impl State {
@@ -130,6 +132,7 @@ impl VhdxDevice {
                 session_started: false,
                 log_sequence: 1,
                 log_head: 0,
+                log_active: false,
             }),
             backing: RwLock::new(None),
         };

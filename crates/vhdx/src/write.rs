@@ -61,10 +61,12 @@ impl VhdxDevice {
             return Ok(());
         }
         let log_len = u64::from(st.header.log_length);
-        if st.header.log_guid.is_zero() {
+        if !st.log_active {
+            // A fresh GUID per activation: entries of any earlier log never match.
             self.update_header(st, |h| h.log_guid = Guid::random())?;
             st.log_head = 0;
             st.log_sequence = 1;
+            st.log_active = true;
         }
         let file_size = self.storage.len()?;
         let params = EntryParams {
@@ -357,6 +359,7 @@ impl VhdxDevice {
         if !st.header.log_guid.is_zero() {
             self.update_header(st, |h| h.log_guid = Guid::ZERO)?;
         }
+        st.log_active = false;
         Ok(())
     }
 }
