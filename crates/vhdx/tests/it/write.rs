@@ -240,3 +240,17 @@ fn concurrent_writers_and_readers() {
         }
     }
 }
+
+#[test]
+fn large_sparse_created_image() {
+    let dir = tempdir();
+    let img = dir.path().join("big.vhdx");
+    create(&img, 16 << 40, "");
+    let dev = open(&img, false);
+    assert_eq!(dev.info().cluster_size, Some(32 << 20));
+    dev.write_at(&[0x6b; 65536], 15 << 40).unwrap();
+    drop(dev);
+    assert!(std::fs::metadata(&img).unwrap().len() < 128 << 20);
+    assert_qemu_check_clean(&img, "vhdx");
+    qemu_io(&img, "vhdx", &["read -P 0x6b 15T 64k", "read -P 0 14T 64k"]);
+}
