@@ -174,3 +174,27 @@ fn check_matches_qemu_on_truncated_image() {
         Default::default()
     );
 }
+
+/// qemu-iotests 064: read/write on the Hyper-V created image.
+#[test]
+fn hyperv_sample_writes() {
+    let dir = tempdir();
+    let img = corpus_file("iotest-dynamic-1G.vhdx", dir.path());
+    let dev = open(&img, false);
+    dev.write_at(&[0x5b; 1 << 20], 30 << 20).unwrap();
+    dev.write_at(&[0x5c; 4096], 500 << 20).unwrap();
+    drop(dev);
+    diskimg_testutil::assert_qemu_check_clean(&img, "vhdx");
+    qemu_io(
+        &img,
+        "vhdx",
+        &[
+            "read -P 0xa5 0 30M",
+            "read -P 0x5b 30M 1M",
+            "read -P 0xa5 31M 2M",
+            "read -P 0x96 33M 33M",
+            "read -P 0x5c 500M 4k",
+            "read -P 0 501M 100M",
+        ],
+    );
+}
