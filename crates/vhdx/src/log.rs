@@ -105,12 +105,29 @@ fn parse_entry(log: &[u8], off: u64, guid: Guid) -> Option<Entry> {
     if tail >= log_len {
         return None;
     }
-    let entry = circular(log, off, usize::try_from(length).ok()?)?;
+    // Cheap consistency checks before the checksum over the whole entry: the entry is
+    // exactly its header sectors plus one sector per data descriptor.
+    let header_bytes = ENTRY_HEADER.checked_add(count.checked_mul(DESC_SIZE)?)?;
+    let header_sectors = header_bytes.div_ceil(SECTOR);
+    let length_us = usize::try_from(length).ok()?;
+    if header_sectors.checked_mul(SECTOR)? > length_us {
+        return None;
+    }
+    let descs = circular(log, off, header_bytes)?;
+    let data_count = (0..count)
+        .filter(|i| {
+            descs.get(ENTRY_HEADER + i * DESC_SIZE..ENTRY_HEADER + i * DESC_SIZE + 4)
+                == Some(DATA_DESC_SIGNATURE.as_slice())
+        })
+        .count();
+    if (header_sectors + data_count).checked_mul(SECTOR)? != length_us {
+        return None;
+    }
+    let entry = circular(log, off, length_us)?;
     if checksum(&entry, 4) != hdr.le_u32(4)? {
         return None;
     }
-    let header_bytes = ENTRY_HEADER.checked_add(count.checked_mul(DESC_SIZE)?)?;
-    let mut data_sector = header_bytes.div_ceil(SECTOR);
+    let mut data_sector = header_sectors;
     let mut changes = Vec::new();
     for i in 0..count {
         let d = ENTRY_HEADER + i * DESC_SIZE;
@@ -182,10 +199,15 @@ pub(crate) fn find_replay(
     let mut valid: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut off = 0u64;
     while off < u64::from(header.log_length) {
-        if let Some(e) = parse_entry(&log, off, header.log_guid) {
-            valid.insert(off, e);
+        match parse_entry(&log, off, header.log_guid) {
+            Some(e) => {
+                // Valid entries do not overlap: continue after this one.
+                let len = e.length;
+                valid.insert(off, e);
+                off += len;
+            }
+            None => off += LOG_SECTOR,
         }
-        off += LOG_SECTOR;
     }
     let mut heads: Vec<(u64, u64)> = valid.iter().map(|(o, e)| (e.sequence, *o)).collect();
     heads.sort_unstable_by(|a, b| b.cmp(a));
