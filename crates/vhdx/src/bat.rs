@@ -74,23 +74,33 @@ impl Geometry {
         if chunk_ratio == 0 {
             return Err(Error::corrupt(FMT, "invalid block size", 0));
         }
-        let data_blocks = m.virtual_size.div_ceil(block_size);
-        let entries = if m.has_parent {
-            data_blocks
-                .div_ceil(chunk_ratio)
-                .saturating_mul(chunk_ratio + 1)
-        } else if data_blocks == 0 {
-            0
-        } else {
-            data_blocks + (data_blocks - 1) / chunk_ratio
-        };
-        Ok(Self {
+        let g = Self {
             block_size,
             logical_sector,
             chunk_ratio,
+            data_blocks: 0,
+            entries: 0,
+        };
+        Ok(g.for_size(m.virtual_size, m.has_parent))
+    }
+
+    /// The same geometry for a virtual disk of `size` bytes.
+    pub(crate) fn for_size(&self, size: u64, has_parent: bool) -> Self {
+        let data_blocks = size.div_ceil(self.block_size);
+        let entries = if has_parent {
+            data_blocks
+                .div_ceil(self.chunk_ratio)
+                .saturating_mul(self.chunk_ratio + 1)
+        } else if data_blocks == 0 {
+            0
+        } else {
+            data_blocks + (data_blocks - 1) / self.chunk_ratio
+        };
+        Self {
             data_blocks,
             entries,
-        })
+            ..*self
+        }
     }
 
     /// BAT index of payload block `block`.
@@ -125,6 +135,7 @@ mod tests {
             leave_blocks_allocated: false,
             has_parent: parent,
             virtual_size: size,
+            virtual_size_at: 0,
             logical_sector: 512,
             physical_sector: 512,
             disk_id: Guid::ZERO,

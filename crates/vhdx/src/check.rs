@@ -15,7 +15,7 @@ use crate::header::FIXED_AREA;
 pub(crate) fn check(dev: &VhdxDevice, st: &State) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     let file_len = dev.storage.len()?;
-    let geo = &dev.geo;
+    let geo = &dev.geo.for_size(dev.size(), dev.meta.has_parent);
     // Host ranges in use: fixed area, log, BAT, metadata, then every block.
     let mut used: Vec<(u64, u64, Option<u64>)> = vec![
         (0, FIXED_AREA, None),
@@ -56,7 +56,7 @@ pub(crate) fn check(dev: &VhdxDevice, st: &State) -> Result<CheckReport> {
         }
         let block_length = geo
             .block_size
-            .min(dev.meta.virtual_size.saturating_sub(block * geo.block_size));
+            .min(dev.size().saturating_sub(block * geo.block_size));
         if off >= file_len {
             r.corruptions += 1;
             r.messages.push(format!(

@@ -141,6 +141,7 @@ fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result
         leave_blocks_allocated: p.fixed,
         has_parent: p.parent.is_some(),
         virtual_size: p.size,
+        virtual_size_at: 0,
         logical_sector,
         physical_sector: logical_sector,
         disk_id: Guid::random(),

@@ -1,5 +1,6 @@
 //! The open image: parsing at open (with log replay), reads and map.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
@@ -67,6 +68,9 @@ pub struct VhdxDevice {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) read_only: bool,
     pub(crate) meta: Metadata,
+    /// Current virtual size (changes with resize; `meta.virtual_size` is the size at open).
+    pub(crate) size: AtomicU64,
+    /// Geometry; `data_blocks`/`entries` are those at open (see [`Geometry::for_size`]).
     pub(crate) geo: Geometry,
     pub(crate) regions: Regions,
     pub(crate) replay: LogReplay,
@@ -120,6 +124,7 @@ impl VhdxDevice {
         let dev = Self {
             storage,
             read_only,
+            size: AtomicU64::new(meta.virtual_size),
             meta,
             geo,
             regions,
@@ -164,6 +169,11 @@ impl VhdxDevice {
     /// read-only open): the file still needs `check -r all` or a read-write open.
     pub fn needs_log_replay(&self) -> bool {
         self.replay == LogReplay::InMemory
+    }
+
+    /// The current virtual size.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {

@@ -55,6 +55,7 @@ mod log;
 mod metadata;
 mod ops;
 mod overlay;
+mod resize;
 mod write;
 
 pub use device::VhdxDevice;

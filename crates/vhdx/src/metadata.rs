@@ -48,6 +48,8 @@ pub(crate) struct Metadata {
     pub(crate) has_parent: bool,
     /// Virtual Disk Size (MS-VHDX 2.6.2.2).
     pub(crate) virtual_size: u64,
+    /// Host offset of the Virtual Disk Size item (0 when not read from a file).
+    pub(crate) virtual_size_at: u64,
     /// Logical Sector Size (MS-VHDX 2.6.2.4): 512 or 4096.
     pub(crate) logical_sector: u32,
     /// Physical Sector Size (MS-VHDX 2.6.2.5): 512 or 4096.
@@ -193,6 +195,7 @@ pub(crate) fn read_metadata(
         leave_blocks_allocated: fp_flags & 1 != 0,
         has_parent,
         virtual_size,
+        virtual_size_at: *vs_at,
         logical_sector,
         physical_sector,
         disk_id,
@@ -298,6 +301,7 @@ mod tests {
             leave_blocks_allocated: false,
             has_parent: true,
             virtual_size: 1 << 30,
+            virtual_size_at: 0,
             logical_sector: 512,
             physical_sector: 4096,
             disk_id: Guid::random(),
@@ -318,7 +322,9 @@ mod tests {
             length: 1 << 20,
             required: true,
         };
-        let back = read_metadata(&s, &region, &Limits::default()).unwrap();
+        let mut back = read_metadata(&s, &region, &Limits::default()).unwrap();
+        assert_eq!(back.virtual_size_at, (2 << 20) + (64 << 10) + 8);
+        back.virtual_size_at = 0;
         assert_eq!(back, m);
         assert_eq!(
             back.parent.unwrap().get("relative_path"),

@@ -4,7 +4,8 @@ use std::any::Any;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, RepairMode, Result, ZeroFlags, check_range,
+    BlockDevice, CheckReport, DeviceInfo, Error, Extent, Preallocation, RepairMode, Result,
+    ZeroFlags, check_range,
 };
 
 use crate::device::{LogReplay, VhdxDevice};
@@ -12,7 +13,7 @@ use crate::format::FMT;
 
 impl BlockDevice for VhdxDevice {
     fn info(&self) -> DeviceInfo {
-        let mut info = DeviceInfo::new(FMT, self.meta.virtual_size);
+        let mut info = DeviceInfo::new(FMT, self.size());
         info.cluster_size = Some(self.geo.block_size);
         info.read_only = self.read_only;
         info.backing = self.backing_ref();
@@ -22,11 +23,11 @@ impl BlockDevice for VhdxDevice {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.meta.virtual_size
+        self.size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.meta.virtual_size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         let st = self.read_state();
         self.read_locked(&st, buf, offset)
     }
@@ -35,7 +36,7 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, buf.len() as u64, self.meta.virtual_size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -54,7 +55,7 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.meta.virtual_size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -68,7 +69,7 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.meta.virtual_size)
+        check_range(offset, len, self.size())
     }
 
     fn flush(&self) -> Result<()> {
@@ -77,12 +78,17 @@ impl BlockDevice for VhdxDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.meta.virtual_size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Err(Error::invalid("map of an empty range"));
         }
         let st = self.read_state();
         self.map_locked(&st, offset, len)
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
+        let mut st = self.write_state();
+        self.resize_locked(&mut st, new_size, prealloc, shrink)
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {

@@ -41,7 +41,7 @@ impl VhdxDevice {
     }
 
     /// Renews the write GUIDs before the first modification of this session.
-    fn start_session(&self, st: &mut State) -> Result<()> {
+    pub(crate) fn start_session(&self, st: &mut State) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -107,7 +107,7 @@ impl VhdxDevice {
     }
 
     /// Sets BAT entry `i` in memory and returns its 4 KiB sector for [`Self::commit`].
-    fn set_entry(&self, st: &mut State, i: u64, value: u64) -> Result<(u64, Vec<u8>)> {
+    pub(crate) fn set_entry(&self, st: &mut State, i: u64, value: u64) -> Result<(u64, Vec<u8>)> {
         let pos = usize::try_from(i * 8).map_err(|_| Error::invalid("BAT index"))?;
         if !st.bat.put_le_u64(pos, value) {
             return Err(Error::corrupt(FMT, "BAT index out of range", 0));
@@ -122,7 +122,7 @@ impl VhdxDevice {
     }
 
     /// Adds or replaces a sector in a pending commit list.
-    fn add_sector(list: &mut Vec<(u64, Vec<u8>)>, s: (u64, Vec<u8>)) {
+    pub(crate) fn add_sector(list: &mut Vec<(u64, Vec<u8>)>, s: (u64, Vec<u8>)) {
         list.retain(|(o, _)| *o != s.0);
         list.push(s);
     }
@@ -164,7 +164,7 @@ impl VhdxDevice {
         let bs = self.geo.block_size;
         let whole = in_off == 0
             && (data.len() as u64 == bs
-                || (block * bs).saturating_add(data.len() as u64) >= self.meta.virtual_size);
+                || (block * bs).saturating_add(data.len() as u64) >= self.size());
         match state {
             PAYLOAD_FULLY_PRESENT if off != 0 => {
                 self.storage.write_all_at(data, off + in_off)?;
@@ -212,7 +212,7 @@ impl VhdxDevice {
             let ls_us = usize::try_from(ls).unwrap_or(512);
             let last = buf.len().saturating_sub(ls_us);
             for at in [0, last] {
-                let size = self.meta.virtual_size;
+                let size = self.size();
                 let g = guest + start + at as u64;
                 if let Some(s) = buf.get_mut(at..at + ls_us) {
                     let n = usize::try_from(size.saturating_sub(g).min(ls)).unwrap_or(0);
@@ -298,7 +298,7 @@ impl VhdxDevice {
             let block = pos / bs;
             let in_off = pos % bs;
             let n = (bs - in_off).min(end - pos);
-            let whole = in_off == 0 && (n == bs || pos + n >= self.meta.virtual_size);
+            let whole = in_off == 0 && (n == bs || pos + n >= self.size());
             let e = st.entry(self.geo.payload_index(block));
             let off = entry_offset(e);
             let reads_zero = match entry_state(e) {

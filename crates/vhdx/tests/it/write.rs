@@ -254,3 +254,65 @@ fn large_sparse_created_image() {
     assert_qemu_check_clean(&img, "vhdx");
     qemu_io(&img, "vhdx", &["read -P 0x6b 15T 64k", "read -P 0 14T 64k"]);
 }
+
+/// Growth (qemu cannot resize vhdx): qemu-img check stays clean, qemu sees the new
+/// size, old data and zeroes in the new part (also the old partial last block's tail).
+#[test]
+fn grow_dynamic_images() {
+    let dir = tempdir();
+    for (i, (maker, opts)) in [("ours", "block_size=1M"), ("qemu", "block_size=2M")]
+        .iter()
+        .enumerate()
+    {
+        let img = dir.path().join(format!("g{i}.vhdx"));
+        if *maker == "ours" {
+            create(&img, (5 << 20) + 512, opts);
+        } else {
+            qemu_img_ok(&[
+                "create",
+                "-f",
+                "vhdx",
+                "-o",
+                opts,
+                img.to_str().unwrap(),
+                "5243392",
+            ]);
+        }
+        let dev = open(&img, false);
+        dev.write_at(&[0x77; 512], 5 << 20).unwrap();
+        assert!(
+            dev.resize(1 << 20, diskimg_blockio::Preallocation::Off, false)
+                .is_err()
+        );
+        dev.resize(40 << 20, diskimg_blockio::Preallocation::Off, false)
+            .unwrap();
+        assert_eq!(dev.virtual_size(), 40 << 20);
+        dev.write_at(&[0x78; 4096], 39 << 20).unwrap();
+        drop(dev);
+        assert_qemu_check_clean(&img, "vhdx");
+        assert_eq!(qemu_info_json(&img, "vhdx")["virtual-size"], 40u64 << 20);
+        qemu_io(
+            &img,
+            "vhdx",
+            &[
+                "read -P 0x77 5M 512",
+                "read -P 0 5243392 1048064",
+                "read -P 0 6M 33M",
+                "read -P 0x78 39M 4k",
+            ],
+        );
+        assert_eq!(open(&img, true).virtual_size(), 40 << 20);
+    }
+    // Fixed images and shrinking are refused.
+    let img = dir.path().join("f.vhdx");
+    create(&img, 4 << 20, "subformat=fixed,block_size=1M");
+    let dev = open(&img, false);
+    assert!(
+        dev.resize(8 << 20, diskimg_blockio::Preallocation::Off, false)
+            .is_err()
+    );
+    assert!(
+        dev.resize(2 << 20, diskimg_blockio::Preallocation::Off, true)
+            .is_err()
+    );
+}
