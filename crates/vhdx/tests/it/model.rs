@@ -18,6 +18,7 @@ enum Op {
     Discard(u64, usize),
     Flush,
     Reopen,
+    Grow(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -29,6 +30,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => range.prop_map(|(o, l)| Op::Discard(o, l)),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => (1u64..8192).prop_map(|n| Op::Grow(n * 512)),
     ]
 }
 
@@ -70,6 +72,16 @@ fn run(opts: &str, parent_fill: Option<u8>, ops: &[Op]) {
             // Discard is ignored, as by qemu's vhdx driver: the model is unchanged.
             Op::Discard(o, l) => dev.discard(o, l as u64).unwrap(),
             Op::Flush => dev.flush().unwrap(),
+            Op::Grow(n) => {
+                let new = dev.virtual_size() + n;
+                let r = dev.resize(new, diskimg_blockio::Preallocation::Off, false);
+                if opts.contains("fixed") {
+                    assert!(r.is_err());
+                } else {
+                    r.unwrap();
+                    model.bytes.resize(new as usize, 0);
+                }
+            }
             Op::Reopen => {
                 drop(dev);
                 dev = open(&s, &parent);
@@ -90,8 +102,16 @@ fn run(opts: &str, parent_fill: Option<u8>, ops: &[Op]) {
     assert_eq!(r.corruptions, 0, "{r:?}");
 }
 
+/// 16 cases by default (fast CI); `PROPTEST_CASES` raises it.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn dynamic_matches_model(ops in proptest::collection::vec(op(), 1..24)) {
