@@ -42,6 +42,13 @@ fn workload(dev: &dyn BlockDevice) -> usize {
         {
             return flushed;
         }
+        if i == 2
+            && dev
+                .resize(12 << 20, diskimg_blockio::Preallocation::Off, false)
+                .is_err()
+        {
+            return flushed;
+        }
         if flush {
             if dev.flush().is_err() {
                 return flushed;
@@ -67,6 +74,11 @@ fn verify(img: &[u8], flushed: usize, parent: Option<Arc<dyn BlockDevice>>, what
             buf == pattern(i as u64, len),
             "{what}: flushed write {i} lost"
         );
+    }
+    if flushed > 2 {
+        assert_eq!(dev.virtual_size(), 12 << 20, "{what}: flushed resize lost");
+    } else {
+        assert!([8 << 20, 12 << 20].contains(&dev.virtual_size()), "{what}");
     }
     if flushed > 4 {
         let mut buf = vec![1u8; 1 << 20];
