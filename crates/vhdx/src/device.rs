@@ -329,9 +329,28 @@ impl VhdxDevice {
     /// `map` with the state lock held.
     pub(crate) fn map_locked(&self, st: &State, offset: u64, len: u64) -> Result<Extent> {
         let (kind, n) = self.classify(st, offset, len)?;
+        let mut n = n.max(1).min(len);
+        // Merge following blocks of the same kind (contiguous on the host for data), so
+        // a sparse multi-terabyte disk maps in a few extents. Bounded per call.
+        for _ in 0..65536 {
+            if n >= len {
+                break;
+            }
+            let (next, m) = self.classify(st, offset + n, len - n)?;
+            let same = match (kind, next) {
+                (ExtentKind::Data { offset: Some(a) }, ExtentKind::Data { offset: Some(b) }) => {
+                    a.checked_add(n) == Some(b)
+                }
+                (a, b) => a == b && !matches!(a, ExtentKind::Data { .. }),
+            };
+            if !same || m == 0 {
+                break;
+            }
+            n += m.min(len - n);
+        }
         Ok(Extent {
             offset,
-            len: n.max(1).min(len),
+            len: n,
             kind,
         })
     }

@@ -249,6 +249,17 @@ fn large_sparse_created_image() {
     let dev = open(&img, false);
     assert_eq!(dev.info().cluster_size, Some(32 << 20));
     dev.write_at(&[0x6b; 65536], 15 << 40).unwrap();
+    let ext = diskimg_blockio::map_all(dev.as_ref(), 0, 16 << 40).unwrap();
+    let kinds: Vec<_> = ext.iter().map(|e| (e.offset, e.len)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (0, 15 << 40),
+            (15 << 40, 32 << 20),
+            ((15 << 40) + (32 << 20), (1 << 40) - (32 << 20))
+        ]
+    );
+    assert!(ext[0].kind.is_zero() && ext[2].kind.is_zero());
     drop(dev);
     assert!(std::fs::metadata(&img).unwrap().len() < 128 << 20);
     assert_qemu_check_clean(&img, "vhdx");
