@@ -90,7 +90,15 @@ fn parse(request: &mut CreateRequest) -> Result<Params> {
     if !block_size.is_power_of_two() {
         return Err(Error::invalid("Block size must be a power of two"));
     }
-    let fixed = o.take_enum("subformat", &["dynamic", "fixed"])?.as_deref() == Some("fixed");
+    let fixed = match o.take("subformat").as_deref() {
+        None | Some("dynamic") => false,
+        Some("fixed") => true,
+        Some(v) => {
+            return Err(Error::invalid(format!(
+                "Parameter 'subformat' does not accept value '{v}'"
+            )));
+        }
+    };
     let block_state_zero = o.take_bool("block_state_zero")?.unwrap_or(true);
     let parent = o.take("backing_file").filter(|s| !s.is_empty());
     if let Some(f) = o.take("backing_fmt")

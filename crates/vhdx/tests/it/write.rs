@@ -58,6 +58,9 @@ fn default_block_size_and_options_match_qemu() {
         (1 << 30, "block_size=1000K"),
         (1 << 30, "block_size=512M"),
         (1 << 30, "log_size=1500K"),
+        (1 << 30, "log_size=0"),
+        (65 << 40, ""),
+        (1 << 30, "subformat=foo"),
     ] {
         let ours = dir.path().join("o.vhdx");
         let theirs = dir.path().join("t.vhdx");
