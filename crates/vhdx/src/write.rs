@@ -356,10 +356,10 @@ impl VhdxDevice {
             return Ok(());
         }
         self.storage.flush()?;
-        if !st.header.log_guid.is_zero() {
+        if st.log_active {
             self.update_header(st, |h| h.log_guid = Guid::ZERO)?;
+            st.log_active = false;
         }
-        st.log_active = false;
         Ok(())
     }
 }

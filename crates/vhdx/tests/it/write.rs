@@ -330,3 +330,18 @@ fn grow_dynamic_images() {
             .is_err()
     );
 }
+
+#[test]
+fn opening_and_reading_never_modifies_the_file() {
+    let dir = tempdir();
+    let img = dir.path().join("n.vhdx");
+    qemu_img_ok(&["create", "-f", "vhdx", img.to_str().unwrap(), "8M"]);
+    qemu_io(&img, "vhdx", &["write -P 0x11 0 1M"]);
+    let before = std::fs::read(&img).unwrap();
+    let dev = open(&img, false);
+    let mut b = vec![0u8; 1 << 20];
+    dev.read_at(&mut b, 0).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    assert!(std::fs::read(&img).unwrap() == before);
+}
