@@ -103,8 +103,10 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Tells the device the range is no longer needed. Afterwards it reads as zeroes or as
-    /// the backing device's data (as qemu's discard). The default does nothing.
+    /// Tells the device the range is no longer needed. Like qemu's discard this is a hint:
+    /// afterwards the range reads as before, as zeroes, or as the backing device's data,
+    /// whichever the format chooses (use [`BlockDevice::write_zeroes`] with `may_unmap` to
+    /// deallocate with a defined result). The default does nothing.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.virtual_size())
     }
