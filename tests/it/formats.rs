@@ -16,6 +16,8 @@ const CASES: &[(Format, &str, bool)] = &[
     (Format::Vmdk, "subformat=twoGbMaxExtentSparse", true),
     (Format::Vmdk, "subformat=twoGbMaxExtentFlat", true),
     (Format::Vmdk, "subformat=streamOptimized", true),
+    (Format::Vhdx, "", true),
+    (Format::Vhdx, "subformat=fixed,block_size=1M", true),
 ];
 
 fn opts() -> ImageOptions {
@@ -150,4 +152,40 @@ fn vhd_differencing_created_through_the_facade() {
     assert!(buf[..512].iter().all(|&x| x == 0x33));
     assert!(buf[512..1024].iter().all(|&x| x == 0x44));
     assert!(buf[1024..].iter().all(|&x| x == 0x33));
+}
+
+#[test]
+fn vhdx_differencing_created_through_the_facade() {
+    let dir = tempdir();
+    let base = dir.path().join("base.vhdx");
+    create(
+        &base,
+        Format::Vhdx,
+        Some(8 << 20),
+        OptionList::new(),
+        &opts(),
+    )
+    .unwrap();
+    let b = open(&base, None, &opts()).unwrap();
+    b.device.write_at(&pattern(9, 1 << 20), 0).unwrap();
+    b.device.flush().unwrap();
+    drop(b);
+    let child = dir.path().join("child.vhdx");
+    create(
+        &child,
+        Format::Vhdx,
+        None,
+        OptionList::parse("backing_file=base.vhdx,backing_fmt=vhdx").unwrap(),
+        &opts(),
+    )
+    .unwrap();
+    let c = open(&child, None, &opts()).unwrap();
+    assert_eq!(c.chain().len(), 2);
+    assert_eq!(c.device.virtual_size(), 8 << 20);
+    c.device.write_at(&[0x55; 4096], 4096).unwrap();
+    let got = read_all(c.device.as_ref());
+    let mut expect = vec![0u8; 8 << 20];
+    expect[..1 << 20].copy_from_slice(&pattern(9, 1 << 20));
+    expect[4096..8192].fill(0x55);
+    assert!(got == expect, "differencing VHDX content differs");
 }
