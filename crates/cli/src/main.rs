@@ -5,6 +5,7 @@
 //! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
 //! the verb defines other codes (check, compare).
 
+mod bench;
 mod check;
 mod common;
 mod compare;
@@ -35,6 +36,8 @@ struct Cli {
 enum Cmd {
     /// Create a new image.
     Create(create::Args),
+    /// Time I/O requests on an image (qemu-img bench).
+    Bench(bench::Args),
     /// Show information about an image.
     Info(info::Args),
     /// Convert (copy) images to another format.
@@ -56,6 +59,7 @@ enum Cmd {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
