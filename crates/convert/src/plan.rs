@@ -1,6 +1,8 @@
 //! Deciding what to write for one chunk: block status, zero detection, compression
 //! units and comparison with the target's backing image. Pure reads of the source.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use diskimg_blockio::{BlockDevice, Error, Result, ZeroFlags, block_status, read_from_backing};
 
 use crate::{ConvertOptions, ConvertStats};
@@ -15,11 +17,11 @@ pub enum Op {
         /// The bytes.
         data: Vec<u8>,
     },
-    /// Write one whole compression unit at `offset`.
+    /// Write whole compression units at `offset`.
     Compressed {
         /// Guest offset (unit-aligned).
         offset: u64,
-        /// The unit's bytes.
+        /// The units' bytes (a multiple of the unit).
         data: Vec<u8>,
     },
     /// Make `len` bytes at `offset` read as zeroes.
@@ -34,6 +36,19 @@ pub enum Op {
         /// Length in bytes.
         len: u64,
     },
+}
+
+/// What one compression unit of a chunk becomes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Reads as zeroes.
+    Zero,
+    /// Equal to the target's backing image.
+    Skip,
+    /// A whole unit to compress.
+    Compress,
+    /// A partial tail unit, written plainly.
+    Plain,
 }
 
 /// The shared, read-only state of one conversion.
@@ -101,12 +116,7 @@ impl Ctx<'_> {
         let end = offset + len;
         let mut ops = Vec::new();
         if self.unit > 0 {
-            let mut u = offset;
-            while u < end {
-                let n = self.unit.min(end - u);
-                self.plan_unit(u, n, &mut ops)?;
-                u += n;
-            }
+            self.plan_units(offset, len, &mut ops)?;
             return Ok(ops);
         }
         let mut pos = offset;
@@ -124,28 +134,70 @@ impl Ctx<'_> {
         Ok(ops)
     }
 
-    fn plan_unit(&self, offset: u64, len: u64, ops: &mut Vec<Op>) -> Result<()> {
-        let mut all_zero = true;
+    /// A chunk of whole compression units (`offset` is unit-aligned): the units that
+    /// read as zero become zero ranges, runs of consecutive other units become one
+    /// [`Op::Compressed`] each (the device may compress them in parallel), a partial tail
+    /// unit is plain data. The chunk is read with one call.
+    fn plan_units(&self, offset: u64, len: u64, ops: &mut Vec<Op>) -> Result<()> {
+        let end = offset + len;
+        // Units that block status already shows as zero need no read at all.
+        let mut zero_map: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = offset;
-        while pos < offset + len {
-            let st = block_status(self.src, pos, offset + len - pos)?;
-            all_zero &= st.zero;
+        while pos < end {
+            let st = block_status(self.src, pos, end - pos)?;
+            zero_map.push((pos, st.length, st.zero));
             pos += st.length;
         }
-        if all_zero {
+        if zero_map.iter().all(|z| z.2) {
             return self.push_zero(offset, len, ops);
         }
         let mut buf = buf_of(len)?;
         self.src.read_at(&mut buf, offset)?;
-        if is_zero(&buf) && self.opts.sparse_size > 0 {
-            return self.push_zero(offset, len, ops);
+        let unit = usize::try_from(self.unit).map_err(|_| Error::invalid("unit too large"))?;
+        // Classify the units.
+        let mut kinds: Vec<(u64, usize, usize, Unit)> = Vec::new();
+        for (i, piece) in buf.chunks(unit).enumerate() {
+            let start = i * unit;
+            let off = offset + start as u64;
+            let n = piece.len();
+            let known_zero = zero_map
+                .iter()
+                .any(|z| z.2 && z.0 <= off && off + n as u64 <= z.0 + z.1);
+            let kind = if known_zero || (self.opts.sparse_size > 0 && is_zero(piece)) {
+                Unit::Zero
+            } else if self.equals_backing(piece, off)? {
+                Unit::Skip
+            } else if n == unit {
+                Unit::Compress
+            } else {
+                Unit::Plain
+            };
+            kinds.push((off, start, n, kind));
         }
-        if self.equals_backing(&buf, offset)? {
-            ops.push(Op::Skip { len });
-        } else if len == self.unit {
+        if kinds.iter().all(|k| k.3 == Unit::Compress) {
+            // The common case: the whole buffer is one compressed run, no copy.
             ops.push(Op::Compressed { offset, data: buf });
-        } else {
-            ops.push(Op::Data { offset, data: buf });
+            return Ok(());
+        }
+        for (off, start, n, kind) in kinds {
+            let piece = buf.get(start..start + n).unwrap_or(&[]);
+            match kind {
+                Unit::Zero => self.push_zero(off, n as u64, ops)?,
+                Unit::Skip => ops.push(Op::Skip { len: n as u64 }),
+                Unit::Plain => ops.push(Op::Data {
+                    offset: off,
+                    data: piece.to_vec(),
+                }),
+                Unit::Compress => match ops.last_mut() {
+                    Some(Op::Compressed { offset: o, data: d }) if *o + d.len() as u64 == off => {
+                        d.extend_from_slice(piece);
+                    }
+                    _ => ops.push(Op::Compressed {
+                        offset: off,
+                        data: piece.to_vec(),
+                    }),
+                },
+            }
         }
         Ok(())
     }
@@ -234,7 +286,18 @@ impl Ctx<'_> {
 }
 
 /// Performs `ops` on the target, returning what was done.
-pub(crate) fn apply(dst: &dyn BlockDevice, ops: Vec<Op>) -> Result<ConvertStats> {
+///
+/// A run of several compression units goes to
+/// [`write_compressed`](BlockDevice::write_compressed) in one call (the contract takes
+/// whole units, so a device can compress them in parallel). A device that refuses more
+/// than one unit per call with `InvalidArgument` gets them one by one from then on
+/// (`single_units` remembers it across chunks and threads).
+pub(crate) fn apply(
+    dst: &dyn BlockDevice,
+    ops: Vec<Op>,
+    unit: u64,
+    single_units: &AtomicBool,
+) -> Result<ConvertStats> {
     let mut st = ConvertStats::default();
     for op in ops {
         match op {
@@ -243,7 +306,7 @@ pub(crate) fn apply(dst: &dyn BlockDevice, ops: Vec<Op>) -> Result<ConvertStats>
                 st.data_bytes += data.len() as u64;
             }
             Op::Compressed { offset, data } => {
-                dst.write_compressed(&data, offset)?;
+                write_units(dst, &data, offset, unit, single_units)?;
                 st.compressed_bytes += data.len() as u64;
             }
             Op::Zero { offset, len } => {
@@ -254,6 +317,31 @@ pub(crate) fn apply(dst: &dyn BlockDevice, ops: Vec<Op>) -> Result<ConvertStats>
         }
     }
     Ok(st)
+}
+
+fn write_units(
+    dst: &dyn BlockDevice,
+    data: &[u8],
+    offset: u64,
+    unit: u64,
+    single_units: &AtomicBool,
+) -> Result<()> {
+    let multi = data.len() as u64 > unit;
+    if !multi || !single_units.load(Ordering::Relaxed) {
+        match dst.write_compressed(data, offset) {
+            Err(Error::InvalidArgument(_)) if multi => {
+                single_units.store(true, Ordering::Relaxed);
+            }
+            r => return r,
+        }
+    }
+    let u = usize::try_from(unit).map_err(|_| Error::invalid("unit too large"))?;
+    let mut off = offset;
+    for piece in data.chunks(u.max(1)) {
+        dst.write_compressed(piece, off)?;
+        off += piece.len() as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -32,12 +32,13 @@ pub(crate) fn run(
     let nchunks = total.div_ceil(ctx.chunk);
     let mut stats = ConvertStats::default();
     let mut done = 0u64;
+    let single = AtomicBool::new(false);
     progress(0, total);
     if ctx.opts.workers <= 1 {
         for idx in 0..nchunks {
             let (off, len) = chunk_range(ctx, idx, total);
             let ops = ctx.plan(off, len)?;
-            stats.add(&apply(dst, ops)?);
+            stats.add(&apply(dst, ops, ctx.unit, &single)?);
             done += len;
             progress(done, total);
         }
@@ -46,9 +47,10 @@ pub(crate) fn run(
 
     let next = AtomicU64::new(0);
     // Ordered mode: chunks written so far; workers stay within `window` chunks of it so
-    // a slow chunk cannot make the reorder buffer grow without bound.
+    // a slow chunk cannot make the reorder buffer grow: at most `workers` chunks are
+    // read ahead of the writer (memory: workers x chunk size, 16 MiB with -m 8).
     let written = AtomicU64::new(0);
-    let window = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64) * 4;
+    let window = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64);
     let abort = AtomicBool::new(false);
     let out_of_order = ctx.opts.out_of_order;
     let workers = ctx.opts.workers.min(64);
@@ -56,7 +58,7 @@ pub(crate) fn run(
         let (tx, rx) = mpsc::sync_channel::<Msg>(workers * 2);
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, abort, written) = (&next, &abort, &written);
+            let (next, abort, written, single) = (&next, &abort, &written, &single);
             scope.spawn(move || {
                 while !abort.load(Ordering::Relaxed) {
                     let idx = next.fetch_add(1, Ordering::Relaxed);
@@ -71,7 +73,7 @@ pub(crate) fn run(
                     }
                     let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
-                        Ok(ops) if out_of_order => match apply(dst, ops) {
+                        Ok(ops) if out_of_order => match apply(dst, ops, ctx.unit, single) {
                             Ok(st) => Msg::Written(len, st),
                             Err(e) => Msg::Failed(e),
                         },
@@ -106,7 +108,7 @@ pub(crate) fn run(
                     pending.insert(idx, ops);
                     while let Some(ops) = pending.remove(&next_write) {
                         let (_, len) = chunk_range(ctx, next_write, total);
-                        match apply(dst, ops) {
+                        match apply(dst, ops, ctx.unit, &single) {
                             Ok(st) => stats.add(&st),
                             Err(e) => {
                                 abort.store(true, Ordering::Relaxed);

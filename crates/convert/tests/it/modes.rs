@@ -4,7 +4,7 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{
-    BlockDevice, DeviceInfo, Extent, FileStorage, MemStorage, Result, Storage, map_all,
+    BlockDevice, DeviceInfo, Error, Extent, FileStorage, MemStorage, Result, Storage, map_all,
 };
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 use diskimg_raw::RawDevice;
@@ -141,11 +141,15 @@ fn concatenation() {
     assert!(cat.write_at(&[0], 0).is_err());
 }
 
-/// A target that takes compressed writes of 4 KiB units and logs them.
+/// A target that takes compressed writes of 4 KiB units and logs them (and the
+/// lengths of the calls); unless `multi`, it refuses more than one unit per call, as
+/// qcow2 does.
 #[derive(Debug)]
 struct Compressing {
     inner: Arc<dyn BlockDevice>,
     units: Mutex<Vec<u64>>,
+    calls: Mutex<Vec<usize>>,
+    multi: bool,
 }
 
 impl BlockDevice for Compressing {
@@ -168,9 +172,15 @@ impl BlockDevice for Compressing {
         Some(4096)
     }
     fn write_compressed(&self, buf: &[u8], off: u64) -> Result<()> {
-        assert_eq!(buf.len(), 4096);
+        assert_eq!(buf.len() % 4096, 0);
         assert_eq!(off % 4096, 0);
-        self.units.lock().unwrap().push(off);
+        if !self.multi && buf.len() != 4096 {
+            return Err(Error::invalid("one cluster per call"));
+        }
+        self.calls.lock().unwrap().push(buf.len());
+        for i in 0..buf.len() as u64 / 4096 {
+            self.units.lock().unwrap().push(off + i * 4096);
+        }
         self.inner.write_at(buf, off)
     }
     fn as_any(&self) -> &dyn Any {
@@ -180,28 +190,43 @@ impl BlockDevice for Compressing {
 
 #[test]
 fn compression_in_whole_units() {
-    let mut s = vec![0u8; 4 * 4096 + 100];
+    let mut s = vec![0u8; 8 * 4096 + 100];
     s[10] = 1; // unit 0
-    s[3 * 4096 + 5] = 2; // unit 3
-    s[4 * 4096 + 50] = 3; // partial tail
+    s[3 * 4096 + 5] = 2; // units 3..=5
+    s[4 * 4096 + 5] = 2;
+    s[5 * 4096 + 5] = 2;
+    s[8 * 4096 + 50] = 3; // partial tail
     let src = raw(s.clone());
-    for workers in [1, 3] {
+    for (workers, chunk, multi, calls) in [
+        (1, 4096, true, vec![4096; 4]),
+        (3, 4096, false, vec![4096; 4]),
+        // Whole chunks: one call for unit 0, one for the run 3..=5.
+        (1, 1 << 20, true, vec![4096, 3 * 4096]),
+        (2, 8192, true, vec![4096, 4096, 8192]),
+        // The device refuses runs: convert falls back to single units.
+        (1, 1 << 20, false, vec![4096; 4]),
+    ] {
         let dst = Compressing {
             inner: raw(vec![0; s.len()]),
             units: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
+            multi,
         };
         let opts = ConvertOptions {
             compress: true,
             target_is_zero: true,
             workers,
-            chunk_size: 4096,
+            chunk_size: chunk,
             ..ConvertOptions::default()
         };
         let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
         let mut units = dst.units.lock().unwrap().clone();
         units.sort_unstable();
-        assert_eq!(units, vec![0, 3 * 4096]);
-        assert_eq!(st.compressed_bytes, 8192);
+        assert_eq!(units, vec![0, 3 * 4096, 4 * 4096, 5 * 4096]);
+        let mut got = dst.calls.lock().unwrap().clone();
+        got.sort_unstable();
+        assert_eq!(got, calls, "workers {workers} chunk {chunk} multi {multi}");
+        assert_eq!(st.compressed_bytes, 4 * 4096);
         assert_eq!(st.data_bytes, 100);
         assert_eq!(read(&dst), s);
     }
