@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow, bail};
-use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
-use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
+use anyhow::{Context, Result, anyhow, bail};
+use diskimg::blockio::FileStorage;
+use diskimg::{BlockDevice, Format, Image, ImageOptions, OpenPolicy};
+use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 
 use crate::common::{Progress, open_image, opt_format, parse_format, parse_size, round_to_sector};
 use crate::create::{parse_options, print_help};
@@ -58,7 +59,9 @@ pub(crate) struct Args {
     /// Source cache mode (accepted, ignored).
     #[arg(short = 'T')]
     src_cache: Option<String>,
-    /// Target cache mode (accepted, ignored).
+    /// Target cache mode: `unsafe` (qemu-img convert's default: flushes are skipped
+    /// while writing, one flush at the end), `writeback`/`writethrough`/`none`/
+    /// `directsync` (every flush the format makes is honoured).
     #[arg(short = 't')]
     cache: Option<String>,
     /// Accepted for compatibility.
@@ -70,7 +73,12 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (a.force_share, &a.src_cache, &a.cache);
+    let _ = (a.force_share, &a.src_cache);
+    let unsafe_cache = match a.cache.as_deref() {
+        None | Some("unsafe") => true,
+        Some("writeback" | "writethrough" | "none" | "directsync") => false,
+        Some(_) => bail!("Invalid cache option: {}", a.cache.as_deref().unwrap_or("")),
+    };
     let out_fmt = parse_format(&a.output_format)?;
     if a.options.iter().any(|o| o == "help" || o == "?") {
         return print_help(out_fmt);
@@ -148,7 +156,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
-    let dst = open_image(dst_name, Some(out_fmt), false, true)?;
+    let dst = open_target(dst_name, out_fmt, unsafe_cache && a.backing.is_none())?;
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }
@@ -175,5 +183,57 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     })
     .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     bar.finish();
+    dst.finish()
+        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     Ok(0)
+}
+
+/// The conversion target, opened with or without `cache=unsafe`.
+struct Target {
+    device: Arc<dyn BlockDevice>,
+    _image: Option<Image>,
+    /// With `cache=unsafe`: the storage to flush once the device is closed.
+    cache: Option<Arc<UnsafeCache>>,
+}
+
+/// Opens the target. With `unsafe_cache`, a single-file image is opened on an
+/// [`UnsafeCache`] storage (its format's ordering flushes are skipped, as with
+/// qemu-img's default `-t unsafe`); images needing other host files (extents, data
+/// files) are opened normally.
+fn open_target(name: &str, fmt: Format, unsafe_cache: bool) -> Result<Target> {
+    if unsafe_cache {
+        let file =
+            FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
+        let cache = Arc::new(UnsafeCache::new(Arc::new(file)));
+        if let Ok(device) = diskimg::open_storage(cache.clone(), Some(fmt), false) {
+            return Ok(Target {
+                device,
+                _image: None,
+                cache: Some(cache),
+            });
+        }
+    }
+    let img = open_image(name, Some(fmt), false, true)?;
+    Ok(Target {
+        device: img.device.clone(),
+        _image: Some(img),
+        cache: None,
+    })
+}
+
+impl Target {
+    /// Closes the device (drivers may write on close), then makes the file durable.
+    fn finish(self) -> diskimg::Result<()> {
+        let Target {
+            device,
+            _image,
+            cache,
+        } = self;
+        drop(device);
+        drop(_image);
+        match cache {
+            Some(c) => c.flush_inner(),
+            None => Ok(()),
+        }
+    }
 }

@@ -45,6 +45,7 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+mod cache;
 mod concat;
 mod plan;
 mod run;
@@ -53,6 +54,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{BlockDevice, Error, Result};
 
+pub use cache::UnsafeCache;
 pub use concat::ConcatDevice;
 pub use plan::{Op, is_zero, zero_runs};
 

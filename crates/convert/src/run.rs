@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, mpsc};
 
 use diskimg_blockio::{BlockDevice, Error, Result};
 
@@ -16,6 +16,34 @@ enum Msg {
     /// A chunk a worker already wrote.
     Written(u64, ConvertStats),
     Failed(Error),
+}
+
+/// Ordered mode: how many chunks the writer has written; workers wait (without
+/// spinning) until their chunk is within the window.
+struct Gate {
+    written: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn wait_below(&self, idx: u64, window: u64, abort: &AtomicBool) {
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        while idx >= w.saturating_add(window) && !abort.load(Ordering::Relaxed) {
+            w = self.cv.wait(w).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn advance(&self, written: u64) {
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = written;
+        self.cv.notify_all();
+    }
+
+    fn abort(&self, abort: &AtomicBool) {
+        // Under the lock, so a worker between its check and its wait cannot miss it.
+        let _w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        abort.store(true, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
 }
 
 fn chunk_range(ctx: &Ctx<'_>, idx: u64, total: u64) -> (u64, u64) {
@@ -49,7 +77,10 @@ pub(crate) fn run(
     // Ordered mode: chunks written so far; workers stay within `window` chunks of it so
     // a slow chunk cannot make the reorder buffer grow: at most `workers` chunks are
     // read ahead of the writer (memory: workers x chunk size, 16 MiB with -m 8).
-    let written = AtomicU64::new(0);
+    let gate = Gate {
+        written: Mutex::new(0),
+        cv: Condvar::new(),
+    };
     let window = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64);
     let abort = AtomicBool::new(false);
     let out_of_order = ctx.opts.out_of_order;
@@ -58,18 +89,15 @@ pub(crate) fn run(
         let (tx, rx) = mpsc::sync_channel::<Msg>(workers * 2);
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, abort, written, single) = (&next, &abort, &written, &single);
+            let (next, abort, gate, single) = (&next, &abort, &gate, &single);
             scope.spawn(move || {
                 while !abort.load(Ordering::Relaxed) {
                     let idx = next.fetch_add(1, Ordering::Relaxed);
                     if idx >= nchunks {
                         break;
                     }
-                    while !out_of_order
-                        && idx >= written.load(Ordering::Acquire).saturating_add(window)
-                        && !abort.load(Ordering::Relaxed)
-                    {
-                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    if !out_of_order {
+                        gate.wait_below(idx, window, abort);
                     }
                     let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
@@ -96,7 +124,7 @@ pub(crate) fn run(
             }
             match msg {
                 Msg::Failed(e) => {
-                    abort.store(true, Ordering::Relaxed);
+                    gate.abort(&abort);
                     first_err = Some(e);
                 }
                 Msg::Written(len, st) => {
@@ -111,13 +139,13 @@ pub(crate) fn run(
                         match apply(dst, ops, ctx.unit, &single) {
                             Ok(st) => stats.add(&st),
                             Err(e) => {
-                                abort.store(true, Ordering::Relaxed);
+                                gate.abort(&abort);
                                 first_err = Some(e);
                                 break;
                             }
                         }
                         next_write += 1;
-                        written.store(next_write, Ordering::Release);
+                        gate.advance(next_write);
                         done += len;
                         progress(done, total);
                     }

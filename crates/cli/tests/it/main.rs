@@ -11,6 +11,7 @@
 mod bench;
 mod compare;
 mod convert;
+mod convert_perf;
 mod create_info;
 mod dd_resize;
 mod errors;
