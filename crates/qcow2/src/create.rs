@@ -141,9 +141,10 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     }
     if version == 2 {
         if refcount_bits != 16 {
-            return Err(Error::invalid(format!(
-                "Different refcount widths than 16 bits require {NEEDS_V3}"
-            )));
+            return Err(Error::invalid(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or \
+                 above (use version=v3 or greater)",
+            ));
         }
         if lazy {
             return Err(Error::invalid(format!(

@@ -317,7 +317,8 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
 }
 
 /// `BlockDevice::discard` for qcow2: whole clusters only (as qemu), reading back as
-/// zeroes on v3 and from the backing image on v2.
+/// zeroes on v3; on v2 the clusters are deallocated, or nothing happens with a backing
+/// image (as qemu, which cannot express zeroes there).
 pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     let has_backing = dev.backing().is_some() || dev.lock().h.backing_file.is_some();
     let mut m = dev.lock();
@@ -325,6 +326,11 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     let size = m.size;
     let v3 = m.h.version >= 3;
     let raw = m.h.autoclear & AUTOCLEAR_DATA_RAW != 0;
+    if !v3 && has_backing {
+        // qemu cannot make the range read as zeroes without data writes here, and
+        // exposing the backing data would change the guest view: it ignores the request.
+        return Ok(());
+    }
     let mut p = Pending::default();
     let mut c = off.div_ceil(cs) * cs;
     let end = off + len;
