@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, CrashMode, CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions,
-    OptionList, Storage, ZeroFlags,
+    OptionList, RepairMode, Storage, ZeroFlags,
 };
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{Model, qemu_check_json, read_all, tempdir};
@@ -98,6 +98,14 @@ fn crash_all_cuts(options: &str) {
         ] {
             let img = fs.crash_image(mode);
             // qemu-img check on every fifth cut (time), our own check on all of them.
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+            let r = dev.check(Default::default()).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}: {r:?}"
+            );
             if cut % 5 == 0 {
                 std::fs::write(&path, &img).unwrap();
                 let (v, _) = qemu_check_json(&path, "qcow2");
@@ -111,15 +119,18 @@ fn crash_all_cuts(options: &str) {
                     0,
                     "cut {cut} {mode:?}: {v}"
                 );
+                // Our check counts the same leaks as qemu's, and repairs them.
+                assert_eq!(
+                    v["leaks"].as_u64().unwrap_or(0),
+                    r.leaks,
+                    "cut {cut} {mode:?}: {v}"
+                );
+                if r.leaks > 0 {
+                    let fixed = crate::open(&path, false).check(RepairMode::Leaks).unwrap();
+                    assert_eq!(fixed.leaks_fixed, r.leaks);
+                    diskimg_testutil::assert_qemu_check_clean(&path, "qcow2");
+                }
             }
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
-            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
-            let r = dev.check(Default::default()).unwrap();
-            assert_eq!(
-                (r.corruptions, r.check_errors),
-                (0, 0),
-                "cut {cut} {mode:?}: {r:?}"
-            );
             let got = read_all(dev.as_ref());
             let mut want = durable.bytes.clone();
             let mut got_masked = got.clone();
