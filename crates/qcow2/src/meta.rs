@@ -150,12 +150,30 @@ impl Meta {
     pub(crate) fn resolve(&mut self, guest: u64, max: u64) -> Result<(Sub, u64)> {
         let g = self.granule();
         let first = self.sub_at(guest)?;
+        if first == Sub::Unalloc && self.l2_offset(guest / self.h.l1_coverage())? == 0 {
+            let cov = self.h.l1_coverage();
+            let mut len = (cov - guest % cov).min(max);
+            while len < max && self.l2_offset((guest + len) / cov)? == 0 {
+                len = len.saturating_add(cov).min(max);
+            }
+            return Ok((first, len));
+        }
         if let Sub::Compressed(..) = first {
             return Ok((first, (self.cs() - guest % self.cs()).min(max)));
         }
         let mut len = (g - guest % g).min(max);
-        while len < max {
+        let cov = self.h.l1_coverage();
+        // Bound the work of one call: callers loop over shorter runs.
+        let mut budget = 1u32 << 16;
+        while len < max && budget > 0 {
+            budget -= 1;
             let next = guest + len;
+            // Whole L1 ranges without an L2 table are one unallocated run.
+            if first == Sub::Unalloc && next.is_multiple_of(cov) && self.l2_offset(next / cov)? == 0
+            {
+                len = len.saturating_add(cov).min(max);
+                continue;
+            }
             let s = self.sub_at(next)?;
             let delta = next - guest + guest % g;
             let same = match (first, s) {

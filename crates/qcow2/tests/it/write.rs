@@ -368,3 +368,49 @@ fn unknown_autoclear_bits_cleared_compatible_kept() {
     assert_eq!(bytes[95] & 0x40, 0);
     assert_qemu_check_clean(&p, "qcow2");
 }
+
+#[test]
+fn writes_after_internal_snapshot_copy_shared_clusters() {
+    let dir = tempdir();
+    let d = dir.path();
+    for (i, o) in ["", "extended_l2=on", "compat=0.10,cluster_size=4k"]
+        .iter()
+        .enumerate()
+    {
+        let ours = d.join(format!("s{i}.qcow2"));
+        let theirs = d.join(format!("t{i}.qcow2"));
+        for p in [&ours, &theirs] {
+            qemu_create(p, o, "4M");
+            qemu_io(
+                p,
+                "qcow2",
+                &[
+                    "write -P 0x10 0 1M",
+                    "write -c -P 0x11 2M 64k",
+                    "write -z 3M 64k",
+                ],
+            );
+            qemu_img_ok(&["snapshot", "-c", "snap", &p.to_string_lossy()]);
+        }
+        let before = qemu_read_raw(&ours, "qcow2");
+        run_both(&ours, &theirs, &workload(), None);
+        let out = d.join("snap.raw");
+        qemu_img_ok(&[
+            "convert",
+            "-U",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=snap",
+            &ours.to_string_lossy(),
+            &out.to_string_lossy(),
+        ]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            before,
+            "snapshot changed ({o})"
+        );
+    }
+}
