@@ -131,6 +131,9 @@ fn walk_l1(
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
 pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport> {
     let mut m = dev.lock();
+    if !dev.read_only {
+        m.commit_deferred()?;
+    }
     let cs = m.cs();
     let file_len = dev.file.len()?;
     let nclusters = file_len.div_ceil(cs);

@@ -94,6 +94,9 @@ impl Qcow2Device {
             free_hint: 1,
             alloc_floor: 0,
             free_byte: 0,
+            deferred: Vec::new(),
+            deferred_unref: Vec::new(),
+            deferred_flush: false,
             h,
         };
         meta.l1 = meta.read_table(
@@ -222,6 +225,9 @@ impl Qcow2Device {
             free_hint: 1,
             alloc_floor: 0,
             free_byte: 0,
+            deferred: Vec::new(),
+            deferred_unref: Vec::new(),
+            deferred_flush: false,
         };
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
@@ -401,6 +407,16 @@ impl Qcow2Device {
     }
 }
 
+impl Drop for Qcow2Device {
+    /// Writes deferred metadata, as closing an image in qemu does (errors are ignored:
+    /// call [`BlockDevice::flush`] to see them).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.flush();
+        }
+    }
+}
+
 impl BlockDevice for Qcow2Device {
     fn info(&self) -> DeviceInfo {
         let m = self.lock();
@@ -460,6 +476,7 @@ impl BlockDevice for Qcow2Device {
         if self.read_only {
             return Ok(());
         }
+        self.lock().commit_deferred()?;
         if let Some(d) = &self.data {
             d.flush()?;
         }

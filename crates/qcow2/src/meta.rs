@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
 use crate::header::{Header, MAX_HOST_OFFSET};
@@ -39,7 +38,16 @@ pub(crate) struct Meta {
     pub alloc_floor: u64,
     /// Next free byte in the cluster compressed data is being packed into (0 = none).
     pub free_byte: u64,
+    /// L2 updates applied in the cache but not yet written (table, index, entry, bitmap).
+    pub deferred: Vec<(u64, u64, u64, u64)>,
+    /// Host ranges to unreference once the deferred L2 updates are durable.
+    pub deferred_unref: Vec<(u64, u64)>,
+    /// The deferred updates point to new clusters: flush before writing them.
+    pub deferred_flush: bool,
 }
+
+/// Deferred L2 updates beyond which they are written without waiting for a flush.
+const MAX_DEFERRED: usize = 16384;
 
 /// Reads `buf` at `off` from `s`, zero-filling what lies beyond its end (qemu reads
 /// past the end of a file as zeroes).
@@ -215,33 +223,100 @@ impl Meta {
             .write_all_at(&value.to_be_bytes(), self.l1_offset + i * 8)
     }
 
-    /// Writes entry `i` (and its bitmap with extended L2) of the L2 table at `l2_off`.
-    pub(crate) fn write_l2_entry(
+    /// Records L2 updates: the cache sees them at once; storage gets them at the next
+    /// [`Meta::commit_deferred`] (guest flush, check, close, or too many pending), after a
+    /// storage flush when they point to new clusters. Old allocations in `unref` lose their
+    /// reference only after the updates are durable.
+    pub(crate) fn defer(
         &mut self,
-        l2_off: u64,
-        i: u64,
-        entry: u64,
-        bitmap: u64,
+        l2: Vec<(u64, u64, u64, u64)>,
+        unref: Vec<(u64, u64)>,
+        new_clusters: bool,
     ) -> Result<()> {
         let ext = self.h.extended_l2();
-        let t = self.l2_table(l2_off)?;
-        let k = usize::try_from(if ext { i * 2 } else { i }).unwrap_or(usize::MAX);
-        let mut raw = [0u8; 16];
-        if let Some(s) = t.get_mut(k) {
-            *s = entry;
-        }
-        raw.put_be_u64(0, entry);
-        let n = if ext {
-            if let Some(s) = t.get_mut(k + 1) {
-                *s = bitmap;
+        for &(t, i, e, b) in &l2 {
+            let tab = self.l2_table(t)?;
+            let k = usize::try_from(if ext { i * 2 } else { i }).unwrap_or(usize::MAX);
+            if let Some(s) = tab.get_mut(k) {
+                *s = e;
             }
-            raw.put_be_u64(8, bitmap);
-            16
-        } else {
-            8
-        };
-        let off = l2_off + i * if ext { 16 } else { 8 };
-        self.file.write_all_at(raw.get(..n).unwrap_or(&[]), off)
+            if let Some(s) = tab.get_mut(k + 1).filter(|_| ext) {
+                *s = b;
+            }
+            self.l2.dirty.insert(t);
+        }
+        self.deferred.extend(l2);
+        self.deferred_unref.extend(unref);
+        self.deferred_flush |= new_clusters;
+        if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > 64 {
+            self.commit_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deferred L2 updates (see [`Meta::defer`]).
+    pub(crate) fn commit_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() && self.deferred_unref.is_empty() {
+            return Ok(());
+        }
+        if self.deferred_flush {
+            if let Some(d) = &self.data {
+                d.flush()?;
+            }
+            self.file.flush()?;
+        }
+        let list = std::mem::take(&mut self.deferred);
+        // Consecutive entries of one table go out in one write (order is preserved).
+        let mut k = 0;
+        while k < list.len() {
+            let (l2, i0, _, _) = list.get(k).copied().unwrap_or_default();
+            let mut run = Vec::new();
+            while let Some(&(t, i, e, b)) = list.get(k) {
+                if t != l2 || i != i0 + run.len() as u64 {
+                    break;
+                }
+                run.push((e, b));
+                k += 1;
+            }
+            self.write_l2_entries(l2, i0, &run)?;
+        }
+        self.l2.dirty.clear();
+        self.deferred_flush = false;
+        let unref = std::mem::take(&mut self.deferred_unref);
+        if !unref.is_empty() {
+            self.file.flush()?;
+            for (o, l) in unref {
+                self.unref_range(o, l)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes consecutive entries `i0..` of the L2 table at `l2_off` with one storage write.
+    pub(crate) fn write_l2_entries(
+        &mut self,
+        l2_off: u64,
+        i0: u64,
+        entries: &[(u64, u64)],
+    ) -> Result<()> {
+        let ext = self.h.extended_l2();
+        let per = if ext { 2 } else { 1 };
+        let t = self.l2_table(l2_off)?;
+        let mut raw = Vec::new();
+        for (k, (e, b)) in entries.iter().enumerate() {
+            let idx = usize::try_from((i0 + k as u64) * per).unwrap_or(usize::MAX);
+            if let Some(s) = t.get_mut(idx) {
+                *s = *e;
+            }
+            raw.extend_from_slice(&e.to_be_bytes());
+            if ext {
+                if let Some(s) = t.get_mut(idx + 1) {
+                    *s = *b;
+                }
+                raw.extend_from_slice(&b.to_be_bytes());
+            }
+        }
+        self.file.write_all_at(&raw, l2_off + i0 * per * 8)
     }
 
     /// Writes a whole fresh L2 table to `off` and caches it.

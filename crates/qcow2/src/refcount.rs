@@ -287,18 +287,47 @@ impl Meta {
             break;
         }
         self.alloc_floor = c + n;
-        let r = (|| -> Result<()> {
-            for k in 0..n {
-                self.set_refcount(c + k, 1)?;
-            }
-            Ok(())
-        })();
+        let r = self.set_refcount_run(c, n, 1);
         self.alloc_floor = 0;
         r?;
         if self.free_hint >= c {
             self.free_hint = c + n;
         }
         Ok(c * cs)
+    }
+
+    /// Sets the refcounts of clusters `c..c+n` to `v`, writing each touched refcount
+    /// block once (one byte range) where the block exists.
+    fn set_refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
+        let rbe = self.rb_entries();
+        let order = self.h.refcount_order;
+        let mut k = 0;
+        while k < n {
+            let cl = c + k;
+            let ti = cl / rbe;
+            let off = if ti < self.reftable.len() as u64 {
+                self.refblock_offset(ti)?
+            } else {
+                0
+            };
+            if off == 0 || v > self.max_refcount() {
+                self.set_refcount(cl, v)?;
+                k += 1;
+                continue;
+            }
+            let last = (c + n).min((ti + 1) * rbe);
+            let b = self.refblock(off)?;
+            let (mut lo, mut hi) = (usize::MAX, 0usize);
+            for x in cl..last {
+                let (s, e) = set_entry(b, x % rbe, order, v);
+                lo = lo.min(s);
+                hi = hi.max(e);
+            }
+            let bytes = b.get(lo..hi).unwrap_or(&[]).to_vec();
+            self.file.write_all_at(&bytes, off + lo as u64)?;
+            k += last - cl;
+        }
+        Ok(())
     }
 
     /// Drops one reference from every host cluster overlapping `off..off+len`.

@@ -1,7 +1,7 @@
 //! L1/L2 tables (spec "Cluster mapping", "Extended L2 Entries"): entry decoding and a
 //! bounded, write-through L2 cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use diskimg_blockio::{Error, Result};
 
@@ -91,13 +91,15 @@ pub(crate) fn classify(h: &Header, entry: u64, bitmap: u64, sc: u32, l2_off: u64
     }
 }
 
-/// A bounded cache of L2 tables keyed by host offset. Write-through: the caller writes
-/// every change to storage, so eviction never writes.
+/// A bounded cache of L2 tables keyed by host offset. Tables holding updates not yet
+/// written (see `Meta::commit_deferred`) are pinned: eviction never writes.
 #[derive(Debug)]
 pub(crate) struct L2Cache {
     tables: HashMap<u64, (Vec<u64>, u64)>,
     tick: u64,
     cap: usize,
+    /// Tables with deferred updates (never evicted).
+    pub(crate) dirty: HashSet<u64>,
 }
 
 impl L2Cache {
@@ -107,6 +109,7 @@ impl L2Cache {
             tables: HashMap::new(),
             tick: 0,
             cap: cap.clamp(2, 4096),
+            dirty: HashSet::new(),
         }
     }
 
@@ -126,6 +129,7 @@ impl L2Cache {
             let oldest = self
                 .tables
                 .iter()
+                .filter(|(k, _)| !self.dirty.contains(k))
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {

@@ -2,8 +2,9 @@
 //! discard, compressed clusters and growth.
 //!
 //! Ordering (crash consistency): new clusters are refcounted and their data written,
-//! then storage is flushed, and only then does an L2 (or L1) entry point to them. When a
-//! cluster is dropped, the L2 entry is rewritten and flushed before its refcount falls.
+//! then storage is flushed, and only then does an L2 (or L1) entry point to them (L2
+//! updates are deferred to the next flush, see `Meta::defer`). When a cluster is dropped,
+//! the L2 entry is rewritten and flushed before its refcount falls.
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
 use diskimg_blockio::bytes::WriteBytes;
@@ -32,23 +33,8 @@ struct Pending {
     flush: bool,
 }
 
-fn commit(dev: &Qcow2Device, m: &mut Meta, p: Pending) -> Result<()> {
-    if p.flush {
-        if let Some(d) = &dev.data {
-            d.flush()?;
-        }
-        dev.file.flush()?;
-    }
-    for (l2, i, e, b) in p.l2 {
-        m.write_l2_entry(l2, i, e, b)?;
-    }
-    if !p.unref.is_empty() {
-        dev.file.flush()?;
-        for (o, l) in p.unref {
-            m.unref_range(o, l)?;
-        }
-    }
-    Ok(())
+fn commit(_dev: &Qcow2Device, m: &mut Meta, p: Pending) -> Result<()> {
+    m.defer(p.l2, p.unref, p.flush)
 }
 
 fn idx(v: u64) -> usize {
@@ -196,6 +182,77 @@ fn write_cluster(
     Ok(())
 }
 
+/// Whole-cluster writes over a run of clusters of one L2 table that are either all
+/// overwritten in place (contiguous, COPIED) or all freshly allocated (nothing to copy):
+/// one data write, one refcount update, one L2 update. Returns the bytes written, or
+/// `None` when the slow path must handle `guest`.
+fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Option<u64>> {
+    let cs = m.cs();
+    if m.h.extended_l2() || !guest.is_multiple_of(cs) || (buf.len() as u64) < 2 * cs {
+        return Ok(None);
+    }
+    let per = m.h.l2_entries();
+    let i0 = (guest / cs) % per;
+    let max_n = (buf.len() as u64 / cs).min(per - i0);
+    let l2 = ensure_l2(m, guest / m.h.l1_coverage())?;
+    let mut n = 0u64;
+    let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
+    let mut host0 = 0u64;
+    let mut olds = Vec::new();
+    while n < max_n {
+        let (e, bm, _) = m.l2_entry(guest + n * cs)?;
+        let copied = e & OFLAG_COPIED != 0;
+        let kind = classify(&m.h, e, bm, 0, l2)?;
+        let this = match kind {
+            Sub::Data(h) if copied => {
+                if n == 0 {
+                    host0 = h;
+                }
+                if h != host0 + n * cs {
+                    break;
+                }
+                false
+            }
+            Sub::ZeroAlloc(_) if copied => break,
+            _ => true,
+        };
+        if *mode.get_or_insert(this) != this {
+            break;
+        }
+        if this {
+            olds.push(e);
+        }
+        n += 1;
+    }
+    if n < 2 {
+        return Ok(None);
+    }
+    let data = buf
+        .get(..idx(n * cs))
+        .ok_or(Error::invalid("write range"))?;
+    let store = m.data_store().clone();
+    if mode == Some(false) {
+        store.write_all_at(data, host0)?;
+        return Ok(Some(n * cs));
+    }
+    let host = if m.data.is_some() {
+        guest
+    } else {
+        m.alloc_run(n)?
+    };
+    store.write_all_at(data, host)?;
+    for (k, e) in olds.into_iter().enumerate() {
+        let k = k as u64;
+        p.l2.push((l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
+        // Fresh runs never hold a COPIED allocation: whatever was there is shared.
+        if let Some(r) = old_ref(m, e) {
+            p.unref.push(r);
+        }
+    }
+    p.flush = true;
+    Ok(Some(n * cs))
+}
+
 /// `BlockDevice::write_at` for qcow2.
 pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
     let mut m = dev.lock();
@@ -205,6 +262,11 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
     while done < buf.len() {
         let guest = off + done as u64;
         let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
+        let rest = buf.get(done..).unwrap_or(&[]);
+        if let Some(k) = fast_run(&mut m, rest, guest, &mut p)? {
+            done += idx(k);
+            continue;
+        }
         let chunk = buf
             .get(done..done + n)
             .ok_or(Error::invalid("write range"))?;
@@ -410,10 +472,9 @@ pub(crate) fn write_compressed(dev: &Qcow2Device, buf: &[u8], off: u64) -> Resul
         ));
     }
     dev.file.write_all_at(&c, host)?;
-    dev.file.flush()?;
     let nsec = (host + size - 1) / 512 - host / 512;
     let entry = OFLAG_COMPRESSED | host | (nsec << x);
-    m.write_l2_entry(l2, i, entry, 0)
+    m.defer(vec![(l2, i, entry, 0)], Vec::new(), true)
 }
 
 /// Allocates `size` bytes for compressed data, packing into the last partly used cluster.

@@ -414,3 +414,18 @@ fn writes_after_internal_snapshot_copy_shared_clusters() {
         );
     }
 }
+
+#[test]
+#[ignore = "timing probe: cargo test -p diskimg-qcow2 --test it -- --ignored perf_probe"]
+fn perf_probe() {
+    let src = std::fs::read("/tmp/qperf/src.raw").unwrap();
+    let p = std::path::Path::new("/tmp/qperf/ours.qcow2");
+    let t = std::time::Instant::now();
+    create(p, src.len() as u64, "").unwrap();
+    let dev = open(p, false);
+    for (i, c) in src.chunks(2 << 20).enumerate() {
+        dev.write_at(c, (i as u64) << 21).unwrap();
+    }
+    dev.flush().unwrap();
+    eprintln!("ours: {:?}", t.elapsed());
+}
