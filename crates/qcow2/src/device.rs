@@ -97,6 +97,7 @@ impl Qcow2Device {
             deferred: Vec::new(),
             deferred_unref: Vec::new(),
             deferred_flush: false,
+            meta_clusters: Default::default(),
             h,
         };
         meta.l1 = meta.read_table(
@@ -110,6 +111,13 @@ impl Qcow2Device {
             u64::from(meta.h.refcount_table_clusters) * cs / 8,
         )?;
         let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
+        if !read_only {
+            meta.collect_meta();
+            meta.note_meta(meta.h.snapshots_offset, snapshot_table_len);
+            for s in &snapshots {
+                meta.note_meta(s.l1_offset, u64::from(s.l1_size) * 8);
+            }
+        }
         let bitmaps = match meta.h.ext.bitmaps {
             Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
@@ -228,6 +236,7 @@ impl Qcow2Device {
             deferred: Vec::new(),
             deferred_unref: Vec::new(),
             deferred_flush: false,
+            meta_clusters: Default::default(),
         };
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {

@@ -1,7 +1,7 @@
 //! The in-memory metadata of one open image: header, L1 table, L2 cache, refcount table
 //! and refcount block cache. Every method runs under the device's metadata lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
@@ -44,6 +44,8 @@ pub(crate) struct Meta {
     pub deferred_unref: Vec<(u64, u64)>,
     /// The deferred updates point to new clusters: flush before writing them.
     pub deferred_flush: bool,
+    /// Host clusters holding metadata (header, tables), for qemu's overlap check.
+    pub meta_clusters: HashSet<u64>,
 }
 
 /// Deferred L2 updates beyond which they are written without waiting for a flush.
@@ -221,6 +223,62 @@ impl Meta {
         *slot = value;
         self.file
             .write_all_at(&value.to_be_bytes(), self.l1_offset + i * 8)
+    }
+
+    /// Remembers `off..off+len` as metadata (bounded: huge hostile tables are skipped).
+    pub(crate) fn note_meta(&mut self, off: u64, len: u64) {
+        let cs = self.cs();
+        if len == 0 || self.meta_clusters.len() > 1 << 20 {
+            return;
+        }
+        let last = off.saturating_add(len - 1) / cs;
+        for c in off / cs..=last.min(off / cs + (1 << 16)) {
+            self.meta_clusters.insert(c);
+        }
+    }
+
+    /// Builds the metadata set from the header and tables (at open).
+    pub(crate) fn collect_meta(&mut self) {
+        let cs = self.cs();
+        self.note_meta(0, cs);
+        self.note_meta(self.l1_offset, self.l1.len() as u64 * 8);
+        self.note_meta(
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * cs,
+        );
+        let mut offs: Vec<u64> = self
+            .reftable
+            .iter()
+            .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+            .collect();
+        offs.extend(self.l1.iter().map(|e| e & L1E_OFFSET_MASK));
+        for o in offs.into_iter().filter(|&o| o != 0) {
+            self.note_meta(o, cs);
+        }
+    }
+
+    /// qemu's overlap check: fails (and marks a v3 image corrupt, as qemu) when a guest
+    /// data write at `host` would land on metadata.
+    pub(crate) fn check_overlap(&mut self, host: u64, len: u64) -> Result<()> {
+        if self.data.is_some() || len == 0 {
+            return Ok(());
+        }
+        let cs = self.cs();
+        let hit = (host / cs..=(host + len - 1) / cs).any(|c| self.meta_clusters.contains(&c));
+        if !hit {
+            return Ok(());
+        }
+        if self.h.version >= 3 {
+            self.h.incompatible |= crate::header::INCOMPAT_CORRUPT;
+            let v = self.h.incompatible;
+            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.flush()?;
+        }
+        Err(Error::corrupt(
+            "qcow2",
+            "guest write would overwrite metadata (image marked corrupt)",
+            host,
+        ))
     }
 
     /// Records L2 updates: the cache sees them at once; storage gets them at the next

@@ -139,6 +139,7 @@ impl Meta {
         let bytes = b.get(s..e).unwrap_or(&[]).to_vec();
         self.file.write_all_at(&bytes, off + s as u64)?;
         if v == 0 {
+            self.meta_clusters.remove(&c);
             if c < self.free_hint {
                 self.free_hint = c;
             }
@@ -184,6 +185,7 @@ impl Meta {
             *slot = off;
         }
         self.rb.insert(off, block);
+        self.note_meta(off, self.cs());
         Ok(())
     }
 
@@ -263,6 +265,7 @@ impl Meta {
         self.h.refcount_table_offset = p * cs;
         self.h.refcount_table_clusters = u32::try_from(t).unwrap_or(u32::MAX);
         self.reftable = table;
+        self.note_meta(p * cs, (t + missing.len() as u64) * cs);
         for k in 0..old_clusters {
             self.set_refcount(old_off / cs + k, 0)?;
         }

@@ -55,6 +55,7 @@ fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
         vec![0u64; n]
     };
     let new = m.alloc_run(1)?;
+    m.note_meta(new, m.cs());
     m.write_l2_table(new, table)?;
     m.file.flush()?;
     m.write_l1_entry(l1i, new | OFLAG_COPIED)?;
@@ -106,6 +107,7 @@ fn write_cluster(
         if let Sub::Data(h) = kind
             && copied
         {
+            m.check_overlap(h, cs)?;
             return store.write_all_at(data, h + in_off);
         }
         let full = if data.len() as u64 == cs {
@@ -119,7 +121,10 @@ fn write_cluster(
             b
         };
         let host = match kind {
-            Sub::ZeroAlloc(h) if copied => h,
+            Sub::ZeroAlloc(h) if copied => {
+                m.check_overlap(h, cs)?;
+                h
+            }
             _ => new_cluster(m, cstart)?,
         };
         store.write_all_at(&full, host)?;
@@ -150,6 +155,7 @@ fn write_cluster(
         return Ok(());
     }
     let (host, mut nbm) = if allocated {
+        m.check_overlap(e & L2E_OFFSET_MASK, cs)?;
         (e & L2E_OFFSET_MASK, bm)
     } else {
         p.flush = true;
@@ -232,6 +238,7 @@ fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Opt
         .ok_or(Error::invalid("write range"))?;
     let store = m.data_store().clone();
     if mode == Some(false) {
+        m.check_overlap(host0, n * cs)?;
         store.write_all_at(data, host0)?;
         return Ok(Some(n * cs));
     }
@@ -571,6 +578,7 @@ fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
     let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
     table.truncate(idx(need));
     m.l1 = table;
+    m.note_meta(host, clusters * cs);
     m.l1_offset = host;
     m.h.l1_table_offset = host;
     m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);

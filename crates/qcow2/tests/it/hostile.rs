@@ -243,3 +243,37 @@ fn truncation_and_bit_flip_sweep() {
     );
     corruption_sweep(&DRIVER, &ext, 4096, 256);
 }
+
+#[test]
+fn iotest_060_write_into_metadata_marks_corrupt() {
+    let dir = tempdir();
+    let p = dir.path().join("ov.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &p.to_string_lossy(), "1M"]);
+    qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
+    let img = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap());
+    let l2 = (u64::from_be_bytes(img[l1 as usize..l1 as usize + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00) as usize;
+    // The data cluster entry now points at the L1 table.
+    std::fs::write(
+        &p,
+        poke(&img, l2, &(0x8000_0000_0000_0000u64 | l1).to_be_bytes()),
+    )
+    .unwrap();
+    let dev = crate::open(&p, false);
+    assert!(matches!(
+        dev.write_at(&[7u8; 512], 0),
+        Err(Error::Corrupt { .. })
+    ));
+    drop(dev);
+    let q = diskimg_testutil::qemu_info_json(&p, "qcow2");
+    assert_eq!(q["format-specific"]["data"]["corrupt"], true);
+    // The L1 table was not overwritten; read-only opens still work.
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        after[l1 as usize..l1 as usize + 512],
+        img[l1 as usize..l1 as usize + 512]
+    );
+    assert!(open(&after, true).is_ok());
+    assert!(open(&after, false).is_err());
+}
