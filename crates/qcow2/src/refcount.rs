@@ -154,6 +154,9 @@ impl Meta {
     fn find_free(&mut self, from: u64, avoid: u64) -> Result<u64> {
         let mut r = from.max(1);
         loop {
+            if r.saturating_mul(self.cs()) >= crate::header::MAX_HOST_OFFSET {
+                return Err(Error::invalid("qcow2: image file too large"));
+            }
             if r != avoid && self.refcount(r)? == 0 {
                 return Ok(r);
             }

@@ -54,7 +54,7 @@ fn apply(
     Ok(())
 }
 
-fn crash_all_cuts(options: &str) {
+fn crash_all_cuts(options: &str, flush_every: usize) {
     let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let mut req = CreateRequest::new(SIZE, OptionList::parse(options).unwrap());
     DRIVER.create(base.clone(), &mut req).unwrap();
@@ -66,9 +66,12 @@ fn crash_all_cuts(options: &str) {
         let fs = Arc::new(FaultStorage::new(initial.clone(), None));
         let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
         let mut m = Model::zeroed(SIZE as usize);
-        for op in ops() {
+        let n_ops = ops().len();
+        for (k, op) in ops().into_iter().enumerate() {
             apply(dev.as_ref(), &mut m, op).unwrap();
-            dev.flush().unwrap();
+            if (k + 1) % flush_every == 0 || k + 1 == n_ops {
+                dev.flush().unwrap();
+            }
         }
         fs.ops()
     };
@@ -81,14 +84,20 @@ fn crash_all_cuts(options: &str) {
         let mut m = Model::zeroed(SIZE as usize);
         let mut durable = m.clone();
         let mut touched_after: Vec<(u64, u64)> = Vec::new();
-        for op in ops() {
+        let n_ops = ops().len();
+        for (k, op) in ops().into_iter().enumerate() {
             let g = 65536u64;
             touched_after.push((op.0 / g * g, op.1 + g));
-            if apply(dev.as_ref(), &mut m, op).is_err() || dev.flush().is_err() {
+            if apply(dev.as_ref(), &mut m, op).is_err() {
                 break;
             }
-            durable = m.clone();
-            touched_after.clear();
+            if (k + 1) % flush_every == 0 || k + 1 == n_ops {
+                if dev.flush().is_err() {
+                    break;
+                }
+                durable = m.clone();
+                touched_after.clear();
+            }
         }
         assert!(fs.crashed());
         for mode in [
@@ -146,10 +155,15 @@ fn crash_all_cuts(options: &str) {
 
 #[test]
 fn crash_at_every_write_and_flush_v3() {
-    crash_all_cuts("cluster_size=4k");
+    crash_all_cuts("cluster_size=4k", 1);
+}
+
+#[test]
+fn crash_with_metadata_deferred_over_several_writes() {
+    crash_all_cuts("cluster_size=512,refcount_bits=64", 4);
 }
 
 #[test]
 fn crash_at_every_write_and_flush_extended_l2_small_refcounts() {
-    crash_all_cuts("cluster_size=16k,extended_l2=on,refcount_bits=2");
+    crash_all_cuts("cluster_size=16k,extended_l2=on,refcount_bits=2", 1);
 }

@@ -429,3 +429,38 @@ fn perf_probe() {
     dev.flush().unwrap();
     eprintln!("ours: {:?}", t.elapsed());
 }
+
+#[test]
+fn concurrent_readers_see_old_or_new_blocks() {
+    let dir = tempdir();
+    let p = dir.path().join("rw.qcow2");
+    create(&p, 4 << 20, "cluster_size=4k,extended_l2=off").unwrap();
+    let dev = open(&p, false);
+    let block = |i: u64| (i % 251) as u8 + 1;
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for i in (t..1024).step_by(2) {
+                    dev.write_at(&[block(i); 4096], i * 4096).unwrap();
+                }
+            });
+        }
+        for _ in 0..2 {
+            let dev = dev.clone();
+            s.spawn(move || {
+                for _ in 0..4 {
+                    let all = read_all(dev.as_ref());
+                    for (i, b) in all.chunks(4096).enumerate() {
+                        let v = b[0];
+                        assert!(v == 0 || v == block(i as u64), "block {i}");
+                        assert!(b.iter().all(|&x| x == v), "torn block {i}");
+                    }
+                }
+            });
+        }
+    });
+    dev.flush().unwrap();
+    drop(dev);
+    assert_qemu_check_clean(&p, "qcow2");
+}
