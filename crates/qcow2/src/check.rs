@@ -42,19 +42,20 @@ impl Counter {
 }
 
 /// Walks one L1 table: counts its L2 tables and their clusters. For the active table,
-/// also returns (cluster, COPIED flag) pairs for the flag check.
+/// also returns (cluster, entry, entry's file offset) for the COPIED flag check.
 fn walk_l1(
     m: &mut Meta,
     cnt: &mut Counter,
     l1: &[u64],
     active: bool,
-    copied: &mut Vec<(u64, bool)>,
+    copied: &mut Vec<(u64, u64, u64)>,
+    l1_offset: u64,
 ) -> Result<()> {
     let cs = m.cs();
     let ext = m.h.extended_l2();
     let x = 62 - (m.h.cluster_bits - 8);
     let mut last_host = 0u64;
-    for &l1e in l1 {
+    for (l1i, &l1e) in l1.iter().enumerate() {
         let l2 = l1e & L1E_OFFSET_MASK;
         if l2 == 0 {
             continue;
@@ -68,7 +69,7 @@ fn walk_l1(
         }
         cnt.inc(l2, cs);
         if active {
-            copied.push((l2 / cs, l1e & OFLAG_COPIED != 0));
+            copied.push((l2 / cs, l1e, l1_offset + l1i as u64 * 8));
         }
         let t = match m.read_table("L2 table", l2, cs / 8) {
             Ok(t) => t,
@@ -78,7 +79,7 @@ fn walk_l1(
             }
         };
         let step = if ext { 2 } else { 1 };
-        for e in t.iter().step_by(step).copied() {
+        for (k, e) in t.iter().step_by(step).copied().enumerate() {
             if e & OFLAG_COMPRESSED != 0 {
                 let off = e & ((1u64 << x) - 1);
                 let sectors = ((e & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
@@ -120,7 +121,7 @@ fn walk_l1(
             if m.data.is_none() {
                 cnt.inc(off, cs);
                 if active {
-                    copied.push((off / cs, e & OFLAG_COPIED != 0));
+                    copied.push((off / cs, e, l2 + k as u64 * step as u64 * 8));
                 }
             }
         }
@@ -157,14 +158,14 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
     let l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
     cnt.inc(h.l1_table_offset, u64::from(h.l1_size) * 8);
     let mut copied = Vec::new();
-    walk_l1(&mut m, &mut cnt, &l1, true, &mut copied)?;
+    walk_l1(&mut m, &mut cnt, &l1, true, &mut copied, h.l1_table_offset)?;
     if h.nb_snapshots > 0 {
         cnt.inc(h.snapshots_offset, dev.snapshot_table_len);
     }
     for s in &dev.snapshots {
         cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
         match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
-            Ok(sl1) => walk_l1(&mut m, &mut cnt, &sl1, false, &mut Vec::new())?,
+            Ok(sl1) => walk_l1(&mut m, &mut cnt, &sl1, false, &mut Vec::new(), s.l1_offset)?,
             Err(_) => cnt.report.check_errors += 1,
         }
     }
@@ -261,14 +262,33 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
         }
         c += 1;
     }
-    for (c, flag) in copied {
+    let mut flags_fixed = false;
+    for (c, e, at) in copied {
         let rc = m.refcount(c).unwrap_or(0);
+        let flag = e & OFLAG_COPIED != 0;
         if (rc == 1) != flag {
             cnt.report.corruptions += 1;
-            cnt.report
-                .messages
-                .push(format!("ERROR OFLAG_COPIED cluster {c}: refcount={rc}"));
+            cnt.report.messages.push(format!(
+                "ERROR OFLAG_COPIED cluster {c}: entry={e:#x} refcount={rc}"
+            ));
+            if repair == RepairMode::All {
+                let fixed = if rc == 1 {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
+                dev.file.write_all_at(&fixed.to_be_bytes(), at)?;
+                cnt.report.corruptions_fixed += 1;
+                flags_fixed = true;
+            }
         }
+    }
+    if flags_fixed {
+        // Reload what the caches hold of the rewritten tables.
+        m.l2 = crate::table::L2Cache::new(
+            usize::try_from(m.limits.max_cache_bytes / cs).unwrap_or(16),
+        );
+        m.l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
     }
     if repair != RepairMode::None {
         dev.file.flush()?;
