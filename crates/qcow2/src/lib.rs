@@ -10,7 +10,7 @@
 //!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`).
 //!
 //! Not supported yet: encryption (encrypted images are refused at open), writing to
-//! images with persistent dirty bitmaps, shrinking, creating/deleting snapshots.
+//! images with persistent dirty bitmaps, creating/deleting snapshots.
 //!
 //! # Example
 //!

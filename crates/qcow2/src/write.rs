@@ -510,7 +510,8 @@ fn alloc_bytes(m: &mut Meta, size: u64) -> Result<u64> {
     Ok(host)
 }
 
-/// `BlockDevice::resize` for qcow2 (growing; shrinking is refused).
+/// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
+/// shrink (freeing clusters beyond the new end).
 pub(crate) fn resize(
     dev: &Qcow2Device,
     new: u64,
@@ -528,7 +529,13 @@ pub(crate) fn resize(
                 "Use the --shrink option to perform a shrink operation.",
             ));
         }
-        return Err(Error::unsupported("qcow2", "shrinking images"));
+        if !dev.snapshots.is_empty() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "shrinking images with internal snapshots",
+            ));
+        }
+        shrink_clusters(&mut m, new)?;
     }
     if prealloc != Preallocation::Off {
         return Err(Error::unsupported("qcow2", "preallocation when resizing"));
@@ -553,7 +560,61 @@ pub(crate) fn resize(
     dev.file.flush()?;
     m.size = new;
     m.h.size = new;
+    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
+    drop(m);
+    if new > old && backed {
+        // As qemu: the new area must not show the backing image's data.
+        write_zeroes(dev, old, new - old, false)?;
+        dev.lock().commit_deferred()?;
+        dev.file.flush()?;
+    }
     Ok(())
+}
+
+/// Deallocates every cluster at or beyond `new` (rounded up to a cluster), as qemu's
+/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table.
+fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
+    m.commit_deferred()?;
+    let cs = m.cs();
+    let cov = m.h.l1_coverage();
+    let first = new.div_ceil(cs) * cs;
+    let l1_len = m.l1.len() as u64;
+    let mut p = Pending::default();
+    let mut dropped_tables = Vec::new();
+    for l1i in first / cov..l1_len {
+        let l2 = m.l2_offset(l1i)?;
+        if l2 == 0 {
+            continue;
+        }
+        let per = m.h.l2_entries();
+        let start = if l1i * cov >= first {
+            0
+        } else {
+            (first % cov) / cs
+        };
+        let whole = start == 0;
+        for i in start..per {
+            let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
+            if let Some(r) = old_ref(m, e) {
+                p.unref.push(r);
+            }
+            if !whole && e != 0 {
+                p.l2.push((l2, i, 0, 0));
+            }
+        }
+        if whole {
+            dropped_tables.push((l1i, l2));
+        }
+    }
+    for &(l1i, _) in &dropped_tables {
+        m.write_l1_entry(l1i, 0)?;
+    }
+    m.file.flush()?;
+    for (_, l2) in dropped_tables {
+        p.unref.push((l2, cs));
+    }
+    m.defer(p.l2, p.unref, false)?;
+    m.commit_deferred()
 }
 
 fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {

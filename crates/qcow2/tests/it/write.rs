@@ -532,3 +532,63 @@ fn check_repairs_copied_flags() {
     assert_qemu_check_clean(&p, "qcow2");
     assert_eq!(qemu_read_raw(&p, "qcow2")[..65536], [1u8; 65536]);
 }
+
+#[test]
+fn shrink_and_grow_like_qemu_img_resize() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("rbase.qcow2");
+    qemu_create(&base, "", "8M");
+    qemu_io(&base, "qcow2", &["write -P 0x77 0 8M"]);
+    for (i, o) in [
+        "cluster_size=4k",
+        "compat=0.10",
+        "backing_file=rbase.qcow2,backing_fmt=qcow2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ours = d.join(format!("r{i}.qcow2"));
+        let theirs = d.join(format!("rt{i}.qcow2"));
+        qemu_create(&ours, o, "4M");
+        qemu_create(&theirs, o, "4M");
+        for p in [&ours, &theirs] {
+            qemu_io(
+                p,
+                "qcow2",
+                &[
+                    "write -P 1 0 1M",
+                    "write -c -P 2 1M 64k",
+                    "write -P 3 2M 2M",
+                    "write -z 3M 64k",
+                ],
+            );
+        }
+        let dev = open(&ours, false);
+        if o.contains("backing") {
+            dev.set_backing(Some(open(&base, true))).unwrap();
+        }
+        dev.resize((1 << 20) + 4096, Preallocation::Off, true)
+            .unwrap();
+        dev.resize(6 << 20, Preallocation::Off, false).unwrap();
+        dev.flush().unwrap();
+        drop(dev);
+        let t = theirs.to_string_lossy().into_owned();
+        qemu_img_ok(&[
+            "resize",
+            "-q",
+            "--shrink",
+            "-f",
+            "qcow2",
+            &t,
+            &((1u64 << 20) + 4096).to_string(),
+        ]);
+        qemu_img_ok(&["resize", "-q", "-f", "qcow2", &t, "6M"]);
+        assert_qemu_check_clean(&ours, "qcow2");
+        assert_eq!(
+            qemu_read_raw(&ours, "qcow2"),
+            qemu_read_raw(&theirs, "qcow2"),
+            "{o}"
+        );
+    }
+}
