@@ -281,7 +281,8 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     let mut opts = OpenOptions::new().files(req.files.clone());
     opts.limits = req.limits;
     let dev = Qcow2Device::open(storage, &opts)?;
-    dev.resize(req.size, Preallocation::Off, false)?;
+    // Sizing a new image: no zeroing of the (backing-visible) new area.
+    crate::write::resize(&dev, req.size, Preallocation::Off, false, false)?;
     if prealloc != Preallocation::Off {
         crate::write::preallocate(&dev, prealloc, backing.is_some())?;
     }

@@ -517,6 +517,7 @@ pub(crate) fn resize(
     new: u64,
     prealloc: Preallocation,
     shrink: bool,
+    zero_new: bool,
 ) -> Result<()> {
     let mut m = dev.lock();
     let old = m.size;
@@ -562,7 +563,7 @@ pub(crate) fn resize(
     m.h.size = new;
     let backed = m.h.backing_file.is_some() || dev.backing().is_some();
     drop(m);
-    if new > old && backed {
+    if new > old && backed && zero_new {
         // As qemu: the new area must not show the backing image's data.
         write_zeroes(dev, old, new - old, false)?;
         dev.lock().commit_deferred()?;

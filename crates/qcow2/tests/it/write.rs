@@ -181,6 +181,7 @@ fn overlay_writes_copy_on_write_from_backing() {
         "extended_l2=on",
         "cluster_size=4k",
         "extended_l2=on,cluster_size=32k,preallocation=metadata",
+        "data_file=DATA",
     ]
     .iter()
     .enumerate()
@@ -192,8 +193,10 @@ fn overlay_writes_copy_on_write_from_backing() {
         };
         let ours = d.join(format!("o{i}.qcow2"));
         let theirs = d.join(format!("t{i}.qcow2"));
-        create(&ours, 4 << 20, &opts).unwrap();
-        qemu_create(&theirs, &opts, "4M");
+        let o_ours = opts.replace("DATA", &d.join(format!("od{i}.raw")).to_string_lossy());
+        let o_theirs = opts.replace("DATA", &d.join(format!("td{i}.raw")).to_string_lossy());
+        create(&ours, 4 << 20, &o_ours).unwrap();
+        qemu_create(&theirs, &o_theirs, "4M");
         let info = open(&ours, true).info();
         assert_eq!(info.backing.unwrap().format.as_deref(), Some("qcow2"));
         let b = open(&base, true);
