@@ -284,7 +284,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     // Sizing a new image: no zeroing of the (backing-visible) new area.
     crate::write::resize(&dev, req.size, Preallocation::Off, false, false)?;
     if prealloc != Preallocation::Off {
-        crate::write::preallocate(&dev, prealloc, backing.is_some())?;
+        crate::write::preallocate(&dev, prealloc, backing.is_some(), 0)?;
     }
     dev.flush()
 }

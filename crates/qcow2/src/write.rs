@@ -538,8 +538,12 @@ pub(crate) fn resize(
         }
         shrink_clusters(&mut m, new)?;
     }
-    if prealloc != Preallocation::Off {
-        return Err(Error::unsupported("qcow2", "preallocation when resizing"));
+    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
+    if prealloc != Preallocation::Off && (new < old || backed) {
+        return Err(Error::unsupported(
+            "qcow2",
+            "preallocation when shrinking or over a backing image",
+        ));
     }
     if !dev.snapshots.is_empty() && m.h.version < 3 {
         return Err(Error::unsupported(
@@ -561,8 +565,10 @@ pub(crate) fn resize(
     dev.file.flush()?;
     m.size = new;
     m.h.size = new;
-    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
     drop(m);
+    if new > old && prealloc != Preallocation::Off {
+        preallocate(dev, prealloc, false, old)?;
+    }
     if new > old && backed && zero_new {
         // As qemu: the new area must not show the backing image's data.
         write_zeroes(dev, old, new - old, false)?;
@@ -651,17 +657,24 @@ fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
 }
 
 /// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).
-pub(crate) fn preallocate(dev: &Qcow2Device, mode: Preallocation, backing: bool) -> Result<()> {
+pub(crate) fn preallocate(
+    dev: &Qcow2Device,
+    mode: Preallocation,
+    backing: bool,
+    from: u64,
+) -> Result<()> {
     let mut m = dev.lock();
+    m.commit_deferred()?;
     let cs = m.cs();
     let size = m.size;
     let per_l2 = m.h.l2_entries();
     let ext = m.h.extended_l2();
-    let mut g = 0u64;
+    let mut g = from.div_ceil(cs) * cs;
     while g < size {
         let l1i = g / m.h.l1_coverage();
         let l2 = ensure_l2(&mut m, l1i)?;
-        let n = ((size - g).div_ceil(cs)).min(per_l2);
+        let i0 = (g / cs) % per_l2;
+        let n = ((size - g).div_ceil(cs)).min(per_l2 - i0);
         let host = if m.data.is_some() { g } else { m.alloc_run(n)? };
         let store = m.data_store().clone();
         if matches!(mode, Preallocation::Falloc | Preallocation::Full) {
@@ -683,6 +696,7 @@ pub(crate) fn preallocate(dev: &Qcow2Device, mode: Preallocation, backing: bool)
         let mut table = m.l2_table(l2)?.clone();
         for k in 0..n {
             let e = (host + k * cs) | OFLAG_COPIED;
+            let k = k + i0;
             if ext {
                 if let Some(s) = table.get_mut(idx(2 * k)) {
                     *s = e;

@@ -55,6 +55,8 @@ pub(crate) fn workload() -> Vec<Op> {
         Op::Write((4 << 20) - 512, 512, 6),
         Op::Discard(3 << 20, 1 << 20),
         Op::Write((3 << 20) + 5, 77, 7),
+        Op::Discard(100_000, 300_000),
+        Op::Zero(1_100_000, 70_000, true),
     ];
     let p = pattern(42, 64);
     for i in 0..16u64 {
@@ -592,6 +594,43 @@ fn shrink_and_grow_like_qemu_img_resize() {
             qemu_read_raw(&ours, "qcow2"),
             qemu_read_raw(&theirs, "qcow2"),
             "{o}"
+        );
+    }
+}
+
+#[test]
+fn grow_with_preallocation_like_qemu() {
+    let dir = tempdir();
+    for mode in ["metadata", "falloc", "full"] {
+        let ours = dir.path().join(format!("pa-{mode}.qcow2"));
+        let theirs = dir.path().join(format!("pt-{mode}.qcow2"));
+        for p in [&ours, &theirs] {
+            qemu_create(p, "cluster_size=4k", "1000k");
+            qemu_io(p, "qcow2", &["write -P 1 0 1000k"]);
+        }
+        let dev = open(&ours, false);
+        dev.resize(3 << 20, Preallocation::parse(mode).unwrap(), false)
+            .unwrap();
+        dev.write_at(&[2u8; 5000], 2 << 20).unwrap();
+        drop(dev);
+        let t = theirs.to_string_lossy().into_owned();
+        qemu_img_ok(&[
+            "resize",
+            "-q",
+            "--preallocation",
+            mode,
+            "-f",
+            "qcow2",
+            &t,
+            "3M",
+        ]);
+        qemu_io(&theirs, "qcow2", &["write -P 2 2M 5000"]);
+        assert_qemu_check_clean(&ours, "qcow2");
+        assert!(qemu_compare(&ours, "qcow2", &theirs, "qcow2"), "{mode}");
+        let m = diskimg_testutil::qemu_map_json(&ours, "qcow2");
+        assert!(
+            m.as_array().unwrap().iter().all(|e| e["present"] == true),
+            "{mode}: {m}"
         );
     }
 }
