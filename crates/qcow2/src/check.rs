@@ -54,7 +54,6 @@ fn walk_l1(
     let cs = m.cs();
     let ext = m.h.extended_l2();
     let x = 62 - (m.h.cluster_bits - 8);
-    let mut last_host = 0u64;
     for (l1i, &l1e) in l1.iter().enumerate() {
         let l2 = l1e & L1E_OFFSET_MASK;
         if l2 == 0 {
@@ -79,6 +78,8 @@ fn walk_l1(
             }
         };
         let step = if ext { 2 } else { 1 };
+        // qemu counts fragmentation within each L2 table.
+        let mut last_host = 0u64;
         for (k, e) in t.iter().step_by(step).copied().enumerate() {
             if e & OFLAG_COMPRESSED != 0 {
                 let off = e & ((1u64 << x) - 1);
@@ -89,6 +90,10 @@ fn walk_l1(
                         *c += 1;
                     }
                     if let Some(c) = cnt.report.allocated_clusters.as_mut() {
+                        *c += 1;
+                    }
+                    // As qemu: compressed clusters count as fragmented.
+                    if let Some(c) = cnt.report.fragmented_clusters.as_mut() {
                         *c += 1;
                     }
                 }
@@ -294,5 +299,17 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
         dev.file.flush()?;
     }
     cnt.report.image_end_offset = Some((highest + 1) * cs);
+    // As qemu-img's ImageCheck: statistics that are zero are absent.
+    let r = &mut cnt.report;
+    for v in [
+        &mut r.allocated_clusters,
+        &mut r.fragmented_clusters,
+        &mut r.compressed_clusters,
+        &mut r.total_clusters,
+    ] {
+        if *v == Some(0) {
+            *v = None;
+        }
+    }
     Ok(cnt.report)
 }

@@ -95,6 +95,29 @@ fn run_both(ours: &Path, theirs: &Path, ops: &[Op], backing: Option<Arc<dyn Bloc
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(theirs, "qcow2", &refs);
     assert_qemu_check_clean(ours, "qcow2");
+    for img in [ours, theirs] {
+        let (q, _) = diskimg_testutil::qemu_check_json(img, "qcow2");
+        let r = open(img, true).check(Default::default()).unwrap();
+        let stats = |r: &diskimg_blockio::CheckReport| {
+            (
+                r.allocated_clusters,
+                r.fragmented_clusters.unwrap_or(0),
+                r.compressed_clusters.unwrap_or(0),
+                r.image_end_offset,
+                r.total_clusters,
+            )
+        };
+        let qs = (
+            q["allocated-clusters"].as_u64(),
+            // qemu leaves these out when they are zero.
+            q["fragmented-clusters"].as_u64().unwrap_or(0),
+            q["compressed-clusters"].as_u64().unwrap_or(0),
+            q["image-end-offset"].as_u64(),
+            q["total-clusters"].as_u64(),
+        );
+        assert_eq!(stats(&r), qs, "check stats of {}", img.display());
+        assert_eq!((r.leaks, r.corruptions), (0, 0), "{}", img.display());
+    }
     if !qemu_compare(ours, "qcow2", theirs, "qcow2") {
         let out = qemu_img(&[
             "compare",
@@ -505,6 +528,8 @@ fn check_counts_like_qemu_and_repairs() {
     assert_eq!(r.allocated_clusters, q["allocated-clusters"].as_u64());
     assert_eq!(r.compressed_clusters, q["compressed-clusters"].as_u64());
     assert_eq!(r.total_clusters, q["total-clusters"].as_u64());
+    assert_eq!(r.fragmented_clusters, q["fragmented-clusters"].as_u64());
+    assert_eq!(r.image_end_offset, q["image-end-offset"].as_u64());
     assert!(r.corruptions > 0 && r.leaks > 0, "{r:?}");
     let dev = open(&p, false);
     let fixed = dev.check(RepairMode::All).unwrap();
