@@ -455,7 +455,15 @@ fn perf_probe() {
         dev.write_at(c, (i as u64) << 21).unwrap();
     }
     dev.flush().unwrap();
-    eprintln!("ours: {:?}", t.elapsed());
+    eprintln!("ours write: {:?}", t.elapsed());
+    drop(dev);
+    let dev = open(std::path::Path::new("/tmp/qperf/q.qcow2"), true);
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; 2 << 20];
+    for i in 0..(src.len() >> 21) {
+        dev.read_at(&mut buf, (i as u64) << 21).unwrap();
+    }
+    eprintln!("ours read: {:?}", t.elapsed());
 }
 
 #[test]
