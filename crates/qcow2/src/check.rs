@@ -165,9 +165,10 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
     let mut copied = Vec::new();
     walk_l1(&mut m, &mut cnt, &l1, true, &mut copied, h.l1_table_offset)?;
     if h.nb_snapshots > 0 {
-        cnt.inc(h.snapshots_offset, dev.snapshot_table_len);
+        cnt.inc(h.snapshots_offset, m.snapshot_table_len);
     }
-    for s in &dev.snapshots {
+    let snapshots = m.snapshots.clone();
+    for s in &snapshots {
         cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
         match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
             Ok(sl1) => walk_l1(&mut m, &mut cnt, &sl1, false, &mut Vec::new(), s.l1_offset)?,

@@ -15,7 +15,7 @@ use crate::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use crate::meta::{Meta, read_host};
-use crate::snapshot::{Snapshot, read_snapshots};
+use crate::snapshot::read_snapshots;
 use crate::table::{L2Cache, Sub};
 
 /// An open qcow2 image (or a read-only view of one of its internal snapshots).
@@ -29,8 +29,6 @@ pub struct Qcow2Device {
     pub(crate) data: Option<Arc<dyn Storage>>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     pub(crate) read_only: bool,
-    pub(crate) snapshots: Vec<Snapshot>,
-    pub(crate) snapshot_table_len: u64,
     pub(crate) bitmaps: Vec<BitmapEntry>,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
@@ -98,6 +96,8 @@ impl Qcow2Device {
             deferred_unref: Vec::new(),
             deferred_flush: false,
             meta_clusters: Default::default(),
+            snapshots: Vec::new(),
+            snapshot_table_len: 0,
             h,
         };
         meta.l1 = meta.read_table(
@@ -118,6 +118,8 @@ impl Qcow2Device {
                 meta.note_meta(s.l1_offset, u64::from(s.l1_size) * 8);
             }
         }
+        meta.snapshots = snapshots;
+        meta.snapshot_table_len = snapshot_table_len;
         let bitmaps = match meta.h.ext.bitmaps {
             Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
@@ -135,8 +137,6 @@ impl Qcow2Device {
             data,
             backing: RwLock::new(None),
             read_only,
-            snapshots,
-            snapshot_table_len,
             bitmaps,
             snapshot_view: false,
         };
@@ -190,14 +190,22 @@ impl Qcow2Device {
 
     /// The internal snapshots (id, name, sizes, dates) as `qemu-img snapshot -l` lists them.
     pub fn snapshots(&self) -> Vec<diskimg_blockio::SnapshotInfo> {
-        self.snapshots.iter().map(|s| s.info.clone()).collect()
+        self.lock()
+            .snapshots
+            .iter()
+            .map(|s| s.info.clone())
+            .collect()
     }
 
     /// A read-only view of the disk as it was when snapshot `id_or_name` was taken
     /// (matched against ids first, then names, as qemu's `snapshot.name`/`-l`).
     /// It shares this image's backing device.
     pub fn open_snapshot(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
-        let by_id = self.snapshots.iter().any(|s| s.info.id == id_or_name);
+        let by_id = self
+            .lock()
+            .snapshots
+            .iter()
+            .any(|s| s.info.id == id_or_name);
         let dev = if by_id {
             self.snapshot_view(Some(id_or_name), None)?
         } else {
@@ -207,7 +215,8 @@ impl Qcow2Device {
     }
 
     fn snapshot_view(&self, id: Option<&str>, name: Option<&str>) -> Result<Qcow2Device> {
-        let snap = self
+        let m = self.lock();
+        let snap = m
             .snapshots
             .iter()
             .find(|s| id.is_none_or(|i| s.info.id == i) && name.is_none_or(|n| s.info.name == n))
@@ -216,8 +225,8 @@ impl Qcow2Device {
                     "Can't find snapshot '{}'",
                     name.or(id).unwrap_or_default()
                 ))
-            })?;
-        let m = self.lock();
+            })?
+            .clone();
         let cs = m.cs();
         let mut view = Meta {
             file: m.file.clone(),
@@ -237,6 +246,8 @@ impl Qcow2Device {
             deferred_unref: Vec::new(),
             deferred_flush: false,
             meta_clusters: Default::default(),
+            snapshots: Vec::new(),
+            snapshot_table_len: 0,
         };
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
@@ -257,8 +268,6 @@ impl Qcow2Device {
             data: self.data.clone(),
             backing: RwLock::new(self.backing()),
             read_only: true,
-            snapshots: Vec::new(),
-            snapshot_table_len: 0,
             bitmaps: Vec::new(),
             snapshot_view: true,
         })
@@ -439,7 +448,7 @@ impl BlockDevice for Qcow2Device {
                 .as_ref()
                 .map(|b| BackingRef::new(b.clone(), m.h.ext.backing_format.clone()));
         info.format_specific = Some(("qcow2", self.format_specific(&m)));
-        info.snapshots = self.snapshots();
+        info.snapshots = m.snapshots.iter().map(|s| s.info.clone()).collect();
         info
     }
 

@@ -46,6 +46,10 @@ pub(crate) struct Meta {
     pub deferred_flush: bool,
     /// Host clusters holding metadata (header, tables), for qemu's overlap check.
     pub meta_clusters: HashSet<u64>,
+    /// The internal snapshots (table order).
+    pub snapshots: Vec<crate::snapshot::Snapshot>,
+    /// Bytes of the snapshot table.
+    pub snapshot_table_len: u64,
 }
 
 /// Deferred L2 updates beyond which they are written without waiting for a flush.

@@ -21,6 +21,8 @@ pub(crate) struct Snapshot {
     pub disk_size: Option<u64>,
     /// What `info` shows.
     pub info: SnapshotInfo,
+    /// The entry as stored (unpadded), kept verbatim when the table is rewritten.
+    pub raw: Vec<u8>,
 }
 
 fn bad(what: &'static str, off: u64) -> Error {
@@ -90,7 +92,12 @@ pub(crate) fn read_snapshots(
         {
             return Err(e("Snapshot L1 table offset invalid"));
         }
+        let raw = buf
+            .get(off..ids + id_len + name_len)
+            .ok_or(e("snapshot table truncated"))?
+            .to_vec();
         out.push(Snapshot {
+            raw,
             l1_offset,
             l1_size,
             disk_size,

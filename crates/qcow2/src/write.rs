@@ -530,7 +530,7 @@ pub(crate) fn resize(
                 "Use the --shrink option to perform a shrink operation.",
             ));
         }
-        if !dev.snapshots.is_empty() {
+        if !m.snapshots.is_empty() {
             return Err(Error::unsupported(
                 "qcow2",
                 "shrinking images with internal snapshots",
@@ -545,7 +545,7 @@ pub(crate) fn resize(
             "preallocation when shrinking or over a backing image",
         ));
     }
-    if !dev.snapshots.is_empty() && m.h.version < 3 {
+    if !m.snapshots.is_empty() && m.h.version < 3 {
         return Err(Error::unsupported(
             "qcow2",
             "resizing v2 images with internal snapshots",
