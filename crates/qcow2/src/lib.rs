@@ -6,11 +6,12 @@
 //!   (normal, zero, compressed with zlib or zstd, extended L2 subclusters, external data
 //!   files), backing images through [`BlockDevice::set_backing`], crash-consistent
 //!   writes (copy-on-write, zero flags, discard, compressed clusters), `check` with
-//!   refcount repair, and read-only views of internal snapshots
-//!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`).
+//!   refcount repair, and internal snapshots: read-only views
+//!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`),
+//!   [`Qcow2Device::create_snapshot`] and [`Qcow2Device::delete_snapshot`].
 //!
 //! Not supported yet: encryption (encrypted images are refused at open), writing to
-//! images with persistent dirty bitmaps, creating/deleting snapshots.
+//! images with persistent dirty bitmaps, reverting to a snapshot.
 //!
 //! # Example
 //!
@@ -49,6 +50,7 @@ mod header;
 mod meta;
 mod refcount;
 mod snapshot;
+mod snapshot_ops;
 mod table;
 mod write;
 

@@ -667,3 +667,94 @@ fn grow_with_preallocation_like_qemu() {
         );
     }
 }
+
+fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
+    let out = img.with_extension("snap.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        sel,
+        &img.to_string_lossy(),
+        &out.to_string_lossy(),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn create_and_delete_snapshots_like_qemu_img_snapshot() {
+    let dir = tempdir();
+    for (i, o) in [
+        "",
+        "compat=0.10,cluster_size=4k",
+        "extended_l2=on",
+        "refcount_bits=8,cluster_size=1k",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = dir.path().join(format!("sn{i}.qcow2"));
+        qemu_create(&p, o, "2M");
+        qemu_io(
+            &p,
+            "qcow2",
+            &[
+                "write -P 1 0 300k",
+                "write -c -P 2 1M 64k",
+                "write -z 1500k 64k",
+            ],
+        );
+        let first = qemu_read_raw(&p, "qcow2");
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        assert_eq!(q2.create_snapshot("one").unwrap(), "1");
+        assert!(q2.create_snapshot("one").is_err());
+        dev.write_at(&[3u8; 100_000], 50_000).unwrap();
+        dev.discard(0, 64 << 10).unwrap();
+        let second = read_all(dev.as_ref());
+        assert_eq!(q2.create_snapshot("two").unwrap(), "2");
+        dev.write_at(&[4u8; 70_000], 1_000_000).unwrap();
+        let now = read_all(dev.as_ref());
+        assert_eq!(read_all(q2.open_snapshot("one").unwrap().as_ref()), first);
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+        let list = qemu_img_ok(&["snapshot", "-l", &p.to_string_lossy()]);
+        assert!(list.contains("one") && list.contains("two"), "{list}");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=one"), first, "{o}");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.id=2"), second, "{o}");
+        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
+        // Delete one of ours, then let qemu delete the other; both stay consistent.
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.delete_snapshot("one").unwrap();
+        assert!(q2.delete_snapshot("one").is_err());
+        assert_eq!(q2.snapshots().len(), 1);
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=two"), second);
+        qemu_img_ok(&["snapshot", "-d", "two", &p.to_string_lossy()]);
+        assert_qemu_check_clean(&p, "qcow2");
+        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
+        // And a snapshot qemu made, deleted by us.
+        qemu_img_ok(&["snapshot", "-c", "q", &p.to_string_lossy()]);
+        qemu_io(&p, "qcow2", &["write -P 5 0 64k"]);
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.delete_snapshot("q").unwrap();
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+    }
+}
