@@ -8,10 +8,11 @@
 //!   writes (copy-on-write, zero flags, discard, compressed clusters), `check` with
 //!   refcount repair, and internal snapshots: read-only views
 //!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`),
-//!   [`Qcow2Device::create_snapshot`] and [`Qcow2Device::delete_snapshot`].
+//!   [`Qcow2Device::create_snapshot`], [`Qcow2Device::delete_snapshot`] and
+//!   [`Qcow2Device::apply_snapshot`].
 //!
 //! Not supported yet: encryption (encrypted images are refused at open), writing to
-//! images with persistent dirty bitmaps, reverting to a snapshot.
+//! images with persistent dirty bitmaps.
 //!
 //! # Example
 //!

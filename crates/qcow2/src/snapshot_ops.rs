@@ -1,5 +1,5 @@
-//! Creating and deleting internal snapshots (spec "Snapshots"), as `qemu-img snapshot
-//! -c` / `-d` do.
+//! Creating, deleting and applying internal snapshots (spec "Snapshots"), as
+//! `qemu-img snapshot -c` / `-d` / `-a` do.
 //!
 //! Order: reference counts change first (a crash leaves leaks), the new snapshot table is
 //! written to new clusters and flushed, then the header's `nb_snapshots` and
@@ -252,6 +252,56 @@ impl Qcow2Device {
         }
         m.file.flush()?;
         // Clusters only the active image still uses get their COPIED flags back.
+        let active = m.l1.clone();
+        update_refcounts(&mut m, &active, 0, true)?;
+        m.file.flush()
+    }
+
+    /// Reverts the disk to snapshot `id_or_name` (as `qemu-img snapshot -a`); the
+    /// snapshot is kept. The snapshot must have the current virtual size.
+    pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.writable()?;
+        let mut m = self.lock();
+        let snap = m
+            .snapshots
+            .iter()
+            .find(|s| s.info.id == id_or_name)
+            .or_else(|| m.snapshots.iter().find(|s| s.info.name == id_or_name))
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))?;
+        if snap.disk_size.is_some_and(|d| d != m.size) {
+            return Err(Error::unsupported(
+                "qcow2",
+                "applying a snapshot of a different disk size",
+            ));
+        }
+        m.commit_deferred()?;
+        m.file.flush()?;
+        let sl1 = m.read_table(
+            "Snapshot L1 table offset invalid",
+            snap.l1_offset,
+            u64::from(snap.l1_size),
+        )?;
+        if sl1.len() > m.l1.len() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "applying a snapshot with a larger L1 table",
+            ));
+        }
+        // The snapshot's clusters gain the active image's reference first (leaks only).
+        update_refcounts(&mut m, &sl1, 1, false)?;
+        m.file.flush()?;
+        let old = m.l1.clone();
+        let mut new = vec![0u64; old.len()];
+        for (d, s) in new.iter_mut().zip(sl1.iter()) {
+            *d = *s & !OFLAG_COPIED;
+        }
+        let l1_off = m.l1_offset;
+        m.file.write_all_at(&encode_u64s(&new), l1_off)?;
+        m.file.flush()?;
+        m.l1 = new;
+        update_refcounts(&mut m, &old, -1, false)?;
+        m.file.flush()?;
         let active = m.l1.clone();
         update_refcounts(&mut m, &active, 0, true)?;
         m.file.flush()

@@ -758,3 +758,48 @@ fn create_and_delete_snapshots_like_qemu_img_snapshot() {
         assert_qemu_check_clean(&p, "qcow2");
     }
 }
+
+#[test]
+fn apply_snapshot_like_qemu_img_snapshot_a() {
+    let dir = tempdir();
+    for (i, o) in ["", "compat=0.10,cluster_size=4k", "extended_l2=on"]
+        .iter()
+        .enumerate()
+    {
+        let ours = dir.path().join(format!("ap{i}.qcow2"));
+        let theirs = dir.path().join(format!("at{i}.qcow2"));
+        for p in [&ours, &theirs] {
+            qemu_create(p, o, "2M");
+            qemu_io(p, "qcow2", &["write -P 1 0 300k", "write -c -P 2 1M 64k"]);
+            qemu_img_ok(&["snapshot", "-c", "base", &p.to_string_lossy()]);
+            qemu_io(
+                p,
+                "qcow2",
+                &[
+                    "write -P 3 100k 300k",
+                    "discard 1M 64k",
+                    "write -P 4 1500k 4k",
+                ],
+            );
+        }
+        let dev = open(&ours, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.apply_snapshot("base").unwrap();
+        assert!(q2.apply_snapshot("nope").is_err());
+        let after = read_all(dev.as_ref());
+        dev.write_at(&[9u8; 5000], 2000).unwrap();
+        drop(dev);
+        qemu_img_ok(&["snapshot", "-a", "base", &theirs.to_string_lossy()]);
+        assert_eq!(after, qemu_read_raw(&theirs, "qcow2"), "{o}");
+        qemu_io(&theirs, "qcow2", &["write -P 9 2000 5000"]);
+        assert_qemu_check_clean(&ours, "qcow2");
+        assert!(qemu_compare(&ours, "qcow2", &theirs, "qcow2"), "{o}");
+        assert_eq!(
+            qemu_snapshot_raw(&ours, "snapshot.name=base"),
+            qemu_snapshot_raw(&theirs, "snapshot.name=base")
+        );
+    }
+}
