@@ -1,5 +1,7 @@
 //! The qcow2 format (qemu name `qcow2`). Work in progress: not implemented yet.
 
+pub mod crypto;
+
 use std::sync::Arc;
 
 use diskimg_blockio::{BlockDevice, CreateRequest, Driver, Error, OpenOptions, Result, Storage};
