@@ -35,6 +35,8 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+pub mod crypto;
+
 use std::sync::Arc;
 
 use diskimg_blockio::bytes::ReadBytes;
