@@ -1,0 +1,390 @@
+//! The in-memory metadata of one open image: header, L1 table, L2 cache, refcount table
+//! and refcount block cache. Every method runs under the device's metadata lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use diskimg_blockio::{Error, Limits, Result, Storage};
+
+use crate::header::{Header, MAX_HOST_OFFSET};
+use crate::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
+
+/// Metadata state (see module docs).
+#[derive(Debug)]
+pub(crate) struct Meta {
+    /// The image file.
+    pub file: Arc<dyn Storage>,
+    /// The external data file, when the image has one.
+    pub data: Option<Arc<dyn Storage>>,
+    /// The header as on disk.
+    pub h: Header,
+    /// The L1 table in use (active, or a snapshot's).
+    pub l1: Vec<u64>,
+    /// Where `l1` lives.
+    pub l1_offset: u64,
+    /// Guest size of the view.
+    pub size: u64,
+    /// Cached L2 tables.
+    pub l2: L2Cache,
+    /// The refcount table.
+    pub reftable: Vec<u64>,
+    /// Cached refcount blocks (raw bytes).
+    pub rb: HashMap<u64, Vec<u8>>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// First cluster index that may be free.
+    pub free_hint: u64,
+    /// Refcount-block allocation searches from here (above a run being allocated).
+    pub alloc_floor: u64,
+    /// Next free byte in the cluster compressed data is being packed into (0 = none).
+    pub free_byte: u64,
+    /// L2 updates applied in the cache but not yet written (table, index, entry, bitmap).
+    pub deferred: Vec<(u64, u64, u64, u64)>,
+    /// Host ranges to unreference once the deferred L2 updates are durable.
+    pub deferred_unref: Vec<(u64, u64)>,
+    /// The deferred updates point to new clusters: flush before writing them.
+    pub deferred_flush: bool,
+    /// Host clusters holding metadata (header, tables), for qemu's overlap check.
+    pub meta_clusters: HashSet<u64>,
+    /// The internal snapshots (table order).
+    pub snapshots: Vec<crate::snapshot::Snapshot>,
+    /// Bytes of the snapshot table.
+    pub snapshot_table_len: u64,
+}
+
+/// Deferred L2 updates beyond which they are written without waiting for a flush.
+const MAX_DEFERRED: usize = 16384;
+
+/// Reads `buf` at `off` from `s`, zero-filling what lies beyond its end (qemu reads
+/// past the end of a file as zeroes).
+pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()> {
+    let len = s.len()?;
+    let avail = usize::try_from(len.saturating_sub(off).min(buf.len() as u64)).unwrap_or(0);
+    let (head, tail) = buf.split_at_mut(avail);
+    if !head.is_empty() {
+        s.read_exact_at(head, off)?;
+    }
+    tail.fill(0);
+    Ok(())
+}
+
+impl Meta {
+    /// Cluster size.
+    pub(crate) fn cs(&self) -> u64 {
+        self.h.cluster_size()
+    }
+
+    /// The storage guest data lives in.
+    pub(crate) fn data_store(&self) -> &Arc<dyn Storage> {
+        self.data.as_ref().unwrap_or(&self.file)
+    }
+
+    /// Reads a table of `n` u64 entries at `off` (bounded by the limits and the file).
+    pub(crate) fn read_table(&self, what: &'static str, off: u64, n: u64) -> Result<Vec<u64>> {
+        let bytes = n.checked_mul(8).ok_or(Error::corrupt("qcow2", what, off))?;
+        let mut raw = self.limits.alloc(what, bytes)?;
+        match off.checked_add(bytes) {
+            Some(end) if end <= self.file.len()? || bytes == 0 => {}
+            _ => return Err(Error::corrupt("qcow2", what, off)),
+        }
+        self.file.read_exact_at(&mut raw, off)?;
+        let mut out = self.limits.alloc_elems::<u64>(what, n, 8)?;
+        decode_u64s(&raw, &mut out);
+        Ok(out)
+    }
+
+    /// Loads (or finds cached) the L2 table at `off`.
+    pub(crate) fn l2_table(&mut self, off: u64) -> Result<&mut Vec<u64>> {
+        if self.l2.get_mut(off).is_none() {
+            let n = self.cs() / 8;
+            let t = self.read_table("L2 table beyond the end of the file", off, n)?;
+            self.l2.insert(off, t);
+        }
+        self.l2
+            .get_mut(off)
+            .ok_or(Error::corrupt("qcow2", "L2 cache", off))
+    }
+
+    /// The L2 table offset for L1 index `i` (0 = none), validated.
+    pub(crate) fn l2_offset(&self, i: u64) -> Result<u64> {
+        let Some(e) = usize::try_from(i).ok().and_then(|i| self.l1.get(i)) else {
+            return Ok(0);
+        };
+        let off = e & L1E_OFFSET_MASK;
+        if !off.is_multiple_of(self.cs()) {
+            return Err(Error::corrupt(
+                "qcow2",
+                "L2 table offset not cluster-aligned",
+                self.l1_offset + i * 8,
+            ));
+        }
+        if off == 0 {
+            return Ok(0);
+        }
+        if off >= MAX_HOST_OFFSET {
+            return Err(Error::corrupt("qcow2", "L2 table offset invalid", off));
+        }
+        Ok(off)
+    }
+
+    /// The (entry, bitmap) pair and the L2 table offset for the cluster holding `guest`.
+    pub(crate) fn l2_entry(&mut self, guest: u64) -> Result<(u64, u64, u64)> {
+        let cs = self.cs();
+        let l2_off = self.l2_offset(guest / self.h.l1_coverage())?;
+        if l2_off == 0 {
+            return Ok((0, 0, 0));
+        }
+        let i = (guest / cs) % self.h.l2_entries();
+        let ext = self.h.extended_l2();
+        let t = self.l2_table(l2_off)?;
+        let (e, b) = if ext {
+            let k = usize::try_from(i * 2).unwrap_or(usize::MAX);
+            (
+                t.get(k).copied().unwrap_or(0),
+                t.get(k + 1).copied().unwrap_or(0),
+            )
+        } else {
+            let k = usize::try_from(i).unwrap_or(usize::MAX);
+            (t.get(k).copied().unwrap_or(0), 0)
+        };
+        Ok((e, b, l2_off))
+    }
+
+    /// Granule (cluster, or subcluster with extended L2) size.
+    pub(crate) fn granule(&self) -> u64 {
+        if self.h.extended_l2() {
+            self.cs() / 32
+        } else {
+            self.cs()
+        }
+    }
+
+    /// What `guest` is, and how many bytes from it (at most `max`) are the same kind
+    /// with contiguous host offsets.
+    pub(crate) fn resolve(&mut self, guest: u64, max: u64) -> Result<(Sub, u64)> {
+        let g = self.granule();
+        let first = self.sub_at(guest)?;
+        if first == Sub::Unalloc && self.l2_offset(guest / self.h.l1_coverage())? == 0 {
+            let cov = self.h.l1_coverage();
+            let mut len = (cov - guest % cov).min(max);
+            while len < max && self.l2_offset((guest + len) / cov)? == 0 {
+                len = len.saturating_add(cov).min(max);
+            }
+            return Ok((first, len));
+        }
+        if let Sub::Compressed(..) = first {
+            return Ok((first, (self.cs() - guest % self.cs()).min(max)));
+        }
+        let mut len = (g - guest % g).min(max);
+        let cov = self.h.l1_coverage();
+        // Bound the work of one call: callers loop over shorter runs.
+        let mut budget = 1u32 << 16;
+        while len < max && budget > 0 {
+            budget -= 1;
+            let next = guest + len;
+            // Whole L1 ranges without an L2 table are one unallocated run.
+            if first == Sub::Unalloc && next.is_multiple_of(cov) && self.l2_offset(next / cov)? == 0
+            {
+                len = len.saturating_add(cov).min(max);
+                continue;
+            }
+            let s = self.sub_at(next)?;
+            let delta = next - guest + guest % g;
+            let same = match (first, s) {
+                (Sub::Data(a), Sub::Data(b)) | (Sub::ZeroAlloc(a), Sub::ZeroAlloc(b)) => {
+                    a.checked_add(delta) == Some(b)
+                }
+                (Sub::Zero, Sub::Zero) | (Sub::Unalloc, Sub::Unalloc) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len = (len + g).min(max);
+        }
+        let first = match first {
+            Sub::Data(a) => Sub::Data(a + guest % g),
+            Sub::ZeroAlloc(a) => Sub::ZeroAlloc(a + guest % g),
+            o => o,
+        };
+        Ok((first, len))
+    }
+
+    /// The kind of the granule holding `guest` (host offsets at the granule start).
+    pub(crate) fn sub_at(&mut self, guest: u64) -> Result<Sub> {
+        let (e, b, l2_off) = self.l2_entry(guest)?;
+        let sc = u32::try_from((guest % self.cs()) / (self.cs() / 32)).unwrap_or(0);
+        classify(&self.h, e, b, sc, l2_off)
+    }
+
+    /// Writes the L1 entry `i` through to disk.
+    pub(crate) fn write_l1_entry(&mut self, i: u64, value: u64) -> Result<()> {
+        let k = usize::try_from(i).map_err(|_| Error::invalid("L1 index"))?;
+        let slot = self
+            .l1
+            .get_mut(k)
+            .ok_or(Error::corrupt("qcow2", "L1 index out of range", i))?;
+        *slot = value;
+        self.file
+            .write_all_at(&value.to_be_bytes(), self.l1_offset + i * 8)
+    }
+
+    /// Remembers `off..off+len` as metadata (bounded: huge hostile tables are skipped).
+    pub(crate) fn note_meta(&mut self, off: u64, len: u64) {
+        let cs = self.cs();
+        if len == 0 || self.meta_clusters.len() > 1 << 20 {
+            return;
+        }
+        let last = off.saturating_add(len - 1) / cs;
+        for c in off / cs..=last.min(off / cs + (1 << 16)) {
+            self.meta_clusters.insert(c);
+        }
+    }
+
+    /// Builds the metadata set from the header and tables (at open).
+    pub(crate) fn collect_meta(&mut self) {
+        let cs = self.cs();
+        self.note_meta(0, cs);
+        self.note_meta(self.l1_offset, self.l1.len() as u64 * 8);
+        self.note_meta(
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * cs,
+        );
+        let mut offs: Vec<u64> = self
+            .reftable
+            .iter()
+            .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+            .collect();
+        offs.extend(self.l1.iter().map(|e| e & L1E_OFFSET_MASK));
+        for o in offs.into_iter().filter(|&o| o != 0) {
+            self.note_meta(o, cs);
+        }
+    }
+
+    /// qemu's overlap check: fails (and marks a v3 image corrupt, as qemu) when a guest
+    /// data write at `host` would land on metadata.
+    pub(crate) fn check_overlap(&mut self, host: u64, len: u64) -> Result<()> {
+        if self.data.is_some() || len == 0 {
+            return Ok(());
+        }
+        let cs = self.cs();
+        let hit = (host / cs..=(host + len - 1) / cs).any(|c| self.meta_clusters.contains(&c));
+        if !hit {
+            return Ok(());
+        }
+        if self.h.version >= 3 {
+            self.h.incompatible |= crate::header::INCOMPAT_CORRUPT;
+            let v = self.h.incompatible;
+            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.flush()?;
+        }
+        Err(Error::corrupt(
+            "qcow2",
+            "guest write would overwrite metadata (image marked corrupt)",
+            host,
+        ))
+    }
+
+    /// Records L2 updates: the cache sees them at once; storage gets them at the next
+    /// [`Meta::commit_deferred`] (guest flush, check, close, or too many pending), after a
+    /// storage flush when they point to new clusters. Old allocations in `unref` lose their
+    /// reference only after the updates are durable.
+    pub(crate) fn defer(
+        &mut self,
+        l2: Vec<(u64, u64, u64, u64)>,
+        unref: Vec<(u64, u64)>,
+        new_clusters: bool,
+    ) -> Result<()> {
+        let ext = self.h.extended_l2();
+        for &(t, i, e, b) in &l2 {
+            let tab = self.l2_table(t)?;
+            let k = usize::try_from(if ext { i * 2 } else { i }).unwrap_or(usize::MAX);
+            if let Some(s) = tab.get_mut(k) {
+                *s = e;
+            }
+            if let Some(s) = tab.get_mut(k + 1).filter(|_| ext) {
+                *s = b;
+            }
+            self.l2.dirty.insert(t);
+        }
+        self.deferred.extend(l2);
+        self.deferred_unref.extend(unref);
+        self.deferred_flush |= new_clusters;
+        if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > 64 {
+            self.commit_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deferred L2 updates (see [`Meta::defer`]).
+    pub(crate) fn commit_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() && self.deferred_unref.is_empty() {
+            return Ok(());
+        }
+        if self.deferred_flush {
+            if let Some(d) = &self.data {
+                d.flush()?;
+            }
+            self.file.flush()?;
+        }
+        let list = std::mem::take(&mut self.deferred);
+        // Consecutive entries of one table go out in one write (order is preserved).
+        let mut k = 0;
+        while k < list.len() {
+            let (l2, i0, _, _) = list.get(k).copied().unwrap_or_default();
+            let mut run = Vec::new();
+            while let Some(&(t, i, e, b)) = list.get(k) {
+                if t != l2 || i != i0 + run.len() as u64 {
+                    break;
+                }
+                run.push((e, b));
+                k += 1;
+            }
+            self.write_l2_entries(l2, i0, &run)?;
+        }
+        self.l2.dirty.clear();
+        self.deferred_flush = false;
+        let unref = std::mem::take(&mut self.deferred_unref);
+        if !unref.is_empty() {
+            self.file.flush()?;
+            for (o, l) in unref {
+                self.unref_range(o, l)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes consecutive entries `i0..` of the L2 table at `l2_off` with one storage write.
+    pub(crate) fn write_l2_entries(
+        &mut self,
+        l2_off: u64,
+        i0: u64,
+        entries: &[(u64, u64)],
+    ) -> Result<()> {
+        let ext = self.h.extended_l2();
+        let per = if ext { 2 } else { 1 };
+        let t = self.l2_table(l2_off)?;
+        let mut raw = Vec::new();
+        for (k, (e, b)) in entries.iter().enumerate() {
+            let idx = usize::try_from((i0 + k as u64) * per).unwrap_or(usize::MAX);
+            if let Some(s) = t.get_mut(idx) {
+                *s = *e;
+            }
+            raw.extend_from_slice(&e.to_be_bytes());
+            if ext {
+                if let Some(s) = t.get_mut(idx + 1) {
+                    *s = *b;
+                }
+                raw.extend_from_slice(&b.to_be_bytes());
+            }
+        }
+        self.file.write_all_at(&raw, l2_off + i0 * per * 8)
+    }
+
+    /// Writes a whole fresh L2 table to `off` and caches it.
+    pub(crate) fn write_l2_table(&mut self, off: u64, table: Vec<u64>) -> Result<()> {
+        self.file.write_all_at(&encode_u64s(&table), off)?;
+        self.l2.insert(off, table);
+        Ok(())
+    }
+}

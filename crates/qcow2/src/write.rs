@@ -1,0 +1,715 @@
+//! The write path: cluster allocation with copy-on-write, subclusters, zero flags,
+//! discard, compressed clusters and growth.
+//!
+//! Ordering (crash consistency): new clusters are refcounted and their data written,
+//! then storage is flushed, and only then does an L2 (or L1) entry point to them (L2
+//! updates are deferred to the next flush, see `Meta::defer`). When a cluster is dropped,
+//! the L2 entry is rewritten and flushed before its refcount falls.
+//! A crash can therefore leak clusters but never leave a dangling reference.
+
+use diskimg_blockio::bytes::WriteBytes;
+use diskimg_blockio::{Error, Preallocation, Result};
+
+use crate::compress;
+use crate::device::Qcow2Device;
+use crate::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
+use crate::meta::Meta;
+use crate::table::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify,
+    encode_u64s,
+};
+
+/// All 32 subcluster allocation bits.
+const ALL_ALLOC: u64 = 0xffff_ffff;
+
+/// Metadata updates collected during one request, applied by [`commit`].
+#[derive(Default)]
+struct Pending {
+    /// (L2 table offset, index, entry, bitmap).
+    l2: Vec<(u64, u64, u64, u64)>,
+    /// Host ranges to drop one reference from once the L2 updates are durable.
+    unref: Vec<(u64, u64)>,
+    /// New clusters were allocated: flush before pointing to them.
+    flush: bool,
+}
+
+fn commit(_dev: &Qcow2Device, m: &mut Meta, p: Pending) -> Result<()> {
+    m.defer(p.l2, p.unref, p.flush)
+}
+
+fn idx(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// The L2 table for L1 index `l1i`, allocated (or copied from a shared one) if needed.
+fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
+    let l2 = m.l2_offset(l1i)?;
+    let l1e = m.l1.get(idx(l1i)).copied().unwrap_or(0);
+    if l2 != 0 && l1e & OFLAG_COPIED != 0 {
+        return Ok(l2);
+    }
+    let n = idx(m.cs() / 8);
+    let table = if l2 != 0 {
+        m.l2_table(l2)?.clone()
+    } else {
+        vec![0u64; n]
+    };
+    let new = m.alloc_run(1)?;
+    m.note_meta(new, m.cs());
+    m.write_l2_table(new, table)?;
+    m.file.flush()?;
+    m.write_l1_entry(l1i, new | OFLAG_COPIED)?;
+    if l2 != 0 {
+        m.file.flush()?;
+        m.unref_range(l2, m.cs())?;
+    }
+    Ok(new)
+}
+
+/// A new host cluster for guest cluster `cstart` (data files: host = guest offset).
+fn new_cluster(m: &mut Meta, cstart: u64) -> Result<u64> {
+    if m.data.is_some() {
+        Ok(cstart)
+    } else {
+        m.alloc_run(1)
+    }
+}
+
+/// The old allocation an L2 entry held, to drop once it is no longer referenced.
+fn old_ref(m: &Meta, sub_entry: u64) -> Option<(u64, u64)> {
+    if sub_entry & OFLAG_COMPRESSED != 0 {
+        let x = 62 - (m.h.cluster_bits - 8);
+        let off = sub_entry & ((1u64 << x) - 1);
+        let sectors = ((sub_entry & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
+        return Some((off & !511, sectors * 512));
+    }
+    let off = sub_entry & L2E_OFFSET_MASK;
+    (off != 0 && m.data.is_none()).then(|| (off, m.cs()))
+}
+
+fn write_cluster(
+    dev: &Qcow2Device,
+    m: &mut Meta,
+    data: &[u8],
+    guest: u64,
+    p: &mut Pending,
+) -> Result<()> {
+    let cs = m.cs();
+    let in_off = guest % cs;
+    let cstart = guest - in_off;
+    let l2 = ensure_l2(m, guest / m.h.l1_coverage())?;
+    let i = (guest / cs) % m.h.l2_entries();
+    let (e, bm, _) = m.l2_entry(guest)?;
+    let copied = e & OFLAG_COPIED != 0;
+    let store = m.data_store().clone();
+    if !m.h.extended_l2() {
+        let kind = classify(&m.h, e, bm, 0, l2)?;
+        if let Sub::Data(h) = kind
+            && copied
+        {
+            m.check_overlap(h, cs)?;
+            return store.write_all_at(data, h + in_off);
+        }
+        let full = if data.len() as u64 == cs {
+            data.to_vec()
+        } else {
+            let mut b = vec![0u8; idx(cs)];
+            if !matches!(kind, Sub::Zero | Sub::ZeroAlloc(_)) {
+                dev.read_locked(m, &mut b, cstart)?;
+            }
+            b.put(idx(in_off), data);
+            b
+        };
+        let host = match kind {
+            Sub::ZeroAlloc(h) if copied => {
+                m.check_overlap(h, cs)?;
+                h
+            }
+            _ => new_cluster(m, cstart)?,
+        };
+        store.write_all_at(&full, host)?;
+        p.l2.push((l2, i, host | OFLAG_COPIED, 0));
+        p.flush = true;
+        if !(copied && matches!(kind, Sub::ZeroAlloc(_)))
+            && let Some(r) = old_ref(m, e).filter(|_| !copied || e & OFLAG_COMPRESSED != 0)
+        {
+            p.unref.push(r);
+        }
+        return Ok(());
+    }
+    // Extended L2: validate, then work per subcluster.
+    classify(&m.h, e, bm, 0, l2)?;
+    let allocated =
+        e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data.is_some() && copied));
+    if e & OFLAG_COMPRESSED != 0 || (allocated && !copied) {
+        let mut b = vec![0u8; idx(cs)];
+        dev.read_locked(m, &mut b, cstart)?;
+        b.put(idx(in_off), data);
+        let host = new_cluster(m, cstart)?;
+        store.write_all_at(&b, host)?;
+        p.l2.push((l2, i, host | OFLAG_COPIED, ALL_ALLOC));
+        p.flush = true;
+        if let Some(r) = old_ref(m, e) {
+            p.unref.push(r);
+        }
+        return Ok(());
+    }
+    let (host, mut nbm) = if allocated {
+        m.check_overlap(e & L2E_OFFSET_MASK, cs)?;
+        (e & L2E_OFFSET_MASK, bm)
+    } else {
+        p.flush = true;
+        (new_cluster(m, cstart)?, bm & !ALL_ALLOC)
+    };
+    let g = cs / 32;
+    let end = in_off + data.len() as u64;
+    for sc in in_off / g..=(end - 1) / g {
+        let gs = sc * g;
+        let ws = gs.max(in_off);
+        let we = (gs + g).min(end);
+        let src = data
+            .get(idx(ws - in_off)..idx(we - in_off))
+            .ok_or(Error::invalid("write range"))?;
+        if (nbm >> sc) & 1 != 0 || (ws == gs && we == gs + g) {
+            store.write_all_at(src, host + ws)?;
+        } else {
+            let mut gb = vec![0u8; idx(g)];
+            if (bm >> (32 + sc)) & 1 == 0 {
+                dev.read_locked(m, &mut gb, cstart + gs)?;
+            }
+            gb.put(idx(ws - gs), src);
+            store.write_all_at(&gb, host + gs)?;
+        }
+        nbm = (nbm | (1 << sc)) & !(1u64 << (32 + sc));
+    }
+    if !allocated || nbm != bm {
+        p.l2.push((l2, i, host | OFLAG_COPIED, nbm));
+    }
+    Ok(())
+}
+
+/// Whole-cluster writes over a run of clusters of one L2 table that are either all
+/// overwritten in place (contiguous, COPIED) or all freshly allocated (nothing to copy):
+/// one data write, one refcount update, one L2 update. Returns the bytes written, or
+/// `None` when the slow path must handle `guest`.
+fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Option<u64>> {
+    let cs = m.cs();
+    if m.h.extended_l2() || !guest.is_multiple_of(cs) || (buf.len() as u64) < 2 * cs {
+        return Ok(None);
+    }
+    let per = m.h.l2_entries();
+    let i0 = (guest / cs) % per;
+    let max_n = (buf.len() as u64 / cs).min(per - i0);
+    let l2 = ensure_l2(m, guest / m.h.l1_coverage())?;
+    let mut n = 0u64;
+    let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
+    let mut host0 = 0u64;
+    let mut olds = Vec::new();
+    while n < max_n {
+        let (e, bm, _) = m.l2_entry(guest + n * cs)?;
+        let copied = e & OFLAG_COPIED != 0;
+        let kind = classify(&m.h, e, bm, 0, l2)?;
+        let this = match kind {
+            Sub::Data(h) if copied => {
+                if n == 0 {
+                    host0 = h;
+                }
+                if h != host0 + n * cs {
+                    break;
+                }
+                false
+            }
+            Sub::ZeroAlloc(_) if copied => break,
+            _ => true,
+        };
+        if *mode.get_or_insert(this) != this {
+            break;
+        }
+        if this {
+            olds.push(e);
+        }
+        n += 1;
+    }
+    if n < 2 {
+        return Ok(None);
+    }
+    let data = buf
+        .get(..idx(n * cs))
+        .ok_or(Error::invalid("write range"))?;
+    let store = m.data_store().clone();
+    if mode == Some(false) {
+        m.check_overlap(host0, n * cs)?;
+        store.write_all_at(data, host0)?;
+        return Ok(Some(n * cs));
+    }
+    let host = if m.data.is_some() {
+        guest
+    } else {
+        m.alloc_run(n)?
+    };
+    store.write_all_at(data, host)?;
+    for (k, e) in olds.into_iter().enumerate() {
+        let k = k as u64;
+        p.l2.push((l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
+        // Fresh runs never hold a COPIED allocation: whatever was there is shared.
+        if let Some(r) = old_ref(m, e) {
+            p.unref.push(r);
+        }
+    }
+    p.flush = true;
+    Ok(Some(n * cs))
+}
+
+/// `BlockDevice::write_at` for qcow2.
+pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
+    let mut m = dev.lock();
+    let cs = m.cs();
+    let mut p = Pending::default();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let guest = off + done as u64;
+        let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
+        let rest = buf.get(done..).unwrap_or(&[]);
+        if let Some(k) = fast_run(&mut m, rest, guest, &mut p)? {
+            done += idx(k);
+            continue;
+        }
+        let chunk = buf
+            .get(done..done + n)
+            .ok_or(Error::invalid("write range"))?;
+        write_cluster(dev, &mut m, chunk, guest, &mut p)?;
+        done += n;
+    }
+    commit(dev, &mut m, p)
+}
+
+/// `BlockDevice::write_zeroes` for qcow2: zero flags on whole clusters (v3), zero
+/// buffers elsewhere.
+pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -> Result<()> {
+    let mut m = dev.lock();
+    let cs = m.cs();
+    let size = m.size;
+    let v3 = m.h.version >= 3;
+    let raw = m.h.autoclear & AUTOCLEAR_DATA_RAW != 0;
+    let zeros = vec![0u8; idx(cs)];
+    let mut p = Pending::default();
+    let mut pos = off;
+    let end = off + len;
+    while pos < end {
+        let cstart = pos - pos % cs;
+        let n = (cstart + cs).min(end) - pos;
+        let whole = pos == cstart && (n == cs || pos + n == size);
+        let ext = m.h.extended_l2();
+        if !v3 || !(whole || ext) {
+            let z = zeros.get(..idx(n)).unwrap_or(&[]);
+            write_cluster(dev, &mut m, z, pos, &mut p)?;
+            pos += n;
+            continue;
+        }
+        let l1i = pos / m.h.l1_coverage();
+        let l2 = ensure_l2(&mut m, l1i)?;
+        let i = (pos / cs) % m.h.l2_entries();
+        let (e, bm, _) = m.l2_entry(pos)?;
+        let copied = e & OFLAG_COPIED != 0;
+        if raw {
+            m.data_store().clone().write_zeroes(pos, n)?;
+        }
+        if !ext {
+            let kind = classify(&m.h, e, bm, 0, l2)?;
+            let keep = match kind {
+                Sub::Data(h) | Sub::ZeroAlloc(h) if copied && !unmap => Some(h),
+                _ => None,
+            };
+            let new = match keep {
+                Some(h) => h | OFLAG_COPIED | OFLAG_ZERO,
+                None => OFLAG_ZERO,
+            };
+            if keep.is_none()
+                && let Some(r) = old_ref(&m, e)
+            {
+                p.unref.push(r);
+            }
+            p.l2.push((l2, i, new, 0));
+            pos += n;
+            continue;
+        }
+        // Extended L2: whole subclusters get the zero bit, edges get zero data.
+        let g = cs / 32;
+        let in_off = pos - cstart;
+        let first_full = in_off.div_ceil(g);
+        let last_full = if pos + n == size {
+            (in_off + n).div_ceil(g)
+        } else {
+            (in_off + n) / g
+        };
+        let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && !copied);
+        if shared || first_full >= last_full {
+            let z = zeros.get(..idx(n)).unwrap_or(&[]);
+            write_cluster(dev, &mut m, z, pos, &mut p)?;
+            pos += n;
+            continue;
+        }
+        let head = (first_full * g).saturating_sub(in_off);
+        if head > 0 {
+            write_cluster(
+                dev,
+                &mut m,
+                zeros.get(..idx(head)).unwrap_or(&[]),
+                pos,
+                &mut p,
+            )?;
+        }
+        let mut mask = 0u64;
+        for sc in first_full..last_full.min(32) {
+            mask |= 1 << sc;
+        }
+        let (e, bm, _) = m.l2_entry(pos)?;
+        let pending_bm =
+            p.l2.iter()
+                .rev()
+                .find(|x| x.0 == l2 && x.1 == i)
+                .map(|x| (x.2, x.3));
+        let (e, bm) = pending_bm.unwrap_or((e, bm));
+        p.l2.push((l2, i, e, (bm & !mask) | (mask << 32)));
+        let tail_start = last_full * g;
+        if tail_start < in_off + n {
+            let t = in_off + n - tail_start;
+            let z = zeros.get(..idx(t)).unwrap_or(&[]);
+            // Apply the subcluster update first so the tail sees the right entry.
+            let staged = std::mem::take(&mut p);
+            commit(dev, &mut m, staged)?;
+            write_cluster(dev, &mut m, z, cstart + tail_start, &mut p)?;
+        }
+        pos += n;
+    }
+    commit(dev, &mut m, p)
+}
+
+/// `BlockDevice::discard` for qcow2: whole clusters only (as qemu), reading back as
+/// zeroes on v3; on v2 the clusters are deallocated, or nothing happens with a backing
+/// image (as qemu, which cannot express zeroes there).
+pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
+    let has_backing = dev.backing().is_some() || dev.lock().h.backing_file.is_some();
+    let mut m = dev.lock();
+    let cs = m.cs();
+    let size = m.size;
+    let v3 = m.h.version >= 3;
+    let raw = m.h.autoclear & AUTOCLEAR_DATA_RAW != 0;
+    if !v3 && has_backing {
+        // qemu cannot make the range read as zeroes without data writes here, and
+        // exposing the backing data would change the guest view: it ignores the request.
+        return Ok(());
+    }
+    let mut p = Pending::default();
+    let mut c = off.div_ceil(cs) * cs;
+    let end = off + len;
+    while c < end && (c + cs <= end || end == size) {
+        let l1i = c / m.h.l1_coverage();
+        let i = (c / cs) % m.h.l2_entries();
+        let (e, bm, l2) = m.l2_entry(c)?;
+        if l2 == 0 && !(v3 && has_backing) {
+            c += cs;
+            continue;
+        }
+        let allocated = e & OFLAG_COMPRESSED != 0
+            || e & L2E_OFFSET_MASK != 0
+            || (m.data.is_some() && e & OFLAG_COPIED != 0);
+        if has_backing || allocated {
+            let (ne, nb) = if !v3 {
+                (0, 0)
+            } else if m.h.extended_l2() {
+                (0, ALL_ALLOC << 32)
+            } else {
+                (OFLAG_ZERO, 0)
+            };
+            if (ne, nb) != (e, bm) {
+                let l2 = ensure_l2(&mut m, l1i)?;
+                let (e2, _, _) = m.l2_entry(c)?;
+                if let Some(r) = old_ref(&m, e2) {
+                    p.unref.push(r);
+                }
+                if raw {
+                    let n = cs.min(size - c);
+                    m.data_store().clone().write_zeroes(c, n)?;
+                }
+                p.l2.push((l2, i, ne, nb));
+            }
+        }
+        c += cs;
+    }
+    commit(dev, &mut m, p)
+}
+
+/// `BlockDevice::write_compressed`: one whole cluster (or the partial last one).
+pub(crate) fn write_compressed(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
+    let mut m = dev.lock();
+    let cs = m.cs();
+    if m.data.is_some() {
+        return Err(Error::unsupported(
+            "qcow2",
+            "compressed writes to images with a data file",
+        ));
+    }
+    if !off.is_multiple_of(cs) || (buf.len() as u64 != cs && off + buf.len() as u64 != m.size) {
+        return Err(Error::invalid(
+            "qcow2: compressed writes must cover exactly one cluster",
+        ));
+    }
+    let (e, _, _) = m.l2_entry(off)?;
+    if e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
+        return Err(Error::invalid(
+            "qcow2: compressed writes cannot overwrite allocated clusters",
+        ));
+    }
+    let mut full = vec![0u8; idx(cs)];
+    full.put(0, buf);
+    let Some(c) = compress::compress(m.h.compression_type, &full)? else {
+        drop(m);
+        return write(dev, buf, off);
+    };
+    let l1i = off / m.h.l1_coverage();
+    let l2 = ensure_l2(&mut m, l1i)?;
+    let i = (off / cs) % m.h.l2_entries();
+    let size = c.len() as u64;
+    let host = alloc_bytes(&mut m, size)?;
+    let x = 62 - (m.h.cluster_bits - 8);
+    if host + size > 1u64 << x {
+        return Err(Error::invalid(
+            "qcow2: image too large for compressed clusters",
+        ));
+    }
+    dev.file.write_all_at(&c, host)?;
+    let nsec = (host + size - 1) / 512 - host / 512;
+    let entry = OFLAG_COMPRESSED | host | (nsec << x);
+    m.defer(vec![(l2, i, entry, 0)], Vec::new(), true)
+}
+
+/// Allocates `size` bytes for compressed data, packing into the last partly used cluster.
+fn alloc_bytes(m: &mut Meta, size: u64) -> Result<u64> {
+    let cs = m.cs();
+    let fb = m.free_byte;
+    if fb != 0 && !fb.is_multiple_of(cs) && fb + size <= fb - fb % cs + cs {
+        let c = fb / cs;
+        let r = m.refcount(c)?;
+        if r > 0 && r < m.max_refcount() {
+            m.set_refcount(c, r + 1)?;
+            m.free_byte = if (fb + size).is_multiple_of(cs) {
+                0
+            } else {
+                fb + size
+            };
+            return Ok(fb);
+        }
+    }
+    let host = m.alloc_run(size.div_ceil(cs))?;
+    m.free_byte = if (host + size).is_multiple_of(cs) {
+        0
+    } else {
+        host + size
+    };
+    Ok(host)
+}
+
+/// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
+/// shrink (freeing clusters beyond the new end).
+pub(crate) fn resize(
+    dev: &Qcow2Device,
+    new: u64,
+    prealloc: Preallocation,
+    shrink: bool,
+    zero_new: bool,
+) -> Result<()> {
+    let mut m = dev.lock();
+    let old = m.size;
+    if !new.is_multiple_of(512) {
+        return Err(Error::invalid("The new size must be a multiple of 512"));
+    }
+    if new < old {
+        if !shrink {
+            return Err(Error::invalid(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if !m.snapshots.is_empty() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "shrinking images with internal snapshots",
+            ));
+        }
+        shrink_clusters(&mut m, new)?;
+    }
+    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
+    if prealloc != Preallocation::Off && (new < old || backed) {
+        return Err(Error::unsupported(
+            "qcow2",
+            "preallocation when shrinking or over a backing image",
+        ));
+    }
+    if !m.snapshots.is_empty() && m.h.version < 3 {
+        return Err(Error::unsupported(
+            "qcow2",
+            "resizing v2 images with internal snapshots",
+        ));
+    }
+    let need = m.h.l1_entries_for(new);
+    if need > m.l1.len() as u64 {
+        grow_l1(dev, &mut m, need)?;
+    }
+    if m.h.autoclear & AUTOCLEAR_DATA_RAW != 0
+        && let Some(d) = &dev.data
+    {
+        d.set_len(new)?;
+        d.flush()?;
+    }
+    dev.file.write_all_at(&new.to_be_bytes(), 24)?;
+    dev.file.flush()?;
+    m.size = new;
+    m.h.size = new;
+    drop(m);
+    if new > old && prealloc != Preallocation::Off {
+        preallocate(dev, prealloc, false, old)?;
+    }
+    if new > old && backed && zero_new {
+        // As qemu: the new area must not show the backing image's data.
+        write_zeroes(dev, old, new - old, false)?;
+        dev.lock().commit_deferred()?;
+        dev.file.flush()?;
+    }
+    Ok(())
+}
+
+/// Deallocates every cluster at or beyond `new` (rounded up to a cluster), as qemu's
+/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table.
+fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
+    m.commit_deferred()?;
+    let cs = m.cs();
+    let cov = m.h.l1_coverage();
+    let first = new.div_ceil(cs) * cs;
+    let l1_len = m.l1.len() as u64;
+    let mut p = Pending::default();
+    let mut dropped_tables = Vec::new();
+    for l1i in first / cov..l1_len {
+        let l2 = m.l2_offset(l1i)?;
+        if l2 == 0 {
+            continue;
+        }
+        let per = m.h.l2_entries();
+        let start = if l1i * cov >= first {
+            0
+        } else {
+            (first % cov) / cs
+        };
+        let whole = start == 0;
+        for i in start..per {
+            let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
+            if let Some(r) = old_ref(m, e) {
+                p.unref.push(r);
+            }
+            if !whole && e != 0 {
+                p.l2.push((l2, i, 0, 0));
+            }
+        }
+        if whole {
+            dropped_tables.push((l1i, l2));
+        }
+    }
+    for &(l1i, _) in &dropped_tables {
+        m.write_l1_entry(l1i, 0)?;
+    }
+    m.file.flush()?;
+    for (_, l2) in dropped_tables {
+        p.unref.push((l2, cs));
+    }
+    m.defer(p.l2, p.unref, false)?;
+    m.commit_deferred()
+}
+
+fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
+    let cs = m.cs();
+    if need * 8 > MAX_L1_BYTES {
+        return Err(Error::invalid("qcow2: Image is too big"));
+    }
+    let clusters = (need * 8).div_ceil(cs);
+    let host = m.alloc_run(clusters)?;
+    let mut table = m.l1.clone();
+    table.resize(idx(clusters * cs / 8), 0);
+    dev.file.write_all_at(&encode_u64s(&table), host)?;
+    dev.file.flush()?;
+    let mut hdr = [0u8; 12];
+    hdr.put_be_u32(
+        0,
+        u32::try_from(need).map_err(|_| Error::invalid("L1 size"))?,
+    );
+    hdr.put_be_u64(4, host);
+    dev.file.write_all_at(&hdr, 36)?;
+    dev.file.flush()?;
+    let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
+    table.truncate(idx(need));
+    m.l1 = table;
+    m.note_meta(host, clusters * cs);
+    m.l1_offset = host;
+    m.h.l1_table_offset = host;
+    m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
+    if old_n > 0 {
+        m.unref_range(old_off & L1E_OFFSET_MASK, old_n * 8)?;
+    }
+    Ok(())
+}
+
+/// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).
+pub(crate) fn preallocate(
+    dev: &Qcow2Device,
+    mode: Preallocation,
+    backing: bool,
+    from: u64,
+) -> Result<()> {
+    let mut m = dev.lock();
+    m.commit_deferred()?;
+    let cs = m.cs();
+    let size = m.size;
+    let per_l2 = m.h.l2_entries();
+    let ext = m.h.extended_l2();
+    let mut g = from.div_ceil(cs) * cs;
+    while g < size {
+        let l1i = g / m.h.l1_coverage();
+        let l2 = ensure_l2(&mut m, l1i)?;
+        let i0 = (g / cs) % per_l2;
+        let n = ((size - g).div_ceil(cs)).min(per_l2 - i0);
+        let host = if m.data.is_some() { g } else { m.alloc_run(n)? };
+        let store = m.data_store().clone();
+        if matches!(mode, Preallocation::Falloc | Preallocation::Full) {
+            store.preallocate(host, n * cs, mode)?;
+        } else {
+            let want = if m.data.is_some() {
+                size
+            } else {
+                host + n * cs
+            };
+            if store.len()? < want {
+                store.set_len(want)?;
+            }
+        }
+        dev.file.flush()?;
+        if let Some(d) = &dev.data {
+            d.flush()?;
+        }
+        let mut table = m.l2_table(l2)?.clone();
+        for k in 0..n {
+            let e = (host + k * cs) | OFLAG_COPIED;
+            let k = k + i0;
+            if ext {
+                if let Some(s) = table.get_mut(idx(2 * k)) {
+                    *s = e;
+                }
+                if let Some(s) = table.get_mut(idx(2 * k + 1)) {
+                    *s = if backing { 0 } else { ALL_ALLOC };
+                }
+            } else if let Some(s) = table.get_mut(idx(k)) {
+                *s = e;
+            }
+        }
+        m.write_l2_table(l2, table)?;
+        g += n * cs;
+    }
+    dev.file.flush()
+}

@@ -1,0 +1,169 @@
+//! Crash consistency: cut the storage at every write and flush of a workload; the image
+//! must open, `qemu-img check` must find no corruption (leaks are fine), and everything
+//! flushed before the cut must read back.
+
+use std::sync::Arc;
+
+use diskimg_blockio::{
+    BlockDevice, CrashMode, CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions,
+    OptionList, RepairMode, Storage, ZeroFlags,
+};
+use diskimg_qcow2::DRIVER;
+use diskimg_testutil::{Model, qemu_check_json, read_all, tempdir};
+
+const SIZE: u64 = 1 << 20;
+
+fn ops() -> Vec<(u64, u64, u8)> {
+    // (offset, len, kind/byte): kind 0 = zero, 1 = discard, 2 = compressed, else write.
+    vec![
+        (0, 8192, 7),
+        (5000, 300, 8),
+        (65536, 20000, 9),
+        (4096, 8192, 0),
+        (300_000, 200_000, 10),
+        (262_144, 65536, 1),
+        (600_000, 4096, 2),
+        (700_000, 1, 11),
+        (65536, 4096, 0),
+        (900_000, 100_000, 12),
+    ]
+}
+
+fn apply(
+    dev: &dyn BlockDevice,
+    m: &mut Model,
+    (o, l, k): (u64, u64, u8),
+) -> diskimg_blockio::Result<()> {
+    match k {
+        0 => dev.write_zeroes(o, l, ZeroFlags { may_unmap: true })?,
+        1 => dev.discard(o, l)?,
+        2 => {
+            let g = dev.compressed_write_granularity().unwrap();
+            let start = o / g * g;
+            let buf = vec![0x44u8; g as usize];
+            dev.write_compressed(&buf, start)?;
+            m.write(start as usize, &buf);
+            return Ok(());
+        }
+        b => dev.write_at(&vec![b; l as usize], o)?,
+    }
+    match k {
+        0 | 1 => m.zero(o as usize, l as usize),
+        b => m.write(o as usize, &vec![b; l as usize]),
+    }
+    Ok(())
+}
+
+fn crash_all_cuts(options: &str, flush_every: usize) {
+    let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let mut req = CreateRequest::new(SIZE, OptionList::parse(options).unwrap());
+    DRIVER.create(base.clone(), &mut req).unwrap();
+    let mut initial = vec![0u8; base.len().unwrap() as usize];
+    base.read_exact_at(&mut initial, 0).unwrap();
+
+    // Count the operations of a clean run.
+    let count = {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), None));
+        let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
+        let mut m = Model::zeroed(SIZE as usize);
+        let n_ops = ops().len();
+        for (k, op) in ops().into_iter().enumerate() {
+            apply(dev.as_ref(), &mut m, op).unwrap();
+            if (k + 1) % flush_every == 0 || k + 1 == n_ops {
+                dev.flush().unwrap();
+            }
+        }
+        fs.ops()
+    };
+    assert!(count > 20, "{count}");
+    let dir = tempdir();
+    let path = dir.path().join("crash.qcow2");
+    for cut in 0..count {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
+        let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
+        let mut m = Model::zeroed(SIZE as usize);
+        let mut durable = m.clone();
+        let mut touched_after: Vec<(u64, u64)> = Vec::new();
+        let n_ops = ops().len();
+        for (k, op) in ops().into_iter().enumerate() {
+            let g = 65536u64;
+            touched_after.push((op.0 / g * g, op.1 + g));
+            if apply(dev.as_ref(), &mut m, op).is_err() {
+                break;
+            }
+            if (k + 1) % flush_every == 0 || k + 1 == n_ops {
+                if dev.flush().is_err() {
+                    break;
+                }
+                durable = m.clone();
+                touched_after.clear();
+            }
+        }
+        assert!(fs.crashed());
+        for mode in [
+            CrashMode::KeepAll,
+            CrashMode::DropUnflushed,
+            CrashMode::Random(cut),
+        ] {
+            let img = fs.crash_image(mode);
+            // qemu-img check on every fifth cut (time), our own check on all of them.
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+            let r = dev.check(Default::default()).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}: {r:?}"
+            );
+            if cut % 5 == 0 {
+                std::fs::write(&path, &img).unwrap();
+                let (v, _) = qemu_check_json(&path, "qcow2");
+                assert_eq!(
+                    v["corruptions"].as_u64().unwrap_or(0),
+                    0,
+                    "cut {cut} {mode:?}: {v}"
+                );
+                assert_eq!(
+                    v["check-errors"].as_u64().unwrap_or(0),
+                    0,
+                    "cut {cut} {mode:?}: {v}"
+                );
+                // Our check counts the same leaks as qemu's, and repairs them.
+                assert_eq!(
+                    v["leaks"].as_u64().unwrap_or(0),
+                    r.leaks,
+                    "cut {cut} {mode:?}: {v}"
+                );
+                if r.leaks > 0 {
+                    let fixed = crate::open(&path, false).check(RepairMode::Leaks).unwrap();
+                    assert_eq!(fixed.leaks_fixed, r.leaks);
+                    diskimg_testutil::assert_qemu_check_clean(&path, "qcow2");
+                }
+            }
+            let got = read_all(dev.as_ref());
+            let mut want = durable.bytes.clone();
+            let mut got_masked = got.clone();
+            for (o, l) in &touched_after {
+                let end = (*o + *l).min(SIZE) as usize;
+                want[*o as usize..end].fill(0);
+                got_masked[*o as usize..end].fill(0);
+            }
+            assert!(got_masked == want, "cut {cut} {mode:?}: flushed data lost");
+        }
+    }
+}
+
+#[test]
+fn crash_at_every_write_and_flush_v3() {
+    crash_all_cuts("cluster_size=4k", 1);
+}
+
+#[test]
+fn crash_with_metadata_deferred_over_several_writes() {
+    crash_all_cuts("cluster_size=512,refcount_bits=64", 4);
+}
+
+#[test]
+fn crash_at_every_write_and_flush_extended_l2_small_refcounts() {
+    crash_all_cuts("cluster_size=16k,extended_l2=on,refcount_bits=2", 1);
+}
