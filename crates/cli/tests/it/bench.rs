@@ -68,7 +68,7 @@ fn writes_match_qemu_bench() {
             "--flush-interval=4",
         ],
     ];
-    for fmt in ["raw", "vmdk", "vdi", "vpc"] {
+    for fmt in ["raw", "qcow2", "vmdk", "vdi", "vpc"] {
         let (q, d) = pair(dir.path(), fmt, "4M");
         // An aligned wrap past the end (vpc's CHS-rounded size is not a multiple of 64k).
         let wrap: &[&str] = &["-w", "--pattern=1", "-c", "100", "-s", "64k", "-d", "2"];
@@ -105,7 +105,7 @@ fn writes_match_qemu_bench() {
                 "{fmt} {args:?}: content differs"
             );
         }
-        if fmt == "vmdk" || fmt == "vdi" {
+        if fmt == "qcow2" || fmt == "vmdk" || fmt == "vdi" {
             assert_qemu_check_clean(&d, fmt);
         }
     }
@@ -114,7 +114,7 @@ fn writes_match_qemu_bench() {
 #[test]
 fn reads_match_qemu_bench() {
     let dir = tempdir();
-    let (q, _) = pair(dir.path(), "vmdk", "1M");
+    let (q, _) = pair(dir.path(), "qcow2", "1M");
     for args in [
         vec!["-c", "1000"],
         vec![
@@ -123,7 +123,7 @@ fn reads_match_qemu_bench() {
         ],
         vec!["-c", "5", "-i", "threads", "-q"],
     ] {
-        let mut a = vec!["bench", "-f", "vmdk"];
+        let mut a = vec!["bench", "-f", "qcow2"];
         a.extend_from_slice(&args);
         a.push(s(&q));
         let qo = qemu_img(&a);

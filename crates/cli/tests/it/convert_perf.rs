@@ -31,7 +31,7 @@ fn source(dir: &Path) -> PathBuf {
 fn cache_modes_give_identical_clean_images() {
     let dir = tempdir();
     let src = source(dir.path());
-    for fmt in ["vmdk", "vdi", "vhdx", "vpc"] {
+    for fmt in ["qcow2", "vmdk", "vdi", "vhdx", "vpc"] {
         for t in ["unsafe", "writeback", "none"] {
             let out = dir.path().join(format!("o-{t}.{fmt}"));
             diskimg_ok(&["convert", "-t", t, "-f", "raw", "-O", fmt, s(&src), s(&out)]);
@@ -80,5 +80,45 @@ fn stream_optimized_compressed_matches_qemu() {
             dsize * 100 <= qsize * 105,
             "{extra:?}: {dsize} bytes vs qemu's {qsize}"
         );
+    }
+}
+
+#[test]
+fn qcow2_compressed_matches_qemu() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    for ctype in ["zlib", "zstd"] {
+        let opt = format!("compression_type={ctype}");
+        let q = dir.path().join("q.qcow2");
+        qemu_img_ok(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &opt,
+            s(&src),
+            s(&q),
+        ]);
+        let qsize = std::fs::metadata(&q).unwrap().len();
+        for extra in [vec!["-m", "1"], vec!["-m", "4"], vec!["-m", "8", "-W"]] {
+            let out = dir.path().join("d.qcow2");
+            let mut args = vec!["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opt];
+            args.extend(extra.iter().copied());
+            args.extend([s(&src), s(&out)]);
+            diskimg_ok(&args);
+            assert!(
+                qemu_compare(&src, "raw", &out, "qcow2"),
+                "{ctype} {extra:?}"
+            );
+            assert_qemu_check_clean(&out, "qcow2");
+            let dsize = std::fs::metadata(&out).unwrap().len();
+            assert!(
+                dsize * 100 <= qsize * 105,
+                "{ctype} {extra:?}: {dsize} bytes vs qemu's {qsize}"
+            );
+        }
     }
 }
