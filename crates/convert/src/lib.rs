@@ -48,6 +48,7 @@
 mod cache;
 mod concat;
 mod plan;
+mod pool;
 mod run;
 
 use std::sync::Arc;
@@ -162,11 +163,14 @@ pub fn convert(
             .checked_next_multiple_of(unit)
             .ok_or(Error::invalid("chunk size overflow"))?;
     }
+    // Spare buffers: enough for every worker's chunk and the reorder window.
+    let pool = pool::Pool::new(opts.workers.clamp(1, 64) + 2);
     let ctx = plan::Ctx {
         src,
         opts,
         unit,
         chunk,
+        pool: &pool,
     };
     let mut stats = run::run(&ctx, dst, total, progress)?;
     stats.total_bytes = total;

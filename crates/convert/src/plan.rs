@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use diskimg_blockio::{BlockDevice, Error, Result, ZeroFlags, block_status, read_from_backing};
 
+use crate::pool::Pool;
 use crate::{ConvertOptions, ConvertStats};
 
 /// One write [`crate::convert`] performs on the target.
@@ -58,6 +59,7 @@ pub(crate) struct Ctx<'a> {
     /// Compression unit (0 = not compressing).
     pub(crate) unit: u64,
     pub(crate) chunk: u64,
+    pub(crate) pool: &'a Pool,
 }
 
 /// True when every byte of `buf` is zero.
@@ -105,11 +107,6 @@ pub fn zero_runs(buf: &[u8], offset: u64, granule: u64) -> Vec<(usize, usize, bo
     out
 }
 
-fn buf_of(len: u64) -> Result<Vec<u8>> {
-    let n = usize::try_from(len).map_err(|_| Error::invalid("chunk too large"))?;
-    Ok(vec![0u8; n])
-}
-
 impl Ctx<'_> {
     /// The writes for the chunk at `offset` (`len` bytes).
     pub(crate) fn plan(&self, offset: u64, len: u64) -> Result<Vec<Op>> {
@@ -125,7 +122,7 @@ impl Ctx<'_> {
             if st.zero {
                 self.push_zero(pos, st.length, &mut ops)?;
             } else {
-                let mut buf = buf_of(st.length)?;
+                let mut buf = self.pool.take(st.length)?;
                 self.src.read_at(&mut buf, pos)?;
                 self.push_data(pos, buf, &mut ops)?;
             }
@@ -151,7 +148,7 @@ impl Ctx<'_> {
         if zero_map.iter().all(|z| z.2) {
             return self.push_zero(offset, len, ops);
         }
-        let mut buf = buf_of(len)?;
+        let mut buf = self.pool.take(len)?;
         self.src.read_at(&mut buf, offset)?;
         let unit = usize::try_from(self.unit).map_err(|_| Error::invalid("unit too large"))?;
         // Classify the units.
@@ -186,7 +183,7 @@ impl Ctx<'_> {
                 Unit::Skip => ops.push(Op::Skip { len: n as u64 }),
                 Unit::Plain => ops.push(Op::Data {
                     offset: off,
-                    data: piece.to_vec(),
+                    data: self.copy_of(piece)?,
                 }),
                 Unit::Compress => match ops.last_mut() {
                     Some(Op::Compressed { offset: o, data: d }) if *o + d.len() as u64 == off => {
@@ -194,11 +191,12 @@ impl Ctx<'_> {
                     }
                     _ => ops.push(Op::Compressed {
                         offset: off,
-                        data: piece.to_vec(),
+                        data: self.copy_of(piece)?,
                     }),
                 },
             }
         }
+        self.pool.put(buf);
         Ok(())
     }
 
@@ -206,13 +204,15 @@ impl Ctx<'_> {
     fn push_zero(&self, offset: u64, len: u64, ops: &mut Vec<Op>) -> Result<()> {
         if self.opts.sparse_size == 0 {
             // -S 0: fully allocate, zeroes are written as data.
-            return self.push_data_raw(offset, buf_of(len)?, ops);
+            return self.push_data_raw(offset, self.pool.zeroed(len)?, ops);
         }
         let skip = match &self.opts.backing {
             Some(b) => {
-                let mut bb = buf_of(len)?;
+                let mut bb = self.pool.take(len)?;
                 read_from_backing(Some(b.as_ref()), &mut bb, offset)?;
-                is_zero(&bb)
+                let z = is_zero(&bb);
+                self.pool.put(bb);
+                z
             }
             None => self.opts.target_is_zero,
         };
@@ -235,11 +235,19 @@ impl Ctx<'_> {
             if zero {
                 self.push_zero(off, n as u64, ops)?;
             } else {
-                let piece = buf.get(start..start + n).unwrap_or(&[]).to_vec();
+                let piece = self.copy_of(buf.get(start..start + n).unwrap_or(&[]))?;
                 self.push_data_raw(off, piece, ops)?;
             }
         }
+        self.pool.put(buf);
         Ok(())
+    }
+
+    /// A pooled copy of `bytes`.
+    fn copy_of(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mut v = self.pool.take(bytes.len() as u64)?;
+        v.copy_from_slice(bytes);
+        Ok(v)
     }
 
     fn push_data_raw(&self, offset: u64, data: Vec<u8>, ops: &mut Vec<Op>) -> Result<()> {
@@ -248,7 +256,7 @@ impl Ctx<'_> {
             return Ok(());
         };
         // Compare with the backing image block by block; equal blocks stay unallocated.
-        let mut back = buf_of(data.len() as u64)?;
+        let mut back = self.pool.take(data.len() as u64)?;
         read_from_backing(Some(b.as_ref()), &mut back, offset)?;
         let g = usize::try_from(self.opts.sparse_size.max(512)).unwrap_or(4096);
         let mut pos = 0usize;
@@ -272,6 +280,8 @@ impl Ctx<'_> {
             }
             pos = end;
         }
+        self.pool.put(back);
+        self.pool.put(data);
         Ok(())
     }
 
@@ -279,9 +289,11 @@ impl Ctx<'_> {
         let Some(b) = &self.opts.backing else {
             return Ok(false);
         };
-        let mut bb = buf_of(data.len() as u64)?;
+        let mut bb = self.pool.take(data.len() as u64)?;
         read_from_backing(Some(b.as_ref()), &mut bb, offset)?;
-        Ok(bb == data)
+        let same = bb == data;
+        self.pool.put(bb);
+        Ok(same)
     }
 }
 
@@ -297,6 +309,7 @@ pub(crate) fn apply(
     ops: Vec<Op>,
     unit: u64,
     single_units: &AtomicBool,
+    pool: &Pool,
 ) -> Result<ConvertStats> {
     let mut st = ConvertStats::default();
     for op in ops {
@@ -304,10 +317,12 @@ pub(crate) fn apply(
             Op::Data { offset, data } => {
                 dst.write_at(&data, offset)?;
                 st.data_bytes += data.len() as u64;
+                pool.put(data);
             }
             Op::Compressed { offset, data } => {
                 write_units(dst, &data, offset, unit, single_units)?;
                 st.compressed_bytes += data.len() as u64;
+                pool.put(data);
             }
             Op::Zero { offset, len } => {
                 dst.write_zeroes(offset, len, ZeroFlags { may_unmap: true })?;

@@ -66,7 +66,7 @@ pub(crate) fn run(
         for idx in 0..nchunks {
             let (off, len) = chunk_range(ctx, idx, total);
             let ops = ctx.plan(off, len)?;
-            stats.add(&apply(dst, ops, ctx.unit, &single)?);
+            stats.add(&apply(dst, ops, ctx.unit, &single, ctx.pool)?);
             done += len;
             progress(done, total);
         }
@@ -101,7 +101,7 @@ pub(crate) fn run(
                     }
                     let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
-                        Ok(ops) if out_of_order => match apply(dst, ops, ctx.unit, single) {
+                        Ok(ops) if out_of_order => match apply(dst, ops, ctx.unit, single, ctx.pool) {
                             Ok(st) => Msg::Written(len, st),
                             Err(e) => Msg::Failed(e),
                         },
@@ -136,7 +136,7 @@ pub(crate) fn run(
                     pending.insert(idx, ops);
                     while let Some(ops) = pending.remove(&next_write) {
                         let (_, len) = chunk_range(ctx, next_write, total);
-                        match apply(dst, ops, ctx.unit, &single) {
+                        match apply(dst, ops, ctx.unit, &single, ctx.pool) {
                             Ok(st) => stats.add(&st),
                             Err(e) => {
                                 gate.abort(&abort);
