@@ -62,6 +62,9 @@ pub use plan::{Op, is_zero, zero_runs};
 /// Default chunk size: the unit of work for one thread and of progress reports.
 pub const DEFAULT_CHUNK: u64 = 2 << 20;
 
+/// Bytes handed to compressed writes at once over all workers (see [`convert`]).
+pub const COMPRESS_BUDGET: u64 = 2 << 20;
+
 /// Default zero-detection granularity (qemu-img's `-S` default).
 pub const DEFAULT_SPARSE: u64 = 4096;
 
@@ -159,6 +162,11 @@ pub fn convert(
     }
     let mut chunk = opts.chunk_size.max(512);
     if unit > 0 {
+        // A compressing target keeps copies of what it compresses (input, output,
+        // compressor state) for every call in flight: keep the bytes handed to it at
+        // once within COMPRESS_BUDGET over all workers, but at least one unit per call.
+        let workers = u64::try_from(opts.workers.clamp(1, 64)).unwrap_or(1);
+        chunk = chunk.min((COMPRESS_BUDGET / workers).max(unit));
         chunk = chunk
             .checked_next_multiple_of(unit)
             .ok_or(Error::invalid("chunk size overflow"))?;
