@@ -94,15 +94,18 @@ bench_case() {
     bd=$(min "${td[@]}")
     if [ -n "$withcp" ]; then
         bc=$(min "${tc[@]}")
-        cpr=$(echo "scale=2; $bd / $bc" | bc)
+        cpr=$(printf '%.2f' "$(echo "scale=3; $bd / $bc" | bc)")
+        bc=$(printf '%.2fs' "$bc")
     fi
     if [ "$ext" != raw ]; then
-        sizer=$(echo "scale=3; $(stat -c %s "$do") / $(stat -c %s "$qo")" | bc)
+        sizer=$(printf '%.3f' "$(echo "scale=4; $(stat -c %s "$do") / $(stat -c %s "$qo")" | bc)")
     fi
     printf '%-22s %8.2fs %8.2fs %6.2fx %9s %7s %9s %9s %s\n' "$name" "$bq" "$bd" \
         "$(echo "scale=2; $bq / $bd" | bc)" "$bc" "$cpr" "$(max "${rq[@]}")" "$(max "${rd[@]}")" "$sizer"
     # The outputs must hold the same guest content.
-    if ! qemu-img compare -q -f "${ext/vhd/vpc}" -F "${ext/vhd/vpc}" "$qo" "$do"; then
+    local fmt=$ext
+    if [ "$ext" = vhd ]; then fmt=vpc; fi
+    if ! qemu-img compare -q -f "$fmt" -F "$fmt" "$qo" "$do"; then
         echo "!! $name: outputs differ" >&2
     fi
     rm -f "$qo" "$do" "$co"
