@@ -160,6 +160,15 @@ fn write_cluster(
     };
     let g = cs / 32;
     let end = in_off + data.len() as u64;
+    // The fully covered subclusters form one contiguous run: one write.
+    let full_lo = in_off.div_ceil(g) * g;
+    let full_hi = end / g * g;
+    if full_lo < full_hi {
+        let src = data
+            .get(idx(full_lo - in_off)..idx(full_hi - in_off))
+            .ok_or(Error::invalid("write range"))?;
+        store.write_all_at(src, host + full_lo)?;
+    }
     for sc in in_off / g..=(end - 1) / g {
         let gs = sc * g;
         let ws = gs.max(in_off);
@@ -167,7 +176,9 @@ fn write_cluster(
         let src = data
             .get(idx(ws - in_off)..idx(we - in_off))
             .ok_or(Error::invalid("write range"))?;
-        if (nbm >> sc) & 1 != 0 || (ws == gs && we == gs + g) {
+        if ws == gs && we == gs + g {
+            // Written above.
+        } else if (nbm >> sc) & 1 != 0 {
             store.write_all_at(src, host + ws)?;
         } else {
             let mut gb = vec![0u8; idx(g)];
