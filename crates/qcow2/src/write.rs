@@ -30,7 +30,7 @@ pub(crate) struct Pending {
     pub(crate) flush: bool,
 }
 
-fn commit(_dev: &Qcow2Device, m: &mut Meta, p: Pending) -> Result<()> {
+fn commit(m: &mut Meta, p: Pending) -> Result<()> {
     m.defer(p.l2, p.unref, p.flush)
 }
 
@@ -288,7 +288,7 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
         write_cluster(dev, &mut m, chunk, guest, &mut p)?;
         done += n;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::write_zeroes` for qcow2: zero flags on whole clusters (v3), zero
@@ -385,12 +385,12 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
             let z = zeros.get(..idx(t)).unwrap_or(&[]);
             // Apply the subcluster update first so the tail sees the right entry.
             let staged = std::mem::take(&mut p);
-            commit(dev, &mut m, staged)?;
+            commit(&mut m, staged)?;
             write_cluster(dev, &mut m, z, cstart + tail_start, &mut p)?;
         }
         pos += n;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::discard` for qcow2: whole clusters only (as qemu), reading back as
@@ -445,7 +445,7 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         }
         c += cs;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::write_compressed`: one whole cluster (or the partial last one).
