@@ -6,10 +6,12 @@
 )]
 //! Integration tests for diskimg-qcow2, cross-checked against qemu-img / qemu-io.
 
+mod check;
 mod crash;
 mod hostile;
 mod model;
 mod read;
+mod snapshots;
 mod write;
 
 use std::path::{Path, PathBuf};
