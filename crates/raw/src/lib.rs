@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, ExtentKind,
-    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range,
+    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range, map_host_run,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -192,36 +192,12 @@ impl BlockDevice for RawDevice {
                 },
             });
         }
-        let end = end.min(file_len);
-        let data_at = self.storage.next_data(offset)?;
-        let (kind, stop) = match data_at {
-            Some(d) if d <= offset => {
-                let hole = self.storage.next_hole(offset)?.max(offset + 1);
-                (
-                    ExtentKind::Data {
-                        offset: Some(offset),
-                    },
-                    hole,
-                )
-            }
-            Some(d) => (
-                ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-                d,
-            ),
-            None => (
-                ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-                end,
-            ),
-        };
-        Ok(Extent {
+        map_host_run(
+            self.storage.as_ref(),
             offset,
-            len: stop.min(end) - offset,
-            kind,
-        })
+            offset,
+            end.min(file_len) - offset,
+        )
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
