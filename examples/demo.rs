@@ -1,8 +1,9 @@
 //! Usage: `cargo run --release --example demo`
 //!
-//! Makes a 64 MiB raw image with some data and holes in a temporary directory, converts
-//! it with diskimg-convert (4 threads, sparse), verifies the copy byte for byte and, if
-//! `qemu-img` is on PATH, asks `qemu-img compare` for a second opinion.
+//! Makes a 64 MiB raw image with some data and holes in a temporary directory, converts it
+//! with diskimg-convert into every format diskimg writes (qcow2 also compressed), reads each
+//! result back through the library and, if `qemu-img` is on PATH, asks `qemu-img compare`
+//! and `qemu-img check` for a second opinion.
 
 use std::process::Command;
 
@@ -11,7 +12,7 @@ use diskimg_convert::{ConvertOptions, convert};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let (src_path, dst_path) = (dir.path().join("demo.raw"), dir.path().join("copy.raw"));
+    let src_path = dir.path().join("demo.raw");
     let (size, opts) = (64 << 20, ImageOptions::default());
     create(&src_path, Format::Raw, Some(size), OptionList::new(), &opts)?;
     let src = open(&src_path, Some(Format::Raw), &opts)?;
@@ -28,51 +29,75 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         extents.len()
     );
 
-    create(&dst_path, Format::Raw, Some(size), OptionList::new(), &opts)?;
-    let dst = open(&dst_path, Some(Format::Raw), &opts)?;
-    let copts = ConvertOptions {
-        target_is_zero: true,
-        workers: 4,
-        ..ConvertOptions::default()
-    };
-    let (s, d) = (src.device.as_ref(), dst.device.as_ref());
-    let stats = convert(s, d, &copts, &mut |_, _| {})?;
-    println!(
-        "converted to {}: {} bytes data, {} zeroed, {} left sparse",
-        dst_path.display(),
-        stats.data_bytes,
-        stats.zeroed_bytes,
-        stats.skipped_bytes
-    );
-
-    // Verify with our own reads.
-    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    for off in (0..size).step_by(1 << 20) {
-        s.read_at(&mut a, off)?;
-        d.read_at(&mut b, off)?;
-        if a != b {
-            return Err(format!("copy differs in the MiB at offset {off}").into());
-        }
-    }
-    let data: u64 = map_chain(d, 0, size)?
-        .iter()
-        .filter(|e| e.data)
-        .map(|e| e.length)
-        .sum();
-    println!("verified: identical; the copy has {data} bytes allocated as data");
-
-    let qemu = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .args([&src_path, &dst_path])
-        .output();
-    match qemu {
-        Ok(out) => {
-            print!("qemu-img compare: {}", String::from_utf8_lossy(&out.stdout));
-            if !out.status.success() {
-                return Err("qemu-img compare reports a difference".into());
+    let targets = [
+        (Format::Qcow2, "", false),
+        (Format::Qcow2, "compression_type=zstd", true),
+        (Format::Vmdk, "subformat=streamOptimized", true),
+        (Format::Vdi, "", false),
+        (Format::Vhdx, "", false),
+        (Format::Vpc, "subformat=fixed,force_size=on", false),
+    ];
+    for (i, (fmt, o, compress)) in targets.into_iter().enumerate() {
+        let path = dir.path().join(format!("copy{i}.{fmt}"));
+        create(&path, fmt, Some(size), OptionList::parse(o)?, &opts)?;
+        let dst = open(&path, Some(fmt), &opts)?;
+        let copts = ConvertOptions {
+            target_is_zero: true,
+            compress,
+            workers: 2,
+            ..Default::default()
+        };
+        let stats = convert(
+            src.device.as_ref(),
+            dst.device.as_ref(),
+            &copts,
+            &mut |_, _| {},
+        )?;
+        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        for off in (0..size).step_by(1 << 20) {
+            src.device.read_at(&mut a, off)?;
+            dst.device.read_at(&mut b, off)?;
+            if a != b {
+                return Err(format!("{fmt} copy differs in the MiB at {off}").into());
             }
         }
-        Err(_) => println!("qemu-img not found on PATH; skipped its comparison"),
+        drop(dst);
+        let file_len = std::fs::metadata(&path)?.len();
+        println!(
+            "{:>5} {o:<30} {:>8} data bytes{}, file {file_len} bytes: reads back identical",
+            fmt.name(),
+            stats.data_bytes + stats.compressed_bytes,
+            if compress { " (compressed)" } else { "" },
+        );
+        qemu_second_opinion(&src_path, &path, fmt)?;
     }
+    Ok(())
+}
+
+fn qemu_second_opinion(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    fmt: Format,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let Ok(out) = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", fmt.name()])
+        .args([src, dst])
+        .output()
+    else {
+        println!("      qemu-img not found on PATH; skipped its comparison");
+        return Ok(());
+    };
+    if !out.status.success() {
+        return Err(format!("qemu-img compare: {}", String::from_utf8_lossy(&out.stdout)).into());
+    }
+    let check = Command::new("qemu-img")
+        .args(["check", "-q", "-f", fmt.name()])
+        .arg(dst)
+        .output()?;
+    // vpc has no check in qemu (exit 63); everything else must be clean (exit 0).
+    if !matches!(check.status.code(), Some(0) | Some(63)) {
+        return Err(format!("qemu-img check failed on the {fmt} copy").into());
+    }
+    println!("      qemu-img compare: identical; qemu-img check: clean");
     Ok(())
 }

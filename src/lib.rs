@@ -30,6 +30,7 @@
 mod format;
 mod image;
 mod policy;
+mod snapshot;
 
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
@@ -39,3 +40,4 @@ pub use diskimg_blockio::{
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use policy::{OpenPolicy, PathRule};
+pub use snapshot::{SnapshotSelector, snapshot_device};

@@ -34,21 +34,7 @@ fn qemu_made_images_probe_as_their_format() {
     for fmt in Format::ALL {
         let p = dir.path().join(format!("img.{fmt}"));
         qemu_img_ok(&["create", "-q", "-f", fmt.name(), p.to_str().unwrap(), "4M"]);
-        let got = probe_path(&p).unwrap();
-        // A driver that is not implemented yet cannot claim its files; once it is, the
-        // probe must name it.
-        let implemented = fmt
-            .driver()
-            .map(|d| {
-                let s = diskimg_blockio::FileStorage::open(&p, true).unwrap();
-                d.probe(&s) > 0
-            })
-            .unwrap_or(false);
-        if implemented || fmt == Format::Raw {
-            assert_eq!(got, fmt, "{fmt}");
-        } else {
-            assert_eq!(got, Format::Raw, "{fmt}");
-        }
+        assert_eq!(probe_path(&p).unwrap(), fmt, "{fmt}");
     }
 }
 
@@ -70,4 +56,38 @@ fn open_reports_missing_files_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope.img"), "{err}");
+}
+
+#[test]
+fn corpus_samples_of_our_formats_probe_right() {
+    let dir = tempdir();
+    for (name, fmt) in [
+        ("virtualpc-dynamic.vhd", Format::Vpc),
+        ("hyperv2012r2-dynamic.vhd", Format::Vpc),
+        ("iotest-dirtylog-10G-4M.vhdx", Format::Vhdx),
+        ("iotest-version3.vmdk", Format::Vmdk),
+    ] {
+        let p = corpus_file(name, dir.path());
+        assert_eq!(probe_path(&p).unwrap(), fmt, "{name}");
+    }
+}
+
+#[test]
+fn fixed_vhd_probes_as_vpc_unlike_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("fixed.vhd");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    assert_eq!(probe_path(&p).unwrap(), Format::Vpc);
+    // qemu itself probes it as raw (documented difference).
+    let info = diskimg_testutil::qemu_img_ok(&["info", "--output=json", p.to_str().unwrap()]);
+    assert!(info.contains("\"format\": \"raw\""), "{info}");
 }

@@ -68,14 +68,9 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
                 holder = b;
                 cur = holder.as_ref();
             }
-            Some(_) => {
-                // Beyond the end of the backing image: zeroes, reported at the next depth
-                // (as qemu does).
-                return Ok(MapEntry {
-                    depth: depth + 1,
-                    ..entry(false, true, false, false, None)
-                });
-            }
+            // Beyond the end of the backing image: zeroes, reported at the depth of the
+            // layer whose backing is too short (as qemu does).
+            Some(_) => return Ok(entry(false, true, false, false, None)),
             None => return Ok(entry(false, true, false, false, None)),
         }
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, DeviceInfo, RepairMode};
-use crate::storage::Preallocation;
+use crate::storage::{Preallocation, Storage};
 
 /// What one guest byte range is, in one image layer (see [`BlockDevice::map`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +185,30 @@ pub fn read_from_backing(
     }
     tail.fill(0);
     Ok(())
+}
+
+/// Maps guest bytes stored contiguously in `storage`: `len` (> 0) guest bytes at `guest`
+/// live at host offset `host`. Returns the first run, which is either data or a host hole
+/// (reported as [`ExtentKind::Zero`], since holes read as zeroes), using
+/// [`Storage::next_data`]/[`Storage::next_hole`]. Raw images, fixed VHDs and static VDIs
+/// map this way.
+pub fn map_host_run(storage: &dyn Storage, guest: u64, host: u64, len: u64) -> Result<Extent> {
+    if len == 0 {
+        return Err(Error::invalid("map of an empty range"));
+    }
+    let (kind, run) = match storage.next_data(host)? {
+        Some(d) if d <= host => {
+            let hole = storage.next_hole(host)?.max(host + 1);
+            (ExtentKind::Data { offset: Some(host) }, hole - host)
+        }
+        Some(d) => (ExtentKind::Zero { offset: Some(host) }, d - host),
+        None => (ExtentKind::Zero { offset: Some(host) }, len),
+    };
+    Ok(Extent {
+        offset: guest,
+        len: run.min(len),
+        kind,
+    })
 }
 
 /// Iterates the extents of `dev` over `offset..offset+len`, merging neighbours of the

@@ -67,7 +67,8 @@ pub mod units;
 
 pub use chain::{MapEntry, block_status, map_chain};
 pub use device::{
-    BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, read_from_backing,
+    BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
+    read_from_backing,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, Result};

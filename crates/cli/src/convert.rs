@@ -53,7 +53,7 @@ pub(crate) struct Args {
     /// Allow out-of-order writes.
     #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
-    /// Source snapshot (not implemented).
+    /// Source internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME` or `ID_OR_NAME`.
     #[arg(short = 'l')]
     snapshot: Option<String>,
     /// Source cache mode (accepted, ignored).
@@ -83,9 +83,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if a.options.iter().any(|o| o == "help" || o == "?") {
         return print_help(out_fmt);
     }
-    if a.snapshot.is_some() {
-        bail!("-l (source snapshots) is not implemented by diskimg");
-    }
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(diskimg::SnapshotSelector::parse)
+        .transpose()?;
     if a.target_is_zero && !a.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
@@ -112,7 +114,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
         let img = open_image(s, src_fmt, true, true)?;
-        parts.push(img.device.clone());
+        match &snapshot {
+            Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
+            None => parts.push(img.device.clone()),
+        }
         _images.push(img);
     }
     let src: Arc<dyn BlockDevice> = match parts.as_slice() {

@@ -69,8 +69,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     Ok(0)
 }
 
+/// The protocol layer's length: qemu's file driver counts whole 512-byte sectors.
 fn file_len(img: &Image) -> u64 {
-    std::fs::metadata(&img.path).map_or(0, |m| m.len())
+    std::fs::metadata(&img.path).map_or(0, |m| m.len().div_ceil(512) * 512)
 }
 
 /// `ImageInfo` in qemu's key order.

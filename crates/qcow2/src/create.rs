@@ -282,9 +282,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     opts.limits = req.limits;
     let dev = Qcow2Device::open(storage, &opts)?;
     // Sizing a new image: no zeroing of the (backing-visible) new area.
-    crate::write::resize(&dev, req.size, Preallocation::Off, false, false)?;
+    crate::resize::resize(&dev, req.size, Preallocation::Off, false, false)?;
     if prealloc != Preallocation::Off {
-        crate::write::preallocate(&dev, prealloc, backing.is_some(), 0)?;
+        crate::resize::preallocate(&dev, prealloc, backing.is_some(), 0)?;
     }
     dev.flush()
 }

@@ -542,7 +542,7 @@ impl BlockDevice for Qcow2Device {
 
     fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
         self.writable()?;
-        crate::write::resize(self, new_size, prealloc, shrink, true)
+        crate::resize::resize(self, new_size, prealloc, shrink, true)
     }
 
     fn check(&self, repair: RepairMode) -> Result<CheckReport> {

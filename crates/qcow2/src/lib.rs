@@ -52,6 +52,7 @@ mod ext;
 mod header;
 mod meta;
 mod refcount;
+mod resize;
 mod snapshot;
 mod snapshot_ops;
 mod table;

@@ -310,7 +310,7 @@ impl Meta {
         self.deferred.extend(l2);
         self.deferred_unref.extend(unref);
         self.deferred_flush |= new_clusters;
-        if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > 64 {
+        if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > self.l2.dirty_limit() {
             self.commit_deferred()?;
         }
         Ok(())

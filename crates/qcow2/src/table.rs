@@ -113,6 +113,12 @@ impl L2Cache {
         }
     }
 
+    /// How many tables may hold deferred updates before they must be written (half the
+    /// cache, so clean tables can still be cached).
+    pub(crate) fn dirty_limit(&self) -> usize {
+        (self.cap / 2).clamp(1, 64)
+    }
+
     /// The cached table at `off`, marking it used.
     pub(crate) fn get_mut(&mut self, off: u64) -> Option<&mut Vec<u64>> {
         self.tick += 1;

@@ -1,5 +1,5 @@
 //! The write path: cluster allocation with copy-on-write, subclusters, zero flags,
-//! discard, compressed clusters and growth.
+//! discard and compressed clusters.
 //!
 //! Ordering (crash consistency): new clusters are refcounted and their data written,
 //! then storage is flushed, and only then does an L2 (or L1) entry point to them (L2
@@ -8,41 +8,38 @@
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Preallocation, Result};
+use diskimg_blockio::{Error, Result};
 
 use crate::compress;
 use crate::device::Qcow2Device;
-use crate::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
+use crate::header::AUTOCLEAR_DATA_RAW;
 use crate::meta::Meta;
-use crate::table::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify,
-    encode_u64s,
-};
+use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify};
 
 /// All 32 subcluster allocation bits.
-const ALL_ALLOC: u64 = 0xffff_ffff;
+pub(crate) const ALL_ALLOC: u64 = 0xffff_ffff;
 
 /// Metadata updates collected during one request, applied by [`commit`].
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     /// (L2 table offset, index, entry, bitmap).
-    l2: Vec<(u64, u64, u64, u64)>,
+    pub(crate) l2: Vec<(u64, u64, u64, u64)>,
     /// Host ranges to drop one reference from once the L2 updates are durable.
-    unref: Vec<(u64, u64)>,
+    pub(crate) unref: Vec<(u64, u64)>,
     /// New clusters were allocated: flush before pointing to them.
-    flush: bool,
+    pub(crate) flush: bool,
 }
 
-fn commit(_dev: &Qcow2Device, m: &mut Meta, p: Pending) -> Result<()> {
+fn commit(m: &mut Meta, p: Pending) -> Result<()> {
     m.defer(p.l2, p.unref, p.flush)
 }
 
-fn idx(v: u64) -> usize {
+pub(crate) fn idx(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 /// The L2 table for L1 index `l1i`, allocated (or copied from a shared one) if needed.
-fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
+pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     let l2 = m.l2_offset(l1i)?;
     let l1e = m.l1.get(idx(l1i)).copied().unwrap_or(0);
     if l2 != 0 && l1e & OFLAG_COPIED != 0 {
@@ -76,7 +73,7 @@ fn new_cluster(m: &mut Meta, cstart: u64) -> Result<u64> {
 }
 
 /// The old allocation an L2 entry held, to drop once it is no longer referenced.
-fn old_ref(m: &Meta, sub_entry: u64) -> Option<(u64, u64)> {
+pub(crate) fn old_ref(m: &Meta, sub_entry: u64) -> Option<(u64, u64)> {
     if sub_entry & OFLAG_COMPRESSED != 0 {
         let x = 62 - (m.h.cluster_bits - 8);
         let off = sub_entry & ((1u64 << x) - 1);
@@ -163,6 +160,15 @@ fn write_cluster(
     };
     let g = cs / 32;
     let end = in_off + data.len() as u64;
+    // The fully covered subclusters form one contiguous run: one write.
+    let full_lo = in_off.div_ceil(g) * g;
+    let full_hi = end / g * g;
+    if full_lo < full_hi {
+        let src = data
+            .get(idx(full_lo - in_off)..idx(full_hi - in_off))
+            .ok_or(Error::invalid("write range"))?;
+        store.write_all_at(src, host + full_lo)?;
+    }
     for sc in in_off / g..=(end - 1) / g {
         let gs = sc * g;
         let ws = gs.max(in_off);
@@ -170,7 +176,9 @@ fn write_cluster(
         let src = data
             .get(idx(ws - in_off)..idx(we - in_off))
             .ok_or(Error::invalid("write range"))?;
-        if (nbm >> sc) & 1 != 0 || (ws == gs && we == gs + g) {
+        if ws == gs && we == gs + g {
+            // Written above.
+        } else if (nbm >> sc) & 1 != 0 {
             store.write_all_at(src, host + ws)?;
         } else {
             let mut gb = vec![0u8; idx(g)];
@@ -280,7 +288,7 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
         write_cluster(dev, &mut m, chunk, guest, &mut p)?;
         done += n;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::write_zeroes` for qcow2: zero flags on whole clusters (v3), zero
@@ -377,12 +385,12 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
             let z = zeros.get(..idx(t)).unwrap_or(&[]);
             // Apply the subcluster update first so the tail sees the right entry.
             let staged = std::mem::take(&mut p);
-            commit(dev, &mut m, staged)?;
+            commit(&mut m, staged)?;
             write_cluster(dev, &mut m, z, cstart + tail_start, &mut p)?;
         }
         pos += n;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::discard` for qcow2: whole clusters only (as qemu), reading back as
@@ -437,7 +445,7 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         }
         c += cs;
     }
-    commit(dev, &mut m, p)
+    commit(&mut m, p)
 }
 
 /// `BlockDevice::write_compressed`: one whole cluster (or the partial last one).
@@ -508,208 +516,4 @@ fn alloc_bytes(m: &mut Meta, size: u64) -> Result<u64> {
         host + size
     };
     Ok(host)
-}
-
-/// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
-/// shrink (freeing clusters beyond the new end).
-pub(crate) fn resize(
-    dev: &Qcow2Device,
-    new: u64,
-    prealloc: Preallocation,
-    shrink: bool,
-    zero_new: bool,
-) -> Result<()> {
-    let mut m = dev.lock();
-    let old = m.size;
-    if !new.is_multiple_of(512) {
-        return Err(Error::invalid("The new size must be a multiple of 512"));
-    }
-    if new < old {
-        if !shrink {
-            return Err(Error::invalid(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
-        if !m.snapshots.is_empty() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "shrinking images with internal snapshots",
-            ));
-        }
-        shrink_clusters(&mut m, new)?;
-    }
-    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
-    if prealloc != Preallocation::Off && (new < old || backed) {
-        return Err(Error::unsupported(
-            "qcow2",
-            "preallocation when shrinking or over a backing image",
-        ));
-    }
-    if !m.snapshots.is_empty() && m.h.version < 3 {
-        return Err(Error::unsupported(
-            "qcow2",
-            "resizing v2 images with internal snapshots",
-        ));
-    }
-    let need = m.h.l1_entries_for(new);
-    if need > m.l1.len() as u64 {
-        grow_l1(dev, &mut m, need)?;
-    }
-    if m.h.autoclear & AUTOCLEAR_DATA_RAW != 0
-        && let Some(d) = &dev.data
-    {
-        d.set_len(new)?;
-        d.flush()?;
-    }
-    dev.file.write_all_at(&new.to_be_bytes(), 24)?;
-    dev.file.flush()?;
-    m.size = new;
-    m.h.size = new;
-    drop(m);
-    if new > old && prealloc != Preallocation::Off {
-        preallocate(dev, prealloc, false, old)?;
-    }
-    if new > old && backed && zero_new {
-        // As qemu: the new area must not show the backing image's data.
-        write_zeroes(dev, old, new - old, false)?;
-        dev.lock().commit_deferred()?;
-        dev.file.flush()?;
-    }
-    Ok(())
-}
-
-/// Deallocates every cluster at or beyond `new` (rounded up to a cluster), as qemu's
-/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table.
-fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
-    m.commit_deferred()?;
-    let cs = m.cs();
-    let cov = m.h.l1_coverage();
-    let first = new.div_ceil(cs) * cs;
-    let l1_len = m.l1.len() as u64;
-    let mut p = Pending::default();
-    let mut dropped_tables = Vec::new();
-    for l1i in first / cov..l1_len {
-        let l2 = m.l2_offset(l1i)?;
-        if l2 == 0 {
-            continue;
-        }
-        let per = m.h.l2_entries();
-        let start = if l1i * cov >= first {
-            0
-        } else {
-            (first % cov) / cs
-        };
-        let whole = start == 0;
-        for i in start..per {
-            let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
-            if let Some(r) = old_ref(m, e) {
-                p.unref.push(r);
-            }
-            if !whole && e != 0 {
-                p.l2.push((l2, i, 0, 0));
-            }
-        }
-        if whole {
-            dropped_tables.push((l1i, l2));
-        }
-    }
-    for &(l1i, _) in &dropped_tables {
-        m.write_l1_entry(l1i, 0)?;
-    }
-    m.file.flush()?;
-    for (_, l2) in dropped_tables {
-        p.unref.push((l2, cs));
-    }
-    m.defer(p.l2, p.unref, false)?;
-    m.commit_deferred()
-}
-
-fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
-    let cs = m.cs();
-    if need * 8 > MAX_L1_BYTES {
-        return Err(Error::invalid("qcow2: Image is too big"));
-    }
-    let clusters = (need * 8).div_ceil(cs);
-    let host = m.alloc_run(clusters)?;
-    let mut table = m.l1.clone();
-    table.resize(idx(clusters * cs / 8), 0);
-    dev.file.write_all_at(&encode_u64s(&table), host)?;
-    dev.file.flush()?;
-    let mut hdr = [0u8; 12];
-    hdr.put_be_u32(
-        0,
-        u32::try_from(need).map_err(|_| Error::invalid("L1 size"))?,
-    );
-    hdr.put_be_u64(4, host);
-    dev.file.write_all_at(&hdr, 36)?;
-    dev.file.flush()?;
-    let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
-    table.truncate(idx(need));
-    m.l1 = table;
-    m.note_meta(host, clusters * cs);
-    m.l1_offset = host;
-    m.h.l1_table_offset = host;
-    m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
-    if old_n > 0 {
-        m.unref_range(old_off & L1E_OFFSET_MASK, old_n * 8)?;
-    }
-    Ok(())
-}
-
-/// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).
-pub(crate) fn preallocate(
-    dev: &Qcow2Device,
-    mode: Preallocation,
-    backing: bool,
-    from: u64,
-) -> Result<()> {
-    let mut m = dev.lock();
-    m.commit_deferred()?;
-    let cs = m.cs();
-    let size = m.size;
-    let per_l2 = m.h.l2_entries();
-    let ext = m.h.extended_l2();
-    let mut g = from.div_ceil(cs) * cs;
-    while g < size {
-        let l1i = g / m.h.l1_coverage();
-        let l2 = ensure_l2(&mut m, l1i)?;
-        let i0 = (g / cs) % per_l2;
-        let n = ((size - g).div_ceil(cs)).min(per_l2 - i0);
-        let host = if m.data.is_some() { g } else { m.alloc_run(n)? };
-        let store = m.data_store().clone();
-        if matches!(mode, Preallocation::Falloc | Preallocation::Full) {
-            store.preallocate(host, n * cs, mode)?;
-        } else {
-            let want = if m.data.is_some() {
-                size
-            } else {
-                host + n * cs
-            };
-            if store.len()? < want {
-                store.set_len(want)?;
-            }
-        }
-        dev.file.flush()?;
-        if let Some(d) = &dev.data {
-            d.flush()?;
-        }
-        let mut table = m.l2_table(l2)?.clone();
-        for k in 0..n {
-            let e = (host + k * cs) | OFLAG_COPIED;
-            let k = k + i0;
-            if ext {
-                if let Some(s) = table.get_mut(idx(2 * k)) {
-                    *s = e;
-                }
-                if let Some(s) = table.get_mut(idx(2 * k + 1)) {
-                    *s = if backing { 0 } else { ALL_ALLOC };
-                }
-            } else if let Some(s) = table.get_mut(idx(k)) {
-                *s = e;
-            }
-        }
-        m.write_l2_table(l2, table)?;
-        g += n * cs;
-    }
-    dev.file.flush()
 }

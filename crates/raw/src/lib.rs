@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, ExtentKind,
-    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range,
+    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range, map_host_run,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -102,9 +102,10 @@ pub struct RawDevice {
 }
 
 impl RawDevice {
-    /// Opens `storage` as a raw disk of its current length.
+    /// Opens `storage` as a raw disk of its current length rounded up to a whole
+    /// 512-byte sector, as qemu does (the partial tail sector reads as zeroes).
     pub fn new(storage: Arc<dyn Storage>, read_only: bool) -> Result<Self> {
-        let size = storage.len()?;
+        let size = storage.len()?.div_ceil(512).saturating_mul(512);
         Ok(Self {
             read_only: read_only || storage.is_read_only(),
             storage,
@@ -134,7 +135,19 @@ impl BlockDevice for RawDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.virtual_size())?;
-        self.storage.read_exact_at(buf, offset)
+        // Only the rounded-up tail of an odd-sized file lies beyond its end.
+        let in_file = self
+            .storage
+            .len()?
+            .saturating_sub(offset)
+            .min(buf.len() as u64);
+        let in_file = usize::try_from(in_file).unwrap_or(buf.len());
+        let (head, tail) = buf.split_at_mut(in_file);
+        if !head.is_empty() {
+            self.storage.read_exact_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -169,35 +182,22 @@ impl BlockDevice for RawDevice {
             return Err(Error::invalid("map of an empty range"));
         }
         let end = offset + len;
-        let data_at = self.storage.next_data(offset)?;
-        let (kind, stop) = match data_at {
-            Some(d) if d <= offset => {
-                let hole = self.storage.next_hole(offset)?.max(offset + 1);
-                (
-                    ExtentKind::Data {
-                        offset: Some(offset),
-                    },
-                    hole,
-                )
-            }
-            Some(d) => (
-                ExtentKind::Zero {
+        let file_len = self.storage.len()?;
+        if offset >= file_len {
+            return Ok(Extent {
+                offset,
+                len,
+                kind: ExtentKind::Zero {
                     offset: Some(offset),
                 },
-                d,
-            ),
-            None => (
-                ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-                end,
-            ),
-        };
-        Ok(Extent {
+            });
+        }
+        map_host_run(
+            self.storage.as_ref(),
             offset,
-            len: stop.min(end) - offset,
-            kind,
-        })
+            offset,
+            end.min(file_len) - offset,
+        )
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
@@ -260,6 +260,21 @@ mod tests {
             .sum();
         assert!((65536..8 << 20).contains(&data), "{ext:?}");
         assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 8 << 20);
+    }
+
+    #[test]
+    fn odd_sized_files_round_up_to_a_sector_with_a_zero_tail() {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![7; 1000]));
+        let d = RawDevice::new(s, true).unwrap();
+        assert_eq!(d.virtual_size(), 1024);
+        let mut b = [1u8; 48];
+        d.read_at(&mut b, 976).unwrap();
+        assert!(b[..24].iter().all(|&x| x == 7));
+        assert!(b[24..].iter().all(|&x| x == 0));
+        let ext = map_all(&d, 0, 1024).unwrap();
+        assert_eq!(ext.len(), 2, "{ext:?}");
+        assert_eq!(ext[1].offset, 1000);
+        assert!(ext[1].kind.is_zero());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
     BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, Limits, Preallocation,
-    RepairMode, Result, Storage, ZeroFlags, check_range,
+    RepairMode, Result, Storage, ZeroFlags, check_range, map_host_run,
 };
 
 use crate::bmap::{Meta, is_allocated};
@@ -347,22 +347,9 @@ impl BlockDevice for VdiDevice {
             if m.header.is_static() {
                 // Static images are preallocated sparse: report host holes as zeroes
                 // (qemu reports them as zero too, via the file layer).
-                let limit = stop.min(end) - offset;
-                match self.storage.next_data(host)? {
-                    Some(d) if d <= host => {
-                        let hole = self.storage.next_hole(host)?.max(host + 1);
-                        stop = offset + (hole - host).min(limit);
-                        ExtentKind::Data { offset: Some(host) }
-                    }
-                    Some(d) => {
-                        stop = offset + (d - host).min(limit);
-                        ExtentKind::Zero { offset: Some(host) }
-                    }
-                    None => {
-                        stop = offset + limit;
-                        ExtentKind::Zero { offset: Some(host) }
-                    }
-                }
+                let e = map_host_run(self.storage.as_ref(), offset, host, stop.min(end) - offset)?;
+                stop = offset + e.len;
+                e.kind
             } else {
                 ExtentKind::Data { offset: Some(host) }
             }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, RepairMode,
-    Result, Storage, ZeroFlags, check_range, read_from_backing,
+    Result, Storage, ZeroFlags, check_range, map_host_run, read_from_backing,
 };
 
 use crate::FORMAT;
@@ -160,32 +160,7 @@ impl VhdDevice {
     }
 
     fn map_fixed(&self, offset: u64, len: u64) -> Result<Extent> {
-        let end = offset + len;
-        let (kind, stop) = match self.storage.next_data(offset)? {
-            Some(d) if d <= offset => (
-                ExtentKind::Data {
-                    offset: Some(offset),
-                },
-                self.storage.next_hole(offset)?.max(offset + 1),
-            ),
-            Some(d) => (
-                ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-                d,
-            ),
-            None => (
-                ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-                end,
-            ),
-        };
-        Ok(Extent {
-            offset,
-            len: stop.min(end) - offset,
-            kind,
-        })
+        map_host_run(self.storage.as_ref(), offset, offset, len)
     }
 
     fn map_dynamic(&self, d: &Dynamic, offset: u64, len: u64) -> Result<Extent> {

@@ -187,10 +187,43 @@ fn several_sources_are_concatenated() {
         s(&theirs),
     ]);
     assert_eq!(qemu_read_raw(&ours, "raw"), qemu_read_raw(&theirs, "raw"));
-    // Unimplemented snapshot selection says so.
+    // Raw images have no internal snapshots.
     let o = diskimg(&["convert", "-l", "snapshot.name=x", s(&a), s(&ours)]);
     assert_eq!(code(&o), 1);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not implemented"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("snapshot"));
+}
+
+#[test]
+fn source_snapshots_convert_like_qemu() {
+    let dir = tempdir();
+    let img = dir.path().join("s.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    crate::qemu_io_raw(&["-c", "write -P 1 0 1M", s(&img)]);
+    qemu_img_ok(&["snapshot", "-c", "first", s(&img)]);
+    crate::qemu_io_raw(&["-c", "write -P 2 0 512k", s(&img)]);
+    qemu_img_ok(&["snapshot", "-c", "second", s(&img)]);
+    crate::qemu_io_raw(&["-c", "write -P 3 3M 4k", s(&img)]);
+    for sel in ["snapshot.name=first", "snapshot.id=2", "second", "1"] {
+        let ours = dir.path().join("ours.raw");
+        let theirs = dir.path().join("theirs.raw");
+        diskimg_ok(&["convert", "-l", sel, "-O", "raw", s(&img), s(&ours)]);
+        qemu_img_ok(&["convert", "-l", sel, "-O", "raw", s(&img), s(&theirs)]);
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{sel}"
+        );
+    }
+    let o = diskimg(&[
+        "convert",
+        "-l",
+        "nope",
+        "-O",
+        "raw",
+        s(&img),
+        s(&dir.path().join("x")),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Can't find snapshot"));
 }
 
 #[test]

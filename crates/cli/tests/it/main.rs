@@ -21,8 +21,8 @@ mod map;
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Formats exercised by the format-generic tests (the others are stubs on this branch).
-pub const FORMATS: &[&str] = &["raw"];
+/// Formats exercised by the format-generic tests.
+pub const FORMATS: &[&str] = &["raw", "qcow2", "vdi", "vpc", "vmdk", "vhdx"];
 
 /// Runs the diskimg binary.
 pub fn diskimg(args: &[&str]) -> Output {

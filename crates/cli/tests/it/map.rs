@@ -52,3 +52,49 @@ fn map_of_an_empty_image() {
         assert_eq!(diskimg_ok(&a), qemu_img_ok(&a));
     }
 }
+
+#[test]
+fn map_of_chains_with_short_backing_images_matches_qemu() {
+    // base (32M, data) <- mid (64M) <- top (64M, data): depths and the range beyond the
+    // short base must be reported exactly as qemu-img does.
+    let dir = diskimg_testutil::tempdir();
+    let base = dir.path().join("base.qcow2");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    diskimg_testutil::qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "32M"]);
+    crate::qemu_io_raw(&["-c", "write -P 1 1M 1M", s(&base)]);
+    diskimg_testutil::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&mid),
+        "64M",
+    ]);
+    diskimg_testutil::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "64M",
+    ]);
+    crate::qemu_io_raw(&[
+        "-c",
+        "write -P 2 40M 64k",
+        "-c",
+        "write -z 1536k 64k",
+        s(&top),
+    ]);
+    let ours = diskimg_ok(&["map", "--output=json", s(&top)]);
+    let theirs = diskimg_testutil::qemu_img_ok(&["map", "--output=json", s(&top)]);
+    assert_eq!(ours, theirs);
+}

@@ -30,10 +30,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn run(options: &str, ops: &[Op]) {
+    run_with(options, ops, OpenOptions::new());
+}
+
+/// Like [`run`], opening with `oo` (e.g. tiny cache limits).
+fn run_with(options: &str, ops: &[Op], oo: OpenOptions) {
     let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let mut req = CreateRequest::new(SIZE, OptionList::parse(options).unwrap());
     DRIVER.create(s.clone(), &mut req).unwrap();
-    let mut dev = DRIVER.open(s.clone(), &OpenOptions::new()).unwrap();
+    let mut dev = DRIVER.open(s.clone(), &oo).unwrap();
     let mut m = Model::zeroed(SIZE as usize);
     for op in ops {
         match *op {
@@ -63,7 +68,7 @@ fn run(options: &str, ops: &[Op]) {
             Op::Reopen => {
                 dev.flush().unwrap();
                 drop(dev);
-                dev = DRIVER.open(s.clone(), &OpenOptions::new()).unwrap();
+                dev = DRIVER.open(s.clone(), &oo).unwrap();
             }
         }
     }
@@ -84,6 +89,13 @@ proptest! {
     #[test]
     fn model_v2_512(ops in proptest::collection::vec(op(), 1..25)) {
         run("compat=0.10,cluster_size=512", &ops);
+    }
+    #[test]
+    fn model_tiny_cache(ops in proptest::collection::vec(op(), 1..25)) {
+        // Two cached L2 tables of 512 bytes: constant eviction and deferred-update commits.
+        let mut limits = diskimg_blockio::Limits::default();
+        limits.max_cache_bytes = 1024;
+        run_with("cluster_size=512,refcount_bits=8", &ops, OpenOptions::new().limits(limits));
     }
     #[test]
     fn model_extended_l2(ops in proptest::collection::vec(op(), 1..25)) {

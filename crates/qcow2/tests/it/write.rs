@@ -70,7 +70,7 @@ pub(crate) fn workload() -> Vec<Op> {
     ops
 }
 
-fn qemu_create(path: &Path, opts: &str, size: &str) {
+pub(crate) fn qemu_create(path: &Path, opts: &str, size: &str) {
     let ps = path.to_string_lossy().into_owned();
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     if !opts.is_empty() {
@@ -80,7 +80,12 @@ fn qemu_create(path: &Path, opts: &str, size: &str) {
     qemu_img_ok(&args);
 }
 
-fn run_both(ours: &Path, theirs: &Path, ops: &[Op], backing: Option<Arc<dyn BlockDevice>>) {
+pub(crate) fn run_both(
+    ours: &Path,
+    theirs: &Path,
+    ops: &[Op],
+    backing: Option<Arc<dyn BlockDevice>>,
+) {
     let dev = open(ours, false);
     if let Some(b) = backing {
         dev.set_backing(Some(b)).unwrap();
@@ -398,72 +403,48 @@ fn unknown_autoclear_bits_cleared_compatible_kept() {
 }
 
 #[test]
-fn writes_after_internal_snapshot_copy_shared_clusters() {
-    let dir = tempdir();
-    let d = dir.path();
-    for (i, o) in ["", "extended_l2=on", "compat=0.10,cluster_size=4k"]
-        .iter()
-        .enumerate()
-    {
-        let ours = d.join(format!("s{i}.qcow2"));
-        let theirs = d.join(format!("t{i}.qcow2"));
-        for p in [&ours, &theirs] {
-            qemu_create(p, o, "4M");
-            qemu_io(
-                p,
-                "qcow2",
-                &[
-                    "write -P 0x10 0 1M",
-                    "write -c -P 0x11 2M 64k",
-                    "write -z 3M 64k",
-                ],
-            );
-            qemu_img_ok(&["snapshot", "-c", "snap", &p.to_string_lossy()]);
-        }
-        let before = qemu_read_raw(&ours, "qcow2");
-        run_both(&ours, &theirs, &workload(), None);
-        let out = d.join("snap.raw");
-        qemu_img_ok(&[
-            "convert",
-            "-U",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "-l",
-            "snapshot.name=snap",
-            &ours.to_string_lossy(),
-            &out.to_string_lossy(),
-        ]);
-        assert_eq!(
-            std::fs::read(&out).unwrap(),
-            before,
-            "snapshot changed ({o})"
-        );
-    }
-}
-
-#[test]
-#[ignore = "timing probe: cargo test -p diskimg-qcow2 --test it -- --ignored perf_probe"]
+#[ignore = "timing probe: cargo test -p diskimg-qcow2 --test it -- --ignored --nocapture perf_probe"]
 fn perf_probe() {
-    let src = std::fs::read("/tmp/qperf/src.raw").unwrap();
-    let p = std::path::Path::new("/tmp/qperf/ours.qcow2");
+    // raw -> qcow2 as convert does it (2 MiB writes), against qemu-img convert, and reads.
+    let dir = tempdir();
+    let raw = dir.path().join("src.raw");
+    let src = pattern(7, 128 << 20);
+    std::fs::write(&raw, &src).unwrap();
+    let q = dir.path().join("q.qcow2");
     let t = std::time::Instant::now();
-    create(p, src.len() as u64, "").unwrap();
-    let dev = open(p, false);
+    qemu_img_ok(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &raw.to_string_lossy(),
+        &q.to_string_lossy(),
+    ]);
+    let qemu = t.elapsed();
+    let p = dir.path().join("ours.qcow2");
+    let t = std::time::Instant::now();
+    create(&p, src.len() as u64, "").unwrap();
+    let dev = open(&p, false);
     for (i, c) in src.chunks(2 << 20).enumerate() {
         dev.write_at(c, (i as u64) << 21).unwrap();
     }
+    let before_flush = t.elapsed();
     dev.flush().unwrap();
-    eprintln!("ours write: {:?}", t.elapsed());
+    let ours = t.elapsed();
+    eprintln!("(before the final flush: {before_flush:?})");
     drop(dev);
-    let dev = open(std::path::Path::new("/tmp/qperf/q.qcow2"), true);
+    let dev = open(&q, true);
     let t = std::time::Instant::now();
     let mut buf = vec![0u8; 2 << 20];
     for i in 0..(src.len() >> 21) {
         dev.read_at(&mut buf, (i as u64) << 21).unwrap();
     }
-    eprintln!("ours read: {:?}", t.elapsed());
+    eprintln!(
+        "128 MiB raw->qcow2: qemu-img convert {qemu:?}, diskimg writes {ours:?}; read {:?}",
+        t.elapsed()
+    );
+    assert!(qemu_compare(&p, "qcow2", &q, "qcow2"));
 }
 
 #[test]
@@ -499,76 +480,6 @@ fn concurrent_readers_see_old_or_new_blocks() {
     dev.flush().unwrap();
     drop(dev);
     assert_qemu_check_clean(&p, "qcow2");
-}
-
-#[test]
-fn check_counts_like_qemu_and_repairs() {
-    use diskimg_blockio::RepairMode;
-    let dir = tempdir();
-    let p = dir.path().join("rep.qcow2");
-    qemu_create(&p, "cluster_size=4k", "1M");
-    qemu_io(&p, "qcow2", &["write -P 1 0 64k", "write -c -P 2 128k 4k"]);
-    let img = std::fs::read(&p).unwrap();
-    let rt = u64::from_be_bytes(img[48..56].try_into().unwrap()) as usize;
-    let rb = u64::from_be_bytes(img[rt..rt + 8].try_into().unwrap()) as usize;
-    let mut bad = img.clone();
-    // Cluster 20 (a data cluster) loses its refcount (corruption); cluster 5 gets one
-    // reference too many (leak).
-    for (c, v) in [(20usize, 0u16), (5, 2)] {
-        assert_eq!(
-            u16::from_be_bytes(bad[rb + 2 * c..rb + 2 * c + 2].try_into().unwrap()),
-            1
-        );
-        bad[rb + 2 * c..rb + 2 * c + 2].copy_from_slice(&v.to_be_bytes());
-    }
-    std::fs::write(&p, &bad).unwrap();
-    let (q, _) = diskimg_testutil::qemu_check_json(&p, "qcow2");
-    let dev = open(&p, true);
-    let r = dev.check(RepairMode::None).unwrap();
-    drop(dev);
-    assert_eq!(
-        r.corruptions,
-        q["corruptions"].as_u64().unwrap_or(0),
-        "{q} {:?}",
-        r.messages
-    );
-    assert_eq!(r.leaks, q["leaks"].as_u64().unwrap_or(0), "{q} {r:?}");
-    assert_eq!(r.allocated_clusters, q["allocated-clusters"].as_u64());
-    assert_eq!(r.compressed_clusters, q["compressed-clusters"].as_u64());
-    assert_eq!(r.total_clusters, q["total-clusters"].as_u64());
-    assert_eq!(r.fragmented_clusters, q["fragmented-clusters"].as_u64());
-    assert_eq!(r.image_end_offset, q["image-end-offset"].as_u64());
-    assert!(r.corruptions > 0 && r.leaks > 0, "{r:?}");
-    let dev = open(&p, false);
-    let fixed = dev.check(RepairMode::All).unwrap();
-    // Refcounts are fixed first, which also makes the COPIED flags right again.
-    assert!(fixed.corruptions_fixed >= 1 && fixed.corruptions_fixed == fixed.corruptions);
-    assert_eq!(fixed.leaks_fixed, r.leaks);
-    drop(dev);
-    assert_qemu_check_clean(&p, "qcow2");
-}
-
-#[test]
-fn check_repairs_copied_flags() {
-    use diskimg_blockio::RepairMode;
-    let dir = tempdir();
-    let p = dir.path().join("cp.qcow2");
-    qemu_create(&p, "", "1M");
-    qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
-    let mut img = std::fs::read(&p).unwrap();
-    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
-    let l2 =
-        (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
-    img[l2] &= 0x7f; // clear COPIED on a cluster with refcount 1
-    std::fs::write(&p, &img).unwrap();
-    let (q, _) = diskimg_testutil::qemu_check_json(&p, "qcow2");
-    let r = open(&p, true).check(RepairMode::None).unwrap();
-    assert_eq!(r.corruptions, q["corruptions"].as_u64().unwrap());
-    assert_eq!(r.corruptions, 1);
-    let fixed = open(&p, false).check(RepairMode::All).unwrap();
-    assert_eq!(fixed.corruptions_fixed, 1);
-    assert_qemu_check_clean(&p, "qcow2");
-    assert_eq!(qemu_read_raw(&p, "qcow2")[..65536], [1u8; 65536]);
 }
 
 #[test]
@@ -664,142 +575,6 @@ fn grow_with_preallocation_like_qemu() {
         assert!(
             m.as_array().unwrap().iter().all(|e| e["present"] == true),
             "{mode}: {m}"
-        );
-    }
-}
-
-fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
-    let out = img.with_extension("snap.raw");
-    qemu_img_ok(&[
-        "convert",
-        "-U",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "-l",
-        sel,
-        &img.to_string_lossy(),
-        &out.to_string_lossy(),
-    ]);
-    std::fs::read(&out).unwrap()
-}
-
-#[test]
-fn create_and_delete_snapshots_like_qemu_img_snapshot() {
-    let dir = tempdir();
-    for (i, o) in [
-        "",
-        "compat=0.10,cluster_size=4k",
-        "extended_l2=on",
-        "refcount_bits=8,cluster_size=1k",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let p = dir.path().join(format!("sn{i}.qcow2"));
-        qemu_create(&p, o, "2M");
-        qemu_io(
-            &p,
-            "qcow2",
-            &[
-                "write -P 1 0 300k",
-                "write -c -P 2 1M 64k",
-                "write -z 1500k 64k",
-            ],
-        );
-        let first = qemu_read_raw(&p, "qcow2");
-        let dev = open(&p, false);
-        let q2 = dev
-            .as_any()
-            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
-            .unwrap();
-        assert_eq!(q2.create_snapshot("one").unwrap(), "1");
-        assert!(q2.create_snapshot("one").is_err());
-        dev.write_at(&[3u8; 100_000], 50_000).unwrap();
-        dev.discard(0, 64 << 10).unwrap();
-        let second = read_all(dev.as_ref());
-        assert_eq!(q2.create_snapshot("two").unwrap(), "2");
-        dev.write_at(&[4u8; 70_000], 1_000_000).unwrap();
-        let now = read_all(dev.as_ref());
-        assert_eq!(read_all(q2.open_snapshot("one").unwrap().as_ref()), first);
-        drop(dev);
-        assert_qemu_check_clean(&p, "qcow2");
-        let list = qemu_img_ok(&["snapshot", "-l", &p.to_string_lossy()]);
-        assert!(list.contains("one") && list.contains("two"), "{list}");
-        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=one"), first, "{o}");
-        assert_eq!(qemu_snapshot_raw(&p, "snapshot.id=2"), second, "{o}");
-        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
-        // Delete one of ours, then let qemu delete the other; both stay consistent.
-        let dev = open(&p, false);
-        let q2 = dev
-            .as_any()
-            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
-            .unwrap();
-        q2.delete_snapshot("one").unwrap();
-        assert!(q2.delete_snapshot("one").is_err());
-        assert_eq!(q2.snapshots().len(), 1);
-        drop(dev);
-        assert_qemu_check_clean(&p, "qcow2");
-        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=two"), second);
-        qemu_img_ok(&["snapshot", "-d", "two", &p.to_string_lossy()]);
-        assert_qemu_check_clean(&p, "qcow2");
-        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
-        // And a snapshot qemu made, deleted by us.
-        qemu_img_ok(&["snapshot", "-c", "q", &p.to_string_lossy()]);
-        qemu_io(&p, "qcow2", &["write -P 5 0 64k"]);
-        let dev = open(&p, false);
-        let q2 = dev
-            .as_any()
-            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
-            .unwrap();
-        q2.delete_snapshot("q").unwrap();
-        drop(dev);
-        assert_qemu_check_clean(&p, "qcow2");
-    }
-}
-
-#[test]
-fn apply_snapshot_like_qemu_img_snapshot_a() {
-    let dir = tempdir();
-    for (i, o) in ["", "compat=0.10,cluster_size=4k", "extended_l2=on"]
-        .iter()
-        .enumerate()
-    {
-        let ours = dir.path().join(format!("ap{i}.qcow2"));
-        let theirs = dir.path().join(format!("at{i}.qcow2"));
-        for p in [&ours, &theirs] {
-            qemu_create(p, o, "2M");
-            qemu_io(p, "qcow2", &["write -P 1 0 300k", "write -c -P 2 1M 64k"]);
-            qemu_img_ok(&["snapshot", "-c", "base", &p.to_string_lossy()]);
-            qemu_io(
-                p,
-                "qcow2",
-                &[
-                    "write -P 3 100k 300k",
-                    "discard 1M 64k",
-                    "write -P 4 1500k 4k",
-                ],
-            );
-        }
-        let dev = open(&ours, false);
-        let q2 = dev
-            .as_any()
-            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
-            .unwrap();
-        q2.apply_snapshot("base").unwrap();
-        assert!(q2.apply_snapshot("nope").is_err());
-        let after = read_all(dev.as_ref());
-        dev.write_at(&[9u8; 5000], 2000).unwrap();
-        drop(dev);
-        qemu_img_ok(&["snapshot", "-a", "base", &theirs.to_string_lossy()]);
-        assert_eq!(after, qemu_read_raw(&theirs, "qcow2"), "{o}");
-        qemu_io(&theirs, "qcow2", &["write -P 9 2000 5000"]);
-        assert_qemu_check_clean(&ours, "qcow2");
-        assert!(qemu_compare(&ours, "qcow2", &theirs, "qcow2"), "{o}");
-        assert_eq!(
-            qemu_snapshot_raw(&ours, "snapshot.name=base"),
-            qemu_snapshot_raw(&theirs, "snapshot.name=base")
         );
     }
 }

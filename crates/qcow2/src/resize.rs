@@ -1,0 +1,214 @@
+//! Resizing (grow with optional preallocation, shrink) and create-time preallocation.
+
+use diskimg_blockio::bytes::WriteBytes;
+use diskimg_blockio::{Error, Preallocation, Result};
+
+use crate::device::Qcow2Device;
+use crate::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
+use crate::meta::Meta;
+use crate::table::{L1E_OFFSET_MASK, OFLAG_COPIED, encode_u64s};
+use crate::write::{ALL_ALLOC, Pending, ensure_l2, idx, old_ref, write_zeroes};
+
+/// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
+/// shrink (freeing clusters beyond the new end).
+pub(crate) fn resize(
+    dev: &Qcow2Device,
+    new: u64,
+    prealloc: Preallocation,
+    shrink: bool,
+    zero_new: bool,
+) -> Result<()> {
+    let mut m = dev.lock();
+    let old = m.size;
+    if !new.is_multiple_of(512) {
+        return Err(Error::invalid("The new size must be a multiple of 512"));
+    }
+    if new < old {
+        if !shrink {
+            return Err(Error::invalid(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if !m.snapshots.is_empty() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "shrinking images with internal snapshots",
+            ));
+        }
+        shrink_clusters(&mut m, new)?;
+    }
+    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
+    if prealloc != Preallocation::Off && (new < old || backed) {
+        return Err(Error::unsupported(
+            "qcow2",
+            "preallocation when shrinking or over a backing image",
+        ));
+    }
+    if !m.snapshots.is_empty() && m.h.version < 3 {
+        return Err(Error::unsupported(
+            "qcow2",
+            "resizing v2 images with internal snapshots",
+        ));
+    }
+    let need = m.h.l1_entries_for(new);
+    if need > m.l1.len() as u64 {
+        grow_l1(dev, &mut m, need)?;
+    }
+    if m.h.autoclear & AUTOCLEAR_DATA_RAW != 0
+        && let Some(d) = &dev.data
+    {
+        d.set_len(new)?;
+        d.flush()?;
+    }
+    dev.file.write_all_at(&new.to_be_bytes(), 24)?;
+    dev.file.flush()?;
+    m.size = new;
+    m.h.size = new;
+    drop(m);
+    if new > old && prealloc != Preallocation::Off {
+        preallocate(dev, prealloc, false, old)?;
+    }
+    if new > old && backed && zero_new {
+        // As qemu: the new area must not show the backing image's data.
+        write_zeroes(dev, old, new - old, false)?;
+        dev.lock().commit_deferred()?;
+        dev.file.flush()?;
+    }
+    Ok(())
+}
+
+/// Deallocates every cluster at or beyond `new` (rounded up to a cluster), as qemu's
+/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table.
+fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
+    m.commit_deferred()?;
+    let cs = m.cs();
+    let cov = m.h.l1_coverage();
+    let first = new.div_ceil(cs) * cs;
+    let l1_len = m.l1.len() as u64;
+    let mut p = Pending::default();
+    let mut dropped_tables = Vec::new();
+    for l1i in first / cov..l1_len {
+        let l2 = m.l2_offset(l1i)?;
+        if l2 == 0 {
+            continue;
+        }
+        let per = m.h.l2_entries();
+        let start = if l1i * cov >= first {
+            0
+        } else {
+            (first % cov) / cs
+        };
+        let whole = start == 0;
+        for i in start..per {
+            let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
+            if let Some(r) = old_ref(m, e) {
+                p.unref.push(r);
+            }
+            if !whole && e != 0 {
+                p.l2.push((l2, i, 0, 0));
+            }
+        }
+        if whole {
+            dropped_tables.push((l1i, l2));
+        }
+    }
+    for &(l1i, _) in &dropped_tables {
+        m.write_l1_entry(l1i, 0)?;
+    }
+    m.file.flush()?;
+    for (_, l2) in dropped_tables {
+        p.unref.push((l2, cs));
+    }
+    m.defer(p.l2, p.unref, false)?;
+    m.commit_deferred()
+}
+
+fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
+    let cs = m.cs();
+    if need * 8 > MAX_L1_BYTES {
+        return Err(Error::invalid("qcow2: Image is too big"));
+    }
+    let clusters = (need * 8).div_ceil(cs);
+    let host = m.alloc_run(clusters)?;
+    let mut table = m.l1.clone();
+    table.resize(idx(clusters * cs / 8), 0);
+    dev.file.write_all_at(&encode_u64s(&table), host)?;
+    dev.file.flush()?;
+    let mut hdr = [0u8; 12];
+    hdr.put_be_u32(
+        0,
+        u32::try_from(need).map_err(|_| Error::invalid("L1 size"))?,
+    );
+    hdr.put_be_u64(4, host);
+    dev.file.write_all_at(&hdr, 36)?;
+    dev.file.flush()?;
+    let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
+    table.truncate(idx(need));
+    m.l1 = table;
+    m.note_meta(host, clusters * cs);
+    m.l1_offset = host;
+    m.h.l1_table_offset = host;
+    m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
+    if old_n > 0 {
+        m.unref_range(old_off & L1E_OFFSET_MASK, old_n * 8)?;
+    }
+    Ok(())
+}
+
+/// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).
+pub(crate) fn preallocate(
+    dev: &Qcow2Device,
+    mode: Preallocation,
+    backing: bool,
+    from: u64,
+) -> Result<()> {
+    let mut m = dev.lock();
+    m.commit_deferred()?;
+    let cs = m.cs();
+    let size = m.size;
+    let per_l2 = m.h.l2_entries();
+    let ext = m.h.extended_l2();
+    let mut g = from.div_ceil(cs) * cs;
+    while g < size {
+        let l1i = g / m.h.l1_coverage();
+        let l2 = ensure_l2(&mut m, l1i)?;
+        let i0 = (g / cs) % per_l2;
+        let n = ((size - g).div_ceil(cs)).min(per_l2 - i0);
+        let host = if m.data.is_some() { g } else { m.alloc_run(n)? };
+        let store = m.data_store().clone();
+        if matches!(mode, Preallocation::Falloc | Preallocation::Full) {
+            store.preallocate(host, n * cs, mode)?;
+        } else {
+            let want = if m.data.is_some() {
+                size
+            } else {
+                host + n * cs
+            };
+            if store.len()? < want {
+                store.set_len(want)?;
+            }
+        }
+        dev.file.flush()?;
+        if let Some(d) = &dev.data {
+            d.flush()?;
+        }
+        let mut table = m.l2_table(l2)?.clone();
+        for k in 0..n {
+            let e = (host + k * cs) | OFLAG_COPIED;
+            let k = k + i0;
+            if ext {
+                if let Some(s) = table.get_mut(idx(2 * k)) {
+                    *s = e;
+                }
+                if let Some(s) = table.get_mut(idx(2 * k + 1)) {
+                    *s = if backing { 0 } else { ALL_ALLOC };
+                }
+            } else if let Some(s) = table.get_mut(idx(k)) {
+                *s = e;
+            }
+        }
+        m.write_l2_table(l2, table)?;
+        g += n * cs;
+    }
+    dev.file.flush()
+}

@@ -1,0 +1,191 @@
+//! Internal snapshots: ours read by qemu, qemu's handled by us; create, delete, apply.
+
+use diskimg_testutil::{
+    assert_qemu_check_clean, qemu_compare, qemu_img_ok, qemu_io, qemu_read_raw, read_all, tempdir,
+};
+use std::path::Path;
+
+use crate::open;
+use crate::write::{qemu_create, run_both, workload};
+
+#[test]
+fn writes_after_internal_snapshot_copy_shared_clusters() {
+    let dir = tempdir();
+    let d = dir.path();
+    for (i, o) in ["", "extended_l2=on", "compat=0.10,cluster_size=4k"]
+        .iter()
+        .enumerate()
+    {
+        let ours = d.join(format!("s{i}.qcow2"));
+        let theirs = d.join(format!("t{i}.qcow2"));
+        for p in [&ours, &theirs] {
+            qemu_create(p, o, "4M");
+            qemu_io(
+                p,
+                "qcow2",
+                &[
+                    "write -P 0x10 0 1M",
+                    "write -c -P 0x11 2M 64k",
+                    "write -z 3M 64k",
+                ],
+            );
+            qemu_img_ok(&["snapshot", "-c", "snap", &p.to_string_lossy()]);
+        }
+        let before = qemu_read_raw(&ours, "qcow2");
+        run_both(&ours, &theirs, &workload(), None);
+        let out = d.join("snap.raw");
+        qemu_img_ok(&[
+            "convert",
+            "-U",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=snap",
+            &ours.to_string_lossy(),
+            &out.to_string_lossy(),
+        ]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            before,
+            "snapshot changed ({o})"
+        );
+    }
+}
+
+fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
+    let out = img.with_extension("snap.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        sel,
+        &img.to_string_lossy(),
+        &out.to_string_lossy(),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn create_and_delete_snapshots_like_qemu_img_snapshot() {
+    let dir = tempdir();
+    for (i, o) in [
+        "",
+        "compat=0.10,cluster_size=4k",
+        "extended_l2=on",
+        "refcount_bits=8,cluster_size=1k",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = dir.path().join(format!("sn{i}.qcow2"));
+        qemu_create(&p, o, "2M");
+        qemu_io(
+            &p,
+            "qcow2",
+            &[
+                "write -P 1 0 300k",
+                "write -c -P 2 1M 64k",
+                "write -z 1500k 64k",
+            ],
+        );
+        let first = qemu_read_raw(&p, "qcow2");
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        assert_eq!(q2.create_snapshot("one").unwrap(), "1");
+        assert!(q2.create_snapshot("one").is_err());
+        dev.write_at(&[3u8; 100_000], 50_000).unwrap();
+        dev.discard(0, 64 << 10).unwrap();
+        let second = read_all(dev.as_ref());
+        assert_eq!(q2.create_snapshot("two").unwrap(), "2");
+        dev.write_at(&[4u8; 70_000], 1_000_000).unwrap();
+        let now = read_all(dev.as_ref());
+        assert_eq!(read_all(q2.open_snapshot("one").unwrap().as_ref()), first);
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+        let list = qemu_img_ok(&["snapshot", "-l", &p.to_string_lossy()]);
+        assert!(list.contains("one") && list.contains("two"), "{list}");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=one"), first, "{o}");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.id=2"), second, "{o}");
+        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
+        // Delete one of ours, then let qemu delete the other; both stay consistent.
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.delete_snapshot("one").unwrap();
+        assert!(q2.delete_snapshot("one").is_err());
+        assert_eq!(q2.snapshots().len(), 1);
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+        assert_eq!(qemu_snapshot_raw(&p, "snapshot.name=two"), second);
+        qemu_img_ok(&["snapshot", "-d", "two", &p.to_string_lossy()]);
+        assert_qemu_check_clean(&p, "qcow2");
+        assert_eq!(qemu_read_raw(&p, "qcow2"), now);
+        // And a snapshot qemu made, deleted by us.
+        qemu_img_ok(&["snapshot", "-c", "q", &p.to_string_lossy()]);
+        qemu_io(&p, "qcow2", &["write -P 5 0 64k"]);
+        let dev = open(&p, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.delete_snapshot("q").unwrap();
+        drop(dev);
+        assert_qemu_check_clean(&p, "qcow2");
+    }
+}
+
+#[test]
+fn apply_snapshot_like_qemu_img_snapshot_a() {
+    let dir = tempdir();
+    for (i, o) in ["", "compat=0.10,cluster_size=4k", "extended_l2=on"]
+        .iter()
+        .enumerate()
+    {
+        let ours = dir.path().join(format!("ap{i}.qcow2"));
+        let theirs = dir.path().join(format!("at{i}.qcow2"));
+        for p in [&ours, &theirs] {
+            qemu_create(p, o, "2M");
+            qemu_io(p, "qcow2", &["write -P 1 0 300k", "write -c -P 2 1M 64k"]);
+            qemu_img_ok(&["snapshot", "-c", "base", &p.to_string_lossy()]);
+            qemu_io(
+                p,
+                "qcow2",
+                &[
+                    "write -P 3 100k 300k",
+                    "discard 1M 64k",
+                    "write -P 4 1500k 4k",
+                ],
+            );
+        }
+        let dev = open(&ours, false);
+        let q2 = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        q2.apply_snapshot("base").unwrap();
+        assert!(q2.apply_snapshot("nope").is_err());
+        let after = read_all(dev.as_ref());
+        dev.write_at(&[9u8; 5000], 2000).unwrap();
+        drop(dev);
+        qemu_img_ok(&["snapshot", "-a", "base", &theirs.to_string_lossy()]);
+        assert_eq!(after, qemu_read_raw(&theirs, "qcow2"), "{o}");
+        qemu_io(&theirs, "qcow2", &["write -P 9 2000 5000"]);
+        assert_qemu_check_clean(&ours, "qcow2");
+        assert!(qemu_compare(&ours, "qcow2", &theirs, "qcow2"), "{o}");
+        assert_eq!(
+            qemu_snapshot_raw(&ours, "snapshot.name=base"),
+            qemu_snapshot_raw(&theirs, "snapshot.name=base")
+        );
+    }
+}
