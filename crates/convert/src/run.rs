@@ -101,10 +101,12 @@ pub(crate) fn run(
                     }
                     let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
-                        Ok(ops) if out_of_order => match apply(dst, ops, ctx.unit, single, ctx.pool) {
-                            Ok(st) => Msg::Written(len, st),
-                            Err(e) => Msg::Failed(e),
-                        },
+                        Ok(ops) if out_of_order => {
+                            match apply(dst, ops, ctx.unit, single, ctx.pool) {
+                                Ok(st) => Msg::Written(len, st),
+                                Err(e) => Msg::Failed(e),
+                            }
+                        }
                         Ok(ops) => Msg::Planned(idx, ops),
                         Err(e) => Msg::Failed(e),
                     };
