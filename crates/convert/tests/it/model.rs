@@ -15,9 +15,10 @@ fn raw(bytes: Vec<u8>) -> (Arc<MemStorage>, Arc<dyn BlockDevice>) {
 }
 
 fn content() -> impl Strategy<Value = Vec<u8>> {
-    // Sizes up to 96 KiB with runs of zeroes and of data, unaligned lengths included.
+    // Sizes up to 96 KiB (whole sectors: raw rounds its size up to 512 as qemu does)
+    // with runs of zeroes and of data at unaligned offsets and lengths.
     (
-        1usize..96 * 1024,
+        (1usize..192).prop_map(|n| n * 512),
         prop::collection::vec((0usize..96 * 1024, 1usize..20_000, any::<u8>()), 0..8),
     )
         .prop_map(|(size, runs)| {

@@ -121,12 +121,13 @@ fn backing_equal_ranges_are_skipped() {
 
 #[test]
 fn concatenation() {
-    let a = raw(vec![1; 5000]);
-    let b = raw(vec![0; 3000]);
-    let c = raw(vec![3; 1000]);
+    // Whole sectors: raw rounds sizes up to 512 as qemu does.
+    let a = raw(vec![1; 5120]);
+    let b = raw(vec![0; 3072]);
+    let c = raw(vec![3; 1024]);
     let cat = ConcatDevice::new(vec![a, b, c]).unwrap();
-    assert_eq!(cat.virtual_size(), 9000);
-    let dst = raw(vec![9; 9000]);
+    assert_eq!(cat.virtual_size(), 9216);
+    let dst = raw(vec![9; 9216]);
     convert(
         &cat,
         dst.as_ref(),
@@ -135,9 +136,9 @@ fn concatenation() {
     )
     .unwrap();
     let out = read(dst.as_ref());
-    assert!(out[..5000].iter().all(|&x| x == 1));
-    assert!(out[5000..8000].iter().all(|&x| x == 0));
-    assert!(out[8000..].iter().all(|&x| x == 3));
+    assert!(out[..5120].iter().all(|&x| x == 1));
+    assert!(out[5120..8192].iter().all(|&x| x == 0));
+    assert!(out[8192..].iter().all(|&x| x == 3));
     assert!(cat.write_at(&[0], 0).is_err());
 }
 
@@ -190,7 +191,8 @@ impl BlockDevice for Compressing {
 
 #[test]
 fn compression_in_whole_units() {
-    let mut s = vec![0u8; 8 * 4096 + 100];
+    // A partial tail unit of one sector (raw sizes are whole sectors).
+    let mut s = vec![0u8; 8 * 4096 + 512];
     s[10] = 1; // unit 0
     s[3 * 4096 + 5] = 2; // units 3..=5
     s[4 * 4096 + 5] = 2;
@@ -227,7 +229,7 @@ fn compression_in_whole_units() {
         got.sort_unstable();
         assert_eq!(got, calls, "workers {workers} chunk {chunk} multi {multi}");
         assert_eq!(st.compressed_bytes, 4 * 4096);
-        assert_eq!(st.data_bytes, 100);
+        assert_eq!(st.data_bytes, 512);
         assert_eq!(read(&dst), s);
     }
     // A target without compression support is refused.
