@@ -161,7 +161,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
-    let dst = open_target(dst_name, out_fmt, unsafe_cache && a.backing.is_none())?;
+    // Only a target created here (no backing file to attach) takes the unsafe-cache path.
+    let fresh = !a.no_create && a.backing.is_none();
+    let dst = open_target(dst_name, out_fmt, unsafe_cache && fresh)?;
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }
