@@ -8,7 +8,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use diskimg::blockio::{CreateRequest, MemStorage, OptionList, Storage};
 use diskimg::{BlockDevice, Format};
-use diskimg_convert::{ConvertOptions, convert};
+use diskimg_convert::{ConvertOptions, convert, is_zero, zero_runs};
 
 const SIZE: usize = 32 << 20;
 
@@ -46,7 +46,11 @@ fn text() -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        v.extend_from_slice(words.get(usize::try_from(x % 8).unwrap_or(0)).unwrap_or(&words[0]));
+        v.extend_from_slice(
+            words
+                .get(usize::try_from(x % 8).unwrap_or(0))
+                .unwrap_or(&words[0]),
+        );
     }
     v.truncate(SIZE);
     v
@@ -117,5 +121,16 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn zero_detect(c: &mut Criterion) {
+    let mut g = c.benchmark_group("zero-detect");
+    let zeros = vec![0u8; 2 << 20];
+    g.throughput(Throughput::Bytes(zeros.len() as u64));
+    g.bench_function("is_zero/2MiB-zero", |b| b.iter(|| is_zero(&zeros)));
+    g.bench_function("zero_runs-4k/2MiB-zero", |b| {
+        b.iter(|| zero_runs(&zeros, 0, 4096).len())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, zero_detect);
 criterion_main!(benches);
