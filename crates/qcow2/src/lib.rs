@@ -48,6 +48,7 @@ mod check;
 mod compress;
 mod create;
 mod device;
+mod encryption;
 mod ext;
 mod header;
 mod meta;
@@ -58,6 +59,7 @@ mod table;
 mod write;
 
 pub use device::Qcow2Device;
+pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;

@@ -7,6 +7,7 @@
 //! Integration tests for diskimg-qcow2, cross-checked against qemu-img / qemu-io.
 
 mod crash;
+mod encrypt;
 mod hostile;
 mod model;
 mod read;
