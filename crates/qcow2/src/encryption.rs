@@ -17,6 +17,8 @@ use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
 use crate::header::Header;
 use crate::meta::read_host;
 
+/// `crypt_method` for legacy AES.
+pub(crate) const CRYPT_AES: u32 = 1;
 /// `crypt_method` for LUKS.
 pub(crate) const CRYPT_LUKS: u32 = 2;
 /// The driver option naming the secret that holds the passphrase (qemu's name).
@@ -77,12 +79,6 @@ impl Encryption {
         } else {
             None
         };
-        if h.has_data_file() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "encrypted images with an external data file",
-            ));
-        }
         let id = opts.driver_options.get(KEY_SECRET_OPTION);
         let no_io = opts.driver_options.get(NO_IO_OPTION) == Some("on");
         let Some(id) = id else {

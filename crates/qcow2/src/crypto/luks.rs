@@ -312,7 +312,7 @@ impl LuksHeader {
             key_bytes: u32::try_from(kb).map_err(|_| Error::invalid("key too large"))?,
             mk_digest: [0; DIGEST_LEN],
             mk_digest_salt,
-            mk_digest_iter: params.iterations.max(1000),
+            mk_digest_iter: params.digest_iterations.clamp(1000, MAX_ITERATIONS),
             uuid,
             slots,
         };
@@ -346,7 +346,7 @@ impl LuksHeader {
             .ok_or(Error::invalid("no such key slot"))?;
         let mut salt = [0u8; SALT_LEN];
         random_bytes(&mut salt)?;
-        let iterations = iterations.max(1000);
+        let iterations = iterations.clamp(1000, MAX_ITERATIONS);
         let mut derived = Zeroizing::new(vec![0u8; kb]);
         self.hash
             .pbkdf2(passphrase, &salt, iterations, &mut derived);
@@ -377,8 +377,10 @@ pub struct LuksParams {
     pub cipher_mode: String,
     /// `hash-alg`.
     pub hash: HashAlg,
-    /// PBKDF2 iterations for the slot and the digest.
+    /// PBKDF2 iterations for the key slot.
     pub iterations: u32,
+    /// PBKDF2 iterations for the master-key digest (`mkDigestIter`).
+    pub digest_iterations: u32,
 }
 
 impl Default for LuksParams {
@@ -387,6 +389,7 @@ impl Default for LuksParams {
             cipher_mode: "xts-plain64".into(),
             hash: HashAlg::Sha256,
             iterations: 1000,
+            digest_iterations: 1000,
         }
     }
 }

@@ -323,3 +323,161 @@ fn json(v: &diskimg_blockio::InfoValue) -> serde_json::Value {
         }
     }
 }
+
+fn our_create(p: &Path, size: u64, opts: &str) -> diskimg_blockio::Result<()> {
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
+    let mut req =
+        diskimg_blockio::CreateRequest::new(size, diskimg_blockio::OptionList::parse(opts)?)
+            .secrets(Secrets::new().with("sec0", SECRET));
+    DRIVER.create(s, &mut req)?;
+    req.options.clone().finish("qcow2")
+}
+
+/// (crypt_method, FDE extension offset/length) of an image file.
+fn crypt_layout(p: &Path) -> (u32, Option<(u64, u64)>) {
+    use diskimg_blockio::bytes::ReadBytes;
+    let b = std::fs::read(p).unwrap();
+    let method = b.be_u32(32).unwrap();
+    let mut off = if b.be_u32(4).unwrap() >= 3 {
+        b.be_u32(100).unwrap() as usize
+    } else {
+        72
+    };
+    loop {
+        let ty = b.be_u32(off).unwrap();
+        let len = b.be_u32(off + 4).unwrap() as usize;
+        if ty == 0 {
+            return (method, None);
+        }
+        if ty == 0x0537_be77 {
+            return (
+                method,
+                Some((b.be_u64(off + 8).unwrap(), b.be_u64(off + 16).unwrap())),
+            );
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+fn ours_in_qemu_case(opts: &str) {
+    let dir = tempdir();
+    let p = dir.path().join("ours.qcow2");
+    let q = dir.path().join("qemu.qcow2");
+    let opts = &if opts.contains("luks") {
+        format!("encrypt.iter-time=10,{opts}")
+    } else {
+        opts.to_string()
+    };
+    our_create(&p, 3 << 20, &format!("encrypt.key-secret=sec0,{opts}")).unwrap();
+    qemu_create(&q, opts, "3M");
+    assert_eq!(crypt_layout(&p), crypt_layout(&q), "{opts}: layout");
+    // Plaintext with a recognisable marker.
+    let marker = b"PLAINTEXT-MARKER-diskimg-0123456789";
+    let mut model = Model::zeroed(3 << 20);
+    let dev = open_enc(&p, false);
+    for (i, (off, len)) in [
+        (0usize, 70_000usize),
+        (500_000, 1234),
+        (1 << 20, 600_000),
+        (3_000_000, 145_728),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut d = pattern(i as u64 + 10, len);
+        for c in d.chunks_mut(512) {
+            let n = c.len().min(marker.len());
+            c[..n].copy_from_slice(&marker[..n]);
+        }
+        dev.write_at(&d, off as u64).unwrap();
+        model.write(off, &d);
+    }
+    dev.write_zeroes(1 << 20, 64 << 10, ZeroFlags::default())
+        .unwrap();
+    model.zero(1 << 20, 64 << 10);
+    dev.flush().unwrap();
+    assert!(read_all(dev.as_ref()) == model.bytes);
+    drop(dev);
+    assert!(
+        qemu_raw(&p) == model.bytes,
+        "{opts}: qemu reads our image differently"
+    );
+    assert_check_clean(&p);
+    let raw = std::fs::read(&p).unwrap();
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker),
+        "{opts}: plaintext in the file"
+    );
+    // qemu-img compare against a plain raw copy of the content.
+    let r = dir.path().join("expect.raw");
+    std::fs::write(&r, &model.bytes).unwrap();
+    let raw_opts = format!("driver=raw,file.filename={}", r.display());
+    qimg(&["compare", "--image-opts", &image_opts(&p), &raw_opts]);
+    // qemu writes into our image; we read its data.
+    qio(&p, &["write -P 0x99 2M 100k"]);
+    model.write(2 << 20, &[0x99; 100 << 10]);
+    assert!(read_all(open_enc(&p, true).as_ref()) == model.bytes);
+}
+
+#[test]
+fn ours_luks_default_in_qemu() {
+    ours_in_qemu_case("encrypt.format=luks");
+}
+
+#[test]
+fn ours_luks_variants_in_qemu() {
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=4k,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=16k,extended_l2=on,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha512",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=512,encrypt.cipher-alg=aes-192,encrypt.cipher-mode=xts",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,compat=0.10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
+    );
+}
+
+#[test]
+fn ours_legacy_aes_in_qemu() {
+    ours_in_qemu_case("encrypt.format=aes");
+    let dir = tempdir();
+    let p = dir.path().join("a.qcow2");
+    our_create(&p, 1 << 20, "encryption=on,encrypt.key-secret=sec0").unwrap();
+    assert_eq!(crypt_layout(&p).0, 1);
+}
+
+#[test]
+fn create_option_errors_as_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("e.qcow2");
+    let err = |o: &str| our_create(&p, 1 << 20, o).unwrap_err().to_string();
+    assert_eq!(
+        err("encrypt.format=luks"),
+        "Parameter 'encrypt.key-secret' is required for cipher"
+    );
+    assert_eq!(
+        err("encryption=on,encrypt.format=luks,encrypt.key-secret=sec0"),
+        "'encrypt.format' and its alias 'encryption' can't be used at the same time"
+    );
+    assert_eq!(
+        err("encrypt.format=aes,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128"),
+        "Parameter 'encrypt.cipher-alg' is unexpected"
+    );
+    assert_eq!(
+        err(
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha1,encrypt.cipher-mode=cbc"
+        ),
+        "No AES cipher with key size 20 available"
+    );
+    assert_eq!(
+        err("encrypt.format=luks,encrypt.key-secret=nope"),
+        "No secret with id 'nope'"
+    );
+    assert!(
+        err("encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata")
+            .contains("preallocation")
+    );
+}
