@@ -7,7 +7,9 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 
-use crate::common::{Progress, open_image, opt_format, parse_format, parse_size, round_to_sector};
+use crate::common::{
+    Progress, open_image, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
+};
 use crate::create::{parse_options, print_help};
 
 /// Arguments of `convert`.
@@ -114,8 +116,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let total = src.virtual_size();
 
     let mut target_is_zero = a.target_is_zero;
+    let mut key_secret = None;
     if !a.no_create {
         let mut options = parse_options(&a.options)?;
+        key_secret = options.get("encrypt.key-secret").map(str::to_string);
         let specs = out_fmt.driver()?.create_options();
         if let Some(b) = &a.backing {
             if !specs.iter().any(|s| s.name == "backing_file") {
@@ -136,7 +140,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 bail!("{dst_name}: Invalid parameter '{k}'");
             }
         }
-        let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+        let opts = ImageOptions::default()
+            .with_policy(OpenPolicy::qemu_compatible())
+            .with_secrets(crate::secrets::secrets());
         diskimg::create(
             dst_name,
             out_fmt,
@@ -148,7 +154,16 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
-    let dst = open_image(dst_name, Some(out_fmt), false, true)?;
+    // The target is a plain file name (qemu's --image-opts names sources only); a new
+    // encrypted target opens with the secret it was created with.
+    let dst = open_resolved(
+        dst_name,
+        dst_name,
+        Some(out_fmt),
+        crate::secrets::with_key(key_secret.as_deref()),
+        false,
+        true,
+    )?;
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }

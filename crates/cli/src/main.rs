@@ -16,6 +16,7 @@ mod io;
 mod json;
 mod map;
 mod resize;
+mod secrets;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    global: secrets::GlobalArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,6 +57,7 @@ enum Cmd {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    secrets::init(&cli.global)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
