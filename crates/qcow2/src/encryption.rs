@@ -130,15 +130,17 @@ impl Encryption {
             .unwrap_or((&h.cipher_mode, ""));
         let (iv, iv_hash) = iv.split_once(':').unwrap_or((iv, ""));
         let mut m = vec![("ivgen-alg".to_string(), s(iv))];
-        if !iv_hash.is_empty() {
-            m.push(("ivgen-hash-alg".into(), s(iv_hash)));
-        }
         let bits = u64::from(h.key_bytes) * 8 / if mode == "xts" { 2 } else { 1 };
         m.extend([
             ("detached-header".into(), InfoValue::Bool(false)),
             ("hash-alg".into(), s(h.hash.name())),
             ("cipher-alg".into(), s(&format!("{}-{bits}", h.cipher_name))),
             ("uuid".into(), s(&h.uuid)),
+        ]);
+        if !iv_hash.is_empty() {
+            m.push(("ivgen-hash-alg".into(), s(iv_hash)));
+        }
+        m.extend([
             ("format".into(), s("luks")),
             ("cipher-mode".into(), s(mode)),
         ]);

@@ -12,6 +12,7 @@ mod compare;
 mod convert;
 mod create_info;
 mod dd_resize;
+mod encrypt;
 mod errors;
 mod io;
 mod map;
