@@ -10,8 +10,11 @@
 //! The key comes from the driver option `encrypt.key-secret=ID` looked up in
 //! [`OpenOptions::secrets`], as in qemu. Secret material never reaches an error message.
 
+use std::sync::Mutex;
+
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, InfoValue, OpenOptions, Result, Storage};
+use zeroize::Zeroizing;
 
 use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
 use crate::header::Header;
@@ -35,8 +38,10 @@ pub(crate) struct Encryption {
     luks: bool,
     /// `None`: opened without a key (metadata only).
     cipher: Option<SectorCipher>,
-    /// The parsed LUKS header (for `info`).
-    pub(crate) header: Option<LuksHeader>,
+    /// The parsed LUKS header (for `info` and key-slot changes).
+    pub(crate) header: Mutex<Option<LuksHeader>>,
+    /// The LUKS master key (for adding key slots).
+    pub(crate) master_key: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Encryption {
@@ -86,7 +91,8 @@ impl Encryption {
                 return Ok(Some(Self {
                     luks,
                     cipher: None,
-                    header: header.map(|x| x.0),
+                    header: Mutex::new(header.map(|x| x.0)),
+                    master_key: None,
                 }));
             }
             return Err(Error::Key(
@@ -94,6 +100,7 @@ impl Encryption {
             ));
         };
         let pass = opts.secrets.require(id)?;
+        let mut master_key = None;
         let cipher = match &header {
             Some((hdr, off, len)) => {
                 let read =
@@ -106,14 +113,17 @@ impl Encryption {
                         Ok(b)
                     };
                 let (mk, _) = hdr.unlock(pass, &read)?;
-                hdr.data_cipher(&mk)?
+                let c = hdr.data_cipher(&mk)?;
+                master_key = Some(mk);
+                c
             }
             None => legacy_aes(pass)?,
         };
         Ok(Some(Self {
             luks,
             cipher: Some(cipher),
-            header: header.map(|x| x.0),
+            header: Mutex::new(header.map(|x| x.0)),
+            master_key,
         }))
     }
 
@@ -121,7 +131,8 @@ impl Encryption {
     pub(crate) fn info(&self) -> InfoValue {
         let s = |v: &str| InfoValue::Str(v.to_string());
         let int = |v: u64| InfoValue::Int(i64::try_from(v).unwrap_or(i64::MAX));
-        let Some(h) = self.header.as_ref().filter(|_| self.luks) else {
+        let guard = self.header.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = guard.as_ref().filter(|_| self.luks) else {
             return InfoValue::Map(vec![("format".into(), s("aes"))]);
         };
         let (mode, iv) = h
@@ -169,6 +180,11 @@ impl Encryption {
         ));
         m.push(("master-key-iters".into(), int(u64::from(h.mk_digest_iter))));
         InfoValue::Map(m)
+    }
+
+    /// True for LUKS, false for legacy AES.
+    pub(crate) fn is_luks(&self) -> bool {
+        self.luks
     }
 
     fn cipher(&self) -> Result<&SectorCipher> {

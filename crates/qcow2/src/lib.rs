@@ -24,7 +24,8 @@
 //! [`KEY_SECRET_OPTION`] (`encrypt.key-secret`). A wrong passphrase fails the open with
 //! `Error::Key("Invalid password, cannot unlock any keyslot")` before anything is
 //! written. `map` reports encrypted data without host offsets, as qemu does. Compressed
-//! writes and preallocation are refused on encrypted images.
+//! writes and preallocation are refused on encrypted images. LUKS key slots are managed
+//! with [`Qcow2Device::amend_encryption`] (qemu-img amend's `encrypt.*` options).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -91,6 +92,7 @@ mod encrypt_create;
 mod encryption;
 mod ext;
 mod header;
+mod keyslots;
 mod meta;
 mod refcount;
 mod snapshot;

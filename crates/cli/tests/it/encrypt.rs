@@ -391,3 +391,73 @@ fn check_repair_on_encrypted_images() {
     assert!(chk.contains("No errors were found"), "{chk}");
     assert_eq!(String::from_utf8_lossy(&ours.stdout), chk);
 }
+
+#[test]
+fn amend_key_slots_like_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("a.qcow2");
+    qemu_luks(
+        &p,
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "1M",
+        &["write -P 9 0 4k"],
+    );
+    let io = iopts(&p);
+    let obj1 = "secret,id=sec1,data=new-pass";
+    diskimg_ok(&[
+        "amend",
+        "--object",
+        OBJ,
+        "--object",
+        obj1,
+        "--image-opts",
+        "-o",
+        "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+        &io,
+    ]);
+    let io1 = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec1",
+        s(&p)
+    );
+    q(
+        "qemu-io",
+        &[
+            "--object",
+            obj1,
+            "--image-opts",
+            "-c",
+            "read -P 9 0 4k",
+            &io1,
+        ],
+    );
+    // The same refusals, worded as qemu-img's.
+    for o in [
+        "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=0",
+        "encrypt.state=inactive,encrypt.keyslot=4",
+        "encrypt.state=active",
+        "encrypt.state=inactive,encrypt.new-secret=sec1",
+    ] {
+        let a = [
+            "amend",
+            "--object",
+            OBJ,
+            "--object",
+            obj1,
+            "--image-opts",
+            "-o",
+            o,
+            &io,
+        ];
+        let ours = diskimg(&a);
+        let theirs = Command::new("qemu-img").args(a).output().unwrap();
+        assert_eq!(code(&ours), 1, "{o}");
+        assert_eq!(theirs.status.code(), Some(1), "{o}");
+        let strip =
+            |b: &[u8], p: &str| String::from_utf8_lossy(b).trim_start_matches(p).to_string();
+        assert_eq!(
+            strip(&ours.stderr, "diskimg: "),
+            strip(&theirs.stderr, "qemu-img: "),
+            "{o}"
+        );
+    }
+}
