@@ -35,7 +35,7 @@ mod snapshot;
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
     BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList, Result,
-    Storage, block_status, map_chain, parse_size,
+    Secrets, Storage, block_status, map_chain, parse_size,
 };
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};

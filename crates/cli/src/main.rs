@@ -1,10 +1,12 @@
 //! `diskimg`: a qemu-img compatible command-line tool for disk images.
 //!
 //! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
-//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, and `io`
+//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, `amend` (LUKS
+//! key slots), and `io`
 //! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
 //! the verb defines other codes (check, compare).
 
+mod amend;
 mod bench;
 mod check;
 mod common;
@@ -17,6 +19,7 @@ mod io;
 mod json;
 mod map;
 mod resize;
+mod secrets;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +33,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    global: secrets::GlobalArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,9 +59,12 @@ enum Cmd {
     Dd(dd::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
+    /// Change image options (LUKS key slots of encrypted qcow2 images).
+    Amend(amend::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    secrets::init(&cli.global)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -68,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),
+        Cmd::Amend(a) => amend::run(a),
     }
 }
 

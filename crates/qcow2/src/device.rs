@@ -10,6 +10,7 @@ use diskimg_blockio::{
 };
 
 use crate::compress;
+use crate::encryption::Encryption;
 use crate::ext::{BitmapEntry, parse_bitmap_directory};
 use crate::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
@@ -32,6 +33,8 @@ pub struct Qcow2Device {
     pub(crate) bitmaps: Vec<BitmapEntry>,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
+    /// The data cipher of an encrypted image.
+    pub(crate) crypt: Option<Arc<Encryption>>,
 }
 
 fn cache_tables(opts: &OpenOptions, cs: u64) -> usize {
@@ -48,13 +51,7 @@ impl Qcow2Device {
         let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
         file.read_exact_at(&mut first, 0)?;
         let h = Header::parse(&first)?;
-        if h.crypt_method != 0 {
-            return Err(Error::Key(
-                "qcow2 image is encrypted: opening encrypted images needs a key, which diskimg \
-                 does not support yet"
-                    .into(),
-            ));
-        }
+        let crypt = Encryption::open(file.as_ref(), &h, opts)?.map(Arc::new);
         let read_only = opts.read_only || file.is_read_only();
         if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::invalid(
@@ -139,6 +136,7 @@ impl Qcow2Device {
             read_only,
             bitmaps,
             snapshot_view: false,
+            crypt,
         };
         if !read_only {
             dev.open_rw_fixups()?;
@@ -270,6 +268,7 @@ impl Qcow2Device {
             read_only: true,
             bitmaps: Vec::new(),
             snapshot_view: true,
+            crypt: self.crypt.clone(),
         })
     }
 
@@ -286,7 +285,10 @@ impl Qcow2Device {
         match sub {
             Sub::Data(h) => {
                 let s = self.data.as_ref().unwrap_or(&self.file);
-                read_host(s.as_ref(), dst, h)
+                match &self.crypt {
+                    Some(c) => c.read(s.as_ref(), dst, h, guest),
+                    None => read_host(s.as_ref(), dst, h),
+                }
             }
             Sub::Zero | Sub::ZeroAlloc(_) => {
                 dst.fill(0);
@@ -405,6 +407,9 @@ impl Qcow2Device {
             "refcount-bits".into(),
             InfoValue::Int(i64::from(h.refcount_bits())),
         ));
+        if let Some(c) = &self.crypt {
+            d.push(("encrypt".into(), c.info()));
+        }
         if v3 {
             if h.has_data_file() {
                 if let Some(name) = &h.ext.data_file {
@@ -507,9 +512,15 @@ impl BlockDevice for Qcow2Device {
             return Err(Error::invalid("map of an empty range"));
         }
         let (sub, n) = self.lock().resolve(offset, len)?;
+        // As qemu: no host offsets for encrypted data (they would expose ciphertext).
+        let clear = self.crypt.is_none();
         let kind = match sub {
-            Sub::Data(h) => ExtentKind::Data { offset: Some(h) },
-            Sub::ZeroAlloc(h) => ExtentKind::Zero { offset: Some(h) },
+            Sub::Data(h) => ExtentKind::Data {
+                offset: Some(h).filter(|_| clear),
+            },
+            Sub::ZeroAlloc(h) => ExtentKind::Zero {
+                offset: Some(h).filter(|_| clear),
+            },
             Sub::Zero => ExtentKind::Zero { offset: None },
             Sub::Unalloc => ExtentKind::Unallocated,
             Sub::Compressed(..) => ExtentKind::Compressed,
@@ -522,7 +533,7 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {
-        (!self.read_only && self.data.is_none()).then(|| self.lock().cs())
+        (!self.read_only && self.data.is_none() && self.crypt.is_none()).then(|| self.lock().cs())
     }
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {

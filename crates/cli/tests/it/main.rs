@@ -14,6 +14,7 @@ mod convert;
 mod convert_perf;
 mod create_info;
 mod dd_resize;
+mod encrypt;
 mod errors;
 mod io;
 mod map;

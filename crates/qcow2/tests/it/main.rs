@@ -8,6 +8,7 @@
 
 mod check;
 mod crash;
+mod encrypt;
 mod hostile;
 mod model;
 mod read;
