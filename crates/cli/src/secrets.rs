@@ -149,7 +149,12 @@ pub(crate) fn resolve(
     let s = state();
     let mut opts = ImageOptions::default().with_secrets(s.secrets.clone());
     if s.no_io {
-        opts.driver_options.set(NO_IO, "on");
+        // For the whole chain (the facade hands `backing.`-prefixed options down).
+        let mut prefix = String::new();
+        for _ in 0..=16 {
+            opts.driver_options.set(&format!("{prefix}{NO_IO}"), "on");
+            prefix.push_str("backing.");
+        }
     }
     if !s.image_opts || !arg.contains('=') {
         return Ok((arg.to_string(), format, opts));

@@ -216,7 +216,7 @@ impl Encryption {
         let span = (lead + dst.len() as u64).div_ceil(SECTOR) * SECTOR;
         let mut buf = vec![0u8; idx(span)?];
         read_host(s, &mut buf, start)?;
-        cipher.decrypt(&mut buf, self.sector(start, guest - lead))?;
+        cipher.decrypt(&mut buf, self.sector(start, guest.saturating_sub(lead)))?;
         let l = idx(lead)?;
         dst.copy_from_slice(
             buf.get(l..l + dst.len())
@@ -234,7 +234,7 @@ impl Encryption {
         let end = host + src.len() as u64;
         let span = end.div_ceil(SECTOR) * SECTOR - start;
         let mut buf = vec![0u8; idx(span)?];
-        let first = self.sector(start, guest - lead);
+        let first = self.sector(start, guest.saturating_sub(lead));
         if lead != 0 {
             let head = buf
                 .get_mut(..512)

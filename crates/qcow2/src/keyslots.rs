@@ -57,11 +57,13 @@ impl Qcow2Device {
             "encryption header extension missing",
             0,
         ))?;
+        // Lock order as `info`: metadata before the LUKS header.
+        let limits = self.lock().limits;
         let mut guard = crypt.header.lock().unwrap_or_else(|e| e.into_inner());
         let mut hdr = guard.clone().ok_or_else(|| {
             Error::Key("Parameter 'encrypt.key-secret' is required for cipher".into())
         })?;
-        let mut area = vec![0u8; usize::try_from(len).map_err(|_| invalid("header area"))?];
+        let mut area = limits.alloc("LUKS header area", len)?;
         self.file.read_exact_at(&mut area, off)?;
         let read = |o: u64, n: usize| -> Result<Vec<u8>> {
             let s = usize::try_from(o).map_err(|_| invalid("offset"))?;

@@ -853,3 +853,33 @@ mod model {
         }
     }
 }
+
+/// LUKS with an external data file: the IV is the offset in the data file.
+#[test]
+fn luks_with_external_data_file() {
+    let dir = tempdir();
+    let p = dir.path().join("d.qcow2");
+    let data_file = dir.path().join("d.data");
+    qemu_create(
+        &p,
+        &format!(
+            "encrypt.format=luks,encrypt.iter-time=10,data_file={}",
+            data_file.display()
+        ),
+        "1M",
+    );
+    qio(&p, &["write -P 0x5e 4096 10000"]);
+    let o = crate::opts(dir.path(), false)
+        .secrets(Secrets::new().with("sec0", SECRET))
+        .driver_option("encrypt.key-secret", "sec0");
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, false).unwrap());
+    let dev = DRIVER.open(s, &o).unwrap();
+    assert!(read_all(dev.as_ref()) == qemu_raw(&p));
+    dev.write_at(&pattern(4, 5000), 100_000).unwrap();
+    let ours = read_all(dev.as_ref());
+    drop(dev);
+    assert!(qemu_raw(&p) == ours);
+    assert_check_clean(&p);
+    let data = std::fs::read(&data_file).unwrap();
+    assert!(!data.windows(64).any(|w| w == &pattern(4, 5000)[100..164]));
+}
