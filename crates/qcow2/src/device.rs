@@ -56,7 +56,10 @@ impl Qcow2Device {
             ));
         }
         let read_only = opts.read_only || file.is_read_only();
-        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
+        // `check=on` (qemu's BDRV_O_CHECK): opened for `check -r`, which repairs what a
+        // normal read-write open would refuse or repair by itself.
+        let checking = opts.driver_options.get("check") == Some("on");
+        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only && !checking {
             return Err(Error::invalid(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
@@ -140,7 +143,7 @@ impl Qcow2Device {
             bitmaps,
             snapshot_view: false,
         };
-        if !read_only {
+        if !read_only && !checking {
             dev.open_rw_fixups()?;
         }
         let name = opts.driver_options.get("snapshot.name");

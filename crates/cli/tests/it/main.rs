@@ -8,6 +8,7 @@
 //!
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
+mod check_repair;
 mod compare;
 mod convert;
 mod create_info;
