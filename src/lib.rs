@@ -29,6 +29,7 @@
 
 mod format;
 mod image;
+pub mod maint;
 mod policy;
 mod snapshot;
 

@@ -16,6 +16,7 @@ mod io;
 mod json;
 mod map;
 mod resize;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +50,8 @@ enum Cmd {
     Resize(resize::Args),
     /// Copy blocks from one image into a new one, dd-style.
     Dd(dd::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     }
 }
 

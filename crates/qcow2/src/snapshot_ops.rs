@@ -167,9 +167,10 @@ impl Qcow2Device {
                 "internal snapshots need refcounts of at least 2 bits",
             ));
         }
-        if name.is_empty() || name.len() > 1023 || m.snapshots.iter().any(|s| s.info.name == name) {
+        // qemu allows several snapshots with one name (ids stay unique).
+        if name.is_empty() || name.len() > 1023 {
             return Err(Error::invalid(format!(
-                "Could not create snapshot '{name}': invalid or existing name"
+                "Could not create snapshot '{name}': invalid name"
             )));
         }
         m.commit_deferred()?;
