@@ -45,3 +45,90 @@ pub fn delete_snapshot(image: &Image, id_or_name: &str) -> Result<()> {
     let _ = id_or_name;
     Err(unsupported(image, "internal snapshots"))
 }
+
+/// What `qemu-img measure` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measure {
+    /// File size needed for the content.
+    pub required: u64,
+    /// File size with every cluster allocated.
+    pub fully_allocated: u64,
+    /// Space for persistent bitmaps, when both the source and the target hold them.
+    pub bitmaps: Option<u64>,
+}
+
+/// Measures the file size a `format` image created with `options` would need, either
+/// empty of `size` bytes or (with `source`) holding `source`'s content as `convert` would
+/// copy it. Only raw and qcow2 targets can be measured, as in qemu.
+pub fn measure(
+    source: Option<&dyn BlockDevice>,
+    size: u64,
+    format: crate::Format,
+    options: &diskimg_blockio::OptionList,
+) -> Result<Measure> {
+    match format {
+        crate::Format::Raw => {
+            let mut o = options.clone();
+            o.take("size");
+            o.take("preallocation");
+            o.finish("raw")?;
+            let required = match source {
+                Some(d) => d.virtual_size(),
+                None => size.checked_next_multiple_of(512).unwrap_or(u64::MAX),
+            };
+            Ok(Measure {
+                required,
+                fully_allocated: required,
+                bitmaps: None,
+            })
+        }
+        #[cfg(feature = "qcow2")]
+        crate::Format::Qcow2 => {
+            let t = diskimg_qcow2::MeasureTarget::from_options(options)?;
+            let Some(src) = source else {
+                let m = t.measure(size, None)?;
+                return Ok(Measure {
+                    required: m.required,
+                    fully_allocated: m.fully_allocated,
+                    bitmaps: None,
+                });
+            };
+            let vsize = src.virtual_size();
+            let data = data_clusters_bytes(src, t.cluster_size)?;
+            let m = t.measure(vsize, Some(data))?;
+            let bitmaps = as_qcow2(src)
+                .filter(|q| t.v3 && q.supports_bitmaps())
+                .map(|q| diskimg_qcow2::bitmaps_size(vsize, t.cluster_size, &q.bitmap_shapes()));
+            Ok(Measure {
+                required: m.required,
+                fully_allocated: m.fully_allocated,
+                bitmaps,
+            })
+        }
+        f => Err(Error::invalid(format!(
+            "Block driver '{}' does not support size measurement",
+            f.name()
+        ))),
+    }
+}
+
+/// Bytes of the `cs`-sized clusters of `dev` (its whole chain) holding any data.
+#[cfg(feature = "qcow2")]
+fn data_clusters_bytes(dev: &dyn BlockDevice, cs: u64) -> Result<u64> {
+    let size = dev.virtual_size();
+    let mut total = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let e = diskimg_blockio::block_status(dev, pos, size - pos)?;
+        let end = pos.saturating_add(e.length.max(1)).min(size);
+        if e.data && !e.zero {
+            // As qemu: count from the start of the cluster, up to the end of the last.
+            let to = end.checked_next_multiple_of(cs).unwrap_or(u64::MAX);
+            total = total.saturating_add(to - pos / cs * cs);
+            pos = to.min(size);
+        } else {
+            pos = end;
+        }
+    }
+    Ok(total)
+}

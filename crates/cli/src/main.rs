@@ -15,6 +15,7 @@ mod info;
 mod io;
 mod json;
 mod map;
+mod measure;
 mod resize;
 mod snapshot;
 
@@ -52,6 +53,8 @@ enum Cmd {
     Dd(dd::Args),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::Args),
+    /// Measure the file size a new image would need.
+    Measure(measure::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
@@ -68,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Measure(a) => measure::run(a),
     }
 }
 

@@ -50,6 +50,7 @@ mod create;
 mod device;
 mod ext;
 mod header;
+mod measure;
 mod meta;
 mod refcount;
 mod resize;
@@ -59,6 +60,7 @@ mod table;
 mod write;
 
 pub use device::Qcow2Device;
+pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;

@@ -16,6 +16,7 @@ mod dd_resize;
 mod errors;
 mod io;
 mod map;
+mod measure;
 mod snapshot;
 
 use std::path::Path;
