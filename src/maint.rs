@@ -132,3 +132,24 @@ fn data_clusters_bytes(dev: &dyn BlockDevice, cs: u64) -> Result<u64> {
     }
     Ok(total)
 }
+
+/// Rewrites the image's backing file reference (`qemu-img rebase -u`): `name` (empty or
+/// `None`: no backing file) with backing format `format`. Only qcow2 can do this.
+pub fn set_backing_file(image: &Image, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    #[cfg(feature = "qcow2")]
+    if let Some(q) = as_qcow2(image.device.as_ref()) {
+        return q.set_backing_file(name, format);
+    }
+    let _ = (name, format);
+    Err(unsupported(image, "changing the backing file"))
+}
+
+/// Empties the image so that it reads through to its backing file again (what
+/// `qemu-img commit` does to the top image unless `-d`).
+pub fn make_empty(image: &Image) -> Result<()> {
+    #[cfg(feature = "qcow2")]
+    if let Some(q) = as_qcow2(image.device.as_ref()) {
+        return q.make_empty();
+    }
+    Err(unsupported(image, "emptying an image"))
+}

@@ -6,6 +6,7 @@
 //! the verb defines other codes (check, compare).
 
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -16,6 +17,7 @@ mod io;
 mod json;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -55,6 +57,10 @@ enum Cmd {
     Snapshot(snapshot::Args),
     /// Measure the file size a new image would need.
     Measure(measure::Args),
+    /// Commit an image's content into its backing file.
+    Commit(commit::Args),
+    /// Change the backing file of an image.
+    Rebase(rebase::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
@@ -72,6 +78,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Io(a) => io::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
+        Cmd::Commit(a) => commit::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
     }
 }
 

@@ -50,6 +50,7 @@ mod create;
 mod device;
 mod ext;
 mod header;
+mod maint;
 mod measure;
 mod meta;
 mod refcount;
