@@ -153,3 +153,17 @@ pub fn make_empty(image: &Image) -> Result<()> {
     }
     Err(unsupported(image, "emptying an image"))
 }
+
+/// Applies `qemu-img amend -o` options. Only qcow2 supports amendment (qemu's wording
+/// otherwise).
+pub fn amend(image: &Image, options: &diskimg_blockio::OptionList) -> Result<()> {
+    #[cfg(feature = "qcow2")]
+    if let Some(q) = as_qcow2(image.device.as_ref()) {
+        return q.amend(options);
+    }
+    let _ = options;
+    Err(Error::invalid(format!(
+        "Format driver '{}' does not support option amendment",
+        image.device.info().format
+    )))
+}

@@ -5,6 +5,7 @@
 //! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
 //! the verb defines other codes (check, compare).
 
+mod amend;
 mod check;
 mod commit;
 mod common;
@@ -61,6 +62,8 @@ enum Cmd {
     Commit(commit::Args),
     /// Change the backing file of an image.
     Rebase(rebase::Args),
+    /// Change options of an existing image.
+    Amend(amend::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Io(a) => io::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
+        Cmd::Amend(a) => amend::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
     }

@@ -44,6 +44,7 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod amend;
 mod check;
 mod compress;
 mod create;

@@ -93,7 +93,7 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
 
 /// Writes `snaps` as a new snapshot table and points the header at it, then frees the
 /// old table.
-fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
+pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     let cs = m.cs();
     let mut table = Vec::new();
     for s in &snaps {
@@ -128,7 +128,12 @@ fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     Ok(())
 }
 
-fn entry_raw(info: &SnapshotInfo, l1_offset: u64, l1_size: u32, disk_size: u64) -> Vec<u8> {
+pub(crate) fn entry_raw(
+    info: &SnapshotInfo,
+    l1_offset: u64,
+    l1_size: u32,
+    disk_size: u64,
+) -> Vec<u8> {
     let id = info.id.as_bytes();
     let name = info.name.as_bytes();
     let mut raw = vec![0u8; 40 + 24];

@@ -8,6 +8,7 @@
 //!
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
+mod amend;
 mod check_repair;
 mod commit_rebase;
 mod compare;
