@@ -140,6 +140,10 @@ fn walk_l1(
 
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
 pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport> {
+    check_inner(dev, repair, true)
+}
+
+fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Result<CheckReport> {
     let mut m = dev.lock();
     if !dev.read_only {
         m.commit_deferred()?;
@@ -241,6 +245,14 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
         }
         let have = match m.refcount(c) {
             Ok(v) => v,
+            Err(_) if repair == RepairMode::All && may_rebuild => {
+                // An unusable refcount block (misaligned, beyond the end of the file):
+                // its clusters count as refcount 0, which makes the repair rebuild.
+                cnt.report.messages.push(format!(
+                    "ERROR refcount block {ti} is unusable; its refcounts are rebuilt"
+                ));
+                0
+            }
             Err(_) => {
                 cnt.report.check_errors += 1;
                 c = (ti + 1) * rbe;
@@ -270,6 +282,33 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
             .push("ERROR need to rebuild refcount structures".into());
         cnt.report.check_errors += 1;
         return Ok(cnt.report);
+    }
+    // As qemu: a referenced cluster with refcount 0 means the refcount structures are
+    // rebuilt from the counted references, then the old ones are freed as leaks.
+    if repair == RepairMode::All && may_rebuild && mismatches.iter().any(|&(_, have, _)| have == 0)
+    {
+        let old = cnt.report;
+        let mut refs = cnt.refs;
+        crate::rebuild::rebuild(&mut m, &mut refs)?;
+        drop(m);
+        let fresh = check_inner(dev, RepairMode::All, false)?;
+        let mut messages = old.messages;
+        messages.push("Rebuilding refcount structure".into());
+        messages.extend(
+            fresh
+                .messages
+                .iter()
+                .map(|s| s.replacen("Leaked cluster", "Repairing cluster", 1)),
+        );
+        return Ok(CheckReport {
+            corruptions: old.corruptions + fresh.corruptions,
+            leaks: old.leaks,
+            corruptions_fixed: old.corruptions + fresh.corruptions_fixed,
+            leaks_fixed: old.leaks,
+            check_errors: old.check_errors + fresh.check_errors,
+            messages,
+            ..fresh
+        });
     }
     for &(c, have, want) in &mismatches {
         let leak = have > want;

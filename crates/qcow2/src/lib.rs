@@ -54,6 +54,7 @@ mod header;
 mod maint;
 mod measure;
 mod meta;
+mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;
