@@ -9,6 +9,7 @@
 mod check;
 mod crash;
 mod hostile;
+mod maint;
 mod model;
 mod read;
 mod snapshots;
