@@ -46,6 +46,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         diskimg::maint::create_snapshot(&img, name).map_err(|e| {
             let why = if e.is_unsupported() {
                 "Operation not supported".to_string()
+            } else if e.to_string().contains("refcount overflow") {
+                "Invalid argument".to_string()
             } else {
                 e.to_string()
             };

@@ -166,12 +166,8 @@ impl Qcow2Device {
                 "internal snapshots with an external data file",
             ));
         }
-        if m.max_refcount() < 2 {
-            return Err(Error::unsupported(
-                "qcow2",
-                "internal snapshots need refcounts of at least 2 bits",
-            ));
-        }
+        // With 1-bit refcounts (iotest 112) qemu takes a snapshot of an empty image and
+        // fails with a refcount overflow (EINVAL) as soon as a cluster would be shared.
         // qemu allows several snapshots with one name (ids stay unique).
         if name.is_empty() || name.len() > 1023 {
             return Err(Error::invalid(format!(

@@ -89,3 +89,42 @@ fn snapshot_errors_like_qemu() {
         }
     }
 }
+
+#[test]
+fn one_bit_refcounts_like_qemu() {
+    // iotest 112: with refcount_bits=1 an empty image can be snapshotted, one with data
+    // cannot (the shared clusters would need refcount 2); the failure leaves leaks only.
+    let dir = tempdir();
+    for data in [false, true] {
+        let mut results = Vec::new();
+        for tool in ["qemu", "ours"] {
+            let p = dir.path().join(format!("{tool}.qcow2"));
+            qemu_img_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "refcount_bits=1",
+                s(&p),
+                "1M",
+            ]);
+            if data {
+                qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
+            }
+            let a = ["snapshot", "-c", "s", s(&p)];
+            let o = if tool == "qemu" {
+                qemu_img(&a)
+            } else {
+                diskimg(&a)
+            };
+            let (check, rc) = diskimg_testutil::qemu_check_json(&p, "qcow2");
+            results.push((code(&o), stderr(&o), check["corruptions"].clone(), rc));
+            assert!(rc == 0 || rc == 3, "{tool} data={data}: {check}");
+            if data {
+                assert_eq!(qemu_read_raw(&p, "qcow2")[..65536], [1u8; 65536]);
+            }
+        }
+        assert_eq!(results[0], results[1], "data={data}");
+    }
+}
