@@ -167,3 +167,34 @@ pub fn amend(image: &Image, options: &diskimg_blockio::OptionList) -> Result<()>
         image.device.info().format
     )))
 }
+
+/// Applies `qemu-img bitmap` operations to bitmap `name` of the qcow2 image at `path`
+/// (opened read-write on its own, without its backing chain).
+#[cfg(feature = "qcow2")]
+pub fn edit_bitmaps(
+    path: &std::path::Path,
+    format: Option<crate::Format>,
+    name: &str,
+    ops: &[diskimg_qcow2::BitmapOp],
+) -> Result<()> {
+    let storage = std::sync::Arc::new(diskimg_blockio::FileStorage::open(path, false)?);
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe(storage.as_ref()),
+    };
+    if format != crate::Format::Qcow2 {
+        let op = match ops.first() {
+            Some(diskimg_qcow2::BitmapOp::Add { .. }) | None => "add",
+            Some(diskimg_qcow2::BitmapOp::Remove) => "remove",
+            Some(diskimg_qcow2::BitmapOp::Clear) => "clear",
+            Some(diskimg_qcow2::BitmapOp::Enable) => "enable",
+            Some(diskimg_qcow2::BitmapOp::Disable) => "disable",
+        };
+        return Err(Error::invalid(format!(
+            "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \
+             Operation not supported",
+            path.display()
+        )));
+    }
+    diskimg_qcow2::edit_bitmaps(storage, name, ops)
+}

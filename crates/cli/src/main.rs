@@ -6,6 +6,7 @@
 //! the verb defines other codes (check, compare).
 
 mod amend;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -64,6 +65,8 @@ enum Cmd {
     Rebase(rebase::Args),
     /// Change options of an existing image.
     Amend(amend::Args),
+    /// Add, remove, clear, enable or disable a persistent dirty bitmap (qcow2).
+    Bitmap(bitmap::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
@@ -82,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
     }

@@ -223,8 +223,13 @@ impl Qcow2Device {
         {
             // v2 snapshots have no size of their own: they must have the disk's.
             let m = self.lock();
-            if m.snapshots.iter().any(|s| s.disk_size.is_some_and(|d| d != m.size)) {
-                return Err(Error::invalid("Internal snapshots prevent downgrade of image"));
+            if m.snapshots
+                .iter()
+                .any(|s| s.disk_size.is_some_and(|d| d != m.size))
+            {
+                return Err(Error::invalid(
+                    "Internal snapshots prevent downgrade of image",
+                ));
             }
         }
         let scan = self.scan()?;

@@ -64,7 +64,13 @@ impl Qcow2Device {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        if !read_only && h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.ext.bitmaps.is_some() {
+        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes metadata.
+        let bitmap_edit = opts.driver_options.get("x-bitmap-edit") == Some("on");
+        if !read_only
+            && !bitmap_edit
+            && h.autoclear & AUTOCLEAR_BITMAPS != 0
+            && h.ext.bitmaps.is_some()
+        {
             return Err(Error::unsupported(
                 "qcow2",
                 "writing images with persistent dirty bitmaps",

@@ -45,6 +45,7 @@ use diskimg_blockio::{
 };
 
 mod amend;
+mod bitmap;
 mod check;
 mod compress;
 mod create;
@@ -62,6 +63,7 @@ mod snapshot_ops;
 mod table;
 mod write;
 
+pub use bitmap::{BitmapOp, edit_bitmaps};
 pub use device::Qcow2Device;
 pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 

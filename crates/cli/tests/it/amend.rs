@@ -214,8 +214,25 @@ fn amend_dirty_unknown_flags_and_snapshots_like_qemu() {
     let d = dir.path();
     // iotest 061: downgrading a dirty lazy-refcounts image (killed after a write).
     let p = d.join("dirty.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&p), "4M"]);
-    let o = crate::qemu_io_raw(&["-f", "qcow2", "-c", "write -P 5 0 128k", "-c", "abort", s(&p)]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        s(&p),
+        "4M",
+    ]);
+    let o = crate::qemu_io_raw(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 5 0 128k",
+        "-c",
+        "abort",
+        s(&p),
+    ]);
     assert!(!o.status.success());
     assert_eq!(std::fs::read(&p).unwrap()[79] & 1, 1);
     let (ours, _) = both_opts(&p, d, "compat=0.10", false);

@@ -9,6 +9,7 @@
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
 mod amend;
+mod bitmap;
 mod check_repair;
 mod commit_rebase;
 mod compare;

@@ -203,3 +203,52 @@ fn amend_compat_changes_survive_crashes() {
         );
     }
 }
+
+#[test]
+fn bitmap_edits_survive_crashes() {
+    use diskimg_qcow2::{BitmapOp, edit_bitmaps};
+    let dir = tempdir();
+    qemu_image(dir.path(), "cluster_size=4k", &["write -P 1 0 100k"]);
+    let p = dir.path().join("src.qcow2");
+    qemu_img_ok(&["bitmap", "--add", p.to_str().unwrap(), "old"]);
+    qemu_io(&p, "qcow2", &["write -P 2 0 1M"]);
+    let img = std::fs::read(&p).unwrap();
+    let content = read_all(open_mem(&img, true).unwrap().as_ref());
+    let run = |fs: Arc<FaultStorage>| -> diskimg_blockio::Result<()> {
+        edit_bitmaps(
+            fs.clone(),
+            "new",
+            &[BitmapOp::Add {
+                granularity: None,
+                enabled: true,
+            }],
+        )?;
+        edit_bitmaps(fs.clone(), "old", &[BitmapOp::Clear])?;
+        edit_bitmaps(fs, "old", &[BitmapOp::Remove])
+    };
+    let count = {
+        let fs = Arc::new(FaultStorage::new(img.clone(), None));
+        run(fs.clone()).unwrap();
+        fs.ops()
+    };
+    assert!(count > 5, "{count}");
+    for cut in 0..count {
+        let fs = Arc::new(FaultStorage::new(img.clone(), Some(cut)));
+        let _ = run(fs.clone());
+        for mode in [
+            CrashMode::KeepAll,
+            CrashMode::DropUnflushed,
+            CrashMode::Random(cut),
+        ] {
+            let crashed = fs.crash_image(mode);
+            let dev = open_mem(&crashed, true).unwrap();
+            let r = dev.check(RepairMode::None).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}: {r:?}"
+            );
+            assert_eq!(read_all(dev.as_ref()), content, "cut {cut} {mode:?}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `bitmap --add/--remove/--clear/--enable/--disable` side by side with qemu-img.
+
+use diskimg_testutil::{
+    assert_qemu_check_clean, qemu_img, qemu_img_ok, qemu_info_json, qemu_io, tempdir,
+};
+
+use crate::{code, diskimg, s};
+
+fn bitmaps(p: &std::path::Path) -> serde_json::Value {
+    qemu_info_json(p, "qcow2")["format-specific"]["data"]["bitmaps"].clone()
+}
+
+#[test]
+fn bitmap_ops_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    for p in [&q, &d] {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            s(p),
+            "64M",
+        ]);
+        qemu_io(p, "qcow2", &["write -P 1 0 1M"]);
+    }
+    let steps: &[&[&str]] = &[
+        &["--add", "b0"],
+        &["--add", "--disable", "-g", "128k", "b1"],
+        &["--add", "-g", "512", "b2"],
+        &["--add", "b0"],
+        &["--add", "-g", "1000", "b3"],
+        &["--enable", "b1"],
+        &["--disable", "b0"],
+        &["--remove", "b2"],
+        &["--remove", "nope"],
+        &["--clear", "b1"],
+        &["b0"],
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, p: &std::path::Path| {
+            let mut a = vec!["bitmap"];
+            a.extend(step.iter().take(step.len().saturating_sub(1)));
+            a.push(s(p));
+            a.extend(step.last());
+            tool(&a)
+        };
+        let (qo, o) = (run(&|a| qemu_img(a), &q), run(&|a| diskimg(a), &d));
+        assert_eq!(code(&o), code(&qo), "{step:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+            String::from_utf8_lossy(&qo.stderr),
+            "{step:?}"
+        );
+        assert_qemu_check_clean(&d, "qcow2");
+        assert_eq!(bitmaps(&d), bitmaps(&q), "{step:?}");
+        assert_eq!(code(&diskimg(&["check", s(&d)])), 0, "{step:?}");
+        if i == 6 {
+            // qemu writes through our enabled bitmap: bits get data clusters.
+            qemu_io(&d, "qcow2", &["write -P 2 0 8M"]);
+            qemu_io(&q, "qcow2", &["write -P 2 0 8M"]);
+            assert_qemu_check_clean(&d, "qcow2");
+        }
+    }
+    // Our info shows the bitmaps as qemu's does.
+    let ours: serde_json::Value =
+        serde_json::from_str(&crate::diskimg_ok(&["info", "--output=json", s(&d)])).unwrap();
+    assert_eq!(ours["format-specific"]["data"]["bitmaps"], bitmaps(&d));
+    // qemu edits ours; we edit qemu's.
+    qemu_img_ok(&["bitmap", "--remove", s(&d), "b1"]);
+    assert_eq!(code(&diskimg(&["bitmap", "--remove", s(&q), "b1"])), 0);
+    assert_eq!(code(&diskimg(&["bitmap", "--remove", s(&q), "b0"])), 0);
+    for p in [&q, &d] {
+        assert_qemu_check_clean(p, "qcow2");
+    }
+    assert_eq!(bitmaps(&q), serde_json::Value::Null);
+    // v2 images and other formats refuse, as qemu.
+    let v2 = dir.path().join("v2.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&v2),
+        "1M",
+    ]);
+    let a = ["bitmap", "--add", s(&v2), "x"];
+    let (o, qo) = (diskimg(&a), qemu_img(&a));
+    assert_eq!(code(&o), code(&qo));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qo.stderr)
+            .replace("Can't make bitmap 'x' persistent in '#block", "")
+            .split_once("': ")
+            .map(|(_, r)| format!("qemu-img: Operation add on bitmap x failed: {r}"))
+            .unwrap()
+    );
+}
