@@ -96,7 +96,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     base.device.flush()?;
     bar.finish();
     if !a.keep && a.base.is_none() {
-        diskimg::maint::make_empty(&img).map_err(|e| anyhow!("Could not empty {}: {e}", a.file))?;
+        // As qemu: formats that cannot be emptied (vmdk) keep their data.
+        match diskimg::maint::make_empty(&img) {
+            Err(e) if e.is_unsupported() => {}
+            r => r.map_err(|e| anyhow!("Could not empty {}: {e}", a.file))?,
+        }
         img.device.flush()?;
     }
     if !a.quiet {

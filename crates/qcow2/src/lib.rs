@@ -10,6 +10,10 @@
 //!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`),
 //!   [`Qcow2Device::create_snapshot`], [`Qcow2Device::delete_snapshot`] and
 //!   [`Qcow2Device::apply_snapshot`].
+//! - Maintenance (what `qemu-img` verbs need): `check` repair with qemu's refcount rebuild,
+//!   [`Qcow2Device::set_backing_file`] (rebase), [`Qcow2Device::make_empty`] (commit),
+//!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
+//!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
 //! Not supported yet: encryption (encrypted images are refused at open), writing to
 //! images with persistent dirty bitmaps.

@@ -142,6 +142,51 @@ fn commit_like_qemu() {
 }
 
 #[test]
+fn commit_vmdk_on_vmdk_like_qemu() {
+    // Formats without make_empty commit and keep the top's data, as qemu.
+    let dir = tempdir();
+    let mut maps = Vec::new();
+    for sub in ["q", "d"] {
+        let d = dir.path().join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        let (b, t) = (d.join("b.vmdk"), d.join("t.vmdk"));
+        qemu_img_ok(&["create", "-q", "-f", "vmdk", s(&b), "4M"]);
+        qemu_io(&b, "vmdk", &["write -P 1 1M 1M"]);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "b.vmdk",
+            "-F",
+            "vmdk",
+            s(&t),
+        ]);
+        qemu_io(&t, "vmdk", &["write -P 3 0 64k", "write -P 4 1536k 64k"]);
+        let expected = raw_of(&t, &d.join("e.raw"));
+        let a = ["commit", s(&t)];
+        let o = if sub == "q" {
+            qemu_img(&a)
+        } else {
+            diskimg(&a)
+        };
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "Image committed.\n");
+        assert!(qemu_compare(&b, "vmdk", &expected, "raw"));
+        maps.push(
+            qemu_map_json(&t, "vmdk")
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["depth"].clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(maps[0], maps[1]);
+}
+
+#[test]
 fn commit_errors_like_qemu() {
     let dir = tempdir();
     let p = dir.path().join("alone.qcow2");
