@@ -17,7 +17,7 @@ use crate::ext::BitmapsExt;
 use crate::header::AUTOCLEAR_BITMAPS;
 use crate::maint::write_header;
 use crate::meta::{Meta, read_host};
-use crate::table::{L2E_OFFSET_MASK, encode_u64s};
+use crate::table::L2E_OFFSET_MASK;
 use crate::write::idx;
 
 /// One `qemu-img bitmap` operation on the bitmap it names.
@@ -206,8 +206,10 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
                 .cloned()
                 .ok_or_else(not_found)?;
             let data = table_clusters(m, &e)?;
-            let zero = vec![0u64; e.table_size as usize];
-            m.file.write_all_at(&encode_u64s(&zero), e.table_offset)?;
+            let zero = m
+                .limits
+                .alloc("bitmap table", u64::from(e.table_size) * 8)?;
+            m.file.write_all_at(&zero, e.table_offset)?;
             m.file.flush()?;
             // Everything but the table itself was data.
             let tlen = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;

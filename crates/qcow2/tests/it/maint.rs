@@ -252,3 +252,64 @@ fn bitmap_edits_survive_crashes() {
         }
     }
 }
+
+/// Every maintenance operation on damaged copies of an image with snapshots, bitmaps,
+/// zero and compressed clusters: errors are fine, panics and hangs are not.
+#[test]
+fn maintenance_on_damaged_images_never_panics() {
+    use diskimg_qcow2::{BitmapOp, edit_bitmaps};
+    let dir = tempdir();
+    qemu_image(
+        dir.path(),
+        "cluster_size=4k",
+        &[
+            "write -P 1 0 64k",
+            "write -z 64k 8k",
+            "write -c -P 2 128k 4k",
+        ],
+    );
+    let p = dir.path().join("src.qcow2");
+    qemu_img_ok(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_img_ok(&["bitmap", "--add", p.to_str().unwrap(), "b"]);
+    let img = std::fs::read(&p).unwrap();
+    let mut variants: Vec<Vec<u8>> = Vec::new();
+    for i in 0..img.len().min(512) {
+        for flip in [0x01u8, 0xff] {
+            let mut v = img.clone();
+            v[i] ^= flip;
+            variants.push(v);
+        }
+    }
+    for i in (512..img.len()).step_by(61) {
+        let mut v = img.clone();
+        v[i] ^= 0xff;
+        variants.push(v);
+    }
+    let rw = |v: &[u8]| open_mem(v, false);
+    for v in &variants {
+        if let Ok(d) = rw(v) {
+            let _ = d.check(RepairMode::All);
+            let _ = d.check(RepairMode::None);
+        }
+        if let Ok(d) = rw(v) {
+            let q = qdev(&d);
+            let _ = q.amend(&OptionList::parse("compat=0.10").unwrap());
+            let _ = q.amend(&OptionList::parse("compat=1.1,lazy_refcounts=on").unwrap());
+        }
+        if let Ok(d) = rw(v) {
+            let _ = qdev(&d).make_empty();
+            let _ = qdev(&d).set_backing_file(Some("b.raw"), Some("raw"));
+        }
+        let s = Arc::new(MemStorage::from_vec(v.clone()));
+        let _ = edit_bitmaps(s.clone(), "b", &[BitmapOp::Clear, BitmapOp::Disable]);
+        let _ = edit_bitmaps(
+            s.clone(),
+            "n",
+            &[BitmapOp::Add {
+                granularity: Some(512),
+                enabled: true,
+            }],
+        );
+        let _ = edit_bitmaps(s, "b", &[BitmapOp::Remove]);
+    }
+}
