@@ -22,9 +22,16 @@ pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
     } else {
         u64::from(V2_HEADER_LEN)
     };
+    // Unknown bytes of a longer existing header are kept (never more than the new
+    // header's length: an upgrade from v2 must not copy old extension bytes).
+    let old_hlen = if m.h.version >= 3 {
+        u64::from(m.h.header_length)
+    } else {
+        u64::from(V2_HEADER_LEN)
+    };
     let mut buf = m.limits.alloc("qcow2 header", cs)?;
     let keep = buf
-        .get_mut(..idx(hlen.min(cs)))
+        .get_mut(..idx(hlen.min(old_hlen).min(cs)))
         .ok_or(Error::invalid("qcow2: header too large"))?;
     read_host(m.file.as_ref(), keep, 0)?;
     let ext = h.ext.serialise(h.version);
@@ -45,14 +52,21 @@ pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
         h.backing_file_size =
             u32::try_from(name.len()).map_err(|_| Error::invalid("backing file name too long"))?;
     }
+    // The fixed fields first: with a 104-byte v3 header the compression type byte is
+    // not part of the header, the extensions overwrite it.
+    if !h.write_fixed(&mut buf) {
+        return Err(Error::invalid("qcow2: header does not fit"));
+    }
+    if hlen < 112 {
+        if let Some(pad) = buf.get_mut(idx(hlen)..idx(112.min(cs))) {
+            pad.fill(0);
+        }
+    }
     if let Some(d) = buf.get_mut(idx(hlen)..idx(ext_end)) {
         d.copy_from_slice(&ext);
     }
     if let Some(d) = buf.get_mut(idx(ext_end)..idx(end)) {
         d.copy_from_slice(name.as_bytes());
-    }
-    if !h.write_fixed(&mut buf) {
-        return Err(Error::invalid("qcow2: header does not fit"));
     }
     m.file.flush()?;
     m.file.write_all_at(&buf, 0)?;

@@ -313,3 +313,51 @@ fn maintenance_on_damaged_images_never_panics() {
         let _ = edit_bitmaps(s, "b", &[BitmapOp::Remove]);
     }
 }
+
+#[test]
+fn header_rewrite_of_a_104_byte_v3_header() {
+    // Images from qemu before 5.1 have 104-byte v3 headers (no compression type byte):
+    // rewriting the header must keep the extensions that start right after it.
+    let dir = tempdir();
+    let mut img = qemu_image(dir.path(), "cluster_size=4k", &["write -P 1 0 64k"]);
+    assert_eq!(u32::from_be_bytes(img[100..104].try_into().unwrap()), 112);
+    img.copy_within(112..4096, 104);
+    img[100..104].copy_from_slice(&104u32.to_be_bytes());
+    // An unknown extension right after the 104-byte header.
+    img[104..112].copy_from_slice(&[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 4]);
+    img[112..120].copy_from_slice(b"abcd\0\0\0\0");
+    img[120..128].fill(0);
+    let p = dir.path().join("h104.qcow2");
+    std::fs::write(&p, &img).unwrap();
+    let before = diskimg_testutil::qemu_info_json(&p, "qcow2");
+    assert_eq!(before["format-specific"]["data"]["compat"], "1.1");
+    let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::FileStorage::open(&p, false).unwrap());
+    let dev = Qcow2Device::open(s, &OpenOptions::new()).unwrap();
+    dev.set_backing_file(Some("base.raw"), Some("raw")).unwrap();
+    dev.set_backing_file(None, None).unwrap();
+    drop(dev);
+    assert_qemu_check_clean(&p, "qcow2");
+    let after = diskimg_testutil::qemu_info_json(&p, "qcow2");
+    assert_eq!(after["format-specific"], before["format-specific"]);
+    // The unknown extension still starts right after the header.
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(bytes[104..116], *b"\x12\x34\x56\x78\0\0\0\x04abcd");
+    let raw = diskimg_testutil::qemu_read_raw(&p, "qcow2");
+    assert_eq!(raw[..65536], [1u8; 65536]);
+    // A v2 image upgraded has clean padding after its fields.
+    let v2 = qemu_image(
+        dir.path(),
+        "compat=0.10,cluster_size=4k",
+        &["write -P 1 0 64k"],
+    );
+    let p2 = dir.path().join("v2.qcow2");
+    std::fs::write(&p2, &v2).unwrap();
+    let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::FileStorage::open(&p2, false).unwrap());
+    let dev = Qcow2Device::open(s, &OpenOptions::new()).unwrap();
+    dev.amend(&OptionList::parse("compat=1.1").unwrap())
+        .unwrap();
+    drop(dev);
+    let up = std::fs::read(&p2).unwrap();
+    assert_eq!(up[104..112], [0u8; 8]);
+    assert_qemu_check_clean(&p2, "qcow2");
+}
