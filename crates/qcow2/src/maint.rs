@@ -57,10 +57,10 @@ pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
     if !h.write_fixed(&mut buf) {
         return Err(Error::invalid("qcow2: header does not fit"));
     }
-    if hlen < 112 {
-        if let Some(pad) = buf.get_mut(idx(hlen)..idx(112.min(cs))) {
-            pad.fill(0);
-        }
+    if hlen < 112
+        && let Some(pad) = buf.get_mut(idx(hlen)..idx(112.min(cs)))
+    {
+        pad.fill(0);
     }
     if let Some(d) = buf.get_mut(idx(hlen)..idx(ext_end)) {
         d.copy_from_slice(&ext);
