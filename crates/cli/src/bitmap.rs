@@ -1,6 +1,7 @@
-//! `bitmap (--add | --remove | --clear | --enable | --disable)... [-g GRANULARITY]
+//! `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRANULARITY]
 //! [-f FMT] FILE BITMAP`: edit qcow2 persistent dirty bitmaps. Operations run in the
-//! order add, clear, enable, disable, remove; `--merge` is not supported.
+//! order add, clear, merge, enable, disable, remove; `--merge` takes its source from the
+//! same image (`-b SOURCE_FILE` is not supported).
 
 use anyhow::{Result, bail};
 use diskimg::qcow2::BitmapOp;
@@ -25,9 +26,12 @@ pub(crate) struct Args {
     /// Stop tracking writes.
     #[arg(long = "disable")]
     disable: bool,
-    /// Merge another bitmap into this one (not supported).
+    /// Merge bitmap SOURCE of the same image into this one.
     #[arg(long = "merge")]
     merge: Option<String>,
+    /// Source image for --merge (not supported).
+    #[arg(short = 'b')]
+    source_file: Option<String>,
     /// Granularity for --add (bytes per bit; default the cluster size).
     #[arg(short = 'g')]
     granularity: Option<String>,
@@ -41,11 +45,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    if a.merge.is_some() {
-        bail!(
-            "Operation merge on bitmap {} failed: merging bitmaps is not supported by diskimg",
-            a.bitmap
-        );
+    if a.source_file.is_some() {
+        bail!("merging from another image (-b) is not supported by diskimg");
     }
     let mut ops = Vec::new();
     if a.add {
@@ -57,6 +58,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     if a.clear {
         ops.push(BitmapOp::Clear);
+    }
+    if let Some(src) = &a.merge {
+        ops.push(BitmapOp::Merge(src.clone()));
     }
     if a.enable {
         ops.push(BitmapOp::Enable);

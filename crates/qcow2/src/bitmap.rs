@@ -38,6 +38,8 @@ pub enum BitmapOp {
     Enable,
     /// `--disable`.
     Disable,
+    /// `--merge SOURCE`: set every bit set in bitmap SOURCE of the same image.
+    Merge(String),
 }
 
 /// A directory entry kept with its extra data.
@@ -143,6 +145,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
         BitmapOp::Clear => "clear",
         BitmapOp::Enable => "enable",
         BitmapOp::Disable => "disable",
+        BitmapOp::Merge(_) => "merge",
     };
     let not_found = || {
         failed(
@@ -220,6 +223,45 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
             }
             return Ok(());
         }
+        BitmapOp::Merge(source) => {
+            let i = pos.ok_or_else(not_found)?;
+            let src = dir
+                .iter()
+                .find(|e| &e.name == source)
+                .cloned()
+                .ok_or_else(|| {
+                    failed(
+                        "merge",
+                        name,
+                        format_args!("Dirty bitmap '{source}' not found"),
+                    )
+                })?;
+            let dst = dir.get(i).cloned().ok_or_else(not_found)?;
+            for e in [&src, &dst] {
+                if e.flags & 1 != 0 {
+                    return Err(failed(
+                        "merge",
+                        name,
+                        format_args!("Bitmap '{}' is inconsistent and cannot be used", e.name),
+                    ));
+                }
+            }
+            let sbits = read_bits(m, &src)?;
+            let mut dbits = read_bits(m, &dst)?;
+            merge_bits(
+                m.size,
+                &sbits,
+                1u64 << src.gbits,
+                &mut dbits,
+                1u64 << dst.gbits,
+            );
+            let (table, size) = write_bits(m, &dbits)?;
+            free.extend(table_clusters(m, &dst)?);
+            if let Some(e) = dir.get_mut(i) {
+                e.table_offset = table;
+                e.table_size = size;
+            }
+        }
         BitmapOp::Enable | BitmapOp::Disable => {
             let e = dir
                 .get_mut(pos.ok_or_else(not_found)?)
@@ -290,4 +332,102 @@ fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The bitmap data of `e` (bit `i` of byte `k` is granule `8k + i`; spec "Bitmap table").
+fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
+    let cs = m.cs();
+    let g = 1u64 << e.gbits.min(63);
+    let bytes = m.size.div_ceil(g).div_ceil(8);
+    if u64::from(e.table_size) < bytes.div_ceil(cs) {
+        return Err(Error::corrupt(
+            "qcow2",
+            "bitmap table too small",
+            e.table_offset,
+        ));
+    }
+    let mut out = m.limits.alloc("bitmap data", bytes)?;
+    let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
+    for (k, &x) in t.iter().enumerate() {
+        let start = k as u64 * cs;
+        if start >= bytes {
+            break;
+        }
+        let n = cs.min(bytes - start);
+        let dst = out
+            .get_mut(idx(start)..idx(start + n))
+            .ok_or(Error::invalid("bitmap data"))?;
+        match x & L2E_OFFSET_MASK {
+            0 if x & 1 != 0 => dst.fill(0xff),
+            0 => {}
+            off => read_host(m.file.as_ref(), dst, off)?,
+        }
+    }
+    Ok(out)
+}
+
+/// ORs `src` (granularity `gs`) into `dst` (granularity `gd`) for a `size`-byte disk.
+fn merge_bits(size: u64, src: &[u8], gs: u64, dst: &mut [u8], gd: u64) {
+    for (k, &b) in src.iter().enumerate() {
+        if b == 0 {
+            continue;
+        }
+        for i in 0..8u64 {
+            if b & (1 << i) == 0 {
+                continue;
+            }
+            let start = (k as u64 * 8 + i).saturating_mul(gs);
+            if start >= size {
+                break;
+            }
+            let end = start.saturating_add(gs).min(size);
+            for j in start / gd..=(end - 1) / gd {
+                if let Some(d) = dst.get_mut(idx(j / 8)) {
+                    *d |= 1 << (j % 8);
+                }
+            }
+        }
+    }
+}
+
+/// Writes bitmap data to new clusters (all-zero clusters stay unallocated) and a new
+/// table; returns the table's offset and entry count. Flushed before returning.
+fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
+    let cs = m.cs();
+    let entries = (bits.len() as u64).div_ceil(cs);
+    let mut table = m.limits.alloc_elems::<u64>("bitmap table", entries, 8)?;
+    for (k, chunk) in bits.chunks(idx(cs)).enumerate() {
+        if chunk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let off = m.alloc_run(1)?;
+        let mut buf = m.limits.alloc("bitmap data", cs)?;
+        if let Some(d) = buf.get_mut(..chunk.len()) {
+            d.copy_from_slice(chunk);
+        }
+        m.file.write_all_at(&buf, off)?;
+        if let Some(t) = table.get_mut(k) {
+            *t = off;
+        }
+    }
+    let tclusters = (entries * 8).div_ceil(cs).max(1);
+    let toff = m.alloc_run(tclusters)?;
+    let mut tbuf = crate::table::encode_u64s(&table);
+    tbuf.resize(idx(tclusters * cs), 0);
+    m.file.write_all_at(&tbuf, toff)?;
+    m.file.flush()?;
+    let n = u32::try_from(entries).map_err(|_| Error::invalid("bitmap too large"))?;
+    Ok((toff, n))
+}
+
+/// The bitmap data of bitmap `name` of the qcow2 image on `file` (granularity, bytes;
+/// bit `i` of byte `k` covers granule `8k + i`).
+pub fn read_bitmap(file: Arc<dyn Storage>, name: &str) -> Result<(u64, Vec<u8>)> {
+    let dev = Qcow2Device::open(file, &OpenOptions::new().read_only(true))?;
+    let m = dev.lock();
+    let e = read_directory(&m)?
+        .into_iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| Error::invalid(format!("Dirty bitmap '{name}' not found")))?;
+    Ok((1u64 << e.gbits.min(63), read_bits(&m, &e)?))
 }

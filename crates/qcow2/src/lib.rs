@@ -67,7 +67,7 @@ mod snapshot_ops;
 mod table;
 mod write;
 
-pub use bitmap::{BitmapOp, edit_bitmaps};
+pub use bitmap::{BitmapOp, edit_bitmaps, read_bitmap};
 pub use device::Qcow2Device;
 pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 

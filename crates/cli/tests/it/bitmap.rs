@@ -101,3 +101,64 @@ fn bitmap_ops_like_qemu() {
             .unwrap()
     );
 }
+
+fn bits(p: &std::path::Path, name: &str) -> (u64, Vec<u8>) {
+    let s = std::sync::Arc::new(diskimg::blockio::FileStorage::open(p, true).unwrap());
+    diskimg::qcow2::read_bitmap(s, name).unwrap()
+}
+
+#[test]
+fn bitmap_merge_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    let src = dir.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "16M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "64k", s(&src), "track"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(&src), "fine"]);
+    qemu_img_ok(&[
+        "bitmap",
+        "--add",
+        "--disable",
+        "-g",
+        "1M",
+        s(&src),
+        "coarse",
+    ]);
+    // qemu-io writes set bits in the enabled bitmaps.
+    qemu_io(
+        &src,
+        "qcow2",
+        &["write 0 4k", "write 100k 300k", "write 15M 1M"],
+    );
+    assert!(bits(&src, "track").1.iter().any(|&b| b != 0));
+    qemu_img_ok(&["bitmap", "--disable", s(&src), "fine"]);
+    qemu_io(&src, "qcow2", &["write 8M 64k"]);
+    for (target, source) in [
+        ("coarse", "track"),
+        ("fine", "track"),
+        ("track", "coarse"),
+        ("coarse", "fine"),
+    ] {
+        std::fs::copy(&src, &q).unwrap();
+        std::fs::copy(&src, &d).unwrap();
+        qemu_img_ok(&["bitmap", "--merge", source, s(&q), target]);
+        let o = diskimg(&["bitmap", "--merge", source, s(&d), target]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert_qemu_check_clean(&d, "qcow2");
+        for name in ["track", "fine", "coarse"] {
+            assert_eq!(
+                bits(&d, name),
+                bits(&q, name),
+                "{source} -> {target}: {name}"
+            );
+        }
+        assert_eq!(bitmaps(&d), bitmaps(&q));
+    }
+    let a = ["bitmap", "--merge", "nope", s(&d), "track"];
+    let (o, qo) = (diskimg(&a), qemu_img(&a));
+    assert_eq!(code(&o), code(&qo));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qo.stderr)
+    );
+}

@@ -223,6 +223,7 @@ fn bitmap_edits_survive_crashes() {
                 enabled: true,
             }],
         )?;
+        edit_bitmaps(fs.clone(), "new", &[BitmapOp::Merge("old".into())])?;
         edit_bitmaps(fs.clone(), "old", &[BitmapOp::Clear])?;
         edit_bitmaps(fs, "old", &[BitmapOp::Remove])
     };
@@ -301,6 +302,7 @@ fn maintenance_on_damaged_images_never_panics() {
             let _ = qdev(&d).set_backing_file(Some("b.raw"), Some("raw"));
         }
         let s = Arc::new(MemStorage::from_vec(v.clone()));
+        let _ = edit_bitmaps(s.clone(), "b", &[BitmapOp::Merge("b".into())]);
         let _ = edit_bitmaps(s.clone(), "b", &[BitmapOp::Clear, BitmapOp::Disable]);
         let _ = edit_bitmaps(
             s.clone(),
