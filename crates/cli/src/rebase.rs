@@ -26,6 +26,9 @@ pub(crate) struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
@@ -70,7 +73,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .with_context(|| format!("Could not open new backing file '{path}'"))?;
             Some(nb.device)
         };
-        copy_differences(img.device.as_ref(), new.as_deref(), a.progress)?;
+        copy_differences(img.device.as_ref(), new.as_deref(), a.progress, a.compress)?;
     }
     // As qemu: the safe-mode copy has happened when the missing format is refused.
     if !backing.is_empty() && a.backing_format.is_none() {
@@ -93,6 +96,7 @@ fn copy_differences(
     top: &dyn BlockDevice,
     new: Option<&dyn BlockDevice>,
     progress: bool,
+    compress: bool,
 ) -> Result<()> {
     let size = top.virtual_size();
     let piece = top.info().cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
@@ -124,7 +128,14 @@ fn copy_differences(
                 nd.read_at(newb.get_mut(..m).ok_or_else(short)?, pos)?;
             }
             if old != newb {
-                top.write_at(old, pos)?;
+                // Whole compression units (the last may be short) go compressed.
+                let unit = top.compressed_write_granularity().filter(|_| compress);
+                match unit {
+                    Some(g) if pos % g == 0 && (n == g || pos + n == size) => {
+                        top.write_compressed(old, pos)?;
+                    }
+                    _ => top.write_at(old, pos)?,
+                }
             }
             pos += n;
             bar.set(pos, size);

@@ -217,6 +217,7 @@ fn rebase_like_qemu() {
         vec!["-u", "-b", "other.qcow2", "-F", "qcow2"],
         vec!["-u", "-b", ""],
         vec!["-b", "other.qcow2"],
+        vec!["-c", "-b", "", "-F", "qcow2"],
     ] {
         let mut outs = Vec::new();
         for (sub, tool) in [("q", "qemu"), ("d", "ours")] {
@@ -237,7 +238,15 @@ fn rebase_like_qemu() {
             raw_of(&top, &after);
             assert_qemu_check_clean(&top, "qcow2");
             let same_content = std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap();
+            let compressed = qemu_map_json(&top, "qcow2")
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["compressed"] == true)
+                .map(|e| (e["start"].clone(), e["length"].clone()))
+                .collect::<Vec<_>>();
             outs.push((
+                compressed,
                 code(&o),
                 String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
                 info_of(&top),
@@ -245,15 +254,16 @@ fn rebase_like_qemu() {
                 same_content,
             ));
         }
-        assert_eq!(outs[0].0, outs[1].0, "{args:?}");
+        assert_eq!(outs[0].0, outs[1].0, "{args:?}: compressed ranges");
         assert_eq!(outs[0].1, outs[1].1, "{args:?}");
         assert_eq!(outs[0].2, outs[1].2, "{args:?}");
+        assert_eq!(outs[0].3, outs[1].3, "{args:?}");
         assert!(
-            outs[0].3 == outs[1].3,
+            outs[0].4 == outs[1].4,
             "{args:?}: content differs from qemu's"
         );
         if !args.contains(&"-u") {
-            assert!(outs[1].4, "{args:?}: safe rebase changed the guest view");
+            assert!(outs[1].5, "{args:?}: safe rebase changed the guest view");
         }
         std::fs::remove_dir_all(d.join("q")).unwrap();
         std::fs::remove_dir_all(d.join("d")).unwrap();
