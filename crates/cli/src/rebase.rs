@@ -131,7 +131,7 @@ fn copy_differences(
                 // Whole compression units (the last may be short) go compressed.
                 let unit = top.compressed_write_granularity().filter(|_| compress);
                 match unit {
-                    Some(g) if pos % g == 0 && (n == g || pos + n == size) => {
+                    Some(g) if pos.is_multiple_of(g) && (n == g || pos + n == size) => {
                         top.write_compressed(old, pos)?;
                     }
                     _ => top.write_at(old, pos)?,
