@@ -189,7 +189,9 @@ pub fn edit_bitmaps(
             Some(diskimg_qcow2::BitmapOp::Clear) => "clear",
             Some(diskimg_qcow2::BitmapOp::Enable) => "enable",
             Some(diskimg_qcow2::BitmapOp::Disable) => "disable",
-            Some(diskimg_qcow2::BitmapOp::Merge(_)) => "merge",
+            Some(diskimg_qcow2::BitmapOp::Merge(_) | diskimg_qcow2::BitmapOp::MergeBits { .. }) => {
+                "merge"
+            }
         };
         return Err(Error::invalid(format!(
             "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \

@@ -1,9 +1,9 @@
 //! `bitmap (--add | --remove | --clear | --enable | --disable | --merge SRC)... [-g GRANULARITY]
 //! [-f FMT] FILE BITMAP`: edit qcow2 persistent dirty bitmaps. Operations run in the
 //! order add, clear, merge, enable, disable, remove; `--merge` takes its source from the
-//! same image (`-b SOURCE_FILE` is not supported).
+//! same image or, with `-b SOURCE_FILE [-F FMT]`, from another qcow2 image.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use diskimg::qcow2::BitmapOp;
 
 use crate::common::{opt_format, parse_size};
@@ -29,9 +29,12 @@ pub(crate) struct Args {
     /// Merge bitmap SOURCE of the same image into this one.
     #[arg(long = "merge")]
     merge: Option<String>,
-    /// Source image for --merge (not supported).
+    /// Image holding the --merge source bitmap (default: FILE).
     #[arg(short = 'b')]
     source_file: Option<String>,
+    /// Format of the -b image.
+    #[arg(short = 'F')]
+    source_format: Option<String>,
     /// Granularity for --add (bytes per bit; default the cluster size).
     #[arg(short = 'g')]
     granularity: Option<String>,
@@ -45,9 +48,6 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    if a.source_file.is_some() {
-        bail!("merging from another image (-b) is not supported by diskimg");
-    }
     let mut ops = Vec::new();
     if a.add {
         let granularity = a.granularity.as_deref().map(parse_size).transpose()?;
@@ -60,7 +60,27 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         ops.push(BitmapOp::Clear);
     }
     if let Some(src) = &a.merge {
-        ops.push(BitmapOp::Merge(src.clone()));
+        match &a.source_file {
+            None => ops.push(BitmapOp::Merge(src.clone())),
+            Some(f) => {
+                let fmt = opt_format(a.source_format.as_deref(), f)?;
+                if fmt.is_some_and(|f| f != diskimg::Format::Qcow2) {
+                    bail!(
+                        "Operation merge on bitmap {} failed: Dirty bitmap '{src}' not found",
+                        a.bitmap
+                    );
+                }
+                let storage = std::sync::Arc::new(
+                    diskimg::blockio::FileStorage::open(f, true)
+                        .with_context(|| format!("Could not open '{f}'"))?,
+                );
+                let (granularity, bits) =
+                    diskimg::qcow2::read_bitmap(storage, src).map_err(|e| {
+                        anyhow::anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap)
+                    })?;
+                ops.push(BitmapOp::MergeBits { granularity, bits });
+            }
+        }
     }
     if a.enable {
         ops.push(BitmapOp::Enable);

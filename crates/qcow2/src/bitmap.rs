@@ -40,6 +40,14 @@ pub enum BitmapOp {
     Disable,
     /// `--merge SOURCE`: set every bit set in bitmap SOURCE of the same image.
     Merge(String),
+    /// `--merge SOURCE -b FILE`: set every bit set in these bits (as [`read_bitmap`]
+    /// returns them from another image) of this granularity.
+    MergeBits {
+        /// Bytes per bit of `bits`.
+        granularity: u64,
+        /// The source bitmap data.
+        bits: Vec<u8>,
+    },
 }
 
 /// A directory entry kept with its extra data.
@@ -145,7 +153,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
         BitmapOp::Clear => "clear",
         BitmapOp::Enable => "enable",
         BitmapOp::Disable => "disable",
-        BitmapOp::Merge(_) => "merge",
+        BitmapOp::Merge(_) | BitmapOp::MergeBits { .. } => "merge",
     };
     let not_found = || {
         failed(
@@ -223,37 +231,47 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
             }
             return Ok(());
         }
-        BitmapOp::Merge(source) => {
+        BitmapOp::Merge(_) | BitmapOp::MergeBits { .. } => {
             let i = pos.ok_or_else(not_found)?;
-            let src = dir
-                .iter()
-                .find(|e| &e.name == source)
-                .cloned()
-                .ok_or_else(|| {
-                    failed(
-                        "merge",
-                        name,
-                        format_args!("Dirty bitmap '{source}' not found"),
-                    )
-                })?;
             let dst = dir.get(i).cloned().ok_or_else(not_found)?;
-            for e in [&src, &dst] {
-                if e.flags & 1 != 0 {
-                    return Err(failed(
-                        "merge",
-                        name,
-                        format_args!("Bitmap '{}' is inconsistent and cannot be used", e.name),
-                    ));
-                }
+            let inconsistent = |e: &Entry| {
+                failed(
+                    "merge",
+                    name,
+                    format_args!("Bitmap '{}' is inconsistent and cannot be used", e.name),
+                )
+            };
+            if dst.flags & 1 != 0 {
+                return Err(inconsistent(&dst));
             }
-            let sbits = read_bits(m, &src)?;
+            let (sbits, sgran) = match op {
+                BitmapOp::Merge(source) => {
+                    let src = dir
+                        .iter()
+                        .find(|e| &e.name == source)
+                        .cloned()
+                        .ok_or_else(|| {
+                            failed(
+                                "merge",
+                                name,
+                                format_args!("Dirty bitmap '{source}' not found"),
+                            )
+                        })?;
+                    if src.flags & 1 != 0 {
+                        return Err(inconsistent(&src));
+                    }
+                    (read_bits(m, &src)?, 1u64 << src.gbits.min(63))
+                }
+                BitmapOp::MergeBits { granularity, bits } => (bits.clone(), *granularity),
+                _ => return Err(not_found()),
+            };
             let mut dbits = read_bits(m, &dst)?;
             merge_bits(
                 m.size,
                 &sbits,
-                1u64 << src.gbits,
+                sgran.max(1),
                 &mut dbits,
-                1u64 << dst.gbits,
+                1u64 << dst.gbits.min(63),
             );
             let (table, size) = write_bits(m, &dbits)?;
             free.extend(table_clusters(m, &dst)?);

@@ -154,6 +154,34 @@ fn bitmap_merge_like_qemu() {
         }
         assert_eq!(bitmaps(&d), bitmaps(&q));
     }
+    // From another image (-b/-F).
+    let other = dir.path().join("other.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&other), "16M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "16k", s(&other), "o"]);
+    qemu_io(&other, "qcow2", &["write 3M 100k", "write 9M 1k"]);
+    std::fs::copy(&src, &q).unwrap();
+    std::fs::copy(&src, &d).unwrap();
+    let args = |p: &std::path::Path| {
+        vec![
+            "bitmap".to_string(),
+            "--merge".into(),
+            "o".into(),
+            "-b".into(),
+            s(&other).into(),
+            "-F".into(),
+            "qcow2".into(),
+            s(p).into(),
+            "coarse".into(),
+        ]
+    };
+    let qa = args(&q);
+    qemu_img_ok(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    let da = args(&d);
+    let o = diskimg(&da.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_qemu_check_clean(&d, "qcow2");
+    assert_eq!(bits(&d, "coarse"), bits(&q, "coarse"));
+    assert_ne!(bits(&d, "coarse"), bits(&src, "coarse"));
     let a = ["bitmap", "--merge", "nope", s(&d), "track"];
     let (o, qo) = (diskimg(&a), qemu_img(&a));
     assert_eq!(code(&o), code(&qo));
