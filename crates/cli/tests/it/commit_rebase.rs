@@ -290,3 +290,57 @@ fn rebase_like_qemu() {
     );
     let _ = diskimg_ok;
 }
+
+#[test]
+fn commit_of_a_dirty_lazy_refcounts_image() {
+    // iotest 039: a dirty lazy-refcounts overlay is repaired at open and committed.
+    let dir = tempdir();
+    for sub in ["q", "d"] {
+        let d = dir.path().join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        let (b, t) = (d.join("b.qcow2"), d.join("t.qcow2"));
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&b), "4M"]);
+        qemu_io(&b, "qcow2", &["write -P 1 0 4M"]);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&t),
+        ]);
+        let o = crate::qemu_io_raw(&[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 64k 128k",
+            "-c",
+            "abort",
+            s(&t),
+        ]);
+        assert!(!o.status.success());
+        assert_eq!(std::fs::read(&t).unwrap()[79] & 1, 1);
+        let expected = raw_of(&t, &d.join("e.raw"));
+        let a = ["commit", s(&t)];
+        let o = if sub == "q" {
+            qemu_img(&a)
+        } else {
+            diskimg(&a)
+        };
+        assert_eq!(code(&o), 0, "{sub}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_qemu_check_clean(&t, "qcow2");
+        assert_qemu_check_clean(&b, "qcow2");
+        assert!(qemu_compare(&b, "qcow2", &expected, "raw"), "{sub}");
+        assert!(qemu_compare(&t, "qcow2", &expected, "raw"), "{sub}");
+        assert_eq!(
+            std::fs::read(&t).unwrap()[79] & 1,
+            0,
+            "{sub}: dirty bit cleared"
+        );
+    }
+}
