@@ -29,6 +29,7 @@
 
 mod format;
 mod image;
+pub mod maint;
 mod policy;
 mod snapshot;
 
@@ -37,6 +38,9 @@ pub use diskimg_blockio::{
     BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList, Result,
     Secrets, Storage, block_status, map_chain, parse_size,
 };
+/// The qcow2 crate (for its own API: snapshots, bitmaps, measure).
+#[cfg(feature = "qcow2")]
+pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use policy::{OpenPolicy, PathRule};

@@ -193,30 +193,7 @@ fn human(e: &Entry<'_>) -> String {
     }
     if !info.snapshots.is_empty() {
         s.push_str("Snapshot list:\n");
-        s.push_str(&format!(
-            "{:<10}{:<17}{:>8}{:>20}{:>17}{:>11}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for sn in &info.snapshots {
-            let secs = sn.vm_clock_nsec / 1_000_000_000;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                (sn.vm_clock_nsec / 1_000_000) % 1000
-            );
-            let icount = sn.icount.map_or_else(String::new, |i| i.to_string());
-            s.push_str(&format!(
-                "{:<10}{:<17}{:>8}{:>20}{:>17}{:>11}\n",
-                sn.id,
-                sn.name,
-                human_size(sn.vm_state_size),
-                sn.date_sec,
-                clock,
-                icount
-            ));
-        }
+        s.push_str(&crate::snapshot::table(&info.snapshots));
     }
     if let Some((_, data)) = &info.format_specific {
         s.push_str("Format specific information:\n");

@@ -8,7 +8,9 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -18,8 +20,11 @@ mod info;
 mod io;
 mod json;
 mod map;
+mod measure;
+mod rebase;
 mod resize;
 mod secrets;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -57,10 +62,20 @@ enum Cmd {
     Resize(resize::Args),
     /// Copy blocks from one image into a new one, dd-style.
     Dd(dd::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
+    /// Measure the file size a new image would need.
+    Measure(measure::Args),
+    /// Commit an image's content into its backing file.
+    Commit(commit::Args),
+    /// Change the backing file of an image.
+    Rebase(rebase::Args),
+    /// Change options of an existing image.
+    Amend(amend::Args),
+    /// Add, remove, clear, enable or disable a persistent dirty bitmap (qcow2).
+    Bitmap(bitmap::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
-    /// Change image options (LUKS key slots of encrypted qcow2 images).
-    Amend(amend::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -76,7 +91,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Commit(a) => commit::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
     }
 }
 

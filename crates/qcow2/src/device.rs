@@ -53,12 +53,21 @@ impl Qcow2Device {
         let h = Header::parse(&first)?;
         let crypt = Encryption::open(file.as_ref(), &h, opts)?.map(Arc::new);
         let read_only = opts.read_only || file.is_read_only();
-        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
+        // `check=on` (qemu's BDRV_O_CHECK): opened for `check -r`, which repairs what a
+        // normal read-write open would refuse or repair by itself.
+        let checking = opts.driver_options.get("check") == Some("on");
+        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only && !checking {
             return Err(Error::invalid(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        if !read_only && h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.ext.bitmaps.is_some() {
+        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes metadata.
+        let bitmap_edit = opts.driver_options.get("x-bitmap-edit") == Some("on");
+        if !read_only
+            && !bitmap_edit
+            && h.autoclear & AUTOCLEAR_BITMAPS != 0
+            && h.ext.bitmaps.is_some()
+        {
             return Err(Error::unsupported(
                 "qcow2",
                 "writing images with persistent dirty bitmaps",
@@ -138,7 +147,7 @@ impl Qcow2Device {
             snapshot_view: false,
             crypt,
         };
-        if !read_only {
+        if !read_only && !checking {
             dev.open_rw_fixups()?;
         }
         let name = opts.driver_options.get("snapshot.name");

@@ -10,6 +10,10 @@
 //!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`),
 //!   [`Qcow2Device::create_snapshot`], [`Qcow2Device::delete_snapshot`] and
 //!   [`Qcow2Device::apply_snapshot`].
+//! - Maintenance (what `qemu-img` verbs need): `check` repair with qemu's refcount rebuild,
+//!   [`Qcow2Device::set_backing_file`] (rebase), [`Qcow2Device::make_empty`] (commit),
+//!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
+//!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
 //! Not supported yet: writing to images with persistent dirty bitmaps.
 //!
@@ -84,6 +88,8 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod amend;
+mod bitmap;
 mod check;
 mod compress;
 mod create;
@@ -93,7 +99,10 @@ mod encryption;
 mod ext;
 mod header;
 mod keyslots;
+mod maint;
+mod measure;
 mod meta;
+mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -101,8 +110,10 @@ mod snapshot_ops;
 mod table;
 mod write;
 
+pub use bitmap::{BitmapOp, edit_bitmaps, read_bitmap};
 pub use device::Qcow2Device;
 pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
+pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;

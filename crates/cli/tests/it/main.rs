@@ -8,7 +8,11 @@
 //!
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
+mod amend;
 mod bench;
+mod bitmap;
+mod check_repair;
+mod commit_rebase;
 mod compare;
 mod convert;
 mod convert_perf;
@@ -18,6 +22,8 @@ mod encrypt;
 mod errors;
 mod io;
 mod map;
+mod measure;
+mod snapshot;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -10,6 +10,7 @@ mod check;
 mod crash;
 mod encrypt;
 mod hostile;
+mod maint;
 mod model;
 mod read;
 mod snapshots;
