@@ -28,6 +28,12 @@ pub(crate) struct Args {
     /// Compress the output (formats with compressed writes).
     #[arg(short = 'c')]
     compress: bool,
+    /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip bitmaps marked in-use instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -205,7 +211,82 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     bar.finish();
     dst.finish()
         .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+    if a.bitmaps {
+        copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
+    }
     Ok(0)
+}
+
+/// One persistent bitmap as `info` lists it: name, granularity, flags.
+fn bitmap_list(img: &Image) -> Vec<(String, u64, Vec<String>)> {
+    use diskimg::blockio::InfoValue;
+    let Some((_, data)) = img.device.info().format_specific else {
+        return Vec::new();
+    };
+    let Some((_, InfoValue::List(list))) = data.into_iter().find(|(k, _)| k == "bitmaps") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for b in list {
+        let InfoValue::Map(fields) = b else { continue };
+        let (mut name, mut gran, mut flags) = (String::new(), 0u64, Vec::new());
+        for (k, v) in fields {
+            match (k.as_str(), v) {
+                ("name", InfoValue::Str(n)) => name = n,
+                ("granularity", InfoValue::Int(g)) => gran = u64::try_from(g).unwrap_or(0),
+                ("flags", InfoValue::List(f)) => {
+                    flags = f
+                        .into_iter()
+                        .filter_map(|x| match x {
+                            InfoValue::Str(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        out.push((name, gran, flags));
+    }
+    out
+}
+
+/// `convert --bitmaps`: recreate every persistent bitmap of the (single, qcow2) source in
+/// the (qcow2) target with the same granularity, state and bits.
+fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bool) -> Result<()> {
+    use diskimg::qcow2::BitmapOp;
+    let [src] = srcs else {
+        bail!("Cannot copy bitmaps from multiple sources");
+    };
+    if src.format != Format::Qcow2 || out_fmt != Format::Qcow2 {
+        bail!("Source and target must both be qcow2 to copy bitmaps");
+    }
+    for (name, _, flags) in bitmap_list(src) {
+        if flags.iter().any(|f| f == "in-use") {
+            if skip_broken {
+                eprintln!("diskimg: warning: Skipping inconsistent bitmap '{name}'");
+                continue;
+            }
+            bail!(
+                "Cannot copy inconsistent bitmap '{name}'\nTry --skip-broken-bitmaps, or use 'diskimg bitmap --remove' to delete it"
+            );
+        }
+        let storage = Arc::new(
+            FileStorage::open(&src.path, true)
+                .with_context(|| format!("Could not open '{}'", src.path.display()))?,
+        );
+        let (granularity, bits) = diskimg::qcow2::read_bitmap(storage, &name)?;
+        let ops = [
+            BitmapOp::Add {
+                granularity: Some(granularity),
+                enabled: flags.iter().any(|f| f == "auto"),
+            },
+            BitmapOp::MergeBits { granularity, bits },
+        ];
+        diskimg::maint::edit_bitmaps(std::path::Path::new(dst_name), Some(out_fmt), &name, &ops)
+            .with_context(|| format!("Failed to copy bitmap '{name}'"))?;
+    }
+    Ok(())
 }
 
 /// The conversion target, opened with or without `cache=unsafe`.

@@ -190,3 +190,61 @@ fn bitmap_merge_like_qemu() {
         String::from_utf8_lossy(&qo.stderr)
     );
 }
+
+/// Granularity and bits of every bitmap of a qcow2 file, read with the library.
+fn bitmap_bits(path: &std::path::Path, names: &[&str]) -> Vec<(u64, Vec<u8>)> {
+    names
+        .iter()
+        .map(|n| {
+            let st = std::sync::Arc::new(diskimg::blockio::FileStorage::open(path, true).unwrap());
+            diskimg::qcow2::read_bitmap(st, n).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn convert_bitmaps_copies_them_like_qemu() {
+    let dir = tempdir();
+    let src = dir.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "16M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "128k", s(&src), "b0"]);
+    qemu_img_ok(&["bitmap", "--add", s(&src), "b1"]);
+    crate::qemu_io_raw(&[
+        "-c",
+        "write -P 1 1M 300k",
+        "-c",
+        "write -P 2 9M 64k",
+        s(&src),
+    ]);
+    qemu_img_ok(&["bitmap", "--disable", s(&src), "b1"]);
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    let o = diskimg(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&ours)]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_img_ok(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&theirs)]);
+    let list = |p: &std::path::Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&qemu_img_ok(&["info", "--output=json", s(p)])).unwrap();
+        v["format-specific"]["data"]["bitmaps"].clone()
+    };
+    assert_eq!(list(&ours), list(&theirs));
+    let b = bitmap_bits(&ours, &["b0", "b1"]);
+    assert_eq!(b, bitmap_bits(&theirs, &["b0", "b1"]));
+    assert!(
+        b[0].1.iter().any(|&x| x != 0),
+        "the copied bitmap has dirty bits"
+    );
+    assert_qemu_check_clean(&ours, "qcow2");
+    // Not from raw.
+    let raw = dir.path().join("r.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&raw), "1M"]);
+    let o = diskimg(&[
+        "convert",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&dir.path().join("x")),
+    ]);
+    assert_eq!(code(&o), 1);
+}
