@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, CreateRequest, Error, FileStorage, Limits, OpenOptions, OptionList, Result,
-    Storage,
+    Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
@@ -26,8 +26,13 @@ pub struct ImageOptions {
     pub open_backing: bool,
     /// Open backing images writable (commit needs this).
     pub backing_writable: bool,
-    /// Runtime driver options for the top image (qemu `--image-opts` keys).
+    /// Runtime driver options for the top image (qemu `--image-opts` keys). Keys starting
+    /// with `backing.` apply (without the prefix) to the backing image, recursively, as
+    /// qemu's `backing.encrypt.key-secret=ID`.
     pub driver_options: OptionList,
+    /// Secrets (passphrases of encrypted images) that options name by id, for every image
+    /// of the chain and for [`create`] (qcow2 `encrypt.key-secret=ID`).
+    pub secrets: Secrets,
 }
 
 impl Default for ImageOptions {
@@ -39,6 +44,7 @@ impl Default for ImageOptions {
             open_backing: true,
             backing_writable: false,
             driver_options: OptionList::new(),
+            secrets: Secrets::new(),
         }
     }
 }
@@ -63,6 +69,23 @@ impl ImageOptions {
         self.open_backing = open_backing;
         self
     }
+
+    /// Sets the secrets (see [`ImageOptions::secrets`]).
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
+    }
+}
+
+/// The `backing.`-prefixed entries of `o`, without the prefix.
+fn backing_options(o: &OptionList) -> OptionList {
+    let mut out = OptionList::new();
+    for (k, v) in o.entries() {
+        if let Some(rest) = k.strip_prefix("backing.") {
+            out.set(rest, v);
+        }
+    }
+    out
 }
 
 /// An opened image: its device, and the chain below it.
@@ -180,7 +203,9 @@ fn open_inner(
         .read_only(read_only)
         .limits(options.limits)
         .files(files);
+    let backing_opts = backing_options(&driver_options);
     open_opts.driver_options = std::mem::take(&mut driver_options);
+    open_opts.secrets = options.secrets.clone();
     let device = format.driver()?.open(storage, &open_opts)?;
 
     let mut image = Image {
@@ -229,7 +254,7 @@ fn open_inner(
             bformat,
             options,
             !options.backing_writable,
-            OptionList::new(),
+            backing_opts.clone(),
             visited,
         )?;
         image.device.set_backing(Some(backing.device.clone()))?;
@@ -330,6 +355,7 @@ pub fn create(
         req = req.image_name(name.to_string_lossy());
     }
     req.limits = image_options.limits;
+    req.secrets = image_options.secrets.clone();
     let result = driver
         .create(storage, &mut req)
         .and_then(|()| std::mem::take(&mut req.options).finish(format.name()));

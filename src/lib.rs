@@ -29,14 +29,18 @@
 
 mod format;
 mod image;
+pub mod maint;
 mod policy;
 mod snapshot;
 
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
     BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList, Result,
-    Storage, block_status, map_chain, parse_size,
+    Secrets, Storage, block_status, map_chain, parse_size,
 };
+/// The qcow2 crate (for its own API: snapshots, bitmaps, measure).
+#[cfg(feature = "qcow2")]
+pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use policy::{OpenPolicy, PathRule};

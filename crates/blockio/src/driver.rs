@@ -7,6 +7,7 @@ use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::options::{CreateOptionSpec, OptionList};
+use crate::secrets::Secrets;
 use crate::storage::Storage;
 
 /// Why a driver wants another host file.
@@ -77,6 +78,8 @@ pub struct OpenOptions {
     /// e.g. `force_size_calc=chs` for vpc). Drivers read the keys they know; keys no
     /// driver understands are ignored (the CLI validates `--image-opts` itself).
     pub driver_options: OptionList,
+    /// Secrets the driver options refer to by id (qcow2 `encrypt.key-secret=ID`).
+    pub secrets: Secrets,
 }
 
 impl Default for OpenOptions {
@@ -86,6 +89,7 @@ impl Default for OpenOptions {
             limits: Limits::default(),
             files: Arc::new(DenyFiles),
             driver_options: OptionList::new(),
+            secrets: Secrets::new(),
         }
     }
 }
@@ -110,6 +114,16 @@ impl OpenOptions {
         self.files = files;
         self
     }
+    /// Sets the secrets (see [`OpenOptions::secrets`]).
+    pub fn secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
+    }
+    /// Sets one driver option (`key=value`, as in qemu's `--image-opts`).
+    pub fn driver_option(mut self, key: &str, value: &str) -> Self {
+        self.driver_options.set(key, value);
+        self
+    }
 }
 
 /// What to create.
@@ -129,6 +143,8 @@ pub struct CreateRequest {
     /// companion files after the image (VMDK extents `NAME-flat.vmdk`, `NAME-s001.vmdk`)
     /// derive them from it; without it they use a generic name.
     pub image_name: Option<String>,
+    /// Secrets the options refer to by id (qcow2 `encrypt.key-secret=ID`).
+    pub secrets: Secrets,
 }
 
 impl CreateRequest {
@@ -140,6 +156,7 @@ impl CreateRequest {
             files: Arc::new(DenyFiles),
             limits: Limits::default(),
             image_name: None,
+            secrets: Secrets::new(),
         }
     }
     /// Sets the image's own file name (see [`CreateRequest::image_name`]).
@@ -150,6 +167,11 @@ impl CreateRequest {
     /// Sets the host-file policy.
     pub fn files(mut self, files: Arc<dyn HostFiles>) -> Self {
         self.files = files;
+        self
+    }
+    /// Sets the secrets (see [`CreateRequest::secrets`]).
+    pub fn secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
         self
     }
 }

@@ -62,6 +62,7 @@ mod fault;
 mod info;
 mod limits;
 mod options;
+mod secrets;
 mod storage;
 pub mod units;
 
@@ -76,6 +77,7 @@ pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use limits::Limits;
 pub use options::{CreateOptionSpec, OptionList, parse_size};
+pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,
 };

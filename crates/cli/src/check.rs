@@ -1,11 +1,12 @@
 //! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] FILE`: exit 0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks only, 63 when the format has no check.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use diskimg::blockio::{CheckReport, RepairMode};
+use diskimg::{ImageOptions, OpenPolicy};
 use serde_json::{Map, Value, json};
 
-use crate::common::{open_image, opt_format, out, parse_output};
+use crate::common::{opt_format, out, parse_output};
 use crate::json::pretty;
 
 /// Arguments of `check`.
@@ -40,7 +41,14 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         Some(r) => bail!("--repair (-r) expects 'leaks' or 'all' not '{r}'"),
     };
     let format = opt_format(a.format.as_deref(), &a.file)?;
-    let img = open_image(&a.file, format, repair == RepairMode::None, false)?;
+    // qemu opens for a check with BDRV_O_CHECK: a dirty or corrupt-flagged qcow2 image
+    // is left for the check to repair instead of being repaired or refused at open.
+    let mut opts = ImageOptions::read_only(repair == RepairMode::None)
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_backing(false);
+    opts.driver_options.set("check", "on");
+    let img = diskimg::open(&a.file, format, &opts)
+        .with_context(|| format!("Could not open '{}'", a.file))?;
     let fmt = img.format.name();
     let first = match img.device.check(repair) {
         Ok(r) => r,
@@ -52,6 +60,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     };
     for m in &first.messages {
         eprintln!("{m}");
+    }
+    if first.check_errors > 0 && first.messages.iter().any(|m| m.contains("need to rebuild")) {
+        // qemu: the check returns EIO and no report is printed.
+        bail!("Check failed: Input/output error");
     }
     let mut report = first.clone();
     let mut text = String::new();

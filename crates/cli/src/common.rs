@@ -30,16 +30,35 @@ pub(crate) fn parse_output(o: &str) -> Result<bool> {
 
 /// Opens `file` as qemu-img does: the given or probed format, backing chains followed
 /// under [`OpenPolicy::qemu_compatible`] (unless `backing` is false).
+/// With `--image-opts`, `file` is an option string (see [`crate::secrets::resolve`]).
 pub(crate) fn open_image(
     file: &str,
     format: Option<Format>,
     read_only: bool,
     backing: bool,
 ) -> Result<Image> {
-    let opts = ImageOptions::read_only(read_only)
+    let (path, format, opts) = crate::secrets::resolve(file, format)?;
+    open_resolved(file, &path, format, opts, read_only, backing)
+}
+
+/// Opens `path` with `opts` (secrets, driver options) as [`open_image`] does; errors
+/// name `arg`.
+pub(crate) fn open_resolved(
+    arg: &str,
+    path: &str,
+    format: Option<Format>,
+    opts: ImageOptions,
+    read_only: bool,
+    backing: bool,
+) -> Result<Image> {
+    let mut opts = opts
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(backing);
-    diskimg::open(file, format, &opts).with_context(|| format!("Could not open '{file}'"))
+    opts.read_only = read_only;
+    let img =
+        diskimg::open(path, format, &opts).with_context(|| format!("Could not open '{arg}'"))?;
+    crate::secrets::warn_legacy_aes(arg, &img);
+    Ok(img)
 }
 
 /// Warns as qemu does when a raw image was probed and will be written.

@@ -8,7 +8,9 @@ use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OpenPolicy};
 use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 
-use crate::common::{Progress, open_image, opt_format, parse_format, parse_size, round_to_sector};
+use crate::common::{
+    Progress, open_image, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
+};
 use crate::create::{parse_options, print_help};
 
 /// Arguments of `convert`.
@@ -127,8 +129,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let total = src.virtual_size();
 
     let mut target_is_zero = a.target_is_zero;
+    let mut key_secret = None;
     if !a.no_create {
         let mut options = parse_options(&a.options)?;
+        key_secret = options.get("encrypt.key-secret").map(str::to_string);
         let specs = out_fmt.driver()?.create_options();
         if let Some(b) = &a.backing {
             if !specs.iter().any(|s| s.name == "backing_file") {
@@ -149,7 +153,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 bail!("{dst_name}: Invalid parameter '{k}'");
             }
         }
-        let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+        let opts = ImageOptions::default()
+            .with_policy(OpenPolicy::qemu_compatible())
+            .with_secrets(crate::secrets::secrets());
         diskimg::create(
             dst_name,
             out_fmt,
@@ -161,9 +167,16 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
-    // Only a target created here (no backing file to attach) takes the unsafe-cache path.
-    let fresh = !a.no_create && a.backing.is_none();
-    let dst = open_target(dst_name, out_fmt, unsafe_cache && fresh)?;
+    // Only a target created here (no backing file to attach, not encrypted) takes the
+    // unsafe-cache path; a new encrypted target opens with the secret it was created with
+    // (the target is a plain file name: qemu's --image-opts names sources only).
+    let fresh = !a.no_create && a.backing.is_none() && key_secret.is_none();
+    let dst = open_target(
+        dst_name,
+        out_fmt,
+        unsafe_cache && fresh,
+        key_secret.as_deref(),
+    )?;
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }
@@ -207,7 +220,7 @@ struct Target {
 /// [`UnsafeCache`] storage (its format's ordering flushes are skipped, as with
 /// qemu-img's default `-t unsafe`); images needing other host files (extents, data
 /// files) are opened normally.
-fn open_target(name: &str, fmt: Format, unsafe_cache: bool) -> Result<Target> {
+fn open_target(name: &str, fmt: Format, unsafe_cache: bool, key: Option<&str>) -> Result<Target> {
     if unsafe_cache {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
@@ -220,7 +233,14 @@ fn open_target(name: &str, fmt: Format, unsafe_cache: bool) -> Result<Target> {
             });
         }
     }
-    let img = open_image(name, Some(fmt), false, true)?;
+    let img = open_resolved(
+        name,
+        name,
+        Some(fmt),
+        crate::secrets::with_key(key),
+        false,
+        true,
+    )?;
     Ok(Target {
         device: img.device.clone(),
         _image: Some(img),

@@ -130,7 +130,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if !a.quiet {
         out(&format!("{line}\n"))?;
     }
-    let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+    let opts = ImageOptions::default()
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_secrets(crate::secrets::secrets());
     diskimg::create(
         &a.file,
         format,

@@ -65,7 +65,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         None => 0,
     };
     size -= in_off;
-    let opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+    let opts = ImageOptions::default()
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_secrets(crate::secrets::secrets());
     diskimg::create(
         &output,
         out_fmt,

@@ -37,6 +37,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.force_share;
     let json = parse_output(&a.output)?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
+    // As qemu-img info: encrypted images open without their key (metadata only).
+    crate::secrets::set_metadata_only();
     let img = open_image(&a.file, format, true, a.backing_chain)?;
     let mut entries = vec![Entry {
         img: &img,
@@ -137,14 +139,14 @@ fn to_json(e: &Entry<'_>) -> Value {
     if let Some(a) = actual {
         m.insert("actual-size".into(), json!(a));
     }
-    if info.encrypted {
-        m.insert("encrypted".into(), json!(true));
-    }
     if let Some((ty, data)) = &info.format_specific {
         m.insert(
             "format-specific".into(),
             json!({"type": ty, "data": Value::Object(info_map(data))}),
         );
+    }
+    if info.encrypted {
+        m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = backing {
         m.insert(
@@ -169,11 +171,11 @@ fn human(e: &Entry<'_>) -> String {
         human_size(info.virtual_size),
         info.virtual_size
     );
-    if let Some(c) = info.cluster_size {
-        s.push_str(&format!("cluster_size: {c}\n"));
-    }
     if info.encrypted {
         s.push_str("encrypted: yes\n");
+    }
+    if let Some(c) = info.cluster_size {
+        s.push_str(&format!("cluster_size: {c}\n"));
     }
     if info.dirty {
         s.push_str("cleanly shut down: no\n");
@@ -191,30 +193,7 @@ fn human(e: &Entry<'_>) -> String {
     }
     if !info.snapshots.is_empty() {
         s.push_str("Snapshot list:\n");
-        s.push_str(&format!(
-            "{:<10}{:<17}{:>8}{:>20}{:>17}{:>11}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for sn in &info.snapshots {
-            let secs = sn.vm_clock_nsec / 1_000_000_000;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                (sn.vm_clock_nsec / 1_000_000) % 1000
-            );
-            let icount = sn.icount.map_or_else(String::new, |i| i.to_string());
-            s.push_str(&format!(
-                "{:<10}{:<17}{:>8}{:>20}{:>17}{:>11}\n",
-                sn.id,
-                sn.name,
-                human_size(sn.vm_state_size),
-                sn.date_sec,
-                clock,
-                icount
-            ));
-        }
+        s.push_str(&crate::snapshot::table(&info.snapshots));
     }
     if let Some((_, data)) = &info.format_specific {
         s.push_str("Format specific information:\n");

@@ -1,12 +1,16 @@
 //! `diskimg`: a qemu-img compatible command-line tool for disk images.
 //!
 //! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
-//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, and `io`
+//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, `amend` (LUKS
+//! key slots), and `io`
 //! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
 //! the verb defines other codes (check, compare).
 
+mod amend;
 mod bench;
+mod bitmap;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -16,7 +20,11 @@ mod info;
 mod io;
 mod json;
 mod map;
+mod measure;
+mod rebase;
 mod resize;
+mod secrets;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +38,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    global: secrets::GlobalArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,11 +62,24 @@ enum Cmd {
     Resize(resize::Args),
     /// Copy blocks from one image into a new one, dd-style.
     Dd(dd::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
+    /// Measure the file size a new image would need.
+    Measure(measure::Args),
+    /// Commit an image's content into its backing file.
+    Commit(commit::Args),
+    /// Change the backing file of an image.
+    Rebase(rebase::Args),
+    /// Change options of an existing image.
+    Amend(amend::Args),
+    /// Add, remove, clear, enable or disable a persistent dirty bitmap (qcow2).
+    Bitmap(bitmap::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    secrets::init(&cli.global)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -68,6 +91,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Measure(a) => measure::run(a),
+        Cmd::Amend(a) => amend::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Commit(a) => commit::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
     }
 }
 

@@ -4,6 +4,7 @@
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
+use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::meta::Meta;
 use crate::refcount::REFT_OFFSET_MASK;
 use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -41,6 +42,9 @@ impl Counter {
     }
 }
 
+/// (cluster, table entry, the entry's file offset, L1 index for L2 tables).
+type Copied = (u64, u64, u64, Option<usize>);
+
 /// Walks one L1 table: counts its L2 tables and their clusters. For the active table,
 /// also returns (cluster, entry, entry's file offset) for the COPIED flag check.
 fn walk_l1(
@@ -48,7 +52,7 @@ fn walk_l1(
     cnt: &mut Counter,
     l1: &[u64],
     active: bool,
-    copied: &mut Vec<(u64, u64, u64)>,
+    copied: &mut Vec<Copied>,
     l1_offset: u64,
 ) -> Result<()> {
     let cs = m.cs();
@@ -68,7 +72,7 @@ fn walk_l1(
         }
         cnt.inc(l2, cs);
         if active {
-            copied.push((l2 / cs, l1e, l1_offset + l1i as u64 * 8));
+            copied.push((l2 / cs, l1e, l1_offset + l1i as u64 * 8, Some(l1i)));
         }
         let t = match m.read_table("L2 table", l2, cs / 8) {
             Ok(t) => t,
@@ -126,7 +130,7 @@ fn walk_l1(
             if m.data.is_none() {
                 cnt.inc(off, cs);
                 if active {
-                    copied.push((off / cs, e, l2 + k as u64 * step as u64 * 8));
+                    copied.push((off / cs, e, l2 + k as u64 * step as u64 * 8, None));
                 }
             }
         }
@@ -136,6 +140,10 @@ fn walk_l1(
 
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
 pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport> {
+    check_inner(dev, repair, true)
+}
+
+fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Result<CheckReport> {
     let mut m = dev.lock();
     if !dev.read_only {
         m.commit_deferred()?;
@@ -211,6 +219,8 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
     let mut highest = 0u64;
     let mut c = 0u64;
     let mut budget: u64 = 1 << 26;
+    // (cluster, refcount, references) of every mismatch, fixed after the scan.
+    let mut mismatches: Vec<(u64, u64, u64)> = Vec::new();
     while c < top {
         let ti = c / rbe;
         budget = budget.saturating_sub(1);
@@ -235,6 +245,14 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
         }
         let have = match m.refcount(c) {
             Ok(v) => v,
+            Err(_) if repair == RepairMode::All && may_rebuild => {
+                // An unusable refcount block (misaligned, beyond the end of the file):
+                // its clusters count as refcount 0, which makes the repair rebuild.
+                cnt.report.messages.push(format!(
+                    "ERROR refcount block {ti} is unusable; its refcounts are rebuilt"
+                ));
+                0
+            }
             Err(_) => {
                 cnt.report.check_errors += 1;
                 c = (ti + 1) * rbe;
@@ -247,36 +265,82 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
                 "{} cluster {c} refcount={have} reference={want}",
                 if leak { "Leaked" } else { "ERROR" }
             ));
-            let fix = match repair {
-                RepairMode::None => false,
-                RepairMode::Leaks => leak,
-                RepairMode::All => true,
-            };
-            let maxr = m.max_refcount();
-            if fix && m.set_refcount(c, want.min(maxr)).is_ok() {
-                if leak {
-                    cnt.report.leaks_fixed += 1;
-                } else {
-                    cnt.report.corruptions_fixed += 1;
-                }
-            }
             if leak {
                 cnt.report.leaks += 1;
             } else {
                 cnt.report.corruptions += 1;
             }
+            mismatches.push((c, have, want));
         }
         c += 1;
     }
+    // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
+    // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
+    if repair == RepairMode::Leaks && mismatches.iter().any(|&(_, have, _)| have == 0) {
+        cnt.report
+            .messages
+            .push("ERROR need to rebuild refcount structures".into());
+        cnt.report.check_errors += 1;
+        return Ok(cnt.report);
+    }
+    // As qemu: a referenced cluster with refcount 0 means the refcount structures are
+    // rebuilt from the counted references, then the old ones are freed as leaks.
+    if repair == RepairMode::All && may_rebuild && mismatches.iter().any(|&(_, have, _)| have == 0)
+    {
+        let old = cnt.report;
+        let mut refs = cnt.refs;
+        crate::rebuild::rebuild(&mut m, &mut refs)?;
+        drop(m);
+        let fresh = check_inner(dev, RepairMode::All, false)?;
+        let mut messages = old.messages;
+        messages.push("Rebuilding refcount structure".into());
+        messages.extend(
+            fresh
+                .messages
+                .iter()
+                .map(|s| s.replacen("Leaked cluster", "Repairing cluster", 1)),
+        );
+        return Ok(CheckReport {
+            corruptions: old.corruptions + fresh.corruptions,
+            leaks: old.leaks,
+            corruptions_fixed: old.corruptions + fresh.corruptions_fixed,
+            leaks_fixed: old.leaks,
+            check_errors: old.check_errors + fresh.check_errors,
+            messages,
+            ..fresh
+        });
+    }
+    for &(c, have, want) in &mismatches {
+        let leak = have > want;
+        let fix = match repair {
+            RepairMode::None => false,
+            RepairMode::Leaks => leak,
+            RepairMode::All => true,
+        };
+        let maxr = m.max_refcount();
+        if fix && m.set_refcount(c, want.min(maxr)).is_ok() {
+            if leak {
+                cnt.report.leaks_fixed += 1;
+            } else {
+                cnt.report.corruptions_fixed += 1;
+            }
+        }
+    }
     let mut flags_fixed = false;
-    for (c, e, at) in copied {
+    for (c, e, at, l1i) in copied {
         let rc = m.refcount(c).unwrap_or(0);
         let flag = e & OFLAG_COPIED != 0;
         if (rc == 1) != flag {
             cnt.report.corruptions += 1;
-            cnt.report.messages.push(format!(
-                "ERROR OFLAG_COPIED cluster {c}: entry={e:#x} refcount={rc}"
-            ));
+            // qemu's wording.
+            cnt.report.messages.push(match l1i {
+                Some(i) => {
+                    format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    )
+                }
+                None => format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
+            });
             if repair == RepairMode::All {
                 let fixed = if rc == 1 {
                     e | OFLAG_COPIED
@@ -300,6 +364,17 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
         dev.file.flush()?;
     }
     cnt.report.image_end_offset = Some((highest + 1) * cs);
+    let r = &cnt.report;
+    if repair != RepairMode::None && r.check_errors == 0 && r.corruptions == r.corruptions_fixed {
+        // As qemu after a successful repair: the image is clean and consistent again.
+        let cleared = m.h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+        if cleared != m.h.incompatible {
+            dev.file.flush()?;
+            dev.file.write_all_at(&cleared.to_be_bytes(), 72)?;
+            dev.file.flush()?;
+            m.h.incompatible = cleared;
+        }
+    }
     // As qemu-img's ImageCheck: statistics that are zero are absent.
     let r = &mut cnt.report;
     for v in [

@@ -16,7 +16,7 @@ use crate::header::{
 };
 use crate::refcount::set_entry;
 
-/// The options `qemu-img create -f qcow2 -o help` lists (encryption ones are refused).
+/// The options `qemu-img create -f qcow2 -o help` lists.
 pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
     CreateOptionSpec {
         name: "backing_file",
@@ -54,14 +54,49 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
         help: "The external data file must stay valid as a raw image",
     },
     CreateOptionSpec {
+        name: "encrypt.cipher-alg",
+        kind: "<str>",
+        help: "Name of encryption cipher algorithm",
+    },
+    CreateOptionSpec {
+        name: "encrypt.cipher-mode",
+        kind: "<str>",
+        help: "Name of encryption cipher mode",
+    },
+    CreateOptionSpec {
         name: "encrypt.format",
         kind: "<str>",
-        help: "Encrypt the image, format choices: 'aes', 'luks' (not supported by diskimg yet)",
+        help: "Encrypt the image, format choices: 'aes', 'luks'",
+    },
+    CreateOptionSpec {
+        name: "encrypt.hash-alg",
+        kind: "<str>",
+        help: "Name of encryption hash algorithm",
+    },
+    CreateOptionSpec {
+        name: "encrypt.iter-time",
+        kind: "<num>",
+        help: "Time to spend in PBKDF in milliseconds",
+    },
+    CreateOptionSpec {
+        name: "encrypt.ivgen-alg",
+        kind: "<str>",
+        help: "Name of IV generator algorithm",
+    },
+    CreateOptionSpec {
+        name: "encrypt.ivgen-hash-alg",
+        kind: "<str>",
+        help: "Name of IV generator hash algorithm",
+    },
+    CreateOptionSpec {
+        name: "encrypt.key-secret",
+        kind: "<str>",
+        help: "ID of secret providing qcow AES key or LUKS passphrase",
     },
     CreateOptionSpec {
         name: "encryption",
         kind: "<bool (on/off)>",
-        help: "Encrypt the image with format 'aes'. (Deprecated; not supported by diskimg)",
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     },
     CreateOptionSpec {
         name: "extended_l2",
@@ -122,10 +157,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     let backing_fmt = o.take("backing_fmt");
     let data_file = o.take("data_file");
     let data_raw = o.take_bool("data_file_raw")?.unwrap_or(false);
-    let encrypted = o.take_bool("encryption")?.unwrap_or(false);
-    if encrypted || o.entries().iter().any(|(k, _)| k.starts_with("encrypt.")) {
-        return Err(Error::unsupported("qcow2", "creating encrypted images"));
-    }
+    let encryption = crate::encrypt_create::take_options(o, &req.secrets)?;
     if !req.size.is_multiple_of(512) {
         return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
     }
@@ -242,6 +274,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     if data_raw {
         h.autoclear |= AUTOCLEAR_DATA_RAW;
     }
+    if let Some(e) = &encryption {
+        e.prepare(&mut h, prealloc)?;
+    }
     let usz = |v: u64| usize::try_from(v).map_err(|_| Error::invalid("size"));
     let mut cluster0 = vec![0u8; usz(cluster_size)?];
     let ext = h.ext.serialise(version);
@@ -283,6 +318,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     let dev = Qcow2Device::open(storage, &opts)?;
     // Sizing a new image: no zeroing of the (backing-visible) new area.
     crate::resize::resize(&dev, req.size, Preallocation::Off, false, false)?;
+    if let Some(e) = &encryption {
+        e.install(&dev)?;
+    }
     if prealloc != Preallocation::Off {
         crate::resize::preallocate(&dev, prealloc, backing.is_some(), 0)?;
     }

@@ -10,6 +10,7 @@ use diskimg_blockio::{
 };
 
 use crate::compress;
+use crate::encryption::Encryption;
 use crate::ext::{BitmapEntry, parse_bitmap_directory};
 use crate::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
@@ -32,6 +33,8 @@ pub struct Qcow2Device {
     pub(crate) bitmaps: Vec<BitmapEntry>,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
+    /// The data cipher of an encrypted image.
+    pub(crate) crypt: Option<Arc<Encryption>>,
 }
 
 fn cache_tables(opts: &OpenOptions, cs: u64) -> usize {
@@ -48,20 +51,23 @@ impl Qcow2Device {
         let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
         file.read_exact_at(&mut first, 0)?;
         let h = Header::parse(&first)?;
-        if h.crypt_method != 0 {
-            return Err(Error::Key(
-                "qcow2 image is encrypted: opening encrypted images needs a key, which diskimg \
-                 does not support yet"
-                    .into(),
-            ));
-        }
+        let crypt = Encryption::open(file.as_ref(), &h, opts)?.map(Arc::new);
         let read_only = opts.read_only || file.is_read_only();
-        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
+        // `check=on` (qemu's BDRV_O_CHECK): opened for `check -r`, which repairs what a
+        // normal read-write open would refuse or repair by itself.
+        let checking = opts.driver_options.get("check") == Some("on");
+        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only && !checking {
             return Err(Error::invalid(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        if !read_only && h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.ext.bitmaps.is_some() {
+        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes metadata.
+        let bitmap_edit = opts.driver_options.get("x-bitmap-edit") == Some("on");
+        if !read_only
+            && !bitmap_edit
+            && h.autoclear & AUTOCLEAR_BITMAPS != 0
+            && h.ext.bitmaps.is_some()
+        {
             return Err(Error::unsupported(
                 "qcow2",
                 "writing images with persistent dirty bitmaps",
@@ -139,8 +145,9 @@ impl Qcow2Device {
             read_only,
             bitmaps,
             snapshot_view: false,
+            crypt,
         };
-        if !read_only {
+        if !read_only && !checking {
             dev.open_rw_fixups()?;
         }
         let name = opts.driver_options.get("snapshot.name");
@@ -270,6 +277,7 @@ impl Qcow2Device {
             read_only: true,
             bitmaps: Vec::new(),
             snapshot_view: true,
+            crypt: self.crypt.clone(),
         })
     }
 
@@ -286,7 +294,10 @@ impl Qcow2Device {
         match sub {
             Sub::Data(h) => {
                 let s = self.data.as_ref().unwrap_or(&self.file);
-                read_host(s.as_ref(), dst, h)
+                match &self.crypt {
+                    Some(c) => c.read(s.as_ref(), dst, h, guest),
+                    None => read_host(s.as_ref(), dst, h),
+                }
             }
             Sub::Zero | Sub::ZeroAlloc(_) => {
                 dst.fill(0);
@@ -405,6 +416,9 @@ impl Qcow2Device {
             "refcount-bits".into(),
             InfoValue::Int(i64::from(h.refcount_bits())),
         ));
+        if let Some(c) = &self.crypt {
+            d.push(("encrypt".into(), c.info()));
+        }
         if v3 {
             if h.has_data_file() {
                 if let Some(name) = &h.ext.data_file {
@@ -507,9 +521,15 @@ impl BlockDevice for Qcow2Device {
             return Err(Error::invalid("map of an empty range"));
         }
         let (sub, n) = self.lock().resolve(offset, len)?;
+        // As qemu: no host offsets for encrypted data (they would expose ciphertext).
+        let clear = self.crypt.is_none();
         let kind = match sub {
-            Sub::Data(h) => ExtentKind::Data { offset: Some(h) },
-            Sub::ZeroAlloc(h) => ExtentKind::Zero { offset: Some(h) },
+            Sub::Data(h) => ExtentKind::Data {
+                offset: Some(h).filter(|_| clear),
+            },
+            Sub::ZeroAlloc(h) => ExtentKind::Zero {
+                offset: Some(h).filter(|_| clear),
+            },
             Sub::Zero => ExtentKind::Zero { offset: None },
             Sub::Unalloc => ExtentKind::Unallocated,
             Sub::Compressed(..) => ExtentKind::Compressed,
@@ -522,7 +542,7 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {
-        (!self.read_only && self.data.is_none()).then(|| self.lock().cs())
+        (!self.read_only && self.data.is_none() && self.crypt.is_none()).then(|| self.lock().cs())
     }
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The qcow2 disk image format (qemu name `qcow2`), versions 2 and 3.
 //!
-//! - [`DRIVER`] probes, opens and creates images with every `qemu-img create -o` option
-//!   except encryption ([`Qcow2Driver`]).
+//! - [`DRIVER`] probes, opens and creates images with every `qemu-img create -o` option,
+//!   including encryption ([`Qcow2Driver`]).
 //! - [`Qcow2Device`] is the [`BlockDevice`]: reads of every cluster kind qemu writes
 //!   (normal, zero, compressed with zlib or zstd, extended L2 subclusters, external data
 //!   files), backing images through [`BlockDevice::set_backing`], crash-consistent
@@ -10,9 +10,53 @@
 //!   ([`Qcow2Device::open_snapshot`], or the driver options `snapshot.id=`/`snapshot.name=`),
 //!   [`Qcow2Device::create_snapshot`], [`Qcow2Device::delete_snapshot`] and
 //!   [`Qcow2Device::apply_snapshot`].
+//! - Maintenance (what `qemu-img` verbs need): `check` repair with qemu's refcount rebuild,
+//!   [`Qcow2Device::set_backing_file`] (rebase), [`Qcow2Device::make_empty`] (commit),
+//!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
+//!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
-//! Not supported yet: encryption (encrypted images are refused at open), writing to
-//! images with persistent dirty bitmaps.
+//! Not supported yet: writing to images with persistent dirty bitmaps.
+//!
+//! # Encryption
+//!
+//! LUKS (`encrypt.format=luks`, qemu's default cipher aes-256-xts-plain64 and every
+//! aes-128/192/256 × xts/cbc/ecb × plain/plain64/essiv combination) and legacy qcow2 AES
+//! (`encrypt.format=aes` or `encryption=on`; insecure, for compatibility only) are read,
+//! written and created. As in qemu, the passphrase is a *secret* named by id: put the bytes
+//! into [`diskimg_blockio::Secrets`] (`OpenOptions::secrets` / `CreateRequest::secrets`) and
+//! name the id with the driver option (open) or create option (create)
+//! [`KEY_SECRET_OPTION`] (`encrypt.key-secret`). A wrong passphrase fails the open with
+//! `Error::Key("Invalid password, cannot unlock any keyslot")` before anything is
+//! written. `map` reports encrypted data without host offsets, as qemu does. Compressed
+//! writes and preallocation are refused on encrypted images. LUKS key slots are managed
+//! with [`Qcow2Device::amend_encryption`] (qemu-img amend's `encrypt.*` options).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use diskimg_blockio::{BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions,
+//!                       OptionList, Secrets, Storage};
+//!
+//! let secrets = Secrets::new().with("sec0", "correct horse battery staple");
+//! let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+//! let opts = OptionList::parse("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")?;
+//! let mut req = CreateRequest::new(1 << 20, opts).secrets(secrets.clone());
+//! diskimg_qcow2::DRIVER.create(storage.clone(), &mut req)?;
+//! let open = OpenOptions::new()
+//!     .secrets(secrets)
+//!     .driver_option(diskimg_qcow2::KEY_SECRET_OPTION, "sec0");
+//! let dev = diskimg_qcow2::DRIVER.open(storage.clone(), &open)?;
+//! dev.write_at(&[0xab; 512], 4096)?;
+//! let mut buf = [0u8; 512];
+//! dev.read_at(&mut buf, 4096)?;
+//! assert_eq!(buf, [0xab; 512]);
+//! assert!(dev.info().encrypted);
+//! // Without the right passphrase the image does not open.
+//! let wrong = OpenOptions::new()
+//!     .secrets(Secrets::new().with("sec0", "wrong"))
+//!     .driver_option(diskimg_qcow2::KEY_SECRET_OPTION, "sec0");
+//! assert!(diskimg_qcow2::DRIVER.open(storage, &wrong).is_err());
+//! # Ok::<(), diskimg_blockio::Error>(())
+//! ```
 //!
 //! # Example
 //!
@@ -44,13 +88,21 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod amend;
+mod bitmap;
 mod check;
 mod compress;
 mod create;
 mod device;
+mod encrypt_create;
+mod encryption;
 mod ext;
 mod header;
+mod keyslots;
+mod maint;
+mod measure;
 mod meta;
+mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -58,7 +110,10 @@ mod snapshot_ops;
 mod table;
 mod write;
 
+pub use bitmap::{BitmapOp, edit_bitmaps, read_bitmap};
 pub use device::Qcow2Device;
+pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
+pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;
@@ -66,9 +121,11 @@ pub static DRIVER: Qcow2Driver = Qcow2Driver;
 /// Probe, open and create for qcow2.
 ///
 /// Open honours `OpenOptions::read_only`, `limits` (L2 and refcount caches are sized
-/// from `max_cache_bytes`), `files` (for the external data file) and the driver options
-/// `snapshot.id=ID` / `snapshot.name=NAME`, which open a read-only view of that
-/// internal snapshot.
+/// from `max_cache_bytes`), `files` (for the external data file), `secrets` and the
+/// driver options `snapshot.id=ID` / `snapshot.name=NAME`, which open a read-only view of
+/// that internal snapshot, `encrypt.key-secret=ID` (the secret holding an encrypted
+/// image's passphrase) and `encrypt.no-io=on` (open an encrypted image without a key for
+/// metadata only, as `qemu-img info` does).
 #[derive(Debug)]
 pub struct Qcow2Driver;
 

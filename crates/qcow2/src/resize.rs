@@ -162,6 +162,13 @@ pub(crate) fn preallocate(
     backing: bool,
     from: u64,
 ) -> Result<()> {
+    if dev.crypt.is_some() {
+        // Preallocated clusters would read back as decrypted garbage.
+        return Err(Error::unsupported(
+            "qcow2",
+            "preallocation of encrypted images",
+        ));
+    }
     let mut m = dev.lock();
     m.commit_deferred()?;
     let cs = m.cs();

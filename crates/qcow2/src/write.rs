@@ -12,6 +12,7 @@ use diskimg_blockio::{Error, Result};
 
 use crate::compress;
 use crate::device::Qcow2Device;
+use crate::encryption::{Encryption, write_data};
 use crate::header::AUTOCLEAR_DATA_RAW;
 use crate::meta::Meta;
 use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify};
@@ -99,13 +100,14 @@ fn write_cluster(
     let (e, bm, _) = m.l2_entry(guest)?;
     let copied = e & OFLAG_COPIED != 0;
     let store = m.data_store().clone();
+    let crypt = dev.crypt.as_deref();
     if !m.h.extended_l2() {
         let kind = classify(&m.h, e, bm, 0, l2)?;
         if let Sub::Data(h) = kind
             && copied
         {
             m.check_overlap(h, cs)?;
-            return store.write_all_at(data, h + in_off);
+            return write_data(crypt, store.as_ref(), data, h + in_off, guest);
         }
         let full = if data.len() as u64 == cs {
             data.to_vec()
@@ -124,7 +126,7 @@ fn write_cluster(
             }
             _ => new_cluster(m, cstart)?,
         };
-        store.write_all_at(&full, host)?;
+        write_data(crypt, store.as_ref(), &full, host, cstart)?;
         p.l2.push((l2, i, host | OFLAG_COPIED, 0));
         p.flush = true;
         if !(copied && matches!(kind, Sub::ZeroAlloc(_)))
@@ -143,7 +145,7 @@ fn write_cluster(
         dev.read_locked(m, &mut b, cstart)?;
         b.put(idx(in_off), data);
         let host = new_cluster(m, cstart)?;
-        store.write_all_at(&b, host)?;
+        write_data(crypt, store.as_ref(), &b, host, cstart)?;
         p.l2.push((l2, i, host | OFLAG_COPIED, ALL_ALLOC));
         p.flush = true;
         if let Some(r) = old_ref(m, e) {
@@ -167,7 +169,7 @@ fn write_cluster(
         let src = data
             .get(idx(full_lo - in_off)..idx(full_hi - in_off))
             .ok_or(Error::invalid("write range"))?;
-        store.write_all_at(src, host + full_lo)?;
+        write_data(crypt, store.as_ref(), src, host + full_lo, cstart + full_lo)?;
     }
     for sc in in_off / g..=(end - 1) / g {
         let gs = sc * g;
@@ -179,14 +181,14 @@ fn write_cluster(
         if ws == gs && we == gs + g {
             // Written above.
         } else if (nbm >> sc) & 1 != 0 {
-            store.write_all_at(src, host + ws)?;
+            write_data(crypt, store.as_ref(), src, host + ws, cstart + ws)?;
         } else {
             let mut gb = vec![0u8; idx(g)];
             if (bm >> (32 + sc)) & 1 == 0 {
                 dev.read_locked(m, &mut gb, cstart + gs)?;
             }
             gb.put(idx(ws - gs), src);
-            store.write_all_at(&gb, host + gs)?;
+            write_data(crypt, store.as_ref(), &gb, host + gs, cstart + gs)?;
         }
         nbm = (nbm | (1 << sc)) & !(1u64 << (32 + sc));
     }
@@ -200,7 +202,13 @@ fn write_cluster(
 /// overwritten in place (contiguous, COPIED) or all freshly allocated (nothing to copy):
 /// one data write, one refcount update, one L2 update. Returns the bytes written, or
 /// `None` when the slow path must handle `guest`.
-fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Option<u64>> {
+fn fast_run(
+    m: &mut Meta,
+    crypt: Option<&Encryption>,
+    buf: &[u8],
+    guest: u64,
+    p: &mut Pending,
+) -> Result<Option<u64>> {
     let cs = m.cs();
     if m.h.extended_l2() || !guest.is_multiple_of(cs) || (buf.len() as u64) < 2 * cs {
         return Ok(None);
@@ -247,7 +255,7 @@ fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Opt
     let store = m.data_store().clone();
     if mode == Some(false) {
         m.check_overlap(host0, n * cs)?;
-        store.write_all_at(data, host0)?;
+        write_data(crypt, store.as_ref(), data, host0, guest)?;
         return Ok(Some(n * cs));
     }
     let host = if m.data.is_some() {
@@ -255,7 +263,7 @@ fn fast_run(m: &mut Meta, buf: &[u8], guest: u64, p: &mut Pending) -> Result<Opt
     } else {
         m.alloc_run(n)?
     };
-    store.write_all_at(data, host)?;
+    write_data(crypt, store.as_ref(), data, host, guest)?;
     for (k, e) in olds.into_iter().enumerate() {
         let k = k as u64;
         p.l2.push((l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
@@ -278,7 +286,7 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
         let guest = off + done as u64;
         let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
         let rest = buf.get(done..).unwrap_or(&[]);
-        if let Some(k) = fast_run(&mut m, rest, guest, &mut p)? {
+        if let Some(k) = fast_run(&mut m, dev.crypt.as_deref(), rest, guest, &mut p)? {
             done += idx(k);
             continue;
         }
@@ -456,6 +464,12 @@ pub(crate) fn write_compressed(dev: &Qcow2Device, buf: &[u8], off: u64) -> Resul
         return Err(Error::unsupported(
             "qcow2",
             "compressed writes to images with a data file",
+        ));
+    }
+    if dev.crypt.is_some() {
+        return Err(Error::unsupported(
+            "qcow2",
+            "compressed writes to encrypted images",
         ));
     }
     if !off.is_multiple_of(cs) || (buf.len() as u64 != cs && off + buf.len() as u64 != m.size) {

@@ -8,15 +8,22 @@
 //!
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
+mod amend;
 mod bench;
+mod bitmap;
+mod check_repair;
+mod commit_rebase;
 mod compare;
 mod convert;
 mod convert_perf;
 mod create_info;
 mod dd_resize;
+mod encrypt;
 mod errors;
 mod io;
 mod map;
+mod measure;
+mod snapshot;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -207,64 +207,54 @@ impl SectorCipher {
 
     /// Encrypts `buf` (whole sectors) in place; its first sector is number `sector`.
     pub fn encrypt(&self, buf: &mut [u8], sector: u64) -> Result<()> {
-        Self::check_len(buf)?;
-        match &self.state {
-            ModeState::Xts(x) => {
-                let f = |i: u128| tweak(self.ivgen, u64::try_from(i).unwrap_or(u64::MAX));
-                let first = u128::from(sector);
-                match x {
-                    XtsAes::X128(x) => x.encrypt_area(buf, SECTOR, first, f),
-                    XtsAes::X192(x) => x.encrypt_area(buf, SECTOR, first, f),
-                    XtsAes::X256(x) => x.encrypt_area(buf, SECTOR, first, f),
-                }
-            }
-            ModeState::Iv(st) => {
-                let IvState { aes, mode, essiv } = st.as_ref();
-                for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                    let mut prev = self.iv(essiv.as_ref(), sector.wrapping_add(i as u64));
-                    for block in s.chunks_exact_mut(16) {
-                        let mut b = [0u8; 16];
-                        b.copy_from_slice(block);
-                        if *mode == Mode::Cbc {
-                            b.iter_mut().zip(prev.iter()).for_each(|(x, p)| *x ^= p);
-                        }
-                        aes.encrypt_block(&mut b);
-                        block.copy_from_slice(&b);
-                        prev = b;
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.apply(buf, sector, true)
     }
 
     /// Decrypts `buf` (whole sectors) in place; its first sector is number `sector`.
     pub fn decrypt(&self, buf: &mut [u8], sector: u64) -> Result<()> {
+        self.apply(buf, sector, false)
+    }
+
+    fn apply(&self, buf: &mut [u8], sector: u64, encrypt: bool) -> Result<()> {
         Self::check_len(buf)?;
         match &self.state {
             ModeState::Xts(x) => {
                 let f = |i: u128| tweak(self.ivgen, u64::try_from(i).unwrap_or(u64::MAX));
                 let first = u128::from(sector);
-                match x {
-                    XtsAes::X128(x) => x.decrypt_area(buf, SECTOR, first, f),
-                    XtsAes::X192(x) => x.decrypt_area(buf, SECTOR, first, f),
-                    XtsAes::X256(x) => x.decrypt_area(buf, SECTOR, first, f),
+                match (x, encrypt) {
+                    (XtsAes::X128(x), true) => x.encrypt_area(buf, SECTOR, first, f),
+                    (XtsAes::X128(x), false) => x.decrypt_area(buf, SECTOR, first, f),
+                    (XtsAes::X192(x), true) => x.encrypt_area(buf, SECTOR, first, f),
+                    (XtsAes::X192(x), false) => x.decrypt_area(buf, SECTOR, first, f),
+                    (XtsAes::X256(x), true) => x.encrypt_area(buf, SECTOR, first, f),
+                    (XtsAes::X256(x), false) => x.decrypt_area(buf, SECTOR, first, f),
                 }
             }
             ModeState::Iv(st) => {
                 let IvState { aes, mode, essiv } = st.as_ref();
+                let cbc = *mode == Mode::Cbc;
+                let xor = |b: &mut [u8; 16], iv: &[u8; 16]| {
+                    if cbc {
+                        b.iter_mut().zip(iv).for_each(|(x, p)| *x ^= p);
+                    }
+                };
                 for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
+                    // CBC chains each block to the previous ciphertext block.
                     let mut prev = self.iv(essiv.as_ref(), sector.wrapping_add(i as u64));
                     for block in s.chunks_exact_mut(16) {
                         let mut b = [0u8; 16];
                         b.copy_from_slice(block);
-                        let ct = b;
-                        aes.decrypt_block(&mut b);
-                        if *mode == Mode::Cbc {
-                            b.iter_mut().zip(prev.iter()).for_each(|(x, p)| *x ^= p);
+                        if encrypt {
+                            xor(&mut b, &prev);
+                            aes.encrypt_block(&mut b);
+                            prev = b;
+                        } else {
+                            let ct = b;
+                            aes.decrypt_block(&mut b);
+                            xor(&mut b, &prev);
+                            prev = ct;
                         }
                         block.copy_from_slice(&b);
-                        prev = ct;
                     }
                 }
             }

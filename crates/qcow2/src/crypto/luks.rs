@@ -239,25 +239,62 @@ impl LuksHeader {
         passphrase: &[u8],
         read: &dyn Fn(u64, usize) -> Result<Vec<u8>>,
     ) -> Result<(Zeroizing<Vec<u8>>, usize)> {
-        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::invalid("key size"))?;
-        for (i, slot) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
-            let mut derived = Zeroizing::new(vec![0u8; kb]);
-            self.hash
-                .pbkdf2(passphrase, &slot.salt, slot.iterations, &mut derived);
-            let len = self.key_material_len(slot)?;
-            let mut material = Zeroizing::new(read(u64::from(slot.key_offset_sectors) * 512, len)?);
-            if material.len() != len {
-                return Err(corrupt("LUKS key material truncated", 0));
-            }
-            self.data_cipher(&derived)?.decrypt(&mut material, 0)?;
-            let mk = Zeroizing::new(af::merge(self.hash, &material, kb, slot.stripes)?);
-            if self.verify_master_key(&mk) {
+        for i in 0..self.slots.len() {
+            if let Some(mk) = self.open_slot(i, passphrase, read)? {
                 return Ok((mk, i));
             }
         }
         Err(Error::Key(
             "Invalid password, cannot unlock any keyslot".into(),
         ))
+    }
+
+    /// The master key if `passphrase` opens (active) slot `i`.
+    pub fn open_slot(
+        &self,
+        i: usize,
+        passphrase: &[u8],
+        read: &dyn Fn(u64, usize) -> Result<Vec<u8>>,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let Some(slot) = self.slots.get(i).filter(|s| s.active) else {
+            return Ok(None);
+        };
+        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::invalid("key size"))?;
+        let mut derived = Zeroizing::new(vec![0u8; kb]);
+        self.hash
+            .pbkdf2(passphrase, &slot.salt, slot.iterations, &mut derived);
+        let len = self.key_material_len(slot)?;
+        let mut material = Zeroizing::new(read(u64::from(slot.key_offset_sectors) * 512, len)?);
+        if material.len() != len {
+            return Err(corrupt("LUKS key material truncated", 0));
+        }
+        self.data_cipher(&derived)?.decrypt(&mut material, 0)?;
+        let mk = Zeroizing::new(af::merge(self.hash, &material, kb, slot.stripes)?);
+        Ok(self.verify_master_key(&mk).then_some(mk))
+    }
+
+    /// Erases key slot `i` as qemu does: its key material in `area` is overwritten with
+    /// random bytes, the slot marked inactive with zero iterations and salt.
+    pub fn erase_slot(&mut self, i: usize, area: &mut [u8]) -> Result<()> {
+        let slot = self
+            .slots
+            .get(i)
+            .cloned()
+            .ok_or(Error::invalid("no such key slot"))?;
+        let len = self.key_material_len(&slot)?;
+        let mut junk = vec![0u8; len];
+        random_bytes(&mut junk)?;
+        let off = slot.key_offset_sectors as usize * SECTOR;
+        if !area.put(off, &junk) {
+            return Err(Error::invalid("key material does not fit the header area"));
+        }
+        if let Some(s) = self.slots.get_mut(i) {
+            s.active = false;
+            s.iterations = 0;
+            s.salt = [0; SALT_LEN];
+        }
+        area.put(0, &self.to_bytes());
+        Ok(())
     }
 
     /// Builds a header for a new master key with `passphrase` in slot 0. Returns the header
@@ -312,7 +349,7 @@ impl LuksHeader {
             key_bytes: u32::try_from(kb).map_err(|_| Error::invalid("key too large"))?,
             mk_digest: [0; DIGEST_LEN],
             mk_digest_salt,
-            mk_digest_iter: params.iterations.max(1000),
+            mk_digest_iter: params.digest_iterations.clamp(1000, MAX_ITERATIONS),
             uuid,
             slots,
         };
@@ -346,7 +383,7 @@ impl LuksHeader {
             .ok_or(Error::invalid("no such key slot"))?;
         let mut salt = [0u8; SALT_LEN];
         random_bytes(&mut salt)?;
-        let iterations = iterations.max(1000);
+        let iterations = iterations.clamp(1000, MAX_ITERATIONS);
         let mut derived = Zeroizing::new(vec![0u8; kb]);
         self.hash
             .pbkdf2(passphrase, &salt, iterations, &mut derived);
@@ -377,8 +414,10 @@ pub struct LuksParams {
     pub cipher_mode: String,
     /// `hash-alg`.
     pub hash: HashAlg,
-    /// PBKDF2 iterations for the slot and the digest.
+    /// PBKDF2 iterations for the key slot.
     pub iterations: u32,
+    /// PBKDF2 iterations for the master-key digest (`mkDigestIter`).
+    pub digest_iterations: u32,
 }
 
 impl Default for LuksParams {
@@ -387,6 +426,7 @@ impl Default for LuksParams {
             cipher_mode: "xts-plain64".into(),
             hash: HashAlg::Sha256,
             iterations: 1000,
+            digest_iterations: 1000,
         }
     }
 }

@@ -8,7 +8,9 @@
 
 mod check;
 mod crash;
+mod encrypt;
 mod hostile;
+mod maint;
 mod model;
 mod read;
 mod snapshots;

@@ -1,0 +1,110 @@
+//! `commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE`: copy what FILE (and the images
+//! between it and BASE) hold into BASE, growing BASE if it is smaller, then empty FILE
+//! unless `-d` (or `-b`, which implies it). Generic over formats through the device
+//! trait; emptying needs the format's own support (qcow2).
+
+use anyhow::{Context, Result, anyhow, bail};
+use diskimg::blockio::{Preallocation, ZeroFlags};
+use diskimg::{ImageOptions, OpenPolicy};
+
+use crate::common::{Progress, opt_format, out};
+
+/// Arguments of `commit`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// The image of the backing chain to commit into (implies -d).
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Do not empty FILE after the commit.
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Rate limit (accepted, not applied).
+    #[arg(short = 'r')]
+    rate: Option<String>,
+    /// The image.
+    file: String,
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = (&a.cache, &a.rate);
+    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let mut opts = ImageOptions::read_only(false).with_policy(OpenPolicy::qemu_compatible());
+    opts.backing_writable = true;
+    let img = diskimg::open(&a.file, format, &opts)
+        .with_context(|| format!("Could not open '{}'", a.file))?;
+    let chain = img.chain();
+    if chain.len() < 2 {
+        bail!("Image does not have a backing file");
+    }
+    let depth = match &a.base {
+        None => 1,
+        Some(b) => {
+            let want = std::fs::canonicalize(b).ok();
+            chain
+                .iter()
+                .skip(1)
+                .position(|i| want.is_some() && std::fs::canonicalize(&i.path).ok() == want)
+                .map(|p| p + 1)
+                .ok_or_else(|| anyhow!("Did not find '{b}' in the backing chain of '{}'", a.file))?
+        }
+    };
+    let base = chain
+        .get(depth)
+        .ok_or_else(|| anyhow!("Image does not have a backing file"))?;
+    let top = img.device.as_ref();
+    let size = top.virtual_size();
+    if base.device.virtual_size() < size {
+        base.device
+            .resize(size, Preallocation::Off, false)
+            .with_context(|| "Could not resize the base image")?;
+    }
+    let bar = Progress::new(a.progress, size);
+    let depth = u32::try_from(depth)?;
+    let chunk = 4u64 << 20;
+    let mut buf = vec![0u8; usize::try_from(chunk)?];
+    let mut pos = 0u64;
+    while pos < size {
+        let e = diskimg::block_status(top, pos, (size - pos).min(chunk))?;
+        let n = e.length.max(1).min(size - pos);
+        if e.present && e.depth < depth {
+            if e.zero {
+                base.device
+                    .write_zeroes(pos, n, ZeroFlags { may_unmap: true })?;
+            } else {
+                let b = buf
+                    .get_mut(..usize::try_from(n)?)
+                    .ok_or_else(|| anyhow!("buffer"))?;
+                top.read_at(b, pos)?;
+                base.device.write_at(b, pos)?;
+            }
+        }
+        pos += n;
+        bar.set(pos, size);
+    }
+    base.device.flush()?;
+    bar.finish();
+    if !a.keep && a.base.is_none() {
+        // As qemu: formats that cannot be emptied (vmdk) keep their data.
+        match diskimg::maint::make_empty(&img) {
+            Err(e) if e.is_unsupported() => {}
+            r => r.map_err(|e| anyhow!("Could not empty {}: {e}", a.file))?,
+        }
+        img.device.flush()?;
+    }
+    if !a.quiet {
+        out("Image committed.\n")?;
+    }
+    Ok(0)
+}

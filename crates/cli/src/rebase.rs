@@ -1,0 +1,146 @@
+//! `rebase [-f FMT] [-u] [-p] [-q] -b BACKING [-F FMT] FILE`: change the backing file.
+//! Safe mode (the default) first copies into FILE every range where the old and the new
+//! backing differ and FILE holds nothing; `-u` only rewrites the header; `-b ""` detaches.
+
+use anyhow::{Context, Result, anyhow};
+use diskimg::blockio::ExtentKind;
+use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
+
+use crate::common::{Progress, full_backing_name, opt_format, parse_format};
+
+/// Arguments of `rebase`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// The new backing file ("" detaches).
+    #[arg(short = 'b', long = "backing", required = true)]
+    backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    backing_format: Option<String>,
+    /// Unsafe: only rewrite the backing file name.
+    #[arg(short = 'u')]
+    unsafe_: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Source cache mode (accepted).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// The image.
+    file: String,
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = (a.quiet, &a.cache, &a.src_cache);
+    let backing = a.backing.clone().unwrap_or_default();
+    let format = opt_format(a.format.as_deref(), &a.file)?;
+    if let Some(f) = &a.backing_format {
+        parse_format(f)?;
+    }
+    let opts = ImageOptions::read_only(false)
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_backing(!a.unsafe_);
+    let img = diskimg::open(&a.file, format, &opts)
+        .with_context(|| format!("Could not open '{}'", a.file))?;
+    let change_err =
+        |why: String| anyhow!("Could not change the backing file to '{backing}': {why}");
+    if img.format != diskimg::Format::Qcow2 {
+        return Err(change_err("Operation not supported".into()));
+    }
+    if !a.unsafe_ {
+        let new: Option<std::sync::Arc<dyn BlockDevice>> = if backing.is_empty() {
+            None
+        } else {
+            let path = full_backing_name(&a.file, &backing);
+            let bf = a.backing_format.as_deref().map(parse_format).transpose()?;
+            let nb = diskimg::open(
+                &path,
+                bf,
+                &ImageOptions::read_only(true).with_policy(OpenPolicy::qemu_compatible()),
+            )
+            .with_context(|| format!("Could not open new backing file '{path}'"))?;
+            Some(nb.device)
+        };
+        copy_differences(img.device.as_ref(), new.as_deref(), a.progress, a.compress)?;
+    }
+    // As qemu: the safe-mode copy has happened when the missing format is refused.
+    if !backing.is_empty() && a.backing_format.is_none() {
+        return Err(change_err("backing format must be specified".into()));
+    }
+    diskimg::maint::set_backing_file(
+        &img,
+        Some(backing.as_str()).filter(|b| !b.is_empty()),
+        a.backing_format.as_deref(),
+    )
+    .map_err(|e| change_err(e.to_string()))?;
+    img.device.flush()?;
+    Ok(0)
+}
+
+/// Copies into `top` (reading through its old backing chain) every top-cluster-sized
+/// piece that `top` does not hold itself and whose content differs from `new`'s (zeroes
+/// where `new` is absent or shorter).
+fn copy_differences(
+    top: &dyn BlockDevice,
+    new: Option<&dyn BlockDevice>,
+    progress: bool,
+    compress: bool,
+) -> Result<()> {
+    let size = top.virtual_size();
+    let piece = top.info().cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
+    let new_size = new.map_or(0, BlockDevice::virtual_size);
+    let bar = Progress::new(progress, size);
+    let mut old_buf = vec![0u8; usize::try_from(piece)?];
+    let mut new_buf = vec![0u8; usize::try_from(piece)?];
+    let mut pos = 0u64;
+    while pos < size {
+        let e = top.map(pos, size - pos)?;
+        let end = pos.saturating_add(e.len.max(1)).min(size);
+        if e.kind != ExtentKind::Unallocated {
+            pos = end;
+            bar.set(pos, size);
+            continue;
+        }
+        while pos < end {
+            let n = (piece - pos % piece).min(end - pos);
+            let nu = usize::try_from(n)?;
+            let short = || anyhow!("buffer");
+            let old = old_buf.get_mut(..nu).ok_or_else(short)?;
+            let newb = new_buf.get_mut(..nu).ok_or_else(short)?;
+            top.read_at(old, pos)?;
+            newb.fill(0);
+            if let Some(nd) = new
+                && pos < new_size
+            {
+                let m = usize::try_from((new_size - pos).min(n))?;
+                nd.read_at(newb.get_mut(..m).ok_or_else(short)?, pos)?;
+            }
+            if old != newb {
+                // Whole compression units (the last may be short) go compressed.
+                let unit = top.compressed_write_granularity().filter(|_| compress);
+                match unit {
+                    Some(g) if pos.is_multiple_of(g) && (n == g || pos + n == size) => {
+                        top.write_compressed(old, pos)?;
+                    }
+                    _ => top.write_at(old, pos)?,
+                }
+            }
+            pos += n;
+            bar.set(pos, size);
+        }
+    }
+    bar.finish();
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! `bitmap --add/--remove/--clear/--enable/--disable` side by side with qemu-img.
+
+use diskimg_testutil::{
+    assert_qemu_check_clean, qemu_img, qemu_img_ok, qemu_info_json, qemu_io, tempdir,
+};
+
+use crate::{code, diskimg, s};
+
+fn bitmaps(p: &std::path::Path) -> serde_json::Value {
+    qemu_info_json(p, "qcow2")["format-specific"]["data"]["bitmaps"].clone()
+}
+
+#[test]
+fn bitmap_ops_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    for p in [&q, &d] {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            s(p),
+            "64M",
+        ]);
+        qemu_io(p, "qcow2", &["write -P 1 0 1M"]);
+    }
+    let steps: &[&[&str]] = &[
+        &["--add", "b0"],
+        &["--add", "--disable", "-g", "128k", "b1"],
+        &["--add", "-g", "512", "b2"],
+        &["--add", "b0"],
+        &["--add", "-g", "1000", "b3"],
+        &["--enable", "b1"],
+        &["--disable", "b0"],
+        &["--remove", "b2"],
+        &["--remove", "nope"],
+        &["--clear", "b1"],
+        &["b0"],
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, p: &std::path::Path| {
+            let mut a = vec!["bitmap"];
+            a.extend(step.iter().take(step.len().saturating_sub(1)));
+            a.push(s(p));
+            a.extend(step.last());
+            tool(&a)
+        };
+        let (qo, o) = (run(&|a| qemu_img(a), &q), run(&|a| diskimg(a), &d));
+        assert_eq!(code(&o), code(&qo), "{step:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+            String::from_utf8_lossy(&qo.stderr),
+            "{step:?}"
+        );
+        assert_qemu_check_clean(&d, "qcow2");
+        assert_eq!(bitmaps(&d), bitmaps(&q), "{step:?}");
+        assert_eq!(code(&diskimg(&["check", s(&d)])), 0, "{step:?}");
+        if i == 6 {
+            // qemu writes through our enabled bitmap: bits get data clusters.
+            qemu_io(&d, "qcow2", &["write -P 2 0 8M"]);
+            qemu_io(&q, "qcow2", &["write -P 2 0 8M"]);
+            assert_qemu_check_clean(&d, "qcow2");
+        }
+    }
+    // Our info shows the bitmaps as qemu's does.
+    let ours: serde_json::Value =
+        serde_json::from_str(&crate::diskimg_ok(&["info", "--output=json", s(&d)])).unwrap();
+    assert_eq!(ours["format-specific"]["data"]["bitmaps"], bitmaps(&d));
+    // qemu edits ours; we edit qemu's.
+    qemu_img_ok(&["bitmap", "--remove", s(&d), "b1"]);
+    assert_eq!(code(&diskimg(&["bitmap", "--remove", s(&q), "b1"])), 0);
+    assert_eq!(code(&diskimg(&["bitmap", "--remove", s(&q), "b0"])), 0);
+    for p in [&q, &d] {
+        assert_qemu_check_clean(p, "qcow2");
+    }
+    assert_eq!(bitmaps(&q), serde_json::Value::Null);
+    // v2 images and other formats refuse, as qemu.
+    let v2 = dir.path().join("v2.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&v2),
+        "1M",
+    ]);
+    let a = ["bitmap", "--add", s(&v2), "x"];
+    let (o, qo) = (diskimg(&a), qemu_img(&a));
+    assert_eq!(code(&o), code(&qo));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qo.stderr)
+            .replace("Can't make bitmap 'x' persistent in '#block", "")
+            .split_once("': ")
+            .map(|(_, r)| format!("qemu-img: Operation add on bitmap x failed: {r}"))
+            .unwrap()
+    );
+}
+
+fn bits(p: &std::path::Path, name: &str) -> (u64, Vec<u8>) {
+    let s = std::sync::Arc::new(diskimg::blockio::FileStorage::open(p, true).unwrap());
+    diskimg::qcow2::read_bitmap(s, name).unwrap()
+}
+
+#[test]
+fn bitmap_merge_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    let src = dir.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "16M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "64k", s(&src), "track"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(&src), "fine"]);
+    qemu_img_ok(&[
+        "bitmap",
+        "--add",
+        "--disable",
+        "-g",
+        "1M",
+        s(&src),
+        "coarse",
+    ]);
+    // qemu-io writes set bits in the enabled bitmaps.
+    qemu_io(
+        &src,
+        "qcow2",
+        &["write 0 4k", "write 100k 300k", "write 15M 1M"],
+    );
+    assert!(bits(&src, "track").1.iter().any(|&b| b != 0));
+    qemu_img_ok(&["bitmap", "--disable", s(&src), "fine"]);
+    qemu_io(&src, "qcow2", &["write 8M 64k"]);
+    for (target, source) in [
+        ("coarse", "track"),
+        ("fine", "track"),
+        ("track", "coarse"),
+        ("coarse", "fine"),
+    ] {
+        std::fs::copy(&src, &q).unwrap();
+        std::fs::copy(&src, &d).unwrap();
+        qemu_img_ok(&["bitmap", "--merge", source, s(&q), target]);
+        let o = diskimg(&["bitmap", "--merge", source, s(&d), target]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert_qemu_check_clean(&d, "qcow2");
+        for name in ["track", "fine", "coarse"] {
+            assert_eq!(
+                bits(&d, name),
+                bits(&q, name),
+                "{source} -> {target}: {name}"
+            );
+        }
+        assert_eq!(bitmaps(&d), bitmaps(&q));
+    }
+    // From another image (-b/-F).
+    let other = dir.path().join("other.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&other), "16M"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "16k", s(&other), "o"]);
+    qemu_io(&other, "qcow2", &["write 3M 100k", "write 9M 1k"]);
+    std::fs::copy(&src, &q).unwrap();
+    std::fs::copy(&src, &d).unwrap();
+    let args = |p: &std::path::Path| {
+        vec![
+            "bitmap".to_string(),
+            "--merge".into(),
+            "o".into(),
+            "-b".into(),
+            s(&other).into(),
+            "-F".into(),
+            "qcow2".into(),
+            s(p).into(),
+            "coarse".into(),
+        ]
+    };
+    let qa = args(&q);
+    qemu_img_ok(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    let da = args(&d);
+    let o = diskimg(&da.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_qemu_check_clean(&d, "qcow2");
+    assert_eq!(bits(&d, "coarse"), bits(&q, "coarse"));
+    assert_ne!(bits(&d, "coarse"), bits(&src, "coarse"));
+    let a = ["bitmap", "--merge", "nope", s(&d), "track"];
+    let (o, qo) = (diskimg(&a), qemu_img(&a));
+    assert_eq!(code(&o), code(&qo));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qo.stderr)
+    );
+}

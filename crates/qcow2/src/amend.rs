@@ -1,0 +1,341 @@
+//! `amend`: change options of an existing image as `qemu-img amend -o` does for qcow2:
+//! `compat` (1.1 → 0.10 with zero-cluster expansion, refused where qemu refuses, and
+//! 0.10 → 1.1), `lazy_refcounts` and `size`. Changing `refcount_bits`, the data file
+//! options and encryption is not supported; backing file changes are refused as in qemu
+//! 10 (use rebase).
+
+use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result, SnapshotInfo};
+
+use crate::device::Qcow2Device;
+use crate::ext::Extensions;
+use crate::header::{
+    AUTOCLEAR_BITMAPS, COMPAT_LAZY, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, V3_HEADER_LEN,
+};
+use crate::maint::write_header;
+use crate::snapshot_ops::{entry_raw, write_table};
+use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use crate::write::idx;
+
+/// Options `amend` accepts but only `create` can apply (qemu's wording).
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "preallocation",
+    "extended_l2",
+    "compression_type",
+    "encryption",
+];
+
+const NEEDS_V3: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
+
+/// What a walk over every L2 table (active and snapshots) found.
+#[derive(Default)]
+struct Scan {
+    compressed: bool,
+    snapshot_zero: bool,
+    /// Guest offsets of active zero clusters: (offset, has a host cluster).
+    active_zero: Vec<(u64, bool)>,
+}
+
+impl Qcow2Device {
+    /// Applies `qemu-img amend -o` options (see the module docs for what is supported).
+    pub fn amend(&self, opts: &OptionList) -> Result<()> {
+        self.writable()?;
+        let mut o = opts.clone();
+        for k in CREATE_ONLY {
+            if o.get(k).is_some() {
+                return Err(Error::invalid(format!(
+                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                )));
+            }
+        }
+        let (cur_version, cur_lazy, refcount_order, has_data_file) = {
+            let m = self.lock();
+            (
+                m.h.version,
+                m.h.compatible & COMPAT_LAZY != 0,
+                m.h.refcount_order,
+                m.data.is_some(),
+            )
+        };
+        let version = match o.take("compat").as_deref() {
+            None => cur_version,
+            Some("1.1") | Some("v3") => 3,
+            Some("0.10") | Some("v2") => 2,
+            Some(v) => return Err(Error::invalid(format!("Unknown compatibility level {v}"))),
+        };
+        let lazy = o.take_bool("lazy_refcounts")?;
+        let size = o.take_size("size")?;
+        let refcount_bits = o.take_u64("refcount_bits")?;
+        let backing = o.take("backing_file").is_some() | o.take("backing_fmt").is_some();
+        let data_file = o.take("data_file").is_some() | o.take("data_file_raw").is_some();
+        let encrypt = o.entries().iter().any(|(k, _)| k.starts_with("encrypt."));
+        if let Some((k, _)) = o.entries().iter().find(|(k, _)| !k.starts_with("encrypt.")) {
+            return Err(Error::invalid(format!("Invalid parameter '{k}'")));
+        }
+        if backing {
+            return Err(Error::invalid(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
+            ));
+        }
+        if let Some(bits) = refcount_bits {
+            if !bits.is_power_of_two() || bits > 64 {
+                return Err(Error::invalid(
+                    "Refcount width must be a power of two and may not exceed 64 bits",
+                ));
+            }
+            if version < 3 && bits != 16 {
+                return Err(Error::invalid(
+                    "Refcount widths other than 16 bits require compatibility level 1.1 or \
+                     above (use compat=1.1 or greater)",
+                ));
+            }
+            if u64::from(1u32 << refcount_order.min(6)) != bits {
+                return Err(Error::unsupported("qcow2", "changing refcount_bits"));
+            }
+        }
+        if data_file {
+            return Err(Error::unsupported(
+                "qcow2",
+                "amending the data file options",
+            ));
+        }
+        if encrypt {
+            return Err(Error::unsupported("qcow2", "amending encryption options"));
+        }
+        let lazy_after = lazy.unwrap_or(cur_lazy && version >= 3);
+        if version < 3 && lazy == Some(true) {
+            return Err(Error::invalid(format!(
+                "Lazy refcounts only supported with {NEEDS_V3}"
+            )));
+        }
+        if version < cur_version {
+            if refcount_order != 4 {
+                return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
+            }
+            if has_data_file {
+                return Err(Error::invalid("Cannot downgrade an image with a data file"));
+            }
+        }
+        if version > cur_version {
+            self.upgrade()?;
+        }
+        if lazy_after != cur_lazy && version >= 3 {
+            self.set_lazy(lazy_after)?;
+        }
+        if let Some(s) = size
+            && s != self.virtual_size()
+        {
+            self.resize(s, Preallocation::Off, true)?;
+        }
+        if version < cur_version {
+            self.downgrade()?;
+        }
+        self.flush()
+    }
+
+    fn set_lazy(&self, on: bool) -> Result<()> {
+        let dirty = self.lock().h.incompatible & INCOMPAT_DIRTY != 0;
+        if !on && dirty {
+            crate::check::check(self, diskimg_blockio::RepairMode::All)?;
+        }
+        let mut m = self.lock();
+        m.commit_deferred()?;
+        let mut h = m.h.clone();
+        if on {
+            h.compatible |= COMPAT_LAZY;
+        } else {
+            h.compatible &= !COMPAT_LAZY;
+            h.incompatible &= !INCOMPAT_DIRTY;
+        }
+        write_header(&mut m, &mut h)
+    }
+
+    /// 0.10 → 1.1: a v3 header with qemu's feature table; snapshot entries get the
+    /// extra data v3 requires.
+    fn upgrade(&self) -> Result<()> {
+        let mut m = self.lock();
+        m.commit_deferred()?;
+        let size = m.size;
+        let snaps = m.snapshots.clone();
+        if snaps
+            .iter()
+            .any(|s| s.raw.len() < 40 || extra_len(&s.raw) < 16)
+        {
+            let fixed = snaps
+                .into_iter()
+                .map(|mut s| {
+                    if extra_len(&s.raw) < 16 {
+                        let disk = s.disk_size.unwrap_or(size);
+                        s.raw = with_vm_state(
+                            &s.info,
+                            entry_raw(&s.info, s.l1_offset, s.l1_size, disk),
+                        );
+                        s.disk_size = Some(disk);
+                    }
+                    s
+                })
+                .collect();
+            write_table(&mut m, fixed)?;
+        }
+        let mut h = m.h.clone();
+        h.version = 3;
+        h.header_length = V3_HEADER_LEN;
+        h.refcount_order = 4;
+        h.incompatible = 0;
+        h.compatible = 0;
+        h.autoclear = 0;
+        h.compression_type = 0;
+        h.ext.features = Extensions::qemu_feature_table();
+        write_header(&mut m, &mut h)
+    }
+
+    /// 1.1 → 0.10: zero clusters expanded, v3-only features refused, v2 header.
+    fn downgrade(&self) -> Result<()> {
+        let (dirty, bitmaps) = {
+            let m = self.lock();
+            (
+                m.h.incompatible & INCOMPAT_DIRTY != 0,
+                m.h.autoclear & AUTOCLEAR_BITMAPS != 0 && m.h.ext.bitmaps.is_some(),
+            )
+        };
+        if dirty {
+            crate::check::check(self, diskimg_blockio::RepairMode::All)?;
+        }
+        if bitmaps {
+            return Err(Error::unsupported(
+                "qcow2",
+                "downgrading an image with persistent bitmaps",
+            ));
+        }
+        let (incompat, zstd) = {
+            let m = self.lock();
+            (
+                m.h.incompatible & !INCOMPAT_DIRTY,
+                m.h.compression_type != 0,
+            )
+        };
+        if incompat & !INCOMPAT_COMPRESSION != 0 {
+            return Err(Error::invalid(format!(
+                "Cannot downgrade an image with incompatible features {:#x} set",
+                incompat & !INCOMPAT_COMPRESSION
+            )));
+        }
+        {
+            // v2 snapshots have no size of their own: they must have the disk's.
+            let m = self.lock();
+            if m.snapshots
+                .iter()
+                .any(|s| s.disk_size.is_some_and(|d| d != m.size))
+            {
+                return Err(Error::invalid(
+                    "Internal snapshots prevent downgrade of image",
+                ));
+            }
+        }
+        let scan = self.scan()?;
+        if zstd && scan.compressed {
+            return Err(Error::invalid(
+                "Cannot downgrade an image with zstd compression type and existing compressed \
+                 clusters",
+            ));
+        }
+        if scan.snapshot_zero {
+            return Err(Error::unsupported(
+                "qcow2",
+                "downgrading an image whose internal snapshots hold zero clusters",
+            ));
+        }
+        self.expand_zero_clusters(&scan.active_zero)?;
+        let mut m = self.lock();
+        m.commit_deferred()?;
+        let mut h = m.h.clone();
+        h.version = 2;
+        h.incompatible = 0;
+        h.compatible = 0;
+        h.autoclear = 0;
+        h.compression_type = 0;
+        h.refcount_order = 4;
+        h.ext.features.clear();
+        h.ext.bitmaps = None;
+        write_header(&mut m, &mut h)
+    }
+
+    /// Zero clusters cannot be expressed in v2: ones with a host cluster get zeroes
+    /// written there, plain ones become unallocated (no backing) or zero-filled data.
+    fn expand_zero_clusters(&self, zeros: &[(u64, bool)]) -> Result<()> {
+        let has_backing = self.lock().h.backing_file.is_some();
+        let cs = self.lock().cs();
+        let size = self.virtual_size();
+        let buf = vec![0u8; idx(cs)];
+        for &(guest, allocated) in zeros {
+            let n = cs.min(size.saturating_sub(guest));
+            if allocated || has_backing {
+                // A plain write replaces the zero flag by data.
+                self.write_at(buf.get(..idx(n)).unwrap_or(&[]), guest)?;
+            } else {
+                let mut m = self.lock();
+                let l1i = guest / m.h.l1_coverage();
+                let i = (guest / cs) % m.h.l2_entries();
+                let l2 = crate::write::ensure_l2(&mut m, l1i)?;
+                m.defer(vec![(l2, i, 0, 0)], Vec::new(), false)?;
+            }
+        }
+        let mut m = self.lock();
+        m.commit_deferred()?;
+        m.file.flush()?;
+        Ok(())
+    }
+
+    fn scan(&self) -> Result<Scan> {
+        let mut m = self.lock();
+        m.commit_deferred()?;
+        let cs = m.cs();
+        let per = m.h.l2_entries();
+        let mut out = Scan::default();
+        let mut l1s = vec![(m.l1.clone(), true)];
+        let snaps = m.snapshots.clone();
+        for s in &snaps {
+            let t = m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size))?;
+            l1s.push((t, false));
+        }
+        for (l1, active) in l1s {
+            for (l1i, e) in l1.iter().enumerate() {
+                let l2 = e & L1E_OFFSET_MASK;
+                if l2 == 0 {
+                    continue;
+                }
+                let t = m.l2_table(l2)?.clone();
+                for (i, &x) in t.iter().enumerate() {
+                    if x & OFLAG_COMPRESSED != 0 {
+                        out.compressed = true;
+                    } else if x & OFLAG_ZERO != 0 {
+                        if active {
+                            let guest = (l1i as u64 * per + i as u64) * cs;
+                            out.active_zero.push((guest, x & L2E_OFFSET_MASK != 0));
+                        } else {
+                            out.snapshot_zero = true;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn extra_len(raw: &[u8]) -> u32 {
+    raw.get(36..40)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+fn with_vm_state(info: &SnapshotInfo, mut raw: Vec<u8>) -> Vec<u8> {
+    let v = info.vm_state_size;
+    if let Some(b) = raw.get_mut(32..36) {
+        b.copy_from_slice(&u32::try_from(v).unwrap_or(0).to_be_bytes());
+    }
+    if let Some(b) = raw.get_mut(40..48) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
+    raw
+}

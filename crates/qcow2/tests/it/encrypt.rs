@@ -1,0 +1,885 @@
+//! Encrypted images (LUKS and legacy AES) against qemu-img / qemu-io with secrets.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use diskimg_blockio::{
+    BlockDevice, Driver, Error, ExtentKind, FileStorage, OpenOptions, Secrets, Storage, ZeroFlags,
+    map_chain,
+};
+use diskimg_qcow2::DRIVER;
+use diskimg_testutil::{Model, pattern, read_all, tempdir};
+
+pub(crate) const SECRET: &str = "diskimg-secret";
+
+fn obj() -> String {
+    format!("secret,id=sec0,data={SECRET}")
+}
+
+fn image_opts(p: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p.display()
+    )
+}
+
+/// Runs qemu-img with the secret object; panics unless it succeeds. Returns stdout.
+pub(crate) fn qimg(args: &[&str]) -> String {
+    let o = obj();
+    let mut argv = vec![args[0], "--object", &o];
+    argv.extend_from_slice(&args[1..]);
+    let out = Command::new("qemu-img").args(&argv).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {argv:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-io commands on an encrypted image.
+pub(crate) fn qio(p: &Path, cmds: &[&str]) {
+    let o = obj();
+    let io = image_opts(p);
+    let mut argv = vec!["--object", &o, "--image-opts"];
+    for c in cmds {
+        argv.push("-c");
+        argv.push(c);
+    }
+    argv.push(&io);
+    let out = Command::new("qemu-io").args(&argv).output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !so.contains("failed"),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest bytes as qemu decrypts them.
+pub(crate) fn qemu_raw(p: &Path) -> Vec<u8> {
+    let dir = tempdir();
+    let out = dir.path().join("o.raw");
+    qimg(&[
+        "convert",
+        "--image-opts",
+        &image_opts(p),
+        "-O",
+        "raw",
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// `qemu-img check` on an encrypted image: (corruptions, leaks).
+pub(crate) fn qemu_check(p: &Path) -> serde_json::Value {
+    qemu_check_with(p, SECRET)
+}
+
+pub(crate) fn qemu_check_with(p: &Path, pass: &str) -> serde_json::Value {
+    let o = format!("secret,id=sec0,data={pass}");
+    let io = image_opts(p);
+    let out = Command::new("qemu-img")
+        .args([
+            "check",
+            "--object",
+            &o,
+            "--output=json",
+            "--image-opts",
+            &io,
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("check: {}", String::from_utf8_lossy(&out.stderr));
+    })
+}
+
+pub(crate) fn assert_check_clean(p: &Path) {
+    let v = qemu_check(p);
+    for k in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(k).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{k}: {v}"
+        );
+    }
+}
+
+pub(crate) fn key_opts(ro: bool, pass: &str) -> OpenOptions {
+    OpenOptions::new()
+        .read_only(ro)
+        .secrets(Secrets::new().with("sec0", pass))
+        .driver_option("encrypt.key-secret", "sec0")
+}
+
+pub(crate) fn open_enc(p: &Path, ro: bool) -> Arc<dyn BlockDevice> {
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::open(p, ro).unwrap());
+    DRIVER.open(s, &key_opts(ro, SECRET)).unwrap()
+}
+
+fn qemu_create(p: &Path, opts: &str, size: &str) {
+    qimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("encrypt.key-secret=sec0,{opts}"),
+        p.to_str().unwrap(),
+        size,
+    ]);
+}
+
+/// Our map as qemu-img map JSON entries (no offsets for encrypted data).
+fn assert_map_like_qemu(dev: &dyn BlockDevice, p: &Path) {
+    let q: serde_json::Value = serde_json::from_str(&qimg(&[
+        "map",
+        "--output=json",
+        "--image-opts",
+        &image_opts(p),
+    ]))
+    .unwrap();
+    let ours: Vec<serde_json::Value> = map_chain(dev, 0, dev.virtual_size())
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::json!({
+                "start": e.start, "length": e.length, "depth": e.depth,
+                "present": e.present, "zero": e.zero, "data": e.data,
+                "compressed": e.compressed,
+            });
+            if let Some(o) = e.offset {
+                v["offset"] = o.into();
+            }
+            v
+        })
+        .collect();
+    assert_eq!(serde_json::Value::Array(ours), q);
+}
+
+const QEMU_WRITES: &[&str] = &[
+    "write -P 0x11 0 64k",
+    "write -P 0x22 100000 7777",
+    "write -P 0x33 1M 300k",
+    "write -z 1100k 64k",
+    "write -P 0x44 3999k 1k",
+];
+
+fn qemu_made_case(opts: &str) {
+    let dir = tempdir();
+    let p = dir.path().join("q.qcow2");
+    qemu_create(&p, opts, "4M");
+    qio(&p, QEMU_WRITES);
+    let dev = open_enc(&p, true);
+    let ours = read_all(dev.as_ref());
+    assert!(ours == qemu_raw(&p), "{opts}: decrypted content differs");
+    assert_map_like_qemu(dev.as_ref(), &p);
+    assert_eq!(dev.check(Default::default()).unwrap().corruptions, 0);
+    assert!(dev.info().encrypted);
+}
+
+#[test]
+fn qemu_luks_default_64k() {
+    qemu_made_case("encrypt.format=luks,encrypt.iter-time=10");
+}
+
+#[test]
+fn qemu_luks_4k_aes128_sha1() {
+    qemu_made_case(
+        "encrypt.format=luks,encrypt.iter-time=10,cluster_size=4k,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+    );
+}
+
+#[test]
+fn qemu_luks_cbc_essiv_512b_clusters() {
+    qemu_made_case(
+        "encrypt.format=luks,encrypt.iter-time=10,cluster_size=512,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha512",
+    );
+}
+
+#[test]
+fn qemu_luks_extended_l2_cbc_plain() {
+    qemu_made_case(
+        "encrypt.format=luks,encrypt.iter-time=10,extended_l2=on,cluster_size=32k,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
+    );
+}
+
+#[test]
+fn qemu_legacy_aes() {
+    qemu_made_case("encrypt.format=aes");
+    qemu_made_case("encrypt.format=aes,cluster_size=4k,compat=0.10");
+}
+
+#[test]
+fn wrong_or_missing_key_is_refused_and_nothing_written() {
+    let dir = tempdir();
+    let p = dir.path().join("q.qcow2");
+    qemu_create(&p, "encrypt.format=luks,encrypt.iter-time=10", "1M");
+    qio(&p, &["write -P 7 0 4k"]);
+    let before = std::fs::read(&p).unwrap();
+    let s = || -> Arc<dyn Storage> { Arc::new(FileStorage::open(&p, false).unwrap()) };
+    let e = DRIVER.open(s(), &key_opts(false, "wrong")).unwrap_err();
+    assert!(matches!(e, Error::Key(_)), "{e}");
+    assert_eq!(e.to_string(), "Invalid password, cannot unlock any keyslot");
+    let e = DRIVER.open(s(), &OpenOptions::new()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Parameter 'encrypt.key-secret' is required for cipher"
+    );
+    let o = OpenOptions::new().driver_option("encrypt.key-secret", "sec9");
+    let e = DRIVER.open(s(), &o).unwrap_err();
+    assert_eq!(e.to_string(), "No secret with id 'sec9'");
+    assert!(!format!("{:?}", key_opts(false, "wrong")).contains("wrong"));
+    // Metadata-only open (info): no data I/O.
+    let o = OpenOptions::new().driver_option("encrypt.no-io", "on");
+    let dev = DRIVER.open(s(), &o).unwrap();
+    assert!(dev.info().encrypted);
+    assert!(dev.read_at(&mut [0u8; 512], 0).is_err());
+    drop(dev);
+    assert!(std::fs::read(&p).unwrap() == before, "file changed");
+}
+
+#[test]
+fn our_writes_on_qemu_luks_read_back_in_qemu() {
+    for opts in [
+        "encrypt.format=luks,encrypt.iter-time=10,cluster_size=4k",
+        "encrypt.format=luks,encrypt.iter-time=10,extended_l2=on,cluster_size=16k,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        "encrypt.format=aes",
+    ] {
+        let dir = tempdir();
+        let p = dir.path().join("q.qcow2");
+        qemu_create(&p, opts, "2M");
+        qio(&p, &["write -P 0x5c 0 200k"]);
+        let mut model = Model::zeroed(2 << 20);
+        model.write(0, &[0x5c; 200 << 10]);
+        let dev = open_enc(&p, false);
+        for (i, (off, len)) in [
+            (1000usize, 5000usize),
+            (4096, 4096),
+            (150_000, 100_000),
+            (1_500_001, 77_777),
+            (3, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = pattern(i as u64 + 1, len);
+            dev.write_at(&d, off as u64).unwrap();
+            model.write(off, &d);
+        }
+        dev.write_zeroes(64 << 10, 64 << 10, ZeroFlags::default())
+            .unwrap();
+        model.zero(64 << 10, 64 << 10);
+        dev.write_zeroes(300_000, 1000, ZeroFlags::default())
+            .unwrap();
+        model.zero(300_000, 1000);
+        dev.discard(1 << 20, 256 << 10).unwrap();
+        model.zero(1 << 20, 256 << 10);
+        assert!(dev.write_compressed(&vec![0u8; 4096], 1 << 20).is_err());
+        dev.flush().unwrap();
+        assert!(read_all(dev.as_ref()) == model.bytes, "{opts}: our read");
+        drop(dev);
+        assert!(qemu_raw(&p) == model.bytes, "{opts}: qemu read");
+        assert_check_clean(&p);
+        let raw = std::fs::read(&p).unwrap();
+        let probe = pattern(5, 100_000);
+        assert!(
+            !raw.windows(64).any(|w| w == &probe[1000..1064]),
+            "plaintext in the file"
+        );
+        let dev = open_enc(&p, true);
+        assert!(matches!(
+            dev.map(0, 4096).unwrap().kind,
+            ExtentKind::Data { offset: None }
+        ));
+    }
+}
+
+#[test]
+fn info_encrypt_block_matches_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("q.qcow2");
+    qemu_create(
+        &p,
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.cipher-alg=aes-128",
+        "1M",
+    );
+    let q = diskimg_testutil::qemu_info_json(&p, "qcow2");
+    let dev = open_enc(&p, true);
+    let info = dev.info();
+    let (_, fs) = info.format_specific.unwrap();
+    let ours = fs.iter().find(|(k, _)| k == "encrypt").unwrap().1.clone();
+    assert_eq!(json(&ours), q["format-specific"]["data"]["encrypt"]);
+}
+
+fn json(v: &diskimg_blockio::InfoValue) -> serde_json::Value {
+    use diskimg_blockio::InfoValue as I;
+    match v {
+        I::Bool(b) => (*b).into(),
+        I::Int(i) => (*i).into(),
+        I::Str(s) => s.clone().into(),
+        I::List(l) => serde_json::Value::Array(l.iter().map(json).collect()),
+        I::Map(m) => {
+            serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), json(v))).collect())
+        }
+    }
+}
+
+fn our_create(p: &Path, size: u64, opts: &str) -> diskimg_blockio::Result<()> {
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
+    let mut req =
+        diskimg_blockio::CreateRequest::new(size, diskimg_blockio::OptionList::parse(opts)?)
+            .secrets(Secrets::new().with("sec0", SECRET));
+    DRIVER.create(s, &mut req)?;
+    req.options.clone().finish("qcow2")
+}
+
+/// (crypt_method, FDE extension offset/length) of an image file.
+fn crypt_layout(p: &Path) -> (u32, Option<(u64, u64)>) {
+    use diskimg_blockio::bytes::ReadBytes;
+    let b = std::fs::read(p).unwrap();
+    let method = b.be_u32(32).unwrap();
+    let mut off = if b.be_u32(4).unwrap() >= 3 {
+        b.be_u32(100).unwrap() as usize
+    } else {
+        72
+    };
+    loop {
+        let ty = b.be_u32(off).unwrap();
+        let len = b.be_u32(off + 4).unwrap() as usize;
+        if ty == 0 {
+            return (method, None);
+        }
+        if ty == 0x0537_be77 {
+            return (
+                method,
+                Some((b.be_u64(off + 8).unwrap(), b.be_u64(off + 16).unwrap())),
+            );
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+fn ours_in_qemu_case(opts: &str) {
+    let dir = tempdir();
+    let p = dir.path().join("ours.qcow2");
+    let q = dir.path().join("qemu.qcow2");
+    let opts = &if opts.contains("luks") {
+        format!("encrypt.iter-time=10,{opts}")
+    } else {
+        opts.to_string()
+    };
+    our_create(&p, 3 << 20, &format!("encrypt.key-secret=sec0,{opts}")).unwrap();
+    qemu_create(&q, opts, "3M");
+    assert_eq!(crypt_layout(&p), crypt_layout(&q), "{opts}: layout");
+    // Plaintext with a recognisable marker.
+    let marker = b"PLAINTEXT-MARKER-diskimg-0123456789";
+    let mut model = Model::zeroed(3 << 20);
+    let dev = open_enc(&p, false);
+    for (i, (off, len)) in [
+        (0usize, 70_000usize),
+        (500_000, 1234),
+        (1 << 20, 600_000),
+        (3_000_000, 145_728),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut d = pattern(i as u64 + 10, len);
+        for c in d.chunks_mut(512) {
+            let n = c.len().min(marker.len());
+            c[..n].copy_from_slice(&marker[..n]);
+        }
+        dev.write_at(&d, off as u64).unwrap();
+        model.write(off, &d);
+    }
+    dev.write_zeroes(1 << 20, 64 << 10, ZeroFlags::default())
+        .unwrap();
+    model.zero(1 << 20, 64 << 10);
+    dev.flush().unwrap();
+    assert!(read_all(dev.as_ref()) == model.bytes);
+    drop(dev);
+    assert!(
+        qemu_raw(&p) == model.bytes,
+        "{opts}: qemu reads our image differently"
+    );
+    assert_check_clean(&p);
+    let raw = std::fs::read(&p).unwrap();
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker),
+        "{opts}: plaintext in the file"
+    );
+    // qemu-img compare against a plain raw copy of the content.
+    let r = dir.path().join("expect.raw");
+    std::fs::write(&r, &model.bytes).unwrap();
+    let raw_opts = format!("driver=raw,file.filename={}", r.display());
+    qimg(&["compare", "--image-opts", &image_opts(&p), &raw_opts]);
+    // qemu writes into our image; we read its data.
+    qio(&p, &["write -P 0x99 2M 100k"]);
+    model.write(2 << 20, &[0x99; 100 << 10]);
+    assert!(read_all(open_enc(&p, true).as_ref()) == model.bytes);
+}
+
+#[test]
+fn ours_luks_default_in_qemu() {
+    ours_in_qemu_case("encrypt.format=luks");
+}
+
+#[test]
+fn ours_luks_variants_in_qemu() {
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=4k,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=16k,extended_l2=on,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha512",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,cluster_size=512,encrypt.cipher-alg=aes-192,encrypt.cipher-mode=xts",
+    );
+    ours_in_qemu_case(
+        "encrypt.format=luks,compat=0.10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
+    );
+}
+
+#[test]
+fn ours_legacy_aes_in_qemu() {
+    ours_in_qemu_case("encrypt.format=aes");
+    let dir = tempdir();
+    let p = dir.path().join("a.qcow2");
+    our_create(&p, 1 << 20, "encryption=on,encrypt.key-secret=sec0").unwrap();
+    assert_eq!(crypt_layout(&p).0, 1);
+}
+
+#[test]
+fn create_option_errors_as_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("e.qcow2");
+    let err = |o: &str| our_create(&p, 1 << 20, o).unwrap_err().to_string();
+    assert_eq!(
+        err("encrypt.format=luks"),
+        "Parameter 'encrypt.key-secret' is required for cipher"
+    );
+    assert_eq!(
+        err("encryption=on,encrypt.format=luks,encrypt.key-secret=sec0"),
+        "'encrypt.format' and its alias 'encryption' can't be used at the same time"
+    );
+    assert_eq!(
+        err("encrypt.format=aes,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128"),
+        "Parameter 'encrypt.cipher-alg' is unexpected"
+    );
+    assert_eq!(
+        err(
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha1,encrypt.cipher-mode=cbc"
+        ),
+        "No AES cipher with key size 20 available"
+    );
+    assert_eq!(
+        err("encrypt.format=luks,encrypt.key-secret=nope"),
+        "No secret with id 'nope'"
+    );
+    assert!(
+        err("encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata")
+            .contains("preallocation")
+    );
+}
+
+/// Crash test on an encrypted image: cut at every write and flush; the image opens
+/// with its key, checks clean (leaks allowed) and flushed data reads back decrypted.
+#[test]
+fn crash_at_every_cut_of_an_encrypted_workload() {
+    use diskimg_blockio::{CrashMode, FaultStorage, MemStorage};
+    const SIZE: u64 = 1 << 20;
+    let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let mut req = diskimg_blockio::CreateRequest::new(
+        SIZE,
+        diskimg_blockio::OptionList::parse(
+            "cluster_size=4k,encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1",
+        )
+        .unwrap(),
+    )
+    .secrets(Secrets::new().with("sec0", SECRET));
+    DRIVER.create(base.clone(), &mut req).unwrap();
+    let mut initial = vec![0u8; base.len().unwrap() as usize];
+    base.read_exact_at(&mut initial, 0).unwrap();
+    let ops: [(u64, u64, u8); 7] = [
+        (0, 8192, 7),
+        (5000, 300, 8),
+        (65536, 20000, 9),
+        (4096, 8192, 0),
+        (300_000, 100_000, 10),
+        (700_001, 3, 11),
+        (65536, 4096, 0),
+    ];
+    let apply = |dev: &dyn BlockDevice, m: &mut Model, (o, l, b): (u64, u64, u8)| {
+        if b == 0 {
+            dev.write_zeroes(o, l, ZeroFlags { may_unmap: true })?;
+            m.zero(o as usize, l as usize);
+        } else {
+            dev.write_at(&vec![b; l as usize], o)?;
+            m.write(o as usize, &vec![b; l as usize]);
+        }
+        dev.flush()
+    };
+    let count = {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), None));
+        let dev = DRIVER.open(fs.clone(), &key_opts(false, SECRET)).unwrap();
+        let mut m = Model::zeroed(SIZE as usize);
+        for op in ops {
+            apply(dev.as_ref(), &mut m, op).unwrap();
+        }
+        fs.ops()
+    };
+    let dir = tempdir();
+    let path = dir.path().join("crash.qcow2");
+    for cut in 0..count {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
+        let dev = DRIVER.open(fs.clone(), &key_opts(false, SECRET)).unwrap();
+        let mut m = Model::zeroed(SIZE as usize);
+        let mut durable = m.clone();
+        let mut pending = None;
+        for op in ops {
+            pending = Some(op);
+            if apply(dev.as_ref(), &mut m, op).is_err() {
+                break;
+            }
+            durable = m.clone();
+            pending = None;
+        }
+        drop(dev);
+        for mode in [
+            CrashMode::KeepAll,
+            CrashMode::DropUnflushed,
+            CrashMode::Random(cut),
+        ] {
+            let img = fs.crash_image(mode);
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+            let dev = DRIVER.open(s, &key_opts(true, SECRET)).unwrap();
+            let r = dev.check(Default::default()).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}"
+            );
+            let mut got = read_all(dev.as_ref());
+            let mut want = durable.bytes.clone();
+            if let Some((o, l, _)) = pending {
+                let (s, e) = (
+                    (o / 4096 * 4096) as usize,
+                    ((o + l).div_ceil(4096) * 4096) as usize,
+                );
+                got[s..e].fill(0);
+                want[s..e].fill(0);
+            }
+            assert!(got == want, "cut {cut} {mode:?}: flushed data lost");
+            if cut % 7 == 0 {
+                std::fs::write(&path, &img).unwrap();
+                let v = qemu_check(&path);
+                assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "cut {cut}: {v}");
+            }
+        }
+    }
+}
+
+/// Damaged LUKS headers and key material: opens fail cleanly (or succeed), never panic.
+#[test]
+fn hostile_luks_headers_give_clean_errors() {
+    let dir = tempdir();
+    let p = dir.path().join("h.qcow2");
+    qemu_create(
+        &p,
+        "encrypt.format=luks,encrypt.iter-time=1,cluster_size=4k",
+        "1M",
+    );
+    qio(&p, &["write -P 0x3c 0 8k"]);
+    let img = std::fs::read(&p).unwrap();
+    let (off, _) = crypt_layout(&p).1.unwrap();
+    let off = off as usize;
+    // Skip the iteration counts (208+48*i+4 and 164..168): valid large values only cost time.
+    let iter_field = |i: usize| {
+        (164..168).contains(&i) || (i >= 208 && (i - 208) % 48 >= 4 && (i - 208) % 48 < 8)
+    };
+    let mut opened = 0;
+    for i in (0..592).step_by(3).filter(|&i| !iter_field(i)) {
+        let mut v = img.clone();
+        v[off + i] ^= 0x80;
+        let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::MemStorage::from_vec(v));
+        if let Ok(dev) = DRIVER.open(s, &key_opts(true, SECRET)) {
+            opened += 1;
+            let _ = read_all(dev.as_ref());
+        }
+    }
+    assert!(opened > 0);
+    // Header pointing the LUKS area beyond the file, and a missing extension.
+    let mut v = img.clone();
+    let ext_at = v
+        .windows(4)
+        .position(|w| w == [0x05, 0x37, 0xbe, 0x77])
+        .unwrap();
+    v[ext_at + 8..ext_at + 16].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::MemStorage::from_vec(v));
+    assert!(DRIVER.open(s, &key_opts(true, SECRET)).is_err());
+    let mut v = img;
+    v[ext_at..ext_at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::MemStorage::from_vec(v));
+    assert!(DRIVER.open(s, &key_opts(true, SECRET)).is_err());
+}
+
+/// Key-slot management (`qemu-img amend -o encrypt.*`) both ways with qemu.
+#[test]
+fn key_slots_amend_interop() {
+    let dir = tempdir();
+    let p = dir.path().join("k.qcow2");
+    qemu_create(&p, "encrypt.format=luks,encrypt.iter-time=10", "1M");
+    qio(&p, &["write -P 0x4b 0 64k"]);
+    let secrets = Secrets::new()
+        .with("sec0", SECRET)
+        .with("sec1", "second-pass")
+        .with("sec2", "third-pass");
+    let opts_for = |id: &str| {
+        OpenOptions::new()
+            .secrets(secrets.clone())
+            .driver_option("encrypt.key-secret", id)
+    };
+    let open_rw = |id: &str| -> diskimg_blockio::Result<Arc<dyn BlockDevice>> {
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, false).unwrap());
+        DRIVER.open(s, &opts_for(id))
+    };
+    let amend = |id: &str, o: &str| -> diskimg_blockio::Result<()> {
+        let dev = open_rw(id)?;
+        let q = dev
+            .as_any()
+            .downcast_ref::<diskimg_qcow2::Qcow2Device>()
+            .unwrap();
+        let mut o = diskimg_blockio::OptionList::parse(o).unwrap();
+        q.amend_encryption(&mut o, &secrets)?;
+        assert!(o.is_empty());
+        Ok(())
+    };
+    let qemu_opens = |pass: &str| {
+        let io = image_opts(&p);
+        let obj = format!("secret,id=sec0,data={pass}");
+        Command::new("qemu-io")
+            .args([
+                "--object",
+                &obj,
+                "--image-opts",
+                "-c",
+                "read -P 0x4b 0 64k",
+                &io,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    // We add a slot; qemu opens with the new passphrase.
+    amend(
+        "sec0",
+        "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+    )
+    .unwrap();
+    assert!(qemu_opens("second-pass"));
+    assert!(qemu_opens(SECRET));
+    assert_check_clean(&p);
+    // qemu adds one in slot 5; we open with it.
+    let out = Command::new("qemu-img")
+        .args([
+            "amend",
+            "--object",
+            &obj(),
+            "--object",
+            "secret,id=sec2,data=third-pass",
+            "--image-opts",
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=sec2,encrypt.keyslot=5,encrypt.iter-time=10",
+            &image_opts(&p),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        read_all(open_rw("sec2").unwrap().as_ref())[..65536]
+            .iter()
+            .all(|&b| b == 0x4b)
+    );
+    // Errors as qemu's.
+    let e = |id: &str, o: &str| amend(id, o).unwrap_err().to_string();
+    assert_eq!(
+        e(
+            "sec0",
+            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=5"
+        ),
+        "Refusing to overwrite active keyslot 5 - please erase it first"
+    );
+    assert_eq!(
+        e("sec0", "encrypt.state=inactive"),
+        "To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given"
+    );
+    assert_eq!(
+        e("sec0", "encrypt.state=inactive,encrypt.keyslot=3"),
+        "Given keyslot 3 is already erased (inactive) "
+    );
+    assert_eq!(
+        e("sec0", "encrypt.state=inactive,encrypt.keyslot=9"),
+        "Invalid keyslot 9 specified, must be between 0 and 7"
+    );
+    assert_eq!(
+        e(
+            "sec0",
+            "encrypt.state=inactive,encrypt.keyslot=5,encrypt.old-secret=sec0"
+        ),
+        "Given keyslot 5 doesn't contain the given old password for erase operation"
+    );
+    // Erase the original passphrase's slot: qemu no longer opens with it.
+    amend("sec1", "encrypt.state=inactive,encrypt.old-secret=sec0").unwrap();
+    assert!(!qemu_opens(SECRET));
+    assert!(qemu_opens("second-pass"));
+    amend("sec1", "encrypt.state=inactive,encrypt.keyslot=5").unwrap();
+    assert_eq!(
+        e("sec1", "encrypt.state=inactive,encrypt.old-secret=sec1"),
+        "All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation"
+    );
+    assert_eq!(
+        e("sec1", "encrypt.state=inactive,encrypt.keyslot=1"),
+        "Attempt to erase the only active keyslot 1 which will erase all the data in the image irreversibly - refusing operation"
+    );
+    assert!(matches!(open_rw("sec2"), Err(Error::Key(_))));
+    let v = qemu_check_with(&p, "second-pass");
+    assert_eq!(
+        v["corruptions"].as_u64().unwrap_or(0) + v["leaks"].as_u64().unwrap_or(0),
+        0,
+        "{v}"
+    );
+    // qemu's info agrees on the slots.
+    let q = diskimg_testutil::qemu_info_json(&p, "qcow2");
+    let slots = q["format-specific"]["data"]["encrypt"]["slots"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let active: Vec<bool> = slots
+        .iter()
+        .map(|s| s["active"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        active,
+        [false, true, false, false, false, false, false, false]
+    );
+}
+
+mod model {
+    //! proptest: random operations on encrypted images against a `Model`, reopened
+    //! (unlocked again) in between.
+    use super::*;
+    use diskimg_blockio::{CreateRequest, MemStorage, OptionList};
+    use proptest::prelude::*;
+
+    const SIZE: u64 = 256 << 10;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(u64, u64, u8),
+        Zero(u64, u64, bool),
+        Discard(u64, u64),
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let range = (0..SIZE).prop_flat_map(|o| (Just(o), 1..=(SIZE - o).min(40_000)));
+        prop_oneof![
+            4 => (range.clone(), any::<u8>()).prop_map(|((o, l), b)| Op::Write(o, l, b)),
+            1 => (range.clone(), any::<bool>()).prop_map(|((o, l), u)| Op::Zero(o, l, u)),
+            1 => range.prop_map(|(o, l)| Op::Discard(o, l)),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn run(options: &str, ops: &[Op]) {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let secrets = Secrets::new().with("sec0", SECRET);
+        let mut req =
+            CreateRequest::new(SIZE, OptionList::parse(options).unwrap()).secrets(secrets.clone());
+        DRIVER.create(s.clone(), &mut req).unwrap();
+        let open = || DRIVER.open(s.clone(), &key_opts(false, SECRET)).unwrap();
+        let mut dev = open();
+        let mut m = Model::zeroed(SIZE as usize);
+        for op in ops {
+            match *op {
+                Op::Write(o, l, b) => {
+                    let d: Vec<u8> = (0..l).map(|i| b.wrapping_add(i as u8)).collect();
+                    dev.write_at(&d, o).unwrap();
+                    m.write(o as usize, &d);
+                }
+                Op::Zero(o, l, u) => {
+                    dev.write_zeroes(o, l, ZeroFlags { may_unmap: u }).unwrap();
+                    m.zero(o as usize, l as usize);
+                }
+                Op::Discard(o, l) => {
+                    // Discard only zeroes whole clusters; mirror that in the model.
+                    let cs = 4096;
+                    let (s, e) = (o.div_ceil(cs) * cs, (o + l) / cs * cs);
+                    dev.discard(o, l).unwrap();
+                    if e > s {
+                        m.zero(s as usize, (e - s) as usize);
+                    }
+                }
+                Op::Reopen => {
+                    dev.flush().unwrap();
+                    drop(dev);
+                    dev = open();
+                }
+            }
+        }
+        assert!(read_all(dev.as_ref()) == m.bytes);
+        assert_eq!(dev.check(Default::default()).unwrap().corruptions, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+        #[test]
+        fn luks_ops_match_model(ops in proptest::collection::vec(op(), 1..25)) {
+            run("cluster_size=4k,encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv", &ops);
+        }
+
+        #[test]
+        fn legacy_aes_ops_match_model(ops in proptest::collection::vec(op(), 1..25)) {
+            run("cluster_size=4k,encrypt.format=aes,encrypt.key-secret=sec0", &ops);
+        }
+    }
+}
+
+/// LUKS with an external data file: the IV is the offset in the data file.
+#[test]
+fn luks_with_external_data_file() {
+    let dir = tempdir();
+    let p = dir.path().join("d.qcow2");
+    let data_file = dir.path().join("d.data");
+    qemu_create(
+        &p,
+        &format!(
+            "encrypt.format=luks,encrypt.iter-time=10,data_file={}",
+            data_file.display()
+        ),
+        "1M",
+    );
+    qio(&p, &["write -P 0x5e 4096 10000"]);
+    let o = crate::opts(dir.path(), false)
+        .secrets(Secrets::new().with("sec0", SECRET))
+        .driver_option("encrypt.key-secret", "sec0");
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, false).unwrap());
+    let dev = DRIVER.open(s, &o).unwrap();
+    assert!(read_all(dev.as_ref()) == qemu_raw(&p));
+    dev.write_at(&pattern(4, 5000), 100_000).unwrap();
+    let ours = read_all(dev.as_ref());
+    drop(dev);
+    assert!(qemu_raw(&p) == ours);
+    assert_check_clean(&p);
+    let data = std::fs::read(&data_file).unwrap();
+    assert!(!data.windows(64).any(|w| w == &pattern(4, 5000)[100..164]));
+}
