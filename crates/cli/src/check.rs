@@ -1,12 +1,11 @@
 //! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] FILE`: exit 0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks only, 63 when the format has no check.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use diskimg::blockio::{CheckReport, RepairMode};
-use diskimg::{ImageOptions, OpenPolicy};
 use serde_json::{Map, Value, json};
 
-use crate::common::{opt_format, out, parse_output};
+use crate::common::{open_resolved, opt_format, out, parse_output};
 use crate::json::pretty;
 
 /// Arguments of `check`.
@@ -43,12 +42,16 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let format = opt_format(a.format.as_deref(), &a.file)?;
     // qemu opens for a check with BDRV_O_CHECK: a dirty or corrupt-flagged qcow2 image
     // is left for the check to repair instead of being repaired or refused at open.
-    let mut opts = ImageOptions::read_only(repair == RepairMode::None)
-        .with_policy(OpenPolicy::qemu_compatible())
-        .with_backing(false);
+    let (path, format, mut opts) = crate::secrets::resolve(&a.file, format)?;
     opts.driver_options.set("check", "on");
-    let img = diskimg::open(&a.file, format, &opts)
-        .with_context(|| format!("Could not open '{}'", a.file))?;
+    let img = open_resolved(
+        &a.file,
+        &path,
+        format,
+        opts,
+        repair == RepairMode::None,
+        false,
+    )?;
     let fmt = img.format.name();
     let first = match img.device.check(repair) {
         Ok(r) => r,

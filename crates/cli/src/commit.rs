@@ -4,8 +4,8 @@
 //! trait; emptying needs the format's own support (qcow2).
 
 use anyhow::{Context, Result, anyhow, bail};
+use diskimg::OpenPolicy;
 use diskimg::blockio::{Preallocation, ZeroFlags};
-use diskimg::{ImageOptions, OpenPolicy};
 
 use crate::common::{Progress, opt_format, out};
 
@@ -40,9 +40,12 @@ pub(crate) struct Args {
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = (&a.cache, &a.rate);
     let format = opt_format(a.format.as_deref(), &a.file)?;
-    let mut opts = ImageOptions::read_only(false).with_policy(OpenPolicy::qemu_compatible());
+    // Secrets and --image-opts apply as on every verb.
+    let (path, format, opts) = crate::secrets::resolve(&a.file, format)?;
+    let mut opts = opts.with_policy(OpenPolicy::qemu_compatible());
+    opts.read_only = false;
     opts.backing_writable = true;
-    let img = diskimg::open(&a.file, format, &opts)
+    let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
     let chain = img.chain();
     if chain.len() < 2 {

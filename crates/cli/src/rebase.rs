@@ -49,10 +49,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if let Some(f) = &a.backing_format {
         parse_format(f)?;
     }
-    let opts = ImageOptions::read_only(false)
+    // Secrets and --image-opts apply as on every verb.
+    let (path, format, opts) = crate::secrets::resolve(&a.file, format)?;
+    let mut opts = opts
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(!a.unsafe_);
-    let img = diskimg::open(&a.file, format, &opts)
+    opts.read_only = false;
+    let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
     let change_err =
         |why: String| anyhow!("Could not change the backing file to '{backing}': {why}");
