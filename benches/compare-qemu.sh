@@ -9,6 +9,10 @@
 #   DISKIMG=path               use this binary instead of building target/release/diskimg
 #   CASES="raw-qcow2 ..."      subset of cases (names as printed)
 #
+# Cases: raw→raw, raw→qcow2, qcow2→raw, raw→vdi/vhdx/vpc, a 1 TiB sparse raw (256 MiB of
+# data) → qcow2, and compressed raw→qcow2 / streamOptimized vmdk against
+# `qemu-img convert -c -m 8 -W` (diskimg gets the same flags).
+#
 # The input (a raw ext4 image, and a qcow2 copy made by qemu-img) is cached under
 # target/bench-input/. Every timed command is followed by `sync FILE` of its output, so
 # all tools pay for writing their data back (diskimg fsyncs at the end of a convert;
@@ -33,6 +37,16 @@ qinput=$cache/ext4-$size.qcow2
 if [ ! -f "$qinput" ]; then
     qemu-img convert -f raw -O qcow2 "$input" "$qinput.tmp"
     mv "$qinput.tmp" "$qinput"
+fi
+# A 1 TiB sparse raw image with 64 MiB of the input at four places.
+sparse=$cache/sparse-1T.raw
+if [ ! -f "$sparse" ]; then
+    truncate -s 1T "$sparse.tmp"
+    for g in 0 300 700 1000; do
+        dd if="$input" of="$sparse.tmp" bs=1M skip=130 count=64 seek=$((g * 1024)) \
+            conv=notrunc status=none
+    done
+    mv "$sparse.tmp" "$sparse"
 fi
 bin=${DISKIMG:-}
 if [ -z "$bin" ]; then
@@ -117,6 +131,7 @@ bench_case qcow2-raw qcow2 "$qinput" raw "-O raw" "-O raw"
 bench_case raw-vdi raw "$input" vdi "-O vdi" "-O vdi" cp
 bench_case raw-vhdx raw "$input" vhdx "-O vhdx" "-O vhdx" cp
 bench_case raw-vpc raw "$input" vhd "-O vpc" "-O vpc" cp
+bench_case sparse1T-qcow2 raw "$sparse" qcow2 "-O qcow2" "-O qcow2" cp
 bench_case raw-qcow2-c raw "$input" qcow2 "-O qcow2 -c -m 8 -W" "-O qcow2 -c -m 8 -W"
 bench_case raw-vmdk-stream-c raw "$input" vmdk \
     "-O vmdk -o subformat=streamOptimized -c -m 8 -W" \

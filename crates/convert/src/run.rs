@@ -1,19 +1,25 @@
 //! Driving the chunks: sequentially, or with worker threads writing in order or
 //! out of order.
+//!
+//! Chunks are claimed from a shared cursor. A chunk is normally
+//! [`Ctx::chunk`](crate::plan::Ctx) bytes, but when the source reads as zeroes for
+//! longer than that (a hole, unallocated clusters) and nothing needs a buffer for it (no
+//! `-S 0`, no `-B` comparison), the whole zero range is claimed at once: a sparse
+//! terabyte costs a few block-status calls, not one per 2 MiB.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, mpsc};
 
-use diskimg_blockio::{BlockDevice, Error, Result};
+use diskimg_blockio::{BlockDevice, Error, Result, block_status};
 
 use crate::ConvertStats;
 use crate::plan::{Ctx, Op, apply};
 
 enum Msg {
-    /// A planned chunk for the ordered writer.
-    Planned(u64, Vec<Op>),
-    /// A chunk a worker already wrote.
+    /// A planned chunk (index, length) for the ordered writer.
+    Planned(u64, u64, Vec<Op>),
+    /// A chunk of this length a worker already wrote.
     Written(u64, ConvertStats),
     Failed(Error),
 }
@@ -46,9 +52,36 @@ impl Gate {
     }
 }
 
-fn chunk_range(ctx: &Ctx<'_>, idx: u64, total: u64) -> (u64, u64) {
-    let off = idx.saturating_mul(ctx.chunk);
-    (off, ctx.chunk.min(total.saturating_sub(off)))
+/// The next chunk to claim: (index, guest offset).
+struct Cursor {
+    idx: u64,
+    pos: u64,
+}
+
+/// Claims the next chunk: `(index, offset, length)`, or `None` at the end.
+fn claim(ctx: &Ctx<'_>, cur: &Mutex<Cursor>, total: u64) -> Result<Option<(u64, u64, u64)>> {
+    let mut c = cur.lock().unwrap_or_else(|p| p.into_inner());
+    if c.pos >= total {
+        return Ok(None);
+    }
+    let pos = c.pos;
+    let mut len = ctx.chunk.min(total - pos);
+    if ctx.opts.sparse_size > 0 && ctx.opts.backing.is_none() {
+        let st = block_status(ctx.src, pos, total - pos)?;
+        // Keep chunk starts on compression units (`pos` is one already).
+        let zero_len = match ctx.unit {
+            0 => st.length,
+            _ if st.length == total - pos => st.length,
+            u => st.length / u * u,
+        };
+        if st.zero && zero_len > len {
+            len = zero_len;
+        }
+    }
+    let idx = c.idx;
+    c.idx += 1;
+    c.pos = pos + len;
+    Ok(Some((idx, pos, len)))
 }
 
 pub(crate) fn run(
@@ -57,14 +90,13 @@ pub(crate) fn run(
     total: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let nchunks = total.div_ceil(ctx.chunk);
+    let cursor = Mutex::new(Cursor { idx: 0, pos: 0 });
     let mut stats = ConvertStats::default();
     let mut done = 0u64;
     let single = AtomicBool::new(false);
     progress(0, total);
     if ctx.opts.workers <= 1 {
-        for idx in 0..nchunks {
-            let (off, len) = chunk_range(ctx, idx, total);
+        while let Some((_, off, len)) = claim(ctx, &cursor, total)? {
             let ops = ctx.plan(off, len)?;
             stats.add(&apply(dst, ops, ctx.unit, &single, ctx.pool)?);
             done += len;
@@ -73,10 +105,9 @@ pub(crate) fn run(
         return Ok(stats);
     }
 
-    let next = AtomicU64::new(0);
-    // Ordered mode: chunks written so far; workers stay within `window` chunks of it so
-    // a slow chunk cannot make the reorder buffer grow: at most `workers` chunks are
-    // read ahead of the writer (memory: workers x chunk size, 16 MiB with -m 8).
+    // Ordered mode: workers stay within `window` chunks of the writer so a slow chunk
+    // cannot make the reorder buffer grow: at most `workers` chunks are read ahead of
+    // the writer (memory: workers x chunk size, 16 MiB with -m 8).
     let gate = Gate {
         written: Mutex::new(0),
         cv: Condvar::new(),
@@ -89,17 +120,20 @@ pub(crate) fn run(
         let (tx, rx) = mpsc::sync_channel::<Msg>(workers * 2);
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, abort, gate, single) = (&next, &abort, &gate, &single);
+            let (cursor, abort, gate, single) = (&cursor, &abort, &gate, &single);
             scope.spawn(move || {
                 while !abort.load(Ordering::Relaxed) {
-                    let idx = next.fetch_add(1, Ordering::Relaxed);
-                    if idx >= nchunks {
-                        break;
-                    }
+                    let (idx, off, len) = match claim(ctx, cursor, total) {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(Msg::Failed(e));
+                            break;
+                        }
+                    };
                     if !out_of_order {
                         gate.wait_below(idx, window, abort);
                     }
-                    let (off, len) = chunk_range(ctx, idx, total);
                     let msg = match ctx.plan(off, len) {
                         Ok(ops) if out_of_order => {
                             match apply(dst, ops, ctx.unit, single, ctx.pool) {
@@ -107,7 +141,7 @@ pub(crate) fn run(
                                 Err(e) => Msg::Failed(e),
                             }
                         }
-                        Ok(ops) => Msg::Planned(idx, ops),
+                        Ok(ops) => Msg::Planned(idx, len, ops),
                         Err(e) => Msg::Failed(e),
                     };
                     if tx.send(msg).is_err() {
@@ -117,7 +151,7 @@ pub(crate) fn run(
             });
         }
         drop(tx);
-        let mut pending: BTreeMap<u64, Vec<Op>> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, (u64, Vec<Op>)> = BTreeMap::new();
         let mut next_write = 0u64;
         let mut first_err = None;
         for msg in rx {
@@ -134,10 +168,9 @@ pub(crate) fn run(
                     done += len;
                     progress(done, total);
                 }
-                Msg::Planned(idx, ops) => {
-                    pending.insert(idx, ops);
-                    while let Some(ops) = pending.remove(&next_write) {
-                        let (_, len) = chunk_range(ctx, next_write, total);
+                Msg::Planned(idx, len, ops) => {
+                    pending.insert(idx, (len, ops));
+                    while let Some((len, ops)) = pending.remove(&next_write) {
                         match apply(dst, ops, ctx.unit, &single, ctx.pool) {
                             Ok(st) => stats.add(&st),
                             Err(e) => {

@@ -6,5 +6,6 @@
 )]
 //! Integration tests of diskimg-convert on in-memory raw devices.
 
+mod huge;
 mod model;
 mod modes;
