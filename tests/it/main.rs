@@ -6,6 +6,7 @@
 )]
 //! Facade tests: probing, open policy, create options.
 
+mod corpus;
 mod create;
 mod formats;
 mod probe;
