@@ -1,7 +1,7 @@
 //! Creating images: dynamic, fixed and differencing, with qemu's options and defaults.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, Result, Storage};
+use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, FilePurpose, Result, Storage};
 
 use crate::bat::{Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_ZERO, make_entry};
 use crate::format::{BAT_GUID, Guid, METADATA_GUID, MIB};
@@ -70,6 +70,9 @@ struct Params {
     fixed: bool,
     block_state_zero: bool,
     parent: Option<String>,
+    /// The parent's `DataWriteGuid` (MS-VHDX 2.6.2.6 `parent_linkage`), zero when the
+    /// parent could not be read at create time.
+    linkage: Guid,
 }
 
 fn parse(request: &mut CreateRequest) -> Result<Params> {
@@ -118,10 +121,11 @@ fn parse(request: &mut CreateRequest) -> Result<Params> {
         fixed,
         block_state_zero,
         parent,
+        linkage: Guid::ZERO,
     })
 }
 
-fn parent_locator(name: &str) -> ParentLocator {
+fn parent_locator(name: &str, linkage: Guid) -> ParentLocator {
     let win = name.replace('/', "\\");
     let key = if name.starts_with('/') {
         "absolute_win32_path"
@@ -130,7 +134,7 @@ fn parent_locator(name: &str) -> ParentLocator {
     };
     ParentLocator {
         entries: vec![
-            ("parent_linkage".to_string(), Guid::ZERO.to_braced_string()),
+            ("parent_linkage".to_string(), linkage.to_braced_string()),
             (key.to_string(), win),
         ],
     }
@@ -138,7 +142,15 @@ fn parent_locator(name: &str) -> ParentLocator {
 
 /// Writes a new image to `storage`.
 pub(crate) fn create(storage: &dyn Storage, request: &mut CreateRequest) -> Result<()> {
-    let p = parse(request)?;
+    let mut p = parse(request)?;
+    // Link to the parent's current DataWriteGuid, as Hyper-V checks, when the open policy
+    // lets us read the parent now (otherwise the zero GUID, which Hyper-V refuses).
+    if let Some(name) = &p.parent
+        && let Ok(parent) = request.files.open(name, FilePurpose::Backing, false)
+        && let Ok((h, _)) = crate::header::read_current_header(parent.as_ref())
+    {
+        p.linkage = h.data_write_guid;
+    }
     write_image(storage, &p, 512)
 }
 
@@ -153,7 +165,7 @@ fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result
         logical_sector,
         physical_sector: logical_sector,
         disk_id: Guid::random(),
-        parent: p.parent.as_deref().map(parent_locator),
+        parent: p.parent.as_deref().map(|n| parent_locator(n, p.linkage)),
     };
     let geo = Geometry::new(&meta)?;
     let log_offset = MIB;
@@ -255,6 +267,7 @@ mod tests {
             fixed: false,
             block_state_zero: true,
             parent: None,
+            linkage: Guid::ZERO,
         };
         write_image(parent_s.as_ref(), &p, 4096).unwrap();
         let parent = crate::DRIVER.open(parent_s, &OpenOptions::new()).unwrap();
@@ -294,5 +307,47 @@ mod tests {
         let dev = child.as_any().downcast_ref::<crate::VhdxDevice>().unwrap();
         assert_eq!(dev.sector_sizes(), (4096, 4096));
         assert_eq!(dev.subformat(), "differencing");
+    }
+
+    #[derive(Debug)]
+    struct OneFile(Arc<MemStorage>);
+
+    impl diskimg_blockio::HostFiles for OneFile {
+        fn open(
+            &self,
+            name: &str,
+            purpose: FilePurpose,
+            _writable: bool,
+        ) -> Result<Arc<dyn Storage>> {
+            assert_eq!((name, purpose), ("base.vhdx", FilePurpose::Backing));
+            Ok(self.0.clone())
+        }
+        fn create(&self, _name: &str, _purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
+            Err(Error::invalid("no"))
+        }
+    }
+
+    #[test]
+    fn differencing_images_link_to_the_parents_data_write_guid() {
+        let parent_s = Arc::new(MemStorage::new());
+        let mut req = CreateRequest::new(4 << 20, diskimg_blockio::OptionList::new());
+        create(parent_s.as_ref(), &mut req).unwrap();
+        let (ph, _) = crate::header::read_current_header(parent_s.as_ref()).unwrap();
+        let child_s = MemStorage::new();
+        let opts = diskimg_blockio::OptionList::parse("backing_file=base.vhdx").unwrap();
+        let mut req = CreateRequest::new(4 << 20, opts).files(Arc::new(OneFile(parent_s)));
+        create(&child_s, &mut req).unwrap();
+        let want: Vec<u8> = ph
+            .data_write_guid
+            .to_braced_string()
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let bytes = child_s.to_vec();
+        assert!(ph.data_write_guid != Guid::ZERO);
+        assert!(
+            bytes.windows(want.len()).any(|w| w == want),
+            "linkage GUID not recorded"
+        );
     }
 }
