@@ -227,7 +227,7 @@ fn source_snapshots_convert_like_qemu() {
 }
 
 #[test]
-fn large_sparse_image_converts_quickly() {
+fn large_sparse_image_converts_sparsely() {
     let dir = tempdir();
     let src = dir.path().join("big.raw");
     diskimg_ok(&["create", "-q", "-f", "raw", s(&src), "100G"]);
@@ -243,9 +243,12 @@ fn large_sparse_image_converts_quickly() {
     ]);
     let ours = dir.path().join("ours.raw");
     let theirs = dir.path().join("theirs.raw");
-    let start = std::time::Instant::now();
     diskimg_ok(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&ours)]);
-    assert!(start.elapsed().as_secs() < 30, "{:?}", start.elapsed());
+    // Sparse all the way: only the two written ranges are allocated (no timing assertion;
+    // speed is measured in benches/).
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&ours).unwrap().blocks() * 512;
+    assert!(allocated <= 4 << 20, "{allocated} bytes allocated");
     qemu_img_ok(&["convert", "-f", "raw", "-O", "raw", s(&src), s(&theirs)]);
     assert_eq!(qemu_map_json(&ours, "raw"), qemu_map_json(&theirs, "raw"));
     let o = diskimg(&["compare", "-f", "raw", "-F", "raw", s(&ours), s(&theirs)]);
