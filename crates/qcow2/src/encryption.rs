@@ -212,6 +212,11 @@ impl Encryption {
     ) -> Result<()> {
         let cipher = self.cipher()?;
         let lead = host % SECTOR;
+        if lead == 0 && (dst.len() as u64).is_multiple_of(SECTOR) {
+            // Whole sectors: decrypt in place, no bounce buffer.
+            read_host(s, dst, host)?;
+            return cipher.decrypt(dst, self.sector(host, guest));
+        }
         let start = host - lead;
         let span = (lead + dst.len() as u64).div_ceil(SECTOR) * SECTOR;
         let mut buf = vec![0u8; idx(span)?];
