@@ -100,6 +100,28 @@ struct Parsed {
     len: u64,
 }
 
+/// A request length as a buffer size, refusing requests over 1 GiB.
+fn buffer_len(len: u64) -> Result<usize> {
+    let n = usize::try_from(len).map_err(|_| anyhow!("length too large"))?;
+    if n > 1 << 30 {
+        bail!("length {n} too large for one request");
+    }
+    Ok(n)
+}
+
+/// qemu-io's completion line (`read|wrote|discard N/N bytes at offset O`) and statistics,
+/// unless `-q`.
+fn report(s: &mut String, verb: &str, p: &Parsed, start: Instant) {
+    if !p.quiet {
+        s.push_str(&format!(
+            "{verb} {0}/{0} bytes at offset {1}\n{2}",
+            p.len,
+            p.off,
+            stats(p.len, start)
+        ));
+    }
+}
+
 fn parse_args(words: &[&str]) -> Result<Parsed> {
     let mut p = Parsed {
         pattern: None,
@@ -151,11 +173,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
         }
         "read" | "r" => {
             let p = parse_args(rest)?;
-            let n = usize::try_from(p.len).map_err(|_| anyhow!("length too large"))?;
-            if n > 1 << 30 {
-                bail!("length {n} too large for one request");
-            }
-            let mut buf = vec![0u8; n];
+            let mut buf = vec![0u8; buffer_len(p.len)?];
             let start = Instant::now();
             if let Err(e) = dev.read_at(&mut buf, p.off) {
                 s.push_str(&format!("read failed: {e}\n"));
@@ -174,14 +192,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
             if p.verbose {
                 s.push_str(&dump(&buf, p.off));
             }
-            if !p.quiet {
-                s.push_str(&format!(
-                    "read {0}/{0} bytes at offset {1}\n{2}",
-                    p.len,
-                    p.off,
-                    stats(p.len, start)
-                ));
-            }
+            report(s, "read", &p, start);
             Ok(ok)
         }
         "write" | "w" => {
@@ -190,11 +201,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
             let res = if p.zero {
                 dev.write_zeroes(p.off, p.len, ZeroFlags::default())
             } else {
-                let n = usize::try_from(p.len).map_err(|_| anyhow!("length too large"))?;
-                if n > 1 << 30 {
-                    bail!("length {n} too large for one request");
-                }
-                let buf = vec![p.pattern.unwrap_or(0xcd); n];
+                let buf = vec![p.pattern.unwrap_or(0xcd); buffer_len(p.len)?];
                 if p.compressed {
                     dev.write_compressed(&buf, p.off)
                 } else {
@@ -205,14 +212,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
                 s.push_str(&format!("write failed: {e}\n"));
                 return Ok(false);
             }
-            if !p.quiet {
-                s.push_str(&format!(
-                    "wrote {0}/{0} bytes at offset {1}\n{2}",
-                    p.len,
-                    p.off,
-                    stats(p.len, start)
-                ));
-            }
+            report(s, "wrote", &p, start);
             Ok(true)
         }
         "discard" | "d" => {
@@ -222,14 +222,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
                 s.push_str(&format!("discard failed: {e}\n"));
                 return Ok(false);
             }
-            if !p.quiet {
-                s.push_str(&format!(
-                    "discard {0}/{0} bytes at offset {1}\n{2}",
-                    p.len,
-                    p.off,
-                    stats(p.len, start)
-                ));
-            }
+            report(s, "discard", &p, start);
             Ok(true)
         }
         other => {
