@@ -780,24 +780,12 @@ mod model {
     use diskimg_blockio::{CreateRequest, MemStorage, OptionList};
     use proptest::prelude::*;
 
+    use crate::model::{Op, apply, op_in};
+
     const SIZE: u64 = 256 << 10;
 
-    #[derive(Clone, Debug)]
-    enum Op {
-        Write(u64, u64, u8),
-        Zero(u64, u64, bool),
-        Discard(u64, u64),
-        Reopen,
-    }
-
     fn op() -> impl Strategy<Value = Op> {
-        let range = (0..SIZE).prop_flat_map(|o| (Just(o), 1..=(SIZE - o).min(40_000)));
-        prop_oneof![
-            4 => (range.clone(), any::<u8>()).prop_map(|((o, l), b)| Op::Write(o, l, b)),
-            1 => (range.clone(), any::<bool>()).prop_map(|((o, l), u)| Op::Zero(o, l, u)),
-            1 => range.prop_map(|(o, l)| Op::Discard(o, l)),
-            1 => Just(Op::Reopen),
-        ]
+        op_in(SIZE, 40_000)
     }
 
     fn run(options: &str, ops: &[Op]) {
@@ -807,36 +795,7 @@ mod model {
             CreateRequest::new(SIZE, OptionList::parse(options).unwrap()).secrets(secrets.clone());
         DRIVER.create(s.clone(), &mut req).unwrap();
         let open = || DRIVER.open(s.clone(), &key_opts(false, SECRET)).unwrap();
-        let mut dev = open();
-        let mut m = Model::zeroed(SIZE as usize);
-        for op in ops {
-            match *op {
-                Op::Write(o, l, b) => {
-                    let d: Vec<u8> = (0..l).map(|i| b.wrapping_add(i as u8)).collect();
-                    dev.write_at(&d, o).unwrap();
-                    m.write(o as usize, &d);
-                }
-                Op::Zero(o, l, u) => {
-                    dev.write_zeroes(o, l, ZeroFlags { may_unmap: u }).unwrap();
-                    m.zero(o as usize, l as usize);
-                }
-                Op::Discard(o, l) => {
-                    // Discard only zeroes whole clusters; mirror that in the model.
-                    let cs = 4096;
-                    let (s, e) = (o.div_ceil(cs) * cs, (o + l) / cs * cs);
-                    dev.discard(o, l).unwrap();
-                    if e > s {
-                        m.zero(s as usize, (e - s) as usize);
-                    }
-                }
-                Op::Reopen => {
-                    dev.flush().unwrap();
-                    drop(dev);
-                    dev = open();
-                }
-            }
-        }
-        assert!(read_all(dev.as_ref()) == m.bytes);
+        let dev = apply(ops, SIZE, &open);
         assert_eq!(dev.check(Default::default()).unwrap().corruptions, 0);
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    CreateRequest, Driver, MemStorage, OpenOptions, OptionList, Storage, ZeroFlags,
+    BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions, OptionList, Storage, ZeroFlags,
 };
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{Model, read_all};
@@ -11,8 +11,9 @@ use proptest::prelude::*;
 
 const SIZE: u64 = 512 << 10;
 
+/// One operation of a random sequence.
 #[derive(Clone, Debug)]
-enum Op {
+pub(crate) enum Op {
     Write(u64, u64, u8),
     Zero(u64, u64, bool),
     Discard(u64, u64),
@@ -20,7 +21,12 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let range = (0..SIZE).prop_flat_map(|o| (Just(o), 1..=(SIZE - o).min(70_000)));
+    op_in(SIZE, 70_000)
+}
+
+/// Operations on a disk of `size` bytes, each at most `max_len` bytes long.
+pub(crate) fn op_in(size: u64, max_len: u64) -> impl Strategy<Value = Op> {
+    let range = (0..size).prop_flat_map(move |o| (Just(o), 1..=(size - o).min(max_len)));
     prop_oneof![
         4 => (range.clone(), any::<u8>()).prop_map(|((o, l), b)| Op::Write(o, l, b)),
         1 => (range.clone(), any::<bool>()).prop_map(|((o, l), u)| Op::Zero(o, l, u)),
@@ -38,13 +44,27 @@ fn run_with(options: &str, ops: &[Op], oo: OpenOptions) {
     let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let mut req = CreateRequest::new(SIZE, OptionList::parse(options).unwrap());
     DRIVER.create(s.clone(), &mut req).unwrap();
-    let mut dev = DRIVER.open(s.clone(), &oo).unwrap();
-    let mut m = Model::zeroed(SIZE as usize);
+    let dev = apply(ops, SIZE, &|| DRIVER.open(s.clone(), &oo).unwrap());
+    let r = dev.check(Default::default()).unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+}
+
+/// Applies `ops` to a device from `open` (reopened on [`Op::Reopen`]) and to a [`Model`]
+/// of a `size`-byte disk, asserts they read the same, and returns the last device.
+pub(crate) fn apply(
+    ops: &[Op],
+    size: u64,
+    open: &dyn Fn() -> Arc<dyn BlockDevice>,
+) -> Arc<dyn BlockDevice> {
+    let mut dev = open();
+    let mut m = Model::zeroed(size as usize);
     for op in ops {
         match *op {
             Op::Write(o, l, b) => {
-                dev.write_at(&vec![b; l as usize], o).unwrap();
-                m.write(o as usize, &vec![b; l as usize]);
+                // Varying bytes, so that data landing in the wrong sector shows.
+                let d: Vec<u8> = (0..l).map(|i| b.wrapping_add(i as u8)).collect();
+                dev.write_at(&d, o).unwrap();
+                m.write(o as usize, &d);
             }
             Op::Zero(o, l, u) => {
                 dev.write_zeroes(o, l, ZeroFlags { may_unmap: u }).unwrap();
@@ -56,8 +76,8 @@ fn run_with(options: &str, ops: &[Op], oo: OpenOptions) {
                 dev.discard(o, l).unwrap();
                 let cs = dev.info().cluster_size.unwrap();
                 let start = o.div_ceil(cs) * cs;
-                let end = if o + l == SIZE {
-                    SIZE
+                let end = if o + l == size {
+                    size
                 } else {
                     (o + l) / cs * cs
                 };
@@ -68,7 +88,7 @@ fn run_with(options: &str, ops: &[Op], oo: OpenOptions) {
             Op::Reopen => {
                 dev.flush().unwrap();
                 drop(dev);
-                dev = DRIVER.open(s.clone(), &oo).unwrap();
+                dev = open();
             }
         }
     }
@@ -76,8 +96,7 @@ fn run_with(options: &str, ops: &[Op], oo: OpenOptions) {
         read_all(dev.as_ref()) == m.bytes,
         "content differs from the model"
     );
-    let r = dev.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+    dev
 }
 
 proptest! {
