@@ -67,11 +67,7 @@ pub fn snapshot_device(image: &Image, sel: &SnapshotSelector) -> Result<Arc<dyn 
         )));
     };
     #[cfg(feature = "qcow2")]
-    if let Some(q) = image
-        .device
-        .as_any()
-        .downcast_ref::<diskimg_qcow2::Qcow2Device>()
-    {
+    if let Some(q) = crate::maint::as_qcow2(image.device.as_ref()) {
         return q.open_snapshot(&found.id);
     }
     let _ = found;

@@ -217,40 +217,6 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     Ok(0)
 }
 
-/// One persistent bitmap as `info` lists it: name, granularity, flags.
-fn bitmap_list(img: &Image) -> Vec<(String, u64, Vec<String>)> {
-    use diskimg::blockio::InfoValue;
-    let Some((_, data)) = img.device.info().format_specific else {
-        return Vec::new();
-    };
-    let Some((_, InfoValue::List(list))) = data.into_iter().find(|(k, _)| k == "bitmaps") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for b in list {
-        let InfoValue::Map(fields) = b else { continue };
-        let (mut name, mut gran, mut flags) = (String::new(), 0u64, Vec::new());
-        for (k, v) in fields {
-            match (k.as_str(), v) {
-                ("name", InfoValue::Str(n)) => name = n,
-                ("granularity", InfoValue::Int(g)) => gran = u64::try_from(g).unwrap_or(0),
-                ("flags", InfoValue::List(f)) => {
-                    flags = f
-                        .into_iter()
-                        .filter_map(|x| match x {
-                            InfoValue::Str(s) => Some(s),
-                            _ => None,
-                        })
-                        .collect();
-                }
-                _ => {}
-            }
-        }
-        out.push((name, gran, flags));
-    }
-    out
-}
-
 /// `convert --bitmaps`: recreate every persistent bitmap of the (single, qcow2) source in
 /// the (qcow2) target with the same granularity, state and bits.
 fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bool) -> Result<()> {
@@ -261,8 +227,12 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
     if src.format != Format::Qcow2 || out_fmt != Format::Qcow2 {
         bail!("Source and target must both be qcow2 to copy bitmaps");
     }
-    for (name, _, flags) in bitmap_list(src) {
-        if flags.iter().any(|f| f == "in-use") {
+    let bitmaps = diskimg::maint::as_qcow2(src.device.as_ref())
+        .map(|q| q.bitmaps())
+        .unwrap_or_default();
+    for b in bitmaps {
+        let name = b.name;
+        if b.in_use {
             if skip_broken {
                 eprintln!("diskimg: warning: Skipping inconsistent bitmap '{name}'");
                 continue;
@@ -279,7 +249,7 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
         let ops = [
             BitmapOp::Add {
                 granularity: Some(granularity),
-                enabled: flags.iter().any(|f| f == "auto"),
+                enabled: b.auto,
             },
             BitmapOp::MergeBits { granularity, bits },
         ];

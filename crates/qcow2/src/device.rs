@@ -19,6 +19,19 @@ use crate::meta::{Meta, read_host};
 use crate::snapshot::read_snapshots;
 use crate::table::{L2Cache, Sub};
 
+/// One persistent dirty bitmap (qcow2 spec "Bitmap directory").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Bitmap name.
+    pub name: String,
+    /// Guest bytes per bit.
+    pub granularity: u64,
+    /// Flag `in-use`: the bitmap may be inconsistent (not saved after a write).
+    pub in_use: bool,
+    /// Flag `auto`: the bitmap tracks writes (enabled).
+    pub auto: bool,
+}
+
 /// An open qcow2 image (or a read-only view of one of its internal snapshots).
 ///
 /// All I/O takes `&self`; metadata sits behind one mutex, guest data reads happen
@@ -201,6 +214,20 @@ impl Qcow2Device {
             .snapshots
             .iter()
             .map(|s| s.info.clone())
+            .collect()
+    }
+
+    /// The persistent dirty bitmaps the image holds (qcow2 spec "Bitmaps extension"),
+    /// as `qemu-img info` lists them.
+    pub fn bitmaps(&self) -> Vec<BitmapInfo> {
+        self.bitmaps
+            .iter()
+            .map(|b| BitmapInfo {
+                name: b.name.clone(),
+                granularity: b.granularity,
+                in_use: b.in_use,
+                auto: b.auto,
+            })
             .collect()
     }
 

@@ -111,7 +111,7 @@ mod table;
 mod write;
 
 pub use bitmap::{BitmapOp, edit_bitmaps, read_bitmap};
-pub use device::Qcow2Device;
+pub use device::{BitmapInfo, Qcow2Device};
 pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
 pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 
