@@ -280,12 +280,17 @@ impl Meta {
     pub(crate) fn alloc_run(&mut self, n: u64) -> Result<u64> {
         let cs = self.cs();
         let mut c = self.free_hint.max(1);
+        // The first free cluster passed over (a gap shorter than `n`): the new hint.
+        let mut first_gap = None;
         'outer: loop {
             if (c + n) * cs > crate::header::MAX_HOST_OFFSET {
                 return Err(Error::invalid("qcow2: image file too large"));
             }
             for k in 0..n {
                 if self.refcount(c + k)? != 0 {
+                    if k > 0 && first_gap.is_none() {
+                        first_gap = Some(c);
+                    }
                     c += k + 1;
                     continue 'outer;
                 }
@@ -296,9 +301,11 @@ impl Meta {
         let r = self.set_refcount_run(c, n, 1);
         self.alloc_floor = 0;
         r?;
-        if self.free_hint >= c {
-            self.free_hint = c + n;
-        }
+        // Every cluster below the old hint was in use, and so is every one scanned
+        // before `first_gap` (or before `c + n` when the scan found no gap): without
+        // this, each allocation rescanned every cluster allocated since the image was
+        // opened (quadratic in the number of allocations).
+        self.free_hint = first_gap.unwrap_or(c + n);
         Ok(c * cs)
     }
 
