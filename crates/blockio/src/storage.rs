@@ -118,6 +118,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// A hint that the `len` bytes just written at `offset` will not be read again
+    /// soon: the storage may start writing them back to the device now (write-behind,
+    /// so that a later [`Storage::flush`] has less left to wait for) and drop them
+    /// from its cache once they are clean. It makes nothing durable and reports no
+    /// error; the default does nothing.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 /// Zero-fills a range with ordinary writes of at most 1 MiB.
@@ -345,6 +351,15 @@ impl Storage for FileStorage {
             .map_err(|e| Error::io("could not stat file", e))?;
         Ok(Some(md.blocks().saturating_mul(512)))
     }
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)`: Linux submits the range's dirty pages for
+    /// writeback without waiting and drops the pages already clean (only whole pages
+    /// inside the range).
+    fn start_writeback(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let advice = rustix::fs::Advice::DontNeed;
+            let _ = rustix::fs::fadvise(&self.file, offset, Some(len), advice);
+        }
+    }
 }
 
 /// A growable in-memory storage, for tests, examples and in-process pipelines.
@@ -563,6 +578,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         (**self).allocated_bytes()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len)
     }
 }
 
