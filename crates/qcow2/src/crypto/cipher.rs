@@ -4,13 +4,14 @@
 //! (xts, cbc, ecb) and `ivgen-alg` (plain, plain64, essiv with `ivgen-hash-alg`). A
 //! [`SectorCipher`] encrypts and decrypts whole 512-byte sectors numbered by the caller.
 
+use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes128, Aes192, Aes256};
 use diskimg_blockio::{Error, Result};
-use xts_mode::Xts128;
 
 use super::hash::HashAlg;
+use super::xts::Xts;
 
 /// The sector size the qcow2 crypto layers use.
 pub const SECTOR: usize = 512;
@@ -43,6 +44,25 @@ impl Aes {
         }
     }
 
+    /// Decrypts independent blocks (the AES implementation pipelines them).
+    fn decrypt_blocks(&self, blocks: &mut [GenericArray<u8, U16>]) {
+        match self {
+            Aes::A128(c) => c.decrypt_blocks(blocks),
+            Aes::A192(c) => c.decrypt_blocks(blocks),
+            Aes::A256(c) => c.decrypt_blocks(blocks),
+        }
+    }
+
+    /// Encrypts independent blocks (the AES implementation pipelines them).
+    fn encrypt_blocks(&self, blocks: &mut [GenericArray<u8, U16>]) {
+        match self {
+            Aes::A128(c) => c.encrypt_blocks(blocks),
+            Aes::A192(c) => c.encrypt_blocks(blocks),
+            Aes::A256(c) => c.encrypt_blocks(blocks),
+        }
+    }
+
+    #[cfg(test)]
     pub(crate) fn decrypt_block(&self, b: &mut [u8; 16]) {
         let b = GenericArray::from_mut_slice(b);
         match self {
@@ -101,9 +121,9 @@ struct IvState {
 }
 
 enum XtsAes {
-    X128(Box<Xts128<Aes128>>),
-    X192(Box<Xts128<Aes192>>),
-    X256(Box<Xts128<Aes256>>),
+    X128(Box<Xts<Aes128>>),
+    X192(Box<Xts<Aes192>>),
+    X256(Box<Xts<Aes256>>),
 }
 
 /// A keyed sector cipher.
@@ -145,15 +165,15 @@ impl SectorCipher {
                 let (k1, k2) = key.split_at(half);
                 let bad = || Error::Key("invalid XTS key length".into());
                 let x = match half {
-                    16 => XtsAes::X128(Box::new(Xts128::new(
+                    16 => XtsAes::X128(Box::new(Xts::new(
                         Aes128::new_from_slice(k1).map_err(|_| bad())?,
                         Aes128::new_from_slice(k2).map_err(|_| bad())?,
                     ))),
-                    24 => XtsAes::X192(Box::new(Xts128::new(
+                    24 => XtsAes::X192(Box::new(Xts::new(
                         Aes192::new_from_slice(k1).map_err(|_| bad())?,
                         Aes192::new_from_slice(k2).map_err(|_| bad())?,
                     ))),
-                    32 => XtsAes::X256(Box::new(Xts128::new(
+                    32 => XtsAes::X256(Box::new(Xts::new(
                         Aes256::new_from_slice(k1).map_err(|_| bad())?,
                         Aes256::new_from_slice(k2).map_err(|_| bad())?,
                     ))),
@@ -219,42 +239,56 @@ impl SectorCipher {
         Self::check_len(buf)?;
         match &self.state {
             ModeState::Xts(x) => {
-                let f = |i: u128| tweak(self.ivgen, u64::try_from(i).unwrap_or(u64::MAX));
-                let first = u128::from(sector);
-                match (x, encrypt) {
-                    (XtsAes::X128(x), true) => x.encrypt_area(buf, SECTOR, first, f),
-                    (XtsAes::X128(x), false) => x.decrypt_area(buf, SECTOR, first, f),
-                    (XtsAes::X192(x), true) => x.encrypt_area(buf, SECTOR, first, f),
-                    (XtsAes::X192(x), false) => x.decrypt_area(buf, SECTOR, first, f),
-                    (XtsAes::X256(x), true) => x.encrypt_area(buf, SECTOR, first, f),
-                    (XtsAes::X256(x), false) => x.decrypt_area(buf, SECTOR, first, f),
+                let f = |s: u64| tweak(self.ivgen, s);
+                match x {
+                    XtsAes::X128(x) => x.apply(buf, sector, f, encrypt),
+                    XtsAes::X192(x) => x.apply(buf, sector, f, encrypt),
+                    XtsAes::X256(x) => x.apply(buf, sector, f, encrypt),
                 }
             }
             ModeState::Iv(st) => {
                 let IvState { aes, mode, essiv } = st.as_ref();
-                let cbc = *mode == Mode::Cbc;
-                let xor = |b: &mut [u8; 16], iv: &[u8; 16]| {
-                    if cbc {
-                        b.iter_mut().zip(iv).for_each(|(x, p)| *x ^= p);
-                    }
-                };
+                let mut blocks = [GenericArray::<u8, U16>::default(); SECTOR / 16];
                 for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                    // CBC chains each block to the previous ciphertext block.
-                    let mut prev = self.iv(essiv.as_ref(), sector.wrapping_add(i as u64));
-                    for block in s.chunks_exact_mut(16) {
-                        let mut b = [0u8; 16];
-                        b.copy_from_slice(block);
-                        if encrypt {
-                            xor(&mut b, &prev);
-                            aes.encrypt_block(&mut b);
-                            prev = b;
-                        } else {
-                            let ct = b;
-                            aes.decrypt_block(&mut b);
-                            xor(&mut b, &prev);
-                            prev = ct;
+                    let iv = self.iv(essiv.as_ref(), sector.wrapping_add(i as u64));
+                    match (mode, encrypt) {
+                        // CBC encryption chains each block to the previous ciphertext
+                        // block: one block at a time.
+                        (Mode::Cbc, true) => {
+                            let mut prev = iv;
+                            for block in s.chunks_exact_mut(16) {
+                                let mut b = [0u8; 16];
+                                b.iter_mut()
+                                    .zip(block.iter().zip(&prev))
+                                    .for_each(|(x, (p, v))| *x = p ^ v);
+                                aes.encrypt_block(&mut b);
+                                prev = b;
+                                block.copy_from_slice(&b);
+                            }
                         }
-                        block.copy_from_slice(&b);
+                        // CBC decryption and ECB work on independent blocks: the whole
+                        // sector in one call.
+                        _ => {
+                            for (b, src) in blocks.iter_mut().zip(s.chunks_exact(16)) {
+                                b.copy_from_slice(src);
+                            }
+                            if encrypt {
+                                aes.encrypt_blocks(&mut blocks);
+                            } else {
+                                aes.decrypt_blocks(&mut blocks);
+                            }
+                            if *mode == Mode::Cbc {
+                                // Plaintext block j = D(C_j) xor C_(j-1), C_(-1) = IV;
+                                // the ciphertext is still in `s` (written back below).
+                                let prevs = std::iter::once(&iv[..]).chain(s.chunks_exact(16));
+                                for (b, prev) in blocks.iter_mut().zip(prevs) {
+                                    b.iter_mut().zip(prev).for_each(|(x, p)| *x ^= p);
+                                }
+                            }
+                            for (b, dst) in blocks.iter().zip(s.chunks_exact_mut(16)) {
+                                dst.copy_from_slice(b);
+                            }
+                        }
                     }
                 }
             }
@@ -267,6 +301,55 @@ impl SectorCipher {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    /// CBC and ECB, one block at a time: the definition the batched code must match.
+    fn reference(aes: &Aes, cbc: bool, iv: [u8; 16], sector: &mut [u8], encrypt: bool) {
+        let mut prev = iv;
+        for block in sector.chunks_exact_mut(16) {
+            let mut b: [u8; 16] = block.try_into().unwrap();
+            let ct = b;
+            if encrypt {
+                if cbc {
+                    b.iter_mut().zip(&prev).for_each(|(x, p)| *x ^= p);
+                }
+                aes.encrypt_block(&mut b);
+                prev = b;
+            } else {
+                aes.decrypt_block(&mut b);
+                if cbc {
+                    b.iter_mut().zip(&prev).for_each(|(x, p)| *x ^= p);
+                }
+                prev = ct;
+            }
+            block.copy_from_slice(&b);
+        }
+    }
+
+    #[test]
+    fn batched_cbc_and_ecb_match_block_by_block() {
+        let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7)).collect();
+        let data: Vec<u8> = (0..3 * SECTOR).map(|i| (i * 13 % 251) as u8).collect();
+        for (mode, ivgen) in [
+            (Mode::Cbc, IvGen::Plain64),
+            (Mode::Cbc, IvGen::Essiv(HashAlg::Sha256)),
+            (Mode::Ecb, IvGen::None),
+        ] {
+            let c = SectorCipher::new(mode, ivgen, &key).unwrap();
+            let ModeState::Iv(st) = &c.state else {
+                panic!("not an IV mode")
+            };
+            for encrypt in [true, false] {
+                let mut ours = data.clone();
+                let mut want = data.clone();
+                c.apply(&mut ours, 40, encrypt).unwrap();
+                for (i, s) in want.chunks_exact_mut(SECTOR).enumerate() {
+                    let iv = c.iv(st.essiv.as_ref(), 40 + i as u64);
+                    reference(&st.aes, mode == Mode::Cbc, iv, s, encrypt);
+                }
+                assert_eq!(ours, want, "{mode:?} {ivgen:?} encrypt={encrypt}");
+            }
+        }
+    }
 
     #[test]
     fn round_trips_every_mode() {

@@ -10,6 +10,7 @@ pub mod af;
 pub mod cipher;
 pub mod hash;
 pub mod luks;
+mod xts;
 
 use diskimg_blockio::Result;
 
