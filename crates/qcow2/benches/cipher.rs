@@ -1,6 +1,11 @@
 //! Sector cipher throughput: diskimg's batched XTS/CBC against the `xts-mode` crate
 //! (`cargo bench -p diskimg-qcow2 --bench cipher`). Figures in docs/benchmarks.md.
-#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::indexing_slicing
+)]
 
 use aes::Aes256;
 use aes::cipher::KeyInit;
