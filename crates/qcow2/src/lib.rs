@@ -94,6 +94,7 @@ mod check;
 mod compress;
 mod create;
 mod device;
+mod dirty;
 mod encrypt_create;
 mod encryption;
 mod ext;
