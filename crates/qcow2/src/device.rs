@@ -157,7 +157,9 @@ impl Qcow2Device {
         };
         if !read_only && !checking {
             dev.open_rw_fixups()?;
-            if !bitmap_edit && !dev.bitmaps.is_empty() {
+            let view = opts.driver_options.get("snapshot.name").is_some()
+                || opts.driver_options.get("snapshot.id").is_some();
+            if !bitmap_edit && !view && !dev.bitmaps.is_empty() {
                 let tracked = crate::dirty::load(&mut dev.lock())?;
                 for b in dev.bitmaps.iter_mut() {
                     b.in_use |= tracked.iter().any(|t| t.name == b.name);

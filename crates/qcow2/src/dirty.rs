@@ -42,11 +42,11 @@ pub(crate) struct Tracked {
 impl Tracked {
     /// Resizes the bitmap for a `size`-byte disk: new bits are clear, bits beyond the
     /// end are dropped (qemu `hbitmap_truncate`).
-    fn truncate(&mut self, size: u64) {
+    pub(crate) fn truncate(&mut self, size: u64) {
         let g = self.granularity.max(1);
         let granules = size.div_ceil(g);
         self.bits.resize(idx(granules.div_ceil(8)), 0);
-        if granules % 8 != 0
+        if !granules.is_multiple_of(8)
             && let Some(b) = self.bits.last_mut()
         {
             *b &= (1u8 << (granules % 8)) - 1;
@@ -64,7 +64,7 @@ impl Tracked {
         let mut i = first;
         while i <= last {
             // Whole bytes at once in the middle of long ranges.
-            if i % 8 == 0 && last - i >= 7 {
+            if i.is_multiple_of(8) && last - i >= 7 {
                 let n = (last - i + 1) / 8;
                 let lo = idx(i / 8);
                 let hi = lo.saturating_add(idx(n)).min(self.bits.len());
@@ -110,9 +110,10 @@ pub(crate) fn load(m: &mut Meta) -> Result<Vec<Tracked>> {
 
 /// Before a resize to `new` bytes: refuses if a bitmap is inconsistent (`in_use` and
 /// not ours), as qemu's `qcow2_truncate_bitmaps_check`; loads the disabled bitmaps too
-/// and marks them `in_use` (an `in_use` bitmap may have a table of the wrong size), then
-/// resizes every bitmap in memory. They are written back on close.
-pub(crate) fn resize(m: &mut Meta, tracked: &mut Vec<Tracked>, new: u64) -> Result<()> {
+/// and marks them `in_use` (an `in_use` bitmap may have a table of the wrong size).
+/// Once the size has changed, [`Tracked::truncate`] resizes them in memory; they are
+/// written back on close.
+pub(crate) fn prepare_resize(m: &mut Meta, tracked: &mut Vec<Tracked>, new: u64) -> Result<()> {
     let mut dir = read_directory(m)?;
     let mut changed = false;
     for e in dir.iter_mut() {
@@ -141,8 +142,11 @@ pub(crate) fn resize(m: &mut Meta, tracked: &mut Vec<Tracked>, new: u64) -> Resu
         write_directory(m, &dir)?;
         m.file.flush()?;
     }
-    for t in tracked.iter_mut() {
-        t.truncate(new);
+    for t in tracked.iter() {
+        m.limits.check(
+            "bitmap data",
+            new.div_ceil(t.granularity.max(1)).div_ceil(8),
+        )?;
     }
     Ok(())
 }
@@ -164,7 +168,11 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
         let e = dir
             .iter_mut()
             .find(|e| e.name == t.name)
-            .ok_or(Error::corrupt("qcow2", "tracked bitmap left the directory", 0))?;
+            .ok_or(Error::corrupt(
+                "qcow2",
+                "tracked bitmap left the directory",
+                0,
+            ))?;
         let old = e.clone();
         let (table, size) = write_bits(m, &t.bits)?;
         free.extend(table_clusters(m, &old)?);

@@ -51,7 +51,7 @@ pub(crate) fn resize(
     }
     if new != old && !dev.bitmaps.is_empty() {
         let mut t = dev.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        crate::dirty::resize(&mut m, &mut t, new)?;
+        crate::dirty::prepare_resize(&mut m, &mut t, new)?;
     }
     if new < old {
         shrink_clusters(&mut m, new)?;
@@ -71,6 +71,14 @@ pub(crate) fn resize(
     m.size = new;
     m.h.size = new;
     drop(m);
+    for t in dev
+        .tracked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter_mut()
+    {
+        t.truncate(new);
+    }
     if new > old && prealloc != Preallocation::Off {
         preallocate(dev, prealloc, false, old)?;
     }

@@ -10,11 +10,14 @@ use diskimg_blockio::{
 };
 use diskimg_qcow2::{BitmapInfo, Qcow2Device, read_bitmap};
 use diskimg_testutil::{
-    assert_qemu_check_clean, qemu_check_json, qemu_compare, qemu_img, qemu_img_ok,
-    qemu_info_json, qemu_io, read_all, tempdir,
+    assert_qemu_check_clean, qemu_check_json, qemu_compare, qemu_img, qemu_img_ok, qemu_info_json,
+    qemu_io, read_all, tempdir,
 };
 
 const MB: u64 = 1 << 20;
+
+/// A bitmap's granularity and data.
+type Bits = (u64, Vec<u8>);
 
 /// (offset, length, kind): 0 write, 1 write-zeroes, 2 write-zeroes may-unmap, 3 discard.
 const OPS: &[(u64, u64, u8)] = &[
@@ -231,7 +234,10 @@ fn bitmap_in_use_on_open_is_left_alone_as_qemu_does() {
     assert!(!q.status.success());
     let qerr = String::from_utf8_lossy(&q.stderr);
     assert!(qerr.contains("Bitmap 'old' is inconsistent and cannot be used"));
-    assert!(e.to_string().contains("Bitmap 'old' is inconsistent"), "{e}");
+    assert!(
+        e.to_string().contains("Bitmap 'old' is inconsistent"),
+        "{e}"
+    );
     drop(dev);
     assert_qemu_check_clean(&ours, "qcow2");
     assert_eq!(qemu_flags(&theirs), want);
@@ -276,6 +282,28 @@ fn resize_keeps_bitmaps_as_qemu_does() {
     }
 }
 
+#[test]
+fn snapshot_apply_refused_with_bitmaps_as_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("s.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&p), "1M"]);
+    qemu_img_ok(&["bitmap", "--add", "--disable", s(&p), "dis"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&p)]);
+    let q = qemu_img(&["snapshot", "-a", "s1", s(&p)]);
+    assert!(
+        String::from_utf8_lossy(&q.stderr).contains("Device has active dirty bitmaps"),
+        "{q:?}"
+    );
+    let dev = open_rw(&p);
+    let e = dev.apply_snapshot("s1").unwrap_err();
+    assert_eq!(e.to_string(), "Device has active dirty bitmaps");
+    // Creating and deleting snapshots is allowed, as in qemu.
+    dev.create_snapshot("s2").unwrap();
+    dev.delete_snapshot("s1").unwrap();
+    drop(dev);
+    assert_qemu_check_clean(&p, "qcow2");
+}
+
 fn mem_open(img: Vec<u8>, ro: bool) -> diskimg_blockio::Result<Qcow2Device> {
     let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
     Qcow2Device::open(s, &OpenOptions::new().read_only(ro))
@@ -301,7 +329,7 @@ fn crash_at_every_write_leaves_a_consistent_image() {
         (fs.ops(), fs.crash_image(CrashMode::KeepAll))
     };
     assert!(count > 20, "{count}");
-    let state = |img: &[u8]| -> Vec<(BitmapInfo, Option<(u64, Vec<u8>)>)> {
+    let state = |img: &[u8]| -> Vec<(BitmapInfo, Option<Bits>)> {
         let dev = mem_open(img.to_vec(), true).unwrap();
         let list = dev.bitmaps();
         drop(dev);
