@@ -471,28 +471,6 @@ impl Qcow2Device {
     }
 }
 
-impl Qcow2Device {
-    /// Flushes and writes the persistent dirty bitmaps back (clearing their `in_use`
-    /// flag), as closing the image in qemu does; dropping the device does the same but
-    /// ignores errors. After this no bitmap tracks writes any more.
-    pub fn close(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.flush()?;
-        let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
-        crate::dirty::store(&mut self.lock(), &tracked)
-    }
-
-    /// Sets the bits covering `off..off+len` in every bitmap that tracks writes.
-    fn mark_dirty(&self, off: u64, len: u64) {
-        let mut t = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        for b in t.iter_mut().filter(|b| b.enabled) {
-            b.mark(off, len);
-        }
-    }
-}
-
 impl Drop for Qcow2Device {
     /// Writes deferred metadata and the persistent dirty bitmaps, as closing an image in
     /// qemu does (errors are ignored: call [`Qcow2Device::close`] to see them).

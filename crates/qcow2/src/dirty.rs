@@ -15,9 +15,10 @@
 //! on open are left alone, as qemu does (it loads them as inconsistent and never stores
 //! them).
 
-use diskimg_blockio::{Error, Result};
+use diskimg_blockio::{BlockDevice, Error, Result};
 
 use crate::bitmap::{read_bits, read_directory, table_clusters, write_bits, write_directory};
+use crate::device::Qcow2Device;
 use crate::meta::Meta;
 use crate::write::idx;
 
@@ -186,6 +187,28 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
         m.unref_range(o, l)?;
     }
     m.file.flush()
+}
+
+impl Qcow2Device {
+    /// Flushes and writes the persistent dirty bitmaps back (clearing their `in_use`
+    /// flag), as closing the image in qemu does; dropping the device does the same but
+    /// ignores errors. After this no bitmap tracks writes any more.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush()?;
+        let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
+        store(&mut self.lock(), &tracked)
+    }
+
+    /// Sets the bits covering `off..off+len` in every bitmap that tracks writes.
+    pub(crate) fn mark_dirty(&self, off: u64, len: u64) {
+        let mut t = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        for b in t.iter_mut().filter(|b| b.enabled) {
+            b.mark(off, len);
+        }
+    }
 }
 
 #[cfg(test)]
