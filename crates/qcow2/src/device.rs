@@ -189,6 +189,16 @@ impl Qcow2Device {
             self.file.write_all_at(&keep.to_be_bytes(), 88)?;
             self.file.flush()?;
         }
+        // A program lacking bitmap support cleared the autoclear bit: the bitmaps are
+        // inconsistent and qemu drops the extension (their clusters leak).
+        if autoclear & AUTOCLEAR_BITMAPS == 0 {
+            let mut m = self.lock();
+            if m.h.ext.bitmaps.is_some() {
+                let mut h = m.h.clone();
+                h.ext.bitmaps = None;
+                crate::maint::write_header(&mut m, &mut h)?;
+            }
+        }
         if dirty {
             crate::check::check(self, RepairMode::All)?;
             let mut m = self.lock();

@@ -283,6 +283,33 @@ fn resize_keeps_bitmaps_as_qemu_does() {
 }
 
 #[test]
+fn extension_dropped_when_the_autoclear_bit_is_clear_as_qemu() {
+    let dir = tempdir();
+    let orig = image(dir.path());
+    let mut img = std::fs::read(&orig).unwrap();
+    img[95] &= !1;
+    let (ours, theirs) = (dir.path().join("ours.qcow2"), dir.path().join("q.qcow2"));
+    std::fs::write(&ours, &img).unwrap();
+    std::fs::write(&theirs, &img).unwrap();
+    qemu_io(&theirs, "qcow2", &["write 0 4k"]);
+    let dev = open_rw(&ours);
+    assert!(dev.bitmaps().is_empty());
+    dev.write_at(&[1; 4096], 0).unwrap();
+    drop(dev);
+    assert_eq!(qemu_flags(&theirs), qemu_flags(&ours));
+    assert!(qemu_flags(&ours).is_empty());
+    // Same header cluster (the extension is gone from both), same leaks.
+    let (a, b) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+    assert_eq!(a[..4096], b[..4096]);
+    let (qa, qb) = (
+        qemu_check_json(&ours, "qcow2").0,
+        qemu_check_json(&theirs, "qcow2").0,
+    );
+    assert_eq!(qa["leaks"], qb["leaks"]);
+    assert!(qa["leaks"].as_u64().unwrap() > 0);
+}
+
+#[test]
 fn snapshot_apply_refused_with_bitmaps_as_qemu() {
     let dir = tempdir();
     let p = dir.path().join("s.qcow2");
