@@ -19,7 +19,8 @@ const MB: u64 = 1 << 20;
 /// A bitmap's granularity and data.
 type Bits = (u64, Vec<u8>);
 
-/// (offset, length, kind): 0 write, 1 write-zeroes, 2 write-zeroes may-unmap, 3 discard.
+/// (offset, length, kind): 0 write, 1 write-zeroes, 2 write-zeroes may-unmap, 3 discard,
+/// 4 compressed write.
 const OPS: &[(u64, u64, u8)] = &[
     (0, 1000, 0),
     (100 << 10, 8 << 10, 0),
@@ -28,6 +29,7 @@ const OPS: &[(u64, u64, u8)] = &[
     (6 * MB + 512, 4096, 2),
     (7 * MB, 128 << 10, 3),
     (8 * MB - 1, 1, 0),
+    (24 << 16, 1 << 16, 4),
 ];
 
 fn qemu_cmd(&(o, l, k): &(u64, u64, u8)) -> String {
@@ -35,6 +37,7 @@ fn qemu_cmd(&(o, l, k): &(u64, u64, u8)) -> String {
         0 => format!("write -P 0x5a {o} {l}"),
         1 => format!("write -z {o} {l}"),
         2 => format!("write -z -u {o} {l}"),
+        4 => format!("write -c -P 0x5a {o} {l}"),
         _ => format!("discard {o} {l}"),
     }
 }
@@ -43,6 +46,7 @@ fn apply(dev: &dyn BlockDevice, &(o, l, k): &(u64, u64, u8)) -> diskimg_blockio:
     match k {
         0 => dev.write_at(&vec![0x5a; l as usize], o),
         1 | 2 => dev.write_zeroes(o, l, ZeroFlags { may_unmap: k == 2 }),
+        4 => dev.write_compressed(&vec![0x5a; l as usize], o),
         _ => dev.discard(o, l),
     }
 }
@@ -169,7 +173,7 @@ fn writes_set_the_same_bits_as_qemu() {
     // The pre-existing bits of "old" survive next to the new ones.
     let (g, old) = bits(&ours, "old");
     assert_eq!(g, 65536);
-    let want_old = [3, 0, 0, 0, 1, 0, 3, 0, 0xff, 0xff, 1, 0, 1, 0, 3, 0x80];
+    let want_old = [3, 0, 0, 1, 1, 0, 3, 0, 0xff, 0xff, 1, 0, 1, 0, 3, 0x80];
     assert_eq!(old, want_old);
     // A second session adds to the stored bits, as a second qemu-io run does.
     qemu_io(&theirs, "qcow2", &["write 1M 1"]);
@@ -299,7 +303,10 @@ fn extension_dropped_when_the_autoclear_bit_is_clear_as_qemu() {
     assert_eq!(qemu_flags(&theirs), qemu_flags(&ours));
     assert!(qemu_flags(&ours).is_empty());
     // Same header cluster (the extension is gone from both), same leaks.
-    let (a, b) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+    let (a, b) = (
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap(),
+    );
     assert_eq!(a[..4096], b[..4096]);
     let (qa, qb) = (
         qemu_check_json(&ours, "qcow2").0,
@@ -348,6 +355,8 @@ fn crash_at_every_write_leaves_a_consistent_image() {
         }
         dev.flush()?;
         dev.write_at(&[3; 4096], 6 * MB)?;
+        dev.resize(12 * MB, Preallocation::Off, false)?;
+        dev.write_at(&[4; 512], 11 * MB)?;
         dev.close()
     };
     let (count, done) = {
