@@ -365,6 +365,13 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
             e.table_offset,
         ));
     }
+    if e.table_offset == 0 || e.table_offset % cs != 0 {
+        return Err(Error::corrupt(
+            "qcow2",
+            "bitmap table offset not cluster-aligned",
+            e.table_offset,
+        ));
+    }
     let mut out = m.limits.alloc("bitmap data", bytes)?;
     let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
     for (k, &x) in t.iter().enumerate() {
@@ -379,6 +386,14 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
         match x & L2E_OFFSET_MASK {
             0 if x & 1 != 0 => dst.fill(0xff),
             0 => {}
+            // qemu's `check_table_entry`: data clusters are cluster-aligned.
+            off if off % cs != 0 => {
+                return Err(Error::corrupt(
+                    "qcow2",
+                    "bitmap table entry not cluster-aligned",
+                    e.table_offset,
+                ));
+            }
             off => read_host(m.file.as_ref(), dst, off)?,
         }
     }

@@ -231,6 +231,9 @@ fn bitmap_in_use_on_open_is_left_alone_as_qemu_does() {
     qemu_io(&theirs, "qcow2", &["write 0 64k"]);
     let dev = open_rw(&ours);
     assert!(dev.bitmaps().iter().any(|b| b.in_use));
+    // Our check does not report in-use bitmaps either.
+    let r = dev.check(RepairMode::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
     dev.write_at(&[7; 65536], 0).unwrap();
     // qemu refuses to resize with an inconsistent bitmap, and so do we.
     let e = dev.resize(16 * MB, Preallocation::Off, false).unwrap_err();
