@@ -187,6 +187,48 @@ fn writes_set_the_same_bits_as_qemu() {
 }
 
 #[test]
+fn random_requests_set_the_same_bits_as_qemu() {
+    let dir = tempdir();
+    let orig = image(dir.path());
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for round in 0..3 {
+        let ops: Vec<(u64, u64, u8)> = (0..24)
+            .map(|_| {
+                let k = next(4) as u8;
+                let (o, l) = if k == 0 {
+                    (next(8 * MB), 1 + next(200_000))
+                } else {
+                    (next(8 * MB / 512) * 512, 512 * (1 + next(400)))
+                };
+                (o, l.min(8 * MB - o), k)
+            })
+            .collect();
+        let (ours, theirs) = (dir.path().join("ours.qcow2"), dir.path().join("q.qcow2"));
+        std::fs::copy(&orig, &ours).unwrap();
+        std::fs::copy(&orig, &theirs).unwrap();
+        let cmds: Vec<String> = ops.iter().map(qemu_cmd).collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&theirs, "qcow2", &cmds);
+        let dev = open_rw(&ours);
+        for op in &ops {
+            apply(&dev, op).unwrap();
+        }
+        drop(dev);
+        assert_qemu_check_clean(&ours, "qcow2");
+        assert!(qemu_compare(&ours, "qcow2", &theirs, "qcow2"));
+        for n in NAMES {
+            assert_eq!(bits(&ours, n), bits(&theirs, n), "round {round} bitmap {n}");
+        }
+    }
+}
+
+#[test]
 fn read_only_open_changes_nothing() {
     let dir = tempdir();
     let p = image(dir.path());
