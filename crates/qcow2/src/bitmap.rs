@@ -365,7 +365,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
             e.table_offset,
         ));
     }
-    if e.table_offset == 0 || e.table_offset % cs != 0 {
+    if e.table_offset == 0 || !e.table_offset.is_multiple_of(cs) {
         return Err(Error::corrupt(
             "qcow2",
             "bitmap table offset not cluster-aligned",
@@ -387,7 +387,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
             0 if x & 1 != 0 => dst.fill(0xff),
             0 => {}
             // qemu's `check_table_entry`: data clusters are cluster-aligned.
-            off if off % cs != 0 => {
+            off if !off.is_multiple_of(cs) => {
                 return Err(Error::corrupt(
                     "qcow2",
                     "bitmap table entry not cluster-aligned",
