@@ -52,17 +52,18 @@ pub enum BitmapOp {
 
 /// A directory entry kept with its extra data.
 #[derive(Clone, Debug)]
-struct Entry {
-    table_offset: u64,
-    table_size: u32,
-    flags: u32,
+pub(crate) struct Entry {
+    pub(crate) table_offset: u64,
+    pub(crate) table_size: u32,
+    /// Bit 0 `in_use`, bit 1 `auto`.
+    pub(crate) flags: u32,
     ty: u8,
-    gbits: u8,
+    pub(crate) gbits: u8,
     extra: Vec<u8>,
-    name: String,
+    pub(crate) name: String,
 }
 
-fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
+pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
     let Some(b) =
         m.h.ext
             .bitmaps
@@ -299,7 +300,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
 }
 
 /// The table's clusters and the data clusters it points to.
-fn table_clusters(m: &Meta, e: &Entry) -> Result<Vec<(u64, u64)>> {
+pub(crate) fn table_clusters(m: &Meta, e: &Entry) -> Result<Vec<(u64, u64)>> {
     let cs = m.cs();
     let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
     let mut out = vec![(
@@ -316,7 +317,7 @@ fn table_clusters(m: &Meta, e: &Entry) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Writes `dir` to new clusters, switches the header to it, frees the old directory.
-fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
+pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
     let cs = m.cs();
     let old =
         m.h.ext
@@ -353,7 +354,7 @@ fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
 }
 
 /// The bitmap data of `e` (bit `i` of byte `k` is granule `8k + i`; spec "Bitmap table").
-fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
+pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
     let cs = m.cs();
     let g = 1u64 << e.gbits.min(63);
     let bytes = m.size.div_ceil(g).div_ceil(8);
@@ -361,6 +362,13 @@ fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
         return Err(Error::corrupt(
             "qcow2",
             "bitmap table too small",
+            e.table_offset,
+        ));
+    }
+    if e.table_offset == 0 || !e.table_offset.is_multiple_of(cs) {
+        return Err(Error::corrupt(
+            "qcow2",
+            "bitmap table offset not cluster-aligned",
             e.table_offset,
         ));
     }
@@ -378,6 +386,14 @@ fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
         match x & L2E_OFFSET_MASK {
             0 if x & 1 != 0 => dst.fill(0xff),
             0 => {}
+            // qemu's `check_table_entry`: data clusters are cluster-aligned.
+            off if !off.is_multiple_of(cs) => {
+                return Err(Error::corrupt(
+                    "qcow2",
+                    "bitmap table entry not cluster-aligned",
+                    e.table_offset,
+                ));
+            }
             off => read_host(m.file.as_ref(), dst, off)?,
         }
     }
@@ -410,7 +426,7 @@ fn merge_bits(size: u64, src: &[u8], gs: u64, dst: &mut [u8], gd: u64) {
 
 /// Writes bitmap data to new clusters (all-zero clusters stay unallocated) and a new
 /// table; returns the table's offset and entry count. Flushed before returning.
-fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
+pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
     let cs = m.cs();
     let entries = (bits.len() as u64).div_ceil(cs);
     let mut table = m.limits.alloc_elems::<u64>("bitmap table", entries, 8)?;

@@ -10,6 +10,7 @@ use diskimg_blockio::{
 };
 
 use crate::compress;
+use crate::dirty::Tracked;
 use crate::encryption::Encryption;
 use crate::ext::{BitmapEntry, parse_bitmap_directory};
 use crate::header::{
@@ -44,6 +45,8 @@ pub struct Qcow2Device {
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     pub(crate) read_only: bool,
     pub(crate) bitmaps: Vec<BitmapEntry>,
+    /// The enabled persistent bitmaps tracking writes (read-write opens only).
+    pub(crate) tracked: Mutex<Vec<Tracked>>,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
     /// The data cipher of an encrypted image.
@@ -74,18 +77,9 @@ impl Qcow2Device {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes metadata.
+        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes
+        // metadata: no bitmap tracks writes.
         let bitmap_edit = opts.driver_options.get("x-bitmap-edit") == Some("on");
-        if !read_only
-            && !bitmap_edit
-            && h.autoclear & AUTOCLEAR_BITMAPS != 0
-            && h.ext.bitmaps.is_some()
-        {
-            return Err(Error::unsupported(
-                "qcow2",
-                "writing images with persistent dirty bitmaps",
-            ));
-        }
         let data = if h.has_data_file() {
             let name = h
                 .ext
@@ -150,18 +144,28 @@ impl Qcow2Device {
             }
             _ => Vec::new(),
         };
-        let dev = Qcow2Device {
+        let mut dev = Qcow2Device {
             meta: Mutex::new(meta),
             file,
             data,
             backing: RwLock::new(None),
             read_only,
             bitmaps,
+            tracked: Mutex::new(Vec::new()),
             snapshot_view: false,
             crypt,
         };
         if !read_only && !checking {
             dev.open_rw_fixups()?;
+            let view = opts.driver_options.get("snapshot.name").is_some()
+                || opts.driver_options.get("snapshot.id").is_some();
+            if !bitmap_edit && !view && !dev.bitmaps.is_empty() {
+                let tracked = crate::dirty::load(&mut dev.lock())?;
+                for b in dev.bitmaps.iter_mut() {
+                    b.in_use |= tracked.iter().any(|t| t.name == b.name);
+                }
+                *dev.tracked.get_mut().unwrap_or_else(|e| e.into_inner()) = tracked;
+            }
         }
         let name = opts.driver_options.get("snapshot.name");
         let id = opts.driver_options.get("snapshot.id");
@@ -184,6 +188,16 @@ impl Qcow2Device {
             m.h.autoclear = keep;
             self.file.write_all_at(&keep.to_be_bytes(), 88)?;
             self.file.flush()?;
+        }
+        // A program lacking bitmap support cleared the autoclear bit: the bitmaps are
+        // inconsistent and qemu drops the extension (their clusters leak).
+        if autoclear & AUTOCLEAR_BITMAPS == 0 {
+            let mut m = self.lock();
+            if m.h.ext.bitmaps.is_some() {
+                let mut h = m.h.clone();
+                h.ext.bitmaps = None;
+                crate::maint::write_header(&mut m, &mut h)?;
+            }
         }
         if dirty {
             crate::check::check(self, RepairMode::All)?;
@@ -303,6 +317,7 @@ impl Qcow2Device {
             backing: RwLock::new(self.backing()),
             read_only: true,
             bitmaps: Vec::new(),
+            tracked: Mutex::new(Vec::new()),
             snapshot_view: true,
             crypt: self.crypt.clone(),
         })
@@ -467,12 +482,10 @@ impl Qcow2Device {
 }
 
 impl Drop for Qcow2Device {
-    /// Writes deferred metadata, as closing an image in qemu does (errors are ignored:
-    /// call [`BlockDevice::flush`] to see them).
+    /// Writes deferred metadata and the persistent dirty bitmaps, as closing an image in
+    /// qemu does (errors are ignored: call [`Qcow2Device::close`] to see them).
     fn drop(&mut self) {
-        if !self.read_only {
-            let _ = self.flush();
-        }
+        let _ = self.close();
     }
 }
 
@@ -516,18 +529,21 @@ impl BlockDevice for Qcow2Device {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.mark_dirty(offset, buf.len() as u64);
         crate::write::write(self, buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
         crate::write::write_zeroes(self, offset, len, flags.may_unmap)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
         crate::write::discard(self, offset, len)
     }
 
@@ -575,6 +591,7 @@ impl BlockDevice for Qcow2Device {
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.mark_dirty(offset, buf.len() as u64);
         crate::write::write_compressed(self, buf, offset)
     }
 

@@ -15,7 +15,8 @@
 //!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
 //!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
-//! Not supported yet: writing to images with persistent dirty bitmaps.
+//! - Persistent dirty bitmaps track guest writes while the image is open read-write
+//!   (marked `in_use` on disk, stored on [`Qcow2Device::close`] or drop), as in qemu.
 //!
 //! # Encryption
 //!
@@ -94,6 +95,7 @@ mod check;
 mod compress;
 mod create;
 mod device;
+mod dirty;
 mod encrypt_create;
 mod encryption;
 mod ext;

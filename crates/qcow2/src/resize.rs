@@ -35,7 +35,6 @@ pub(crate) fn resize(
                 "shrinking images with internal snapshots",
             ));
         }
-        shrink_clusters(&mut m, new)?;
     }
     let backed = m.h.backing_file.is_some() || dev.backing().is_some();
     if prealloc != Preallocation::Off && (new < old || backed) {
@@ -49,6 +48,13 @@ pub(crate) fn resize(
             "qcow2",
             "resizing v2 images with internal snapshots",
         ));
+    }
+    if new != old && !dev.bitmaps.is_empty() {
+        let mut t = dev.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        crate::dirty::prepare_resize(&mut m, &mut t, new)?;
+    }
+    if new < old {
+        shrink_clusters(&mut m, new)?;
     }
     let need = m.h.l1_entries_for(new);
     if need > m.l1.len() as u64 {
@@ -65,6 +71,14 @@ pub(crate) fn resize(
     m.size = new;
     m.h.size = new;
     drop(m);
+    for t in dev
+        .tracked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter_mut()
+    {
+        t.truncate(new);
+    }
     if new > old && prealloc != Preallocation::Off {
         preallocate(dev, prealloc, false, old)?;
     }

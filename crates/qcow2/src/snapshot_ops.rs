@@ -261,8 +261,13 @@ impl Qcow2Device {
 
     /// Reverts the disk to snapshot `id_or_name` (as `qemu-img snapshot -a`); the
     /// snapshot is kept. The snapshot must have the current virtual size.
+    /// Refused, as by qemu, when the image has persistent dirty bitmaps (even disabled
+    /// or inconsistent ones).
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
         self.writable()?;
+        if !self.bitmaps.is_empty() {
+            return Err(Error::invalid("Device has active dirty bitmaps"));
+        }
         let mut m = self.lock();
         let snap = m
             .snapshots

@@ -248,3 +248,122 @@ fn convert_bitmaps_copies_them_like_qemu() {
     ]);
     assert_eq!(code(&o), 1);
 }
+
+/// `(name, flags)` of every bitmap of `p` as `qemu-img info` shows them.
+fn flags(p: &std::path::Path) -> Vec<(String, serde_json::Value)> {
+    bitmaps(p)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_string(), b["flags"].clone()))
+        .collect()
+}
+
+/// A 16 MiB qcow2 with enabled bitmaps of 64 KiB and 4 KiB granularity and a
+/// disabled one, over `backing` if given.
+fn tracked_image(p: &std::path::Path, backing: Option<&std::path::Path>) {
+    let mut a = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        a.extend(["-b", s(b), "-F", "qcow2"]);
+    }
+    a.extend([s(p), "16M"]);
+    qemu_img_ok(&a);
+    qemu_img_ok(&["bitmap", "--add", s(p), "en"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(p), "fine"]);
+    qemu_img_ok(&["bitmap", "--add", "--disable", s(p), "dis"]);
+}
+
+/// Ours and qemu's copy agree on flags (none in use) and bits; both check clean.
+fn assert_same_bitmaps(d: &std::path::Path, q: &std::path::Path, what: &str) {
+    for p in [d, q] {
+        assert_qemu_check_clean(p, "qcow2");
+    }
+    assert_eq!(flags(d), flags(q), "{what}");
+    assert!(!bitmaps(d).to_string().contains("in-use"), "{what}");
+    for n in ["en", "fine", "dis"] {
+        assert_eq!(bits(d, n), bits(q, n), "{what}: bitmap {n}");
+    }
+    assert!(bits(d, "en").1.iter().any(|&b| b != 0), "{what}");
+}
+
+#[test]
+fn guest_writes_through_the_cli_update_bitmaps_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    // io
+    for p in [&q, &d] {
+        tracked_image(p, None);
+    }
+    let cmds = [
+        "write -P 1 0 100k",
+        "write -z 1M 64k",
+        "discard 2M 1M",
+        "write 5M 1",
+        "flush",
+        "write -P 2 15M 512",
+    ];
+    let mut a = vec!["io", "-f", "qcow2"];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    a.push(s(&d));
+    crate::diskimg_ok(&a);
+    qemu_io(&q, "qcow2", &cmds);
+    assert_same_bitmaps(&d, &q, "io");
+
+    // convert -n into an image with bitmaps.
+    let src = crate::qemu_raw(
+        dir.path(),
+        "src.raw",
+        "16M",
+        &["write -P 3 64k 64k", "write -P 4 8M 3M"],
+    );
+    for p in [&q, &d] {
+        std::fs::remove_file(p).unwrap();
+        tracked_image(p, None);
+    }
+    let conv = |p: &std::path::Path| -> Vec<String> {
+        ["convert", "-n", "-f", "raw", "-O", "qcow2", s(&src), s(p)]
+            .map(String::from)
+            .to_vec()
+    };
+    let a = conv(&d);
+    crate::diskimg_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = conv(&q);
+    qemu_img_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_same_bitmaps(&d, &q, "convert -n");
+
+    // commit into a base with bitmaps.
+    let (qb, db) = (dir.path().join("qb.qcow2"), dir.path().join("db.qcow2"));
+    let (qt, dt) = (dir.path().join("qt.qcow2"), dir.path().join("dt.qcow2"));
+    for (b, t) in [(&qb, &qt), (&db, &dt)] {
+        tracked_image(b, None);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(b),
+            "-F",
+            "qcow2",
+            s(t),
+        ]);
+        qemu_io(t, "qcow2", &["write -P 5 4M 200k", "write -z 9M 64k"]);
+    }
+    crate::diskimg_ok(&["commit", s(&dt)]);
+    qemu_img_ok(&["commit", "-q", s(&qt)]);
+    assert_same_bitmaps(&db, &qb, "commit");
+
+    // rebase of an overlay with bitmaps onto another backing file.
+    let (qo, dov) = (dir.path().join("qo.qcow2"), dir.path().join("do.qcow2"));
+    let other = dir.path().join("other.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&other), "16M"]);
+    qemu_io(&other, "qcow2", &["write -P 6 2M 1M"]);
+    for p in [&qo, &dov] {
+        tracked_image(p, Some(&qb));
+    }
+    crate::diskimg_ok(&["rebase", "-b", s(&other), "-F", "qcow2", s(&dov)]);
+    qemu_img_ok(&["rebase", "-q", "-b", s(&other), "-F", "qcow2", s(&qo)]);
+    assert_same_bitmaps(&dov, &qo, "rebase");
+}

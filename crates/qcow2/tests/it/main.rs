@@ -6,6 +6,7 @@
 )]
 //! Integration tests for diskimg-qcow2, cross-checked against qemu-img / qemu-io.
 
+mod bitmaps;
 mod check;
 mod crash;
 mod encrypt;
