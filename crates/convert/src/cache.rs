@@ -73,7 +73,8 @@ impl UnsafeCache {
             if let Some(d) = done {
                 self.inner.start_writeback(d.start, d.end - d.start);
             }
-            self.inner.start_writeback(full.start, full.end - full.start);
+            self.inner
+                .start_writeback(full.start, full.end - full.start);
             return;
         }
         drop(run);
@@ -133,8 +134,17 @@ impl Storage for UnsafeCache {
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.inner.allocated_bytes()
     }
+    /// Counted as a completed write of the range, so that it joins the runs handed to
+    /// the inner storage: [`copy_range`](diskimg_blockio::copy_range) writes into
+    /// [`UnsafeCache::host_file`]'s file directly and then calls this.
     fn start_writeback(&self, offset: u64, len: u64) {
-        self.inner.start_writeback(offset, len)
+        self.note_write(offset, len);
+    }
+    /// The inner storage's file: `copy_file_range` into it skips
+    /// [`Storage::write_all_at`], but the caller reports the range with
+    /// [`Storage::start_writeback`] (see above), and flushes are dropped either way.
+    fn host_file(&self) -> Option<&std::fs::File> {
+        self.inner.host_file()
     }
 }
 
@@ -202,7 +212,8 @@ mod tests {
         s.write_all_at(&[3; 512], 32 * mib).unwrap();
         // A 512 KiB run broken by another write is handed over.
         s.write_all_at(&block[..256 << 10], 40 * mib).unwrap();
-        s.write_all_at(&block[..256 << 10], 40 * mib + (256 << 10)).unwrap();
+        s.write_all_at(&block[..256 << 10], 40 * mib + (256 << 10))
+            .unwrap();
         s.write_all_at(&[4; 8], 8).unwrap();
         let handed = rec.handed.lock().unwrap().clone();
         assert_eq!(

@@ -102,6 +102,7 @@ mod keyslots;
 mod maint;
 mod measure;
 mod meta;
+mod offload;
 mod rebuild;
 mod refcount;
 mod resize;
