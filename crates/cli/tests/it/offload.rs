@@ -25,7 +25,11 @@ fn qcow2_chain(dir: &Path, cluster: &str) -> PathBuf {
     let top = dir.join(format!("top-{cluster}.qcow2"));
     let o = format!("cluster_size={cluster}");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", &o, s(&base), ODD]);
-    qemu_io(&base, "qcow2", &["write -P 0x55 0 2m", "write -P 0x66 4m 1m"]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 0x55 0 2m", "write -P 0x66 4m 1m"],
+    );
     let ob = format!("{o},backing_file={},backing_fmt=qcow2", s(&base));
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", &ob, s(&top)]);
     qemu_io(&top, "qcow2", WRITES);
@@ -145,14 +149,24 @@ fn option_errors_match_qemu() {
     let dst = dir.path().join("dst.qcow2");
     let cases: [(&[&str], &str); 3] = [
         (&["-c"], "Cannot enable copy offloading when -c is used"),
-        (&["-S", "0"], "Cannot enable copy offloading when -S is used"),
-        (&["-S", "4k"], "Cannot enable copy offloading when -S is used"),
+        (
+            &["-S", "0"],
+            "Cannot enable copy offloading when -S is used",
+        ),
+        (
+            &["-S", "4k"],
+            "Cannot enable copy offloading when -S is used",
+        ),
     ];
     for (extra, msg) in cases {
         for long in [false, true] {
             let mut a = vec![
                 "convert",
-                if long { "--copy-range-offloading" } else { "-C" },
+                if long {
+                    "--copy-range-offloading"
+                } else {
+                    "-C"
+                },
                 "-O",
                 "qcow2",
             ];
@@ -208,9 +222,8 @@ fn copy_file_range_is_used_when_strace_is_available() {
         .collect();
     assert_eq!(calls.len(), 2, "{log}");
     // copy_file_range(IN, [OFF_IN], OUT, [OFF_OUT], LEN, 0) = LEN
-    let offsets = |l: &str| -> (usize, usize) {
-        (l.matches("[0]").count(), l.matches("[4194304]").count())
-    };
+    let offsets =
+        |l: &str| -> (usize, usize) { (l.matches("[0]").count(), l.matches("[4194304]").count()) };
     assert_eq!(offsets(calls[0]), (2, 0), "{log}");
     assert!(calls[0].contains("1048576, 0) = 1048576"), "{log}");
     assert_eq!(offsets(calls[1]), (0, 2), "{log}");
