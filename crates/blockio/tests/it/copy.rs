@@ -3,8 +3,8 @@
 use std::sync::Mutex;
 
 use diskimg_blockio::{
-    BlockDevice, DeviceInfo, Error, Extent, ExtentKind, FileStorage, MemStorage,
-    ReadOnlyStorage, Result, Storage, check_range, copy_range,
+    BlockDevice, DeviceInfo, Error, Extent, ExtentKind, FileStorage, MemStorage, ReadOnlyStorage,
+    Result, Storage, check_range, copy_range,
 };
 
 fn bytes(seed: u8, len: usize) -> Vec<u8> {
@@ -107,10 +107,7 @@ fn mixed_storages_use_the_buffered_copy() {
         copy_range(&f, 0, &ro, 0, 10),
         Err(Error::ReadOnly)
     ));
-    assert!(matches!(
-        copy_range(&f, 0, &ro, 0, 0),
-        Err(Error::ReadOnly)
-    ));
+    assert!(matches!(copy_range(&f, 0, &ro, 0, 0), Err(Error::ReadOnly)));
 }
 
 #[test]
