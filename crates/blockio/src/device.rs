@@ -157,6 +157,9 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// refer to, when every such offset is a plain byte offset in one storage (copying
     /// `len` bytes from there gives the guest bytes). `None` (the default) when there is
     /// no such storage (encrypted data, several extent files, translated offsets).
+    /// Copy offloading (`convert -C`) reads a source's data from here, and offloads only
+    /// into targets that have one: a device overriding [`BlockDevice::write_from`] to
+    /// copy should return it.
     fn data_storage(&self) -> Option<Arc<dyn Storage>> {
         None
     }

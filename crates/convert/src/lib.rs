@@ -93,8 +93,10 @@ pub struct ConvertOptions {
     /// Copy offloading (`-C`): data of the source's top layer that has a host offset in
     /// its [`data_storage`](BlockDevice::data_storage) is handed to the target's
     /// [`write_from`](BlockDevice::write_from) (`copy_file_range` between files) instead
-    /// of being read, and is not scanned for zeroes. Data from backing layers, and
-    /// sources without a data storage, are copied as usual. Not with [`Self::compress`].
+    /// of being read, and is not scanned for zeroes. Data from backing layers, sources
+    /// without a data storage and targets without one (which could not offload: other
+    /// formats, encrypted qcow2) are copied as usual, as qemu-img falls back to reads and
+    /// writes. Not with [`Self::compress`].
     pub copy_offload: bool,
 }
 
@@ -178,7 +180,11 @@ pub fn convert(
             "copy offloading cannot be combined with compression",
         ));
     }
-    let offload_store = if opts.copy_offload {
+    // A target without a data storage stores guest bytes some other way (encrypted,
+    // blocks translated by a format without offloading): it could only buffer, so the
+    // conversion goes on as without the option, zero detection included (as qemu-img
+    // falls back once the target refuses copy_range).
+    let offload_store = if opts.copy_offload && dst.data_storage().is_some() {
         src.data_storage()
     } else {
         None

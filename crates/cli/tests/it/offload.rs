@@ -16,6 +16,7 @@ const WRITES: &[&str] = &[
     "write -P 0x22 1000k 1500k",
     "write -P 0 2600k 64k",
     "write -P 0x33 3m 3k",
+    "write -P 0 4m 1m",
     "write -P 0x44 5m 512",
 ];
 
@@ -96,10 +97,23 @@ fn existing_targets_and_other_formats() {
     diskimg_ok(&["convert", "-C", "-n", "-O", "qcow2", s(&src), s(&t)]);
     assert!(qemu_compare(&src, "raw", &t, "qcow2"));
     assert_qemu_check_clean(&t, "qcow2");
-    // Formats without offloading fall back to reads and writes, like qemu-img.
+    // Formats without offloading fall back to reads and writes, like qemu-img, zero
+    // detection included (the zero data at 2600k is not allocated).
     for fmt in ["vdi", "vpc", "vmdk", "vhdx"] {
         let d = dir.path().join(format!("d.{fmt}"));
         convert_c(&src, fmt, &[], &d);
+        let q = dir.path().join(format!("q.{fmt}"));
+        qemu_img_ok(&["convert", "-C", "-O", fmt, s(&src), s(&q)]);
+        let data = |p: &Path| -> u64 {
+            diskimg_testutil::qemu_map_json(p, fmt)
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["data"] == true)
+                .map(|e| e["length"].as_u64().unwrap())
+                .sum()
+        };
+        assert!(data(&d) <= data(&q), "{fmt}: {} > {}", data(&d), data(&q));
         let back = dir.path().join(format!("back-{fmt}.raw"));
         convert_c(&d, "raw", &[], &back);
         assert!(qemu_compare(&src, "raw", &d, fmt), "{fmt}");

@@ -138,3 +138,44 @@ fn sources_without_data_storage_and_conflicting_options() {
     };
     assert!(convert(a.as_ref(), qcow2(size, "").as_ref(), &opts, &mut |_, _| {}).is_err());
 }
+
+/// A raw target that hides its data storage, as a format that cannot offload.
+#[derive(Debug)]
+struct Opaque(Arc<dyn BlockDevice>);
+
+impl BlockDevice for Opaque {
+    fn info(&self) -> diskimg_blockio::DeviceInfo {
+        self.0.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> diskimg_blockio::Result<()> {
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> diskimg_blockio::Result<()> {
+        self.0.write_at(buf, off)
+    }
+    fn flush(&self) -> diskimg_blockio::Result<()> {
+        self.0.flush()
+    }
+    fn map(&self, off: u64, len: u64) -> diskimg_blockio::Result<diskimg_blockio::Extent> {
+        self.0.map(off, len)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn targets_that_cannot_offload_convert_as_without_the_option() {
+    let mut bytes = fill(7, 1 << 20);
+    bytes[4096..65536].fill(0);
+    let src: Arc<dyn BlockDevice> =
+        Arc::new(RawDevice::new(Arc::new(MemStorage::from_vec(bytes.clone())), false).unwrap());
+    let inner: Arc<dyn BlockDevice> =
+        Arc::new(RawDevice::new(Arc::new(MemStorage::from_vec(vec![0; 1 << 20])), false).unwrap());
+    let dst = Opaque(inner);
+    let st = convert(src.as_ref(), &dst, &offload(), &mut |_, _| {}).unwrap();
+    // Not offloaded, and the zero blocks inside the data are found (qemu-img's fallback).
+    assert_eq!(st.offloaded_bytes, 0, "{st:?}");
+    assert_eq!(st.data_bytes, (1 << 20) - 61440, "{st:?}");
+    assert_eq!(read(&dst), bytes);
+}
