@@ -151,6 +151,18 @@ fn encrypted_qcow2_target_falls_back() {
         let o = Command::new("qemu-img").args(&args).output().unwrap();
         assert!(o.status.success(), "{args:?}: {o:?}");
     }
+    // An encrypted source has no plain host offsets: decrypted through reads.
+    let back = dir.path().join("back.raw");
+    diskimg_ok(&[
+        "convert",
+        "-C",
+        "--object",
+        obj,
+        "--image-opts",
+        &io,
+        s(&back),
+    ]);
+    assert!(qemu_compare(&src, "raw", &back, "raw"));
     // The plaintext pattern is nowhere in the file.
     let file = std::fs::read(&dst).unwrap();
     assert!(!file.windows(4096).any(|w| w.iter().all(|&b| b == 0x22)));
