@@ -153,8 +153,54 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         Err(Error::unsupported(self.info().format, "checks"))
     }
 
+    /// The storage that the host offsets of this layer's [`ExtentKind::Data`] extents
+    /// refer to, when every such offset is a plain byte offset in one storage (copying
+    /// `len` bytes from there gives the guest bytes). `None` (the default) when there is
+    /// no such storage (encrypted data, several extent files, translated offsets).
+    /// Copy offloading (`convert -C`) reads a source's data from here, and offloads only
+    /// into targets that have one: a device overriding [`BlockDevice::write_from`] to
+    /// copy should return it.
+    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
+        None
+    }
+
+    /// Writes `len` guest bytes at `offset` taken from `src` at host offset
+    /// `src_offset`, as [`BlockDevice::write_at`] with those bytes would. Devices that
+    /// store guest bytes plainly override it to copy with [`crate::copy_range`]
+    /// (`copy_file_range`, qemu-img's `convert -C`); the default reads and writes through
+    /// a buffer of at most 1 MiB ([`write_from_by_buffer`]).
+    fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
+        write_from_by_buffer(self, offset, len, src, src_offset)
+    }
+
     /// For downcasting to the concrete format type (format-specific operations).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// [`BlockDevice::write_from`] through a buffer: reads of at most 1 MiB from `src`, each
+/// followed by a [`BlockDevice::write_at`].
+pub fn write_from_by_buffer<D: BlockDevice + ?Sized>(
+    dev: &D,
+    offset: u64,
+    len: u64,
+    src: &dyn Storage,
+    src_offset: u64,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    check_range(offset, len, dev.virtual_size())?;
+    if src_offset.checked_add(len).is_none() {
+        return Err(Error::invalid("copy range overflows"));
+    }
+    let mut buf = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from((len - done).min(CHUNK)).unwrap_or(0);
+        let piece = buf.get_mut(..n).ok_or(Error::invalid("copy buffer"))?;
+        src.read_exact_at(piece, src_offset + done)?;
+        dev.write_at(piece, offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Fails with [`Error::OutOfRange`] unless `offset..offset+len` lies within `size`.

@@ -10,6 +10,9 @@
 //!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
 //!   object that denies everything by default ([`DenyFiles`]).
 //! - [`block_status`] / [`map_chain`]: qemu's `MapEntry` view across a backing chain.
+//! - [`copy_range`]: host bytes from one storage to another with `copy_file_range` when
+//!   both are files ([`BlockDevice::write_from`] and [`BlockDevice::data_storage`] build
+//!   qemu-img's `convert -C` on it).
 //! - [`Error`], one enum for all; [`Limits`], bounds on what an image may make us allocate;
 //!   [`units`], sectors, clusters, guest vs host offsets; [`bytes`], bounds-checked fields.
 //!
@@ -55,6 +58,7 @@
 
 pub mod bytes;
 mod chain;
+mod copy;
 mod device;
 mod driver;
 mod error;
@@ -67,9 +71,10 @@ mod storage;
 pub mod units;
 
 pub use chain::{MapEntry, block_status, map_chain};
+pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
-    read_from_backing,
+    read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, Result};

@@ -124,6 +124,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// from its cache once they are clean. It makes nothing durable and reports no
     /// error; the default does nothing.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// The host file holding the bytes at the same offsets, for
+    /// [`copy_range`](crate::copy_range) to hand to `copy_file_range`. Only storages
+    /// whose every byte is the file's byte at the same offset may return it, and only
+    /// when writing to the file directly bypasses nothing but what
+    /// [`Storage::start_writeback`] is told afterwards: a wrapper that injects faults,
+    /// encrypts or translates offsets must return `None` (the default). Callers write to
+    /// the file only when [`Storage::is_read_only`] is false.
+    fn host_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// Zero-fills a range with ordinary writes of at most 1 MiB.
@@ -360,6 +370,9 @@ impl Storage for FileStorage {
             let _ = rustix::fs::fadvise(&self.file, offset, Some(len), advice);
         }
     }
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
 }
 
 /// A growable in-memory storage, for tests, examples and in-process pipelines.
@@ -537,6 +550,12 @@ impl<S: Storage> Storage for ReadOnlyStorage<S> {
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.0.allocated_bytes()
     }
+    /// The wrapped storage's file, as a copy *source* only: [`Storage::is_read_only`] is
+    /// true, so [`copy_range`](crate::copy_range) refuses to write to it (and a file
+    /// opened read-only would refuse anyway).
+    fn host_file(&self) -> Option<&File> {
+        self.0.host_file()
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -581,6 +600,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         (**self).start_writeback(offset, len)
+    }
+    fn host_file(&self) -> Option<&File> {
+        (**self).host_file()
     }
 }
 

@@ -1,4 +1,4 @@
-//! `convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-q] [-S SIZE] [-n] [--target-is-zero]
+//! `convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-C] [-p] [-q] [-S SIZE] [-n] [--target-is-zero]
 //! [-B BACKING [-F FMT]] [-m N] [-W] SRC... DST`.
 
 use std::sync::Arc;
@@ -28,6 +28,9 @@ pub(crate) struct Args {
     /// Compress the output (formats with compressed writes).
     #[arg(short = 'c')]
     compress: bool,
+    /// Copy offloading: data is copied with copy_file_range where the formats allow.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    copy_range: bool,
     /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
     #[arg(long = "bitmaps")]
     bitmaps: bool,
@@ -90,6 +93,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let out_fmt = parse_format(&a.output_format)?;
     if a.options.iter().any(|o| o == "help" || o == "?") {
         return print_help(out_fmt);
+    }
+    if a.copy_range && a.compress {
+        bail!("Cannot enable copy offloading when -c is used");
+    }
+    if a.copy_range && a.sparse.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
     }
     let snapshot = a
         .snapshot
@@ -201,6 +210,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         backing,
         workers: a.workers,
         out_of_order: a.out_of_order,
+        copy_offload: a.copy_range,
         ..ConvertOptions::default()
     };
     let bar = Progress::new(a.progress && !a.quiet, total);

@@ -134,8 +134,17 @@ impl Storage for UnsafeCache {
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.inner.allocated_bytes()
     }
+    /// Counted as a completed write of the range, so that it joins the runs handed to
+    /// the inner storage: [`copy_range`](diskimg_blockio::copy_range) writes into
+    /// [`UnsafeCache::host_file`]'s file directly and then calls this.
     fn start_writeback(&self, offset: u64, len: u64) {
-        self.inner.start_writeback(offset, len)
+        self.note_write(offset, len);
+    }
+    /// The inner storage's file: `copy_file_range` into it skips
+    /// [`Storage::write_all_at`], but the caller reports the range with
+    /// [`Storage::start_writeback`] (see above), and flushes are dropped either way.
+    fn host_file(&self) -> Option<&std::fs::File> {
+        self.inner.host_file()
     }
 }
 
@@ -192,7 +201,7 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let s = UnsafeCache::new(rec.clone());
         let mib = 1u64 << 20;
-        let block = vec![1u8; mib as usize];
+        let block = vec![1u8; 1 << 20];
         // 6 MiB appended from 1 MiB, with small metadata writes between them.
         for k in 0..6 {
             s.write_all_at(&block, mib + k * mib).unwrap();
@@ -217,5 +226,22 @@ mod tests {
         assert_eq!(buf, [2; 8]);
         s.read_exact_at(&mut buf, 8).unwrap();
         assert_eq!(buf, [4; 8]);
+    }
+
+    #[test]
+    fn copied_ranges_join_runs_and_expose_the_file() {
+        let rec = Arc::new(Recorder::default());
+        let s = UnsafeCache::new(rec.clone());
+        assert!(s.host_file().is_none());
+        let mib = 1u64 << 20;
+        // copy_range reports its copies with start_writeback: 3 x 2 MiB consecutive.
+        for k in 0..3 {
+            s.start_writeback(k * 2 * mib, 2 * mib);
+        }
+        assert_eq!(*rec.handed.lock().unwrap(), vec![(0, 4 * mib)]);
+        let dir = tempfile::tempdir().unwrap();
+        let f = diskimg_blockio::FileStorage::create(dir.path().join("f")).unwrap();
+        let c = UnsafeCache::new(Arc::new(f));
+        assert!(c.host_file().is_some());
     }
 }

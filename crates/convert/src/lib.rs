@@ -14,6 +14,9 @@
 //!   written plainly);
 //! - with [`ConvertOptions::backing`] (qemu-img's `-B`), ranges whose content equals the
 //!   target's backing image are left unallocated in the target;
+//! - with [`ConvertOptions::copy_offload`] (qemu-img's `-C`), data of the source's top
+//!   layer is copied from its [`data_storage`](BlockDevice::data_storage) with the
+//!   target's [`write_from`](BlockDevice::write_from) (`copy_file_range`), unscanned;
 //! - with [`ConvertOptions::workers`] > 1, chunks are read by that many threads; writes
 //!   stay in order unless [`ConvertOptions::out_of_order`] (qemu-img's `-W`).
 //!
@@ -87,6 +90,14 @@ pub struct ConvertOptions {
     pub workers: usize,
     /// Let workers write as soon as they are done (`-W`) instead of in order.
     pub out_of_order: bool,
+    /// Copy offloading (`-C`): data of the source's top layer that has a host offset in
+    /// its [`data_storage`](BlockDevice::data_storage) is handed to the target's
+    /// [`write_from`](BlockDevice::write_from) (`copy_file_range` between files) instead
+    /// of being read, and is not scanned for zeroes. Data from backing layers, sources
+    /// without a data storage and targets without one (which could not offload: other
+    /// formats, encrypted qcow2) are copied as usual, as qemu-img falls back to reads and
+    /// writes. Not with [`Self::compress`].
+    pub copy_offload: bool,
 }
 
 impl Default for ConvertOptions {
@@ -99,6 +110,7 @@ impl Default for ConvertOptions {
             chunk_size: DEFAULT_CHUNK,
             workers: 1,
             out_of_order: false,
+            copy_offload: false,
         }
     }
 }
@@ -112,6 +124,8 @@ pub struct ConvertStats {
     pub data_bytes: u64,
     /// Bytes written compressed (before compression).
     pub compressed_bytes: u64,
+    /// Bytes written with `write_from` (copy offloading).
+    pub offloaded_bytes: u64,
     /// Bytes made zero with `write_zeroes`.
     pub zeroed_bytes: u64,
     /// Bytes not written at all (zero on a zero target, or equal to the backing).
@@ -122,6 +136,7 @@ impl ConvertStats {
     fn add(&mut self, o: &ConvertStats) {
         self.data_bytes += o.data_bytes;
         self.compressed_bytes += o.compressed_bytes;
+        self.offloaded_bytes += o.offloaded_bytes;
         self.zeroed_bytes += o.zeroed_bytes;
         self.skipped_bytes += o.skipped_bytes;
     }
@@ -160,6 +175,24 @@ pub fn convert(
             "sparse size must be a multiple of 512 bytes",
         ));
     }
+    if opts.copy_offload && opts.compress {
+        return Err(Error::invalid(
+            "copy offloading cannot be combined with compression",
+        ));
+    }
+    // A target without a data storage stores guest bytes some other way (encrypted,
+    // blocks translated by a format without offloading): it could only buffer, so the
+    // conversion goes on as without the option, zero detection included (as qemu-img
+    // falls back once the target refuses copy_range).
+    let offload_store = if opts.copy_offload && dst.data_storage().is_some() {
+        src.data_storage()
+    } else {
+        None
+    };
+    let offload = match &offload_store {
+        Some(s) => Some((s.as_ref(), s.len()?)),
+        None => None,
+    };
     let mut chunk = opts.chunk_size.max(512);
     if unit > 0 {
         // A compressing target keeps copies of what it compresses (input, output,
@@ -179,6 +212,7 @@ pub fn convert(
         unit,
         chunk,
         pool: &pool,
+        offload,
     };
     let mut stats = run::run(&ctx, dst, total, progress)?;
     stats.total_bytes = total;

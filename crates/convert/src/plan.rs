@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use diskimg_blockio::{BlockDevice, Error, Result, ZeroFlags, block_status, read_from_backing};
+use diskimg_blockio::{
+    BlockDevice, Error, MapEntry, Result, Storage, ZeroFlags, block_status, read_from_backing,
+};
 
 use crate::pool::Pool;
 use crate::{ConvertOptions, ConvertStats};
@@ -24,6 +26,17 @@ pub enum Op {
         offset: u64,
         /// The units' bytes (a multiple of the unit).
         data: Vec<u8>,
+    },
+    /// Copy `len` bytes from the source's
+    /// [`data_storage`](BlockDevice::data_storage) at `src_offset` to `offset` with
+    /// [`write_from`](BlockDevice::write_from) (copy offloading, qemu-img's `-C`).
+    Copy {
+        /// Guest offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Host offset in the source's data storage.
+        src_offset: u64,
     },
     /// Make `len` bytes at `offset` read as zeroes.
     Zero {
@@ -60,6 +73,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) unit: u64,
     pub(crate) chunk: u64,
     pub(crate) pool: &'a Pool,
+    /// With copy offloading: the source's data storage and its length.
+    pub(crate) offload: Option<(&'a dyn Storage, u64)>,
 }
 
 /// True when every byte of `buf` is zero.
@@ -121,6 +136,12 @@ impl Ctx<'_> {
             let st = block_status(self.src, pos, end - pos)?;
             if st.zero {
                 self.push_zero(pos, st.length, &mut ops)?;
+            } else if let Some(src_offset) = self.offload_offset(&st) {
+                ops.push(Op::Copy {
+                    offset: pos,
+                    len: st.length,
+                    src_offset,
+                });
             } else {
                 let mut buf = self.pool.take(st.length)?;
                 self.src.read_at(&mut buf, pos)?;
@@ -129,6 +150,15 @@ impl Ctx<'_> {
             pos += st.length;
         }
         Ok(ops)
+    }
+
+    /// Where data to offload lives in the source's data storage: plain data of the top
+    /// layer, lying inside the storage, and no `-B` comparison to make.
+    fn offload_offset(&self, st: &MapEntry) -> Option<u64> {
+        let (_, store_len) = self.offload?;
+        let host = st.offset?;
+        let plain = st.depth == 0 && st.data && !st.compressed && self.opts.backing.is_none();
+        (plain && host.checked_add(st.length)? <= store_len).then_some(host)
     }
 
     /// A chunk of whole compression units (`offset` is unit-aligned): the units that
@@ -305,12 +335,12 @@ impl Ctx<'_> {
 /// than one unit per call with `InvalidArgument` gets them one by one from then on
 /// (`single_units` remembers it across chunks and threads).
 pub(crate) fn apply(
+    ctx: &Ctx<'_>,
     dst: &dyn BlockDevice,
     ops: Vec<Op>,
-    unit: u64,
     single_units: &AtomicBool,
-    pool: &Pool,
 ) -> Result<ConvertStats> {
+    let (unit, pool) = (ctx.unit, ctx.pool);
     let mut st = ConvertStats::default();
     for op in ops {
         match op {
@@ -323,6 +353,17 @@ pub(crate) fn apply(
                 write_units(dst, &data, offset, unit, single_units)?;
                 st.compressed_bytes += data.len() as u64;
                 pool.put(data);
+            }
+            Op::Copy {
+                offset,
+                len,
+                src_offset,
+            } => {
+                let (src, _) = ctx
+                    .offload
+                    .ok_or(Error::invalid("copy without a source storage"))?;
+                dst.write_from(offset, len, src, src_offset)?;
+                st.offloaded_bytes += len;
             }
             Op::Zero { offset, len } => {
                 dst.write_zeroes(offset, len, ZeroFlags { may_unmap: true })?;

@@ -98,7 +98,7 @@ pub(crate) fn run(
     if ctx.opts.workers <= 1 {
         while let Some((_, off, len)) = claim(ctx, &cursor, total)? {
             let ops = ctx.plan(off, len)?;
-            stats.add(&apply(dst, ops, ctx.unit, &single, ctx.pool)?);
+            stats.add(&apply(ctx, dst, ops, &single)?);
             done += len;
             progress(done, total);
         }
@@ -135,12 +135,10 @@ pub(crate) fn run(
                         gate.wait_below(idx, window, abort);
                     }
                     let msg = match ctx.plan(off, len) {
-                        Ok(ops) if out_of_order => {
-                            match apply(dst, ops, ctx.unit, single, ctx.pool) {
-                                Ok(st) => Msg::Written(len, st),
-                                Err(e) => Msg::Failed(e),
-                            }
-                        }
+                        Ok(ops) if out_of_order => match apply(ctx, dst, ops, single) {
+                            Ok(st) => Msg::Written(len, st),
+                            Err(e) => Msg::Failed(e),
+                        },
                         Ok(ops) => Msg::Planned(idx, len, ops),
                         Err(e) => Msg::Failed(e),
                     };
@@ -171,7 +169,7 @@ pub(crate) fn run(
                 Msg::Planned(idx, len, ops) => {
                     pending.insert(idx, (len, ops));
                     while let Some((len, ops)) = pending.remove(&next_write) {
-                        match apply(dst, ops, ctx.unit, &single, ctx.pool) {
+                        match apply(ctx, dst, ops, &single) {
                             Ok(st) => stats.add(&st),
                             Err(e) => {
                                 gate.abort(&abort);

@@ -619,6 +619,23 @@ impl BlockDevice for Qcow2Device {
         crate::check::check(self, repair)
     }
 
+    /// The image file, or the external data file; `None` for encrypted images (their
+    /// host bytes are ciphertext).
+    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
+        if self.crypt.is_some() {
+            return None;
+        }
+        Some(self.data.clone().unwrap_or_else(|| self.file.clone()))
+    }
+
+    /// Whole clusters are copied into their host clusters with
+    /// [`copy_range`](diskimg_blockio::copy_range); see `offload.rs`.
+    fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        crate::offload::write_from(self, offset, len, src, src_offset)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

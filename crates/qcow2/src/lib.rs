@@ -104,6 +104,7 @@ mod keyslots;
 mod maint;
 mod measure;
 mod meta;
+mod offload;
 mod rebuild;
 mod refcount;
 mod resize;

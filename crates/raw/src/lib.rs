@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, ExtentKind,
-    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range, map_host_run,
+    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range, copy_range, map_host_run,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -203,6 +203,18 @@ impl BlockDevice for RawDevice {
             offset,
             end.min(file_len) - offset,
         )
+    }
+
+    /// Guest offset = host offset in the raw storage.
+    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
+        Some(self.storage.clone())
+    }
+
+    /// [`copy_range`] into the storage (`copy_file_range` between host files).
+    fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        copy_range(src, src_offset, self.storage.as_ref(), offset, len)
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {

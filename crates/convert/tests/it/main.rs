@@ -9,3 +9,4 @@
 mod huge;
 mod model;
 mod modes;
+mod offload;

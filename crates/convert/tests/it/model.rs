@@ -42,6 +42,7 @@ proptest! {
         chunk in prop::sample::select(vec![512u64, 4096, 12288, 2 << 20]),
         workers in 1usize..4,
         ooo in any::<bool>(),
+        offload in any::<bool>(),
     ) {
         let size = src_bytes.len();
         let (src_store, src) = raw(src_bytes.clone());
@@ -53,6 +54,7 @@ proptest! {
             chunk_size: chunk,
             workers,
             out_of_order: ooo,
+            copy_offload: offload,
             ..ConvertOptions::default()
         };
         let mut last = (0, 0);
@@ -63,12 +65,14 @@ proptest! {
         prop_assert!(out == src_bytes, "content differs");
         prop_assert!(src_store.to_vec() == src_bytes, "source modified");
         prop_assert_eq!(
-            stats.data_bytes + stats.zeroed_bytes + stats.skipped_bytes,
+            stats.data_bytes + stats.offloaded_bytes + stats.zeroed_bytes + stats.skipped_bytes,
             size as u64
         );
         if sparse == 0 {
-            prop_assert_eq!(stats.data_bytes, size as u64);
+            prop_assert_eq!(stats.data_bytes + stats.offloaded_bytes, size as u64);
         }
+        // Memory storage has no holes: with offloading everything is one data extent.
+        prop_assert_eq!(stats.offloaded_bytes, if offload { size as u64 } else { 0 });
     }
 }
 

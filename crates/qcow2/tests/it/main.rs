@@ -13,6 +13,7 @@ mod encrypt;
 mod hostile;
 mod maint;
 mod model;
+mod offload;
 mod read;
 mod snapshots;
 mod write;
