@@ -633,6 +633,7 @@ impl BlockDevice for Qcow2Device {
     fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
         crate::offload::write_from(self, offset, len, src, src_offset)
     }
 

@@ -468,3 +468,35 @@ fn crash_at_every_write_leaves_a_consistent_image() {
     }
     assert!(saw_in_use);
 }
+
+/// `write_from` (copy offloading, `convert -C`) marks the same bits as `write_at`.
+#[test]
+fn write_from_marks_bits_like_write_at() {
+    let dir = tempdir();
+    let orig = image(dir.path());
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    std::fs::copy(&orig, &a).unwrap();
+    std::fs::copy(&orig, &b).unwrap();
+    let src = MemStorage::from_vec(vec![0x5a; 2 * MB as usize]);
+    // Cluster-aligned (offloaded) and unaligned (buffered) ranges.
+    let ranges = [
+        (0, 1000),
+        (MB, 192 << 10),
+        (3 * MB + 5, 70000),
+        (6 * MB, MB),
+    ];
+    {
+        let (da, db) = (open_rw(&a), open_rw(&b));
+        for &(o, l) in &ranges {
+            da.write_at(&vec![0x5a; l as usize], o).unwrap();
+            db.write_from(o, l, &src, 4096).unwrap();
+        }
+    }
+    for n in NAMES {
+        assert_eq!(bits(&a, n), bits(&b, n), "bitmap {n}");
+    }
+    let en = bits(&b, "en").1;
+    assert!(en.iter().any(|&x| x != 0));
+    assert_qemu_check_clean(&b, "qcow2");
+    assert!(qemu_compare(&a, "qcow2", &b, "qcow2"));
+}
