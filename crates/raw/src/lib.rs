@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, ExtentKind,
-    OpenOptions, Preallocation, Result, Storage, ZeroFlags, check_range, copy_range, map_host_run,
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, OpenOptions,
+    Preallocation, Result, Storage, ZeroFlags, check_range, copy_range, map_host_run,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -186,23 +186,9 @@ impl BlockDevice for RawDevice {
         if len == 0 {
             return Err(Error::invalid("map of an empty range"));
         }
-        let end = offset + len;
-        let file_len = self.storage.len()?;
-        if offset >= file_len {
-            return Ok(Extent {
-                offset,
-                len,
-                kind: ExtentKind::Zero {
-                    offset: Some(offset),
-                },
-            });
-        }
-        map_host_run(
-            self.storage.as_ref(),
-            offset,
-            offset,
-            end.min(file_len) - offset,
-        )
+        // Past the end of the file (a virtual size rounded up to a sector) the storage
+        // reports no data, so the tail maps as zeroes without asking for the length.
+        map_host_run(self.storage.as_ref(), offset, offset, len)
     }
 
     /// Guest offset = host offset in the raw storage.
@@ -246,7 +232,7 @@ impl BlockDevice for RawDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diskimg_blockio::{FileStorage, MemStorage, OptionList, map_all};
+    use diskimg_blockio::{ExtentKind, FileStorage, MemStorage, OptionList, map_all};
 
     #[test]
     fn out_of_range_and_read_only() {
@@ -258,6 +244,24 @@ mod tests {
             d.read_at(&mut b, 1023),
             Err(Error::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn map_of_a_file_not_a_sector_multiple() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.img");
+        std::fs::write(&path, vec![3u8; 1000]).unwrap();
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, true).unwrap());
+        let d = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+        assert_eq!(d.virtual_size(), 1024);
+        let ext = map_all(d.as_ref(), 0, 1024).unwrap();
+        let data = ExtentKind::Data { offset: Some(0) };
+        let tail = ExtentKind::Zero { offset: Some(1000) };
+        let kinds: Vec<_> = ext.iter().map(|e| (e.offset, e.len, e.kind)).collect();
+        assert_eq!(kinds, vec![(0, 1000, data), (1000, 24, tail)]);
+        let mut buf = [9u8; 1024];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..1000].iter().all(|&b| b == 3) && buf[1000..].iter().all(|&b| b == 0));
     }
 
     #[test]
