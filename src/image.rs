@@ -115,6 +115,21 @@ impl Image {
         out
     }
 
+    /// Closes every writable image of the chain, top first
+    /// ([`BlockDevice::close`](crate::BlockDevice::close): qcow2 stores its persistent
+    /// dirty bitmaps), returning the first error. Dropping the image closes too, but
+    /// silently.
+    pub fn close(&self) -> Result<()> {
+        let mut first = Ok(());
+        for img in self.chain() {
+            let r = img.device.close();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
     /// The image's host storage size as qemu's "actual-size" reports it.
     pub fn actual_size(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;

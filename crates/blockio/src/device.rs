@@ -114,6 +114,18 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
 
+    /// Closes the image: writes what the format keeps in memory until then (qcow2's
+    /// persistent dirty bitmaps) and flushes, reporting errors that dropping the device
+    /// would have to swallow. Reads still work afterwards; a format with such state
+    /// refuses further writes. Calling it again does nothing more. The default flushes a
+    /// writable device.
+    fn close(&self) -> Result<()> {
+        if self.info().read_only {
+            return Ok(());
+        }
+        self.flush()
+    }
+
     /// Describes the range starting at `offset`: returns one extent beginning at `offset`,
     /// no longer than `len` (and never past the virtual size), whose bytes are all of one
     /// [`ExtentKind`]. `len` must be non-zero and `offset` inside the disk.

@@ -74,6 +74,6 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             bail!("Invalid parameter '{k}'");
         }
     }
-    img.device.flush()?;
+    img.close()?;
     Ok(0)
 }

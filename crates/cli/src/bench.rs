@@ -206,6 +206,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         "Run completed in {:.3} seconds.",
         start.elapsed().as_secs_f64()
     );
+    img.close()?;
     Ok(0)
 }
 

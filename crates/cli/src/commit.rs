@@ -104,8 +104,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             Err(e) if e.is_unsupported() => {}
             r => r.map_err(|e| anyhow!("Could not empty {}: {e}", a.file))?,
         }
-        img.device.flush()?;
     }
+    // Stores what the images keep until closed (qcow2 bitmaps), in base and top.
+    img.close()?;
     if !a.quiet {
         out("Image committed.\n")?;
     }

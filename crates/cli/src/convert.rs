@@ -317,6 +317,11 @@ impl Target {
             _image,
             cache,
         } = self;
+        // Drivers may write on close (qcow2 stores bitmaps); report their errors.
+        device.close()?;
+        if let Some(img) = &_image {
+            img.close()?;
+        }
         drop(device);
         drop(_image);
         match cache {

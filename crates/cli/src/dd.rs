@@ -93,6 +93,6 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .map_err(|e| anyhow!("error while writing to output image file: {e}"))?;
         pos += len;
     }
-    dst.device.flush()?;
+    dst.close()?;
     Ok(0)
 }

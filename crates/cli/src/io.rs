@@ -252,6 +252,6 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
         out(&s)?;
     }
-    img.device.flush()?;
+    img.close()?;
     Ok(i32::from(failed))
 }

@@ -88,7 +88,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         a.backing_format.as_deref(),
     )
     .map_err(|e| change_err(e.to_string()))?;
-    img.device.flush()?;
+    img.close()?;
     Ok(0)
 }
 

@@ -67,7 +67,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             anyhow::Error::from(e)
         }
     })?;
-    img.device.flush()?;
+    img.close()?;
     if !a.quiet {
         out("Image resized.\n")?;
     }

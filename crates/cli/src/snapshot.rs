@@ -79,7 +79,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             out(&format!("Snapshot list:\n{}", table(&list)))?;
         }
     }
-    img.device.flush()?;
+    img.close()?;
     Ok(0)
 }
 

@@ -47,6 +47,9 @@ pub struct Qcow2Device {
     pub(crate) bitmaps: Vec<BitmapEntry>,
     /// The enabled persistent bitmaps tracking writes (read-write opens only).
     pub(crate) tracked: Mutex<Vec<Tracked>>,
+    /// Set by [`Qcow2Device::close`]: writes are refused from then on (the bitmaps are
+    /// stored and would not see them).
+    pub(crate) closed: std::sync::atomic::AtomicBool,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
     /// The data cipher of an encrypted image.
@@ -152,6 +155,7 @@ impl Qcow2Device {
             read_only,
             bitmaps,
             tracked: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             snapshot_view: false,
             crypt,
         };
@@ -318,6 +322,7 @@ impl Qcow2Device {
             read_only: true,
             bitmaps: Vec::new(),
             tracked: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             snapshot_view: true,
             crypt: self.crypt.clone(),
         })
@@ -326,6 +331,8 @@ impl Qcow2Device {
     pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly)
+        } else if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            Err(Error::invalid("qcow2: the image was closed"))
         } else {
             Ok(())
         }
@@ -545,6 +552,11 @@ impl BlockDevice for Qcow2Device {
         check_range(offset, len, self.virtual_size())?;
         self.mark_dirty(offset, len);
         crate::write::discard(self, offset, len)
+    }
+
+    /// [`Qcow2Device::close`].
+    fn close(&self) -> Result<()> {
+        Qcow2Device::close(self)
     }
 
     fn flush(&self) -> Result<()> {

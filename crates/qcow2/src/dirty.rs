@@ -192,9 +192,10 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
 impl Qcow2Device {
     /// Flushes and writes the persistent dirty bitmaps back (clearing their `in_use`
     /// flag), as closing the image in qemu does; dropping the device does the same but
-    /// ignores errors. After this no bitmap tracks writes any more.
+    /// ignores errors. Writes are refused afterwards (no bitmap would see them); a
+    /// second call does nothing.
     pub fn close(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Ok(());
         }
         self.flush()?;

@@ -500,3 +500,32 @@ fn write_from_marks_bits_like_write_at() {
     assert_qemu_check_clean(&b, "qcow2");
     assert!(qemu_compare(&a, "qcow2", &b, "qcow2"));
 }
+
+/// `BlockDevice::close` stores the bitmaps and reports a failure to do so (dropping
+/// could not); after it the device refuses writes, and a second close does nothing.
+#[test]
+fn close_reports_errors_and_ends_writes() {
+    let dir = tempdir();
+    let img = std::fs::read(image(dir.path())).unwrap();
+    // Count the operations of a session that writes once, then cut during its close.
+    let count = Arc::new(FaultStorage::new(img.clone(), None));
+    let dev: Box<dyn BlockDevice> =
+        Box::new(Qcow2Device::open(count.clone(), &OpenOptions::new()).unwrap());
+    dev.write_at(&[1; 4096], 0).unwrap();
+    let before_close = count.ops();
+    dev.close().unwrap();
+    assert!(count.ops() > before_close, "close stored nothing");
+    assert!(dev.write_at(&[1; 512], 0).is_err(), "write after close");
+    let mut buf = [0u8; 4096];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [1; 4096]);
+    let after = count.ops();
+    dev.close().unwrap();
+    assert_eq!(count.ops(), after, "second close wrote");
+
+    let cut = Arc::new(FaultStorage::new(img, Some(before_close)));
+    let dev: Box<dyn BlockDevice> =
+        Box::new(Qcow2Device::open(cut.clone(), &OpenOptions::new()).unwrap());
+    dev.write_at(&[1; 4096], 0).unwrap();
+    assert!(dev.close().is_err(), "a failed store must be reported");
+}
