@@ -61,6 +61,7 @@ use diskimg_blockio::{BlockDevice, Error, Result};
 pub use cache::UnsafeCache;
 pub use concat::ConcatDevice;
 pub use plan::{Op, is_zero, zero_runs};
+pub use pool::Buf;
 
 /// Default chunk size: the unit of work for one thread and of progress reports.
 pub const DEFAULT_CHUNK: u64 = 2 << 20;

@@ -7,7 +7,7 @@ use diskimg_blockio::{
     BlockDevice, Error, MapEntry, Result, Storage, ZeroFlags, block_status, read_from_backing,
 };
 
-use crate::pool::Pool;
+use crate::pool::{Buf, Pool};
 use crate::{ConvertOptions, ConvertStats};
 
 /// One write [`crate::convert`] performs on the target.
@@ -18,14 +18,14 @@ pub enum Op {
         /// Guest offset.
         offset: u64,
         /// The bytes.
-        data: Vec<u8>,
+        data: Buf,
     },
     /// Write whole compression units at `offset`.
     Compressed {
         /// Guest offset (unit-aligned).
         offset: u64,
         /// The units' bytes (a multiple of the unit).
-        data: Vec<u8>,
+        data: Buf,
     },
     /// Copy `len` bytes from the source's
     /// [`data_storage`](BlockDevice::data_storage) at `src_offset` to `offset` with
@@ -255,7 +255,7 @@ impl Ctx<'_> {
     }
 
     /// Data read from the source: split out zero blocks at `-S` granularity.
-    fn push_data(&self, offset: u64, buf: Vec<u8>, ops: &mut Vec<Op>) -> Result<()> {
+    fn push_data(&self, offset: u64, buf: Buf, ops: &mut Vec<Op>) -> Result<()> {
         let runs = zero_runs(&buf, offset, self.opts.sparse_size);
         if runs.len() == 1 && runs.first().is_some_and(|r| !r.2) {
             return self.push_data_raw(offset, buf, ops);
@@ -274,13 +274,11 @@ impl Ctx<'_> {
     }
 
     /// A pooled copy of `bytes`.
-    fn copy_of(&self, bytes: &[u8]) -> Result<Vec<u8>> {
-        let mut v = self.pool.take(bytes.len() as u64)?;
-        v.copy_from_slice(bytes);
-        Ok(v)
+    fn copy_of(&self, bytes: &[u8]) -> Result<Buf> {
+        self.pool.copy_of(bytes)
     }
 
-    fn push_data_raw(&self, offset: u64, data: Vec<u8>, ops: &mut Vec<Op>) -> Result<()> {
+    fn push_data_raw(&self, offset: u64, data: Buf, ops: &mut Vec<Op>) -> Result<()> {
         let Some(b) = &self.opts.backing else {
             ops.push(Op::Data { offset, data });
             return Ok(());
@@ -305,7 +303,7 @@ impl Ctx<'_> {
                 }
                 (_, false) => ops.push(Op::Data {
                     offset: offset + pos as u64,
-                    data: data.get(pos..end).unwrap_or(&[]).to_vec(),
+                    data: self.copy_of(data.get(pos..end).unwrap_or(&[]))?,
                 }),
             }
             pos = end;
@@ -321,7 +319,7 @@ impl Ctx<'_> {
         };
         let mut bb = self.pool.take(data.len() as u64)?;
         read_from_backing(Some(b.as_ref()), &mut bb, offset)?;
-        let same = bb == data;
+        let same = *bb == *data;
         self.pool.put(bb);
         Ok(same)
     }
