@@ -47,6 +47,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     opts.backing_writable = true;
     let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
+    // As qemu: progress starts once the image is open.
+    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    bar.print(0.0, 100);
     let chain = img.chain();
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
@@ -73,7 +76,6 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .resize(size, Preallocation::Off, false)
             .with_context(|| "Could not resize the base image")?;
     }
-    let bar = Progress::new(a.progress, size);
     let depth = u32::try_from(depth)?;
     let chunk = 4u64 << 20;
     let mut buf = vec![0u8; usize::try_from(chunk)?];
@@ -94,10 +96,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             }
         }
         pos += n;
-        bar.set(pos, size);
+        bar.fraction(pos, size);
     }
     base.device.flush()?;
-    bar.finish();
+    bar.print(100.0, 0);
     if !a.keep && a.base.is_none() {
         // As qemu: formats that cannot be emptied (vmdk) keep their data.
         match diskimg::maint::make_empty(&img) {
@@ -106,6 +108,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
         img.device.flush()?;
     }
+    bar.end();
     if !a.quiet {
         out("Image committed.\n")?;
     }

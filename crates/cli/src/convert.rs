@@ -117,6 +117,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let Some((dst_name, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         bail!("Expecting image file name");
     };
+    // As qemu: progress starts (and its final newline is due) before the sources open.
+    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    bar.print(0.0, 100);
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {
@@ -203,17 +206,25 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         out_of_order: a.out_of_order,
         ..ConvertOptions::default()
     };
-    let bar = Progress::new(a.progress && !a.quiet, total);
-    convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
-        bar.set(d, t)
+    // qemu counts progress over the data it copies (0% was printed above), so its copy
+    // loop only reaches 100% when there was data; the final 100% is printed in any case.
+    let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
+        if d > 0 && d < t {
+            bar.fraction(d, t);
+        }
     })
     .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-    bar.finish();
     dst.finish()
         .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     if a.bitmaps {
         copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }
+    let copied = stats.data_bytes + stats.compressed_bytes;
+    if copied > 0 || (sparse == 0 && stats.zeroed_bytes > 0) {
+        bar.print(100.0, 0);
+    }
+    bar.print(100.0, 0);
+    bar.end();
     Ok(0)
 }
 

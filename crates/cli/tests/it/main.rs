@@ -23,6 +23,7 @@ mod errors;
 mod io;
 mod map;
 mod measure;
+mod progress;
 mod snapshot;
 
 use std::path::Path;
