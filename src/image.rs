@@ -228,7 +228,7 @@ fn open_inner(
         Some(f) if !f.is_empty() => Some(Format::from_name(f)?),
         _ => None,
     };
-    let mut last_err = None;
+    let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
         let bpath = match options.policy.backing.resolve(&dir, name) {
             Ok(p) => p,
@@ -248,6 +248,7 @@ fn open_inner(
             ));
             continue;
         }
+        let depth_before = visited.len();
         let backing = open_inner(
             &bpath,
             name,
@@ -257,11 +258,20 @@ fn open_inner(
             backing_opts.clone(),
             visited,
         )?;
-        image.device.set_backing(Some(backing.device.clone()))?;
+        // A candidate the image refuses as its parent (VHD unique id, VHDX linkage) does
+        // not end the search: another locator may name the right file.
+        if let Err(e) = image.device.set_backing(Some(backing.device.clone())) {
+            visited.truncate(depth_before);
+            refused.get_or_insert(e);
+            continue;
+        }
         image.backing = Some(Box::new(backing));
         return Ok(image);
     }
-    Err(last_err.unwrap_or_else(|| Error::invalid("backing file could not be opened")))
+    // A file that was found but refused says more than the names that were not found.
+    Err(refused
+        .or(last_err)
+        .unwrap_or_else(|| Error::invalid("backing file could not be opened")))
 }
 
 /// Opens an image held in any [`Storage`] (memory, a custom transport). No backing
@@ -353,6 +363,9 @@ pub fn create(
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {
         req = req.image_name(name.to_string_lossy());
+    }
+    if let Ok(dir) = std::fs::canonicalize(dir_of(path)) {
+        req = req.image_dir(dir);
     }
     req.limits = image_options.limits;
     req.secrets = image_options.secrets.clone();
