@@ -131,3 +131,57 @@ fn vhd_locators_both_forms_and_whichever_resolves() {
     let e = open(elsewhere.join("rel.vhd"), Some(Format::Vpc), &opts()).unwrap_err();
     assert!(e.to_string().contains("unique id"), "{e}");
 }
+
+#[test]
+fn vhdx_parent_linkage_is_verified() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("base.vhdx");
+    qemu_img_ok(&["create", "-q", "-f", "vhdx", base.to_str().unwrap(), "8M"]);
+    qemu_io(&base, "vhdx", &["write -P 5 0 1M"]);
+    child(&d.join("child.vhdx"), Format::Vhdx, "base.vhdx");
+    let img = open(d.join("child.vhdx"), Some(Format::Vhdx), &opts()).unwrap();
+    assert!(img.backing.is_some());
+    let before = read_all(img.device.as_ref());
+    drop(img);
+    // Opening the parent read-write without writing keeps its DataWriteGuid.
+    let rw = ImageOptions::read_only(false).with_policy(OpenPolicy::qemu_compatible());
+    drop(open(&base, Some(Format::Vhdx), &rw).unwrap());
+    assert_eq!(
+        read_all(
+            open(d.join("child.vhdx"), Some(Format::Vhdx), &opts())
+                .unwrap()
+                .device
+                .as_ref()
+        ),
+        before
+    );
+    // A write to the parent (here by qemu) gives it a new DataWriteGuid: refused.
+    qemu_io(&base, "vhdx", &["write -P 6 2M 64k"]);
+    let e = open(d.join("child.vhdx"), Some(Format::Vhdx), &opts()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("DataWriteGuid") && msg.contains("parent_linkage"),
+        "{msg}"
+    );
+    // The override opens it anyway (and reads the modified parent).
+    let mut force = opts();
+    force.driver_options.set("check_parent_linkage", "off");
+    let img = open(d.join("child.vhdx"), Some(Format::Vhdx), &force).unwrap();
+    let after = read_all(img.device.as_ref());
+    assert_eq!(after[2 << 20..(2 << 20) + 65536], [6u8; 65536]);
+    assert_eq!(after[..1 << 20], before[..1 << 20]);
+    // A bad override value is refused by name.
+    force.driver_options.set("check_parent_linkage", "maybe");
+    let e = open(d.join("child.vhdx"), Some(Format::Vhdx), &force).unwrap_err();
+    assert!(e.to_string().contains("check_parent_linkage"), "{e}");
+    // Writing through our own device changes the GUID too.
+    let base2 = d.join("b2.vhdx");
+    qemu_img_ok(&["create", "-q", "-f", "vhdx", base2.to_str().unwrap(), "8M"]);
+    child(&d.join("c2.vhdx"), Format::Vhdx, "b2.vhdx");
+    let p = open(&base2, Some(Format::Vhdx), &rw).unwrap();
+    p.device.write_at(&[1u8; 512], 0).unwrap();
+    p.device.flush().unwrap();
+    drop(p);
+    assert!(open(d.join("c2.vhdx"), Some(Format::Vhdx), &opts()).is_err());
+}
