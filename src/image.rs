@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Error, FileStorage, Limits, OpenOptions, OptionList, Result,
-    Secrets, Storage,
+    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits, OpenOptions,
+    OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
@@ -307,13 +307,14 @@ pub fn create(
     let driver = format.driver()?;
     let specs = driver.create_options();
     for (k, _) in options.entries() {
-        if k != "size" && !specs.iter().any(|s| s.name == k) {
+        if !specs.iter().chain(FILE_CREATE_OPTIONS).any(|s| s.name == k) {
             return Err(Error::invalid(format!(
                 "Invalid parameter '{k}' for file format '{}'",
                 format.name()
             )));
         }
     }
+    take_host_hints(&mut options)?;
     let size = match (options.take_size("size")?, size) {
         (_, Some(s)) | (Some(s), None) => Some(s),
         (None, None) => None,
@@ -370,10 +371,49 @@ pub fn create(
     req.limits = image_options.limits;
     req.secrets = image_options.secrets.clone();
     let result = driver
-        .create(storage, &mut req)
+        .create(storage.clone(), &mut req)
+        .and_then(|()| file_preallocation(storage.as_ref(), &mut req.options))
         .and_then(|()| std::mem::take(&mut req.options).finish(format.name()));
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Validates and drops the `file` protocol's host hints (`extent_size_hint`, `nocow`), as
+/// qemu-img accepts them for every format; applying them needs ioctls, so they are not.
+fn take_host_hints(options: &mut OptionList) -> Result<()> {
+    if let Some(hint) = options.take_size("extent_size_hint")?
+        && hint > u64::from(u32::MAX)
+    {
+        return Err(Error::invalid("Extent size hint is too large"));
+    }
+    options.take_bool("nocow")?;
+    Ok(())
+}
+
+/// The `file` protocol's `preallocation` for formats without their own (vhdx): after the
+/// format wrote the image, the holes of the file are allocated (falloc) or written with
+/// zeroes (full); data is not touched. (qemu preallocates the file at the virtual size
+/// before the format driver writes, which can leave the file longer.)
+fn file_preallocation(storage: &dyn Storage, options: &mut OptionList) -> Result<()> {
+    let mode = match options.take("preallocation") {
+        None => return Ok(()),
+        Some(v) => Preallocation::parse_file(&v)?,
+    };
+    if mode == Preallocation::Off {
+        return Ok(());
+    }
+    let len = storage.len()?;
+    let mut pos = 0;
+    while pos < len {
+        let hole = storage.next_hole(pos)?;
+        if hole >= len {
+            break;
+        }
+        let data = storage.next_data(hole)?.unwrap_or(len).clamp(hole + 1, len);
+        storage.preallocate(hole, data - hole, mode)?;
+        pos = data;
+    }
+    storage.flush()
 }

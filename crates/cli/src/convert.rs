@@ -11,7 +11,7 @@ use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 use crate::common::{
     Progress, open_image, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
 };
-use crate::create::{parse_options, print_help};
+use crate::create::{known_option, parse_options, print_help};
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -76,7 +76,7 @@ pub(crate) struct Args {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Source image(s) followed by the output file.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(num_args = 1..)]
     files: Vec<String>,
 }
 
@@ -89,7 +89,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     };
     let out_fmt = parse_format(&a.output_format)?;
     if a.options.iter().any(|o| o == "help" || o == "?") {
-        return print_help(out_fmt);
+        // As qemu: the protocol's options too once a target file is named.
+        return print_help(out_fmt, !a.files.is_empty());
     }
     let snapshot = a
         .snapshot
@@ -158,7 +159,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             options.set("backing_fmt", bf);
         }
         for (k, _) in options.entries() {
-            if !specs.iter().any(|s| s.name == k) {
+            if !known_option(out_fmt, k)? {
                 bail!("{dst_name}: Invalid parameter '{k}'");
             }
         }

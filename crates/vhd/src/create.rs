@@ -61,14 +61,7 @@ fn take_params(req: &mut CreateRequest) -> Result<Params> {
     let azure = o.take_bool("azure_align")?.unwrap_or(false);
     let prealloc = match o.take("preallocation") {
         None => Preallocation::Off,
-        Some(s) => match Preallocation::parse(&s)? {
-            Preallocation::Metadata => {
-                return Err(Error::invalid(
-                    "Unsupported preallocation mode 'metadata' for vpc",
-                ));
-            }
-            m => m,
-        },
+        Some(s) => Preallocation::parse_file(&s)?,
     };
     let backing = o.take("backing_file").filter(|b| !b.is_empty());
     match o.take("backing_fmt").as_deref() {

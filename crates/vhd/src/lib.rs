@@ -87,11 +87,6 @@ static CREATE_OPTIONS: &[CreateOptionSpec] = &[
         help: "Round the virtual size up to a multiple of 1 MiB and store it exactly (implies force_size; Azure requires it, with subformat=fixed)",
     },
     CreateOptionSpec {
-        name: "preallocation",
-        kind: "<str>",
-        help: "Preallocation mode of the host file (allowed values: off, falloc, full)",
-    },
-    CreateOptionSpec {
         name: "backing_file",
         kind: "<str>",
         help: "Parent VHD: creates a differencing disk (not in qemu)",

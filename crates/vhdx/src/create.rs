@@ -34,7 +34,7 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
     CreateOptionSpec {
         name: "block_state_zero",
         kind: "<bool (on/off)>",
-        help: "Force use of payload blocks of type 'ZERO'. Non-standard, but default 'on'.",
+        help: "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic.",
     },
     CreateOptionSpec {
         name: "backing_file",
