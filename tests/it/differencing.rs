@@ -185,3 +185,59 @@ fn vhdx_parent_linkage_is_verified() {
     drop(p);
     assert!(open(d.join("c2.vhdx"), Some(Format::Vhdx), &opts()).is_err());
 }
+
+/// VHDX children name the parent by `relative_path` and `absolute_win32_path` (derived
+/// from the other), and open after either the child alone or the whole directory moved.
+#[test]
+fn vhdx_locator_both_forms() {
+    let dir = tempdir();
+    let a = dir.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let a = a.canonicalize().unwrap();
+    let base = a.join("base.vhdx");
+    qemu_img_ok(&["create", "-q", "-f", "vhdx", base.to_str().unwrap(), "8M"]);
+    qemu_io(&base, "vhdx", &["write -P 5 0 1M"]);
+    let want = read_all(
+        open(&base, Some(Format::Vhdx), &opts())
+            .unwrap()
+            .device
+            .as_ref(),
+    );
+    child(&a.join("rel.vhdx"), Format::Vhdx, "base.vhdx");
+    let img = open(a.join("rel.vhdx"), Some(Format::Vhdx), &opts()).unwrap();
+    let bref = img.device.info().backing.unwrap();
+    assert_eq!(bref.filename, "base.vhdx");
+    assert_eq!(bref.alternates, vec![base.to_str().unwrap().to_string()]);
+    drop(img);
+    std::fs::create_dir(a.join("sub")).unwrap();
+    child(
+        &a.join("sub/abs.vhdx"),
+        Format::Vhdx,
+        base.to_str().unwrap(),
+    );
+    let bref = open(a.join("sub/abs.vhdx"), Some(Format::Vhdx), &opts())
+        .unwrap()
+        .device
+        .info()
+        .backing
+        .unwrap();
+    assert_eq!(
+        (bref.filename.as_str(), bref.alternates.as_slice()),
+        ("../base.vhdx", &[base.to_str().unwrap().to_string()][..])
+    );
+    let reads = |p: &Path| {
+        read_all(
+            open(p, Some(Format::Vhdx), &opts())
+                .unwrap()
+                .device
+                .as_ref(),
+        )
+    };
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::copy(a.join("rel.vhdx"), elsewhere.join("rel.vhdx")).unwrap();
+    assert_eq!(reads(&elsewhere.join("rel.vhdx")), want);
+    let moved = dir.path().join("moved");
+    std::fs::rename(&a, &moved).unwrap();
+    assert_eq!(reads(&moved.join("sub/abs.vhdx")), want);
+}

@@ -62,6 +62,7 @@ mod fault;
 mod info;
 mod limits;
 mod options;
+pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod units;

@@ -9,43 +9,14 @@
 
 use std::path::Path;
 
+use diskimg_blockio::parent_path::ParentForms;
+
 /// Parent locator platform code: Windows relative path, UTF-16LE ("W2ru").
 pub const W2RU: u32 = u32::from_be_bytes(*b"W2ru");
 /// Parent locator platform code: Windows absolute path, UTF-16LE ("W2ku").
 pub const W2KU: u32 = u32::from_be_bytes(*b"W2ku");
 /// Parent locator platform code: Mac OS X file URL, UTF-8 ("MacX").
 pub const MACX: u32 = u32::from_be_bytes(*b"MacX");
-
-/// Lexically normalised absolute POSIX path components (`.` dropped, `..` popped).
-fn components(path: &str) -> Vec<&str> {
-    let mut v: Vec<&str> = Vec::new();
-    for c in path.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                v.pop();
-            }
-            c => v.push(c),
-        }
-    }
-    v
-}
-
-/// A Windows absolute path: drive letter (`C:\`, `C:/`) or UNC (`\\server`).
-fn is_windows_absolute(name: &str) -> bool {
-    let b = name.as_bytes();
-    matches!(b, [d, b':', b'\\' | b'/', ..] if d.is_ascii_alphabetic()) || name.starts_with("\\\\")
-}
-
-/// The relative path from directory `from` to file `to` (both absolute POSIX paths).
-fn relative(from: &str, to: &str) -> String {
-    let (f, t) = (components(from), components(to));
-    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<&str> = Vec::new();
-    parts.extend(std::iter::repeat_n("..", f.len() - common));
-    parts.extend(t.iter().skip(common));
-    parts.join("/")
-}
 
 /// Percent-encodes a POSIX path for a `file://` URL (RFC 2396: unreserved characters and
 /// `/` stay, every other UTF-8 byte becomes `%XX`).
@@ -95,37 +66,16 @@ pub fn decode_macx(data: &[u8]) -> Option<String> {
 /// reader turns it back). W2ru: `.\name`, or the path from `image_dir` to an absolute
 /// name (`..\` steps). MacX: `file://` URL of the POSIX absolute path.
 pub fn locators_for(name: &str, image_dir: Option<&Path>) -> Vec<(u32, Vec<u8>)> {
-    let dir = image_dir
-        .and_then(Path::to_str)
-        .filter(|d| d.starts_with('/'));
-    let (abs, rel) = if is_windows_absolute(name) {
-        (None, None)
-    } else if name.starts_with('/') {
-        let abs = format!("/{}", components(name).join("/"));
-        let rel = dir.map(|d| relative(d, &abs));
-        (Some(abs), rel)
-    } else {
-        let abs = dir.map(|d| format!("/{}", components(&format!("{d}/{name}")).join("/")));
-        (abs, Some(name.to_string()))
-    };
+    let forms = ParentForms::derive(name, image_dir);
     let utf16 = |s: &str| crate::header::encode_utf16(s, true);
     let mut v = Vec::new();
-    if is_windows_absolute(name) {
-        v.push((W2KU, utf16(&name.replace('/', "\\"))));
+    if let Some(a) = forms.windows_absolute() {
+        v.push((W2KU, utf16(&a)));
     }
-    if let Some(a) = &abs {
-        v.push((W2KU, utf16(&a.replace('/', "\\"))));
+    if let Some(r) = forms.windows_relative() {
+        v.push((W2RU, utf16(&r)));
     }
-    if let Some(r) = rel {
-        let win = r.replace('/', "\\");
-        let win = if win.starts_with(".\\") || win.starts_with("..\\") {
-            win
-        } else {
-            format!(".\\{win}")
-        };
-        v.push((W2RU, utf16(&win)));
-    }
-    if let Some(a) = &abs {
+    if let Some(a) = &forms.absolute {
         v.push((MACX, format!("file://{}", url_encode(a)).into_bytes()));
     }
     v
