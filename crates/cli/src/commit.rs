@@ -76,6 +76,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .resize(size, Preallocation::Off, false)
             .with_context(|| "Could not resize the base image")?;
     }
+    let depth_index = depth;
     let depth = u32::try_from(depth)?;
     let chunk = 4u64 << 20;
     let mut buf = vec![0u8; usize::try_from(chunk)?];
@@ -99,6 +100,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         bar.fraction(pos, size);
     }
     base.device.flush()?;
+    // The image directly above BASE keeps its data; where the format links it to BASE's
+    // state (VHDX parent_linkage), record BASE's new state.
+    if let Some(above) = depth_index.checked_sub(1).and_then(|i| chain.get(i)) {
+        diskimg::maint::relink_after_commit(above.device.as_ref(), base.device.as_ref())
+            .with_context(|| "Could not relink the image above the base")?;
+    }
     bar.print(100.0, 0);
     if !a.keep && a.base.is_none() {
         // As qemu: formats that cannot be emptied (vmdk) keep their data.

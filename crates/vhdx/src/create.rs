@@ -139,7 +139,10 @@ fn parent_locator(name: &str, linkage: Guid, image_dir: Option<&std::path::Path>
     if let Some(a) = forms.windows_absolute() {
         entries.push(("absolute_win32_path".to_string(), a));
     }
-    ParentLocator { entries }
+    ParentLocator {
+        entries,
+        linkage_at: None,
+    }
 }
 
 /// Writes a new image to `storage`.

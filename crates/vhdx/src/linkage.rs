@@ -103,6 +103,60 @@ impl VhdxDevice {
     }
 }
 
+impl VhdxDevice {
+    /// Records `parent`'s current `DataWriteGuid` as this differencing image's
+    /// `parent_linkage` (in place, through the log), after the parent's data changed in a
+    /// way that keeps this child valid — `commit` copying the child's own data into it.
+    /// The open device keeps its in-memory locator; reopen to verify against the new one.
+    pub fn relink_parent(&self, parent: &VhdxDevice) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let Some((at, len)) = self.meta.parent.as_ref().and_then(|p| p.linkage_at) else {
+            return Err(Error::unsupported(
+                crate::format::FMT,
+                "relinking an image without a parent_linkage",
+            ));
+        };
+        let guid = parent
+            .read_state()
+            .header
+            .data_write_guid
+            .to_braced_string();
+        let value: Vec<u8> = guid.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        if value.len() != len {
+            return Err(Error::corrupt(
+                crate::format::FMT,
+                "parent_linkage value of an unexpected length",
+                at,
+            ));
+        }
+        let sector = crate::format::LOG_SECTOR;
+        let first = at / sector * sector;
+        let end = at + len as u64;
+        let mut st = self.write_state();
+        self.start_session(&mut st)?;
+        let mut sectors = Vec::new();
+        let mut s = first;
+        while s < end {
+            let mut data = vec![0u8; usize::try_from(sector).unwrap_or(4096)];
+            self.storage.read_exact_at(&mut data, s)?;
+            for (i, b) in value.iter().enumerate() {
+                let pos = at + i as u64;
+                if (s..s + sector).contains(&pos)
+                    && let Some(d) = data.get_mut(usize::try_from(pos - s).unwrap_or(usize::MAX))
+                {
+                    *d = *b;
+                }
+            }
+            sectors.push((s, data));
+            s += sector;
+        }
+        self.commit(&mut st, sectors)?;
+        self.flush_locked(&mut st)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
