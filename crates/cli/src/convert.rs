@@ -87,10 +87,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         Some("writeback" | "writethrough" | "none" | "directsync") => false,
         Some(_) => bail!("Invalid cache option: {}", a.cache.as_deref().unwrap_or("")),
     };
-    let out_fmt = parse_format(&a.output_format)?;
+    // An unknown output format is reported once progress has started, as qemu does.
+    let out_fmt = parse_format(&a.output_format);
     if a.options.iter().any(|o| o == "help" || o == "?") {
         // As qemu: the protocol's options too once a target file is named.
-        return print_help(out_fmt, !a.files.is_empty());
+        return print_help(out_fmt?, !a.files.is_empty());
     }
     let snapshot = a
         .snapshot
@@ -121,6 +122,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // As qemu: progress starts (and its final newline is due) before the sources open.
     let bar = Progress::new(a.progress && !a.quiet, 1.0);
     bar.print(0.0, 100);
+    let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {

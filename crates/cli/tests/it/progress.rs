@@ -175,6 +175,30 @@ fn convert_progress_like_qemu() {
         args(&["convert", "-p", "-O", "raw"], d, &["a.qcow2", "b.raw"])
     });
     assert_eq!(o.stdout, b"    (0.00/100%)\r    (100.00/100%)\r\n");
+    // Refusals before progress starts print nothing; later ones 0% and the newline.
+    for (name, a) in [
+        (
+            "tiz",
+            vec!["convert", "-p", "--target-is-zero", "-O", "raw"],
+        ),
+        ("coroutines", vec!["convert", "-p", "-m", "99", "-O", "raw"]),
+        ("sparse", vec!["convert", "-p", "-S", "3", "-O", "raw"]),
+        ("unknownfmt", vec!["convert", "-p", "-O", "nonfmt"]),
+        ("compressraw", vec!["convert", "-p", "-c", "-O", "raw"]),
+        (
+            "badopt",
+            vec!["convert", "-p", "-o", "foo=1", "-O", "qcow2"],
+        ),
+        ("nocreate", vec!["convert", "-p", "-n", "-O", "raw"]),
+    ] {
+        let (o, q) = both(r, name, &empty, &|d| args(&a, d, &["a.qcow2", "b.img"]));
+        assert_eq!(o.status.code(), q.status.code(), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&q.stdout),
+            "{name}"
+        );
+    }
     // A source that does not open: 0% was printed before, then the newline.
     let (o, q) = both(r, "missing", &|_| {}, &|d| {
         args(&["convert", "-p", "-O", "raw"], d, &["nope.qcow2", "b.raw"])
