@@ -303,6 +303,7 @@ fn compare_progress_like_qemu() {
             None,
             &["write -P 1 0 4M", "write -P 3 20M 4k"],
         );
+        qcow2(d, "bigc.qcow2", "24M", None, &["write -P 2 0 4M"]);
     };
     for (name, a, f) in [
         ("same", vec!["compare", "-p"], ["a.qcow2", "b.qcow2"]),
@@ -319,6 +320,17 @@ fn compare_progress_like_qemu() {
             ["a.qcow2", "big.qcow2"],
         ),
         ("quiet", vec!["compare", "-p", "-q"], ["a.qcow2", "c.qcow2"]),
+        // Sizes differ but the common part already does: no size warning (as qemu).
+        (
+            "commondiff",
+            vec!["compare", "-p"],
+            ["a.qcow2", "bigc.qcow2"],
+        ),
+        (
+            "commondiff-plain",
+            vec!["compare"],
+            ["a.qcow2", "bigc.qcow2"],
+        ),
     ] {
         let (o, q) = both(r, name, &imgs, &|d| args(&a, d, &f));
         same_shape(&o, &q, name);
