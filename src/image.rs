@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Error, FileStorage, Limits, OpenOptions, OptionList, Result,
-    Secrets, Storage,
+    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits, OpenOptions,
+    OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
@@ -243,7 +243,7 @@ fn open_inner(
         Some(f) if !f.is_empty() => Some(Format::from_name(f)?),
         _ => None,
     };
-    let mut last_err = None;
+    let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
         let bpath = match options.policy.backing.resolve(&dir, name) {
             Ok(p) => p,
@@ -263,6 +263,7 @@ fn open_inner(
             ));
             continue;
         }
+        let depth_before = visited.len();
         let backing = open_inner(
             &bpath,
             name,
@@ -272,11 +273,20 @@ fn open_inner(
             backing_opts.clone(),
             visited,
         )?;
-        image.device.set_backing(Some(backing.device.clone()))?;
+        // A candidate the image refuses as its parent (VHD unique id, VHDX linkage) does
+        // not end the search: another locator may name the right file.
+        if let Err(e) = image.device.set_backing(Some(backing.device.clone())) {
+            visited.truncate(depth_before);
+            refused.get_or_insert(e);
+            continue;
+        }
         image.backing = Some(Box::new(backing));
         return Ok(image);
     }
-    Err(last_err.unwrap_or_else(|| Error::invalid("backing file could not be opened")))
+    // A file that was found but refused says more than the names that were not found.
+    Err(refused
+        .or(last_err)
+        .unwrap_or_else(|| Error::invalid("backing file could not be opened")))
 }
 
 /// Opens an image held in any [`Storage`] (memory, a custom transport). No backing
@@ -312,13 +322,14 @@ pub fn create(
     let driver = format.driver()?;
     let specs = driver.create_options();
     for (k, _) in options.entries() {
-        if k != "size" && !specs.iter().any(|s| s.name == k) {
+        if !specs.iter().chain(FILE_CREATE_OPTIONS).any(|s| s.name == k) {
             return Err(Error::invalid(format!(
                 "Invalid parameter '{k}' for file format '{}'",
                 format.name()
             )));
         }
     }
+    take_host_hints(&mut options)?;
     let size = match (options.take_size("size")?, size) {
         (_, Some(s)) | (Some(s), None) => Some(s),
         (None, None) => None,
@@ -369,13 +380,55 @@ pub fn create(
     if let Some(name) = path.file_name() {
         req = req.image_name(name.to_string_lossy());
     }
+    if let Ok(dir) = std::fs::canonicalize(dir_of(path)) {
+        req = req.image_dir(dir);
+    }
     req.limits = image_options.limits;
     req.secrets = image_options.secrets.clone();
     let result = driver
-        .create(storage, &mut req)
+        .create(storage.clone(), &mut req)
+        .and_then(|()| file_preallocation(storage.as_ref(), &mut req.options))
         .and_then(|()| std::mem::take(&mut req.options).finish(format.name()));
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Validates and drops the `file` protocol's host hints (`extent_size_hint`, `nocow`), as
+/// qemu-img accepts them for every format; applying them needs ioctls, so they are not.
+fn take_host_hints(options: &mut OptionList) -> Result<()> {
+    if let Some(hint) = options.take_size("extent_size_hint")?
+        && hint > u64::from(u32::MAX)
+    {
+        return Err(Error::invalid("Extent size hint is too large"));
+    }
+    options.take_bool("nocow")?;
+    Ok(())
+}
+
+/// The `file` protocol's `preallocation` for formats without their own (vhdx): after the
+/// format wrote the image, the holes of the file are allocated (falloc) or written with
+/// zeroes (full); data is not touched. (qemu preallocates the file at the virtual size
+/// before the format driver writes, which can leave the file longer.)
+fn file_preallocation(storage: &dyn Storage, options: &mut OptionList) -> Result<()> {
+    let mode = match options.take("preallocation") {
+        None => return Ok(()),
+        Some(v) => Preallocation::parse_file(&v)?,
+    };
+    if mode == Preallocation::Off {
+        return Ok(());
+    }
+    let len = storage.len()?;
+    let mut pos = 0;
+    while pos < len {
+        let hole = storage.next_hole(pos)?;
+        if hole >= len {
+            break;
+        }
+        let data = storage.next_data(hole)?.unwrap_or(len).clamp(hole + 1, len);
+        storage.preallocate(hole, data - hole, mode)?;
+        pos = data;
+    }
+    storage.flush()
 }

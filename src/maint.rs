@@ -154,6 +154,23 @@ pub fn make_empty(image: &Image) -> Result<()> {
     Err(unsupported(image, "emptying an image"))
 }
 
+/// After a commit copied `child`'s data into its backing image `parent`, records the
+/// parent's new state in the child where the format links the two by it (a VHDX child's
+/// `parent_linkage` names the parent's `DataWriteGuid`, which the commit's writes renewed):
+/// the child, whose data still overrides the parent's, stays openable. Other formats: no-op.
+pub fn relink_after_commit(child: &dyn BlockDevice, parent: &dyn BlockDevice) -> Result<()> {
+    #[cfg(feature = "vhdx")]
+    if let (Some(c), Some(p)) = (
+        child.as_any().downcast_ref::<diskimg_vhdx::VhdxDevice>(),
+        parent.as_any().downcast_ref::<diskimg_vhdx::VhdxDevice>(),
+    ) && c.subformat() == "differencing"
+    {
+        return c.relink_parent(p);
+    }
+    let _ = (child, parent);
+    Ok(())
+}
+
 /// Applies `qemu-img amend -o` options. Only qcow2 supports amendment (qemu's wording
 /// otherwise).
 pub fn amend(image: &Image, options: &diskimg_blockio::OptionList) -> Result<()> {

@@ -8,5 +8,6 @@
 
 mod corpus;
 mod create;
+mod differencing;
 mod formats;
 mod probe;

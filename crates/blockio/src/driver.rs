@@ -143,6 +143,10 @@ pub struct CreateRequest {
     /// companion files after the image (VMDK extents `NAME-flat.vmdk`, `NAME-s001.vmdk`)
     /// derive them from it; without it they use a generic name.
     pub image_name: Option<String>,
+    /// The absolute directory of the new image, when known. Formats that record a parent
+    /// both by relative and by absolute path (VHD's W2ru/W2ku locators, VHDX's
+    /// `relative_path`/`absolute_win32_path`) derive the form the user did not give from it.
+    pub image_dir: Option<std::path::PathBuf>,
     /// Secrets the options refer to by id (qcow2 `encrypt.key-secret=ID`).
     pub secrets: Secrets,
 }
@@ -156,12 +160,18 @@ impl CreateRequest {
             files: Arc::new(DenyFiles),
             limits: Limits::default(),
             image_name: None,
+            image_dir: None,
             secrets: Secrets::new(),
         }
     }
     /// Sets the image's own file name (see [`CreateRequest::image_name`]).
     pub fn image_name(mut self, name: impl Into<String>) -> Self {
         self.image_name = Some(name.into());
+        self
+    }
+    /// Sets the image's absolute directory (see [`CreateRequest::image_dir`]).
+    pub fn image_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.image_dir = Some(dir.into());
         self
     }
     /// Sets the host-file policy.

@@ -66,6 +66,7 @@ mod fault;
 mod info;
 mod limits;
 mod options;
+pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod units;
@@ -81,7 +82,7 @@ pub use error::{Error, Result};
 pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use limits::Limits;
-pub use options::{CreateOptionSpec, OptionList, parse_size};
+pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
 pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,

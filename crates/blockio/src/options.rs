@@ -191,6 +191,34 @@ impl OptionList {
     }
 }
 
+/// The create options of qemu's `file` protocol, which qemu-img accepts for every format
+/// (and lists after the format's own when `create -o help` names a target file).
+/// `preallocation` is applied by the format (or by the facade when the format has no
+/// such option); `extent_size_hint` (XFS) and `nocow` (btrfs) are host-file hints that
+/// are validated but not applied (applying them needs ioctls).
+pub static FILE_CREATE_OPTIONS: &[CreateOptionSpec] = &[
+    CreateOptionSpec {
+        name: "extent_size_hint",
+        kind: "<size>",
+        help: "Extent size hint for the image file, 0 to disable",
+    },
+    CreateOptionSpec {
+        name: "nocow",
+        kind: "<bool (on/off)>",
+        help: "Turn off copy-on-write (valid only on btrfs)",
+    },
+    CreateOptionSpec {
+        name: "preallocation",
+        kind: "<str>",
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+    CreateOptionSpec {
+        name: "size",
+        kind: "<size>",
+        help: "Virtual disk size",
+    },
+];
+
 /// One create option a format accepts, for `create -o help`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CreateOptionSpec {

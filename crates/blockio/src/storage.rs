@@ -40,6 +40,18 @@ impl Preallocation {
         }
     }
 
+    /// Parses the `file` protocol's `preallocation` create option with qemu's messages:
+    /// `off`, `falloc`, `full` (`metadata`: "Unsupported preallocation mode: metadata").
+    pub fn parse_file(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Self::Off),
+            "falloc" => Ok(Self::Falloc),
+            "full" => Ok(Self::Full),
+            "metadata" => Err(Error::invalid("Unsupported preallocation mode: metadata")),
+            _ => Err(Error::invalid(format!("invalid parameter value: {s}"))),
+        }
+    }
+
     /// qemu's name for the mode.
     pub fn as_str(self) -> &'static str {
         match self {

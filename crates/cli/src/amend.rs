@@ -7,7 +7,19 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::{Format, OptionList};
 use diskimg_qcow2::Qcow2Device;
 
-use crate::common::{open_image, opt_format};
+use crate::common::{Progress, open_image, opt_format};
+
+/// The options qemu's qcow2 driver lists for amendment (besides `encrypt.*`).
+const AMENDABLE: &[&str] = &[
+    "compat",
+    "lazy_refcounts",
+    "refcount_bits",
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "size",
+];
 
 /// Arguments of `amend`.
 #[derive(clap::Args, Debug)]
@@ -18,7 +30,7 @@ pub(crate) struct Args {
     /// The options to change (may repeat).
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
-    /// Show progress (accepted).
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -35,10 +47,12 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (a.progress, a.quiet, &a.cache, a.force);
+    let _ = (&a.cache, a.force);
     if a.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'diskimg amend --help' for more info");
     }
+    // As qemu: progress starts before the image opens; 0% and 100% around the change.
+    let bar = Progress::new(a.progress && !a.quiet, 1.0);
     let mut all = OptionList::new();
     for o in &a.options {
         all.extend_from(o).map_err(|e| anyhow!("{e}"))?;
@@ -54,26 +68,49 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, false, false)?;
+    if img.format != Format::Qcow2 && !(plain.is_empty() && enc.is_empty()) {
+        // Refused before any progress, as qemu does for drivers without amend.
+        bail!(
+            "Format driver '{}' does not support option amendment",
+            img.format.name()
+        );
+    }
+    // Options qemu's qcow2 driver cannot amend fail in its option parsing, before any
+    // progress: let the format refuse them alone (nothing is changed).
+    let mut unknown = OptionList::new();
+    for (k, v) in plain.entries() {
+        if !AMENDABLE.contains(&k.as_str()) {
+            unknown.set(k, v);
+        }
+    }
+    if !unknown.is_empty() {
+        diskimg::maint::amend(&img, &unknown)?;
+    }
+    bar.print(0.0, 0);
+    // As qemu: 100% is reported whether or not the change worked.
+    let amended = apply(&img, &plain, &mut enc);
+    bar.print(100.0, 0);
+    amended?;
+    img.close()?;
+    bar.end();
+    Ok(0)
+}
+
+/// Applies the format options, then the key-slot options.
+fn apply(img: &diskimg::Image, plain: &OptionList, enc: &mut OptionList) -> Result<()> {
     if !plain.is_empty() {
-        diskimg::maint::amend(&img, &plain)?;
+        diskimg::maint::amend(img, plain)?;
     }
     if !enc.is_empty() {
-        if img.format != Format::Qcow2 {
-            bail!(
-                "Format driver '{}' does not support option amendment",
-                img.format.name()
-            );
-        }
         let dev = img
             .device
             .as_any()
             .downcast_ref::<Qcow2Device>()
             .ok_or_else(|| anyhow!("not a qcow2 device"))?;
-        dev.amend_encryption(&mut enc, &crate::secrets::secrets())?;
+        dev.amend_encryption(enc, &crate::secrets::secrets())?;
         if let Some((k, _)) = enc.entries().first() {
             bail!("Invalid parameter '{k}'");
         }
     }
-    img.close()?;
-    Ok(0)
+    Ok(())
 }

@@ -47,6 +47,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     opts.backing_writable = true;
     let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
+    // As qemu: progress starts once the image is open.
+    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    bar.print(0.0, 100);
     let chain = img.chain();
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
@@ -73,7 +76,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .resize(size, Preallocation::Off, false)
             .with_context(|| "Could not resize the base image")?;
     }
-    let bar = Progress::new(a.progress, size);
+    let depth_index = depth;
     let depth = u32::try_from(depth)?;
     let chunk = 4u64 << 20;
     let mut buf = vec![0u8; usize::try_from(chunk)?];
@@ -94,10 +97,16 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             }
         }
         pos += n;
-        bar.set(pos, size);
+        bar.fraction(pos, size);
     }
     base.device.flush()?;
-    bar.finish();
+    // The image directly above BASE keeps its data; where the format links it to BASE's
+    // state (VHDX parent_linkage), record BASE's new state.
+    if let Some(above) = depth_index.checked_sub(1).and_then(|i| chain.get(i)) {
+        diskimg::maint::relink_after_commit(above.device.as_ref(), base.device.as_ref())
+            .with_context(|| "Could not relink the image above the base")?;
+    }
+    bar.print(100.0, 0);
     if !a.keep && a.base.is_none() {
         // As qemu: formats that cannot be emptied (vmdk) keep their data.
         match diskimg::maint::make_empty(&img) {
@@ -107,6 +116,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     // Stores what the images keep until closed (qcow2 bitmaps), in base and top.
     img.close()?;
+    bar.end();
     if !a.quiet {
         out("Image committed.\n")?;
     }

@@ -1,5 +1,6 @@
 //! Helpers shared by the verbs: opening images as qemu-img does, sizes, output.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -149,34 +150,76 @@ pub(crate) fn out(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// A progress reporter for `-p`: an indicatif bar on stderr (hidden without a terminal).
-pub(crate) struct Progress(Option<indicatif::ProgressBar>);
+/// qemu's progress reporter (`util/qemu-progress.c`) for `-p`: on stdout,
+/// `    (%3.2f/100%)\r` whenever the percentage moves more than `min_skip` past the last
+/// report or is exactly 0 or 100, and a single `\n` at the end (also on error paths,
+/// through `Drop`). Operators parse this output, so it matches qemu-img byte for byte.
+pub(crate) struct Progress {
+    enabled: bool,
+    min_skip: f32,
+    current: Cell<f32>,
+    last_print: Cell<f32>,
+    ended: Cell<bool>,
+}
 
 impl Progress {
-    pub(crate) fn new(enabled: bool, total: u64) -> Self {
-        if !enabled {
-            return Self(None);
-        }
-        let bar = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "    ({percent:>3}/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        Self(Some(bar))
-    }
-
-    pub(crate) fn set(&self, done: u64, total: u64) {
-        if let Some(b) = &self.0 {
-            b.set_length(total);
-            b.set_position(done);
+    /// `qemu_progress_init(enabled, min_skip)`.
+    pub(crate) fn new(enabled: bool, min_skip: f32) -> Self {
+        Self {
+            enabled,
+            min_skip,
+            current: Cell::new(0.0),
+            last_print: Cell::new(0.0),
+            ended: Cell::new(false),
         }
     }
 
-    pub(crate) fn finish(&self) {
-        if let Some(b) = &self.0 {
-            b.finish();
+    /// `qemu_progress_print(delta, max)`: with `max == 0`, `delta` is the absolute
+    /// percentage; otherwise it advances by `delta` percent of `max` percent.
+    pub(crate) fn print(&self, delta: f32, max: u8) {
+        let mut current = if max == 0 {
+            delta
+        } else {
+            self.current.get() + delta / 100.0 * f32::from(max)
+        };
+        if current > 100.0 {
+            current = 100.0;
         }
+        self.current.set(current);
+        if current > self.last_print.get() + self.min_skip || current == 100.0 || current == 0.0 {
+            self.last_print.set(current);
+            if self.enabled {
+                let mut o = std::io::stdout().lock();
+                // As printf: a failed progress write is not an error of the operation.
+                let _ = write!(o, "    ({:.2}/100%)\r", f64::from(current));
+                let _ = o.flush();
+            }
+        }
+    }
+
+    /// Reports `done` of `total` as an absolute percentage (nothing when `total` is 0).
+    pub(crate) fn fraction(&self, done: u64, total: u64) {
+        if total > 0 {
+            // Precision loss is irrelevant for a percentage printed with 2 decimals.
+            #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+            let pct = (done as f64 * 100.0 / total as f64) as f32;
+            self.print(pct, 0);
+        }
+    }
+
+    /// `qemu_progress_end()`: the final newline (once).
+    pub(crate) fn end(&self) {
+        if self.enabled && !self.ended.replace(true) {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(b"\n");
+            let _ = o.flush();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 

@@ -43,11 +43,10 @@ enum Fail {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.force_share;
-    let mut msgs = String::new();
-    let res = compare(&a, &mut msgs);
-    if !a.quiet {
-        out(&msgs)?;
-    }
+    // As qemu: progress starts before the images open; its newline ends every path.
+    let bar = Progress::new(a.progress && !a.quiet, 2.0);
+    let res = compare(&a, &bar);
+    bar.end();
     match res {
         Ok(code) => Ok(code),
         Err(f) => {
@@ -67,23 +66,27 @@ fn first_diff(x: &[u8], y: &[u8]) -> Option<u64> {
     x.iter().zip(y).position(|(p, q)| p != q).map(|i| i as u64)
 }
 
-fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
+fn compare(a: &Args, bar: &Progress) -> std::result::Result<i32, Fail> {
+    // Messages go out as they arise, between the progress reports (as qemu's qprintf).
+    let say = |m: &str| {
+        if !a.quiet {
+            out(m).map_err(Fail::Read)?;
+        }
+        Ok::<(), Fail>(())
+    };
     let fa = opt_format(a.format_a.as_deref(), &a.a).map_err(Fail::Open)?;
     let fb = opt_format(a.format_b.as_deref(), &a.b).map_err(Fail::Open)?;
     let ia = open_image(&a.a, fa, true, true).map_err(Fail::Open)?;
     let ib = open_image(&a.b, fb, true, true).map_err(Fail::Open)?;
     let (da, db) = (ia.device.as_ref(), ib.device.as_ref());
     let (sa, sb) = (da.virtual_size(), db.virtual_size());
-    if sa != sb {
-        if a.strict {
-            msgs.push_str("Strict mode: Image size mismatch!\n");
-            return Ok(1);
-        }
-        msgs.push_str("Warning: Image size mismatch!\n");
+    bar.print(0.0, 100);
+    if a.strict && sa != sb {
+        say("Strict mode: Image size mismatch!\n")?;
+        return Ok(1);
     }
     let common = sa.min(sb);
     let total = sa.max(sb);
-    let bar = Progress::new(a.progress && !a.quiet, total);
     let mut pos = 0u64;
     while pos < common {
         let len = CHUNK.min(common - pos);
@@ -94,23 +97,27 @@ fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
         let status =
             |e: &diskimg::MapEntry| (e.present, e.data, e.zero, e.compressed, e.offset.is_some());
         if a.strict && status(&ea) != status(&eb) {
-            msgs.push_str(&format!(
+            say(&format!(
                 "Strict mode: Offset {pos} block status mismatch!\n"
-            ));
+            ))?;
             return Ok(1);
         }
         if !(ea.zero && eb.zero) {
             let (x, y) = (read(da, pos, n)?, read(db, pos, n)?);
             if let Some(d) = first_diff(&x, &y) {
-                msgs.push_str(&format!(
+                say(&format!(
                     "Content mismatch at offset {}!\n",
                     (pos + d) & !511
-                ));
+                ))?;
                 return Ok(1);
             }
         }
         pos += n;
-        bar.set(pos, total);
+        bar.fraction(pos, total);
+    }
+    if sa != sb {
+        // As qemu: only once the common part compared equal.
+        say("Warning: Image size mismatch!\n")?;
     }
     // The larger image must read as zeroes beyond the smaller one.
     let larger: &dyn BlockDevice = if sa > sb { da } else { db };
@@ -121,15 +128,14 @@ fn compare(a: &Args, msgs: &mut String) -> std::result::Result<i32, Fail> {
             let x = read(larger, pos, e.length)?;
             if let Some(i) = x.iter().position(|&b| b != 0) {
                 let off = (pos + i as u64) & !511;
-                msgs.push_str(&format!("Content mismatch at offset {off}!\n"));
+                say(&format!("Content mismatch at offset {off}!\n"))?;
                 return Ok(1);
             }
         }
         pos += e.length;
-        bar.set(pos, total);
+        bar.fraction(pos, total);
     }
-    bar.finish();
-    msgs.push_str("Images are identical.\n");
+    say("Images are identical.\n")?;
     Ok(0)
 }
 

@@ -11,7 +11,7 @@ use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 use crate::common::{
     Progress, open_image, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
 };
-use crate::create::{parse_options, print_help};
+use crate::create::{known_option, parse_options, print_help};
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -79,7 +79,7 @@ pub(crate) struct Args {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Source image(s) followed by the output file.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(num_args = 1..)]
     files: Vec<String>,
 }
 
@@ -90,9 +90,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         Some("writeback" | "writethrough" | "none" | "directsync") => false,
         Some(_) => bail!("Invalid cache option: {}", a.cache.as_deref().unwrap_or("")),
     };
-    let out_fmt = parse_format(&a.output_format)?;
+    // An unknown output format is reported once progress has started, as qemu does.
+    let out_fmt = parse_format(&a.output_format);
     if a.options.iter().any(|o| o == "help" || o == "?") {
-        return print_help(out_fmt);
+        // As qemu: the protocol's options too once a target file is named.
+        return print_help(out_fmt?, !a.files.is_empty());
     }
     if a.copy_range && a.compress {
         bail!("Cannot enable copy offloading when -c is used");
@@ -126,6 +128,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let Some((dst_name, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         bail!("Expecting image file name");
     };
+    // As qemu: progress starts (and its final newline is due) before the sources open.
+    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    bar.print(0.0, 100);
+    let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {
@@ -164,7 +170,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             options.set("backing_fmt", bf);
         }
         for (k, _) in options.entries() {
-            if !specs.iter().any(|s| s.name == k) {
+            if !known_option(out_fmt, k)? {
                 bail!("{dst_name}: Invalid parameter '{k}'");
             }
         }
@@ -213,17 +219,25 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         copy_offload: a.copy_range,
         ..ConvertOptions::default()
     };
-    let bar = Progress::new(a.progress && !a.quiet, total);
-    convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
-        bar.set(d, t)
+    // qemu counts progress over the data it copies (0% was printed above), so its copy
+    // loop only reaches 100% when there was data; the final 100% is printed in any case.
+    let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
+        if d > 0 && d < t {
+            bar.fraction(d, t);
+        }
     })
     .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-    bar.finish();
     dst.finish()
         .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     if a.bitmaps {
         copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }
+    let copied = stats.data_bytes + stats.compressed_bytes;
+    if copied > 0 || (sparse == 0 && stats.zeroed_bytes > 0) {
+        bar.print(100.0, 0);
+    }
+    bar.print(100.0, 0);
+    bar.end();
     Ok(0)
 }
 

@@ -1,6 +1,7 @@
 //! `create [-f FMT] [-o OPTS] [-b BACKING -F FMT] [-u] [-q] FILE [SIZE]`.
 
 use anyhow::{Result, anyhow, bail};
+use diskimg::blockio::FILE_CREATE_OPTIONS;
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
 
 use crate::common::{
@@ -28,23 +29,54 @@ pub(crate) struct Args {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
-    /// File to create.
-    file: String,
+    /// File to create (optional with `-o help`).
+    file: Option<String>,
     /// Virtual size (k, M, G, T suffixes).
     size: Option<String>,
 }
 
-/// Prints the create options of `format` as `qemu-img create -o help` does.
-pub(crate) fn print_help(format: Format) -> Result<i32> {
+/// Prints the create options of `format` as `qemu-img create -o help` does: without a
+/// target file the format's own options and qemu's note about the protocol level; with
+/// one, merged with the `file` protocol's options (the format's entry wins a name both
+/// have), sorted by name.
+pub(crate) fn print_help(format: Format, with_file: bool) -> Result<i32> {
     let mut specs: Vec<_> = format.driver()?.create_options().to_vec();
+    if with_file {
+        for f in FILE_CREATE_OPTIONS {
+            if !specs.iter().any(|s| s.name == f.name) {
+                specs.push(*f);
+            }
+        }
+    }
     specs.sort_by_key(|s| s.name);
-    let mut s = String::from("Supported options:\n");
+    let mut s = if with_file {
+        String::from("Supported options:\n")
+    } else {
+        format!("Supported {} options:\n", format.name())
+    };
     for spec in specs {
         let left = format!("{}={}", spec.name, spec.kind);
         s.push_str(&format!("  {left:<22} - {}\n", spec.help));
     }
+    if !with_file {
+        s.push_str(
+            "\nThe protocol level may support further options.\n\
+             Specify the target filename to include those options.\n",
+        );
+    }
     out(&s)?;
     Ok(0)
+}
+
+/// True when `create -o KEY=…` is valid for `format` (its own or a `file` protocol
+/// option).
+pub(crate) fn known_option(format: Format, key: &str) -> Result<bool> {
+    Ok(format
+        .driver()?
+        .create_options()
+        .iter()
+        .chain(FILE_CREATE_OPTIONS)
+        .any(|s| s.name == key))
 }
 
 /// Merges repeated `-o` strings into one option list.
@@ -56,18 +88,25 @@ pub(crate) fn parse_options(opts: &[String]) -> Result<OptionList> {
     Ok(list)
 }
 
-pub(crate) fn run(a: Args) -> Result<i32> {
-    let format = parse_format(&a.format).map_err(|e| anyhow!("{}: {e}", a.file))?;
+pub(crate) fn run(mut a: Args) -> Result<i32> {
+    let name = a.file.clone().unwrap_or_default();
+    let format = parse_format(&a.format).map_err(|e| anyhow!("{name}: {e}"))?;
     if a.options.iter().any(|o| o == "help" || o == "?") {
-        return print_help(format);
+        return print_help(format, a.file.is_some());
     }
+    let Some(file) = a.file.take() else {
+        bail!("Expecting image file name\nTry 'diskimg create --help' for more info");
+    };
+    run_file(a, format, file)
+}
+
+fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
     let mut options = parse_options(&a.options)?;
     let specs = format.driver()?.create_options();
     if let Some(b) = &a.backing {
         if !specs.iter().any(|s| s.name == "backing_file") {
             bail!(
-                "{}: Backing file not supported for file format '{}'",
-                a.file,
+                "{file}: Backing file not supported for file format '{}'",
                 format.name()
             );
         }
@@ -78,10 +117,16 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         options.set("backing_fmt", f);
     }
     for (k, _) in options.entries() {
-        if k != "size" && !specs.iter().any(|s| s.name == k) {
-            bail!("{}: Invalid parameter '{k}'", a.file);
+        if !known_option(format, k)? {
+            bail!("{file}: Invalid parameter '{k}'");
         }
     }
+    // As qemu, malformed host hints fail before the "Formatting" line.
+    let mut hints = options.clone();
+    hints
+        .take_bool("nocow")
+        .and_then(|_| hints.take_size("extent_size_hint"))
+        .map_err(|e| anyhow!("{file}: {e}"))?;
     let mut size = a.size.as_deref().map(parse_size).transpose()?;
     if size.is_none()
         && let Some(s) = options.get("size")
@@ -93,27 +138,27 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         if options.get("backing_fmt").is_none() {
             bail!(
                 "{}: Backing file specified without backing format\nDetected format of {b}.",
-                a.file
+                file
             );
         }
         if a.unsafe_backing {
             if size.is_none() {
-                bail!("{}: Image creation needs a size parameter", a.file);
+                bail!("{}: Image creation needs a size parameter", file);
             }
         } else {
             // Like qemu: the backing file must open, and gives the size when none is given.
-            let full = full_backing_name(&a.file, b);
+            let full = full_backing_name(&file, b);
             let fmt = options.get("backing_fmt").map(parse_format).transpose()?;
             let img = open_image(&full, fmt, true, true)
-                .map_err(|e| anyhow!("{}: Could not open backing image: {e:#}", a.file))?;
+                .map_err(|e| anyhow!("{}: Could not open backing image: {e:#}", file))?;
             size.get_or_insert(img.device.virtual_size());
         }
     }
     let Some(size) = size else {
-        bail!("{}: Image creation needs a size parameter", a.file);
+        bail!("{}: Image creation needs a size parameter", file);
     };
     // "Formatting" line: options in the driver's order, size where the driver lists it.
-    let mut line = format!("Formatting '{}', fmt={}", a.file, format.name());
+    let mut line = format!("Formatting '{}', fmt={}", file, format.name());
     let mut printed_size = false;
     for spec in specs {
         if spec.name == "size" {
@@ -126,6 +171,14 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if !printed_size {
         line.insert_str(line.len(), &format!(" size={size}"));
     }
+    // Then the `file` protocol's options the format does not have, in qemu's order.
+    for name in ["nocow", "preallocation", "extent_size_hint"] {
+        if !specs.iter().any(|s| s.name == name)
+            && let Some(v) = options.get(name)
+        {
+            line.push_str(&format!(" {name}={v}"));
+        }
+    }
     options.take("size");
     if !a.quiet {
         out(&format!("{line}\n"))?;
@@ -133,13 +186,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
-    diskimg::create(
-        &a.file,
-        format,
-        Some(round_to_sector(size)?),
-        options,
-        &opts,
-    )
-    .map_err(|e| anyhow!("{}: {e}", a.file))?;
+    diskimg::create(&file, format, Some(round_to_sector(size)?), options, &opts)
+        .map_err(|e| anyhow!("{}: {e}", file))?;
     Ok(0)
 }

@@ -26,7 +26,7 @@ mod resize;
 mod secrets;
 mod snapshot;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -78,7 +78,7 @@ enum Cmd {
     Io(io::Args),
 }
 
-fn run(cli: Cli) -> anyhow::Result<i32> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     secrets::init(&cli.global)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
-        Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a, matches.subcommand_matches("bitmap")),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
     }
@@ -133,7 +133,11 @@ pub(crate) fn message(e: &anyhow::Error) -> String {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
+    // The matches stay available for what derive loses: the order of options (bitmap).
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -160,7 +164,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match run(cli) {
+    let code = match run(cli, &matches) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {

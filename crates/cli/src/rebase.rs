@@ -43,7 +43,10 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (a.quiet, &a.cache, &a.src_cache);
+    let _ = (&a.cache, &a.src_cache);
+    // As qemu: progress starts before the image opens.
+    let bar = Progress::new(a.progress && !a.quiet, 2.0);
+    bar.print(0.0, 100);
     let backing = a.backing.clone().unwrap_or_default();
     let format = opt_format(a.format.as_deref(), &a.file)?;
     if let Some(f) = &a.backing_format {
@@ -60,6 +63,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let change_err =
         |why: String| anyhow!("Could not change the backing file to '{backing}': {why}");
     if img.format != diskimg::Format::Qcow2 {
+        // qemu fails in the header change, after reporting 100%.
+        bar.print(100.0, 0);
         return Err(change_err("Operation not supported".into()));
     }
     if !a.unsafe_ {
@@ -76,18 +81,22 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             .with_context(|| format!("Could not open new backing file '{path}'"))?;
             Some(nb.device)
         };
-        copy_differences(img.device.as_ref(), new.as_deref(), a.progress, a.compress)?;
+        copy_differences(img.device.as_ref(), new.as_deref(), &bar, a.compress)?;
     }
     // As qemu: the safe-mode copy has happened when the missing format is refused.
     if !backing.is_empty() && a.backing_format.is_none() {
+        bar.print(100.0, 0);
         return Err(change_err("backing format must be specified".into()));
     }
-    diskimg::maint::set_backing_file(
+    let changed = diskimg::maint::set_backing_file(
         &img,
         Some(backing.as_str()).filter(|b| !b.is_empty()),
         a.backing_format.as_deref(),
     )
-    .map_err(|e| change_err(e.to_string()))?;
+    .map_err(|e| change_err(e.to_string()));
+    // qemu reports 100% whether or not the header change worked.
+    bar.print(100.0, 0);
+    changed?;
     img.close()?;
     Ok(0)
 }
@@ -98,13 +107,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 fn copy_differences(
     top: &dyn BlockDevice,
     new: Option<&dyn BlockDevice>,
-    progress: bool,
+    bar: &Progress,
     compress: bool,
 ) -> Result<()> {
     let size = top.virtual_size();
     let piece = top.info().cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
     let new_size = new.map_or(0, BlockDevice::virtual_size);
-    let bar = Progress::new(progress, size);
     let mut old_buf = vec![0u8; usize::try_from(piece)?];
     let mut new_buf = vec![0u8; usize::try_from(piece)?];
     let mut pos = 0u64;
@@ -113,7 +121,7 @@ fn copy_differences(
         let end = pos.saturating_add(e.len.max(1)).min(size);
         if e.kind != ExtentKind::Unallocated {
             pos = end;
-            bar.set(pos, size);
+            bar.fraction(pos, size);
             continue;
         }
         while pos < end {
@@ -141,9 +149,8 @@ fn copy_differences(
                 }
             }
             pos += n;
-            bar.set(pos, size);
+            bar.fraction(pos, size);
         }
     }
-    bar.finish();
     Ok(())
 }

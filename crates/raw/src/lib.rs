@@ -40,18 +40,11 @@ pub static DRIVER: RawDriver = RawDriver;
 #[derive(Debug)]
 pub struct RawDriver;
 
-static CREATE_OPTIONS: &[CreateOptionSpec] = &[
-    CreateOptionSpec {
-        name: "size",
-        kind: "<size>",
-        help: "Virtual disk size",
-    },
-    CreateOptionSpec {
-        name: "preallocation",
-        kind: "<str>",
-        help: "Preallocation mode (allowed values: off, falloc, full)",
-    },
-];
+static CREATE_OPTIONS: &[CreateOptionSpec] = &[CreateOptionSpec {
+    name: "size",
+    kind: "<size>",
+    help: "Virtual disk size",
+}];
 
 impl Driver for RawDriver {
     fn name(&self) -> &'static str {
@@ -73,14 +66,7 @@ impl Driver for RawDriver {
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
         let mode = match request.options.take("preallocation") {
             None => Preallocation::Off,
-            Some(s) => match Preallocation::parse(&s)? {
-                Preallocation::Metadata => {
-                    return Err(Error::invalid(
-                        "Unsupported preallocation mode 'metadata' for raw",
-                    ));
-                }
-                m => m,
-            },
+            Some(s) => Preallocation::parse_file(&s)?,
         };
         storage.set_len(0)?;
         storage.preallocate(0, request.size, mode)?;

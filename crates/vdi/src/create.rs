@@ -27,21 +27,6 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
         kind: "<bool (on/off)>",
         help: "VDI static (pre-allocated) image",
     },
-    CreateOptionSpec {
-        name: "preallocation",
-        kind: "<str>",
-        help: "Preallocation mode (allowed values: off, falloc, full)",
-    },
-    CreateOptionSpec {
-        name: "extent_size_hint",
-        kind: "<size>",
-        help: "Extent size hint for the image file, 0 to disable",
-    },
-    CreateOptionSpec {
-        name: "nocow",
-        kind: "<bool (on/off)>",
-        help: "Turn off copy-on-write (valid only on btrfs)",
-    },
 ];
 
 /// Bytes of block map written per storage write.

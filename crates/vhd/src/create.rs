@@ -8,7 +8,7 @@ use diskimg_blockio::{
 
 use crate::FORMAT;
 use crate::footer::{DiskType, FOOTER_SIZE, Footer, rounded_size};
-use crate::header::{self, HEADER_SIZE, NewLocator, W2KU, W2RU, encode_utf16};
+use crate::header::{self, HEADER_SIZE, NewLocator};
 use crate::open::read_footer;
 
 /// Block size of the dynamic disks qemu (and we) create: 2 MiB.
@@ -61,14 +61,7 @@ fn take_params(req: &mut CreateRequest) -> Result<Params> {
     let azure = o.take_bool("azure_align")?.unwrap_or(false);
     let prealloc = match o.take("preallocation") {
         None => Preallocation::Off,
-        Some(s) => match Preallocation::parse(&s)? {
-            Preallocation::Metadata => {
-                return Err(Error::invalid(
-                    "Unsupported preallocation mode 'metadata' for vpc",
-                ));
-            }
-            m => m,
-        },
+        Some(s) => Preallocation::parse_file(&s)?,
     };
     let backing = o.take("backing_file").filter(|b| !b.is_empty());
     match o.take("backing_fmt").as_deref() {
@@ -104,7 +97,7 @@ pub(crate) fn create(storage: &dyn Storage, req: &mut CreateRequest) -> Result<(
     let p = take_params(req)?;
     if let Some(name) = p.backing.clone() {
         let parent = req.files.open(&name, FilePurpose::Backing, false)?;
-        return create_differencing(storage, parent.as_ref(), &name);
+        return create_differencing_in(storage, parent.as_ref(), &name, req.image_dir.as_deref());
     }
     // qemu silently rounds the size up to whole sectors.
     let size = req
@@ -184,8 +177,21 @@ fn write_dynamic(
 /// `name` (as the user gave it: relative to the new image's directory, or absolute).
 ///
 /// The child copies the parent's size fields and geometry, records its unique id and
-/// time stamp, and stores `name` as a W2ru (relative) or W2ku (absolute) locator.
+/// time stamp, and stores `name` as a W2ru (relative) or W2ku + MacX (absolute) locator;
+/// [`create_differencing_in`] also derives the other form from the image's directory.
 pub fn create_differencing(storage: &dyn Storage, parent: &dyn Storage, name: &str) -> Result<()> {
+    create_differencing_in(storage, parent, name, None)
+}
+
+/// [`create_differencing`] for an image in the absolute directory `image_dir`: the
+/// locators name the parent in every form derivable from `name` and that directory
+/// (W2ku absolute, W2ru relative, MacX file URL), as Windows writes both W2ku and W2ru.
+pub fn create_differencing_in(
+    storage: &dyn Storage,
+    parent: &dyn Storage,
+    name: &str,
+    image_dir: Option<&std::path::Path>,
+) -> Result<()> {
     let (pf, _) = read_footer(parent)?;
     let size = pf.current_size;
     let sectors = pf.virtual_size(None) / 512;
@@ -199,19 +205,7 @@ pub fn create_differencing(storage: &dyn Storage, parent: &dyn Storage, name: &s
         now_timestamp(),
         new_uuid(),
     );
-    let win = name.replace('/', "\\");
-    let absolute = name.starts_with('/') || win.get(1..3) == Some(":\\");
-    let mut datas = Vec::new();
-    if absolute {
-        datas.push((W2KU, encode_utf16(&win, true)));
-    } else {
-        let rel = if win.starts_with(".\\") || win.starts_with("..\\") {
-            win.clone()
-        } else {
-            format!(".\\{win}")
-        };
-        datas.push((W2RU, encode_utf16(&rel, true)));
-    }
-    let base = name.rsplit('/').next().unwrap_or(name);
+    let datas = crate::locator::locators_for(name, image_dir);
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
     write_dynamic(storage, &footer, entries, Some((&pf, base, datas)))
 }

@@ -15,10 +15,7 @@ pub const COOKIE: &[u8; 8] = b"cxsparse";
 const CHECKSUM_AT: usize = 36;
 /// Offset of the first of the eight 24-byte parent locator entries.
 const LOCATORS_AT: usize = 576;
-/// Parent locator platform code: Windows relative path, UTF-16LE ("W2ru").
-pub const W2RU: u32 = u32::from_be_bytes(*b"W2ru");
-/// Parent locator platform code: Windows absolute path, UTF-16LE ("W2ku").
-pub const W2KU: u32 = u32::from_be_bytes(*b"W2ku");
+pub use crate::locator::{MACX, W2KU, W2RU};
 /// Largest parent locator payload read (a path; the spec gives no bound).
 const MAX_LOCATOR_BYTES: u32 = 64 * 1024;
 
@@ -46,7 +43,8 @@ pub struct DynHeader {
     pub parent_timestamp: u32,
     /// "Parent Unicode Name" (offset 64, 512 bytes UTF-16BE), decoded.
     pub parent_name: String,
-    /// Parsed Windows parent locators (Mac ones are ignored).
+    /// Parsed W2ru, W2ku and MacX parent locators (other codes, such as the classic Mac
+    /// OS alias `Mac `, are ignored).
     pub locators: Vec<Locator>,
 }
 
@@ -83,7 +81,7 @@ impl DynHeader {
             for i in 0..8usize {
                 let e = LOCATORS_AT + i * 24;
                 let code = buf.be_u32(e).unwrap_or(0);
-                if code != W2RU && code != W2KU {
+                if code != W2RU && code != W2KU && code != MACX {
                     continue;
                 }
                 let len = buf.be_u32(e + 8).unwrap_or(0);
@@ -107,7 +105,15 @@ impl DynHeader {
                 }
                 let mut data = limits.alloc("vpc parent locator", u64::from(len))?;
                 storage.read_exact_at(&mut data, off)?;
-                let path = decode_utf16(&data, true).replace('\\', "/");
+                let path = if code == MACX {
+                    // An undecodable URL is no locator (as an unknown code).
+                    match crate::locator::decode_macx(&data) {
+                        Some(p) => p,
+                        None => continue,
+                    }
+                } else {
+                    decode_utf16(&data, true).replace('\\', "/")
+                };
                 h.locators.push(Locator { code, path });
             }
         }
@@ -130,6 +136,14 @@ impl DynHeader {
             s.to_string()
         });
         (rel, find(W2KU))
+    }
+
+    /// The parent path of the MacX locator (a decoded `file://` URL), if present.
+    pub fn mac_path(&self) -> Option<String> {
+        self.locators
+            .iter()
+            .find(|l| l.code == MACX && !l.path.is_empty())
+            .map(|l| l.path.clone())
     }
 }
 
@@ -160,7 +174,7 @@ pub struct NewLocator {
     pub code: u32,
     /// Host offset of the (sector-aligned) data.
     pub offset: u64,
-    /// The UTF-16LE path.
+    /// The payload (UTF-16LE path, or UTF-8 URL for MacX).
     pub data: Vec<u8>,
 }
 
@@ -244,5 +258,33 @@ mod tests {
                 Some("/images/base.vhd".to_string())
             )
         );
+        assert_eq!(p.mac_path(), None);
+    }
+
+    #[test]
+    fn macx_locator_read_and_bad_url_ignored() {
+        let url = b"file:///img/my%20base.vhd".to_vec();
+        let bad = b"http://x/base.vhd".to_vec();
+        let locs = [
+            NewLocator {
+                code: MACX,
+                offset: 2048,
+                data: bad.clone(),
+            },
+            NewLocator {
+                code: MACX,
+                offset: 2560,
+                data: url.clone(),
+            },
+        ];
+        let h = build(4, 1 << 21, Some((&[1; 16], 5, "my base.vhd", &locs)));
+        let mut file = vec![0u8; 3072];
+        file[2048..2048 + bad.len()].copy_from_slice(&bad);
+        file[2560..2560 + url.len()].copy_from_slice(&url);
+        let s = MemStorage::from_vec(file);
+        let p = DynHeader::parse(&h, 512, &s, &Limits::default(), true).unwrap();
+        assert_eq!(p.locators.len(), 1);
+        assert_eq!(p.mac_path().as_deref(), Some("/img/my base.vhd"));
+        assert_eq!(p.parent_paths(), (None, None));
     }
 }

@@ -8,7 +8,7 @@
 //!   dynamic disks allocate 2 MiB blocks (data, sector bitmap and a new footer written
 //!   and flushed before the BAT entry points at the block); differencing disks read
 //!   sectors whose bitmap bit is clear from the parent set with
-//!   [`BlockDevice::set_backing`] (named by the W2ru/W2ku parent locators in
+//!   [`BlockDevice::set_backing`] (named by the W2ru/W2ku/MacX parent locators in
 //!   [`DeviceInfo::backing`](diskimg_blockio::DeviceInfo)).
 //! - Virtual size as qemu computes it: CHS geometry for creators `vpc `/`qemu`,
 //!   current_size for `qem2`, `win `, `d2v `, `tap\0`, `CTXS`, `wa\0\0` or a maximal
@@ -42,6 +42,7 @@ mod create;
 mod device;
 pub mod footer;
 pub mod header;
+pub mod locator;
 mod open;
 mod write;
 
@@ -51,7 +52,7 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
-pub use create::{BLOCK_SIZE, create_differencing};
+pub use create::{BLOCK_SIZE, create_differencing, create_differencing_in};
 pub use device::VhdDevice;
 
 /// qemu's name for the format.
@@ -84,11 +85,6 @@ static CREATE_OPTIONS: &[CreateOptionSpec] = &[
         name: "azure_align",
         kind: "<bool (on/off)>",
         help: "Round the virtual size up to a multiple of 1 MiB and store it exactly (implies force_size; Azure requires it, with subformat=fixed)",
-    },
-    CreateOptionSpec {
-        name: "preallocation",
-        kind: "<str>",
-        help: "Preallocation mode of the host file (allowed values: off, falloc, full)",
     },
     CreateOptionSpec {
         name: "backing_file",

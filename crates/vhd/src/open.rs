@@ -126,6 +126,16 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                     (None, Some(abs)) => r.filename = abs,
                     (None, None) => r.filename = d.header.parent_name.clone(),
                 }
+                if let Some(mac) = d.header.mac_path()
+                    && mac != r.filename
+                    && !r.alternates.contains(&mac)
+                {
+                    if r.filename.is_empty() {
+                        r.filename = mac;
+                    } else {
+                        r.alternates.push(mac);
+                    }
+                }
                 // Last resort: the parent's file name beside the child (a chain copied
                 // from Windows keeps relative placement but not drive paths).
                 let base = d.header.parent_name.replace('\\', "/");

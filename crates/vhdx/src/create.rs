@@ -34,7 +34,7 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
     CreateOptionSpec {
         name: "block_state_zero",
         kind: "<bool (on/off)>",
-        help: "Force use of payload blocks of type 'ZERO'. Non-standard, but default 'on'.",
+        help: "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic.",
     },
     CreateOptionSpec {
         name: "backing_file",
@@ -73,6 +73,8 @@ struct Params {
     /// The parent's `DataWriteGuid` (MS-VHDX 2.6.2.6 `parent_linkage`), zero when the
     /// parent could not be read at create time.
     linkage: Guid,
+    /// The new image's absolute directory, when known (derives the other path form).
+    image_dir: Option<std::path::PathBuf>,
 }
 
 fn parse(request: &mut CreateRequest) -> Result<Params> {
@@ -122,21 +124,24 @@ fn parse(request: &mut CreateRequest) -> Result<Params> {
         block_state_zero,
         parent,
         linkage: Guid::ZERO,
+        image_dir: request.image_dir.clone(),
     })
 }
 
-fn parent_locator(name: &str, linkage: Guid) -> ParentLocator {
-    let win = name.replace('/', "\\");
-    let key = if name.starts_with('/') {
-        "absolute_win32_path"
-    } else {
-        "relative_path"
-    };
+/// The parent locator: `parent_linkage`, then `relative_path` and `absolute_win32_path`
+/// for every form derivable from `name` and the image's directory (Hyper-V writes both).
+fn parent_locator(name: &str, linkage: Guid, image_dir: Option<&std::path::Path>) -> ParentLocator {
+    let forms = diskimg_blockio::parent_path::ParentForms::derive(name, image_dir);
+    let mut entries = vec![("parent_linkage".to_string(), linkage.to_braced_string())];
+    if let Some(r) = forms.windows_relative() {
+        entries.push(("relative_path".to_string(), r));
+    }
+    if let Some(a) = forms.windows_absolute() {
+        entries.push(("absolute_win32_path".to_string(), a));
+    }
     ParentLocator {
-        entries: vec![
-            ("parent_linkage".to_string(), linkage.to_braced_string()),
-            (key.to_string(), win),
-        ],
+        entries,
+        linkage_at: None,
     }
 }
 
@@ -165,7 +170,10 @@ fn write_image(storage: &dyn Storage, p: &Params, logical_sector: u32) -> Result
         logical_sector,
         physical_sector: logical_sector,
         disk_id: Guid::random(),
-        parent: p.parent.as_deref().map(|n| parent_locator(n, p.linkage)),
+        parent: p
+            .parent
+            .as_deref()
+            .map(|n| parent_locator(n, p.linkage, p.image_dir.as_deref())),
     };
     let geo = Geometry::new(&meta)?;
     let log_offset = MIB;
@@ -268,6 +276,7 @@ mod tests {
             block_state_zero: true,
             parent: None,
             linkage: Guid::ZERO,
+            image_dir: None,
         };
         write_image(parent_s.as_ref(), &p, 4096).unwrap();
         let parent = crate::DRIVER.open(parent_s, &OpenOptions::new()).unwrap();

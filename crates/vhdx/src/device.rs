@@ -76,6 +76,8 @@ pub struct VhdxDevice {
     pub(crate) replay: LogReplay,
     pub(crate) state: RwLock<State>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// Verify a VHDX parent's `DataWriteGuid` against `parent_linkage` (see `linkage`).
+    pub(crate) check_linkage: bool,
 }
 
 impl VhdxDevice {
@@ -83,6 +85,7 @@ impl VhdxDevice {
     /// in memory when read-only (the file is left untouched).
     pub fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
         let read_only = options.read_only || storage.is_read_only();
+        let check_linkage = crate::linkage::check_enabled(options)?;
         if !crate::header::has_signature(storage.as_ref()) {
             return Err(Error::corrupt(FMT, "missing vhdxfile signature", 0));
         }
@@ -140,6 +143,7 @@ impl VhdxDevice {
                 log_active: false,
             }),
             backing: RwLock::new(None),
+            check_linkage,
         };
         if replay == LogReplay::OnDisk {
             // The log is applied and durable: mark it empty.

@@ -8,7 +8,9 @@
 //! - Read: every payload block state; partially present blocks of differencing images
 //!   read per sector bitmap from the block or the parent (connected with
 //!   [`BlockDevice::set_backing`]; the parent locator is reported in
-//!   [`DeviceInfo::backing`](diskimg_blockio::DeviceInfo)).
+//!   [`DeviceInfo::backing`](diskimg_blockio::DeviceInfo)); a VHDX parent must still
+//!   carry the `DataWriteGuid` the child recorded in `parent_linkage` unless the driver
+//!   option [`CHECK_PARENT_LINKAGE_OPTION`] is `off`).
 //! - Write: new blocks at the 1 MiB aligned end of the file, data flushed before the BAT
 //!   references it, and every metadata change (BAT, sector bitmaps) through the log.
 //! - Create: `subformat=dynamic|fixed`, `block_size`, `log_size`, `block_state_zero`
@@ -51,6 +53,7 @@ mod create;
 mod device;
 mod format;
 mod header;
+mod linkage;
 mod log;
 mod metadata;
 mod ops;
@@ -59,6 +62,7 @@ mod resize;
 mod write;
 
 pub use device::VhdxDevice;
+pub use linkage::CHECK_OPTION as CHECK_PARENT_LINKAGE_OPTION;
 
 /// The vhdx driver for the `diskimg` facade's table.
 pub static DRIVER: VhdxDriver = VhdxDriver;

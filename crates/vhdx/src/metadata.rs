@@ -25,6 +25,9 @@ const FLAG_VIRTUAL_DISK: u32 = 2;
 pub(crate) struct ParentLocator {
     /// Entries in on-disk order (`parent_linkage`, `relative_path`, …).
     pub(crate) entries: Vec<(String, String)>,
+    /// Host offset and byte length of the `parent_linkage` value, when read from a file
+    /// (for relinking in place).
+    pub(crate) linkage_at: Option<(u64, usize)>,
 }
 
 impl ParentLocator {
@@ -79,6 +82,7 @@ fn parse_parent_locator(item: &[u8], at: u64) -> Result<ParentLocator> {
     }
     let count = item.le_u16(18).ok_or_else(bad)?;
     let mut entries = Vec::new();
+    let mut linkage_at = None;
     for i in 0..usize::from(count) {
         let e = 20 + 12 * i;
         let ko = usize::try_from(item.le_u32(e).ok_or_else(bad)?).map_err(|_| bad())?;
@@ -90,9 +94,15 @@ fn parse_parent_locator(item: &[u8], at: u64) -> Result<ParentLocator> {
         let (Some(key), Some(val)) = (key.and_then(utf16), val.and_then(utf16)) else {
             return Err(bad());
         };
+        if key == "parent_linkage" && linkage_at.is_none() {
+            linkage_at = Some((at + vo as u64, vl));
+        }
         entries.push((key, val));
     }
-    Ok(ParentLocator { entries })
+    Ok(ParentLocator {
+        entries,
+        linkage_at,
+    })
 }
 
 /// Reads and validates the metadata region.
@@ -310,6 +320,7 @@ mod tests {
                     ("parent_linkage".into(), Guid::ZERO.to_braced_string()),
                     ("relative_path".into(), ".\\base.vhdx".into()),
                 ],
+                linkage_at: None,
             }),
         };
         let bytes = metadata_region_bytes(&m).unwrap();
@@ -325,6 +336,17 @@ mod tests {
         let mut back = read_metadata(&s, &region, &Limits::default()).unwrap();
         assert_eq!(back.virtual_size_at, (2 << 20) + (64 << 10) + 8);
         back.virtual_size_at = 0;
+        // The linkage value's place is recorded for relinking: 76 bytes of UTF-16.
+        let (at, len) = back.parent.as_mut().unwrap().linkage_at.take().unwrap();
+        assert_eq!(len, 76);
+        let raw: Vec<u16> = s.to_vec()[at as usize..at as usize + len]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(
+            String::from_utf16(&raw).unwrap(),
+            Guid::ZERO.to_braced_string()
+        );
         assert_eq!(back, m);
         assert_eq!(
             back.parent.unwrap().get("relative_path"),

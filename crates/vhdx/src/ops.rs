@@ -98,6 +98,12 @@ impl BlockDevice for VhdxDevice {
                 "backing files (not a differencing image)",
             ));
         }
+        if let Some(parent) = backing
+            .as_ref()
+            .and_then(|b| b.as_any().downcast_ref::<VhdxDevice>())
+        {
+            self.verify_linkage(parent)?;
+        }
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
         Ok(())
     }

@@ -1,5 +1,7 @@
-//! Growing dynamic and differencing images (qemu cannot resize VHDX at all).
+//! Growing dynamic, differencing and fixed images (qemu cannot resize VHDX at all).
 //!
+//! A fixed image gets its new blocks allocated (FULLY_PRESENT, after the last block, read
+//! as zeroes; `preallocation=falloc|full` reserves them) before the log commit.
 //! The BAT region keeps its place and size: growth is possible while the new entries
 //! fit in it (images we create round the BAT up to whole MiB, which leaves room). The
 //! new Virtual Disk Size and the (zeroed) new BAT entries are committed in one log
@@ -10,6 +12,7 @@ use std::sync::atomic::Ordering;
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Preallocation, Result};
 
+use crate::bat::{PAYLOAD_FULLY_PRESENT, make_entry};
 use crate::device::{State, VhdxDevice};
 use crate::format::{FMT, LOG_SECTOR};
 use crate::metadata::MAX_VIRTUAL_SIZE;
@@ -38,11 +41,10 @@ impl VhdxDevice {
             }
             return Err(Error::unsupported(FMT, "shrinking images"));
         }
-        if !matches!(prealloc, Preallocation::Off | Preallocation::Metadata) {
+        let fixed = self.meta.leave_blocks_allocated;
+        // A fixed image allocates its new blocks, so it can preallocate them too.
+        if !fixed && !matches!(prealloc, Preallocation::Off | Preallocation::Metadata) {
             return Err(Error::unsupported(FMT, "preallocated resize"));
-        }
-        if self.meta.leave_blocks_allocated {
-            return Err(Error::unsupported(FMT, "resizing fixed images"));
         }
         if new > MAX_VIRTUAL_SIZE {
             return Err(Error::invalid("Image size too large; max of 64TB"));
@@ -85,6 +87,27 @@ impl VhdxDevice {
             if st.entry(i) != 0 {
                 let s = self.set_entry(st, i, 0)?;
                 Self::add_sector(&mut sectors, s);
+            }
+        }
+        if fixed {
+            // Fixed: every new block FULLY_PRESENT, placed after the last one (zeroes:
+            // the file grows), durable before the log commit points the BAT at it.
+            let count = new_geo.data_blocks.saturating_sub(old_geo.data_blocks);
+            let len = count
+                .checked_mul(bs)
+                .ok_or(Error::invalid("image too large"))?;
+            if len > 0 {
+                let at = self.allocate(st, len)?;
+                if matches!(prealloc, Preallocation::Falloc | Preallocation::Full) {
+                    self.storage.preallocate(at, len, prealloc)?;
+                }
+                self.storage.flush()?;
+                for (k, b) in (old_geo.data_blocks..new_geo.data_blocks).enumerate() {
+                    let off = at + k as u64 * bs;
+                    let e = make_entry(PAYLOAD_FULLY_PRESENT, off);
+                    let s = self.set_entry(st, new_geo.payload_index(b), e)?;
+                    Self::add_sector(&mut sectors, s);
+                }
             }
         }
         let at = self.meta.virtual_size_at;

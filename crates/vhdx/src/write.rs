@@ -128,7 +128,7 @@ impl VhdxDevice {
     }
 
     /// Grows the file by `len` zeroed bytes at the aligned end; returns the offset.
-    fn allocate(&self, st: &mut State, len: u64) -> Result<u64> {
+    pub(crate) fn allocate(&self, st: &mut State, len: u64) -> Result<u64> {
         let at = st
             .file_end
             .max(self.storage.len()?.next_multiple_of(1 << 20));

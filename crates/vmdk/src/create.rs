@@ -39,24 +39,9 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
         help: "VMDK version 6 image",
     },
     CreateOptionSpec {
-        name: "extent_size_hint",
-        kind: "<size>",
-        help: "Extent size hint for the image file, 0 to disable",
-    },
-    CreateOptionSpec {
         name: "hwversion",
         kind: "<str>",
         help: "VMDK hardware version",
-    },
-    CreateOptionSpec {
-        name: "nocow",
-        kind: "<bool (on/off)>",
-        help: "Turn off copy-on-write (valid only on btrfs)",
-    },
-    CreateOptionSpec {
-        name: "preallocation",
-        kind: "<str>",
-        help: "Preallocation mode (allowed values: off, falloc, full)",
     },
     CreateOptionSpec {
         name: "size",
@@ -197,12 +182,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     let zeroed_grain = req.options.take_bool("zeroed_grain")?.unwrap_or(false);
     let prealloc = match req.options.take("preallocation") {
         None => Preallocation::Off,
-        Some(p) => match Preallocation::parse(&p)? {
-            Preallocation::Metadata => {
-                return Err(Error::invalid("invalid parameter value: metadata"));
-            }
-            m => m,
-        },
+        Some(p) => Preallocation::parse_file(&p)?,
     };
     let _ = req.options.take_size("extent_size_hint")?;
     let _ = req.options.take_bool("nocow")?;

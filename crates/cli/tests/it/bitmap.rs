@@ -367,3 +367,92 @@ fn guest_writes_through_the_cli_update_bitmaps_like_qemu() {
     qemu_img_ok(&["rebase", "-q", "-b", s(&other), "-F", "qcow2", s(&qo)]);
     assert_same_bitmaps(&dov, &qo, "rebase");
 }
+
+/// Operations run in command-line order (each may repeat), as qemu-img applies its
+/// getopt list: an operation on a bitmap a later `--add` creates fails, `--add --disable`
+/// leaves it disabled, `--remove --add` recreates it, the last `-g` wins, the checks of
+/// `-g`/`-F`/`-b` without their operation, and what ran before a failing operation stays
+/// done (also before a merge whose `-b` source bitmap is missing).
+#[test]
+fn bitmap_ops_in_command_line_order_like_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    let src = dir.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "64M"]);
+    qemu_img_ok(&["bitmap", "--add", s(&src), "sb"]);
+    qemu_io(&src, "qcow2", &["write -P 3 4M 1M"]);
+    for p in [&q, &d] {
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(p), "64M"]);
+        qemu_io(p, "qcow2", &["write -P 1 0 1M"]);
+    }
+    let steps: &[&[&str]] = &[
+        &["--disable", "--add", "x"],
+        &["--add", "--disable", "x"],
+        &["--add", "--add", "x"],
+        &["--remove", "--add", "x"],
+        &["--add", "--remove", "--add", "y"],
+        &["--clear", "--remove", "y"],
+        &["--add", "--merge", "x", "z"],
+        &["--merge", "x", "--merge", "x", "z"],
+        &["--add", "-g", "64k", "--disable", "-g", "128k", "w"],
+        &["--enable", "--disable", "--enable", "x"],
+        &[
+            "--disable",
+            "--enable",
+            "--disable",
+            "--enable",
+            "--disable",
+            "z",
+        ],
+        &["-g", "64k", "--remove", "x"],
+        &["-F", "qcow2", "--remove", "x"],
+        &["-b", "SRC", "--remove", "x"],
+        &["--add", "-b", "SRC", "--merge", "nope", "u"],
+        &["--merge", "sb", "-b", "SRC", "--disable", "--add", "t"],
+        &[
+            "--add",
+            "--merge",
+            "sb",
+            "-b",
+            "SRC",
+            "--disable",
+            "--clear",
+            "--merge",
+            "sb",
+            "t",
+        ],
+        &["--remove", "--remove", "w"],
+    ];
+    let bits_of = |p: &std::path::Path| {
+        let names: Vec<String> = bitmaps(p)
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.iter().map(|n| bits(p, n)).collect::<Vec<_>>()
+    };
+    for step in steps {
+        let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, p: &std::path::Path| {
+            let mut a = vec!["bitmap"];
+            for x in &step[..step.len() - 1] {
+                a.push(if *x == "SRC" { s(&src) } else { x });
+            }
+            a.push(s(p));
+            a.extend(step.last());
+            tool(&a)
+        };
+        let (qo, o) = (run(&|a| qemu_img(a), &q), run(&|a| diskimg(a), &d));
+        assert_eq!(code(&o), code(&qo), "{step:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+            String::from_utf8_lossy(&qo.stderr),
+            "{step:?}"
+        );
+        assert_eq!(bitmaps(&d), bitmaps(&q), "{step:?}");
+        assert_eq!(bits_of(&d), bits_of(&q), "{step:?}");
+        assert_qemu_check_clean(&d, "qcow2");
+    }
+}

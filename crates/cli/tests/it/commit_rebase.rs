@@ -344,3 +344,51 @@ fn commit_of_a_dirty_lazy_refcounts_image() {
         );
     }
 }
+
+/// Commit of a differencing VHDX (qemu cannot open those): the parent gets the child's
+/// data (qemu-io reads it, qemu-img check is clean) and a new DataWriteGuid; the child,
+/// kept (vhdx cannot be emptied), is relinked to it and still opens with the same view.
+#[test]
+fn commit_vhdx_relinks_the_child() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (base, top) = (d.join("base.vhdx"), d.join("top.vhdx"));
+    qemu_img_ok(&["create", "-q", "-f", "vhdx", s(&base), "8M"]);
+    qemu_io(&base, "vhdx", &["write -P 1 0 2M"]);
+    crate::diskimg_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-b",
+        "base.vhdx",
+        "-F",
+        "vhdx",
+        s(&top),
+    ]);
+    crate::diskimg_ok(&["io", "-c", "write -P 2 1M 2M", s(&top)]);
+    let before = d.join("before.raw");
+    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&before)]);
+    assert_eq!(
+        crate::diskimg_ok(&["commit", s(&top)]),
+        "Image committed.\n"
+    );
+    assert_qemu_check_clean(&base, "vhdx");
+    qemu_io(
+        &base,
+        "vhdx",
+        &["read -P 1 0 1M", "read -P 2 1M 2M", "read -P 0 3M 5M"],
+    );
+    let after = d.join("after.raw");
+    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&after)]);
+    assert_eq!(
+        std::fs::read(&after).unwrap(),
+        std::fs::read(&before).unwrap()
+    );
+    assert_eq!(code(&diskimg(&["check", s(&top)])), 0);
+    // A later change of the parent is refused again.
+    qemu_io(&base, "vhdx", &["write -P 3 6M 4k"]);
+    let o = diskimg(&["convert", "-O", "raw", s(&top), s(&after)]);
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("parent_linkage"));
+}

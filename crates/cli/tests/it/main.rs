@@ -24,6 +24,7 @@ mod io;
 mod map;
 mod measure;
 mod offload;
+mod progress;
 mod snapshot;
 
 use std::path::Path;

@@ -163,6 +163,13 @@ fn crash_at_every_step_dynamic() {
     crash_sweep("block_size=1M", None, true);
 }
 
+/// Fixed images: only the resize (new blocks allocated, then BAT and size through the
+/// log) changes metadata.
+#[test]
+fn crash_at_every_step_fixed() {
+    crash_sweep("subformat=fixed,block_size=1M", None, true);
+}
+
 #[test]
 fn crash_at_every_step_differencing() {
     let parent_s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(base_image("block_size=1M")));

@@ -317,18 +317,106 @@ fn grow_dynamic_images() {
         );
         assert_eq!(open(&img, true).virtual_size(), 40 << 20);
     }
-    // Fixed images and shrinking are refused.
-    let img = dir.path().join("f.vhdx");
-    create(&img, 4 << 20, "subformat=fixed,block_size=1M");
-    let dev = open(&img, false);
-    assert!(
-        dev.resize(8 << 20, diskimg_blockio::Preallocation::Off, false)
-            .is_err()
-    );
-    assert!(
-        dev.resize(2 << 20, diskimg_blockio::Preallocation::Off, true)
-            .is_err()
-    );
+}
+
+/// Fixed images grow too (qemu cannot resize vhdx): the new blocks are allocated
+/// (FULLY_PRESENT, all data in the file), qemu-img check is clean and qemu reads the old
+/// data, zeroes in the new part (and in the old partial last block's tail) and our writes
+/// there; the result compares equal to the expected raw image. Shrinking is refused.
+#[test]
+fn grow_fixed_images() {
+    use diskimg_blockio::Preallocation;
+    let dir = tempdir();
+    for (i, (maker, opts, old, new, prealloc)) in [
+        (
+            "qemu",
+            "subformat=fixed,block_size=1M",
+            (5u64 << 20) + 512,
+            20u64 << 20,
+            Preallocation::Off,
+        ),
+        (
+            "ours",
+            "subformat=fixed",
+            24 << 20,
+            72 << 20,
+            Preallocation::Full,
+        ),
+        (
+            "qemu",
+            "subformat=fixed,block_size=2M",
+            3 << 20,
+            (9 << 20) + 4096,
+            Preallocation::Falloc,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("f{i}.vhdx"));
+        if maker == "ours" {
+            create(&img, old, opts);
+        } else {
+            qemu_img_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "vhdx",
+                "-o",
+                opts,
+                img.to_str().unwrap(),
+                &old.to_string(),
+            ]);
+        }
+        qemu_io(
+            &img,
+            "vhdx",
+            &[
+                "write -P 0x31 0 1M",
+                &format!("write -P 0x32 {} 512", old - 512),
+            ],
+        );
+        let file_before = std::fs::metadata(&img).unwrap().len();
+        let dev = open(&img, false);
+        assert!(dev.resize(old - 512, Preallocation::Off, true).is_err());
+        assert!(dev.resize(old - 512, Preallocation::Off, false).is_err());
+        dev.resize(new, prealloc, false).unwrap();
+        assert_eq!(dev.virtual_size(), new);
+        dev.write_at(&[0x33; 4096], new - 4096).unwrap();
+        drop(dev);
+        // Every new block is in the file.
+        let bs = qemu_info_json(&img, "vhdx")["cluster-size"]
+            .as_u64()
+            .unwrap();
+        let grown = new.div_ceil(bs) - old.div_ceil(bs);
+        assert!(
+            std::fs::metadata(&img).unwrap().len() >= file_before + grown * bs,
+            "{i}: fixed blocks not allocated"
+        );
+        assert_qemu_check_clean(&img, "vhdx");
+        assert_eq!(qemu_info_json(&img, "vhdx")["virtual-size"], new);
+        let mut want = vec![0u8; usize::try_from(new).unwrap()];
+        want[..1 << 20].fill(0x31);
+        let o = usize::try_from(old).unwrap();
+        want[o - 512..o].fill(0x32);
+        let n = usize::try_from(new).unwrap();
+        want[n - 4096..].fill(0x33);
+        assert!(qemu_read_raw(&img, "vhdx") == want, "{i}: content");
+        let raw = dir.path().join(format!("f{i}.raw"));
+        std::fs::write(&raw, &want).unwrap();
+        assert!(qemu_compare(&img, "vhdx", &raw, "raw"), "{i}");
+        // qemu writes into the grown part of the (still fixed) image.
+        qemu_io(
+            &img,
+            "vhdx",
+            &[
+                &format!("write -P 0x34 {} 64k", new / 2),
+                &format!("read -P 0x34 {} 64k", new / 2),
+            ],
+        );
+        assert_qemu_check_clean(&img, "vhdx");
+        assert_eq!(open(&img, true).virtual_size(), new);
+    }
 }
 
 #[test]
