@@ -140,6 +140,18 @@ impl Qcow2Device {
         }
         m.commit_deferred()?;
         m.file.flush()?;
+        // qemu rebuilds an emptied image from scratch, so its file shrinks back to a
+        // few clusters; here the freed clusters at the end of the file are cut off (the
+        // tables stay where they are). Only clusters whose refcount is now zero go.
+        let end = m.file.len()?.div_ceil(cs);
+        let mut last = end;
+        while last > 0 && m.refcount(last - 1)? == 0 {
+            last -= 1;
+        }
+        if last < end {
+            m.file.set_len(last * cs)?;
+            m.file.flush()?;
+        }
         Ok(())
     }
 }
