@@ -47,6 +47,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     opts.backing_writable = true;
     let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
+    crate::common::report_open_repairs(&img);
     // As qemu: progress starts once the image is open.
     let bar = Progress::new(a.progress && !a.quiet, 1.0);
     bar.print(0.0, 100);

@@ -59,7 +59,20 @@ pub(crate) fn open_resolved(
     let img =
         diskimg::open(path, format, &opts).with_context(|| format!("Could not open '{arg}'"))?;
     crate::secrets::warn_legacy_aes(arg, &img);
+    report_open_repairs(&img);
     Ok(img)
+}
+
+/// Prints what opening repaired (a dirty qcow2 image's refcounts) to stderr, as qemu's
+/// tools do while they open it.
+pub(crate) fn report_open_repairs(img: &Image) {
+    for layer in img.chain() {
+        if let Some(q) = diskimg::maint::as_qcow2(layer.device.as_ref()) {
+            for m in q.repaired_at_open() {
+                eprintln!("{m}");
+            }
+        }
+    }
 }
 
 /// Warns as qemu does when a raw image was probed and will be written.

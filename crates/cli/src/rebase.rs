@@ -60,6 +60,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     opts.read_only = false;
     let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
+    crate::common::report_open_repairs(&img);
     let change_err =
         |why: String| anyhow!("Could not change the backing file to '{backing}': {why}");
     if img.format != diskimg::Format::Qcow2 {

@@ -50,6 +50,8 @@ pub struct Qcow2Device {
     /// Set by [`Qcow2Device::close`]: writes are refused from then on (the bitmaps are
     /// stored and would not see them).
     pub(crate) closed: std::sync::atomic::AtomicBool,
+    /// What the repair of a dirty image at open printed (check messages).
+    pub(crate) open_repairs: Mutex<Vec<String>>,
     /// The snapshot this view shows, if it is one.
     pub(crate) snapshot_view: bool,
     /// The data cipher of an encrypted image.
@@ -156,6 +158,7 @@ impl Qcow2Device {
             bitmaps,
             tracked: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
             crypt,
         };
@@ -204,7 +207,8 @@ impl Qcow2Device {
             }
         }
         if dirty {
-            crate::check::check(self, RepairMode::All)?;
+            let report = crate::check::check(self, RepairMode::All)?;
+            *self.open_repairs.lock().unwrap_or_else(|e| e.into_inner()) = report.messages;
             let mut m = self.lock();
             m.h.incompatible &= !INCOMPAT_DIRTY;
             let v = m.h.incompatible;
@@ -213,6 +217,17 @@ impl Qcow2Device {
             self.file.flush()?;
         }
         Ok(())
+    }
+
+    /// The findings of the refcount repair a read-write open made on an image left
+    /// dirty (lazy refcounts), in the words of `qemu-img check` ("Repairing cluster 1
+    /// refcount=1 reference=0"); qemu prints them to stderr as it repairs, a library
+    /// leaves that to its caller. Empty when no repair was needed.
+    pub fn repaired_at_open(&self) -> Vec<String> {
+        self.open_repairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -323,6 +338,7 @@ impl Qcow2Device {
             bitmaps: Vec::new(),
             tracked: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
             crypt: self.crypt.clone(),
         })

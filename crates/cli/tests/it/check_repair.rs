@@ -169,6 +169,27 @@ fn read_write_open_repairs_dirty_image() {
 }
 
 #[test]
+fn repair_at_open_prints_what_qemu_prints() {
+    // qemu's tools print the refcount repair of a dirty image to stderr as they open it.
+    let dir = tempdir();
+    let src = dirty_image(dir.path());
+    let (q, d) = copies(dir.path(), &src);
+    let qo = crate::qemu_io_raw(&["-f", "qcow2", "-c", "write -P 8 128k 64k", s(&q)]);
+    let o = diskimg(&["io", "-f", "qcow2", "-c", "write -P 8 128k 64k", s(&d)]);
+    assert_eq!((code(&o), code(&qo)), (0, 0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Repairing cluster"), "{err}");
+    assert_eq!(err, String::from_utf8_lossy(&qo.stderr));
+    // Opened again (clean now): nothing more to say.
+    let again = diskimg(&["io", "-c", "write -P 9 0 512", s(&d)]);
+    assert!(
+        again.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
 fn corrupt_flag_refuses_writes_and_check_clears_it() {
     // iotest 060: the corrupt bit makes read-write opens fail, read-only opens work, and
     // `check -r all` clears it.
