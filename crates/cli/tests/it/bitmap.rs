@@ -49,12 +49,7 @@ fn bitmap_ops_like_qemu() {
             tool(&a)
         };
         let (qo, o) = (run(&|a| qemu_img(a), &q), run(&|a| diskimg(a), &d));
-        assert_eq!(code(&o), code(&qo), "{step:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
-            String::from_utf8_lossy(&qo.stderr),
-            "{step:?}"
-        );
+        assert_same_outcome(&o, &qo, &format!("{step:?}"));
         assert_qemu_check_clean(&d, "qcow2");
         assert_eq!(bitmaps(&d), bitmaps(&q), "{step:?}");
         assert_eq!(code(&diskimg(&["check", s(&d)])), 0, "{step:?}");
@@ -445,14 +440,19 @@ fn bitmap_ops_in_command_line_order_like_qemu() {
             tool(&a)
         };
         let (qo, o) = (run(&|a| qemu_img(a), &q), run(&|a| diskimg(a), &d));
-        assert_eq!(code(&o), code(&qo), "{step:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
-            String::from_utf8_lossy(&qo.stderr),
-            "{step:?}"
-        );
+        assert_same_outcome(&o, &qo, &format!("{step:?}"));
         assert_eq!(bitmaps(&d), bitmaps(&q), "{step:?}");
         assert_eq!(bits_of(&d), bits_of(&q), "{step:?}");
         assert_qemu_check_clean(&d, "qcow2");
     }
+}
+
+/// Same exit code and (tool name aside) the same stderr as qemu-img.
+fn assert_same_outcome(ours: &std::process::Output, qemu: &std::process::Output, what: &str) {
+    assert_eq!(code(ours), code(qemu), "{what}");
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qemu.stderr),
+        "{what}"
+    );
 }
