@@ -1,6 +1,7 @@
 //! `amend`: change options of an existing image as `qemu-img amend -o` does for qcow2:
 //! `compat` (1.1 → 0.10 with zero-cluster expansion, refused where qemu refuses, and
-//! 0.10 → 1.1), `lazy_refcounts` and `size`. Changing `refcount_bits`, the data file
+//! 0.10 → 1.1), `lazy_refcounts`, `size` and `refcount_bits` (the refcount structures
+//! are rewritten at the new width, `rebuild::change_order`). Changing the data file
 //! options and encryption is not supported; backing file changes are refused as in qemu
 //! 10 (use rebase).
 
@@ -89,10 +90,8 @@ impl Qcow2Device {
                      above (use compat=1.1 or greater)",
                 ));
             }
-            if u64::from(1u32 << refcount_order.min(6)) != bits {
-                return Err(Error::unsupported("qcow2", "changing refcount_bits"));
-            }
         }
+        let new_order = refcount_bits.map_or(refcount_order, u64::trailing_zeros);
         if data_file {
             return Err(Error::unsupported(
                 "qcow2",
@@ -109,7 +108,7 @@ impl Qcow2Device {
             )));
         }
         if version < cur_version {
-            if refcount_order != 4 {
+            if new_order != 4 {
                 return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
             }
             if has_data_file {
@@ -118,6 +117,9 @@ impl Qcow2Device {
         }
         if version > cur_version {
             self.upgrade()?;
+        }
+        if new_order != refcount_order {
+            crate::rebuild::change_order(&mut self.lock(), new_order)?;
         }
         if lazy_after != cur_lazy && version >= 3 {
             self.set_lazy(lazy_after)?;

@@ -8,6 +8,7 @@
 //! the following leak repair frees. A crash before the header write leaves the old
 //! (still broken) structures in place.
 
+use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
 use crate::meta::Meta;
@@ -46,10 +47,21 @@ fn alloc(refs: &mut Vec<u64>, n: u64, limit: u64) -> Result<u64> {
 /// Writes fresh refcount structures holding `refs` (index = host cluster) and switches
 /// the header to them.
 pub(crate) fn rebuild(m: &mut Meta, refs: &mut Vec<u64>) -> Result<()> {
-    let cs = m.cs();
-    let rbe = m.rb_entries();
     let order = m.h.refcount_order;
-    let maxr = m.max_refcount();
+    rebuild_with_order(m, refs, order)
+}
+
+/// [`rebuild`] with entries of `2^order` bits: the refcount table offset and size and
+/// the refcount order change in one header write (bytes 48–99, one sector).
+pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) -> Result<()> {
+    let cs = m.cs();
+    let bits = 1u64 << order.min(6);
+    let rbe = cs * 8 / bits;
+    let maxr = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     // Bounded by qemu's maximum refcount table (8 MiB) worth of refcount blocks.
     let limit = (8u64 << 20) / 8 * rbe;
     let mut blocks: Vec<u64> = Vec::new();
@@ -120,17 +132,30 @@ pub(crate) fn rebuild(m: &mut Meta, refs: &mut Vec<u64>) -> Result<()> {
     }
     m.file.write_all_at(&encode_u64s(&entries), t * cs)?;
     m.file.flush()?;
-    let mut hdr = [0u8; 12];
-    hdr.get_mut(..8)
-        .ok_or(Error::invalid("header"))?
-        .copy_from_slice(&(t * cs).to_be_bytes());
-    hdr.get_mut(8..)
-        .ok_or(Error::invalid("header"))?
-        .copy_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
-    m.file.write_all_at(&hdr, 48)?;
+    let clusters = u32::try_from(n).unwrap_or(u32::MAX);
+    if order == m.h.refcount_order {
+        let mut hdr = [0u8; 12];
+        hdr.put_be_u64(0, t * cs);
+        hdr.put_be_u32(8, clusters);
+        m.file.write_all_at(&hdr, 48)?;
+    } else {
+        // Version 3 header fields 48..100, rewritten with their current values but for
+        // the refcount table and order.
+        let mut hdr = [0u8; 52];
+        hdr.put_be_u64(0, t * cs);
+        hdr.put_be_u32(8, clusters);
+        hdr.put_be_u32(12, m.h.nb_snapshots);
+        hdr.put_be_u64(16, m.h.snapshots_offset);
+        hdr.put_be_u64(24, m.h.incompatible);
+        hdr.put_be_u64(32, m.h.compatible);
+        hdr.put_be_u64(40, m.h.autoclear);
+        hdr.put_be_u32(48, order);
+        m.file.write_all_at(&hdr, 48)?;
+    }
     m.file.flush()?;
     m.h.refcount_table_offset = t * cs;
-    m.h.refcount_table_clusters = u32::try_from(n).unwrap_or(u32::MAX);
+    m.h.refcount_table_clusters = clusters;
+    m.h.refcount_order = order;
     m.reftable = entries;
     m.rb.clear();
     m.free_hint = 1;
@@ -148,4 +173,51 @@ pub(crate) fn rebuild(m: &mut Meta, refs: &mut Vec<u64>) -> Result<()> {
         m.note_meta(o, l);
     }
     Ok(())
+}
+
+/// Changes the refcount width to `2^order` bits (qemu's `qcow2_change_refcount_order`):
+/// the current refcounts are read, checked against the new maximum, written into new
+/// structures (see [`rebuild_with_order`]), and the old table and blocks are freed.
+pub(crate) fn change_order(m: &mut Meta, order: u32) -> Result<()> {
+    if order == m.h.refcount_order {
+        return Ok(());
+    }
+    let cs = m.cs();
+    let bits = 1u64 << order.min(6);
+    let maxr = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let end = m.file.len()?.div_ceil(cs);
+    let mut refs: Vec<u64> = m.limits.alloc_elems("refcounts", end, 8)?;
+    for (c, r) in refs.iter_mut().enumerate() {
+        *r = m.refcount(c as u64)?;
+        if *r > maxr {
+            return Err(Error::invalid(format!(
+                "Cannot decrease refcount entry width to {bits} bits: Cluster at offset \
+                 {:#x} has a refcount of {r}",
+                c as u64 * cs
+            )));
+        }
+    }
+    let old_table = (
+        m.h.refcount_table_offset,
+        u64::from(m.h.refcount_table_clusters),
+    );
+    let old_blocks: Vec<u64> = m
+        .reftable
+        .iter()
+        .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+        .filter(|&b| b != 0)
+        .collect();
+    rebuild_with_order(m, &mut refs, order)?;
+    // The old structures were counted (refcount 1 each) and are now unreferenced.
+    for b in old_blocks {
+        m.set_refcount(b / cs, 0)?;
+    }
+    for k in 0..old_table.1 {
+        m.set_refcount(old_table.0 / cs + k, 0)?;
+    }
+    m.file.flush()
 }

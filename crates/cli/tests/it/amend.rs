@@ -27,8 +27,7 @@ fn both(src: &Path, dir: &Path, opts: &str) -> (PathBuf, i32) {
     both_opts(src, dir, opts, true)
 }
 
-/// [`both`], optionally without comparing stderr (qemu prints the repair of a dirty
-/// image done at open; ours is silent).
+/// [`both`], optionally without comparing stderr.
 fn both_opts(src: &Path, dir: &Path, opts: &str, cmp_stderr: bool) -> (PathBuf, i32) {
     let (q, d) = (dir.join("q.qcow2"), dir.join("d.qcow2"));
     std::fs::copy(src, &q).unwrap();
@@ -150,6 +149,47 @@ fn downgrade_with_snapshots_and_upgrade_of_v2_snapshots() {
     qemu_img_ok(&["snapshot", "-c", "s1", s(&p)]);
     qemu_io(&p, "qcow2", &["write -P 2 64k 128k"]);
     both(&p, d, "compat=0.10");
+}
+
+#[test]
+fn refcount_bits_like_qemu() {
+    // iotest 112: amend between refcount widths; narrowing fails when a refcount does
+    // not fit (shared clusters after a snapshot, compressed clusters).
+    let dir = tempdir();
+    let d = dir.path();
+    let img = d.join("w.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_io(&img, "qcow2", &["write -P 1 0 1M", "write -c -P 2 2M 128k"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io(&img, "qcow2", &["write -P 3 512k 64k"]);
+    for opts in [
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=4",
+        "refcount_bits=8",
+        "refcount_bits=16",
+        "refcount_bits=32",
+        "refcount_bits=64",
+    ] {
+        let (ours, rc) = both(&img, d, opts);
+        if rc == 0 {
+            // Same layout as qemu's: the file lengths agree too.
+            let q = d.join("q.qcow2");
+            assert_eq!(
+                std::fs::metadata(&ours).unwrap().len(),
+                std::fs::metadata(&q).unwrap().len(),
+                "{opts}"
+            );
+            // And the image stays writable at its new width.
+            qemu_io(&ours, "qcow2", &["write -P 4 3M 64k"]);
+            assert_qemu_check_clean(&ours, "qcow2");
+        }
+    }
+    // Widen, then back to 16 bits and down to compat=0.10 in one call.
+    let (w8, _) = both(&img, d, "refcount_bits=8");
+    let w8c = d.join("w8.qcow2");
+    std::fs::rename(&w8, &w8c).unwrap();
+    both(&w8c, d, "refcount_bits=16,compat=0.10");
 }
 
 #[test]

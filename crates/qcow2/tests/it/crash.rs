@@ -205,3 +205,59 @@ fn crash_with_metadata_deferred_over_several_writes() {
 fn crash_at_every_write_and_flush_extended_l2_small_refcounts() {
     crash_all_cuts("cluster_size=16k,extended_l2=on,refcount_bits=2", 1);
 }
+
+/// `amend -o refcount_bits=N` cut at every write and flush: the image is never corrupt
+/// (old structures may leak), keeps its data, and has one width or the other.
+#[test]
+fn crash_during_refcount_width_change() {
+    let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let mut req = CreateRequest::new(SIZE, OptionList::parse("cluster_size=4k").unwrap());
+    DRIVER.create(base.clone(), &mut req).unwrap();
+    let dev = diskimg_qcow2::Qcow2Device::open(base.clone(), &OpenOptions::new()).unwrap();
+    let data = pattern(5, SIZE as usize / 2);
+    dev.write_at(&data, 4096).unwrap();
+    dev.write_compressed(&pattern(6, 4096), SIZE - 8192)
+        .unwrap();
+    dev.flush().unwrap();
+    let want = read_all(&dev);
+    drop(dev);
+    let mut initial = vec![0u8; base.len().unwrap() as usize];
+    base.read_exact_at(&mut initial, 0).unwrap();
+    let amend = |s: Arc<FaultStorage>| -> diskimg_blockio::Result<()> {
+        let dev = diskimg_qcow2::Qcow2Device::open(s, &OpenOptions::new())?;
+        dev.amend(&OptionList::parse("refcount_bits=4").unwrap())
+    };
+    let count = {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), None));
+        amend(fs.clone()).unwrap();
+        fs.ops()
+    };
+    assert!(count > 4, "{count}");
+    let mut widths = std::collections::BTreeSet::new();
+    for cut in 0..=count {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
+        let _ = amend(fs.clone());
+        for mode in [
+            CrashMode::KeepAll,
+            CrashMode::DropUnflushed,
+            CrashMode::Random(cut),
+        ] {
+            let img = fs.crash_image(mode);
+            widths.insert(u32::from_be_bytes(img[96..100].try_into().unwrap()));
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+            let r = dev.check(Default::default()).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}: {r:?}"
+            );
+            assert!(
+                read_all(dev.as_ref()) == want,
+                "cut {cut} {mode:?}: data changed"
+            );
+        }
+    }
+    // Both the old width (order 4) and the new one (order 2) were seen.
+    assert_eq!(widths.into_iter().collect::<Vec<_>>(), vec![2, 4]);
+}
