@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use diskimg::blockio::Preallocation;
 
-use crate::common::{open_image, opt_format, out, parse_size, warn_probed_raw};
+use crate::common::{open_image, opt_format, out, warn_probed_raw};
 
 /// Arguments of `resize`.
 #[derive(clap::Args, Debug)]
@@ -38,7 +38,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         Some(b'-') => (-1, a.size.get(1..).unwrap_or("")),
         _ => (0, a.size.as_str()),
     };
-    let n = parse_size(num)?;
+    let n = diskimg::parse_size(num).map_err(|_| {
+        anyhow::anyhow!(
+            "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, \
+             G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+        )
+    })?;
     let img = open_image(&a.file, format, false, true)?;
     warn_probed_raw(&a.file, format, &img);
     let old = img.device.virtual_size();
@@ -52,13 +57,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         },
         _ => n,
     };
-    if new < old && a.shrink {
+    if new < old && !a.shrink {
+        // As qemu-img: the warning comes with the refusal, after the error line.
+        eprintln!("diskimg: Use the --shrink option to perform a shrink operation.");
         eprintln!(
             "diskimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
         );
-    }
-    if new < old && !a.shrink {
-        bail!("Use the --shrink option to perform a shrink operation.");
+        return Ok(1);
     }
     img.device.resize(new, prealloc, a.shrink).map_err(|e| {
         if e.is_unsupported() {

@@ -29,12 +29,6 @@ pub(crate) fn resize(
                 "Use the --shrink option to perform a shrink operation.",
             ));
         }
-        if !m.snapshots.is_empty() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "shrinking images with internal snapshots",
-            ));
-        }
     }
     let backed = m.h.backing_file.is_some() || dev.backing().is_some();
     if prealloc != Preallocation::Off && (new < old || backed) {
@@ -92,7 +86,9 @@ pub(crate) fn resize(
 }
 
 /// Deallocates every cluster at or beyond `new` (rounded up to a cluster), as qemu's
-/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table.
+/// full discard on shrink: L2 tables wholly beyond are dropped from the L1 table. With
+/// internal snapshots only the active tree loses its references (the snapshots keep
+/// their clusters and their disk size).
 fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     m.commit_deferred()?;
     let cs = m.cs();
@@ -102,7 +98,7 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     let mut p = Pending::default();
     let mut dropped_tables = Vec::new();
     for l1i in first / cov..l1_len {
-        let l2 = m.l2_offset(l1i)?;
+        let mut l2 = m.l2_offset(l1i)?;
         if l2 == 0 {
             continue;
         }
@@ -113,6 +109,12 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
             (first % cov) / cs
         };
         let whole = start == 0;
+        if !whole {
+            // The table keeps entries below the new end: it is changed in place, so a
+            // table shared with a snapshot is copied first (data refcounts unchanged:
+            // they count referencing trees, not tables).
+            l2 = ensure_l2(m, l1i)?;
+        }
         for i in start..per {
             let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
             if let Some(r) = old_ref(m, e) {
@@ -137,7 +139,7 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     m.commit_deferred()
 }
 
-fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
+pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {
     let cs = m.cs();
     if need * 8 > MAX_L1_BYTES {
         return Err(Error::invalid("qcow2: Image is too big"));

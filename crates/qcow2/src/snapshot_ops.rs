@@ -260,7 +260,7 @@ impl Qcow2Device {
     }
 
     /// Reverts the disk to snapshot `id_or_name` (as `qemu-img snapshot -a`); the
-    /// snapshot is kept. The snapshot must have the current virtual size.
+    /// snapshot is kept, and the disk takes the snapshot's virtual size.
     /// Refused, as by qemu, when the image has persistent dirty bitmaps (even disabled
     /// or inconsistent ones).
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
@@ -268,20 +268,24 @@ impl Qcow2Device {
         if !self.bitmaps.is_empty() {
             return Err(Error::invalid("Device has active dirty bitmaps"));
         }
-        let mut m = self.lock();
-        let snap = m
-            .snapshots
-            .iter()
-            .find(|s| s.info.id == id_or_name)
-            .or_else(|| m.snapshots.iter().find(|s| s.info.name == id_or_name))
-            .cloned()
-            .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))?;
-        if snap.disk_size.is_some_and(|d| d != m.size) {
-            return Err(Error::unsupported(
-                "qcow2",
-                "applying a snapshot of a different disk size",
-            ));
+        let find = |m: &crate::meta::Meta| {
+            m.snapshots
+                .iter()
+                .find(|s| s.info.id == id_or_name)
+                .or_else(|| m.snapshots.iter().find(|s| s.info.name == id_or_name))
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))
+        };
+        let (snap, size) = {
+            let m = self.lock();
+            (find(&m)?, m.size)
+        };
+        // As qemu: the disk first takes the snapshot's size (shrinking drops the active
+        // tree's clusters beyond it; the L1 table grows for a larger one).
+        if let Some(d) = snap.disk_size.filter(|&d| d != size) {
+            crate::resize::resize(self, d, diskimg_blockio::Preallocation::Off, true, false)?;
         }
+        let mut m = self.lock();
         m.commit_deferred()?;
         m.file.flush()?;
         let sl1 = m.read_table(
@@ -290,10 +294,7 @@ impl Qcow2Device {
             u64::from(snap.l1_size),
         )?;
         if sl1.len() > m.l1.len() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "applying a snapshot with a larger L1 table",
-            ));
+            crate::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
         }
         // The snapshot's clusters gain the active image's reference first (leaks only).
         update_refcounts(&mut m, &sl1, 1, false)?;

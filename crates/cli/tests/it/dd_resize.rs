@@ -84,6 +84,12 @@ fn resize_like_qemu() {
         let q = run(&theirs, &|a| qemu_img(a));
         assert_eq!(code(&o), q.status.code().unwrap(), "{args:?}");
         assert_eq!(o.stdout, q.stdout, "{args:?}");
+        // Messages too (the shrink warning only comes with a refusal).
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
+            String::from_utf8_lossy(&q.stderr),
+            "{args:?}"
+        );
         assert_eq!(
             qemu_read_raw(&ours, "raw"),
             qemu_read_raw(&theirs, "raw"),

@@ -128,3 +128,82 @@ fn one_bit_refcounts_like_qemu() {
         assert_eq!(results[0], results[1], "data={data}");
     }
 }
+
+/// Snapshots of another disk size: applying one resizes the disk to it, and an image
+/// with snapshots can shrink (v3), all as qemu-img does.
+#[test]
+fn snapshots_across_disk_sizes_like_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    let orig = d.join("orig.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&orig),
+        "4M",
+    ]);
+    qemu_io(&orig, "qcow2", &["write -P 1 0 1M", "write -P 5 3M 1M"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&orig)]);
+    qemu_img_ok(&["resize", "-q", s(&orig), "8M"]);
+    qemu_io(&orig, "qcow2", &["write -P 2 6M 1M", "write -P 3 512k 64k"]);
+    qemu_img_ok(&["snapshot", "-c", "s2", s(&orig)]);
+    qemu_io(&orig, "qcow2", &["write -P 4 7M 4k"]);
+    let (q, o) = (d.join("q.qcow2"), d.join("d.qcow2"));
+    let same = |what: &str| {
+        assert_qemu_check_clean(&o, "qcow2");
+        assert!(
+            qemu_read_raw(&o, "qcow2") == qemu_read_raw(&q, "qcow2"),
+            "{what}"
+        );
+        for sn in ["s1", "s2"] {
+            let (qr, dr) = (d.join("q.raw"), d.join("d.raw"));
+            qemu_img_ok(&["convert", "-l", sn, "-O", "raw", s(&q), s(&qr)]);
+            qemu_img_ok(&["convert", "-l", sn, "-O", "raw", s(&o), s(&dr)]);
+            assert!(
+                std::fs::read(&qr).unwrap() == std::fs::read(&dr).unwrap(),
+                "{what} {sn}"
+            );
+        }
+    };
+    for steps in [
+        vec![vec!["snapshot", "-a", "s1"], vec!["snapshot", "-a", "s2"]],
+        vec![
+            vec!["resize", "-q", "--shrink"],
+            vec!["snapshot", "-a", "s2"],
+        ],
+        vec![
+            vec!["snapshot", "-a", "s1"],
+            vec!["resize", "-q", "--shrink"],
+        ],
+    ] {
+        std::fs::copy(&orig, &q).unwrap();
+        std::fs::copy(&orig, &o).unwrap();
+        for step in steps {
+            let mut args: Vec<&str> = step.clone();
+            let size = args.first() == Some(&"resize");
+            let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, f: &str| {
+                let mut a = args.clone();
+                a.push(f);
+                if size {
+                    a.push("2M");
+                }
+                tool(&a)
+            };
+            let (qo, oo) = (run(&|a| qemu_img(a), s(&q)), run(&|a| diskimg(a), s(&o)));
+            assert_eq!(
+                (code(&oo), stderr(&oo)),
+                (code(&qo), stderr(&qo)),
+                "{step:?}"
+            );
+            args.clear();
+            same(&format!("{step:?}"));
+        }
+        // Still writable afterwards.
+        qemu_io(&o, "qcow2", &["write -P 9 1M 8k"]);
+        assert_qemu_check_clean(&o, "qcow2");
+    }
+}
