@@ -23,12 +23,10 @@ pub(crate) fn resize(
     if !new.is_multiple_of(512) {
         return Err(Error::invalid("The new size must be a multiple of 512"));
     }
-    if new < old {
-        if !shrink {
-            return Err(Error::invalid(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
+    if new < old && !shrink {
+        return Err(Error::invalid(
+            "Use the --shrink option to perform a shrink operation.",
+        ));
     }
     let backed = m.h.backing_file.is_some() || dev.backing().is_some();
     if prealloc != Preallocation::Off && (new < old || backed) {
