@@ -1,16 +1,17 @@
 //! `amend`: change options of an existing image as `qemu-img amend -o` does for qcow2:
 //! `compat` (1.1 → 0.10 with zero-cluster expansion, refused where qemu refuses, and
 //! 0.10 → 1.1), `lazy_refcounts`, `size` and `refcount_bits` (the refcount structures
-//! are rewritten at the new width, `rebuild::change_order`). Changing the data file
-//! options and encryption is not supported; backing file changes are refused as in qemu
-//! 10 (use rebase).
+//! are rewritten at the new width, `rebuild::change_order`), `data_file` (renaming the
+//! external data file) and `data_file_raw=off`. Amending encryption options is not
+//! supported; backing file changes are refused as in qemu 10 (use rebase).
 
 use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result, SnapshotInfo};
 
 use crate::device::Qcow2Device;
 use crate::ext::Extensions;
 use crate::header::{
-    AUTOCLEAR_BITMAPS, COMPAT_LAZY, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, V3_HEADER_LEN,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+    V3_HEADER_LEN,
 };
 use crate::maint::write_header;
 use crate::snapshot_ops::{entry_raw, write_table};
@@ -68,7 +69,8 @@ impl Qcow2Device {
         let size = o.take_size("size")?;
         let refcount_bits = o.take_u64("refcount_bits")?;
         let backing = o.take("backing_file").is_some() | o.take("backing_fmt").is_some();
-        let data_file = o.take("data_file").is_some() | o.take("data_file_raw").is_some();
+        let data_file = o.take("data_file");
+        let data_file_raw = o.take_bool("data_file_raw")?;
         let encrypt = o.entries().iter().any(|(k, _)| k.starts_with("encrypt."));
         if let Some((k, _)) = o.entries().iter().find(|(k, _)| !k.starts_with("encrypt.")) {
             return Err(Error::invalid(format!("Invalid parameter '{k}'")));
@@ -92,10 +94,18 @@ impl Qcow2Device {
             }
         }
         let new_order = refcount_bits.map_or(refcount_order, u64::trailing_zeros);
-        if data_file {
-            return Err(Error::unsupported(
-                "qcow2",
-                "amending the data file options",
+        let (hdr_data_file, cur_raw) = {
+            let m = self.lock();
+            (m.h.has_data_file(), m.h.autoclear & AUTOCLEAR_DATA_RAW != 0)
+        };
+        if data_file.is_some() && !hdr_data_file {
+            return Err(Error::invalid(
+                "data-file can only be set for images that use an external data file",
+            ));
+        }
+        if data_file_raw == Some(true) && !cur_raw {
+            return Err(Error::invalid(
+                "data-file-raw cannot be set on existing images",
             ));
         }
         if encrypt {
@@ -123,6 +133,19 @@ impl Qcow2Device {
         }
         if lazy_after != cur_lazy && version >= 3 {
             self.set_lazy(lazy_after)?;
+        }
+        if data_file.is_some() || (data_file_raw == Some(false) && cur_raw) {
+            // As qemu: a new name for the external data file (an empty one drops the
+            // name, the file must then be given at open), or data_file_raw cleared.
+            let mut m = self.lock();
+            let mut h = m.h.clone();
+            if let Some(name) = data_file {
+                h.ext.data_file = Some(name).filter(|n| !n.is_empty());
+            }
+            if data_file_raw == Some(false) {
+                h.autoclear &= !AUTOCLEAR_DATA_RAW;
+            }
+            crate::maint::write_header(&mut m, &mut h)?;
         }
         if let Some(s) = size
             && s != self.virtual_size()

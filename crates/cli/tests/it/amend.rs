@@ -292,3 +292,65 @@ fn amend_dirty_unknown_flags_and_snapshots_like_qemu() {
     both(&p, d, "size=8M");
     both(&p, d, "size=8M,compat=0.10");
 }
+
+/// `data_file` / `data_file_raw`: renaming the external data file, clearing the raw flag,
+/// and qemu's refusals; the resulting image files are byte-identical to qemu's.
+#[test]
+fn data_file_options_like_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    let with_df = d.join("df.qcow2");
+    let df = d.join("df.raw");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", s(&df)),
+        s(&with_df),
+        "1M",
+    ]);
+    qemu_io(&with_df, "qcow2", &["write -P 1 0 64k"]);
+    let raw_df = d.join("rdf.qcow2");
+    let rdf = d.join("rdf.raw");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},data_file_raw=on", s(&rdf)),
+        s(&raw_df),
+        "1M",
+    ]);
+    let plain = d.join("plain.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&plain), "1M"]);
+    for (img, opts) in [
+        (&with_df, "data_file=other.raw"),
+        (&with_df, "data_file="),
+        (&with_df, "data_file_raw=on"),
+        (&with_df, "data_file_raw=off"),
+        (&raw_df, "data_file_raw=off"),
+        (&raw_df, "data_file_raw=on"),
+        (&plain, "data_file=x.raw"),
+        (&plain, "data_file_raw=on"),
+        (&plain, "data_file_raw=off"),
+    ] {
+        let (q, o) = (d.join("q.qcow2"), d.join("o.qcow2"));
+        std::fs::copy(img, &q).unwrap();
+        std::fs::copy(img, &o).unwrap();
+        let qo = qemu_img(&["amend", "-o", opts, s(&q)]);
+        let oo = diskimg(&["amend", "-o", opts, s(&o)]);
+        assert_eq!(code(&oo), code(&qo), "{opts}");
+        assert_eq!(
+            String::from_utf8_lossy(&oo.stderr).replace("diskimg", "qemu-img"),
+            String::from_utf8_lossy(&qo.stderr),
+            "{opts}"
+        );
+        assert!(
+            std::fs::read(&o).unwrap() == std::fs::read(&q).unwrap(),
+            "{opts}"
+        );
+    }
+}
