@@ -51,6 +51,8 @@ pub(crate) struct Meta {
     pub counted: u64,
     /// Why writes are refused, if they are.
     pub write_block: Option<&'static str>,
+    /// Highest block whose new map entry is only in memory (written at the next flush).
+    pub pending_upto: Option<u64>,
 }
 
 impl Meta {
@@ -109,6 +111,7 @@ impl Meta {
             max_used: None,
             counted: 0,
             write_block,
+            pending_upto: None,
         };
         if !meta.rebuild_used() && meta.write_block.is_none() {
             meta.write_block = Some("block map has duplicate or out-of-range entries");

@@ -203,13 +203,8 @@ impl VdiDevice {
         if fresh.is_empty() {
             return Ok(());
         }
-        // Data first, durable, then the map entries and count in one write.
-        if let Err(e) = self.storage.flush() {
-            for &(_, idx) in &fresh {
-                m.unreserve(idx);
-            }
-            return Err(e);
-        }
+        // The new entries take effect in memory now; on disk they are written by the
+        // next flush, after the data (see `commit_pending`).
         let mut upto = 0;
         for &(g, idx) in &fresh {
             let v = u32::try_from(idx).map_err(|_| Error::invalid("vdi block index overflow"))?;
@@ -217,12 +212,39 @@ impl VdiDevice {
             m.counted += 1;
             upto = upto.max(g);
         }
+        m.pending_upto = Some(m.pending_upto.map_or(upto, |p| p.max(upto)));
+        Ok(())
+    }
+
+    /// Writes the block map entries allocated since the last flush: the data is made
+    /// durable first, then the header (allocated count) and the map up to the highest
+    /// new entry go out in one write. Until then a crash loses only unflushed writes
+    /// (their blocks, appended at the end of the file, are unreferenced). Deferring
+    /// costs one `fdatasync` and one map write per flush instead of per new block, and
+    /// keeps the map write (which starts at the header) from growing with every
+    /// allocation in a large image.
+    pub(crate) fn commit_pending(&self, m: &mut Meta) -> Result<()> {
+        let Some(upto) = m.pending_upto else {
+            return Ok(());
+        };
+        self.storage.flush()?;
         if let Err(e) = m.commit(self.storage.as_ref(), Some(upto)) {
             // The on-disk state is now unknown: refuse further writes.
             m.write_block = Some("a metadata write failed");
             return Err(e);
         }
+        m.pending_upto = None;
         Ok(())
+    }
+}
+
+impl Drop for VdiDevice {
+    /// Writes pending block map entries (errors are ignored: flush or close first to
+    /// see them).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.flush();
+        }
     }
 }
 
@@ -319,6 +341,7 @@ impl BlockDevice for VdiDevice {
         if self.read_only {
             return Ok(());
         }
+        self.commit_pending(&mut self.write_meta())?;
         self.storage.flush()
     }
 
@@ -374,6 +397,10 @@ impl BlockDevice for VdiDevice {
         if repair != RepairMode::None {
             // qemu: -r on vdi is ENOTSUP ("This image format does not support checks").
             return Err(Error::unsupported(FORMAT, "checks"));
+        }
+        if !self.read_only {
+            // The check reads the map from memory; make it the one on disk.
+            self.commit_pending(&mut self.write_meta())?;
         }
         Ok(crate::check::check(&self.read_meta()))
     }

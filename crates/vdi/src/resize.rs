@@ -46,6 +46,8 @@ pub(crate) fn resize(
 ) -> Result<()> {
     dev.writable()?;
     let mut m = dev.write_meta();
+    // Pending map entries go out first, so the resize starts from a consistent disk.
+    dev.commit_pending(&mut m)?;
     let new_size = new_size
         .checked_add(SECTOR - 1)
         .map(|v| v / SECTOR * SECTOR)

@@ -192,3 +192,52 @@ fn crash_during_resize_keeps_old_or_new_image() {
         }
     }
 }
+
+/// New blocks reach the on-disk map at the next flush, in one metadata write after one
+/// data flush, whatever their number (they were one flush and one map write each).
+#[test]
+fn block_allocations_are_committed_once_per_flush() {
+    let mib = 1u64 << 20;
+    let img = base_image("", 64 * mib);
+    let fs = Arc::new(FaultStorage::new(img.clone(), None));
+    let dev = diskimg_vdi::DRIVER
+        .open(fs.clone(), &OpenOptions::new())
+        .unwrap();
+    dev.write_at(&[1; 512], 0).unwrap();
+    let first = fs.ops();
+    for k in 1..40u64 {
+        dev.write_at(&[k as u8; 4096], k * mib + 512).unwrap();
+    }
+    // The block's data (and the zeroes completing it) only: no flush, no map write.
+    assert_eq!(fs.ops() - first, 2 * 39);
+    // Unflushed: a crash now keeps the old map (the blocks are unreferenced).
+    let lost = fs.crash_image(CrashMode::KeepAll);
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(lost));
+    let old = diskimg_vdi::DRIVER
+        .open(s, &OpenOptions::new().read_only(true))
+        .unwrap();
+    assert!(
+        read_all(old.as_ref())[mib as usize..]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let before_flush = fs.ops();
+    dev.flush().unwrap();
+    // flush (data), the header and map in one write, flush.
+    assert_eq!(fs.ops() - before_flush, 3);
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(
+        fs.crash_image(CrashMode::DropUnflushed),
+    ));
+    let new = diskimg_vdi::DRIVER
+        .open(s, &OpenOptions::new().read_only(true))
+        .unwrap();
+    let bytes = read_all(new.as_ref());
+    for k in 1..40u64 {
+        let at = (k * mib + 512) as usize;
+        assert!(
+            bytes[at..at + 4096].iter().all(|&b| b == k as u8),
+            "block {k}"
+        );
+    }
+    assert_eq!(new.check(Default::default()).unwrap().corruptions, 0);
+}
