@@ -9,9 +9,10 @@
 #   DISKIMG=path               use this binary instead of building target/release/diskimg
 #   CASES="raw-qcow2 ..."      subset of cases (names as printed)
 #
-# Cases: raw→raw, raw→qcow2, qcow2→raw, raw→vdi/vhdx/vpc, a 1 TiB sparse raw (256 MiB of
-# data) → qcow2, and compressed raw→qcow2 / streamOptimized vmdk against
-# `qemu-img convert -c -m 8 -W` (diskimg gets the same flags).
+# Cases: raw→raw, raw→raw with copy offloading (-C, copy_file_range, both tools),
+# raw→qcow2, qcow2→raw, raw→vdi/vhdx/vpc, a 1 TiB sparse raw (256 MiB of data) → qcow2,
+# and compressed raw→qcow2 / streamOptimized vmdk against `qemu-img convert -c -m 8 -W`
+# (diskimg gets the same flags).
 #
 # The input (a raw ext4 image, and a qcow2 copy made by qemu-img) is cached under
 # target/bench-input/. Every timed command is followed by `sync FILE` of its output, so
@@ -126,6 +127,7 @@ bench_case() {
 }
 
 bench_case raw-raw raw "$input" raw "-O raw" "-O raw" cp
+bench_case raw-raw-C raw "$input" raw "-C -O raw" "-C -O raw" cp
 bench_case raw-qcow2 raw "$input" qcow2 "-O qcow2" "-O qcow2" cp
 bench_case qcow2-raw qcow2 "$qinput" raw "-O raw" "-O raw"
 bench_case raw-vdi raw "$input" vdi "-O vdi" "-O vdi" cp
