@@ -16,6 +16,10 @@ pub(crate) fn check(dev: &VhdDevice, repair: RepairMode) -> Result<CheckReport> 
         r.image_end_offset = Some(file_len);
         return Ok(r);
     };
+    if !dev.read_only {
+        // The check reads the BAT from memory: make it the one on disk.
+        dev.commit_bat()?;
+    }
     let alloc = d.alloc.lock().unwrap_or_else(|e| e.into_inner());
     let bat = d.bat.read().unwrap_or_else(|e| e.into_inner()).clone();
     let unit = d.bitmap_size + d.block_size;

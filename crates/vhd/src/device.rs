@@ -19,6 +19,9 @@ use crate::open::UNALLOCATED;
 pub(crate) struct Alloc {
     /// Host offset where the next block goes (qemu's `free_data_block_offset`).
     pub(crate) free: u64,
+    /// Lowest and highest BAT index changed in memory but not yet on disk (written by
+    /// the next flush, after the blocks' data).
+    pub(crate) pending: Option<(u64, u64)>,
 }
 
 /// State of a dynamic or differencing disk.
@@ -213,6 +216,15 @@ impl VhdDevice {
     }
 }
 
+impl Drop for VhdDevice {
+    /// Writes pending BAT entries (errors are ignored: flush or close first to see them).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.commit_bat();
+        }
+    }
+}
+
 impl BlockDevice for VhdDevice {
     fn info(&self) -> DeviceInfo {
         let mut info = DeviceInfo::new(FORMAT, self.size);
@@ -267,6 +279,7 @@ impl BlockDevice for VhdDevice {
         if self.read_only {
             return Ok(());
         }
+        self.commit_bat()?;
         self.storage.flush()
     }
 

@@ -209,6 +209,9 @@ fn load_dynamic(
         bitmap_size,
         bat_offset: bat_off,
         bat: RwLock::new(bat),
-        alloc: Mutex::new(Alloc { free }),
+        alloc: Mutex::new(Alloc {
+            free,
+            pending: None,
+        }),
     })
 }

@@ -155,3 +155,40 @@ fn crash_differencing() {
     diskimg_vhd::create_differencing(&child, ps.as_ref(), "parent.vhd").unwrap();
     sweep(bytes_of(&child), Some(parent), base, false);
 }
+
+/// New blocks reach the on-disk BAT at the next flush: per new block one footer flush
+/// (the file must always end with a footer), and one data flush plus one BAT write per
+/// flush whatever their number (there was a second flush and a BAT write per block).
+#[test]
+fn bat_entries_are_committed_once_per_flush() {
+    let fs = Arc::new(FaultStorage::new(fresh("subformat=dynamic"), None));
+    let dev = diskimg_vhd::DRIVER
+        .open(fs.clone(), &OpenOptions::new())
+        .unwrap();
+    let mib = 1usize << 20;
+    let before = fs.ops();
+    // Three new 2 MiB blocks.
+    for k in 0..3 {
+        dev.write_at(&[k as u8 + 1; 4096], (k * 2 * mib) as u64)
+            .unwrap();
+    }
+    let per_block = (fs.ops() - before) / 3;
+    // Unflushed: a crash keeps the old BAT (the blocks are unreferenced).
+    let img = fs.crash_image(CrashMode::KeepAll);
+    let old = open_mem(img, &None);
+    assert!(read_all(old.as_ref()).iter().all(|&b| b == 0));
+    let before_flush = fs.ops();
+    dev.flush().unwrap();
+    assert_eq!(fs.ops() - before_flush, 3, "data flush, BAT write, flush");
+    let new = open_mem(fs.crash_image(CrashMode::DropUnflushed), &None);
+    let bytes = read_all(new.as_ref());
+    for k in 0..3 {
+        let at = k * 2 * mib;
+        assert!(
+            bytes[at..at + 4096].iter().all(|&b| b == k as u8 + 1),
+            "block {k}"
+        );
+    }
+    // Footer, its flush, data, bitmap: no BAT write and no second flush per block.
+    assert_eq!(per_block, 4, "storage operations per new block");
+}
