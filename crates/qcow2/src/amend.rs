@@ -210,7 +210,7 @@ impl Qcow2Device {
         h.compatible = 0;
         h.autoclear = 0;
         h.compression_type = 0;
-        h.ext.features = Extensions::qemu_feature_table();
+        h.ext.features = Extensions::qemu_feature_table_for(m.cs());
         write_header(&mut m, &mut h)
     }
 

@@ -252,7 +252,7 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
             backing_format: backing.as_ref().and(backing_fmt.clone()),
             data_file: data_file.clone(),
             features: if version == 3 {
-                Extensions::qemu_feature_table()
+                Extensions::qemu_feature_table_for(cluster_size)
             } else {
                 Vec::new()
             },

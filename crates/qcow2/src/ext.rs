@@ -179,6 +179,17 @@ impl Extensions {
         out
     }
 
+    /// The feature name table qemu 10 writes into v3 headers — only with clusters of
+    /// more than 4 KiB: qemu leaves it out of 512 B to 4 KiB cluster images (seen for
+    /// create and for `amend -o compat=1.1`; our files are byte-identical to qemu's).
+    pub(crate) fn qemu_feature_table_for(cluster_size: u64) -> Vec<(u8, u8, String)> {
+        if cluster_size > 4096 {
+            Self::qemu_feature_table()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The feature name table qemu 10 writes.
     pub(crate) fn qemu_feature_table() -> Vec<(u8, u8, String)> {
         [

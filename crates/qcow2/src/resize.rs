@@ -145,7 +145,9 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     let clusters = (need * 8).div_ceil(cs);
     let host = m.alloc_run(clusters)?;
     let mut table = m.l1.clone();
-    table.resize(idx(clusters * cs / 8), 0);
+    table.resize(idx(need), 0);
+    // Only the table's entries, as qemu's `qcow2_grow_l1_table` writes them: a new
+    // image ends right after its L1 table, like qemu's (byte-identical files).
     dev.file.write_all_at(&encode_u64s(&table), host)?;
     dev.file.flush()?;
     let mut hdr = [0u8; 12];
@@ -157,7 +159,6 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     dev.file.write_all_at(&hdr, 36)?;
     dev.file.flush()?;
     let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
-    table.truncate(idx(need));
     m.l1 = table;
     m.note_meta(host, clusters * cs);
     m.l1_offset = host;
