@@ -73,7 +73,8 @@ impl UnsafeCache {
             if let Some(d) = done {
                 self.inner.start_writeback(d.start, d.end - d.start);
             }
-            self.inner.start_writeback(full.start, full.end - full.start);
+            self.inner
+                .start_writeback(full.start, full.end - full.start);
             return;
         }
         drop(run);
@@ -202,7 +203,8 @@ mod tests {
         s.write_all_at(&[3; 512], 32 * mib).unwrap();
         // A 512 KiB run broken by another write is handed over.
         s.write_all_at(&block[..256 << 10], 40 * mib).unwrap();
-        s.write_all_at(&block[..256 << 10], 40 * mib + (256 << 10)).unwrap();
+        s.write_all_at(&block[..256 << 10], 40 * mib + (256 << 10))
+            .unwrap();
         s.write_all_at(&[4; 8], 8).unwrap();
         let handed = rec.handed.lock().unwrap().clone();
         assert_eq!(
