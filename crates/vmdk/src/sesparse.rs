@@ -129,6 +129,14 @@ impl SeSparse {
         8
     }
 
+    /// When the grain table holding `grain` has a zero directory entry, the first grain of
+    /// the next table.
+    pub(crate) fn next_table_if_unallocated(&self, grain: u64) -> Option<u64> {
+        let l1 = grain / GT_ENTRIES;
+        let gde = usize::try_from(l1).ok().and_then(|i| self.gd.get(i))?;
+        (*gde == 0).then(|| l1.saturating_add(1).saturating_mul(GT_ENTRIES))
+    }
+
     /// What grain number `grain` is.
     pub(crate) fn lookup(&self, storage: &dyn Storage, grain: u64) -> Result<Grain> {
         let l1 = grain / GT_ENTRIES;

@@ -10,6 +10,7 @@ mod common;
 mod crash;
 mod create;
 mod extents;
+mod fuzz_regressions;
 mod hostile;
 mod model;
 mod read;
