@@ -18,7 +18,7 @@ use diskimg_blockio::{Error, Result};
 /// The alignment of pooled buffers.
 const ALIGN: usize = 4096;
 
-/// A byte buffer from the [`Pool`]: derefs to its `len` bytes, which begin on a page
+/// A byte buffer from convert's buffer pool: derefs to its `len` bytes, which begin on a page
 /// boundary of the allocation (as long as it never had to grow in place).
 #[derive(Clone, Default)]
 pub struct Buf {
