@@ -12,7 +12,7 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
 use crate::meta::Meta;
-use crate::refcount::set_entry;
+use crate::refcount::{max_refcount_of, set_entry};
 use crate::table::encode_u64s;
 use crate::write::idx;
 
@@ -55,13 +55,8 @@ pub(crate) fn rebuild(m: &mut Meta, refs: &mut Vec<u64>) -> Result<()> {
 /// the refcount order change in one header write (bytes 48–99, one sector).
 pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) -> Result<()> {
     let cs = m.cs();
-    let bits = 1u64 << order.min(6);
-    let rbe = cs * 8 / bits;
-    let maxr = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let rbe = cs * 8 / (1u64 << order.min(6));
+    let maxr = max_refcount_of(order);
     // Bounded by qemu's maximum refcount table (8 MiB) worth of refcount blocks.
     let limit = (8u64 << 20) / 8 * rbe;
     let mut blocks: Vec<u64> = Vec::new();
@@ -184,11 +179,7 @@ pub(crate) fn change_order(m: &mut Meta, order: u32) -> Result<()> {
     }
     let cs = m.cs();
     let bits = 1u64 << order.min(6);
-    let maxr = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let maxr = max_refcount_of(order);
     let end = m.file.len()?.div_ceil(cs);
     let mut refs: Vec<u64> = m.limits.alloc_elems("refcounts", end, 8)?;
     for (c, r) in refs.iter_mut().enumerate() {

@@ -52,6 +52,14 @@ pub(crate) fn set_entry(block: &mut [u8], i: u64, order: u32, v: u64) -> (usize,
     }
 }
 
+/// Largest refcount an entry of `2^order` bits holds.
+pub(crate) fn max_refcount_of(order: u32) -> u64 {
+    match 1u64 << order.min(6) {
+        64 => u64::MAX,
+        b => (1u64 << b) - 1,
+    }
+}
+
 impl Meta {
     /// Refcount entries per refcount block.
     pub(crate) fn rb_entries(&self) -> u64 {
@@ -60,10 +68,7 @@ impl Meta {
 
     /// Largest refcount the width can hold.
     pub(crate) fn max_refcount(&self) -> u64 {
-        match self.h.refcount_bits() {
-            64 => u64::MAX,
-            b => (1u64 << b) - 1,
-        }
+        max_refcount_of(self.h.refcount_order)
     }
 
     fn refblock_offset(&self, ti: u64) -> Result<u64> {
