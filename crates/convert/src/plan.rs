@@ -213,7 +213,7 @@ impl Ctx<'_> {
                 Unit::Skip => ops.push(Op::Skip { len: n as u64 }),
                 Unit::Plain => ops.push(Op::Data {
                     offset: off,
-                    data: self.copy_of(piece)?,
+                    data: self.pool.copy_of(piece)?,
                 }),
                 Unit::Compress => match ops.last_mut() {
                     Some(Op::Compressed { offset: o, data: d }) if *o + d.len() as u64 == off => {
@@ -221,7 +221,7 @@ impl Ctx<'_> {
                     }
                     _ => ops.push(Op::Compressed {
                         offset: off,
-                        data: self.copy_of(piece)?,
+                        data: self.pool.copy_of(piece)?,
                     }),
                 },
             }
@@ -265,17 +265,14 @@ impl Ctx<'_> {
             if zero {
                 self.push_zero(off, n as u64, ops)?;
             } else {
-                let piece = self.copy_of(buf.get(start..start + n).unwrap_or(&[]))?;
+                let piece = self
+                    .pool
+                    .copy_of(buf.get(start..start + n).unwrap_or(&[]))?;
                 self.push_data_raw(off, piece, ops)?;
             }
         }
         self.pool.put(buf);
         Ok(())
-    }
-
-    /// A pooled copy of `bytes`.
-    fn copy_of(&self, bytes: &[u8]) -> Result<Buf> {
-        self.pool.copy_of(bytes)
     }
 
     fn push_data_raw(&self, offset: u64, data: Buf, ops: &mut Vec<Op>) -> Result<()> {
@@ -303,7 +300,7 @@ impl Ctx<'_> {
                 }
                 (_, false) => ops.push(Op::Data {
                     offset: offset + pos as u64,
-                    data: self.copy_of(data.get(pos..end).unwrap_or(&[]))?,
+                    data: self.pool.copy_of(data.get(pos..end).unwrap_or(&[]))?,
                 }),
             }
             pos = end;
