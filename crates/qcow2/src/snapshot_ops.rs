@@ -93,6 +93,16 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
 
 /// Writes `snaps` as a new snapshot table and points the header at it, then frees the
 /// old table.
+/// The index of the snapshot with id `id_or_name`, or else with that name (qemu's
+/// lookup for `snapshot -a/-d`).
+fn snapshot_index(m: &Meta, id_or_name: &str) -> Result<usize> {
+    m.snapshots
+        .iter()
+        .position(|s| s.info.id == id_or_name)
+        .or_else(|| m.snapshots.iter().position(|s| s.info.name == id_or_name))
+        .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))
+}
+
 pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     let cs = m.cs();
     let mut table = Vec::new();
@@ -232,12 +242,7 @@ impl Qcow2Device {
     pub fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
         self.writable()?;
         let mut m = self.lock();
-        let pos = m
-            .snapshots
-            .iter()
-            .position(|s| s.info.id == id_or_name)
-            .or_else(|| m.snapshots.iter().position(|s| s.info.name == id_or_name))
-            .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))?;
+        let pos = snapshot_index(&m, id_or_name)?;
         m.commit_deferred()?;
         m.file.flush()?;
         let mut snaps = m.snapshots.clone();
@@ -268,17 +273,11 @@ impl Qcow2Device {
         if !self.bitmaps.is_empty() {
             return Err(Error::invalid("Device has active dirty bitmaps"));
         }
-        let find = |m: &crate::meta::Meta| {
-            m.snapshots
-                .iter()
-                .find(|s| s.info.id == id_or_name)
-                .or_else(|| m.snapshots.iter().find(|s| s.info.name == id_or_name))
-                .cloned()
-                .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))
-        };
         let (snap, size) = {
             let m = self.lock();
-            (find(&m)?, m.size)
+            let i = snapshot_index(&m, id_or_name)?;
+            let snap = m.snapshots.get(i).cloned();
+            (snap.ok_or(Error::invalid("qcow2: snapshot index"))?, m.size)
         };
         // As qemu: the disk first takes the snapshot's size (shrinking drops the active
         // tree's clusters beyond it; the L1 table grows for a larger one).
