@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds seed corpora for every fuzz target under fuzz/corpus/<target>/ (git-ignored) from
-# tiny qemu-img-made images plus the qemu-iotests samples in ../shared/corpus (when present).
+# tiny qemu-img-made images plus the qemu-iotests samples in tests/corpus.
 # Usage: fuzz/make_seeds.sh   (needs qemu-img, qemu-io, python3)
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -70,7 +70,7 @@ cp d_*.vdi "$c"/vdi_open/
 cp x_empty.vhdx x_dyn.vhdx "$c"/vhdx_open/
 cp q_data.qcow2 q_comp.qcow2 v_monolithicSparse.vmdk h_empty.vhd d_empty.vdi x_empty.vhdx "$c"/probe/
 
-samples=$here/../../shared/corpus/qemu-sample-images
+samples=$here/../tests/corpus/qemu-sample-images
 if [ -d "$samples" ]; then
     for f in afl5.img afl9.vmdk iotest-version3.vmdk hyperv2012r2-dynamic.vhd virtualpc-dynamic.vhd \
         grub_mbr.raw empty.bochs simple-pattern.cloop simple-dmg.dmg; do

@@ -1,5 +1,5 @@
 //! Every sample of qemu's test corpus through every driver: a clean error or data, never a
-//! panic or a hang (`../shared/corpus/qemu-sample-images`).
+//! panic or a hang (`tests/corpus/qemu-sample-images` in this repository).
 
 use std::sync::Arc;
 

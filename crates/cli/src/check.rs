@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     // Expected texts are qemu-img 10.0.2 outputs recorded in
-    // ../shared/reference/qemu-img-surface.md §3.2.
+    // the qemu-img 10.0.2 check report formats (qemu-img.c dump_human_image_check).
     #[test]
     fn json_like_qemu() {
         let clean = CheckReport {

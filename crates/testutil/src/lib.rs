@@ -10,7 +10,7 @@
 //! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
 //! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
-//! - fixtures: [`corpus_file`] decompresses a sample from `../shared/corpus`.
+//! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`.
 //!
 //! qemu-img and qemu-io are required: tests that need them panic with a clear message
 //! when they are missing (`.ci/run` installs `qemu-utils`), so a missing oracle can never
@@ -222,21 +222,14 @@ impl Model {
     }
 }
 
-/// Finds `shared/corpus` beside the checkout (walking up from this crate).
+/// The sample-image corpus that travels with the repository (`tests/corpus` at the
+/// workspace root: qemu-iotests' `sample_images`, GPL-2.0 test data, see its MANIFEST.md).
 pub fn corpus_dir() -> PathBuf {
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    loop {
-        let cand = dir.join("shared").join("corpus");
-        if cand.is_dir() {
-            return cand;
-        }
-        if !dir.pop() {
-            panic!(
-                "shared/corpus not found above {}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-        }
-    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("..")
+        .join("tests")
+        .join("corpus")
 }
 
 /// Decompresses `qemu-sample-images/NAME.bz2` from the corpus into `dir`, returning
