@@ -74,6 +74,10 @@ pub(crate) fn open_special(
     format: Option<Format>,
     need_length: bool,
 ) -> Result<Option<Image>> {
+    // `--image-opts` option strings name files the usual way.
+    if crate::secrets::resolve(file, format)?.0 != file {
+        return Ok(None);
+    }
     let opts = OPTIONS.get().cloned().unwrap_or_default();
     let Some(input) =
         diskimg_stream::open(file, &opts).with_context(|| format!("Could not open '{file}'"))?

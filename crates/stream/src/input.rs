@@ -121,10 +121,26 @@ fn base(
     Ok((Layer::Seek(s), member, Some(len)))
 }
 
+/// True when `spec` is a local file that cannot be opened as one (missing, not
+/// readable): the caller's usual open reports that in its own words.
+fn plain_unopenable(spec: &str) -> bool {
+    if is_stream_spec(spec) {
+        return false;
+    }
+    let path = match spec.rsplit_once('#') {
+        Some((p, _)) if !Path::new(spec).exists() && Path::new(p).exists() => p,
+        _ => spec,
+    };
+    std::fs::File::open(path).is_err()
+}
+
 /// Opens `spec` if it needs more than a plain file open: `-`, a URL, a compressed file,
 /// a tar/OVA archive or `ARCHIVE#MEMBER`. `None` means a plain image file, to be
 /// opened the usual way (with its backing chain).
 pub fn open(spec: &str, opts: &InputOptions) -> Result<Option<Input>> {
+    if plain_unopenable(spec) {
+        return Ok(None);
+    }
     let count = Arc::new(AtomicU64::new(0));
     let (layer, member, input_len) = base(spec, opts, &count)?;
     let member = member.or_else(|| opts.member.clone());
