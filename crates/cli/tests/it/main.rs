@@ -22,6 +22,7 @@ mod dd_resize;
 mod encrypt;
 mod errors;
 mod format_guard;
+mod hostfiles;
 mod io;
 mod map;
 mod measure;
