@@ -25,6 +25,8 @@ mod map;
 mod measure;
 mod offload;
 mod progress;
+mod serve;
+mod serve_write;
 mod snapshot;
 
 use std::path::Path;
