@@ -12,6 +12,7 @@ mod amend;
 mod bench;
 mod bitmap;
 mod check_repair;
+mod checksum;
 mod commit_rebase;
 mod compare;
 mod convert;
