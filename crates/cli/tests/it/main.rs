@@ -26,9 +26,11 @@ mod io;
 mod map;
 mod measure;
 mod offload;
+mod pipelines;
 mod progress;
 mod serve;
 mod serve_write;
+mod servers;
 mod snapshot;
 
 use std::path::Path;
