@@ -27,6 +27,7 @@ mod map;
 mod measure;
 mod offload;
 mod pipelines;
+mod pipelines_out;
 mod progress;
 mod serve;
 mod serve_write;
