@@ -28,7 +28,10 @@ mod map;
 mod measure;
 mod offload;
 mod pipelines;
+mod pipelines_out;
 mod progress;
+mod serve;
+mod serve_write;
 mod servers;
 mod snapshot;
 
