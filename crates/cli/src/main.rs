@@ -25,6 +25,7 @@ mod measure;
 mod rebase;
 mod resize;
 mod secrets;
+mod serve;
 mod snapshot;
 mod source;
 mod stream_progress;
@@ -83,6 +84,8 @@ enum Cmd {
     Bitmap(bitmap::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
+    /// Export an image over NBD (qemu-nbd's flags).
+    Serve(serve::Args),
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
@@ -106,6 +109,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Bitmap(a) => bitmap::run(a, matches.subcommand_matches("bitmap")),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }
 

@@ -21,6 +21,7 @@ mod create_info;
 mod dd_resize;
 mod encrypt;
 mod errors;
+mod format_guard;
 mod hostfiles;
 mod io;
 mod map;
@@ -29,6 +30,8 @@ mod offload;
 mod pipelines;
 mod pipelines_out;
 mod progress;
+mod serve;
+mod serve_write;
 mod servers;
 mod snapshot;
 
