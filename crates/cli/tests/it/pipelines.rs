@@ -270,7 +270,14 @@ fn http_sources() {
     let existing = dir.path().join("existing.raw");
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&existing), "40M"]);
     let url = format!("{}/img/disk.raw.gz", ng.base);
-    diskimg_ok(&["convert", "-n", "-O", "raw", &format!("{}/img/disk.qcow2", ng.base), s(&existing)]);
+    diskimg_ok(&[
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        &format!("{}/img/disk.qcow2", ng.base),
+        s(&existing),
+    ]);
     assert!(qemu_compare(&raw, "raw", &existing, "raw"));
     // A stream of unknown length cannot go into an existing target (-n).
     let o = diskimg(&["convert", "-n", "-O", "raw", &url, s(&existing)]);
