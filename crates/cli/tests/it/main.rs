@@ -22,6 +22,7 @@ mod dd_resize;
 mod encrypt;
 mod errors;
 mod hostfiles;
+mod inspect;
 mod io;
 mod map;
 mod measure;
