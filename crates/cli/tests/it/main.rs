@@ -27,7 +27,9 @@ mod io;
 mod map;
 mod measure;
 mod offload;
+mod pipelines;
 mod progress;
+mod servers;
 mod snapshot;
 
 use std::path::Path;
