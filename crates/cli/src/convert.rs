@@ -14,6 +14,7 @@ use crate::common::{
 use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
+mod stdout;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -149,7 +150,8 @@ fn run_inner(a: Args) -> Result<i32> {
         bail!("Expecting image file name");
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
-    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    // With stdout as the target, progress goes to stderr (`stdout::run`).
+    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -167,6 +169,9 @@ fn run_inner(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if dst_name == "-" {
+        return stdout::run(&a, src.as_ref(), &_images, out_fmt);
+    }
     let total = src.virtual_size();
     pipe::check_target(&_images, out_fmt, a.no_create)?;
 

@@ -26,6 +26,7 @@ mod measure;
 mod rebase;
 mod resize;
 mod secrets;
+mod serve;
 mod snapshot;
 mod source;
 mod stream_progress;
@@ -86,6 +87,8 @@ enum Cmd {
     Bitmap(bitmap::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
     Io(io::Args),
+    /// Export an image over NBD (qemu-nbd's flags).
+    Serve(serve::Args),
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
@@ -110,6 +113,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Bitmap(a) => bitmap::run(a, matches.subcommand_matches("bitmap")),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }
 

@@ -21,6 +21,7 @@ mod create_info;
 mod dd_resize;
 mod encrypt;
 mod errors;
+mod format_guard;
 mod hostfiles;
 mod inspect;
 mod io;
@@ -28,7 +29,10 @@ mod map;
 mod measure;
 mod offload;
 mod pipelines;
+mod pipelines_out;
 mod progress;
+mod serve;
+mod serve_write;
 mod servers;
 mod snapshot;
 
