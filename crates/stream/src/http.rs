@@ -323,24 +323,10 @@ impl Storage for HttpStorage {
         Ok(())
     }
 
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
+    read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.len)
-    }
-
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
     }
 }
 
