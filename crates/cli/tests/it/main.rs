@@ -25,6 +25,7 @@ mod map;
 mod measure;
 mod offload;
 mod progress;
+mod qemu_io;
 mod snapshot;
 
 use std::path::Path;
