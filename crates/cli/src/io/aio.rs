@@ -251,36 +251,35 @@ fn aio_flush_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
 pub(super) static COMMANDS: &[&Cmd] = &[&AIO_READ, &AIO_WRITE, &AIO_FLUSH];
 
 static AIO_READ: Cmd = Cmd {
-        argmin: 2,
-        argmax: -1,
-        args: Some("[-Ciqrv] [-P pattern] off len [len..]"),
-        help: Some(AIO_READ_HELP),
-        ..Cmd::new(
-            "aio_read",
-            aio_read_f,
-            "asynchronously reads a number of bytes",
-        )
-    };
+    argmin: 2,
+    argmax: -1,
+    args: Some("[-Ciqrv] [-P pattern] off len [len..]"),
+    help: Some(AIO_READ_HELP),
+    ..Cmd::new(
+        "aio_read",
+        aio_read_f,
+        "asynchronously reads a number of bytes",
+    )
+};
 
 static AIO_WRITE: Cmd = Cmd {
-        argmin: 2,
-        argmax: -1,
-        write: true,
-        args: Some("[-Cfiqruz] [-P pattern] off len [len..]"),
-        help: Some(AIO_WRITE_HELP),
-        ..Cmd::new(
-            "aio_write",
-            aio_write_f,
-            "asynchronously writes a number of bytes",
-        )
-    };
+    argmin: 2,
+    argmax: -1,
+    write: true,
+    args: Some("[-Cfiqruz] [-P pattern] off len [len..]"),
+    help: Some(AIO_WRITE_HELP),
+    ..Cmd::new(
+        "aio_write",
+        aio_write_f,
+        "asynchronously writes a number of bytes",
+    )
+};
 
 static AIO_FLUSH: Cmd = Cmd::new(
-        "aio_flush",
-        aio_flush_f,
-        "completes all outstanding aio requests",
-    );
-
+    "aio_flush",
+    aio_flush_f,
+    "completes all outstanding aio requests",
+);
 
 const AIO_READ_HELP: &str = "
  asynchronously reads a range of bytes from the given offset

@@ -174,18 +174,17 @@ fn quit_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
 pub(super) static GLOBAL_COMMANDS: &[&Cmd] = &[&HELP, &QUIT];
 
 static HELP: Cmd = Cmd {
-        alt: Some("?"),
-        argmax: 1,
-        global: true,
-        args: Some("[command]"),
-        ..Cmd::new("help", help_f, "help for one or all commands")
-    };
+    alt: Some("?"),
+    argmax: 1,
+    global: true,
+    args: Some("[command]"),
+    ..Cmd::new("help", help_f, "help for one or all commands")
+};
 
 static QUIT: Cmd = Cmd {
-        alt: Some("q"),
-        argmin: -1,
-        argmax: -1,
-        global: true,
-        ..Cmd::new("quit", quit_f, "exit the program")
-    };
-
+    alt: Some("q"),
+    argmin: -1,
+    argmax: -1,
+    global: true,
+    ..Cmd::new("quit", quit_f, "exit the program")
+};

@@ -199,7 +199,8 @@ fn truncate_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
     let offset = match cvtnum(arg) {
         Ok(v) => v,
         Err(e) => {
-            s.out.print(&e.message(args.first().map_or("", String::as_str)));
+            s.out
+                .print(&e.message(args.first().map_or("", String::as_str)));
             return -EINVAL;
         }
     };
@@ -266,73 +267,74 @@ pub(super) fn save_vmstate(b: &Blk, _buf: &[u8], _offset: u64) -> diskimg::Resul
 }
 
 /// `map`, `alloc`, `info`, `length`, `truncate`, `sleep`, `sigraise`, `abort`.
-pub(super) static COMMANDS: &[&Cmd] = &[&MAP, &ALLOC, &INFO, &LENGTH, &TRUNCATE, &SLEEP, &SIGRAISE, &ABORT];
+pub(super) static COMMANDS: &[&Cmd] = &[
+    &MAP, &ALLOC, &INFO, &LENGTH, &TRUNCATE, &SLEEP, &SIGRAISE, &ABORT,
+];
 
 static MAP: Cmd = Cmd {
-        args: Some(""),
-        ..Cmd::new("map", map_f, "prints the allocated areas of a file")
-    };
+    args: Some(""),
+    ..Cmd::new("map", map_f, "prints the allocated areas of a file")
+};
 
 static ALLOC: Cmd = Cmd {
-        alt: Some("a"),
-        argmin: 1,
-        argmax: 2,
-        args: Some("offset [count]"),
-        ..Cmd::new(
-            "alloc",
-            alloc_f,
-            "checks if offset is allocated in the file",
-        )
-    };
+    alt: Some("a"),
+    argmin: 1,
+    argmax: 2,
+    args: Some("offset [count]"),
+    ..Cmd::new(
+        "alloc",
+        alloc_f,
+        "checks if offset is allocated in the file",
+    )
+};
 
 static INFO: Cmd = Cmd {
-        alt: Some("i"),
-        ..Cmd::new("info", info_f, "prints information about the current file")
-    };
+    alt: Some("i"),
+    ..Cmd::new("info", info_f, "prints information about the current file")
+};
 
 static LENGTH: Cmd = Cmd {
-        alt: Some("l"),
-        ..Cmd::new("length", length_f, "gets the length of the current file")
-    };
+    alt: Some("l"),
+    ..Cmd::new("length", length_f, "gets the length of the current file")
+};
 
 static TRUNCATE: Cmd = Cmd {
-        alt: Some("t"),
-        argmin: 1,
-        argmax: 3,
-        write: true,
-        args: Some("[-m prealloc_mode] off"),
-        ..Cmd::new(
-            "truncate",
-            truncate_f,
-            "truncates the current file at the given offset",
-        )
-    };
+    alt: Some("t"),
+    argmin: 1,
+    argmax: 3,
+    write: true,
+    args: Some("[-m prealloc_mode] off"),
+    ..Cmd::new(
+        "truncate",
+        truncate_f,
+        "truncates the current file at the given offset",
+    )
+};
 
 static SLEEP: Cmd = Cmd {
-        argmin: 1,
-        argmax: 1,
-        nofile_ok: true,
-        ..Cmd::new(
-            "sleep",
-            sleep_f,
-            "waits for the given value in milliseconds",
-        )
-    };
+    argmin: 1,
+    argmax: 1,
+    nofile_ok: true,
+    ..Cmd::new(
+        "sleep",
+        sleep_f,
+        "waits for the given value in milliseconds",
+    )
+};
 
 static SIGRAISE: Cmd = Cmd {
-        argmin: 1,
-        argmax: 1,
-        nofile_ok: true,
-        args: Some("signal"),
-        help: Some(SIGRAISE_HELP),
-        ..Cmd::new("sigraise", sigraise_f, "raises a signal")
-    };
+    argmin: 1,
+    argmax: 1,
+    nofile_ok: true,
+    args: Some("signal"),
+    help: Some(SIGRAISE_HELP),
+    ..Cmd::new("sigraise", sigraise_f, "raises a signal")
+};
 
 static ABORT: Cmd = Cmd {
-        nofile_ok: true,
-        ..Cmd::new("abort", abort_f, "simulate a program crash using abort(3)")
-    };
-
+    nofile_ok: true,
+    ..Cmd::new("abort", abort_f, "simulate a program crash using abort(3)")
+};
 
 const SIGRAISE_HELP: &str = "
  raises the given signal

@@ -369,27 +369,26 @@ fn reopen(s: &mut Session, spec: Spec, old: Spec) -> i32 {
 pub(super) static COMMANDS: &[&Cmd] = &[&OPEN, &CLOSE, &REOPEN];
 
 static OPEN: Cmd = Cmd {
-        alt: Some("o"),
-        argmin: 1,
-        argmax: -1,
-        nofile_ok: true,
-        args: Some("[-rsCnkU] [-t cache] [-d discard] [-o options] [path]"),
-        help: Some(OPEN_HELP),
-        ..Cmd::new("open", open_f, "open the file specified by path")
-    };
+    alt: Some("o"),
+    argmin: 1,
+    argmax: -1,
+    nofile_ok: true,
+    args: Some("[-rsCnkU] [-t cache] [-d discard] [-o options] [path]"),
+    help: Some(OPEN_HELP),
+    ..Cmd::new("open", open_f, "open the file specified by path")
+};
 
 static CLOSE: Cmd = Cmd {
-        alt: Some("c"),
-        ..Cmd::new("close", close_f, "close the current open file")
-    };
+    alt: Some("c"),
+    ..Cmd::new("close", close_f, "close the current open file")
+};
 
 static REOPEN: Cmd = Cmd {
-        argmax: -1,
-        args: Some("[(-r|-w)] [-c cache] [-o options]"),
-        help: Some(REOPEN_HELP),
-        ..Cmd::new("reopen", reopen_f, "reopens an image with new options")
-    };
-
+    argmax: -1,
+    args: Some("[(-r|-w)] [-c cache] [-o options]"),
+    help: Some(REOPEN_HELP),
+    ..Cmd::new("reopen", reopen_f, "reopens an image with new options")
+};
 
 const OPEN_HELP: &str = "
  opens a new file in the requested mode

@@ -567,76 +567,75 @@ fn flush_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
 pub(super) static COMMANDS: &[&Cmd] = &[&READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH];
 
 static READ: Cmd = Cmd {
-        alt: Some("r"),
-        argmin: 2,
-        argmax: -1,
-        args: Some("[-abCqrv] [-P pattern [-s off] [-l len]] off len"),
-        help: Some(READ_HELP),
-        ..Cmd::new(
-            "read",
-            read_f,
-            "reads a number of bytes at a specified offset",
-        )
-    };
+    alt: Some("r"),
+    argmin: 2,
+    argmax: -1,
+    args: Some("[-abCqrv] [-P pattern [-s off] [-l len]] off len"),
+    help: Some(READ_HELP),
+    ..Cmd::new(
+        "read",
+        read_f,
+        "reads a number of bytes at a specified offset",
+    )
+};
 
 static READV: Cmd = Cmd {
-        argmin: 2,
-        argmax: -1,
-        args: Some("[-Cqrv] [-P pattern] off len [len..]"),
-        help: Some(READV_HELP),
-        ..Cmd::new(
-            "readv",
-            readv_f,
-            "reads a number of bytes at a specified offset",
-        )
-    };
+    argmin: 2,
+    argmax: -1,
+    args: Some("[-Cqrv] [-P pattern] off len [len..]"),
+    help: Some(READV_HELP),
+    ..Cmd::new(
+        "readv",
+        readv_f,
+        "reads a number of bytes at a specified offset",
+    )
+};
 
 static WRITE: Cmd = Cmd {
-        alt: Some("w"),
-        argmin: 2,
-        argmax: -1,
-        write: true,
-        args: Some("[-bcCfnqruz] [-P pattern | -s source_file] off len"),
-        help: Some(WRITE_HELP),
-        ..Cmd::new(
-            "write",
-            write_f,
-            "writes a number of bytes at a specified offset",
-        )
-    };
+    alt: Some("w"),
+    argmin: 2,
+    argmax: -1,
+    write: true,
+    args: Some("[-bcCfnqruz] [-P pattern | -s source_file] off len"),
+    help: Some(WRITE_HELP),
+    ..Cmd::new(
+        "write",
+        write_f,
+        "writes a number of bytes at a specified offset",
+    )
+};
 
 static WRITEV: Cmd = Cmd {
-        argmin: 2,
-        argmax: -1,
-        write: true,
-        args: Some("[-Cfqr] [-P pattern] off len [len..]"),
-        help: Some(WRITEV_HELP),
-        ..Cmd::new(
-            "writev",
-            writev_f,
-            "writes a number of bytes at a specified offset",
-        )
-    };
+    argmin: 2,
+    argmax: -1,
+    write: true,
+    args: Some("[-Cfqr] [-P pattern] off len [len..]"),
+    help: Some(WRITEV_HELP),
+    ..Cmd::new(
+        "writev",
+        writev_f,
+        "writes a number of bytes at a specified offset",
+    )
+};
 
 static DISCARD: Cmd = Cmd {
-        alt: Some("d"),
-        argmin: 2,
-        argmax: -1,
-        write: true,
-        args: Some("[-Cq] off len"),
-        help: Some(DISCARD_HELP),
-        ..Cmd::new(
-            "discard",
-            discard_f,
-            "discards a number of bytes at a specified offset",
-        )
-    };
+    alt: Some("d"),
+    argmin: 2,
+    argmax: -1,
+    write: true,
+    args: Some("[-Cq] off len"),
+    help: Some(DISCARD_HELP),
+    ..Cmd::new(
+        "discard",
+        discard_f,
+        "discards a number of bytes at a specified offset",
+    )
+};
 
 static FLUSH: Cmd = Cmd {
-        alt: Some("f"),
-        ..Cmd::new("flush", flush_f, "flush all in-core file state to disk")
-    };
-
+    alt: Some("f"),
+    ..Cmd::new("flush", flush_f, "flush all in-core file state to disk")
+};
 
 const READ_HELP: &str = "
  reads a range of bytes from the given offset
