@@ -28,7 +28,9 @@ mod measure;
 mod rebase;
 mod resize;
 mod secrets;
+mod serve;
 mod snapshot;
+mod source;
 mod stream_progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -45,6 +47,8 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     global: secrets::GlobalArgs,
+    #[command(flatten)]
+    sources: source::SourceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +87,8 @@ enum Cmd {
     Bitmap(bitmap::Args),
     /// qemu-io: run I/O commands (read, write, aio_*, map, open, …) on an image.
     Io(IoArgs),
+    /// Export an image over NBD (qemu-nbd's flags).
+    Serve(serve::Args),
 }
 
 /// `io`'s arguments: parsed by qemu-io's own getopt rules (see `io`), listed here for
@@ -96,6 +102,7 @@ struct IoArgs {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     secrets::init(&cli.global)?;
+    source::init(&cli.sources)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -114,6 +121,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Bitmap(a) => bitmap::run(a, matches.subcommand_matches("bitmap")),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }
 
