@@ -31,6 +31,7 @@ mod offload;
 mod pipelines;
 mod pipelines_out;
 mod progress;
+mod qemu_io;
 mod serve;
 mod serve_write;
 mod servers;
