@@ -23,6 +23,7 @@ mod encrypt;
 mod errors;
 mod format_guard;
 mod hostfiles;
+mod inspect;
 mod io;
 mod map;
 mod measure;
