@@ -21,6 +21,7 @@ mod create_info;
 mod dd_resize;
 mod encrypt;
 mod errors;
+mod format_guard;
 mod guest;
 mod hostfiles;
 mod io;
