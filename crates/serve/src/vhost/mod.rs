@@ -3,8 +3,8 @@
 //! `vhost-user-backend`, `virtio-queue` and `vm-memory`.
 //!
 //! [`serve_vhost_user_blk`] accepts one frontend at a time and serves it until it
-//! disconnects, then waits for the next, until the [`Shutdown`] is triggered; the export
-//! is flushed after every frontend and at the end.
+//! disconnects, then waits for the next (a fresh device each time), until the
+//! [`Shutdown`] is triggered; the export is flushed after every frontend and at the end.
 
 mod backend;
 mod request;
@@ -60,10 +60,6 @@ pub fn serve_vhost_user_blk(
             "num-queues must be 1..=64",
         ));
     }
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = BlkBackend::new(export.clone(), config, mem.clone())?;
-    let mut daemon = VhostUserDaemon::new("diskimg-vhost-user-blk".into(), backend, mem)
-        .map_err(other("cannot start the vhost-user daemon"))?;
     let mut vu = VuListener::from(listener.unix_clone()?);
     let handle: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
     let (wake, h) = (listener.waker(), handle.clone());
@@ -76,6 +72,12 @@ pub fn serve_vhost_user_blk(
     let result = (|| {
         // Accept only once a frontend is pending, so shutdown never waits in accept.
         while !shutdown.is_triggered() && listener.wait_pending()? {
+            // A fresh device per frontend: the daemon keeps owner and vring state
+            // from the previous one, which a reconnecting VMM would trip over.
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = BlkBackend::new(export.clone(), config, mem.clone())?;
+            let mut daemon = VhostUserDaemon::new("diskimg-vhost-user-blk".into(), backend, mem)
+                .map_err(other("cannot start the vhost-user daemon"))?;
             daemon
                 .start(&mut vu)
                 .map_err(other("vhost-user accept failed"))?;
@@ -93,7 +95,6 @@ pub fn serve_vhost_user_blk(
         Ok(())
     })();
     shutdown.forget(key);
-    drop(daemon);
     let flushed = export
         .flush()
         .map_err(|f| io::Error::other(format!("final flush failed: {f:?}")));
