@@ -18,6 +18,7 @@ mod convert;
 mod create;
 mod dd;
 mod info;
+mod inspect;
 mod io;
 mod json;
 mod map;
@@ -56,6 +57,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Show information about an image.
     Info(info::Args),
+    /// Check an untrusted image without opening any other file: verdict and reasons.
+    Inspect(inspect::Args),
     /// Convert (copy) images to another format.
     Convert(convert::Args),
     /// Compare the guest content of two images.
@@ -95,6 +98,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Map(a) => map::run(a),

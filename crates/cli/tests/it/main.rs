@@ -24,6 +24,7 @@ mod errors;
 mod format_guard;
 mod guest;
 mod hostfiles;
+mod inspect;
 mod io;
 mod map;
 mod measure;
