@@ -22,6 +22,7 @@ mod dd_resize;
 mod encrypt;
 mod errors;
 mod format_guard;
+mod guest;
 mod hostfiles;
 mod inspect;
 mod io;
