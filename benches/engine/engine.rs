@@ -7,7 +7,8 @@
 //! - `BENCH_SIZE_MIB` — virtual size of the images (default 512);
 //! - `BENCH_READS` — 4 KiB reads per measurement (default 200000);
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
-//! - `BENCH_ONLY` — comma-separated row names to run (default all).
+//! - `BENCH_ONLY` — comma-separated row names to run (default all);
+//! - `BENCH_ENGINES` — comma-separated engine names (`diskimg`, `imago`; default both).
 //!
 //! Patterns (the same for every engine):
 //! - `seq-read-1m`: the whole image in 1 MiB reads;

@@ -17,8 +17,13 @@ pub trait Engine: Send + Sync {
 }
 
 /// The engines, in the order rows are printed.
+/// `BENCH_ENGINES` (comma-separated prefixes) selects some of them.
 pub fn names() -> Vec<&'static str> {
-    vec!["diskimg", "imago 0.2.6"]
+    let all = ["diskimg", "imago 0.2.6"];
+    let want = std::env::var("BENCH_ENGINES").unwrap_or_default();
+    all.into_iter()
+        .filter(|n| want.is_empty() || want.split(',').any(|w| n.starts_with(w)))
+        .collect()
 }
 
 /// Opens `path` (qcow2) with engine `name`.
@@ -63,7 +68,10 @@ impl Engine for Imago {
     fn write(&self, buf: &[u8], off: u64) {
         self.0.write(buf, off).expect("imago write");
     }
+    /// imago's `flush` writes its caches to the storage; `sync` makes them durable
+    /// (fdatasync). A guest flush needs both, as `BlockDevice::flush` does.
     fn flush(&self) {
         self.0.flush().expect("imago flush");
+        self.0.sync().expect("imago sync");
     }
 }
