@@ -66,6 +66,7 @@ mod fault;
 mod info;
 mod limits;
 mod options;
+mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
@@ -83,6 +84,7 @@ pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use limits::Limits;
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
+pub use packed::{CompressedUnits, PackedUnit};
 pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,

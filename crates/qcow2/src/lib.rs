@@ -93,6 +93,7 @@ mod amend;
 mod bitmap;
 mod check;
 mod compress;
+mod compressed_write;
 mod create;
 mod device;
 mod dirty;

@@ -14,4 +14,5 @@ mod fuzz_regressions;
 mod hostile;
 mod model;
 mod read;
+mod stream;
 mod workload;
