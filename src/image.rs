@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits, OpenOptions,
-    OptionList, Preallocation, Result, Secrets, Storage,
+    BlockDevice, CacheMode, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits,
+    OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
@@ -33,6 +33,9 @@ pub struct ImageOptions {
     /// Secrets (passphrases of encrypted images) that options name by id, for every image
     /// of the chain and for [`create`] (qcow2 `encrypt.key-secret=ID`).
     pub secrets: Secrets,
+    /// How every file of the chain uses the host page cache (qemu's `cache=`, qemu-img's
+    /// `-t`/`-T`): `O_DIRECT` for `none`, no flushes for `unsafe` (see [`CacheMode`]).
+    pub cache: CacheMode,
 }
 
 impl Default for ImageOptions {
@@ -45,6 +48,7 @@ impl Default for ImageOptions {
             backing_writable: false,
             driver_options: OptionList::new(),
             secrets: Secrets::new(),
+            cache: CacheMode::Writeback,
         }
     }
 }
@@ -73,6 +77,12 @@ impl ImageOptions {
     /// Sets the secrets (see [`ImageOptions::secrets`]).
     pub fn with_secrets(mut self, secrets: Secrets) -> Self {
         self.secrets = secrets;
+        self
+    }
+
+    /// Sets the cache mode (see [`ImageOptions::cache`]).
+    pub fn with_cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
         self
     }
 }
@@ -203,7 +213,8 @@ fn open_inner(
     }
     visited.push(canon);
 
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only)?);
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::open_with(path, read_only, options.cache)?);
     let format = match format {
         Some(f) => f,
         None => probe(storage.as_ref()),
@@ -213,6 +224,7 @@ fn open_inner(
         dir: dir.clone(),
         policy: options.policy,
         read_only,
+        cache: options.cache,
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -375,6 +387,7 @@ pub fn create(
             ..image_options.policy
         },
         read_only: false,
+        cache: CacheMode::Writeback,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

@@ -116,6 +116,8 @@ pub(crate) struct PolicyFiles {
     pub(crate) dir: PathBuf,
     pub(crate) policy: OpenPolicy,
     pub(crate) read_only: bool,
+    /// The cache mode of the image, for its other files too (as qemu's children).
+    pub(crate) cache: diskimg_blockio::CacheMode,
 }
 
 impl PolicyFiles {
@@ -135,7 +137,7 @@ impl HostFiles for PolicyFiles {
     fn open(&self, name: &str, purpose: FilePurpose, writable: bool) -> Result<Arc<dyn Storage>> {
         let path = self.path(name, purpose)?;
         let ro = self.read_only || !writable;
-        Ok(Arc::new(FileStorage::open(path, ro)?))
+        Ok(Arc::new(FileStorage::open_with(path, ro, self.cache)?))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {

@@ -57,9 +57,11 @@
 //! ```
 
 pub mod bytes;
+mod cache;
 mod chain;
 mod copy;
 mod device;
+mod direct;
 mod driver;
 mod error;
 mod fault;
@@ -72,6 +74,7 @@ mod secrets;
 mod storage;
 pub mod units;
 
+pub use cache::CacheMode;
 pub use chain::{MapEntry, block_status, map_chain};
 pub use copy::copy_range;
 pub use device::{

@@ -15,6 +15,7 @@ mod check_repair;
 mod commit_rebase;
 mod compare;
 mod convert;
+mod convert_cache;
 mod convert_perf;
 mod create_info;
 mod dd_resize;
