@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CacheMode, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits,
-    OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
+    BlockDevice, CacheMode, CreateRequest, Error, FILE_CREATE_OPTIONS, FilePurpose, FileStorage,
+    Limits, OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
-use crate::policy::{OpenPolicy, PathRule, PolicyFiles};
+use crate::hostfile::{PolicyFiles, open_file, open_user_file};
+use crate::policy::{OpenPolicy, PathRule};
 
 /// How [`open`] and [`create`] behave.
 #[derive(Clone, Debug)]
@@ -36,6 +37,9 @@ pub struct ImageOptions {
     /// How every file of the chain uses the host page cache (qemu's `cache=`, qemu-img's
     /// `-t`/`-T`): `O_DIRECT` for `none`, no flushes for `unsafe` (see [`CacheMode`]).
     pub cache: CacheMode,
+    /// Open for metadata only (`info`): external data files are not opened (their
+    /// names are still reported; guest reads of their clusters fail).
+    pub metadata_only: bool,
 }
 
 impl Default for ImageOptions {
@@ -49,6 +53,7 @@ impl Default for ImageOptions {
             driver_options: OptionList::new(),
             secrets: Secrets::new(),
             cache: CacheMode::Writeback,
+            metadata_only: false,
         }
     }
 }
@@ -83,6 +88,12 @@ impl ImageOptions {
     /// Sets the cache mode (see [`ImageOptions::cache`]).
     pub fn with_cache(mut self, cache: CacheMode) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// Sets metadata-only opening (see [`ImageOptions::metadata_only`]).
+    pub fn with_metadata_only(mut self, metadata_only: bool) -> Self {
+        self.metadata_only = metadata_only;
         self
     }
 }
@@ -151,7 +162,7 @@ impl Image {
 
 /// Guesses the format of the file at `path` ([`probe`]).
 pub fn probe_path(path: impl AsRef<Path>) -> Result<Format> {
-    let s = FileStorage::open(path, true)?;
+    let s = open_user_file(path.as_ref(), true, CacheMode::Writeback)?;
     Ok(probe(&s))
 }
 
@@ -181,6 +192,8 @@ pub fn open(
     )
 }
 
+/// Opens the image at `path` (the user's, when `visited` is empty; otherwise a backing
+/// file the policy already resolved to a real path).
 fn open_inner(
     path: &Path,
     filename: &str,
@@ -192,6 +205,7 @@ fn open_inner(
 ) -> Result<Image> {
     let canon = std::fs::canonicalize(path)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    let top = visited.is_empty();
     if visited.contains(&canon) {
         return Err(Error::invalid(format!(
             "Backing file '{}' forms a loop in the backing chain",
@@ -211,10 +225,20 @@ fn open_inner(
             limit: u64::from(options.policy.max_chain_depth),
         });
     }
-    visited.push(canon);
+    visited.push(canon.clone());
 
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::open_with(path, read_only, options.cache)?);
+    let storage: Arc<dyn Storage> = Arc::new(if top {
+        open_user_file(path, read_only, options.cache)?
+    } else {
+        let kinds = options.policy.special_files;
+        open_file(
+            &canon,
+            read_only,
+            kinds,
+            Some(FilePurpose::Backing),
+            options.cache,
+        )?
+    });
     let format = match format {
         Some(f) => f,
         None => probe(storage.as_ref()),
@@ -225,6 +249,7 @@ fn open_inner(
         policy: options.policy,
         read_only,
         cache: options.cache,
+        defer_data_files: options.metadata_only,
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -257,24 +282,21 @@ fn open_inner(
     };
     let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
-        let bpath = match options.policy.backing.resolve(&dir, name) {
+        // Judged by the real path it resolves to (symbolic links followed) and its type.
+        let bpath = match options.policy.resolve(FilePurpose::Backing, &dir, name) {
             Ok(p) => p,
-            Err(reason) => {
-                last_err = Some(Error::BackingDenied {
-                    path: name.clone(),
-                    purpose: "backing file",
-                    reason,
-                });
+            Err(e @ Error::BackingDenied { .. }) => {
+                last_err = Some(e);
+                continue;
+            }
+            Err(_) => {
+                last_err = Some(Error::io(
+                    format!("Could not open backing file '{}'", dir.join(name).display()),
+                    std::io::ErrorKind::NotFound.into(),
+                ));
                 continue;
             }
         };
-        if !bpath.exists() {
-            last_err = Some(Error::io(
-                format!("Could not open backing file '{}'", bpath.display()),
-                std::io::ErrorKind::NotFound.into(),
-            ));
-            continue;
-        }
         let depth_before = visited.len();
         let backing = open_inner(
             &bpath,
@@ -360,13 +382,7 @@ pub fn create(
             let dir = dir_of(path);
             let bpath = image_options
                 .policy
-                .backing
-                .resolve(&dir, b)
-                .map_err(|reason| Error::BackingDenied {
-                    path: b.to_string(),
-                    purpose: "backing file",
-                    reason,
-                })?;
+                .resolve(FilePurpose::Backing, &dir, b)?;
             let bfmt = options
                 .get("backing_fmt")
                 .map(Format::from_name)
@@ -388,6 +404,7 @@ pub fn create(
         },
         read_only: false,
         cache: CacheMode::Writeback,
+        defer_data_files: false,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

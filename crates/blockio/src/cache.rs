@@ -70,6 +70,31 @@ impl CacheMode {
     pub fn ignores_flush(self) -> bool {
         self == Self::Unsafe
     }
+
+    /// The `open(2)` flags a file needs in this mode (`O_DIRECT`; `O_SYNC` when it is
+    /// opened for writing), for files opened elsewhere and handed to
+    /// [`FileStorage::from_file_with`](crate::FileStorage::from_file_with).
+    pub fn open_flags(self, read_only: bool) -> u32 {
+        let mut flags = rustix::fs::OFlags::empty();
+        if self.direct() {
+            flags |= rustix::fs::OFlags::DIRECT;
+        }
+        if self.write_through() && !read_only {
+            flags |= rustix::fs::OFlags::DSYNC;
+        }
+        flags.bits()
+    }
+
+    /// The error for a failed open of `path` in this mode: a file system that refuses
+    /// `O_DIRECT` (`EINVAL`) is named as the reason, as qemu does.
+    pub fn open_error(self, path: &std::path::Path, e: std::io::Error) -> Error {
+        let why = if self.direct() && e.kind() == std::io::ErrorKind::InvalidInput {
+            " (the file system does not support O_DIRECT)"
+        } else {
+            ""
+        };
+        Error::io(format!("could not open '{}'{why}", path.display()), e)
+    }
 }
 
 impl std::fmt::Display for CacheMode {

@@ -188,31 +188,20 @@ impl FileStorage {
     pub fn open_with(path: impl AsRef<Path>, read_only: bool, cache: CacheMode) -> Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref();
-        let mut flags = rustix::fs::OFlags::empty();
-        if cache.direct() {
-            flags |= rustix::fs::OFlags::DIRECT;
-        }
-        if cache.write_through() && !read_only {
-            flags |= rustix::fs::OFlags::DSYNC;
-        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
-            .custom_flags(i32::try_from(flags.bits()).unwrap_or(0))
+            .custom_flags(i32::try_from(cache.open_flags(read_only)).unwrap_or(0))
             .open(path)
-            .map_err(|e| {
-                let what = if cache.direct() && e.kind() == std::io::ErrorKind::InvalidInput {
-                    " (the file system does not support O_DIRECT)"
-                } else {
-                    ""
-                };
-                Error::io(format!("could not open '{}'{what}", path.display()), e)
-            })?;
+            .map_err(|e| cache.open_error(path, e))?;
+        Self::from_file_with(file, read_only, cache)
+    }
+
+    /// Wraps a file opened with the flags of `cache` ([`CacheMode::open_flags`]); with
+    /// `O_DIRECT`, finds the alignment its requests need.
+    pub fn from_file_with(file: File, read_only: bool, cache: CacheMode) -> Result<Self> {
         let direct = match cache.direct() {
-            true => Some(
-                DirectIo::probe(&file)
-                    .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e))?,
-            ),
+            true => Some(DirectIo::probe(&file).map_err(|e| Error::io("O_DIRECT alignment", e))?),
             false => None,
         };
         Ok(Self {

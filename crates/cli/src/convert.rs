@@ -13,6 +13,8 @@ use crate::common::{
 };
 use crate::create::{known_option, parse_options, print_help};
 
+mod pipe;
+
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -86,6 +88,24 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
+    let created = !a.no_create;
+    let files = a.files.clone();
+    let r = run_inner(a);
+    // A conversion from a stream that failed leaves no target behind that could pass
+    // for a complete image.
+    if r.is_err()
+        && created
+        && pipe::was_created()
+        && let Some((dst, srcs)) = files.split_last()
+        && pipe::any_stream(srcs)
+        && dst != "-"
+    {
+        let _ = std::fs::remove_file(dst);
+    }
+    r
+}
+
+fn run_inner(a: Args) -> Result<i32> {
     let _ = a.force_share;
     // None: the durable default (see `open_target`).
     let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
@@ -141,8 +161,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let mut _images = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
-        let (path, src_fmt, opts) = crate::secrets::resolve(s, src_fmt)?;
-        let img = open_resolved(s, &path, src_fmt, opts.with_cache(src_cache), true, true)?;
+        let img = pipe::open_source(s, src_fmt, src_cache)?;
         match &snapshot {
             Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
             None => parts.push(img.device.clone()),
@@ -154,6 +173,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
     let total = src.virtual_size();
+    pipe::check_target(&_images, out_fmt, a.no_create)?;
 
     let mut target_is_zero = a.target_is_zero;
     let mut key_secret = None;
@@ -191,6 +211,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             &opts,
         )
         .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
+        pipe::mark_created();
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
@@ -224,6 +245,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // qemu counts progress over the data it copies (0% was printed above), so its copy
     // loop only reaches 100% when there was data; the final 100% is printed in any case.
     let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
+        let (d, t) = pipe::progress(&_images, d, t);
         if d > 0 && d < t {
             bar.fraction(d, t);
         }
@@ -231,6 +253,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     dst.finish()
         .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+    pipe::finish(&_images, dst_name, out_fmt)?;
     if a.bitmaps {
         copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }
