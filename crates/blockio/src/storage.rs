@@ -300,12 +300,19 @@ impl Storage for FileStorage {
         })
     }
 
+    /// The file's length; for a block device (a `convert -n` target), its size.
     fn len(&self) -> Result<u64> {
-        Ok(self
+        use std::os::unix::fs::FileTypeExt;
+        let md = self
             .file
             .metadata()
-            .map_err(|e| Error::io("could not stat file", e))?
-            .len())
+            .map_err(|e| Error::io("could not stat file", e))?;
+        if !md.file_type().is_block_device() {
+            return Ok(md.len());
+        }
+        // Reads and writes are positional: moving the offset changes nothing else.
+        self.seek(rustix::fs::SeekFrom::End(0))?
+            .ok_or_else(|| Error::invalid("could not find the size of the block device"))
     }
 
     fn set_len(&self, len: u64) -> Result<()> {

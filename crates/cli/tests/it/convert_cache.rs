@@ -12,9 +12,9 @@ use crate::s;
 /// What one traced convert did to its target (and source).
 #[derive(Debug, Default)]
 struct Trace {
-    /// Flags of the last `openat` of the target (the one the conversion writes through).
+    /// Flags of the last `open`/`openat` of the target (the one the conversion writes through).
     target_flags: String,
-    /// Flags of the `openat` of the source.
+    /// Flags of the last `open`/`openat` of the source.
     source_flags: String,
     /// `fdatasync`/`fsync` calls on the target after that open.
     flushes: usize,
@@ -30,7 +30,7 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
         "-o",
         s(&log),
         "-e",
-        "trace=openat,fdatasync,fsync,fadvise64",
+        "trace=open,openat,fdatasync,fsync,fadvise64",
     ]);
     cmd.arg(env!("CARGO_BIN_EXE_diskimg"))
         .arg("convert")
@@ -44,11 +44,14 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
     let mut t = Trace::default();
     let mut fd = None;
     let quoted = |p: &Path| format!("\"{}\"", s(p));
+    let opens = |line: &str, p: &Path| {
+        (line.contains(" open(") || line.contains(" openat(")) && line.contains(&quoted(p))
+    };
     for line in text.lines() {
-        if line.contains("openat(") && line.contains(&quoted(src)) {
+        if opens(line, src) {
             t.source_flags = line.to_string();
         }
-        if line.contains("openat(") && line.contains(&quoted(dst)) {
+        if opens(line, dst) {
             fd = line
                 .rsplit("= ")
                 .next()
