@@ -11,6 +11,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bounded;
 mod check_repair;
 mod commit_rebase;
 mod compare;
