@@ -13,6 +13,7 @@ mod bench;
 mod bitmap;
 mod bounded;
 mod check_repair;
+mod checksum;
 mod commit_rebase;
 mod compare;
 mod convert;
