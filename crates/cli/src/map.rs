@@ -64,7 +64,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // Entries are written as they are found (memory stays constant however fragmented
     // the image is or claims to be).
     let mut o = std::io::BufWriter::new(std::io::stdout().lock());
-    let entries = diskimg::map_chain_iter(img.device.as_ref(), start.min(end), end.saturating_sub(start))?;
+    let entries = diskimg::map_chain_iter(
+        img.device.as_ref(),
+        start.min(end),
+        end.saturating_sub(start),
+    )?;
     if json {
         o.write_all(b"[")?;
         if start >= end {

@@ -38,10 +38,9 @@ impl Notes {
     /// The report, with a line counting the findings that were not kept.
     fn finish(mut self) -> CheckReport {
         if self.dropped > 0 {
-            self.report.messages.push(format!(
-                "({} further messages not shown)",
-                self.dropped
-            ));
+            self.report
+                .messages
+                .push(format!("({} further messages not shown)", self.dropped));
         }
         self.report
     }
@@ -103,8 +102,9 @@ fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
         }
         if !l2.is_multiple_of(cs) {
             cnt.notes.report.corruptions += 1;
-            cnt.notes
-                .say(format_args!("ERROR l2_offset={l2:#x}: Table is not cluster aligned"));
+            cnt.notes.say(format_args!(
+                "ERROR l2_offset={l2:#x}: Table is not cluster aligned"
+            ));
             continue;
         }
         cnt.inc(l2, cs);
@@ -281,7 +281,9 @@ fn compare(
         if have != want {
             let leak = have > want;
             let word = if leak { "Leaked" } else { "ERROR" };
-            cnt.notes.say(format_args!("{word} cluster {c} refcount={have} reference={want}"));
+            cnt.notes.say(format_args!(
+                "{word} cluster {c} refcount={have} reference={want}"
+            ));
             if leak {
                 cnt.notes.report.leaks += 1;
             } else {
@@ -293,7 +295,6 @@ fn compare(
     }
     (mismatches, highest)
 }
-
 
 /// Fixes what `repair` allows of `mismatches` (qemu's second `compare_refcounts` pass,
 /// which prints every mismatch again: "Repairing …" for those it fixes).
@@ -311,7 +312,9 @@ fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatche
             (false, true) => "Leaked",
             (false, false) => "ERROR",
         };
-        notes.say(format_args!("{word} cluster {c} refcount={have} reference={want}"));
+        notes.say(format_args!(
+            "{word} cluster {c} refcount={have} reference={want}"
+        ));
         if allowed && m.set_refcount(c, want.min(maxr)).is_ok() {
             if leak {
                 notes.report.leaks_fixed += 1;

@@ -59,9 +59,7 @@ fn limited(args: &[&str]) -> Command {
 }
 
 fn run_limited(args: &[&str]) -> Output {
-    limited(args)
-        .output()
-        .expect("run prlimit (util-linux)")
+    limited(args).output().expect("run prlimit (util-linux)")
 }
 
 /// `check` JSON without the file name.
@@ -147,23 +145,25 @@ fn map_streams_a_huge_claim() {
     for line in out.lines() {
         let line = line.unwrap();
         if n == 0 {
-            assert!(line.starts_with("[{ \"start\": 0, \"length\": 65536,"), "{line}");
+            assert!(
+                line.starts_with("[{ \"start\": 0, \"length\": 65536,"),
+                "{line}"
+            );
         }
         n += 1;
         last = line;
     }
     let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(n, 64 * 8192);
     assert!(last.ends_with(", \"offset\": 327680}]"), "{last}");
     // Human output too.
     let o = run_limited(&["map", s(&p)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(o.stdout.iter().filter(|&&b| b == b'\n').count(), 64 * 8192 + 1);
+    assert_eq!(
+        o.stdout.iter().filter(|&&b| b == b'\n').count(),
+        64 * 8192 + 1
+    );
 }
 
 #[test]
@@ -175,7 +175,12 @@ fn map_merges_like_qemu() {
     for args in [
         vec!["map", "--output=json"],
         vec!["map"],
-        vec!["map", "--output=json", "--start-offset=100k", "--max-length=1000M"],
+        vec![
+            "map",
+            "--output=json",
+            "--start-offset=100k",
+            "--max-length=1000M",
+        ],
     ] {
         let mut a = args.clone();
         a.push(s(&p));

@@ -277,7 +277,16 @@ fn rebuild_without_usable_refcount_blocks() {
 /// second entry had becomes a leak.
 fn overflowing(dir: &Path, leak: bool) -> PathBuf {
     let p = dir.join(if leak { "ovl.qcow2" } else { "ov.qcow2" });
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", s(&p), "1M"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=1",
+        s(&p),
+        "1M",
+    ]);
     let mut cmds = vec!["write -P 1 0 64k"];
     if leak {
         cmds.push("write -P 2 64k 64k");
@@ -357,5 +366,9 @@ fn repair_pass_messages_like_qemu() {
         assert_eq!(d, q, "{r:?}");
     }
     let (q, _) = both(dir.path(), &p, &["-r", "all"]);
-    assert!(q.2.contains("Repairing OFLAG_COPIED data cluster"), "{}", q.2);
+    assert!(
+        q.2.contains("Repairing OFLAG_COPIED data cluster"),
+        "{}",
+        q.2
+    );
 }

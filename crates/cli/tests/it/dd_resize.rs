@@ -120,8 +120,7 @@ fn resize_refuses_preallocation_without_growth() {
             assert_eq!((code(&o), code(&q)), (1, 1), "{fmt} {pre} {size}");
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(
-                err,
-                "diskimg: Preallocation can only be used for growing images\n",
+                err, "diskimg: Preallocation can only be used for growing images\n",
                 "{fmt} {pre}"
             );
             assert_eq!(
