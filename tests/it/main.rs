@@ -10,4 +10,5 @@ mod corpus;
 mod create;
 mod differencing;
 mod formats;
+mod policy;
 mod probe;

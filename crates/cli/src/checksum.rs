@@ -56,18 +56,28 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         opts.workers = n;
     }
     let format = opt_format(a.format.as_deref(), &a.file)?;
-    let img = open_image(&a.file, format, true, true)?;
     let bar = StreamProgress::new(a.progress);
-    let digest = diskimg_checksum::checksum(img.device.as_ref(), &opts, &mut |d, t| {
-        bar.update(d, Some(t));
-    })
-    .map_err(|e| anyhow!("error while reading '{}': {e}", a.file))?;
+    let (img, digest) = match crate::source::open_special(&a.file, format, false)? {
+        Some(img) => {
+            let d = crate::source::checksum(&a.file, &img, &mut opts, &bar)?;
+            (img, d)
+        }
+        None => {
+            let img = open_image(&a.file, format, true, true)?;
+            let d = diskimg_checksum::checksum(img.device.as_ref(), &opts, &mut |d, t| {
+                bar.update(d, Some(t));
+            })
+            .map_err(|e| anyhow!("error while reading '{}': {e}", a.file))?;
+            (img, d)
+        }
+    };
     bar.end();
     if json {
         let mut v = Map::new();
         v.insert("filename".into(), json!(a.file));
         v.insert("format".into(), json!(img.format.name()));
-        v.insert("virtual-size".into(), json!(img.device.virtual_size()));
+        let size = crate::source::guest_len(&a.file).unwrap_or(img.device.virtual_size());
+        v.insert("virtual-size".into(), json!(size));
         v.insert("algorithm".into(), json!(algorithm.name()));
         if algorithm == Algorithm::Blkhash {
             v.insert("block-size".into(), json!(diskimg_checksum::BLOCK_SIZE));

@@ -26,6 +26,7 @@ mod rebase;
 mod resize;
 mod secrets;
 mod snapshot;
+mod source;
 mod stream_progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -42,6 +43,8 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     global: secrets::GlobalArgs,
+    #[command(flatten)]
+    sources: source::SourceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,6 +87,7 @@ enum Cmd {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     secrets::init(&cli.global)?;
+    source::init(&cli.sources)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),

@@ -22,11 +22,14 @@ mod create_info;
 mod dd_resize;
 mod encrypt;
 mod errors;
+mod hostfiles;
 mod io;
 mod map;
 mod measure;
 mod offload;
+mod pipelines;
 mod progress;
+mod servers;
 mod snapshot;
 
 use std::path::Path;
