@@ -11,6 +11,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bounded;
 mod check_repair;
 mod checksum;
 mod commit_rebase;
@@ -32,6 +33,7 @@ mod offload;
 mod pipelines;
 mod pipelines_out;
 mod progress;
+mod qemu_io;
 mod serve;
 mod serve_write;
 mod servers;
