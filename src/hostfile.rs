@@ -40,9 +40,18 @@ pub(crate) fn check_kind(
 
 /// Opens `path` without blocking (`O_NONBLOCK`: opening a FIFO returns at once) and
 /// checks the type of what was opened against `allowed`, so a file swapped after a
-/// path check is judged too. `purpose` names the file in a refusal. `cache` adds its
-/// open flags (`O_DIRECT`, `O_SYNC`).
+/// path check is judged too. `purpose` names the file in a refusal.
 pub(crate) fn open_file(
+    path: &Path,
+    read_only: bool,
+    allowed: SpecialFiles,
+    purpose: Option<FilePurpose>,
+) -> Result<FileStorage> {
+    open_file_with(path, read_only, allowed, purpose, CacheMode::Writeback)
+}
+
+/// [`open_file`] in cache mode `cache` (with its open flags: `O_DIRECT`, `O_SYNC`).
+pub(crate) fn open_file_with(
     path: &Path,
     read_only: bool,
     allowed: SpecialFiles,
@@ -85,7 +94,7 @@ pub(crate) fn open_user_file(
     read_only: bool,
     cache: CacheMode,
 ) -> Result<FileStorage> {
-    let s = open_file(path, read_only, SpecialFiles::Allow, None, cache)?;
+    let s = open_file_with(path, read_only, SpecialFiles::Allow, None, cache)?;
     let t = s
         .file()
         .metadata()
@@ -123,7 +132,7 @@ impl HostFiles for PolicyFiles {
         }
         let path = self.policy.resolve(purpose, &self.dir, name)?;
         let ro = self.read_only || !writable;
-        Ok(Arc::new(open_file(
+        Ok(Arc::new(open_file_with(
             &path,
             ro,
             self.policy.special_files,

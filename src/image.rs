@@ -9,7 +9,7 @@ use diskimg_blockio::{
 };
 
 use crate::format::{Format, probe};
-use crate::hostfile::{PolicyFiles, open_file, open_user_file};
+use crate::hostfile::{PolicyFiles, open_file_with, open_user_file};
 use crate::policy::{OpenPolicy, PathRule};
 
 /// How [`open`] and [`create`] behave.
@@ -231,7 +231,7 @@ fn open_inner(
         open_user_file(path, read_only, options.cache)?
     } else {
         let kinds = options.policy.special_files;
-        open_file(
+        open_file_with(
             &canon,
             read_only,
             kinds,

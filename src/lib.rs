@@ -30,6 +30,7 @@
 mod format;
 mod hostfile;
 mod image;
+mod inspect;
 pub mod maint;
 mod policy;
 mod snapshot;
@@ -37,12 +38,16 @@ mod snapshot;
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
     BlockDevice, CacheMode, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList,
-    Result, Secrets, Storage, block_status, map_chain, parse_size,
+    Result, Secrets, Storage, block_status, map_chain, map_chain_iter, parse_size,
 };
 /// The qcow2 crate (for its own API: snapshots, bitmaps, measure).
 #[cfg(feature = "qcow2")]
 pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
+pub use inspect::{
+    Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,
+    inspect, inspect_storage,
+};
 pub use policy::{OpenPolicy, PathRule, SpecialFiles};
 pub use snapshot::{SnapshotSelector, snapshot_device};

@@ -11,6 +11,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bounded;
 mod check_repair;
 mod checksum;
 mod commit_rebase;
@@ -22,13 +23,20 @@ mod create_info;
 mod dd_resize;
 mod encrypt;
 mod errors;
+mod format_guard;
+mod guest;
 mod hostfiles;
+mod inspect;
 mod io;
 mod map;
 mod measure;
 mod offload;
 mod pipelines;
+mod pipelines_out;
 mod progress;
+mod qemu_io;
+mod serve;
+mod serve_write;
 mod servers;
 mod snapshot;
 
