@@ -11,11 +11,13 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bounded;
 mod check_repair;
 mod checksum;
 mod commit_rebase;
 mod compare;
 mod convert;
+mod convert_cache;
 mod convert_perf;
 mod create_info;
 mod dd_resize;
