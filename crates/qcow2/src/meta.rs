@@ -73,7 +73,10 @@ pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()>
         Err(e) => e,
     };
     let len = s.len()?;
-    if off.checked_add(buf.len() as u64).is_some_and(|end| end <= len) {
+    if off
+        .checked_add(buf.len() as u64)
+        .is_some_and(|end| end <= len)
+    {
         return Err(err);
     }
     let avail = usize::try_from(len.saturating_sub(off).min(buf.len() as u64)).unwrap_or(0);
@@ -235,7 +238,11 @@ impl Meta {
             return Ok(Cached::Hit((first, len, None)));
         }
         if let Sub::Compressed(..) = first {
-            return Ok(Cached::Hit((first, (self.cs() - guest % self.cs()).min(max), None)));
+            return Ok(Cached::Hit((
+                first,
+                (self.cs() - guest % self.cs()).min(max),
+                None,
+            )));
         }
         let mut len = (g - guest % g).min(max);
         let mut stop = None;
