@@ -116,6 +116,7 @@ impl Qcow2Device {
             meta_clusters: Default::default(),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
+            reserve: Default::default(),
             h,
         };
         meta.l1 = meta.read_table(
@@ -330,6 +331,7 @@ impl Qcow2Device {
             meta_clusters: Default::default(),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
+            reserve: Default::default(),
         };
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
@@ -594,11 +596,14 @@ impl BlockDevice for Qcow2Device {
         if self.read_only {
             return Ok(());
         }
-        self.lock().commit_deferred()?;
+        // The storage flushes run without the metadata lock (readers and writers go on).
+        let generation = self.lock().guest_flush()?;
         if let Some(d) = &self.data {
             d.flush()?;
         }
-        self.file.flush()
+        self.file.flush()?;
+        self.lock().reserve_flushed(generation);
+        Ok(())
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
