@@ -45,7 +45,8 @@ fio_run() {
         --verify=0 2>/dev/null)
     python3 -c '
 import json, sys
-j = json.loads(sys.stdin.read())["jobs"][0]
+s = sys.stdin.read()
+j = json.loads(s[s.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] else j["write"]
 unit = sys.argv[1]
 print(round(side["iops"]) if unit == "iops" else round(side["bw_bytes"] / 1048576))
