@@ -294,11 +294,14 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         let fresh = check_inner(dev, RepairMode::All, false)?;
         let mut messages = old.messages;
         messages.push("Rebuilding refcount structure".into());
+        // qemu compares once more after rebuilding, repairing the old structures'
+        // leaks: only the fresh check's "Repairing" pass is printed.
         messages.extend(
             fresh
                 .messages
                 .iter()
-                .map(|s| s.replacen("Leaked cluster", "Repairing cluster", 1)),
+                .filter(|s| !s.starts_with("Leaked cluster"))
+                .cloned(),
         );
         return Ok(CheckReport {
             corruptions: old.corruptions + fresh.corruptions,
@@ -317,6 +320,17 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
             RepairMode::Leaks => leak,
             RepairMode::All => true,
         };
+        if repair != RepairMode::None {
+            // qemu compares a second time when repairing, naming what it fixes.
+            let what = match (fix, leak) {
+                (true, _) => "Repairing",
+                (false, true) => "Leaked",
+                (false, false) => "ERROR",
+            };
+            cnt.report.messages.push(format!(
+                "{what} cluster {c} refcount={have} reference={want}"
+            ));
+        }
         let maxr = m.max_refcount();
         if fix && m.set_refcount(c, want.min(maxr)).is_ok() {
             if leak {
@@ -332,14 +346,19 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         let flag = e & OFLAG_COPIED != 0;
         if (rc == 1) != flag {
             cnt.report.corruptions += 1;
-            // qemu's wording.
+            // qemu's wording: "Repairing" for what -r all fixes, "ERROR" otherwise.
+            let what = if repair == RepairMode::All {
+                "Repairing"
+            } else {
+                "ERROR"
+            };
             cnt.report.messages.push(match l1i {
                 Some(i) => {
                     format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                        "{what} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                     )
                 }
-                None => format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
+                None => format!("{what} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
             });
             if repair == RepairMode::All {
                 let fixed = if rc == 1 {

@@ -25,6 +25,7 @@ mod format_guard;
 mod hostfiles;
 mod inspect;
 mod io;
+mod luks;
 mod map;
 mod measure;
 mod offload;
