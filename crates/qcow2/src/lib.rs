@@ -93,7 +93,9 @@ use diskimg_blockio::{
 mod amend;
 mod bitmap;
 mod check;
+mod check_copied;
 mod compress;
+mod compressed_write;
 mod create;
 mod device;
 mod dirty;
