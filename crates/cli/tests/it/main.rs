@@ -23,6 +23,7 @@ mod encrypt;
 mod errors;
 mod format_guard;
 mod hostfiles;
+mod hostile;
 mod inspect;
 mod io;
 mod map;
