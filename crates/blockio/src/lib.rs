@@ -9,7 +9,8 @@
 //! - [`Driver`]: probe, open and create for one format; the `diskimg` facade holds a
 //!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
 //!   object that denies everything by default ([`DenyFiles`]).
-//! - [`block_status`] / [`map_chain`]: qemu's `MapEntry` view across a backing chain.
+//! - [`block_status`] / [`map_chain`] / [`map_chain_iter`]: qemu's `MapEntry` view across a
+//!   backing chain (the iterator in constant memory).
 //! - [`copy_range`]: host bytes from one storage to another with `copy_file_range` when
 //!   both are files ([`BlockDevice::write_from`] and [`BlockDevice::data_storage`] build
 //!   qemu-img's `convert -C` on it).
@@ -74,7 +75,7 @@ mod secrets;
 mod storage;
 pub mod units;
 
-pub use chain::{MapEntry, block_status, map_chain};
+pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,

@@ -57,11 +57,19 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         },
         _ => n,
     };
+    // qemu-img refuses before anything else: preallocation describes new space.
+    if new <= old && prealloc != Preallocation::Off {
+        bail!("Preallocation can only be used for growing images");
+    }
     if new < old && !a.shrink {
         // As qemu-img: the warning comes with the refusal, after the error line.
-        eprintln!("diskimg: Use the --shrink option to perform a shrink operation.");
         eprintln!(
-            "diskimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+            "{}: Use the --shrink option to perform a shrink operation.",
+            crate::common::prog()
+        );
+        eprintln!(
+            "{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
+            crate::common::prog()
         );
         return Ok(1);
     }

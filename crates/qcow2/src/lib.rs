@@ -92,6 +92,7 @@ use diskimg_blockio::{
 mod amend;
 mod bitmap;
 mod check;
+mod check_copied;
 mod compress;
 mod create;
 mod device;
