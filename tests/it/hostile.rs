@@ -34,13 +34,8 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
     }
 }
 
-/// Cases whose `check` still costs memory proportional to what the header claims: issue
-/// 15 item 9 (qcow2 `check` walking shared L2 tables), being fixed separately. Remove the
-/// name when that lands; the CLI test runs `check` on it under 1 GiB regardless.
-const PENDING_15_9: &[&str] = &["q-item9"];
-
-/// map (through `block_status`, bounded) and, unless `skip_check`, check.
-fn map_and_check(dev: &dyn BlockDevice, skip_check: bool) {
+/// map (through `block_status`, bounded) and check.
+fn map_and_check(dev: &dyn BlockDevice) {
     let size = dev.virtual_size();
     let mut pos = 0;
     for _ in 0..100_000 {
@@ -55,9 +50,7 @@ fn map_and_check(dev: &dyn BlockDevice, skip_check: bool) {
             Err(_) => break,
         }
     }
-    if !skip_check {
-        let _ = dev.check(RepairMode::None);
-    }
+    let _ = dev.check(RepairMode::None);
 }
 
 /// Reads the whole guest (bounded sizes), or `None` at the first error.
@@ -120,7 +113,7 @@ fn run_case(c: &Case, scratch: &Path) {
     let Ok(img) = open(&c.path, Some(fmt), &opts) else {
         return;
     };
-    map_and_check(img.device.as_ref(), PENDING_15_9.contains(&c.name.as_str()));
+    map_and_check(img.device.as_ref());
     // With references, qemu reads files we refuse (the CVEs): no common ground.
     if let Some(ours) = read_guest(img.device.as_ref())
         && !references
@@ -161,7 +154,7 @@ fn exercise(fmt: &'static str, storage: Arc<dyn Storage>, both: bool) {
     let _ = diskimg::probe(storage.as_ref());
     if let Ok(dev) = open_storage(storage, format, true) {
         let _ = dev.info();
-        map_and_check(dev.as_ref(), false);
+        map_and_check(dev.as_ref());
         let mut b = vec![0u8; 64 << 10];
         let size = dev.virtual_size();
         for off in [0, 1 << 20, size / 2, size.saturating_sub(64 << 10)] {
