@@ -91,38 +91,22 @@ fn kvm_guest_on_served_disks() {
     let initrd = dir.path().join("initramfs.cpio");
     std::fs::write(&initrd, kit::initramfs(&kernel, init)).unwrap();
 
-    let disks = [
-        Disk {
-            dev: "vda",
-            fmt: "qcow2",
-            vhost: true,
-            image: make_image(dir.path(), "a", "qcow2"),
-        },
-        Disk {
-            dev: "vdb",
-            fmt: "qcow2",
-            vhost: false,
-            image: make_image(dir.path(), "b", "qcow2"),
-        },
-        Disk {
-            dev: "vdc",
-            fmt: "vhdx",
-            vhost: true,
-            image: make_image(dir.path(), "c", "vhdx"),
-        },
-        Disk {
-            dev: "vdd",
-            fmt: "vmdk",
-            vhost: false,
-            image: make_image(dir.path(), "d", "vmdk"),
-        },
-        Disk {
-            dev: "vde",
-            fmt: "qcow2",
-            vhost: false,
-            image: make_image(dir.path(), "e", "qcow2"),
-        },
-    ];
+    // (guest device in PCI order, format, over vhost-user?)
+    let disks: Vec<Disk> = [
+        ("vda", "qcow2", true),
+        ("vdb", "qcow2", false),
+        ("vdc", "vhdx", true),
+        ("vdd", "vmdk", false),
+        ("vde", "qcow2", false),
+    ]
+    .into_iter()
+    .map(|(dev, fmt, vhost)| Disk {
+        dev,
+        fmt,
+        vhost,
+        image: make_image(dir.path(), dev, fmt),
+    })
+    .collect();
     let mut servers: Vec<(Served, PathBuf)> = disks.iter().map(|d| serve(dir.path(), d)).collect();
 
     let files = if long { 60 } else { 8 };
