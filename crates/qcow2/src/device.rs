@@ -612,6 +612,18 @@ impl BlockDevice for Qcow2Device {
         })
     }
 
+    /// The external data file, which every host offset of `map` refers to.
+    fn host_files(&self) -> Vec<String> {
+        if self.data.is_none() {
+            return Vec::new();
+        }
+        self.lock().h.ext.data_file.clone().into_iter().collect()
+    }
+
+    fn map_file(&self, _offset: u64) -> usize {
+        usize::from(self.data.is_some())
+    }
+
     fn compressed_write_granularity(&self) -> Option<u64> {
         (!self.read_only && self.data.is_none() && self.crypt.is_none()).then(|| self.lock().cs())
     }
