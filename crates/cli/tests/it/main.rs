@@ -29,6 +29,7 @@ mod hostfiles;
 mod hostile;
 mod inspect;
 mod io;
+mod luks;
 mod map;
 mod measure;
 mod offload;
