@@ -10,9 +10,13 @@
 //! image is closed, read back, compared with the model by `qemu-img compare` and checked
 //! by `qemu-img check` where qemu can check the format.
 //!
+//! Some writes and reads go through the vectored calls (`write_vectored_at`,
+//! `read_vectored_at`) with uneven pieces.
+//!
 //! A few seconds per format by default; `DISKIMG_STRESS_SECS=<n>` runs each format for
 //! `n` seconds (a soak).
 
+use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -78,7 +82,13 @@ impl Worker<'_> {
 
     fn verify(&self, off: u64, len: u64, what: &str) {
         let mut got = vec![0u8; len as usize];
-        self.dev.read_at(&mut got, off).unwrap();
+        if off % 1024 == 0 {
+            self.dev.read_at(&mut got, off).unwrap();
+        } else {
+            let (a, b) = got.split_at_mut(len as usize / 2 + 1);
+            let mut list = [IoSliceMut::new(a), IoSliceMut::new(b)];
+            self.dev.read_vectored_at(&mut list, off).unwrap();
+        }
         let want = &self.model[off as usize..(off + len) as usize];
         assert!(
             got == want,
@@ -111,7 +121,15 @@ impl Worker<'_> {
             14..=15 => {
                 let (off, len) = self.private(4096);
                 let data = pattern(tick ^ (self.id << 32), len as usize);
-                self.dev.write_at(&data, off).unwrap();
+                if tick % 2 == 0 {
+                    self.dev.write_at(&data, off).unwrap();
+                } else {
+                    // A guest scatter-gather list: three pieces of uneven length.
+                    let (a, rest) = data.split_at(data.len() / 3 + 1);
+                    let (b, c) = rest.split_at(rest.len() / 2);
+                    let list = [IoSlice::new(a), IoSlice::new(b), IoSlice::new(c)];
+                    self.dev.write_vectored_at(&list, off).unwrap();
+                }
                 self.model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             16 => {
