@@ -19,12 +19,13 @@ const QUEUES: u64 = 4;
 /// fourth 4 KiB block).
 fn queue(dev: &dyn BlockDevice, q: u64) -> diskimg::Result<()> {
     let block = 4096u64;
-    let mut buf = vec![0u8; block as usize];
+    let mut buf = [0u8; 4096];
+    let fill = u8::try_from(q + 1).unwrap_or(0xff);
     for i in 0..2048u64 {
         let off = ((i * 7919) % (SIZE / block / QUEUES) * QUEUES + q) * block;
         match i % 16 {
             // A guest write; the device takes `&self`, from any thread.
-            0..=9 => dev.write_at(&[q as u8 + 1; 4096], off)?,
+            0..=9 => dev.write_at(&[fill; 4096], off)?,
             // A read: cached mappings are looked up without excluding other readers.
             10..=12 => dev.read_at(&mut buf, off)?,
             // WRITE ZEROES with the unmap hint (virtio's flag): reads back as zeroes.
@@ -52,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // backing file by default; here, relative names below the image's directory only.
     let opts = ImageOptions::read_only(false).with_policy(OpenPolicy::relative_only());
     create(&base, Format::Raw, Some(SIZE), OptionList::new(), &opts)?;
-    std::fs::write(&base, vec![0xbb; SIZE as usize])?;
+    std::fs::write(&base, vec![0xbb; usize::try_from(SIZE)?])?;
     let o = OptionList::parse("backing_file=base.raw,backing_fmt=raw")?;
     create(&top, Format::Qcow2, None, o, &opts)?;
 

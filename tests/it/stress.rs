@@ -82,7 +82,7 @@ impl Worker<'_> {
 
     fn verify(&self, off: u64, len: u64, what: &str) {
         let mut got = vec![0u8; len as usize];
-        if off % 1024 == 0 {
+        if off.is_multiple_of(1024) {
             self.dev.read_at(&mut got, off).unwrap();
         } else {
             let (a, b) = got.split_at_mut(len as usize / 2 + 1);
@@ -121,7 +121,7 @@ impl Worker<'_> {
             14..=15 => {
                 let (off, len) = self.private(4096);
                 let data = pattern(tick ^ (self.id << 32), len as usize);
-                if tick % 2 == 0 {
+                if tick.is_multiple_of(2) {
                     self.dev.write_at(&data, off).unwrap();
                 } else {
                     // A guest scatter-gather list: three pieces of uneven length.

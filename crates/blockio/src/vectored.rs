@@ -1,8 +1,8 @@
 //! Vectored (scatter-gather) I/O: a guest request as a list of buffers that are
 //! consecutive in guest space, as a virtio descriptor chain hands them over.
 //!
-//! [`BlockDevice::read_vectored_at`](crate::BlockDevice::read_vectored_at) and
-//! [`BlockDevice::write_vectored_at`](crate::BlockDevice::write_vectored_at) take such
+//! [`BlockDevice::read_vectored_at`] and
+//! [`BlockDevice::write_vectored_at`] take such
 //! lists; the defaults here serve each buffer with one positional call (no bounce
 //! buffer), and [`Storage`] has the same pair, which `FileStorage` answers with
 //! `preadv(2)` / `pwritev(2)`.
