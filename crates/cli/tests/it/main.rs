@@ -28,6 +28,7 @@ mod guest;
 mod hostfiles;
 mod inspect;
 mod io;
+mod iotest_cases;
 mod luks;
 mod map;
 mod measure;
