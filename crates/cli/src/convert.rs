@@ -15,6 +15,7 @@ use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
 mod stdout;
+mod targets;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -81,6 +82,11 @@ pub(crate) struct Args {
     /// Accepted for compatibility.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Output shaped for an upload: `azure` (fixed VHD, whole MiB), `esxi`
+    /// (stream-optimized VMDK for vSphere), `gcp` (`disk.raw` in an oldgnu tar.gz), `ova`
+    /// (OVF package); see docs/pipelines.md.
+    #[arg(long = "target", value_enum)]
+    target: Option<targets::Target>,
     /// Source image(s) followed by the output file.
     #[arg(num_args = 1..)]
     files: Vec<String>,
@@ -104,7 +110,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     r
 }
 
-fn run_inner(a: Args) -> Result<i32> {
+fn run_inner(mut a: Args) -> Result<i32> {
+    if let Some(t) = a.target {
+        targets::apply(&mut a, t)?;
+    }
     let _ = (a.force_share, &a.src_cache);
     let unsafe_cache = match a.cache.as_deref() {
         None | Some("unsafe") => true,
@@ -151,7 +160,10 @@ fn run_inner(a: Args) -> Result<i32> {
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
     // With stdout as the target, progress goes to stderr (`stdout::run`).
-    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
+    let bar = Progress::new(
+        a.progress && !a.quiet && dst_name != "-" && !targets::writes_itself(a.target),
+        1.0,
+    );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -169,6 +181,9 @@ fn run_inner(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
+        return targets::run(&a, t, src.as_ref(), &_images, dst_name);
+    }
     if dst_name == "-" {
         return stdout::run(&a, src.as_ref(), &_images, out_fmt);
     }

@@ -43,6 +43,10 @@ struct State {
     pos: u64,
     eof: bool,
     failed: Option<String>,
+    /// Bytes of the head kept (at most [`HEAD_LIMIT`]).
+    head_limit: u64,
+    /// Bytes kept behind the furthest position (at most [`WINDOW_LIMIT`]).
+    window_limit: u64,
 }
 
 /// A read-only storage over a forward-only stream (see the module docs).
@@ -119,6 +123,8 @@ impl ForwardStorage {
                 pos: 0,
                 eof: false,
                 failed: None,
+                head_limit: HEAD_LIMIT,
+                window_limit: WINDOW_LIMIT,
             }),
         }
     }
@@ -148,6 +154,19 @@ impl ForwardStorage {
         if st.eof { Some(st.pos) } else { self.declared }
     }
 
+    /// A reader of the whole stream from its first byte, for a consumer that reads it
+    /// once front to back (a stream-optimized VMDK walk): from now on the storage keeps
+    /// no more head than it has and only a small window, so the bytes are not held twice.
+    pub fn sequential(self: &Arc<Self>) -> ForwardReader {
+        let mut st = self.lock();
+        st.head_limit = st.head_limit.min(st.head.len() as u64);
+        st.window_limit = 2 * CHUNK as u64;
+        ForwardReader {
+            storage: self.clone(),
+            pos: 0,
+        }
+    }
+
     /// Receives one more chunk (or the end).
     fn pull(&self, st: &mut State) -> Result<()> {
         if let Some(e) = &st.failed {
@@ -174,8 +193,8 @@ impl ForwardStorage {
             Some(Ok(mut chunk)) => {
                 let start = st.pos;
                 st.pos += chunk.len() as u64;
-                if start < HEAD_LIMIT {
-                    let keep = usize::try_from(HEAD_LIMIT - start)
+                if start < st.head_limit {
+                    let keep = usize::try_from(st.head_limit - start)
                         .unwrap_or(usize::MAX)
                         .min(chunk.len());
                     st.head
@@ -186,7 +205,7 @@ impl ForwardStorage {
                     let off = st.pos - chunk.len() as u64;
                     st.window_bytes += chunk.len() as u64;
                     st.window.push_back((off, chunk));
-                    while st.window_bytes > WINDOW_LIMIT {
+                    while st.window_bytes > st.window_limit {
                         match st.window.pop_front() {
                             Some((_, c)) => st.window_bytes -= c.len() as u64,
                             None => break,
@@ -285,6 +304,34 @@ impl Storage for ForwardStorage {
 
     fn next_hole(&self, offset: u64) -> Result<u64> {
         Ok(self.len()?.max(offset))
+    }
+}
+
+/// A [`Read`] of a [`ForwardStorage`] from its first byte to the end of the stream
+/// ([`ForwardStorage::sequential`]); a stream shorter than its declared length fails.
+pub struct ForwardReader {
+    storage: Arc<ForwardStorage>,
+    pos: u64,
+}
+
+impl Read for ForwardReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = &self.storage;
+        let mut st = f.lock();
+        while st.pos <= self.pos && !st.eof {
+            f.pull(&mut st)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        let avail = st.pos.saturating_sub(self.pos);
+        let n = usize::try_from(avail.min(buf.len() as u64)).unwrap_or(0);
+        if n == 0 {
+            return Ok(0);
+        }
+        let dst = buf.get_mut(..n).unwrap_or_default();
+        f.copy_out(&st, dst, self.pos)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

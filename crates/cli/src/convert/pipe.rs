@@ -22,7 +22,7 @@ pub(super) fn open_source(name: &str, format: Option<Format>) -> Result<Image> {
 }
 
 /// True when `name` is a raw stream whose length is not known yet.
-fn unknown_length(img: &Image) -> bool {
+pub(super) fn unknown_length(img: &Image) -> bool {
     img.format == Format::Raw
         && crate::source::opened(&img.filename)
             .and_then(|o| o.forward.clone())
