@@ -155,10 +155,7 @@ impl ForwardStreamDevice {
             );
             match kind {
                 MARKER_EOS => {
-                    if w.frontier != u64::MAX {
-                        return Err(self.err(at, "end-of-stream marker before the footer"));
-                    }
-                    w.done = true;
+                    return Err(self.err(at, "end-of-stream marker before the footer"));
                 }
                 MARKER_FOOTER => {
                     let mut footer = [0u8; 512];
@@ -171,8 +168,14 @@ impl ForwardStreamDevice {
                     if f.capacity.checked_mul(SECTOR) != Some(self.size) {
                         return Err(self.err(at, "footer and header disagree on the capacity"));
                     }
-                    // Everything is decided; only the end marker may follow.
+                    // The end-of-stream marker must follow: only then is the stream whole.
+                    let eos_at = w.pos;
+                    w.read_exact(&self.name, &mut footer)?;
+                    if footer.iter().take(16).any(|&b| b != 0) {
+                        return Err(self.err(eos_at, "no end-of-stream marker after the footer"));
+                    }
                     w.frontier = u64::MAX;
+                    w.done = true;
                 }
                 1 | 2 => {
                     let len = val

@@ -285,3 +285,128 @@ impl<W: Write> StreamWriter<W> {
         Ok((self.out, self.pos))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use diskimg_blockio::{BlockDevice, Driver, MemStorage, OpenOptions, Storage};
+
+    use super::*;
+    use crate::stream_read::ForwardStreamDevice;
+
+    /// A guest of `size` bytes with data in the grains listed.
+    fn guest(size: usize, grains: &[u64]) -> Vec<u8> {
+        let mut g = vec![0u8; size];
+        for &i in grains {
+            let at = usize::try_from(i * STREAM_GRAIN).unwrap();
+            let end = (at + 65536).min(size);
+            for (j, b) in g[at..end].iter_mut().enumerate() {
+                *b = (i as u8).wrapping_mul(31) ^ (j as u8) | 1;
+            }
+        }
+        g
+    }
+
+    fn stream(g: &[u8], profile: &StreamProfile) -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new(), g.len() as u64, "s.vmdk", profile).unwrap();
+        for (i, piece) in g.chunks(65536).enumerate() {
+            if piece.iter().any(|&b| b != 0) {
+                w.push(i as u64, &grain_record(i as u64, piece).unwrap()).unwrap();
+            }
+        }
+        w.finish().unwrap().0
+    }
+
+    fn walk(bytes: &[u8]) -> diskimg_blockio::Result<ForwardStreamDevice> {
+        ForwardStreamDevice::open("t", Box::new(std::io::Cursor::new(bytes.to_vec())))
+    }
+
+    #[test]
+    fn written_stream_reads_back_through_the_driver_and_the_walk() {
+        // Two grain tables' worth and a short last grain; a table with no grain.
+        let size = 1100 * 65536 + 4096;
+        let g = guest(size, &[0, 1, 5, 511, 512, 1099, 1100]);
+        let bytes = stream(&g, &StreamProfile::esxi());
+        let h = SparseHeader::parse(&bytes[..512]).unwrap();
+        assert_eq!((h.version, h.gd_offset), (3, GD_AT_END));
+        let text = String::from_utf8_lossy(&bytes[512..4096]);
+        assert!(text.contains("ddb.adapterType = \"lsilogic\""), "{text}");
+        assert!(text.contains("ddb.virtualHWVersion = \"11\""), "{text}");
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes.clone()));
+        let dev = crate::DRIVER.open(storage, &OpenOptions::new()).unwrap();
+        let mut back = vec![0u8; size];
+        dev.read_at(&mut back, 0).unwrap();
+        assert!(back == g);
+        let fwd = walk(&bytes).unwrap();
+        let mut back = vec![0xffu8; size];
+        for (i, piece) in back.chunks_mut(3 << 20).enumerate() {
+            fwd.read_at(piece, i as u64 * (3 << 20)).unwrap();
+        }
+        assert!(back == g);
+    }
+
+    #[test]
+    fn walk_reports_holes_and_data() {
+        let g = guest(40 * 65536, &[3, 4, 30]);
+        let fwd = walk(&stream(&g, &StreamProfile::qemu())).unwrap();
+        let e = fwd.map(0, 40 * 65536).unwrap();
+        assert_eq!((e.len, e.kind.is_present()), (3 * 65536, false));
+        // Data runs end where the walk stands (grain 4 is not inflated yet).
+        let e = fwd.map(3 * 65536, 37 * 65536).unwrap();
+        assert_eq!((e.len, e.kind.is_present()), (65536, true));
+        let e = fwd.map(4 * 65536, 36 * 65536).unwrap();
+        assert_eq!((e.len, e.kind.is_present()), (65536, true));
+        let e = fwd.map(5 * 65536, 35 * 65536).unwrap();
+        assert_eq!((e.len, e.kind.is_present()), (25 * 65536, false));
+    }
+
+    #[test]
+    fn truncated_or_reordered_streams_fail_naming_the_offset() {
+        let g = guest(8 * 65536, &[1, 2, 6]);
+        let bytes = stream(&g, &StreamProfile::qemu());
+        for cut in (512..bytes.len()).step_by(512) {
+            let r = walk(&bytes[..cut]).and_then(|d| {
+                let mut buf = vec![0u8; g.len()];
+                d.read_at(&mut buf, 0)
+            });
+            let e = r.expect_err("a truncated stream must fail").to_string();
+            assert!(e.contains("'t'") && e.contains("offset"), "{cut}: {e}");
+        }
+        // Grain 2's record moved before grain 1's: out of guest order.
+        let r1 = grain_record(1, &g[65536..131072]).unwrap();
+        let r2 = grain_record(2, &g[131072..196608]).unwrap();
+        let at = 128 * 512;
+        let mut swapped = bytes[..at].to_vec();
+        swapped.extend_from_slice(&r2);
+        swapped.extend_from_slice(&r1);
+        swapped.extend_from_slice(&bytes[at + r1.len() + r2.len()..]);
+        let d = walk(&swapped).unwrap();
+        let mut buf = vec![0u8; g.len()];
+        let e = d.read_at(&mut buf, 0).unwrap_err().to_string();
+        assert!(e.contains("out of guest order"), "{e}");
+    }
+
+    #[test]
+    fn grains_left_behind_the_window_are_an_error() {
+        let n = (crate::stream_read::WINDOW / STREAM_GRAIN) as usize + 8;
+        let g = guest(n * 65536, &(0..n as u64).collect::<Vec<_>>());
+        let d = walk(&stream(&g, &StreamProfile::qemu())).unwrap();
+        let mut buf = vec![0u8; 512];
+        d.read_at(&mut buf, (n as u64 - 1) * STREAM_GRAIN).unwrap();
+        let e = d.read_at(&mut buf, 0).unwrap_err().to_string();
+        assert!(e.contains("already passed"), "{e}");
+    }
+
+    #[test]
+    fn writer_refuses_misuse() {
+        let rec = grain_record(3, &[1; 100]).unwrap();
+        let mut w = StreamWriter::new(Vec::new(), 10 * 65536, "x", &StreamProfile::qemu()).unwrap();
+        assert!(w.push(2, &rec).is_err());
+        w.push(3, &rec).unwrap();
+        assert!(w.push(3, &rec).is_err());
+        assert!(w.push(10, &grain_record(10, &[1]).unwrap()).is_err());
+        assert!(grain_record(0, &[]).is_err());
+        assert!(StreamWriter::new(Vec::new(), 4 << 40, "x", &StreamProfile::qemu()).is_err());
+    }
+}
