@@ -60,9 +60,11 @@
 //! ```
 
 pub mod bytes;
+mod cache;
 mod chain;
 mod copy;
 mod device;
+mod direct;
 mod driver;
 mod error;
 mod fault;
@@ -70,11 +72,13 @@ mod info;
 mod limits;
 mod meta;
 mod options;
+mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod units;
 
+pub use cache::CacheMode;
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use copy::copy_range;
 pub use device::{
@@ -88,6 +92,7 @@ pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, Snaps
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
+pub use packed::{CompressedUnits, PackedUnit};
 pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,
