@@ -246,6 +246,17 @@ fn run_inner(mut a: Args) -> Result<i32> {
     // only).
     let fresh = !a.no_create && a.backing.is_none() && key_secret.is_none();
     let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
+    if a.no_create && _images.iter().any(pipe::unknown_length) {
+        pipe::copy_into_existing(src.as_ref(), &_images, dst.device.as_ref(), &mut |d, t| {
+            bar.fraction(d, t)
+        })
+        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        dst.finish()
+            .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        bar.print(100.0, 0);
+        bar.end();
+        return Ok(0);
+    }
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }

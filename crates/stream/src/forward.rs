@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{Error, Result, Storage};
 
+use crate::recycle::Recycler;
+
 /// Bytes at the start of a stream kept for the whole pass.
 pub const HEAD_LIMIT: u64 = 16 << 20;
 /// Bytes kept behind the furthest position read.
@@ -54,6 +56,8 @@ pub struct ForwardStorage {
     name: String,
     declared: Option<u64>,
     state: Mutex<State>,
+    /// Chunks dropped from the window, for the producer to fill again.
+    spare: Recycler,
 }
 
 impl std::fmt::Debug for ForwardStorage {
@@ -70,10 +74,11 @@ impl std::fmt::Debug for ForwardStorage {
 fn produce(
     mut r: Box<dyn Read + Send>,
     tx: std::sync::mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
+    spare: &Recycler,
 ) {
     let mut off = 0u64;
     loop {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = spare.take(CHUNK);
         let mut n = 0;
         while n < CHUNK {
             match r.read(buf.get_mut(n..).unwrap_or_default()) {
@@ -111,8 +116,11 @@ impl ForwardStorage {
         declared: Option<u64>,
     ) -> Self {
         let (tx, rx) = sync_channel(CHUNKS_AHEAD);
-        std::thread::spawn(move || produce(reader, tx));
+        let spare = Recycler::new(CHUNKS_AHEAD);
+        let theirs = spare.clone();
+        std::thread::spawn(move || produce(reader, tx, &theirs));
         Self {
+            spare,
             name: name.into(),
             declared,
             state: Mutex::new(State {
@@ -207,7 +215,10 @@ impl ForwardStorage {
                     st.window.push_back((off, chunk));
                     while st.window_bytes > st.window_limit {
                         match st.window.pop_front() {
-                            Some((_, c)) => st.window_bytes -= c.len() as u64,
+                            Some((_, c)) => {
+                                st.window_bytes -= c.len() as u64;
+                                self.spare.give(c);
+                            }
                             None => break,
                         }
                     }

@@ -63,6 +63,7 @@ mod gzip_out;
 mod http;
 mod input;
 mod ova;
+mod recycle;
 mod sink;
 mod tar;
 mod tar_out;

@@ -37,17 +37,21 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Writes `dev` as `disk.raw` in an oldgnu tar.gz (sparse member where the map has
-/// holes): `tar --format=oldgnu -Sczf` output, the layout Compute Engine imports.
-/// Deflates on `threads` threads at gzip's default level; `progress` gets guest bytes.
+/// Writes `dev` as `disk.raw` in an oldgnu tar.gz: `tar --format=oldgnu -Sczf` output,
+/// the layout Compute Engine imports. With `sparse` the member is sparse where the map
+/// has holes (the map is walked before the data); a source that can be walked only once
+/// (a forward-only stream) takes `sparse = false`: a regular member, its zeroes deflated
+/// to almost nothing. Deflates on `threads` threads at gzip's default level; `progress`
+/// gets guest bytes.
 pub fn write_gcp(
     dev: &dyn BlockDevice,
     out: &mut dyn Write,
     threads: usize,
+    sparse: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let mut gz = ParallelGzip::new(out, 6, threads).map_err(werr)?;
-    let n = write_device_member(dev, &mut gz, "disk.raw", now(), progress)?;
+    let n = write_device_member(dev, &mut gz, "disk.raw", now(), sparse, progress)?;
     gz.write_all(&end_of_archive(n)).map_err(werr)?;
     gz.finish().map_err(werr)?;
     Ok(())

@@ -165,18 +165,26 @@ pub fn data_regions(dev: &dyn BlockDevice) -> Result<Vec<(u64, u64)>> {
     Ok(map)
 }
 
-/// Writes the member `name` holding the guest bytes of `dev` (a sparse member when its
-/// map has holes, else a regular one) to `out`, followed by padding; returns the bytes
-/// written. `progress` gets guest offsets.
+/// Writes the member `name` holding the guest bytes of `dev` to `out`, followed by
+/// padding; returns the bytes written. With `sparse`, a sparse member when the map has
+/// holes (the map is walked first: the header lists the data regions); without it, a
+/// regular member, for sources that can only be walked once (a forward-only stream).
+/// Zero ranges are written from a zero buffer without being read. `progress` gets guest
+/// offsets.
 pub fn write_device_member(
     dev: &dyn BlockDevice,
     out: &mut dyn Write,
     name: &str,
     mtime: u64,
+    sparse: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let size = dev.virtual_size();
-    let map = data_regions(dev)?;
+    let map = if sparse {
+        data_regions(dev)?
+    } else {
+        vec![(0, size)]
+    };
     let stored: u64 = map.iter().map(|(_, l)| l).sum();
     let sparse = stored < size;
     let mut sparse_map = map.clone();
@@ -197,9 +205,14 @@ pub fn write_device_member(
     for (off, len) in map {
         let mut pos = off;
         while pos < off + len {
-            let n = (off + len - pos).min(CHUNK);
+            let st = block_status(dev, pos, (off + len - pos).min(CHUNK))?;
+            let n = st.length.clamp(1, CHUNK);
             buf.resize(usize::try_from(n).unwrap_or(0), 0);
-            dev.read_at(&mut buf, pos)?;
+            if st.zero {
+                buf.fill(0);
+            } else {
+                dev.read_at(&mut buf, pos)?;
+            }
             out.write_all(&buf).map_err(werr)?;
             pos += n;
             progress(pos);

@@ -176,6 +176,9 @@ impl ForwardStreamDevice {
                     }
                     w.frontier = u64::MAX;
                     w.done = true;
+                    // Whatever wraps the stream (gzip, xz, a tar member) checks its own
+                    // end when read to it.
+                    w.drain(&self.name)?;
                 }
                 1 | 2 => {
                     let len = val
@@ -251,7 +254,9 @@ impl ForwardStreamDevice {
         if let Some(e) = &w.failed {
             return Err(Error::invalid(e.clone()));
         }
-        while w.frontier <= g && !w.done {
+        // Once the last grain is walked, nothing but tables and the footer may follow:
+        // walk on to the end, so that whoever reads the last grain has a whole stream.
+        while (w.frontier <= g || w.frontier >= self.grains) && !w.done {
             if let Err(e) = self.step(w) {
                 w.failed = Some(e.to_string());
                 return Err(e);
@@ -298,6 +303,16 @@ impl Write for LimitedVec<'_> {
     }
 }
 
+/// An error of the input, named once (readers of named inputs name them already).
+fn input_error(name: &str, e: &std::io::Error) -> Error {
+    let msg = e.to_string();
+    if msg.starts_with(&format!("'{name}'")) {
+        Error::invalid(msg)
+    } else {
+        Error::invalid(format!("'{name}': {msg}"))
+    }
+}
+
 impl Walk {
     /// Whether grain `g` was in the stream.
     fn is_seen(&self, g: u64) -> bool {
@@ -317,11 +332,24 @@ impl Walk {
                 }
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::invalid(format!("'{name}': {e}"))),
+                Err(e) => return Err(input_error(name, &e)),
             }
         }
         self.pos += buf.len() as u64;
         Ok(())
+    }
+
+    /// Reads the input to its end, discarding what follows the stream.
+    fn drain(&mut self, name: &str) -> Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(k) => self.pos += k as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(input_error(name, &e)),
+            }
+        }
     }
 
     fn skip(&mut self, name: &str, mut len: u64) -> Result<()> {

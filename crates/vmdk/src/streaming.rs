@@ -77,14 +77,28 @@ impl StreamProfile {
 }
 
 /// Deflates grain `grain` (its guest bytes, at most one grain; the last grain of a disk
-/// may be shorter) into its on-disk record: grain marker, zlib stream, padding to a
-/// sector. Grains are independent, so records can be made on several threads.
+/// may be shorter and is padded with zeroes to a whole grain, as qemu and VMware write
+/// it) into its on-disk record: grain marker, zlib stream, padding to a sector. Grains
+/// are independent, so records can be made on several threads.
 pub fn grain_record(grain: u64, data: &[u8]) -> Result<Vec<u8>> {
     if data.is_empty() || data.len() as u64 > STREAM_GRAIN {
         return Err(Error::invalid("a grain record holds 1 byte to one grain"));
     }
+    let lba = grain.saturating_mul(GRAIN_SECTORS);
+    if data.len() as u64 == STREAM_GRAIN {
+        return deflate_record(lba, data);
+    }
+    let mut whole = data.to_vec();
+    whole.resize(usize::try_from(STREAM_GRAIN).unwrap_or(65536), 0);
+    deflate_record(lba, &whole)
+}
+
+/// The record of a grain at sector `lba` holding `data`: grain marker (`lba`, size of
+/// the zlib stream), the zlib stream, zero padding to a sector. Shared by the stream
+/// writer and the driver's compressed writes.
+pub(crate) fn deflate_record(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
     let mut rec = Vec::new();
-    rec.extend_from_slice(&grain.saturating_mul(GRAIN_SECTORS).to_le_bytes());
+    rec.extend_from_slice(&lba.to_le_bytes());
     rec.extend_from_slice(&[0; 4]);
     let mut enc = flate2::write::ZlibEncoder::new(rec, flate2::Compression::default());
     enc.write_all(data).map_err(|e| Error::io("deflate", e))?;
@@ -287,6 +301,7 @@ impl<W: Write> StreamWriter<W> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::Arc;
 
@@ -312,7 +327,8 @@ mod tests {
         let mut w = StreamWriter::new(Vec::new(), g.len() as u64, "s.vmdk", profile).unwrap();
         for (i, piece) in g.chunks(65536).enumerate() {
             if piece.iter().any(|&b| b != 0) {
-                w.push(i as u64, &grain_record(i as u64, piece).unwrap()).unwrap();
+                w.push(i as u64, &grain_record(i as u64, piece).unwrap())
+                    .unwrap();
             }
         }
         w.finish().unwrap().0

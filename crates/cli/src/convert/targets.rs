@@ -223,7 +223,9 @@ pub(super) fn run(
             check_consumed(&o)?;
             let mut sink = Sink::open(dst)?;
             let size = src.virtual_size();
-            diskimg_stream::write_gcp(src, sink.writer(), threads(), &mut |d| {
+            // The sparse map comes before the data: a stream can be walked only once.
+            let sparse = forward_source(images).is_none();
+            diskimg_stream::write_gcp(src, sink.writer(), threads(), sparse, &mut |d| {
                 bar.update(d, Some(size))
             })
             .map_err(err)?;
@@ -237,12 +239,9 @@ pub(super) fn run(
             match &mut sink {
                 Sink::File { w, .. } => diskimg_stream::write_ova(src, w, &spec, &mut progress),
                 Sink::Stdout(w) => {
-                    if let Some(s) = images.iter().find(|i| {
-                        crate::source::opened(&i.filename).is_some_and(|o| o.forward.is_some())
-                    }) {
+                    if let Some(s) = forward_source(images) {
                         bail!(
-                            "'{}': an OVA on stdout reads its source twice (the disk's size comes before the disk): give a seekable source, or write the OVA to a file",
-                            s.filename
+                            "'{s}': an OVA on stdout reads its source twice (the disk's size comes before the disk): give a seekable source, or write the OVA to a file"
                         );
                     }
                     diskimg_stream::write_ova_twice(src, w, &spec, &mut progress)
@@ -282,6 +281,14 @@ fn ova_spec(o: &mut OptionList, default_name: &str) -> Result<diskimg_stream::Ov
         _ => spec.os = (102, "otherGuest64".into()),
     }
     Ok(spec)
+}
+
+/// The name of a source that can be read only once, front to back, if any.
+fn forward_source(images: &[Image]) -> Option<&str> {
+    images
+        .iter()
+        .find(|i| crate::source::opened(&i.filename).is_some_and(|o| o.forward.is_some()))
+        .map(|i| i.filename.as_str())
 }
 
 /// Refuses `-o` options no step took.

@@ -80,10 +80,17 @@ fn sha256(p: &Path) -> String {
 fn check_stream_vmdk(vmdk: &Path, raw: &Path) {
     let b = std::fs::read(vmdk).unwrap();
     assert_eq!(&b[..4], b"KDMV");
-    assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 3, "version");
+    assert_eq!(
+        u32::from_le_bytes(b[4..8].try_into().unwrap()),
+        3,
+        "version"
+    );
     assert_eq!(u64::from_le_bytes(b[56..64].try_into().unwrap()), u64::MAX);
     let n = b.len();
-    assert_eq!(u32::from_le_bytes(b[n - 1524..n - 1520].try_into().unwrap()), 3);
+    assert_eq!(
+        u32::from_le_bytes(b[n - 1524..n - 1520].try_into().unwrap()),
+        3
+    );
     assert_eq!(&b[n - 1024..n - 1020], b"KDMV", "footer header");
     assert!(b[n - 512..].iter().all(|&x| x == 0), "end-of-stream marker");
     assert_qemu_check_clean(vmdk, "vmdk");
@@ -96,14 +103,29 @@ fn stream_optimized_vmdk_out_and_back_through_pipes() {
     let dir = tempdir();
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!("{BIN} convert -O vmdk {} - > {}", s(&raw), s(&p("s.vmdk"))));
-    check_stream_vmdk(&p("s.vmdk"), &raw);
-    let desc = String::from_utf8_lossy(&std::fs::read(p("s.vmdk")).unwrap()[512..2048]).into_owned();
-    assert!(desc.contains("createType=\"streamOptimized\"") && desc.contains("\"ide\""), "{desc}");
+    // On stdout the descriptor names the extent `disk.vmdk` (libvmdk opens it by name).
+    sh_ok(&format!(
+        "{BIN} convert -O vmdk {} - > {}",
+        s(&raw),
+        s(&p("disk.vmdk"))
+    ));
+    check_stream_vmdk(&p("disk.vmdk"), &raw);
+    std::fs::rename(p("disk.vmdk"), p("s.vmdk")).unwrap();
+    let desc =
+        String::from_utf8_lossy(&std::fs::read(p("s.vmdk")).unwrap()[512..2048]).into_owned();
+    assert!(
+        desc.contains("createType=\"streamOptimized\"") && desc.contains("\"ide\""),
+        "{desc}"
+    );
     // The ESXi profile, into a file.
-    sh_ok(&format!("{BIN} convert --target esxi {} {}", s(&raw), s(&p("e.vmdk"))));
+    sh_ok(&format!(
+        "{BIN} convert --target esxi {} {}",
+        s(&raw),
+        s(&p("e.vmdk"))
+    ));
     check_stream_vmdk(&p("e.vmdk"), &raw);
-    let desc = String::from_utf8_lossy(&std::fs::read(p("e.vmdk")).unwrap()[512..2048]).into_owned();
+    let desc =
+        String::from_utf8_lossy(&std::fs::read(p("e.vmdk")).unwrap()[512..2048]).into_owned();
     for want in [
         "ddb.adapterType = \"lsilogic\"",
         "ddb.virtualHWVersion = \"11\"",
@@ -136,10 +158,20 @@ fn truncated_vmdk_streams_fail_and_leave_nothing() {
     let dir = tempdir();
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!("{BIN} convert -O vmdk {} - > {}", s(&raw), s(&p("s.vmdk"))));
+    sh_ok(&format!(
+        "{BIN} convert -O vmdk {} - > {}",
+        s(&raw),
+        s(&p("s.vmdk"))
+    ));
     let len = std::fs::metadata(p("s.vmdk")).unwrap().len();
     for cut in [100_000, len / 2, len - 1536, len - 100] {
-        for target in ["-O raw", "-O qcow2", "--target gcp", "--target ova", "--target esxi"] {
+        for target in [
+            "-O raw",
+            "-O qcow2",
+            "--target gcp",
+            "--target ova",
+            "--target esxi",
+        ] {
             let out = p("out");
             let (ok, err) = sh(&format!(
                 "head -c {cut} {} | {BIN} convert {target} - {}",
@@ -170,9 +202,64 @@ fn truncated_vmdk_streams_fail_and_leave_nothing() {
             s(&out)
         ));
         assert!(!ok);
-        assert!(!sh(&format!("gzip -t {}", s(&out))).0, "gzip accepted a cut archive");
+        assert!(
+            !sh(&format!("gzip -t {}", s(&out))).0,
+            "gzip accepted a cut archive"
+        );
         assert!(!sh(&format!("tar -tzf {} >/dev/null", s(&out))).0);
     }
+}
+
+#[test]
+fn corrupt_and_wrapped_vmdk_streams() {
+    let dir = tempdir();
+    let raw = source(dir.path());
+    let p = |n: &str| dir.path().join(n);
+    sh_ok(&format!(
+        "{BIN} convert -O vmdk {} - > {}",
+        s(&raw),
+        s(&p("s.vmdk"))
+    ));
+    // The Adler-32 ending the first grain's zlib stream (its record starts at sector
+    // 128: LBA, size, data).
+    let mut b = std::fs::read(p("s.vmdk")).unwrap();
+    let size = u32::from_le_bytes(b[65536 + 8..65536 + 12].try_into().unwrap()) as usize;
+    b[65536 + 12 + size - 2] ^= 0x55;
+    std::fs::write(p("bad.vmdk"), &b).unwrap();
+    let out = p("out.qcow2");
+    let (ok, err) = sh(&format!(
+        "cat {} | {BIN} convert -O qcow2 - {}",
+        s(&p("bad.vmdk")),
+        s(&out)
+    ));
+    assert!(
+        !ok && err.contains("'-'") && err.contains("offset 65536"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a partial target was left");
+    // gzip around the stream: decoded on the fly, its trailer checked at the end.
+    sh_ok(&format!(
+        "gzip -c {} > {}",
+        s(&p("s.vmdk")),
+        s(&p("s.vmdk.gz"))
+    ));
+    sh_ok(&format!(
+        "cat {} | {BIN} convert -O raw - {}",
+        s(&p("s.vmdk.gz")),
+        s(&p("b.raw"))
+    ));
+    assert_eq!(sha256(&p("b.raw")), sha256(&raw));
+    let mut gz = std::fs::read(p("s.vmdk.gz")).unwrap();
+    let n = gz.len();
+    gz[n - 6] ^= 1; // the CRC-32 in the trailer
+    std::fs::write(p("crc.vmdk.gz"), &gz).unwrap();
+    let (ok, err) = sh(&format!(
+        "cat {} | {BIN} convert -O raw - {}",
+        s(&p("crc.vmdk.gz")),
+        s(&out)
+    ));
+    assert!(!ok && err.contains("'-'"), "{err}");
+    assert!(!out.exists(), "a partial target was left");
 }
 
 #[test]
@@ -180,8 +267,16 @@ fn gcp_tar_gz_reads_back_with_gnu_tar() {
     let dir = tempdir();
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!("{BIN} convert --target gcp {} {}", s(&raw), s(&p("a.tar.gz"))));
-    sh_ok(&format!("{BIN} convert --target gcp -f raw - - < {} > {}", s(&raw), s(&p("b.tar.gz"))));
+    sh_ok(&format!(
+        "{BIN} convert --target gcp {} {}",
+        s(&raw),
+        s(&p("a.tar.gz"))
+    ));
+    sh_ok(&format!(
+        "{BIN} convert --target gcp -f raw - - < {} > {}",
+        s(&raw),
+        s(&p("b.tar.gz"))
+    ));
     for a in ["a.tar.gz", "b.tar.gz"] {
         let tgz = p(a);
         sh_ok(&format!("gzip -t {}", s(&tgz)));
@@ -197,7 +292,10 @@ fn gcp_tar_gz_reads_back_with_gnu_tar() {
         let o = Command::new("tar").arg("-tvzf").arg(&tgz).output().unwrap();
         let list = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success() && list.lines().count() == 1, "{list}");
-        assert!(list.contains(" 73400320 ") && list.ends_with("disk.raw\n"), "{list}");
+        assert!(
+            list.contains(" 73400320 ") && list.ends_with("disk.raw\n"),
+            "{list}"
+        );
         let x = p("x");
         let _ = std::fs::remove_dir_all(&x);
         std::fs::create_dir(&x).unwrap();
@@ -206,11 +304,42 @@ fn gcp_tar_gz_reads_back_with_gnu_tar() {
         // The holes were not stored.
         assert!(std::fs::metadata(&tgz).unwrap().len() < 200_000);
         // And diskimg reads the member back, from the file and from a pipe.
-        sh_ok(&format!("{BIN} convert -O raw {}#disk.raw {}", s(&tgz), s(&p("c.raw"))));
+        sh_ok(&format!(
+            "{BIN} convert -O raw {}#disk.raw {}",
+            s(&tgz),
+            s(&p("c.raw"))
+        ));
         assert_eq!(sha256(&p("c.raw")), sha256(&raw));
-        sh_ok(&format!("cat {} | {BIN} convert -O raw - {}", s(&tgz), s(&p("c.raw"))));
+        sh_ok(&format!(
+            "cat {} | {BIN} convert -O raw - {}",
+            s(&tgz),
+            s(&p("c.raw"))
+        ));
         assert_eq!(sha256(&p("c.raw")), sha256(&raw));
     }
+}
+
+#[test]
+fn gcp_tar_gz_from_a_vmdk_stream_larger_than_the_window() {
+    // 80 MiB of data: more than the walk keeps, so the member cannot be sparse (its
+    // map would come first) and is written as a regular one in the same pass.
+    let dir = tempdir();
+    let raw = qemu_raw(dir.path(), "d.raw", "96M", &["write -P 0x35 1M 80M"]);
+    let p = |n: &str| dir.path().join(n);
+    sh_ok(&format!(
+        "{BIN} convert -O vmdk {} - > {}",
+        s(&raw),
+        s(&p("s.vmdk"))
+    ));
+    sh_ok(&format!(
+        "cat {} | {BIN} convert --target gcp - {}",
+        s(&p("s.vmdk")),
+        s(&p("a.tar.gz"))
+    ));
+    let x = p("x");
+    std::fs::create_dir(&x).unwrap();
+    sh_ok(&format!("tar -C {} -xzf {}", s(&x), s(&p("a.tar.gz"))));
+    assert_eq!(sha256(&x.join("disk.raw")), sha256(&raw));
 }
 
 /// An OVA's members, checked: order, manifest digests, descriptor, disk.
@@ -237,12 +366,10 @@ fn check_ova(ova: &Path, name: &str, raw: &Path) {
     check_stream_vmdk(&vmdk, raw);
     // The descriptor: well-formed XML naming the disk with its real size.
     let size = std::fs::metadata(&vmdk).unwrap().len();
-    let script = format!(
-        "import sys,xml.dom.minidom as m\nd=m.parse(sys.argv[1])\nf=d.getElementsByTagName('File')[0]\n\
+    let script = "import sys,xml.dom.minidom as m\nd=m.parse(sys.argv[1])\nf=d.getElementsByTagName('File')[0]\n\
          k=d.getElementsByTagName('Disk')[0]\nprint(f.getAttribute('ovf:href'),f.getAttribute('ovf:size'),\
          k.getAttribute('ovf:capacity'),k.getAttribute('ovf:format'),\
-         d.getElementsByTagName('vssd:VirtualSystemType')[0].firstChild.data)"
-    );
+         d.getElementsByTagName('vssd:VirtualSystemType')[0].firstChild.data)";
     let o = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -264,8 +391,16 @@ fn ova_for_vmware_and_virtualbox() {
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
     let q = p("d.qcow2");
-    sh_ok(&format!("qemu-img convert -f raw -O qcow2 {} {}", s(&raw), s(&q)));
-    sh_ok(&format!("{BIN} convert -p --target ova {} {}", s(&q), s(&p("app.ova"))));
+    sh_ok(&format!(
+        "qemu-img convert -f raw -O qcow2 {} {}",
+        s(&raw),
+        s(&q)
+    ));
+    sh_ok(&format!(
+        "{BIN} convert -p --target ova {} {}",
+        s(&q),
+        s(&p("app.ova"))
+    ));
     check_ova(&p("app.ova"), "app", &raw);
     // To stdout: two passes over the source; the same members.
     sh_ok(&format!(
@@ -282,12 +417,23 @@ fn ova_for_vmware_and_virtualbox() {
     assert!(ovf.contains("<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>"));
     assert!(ovf.contains("vmw:osType=\"otherLinux64Guest\""));
     // A forward-only source cannot be read twice.
-    let (ok, err) = sh(&format!("cat {} | {BIN} convert --target ova - - >/dev/null", s(&q)));
+    let (ok, err) = sh(&format!(
+        "cat {} | {BIN} convert --target ova - - >/dev/null",
+        s(&q)
+    ));
     assert!(!ok && err.contains("seekable source"), "{err}");
     // diskimg reads the OVA's disk back, from the file and from a pipe.
     for cmd in [
-        format!("{BIN} convert -O raw {} {}", s(&p("app.ova")), s(&p("b.raw"))),
-        format!("cat {} | {BIN} convert -O raw - {}", s(&p("w.ova")), s(&p("b.raw"))),
+        format!(
+            "{BIN} convert -O raw {} {}",
+            s(&p("app.ova")),
+            s(&p("b.raw"))
+        ),
+        format!(
+            "cat {} | {BIN} convert -O raw - {}",
+            s(&p("w.ova")),
+            s(&p("b.raw"))
+        ),
     ] {
         sh_ok(&cmd);
         assert_eq!(sha256(&p("b.raw")), sha256(&raw), "{cmd}");
