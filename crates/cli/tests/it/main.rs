@@ -28,6 +28,7 @@ mod guest;
 mod hostfiles;
 mod inspect;
 mod io;
+mod luks;
 mod map;
 mod measure;
 mod offload;
