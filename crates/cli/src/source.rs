@@ -89,12 +89,14 @@ pub(crate) fn open_special(
         None => probe(&input)?,
     };
     if let Some(f) = &input.forward
-        && need_length
         && format == Format::Raw
-        && f.known_len().is_none()
     {
-        f.drain_to_end()
-            .with_context(|| format!("Could not read '{file}'"))?;
+        // A raw image is read front to back once: its head need not be kept.
+        f.stop_growing_head();
+        if need_length && f.known_len().is_none() {
+            f.drain_to_end()
+                .with_context(|| format!("Could not read '{file}'"))?;
+        }
     }
     let device = match forward_vmdk(file, &input, format)? {
         Some(d) => d,

@@ -162,6 +162,13 @@ impl ForwardStorage {
         if st.eof { Some(st.pos) } else { self.declared }
     }
 
+    /// Keeps no more of the head than is held now: for a format that never reads its
+    /// start again (raw), so the head's memory goes to nothing else.
+    pub fn stop_growing_head(&self) {
+        let mut st = self.lock();
+        st.head_limit = st.head_limit.min(st.head.len() as u64);
+    }
+
     /// A reader of the whole stream from its first byte, for a consumer that reads it
     /// once front to back (a stream-optimized VMDK walk): from now on the storage keeps
     /// no more head than it has and only a small window, so the bytes are not held twice.
