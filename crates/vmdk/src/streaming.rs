@@ -95,12 +95,13 @@ pub fn grain_record(grain: u64, data: &[u8]) -> Result<Vec<u8>> {
 
 /// The record of a grain at sector `lba` holding `data`: grain marker (`lba`, size of
 /// the zlib stream), the zlib stream, zero padding to a sector. Shared by the stream
-/// writer and the driver's compressed writes.
+/// writer and the driver's compressed writes, at the driver's deflate level.
 pub(crate) fn deflate_record(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
     let mut rec = Vec::new();
     rec.extend_from_slice(&lba.to_le_bytes());
     rec.extend_from_slice(&[0; 4]);
-    let mut enc = flate2::write::ZlibEncoder::new(rec, flate2::Compression::default());
+    let level = flate2::Compression::new(crate::sparse::DEFLATE_LEVEL);
+    let mut enc = flate2::write::ZlibEncoder::new(rec, level);
     enc.write_all(data).map_err(|e| Error::io("deflate", e))?;
     let mut rec = enc.finish().map_err(|e| Error::io("deflate", e))?;
     let size = u32::try_from(rec.len() - GRAIN_MARKER)
