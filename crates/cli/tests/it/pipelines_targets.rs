@@ -46,6 +46,11 @@ fn source(dir: &Path) -> PathBuf {
     )
 }
 
+/// `convert -O vmdk RAW - > OUT`: a stream-optimized VMDK written to stdout.
+fn vmdk_to_stdout(raw: &Path, out: &Path) {
+    sh_ok(&format!("{BIN} convert -O vmdk {} - > {}", s(raw), s(out)));
+}
+
 /// SHA-256 of a VMDK's guest bytes as libvmdk (python3-libvmdk) reads them.
 fn libvmdk_sha256(vmdk: &Path) -> String {
     let o = Command::new("/usr/bin/python3")
@@ -104,11 +109,7 @@ fn stream_optimized_vmdk_out_and_back_through_pipes() {
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
     // On stdout the descriptor names the extent `disk.vmdk` (libvmdk opens it by name).
-    sh_ok(&format!(
-        "{BIN} convert -O vmdk {} - > {}",
-        s(&raw),
-        s(&p("disk.vmdk"))
-    ));
+    vmdk_to_stdout(&raw, &p("disk.vmdk"));
     check_stream_vmdk(&p("disk.vmdk"), &raw);
     std::fs::rename(p("disk.vmdk"), p("s.vmdk")).unwrap();
     let desc =
@@ -158,11 +159,7 @@ fn truncated_vmdk_streams_fail_and_leave_nothing() {
     let dir = tempdir();
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!(
-        "{BIN} convert -O vmdk {} - > {}",
-        s(&raw),
-        s(&p("s.vmdk"))
-    ));
+    vmdk_to_stdout(&raw, &p("s.vmdk"));
     let len = std::fs::metadata(p("s.vmdk")).unwrap().len();
     for cut in [100_000, len / 2, len - 1536, len - 100] {
         for target in [
@@ -215,11 +212,7 @@ fn corrupt_and_wrapped_vmdk_streams() {
     let dir = tempdir();
     let raw = source(dir.path());
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!(
-        "{BIN} convert -O vmdk {} - > {}",
-        s(&raw),
-        s(&p("s.vmdk"))
-    ));
+    vmdk_to_stdout(&raw, &p("s.vmdk"));
     // The Adler-32 ending the first grain's zlib stream (its record starts at sector
     // 128: LBA, size, data).
     let mut b = std::fs::read(p("s.vmdk")).unwrap();
@@ -326,11 +319,7 @@ fn gcp_tar_gz_from_a_vmdk_stream_larger_than_the_window() {
     let dir = tempdir();
     let raw = qemu_raw(dir.path(), "d.raw", "96M", &["write -P 0x35 1M 80M"]);
     let p = |n: &str| dir.path().join(n);
-    sh_ok(&format!(
-        "{BIN} convert -O vmdk {} - > {}",
-        s(&raw),
-        s(&p("s.vmdk"))
-    ));
+    vmdk_to_stdout(&raw, &p("s.vmdk"));
     sh_ok(&format!(
         "cat {} | {BIN} convert --target gcp - {}",
         s(&p("s.vmdk")),
