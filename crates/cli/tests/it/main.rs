@@ -36,6 +36,7 @@ mod measure;
 mod offload;
 mod pipelines;
 mod pipelines_out;
+mod pipelines_targets;
 mod progress;
 mod qemu_io;
 mod serve;
