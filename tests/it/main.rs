@@ -10,6 +10,7 @@ mod corpus;
 mod create;
 mod differencing;
 mod formats;
+mod hostile;
 mod inspect;
 mod inspect_rules;
 mod policy;
