@@ -30,6 +30,7 @@
 mod format;
 mod hostfile;
 mod image;
+mod locking;
 pub mod maint;
 mod policy;
 mod snapshot;

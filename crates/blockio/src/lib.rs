@@ -61,6 +61,7 @@
 
 pub mod bytes;
 mod chain;
+mod closed;
 mod copy;
 mod device;
 mod driver;
@@ -68,6 +69,7 @@ mod error;
 mod fault;
 mod info;
 mod limits;
+pub mod lock;
 mod meta;
 mod options;
 pub mod parent_path;
@@ -76,6 +78,7 @@ mod storage;
 pub mod units;
 
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
+pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,

@@ -167,6 +167,8 @@ pub fn write_zeroes_by_buffer<S: Storage + ?Sized>(s: &S, offset: u64, len: u64)
 pub struct FileStorage {
     file: File,
     read_only: bool,
+    /// The qemu-compatible lock bytes held on the file ([`FileStorage::lock`]).
+    locked: std::sync::Mutex<Option<crate::lock::LockPerms>>,
 }
 
 impl FileStorage {
@@ -178,7 +180,7 @@ impl FileStorage {
             .write(!read_only)
             .open(path)
             .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e))?;
-        Ok(Self { file, read_only })
+        Ok(Self::from_file(file, read_only))
     }
 
     /// Creates (or truncates) a file for writing.
@@ -191,15 +193,64 @@ impl FileStorage {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::io(format!("could not create '{}'", path.display()), e))?;
-        Ok(Self {
-            file,
-            read_only: false,
-        })
+        Ok(Self::from_file(file, false))
+    }
+
+    /// Creates a file for writing as qemu does: opened without truncating, locked for
+    /// creation ([`LockPerms::create`](crate::lock::LockPerms::create): a file another
+    /// process uses is refused, untouched), then truncated. The lock is held until the
+    /// storage is dropped or [`FileStorage::unlock`]ed; `name` names the file in errors.
+    pub fn create_locked(path: impl AsRef<Path>, name: &str) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("could not create '{}'", path.display()), e))?;
+        let s = Self::from_file(file, false);
+        s.lock(crate::lock::LockPerms::create(), name)?;
+        s.file
+            .set_len(0)
+            .map_err(|e| Error::io(format!("could not truncate '{}'", path.display()), e))?;
+        Ok(s)
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File, read_only: bool) -> Self {
-        Self { file, read_only }
+        Self {
+            file,
+            read_only,
+            locked: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Takes qemu's lock bytes for `perms` on the file ([`crate::lock`]), replacing the
+    /// ones this storage held; fails with [`Error::Locked`] when another process's use
+    /// conflicts. `name` names the file in that error.
+    pub fn lock(&self, perms: crate::lock::LockPerms, name: &str) -> Result<()> {
+        let mut held = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = held.take() {
+            crate::lock::release(&self.file, old);
+        }
+        crate::lock::acquire(&self.file, perms, name)?;
+        *held = Some(perms);
+        Ok(())
+    }
+
+    /// Releases the lock bytes taken by [`FileStorage::lock`] (dropping the storage
+    /// releases them too).
+    pub fn unlock(&self) {
+        let mut held = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = held.take() {
+            crate::lock::release(&self.file, old);
+        }
+    }
+
+    /// The lock bytes held, if any.
+    pub fn lock_perms(&self) -> Option<crate::lock::LockPerms> {
+        *self.locked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The underlying file.

@@ -104,7 +104,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 }
 
 fn run_inner(a: Args) -> Result<i32> {
-    let _ = (a.force_share, &a.src_cache);
+    let _ = &a.src_cache;
+    crate::common::set_force_share(a.force_share);
     let unsafe_cache = match a.cache.as_deref() {
         None | Some("unsafe") => true,
         Some("writeback" | "writethrough" | "none" | "directsync") => false,
@@ -320,9 +321,12 @@ struct Target {
 /// qemu-img's default `-t unsafe`); images needing other host files (extents, data
 /// files) are opened normally.
 fn open_target(name: &str, fmt: Format, unsafe_cache: bool, key: Option<&str>) -> Result<Target> {
+    // `-U` is for the sources.
+    crate::common::set_force_share(false);
     if unsafe_cache {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
+        crate::common::lock_own_file(&file, fmt, name)?;
         let cache = Arc::new(UnsafeCache::new(Arc::new(file)));
         if let Ok(device) = diskimg::open_storage(cache.clone(), Some(fmt), false) {
             return Ok(Target {

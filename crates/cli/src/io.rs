@@ -233,7 +233,7 @@ fn exec(dev: &dyn BlockDevice, cmd: &str, s: &mut String) -> Result<bool> {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let writes = a.cmds.iter().any(|c| {
         let w = c.split_whitespace().next().unwrap_or("");

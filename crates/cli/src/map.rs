@@ -47,7 +47,7 @@ fn layer_name(img: &Image, top: &str, depth: u32) -> String {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let json = parse_output(&a.output)?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, true, true)?;

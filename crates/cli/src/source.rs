@@ -107,13 +107,12 @@ pub(crate) fn open_special(
             forward,
             input: Arc::new(input),
         }));
-    Ok(Some(Image {
+    Ok(Some(Image::from_device(
         device,
         format,
-        path: PathBuf::from(file),
-        filename: file.to_string(),
-        backing: None,
-    }))
+        PathBuf::from(file),
+        file.to_string(),
+    )))
 }
 
 /// Probes a source; a forward-only one only from its head (a probe reading the end,

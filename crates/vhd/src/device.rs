@@ -60,6 +60,7 @@ impl Dynamic {
 pub struct VhdDevice {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) size: u64,
     pub(crate) footer: Footer,
     pub(crate) dynamic: Option<Dynamic>,
@@ -105,7 +106,7 @@ impl VhdDevice {
         if self.read_only {
             Err(Error::ReadOnly)
         } else {
-            Ok(())
+            self.closed.check()
         }
     }
 
@@ -273,6 +274,15 @@ impl BlockDevice for VhdDevice {
         self.writable()?;
         check_range(offset, len, self.size)?;
         self.zero_inner(offset, len)
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {

@@ -68,6 +68,7 @@ pub struct VmdkDevice {
     pub(crate) desc: Descriptor,
     pub(crate) desc_loc: Option<DescLocation>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     pub(crate) cid: std::sync::atomic::AtomicU32,
     pub(crate) cid_updated: AtomicBool,
@@ -123,6 +124,7 @@ impl VmdkDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         if !self.cid_updated.swap(true, Ordering::AcqRel) {
             self.update_cid()?;
         }
@@ -411,6 +413,15 @@ impl BlockDevice for VmdkDevice {
                 }
             }
         })
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {

@@ -24,6 +24,7 @@ mod encrypt;
 mod errors;
 mod hostfiles;
 mod io;
+mod locking;
 mod map;
 mod measure;
 mod offload;
