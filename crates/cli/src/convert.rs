@@ -14,6 +14,7 @@ use crate::common::{
 use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
+mod stdout;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -150,7 +151,8 @@ fn run_inner(a: Args) -> Result<i32> {
         bail!("Expecting image file name");
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
-    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    // With stdout as the target, progress goes to stderr (`stdout::run`).
+    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -168,6 +170,9 @@ fn run_inner(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if dst_name == "-" {
+        return stdout::run(&a, src.as_ref(), &_images, out_fmt);
+    }
     let total = src.virtual_size();
     pipe::check_target(&_images, out_fmt, a.no_create)?;
 
@@ -185,11 +190,16 @@ fn run_inner(a: Args) -> Result<i32> {
                 );
             }
             options.set("backing_file", b);
-            let bf = a.backing_format.as_deref().ok_or_else(|| {
-                anyhow!("{dst_name}: Backing file specified without backing format")
-            })?;
-            parse_format(bf)?;
-            options.set("backing_fmt", bf);
+            // qemu takes the format from -F or from -o backing_fmt=.
+            let bf = a
+                .backing_format
+                .clone()
+                .or_else(|| options.get("backing_fmt").map(str::to_string))
+                .ok_or_else(|| {
+                    anyhow!("{dst_name}: Backing file specified without backing format")
+                })?;
+            parse_format(&bf)?;
+            options.set("backing_fmt", &bf);
         }
         for (k, _) in options.entries() {
             if !known_option(out_fmt, k)? {
@@ -283,7 +293,10 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
         let name = b.name;
         if b.in_use {
             if skip_broken {
-                eprintln!("diskimg: warning: Skipping inconsistent bitmap '{name}'");
+                eprintln!(
+                    "{}: warning: Skipping inconsistent bitmap '{name}'",
+                    crate::common::prog()
+                );
                 continue;
             }
             bail!(

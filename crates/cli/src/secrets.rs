@@ -176,8 +176,17 @@ pub(crate) fn resolve(
     {
         bail!("file.driver '{d}' is not supported by diskimg (only 'file')");
     }
+    if let Some(v) = o.take("file.locking") {
+        opts.locking = match v.as_str() {
+            "on" | "auto" => true,
+            "off" => false,
+            _ => bail!("invalid parameter value: {v}"),
+        };
+    }
+    if let Some(v) = o.take("force-share") {
+        opts.force_share = crate::imgspec::parse_bool("force-share", &v)?;
+    }
     for k in [
-        "file.locking",
         "file.aio",
         "cache.direct",
         "cache.no-flush",
@@ -203,7 +212,8 @@ pub(crate) fn warn_legacy_aes(arg: &str, img: &diskimg::Image) {
                     if m.iter().any(|(k, v)| k == "format" && *v == InfoValue::Str("aes".into())))
         })
     });
-    if legacy && !state().no_io {
+    // qemu's tools say nothing; as diskimg we warn (docs/cli.md).
+    if legacy && !state().no_io && !crate::common::as_qemu() {
         eprintln!(
             "diskimg: warning: '{arg}' uses legacy qcow2 AES encryption, which is insecure; \
              convert it to encrypt.format=luks"

@@ -11,6 +11,8 @@
 //!   the head and a window behind the reading position, so the drivers of formats laid
 //!   out front to back (raw, qcow2 with its metadata first) read it as they read a
 //!   file, and anything else fails with an error naming the input and offset.
+//! - [`write_raw`], [`write_qcow2`] (qemu's `qcow2-to-stdout.py` layout) and
+//!   [`finish_vhd_fixed`] write an image front to back to any `Write` (stdout).
 //!
 //! # Example
 //!
@@ -32,14 +34,35 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+/// The write side of a read-only [`Storage`](diskimg_blockio::Storage): writes,
+/// `set_len` refused, `flush` a no-op, `is_read_only` true.
+macro_rules! read_only_storage {
+    () => {
+        fn write_all_at(&self, _buf: &[u8], _offset: u64) -> diskimg_blockio::Result<()> {
+            Err(diskimg_blockio::Error::ReadOnly)
+        }
+        fn set_len(&self, _len: u64) -> diskimg_blockio::Result<()> {
+            Err(diskimg_blockio::Error::ReadOnly)
+        }
+        fn flush(&self) -> diskimg_blockio::Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            true
+        }
+    };
+}
+
 mod codec;
 mod forward;
 mod http;
 mod input;
+mod sink;
 mod tar;
 
 pub use codec::{Codec, CountingReader, DecodeErrors};
 pub use forward::{ForwardStorage, HEAD_LIMIT, PROVISIONAL_LEN, StorageReader, WINDOW_LIMIT};
 pub use http::{HttpOptions, HttpSource, HttpStorage, parse_header};
 pub use input::{Input, InputOptions, is_stream_spec, open};
+pub use sink::{finish_vhd_fixed, write_qcow2, write_raw};
 pub use tar::{Member, SliceStorage, SparseReader, find_in_storage, find_in_stream, is_tar};
