@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskimg_blockio::{Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
+use diskimg_blockio::{CacheMode, Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
 use rustix::fs::{Mode, OFlags};
 
 use crate::policy::{OpenPolicy, SpecialFiles};
@@ -47,17 +47,29 @@ pub(crate) fn open_file(
     allowed: SpecialFiles,
     purpose: Option<FilePurpose>,
 ) -> Result<FileStorage> {
+    open_file_with(path, read_only, allowed, purpose, CacheMode::Writeback)
+}
+
+/// [`open_file`] in cache mode `cache` (with its open flags: `O_DIRECT`, `O_SYNC`).
+pub(crate) fn open_file_with(
+    path: &Path,
+    read_only: bool,
+    allowed: SpecialFiles,
+    purpose: Option<FilePurpose>,
+    cache: CacheMode,
+) -> Result<FileStorage> {
     let access = if read_only {
         OFlags::RDONLY
     } else {
         OFlags::RDWR
     };
+    let cache_flags = OFlags::from_bits_retain(cache.open_flags(read_only));
     let fd = rustix::fs::open(
         path,
-        access | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        access | OFlags::NONBLOCK | OFlags::CLOEXEC | cache_flags,
         Mode::empty(),
     )
-    .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e.into()))?;
+    .map_err(|e| cache.open_error(path, e.into()))?;
     let file = File::from(fd);
     let meta = file
         .metadata()
@@ -72,13 +84,17 @@ pub(crate) fn open_file(
             None => Error::invalid(format!("'{}': {reason}", path.display())),
         });
     }
-    Ok(FileStorage::from_file(file, read_only))
+    FileStorage::from_file_with(file, read_only, cache)
 }
 
 /// Opens an image the user named (not one an image names): files and devices, but not
 /// a FIFO or socket, whose open could block and which cannot be read by offset.
-pub(crate) fn open_user_file(path: &Path, read_only: bool) -> Result<FileStorage> {
-    let s = open_file(path, read_only, SpecialFiles::Allow, None)?;
+pub(crate) fn open_user_file(
+    path: &Path,
+    read_only: bool,
+    cache: CacheMode,
+) -> Result<FileStorage> {
+    let s = open_file_with(path, read_only, SpecialFiles::Allow, None, cache)?;
     let t = s
         .file()
         .metadata()
@@ -107,6 +123,8 @@ pub(crate) struct PolicyFiles {
     pub(crate) lock_mode: Option<crate::locking::LockMode>,
     /// The locks taken, held by the image.
     pub(crate) locks: crate::locking::HeldLocks,
+    /// The image's cache mode, for its other files too (as qemu's children).
+    pub(crate) cache: CacheMode,
 }
 
 impl HostFiles for PolicyFiles {
@@ -118,11 +136,12 @@ impl HostFiles for PolicyFiles {
         }
         let path = self.policy.resolve(purpose, &self.dir, name)?;
         let ro = self.read_only || !writable;
-        let file = Arc::new(open_file(
+        let file = Arc::new(open_file_with(
             &path,
             ro,
             self.policy.special_files,
             Some(purpose),
+            self.cache,
         )?);
         if let Some(mode) = self.lock_mode {
             // Data files and extents are a format driver's storage, locked as such.

@@ -60,10 +60,12 @@
 //! ```
 
 pub mod bytes;
+mod cache;
 mod chain;
 mod closed;
 mod copy;
 mod device;
+mod direct;
 mod driver;
 mod error;
 mod fault;
@@ -72,11 +74,13 @@ mod limits;
 pub mod lock;
 mod meta;
 mod options;
+mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod units;
 
+pub use cache::CacheMode;
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use closed::Closed;
 pub use copy::copy_range;
@@ -91,6 +95,7 @@ pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, Snaps
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
+pub use packed::{CompressedUnits, PackedUnit};
 pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,

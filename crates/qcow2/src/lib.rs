@@ -94,6 +94,7 @@ mod bitmap;
 mod check;
 mod check_copied;
 mod compress;
+mod compressed_write;
 mod create;
 mod device;
 mod dirty;

@@ -17,6 +17,7 @@ mod checksum;
 mod commit_rebase;
 mod compare;
 mod convert;
+mod convert_cache;
 mod convert_perf;
 mod create_info;
 mod dd_resize;
