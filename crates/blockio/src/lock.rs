@@ -207,10 +207,16 @@ mod sys {
         true
     }
 
-    fn flock(kind: libc::c_short, byte: i64) -> libc::flock {
+    /// The `c_short` field value of a small libc constant (-1, which the kernel refuses
+    /// with `EINVAL`, if one ever did not fit).
+    fn short(v: libc::c_int) -> libc::c_short {
+        libc::c_short::try_from(v).unwrap_or(-1)
+    }
+
+    fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
         libc::flock {
-            l_type: kind,
-            l_whence: libc::SEEK_SET as libc::c_short,
+            l_type: short(kind),
+            l_whence: short(libc::SEEK_SET),
             l_start: byte,
             l_len: 1,
             l_pid: 0,
@@ -223,7 +229,7 @@ mod sys {
             Kind::Shared => libc::F_RDLCK,
             Kind::Unlock => libc::F_UNLCK,
         };
-        let fl = flock(t as libc::c_short, byte);
+        let fl = flock(t, byte);
         fcntl(file, FcntlArg::F_OFD_SETLK(&fl))
             .map(drop)
             .map_err(io::Error::from)
@@ -232,10 +238,10 @@ mod sys {
     /// Whether another open file description holds a lock on `byte` (F_OFD_GETLK of an
     /// exclusive lock, qemu's `qemu_lock_fd_test(fd, byte, 1, true)`).
     pub(super) fn taken(file: &File, byte: i64) -> crate::Result<bool> {
-        let mut fl = flock(libc::F_WRLCK as libc::c_short, byte);
+        let mut fl = flock(libc::F_WRLCK, byte);
         fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl))
             .map_err(|e| crate::Error::io("Failed to test lock", io::Error::from(e)))?;
-        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+        Ok(fl.l_type != short(libc::F_UNLCK))
     }
 }
 

@@ -337,6 +337,7 @@ impl BlockDevice for VdiDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         check_range(offset, len, self.virtual_size())
     }
 

@@ -122,6 +122,10 @@ impl BlockDevice for VhdxDevice {
     }
 
     fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        if repair != RepairMode::None {
+            // A repair is a write: refused after close, as every write.
+            self.closed.check()?;
+        }
         let st = self.read_state();
         let mut report = crate::check::check(self, &st)?;
         match self.replay {

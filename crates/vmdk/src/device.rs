@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    InfoValue, PackedUnit, RepairMode, Result, Storage, ZeroFlags, check_range, read_from_backing,
+    InfoValue, PackedUnit, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range,
+    read_from_backing,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -440,6 +441,18 @@ impl BlockDevice for VmdkDevice {
                 }
             }
         })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // A hint qemu's vmdk ignores too; a closed device refuses it as every format.
+        self.closed.check()?;
+        check_range(offset, len, self.size)
+    }
+
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation, _shrink: bool) -> Result<()> {
+        // As qemu's vmdk: no resizing; a closed device says so first.
+        self.closed.check()?;
+        Err(Error::unsupported("vmdk", "resizing"))
     }
 
     fn close(&self) -> Result<()> {
