@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
     InfoValue, PackedUnit, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range,
-    read_from_backing,
+    map_host_run, read_from_backing,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -288,6 +288,11 @@ impl VmdkDevice {
         })
     }
 
+    /// True when the descriptor is a file of its own (the data lives in extent files).
+    fn separate_descriptor(&self) -> bool {
+        self.desc_loc.as_ref().is_some_and(|l| l.room.is_none())
+    }
+
     /// The stream-optimized extent holding whole grains `offset..offset + len` (the last
     /// one may be the extent's partial last grain) and the number of the first grain.
     fn stream_grains(&self, offset: u64, len: u64) -> Result<(&SparseExtent, u64)> {
@@ -495,15 +500,41 @@ impl BlockDevice for VmdkDevice {
                 len: n,
                 kind: ExtentKind::Zero { offset: None },
             }),
-            ExtentData::Flat { offset: base, .. } => Ok(Extent {
-                offset,
-                len: n,
-                kind: ExtentKind::Data {
-                    offset: Some(base.saturating_add(in_ext)),
-                },
-            }),
+            // As qemu (which recurses into the file), holes of the extent file read as
+            // zeroes.
+            ExtentData::Flat {
+                storage,
+                offset: base,
+            } => map_host_run(storage.as_ref(), offset, base.saturating_add(in_ext), n),
             ExtentData::Sparse(s) => self.map_sparse(ext, s, in_ext, n),
         }
+    }
+
+    /// The extent files of an image with a separate descriptor (a monolithic file holds
+    /// its own data).
+    fn host_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        if self.separate_descriptor() {
+            for e in &self.extents {
+                if !matches!(e.data, ExtentData::Zero) && !names.contains(&e.file) {
+                    names.push(e.file.clone());
+                }
+            }
+        }
+        names
+    }
+
+    fn map_file(&self, offset: u64) -> usize {
+        if !self.separate_descriptor() {
+            return 0;
+        }
+        let Ok(ext) = self.find(offset) else {
+            return 0;
+        };
+        self.host_files()
+            .iter()
+            .position(|f| *f == ext.file)
+            .map_or(0, |i| i + 1)
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {

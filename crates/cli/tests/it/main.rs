@@ -30,6 +30,7 @@ mod inspect;
 mod io;
 mod locking;
 mod locking_chain;
+mod luks;
 mod map;
 mod measure;
 mod offload;
