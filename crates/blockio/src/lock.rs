@@ -138,7 +138,7 @@ pub fn acquire(file: &File, p: LockPerms, name: &str) -> Result<()> {
         return Ok(());
     }
     for byte in bytes_of(p) {
-        if let Err(e) = sys::set(file, byte, sys::Kind::Shared) {
+        if let Err(e) = sys::set(file, byte, Kind::Shared) {
             release(file, p);
             return Err(Error::io(format!("Failed to lock byte {byte}"), e));
         }
@@ -185,8 +185,17 @@ pub fn release(file: &File, p: LockPerms) {
     }
     for byte in bytes_of(p) {
         // Unlocking cannot conflict; a failure leaves the byte to the final close.
-        let _ = sys::set(file, byte, sys::Kind::Unlock);
+        let _ = sys::set(file, byte, Kind::Unlock);
     }
+}
+
+/// What [`sys::set`] does to one byte.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Takes a shared lock (qemu takes only shared ones).
+    Shared,
+    /// Releases it.
+    Unlock,
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -197,11 +206,7 @@ mod sys {
     use nix::fcntl::{FcntlArg, fcntl};
     use nix::libc;
 
-    #[derive(Clone, Copy)]
-    pub(super) enum Kind {
-        Shared,
-        Unlock,
-    }
+    use super::Kind;
 
     pub(super) fn supported() -> bool {
         true
@@ -250,11 +255,7 @@ mod sys {
     use std::fs::File;
     use std::io;
 
-    #[derive(Clone, Copy)]
-    pub(super) enum Kind {
-        Shared,
-        Unlock,
-    }
+    use super::Kind;
 
     pub(super) fn supported() -> bool {
         false

@@ -319,6 +319,15 @@ impl FileStorage {
     }
 }
 
+impl Drop for FileStorage {
+    /// Releases the lock bytes explicitly rather than leaving them to the close: a
+    /// child process forked meanwhile (another thread spawning a command) shares the
+    /// open file description until its `exec`, and would hold them that long.
+    fn drop(&mut self) {
+        self.unlock();
+    }
+}
+
 impl Storage for FileStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.direct {
