@@ -176,6 +176,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         Err(Error::unsupported(self.info().format, "compressed writes"))
     }
 
+    /// True when every guest byte has a host place that does not depend on the order of
+    /// writes (a raw image): writers in any order produce the same image, so a copy may
+    /// write from several threads at once without changing the result. The default is
+    /// false (formats that allocate as they are written lay out in write order).
+    fn fixed_layout(&self) -> bool {
+        false
+    }
+
     /// True when data can only be written compressed, in whole units that were never
     /// written before (qemu's `needs_compressed_writes`: a streamOptimized VMDK). A copy
     /// into such a device compresses whether or not it was asked to (`qemu-img convert`

@@ -387,6 +387,10 @@ impl Qcow2Device {
                     let m = self.shared();
                     (m.cs(), m.h.compression_type)
                 };
+                if guest.is_multiple_of(cs) && dst.len() as u64 == cs {
+                    // A whole cluster (convert reads whole chunks): inflate in place.
+                    return self.read_compressed(ty, h, clen, dst);
+                }
                 let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
                 self.read_compressed(ty, h, clen, &mut cluster)?;
                 let start = usize::try_from(guest % cs).unwrap_or(0);
@@ -403,17 +407,22 @@ impl Qcow2Device {
 
     /// Inflates the compressed cluster at host `h` (at most `clen` bytes) into `out`.
     pub(crate) fn read_compressed(&self, ty: u8, h: u64, clen: u64, out: &mut [u8]) -> Result<()> {
-        let len = self.file.len()?;
-        let n = clen.min(len.saturating_sub(h));
-        if n == 0 {
-            return Err(Error::corrupt(
-                "qcow2",
-                "compressed cluster beyond the end of the file",
-                h,
-            ));
+        // `clen` counts whole sectors and may reach past the end of the file (the last
+        // cluster): the length is only asked for when the whole read fails.
+        let mut input = vec![0u8; usize::try_from(clen).unwrap_or(0)];
+        if self.file.read_exact_at(&mut input, h).is_err() {
+            let len = self.file.len()?;
+            let n = clen.min(len.saturating_sub(h));
+            if n == 0 {
+                return Err(Error::corrupt(
+                    "qcow2",
+                    "compressed cluster beyond the end of the file",
+                    h,
+                ));
+            }
+            input.truncate(usize::try_from(n).unwrap_or(0));
+            self.file.read_exact_at(&mut input, h)?;
         }
-        let mut input = vec![0u8; usize::try_from(n).unwrap_or(0)];
-        self.file.read_exact_at(&mut input, h)?;
         compress::decompress(ty, &input, out, h)
     }
 

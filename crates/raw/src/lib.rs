@@ -195,6 +195,11 @@ impl BlockDevice for RawDevice {
         map_host_run(self.storage.as_ref(), offset, offset, len)
     }
 
+    /// Guest offset = host offset: the layout is the file's.
+    fn fixed_layout(&self) -> bool {
+        true
+    }
+
     /// Guest offset = host offset in the raw storage.
     fn data_storage(&self) -> Option<Arc<dyn Storage>> {
         Some(self.storage.clone())

@@ -217,6 +217,9 @@ impl VmdkDevice {
                         Ok(())
                     }
                     Grain::Data(h) => s.read_data(buf, h.saturating_add(in_grain)),
+                    Grain::Compressed(h) if in_grain == 0 && buf.len() as u64 == gb => {
+                        s.read_compressed_into(h, buf)
+                    }
                     Grain::Compressed(h) => {
                         let g = s.read_compressed(h)?;
                         let i = usize::try_from(in_grain).unwrap_or(usize::MAX);

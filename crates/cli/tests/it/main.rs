@@ -26,6 +26,7 @@ mod errors;
 mod format_guard;
 mod guest;
 mod hostfiles;
+mod hostile;
 mod inspect;
 mod io;
 mod locking;
