@@ -145,6 +145,9 @@ fn run_inner(mut a: Args) -> Result<i32> {
     if a.target_is_zero && !a.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
+    if a.no_create && !a.options.is_empty() {
+        bail!("-o has no effect when skipping image creation");
+    }
     if a.target_is_zero && a.backing.is_some() {
         bail!("--target-is-zero cannot be used with -B");
     }
@@ -197,6 +200,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
 
     let mut target_is_zero = a.target_is_zero;
     let mut key_secret = None;
+    let mut out_backing = a.backing.clone();
     if !a.no_create {
         let mut options = parse_options(&a.options)?;
         key_secret = options
@@ -204,7 +208,16 @@ fn run_inner(mut a: Args) -> Result<i32> {
             .or_else(|| options.get("key-secret"))
             .map(str::to_string);
         let specs = out_fmt.driver()?.create_options();
-        if let Some(b) = &a.backing {
+        // As qemu: `-o backing_file=` is -B (and wins over it).
+        if let Some(b) = options.get("backing_file") {
+            out_backing = Some(b.to_string());
+        }
+        if srcs.len() > 1 && out_backing.is_some() {
+            bail!(
+                "Having a backing file for the target makes no sense when concatenating multiple input images"
+            );
+        }
+        if let Some(b) = &out_backing {
             if !specs.iter().any(|s| s.name == "backing_file") {
                 bail!(
                     "{dst_name}: Backing file not supported for file format '{}'",
@@ -217,9 +230,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
                 .backing_format
                 .clone()
                 .or_else(|| options.get("backing_fmt").map(str::to_string))
-                .ok_or_else(|| {
-                    anyhow!("{dst_name}: Backing file specified without backing format")
-                })?;
+                .ok_or_else(|| anyhow!("Use of backing file requires explicit backing format"))?;
             parse_format(&bf)?;
             options.set("backing_fmt", &bf);
         }
@@ -241,13 +252,13 @@ fn run_inner(mut a: Args) -> Result<i32> {
         .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
         pipe::mark_created();
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
-        target_is_zero = a.backing.is_none();
+        target_is_zero = out_backing.is_none();
     }
     // Only a target created here (no backing file to attach, not encrypted) takes the
     // default's skipped-flush path; a new encrypted target opens with the secret it was
     // created with (the target is a plain file name: qemu's --image-opts names sources
     // only).
-    let fresh = !a.no_create && a.backing.is_none() && key_secret.is_none();
+    let fresh = !a.no_create && out_backing.is_none() && key_secret.is_none();
     let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
     if a.no_create && _images.iter().any(pipe::unknown_length) {
         pipe::copy_into_existing(src.as_ref(), &_images, dst.device.as_ref(), &mut |d, t| {
@@ -266,7 +277,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
     if a.compress && dst.device.compressed_write_granularity().is_none() {
         bail!("Compression not supported for this file format");
     }
-    let backing = if a.backing.is_some() {
+    let backing = if out_backing.is_some() {
         dst.device.backing_device()
     } else {
         None

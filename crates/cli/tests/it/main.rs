@@ -29,6 +29,7 @@ mod hostfiles;
 mod hostile;
 mod inspect;
 mod io;
+mod iotest_cases;
 mod luks;
 mod map;
 mod measure;
