@@ -77,6 +77,7 @@ pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod units;
+pub mod vectored;
 
 pub use cache::CacheMode;
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};

@@ -15,6 +15,7 @@ use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
 mod stdout;
+mod targets;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -83,6 +84,11 @@ pub(crate) struct Args {
     /// Accepted for compatibility.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Output shaped for an upload: `azure` (fixed VHD, whole MiB), `esxi`
+    /// (stream-optimized VMDK for vSphere), `gcp` (`disk.raw` in an oldgnu tar.gz), `ova`
+    /// (OVF package); see docs/pipelines.md.
+    #[arg(long = "target", value_enum)]
+    target: Option<targets::Target>,
     /// Source image(s) followed by the output file.
     #[arg(num_args = 1..)]
     files: Vec<String>,
@@ -106,7 +112,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     r
 }
 
-fn run_inner(a: Args) -> Result<i32> {
+fn run_inner(mut a: Args) -> Result<i32> {
+    if let Some(t) = a.target {
+        targets::apply(&mut a, t)?;
+    }
     let _ = a.force_share;
     // None: the durable default (see `open_target`).
     let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
@@ -159,7 +168,10 @@ fn run_inner(a: Args) -> Result<i32> {
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
     // With stdout as the target, progress goes to stderr (`stdout::run`).
-    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
+    let bar = Progress::new(
+        a.progress && !a.quiet && dst_name != "-" && !targets::writes_itself(a.target),
+        1.0,
+    );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -177,6 +189,9 @@ fn run_inner(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
+        return targets::run(&a, t, src.as_ref(), &_images, dst_name);
+    }
     if dst_name == "-" {
         return stdout::run(&a, src.as_ref(), &_images, out_fmt);
     }
@@ -245,6 +260,17 @@ fn run_inner(a: Args) -> Result<i32> {
     // only).
     let fresh = !a.no_create && out_backing.is_none() && key_secret.is_none();
     let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
+    if a.no_create && _images.iter().any(pipe::unknown_length) {
+        pipe::copy_into_existing(src.as_ref(), &_images, dst.device.as_ref(), &mut |d, t| {
+            bar.fraction(d, t)
+        })
+        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        dst.finish()
+            .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        bar.print(100.0, 0);
+        bar.end();
+        return Ok(0);
+    }
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }

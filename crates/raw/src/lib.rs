@@ -154,6 +154,24 @@ impl BlockDevice for RawDevice {
         self.storage.write_all_at(buf, offset)
     }
 
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let size = self.virtual_size();
+        let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        check_range(offset, len, size)?;
+        // As read_at: only the last sector can lie beyond the end of an odd-sized file.
+        if offset + len <= size.saturating_sub(512) {
+            return self.storage.read_vectored_exact_at(bufs, offset);
+        }
+        diskimg_blockio::vectored::read_each(self, bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        check_range(offset, len, self.virtual_size())?;
+        self.storage.write_vectored_all_at(bufs, offset)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
@@ -182,6 +200,11 @@ impl BlockDevice for RawDevice {
         // Past the end of the file (a virtual size rounded up to a sector) the storage
         // reports no data, so the tail maps as zeroes without asking for the length.
         map_host_run(self.storage.as_ref(), offset, offset, len)
+    }
+
+    /// Guest offset = host offset: the layout is the file's.
+    fn fixed_layout(&self) -> bool {
+        true
     }
 
     /// Guest offset = host offset in the raw storage.

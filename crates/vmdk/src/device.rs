@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    InfoValue, PackedUnit, RepairMode, Result, Storage, ZeroFlags, check_range, read_from_backing,
+    InfoValue, PackedUnit, RepairMode, Result, Storage, ZeroFlags, check_range, map_host_run,
+    read_from_backing,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -214,6 +215,9 @@ impl VmdkDevice {
                         Ok(())
                     }
                     Grain::Data(h) => s.read_data(buf, h.saturating_add(in_grain)),
+                    Grain::Compressed(h) if in_grain == 0 && buf.len() as u64 == gb => {
+                        s.read_compressed_into(h, buf)
+                    }
                     Grain::Compressed(h) => {
                         let g = s.read_compressed(h)?;
                         let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
@@ -283,6 +287,11 @@ impl VmdkDevice {
             len: n,
             kind: k0,
         })
+    }
+
+    /// True when the descriptor is a file of its own (the data lives in extent files).
+    fn separate_descriptor(&self) -> bool {
+        self.desc_loc.as_ref().is_some_and(|l| l.room.is_none())
     }
 
     /// The stream-optimized extent holding whole grains `offset..offset + len` (the last
@@ -471,15 +480,41 @@ impl BlockDevice for VmdkDevice {
                 len: n,
                 kind: ExtentKind::Zero { offset: None },
             }),
-            ExtentData::Flat { offset: base, .. } => Ok(Extent {
-                offset,
-                len: n,
-                kind: ExtentKind::Data {
-                    offset: Some(base.saturating_add(in_ext)),
-                },
-            }),
+            // As qemu (which recurses into the file), holes of the extent file read as
+            // zeroes.
+            ExtentData::Flat {
+                storage,
+                offset: base,
+            } => map_host_run(storage.as_ref(), offset, base.saturating_add(in_ext), n),
             ExtentData::Sparse(s) => self.map_sparse(ext, s, in_ext, n),
         }
+    }
+
+    /// The extent files of an image with a separate descriptor (a monolithic file holds
+    /// its own data).
+    fn host_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        if self.separate_descriptor() {
+            for e in &self.extents {
+                if !matches!(e.data, ExtentData::Zero) && !names.contains(&e.file) {
+                    names.push(e.file.clone());
+                }
+            }
+        }
+        names
+    }
+
+    fn map_file(&self, offset: u64) -> usize {
+        if !self.separate_descriptor() {
+            return 0;
+        }
+        let Ok(ext) = self.find(offset) else {
+            return 0;
+        };
+        self.host_files()
+            .iter()
+            .position(|f| *f == ext.file)
+            .map_or(0, |i| i + 1)
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {

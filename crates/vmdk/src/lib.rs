@@ -48,8 +48,12 @@ mod layout;
 mod open;
 mod sesparse;
 mod sparse;
+mod stream_read;
+mod streaming;
 
 pub use device::VmdkDevice;
+pub use stream_read::{ForwardStreamDevice, is_forward_stream};
+pub use streaming::{OVERHEAD, STREAM_GRAIN, StreamProfile, StreamWriter, grain_record};
 
 /// The vmdk driver for the `diskimg` facade's table.
 pub static DRIVER: VmdkDriver = VmdkDriver;

@@ -8,7 +8,6 @@
 //! entry, never an entry pointing at unwritten space).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
@@ -22,6 +21,8 @@ use crate::layout::{Layout, metadata_ranges, read_table};
 use crate::sesparse::SeSparse;
 
 mod stream;
+
+pub(crate) use stream::DEFLATE_LEVEL;
 
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
@@ -355,33 +356,71 @@ impl SparseExtent {
 
     /// Inflates the compressed grain at `host` into a full grain buffer.
     pub(crate) fn read_compressed(&self, host: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; usize::try_from(self.grain_bytes()).unwrap_or(0)];
+        self.read_compressed_into(host, &mut out)?;
+        Ok(out)
+    }
+
+    /// Inflates the compressed grain at `host` into `out` (one grain).
+    ///
+    /// A record is read with one call in the usual case: its marker and a stream no
+    /// longer than the grain (the rest, if the stream is longer, with a second one). The
+    /// file's length is only asked for when the record reaches past its end.
+    pub(crate) fn read_compressed_into(&self, host: u64, out: &mut [u8]) -> Result<()> {
         let grain = self.grain_bytes();
-        let file_len = self.storage.len()?;
-        let want = (grain + MARKER_LEN) * 2;
-        let n = want.min(file_len.saturating_sub(host));
-        let mut raw = vec![0u8; usize::try_from(n).unwrap_or(0)];
-        self.storage.read_exact_at(&mut raw, host)?;
+        // Without markers the stream's length is unknown: read what qemu reads.
+        let first = match self.markers {
+            true => (grain + MARKER_LEN).div_ceil(SECTOR) * SECTOR,
+            false => (grain + MARKER_LEN) * 2,
+        };
+        let mut raw = vec![0u8; usize::try_from(first).unwrap_or(0)];
+        self.read_upto(&mut raw, host)?;
         let data = if self.markers {
             let size = raw
                 .le_u32(8)
                 .ok_or_else(|| corrupt("compressed grain marker truncated", host))?;
             let size = usize::try_from(size).unwrap_or(usize::MAX);
-            if size == 0 || size > raw.len().saturating_sub(12) {
+            // qemu's bound on a record: twice the grain.
+            let max = usize::try_from(grain.saturating_mul(2)).unwrap_or(usize::MAX);
+            if size == 0 || size > max {
                 return Err(corrupt("compressed grain size invalid", host));
+            }
+            if 12 + size > raw.len() {
+                let mut rest = vec![0u8; 12 + size - raw.len()];
+                self.read_upto(&mut rest, host + raw.len() as u64)?;
+                raw.extend_from_slice(&rest);
+                if raw.len() < 12 + size {
+                    return Err(corrupt("compressed grain size invalid", host));
+                }
             }
             raw.get(12..12 + size).unwrap_or(&[])
         } else {
             raw.as_slice()
         };
-        let mut out = vec![0u8; usize::try_from(grain).unwrap_or(0)];
         let mut d = flate2::Decompress::new(true);
-        match d.decompress(data, &mut out, flate2::FlushDecompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => Ok(out),
+        match d.decompress(data, out, flate2::FlushDecompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => {
+                // A short stream (qemu's partial last grain) reads as zeroes after it.
+                let n = usize::try_from(d.total_out()).unwrap_or(0);
+                out.get_mut(n..).unwrap_or_default().fill(0);
+                Ok(())
+            }
             _ => Err(corrupt(
                 "compressed grain does not inflate to one grain",
                 host,
             )),
         }
+    }
+
+    /// Reads `buf` at `off`, shortened to what the file holds (the vector shrinks).
+    fn read_upto(&self, buf: &mut Vec<u8>, off: u64) -> Result<()> {
+        if self.storage.read_exact_at(buf, off).is_ok() {
+            return Ok(());
+        }
+        let len = self.storage.len()?;
+        let n = usize::try_from(len.saturating_sub(off)).unwrap_or(usize::MAX);
+        buf.truncate(n);
+        self.storage.read_exact_at(buf, off)
     }
 
     /// Writes the grain table entry `gte` for `grain` into the primary and redundant
@@ -470,17 +509,7 @@ impl SparseExtent {
     /// Deflates a whole grain into its on-disk record: marker (`lba`, `size`), zlib
     /// stream, padding to a sector.
     fn compress_record(&self, grain: u64, buf: &[u8]) -> Result<Vec<u8>> {
-        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        enc.write_all(buf).map_err(|e| Error::io("deflate", e))?;
-        let z = enc.finish().map_err(|e| Error::io("deflate", e))?;
-        let mut rec = Vec::new();
-        let lba = grain * self.grain_sectors;
-        rec.extend_from_slice(&lba.to_le_bytes());
-        rec.extend_from_slice(&u32::try_from(z.len()).unwrap_or(u32::MAX).to_le_bytes());
-        rec.extend_from_slice(&z);
-        let padded = (rec.len() as u64).div_ceil(SECTOR) * SECTOR;
-        rec.resize(usize::try_from(padded).unwrap_or(rec.len()), 0);
-        Ok(rec)
+        crate::streaming::deflate_record(grain.saturating_mul(self.grain_sectors), buf)
     }
 
     /// Appends a compressed record for `grain` and points the grain tables at it.
