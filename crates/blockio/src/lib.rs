@@ -62,6 +62,7 @@
 pub mod bytes;
 mod cache;
 mod chain;
+mod closed;
 mod copy;
 mod device;
 mod direct;
@@ -70,6 +71,7 @@ mod error;
 mod fault;
 mod info;
 mod limits;
+pub mod lock;
 mod meta;
 mod options;
 mod packed;
@@ -81,6 +83,7 @@ pub mod vectored;
 
 pub use cache::CacheMode;
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
+pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
