@@ -189,16 +189,15 @@ fn open_inner(
         )));
     }
     let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
-    if depth
-        > options
-            .policy
-            .max_chain_depth
-            .min(options.limits.max_chain_depth)
-    {
+    let max_depth = options
+        .policy
+        .max_chain_depth
+        .min(options.limits.max_chain_depth);
+    if depth > max_depth {
         return Err(Error::LimitExceeded {
             what: "backing chain depth",
             requested: u64::from(depth),
-            limit: u64::from(options.policy.max_chain_depth),
+            limit: u64::from(max_depth),
         });
     }
     visited.push(canon);

@@ -6,6 +6,9 @@
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
 //!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
 //!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
+//! - Capabilities some formats add, reached through the device without downcasts:
+//!   [`Snapshots`], [`Bitmaps`], [`Amend`], [`ChainLink`] ([`BlockDevice::as_snapshots`]
+//!   and its siblings).
 //! - [`Driver`]: probe, open and create for one format; the `diskimg` facade holds a
 //!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
 //!   object that denies everything by default ([`DenyFiles`]).
@@ -14,7 +17,7 @@
 //!   both are files ([`BlockDevice::write_from`] and [`BlockDevice::data_storage`] build
 //!   qemu-img's `convert -C` on it).
 //! - [`Error`], one enum for all; [`Limits`], bounds on what an image may make us allocate;
-//!   [`units`], sectors, clusters, guest vs host offsets; [`bytes`], bounds-checked fields.
+//!   [`bytes`], bounds-checked fields.
 //!
 //! # Example
 //!
@@ -57,6 +60,7 @@
 //! ```
 
 pub mod bytes;
+mod capability;
 mod chain;
 mod copy;
 mod device;
@@ -69,8 +73,8 @@ mod options;
 pub mod parent_path;
 mod secrets;
 mod storage;
-pub mod units;
 
+pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
 pub use chain::{MapEntry, block_status, map_chain};
 pub use copy::copy_range;
 pub use device::{

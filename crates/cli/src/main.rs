@@ -1,10 +1,10 @@
 //! `diskimg`: a qemu-img compatible command-line tool for disk images.
 //!
 //! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
-//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, `amend` (LUKS
-//! key slots), and `io`
-//! (a subset of qemu-io). Errors are printed as `diskimg: <message>` and exit 1 unless
-//! the verb defines other codes (check, compare).
+//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `snapshot`,
+//! `commit`, `rebase`, `amend` (format options and LUKS key slots), `measure`, `bitmap`,
+//! `dd`, `bench`, and `io` (qemu-io's commands). Errors are printed as
+//! `diskimg: <message>` and exit 1 unless the verb defines other codes (check, compare).
 
 mod amend;
 mod bench;
