@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FileStorage, Limits, OpenOptions,
-    OptionList, Preallocation, Result, Secrets, Storage,
+    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FilePurpose, FileStorage, Limits,
+    OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
-use crate::policy::{OpenPolicy, PathRule, PolicyFiles};
+use crate::hostfile::{PolicyFiles, open_file, open_user_file};
+use crate::policy::{OpenPolicy, PathRule};
 
 /// How [`open`] and [`create`] behave.
 #[derive(Clone, Debug)]
@@ -33,6 +34,9 @@ pub struct ImageOptions {
     /// Secrets (passphrases of encrypted images) that options name by id, for every image
     /// of the chain and for [`create`] (qcow2 `encrypt.key-secret=ID`).
     pub secrets: Secrets,
+    /// Open for metadata only (`info`): external data files are not opened (their
+    /// names are still reported; guest reads of their clusters fail).
+    pub metadata_only: bool,
 }
 
 impl Default for ImageOptions {
@@ -45,6 +49,7 @@ impl Default for ImageOptions {
             backing_writable: false,
             driver_options: OptionList::new(),
             secrets: Secrets::new(),
+            metadata_only: false,
         }
     }
 }
@@ -73,6 +78,12 @@ impl ImageOptions {
     /// Sets the secrets (see [`ImageOptions::secrets`]).
     pub fn with_secrets(mut self, secrets: Secrets) -> Self {
         self.secrets = secrets;
+        self
+    }
+
+    /// Sets metadata-only opening (see [`ImageOptions::metadata_only`]).
+    pub fn with_metadata_only(mut self, metadata_only: bool) -> Self {
+        self.metadata_only = metadata_only;
         self
     }
 }
@@ -141,7 +152,7 @@ impl Image {
 
 /// Guesses the format of the file at `path` ([`probe`]).
 pub fn probe_path(path: impl AsRef<Path>) -> Result<Format> {
-    let s = FileStorage::open(path, true)?;
+    let s = open_user_file(path.as_ref(), true)?;
     Ok(probe(&s))
 }
 
@@ -171,6 +182,8 @@ pub fn open(
     )
 }
 
+/// Opens the image at `path` (the user's, when `visited` is empty; otherwise a backing
+/// file the policy already resolved to a real path).
 fn open_inner(
     path: &Path,
     filename: &str,
@@ -182,6 +195,7 @@ fn open_inner(
 ) -> Result<Image> {
     let canon = std::fs::canonicalize(path)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    let top = visited.is_empty();
     if visited.contains(&canon) {
         return Err(Error::invalid(format!(
             "Backing file '{}' forms a loop in the backing chain",
@@ -200,9 +214,14 @@ fn open_inner(
             limit: u64::from(max_depth),
         });
     }
-    visited.push(canon);
+    visited.push(canon.clone());
 
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only)?);
+    let storage: Arc<dyn Storage> = Arc::new(if top {
+        open_user_file(path, read_only)?
+    } else {
+        let kinds = options.policy.special_files;
+        open_file(&canon, read_only, kinds, Some(FilePurpose::Backing))?
+    });
     let format = match format {
         Some(f) => f,
         None => probe(storage.as_ref()),
@@ -212,6 +231,7 @@ fn open_inner(
         dir: dir.clone(),
         policy: options.policy,
         read_only,
+        defer_data_files: options.metadata_only,
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -244,24 +264,21 @@ fn open_inner(
     };
     let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
-        let bpath = match options.policy.backing.resolve(&dir, name) {
+        // Judged by the real path it resolves to (symbolic links followed) and its type.
+        let bpath = match options.policy.resolve(FilePurpose::Backing, &dir, name) {
             Ok(p) => p,
-            Err(reason) => {
-                last_err = Some(Error::BackingDenied {
-                    path: name.clone(),
-                    purpose: "backing file",
-                    reason,
-                });
+            Err(e @ Error::BackingDenied { .. }) => {
+                last_err = Some(e);
+                continue;
+            }
+            Err(_) => {
+                last_err = Some(Error::io(
+                    format!("Could not open backing file '{}'", dir.join(name).display()),
+                    std::io::ErrorKind::NotFound.into(),
+                ));
                 continue;
             }
         };
-        if !bpath.exists() {
-            last_err = Some(Error::io(
-                format!("Could not open backing file '{}'", bpath.display()),
-                std::io::ErrorKind::NotFound.into(),
-            ));
-            continue;
-        }
         let depth_before = visited.len();
         let backing = open_inner(
             &bpath,
@@ -347,13 +364,7 @@ pub fn create(
             let dir = dir_of(path);
             let bpath = image_options
                 .policy
-                .backing
-                .resolve(&dir, b)
-                .map_err(|reason| Error::BackingDenied {
-                    path: b.to_string(),
-                    purpose: "backing file",
-                    reason,
-                })?;
+                .resolve(FilePurpose::Backing, &dir, b)?;
             let bfmt = options
                 .get("backing_fmt")
                 .map(Format::from_name)
@@ -374,6 +385,7 @@ pub fn create(
             ..image_options.policy
         },
         read_only: false,
+        defer_data_files: false,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

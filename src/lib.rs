@@ -28,6 +28,7 @@
 //! ```
 
 mod format;
+mod hostfile;
 mod image;
 pub mod maint;
 mod policy;
@@ -43,5 +44,5 @@ pub use diskimg_blockio::{
 pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
-pub use policy::{OpenPolicy, PathRule};
+pub use policy::{OpenPolicy, PathRule, SpecialFiles};
 pub use snapshot::{SnapshotSelector, snapshot_device};

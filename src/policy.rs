@@ -1,9 +1,15 @@
 //! Which other host files an image may make diskimg open.
+//!
+//! A name stored in an image is judged twice: lexically ([`PathRule::resolve`]: no `/`,
+//! no `..`, no absolute path, as the rule says) and then by what it *resolves to*
+//! ([`OpenPolicy::resolve`]): the canonical real path, every symbolic link followed,
+//! must still satisfy the rule against the image's own real directory, and the file must
+//! be of a kind the policy allows ([`SpecialFiles`]). A link named like a file beside the
+//! image but pointing at `/etc/passwd` is therefore refused by `Beside` and `Relative`.
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
-use diskimg_blockio::{Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
+use diskimg_blockio::{Error, FilePurpose, Result};
 
 /// A rule for one kind of referenced file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -11,17 +17,19 @@ pub enum PathRule {
     /// Never open such files.
     #[default]
     Deny,
-    /// Only plain file names in the referencing image's directory (no `/`, no `..`).
+    /// Only plain file names whose real file is in the referencing image's real directory
+    /// (no `/`, no `..`; a symbolic link must point to a file in that directory too).
     Beside,
-    /// Relative paths, resolved against the referencing image's directory, without `..`
-    /// and without absolute paths.
+    /// Relative paths without `..` whose real file is below the referencing image's real
+    /// directory (symbolic links followed before deciding).
     Relative,
     /// Anything, as qemu does (relative names resolved against the image's directory).
     Any,
 }
 
 impl PathRule {
-    /// Resolves `name` against `dir`, or explains why the rule refuses it.
+    /// Resolves `name` against `dir` lexically, or explains why the rule refuses it.
+    /// This looks at the name only; [`OpenPolicy::resolve`] also judges the real path.
     pub fn resolve(self, dir: &Path, name: &str) -> std::result::Result<PathBuf, &'static str> {
         if name.is_empty() {
             return Err("the name is empty");
@@ -45,6 +53,35 @@ impl PathRule {
             _ => Ok(dir.join(p)),
         }
     }
+
+    /// Whether the real (canonical) file `real` satisfies the rule for an image whose
+    /// real directory is `real_dir`.
+    fn admits(self, real_dir: &Path, real: &Path) -> std::result::Result<(), &'static str> {
+        match self {
+            PathRule::Deny => Err("the open policy allows no such files"),
+            PathRule::Beside if real.parent() != Some(real_dir) => {
+                Err("it resolves (through a symbolic link) to a file that is not beside the image")
+            }
+            PathRule::Relative if !real.starts_with(real_dir) || real == real_dir => {
+                Err("it resolves (through a symbolic link) to a file outside the image's directory")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which kinds of host file a referenced name may resolve to. Regular files are always
+/// allowed; a FIFO would block an open (or a read) forever, a character device can
+/// stream without end, and a socket is not a disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpecialFiles {
+    /// Regular files only.
+    #[default]
+    Deny,
+    /// Regular files and block devices (a backing image on an LVM volume).
+    BlockDevices,
+    /// Every kind, FIFOs and character devices included (opened non-blocking).
+    Allow,
 }
 
 /// Rules for every kind of file an image can reference.
@@ -61,6 +98,8 @@ pub struct OpenPolicy {
     pub extents: PathRule,
     /// Longest backing chain followed.
     pub max_chain_depth: u32,
+    /// Which kinds of file referenced names may resolve to.
+    pub special_files: SpecialFiles,
 }
 
 impl Default for OpenPolicy {
@@ -70,6 +109,7 @@ impl Default for OpenPolicy {
             data_files: PathRule::Deny,
             extents: PathRule::Deny,
             max_chain_depth: 64,
+            special_files: SpecialFiles::Deny,
         }
     }
 }
@@ -80,67 +120,84 @@ impl OpenPolicy {
         Self::default()
     }
 
-    /// What `qemu-img` users expect: backing chains and data files anywhere, VMDK
-    /// extents only beside their descriptor (the CVE-2022-47951 class of attack).
+    /// What `qemu-img` users expect: backing chains and data files anywhere (block
+    /// devices included), VMDK extents only beside their descriptor (the CVE-2022-47951
+    /// class of attack); never FIFOs, sockets or character devices.
     pub fn qemu_compatible() -> Self {
         Self {
             backing: PathRule::Any,
             data_files: PathRule::Any,
             extents: PathRule::Beside,
             max_chain_depth: 64,
+            special_files: SpecialFiles::BlockDevices,
         }
     }
 
-    /// Relative chains and files below the image's directory only.
+    /// Relative chains and files below the image's directory only, regular files only.
     pub fn relative_only() -> Self {
         Self {
             backing: PathRule::Relative,
             data_files: PathRule::Relative,
             extents: PathRule::Beside,
             max_chain_depth: 64,
+            special_files: SpecialFiles::Deny,
         }
     }
 
-    fn rule(&self, purpose: FilePurpose) -> PathRule {
+    /// The rule for files referenced for `purpose`.
+    pub fn rule(&self, purpose: FilePurpose) -> PathRule {
         match purpose {
             FilePurpose::Backing => self.backing,
             FilePurpose::DataFile => self.data_files,
             FilePurpose::Extent => self.extents,
         }
     }
-}
 
-/// [`HostFiles`] for one image: names resolved against its directory under a policy.
-#[derive(Debug)]
-pub(crate) struct PolicyFiles {
-    pub(crate) dir: PathBuf,
-    pub(crate) policy: OpenPolicy,
-    pub(crate) read_only: bool,
-}
-
-impl PolicyFiles {
-    fn path(&self, name: &str, purpose: FilePurpose) -> Result<PathBuf> {
-        self.policy
-            .rule(purpose)
-            .resolve(&self.dir, name)
-            .map_err(|reason| Error::BackingDenied {
-                path: name.to_string(),
-                purpose: purpose.as_str(),
-                reason,
-            })
-    }
-}
-
-impl HostFiles for PolicyFiles {
-    fn open(&self, name: &str, purpose: FilePurpose, writable: bool) -> Result<Arc<dyn Storage>> {
-        let path = self.path(name, purpose)?;
-        let ro = self.read_only || !writable;
-        Ok(Arc::new(FileStorage::open(path, ro)?))
-    }
-
-    fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
-        let path = self.path(name, purpose)?;
-        Ok(Arc::new(FileStorage::create(path)?))
+    /// Resolves `name`, stored in an image whose directory is `dir`, to the canonical
+    /// path of an existing file the policy allows, or fails: [`Error::BackingDenied`]
+    /// when a rule refuses it, a not-found I/O error when no candidate exists.
+    ///
+    /// The candidates are `dir/name` (or `name` when absolute) and, for a relative data
+    /// file name, also `name` against the working directory (where qemu looks: it opens
+    /// data files as given, while it resolves backing names against the image). Each
+    /// candidate is canonicalised (symbolic links followed) and judged by the rule
+    /// against the image's canonical directory, then by its file type.
+    pub fn resolve(&self, purpose: FilePurpose, dir: &Path, name: &str) -> Result<PathBuf> {
+        let rule = self.rule(purpose);
+        let denied = |reason| Error::BackingDenied {
+            path: name.to_string(),
+            purpose: purpose.as_str(),
+            reason,
+        };
+        let first = rule.resolve(dir, name).map_err(denied)?;
+        let mut candidates = vec![first];
+        if purpose == FilePurpose::DataFile
+            && Path::new(name).is_relative()
+            && let Ok(cwd) = std::env::current_dir()
+        {
+            candidates.push(cwd.join(name));
+        }
+        let real_dir = std::fs::canonicalize(dir)
+            .map_err(|e| Error::io(format!("could not resolve '{}'", dir.display()), e))?;
+        let mut last = None;
+        for cand in candidates {
+            let real = match std::fs::canonicalize(&cand) {
+                Ok(r) => r,
+                Err(e) => {
+                    last.get_or_insert(Error::io(
+                        format!("Could not open '{}'", cand.display()),
+                        e,
+                    ));
+                    continue;
+                }
+            };
+            rule.admits(&real_dir, &real).map_err(denied)?;
+            let meta = std::fs::metadata(&real)
+                .map_err(|e| Error::io(format!("could not stat '{}'", real.display()), e))?;
+            crate::hostfile::check_kind(&meta.file_type(), self.special_files).map_err(denied)?;
+            return Ok(real);
+        }
+        Err(last.unwrap_or_else(|| denied("no candidate path")))
     }
 }
 
@@ -170,5 +227,21 @@ mod tests {
             Path::new("/img/../b")
         );
         assert!(PathRule::Any.resolve(d, "").is_err());
+    }
+
+    #[test]
+    fn real_paths() {
+        let d = Path::new("/img");
+        assert!(PathRule::Beside.admits(d, Path::new("/img/a")).is_ok());
+        assert!(PathRule::Beside.admits(d, Path::new("/img/x/a")).is_err());
+        assert!(
+            PathRule::Beside
+                .admits(d, Path::new("/etc/passwd"))
+                .is_err()
+        );
+        assert!(PathRule::Relative.admits(d, Path::new("/img/x/a")).is_ok());
+        assert!(PathRule::Relative.admits(d, Path::new("/img")).is_err());
+        assert!(PathRule::Relative.admits(d, Path::new("/imgx/a")).is_err());
+        assert!(PathRule::Any.admits(d, Path::new("/etc/passwd")).is_ok());
     }
 }

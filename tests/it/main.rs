@@ -11,4 +11,5 @@ mod corpus;
 mod create;
 mod differencing;
 mod formats;
+mod policy;
 mod probe;

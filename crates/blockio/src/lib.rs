@@ -16,6 +16,8 @@
 //! - [`copy_range`]: host bytes from one storage to another with `copy_file_range` when
 //!   both are files ([`BlockDevice::write_from`] and [`BlockDevice::data_storage`] build
 //!   qemu-img's `convert -C` on it).
+//! - [`MetaRanges`]: where an image's own metadata lies, to refuse overlapping layouts
+//!   at open and data writes that would land on metadata.
 //! - [`Error`], one enum for all; [`Limits`], bounds on what an image may make us allocate;
 //!   [`bytes`], bounds-checked fields.
 //!
@@ -69,6 +71,7 @@ mod error;
 mod fault;
 mod info;
 mod limits;
+mod meta;
 mod options;
 pub mod parent_path;
 mod secrets;
@@ -86,6 +89,7 @@ pub use error::{Error, Result};
 pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use limits::Limits;
+pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
 pub use secrets::Secrets;
 pub use storage::{

@@ -39,6 +39,13 @@ pub(crate) fn open_image(
     backing: bool,
 ) -> Result<Image> {
     let (path, format, opts) = crate::secrets::resolve(file, format)?;
+    // URLs, `-`, compressed files, archive members (read-only verbs only).
+    if read_only
+        && path == file
+        && let Some(img) = crate::source::open_special(file, format, true)?
+    {
+        return Ok(img);
+    }
     open_resolved(file, &path, format, opts, read_only, backing)
 }
 

@@ -9,9 +9,12 @@ use diskimg::{BlockDevice, Format, Image, ImageOptions, OpenPolicy};
 use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 
 use crate::common::{
-    Progress, open_image, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
+    Progress, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
 };
 use crate::create::{known_option, parse_options, print_help};
+
+mod pipe;
+mod stdout;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -84,6 +87,24 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
+    let created = !a.no_create;
+    let files = a.files.clone();
+    let r = run_inner(a);
+    // A conversion from a stream that failed leaves no target behind that could pass
+    // for a complete image.
+    if r.is_err()
+        && created
+        && pipe::was_created()
+        && let Some((dst, srcs)) = files.split_last()
+        && pipe::any_stream(srcs)
+        && dst != "-"
+    {
+        let _ = std::fs::remove_file(dst);
+    }
+    r
+}
+
+fn run_inner(a: Args) -> Result<i32> {
     let _ = (a.force_share, &a.src_cache);
     let unsafe_cache = match a.cache.as_deref() {
         None | Some("unsafe") => true,
@@ -129,14 +150,15 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         bail!("Expecting image file name");
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
-    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    // With stdout as the target, progress goes to stderr (`stdout::run`).
+    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
-        let img = open_image(s, src_fmt, true, true)?;
+        let img = pipe::open_source(s, src_fmt)?;
         match &snapshot {
             Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
             None => parts.push(img.device.clone()),
@@ -147,7 +169,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if dst_name == "-" {
+        return stdout::run(&a, src.as_ref(), &_images, out_fmt);
+    }
     let total = src.virtual_size();
+    pipe::check_target(&_images, out_fmt, a.no_create)?;
 
     let mut target_is_zero = a.target_is_zero;
     let mut key_secret = None;
@@ -185,6 +211,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             &opts,
         )
         .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
+        pipe::mark_created();
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
         target_is_zero = a.backing.is_none();
     }
@@ -222,6 +249,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // qemu counts progress over the data it copies (0% was printed above), so its copy
     // loop only reaches 100% when there was data; the final 100% is printed in any case.
     let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
+        let (d, t) = pipe::progress(&_images, d, t);
         if d > 0 && d < t {
             bar.fraction(d, t);
         }
@@ -229,6 +257,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
     dst.finish()
         .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+    pipe::finish(&_images, dst_name, out_fmt)?;
     if a.bitmaps {
         copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }

@@ -10,6 +10,7 @@ mod amend;
 mod bench;
 mod bitmap;
 mod check;
+mod checksum;
 mod commit;
 mod common;
 mod compare;
@@ -25,6 +26,8 @@ mod rebase;
 mod resize;
 mod secrets;
 mod snapshot;
+mod source;
+mod stream_progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -40,6 +43,8 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     global: secrets::GlobalArgs,
+    #[command(flatten)]
+    sources: source::SourceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,6 +63,8 @@ enum Cmd {
     Map(map::Args),
     /// Check the metadata of an image.
     Check(check::Args),
+    /// Digest of the guest content (blkhash/blksum-compatible, sha256, blake3).
+    Checksum(checksum::Args),
     /// Change the virtual size of an image.
     Resize(resize::Args),
     /// Copy blocks from one image into a new one, dd-style.
@@ -80,6 +87,7 @@ enum Cmd {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     secrets::init(&cli.global)?;
+    source::init(&cli.sources)?;
     match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -88,6 +96,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Check(a) => check::run(a),
+        Cmd::Checksum(a) => checksum::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Io(a) => io::run(a),

@@ -134,7 +134,7 @@ pub(crate) fn secrets() -> Secrets {
 }
 
 /// Makes following opens of encrypted images without a key succeed for metadata only
-/// (`info`, as qemu's `BDRV_O_NO_IO`).
+/// (`info`, as qemu's `BDRV_O_NO_IO`); external data files are not opened.
 pub(crate) fn set_metadata_only() {
     state().no_io = true;
 }
@@ -149,6 +149,8 @@ pub(crate) fn resolve(
     let s = state();
     let mut opts = ImageOptions::default().with_secrets(s.secrets.clone());
     if s.no_io {
+        // As qemu-img info: external data files are not opened either.
+        opts.metadata_only = true;
         // For the whole chain (the facade hands `backing.`-prefixed options down).
         let mut prefix = String::new();
         for _ in 0..=16 {

@@ -301,17 +301,20 @@ impl BlockDevice for VhdDevice {
                 "backing files (only differencing disks have a parent)",
             ));
         }
-        // A VHD parent must be the one the child was made from (its unique id), as
-        // Hyper-V insists; other formats cannot be checked.
-        let parent_vhd = backing
-            .as_ref()
-            .and_then(|b| b.as_any().downcast_ref::<VhdDevice>().map(VhdDevice::uuid));
-        if let (Some(got), Some(want)) = (parent_vhd, self.parent_uuid())
-            && got != want
-        {
-            return Err(Error::invalid(
-                "the parent VHD's unique id does not match the differencing disk's parent id",
-            ));
+        // A VHD parent must be the VHD the child was made from (its unique id), as
+        // Hyper-V insists, whichever locator named it: a file of another format cannot
+        // prove it, so it is refused (no locator can make us read an arbitrary file).
+        if let Some(b) = backing.as_ref() {
+            let Some(parent) = b.as_any().downcast_ref::<VhdDevice>() else {
+                return Err(Error::invalid(
+                    "the parent of a differencing VHD must be a VHD (whose unique id it records)",
+                ));
+            };
+            if self.parent_uuid() != Some(parent.uuid()) {
+                return Err(Error::invalid(
+                    "the parent VHD's unique id does not match the differencing disk's parent id",
+                ));
+            }
         }
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
         Ok(())

@@ -281,9 +281,12 @@ mod tests {
         write_image(parent_s.as_ref(), &p, 4096).unwrap();
         let parent = crate::DRIVER.open(parent_s, &OpenOptions::new()).unwrap();
         parent.write_at(&vec![0x5a; size as usize], 0).unwrap();
+        let vhdx = parent.as_any().downcast_ref::<crate::VhdxDevice>().unwrap();
+        let linkage = vhdx.read_state().header.data_write_guid;
         let child_s = Arc::new(MemStorage::new());
         let c = Params {
             parent: Some("p.vhdx".into()),
+            linkage,
             ..p
         };
         write_image(child_s.as_ref(), &c, 4096).unwrap();

@@ -67,36 +67,55 @@ impl VhdxDevice {
         self.read_state().header.data_write_guid.to_braced_string()
     }
 
-    /// Refuses `parent` when this differencing image's linkage names another data state.
-    /// A zero or absent `parent_linkage` (an image created while the parent could not be
-    /// read) cannot be verified and is accepted.
-    pub(crate) fn verify_linkage(&self, parent: &VhdxDevice) -> Result<()> {
+    /// Refuses `parent` unless it is the VHDX whose `DataWriteGuid` this differencing
+    /// image's `parent_linkage` (or `parent_linkage2`) names. A parent of another format,
+    /// or a locator without a usable linkage (absent, zero, not a GUID), proves nothing
+    /// and is refused too: otherwise any host `.vhdx` a locator names would be read.
+    /// `check_parent_linkage=off` accepts any parent.
+    pub(crate) fn verify_linkage(&self, parent: Option<&VhdxDevice>) -> Result<()> {
         if !self.check_linkage {
             return Ok(());
         }
-        let Some(loc) = self.meta.parent.as_ref() else {
-            return Ok(());
+        let off = format!("(open with {CHECK_OPTION}=off to use it anyway)");
+        let Some(parent) = parent else {
+            return Err(Error::invalid(format!(
+                "the parent of a differencing VHDX must be a VHDX whose DataWriteGuid matches \
+                 its parent_linkage {off}"
+            )));
         };
-        let Some(text) = loc.get("parent_linkage") else {
-            return Ok(());
-        };
+        let text = self
+            .meta
+            .parent
+            .as_ref()
+            .and_then(|loc| loc.get("parent_linkage"))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "the differencing image has no parent_linkage: its parent cannot be \
+                     verified {off}"
+                ))
+            })?;
         let want = parse_guid(text).ok_or_else(|| {
             Error::invalid(format!(
-                "the differencing image's parent_linkage '{text}' is not a GUID"
+                "the differencing image's parent_linkage '{text}' is not a GUID {off}"
             ))
         })?;
         if want.is_zero() {
-            return Ok(());
+            return Err(Error::invalid(format!(
+                "the differencing image's parent_linkage is zero: its parent cannot be \
+                 verified {off}"
+            )));
         }
+        let loc = self.meta.parent.as_ref();
         let got = parent.read_state().header.data_write_guid;
-        let alt = loc.get("parent_linkage2").and_then(parse_guid);
+        let alt = loc
+            .and_then(|l| l.get("parent_linkage2"))
+            .and_then(parse_guid);
         if got == want || alt == Some(got) {
             return Ok(());
         }
         Err(Error::invalid(format!(
             "the parent VHDX's DataWriteGuid {} does not match the differencing image's \
-             parent_linkage {}: the parent was modified after the child was created \
-             (open with {CHECK_OPTION}=off to use it anyway)",
+             parent_linkage {}: the parent was modified after the child was created {off}",
             got.to_braced_string(),
             want.to_braced_string()
         )))

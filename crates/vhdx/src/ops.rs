@@ -98,11 +98,8 @@ impl BlockDevice for VhdxDevice {
                 "backing files (not a differencing image)",
             ));
         }
-        if let Some(parent) = backing
-            .as_ref()
-            .and_then(|b| b.as_any().downcast_ref::<VhdxDevice>())
-        {
-            self.verify_linkage(parent)?;
+        if let Some(b) = backing.as_ref() {
+            self.verify_linkage(b.as_any().downcast_ref::<VhdxDevice>())?;
         }
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
         Ok(())

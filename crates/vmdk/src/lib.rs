@@ -44,6 +44,7 @@ mod create;
 mod descriptor;
 mod device;
 mod header;
+mod layout;
 mod open;
 mod sesparse;
 mod sparse;

@@ -149,6 +149,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
             .checked_add(bytes)
             .ok_or_else(|| Error::invalid("vmdk disk too large"))?;
     }
+    check_aliases(&extents, &storage)?;
     finish(
         desc,
         extents,
@@ -161,6 +162,64 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         }),
         read_only,
     )
+}
+
+/// True when `a` and `b` are the same host file (the same storage, or files with the
+/// same device and inode).
+fn same_file(a: &Arc<dyn Storage>, b: &Arc<dyn Storage>) -> bool {
+    if std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)) {
+        return true;
+    }
+    use std::os::unix::fs::MetadataExt;
+    match (
+        a.host_file().and_then(|f| f.metadata().ok()),
+        b.host_file().and_then(|f| f.metadata().ok()),
+    ) {
+        (Some(x), Some(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses extents that alias metadata: a flat extent in the descriptor file (its data
+/// would overwrite the text, and a CID update would truncate the data) or over a sparse
+/// extent's header and tables, and a sparse file named twice (each copy would allocate
+/// grains the other does not know about).
+fn check_aliases(extents: &[Ext], desc: &Arc<dyn Storage>) -> Result<()> {
+    for (i, e) in extents.iter().enumerate() {
+        let others = extents.iter().skip(i + 1);
+        match &e.data {
+            ExtentData::Flat { storage, offset } => {
+                let over_sparse = extents.iter().any(|o| match &o.data {
+                    ExtentData::Sparse(s) => {
+                        same_file(storage, &s.storage)
+                            && s.metadata().overlapping(*offset, e.len).is_some()
+                    }
+                    _ => false,
+                });
+                if same_file(storage, desc) || over_sparse {
+                    return Err(Error::corrupt(
+                        "vmdk",
+                        "flat extent overlaps metadata in the same file",
+                        *offset,
+                    ));
+                }
+            }
+            ExtentData::Sparse(s) => {
+                let twice = others.into_iter().any(|o| {
+                    matches!(&o.data, ExtentData::Sparse(t) if same_file(&s.storage, &t.storage))
+                });
+                if twice {
+                    return Err(Error::corrupt(
+                        "vmdk",
+                        "one sparse extent file named twice",
+                        0,
+                    ));
+                }
+            }
+            ExtentData::Zero => {}
+        }
+    }
+    Ok(())
 }
 
 fn open_monolithic(

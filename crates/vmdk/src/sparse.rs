@@ -12,12 +12,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
-use diskimg_blockio::{Error, Limits, Result, Storage};
+use diskimg_blockio::{Error, Limits, MetaRanges, Result, Storage};
 
 use crate::header::{
     CowdHeader, FLAG_COMPRESS, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN, GD_AT_END, SECTOR,
     SparseHeader, parse_footer,
 };
+use crate::layout::{Layout, metadata_ranges, read_table};
 use crate::sesparse::SeSparse;
 
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
@@ -66,26 +67,14 @@ pub(crate) struct SparseExtent {
     pub(crate) header: Option<SparseHeader>,
     /// seSparse tables, which replace the classic grain directory.
     se: Option<Box<SeSparse>>,
+    /// Header, descriptor, grain directories and tables, stream footer: no data write
+    /// may land there.
+    meta: MetaRanges,
     state: Mutex<State>,
 }
 
 fn corrupt(what: &'static str, at: u64) -> Error {
     Error::corrupt("vmdk", what, at)
-}
-
-fn read_table(storage: &dyn Storage, limits: &Limits, sector: u64, n: u64) -> Result<Vec<u32>> {
-    let bytes = n
-        .checked_mul(4)
-        .ok_or_else(|| corrupt("grain table size overflows", 0))?;
-    let mut raw = limits.alloc("vmdk grain directory", bytes)?;
-    let off = sector
-        .checked_mul(SECTOR)
-        .ok_or_else(|| corrupt("table offset overflows", 0))?;
-    storage.read_exact_at(&mut raw, off)?;
-    Ok(raw
-        .chunks_exact(4)
-        .map(|c| c.le_u32(0).unwrap_or(0))
-        .collect())
 }
 
 impl SparseExtent {
@@ -111,11 +100,19 @@ impl SparseExtent {
                     rgd_offset: None,
                     flags: 0,
                     header: None,
+                    // The ESX header is 4 sectors (magic, sizes, parent name), unless the
+                    // grain directory claims to start earlier.
+                    header_len: u64::from(h.l1dir_offset)
+                        .saturating_mul(SECTOR)
+                        .clamp(512, 2048),
+                    grain_offset: None,
+                    footer_at: None,
                     end: len,
                 },
             );
         }
         let mut h = SparseHeader::parse(&sector0)?;
+        let mut footer_at = None;
         if h.flags & FLAG_COMPRESS != 0 && h.gd_offset == GD_AT_END {
             let at = (len / SECTOR * SECTOR)
                 .checked_sub(1536)
@@ -123,6 +120,7 @@ impl SparseExtent {
             let mut f = [0u8; 1536];
             storage.read_exact_at(&mut f, at)?;
             h = parse_footer(&f, at)?;
+            footer_at = Some(at);
         }
         h.validate(writable)?;
         if h.num_gtes_per_gt > 512 {
@@ -139,6 +137,9 @@ impl SparseExtent {
                 gd_offset: h.gd_offset,
                 rgd_offset: (h.flags & FLAG_RGD != 0).then_some(h.rgd_offset),
                 flags: h.flags,
+                header_len: SECTOR,
+                grain_offset: Some(h.grain_offset),
+                footer_at,
                 header: Some(h),
                 end: len,
             },
@@ -149,6 +150,16 @@ impl SparseExtent {
         let l1_entry_sectors = l.gtes_per_gt.saturating_mul(l.grain_sectors);
         if l1_entry_sectors == 0 {
             return Err(Error::invalid("L1 entry size is invalid"));
+        }
+        // qemu (`vmdk_open_vmdk4`): everything before the first grain must be in the file,
+        // else new grains would be placed over grain tables that lie past its end.
+        if let Some(g) = l.grain_offset
+            && l.end.div_ceil(SECTOR) < g
+        {
+            return Err(Error::invalid(format!(
+                "File truncated, expecting at least {} bytes",
+                g.saturating_mul(SECTOR)
+            )));
         }
         let l1_size = match l.l1_size {
             Some(n) => n,
@@ -167,9 +178,13 @@ impl SparseExtent {
             Some(off) => read_table(storage.as_ref(), limits, off, l1_size)?,
             None => Vec::new(),
         };
+        let meta = metadata_ranges(&l, l1_size, &gd, &rgd, limits)?;
         let gt_bytes = l.gtes_per_gt * 4;
         let cache_max = usize::try_from((limits.max_cache_bytes / gt_bytes.max(1)).max(4))
             .unwrap_or(usize::MAX);
+        // New grains go after the file's end and after every table (a table past the end
+        // of a damaged file must not be overwritten by a grain).
+        let next_sector = l.end.div_ceil(SECTOR).max(meta.end().div_ceil(SECTOR));
         Ok(Self {
             storage,
             sectors: l.sectors,
@@ -180,12 +195,13 @@ impl SparseExtent {
             zero_grain: l.flags & FLAG_ZERO_GRAIN != 0,
             header: l.header,
             se: None,
+            meta,
             state: Mutex::new(State {
                 gd,
                 rgd,
                 cache: HashMap::new(),
                 cache_max,
-                next_sector: l.end.div_ceil(SECTOR),
+                next_sector,
             }),
         })
     }
@@ -212,6 +228,7 @@ impl SparseExtent {
             zero_grain: false,
             header: None,
             se: Some(Box::new(se)),
+            meta: MetaRanges::new(),
             state: Mutex::new(State {
                 gd: Vec::new(),
                 rgd: Vec::new(),
@@ -221,6 +238,11 @@ impl SparseExtent {
             }),
             storage,
         })
+    }
+
+    /// Where the extent's metadata lies.
+    pub(crate) fn metadata(&self) -> &MetaRanges {
+        &self.meta
     }
 
     /// Grain size in bytes.
@@ -415,8 +437,9 @@ impl SparseExtent {
         match g {
             Grain::Data(host) => {
                 drop(st);
-                self.storage
-                    .write_all_at(data, host.saturating_add(in_grain as u64))
+                let at = host.saturating_add(in_grain as u64);
+                self.meta.guard_write("vmdk", at, data.len() as u64)?;
+                self.storage.write_all_at(data, at)
             }
             Grain::Compressed(_) => Err(Error::invalid(
                 "Could not write to allocated cluster for streamOptimized",
@@ -433,6 +456,8 @@ impl SparseExtent {
                     return self.append_compressed(&mut st, grain, &buf);
                 }
                 let sector = self.alloc(&mut st, self.grain_sectors)?;
+                self.meta
+                    .guard_write("vmdk", sector * SECTOR, buf.len() as u64)?;
                 self.storage.write_all_at(&buf, sector * SECTOR)?;
                 self.storage.flush()?;
                 self.set_gte(&mut st, grain, u32::try_from(sector).unwrap_or(0))
@@ -459,6 +484,8 @@ impl SparseExtent {
     /// Appends a compressed record for `grain` and points the grain tables at it.
     fn append_record(&self, st: &mut State, grain: u64, rec: &[u8]) -> Result<()> {
         let sector = self.alloc(st, rec.len() as u64 / SECTOR)?;
+        self.meta
+            .guard_write("vmdk", sector * SECTOR, rec.len() as u64)?;
         self.storage.write_all_at(rec, sector * SECTOR)?;
         self.storage.flush()?;
         self.set_gte(st, grain, u32::try_from(sector).unwrap_or(0))
@@ -570,16 +597,4 @@ impl SparseExtent {
         }
         Ok(())
     }
-}
-
-struct Layout {
-    sectors: u64,
-    grain_sectors: u64,
-    gtes_per_gt: u64,
-    l1_size: Option<u64>,
-    gd_offset: u64,
-    rgd_offset: Option<u64>,
-    flags: u32,
-    header: Option<SparseHeader>,
-    end: u64,
 }

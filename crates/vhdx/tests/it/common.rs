@@ -12,8 +12,14 @@ use diskimg_blockio::{
 pub(crate) fn open(path: &Path, read_only: bool) -> Arc<dyn BlockDevice> {
     let s: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only).unwrap());
     diskimg_vhdx::DRIVER
-        .open(s, &OpenOptions::new().read_only(read_only))
+        .open(s, &unlinked().read_only(read_only))
         .unwrap()
+}
+
+/// Open options for the differencing images these tests make without a readable parent
+/// (zero `parent_linkage`, which the driver refuses to verify unless told not to).
+pub(crate) fn unlinked() -> OpenOptions {
+    OpenOptions::new().driver_option(diskimg_vhdx::CHECK_PARENT_LINKAGE_OPTION, "off")
 }
 
 /// Creates `path` with our driver.

@@ -62,7 +62,7 @@ fn workload(dev: &dyn BlockDevice) -> usize {
 fn verify(img: &[u8], flushed: usize, parent: Option<Arc<dyn BlockDevice>>, what: &str) -> Vec<u8> {
     let s = Arc::new(MemStorage::from_vec(img.to_vec()));
     let dev = diskimg_vhdx::DRIVER
-        .open(s.clone(), &OpenOptions::new())
+        .open(s.clone(), &crate::common::unlinked())
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     dev.set_backing(parent).unwrap();
     let r = dev.check(RepairMode::None).unwrap();
@@ -94,7 +94,7 @@ fn crash_sweep(opts: &str, parent: Option<Arc<dyn BlockDevice>>, qemu: bool) {
     let counter = Arc::new(FaultStorage::new(initial.clone(), None));
     {
         let dev = diskimg_vhdx::DRIVER
-            .open(counter.clone(), &OpenOptions::new())
+            .open(counter.clone(), &crate::common::unlinked())
             .unwrap();
         dev.set_backing(parent.clone()).unwrap();
         assert_eq!(workload(dev.as_ref()), WRITES.len());
@@ -107,7 +107,7 @@ fn crash_sweep(opts: &str, parent: Option<Arc<dyn BlockDevice>>, qemu: bool) {
     let mut replays = 0;
     for cut in 0..=total {
         let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
-        let flushed = match diskimg_vhdx::DRIVER.open(fs.clone(), &OpenOptions::new()) {
+        let flushed = match diskimg_vhdx::DRIVER.open(fs.clone(), &crate::common::unlinked()) {
             Ok(dev) => {
                 dev.set_backing(parent.clone()).unwrap();
                 let f = workload(dev.as_ref());
@@ -188,7 +188,7 @@ fn qemu_replays_our_logs_identically() {
     let counter = Arc::new(FaultStorage::new(initial.clone(), None));
     {
         let dev = diskimg_vhdx::DRIVER
-            .open(counter.clone(), &OpenOptions::new())
+            .open(counter.clone(), &crate::common::unlinked())
             .unwrap();
         workload(dev.as_ref());
     }
@@ -249,7 +249,7 @@ fn log_wraps_around() {
     // Each write sets one more sector bit: one 8 KiB log entry per write.
     let run = |fs: &Arc<FaultStorage>, n: u64| {
         let dev = diskimg_vhdx::DRIVER
-            .open(fs.clone(), &OpenOptions::new())
+            .open(fs.clone(), &crate::common::unlinked())
             .unwrap();
         dev.set_backing(Some(parent.clone())).unwrap();
         for i in 0..n {
@@ -281,7 +281,9 @@ fn log_wraps_around() {
         let img = fs.crash_image(CrashMode::DropUnflushed);
         assert!(log_in_use(&img));
         let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
-        let dev = diskimg_vhdx::DRIVER.open(s, &OpenOptions::new()).unwrap();
+        let dev = diskimg_vhdx::DRIVER
+            .open(s, &crate::common::unlinked())
+            .unwrap();
         dev.set_backing(Some(parent.clone())).unwrap();
         let got = diskimg_testutil::read_all(dev.as_ref());
         assert!(got == models[0] || got == models[1], "cut {cut}");

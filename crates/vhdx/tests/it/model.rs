@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions, OptionList, Storage, ZeroFlags,
+    BlockDevice, CreateRequest, Driver, MemStorage, OptionList, Storage, ZeroFlags,
 };
 use diskimg_testutil::{Model, read_all};
 use proptest::prelude::*;
@@ -36,7 +36,9 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn open(s: &Arc<MemStorage>, parent: &Option<Arc<dyn BlockDevice>>) -> Arc<dyn BlockDevice> {
     let st: Arc<dyn Storage> = s.clone();
-    let dev = diskimg_vhdx::DRIVER.open(st, &OpenOptions::new()).unwrap();
+    let dev = diskimg_vhdx::DRIVER
+        .open(st, &crate::common::unlinked())
+        .unwrap();
     dev.set_backing(parent.clone()).unwrap();
     dev
 }

@@ -11,6 +11,7 @@ mod crash;
 mod create;
 mod extents;
 mod fuzz_regressions;
+mod guard;
 mod hostile;
 mod model;
 mod read;

@@ -1,0 +1,120 @@
+//! `convert` from sources that are not files (see `crate::source`): one pass over a
+//! stream, a stream of unknown length, progress over the input, no partial target left
+//! behind.
+//!
+//! A raw stream whose length is unknown until its end (a pipe, a gzip/xz/bzip2 file, a
+//! server without a `Content-Length`) reports a provisional size: the target is created
+//! at that size, the copy skips everything past the real end at once (it reads as a
+//! hole), and the target is then cut to the real length (rounded up to a sector).
+//! Raw and qcow2 targets can be cut; other formats are refused up front.
+
+use anyhow::{Context, Result, bail};
+use diskimg::{Format, Image};
+
+use crate::common::open_image;
+
+/// Opens a `convert` source: one pass for streams (no read to the end first).
+pub(super) fn open_source(name: &str, format: Option<Format>) -> Result<Image> {
+    match crate::source::open_special(name, format, false)? {
+        Some(img) => Ok(img),
+        None => open_image(name, format, true, true),
+    }
+}
+
+/// True when `name` is a raw stream whose length is not known yet.
+fn unknown_length(img: &Image) -> bool {
+    img.format == Format::Raw
+        && crate::source::opened(&img.filename)
+            .and_then(|o| o.forward.clone())
+            .is_some_and(|f| f.known_len().is_none())
+}
+
+/// Refuses what a stream of unknown length cannot do.
+pub(super) fn check_target(images: &[Image], out_fmt: Format, no_create: bool) -> Result<()> {
+    let Some(img) = images.iter().find(|i| unknown_length(i)) else {
+        return Ok(());
+    };
+    let name = &img.filename;
+    if images.len() > 1 {
+        bail!(
+            "'{name}': the length of this stream is unknown until its end; it can only be converted alone"
+        );
+    }
+    if no_create {
+        bail!(
+            "'{name}': the length of this stream is unknown until its end; -n needs a source of known length"
+        );
+    }
+    if !matches!(out_fmt, Format::Raw | Format::Qcow2) {
+        bail!(
+            "'{name}': the length of this stream is unknown until its end; convert it to raw or qcow2 (which can be cut to the length found), or give a source of known length"
+        );
+    }
+    Ok(())
+}
+
+/// Progress as bytes of the input read of its length, for a stream source whose input
+/// length is known; otherwise the copy's own `(done, total)`.
+pub(super) fn progress(images: &[Image], done: u64, total: u64) -> (u64, u64) {
+    let [img] = images else { return (done, total) };
+    match crate::source::opened(&img.filename) {
+        Some(o) if o.forward.is_some() => match o.input.input_len {
+            Some(len) => (
+                o.input
+                    .input_read
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                len,
+            ),
+            None => (done, total),
+        },
+        _ => (done, total),
+    }
+}
+
+/// Cuts the target to the length a stream of unknown length turned out to have.
+pub(super) fn finish(images: &[Image], dst_name: &str, out_fmt: Format) -> Result<()> {
+    let [img] = images else { return Ok(()) };
+    let Some(f) = crate::source::opened(&img.filename).and_then(|o| o.forward.clone()) else {
+        return Ok(());
+    };
+    if img.format != Format::Raw {
+        return Ok(());
+    }
+    let len = f
+        .known_len()
+        .context("the stream did not end")?
+        .next_multiple_of(512);
+    let target = diskimg::open(
+        dst_name,
+        Some(out_fmt),
+        &diskimg::ImageOptions::read_only(false),
+    )
+    .with_context(|| format!("Could not open '{dst_name}'"))?;
+    if target.device.virtual_size() != len {
+        target
+            .device
+            .resize(len, diskimg::blockio::Preallocation::Off, true)
+            .with_context(|| format!("error while writing to {dst_name}"))?;
+    }
+    target.close()?;
+    Ok(())
+}
+
+/// True when a source is a stream: a failed conversion from one removes the target it
+/// created (a partial image must not look complete).
+pub(super) fn any_stream(srcs: &[String]) -> bool {
+    srcs.iter().any(|s| crate::source::opened(s).is_some())
+}
+
+static CREATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that this conversion created its target (only such a target is removed
+/// after a failure).
+pub(super) fn mark_created() {
+    CREATED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`mark_created`] was called.
+pub(super) fn was_created() -> bool {
+    CREATED.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -1,0 +1,189 @@
+//! Opening host files without surprises: non-blocking (a FIFO cannot hang the open),
+//! the file type checked on the opened descriptor, and the [`HostFiles`] object through
+//! which format drivers reach the files an image names.
+
+use std::fs::{File, FileType};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use diskimg_blockio::{Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
+use rustix::fs::{Mode, OFlags};
+
+use crate::policy::{OpenPolicy, SpecialFiles};
+
+/// Whether `allowed` admits a file of type `t`, or why not.
+pub(crate) fn check_kind(
+    t: &FileType,
+    allowed: SpecialFiles,
+) -> std::result::Result<(), &'static str> {
+    let ok = t.is_file()
+        || allowed == SpecialFiles::Allow && !t.is_dir()
+        || allowed == SpecialFiles::BlockDevices && t.is_block_device();
+    if ok {
+        return Ok(());
+    }
+    Err(if t.is_dir() {
+        "it is a directory"
+    } else if t.is_fifo() {
+        "it is a FIFO (the open policy allows regular files only)"
+    } else if t.is_socket() {
+        "it is a socket (the open policy allows regular files only)"
+    } else if t.is_char_device() {
+        "it is a character device (the open policy allows regular files only)"
+    } else if t.is_block_device() {
+        "it is a block device (the open policy allows regular files only)"
+    } else {
+        "it is not a regular file"
+    })
+}
+
+/// Opens `path` without blocking (`O_NONBLOCK`: opening a FIFO returns at once) and
+/// checks the type of what was opened against `allowed`, so a file swapped after a
+/// path check is judged too. `purpose` names the file in a refusal.
+pub(crate) fn open_file(
+    path: &Path,
+    read_only: bool,
+    allowed: SpecialFiles,
+    purpose: Option<FilePurpose>,
+) -> Result<FileStorage> {
+    let access = if read_only {
+        OFlags::RDONLY
+    } else {
+        OFlags::RDWR
+    };
+    let fd = rustix::fs::open(
+        path,
+        access | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e.into()))?;
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("could not stat '{}'", path.display()), e))?;
+    if let Err(reason) = check_kind(&meta.file_type(), allowed) {
+        return Err(match purpose {
+            Some(p) => Error::BackingDenied {
+                path: path.display().to_string(),
+                purpose: p.as_str(),
+                reason,
+            },
+            None => Error::invalid(format!("'{}': {reason}", path.display())),
+        });
+    }
+    Ok(FileStorage::from_file(file, read_only))
+}
+
+/// Opens an image the user named (not one an image names): files and devices, but not
+/// a FIFO or socket, whose open could block and which cannot be read by offset.
+pub(crate) fn open_user_file(path: &Path, read_only: bool) -> Result<FileStorage> {
+    let s = open_file(path, read_only, SpecialFiles::Allow, None)?;
+    let t = s
+        .file()
+        .metadata()
+        .map_err(|e| Error::io(format!("could not stat '{}'", path.display()), e))?
+        .file_type();
+    if t.is_fifo() || t.is_socket() {
+        return Err(Error::invalid(format!(
+            "'{}' is a {}: an image must be a file or a device",
+            path.display(),
+            if t.is_fifo() { "FIFO" } else { "socket" }
+        )));
+    }
+    Ok(s)
+}
+
+/// [`HostFiles`] for one image: names resolved against its directory under a policy.
+#[derive(Debug)]
+pub(crate) struct PolicyFiles {
+    pub(crate) dir: PathBuf,
+    pub(crate) policy: OpenPolicy,
+    pub(crate) read_only: bool,
+    /// Hand out [`Unopened`] placeholders for data files instead of opening them (for
+    /// metadata-only opens such as `info`).
+    pub(crate) defer_data_files: bool,
+}
+
+impl HostFiles for PolicyFiles {
+    fn open(&self, name: &str, purpose: FilePurpose, writable: bool) -> Result<Arc<dyn Storage>> {
+        if self.defer_data_files && purpose == FilePurpose::DataFile {
+            return Ok(Arc::new(Unopened {
+                name: name.to_string(),
+            }));
+        }
+        let path = self.policy.resolve(purpose, &self.dir, name)?;
+        let ro = self.read_only || !writable;
+        Ok(Arc::new(open_file(
+            &path,
+            ro,
+            self.policy.special_files,
+            Some(purpose),
+        )?))
+    }
+
+    fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
+        let path = self.create_path(name, purpose)?;
+        Ok(Arc::new(FileStorage::create(path)?))
+    }
+}
+
+impl PolicyFiles {
+    /// Where a new file named `name` goes: beside the image, except that a relative data
+    /// file name under [`PathRule::Any`](crate::PathRule::Any) is created where qemu-img
+    /// creates it (against the working directory), so qemu opens what we create.
+    fn create_path(&self, name: &str, purpose: FilePurpose) -> Result<PathBuf> {
+        let rule = self.policy.rule(purpose);
+        let path = rule
+            .resolve(&self.dir, name)
+            .map_err(|reason| Error::BackingDenied {
+                path: name.to_string(),
+                purpose: purpose.as_str(),
+                reason,
+            })?;
+        if purpose == FilePurpose::DataFile
+            && rule == crate::PathRule::Any
+            && Path::new(name).is_relative()
+        {
+            return Ok(PathBuf::from(name));
+        }
+        Ok(path)
+    }
+}
+
+/// A referenced file that was deliberately not opened (a qcow2 data file during a
+/// metadata-only open): every access fails, naming the file.
+#[derive(Debug)]
+struct Unopened {
+    name: String,
+}
+
+impl Unopened {
+    fn refuse<T>(&self) -> Result<T> {
+        Err(Error::invalid(format!(
+            "the data file '{}' was not opened (metadata-only open)",
+            self.name
+        )))
+    }
+}
+
+impl Storage for Unopened {
+    fn read_exact_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn len(&self) -> Result<u64> {
+        self.refuse()
+    }
+    fn set_len(&self, _len: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
