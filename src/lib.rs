@@ -30,6 +30,7 @@
 mod format;
 mod hostfile;
 mod image;
+mod inspect;
 pub mod maint;
 mod policy;
 mod snapshot;
@@ -44,5 +45,9 @@ pub use diskimg_blockio::{
 pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
+pub use inspect::{
+    Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,
+    inspect, inspect_storage,
+};
 pub use policy::{OpenPolicy, PathRule, SpecialFiles};
 pub use snapshot::{SnapshotSelector, snapshot_device};

@@ -11,5 +11,7 @@ mod corpus;
 mod create;
 mod differencing;
 mod formats;
+mod inspect;
+mod inspect_rules;
 mod policy;
 mod probe;

@@ -56,7 +56,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let first = match img.device.check(repair) {
         Ok(r) => r,
         Err(e) if e.is_unsupported() => {
-            eprintln!("diskimg: This image format does not support checks");
+            eprintln!(
+                "{}: This image format does not support checks",
+                crate::common::prog()
+            );
             return Ok(63);
         }
         Err(e) => bail!("Check failed: {e}"),

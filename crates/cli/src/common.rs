@@ -3,9 +3,35 @@
 use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow};
 use diskimg::{Format, Image, ImageOptions, OpenPolicy};
+
+/// The program name messages start with: `qemu-img` or `qemu-io` when the binary was
+/// invoked under that name (a symlink: how diskimg is installed as a drop-in, so tools
+/// parsing qemu's messages keep working), else `diskimg`.
+pub(crate) fn prog() -> &'static str {
+    static PROG: OnceLock<&'static str> = OnceLock::new();
+    PROG.get_or_init(|| {
+        let argv0 = std::env::args_os().next().unwrap_or_default();
+        let base = Path::new(&argv0)
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match base.as_str() {
+            "qemu-img" => "qemu-img",
+            "qemu-io" => "qemu-io",
+            _ => "diskimg",
+        }
+    })
+}
+
+/// True when invoked as `qemu-img`/`qemu-io` (see [`prog`]): qemu's exact wording is
+/// wanted, not diskimg's additions.
+pub(crate) fn as_qemu() -> bool {
+    prog() != "diskimg"
+}
 
 /// Parses a format name (`-f`, `-O`, `-F`).
 pub(crate) fn parse_format(name: &str) -> Result<Format> {
@@ -100,14 +126,6 @@ pub(crate) fn parse_size(s: &str) -> Result<u64> {
 pub(crate) fn round_to_sector(size: u64) -> Result<u64> {
     size.checked_next_multiple_of(512)
         .ok_or_else(|| anyhow!("Image size too large"))
-}
-
-/// Parses a number with an optional k/M/G/T suffix, or `0x` hex (qemu-io's cvtnum).
-pub(crate) fn parse_num(s: &str) -> Result<u64> {
-    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        return u64::from_str_radix(h, 16).map_err(|_| anyhow!("invalid number '{s}'"));
-    }
-    diskimg::parse_size(s).map_err(|_| anyhow!("invalid number '{s}'"))
 }
 
 /// qemu's `size_to_str`: three significant digits and a binary unit (`64 MiB`,

@@ -55,7 +55,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 Fail::Status(e) => (3, e),
                 Fail::Read(e) => (4, e),
             };
-            eprintln!("diskimg: {}", crate::message(&e));
+            eprintln!("{}: {}", crate::common::prog(), crate::message(&e));
             Ok(code)
         }
     }

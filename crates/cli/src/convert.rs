@@ -189,11 +189,16 @@ fn run_inner(a: Args) -> Result<i32> {
                 );
             }
             options.set("backing_file", b);
-            let bf = a.backing_format.as_deref().ok_or_else(|| {
-                anyhow!("{dst_name}: Backing file specified without backing format")
-            })?;
-            parse_format(bf)?;
-            options.set("backing_fmt", bf);
+            // qemu takes the format from -F or from -o backing_fmt=.
+            let bf = a
+                .backing_format
+                .clone()
+                .or_else(|| options.get("backing_fmt").map(str::to_string))
+                .ok_or_else(|| {
+                    anyhow!("{dst_name}: Backing file specified without backing format")
+                })?;
+            parse_format(&bf)?;
+            options.set("backing_fmt", &bf);
         }
         for (k, _) in options.entries() {
             if !known_option(out_fmt, k)? {
@@ -283,7 +288,10 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
         let name = &b.name;
         if b.in_use {
             if skip_broken {
-                eprintln!("diskimg: warning: Skipping inconsistent bitmap '{name}'");
+                eprintln!(
+                    "{}: warning: Skipping inconsistent bitmap '{name}'",
+                    crate::common::prog()
+                );
                 continue;
             }
             bail!(

@@ -157,28 +157,7 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
     let Some(size) = size else {
         bail!("{}: Image creation needs a size parameter", file);
     };
-    // "Formatting" line: options in the driver's order, size where the driver lists it.
-    let mut line = format!("Formatting '{}', fmt={}", file, format.name());
-    let mut printed_size = false;
-    for spec in specs {
-        if spec.name == "size" {
-            line.push_str(&format!(" size={size}"));
-            printed_size = true;
-        } else if let Some(v) = options.get(spec.name) {
-            line.push_str(&format!(" {}={v}", spec.name));
-        }
-    }
-    if !printed_size {
-        line.insert_str(line.len(), &format!(" size={size}"));
-    }
-    // Then the `file` protocol's options the format does not have, in qemu's order.
-    for name in ["nocow", "preallocation", "extent_size_hint"] {
-        if !specs.iter().any(|s| s.name == name)
-            && let Some(v) = options.get(name)
-        {
-            line.push_str(&format!(" {name}={v}"));
-        }
-    }
+    let line = crate::formatting::line(&file, format.name(), &options, size);
     options.take("size");
     if !a.quiet {
         out(&format!("{line}\n"))?;

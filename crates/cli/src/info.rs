@@ -214,7 +214,7 @@ fn pad(level: usize) -> String {
 
 /// qemu's `dump_qdict`: `key: value`, dashes in keys shown as spaces, nested
 /// containers on their own lines.
-fn dump_map(m: &[(String, InfoValue)], level: usize, s: &mut String) {
+pub(crate) fn dump_map(m: &[(String, InfoValue)], level: usize, s: &mut String) {
     for (k, v) in m {
         let key = k.replace('-', " ");
         match v {

@@ -3,8 +3,10 @@
 //! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
 //! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `snapshot`,
 //! `commit`, `rebase`, `amend` (format options and LUKS key slots), `measure`, `bitmap`,
-//! `dd`, `bench`, and `io` (qemu-io's commands). Errors are printed as
-//! `diskimg: <message>` and exit 1 unless the verb defines other codes (check, compare).
+//! `dd`, `bench`, and `io` (qemu-io's commands); beyond qemu-img: `inspect`, `checksum`
+//! and `serve`. Errors are printed as `diskimg: <message>` (`qemu-img: …` /
+//! `qemu-io: …` when invoked through a symlink of that name) and exit 1 unless the verb
+//! defines other codes (check, compare).
 
 mod amend;
 mod bench;
@@ -17,7 +19,10 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod formatting;
+mod imgspec;
 mod info;
+mod inspect;
 mod io;
 mod json;
 mod map;
@@ -25,6 +30,7 @@ mod measure;
 mod rebase;
 mod resize;
 mod secrets;
+mod serve;
 mod snapshot;
 mod source;
 mod stream_progress;
@@ -55,6 +61,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Show information about an image.
     Info(info::Args),
+    /// Check an untrusted image without opening any other file: verdict and reasons.
+    Inspect(inspect::Args),
     /// Convert (copy) images to another format.
     Convert(convert::Args),
     /// Compare the guest content of two images.
@@ -81,8 +89,19 @@ enum Cmd {
     Amend(amend::Args),
     /// Add, remove, clear, enable or disable a persistent dirty bitmap (qcow2).
     Bitmap(bitmap::Args),
-    /// Run qemu-io style commands (read, write, discard, flush) on an image.
-    Io(io::Args),
+    /// qemu-io: run I/O commands (read, write, aio_*, map, open, …) on an image.
+    Io(IoArgs),
+    /// Export an image over NBD (qemu-nbd's flags).
+    Serve(serve::Args),
+}
+
+/// `io`'s arguments: parsed by qemu-io's own getopt rules (see `io`), listed here for
+/// `--help` only.
+#[derive(clap::Args, Debug)]
+struct IoArgs {
+    /// qemu-io's options, `-c` commands and the image.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
@@ -92,6 +111,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Create(a) => create::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Map(a) => map::run(a),
@@ -99,13 +119,14 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Checksum(a) => checksum::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
-        Cmd::Io(a) => io::run(a),
+        Cmd::Io(a) => Ok(io::main("diskimg", &a.args)),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
         Cmd::Bitmap(a) => bitmap::run(a, matches.subcommand_matches("bitmap")),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }
 
@@ -142,6 +163,19 @@ pub(crate) fn message(e: &anyhow::Error) -> String {
 }
 
 fn main() {
+    // qemu-io's command line is not clap's (getopt permutation, clustered flags): invoked
+    // as `qemu-io` (a symlink, how a drop-in is installed) or as `diskimg io`, it has its
+    // own parser.
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let argv0 = args.first().cloned().unwrap_or_default();
+    if common::prog() == "qemu-io" {
+        std::process::exit(io::main(&argv0, args.get(1..).unwrap_or(&[])));
+    }
+    if args.get(1).map(String::as_str) == Some("io") {
+        std::process::exit(io::main(&argv0, args.get(2..).unwrap_or(&[])));
+    }
     // The matches stay available for what derive loses: the order of options (bitmap).
     let parsed = Cli::command()
         .try_get_matches()
@@ -167,7 +201,8 @@ fn main() {
                 first = format!("{first} {}", next.trim());
             }
             eprintln!(
-                "diskimg: {}",
+                "{}: {}",
+                common::prog(),
                 first.strip_prefix("error: ").unwrap_or(&first)
             );
             std::process::exit(1);
@@ -177,7 +212,7 @@ fn main() {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {
-            eprintln!("diskimg: {}", message(&e));
+            eprintln!("{}: {}", common::prog(), message(&e));
             1
         }
     };

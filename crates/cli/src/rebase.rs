@@ -3,7 +3,7 @@
 //! backing differ and FILE holds nothing; `-u` only rewrites the header; `-b ""` detaches.
 
 use anyhow::{Context, Result, anyhow};
-use diskimg::blockio::ExtentKind;
+use diskimg::blockio::{ExtentKind, ZeroFlags};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 
 use crate::common::{Progress, full_backing_name, opt_format, parse_format};
@@ -114,6 +114,9 @@ fn copy_differences(
     let size = top.virtual_size();
     let piece = top.info().cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
     let new_size = new.map_or(0, BlockDevice::virtual_size);
+    // Past the old backing file's end the top read zeroes: qemu writes zeroes there
+    // (zero clusters), data elsewhere.
+    let old_size = top.backing_device().map_or(0, |b| b.virtual_size());
     let mut old_buf = vec![0u8; usize::try_from(piece)?];
     let mut new_buf = vec![0u8; usize::try_from(piece)?];
     let mut pos = 0u64;
@@ -143,6 +146,7 @@ fn copy_differences(
                 // Whole compression units (the last may be short) go compressed.
                 let unit = top.compressed_write_granularity().filter(|_| compress);
                 match unit {
+                    _ if pos >= old_size => top.write_zeroes(pos, n, ZeroFlags::default())?,
                     Some(g) if pos.is_multiple_of(g) && (n == g || pos + n == size) => {
                         top.write_compressed(old, pos)?;
                     }

@@ -59,9 +59,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     };
     if new < old && !a.shrink {
         // As qemu-img: the warning comes with the refusal, after the error line.
-        eprintln!("diskimg: Use the --shrink option to perform a shrink operation.");
         eprintln!(
-            "diskimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+            "{}: Use the --shrink option to perform a shrink operation.",
+            crate::common::prog()
+        );
+        eprintln!(
+            "{}: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
+            crate::common::prog()
         );
         return Ok(1);
     }

@@ -203,7 +203,8 @@ pub(crate) fn warn_legacy_aes(arg: &str, img: &diskimg::Image) {
                     if m.iter().any(|(k, v)| k == "format" && *v == InfoValue::Str("aes".into())))
         })
     });
-    if legacy && !state().no_io {
+    // qemu's tools say nothing; as diskimg we warn (docs/cli.md).
+    if legacy && !state().no_io && !crate::common::as_qemu() {
         eprintln!(
             "diskimg: warning: '{arg}' uses legacy qcow2 AES encryption, which is insecure; \
              convert it to encrypt.format=luks"

@@ -314,8 +314,15 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
     while pos < end {
         let cstart = pos - pos % cs;
         let n = (cstart + cs).min(end) - pos;
-        let whole = pos == cstart && (n == cs || pos + n == size);
+        let mut whole = pos == cstart && (n == cs || pos + n == size);
         let ext = m.h.extended_l2();
+        if v3 && !whole && !ext {
+            // As qemu: a partial cluster becomes a zero cluster when the rest of it
+            // already reads as zeroes (unallocated over zeroes, or a zero cluster).
+            let (e, bm, l2o) = m.l2_entry(pos)?;
+            let kind = classify(&m.h, e, bm, 0, l2o)?;
+            whole = rest_is_zero(dev, kind, cstart..(cstart + cs).min(size), pos..pos + n)?;
+        }
         if !v3 || !(whole || ext) {
             let z = zeros.get(..idx(n)).unwrap_or(&[]);
             write_cluster(dev, &mut m, z, pos, &mut p)?;
@@ -352,13 +359,40 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
         // Extended L2: whole subclusters get the zero bit, edges get zero data.
         let g = cs / 32;
         let in_off = pos - cstart;
-        let first_full = in_off.div_ceil(g);
-        let last_full = if pos + n == size {
+        let mut first_full = in_off.div_ceil(g);
+        let mut last_full = if pos + n == size {
             (in_off + n).div_ceil(g)
         } else {
             (in_off + n) / g
         };
         let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && !copied);
+        if !shared {
+            // Partial subclusters at the edges become zero subclusters when the rest of
+            // them already reads as zeroes (qemu's qcow2_co_pwrite_zeroes).
+            let end_in = in_off + n;
+            let unit = |sc: u64| cstart + sc * g..(cstart + (sc + 1) * g).min(size);
+            let head_sc = in_off / g;
+            if !in_off.is_multiple_of(g) {
+                let u = unit(head_sc);
+                let piece = pos..(pos + n).min(u.end);
+                let kind = classify(&m.h, e, bm, u32::try_from(head_sc).unwrap_or(0), l2)?;
+                if rest_is_zero(dev, kind, u.clone(), piece)? {
+                    first_full = head_sc;
+                    if pos + n <= u.end {
+                        last_full = head_sc + 1;
+                    }
+                }
+            }
+            let tail_sc = end_in / g;
+            let same_as_head = !in_off.is_multiple_of(g) && head_sc == tail_sc;
+            if !end_in.is_multiple_of(g) && cstart + end_in < size && !same_as_head {
+                let u = unit(tail_sc);
+                let kind = classify(&m.h, e, bm, u32::try_from(tail_sc).unwrap_or(0), l2)?;
+                if rest_is_zero(dev, kind, u.clone(), pos.max(u.start)..pos + n)? {
+                    last_full = tail_sc + 1;
+                }
+            }
+        }
         if shared || first_full >= last_full {
             let z = zeros.get(..idx(n)).unwrap_or(&[]);
             write_cluster(dev, &mut m, z, pos, &mut p)?;
@@ -399,6 +433,43 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
         pos += n;
     }
     commit(&mut m, p)
+}
+
+/// Whether the parts of the (sub)cluster `unit` outside `piece` read as zeroes, given
+/// the (sub)cluster's `kind`: always for zero clusters, for unallocated ones when the
+/// backing chain reports zeroes there (block status, as qemu's `is_zero`), never for
+/// data.
+fn rest_is_zero(
+    dev: &Qcow2Device,
+    kind: Sub,
+    unit: std::ops::Range<u64>,
+    piece: std::ops::Range<u64>,
+) -> Result<bool> {
+    Ok(match kind {
+        Sub::Zero | Sub::ZeroAlloc(_) => true,
+        Sub::Unalloc => {
+            backing_zero(dev, unit.start, piece.start)? && backing_zero(dev, piece.end, unit.end)?
+        }
+        Sub::Data(_) | Sub::Compressed(..) => false,
+    })
+}
+
+/// Whether guest bytes `from..to` of the backing chain are known zeroes (nothing
+/// allocated, or zero clusters, or past the backing device's end).
+fn backing_zero(dev: &Qcow2Device, from: u64, to: u64) -> Result<bool> {
+    let Some(b) = dev.backing() else {
+        return Ok(true);
+    };
+    let end = to.min(b.virtual_size());
+    let mut pos = from;
+    while pos < end {
+        let e = diskimg_blockio::block_status(b.as_ref(), pos, end - pos)?;
+        if e.present && !e.zero {
+            return Ok(false);
+        }
+        pos += e.length.max(1);
+    }
+    Ok(true)
 }
 
 /// `BlockDevice::discard` for qcow2: whole clusters only (as qemu), reading back as

@@ -81,7 +81,7 @@ impl Codec {
             Codec::Xz => {
                 let stream = liblzma::stream::MtStreamBuilder::new()
                     .threads(threads.max(1))
-                    .memlimit_threading(1 << 30)
+                    .memlimit_threading(64 << 20)
                     .memlimit_stop(u64::MAX)
                     .decoder()
                     .map_err(std::io::Error::other)?;

@@ -272,24 +272,10 @@ impl Storage for ForwardStorage {
         self.copy_out(&st, buf, offset)
     }
 
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
+    read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.known_len().unwrap_or(PROVISIONAL_LEN))
-    }
-
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
     }
 
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {

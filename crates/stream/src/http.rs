@@ -62,7 +62,13 @@ pub struct HttpStorage {
     len: u64,
     opts: HttpOptions,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    /// Readers of the same block take the same stripe, so a block is fetched once even
+    /// when several threads want it at the same time.
+    stripes: Vec<Mutex<()>>,
 }
+
+/// Fetch stripes.
+const STRIPES: usize = 64;
 
 impl std::fmt::Debug for HttpStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,23 +160,22 @@ fn content_range(r: &ureq::http::Response<ureq::Body>) -> Option<(u64, Option<u6
     Some((a.trim().parse().ok()?, total.trim().parse().ok()))
 }
 
+/// Reads exactly `want` body bytes into one allocation of that size (no doubling growth:
+/// parallel block fetches stay within their blocks' memory).
 fn read_body(
     r: ureq::http::Response<ureq::Body>,
     want: usize,
 ) -> std::result::Result<Vec<u8>, Failure> {
-    let mut out = Vec::new();
-    let mut rd = r
-        .into_body()
-        .into_with_config()
-        .limit(want as u64 + 1)
-        .reader();
-    rd.read_to_end(&mut out)
-        .map_err(|e| Failure::Retry(e.to_string()))?;
-    if out.len() != want {
-        return Err(Failure::Retry(format!(
-            "short body: {} of {want} bytes",
-            out.len()
-        )));
+    let mut out = vec![0u8; want];
+    let mut rd = r.into_body().into_with_config().limit(want as u64).reader();
+    let mut n = 0;
+    while n < want {
+        match rd.read(out.get_mut(n..).unwrap_or_default()) {
+            Ok(0) => return Err(Failure::Retry(format!("short body: {n} of {want} bytes"))),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Failure::Retry(e.to_string())),
+        }
     }
     Ok(out)
 }
@@ -215,6 +220,7 @@ impl HttpSource {
                     len: total,
                     opts: opts.clone(),
                     cache: Mutex::new(VecDeque::new()),
+                    stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 };
                 s.cache_put(0, Arc::new(body));
                 Ok(HttpSource::Ranges(s))
@@ -268,6 +274,11 @@ impl HttpStorage {
 
     /// Block `idx` (from the cache or one range request).
     fn block(&self, idx: u64) -> Result<Arc<Vec<u8>>> {
+        let stripe = self
+            .stripes
+            .get(usize::try_from(idx % STRIPES as u64).unwrap_or(0))
+            .ok_or(Error::invalid("no fetch stripe"))?;
+        let _fetching = stripe.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = self.cache_get(idx) {
             return Ok(b);
         }
@@ -323,24 +334,10 @@ impl Storage for HttpStorage {
         Ok(())
     }
 
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
+    read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.len)
-    }
-
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
     }
 }
 

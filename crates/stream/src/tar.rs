@@ -386,19 +386,9 @@ impl Storage for SliceStorage {
         }
         self.inner.read_exact_at(buf, self.offset + offset)
     }
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
+    read_only_storage!();
+
     fn len(&self) -> Result<u64> {
         Ok(self.len)
-    }
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn is_read_only(&self) -> bool {
-        true
     }
 }

@@ -1,5 +1,5 @@
 //! A basic metadata check (qemu has none for vpc): BAT entries inside the file, not
-//! overlapping metadata or each other; space past the last block reported as leaked
+//! overlapping metadata (footer copy, header, BAT, parent locators) or each other; space past the last block reported as leaked
 //! (left by an allocation cut short by a crash) and trimmed by `-r leaks`/`-r all`.
 
 use diskimg_blockio::{CheckReport, RepairMode, Result};
@@ -23,8 +23,6 @@ pub(crate) fn check(dev: &VhdDevice, repair: RepairMode) -> Result<CheckReport> 
     let alloc = d.alloc.lock().unwrap_or_else(|e| e.into_inner());
     let bat = d.bat.read().unwrap_or_else(|e| e.into_inner()).clone();
     let unit = d.bitmap_size + d.block_size;
-    let meta_end = (d.bat_offset + bat.len() as u64 * 4).next_multiple_of(512);
-    let hdr = dev.footer.data_offset;
     let mut blocks: Vec<(u64, usize)> = Vec::new();
     let mut prev: Option<u64> = None;
     let mut fragmented = 0u64;
@@ -41,12 +39,11 @@ pub(crate) fn check(dev: &VhdDevice, repair: RepairMode) -> Result<CheckReport> 
             ));
             continue;
         }
-        let over_hdr = start < hdr.saturating_add(1024) && hdr < end;
-        let over_bat = start < meta_end && d.bat_offset < end;
-        if start < 512 || over_hdr || over_bat {
+        if let Some(m) = d.meta.overlapping(start, unit) {
             r.corruptions += 1;
             r.messages.push(format!(
-                "ERROR block {i} at {start:#x} overlaps image metadata"
+                "ERROR block {i} at {start:#x} overlaps image metadata ({})",
+                m.name
             ));
             continue;
         }

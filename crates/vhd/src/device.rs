@@ -5,8 +5,8 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, RepairMode,
-    Result, Storage, ZeroFlags, check_range, map_host_run, read_from_backing,
+    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, MetaRanges,
+    RepairMode, Result, Storage, ZeroFlags, check_range, map_host_run, read_from_backing,
 };
 
 use crate::FORMAT;
@@ -37,6 +37,9 @@ pub(crate) struct Dynamic {
     pub(crate) bat: RwLock<Vec<u32>>,
     /// Serialises writers; holds the allocation pointer.
     pub(crate) alloc: Mutex<Alloc>,
+    /// Footer copy, dynamic header, BAT and parent locator data: no data write may land
+    /// there.
+    pub(crate) meta: MetaRanges,
 }
 
 impl Dynamic {

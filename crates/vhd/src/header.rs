@@ -147,6 +147,43 @@ impl DynHeader {
     }
 }
 
+/// One parent locator entry's host area (spec "Parent Locator Entries").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LocatorArea {
+    /// "Platform Data Offset".
+    pub(crate) offset: u64,
+    /// "Platform Data Length", rounded up to whole sectors: the bytes that must stay.
+    pub(crate) data: u64,
+    /// "Platform Data Space" in bytes (at least `data`): room reserved for the path.
+    pub(crate) reserved: u64,
+}
+
+/// The areas of every parent locator entry of the header bytes `buf` that has a
+/// platform code (known or not) and data. The spec gives "Platform Data Space" in
+/// sectors, but Virtual PC and Hyper-V store bytes there (VirtualBox's VHD.cpp says the
+/// same): values below 512 are read as sectors, others as bytes.
+pub(crate) fn locator_areas(buf: &[u8]) -> Vec<LocatorArea> {
+    (0..8usize)
+        .filter_map(|i| {
+            let e = LOCATORS_AT + i * 24;
+            let code = buf.be_u32(e)?;
+            let space = u64::from(buf.be_u32(e + 4)?);
+            let len = u64::from(buf.be_u32(e + 8)?);
+            let offset = buf.be_u64(e + 16)?;
+            if code == 0 || len == 0 {
+                return None;
+            }
+            let data = len.next_multiple_of(512);
+            let space = if space < 512 { space * 512 } else { space };
+            Some(LocatorArea {
+                offset,
+                data,
+                reserved: data.max(space),
+            })
+        })
+        .collect()
+}
+
 /// Decodes UTF-16 (little-endian when `le`), stopping at the first NUL.
 fn decode_utf16(buf: &[u8], le: bool) -> String {
     let units: Vec<u16> = buf

@@ -4,12 +4,12 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::bytes::ReadBytes;
-use diskimg_blockio::{BackingRef, Error, OpenOptions, Result, Storage};
+use diskimg_blockio::{BackingRef, Error, MetaRanges, OpenOptions, Result, Storage};
 
 use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice};
 use crate::footer::{DiskType, FOOTER_SIZE, Footer, MAX_SECTORS, SizeCalc};
-use crate::header::{DynHeader, HEADER_SIZE};
+use crate::header::{DynHeader, HEADER_SIZE, locator_areas};
 
 /// A BAT entry meaning "block not allocated".
 pub(crate) const UNALLOCATED: u32 = u32::MAX;
@@ -113,7 +113,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
                 .ok_or(Error::invalid("Error reading dynamic VHD header"))?;
             dev.storage.read_exact_at(part, hdr_at)?;
             let h = DynHeader::parse(&hbuf, hdr_at, dev.storage.as_ref(), &options.limits, diff)?;
-            let mut d = load_dynamic(&dev, h, hdr_at, file_len, options)?;
+            let mut d = load_dynamic(&dev, h, &hbuf, hdr_at, file_len, options)?;
             d.raw_header = hbuf.to_vec();
             if diff {
                 let (rel, abs) = d.header.parent_paths();
@@ -154,6 +154,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
 fn load_dynamic(
     dev: &VhdDevice,
     h: DynHeader,
+    raw_header: &[u8],
     hdr_at: u64,
     file_len: u64,
     options: &OpenOptions,
@@ -202,6 +203,18 @@ fn load_dynamic(
             "block-vpc: free_data_block_offset points after the end of file. The image has been truncated.",
         ));
     }
+    let diff = dev.footer.disk_type == DiskType::Differencing;
+    let (meta, reserved_end) = metadata(raw_header, hdr_at, bat_off, bat_bytes, diff)?;
+    // `check` opens (qemu's BDRV_O_CHECK) leave overlapping blocks for it to report.
+    if options.driver_options.get("check") != Some("on") {
+        check_blocks(
+            dev.storage.as_ref(),
+            &bat,
+            &meta,
+            bitmap_size + bs,
+            file_len,
+        )?;
+    }
     Ok(Dynamic {
         header: h,
         raw_header: Vec::new(),
@@ -209,9 +222,66 @@ fn load_dynamic(
         bitmap_size,
         bat_offset: bat_off,
         bat: RwLock::new(bat),
+        // New blocks go after the blocks, the BAT and everything the header points at
+        // (parent locators `create` places right after the BAT, with their reserved room).
         alloc: Mutex::new(Alloc {
-            free,
+            free: free.max(reserved_end),
             pending: None,
         }),
+        meta,
     })
+}
+
+/// Where the metadata of a dynamic disk lies: the footer copy, the dynamic header, the
+/// BAT (whole sectors) and, for a differencing disk, the data of every parent locator;
+/// and the end of everything they reserve. Refuses layouts whose structures overlap.
+fn metadata(
+    raw_header: &[u8],
+    hdr_at: u64,
+    bat_off: u64,
+    bat_bytes: u64,
+    diff: bool,
+) -> Result<(MetaRanges, u64)> {
+    let mut v = vec![
+        (0, FOOTER_SIZE as u64, "footer copy"),
+        (hdr_at, HEADER_SIZE as u64, "dynamic disk header"),
+        (bat_off, bat_bytes.next_multiple_of(512), "BAT"),
+    ];
+    let mut reserved_end = 0u64;
+    if diff {
+        for l in locator_areas(raw_header) {
+            v.push((l.offset, l.data, "parent locator"));
+            reserved_end = reserved_end.max(l.offset.saturating_add(l.reserved));
+        }
+    }
+    let meta = MetaRanges::build(v).map_err(|o| o.to_error(FORMAT))?;
+    let end = meta.end().max(reserved_end).next_multiple_of(512);
+    Ok((meta, end))
+}
+
+/// Refuses allocated blocks (bitmap and data, `unit` bytes) that overlap metadata or a
+/// valid footer at the end of the file: writes there would destroy it.
+fn check_blocks(
+    storage: &dyn Storage,
+    bat: &[u32],
+    meta: &MetaRanges,
+    unit: u64,
+    file_len: u64,
+) -> Result<()> {
+    let tail = file_len.saturating_sub(FOOTER_SIZE as u64);
+    let mut buf = [0u8; FOOTER_SIZE];
+    let end_footer =
+        storage.read_exact_at(&mut buf, tail).is_ok() && Footer::looks_valid(&buf) && tail > 0;
+    for &e in bat.iter().filter(|&&e| e != UNALLOCATED) {
+        let start = u64::from(e) * 512;
+        let over_footer = end_footer && start < file_len && tail < start.saturating_add(unit);
+        if meta.overlapping(start, unit).is_some() || over_footer {
+            return Err(Error::corrupt(
+                FORMAT,
+                "BAT entry points at image metadata",
+                start,
+            ));
+        }
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 
 use diskimg_blockio::{BlockDevice, Error, Result, check_range};
 
+use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice, read_bitmap};
 use crate::footer::{DiskType, FOOTER_SIZE};
 use crate::open::UNALLOCATED;
@@ -101,8 +102,13 @@ impl VhdDevice {
         let last = (in_block + data.len() as u64).div_ceil(512);
         let e = d.entry(idx);
         if e != UNALLOCATED {
-            self.storage
-                .write_all_at(data, d.data_start(e) + in_block)?;
+            let host = d.data_start(e) + in_block;
+            d.meta.guard_write(FORMAT, host, data.len() as u64)?;
+            if diff {
+                d.meta
+                    .guard_write(FORMAT, u64::from(e) * 512, d.bitmap_size)?;
+            }
+            self.storage.write_all_at(data, host)?;
             if diff {
                 let mut bm = read_bitmap(self.storage.as_ref(), d, e)?;
                 if set_bits(&mut bm, first, last) {
@@ -118,11 +124,13 @@ impl VhdDevice {
             .ok()
             .filter(|&s| s != UNALLOCATED)
             .ok_or(Error::unsupported(
-                crate::FORMAT,
+                FORMAT,
                 "image file too large for the BAT",
             ))?;
         let data_start = new + d.bitmap_size;
         let block_end = data_start + d.block_size;
+        d.meta
+            .guard_write(FORMAT, new, block_end + FOOTER_BYTES - new)?;
         let file_len = self.storage.len()?;
         // First a valid footer at the new end, durable before the old one (where the
         // bitmap goes) is overwritten: the file always ends with a footer.
@@ -211,8 +219,9 @@ impl VhdDevice {
             let n = room.min(end - pos);
             let e = d.entry(pos / d.block_size);
             if e != UNALLOCATED {
-                self.storage
-                    .write_zeroes(d.data_start(e) + pos % d.block_size, n)?;
+                let host = d.data_start(e) + pos % d.block_size;
+                d.meta.guard_write(FORMAT, host, n)?;
+                self.storage.write_zeroes(host, n)?;
             }
             pos += n;
         }

@@ -266,6 +266,23 @@ fn http_sources() {
         sum(&["checksum", "--header", "Authorization: Bearer t0ken", &url]),
         want
     );
+    // -n into an existing file (a block device works the same way) from a URL.
+    let existing = dir.path().join("existing.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&existing), "40M"]);
+    let url = format!("{}/img/disk.raw.gz", ng.base);
+    diskimg_ok(&[
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        &format!("{}/img/disk.qcow2", ng.base),
+        s(&existing),
+    ]);
+    assert!(qemu_compare(&raw, "raw", &existing, "raw"));
+    // A stream of unknown length cannot go into an existing target (-n).
+    let o = diskimg(&["convert", "-n", "-O", "raw", &url, s(&existing)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-n needs a source of known length"));
+    assert!(existing.exists());
     let o = diskimg(&["info", &format!("{}/img/missing.raw", ng.base)]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("404"));
 

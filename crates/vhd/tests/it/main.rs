@@ -9,6 +9,7 @@
 mod corpus;
 mod crash;
 mod differencing;
+mod guard;
 mod hostile;
 mod interop;
 mod model;

@@ -1,0 +1,329 @@
+//! `aio_read`, `aio_write`, `aio_flush`: requests that run concurrently.
+//!
+//! Each request runs on its own thread against the shared device (`Arc<dyn BlockDevice>`,
+//! `&self` I/O with the format's internal locking), so overlapping and interleaved
+//! requests really race inside the library, as qemu's coroutines do. Completions are
+//! reported in submission order when the session drains: at `aio_flush`, before any
+//! other command, and at exit (qemu-io prints a completion when its main loop next
+//! runs; scripts that issue several requests sort their output or drain explicitly).
+//! At most [`MAX_INFLIGHT`] requests run at once; submitting more first waits for the
+//! oldest.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use diskimg::BlockDevice;
+use diskimg::blockio::ZeroFlags;
+
+use super::cmds::{Cmd, bad_option, usage};
+use super::getopt::{self, Event};
+use super::num::parse_pattern;
+use super::out::{dump, report};
+use super::rw::{alloc, iovec_len, num_arg};
+use super::{EINVAL, Session, strerror};
+
+/// Requests running at once before a submission waits for the oldest.
+const MAX_INFLIGHT: usize = 64;
+
+/// The outstanding requests, oldest first; each thread returns its report text.
+#[derive(Default)]
+pub(super) struct Aio {
+    inflight: VecDeque<JoinHandle<String>>,
+}
+
+impl Aio {
+    /// Waits for every request; returns their reports in submission order.
+    pub(super) fn drain(&mut self) -> Vec<String> {
+        self.inflight.drain(..).map(join).collect()
+    }
+
+    /// Starts `job`; returns the report of a request that had to finish first.
+    fn submit(&mut self, job: impl FnOnce() -> String + Send + 'static) -> Option<String> {
+        let done = if self.inflight.len() >= MAX_INFLIGHT {
+            self.inflight.pop_front().map(join)
+        } else {
+            None
+        };
+        self.inflight.push_back(std::thread::spawn(job));
+        done
+    }
+}
+
+fn join(h: JoinHandle<String>) -> String {
+    h.join()
+        .unwrap_or_else(|_| "aio request failed: worker thread panicked\n".to_string())
+}
+
+/// What an asynchronous request reports when it completes.
+struct Report {
+    offset: u64,
+    quiet: bool,
+    machine: bool,
+}
+
+fn aio_read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
+    let c = &AIO_READ;
+    let (events, ops) = getopt::parse(name, args, "CiP:qrv", &[]);
+    let (mut machine, mut quiet, mut verbose, mut pattern) = (false, false, false, None);
+    for ev in events {
+        match ev {
+            Event::Error(m) => return bad_option(s, c, &m),
+            Event::Opt('C', _) => machine = true,
+            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+                Ok(p) => pattern = Some(p),
+                Err(m) => {
+                    s.out.print(&m);
+                    return -EINVAL;
+                }
+            },
+            Event::Opt('i', _) => {
+                s.out.print("injecting invalid read request\n");
+                return 0;
+            }
+            Event::Opt('q', _) => quiet = true,
+            Event::Opt('v', _) => verbose = true,
+            Event::Opt(_, _) => {}
+        }
+    }
+    let Some((off, lens)) = ops.split_first().filter(|(_, l)| !l.is_empty()) else {
+        usage(s, c);
+        return -EINVAL;
+    };
+    let offset = match num_arg(s, off) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let Some(count) = iovec_len(s, lens) else {
+        return -EINVAL;
+    };
+    let Some(dev) = device(s) else {
+        return -EINVAL;
+    };
+    let r = Report {
+        offset,
+        quiet,
+        machine,
+    };
+    let done = s.aio.submit(move || {
+        let Some(mut buf) = alloc(count, 0xab) else {
+            return "readv failed: Cannot allocate memory\n".to_string();
+        };
+        let start = Instant::now();
+        if let Err(e) = dev.read_at(&mut buf, r.offset) {
+            return format!("readv failed: {}\n", strerror(&e));
+        }
+        let t = start.elapsed();
+        let mut text = String::new();
+        if let Some(p) = pattern
+            && buf.iter().any(|&b| b != p)
+        {
+            text.push_str(&format!(
+                "Pattern verification failed at offset {}, {count} bytes\n",
+                r.offset
+            ));
+        }
+        if r.quiet {
+            return text;
+        }
+        if verbose {
+            text.push_str(&dump(&buf, r.offset));
+        }
+        text.push_str(&report("read", t, r.offset, count, count, 1, r.machine));
+        text
+    });
+    if let Some(t) = done {
+        s.out.print(&t);
+    }
+    0
+}
+
+fn aio_write_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
+    let c = &AIO_WRITE;
+    let (events, ops) = getopt::parse(name, args, "CfiP:qruz", &[]);
+    let (mut machine, mut fua, mut quiet, mut unmap, mut zero) =
+        (false, false, false, false, false);
+    let (mut pattern, mut registered) = (0xcd, false);
+    for ev in events {
+        match ev {
+            Event::Error(m) => return bad_option(s, c, &m),
+            Event::Opt('C', _) => machine = true,
+            Event::Opt('f', _) => fua = true,
+            Event::Opt('q', _) => quiet = true,
+            Event::Opt('r', _) => registered = true,
+            Event::Opt('u', _) => unmap = true,
+            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+                Ok(p) => pattern = p,
+                Err(m) => {
+                    s.out.print(&m);
+                    return -EINVAL;
+                }
+            },
+            Event::Opt('i', _) => {
+                s.out.print("injecting invalid write request\n");
+                return 0;
+            }
+            Event::Opt('z', _) => zero = true,
+            Event::Opt(_, _) => {}
+        }
+    }
+    if ops.len() < 2 {
+        usage(s, c);
+        return -EINVAL;
+    }
+    let checks = [
+        (
+            zero && ops.len() != 2,
+            "-z supports only a single length parameter",
+        ),
+        (unmap && !zero, "-u requires -z to be specified"),
+        (
+            zero && registered,
+            "cannot combine zero write with registered I/O buffer",
+        ),
+    ];
+    if let Some((_, m)) = checks.iter().find(|(bad, _)| *bad) {
+        s.out.print(&format!("{m}\n"));
+        return -EINVAL;
+    }
+    let Some((off_arg, lens)) = ops.split_first() else {
+        return -EINVAL;
+    };
+    let offset = match num_arg(s, off_arg) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let count = if zero {
+        match num_arg(s, lens.first().map_or("", String::as_str)) {
+            Ok(v) => v,
+            Err(e) => return e,
+        }
+    } else {
+        match iovec_len(s, lens) {
+            Some(v) => v,
+            None => return -EINVAL,
+        }
+    };
+    let Some(b) = s.blk.as_ref() else {
+        return -EINVAL;
+    };
+    let (dev, flush) = (b.dev.clone(), b.writethrough || fua);
+    let r = Report {
+        offset,
+        quiet,
+        machine,
+    };
+    let done = s.aio.submit(move || {
+        let start = Instant::now();
+        let res = if zero {
+            dev.write_zeroes(r.offset, count, ZeroFlags { may_unmap: unmap })
+        } else {
+            match alloc(count, pattern) {
+                Some(buf) => dev.write_at(&buf, r.offset),
+                None => return "aio_write failed: Cannot allocate memory\n".to_string(),
+            }
+        };
+        let res = res.and_then(|()| if flush { dev.flush() } else { Ok(()) });
+        let t = start.elapsed();
+        match res {
+            Err(e) => format!("aio_write failed: {}\n", strerror(&e)),
+            Ok(()) if r.quiet => String::new(),
+            Ok(()) => report("wrote", t, r.offset, count, count, 1, r.machine),
+        }
+    });
+    if let Some(t) = done {
+        s.out.print(&t);
+    }
+    0
+}
+
+fn device(s: &Session) -> Option<Arc<dyn BlockDevice>> {
+    s.blk.as_ref().map(|b| b.dev.clone())
+}
+
+fn aio_flush_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
+    s.drain();
+    0
+}
+
+/// `aio_read`, `aio_write`, `aio_flush`.
+pub(super) static COMMANDS: &[&Cmd] = &[&AIO_READ, &AIO_WRITE, &AIO_FLUSH];
+
+static AIO_READ: Cmd = Cmd {
+    argmin: 2,
+    argmax: -1,
+    args: Some("[-Ciqrv] [-P pattern] off len [len..]"),
+    help: Some(AIO_READ_HELP),
+    ..Cmd::new(
+        "aio_read",
+        aio_read_f,
+        "asynchronously reads a number of bytes",
+    )
+};
+
+static AIO_WRITE: Cmd = Cmd {
+    argmin: 2,
+    argmax: -1,
+    write: true,
+    args: Some("[-Cfiqruz] [-P pattern] off len [len..]"),
+    help: Some(AIO_WRITE_HELP),
+    ..Cmd::new(
+        "aio_write",
+        aio_write_f,
+        "asynchronously writes a number of bytes",
+    )
+};
+
+static AIO_FLUSH: Cmd = Cmd::new(
+    "aio_flush",
+    aio_flush_f,
+    "completes all outstanding aio requests",
+);
+
+const AIO_READ_HELP: &str = "
+ asynchronously reads a range of bytes from the given offset
+
+ Example:
+ 'aio_read -v 512 1k 1k ' - dumps 2 kilobytes read from 512 bytes into the file
+
+ Reads a segment of the currently open file, optionally dumping it to the
+ standard output stream (with -v option) for subsequent inspection.
+ The read is performed asynchronously and the aio_flush command must be
+ used to ensure all outstanding aio requests have been completed.
+ Note that due to its asynchronous nature, this command will be
+ considered successful once the request is submitted, independently
+ of potential I/O errors or pattern mismatches.
+ -C, -- report statistics in a machine parsable format
+ -i, -- treat request as invalid, for exercising stats
+ -P, -- use a pattern to verify read data
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -v, -- dump buffer to standard output
+
+";
+
+const AIO_WRITE_HELP: &str = "
+ asynchronously writes a range of bytes from the given offset source
+ from multiple buffers
+
+ Example:
+ 'aio_write 512 1k 1k' - writes 2 kilobytes at 512 bytes into the open file
+
+ Writes into a segment of the currently open file, using a buffer
+ filled with a set pattern (0xcdcdcdcd).
+ The write is performed asynchronously and the aio_flush command must be
+ used to ensure all outstanding aio requests have been completed.
+ Note that due to its asynchronous nature, this command will be
+ considered successful once the request is submitted, independently
+ of potential I/O errors or pattern mismatches.
+ -C, -- report statistics in a machine parsable format
+ -f, -- use Force Unit Access semantics
+ -i, -- treat request as invalid, for exercising stats
+ -P, -- use different pattern to fill file
+ -q, -- quiet mode, do not show I/O statistics
+ -r, -- register I/O buffer
+ -u, -- with -z, allow unmapping
+ -z, -- write zeroes using blk_aio_pwrite_zeroes
+
+";

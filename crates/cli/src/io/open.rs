@@ -1,0 +1,423 @@
+//! Opening images for qemu-io: the `open`, `close` and `reopen` commands, the global
+//! `-r -s -C -t -n -U` flags, option dictionaries (`-o`, `--image-opts`, `json:{…}`),
+//! and the layers `-s` (a temporary qcow2 overlay) and `-C` (copy-on-read) put over
+//! the image.
+
+use std::sync::Arc;
+
+use diskimg::{BlockDevice, ImageOptions, OpenPolicy, OptionList};
+
+use super::cmds::{Cmd, bad_option, usage};
+use super::getopt::{self, Event};
+use super::layers::{CopyOnRead, snapshot_overlay};
+use super::{Blk, EINVAL, Session};
+
+/// How to open an image (qemu's `BDRV_O_*` flags that matter here).
+#[derive(Clone, Debug)]
+pub(super) struct OpenFlags {
+    pub(super) read_only: bool,
+    pub(super) snapshot: bool,
+    pub(super) copy_on_read: bool,
+    pub(super) nocache: bool,
+    pub(super) writethrough: bool,
+    pub(super) force_share: bool,
+}
+
+impl Default for OpenFlags {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            snapshot: false,
+            copy_on_read: false,
+            nocache: false,
+            // qemu-io's default cache mode is writethrough.
+            writethrough: true,
+            force_share: false,
+        }
+    }
+}
+
+/// What an open was asked for (kept for `reopen`).
+#[derive(Clone, Debug)]
+pub(super) struct Spec {
+    name: Option<String>,
+    dict: OptionList,
+    flags: OpenFlags,
+}
+
+/// qemu's `bdrv_parse_cache_mode`; false for an unknown mode.
+pub(super) fn parse_cache(mode: &str, f: &mut OpenFlags) -> bool {
+    let (nocache, writethrough) = match mode {
+        "off" | "none" => (true, false),
+        "directsync" => (true, true),
+        "writeback" | "unsafe" => (false, false),
+        "writethrough" => (false, true),
+        _ => return false,
+    };
+    f.nocache = nocache;
+    f.writethrough = writethrough;
+    true
+}
+
+/// qemu's `bdrv_parse_aio`.
+pub(super) fn valid_aio(mode: &str) -> bool {
+    matches!(mode, "threads" | "native" | "io_uring")
+}
+
+/// qemu's `bdrv_parse_discard_flags`: `Some(unmap)`.
+pub(super) fn parse_discard(mode: &str) -> Option<bool> {
+    match mode {
+        "off" | "ignore" => Some(false),
+        "on" | "unmap" => Some(true),
+        _ => None,
+    }
+}
+
+/// Parses an option string as qemu's `qemu_opts_parse_noisily` (with `implied_file`,
+/// a first bare word is the `file` option, as `--image-opts` takes it).
+pub(super) fn parse_image_opts(s: &str, implied_file: bool) -> Result<OptionList, String> {
+    let mut text = s.to_string();
+    if implied_file {
+        let first = text.split(',').next().unwrap_or("");
+        if !first.contains('=') && !first.is_empty() {
+            text = format!("file={text}");
+        }
+    }
+    OptionList::parse(&text).map_err(|e| e.to_string())
+}
+
+/// Opens `name` (or the image the options name) into the session; prints qemu-io's
+/// message and returns 1 on failure.
+pub(super) fn openfile(
+    s: &mut Session,
+    name: Option<&str>,
+    flags: OpenFlags,
+    dict: OptionList,
+) -> i32 {
+    if s.blk.is_some() {
+        s.out.error("file open already, try 'help close'");
+        return 1;
+    }
+    if flags.force_share && dict.get("force-share").is_some_and(|v| v != "on") {
+        s.out.error("-U conflicts with image options");
+        return 1;
+    }
+    let spec = Spec {
+        name: name.map(str::to_string),
+        dict,
+        flags,
+    };
+    match open_spec(&spec) {
+        Ok(blk) => {
+            s.blk = Some(blk);
+            0
+        }
+        Err(e) => {
+            let msg = match name {
+                Some(n) => format!("can't open device {n}: {e}"),
+                None => format!("can't open: {e}"),
+            };
+            s.out.error(&msg);
+            1
+        }
+    }
+}
+
+fn open_spec(spec: &Spec) -> Result<Blk, String> {
+    let mut dict = spec.dict.clone();
+    let mut name = spec.name.clone();
+    if let Some(n) = name.as_deref().filter(|n| n.starts_with("json:")) {
+        let json = crate::imgspec::flatten_json(n).map_err(|e| crate::message(&e))?;
+        for (k, v) in json.entries() {
+            if dict.get(k).is_none() {
+                dict.set(k, v);
+            }
+        }
+        name = None;
+    }
+    let r = crate::imgspec::resolve(dict, name.as_deref(), None).map_err(|e| crate::message(&e))?;
+    let flags = &spec.flags;
+    let read_only = flags.read_only || r.read_only == Some(true);
+    let cor = flags.copy_on_read || r.copy_on_read;
+    if cor && read_only {
+        return Err("Can't use copy-on-read on read-only device".into());
+    }
+    if flags.force_share && !read_only {
+        return Err("force-share=on can only be used with read-only images".into());
+    }
+    let mut opts = ImageOptions::default()
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_backing(r.open_backing)
+        .with_secrets(crate::secrets::secrets());
+    opts.driver_options = r.driver_options;
+    // With -s the image itself is only read; writes go to the overlay.
+    opts.read_only = read_only || flags.snapshot;
+    let img = diskimg::open(&r.path, r.format, &opts).map_err(|e| crate::message(&e.into()))?;
+    crate::common::report_open_repairs(&img);
+    if !opts.read_only {
+        crate::common::warn_probed_raw(&r.path, r.format, &img);
+    }
+    let mut dev: Arc<dyn BlockDevice> = img.device.clone();
+    if flags.snapshot {
+        dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
+    }
+    if cor {
+        dev = Arc::new(CopyOnRead::new(dev));
+    }
+    Ok(Blk {
+        img,
+        dev,
+        read_only,
+        writethrough: flags.writethrough,
+        spec: spec.clone(),
+    })
+}
+
+/// Closes the open image (if any), reporting what closing fails with.
+pub(super) fn close(s: &mut Session) {
+    s.drain();
+    if let Some(b) = s.blk.take() {
+        close_blk(s, &b);
+    }
+}
+
+fn close_blk(s: &mut Session, b: &Blk) {
+    let res = if Arc::ptr_eq(&b.dev, &b.img.device) {
+        b.img.close()
+    } else {
+        b.dev.close().and_then(|()| b.img.close())
+    };
+    if let Err(e) = res {
+        s.out.error(&crate::message(&e.into()));
+    }
+}
+
+fn close_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
+    close(s);
+    0
+}
+
+fn open_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
+    let c = &OPEN;
+    let (events, ops) = getopt::parse(name, args, "snCro:ki:t:d:U", &[]);
+    let mut flags = OpenFlags::default();
+    let mut dict = OptionList::new();
+    for ev in events {
+        let (o, a) = match ev {
+            Event::Error(m) => return bad_option(s, c, &m),
+            Event::Opt(o, a) => (o, a.unwrap_or_default()),
+        };
+        match o {
+            's' => flags.snapshot = true,
+            'n' => {
+                flags.nocache = true;
+                flags.writethrough = false;
+            }
+            'C' => flags.copy_on_read = true,
+            'r' => flags.read_only = true,
+            't' if !parse_cache(&a, &mut flags) => {
+                s.out.error(&format!("Invalid cache option: {a}"));
+                return -EINVAL;
+            }
+            'd' if parse_discard(&a).is_none() => {
+                s.out.error(&format!("Invalid discard option: {a}"));
+                return -EINVAL;
+            }
+            'i' if !valid_aio(&a) => {
+                s.out.error(&format!("Invalid aio option: {a}"));
+                return -EINVAL;
+            }
+            'o' => {
+                if s.image_opts {
+                    s.out
+                        .print("--image-opts and 'open -o' are mutually exclusive\n");
+                    return -EINVAL;
+                }
+                if let Err(e) = dict.extend_from(&a) {
+                    s.out.error(&e.to_string());
+                    return -EINVAL;
+                }
+            }
+            'U' => flags.force_share = true,
+            _ => {}
+        }
+    }
+    let mut ops = ops;
+    if let [only] = ops.as_slice()
+        && s.image_opts
+    {
+        match parse_image_opts(only, false) {
+            Ok(d) => dict = d,
+            Err(e) => {
+                s.out.error(&e);
+                return -EINVAL;
+            }
+        }
+        ops.clear();
+    }
+    let r = match ops.as_slice() {
+        [name] => openfile(s, Some(name), flags, dict),
+        [] => openfile(s, None, flags, dict),
+        _ => {
+            usage(s, c);
+            return -EINVAL;
+        }
+    };
+    if r != 0 { -EINVAL } else { 0 }
+}
+
+fn reopen_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
+    let c = &REOPEN;
+    let Some(old) = s.blk.as_ref().map(|b| b.spec.clone()) else {
+        return -EINVAL;
+    };
+    let (events, ops) = getopt::parse(name, args, "c:o:rw", &[]);
+    let mut spec = old.clone();
+    let (mut rw_given, mut cache_given) = (false, false);
+    let mut extra = OptionList::new();
+    for ev in events {
+        let (o, a) = match ev {
+            Event::Error(m) => return bad_option(s, c, &m),
+            Event::Opt(o, a) => (o, a.unwrap_or_default()),
+        };
+        match o {
+            'c' => {
+                if !parse_cache(&a, &mut spec.flags) {
+                    s.out.error(&format!("Invalid cache option: {a}"));
+                    return -EINVAL;
+                }
+                cache_given = true;
+            }
+            'o' => {
+                if let Err(e) = extra.extend_from(&a) {
+                    s.out.error(&e.to_string());
+                    return -EINVAL;
+                }
+            }
+            'r' | 'w' => {
+                if rw_given {
+                    s.out.error("Only one -r/-w option may be given");
+                    return -EINVAL;
+                }
+                spec.flags.read_only = o == 'r';
+                rw_given = true;
+            }
+            _ => {}
+        }
+    }
+    if !ops.is_empty() {
+        usage(s, c);
+        return -EINVAL;
+    }
+    if let Some(v) = extra.take("read-only") {
+        if rw_given {
+            s.out.error("Cannot set both -r/-w and 'read-only'");
+            return -EINVAL;
+        }
+        match crate::imgspec::parse_bool("read-only", &v) {
+            Ok(ro) => spec.flags.read_only = ro,
+            Err(e) => {
+                s.out.error(&e.to_string());
+                return -EINVAL;
+            }
+        }
+    }
+    if (extra.get("cache.direct").is_some() || extra.get("cache.no-flush").is_some()) && cache_given
+    {
+        s.out.error("Cannot set both -c and the cache options");
+        return -EINVAL;
+    }
+    for key in ["driver", "node-name"] {
+        if let Some(v) = extra.get(key)
+            && spec.dict.get(key) != Some(v)
+        {
+            s.out.error(&format!("Cannot change the option '{key}'"));
+            return -EINVAL;
+        }
+    }
+    for (k, v) in extra.entries() {
+        spec.dict.set(k, v);
+    }
+    spec.dict.take("read-only");
+    reopen(s, spec, old)
+}
+
+/// Closes the image and opens it again as `spec`; on failure the old state returns.
+fn reopen(s: &mut Session, spec: Spec, old: Spec) -> i32 {
+    s.drain();
+    let Some(b) = s.blk.take() else {
+        return -EINVAL;
+    };
+    close_blk(s, &b);
+    drop(b);
+    match open_spec(&spec) {
+        Ok(nb) => {
+            s.blk = Some(nb);
+            0
+        }
+        Err(e) => {
+            s.out.error(&e);
+            if let Ok(ob) = open_spec(&old) {
+                s.blk = Some(ob);
+            }
+            -EINVAL
+        }
+    }
+}
+
+/// `open`, `close`, `reopen`.
+pub(super) static COMMANDS: &[&Cmd] = &[&OPEN, &CLOSE, &REOPEN];
+
+static OPEN: Cmd = Cmd {
+    alt: Some("o"),
+    argmin: 1,
+    argmax: -1,
+    nofile_ok: true,
+    args: Some("[-rsCnkU] [-t cache] [-d discard] [-o options] [path]"),
+    help: Some(OPEN_HELP),
+    ..Cmd::new("open", open_f, "open the file specified by path")
+};
+
+static CLOSE: Cmd = Cmd {
+    alt: Some("c"),
+    ..Cmd::new("close", close_f, "close the current open file")
+};
+
+static REOPEN: Cmd = Cmd {
+    argmax: -1,
+    args: Some("[(-r|-w)] [-c cache] [-o options]"),
+    help: Some(REOPEN_HELP),
+    ..Cmd::new("reopen", reopen_f, "reopens an image with new options")
+};
+
+const OPEN_HELP: &str = "
+ opens a new file in the requested mode
+
+ Example:
+ 'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached
+
+ Opens a file for subsequent use by all of the other qemu-io commands.
+ -r, -- open file read-only
+ -s, -- use snapshot file
+ -C, -- use copy-on-read
+ -n, -- disable host cache, short for -t none
+ -U, -- force shared permissions
+ -k, -- use kernel AIO implementation (Linux only, prefer use of -i)
+ -i, -- use AIO mode (threads, native or io_uring)
+ -t, -- use the given cache mode for the image
+ -d, -- use the given discard mode for the image
+ -o, -- options to be given to the block driver
+";
+
+const REOPEN_HELP: &str = "
+ Changes the open options of an already opened image
+
+ Example:
+ 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on a qcow2 image
+
+ -r, -- Reopen the image read-only
+ -w, -- Reopen the image read-write
+ -c, -- Change the cache mode to the given value
+ -o, -- Changes block driver options (cf. 'open' command)
+
+";

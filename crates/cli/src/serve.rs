@@ -1,0 +1,197 @@
+//! `serve [-f FMT] [-r] [-x NAME] [-k SOCKET | -b ADDR -p PORT] [-e N] [-t] [--cache M]
+//! [--discard M] [--detect-zeroes M] [--pid-file F] [--fork] [--vhost-user-blk SOCKET]
+//! FILE`: export an image (with its backing chain) over NBD, with qemu-nbd's flags, or
+//! over vhost-user-blk.
+//!
+//! The image is opened as every verb opens it (format probed or `-f`, backing chain
+//! under the qemu-compatible open policy, `--image-opts`/`--object secret` for
+//! encrypted images). SIGTERM and SIGINT stop the server: requests in flight finish,
+//! the image is flushed and closed, and the command exits 0.
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use diskimg_serve::{
+    CacheMode, DetectZeroes, Discard, Export, ExportOptions, Listener, NbdConfig, NbdServer,
+    Shutdown, WritePolicy,
+};
+
+use crate::common::{open_image, opt_format};
+
+/// Environment variable telling a `--fork` child to report readiness on stdout.
+const READY_ENV: &str = "DISKIMG_SERVE_READY";
+
+/// Arguments of `serve`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Export name (default: empty).
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    /// Export description (shown by NBD_OPT_LIST).
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// Listen on this unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<String>,
+    /// TCP address to listen on.
+    #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
+    bind: String,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    port: u16,
+    /// Most clients at once (0 = unlimited).
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    shared: usize,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Cache mode: writeback, writethrough, none, directsync, unsafe.
+    #[arg(long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Same as --cache=none.
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// Discard mode: ignore (off) or unmap (on).
+    #[arg(long = "discard", default_value = "ignore")]
+    discard: String,
+    /// Zero detection for writes: off, on, unmap.
+    #[arg(long = "detect-zeroes", default_value = "off")]
+    detect_zeroes: String,
+    /// Expose qemu:allocation-depth (always offered; accepted for qemu-nbd compatibility).
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Seconds a client has to finish the NBD handshake.
+    #[arg(long = "handshake-limit", default_value_t = 10)]
+    handshake_limit: u64,
+    /// Write the server's process id to this file.
+    #[arg(long = "pid-file")]
+    pid_file: Option<String>,
+    /// Run in the background once the socket listens.
+    #[arg(long = "fork")]
+    fork: bool,
+    /// The image.
+    file: String,
+}
+
+fn policy(a: &Args) -> Result<WritePolicy> {
+    let cache = if a.nocache { "none" } else { a.cache.as_str() };
+    Ok(WritePolicy {
+        cache: CacheMode::parse(cache).ok_or_else(|| anyhow!("Invalid cache mode '{cache}'"))?,
+        discard: Discard::parse(&a.discard)
+            .ok_or_else(|| anyhow!("Invalid discard option '{}'", a.discard))?,
+        detect_zeroes: DetectZeroes::parse(&a.detect_zeroes)
+            .ok_or_else(|| anyhow!("Invalid detect-zeroes option '{}'", a.detect_zeroes))?,
+    })
+}
+
+pub(crate) fn run(a: Args) -> Result<i32> {
+    let _ = a.allocation_depth;
+    let policy = policy(&a)?;
+    if a.fork && std::env::var_os(READY_ENV).is_none() {
+        return fork_and_wait();
+    }
+    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let img = open_image(&a.file, format, a.read_only, true)?;
+    let mut opts = ExportOptions::named(a.export_name.clone());
+    opts.description = a.description.clone();
+    opts.read_only = a.read_only;
+    opts.policy = policy;
+    let export = Arc::new(Export::new(img.device.clone(), opts));
+
+    let shutdown = Shutdown::new();
+    let signals = watch_signals(&shutdown)?;
+    let served = serve_nbd(&a, export, &shutdown);
+    signals.close();
+    let closed = img.close().context("closing the image");
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    served?;
+    closed?;
+    Ok(0)
+}
+
+fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
+    let listener = match &a.socket {
+        Some(path) => Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?,
+        None => {
+            let addr = if a.bind.contains(':') && !a.bind.starts_with('[') {
+                format!("[{}]:{}", a.bind, a.port)
+            } else {
+                format!("{}:{}", a.bind, a.port)
+            };
+            Listener::tcp(&addr).with_context(|| format!("cannot listen on '{addr}'"))?
+        }
+    };
+    let mut config = NbdConfig::default();
+    config.max_connections = a.shared;
+    config.persistent = a.persistent;
+    config.handshake_limit = Duration::from_secs(a.handshake_limit.max(1));
+    ready(a)?;
+    NbdServer::new(export, config)
+        .serve(&listener, shutdown)
+        .context("NBD server failed")
+}
+
+/// The socket listens: write the pid file and tell a waiting `--fork` parent.
+fn ready(a: &Args) -> Result<()> {
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write pid file '{p}'"))?;
+    }
+    if std::env::var_os(READY_ENV).is_some() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b"ready\n");
+        let _ = out.flush();
+    }
+    Ok(())
+}
+
+/// Stops the server on SIGTERM, SIGINT or SIGHUP.
+fn watch_signals(shutdown: &Shutdown) -> Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install signal handlers")?;
+    let handle = signals.handle();
+    let sd = shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                sd.trigger();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(handle)
+}
+
+/// `--fork`: runs the same command again in a new process group as the server, waits
+/// until it listens (it prints `ready` on the pipe), and exits 0; the server goes on.
+fn fork_and_wait() -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the diskimg executable")?;
+    let mut child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("cannot start the server process")?;
+    let out = child.stdout.take().ok_or_else(|| anyhow!("no pipe"))?;
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(out).read_line(&mut line);
+    if line.trim() == "ready" {
+        return Ok(0);
+    }
+    let status = child.wait()?;
+    bail!("the server exited before it was ready ({status})")
+}

@@ -1,0 +1,367 @@
+//! The transmission phase: requests read, checked and executed, replies written.
+//!
+//! Each connection is served by a small team of threads in leader/follower style: the
+//! thread holding the reader lock reads the next request (header and payload), releases
+//! the lock and executes the request while another thread reads the next one. With one
+//! request in flight a single thread does everything (no hand-off latency); a new
+//! thread joins when every thread is busy, up to [`NbdConfig::workers`].
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown as How;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use super::proto::*;
+use super::status::block_status_reply;
+use super::{NbdConfig, Session};
+use crate::export::{Export, Fault};
+use crate::listen::Stream;
+
+/// One request header (`NBD_REQUEST_MAGIC` layout, 28 bytes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Request {
+    pub(crate) flags: u16,
+    pub(crate) ty: u16,
+    pub(crate) cookie: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+}
+
+/// A connection in transmission.
+pub(crate) struct Conn {
+    pub(crate) export: Arc<Export>,
+    pub(crate) session: Session,
+    reader: Mutex<BufReader<Stream>>,
+    writer: Mutex<Stream>,
+    control: Stream,
+    closing: AtomicBool,
+    /// Threads waiting for (or holding) the reader lock.
+    waiting: AtomicUsize,
+    workers: AtomicUsize,
+    max_workers: usize,
+    spawned: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A worker keeps its read buffer up to this size between requests.
+const KEEP_BUFFER: usize = 4 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What reading the next request gave.
+enum Next {
+    /// A request to execute (a write's payload is in the buffer).
+    Run(Request),
+    /// Disconnect: `NBD_CMD_DISC`, end of stream, or a protocol violation after which
+    /// the stream cannot be trusted (wrong magic, oversized write). `Some` is a last
+    /// error reply to send first.
+    Close(Option<(Request, Fault)>),
+}
+
+impl Conn {
+    pub(crate) fn new(
+        stream: Stream,
+        export: Arc<Export>,
+        session: Session,
+        config: &NbdConfig,
+    ) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Conn {
+            export,
+            session,
+            writer: Mutex::new(stream.try_clone()?),
+            control: stream.try_clone()?,
+            reader: Mutex::new(BufReader::with_capacity(64 << 10, stream)),
+            closing: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            workers: AtomicUsize::new(1),
+            max_workers: config.workers.max(1),
+            spawned: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Stops reading requests: in-flight ones still complete and reply.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.control.shutdown(How::Read);
+    }
+
+    /// Serves the connection on this thread (and helpers it spawns) until it closes.
+    pub(crate) fn run(self: &Arc<Self>) {
+        self.worker();
+        loop {
+            let handles: Vec<_> = lock(&self.spawned).drain(..).collect();
+            if handles.is_empty() {
+                break;
+            }
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+        self.control.shutdown(How::Both);
+    }
+
+    fn worker(self: &Arc<Self>) {
+        let mut payload = Vec::new();
+        let mut out = Vec::new();
+        let mut data = Vec::new();
+        loop {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let next = {
+                let mut r = lock(&self.reader);
+                if self.closing.load(Ordering::SeqCst) {
+                    Next::Close(None)
+                } else {
+                    read_request(&mut *r, &mut payload).unwrap_or(Next::Close(None))
+                }
+            };
+            let idle = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+            let req = match next {
+                Next::Run(req) => req,
+                Next::Close(last) => {
+                    self.close();
+                    if let Some((req, f)) = last {
+                        self.error_reply(&req, f, &mut out);
+                        let _ = self.send(&out);
+                    }
+                    break;
+                }
+            };
+            if idle == 0 {
+                self.grow();
+            }
+            let n = self.execute(&req, &payload, &mut out, &mut data);
+            let tail = data.get(..n).unwrap_or(&[]);
+            if !out.is_empty() && self.send_parts(&out, tail).is_err() {
+                self.close();
+                break;
+            }
+            if data.len() > KEEP_BUFFER {
+                data = Vec::new();
+            }
+        }
+    }
+
+    /// Adds a worker when all are busy and the team may grow.
+    fn grow(self: &Arc<Self>) {
+        let n = self.workers.load(Ordering::SeqCst);
+        if n >= self.max_workers || self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        self.workers.fetch_add(1, Ordering::SeqCst);
+        let me = Arc::clone(self);
+        match std::thread::Builder::new()
+            .name("nbd-worker".into())
+            .spawn(move || me.worker())
+        {
+            Ok(h) => lock(&self.spawned).push(h),
+            Err(_) => {
+                self.workers.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        lock(&self.writer).write_all(msg)
+    }
+
+    /// Sends `head` then `tail` as one reply (vectored, no copy of the data).
+    fn send_parts(&self, head: &[u8], tail: &[u8]) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        let mut bufs = [io::IoSlice::new(head), io::IoSlice::new(tail)];
+        let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
+        while !slices.is_empty() {
+            match w.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes `req`: the reply's header (or all of it) goes into `out` (empty: no
+    /// reply), and the returned count of bytes of `data` follow it (read data).
+    fn execute(
+        &self,
+        req: &Request,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        data: &mut Vec<u8>,
+    ) -> usize {
+        out.clear();
+        let r = if req.ty == CMD_READ {
+            self.read(req, out, data)
+        } else {
+            self.run_command(req, payload, out).map(|()| 0)
+        };
+        match r {
+            Ok(n) => {
+                if out.is_empty() {
+                    simple_reply(out, req.cookie, 0);
+                }
+                n
+            }
+            Err(f) => {
+                self.error_reply(req, f, out);
+                0
+            }
+        }
+    }
+
+    fn error_reply(&self, req: &Request, f: Fault, out: &mut Vec<u8>) {
+        out.clear();
+        if self.session.structured {
+            let msg = fault_message(f).as_bytes();
+            chunk_header(
+                out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                req.cookie,
+                6 + msg.len(),
+            );
+            out.put32(f.nbd_code());
+            out.put16(u16::try_from(msg.len()).unwrap_or(0));
+            out.extend_from_slice(msg);
+        } else {
+            simple_reply(out, req.cookie, f.nbd_code());
+        }
+    }
+
+    fn run_command(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> Result<(), Fault> {
+        let e = &self.export;
+        let flags_ok = |allowed: u16| req.flags & !(allowed | CMD_FLAG_FUA) == 0;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (off, len) = (req.offset, u64::from(req.len));
+        match req.ty {
+            CMD_WRITE if flags_ok(0) => e.write(payload, off, fua),
+            CMD_FLUSH if flags_ok(0) => {
+                if off != 0 || len != 0 {
+                    return Err(Fault::Inval);
+                }
+                e.flush()
+            }
+            CMD_TRIM if flags_ok(0) => e.trim(off, len, fua),
+            CMD_CACHE if flags_ok(0) => e.check(off, len),
+            CMD_WRITE_ZEROES if flags_ok(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO) => {
+                let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+                let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+                e.write_zeroes(off, len, no_hole, fast, fua)
+            }
+            CMD_BLOCK_STATUS if flags_ok(CMD_FLAG_REQ_ONE) => {
+                if self.session.contexts.is_empty() {
+                    return Err(Fault::Inval);
+                }
+                let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                block_status_reply(e, &self.session.contexts, req.cookie, off, len, one, out)
+            }
+            _ => Err(Fault::Inval),
+        }
+    }
+
+    /// `NBD_CMD_READ`: the reply header into `out`, the data into `data` (grown, never
+    /// shrunk, so it is not zeroed again for every request); returns the data length.
+    fn read(&self, req: &Request, out: &mut Vec<u8>, data: &mut Vec<u8>) -> Result<usize, Fault> {
+        let allowed = CMD_FLAG_FUA
+            | if self.session.structured {
+                CMD_FLAG_DF
+            } else {
+                0
+            };
+        if req.flags & !allowed != 0 {
+            return Err(Fault::Inval);
+        }
+        let len = usize::try_from(req.len).map_err(|_| Fault::Inval)?;
+        if req.len > MAX_PAYLOAD {
+            return Err(if self.session.structured {
+                Fault::Overflow
+            } else {
+                Fault::Inval
+            });
+        }
+        self.export.check(req.offset, u64::from(req.len))?;
+        if self.session.structured && len == 0 {
+            chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            return Ok(0);
+        }
+        if data.len() < len {
+            data.resize(len, 0);
+        }
+        let buf = data.get_mut(..len).ok_or(Fault::Io)?;
+        self.export.read(buf, req.offset)?;
+        if self.session.structured {
+            chunk_header(
+                out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + len,
+            );
+            out.put64(req.offset);
+        } else {
+            simple_reply(out, req.cookie, 0);
+        }
+        Ok(len)
+    }
+}
+
+/// Reads one request; a write's payload goes into `payload`.
+fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> io::Result<Next> {
+    let mut h = [0u8; 28];
+    r.read_exact(&mut h)?;
+    if u32::from_be_bytes(be(&h, 0)) != REQUEST_MAGIC {
+        return Ok(Next::Close(None));
+    }
+    let req = Request {
+        flags: u16::from_be_bytes(be(&h, 4)),
+        ty: u16::from_be_bytes(be(&h, 6)),
+        cookie: u64::from_be_bytes(be(&h, 8)),
+        offset: u64::from_be_bytes(be(&h, 16)),
+        len: u32::from_be_bytes(be(&h, 24)),
+    };
+    payload.clear();
+    match req.ty {
+        CMD_DISC => Ok(Next::Close(None)),
+        CMD_WRITE if req.len > MAX_PAYLOAD => {
+            // The payload cannot be accepted, and the stream would be out of step if it
+            // were skipped: answer and disconnect (the spec allows it for such sizes).
+            Ok(Next::Close(Some((req, Fault::Inval))))
+        }
+        CMD_WRITE => {
+            let n = usize::try_from(req.len).unwrap_or(0);
+            payload.resize(n, 0);
+            r.read_exact(payload)?;
+            Ok(Next::Run(req))
+        }
+        _ => Ok(Next::Run(req)),
+    }
+}
+
+fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
+    out.put32(SIMPLE_REPLY_MAGIC);
+    out.put32(error);
+    out.put64(cookie);
+}
+
+/// A structured reply chunk header (20 bytes) for a payload of `len` bytes.
+pub(crate) fn chunk_header(out: &mut Vec<u8>, flags: u16, ty: u16, cookie: u64, len: usize) {
+    out.put32(STRUCTURED_REPLY_MAGIC);
+    out.put16(flags);
+    out.put16(ty);
+    out.put64(cookie);
+    out.put32(u32::try_from(len).unwrap_or(u32::MAX));
+}
+
+fn fault_message(f: Fault) -> &'static str {
+    match f {
+        Fault::Perm => "export is read-only",
+        Fault::Io => "I/O error",
+        Fault::Inval => "invalid request (range, length or flags)",
+        Fault::NoSpc => "write beyond the end of the export",
+        Fault::Overflow => "request too large",
+        Fault::NotSup => "cannot zero this range quickly",
+        Fault::Shutdown => "server is shutting down",
+    }
+}
