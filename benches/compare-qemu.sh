@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# Times `diskimg convert` against `qemu-img convert` (and `cp --sparse=always`) on a
-# realistic input, alternating the tools run by run, and prints ratios.
+# Times `diskimg convert` against `qemu-img convert` on realistic inputs, alternating
+# the tools run by run, and prints one table with ratios (qemu-img time / diskimg time).
 #
-# Usage: benches/compare-qemu.sh            (RUNS=3 by default)
-#   BENCH_SRC_DIR=/usr/share   directory copied into the ext4 input (mkfs.ext4 -d)
-#   BENCH_SIZE=4G              virtual size of the input
-#   RUNS=3                     runs per tool and case (the minimum is reported)
-#   DISKIMG=path               use this binary instead of building target/release/diskimg
-#   CASES="raw-qcow2 ..."      subset of cases (names as printed)
+# Every row has two times per tool: "ret", until the command returns, and "dur", until
+# its output is durable (the return plus `sync OUTPUT`, which writes back whatever the
+# tool left in the page cache). diskimg's default returns durable; qemu-img's default
+# (-t unsafe) returns with its data still in the page cache. Rows marked `-t unsafe`
+# give both tools that mode, so "ret" compares like with like.
 #
-# Cases: raw→raw, raw→raw with copy offloading (-C, copy_file_range, both tools),
-# raw→qcow2, qcow2→raw, raw→vdi/vhdx/vpc, a 1 TiB sparse raw (256 MiB of data) → qcow2,
-# and compressed raw→qcow2 / streamOptimized vmdk against `qemu-img convert -c -m 8 -W`
-# (diskimg gets the same flags).
+# Usage: benches/compare-qemu.sh            (as root for the big and loop-device cases)
+#   RUNS=3              runs per tool and case (the fastest is reported)
+#   CASES="a b ..."     only these cases (names as printed)
+#   BIG=1               the larger-than-dirty-limits case (needs root: XFS image, mount)
+#   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
+#   BIG_RUNS=1          runs of the big case per tool
+#   LOOP=1              the loop-device target case with -t none (needs root, losetup)
+#   BENCH_SRC_DIR=/usr/share, BENCH_SIZE=4G   the ext4 input (mkfs.ext4 -d)
+#   DISKIMG=path        use this binary instead of building target/release/diskimg
 #
-# The input (a raw ext4 image, and a qcow2 copy made by qemu-img) is cached under
-# target/bench-input/. Every timed command is followed by `sync FILE` of its output, so
-# all tools pay for writing their data back (diskimg fsyncs at the end of a convert;
-# qemu-img convert's default cache mode does not). Peak RSS comes from /usr/bin/time -v
-# when present (else it is reported as "-").
+# Inputs are cached under target/bench-input/: a raw ext4 image of BENCH_SRC_DIR, qemu-img's
+# qcow2, compressed qcow2 and streamOptimized VMDK copies of it, a 1 TiB sparse raw. The big
+# case builds (and afterwards unmounts and deletes) a sparse XFS image holding a 100 GiB
+# sparse raw whose data are reflinked copies of the ext4 image (so it costs about 0.8 GiB
+# of disk; its output costs BIG_DATA_GIB), and drops the source from the page cache before
+# every run (`dd iflag=nocache`). Peak RSS comes from /usr/bin/time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-3}
@@ -26,20 +31,31 @@ size=${BENCH_SIZE:-4G}
 srcdir=${BENCH_SRC_DIR:-/usr/share}
 cache=target/bench-input
 mkdir -p "$cache"
+for tool in qemu-img bc /usr/bin/time; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+done
+
+# make OUT CMD...: runs CMD (writing OUT.tmp) once, then renames; cached inputs.
+make_input() {
+    local out=$1
+    shift
+    if [ ! -f "$out" ]; then
+        echo "building $out..." >&2
+        rm -f "$out.tmp"
+        "$@"
+        mv "$out.tmp" "$out"
+    fi
+}
 input=$cache/ext4-$size.raw
-if [ ! -f "$input" ]; then
-    echo "building $input from $srcdir (mkfs.ext4 -d)..." >&2
-    rm -f "$input.tmp"
-    truncate -s "$size" "$input.tmp"
-    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$srcdir" "$input.tmp"
-    mv "$input.tmp" "$input"
-fi
+make_input "$input" sh -c "truncate -s $size '$input.tmp' && mkfs.ext4 -q -F \
+    -E lazy_itable_init=0,lazy_journal_init=0 -d '$srcdir' '$input.tmp'"
 qinput=$cache/ext4-$size.qcow2
-if [ ! -f "$qinput" ]; then
-    qemu-img convert -f raw -O qcow2 "$input" "$qinput.tmp"
-    mv "$qinput.tmp" "$qinput"
-fi
-# A 1 TiB sparse raw image with 64 MiB of the input at four places.
+make_input "$qinput" qemu-img convert -f raw -O qcow2 "$input" "$qinput.tmp"
+cinput=$cache/ext4-$size-c.qcow2
+make_input "$cinput" qemu-img convert -c -m 8 -W -f raw -O qcow2 "$input" "$cinput.tmp"
+vinput=$cache/ext4-$size-stream.vmdk
+make_input "$vinput" qemu-img convert -m 8 -W -f raw -O vmdk \
+    -o subformat=streamOptimized "$input" "$vinput.tmp"
 sparse=$cache/sparse-1T.raw
 if [ ! -f "$sparse" ]; then
     truncate -s 1T "$sparse.tmp"
@@ -54,87 +70,151 @@ if [ -z "$bin" ]; then
     cargo build --release -q -p diskimg-cli
     bin=target/release/diskimg
 fi
+bin=$(realpath "$bin")
 work=$(mktemp -d -p target bench-out.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+mnt=
+loopdev=
+cleanup() {
+    set +e
+    if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi
+    if [ -n "$mnt" ] && mountpoint -q "$mnt"; then umount "$mnt"; fi
+    rm -rf "$work" "$cache/big-xfs.img" "$cache/big-mnt"
+}
+trap cleanup EXIT
 
-have_time=0
-if [ -x /usr/bin/time ]; then have_time=1; fi
-
-# timed OUT CMD... : prints "seconds peak_rss_kib" of CMD followed by `sync OUT`.
+# timed OUT CMD...: prints "return_s durable_s peak_rss_kib" of CMD, then `sync OUT`.
 timed() {
     local out=$1
     shift
-    rm -f "$out"
+    if [ -f "$out" ]; then rm -f "$out"; fi
     sync
-    local start end rss=-
+    local start ret end
     start=$(date +%s.%N)
-    if [ $have_time = 1 ]; then
-        /usr/bin/time -f '%M' -o "$work/rss" "$@" >/dev/null
-        rss=$(tail -1 "$work/rss")
-    else
-        "$@" >/dev/null
-    fi
+    /usr/bin/time -f '%M' -o "$work/rss" "$@" >/dev/null
+    ret=$(date +%s.%N)
     sync "$out"
     end=$(date +%s.%N)
-    echo "$(echo "$end - $start" | bc) $rss"
+    echo "$(echo "$ret - $start" | bc) $(echo "$end - $start" | bc) $(tail -1 "$work/rss")"
 }
 
 min() { printf '%s\n' "$@" | sort -g | head -1; }
 max() { printf '%s\n' "$@" | sort -g | tail -1; }
+ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uptime | sed 's/.*load/load/')"
+echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$bin" --version 2>/dev/null | head -1), $(qemu-img --version | head -1)"
 echo "# input: $input ($(du -h "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
-printf '%-22s %9s %9s %7s %9s %7s %9s %9s %s\n' case qemu-img diskimg speedup cp 'dimg/cp' 'rss-q KiB' 'rss-d KiB' 'size d/q'
+echo
+echo "| case | qemu ret | qemu dur | dimg ret | dimg dur | × ret | × dur | RSS qemu | RSS dimg | size d/q |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 
-# case NAME SRCFMT SRC OUTEXT "qemu args" "diskimg args" [cp]
+# bench_case NAME SFMT SRC OFMT "qemu args" "diskimg args" [OUT] [PREP]
+#   OUT: a fixed output (a device) instead of files in $work; PREP: a command run before
+#   every timed run (dropping the source from the page cache, discarding a device).
 bench_case() {
-    local name=$1 sfmt=$2 src=$3 ext=$4 qargs=$5 dargs=$6 withcp=${7:-}
+    local name=$1 sfmt=$2 src=$3 ofmt=$4 qargs=$5 dargs=$6 fixed=${7:-} prep=${8:-true}
+    local n=${9:-$runs}
     if [ -n "${CASES:-}" ] && ! [[ " $CASES " == *" $name "* ]]; then return; fi
-    local tq=() td=() tc=() rq=() rd=() r
-    local qo=$work/q.$ext do=$work/d.$ext co=$work/c.$ext
-    for _ in $(seq "$runs"); do
+    local qr=() qd=() dr=() dd=() rq=() rd=() r
+    local ext=$ofmt
+    if [ "$ofmt" = vpc ]; then ext=vhd; fi
+    local qo=${fixed:-$work/q.$ext} do=${fixed:-$work/d.$ext} same=0
+    if [ -n "$fixed" ]; then same=1; fi
+    for i in $(seq "$n"); do
+        $prep
         # shellcheck disable=SC2086
-        r=$(timed "$qo" qemu-img convert -f "$sfmt" $qargs "$src" "$qo")
-        tq+=("${r% *}"); rq+=("${r#* }")
-        # shellcheck disable=SC2086
-        r=$(timed "$do" "$bin" convert -f "$sfmt" $dargs "$src" "$do")
-        td+=("${r% *}"); rd+=("${r#* }")
-        if [ -n "$withcp" ]; then
-            r=$(timed "$co" cp --sparse=always "$src" "$co")
-            tc+=("${r% *}")
+        r=$(timed "$qo" qemu-img convert -f "$sfmt" -O "$ofmt" $qargs "$src" "$qo")
+        read -r a b c <<<"$r"
+        qr+=("$a"); qd+=("$b"); rq+=("$c")
+        if [ $same = 1 ] && [ "$i" = "$n" ] && ! qemu-img compare -q -f "$sfmt" -F "$ofmt" "$src" "$qo"; then
+            echo "!! $name: qemu-img's output differs from the source" >&2
         fi
+        $prep
+        # shellcheck disable=SC2086
+        r=$(timed "$do" "$bin" convert -f "$sfmt" -O "$ofmt" $dargs "$src" "$do")
+        read -r a b c <<<"$r"
+        dr+=("$a"); dd+=("$b"); rd+=("$c")
     done
-    local bq bd bc=- cpr=- sizer=-
-    bq=$(min "${tq[@]}")
-    bd=$(min "${td[@]}")
-    if [ -n "$withcp" ]; then
-        bc=$(min "${tc[@]}")
-        cpr=$(printf '%.2f' "$(echo "scale=3; $bd / $bc" | bc)")
-        bc=$(printf '%.2fs' "$bc")
-    fi
-    if [ "$ext" != raw ]; then
+    local bqr bqd bdr bdd sizer=-
+    bqr=$(min "${qr[@]}"); bqd=$(min "${qd[@]}")
+    bdr=$(min "${dr[@]}"); bdd=$(min "${dd[@]}")
+    if [ $same = 0 ] && [ "$ofmt" != raw ]; then
         sizer=$(printf '%.3f' "$(echo "scale=4; $(stat -c %s "$do") / $(stat -c %s "$qo")" | bc)")
     fi
-    printf '%-22s %8.2fs %8.2fs %6.2fx %9s %7s %9s %9s %s\n' "$name" "$bq" "$bd" \
-        "$(echo "scale=2; $bq / $bd" | bc)" "$bc" "$cpr" "$(max "${rq[@]}")" "$(max "${rd[@]}")" "$sizer"
-    # The outputs must hold the same guest content.
-    local fmt=$ext
-    if [ "$ext" = vhd ]; then fmt=vpc; fi
-    if ! qemu-img compare -q -f "$fmt" -F "$fmt" "$qo" "$do"; then
+    printf '| %s | %.2f s | %.2f s | %.2f s | %.2f s | **%s×** | **%s×** | %d MB | %d MB | %s |\n' \
+        "$name" "$bqr" "$bqd" "$bdr" "$bdd" "$(ratio "$bqr" "$bdr")" "$(ratio "$bqd" "$bdd")" \
+        "$(($(max "${rq[@]}") / 1024))" "$(($(max "${rd[@]}") / 1024))" "$sizer"
+    # The outputs must hold the source's guest content.
+    local other=$qo
+    if [ $same = 1 ]; then other=$src; fi
+    local ofmt2=$ofmt
+    if [ $same = 1 ]; then ofmt2=$sfmt; fi
+    if ! qemu-img compare -q -f "$ofmt2" -F "$ofmt" "$other" "$do"; then
         echo "!! $name: outputs differ" >&2
     fi
-    rm -f "$qo" "$do" "$co"
+    if [ $same = 0 ]; then rm -f "$qo" "$do"; fi
 }
 
-bench_case raw-raw raw "$input" raw "-O raw" "-O raw" cp
-bench_case raw-raw-C raw "$input" raw "-C -O raw" "-C -O raw" cp
-bench_case raw-qcow2 raw "$input" qcow2 "-O qcow2" "-O qcow2" cp
-bench_case qcow2-raw qcow2 "$qinput" raw "-O raw" "-O raw"
-bench_case raw-vdi raw "$input" vdi "-O vdi" "-O vdi" cp
-bench_case raw-vhdx raw "$input" vhdx "-O vhdx" "-O vhdx" cp
-bench_case raw-vpc raw "$input" vhd "-O vpc" "-O vpc" cp
-bench_case sparse1T-qcow2 raw "$sparse" qcow2 "-O qcow2" "-O qcow2" cp
-bench_case raw-qcow2-c raw "$input" qcow2 "-O qcow2 -c -m 8 -W" "-O qcow2 -c -m 8 -W"
-bench_case raw-vmdk-stream-c raw "$input" vmdk \
-    "-O vmdk -o subformat=streamOptimized -c -m 8 -W" \
-    "-O vmdk -o subformat=streamOptimized -c -m 8 -W"
+unsafe="-t unsafe"
+# Uncompressed: each tool's default, then -t unsafe on both sides.
+for c in "raw-raw raw $input raw" "raw-qcow2 raw $input qcow2" "qcow2-raw qcow2 $qinput raw" \
+    "raw-vdi raw $input vdi" "raw-vhdx raw $input vhdx" "raw-vpc raw $input vpc" \
+    "sparse1T-qcow2 raw $sparse qcow2"; do
+    read -r name sfmt src ofmt <<<"$c"
+    bench_case "$name" "$sfmt" "$src" "$ofmt" "" ""
+    bench_case "$name-unsafe" "$sfmt" "$src" "$ofmt" "$unsafe" "$unsafe"
+done
+bench_case raw-raw-C raw "$input" raw "-C" "-C"
+# Compressed: diskimg with no flags against qemu-img's fastest settings.
+bench_case raw-qcow2-c raw "$input" qcow2 "-c -m 8 -W" "-c"
+bench_case raw-qcow2-c-mW raw "$input" qcow2 "-c -m 8 -W" "-c -m 8 -W"
+stream="-o subformat=streamOptimized"
+bench_case raw-vmdk-stream raw "$input" vmdk "$stream -m 8 -W" "$stream"
+bench_case qcow2c-raw qcow2 "$cinput" raw "" ""
+bench_case qcow2c-raw-unsafe qcow2 "$cinput" raw "$unsafe" "$unsafe"
+bench_case vmdkstream-raw vmdk "$vinput" raw "" ""
+
+# A loop device as the target, O_DIRECT on both sides (-n: the device exists).
+if [ "${LOOP:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" loop-none "* ]]; }; then
+    truncate -s "$size" "$work/loop.img"
+    loopdev=$(losetup --direct-io=on -f --show "$work/loop.img" 2>/dev/null ||
+        losetup -f --show "$work/loop.img")
+    discard() { blkdiscard -f "$loopdev" 2>/dev/null || true; }
+    bench_case loop-none raw "$input" raw "-n -t none" "-n -t none" "$loopdev" discard
+    losetup -d "$loopdev"
+    loopdev=
+    rm -f "$work/loop.img"
+fi
+
+# Larger than the dirty limits: a 100 GiB sparse raw with BIG_DATA_GIB of data, cold.
+if [ "${BIG:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" big-"* ]]; }; then
+    gib=${BIG_DATA_GIB:-8}
+    copies=$(((gib * 100 + 75) / 76))
+    if [ "$copies" -gt 25 ]; then copies=25; fi
+    img=$cache/big-xfs.img
+    mnt=$cache/big-mnt
+    rm -f "$img"
+    truncate -s 200G "$img"
+    mkfs.xfs -q -m reflink=1 "$img"
+    mkdir -p "$mnt"
+    mount -o loop "$img" "$mnt"
+    cp --sparse=always "$input" "$mnt/ext4.raw"
+    big=$mnt/big.raw
+    truncate -s 100G "$big"
+    step=$((100 / copies / 4 * 4))
+    for k in $(seq 0 $((copies - 1))); do
+        xfs_io -c "reflink $mnt/ext4.raw 0 $((k * step))G $size" "$big" >/dev/null
+    done
+    sync
+    echo "# big: $big, 100 GiB virtual, $copies reflinked copies ($(qemu-img map -f raw --output=json "$big" | grep -c '"data": true') data extents), dirty limits: ratio $(cat /proc/sys/vm/dirty_ratio)%, background $(cat /proc/sys/vm/dirty_background_ratio)% of $(free -g | awk '/Mem:/{print $2}') GiB"
+    cold() { dd if="$big" iflag=nocache count=0 status=none; }
+    work_saved=$work
+    work=$mnt
+    n=${BIG_RUNS:-1}
+    bench_case big-qcow2 raw "$big" qcow2 "" "" "" cold "$n"
+    bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n"
+    work=$work_saved
+    umount "$mnt"
+    rm -rf "$img" "$mnt"
+    mnt=
+fi

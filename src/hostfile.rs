@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskimg_blockio::{Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
+use diskimg_blockio::{CacheMode, Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
 use rustix::fs::{Mode, OFlags};
 
 use crate::policy::{OpenPolicy, SpecialFiles};
@@ -47,17 +47,29 @@ pub(crate) fn open_file(
     allowed: SpecialFiles,
     purpose: Option<FilePurpose>,
 ) -> Result<FileStorage> {
+    open_file_with(path, read_only, allowed, purpose, CacheMode::Writeback)
+}
+
+/// [`open_file`] in cache mode `cache` (with its open flags: `O_DIRECT`, `O_SYNC`).
+pub(crate) fn open_file_with(
+    path: &Path,
+    read_only: bool,
+    allowed: SpecialFiles,
+    purpose: Option<FilePurpose>,
+    cache: CacheMode,
+) -> Result<FileStorage> {
     let access = if read_only {
         OFlags::RDONLY
     } else {
         OFlags::RDWR
     };
+    let cache_flags = OFlags::from_bits_retain(cache.open_flags(read_only));
     let fd = rustix::fs::open(
         path,
-        access | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        access | OFlags::NONBLOCK | OFlags::CLOEXEC | cache_flags,
         Mode::empty(),
     )
-    .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e.into()))?;
+    .map_err(|e| cache.open_error(path, e.into()))?;
     let file = File::from(fd);
     let meta = file
         .metadata()
@@ -72,13 +84,17 @@ pub(crate) fn open_file(
             None => Error::invalid(format!("'{}': {reason}", path.display())),
         });
     }
-    Ok(FileStorage::from_file(file, read_only))
+    FileStorage::from_file_with(file, read_only, cache)
 }
 
 /// Opens an image the user named (not one an image names): files and devices, but not
 /// a FIFO or socket, whose open could block and which cannot be read by offset.
-pub(crate) fn open_user_file(path: &Path, read_only: bool) -> Result<FileStorage> {
-    let s = open_file(path, read_only, SpecialFiles::Allow, None)?;
+pub(crate) fn open_user_file(
+    path: &Path,
+    read_only: bool,
+    cache: CacheMode,
+) -> Result<FileStorage> {
+    let s = open_file_with(path, read_only, SpecialFiles::Allow, None, cache)?;
     let t = s
         .file()
         .metadata()
@@ -103,6 +119,8 @@ pub(crate) struct PolicyFiles {
     /// Hand out [`Unopened`] placeholders for data files instead of opening them (for
     /// metadata-only opens such as `info`).
     pub(crate) defer_data_files: bool,
+    /// The image's cache mode, for its other files too (as qemu's children).
+    pub(crate) cache: CacheMode,
 }
 
 impl HostFiles for PolicyFiles {
@@ -114,11 +132,12 @@ impl HostFiles for PolicyFiles {
         }
         let path = self.policy.resolve(purpose, &self.dir, name)?;
         let ro = self.read_only || !writable;
-        Ok(Arc::new(open_file(
+        Ok(Arc::new(open_file_with(
             &path,
             ro,
             self.policy.special_files,
             Some(purpose),
+            self.cache,
         )?))
     }
 

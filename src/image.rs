@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, Error, FILE_CREATE_OPTIONS, FilePurpose, FileStorage, Limits,
-    OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
+    BlockDevice, CacheMode, CreateRequest, Error, FILE_CREATE_OPTIONS, FilePurpose, FileStorage,
+    Limits, OpenOptions, OptionList, Preallocation, Result, Secrets, Storage,
 };
 
 use crate::format::{Format, probe};
-use crate::hostfile::{PolicyFiles, open_file, open_user_file};
+use crate::hostfile::{PolicyFiles, open_file_with, open_user_file};
 use crate::policy::{OpenPolicy, PathRule};
 
 /// How [`open`] and [`create`] behave.
@@ -34,6 +34,9 @@ pub struct ImageOptions {
     /// Secrets (passphrases of encrypted images) that options name by id, for every image
     /// of the chain and for [`create`] (qcow2 `encrypt.key-secret=ID`).
     pub secrets: Secrets,
+    /// How every file of the chain uses the host page cache (qemu's `cache=`, qemu-img's
+    /// `-t`/`-T`): `O_DIRECT` for `none`, no flushes for `unsafe` (see [`CacheMode`]).
+    pub cache: CacheMode,
     /// Open for metadata only (`info`): external data files are not opened (their
     /// names are still reported; guest reads of their clusters fail).
     pub metadata_only: bool,
@@ -49,6 +52,7 @@ impl Default for ImageOptions {
             backing_writable: false,
             driver_options: OptionList::new(),
             secrets: Secrets::new(),
+            cache: CacheMode::Writeback,
             metadata_only: false,
         }
     }
@@ -78,6 +82,12 @@ impl ImageOptions {
     /// Sets the secrets (see [`ImageOptions::secrets`]).
     pub fn with_secrets(mut self, secrets: Secrets) -> Self {
         self.secrets = secrets;
+        self
+    }
+
+    /// Sets the cache mode (see [`ImageOptions::cache`]).
+    pub fn with_cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
         self
     }
 
@@ -152,7 +162,7 @@ impl Image {
 
 /// Guesses the format of the file at `path` ([`probe`]).
 pub fn probe_path(path: impl AsRef<Path>) -> Result<Format> {
-    let s = open_user_file(path.as_ref(), true)?;
+    let s = open_user_file(path.as_ref(), true, CacheMode::Writeback)?;
     Ok(probe(&s))
 }
 
@@ -217,10 +227,16 @@ fn open_inner(
     visited.push(canon.clone());
 
     let storage: Arc<dyn Storage> = Arc::new(if top {
-        open_user_file(path, read_only)?
+        open_user_file(path, read_only, options.cache)?
     } else {
         let kinds = options.policy.special_files;
-        open_file(&canon, read_only, kinds, Some(FilePurpose::Backing))?
+        open_file_with(
+            &canon,
+            read_only,
+            kinds,
+            Some(FilePurpose::Backing),
+            options.cache,
+        )?
     });
     let format = match format {
         Some(f) => f,
@@ -231,6 +247,7 @@ fn open_inner(
         dir: dir.clone(),
         policy: options.policy,
         read_only,
+        cache: options.cache,
         defer_data_files: options.metadata_only,
     });
     let mut open_opts = OpenOptions::new()
@@ -385,6 +402,7 @@ pub fn create(
             ..image_options.policy
         },
         read_only: false,
+        cache: CacheMode::Writeback,
         defer_data_files: false,
     });
     let mut req = CreateRequest::new(size, options).files(files);

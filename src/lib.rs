@@ -37,8 +37,8 @@ mod snapshot;
 
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
-    BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList, Result,
-    Secrets, Storage, block_status, map_chain, parse_size,
+    BlockDevice, CacheMode, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList,
+    Result, Secrets, Storage, block_status, map_chain, map_chain_iter, parse_size,
 };
 /// The qcow2 crate, for its own API beyond the device capabilities.
 #[cfg(feature = "qcow2")]

@@ -78,31 +78,80 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
 
 /// Every [`MapEntry`] over `offset..offset+len`, adjacent equal entries merged (with
 /// contiguous host offsets), as `qemu-img map --output=json` prints them.
+///
+/// This collects [`map_chain_iter`]: the list is as long as the image is fragmented,
+/// which a hostile image can make enormous (an L1 table whose entries all name one full
+/// L2 table describes terabytes of separate clusters in a file of a few hundred KiB).
+/// Code that maps untrusted images should consume the iterator instead.
 pub fn map_chain(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+    map_chain_iter(dev, offset, len)?.collect()
+}
+
+/// The entries of [`map_chain`], produced one at a time in constant memory (one entry is
+/// held back until the next one shows it cannot be merged).
+pub fn map_chain_iter(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapChain<'_>> {
     check_range(offset, len, dev.virtual_size())?;
-    let mut out: Vec<MapEntry> = Vec::new();
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let e = block_status(dev, pos, end - pos)?;
-        pos += e.length;
-        if let Some(last) = out.last_mut() {
-            let same = last.depth == e.depth
-                && last.present == e.present
-                && last.zero == e.zero
-                && last.data == e.data
-                && last.compressed == e.compressed
-                && match (last.offset, e.offset) {
-                    (Some(a), Some(b)) => a.checked_add(last.length) == Some(b),
-                    (None, None) => true,
-                    _ => false,
-                };
-            if same {
-                last.length += e.length;
-                continue;
+    Ok(MapChain {
+        dev,
+        pos: offset,
+        end: offset + len,
+        pending: None,
+    })
+}
+
+/// Iterator returned by [`map_chain_iter`]: merged [`MapEntry`]s in guest order. After an
+/// error it ends.
+pub struct MapChain<'a> {
+    dev: &'a dyn BlockDevice,
+    pos: u64,
+    end: u64,
+    pending: Option<MapEntry>,
+}
+
+impl std::fmt::Debug for MapChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapChain")
+            .field("pos", &self.pos)
+            .field("end", &self.end)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `next` continues `last` (qemu-img's `entry_mergeable`).
+fn mergeable(last: &MapEntry, next: &MapEntry) -> bool {
+    last.depth == next.depth
+        && last.present == next.present
+        && last.zero == next.zero
+        && last.data == next.data
+        && last.compressed == next.compressed
+        && match (last.offset, next.offset) {
+            (Some(a), Some(b)) => a.checked_add(last.length) == Some(b),
+            (None, None) => true,
+            _ => false,
+        }
+}
+
+impl Iterator for MapChain<'_> {
+    type Item = Result<MapEntry>;
+
+    fn next(&mut self) -> Option<Result<MapEntry>> {
+        while self.pos < self.end {
+            let e = match block_status(self.dev, self.pos, self.end - self.pos) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.pos = self.end;
+                    self.pending = None;
+                    return Some(Err(err));
+                }
+            };
+            self.pos += e.length;
+            match &mut self.pending {
+                Some(last) if mergeable(last, &e) => last.length += e.length,
+                Some(last) => return Some(Ok(std::mem::replace(last, e))),
+                None => self.pending = Some(e),
             }
         }
-        out.push(e);
+        self.pending.take().map(Ok)
     }
-    Ok(out)
 }

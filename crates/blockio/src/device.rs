@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::capability::{Amend, Bitmaps, ChainLink, Snapshots};
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, DeviceInfo, RepairMode};
+use crate::packed::CompressedUnits;
 use crate::storage::{Preallocation, Storage};
 
 /// What one guest byte range is, in one image layer (see [`BlockDevice::map`]).
@@ -141,6 +142,30 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// bytes compressed. Only for units that were never written before (as `convert -c`).
     fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
         Err(Error::unsupported(self.info().format, "compressed writes"))
+    }
+
+    /// Compresses whole units as [`BlockDevice::write_compressed`] would (same rules for
+    /// `buf` and `offset`) without touching the image, for a later
+    /// [`BlockDevice::write_compressed_units`]. Safe to call from many threads at once:
+    /// the CPU work of a compressed write, done wherever the caller likes. The default
+    /// refuses ([`Error::Unsupported`]); callers then use `write_compressed`.
+    fn compress_units(&self, _buf: &[u8], _offset: u64) -> Result<CompressedUnits> {
+        Err(Error::unsupported(self.info().format, "compressed writes"))
+    }
+
+    /// Stores units that [`BlockDevice::compress_units`] of this device prepared: the
+    /// image ends up as after [`BlockDevice::write_compressed`] of the same bytes. Only
+    /// for units that were never written before.
+    fn write_compressed_units(&self, _units: CompressedUnits) -> Result<()> {
+        Err(Error::unsupported(self.info().format, "compressed writes"))
+    }
+
+    /// True when data can only be written compressed, in whole units that were never
+    /// written before (qemu's `needs_compressed_writes`: a streamOptimized VMDK). A copy
+    /// into such a device compresses whether or not it was asked to (`qemu-img convert`
+    /// without `-c`). The default is false.
+    fn needs_compressed_writes(&self) -> bool {
+        false
     }
 
     /// Connects (or disconnects) the device reads defer to for unallocated ranges.

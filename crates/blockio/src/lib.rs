@@ -12,7 +12,8 @@
 //! - [`Driver`]: probe, open and create for one format; the `diskimg` facade holds a
 //!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
 //!   object that denies everything by default ([`DenyFiles`]).
-//! - [`block_status`] / [`map_chain`]: qemu's `MapEntry` view across a backing chain.
+//! - [`block_status`] / [`map_chain`] / [`map_chain_iter`]: qemu's `MapEntry` view across a
+//!   backing chain (the iterator in constant memory).
 //! - [`copy_range`]: host bytes from one storage to another with `copy_file_range` when
 //!   both are files ([`BlockDevice::write_from`] and [`BlockDevice::data_storage`] build
 //!   qemu-img's `convert -C` on it).
@@ -62,10 +63,12 @@
 //! ```
 
 pub mod bytes;
+mod cache;
 mod capability;
 mod chain;
 mod copy;
 mod device;
+mod direct;
 mod driver;
 mod error;
 mod fault;
@@ -73,12 +76,14 @@ mod info;
 mod limits;
 mod meta;
 mod options;
+mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
 
+pub use cache::CacheMode;
 pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
-pub use chain::{MapEntry, block_status, map_chain};
+pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
@@ -91,6 +96,7 @@ pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, Snaps
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
+pub use packed::{CompressedUnits, PackedUnit};
 pub use secrets::Secrets;
 pub use storage::{
     FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,

@@ -131,6 +131,14 @@ impl MetaRanges {
         self.ranges.get(i).filter(|r| r.start < end)
     }
 
+    /// True when `len` (> 0) bytes at `start` lie inside one range named `name` (ranges
+    /// of one name that touch are merged, so a run of adjacent structures counts as one).
+    pub fn covers(&self, start: u64, len: u64, name: &str) -> bool {
+        let end = start.saturating_add(len);
+        self.overlapping(start, len)
+            .is_some_and(|r| r.name == name && r.start <= start && end <= r.end)
+    }
+
     /// Refuses a guest data write of `len` bytes at host `start` that would land on
     /// metadata: [`Error::Corrupt`] for `format` at `start`.
     pub fn guard_write(&self, format: &'static str, start: u64, len: u64) -> Result<()> {
@@ -193,6 +201,10 @@ mod tests {
         m.insert(2 << 20, 1 << 20, "bitmap").unwrap();
         assert_eq!(m.ranges().len(), 2);
         assert_eq!(m.end(), 4 << 20);
+        assert!(m.covers((2 << 20) - 1, 4096, "bitmap"));
+        assert!(!m.covers((4 << 20) - 1, 2, "bitmap"));
+        assert!(!m.covers(0, 4096, "bitmap"));
+        assert!(!m.covers(5 << 20, 1, "bitmap"));
         let before = m.clone();
         let e = m.insert(100, 10, "log").unwrap_err();
         assert_eq!((e.0.name, e.1.name), ("header", "log"));

@@ -10,6 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::RwLock;
 
+use crate::cache::CacheMode;
+use crate::direct::DirectIo;
 use crate::error::{Error, Result};
 
 /// How to preallocate host space when creating or growing a file.
@@ -162,23 +164,62 @@ pub fn write_zeroes_by_buffer<S: Storage + ?Sized>(s: &S, offset: u64, len: u64)
     Ok(())
 }
 
-/// A host file accessed with positional I/O.
+/// A host file accessed with positional I/O, in one of qemu's cache modes
+/// ([`FileStorage::open_with`]).
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     read_only: bool,
+    cache: CacheMode,
+    /// Alignment handling when the file is open with `O_DIRECT`.
+    direct: Option<DirectIo>,
 }
 
 impl FileStorage {
-    /// Opens an existing file, read-write unless `read_only`.
+    /// Opens an existing file, read-write unless `read_only` (cache mode `writeback`).
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Self> {
+        Self::open_with(path, read_only, CacheMode::Writeback)
+    }
+
+    /// Opens an existing file in cache mode `cache`: `O_DIRECT` for `none` and
+    /// `directsync` (requests are aligned here, whatever the caller passes), `O_SYNC` for
+    /// `writethrough` and `directsync`, and [`Storage::flush`] doing nothing for `unsafe`.
+    /// A file system that refuses `O_DIRECT` fails the open, as in qemu.
+    pub fn open_with(path: impl AsRef<Path>, read_only: bool, cache: CacheMode) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(i32::try_from(cache.open_flags(read_only)).unwrap_or(0))
             .open(path)
-            .map_err(|e| Error::io(format!("could not open '{}'", path.display()), e))?;
-        Ok(Self { file, read_only })
+            .map_err(|e| cache.open_error(path, e))?;
+        Self::from_file_with(file, read_only, cache)
+    }
+
+    /// Wraps a file opened with the flags of `cache` ([`CacheMode::open_flags`]); with
+    /// `O_DIRECT`, finds the alignment its requests need.
+    pub fn from_file_with(file: File, read_only: bool, cache: CacheMode) -> Result<Self> {
+        let direct = match cache.direct() {
+            true => Some(DirectIo::probe(&file).map_err(|e| Error::io("O_DIRECT alignment", e))?),
+            false => None,
+        };
+        Ok(Self {
+            file,
+            read_only,
+            cache,
+            direct,
+        })
+    }
+
+    /// The cache mode the file was opened in.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache
+    }
+
+    #[cfg(test)]
+    pub(crate) fn direct_io(&self) -> Option<&DirectIo> {
+        self.direct.as_ref()
     }
 
     /// Creates (or truncates) a file for writing.
@@ -194,12 +235,19 @@ impl FileStorage {
         Ok(Self {
             file,
             read_only: false,
+            cache: CacheMode::Writeback,
+            direct: None,
         })
     }
 
-    /// Wraps an already open file.
+    /// Wraps an already open file (cache mode `writeback`).
     pub fn from_file(file: File, read_only: bool) -> Self {
-        Self { file, read_only }
+        Self {
+            file,
+            read_only,
+            cache: CacheMode::Writeback,
+            direct: None,
+        }
     }
 
     /// The underlying file.
@@ -226,7 +274,11 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        match &self.direct {
+            Some(d) => d.read_exact(&self.file, buf, offset),
+            None => self.file.read_exact_at(buf, offset),
+        }
+        .map_err(|e| {
             Error::io(
                 format!("could not read {} bytes at offset {offset}", buf.len()),
                 e,
@@ -236,7 +288,11 @@ impl Storage for FileStorage {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        match &self.direct {
+            Some(d) => d.write_all(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
+        .map_err(|e| {
             Error::io(
                 format!("could not write {} bytes at offset {offset}", buf.len()),
                 e,
@@ -244,12 +300,19 @@ impl Storage for FileStorage {
         })
     }
 
+    /// The file's length; for a block device (a `convert -n` target), its size.
     fn len(&self) -> Result<u64> {
-        Ok(self
+        use std::os::unix::fs::FileTypeExt;
+        let md = self
             .file
             .metadata()
-            .map_err(|e| Error::io("could not stat file", e))?
-            .len())
+            .map_err(|e| Error::io("could not stat file", e))?;
+        if !md.file_type().is_block_device() {
+            return Ok(md.len());
+        }
+        // Reads and writes are positional: moving the offset changes nothing else.
+        self.seek(rustix::fs::SeekFrom::End(0))?
+            .ok_or_else(|| Error::invalid("could not find the size of the block device"))
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
@@ -260,7 +323,7 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || self.cache.ignores_flush() {
             return Ok(());
         }
         self.file
@@ -374,13 +437,17 @@ impl Storage for FileStorage {
     /// writeback without waiting and drops the pages already clean (only whole pages
     /// inside the range).
     fn start_writeback(&self, offset: u64, len: u64) {
+        if self.direct.is_some() {
+            return;
+        }
         if let Some(len) = std::num::NonZeroU64::new(len) {
             let advice = rustix::fs::Advice::DontNeed;
             let _ = rustix::fs::fadvise(&self.file, offset, Some(len), advice);
         }
     }
+    /// `None` with `O_DIRECT`: `copy_file_range` would go through the page cache.
     fn host_file(&self) -> Option<&File> {
-        Some(&self.file)
+        self.direct.is_none().then_some(&self.file)
     }
 }
 

@@ -79,6 +79,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             first.leaks_fixed, first.corruptions_fixed
         ));
         let again = img.device.check(RepairMode::None)?;
+        for m in &again.messages {
+            eprintln!("{m}");
+        }
         report = CheckReport {
             leaks_fixed: first.leaks_fixed,
             corruptions_fixed: first.corruptions_fixed,

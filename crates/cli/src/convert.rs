@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
-use diskimg::{BlockDevice, Format, Image, ImageOptions, OpenPolicy};
+use diskimg::{BlockDevice, CacheMode, Format, Image, ImageOptions, OpenPolicy};
 use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
 
 use crate::common::{
@@ -70,12 +70,14 @@ pub(crate) struct Args {
     /// Source internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME` or `ID_OR_NAME`.
     #[arg(short = 'l')]
     snapshot: Option<String>,
-    /// Source cache mode (accepted, ignored).
+    /// Source cache mode: `writeback` (default), `none`/`directsync` (O_DIRECT reads),
+    /// `writethrough`, `unsafe`.
     #[arg(short = 'T')]
     src_cache: Option<String>,
-    /// Target cache mode: `unsafe` (qemu-img convert's default: flushes are skipped
-    /// while writing, one flush at the end), `writeback`/`writethrough`/`none`/
-    /// `directsync` (every flush the format makes is honoured).
+    /// Target cache mode (docs/cli.md). Default: flushes skipped while the image is
+    /// built, written back as it goes, one flush at the end (durable on return).
+    /// `unsafe`: no flush at all (qemu-img's default); `writeback`: every flush honoured;
+    /// `none`: O_DIRECT; `writethrough`/`directsync`: every write durable.
     #[arg(short = 't')]
     cache: Option<String>,
     /// Accepted for compatibility.
@@ -105,12 +107,15 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 }
 
 fn run_inner(a: Args) -> Result<i32> {
-    let _ = (a.force_share, &a.src_cache);
-    let unsafe_cache = match a.cache.as_deref() {
-        None | Some("unsafe") => true,
-        Some("writeback" | "writethrough" | "none" | "directsync") => false,
-        Some(_) => bail!("Invalid cache option: {}", a.cache.as_deref().unwrap_or("")),
-    };
+    let _ = a.force_share;
+    // None: the durable default (see `open_target`).
+    let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
+    let src_cache = a
+        .src_cache
+        .as_deref()
+        .map(CacheMode::parse)
+        .transpose()?
+        .unwrap_or_default();
     // An unknown output format is reported once progress has started, as qemu does.
     let out_fmt = parse_format(&a.output_format);
     if a.options.iter().any(|o| o == "help" || o == "?") {
@@ -158,7 +163,7 @@ fn run_inner(a: Args) -> Result<i32> {
     let mut _images = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
-        let img = pipe::open_source(s, src_fmt)?;
+        let img = pipe::open_source(s, src_fmt, src_cache)?;
         match &snapshot {
             Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
             None => parts.push(img.device.clone()),
@@ -221,15 +226,11 @@ fn run_inner(a: Args) -> Result<i32> {
         target_is_zero = a.backing.is_none();
     }
     // Only a target created here (no backing file to attach, not encrypted) takes the
-    // unsafe-cache path; a new encrypted target opens with the secret it was created with
-    // (the target is a plain file name: qemu's --image-opts names sources only).
+    // default's skipped-flush path; a new encrypted target opens with the secret it was
+    // created with (the target is a plain file name: qemu's --image-opts names sources
+    // only).
     let fresh = !a.no_create && a.backing.is_none() && key_secret.is_none();
-    let dst = open_target(
-        dst_name,
-        out_fmt,
-        unsafe_cache && fresh,
-        key_secret.as_deref(),
-    )?;
+    let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }
@@ -305,20 +306,28 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
     Ok(())
 }
 
-/// The conversion target, opened with or without `cache=unsafe`.
+/// The conversion target, in its cache mode.
 struct Target {
     device: Arc<dyn BlockDevice>,
     _image: Option<Image>,
-    /// With `cache=unsafe`: the storage to flush once the device is closed.
+    /// The default mode: the storage to flush once the device is closed.
     cache: Option<Arc<UnsafeCache>>,
 }
 
-/// Opens the target. With `unsafe_cache`, a single-file image is opened on an
-/// [`UnsafeCache`] storage (its format's ordering flushes are skipped, as with
-/// qemu-img's default `-t unsafe`); images needing other host files (extents, data
-/// files) are opened normally.
-fn open_target(name: &str, fmt: Format, unsafe_cache: bool, key: Option<&str>) -> Result<Target> {
-    if unsafe_cache {
+/// Opens the target in cache mode `cache` (qemu's meaning of each mode; see
+/// docs/cli.md), or, without `-t`, in the durable default: a single-file image `fresh`ly
+/// created here is opened on an [`UnsafeCache`] storage (the format's ordering flushes
+/// are skipped while the image is built, finished runs are written back as they
+/// complete) and flushed once at the end; other targets (`-n`, `-B`, encrypted, images
+/// with extent or data files) are opened with every flush honoured.
+fn open_target(
+    name: &str,
+    fmt: Format,
+    cache: Option<CacheMode>,
+    fresh: bool,
+    key: Option<&str>,
+) -> Result<Target> {
+    if cache.is_none() && fresh {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
         let cache = Arc::new(UnsafeCache::new(Arc::new(file)));
@@ -330,14 +339,8 @@ fn open_target(name: &str, fmt: Format, unsafe_cache: bool, key: Option<&str>) -
             });
         }
     }
-    let img = open_resolved(
-        name,
-        name,
-        Some(fmt),
-        crate::secrets::with_key(key),
-        false,
-        true,
-    )?;
+    let opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
+    let img = open_resolved(name, name, Some(fmt), opts, false, true)?;
     Ok(Target {
         device: img.device.clone(),
         _image: Some(img),

@@ -3,7 +3,9 @@
 use anyhow::{Result, bail};
 use diskimg::{Image, MapEntry};
 
-use crate::common::{full_backing_name, open_image, opt_format, out, parse_output, parse_size};
+use std::io::Write;
+
+use crate::common::{full_backing_name, open_image, opt_format, parse_output, parse_size};
 use crate::json::map_entry;
 
 /// Arguments of `map`.
@@ -59,51 +61,59 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         None => u64::MAX,
     };
     let end = start.saturating_add(max).min(size);
-    let entries: Vec<MapEntry> = if start < end {
-        diskimg::map_chain(img.device.as_ref(), start, end - start)?
-    } else if json {
-        // qemu prints one empty entry when there is nothing to map.
-        vec![MapEntry {
-            start,
-            length: 0,
-            depth: 0,
-            present: false,
-            zero: false,
-            data: false,
-            compressed: false,
-            offset: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    let mut s = String::new();
+    // Entries are written as they are found (memory stays constant however fragmented
+    // the image is or claims to be).
+    let mut o = std::io::BufWriter::new(std::io::stdout().lock());
+    let entries = diskimg::map_chain_iter(
+        img.device.as_ref(),
+        start.min(end),
+        end.saturating_sub(start),
+    )?;
     if json {
-        s.push('[');
-        let lines: Vec<String> = entries.iter().map(map_entry).collect();
-        s.push_str(&lines.join(",\n"));
-        s.push_str("]\n");
+        o.write_all(b"[")?;
+        if start >= end {
+            // qemu prints one empty entry when there is nothing to map.
+            let empty = MapEntry {
+                start,
+                length: 0,
+                depth: 0,
+                present: false,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            };
+            o.write_all(map_entry(&empty).as_bytes())?;
+        }
+        for (i, e) in entries.enumerate() {
+            let e = e?;
+            if i > 0 {
+                o.write_all(b",\n")?;
+            }
+            o.write_all(map_entry(&e).as_bytes())?;
+        }
+        o.write_all(b"]\n")?;
     } else {
-        s.push_str(&format!(
-            "{:<16}{:<16}{:<16}{}\n",
-            "Offset", "Length", "Mapped to", "File"
-        ));
-        for e in &entries {
+        writeln!(o, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to")?;
+        for e in entries {
+            let e = e?;
             if e.data && e.offset.is_none() {
-                out(&s)?;
+                o.flush()?;
                 bail!("File contains external, encrypted or compressed clusters.");
             }
             if let (true, false, Some(off)) = (e.data, e.zero, e.offset) {
-                s.push_str(&format!(
-                    "{:<16}{:<16}{:<16}{}\n",
+                writeln!(
+                    o,
+                    "{:<16}{:<16}{:<16}{}",
                     hex(e.start),
                     hex(e.length),
                     hex(off),
                     layer_name(&img, &a.file, e.depth)
-                ));
+                )?;
             }
         }
     }
-    out(&s)?;
+    o.flush()?;
     Ok(0)
 }
 

@@ -57,6 +57,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         },
         _ => n,
     };
+    // qemu-img refuses before anything else: preallocation describes new space.
+    if new <= old && prealloc != Preallocation::Off {
+        bail!("Preallocation can only be used for growing images");
+    }
     if new < old && !a.shrink {
         // As qemu-img: the warning comes with the refusal, after the error line.
         eprintln!(

@@ -1,7 +1,7 @@
 //! `serve [-f FMT] [-r] [-x NAME] [-k SOCKET | -b ADDR -p PORT] [-e N] [-t] [--cache M]
 //! [--discard M] [--detect-zeroes M] [--pid-file F] [--fork] [--vhost-user-blk SOCKET]
 //! FILE`: export an image (with its backing chain) over NBD, with qemu-nbd's flags, or
-//! over vhost-user-blk.
+//! over vhost-user-blk (`--vhost-user-blk SOCKET [--num-queues N]`).
 //!
 //! The image is opened as every verb opens it (format probed or `-f`, backing chain
 //! under the qemu-compatible open policy, `--image-opts`/`--object secret` for
@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use diskimg_serve::{
     CacheMode, DetectZeroes, Discard, Export, ExportOptions, Listener, NbdConfig, NbdServer,
-    Shutdown, WritePolicy,
+    Shutdown, VhostConfig, WritePolicy, serve_vhost_user_blk,
 };
 
 use crate::common::{open_image, opt_format};
@@ -77,6 +77,12 @@ pub(crate) struct Args {
     /// Run in the background once the socket listens.
     #[arg(long = "fork")]
     fork: bool,
+    /// Serve vhost-user-blk on this unix socket instead of NBD.
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET")]
+    vhost_user_blk: Option<String>,
+    /// Virtqueues offered over vhost-user-blk.
+    #[arg(long = "num-queues", default_value_t = 1)]
+    num_queues: u16,
     /// The image.
     file: String,
 }
@@ -108,7 +114,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 
     let shutdown = Shutdown::new();
     let signals = watch_signals(&shutdown)?;
-    let served = serve_nbd(&a, export, &shutdown);
+    let served = match &a.vhost_user_blk {
+        Some(path) => serve_vhost(&a, path, export, &shutdown),
+        None => serve_nbd(&a, export, &shutdown),
+    };
     signals.close();
     let closed = img.close().context("closing the image");
     if let Some(p) = &a.pid_file {
@@ -139,6 +148,15 @@ fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
     NbdServer::new(export, config)
         .serve(&listener, shutdown)
         .context("NBD server failed")
+}
+
+fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
+    let listener = Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?;
+    let mut config = VhostConfig::default();
+    config.num_queues = a.num_queues;
+    ready(a)?;
+    serve_vhost_user_blk(export, &listener, config, shutdown)
+        .context("vhost-user-blk server failed")
 }
 
 /// The socket listens: write the pid file and tell a waiting `--fork` parent.

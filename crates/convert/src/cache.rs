@@ -1,19 +1,23 @@
-//! qemu's `cache=unsafe` for a conversion target: flushes are dropped while the image
-//! is written, and the caller flushes the real storage once at the end.
+//! The target storage of `convert`'s durable default: flushes are dropped while the
+//! image is written, and the caller flushes the real storage once at the end.
 //!
 //! Format drivers flush between data and metadata writes so that a crash never leaves
 //! metadata pointing at unwritten data. While `qemu-img convert` writes a new image it
 //! uses `cache=unsafe` (its default `-t`): a crash leaves a useless half-written target
 //! anyway, so those ordering flushes only cost time (one `fdatasync` per allocated block
-//! in some formats). [`UnsafeCache`] does the same for diskimg.
+//! in some formats). [`UnsafeCache`] skips them too, but unlike qemu's `unsafe` the
+//! caller flushes once at the end, so the image is durable when `convert` returns.
+//! (`-t unsafe` given explicitly is qemu's mode: a `FileStorage` whose flush does
+//! nothing, without this wrapper.)
 //!
 //! It also writes behind: once a run of consecutive writes reaches 4 MiB (or a run of
 //! at least 256 KiB is broken by a write elsewhere), the run is handed to
 //! [`Storage::start_writeback`], so the device writes the image while the conversion
-//! goes on and the final flush has little left to wait for. Without it every byte waited in the page cache until that flush: on the
-//! benchmark input the conversion took 0.25 s and the flush another 0.35 s
-//! (docs/benchmarks.md). Small scattered writes (metadata updates) are never handed
-//! over, so their pages stay cached for the next update of the same table.
+//! goes on and the final flush has little left to wait for. Without it every byte
+//! waited in the page cache until that flush: on the benchmark input the conversion
+//! took 0.25 s and the flush another 0.35 s (docs/benchmarks.md). Small scattered writes
+//! (metadata updates) are never handed over, so their pages stay cached for the next
+//! update of the same table.
 
 use std::sync::{Arc, Mutex};
 

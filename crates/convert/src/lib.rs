@@ -8,10 +8,14 @@
 //! - data is read and scanned for all-zero blocks of [`ConvertOptions::sparse_size`]
 //!   bytes (qemu-img's `-S`, default 4 KiB; `0` fully allocates the target and scans
 //!   nothing);
-//! - with [`ConvertOptions::compress`], whole units of the target's
-//!   [`compressed_write_granularity`](BlockDevice::compressed_write_granularity) go
-//!   through [`write_compressed`](BlockDevice::write_compressed) (a partial tail unit is
-//!   written plainly);
+//! - with [`ConvertOptions::compress`] (or a target that
+//!   [needs compressed writes](BlockDevice::needs_compressed_writes)), whole units of
+//!   the target's [`compressed_write_granularity`](BlockDevice::compressed_write_granularity)
+//!   are compressed by the workers with
+//!   [`compress_units`](BlockDevice::compress_units) and stored in guest order with
+//!   [`write_compressed_units`](BlockDevice::write_compressed_units) (targets without
+//!   the two steps get [`write_compressed`](BlockDevice::write_compressed)); a partial
+//!   unit is written plainly unless it is the target's last one;
 //! - with [`ConvertOptions::backing`] (qemu-img's `-B`), ranges whose content equals the
 //!   target's backing image are left unallocated in the target;
 //! - with [`ConvertOptions::copy_offload`] (qemu-img's `-C`), data of the source's top
@@ -66,8 +70,8 @@ pub use pool::Buf;
 /// Default chunk size: the unit of work for one thread and of progress reports.
 pub const DEFAULT_CHUNK: u64 = 2 << 20;
 
-/// Bytes handed to compressed writes at once over all workers (see [`convert`]).
-pub const COMPRESS_BUDGET: u64 = 2 << 20;
+/// Bytes of source data being compressed at once over all workers (see [`convert`]).
+pub const COMPRESS_BUDGET: u64 = 4 << 20;
 
 /// Default zero-detection granularity (qemu-img's `-S` default).
 pub const DEFAULT_SPARSE: u64 = 4096;
@@ -81,7 +85,9 @@ pub struct ConvertOptions {
     /// The target already reads as zeroes everywhere (freshly created, or
     /// `--target-is-zero`): zero ranges need no write at all.
     pub target_is_zero: bool,
-    /// Write whole units compressed (`-c`).
+    /// Write whole units compressed (`-c`). A target whose
+    /// [`needs_compressed_writes`](BlockDevice::needs_compressed_writes) is true is
+    /// written compressed in any case.
     pub compress: bool,
     /// The target's backing image (`-B`): ranges equal to it are not written.
     pub backing: Option<Arc<dyn BlockDevice>>,
@@ -161,7 +167,10 @@ pub fn convert(
             dst.virtual_size()
         )));
     }
-    let unit = if opts.compress {
+    // A target that only takes compressed writes (streamOptimized VMDK) gets them
+    // whether or not they were asked for, as qemu-img does.
+    let compress = opts.compress || dst.needs_compressed_writes();
+    let unit = if compress {
         Some(
             dst.compressed_write_granularity()
                 .ok_or_else(|| Error::unsupported(dst.info().format, "compressed writes"))?,
@@ -185,7 +194,7 @@ pub fn convert(
     // blocks translated by a format without offloading): it could only buffer, so the
     // conversion goes on as without the option, zero detection included (as qemu-img
     // falls back once the target refuses copy_range).
-    let offload_store = if opts.copy_offload && dst.data_storage().is_some() {
+    let offload_store = if opts.copy_offload && !compress && dst.data_storage().is_some() {
         src.data_storage()
     } else {
         None
@@ -196,9 +205,9 @@ pub fn convert(
     };
     let mut chunk = opts.chunk_size.max(512);
     if unit > 0 {
-        // A compressing target keeps copies of what it compresses (input, output,
-        // compressor state) for every call in flight: keep the bytes handed to it at
-        // once within COMPRESS_BUDGET over all workers, but at least one unit per call.
+        // Every worker holds the input and output of its chunk while it compresses, and
+        // finished chunks wait for the writer: keep the input being compressed at once
+        // within COMPRESS_BUDGET over all workers, but at least one unit per chunk.
         let workers = u64::try_from(opts.workers.clamp(1, 64)).unwrap_or(1);
         chunk = chunk.min((COMPRESS_BUDGET / workers).max(unit));
         chunk = chunk
@@ -209,11 +218,13 @@ pub fn convert(
     let pool = pool::Pool::new(opts.workers.clamp(1, 64) + 2);
     let ctx = plan::Ctx {
         src,
+        dst,
         opts,
         unit,
         chunk,
         pool: &pool,
         offload,
+        precompress: std::sync::atomic::AtomicBool::new(true),
     };
     let mut stats = run::run(&ctx, dst, total, progress)?;
     stats.total_bytes = total;

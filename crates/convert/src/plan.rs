@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, Error, MapEntry, Result, Storage, ZeroFlags, block_status, read_from_backing,
+    BlockDevice, CompressedUnits, Error, MapEntry, Result, Storage, ZeroFlags, block_status,
+    read_from_backing,
 };
 
 use crate::pool::{Buf, Pool};
@@ -24,9 +25,13 @@ pub enum Op {
     Compressed {
         /// Guest offset (unit-aligned).
         offset: u64,
-        /// The units' bytes (a multiple of the unit).
+        /// The units' bytes (a multiple of the unit, or ending with the target's partial
+        /// last unit).
         data: Buf,
     },
+    /// Store units the target already compressed
+    /// ([`compress_units`](BlockDevice::compress_units), done while planning).
+    Packed(CompressedUnits),
     /// Copy `len` bytes from the source's
     /// [`data_storage`](BlockDevice::data_storage) at `src_offset` to `offset` with
     /// [`write_from`](BlockDevice::write_from) (copy offloading, qemu-img's `-C`).
@@ -61,13 +66,14 @@ enum Unit {
     Skip,
     /// A whole unit to compress.
     Compress,
-    /// A partial tail unit, written plainly.
+    /// A partial unit that is not the target's last one, written plainly.
     Plain,
 }
 
 /// The shared, read-only state of one conversion.
 pub(crate) struct Ctx<'a> {
     pub(crate) src: &'a dyn BlockDevice,
+    pub(crate) dst: &'a dyn BlockDevice,
     pub(crate) opts: &'a ConvertOptions,
     /// Compression unit (0 = not compressing).
     pub(crate) unit: u64,
@@ -75,6 +81,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) pool: &'a Pool,
     /// With copy offloading: the source's data storage and its length.
     pub(crate) offload: Option<(&'a dyn Storage, u64)>,
+    /// The target compresses ahead of its writes
+    /// ([`compress_units`](BlockDevice::compress_units)); cleared when it refuses.
+    pub(crate) precompress: AtomicBool,
 }
 
 /// True when every byte of `buf` is zero.
@@ -194,7 +203,9 @@ impl Ctx<'_> {
                 Unit::Zero
             } else if self.equals_backing(piece, off)? {
                 Unit::Skip
-            } else if n == unit {
+            } else if n == unit || off + n as u64 == self.dst.virtual_size() {
+                // Whole units, and the target's partial last one (zero-padded by the
+                // target, as qemu-img compresses it).
                 Unit::Compress
             } else {
                 Unit::Plain
@@ -204,7 +215,7 @@ impl Ctx<'_> {
         if kinds.iter().all(|k| k.3 == Unit::Compress) {
             // The common case: the whole buffer is one compressed run, no copy.
             ops.push(Op::Compressed { offset, data: buf });
-            return Ok(());
+            return self.precompress(ops);
         }
         for (off, start, n, kind) in kinds {
             let piece = buf.get(start..start + n).unwrap_or(&[]);
@@ -227,6 +238,31 @@ impl Ctx<'_> {
             }
         }
         self.pool.put(buf);
+        self.precompress(ops)
+    }
+
+    /// Compresses the runs of `ops` here, on the planning thread, when the target can
+    /// ([`compress_units`](BlockDevice::compress_units)): with workers that is on every
+    /// core, and the writer (in guest order) only stores the results.
+    fn precompress(&self, ops: &mut [Op]) -> Result<()> {
+        for op in ops.iter_mut() {
+            if !self.precompress.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let Op::Compressed { offset, data } = op else {
+                continue;
+            };
+            match self.dst.compress_units(data, *offset) {
+                Ok(units) => {
+                    self.pool.put(std::mem::take(data));
+                    *op = Op::Packed(units);
+                }
+                Err(Error::Unsupported { .. }) => {
+                    self.precompress.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
 
@@ -348,6 +384,10 @@ pub(crate) fn apply(
                 write_units(dst, &data, offset, unit, single_units)?;
                 st.compressed_bytes += data.len() as u64;
                 pool.put(data);
+            }
+            Op::Packed(units) => {
+                st.compressed_bytes += units.len;
+                dst.write_compressed_units(units)?;
             }
             Op::Copy {
                 offset,

@@ -1,19 +1,59 @@
 //! `check`: recount every reference (header, tables, snapshots, bitmaps, data) and compare
 //! with the refcounts, as qemu's `qcow2_check_refcounts`; optionally fix the counts.
+//!
+//! Memory is bounded by the file: one counter per host cluster, one table at a time, and
+//! at most [`MAX_MESSAGES`] findings kept (a hostile image can claim billions of
+//! references to a handful of clusters; qemu prints a line for each, we keep the first
+//! ones and count the rest).
 
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
+use crate::check_copied::{check_copied, may_repair};
 use crate::device::Qcow2Device;
 use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::meta::Meta;
 use crate::refcount::REFT_OFFSET_MASK;
 use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 
+/// Findings kept in a report; further ones are counted in one closing line.
+pub(crate) const MAX_MESSAGES: usize = 10_000;
+
+/// The report under construction, with its message cap.
+#[derive(Default)]
+pub(crate) struct Notes {
+    pub(crate) report: CheckReport,
+    dropped: u64,
+}
+
+impl Notes {
+    /// Records a finding (kept while fewer than [`MAX_MESSAGES`] are).
+    pub(crate) fn say(&mut self, msg: std::fmt::Arguments<'_>) {
+        if self.report.messages.len() < MAX_MESSAGES {
+            self.report.messages.push(msg.to_string());
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    /// The report, with a line counting the findings that were not kept.
+    fn finish(mut self) -> CheckReport {
+        if self.dropped > 0 {
+            self.report
+                .messages
+                .push(format!("({} further messages not shown)", self.dropped));
+        }
+        self.report
+    }
+}
+
 struct Counter {
     refs: Vec<u64>,
     cs: u64,
     file_len: u64,
-    report: CheckReport,
+    /// The largest refcount the image's width holds: counting stops there (qemu's
+    /// "overflow cluster"), as a repair could not store more.
+    max: u64,
+    notes: Notes,
 }
 
 impl Counter {
@@ -22,12 +62,12 @@ impl Counter {
             return;
         }
         let Some(end) = off.checked_add(len) else {
-            self.report.corruptions += 1;
+            self.notes.report.corruptions += 1;
             return;
         };
         if end.saturating_sub(self.file_len) >= self.cs {
-            self.report.corruptions += 1;
-            self.report.messages.push(format!(
+            self.notes.report.corruptions += 1;
+            self.notes.say(format_args!(
                 "ERROR: counting reference for region exceeding the end of the file by one \
                  cluster or more: offset {off:#x} size {len:#x}"
             ));
@@ -35,107 +75,89 @@ impl Counter {
         }
         for c in off / self.cs..=(end - 1) / self.cs {
             match usize::try_from(c).ok().and_then(|c| self.refs.get_mut(c)) {
-                Some(r) => *r = r.saturating_add(1),
-                None => self.report.corruptions += 1,
+                Some(r) if *r >= self.max => {
+                    self.notes.report.corruptions += 1;
+                    self.notes.say(format_args!(
+                        "ERROR: overflow cluster offset={:#x}\nUse qemu-img amend to increase \
+                         the refcount entry width or qemu-img convert to create a clean copy \
+                         if the image cannot be opened for writing",
+                        c * self.cs
+                    ));
+                }
+                Some(r) => *r += 1,
+                None => self.notes.report.corruptions += 1,
             }
         }
     }
 }
 
-/// (cluster, table entry, the entry's file offset, L1 index for L2 tables).
-type Copied = (u64, u64, u64, Option<usize>);
-
-/// Walks one L1 table: counts its L2 tables and their clusters. For the active table,
-/// also returns (cluster, entry, entry's file offset) for the COPIED flag check.
-fn walk_l1(
-    m: &mut Meta,
-    cnt: &mut Counter,
-    l1: &[u64],
-    active: bool,
-    copied: &mut Vec<Copied>,
-    l1_offset: u64,
-) -> Result<()> {
+/// Walks one L1 table: counts its L2 tables and their clusters (and, for the active
+/// table, the allocation statistics). One L2 table is in memory at a time.
+fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
     let cs = m.cs();
-    let ext = m.h.extended_l2();
-    let x = 62 - (m.h.cluster_bits - 8);
-    for (l1i, &l1e) in l1.iter().enumerate() {
+    for &l1e in l1 {
         let l2 = l1e & L1E_OFFSET_MASK;
         if l2 == 0 {
             continue;
         }
         if !l2.is_multiple_of(cs) {
-            cnt.report.corruptions += 1;
-            cnt.report.messages.push(format!(
+            cnt.notes.report.corruptions += 1;
+            cnt.notes.say(format_args!(
                 "ERROR l2_offset={l2:#x}: Table is not cluster aligned"
             ));
             continue;
         }
         cnt.inc(l2, cs);
-        if active {
-            copied.push((l2 / cs, l1e, l1_offset + l1i as u64 * 8, Some(l1i)));
-        }
-        let t = match m.read_table("L2 table", l2, cs / 8) {
-            Ok(t) => t,
-            Err(_) => {
-                cnt.report.check_errors += 1;
-                continue;
-            }
-        };
-        let step = if ext { 2 } else { 1 };
-        // qemu counts fragmentation within each L2 table.
-        let mut last_host = 0u64;
-        for (k, e) in t.iter().step_by(step).copied().enumerate() {
-            if e & OFLAG_COMPRESSED != 0 {
-                let off = e & ((1u64 << x) - 1);
-                let sectors = ((e & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
-                cnt.inc(off & !511, sectors * 512);
-                if active {
-                    if let Some(c) = cnt.report.compressed_clusters.as_mut() {
-                        *c += 1;
-                    }
-                    if let Some(c) = cnt.report.allocated_clusters.as_mut() {
-                        *c += 1;
-                    }
-                    // As qemu: compressed clusters count as fragmented.
-                    if let Some(c) = cnt.report.fragmented_clusters.as_mut() {
-                        *c += 1;
-                    }
-                }
-                continue;
-            }
-            let off = e & L2E_OFFSET_MASK;
-            let alloc = off != 0 || (m.data.is_some() && e & OFLAG_COPIED != 0);
-            if !alloc {
-                continue;
-            }
-            if !off.is_multiple_of(cs) {
-                cnt.report.corruptions += 1;
-                cnt.report.messages.push(format!(
-                    "ERROR offset={off:#x}: Cluster is not properly aligned; L2 entry corrupted."
-                ));
-                continue;
-            }
-            if active {
-                if let Some(c) = cnt.report.allocated_clusters.as_mut() {
-                    *c += 1;
-                }
-                if last_host != 0
-                    && off != last_host + cs
-                    && let Some(c) = cnt.report.fragmented_clusters.as_mut()
-                {
-                    *c += 1;
-                }
-                last_host = off;
-            }
-            if m.data.is_none() {
-                cnt.inc(off, cs);
-                if active {
-                    copied.push((off / cs, e, l2 + k as u64 * step as u64 * 8, None));
-                }
-            }
+        match m.read_table("L2 table", l2, cs / 8) {
+            Ok(t) => walk_l2(m, cnt, &t, active),
+            Err(_) => cnt.notes.report.check_errors += 1,
         }
     }
-    Ok(())
+}
+
+/// Counts the clusters one L2 table references.
+fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
+    let cs = m.cs();
+    let x = 62 - (m.h.cluster_bits - 8);
+    let step = if m.h.extended_l2() { 2 } else { 1 };
+    // qemu counts fragmentation within each L2 table.
+    let mut last_host = 0u64;
+    for e in t.iter().step_by(step).copied() {
+        let stat = |c: &mut Option<u64>| {
+            if active && let Some(c) = c.as_mut() {
+                *c += 1;
+            }
+        };
+        if e & OFLAG_COMPRESSED != 0 {
+            let off = e & ((1u64 << x) - 1);
+            let sectors = ((e & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
+            // As qemu: compressed clusters count as fragmented.
+            stat(&mut cnt.notes.report.compressed_clusters);
+            stat(&mut cnt.notes.report.allocated_clusters);
+            stat(&mut cnt.notes.report.fragmented_clusters);
+            cnt.inc(off & !511, sectors * 512);
+            continue;
+        }
+        let off = e & L2E_OFFSET_MASK;
+        if off == 0 && !(m.data.is_some() && e & OFLAG_COPIED != 0) {
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            cnt.notes.report.corruptions += 1;
+            cnt.notes.say(format_args!(
+                "ERROR offset={off:#x}: Cluster is not properly aligned; L2 entry corrupted."
+            ));
+            continue;
+        }
+        stat(&mut cnt.notes.report.allocated_clusters);
+        if last_host != 0 && off != last_host + cs {
+            stat(&mut cnt.notes.report.fragmented_clusters);
+        }
+        last_host = off;
+        if m.data.is_none() {
+            cnt.inc(off, cs);
+        }
+    }
 }
 
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
@@ -143,52 +165,49 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
     check_inner(dev, repair, true)
 }
 
-fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Result<CheckReport> {
-    let mut m = dev.lock();
-    if !dev.read_only {
-        m.commit_deferred()?;
-    }
+/// Counts every reference in the image (qemu's `calculate_refcounts`).
+fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     let cs = m.cs();
     let file_len = dev.file.len()?;
-    let nclusters = file_len.div_ceil(cs);
     let refs = m
         .limits
-        .alloc_elems::<u64>("check reference table", nclusters, 8)?;
+        .alloc_elems::<u64>("check reference table", file_len.div_ceil(cs), 8)?;
     let mut cnt = Counter {
         refs,
         cs,
         file_len,
-        report: CheckReport {
-            allocated_clusters: Some(0),
-            total_clusters: Some(m.h.size.div_ceil(cs)),
-            fragmented_clusters: Some(0),
-            compressed_clusters: Some(0),
-            ..CheckReport::default()
+        max: m.max_refcount(),
+        notes: Notes {
+            report: CheckReport {
+                allocated_clusters: Some(0),
+                total_clusters: Some(m.h.size.div_ceil(cs)),
+                fragmented_clusters: Some(0),
+                compressed_clusters: Some(0),
+                ..CheckReport::default()
+            },
+            dropped: 0,
         },
     };
     cnt.inc(0, cs);
     let h = m.h.clone();
     let l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
     cnt.inc(h.l1_table_offset, u64::from(h.l1_size) * 8);
-    let mut copied = Vec::new();
-    walk_l1(&mut m, &mut cnt, &l1, true, &mut copied, h.l1_table_offset)?;
+    walk_l1(m, &mut cnt, &l1, true);
     if h.nb_snapshots > 0 {
         cnt.inc(h.snapshots_offset, m.snapshot_table_len);
     }
-    let snapshots = m.snapshots.clone();
-    for s in &snapshots {
+    for s in &m.snapshots.clone() {
         cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
         match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
-            Ok(sl1) => walk_l1(&mut m, &mut cnt, &sl1, false, &mut Vec::new(), s.l1_offset)?,
-            Err(_) => cnt.report.check_errors += 1,
+            Ok(sl1) => walk_l1(m, &mut cnt, &sl1, false),
+            Err(_) => cnt.notes.report.check_errors += 1,
         }
     }
     cnt.inc(
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
     );
-    let reftable = m.reftable.clone();
-    for e in &reftable {
+    for e in &m.reftable {
         let off = e & REFT_OFFSET_MASK;
         if off != 0 {
             cnt.inc(off, cs);
@@ -211,160 +230,174 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     if let Some((off, len)) = h.ext.crypto {
         cnt.inc(off, len);
     }
-    // Compare with the refcounts.
+    Ok((cnt, l1))
+}
+
+/// (cluster, refcount, references) of one mismatch.
+type Mismatch = (u64, u64, u64);
+
+/// Compares the counted references with the refcounts of every cluster inside the file
+/// (qemu's `compare_refcounts` without fixing); returns the mismatches and the highest
+/// cluster in use by either.
+fn compare(
+    m: &mut Meta,
+    cnt: &mut Counter,
+    repair: RepairMode,
+    may_rebuild: bool,
+) -> (Vec<Mismatch>, u64) {
     let rbe = m.rb_entries();
     // As qemu, only clusters inside the file are compared (refcounts beyond its end
     // are invisible until the file grows over them).
-    let top = nclusters;
+    let top = cnt.file_len.div_ceil(cnt.cs);
     let mut highest = 0u64;
     let mut c = 0u64;
-    let mut budget: u64 = 1 << 26;
-    // (cluster, refcount, references) of every mismatch, fixed after the scan.
-    let mut mismatches: Vec<(u64, u64, u64)> = Vec::new();
+    let mut mismatches: Vec<Mismatch> = Vec::new();
     while c < top {
         let ti = c / rbe;
-        budget = budget.saturating_sub(1);
-        if budget == 0 {
-            cnt.report.check_errors += 1;
-            break;
-        }
-        let has_block = reftable
-            .get(usize::try_from(ti).unwrap_or(usize::MAX))
-            .is_some_and(|e| e & REFT_OFFSET_MASK != 0);
-        if !has_block && c >= nclusters {
-            c = (ti + 1) * rbe;
-            continue;
-        }
         let want = usize::try_from(c)
             .ok()
             .and_then(|i| cnt.refs.get(i))
             .copied()
             .unwrap_or(0);
-        if want > 0 {
-            highest = c;
-        }
         let have = match m.refcount(c) {
             Ok(v) => v,
             Err(_) if repair == RepairMode::All && may_rebuild => {
                 // An unusable refcount block (misaligned, beyond the end of the file):
                 // its clusters count as refcount 0, which makes the repair rebuild.
-                cnt.report.messages.push(format!(
+                cnt.notes.say(format_args!(
                     "ERROR refcount block {ti} is unusable; its refcounts are rebuilt"
                 ));
                 0
             }
             Err(_) => {
-                cnt.report.check_errors += 1;
+                cnt.notes.report.check_errors += 1;
                 c = (ti + 1) * rbe;
                 continue;
             }
         };
+        if want > 0 || have > 0 {
+            highest = c;
+        }
         if have != want {
             let leak = have > want;
-            cnt.report.messages.push(format!(
-                "{} cluster {c} refcount={have} reference={want}",
-                if leak { "Leaked" } else { "ERROR" }
+            let word = if leak { "Leaked" } else { "ERROR" };
+            cnt.notes.say(format_args!(
+                "{word} cluster {c} refcount={have} reference={want}"
             ));
             if leak {
-                cnt.report.leaks += 1;
+                cnt.notes.report.leaks += 1;
             } else {
-                cnt.report.corruptions += 1;
+                cnt.notes.report.corruptions += 1;
             }
             mismatches.push((c, have, want));
         }
         c += 1;
     }
-    // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
-    // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
-    if repair == RepairMode::Leaks && mismatches.iter().any(|&(_, have, _)| have == 0) {
-        cnt.report
-            .messages
-            .push("ERROR need to rebuild refcount structures".into());
-        cnt.report.check_errors += 1;
-        return Ok(cnt.report);
-    }
-    // As qemu: a referenced cluster with refcount 0 means the refcount structures are
-    // rebuilt from the counted references, then the old ones are freed as leaks.
-    if repair == RepairMode::All && may_rebuild && mismatches.iter().any(|&(_, have, _)| have == 0)
-    {
-        let old = cnt.report;
-        let mut refs = cnt.refs;
-        crate::rebuild::rebuild(&mut m, &mut refs)?;
-        drop(m);
-        let fresh = check_inner(dev, RepairMode::All, false)?;
-        let mut messages = old.messages;
-        messages.push("Rebuilding refcount structure".into());
-        messages.extend(
-            fresh
-                .messages
-                .iter()
-                .map(|s| s.replacen("Leaked cluster", "Repairing cluster", 1)),
-        );
-        return Ok(CheckReport {
-            corruptions: old.corruptions + fresh.corruptions,
-            leaks: old.leaks,
-            corruptions_fixed: old.corruptions + fresh.corruptions_fixed,
-            leaks_fixed: old.leaks,
-            check_errors: old.check_errors + fresh.check_errors,
-            messages,
-            ..fresh
-        });
-    }
-    for &(c, have, want) in &mismatches {
+    (mismatches, highest)
+}
+
+/// Fixes what `repair` allows of `mismatches` (qemu's second `compare_refcounts` pass,
+/// which prints every mismatch again: "Repairing …" for those it fixes).
+fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatches: &[Mismatch]) {
+    let maxr = m.max_refcount();
+    for &(c, have, want) in mismatches {
         let leak = have > want;
-        let fix = match repair {
+        let allowed = match repair {
             RepairMode::None => false,
             RepairMode::Leaks => leak,
             RepairMode::All => true,
         };
-        let maxr = m.max_refcount();
-        if fix && m.set_refcount(c, want.min(maxr)).is_ok() {
+        let word = match (allowed, leak) {
+            (true, _) => "Repairing",
+            (false, true) => "Leaked",
+            (false, false) => "ERROR",
+        };
+        notes.say(format_args!(
+            "{word} cluster {c} refcount={have} reference={want}"
+        ));
+        if allowed && m.set_refcount(c, want.min(maxr)).is_ok() {
             if leak {
-                cnt.report.leaks_fixed += 1;
+                notes.report.leaks_fixed += 1;
             } else {
-                cnt.report.corruptions_fixed += 1;
+                notes.report.corruptions_fixed += 1;
             }
         }
     }
-    let mut flags_fixed = false;
-    for (c, e, at, l1i) in copied {
-        let rc = m.refcount(c).unwrap_or(0);
-        let flag = e & OFLAG_COPIED != 0;
-        if (rc == 1) != flag {
-            cnt.report.corruptions += 1;
-            // qemu's wording.
-            cnt.report.messages.push(match l1i {
-                Some(i) => {
-                    format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                    )
-                }
-                None => format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
-            });
-            if repair == RepairMode::All {
-                let fixed = if rc == 1 {
-                    e | OFLAG_COPIED
-                } else {
-                    e & !OFLAG_COPIED
-                };
-                dev.file.write_all_at(&fixed.to_be_bytes(), at)?;
-                cnt.report.corruptions_fixed += 1;
-                flags_fixed = true;
-            }
-        }
+}
+
+/// Rebuilds the refcount structures from the counted references, then checks again
+/// (freeing the old structures as leaks), merging both reports as qemu does.
+fn rebuild_and_recheck(
+    dev: &Qcow2Device,
+    mut m: std::sync::MutexGuard<'_, Meta>,
+    cnt: Counter,
+) -> Result<CheckReport> {
+    let old = cnt.notes.finish();
+    let mut refs = cnt.refs;
+    crate::rebuild::rebuild(&mut m, &mut refs)?;
+    drop(m);
+    let fresh = check_inner(dev, RepairMode::All, false)?;
+    let mut messages = old.messages;
+    messages.push("Rebuilding refcount structure".into());
+    messages.extend(
+        fresh
+            .messages
+            .iter()
+            // Its first comparison pass; the repairing pass says it again.
+            .filter(|s| !s.starts_with("Leaked cluster"))
+            .cloned(),
+    );
+    Ok(CheckReport {
+        corruptions: old.corruptions + fresh.corruptions,
+        leaks: old.leaks,
+        corruptions_fixed: old.corruptions + fresh.corruptions_fixed,
+        leaks_fixed: old.leaks,
+        check_errors: old.check_errors + fresh.check_errors,
+        messages,
+        ..fresh
+    })
+}
+
+fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Result<CheckReport> {
+    let mut m = dev.lock();
+    if !dev.read_only {
+        m.commit_deferred()?;
     }
-    if flags_fixed {
+    let cs = m.cs();
+    let (mut cnt, l1) = count(dev, &mut m)?;
+    let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
+    let needs_rebuild = mismatches.iter().any(|&(_, have, _)| have == 0);
+    // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
+    // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
+    if repair == RepairMode::Leaks && needs_rebuild {
+        cnt.notes
+            .say(format_args!("ERROR need to rebuild refcount structures"));
+        cnt.notes.report.check_errors += 1;
+        return Ok(cnt.notes.finish());
+    }
+    // As qemu: a referenced cluster with refcount 0 means the refcount structures are
+    // rebuilt from the counted references, then the old ones are freed as leaks.
+    if repair == RepairMode::All && may_rebuild && needs_rebuild {
+        return rebuild_and_recheck(dev, m, cnt);
+    }
+    let mut notes = cnt.notes;
+    if repair != RepairMode::None && !mismatches.is_empty() {
+        fix_mismatches(&mut m, &mut notes, repair, &mismatches);
+    }
+    let fix_flags = may_repair(repair, &notes);
+    let l1_offset = m.h.l1_table_offset;
+    if check_copied(dev, &mut m, &mut notes, &l1, l1_offset, fix_flags)? {
         // Reload what the caches hold of the rewritten tables.
         m.l2 = crate::table::L2Cache::new(
             usize::try_from(m.limits.max_cache_bytes / cs).unwrap_or(16),
         );
-        m.l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
+        m.l1 = m.read_table("L1 table", l1_offset, u64::from(m.h.l1_size))?;
     }
     if repair != RepairMode::None {
         dev.file.flush()?;
     }
-    cnt.report.image_end_offset = Some((highest + 1) * cs);
-    let r = &cnt.report;
+    notes.report.image_end_offset = Some((highest + 1) * cs);
+    let r = &notes.report;
     if repair != RepairMode::None && r.check_errors == 0 && r.corruptions == r.corruptions_fixed {
         // As qemu after a successful repair: the image is clean and consistent again.
         let cleared = m.h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
@@ -376,7 +409,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         }
     }
     // As qemu-img's ImageCheck: statistics that are zero are absent.
-    let r = &mut cnt.report;
+    let r = &mut notes.report;
     for v in [
         &mut r.allocated_clusters,
         &mut r.fragmented_clusters,
@@ -387,5 +420,5 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
             *v = None;
         }
     }
-    Ok(cnt.report)
+    Ok(notes.finish())
 }

@@ -4,9 +4,9 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use diskimg_blockio::{
-    Amend, BackingRef, BitmapInfo, Bitmaps, BlockDevice, ChainLink, CheckReport, DeviceInfo, Error,
-    Extent, ExtentKind, FilePurpose, InfoValue, OpenOptions, Preallocation, RepairMode, Result,
-    Snapshots, Storage, ZeroFlags, check_range, read_from_backing,
+    Amend, BackingRef, BitmapInfo, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits,
+    DeviceInfo, Error, Extent, ExtentKind, FilePurpose, InfoValue, OpenOptions, Preallocation,
+    RepairMode, Result, Snapshots, Storage, ZeroFlags, check_range, read_from_backing,
 };
 
 use crate::compress;
@@ -596,7 +596,19 @@ impl BlockDevice for Qcow2Device {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
         self.mark_dirty(offset, buf.len() as u64);
-        crate::write::write_compressed(self, buf, offset)
+        crate::compressed_write::write_compressed(self, buf, offset)
+    }
+
+    fn compress_units(&self, buf: &[u8], offset: u64) -> Result<CompressedUnits> {
+        self.writable()?;
+        crate::compressed_write::compress_units(self, buf, offset)
+    }
+
+    fn write_compressed_units(&self, units: CompressedUnits) -> Result<()> {
+        self.writable()?;
+        check_range(units.offset, units.len, self.virtual_size())?;
+        self.mark_dirty(units.offset, units.len);
+        crate::compressed_write::write_units(self, units)
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {

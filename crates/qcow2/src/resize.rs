@@ -28,11 +28,16 @@ pub(crate) fn resize(
             "Use the --shrink option to perform a shrink operation.",
         ));
     }
+    if prealloc != Preallocation::Off && new < old {
+        return Err(Error::invalid(
+            "Preallocation can only be used for growing images",
+        ));
+    }
     let backed = m.h.backing_file.is_some() || dev.backing().is_some();
-    if prealloc != Preallocation::Off && (new < old || backed) {
+    if prealloc != Preallocation::Off && backed {
         return Err(Error::unsupported(
             "qcow2",
-            "preallocation when shrinking or over a backing image",
+            "preallocation over a backing image",
         ));
     }
     if !m.snapshots.is_empty() && m.h.version < 3 {

@@ -1,5 +1,5 @@
 //! The write path: cluster allocation with copy-on-write, subclusters, zero flags,
-//! discard and compressed clusters.
+//! discard (compressed clusters: `compressed_write`).
 //!
 //! Ordering (crash consistency): new clusters are refcounted and their data written,
 //! then storage is flushed, and only then does an L2 (or L1) entry point to them (L2
@@ -10,7 +10,6 @@
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
-use crate::compress;
 use crate::device::Qcow2Device;
 use crate::encryption::{Encryption, write_data};
 use crate::header::AUTOCLEAR_DATA_RAW;
@@ -525,95 +524,4 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         c += cs;
     }
     commit(&mut m, p)
-}
-
-/// `BlockDevice::write_compressed`: one whole cluster (or the partial last one).
-pub(crate) fn write_compressed(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
-    let (cs, ty, size) = {
-        let m = dev.lock();
-        if m.data.is_some() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "compressed writes to images with a data file",
-            ));
-        }
-        (m.cs(), m.h.compression_type, m.size)
-    };
-    if dev.crypt.is_some() {
-        return Err(Error::unsupported(
-            "qcow2",
-            "compressed writes to encrypted images",
-        ));
-    }
-    if !off.is_multiple_of(cs) || (buf.len() as u64 != cs && off + buf.len() as u64 != size) {
-        return Err(Error::invalid(
-            "qcow2: compressed writes must cover exactly one cluster",
-        ));
-    }
-    // Compress outside the metadata lock so that several writers compress in parallel.
-    let mut full = vec![0u8; idx(cs)];
-    full.put(0, buf);
-    let compressed = compress::compress(ty, &full)?;
-    let mut m = dev.lock();
-    let (e, _, _) = m.l2_entry(off)?;
-    if e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
-        return Err(Error::invalid(
-            "qcow2: compressed writes cannot overwrite allocated clusters",
-        ));
-    }
-    let Some(c) = compressed else {
-        drop(m);
-        return write(dev, buf, off);
-    };
-    let l1i = off / m.h.l1_coverage();
-    let l2 = ensure_l2(&mut m, l1i)?;
-    let i = (off / cs) % m.h.l2_entries();
-    let size = c.len() as u64;
-    let host = alloc_bytes(&mut m, size)?;
-    let x = 62 - (m.h.cluster_bits - 8);
-    if host + size > 1u64 << x {
-        return Err(Error::invalid(
-            "qcow2: image too large for compressed clusters",
-        ));
-    }
-    dev.file.write_all_at(&c, host)?;
-    let nsec = (host + size - 1) / 512 - host / 512;
-    let entry = OFLAG_COMPRESSED | host | (nsec << x);
-    m.defer(vec![(l2, i, entry, 0)], Vec::new(), true)
-}
-
-/// Allocates `size` bytes for compressed data, packing into the last partly used cluster
-/// and, as qemu does, spilling into freshly allocated clusters that directly follow it.
-/// Every cluster the range touches is referenced once more before the caller points an
-/// L2 entry at it.
-fn alloc_bytes(m: &mut Meta, size: u64) -> Result<u64> {
-    let cs = m.cs();
-    let fb = m.free_byte;
-    let next_free = |end: u64| if end.is_multiple_of(cs) { 0 } else { end };
-    if fb != 0 && !fb.is_multiple_of(cs) {
-        let c = fb / cs;
-        let r = m.refcount(c)?;
-        if r > 0 && r < m.max_refcount() {
-            let room = cs - fb % cs;
-            if size <= room {
-                m.set_refcount(c, r + 1)?;
-                m.free_byte = next_free(fb + size);
-                return Ok(fb);
-            }
-            let need = (size - room).div_ceil(cs);
-            let run = m.alloc_run(need)?;
-            if run == (c + 1) * cs {
-                m.set_refcount(c, r + 1)?;
-                m.free_byte = next_free(fb + size);
-                return Ok(fb);
-            }
-            // Not adjacent: give the run back (a crash here only leaks it).
-            for k in 0..need {
-                m.set_refcount(run / cs + k, 0)?;
-            }
-        }
-    }
-    let host = m.alloc_run(size.div_ceil(cs))?;
-    m.free_byte = next_free(host + size);
-    Ok(host)
 }

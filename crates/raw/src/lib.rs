@@ -197,6 +197,11 @@ impl BlockDevice for RawDevice {
                 "Use the --shrink option to perform a shrink operation.",
             ));
         }
+        if new_size < old && prealloc != Preallocation::Off {
+            return Err(Error::invalid(
+                "Preallocation can only be used for growing images",
+            ));
+        }
         if new_size > old {
             if prealloc == Preallocation::Metadata {
                 return Err(Error::invalid(
@@ -292,6 +297,10 @@ mod tests {
         d.resize(512, Preallocation::Off, true).unwrap();
         assert_eq!(d.virtual_size(), 512);
         d.resize(4096, Preallocation::Full, false).unwrap();
+        assert_eq!(d.virtual_size(), 4096);
+        // Preallocation describes new space: a shrink with it is refused (issue 15.7).
+        let e = d.resize(1024, Preallocation::Falloc, true).unwrap_err();
+        assert!(e.to_string().contains("only be used for growing"), "{e}");
         assert_eq!(d.virtual_size(), 4096);
     }
 }

@@ -8,6 +8,9 @@
 //!   `LIST`, metadata contexts `base:allocation` and `qemu:allocation-depth`, multi-conn,
 //!   READ, WRITE (+FUA), FLUSH, TRIM, CACHE, WRITE_ZEROES (+NO_HOLE, FAST_ZERO) and
 //!   BLOCK_STATUS. See `docs/serve.md` for the subset and the error choices.
+//! - [`serve_vhost_user_blk`]: the export as a vhost-user-blk device (rust-vmm's
+//!   `vhost-user-backend`, `virtio-queue`, `vm-memory`): several queues served in
+//!   parallel, flush, discard and write-zeroes, read-only mode ([`VhostConfig`]).
 //! - [`Listener`]/[`Stream`]: TCP or unix sockets; [`Shutdown`]: stops a server
 //!   cleanly (requests in flight finish, the export is flushed).
 //!
@@ -42,7 +45,9 @@
 mod export;
 mod listen;
 mod nbd;
+mod vhost;
 
 pub use export::{CacheMode, DetectZeroes, Discard, Export, ExportOptions, Fault, WritePolicy};
 pub use listen::{Listener, Shutdown, Stream};
 pub use nbd::{NbdConfig, NbdServer};
+pub use vhost::{VhostConfig, serve_vhost_user_blk};

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown as HowShutdown, SocketAddr, TcpListener};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown as HowShutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,17 +13,27 @@ use std::time::Duration;
 
 /// A listening socket: TCP (qemu-nbd `-b`/`-p`) or a unix socket (`-k`).
 #[derive(Debug)]
-pub enum Listener {
-    /// A TCP listener.
+pub struct Listener {
+    kind: Kind,
+    wake: Wake,
+}
+
+#[derive(Debug)]
+enum Kind {
     Tcp(TcpListener),
-    /// A unix-domain listener and the path it is bound to (removed on drop).
+    /// The path is removed on drop.
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
     /// Binds a TCP listener (`"127.0.0.1:10809"`; port 0 picks a free port).
     pub fn tcp(addr: impl ToSocketAddrs) -> io::Result<Self> {
-        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+        let l = TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(Listener {
+            kind: Kind::Tcp(l),
+            wake: Wake::new()?,
+        })
     }
 
     /// Binds a unix socket at `path`, replacing a stale socket file left there.
@@ -35,66 +45,137 @@ impl Listener {
         {
             std::fs::remove_file(path)?;
         }
-        Ok(Listener::Unix(
-            UnixListener::bind(path)?,
-            path.to_path_buf(),
-        ))
+        let l = UnixListener::bind(path)?;
+        l.set_nonblocking(true)?;
+        Ok(Listener {
+            kind: Kind::Unix(l, path.to_path_buf()),
+            wake: Wake::new()?,
+        })
     }
 
     /// The TCP address bound (with the port picked), if TCP.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok(),
-            Listener::Unix(..) => None,
+        match &self.kind {
+            Kind::Tcp(l) => l.local_addr().ok(),
+            Kind::Unix(..) => None,
         }
     }
 
-    /// Waits for the next connection.
-    pub fn accept(&self) -> io::Result<Stream> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+    /// The unix socket path, if a unix socket.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.kind {
+            Kind::Tcp(_) => None,
+            Kind::Unix(_, p) => Some(p),
+        }
+    }
+
+    /// Waits for the next connection; `None` once the listener was woken for
+    /// shutdown.
+    pub fn accept(&self) -> io::Result<Option<Stream>> {
+        loop {
+            let ready = match &self.kind {
+                Kind::Tcp(l) => self.wake.wait(l)?,
+                Kind::Unix(l, _) => self.wake.wait(l)?,
+            };
+            if !ready {
+                return Ok(None);
             }
-            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+            let r = match &self.kind {
+                Kind::Tcp(l) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    Ok(Stream::Tcp(s))
+                }),
+                Kind::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(Stream::Unix(s))
+                }),
+            };
+            match r {
+                Ok(s) => return Ok(Some(s)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Connects to the listener once, so that a thread blocked in [`Listener::accept`]
-    /// returns (used on shutdown).
+    /// A unix listener sharing this socket, for servers that accept through another
+    /// library (vhost-user).
+    pub(crate) fn unix_clone(&self) -> io::Result<UnixListener> {
+        match &self.kind {
+            Kind::Unix(l, _) => {
+                let c = l.try_clone()?;
+                c.set_nonblocking(false)?;
+                Ok(c)
+            }
+            Kind::Tcp(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "vhost-user needs a unix socket",
+            )),
+        }
+    }
+
+    /// Waits until a connection is pending (`true`) or the listener was woken.
+    pub(crate) fn wait_pending(&self) -> io::Result<bool> {
+        match &self.kind {
+            Kind::Tcp(l) => self.wake.wait(l),
+            Kind::Unix(l, _) => self.wake.wait(l),
+        }
+    }
+
+    /// Makes [`Listener::accept`] return `None`, now and from then on.
     pub(crate) fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
-        match self {
-            Listener::Tcp(l) => {
-                let addr = l.local_addr().ok().map(|mut a| {
-                    if a.ip().is_unspecified() {
-                        a.set_ip(match a.ip() {
-                            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                        });
-                    }
-                    a
-                });
-                Box::new(move || {
-                    if let Some(a) = addr {
-                        let _ = TcpStream::connect_timeout(&a, Duration::from_secs(1));
-                    }
-                })
-            }
-            Listener::Unix(_, path) => {
-                let path = path.clone();
-                Box::new(move || {
-                    let _ = UnixStream::connect(&path);
-                })
-            }
-        }
+        let w = self.wake.tx.clone();
+        Box::new(move || {
+            let _ = rustix::io::write(&*w, &[1]);
+        })
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Kind::Unix(_, path) = &self.kind {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A pipe that wakes a thread waiting for a socket (written once, never drained).
+#[derive(Debug)]
+struct Wake {
+    rx: OwnedFd,
+    tx: Arc<OwnedFd>,
+}
+
+impl Wake {
+    fn new() -> io::Result<Self> {
+        let (rx, tx) = rustix::pipe::pipe()?;
+        Ok(Wake {
+            rx,
+            tx: Arc::new(tx),
+        })
+    }
+
+    /// Waits until `fd` is readable (`true`) or the pipe was written (`false`).
+    fn wait(&self, fd: &impl AsFd) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        loop {
+            let mut fds = [
+                PollFd::new(fd, PollFlags::IN),
+                PollFd::new(&self.rx, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let [sock, wake] = &fds;
+            if !wake.revents().is_empty() {
+                return Ok(false);
+            }
+            if !sock.revents().is_empty() {
+                return Ok(true);
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{
-    BackingRef, BlockDevice, Error, Extent, ExtentKind, OpenOptions, Result, Storage,
+    BackingRef, BlockDevice, Error, Extent, ExtentKind, MetaRanges, OpenOptions, Result, Storage,
     read_from_backing,
 };
 
@@ -15,6 +15,7 @@ use crate::bat::{
 };
 use crate::format::{FMT, LOG_SECTOR, MIB};
 use crate::header::{Header, Regions, read_current_header, read_regions};
+use crate::layout::{check_bat, metadata_map};
 use crate::log::{apply, find_replay};
 use crate::metadata::{Metadata, read_metadata};
 use crate::overlay::ReplayedStorage;
@@ -41,6 +42,9 @@ pub(crate) struct State {
     pub(crate) bat: Vec<u8>,
     /// Where the next block is allocated (1 MiB aligned end of file).
     pub(crate) file_end: u64,
+    /// Header section, log, regions and sector bitmap blocks: no data write may land
+    /// there.
+    pub(crate) meta: MetaRanges,
     /// The write GUIDs were renewed for this session.
     pub(crate) session_started: bool,
     /// Sequence number of the next log entry.
@@ -90,6 +94,10 @@ impl VhdxDevice {
             return Err(Error::corrupt(FMT, "missing vhdxfile signature", 0));
         }
         let (header, slot) = read_current_header(storage.as_ref())?;
+        // The region table (which replay may not change) is checked before the log is
+        // replayed into the file: an image with overlapping regions is left untouched.
+        let log = (header.log_offset, u64::from(header.log_length));
+        let regions = read_regions(storage.as_ref(), log)?;
         let file_len = storage.len()?;
         let mut replay = LogReplay::None;
         let mut storage = storage;
@@ -103,7 +111,6 @@ impl VhdxDevice {
                 replay = LogReplay::OnDisk;
             }
         }
-        let regions = read_regions(storage.as_ref())?;
         let meta = read_metadata(storage.as_ref(), &regions.metadata, &options.limits)?;
         let geo = Geometry::new(&meta)?;
         let bat_bytes = geo.entries.checked_mul(8).ok_or(Error::corrupt(
@@ -123,7 +130,15 @@ impl VhdxDevice {
             .min(u64::from(regions.bat.length));
         let mut bat = options.limits.alloc("VHDX BAT", bat_len)?;
         storage.read_exact_at(&mut bat, regions.bat.offset)?;
-        let file_end = storage.len()?.next_multiple_of(MIB);
+        let check = options.driver_options.get("check") == Some("on");
+        let meta_map = metadata_map(&header, &regions, &bat, &geo, check)?;
+        let file_len = storage.len()?;
+        if !check {
+            check_bat(&bat, &geo, meta.virtual_size, file_len, &meta_map)?;
+        }
+        // New blocks go after the end of the file and after all metadata (a log or
+        // region past the end of a damaged file must not receive a block).
+        let file_end = file_len.max(meta_map.end()).next_multiple_of(MIB);
         let dev = Self {
             storage,
             read_only,
@@ -137,6 +152,7 @@ impl VhdxDevice {
                 slot,
                 bat,
                 file_end,
+                meta: meta_map,
                 session_started: false,
                 log_sequence: 1,
                 log_head: 0,

@@ -190,7 +190,7 @@ pub(crate) struct Regions {
 }
 
 /// Parses one region table copy (signature, checksum, entries).
-fn parse_region_table(buf: &[u8], at: u64) -> Result<Option<Regions>> {
+fn parse_region_table(buf: &[u8], at: u64, log: (u64, u64)) -> Result<Option<Regions>> {
     if buf.get(0..4) != Some(REGION_SIGNATURE.as_slice()) || buf.le_u32(4) != Some(checksum(buf, 4))
     {
         return Ok(None);
@@ -201,6 +201,9 @@ fn parse_region_table(buf: &[u8], at: u64) -> Result<Option<Regions>> {
     }
     let mut bat = None;
     let mut metadata = None;
+    // qemu (`vhdx_region_check`): the log and every region, in table order, must not
+    // overlap any one registered before it.
+    let mut seen = vec![(log.0, log.0.saturating_add(log.1))];
     for i in 0..usize::try_from(count).unwrap_or(0) {
         let off = 16 + 32 * i;
         let bad = || Error::corrupt(FMT, "region table entry out of bounds", at);
@@ -218,6 +221,13 @@ fn parse_region_table(buf: &[u8], at: u64) -> Result<Option<Regions>> {
         {
             return Err(Error::corrupt(FMT, "region not aligned to 1 MiB", entry_at));
         }
+        let (start, end) = (r.offset, r.offset.saturating_add(u64::from(r.length)));
+        if let Some((a, b)) = seen.iter().find(|&&(a, b)| start < b && a < end) {
+            return Err(Error::invalid(format!(
+                "VHDX region {start}-{end} overlaps with region {a}-{b}"
+            )));
+        }
+        seen.push((start, end));
         let slot = if r.guid == BAT_GUID {
             &mut bat
         } else if r.guid == METADATA_GUID {
@@ -237,11 +247,8 @@ fn parse_region_table(buf: &[u8], at: u64) -> Result<Option<Regions>> {
     }
     match (bat, metadata) {
         (Some(bat), Some(metadata)) => {
-            let (a, b) = (bat, metadata);
-            let a_end = a.offset.saturating_add(u64::from(a.length));
-            let b_end = b.offset.saturating_add(u64::from(b.length));
-            if a.length == 0 || b.length == 0 || (a.offset < b_end && b.offset < a_end) {
-                return Err(Error::corrupt(FMT, "BAT and metadata regions overlap", at));
+            if bat.length == 0 || metadata.length == 0 {
+                return Err(Error::corrupt(FMT, "empty BAT or metadata region", at));
             }
             Ok(Some(Regions { bat, metadata }))
         }
@@ -254,14 +261,15 @@ fn parse_region_table(buf: &[u8], at: u64) -> Result<Option<Regions>> {
 }
 
 /// Reads the region table, falling back to the second copy when the first is invalid.
-pub(crate) fn read_regions(storage: &dyn Storage) -> Result<Regions> {
+/// `log` (offset, length) is the current header's log, which no region may overlap.
+pub(crate) fn read_regions(storage: &dyn Storage, log: (u64, u64)) -> Result<Regions> {
     let mut first_err = None;
     for at in [REGION1_OFFSET, REGION2_OFFSET] {
         let mut buf = vec![0u8; REGION_TABLE_SIZE];
         if storage.read_exact_at(&mut buf, at).is_err() {
             continue;
         }
-        match parse_region_table(&buf, at) {
+        match parse_region_table(&buf, at, log) {
             Ok(Some(r)) => return Ok(r),
             Ok(None) => {}
             Err(e) => {
@@ -329,6 +337,12 @@ mod tests {
             },
         };
         let b = region_table_bytes(&r);
-        assert_eq!(parse_region_table(&b, 0).unwrap(), Some(r));
+        assert_eq!(parse_region_table(&b, 0, (MIB, MIB)).unwrap(), Some(r));
+        // A log over the BAT region: qemu's message.
+        let e = parse_region_table(&b, 0, (2 * MIB, 2 * MIB)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VHDX region 2097152-3145728 overlaps with region 2097152-4194304"
+        );
     }
 }

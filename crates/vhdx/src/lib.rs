@@ -53,6 +53,7 @@ mod create;
 mod device;
 mod format;
 mod header;
+mod layout;
 mod linkage;
 mod log;
 mod metadata;

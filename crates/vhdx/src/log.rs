@@ -13,7 +13,7 @@ use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
 use crate::format::{
-    DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, FMT, Guid, LOG_ENTRY_SIGNATURE, LOG_SECTOR,
+    DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, FMT, Guid, LOG_ENTRY_SIGNATURE, LOG_SECTOR, MIB,
     ZERO_DESC_SIGNATURE, checksum, set_checksum,
 };
 use crate::header::Header;
@@ -245,18 +245,29 @@ pub(crate) fn find_replay(
             ));
         }
         let max_end = file_len.max(head.last_file_offset);
+        let log_end = header.log_offset + u64::from(header.log_length);
         let mut changes = Vec::new();
         for e in &seq_entries {
             for c in &e.changes {
-                let end = match c {
-                    Change::Data { offset, .. } => offset.checked_add(LOG_SECTOR),
-                    Change::Zero { offset, length } => offset.checked_add(*length),
+                let (start, end) = match c {
+                    Change::Data { offset, .. } => (*offset, offset.checked_add(LOG_SECTOR)),
+                    Change::Zero { offset, length } => (*offset, offset.checked_add(*length)),
                 };
-                if end.is_none_or(|end| end > max_end) {
+                let at = header.log_offset + head_off;
+                let Some(end) = end.filter(|&end| end <= max_end) else {
                     return Err(Error::corrupt(
                         FMT,
                         "log entry writes beyond the end of the file",
-                        header.log_offset + head_off,
+                        at,
+                    ));
+                };
+                // The log updates metadata (BAT, metadata region, sector bitmaps); never
+                // the headers and region tables (the header section) or the log itself.
+                if start < MIB || (start < log_end && header.log_offset < end) {
+                    return Err(Error::corrupt(
+                        FMT,
+                        "log entry writes into the header section or the log",
+                        at,
                     ));
                 }
                 changes.push(c.clone());

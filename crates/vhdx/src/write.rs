@@ -23,6 +23,7 @@ use crate::bat::{
 use crate::device::{State, VhdxDevice};
 use crate::format::{FMT, Guid, LOG_SECTOR};
 use crate::header::{Header, header_offset};
+use crate::layout::SECTOR_BITMAP;
 use crate::log::{EntryParams, build_entry};
 
 impl VhdxDevice {
@@ -167,6 +168,7 @@ impl VhdxDevice {
                 || (block * bs).saturating_add(data.len() as u64) >= self.size());
         match state {
             PAYLOAD_FULLY_PRESENT if off != 0 => {
+                st.meta.guard_write(FMT, off + in_off, data.len() as u64)?;
                 self.storage.write_all_at(data, off + in_off)?;
                 Ok(())
             }
@@ -175,6 +177,7 @@ impl VhdxDevice {
             }
             PAYLOAD_PARTIALLY_PRESENT if off != 0 => {
                 // Overwritten entirely: the block becomes fully present where it is.
+                st.meta.guard_write(FMT, off, data.len() as u64)?;
                 self.storage.write_all_at(data, off)?;
                 self.storage.flush()?;
                 let s = self.set_entry(st, idx, make_entry(PAYLOAD_FULLY_PRESENT, off))?;
@@ -235,15 +238,29 @@ impl VhdxDevice {
                 self.regions.bat.offset,
             ));
         }
-        if new_block {
-            block_off = self.allocate(st, bs)?;
-        }
         let sb_idx = self.geo.bitmap_index(block);
         let sb = st.entry(sb_idx);
         let mut sb_off = entry_offset(sb);
         let new_sb = entry_state(sb) != SB_PRESENT || sb_off == 0;
+        // Refuse before allocating anything: a bitmap block over other metadata, or an
+        // existing block over metadata (both let through by a `check` open only).
+        if !new_sb && !st.meta.covers(sb_off, SB_BLOCK_SIZE, SECTOR_BITMAP) {
+            return Err(Error::corrupt(
+                FMT,
+                "sector bitmap update would overwrite metadata",
+                sb_off,
+            ));
+        }
+        if new_block {
+            block_off = self.allocate(st, bs)?;
+        }
+        st.meta
+            .guard_write(FMT, block_off + start, buf.len() as u64)?;
         if new_sb {
             sb_off = self.allocate(st, SB_BLOCK_SIZE)?;
+            st.meta
+                .insert(sb_off, SB_BLOCK_SIZE, SECTOR_BITMAP)
+                .map_err(|o| o.to_error(FMT))?;
         }
         self.storage.write_all_at(&buf, block_off + start)?;
         self.storage.flush()?;
@@ -307,6 +324,7 @@ impl VhdxDevice {
                 _ => false,
             };
             if entry_state(e) == PAYLOAD_FULLY_PRESENT && off != 0 {
+                st.meta.guard_write(FMT, off + in_off, n)?;
                 self.storage.write_zeroes(off + in_off, n)?;
             } else if reads_zero {
                 // Nothing to do.
@@ -344,7 +362,9 @@ impl VhdxDevice {
             let n = usize::try_from((bs - in_off).min((data.len() - done) as u64)).unwrap_or(0);
             let e = st.entry(self.geo.payload_index(pos / bs));
             let chunk = data.get(done..done + n).unwrap_or(&[]);
-            self.storage.write_all_at(chunk, entry_offset(e) + in_off)?;
+            let host = entry_offset(e) + in_off;
+            st.meta.guard_write(FMT, host, chunk.len() as u64)?;
+            self.storage.write_all_at(chunk, host)?;
             done += n.max(1);
         }
         Ok(())

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, InfoValue,
-    RepairMode, Result, Storage, ZeroFlags, check_range, read_from_backing,
+    BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
+    InfoValue, PackedUnit, RepairMode, Result, Storage, ZeroFlags, check_range, read_from_backing,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -285,6 +285,33 @@ impl VmdkDevice {
         })
     }
 
+    /// The stream-optimized extent holding whole grains `offset..offset + len` (the last
+    /// one may be the extent's partial last grain) and the number of the first grain.
+    fn stream_grains(&self, offset: u64, len: u64) -> Result<(&SparseExtent, u64)> {
+        check_range(offset, len, self.size)?;
+        if self.first_stream_extent().is_none() {
+            return Err(Error::unsupported(
+                "vmdk",
+                "compressed writes outside streamOptimized",
+            ));
+        }
+        self.writable()?;
+        let ext = self.find(offset)?;
+        let ExtentData::Sparse(s) = &ext.data else {
+            return Err(Error::unsupported(
+                "vmdk",
+                "compressed writes to a flat extent",
+            ));
+        };
+        let gb = s.grain_bytes();
+        let in_ext = offset - ext.start;
+        let whole = len.is_multiple_of(gb) || in_ext + len == ext.len;
+        if !in_ext.is_multiple_of(gb) || !whole || len == 0 || in_ext + len > ext.len {
+            return Err(Error::invalid("compressed writes must cover whole grains"));
+        }
+        Ok((s, in_ext / gb))
+    }
+
     fn first_stream_extent(&self) -> Option<&SparseExtent> {
         match self.extents.first().map(|e| &e.data) {
             Some(ExtentData::Sparse(s)) if s.compressed => Some(s),
@@ -459,40 +486,41 @@ impl BlockDevice for VmdkDevice {
         self.first_stream_extent().map(SparseExtent::grain_bytes)
     }
 
+    /// A streamOptimized image takes only whole compressed grains (qemu's
+    /// `needs_compressed_writes`).
+    fn needs_compressed_writes(&self) -> bool {
+        self.first_stream_extent().is_some()
+    }
+
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        if self.first_stream_extent().is_none() {
-            return Err(Error::unsupported(
-                "vmdk",
-                "compressed writes outside streamOptimized",
-            ));
-        }
-        self.writable()?;
-        let ext = self.find(offset)?;
-        let ExtentData::Sparse(s) = &ext.data else {
-            return Err(Error::unsupported(
-                "vmdk",
-                "compressed writes to a flat extent",
-            ));
-        };
-        let gb = s.grain_bytes();
-        let in_ext = offset - ext.start;
-        let len = buf.len() as u64;
-        let whole = len.is_multiple_of(gb) || in_ext + len == ext.len;
-        if !in_ext.is_multiple_of(gb) || !whole || len == 0 || in_ext + len > ext.len {
-            return Err(Error::invalid("compressed writes must cover whole grains"));
-        }
-        let gbu = usize::try_from(gb).map_err(|_| Error::invalid("grain size"))?;
-        let grains: Vec<(u64, Vec<u8>)> = buf
-            .chunks(gbu)
-            .enumerate()
-            .map(|(i, c)| {
-                let mut g = c.to_vec();
-                g.resize(gbu, 0);
-                (in_ext / gb + i as u64, g)
+        let (s, first) = self.stream_grains(offset, buf.len() as u64)?;
+        s.write_compressed(first, buf)
+    }
+
+    fn compress_units(&self, buf: &[u8], offset: u64) -> Result<CompressedUnits> {
+        let (s, first) = self.stream_grains(offset, buf.len() as u64)?;
+        let units = s.compress_grains(first, buf)?;
+        Ok(CompressedUnits {
+            offset,
+            len: buf.len() as u64,
+            units: units.into_iter().map(PackedUnit::Compressed).collect(),
+        })
+    }
+
+    fn write_compressed_units(&self, units: CompressedUnits) -> Result<()> {
+        let (s, first) = self.stream_grains(units.offset, units.len)?;
+        units.unit_ranges(s.grain_bytes())?;
+        let records = units
+            .units
+            .into_iter()
+            .map(|u| match u {
+                PackedUnit::Compressed(r) => Ok(r),
+                PackedUnit::Plain(_) => Err(Error::invalid(
+                    "vmdk: streamOptimized grains are always compressed",
+                )),
             })
-            .collect();
-        s.write_compressed(&grains)
+            .collect::<Result<Vec<_>>>()?;
+        s.append_records(first, &records)
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {

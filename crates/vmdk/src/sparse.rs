@@ -21,6 +21,8 @@ use crate::header::{
 use crate::layout::{Layout, metadata_ranges, read_table};
 use crate::sesparse::SeSparse;
 
+mod stream;
+
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
 /// qemu's bound on the grain size in sectors (1 GiB).
@@ -495,52 +497,6 @@ impl SparseExtent {
     fn append_compressed(&self, st: &mut State, grain: u64, buf: &[u8]) -> Result<()> {
         let rec = self.compress_record(grain, buf)?;
         self.append_record(st, grain, &rec)
-    }
-
-    /// Writes whole grains compressed (stream-optimized only; unallocated grains only):
-    /// `grains` are (grain number, full-grain data). The grains are deflated in parallel
-    /// (outside the extent lock), then appended in order.
-    pub(crate) fn write_compressed(&self, grains: &[(u64, Vec<u8>)]) -> Result<()> {
-        let refuse = || Error::invalid("Could not write to allocated cluster for streamOptimized");
-        for (g, _) in grains {
-            if !matches!(self.lookup(*g)?, Grain::Unallocated | Grain::Zero) {
-                return Err(refuse());
-            }
-        }
-        let threads = std::thread::available_parallelism()
-            .map(std::num::NonZeroUsize::get)
-            .unwrap_or(1)
-            .clamp(1, grains.len().max(1));
-        let per = grains.len().div_ceil(threads).max(1);
-        let records: Vec<Result<Vec<u8>>> = std::thread::scope(|sc| {
-            let handles: Vec<_> = grains
-                .chunks(per)
-                .map(|chunk| {
-                    sc.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(g, data)| self.compress_record(*g, data))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| vec![Err(Error::invalid("deflate thread failed"))])
-                })
-                .collect()
-        });
-        let mut st = self.lock();
-        for ((g, _), rec) in grains.iter().zip(records) {
-            let rec = rec?;
-            match self.lookup_locked(&mut st, *g)? {
-                Grain::Unallocated | Grain::Zero => self.append_record(&mut st, *g, &rec)?,
-                _ => return Err(refuse()),
-            }
-        }
-        Ok(())
     }
 
     /// Makes a whole grain read as zeroes: a zeroed-grain entry when the extent has them.

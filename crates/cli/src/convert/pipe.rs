@@ -9,15 +9,18 @@
 //! Raw and qcow2 targets can be cut; other formats are refused up front.
 
 use anyhow::{Context, Result, bail};
-use diskimg::{Format, Image};
+use diskimg::{CacheMode, Format, Image};
 
-use crate::common::open_image;
+use crate::common::open_resolved;
 
 /// Opens a `convert` source: one pass for streams (no read to the end first).
-pub(super) fn open_source(name: &str, format: Option<Format>) -> Result<Image> {
+pub(super) fn open_source(name: &str, format: Option<Format>, cache: CacheMode) -> Result<Image> {
     match crate::source::open_special(name, format, false)? {
         Some(img) => Ok(img),
-        None => open_image(name, format, true, true),
+        None => {
+            let (path, format, opts) = crate::secrets::resolve(name, format)?;
+            open_resolved(name, &path, format, opts.with_cache(cache), true, true)
+        }
     }
 }
 

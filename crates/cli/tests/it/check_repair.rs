@@ -271,3 +271,104 @@ fn rebuild_without_usable_refcount_blocks() {
         assert_qemu_check_clean(&ours, "qcow2");
     }
 }
+
+/// A qcow2 with 1-bit refcounts whose second L2 entry names the first one's cluster
+/// (referenced twice: a refcount of 2 cannot be stored); with `leak`, the cluster the
+/// second entry had becomes a leak.
+fn overflowing(dir: &Path, leak: bool) -> PathBuf {
+    let p = dir.join(if leak { "ovl.qcow2" } else { "ov.qcow2" });
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=1",
+        s(&p),
+        "1M",
+    ]);
+    let mut cmds = vec!["write -P 1 0 64k"];
+    if leak {
+        cmds.push("write -P 2 64k 64k");
+    }
+    qemu_io(&p, "qcow2", &cmds);
+    let mut img = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let e0: [u8; 8] = img[l2..l2 + 8].try_into().unwrap();
+    img[l2 + 8..l2 + 16].copy_from_slice(&e0);
+    std::fs::write(&p, &img).unwrap();
+    p
+}
+
+#[test]
+fn refcount_overflow_is_reported_not_repaired() {
+    // Issue 15.6: qemu reports "ERROR: overflow cluster …" and repairs nothing (it
+    // suggests `qemu-img amend`); only the leak, where there is one, is fixed.
+    let dir = tempdir();
+    for leak in [false, true] {
+        let src = overflowing(dir.path(), leak);
+        for r in [None, Some("leaks"), Some("all")] {
+            let mut args = vec![];
+            if let Some(r) = r {
+                args.extend(["-r", r]);
+            }
+            let (q, d) = both(dir.path(), &src, &args);
+            assert_eq!(q.1, 2, "leak={leak} {r:?} {q:?}");
+            assert!(q.2.contains("ERROR: overflow cluster offset=0x"), "{}", q.2);
+            assert!(q.2.contains("Use qemu-img amend"), "{}", q.2);
+            assert_eq!(q.0["corruptions"], 1);
+            assert_eq!(q.0.get("corruptions-fixed"), None);
+            assert_eq!(d, q, "leak={leak} {r:?}");
+            if !leak && r.is_some() {
+                let ours = std::fs::read(dir.path().join("d.qcow2")).unwrap();
+                assert_eq!(ours, std::fs::read(&src).unwrap(), "nothing repaired");
+            }
+            // The human report, "found and repaired" included, as qemu prints it.
+            let (q, d) = copies(dir.path(), &src);
+            let mut a = vec!["check"];
+            a.extend(&args);
+            let qo = qemu_img(&[&a[..], &[s(&q)]].concat());
+            let ours = diskimg(&[&a[..], &[s(&d)]].concat());
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&qo.stdout),
+                "leak={leak} {r:?}"
+            );
+            assert_eq!(code(&ours), code(&qo));
+        }
+    }
+}
+
+#[test]
+fn repair_pass_messages_like_qemu() {
+    // A cluster referenced twice with 16-bit refcounts plus a leak: the repairing pass
+    // prints every mismatch again ("Repairing …" for what it fixes), the double check
+    // prints what is left, and the COPIED flags follow the fixed refcounts.
+    let dir = tempdir();
+    let p = dir.path().join("twice.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&p), "1M"]);
+    qemu_io(&p, "qcow2", &["write -P 1 0 64k", "write -P 2 64k 64k"]);
+    let mut img = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let e0: [u8; 8] = img[l2..l2 + 8].try_into().unwrap();
+    img[l2 + 8..l2 + 16].copy_from_slice(&e0);
+    std::fs::write(&p, &img).unwrap();
+    for r in [None, Some("leaks"), Some("all")] {
+        let mut args = vec![];
+        if let Some(r) = r {
+            args.extend(["-r", r]);
+        }
+        let (q, d) = both(dir.path(), &p, &args);
+        assert_eq!(d, q, "{r:?}");
+    }
+    let (q, _) = both(dir.path(), &p, &["-r", "all"]);
+    assert!(
+        q.2.contains("Repairing OFLAG_COPIED data cluster"),
+        "{}",
+        q.2
+    );
+}

@@ -97,3 +97,44 @@ fn resize_like_qemu() {
         );
     }
 }
+
+#[test]
+fn resize_refuses_preallocation_without_growth() {
+    // Issue 15.7: a shrink (or a same-size resize) with preallocation is refused before
+    // anything is changed, for every format, in qemu-img's words.
+    let dir = tempdir();
+    for fmt in crate::FORMATS {
+        let p = dir.path().join(format!("p.{fmt}"));
+        qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), "4M"]);
+        let before = std::fs::read(&p).unwrap();
+        for (pre, size) in [
+            ("falloc", "2M"),
+            ("full", "2M"),
+            ("metadata", "2M"),
+            ("full", "4M"),
+        ] {
+            let opt = format!("--preallocation={pre}");
+            let a = ["resize", "-f", fmt, "--shrink", opt.as_str(), s(&p), size];
+            let o = diskimg(&a);
+            let q = qemu_img(&a);
+            assert_eq!((code(&o), code(&q)), (1, 1), "{fmt} {pre} {size}");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(
+                err, "diskimg: Preallocation can only be used for growing images\n",
+                "{fmt} {pre}"
+            );
+            assert_eq!(
+                err.replace("diskimg:", "qemu-img:"),
+                String::from_utf8_lossy(&q.stderr)
+            );
+            assert_eq!(std::fs::read(&p).unwrap(), before, "{fmt} {pre}: unchanged");
+        }
+    }
+    // Without --shrink, the preallocation refusal comes first (as qemu-img).
+    let p = dir.path().join("p.raw");
+    let a = ["resize", "-f", "raw", "--preallocation=full", s(&p), "1M"];
+    assert_eq!(
+        String::from_utf8_lossy(&diskimg(&a).stderr).replace("diskimg:", "qemu-img:"),
+        String::from_utf8_lossy(&qemu_img(&a).stderr)
+    );
+}

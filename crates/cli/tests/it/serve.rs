@@ -46,6 +46,13 @@ impl Served {
         Self::spawn(env!("CARGO_BIN_EXE_diskimg"), &a, sock.clone())
     }
 
+    /// `diskimg serve ARGS…` whose socket (NBD or vhost-user) is `sock`.
+    pub(crate) fn diskimg_at(sock: &Path, args: &[&str]) -> Served {
+        let mut a = vec!["serve"];
+        a.extend_from_slice(args);
+        Self::spawn(env!("CARGO_BIN_EXE_diskimg"), &a, sock.to_path_buf())
+    }
+
     /// `qemu-nbd -k SOCK -t -e 0 -A ARGS…` (the oracle).
     pub(crate) fn qemu_nbd(dir: &Path, name: &str, args: &[&str]) -> Served {
         let sock = dir.join(format!("{name}.sock"));

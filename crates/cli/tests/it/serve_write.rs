@@ -113,6 +113,7 @@ fn nbdcopy_and_fio_write_through_the_export() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );

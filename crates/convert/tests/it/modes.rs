@@ -4,7 +4,8 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{
-    BlockDevice, DeviceInfo, Error, Extent, FileStorage, MemStorage, Result, Storage, map_all,
+    BlockDevice, CompressedUnits, DeviceInfo, Error, Extent, FileStorage, MemStorage, PackedUnit,
+    Result, Storage, map_all,
 };
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 use diskimg_raw::RawDevice;
@@ -173,13 +174,15 @@ impl BlockDevice for Compressing {
         Some(4096)
     }
     fn write_compressed(&self, buf: &[u8], off: u64) -> Result<()> {
-        assert_eq!(buf.len() % 4096, 0);
+        // Whole units, the last of them possibly the device's partial last one.
+        let end = off + buf.len() as u64;
+        assert!(buf.len().is_multiple_of(4096) || end == self.virtual_size());
         assert_eq!(off % 4096, 0);
-        if !self.multi && buf.len() != 4096 {
+        if !self.multi && buf.len() > 4096 {
             return Err(Error::invalid("one cluster per call"));
         }
         self.calls.lock().unwrap().push(buf.len());
-        for i in 0..buf.len() as u64 / 4096 {
+        for i in 0..(buf.len() as u64).div_ceil(4096) {
             self.units.lock().unwrap().push(off + i * 4096);
         }
         self.inner.write_at(buf, off)
@@ -199,14 +202,15 @@ fn compression_in_whole_units() {
     s[5 * 4096 + 5] = 2;
     s[8 * 4096 + 50] = 3; // partial tail
     let src = raw(s.clone());
+    let singles = vec![512, 4096, 4096, 4096, 4096];
     for (workers, chunk, multi, calls) in [
-        (1, 4096, true, vec![4096; 4]),
-        (3, 4096, false, vec![4096; 4]),
-        // Whole chunks: one call for unit 0, one for the run 3..=5.
-        (1, 1 << 20, true, vec![4096, 3 * 4096]),
-        (2, 8192, true, vec![4096, 4096, 8192]),
+        (1, 4096, true, singles.clone()),
+        (3, 4096, false, singles.clone()),
+        // Whole chunks: one call for unit 0, one for the run 3..=5, one for the tail.
+        (1, 1 << 20, true, vec![512, 4096, 3 * 4096]),
+        (2, 8192, true, vec![512, 4096, 4096, 8192]),
         // The device refuses runs: convert falls back to single units.
-        (1, 1 << 20, false, vec![4096; 4]),
+        (1, 1 << 20, false, singles.clone()),
     ] {
         let dst = Compressing {
             inner: raw(vec![0; s.len()]),
@@ -224,14 +228,30 @@ fn compression_in_whole_units() {
         let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
         let mut units = dst.units.lock().unwrap().clone();
         units.sort_unstable();
-        assert_eq!(units, vec![0, 3 * 4096, 4 * 4096, 5 * 4096]);
+        assert_eq!(units, vec![0, 3 * 4096, 4 * 4096, 5 * 4096, 8 * 4096]);
         let mut got = dst.calls.lock().unwrap().clone();
         got.sort_unstable();
         assert_eq!(got, calls, "workers {workers} chunk {chunk} multi {multi}");
-        assert_eq!(st.compressed_bytes, 4 * 4096);
-        assert_eq!(st.data_bytes, 512);
+        assert_eq!(st.compressed_bytes, 4 * 4096 + 512);
+        assert_eq!(st.data_bytes, 0);
         assert_eq!(read(&dst), s);
     }
+    // In a larger target the source's partial tail is not a whole unit of the target:
+    // it is written plainly.
+    let dst = Compressing {
+        inner: raw(vec![0; s.len() + 4096]),
+        units: Mutex::new(Vec::new()),
+        calls: Mutex::new(Vec::new()),
+        multi: true,
+    };
+    let opts = ConvertOptions {
+        compress: true,
+        target_is_zero: true,
+        ..ConvertOptions::default()
+    };
+    let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!((st.compressed_bytes, st.data_bytes), (4 * 4096, 512));
+    assert_eq!(read(&dst)[..s.len()], s[..]);
     // A target without compression support is refused.
     let dst = raw(vec![0; s.len()]);
     let opts = ConvertOptions {
@@ -316,5 +336,103 @@ fn read_errors_stop_every_mode() {
         };
         let err = convert(&src, dst.as_ref(), &opts, &mut |_, _| {}).unwrap_err();
         assert!(err.to_string().contains("injected"), "{err}");
+    }
+}
+
+/// A target that compresses ahead ([`BlockDevice::compress_units`]): records which
+/// thread compressed and in which order the units were stored.
+#[derive(Debug)]
+struct Precompressing {
+    inner: Arc<dyn BlockDevice>,
+    compressed_on: Mutex<Vec<std::thread::ThreadId>>,
+    stored: Mutex<Vec<u64>>,
+}
+
+impl BlockDevice for Precompressing {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        self.inner.map(off, len)
+    }
+    fn compressed_write_granularity(&self) -> Option<u64> {
+        Some(4096)
+    }
+    fn write_compressed(&self, _buf: &[u8], _off: u64) -> Result<()> {
+        panic!("convert must use compress_units when the target has it");
+    }
+    fn compress_units(&self, buf: &[u8], off: u64) -> Result<CompressedUnits> {
+        self.compressed_on
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        // "Compression": the bytes reversed, so a store without compression shows.
+        let units = buf
+            .chunks(4096)
+            .map(|c| PackedUnit::Compressed(c.iter().rev().copied().collect()))
+            .collect();
+        Ok(CompressedUnits {
+            offset: off,
+            len: buf.len() as u64,
+            units,
+        })
+    }
+    fn write_compressed_units(&self, cu: CompressedUnits) -> Result<()> {
+        for ((off, _), u) in cu.unit_ranges(4096)?.into_iter().zip(cu.units) {
+            let PackedUnit::Compressed(b) = u else {
+                panic!("plain unit");
+            };
+            let plain: Vec<u8> = b.into_iter().rev().collect();
+            self.stored.lock().unwrap().push(off);
+            self.inner.write_at(&plain, off)?;
+        }
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[test]
+fn workers_compress_and_the_writer_stores_in_order() {
+    let n = 256 * 4096;
+    let s: Vec<u8> = (0..n).map(|i| (i % 251) as u8 | 1).collect();
+    let src = raw(s.clone());
+    for (workers, out_of_order) in [(1, false), (4, false), (4, true)] {
+        let dst = Precompressing {
+            inner: raw(vec![0; n]),
+            compressed_on: Mutex::new(Vec::new()),
+            stored: Mutex::new(Vec::new()),
+        };
+        let opts = ConvertOptions {
+            compress: true,
+            target_is_zero: true,
+            workers,
+            out_of_order,
+            chunk_size: 16 * 4096,
+            ..ConvertOptions::default()
+        };
+        let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+        assert_eq!(st.compressed_bytes, n as u64);
+        assert_eq!(read(&dst), s);
+        let stored = dst.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 256);
+        if !out_of_order {
+            // Guest order, whichever worker finished first.
+            assert!(stored.windows(2).all(|w| w[0] < w[1]), "{workers}");
+        }
+        let on = dst.compressed_on.lock().unwrap().clone();
+        let me = std::thread::current().id();
+        // With workers, compression happens on them, not on the writer (this thread).
+        assert_eq!(on.contains(&me), workers == 1, "{workers}");
     }
 }

@@ -8,6 +8,7 @@
 
 mod bitmaps;
 mod check;
+mod compressed;
 mod crash;
 mod encrypt;
 mod hostile;

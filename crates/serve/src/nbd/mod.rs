@@ -149,7 +149,8 @@ impl NbdServer {
                 return Ok(());
             }
             let stream = match listener.accept() {
-                Ok(s) => s,
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(()),
                 Err(e) if transient(&e) => {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;

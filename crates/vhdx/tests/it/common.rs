@@ -22,6 +22,30 @@ pub(crate) fn unlinked() -> OpenOptions {
     OpenOptions::new().driver_option(diskimg_vhdx::CHECK_PARENT_LINKAGE_OPTION, "off")
 }
 
+/// Opens `path` as `check` does (driver option `check=on`, qemu's `BDRV_O_CHECK`: BAT
+/// entries that a normal open refuses are left for the check to report).
+pub(crate) fn open_for_check(
+    path: &Path,
+    read_only: bool,
+) -> diskimg_blockio::Result<Arc<dyn BlockDevice>> {
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only).unwrap());
+    diskimg_vhdx::DRIVER.open(
+        s,
+        &OpenOptions::new()
+            .read_only(read_only)
+            .driver_option("check", "on"),
+    )
+}
+
+/// Opens `path` with our driver, returning the error.
+pub(crate) fn try_open(
+    path: &Path,
+    read_only: bool,
+) -> diskimg_blockio::Result<Arc<dyn BlockDevice>> {
+    let s: Arc<dyn Storage> = Arc::new(FileStorage::open(path, read_only).unwrap());
+    diskimg_vhdx::DRIVER.open(s, &OpenOptions::new().read_only(read_only))
+}
+
 /// Creates `path` with our driver.
 #[allow(dead_code)]
 pub(crate) fn create(path: &Path, size: u64, opts: &str) {

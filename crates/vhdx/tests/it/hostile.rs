@@ -100,10 +100,17 @@ fn iotest_scenarios() {
     assert!(open(v).is_ok());
     // Not a vhdx at all.
     assert!(open(vec![0u8; 1 << 20]).is_err());
-    // A BAT entry pointing past the end of the file (truncated image): open works,
-    // reads of that block fail cleanly and check reports it.
+    // A BAT entry pointing past the end of the file (truncated image): refused at open
+    // as qemu does; a check open works, reads of that block fail cleanly and check
+    // reports it.
     let truncated = img[..img.len() - (512 << 10)].to_vec();
-    let dev = open(truncated).unwrap();
+    let e = open(truncated.clone()).unwrap_err().to_string();
+    assert!(e.contains("Image has probably been truncated"), "{e}");
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(truncated));
+    let opts = OpenOptions::new()
+        .read_only(true)
+        .driver_option("check", "on");
+    let dev = diskimg_vhdx::DRIVER.open(s, &opts).unwrap();
     let mut b = [0u8; 512];
     assert!(dev.read_at(&mut b, (2 << 20) - 512).is_err());
     let r = dev.check(diskimg_blockio::RepairMode::None).unwrap();

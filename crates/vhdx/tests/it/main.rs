@@ -9,6 +9,7 @@
 mod common;
 mod crash;
 mod diff;
+mod guard;
 mod hostile;
 mod model;
 mod read;

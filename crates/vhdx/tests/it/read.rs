@@ -159,7 +159,12 @@ fn check_matches_qemu_on_truncated_image() {
     drop(f);
     let (v, code) = diskimg_testutil::qemu_check_json(&img, "vhdx");
     assert_eq!(code, 2);
-    let dev = open(&img, true);
+    // A normal open refuses the image with qemu's message; a check open reports it.
+    let q = diskimg_testutil::qemu_img(&["info", img.to_str().unwrap()]);
+    let qmsg = String::from_utf8_lossy(&q.stderr).into_owned();
+    let e = crate::common::try_open(&img, true).unwrap_err().to_string();
+    assert!(qmsg.contains(&e), "qemu: {qmsg} ours: {e}");
+    let dev = crate::common::open_for_check(&img, true).unwrap();
     let r = dev.check(RepairMode::None).unwrap();
     assert_eq!(v["corruptions"], r.corruptions, "{r:?}");
     assert!(

@@ -15,4 +15,5 @@ mod guard;
 mod hostile;
 mod model;
 mod read;
+mod stream;
 mod workload;

@@ -1,0 +1,147 @@
+//! `convert -t`/`-T` cache modes as qemu defines them, seen from the system calls
+//! (strace): which flags the files are opened with, and whether the target is flushed
+//! or written back. The images are checked with qemu-img.
+
+use std::path::Path;
+use std::process::Command;
+
+use diskimg_testutil::{assert_qemu_check_clean, pattern, qemu_compare, tempdir};
+
+use crate::s;
+
+/// What one traced convert did to its target (and source).
+#[derive(Debug, Default)]
+struct Trace {
+    /// Flags of the last `open`/`openat` of the target (the one the conversion writes through).
+    target_flags: String,
+    /// Flags of the last `open`/`openat` of the source.
+    source_flags: String,
+    /// `fdatasync`/`fsync` calls on the target after that open.
+    flushes: usize,
+    /// `fadvise64` calls on it (write-behind).
+    fadvise: usize,
+}
+
+fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
+    let log = dir.join("strace.log");
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-o",
+        s(&log),
+        "-e",
+        "trace=open,openat,fdatasync,fsync,fadvise64",
+    ]);
+    cmd.arg(env!("CARGO_BIN_EXE_diskimg"))
+        .arg("convert")
+        .args(args);
+    let out = cmd
+        .args([s(src), s(dst)])
+        .output()
+        .expect("run strace (install strace)");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut t = Trace::default();
+    let mut fd = None;
+    let quoted = |p: &Path| format!("\"{}\"", s(p));
+    let opens = |line: &str, p: &Path| {
+        (line.contains(" open(") || line.contains(" openat(")) && line.contains(&quoted(p))
+    };
+    for line in text.lines() {
+        if opens(line, src) {
+            t.source_flags = line.to_string();
+        }
+        if opens(line, dst) {
+            fd = line
+                .rsplit("= ")
+                .next()
+                .and_then(|v| v.trim().parse::<i32>().ok());
+            t.target_flags = line.to_string();
+            t.flushes = 0;
+            t.fadvise = 0;
+            continue;
+        }
+        let Some(fd) = fd else { continue };
+        if line.contains(&format!("fdatasync({fd})")) || line.contains(&format!("fsync({fd})")) {
+            t.flushes += 1;
+        }
+        if line.contains(&format!("fadvise64({fd},")) {
+            t.fadvise += 1;
+        }
+    }
+    t
+}
+
+fn source(dir: &Path) -> std::path::PathBuf {
+    // 24 MiB of data in runs long enough to be written back as the copy goes.
+    let mut img = vec![0u8; 32 << 20];
+    img[1 << 20..25 << 20].copy_from_slice(&pattern(11, 24 << 20));
+    img[(30 << 20) + 100..(30 << 20) + 5000].fill(7);
+    let p = dir.join("src.raw");
+    std::fs::write(&p, &img).unwrap();
+    p
+}
+
+#[test]
+fn target_cache_modes_mean_what_qemu_means() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    for fmt in ["raw", "qcow2"] {
+        let dst = dir.path().join(format!("o.{fmt}"));
+        let run = |t: &[&str]| {
+            let mut args = vec!["-f", "raw", "-O", fmt];
+            args.extend(t);
+            let tr = traced_convert(dir.path(), &src, &dst, &args);
+            assert!(qemu_compare(&src, "raw", &dst, fmt), "{fmt} {t:?}");
+            if fmt == "qcow2" {
+                assert_qemu_check_clean(&dst, fmt);
+            }
+            tr
+        };
+        // Default: durable on return (flushed), written back as it goes, page cache.
+        let d = run(&[]);
+        assert!(d.flushes >= 1 && d.fadvise >= 1, "{fmt} default: {d:?}");
+        assert!(!d.target_flags.contains("O_DIRECT"), "{d:?}");
+        // unsafe given explicitly: no flush and no forced write-back at all.
+        let u = run(&["-t", "unsafe"]);
+        assert_eq!((u.flushes, u.fadvise), (0, 0), "{fmt} unsafe: {u:?}");
+        // writeback: flushed, nothing forced.
+        let w = run(&["-t", "writeback"]);
+        assert!(w.flushes >= 1 && w.fadvise == 0, "{fmt} writeback: {w:?}");
+        // none: O_DIRECT, flushed.
+        let n = run(&["-t", "none"]);
+        assert!(n.target_flags.contains("O_DIRECT"), "{n:?}");
+        assert!(n.flushes >= 1 && n.fadvise == 0, "{fmt} none: {n:?}");
+        // writethrough / directsync: every write synchronous.
+        let wt = run(&["-t", "writethrough"]);
+        assert!(wt.target_flags.contains("O_SYNC") && !wt.target_flags.contains("O_DIRECT"));
+        let ds = run(&["-t", "directsync"]);
+        assert!(ds.target_flags.contains("O_SYNC") && ds.target_flags.contains("O_DIRECT"));
+        // The source: page cache by default, O_DIRECT with -T none.
+        assert!(!d.source_flags.contains("O_DIRECT"), "{d:?}");
+        let tn = run(&["-T", "none", "-t", "none"]);
+        assert!(tn.source_flags.contains("O_DIRECT"), "{tn:?}");
+        let _ = std::fs::remove_file(&dst);
+    }
+}
+
+#[test]
+fn cache_modes_on_every_format_and_bad_names() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    for fmt in ["vmdk", "vdi", "vhdx", "vpc"] {
+        for t in ["none", "directsync", "writethrough"] {
+            let out = dir.path().join(format!("o-{t}.{fmt}"));
+            crate::diskimg_ok(&["convert", "-t", t, "-T", t, "-O", fmt, s(&src), s(&out)]);
+            assert!(qemu_compare(&src, "raw", &out, fmt), "{fmt} -t {t}");
+            if fmt != "vpc" {
+                assert_qemu_check_clean(&out, fmt);
+            }
+        }
+    }
+    let o = crate::diskimg(&["convert", "-T", "bogus", "-O", "raw", s(&src), "x.raw"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "diskimg: Invalid cache option: bogus"
+    );
+}

@@ -1,0 +1,261 @@
+//! The vhost-user-blk device: features, configuration space, and the queue handler
+//! that rust-vmm's `vhost-user-backend` calls when the driver kicks a queue.
+//!
+//! Every queue has its own epoll thread (`queues_per_thread`), and each such thread
+//! hands all but the last request it pops to a small worker pool, executing the last one
+//! itself: a lone request is served without a thread hand-off, a burst runs in parallel.
+//! Completions go back out of order, which virtio allows.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use super::VhostConfig;
+use super::request::{MAX_SEGMENTS, SECTOR, process};
+use crate::export::Export;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Feature bits (virtio 1.2 section 5.2.3, section 6).
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const F_VERSION_1: u64 = 1 << 32;
+
+/// The backend handed to the daemon (cheap to clone: the daemon wants `Clone`).
+#[derive(Clone)]
+pub(crate) struct BlkBackend(Arc<Inner>);
+
+struct Inner {
+    export: Arc<Export>,
+    config: VhostConfig,
+    event_idx: AtomicBool,
+    /// The guest memory (shared with the daemon, which updates it on SET_MEM_TABLE).
+    mem: std::sync::RwLock<Mem>,
+    /// Per queue, the sender of its worker pool.
+    pools: Vec<Mutex<Sender<Job>>>,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(export: Arc<Export>, config: VhostConfig, mem: Mem) -> io::Result<Self> {
+        let mut pools = Vec::new();
+        for q in 0..config.num_queues {
+            pools.push(Mutex::new(spawn_pool(q, config.workers_per_queue.max(1))?));
+        }
+        Ok(BlkBackend(Arc::new(Inner {
+            export,
+            config,
+            event_idx: AtomicBool::new(false),
+            mem: std::sync::RwLock::new(mem),
+            pools,
+        })))
+    }
+
+    /// `struct virtio_blk_config` (virtio 1.2 section 5.2.4), little endian.
+    fn config_space(&self) -> Vec<u8> {
+        let e = &self.0.export;
+        let mut c = Vec::new();
+        c.extend_from_slice(&(e.size() / SECTOR).to_le_bytes()); // capacity
+        c.extend_from_slice(&0u32.to_le_bytes()); // size_max
+        let seg_max = u32::from(self.0.config.queue_size.saturating_sub(2)).max(1);
+        c.extend_from_slice(&seg_max.to_le_bytes());
+        c.extend_from_slice(&[0; 4]); // geometry
+        c.extend_from_slice(&512u32.to_le_bytes()); // blk_size
+        c.extend_from_slice(&[0, 0, 1, 0]); // physical_block_exp, alignment_offset, min_io_size
+        c.extend_from_slice(&0u32.to_le_bytes()); // opt_io_size
+        c.extend_from_slice(&[1, 0]); // writeback, unused
+        c.extend_from_slice(&self.0.config.num_queues.to_le_bytes());
+        let max_sectors = (u32::MAX / 512) & !7;
+        c.extend_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        c.extend_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
+        c.extend_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
+        c.extend_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        c.extend_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+        c.extend_from_slice(&[1, 0, 0, 0]); // write_zeroes_may_unmap, unused
+        c
+    }
+
+    /// Pops every available request of `vring`; all but the last go to the queue's
+    /// pool, the last runs here. Returns whether any request was found.
+    fn drain(&self, queue: usize, vring: &VringRwLock<Mem>) -> io::Result<bool> {
+        let chains: Vec<Chain> = {
+            let mem = self
+                .0
+                .mem
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .memory();
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().iter(mem) {
+                Ok(it) => it.collect(),
+                Err(_) => return Ok(false),
+            }
+        };
+        let Some((last, rest)) = chains.split_last() else {
+            return Ok(false);
+        };
+        for chain in rest {
+            let (me, vr, chain) = (self.clone(), vring.clone(), chain.clone());
+            let job: Job = Box::new(move || me.complete(&vr, chain));
+            let pool = self
+                .0
+                .pools
+                .get(queue)
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some(Err(e)) = pool.map(|p| p.send(job)) {
+                (e.0)();
+            }
+        }
+        self.complete(vring, last.clone());
+        Ok(true)
+    }
+
+    /// Executes one request and returns it to the driver.
+    fn complete(&self, vring: &VringRwLock<Mem>, chain: Chain) {
+        let (head, len) = process(&self.0.export, chain);
+        if vring.add_used(head, len).is_err() {
+            return;
+        }
+        let notify =
+            !self.0.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
+        if notify {
+            let _ = vring.signal_used_queue();
+        }
+    }
+}
+
+/// Starts `n` workers sharing one job channel.
+fn spawn_pool(queue: u16, n: usize) -> io::Result<Sender<Job>> {
+    let (tx, rx) = channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..n {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("vublk-q{queue}-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })?;
+    }
+    Ok(tx)
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.0.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.0.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_INDIRECT_DESC
+            | F_EVENT_IDX
+            | F_PROTOCOL_FEATURES
+            | F_VERSION_1;
+        if self.0.config.num_queues > 1 {
+            f |= F_MQ;
+        }
+        if self.0.export.read_only() {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let end = start.saturating_add(usize::try_from(size).unwrap_or(0));
+        c.get(start..end).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.0.config.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other("unexpected event set"));
+        }
+        let q = usize::from(device_event);
+        let Some(vring) = vrings.get(q) else {
+            return Err(io::Error::other("event for an unknown queue"));
+        };
+        if self.0.event_idx.load(Ordering::Relaxed) {
+            loop {
+                let _ = vring.disable_notification();
+                self.drain(q, vring)?;
+                if !vring.enable_notification().unwrap_or(false) {
+                    break;
+                }
+            }
+        } else {
+            self.drain(q, vring)?;
+        }
+        Ok(())
+    }
+}
+
+impl Deref for BlkBackend {
+    type Target = Export;
+    fn deref(&self) -> &Export {
+        &self.0.export
+    }
+}

@@ -1,0 +1,102 @@
+//! vhost-user-blk: the export as a virtio block device whose queues a VMM (QEMU, Cloud
+//! Hypervisor, crosvm) hands over a unix socket, built on rust-vmm's
+//! `vhost-user-backend`, `virtio-queue` and `vm-memory`.
+//!
+//! [`serve_vhost_user_blk`] accepts one frontend at a time and serves it until it
+//! disconnects, then waits for the next (a fresh device each time), until the
+//! [`Shutdown`] is triggered; the export is flushed after every frontend and at the end.
+
+mod backend;
+mod request;
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::Listener as VuListener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::export::Export;
+use crate::listen::{Listener, Shutdown};
+use backend::BlkBackend;
+
+/// How the vhost-user-blk device looks to the guest.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct VhostConfig {
+    /// Virtqueues (each served by its own thread; `VIRTIO_BLK_F_MQ` when above 1).
+    pub num_queues: u16,
+    /// Largest queue the driver may set up.
+    pub queue_size: u16,
+    /// Threads executing one queue's requests in parallel (besides its event thread).
+    pub workers_per_queue: usize,
+}
+
+impl Default for VhostConfig {
+    fn default() -> Self {
+        Self {
+            num_queues: 1,
+            queue_size: 1024,
+            workers_per_queue: 4,
+        }
+    }
+}
+
+fn other<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> io::Error + '_ {
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+/// Serves `export` as a vhost-user-blk device on `listener` (a unix socket) until
+/// `shutdown` is triggered.
+pub fn serve_vhost_user_blk(
+    export: Arc<Export>,
+    listener: &Listener,
+    config: VhostConfig,
+    shutdown: &Shutdown,
+) -> io::Result<()> {
+    if config.num_queues == 0 || config.num_queues > 64 || config.queue_size == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "num-queues must be 1..=64",
+        ));
+    }
+    let mut vu = VuListener::from(listener.unix_clone()?);
+    let handle: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+    let (wake, h) = (listener.waker(), handle.clone());
+    let key = shutdown.on_trigger(Box::new(move || {
+        if let Some(h) = h.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.shutdown();
+        }
+        wake();
+    }));
+    let result = (|| {
+        // Accept only once a frontend is pending, so shutdown never waits in accept.
+        while !shutdown.is_triggered() && listener.wait_pending()? {
+            // A fresh device per frontend: the daemon keeps owner and vring state
+            // from the previous one, which a reconnecting VMM would trip over.
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = BlkBackend::new(export.clone(), config, mem.clone())?;
+            let mut daemon = VhostUserDaemon::new("diskimg-vhost-user-blk".into(), backend, mem)
+                .map_err(other("cannot start the vhost-user daemon"))?;
+            daemon
+                .start(&mut vu)
+                .map_err(other("vhost-user accept failed"))?;
+            *handle.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+            if shutdown.is_triggered() {
+                daemon.request_shutdown();
+            }
+            // A frontend that goes away, cleanly or not, ends only its own session.
+            let _ = daemon.wait();
+            *handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            export
+                .flush()
+                .map_err(|f| io::Error::other(format!("flush failed: {f:?}")))?;
+        }
+        Ok(())
+    })();
+    shutdown.forget(key);
+    let flushed = export
+        .flush()
+        .map_err(|f| io::Error::other(format!("final flush failed: {f:?}")));
+    result.and(flushed)
+}
