@@ -73,6 +73,7 @@ mod driver;
 mod error;
 mod fault;
 mod info;
+mod layout;
 mod limits;
 mod meta;
 mod options;
@@ -93,6 +94,9 @@ pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenO
 pub use error::{Error, Result};
 pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
+pub use layout::{
+    HostRun, Layout, Mapping, PastEof, for_each_run, guard_write, map_via, read_run, read_via,
+};
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
