@@ -28,8 +28,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, OpenOptions,
-    Preallocation, Result, Storage, ZeroFlags, check_range, copy_range, map_host_run,
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, HostRun,
+    Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, copy_range,
+    guard_write, map_via, read_via,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -108,6 +109,21 @@ impl RawDevice {
     }
 }
 
+/// Guest offset = host offset: one host run, whose holes map as zeroes and whose bytes
+/// past the end of an odd-sized file (a size rounded up to a sector) read as zeroes.
+impl Layout for RawDevice {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let run = HostRun::new(self.storage.as_ref(), offset)
+            .past_eof(PastEof::Zero)
+            .holes(true);
+        Ok((Mapping::Host(run), max))
+    }
+}
+
 impl BlockDevice for RawDevice {
     fn info(&self) -> DeviceInfo {
         let mut info = DeviceInfo::new("raw", self.virtual_size());
@@ -120,42 +136,26 @@ impl BlockDevice for RawDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.virtual_size();
-        check_range(offset, buf.len() as u64, size)?;
-        // Only the last sector can lie (partly) beyond the end of an odd-sized file; other
-        // reads skip the length query.
-        if offset + (buf.len() as u64) <= size.saturating_sub(512) {
-            return self.storage.read_exact_at(buf, offset);
-        }
-        let in_file = self
-            .storage
-            .len()?
-            .saturating_sub(offset)
-            .min(buf.len() as u64);
-        let in_file = usize::try_from(in_file).unwrap_or(buf.len());
-        let (head, tail) = buf.split_at_mut(in_file);
-        if !head.is_empty() {
-            self.storage.read_exact_at(head, offset)?;
-        }
-        tail.fill(0);
-        Ok(())
+        read_via(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.writable()?;
-        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        guard_write(
+            self.read_only,
+            offset,
+            buf.len() as u64,
+            self.virtual_size(),
+        )?;
         self.storage.write_all_at(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
-        self.writable()?;
-        check_range(offset, len, self.virtual_size())?;
+        guard_write(self.read_only, offset, len, self.virtual_size())?;
         self.storage.write_zeroes(offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.writable()?;
-        check_range(offset, len, self.virtual_size())?;
+        guard_write(self.read_only, offset, len, self.virtual_size())?;
         self.storage.discard(offset, len)
     }
 
@@ -167,14 +167,7 @@ impl BlockDevice for RawDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let size = self.virtual_size();
-        check_range(offset, len, size)?;
-        if len == 0 {
-            return Err(Error::invalid("map of an empty range"));
-        }
-        // Past the end of the file (a virtual size rounded up to a sector) the storage
-        // reports no data, so the tail maps as zeroes without asking for the length.
-        map_host_run(self.storage.as_ref(), offset, offset, len)
+        map_via(self, offset, len)
     }
 
     /// Guest offset = host offset in the raw storage.
@@ -184,8 +177,7 @@ impl BlockDevice for RawDevice {
 
     /// [`copy_range`] into the storage (`copy_file_range` between host files).
     fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
-        self.writable()?;
-        check_range(offset, len, self.virtual_size())?;
+        guard_write(self.read_only, offset, len, self.virtual_size())?;
         copy_range(src, src_offset, self.storage.as_ref(), offset, len)
     }
 
