@@ -34,6 +34,8 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+use std::sync::Arc;
+
 use crate::device::{
     BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_from_backing,
 };
@@ -175,8 +177,9 @@ pub trait Layout {
         Err(Error::invalid("this layout has no special runs"))
     }
 
-    /// The device [`Mapping::Unallocated`] runs read from (`None`: zeroes).
-    fn backing(&self) -> Option<&dyn BlockDevice> {
+    /// The device [`Mapping::Unallocated`] runs read from (`None`: zeroes). Asked once
+    /// per unallocated run.
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
         None
     }
 }
@@ -234,7 +237,7 @@ pub fn read_run<L: Layout + ?Sized>(
             chunk.fill(0);
             Ok(())
         }
-        Mapping::Unallocated => read_from_backing(layout.backing(), chunk, offset),
+        Mapping::Unallocated => read_from_backing(layout.backing().as_deref(), chunk, offset),
         Mapping::Special { token, .. } => layout.read_special(token, offset, chunk),
     }
 }
@@ -251,15 +254,15 @@ pub fn map_via<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<
         return Err(Error::invalid("map of an empty range"));
     }
     let end = offset + len;
-    let (first, mut whole) = extent_of(layout, offset, len)?;
+    let (first, mut whole, storage) = extent_of(layout, offset, len)?;
     let mut n = first.len;
     for _ in 0..MAX_MERGE {
         // A run cut short (at a host hole) ends the extent without another lookup.
         if !whole || n >= len || first.kind_at_end(n).is_none() {
             break;
         }
-        let (next, next_whole) = extent_of(layout, offset + n, end - offset - n)?;
-        if Some(next.kind) != first.kind_at_end(n) {
+        let (next, next_whole, next_storage) = extent_of(layout, offset + n, end - offset - n)?;
+        if Some(next.kind) != first.kind_at_end(n) || next_storage != storage {
             break;
         }
         n += next.len;
@@ -272,9 +275,16 @@ pub fn map_via<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<
     })
 }
 
-/// The extent of the first run at `offset`, and whether it covers the whole run (a host
-/// run with holes is cut at the first change between data and hole).
-fn extent_of<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<(Extent, bool)> {
+/// Which storage a host run is in (runs in different storages never merge).
+type StorageId = Option<*const u8>;
+
+/// The extent of the first run at `offset`, whether it covers the whole run (a host run
+/// with holes is cut at the first change between data and hole), and its storage.
+fn extent_of<L: Layout + ?Sized>(
+    layout: &L,
+    offset: u64,
+    len: u64,
+) -> Result<(Extent, bool, StorageId)> {
     let (mapping, n) = layout.lookup(offset, len)?;
     if n == 0 || n > len {
         return Err(Error::invalid(
@@ -284,7 +294,7 @@ fn extent_of<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<(E
     let kind = match mapping {
         Mapping::Host(run) if run.holes => {
             let e = map_host_run(run.storage, offset, run.offset, n)?;
-            return Ok((e, e.len == n));
+            return Ok((e, e.len == n, storage_id(&mapping)));
         }
         Mapping::Host(run) => ExtentKind::Data {
             offset: Some(run.offset),
@@ -300,7 +310,15 @@ fn extent_of<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<(E
             kind,
         },
         true,
+        storage_id(&mapping),
     ))
+}
+
+fn storage_id(m: &Mapping<'_>) -> StorageId {
+    match m {
+        Mapping::Host(run) => Some(std::ptr::from_ref(run.storage).cast::<u8>()),
+        _ => None,
+    }
 }
 
 trait KindAtEnd {
@@ -344,7 +362,7 @@ mod tests {
     /// 4 blocks of 16 bytes: host data, zero, unallocated, special.
     struct Four<'a> {
         host: &'a MemStorage,
-        backing: Option<&'a dyn BlockDevice>,
+        backing: Option<Arc<dyn BlockDevice>>,
     }
 
     impl Layout for Four<'_> {
@@ -368,8 +386,8 @@ mod tests {
             buf.fill(u8::try_from(token).unwrap_or(0));
             Ok(())
         }
-        fn backing(&self) -> Option<&dyn BlockDevice> {
-            self.backing
+        fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+            self.backing.clone()
         }
     }
 
