@@ -338,8 +338,11 @@ pub fn open_storage(
         .open(storage, &OpenOptions::new().read_only(read_only))
 }
 
-/// Creates an image at `path` (overwriting it) of `size` bytes with qemu-style
-/// `options` (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …).
+/// Creates an image at `path` (overwriting it) of `size` bytes, rounded up to whole
+/// 512-byte sectors as qemu-img does for every format, with qemu-style `options`
+/// (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …). The format crates'
+/// typed options (`diskimg_raw::RawCreateOptions`, `diskimg_vdi::VdiCreateOptions`, …)
+/// turn into such lists with their `to_options`.
 ///
 /// Without `size`, a `backing_file` option supplies it (the backing image is opened
 /// through `image_options.policy`). A backing file needs `backing_fmt`, as in qemu-img 10.
@@ -394,6 +397,10 @@ pub fn create(
         }
         _ => return Err(Error::invalid("Image creation needs a size parameter")),
     };
+    // As qemu-img (and the CLI), every format gets a size in whole sectors.
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or(Error::invalid("Image size too large"))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path)?);
     let files = Arc::new(PolicyFiles {
         dir: dir_of(path),

@@ -2,7 +2,8 @@
 //!
 //! [`RawDevice`] implements [`BlockDevice`] over any [`Storage`]; [`map`](BlockDevice::map)
 //! reports holes from `SEEK_DATA`/`SEEK_HOLE` (as zero extents), so converting a sparse
-//! raw image stays sparse. [`DRIVER`] creates images with `preallocation=off|falloc|full`.
+//! raw image stays sparse. [`DRIVER`] creates images with `preallocation=off|falloc|full`
+//! ([`RawCreateOptions`], the typed form of those options).
 //!
 //! # Example
 //!
@@ -22,6 +23,10 @@
 //! assert_eq!(dev.info().virtual_size, 1 << 20);
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
+
+mod options;
+
+pub use options::RawCreateOptions;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -64,15 +69,10 @@ impl Driver for RawDriver {
         Ok(Arc::new(RawDevice::new(storage, options.read_only)?))
     }
 
+    /// [`RawCreateOptions::take`] from `request.options`, then
+    /// [`RawCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        let mode = match request.options.take("preallocation") {
-            None => Preallocation::Off,
-            Some(s) => Preallocation::parse_file(&s)?,
-        };
-        storage.set_len(0)?;
-        storage.preallocate(0, request.size, mode)?;
-        storage.set_len(request.size)?;
-        storage.flush()
+        RawCreateOptions::take(&mut request.options)?.create(storage.as_ref(), request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

@@ -46,10 +46,12 @@ mod device;
 mod header;
 mod layout;
 mod open;
+mod options;
 mod sesparse;
 mod sparse;
 
 pub use device::VmdkDevice;
+pub use options::{AdapterType, Subformat, VmdkCreateOptions};
 
 /// The vmdk driver for the `diskimg` facade's table.
 pub static DRIVER: VmdkDriver = VmdkDriver;
@@ -93,8 +95,10 @@ impl Driver for VmdkDriver {
         Ok(Arc::new(open::open(storage, options)?))
     }
 
+    /// [`VmdkCreateOptions::take`] from `request.options`, then
+    /// [`VmdkCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage, request)
+        VmdkCreateOptions::take(&mut request.options)?.create(storage, request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {
