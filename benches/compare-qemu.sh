@@ -14,6 +14,8 @@
 #   BIG=1               the larger-than-dirty-limits case (needs root: XFS image, mount)
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
 #   BIG_RUNS=1          runs of the big case per tool
+#   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
+#                       outputs exist one at a time: qemu-img's is deleted before diskimg runs)
 #   LOOP=1              the loop-device target case with -t none (needs root, losetup)
 #   BENCH_SRC_DIR=/usr/share, BENCH_SIZE=4G   the ext4 input (mkfs.ext4 -d)
 #   DISKIMG=path        use this binary instead of building target/release/diskimg
@@ -82,7 +84,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# timed OUT CMD...: prints "return_s durable_s peak_rss_kib" of CMD, then `sync OUT`.
+# timed OUT CMD...: prints "return_s durable_s peak_rss_kib cpu_s" of CMD (cpu: user +
+# system seconds of the command itself, which a loaded machine does not inflate), then
+# `sync OUT`.
 timed() {
     local out=$1
     shift
@@ -90,11 +94,13 @@ timed() {
     sync
     local start ret end
     start=$(date +%s.%N)
-    /usr/bin/time -f '%M' -o "$work/rss" "$@" >/dev/null
+    /usr/bin/time -f '%M %U %S' -o "$work/rss" "$@" >/dev/null
     ret=$(date +%s.%N)
     sync "$out"
     end=$(date +%s.%N)
-    echo "$(echo "$ret - $start" | bc) $(echo "$end - $start" | bc) $(tail -1 "$work/rss")"
+    local rss u sy
+    read -r rss u sy < <(tail -1 "$work/rss")
+    echo "$(echo "$ret - $start" | bc) $(echo "$end - $start" | bc) $rss $(echo "$u + $sy" | bc)"
 }
 
 min() { printf '%s\n' "$@" | sort -g | head -1; }
@@ -105,17 +111,19 @@ echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uptime | sed 's/.*lo
 echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$bin" --version 2>/dev/null | head -1), $(qemu-img --version | head -1)"
 echo "# input: $input ($(du -h "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
 echo
-echo "| case | qemu ret | qemu dur | dimg ret | dimg dur | × ret | × dur | RSS qemu | RSS dimg | size d/q |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| case | qemu ret | qemu dur | dimg ret | dimg dur | × ret | × dur | CPU qemu | CPU dimg | × CPU | RSS qemu | RSS dimg | size d/q |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
-# bench_case NAME SFMT SRC OFMT "qemu args" "diskimg args" [OUT] [PREP]
+# bench_case NAME SFMT SRC OFMT "qemu args" "diskimg args" [OUT] [PREP] [RUNS] [SOLO]
 #   OUT: a fixed output (a device) instead of files in $work; PREP: a command run before
-#   every timed run (dropping the source from the page cache, discarding a device).
+#   every timed run (dropping the source from the page cache, discarding a device);
+#   SOLO=1: only one output on disk at a time (qemu-img's is measured and deleted before
+#   diskimg runs; diskimg's is compared with the source).
 bench_case() {
     local name=$1 sfmt=$2 src=$3 ofmt=$4 qargs=$5 dargs=$6 fixed=${7:-} prep=${8:-true}
-    local n=${9:-$runs}
+    local n=${9:-$runs} solo=${10:-0}
     if [ -n "${CASES:-}" ] && ! [[ " $CASES " == *" $name "* ]]; then return; fi
-    local qr=() qd=() dr=() dd=() rq=() rd=() r
+    local qr=() qd=() dr=() dd=() rq=() rd=() cq=() cd=() r qsize=0
     local ext=$ofmt
     if [ "$ofmt" = vpc ]; then ext=vhd; fi
     local qo=${fixed:-$work/q.$ext} do=${fixed:-$work/d.$ext} same=0
@@ -124,31 +132,37 @@ bench_case() {
         $prep
         # shellcheck disable=SC2086
         r=$(timed "$qo" qemu-img convert -f "$sfmt" -O "$ofmt" $qargs "$src" "$qo")
-        read -r a b c <<<"$r"
-        qr+=("$a"); qd+=("$b"); rq+=("$c")
+        read -r a b c e <<<"$r"
+        qr+=("$a"); qd+=("$b"); rq+=("$c"); cq+=("$e")
         if [ $same = 1 ] && [ "$i" = "$n" ] && ! qemu-img compare -q -f "$sfmt" -F "$ofmt" "$src" "$qo"; then
             echo "!! $name: qemu-img's output differs from the source" >&2
+        fi
+        if [ "$solo" = 1 ]; then
+            qsize=$(stat -c %s "$qo")
+            rm -f "$qo"
         fi
         $prep
         # shellcheck disable=SC2086
         r=$(timed "$do" "$bin" convert -f "$sfmt" -O "$ofmt" $dargs "$src" "$do")
-        read -r a b c <<<"$r"
-        dr+=("$a"); dd+=("$b"); rd+=("$c")
+        read -r a b c e <<<"$r"
+        dr+=("$a"); dd+=("$b"); rd+=("$c"); cd+=("$e")
     done
     local bqr bqd bdr bdd sizer=-
     bqr=$(min "${qr[@]}"); bqd=$(min "${qd[@]}")
     bdr=$(min "${dr[@]}"); bdd=$(min "${dd[@]}")
+    local bcq bcd
+    bcq=$(min "${cq[@]}"); bcd=$(min "${cd[@]}")
     if [ $same = 0 ] && [ "$ofmt" != raw ]; then
-        sizer=$(printf '%.3f' "$(echo "scale=4; $(stat -c %s "$do") / $(stat -c %s "$qo")" | bc)")
+        if [ "$solo" = 0 ]; then qsize=$(stat -c %s "$qo"); fi
+        sizer=$(printf '%.3f' "$(echo "scale=4; $(stat -c %s "$do") / $qsize" | bc)")
     fi
-    printf '| %s | %.2f s | %.2f s | %.2f s | %.2f s | **%s×** | **%s×** | %d MB | %d MB | %s |\n' \
+    printf '| %s | %.2f s | %.2f s | %.2f s | %.2f s | **%s×** | **%s×** | %.2f s | %.2f s | %s× | %d MB | %d MB | %s |\n' \
         "$name" "$bqr" "$bqd" "$bdr" "$bdd" "$(ratio "$bqr" "$bdr")" "$(ratio "$bqd" "$bdd")" \
+        "$bcq" "$bcd" "$(ratio "$bcq" "$bcd")" \
         "$(($(max "${rq[@]}") / 1024))" "$(($(max "${rd[@]}") / 1024))" "$sizer"
     # The outputs must hold the source's guest content.
-    local other=$qo
-    if [ $same = 1 ]; then other=$src; fi
-    local ofmt2=$ofmt
-    if [ $same = 1 ]; then ofmt2=$sfmt; fi
+    local other=$qo ofmt2=$ofmt
+    if [ $same = 1 ] || [ "$solo" = 1 ]; then other=$src; ofmt2=$sfmt; fi
     if ! qemu-img compare -q -f "$ofmt2" -F "$ofmt" "$other" "$do"; then
         echo "!! $name: outputs differ" >&2
     fi
@@ -187,8 +201,17 @@ if [ "${LOOP:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" loop-non
 fi
 
 # Larger than the dirty limits: a 100 GiB sparse raw with BIG_DATA_GIB of data, cold.
+gib=${BIG_DATA_GIB:-8}
+free_gib=$(($(df -k --output=avail "$cache" | tail -1) / 1048576))
+run_big=0
 if [ "${BIG:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" big-"* ]]; }; then
-    gib=${BIG_DATA_GIB:-8}
+    run_big=1
+    if [ $((free_gib - gib - 1)) -lt "${MIN_FREE_GIB:-15}" ]; then
+        echo "# big: skipped: $free_gib GiB free, the case needs $((gib + 1)) GiB and must leave MIN_FREE_GIB=${MIN_FREE_GIB:-15} (BIG_DATA_GIB=$gib)"
+        run_big=0
+    fi
+fi
+if [ "$run_big" = 1 ]; then
     copies=$(((gib * 100 + 75) / 76))
     if [ "$copies" -gt 25 ]; then copies=25; fi
     img=$cache/big-xfs.img
@@ -211,10 +234,11 @@ if [ "${BIG:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" big-"* ]]
     work_saved=$work
     work=$mnt
     n=${BIG_RUNS:-1}
-    bench_case big-qcow2 raw "$big" qcow2 "" "" "" cold "$n"
-    bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n"
+    bench_case big-qcow2 raw "$big" qcow2 "" "" "" cold "$n" 1
+    bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n" 1
     work=$work_saved
     umount "$mnt"
     rm -rf "$img" "$mnt"
     mnt=
 fi
+echo "# end: $(date -u '+%H:%M UTC'), $(uptime | sed 's/.*load/load/')"

@@ -17,16 +17,19 @@ pub enum Format {
     Vhdx,
     /// Virtual PC / Hyper-V VHD (qemu's `vpc`).
     Vpc,
+    /// A LUKS1-encrypted raw disk (qemu's `luks`).
+    Luks,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Qcow2,
         Format::Vmdk,
         Format::Vdi,
         Format::Vhdx,
         Format::Vpc,
+        Format::Luks,
         Format::Raw,
     ];
 
@@ -39,6 +42,7 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
             Format::Vpc => "vpc",
+            Format::Luks => "luks",
         }
     }
 
@@ -51,6 +55,7 @@ impl Format {
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
             "vpc" | "vhd" => Format::Vpc,
+            "luks" => Format::Luks,
             _ => {
                 return Err(Error::invalid(format!("Unknown file format '{name}'")));
             }
@@ -72,6 +77,8 @@ impl Format {
             Format::Vhdx => Some(&diskimg_vhdx::DRIVER),
             #[cfg(feature = "vhd")]
             Format::Vpc => Some(&diskimg_vhd::DRIVER),
+            #[cfg(feature = "luks")]
+            Format::Luks => Some(&diskimg_luks::DRIVER),
             #[allow(unreachable_patterns)]
             _ => None,
         };

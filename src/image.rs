@@ -208,7 +208,7 @@ fn open_inner(
     let top = visited.is_empty();
     if visited.contains(&canon) {
         return Err(Error::invalid(format!(
-            "Backing file '{}' forms a loop in the backing chain",
+            "Backing file '{}' creates an infinite loop.",
             path.display()
         )));
     }
@@ -289,9 +289,14 @@ fn open_inner(
                 continue;
             }
             Err(_) => {
+                // qemu's wording: "Could not open backing file: Could not open 'F': No
+                // such file or directory".
                 last_err = Some(Error::io(
-                    format!("Could not open backing file '{}'", dir.join(name).display()),
-                    std::io::ErrorKind::NotFound.into(),
+                    format!(
+                        "Could not open backing file: Could not open '{}'",
+                        dir.join(name).display()
+                    ),
+                    std::io::Error::from_raw_os_error(2),
                 ));
                 continue;
             }

@@ -393,9 +393,13 @@ fn l2_tables(
             );
             return BTreeSet::new();
         }
-        if out.insert(off) {
-            meta.add(off, h.cs, "L2 table");
+        if !out.insert(off) {
+            // qemu never writes this; each guest range would share one table (issue 15
+            // item 9: terabytes "allocated" by a few hundred KiB).
+            structure(r, format!("two L1 entries share the L2 table at {off:#x}"));
+            return BTreeSet::new();
         }
+        meta.add(off, h.cs, "L2 table");
     }
     out
 }
@@ -405,6 +409,9 @@ fn walk_l2(img: &Image<'_>, r: &mut Report, h: &Header, l2s: &BTreeSet<u64>, met
     let step = if h.extended_l2 { 16 } else { 8 };
     let csize_bits = h.cluster_bits.saturating_sub(8);
     let x = 62 - csize_bits;
+    // Host clusters in use (at most one per L2 entry in the file): two guest clusters
+    // sharing one is corruption qemu-img check reports (refcount 1, two references).
+    let mut used = Vec::new();
     for &t in l2s {
         let Some(tab) = img.read(t, h.cs) else {
             continue;
@@ -415,6 +422,9 @@ fn walk_l2(img: &Image<'_>, r: &mut Report, h: &Header, l2s: &BTreeSet<u64>, met
                 (off >= img.len).then_some("a compressed cluster lies outside the file")
             } else {
                 let off = e & OFFSET_MASK;
+                if off != 0 {
+                    used.push(off);
+                }
                 if off == 0 || h.data_file {
                     None
                 } else if !off.is_multiple_of(h.cs) {
@@ -436,5 +446,13 @@ fn walk_l2(img: &Image<'_>, r: &mut Report, h: &Header, l2s: &BTreeSet<u64>, met
                 return;
             }
         }
+    }
+    used.sort_unstable();
+    if let Some(w) = used.windows(2).find(|w| w.first() == w.get(1)) {
+        let at = w.first().copied().unwrap_or(0);
+        structure(
+            r,
+            format!("two guest clusters share the host cluster at {at:#x}"),
+        );
     }
 }

@@ -243,7 +243,9 @@ fn metadata(img: &Image<'_>, r: &mut Report, off: u64, len: u64) -> Option<Meta>
             structure(r, "a metadata item lies outside the metadata region");
             return None;
         }
-        let item = img.read(off + io, il.min(MIB)).unwrap_or_default();
+        let item = img
+            .read(off.saturating_add(io), il.min(MIB))
+            .unwrap_or_default();
         match g {
             FILE_PARAMS => {
                 m.block = u64::from(item.le_u32(0).unwrap_or(0));
@@ -351,7 +353,7 @@ fn bat(img: &Image<'_>, r: &mut Report, m: &Meta, off: u64, len: u64, meta: &Ran
         .enumerate()
     {
         let state = e & 7;
-        let at = (e >> 20) * MIB;
+        let at = (e >> 20).saturating_mul(MIB);
         let bitmap = (i as u64 + 1).is_multiple_of(chunk + 1);
         let present = if bitmap {
             state == 6

@@ -152,7 +152,7 @@ fn sparse(img: &Image<'_>, r: &mut Report, h: &[u8]) {
         return;
     }
     r.virtual_size = capacity.checked_mul(SECTOR);
-    if desc_off * SECTOR != 0x200 {
+    if desc_off.checked_mul(SECTOR) != Some(0x200) {
         r.unsafe_("vmdk-descriptor", "the descriptor is not at sector 1");
     }
     let text = img.read_upto(
@@ -193,7 +193,7 @@ fn sparse(img: &Image<'_>, r: &mut Report, h: &[u8]) {
     let mut meta = Ranges::default();
     meta.add(0, SECTOR, "header");
     meta.add(
-        desc_off * SECTOR,
+        desc_off.saturating_mul(SECTOR),
         desc_size.saturating_mul(SECTOR),
         "descriptor",
     );

@@ -11,6 +11,7 @@ mod corpus;
 mod create;
 mod differencing;
 mod formats;
+mod hostile;
 mod inspect;
 mod inspect_rules;
 mod policy;

@@ -23,6 +23,9 @@ pub struct MapEntry {
     pub compressed: bool,
     /// Host offset in the deciding layer's file, when it has a plain one.
     pub offset: Option<u64>,
+    /// Which of the deciding layer's host files `offset` is in (see
+    /// [`BlockDevice::map_file`]): 0 for the layer's own file.
+    pub file: usize,
 }
 
 /// The first [`MapEntry`] at `offset`, at most `len` bytes, following backing devices.
@@ -43,6 +46,12 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
             ));
         }
         len = len.min(e.len);
+        let file = match e.kind {
+            ExtentKind::Data { offset: Some(_) } | ExtentKind::Zero { offset: Some(_) } => {
+                cur.map_file(offset)
+            }
+            _ => 0,
+        };
         let entry = |present, zero, data, compressed, off| MapEntry {
             start: offset,
             length: len,
@@ -52,6 +61,7 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
             data,
             compressed,
             offset: off,
+            file,
         };
         match e.kind {
             ExtentKind::Data { offset: o } => return Ok(entry(true, false, true, false, o)),
@@ -77,7 +87,7 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
 }
 
 /// Every [`MapEntry`] over `offset..offset+len`, adjacent equal entries merged (with
-/// contiguous host offsets), as `qemu-img map --output=json` prints them.
+/// contiguous host offsets in one host file), as `qemu-img map --output=json` prints them.
 ///
 /// This collects [`map_chain_iter`]: the list is as long as the image is fragmented,
 /// which a hostile image can make enormous (an L1 table whose entries all name one full
@@ -125,6 +135,7 @@ fn mergeable(last: &MapEntry, next: &MapEntry) -> bool {
         && last.zero == next.zero
         && last.data == next.data
         && last.compressed == next.compressed
+        && last.file == next.file
         && match (last.offset, next.offset) {
             (Some(a), Some(b)) => a.checked_add(last.length) == Some(b),
             (None, None) => true,

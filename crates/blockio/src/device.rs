@@ -133,6 +133,22 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// [`ExtentKind`]. `len` must be non-zero and `offset` inside the disk.
     fn map(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// Other host files whose byte offsets [`BlockDevice::map`] can report — a VMDK's
+    /// extent files, a qcow2 external data file — named as the image names them (a
+    /// relative name is relative to the image's directory). Entry `i` is file `i + 1` of
+    /// [`BlockDevice::map_file`]; file 0 is the image's own file. The default: none.
+    fn host_files(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Which host file the host offset of the [`ExtentKind::Data`] or [`ExtentKind::Zero`]
+    /// extent that `map(offset, …)` returns refers to: 0 for the image's own file, `i + 1`
+    /// for [`BlockDevice::host_files`]`()[i]` (qemu-img map's "File" column). The default:
+    /// 0, for formats that keep their data in their own file.
+    fn map_file(&self, _offset: u64) -> usize {
+        0
+    }
+
     /// The size of the unit [`BlockDevice::write_compressed`] takes, when supported.
     fn compressed_write_granularity(&self) -> Option<u64> {
         None
@@ -158,6 +174,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// for units that were never written before.
     fn write_compressed_units(&self, _units: CompressedUnits) -> Result<()> {
         Err(Error::unsupported(self.info().format, "compressed writes"))
+    }
+
+    /// True when every guest byte has a host place that does not depend on the order of
+    /// writes (a raw image): writers in any order produce the same image, so a copy may
+    /// write from several threads at once without changing the result. The default is
+    /// false (formats that allocate as they are written lay out in write order).
+    fn fixed_layout(&self) -> bool {
+        false
     }
 
     /// True when data can only be written compressed, in whole units that were never

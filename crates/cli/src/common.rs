@@ -65,6 +65,17 @@ pub(crate) fn open_image(
     backing: bool,
 ) -> Result<Image> {
     let (path, format, opts) = crate::secrets::resolve(file, format)?;
+    // qemu's `json:{…}` and `blkdebug:` names (nested formats, null-co, …).
+    if crate::imgspec::is_spec(file) {
+        let mut opts = opts
+            .with_policy(OpenPolicy::qemu_compatible())
+            .with_backing(backing);
+        opts.read_only = read_only;
+        let img = crate::imgspec::open_arg(file, format, opts)
+            .with_context(|| format!("Could not open '{file}'"))?;
+        report_open_repairs(&img);
+        return Ok(img);
+    }
     // URLs, `-`, compressed files, archive members (read-only verbs only).
     if read_only
         && path == file
@@ -89,8 +100,14 @@ pub(crate) fn open_resolved(
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(backing);
     opts.read_only = read_only;
-    let img =
-        diskimg::open(path, format, &opts).with_context(|| format!("Could not open '{arg}'"))?;
+    let img = diskimg::open(path, format, &opts).map_err(|e| {
+        // qemu reports a backing loop on its own, not as an open failure of the image.
+        if e.to_string().ends_with("creates an infinite loop.") {
+            anyhow::Error::from(e)
+        } else {
+            anyhow::Error::from(e).context(format!("Could not open '{arg}'"))
+        }
+    })?;
     crate::secrets::warn_legacy_aes(arg, &img);
     report_open_repairs(&img);
     Ok(img)

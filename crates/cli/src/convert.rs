@@ -184,7 +184,10 @@ fn run_inner(a: Args) -> Result<i32> {
     let mut key_secret = None;
     if !a.no_create {
         let mut options = parse_options(&a.options)?;
-        key_secret = options.get("encrypt.key-secret").map(str::to_string);
+        key_secret = options
+            .get("encrypt.key-secret")
+            .or_else(|| options.get("key-secret"))
+            .map(str::to_string);
         let specs = out_fmt.driver()?.create_options();
         if let Some(b) = &a.backing {
             if !specs.iter().any(|s| s.name == "backing_file") {

@@ -4,9 +4,7 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::blockio::FILE_CREATE_OPTIONS;
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
 
-use crate::common::{
-    full_backing_name, open_image, out, parse_format, parse_size, round_to_sector,
-};
+use crate::common::{full_backing_name, out, parse_format, parse_size, round_to_sector};
 
 /// Arguments of `create`.
 #[derive(clap::Args, Debug)]
@@ -135,22 +133,37 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
     }
     let backing = options.get("backing_file").map(str::to_string);
     if let Some(b) = backing.as_deref().filter(|b| !b.is_empty()) {
-        if options.get("backing_fmt").is_none() {
-            bail!(
-                "{}: Backing file specified without backing format\nDetected format of {b}.",
-                file
-            );
-        }
+        let fmt = options.get("backing_fmt").map(parse_format).transpose()?;
         if a.unsafe_backing {
+            if fmt.is_none() {
+                bail!("{file}: Backing file specified without backing format");
+            }
             if size.is_none() {
-                bail!("{}: Image creation needs a size parameter", file);
+                bail!("{file}: Image creation needs a size parameter");
             }
         } else {
-            // Like qemu: the backing file must open, and gives the size when none is given.
+            // As qemu: the backing file is opened first (its metadata only), which names
+            // the format it detected when none was given, and gives the size.
             let full = full_backing_name(&file, b);
-            let fmt = options.get("backing_fmt").map(parse_format).transpose()?;
-            let img = open_image(&full, fmt, true, true)
-                .map_err(|e| anyhow!("{}: Could not open backing image: {e:#}", file))?;
+            let (path, _, mut opts) = crate::secrets::resolve(&full, fmt)?;
+            opts = opts
+                .with_policy(OpenPolicy::qemu_compatible())
+                .with_backing(false);
+            opts.read_only = true;
+            opts.metadata_only = true;
+            opts.driver_options.set("encrypt.no-io", "on");
+            let img = diskimg::open(&path, fmt, &opts).map_err(|e| {
+                anyhow!(
+                    "{file}: {}\nCould not open backing image.",
+                    crate::message(&e.into())
+                )
+            })?;
+            if fmt.is_none() {
+                bail!(
+                    "{file}: Backing file specified without backing format\nDetected format of {}.",
+                    img.format.name()
+                );
+            }
             size.get_or_insert(img.device.virtual_size());
         }
     }

@@ -1,22 +1,73 @@
-//! Image specifications beyond a plain file name: qemu's `json:{…}` pseudo-protocol and
-//! flattened option dictionaries (`driver=qcow2,file.filename=F,backing=null`), turned
-//! into what the facade opens: a path, a format, and driver options.
+//! Image specifications beyond a plain file name: qemu's `json:{…}` pseudo-protocol,
+//! flattened option dictionaries (`driver=qcow2,file.filename=F,backing=null`) and the
+//! `blkdebug:` / `file:` prefixes, turned into what the CLI opens ([`Resolved`], opened by
+//! [`open`]): a file with a format, a format nested on another format's guest bytes, or
+//! qemu's `null-co` device.
 //!
 //! Keys that only tune qemu's block layer (node names, cache and locking modes, discard
 //! and detect-zeroes settings) are accepted and ignored; `backing=null` (or `""`) opens
-//! without the backing chain. A `file` child other than the `file` protocol is refused
-//! with qemu's wording where it would reach a host device or another protocol.
+//! without the backing chain. `blkdebug` without error injection is a pass-through (qemu's
+//! tests wrap images in it); error injection is refused. Protocol nodes are checked as
+//! qemu's file driver checks them (`'file' driver requires 'X' to be a regular file`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
-use diskimg::{Format, OptionList};
+use diskimg::blockio::FileStorage;
+use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
+
+use crate::nodes::{DeviceStorage, NullDevice};
+
+/// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
+fn double_quotes(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    let mut in_double = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                in_double = !in_double;
+                out.push(c);
+            }
+            '\\' if in_double => {
+                out.push(c);
+                if let Some(n) = chars.next() {
+                    out.push(n);
+                }
+            }
+            '\'' if !in_double => {
+                out.push('"');
+                while let Some(n) = chars.next() {
+                    match n {
+                        '\'' => break,
+                        '"' => out.push_str("\\\""),
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        other => out.push(other),
+                    }
+                }
+                out.push('"');
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
 
 /// Flattens the object of a `json:{…}` file name into dotted keys (qemu's
 /// `qdict_flatten`: `{"file":{"filename":"x"}}` → `file.filename=x`).
 pub(crate) fn flatten_json(name: &str) -> Result<OptionList> {
     let text = name.strip_prefix("json:").unwrap_or(name);
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| anyhow!("Could not parse the JSON options: {e}"))?;
+    let v: Value = serde_json::from_str(&double_quotes(text))
+        .map_err(|e| anyhow!("Could not parse the JSON options: {e}"))?;
     let Value::Object(_) = v else {
         bail!("Invalid JSON object given");
     };
@@ -51,6 +102,17 @@ fn flatten(prefix: &str, v: &Value, out: &mut OptionList) {
     }
 }
 
+/// What a specification opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Node {
+    /// An image file (format given or probed).
+    File,
+    /// The format is opened on the guest bytes of `inner` in the file.
+    Nested(Format),
+    /// qemu's `null-co` device of this size.
+    Null(u64),
+}
+
 /// What a flattened option dictionary opens.
 #[derive(Debug)]
 pub(crate) struct Resolved {
@@ -58,6 +120,10 @@ pub(crate) struct Resolved {
     pub(crate) path: String,
     /// The format (`driver`), when given.
     pub(crate) format: Option<Format>,
+    /// File, nested format, or null device.
+    pub(crate) node: Node,
+    /// The protocol driver named for the file (`file`, `host_device`, `host_cdrom`).
+    pub(crate) protocol: Option<String>,
     /// `read-only` from the options, when given.
     pub(crate) read_only: Option<bool>,
     /// False with `backing=null`.
@@ -79,12 +145,12 @@ const IGNORED: &[&str] = &[
     "file.cache.no-flush",
     "discard",
     "detect-zeroes",
+    "locking",
     "file.locking",
     "file.aio",
     "file.aio-max-batch",
     "auto-read-only",
     "force-share",
-    "file.driver",
 ];
 
 /// Parses a qemu boolean option with qemu's message.
@@ -108,6 +174,56 @@ fn descend(o: &OptionList, prefix: &str) -> OptionList {
     out
 }
 
+/// Removes every key of `o` under `prefix.` (and `prefix` itself).
+fn drop_subtree(o: &mut OptionList, prefix: &str) {
+    let p = format!("{prefix}.");
+    let keys: Vec<String> = o
+        .entries()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k == prefix || k.starts_with(&p))
+        .collect();
+    for k in keys {
+        o.take(&k);
+    }
+}
+
+/// The image of a `blkdebug:CONFIG:FILE` name; only without error injection (an empty
+/// CONFIG, or a config file without sections), which is a pass-through.
+fn blkdebug_name(name: &str) -> Result<String> {
+    let rest = name.strip_prefix("blkdebug:").unwrap_or(name);
+    let Some((config, file)) = rest.split_once(':') else {
+        bail!("Invalid blkdebug file name: {name}");
+    };
+    if !config.is_empty() {
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
+        if text.lines().any(|l| l.trim_start().starts_with('[')) {
+            bail!("blkdebug error injection is not supported by diskimg");
+        }
+    }
+    Ok(file.to_string())
+}
+
+/// Resolves a `blkdebug` node's options (`o` relative to it) to its image's file name.
+fn blkdebug_node(o: &OptionList) -> Result<String> {
+    let injects = o
+        .entries()
+        .iter()
+        .any(|(k, _)| k.starts_with("inject-error") || k.starts_with("set-state"));
+    if injects || o.get("config").is_some_and(|c| !c.is_empty()) {
+        bail!("blkdebug error injection is not supported by diskimg");
+    }
+    match (o.get("image.filename"), o.get("image")) {
+        (Some(f), _) | (None, Some(f)) => Ok(f.to_string()),
+        (None, None) => bail!("Parameter 'image' is missing"),
+    }
+}
+
+fn format_named(d: &str) -> Result<Format> {
+    Format::from_name(d).map_err(|_| anyhow!("Unknown driver '{d}'"))
+}
+
 /// Resolves a dictionary; `name` is a plain file name given beside it (qemu-io's
 /// `open -o OPTS FILE`), `format` the `-f` format.
 pub(crate) fn resolve(
@@ -121,57 +237,161 @@ pub(crate) fn resolve(
         copy_on_read = true;
         o = descend(&o, "file");
     }
-    let format = match o.take("driver").as_deref() {
-        None => format,
-        Some("file") => Some(Format::Raw),
-        Some(d) => Some(Format::from_name(d).map_err(|_| anyhow!("Unknown driver '{d}'"))?),
+    let mut r = Resolved {
+        path: String::new(),
+        format,
+        node: Node::File,
+        protocol: None,
+        read_only: o
+            .take("read-only")
+            .map(|v| parse_bool("read-only", &v))
+            .transpose()?,
+        open_backing: !matches!(o.take("backing").as_deref(), Some("null" | "")),
+        copy_on_read,
+        driver_options: OptionList::new(),
     };
-    if let Some(d) = o.get("file.driver")
-        && d != "file"
-    {
-        match d {
-            "host_device" | "host_cdrom" => {
-                let f = o.get("file.filename").unwrap_or("");
-                bail!("'{d}' driver requires '{f}' to be either a character or block device");
-            }
-            "raw" | "qcow2" | "vmdk" | "vdi" | "vhdx" | "vpc" => {
-                bail!("diskimg opens a format only directly on a file (file.driver={d})")
-            }
-            _ => bail!("Unknown protocol '{d}' (diskimg supports only 'file')"),
-        }
-    }
-    let path = match (
-        o.take("file.filename"),
-        o.take("file"),
-        name.map(str::to_string),
-    ) {
-        (Some(p), None, None) | (None, Some(p), None) | (None, None, Some(p)) => {
-            p.strip_prefix("file:").unwrap_or(&p).to_string()
-        }
-        (None, None, None) => bail!("A block device must be specified for \"file\""),
-        _ => bail!("Cannot specify both 'file' and 'file.filename', or a file name with either"),
-    };
-    let read_only = o
-        .take("read-only")
-        .map(|v| parse_bool("read-only", &v))
-        .transpose()?;
-    let open_backing = !matches!(o.take("backing").as_deref(), Some("null" | ""));
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
         if let Some(v) = o.get(k) {
             parse_bool(k, v)?;
         }
     }
+    let driver = o.take("driver");
+    let file_driver = o.get("file.driver").map(str::to_string);
+    match driver.as_deref() {
+        Some("null-co" | "null-aio") => {
+            let size = o.take("size").unwrap_or_else(|| "1073741824".into());
+            let size = diskimg::parse_size(&size).map_err(|e| anyhow!("{e}"))?;
+            r.node = Node::Null(size);
+            r.path = "null-co://".into();
+            return Ok(r);
+        }
+        Some(p @ ("file" | "host_device" | "host_cdrom")) => {
+            r.protocol = Some(p.to_string());
+            r.format = Some(Format::Raw);
+            r.path = o
+                .take("filename")
+                .or_else(|| name.map(str::to_string))
+                .ok_or_else(|| anyhow!("Parameter 'filename' is required"))?;
+        }
+        Some("blkdebug") => {
+            r.path = blkdebug_node(&o)?;
+            r.format = Some(Format::Raw);
+        }
+        Some(d) => r.format = Some(format_named(d)?),
+        None => {}
+    }
+    if r.path.is_empty() {
+        r.path = match file_driver.as_deref() {
+            Some("blkdebug") => blkdebug_node(&descend(&o, "file"))?,
+            Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
+            Some(f) if f != "file" && Format::from_name(f).is_ok() => {
+                r.node = Node::Nested(format_named(f)?);
+                let inner = descend(&o, "file");
+                match (inner.get("file.filename"), inner.get("file")) {
+                    (Some(p), _) | (None, Some(p)) => p.to_string(),
+                    (None, None) => bail!("A block device must be specified for \"file\""),
+                }
+            }
+            Some(p @ ("host_device" | "host_cdrom")) => {
+                r.protocol = Some(p.to_string());
+                o.get("file.filename").unwrap_or("").to_string()
+            }
+            Some(p) if p != "file" => {
+                bail!("Unknown protocol '{p}' (diskimg supports only 'file')")
+            }
+            _ => match (o.get("file.filename"), o.get("file"), name) {
+                (Some(p), None, None) | (None, Some(p), None) | (None, None, Some(p)) => {
+                    p.to_string()
+                }
+                (None, None, None) => bail!("A block device must be specified for \"file\""),
+                _ => bail!(
+                    "Cannot specify both 'file' and 'file.filename', or a file name with either"
+                ),
+            },
+        };
+        drop_subtree(&mut o, "file");
+    }
+    if let Some(p) = r.path.strip_prefix("file:") {
+        r.path = p.to_string();
+    } else if r.path.starts_with("blkdebug:") {
+        r.path = blkdebug_name(&r.path)?;
+    }
     for k in IGNORED {
         o.take(k);
     }
-    Ok(Resolved {
-        path,
+    r.driver_options = o;
+    Ok(r)
+}
+
+/// True for an image argument that is a specification rather than a file name
+/// (`json:{…}`, `blkdebug:…`).
+pub(crate) fn is_spec(arg: &str) -> bool {
+    arg.starts_with("json:") || arg.starts_with("blkdebug:")
+}
+
+/// Opens a `json:`/`blkdebug:` argument of a qemu-img verb (see [`is_spec`]) with `base`
+/// options (secrets, policy, read-only).
+pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) -> Result<Image> {
+    let (dict, name) = if arg.starts_with("json:") {
+        (flatten_json(arg)?, None)
+    } else {
+        (OptionList::new(), Some(arg))
+    };
+    let r = resolve(dict, name, format)?;
+    let mut opts = base;
+    opts.read_only |= r.read_only == Some(true);
+    open(&r, arg, opts)
+}
+
+/// qemu's file-protocol checks: a directory cannot be opened for writing, and the `file`
+/// driver takes regular files only, `host_device`/`host_cdrom` devices only.
+fn check_protocol(protocol: &str, path: &str, read_only: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = std::fs::metadata(path)
+        .map_err(|e| anyhow!("Could not open '{path}': {}", crate::message(&e.into())))?;
+    if !read_only && m.is_dir() {
+        bail!("Could not open '{path}': Is a directory");
+    }
+    let t = m.file_type();
+    match protocol {
+        "file" if !t.is_file() => bail!("'file' driver requires '{path}' to be a regular file"),
+        "host_device" | "host_cdrom" if !(t.is_block_device() || t.is_char_device()) => {
+            bail!("'{protocol}' driver requires '{path}' to be either a character or block device")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Opens what `r` names: `opts` carries secrets, read-only and backing choices (`r`'s
+/// driver options are added to its own); `arg` is the name the user gave.
+pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Image> {
+    let ro = opts.read_only;
+    let image = |device: Arc<dyn BlockDevice>, format: Format| Image {
+        device,
         format,
-        read_only,
-        open_backing,
-        copy_on_read,
-        driver_options: o,
-    })
+        path: PathBuf::from(&r.path),
+        filename: arg.to_string(),
+        backing: None,
+    };
+    match &r.node {
+        Node::Null(size) => return Ok(image(Arc::new(NullDevice::new(*size)), Format::Raw)),
+        Node::Nested(inner) => {
+            let file = Arc::new(FileStorage::open(&r.path, ro)?);
+            let inner = diskimg::open_storage(file, Some(*inner), ro)?;
+            let dev = diskimg::open_storage(Arc::new(DeviceStorage::new(inner)), r.format, ro)?;
+            let f = Format::from_name(dev.info().format).unwrap_or(Format::Raw);
+            return Ok(image(dev, f));
+        }
+        Node::File => {}
+    }
+    if let Some(p) = &r.protocol {
+        check_protocol(p, &r.path, ro)?;
+    }
+    for (k, v) in r.driver_options.entries() {
+        opts.driver_options.set(k, v);
+    }
+    opts.open_backing &= r.open_backing;
+    Ok(diskimg::open(&r.path, r.format, &opts)?)
 }
 
 #[cfg(test)]
@@ -191,10 +411,26 @@ mod tests {
         assert_eq!(r.format, Some(Format::Qcow2));
         assert!(!r.open_backing);
         assert!(r.driver_options.is_empty());
-        let o =
-            OptionList::parse("driver=qcow2,file.driver=host_device,file.filename=/dev/x").unwrap();
-        let e = resolve(o, None, None).unwrap_err().to_string();
-        assert!(e.contains("character or block device"), "{e}");
+        let o = flatten_json("json:{ 'driver': 'null-co', 'size': 4096, 'read-zeroes': true }")
+            .unwrap();
+        assert_eq!(resolve(o, None, None).unwrap().node, Node::Null(4096));
+        let o = flatten_json(
+            r#"json:{"driver":"qcow2","file":{"driver":"qcow2","file":{"filename":"in.qcow2"}}}"#,
+        )
+        .unwrap();
+        let r = resolve(o, None, None).unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.node),
+            ("in.qcow2", Node::Nested(Format::Qcow2))
+        );
+        let o = OptionList::parse("driver=qcow2,file.align=4k").unwrap();
+        let r = resolve(o, Some("blkdebug::t.qcow2"), None).unwrap();
+        assert_eq!(r.path, "t.qcow2");
+        assert!(r.driver_options.is_empty());
         assert!(flatten_json("json:[1]").is_err());
+        assert_eq!(
+            double_quotes(r#"{'a': 'x"y', "b": 'it\'s'}"#),
+            r#"{"a": "x\"y", "b": "it's"}"#
+        );
     }
 }

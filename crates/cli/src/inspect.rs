@@ -87,7 +87,7 @@ fn human(file: &str, r: &Report) -> String {
         r.verdict.as_str(),
         r.format
     );
-    if r.declared.is_some() && r.detected != r.format {
+    if r.findings.iter().any(|f| f.check == "format-mismatch") {
         s.push_str(&format!(" (as declared; the content is {})", r.detected));
     }
     s.push('\n');

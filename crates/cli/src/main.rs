@@ -27,6 +27,7 @@ mod io;
 mod json;
 mod map;
 mod measure;
+mod nodes;
 mod rebase;
 mod resize;
 mod secrets;
@@ -143,7 +144,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 pub(crate) fn message(e: &anyhow::Error) -> String {
     let mut s = String::new();
     for c in e.chain() {
-        let t = c.to_string();
+        // As qemu-img/qemu-io, a corrupt or unsupported image is reported by the bare
+        // reason (diskimg adds the format and the offending offset).
+        let t = match c.downcast_ref::<diskimg::Error>() {
+            Some(diskimg::Error::Corrupt { what, .. }) if common::as_qemu() => what.to_string(),
+            Some(diskimg::Error::Unsupported { what, .. }) if common::as_qemu() => what.to_string(),
+            _ => c.to_string(),
+        };
         if s.ends_with(&t) {
             continue;
         }

@@ -30,11 +30,13 @@ pub(crate) struct Args {
     file: String,
 }
 
-/// The file name qemu prints for the layer at `depth`.
-fn layer_name(img: &Image, top: &str, depth: u32) -> String {
+/// The file name qemu prints for an entry: the layer at its depth, or — for a layer whose
+/// data lives in other files (VMDK extents, a qcow2 data file) — the file its offset is in,
+/// relative to that layer's directory.
+fn entry_file(img: &Image, top: &str, e: &MapEntry) -> String {
     let mut name = top.to_string();
     let mut cur = img;
-    for _ in 0..depth {
+    for _ in 0..e.depth {
         match cur.backing.as_deref() {
             Some(b) => {
                 name = full_backing_name(&name, &b.filename);
@@ -43,7 +45,14 @@ fn layer_name(img: &Image, top: &str, depth: u32) -> String {
             None => break,
         }
     }
-    name
+    match e
+        .file
+        .checked_sub(1)
+        .and_then(|i| cur.device.host_files().into_iter().nth(i))
+    {
+        Some(f) => full_backing_name(&name, &f),
+        None => name,
+    }
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
@@ -82,6 +91,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 data: false,
                 compressed: false,
                 offset: None,
+                file: 0,
             };
             o.write_all(map_entry(&empty).as_bytes())?;
         }
@@ -108,7 +118,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                     hex(e.start),
                     hex(e.length),
                     hex(off),
-                    layer_name(&img, &a.file, e.depth)
+                    entry_file(&img, &a.file, &e)
                 )?;
             }
         }

@@ -216,7 +216,9 @@ pub(crate) fn warn_legacy_aes(arg: &str, img: &diskimg::Image) {
 pub(crate) fn with_key(key_secret: Option<&str>) -> ImageOptions {
     let mut opts = ImageOptions::default().with_secrets(secrets());
     if let Some(id) = key_secret {
+        // qcow2 names it `encrypt.key-secret`, the luks format `key-secret`.
         opts.driver_options.set("encrypt.key-secret", id);
+        opts.driver_options.set("key-secret", id);
     }
     opts
 }

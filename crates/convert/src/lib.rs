@@ -21,8 +21,10 @@
 //! - with [`ConvertOptions::copy_offload`] (qemu-img's `-C`), data of the source's top
 //!   layer is copied from its [`data_storage`](BlockDevice::data_storage) with the
 //!   target's [`write_from`](BlockDevice::write_from) (`copy_file_range`), unscanned;
-//! - with [`ConvertOptions::workers`] > 1, chunks are read by that many threads; writes
-//!   stay in order unless [`ConvertOptions::out_of_order`] (qemu-img's `-W`).
+//! - with [`ConvertOptions::workers`] > 1, chunks are read (and compressed) by that many
+//!   threads; writes stay in order unless [`ConvertOptions::out_of_order`] (qemu-img's
+//!   `-W`) or the target's [layout is fixed](BlockDevice::fixed_layout) (raw: any order
+//!   gives the same image, and several writes at once keep a device busy).
 //!
 //! The source is only ever read. [`ConcatDevice`] joins several sources end to end
 //! (qemu-img convert with more than one input).
@@ -93,7 +95,8 @@ pub struct ConvertOptions {
     pub backing: Option<Arc<dyn BlockDevice>>,
     /// Bytes per chunk (rounded up to the compression unit when compressing).
     pub chunk_size: u64,
-    /// Reader threads (`-m`); 1 copies on the calling thread.
+    /// Reader threads (`-m`); 1 copies on the calling thread. The default is the number
+    /// of CPUs (at most 16).
     pub workers: usize,
     /// Let workers write as soon as they are done (`-W`) instead of in order.
     pub out_of_order: bool,
@@ -115,7 +118,9 @@ impl Default for ConvertOptions {
             compress: false,
             backing: None,
             chunk_size: DEFAULT_CHUNK,
-            workers: 1,
+            workers: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(16),
             out_of_order: false,
             copy_offload: false,
         }

@@ -16,6 +16,9 @@ use diskimg_blockio::{BlockDevice, Error, Result, block_status};
 use crate::ConvertStats;
 use crate::plan::{Ctx, Op, apply};
 
+/// Bytes of chunks the workers may plan ahead of the ordered writer.
+const READ_AHEAD: u64 = 16 << 20;
+
 enum Msg {
     /// A planned chunk (index, length) for the ordered writer.
     Planned(u64, u64, Vec<Op>),
@@ -106,15 +109,20 @@ pub(crate) fn run(
     }
 
     // Ordered mode: workers stay within `window` chunks of the writer so a slow chunk
-    // cannot make the reorder buffer grow: at most `workers` chunks are read ahead of
-    // the writer (memory: workers x chunk size, 16 MiB with -m 8).
+    // cannot make the reorder buffer grow: at most READ_AHEAD bytes of chunks (and at
+    // least one per worker) are read ahead of the writer. Small chunks (compression)
+    // get a deeper window, so one descheduled worker does not stall the others.
     let gate = Gate {
         written: Mutex::new(0),
         cv: Condvar::new(),
     };
-    let window = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64);
+    let workers64 = u64::try_from(ctx.opts.workers.min(64)).unwrap_or(64);
+    let window = (READ_AHEAD / ctx.chunk.max(1)).clamp(workers64, 4 * workers64);
     let abort = AtomicBool::new(false);
-    let out_of_order = ctx.opts.out_of_order;
+    // Workers write themselves with -W, and into targets whose layout does not depend on
+    // the order of writes (raw): there the result is the same as in order, and the
+    // device sees several writes at once (O_DIRECT, block devices).
+    let out_of_order = ctx.opts.out_of_order || dst.fixed_layout();
     let workers = ctx.opts.workers.min(64);
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<Msg>(workers * 2);

@@ -329,7 +329,7 @@ fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatche
 /// (freeing the old structures as leaks), merging both reports as qemu does.
 fn rebuild_and_recheck(
     dev: &Qcow2Device,
-    mut m: std::sync::MutexGuard<'_, Meta>,
+    mut m: std::sync::RwLockWriteGuard<'_, Meta>,
     cnt: Counter,
 ) -> Result<CheckReport> {
     let old = cnt.notes.finish();

@@ -1,7 +1,7 @@
 //! [`Qcow2Device`]: opening, reading, mapping and describing a qcow2 image.
 
 use std::any::Any;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
     Amend, BackingRef, BitmapInfo, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits,
@@ -16,7 +16,7 @@ use crate::ext::{BitmapEntry, parse_bitmap_directory};
 use crate::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
-use crate::meta::{Meta, read_host};
+use crate::meta::{Cached, Meta, read_host};
 use crate::snapshot::read_snapshots;
 use crate::table::{L2Cache, Sub};
 
@@ -26,7 +26,7 @@ use crate::table::{L2Cache, Sub};
 /// outside it.
 #[derive(Debug)]
 pub struct Qcow2Device {
-    pub(crate) meta: Mutex<Meta>,
+    pub(crate) meta: RwLock<Meta>,
     pub(crate) file: Arc<dyn Storage>,
     pub(crate) data: Option<Arc<dyn Storage>>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
@@ -137,7 +137,7 @@ impl Qcow2Device {
             _ => Vec::new(),
         };
         let mut dev = Qcow2Device {
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             file,
             data,
             backing: RwLock::new(None),
@@ -206,8 +206,23 @@ impl Qcow2Device {
         Ok(())
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    /// The metadata, exclusively (writers, and readers whose L2 table is not cached).
+    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The metadata, shared: reads of cached mappings do not exclude each other.
+    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`Meta::resolve`] under the shared lock when the L2 tables are cached, under the
+    /// exclusive one otherwise.
+    fn resolve(&self, guest: u64, max: u64) -> Result<(Sub, u64)> {
+        if let Cached::Hit((sub, n, _)) = self.shared().resolve_cached(guest, max)? {
+            return Ok((sub, n));
+        }
+        self.lock().resolve(guest, max)
     }
 
     pub(crate) fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
@@ -306,7 +321,7 @@ impl Qcow2Device {
             u64::from(snap.l1_size),
         )?;
         Ok(Qcow2Device {
-            meta: Mutex::new(view),
+            meta: RwLock::new(view),
             file: self.file.clone(),
             data: self.data.clone(),
             backing: RwLock::new(self.backing()),
@@ -347,9 +362,13 @@ impl Qcow2Device {
             Sub::Unalloc => read_from_backing(self.backing().as_deref(), dst, guest),
             Sub::Compressed(h, clen) => {
                 let (cs, ty) = {
-                    let m = self.lock();
+                    let m = self.shared();
                     (m.cs(), m.h.compression_type)
                 };
+                if guest.is_multiple_of(cs) && dst.len() as u64 == cs {
+                    // A whole cluster (convert reads whole chunks): inflate in place.
+                    return self.read_compressed(ty, h, clen, dst);
+                }
                 let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
                 self.read_compressed(ty, h, clen, &mut cluster)?;
                 let start = usize::try_from(guest % cs).unwrap_or(0);
@@ -366,17 +385,22 @@ impl Qcow2Device {
 
     /// Inflates the compressed cluster at host `h` (at most `clen` bytes) into `out`.
     pub(crate) fn read_compressed(&self, ty: u8, h: u64, clen: u64, out: &mut [u8]) -> Result<()> {
-        let len = self.file.len()?;
-        let n = clen.min(len.saturating_sub(h));
-        if n == 0 {
-            return Err(Error::corrupt(
-                "qcow2",
-                "compressed cluster beyond the end of the file",
-                h,
-            ));
+        // `clen` counts whole sectors and may reach past the end of the file (the last
+        // cluster): the length is only asked for when the whole read fails.
+        let mut input = vec![0u8; usize::try_from(clen).unwrap_or(0)];
+        if self.file.read_exact_at(&mut input, h).is_err() {
+            let len = self.file.len()?;
+            let n = clen.min(len.saturating_sub(h));
+            if n == 0 {
+                return Err(Error::corrupt(
+                    "qcow2",
+                    "compressed cluster beyond the end of the file",
+                    h,
+                ));
+            }
+            input.truncate(usize::try_from(n).unwrap_or(0));
+            self.file.read_exact_at(&mut input, h)?;
         }
-        let mut input = vec![0u8; usize::try_from(n).unwrap_or(0)];
-        self.file.read_exact_at(&mut input, h)?;
         compress::decompress(ty, &input, out, h)
     }
 
@@ -506,7 +530,7 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.lock().size
+        self.shared().size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -514,7 +538,7 @@ impl BlockDevice for Qcow2Device {
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;
-            let (sub, n) = self.lock().resolve(guest, (buf.len() - done) as u64)?;
+            let (sub, n) = self.resolve(guest, (buf.len() - done) as u64)?;
             let n = usize::try_from(n).unwrap_or(0).max(1).min(buf.len() - done);
             let dst = buf
                 .get_mut(done..done + n)
@@ -567,7 +591,7 @@ impl BlockDevice for Qcow2Device {
         if len == 0 {
             return Err(Error::invalid("map of an empty range"));
         }
-        let (sub, n) = self.lock().resolve(offset, len)?;
+        let (sub, n) = self.resolve(offset, len)?;
         // As qemu: no host offsets for encrypted data (they would expose ciphertext).
         let clear = self.crypt.is_none();
         let kind = match sub {
@@ -586,6 +610,18 @@ impl BlockDevice for Qcow2Device {
             len: n.max(1),
             kind,
         })
+    }
+
+    /// The external data file, which every host offset of `map` refers to.
+    fn host_files(&self) -> Vec<String> {
+        if self.data.is_none() {
+            return Vec::new();
+        }
+        self.lock().h.ext.data_file.clone().into_iter().collect()
+    }
+
+    fn map_file(&self, _offset: u64) -> usize {
+        usize::from(self.data.is_some())
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {

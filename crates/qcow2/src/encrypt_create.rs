@@ -2,27 +2,13 @@
 //! (allocated right after the L1 table, pointed to by the 0x0537be77 extension, as
 //! qemu lays it out) and legacy AES (`encrypt.format=aes`, `encryption=on`).
 
-use std::time::{Duration, Instant};
-
 use diskimg_blockio::{Error, OptionList, Preallocation, Result, Secrets};
 use zeroize::Zeroizing;
 
-use crate::crypto::hash::random_bytes;
-use crate::crypto::luks::MAX_ITERATIONS;
-use crate::crypto::{HashAlg, LuksHeader, LuksParams, SectorCipher};
+use crate::crypto::{LUKS_CREATE_KEYS, new_area};
 use crate::device::Qcow2Device;
 use crate::encryption::{CRYPT_AES, CRYPT_LUKS};
 use crate::header::Header;
-
-/// Options only LUKS accepts (qemu: "Parameter '…' is unexpected" for aes).
-const LUKS_ONLY: &[&str] = &[
-    "encrypt.cipher-alg",
-    "encrypt.cipher-mode",
-    "encrypt.ivgen-alg",
-    "encrypt.ivgen-hash-alg",
-    "encrypt.hash-alg",
-    "encrypt.iter-time",
-];
 
 /// A new image's encryption, prepared before its header is written.
 pub(crate) struct NewEncryption {
@@ -32,28 +18,6 @@ pub(crate) struct NewEncryption {
 
 fn required() -> Error {
     Error::Key("Parameter 'encrypt.key-secret' is required for cipher".into())
-}
-
-/// PBKDF2 iterations that take `ms` milliseconds here, measured as qemu does (by timing
-/// a doubling number of iterations), at least 1000 and at most the open limit.
-pub(crate) fn iterations_for(hash: HashAlg, out_len: usize, ms: u64) -> u32 {
-    let mut out = Zeroizing::new(vec![0u8; out_len]);
-    let salt = [0x5au8; 32];
-    let mut n: u32 = 1 << 10;
-    let (n, took) = loop {
-        let t = Instant::now();
-        hash.pbkdf2(b"diskimg iteration measurement", &salt, n, &mut out);
-        let took = t.elapsed();
-        if took >= Duration::from_millis(25) || n >= MAX_ITERATIONS {
-            break (n, took);
-        }
-        n = n.saturating_mul(2);
-    };
-    let per_ms = u128::from(n) * 1000 / took.as_micros().max(1);
-    let total = per_ms.saturating_mul(u128::from(ms));
-    u32::try_from(total)
-        .unwrap_or(u32::MAX)
-        .clamp(1000, MAX_ITERATIONS)
 }
 
 /// Takes the encryption options from `o` (none given: `Ok(None)`).
@@ -78,95 +42,18 @@ pub(crate) fn take_options(o: &mut OptionList, secrets: &Secrets) -> Result<Opti
     let id = o.take("encrypt.key-secret").ok_or_else(required)?;
     let pass = secrets.require(&id)?;
     if format == "aes" {
-        if let Some(k) = LUKS_ONLY.iter().find(|k| o.get(k).is_some()) {
+        // Options only LUKS accepts (qemu: "Parameter '…' is unexpected" for aes).
+        if let Some(k) = LUKS_CREATE_KEYS
+            .iter()
+            .map(|k| format!("encrypt.{k}"))
+            .find(|k| o.get(k).is_some())
+        {
             return Err(Error::invalid(format!("Parameter '{k}' is unexpected")));
         }
         return Ok(Some(NewEncryption { area: None }));
     }
-    let alg = o
-        .take_enum(
-            "encrypt.cipher-alg",
-            &[
-                "aes-128",
-                "aes-192",
-                "aes-256",
-                "cast5-128",
-                "serpent-128",
-                "serpent-192",
-                "serpent-256",
-                "twofish-128",
-                "twofish-192",
-                "twofish-256",
-                "sm4",
-            ],
-        )?
-        .unwrap_or_else(|| "aes-256".into());
-    let key_len: usize = match alg.as_str() {
-        "aes-128" => 16,
-        "aes-192" => 24,
-        "aes-256" => 32,
-        other => {
-            return Err(Error::unsupported(
-                "qcow2",
-                format!("cipher algorithm '{other}'"),
-            ));
-        }
-    };
-    let mode = o
-        .take_enum("encrypt.cipher-mode", &["ecb", "cbc", "xts", "ctr"])?
-        .unwrap_or_else(|| "xts".into());
-    if mode == "ctr" {
-        return Err(Error::unsupported("qcow2", "cipher mode 'ctr'"));
-    }
-    let ivgen = o
-        .take_enum("encrypt.ivgen-alg", &["plain", "plain64", "essiv"])?
-        .unwrap_or_else(|| "plain64".into());
-    let hash_names = [
-        "md5",
-        "sha1",
-        "sha224",
-        "sha256",
-        "sha384",
-        "sha512",
-        "ripemd160",
-    ];
-    let iv_hash = o.take_enum("encrypt.ivgen-hash-alg", &hash_names)?;
-    let hash = o
-        .take_enum("encrypt.hash-alg", &hash_names)?
-        .unwrap_or_else(|| "sha256".into());
-    let hash = HashAlg::parse(&hash)?;
-    let iter_time = o.take_u64("encrypt.iter-time")?.unwrap_or(2000);
-    let cipher_mode = if ivgen == "essiv" {
-        let ih = iv_hash.unwrap_or_else(|| "sha256".into());
-        let ihash = HashAlg::parse(&ih)?;
-        let n = ihash.digest_len();
-        if !matches!(n, 16 | 24 | 32) {
-            return Err(Error::invalid(format!(
-                "No AES cipher with key size {n} available"
-            )));
-        }
-        format!("{mode}-essiv:{ih}")
-    } else {
-        format!("{mode}-{ivgen}")
-    };
-    let mk_len = if mode == "xts" { 2 * key_len } else { key_len };
-    let mut mk = Zeroizing::new(vec![0u8; mk_len]);
-    random_bytes(&mut mk)?;
-    // The data cipher must be one we can run (e.g. XTS needs plain/plain64 IVs).
-    let (m, iv) = crate::crypto::luks::parse_mode(&cipher_mode)?;
-    SectorCipher::new(m, iv, &mk)?;
-    let slot_iters = iterations_for(hash, mk_len, iter_time);
-    let digest_iters = iterations_for(hash, 20, iter_time) / 8;
-    let params = LuksParams {
-        cipher_mode,
-        hash,
-        iterations: slot_iters,
-        digest_iterations: digest_iters,
-    };
-    let (_, area) = LuksHeader::create(&params, &mk, pass)?;
-    Ok(Some(NewEncryption {
-        area: Some(Zeroizing::new(area)),
-    }))
+    let (_, area) = new_area(o, "encrypt.", pass)?;
+    Ok(Some(NewEncryption { area: Some(area) }))
 }
 
 impl NewEncryption {

@@ -127,58 +127,19 @@ impl Encryption {
         }))
     }
 
-    /// The `encrypt` entry of `qemu-img info`'s format-specific data.
+    /// The `encrypt` entry of `qemu-img info`'s format-specific data: the LUKS header's
+    /// entries with `format: luks` before `cipher-mode` (qemu's order), or `format: aes`.
     pub(crate) fn info(&self) -> InfoValue {
-        let s = |v: &str| InfoValue::Str(v.to_string());
-        let int = |v: u64| InfoValue::Int(i64::try_from(v).unwrap_or(i64::MAX));
         let guard = self.header.lock().unwrap_or_else(|e| e.into_inner());
         let Some(h) = guard.as_ref().filter(|_| self.luks) else {
-            return InfoValue::Map(vec![("format".into(), s("aes"))]);
+            return InfoValue::Map(vec![("format".into(), InfoValue::Str("aes".into()))]);
         };
-        let (mode, iv) = h
-            .cipher_mode
-            .split_once('-')
-            .unwrap_or((&h.cipher_mode, ""));
-        let (iv, iv_hash) = iv.split_once(':').unwrap_or((iv, ""));
-        let mut m = vec![("ivgen-alg".to_string(), s(iv))];
-        let bits = u64::from(h.key_bytes) * 8 / if mode == "xts" { 2 } else { 1 };
-        m.extend([
-            ("detached-header".into(), InfoValue::Bool(false)),
-            ("hash-alg".into(), s(h.hash.name())),
-            ("cipher-alg".into(), s(&format!("{}-{bits}", h.cipher_name))),
-            ("uuid".into(), s(&h.uuid)),
-        ]);
-        if !iv_hash.is_empty() {
-            m.push(("ivgen-hash-alg".into(), s(iv_hash)));
-        }
-        m.extend([
-            ("format".into(), s("luks")),
-            ("cipher-mode".into(), s(mode)),
-        ]);
-        let slots = h
-            .slots
+        let mut m = crate::crypto::info_entries(h);
+        let at = m
             .iter()
-            .map(|k| {
-                let mut v = vec![("active".to_string(), InfoValue::Bool(k.active))];
-                if k.active {
-                    v.push(("iters".into(), int(u64::from(k.iterations))));
-                }
-                v.push((
-                    "key-offset".into(),
-                    int(u64::from(k.key_offset_sectors) * SECTOR),
-                ));
-                if k.active {
-                    v.push(("stripes".into(), int(u64::from(k.stripes))));
-                }
-                InfoValue::Map(v)
-            })
-            .collect();
-        m.push(("slots".into(), InfoValue::List(slots)));
-        m.push((
-            "payload-offset".into(),
-            int(u64::from(h.payload_offset) * SECTOR),
-        ));
-        m.push(("master-key-iters".into(), int(u64::from(h.mk_digest_iter))));
+            .position(|(k, _)| k == "cipher-mode")
+            .unwrap_or(m.len());
+        m.insert(at, ("format".into(), InfoValue::Str("luks".into())));
         InfoValue::Map(m)
     }
 

@@ -4,9 +4,9 @@
 
 use diskimg_blockio::{Error, OptionList, Result, Secrets};
 
-use crate::crypto::luks::SLOTS;
+use crate::crypto::header::SLOTS;
+use crate::crypto::iterations_for;
 use crate::device::Qcow2Device;
-use crate::encrypt_create::iterations_for;
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::invalid(msg.into())
@@ -166,7 +166,7 @@ impl Qcow2Device {
             }
         }
         // Key material first, then the phdr that makes a slot (in)active.
-        let phdr_len = crate::crypto::luks::PHDR_LEN;
+        let phdr_len = crate::crypto::header::PHDR_LEN;
         let rest = area.get(phdr_len..).unwrap_or(&[]);
         self.file.write_all_at(rest, off + phdr_len as u64)?;
         self.file.flush()?;

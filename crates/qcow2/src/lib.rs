@@ -80,7 +80,8 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
-pub mod crypto;
+/// The LUKS1 and AES building blocks qcow2 encryption uses (the `diskimg-luks` crate).
+pub use diskimg_luks as crypto;
 
 use std::sync::Arc;
 

@@ -52,13 +52,33 @@ pub(crate) struct Meta {
     pub snapshot_table_len: u64,
 }
 
+/// An answer from the L2 cache, or the host offset of the L2 table to load first.
+pub(crate) enum Cached<T> {
+    /// Answered from cached tables.
+    Hit(T),
+    /// The L2 table at this offset is not cached.
+    Miss(u64),
+}
+
 /// Deferred L2 updates beyond which they are written without waiting for a flush.
 const MAX_DEFERRED: usize = 16384;
 
 /// Reads `buf` at `off` from `s`, zero-filling what lies beyond its end (qemu reads
 /// past the end of a file as zeroes).
+///
+/// The read is tried first, so data inside the file costs no length query (`statx`).
 pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()> {
+    let err = match s.read_exact_at(buf, off) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
     let len = s.len()?;
+    if off
+        .checked_add(buf.len() as u64)
+        .is_some_and(|end| end <= len)
+    {
+        return Err(err);
+    }
     let avail = usize::try_from(len.saturating_sub(off).min(buf.len() as u64)).unwrap_or(0);
     let (head, tail) = buf.split_at_mut(avail);
     if !head.is_empty() {
@@ -127,17 +147,19 @@ impl Meta {
         Ok(off)
     }
 
-    /// The (entry, bitmap) pair and the L2 table offset for the cluster holding `guest`.
-    pub(crate) fn l2_entry(&mut self, guest: u64) -> Result<(u64, u64, u64)> {
+    /// The (entry, bitmap) pair and the L2 table offset for the cluster holding `guest`,
+    /// answered from the L2 cache (shared access), or the table to load first.
+    pub(crate) fn l2_entry_cached(&self, guest: u64) -> Result<Cached<(u64, u64, u64)>> {
         let cs = self.cs();
         let l2_off = self.l2_offset(guest / self.h.l1_coverage())?;
         if l2_off == 0 {
-            return Ok((0, 0, 0));
+            return Ok(Cached::Hit((0, 0, 0)));
         }
+        let Some(t) = self.l2.get(l2_off) else {
+            return Ok(Cached::Miss(l2_off));
+        };
         let i = (guest / cs) % self.h.l2_entries();
-        let ext = self.h.extended_l2();
-        let t = self.l2_table(l2_off)?;
-        let (e, b) = if ext {
+        let (e, b) = if self.h.extended_l2() {
             let k = usize::try_from(i * 2).unwrap_or(usize::MAX);
             (
                 t.get(k).copied().unwrap_or(0),
@@ -147,7 +169,18 @@ impl Meta {
             let k = usize::try_from(i).unwrap_or(usize::MAX);
             (t.get(k).copied().unwrap_or(0), 0)
         };
-        Ok((e, b, l2_off))
+        Ok(Cached::Hit((e, b, l2_off)))
+    }
+
+    /// The (entry, bitmap) pair and the L2 table offset for the cluster holding `guest`.
+    pub(crate) fn l2_entry(&mut self, guest: u64) -> Result<(u64, u64, u64)> {
+        if let Cached::Miss(off) = self.l2_entry_cached(guest)? {
+            self.l2_table(off)?;
+        }
+        match self.l2_entry_cached(guest)? {
+            Cached::Hit(v) => Ok(v),
+            Cached::Miss(off) => Err(Error::corrupt("qcow2", "L2 cache", off)),
+        }
     }
 
     /// Granule (cluster, or subcluster with extended L2) size.
@@ -160,23 +193,59 @@ impl Meta {
     }
 
     /// What `guest` is, and how many bytes from it (at most `max`) are the same kind
-    /// with contiguous host offsets.
+    /// with contiguous host offsets, loading the L2 tables it needs.
     pub(crate) fn resolve(&mut self, guest: u64, max: u64) -> Result<(Sub, u64)> {
+        // Each round loads the table the cached walk stopped at; the bound only guards
+        // against a cache too small to hold the tables of one run (a shorter run is a
+        // valid answer).
+        let mut best = None;
+        for _ in 0..8 {
+            match self.resolve_cached(guest, max)? {
+                Cached::Miss(off) => {
+                    self.l2_table(off)?;
+                }
+                Cached::Hit((sub, len, stop)) => {
+                    best = Some((sub, len));
+                    match stop {
+                        Some(off) if len < max => self.l2_table(off).map(|_| ())?,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        best.ok_or(Error::corrupt("qcow2", "L2 cache", guest))
+    }
+
+    /// [`Meta::resolve`] from the L2 cache alone (shared access, so readers need not
+    /// exclude each other): `Miss` names the table to load when the first granule's is
+    /// not cached; a run cut short by an uncached table names it as the third field.
+    pub(crate) fn resolve_cached(
+        &self,
+        guest: u64,
+        max: u64,
+    ) -> Result<Cached<(Sub, u64, Option<u64>)>> {
         let g = self.granule();
-        let first = self.sub_at(guest)?;
-        if first == Sub::Unalloc && self.l2_offset(guest / self.h.l1_coverage())? == 0 {
-            let cov = self.h.l1_coverage();
+        let first = match self.sub_at_cached(guest)? {
+            Cached::Hit(s) => s,
+            Cached::Miss(off) => return Ok(Cached::Miss(off)),
+        };
+        let cov = self.h.l1_coverage();
+        if first == Sub::Unalloc && self.l2_offset(guest / cov)? == 0 {
             let mut len = (cov - guest % cov).min(max);
             while len < max && self.l2_offset((guest + len) / cov)? == 0 {
                 len = len.saturating_add(cov).min(max);
             }
-            return Ok((first, len));
+            return Ok(Cached::Hit((first, len, None)));
         }
         if let Sub::Compressed(..) = first {
-            return Ok((first, (self.cs() - guest % self.cs()).min(max)));
+            return Ok(Cached::Hit((
+                first,
+                (self.cs() - guest % self.cs()).min(max),
+                None,
+            )));
         }
         let mut len = (g - guest % g).min(max);
-        let cov = self.h.l1_coverage();
+        let mut stop = None;
         // Bound the work of one call: callers loop over shorter runs.
         let mut budget = 1u32 << 16;
         while len < max && budget > 0 {
@@ -188,7 +257,13 @@ impl Meta {
                 len = len.saturating_add(cov).min(max);
                 continue;
             }
-            let s = self.sub_at(next)?;
+            let s = match self.sub_at_cached(next)? {
+                Cached::Hit(s) => s,
+                Cached::Miss(off) => {
+                    stop = Some(off);
+                    break;
+                }
+            };
             let delta = next - guest + guest % g;
             let same = match (first, s) {
                 (Sub::Data(a), Sub::Data(b)) | (Sub::ZeroAlloc(a), Sub::ZeroAlloc(b)) => {
@@ -207,14 +282,16 @@ impl Meta {
             Sub::ZeroAlloc(a) => Sub::ZeroAlloc(a + guest % g),
             o => o,
         };
-        Ok((first, len))
+        Ok(Cached::Hit((first, len, stop)))
     }
 
-    /// The kind of the granule holding `guest` (host offsets at the granule start).
-    pub(crate) fn sub_at(&mut self, guest: u64) -> Result<Sub> {
-        let (e, b, l2_off) = self.l2_entry(guest)?;
+    fn sub_at_cached(&self, guest: u64) -> Result<Cached<Sub>> {
+        let (e, b, l2_off) = match self.l2_entry_cached(guest)? {
+            Cached::Hit(v) => v,
+            Cached::Miss(off) => return Ok(Cached::Miss(off)),
+        };
         let sc = u32::try_from((guest % self.cs()) / (self.cs() / 32)).unwrap_or(0);
-        classify(&self.h, e, b, sc, l2_off)
+        classify(&self.h, e, b, sc, l2_off).map(Cached::Hit)
     }
 
     /// Writes the L1 entry `i` through to disk.

@@ -2,6 +2,7 @@
 //! bounded, write-through L2 cache.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{Error, Result};
 
@@ -93,10 +94,14 @@ pub(crate) fn classify(h: &Header, entry: u64, bitmap: u64, sc: u32, l2_off: u64
 
 /// A bounded cache of L2 tables keyed by host offset. Tables holding updates not yet
 /// written (see `Meta::commit_deferred`) are pinned: eviction never writes.
+///
+/// Lookups through a shared reference ([`L2Cache::get`]) record their use with atomics,
+/// so readers holding the metadata lock shared keep the LRU order without excluding
+/// each other.
 #[derive(Debug)]
 pub(crate) struct L2Cache {
-    tables: HashMap<u64, (Vec<u64>, u64)>,
-    tick: u64,
+    tables: HashMap<u64, (Vec<u64>, AtomicU64)>,
+    tick: AtomicU64,
     cap: usize,
     /// Tables with deferred updates (never evicted).
     pub(crate) dirty: HashSet<u64>,
@@ -107,7 +112,7 @@ impl L2Cache {
     pub(crate) fn new(cap: usize) -> Self {
         Self {
             tables: HashMap::new(),
-            tick: 0,
+            tick: AtomicU64::new(0),
             cap: cap.clamp(2, 4096),
             dirty: HashSet::new(),
         }
@@ -119,12 +124,26 @@ impl L2Cache {
         (self.cap / 2).clamp(1, 64)
     }
 
+    fn touch(&self, used: &AtomicU64) {
+        let t = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        used.store(t, Ordering::Relaxed);
+    }
+
+    /// The cached table at `off`, marking it used (shared access).
+    pub(crate) fn get(&self, off: u64) -> Option<&Vec<u64>> {
+        self.tables.get(&off).map(|(v, used)| {
+            self.touch(used);
+            v
+        })
+    }
+
     /// The cached table at `off`, marking it used.
     pub(crate) fn get_mut(&mut self, off: u64) -> Option<&mut Vec<u64>> {
-        self.tick += 1;
-        let t = self.tick;
+        let t = self.tick.get_mut();
+        *t += 1;
+        let t = *t;
         self.tables.get_mut(&off).map(|(v, used)| {
-            *used = t;
+            *used.get_mut() = t;
             v
         })
     }
@@ -136,14 +155,16 @@ impl L2Cache {
                 .tables
                 .iter()
                 .filter(|(k, _)| !self.dirty.contains(k))
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, (_, used))| used.load(Ordering::Relaxed))
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 self.tables.remove(&k);
             }
         }
-        self.tick += 1;
-        self.tables.insert(off, (table, self.tick));
+        let t = self.tick.get_mut();
+        *t += 1;
+        let used = AtomicU64::new(*t);
+        self.tables.insert(off, (table, used));
     }
 }
 

@@ -72,6 +72,23 @@ fn new_cluster(m: &mut Meta, cstart: u64) -> Result<u64> {
     }
 }
 
+/// Whether a partial write into the new host cluster `host` may leave the rest of it
+/// unwritten: the guest cluster reads as zeroes outside the write (a zero cluster, or
+/// unallocated with nothing below), and the host cluster lies at or past the end of the
+/// image file, where the file system guarantees zeroes. Not for data files (the host
+/// range may hold older bytes) nor encryption (zero host bytes are not zero plaintext).
+fn fresh_past_eof(dev: &Qcow2Device, m: &Meta, kind: Sub, host: u64, cstart: u64) -> Result<bool> {
+    let zero_rest = match kind {
+        Sub::Zero | Sub::ZeroAlloc(_) => true,
+        Sub::Unalloc => dev.backing().is_none_or(|b| b.virtual_size() <= cstart),
+        Sub::Data(_) | Sub::Compressed(..) => false,
+    };
+    if !zero_rest || m.data.is_some() || dev.crypt.is_some() {
+        return Ok(false);
+    }
+    Ok(host >= m.file.len()?)
+}
+
 /// The old allocation an L2 entry held, to drop once it is no longer referenced.
 pub(crate) fn old_ref(m: &Meta, sub_entry: u64) -> Option<(u64, u64)> {
     if sub_entry & OFLAG_COMPRESSED != 0 {
@@ -108,16 +125,6 @@ fn write_cluster(
             m.check_overlap(h, cs)?;
             return write_data(crypt, store.as_ref(), data, h + in_off, guest);
         }
-        let full = if data.len() as u64 == cs {
-            data.to_vec()
-        } else {
-            let mut b = vec![0u8; idx(cs)];
-            if !matches!(kind, Sub::Zero | Sub::ZeroAlloc(_)) {
-                dev.read_locked(m, &mut b, cstart)?;
-            }
-            b.put(idx(in_off), data);
-            b
-        };
         let host = match kind {
             Sub::ZeroAlloc(h) if copied => {
                 m.check_overlap(h, cs)?;
@@ -125,7 +132,20 @@ fn write_cluster(
             }
             _ => new_cluster(m, cstart)?,
         };
-        write_data(crypt, store.as_ref(), &full, host, cstart)?;
+        if data.len() as u64 == cs {
+            write_data(crypt, store.as_ref(), data, host, cstart)?;
+        } else if fresh_past_eof(dev, m, kind, host, cstart)? {
+            // The rest of the cluster reads as zeroes, and so does the host file there
+            // (a hole or past its end): only the guest's bytes are written.
+            write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
+        } else {
+            let mut full = vec![0u8; idx(cs)];
+            if !matches!(kind, Sub::Zero | Sub::ZeroAlloc(_)) {
+                dev.read_locked(m, &mut full, cstart)?;
+            }
+            full.put(idx(in_off), data);
+            write_data(crypt, store.as_ref(), &full, host, cstart)?;
+        }
         p.l2.push((l2, i, host | OFLAG_COPIED, 0));
         p.flush = true;
         if !(copied && matches!(kind, Sub::ZeroAlloc(_)))

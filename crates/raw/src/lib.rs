@@ -170,6 +170,11 @@ impl BlockDevice for RawDevice {
         map_via(self, offset, len)
     }
 
+    /// Guest offset = host offset: the layout is the file's.
+    fn fixed_layout(&self) -> bool {
+        true
+    }
+
     /// Guest offset = host offset in the raw storage.
     fn data_storage(&self) -> Option<Arc<dyn Storage>> {
         Some(self.storage.clone())

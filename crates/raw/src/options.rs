@@ -63,6 +63,13 @@ impl RawCreateOptions {
         storage.set_len(0)?;
         storage.preallocate(0, request.size, self.preallocation)?;
         storage.set_len(request.size)?;
+        if self.preallocation != Preallocation::Full && request.size > 0 {
+            // As qemu's file driver: the first block of a new file is written (zeroes,
+            // 4 KiB or one sector for tiny images) so that later alignment probing and
+            // `map` see it allocated.
+            let n = if request.size < 4096 { 512 } else { 4096 };
+            storage.write_all_at(&vec![0u8; n], 0)?;
+        }
         storage.flush()
     }
 }

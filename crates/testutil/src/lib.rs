@@ -10,11 +10,15 @@
 //! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
 //! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
-//! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`.
+//! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`;
+//!   [`hostile`] generates the hostile-image corpus (CVE images, corrupt tables, loops,
+//!   huge tables, FIFOs, symbolic links), truncations and mutants.
 //!
 //! qemu-img and qemu-io are required: tests that need them panic with a clear message
 //! when they are missing (`.ci/run` installs `qemu-utils`), so a missing oracle can never
 //! turn into a silently passing test.
+
+pub mod hostile;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

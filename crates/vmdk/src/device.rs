@@ -202,6 +202,11 @@ impl VmdkDevice {
         }
     }
 
+    /// True when the descriptor is a file of its own (the data lives in extent files).
+    fn separate_descriptor(&self) -> bool {
+        self.desc_loc.as_ref().is_some_and(|l| l.room.is_none())
+    }
+
     /// The stream-optimized extent holding whole grains `offset..offset + len` (the last
     /// one may be the extent's partial last grain) and the number of the first grain.
     fn stream_grains(&self, offset: u64, len: u64) -> Result<(&SparseExtent, u64)> {
@@ -238,8 +243,8 @@ impl VmdkDevice {
 }
 
 /// Plain bytes at `at` of an extent file; bytes past its end read as zeroes.
-fn host_run(storage: &Arc<dyn Storage>, at: u64) -> Mapping<'_> {
-    Mapping::Host(HostRun::new(storage.as_ref(), at).past_eof(PastEof::Zero))
+fn host_run(storage: &Arc<dyn Storage>, at: u64) -> HostRun<'_> {
+    HostRun::new(storage.as_ref(), at).past_eof(PastEof::Zero)
 }
 
 /// Each extent answers for its range: ZERO extents read as zeroes, flat extents are host
@@ -257,11 +262,13 @@ impl Layout for VmdkDevice {
         let n = max.min(ext.len - in_ext);
         match &ext.data {
             ExtentData::Zero => Ok((Mapping::Zero { host: None }, n)),
+            // As qemu (which recurses into the file), holes of a flat extent file map as
+            // zeroes.
             ExtentData::Flat { storage, offset } => {
                 let at = offset
                     .checked_add(in_ext)
                     .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
-                Ok((host_run(storage, at), n))
+                Ok((Mapping::Host(host_run(storage, at).holes(true)), n))
             }
             ExtentData::Sparse(s) => {
                 let gb = s.grain_bytes();
@@ -269,7 +276,9 @@ impl Layout for VmdkDevice {
                 let m = match s.lookup(in_ext / gb)? {
                     Grain::Unallocated => Mapping::Unallocated,
                     Grain::Zero => Mapping::Zero { host: None },
-                    Grain::Data(h) => host_run(&s.storage, h.saturating_add(in_grain)),
+                    Grain::Data(h) => {
+                        Mapping::Host(host_run(&s.storage, h.saturating_add(in_grain)))
+                    }
                     Grain::Compressed(h) => Mapping::Special {
                         kind: ExtentKind::Compressed,
                         token: h,
@@ -288,8 +297,12 @@ impl Layout for VmdkDevice {
                 "vmdk: compressed run outside a sparse extent",
             ));
         };
+        let in_grain = (offset - ext.start) % s.grain_bytes();
+        if in_grain == 0 && buf.len() as u64 == s.grain_bytes() {
+            return s.read_compressed_into(token, buf);
+        }
         let g = s.read_compressed(token)?;
-        let i = usize::try_from((offset - ext.start) % s.grain_bytes()).unwrap_or(usize::MAX);
+        let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
         let src = g
             .get(i..i.saturating_add(buf.len()))
             .ok_or_else(|| Error::corrupt("vmdk", "short grain", token))?;
@@ -433,6 +446,33 @@ impl BlockDevice for VmdkDevice {
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
         map_via(self, offset, len)
+    }
+
+    /// The extent files of an image with a separate descriptor (a monolithic file holds
+    /// its own data).
+    fn host_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        if self.separate_descriptor() {
+            for e in &self.extents {
+                if !matches!(e.data, ExtentData::Zero) && !names.contains(&e.file) {
+                    names.push(e.file.clone());
+                }
+            }
+        }
+        names
+    }
+
+    fn map_file(&self, offset: u64) -> usize {
+        if !self.separate_descriptor() {
+            return 0;
+        }
+        let Ok(ext) = self.find(offset) else {
+            return 0;
+        };
+        self.host_files()
+            .iter()
+            .position(|f| *f == ext.file)
+            .map_or(0, |i| i + 1)
     }
 
     fn compressed_write_granularity(&self) -> Option<u64> {

@@ -340,33 +340,71 @@ impl SparseExtent {
 
     /// Inflates the compressed grain at `host` into a full grain buffer.
     pub(crate) fn read_compressed(&self, host: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; usize::try_from(self.grain_bytes()).unwrap_or(0)];
+        self.read_compressed_into(host, &mut out)?;
+        Ok(out)
+    }
+
+    /// Inflates the compressed grain at `host` into `out` (one grain).
+    ///
+    /// A record is read with one call in the usual case: its marker and a stream no
+    /// longer than the grain (the rest, if the stream is longer, with a second one). The
+    /// file's length is only asked for when the record reaches past its end.
+    pub(crate) fn read_compressed_into(&self, host: u64, out: &mut [u8]) -> Result<()> {
         let grain = self.grain_bytes();
-        let file_len = self.storage.len()?;
-        let want = (grain + MARKER_LEN) * 2;
-        let n = want.min(file_len.saturating_sub(host));
-        let mut raw = vec![0u8; usize::try_from(n).unwrap_or(0)];
-        self.storage.read_exact_at(&mut raw, host)?;
+        // Without markers the stream's length is unknown: read what qemu reads.
+        let first = match self.markers {
+            true => (grain + MARKER_LEN).div_ceil(SECTOR) * SECTOR,
+            false => (grain + MARKER_LEN) * 2,
+        };
+        let mut raw = vec![0u8; usize::try_from(first).unwrap_or(0)];
+        self.read_upto(&mut raw, host)?;
         let data = if self.markers {
             let size = raw
                 .le_u32(8)
                 .ok_or_else(|| corrupt("compressed grain marker truncated", host))?;
             let size = usize::try_from(size).unwrap_or(usize::MAX);
-            if size == 0 || size > raw.len().saturating_sub(12) {
+            // qemu's bound on a record: twice the grain.
+            let max = usize::try_from(grain.saturating_mul(2)).unwrap_or(usize::MAX);
+            if size == 0 || size > max {
                 return Err(corrupt("compressed grain size invalid", host));
+            }
+            if 12 + size > raw.len() {
+                let mut rest = vec![0u8; 12 + size - raw.len()];
+                self.read_upto(&mut rest, host + raw.len() as u64)?;
+                raw.extend_from_slice(&rest);
+                if raw.len() < 12 + size {
+                    return Err(corrupt("compressed grain size invalid", host));
+                }
             }
             raw.get(12..12 + size).unwrap_or(&[])
         } else {
             raw.as_slice()
         };
-        let mut out = vec![0u8; usize::try_from(grain).unwrap_or(0)];
         let mut d = flate2::Decompress::new(true);
-        match d.decompress(data, &mut out, flate2::FlushDecompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => Ok(out),
+        match d.decompress(data, out, flate2::FlushDecompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => {
+                // A short stream (qemu's partial last grain) reads as zeroes after it.
+                let n = usize::try_from(d.total_out()).unwrap_or(0);
+                out.get_mut(n..).unwrap_or_default().fill(0);
+                Ok(())
+            }
             _ => Err(corrupt(
                 "compressed grain does not inflate to one grain",
                 host,
             )),
         }
+    }
+
+    /// Reads `buf` at `off`, shortened to what the file holds (the vector shrinks).
+    fn read_upto(&self, buf: &mut Vec<u8>, off: u64) -> Result<()> {
+        if self.storage.read_exact_at(buf, off).is_ok() {
+            return Ok(());
+        }
+        let len = self.storage.len()?;
+        let n = usize::try_from(len.saturating_sub(off)).unwrap_or(usize::MAX);
+        buf.truncate(n);
+        self.storage.read_exact_at(buf, off)
     }
 
     /// Writes the grain table entry `gte` for `grain` into the primary and redundant
@@ -455,7 +493,8 @@ impl SparseExtent {
     /// Deflates a whole grain into its on-disk record: marker (`lba`, `size`), zlib
     /// stream, padding to a sector.
     fn compress_record(&self, grain: u64, buf: &[u8]) -> Result<Vec<u8>> {
-        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        let level = flate2::Compression::new(stream::DEFLATE_LEVEL);
+        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), level);
         enc.write_all(buf).map_err(|e| Error::io("deflate", e))?;
         let z = enc.finish().map_err(|e| Error::io("deflate", e))?;
         let mut rec = Vec::new();

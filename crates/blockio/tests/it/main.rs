@@ -7,3 +7,4 @@
 //! Integration tests for diskimg-blockio.
 
 mod copy;
+mod map_files;

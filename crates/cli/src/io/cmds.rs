@@ -130,6 +130,9 @@ pub(super) fn run(s: &mut Session, line: &str) -> i32 {
         s.out.error("Block node is read-only");
         return -1;
     }
+    if let Some(b) = s.blk.as_ref().filter(|_| c.write) {
+        b.written.set(true);
+    }
     (c.func)(s, first, args)
 }
 

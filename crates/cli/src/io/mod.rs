@@ -45,6 +45,8 @@ pub(crate) struct Blk {
     read_only: bool,
     /// Every write is followed by a flush (cache mode `writethrough`, qemu-io's default).
     writethrough: bool,
+    /// A command asked to write since the open (qemu flushes at close only then).
+    written: std::cell::Cell<bool>,
     /// How it was opened (for `reopen`).
     spec: open::Spec,
 }

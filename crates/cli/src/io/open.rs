@@ -139,20 +139,23 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
     let flags = &spec.flags;
     let read_only = flags.read_only || r.read_only == Some(true);
     let cor = flags.copy_on_read || r.copy_on_read;
-    if cor && read_only {
+    if flags.copy_on_read && read_only {
         return Err("Can't use copy-on-read on read-only device".into());
+    }
+    if r.copy_on_read && read_only {
+        // The copy-on-read filter node needs write permission on its child.
+        return Err("Block node is read-only".into());
     }
     if flags.force_share && !read_only {
         return Err("force-share=on can only be used with read-only images".into());
     }
     let mut opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
-        .with_backing(r.open_backing)
         .with_secrets(crate::secrets::secrets());
-    opts.driver_options = r.driver_options;
     // With -s the image itself is only read; writes go to the overlay.
     opts.read_only = read_only || flags.snapshot;
-    let img = diskimg::open(&r.path, r.format, &opts).map_err(|e| crate::message(&e.into()))?;
+    let arg = spec.name.as_deref().unwrap_or(&r.path);
+    let img = crate::imgspec::open(&r, arg, opts.clone()).map_err(|e| crate::message(&e))?;
     crate::common::report_open_repairs(&img);
     if !opts.read_only {
         crate::common::warn_probed_raw(&r.path, r.format, &img);
@@ -169,6 +172,7 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         dev,
         read_only,
         writethrough: flags.writethrough,
+        written: std::cell::Cell::new(false),
         spec: spec.clone(),
     })
 }
@@ -187,7 +191,11 @@ fn close_blk(s: &mut Session, b: &Blk) {
     } else {
         b.dev.close().and_then(|()| b.img.close())
     };
-    if let Err(e) = res {
+    // qemu flushes at close only what was written since the last flush: an image that
+    // was only read closes quietly (a character device cannot be flushed at all).
+    if let Err(e) = res
+        && b.written.get()
+    {
         s.out.error(&crate::message(&e.into()));
     }
 }

@@ -62,7 +62,12 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
             continue;
         }
         let Some(fd) = fd else { continue };
-        if line.contains(&format!("fdatasync({fd})")) || line.contains(&format!("fsync({fd})")) {
+        // With several threads strace may split a call: `fdatasync(4 <unfinished ...>`.
+        let call = |name: &str| {
+            line.contains(&format!(" {name}({fd})"))
+                || line.contains(&format!(" {name}({fd} <unfinished"))
+        };
+        if call("fdatasync") || call("fsync") {
             t.flushes += 1;
         }
         if line.contains(&format!("fadvise64({fd},")) {

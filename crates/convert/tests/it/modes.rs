@@ -436,3 +436,67 @@ fn workers_compress_and_the_writer_stores_in_order() {
         assert_eq!(on.contains(&me), workers == 1, "{workers}");
     }
 }
+
+/// A storage that records which threads wrote to it.
+#[derive(Debug, Default)]
+struct ThreadLog {
+    mem: MemStorage,
+    writers: Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl Storage for ThreadLog {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.mem.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writers
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        self.mem.write_all_at(buf, offset)
+    }
+    fn len(&self) -> Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.mem.set_len(len)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn raw_targets_are_written_by_the_workers() {
+    // A raw image's layout does not depend on the order of writes: the workers write it
+    // themselves (several writes in flight) even without -W; other targets stay in order
+    // (`ordered_parallel_writes_stay_in_order`).
+    let src = raw((0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect());
+    let log = Arc::new(ThreadLog::default());
+    log.set_len(1 << 20).unwrap();
+    let dst = RawDevice::new(log.clone(), false).unwrap();
+    assert!(dst.fixed_layout());
+    let opts = ConvertOptions {
+        workers: 4,
+        chunk_size: 4096,
+        ..ConvertOptions::default()
+    };
+    convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(read(&dst), read(src.as_ref()));
+    let writers = log.writers.lock().unwrap().clone();
+    assert_eq!(writers.len(), 256);
+    let me = std::thread::current().id();
+    assert!(writers.iter().all(|t| *t != me), "the calling thread wrote");
+    // One worker: the calling thread copies.
+    let log1 = Arc::new(ThreadLog::default());
+    log1.set_len(1 << 20).unwrap();
+    let dst1 = RawDevice::new(log1.clone(), false).unwrap();
+    let opts1 = ConvertOptions {
+        workers: 1,
+        chunk_size: 4096,
+        ..ConvertOptions::default()
+    };
+    convert(src.as_ref(), &dst1, &opts1, &mut |_, _| {}).unwrap();
+    assert!(log1.writers.lock().unwrap().iter().all(|t| *t == me));
+    assert!(ConvertOptions::default().workers >= 1);
+}

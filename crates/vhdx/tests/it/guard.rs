@@ -210,17 +210,23 @@ fn log_entries_aimed_at_headers_or_the_log_are_refused() {
     assert!(buf.iter().all(|&x| x == 0x5a));
 }
 
-#[test]
-fn differencing_writes_keep_every_locator_byte() {
-    let dir = tempdir();
-    let base = dir.path().join("base.vhdx");
+/// An 8 MiB `base.vhdx` and its differencing `child.vhdx` (1 MiB blocks), made by us.
+fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.vhdx");
     create(&base, 8 * MIB, "block_size=1M");
-    let child = dir.path().join("child.vhdx");
+    let child = dir.join("child.vhdx");
     create(
         &child,
         8 * MIB,
         "backing_file=base.vhdx,backing_fmt=vhdx,block_size=1M",
     );
+    (base, child)
+}
+
+#[test]
+fn differencing_writes_keep_every_locator_byte() {
+    let dir = tempdir();
+    let (base, child) = chain(dir.path());
     let before = std::fs::read(&child).unwrap();
     let (meta, len) = region(&before, METADATA_GUID);
     let dev = open(&child, false);
@@ -254,14 +260,7 @@ fn differencing_writes_keep_every_locator_byte() {
 #[test]
 fn sector_bitmap_blocks_are_metadata() {
     let dir = tempdir();
-    let base = dir.path().join("base.vhdx");
-    create(&base, 8 * MIB, "block_size=1M");
-    let child = dir.path().join("child.vhdx");
-    create(
-        &child,
-        8 * MIB,
-        "backing_file=base.vhdx,backing_fmt=vhdx,block_size=1M",
-    );
+    let (_, child) = chain(dir.path());
     let dev = open(&child, false);
     dev.write_at(&[1; 512], 0).unwrap();
     dev.flush().unwrap();

@@ -10,8 +10,8 @@ use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes128, Aes192, Aes256};
 use diskimg_blockio::{Error, Result};
 
-use super::hash::HashAlg;
-use super::xts::Xts;
+use crate::hash::HashAlg;
+use crate::xts::Xts;
 
 /// The sector size the qcow2 crypto layers use.
 pub const SECTOR: usize = 512;
@@ -91,7 +91,7 @@ impl Mode {
             "xts" => Ok(Mode::Xts),
             "cbc" => Ok(Mode::Cbc),
             "ecb" => Ok(Mode::Ecb),
-            _ => Err(Error::unsupported("qcow2", format!("cipher mode '{s}'"))),
+            _ => Err(Error::unsupported("luks", format!("cipher mode '{s}'"))),
         }
     }
 }
@@ -157,7 +157,7 @@ impl SectorCipher {
             Mode::Xts => {
                 if !matches!(ivgen, IvGen::Plain | IvGen::Plain64) {
                     return Err(Error::unsupported(
-                        "qcow2",
+                        "luks",
                         "XTS needs a plain or plain64 IV",
                     ));
                 }

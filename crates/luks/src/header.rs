@@ -1,4 +1,4 @@
-//! LUKS1 headers (the qcow2 `encrypt.format=luks` payload header; LUKS On-Disk Format
+//! LUKS1 headers (the standalone `luks` format and qcow2's `encrypt.format=luks`; LUKS On-Disk Format
 //! Specification 1.2.3, section 2).
 //!
 //! [`LuksHeader::parse`] reads the 592-byte phdr; [`LuksHeader::unlock`] derives a key-slot
@@ -9,9 +9,9 @@ use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Result};
 use zeroize::Zeroizing;
 
-use super::af;
-use super::cipher::{IvGen, Mode, SECTOR, SectorCipher};
-use super::hash::{HashAlg, random_bytes};
+use crate::af;
+use crate::cipher::{IvGen, Mode, SECTOR, SectorCipher};
+use crate::hash::{HashAlg, random_bytes};
 
 /// `LUKS\xba\xbe` (spec 2.4 `magic`).
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -75,7 +75,7 @@ fn cstr(b: &[u8]) -> String {
 }
 
 fn corrupt(what: &'static str, off: usize) -> Error {
-    Error::corrupt("qcow2", what, off as u64)
+    Error::corrupt("luks", what, off as u64)
 }
 
 /// Splits a LUKS cipher mode (`xts-plain64`, `cbc-essiv:sha256`, `ecb`) into mode and IV.
@@ -89,7 +89,7 @@ pub fn parse_mode(s: &str) -> Result<(Mode, IvGen)> {
         e if e.starts_with("essiv:") => IvGen::Essiv(HashAlg::parse(&e[6..])?),
         other => {
             return Err(Error::unsupported(
-                "qcow2",
+                "luks",
                 format!("LUKS IV generator '{other}'"),
             ));
         }
@@ -104,7 +104,7 @@ impl LuksHeader {
             return Err(corrupt("LUKS header magic missing", 0));
         }
         if b.be_u16(6) != Some(1) {
-            return Err(Error::unsupported("qcow2", "LUKS versions other than 1"));
+            return Err(Error::unsupported("luks", "LUKS versions other than 1"));
         }
         let field = |off: usize, len: usize| {
             b.get(off..off + len)
@@ -161,7 +161,7 @@ impl LuksHeader {
         }
         if cipher_name != "aes" {
             return Err(Error::unsupported(
-                "qcow2",
+                "luks",
                 format!("LUKS cipher '{cipher_name}'"),
             ));
         }

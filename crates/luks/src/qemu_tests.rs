@@ -8,7 +8,7 @@ use diskimg_testutil::{qemu_img_ok, tempdir};
 use std::path::Path;
 use std::process::Command;
 
-use super::{LuksHeader, legacy_aes};
+use crate::{LuksHeader, legacy_aes};
 
 const SECRET: &str = "diskimg-secret";
 

@@ -22,7 +22,7 @@ impl HashAlg {
             "sha1" => Ok(HashAlg::Sha1),
             "sha256" => Ok(HashAlg::Sha256),
             "sha512" => Ok(HashAlg::Sha512),
-            _ => Err(Error::unsupported("qcow2", format!("hash algorithm '{s}'"))),
+            _ => Err(Error::unsupported("luks", format!("hash algorithm '{s}'"))),
         }
     }
 

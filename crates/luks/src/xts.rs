@@ -7,7 +7,7 @@
 //! tweak is the previous one multiplied by α in GF(2¹²⁸)), so a sector is done as: tweak
 //! = E(K2, IV); mask every block with its tweak; encrypt or decrypt all 32 blocks in one
 //! call; mask again. Sectors are always whole multiples of the block size here, so the
-//! ciphertext stealing of the standard never applies. `cargo bench -p diskimg-qcow2
+//! ciphertext stealing of the standard never applies. `cargo bench -p diskimg-luks
 //! --bench cipher` compares this with `xts-mode` (docs/benchmarks.md); the tests check
 //! both give identical bytes.
 
@@ -15,7 +15,7 @@ use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, BlockSizeUser};
 
-use super::cipher::SECTOR;
+use crate::cipher::SECTOR;
 
 /// One AES block.
 type Block = GenericArray<u8, U16>;

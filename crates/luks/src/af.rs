@@ -6,7 +6,7 @@
 
 use diskimg_blockio::{Error, Result};
 
-use super::hash::HashAlg;
+use crate::hash::HashAlg;
 
 /// The diffusion function H: each digest-sized piece `j` of `block` becomes
 /// `hash(be32(j) || piece)` truncated to the piece's length.
@@ -27,7 +27,7 @@ pub fn merge(hash: HashAlg, material: &[u8], key_len: usize, stripes: u32) -> Re
         .checked_mul(stripes)
         .ok_or(Error::invalid("key material size overflow"))?;
     if stripes == 0 || key_len == 0 || material.len() < need {
-        return Err(Error::corrupt("qcow2", "LUKS key material too short", 0));
+        return Err(Error::corrupt("luks", "LUKS key material too short", 0));
     }
     let mut d = vec![0u8; key_len];
     let mut blocks = material.chunks_exact(key_len).take(stripes);

@@ -1,5 +1,5 @@
 //! Sector cipher throughput: diskimg's batched XTS/CBC against the `xts-mode` crate
-//! (`cargo bench -p diskimg-qcow2 --bench cipher`). Figures in docs/benchmarks.md.
+//! (`cargo bench -p diskimg-luks --bench cipher`). Figures in docs/benchmarks.md.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -10,7 +10,7 @@
 use aes::Aes256;
 use aes::cipher::KeyInit;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use diskimg_qcow2::crypto::{HashAlg, IvGen, Mode, SectorCipher};
+use diskimg_luks::{HashAlg, IvGen, Mode, SectorCipher};
 
 const LEN: usize = 1 << 20;
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The engine benchmark (issue 17): diskimg vs imago 0.2.6 vs `qemu-img bench` on the same
+# qcow2 images, one table. See benches/engine/engine.rs for the patterns and knobs
+# (BENCH_SIZE_MIB, BENCH_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_DIR).
+#
+# Usage: benches/engine.sh
+# The package lives outside the workspace (imago is built only here); it shares the
+# workspace's target directory so diskimg's dependencies are built once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+export BENCH_DIR=${BENCH_DIR:-$PWD/target/engine-bench}
+echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) load$(uptime | sed 's/.*load average//')"
+cargo bench -q --manifest-path benches/engine/Cargo.toml --bench engine

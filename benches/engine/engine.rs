@@ -1,0 +1,386 @@
+//! The engine benchmark (issue 17): diskimg, imago 0.2.6 (`sync` feature) and
+//! `qemu-img bench` on the same qcow2 images, in one process, printing one table.
+//!
+//! Run it with `benches/engine.sh` (which sets the knobs below and builds in release).
+//! Environment:
+//! - `BENCH_DIR` — where the images go (default `target/engine-bench`);
+//! - `BENCH_SIZE_MIB` — virtual size of the images (default 512);
+//! - `BENCH_READS` — 4 KiB reads per measurement (default 200000);
+//! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
+//! - `BENCH_ONLY` — comma-separated row names to run (default all);
+//! - `BENCH_ENGINES` — comma-separated engine names (`diskimg`, `imago`; default both).
+//!
+//! Patterns (the same for every engine):
+//! - `seq-read-1m`: the whole image in 1 MiB reads;
+//! - `read-4k-stride`: qemu-img bench's pattern with a step of 7919 blocks (offset +=
+//!   step, modulo size - 4 KiB): scattered 4 KiB reads of allocated data;
+//! - `read-4k-rand[-2t]`: xorshift-random 4 KiB reads, on one and two threads sharing one
+//!   opened image (each thread does half of the reads);
+//! - `alloc-4k-stride`: into a fresh image, one 4 KiB write at the start of every 64 KiB
+//!   cluster in order (qemu-img bench -w -S 65536), a flush every 256 writes;
+//! - `alloc-4k-rand`: the same clusters in random order, at a random 4 KiB inside each.
+//!
+//! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod engines;
+
+use engines::{Engine, open_engine};
+
+const BLOCK: u64 = 4096;
+const CLUSTER: u64 = 65536;
+const STRIDE_BLOCKS: u64 = 7919;
+const FLUSH_EVERY: usize = 256;
+
+/// Benchmark settings from the environment.
+struct Cfg {
+    dir: PathBuf,
+    size: u64,
+    reads: usize,
+    rounds: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Cfg {
+    fn from_env() -> Self {
+        let num = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let dir = std::env::var_os("BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target/engine-bench"));
+        Self {
+            dir,
+            size: num("BENCH_SIZE_MIB", 512) << 20,
+            reads: usize::try_from(num("BENCH_READS", 200_000)).unwrap_or(200_000),
+            rounds: usize::try_from(num("BENCH_ROUNDS", 3)).unwrap_or(3).max(1),
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .map(|s| s.split(',').map(str::to_string).collect()),
+        }
+    }
+
+    fn wants(&self, row: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| row.starts_with(x.as_str())))
+    }
+
+    fn clusters(&self) -> u64 {
+        self.size / CLUSTER
+    }
+}
+
+/// qemu-img bench's offsets: start at 0, add `step`, wrap modulo `size - bufsize`.
+fn stride_offsets(size: u64, step: u64, count: usize) -> Vec<u64> {
+    let modulo = size - BLOCK;
+    let mut off = 0u64;
+    (0..count)
+        .map(|_| {
+            let o = off;
+            off = (off + step) % modulo;
+            o
+        })
+        .collect()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn random_offsets(size: u64, count: usize, seed: u64) -> Vec<u64> {
+    let mut r = Rng(seed | 1);
+    (0..count).map(|_| r.next() % (size / BLOCK) * BLOCK).collect()
+}
+
+/// Every cluster once, in random order, at a random 4 KiB block inside it.
+fn random_cluster_offsets(clusters: u64, seed: u64) -> Vec<u64> {
+    let mut r = Rng(seed | 1);
+    let mut v: Vec<u64> = (0..clusters).collect();
+    for i in (1..v.len()).rev() {
+        let j = usize::try_from(r.next() % (i as u64 + 1)).unwrap_or(0);
+        v.swap(i, j);
+    }
+    v.into_iter()
+        .map(|c| c * CLUSTER + r.next() % (CLUSTER / BLOCK) * BLOCK)
+        .collect()
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fully allocated qcow2 image of random data (made once, by qemu-img convert).
+fn data_image(cfg: &Cfg) -> PathBuf {
+    let img = cfg.dir.join(format!("data-{}m.qcow2", cfg.size >> 20));
+    if img.exists() {
+        return img;
+    }
+    let raw = cfg.dir.join("data.raw");
+    sh(Command::new("dd")
+        .arg("if=/dev/urandom")
+        .arg(format!("of={}", raw.display()))
+        .arg("bs=1M")
+        .arg(format!("count={}", cfg.size >> 20))
+        .arg("status=none"));
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img));
+    let _ = std::fs::remove_file(raw);
+    img
+}
+
+fn fresh_image(cfg: &Cfg) -> PathBuf {
+    let img = cfg.dir.join("fresh.qcow2");
+    let _ = std::fs::remove_file(&img);
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg(cfg.size.to_string()));
+    img
+}
+
+/// Reads `offs` (each `len` bytes) on `threads` threads sharing `e`.
+fn run_reads(e: &Arc<dyn Engine>, offs: &[u64], len: usize, threads: usize) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in offs.chunks(offs.len().div_ceil(threads)) {
+            let e = e.clone();
+            s.spawn(move || {
+                let mut buf = vec![0u8; len];
+                for &o in part {
+                    e.read(&mut buf, o);
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+fn run_writes(e: &dyn Engine, offs: &[u64]) -> Duration {
+    let buf = vec![0x5au8; BLOCK as usize];
+    let t = Instant::now();
+    for (i, &o) in offs.iter().enumerate() {
+        e.write(&buf, o);
+        if (i + 1) % FLUSH_EVERY == 0 {
+            e.flush();
+        }
+    }
+    e.flush();
+    t.elapsed()
+}
+
+/// `qemu-img bench` with `args`; the time it reports.
+fn qemu_bench(img: &Path, args: &[&str]) -> Duration {
+    let out = sh(Command::new("qemu-img")
+        .args(["bench", "-f", "qcow2"])
+        .args(args)
+        .arg(img));
+    let secs = out
+        .split("completed in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {out}"));
+    Duration::from_secs_f64(secs)
+}
+
+/// One table row: the best of `rounds` timings of `ops` operations.
+struct Row {
+    name: String,
+    engine: String,
+    ops: usize,
+    bytes: u64,
+    best: Duration,
+    note: String,
+}
+
+fn print_row(r: &Row) {
+    let s = r.best.as_secs_f64();
+    println!(
+        "{:<18} {:<24} {:>10.0} {:>9.1} {:>8.3}  {}",
+        r.name,
+        r.engine,
+        r.ops as f64 / s,
+        r.bytes as f64 / s / f64::from(1 << 20),
+        s,
+        r.note
+    );
+}
+
+fn allocated_mib(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p)
+        .map(|m| format!("{} MiB on disk", m.blocks() * 512 >> 20))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let cfg = Cfg::from_env();
+    std::fs::create_dir_all(&cfg.dir).expect("bench dir");
+    println!(
+        "{:<18} {:<24} {:>10} {:>9} {:>8}  note",
+        "pattern", "engine", "ops/s", "MiB/s", "secs"
+    );
+    let engines = engines::names();
+    let data = data_image(&cfg);
+    let n = cfg.reads;
+    let seq: Vec<u64> = (0..cfg.size >> 20).map(|i| i << 20).collect();
+    let stride = stride_offsets(cfg.size, STRIDE_BLOCKS * BLOCK, n);
+    let rand = random_offsets(cfg.size, n, 0x9e37_79b9_7f4a_7c15);
+    type ReadCase<'a> = (&'a str, &'a [u64], usize, usize);
+    let reads: [ReadCase; 4] = [
+        ("seq-read-1m", &seq, 1 << 20, 1),
+        ("read-4k-stride", &stride, BLOCK as usize, 1),
+        ("read-4k-rand", &rand, BLOCK as usize, 1),
+        ("read-4k-rand-2t", &rand, BLOCK as usize, 2),
+    ];
+    for (name, offs, len, threads) in reads {
+        if !cfg.wants(name) {
+            continue;
+        }
+        for &eng in &engines {
+            let e = open_engine(eng, &data, false);
+            let best = (0..cfg.rounds)
+                .map(|_| run_reads(&e, offs, len, threads))
+                .min()
+                .unwrap_or_default();
+            print_row(&Row {
+                name: name.into(),
+                engine: eng.into(),
+                ops: offs.len(),
+                bytes: offs.len() as u64 * len as u64,
+                best,
+                note: String::new(),
+            });
+        }
+    }
+    qemu_reads(&cfg, &data);
+    let strided: Vec<u64> = (0..cfg.clusters()).map(|c| c * CLUSTER).collect();
+    let shuffled = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
+    for (name, offs) in [("alloc-4k-stride", &strided), ("alloc-4k-rand", &shuffled)] {
+        if !cfg.wants(name) {
+            continue;
+        }
+        for &eng in &engines {
+            let mut best = Duration::MAX;
+            let mut note = String::new();
+            for _ in 0..cfg.rounds {
+                let img = fresh_image(&cfg);
+                let e = open_engine(eng, &img, true);
+                best = best.min(run_writes(e.as_ref(), offs));
+                drop(e);
+                note = allocated_mib(&img);
+            }
+            print_row(&Row {
+                name: name.into(),
+                engine: eng.into(),
+                ops: offs.len(),
+                bytes: offs.len() as u64 * BLOCK,
+                best,
+                note,
+            });
+        }
+    }
+    qemu_writes(&cfg);
+}
+
+fn qemu_reads(cfg: &Cfg, data: &Path) {
+    let n = cfg.reads.to_string();
+    let step = (STRIDE_BLOCKS * BLOCK).to_string();
+    let mib = (cfg.size >> 20).to_string();
+    let cases: [(&str, &str, Vec<&str>, usize, u64); 3] = [
+        (
+            "seq-read-1m",
+            "qemu-img bench -d 1",
+            vec!["-c", &mib, "-d", "1", "-s", "1M", "-S", "1M"],
+            usize::try_from(cfg.size >> 20).unwrap_or(0),
+            1 << 20,
+        ),
+        (
+            "read-4k-stride",
+            "qemu-img bench -d 1",
+            vec!["-c", &n, "-d", "1", "-s", "4K", "-S", &step],
+            cfg.reads,
+            BLOCK,
+        ),
+        (
+            "read-4k-stride",
+            "qemu-img -d 16 -t none",
+            vec!["-c", &n, "-d", "16", "-t", "none", "-s", "4K", "-S", &step],
+            cfg.reads,
+            BLOCK,
+        ),
+    ];
+    for (name, engine, args, ops, len) in cases {
+        if !cfg.wants(name) {
+            continue;
+        }
+        let best = (0..cfg.rounds)
+            .map(|_| qemu_bench(data, &args))
+            .min()
+            .unwrap_or_default();
+        print_row(&Row {
+            name: name.into(),
+            engine: engine.into(),
+            ops,
+            bytes: ops as u64 * len,
+            best,
+            note: String::new(),
+        });
+    }
+}
+
+fn qemu_writes(cfg: &Cfg) {
+    if !cfg.wants("alloc-4k-stride") {
+        return;
+    }
+    let count = cfg.clusters().to_string();
+    let args = [
+        "-w",
+        "-c",
+        &count,
+        "-d",
+        "1",
+        "-s",
+        "4K",
+        "-S",
+        "64K",
+        "--flush-interval=256",
+    ];
+    let mut best = Duration::MAX;
+    let mut note = String::new();
+    for _ in 0..cfg.rounds {
+        let img = fresh_image(cfg);
+        best = best.min(qemu_bench(&img, &args));
+        note = allocated_mib(&img);
+    }
+    print_row(&Row {
+        name: "alloc-4k-stride".into(),
+        engine: "qemu-img bench -w -d 1".into(),
+        ops: usize::try_from(cfg.clusters()).unwrap_or(0),
+        bytes: cfg.clusters() * BLOCK,
+        best,
+        note,
+    });
+}

@@ -1,0 +1,77 @@
+//! The engines the benchmark compares, behind one small trait.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use diskimg::blockio::BlockDevice;
+use diskimg::{Format, ImageOptions};
+use imago::file::File;
+use imago::qcow2::Qcow2;
+use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate};
+
+/// One opened image, shared by the benchmark's threads. Errors abort the benchmark.
+pub trait Engine: Send + Sync {
+    fn read(&self, buf: &mut [u8], off: u64);
+    fn write(&self, buf: &[u8], off: u64);
+    fn flush(&self);
+}
+
+/// The engines, in the order rows are printed.
+/// `BENCH_ENGINES` (comma-separated prefixes) selects some of them.
+pub fn names() -> Vec<&'static str> {
+    let all = ["diskimg", "imago 0.2.6"];
+    let want = std::env::var("BENCH_ENGINES").unwrap_or_default();
+    all.into_iter()
+        .filter(|n| want.is_empty() || want.split(',').any(|w| n.starts_with(w)))
+        .collect()
+}
+
+/// Opens `path` (qcow2) with engine `name`.
+pub fn open_engine(name: &str, path: &Path, write: bool) -> Arc<dyn Engine> {
+    match name {
+        "diskimg" => {
+            let img = diskimg::open(path, Some(Format::Qcow2), &ImageOptions::read_only(!write))
+                .expect("diskimg open");
+            Arc::new(Diskimg(img.device))
+        }
+        "imago 0.2.6" => {
+            let q = Qcow2::<File>::builder_path(path)
+                .write(write)
+                .open(PermissiveImplicitOpenGate::default())
+                .expect("imago open");
+            Arc::new(Imago(FormatAccess::new(q)))
+        }
+        other => panic!("unknown engine {other}"),
+    }
+}
+
+struct Diskimg(Arc<dyn BlockDevice>);
+
+impl Engine for Diskimg {
+    fn read(&self, buf: &mut [u8], off: u64) {
+        self.0.read_at(buf, off).expect("diskimg read");
+    }
+    fn write(&self, buf: &[u8], off: u64) {
+        self.0.write_at(buf, off).expect("diskimg write");
+    }
+    fn flush(&self) {
+        self.0.flush().expect("diskimg flush");
+    }
+}
+
+struct Imago(FormatAccess<File>);
+
+impl Engine for Imago {
+    fn read(&self, buf: &mut [u8], off: u64) {
+        self.0.read(buf, off).expect("imago read");
+    }
+    fn write(&self, buf: &[u8], off: u64) {
+        self.0.write(buf, off).expect("imago write");
+    }
+    /// imago's `flush` writes its caches to the storage; `sync` makes them durable
+    /// (fdatasync). A guest flush needs both, as `BlockDevice::flush` does.
+    fn flush(&self) {
+        self.0.flush().expect("imago flush");
+        self.0.sync().expect("imago sync");
+    }
+}
