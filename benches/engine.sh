@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine benchmark (issue 17): diskimg vs imago 0.2.6 vs `qemu-img bench` on the same
 # qcow2 images, one table. See benches/engine/engine.rs for the patterns and knobs
-# (BENCH_SIZE_MIB, BENCH_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_DIR).
+# (BENCH_SIZE_MIB, BENCH_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_ENGINES, BENCH_DIR).
+# The images (about 1 GiB at the default size) stay in BENCH_DIR; delete it afterwards.
 #
 # Usage: benches/engine.sh
 # The package lives outside the workspace (imago is built only here); it shares the

@@ -214,15 +214,14 @@ if [ $QUICK = 1 ] && [ ${#ARGS[@]} -gt 0 ]; then
         mv "$WORK/pairs.tmp" "$WORK/pairs.tsv"
 fi
 [ -s "$WORK/pairs.tsv" ] || die "no tests selected"
-make_bins
 
 if [ -z "${DISKIMG:-}" ]; then
     log "building target/release/diskimg"
     ( cd "$ROOT" && cargo build --release -q -p diskimg-cli ) || die "cargo build failed"
     DISKIMG=$ROOT/target/release/diskimg
-    make_bins
 fi
 [ -x "$DISKIMG" ] || die "no diskimg binary at $DISKIMG"
+make_bins
 
 BASE=$DATA/qemu-baseline.tsv
 if [ $BASELINE = 1 ]; then
@@ -236,6 +235,8 @@ run_mode diskimg "$WORK/bin/diskimg/qemu-img" "$WORK/bin/diskimg/qemu-io"
 
 # ------------------------------------------------------------------ compare
 KNOWN=$DATA/known-failures.tsv
+: > "$WORK/regressions.tsv"
+: > "$WORK/fixed.tsv"
 awk -F'\t' -v out="$WORK/regressions.tsv" -v fixed="$WORK/fixed.tsv" '
     FILENAME==ARGV[1] { base[$1 SUBSEP $2]=$3; next }
     FILENAME==ARGV[2] { if ($0 !~ /^#/ && NF>=2) known[$1 SUBSEP $2]=$3; next }
@@ -245,7 +246,6 @@ awk -F'\t' -v out="$WORK/regressions.tsv" -v fixed="$WORK/fixed.tsv" '
         if ($3=="pass") { if (k in known) print $1 "\t" $2 > fixed; next }
         if (!(k in known)) print $1 "\t" $2 "\t" $3 "\t" $4 > out
     }' "$BASE" "$KNOWN" "$WORK/diskimg/results.tsv"
-touch "$WORK/regressions.tsv" "$WORK/fixed.tsv"
 
 {
     printf '| format | qemu ran | qemu pass | diskimg pass |\n|---|---|---|---|\n'

@@ -276,7 +276,10 @@ fn open_inner(
         return Ok(image);
     }
     let bformat = match bref.format.as_deref() {
-        Some(f) if !f.is_empty() => Some(Format::from_name(f)?),
+        // qemu's wording for a backing format it has no driver for.
+        Some(f) if !f.is_empty() => Some(Format::from_name(f).map_err(|_| {
+            Error::invalid(format!("Could not open backing file: Unknown driver '{f}'"))
+        })?),
         _ => None,
     };
     let (mut last_err, mut refused) = (None, None);

@@ -16,3 +16,4 @@ mod inspect;
 mod inspect_rules;
 mod policy;
 mod probe;
+mod stress;

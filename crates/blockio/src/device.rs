@@ -90,6 +90,20 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Writes `buf` at guest `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
+    /// Fills `bufs` in order with guest bytes from `offset` (a scatter-gather list,
+    /// consecutive in guest space: a virtio descriptor chain). The default reads each
+    /// buffer with [`BlockDevice::read_at`] (no bounce buffer); raw uses `preadv(2)`.
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        crate::vectored::read_each(self, bufs, offset)
+    }
+
+    /// Writes `bufs` in order at guest `offset` (see [`BlockDevice::read_vectored_at`]).
+    /// Like consecutive [`BlockDevice::write_at`] calls (the default), not one atomic
+    /// write; raw uses `pwritev(2)`.
+    fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        crate::vectored::write_each(self, bufs, offset)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes. The default writes zero buffers.
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
         check_range(offset, len, self.virtual_size())?;

@@ -22,6 +22,7 @@ enum Op {
 #[derive(Debug, Default)]
 struct State {
     ops: u64,
+    flushes: u64,
     cut: Option<u64>,
     crashed: bool,
     durable: Vec<u8>,
@@ -63,6 +64,11 @@ impl FaultStorage {
     /// Operations counted so far.
     pub fn ops(&self) -> u64 {
         self.lock().ops
+    }
+
+    /// Flushes counted so far.
+    pub fn flushes(&self) -> u64 {
+        self.lock().flushes
     }
 
     /// True once the cut was reached.
@@ -115,6 +121,7 @@ impl FaultStorage {
         match op {
             Some(op) => st.pending.push(op),
             None => {
+                st.flushes += 1;
                 let pending = std::mem::take(&mut st.pending);
                 for op in &pending {
                     apply(&mut st.durable, op);

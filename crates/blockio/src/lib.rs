@@ -81,6 +81,7 @@ mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
+pub mod vectored;
 
 pub use cache::CacheMode;
 pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};

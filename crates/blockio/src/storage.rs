@@ -75,6 +75,22 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes all of `buf` at `offset`, growing the storage if needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Fills every buffer, in order, from consecutive bytes at `offset` (as
+    /// [`Storage::read_exact_at`] of their concatenation). Files use `preadv(2)`; the
+    /// default reads each buffer.
+    fn read_vectored_exact_at(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<()> {
+        crate::vectored::storage_read_each(self, bufs, offset)
+    }
+    /// Writes every buffer, in order, at consecutive bytes from `offset` (as
+    /// [`Storage::write_all_at`] of their concatenation). Files use `pwritev(2)`; the
+    /// default writes each buffer.
+    fn write_vectored_all_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        crate::vectored::storage_write_each(self, bufs, offset)
+    }
     /// Current length in bytes.
     fn len(&self) -> Result<u64>;
     /// True when the length is zero.
@@ -298,6 +314,30 @@ impl Storage for FileStorage {
                 e,
             )
         })
+    }
+
+    fn read_vectored_exact_at(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<()> {
+        if self.direct.is_some() {
+            return crate::vectored::storage_read_each(self, bufs, offset);
+        }
+        let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        crate::vectored::preadv_exact(&self.file, bufs, offset)
+            .map_err(|e| Error::io(format!("could not read {len} bytes at offset {offset}"), e))
+    }
+
+    fn write_vectored_all_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        if self.direct.is_some() {
+            return crate::vectored::storage_write_each(self, bufs, offset);
+        }
+        let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        let mut list = bufs.to_vec();
+        crate::vectored::pwritev_all(&self.file, &mut list, offset)
+            .map_err(|e| Error::io(format!("could not write {len} bytes at offset {offset}"), e))
     }
 
     /// The file's length; for a block device (a `convert -n` target), its size.
@@ -640,6 +680,16 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         (**self).write_all_at(buf, offset)
+    }
+    fn read_vectored_exact_at(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<()> {
+        (**self).read_vectored_exact_at(bufs, offset)
+    }
+    fn write_vectored_all_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        (**self).write_vectored_all_at(bufs, offset)
     }
     fn len(&self) -> Result<u64> {
         (**self).len()

@@ -15,6 +15,7 @@ use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
 mod stdout;
+mod targets;
 
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
@@ -83,6 +84,11 @@ pub(crate) struct Args {
     /// Accepted for compatibility.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Output shaped for an upload: `azure` (fixed VHD, whole MiB), `esxi`
+    /// (stream-optimized VMDK for vSphere), `gcp` (`disk.raw` in an oldgnu tar.gz), `ova`
+    /// (OVF package); see docs/pipelines.md.
+    #[arg(long = "target", value_enum)]
+    target: Option<targets::Target>,
     /// Source image(s) followed by the output file.
     #[arg(num_args = 1..)]
     files: Vec<String>,
@@ -106,7 +112,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     r
 }
 
-fn run_inner(a: Args) -> Result<i32> {
+fn run_inner(mut a: Args) -> Result<i32> {
+    if let Some(t) = a.target {
+        targets::apply(&mut a, t)?;
+    }
     let _ = a.force_share;
     // None: the durable default (see `open_target`).
     let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
@@ -136,6 +145,9 @@ fn run_inner(a: Args) -> Result<i32> {
     if a.target_is_zero && !a.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
+    if a.no_create && !a.options.is_empty() {
+        bail!("-o has no effect when skipping image creation");
+    }
     if a.target_is_zero && a.backing.is_some() {
         bail!("--target-is-zero cannot be used with -B");
     }
@@ -156,7 +168,10 @@ fn run_inner(a: Args) -> Result<i32> {
     };
     // As qemu: progress starts (and its final newline is due) before the sources open.
     // With stdout as the target, progress goes to stderr (`stdout::run`).
-    let bar = Progress::new(a.progress && !a.quiet && dst_name != "-", 1.0);
+    let bar = Progress::new(
+        a.progress && !a.quiet && dst_name != "-" && !targets::writes_itself(a.target),
+        1.0,
+    );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
@@ -174,6 +189,9 @@ fn run_inner(a: Args) -> Result<i32> {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
+    if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
+        return targets::run(&a, t, src.as_ref(), &_images, dst_name);
+    }
     if dst_name == "-" {
         return stdout::run(&a, src.as_ref(), &_images, out_fmt);
     }
@@ -182,6 +200,7 @@ fn run_inner(a: Args) -> Result<i32> {
 
     let mut target_is_zero = a.target_is_zero;
     let mut key_secret = None;
+    let mut out_backing = a.backing.clone();
     if !a.no_create {
         let mut options = parse_options(&a.options)?;
         key_secret = options
@@ -189,7 +208,16 @@ fn run_inner(a: Args) -> Result<i32> {
             .or_else(|| options.get("key-secret"))
             .map(str::to_string);
         let specs = out_fmt.driver()?.create_options();
-        if let Some(b) = &a.backing {
+        // As qemu: `-o backing_file=` is -B (and wins over it).
+        if let Some(b) = options.get("backing_file") {
+            out_backing = Some(b.to_string());
+        }
+        if srcs.len() > 1 && out_backing.is_some() {
+            bail!(
+                "Having a backing file for the target makes no sense when concatenating multiple input images"
+            );
+        }
+        if let Some(b) = &out_backing {
             if !specs.iter().any(|s| s.name == "backing_file") {
                 bail!(
                     "{dst_name}: Backing file not supported for file format '{}'",
@@ -202,9 +230,7 @@ fn run_inner(a: Args) -> Result<i32> {
                 .backing_format
                 .clone()
                 .or_else(|| options.get("backing_fmt").map(str::to_string))
-                .ok_or_else(|| {
-                    anyhow!("{dst_name}: Backing file specified without backing format")
-                })?;
+                .ok_or_else(|| anyhow!("Use of backing file requires explicit backing format"))?;
             parse_format(&bf)?;
             options.set("backing_fmt", &bf);
         }
@@ -226,21 +252,32 @@ fn run_inner(a: Args) -> Result<i32> {
         .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
         pipe::mark_created();
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
-        target_is_zero = a.backing.is_none();
+        target_is_zero = out_backing.is_none();
     }
     // Only a target created here (no backing file to attach, not encrypted) takes the
     // default's skipped-flush path; a new encrypted target opens with the secret it was
     // created with (the target is a plain file name: qemu's --image-opts names sources
     // only).
-    let fresh = !a.no_create && a.backing.is_none() && key_secret.is_none();
+    let fresh = !a.no_create && out_backing.is_none() && key_secret.is_none();
     let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
+    if a.no_create && _images.iter().any(pipe::unknown_length) {
+        pipe::copy_into_existing(src.as_ref(), &_images, dst.device.as_ref(), &mut |d, t| {
+            bar.fraction(d, t)
+        })
+        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        dst.finish()
+            .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        bar.print(100.0, 0);
+        bar.end();
+        return Ok(0);
+    }
     if dst.device.virtual_size() < total {
         bail!("output file is smaller than input file");
     }
     if a.compress && dst.device.compressed_write_granularity().is_none() {
         bail!("Compression not supported for this file format");
     }
-    let backing = if a.backing.is_some() {
+    let backing = if out_backing.is_some() {
         dst.device.backing_device()
     } else {
         None

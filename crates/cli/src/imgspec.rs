@@ -6,8 +6,8 @@
 //!
 //! Keys that only tune qemu's block layer (node names, cache and locking modes, discard
 //! and detect-zeroes settings) are accepted and ignored; `backing=null` (or `""`) opens
-//! without the backing chain. `blkdebug` without error injection is a pass-through (qemu's
-//! tests wrap images in it); error injection is refused. Protocol nodes are checked as
+//! without the backing chain. `blkdebug` is a pass-through (qemu's tests wrap images in
+//! it); its error-injection rules apply above a format in qemu-io and are refused elsewhere. Protocol nodes are checked as
 //! qemu's file driver checks them (`'file' driver requires 'X' to be a regular file`).
 
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
 
+use crate::io::blkdebug::Rule as BlkdebugRule;
 use crate::nodes::{DeviceStorage, NullDevice};
 
 /// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
@@ -132,6 +133,9 @@ pub(crate) struct Resolved {
     pub(crate) copy_on_read: bool,
     /// The remaining keys, for the format driver (and `backing.` for the chain).
     pub(crate) driver_options: OptionList,
+    /// Error-injection rules of a `blkdebug` node above the format (qemu-io applies
+    /// them; see [`crate::io::blkdebug`]).
+    pub(crate) blkdebug: Vec<BlkdebugRule>,
 }
 
 /// Keys of qemu's generic block layer that change nothing here.
@@ -188,36 +192,57 @@ fn drop_subtree(o: &mut OptionList, prefix: &str) {
     }
 }
 
-/// The image of a `blkdebug:CONFIG:FILE` name; only without error injection (an empty
-/// CONFIG, or a config file without sections), which is a pass-through.
-fn blkdebug_name(name: &str) -> Result<String> {
+/// The rules of a blkdebug config file (none for an empty name).
+fn config_rules(config: &str) -> Result<Vec<BlkdebugRule>> {
+    if config.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
+    crate::io::blkdebug::parse_config(&text)
+}
+
+/// The image and rules of a `blkdebug:CONFIG:FILE` name.
+fn blkdebug_name(name: &str) -> Result<(String, Vec<BlkdebugRule>)> {
     let rest = name.strip_prefix("blkdebug:").unwrap_or(name);
     let Some((config, file)) = rest.split_once(':') else {
         bail!("Invalid blkdebug file name: {name}");
     };
-    if !config.is_empty() {
-        let text = std::fs::read_to_string(config)
-            .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
-        if text.lines().any(|l| l.trim_start().starts_with('[')) {
-            bail!("blkdebug error injection is not supported by diskimg");
-        }
-    }
-    Ok(file.to_string())
+    Ok((file.to_string(), config_rules(config)?))
 }
 
-/// Resolves a `blkdebug` node's options (`o` relative to it) to its image's file name.
-fn blkdebug_node(o: &OptionList) -> Result<String> {
-    let injects = o
-        .entries()
-        .iter()
-        .any(|(k, _)| k.starts_with("inject-error") || k.starts_with("set-state"));
-    if injects || o.get("config").is_some_and(|c| !c.is_empty()) {
-        bail!("blkdebug error injection is not supported by diskimg");
+/// Keys of a blkdebug node that only tune its request limits (ignored here).
+const BLKDEBUG_LIMITS: &[&str] = &[
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+];
+
+/// Resolves a `blkdebug` node's options (`o` relative to it; `name` a file name given
+/// beside them, qemu's `x-image`) to its image's file name and its rules.
+fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<BlkdebugRule>)> {
+    let mut rules = crate::io::blkdebug::option_rules(o)?;
+    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    let (path, more) = match (o.get("image.filename"), o.get("image"), name) {
+        (Some(f), _, _) | (None, Some(f), _) => (f.to_string(), Vec::new()),
+        (None, None, Some(n)) if n.starts_with("blkdebug:") => blkdebug_name(n)?,
+        (None, None, Some(n)) => (n.to_string(), Vec::new()),
+        (None, None, None) => bail!("Parameter 'image' is missing"),
+    };
+    rules.extend(more);
+    Ok((path, rules))
+}
+
+/// Refuses rules of a blkdebug node below a format: its events are the format
+/// driver's own and its offsets the file's.
+fn below_format(rules: Vec<BlkdebugRule>) -> Result<()> {
+    if !rules.is_empty() {
+        bail!("blkdebug error injection below a format is not supported by diskimg");
     }
-    match (o.get("image.filename"), o.get("image")) {
-        (Some(f), _) | (None, Some(f)) => Ok(f.to_string()),
-        (None, None) => bail!("Parameter 'image' is missing"),
-    }
+    Ok(())
 }
 
 fn format_named(d: &str) -> Result<Format> {
@@ -249,6 +274,7 @@ pub(crate) fn resolve(
         open_backing: !matches!(o.take("backing").as_deref(), Some("null" | "")),
         copy_on_read,
         driver_options: OptionList::new(),
+        blkdebug: Vec::new(),
     };
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
         if let Some(v) = o.get(k) {
@@ -274,15 +300,29 @@ pub(crate) fn resolve(
                 .ok_or_else(|| anyhow!("Parameter 'filename' is required"))?;
         }
         Some("blkdebug") => {
-            r.path = blkdebug_node(&o)?;
-            r.format = Some(Format::Raw);
+            let (path, rules) = blkdebug_node(&o, name)?;
+            r.path = path;
+            r.blkdebug = rules;
+            r.format = match o.get("image.driver") {
+                Some(d) => Some(format_named(d)?),
+                None => Some(Format::Raw),
+            };
+            for k in BLKDEBUG_LIMITS.iter().chain(&["config"]) {
+                o.take(k);
+            }
+            drop_subtree(&mut o, "image");
+            drop_subtree(&mut o, "inject-error");
         }
         Some(d) => r.format = Some(format_named(d)?),
         None => {}
     }
     if r.path.is_empty() {
         r.path = match file_driver.as_deref() {
-            Some("blkdebug") => blkdebug_node(&descend(&o, "file"))?,
+            Some("blkdebug") => {
+                let (path, rules) = blkdebug_node(&descend(&o, "file"), None)?;
+                below_format(rules)?;
+                path
+            }
             Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
             Some(f) if f != "file" && Format::from_name(f).is_ok() => {
                 r.node = Node::Nested(format_named(f)?);
@@ -314,7 +354,9 @@ pub(crate) fn resolve(
     if let Some(p) = r.path.strip_prefix("file:") {
         r.path = p.to_string();
     } else if r.path.starts_with("blkdebug:") {
-        r.path = blkdebug_name(&r.path)?;
+        let (path, rules) = blkdebug_name(&r.path)?;
+        below_format(rules)?;
+        r.path = path;
     }
     for k in IGNORED {
         o.take(k);
@@ -338,6 +380,9 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
         (OptionList::new(), Some(arg))
     };
     let r = resolve(dict, name, format)?;
+    if !r.blkdebug.is_empty() {
+        bail!("blkdebug error injection is not supported by diskimg's qemu-img");
+    }
     let mut opts = base;
     opts.read_only |= r.read_only == Some(true);
     open(&r, arg, opts)

@@ -2,7 +2,7 @@
 //! Safe mode (the default) first copies into FILE every range where the old and the new
 //! backing differ and FILE holds nothing; `-u` only rewrites the header; `-b ""` detaches.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::{ExtentKind, ZeroFlags};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 
@@ -61,6 +61,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let img = diskimg::open(&path, format, &opts)
         .with_context(|| format!("Could not open '{}'", a.file))?;
     crate::common::report_open_repairs(&img);
+    if a.compress && img.device.compressed_write_granularity().is_none() {
+        bail!("Compression not supported for this file format");
+    }
     let change_err =
         |why: String| anyhow!("Could not change the backing file to '{backing}': {why}");
     if img.format != diskimg::Format::Qcow2 {

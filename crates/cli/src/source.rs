@@ -89,15 +89,20 @@ pub(crate) fn open_special(
         None => probe(&input)?,
     };
     if let Some(f) = &input.forward
-        && need_length
         && format == Format::Raw
-        && f.known_len().is_none()
     {
-        f.drain_to_end()
-            .with_context(|| format!("Could not read '{file}'"))?;
+        // A raw image is read front to back once: its head need not be kept.
+        f.stop_growing_head();
+        if need_length && f.known_len().is_none() {
+            f.drain_to_end()
+                .with_context(|| format!("Could not read '{file}'"))?;
+        }
     }
-    let device = diskimg::open_storage(input.storage.clone(), Some(format), true)
-        .with_context(|| format!("Could not open '{file}'"))?;
+    let device = match forward_vmdk(file, &input, format)? {
+        Some(d) => d,
+        None => diskimg::open_storage(input.storage.clone(), Some(format), true)
+            .with_context(|| format!("Could not open '{file}'"))?,
+    };
     let forward = input.forward.clone();
     OPENED
         .lock()
@@ -114,6 +119,27 @@ pub(crate) fn open_special(
         filename: file.to_string(),
         backing: None,
     }))
+}
+
+/// A stream-optimized VMDK whose grain directory is in its footer, over a forward-only
+/// source: read front to back by walking its grain markers (the driver would look for
+/// the footer first, past everything it needs).
+fn forward_vmdk(
+    file: &str,
+    input: &Input,
+    format: Format,
+) -> Result<Option<Arc<dyn diskimg::BlockDevice>>> {
+    use diskimg::Storage;
+    let Some(f) = input.forward.as_ref().filter(|_| format == Format::Vmdk) else {
+        return Ok(None);
+    };
+    let mut head = [0u8; 512];
+    if f.read_exact_at(&mut head, 0).is_err() || !diskimg_stream::is_forward_stream(&head) {
+        return Ok(None);
+    }
+    let dev = diskimg_stream::ForwardStreamDevice::open(file, Box::new(f.sequential()))
+        .with_context(|| format!("Could not open '{file}'"))?;
+    Ok(Some(Arc::new(dev)))
 }
 
 /// Probes a source; a forward-only one only from its head (a probe reading the end,

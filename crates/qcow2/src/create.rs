@@ -141,7 +141,17 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
         Some(v) => return Err(bad_value("version", v)),
     };
     let cluster_size = o.take_size("cluster_size")?.unwrap_or(65536);
-    let refcount_bits = o.take_u64("refcount_bits")?.unwrap_or(16);
+    // qemu's number options take negative values modulo 2^64: a bad width, not a
+    // parse error.
+    let refcount_bits = match o.take("refcount_bits") {
+        None => 16,
+        Some(v) if v.trim_start().starts_with('-') && v.trim().parse::<i64>().is_ok() => 0,
+        Some(v) => v.trim().parse::<u64>().map_err(|_| {
+            Error::invalid(format!(
+                "Parameter 'refcount_bits' expects a number, got '{v}'"
+            ))
+        })?,
+    };
     let lazy = o.take_bool("lazy_refcounts")?.unwrap_or(false);
     let extl2 = o.take_bool("extended_l2")?.unwrap_or(false);
     let zstd = match o.take("compression_type").as_deref() {
@@ -220,6 +230,14 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     if backing_fmt.is_some() && backing.is_none() {
         return Err(Error::invalid(
             "Backing format cannot be used without backing file",
+        ));
+    }
+    // qemu's size check at create: the L1 table must fit its 32 MiB limit.
+    let l2e = if extl2 { 16 } else { 8 };
+    let l2_tables = req.size.div_ceil(cluster_size).div_ceil(cluster_size / l2e);
+    if l2_tables.saturating_mul(8) > crate::header::MAX_L1_BYTES {
+        return Err(Error::invalid(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
         ));
     }
 

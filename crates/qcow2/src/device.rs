@@ -103,15 +103,16 @@ impl Qcow2Device {
             meta_clusters: Default::default(),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
+            reserve: Default::default(),
             h,
         };
         meta.l1 = meta.read_table(
-            "Invalid L1 table offset",
+            "Active L1 table offset invalid",
             meta.h.l1_table_offset,
             u64::from(meta.h.l1_size),
         )?;
         meta.reftable = meta.read_table(
-            "Invalid reference count table offset",
+            "Reference count table offset invalid",
             meta.h.refcount_table_offset,
             u64::from(meta.h.refcount_table_clusters) * cs / 8,
         )?;
@@ -149,6 +150,11 @@ impl Qcow2Device {
             snapshot_view: false,
             crypt,
         };
+        if !read_only && checking {
+            // A repair open (BDRV_O_CHECK) still drops the autoclear bits we cannot
+            // keep, as qemu's; the dirty-image repair is the check's own business.
+            dev.clear_unknown_autoclear()?;
+        }
         if !read_only && !checking {
             dev.open_rw_fixups()?;
             let view = opts.driver_options.get("snapshot.name").is_some()
@@ -169,6 +175,19 @@ impl Qcow2Device {
         Ok(dev)
     }
 
+    /// Clears the autoclear bits we cannot maintain (qemu's QCOW2_AUTOCLEAR_MASK).
+    fn clear_unknown_autoclear(&self) -> Result<()> {
+        let mut m = self.lock();
+        let autoclear = m.h.autoclear;
+        let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
+        if keep != autoclear {
+            m.h.autoclear = keep;
+            self.file.write_all_at(&keep.to_be_bytes(), 88)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
     /// Clears autoclear bits we cannot maintain and repairs a dirty (lazy refcounts)
     /// image, as qemu does on a read-write open.
     fn open_rw_fixups(&self) -> Result<()> {
@@ -176,13 +195,7 @@ impl Qcow2Device {
             let m = self.lock();
             (m.h.incompatible & INCOMPAT_DIRTY != 0, m.h.autoclear)
         };
-        let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
-        if keep != autoclear {
-            let mut m = self.lock();
-            m.h.autoclear = keep;
-            self.file.write_all_at(&keep.to_be_bytes(), 88)?;
-            self.file.flush()?;
-        }
+        self.clear_unknown_autoclear()?;
         // A program lacking bitmap support cleared the autoclear bit: the bitmaps are
         // inconsistent and qemu drops the extension (their clusters leak).
         if autoclear & AUTOCLEAR_BITMAPS == 0 {
@@ -306,6 +319,7 @@ impl Qcow2Device {
             meta_clusters: Default::default(),
             snapshots: Vec::new(),
             snapshot_table_len: 0,
+            reserve: Default::default(),
         };
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
@@ -579,11 +593,14 @@ impl BlockDevice for Qcow2Device {
         if self.read_only {
             return Ok(());
         }
-        self.lock().commit_deferred()?;
+        // The storage flushes run without the metadata lock (readers and writers go on).
+        let generation = self.lock().guest_flush()?;
         if let Some(d) = &self.data {
             d.flush()?;
         }
-        self.file.flush()
+        self.file.flush()?;
+        self.lock().reserve_flushed(generation);
+        Ok(())
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {

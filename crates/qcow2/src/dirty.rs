@@ -199,6 +199,10 @@ impl Qcow2Device {
             return Ok(());
         }
         self.flush()?;
+        // The clusters allocated ahead go back: a closed image has no leaks.
+        if self.lock().release_reserve()? {
+            self.file.flush()?;
+        }
         let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
         store(&mut self.lock(), &tracked)
     }

@@ -67,7 +67,7 @@ impl Encryption {
         let header = if luks {
             let (off, len) = h.ext.crypto.ok_or(Error::corrupt(
                 "qcow2",
-                "encryption header extension missing",
+                "Missing CRYPTO header for crypt method 2",
                 0,
             ))?;
             let file_len = file.len()?;

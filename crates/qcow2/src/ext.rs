@@ -59,21 +59,18 @@ impl Extensions {
     pub(crate) fn parse(buf: &[u8], start: u64, end: u64) -> Result<Self> {
         let mut ext = Extensions::default();
         let mut off = start;
-        let mut seen: Vec<u32> = Vec::new();
         while off < end {
             let o = usize::try_from(off).map_err(|_| bad("header extension", off))?;
+            // qemu's one message for an extension (header or data) past the area.
+            let too_large = || bad("Header extension too large", off);
             if end - off < 8 {
-                return Err(bad("header extension truncated", off));
+                return Err(too_large());
             }
-            let ty = buf
-                .be_u32(o)
-                .ok_or(bad("header extension truncated", off))?;
-            let len = buf
-                .be_u32(o + 4)
-                .ok_or(bad("header extension truncated", off))?;
+            let ty = buf.be_u32(o).ok_or_else(too_large)?;
+            let len = buf.be_u32(o + 4).ok_or_else(too_large)?;
             let data_off = off + 8;
             if u64::from(len) > end - data_off {
-                return Err(bad("Invalid extension length", off));
+                return Err(too_large());
             }
             if ty == EXT_END {
                 break;
@@ -82,11 +79,8 @@ impl Extensions {
             let data = ds
                 .checked_add(usize::try_from(len).map_err(|_| bad("header extension", off))?)
                 .and_then(|e| buf.get(ds..e))
-                .ok_or(bad("header extension truncated", off))?;
-            if seen.contains(&ty) {
-                return Err(bad("duplicate header extension", off));
-            }
-            seen.push(ty);
+                .ok_or_else(too_large)?;
+            // A repeated extension replaces the earlier one, as in qemu.
             match ty {
                 EXT_BACKING_FORMAT => {
                     if len > 1023 {
@@ -95,11 +89,17 @@ impl Extensions {
                     ext.backing_format = Some(string(data));
                 }
                 EXT_FEATURES => {
-                    for chunk in data.chunks_exact(48) {
+                    // qemu reads the table into a zeroed buffer: a short last entry
+                    // counts, padded with zeroes; an entry without a name ends it.
+                    ext.features.clear();
+                    for chunk in data.chunks(48) {
                         let t = chunk.first().copied().unwrap_or(0);
                         let b = chunk.get(1).copied().unwrap_or(0);
-                        ext.features
-                            .push((t, b, string(chunk.get(2..).unwrap_or(&[]))));
+                        let name = string(chunk.get(2..).unwrap_or(&[]));
+                        if name.is_empty() {
+                            break;
+                        }
+                        ext.features.push((t, b, name));
                     }
                 }
                 EXT_BITMAPS => {
@@ -127,6 +127,7 @@ impl Extensions {
     }
 
     /// The feature table's name for bit `bit` of table `ty`, if named.
+    #[cfg(test)]
     pub(crate) fn feature_name(&self, ty: u8, bit: u8) -> Option<&str> {
         self.features
             .iter()
@@ -289,6 +290,30 @@ mod tests {
         assert_eq!(back.feature_name(0, 4), Some("extended L2 entries"));
         let mut bad = buf.clone();
         bad[7] = 0xff; // length beyond the end
-        assert!(Extensions::parse(&bad, 0, bad.len() as u64).is_err());
+        let e = Extensions::parse(&bad, 0, bad.len() as u64).unwrap_err();
+        assert!(e.to_string().contains("Header extension too large"), "{e}");
+        // A header cut inside an extension header: the same message, as qemu (iotest 080).
+        let e = Extensions::parse(&buf, 0, 4).unwrap_err();
+        assert!(e.to_string().contains("Header extension too large"), "{e}");
+    }
+
+    /// A repeated extension replaces the earlier one, as qemu reads them (iotest 114
+    /// adds a second backing-format extension).
+    #[test]
+    fn repeated_extension_last_wins() {
+        let first = Extensions {
+            backing_format: Some("raw".into()),
+            ..Extensions::default()
+        }
+        .serialise(3);
+        let second = Extensions {
+            backing_format: Some("foo".into()),
+            ..Extensions::default()
+        }
+        .serialise(3);
+        let mut buf = first[..first.len() - 8].to_vec();
+        buf.extend_from_slice(&second);
+        let back = Extensions::parse(&buf, 0, buf.len() as u64).unwrap();
+        assert_eq!(back.backing_format.as_deref(), Some("foo"));
     }
 }

@@ -240,15 +240,19 @@ impl Header {
     fn validate_features(&self) -> Result<()> {
         let unknown = self.incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
+            // qemu's report_unsupported_feature: the table's names in table order,
+            // then the bits it does not name as one mask.
             let mut names = Vec::new();
-            for bit in 0..64u8 {
-                if unknown & (1u64 << bit) == 0 {
-                    continue;
+            let mut rest = unknown;
+            for (t, b, n) in &self.ext.features {
+                let bit = 1u64.checked_shl(u32::from(*b)).unwrap_or(0);
+                if *t == 0 && rest & bit != 0 {
+                    names.push(n.chars().take(46).collect::<String>());
+                    rest &= !bit;
                 }
-                match self.ext.feature_name(0, bit) {
-                    Some(n) => names.push(n.to_string()),
-                    None => names.push(format!("Unknown incompatible feature: {:x}", 1u64 << bit)),
-                }
+            }
+            if rest != 0 {
+                names.push(format!("Unknown incompatible feature: {rest:x}"));
             }
             return Err(Error::unsupported(
                 "qcow2",
@@ -296,17 +300,17 @@ impl Header {
             self.refcount_table_offset,
             rt_bytes,
             cs,
-            "Invalid reference count table offset",
+            "Reference count table offset invalid",
         )?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(bad("Too many snapshots", 60));
+            return Err(bad("Snapshot table too large", 60));
         }
         if self.nb_snapshots > 0 {
             check_table(
                 self.snapshots_offset,
                 u64::from(self.nb_snapshots) * 40,
                 cs,
-                "Invalid snapshot table offset",
+                "Snapshot table offset invalid",
             )?;
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
@@ -325,7 +329,7 @@ impl Header {
                 self.l1_table_offset,
                 l1_bytes,
                 cs,
-                "Invalid L1 table offset",
+                "Active L1 table offset invalid",
             )?;
         }
         Ok(())
@@ -403,6 +407,17 @@ mod tests {
         let mut b = buf.clone();
         b[23] = 8;
         assert!(Header::parse(&b).is_err());
+        let mut b = buf.clone();
+        // nb_snapshots 65537
+        b[61] = 1;
+        b[63] = 1;
+        let e = Header::parse(&b).unwrap_err().to_string();
+        assert!(e.contains("Snapshot table too large"), "{e}");
+        let mut b = buf.clone();
+        b[55] = 1; // refcount table offset 0x10001
+        let e = Header::parse(&b).unwrap_err().to_string();
+        assert!(e.contains("Reference count table offset invalid"), "{e}");
+        assert!(Header::parse(&b).is_err());
         let mut b = buf;
         b[39] = 0;
         assert!(
@@ -410,6 +425,65 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("too small")
+        );
+    }
+
+    /// `buf` with incompatible bits `bits` and a feature-name table extension `table`.
+    fn with_features(bits: u64, table: &[u8]) -> Vec<u8> {
+        let mut b = v3();
+        b[72..80].copy_from_slice(&bits.to_be_bytes());
+        let at = V3_HEADER_LEN as usize;
+        b[at..at + 4].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+        b[at + 4..at + 8].copy_from_slice(&u32::try_from(table.len()).unwrap().to_be_bytes());
+        b[at + 8..at + 8 + table.len()].copy_from_slice(table);
+        b
+    }
+
+    fn entry(ty: u8, bit: u8, name: &str) -> Vec<u8> {
+        let mut e = vec![ty, bit];
+        e.extend_from_slice(name.as_bytes());
+        e.resize(48, 0);
+        e
+    }
+
+    /// The names qemu prints for unknown incompatible bits (iotest 036): the table's
+    /// names in table order (a short last entry counts), then the rest as one mask.
+    #[test]
+    fn unknown_features_named_as_qemu() {
+        let msg = |bits: u64, table: &[u8]| {
+            let e = Header::parse(&with_features(bits, table))
+                .unwrap_err()
+                .to_string();
+            e.split("feature(s): ").nth(1).unwrap_or(&e).to_string()
+        };
+        let b = |n: u32| 1u64 << n;
+        // A 14-byte table: one entry shorter than 48 bytes.
+        let short = b"\x00\x3fTest feature";
+        assert_eq!(msg(b(63), short), "Test feature");
+        assert_eq!(
+            msg(b(61) | b(62) | b(63), &[]),
+            "Unknown incompatible feature: e000000000000000"
+        );
+        assert_eq!(
+            msg(b(61) | b(62) | b(63), short),
+            "Test feature, Unknown incompatible feature: 6000000000000000"
+        );
+        let two = [entry(0, 61, "test1"), entry(0, 62, "test2")].concat();
+        assert_eq!(
+            msg(b(61) | b(63), &two),
+            "test1, Unknown incompatible feature: 8000000000000000"
+        );
+        // Entries of other types, and entries after a nameless one, do not count.
+        let mixed = [
+            entry(1, 61, "c"),
+            entry(0, 62, "test2"),
+            entry(0, 0, ""),
+            entry(0, 63, "x"),
+        ]
+        .concat();
+        assert_eq!(
+            msg(b(61) | b(62) | b(63), &mixed),
+            "test2, Unknown incompatible feature: a000000000000000"
         );
     }
 }

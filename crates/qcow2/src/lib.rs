@@ -111,6 +111,7 @@ mod meta;
 mod offload;
 mod rebuild;
 mod refcount;
+mod reserve;
 mod resize;
 mod snapshot;
 mod snapshot_ops;

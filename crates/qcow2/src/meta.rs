@@ -50,6 +50,8 @@ pub(crate) struct Meta {
     pub snapshots: Vec<crate::snapshot::Snapshot>,
     /// Bytes of the snapshot table.
     pub snapshot_table_len: u64,
+    /// Clusters allocated ahead for guest writes (see `reserve`).
+    pub reserve: crate::reserve::Reserve,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -388,13 +390,28 @@ impl Meta {
         self.deferred_unref.extend(unref);
         self.deferred_flush |= new_clusters;
         if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > self.l2.dirty_limit() {
-            self.commit_deferred()?;
+            self.write_deferred()?;
         }
         Ok(())
     }
 
-    /// Writes the deferred L2 updates (see [`Meta::defer`]).
+    /// Writes the deferred L2 updates (see [`Meta::defer`]) and gives the reserve back
+    /// (see `reserve`): every metadata operation other than guest writes starts here.
     pub(crate) fn commit_deferred(&mut self) -> Result<()> {
+        self.release_reserve()?;
+        self.write_deferred()
+    }
+
+    /// A guest flush: writes the deferred L2 updates and allocates the next reserve.
+    /// Returns the reserve's generation for [`Meta::reserve_flushed`], to call after the
+    /// storage flush that must follow.
+    pub(crate) fn guest_flush(&mut self) -> Result<u64> {
+        self.write_deferred()?;
+        self.refill_reserve()
+    }
+
+    /// Writes the deferred L2 updates (see [`Meta::defer`]).
+    fn write_deferred(&mut self) -> Result<()> {
         if self.deferred.is_empty() && self.deferred_unref.is_empty() {
             return Ok(());
         }
@@ -404,20 +421,16 @@ impl Meta {
             }
             self.file.flush()?;
         }
-        let list = std::mem::take(&mut self.deferred);
-        // Consecutive entries of one table go out in one write (order is preserved).
-        let mut k = 0;
-        while k < list.len() {
-            let (l2, i0, _, _) = list.get(k).copied().unwrap_or_default();
-            let mut run = Vec::new();
-            while let Some(&(t, i, e, b)) = list.get(k) {
-                if t != l2 || i != i0 + run.len() as u64 {
-                    break;
-                }
-                run.push((e, b));
-                k += 1;
-            }
-            self.write_l2_entries(l2, i0, &run)?;
+        // The cached tables hold every deferred update (and equal the disk elsewhere):
+        // each table goes out as one write of the span its updates cover, whatever order
+        // the guest wrote in (the updates become durable together at the next flush).
+        let mut spans: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+        for (t, i, _, _) in std::mem::take(&mut self.deferred) {
+            let s = spans.entry(t).or_insert((i, i));
+            *s = (s.0.min(i), s.1.max(i));
+        }
+        for (t, (lo, hi)) in spans {
+            self.write_l2_span(t, lo, hi)?;
         }
         self.l2.dirty.clear();
         self.deferred_flush = false;
@@ -431,31 +444,20 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes consecutive entries `i0..` of the L2 table at `l2_off` with one storage write.
-    pub(crate) fn write_l2_entries(
-        &mut self,
-        l2_off: u64,
-        i0: u64,
-        entries: &[(u64, u64)],
-    ) -> Result<()> {
-        let ext = self.h.extended_l2();
-        let per = if ext { 2 } else { 1 };
+    /// Writes entries `lo..=hi` of the cached L2 table at `l2_off` with one storage write.
+    fn write_l2_span(&mut self, l2_off: u64, lo: u64, hi: u64) -> Result<()> {
+        let per = if self.h.extended_l2() { 2 } else { 1 };
         let t = self.l2_table(l2_off)?;
-        let mut raw = Vec::new();
-        for (k, (e, b)) in entries.iter().enumerate() {
-            let idx = usize::try_from((i0 + k as u64) * per).unwrap_or(usize::MAX);
-            if let Some(s) = t.get_mut(idx) {
-                *s = *e;
-            }
-            raw.extend_from_slice(&e.to_be_bytes());
-            if ext {
-                if let Some(s) = t.get_mut(idx + 1) {
-                    *s = *b;
-                }
-                raw.extend_from_slice(&b.to_be_bytes());
-            }
-        }
-        self.file.write_all_at(&raw, l2_off + i0 * per * 8)
+        let range = usize::try_from(lo * per)
+            .ok()
+            .zip(usize::try_from((hi + 1) * per).ok());
+        let span = range.and_then(|(a, b)| t.get(a..b)).ok_or(Error::corrupt(
+            "qcow2",
+            "L2 index out of range",
+            l2_off,
+        ))?;
+        let raw = encode_u64s(span);
+        self.file.write_all_at(&raw, l2_off + lo * per * 8)
     }
 
     /// Writes a whole fresh L2 table to `off` and caches it.

@@ -316,7 +316,7 @@ impl Meta {
 
     /// Sets the refcounts of clusters `c..c+n` to `v`, writing each touched refcount
     /// block once (one byte range) where the block exists.
-    fn set_refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
+    pub(crate) fn set_refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
         let rbe = self.rb_entries();
         let order = self.h.refcount_order;
         let mut k = 0;

@@ -11,7 +11,7 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
 use crate::device::Qcow2Device;
-use crate::encryption::{Encryption, write_data};
+use crate::encryption::write_data;
 use crate::header::AUTOCLEAR_DATA_RAW;
 use crate::meta::Meta;
 use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify};
@@ -63,30 +63,45 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     Ok(new)
 }
 
-/// A new host cluster for guest cluster `cstart` (data files: host = guest offset).
-fn new_cluster(m: &mut Meta, cstart: u64) -> Result<u64> {
+/// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
+/// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
+/// never written.
+fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     if m.data.is_some() {
-        Ok(cstart)
-    } else {
-        m.alloc_run(1)
+        return Ok((cstart, false));
+    }
+    match m.take_reserved(n) {
+        Some(h) => Ok((h, true)),
+        None => Ok((m.alloc_run(n)?, false)),
     }
 }
 
-/// Whether a partial write into the new host cluster `host` may leave the rest of it
-/// unwritten: the guest cluster reads as zeroes outside the write (a zero cluster, or
-/// unallocated with nothing below), and the host cluster lies at or past the end of the
-/// image file, where the file system guarantees zeroes. Not for data files (the host
-/// range may hold older bytes) nor encryption (zero host bytes are not zero plaintext).
-fn fresh_past_eof(dev: &Qcow2Device, m: &Meta, kind: Sub, host: u64, cstart: u64) -> Result<bool> {
-    let zero_rest = match kind {
+/// Whether guest cluster `cstart` of kind `kind` reads as zeroes (a zero cluster, or
+/// unallocated with nothing below).
+fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
+    match kind {
         Sub::Zero | Sub::ZeroAlloc(_) => true,
         Sub::Unalloc => dev.backing().is_none_or(|b| b.virtual_size() <= cstart),
         Sub::Data(_) | Sub::Compressed(..) => false,
-    };
-    if !zero_rest || m.data.is_some() || dev.crypt.is_some() {
+    }
+}
+
+/// Whether the new host cluster `host` reads as zeroes where it is not written: it is
+/// `reserved` (never written) or at or past the end of the image file, where the file
+/// system guarantees zeroes. Never for data files (the host range may hold older bytes)
+/// nor encryption (zero host bytes are not zero plaintext).
+fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Result<bool> {
+    if m.data.is_some() || dev.crypt.is_some() {
         return Ok(false);
     }
-    Ok(host >= m.file.len()?)
+    Ok(reserved || host >= m.file.len()?)
+}
+
+/// Whether new clusters need a storage flush before an L2 entry points to them: unless
+/// they come from the durable reserve and losing their data in a crash leaves what the
+/// guest saw before (zeroes), see `reserve`.
+fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
+    !(reserved && was_zero && dev.crypt.is_none())
 }
 
 /// The old allocation an L2 entry held, to drop once it is no longer referenced.
@@ -125,16 +140,17 @@ fn write_cluster(
             m.check_overlap(h, cs)?;
             return write_data(crypt, store.as_ref(), data, h + in_off, guest);
         }
-        let host = match kind {
+        let (host, reserved) = match kind {
             Sub::ZeroAlloc(h) if copied => {
                 m.check_overlap(h, cs)?;
-                h
+                (h, false)
             }
-            _ => new_cluster(m, cstart)?,
+            _ => new_clusters(m, cstart, 1)?,
         };
+        let was_zero = reads_zero(dev, kind, cstart);
         if data.len() as u64 == cs {
             write_data(crypt, store.as_ref(), data, host, cstart)?;
-        } else if fresh_past_eof(dev, m, kind, host, cstart)? {
+        } else if was_zero && host_reads_zero(dev, m, host, reserved)? {
             // The rest of the cluster reads as zeroes, and so does the host file there
             // (a hole or past its end): only the guest's bytes are written.
             write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
@@ -147,7 +163,7 @@ fn write_cluster(
             write_data(crypt, store.as_ref(), &full, host, cstart)?;
         }
         p.l2.push((l2, i, host | OFLAG_COPIED, 0));
-        p.flush = true;
+        p.flush |= needs_ordering(dev, reserved, was_zero);
         if !(copied && matches!(kind, Sub::ZeroAlloc(_)))
             && let Some(r) = old_ref(m, e).filter(|_| !copied || e & OFLAG_COMPRESSED != 0)
         {
@@ -163,7 +179,7 @@ fn write_cluster(
         let mut b = vec![0u8; idx(cs)];
         dev.read_locked(m, &mut b, cstart)?;
         b.put(idx(in_off), data);
-        let host = new_cluster(m, cstart)?;
+        let (host, _) = new_clusters(m, cstart, 1)?;
         write_data(crypt, store.as_ref(), &b, host, cstart)?;
         p.l2.push((l2, i, host | OFLAG_COPIED, ALL_ALLOC));
         p.flush = true;
@@ -177,7 +193,7 @@ fn write_cluster(
         (e & L2E_OFFSET_MASK, bm)
     } else {
         p.flush = true;
-        (new_cluster(m, cstart)?, bm & !ALL_ALLOC)
+        (new_clusters(m, cstart, 1)?.0, bm & !ALL_ALLOC)
     };
     let g = cs / 32;
     let end = in_off + data.len() as u64;
@@ -222,8 +238,8 @@ fn write_cluster(
 /// one data write, one refcount update, one L2 update. Returns the bytes written, or
 /// `None` when the slow path must handle `guest`.
 fn fast_run(
+    dev: &Qcow2Device,
     m: &mut Meta,
-    crypt: Option<&Encryption>,
     buf: &[u8],
     guest: u64,
     p: &mut Pending,
@@ -240,6 +256,7 @@ fn fast_run(
     let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
     let mut host0 = 0u64;
     let mut olds = Vec::new();
+    let mut was_zero = true;
     while n < max_n {
         let (e, bm, _) = m.l2_entry(guest + n * cs)?;
         let copied = e & OFLAG_COPIED != 0;
@@ -262,6 +279,7 @@ fn fast_run(
         }
         if this {
             olds.push(e);
+            was_zero &= reads_zero(dev, kind, guest + n * cs);
         }
         n += 1;
     }
@@ -272,16 +290,13 @@ fn fast_run(
         .get(..idx(n * cs))
         .ok_or(Error::invalid("write range"))?;
     let store = m.data_store().clone();
+    let crypt = dev.crypt.as_deref();
     if mode == Some(false) {
         m.check_overlap(host0, n * cs)?;
         write_data(crypt, store.as_ref(), data, host0, guest)?;
         return Ok(Some(n * cs));
     }
-    let host = if m.data.is_some() {
-        guest
-    } else {
-        m.alloc_run(n)?
-    };
+    let (host, reserved) = new_clusters(m, guest, n)?;
     write_data(crypt, store.as_ref(), data, host, guest)?;
     for (k, e) in olds.into_iter().enumerate() {
         let k = k as u64;
@@ -291,7 +306,7 @@ fn fast_run(
             p.unref.push(r);
         }
     }
-    p.flush = true;
+    p.flush |= needs_ordering(dev, reserved, was_zero);
     Ok(Some(n * cs))
 }
 
@@ -305,7 +320,7 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
         let guest = off + done as u64;
         let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
         let rest = buf.get(done..).unwrap_or(&[]);
-        if let Some(k) = fast_run(&mut m, dev.crypt.as_deref(), rest, guest, &mut p)? {
+        if let Some(k) = fast_run(dev, &mut m, rest, guest, &mut p)? {
             done += idx(k);
             continue;
         }

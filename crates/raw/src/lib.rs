@@ -149,6 +149,24 @@ impl BlockDevice for RawDevice {
         self.storage.write_all_at(buf, offset)
     }
 
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let size = self.virtual_size();
+        let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        diskimg_blockio::check_range(offset, len, size)?;
+        // As read_at: only the last sector can lie beyond the end of an odd-sized file.
+        if offset + len <= size.saturating_sub(512) {
+            return self.storage.read_vectored_exact_at(bufs, offset);
+        }
+        diskimg_blockio::vectored::read_each(self, bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        guard_write(self.read_only, offset, len, self.virtual_size())?;
+        self.storage.write_vectored_all_at(bufs, offset)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
         guard_write(self.read_only, offset, len, self.virtual_size())?;
         self.storage.write_zeroes(offset, len)

@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{Error, Result, Storage};
 
+use crate::recycle::Recycler;
+
 /// Bytes at the start of a stream kept for the whole pass.
 pub const HEAD_LIMIT: u64 = 16 << 20;
 /// Bytes kept behind the furthest position read.
@@ -43,6 +45,10 @@ struct State {
     pos: u64,
     eof: bool,
     failed: Option<String>,
+    /// Bytes of the head kept (at most [`HEAD_LIMIT`]).
+    head_limit: u64,
+    /// Bytes kept behind the furthest position (at most [`WINDOW_LIMIT`]).
+    window_limit: u64,
 }
 
 /// A read-only storage over a forward-only stream (see the module docs).
@@ -50,6 +56,8 @@ pub struct ForwardStorage {
     name: String,
     declared: Option<u64>,
     state: Mutex<State>,
+    /// Chunks dropped from the window, for the producer to fill again.
+    spare: Recycler,
 }
 
 impl std::fmt::Debug for ForwardStorage {
@@ -66,10 +74,11 @@ impl std::fmt::Debug for ForwardStorage {
 fn produce(
     mut r: Box<dyn Read + Send>,
     tx: std::sync::mpsc::SyncSender<std::result::Result<Vec<u8>, String>>,
+    spare: &Recycler,
 ) {
     let mut off = 0u64;
     loop {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = spare.take(CHUNK);
         let mut n = 0;
         while n < CHUNK {
             match r.read(buf.get_mut(n..).unwrap_or_default()) {
@@ -107,8 +116,11 @@ impl ForwardStorage {
         declared: Option<u64>,
     ) -> Self {
         let (tx, rx) = sync_channel(CHUNKS_AHEAD);
-        std::thread::spawn(move || produce(reader, tx));
+        let spare = Recycler::new(CHUNKS_AHEAD);
+        let theirs = spare.clone();
+        std::thread::spawn(move || produce(reader, tx, &theirs));
         Self {
+            spare,
             name: name.into(),
             declared,
             state: Mutex::new(State {
@@ -119,6 +131,8 @@ impl ForwardStorage {
                 pos: 0,
                 eof: false,
                 failed: None,
+                head_limit: HEAD_LIMIT,
+                window_limit: WINDOW_LIMIT,
             }),
         }
     }
@@ -148,6 +162,26 @@ impl ForwardStorage {
         if st.eof { Some(st.pos) } else { self.declared }
     }
 
+    /// Keeps no more of the head than is held now: for a format that never reads its
+    /// start again (raw), so the head's memory goes to nothing else.
+    pub fn stop_growing_head(&self) {
+        let mut st = self.lock();
+        st.head_limit = st.head_limit.min(st.head.len() as u64);
+    }
+
+    /// A reader of the whole stream from its first byte, for a consumer that reads it
+    /// once front to back (a stream-optimized VMDK walk): from now on the storage keeps
+    /// no more head than it has and only a small window, so the bytes are not held twice.
+    pub fn sequential(self: &Arc<Self>) -> ForwardReader {
+        let mut st = self.lock();
+        st.head_limit = st.head_limit.min(st.head.len() as u64);
+        st.window_limit = 2 * CHUNK as u64;
+        ForwardReader {
+            storage: self.clone(),
+            pos: 0,
+        }
+    }
+
     /// Receives one more chunk (or the end).
     fn pull(&self, st: &mut State) -> Result<()> {
         if let Some(e) = &st.failed {
@@ -174,8 +208,8 @@ impl ForwardStorage {
             Some(Ok(mut chunk)) => {
                 let start = st.pos;
                 st.pos += chunk.len() as u64;
-                if start < HEAD_LIMIT {
-                    let keep = usize::try_from(HEAD_LIMIT - start)
+                if start < st.head_limit {
+                    let keep = usize::try_from(st.head_limit - start)
                         .unwrap_or(usize::MAX)
                         .min(chunk.len());
                     st.head
@@ -186,9 +220,12 @@ impl ForwardStorage {
                     let off = st.pos - chunk.len() as u64;
                     st.window_bytes += chunk.len() as u64;
                     st.window.push_back((off, chunk));
-                    while st.window_bytes > WINDOW_LIMIT {
+                    while st.window_bytes > st.window_limit {
                         match st.window.pop_front() {
-                            Some((_, c)) => st.window_bytes -= c.len() as u64,
+                            Some((_, c)) => {
+                                st.window_bytes -= c.len() as u64;
+                                self.spare.give(c);
+                            }
                             None => break,
                         }
                     }
@@ -285,6 +322,34 @@ impl Storage for ForwardStorage {
 
     fn next_hole(&self, offset: u64) -> Result<u64> {
         Ok(self.len()?.max(offset))
+    }
+}
+
+/// A [`Read`] of a [`ForwardStorage`] from its first byte to the end of the stream
+/// ([`ForwardStorage::sequential`]); a stream shorter than its declared length fails.
+pub struct ForwardReader {
+    storage: Arc<ForwardStorage>,
+    pos: u64,
+}
+
+impl Read for ForwardReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = &self.storage;
+        let mut st = f.lock();
+        while st.pos <= self.pos && !st.eof {
+            f.pull(&mut st)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        let avail = st.pos.saturating_sub(self.pos);
+        let n = usize::try_from(avail.min(buf.len() as u64)).unwrap_or(0);
+        if n == 0 {
+            return Ok(0);
+        }
+        let dst = buf.get_mut(..n).unwrap_or_default();
+        f.copy_out(&st, dst, self.pos)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

@@ -17,6 +17,8 @@ use std::time::Duration;
 use diskimg_blockio::{Error, Result, Storage};
 use ureq::ResponseExt;
 
+use crate::recycle::{Recycled, Recycler};
+
 /// How HTTP sources are fetched.
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
@@ -50,7 +52,7 @@ impl Default for HttpOptions {
 /// What opening a URL gave.
 pub enum HttpSource {
     /// The server honours ranges: random access.
-    Ranges(HttpStorage),
+    Ranges(Box<HttpStorage>),
     /// The server ignores ranges: the body, front to back, and its length if sent.
     Stream(Box<dyn Read + Send>, Option<u64>),
 }
@@ -61,7 +63,9 @@ pub struct HttpStorage {
     url: String,
     len: u64,
     opts: HttpOptions,
-    cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    cache: Mutex<VecDeque<(u64, Arc<Recycled>)>>,
+    /// Block buffers handed back once no reader holds them.
+    spare: Recycler,
     /// Readers of the same block take the same stripe, so a block is fetched once even
     /// when several threads want it at the same time.
     stripes: Vec<Mutex<()>>,
@@ -165,8 +169,9 @@ fn content_range(r: &ureq::http::Response<ureq::Body>) -> Option<(u64, Option<u6
 fn read_body(
     r: ureq::http::Response<ureq::Body>,
     want: usize,
+    spare: &Recycler,
 ) -> std::result::Result<Vec<u8>, Failure> {
-    let mut out = vec![0u8; want];
+    let mut out = spare.take(want);
     let mut rd = r.into_body().into_with_config().limit(want as u64).reader();
     let mut n = 0;
     while n < want {
@@ -207,10 +212,12 @@ impl HttpSource {
                     )));
                 }
                 let want = usize::try_from(first.min(total)).unwrap_or(0);
+                let spare = Recycler::new(opts.cache_blocks.max(1));
                 let body = with_retries(url, "read failed at offset 0", opts, {
                     let mut resp = Some(resp);
+                    let spare = &spare;
                     move || match resp.take() {
-                        Some(r) => read_body(r, want),
+                        Some(r) => read_body(r, want, spare),
                         None => Err(Failure::Fatal("body already consumed".into())),
                     }
                 })?;
@@ -220,10 +227,11 @@ impl HttpSource {
                     len: total,
                     opts: opts.clone(),
                     cache: Mutex::new(VecDeque::new()),
+                    spare: spare.clone(),
                     stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 };
-                s.cache_put(0, Arc::new(body));
-                Ok(HttpSource::Ranges(s))
+                s.cache_put(0, Arc::new(Recycled::new(body, &spare)));
+                Ok(HttpSource::Ranges(Box::new(s)))
             }
             416 => Ok(HttpSource::Stream(Box::new(std::io::empty()), Some(0))),
             200 => {
@@ -254,7 +262,7 @@ impl HttpStorage {
         &self.url
     }
 
-    fn cache_get(&self, idx: u64) -> Option<Arc<Vec<u8>>> {
+    fn cache_get(&self, idx: u64) -> Option<Arc<Recycled>> {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let pos = c.iter().position(|(i, _)| *i == idx)?;
         let e = c.remove(pos)?;
@@ -263,7 +271,7 @@ impl HttpStorage {
         Some(data)
     }
 
-    fn cache_put(&self, idx: u64, data: Arc<Vec<u8>>) {
+    fn cache_put(&self, idx: u64, data: Arc<Recycled>) {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.retain(|(i, _)| *i != idx);
         c.push_back((idx, data));
@@ -273,7 +281,7 @@ impl HttpStorage {
     }
 
     /// Block `idx` (from the cache or one range request).
-    fn block(&self, idx: u64) -> Result<Arc<Vec<u8>>> {
+    fn block(&self, idx: u64) -> Result<Arc<Recycled>> {
         let stripe = self
             .stripes
             .get(usize::try_from(idx % STRIPES as u64).unwrap_or(0))
@@ -290,13 +298,13 @@ impl HttpStorage {
         let data = with_retries(&self.url, &what, &self.opts, || {
             let r = get(&self.agent, &self.url, &self.opts, Some((start, end - 1)))?;
             match (r.status().as_u16(), content_range(&r)) {
-                (206, Some((a, _))) if a == start => read_body(r, want),
+                (206, Some((a, _))) if a == start => read_body(r, want, &self.spare),
                 (s, _) => Err(Failure::Fatal(format!(
                     "unexpected answer to a range request (HTTP status {s})"
                 ))),
             }
         })?;
-        let data = Arc::new(data);
+        let data = Arc::new(Recycled::new(data, &self.spare));
         self.cache_put(idx, data.clone());
         Ok(data)
     }

@@ -101,7 +101,7 @@ fn base(
         return Ok(match HttpSource::open(url, &opts.http)? {
             HttpSource::Ranges(s) => {
                 let len = s.len()?;
-                (Layer::Seek(Arc::new(s)), member, Some(len))
+                (Layer::Seek(Arc::new(*s)), member, Some(len))
             }
             HttpSource::Stream(r, len) => (
                 Layer::Stream(Box::new(CountingReader::new(r, count.clone())), len),

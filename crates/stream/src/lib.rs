@@ -11,8 +11,12 @@
 //!   the head and a window behind the reading position, so the drivers of formats laid
 //!   out front to back (raw, qcow2 with its metadata first) read it as they read a
 //!   file, and anything else fails with an error naming the input and offset.
-//! - [`write_raw`], [`write_qcow2`] (qemu's `qcow2-to-stdout.py` layout) and
-//!   [`finish_vhd_fixed`] write an image front to back to any `Write` (stdout).
+//! - [`write_raw`], [`write_qcow2`] (qemu's `qcow2-to-stdout.py` layout),
+//!   [`finish_vhd_fixed`] and [`write_vmdk`] (stream-optimized, VMware's layout) write an
+//!   image front to back to any `Write` (stdout); [`write_gcp`] (`disk.raw` in an
+//!   oldgnu tar.gz, deflated in parallel by [`ParallelGzip`]) and [`write_ova`] /
+//!   [`write_ova_twice`] (OVF descriptor, stream-optimized disk, SHA-256 manifest) write
+//!   the archives clouds and hypervisors import.
 //!
 //! # Example
 //!
@@ -55,14 +59,29 @@ macro_rules! read_only_storage {
 
 mod codec;
 mod forward;
+mod gzip_out;
 mod http;
 mod input;
+mod ova;
+mod recycle;
 mod sink;
 mod tar;
+mod tar_out;
+mod vmdk_out;
 
 pub use codec::{Codec, CountingReader, DecodeErrors};
-pub use forward::{ForwardStorage, HEAD_LIMIT, PROVISIONAL_LEN, StorageReader, WINDOW_LIMIT};
+pub use diskimg_vmdk::{ForwardStreamDevice, StreamProfile, is_forward_stream};
+pub use forward::{
+    ForwardReader, ForwardStorage, HEAD_LIMIT, PROVISIONAL_LEN, StorageReader, WINDOW_LIMIT,
+};
+pub use gzip_out::ParallelGzip;
 pub use http::{HttpOptions, HttpSource, HttpStorage, parse_header};
 pub use input::{Input, InputOptions, is_stream_spec, open};
+pub use ova::{OvaSpec, ovf_descriptor, write_gcp, write_ova, write_ova_twice};
 pub use sink::{finish_vhd_fixed, write_qcow2, write_raw};
 pub use tar::{Member, SliceStorage, SparseReader, find_in_storage, find_in_stream, is_tar};
+pub use tar_out::{
+    TarEntry, TarFormat, data_regions, end_of_archive, header as tar_header,
+    padding as tar_padding, write_device_member,
+};
+pub use vmdk_out::{VmdkStats, write_vmdk};

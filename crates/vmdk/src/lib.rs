@@ -49,9 +49,13 @@ mod open;
 mod options;
 mod sesparse;
 mod sparse;
+mod stream_read;
+mod streaming;
 
 pub use device::VmdkDevice;
 pub use options::{AdapterType, Subformat, VmdkCreateOptions};
+pub use stream_read::{ForwardStreamDevice, is_forward_stream};
+pub use streaming::{OVERHEAD, STREAM_GRAIN, StreamProfile, StreamWriter, grain_record};
 
 /// The vmdk driver for the `diskimg` facade's table.
 pub static DRIVER: VmdkDriver = VmdkDriver;

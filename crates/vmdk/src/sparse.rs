@@ -8,7 +8,6 @@
 //! entry, never an entry pointing at unwritten space).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
@@ -22,6 +21,8 @@ use crate::layout::{Layout, metadata_ranges, read_table};
 use crate::sesparse::SeSparse;
 
 mod stream;
+
+pub(crate) use stream::DEFLATE_LEVEL;
 
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
@@ -493,18 +494,7 @@ impl SparseExtent {
     /// Deflates a whole grain into its on-disk record: marker (`lba`, `size`), zlib
     /// stream, padding to a sector.
     fn compress_record(&self, grain: u64, buf: &[u8]) -> Result<Vec<u8>> {
-        let level = flate2::Compression::new(stream::DEFLATE_LEVEL);
-        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), level);
-        enc.write_all(buf).map_err(|e| Error::io("deflate", e))?;
-        let z = enc.finish().map_err(|e| Error::io("deflate", e))?;
-        let mut rec = Vec::new();
-        let lba = grain * self.grain_sectors;
-        rec.extend_from_slice(&lba.to_le_bytes());
-        rec.extend_from_slice(&u32::try_from(z.len()).unwrap_or(u32::MAX).to_le_bytes());
-        rec.extend_from_slice(&z);
-        let padded = (rec.len() as u64).div_ceil(SECTOR) * SECTOR;
-        rec.resize(usize::try_from(padded).unwrap_or(rec.len()), 0);
-        Ok(rec)
+        crate::streaming::deflate_record(grain.saturating_mul(self.grain_sectors), buf)
     }
 
     /// Appends a compressed record for `grain` and points the grain tables at it.

@@ -6,10 +6,14 @@
 //! server without a `Content-Length`) reports a provisional size: the target is created
 //! at that size, the copy skips everything past the real end at once (it reads as a
 //! hole), and the target is then cut to the real length (rounded up to a sector).
-//! Raw and qcow2 targets can be cut; other formats are refused up front.
+//! Raw and qcow2 targets can be cut; other formats are refused up front. Into an
+//! existing target (`-n`, a block device) such a stream is copied in order until it
+//! ends ([`copy_into_existing`]).
 
-use anyhow::{Context, Result, bail};
-use diskimg::{CacheMode, Format, Image};
+use std::io::Write;
+
+use anyhow::{Context, Result, anyhow, bail};
+use diskimg::{BlockDevice, CacheMode, Format, Image};
 
 use crate::common::open_resolved;
 
@@ -25,7 +29,7 @@ pub(super) fn open_source(name: &str, format: Option<Format>, cache: CacheMode) 
 }
 
 /// True when `name` is a raw stream whose length is not known yet.
-fn unknown_length(img: &Image) -> bool {
+pub(super) fn unknown_length(img: &Image) -> bool {
     img.format == Format::Raw
         && crate::source::opened(&img.filename)
             .and_then(|o| o.forward.clone())
@@ -43,12 +47,7 @@ pub(super) fn check_target(images: &[Image], out_fmt: Format, no_create: bool) -
             "'{name}': the length of this stream is unknown until its end; it can only be converted alone"
         );
     }
-    if no_create {
-        bail!(
-            "'{name}': the length of this stream is unknown until its end; -n needs a source of known length"
-        );
-    }
-    if !matches!(out_fmt, Format::Raw | Format::Qcow2) {
+    if !no_create && !matches!(out_fmt, Format::Raw | Format::Qcow2) {
         bail!(
             "'{name}': the length of this stream is unknown until its end; convert it to raw or qcow2 (which can be cut to the length found), or give a source of known length"
         );
@@ -120,4 +119,91 @@ pub(super) fn mark_created() {
 /// Whether [`mark_created`] was called.
 pub(super) fn was_created() -> bool {
     CREATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `convert -n` from a raw stream of unknown length: its bytes are written in order into
+/// the existing target until the stream ends (zero runs as `write_zeroes`); a stream
+/// longer than the target fails naming it, and the target's bytes past the stream's end
+/// are left as they are (as `qemu-img convert -n` leaves them past a smaller source).
+pub(super) fn copy_into_existing(
+    src: &dyn BlockDevice,
+    images: &[Image],
+    dst: &dyn BlockDevice,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let name = images.first().map(|i| i.filename.as_str()).unwrap_or("-");
+    let end = || crate::source::guest_len(name).unwrap_or_else(|| src.virtual_size());
+    let mut w = DeviceWriter {
+        dev: dst,
+        pos: 0,
+        zeroes: 0,
+        overflow: false,
+    };
+    let cap = dst.virtual_size();
+    let r = diskimg_stream::write_raw(src, &mut w, &end, &mut |d| {
+        let (d, t) = self::progress(images, d, cap);
+        progress(d, t);
+    })
+    .map_err(|e| anyhow!("{e}"));
+    let r = r.and_then(|_| w.flush().map_err(|e| anyhow!("{e}")));
+    if w.overflow {
+        bail!("'{name}' is longer than the target ({cap} bytes)");
+    }
+    r
+}
+
+/// Writes into a device at increasing offsets; runs of zeroes become one
+/// `write_zeroes`. Refuses to write past the device's end.
+struct DeviceWriter<'a> {
+    dev: &'a dyn BlockDevice,
+    /// Where the pending zero run starts.
+    pos: u64,
+    /// Length of the pending zero run.
+    zeroes: u64,
+    /// A write past the end was refused.
+    overflow: bool,
+}
+
+impl DeviceWriter<'_> {
+    fn io(e: diskimg::Error) -> std::io::Error {
+        std::io::Error::other(e.to_string())
+    }
+
+    fn check(&mut self, len: u64) -> std::io::Result<()> {
+        if self.pos + self.zeroes + len > self.dev.virtual_size() {
+            self.overflow = true;
+            return Err(std::io::Error::other("past the end of the target"));
+        }
+        Ok(())
+    }
+}
+
+impl Write for DeviceWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check(buf.len() as u64)?;
+        if diskimg_convert::is_zero(buf) {
+            self.zeroes += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        self.flush()?;
+        self.dev.write_at(buf, self.pos).map_err(Self::io)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.zeroes > 0 {
+            self.check(0)?;
+            self.dev
+                .write_zeroes(
+                    self.pos,
+                    self.zeroes,
+                    diskimg::blockio::ZeroFlags::default(),
+                )
+                .map_err(Self::io)?;
+            self.pos += self.zeroes;
+            self.zeroes = 0;
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,6 @@
 //! `convert … -`: the target is stdout, written front to back (raw; fixed VHD, the
-//! footer last; qcow2 in `qcow2-to-stdout.py`'s layout, which needs a seekable source).
+//! footer last; qcow2 in `qcow2-to-stdout.py`'s layout, which needs a seekable source;
+//! stream-optimized VMDK in VMware's layout, the grain directory last).
 
 use std::io::Write;
 
@@ -73,8 +74,26 @@ pub(super) fn run(
             })
             .map_err(err)?;
         }
+        Format::Vmdk => {
+            if o.take("subformat").is_some_and(|s| s != "streamOptimized") {
+                bail!("stdout takes only subformat=streamOptimized for vmdk");
+            }
+            let profile =
+                super::targets::vmdk_profile(&mut o, diskimg_stream::StreamProfile::qemu())?;
+            super::targets::refuse_unknown_length(images, "a stream-optimized VMDK")?;
+            let threads = super::targets::threads();
+            diskimg_stream::write_vmdk(
+                src,
+                &mut out,
+                "disk.vmdk",
+                &profile,
+                threads,
+                &mut |d, t| bar.update(d, Some(t)),
+            )
+            .map_err(err)?;
+        }
         f => bail!(
-            "stdout as the target takes raw, qcow2 or vpc (fixed), not {}",
+            "stdout as the target takes raw, qcow2, vpc (fixed) or vmdk (streamOptimized), not {}",
             f.name()
         ),
     }

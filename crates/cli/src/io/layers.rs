@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use diskimg::blockio::{
-    Amend, Bitmaps, ChainLink, CheckReport, DeviceInfo, Extent, ExtentKind, Preallocation,
-    RepairMode, Snapshots, ZeroFlags,
+    Amend, Bitmaps, ChainLink, CheckReport, DeviceInfo, Extent, ExtentKind, InfoValue,
+    Preallocation, RepairMode, Snapshots, ZeroFlags,
 };
+
+use super::blkdebug::Blkdebug;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList, Result, Storage};
 
 /// A qcow2 overlay in an unlinked temporary file with `img` as its backing device (qemu's
@@ -38,48 +40,96 @@ pub(super) fn snapshot_overlay(img: &Image) -> anyhow::Result<Arc<dyn BlockDevic
 #[derive(Debug)]
 pub(super) struct CopyOnRead {
     inner: Arc<dyn BlockDevice>,
+    /// The blkdebug node `inner` is (qemu raises `cor_write` on it), if any.
+    debug: Option<Arc<Blkdebug>>,
+}
+
+/// The granularity qemu copies in: the subcluster with extended L2 entries, else the
+/// cluster (512 bytes for formats without clusters).
+fn copy_unit(info: &DeviceInfo) -> u64 {
+    let cluster = info.cluster_size.unwrap_or(512).max(512);
+    let extl2 = info.format_specific.as_ref().is_some_and(|(_, kv)| {
+        kv.iter()
+            .any(|(k, v)| k == "extended-l2" && matches!(v, InfoValue::Bool(true)))
+    });
+    if extl2 {
+        (cluster / 32).max(512)
+    } else {
+        cluster
+    }
 }
 
 impl CopyOnRead {
-    /// Wraps `inner` (which must be writable).
-    pub(super) fn new(inner: Arc<dyn BlockDevice>) -> Self {
-        Self { inner }
+    /// Wraps `inner` (which must be writable); `debug` is the blkdebug node it is.
+    pub(super) fn new(inner: Arc<dyn BlockDevice>, debug: Option<Arc<Blkdebug>>) -> Self {
+        Self { inner, debug }
     }
 
-    /// Copies the unallocated clusters around `offset..offset+len` up from the backing
-    /// chain.
-    fn populate(&self, offset: u64, len: u64) -> Result<()> {
-        if self.inner.backing_device().is_none() || len == 0 {
+    /// Reads `buf` at `offset` as qemu's `bdrv_co_do_copy_on_readv`: over the range
+    /// widened to whole (sub)clusters, extent by extent in order, allocated parts are
+    /// read as they are; the unallocated parts (left to the backing chain, or to nothing)
+    /// are read, `cor_write` is raised, and they are written into the top image (as zero
+    /// writes where they read zeroes: qemu's copy-on-read allocates them even without a
+    /// backing file) before their bytes are handed out.
+    fn read_copying(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if len == 0 {
             return Ok(());
         }
-        let size = self.inner.virtual_size();
-        let unit = self.inner.info().cluster_size.unwrap_or(512).max(512);
-        let start = offset - offset % unit;
-        let end = offset.saturating_add(len).next_multiple_of(unit).min(size);
-        let mut pos = start;
-        while pos < end {
-            let e = self.inner.map(pos, end - pos)?;
-            let n = e.len.min(end - pos);
+        let end = offset.saturating_add(len);
+        let unit = copy_unit(&self.inner.info());
+        let mut pos = offset - offset % unit;
+        let stop = end.next_multiple_of(unit).min(self.inner.virtual_size());
+        while pos < stop {
+            let e = self.inner.map(pos, stop - pos)?;
+            let n = e.len.clamp(1, stop - pos);
+            // The part of `buf` this extent covers.
+            let (a, b) = (pos.max(offset), (pos + n).min(end));
+            let part = |buf: &mut [u8]| -> Option<std::ops::Range<usize>> {
+                let r = usize::try_from(a - offset).ok()?..usize::try_from(b - offset).ok()?;
+                (a < b && r.end <= buf.len()).then_some(r)
+            };
             if e.kind == ExtentKind::Unallocated {
-                self.copy_up(pos, n)?;
+                self.copy_up(pos, n, buf, offset)?;
+            } else if let Some(dst) = part(buf).and_then(|r| buf.get_mut(r)) {
+                self.inner.read_at(dst, a)?;
             }
             pos += n;
         }
         Ok(())
     }
 
-    fn copy_up(&self, offset: u64, len: u64) -> Result<()> {
+    /// Copies `pos..pos+len` up into the top image, filling what of it `buf` (at
+    /// `offset`) covers.
+    fn copy_up(&self, pos: u64, len: u64, buf: &mut [u8], offset: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let mut done = 0;
         while done < len {
+            let at = pos + done;
             let n = (len - done).min(CHUNK);
-            let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
-            self.inner.read_at(&mut buf, offset + done)?;
-            if buf.iter().all(|&b| b == 0) {
-                self.inner
-                    .write_zeroes(offset + done, n, ZeroFlags::default())?;
+            let mut chunk = vec![0u8; usize::try_from(n).unwrap_or(0)];
+            self.inner.read_at(&mut chunk, at)?;
+            if let Some(d) = &self.debug {
+                d.event("cor_write");
+            }
+            if chunk.iter().all(|&b| b == 0) {
+                self.inner.write_zeroes(at, n, ZeroFlags::default())?;
             } else {
-                self.inner.write_at(&buf, offset + done)?;
+                self.inner.write_at(&chunk, at)?;
+            }
+            // Hand out the overlap of `at..at+n` with the caller's range.
+            let (a, b) = (at.max(offset), (at + n).min(offset + buf.len() as u64));
+            if a < b {
+                let src = chunk.get(
+                    usize::try_from(a - at).unwrap_or(0)..usize::try_from(b - at).unwrap_or(0),
+                );
+                let dst = buf.get_mut(
+                    usize::try_from(a - offset).unwrap_or(0)
+                        ..usize::try_from(b - offset).unwrap_or(0),
+                );
+                if let (Some(src), Some(dst)) = (src, dst) {
+                    dst.copy_from_slice(src);
+                }
             }
             done += n;
         }
@@ -92,8 +142,7 @@ impl BlockDevice for CopyOnRead {
         self.inner.info()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.populate(offset, buf.len() as u64)?;
-        self.inner.read_at(buf, offset)
+        self.read_copying(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.inner.write_at(buf, offset)

@@ -12,6 +12,7 @@
 //! A command failing (including a pattern mismatch) makes the exit status 1.
 
 mod aio;
+pub(crate) mod blkdebug;
 mod cmds;
 mod getopt;
 mod layers;

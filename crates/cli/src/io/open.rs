@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy, OptionList};
 
+use super::blkdebug::Blkdebug;
 use super::cmds::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
 use super::layers::{CopyOnRead, snapshot_overlay};
@@ -164,8 +165,14 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
     if flags.snapshot {
         dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
     }
+    let mut debug = None;
+    if !r.blkdebug.is_empty() {
+        let b = Arc::new(Blkdebug::new(dev, r.blkdebug.clone()));
+        dev = b.clone();
+        debug = Some(b);
+    }
     if cor {
-        dev = Arc::new(CopyOnRead::new(dev));
+        dev = Arc::new(CopyOnRead::new(dev, debug));
     }
     Ok(Blk {
         img,

@@ -279,10 +279,29 @@ fn http_sources() {
         s(&existing),
     ]);
     assert!(qemu_compare(&raw, "raw", &existing, "raw"));
-    // A stream of unknown length cannot go into an existing target (-n).
-    let o = diskimg(&["convert", "-n", "-O", "raw", &url, s(&existing)]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("-n needs a source of known length"));
-    assert!(existing.exists());
+    // A stream of unknown length into an existing target (-n): copied until it ends,
+    // over what the target held; one longer than the target fails naming it.
+    std::fs::write(&existing, vec![0xeeu8; 48 << 20]).unwrap();
+    diskimg_ok(&["convert", "-n", "-O", "raw", &url, s(&existing)]);
+    let got = std::fs::read(&existing).unwrap();
+    assert_eq!(got.len(), 48 << 20);
+    assert!(
+        got[..40 << 20] == std::fs::read(&raw).unwrap()[..],
+        "the stream's bytes"
+    );
+    assert!(
+        got[40 << 20..].iter().all(|&b| b == 0xee),
+        "bytes past the stream's end were changed"
+    );
+    let small = dir.path().join("small.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&small), "30M"]);
+    let o = diskimg(&["convert", "-n", "-O", "qcow2", &url, s(&small)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is longer than the target"),
+        "{err}"
+    );
+    assert!(small.exists(), "an existing target is never removed");
     let o = diskimg(&["info", &format!("{}/img/missing.raw", ng.base)]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("404"));
 

@@ -10,6 +10,7 @@ mod bitmaps;
 mod check;
 mod compressed;
 mod crash;
+mod crash_alloc;
 mod encrypt;
 mod hostile;
 mod maint;

@@ -1,0 +1,298 @@
+//! Scenarios from qemu-iotests that failed with diskimg, each judged by qemu-img itself:
+//! the same exit status and the same stderr (diskimg's prefix aside) on the same files.
+
+use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
+
+use crate::{code, diskimg, s};
+
+/// Runs `args` with both programs on fresh copies of the same setup and compares.
+fn same_as_qemu(setup: &dyn Fn(&std::path::Path), args: &dyn Fn(&std::path::Path) -> Vec<String>) {
+    let (qd, dd) = (tempdir(), tempdir());
+    setup(qd.path());
+    setup(dd.path());
+    let qa = args(qd.path());
+    let da = args(dd.path());
+    let q = qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    let d = diskimg(&da.iter().map(String::as_str).collect::<Vec<_>>());
+    let qerr = String::from_utf8_lossy(&q.stderr).replace(s(qd.path()), "DIR");
+    let derr = String::from_utf8_lossy(&d.stderr)
+        .replace(s(dd.path()), "DIR")
+        .replacen("diskimg: ", "qemu-img: ", 1);
+    assert_eq!(code(&d), q.status.code().unwrap_or(-1), "{da:?}: {derr}");
+    assert_eq!(derr, qerr, "{da:?}");
+}
+
+fn img(dir: &std::path::Path, name: &str, fmt: &str, size: &str) -> String {
+    let p = dir.join(name);
+    qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), size]);
+    s(&p).to_string()
+}
+
+fn v(items: &[&str]) -> Vec<String> {
+    items.iter().map(|x| x.to_string()).collect()
+}
+
+/// qemu-img convert's refusals, in qemu's order (iotests 114, 122).
+#[test]
+fn convert_refusals_as_qemu() {
+    let two = |d: &std::path::Path| {
+        img(d, "a.raw", "raw", "1M");
+        img(d, "b.raw", "raw", "1M");
+        img(d, "base.qcow2", "qcow2", "2M");
+    };
+    let p = |d: &std::path::Path, n: &str| s(&d.join(n)).to_string();
+    same_as_qemu(&two, &|d| {
+        let (a, b, base, t) = (
+            p(d, "a.raw"),
+            p(d, "b.raw"),
+            p(d, "base.qcow2"),
+            p(d, "t.qcow2"),
+        );
+        v(&["convert", "-O", "qcow2", "-B", &base, &a, &b, &t])
+    });
+    same_as_qemu(&two, &|d| {
+        let (a, base, t) = (p(d, "a.raw"), p(d, "base.qcow2"), p(d, "t.qcow2"));
+        v(&[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("backing_file={base}"),
+            &a,
+            &t,
+        ])
+    });
+    same_as_qemu(&two, &|d| {
+        let (a, b) = (p(d, "a.raw"), p(d, "b.raw"));
+        v(&[
+            "convert",
+            "-n",
+            "-O",
+            "raw",
+            "-o",
+            "preallocation=off",
+            &a,
+            &b,
+        ])
+    });
+}
+
+/// `-o backing_file=` works as -B: clusters the backing file has are left out
+/// (iotest 019's second conversion).
+#[test]
+fn convert_o_backing_file_is_b() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = img(d, "base.qcow2", "qcow2", "4M");
+    diskimg_testutil::qemu_io(
+        std::path::Path::new(&base),
+        "qcow2",
+        &["write -P 42 1M 64k"],
+    );
+    let top = d.join("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &base,
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    diskimg_testutil::qemu_io(&top, "qcow2", &["write -P 43 2M 64k"]);
+    for (name, opt) in [("q.qcow2", true), ("d.qcow2", false)] {
+        let out = d.join(name);
+        let args = [
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("backing_file={base},backing_fmt=qcow2"),
+            s(&top),
+            s(&out),
+        ];
+        if opt {
+            qemu_img_ok(&args);
+        } else {
+            let o = diskimg(&args);
+            assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    let map = |n: &str| {
+        let o = qemu_img_ok(&["map", "--output=json", "-f", "qcow2", s(&d.join(n))]);
+        o.replace(s(d), "DIR")
+            .replace("q.qcow2", "X")
+            .replace("d.qcow2", "X")
+    };
+    let m = map("d.qcow2");
+    assert_eq!(m, map("q.qcow2"));
+    // The backing file's cluster at 1M is not copied into the top.
+    assert!(
+        m.contains("\"start\": 1048576, \"length\": 65536, \"depth\": 1"),
+        "{m}"
+    );
+    assert_eq!(
+        code(&diskimg(&["compare", s(&top), s(&d.join("d.qcow2"))])),
+        0
+    );
+}
+
+/// Create-time limits and rebase -c on a format without compression (iotests 054,
+/// 112, 314).
+#[test]
+fn create_and_rebase_refusals_as_qemu() {
+    let p = |d: &std::path::Path, n: &str| s(&d.join(n)).to_string();
+    let none = |_: &std::path::Path| {};
+    same_as_qemu(&none, &|d| {
+        v(&["create", "-q", "-f", "qcow2", &p(d, "t.qcow2"), "1024P"])
+    });
+    same_as_qemu(&none, &|d| {
+        v(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=-1",
+            &p(d, "t.qcow2"),
+            "1M",
+        ])
+    });
+    same_as_qemu(
+        &|d| {
+            img(d, "t.raw", "raw", "1M");
+        },
+        &|d| v(&["rebase", "-c", "-f", "raw", "-b", "", &p(d, "t.raw")]),
+    );
+}
+
+/// A backing format qemu has no driver for (iotest 114).
+#[test]
+fn unknown_backing_format_as_qemu() {
+    let setup = |d: &std::path::Path| {
+        img(d, "base.raw", "raw", "1M");
+        let t = d.join("t.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&t),
+            "1M",
+        ]);
+        let mut b = std::fs::read(&t).unwrap();
+        let at = b.windows(3).skip(104).position(|w| w == b"raw").unwrap() + 104;
+        b[at..at + 3].copy_from_slice(b"foo");
+        std::fs::write(&t, b).unwrap();
+    };
+    same_as_qemu(&setup, &|d| {
+        v(&["map", "-f", "qcow2", s(&d.join("t.qcow2"))])
+    });
+}
+
+/// qemu-io output with the timing line dropped.
+fn io_text(o: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    text.lines()
+        .filter(|l| !l.contains(" ops;"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Copy-on-read through a blkdebug node that fails writes over sector 2048 once a
+/// copy-on-read write happened (iotests 197/215): the allocated cluster is not copied
+/// again, so the read succeeds; a read whose copy covers that sector fails with EIO;
+/// a partial final cluster without backing file is allocated; with subclusters only the
+/// read's subclusters are copied.
+#[test]
+fn copy_on_read_with_blkdebug_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let base = img(d, "base.raw", "raw", "4M");
+        let wrap = d.join("w.qcow2");
+        let conf = d.join("c.conf");
+        std::fs::write(
+            &conf,
+            "[inject-error]\nevent = \"cor_write\"\nsector = \"2048\"\n",
+        )
+        .unwrap();
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &base,
+            "-F",
+            "raw",
+            s(&wrap),
+        ]);
+        let tiny = d.join("tiny.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            s(&tiny),
+            "1024",
+        ]);
+        let sub = d.join("sub.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            &base,
+            "-F",
+            "raw",
+            s(&sub),
+            "4M",
+        ]);
+        let open = format!(
+            "open -C -o driver=blkdebug,config={},image.driver=qcow2 {}",
+            s(&conf),
+            s(&wrap)
+        );
+        let calls: Vec<Vec<String>> = vec![
+            v(&["-f", "qcow2", "-c", "write -z -u 1M 64k", s(&wrap)]),
+            v(&["-c", &open, "-c", "read -P 0 1M 128k"]),
+            v(&["-c", &open, "-c", "read -P 0 960k 128k"]),
+            v(&["-f", "qcow2", "-c", "map", s(&wrap)]),
+            v(&["-f", "qcow2", "-C", "-c", "read 0 1024", s(&tiny)]),
+            v(&["-f", "qcow2", "-c", "map", s(&tiny)]),
+            v(&["-f", "qcow2", "-c", "write -P 0xbb 28K 2K", s(&sub)]),
+            v(&["-f", "qcow2", "-C", "-c", "read 30K 4K", s(&sub)]),
+            v(&["-f", "qcow2", "-c", "map", s(&sub)]),
+        ];
+        calls
+            .iter()
+            .map(|a| {
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                let o = if qemu {
+                    crate::qemu_io_raw(&a)
+                } else {
+                    diskimg(&[&["io"], a.as_slice()].concat())
+                };
+                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+            })
+            .collect()
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    assert!(q[2].contains("Input/output error"), "{q:?}");
+}

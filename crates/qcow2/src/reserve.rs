@@ -1,0 +1,138 @@
+//! Clusters allocated ahead for guest writes, so that an allocating write between two
+//! guest flushes needs one storage flush instead of two.
+//!
+//! Without a reserve, a new cluster's refcount must be durable before an L2 entry points
+//! to it, so every guest flush after allocating writes costs two storage flushes (one to
+//! order the refcounts and data before the L2 updates, one to make the L2 updates
+//! durable). With a reserve, a guest flush that follows allocations also allocates the
+//! next clusters ahead: their refcounts are written and the file is grown over them (a
+//! hole, reading as zeroes) before that flush, so they are durable when the next writes
+//! use them.
+//!
+//! A write into a reserved cluster skips the ordering flush only when losing its data in
+//! a crash cannot change what the guest sees outside the write: the guest cluster read as
+//! zeroes before (unallocated with nothing below, or a zero cluster) and the reserved
+//! host cluster was never written (it reads as zeroes). Everything else (copy-on-write,
+//! encryption, reused clusters) keeps the ordering flush.
+//!
+//! Crash consistency: reserved clusters are referenced by nothing, so a crash leaks them
+//! (as `qemu-img check` reports, and `check -r leaks` repairs) and corrupts nothing.
+//! Every metadata operation other than the guest's writes and flushes starts with
+//! [`Meta::commit_deferred`], which gives the reserve back first; so does closing.
+
+use diskimg_blockio::Result;
+
+use crate::meta::Meta;
+
+/// Most clusters one reserve holds (a crash leaks at most this many).
+const MAX_RESERVE: u64 = 4096;
+
+/// The clusters allocated ahead (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Reserve {
+    /// Cluster indices `start..end` (refcount 1, referenced by nothing, never written).
+    start: u64,
+    end: u64,
+    /// Where the reserve began, and the file's length before it was grown over it.
+    first: u64,
+    prior_len: u64,
+    /// A storage flush followed the refcount writes: writes may use the clusters
+    /// without ordering flushes.
+    durable: bool,
+    /// Changes whenever the range changes (see [`Meta::reserve_flushed`]).
+    generation: u64,
+    /// Clusters allocated by guest writes since the last guest flush (sizes the next
+    /// reserve).
+    used: u64,
+}
+
+impl Meta {
+    /// `n` contiguous clusters from a durable reserve: their host offset, or `None`
+    /// (the caller allocates as usual). Counts the allocation either way.
+    pub(crate) fn take_reserved(&mut self, n: u64) -> Option<u64> {
+        let r = &mut self.reserve;
+        r.used = r.used.saturating_add(n);
+        if !r.durable || r.end - r.start < n {
+            return None;
+        }
+        let c = r.start;
+        r.start += n;
+        Some(c * self.cs())
+    }
+
+    /// Before a guest flush: when the guest allocated clusters since the last one and
+    /// the reserve is used up, allocates the next reserve past the end of the file (as
+    /// many clusters as were allocated, within bounds) and grows the file over it.
+    /// Returns the generation to pass to [`Meta::reserve_flushed`] after the flush.
+    pub(crate) fn refill_reserve(&mut self) -> Result<u64> {
+        let used = std::mem::take(&mut self.reserve.used);
+        if self.reserve.start < self.reserve.end || used == 0 || self.data.is_some() {
+            return Ok(self.reserve.generation);
+        }
+        let cs = self.cs();
+        let n = used.next_power_of_two().clamp(16, MAX_RESERVE);
+        let file_len = self.file.len()?;
+        let eof = file_len.div_ceil(cs);
+        let hint = self.free_hint;
+        // Allocate past the end of the file (never-written clusters), leaving any free
+        // gaps below for the usual allocations.
+        self.free_hint = hint.max(eof);
+        let got = self.alloc_run(n);
+        self.free_hint = hint;
+        let c = got? / cs;
+        self.reserve.generation += 1;
+        if c < eof {
+            // Not past the end (cannot happen with the hint above): not usable.
+            self.free_reserved(c, c + n)?;
+            return Ok(self.reserve.generation);
+        }
+        let end = (c + n) * cs;
+        if end > self.file.len()? {
+            self.file.set_len(end)?;
+        }
+        self.reserve.start = c;
+        self.reserve.end = c + n;
+        self.reserve.first = c;
+        self.reserve.prior_len = file_len;
+        self.reserve.durable = false;
+        Ok(self.reserve.generation)
+    }
+
+    /// After the storage flush that followed [`Meta::refill_reserve`]: the reserve of
+    /// that generation is durable.
+    pub(crate) fn reserve_flushed(&mut self, generation: u64) {
+        if self.reserve.generation == generation {
+            self.reserve.durable = true;
+        }
+    }
+
+    /// Gives the unused reserve back (refcounts to 0; the file shrinks back when the
+    /// reserve is its tail). Returns whether there was one (the caller flushes if it cares).
+    pub(crate) fn release_reserve(&mut self) -> Result<bool> {
+        let (start, end) = (self.reserve.start, self.reserve.end);
+        self.reserve.start = 0;
+        self.reserve.end = 0;
+        self.reserve.durable = false;
+        self.reserve.generation += 1;
+        if start >= end {
+            return Ok(false);
+        }
+        self.free_reserved(start, end)?;
+        let cs = self.cs();
+        if self.file.len()? == end * cs {
+            let unused = if start == self.reserve.first {
+                self.reserve.prior_len
+            } else {
+                start * cs
+            };
+            self.file.set_len(unused)?;
+        }
+        Ok(true)
+    }
+
+    fn free_reserved(&mut self, start: u64, end: u64) -> Result<()> {
+        self.set_refcount_run(start, end - start, 0)?;
+        self.free_hint = self.free_hint.min(start);
+        Ok(())
+    }
+}
