@@ -119,6 +119,10 @@ pub(crate) struct PolicyFiles {
     /// Hand out [`Unopened`] placeholders for data files instead of opening them (for
     /// metadata-only opens such as `info`).
     pub(crate) defer_data_files: bool,
+    /// How the files opened here are locked (`None`: not at all).
+    pub(crate) lock_mode: Option<crate::locking::LockMode>,
+    /// The locks taken, held by the image.
+    pub(crate) locks: crate::locking::HeldLocks,
     /// The image's cache mode, for its other files too (as qemu's children).
     pub(crate) cache: CacheMode,
 }
@@ -132,18 +136,28 @@ impl HostFiles for PolicyFiles {
         }
         let path = self.policy.resolve(purpose, &self.dir, name)?;
         let ro = self.read_only || !writable;
-        Ok(Arc::new(open_file_with(
+        let file = Arc::new(open_file_with(
             &path,
             ro,
             self.policy.special_files,
             Some(purpose),
             self.cache,
-        )?))
+        )?);
+        if let Some(mode) = self.lock_mode {
+            // Data files and extents are a format driver's storage, locked as such.
+            self.locks
+                .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
+        }
+        Ok(file)
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
         let path = self.create_path(name, purpose)?;
-        Ok(Arc::new(FileStorage::create(path)?))
+        Ok(Arc::new(if self.lock_mode.is_some() {
+            FileStorage::create_locked(&path, &path.to_string_lossy())?
+        } else {
+            FileStorage::create(path)?
+        }))
     }
 }
 

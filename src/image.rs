@@ -10,6 +10,7 @@ use diskimg_blockio::{
 
 use crate::format::{Format, probe};
 use crate::hostfile::{PolicyFiles, open_file_with, open_user_file};
+use crate::locking::{HeldLocks, LockMode};
 use crate::policy::{OpenPolicy, PathRule};
 
 /// How [`open`] and [`create`] behave.
@@ -40,6 +41,15 @@ pub struct ImageOptions {
     /// Open for metadata only (`info`): external data files are not opened (their
     /// names are still reported; guest reads of their clusters fail).
     pub metadata_only: bool,
+    /// Take qemu-compatible locks on every file opened (default true; qemu's
+    /// `file.locking`): a writer excludes other writers and readers that do not share
+    /// writes, qemu's processes included, and they exclude it — see
+    /// [`blockio::lock`](crate::blockio::lock). Opening a file in conflicting use fails
+    /// with [`Error::Locked`](crate::Error::Locked) (`Failed to get "write" lock`).
+    pub locking: bool,
+    /// Let others write the files while we read them (qemu's `-U` / `force-share=on`):
+    /// read-only opens only (a writable open with it is refused, as qemu refuses it).
+    pub force_share: bool,
 }
 
 impl Default for ImageOptions {
@@ -54,6 +64,8 @@ impl Default for ImageOptions {
             secrets: Secrets::new(),
             cache: CacheMode::Writeback,
             metadata_only: false,
+            locking: true,
+            force_share: false,
         }
     }
 }
@@ -70,6 +82,18 @@ impl ImageOptions {
     /// Sets the open policy.
     pub fn with_policy(mut self, policy: OpenPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Sets [`ImageOptions::force_share`] (qemu's `-U`).
+    pub fn with_force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// Sets [`ImageOptions::locking`].
+    pub fn with_locking(mut self, locking: bool) -> Self {
+        self.locking = locking;
         self
     }
 
@@ -122,9 +146,29 @@ pub struct Image {
     pub filename: String,
     /// The opened backing image, if any.
     pub backing: Option<Box<Image>>,
+    /// The files of this layer locked for it (released by [`Image::close`]).
+    locks: HeldLocks,
 }
 
 impl Image {
+    /// An image of an already opened `device` (a stream, a custom storage): no backing
+    /// chain, no file locks held.
+    pub fn from_device(
+        device: Arc<dyn BlockDevice>,
+        format: Format,
+        path: PathBuf,
+        filename: String,
+    ) -> Image {
+        Image {
+            device,
+            format,
+            path,
+            filename,
+            backing: None,
+            locks: HeldLocks::default(),
+        }
+    }
+
     /// This image and every backing image, top first.
     pub fn chain(&self) -> Vec<&Image> {
         let mut out = vec![self];
@@ -147,6 +191,10 @@ impl Image {
             if first.is_ok() {
                 first = r;
             }
+        }
+        // Nothing is written after the close: the files are free for others.
+        for img in self.chain() {
+            img.locks.release();
         }
         first
     }
@@ -226,7 +274,8 @@ fn open_inner(
     }
     visited.push(canon.clone());
 
-    let storage: Arc<dyn Storage> = Arc::new(if top {
+    let lock_mode = LockMode::of(options.locking, options.force_share, read_only)?;
+    let file = Arc::new(if top {
         open_user_file(path, read_only, options.cache)?
     } else {
         let kinds = options.policy.special_files;
@@ -240,8 +289,14 @@ fn open_inner(
     });
     let format = match format {
         Some(f) => f,
-        None => probe(storage.as_ref()),
+        None => probe(file.as_ref()),
     };
+    let locks = HeldLocks::default();
+    if let Some(mode) = lock_mode {
+        let perms = mode.perms(Some(format), !read_only);
+        locks.lock(&file, perms, &path.to_string_lossy())?;
+    }
+    let storage: Arc<dyn Storage> = file;
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -249,6 +304,8 @@ fn open_inner(
         read_only,
         cache: options.cache,
         defer_data_files: options.metadata_only,
+        lock_mode,
+        locks: locks.clone(),
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -265,6 +322,7 @@ fn open_inner(
         path: path.to_path_buf(),
         filename: filename.to_string(),
         backing: None,
+        locks,
     };
     if !options.open_backing {
         return Ok(image);
@@ -409,7 +467,12 @@ pub fn create(
     let size = size
         .checked_next_multiple_of(512)
         .ok_or(Error::invalid("Image size too large"))?;
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path)?);
+    let lock_mode = LockMode::of(image_options.locking, false, false)?;
+    let storage: Arc<dyn Storage> = Arc::new(if lock_mode.is_some() {
+        FileStorage::create_locked(path, &path.to_string_lossy())?
+    } else {
+        FileStorage::create(path)?
+    });
     let files = Arc::new(PolicyFiles {
         dir: dir_of(path),
         policy: OpenPolicy {
@@ -419,6 +482,8 @@ pub fn create(
         read_only: false,
         cache: CacheMode::Writeback,
         defer_data_files: false,
+        lock_mode,
+        locks: HeldLocks::default(),
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

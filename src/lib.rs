@@ -31,6 +31,7 @@ mod format;
 mod hostfile;
 mod image;
 mod inspect;
+mod locking;
 pub mod maint;
 mod policy;
 mod snapshot;

@@ -189,6 +189,11 @@ pub fn edit_bitmaps(
         Some(f) => f,
         None => crate::probe(storage.as_ref()),
     };
+    // Written like any writable open: qemu's lock bytes first.
+    storage.lock(
+        diskimg_blockio::lock::LockPerms::format_file(true, false),
+        &path.to_string_lossy(),
+    )?;
     if format != crate::Format::Qcow2 {
         let op = ops.first().map_or("add", BitmapOp::verb);
         return Err(Error::invalid(format!(

@@ -107,6 +107,9 @@ fn backing_chains_of_qemu_made_images_read_through() {
     assert_eq!(img.chain().len(), 2);
     let ours = read_all(img.device.as_ref());
     assert!(ours == diskimg_testutil::qemu_read_raw(&top, "vmdk"));
+    // Done with it: closing releases the write lock the read-write open took.
+    img.close().unwrap();
+    drop(img);
     // The library default refuses to follow the chain.
     let err = open(&top, None, &ImageOptions::default()).unwrap_err();
     assert!(matches!(err, diskimg::Error::BackingDenied { .. }), "{err}");

@@ -132,9 +132,10 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// Closes the image: writes what the format keeps in memory until then (qcow2's
     /// persistent dirty bitmaps) and flushes, reporting errors that dropping the device
-    /// would have to swallow. Reads still work afterwards; a format with such state
-    /// refuses further writes. Calling it again does nothing more. The default flushes a
-    /// writable device.
+    /// would have to swallow. Reads still work afterwards; writes, zeroes, discards and
+    /// resizes fail with [`Error::Closed`](crate::Error::Closed) in every format (each
+    /// holds a [`Closed`](crate::Closed)); calling it again does nothing. The default
+    /// (for devices outside this workspace) flushes a writable device.
     fn close(&self) -> Result<()> {
         if self.info().read_only {
             return Ok(());

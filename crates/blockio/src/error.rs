@@ -75,6 +75,18 @@ pub enum Error {
     /// A write to a read-only device or storage.
     #[error("the image is opened read-only")]
     ReadOnly,
+    /// Another process (qemu, or another diskimg) uses the file in a way that conflicts
+    /// with this open; the message is qemu's (see [`crate::lock`]).
+    #[error("{what}\nIs another process using the image [{path}]?")]
+    Locked {
+        /// qemu's words: `Failed to get "write" lock`, `Failed to get shared "write" lock`.
+        what: Cow<'static, str>,
+        /// The file, as it was named.
+        path: String,
+    },
+    /// An I/O request after [`close`](crate::BlockDevice::close).
+    #[error("the image was closed")]
+    Closed,
     /// The image is encrypted and no (or a wrong) key was given.
     #[error("{0}")]
     Key(Cow<'static, str>),

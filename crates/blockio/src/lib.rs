@@ -66,6 +66,7 @@ pub mod bytes;
 mod cache;
 mod capability;
 mod chain;
+mod closed;
 mod copy;
 mod device;
 mod direct;
@@ -75,6 +76,7 @@ mod fault;
 mod info;
 mod layout;
 mod limits;
+pub mod lock;
 mod meta;
 mod options;
 mod packed;
@@ -86,6 +88,7 @@ pub mod vectored;
 pub use cache::CacheMode;
 pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
+pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,

@@ -189,6 +189,8 @@ pub struct FileStorage {
     cache: CacheMode,
     /// Alignment handling when the file is open with `O_DIRECT`.
     direct: Option<DirectIo>,
+    /// The qemu-compatible lock bytes held on the file ([`FileStorage::lock`]).
+    locked: std::sync::Mutex<Option<crate::lock::LockPerms>>,
 }
 
 impl FileStorage {
@@ -225,6 +227,7 @@ impl FileStorage {
             read_only,
             cache,
             direct,
+            locked: std::sync::Mutex::new(None),
         })
     }
 
@@ -248,12 +251,28 @@ impl FileStorage {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::io(format!("could not create '{}'", path.display()), e))?;
-        Ok(Self {
-            file,
-            read_only: false,
-            cache: CacheMode::Writeback,
-            direct: None,
-        })
+        Ok(Self::from_file(file, false))
+    }
+
+    /// Creates a file for writing as qemu does: opened without truncating, locked for
+    /// creation ([`LockPerms::create`](crate::lock::LockPerms::create): a file another
+    /// process uses is refused, untouched), then truncated. The lock is held until the
+    /// storage is dropped or [`FileStorage::unlock`]ed; `name` names the file in errors.
+    pub fn create_locked(path: impl AsRef<Path>, name: &str) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(format!("could not create '{}'", path.display()), e))?;
+        let s = Self::from_file(file, false);
+        s.lock(crate::lock::LockPerms::create(), name)?;
+        s.file
+            .set_len(0)
+            .map_err(|e| Error::io(format!("could not truncate '{}'", path.display()), e))?;
+        Ok(s)
     }
 
     /// Wraps an already open file (cache mode `writeback`).
@@ -263,7 +282,35 @@ impl FileStorage {
             read_only,
             cache: CacheMode::Writeback,
             direct: None,
+            locked: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Takes qemu's lock bytes for `perms` on the file ([`crate::lock`]), replacing the
+    /// ones this storage held; fails with [`Error::Locked`] when another process's use
+    /// conflicts. `name` names the file in that error.
+    pub fn lock(&self, perms: crate::lock::LockPerms, name: &str) -> Result<()> {
+        let mut held = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = held.take() {
+            crate::lock::release(&self.file, old);
+        }
+        crate::lock::acquire(&self.file, perms, name)?;
+        *held = Some(perms);
+        Ok(())
+    }
+
+    /// Releases the lock bytes taken by [`FileStorage::lock`] (dropping the storage
+    /// releases them too).
+    pub fn unlock(&self) {
+        let mut held = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = held.take() {
+            crate::lock::release(&self.file, old);
+        }
+    }
+
+    /// The lock bytes held, if any.
+    pub fn lock_perms(&self) -> Option<crate::lock::LockPerms> {
+        *self.locked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The underlying file.
@@ -285,6 +332,15 @@ impl FileStorage {
             Err(rustix::io::Errno::NXIO) => Ok(None),
             Err(e) => Err(Error::io("seek failed", e.into())),
         }
+    }
+}
+
+impl Drop for FileStorage {
+    /// Releases the lock bytes explicitly rather than leaving them to the close: a
+    /// child process forked meanwhile (another thread spawning a command) shares the
+    /// open file description until its `exec`, and would hold them that long.
+    fn drop(&mut self) {
+        self.unlock();
     }
 }
 

@@ -181,7 +181,8 @@ fn parse(a: &Args) -> Result<Plan> {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (a.native, a.quiet, a.force_share);
+    let _ = (a.native, a.quiet);
+    crate::common::set_force_share(a.force_share);
     let plan = parse(&a)?;
     let fmt = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, fmt, !plan.write, true)?;

@@ -37,7 +37,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let json = parse_output(&a.output)?;
     let algorithm = Algorithm::parse(&a.algorithm).ok_or_else(|| {
         anyhow!(

@@ -86,6 +86,34 @@ pub(crate) fn open_image(
     open_resolved(file, &path, format, opts, read_only, backing)
 }
 
+/// The verb's `-U`/`--force-share` ([`set_force_share`]).
+static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records the verb's `-U`/`--force-share`: read-only opens after this let others write
+/// the files (qemu's `force-share=on`); a writable open fails with qemu's
+/// `force-share=on can only be used with read-only images`. Verbs that open a target
+/// after their sources clear it first.
+pub(crate) fn set_force_share(on: bool) {
+    FORCE_SHARE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The lock permissions the CLI takes on a file it opens itself (`-t unsafe` targets):
+/// as the library locks an image of `format`.
+pub(crate) fn lock_own_file(
+    file: &diskimg::blockio::FileStorage,
+    format: Format,
+    name: &str,
+) -> Result<()> {
+    use diskimg::blockio::lock::LockPerms;
+    let perms = if format == Format::Raw {
+        LockPerms::raw_file(true, false)
+    } else {
+        LockPerms::format_file(true, false)
+    };
+    file.lock(perms, name)
+        .with_context(|| format!("Could not open '{name}'"))
+}
+
 /// Opens `path` with `opts` (secrets, driver options) as [`open_image`] does; errors
 /// name `arg`.
 pub(crate) fn open_resolved(
@@ -100,6 +128,7 @@ pub(crate) fn open_resolved(
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(backing);
     opts.read_only = read_only;
+    opts.force_share |= FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
     let img = diskimg::open(path, format, &opts).map_err(|e| {
         // qemu reports a backing loop on its own, not as an open failure of the image.
         if e.to_string().ends_with("creates an infinite loop.") {

@@ -42,7 +42,7 @@ enum Fail {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     // As qemu: progress starts before the images open; its newline ends every path.
     let bar = Progress::new(a.progress && !a.quiet, 2.0);
     let res = compare(&a, &bar);

@@ -116,7 +116,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
     if let Some(t) = a.target {
         targets::apply(&mut a, t)?;
     }
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     // None: the durable default (see `open_target`).
     let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
     let src_cache = a
@@ -367,9 +367,12 @@ fn open_target(
     fresh: bool,
     key: Option<&str>,
 ) -> Result<Target> {
+    // `-U` is for the sources.
+    crate::common::set_force_share(false);
     if cache.is_none() && fresh {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
+        crate::common::lock_own_file(&file, fmt, name)?;
         let cache = Arc::new(UnsafeCache::new(Arc::new(file)));
         if let Ok(device) = diskimg::open_storage(cache.clone(), Some(fmt), false) {
             return Ok(Target {

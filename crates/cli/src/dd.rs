@@ -25,7 +25,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let (mut bs, mut count, mut skip) = (512u64, None, None);
     let (mut input, mut output) = (None, None);
     for op in &a.operands {
@@ -76,6 +76,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         &opts,
     )
     .map_err(|e| anyhow!("{output}: error while creating output image: {e}"))?;
+    crate::common::set_force_share(false);
     let dst = open_image(&output, Some(out_fmt), false, false)?;
     let n = usize::try_from(bs).map_err(|_| anyhow!("block size too large"))?;
     let mut buf = vec![0u8; n.min(usize::try_from(size).unwrap_or(n))];

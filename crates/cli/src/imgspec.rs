@@ -4,10 +4,12 @@
 //! [`open`]): a file with a format, a format nested on another format's guest bytes, or
 //! qemu's `null-co` device.
 //!
-//! Keys that only tune qemu's block layer (node names, cache and locking modes, discard
-//! and detect-zeroes settings) are accepted and ignored; `backing=null` (or `""`) opens
+//! `file.locking` and `force-share` set how the files are locked (`docs/locking.md`).
+//! Keys that only tune qemu's block layer (node names, cache modes, discard and
+//! detect-zeroes settings) are accepted and ignored; `backing=null` (or `""`) opens
 //! without the backing chain. `blkdebug` is a pass-through (qemu's tests wrap images in
-//! it); its error-injection rules apply above a format in qemu-io and are refused elsewhere. Protocol nodes are checked as
+//! it); its error-injection rules apply above a format in qemu-io and are refused
+//! elsewhere. Protocol nodes are checked as
 //! qemu's file driver checks them (`'file' driver requires 'X' to be a regular file`).
 
 use std::path::PathBuf;
@@ -131,6 +133,10 @@ pub(crate) struct Resolved {
     pub(crate) open_backing: bool,
     /// A `copy-on-read` filter was named above the format.
     pub(crate) copy_on_read: bool,
+    /// `file.locking` (`on`/`auto`: true, `off`: false), when given.
+    pub(crate) locking: Option<bool>,
+    /// `force-share` from the options, when given.
+    pub(crate) force_share: Option<bool>,
     /// The remaining keys, for the format driver (and `backing.` for the chain).
     pub(crate) driver_options: OptionList,
     /// Error-injection rules of a `blkdebug` node above the format (qemu-io applies
@@ -150,11 +156,9 @@ const IGNORED: &[&str] = &[
     "discard",
     "detect-zeroes",
     "locking",
-    "file.locking",
     "file.aio",
     "file.aio-max-batch",
     "auto-read-only",
-    "force-share",
 ];
 
 /// Parses a qemu boolean option with qemu's message.
@@ -273,6 +277,16 @@ pub(crate) fn resolve(
             .transpose()?,
         open_backing: !matches!(o.take("backing").as_deref(), Some("null" | "")),
         copy_on_read,
+        locking: match o.take("file.locking").as_deref() {
+            None => None,
+            Some("on" | "auto") => Some(true),
+            Some("off") => Some(false),
+            Some(v) => bail!("invalid parameter value: {v}"),
+        },
+        force_share: o
+            .take("force-share")
+            .map(|v| parse_bool("force-share", &v))
+            .transpose()?,
         driver_options: OptionList::new(),
         blkdebug: Vec::new(),
     };
@@ -411,12 +425,8 @@ fn check_protocol(protocol: &str, path: &str, read_only: bool) -> Result<()> {
 /// driver options are added to its own); `arg` is the name the user gave.
 pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Image> {
     let ro = opts.read_only;
-    let image = |device: Arc<dyn BlockDevice>, format: Format| Image {
-        device,
-        format,
-        path: PathBuf::from(&r.path),
-        filename: arg.to_string(),
-        backing: None,
+    let image = |device: Arc<dyn BlockDevice>, format: Format| {
+        Image::from_device(device, format, PathBuf::from(&r.path), arg.to_string())
     };
     match &r.node {
         Node::Null(size) => return Ok(image(Arc::new(NullDevice::new(*size)), Format::Raw)),
@@ -436,6 +446,10 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         opts.driver_options.set(k, v);
     }
     opts.open_backing &= r.open_backing;
+    if let Some(l) = r.locking {
+        opts.locking = l;
+    }
+    opts.force_share |= r.force_share == Some(true);
     Ok(diskimg::open(&r.path, r.format, &opts)?)
 }
 

@@ -34,7 +34,7 @@ struct Entry<'a> {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let json = parse_output(&a.output)?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
     // As qemu-img info: encrypted images open without their key (metadata only).

@@ -56,7 +56,7 @@ fn entry_file(img: &Image, top: &str, e: &MapEntry) -> String {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = a.force_share;
+    crate::common::set_force_share(a.force_share);
     let json = parse_output(&a.output)?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let img = open_image(&a.file, format, true, true)?;

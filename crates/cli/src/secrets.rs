@@ -176,8 +176,17 @@ pub(crate) fn resolve(
     {
         bail!("file.driver '{d}' is not supported by diskimg (only 'file')");
     }
+    if let Some(v) = o.take("file.locking") {
+        opts.locking = match v.as_str() {
+            "on" | "auto" => true,
+            "off" => false,
+            _ => bail!("invalid parameter value: {v}"),
+        };
+    }
+    if let Some(v) = o.take("force-share") {
+        opts.force_share = crate::imgspec::parse_bool("force-share", &v)?;
+    }
     for k in [
-        "file.locking",
         "file.aio",
         "cache.direct",
         "cache.no-flush",

@@ -1,4 +1,4 @@
-//! `serve [-f FMT] [-r] [-x NAME] [-k SOCKET | -b ADDR -p PORT] [-e N] [-t] [--cache M]
+//! `serve [-f FMT] [-r] [-U] [-x NAME] [-k SOCKET | -b ADDR -p PORT] [-e N] [-t] [--cache M]
 //! [--discard M] [--detect-zeroes M] [--pid-file F] [--fork] [--vhost-user-blk SOCKET]
 //! FILE`: export an image (with its backing chain) over NBD, with qemu-nbd's flags, or
 //! over vhost-user-blk (`--vhost-user-blk SOCKET [--num-queues N]`).
@@ -32,6 +32,10 @@ pub(crate) struct Args {
     /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
+    /// Let others write the image while it is served read-only (qemu-nbd's -U: the
+    /// image is locked sharing writes; refused without -r, as in qemu-nbd).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Export name (default: empty).
     #[arg(short = 'x', long = "export-name", default_value = "")]
     export_name: String,
@@ -105,6 +109,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         return fork_and_wait();
     }
     let format = opt_format(a.format.as_deref(), &a.file)?;
+    // Locked as qemu-nbd locks it: a writable export excludes other writers and plain
+    // readers (qemu's included) for as long as it runs.
+    crate::common::set_force_share(a.force_share);
     let img = open_image(&a.file, format, a.read_only, true)?;
     let mut opts = ExportOptions::named(a.export_name.clone());
     opts.description = a.description.clone();

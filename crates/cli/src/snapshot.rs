@@ -41,6 +41,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if a.force_share && !listing {
         bail!("--force-share/-U can only be used with -l");
     }
+    crate::common::set_force_share(a.force_share);
     let img = open_image(&a.file, format, listing, false)?;
     if let Some(name) = &a.create {
         diskimg::maint::create_snapshot(&img, name).map_err(|e| {

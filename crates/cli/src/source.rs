@@ -112,13 +112,12 @@ pub(crate) fn open_special(
             forward,
             input: Arc::new(input),
         }));
-    Ok(Some(Image {
+    Ok(Some(Image::from_device(
         device,
         format,
-        path: PathBuf::from(file),
-        filename: file.to_string(),
-        backing: None,
-    }))
+        PathBuf::from(file),
+        file.to_string(),
+    )))
 }
 
 /// A stream-optimized VMDK whose grain directory is in its footer, over a forward-only

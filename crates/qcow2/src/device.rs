@@ -36,7 +36,7 @@ pub struct Qcow2Device {
     pub(crate) tracked: Mutex<Vec<Tracked>>,
     /// Set by [`Qcow2Device::close`]: writes are refused from then on (the bitmaps are
     /// stored and would not see them).
-    pub(crate) closed: std::sync::atomic::AtomicBool,
+    pub(crate) closed: diskimg_blockio::Closed,
     /// What the repair of a dirty image at open printed (check messages).
     pub(crate) open_repairs: Mutex<Vec<String>>,
     /// The snapshot this view shows, if it is one.
@@ -145,7 +145,7 @@ impl Qcow2Device {
             read_only,
             bitmaps,
             tracked: Mutex::new(Vec::new()),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
             crypt,
@@ -342,7 +342,7 @@ impl Qcow2Device {
             read_only: true,
             bitmaps: Vec::new(),
             tracked: Mutex::new(Vec::new()),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
             crypt: self.crypt.clone(),
@@ -352,10 +352,8 @@ impl Qcow2Device {
     pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly)
-        } else if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            Err(Error::invalid("qcow2: the image was closed"))
         } else {
-            Ok(())
+            self.closed.check()
         }
     }
 

@@ -195,7 +195,7 @@ impl Qcow2Device {
     /// ignores errors. Writes are refused afterwards (no bitmap would see them); a
     /// second call does nothing.
     pub fn close(&self) -> Result<()> {
-        if self.read_only || self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if !self.closed.close() || self.read_only {
             return Ok(());
         }
         self.flush()?;

@@ -124,7 +124,15 @@ impl L2Cache {
         (self.cap / 2).clamp(1, 64)
     }
 
+    /// Marks a table used. A table stamped within the last `cap / 2` ticks keeps its
+    /// stamp (an approximate LRU): readers of a hot table then only load shared
+    /// counters, so threads do not bounce the counters' cache line on every lookup.
     fn touch(&self, used: &AtomicU64) {
+        let now = self.tick.load(Ordering::Relaxed);
+        let recent = (self.cap / 2) as u64;
+        if used.load(Ordering::Relaxed).saturating_add(recent) >= now {
+            return;
+        }
         let t = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         used.store(t, Ordering::Relaxed);
     }

@@ -86,6 +86,7 @@ pub struct RawDevice {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     read_only: bool,
+    closed: diskimg_blockio::Closed,
 }
 
 impl RawDevice {
@@ -97,6 +98,7 @@ impl RawDevice {
             read_only: read_only || storage.is_read_only(),
             storage,
             size: AtomicU64::new(size),
+            closed: diskimg_blockio::Closed::new(),
         })
     }
 
@@ -104,7 +106,7 @@ impl RawDevice {
         if self.read_only {
             Err(Error::ReadOnly)
         } else {
-            Ok(())
+            self.closed.check()
         }
     }
 }
@@ -175,6 +177,15 @@ impl BlockDevice for RawDevice {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         guard_write(self.read_only, offset, len, self.virtual_size())?;
         self.storage.discard(offset, len)
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {

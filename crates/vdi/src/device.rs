@@ -25,6 +25,7 @@ pub struct VdiDevice {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) meta: RwLock<Meta>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) limits: Limits,
     /// Set once the modification UUID was renewed for this session.
     modified: AtomicBool,
@@ -65,6 +66,7 @@ impl VdiDevice {
         let meta = Meta::load(&storage, &limits)?;
         Ok(Self {
             read_only: read_only || storage.is_read_only(),
+            closed: diskimg_blockio::Closed::new(),
             storage,
             meta: RwLock::new(meta),
             limits,
@@ -91,6 +93,7 @@ impl VdiDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         if let Some(why) = self.read_meta().write_block {
             return Err(Error::unsupported(
                 FORMAT,
@@ -338,7 +341,17 @@ impl BlockDevice for VdiDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         check_range(offset, len, self.virtual_size())
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {

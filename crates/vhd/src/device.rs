@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, HostRun, Layout, Mapping,
-    MetaRanges, RepairMode, Result, Storage, ZeroFlags, check_range, map_via, read_via,
+    MetaRanges, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via,
+    read_via,
 };
 
 use crate::FORMAT;
@@ -64,6 +65,7 @@ impl Dynamic {
 pub struct VhdDevice {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) size: u64,
     pub(crate) footer: Footer,
     pub(crate) dynamic: Option<Dynamic>,
@@ -109,7 +111,7 @@ impl VhdDevice {
         if self.read_only {
             Err(Error::ReadOnly)
         } else {
-            Ok(())
+            self.closed.check()
         }
     }
 
@@ -255,6 +257,21 @@ impl BlockDevice for VhdDevice {
         self.zero_inner(offset, len)
     }
 
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation, _shrink: bool) -> Result<()> {
+        // As qemu's vpc: no resizing; a closed device says so first, as every format.
+        self.closed.check()?;
+        Err(Error::unsupported(FORMAT, "resizing"))
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -298,6 +315,10 @@ impl BlockDevice for VhdDevice {
     }
 
     fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        if repair != RepairMode::None {
+            // A repair writes: refused after close, as every write.
+            self.closed.check()?;
+        }
         crate::check::check(self, repair)
     }
 

@@ -77,6 +77,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
     let mut dev = VhdDevice {
         storage,
         read_only,
+        closed: diskimg_blockio::Closed::new(),
         size,
         footer,
         dynamic: None,

@@ -71,6 +71,7 @@ impl State {
 pub struct VhdxDevice {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) meta: Metadata,
     /// Current virtual size (changes with resize; `meta.virtual_size` is the size at open).
     pub(crate) size: AtomicU64,
@@ -142,6 +143,7 @@ impl VhdxDevice {
         let dev = Self {
             storage,
             read_only,
+            closed: diskimg_blockio::Closed::new(),
             size: AtomicU64::new(meta.virtual_size),
             meta,
             geo,

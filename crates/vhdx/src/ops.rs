@@ -36,6 +36,7 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         check_range(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
             return Ok(());
@@ -55,6 +56,7 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
@@ -69,7 +71,17 @@ impl BlockDevice for VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         check_range(offset, len, self.size())
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {
@@ -110,6 +122,10 @@ impl BlockDevice for VhdxDevice {
     }
 
     fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        if repair != RepairMode::None {
+            // A repair is a write: refused after close, as every write.
+            self.closed.check()?;
+        }
         let st = self.read_state();
         let mut report = crate::check::check(self, &st)?;
         match self.replay {

@@ -29,6 +29,7 @@ impl VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         let old = self.size();
         if new == old {
             return Ok(());

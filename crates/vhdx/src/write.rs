@@ -46,6 +46,7 @@ impl VhdxDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         if !st.session_started {
             self.update_header(st, |h| {
                 h.file_write_guid = Guid::random();

@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, RepairMode, Result, Storage,
-    ZeroFlags, check_range, map_via, read_from_backing, read_via,
+    HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode, Result,
+    Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -69,6 +69,7 @@ pub struct VmdkDevice {
     pub(crate) desc: Descriptor,
     pub(crate) desc_loc: Option<DescLocation>,
     pub(crate) read_only: bool,
+    pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     pub(crate) cid: std::sync::atomic::AtomicU32,
     pub(crate) cid_updated: AtomicBool,
@@ -124,6 +125,7 @@ impl VmdkDevice {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.closed.check()?;
         if !self.cid_updated.swap(true, Ordering::AcqRel) {
             self.update_cid()?;
         }
@@ -425,6 +427,27 @@ impl BlockDevice for VmdkDevice {
                 }
             }
         })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // A hint qemu's vmdk ignores too; a closed device refuses it as every format.
+        self.closed.check()?;
+        check_range(offset, len, self.size)
+    }
+
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation, _shrink: bool) -> Result<()> {
+        // As qemu's vmdk: no resizing; a closed device says so first.
+        self.closed.check()?;
+        Err(Error::unsupported("vmdk", "resizing"))
+    }
+
+    fn close(&self) -> Result<()> {
+        // One shared meaning (blockio::Closed): later writes are refused, a second
+        // close does nothing.
+        if !self.closed.close() || self.read_only {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn flush(&self) -> Result<()> {

@@ -313,6 +313,7 @@ fn finish(
         desc,
         desc_loc,
         read_only,
+        closed: diskimg_blockio::Closed::new(),
         backing: RwLock::new(None),
         cid_updated: AtomicBool::new(false),
     })

@@ -147,7 +147,8 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         // The copy-on-read filter node needs write permission on its child.
         return Err("Block node is read-only".into());
     }
-    if flags.force_share && !read_only {
+    let force_share = flags.force_share || r.force_share == Some(true);
+    if force_share && !read_only {
         return Err("force-share=on can only be used with read-only images".into());
     }
     let mut opts = ImageOptions::default()
@@ -155,6 +156,7 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         .with_secrets(crate::secrets::secrets());
     // With -s the image itself is only read; writes go to the overlay.
     opts.read_only = read_only || flags.snapshot;
+    opts.force_share = flags.force_share;
     let arg = spec.name.as_deref().unwrap_or(&r.path);
     let img = crate::imgspec::open(&r, arg, opts.clone()).map_err(|e| crate::message(&e))?;
     crate::common::report_open_repairs(&img);

@@ -292,14 +292,19 @@ fn overflowing(dir: &Path, leak: bool) -> PathBuf {
         cmds.push("write -P 2 64k 64k");
     }
     qemu_io(&p, "qcow2", &cmds);
-    let mut img = std::fs::read(&p).unwrap();
+    second_entry_names_first_cluster(&p);
+    p
+}
+
+/// Points the second L2 entry of the first L2 table at the first entry's cluster.
+fn second_entry_names_first_cluster(p: &Path) {
+    let mut img = std::fs::read(p).unwrap();
     let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
     let l2 =
         (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
     let e0: [u8; 8] = img[l2..l2 + 8].try_into().unwrap();
     img[l2 + 8..l2 + 16].copy_from_slice(&e0);
-    std::fs::write(&p, &img).unwrap();
-    p
+    std::fs::write(p, &img).unwrap();
 }
 
 #[test]
@@ -350,13 +355,7 @@ fn repair_pass_messages_like_qemu() {
     let p = dir.path().join("twice.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&p), "1M"]);
     qemu_io(&p, "qcow2", &["write -P 1 0 64k", "write -P 2 64k 64k"]);
-    let mut img = std::fs::read(&p).unwrap();
-    let l1 = u64::from_be_bytes(img[40..48].try_into().unwrap()) as usize;
-    let l2 =
-        (u64::from_be_bytes(img[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
-    let e0: [u8; 8] = img[l2..l2 + 8].try_into().unwrap();
-    img[l2 + 8..l2 + 16].copy_from_slice(&e0);
-    std::fs::write(&p, &img).unwrap();
+    second_entry_names_first_cluster(&p);
     for r in [None, Some("leaks"), Some("all")] {
         let mut args = vec![];
         if let Some(r) = r {

@@ -2,6 +2,7 @@
 //! and data from the driver-readable descriptors, the data and status byte to the
 //! driver-writable ones.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::ops::Deref;
 
@@ -29,6 +30,36 @@ pub(crate) const SECTOR: u64 = 512;
 pub(crate) const MAX_SEGMENTS: u32 = 32;
 /// The id returned for `VIRTIO_BLK_T_GET_ID` (at most 20 bytes).
 const SERIAL: &[u8] = b"diskimg";
+/// Largest piece of a read or write moved at once: bounds the buffer a descriptor
+/// chain (which may name the same guest memory many times) can make us allocate.
+const CHUNK: usize = 1 << 20;
+
+thread_local! {
+    /// Each thread's bounce buffer between the image and guest memory, reused so a
+    /// request costs neither an allocation nor zeroing.
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer, `len` (at most [`CHUNK`]) bytes long.
+fn with_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        f(b.get_mut(..len).unwrap_or_default())
+    })
+}
+
+/// Fails unless `len` bytes at `offset` lie inside the export, so a request never
+/// half-executes before failing on the range.
+fn in_range(export: &Export, offset: u64, len: usize) -> Result<(), Status> {
+    let end = offset.checked_add(len as u64).ok_or(Status::IoErr)?;
+    if end > export.size() {
+        return Err(Status::IoErr);
+    }
+    Ok(())
+}
 
 /// What a request failed with: virtio's status byte.
 enum Status {
@@ -78,7 +109,7 @@ where
     (head, u32::try_from(written + 1).unwrap_or(u32::MAX))
 }
 
-fn execute<R: Read, W: Write + Avail>(
+fn execute<R: Read + Avail, W: Write + Avail>(
     export: &Export,
     reader: &mut R,
     writer: &mut W,
@@ -92,17 +123,35 @@ fn execute<R: Read, W: Write + Avail>(
     match ty {
         T_IN => {
             let len = writer.avail();
-            let mut buf = vec![0u8; len];
-            export.read(&mut buf, offset)?;
-            writer.write_all(&buf).map_err(|_| Status::IoErr)?;
+            in_range(export, offset, len)?;
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                with_buf(n, |b| {
+                    export.read(b, offset + done as u64)?;
+                    writer.write_all(b).map_err(|_| Status::IoErr)
+                })?;
+                done += n;
+            }
             *written = len;
             Ok(())
         }
         T_OUT => {
-            let mut buf = Vec::new();
-            // The readable part is bounded by the descriptor chain the driver built.
-            reader.read_to_end(&mut buf).map_err(|_| Status::IoErr)?;
-            Ok(export.write(&buf, offset, false)?)
+            let len = reader.avail();
+            in_range(export, offset, len)?;
+            if export.read_only() {
+                return Err(Status::IoErr);
+            }
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                with_buf(n, |b| {
+                    reader.read_exact(b).map_err(|_| Status::IoErr)?;
+                    Ok::<(), Status>(export.write(b, offset + done as u64, false)?)
+                })?;
+                done += n;
+            }
+            Ok(())
         }
         T_FLUSH => Ok(export.flush()?),
         T_GET_ID => {
@@ -156,12 +205,18 @@ fn segments<R: Read>(export: &Export, reader: &mut R, discard: bool) -> Result<(
     Ok(())
 }
 
-/// How many bytes a writer can still take.
+/// How many bytes a writer can still take, or a reader still give.
 trait Avail {
     fn avail(&self) -> usize;
 }
 
 impl<B: vm_memory::bitmap::BitmapSlice> Avail for virtio_queue::Writer<'_, B> {
+    fn avail(&self) -> usize {
+        self.available_bytes()
+    }
+}
+
+impl<B: vm_memory::bitmap::BitmapSlice> Avail for virtio_queue::Reader<'_, B> {
     fn avail(&self) -> usize {
         self.available_bytes()
     }

@@ -6,13 +6,15 @@
     missing_docs,
     unreachable_pub
 )]
-//! The NBD server against hostile and broken clients (raw bytes over TCP), and the
-//! library API. Real clients (qemu-img, qemu-io, nbdinfo, nbdcopy, fio) are driven
-//! through the `diskimg serve` command in the CLI's tests.
+//! The NBD server against hostile and broken clients (raw bytes over TCP), the
+//! vhost-user-blk server against broken frontends, and the library API. Real clients
+//! (qemu-img, qemu-io, nbdinfo, nbdcopy, fio, a QEMU guest) are driven through the
+//! `diskimg serve` command in the CLI's tests.
 
 mod bad_clients;
 mod client;
 mod protocol;
+mod vhost_bad;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -48,6 +48,19 @@ tree() {
 
 for d in $(echo "$TREE_DISKS" | tr , ' '); do tree $d; done
 
+# The read-only disk: the kernel must see it read-only and refuse a write; print the
+# sum of its whole content for the host to compare.
+if [ -n "$RO_DISK" ]; then
+    d=$RO_DISK
+    [ "$(cat /sys/block/$d/ro)" = 1 ] || fail "$d is not read-only"
+    if dd if=/dev/zero of=/dev/$d bs=4k count=1 oflag=direct conv=fsync 2>/tmp/ro.err; then
+        fail "write to read-only $d succeeded"
+    else
+        echo "RO-WRITE-REFUSED $d $(head -n 1 /tmp/ro.err)"
+    fi
+    echo "ROSUM $d $(dd if=/dev/$d bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)"
+fi
+
 # The crash disk: fsync'd files, one after another, until /mnt/stop appears on the
 # command line's count.
 if [ -n "$CRASH_DISK" ]; then

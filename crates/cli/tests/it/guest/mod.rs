@@ -1,13 +1,14 @@
-//! A real KVM guest on disks served by `diskimg serve`: two over vhost-user-blk and
+//! A real KVM guest on disks served by `diskimg serve`: three over vhost-user-blk and
 //! three over NBD, from qcow2 (with a raw backing file), vhdx and vmdk images. The guest
 //! makes ext4 filesystems, writes and deletes trees of fsync'd files, runs fstrim and
 //! verifies its sums; afterwards every image passes `qemu-img check`, `e2fsck` on the
 //! converted raw is clean and the files read back (debugfs) with the guest's sums. On
 //! the crash disk the server is killed with SIGKILL in the middle of the guest's write
 //! load and restarted (QEMU's NBD client reconnects): everything the guest fsync'd is
-//! there afterwards.
+//! there afterwards. The sixth disk is served read-only: the guest sees it read-only,
+//! its write is refused, it reads the image's content, and the files stay unchanged.
 //!
-//! One boot, about a minute. `DISKIMG_GUEST_LONG=1` writes more files.
+//! One boot, about a minute with KVM (a few under TCG). `DISKIMG_GUEST_LONG=1` writes more files.
 
 mod kit;
 
@@ -29,12 +30,26 @@ struct Disk {
     dev: &'static str,
     fmt: &'static str,
     vhost: bool,
+    /// Served read-only (`-r`); the guest only reads it.
+    ro: bool,
     image: PathBuf,
 }
 
-fn make_image(dir: &Path, name: &str, fmt: &str) -> PathBuf {
+fn make_image(dir: &Path, name: &str, fmt: &str, ro: bool) -> PathBuf {
     let p = dir.join(format!("{name}.{fmt}"));
-    if fmt == "qcow2" {
+    if ro {
+        // Small (the guest hashes all of it): data in the backing file and the top.
+        let base = dir.join(format!("{name}-base.raw"));
+        qemu_img_ok(&["create", "-q", "-f", "raw", s(&base), "16M"]);
+        qemu_io(&base, "raw", &["write -P 0x5a 0 1M", "write -P 0x5b 8M 2M"]);
+        let b = base.file_name().unwrap().to_string_lossy().into_owned();
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", s(&p)]);
+        qemu_io(
+            &p,
+            "qcow2",
+            &["write -P 0x77 512k 1M", "write -P 0x78 15M 64k"],
+        );
+    } else if fmt == "qcow2" {
         let base = dir.join(format!("{name}-base.raw"));
         qemu_img_ok(&["create", "-q", "-f", "raw", s(&base), "128M"]);
         qemu_io(
@@ -55,17 +70,14 @@ fn serve(dir: &Path, d: &Disk) -> (Served, PathBuf) {
     if d.vhost {
         let sock = dir.join(format!("{name}.vhost"));
         let k = sock.to_string_lossy().into_owned();
-        let args = [
-            "--vhost-user-blk",
-            &k,
-            "--num-queues",
-            "2",
-            "--discard",
-            "unmap",
-            "-f",
-            d.fmt,
-            s(&d.image),
-        ];
+        let mode: &[&str] = if d.ro {
+            &["-r"]
+        } else {
+            &["--discard", "unmap"]
+        };
+        let mut args = vec!["--vhost-user-blk", &k, "--num-queues", "2"];
+        args.extend_from_slice(mode);
+        args.extend_from_slice(&["-f", d.fmt, s(&d.image)]);
         (Served::diskimg_at(&sock, &args), sock)
     } else {
         let srv = Served::diskimg(
@@ -91,28 +103,31 @@ fn kvm_guest_on_served_disks() {
     let initrd = dir.path().join("initramfs.cpio");
     std::fs::write(&initrd, kit::initramfs(&kernel, init)).unwrap();
 
-    // (guest device in PCI order, format, over vhost-user?)
+    // (guest device in PCI order, format, over vhost-user?, read-only?)
     let disks: Vec<Disk> = [
-        ("vda", "qcow2", true),
-        ("vdb", "qcow2", false),
-        ("vdc", "vhdx", true),
-        ("vdd", "vmdk", false),
-        ("vde", "qcow2", false),
+        ("vda", "qcow2", true, false),
+        ("vdb", "qcow2", false, false),
+        ("vdc", "vhdx", true, false),
+        ("vdd", "vmdk", false, false),
+        ("vde", "qcow2", false, false),
+        ("vdf", "qcow2", true, true),
     ]
     .into_iter()
-    .map(|(dev, fmt, vhost)| Disk {
+    .map(|(dev, fmt, vhost, ro)| Disk {
         dev,
         fmt,
         vhost,
-        image: make_image(dir.path(), dev, fmt),
+        ro,
+        image: make_image(dir.path(), dev, fmt, ro),
     })
     .collect();
+    let ro_files_before = ro_file_sums(&disks[5]);
     let mut servers: Vec<(Served, PathBuf)> = disks.iter().map(|d| serve(dir.path(), d)).collect();
 
     let files = if long { 60 } else { 8 };
     let crash_files = if long { 120 } else { 24 };
     let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet FILES={files} TREE_DISKS=vda,vdb,vdc,vdd CRASH_DISK=vde CRASH_FILES={crash_files}"
+        "console=ttyS0 panic=-1 quiet FILES={files} TREE_DISKS=vda,vdb,vdc,vdd RO_DISK=vdf CRASH_DISK=vde CRASH_FILES={crash_files}"
     );
     let socks: Vec<PathBuf> = servers.iter().map(|(_, p)| p.clone()).collect();
     let (mut qemu, rx) = boot_until_console(&kernel.vmlinuz, &initrd, &cmdline, &disks, &socks);
@@ -139,11 +154,11 @@ fn kvm_guest_on_served_disks() {
         if fsynced && !killed && log.iter().filter(|l| l.starts_with("FSYNCED ")).count() == 6 {
             killed = true;
             fsynced_before_kill = 6;
-            let (srv, _) = servers.pop().unwrap();
+            let (srv, _) = servers.remove(4);
             let st = srv.signal("KILL");
             assert!(!st.success());
             std::thread::sleep(Duration::from_millis(300));
-            servers.push(serve(dir.path(), &disks[4]));
+            servers.insert(4, serve(dir.path(), &disks[4]));
         }
     }
     let status = qemu.wait().unwrap();
@@ -156,7 +171,32 @@ fn kvm_guest_on_served_disks() {
         srv.stop();
     }
     assert!(fsynced_before_kill > 0);
-    check_disks(dir.path(), &disks, &log, crash_files);
+    check_read_only(dir.path(), &disks[5], &text, &ro_files_before);
+    check_disks(dir.path(), &disks[..5], &log, crash_files);
+}
+
+/// sha256 of the read-only disk's files (the qcow2 and its backing file).
+fn ro_file_sums(d: &Disk) -> String {
+    let base = d.image.with_file_name(format!("{}-base.raw", d.dev));
+    tool_ok("sha256sum", &[s(&d.image), s(&base)])
+}
+
+/// The read-only disk: the guest saw it read-only, its write failed, it read the
+/// image's content, and both files are unchanged byte for byte.
+fn check_read_only(dir: &Path, d: &Disk, text: &str, before: &str) {
+    let refused = format!("RO-WRITE-REFUSED {}", d.dev);
+    assert!(text.contains(&refused), "{}: {text}", d.dev);
+    let raw = dir.join(format!("{}.raw", d.dev));
+    qemu_img_ok(&["convert", "-f", d.fmt, "-O", "raw", s(&d.image), s(&raw)]);
+    let want = tool_ok("sha256sum", &[s(&raw)]);
+    let want = format!(
+        "ROSUM {} {}",
+        d.dev,
+        want.split_whitespace().next().unwrap()
+    );
+    assert!(text.contains(&want), "{want}: {text}");
+    assert_eq!(ro_file_sums(d), before, "the read-only image changed");
+    qemu_img_ok(&["check", "-f", d.fmt, s(&d.image)]);
 }
 
 /// QEMU's arguments for the guest with `accel`.
@@ -218,9 +258,18 @@ fn qemu_args(
     args
 }
 
-/// Boots with KVM; when the guest prints nothing within 30 s (nested KVM that
-/// cannot run this kernel), boots again with TCG. `DISKIMG_GUEST_ACCEL` forces one.
-/// Returns QEMU and its console lines (from `GUEST-START` on).
+/// Whether `/dev/kvm` is PVM's (the `kvm_pvm` module: KVM without VMX/SVM inside a VM,
+/// as on this workplace's Firecracker hosts). PVM runs a guest kernel built for it
+/// (`CONFIG_PVM_GUEST`) at full speed; Debian's kernel it runs only by trapping nearly
+/// every instruction, far slower than TCG (docs/serve.md, "The guest test").
+fn kvm_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Boots with KVM; when the guest prints nothing within 30 s (a KVM that cannot run
+/// this kernel), boots again with TCG. Under PVM it boots with TCG straight away.
+/// `DISKIMG_GUEST_ACCEL` forces one. Returns QEMU and its console lines (from
+/// `GUEST-START` on).
 fn boot_until_console(
     vmlinuz: &Path,
     initrd: &Path,
@@ -231,6 +280,7 @@ fn boot_until_console(
     let forced = std::env::var("DISKIMG_GUEST_ACCEL").ok();
     let accels: Vec<String> = match forced {
         Some(a) => vec![a],
+        None if kvm_is_pvm() => vec!["tcg".into()],
         None => vec!["kvm".into(), "tcg".into()],
     };
     for (n, accel) in accels.iter().enumerate() {

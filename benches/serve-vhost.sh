@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# vhost-user-blk: diskimg serve vs qemu-storage-daemon on copies of the same qcow2 image,
+# measured in one run from inside one guest: fio (libaio, O_DIRECT) 4 KiB random read/write
+# IOPS and 1 MiB sequential read/write throughput at queue depths 1 and 16, each case
+# alternating which server goes first. Prints a markdown table with ratios.
+#
+# Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 8)]
+# Needs: a release build (cargo build --release -p diskimg-cli), qemu-img, qemu-io,
+# qemu-storage-daemon, qemu-system-x86_64, fio (copied into the guest with its
+# libraries), busybox-static, python3, and the Debian kernel the guest test caches in
+# target/tmp/guest-kernel (fetched with apt-get download when missing).
+# The guest boots with KVM (-cpu host); under PVM's /dev/kvm (see docs/serve.md) or with
+# DISKIMG_GUEST_ACCEL=tcg it runs under TCG, and then the emulated guest, not the servers,
+# sets the pace: read the ratios as "no worse", not as the servers' speed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:-512M}
+secs=${2:-8}
+bin=target/release/diskimg
+[ -x "$bin" ] || { echo "build first: cargo build --release -p diskimg-cli" >&2; exit 1; }
+for t in qemu-img qemu-io qemu-storage-daemon qemu-system-x86_64 fio busybox python3 \
+         apt-get apt-cache dpkg-deb ldd; do
+    command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
+done
+accel=${DISKIMG_GUEST_ACCEL:-kvm}
+[ -d /sys/module/kvm_pvm ] && [ -z "${DISKIMG_GUEST_ACCEL:-}" ] && accel=tcg
+[ "$accel" = kvm ] && [ ! -w /dev/kvm ] && accel=tcg
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# The guest kernel: the guest test's cache, or the package linux-image-amd64 points to.
+kdir=target/tmp/guest-kernel
+if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
+    pkg=$(apt-cache depends linux-image-amd64 | sed -n 's/ *Depends: \(linux-image-.*\)/\1/p' | head -1)
+    mkdir -p "$kdir"
+    (cd "$kdir" && apt-get download -q "$pkg" >/dev/null)
+    dpkg-deb --fsys-tarfile "$kdir"/*.deb | tar -x -C "$kdir" --wildcards './boot/vmlinuz-*' \
+        './lib/modules/*/kernel/drivers/virtio' './lib/modules/*/kernel/drivers/block/virtio_blk.ko'
+    rm -f "$kdir"/*.deb
+fi
+vmlinuz=$(ls "$kdir"/boot/vmlinuz-* | head -1)
+
+# The guest's /init: load virtio, run every case on both disks, print terse results.
+cat > "$dir/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+depmod; modprobe virtio_pci; modprobe virtio_blk
+echo GUEST-START
+n=0
+for c in "randread 4k 1" "randread 4k 16" "randwrite 4k 1" "randwrite 4k 16" \
+         "read 1M 1" "read 1M 16" "write 1M 1" "write 1M 16"; do
+    set -- $c
+    if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+    n=$((n + 1))
+    for d in $order; do
+        r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 --bs=$2 \
+            --iodepth=$3 --time_based --runtime=$SECS --norandommap --randrepeat=0 \
+            --output-format=terse --terse-version=3 2>&1 | grep '^3;')
+        echo "FIO $1-$2-$3 $d $r"
+    done
+done
+echo GUEST-DONE
+poweroff -f
+EOF
+
+# The initramfs (cpio newc): busybox, /init, fio with its libraries, virtio modules.
+python3 - "$dir/initrd" "$dir/init" "$kdir" <<'EOF'
+import os, subprocess, sys
+out, ino, seen = bytearray(), [0], set()
+def entry(name, mode, data):
+    ino[0] += 1
+    name = name.lstrip("/")
+    f = [ino[0], mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+    out.extend(b"070701" + b"".join(b"%08x" % x for x in f) + name.encode() + b"\0")
+    while len(out) % 4: out.append(0)
+    out.extend(data)
+    while len(out) % 4: out.append(0)
+def dirs(path):
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        if cur not in seen:
+            seen.add(cur); entry(cur, 0o40755, b"")
+def put(guest, host, mode=0o755):
+    dirs(os.path.dirname(guest)); entry(guest, 0o100000 | mode, open(host, "rb").read())
+for d in ["/bin", "/dev", "/proc", "/sys", "/tmp"]: dirs(d)
+put("/bin/busybox", subprocess.check_output(["sh", "-c", "command -v busybox"]).decode().strip())
+put("/init", sys.argv[2])
+fio = subprocess.check_output(["sh", "-c", "command -v fio"]).decode().strip()
+put("/bin/fio", fio)
+for l in subprocess.check_output(["ldd", fio]).decode().splitlines():
+    p = [w for w in l.split() if w.startswith("/")]
+    if p: put(p[0], p[0])
+root = os.path.join(sys.argv[3], "lib/modules")
+for top, _, files in os.walk(root):
+    for f in files:
+        h = os.path.join(top, f)
+        put("/lib/modules/" + os.path.relpath(h, root), h, 0o644)
+entry("TRAILER!!!", 0, b"")
+open(sys.argv[1], "wb").write(out)
+EOF
+
+# A fully allocated qcow2 (64 KiB clusters); each server gets its own copy.
+qemu-img create -q -f qcow2 "$dir/ours.qcow2" "$size"
+qemu-io -f qcow2 -c "write -P 0x5a 0 $size" "$dir/ours.qcow2" >/dev/null
+cp "$dir/ours.qcow2" "$dir/theirs.qcow2"
+
+"$bin" serve --vhost-user-blk "$dir/ours.sock" --num-queues 2 -f qcow2 "$dir/ours.qcow2" & pids+=($!)
+qemu-storage-daemon \
+    --blockdev "driver=file,node-name=f,filename=$dir/theirs.qcow2,cache.direct=off" \
+    --blockdev driver=qcow2,node-name=q,file=f \
+    --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$dir/theirs.sock,writable=on,num-queues=2" \
+    & pids+=($!)
+for s in ours theirs; do
+    for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
+done
+
+cpu=(); [ "$accel" = kvm ] && cpu=(-cpu host)
+mem=1G
+timeout $((600 + 16 * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
+    -m $mem -smp 2 -nodefaults -no-reboot -display none -serial stdio \
+    -object memory-backend-memfd,id=mem,size=$mem,share=on -numa node,memdev=mem \
+    -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs" \
+    -chardev socket,id=c0,path="$dir/ours.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+    -chardev socket,id=c1,path="$dir/theirs.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=2 \
+    </dev/null | tr -d '\r' > "$dir/console" || true
+grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest did not finish" >&2; exit 1; }
+
+python3 - "$dir/console" <<'EOF'
+import sys
+res = {}
+for l in open(sys.argv[1]):
+    f = l.split()
+    if len(f) == 4 and f[0] == "FIO":
+        t = f[3].split(";")
+        if t[4] != "0":
+            sys.exit(f"fio error on {f[2]}: {l}")
+        rd = int(t[5]) > 0
+        iops, kib = (float(t[7]), float(t[6])) if rd else (float(t[48]), float(t[47]))
+        res[(f[1], f[2])] = iops if "-4k-" in f[1] else kib / 1024
+print("| test | diskimg serve | qemu-storage-daemon | ratio |")
+print("|---|---|---|---|")
+for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
+             "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
+    a, b = res[(case, "vda")], res[(case, "vdb")]
+    rw, bs, qd = case.split("-")
+    unit = "IOPS" if bs == "4k" else "MiB/s"
+    print(f"| {rw} {bs} QD{qd} ({unit}) | {a:.0f} | {b:.0f} | {a / max(b, 1e-9):.2f}x |")
+EOF
+echo
+echo "size=$size runtime=${secs}s accel=$accel commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
