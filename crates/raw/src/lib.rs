@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, HostRun,
-    Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, copy_range,
-    guard_write, map_via, read_via,
+    Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, check_range,
+    copy_range, map_via, read_via,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -142,19 +142,15 @@ impl BlockDevice for RawDevice {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        guard_write(
-            self.read_only,
-            offset,
-            buf.len() as u64,
-            self.virtual_size(),
-        )?;
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
         self.storage.write_all_at(buf, offset)
     }
 
     fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
         let size = self.virtual_size();
         let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
-        diskimg_blockio::check_range(offset, len, size)?;
+        check_range(offset, len, size)?;
         // As read_at: only the last sector can lie beyond the end of an odd-sized file.
         if offset + len <= size.saturating_sub(512) {
             return self.storage.read_vectored_exact_at(bufs, offset);
@@ -163,19 +159,21 @@ impl BlockDevice for RawDevice {
     }
 
     fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
-        self.writable()?;
         let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
-        guard_write(self.read_only, offset, len, self.virtual_size())?;
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
         self.storage.write_vectored_all_at(bufs, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
-        guard_write(self.read_only, offset, len, self.virtual_size())?;
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
         self.storage.write_zeroes(offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        guard_write(self.read_only, offset, len, self.virtual_size())?;
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
         self.storage.discard(offset, len)
     }
 
@@ -211,7 +209,8 @@ impl BlockDevice for RawDevice {
 
     /// [`copy_range`] into the storage (`copy_file_range` between host files).
     fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
-        guard_write(self.read_only, offset, len, self.virtual_size())?;
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
         copy_range(src, src_offset, self.storage.as_ref(), offset, len)
     }
 
