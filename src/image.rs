@@ -261,16 +261,15 @@ fn open_inner(
         )));
     }
     let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
-    if depth
-        > options
-            .policy
-            .max_chain_depth
-            .min(options.limits.max_chain_depth)
-    {
+    let max_depth = options
+        .policy
+        .max_chain_depth
+        .min(options.limits.max_chain_depth);
+    if depth > max_depth {
         return Err(Error::LimitExceeded {
             what: "backing chain depth",
             requested: u64::from(depth),
-            limit: u64::from(options.policy.max_chain_depth),
+            limit: u64::from(max_depth),
         });
     }
     visited.push(canon.clone());
@@ -405,8 +404,11 @@ pub fn open_storage(
         .open(storage, &OpenOptions::new().read_only(read_only))
 }
 
-/// Creates an image at `path` (overwriting it) of `size` bytes with qemu-style
-/// `options` (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …).
+/// Creates an image at `path` (overwriting it) of `size` bytes, rounded up to whole
+/// 512-byte sectors as qemu-img does for every format, with qemu-style `options`
+/// (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …). The format crates'
+/// typed options (`diskimg_raw::RawCreateOptions`, `diskimg_vdi::VdiCreateOptions`, …)
+/// turn into such lists with their `to_options`.
 ///
 /// Without `size`, a `backing_file` option supplies it (the backing image is opened
 /// through `image_options.policy`). A backing file needs `backing_fmt`, as in qemu-img 10.
@@ -461,6 +463,10 @@ pub fn create(
         }
         _ => return Err(Error::invalid("Image creation needs a size parameter")),
     };
+    // As qemu-img (and the CLI), every format gets a size in whole sectors.
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or(Error::invalid("Image size too large"))?;
     let lock_mode = LockMode::of(image_options.locking, false, false)?;
     let storage: Arc<dyn Storage> = Arc::new(if lock_mode.is_some() {
         FileStorage::create_locked(path, &path.to_string_lossy())?

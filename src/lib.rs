@@ -41,7 +41,7 @@ pub use diskimg_blockio::{
     BlockDevice, CacheMode, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList,
     Result, Secrets, Storage, block_status, map_chain, map_chain_iter, parse_size,
 };
-/// The qcow2 crate (for its own API: snapshots, bitmaps, measure).
+/// The qcow2 crate, for its own API beyond the device capabilities.
 #[cfg(feature = "qcow2")]
 pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};

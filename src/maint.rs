@@ -1,49 +1,47 @@
-//! Maintenance operations the CLI's `snapshot`, `commit`, `rebase` and `amend` verbs
-//! need beyond the [`BlockDevice`] trait: they reach the format's own API (qcow2 only
-//! today) and fail with [`Error::Unsupported`] for other formats.
+//! Maintenance operations the CLI's `snapshot`, `commit`, `rebase`, `amend`, `measure`
+//! and `bitmap` verbs need beyond reading and writing: each asks the device for the
+//! capability ([`BlockDevice::as_snapshots`], [`BlockDevice::as_chain_link`], …) and
+//! fails with [`Error::Unsupported`] (or qemu's wording) where the format lacks it.
 
-use diskimg_blockio::{BlockDevice, Error, Result};
+use diskimg_blockio::{
+    Amend, BitmapInfo, BlockDevice, ChainLink, Error, OptionList, Result, Secrets, Snapshots,
+};
+#[cfg(feature = "qcow2")]
+use diskimg_blockio::{BitmapData, BitmapOp};
 
 use crate::image::Image;
-
-/// The qcow2 device behind `dev`, if it is one.
-#[cfg(feature = "qcow2")]
-pub fn as_qcow2(dev: &dyn BlockDevice) -> Option<&diskimg_qcow2::Qcow2Device> {
-    dev.as_any().downcast_ref::<diskimg_qcow2::Qcow2Device>()
-}
 
 fn unsupported(image: &Image, what: &'static str) -> Error {
     Error::unsupported(image.device.info().format, what)
 }
 
+fn snapshots(image: &Image) -> Result<&dyn Snapshots> {
+    image
+        .device
+        .as_snapshots()
+        .ok_or_else(|| unsupported(image, "internal snapshots"))
+}
+
+fn chain_link<'a>(image: &'a Image, what: &'static str) -> Result<&'a dyn ChainLink> {
+    image
+        .device
+        .as_chain_link()
+        .ok_or_else(|| unsupported(image, what))
+}
+
 /// Takes an internal snapshot named `name` (`qemu-img snapshot -c`); returns its id.
 pub fn create_snapshot(image: &Image, name: &str) -> Result<String> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.create_snapshot(name);
-    }
-    let _ = name;
-    Err(unsupported(image, "internal snapshots"))
+    snapshots(image)?.create(name)
 }
 
 /// Reverts the disk to the internal snapshot `id_or_name` (`qemu-img snapshot -a`).
 pub fn apply_snapshot(image: &Image, id_or_name: &str) -> Result<()> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.apply_snapshot(id_or_name);
-    }
-    let _ = id_or_name;
-    Err(unsupported(image, "internal snapshots"))
+    snapshots(image)?.apply(id_or_name)
 }
 
 /// Deletes the internal snapshot `id_or_name` (`qemu-img snapshot -d`).
 pub fn delete_snapshot(image: &Image, id_or_name: &str) -> Result<()> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.delete_snapshot(id_or_name);
-    }
-    let _ = id_or_name;
-    Err(unsupported(image, "internal snapshots"))
+    snapshots(image)?.delete(id_or_name)
 }
 
 /// What `qemu-img measure` reports.
@@ -96,9 +94,14 @@ pub fn measure(
             let vsize = src.virtual_size();
             let data = data_clusters_bytes(src, t.cluster_size)?;
             let m = t.measure(vsize, Some(data))?;
-            let bitmaps = as_qcow2(src)
-                .filter(|q| t.v3 && q.supports_bitmaps())
-                .map(|q| diskimg_qcow2::bitmaps_size(vsize, t.cluster_size, &q.bitmap_shapes()));
+            let bitmaps = src.as_bitmaps().filter(|_| t.v3).map(|b| {
+                let shapes: Vec<(usize, u64)> = b
+                    .list()
+                    .iter()
+                    .map(|b| (b.name.len(), b.granularity))
+                    .collect();
+                diskimg_qcow2::bitmaps_size(vsize, t.cluster_size, &shapes)
+            });
             Ok(Measure {
                 required: m.required,
                 fully_allocated: m.fully_allocated,
@@ -136,22 +139,13 @@ fn data_clusters_bytes(dev: &dyn BlockDevice, cs: u64) -> Result<u64> {
 /// Rewrites the image's backing file reference (`qemu-img rebase -u`): `name` (empty or
 /// `None`: no backing file) with backing format `format`. Only qcow2 can do this.
 pub fn set_backing_file(image: &Image, name: Option<&str>, format: Option<&str>) -> Result<()> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.set_backing_file(name, format);
-    }
-    let _ = (name, format);
-    Err(unsupported(image, "changing the backing file"))
+    chain_link(image, "changing the backing file")?.set_backing_file(name, format)
 }
 
 /// Empties the image so that it reads through to its backing file again (what
 /// `qemu-img commit` does to the top image unless `-d`).
 pub fn make_empty(image: &Image) -> Result<()> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.make_empty();
-    }
-    Err(unsupported(image, "emptying an image"))
+    chain_link(image, "emptying an image")?.make_empty()
 }
 
 /// After a commit copied `child`'s data into its backing image `parent`, records the
@@ -159,30 +153,26 @@ pub fn make_empty(image: &Image) -> Result<()> {
 /// `parent_linkage` names the parent's `DataWriteGuid`, which the commit's writes renewed):
 /// the child, whose data still overrides the parent's, stays openable. Other formats: no-op.
 pub fn relink_after_commit(child: &dyn BlockDevice, parent: &dyn BlockDevice) -> Result<()> {
-    #[cfg(feature = "vhdx")]
-    if let (Some(c), Some(p)) = (
-        child.as_any().downcast_ref::<diskimg_vhdx::VhdxDevice>(),
-        parent.as_any().downcast_ref::<diskimg_vhdx::VhdxDevice>(),
-    ) && c.subformat() == "differencing"
-    {
-        return c.relink_parent(p);
+    match child.as_chain_link() {
+        Some(c) => c.relink_parent(parent),
+        None => Ok(()),
     }
-    let _ = (child, parent);
-    Ok(())
 }
 
-/// Applies `qemu-img amend -o` options. Only qcow2 supports amendment (qemu's wording
-/// otherwise).
-pub fn amend(image: &Image, options: &diskimg_blockio::OptionList) -> Result<()> {
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = as_qcow2(image.device.as_ref()) {
-        return q.amend(options);
-    }
-    let _ = options;
-    Err(Error::invalid(format!(
-        "Format driver '{}' does not support option amendment",
-        image.device.info().format
-    )))
+/// The image's [`Amend`] capability, or qemu's refusal for formats without one.
+pub fn amender(image: &Image) -> Result<&dyn Amend> {
+    image.device.as_amend().ok_or_else(|| {
+        Error::invalid(format!(
+            "Format driver '{}' does not support option amendment",
+            image.device.info().format
+        ))
+    })
+}
+
+/// Applies `qemu-img amend -o` options ([`Amend::amend`]; `secrets` for key-slot
+/// options). Only qcow2 supports amendment (qemu's wording otherwise).
+pub fn amend(image: &Image, options: &OptionList, secrets: &Secrets) -> Result<()> {
+    amender(image)?.amend(options, secrets)
 }
 
 /// Applies `qemu-img bitmap` operations to bitmap `name` of the qcow2 image at `path`
@@ -192,7 +182,7 @@ pub fn edit_bitmaps(
     path: &std::path::Path,
     format: Option<crate::Format>,
     name: &str,
-    ops: &[diskimg_qcow2::BitmapOp],
+    ops: &[BitmapOp],
 ) -> Result<()> {
     let storage = std::sync::Arc::new(diskimg_blockio::FileStorage::open(path, false)?);
     let format = match format {
@@ -205,16 +195,7 @@ pub fn edit_bitmaps(
         &path.to_string_lossy(),
     )?;
     if format != crate::Format::Qcow2 {
-        let op = match ops.first() {
-            Some(diskimg_qcow2::BitmapOp::Add { .. }) | None => "add",
-            Some(diskimg_qcow2::BitmapOp::Remove) => "remove",
-            Some(diskimg_qcow2::BitmapOp::Clear) => "clear",
-            Some(diskimg_qcow2::BitmapOp::Enable) => "enable",
-            Some(diskimg_qcow2::BitmapOp::Disable) => "disable",
-            Some(diskimg_qcow2::BitmapOp::Merge(_) | diskimg_qcow2::BitmapOp::MergeBits { .. }) => {
-                "merge"
-            }
-        };
+        let op = ops.first().map_or("add", BitmapOp::verb);
         return Err(Error::invalid(format!(
             "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \
              Operation not supported",
@@ -222,4 +203,45 @@ pub fn edit_bitmaps(
         )));
     }
     diskimg_qcow2::edit_bitmaps(storage, name, ops)
+}
+
+/// The stored bits of bitmap `name` of the qcow2 image on `storage` (opened read-only on
+/// its own, as `qemu-img bitmap --merge SRC -b FILE` reads its source).
+#[cfg(feature = "qcow2")]
+pub fn read_bitmap(
+    storage: std::sync::Arc<dyn diskimg_blockio::Storage>,
+    name: &str,
+) -> Result<BitmapData> {
+    let (granularity, bits) = diskimg_qcow2::read_bitmap(storage, name)?;
+    Ok(BitmapData { granularity, bits })
+}
+
+/// The persistent bitmaps of `src` that `convert --bitmaps` copies (none when the image
+/// cannot hold any).
+pub fn bitmaps_of(src: &dyn BlockDevice) -> Vec<BitmapInfo> {
+    src.as_bitmaps().map(|b| b.list()).unwrap_or_default()
+}
+
+/// Copies persistent bitmap `bitmap` of `src` into the image at `dst` (`convert
+/// --bitmaps`): a new bitmap of the same name, granularity and state holding the same
+/// bits. The caller decides what to do with bitmaps marked in use.
+#[cfg(feature = "qcow2")]
+pub fn copy_bitmap(
+    src: &dyn BlockDevice,
+    bitmap: &BitmapInfo,
+    dst: &std::path::Path,
+    dst_format: crate::Format,
+) -> Result<()> {
+    let BitmapData { granularity, bits } = src
+        .as_bitmaps()
+        .ok_or_else(|| Error::unsupported(src.info().format, "persistent bitmaps"))?
+        .read(&bitmap.name)?;
+    let ops = [
+        BitmapOp::Add {
+            granularity: Some(granularity),
+            enabled: bitmap.auto,
+        },
+        BitmapOp::MergeBits { granularity, bits },
+    ];
+    edit_bitmaps(dst, Some(dst_format), &bitmap.name, &ops)
 }

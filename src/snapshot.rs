@@ -66,10 +66,8 @@ pub fn snapshot_device(image: &Image, sel: &SnapshotSelector) -> Result<Arc<dyn 
                 .unwrap_or("")
         )));
     };
-    #[cfg(feature = "qcow2")]
-    if let Some(q) = crate::maint::as_qcow2(image.device.as_ref()) {
-        return q.open_snapshot(&found.id);
+    match image.device.as_snapshots() {
+        Some(s) => s.open(&found.id),
+        None => Err(Error::unsupported(info.format, "internal snapshots")),
     }
-    let _ = found;
-    Err(Error::unsupported(info.format, "internal snapshots"))
 }

@@ -6,6 +6,7 @@
 )]
 //! Facade tests: probing, open policy, create options.
 
+mod capability;
 mod close;
 mod corpus;
 mod create;

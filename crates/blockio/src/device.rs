@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use crate::capability::{Amend, Bitmaps, ChainLink, Snapshots};
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, DeviceInfo, RepairMode};
 use crate::packed::CompressedUnits;
@@ -249,7 +250,38 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         write_from_by_buffer(self, offset, len, src, src_offset)
     }
 
-    /// For downcasting to the concrete format type (format-specific operations).
+    /// What the refcount repair of a read-write open of an image left dirty (qcow2 lazy
+    /// refcounts) found, in `qemu-img check`'s words ("Repairing cluster 1 refcount=1
+    /// reference=0"). qemu prints them to stderr as it repairs; a library leaves that to
+    /// its caller. The default (and a clean open) has none.
+    fn repaired_at_open(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Internal snapshots, when the format has them ([`Snapshots`]).
+    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
+        None
+    }
+
+    /// Persistent dirty bitmaps, when the image can hold them ([`Bitmaps`]).
+    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
+        None
+    }
+
+    /// Option amendment, when the format supports it ([`Amend`]).
+    fn as_amend(&self) -> Option<&dyn Amend> {
+        None
+    }
+
+    /// Backing-link maintenance (rebase, commit), when the format has any ([`ChainLink`]).
+    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
+        None
+    }
+
+    /// The concrete device, for a format crate's own use (checking that a backing device
+    /// of its own format is the parent the image names) and for its tests. Code above
+    /// the format crates uses the capability accessors instead
+    /// ([`BlockDevice::as_snapshots`] and the others).
     fn as_any(&self) -> &dyn Any;
 }
 

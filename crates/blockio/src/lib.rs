@@ -6,6 +6,9 @@
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
 //!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
 //!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
+//! - Capabilities some formats add, reached through the device without downcasts:
+//!   [`Snapshots`], [`Bitmaps`], [`Amend`], [`ChainLink`] ([`BlockDevice::as_snapshots`]
+//!   and its siblings).
 //! - [`Driver`]: probe, open and create for one format; the `diskimg` facade holds a
 //!   table of them. Drivers reach other host files only through [`HostFiles`], a policy
 //!   object that denies everything by default ([`DenyFiles`]).
@@ -17,7 +20,7 @@
 //! - [`MetaRanges`]: where an image's own metadata lies, to refuse overlapping layouts
 //!   at open and data writes that would land on metadata.
 //! - [`Error`], one enum for all; [`Limits`], bounds on what an image may make us allocate;
-//!   [`units`], sectors, clusters, guest vs host offsets; [`bytes`], bounds-checked fields.
+//!   [`bytes`], bounds-checked fields.
 //!
 //! # Example
 //!
@@ -61,6 +64,7 @@
 
 pub mod bytes;
 mod cache;
+mod capability;
 mod chain;
 mod closed;
 mod copy;
@@ -70,6 +74,7 @@ mod driver;
 mod error;
 mod fault;
 mod info;
+mod layout;
 mod limits;
 pub mod lock;
 mod meta;
@@ -78,10 +83,10 @@ mod packed;
 pub mod parent_path;
 mod secrets;
 mod storage;
-pub mod units;
 pub mod vectored;
 
 pub use cache::CacheMode;
+pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use closed::Closed;
 pub use copy::copy_range;
@@ -93,6 +98,9 @@ pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenO
 pub use error::{Error, Result};
 pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
+pub use layout::{
+    HostRun, Layout, Mapping, PastEof, for_each_run, guard_write, map_via, read_run, read_via,
+};
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};

@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::ArgAction;
-use diskimg::qcow2::BitmapOp;
+use diskimg::blockio::BitmapOp;
 
 use crate::common::{opt_format, parse_size};
 
@@ -156,7 +156,10 @@ fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
         diskimg::blockio::FileStorage::open(f, true)
             .with_context(|| format!("Could not open '{f}'"))?,
     );
-    let (granularity, bits) = diskimg::qcow2::read_bitmap(storage, src)
+    let data = diskimg::maint::read_bitmap(storage, src)
         .map_err(|e| anyhow::anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap))?;
-    Ok(BitmapOp::MergeBits { granularity, bits })
+    Ok(BitmapOp::MergeBits {
+        granularity: data.granularity,
+        bits: data.bits,
+    })
 }

@@ -146,10 +146,8 @@ pub(crate) fn open_resolved(
 /// tools do while they open it.
 pub(crate) fn report_open_repairs(img: &Image) {
     for layer in img.chain() {
-        if let Some(q) = diskimg::maint::as_qcow2(layer.device.as_ref()) {
-            for m in q.repaired_at_open() {
-                eprintln!("{m}");
-            }
+        for m in layer.device.repaired_at_open() {
+            eprintln!("{m}");
         }
     }
 }

@@ -319,18 +319,14 @@ fn run_inner(mut a: Args) -> Result<i32> {
 /// `convert --bitmaps`: recreate every persistent bitmap of the (single, qcow2) source in
 /// the (qcow2) target with the same granularity, state and bits.
 fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bool) -> Result<()> {
-    use diskimg::qcow2::BitmapOp;
     let [src] = srcs else {
         bail!("Cannot copy bitmaps from multiple sources");
     };
     if src.format != Format::Qcow2 || out_fmt != Format::Qcow2 {
         bail!("Source and target must both be qcow2 to copy bitmaps");
     }
-    let bitmaps = diskimg::maint::as_qcow2(src.device.as_ref())
-        .map(|q| q.bitmaps())
-        .unwrap_or_default();
-    for b in bitmaps {
-        let name = b.name;
+    for b in diskimg::maint::bitmaps_of(src.device.as_ref()) {
+        let name = &b.name;
         if b.in_use {
             if skip_broken {
                 eprintln!(
@@ -343,19 +339,8 @@ fn copy_bitmaps(srcs: &[Image], dst_name: &str, out_fmt: Format, skip_broken: bo
                 "Cannot copy inconsistent bitmap '{name}'\nTry --skip-broken-bitmaps, or use 'diskimg bitmap --remove' to delete it"
             );
         }
-        let storage = Arc::new(
-            FileStorage::open(&src.path, true)
-                .with_context(|| format!("Could not open '{}'", src.path.display()))?,
-        );
-        let (granularity, bits) = diskimg::qcow2::read_bitmap(storage, &name)?;
-        let ops = [
-            BitmapOp::Add {
-                granularity: Some(granularity),
-                enabled: b.auto,
-            },
-            BitmapOp::MergeBits { granularity, bits },
-        ];
-        diskimg::maint::edit_bitmaps(std::path::Path::new(dst_name), Some(out_fmt), &name, &ops)
+        let dst = std::path::Path::new(dst_name);
+        diskimg::maint::copy_bitmap(src.device.as_ref(), &b, dst, out_fmt)
             .with_context(|| format!("Failed to copy bitmap '{name}'"))?;
     }
     Ok(())

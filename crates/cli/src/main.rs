@@ -1,11 +1,12 @@
 //! `diskimg`: a qemu-img compatible command-line tool for disk images.
 //!
 //! Verbs, options, output and exit codes follow qemu-img 10 (see `docs/cli.md`):
-//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `dd`, `amend` (LUKS
-//! key slots), and `io`
-//! (qemu-io). Errors are printed as `diskimg: <message>` (`qemu-img: …` / `qemu-io: …`
-//! when invoked through a symlink of that name) and exit 1 unless the verb defines other
-//! codes (check, compare).
+//! `create`, `info`, `convert`, `compare`, `map`, `check`, `resize`, `snapshot`,
+//! `commit`, `rebase`, `amend` (format options and LUKS key slots), `measure`, `bitmap`,
+//! `dd`, `bench`, and `io` (qemu-io's commands); beyond qemu-img: `inspect`, `checksum`
+//! and `serve`. Errors are printed as `diskimg: <message>` (`qemu-img: …` /
+//! `qemu-io: …` when invoked through a symlink of that name) and exit 1 unless the verb
+//! defines other codes (check, compare).
 
 mod amend;
 mod bench;

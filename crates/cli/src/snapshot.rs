@@ -56,8 +56,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         })?;
     } else if let Some(name) = &a.apply {
         let known = img.device.info().snapshots;
-        let is_qcow2 = img.format == diskimg::Format::Qcow2;
-        if !is_qcow2 {
+        if img.device.as_snapshots().is_none() {
             bail!("Could not apply snapshot '{name}': Block driver does not support snapshots");
         }
         if !known.iter().any(|s| &s.id == name || &s.name == name) {

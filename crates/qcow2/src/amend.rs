@@ -2,8 +2,9 @@
 //! `compat` (1.1 → 0.10 with zero-cluster expansion, refused where qemu refuses, and
 //! 0.10 → 1.1), `lazy_refcounts`, `size` and `refcount_bits` (the refcount structures
 //! are rewritten at the new width, `rebuild::change_order`), `data_file` (renaming the
-//! external data file) and `data_file_raw=off`. Amending encryption options is not
-//! supported; backing file changes are refused as in qemu 10 (use rebase).
+//! external data file) and `data_file_raw=off`. `encrypt.*` options (LUKS key slots) are
+//! `keyslots.rs`'s; the [`Amend`](diskimg_blockio::Amend) capability routes them there.
+//! Backing file changes are refused as in qemu 10 (use rebase).
 
 use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result, SnapshotInfo};
 

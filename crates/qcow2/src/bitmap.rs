@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
-use diskimg_blockio::{Error, OpenOptions, Result, Storage};
+use diskimg_blockio::{BitmapData, BitmapOp, Error, OpenOptions, Result, Storage};
 
 use crate::device::Qcow2Device;
 use crate::ext::BitmapsExt;
@@ -19,36 +19,6 @@ use crate::maint::write_header;
 use crate::meta::{Meta, read_host};
 use crate::table::L2E_OFFSET_MASK;
 use crate::write::idx;
-
-/// One `qemu-img bitmap` operation on the bitmap it names.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BitmapOp {
-    /// `--add [-g GRANULARITY]`: a new empty bitmap; `enabled` unless `--disable` too.
-    Add {
-        /// Bytes per bit (default: the cluster size).
-        granularity: Option<u64>,
-        /// Set the "auto" flag (the bitmap tracks writes).
-        enabled: bool,
-    },
-    /// `--remove`.
-    Remove,
-    /// `--clear`: every bit zero.
-    Clear,
-    /// `--enable`.
-    Enable,
-    /// `--disable`.
-    Disable,
-    /// `--merge SOURCE`: set every bit set in bitmap SOURCE of the same image.
-    Merge(String),
-    /// `--merge SOURCE -b FILE`: set every bit set in these bits (as [`read_bitmap`]
-    /// returns them from another image) of this granularity.
-    MergeBits {
-        /// Bytes per bit of `bits`.
-        granularity: u64,
-        /// The source bitmap data.
-        bits: Vec<u8>,
-    },
-}
 
 /// A directory entry kept with its extra data.
 #[derive(Clone, Debug)]
@@ -148,14 +118,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
     let mut dir = read_directory(m)?;
     let pos = dir.iter().position(|e| e.name == name);
     let mut free: Vec<(u64, u64)> = Vec::new();
-    let opname = match op {
-        BitmapOp::Add { .. } => "add",
-        BitmapOp::Remove => "remove",
-        BitmapOp::Clear => "clear",
-        BitmapOp::Enable => "enable",
-        BitmapOp::Disable => "disable",
-        BitmapOp::Merge(_) | BitmapOp::MergeBits { .. } => "merge",
-    };
+    let opname = op.verb();
     let not_found = || {
         failed(
             opname,
@@ -458,10 +421,18 @@ pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
 /// bit `i` of byte `k` covers granule `8k + i`).
 pub fn read_bitmap(file: Arc<dyn Storage>, name: &str) -> Result<(u64, Vec<u8>)> {
     let dev = Qcow2Device::open(file, &OpenOptions::new().read_only(true))?;
-    let m = dev.lock();
-    let e = read_directory(&m)?
+    let BitmapData { granularity, bits } = read_named(&dev.lock(), name)?;
+    Ok((granularity, bits))
+}
+
+/// The stored bits of bitmap `name`.
+pub(crate) fn read_named(m: &Meta, name: &str) -> Result<BitmapData> {
+    let e = read_directory(m)?
         .into_iter()
         .find(|e| e.name == name)
         .ok_or_else(|| Error::invalid(format!("Dirty bitmap '{name}' not found")))?;
-    Ok((1u64 << e.gbits.min(63), read_bits(&m, &e)?))
+    Ok(BitmapData {
+        granularity: 1u64 << e.gbits.min(63),
+        bits: read_bits(m, &e)?,
+    })
 }

@@ -4,9 +4,9 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    FilePurpose, InfoValue, OpenOptions, Preallocation, RepairMode, Result, Storage, ZeroFlags,
-    check_range, read_from_backing,
+    Amend, BackingRef, BitmapInfo, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits,
+    DeviceInfo, Error, Extent, ExtentKind, FilePurpose, InfoValue, OpenOptions, Preallocation,
+    RepairMode, Result, Snapshots, Storage, ZeroFlags, check_range, read_from_backing,
 };
 
 use crate::compress;
@@ -19,19 +19,6 @@ use crate::header::{
 use crate::meta::{Cached, Meta, read_host};
 use crate::snapshot::read_snapshots;
 use crate::table::{L2Cache, Sub};
-
-/// One persistent dirty bitmap (qcow2 spec "Bitmap directory").
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BitmapInfo {
-    /// Bitmap name.
-    pub name: String,
-    /// Guest bytes per bit.
-    pub granularity: u64,
-    /// Flag `in-use`: the bitmap may be inconsistent (not saved after a write).
-    pub in_use: bool,
-    /// Flag `auto`: the bitmap tracks writes (enabled).
-    pub auto: bool,
-}
 
 /// An open qcow2 image (or a read-only view of one of its internal snapshots).
 ///
@@ -230,17 +217,6 @@ impl Qcow2Device {
             self.file.flush()?;
         }
         Ok(())
-    }
-
-    /// The findings of the refcount repair a read-write open made on an image left
-    /// dirty (lazy refcounts), in the words of `qemu-img check` ("Repairing cluster 1
-    /// refcount=1 reference=0"); qemu prints them to stderr as it repairs, a library
-    /// leaves that to its caller. Empty when no repair was needed.
-    pub fn repaired_at_open(&self) -> Vec<String> {
-        self.open_repairs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// The metadata, exclusively (writers, and readers whose L2 table is not cached).
@@ -726,6 +702,30 @@ impl BlockDevice for Qcow2Device {
         check_range(offset, len, self.virtual_size())?;
         self.mark_dirty(offset, len);
         crate::offload::write_from(self, offset, len, src, src_offset)
+    }
+
+    fn repaired_at_open(&self) -> Vec<String> {
+        self.open_repairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    /// Version 3 images only (version 2 cannot hold bitmaps).
+    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
+        (self.lock().h.version >= 3).then_some(self as &dyn Bitmaps)
+    }
+
+    fn as_amend(&self) -> Option<&dyn Amend> {
+        Some(self)
+    }
+
+    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
+        Some(self)
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -92,6 +92,7 @@ use diskimg_blockio::{
 
 mod amend;
 mod bitmap;
+mod capability;
 mod check;
 mod check_copied;
 mod compress;
@@ -117,8 +118,9 @@ mod snapshot_ops;
 mod table;
 mod write;
 
-pub use bitmap::{BitmapOp, edit_bitmaps, read_bitmap};
-pub use device::{BitmapInfo, Qcow2Device};
+pub use bitmap::{edit_bitmaps, read_bitmap};
+pub use device::Qcow2Device;
+pub use diskimg_blockio::{BitmapInfo, BitmapOp};
 pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
 pub use measure::{MeasureTarget, Measurement, bitmaps_size};
 

@@ -182,38 +182,3 @@ pub fn bitmaps_size(virtual_size: u64, cs: u64, bitmaps: &[(usize, u64)]) -> u64
     }
     size.saturating_add(dir.checked_next_multiple_of(cs).unwrap_or(u64::MAX))
 }
-
-impl crate::Qcow2Device {
-    /// Whether the image can hold persistent bitmaps (version 3).
-    pub fn supports_bitmaps(&self) -> bool {
-        self.lock().h.version >= 3
-    }
-
-    /// `(name length, granularity)` of each persistent bitmap, for [`bitmaps_size`].
-    pub fn bitmap_shapes(&self) -> Vec<(usize, u64)> {
-        self.bitmaps
-            .iter()
-            .map(|b| (b.name.len(), b.granularity))
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_from_the_reference() {
-        // qemu-img 10.0.2 `measure --output=json` (qemu-img-surface.md §3.4).
-        let t = MeasureTarget::from_options(&OptionList::new()).unwrap();
-        let m = t.measure(1 << 30, None).unwrap();
-        assert_eq!((m.required, m.fully_allocated), (393216, 1074135040));
-        let t = MeasureTarget::from_options(
-            &OptionList::parse("cluster_size=2M,preallocation=full").unwrap(),
-        )
-        .unwrap();
-        let m = t.measure(10 << 30, None).unwrap();
-        assert_eq!((m.required, m.fully_allocated), (10747904000, 10747904000));
-        assert_eq!(bitmaps_size(64 << 20, 65536, &[(2, 65536)]), 196608);
-    }
-}

@@ -2,7 +2,8 @@
 //!
 //! [`RawDevice`] implements [`BlockDevice`] over any [`Storage`]; [`map`](BlockDevice::map)
 //! reports holes from `SEEK_DATA`/`SEEK_HOLE` (as zero extents), so converting a sparse
-//! raw image stays sparse. [`DRIVER`] creates images with `preallocation=off|falloc|full`.
+//! raw image stays sparse. [`DRIVER`] creates images with `preallocation=off|falloc|full`
+//! ([`RawCreateOptions`], the typed form of those options).
 //!
 //! # Example
 //!
@@ -23,13 +24,18 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+mod options;
+
+pub use options::RawCreateOptions;
+
 use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, OpenOptions,
-    Preallocation, Result, Storage, ZeroFlags, check_range, copy_range, map_host_run,
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, HostRun,
+    Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, check_range,
+    copy_range, map_via, read_via,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the
@@ -63,22 +69,10 @@ impl Driver for RawDriver {
         Ok(Arc::new(RawDevice::new(storage, options.read_only)?))
     }
 
+    /// [`RawCreateOptions::take`] from `request.options`, then
+    /// [`RawCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        let mode = match request.options.take("preallocation") {
-            None => Preallocation::Off,
-            Some(s) => Preallocation::parse_file(&s)?,
-        };
-        storage.set_len(0)?;
-        storage.preallocate(0, request.size, mode)?;
-        storage.set_len(request.size)?;
-        if mode != Preallocation::Full && request.size > 0 {
-            // As qemu's file driver: the first block of a new file is written (zeroes,
-            // 4 KiB or one sector for tiny images) so that later alignment probing and
-            // `map` see it allocated.
-            let n = if request.size < 4096 { 512 } else { 4096 };
-            storage.write_all_at(&vec![0u8; n], 0)?;
-        }
-        storage.flush()
+        RawCreateOptions::take(&mut request.options)?.create(storage.as_ref(), request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {
@@ -117,6 +111,21 @@ impl RawDevice {
     }
 }
 
+/// Guest offset = host offset: one host run, whose holes map as zeroes and whose bytes
+/// past the end of an odd-sized file (a size rounded up to a sector) read as zeroes.
+impl Layout for RawDevice {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let run = HostRun::new(self.storage.as_ref(), offset)
+            .past_eof(PastEof::Zero)
+            .holes(true);
+        Ok((Mapping::Host(run), max))
+    }
+}
+
 impl BlockDevice for RawDevice {
     fn info(&self) -> DeviceInfo {
         let mut info = DeviceInfo::new("raw", self.virtual_size());
@@ -129,25 +138,7 @@ impl BlockDevice for RawDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.virtual_size();
-        check_range(offset, buf.len() as u64, size)?;
-        // Only the last sector can lie (partly) beyond the end of an odd-sized file; other
-        // reads skip the length query.
-        if offset + (buf.len() as u64) <= size.saturating_sub(512) {
-            return self.storage.read_exact_at(buf, offset);
-        }
-        let in_file = self
-            .storage
-            .len()?
-            .saturating_sub(offset)
-            .min(buf.len() as u64);
-        let in_file = usize::try_from(in_file).unwrap_or(buf.len());
-        let (head, tail) = buf.split_at_mut(in_file);
-        if !head.is_empty() {
-            self.storage.read_exact_at(head, offset)?;
-        }
-        tail.fill(0);
-        Ok(())
+        read_via(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -168,8 +159,8 @@ impl BlockDevice for RawDevice {
     }
 
     fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
-        self.writable()?;
         let len = diskimg_blockio::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        self.writable()?;
         check_range(offset, len, self.virtual_size())?;
         self.storage.write_vectored_all_at(bufs, offset)
     }
@@ -203,14 +194,7 @@ impl BlockDevice for RawDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let size = self.virtual_size();
-        check_range(offset, len, size)?;
-        if len == 0 {
-            return Err(Error::invalid("map of an empty range"));
-        }
-        // Past the end of the file (a virtual size rounded up to a sector) the storage
-        // reports no data, so the tail maps as zeroes without asking for the length.
-        map_host_run(self.storage.as_ref(), offset, offset, len)
+        map_via(self, offset, len)
     }
 
     /// Guest offset = host offset: the layout is the file's.

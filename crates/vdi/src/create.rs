@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
-use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, Preallocation, Result, Storage};
+use diskimg_blockio::{CreateOptionSpec, Error, Preallocation, Result, Storage};
 
+use crate::VdiCreateOptions;
 use crate::bmap::{UNALLOCATED, sector_align};
 use crate::header::{
     BLOCK_SIZE, DISK_SIZE_MAX, FORMAT, HEADER_SECTOR, SECTOR, TYPE_DYNAMIC, TYPE_STATIC,
@@ -32,30 +33,12 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
 /// Bytes of block map written per storage write.
 const CHUNK: u64 = 1 << 20;
 
-/// Writes a new image to `storage`.
-pub(crate) fn create(storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-    let is_static = request.options.take_bool("static")?.unwrap_or(false);
-    let prealloc = match request.options.take("preallocation").as_deref() {
-        None | Some("off") => Preallocation::Off,
-        Some("falloc") => Preallocation::Falloc,
-        Some("full") => Preallocation::Full,
-        Some("metadata") => {
-            return Err(Error::invalid("Unsupported preallocation mode: metadata"));
-        }
-        Some(v) => {
-            return Err(Error::invalid(format!("invalid parameter value: {v}")));
-        }
-    };
-    // File-layer hints qemu accepts; meaningless for diskimg's storage.
-    request.options.take_size("extent_size_hint")?;
-    request.options.take_bool("nocow")?;
-
-    let size = request
-        .options
-        .take_size("size")?
-        .unwrap_or(request.size)
-        .checked_add(SECTOR - 1)
-        .map(|v| v / SECTOR * SECTOR)
+/// Writes a new image of `size` bytes (rounded up to whole sectors) to `storage`.
+pub(crate) fn create(storage: Arc<dyn Storage>, size: u64, opts: &VdiCreateOptions) -> Result<()> {
+    let is_static = opts.static_image;
+    let prealloc = opts.preallocation;
+    let size = size
+        .checked_next_multiple_of(SECTOR)
         .ok_or_else(|| Error::invalid("size overflow"))?;
     if size > DISK_SIZE_MAX {
         return Err(Error::unsupported(

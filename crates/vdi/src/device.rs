@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, Limits, Preallocation,
-    RepairMode, Result, Storage, ZeroFlags, check_range, map_host_run,
+    BlockDevice, CheckReport, DeviceInfo, Error, Extent, HostRun, Layout, Limits, Mapping, PastEof,
+    Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via, read_via,
 };
 
 use crate::bmap::{Meta, is_allocated};
@@ -74,6 +74,13 @@ impl VdiDevice {
         })
     }
 
+    fn view(&self) -> View<'_> {
+        View {
+            storage: self.storage.as_ref(),
+            m: self.read_meta(),
+        }
+    }
+
     pub(crate) fn read_meta(&self) -> RwLockReadGuard<'_, Meta> {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -129,28 +136,6 @@ impl VdiDevice {
         m.commit(self.storage.as_ref(), None)?;
         self.modified.store(true, Ordering::Release);
         Ok(())
-    }
-
-    /// Reads host bytes; the part beyond the end of the file reads as zeroes (as qemu's
-    /// file layer does).
-    pub(crate) fn read_host(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match self.storage.read_exact_at(buf, offset) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let len = self.storage.len()?;
-                let end = offset.saturating_add(buf.len() as u64);
-                if end <= len {
-                    return Err(e);
-                }
-                let avail = usize::try_from(len.saturating_sub(offset)).unwrap_or(0);
-                let (head, tail) = buf.split_at_mut(avail.min(buf.len()));
-                if !head.is_empty() {
-                    self.storage.read_exact_at(head, offset)?;
-                }
-                tail.fill(0);
-                Ok(())
-            }
-        }
     }
 
     /// Writes `data` at `in_block` of a newly reserved data index.
@@ -241,6 +226,39 @@ impl VdiDevice {
     }
 }
 
+/// The block map under its read lock, for [`read_via`] and [`map_via`].
+struct View<'a> {
+    storage: &'a dyn Storage,
+    m: RwLockReadGuard<'a, Meta>,
+}
+
+impl Layout for View<'_> {
+    fn size(&self) -> u64 {
+        self.m.header.disk_size
+    }
+
+    /// An allocated block is a host run (the part past the end of the file reads as
+    /// zeroes; a static image's host holes map as zeroes, as qemu's file layer reports
+    /// them); unallocated blocks read as zeroes (VDI has no backing files).
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let end = offset.saturating_add(max);
+        let in_block = offset % BLOCK_SIZE;
+        let e = self.m.entry(offset / BLOCK_SIZE);
+        let mut stop = offset - in_block + BLOCK_SIZE;
+        if is_allocated(e) {
+            let host = self.m.host_offset(u64::from(e))? + in_block;
+            let run = HostRun::new(self.storage, host)
+                .past_eof(PastEof::Zero)
+                .holes(self.m.header.is_static());
+            return Ok((Mapping::Host(run), stop.min(end) - offset));
+        }
+        while stop < end && !is_allocated(self.m.entry(stop / BLOCK_SIZE)) {
+            stop += BLOCK_SIZE;
+        }
+        Ok((Mapping::Zero { host: None }, stop.min(end) - offset))
+    }
+}
+
 impl Drop for VdiDevice {
     /// Writes pending block map entries (errors are ignored: flush or close first to
     /// see them).
@@ -264,21 +282,7 @@ impl BlockDevice for VdiDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let m = self.read_meta();
-        check_range(offset, buf.len() as u64, m.header.disk_size)?;
-        for c in chunks(offset, buf.len()) {
-            let Some(dst) = buf.get_mut(c.buf_off..c.buf_off + c.len) else {
-                continue;
-            };
-            let e = m.entry(c.block);
-            if is_allocated(e) {
-                let host = m.host_offset(u64::from(e))? + c.in_block;
-                self.read_host(dst, host)?;
-            } else {
-                dst.fill(0);
-            }
-        }
-        Ok(())
+        read_via(&self.view(), buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -359,47 +363,7 @@ impl BlockDevice for VdiDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let m = self.read_meta();
-        check_range(offset, len, m.header.disk_size)?;
-        if len == 0 {
-            return Err(Error::invalid("map of an empty range"));
-        }
-        let end = offset + len;
-        let first = m.entry(offset / BLOCK_SIZE);
-        let host_of = |pos: u64, e: u32| -> Result<u64> {
-            Ok(m.host_offset(u64::from(e))? + pos % BLOCK_SIZE)
-        };
-        let mut stop = (offset / BLOCK_SIZE + 1) * BLOCK_SIZE;
-        let kind = if is_allocated(first) {
-            let host = host_of(offset, first)?;
-            // Extend over blocks whose data is contiguous on the host.
-            while stop < end {
-                let e = m.entry(stop / BLOCK_SIZE);
-                if !is_allocated(e) || host_of(stop, e)? != host + (stop - offset) {
-                    break;
-                }
-                stop += BLOCK_SIZE;
-            }
-            if m.header.is_static() {
-                // Static images are preallocated sparse: report host holes as zeroes
-                // (qemu reports them as zero too, via the file layer).
-                let e = map_host_run(self.storage.as_ref(), offset, host, stop.min(end) - offset)?;
-                stop = offset + e.len;
-                e.kind
-            } else {
-                ExtentKind::Data { offset: Some(host) }
-            }
-        } else {
-            while stop < end && !is_allocated(m.entry(stop / BLOCK_SIZE)) {
-                stop += BLOCK_SIZE;
-            }
-            ExtentKind::Zero { offset: None }
-        };
-        Ok(Extent {
-            offset,
-            len: stop.min(end) - offset,
-            kind,
-        })
+        map_via(&self.view(), offset, len)
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {

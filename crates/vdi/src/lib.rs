@@ -9,6 +9,8 @@
 //!   allocated count are written together in one write), write-zeroes that leave
 //!   unallocated blocks alone, `map`, qemu's `check`, and `resize` (grow only; qemu
 //!   cannot resize VDI, VirtualBox can).
+//! - [`VdiCreateOptions`]: the create options, typed (`static`, `preallocation`), with
+//!   the adapter from qemu's `-o` strings the driver uses.
 //! - [`Uuid`]: the image, modification, link and parent UUIDs in VirtualBox's byte order;
 //!   new images get random ones, and the modification UUID is renewed on the first write
 //!   of each session, as VirtualBox does.
@@ -53,10 +55,12 @@ mod check;
 mod create;
 mod device;
 mod header;
+mod options;
 mod resize;
 mod uuid;
 
 pub use device::VdiDevice;
+pub use options::VdiCreateOptions;
 pub use uuid::Uuid;
 
 /// The vdi driver for the `diskimg` facade's table.
@@ -96,8 +100,14 @@ impl Driver for VdiDriver {
         )?))
     }
 
+    /// [`VdiCreateOptions::take`] from `request.options` (and a `size` left there), then
+    /// [`VdiCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage, request)
+        let opts = VdiCreateOptions::take(&mut request.options)?;
+        if let Some(size) = request.options.take_size("size")? {
+            request.size = size;
+        }
+        opts.create(storage, request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

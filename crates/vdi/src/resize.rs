@@ -9,7 +9,7 @@
 //! `falloc`/`full` preallocation is asked for). Shrinking is not supported.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Preallocation, Result};
+use diskimg_blockio::{Error, HostRun, PastEof, Preallocation, Result};
 
 use crate::bmap::{UNALLOCATED, is_allocated, sector_align};
 use crate::device::VdiDevice;
@@ -129,7 +129,9 @@ pub(crate) fn resize(
         let e = m.entry(g);
         if is_allocated(e) && u64::from(e) < shift {
             let k = take(&mut used)?;
-            dev.read_host(&mut block, host(u64::from(e)))?;
+            HostRun::new(dev.storage.as_ref(), host(u64::from(e)))
+                .past_eof(PastEof::Zero)
+                .read(&mut block)?;
             dev.storage.write_all_at(&block, host(k))?;
             file_end = file_end.max(host(k) + BLOCK_SIZE);
             remap.push((g, k));

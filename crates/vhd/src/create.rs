@@ -2,11 +2,9 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use diskimg_blockio::{
-    CreateRequest, Error, FilePurpose, Preallocation, Result, Storage, write_zeroes_by_buffer,
-};
+use diskimg_blockio::{CreateRequest, Error, FilePurpose, Result, Storage, write_zeroes_by_buffer};
 
-use crate::FORMAT;
+use crate::VhdCreateOptions;
 use crate::footer::{DiskType, FOOTER_SIZE, Footer, rounded_size};
 use crate::header::{self, HEADER_SIZE, NewLocator};
 use crate::open::read_footer;
@@ -43,70 +41,30 @@ pub(crate) fn now_timestamp() -> u32 {
     u32::try_from(unix.saturating_sub(crate::footer::VHD_EPOCH)).unwrap_or(u32::MAX)
 }
 
-/// Parsed create options.
-struct Params {
-    fixed: bool,
-    force_size: bool,
-    prealloc: Preallocation,
-    backing: Option<String>,
-}
-
-fn take_params(req: &mut CreateRequest) -> Result<Params> {
-    let o = &mut req.options;
-    let fixed = matches!(
-        o.take_enum("subformat", &["dynamic", "fixed"])?.as_deref(),
-        Some("fixed")
-    );
-    let force_size = o.take_bool("force_size")?.unwrap_or(false);
-    let azure = o.take_bool("azure_align")?.unwrap_or(false);
-    let prealloc = match o.take("preallocation") {
-        None => Preallocation::Off,
-        Some(s) => Preallocation::parse_file(&s)?,
-    };
-    let backing = o.take("backing_file").filter(|b| !b.is_empty());
-    match o.take("backing_fmt").as_deref() {
-        None | Some("vpc" | "vhd") => {}
-        Some(f) => {
-            return Err(Error::unsupported(
-                FORMAT,
-                format!("backing format '{f}' (a differencing VHD's parent must be a VHD)"),
-            ));
-        }
-    }
-    if backing.is_some() && fixed {
-        return Err(Error::invalid(
-            "a differencing VHD cannot be fixed (subformat=fixed with backing_file)",
-        ));
-    }
-    if azure {
-        req.size = req
-            .size
+/// Creates the image `req` describes, with options `p`, on the empty `storage`.
+pub(crate) fn create(
+    storage: &dyn Storage,
+    req: &CreateRequest,
+    p: &VhdCreateOptions,
+) -> Result<()> {
+    let mut size = req.size;
+    if p.azure_align {
+        size = size
             .checked_next_multiple_of(1 << 20)
             .ok_or(Error::invalid("size overflow"))?;
     }
-    Ok(Params {
-        fixed,
-        force_size: force_size || azure,
-        prealloc,
-        backing,
-    })
-}
-
-/// Creates the image `req` describes on the empty `storage`.
-pub(crate) fn create(storage: &dyn Storage, req: &mut CreateRequest) -> Result<()> {
-    let p = take_params(req)?;
-    if let Some(name) = p.backing.clone() {
-        let parent = req.files.open(&name, FilePurpose::Backing, false)?;
-        return create_differencing_in(storage, parent.as_ref(), &name, req.image_dir.as_deref());
+    if let Some(name) = p.backing_file.as_deref() {
+        let parent = req.files.open(name, FilePurpose::Backing, false)?;
+        return create_differencing_in(storage, parent.as_ref(), name, req.image_dir.as_deref());
     }
     // qemu silently rounds the size up to whole sectors.
-    let size = req
-        .size
+    let size = size
         .checked_next_multiple_of(512)
         .ok_or(Error::invalid("size overflow"))?;
-    let (geo, sectors) = rounded_size(size, p.force_size)?;
+    let force_size = p.force_size || p.azure_align;
+    let (geo, sectors) = rounded_size(size, force_size)?;
     let total = sectors * 512;
-    let creator = if p.force_size { *b"qem2" } else { *b"qemu" };
+    let creator = if force_size { *b"qem2" } else { *b"qemu" };
     let kind = if p.fixed {
         DiskType::Fixed
     } else {
@@ -115,7 +73,7 @@ pub(crate) fn create(storage: &dyn Storage, req: &mut CreateRequest) -> Result<(
     let footer = Footer::build(kind, total, geo, creator, now_timestamp(), new_uuid());
     storage.set_len(0)?;
     if p.fixed {
-        storage.preallocate(0, total, p.prealloc)?;
+        storage.preallocate(0, total, p.preallocation)?;
         storage.set_len(total)?;
         storage.write_all_at(&footer.raw, total)?;
         return storage.flush();

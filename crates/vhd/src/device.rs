@@ -2,12 +2,13 @@
 //! (implemented in `write.rs`).
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, ExtentKind, MetaRanges,
-    Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_host_run,
-    read_from_backing,
+    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, HostRun, Layout, Mapping,
+    MetaRanges, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via,
+    read_via,
 };
 
 use crate::FORMAT;
@@ -125,99 +126,90 @@ impl VhdDevice {
         self.footer.disk_type == DiskType::Differencing
     }
 
-    /// Reads `buf` from within one block of a dynamic/differencing disk.
-    fn read_in_block(&self, d: &Dynamic, buf: &mut [u8], off: u64) -> Result<()> {
-        let idx = off / d.block_size;
-        let in_block = off % d.block_size;
-        let e = d.entry(idx);
-        if e == UNALLOCATED {
-            if self.is_diff() {
-                return read_from_backing(self.backing().as_deref(), buf, off);
-            }
-            buf.fill(0);
-            return Ok(());
+    fn view(&self) -> View<'_> {
+        View {
+            dev: self,
+            bitmap: RefCell::new(None),
         }
-        let host = d.data_start(e) + in_block;
-        if !self.is_diff() {
-            // As qemu: the bitmap of a dynamic disk is not consulted for reads.
-            return self.storage.read_exact_at(buf, host);
+    }
+}
+
+/// One request's view of the disk, for [`read_via`] and [`map_via`]; keeps the last
+/// sector bitmap it read (a differencing block's runs share it).
+struct View<'a> {
+    dev: &'a VhdDevice,
+    bitmap: RefCell<Option<(u32, Vec<u8>)>>,
+}
+
+impl View<'_> {
+    /// Whether sector `sector` of the block at BAT entry `e` is present, and the end
+    /// (in bytes within the block, at most `limit`) of the run of sectors alike.
+    fn bitmap_run(&self, d: &Dynamic, e: u32, in_block: u64, limit: u64) -> Result<(bool, u64)> {
+        let mut cache = self.bitmap.borrow_mut();
+        if cache.as_ref().is_none_or(|(at, _)| *at != e) {
+            *cache = Some((e, read_bitmap(self.dev.storage.as_ref(), d, e)?));
         }
-        let bm = read_bitmap(self.storage.as_ref(), d, e)?;
-        let backing = self.backing();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = in_block + done as u64;
-            let present = bit(&bm, pos / 512);
-            let mut end = (pos / 512 + 1) * 512;
-            let stop = in_block + buf.len() as u64;
-            while end < stop && bit(&bm, end / 512) == present {
-                end += 512;
-            }
-            let n = usize::try_from(end.min(stop) - pos).unwrap_or(0);
-            let chunk = buf
-                .get_mut(done..done + n)
-                .ok_or(Error::invalid("read chunk out of range"))?;
-            if present {
-                self.storage.read_exact_at(chunk, host + done as u64)?;
-            } else {
-                read_from_backing(backing.as_deref(), chunk, off + done as u64)?;
-            }
-            done += n;
+        let bm = cache.as_ref().map(|(_, bm)| bm.as_slice()).unwrap_or(&[]);
+        let present = bit(bm, in_block / 512);
+        let mut stop = (in_block / 512 + 1) * 512;
+        while stop < limit && bit(bm, stop / 512) == present {
+            stop += 512;
         }
-        Ok(())
+        Ok((present, stop.min(limit)))
+    }
+}
+
+impl Layout for View<'_> {
+    fn size(&self) -> u64 {
+        self.dev.size
     }
 
-    fn map_fixed(&self, offset: u64, len: u64) -> Result<Extent> {
-        map_host_run(self.storage.as_ref(), offset, offset, len)
-    }
-
-    fn map_dynamic(&self, d: &Dynamic, offset: u64, len: u64) -> Result<Extent> {
-        let end = offset + len;
-        let idx = offset / d.block_size;
-        let block_end = (idx + 1).saturating_mul(d.block_size);
+    /// A fixed disk is one host run (holes map as zeroes). A dynamic disk's unallocated
+    /// blocks read as zeroes, a differencing disk's from its parent; an allocated block
+    /// of a differencing disk is split by its sector bitmap (present: here; absent: the
+    /// parent), a dynamic disk's is read whole (as qemu, its bitmap is not consulted).
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let storage = self.dev.storage.as_ref();
+        let Some(d) = &self.dev.dynamic else {
+            return Ok((
+                Mapping::Host(HostRun::new(storage, offset).holes(true)),
+                max,
+            ));
+        };
+        let end = offset.saturating_add(max);
+        let (idx, in_block) = (offset / d.block_size, offset % d.block_size);
+        let block_start = offset - in_block;
+        let block_end = block_start.saturating_add(d.block_size);
+        let diff = self.dev.is_diff();
         let e = d.entry(idx);
         if e == UNALLOCATED {
             let mut stop = block_end;
             while stop < end && d.entry(stop / d.block_size) == UNALLOCATED {
                 stop = stop.saturating_add(d.block_size);
             }
-            let kind = if self.is_diff() {
-                ExtentKind::Unallocated
+            let m = if diff {
+                Mapping::Unallocated
             } else {
-                ExtentKind::Zero { offset: None }
+                Mapping::Zero { host: None }
             };
-            return Ok(Extent {
-                offset,
-                len: stop.min(end) - offset,
-                kind,
-            });
+            return Ok((m, stop.min(end) - offset));
         }
-        let host = d.data_start(e) + offset % d.block_size;
-        if !self.is_diff() {
-            return Ok(Extent {
-                offset,
-                len: block_end.min(end) - offset,
-                kind: ExtentKind::Data { offset: Some(host) },
-            });
+        let host = HostRun::new(storage, d.data_start(e) + in_block);
+        if !diff {
+            return Ok((Mapping::Host(host), block_end.min(end) - offset));
         }
-        let bm = read_bitmap(self.storage.as_ref(), d, e)?;
-        let in_block = offset % d.block_size;
-        let present = bit(&bm, in_block / 512);
-        let mut stop = (in_block / 512 + 1) * 512;
-        while stop < d.block_size && bit(&bm, stop / 512) == present {
-            stop += 512;
-        }
-        let stop = (idx * d.block_size + stop).min(end);
-        let kind = if present {
-            ExtentKind::Data { offset: Some(host) }
+        let limit = (end - block_start).min(d.block_size);
+        let (present, stop) = self.bitmap_run(d, e, in_block, limit)?;
+        let m = if present {
+            Mapping::Host(host)
         } else {
-            ExtentKind::Unallocated
+            Mapping::Unallocated
         };
-        Ok(Extent {
-            offset,
-            len: stop - offset,
-            kind,
-        })
+        Ok((m, block_start + stop - offset))
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.dev.backing()
     }
 }
 
@@ -244,22 +236,7 @@ impl BlockDevice for VhdDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        let Some(d) = &self.dynamic else {
-            return self.storage.read_exact_at(buf, offset);
-        };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let room = d.block_size - pos % d.block_size;
-            let n = usize::try_from(room.min((buf.len() - done) as u64)).unwrap_or(0);
-            let chunk = buf
-                .get_mut(done..done + n)
-                .ok_or(Error::invalid("read chunk out of range"))?;
-            self.read_in_block(d, chunk, pos)?;
-            done += n;
-        }
-        Ok(())
+        read_via(&self.view(), buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -304,14 +281,7 @@ impl BlockDevice for VhdDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.size)?;
-        if len == 0 {
-            return Err(Error::invalid("map of an empty range"));
-        }
-        match &self.dynamic {
-            None => self.map_fixed(offset, len),
-            Some(d) => self.map_dynamic(d, offset, len),
-        }
+        map_via(&self.view(), offset, len)
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {

@@ -44,6 +44,7 @@ pub mod footer;
 pub mod header;
 pub mod locator;
 mod open;
+mod options;
 mod write;
 
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use diskimg_blockio::{
 
 pub use create::{BLOCK_SIZE, create_differencing, create_differencing_in};
 pub use device::VhdDevice;
+pub use options::VhdCreateOptions;
 
 /// qemu's name for the format.
 pub const FORMAT: &str = "vpc";
@@ -115,8 +117,10 @@ impl Driver for VhdDriver {
         Ok(Arc::new(open::open(storage, options)?))
     }
 
+    /// [`VhdCreateOptions::take`] from `request.options`, then
+    /// [`VhdCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage.as_ref(), request)
+        VhdCreateOptions::take(&mut request.options)?.create(storage.as_ref(), request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

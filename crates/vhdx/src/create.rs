@@ -3,10 +3,12 @@
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, FilePurpose, Result, Storage};
 
+use crate::VhdxCreateOptions;
 use crate::bat::{Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_ZERO, make_entry};
 use crate::format::{BAT_GUID, Guid, METADATA_GUID, MIB};
 use crate::header::{Header, Region, Regions, file_identifier, header_offset, region_table_bytes};
 use crate::metadata::{MAX_VIRTUAL_SIZE, Metadata, ParentLocator, metadata_region_bytes};
+use crate::options::{block_bytes, log_bytes};
 
 /// The create options (qemu's names, plus `backing_file`/`backing_fmt` for
 /// differencing images, which qemu cannot create).
@@ -77,52 +79,28 @@ struct Params {
     image_dir: Option<std::path::PathBuf>,
 }
 
-fn parse(request: &mut CreateRequest) -> Result<Params> {
-    let o = &mut request.options;
-    let size = request.size.next_multiple_of(512);
-    if size > MAX_VIRTUAL_SIZE {
-        return Err(Error::invalid("Image size too large; max of 64TB"));
+/// The size as written (whole sectors), refused above 64 TiB as qemu does.
+pub(crate) fn check_size(size: u64) -> Result<u64> {
+    match size.checked_next_multiple_of(512) {
+        Some(s) if s <= MAX_VIRTUAL_SIZE => Ok(s),
+        _ => Err(Error::invalid("Image size too large; max of 64TB")),
     }
-    let log_size = o.take_size("log_size")?.unwrap_or(MIB);
-    let log_size = log_size.next_multiple_of(MIB);
-    if log_size == 0 || log_size > u64::from(u32::MAX) {
-        return Err(Error::invalid("Log size must be a multiple of 1 MB"));
-    }
-    let block_size = match o.take_size("block_size")?.unwrap_or(0) {
-        0 => default_block_size(size),
-        b => b.next_multiple_of(MIB).min(256 * MIB),
+}
+
+/// The layout `o` asks for, for an image of `request.size` bytes.
+fn resolve(request: &CreateRequest, o: &VhdxCreateOptions) -> Result<Params> {
+    let size = check_size(request.size)?;
+    let block_size = match o.block_size {
+        None => default_block_size(size),
+        Some(b) => block_bytes(b)?,
     };
-    if !block_size.is_power_of_two() {
-        return Err(Error::invalid("Block size must be a power of two"));
-    }
-    let fixed = match o.take("subformat").as_deref() {
-        None | Some("dynamic") => false,
-        Some("fixed") => true,
-        Some(v) => {
-            return Err(Error::invalid(format!(
-                "Parameter 'subformat' does not accept value '{v}'"
-            )));
-        }
-    };
-    let block_state_zero = o.take_bool("block_state_zero")?.unwrap_or(true);
-    let parent = o.take("backing_file").filter(|s| !s.is_empty());
-    if let Some(f) = o.take("backing_fmt")
-        && f != "vhdx"
-    {
-        return Err(Error::invalid(
-            "A differencing VHDX image needs a vhdx backing file",
-        ));
-    }
-    if parent.is_some() && fixed {
-        return Err(Error::invalid("A differencing VHDX image cannot be fixed"));
-    }
     Ok(Params {
         size,
         block_size,
-        log_size,
-        fixed,
-        block_state_zero,
-        parent,
+        log_size: log_bytes(o.log_size)?,
+        fixed: o.fixed,
+        block_state_zero: o.block_state_zero,
+        parent: o.backing_file.clone(),
         linkage: Guid::ZERO,
         image_dir: request.image_dir.clone(),
     })
@@ -145,9 +123,13 @@ fn parent_locator(name: &str, linkage: Guid, image_dir: Option<&std::path::Path>
     }
 }
 
-/// Writes a new image to `storage`.
-pub(crate) fn create(storage: &dyn Storage, request: &mut CreateRequest) -> Result<()> {
-    let mut p = parse(request)?;
+/// Writes a new image with options `o` to `storage`.
+pub(crate) fn create(
+    storage: &dyn Storage,
+    request: &CreateRequest,
+    o: &VhdxCreateOptions,
+) -> Result<()> {
+    let mut p = resolve(request, o)?;
     // Link to the parent's current DataWriteGuid, as Hyper-V checks, when the open policy
     // lets us read the parent now (otherwise the zero GUID, which Hyper-V refuses).
     if let Some(name) = &p.parent
@@ -342,13 +324,14 @@ mod tests {
     #[test]
     fn differencing_images_link_to_the_parents_data_write_guid() {
         let parent_s = Arc::new(MemStorage::new());
-        let mut req = CreateRequest::new(4 << 20, diskimg_blockio::OptionList::new());
-        create(parent_s.as_ref(), &mut req).unwrap();
+        let req = CreateRequest::new(4 << 20, diskimg_blockio::OptionList::new());
+        create(parent_s.as_ref(), &req, &VhdxCreateOptions::new()).unwrap();
         let (ph, _) = crate::header::read_current_header(parent_s.as_ref()).unwrap();
         let child_s = MemStorage::new();
-        let opts = diskimg_blockio::OptionList::parse("backing_file=base.vhdx").unwrap();
-        let mut req = CreateRequest::new(4 << 20, opts).files(Arc::new(OneFile(parent_s)));
-        create(&child_s, &mut req).unwrap();
+        let opts = VhdxCreateOptions::new().backing_file("base.vhdx");
+        let req = CreateRequest::new(4 << 20, diskimg_blockio::OptionList::new())
+            .files(Arc::new(OneFile(parent_s)));
+        create(&child_s, &req, &opts).unwrap();
         let want: Vec<u8> = ph
             .data_write_guid
             .to_braced_string()

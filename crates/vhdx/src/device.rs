@@ -5,8 +5,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{
-    BackingRef, BlockDevice, Error, Extent, ExtentKind, MetaRanges, OpenOptions, Result, Storage,
-    read_from_backing,
+    BackingRef, BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, MetaRanges,
+    OpenOptions, PastEof, Result, Storage, map_via, read_via,
 };
 
 use crate::bat::{
@@ -316,64 +316,58 @@ impl VhdxDevice {
 
     /// Reads guest bytes with the state lock held.
     pub(crate) fn read_locked(&self, st: &State, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (kind, n) = self.classify(st, pos, (buf.len() - done) as u64)?;
-            let n = usize::try_from(n).unwrap_or(0).max(1).min(buf.len() - done);
-            let Some(chunk) = buf.get_mut(done..done + n) else {
-                break;
-            };
-            match kind {
-                ExtentKind::Data { offset: Some(h) } => {
-                    self.storage
-                        .read_exact_at(chunk, h)
-                        .map_err(|e| match self.storage.len() {
-                            Ok(l) if h.saturating_add(n as u64) > l => Error::corrupt(
-                                FMT,
-                                "BAT entry points after end of file",
-                                self.regions.bat.offset,
-                            ),
-                            _ => e,
-                        })?;
-                }
-                ExtentKind::Unallocated if self.meta.has_parent => {
-                    let b = self.backing_dev();
-                    read_from_backing(b.as_deref(), chunk, pos)?;
-                }
-                _ => chunk.fill(0),
-            }
-            done += n;
-        }
-        Ok(())
+        read_via(&View { dev: self, st }, buf, offset)
     }
 
     /// `map` with the state lock held.
     pub(crate) fn map_locked(&self, st: &State, offset: u64, len: u64) -> Result<Extent> {
-        let (kind, n) = self.classify(st, offset, len)?;
-        let mut n = n.max(1).min(len);
-        // Merge following blocks of the same kind (contiguous on the host for data), so
-        // a sparse multi-terabyte disk maps in a few extents. Bounded per call.
-        for _ in 0..65536 {
-            if n >= len {
-                break;
+        map_via(&View { dev: self, st }, offset, len)
+    }
+}
+
+/// The BAT under the state lock, for [`read_via`] and [`map_via`].
+struct View<'a> {
+    dev: &'a VhdxDevice,
+    st: &'a State,
+}
+
+impl Layout for View<'_> {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    /// Present data is a host run (a BAT entry past the end of the file is corrupt);
+    /// absent blocks and sectors read from the parent (or as zeroes without one).
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let (kind, n) = self.dev.classify(self.st, offset, max)?;
+        let n = n.max(1).min(max);
+        let m = match kind {
+            ExtentKind::Data { offset: Some(h) } => {
+                let past_eof = PastEof::Corrupt {
+                    format: FMT,
+                    what: "BAT entry points after end of file",
+                    offset: self.dev.regions.bat.offset,
+                };
+                Mapping::Host(HostRun::new(self.dev.storage.as_ref(), h).past_eof(past_eof))
             }
-            let (next, m) = self.classify(st, offset + n, len - n)?;
-            let same = match (kind, next) {
-                (ExtentKind::Data { offset: Some(a) }, ExtentKind::Data { offset: Some(b) }) => {
-                    a.checked_add(n) == Some(b)
-                }
-                (a, b) => a == b && !matches!(a, ExtentKind::Data { .. }),
-            };
-            if !same || m == 0 {
-                break;
-            }
-            n += m.min(len - n);
+            ExtentKind::Unallocated => Mapping::Unallocated,
+            ExtentKind::Zero { offset } => Mapping::Zero { host: offset },
+            kind => Mapping::Special { kind, token: 0 },
+        };
+        Ok((m, n))
+    }
+
+    /// Only for kinds `classify` never returns: zeroes, as before.
+    fn read_special(&self, _token: u64, _offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        if self.dev.meta.has_parent {
+            self.dev.backing_dev()
+        } else {
+            None
         }
-        Ok(Extent {
-            offset,
-            len: n,
-            kind,
-        })
     }
 }

@@ -58,12 +58,14 @@ mod linkage;
 mod log;
 mod metadata;
 mod ops;
+mod options;
 mod overlay;
 mod resize;
 mod write;
 
 pub use device::VhdxDevice;
 pub use linkage::CHECK_OPTION as CHECK_PARENT_LINKAGE_OPTION;
+pub use options::VhdxCreateOptions;
 
 /// The vhdx driver for the `diskimg` facade's table.
 pub static DRIVER: VhdxDriver = VhdxDriver;
@@ -93,8 +95,11 @@ impl Driver for VhdxDriver {
         Ok(Arc::new(VhdxDevice::open(storage, options)?))
     }
 
+    /// The size check, [`VhdxCreateOptions::take`] from `request.options`, then
+    /// [`VhdxCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage.as_ref(), request)
+        create::check_size(request.size)?;
+        VhdxCreateOptions::take(&mut request.options)?.create(storage.as_ref(), request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

@@ -5,7 +5,7 @@
 //! [`set_backing`](diskimg_blockio::BlockDevice::set_backing), unless the image was opened
 //! with the driver option `check_parent_linkage=off`.
 
-use diskimg_blockio::{Error, OpenOptions, Result};
+use diskimg_blockio::{BlockDevice, ChainLink, Error, OpenOptions, Result};
 
 use crate::device::VhdxDevice;
 use crate::format::Guid;
@@ -173,6 +173,28 @@ impl VhdxDevice {
         }
         self.commit(&mut st, sectors)?;
         self.flush_locked(&mut st)
+    }
+}
+
+/// Differencing VHDX images link to their parent's data state (`parent_linkage`); the
+/// backing reference itself cannot be rewritten and the image cannot be emptied.
+impl ChainLink for VhdxDevice {
+    fn set_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
+        Err(Error::unsupported(
+            crate::format::FMT,
+            "changing the backing file",
+        ))
+    }
+    fn make_empty(&self) -> Result<()> {
+        Err(Error::unsupported(crate::format::FMT, "emptying an image"))
+    }
+    /// [`VhdxDevice::relink_parent`] when `parent` is a VHDX image; other parents are
+    /// not linked by state.
+    fn relink_parent(&self, parent: &dyn BlockDevice) -> Result<()> {
+        match parent.as_any().downcast_ref::<VhdxDevice>() {
+            Some(p) => VhdxDevice::relink_parent(self, p),
+            None => Ok(()),
+        }
     }
 }
 

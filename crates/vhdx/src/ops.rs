@@ -4,8 +4,8 @@ use std::any::Any;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, Preallocation, RepairMode, Result,
-    ZeroFlags, check_range,
+    BlockDevice, ChainLink, CheckReport, DeviceInfo, Error, Extent, Preallocation, RepairMode,
+    Result, ZeroFlags, check_range,
 };
 
 use crate::device::{LogReplay, VhdxDevice};
@@ -144,6 +144,11 @@ impl BlockDevice for VhdxDevice {
             LogReplay::None => {}
         }
         Ok(report)
+    }
+
+    /// Differencing images only (their `parent_linkage`).
+    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
+        (self.subformat() == "differencing").then_some(self as &dyn ChainLink)
     }
 
     fn as_any(&self) -> &dyn Any {

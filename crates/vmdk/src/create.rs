@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{
-    CreateOptionSpec, CreateRequest, Error, FilePurpose, Preallocation, Result, Storage,
-};
+use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, FilePurpose, Result, Storage};
 
 use crate::descriptor::NewDescriptor;
 use crate::device::random_u32;
@@ -15,6 +13,7 @@ use crate::header::{
     COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
     SECTOR, SparseHeader,
 };
+use crate::options::{Subformat, VmdkCreateOptions};
 
 /// The create options, as `qemu-img create -f vmdk -o help` lists them.
 pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
@@ -69,14 +68,6 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
 const SPLIT_SIZE: u64 = 2 << 30;
 /// Sectors reserved for an embedded descriptor.
 const DESC_SECTORS: u64 = 20;
-
-fn take_choice(req: &mut CreateRequest, key: &str, allowed: &[&str]) -> Result<Option<String>> {
-    match req.options.take(key) {
-        None => Ok(None),
-        Some(v) if allowed.contains(&v.as_str()) => Ok(Some(v)),
-        Some(v) => Err(Error::invalid(format!("invalid parameter value: {v}"))),
-    }
-}
 
 /// Writes one sparse extent file of `sectors` (header, tables; descriptor if given).
 fn init_sparse(
@@ -152,60 +143,18 @@ fn init_sparse(
     Ok(())
 }
 
-/// Creates the image described by `req` on `storage` (the descriptor or the single file).
-pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Result<()> {
-    let subformat = take_choice(
-        req,
-        "subformat",
-        &[
-            "monolithicSparse",
-            "monolithicFlat",
-            "twoGbMaxExtentSparse",
-            "twoGbMaxExtentFlat",
-            "streamOptimized",
-        ],
-    )?
-    .unwrap_or_else(|| "monolithicSparse".to_string());
-    let adapter = take_choice(
-        req,
-        "adapter_type",
-        &["ide", "lsilogic", "buslogic", "legacyESX"],
-    )?
-    .unwrap_or_else(|| "ide".to_string());
-    let compat6 = req.options.take_bool("compat6")?.unwrap_or(false);
-    // qemu prints an unset hwversion as "undefined" and accepts that value as unset.
-    let hwversion = req.options.take("hwversion").filter(|h| h != "undefined");
-    let tools = req
-        .options
-        .take("toolsversion")
-        .unwrap_or_else(|| "2147483647".to_string());
-    let zeroed_grain = req.options.take_bool("zeroed_grain")?.unwrap_or(false);
-    let prealloc = match req.options.take("preallocation") {
-        None => Preallocation::Off,
-        Some(p) => Preallocation::parse_file(&p)?,
-    };
-    let _ = req.options.take_size("extent_size_hint")?;
-    let _ = req.options.take_bool("nocow")?;
-    let backing = req.options.take("backing_file").filter(|b| !b.is_empty());
-    if let Some(f) = req.options.take("backing_fmt")
-        && f != "vmdk"
-    {
-        return Err(Error::invalid("Backing format must be 'vmdk'"));
-    }
-    if zeroed_grain && subformat.contains("Flat") {
-        return Err(Error::invalid("Flat image can't enable zeroed grain"));
-    }
-    let hw = match (compat6, hwversion) {
-        (true, Some(_)) => {
-            return Err(Error::invalid(
-                "compat6 cannot be enabled with hwversion set",
-            ));
-        }
-        (true, None) => "6".to_string(),
-        (false, Some(h)) => h,
-        (false, None) => "4".to_string(),
-    };
-    let parent_cid = match &backing {
+/// Creates the image described by `req` and `o` on `storage` (the descriptor or the
+/// single file).
+pub(crate) fn create(
+    storage: Arc<dyn Storage>,
+    req: &CreateRequest,
+    o: &VmdkCreateOptions,
+) -> Result<()> {
+    let hw = o.hardware_version()?;
+    let (zeroed_grain, prealloc) = (o.zeroed_grain, o.preallocation);
+    let backing = o.backing_file.as_deref();
+    let subformat = o.subformat.name();
+    let parent_cid = match backing {
         Some(b) => {
             let s = req.files.open(b, FilePurpose::Backing, false)?;
             crate::open::read_cid(s.as_ref())?
@@ -223,9 +172,9 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
         Some(i) => (base.get(..i).unwrap_or(""), base.get(i..).unwrap_or("")),
         None => (base.as_str(), ""),
     };
-    let flat = subformat.contains("Flat");
-    let split = subformat.starts_with("twoGb");
-    let compress = subformat == "streamOptimized";
+    let flat = o.subformat.is_flat();
+    let split = o.subformat.is_split();
+    let compress = o.subformat == Subformat::StreamOptimized;
     let mut lines = String::new();
     let mut files: Vec<(String, u64)> = Vec::new();
     if split {
@@ -255,13 +204,13 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     let desc = NewDescriptor {
         cid: random_u32(),
         parent_cid,
-        create_type: &subformat,
-        parent_hint: backing.as_deref(),
+        create_type: subformat,
+        parent_hint: backing,
         extent_lines: &lines,
         hw_version: &hw,
         size,
-        adapter_type: &adapter,
-        tools_version: &tools,
+        adapter_type: o.adapter_type.name(),
+        tools_version: &o.toolsversion,
     }
     .render();
     if single {

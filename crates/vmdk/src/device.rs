@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    InfoValue, PackedUnit, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range,
-    map_host_run, read_from_backing,
+    HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode, Result,
+    Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
 use crate::descriptor::{Descriptor, replace_cid};
@@ -183,57 +183,6 @@ impl VmdkDevice {
         Ok(())
     }
 
-    fn read_piece(&self, ext: &Ext, in_ext: u64, buf: &mut [u8]) -> Result<()> {
-        match &ext.data {
-            ExtentData::Zero => {
-                buf.fill(0);
-                Ok(())
-            }
-            ExtentData::Flat { storage, offset } => {
-                let host = offset
-                    .checked_add(in_ext)
-                    .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
-                let flen = storage.len()?;
-                let avail = usize::try_from(flen.saturating_sub(host))
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let (head, tail) = buf.split_at_mut(avail);
-                if !head.is_empty() {
-                    storage.read_exact_at(head, host)?;
-                }
-                tail.fill(0);
-                Ok(())
-            }
-            ExtentData::Sparse(s) => {
-                let gb = s.grain_bytes();
-                let grain = in_ext / gb;
-                let in_grain = in_ext % gb;
-                match s.lookup(grain)? {
-                    Grain::Unallocated => {
-                        read_from_backing(self.backing().as_deref(), buf, ext.start + in_ext)
-                    }
-                    Grain::Zero => {
-                        buf.fill(0);
-                        Ok(())
-                    }
-                    Grain::Data(h) => s.read_data(buf, h.saturating_add(in_grain)),
-                    Grain::Compressed(h) if in_grain == 0 && buf.len() as u64 == gb => {
-                        s.read_compressed_into(h, buf)
-                    }
-                    Grain::Compressed(h) => {
-                        let g = s.read_compressed(h)?;
-                        let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
-                        let src = g
-                            .get(i..i.saturating_add(buf.len()))
-                            .ok_or_else(|| Error::corrupt("vmdk", "short grain", h))?;
-                        buf.copy_from_slice(src);
-                        Ok(())
-                    }
-                }
-            }
-        }
-    }
-
     fn write_piece(&self, ext: &Ext, in_ext: u64, data: &[u8]) -> Result<()> {
         if ext.read_only {
             return Err(Error::ReadOnly);
@@ -253,42 +202,6 @@ impl VmdkDevice {
                 s.write(grain, in_grain, data, &fill)
             }
         }
-    }
-
-    fn map_sparse(&self, ext: &Ext, s: &SparseExtent, in_ext: u64, len: u64) -> Result<Extent> {
-        let gb = s.grain_bytes();
-        let first = s.lookup(in_ext / gb)?;
-        let kind = |g: Grain, in_grain: u64| match g {
-            Grain::Unallocated => ExtentKind::Unallocated,
-            Grain::Zero => ExtentKind::Zero { offset: None },
-            Grain::Data(h) => ExtentKind::Data {
-                offset: Some(h.saturating_add(in_grain)),
-            },
-            Grain::Compressed(_) => ExtentKind::Compressed,
-        };
-        let k0 = kind(first, in_ext % gb);
-        let limit = len.min(ext.len - in_ext);
-        let mut n = (gb - in_ext % gb).min(limit);
-        let mut steps = 0;
-        while n < limit && steps < 4096 {
-            let g = s.lookup((in_ext + n) / gb)?;
-            let same = match (k0, kind(g, 0)) {
-                (ExtentKind::Data { offset: Some(a) }, ExtentKind::Data { offset: Some(b) }) => {
-                    a.checked_add(n) == Some(b)
-                }
-                (a, b) => a == b && !matches!(a, ExtentKind::Data { .. }),
-            };
-            if !same {
-                break;
-            }
-            n = (n + gb).min(limit);
-            steps += 1;
-        }
-        Ok(Extent {
-            offset: ext.start + in_ext,
-            len: n,
-            kind: k0,
-        })
     }
 
     /// True when the descriptor is a file of its own (the data lives in extent files).
@@ -328,6 +241,79 @@ impl VmdkDevice {
             Some(ExtentData::Sparse(s)) if s.compressed => Some(s),
             _ => None,
         }
+    }
+}
+
+/// Plain bytes at `at` of an extent file; bytes past its end read as zeroes.
+fn host_run(storage: &Arc<dyn Storage>, at: u64) -> HostRun<'_> {
+    HostRun::new(storage.as_ref(), at).past_eof(PastEof::Zero)
+}
+
+/// Each extent answers for its range: ZERO extents read as zeroes, flat extents are host
+/// runs, sparse extents are looked up one grain at a time (compressed grains are
+/// inflated by [`Layout::read_special`]). Host bytes past the end of an extent file
+/// read as zeroes, as qemu's file layer returns them.
+impl Layout for VmdkDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
+        let ext = self.find(offset)?;
+        let in_ext = offset - ext.start;
+        let n = max.min(ext.len - in_ext);
+        match &ext.data {
+            ExtentData::Zero => Ok((Mapping::Zero { host: None }, n)),
+            // As qemu (which recurses into the file), holes of a flat extent file map as
+            // zeroes.
+            ExtentData::Flat { storage, offset } => {
+                let at = offset
+                    .checked_add(in_ext)
+                    .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
+                Ok((Mapping::Host(host_run(storage, at).holes(true)), n))
+            }
+            ExtentData::Sparse(s) => {
+                let gb = s.grain_bytes();
+                let in_grain = in_ext % gb;
+                let m = match s.lookup(in_ext / gb)? {
+                    Grain::Unallocated => Mapping::Unallocated,
+                    Grain::Zero => Mapping::Zero { host: None },
+                    Grain::Data(h) => {
+                        Mapping::Host(host_run(&s.storage, h.saturating_add(in_grain)))
+                    }
+                    Grain::Compressed(h) => Mapping::Special {
+                        kind: ExtentKind::Compressed,
+                        token: h,
+                    },
+                };
+                Ok((m, n.min(gb - in_grain)))
+            }
+        }
+    }
+
+    /// Inflates the compressed grain at host offset `token` and copies out `buf`.
+    fn read_special(&self, token: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let ext = self.find(offset)?;
+        let ExtentData::Sparse(s) = &ext.data else {
+            return Err(Error::invalid(
+                "vmdk: compressed run outside a sparse extent",
+            ));
+        };
+        let in_grain = (offset - ext.start) % s.grain_bytes();
+        if in_grain == 0 && buf.len() as u64 == s.grain_bytes() {
+            return s.read_compressed_into(token, buf);
+        }
+        let g = s.read_compressed(token)?;
+        let i = usize::try_from(in_grain).unwrap_or(usize::MAX);
+        let src = g
+            .get(i..i.saturating_add(buf.len()))
+            .ok_or_else(|| Error::corrupt("vmdk", "short grain", token))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        VmdkDevice::backing(self)
     }
 }
 
@@ -392,15 +378,7 @@ impl BlockDevice for VmdkDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.for_pieces(offset, buf.len() as u64, |ext, in_ext, n, done| {
-            let d = usize::try_from(done).unwrap_or(usize::MAX);
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            let piece = buf
-                .get_mut(d..d.saturating_add(n))
-                .ok_or_else(|| Error::invalid("read piece out of buffer"))?;
-            self.read_piece(ext, in_ext, piece)
-        })
+        read_via(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -490,27 +468,7 @@ impl BlockDevice for VmdkDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        check_range(offset, len, self.size)?;
-        if len == 0 {
-            return Err(Error::invalid("map of an empty range"));
-        }
-        let ext = self.find(offset)?;
-        let in_ext = offset - ext.start;
-        let n = len.min(ext.len - in_ext);
-        match &ext.data {
-            ExtentData::Zero => Ok(Extent {
-                offset,
-                len: n,
-                kind: ExtentKind::Zero { offset: None },
-            }),
-            // As qemu (which recurses into the file), holes of the extent file read as
-            // zeroes.
-            ExtentData::Flat {
-                storage,
-                offset: base,
-            } => map_host_run(storage.as_ref(), offset, base.saturating_add(in_ext), n),
-            ExtentData::Sparse(s) => self.map_sparse(ext, s, in_ext, n),
-        }
+        map_via(self, offset, len)
     }
 
     /// The extent files of an image with a separate descriptor (a monolithic file holds

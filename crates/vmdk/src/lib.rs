@@ -46,12 +46,14 @@ mod device;
 mod header;
 mod layout;
 mod open;
+mod options;
 mod sesparse;
 mod sparse;
 mod stream_read;
 mod streaming;
 
 pub use device::VmdkDevice;
+pub use options::{AdapterType, Subformat, VmdkCreateOptions};
 pub use stream_read::{ForwardStreamDevice, is_forward_stream};
 pub use streaming::{OVERHEAD, STREAM_GRAIN, StreamProfile, StreamWriter, grain_record};
 
@@ -97,8 +99,10 @@ impl Driver for VmdkDriver {
         Ok(Arc::new(open::open(storage, options)?))
     }
 
+    /// [`VmdkCreateOptions::take`] from `request.options`, then
+    /// [`VmdkCreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage, request)
+        VmdkCreateOptions::take(&mut request.options)?.create(storage, request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

@@ -339,21 +339,6 @@ impl SparseExtent {
         self.lookup_locked(&mut st, grain)
     }
 
-    /// Reads plain grain data, zero-filling what lies past the end of the file (as qemu's
-    /// file layer does).
-    pub(crate) fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        let len = self.storage.len()?;
-        let avail = usize::try_from(len.saturating_sub(host))
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        let (head, tail) = buf.split_at_mut(avail);
-        if !head.is_empty() {
-            self.storage.read_exact_at(head, host)?;
-        }
-        tail.fill(0);
-        Ok(())
-    }
-
     /// Inflates the compressed grain at `host` into a full grain buffer.
     pub(crate) fn read_compressed(&self, host: u64) -> Result<Vec<u8>> {
         let mut out = vec![0u8; usize::try_from(self.grain_bytes()).unwrap_or(0)];

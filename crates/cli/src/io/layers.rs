@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use diskimg::blockio::{
-    CheckReport, DeviceInfo, Extent, ExtentKind, InfoValue, Preallocation, RepairMode, ZeroFlags,
+    Amend, Bitmaps, ChainLink, CheckReport, DeviceInfo, Extent, ExtentKind, InfoValue,
+    Preallocation, RepairMode, Snapshots, ZeroFlags,
 };
 
 use super::blkdebug::Blkdebug;
@@ -181,6 +182,21 @@ impl BlockDevice for CopyOnRead {
     }
     fn data_storage(&self) -> Option<Arc<dyn Storage>> {
         None
+    }
+    fn repaired_at_open(&self) -> Vec<String> {
+        self.inner.repaired_at_open()
+    }
+    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
+        self.inner.as_snapshots()
+    }
+    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
+        self.inner.as_bitmaps()
+    }
+    fn as_amend(&self) -> Option<&dyn Amend> {
+        self.inner.as_amend()
+    }
+    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
+        self.inner.as_chain_link()
     }
     fn as_any(&self) -> &dyn Any {
         self.inner.as_any()

@@ -1,0 +1,107 @@
+//! The capabilities a qcow2 device offers through the [`BlockDevice`] accessors
+//! (`as_snapshots`, `as_bitmaps`, `as_amend`, `as_chain_link`): thin adapters over
+//! [`Qcow2Device`]'s own API, so that callers above the format crates need no downcast.
+
+use std::sync::Arc;
+
+use diskimg_blockio::{
+    Amend, BitmapData, BitmapInfo, Bitmaps, BlockDevice, ChainLink, Error, OptionList, Result,
+    Secrets, Snapshots,
+};
+
+use crate::device::Qcow2Device;
+
+impl Snapshots for Qcow2Device {
+    fn create(&self, name: &str) -> Result<String> {
+        self.create_snapshot(name)
+    }
+    fn apply(&self, id_or_name: &str) -> Result<()> {
+        self.apply_snapshot(id_or_name)
+    }
+    fn delete(&self, id_or_name: &str) -> Result<()> {
+        self.delete_snapshot(id_or_name)
+    }
+    fn open(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
+        self.open_snapshot(id_or_name)
+    }
+}
+
+impl Bitmaps for Qcow2Device {
+    fn list(&self) -> Vec<BitmapInfo> {
+        self.bitmaps()
+    }
+    fn read(&self, name: &str) -> Result<BitmapData> {
+        crate::bitmap::read_named(&self.lock(), name)
+    }
+}
+
+/// The options qemu's qcow2 driver lists for amendment (besides `encrypt.*`).
+const AMENDABLE: &[&str] = &[
+    "compat",
+    "lazy_refcounts",
+    "refcount_bits",
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "size",
+];
+
+/// `options` split into the `encrypt.*` key-slot options and the rest.
+fn split_encrypt(options: &OptionList) -> (OptionList, OptionList) {
+    let (mut enc, mut plain) = (OptionList::new(), OptionList::new());
+    for (k, v) in options.entries() {
+        if k.starts_with("encrypt.") {
+            enc.set(k, v);
+        } else {
+            plain.set(k, v);
+        }
+    }
+    (enc, plain)
+}
+
+impl Amend for Qcow2Device {
+    /// Options outside qemu's amend list fail as [`Qcow2Device::amend`] refuses them.
+    fn check_options(&self, options: &OptionList) -> Result<()> {
+        let (_, plain) = split_encrypt(options);
+        let mut unknown = OptionList::new();
+        for (k, v) in plain.entries() {
+            if !AMENDABLE.contains(&k.as_str()) {
+                unknown.set(k, v);
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Qcow2Device::amend(self, &unknown)
+    }
+
+    /// The format options ([`Qcow2Device::amend`]), then the key-slot options
+    /// ([`Qcow2Device::amend_encryption`]).
+    fn amend(&self, options: &OptionList, secrets: &Secrets) -> Result<()> {
+        let (mut enc, plain) = split_encrypt(options);
+        if !plain.is_empty() {
+            Qcow2Device::amend(self, &plain)?;
+        }
+        if !enc.is_empty() {
+            self.amend_encryption(&mut enc, secrets)?;
+            if let Some((k, _)) = enc.entries().first() {
+                return Err(Error::invalid(format!("Invalid parameter '{k}'")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChainLink for Qcow2Device {
+    fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        Qcow2Device::set_backing_file(self, name, format)
+    }
+    fn make_empty(&self) -> Result<()> {
+        Qcow2Device::make_empty(self)
+    }
+    /// qcow2 does not record its backing image's state: nothing to do.
+    fn relink_parent(&self, _parent: &dyn BlockDevice) -> Result<()> {
+        Ok(())
+    }
+}
