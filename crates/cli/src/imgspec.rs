@@ -317,9 +317,13 @@ pub(crate) fn resolve(
             let (path, rules) = blkdebug_node(&o, name)?;
             r.path = path;
             r.blkdebug = rules;
+            // Over a protocol node (or an image opened as raw) blkdebug is over the
+            // file's bytes.
             r.format = match o.get("image.driver") {
-                Some(d) => Some(format_named(d)?),
-                None => Some(Format::Raw),
+                Some(d) if !matches!(d, "file" | "host_device" | "host_cdrom") => {
+                    Some(format_named(d)?)
+                }
+                _ => Some(Format::Raw),
             };
             for k in BLKDEBUG_LIMITS.iter().chain(&["config"]) {
                 o.take(k);
@@ -485,6 +489,23 @@ mod tests {
         let o = OptionList::parse("driver=qcow2,file.align=4k").unwrap();
         let r = resolve(o, Some("blkdebug::t.qcow2"), None).unwrap();
         assert_eq!(r.path, "t.qcow2");
+        assert!(r.driver_options.is_empty());
+        // blkdebug above a protocol node (iotest iov-padding) or a format (iotest 197).
+        let o =
+            OptionList::parse("driver=blkdebug,align=4096,image.driver=file,image.filename=t.raw")
+                .unwrap();
+        let r = resolve(o, None, None).unwrap();
+        assert_eq!((r.path.as_str(), r.format), ("t.raw", Some(Format::Raw)));
+        assert!(r.driver_options.is_empty() && r.blkdebug.is_empty());
+        let o =
+            OptionList::parse("driver=blkdebug,image.driver=qcow2,inject-error.0.event=cor_write")
+                .unwrap();
+        let r = resolve(o, Some("w.qcow2"), None).unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.format),
+            ("w.qcow2", Some(Format::Qcow2))
+        );
+        assert_eq!(r.blkdebug.len(), 1);
         assert!(r.driver_options.is_empty());
         assert!(flatten_json("json:[1]").is_err());
         assert_eq!(

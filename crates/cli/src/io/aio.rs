@@ -21,7 +21,7 @@ use super::cmds::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
 use super::num::parse_pattern;
 use super::out::{dump, report};
-use super::rw::{alloc, iovec_len, num_arg};
+use super::rw::{alloc, iovec_len, num_arg, offset_and_iovec};
 use super::{EINVAL, Session, strerror};
 
 /// Requests running at once before a submission waits for the oldest.
@@ -87,16 +87,9 @@ fn aio_read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt(_, _) => {}
         }
     }
-    let Some((off, lens)) = ops.split_first().filter(|(_, l)| !l.is_empty()) else {
-        usage(s, c);
-        return -EINVAL;
-    };
-    let offset = match num_arg(s, off) {
+    let (offset, count) = match offset_and_iovec(s, c, &ops) {
         Ok(v) => v,
         Err(e) => return e,
-    };
-    let Some(count) = iovec_len(s, lens) else {
-        return -EINVAL;
     };
     let Some(dev) = device(s) else {
         return -EINVAL;

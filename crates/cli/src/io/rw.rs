@@ -66,6 +66,46 @@ pub(super) fn iovec_len(s: &mut Session, lens: &[String]) -> Option<u64> {
     Some(total)
 }
 
+/// `OFFSET LEN` of `read`/`write`-like commands: both numbers, the length at most
+/// `MAX_REQUEST`; on a mistake the message is printed and the command's return value given.
+pub(super) fn offset_and_length(
+    s: &mut Session,
+    c: &Cmd,
+    ops: &[String],
+) -> Result<(u64, u64), i32> {
+    let [off, len] = ops else {
+        usage(s, c);
+        return Err(-EINVAL);
+    };
+    let (offset, count) = match (num_arg(s, off), num_arg(s, len)) {
+        (Ok(o), Ok(l)) => (o, l),
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    };
+    if count > MAX_REQUEST {
+        s.out.print(&format!(
+            "length cannot exceed {MAX_REQUEST}, given {len}\n"
+        ));
+        return Err(-EINVAL);
+    }
+    Ok((offset, count))
+}
+
+/// `OFFSET LEN [LEN...]` of `readv`/`writev`/`aio_*`: the offset and the summed lengths
+/// (`iovec_len`); on a mistake the message is printed and the command's return value given.
+pub(super) fn offset_and_iovec(
+    s: &mut Session,
+    c: &Cmd,
+    ops: &[String],
+) -> Result<(u64, u64), i32> {
+    let Some((off, lens)) = ops.split_first().filter(|(_, l)| !l.is_empty()) else {
+        usage(s, c);
+        return Err(-EINVAL);
+    };
+    let offset = num_arg(s, off)?;
+    let count = iovec_len(s, lens).ok_or(-EINVAL)?;
+    Ok((offset, count))
+}
+
 #[derive(Default)]
 struct ReadOpts {
     machine: bool,
@@ -106,20 +146,10 @@ fn read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt(_, _) => {}
         }
     }
-    let [off, len] = ops.as_slice() else {
-        usage(s, c);
-        return -EINVAL;
+    let (offset, count) = match offset_and_length(s, c, &ops) {
+        Ok(v) => v,
+        Err(e) => return e,
     };
-    let (offset, count) = match (num_arg(s, off), num_arg(s, len)) {
-        (Ok(o), Ok(l)) => (o, l),
-        (Err(e), _) | (_, Err(e)) => return e,
-    };
-    if count > MAX_REQUEST {
-        s.out.print(&format!(
-            "length cannot exceed {MAX_REQUEST}, given {len}\n"
-        ));
-        return -EINVAL;
-    }
     if o.pattern.is_none() && (o.pat_len.is_some() || o.pat_off.is_some()) {
         usage(s, c);
         return -EINVAL;
@@ -212,16 +242,9 @@ fn readv_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt(_, _) => {}
         }
     }
-    let Some((off, lens)) = ops.split_first().filter(|(_, l)| !l.is_empty()) else {
-        usage(s, c);
-        return -EINVAL;
-    };
-    let offset = match num_arg(s, off) {
+    let (offset, count) = match offset_and_iovec(s, c, &ops) {
         Ok(v) => v,
         Err(e) => return e,
-    };
-    let Some(count) = iovec_len(s, lens) else {
-        return -EINVAL;
     };
     let Some(mut buf) = alloc(count, 0xab) else {
         s.out.print("readv failed: Cannot allocate memory\n");
@@ -475,16 +498,9 @@ fn writev_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt(_, _) => {}
         }
     }
-    let Some((off, lens)) = ops.split_first().filter(|(_, l)| !l.is_empty()) else {
-        usage(s, c);
-        return -EINVAL;
-    };
-    let offset = match num_arg(s, off) {
+    let (offset, count) = match offset_and_iovec(s, c, &ops) {
         Ok(v) => v,
         Err(e) => return e,
-    };
-    let Some(count) = iovec_len(s, lens) else {
-        return -EINVAL;
     };
     let Some(buf) = alloc(count, pattern) else {
         s.out.print("writev failed: Cannot allocate memory\n");
@@ -522,20 +538,10 @@ fn discard_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt(_, _) => {}
         }
     }
-    let [off, len] = ops.as_slice() else {
-        usage(s, c);
-        return -EINVAL;
+    let (offset, bytes) = match offset_and_length(s, c, &ops) {
+        Ok(v) => v,
+        Err(e) => return e,
     };
-    let (offset, bytes) = match (num_arg(s, off), num_arg(s, len)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return e,
-    };
-    if bytes > MAX_REQUEST {
-        s.out.print(&format!(
-            "length cannot exceed {MAX_REQUEST}, given {len}\n"
-        ));
-        return -EINVAL;
-    }
     let Some(b) = blk(s) else {
         return -EINVAL;
     };
