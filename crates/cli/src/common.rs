@@ -38,6 +38,20 @@ pub(crate) fn parse_format(name: &str) -> Result<Format> {
     Format::from_name(name).map_err(|_| anyhow!("Unknown file format '{name}'"))
 }
 
+/// qemu's read-only format drivers: known to qemu, but they cannot create images.
+const READ_ONLY_DRIVERS: &[&str] = &["bochs", "cloop", "dmg"];
+
+/// Parses the format of an image to create (`create -f`, `convert -O`): qemu's
+/// read-only formats are refused as qemu refuses them, not as unknown.
+pub(crate) fn parse_create_format(name: &str) -> Result<Format> {
+    if READ_ONLY_DRIVERS.contains(&name) {
+        return Err(anyhow!(
+            "Format driver '{name}' does not support image creation"
+        ));
+    }
+    parse_format(name)
+}
+
 /// Parses the optional `-f` format of an image to open (qemu: "Unknown driver").
 pub(crate) fn opt_format(name: Option<&str>, file: &str) -> Result<Option<Format>> {
     name.map(|n| {

@@ -330,6 +330,7 @@ pub(crate) fn resolve(
             }
             drop_subtree(&mut o, "image");
             drop_subtree(&mut o, "inject-error");
+            drop_subtree(&mut o, "set-state");
         }
         Some(d) => r.format = Some(format_named(d)?),
         None => {}
@@ -387,6 +388,11 @@ pub(crate) fn resolve(
 /// (`json:{…}`, `blkdebug:…`).
 pub(crate) fn is_spec(arg: &str) -> bool {
     arg.starts_with("json:") || arg.starts_with("blkdebug:")
+}
+
+/// True for a specification ([`is_spec`]) or an `--image-opts` option string.
+pub(crate) fn is_spec_or_opts(arg: &str) -> bool {
+    is_spec(arg) || (crate::secrets::image_opts() && arg.contains('='))
 }
 
 /// Opens a `json:`/`blkdebug:` argument of a qemu-img verb (see [`is_spec`]) with `base`

@@ -7,8 +7,9 @@
 //! request; a `once` rule is dropped after it fired. The events raised here are the
 //! generic block layer's on the blkdebug node itself: `cor_write` (a copy-on-read write,
 //! raised by [`super::layers::CopyOnRead`]). Rules on other events (the format drivers'
-//! internal ones such as `l1_update`), `state` conditions and `[set-state]` sections are
-//! refused with a message, never silently ignored.
+//! internal ones such as `l1_update`) and `state` conditions are refused with a message,
+//! never silently ignored. `[set-state]` rules are accepted and have no effect: the
+//! state only matters to rules with a `state` condition, which are refused.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};
@@ -134,8 +135,11 @@ pub(crate) fn parse_config(text: &str) -> AnyResult<Vec<Rule>> {
     }
     let mut rules = Vec::new();
     for (name, keys) in sections {
-        if name != "inject-error" {
-            bail!("blkdebug [{name}] rules are not supported by diskimg");
+        match name.as_str() {
+            "inject-error" => {}
+            // Unobservable without `state` conditions (see the module docs).
+            "set-state" => continue,
+            _ => bail!("blkdebug [{name}] rules are not supported by diskimg"),
         }
         let get = |k: &str| {
             keys.iter()
@@ -151,9 +155,6 @@ pub(crate) fn parse_config(text: &str) -> AnyResult<Vec<Rule>> {
 
 /// The `inject-error.N.*` rules of a blkdebug node's options (`o` relative to it).
 pub(crate) fn option_rules(o: &OptionList) -> AnyResult<Vec<Rule>> {
-    if o.entries().iter().any(|(k, _)| k.starts_with("set-state")) {
-        bail!("blkdebug set-state rules are not supported by diskimg");
-    }
     let mut rules = Vec::new();
     for i in 0.. {
         let p = format!("inject-error.{i}.");
@@ -319,7 +320,6 @@ mod tests {
     fn unsupported_rules_are_refused() {
         for text in [
             "[inject-error]\nevent = \"l1_update\"\n",
-            "[set-state]\nevent = \"cor_write\"\nnew_state = \"2\"\n",
             "[inject-error]\nevent = \"cor_write\"\nstate = \"1\"\n",
         ] {
             let e = parse_config(text).unwrap_err().to_string();
@@ -329,7 +329,12 @@ mod tests {
         o.set("inject-error.0.event", "cor_write");
         o.set("inject-error.0.errno", "28");
         assert_eq!(option_rules(&o).unwrap().len(), 1);
+        o.set("set-state.0.event", "read_aio");
+        o.set("set-state.0.new_state", "42");
+        assert_eq!(option_rules(&o).unwrap().len(), 1);
         o.set("inject-error.1.event", "write_aio");
         assert!(option_rules(&o).is_err());
+        let set_state = "[set-state]\nevent = \"read_aio\"\nnew_state = \"2\"\n";
+        assert!(parse_config(set_state).unwrap().is_empty());
     }
 }
