@@ -101,7 +101,9 @@ pub fn grain_record(grain: u64, data: &[u8]) -> Result<Vec<u8>> {
 pub(crate) fn deflate_record(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
     let stored = diskimg_blockio::looks_incompressible(data);
     // Room for the marker, the zlib stream (stored blocks add 5 bytes per 64 KiB) and
-    // the padding; the loop below grows it if deflate needs more.
+    // the padding, sized by the grain in memory; the loop below grows it if deflate
+    // needs more.
+    #[allow(clippy::disallowed_methods, reason = "sized by a buffer in memory")]
     let mut rec = Vec::with_capacity(GRAIN_MARKER + data.len() + data.len() / 64 + 1024);
     rec.extend_from_slice(&lba.to_le_bytes());
     rec.extend_from_slice(&[0; 4]);
