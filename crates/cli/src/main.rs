@@ -27,6 +27,7 @@ mod io;
 mod json;
 mod map;
 mod measure;
+mod names;
 mod nodes;
 mod rebase;
 mod resize;
