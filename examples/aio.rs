@@ -39,7 +39,7 @@ fn main() -> diskimg::Result<()> {
     let image = open(&path, Some(Format::Raw), &opts)?;
     let aio = AsyncDevice::new(image.device.clone())?;
     // The byte at offset o is (o / 4096) as u8 ^ (o % 251) as u8.
-    let byte = |o: u64| (o / 4096) as u8 ^ (o % 251) as u8;
+    let byte = |o: u64| ((o / 4096) ^ (o % 251)).to_le_bytes()[0];
     pollster::block_on(async {
         for chunk in 0..SIZE >> 20 {
             let mut buf = IoBuf::new(1 << 20);
