@@ -368,3 +368,39 @@ fn argv0_names_the_program() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.starts_with("diskimg: Could not open"), "{err}");
 }
+
+/// `reopen` refuses to change the driver or node name of the image or its `file` and
+/// `backing` children and accepts the unchanged values; a null-co image's `info` (iotest
+/// 133).
+#[test]
+fn reopen_fixed_options_and_null_info() {
+    for cmds in [
+        &["reopen -o node-name=foo"][..],
+        &["reopen -o file.node-name=foo"],
+        &["reopen -o backing.node-name=foo"],
+        &["reopen -o driver=raw"],
+        &["reopen -o file.driver=qcow2"],
+        &[
+            "reopen -o driver=qcow2",
+            "reopen -o file.driver=file",
+            "read 0 512",
+        ],
+    ] {
+        let dir = tempdir();
+        let img = image(dir.path(), "qcow2", "1M");
+        let mut args = c(cmds);
+        args.push("FILE".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same(dir.path(), &img, "qcow2", &args, "");
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "raw", "1M");
+    let null = "json:{'driver': 'null-co', 'size': 65536}";
+    same(
+        dir.path(),
+        &img,
+        "raw",
+        &["-f", "null-co", "-c", "reopen", "-c", "info", null],
+        "",
+    );
+}
