@@ -407,8 +407,8 @@ pub fn open_storage(
 /// Creates an image at `path` (overwriting it) of `size` bytes, rounded up to whole
 /// 512-byte sectors as qemu-img does for every format, with qemu-style `options`
 /// (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …). The format crates'
-/// typed options (`diskimg_raw::RawCreateOptions`, `diskimg_vdi::VdiCreateOptions`, …)
-/// turn into such lists with their `to_options`.
+/// typed options (`diskimg_qcow2::Qcow2CreateOptions`, `diskimg_raw::RawCreateOptions`,
+/// `diskimg_vdi::VdiCreateOptions`, …) turn into such lists with their `to_options`.
 ///
 /// Without `size`, a `backing_file` option supplies it (the backing image is opened
 /// through `image_options.policy`). A backing file needs `backing_fmt`, as in qemu-img 10.

@@ -15,6 +15,7 @@ use crate::header::{
     V3_HEADER_LEN,
 };
 use crate::maint::write_header;
+use crate::options::{Compat, Keys, Verb, check_refcount_width};
 use crate::snapshot_ops::{entry_raw, write_table};
 use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use crate::write::idx;
@@ -60,18 +61,14 @@ impl Qcow2Device {
                 m.data.is_some(),
             )
         };
-        let version = match o.take("compat").as_deref() {
-            None => cur_version,
-            Some("1.1") | Some("v3") => 3,
-            Some("0.10") | Some("v2") => 2,
-            Some(v) => return Err(Error::invalid(format!("Unknown compatibility level {v}"))),
-        };
-        let lazy = o.take_bool("lazy_refcounts")?;
+        let keys = Keys::take(&mut o, Verb::Amend)?;
+        let version = keys.compat.map_or(cur_version, Compat::version);
+        let lazy = keys.lazy_refcounts;
         let size = o.take_size("size")?;
-        let refcount_bits = o.take_u64("refcount_bits")?;
-        let backing = o.take("backing_file").is_some() | o.take("backing_fmt").is_some();
-        let data_file = o.take("data_file");
-        let data_file_raw = o.take_bool("data_file_raw")?;
+        let refcount_bits = keys.refcount_bits;
+        let backing = keys.backing_file.is_some() || keys.backing_fmt.is_some();
+        let data_file = keys.data_file;
+        let data_file_raw = keys.data_file_raw;
         let encrypt = o.entries().iter().any(|(k, _)| k.starts_with("encrypt."));
         if let Some((k, _)) = o.entries().iter().find(|(k, _)| !k.starts_with("encrypt.")) {
             return Err(Error::invalid(format!("Invalid parameter '{k}'")));
@@ -82,11 +79,7 @@ impl Qcow2Device {
             ));
         }
         if let Some(bits) = refcount_bits {
-            if !bits.is_power_of_two() || bits > 64 {
-                return Err(Error::invalid(
-                    "Refcount width must be a power of two and may not exceed 64 bits",
-                ));
-            }
+            check_refcount_width(bits)?;
             if version < 3 && bits != 16 {
                 return Err(Error::invalid(
                     "Refcount widths other than 16 bits require compatibility level 1.1 or \

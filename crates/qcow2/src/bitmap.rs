@@ -17,6 +17,7 @@ use crate::ext::BitmapsExt;
 use crate::header::AUTOCLEAR_BITMAPS;
 use crate::maint::write_header;
 use crate::meta::{Meta, read_host};
+use crate::open_options::Qcow2OpenOptions;
 use crate::table::L2E_OFFSET_MASK;
 use crate::write::idx;
 
@@ -100,9 +101,8 @@ fn failed(op: &str, name: &str, why: impl std::fmt::Display) -> Error {
 /// Applies `ops` (in order) to bitmap `name` of the qcow2 image on `file`, as
 /// `qemu-img bitmap` does.
 pub fn edit_bitmaps(file: Arc<dyn Storage>, name: &str, ops: &[BitmapOp]) -> Result<()> {
-    let mut o = OpenOptions::new();
-    o.driver_options.set("x-bitmap-edit", "on");
-    let dev = Qcow2Device::open(file, &o)?;
+    let typed = Qcow2OpenOptions::new().bitmap_edit(true);
+    let dev = Qcow2Device::open_with(file, &OpenOptions::new(), &typed)?;
     dev.writable()?;
     let mut m = dev.lock();
     m.commit_deferred()?;

@@ -9,11 +9,13 @@ use diskimg_blockio::{
 };
 
 use crate::device::Qcow2Device;
+use crate::encrypt_create::NewEncryption;
 use crate::ext::Extensions;
 use crate::header::{
     AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
+use crate::options::{Compat, CompressionType, Qcow2CreateOptions};
 use crate::refcount::set_entry;
 
 /// The options `qemu-img create -f qcow2 -o help` lists.
@@ -125,128 +127,69 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
     },
 ];
 
-fn bad_value(param: &str, v: &str) -> Error {
-    Error::invalid(format!("Parameter '{param}' does not accept value '{v}'"))
-}
-
-const NEEDS_V3: &str = "compatibility level 1.1 and above (use version=v3 or greater)";
-
-/// Creates an empty qcow2 image on `storage`.
-pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Result<()> {
-    let o = &mut req.options;
-    o.take("size");
-    let version = match o.take("compat").as_deref() {
-        None | Some("1.1") | Some("v3") => 3,
-        Some("0.10") | Some("v2") => 2,
-        Some(v) => return Err(bad_value("version", v)),
+/// Creates an empty qcow2 image on `storage` (see [`Qcow2CreateOptions::create`]).
+pub(crate) fn create(
+    storage: Arc<dyn Storage>,
+    req: &CreateRequest,
+    opts: &Qcow2CreateOptions,
+) -> Result<()> {
+    // As qemu: the passphrase and LUKS options first, then the layout rules.
+    let encryption = match &opts.encryption {
+        Some(e) => Some(NewEncryption::new(e, &req.secrets)?),
+        None => None,
     };
-    let cluster_size = o.take_size("cluster_size")?.unwrap_or(65536);
-    // qemu's number options take negative values modulo 2^64: a bad width, not a
-    // parse error.
-    let refcount_bits = match o.take("refcount_bits") {
-        None => 16,
-        Some(v) if v.trim_start().starts_with('-') && v.trim().parse::<i64>().is_ok() => 0,
-        Some(v) => v.trim().parse::<u64>().map_err(|_| {
-            Error::invalid(format!(
-                "Parameter 'refcount_bits' expects a number, got '{v}'"
-            ))
-        })?,
-    };
-    let lazy = o.take_bool("lazy_refcounts")?.unwrap_or(false);
-    let extl2 = o.take_bool("extended_l2")?.unwrap_or(false);
-    let zstd = match o.take("compression_type").as_deref() {
-        None | Some("zlib") => false,
-        Some("zstd") => true,
-        Some(v) => return Err(bad_value("compression-type", v)),
-    };
-    let prealloc = match o.take("preallocation") {
-        None => Preallocation::Off,
-        Some(v) => Preallocation::parse(&v).map_err(|_| bad_value("preallocation", &v))?,
-    };
-    let backing = o.take("backing_file");
-    let backing_fmt = o.take("backing_fmt");
-    let data_file = o.take("data_file");
-    let data_raw = o.take_bool("data_file_raw")?.unwrap_or(false);
-    let encryption = crate::encrypt_create::take_options(o, &req.secrets)?;
-    if !req.size.is_multiple_of(512) {
-        return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
-    }
-    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err(Error::invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
-    }
-    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(Error::invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
-    }
-    if version == 2 {
-        if refcount_bits != 16 {
-            return Err(Error::invalid(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or \
-                 above (use version=v3 or greater)",
-            ));
-        }
-        if lazy {
-            return Err(Error::invalid(format!(
-                "Lazy refcounts only supported with {NEEDS_V3}"
-            )));
-        }
-        if extl2 {
-            return Err(Error::invalid(format!(
-                "Extended L2 entries are only supported with {NEEDS_V3}"
-            )));
-        }
-        if zstd {
-            return Err(Error::invalid(format!(
-                "Non-zlib compression type is only supported with {NEEDS_V3}"
-            )));
-        }
-        if data_file.is_some() {
-            return Err(Error::invalid(format!(
-                "External data files are only supported with {NEEDS_V3}"
-            )));
-        }
-    }
-    if extl2 && cluster_size < 16384 {
-        return Err(Error::invalid(
-            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-        ));
-    }
-    if data_raw && data_file.is_none() {
-        return Err(Error::invalid("data-file-raw requires data-file"));
-    }
-    if data_raw && backing.is_some() {
-        return Err(Error::invalid(
-            "Backing file and data-file-raw cannot be used at the same time",
-        ));
-    }
-    if backing.is_some() && prealloc != Preallocation::Off && !extl2 {
-        return Err(Error::invalid(
-            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-        ));
-    }
-    if backing_fmt.is_some() && backing.is_none() {
-        return Err(Error::invalid(
-            "Backing format cannot be used without backing file",
-        ));
-    }
+    opts.check_create()?;
+    // As qemu-img (qcow2_co_create_opts): the size rounds up to whole sectors.
+    let size = req
+        .size
+        .checked_next_multiple_of(512)
+        .ok_or(Error::invalid("Image size too large"))?;
+    let cluster_size = opts.cluster_size;
     // qemu's size check at create: the L1 table must fit its 32 MiB limit.
-    let l2e = if extl2 { 16 } else { 8 };
-    let l2_tables = req.size.div_ceil(cluster_size).div_ceil(cluster_size / l2e);
+    let l2e = if opts.extended_l2 { 16 } else { 8 };
+    let l2_tables = size.div_ceil(cluster_size).div_ceil(cluster_size / l2e);
     if l2_tables.saturating_mul(8) > crate::header::MAX_L1_BYTES {
         return Err(Error::invalid(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
         ));
     }
+    let mut h = new_header(opts);
+    if let Some(e) = &encryption {
+        e.prepare(&mut h, opts.preallocation)?;
+    }
+    write_initial_layout(storage.as_ref(), &mut h, opts.backing_file.as_deref())?;
+    if let Some(name) = &opts.data_file {
+        let d = req.files.create(name, FilePurpose::DataFile)?;
+        d.set_len(0)?;
+        d.flush()?;
+    }
+    let mut open = OpenOptions::new().files(req.files.clone());
+    open.limits = req.limits;
+    let dev = Qcow2Device::open(storage, &open)?;
+    // Sizing a new image: no zeroing of the (backing-visible) new area.
+    crate::resize::resize(&dev, size, Preallocation::Off, false, false)?;
+    if let Some(e) = &encryption {
+        e.install(&dev)?;
+    }
+    if opts.preallocation != Preallocation::Off {
+        let backing = opts.backing_file.is_some();
+        crate::resize::preallocate(&dev, opts.preallocation, backing, 0)?;
+    }
+    dev.flush()
+}
 
-    let cluster_bits = cluster_size.trailing_zeros();
-    let mut h = Header {
-        version,
+/// The header of a new, empty (size 0) image with `opts`' version, cluster size,
+/// refcount width, features and extensions; the refcount table is cluster 1.
+fn new_header(opts: &Qcow2CreateOptions) -> Header {
+    let v3 = opts.compat == Compat::V3;
+    let cluster_size = opts.cluster_size;
+    let zstd = opts.compression_type == CompressionType::Zstd;
+    let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+    Header {
+        version: opts.compat.version(),
         backing_file_offset: 0,
         backing_file_size: 0,
-        cluster_bits,
+        cluster_bits: cluster_size.trailing_zeros(),
         size: 0,
         crypt_method: 0,
         l1_size: 0,
@@ -255,51 +198,42 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
         refcount_table_clusters: 1,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: 0,
-        compatible: 0,
-        autoclear: 0,
-        refcount_order: refcount_bits.trailing_zeros(),
-        header_length: if version == 3 {
-            V3_HEADER_LEN
-        } else {
-            V2_HEADER_LEN
-        },
+        incompatible: flag(zstd, INCOMPAT_COMPRESSION)
+            | flag(opts.extended_l2, INCOMPAT_EXTL2)
+            | flag(opts.data_file.is_some(), INCOMPAT_DATA_FILE),
+        compatible: flag(opts.lazy_refcounts, COMPAT_LAZY),
+        autoclear: flag(opts.data_file_raw, AUTOCLEAR_DATA_RAW),
+        refcount_order: opts.refcount_bits.trailing_zeros(),
+        header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
         compression_type: u8::from(zstd),
-        backing_file: backing.clone(),
+        backing_file: opts.backing_file.clone(),
         ext: Extensions {
-            backing_format: backing.as_ref().and(backing_fmt.clone()),
-            data_file: data_file.clone(),
-            features: if version == 3 {
+            backing_format: opts.backing_file.as_ref().and(opts.backing_format.clone()),
+            data_file: opts.data_file.clone(),
+            features: if v3 {
                 Extensions::qemu_feature_table_for(cluster_size)
             } else {
                 Vec::new()
             },
             ..Extensions::default()
         },
-    };
-    if zstd {
-        h.incompatible |= INCOMPAT_COMPRESSION;
     }
-    if extl2 {
-        h.incompatible |= INCOMPAT_EXTL2;
-    }
-    if data_file.is_some() {
-        h.incompatible |= INCOMPAT_DATA_FILE;
-    }
-    if lazy {
-        h.compatible |= COMPAT_LAZY;
-    }
-    if data_raw {
-        h.autoclear |= AUTOCLEAR_DATA_RAW;
-    }
-    if let Some(e) = &encryption {
-        e.prepare(&mut h, prealloc)?;
-    }
+}
+
+/// Writes cluster 0 (header, extensions, backing file name), the refcount table
+/// (cluster 1) and the first refcount block (cluster 2, counting clusters 0-2) to the
+/// emptied `storage`.
+fn write_initial_layout(
+    storage: &dyn Storage,
+    h: &mut Header,
+    backing: Option<&str>,
+) -> Result<()> {
+    let cluster_size = h.cluster_size();
     let usz = |v: u64| usize::try_from(v).map_err(|_| Error::invalid("size"));
     let mut cluster0 = vec![0u8; usz(cluster_size)?];
-    let ext = h.ext.serialise(version);
+    let ext = h.ext.serialise(h.version);
     let ext_end = u64::from(h.header_length) + ext.len() as u64;
-    if let Some(b) = &backing {
+    if let Some(b) = backing {
         if b.len() > 1023 || ext_end + b.len() as u64 > cluster_size {
             return Err(Error::invalid("Backing file name too long"));
         }
@@ -324,23 +258,5 @@ pub(crate) fn create(storage: Arc<dyn Storage>, req: &mut CreateRequest) -> Resu
     storage.write_all_at(&cluster0, 0)?;
     storage.write_all_at(&reftable, cluster_size)?;
     storage.write_all_at(&refblock, 2 * cluster_size)?;
-    storage.flush()?;
-
-    if let Some(name) = &data_file {
-        let d = req.files.create(name, FilePurpose::DataFile)?;
-        d.set_len(0)?;
-        d.flush()?;
-    }
-    let mut opts = OpenOptions::new().files(req.files.clone());
-    opts.limits = req.limits;
-    let dev = Qcow2Device::open(storage, &opts)?;
-    // Sizing a new image: no zeroing of the (backing-visible) new area.
-    crate::resize::resize(&dev, req.size, Preallocation::Off, false, false)?;
-    if let Some(e) = &encryption {
-        e.install(&dev)?;
-    }
-    if prealloc != Preallocation::Off {
-        crate::resize::preallocate(&dev, prealloc, backing.is_some(), 0)?;
-    }
-    dev.flush()
+    storage.flush()
 }

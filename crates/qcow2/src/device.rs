@@ -17,6 +17,7 @@ use crate::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use crate::meta::{Cached, Meta, read_host};
+use crate::open_options::Qcow2OpenOptions;
 use crate::snapshot::read_snapshots;
 use crate::table::{L2Cache, Sub};
 
@@ -50,8 +51,19 @@ fn cache_tables(opts: &OpenOptions, cs: u64) -> usize {
 }
 
 impl Qcow2Device {
-    /// Opens the image on `file` (see [`crate::DRIVER`] for the options honoured).
+    /// Opens the image on `file` (see [`crate::DRIVER`] for the options honoured; the
+    /// driver options are read by [`Qcow2OpenOptions::from_options`]).
     pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        Self::open_with(file, opts, &Qcow2OpenOptions::from_options(opts))
+    }
+
+    /// Opens the image on `file` with typed qcow2 options (`opts.driver_options` is not
+    /// read).
+    pub fn open_with(
+        file: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        q: &Qcow2OpenOptions,
+    ) -> Result<Self> {
         let file_len = file.len()?;
         if file_len < 72 {
             return Err(Error::invalid("Image is not in qcow2 format"));
@@ -59,19 +71,15 @@ impl Qcow2Device {
         let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
         file.read_exact_at(&mut first, 0)?;
         let h = Header::parse(&first)?;
-        let crypt = Encryption::open(file.as_ref(), &h, opts)?.map(Arc::new);
+        let crypt = Encryption::open(file.as_ref(), &h, q, &opts.secrets)?.map(Arc::new);
         let read_only = opts.read_only || file.is_read_only();
-        // `check=on` (qemu's BDRV_O_CHECK): opened for `check -r`, which repairs what a
-        // normal read-write open would refuse or repair by itself.
-        let checking = opts.driver_options.get("check") == Some("on");
+        let checking = q.check;
         if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only && !checking {
             return Err(Error::invalid(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        // `x-bitmap-edit=on`: opened by `bitmap::edit_bitmaps`, which only changes
-        // metadata: no bitmap tracks writes.
-        let bitmap_edit = opts.driver_options.get("x-bitmap-edit") == Some("on");
+        let bitmap_edit = q.bitmap_edit;
         let data = if h.has_data_file() {
             let name = h
                 .ext
@@ -157,8 +165,7 @@ impl Qcow2Device {
         }
         if !read_only && !checking {
             dev.open_rw_fixups()?;
-            let view = opts.driver_options.get("snapshot.name").is_some()
-                || opts.driver_options.get("snapshot.id").is_some();
+            let view = q.snapshot_view();
             if !bitmap_edit && !view && !dev.bitmaps.is_empty() {
                 let tracked = crate::dirty::load(&mut dev.lock())?;
                 for b in dev.bitmaps.iter_mut() {
@@ -167,10 +174,8 @@ impl Qcow2Device {
                 *dev.tracked.get_mut().unwrap_or_else(|e| e.into_inner()) = tracked;
             }
         }
-        let name = opts.driver_options.get("snapshot.name");
-        let id = opts.driver_options.get("snapshot.id");
-        if name.is_some() || id.is_some() {
-            return dev.snapshot_view(id, name);
+        if q.snapshot_view() {
+            return dev.snapshot_view(q.snapshot_id.as_deref(), q.snapshot_name.as_deref());
         }
         Ok(dev)
     }

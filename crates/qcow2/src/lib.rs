@@ -15,6 +15,12 @@
 //!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
 //!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
+//! - Typed options: [`Qcow2CreateOptions`] (a builder of every create option, with
+//!   [`Qcow2CreateOptions::take`] the one adapter from qemu-img's `-o` strings that
+//!   create, measure and amend share) and [`Qcow2OpenOptions`] (the driver options
+//!   `check`, `x-bitmap-edit`, `encrypt.*`, `snapshot.*` as fields;
+//!   [`Qcow2Device::open_with`]).
+//!
 //! - Persistent dirty bitmaps track guest writes while the image is open read-write
 //!   (marked `in_use` on disk, stored on [`Qcow2Device::close`] or drop), as in qemu.
 //!
@@ -109,6 +115,8 @@ mod maint;
 mod measure;
 mod meta;
 mod offload;
+mod open_options;
+mod options;
 mod rebuild;
 mod refcount;
 mod reserve;
@@ -123,6 +131,8 @@ pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
 pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
 pub use measure::{MeasureTarget, Measurement, bitmaps_size};
+pub use open_options::Qcow2OpenOptions;
+pub use options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;
@@ -162,8 +172,11 @@ impl Driver for Qcow2Driver {
         Ok(Arc::new(Qcow2Device::open(storage, options)?))
     }
 
+    /// [`Qcow2CreateOptions::take`] from `request.options` (a `size` there is dropped:
+    /// `request.size` is the size), then [`Qcow2CreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage, request)
+        request.options.take("size");
+        Qcow2CreateOptions::take(&mut request.options)?.create(storage, request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {
