@@ -409,3 +409,34 @@ fn raw_offset_and_size_window_as_qemu() {
     assert_eq!(d, q);
     assert!(q[2].contains("Input/output error"), "{q:?}");
 }
+
+/// `rebase -u -F host_device` writes qemu's other driver names as the backing format
+/// (iotest 031); an unknown name is still refused.
+#[test]
+fn rebase_unsafe_keeps_other_qemu_backing_drivers() {
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = img(qd.path(), "t.qcow2", "qcow2", "1M");
+    let d = img(dd.path(), "t.qcow2", "qcow2", "1M");
+    let args = |f: &str| {
+        v(&[
+            "rebase",
+            "-u",
+            "-b",
+            "/some/backing/file/path",
+            "-F",
+            "host_device",
+            f,
+        ])
+    };
+    qemu_img_ok(&args(&q).iter().map(String::as_str).collect::<Vec<_>>());
+    crate::diskimg_ok(&args(&d).iter().map(String::as_str).collect::<Vec<_>>());
+    let info = |f: &str| qemu_img_ok(&["info", "-U", "--output=json", f]);
+    let di = info(&d);
+    assert_eq!(di.replace(&d, "F"), info(&q).replace(&q, "F"));
+    assert!(
+        di.contains("\"backing-filename-format\": \"host_device\""),
+        "{di}"
+    );
+    let bad = diskimg(&["rebase", "-u", "-b", "x", "-F", "nosuch", &d]);
+    assert_eq!(code(&bad), 1);
+}

@@ -404,3 +404,35 @@ fn reopen_fixed_options_and_null_info() {
         "",
     );
 }
+
+/// `backing.driver=FMT` overrides the backing format the image names (iotest 114): with
+/// a wrong `raw` in the header, the qcow2 backing file is read as qcow2.
+#[test]
+fn backing_driver_overrides_the_named_format() {
+    let dir = tempdir();
+    let base = image(dir.path(), "qcow2", "1M");
+    let io = |args: &[&str]| {
+        let o = Command::new("qemu-io").args(args).output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    io(&["-f", "qcow2", "-c", "write -P 0x5a 0 64k", s(&base)]);
+    let top = dir.path().join("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&top),
+        "1M",
+    ]);
+    for open in ["open -o backing.driver=qcow2 FILE", "open FILE"] {
+        let args = c(&[open, "read -P 0x5a 0 64k"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same(dir.path(), &top, "qcow2", &args, "");
+    }
+}
