@@ -488,6 +488,11 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         check_protocol(p, &r.path, ro)?;
     }
     for (k, v) in r.driver_options.entries() {
+        // A metadata-only open (qemu-img info) decrypts nothing: the secrets named need
+        // not exist, as in qemu.
+        if opts.metadata_only && k.ends_with("key-secret") {
+            continue;
+        }
         opts.driver_options.set(k, v);
     }
     opts.open_backing &= r.open_backing;
