@@ -20,7 +20,7 @@ use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
 
-use crate::io::blkdebug::Rule as BlkdebugRule;
+use crate::io::blkdebug::{Limits as BlkdebugLimits, Rule as BlkdebugRule};
 use crate::nodes::{DeviceStorage, NullDevice};
 
 /// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
@@ -142,6 +142,8 @@ pub(crate) struct Resolved {
     /// Error-injection rules of a `blkdebug` node above the format (qemu-io applies
     /// them; see [`crate::io::blkdebug`]).
     pub(crate) blkdebug: Vec<BlkdebugRule>,
+    /// Request limits of that blkdebug node (how zero writes are split).
+    pub(crate) blkdebug_limits: BlkdebugLimits,
 }
 
 /// Keys of qemu's generic block layer that change nothing here.
@@ -215,7 +217,7 @@ fn blkdebug_name(name: &str) -> Result<(String, Vec<BlkdebugRule>)> {
     Ok((file.to_string(), config_rules(config)?))
 }
 
-/// Keys of a blkdebug node that only tune its request limits (ignored here).
+/// Keys of a blkdebug node that set its request limits (see [`BlkdebugLimits`]).
 const BLKDEBUG_LIMITS: &[&str] = &[
     "align",
     "max-transfer",
@@ -230,7 +232,11 @@ const BLKDEBUG_LIMITS: &[&str] = &[
 fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<BlkdebugRule>)> {
     let mut rules = crate::io::blkdebug::option_rules(o)?;
     rules.extend(config_rules(o.get("config").unwrap_or(""))?);
-    let (path, more) = match (o.get("image.filename"), o.get("image"), name) {
+    // The image: a file, or a format on a file (`image.file.filename`).
+    let file = o
+        .get("image.filename")
+        .or_else(|| o.get("image.file.filename"));
+    let (path, more) = match (file, o.get("image"), name) {
         (Some(f), _, _) | (None, Some(f), _) => (f.to_string(), Vec::new()),
         (None, None, Some(n)) if n.starts_with("blkdebug:") => blkdebug_name(n)?,
         (None, None, Some(n)) => (n.to_string(), Vec::new()),
@@ -289,6 +295,7 @@ pub(crate) fn resolve(
             .transpose()?,
         driver_options: OptionList::new(),
         blkdebug: Vec::new(),
+        blkdebug_limits: BlkdebugLimits::default(),
     };
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
         if let Some(v) = o.get(k) {
@@ -317,6 +324,7 @@ pub(crate) fn resolve(
             let (path, rules) = blkdebug_node(&o, name)?;
             r.path = path;
             r.blkdebug = rules;
+            r.blkdebug_limits = BlkdebugLimits::from_options(&o)?;
             // Over a protocol node (or an image opened as raw) blkdebug is over the
             // file's bytes.
             r.format = match o.get("image.driver") {
@@ -395,11 +403,15 @@ pub(crate) fn is_spec_or_opts(arg: &str) -> bool {
     is_spec(arg) || (crate::secrets::image_opts() && arg.contains('='))
 }
 
-/// Opens a `json:`/`blkdebug:` argument of a qemu-img verb (see [`is_spec`]) with `base`
+/// Opens a `json:`/`blkdebug:`/`--image-opts` argument of a qemu-img verb (see
+/// [`is_spec_or_opts`]) with `base`
 /// options (secrets, policy, read-only).
 pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) -> Result<Image> {
     let (dict, name) = if arg.starts_with("json:") {
         (flatten_json(arg)?, None)
+    } else if !is_spec(arg) {
+        // An `--image-opts` option string.
+        (OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?, None)
     } else {
         (OptionList::new(), Some(arg))
     };

@@ -14,6 +14,7 @@
 mod aio;
 pub(crate) mod blkdebug;
 mod cmds;
+pub(crate) mod filter;
 mod getopt;
 mod layers;
 mod misc;

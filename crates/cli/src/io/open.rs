@@ -9,6 +9,7 @@ use diskimg::{BlockDevice, ImageOptions, OpenPolicy, OptionList};
 
 use super::blkdebug::Blkdebug;
 use super::cmds::{Cmd, bad_option, usage};
+use super::filter::Filtered;
 use super::getopt::{self, Event};
 use super::layers::{CopyOnRead, snapshot_overlay};
 use super::{Blk, EINVAL, Session};
@@ -168,13 +169,17 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
     }
     let mut debug = None;
-    if !r.blkdebug.is_empty() {
-        let b = Arc::new(Blkdebug::new(dev, r.blkdebug.clone()));
+    if !r.blkdebug.is_empty() || !r.blkdebug_limits.is_none() {
+        let b = Arc::new(Filtered(Blkdebug::new(
+            dev,
+            r.blkdebug.clone(),
+            r.blkdebug_limits,
+        )));
         dev = b.clone();
         debug = Some(b);
     }
     if cor {
-        dev = Arc::new(CopyOnRead::new(dev, debug));
+        dev = Arc::new(Filtered(CopyOnRead::new(dev, debug)));
     }
     Ok(Blk {
         img,
