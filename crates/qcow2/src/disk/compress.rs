@@ -61,29 +61,43 @@ pub(crate) fn decompress(ty: u8, input: &[u8], out: &mut [u8], host: u64) -> Res
 pub(crate) const ZLIB_LEVEL: u32 = 3;
 
 /// Compresses one cluster; `None` when the result would not be smaller than the input
-/// (qemu then stores the cluster uncompressed).
+/// (qemu then stores the cluster uncompressed), or when the cluster
+/// [looks incompressible](diskimg_blockio::looks_incompressible) (already-compressed or
+/// encrypted data: deflate would spend its time for nothing).
 pub(crate) fn compress(ty: u8, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = input.len().saturating_sub(1);
+    if diskimg_blockio::looks_incompressible(input) {
+        return Ok(None);
+    }
     match ty {
-        ZLIB => {
-            let mut c = Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12);
-            let mut out = vec![0u8; input.len()];
+        ZLIB => DEFLATE.with_borrow_mut(|slot| {
+            // One compressor per thread, reset per cluster: a fresh one allocates and
+            // clears its window and hash tables every time.
+            let c = slot.get_or_insert_with(|| {
+                Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12)
+            });
+            c.reset();
+            #[allow(clippy::disallowed_methods, reason = "sized by a buffer in memory")]
+            let mut out = Vec::with_capacity(input.len());
             let st = c
-                .compress(input, &mut out, FlushCompress::Finish)
+                .compress_vec(input, &mut out, FlushCompress::Finish)
                 .map_err(|_| Error::invalid("deflate failed"))?;
-            let n = usize::try_from(c.total_out()).unwrap_or(usize::MAX);
-            if st != Status::StreamEnd || n > limit {
+            if st != Status::StreamEnd || out.len() > limit {
                 return Ok(None);
             }
-            out.truncate(n);
             Ok(Some(out))
-        }
+        }),
         ZSTD => {
             let out = zstd::bulk::compress(input, 0).map_err(|_| Error::invalid("zstd failed"))?;
             Ok((out.len() <= limit).then_some(out))
         }
         _ => Err(Error::unsupported("qcow2", "unknown compression type")),
     }
+}
+
+thread_local! {
+    /// This thread's raw-deflate compressor (4 KiB window, [`ZLIB_LEVEL`]).
+    static DEFLATE: std::cell::RefCell<Option<Compress>> = const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(test)]
@@ -104,6 +118,36 @@ mod tests {
             decompress(ty, &padded, &mut out, 0).unwrap();
             assert_eq!(out, data);
             assert!(decompress(ty, &c[..c.len() / 2], &mut out, 0).is_err());
+        }
+    }
+
+    #[test]
+    fn incompressible_clusters_are_left_plain() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[5]
+            })
+            .collect();
+        for ty in [ZLIB, ZSTD] {
+            assert_eq!(compress(ty, &random).unwrap(), None);
+        }
+        // The compressor of this thread is reused: a compressible cluster after it
+        // still round-trips.
+        let text: Vec<u8> = b"qcow2 compressed cluster "
+            .iter()
+            .copied()
+            .cycle()
+            .take(65536)
+            .collect();
+        for _ in 0..2 {
+            let c = compress(ZLIB, &text).unwrap().unwrap();
+            let mut out = vec![0u8; 65536];
+            decompress(ZLIB, &c, &mut out, 0).unwrap();
+            assert_eq!(out, text);
         }
     }
 }
