@@ -17,8 +17,13 @@ fn bad(off: u64) -> Error {
 /// used in error messages.
 pub(crate) fn decompress(ty: u8, input: &[u8], out: &mut [u8], host: u64) -> Result<()> {
     match ty {
-        ZLIB => {
-            let mut d = Decompress::new(false);
+        ZLIB => INFLATE.with_borrow_mut(|slot| {
+            // One inflater per thread, reset per cluster (as for deflate below): a fresh
+            // one per cluster allocated its state and window every time, and with
+            // every convert worker doing so glibc's per-thread arenas held twice the
+            // memory the conversion needed.
+            let d = slot.get_or_insert_with(|| Decompress::new(false));
+            d.reset(false);
             let st = d
                 .decompress(input, out, FlushDecompress::Finish)
                 .map_err(|_| bad(host))?;
@@ -31,7 +36,7 @@ pub(crate) fn decompress(ty: u8, input: &[u8], out: &mut [u8], host: u64) -> Res
                 return Err(bad(host));
             }
             Ok(())
-        }
+        }),
         ZSTD => {
             let mut dec = zstd::stream::raw::Decoder::new().map_err(|_| bad(host))?;
             let mut inbuf = zstd::stream::raw::InBuffer::around(input);
@@ -53,12 +58,16 @@ pub(crate) fn decompress(ty: u8, input: &[u8], out: &mut [u8], host: u64) -> Res
     }
 }
 
-/// The deflate level of zlib clusters. qemu uses zlib's default (6); level 3 (zlib-rs's
-/// fast strategy) takes 18% less CPU for 1% more output on real images (ext4 image of
-/// /usr/share: 0.4032 against 0.3991 of the input, 5.5 s against 6.7 s of CPU for
-/// 600 MiB; docs/benchmarks.md). The streams are ordinary raw deflate with a 4 KiB window:
-/// any zlib inflates them.
-pub(crate) const ZLIB_LEVEL: u32 = 3;
+/// The deflate level of zlib clusters. qemu uses zlib's default (6). On 348 MiB of data
+/// clusters of an ext4 image of /usr/share (`cargo bench --bench compress_image`,
+/// docs/benchmarks.md), one core: level 6 took 3.24 s for 0.3872 of the input, level 3
+/// (lazy "medium" matching) 2.55 s for 0.3915, level 2 (greedy, chains of 4) 2.22 s for
+/// 0.4017 (with the incompressible pre-check; 2.47 s at level 3); level 1
+/// (deflate_quick) grows the output by 23%. Level 2 is what gets `convert -c` to 3x
+/// qemu-img's speed while the image stays within 5% of qemu's size (1.040 in
+/// `benches/compare-qemu.sh`; level 3: 1.015 at 2.6-3.0x in CPU time). The streams are
+/// ordinary raw deflate with a 4 KiB window: any zlib inflates them.
+pub(crate) const ZLIB_LEVEL: u32 = 2;
 
 /// Compresses one cluster; `None` when the result would not be smaller than the input
 /// (qemu then stores the cluster uncompressed), or when the cluster
@@ -96,6 +105,8 @@ pub(crate) fn compress(ty: u8, input: &[u8]) -> Result<Option<Vec<u8>>> {
 }
 
 thread_local! {
+    /// This thread's raw-inflate state.
+    static INFLATE: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
     /// This thread's raw-deflate compressor (4 KiB window, [`ZLIB_LEVEL`]).
     static DEFLATE: std::cell::RefCell<Option<Compress>> = const { std::cell::RefCell::new(None) };
 }
