@@ -134,15 +134,7 @@ mod tests {
 
     #[test]
     fn incompressible_clusters_are_left_plain() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()[5]
-            })
-            .collect();
+        let random = diskimg_testutil::pattern(5, 65536);
         for ty in [ZLIB, ZSTD] {
             assert_eq!(compress(ty, &random).unwrap(), None);
         }
