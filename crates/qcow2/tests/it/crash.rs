@@ -130,16 +130,10 @@ fn crash_all_cuts_with(options: &str, flush_every: usize, backed: bool) {
             }
         }
         assert!(fs.crashed());
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
-            // Our own check on every cut and mode; qemu-img check (a process each) on every
-            // fourth cut for the modes that keep unflushed writes.
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+        // Our own check on every cut and mode; qemu-img check (a process each) on every
+        // fourth cut for the modes that keep unflushed writes.
+        let ro = OpenOptions::new().read_only(true);
+        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
             dev.set_backing(backing()).unwrap();
             let what = format!("cut {cut} {mode:?}");
             let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
@@ -217,15 +211,9 @@ fn crash_during_refcount_width_change() {
     for cut in 0..=count {
         let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
         let _ = amend(fs.clone());
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
+        let ro = OpenOptions::new().read_only(true);
+        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
             widths.insert(u32::from_be_bytes(img[96..100].try_into().unwrap()));
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
-            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
             let r = dev.check(Default::default()).unwrap();
             assert_eq!(
                 (r.corruptions, r.check_errors),

@@ -82,14 +82,8 @@ fn run(
 fn check_cut(initial: &[u8], cut: u64, every: usize, path: &std::path::Path) {
     let (fs, durable, since) = run(initial, Some(cut), every);
     assert!(fs.crashed());
-    for mode in [
-        CrashMode::KeepAll,
-        CrashMode::DropUnflushed,
-        CrashMode::Random(cut),
-    ] {
-        let img = fs.crash_image(mode);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-        let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+    let ro = OpenOptions::new().read_only(true);
+    for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
         let what = format!("cut {cut} {mode:?}");
         let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
         if cut.is_multiple_of(3) && mode != CrashMode::DropUnflushed {

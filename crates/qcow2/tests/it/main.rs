@@ -65,6 +65,28 @@ pub fn create(path: &Path, size: u64, options: &str) -> Result<()> {
     req.options.clone().finish("qcow2")
 }
 
+/// The three images a crash at `cut` can leave on `fs` (every write kept, the unflushed
+/// ones dropped, a random subset), each with its mode and opened with `opts`.
+pub fn crash_images(
+    fs: &diskimg_blockio::FaultStorage,
+    cut: u64,
+    opts: &OpenOptions,
+) -> Vec<(diskimg_blockio::CrashMode, Vec<u8>, Arc<dyn BlockDevice>)> {
+    use diskimg_blockio::{CrashMode, MemStorage};
+    [
+        CrashMode::KeepAll,
+        CrashMode::DropUnflushed,
+        CrashMode::Random(cut),
+    ]
+    .into_iter()
+    .map(|mode| {
+        let img = fs.crash_image(mode);
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+        (mode, img, DRIVER.open(s, opts).unwrap())
+    })
+    .collect()
+}
+
 /// Our check of a crash image `dev`: no corruption and no check error (`what` names the
 /// cut). Returns the report.
 pub fn assert_cut_checks_clean(dev: &dyn BlockDevice, what: &str) -> diskimg_blockio::CheckReport {
