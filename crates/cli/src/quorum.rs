@@ -53,7 +53,7 @@ impl QuorumStorage {
 
 impl Storage for QuorumStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut versions: Vec<Vec<u8>> = Vec::with_capacity(self.children.len());
+        let mut versions: Vec<Vec<u8>> = Vec::new();
         for c in &self.children {
             let mut v = vec![0u8; buf.len()];
             if c.read_exact_at(&mut v, offset).is_ok() {
