@@ -11,8 +11,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, map_via,
-    read_via,
+    BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, RunFn,
+    map_via, read_via, walk,
 };
 
 use crate::device::Qcow2Device;
@@ -128,6 +128,20 @@ impl Qcow2Device {
     /// [`BlockDevice::read_at`]: [`read_via`] over a [`View`].
     pub(crate) fn read_guest(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_via(&View::new(self), buf, offset)
+    }
+
+    /// [`BlockDevice::walk_runs`]: [`walk`] over a [`View`], except on io_uring storage.
+    /// There the async face reads the planned host runs after the walk returns, and a
+    /// cluster freed meanwhile (discard, copy-on-write of a compressed cluster) could be
+    /// reused for other guest data; without a walk it reads through [`BlockDevice::read_at`]
+    /// on a worker, whose lookup and read follow each other as every synchronous read's
+    /// do. Vectored reads (`read_vectored_at`) read each run inside the walk.
+    pub(crate) fn walk_guest(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
+        #[cfg(target_os = "linux")]
+        if self.file.uring().is_some() || self.data.as_ref().is_some_and(|d| d.uring().is_some()) {
+            return Ok(false);
+        }
+        walk(&View::new(self), offset, len, f)
     }
 
     /// [`BlockDevice::map`]: [`map_via`] over a [`View`].
