@@ -332,7 +332,9 @@ fn open_inner(
         .read_only(read_only)
         .limits(options.limits)
         .files(files);
-    let backing_opts = backing_options(&driver_options);
+    let mut backing_opts = backing_options(&driver_options);
+    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
+    let backing_driver = backing_opts.take("driver");
     open_opts.driver_options = std::mem::take(&mut driver_options);
     open_opts.secrets = options.secrets.clone();
     let device = format.driver()?.open(storage, &open_opts)?;
@@ -354,7 +356,7 @@ fn open_inner(
     if bref.filename.is_empty() {
         return Ok(image);
     }
-    let bformat = match bref.format.as_deref() {
+    let bformat = match backing_driver.as_deref().or(bref.format.as_deref()) {
         // qemu's wording for a backing format it has no driver for.
         Some(f) if !f.is_empty() => Some(Format::from_name(f).map_err(|_| {
             Error::invalid(format!("Could not open backing file: Unknown driver '{f}'"))

@@ -52,6 +52,30 @@ pub(crate) fn parse_create_format(name: &str) -> Result<Format> {
     parse_format(name)
 }
 
+/// qemu's other drivers an image may name as its backing format (`-F` with `-u`):
+/// kept as given although diskimg cannot open them.
+const OTHER_BACKING_DRIVERS: &[&str] = &[
+    "host_device",
+    "host_cdrom",
+    "file",
+    "bochs",
+    "cloop",
+    "dmg",
+    "parallels",
+    "qcow",
+    "qed",
+    "vvfat",
+];
+
+/// Checks a backing format to write into an image without opening the backing file
+/// (`rebase -u -F`): diskimg's formats and qemu's other drivers.
+pub(crate) fn check_backing_format_name(name: &str) -> Result<()> {
+    if OTHER_BACKING_DRIVERS.contains(&name) {
+        return Ok(());
+    }
+    parse_format(name).map(|_| ())
+}
+
 /// Parses the optional `-f` format of an image to open (qemu: "Unknown driver").
 pub(crate) fn opt_format(name: Option<&str>, file: &str) -> Result<Option<Format>> {
     name.map(|n| {

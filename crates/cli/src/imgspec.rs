@@ -21,7 +21,8 @@ use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
 
 use crate::io::blkdebug::{Limits as BlkdebugLimits, Rule as BlkdebugRule};
-use crate::nodes::{DeviceStorage, NullDevice};
+use crate::io::filter::Filtered;
+use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
 /// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
 fn double_quotes(text: &str) -> String {
@@ -144,6 +145,8 @@ pub(crate) struct Resolved {
     pub(crate) blkdebug: Vec<BlkdebugRule>,
     /// Request limits of that blkdebug node (how zero writes are split).
     pub(crate) blkdebug_limits: BlkdebugLimits,
+    /// The raw format's `offset` and `size` options: a window into the file.
+    pub(crate) raw_window: Option<(u64, Option<u64>)>,
 }
 
 /// Keys of qemu's generic block layer that change nothing here.
@@ -255,6 +258,20 @@ fn below_format(rules: Vec<BlkdebugRule>) -> Result<()> {
     Ok(())
 }
 
+/// Takes the raw format's `offset`/`size` options (qemu's "raw" driver).
+fn raw_window(o: &mut OptionList) -> Result<Option<(u64, Option<u64>)>> {
+    let num = |k: &str, v: Option<String>| -> Result<Option<u64>> {
+        v.map(|v| {
+            diskimg::parse_size(&v)
+                .map_err(|_| anyhow!("Parameter '{k}' expects a non-negative number below 2^64"))
+        })
+        .transpose()
+    };
+    let offset = num("offset", o.take("offset"))?;
+    let size = num("size", o.take("size"))?;
+    Ok((offset.is_some() || size.is_some()).then(|| (offset.unwrap_or(0), size)))
+}
+
 fn format_named(d: &str) -> Result<Format> {
     Format::from_name(d).map_err(|_| anyhow!("Unknown driver '{d}'"))
 }
@@ -296,6 +313,7 @@ pub(crate) fn resolve(
         driver_options: OptionList::new(),
         blkdebug: Vec::new(),
         blkdebug_limits: BlkdebugLimits::default(),
+        raw_window: None,
     };
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
         if let Some(v) = o.get(k) {
@@ -309,6 +327,8 @@ pub(crate) fn resolve(
             let size = o.take("size").unwrap_or_else(|| "1073741824".into());
             let size = diskimg::parse_size(&size).map_err(|e| anyhow!("{e}"))?;
             r.node = Node::Null(size);
+            // Named, never probed (no raw probing warning).
+            r.format = Some(Format::Raw);
             r.path = "null-co://".into();
             return Ok(r);
         }
@@ -342,6 +362,9 @@ pub(crate) fn resolve(
         }
         Some(d) => r.format = Some(format_named(d)?),
         None => {}
+    }
+    if driver.as_deref() == Some("raw") {
+        r.raw_window = raw_window(&mut o)?;
     }
     if r.path.is_empty() {
         r.path = match file_driver.as_deref() {
@@ -465,6 +488,11 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         check_protocol(p, &r.path, ro)?;
     }
     for (k, v) in r.driver_options.entries() {
+        // A metadata-only open (qemu-img info) decrypts nothing: the secrets named need
+        // not exist, as in qemu.
+        if opts.metadata_only && k.ends_with("key-secret") {
+            continue;
+        }
         opts.driver_options.set(k, v);
     }
     opts.open_backing &= r.open_backing;
@@ -472,7 +500,12 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         opts.locking = l;
     }
     opts.force_share |= r.force_share == Some(true);
-    Ok(diskimg::open(&r.path, r.format, &opts)?)
+    let mut img = diskimg::open(&r.path, r.format, &opts)?;
+    if let Some((offset, size)) = r.raw_window {
+        let window = RawWindow::new(img.device.clone(), offset, size)?;
+        img.device = Arc::new(Filtered(window));
+    }
+    Ok(img)
 }
 
 #[cfg(test)]

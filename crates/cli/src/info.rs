@@ -44,7 +44,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let img = open_image(&a.file, format, true, a.backing_chain)?;
     let name = crate::names::shown(&a.file, crate::secrets::image_opts());
     // A name qemu cannot reconstruct (`json:{…}`) still has the file's directory.
-    let base = if name == a.file && crate::imgspec::is_spec_or_opts(&a.file) {
+    let base = if name.starts_with("json:") {
         img.path.to_string_lossy().into_owned()
     } else {
         name.clone()
@@ -94,7 +94,7 @@ fn to_json(e: &Entry<'_>) -> Value {
     let mut child = Map::new();
     child.insert("children".into(), json!([]));
     child.insert("virtual-size".into(), json!(file_len(e.img)));
-    child.insert("filename".into(), json!(e.name));
+    child.insert("filename".into(), json!(e.base));
     child.insert("format".into(), json!("file"));
     if let Some(a) = actual {
         child.insert("actual-size".into(), json!(a));
@@ -213,7 +213,7 @@ fn human(e: &Entry<'_>) -> String {
     }
     s.push_str(&format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {disk}\n",
-        e.name,
+        e.base,
         human_size(file_len(e.img)),
         file_len(e.img)
     ));

@@ -40,8 +40,43 @@ pub(crate) fn shown(arg: &str, image_opts: bool) -> String {
     } else {
         None
     };
-    dict.and_then(|d| plain_file(&d))
-        .unwrap_or_else(|| arg.to_string())
+    match dict {
+        Some(d) => plain_file(&d).unwrap_or_else(|| {
+            if arg.starts_with("json:") {
+                arg.to_string()
+            } else {
+                json_name(&d)
+            }
+        }),
+        None => arg.to_string(),
+    }
+}
+
+/// qemu's `json:{…}` name for an option dictionary (dotted keys nested).
+fn json_name(d: &OptionList) -> String {
+    use serde_json::{Map, Value};
+    let mut root = Map::new();
+    for (k, v) in d.entries() {
+        let mut node = &mut root;
+        let mut parts = k.split('.').peekable();
+        while let Some(p) = parts.next() {
+            if parts.peek().is_none() {
+                node.insert(p.to_string(), Value::String(v.clone()));
+                break;
+            }
+            let child = node
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !child.is_object() {
+                *child = Value::Object(Map::new());
+            }
+            match child {
+                Value::Object(m) => node = m,
+                _ => break,
+            }
+        }
+    }
+    format!("json:{}", Value::Object(root))
 }
 
 /// The file name of a dictionary that names only a format on a file.
@@ -78,6 +113,14 @@ mod tests {
         assert_eq!(
             shown("driver=qcow2,file.driver=file,file.filename=/d/t", true),
             "/d/t"
+        );
+        let secret = shown(
+            "driver=qcow2,file.filename=/d/t,encrypt.key-secret=s0",
+            true,
+        );
+        assert_eq!(
+            secret,
+            r#"json:{"driver":"qcow2","file":{"filename":"/d/t"},"encrypt":{"key-secret":"s0"}}"#
         );
         // As a file name (no --image-opts) the argument is the name.
         assert_eq!(

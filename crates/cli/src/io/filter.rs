@@ -15,6 +15,14 @@ use diskimg::{BlockDevice, Result, Storage};
 pub(crate) trait Filter: std::fmt::Debug + Send + Sync + 'static {
     /// The device below the filter.
     fn inner(&self) -> &Arc<dyn BlockDevice>;
+    /// What the device is (the inner device's description).
+    fn info(&self) -> DeviceInfo {
+        self.inner().info()
+    }
+    /// Where a range's data is.
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.inner().map(offset, len)
+    }
     /// A guest read.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner().read_at(buf, offset)
@@ -54,7 +62,7 @@ impl<F> std::ops::Deref for Filtered<F> {
 
 impl<F: Filter> BlockDevice for Filtered<F> {
     fn info(&self) -> DeviceInfo {
-        self.0.inner().info()
+        self.0.info()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read(buf, offset)
@@ -75,7 +83,7 @@ impl<F: Filter> BlockDevice for Filtered<F> {
         self.0.inner().close()
     }
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.0.inner().map(offset, len)
+        self.0.map(offset, len)
     }
     fn compressed_write_granularity(&self) -> Option<u64> {
         self.0.inner().compressed_write_granularity()
