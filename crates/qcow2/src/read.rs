@@ -130,15 +130,19 @@ impl Qcow2Device {
         read_via(&View::new(self), buf, offset)
     }
 
-    /// [`BlockDevice::walk_runs`]: [`walk`] over a [`View`], except on io_uring storage.
-    /// There the async face reads the planned host runs after the walk returns, and a
-    /// cluster freed meanwhile (discard, copy-on-write of a compressed cluster) could be
-    /// reused for other guest data; without a walk it reads through [`BlockDevice::read_at`]
-    /// on a worker, whose lookup and read follow each other as every synchronous read's
-    /// do. Vectored reads (`read_vectored_at`) read each run inside the walk.
+    /// [`BlockDevice::walk_runs`]: [`walk`] over a [`View`] (vectored and async reads plan
+    /// with it), except for a writable image on io_uring storage. There the async face
+    /// reads the planned host runs after the walk returns, and a cluster freed meanwhile
+    /// (discard, copy-on-write of a compressed cluster) could be reused for other guest
+    /// data; without a walk it reads through [`BlockDevice::read_at`] on a worker, whose
+    /// lookup and read follow each other as every synchronous read's do. A read-only image
+    /// frees nothing. Vectored reads (`read_vectored_at`) read each run inside the walk.
     pub(crate) fn walk_guest(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
         #[cfg(target_os = "linux")]
-        if self.file.uring().is_some() || self.data.as_ref().is_some_and(|d| d.uring().is_some()) {
+        if !self.read_only
+            && (self.file.uring().is_some()
+                || self.data.as_ref().is_some_and(|d| d.uring().is_some()))
+        {
             return Ok(false);
         }
         walk(&View::new(self), offset, len, f)

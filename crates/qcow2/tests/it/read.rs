@@ -45,7 +45,9 @@ fn workload(cs: u64, compressed: bool) -> Vec<String> {
 pub(crate) fn read_vectored_all(dev: &dyn BlockDevice) -> Vec<u8> {
     let size = dev.virtual_size() as usize;
     let mut out = vec![0u8; size];
-    let mut sizes = [1000usize, 4096, 65536 + 17, 3, 200_000].into_iter().cycle();
+    let mut sizes = [1000usize, 4096, 65536 + 17, 3, 200_000]
+        .into_iter()
+        .cycle();
     let mut pos = 0;
     while pos < size {
         let end = (pos + 600_000).min(size);
