@@ -34,7 +34,7 @@ impl Qcow2Device {
     ) -> Result<Self> {
         let file_len = file.len()?;
         if file_len < 72 {
-            return Err(Error::invalid("Image is not in qcow2 format"));
+            return Err(crate::errors::not_qcow2());
         }
         let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
         file.read_exact_at(&mut first, 0)?;
@@ -84,7 +84,11 @@ impl Qcow2Device {
         let bitmaps = match meta.h.ext.bitmaps {
             Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
-                    return Err(Error::corrupt("qcow2", "invalid bitmap directory", 0));
+                    return Err(Error::corrupt(
+                        "qcow2",
+                        "invalid bitmap directory",
+                        b.directory_offset,
+                    ));
                 }
                 let mut buf = limits.alloc("bitmap directory", b.directory_size)?;
                 read_host(file.as_ref(), &mut buf, b.directory_offset)?;

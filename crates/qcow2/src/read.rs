@@ -19,6 +19,7 @@ use crate::device::Qcow2Device;
 use crate::disk::compress;
 use crate::disk::table::Sub;
 use crate::engine::meta::{Cached, Meta, read_host};
+use crate::errors::internal;
 
 impl Qcow2Device {
     /// [`Meta::resolve`] under the shared lock when the L2 tables are cached, under the
@@ -103,9 +104,7 @@ impl Qcow2Device {
             let guest = off + done as u64;
             let (sub, n) = m.resolve(guest, (buf.len() - done) as u64)?;
             let n = usize::try_from(n).unwrap_or(0).max(1).min(buf.len() - done);
-            let dst = buf
-                .get_mut(done..done + n)
-                .ok_or(Error::invalid("read range"))?;
+            let dst = buf.get_mut(done..done + n).ok_or(internal("read range"))?;
             match sub {
                 Sub::Compressed(h, clen) => {
                     let cs = m.cs();
@@ -231,13 +230,13 @@ impl Layout for View<'_> {
         let s = usize::try_from(token)
             .ok()
             .and_then(|i| self.specials.borrow().get(i).copied())
-            .ok_or(Error::invalid("qcow2: unknown special run"))?;
+            .ok_or(internal("qcow2: unknown special run"))?;
         match s {
             Special::Encrypted { guest, host } => {
                 let at = offset
                     .checked_sub(guest)
                     .and_then(|d| host.checked_add(d))
-                    .ok_or(Error::invalid("qcow2: encrypted run offset"))?;
+                    .ok_or(internal("qcow2: encrypted run offset"))?;
                 self.dev.read_data(buf, at, offset)
             }
             Special::Compressed { host, len } => {
