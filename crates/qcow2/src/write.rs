@@ -7,8 +7,8 @@
 //! the L2 entry is rewritten and flushed before its refcount falls.
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
-use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::Result;
+use diskimg_blockio::bytes::WriteBytes;
 
 use crate::device::Qcow2Device;
 use crate::disk::header::AUTOCLEAR_DATA_RAW;
