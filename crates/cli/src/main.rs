@@ -29,6 +29,7 @@ mod map;
 mod measure;
 mod names;
 mod nodes;
+mod quorum;
 mod rebase;
 mod resize;
 mod secrets;

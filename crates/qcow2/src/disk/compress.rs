@@ -4,6 +4,8 @@
 use diskimg_blockio::{Error, Result};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
+use crate::errors::internal;
+
 /// Header compression_type 0.
 pub(crate) const ZLIB: u8 = 0;
 /// Header compression_type 1.
@@ -90,14 +92,14 @@ pub(crate) fn compress(ty: u8, input: &[u8]) -> Result<Option<Vec<u8>>> {
             let mut out = Vec::with_capacity(input.len());
             let st = c
                 .compress_vec(input, &mut out, FlushCompress::Finish)
-                .map_err(|_| Error::invalid("deflate failed"))?;
+                .map_err(|_| internal("deflate failed"))?;
             if st != Status::StreamEnd || out.len() > limit {
                 return Ok(None);
             }
             Ok(Some(out))
         }),
         ZSTD => {
-            let out = zstd::bulk::compress(input, 0).map_err(|_| Error::invalid("zstd failed"))?;
+            let out = zstd::bulk::compress(input, 0).map_err(|_| internal("zstd failed"))?;
             Ok((out.len() <= limit).then_some(out))
         }
         _ => Err(Error::unsupported("qcow2", "unknown compression type")),

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
+use crate::disk::header::{Header, INCOMPATIBLE_AT, MAX_HOST_OFFSET, V2_HEADER_LEN};
 use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
 use crate::engine::deferred::{Deferred, L2Update};
 use crate::engine::overlap::Overlap;
+use crate::errors::internal;
 
 /// Metadata state (see module docs).
 #[derive(Debug)]
@@ -329,7 +330,7 @@ impl Meta {
 
     /// Writes the L1 entry `i` through to disk.
     pub(crate) fn write_l1_entry(&mut self, i: u64, value: u64) -> Result<()> {
-        let k = usize::try_from(i).map_err(|_| Error::invalid("L1 index"))?;
+        let k = usize::try_from(i).map_err(|_| internal("L1 index"))?;
         let slot = self
             .l1
             .get_mut(k)
@@ -378,7 +379,7 @@ impl Meta {
         if self.h.version >= 3 {
             self.h.incompatible |= crate::disk::header::INCOMPAT_CORRUPT;
             let v = self.h.incompatible;
-            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
             self.file.flush()?;
         }
         Err(Error::corrupt(
@@ -506,7 +507,7 @@ pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
     let mut buf = m.limits.alloc("qcow2 header", cs)?;
     let keep = buf
         .get_mut(..idx(hlen.min(old_hlen).min(cs)))
-        .ok_or(Error::invalid("qcow2: header too large"))?;
+        .ok_or(internal("qcow2: header too large"))?;
     read_host(m.file.as_ref(), keep, 0)?;
     let ext = h.ext.serialise(h.version);
     let name = h.backing_file.clone().unwrap_or_default();
