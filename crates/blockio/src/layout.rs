@@ -430,7 +430,13 @@ mod tests {
             offset: 4,
         };
         let e = HostRun::new(&host, 6).past_eof(corrupt).read(&mut buf);
-        assert!(matches!(e, Err(Error::Corrupt { offset: 4, .. })));
+        assert!(matches!(
+            e,
+            Err(Error::Corrupt {
+                offset: Some(4),
+                ..
+            })
+        ));
     }
 
     #[test]
