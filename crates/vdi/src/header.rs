@@ -160,9 +160,11 @@ impl Header {
         }
         let disk_size = raw_disk_size.div_ceil(SECTOR) * SECTOR;
         if signature != SIGNATURE {
-            return Err(Error::invalid(format!(
-                "Image not in VDI format (bad signature {signature:08x})"
-            )));
+            return Err(Error::not_format(
+                FORMAT,
+                format!("Image not in VDI format (bad signature {signature:08x})"),
+                64,
+            ));
         }
         if version != VERSION_1_1 && version != VERSION_1_0 {
             return Err(Error::unsupported(
@@ -284,7 +286,7 @@ impl Header {
     pub(crate) fn store(&self, buf: &mut [u8]) -> Result<()> {
         let l = self.layout;
         let fit32 =
-            |v: u64| u32::try_from(v).map_err(|_| Error::invalid("vdi header field overflow"));
+            |v: u64| u32::try_from(v).map_err(|_| Error::internal("vdi header field overflow"));
         let mut ok = buf.put_le_u32(l.allocated, fit32(self.allocated)?)
             && buf.put_le_u32(l.blocks, fit32(self.blocks)?)
             && buf.put_le_u64(l.disk_size, self.disk_size);
@@ -296,7 +298,7 @@ impl Header {
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid("vdi header buffer too short"))
+            Err(Error::internal("vdi header buffer too short"))
         }
     }
 
@@ -326,7 +328,7 @@ pub(crate) fn new_header_sector(
     offset_data: u64,
 ) -> Result<[u8; HEADER_SECTOR]> {
     let mut b = [0u8; HEADER_SECTOR];
-    let fit32 = |v: u64| u32::try_from(v).map_err(|_| Error::invalid("vdi header field overflow"));
+    let fit32 = |v: u64| u32::try_from(v).map_err(|_| Error::internal("vdi header field overflow"));
     let allocated = if image_type == TYPE_STATIC { blocks } else { 0 };
     let ok = b.put(0, TEXT)
         && b.put_le_u32(64, SIGNATURE)
@@ -345,7 +347,7 @@ pub(crate) fn new_header_sector(
     if ok {
         Ok(b)
     } else {
-        Err(Error::invalid("vdi header buffer too short"))
+        Err(Error::internal("vdi header buffer too short"))
     }
 }
 

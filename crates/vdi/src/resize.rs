@@ -182,7 +182,7 @@ pub(crate) fn resize(
             None if g < blocks => m.entry(g),
             None => UNALLOCATED,
         };
-        let off = usize::try_from(g * 4).map_err(|_| Error::invalid("size overflow"))?;
+        let off = usize::try_from(g * 4).map_err(|_| Error::internal("vdi block map index"))?;
         bmap.put_le_u32(off, v);
     }
     let mut header = m.header.clone();

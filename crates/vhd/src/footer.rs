@@ -181,10 +181,14 @@ impl Footer {
         let bad = |what| Error::corrupt(FORMAT, what, at);
         let raw: [u8; FOOTER_SIZE] = buf.array_at(0).ok_or(bad("footer truncated"))?;
         if raw.get(..8) != Some(COOKIE.as_slice()) {
-            return Err(Error::invalid("invalid VPC image"));
+            return Err(Error::not_format(FORMAT, "invalid VPC image", at));
         }
         if raw.be_u32(CHECKSUM_AT) != Some(checksum(&raw, CHECKSUM_AT)) {
-            return Err(Error::invalid("Incorrect header checksum"));
+            return Err(Error::corrupt(
+                FORMAT,
+                "Incorrect header checksum",
+                at + CHECKSUM_AT as u64,
+            ));
         }
         let disk_type = match raw.be_u32(60) {
             Some(2) => DiskType::Fixed,

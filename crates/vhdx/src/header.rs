@@ -223,9 +223,11 @@ fn parse_region_table(buf: &[u8], at: u64, log: (u64, u64)) -> Result<Option<Reg
         }
         let (start, end) = (r.offset, r.offset.saturating_add(u64::from(r.length)));
         if let Some((a, b)) = seen.iter().find(|&&(a, b)| start < b && a < end) {
-            return Err(Error::invalid(format!(
-                "VHDX region {start}-{end} overlaps with region {a}-{b}"
-            )));
+            return Err(Error::corrupt(
+                FMT,
+                format!("VHDX region {start}-{end} overlaps with region {a}-{b}"),
+                entry_at,
+            ));
         }
         seen.push((start, end));
         let slot = if r.guid == BAT_GUID {

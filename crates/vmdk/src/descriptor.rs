@@ -94,7 +94,7 @@ impl Descriptor {
     /// files); an embedded descriptor's own file is the only extent.
     pub(crate) fn parse(text: &str, with_extents: bool) -> Result<Self> {
         let create_type = value_of(text, "createType")
-            .ok_or_else(|| Error::invalid("invalid VMDK image descriptor"))?
+            .ok_or_else(|| Error::corrupt_unplaced("vmdk", "invalid VMDK image descriptor"))?
             .to_string();
         let mut d = Descriptor {
             cid: parse_hex_u32(value_of(text, "CID"), 0xffff_ffff),
@@ -138,10 +138,13 @@ impl Descriptor {
 }
 
 fn invalid_line(line: &str) -> Error {
-    Error::invalid(format!(
-        "Invalid extent line: {}",
-        line.trim_end_matches(['\r', '\n'])
-    ))
+    Error::corrupt_unplaced(
+        "vmdk",
+        format!(
+            "Invalid extent line: {}",
+            line.trim_end_matches(['\r', '\n'])
+        ),
+    )
 }
 
 /// Parses one line as qemu does: lines that are not `ACCESS SECTORS TYPE "NAME"…`

@@ -295,7 +295,7 @@ impl Layout for VmdkDevice {
     fn read_special(&self, token: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let ext = self.find(offset)?;
         let ExtentData::Sparse(s) = &ext.data else {
-            return Err(Error::invalid(
+            return Err(Error::internal(
                 "vmdk: compressed run outside a sparse extent",
             ));
         };
@@ -389,7 +389,7 @@ impl BlockDevice for VmdkDevice {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             let piece = buf
                 .get(d..d.saturating_add(n))
-                .ok_or_else(|| Error::invalid("write piece out of buffer"))?;
+                .ok_or_else(|| Error::internal("write piece out of buffer"))?;
             self.write_piece(ext, in_ext, piece)
         })
     }

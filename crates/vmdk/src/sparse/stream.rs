@@ -27,7 +27,7 @@ impl SparseExtent {
     /// The records of the whole grains in `data`, the first being grain `first` (a
     /// partial last grain is padded with zeroes).
     pub(crate) fn compress_grains(&self, first: u64, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::invalid("grain size"))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         let mut padded = Vec::new();
         let mut out = Vec::new();
         for (i, piece) in data.chunks(gb.max(1)).enumerate() {
@@ -85,7 +85,7 @@ impl SparseExtent {
         self.storage.flush()?;
         let mut sector = start;
         for (i, rec) in records.iter().enumerate() {
-            let s = u32::try_from(sector).map_err(|_| Error::invalid("grain offset"))?;
+            let s = u32::try_from(sector).map_err(|_| Error::internal("grain offset"))?;
             self.set_gte(&mut st, first + i as u64, s)?;
             sector += rec.len() as u64 / SECTOR;
         }
@@ -95,7 +95,7 @@ impl SparseExtent {
     /// Writes whole grains compressed (unallocated grains only), the first being grain
     /// `first`: deflated on up to all cores, then appended in order.
     pub(crate) fn write_compressed(&self, first: u64, data: &[u8]) -> Result<()> {
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::invalid("grain size"))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         let grains = data.len().div_ceil(gb.max(1));
         let threads = std::thread::available_parallelism()
             .map(std::num::NonZeroUsize::get)
@@ -114,7 +114,7 @@ impl SparseExtent {
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err(Error::invalid("deflate thread failed")))
+                        .unwrap_or_else(|_| Err(Error::internal("deflate thread failed")))
                 })
                 .collect()
         });
