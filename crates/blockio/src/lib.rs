@@ -69,10 +69,8 @@ mod chain;
 mod closed;
 mod copy;
 mod device;
-mod direct;
 mod driver;
 mod error;
-mod fault;
 mod info;
 mod layout;
 mod limits;
@@ -96,7 +94,6 @@ pub use device::{
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};
-pub use fault::{CrashMode, FaultStorage};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
     HostRun, Layout, Mapping, PastEof, for_each_run, guard_write, map_via, read_run, read_via,
@@ -107,5 +104,6 @@ pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size}
 pub use packed::{CompressedUnits, PackedUnit};
 pub use secrets::Secrets;
 pub use storage::{
-    FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage, write_zeroes_by_buffer,
+    CrashMode, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage,
+    write_zeroes_by_buffer,
 };

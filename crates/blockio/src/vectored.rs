@@ -30,23 +30,35 @@ pub fn total_len(lens: impl Iterator<Item = usize>, offset: u64) -> Result<u64> 
     Ok(total)
 }
 
+/// Calls `f(buffer, offset)` for each non-empty buffer and its offset, the buffers
+/// consecutive from `offset`: the loop of the four defaults below.
+fn serve_each<B: std::ops::Deref<Target = [u8]>>(
+    bufs: impl IntoIterator<Item = B>,
+    offset: u64,
+    mut f: impl FnMut(B, u64) -> Result<()>,
+) -> Result<()> {
+    let mut off = offset;
+    for b in bufs {
+        let n = b.len() as u64;
+        if n > 0 {
+            f(b, off)?;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
 /// [`BlockDevice::read_vectored_at`]'s default: one `read_at` per buffer.
 pub fn read_each<D: BlockDevice + ?Sized>(
     dev: &D,
     bufs: &mut [IoSliceMut<'_>],
     offset: u64,
 ) -> Result<()> {
-    crate::check_range(
-        offset,
-        total_len(bufs.iter().map(|b| b.len()), offset)?,
-        dev.virtual_size(),
-    )?;
-    let mut off = offset;
-    for b in bufs.iter_mut().filter(|b| !b.is_empty()) {
-        dev.read_at(b, off)?;
-        off += b.len() as u64;
-    }
-    Ok(())
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    crate::check_range(offset, len, dev.virtual_size())?;
+    serve_each(bufs.iter_mut().map(|b| &mut **b), offset, |b, o| {
+        dev.read_at(b, o)
+    })
 }
 
 /// [`BlockDevice::write_vectored_at`]'s default: one `write_at` per buffer.
@@ -55,17 +67,9 @@ pub fn write_each<D: BlockDevice + ?Sized>(
     bufs: &[IoSlice<'_>],
     offset: u64,
 ) -> Result<()> {
-    crate::check_range(
-        offset,
-        total_len(bufs.iter().map(|b| b.len()), offset)?,
-        dev.virtual_size(),
-    )?;
-    let mut off = offset;
-    for b in bufs.iter().filter(|b| !b.is_empty()) {
-        dev.write_at(b, off)?;
-        off += b.len() as u64;
-    }
-    Ok(())
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    crate::check_range(offset, len, dev.virtual_size())?;
+    serve_each(bufs.iter().map(|b| &**b), offset, |b, o| dev.write_at(b, o))
 }
 
 /// [`Storage::read_vectored_exact_at`]'s default: one `read_exact_at` per buffer.
@@ -75,12 +79,9 @@ pub fn storage_read_each<S: Storage + ?Sized>(
     offset: u64,
 ) -> Result<()> {
     total_len(bufs.iter().map(|b| b.len()), offset)?;
-    let mut off = offset;
-    for b in bufs.iter_mut() {
-        s.read_exact_at(b, off)?;
-        off += b.len() as u64;
-    }
-    Ok(())
+    serve_each(bufs.iter_mut().map(|b| &mut **b), offset, |b, o| {
+        s.read_exact_at(b, o)
+    })
 }
 
 /// [`Storage::write_vectored_all_at`]'s default: one `write_all_at` per buffer.
@@ -90,10 +91,60 @@ pub fn storage_write_each<S: Storage + ?Sized>(
     offset: u64,
 ) -> Result<()> {
     total_len(bufs.iter().map(|b| b.len()), offset)?;
+    serve_each(bufs.iter().map(|b| &**b), offset, |b, o| {
+        s.write_all_at(b, o)
+    })
+}
+
+/// A buffer list `preadv(2)` fills or `pwritev(2)` writes: the one loop below serves both.
+trait IoList: Sized {
+    /// What a transfer of 0 bytes before the end means.
+    const AT_ZERO: std::io::ErrorKind;
+    /// One `preadv` / `pwritev` of `bufs` at `offset`.
+    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize>;
+    /// Drops `n` transferred bytes from the front of `bufs`.
+    fn advance(bufs: &mut &mut [Self], n: usize);
+}
+
+impl IoList for IoSliceMut<'_> {
+    const AT_ZERO: std::io::ErrorKind = std::io::ErrorKind::UnexpectedEof;
+    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize> {
+        rustix::io::preadv(file, bufs, offset)
+    }
+    fn advance(bufs: &mut &mut [Self], n: usize) {
+        IoSliceMut::advance_slices(bufs, n);
+    }
+}
+
+impl IoList for IoSlice<'_> {
+    const AT_ZERO: std::io::ErrorKind = std::io::ErrorKind::WriteZero;
+    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize> {
+        rustix::io::pwritev(file, bufs, offset)
+    }
+    fn advance(bufs: &mut &mut [Self], n: usize) {
+        IoSlice::advance_slices(bufs, n);
+    }
+}
+
+/// Transfers every buffer at `offset`, at most [`IOV_MAX`] per call, repeating after
+/// short transfers and `EINTR`.
+fn transfer_all<B: IoList>(
+    file: &std::fs::File,
+    mut bufs: &mut [B],
+    offset: u64,
+) -> std::io::Result<()> {
     let mut off = offset;
-    for b in bufs {
-        s.write_all_at(b, off)?;
-        off += b.len() as u64;
+    B::advance(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = bufs.len().min(IOV_MAX);
+        let got = match B::transfer(file, bufs.get_mut(..n).unwrap_or_default(), off) {
+            Ok(0) => return Err(B::AT_ZERO.into()),
+            Ok(k) => k,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        off += got as u64;
+        B::advance(&mut bufs, got);
     }
     Ok(())
 }
@@ -102,48 +153,20 @@ pub fn storage_write_each<S: Storage + ?Sized>(
 /// reads; the end of the file before the buffers are full is an error.
 pub(crate) fn preadv_exact(
     file: &std::fs::File,
-    mut bufs: &mut [IoSliceMut<'_>],
+    bufs: &mut [IoSliceMut<'_>],
     offset: u64,
 ) -> std::io::Result<()> {
-    let mut off = offset;
-    IoSliceMut::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        let n = bufs.len().min(IOV_MAX);
-        let chunk = bufs.get_mut(..n).unwrap_or_default();
-        let got = match rustix::io::preadv(file, chunk, off) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(k) => k,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        off += got as u64;
-        IoSliceMut::advance_slices(&mut bufs, got);
-    }
-    Ok(())
+    transfer_all(file, bufs, offset)
 }
 
 /// Writes every buffer to `file` at `offset` with `pwritev(2)`, repeating after short
 /// writes.
 pub(crate) fn pwritev_all(
     file: &std::fs::File,
-    mut bufs: &mut [IoSlice<'_>],
+    bufs: &mut [IoSlice<'_>],
     offset: u64,
 ) -> std::io::Result<()> {
-    let mut off = offset;
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        let n = bufs.len().min(IOV_MAX);
-        let chunk = bufs.get(..n).unwrap_or_default();
-        let put = match rustix::io::pwritev(file, chunk, off) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(k) => k,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        off += put as u64;
-        IoSlice::advance_slices(&mut bufs, put);
-    }
-    Ok(())
+    transfer_all(file, bufs, offset)
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 
 use std::sync::Mutex;
 
+use super::{MemStorage, Storage};
 use crate::error::{Error, Result};
-use crate::storage::{MemStorage, Storage};
 
 /// One mutating operation since the last flush.
 #[derive(Clone, Debug)]
