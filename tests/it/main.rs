@@ -13,6 +13,8 @@ mod create;
 mod differencing;
 mod formats;
 mod hostile;
+mod import_graph;
+mod import_parse;
 mod inspect;
 mod inspect_rules;
 mod policy;

@@ -145,5 +145,6 @@ fn a_corrupt_image_is_reported_with_its_offset() {
     let e = diskimg::blockio::Error::corrupt("vdi", "header truncated", 0x40);
     assert!(e.is_bad_image());
     assert_eq!(e.image_offset(), Some(0x40));
-    assert!(e.to_string().contains("0x40"), "{e}");
+    assert_eq!(e.to_string(), "header truncated");
+    assert!(e.located().contains("0x40"), "{}", e.located());
 }

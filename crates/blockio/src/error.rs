@@ -3,7 +3,6 @@
 //! See [`Error`] for what each variant means.
 
 use std::borrow::Cow;
-use std::fmt;
 
 /// Result alias used throughout diskimg.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -30,6 +29,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The remaining variants ([`Error::BackingDenied`], [`Error::ReadOnly`], [`Error::Locked`],
 /// [`Error::Closed`], [`Error::Key`]) name one situation each.
 ///
+/// An image error displays as its bare message (`what`, qemu's words where qemu has
+/// them, which the CLI prints unchanged); the format and the offset are fields, and
+/// [`Error::located`] spells all three out for a log line.
+///
 /// Format crates build errors through the constructors ([`Error::corrupt`],
 /// [`Error::not_format`], [`Error::internal`], [`Error::invalid`]) or, for an `Option` from a
 /// bounds-checked parse, through [`OrCorrupt`]. Messages are the words a person reads
@@ -49,7 +52,7 @@ pub enum Error {
     },
     /// The image contradicts its format's specification: a field out of range, a table
     /// pointing outside the file, a checksum that does not match, a structure cut short.
-    #[error("{format} image is corrupt: {what}{}", At(*offset))]
+    #[error("{what}")]
     Corrupt {
         /// Format name (`qcow2`, `vhdx`, …).
         format: &'static str,
@@ -61,7 +64,7 @@ pub enum Error {
     },
     /// The bytes are not an image of this format at all: its magic or signature is
     /// missing. Probing answers this before opening; an explicit `-f` meets it.
-    #[error("not a {format} image: {what} (at byte offset {offset:#x})")]
+    #[error("{what}")]
     NotThisFormat {
         /// The format that was asked for.
         format: &'static str,
@@ -136,18 +139,6 @@ pub enum Error {
     Key(Cow<'static, str>),
 }
 
-/// Displays " (at byte offset 0x…)" for a known offset, nothing otherwise.
-struct At(Option<u64>);
-
-impl fmt::Display for At {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(o) => write!(f, " (at byte offset {o:#x})"),
-            None => Ok(()),
-        }
-    }
-}
-
 impl Error {
     /// Wraps an I/O error with what diskimg was doing.
     pub fn io(context: impl Into<Cow<'static, str>>, source: std::io::Error) -> Self {
@@ -220,6 +211,29 @@ impl Error {
         matches!(self, Error::Corrupt { .. } | Error::NotThisFormat { .. })
     }
 
+    /// The message with, for an image error, its format and offset:
+    /// `vdi image is corrupt: header truncated (at byte offset 0x40)`. Other errors
+    /// read as their [`Display`](std::fmt::Display).
+    pub fn located(&self) -> String {
+        let at = |o: Option<u64>| {
+            o.map(|o| format!(" (at byte offset {o:#x})"))
+                .unwrap_or_default()
+        };
+        match self {
+            Error::Corrupt {
+                format,
+                what,
+                offset,
+            } => format!("{format} image is corrupt: {what}{}", at(*offset)),
+            Error::NotThisFormat {
+                format,
+                what,
+                offset,
+            } => format!("not a {format} image: {what}{}", at(Some(*offset))),
+            e => e.to_string(),
+        }
+    }
+
     /// The host offset an image error points at, if it has one.
     pub fn image_offset(&self) -> Option<u64> {
         match self {
@@ -263,13 +277,14 @@ mod tests {
     #[test]
     fn corrupt_names_format_and_offset_when_known() {
         let e = Error::corrupt("vdi", "bad block size", 0x180);
+        assert_eq!(e.to_string(), "bad block size");
         assert_eq!(
-            e.to_string(),
+            e.located(),
             "vdi image is corrupt: bad block size (at byte offset 0x180)"
         );
         assert_eq!(e.image_offset(), Some(0x180));
         let e = Error::corrupt_unplaced("vmdk", format!("extent {} missing", 2));
-        assert_eq!(e.to_string(), "vmdk image is corrupt: extent 2 missing");
+        assert_eq!(e.located(), "vmdk image is corrupt: extent 2 missing");
         assert_eq!(e.image_offset(), None);
         assert!(e.is_bad_image());
     }

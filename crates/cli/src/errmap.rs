@@ -45,8 +45,8 @@ pub(crate) fn message(e: &anyhow::Error) -> String {
 }
 
 /// One library error in the CLI's words. As qemu-img/qemu-io, a corrupt, foreign or
-/// unsupported image is reported by the bare reason; as `diskimg`, the format and the
-/// offending offset are kept.
+/// unsupported image is reported by the bare reason; as `diskimg`, with the format
+/// and the offending offset ([`diskimg::Error::located`]).
 fn words(e: &E) -> String {
     if crate::common::as_qemu() {
         match e {
@@ -56,7 +56,7 @@ fn words(e: &E) -> String {
             _ => {}
         }
     }
-    e.to_string()
+    e.located()
 }
 
 /// qemu's `strerror(-ret)` text for a library error: the errno qemu's block layer

@@ -29,6 +29,7 @@ mod json;
 mod map;
 mod measure;
 mod nodes;
+mod opening;
 mod rebase;
 mod resize;
 mod secrets;

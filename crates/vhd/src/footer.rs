@@ -4,10 +4,13 @@
 use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Result};
 
-use crate::FORMAT;
+/// qemu's name for the format.
+pub const FORMAT: &str = "vpc";
 
 /// Size of the footer (and of its copy at offset 0 in dynamic/differencing disks).
 pub const FOOTER_SIZE: usize = 512;
+/// [`FOOTER_SIZE`] as a file length (for the allocation arithmetic in `check`).
+pub(crate) const FOOTER_BYTES: u64 = FOOTER_SIZE as u64;
 /// The footer cookie ("Cookie" field).
 pub const COOKIE: &[u8; 8] = b"conectix";
 /// Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).

@@ -6,13 +6,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{BackingRef, Error, MetaRanges, OpenOptions, Result, Storage};
 
-use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice};
+use crate::footer::FORMAT;
 use crate::footer::{DiskType, FOOTER_SIZE, Footer, MAX_SECTORS, SizeCalc};
-use crate::header::{BLOCK_SIZE_AT, DynHeader, HEADER_SIZE, MAX_ENTRIES_AT, locator_areas};
-
-/// A BAT entry meaning "block not allocated".
-pub(crate) const UNALLOCATED: u32 = u32::MAX;
+use crate::header::{
+    BLOCK_SIZE_AT, DynHeader, HEADER_SIZE, MAX_ENTRIES_AT, UNALLOCATED, locator_areas,
+};
 
 /// Reads and validates the footer: the copy at offset 0, else the one at the end
 /// (which must then describe a fixed disk), as qemu does.

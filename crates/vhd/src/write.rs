@@ -9,10 +9,10 @@
 
 use diskimg_blockio::{BlockDevice, Error, Result, check_range};
 
-use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice, read_bitmap};
-use crate::footer::{DiskType, FOOTER_SIZE};
-use crate::open::UNALLOCATED;
+use crate::footer::FORMAT;
+use crate::footer::{DiskType, FOOTER_BYTES};
+use crate::header::UNALLOCATED;
 
 /// Sets the bits of sectors `first..last` (MSB first); returns whether any changed.
 fn set_bits(bm: &mut [u8], first: u64, last: u64) -> bool {
@@ -228,9 +228,6 @@ impl VhdDevice {
         Ok(())
     }
 }
-
-/// Bytes of a footer (for the allocation arithmetic in `check`).
-pub(crate) const FOOTER_BYTES: u64 = FOOTER_SIZE as u64;
 
 #[cfg(test)]
 mod tests {

@@ -156,7 +156,7 @@ pub(crate) fn read_current_header(storage: &dyn Storage) -> Result<(Header, usiz
     if !h.log_offset.is_multiple_of(MIB)
         || !u64::from(h.log_length).is_multiple_of(MIB)
         || h.log_offset < MIB
-        || h.log_offset > crate::bat::MAX_HOST_OFFSET
+        || h.log_offset > crate::format::MAX_HOST_OFFSET
     {
         return Err(Error::corrupt(
             FMT,
@@ -217,7 +217,7 @@ fn parse_region_table(buf: &[u8], at: u64, log: (u64, u64)) -> Result<Option<Reg
         if !r.offset.is_multiple_of(MIB)
             || !u64::from(r.length).is_multiple_of(MIB)
             || r.offset < MIB
-            || r.offset > crate::bat::MAX_HOST_OFFSET
+            || r.offset > crate::format::MAX_HOST_OFFSET
         {
             return Err(Error::corrupt(FMT, "region not aligned to 1 MiB", entry_at));
         }

@@ -287,6 +287,20 @@ pub(crate) fn replace_cid(text: &str, cid: u32) -> String {
     out
 }
 
+/// A random 32-bit value (for CIDs), from the standard library's random hasher keys.
+pub(crate) fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let v = h.finish();
+    u32::try_from(v >> 32).unwrap_or(0) ^ u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,8 +22,6 @@ use crate::sesparse::SeSparse;
 
 mod stream;
 
-pub(crate) use stream::DEFLATE_LEVEL;
-
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
 /// qemu's bound on the grain size in sectors (1 GiB).

@@ -13,12 +13,6 @@ use diskimg_blockio::{Error, Result};
 use super::{Grain, MARKER_LEN, SparseExtent};
 use crate::header::SECTOR;
 
-/// The deflate level of grains. qemu uses zlib's default (6); level 3 (zlib-rs's fast
-/// strategy) takes 30% less CPU for 1.7% more output on real images (ext4 image of
-/// /usr/share: 0.3836 against 0.3771 of the input; docs/benchmarks.md). Any zlib inflates
-/// the streams.
-pub(crate) const DEFLATE_LEVEL: u32 = 3;
-
 fn refused() -> Error {
     Error::invalid("Could not write to allocated cluster for streamOptimized")
 }
