@@ -204,19 +204,27 @@ fn walk(
         if !header_checksum_ok(&h) {
             return Err(Error::corrupt(
                 "tar",
-                format!("'{name}': bad tar header checksum"),
+                format!("'{name}': bad tar header checksum at offset {off}"),
                 off,
             ));
         }
         let size = size_field(h.get(124..136).unwrap_or_default()).ok_or_else(|| {
-            Error::corrupt("tar", format!("'{name}': bad tar size field"), off + 124)
+            Error::corrupt(
+                "tar",
+                format!("'{name}': bad tar size field at offset {off}"),
+                off + 124,
+            )
         })?;
         let data = off + 512;
         let next = size
             .checked_next_multiple_of(512)
             .and_then(|s| data.checked_add(s))
             .ok_or_else(|| {
-                Error::corrupt("tar", format!("'{name}': tar member too large"), off + 124)
+                Error::corrupt(
+                    "tar",
+                    format!("'{name}': tar member too large at offset {off}"),
+                    off + 124,
+                )
             })?;
         let flag = h.get(156).copied().unwrap_or(0);
         match flag {
@@ -226,7 +234,7 @@ fn walk(
                 if !read(&mut buf, data)? {
                     return Err(Error::corrupt(
                         "tar",
-                        format!("'{name}': truncated tar"),
+                        format!("'{name}': truncated tar at offset {data}"),
                         data,
                     ));
                 }

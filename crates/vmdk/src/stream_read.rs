@@ -127,7 +127,11 @@ impl ForwardStreamDevice {
     }
 
     fn err(&self, at: u64, what: impl std::fmt::Display) -> Error {
-        Error::corrupt("vmdk", format!("'{}': {what}", self.name), at)
+        Error::corrupt(
+            "vmdk",
+            format!("'{}': {what} (at offset {at})", self.name),
+            at,
+        )
     }
 
     /// Walks one more record (grain, table, directory, footer or end).
@@ -328,7 +332,7 @@ impl Walk {
                     let at = self.pos + n as u64;
                     return Err(Error::corrupt(
                         "vmdk",
-                        format!("'{name}': stream-optimized VMDK truncated"),
+                        format!("'{name}': stream-optimized VMDK truncated at offset {at}"),
                         at,
                     ));
                 }
