@@ -6,7 +6,7 @@ use diskimg_blockio::Limits;
 
 use crate::format::Format;
 
-/// What [`inspect`] is told.
+/// What [`inspect`](fn@crate::inspect) is told.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct InspectOptions {
@@ -135,7 +135,7 @@ pub struct Reference {
     pub detail: Option<String>,
 }
 
-/// Everything [`inspect`] found.
+/// Everything [`inspect`](fn@crate::inspect) found.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Report {
