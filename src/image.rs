@@ -50,6 +50,11 @@ pub struct ImageOptions {
     /// Let others write the files while we read them (qemu's `-U` / `force-share=on`):
     /// read-only opens only (a writable open with it is refused, as qemu refuses it).
     pub force_share: bool,
+    /// Read and write every file of the chain through this io_uring (qemu's
+    /// `aio=io_uring`; Linux): see [`ImageOptions::with_io_uring`]. `None` (the default):
+    /// positional system calls on the calling thread.
+    #[cfg(target_os = "linux")]
+    pub io_uring: Option<Arc<crate::blockio::Uring>>,
 }
 
 impl Default for ImageOptions {
@@ -66,6 +71,8 @@ impl Default for ImageOptions {
             metadata_only: false,
             locking: true,
             force_share: false,
+            #[cfg(target_os = "linux")]
+            io_uring: None,
         }
     }
 }
@@ -107,6 +114,18 @@ impl ImageOptions {
     pub fn with_secrets(mut self, secrets: Secrets) -> Self {
         self.secrets = secrets;
         self
+    }
+
+    /// Reads and writes every file of the chain through one new io_uring with `depth`
+    /// requests in flight at most ([`Uring`](crate::blockio::Uring)): blocking calls from
+    /// many threads share it, and [`AsyncDevice`](crate::blockio::AsyncDevice) puts many
+    /// reads of one thread in flight. Fails where the kernel has no io_uring.
+    #[cfg(target_os = "linux")]
+    pub fn with_io_uring(mut self, depth: usize) -> Result<Self> {
+        let ring = crate::blockio::Uring::new(depth)
+            .map_err(|e| Error::io("could not set up io_uring", e))?;
+        self.io_uring = Some(Arc::new(ring));
+        Ok(self)
     }
 
     /// Sets the cache mode (see [`ImageOptions::cache`]).
@@ -275,13 +294,15 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage: Arc<dyn Storage> = file;
+    let storage = crate::hostfile::on_ring(file, options);
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
         policy: options.policy,
         read_only,
         cache: options.cache,
+        #[cfg(target_os = "linux")]
+        io_uring: options.io_uring.clone(),
         defer_data_files: options.metadata_only,
         lock_mode,
         locks: locks.clone(),
@@ -290,7 +311,9 @@ fn open_inner(
         .read_only(read_only)
         .limits(options.limits)
         .files(files);
-    let backing_opts = backing_options(&driver_options);
+    let mut backing_opts = backing_options(&driver_options);
+    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
+    let backing_driver = backing_opts.take("driver");
     open_opts.driver_options = std::mem::take(&mut driver_options);
     open_opts.secrets = options.secrets.clone();
     let device = format.driver()?.open(storage, &open_opts)?;
@@ -351,7 +374,7 @@ fn open_backing(
     if bref.filename.is_empty() {
         return Ok(());
     }
-    let bformat = match bref.format.as_deref() {
+    let bformat = match backing_driver.as_deref().or(bref.format.as_deref()) {
         // qemu's wording for a backing format it has no driver for.
         Some(f) if !f.is_empty() => Some(Format::from_name(f).map_err(|_| {
             Error::invalid(format!("Could not open backing file: Unknown driver '{f}'"))
@@ -425,8 +448,8 @@ pub fn open_storage(
 /// Creates an image at `path` (overwriting it) of `size` bytes, rounded up to whole
 /// 512-byte sectors as qemu-img does for every format, with qemu-style `options`
 /// (`cluster_size`, `backing_file`, `backing_fmt`, `subformat`, …). The format crates'
-/// typed options (`diskimg_raw::RawCreateOptions`, `diskimg_vdi::VdiCreateOptions`, …)
-/// turn into such lists with their `to_options`.
+/// typed options (`diskimg_qcow2::Qcow2CreateOptions`, `diskimg_raw::RawCreateOptions`,
+/// `diskimg_vdi::VdiCreateOptions`, …) turn into such lists with their `to_options`.
 ///
 /// Without `size`, a `backing_file` option supplies it (the backing image is opened
 /// through `image_options.policy`). A backing file needs `backing_fmt`, as in qemu-img 10.
@@ -499,6 +522,8 @@ pub fn create(
         },
         read_only: false,
         cache: CacheMode::Writeback,
+        #[cfg(target_os = "linux")]
+        io_uring: None,
         defer_data_files: false,
         lock_mode,
         locks: HeldLocks::default(),

@@ -21,3 +21,4 @@ mod policy;
 mod probe;
 mod stress;
 mod taxonomy;
+mod uring;

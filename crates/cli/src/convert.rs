@@ -52,7 +52,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
         .transpose()?
         .unwrap_or_default();
     // An unknown output format is reported once progress has started, as qemu does.
-    let out_fmt = parse_format(&a.output_format);
+    let out_fmt = crate::common::parse_create_format(&a.output_format);
     if a.options.iter().any(|o| o == "help" || o == "?") {
         // As qemu: the protocol's options too once a target file is named.
         return print_help(out_fmt?, !a.files.is_empty());

@@ -88,7 +88,8 @@ pub(crate) fn parse_options(opts: &[String]) -> Result<OptionList> {
 
 pub(crate) fn run(mut a: Args) -> Result<i32> {
     let name = a.file.clone().unwrap_or_default();
-    let format = parse_format(&a.format).map_err(|e| anyhow!("{name}: {e}"))?;
+    let format =
+        crate::common::parse_create_format(&a.format).map_err(|e| anyhow!("{name}: {e}"))?;
     if a.options.iter().any(|o| o == "help" || o == "?") {
         return print_help(format, a.file.is_some());
     }
@@ -144,7 +145,7 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
         } else {
             // As qemu: the backing file is opened first (its metadata only), which names
             // the format it detected when none was given, and gives the size.
-            let full = full_backing_name(&file, b);
+            let full = full_backing_name(crate::names::host_path(&file), b);
             let (path, _, mut opts) = crate::secrets::resolve(&full, fmt)?;
             opts = opts
                 .with_policy(OpenPolicy::qemu_compatible())
@@ -178,7 +179,13 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
     let opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
-    diskimg::create(&file, format, Some(round_to_sector(size)?), options, &opts)
-        .map_err(|e| anyhow!("{}: {e}", file))?;
+    diskimg::create(
+        crate::names::host_path(&file),
+        format,
+        Some(round_to_sector(size)?),
+        options,
+        &opts,
+    )
+    .map_err(|e| anyhow!("{}: {e}", file))?;
     Ok(0)
 }

@@ -20,8 +20,9 @@ use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
 
-use crate::io::blkdebug::Rule as BlkdebugRule;
-use crate::nodes::{DeviceStorage, NullDevice};
+use crate::io::blkdebug::{Limits as BlkdebugLimits, Rule as BlkdebugRule};
+use crate::io::filter::Filtered;
+use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
 /// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
 fn double_quotes(text: &str) -> String {
@@ -142,6 +143,10 @@ pub(crate) struct Resolved {
     /// Error-injection rules of a `blkdebug` node above the format (qemu-io applies
     /// them; see [`crate::io::blkdebug`]).
     pub(crate) blkdebug: Vec<BlkdebugRule>,
+    /// Request limits of that blkdebug node (how zero writes are split).
+    pub(crate) blkdebug_limits: BlkdebugLimits,
+    /// The raw format's `offset` and `size` options: a window into the file.
+    pub(crate) raw_window: Option<(u64, Option<u64>)>,
 }
 
 /// Keys of qemu's generic block layer that change nothing here.
@@ -215,7 +220,7 @@ fn blkdebug_name(name: &str) -> Result<(String, Vec<BlkdebugRule>)> {
     Ok((file.to_string(), config_rules(config)?))
 }
 
-/// Keys of a blkdebug node that only tune its request limits (ignored here).
+/// Keys of a blkdebug node that set its request limits (see [`BlkdebugLimits`]).
 const BLKDEBUG_LIMITS: &[&str] = &[
     "align",
     "max-transfer",
@@ -230,7 +235,11 @@ const BLKDEBUG_LIMITS: &[&str] = &[
 fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<BlkdebugRule>)> {
     let mut rules = crate::io::blkdebug::option_rules(o)?;
     rules.extend(config_rules(o.get("config").unwrap_or(""))?);
-    let (path, more) = match (o.get("image.filename"), o.get("image"), name) {
+    // The image: a file, or a format on a file (`image.file.filename`).
+    let file = o
+        .get("image.filename")
+        .or_else(|| o.get("image.file.filename"));
+    let (path, more) = match (file, o.get("image"), name) {
         (Some(f), _, _) | (None, Some(f), _) => (f.to_string(), Vec::new()),
         (None, None, Some(n)) if n.starts_with("blkdebug:") => blkdebug_name(n)?,
         (None, None, Some(n)) => (n.to_string(), Vec::new()),
@@ -247,6 +256,20 @@ fn below_format(rules: Vec<BlkdebugRule>) -> Result<()> {
         bail!("blkdebug error injection below a format is not supported by diskimg");
     }
     Ok(())
+}
+
+/// Takes the raw format's `offset`/`size` options (qemu's "raw" driver).
+fn raw_window(o: &mut OptionList) -> Result<Option<(u64, Option<u64>)>> {
+    let num = |k: &str, v: Option<String>| -> Result<Option<u64>> {
+        v.map(|v| {
+            diskimg::parse_size(&v)
+                .map_err(|_| anyhow!("Parameter '{k}' expects a non-negative number below 2^64"))
+        })
+        .transpose()
+    };
+    let offset = num("offset", o.take("offset"))?;
+    let size = num("size", o.take("size"))?;
+    Ok((offset.is_some() || size.is_some()).then(|| (offset.unwrap_or(0), size)))
 }
 
 fn format_named(d: &str) -> Result<Format> {
@@ -289,6 +312,8 @@ pub(crate) fn resolve(
             .transpose()?,
         driver_options: OptionList::new(),
         blkdebug: Vec::new(),
+        blkdebug_limits: BlkdebugLimits::default(),
+        raw_window: None,
     };
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
         if let Some(v) = o.get(k) {
@@ -302,6 +327,8 @@ pub(crate) fn resolve(
             let size = o.take("size").unwrap_or_else(|| "1073741824".into());
             let size = diskimg::parse_size(&size).map_err(|e| anyhow!("{e}"))?;
             r.node = Node::Null(size);
+            // Named, never probed (no raw probing warning).
+            r.format = Some(Format::Raw);
             r.path = "null-co://".into();
             return Ok(r);
         }
@@ -317,6 +344,7 @@ pub(crate) fn resolve(
             let (path, rules) = blkdebug_node(&o, name)?;
             r.path = path;
             r.blkdebug = rules;
+            r.blkdebug_limits = BlkdebugLimits::from_options(&o)?;
             // Over a protocol node (or an image opened as raw) blkdebug is over the
             // file's bytes.
             r.format = match o.get("image.driver") {
@@ -330,9 +358,13 @@ pub(crate) fn resolve(
             }
             drop_subtree(&mut o, "image");
             drop_subtree(&mut o, "inject-error");
+            drop_subtree(&mut o, "set-state");
         }
         Some(d) => r.format = Some(format_named(d)?),
         None => {}
+    }
+    if driver.as_deref() == Some("raw") {
+        r.raw_window = raw_window(&mut o)?;
     }
     if r.path.is_empty() {
         r.path = match file_driver.as_deref() {
@@ -389,11 +421,20 @@ pub(crate) fn is_spec(arg: &str) -> bool {
     arg.starts_with("json:") || arg.starts_with("blkdebug:")
 }
 
-/// Opens a `json:`/`blkdebug:` argument of a qemu-img verb (see [`is_spec`]) with `base`
+/// True for a specification ([`is_spec`]) or an `--image-opts` option string.
+pub(crate) fn is_spec_or_opts(arg: &str) -> bool {
+    is_spec(arg) || (crate::secrets::image_opts() && arg.contains('='))
+}
+
+/// Opens a `json:`/`blkdebug:`/`--image-opts` argument of a qemu-img verb (see
+/// [`is_spec_or_opts`]) with `base`
 /// options (secrets, policy, read-only).
 pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) -> Result<Image> {
     let (dict, name) = if arg.starts_with("json:") {
         (flatten_json(arg)?, None)
+    } else if !is_spec(arg) {
+        // An `--image-opts` option string.
+        (OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?, None)
     } else {
         (OptionList::new(), Some(arg))
     };
@@ -447,6 +488,11 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         check_protocol(p, &r.path, ro)?;
     }
     for (k, v) in r.driver_options.entries() {
+        // A metadata-only open (qemu-img info) decrypts nothing: the secrets named need
+        // not exist, as in qemu.
+        if opts.metadata_only && k.ends_with("key-secret") {
+            continue;
+        }
         opts.driver_options.set(k, v);
     }
     opts.open_backing &= r.open_backing;
@@ -454,7 +500,12 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         opts.locking = l;
     }
     opts.force_share |= r.force_share == Some(true);
-    Ok(diskimg::open(&r.path, r.format, &opts)?)
+    let mut img = diskimg::open(&r.path, r.format, &opts)?;
+    if let Some((offset, size)) = r.raw_window {
+        let window = RawWindow::new(img.device.clone(), offset, size)?;
+        img.device = Arc::new(Filtered(window));
+    }
+    Ok(img)
 }
 
 #[cfg(test)]

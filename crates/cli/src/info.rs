@@ -31,6 +31,8 @@ struct Entry<'a> {
     img: &'a Image,
     /// The name shown as "image:"/"filename".
     name: String,
+    /// The name its backing file name is relative to.
+    base: String,
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
@@ -40,18 +42,27 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // As qemu-img info: encrypted images open without their key (metadata only).
     crate::secrets::set_metadata_only();
     let img = open_image(&a.file, format, true, a.backing_chain)?;
+    let name = crate::names::shown(&a.file, crate::secrets::image_opts());
+    // A name qemu cannot reconstruct (`json:{…}`) still has the file's directory.
+    let base = if name.starts_with("json:") {
+        img.path.to_string_lossy().into_owned()
+    } else {
+        name.clone()
+    };
     let mut entries = vec![Entry {
         img: &img,
-        name: a.file.clone(),
+        name,
+        base,
     }];
     if a.backing_chain {
         let mut cur = &img;
-        let mut name = a.file.clone();
+        let mut name = entries.first().map(|e| e.base.clone()).unwrap_or_default();
         while let Some(b) = cur.backing.as_deref() {
             name = full_backing_name(&name, &b.filename);
             entries.push(Entry {
                 img: b,
                 name: name.clone(),
+                base: name.clone(),
             });
             cur = b;
         }
@@ -83,7 +94,7 @@ fn to_json(e: &Entry<'_>) -> Value {
     let mut child = Map::new();
     child.insert("children".into(), json!([]));
     child.insert("virtual-size".into(), json!(file_len(e.img)));
-    child.insert("filename".into(), json!(e.name));
+    child.insert("filename".into(), json!(e.base));
     child.insert("format".into(), json!("file"));
     if let Some(a) = actual {
         child.insert("actual-size".into(), json!(a));
@@ -140,9 +151,10 @@ fn to_json(e: &Entry<'_>) -> Value {
         m.insert("actual-size".into(), json!(a));
     }
     if let Some((ty, data)) = &info.format_specific {
+        let data = extent_paths(data, &e.base);
         m.insert(
             "format-specific".into(),
-            json!({"type": ty, "data": Value::Object(info_map(data))}),
+            json!({"type": ty, "data": Value::Object(info_map(&data))}),
         );
     }
     if info.encrypted {
@@ -151,7 +163,7 @@ fn to_json(e: &Entry<'_>) -> Value {
     if let Some(b) = backing {
         m.insert(
             "full-backing-filename".into(),
-            json!(full_backing_name(&e.name, &b.filename)),
+            json!(full_backing_name(&e.base, &b.filename)),
         );
         m.insert("backing-filename".into(), json!(b.filename));
     }
@@ -181,7 +193,7 @@ fn human(e: &Entry<'_>) -> String {
         s.push_str("cleanly shut down: no\n");
     }
     if let Some(b) = info.backing.as_ref().filter(|b| !b.filename.is_empty()) {
-        let full = full_backing_name(&e.name, &b.filename);
+        let full = full_backing_name(&e.base, &b.filename);
         s.push_str(&format!("backing file: {}", b.filename));
         if full != b.filename {
             s.push_str(&format!(" (actual path: {full})"));
@@ -197,15 +209,45 @@ fn human(e: &Entry<'_>) -> String {
     }
     if let Some((_, data)) = &info.format_specific {
         s.push_str("Format specific information:\n");
-        dump_map(data, 1, &mut s);
+        dump_map(&extent_paths(data, &e.base), 1, &mut s);
     }
     s.push_str(&format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {disk}\n",
-        e.name,
+        e.base,
         human_size(file_len(e.img)),
         file_len(e.img)
     ));
     s
+}
+
+/// The `filename`s of a vmdk's `extents` as qemu shows them: relative names joined to
+/// the directory of the descriptor (`base`), as they are opened.
+fn extent_paths(data: &[(String, InfoValue)], base: &str) -> Vec<(String, InfoValue)> {
+    let join = |m: &[(String, InfoValue)]| -> Vec<(String, InfoValue)> {
+        m.iter()
+            .map(|(k, v)| match v {
+                InfoValue::Str(f) if k == "filename" && !f.is_empty() => {
+                    (k.clone(), InfoValue::Str(full_backing_name(base, f)))
+                }
+                _ => (k.clone(), v.clone()),
+            })
+            .collect()
+    };
+    data.iter()
+        .map(|(k, v)| match v {
+            InfoValue::List(items) if k == "extents" => {
+                let items = items
+                    .iter()
+                    .map(|x| match x {
+                        InfoValue::Map(m) => InfoValue::Map(join(m)),
+                        other => other.clone(),
+                    })
+                    .collect();
+                (k.clone(), InfoValue::List(items))
+            }
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
 }
 
 fn pad(level: usize) -> String {

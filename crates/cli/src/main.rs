@@ -28,6 +28,7 @@ mod io;
 mod json;
 mod map;
 mod measure;
+mod names;
 mod nodes;
 mod opening;
 mod rebase;

@@ -104,6 +104,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
         o.write_all(b"]\n")?;
     } else {
+        // The file the data is in: a specification names it inside.
+        let top = if crate::imgspec::is_spec_or_opts(&a.file) {
+            img.path.to_string_lossy().into_owned()
+        } else {
+            crate::names::shown(&a.file, false)
+        };
         writeln!(o, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to")?;
         for e in entries {
             let e = e?;
@@ -118,7 +124,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                     hex(e.start),
                     hex(e.length),
                     hex(off),
-                    entry_file(&img, &a.file, &e)
+                    entry_file(&img, &top, &e)
                 )?;
             }
         }

@@ -101,3 +101,80 @@ impl Storage for DeviceStorage {
         self.dev.write_zeroes(offset, len, ZeroFlags::default())
     }
 }
+
+/// qemu's raw format with `offset`/`size` options: the guest sees `size` bytes of
+/// `inner` from `offset` on (a partition inside a file); requests past the window fail.
+#[derive(Debug)]
+pub(crate) struct RawWindow {
+    inner: Arc<dyn BlockDevice>,
+    offset: u64,
+    size: u64,
+}
+
+impl RawWindow {
+    /// The window `offset..offset+size` of `inner` (`size`: to its end when `None`), as
+    /// qemu checks it (`offset`/`size` must lie inside the file).
+    pub(crate) fn new(
+        inner: Arc<dyn BlockDevice>,
+        offset: u64,
+        size: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let len = inner.virtual_size();
+        if offset > len {
+            anyhow::bail!(
+                "The sum of offset ({offset}) and size (0) has to be smaller or equal to the  actual size of the containing file ({len})"
+            );
+        }
+        let size = size.unwrap_or(len - offset);
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            anyhow::bail!(
+                "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({len})"
+            );
+        }
+        Ok(Self {
+            inner,
+            offset,
+            size,
+        })
+    }
+
+    /// The inner offset of a request of `len` bytes at `offset`, when inside the window.
+    fn at(&self, offset: u64, len: u64) -> Result<u64> {
+        check_range(offset, len, self.size)?;
+        Ok(self.offset + offset)
+    }
+}
+
+impl crate::io::filter::Filter for RawWindow {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+    fn info(&self) -> DeviceInfo {
+        let mut i = self.inner.info();
+        i.virtual_size = self.size;
+        i
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let e = self.inner.map(self.at(offset, len)?, len)?;
+        Ok(Extent {
+            offset: e.offset - self.offset,
+            len: e.len.min(len),
+            kind: e.kind,
+        })
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, self.at(offset, buf.len() as u64)?)
+    }
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_at(buf, self.at(offset, buf.len() as u64)?)
+    }
+    fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported("raw", "compressed writes"))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(self.at(offset, len)?, len, flags)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(self.at(offset, len)?, len)
+    }
+}

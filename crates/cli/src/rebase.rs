@@ -50,7 +50,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let backing = a.backing.clone().unwrap_or_default();
     let format = opt_format(a.format.as_deref(), &a.file)?;
     if let Some(f) = &a.backing_format {
-        parse_format(f)?;
+        if a.unsafe_ {
+            crate::common::check_backing_format_name(f)?;
+        } else {
+            parse_format(f)?;
+        }
     }
     // Secrets and --image-opts apply as on every verb.
     let (path, format, opts) = crate::secrets::resolve(&a.file, format)?;

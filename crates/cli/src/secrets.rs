@@ -133,6 +133,11 @@ pub(crate) fn secrets() -> Secrets {
     state().secrets.clone()
 }
 
+/// True with `--image-opts`: image arguments are option strings.
+pub(crate) fn image_opts() -> bool {
+    state().image_opts
+}
+
 /// Makes following opens of encrypted images without a key succeed for metadata only
 /// (`info`, as qemu's `BDRV_O_NO_IO`); external data files are not opened.
 pub(crate) fn set_metadata_only() {
@@ -159,7 +164,7 @@ pub(crate) fn resolve(
         }
     }
     if !s.image_opts || !arg.contains('=') {
-        return Ok((arg.to_string(), format, opts));
+        return Ok((crate::names::host_path(arg).to_string(), format, opts));
     }
     drop(s);
     let mut o = OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?;

@@ -8,27 +8,23 @@
 //!   *guest* offset / 512. Insecure; supported for compatibility, with a warning.
 //!
 //! The key comes from the driver option `encrypt.key-secret=ID` looked up in
-//! [`OpenOptions::secrets`], as in qemu. Secret material never reaches an error message.
+//! [`OpenOptions::secrets`](diskimg_blockio::OpenOptions::secrets), as in qemu. Secret material never reaches an error message.
 
 use std::sync::Mutex;
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, InfoValue, OpenOptions, Result, Storage};
+use diskimg_blockio::{Error, InfoValue, Result, Secrets, Storage};
 use zeroize::Zeroizing;
 
 use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
-use crate::header::Header;
-use crate::meta::read_host;
+use crate::disk::header::Header;
+use crate::engine::meta::read_host;
+use crate::open_options::Qcow2OpenOptions;
 
 /// `crypt_method` for legacy AES.
 pub(crate) const CRYPT_AES: u32 = 1;
 /// `crypt_method` for LUKS.
 pub(crate) const CRYPT_LUKS: u32 = 2;
-/// The driver option naming the secret that holds the passphrase (qemu's name).
-pub const KEY_SECRET_OPTION: &str = "encrypt.key-secret";
-/// Driver option (diskimg's own): open an encrypted image without a key for metadata
-/// only (`info`, as qemu's `BDRV_O_NO_IO`); every data read or write then fails.
-pub const NO_IO_OPTION: &str = "encrypt.no-io";
 
 const SECTOR: u64 = 512;
 
@@ -59,7 +55,12 @@ fn idx(v: u64) -> Result<usize> {
 
 impl Encryption {
     /// Unlocks the image described by `h` on `file`; `None` for unencrypted images.
-    pub(crate) fn open(file: &dyn Storage, h: &Header, opts: &OpenOptions) -> Result<Option<Self>> {
+    pub(crate) fn open(
+        file: &dyn Storage,
+        h: &Header,
+        q: &Qcow2OpenOptions,
+        secrets: &Secrets,
+    ) -> Result<Option<Self>> {
         if h.crypt_method == 0 {
             return Ok(None);
         }
@@ -84,8 +85,8 @@ impl Encryption {
         } else {
             None
         };
-        let id = opts.driver_options.get(KEY_SECRET_OPTION);
-        let no_io = opts.driver_options.get(NO_IO_OPTION) == Some("on");
+        let id = q.key_secret.as_deref();
+        let no_io = q.no_io;
         let Some(id) = id else {
             if no_io {
                 return Ok(Some(Self {
@@ -99,7 +100,7 @@ impl Encryption {
                 "Parameter 'encrypt.key-secret' is required for cipher".into(),
             ));
         };
-        let pass = opts.secrets.require(id)?;
+        let pass = secrets.require(id)?;
         let mut master_key = None;
         let cipher = match &header {
             Some((hdr, off, len)) => {

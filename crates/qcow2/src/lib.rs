@@ -15,6 +15,12 @@
 //!   [`Qcow2Device::amend`] (compat, lazy_refcounts, size), [`MeasureTarget`] (measure)
 //!   and [`edit_bitmaps`] (persistent bitmaps: add, remove, clear, enable, disable).
 //!
+//! - Typed options: [`Qcow2CreateOptions`] (a builder of every create option, with
+//!   [`Qcow2CreateOptions::take`] the one adapter from qemu-img's `-o` strings that
+//!   create, measure and amend share) and [`Qcow2OpenOptions`] (the driver options
+//!   `check`, `x-bitmap-edit`, `encrypt.*`, `snapshot.*` as fields;
+//!   [`Qcow2Device::open_with`]).
+//!
 //! - Persistent dirty bitmaps track guest writes while the image is open read-write
 //!   (marked `in_use` on disk, stored on [`Qcow2Device::close`] or drop), as in qemu.
 //!
@@ -90,39 +96,28 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
-mod amend;
-mod bitmap;
+mod blockdev;
 mod capability;
-mod check;
-mod check_copied;
-mod compress;
 mod compressed_write;
 mod create;
 mod device;
-mod dirty;
-mod encrypt_create;
+mod disk;
 mod encryption;
-mod ext;
-mod header;
-mod keyslots;
-mod maint;
-mod measure;
-mod meta;
+mod engine;
+mod features;
 mod offload;
-mod rebuild;
-mod refcount;
-mod reserve;
-mod resize;
-mod snapshot;
-mod snapshot_ops;
-mod table;
+mod open;
+mod open_options;
+mod read;
+mod tracked;
 mod write;
 
-pub use bitmap::{edit_bitmaps, read_bitmap};
+pub use create::measure::{MeasureTarget, Measurement, bitmaps_size};
+pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
 pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
-pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
-pub use measure::{MeasureTarget, Measurement, bitmaps_size};
+pub use features::bitmap::{edit_bitmaps, read_bitmap};
+pub use open_options::{KEY_SECRET_OPTION, NO_IO_OPTION, Qcow2OpenOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;
@@ -149,7 +144,7 @@ impl Driver for Qcow2Driver {
             return 0;
         }
         match (b.be_u32(0), b.be_u32(4)) {
-            (Some(header::MAGIC), Some(2 | 3)) => 100,
+            (Some(disk::header::MAGIC), Some(2 | 3)) => 100,
             _ => 0,
         }
     }
@@ -162,8 +157,11 @@ impl Driver for Qcow2Driver {
         Ok(Arc::new(Qcow2Device::open(storage, options)?))
     }
 
+    /// [`Qcow2CreateOptions::take`] from `request.options` (a `size` there is dropped:
+    /// `request.size` is the size), then [`Qcow2CreateOptions::create`].
     fn create(&self, storage: Arc<dyn Storage>, request: &mut CreateRequest) -> Result<()> {
-        create::create(storage, request)
+        request.options.take("size");
+        Qcow2CreateOptions::take(&mut request.options)?.create(storage, request)
     }
 
     fn create_options(&self) -> &'static [CreateOptionSpec] {

@@ -19,6 +19,10 @@ use crate::common::open_resolved;
 
 /// Opens a `convert` source: one pass for streams (no read to the end first).
 pub(super) fn open_source(name: &str, format: Option<Format>, cache: CacheMode) -> Result<Image> {
+    // qemu's `json:{…}` names (a null-co device, nested formats, …).
+    if crate::imgspec::is_spec(name) {
+        return crate::common::open_image(name, format, true, true);
+    }
     match crate::source::open_special(name, format, false)? {
         Some(img) => Ok(img),
         None => {

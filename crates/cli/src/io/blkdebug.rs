@@ -7,15 +7,17 @@
 //! request; a `once` rule is dropped after it fired. The events raised here are the
 //! generic block layer's on the blkdebug node itself: `cor_write` (a copy-on-read write,
 //! raised by [`super::layers::CopyOnRead`]). Rules on other events (the format drivers'
-//! internal ones such as `l1_update`), `state` conditions and `[set-state]` sections are
-//! refused with a message, never silently ignored.
+//! internal ones such as `l1_update`) and `state` conditions are refused with a message,
+//! never silently ignored. `[set-state]` rules are accepted and have no effect: the
+//! state only matters to rules with a `state` condition, which are refused.
 
-use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result as AnyResult, anyhow, bail};
-use diskimg::blockio::{CheckReport, DeviceInfo, Extent, Preallocation, RepairMode, ZeroFlags};
-use diskimg::{BlockDevice, OptionList, Result, Storage};
+use diskimg::blockio::ZeroFlags;
+use diskimg::{BlockDevice, OptionList, Result};
+
+use super::filter::Filter;
 
 /// The events diskimg raises.
 const EVENTS: &[&str] = &["cor_write"];
@@ -134,8 +136,11 @@ pub(crate) fn parse_config(text: &str) -> AnyResult<Vec<Rule>> {
     }
     let mut rules = Vec::new();
     for (name, keys) in sections {
-        if name != "inject-error" {
-            bail!("blkdebug [{name}] rules are not supported by diskimg");
+        match name.as_str() {
+            "inject-error" => {}
+            // Unobservable without `state` conditions (see the module docs).
+            "set-state" => continue,
+            _ => bail!("blkdebug [{name}] rules are not supported by diskimg"),
         }
         let get = |k: &str| {
             keys.iter()
@@ -151,9 +156,6 @@ pub(crate) fn parse_config(text: &str) -> AnyResult<Vec<Rule>> {
 
 /// The `inject-error.N.*` rules of a blkdebug node's options (`o` relative to it).
 pub(crate) fn option_rules(o: &OptionList) -> AnyResult<Vec<Rule>> {
-    if o.entries().iter().any(|(k, _)| k.starts_with("set-state")) {
-        bail!("blkdebug set-state rules are not supported by diskimg");
-    }
     let mut rules = Vec::new();
     for i in 0.. {
         let p = format!("inject-error.{i}.");
@@ -178,22 +180,59 @@ struct State {
     active: Vec<usize>,
 }
 
-/// A blkdebug node over `inner`.
+/// A blkdebug node's request limits (`align`, `max-transfer`, `opt-write-zero`,
+/// `max-write-zero`; 0: none), which decide how qemu's block layer splits zero writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    align: u64,
+    max_transfer: u64,
+    opt_write_zero: u64,
+    max_write_zero: u64,
+}
+
+impl Limits {
+    /// The limits of a blkdebug node's options (`o` relative to it).
+    pub(crate) fn from_options(o: &OptionList) -> AnyResult<Limits> {
+        let get = |k: &str| -> AnyResult<u64> {
+            o.get(k).map_or(Ok(0), |v| {
+                diskimg::parse_size(v).map_err(|_| anyhow!("Parameter '{k}' expects a size"))
+            })
+        };
+        Ok(Limits {
+            align: get("align")?,
+            max_transfer: get("max-transfer")?,
+            opt_write_zero: get("opt-write-zero")?,
+            max_write_zero: get("max-write-zero")?,
+        })
+    }
+
+    /// True when no limit is set.
+    pub(crate) fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
+/// qemu's bounce-buffer bound for zero writes that fall back to writes.
+const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
+
+/// A blkdebug node over `inner` (its block device is `Filtered<Blkdebug>`).
 #[derive(Debug)]
 pub(super) struct Blkdebug {
     inner: Arc<dyn BlockDevice>,
     state: Mutex<State>,
+    limits: Limits,
 }
 
 impl Blkdebug {
-    /// Wraps `inner` with `rules`.
-    pub(super) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>) -> Self {
+    /// Wraps `inner` with `rules` and request `limits`.
+    pub(super) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>, limits: Limits) -> Self {
         Self {
             inner,
             state: Mutex::new(State {
                 rules,
                 active: Vec::new(),
             }),
+            limits,
         }
     }
 
@@ -234,23 +273,74 @@ impl Blkdebug {
         }
         Err(std::io::Error::from_raw_os_error(rule.errno).into())
     }
+
+    /// One piece of a split zero write: blkdebug passes pieces of at least its zero
+    /// alignment on; smaller ones fall back to writes of zeroes, as in qemu (which is how
+    /// its tests exercise the fallback).
+    fn zero_piece(&self, offset: u64, len: u64, align: u64, flags: ZeroFlags) -> Result<u64> {
+        if len >= align {
+            self.check(offset, len, IoType::WriteZeroes)?;
+            self.inner.write_zeroes(offset, len, flags)?;
+            return Ok(len);
+        }
+        let max_transfer = match self.limits.max_transfer {
+            0 => MAX_BOUNCE_BUFFER,
+            m => m.min(MAX_BOUNCE_BUFFER),
+        };
+        let n = len.min(max_transfer);
+        let zeroes = vec![0u8; usize::try_from(n).unwrap_or(0)];
+        self.check(offset, n, IoType::Write)?;
+        self.inner.write_at(&zeroes, offset)?;
+        Ok(n)
+    }
 }
 
-impl BlockDevice for Blkdebug {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
+impl Filter for Blkdebug {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64, IoType::Read)?;
         self.inner.read_at(buf, offset)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64, IoType::Write)?;
         self.inner.write_at(buf, offset)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.check(offset, len, IoType::WriteZeroes)?;
-        self.inner.write_zeroes(offset, len, flags)
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64, IoType::Write)?;
+        self.inner.write_compressed(buf, offset)
+    }
+    /// Splits as qemu's `bdrv_co_do_pwrite_zeroes` does for this node's limits: a head
+    /// up to the zero alignment, the aligned bulk in pieces of at most `max-write-zero`
+    /// (rounded down to the alignment), then the tail.
+    fn write_zeroes(&self, mut offset: u64, mut len: u64, flags: ZeroFlags) -> Result<()> {
+        let align = self.limits.align.max(self.limits.opt_write_zero).max(1);
+        let max = match self.limits.max_write_zero {
+            0 => u64::MAX / 2,
+            m => m,
+        };
+        let max = (max - max % align).max(align);
+        let max_transfer = match self.limits.max_transfer {
+            0 => MAX_BOUNCE_BUFFER,
+            m => m.min(MAX_BOUNCE_BUFFER),
+        };
+        let mut head = offset % align;
+        let tail = offset.saturating_add(len) % align;
+        while len > 0 {
+            let mut num = len;
+            if head > 0 {
+                num = len.min(max_transfer).min(align - head);
+                head = (head + num) % align;
+            } else if tail > 0 && num > align {
+                num -= tail;
+            }
+            num = num.min(max);
+            let done = self.zero_piece(offset, num, align, flags)?;
+            offset += done;
+            len -= done;
+        }
+        Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, IoType::Discard)?;
@@ -259,37 +349,6 @@ impl BlockDevice for Blkdebug {
     fn flush(&self) -> Result<()> {
         self.check(0, 0, IoType::Flush)?;
         self.inner.flush()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.map(offset, len)
-    }
-    fn compressed_write_granularity(&self) -> Option<u64> {
-        self.inner.compressed_write_granularity()
-    }
-    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check(offset, buf.len() as u64, IoType::Write)?;
-        self.inner.write_compressed(buf, offset)
-    }
-    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
-        self.inner.set_backing(backing)
-    }
-    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.inner.backing_device()
-    }
-    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
-        self.inner.resize(new_size, prealloc, shrink)
-    }
-    fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        self.inner.check(repair)
-    }
-    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
-        None
-    }
-    fn as_any(&self) -> &dyn Any {
-        self.inner.as_any()
     }
 }
 
@@ -303,7 +362,11 @@ mod tests {
             "[inject-error]\nevent = \"cor_write\"\nsector = \"2048\"\nonce = \"on\"\n",
         )
         .unwrap();
-        let dev = Blkdebug::new(Arc::new(crate::nodes::NullDevice::new(4 << 20)), rules);
+        let dev = super::super::filter::Filtered(Blkdebug::new(
+            Arc::new(crate::nodes::NullDevice::new(4 << 20)),
+            rules,
+            Limits::default(),
+        ));
         let mut buf = vec![0u8; 4096];
         // Not active before the event.
         dev.read_at(&mut buf, 1 << 20).unwrap();
@@ -319,7 +382,6 @@ mod tests {
     fn unsupported_rules_are_refused() {
         for text in [
             "[inject-error]\nevent = \"l1_update\"\n",
-            "[set-state]\nevent = \"cor_write\"\nnew_state = \"2\"\n",
             "[inject-error]\nevent = \"cor_write\"\nstate = \"1\"\n",
         ] {
             let e = parse_config(text).unwrap_err().to_string();
@@ -329,7 +391,12 @@ mod tests {
         o.set("inject-error.0.event", "cor_write");
         o.set("inject-error.0.errno", "28");
         assert_eq!(option_rules(&o).unwrap().len(), 1);
+        o.set("set-state.0.event", "read_aio");
+        o.set("set-state.0.new_state", "42");
+        assert_eq!(option_rules(&o).unwrap().len(), 1);
         o.set("inject-error.1.event", "write_aio");
         assert!(option_rules(&o).is_err());
+        let set_state = "[set-state]\nevent = \"read_aio\"\nnew_state = \"2\"\n";
+        assert!(parse_config(set_state).unwrap().is_empty());
     }
 }

@@ -2,17 +2,14 @@
 //! the writes (the image itself is only read), and a copy-on-read layer that writes
 //! what a read fetched from the backing chain into the top image.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use diskimg::blockio::{
-    Amend, Bitmaps, ChainLink, CheckReport, DeviceInfo, Extent, ExtentKind, InfoValue,
-    Preallocation, RepairMode, Snapshots, ZeroFlags,
-};
+use diskimg::blockio::{DeviceInfo, ExtentKind, InfoValue, ZeroFlags};
 
 use super::blkdebug::Blkdebug;
-use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList, Result, Storage};
+use super::filter::{Filter, Filtered};
+use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList, Result};
 
 /// A qcow2 overlay in an unlinked temporary file with `img` as its backing device (qemu's
 /// `BDRV_O_SNAPSHOT`): writes land in the overlay and vanish with it.
@@ -36,12 +33,13 @@ pub(super) fn snapshot_overlay(img: &Image) -> anyhow::Result<Arc<dyn BlockDevic
 
 /// Copy-on-read (qemu's `-C` / `copy-on-read` filter): before a read, the clusters of the
 /// range that the top image leaves to its backing chain are copied into it (zeroes as
-/// zero writes), so the data is read from the top image from then on.
+/// zero writes), so the data is read from the top image from then on (its block device
+/// is `Filtered<CopyOnRead>`).
 #[derive(Debug)]
 pub(super) struct CopyOnRead {
     inner: Arc<dyn BlockDevice>,
     /// The blkdebug node `inner` is (qemu raises `cor_write` on it), if any.
-    debug: Option<Arc<Blkdebug>>,
+    debug: Option<Arc<Filtered<Blkdebug>>>,
 }
 
 /// The granularity qemu copies in: the subcluster with extended L2 entries, else the
@@ -61,7 +59,7 @@ fn copy_unit(info: &DeviceInfo) -> u64 {
 
 impl CopyOnRead {
     /// Wraps `inner` (which must be writable); `debug` is the blkdebug node it is.
-    pub(super) fn new(inner: Arc<dyn BlockDevice>, debug: Option<Arc<Blkdebug>>) -> Self {
+    pub(super) fn new(inner: Arc<dyn BlockDevice>, debug: Option<Arc<Filtered<Blkdebug>>>) -> Self {
         Self { inner, debug }
     }
 
@@ -137,68 +135,11 @@ impl CopyOnRead {
     }
 }
 
-impl BlockDevice for CopyOnRead {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
+impl Filter for CopyOnRead {
+    fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_copying(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.inner.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.map(offset, len)
-    }
-    fn compressed_write_granularity(&self) -> Option<u64> {
-        self.inner.compressed_write_granularity()
-    }
-    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_compressed(buf, offset)
-    }
-    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
-        self.inner.set_backing(backing)
-    }
-    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.inner.backing_device()
-    }
-    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
-        self.inner.resize(new_size, prealloc, shrink)
-    }
-    fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        self.inner.check(repair)
-    }
-    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
-        None
-    }
-    fn repaired_at_open(&self) -> Vec<String> {
-        self.inner.repaired_at_open()
-    }
-    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
-        self.inner.as_snapshots()
-    }
-    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
-        self.inner.as_bitmaps()
-    }
-    fn as_amend(&self) -> Option<&dyn Amend> {
-        self.inner.as_amend()
-    }
-    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
-        self.inner.as_chain_link()
-    }
-    fn as_any(&self) -> &dyn Any {
-        self.inner.as_any()
     }
 }

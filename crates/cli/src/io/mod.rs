@@ -14,6 +14,7 @@
 mod aio;
 pub(crate) mod blkdebug;
 mod cmds;
+pub(crate) mod filter;
 mod getopt;
 mod layers;
 mod misc;
@@ -33,6 +34,8 @@ pub(crate) use out::Out;
 
 /// `EINVAL` as qemu-io's commands return it.
 const EINVAL: i32 = 22;
+/// `ENOTSUP` (Linux) as qemu-io's commands return it.
+const ENOTSUP: i32 = 95;
 /// qemu's largest request (`BDRV_REQUEST_MAX_BYTES`).
 const MAX_REQUEST: u64 = (i32::MAX as u64 >> 9) << 9;
 

@@ -9,6 +9,7 @@ use diskimg::{BlockDevice, ImageOptions, OpenPolicy, OptionList};
 
 use super::blkdebug::Blkdebug;
 use super::cmds::{Cmd, bad_option, usage};
+use super::filter::Filtered;
 use super::getopt::{self, Event};
 use super::layers::{CopyOnRead, snapshot_overlay};
 use super::{Blk, EINVAL, Session};
@@ -168,13 +169,17 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
     }
     let mut debug = None;
-    if !r.blkdebug.is_empty() {
-        let b = Arc::new(Blkdebug::new(dev, r.blkdebug.clone()));
+    if !r.blkdebug.is_empty() || !r.blkdebug_limits.is_none() {
+        let b = Arc::new(Filtered(Blkdebug::new(
+            dev,
+            r.blkdebug.clone(),
+            r.blkdebug_limits,
+        )));
         dev = b.clone();
         debug = Some(b);
     }
     if cor {
-        dev = Arc::new(CopyOnRead::new(dev, debug));
+        dev = Arc::new(Filtered(CopyOnRead::new(dev, debug)));
     }
     Ok(Blk {
         img,
@@ -344,12 +349,21 @@ fn reopen_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         s.out.error("Cannot set both -c and the cache options");
         return -EINVAL;
     }
-    for key in ["driver", "node-name"] {
-        if let Some(v) = extra.get(key)
-            && spec.dict.get(key) != Some(v)
-        {
-            s.out.error(&format!("Cannot change the option '{key}'"));
-            return -EINVAL;
+    // Options a reopen cannot change (qemu names the child's key); unchanged values go.
+    for (key, base) in FIXED_AT_OPEN {
+        if let Some(v) = extra.take(key) {
+            if fixed_value(s, &old, key).as_deref() != Some(v.as_str()) {
+                // Without a backing image the key is the image's own (unknown) option.
+                let no_backing = s.blk.as_ref().is_some_and(|b| b.img.backing.is_none());
+                let shown = if key.starts_with("backing.") && no_backing {
+                    key
+                } else {
+                    base
+                };
+                s.out.error(&format!("Cannot change the option '{shown}'"));
+                return -EINVAL;
+            }
+            spec.dict.take(key);
         }
     }
     for (k, v) in extra.entries() {
@@ -357,6 +371,32 @@ fn reopen_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
     }
     spec.dict.take("read-only");
     reopen(s, spec, old)
+}
+
+/// The options fixed when a node is opened, on the image and its `file` and `backing`
+/// children, with the name qemu reports them by.
+const FIXED_AT_OPEN: [(&str, &str); 6] = [
+    ("driver", "driver"),
+    ("file.driver", "driver"),
+    ("backing.driver", "driver"),
+    ("node-name", "node-name"),
+    ("file.node-name", "node-name"),
+    ("backing.node-name", "node-name"),
+];
+
+/// The value of a [`FIXED_AT_OPEN`] option for the open image: as given at open, else the
+/// driver in use (node names qemu generates never equal a given one).
+fn fixed_value(s: &Session, old: &Spec, key: &str) -> Option<String> {
+    if let Some(v) = old.dict.get(key) {
+        return Some(v.to_string());
+    }
+    let b = s.blk.as_ref()?;
+    match key {
+        "driver" => Some(b.img.device.info().format.to_string()),
+        "file.driver" => Some("file".to_string()),
+        "backing.driver" => b.img.backing.as_ref().map(|i| i.format.name().to_string()),
+        _ => None,
+    }
 }
 
 /// Closes the image and opens it again as `spec`; on failure the old state returns.

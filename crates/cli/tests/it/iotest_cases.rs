@@ -296,3 +296,147 @@ fn copy_on_read_with_blkdebug_as_qemu() {
     assert_eq!(d, q);
     assert!(q[2].contains("Input/output error"), "{q:?}");
 }
+
+/// Zero writes through a blkdebug node with request limits (iotest 204): pieces smaller
+/// than its zero alignment fall back to writes of zeroes (data), aligned pieces become
+/// zero clusters; `qemu-img map --image-opts` over the blkdebug node names the qcow2
+/// file. The image written by diskimg maps as the one written by qemu-io.
+#[test]
+fn blkdebug_limits_split_zero_writes_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = d.join("t.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1M",
+            s(&t),
+            "128M",
+        ]);
+        let base = "driver=blkdebug,image.driver=qcow2";
+        let calls: Vec<Vec<String>> = vec![
+            v(&["-f", "qcow2", "-c", "write -P 22 0 110M", s(&t)]),
+            v(&[
+                "-c",
+                &format!(
+                    "open -o {base},align=512,max-transfer=64k,opt-write-zero=1M blkdebug::{}",
+                    s(&t)
+                ),
+                "-c",
+                "write -z 8003584 2093056",
+            ]),
+            v(&[
+                "-c",
+                &format!(
+                    "open -o {base},align=512,opt-write-zero=15M,max-write-zero=15M blkdebug::{}",
+                    s(&t)
+                ),
+                "-c",
+                "write -z 32M 32M",
+            ]),
+        ];
+        let mut out: Vec<String> = calls
+            .iter()
+            .map(|a| {
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                let o = if qemu {
+                    crate::qemu_io_raw(&a)
+                } else {
+                    diskimg(&[&["io"], a.as_slice()].concat())
+                };
+                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+            })
+            .collect();
+        // Judged by qemu-img either way.
+        let map = qemu_img_ok(&["map", "-f", "qcow2", s(&t)]);
+        out.push(map.replace(s(d), "DIR"));
+        let opts = format!(
+            "{base},image.file.driver=file,image.file.filename={},align=4k",
+            s(&t)
+        );
+        let m = if qemu {
+            qemu_img(&["map", "--image-opts", &opts])
+        } else {
+            diskimg(&["map", "--image-opts", &opts])
+        };
+        out.push(String::from_utf8_lossy(&m.stdout).replace(s(d), "DIR"));
+        out
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    // 45M..60M became zero clusters, the pieces around it data.
+    assert!(q[3].contains("0x900000        0x2400000"), "{q:?}");
+}
+
+/// The raw format's `offset`/`size` options (iotest 171): the guest sees a window of the
+/// file; requests past it fail with EIO instead of reaching the rest of the file.
+#[test]
+fn raw_offset_and_size_window_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = img(d, "t.raw", "raw", "1M");
+        let json = format!(
+            r#"json:{{"driver":"raw", "offset":"512", "size":"4096", "file": {{"driver":"file", "filename":"{t}"}}}}"#
+        );
+        let calls: Vec<Vec<String>> = vec![
+            v(&["-c", "write -P 0x0a 0 4096", &json]),
+            v(&["-c", "read -P 0x0a 0 4096", &json]),
+            v(&["-c", "write 4095 2", &json]),
+            v(&["-c", "read 4096 1", &json]),
+            v(&["-c", "writev 3072 1024 1024", &json]),
+            v(&["-f", "raw", "-c", "read -v 510 4", &t]),
+            v(&["-f", "raw", "-c", "read -v 4606 4", &t]),
+        ];
+        calls
+            .iter()
+            .map(|a| {
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                let o = if qemu {
+                    crate::qemu_io_raw(&a)
+                } else {
+                    diskimg(&[&["io"], a.as_slice()].concat())
+                };
+                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+            })
+            .collect()
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    assert!(q[2].contains("Input/output error"), "{q:?}");
+}
+
+/// `rebase -u -F host_device` writes qemu's other driver names as the backing format
+/// (iotest 031); an unknown name is still refused.
+#[test]
+fn rebase_unsafe_keeps_other_qemu_backing_drivers() {
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = img(qd.path(), "t.qcow2", "qcow2", "1M");
+    let d = img(dd.path(), "t.qcow2", "qcow2", "1M");
+    let args = |f: &str| {
+        v(&[
+            "rebase",
+            "-u",
+            "-b",
+            "/some/backing/file/path",
+            "-F",
+            "host_device",
+            f,
+        ])
+    };
+    qemu_img_ok(&args(&q).iter().map(String::as_str).collect::<Vec<_>>());
+    crate::diskimg_ok(&args(&d).iter().map(String::as_str).collect::<Vec<_>>());
+    let info = |f: &str| qemu_img_ok(&["info", "-U", "--output=json", f]);
+    let di = info(&d);
+    assert_eq!(di.replace(&d, "F"), info(&q).replace(&q, "F"));
+    assert!(
+        di.contains("\"backing-filename-format\": \"host_device\""),
+        "{di}"
+    );
+    let bad = diskimg(&["rebase", "-u", "-b", "x", "-F", "nosuch", &d]);
+    assert_eq!(code(&bad), 1);
+}

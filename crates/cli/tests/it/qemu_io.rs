@@ -368,3 +368,71 @@ fn argv0_names_the_program() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.starts_with("diskimg: Could not open"), "{err}");
 }
+
+/// `reopen` refuses to change the driver or node name of the image or its `file` and
+/// `backing` children and accepts the unchanged values; a null-co image's `info` (iotest
+/// 133).
+#[test]
+fn reopen_fixed_options_and_null_info() {
+    for cmds in [
+        &["reopen -o node-name=foo"][..],
+        &["reopen -o file.node-name=foo"],
+        &["reopen -o backing.node-name=foo"],
+        &["reopen -o driver=raw"],
+        &["reopen -o file.driver=qcow2"],
+        &[
+            "reopen -o driver=qcow2",
+            "reopen -o file.driver=file",
+            "read 0 512",
+        ],
+    ] {
+        let dir = tempdir();
+        let img = image(dir.path(), "qcow2", "1M");
+        let mut args = c(cmds);
+        args.push("FILE".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same(dir.path(), &img, "qcow2", &args, "");
+    }
+    let dir = tempdir();
+    let img = image(dir.path(), "raw", "1M");
+    let null = "json:{'driver': 'null-co', 'size': 65536}";
+    same(
+        dir.path(),
+        &img,
+        "raw",
+        &["-f", "null-co", "-c", "reopen", "-c", "info", null],
+        "",
+    );
+}
+
+/// `backing.driver=FMT` overrides the backing format the image names (iotest 114): with
+/// a wrong `raw` in the header, the qcow2 backing file is read as qcow2.
+#[test]
+fn backing_driver_overrides_the_named_format() {
+    let dir = tempdir();
+    let base = image(dir.path(), "qcow2", "1M");
+    let io = |args: &[&str]| {
+        let o = Command::new("qemu-io").args(args).output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    io(&["-f", "qcow2", "-c", "write -P 0x5a 0 64k", s(&base)]);
+    let top = dir.path().join("top.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&top),
+        "1M",
+    ]);
+    for open in ["open -o backing.driver=qcow2 FILE", "open FILE"] {
+        let args = c(&[open, "read -P 0x5a 0 64k"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        same(dir.path(), &top, "qcow2", &args, "");
+    }
+}

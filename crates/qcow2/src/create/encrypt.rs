@@ -5,10 +5,11 @@
 use diskimg_blockio::{Error, OptionList, Preallocation, Result, Secrets};
 use zeroize::Zeroizing;
 
-use crate::crypto::{LUKS_CREATE_KEYS, new_area};
+use crate::create::options::EncryptOptions;
+use crate::crypto::new_area;
 use crate::device::Qcow2Device;
+use crate::disk::header::Header;
 use crate::encryption::{CRYPT_AES, CRYPT_LUKS};
-use crate::header::Header;
 
 /// A new image's encryption, prepared before its header is written.
 pub(crate) struct NewEncryption {
@@ -20,43 +21,24 @@ fn required() -> Error {
     Error::Key("Parameter 'encrypt.key-secret' is required for cipher".into())
 }
 
-/// Takes the encryption options from `o` (none given: `Ok(None)`).
-pub(crate) fn take_options(o: &mut OptionList, secrets: &Secrets) -> Result<Option<NewEncryption>> {
-    let legacy = o.take_bool("encryption")?;
-    let format = o.get("encrypt.format").map(str::to_string);
-    if legacy.is_some() && format.is_some() {
-        return Err(Error::invalid(
-            "'encrypt.format' and its alias 'encryption' can't be used at the same time",
-        ));
-    }
-    let format = match (format, legacy) {
-        (Some(_), _) => o.take_enum("encrypt.format", &["luks", "aes"])?,
-        (None, Some(true)) => Some("aes".to_string()),
-        (None, _) => None,
-    };
-    let Some(format) = format else {
-        // qemu ignores a key secret without an encryption format.
-        o.take("encrypt.key-secret");
-        return Ok(None);
-    };
-    let id = o.take("encrypt.key-secret").ok_or_else(required)?;
-    let pass = secrets.require(&id)?;
-    if format == "aes" {
-        // Options only LUKS accepts (qemu: "Parameter '…' is unexpected" for aes).
-        if let Some(k) = LUKS_CREATE_KEYS
-            .iter()
-            .map(|k| format!("encrypt.{k}"))
-            .find(|k| o.get(k).is_some())
-        {
-            return Err(Error::invalid(format!("Parameter '{k}' is unexpected")));
-        }
-        return Ok(Some(NewEncryption { area: None }));
-    }
-    let (_, area) = new_area(o, "encrypt.", pass)?;
-    Ok(Some(NewEncryption { area: Some(area) }))
-}
-
 impl NewEncryption {
+    /// Looks up the passphrase in `secrets` and, for LUKS, builds the header area
+    /// (checking the algorithms and timing the PBKDF2 iterations, as qemu does).
+    pub(crate) fn new(e: &EncryptOptions, secrets: &Secrets) -> Result<Self> {
+        let id = e.key_secret.as_deref().ok_or_else(required)?;
+        let pass = secrets.require(id)?;
+        if e.legacy_aes {
+            if let Some(k) = e.unexpected_for_aes() {
+                return Err(Error::invalid(format!("Parameter '{k}' is unexpected")));
+            }
+            return Ok(Self { area: None });
+        }
+        let mut o = OptionList::new();
+        e.to_options(&mut o);
+        let (_, area) = new_area(&mut o, "encrypt.", pass)?;
+        Ok(Self { area: Some(area) })
+    }
+
     /// Checks the other options and reserves the header extension in `h` (its offset is
     /// filled in by [`NewEncryption::install`]).
     pub(crate) fn prepare(&self, h: &mut Header, prealloc: Preallocation) -> Result<()> {

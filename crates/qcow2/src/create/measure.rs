@@ -2,7 +2,9 @@
 //! qemu's `qcow2_measure` does (header, full L1/L2 tables and refcount structures of a
 //! fully allocated image, plus the data clusters actually needed).
 
-use diskimg_blockio::{Error, OptionList, Result};
+use diskimg_blockio::{Error, OptionList, Preallocation, Result};
+
+use crate::create::options::{Compat, Keys, Qcow2CreateOptions, Verb};
 
 /// A target qcow2 layout, from `qemu-img measure -O qcow2 -o …` options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,64 +33,30 @@ pub struct Measurement {
 }
 
 impl MeasureTarget {
-    /// Parses the target options (`size` is ignored; encryption is refused).
+    /// Parses the target options with the create adapter (`size` is ignored, other
+    /// unknown keys too; encryption is refused) and checks the layout rules create
+    /// applies too ([`Qcow2CreateOptions::check_layout`]).
     pub fn from_options(opts: &OptionList) -> Result<Self> {
         let mut o = opts.clone();
         o.take("size");
-        let v3 = match o.take("compat").as_deref() {
-            None | Some("1.1") | Some("v3") => true,
-            Some("0.10") | Some("v2") => false,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "Parameter 'version' does not accept value '{v}'"
-                )));
-            }
-        };
-        let cluster_size = o.take_size("cluster_size")?.unwrap_or(65536);
-        if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-            return Err(Error::invalid(
-                "Cluster size must be a power of two between 512 and 2048k",
-            ));
-        }
-        let refcount_bits = o.take_u64("refcount_bits")?.unwrap_or(16);
-        if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-            return Err(Error::invalid(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ));
-        }
-        if !v3 && refcount_bits != 16 {
-            return Err(Error::invalid(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or \
-                 above (use version=v3 or greater)",
-            ));
-        }
-        let extended_l2 = o.take_bool("extended_l2")?.unwrap_or(false);
-        if extended_l2 && cluster_size < 16384 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
-        }
-        let preallocate_data = match o.take("preallocation").as_deref() {
-            None | Some("off") | Some("metadata") => false,
-            Some("falloc") | Some("full") => true,
-            Some(v) => {
-                return Err(Error::invalid(format!(
-                    "Parameter 'preallocation' does not accept value '{v}'"
-                )));
-            }
-        };
-        let has_backing = o.take("backing_file").is_some_and(|b| !b.is_empty());
+        let keys = Keys::take(&mut o, Verb::Create)?;
+        let has_backing = keys.backing_file.as_ref().is_some_and(|b| !b.is_empty());
+        let c = Qcow2CreateOptions::from_keys(keys, None);
+        c.check_layout()?;
         if o.take_bool("encryption")?.unwrap_or(false)
             || o.entries().iter().any(|(k, _)| k.starts_with("encrypt."))
         {
             return Err(Error::unsupported("qcow2", "measuring encrypted images"));
         }
         Ok(Self {
-            cluster_size,
-            refcount_order: refcount_bits.trailing_zeros(),
-            extended_l2,
-            preallocate_data,
-            v3,
+            cluster_size: c.cluster_size,
+            refcount_order: c.refcount_bits.trailing_zeros(),
+            extended_l2: c.extended_l2,
+            preallocate_data: matches!(
+                c.preallocation,
+                Preallocation::Falloc | Preallocation::Full
+            ),
+            v3: c.compat == Compat::V3,
             has_backing,
         })
     }

@@ -1,0 +1,133 @@
+//! How qemu names an image argument: the host path behind a `file:` prefix, and the name
+//! its tools show for `json:{…}` and `--image-opts` arguments (qemu's
+//! `bdrv_refresh_filename`).
+//!
+//! qemu shows the plain file name when the options only say which format sits on which
+//! file (`json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"}}`,
+//! `driver=qcow2,file.filename=t.qcow2`): nothing else would be needed to open the image
+//! again. Any other option (a blkdebug node, a runtime option) keeps the `json:` name.
+//! A `file:` prefix names the file protocol explicitly; qemu shows the name without it,
+//! behind `./` when the rest would read as another protocol prefix (`image:top.qcow2`).
+
+use diskimg::OptionList;
+
+/// The host path of a file name: without qemu's `file:` protocol prefix.
+pub(crate) fn host_path(arg: &str) -> &str {
+    arg.strip_prefix("file:").unwrap_or(arg)
+}
+
+/// qemu's `path_has_protocol`: a colon before the first slash.
+fn looks_like_protocol(path: &str) -> bool {
+    path.split('/')
+        .next()
+        .is_some_and(|first| first.contains(':'))
+}
+
+/// The name qemu's tools show for the image argument `arg` (`image_opts`: the argument is
+/// an `--image-opts` option string).
+pub(crate) fn shown(arg: &str, image_opts: bool) -> String {
+    if let Some(path) = arg.strip_prefix("file:") {
+        return if looks_like_protocol(path) {
+            format!("./{path}")
+        } else {
+            path.to_string()
+        };
+    }
+    let dict = if arg.starts_with("json:") {
+        crate::imgspec::flatten_json(arg).ok()
+    } else if image_opts && arg.contains('=') {
+        OptionList::parse(arg).ok()
+    } else {
+        None
+    };
+    match dict {
+        Some(d) => plain_file(&d).unwrap_or_else(|| {
+            if arg.starts_with("json:") {
+                arg.to_string()
+            } else {
+                json_name(&d)
+            }
+        }),
+        None => arg.to_string(),
+    }
+}
+
+/// qemu's `json:{…}` name for an option dictionary (dotted keys nested).
+fn json_name(d: &OptionList) -> String {
+    use serde_json::{Map, Value};
+    let mut root = Map::new();
+    for (k, v) in d.entries() {
+        let mut node = &mut root;
+        let mut parts = k.split('.').peekable();
+        while let Some(p) = parts.next() {
+            if parts.peek().is_none() {
+                node.insert(p.to_string(), Value::String(v.clone()));
+                break;
+            }
+            let child = node
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !child.is_object() {
+                *child = Value::Object(Map::new());
+            }
+            match child {
+                Value::Object(m) => node = m,
+                _ => break,
+            }
+        }
+    }
+    format!("json:{}", Value::Object(root))
+}
+
+/// The file name of a dictionary that names only a format on a file.
+fn plain_file(d: &OptionList) -> Option<String> {
+    let mut file = None;
+    for (k, v) in d.entries() {
+        match k.as_str() {
+            "driver" => {}
+            "file.driver" if v == "file" => {}
+            "file" | "file.filename" if file.is_none() => file = Some(v.clone()),
+            _ => return None,
+        }
+    }
+    file
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_as_qemu_shows_them() {
+        assert_eq!(host_path("file:a:b.qcow2"), "a:b.qcow2");
+        assert_eq!(host_path("/x/a:b.qcow2"), "/x/a:b.qcow2");
+        assert_eq!(shown("file:image:top.qcow2", false), "./image:top.qcow2");
+        assert_eq!(shown("file:/d/a:b.qcow2", false), "/d/a:b.qcow2");
+        assert_eq!(
+            shown(
+                "json:{'driver':'qcow2','file':{'driver':'file','filename':'/d/t.qcow2'}}",
+                false
+            ),
+            "/d/t.qcow2"
+        );
+        assert_eq!(
+            shown("driver=qcow2,file.driver=file,file.filename=/d/t", true),
+            "/d/t"
+        );
+        let secret = shown(
+            "driver=qcow2,file.filename=/d/t,encrypt.key-secret=s0",
+            true,
+        );
+        assert_eq!(
+            secret,
+            r#"json:{"driver":"qcow2","file":{"filename":"/d/t"},"encrypt":{"key-secret":"s0"}}"#
+        );
+        // As a file name (no --image-opts) the argument is the name.
+        assert_eq!(
+            shown("driver=qcow2,file.filename=t", false),
+            "driver=qcow2,file.filename=t"
+        );
+        let debug = "json:{'driver':'qcow2','file':{'driver':'blkdebug','image':{'driver':'file','filename':'t'}}}";
+        assert_eq!(shown(debug, false), debug);
+    }
+}

@@ -1,0 +1,113 @@
+//! The qcow2 driver options, typed ([`Qcow2OpenOptions`]): what
+//! [`OpenOptions::driver_options`] carries as qemu-style strings (`check=on`,
+//! `x-bitmap-edit=on`, `encrypt.key-secret=ID`, `encrypt.no-io=on`, `snapshot.id=`,
+//! `snapshot.name=`), read in one place ([`Qcow2OpenOptions::from_options`]).
+
+use diskimg_blockio::OpenOptions;
+
+/// The driver option naming the secret that holds the passphrase (qemu's name).
+pub const KEY_SECRET_OPTION: &str = "encrypt.key-secret";
+/// Driver option (diskimg's own): open an encrypted image without a key for metadata
+/// only (`info`, as qemu's `BDRV_O_NO_IO`); every data read or write then fails.
+pub const NO_IO_OPTION: &str = "encrypt.no-io";
+
+/// How a qcow2 image is opened beyond the generic [`OpenOptions`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use diskimg_blockio::{BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions,
+///                       OptionList, Storage};
+/// use diskimg_qcow2::{Qcow2Device, Qcow2OpenOptions};
+///
+/// let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+/// diskimg_qcow2::DRIVER.create(storage.clone(), &mut CreateRequest::new(1 << 20, OptionList::new()))?;
+/// // The same as the driver option `check=on`.
+/// let typed = Qcow2OpenOptions::new().check(true);
+/// let dev = Qcow2Device::open_with(storage, &OpenOptions::new(), &typed)?;
+/// assert_eq!(dev.virtual_size(), 1 << 20);
+/// # Ok::<(), diskimg_blockio::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Qcow2OpenOptions {
+    /// `check=on` (qemu's `BDRV_O_CHECK`): opened for `check -r`, which repairs what a
+    /// normal read-write open would refuse (the corrupt bit, incompatible feature bit 1)
+    /// or repair by itself (a dirty image, incompatible bit 0).
+    pub check: bool,
+    /// `x-bitmap-edit=on` (diskimg's own): opened to edit persistent bitmaps (the
+    /// bitmaps extension, 0x23852875) as metadata only; no bitmap tracks writes.
+    pub bitmap_edit: bool,
+    /// `encrypt.key-secret` ([`KEY_SECRET_OPTION`]): the id of the secret in
+    /// [`OpenOptions::secrets`] holding an encrypted image's passphrase.
+    pub key_secret: Option<String>,
+    /// `encrypt.no-io=on` ([`NO_IO_OPTION`], diskimg's own): open an encrypted image
+    /// without a key for metadata only, as qemu's `BDRV_O_NO_IO`.
+    pub no_io: bool,
+    /// `snapshot.id`: open a read-only view of the internal snapshot with this id.
+    pub snapshot_id: Option<String>,
+    /// `snapshot.name`: open a read-only view of the internal snapshot with this name.
+    pub snapshot_name: Option<String>,
+}
+
+impl Qcow2OpenOptions {
+    /// Nothing beyond [`OpenOptions`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the driver options of `o` (unknown keys are ignored, as before).
+    pub fn from_options(o: &OpenOptions) -> Self {
+        let d = &o.driver_options;
+        let on = |k: &str| d.get(k) == Some("on");
+        let s = |k: &str| d.get(k).map(str::to_string);
+        Self {
+            check: on("check"),
+            bitmap_edit: on("x-bitmap-edit"),
+            key_secret: s(KEY_SECRET_OPTION),
+            no_io: on(NO_IO_OPTION),
+            snapshot_id: s("snapshot.id"),
+            snapshot_name: s("snapshot.name"),
+        }
+    }
+
+    /// Sets [`Qcow2OpenOptions::check`].
+    pub fn check(mut self, on: bool) -> Self {
+        self.check = on;
+        self
+    }
+
+    /// Sets [`Qcow2OpenOptions::bitmap_edit`].
+    pub fn bitmap_edit(mut self, on: bool) -> Self {
+        self.bitmap_edit = on;
+        self
+    }
+
+    /// Sets [`Qcow2OpenOptions::key_secret`].
+    pub fn key_secret(mut self, id: impl Into<String>) -> Self {
+        self.key_secret = Some(id.into());
+        self
+    }
+
+    /// Sets [`Qcow2OpenOptions::no_io`].
+    pub fn no_io(mut self, on: bool) -> Self {
+        self.no_io = on;
+        self
+    }
+
+    /// Sets [`Qcow2OpenOptions::snapshot_id`].
+    pub fn snapshot_id(mut self, id: impl Into<String>) -> Self {
+        self.snapshot_id = Some(id.into());
+        self
+    }
+
+    /// Sets [`Qcow2OpenOptions::snapshot_name`].
+    pub fn snapshot_name(mut self, name: impl Into<String>) -> Self {
+        self.snapshot_name = Some(name.into());
+        self
+    }
+
+    /// Whether a snapshot view is asked for.
+    pub(crate) fn snapshot_view(&self) -> bool {
+        self.snapshot_id.is_some() || self.snapshot_name.is_some()
+    }
+}
