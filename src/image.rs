@@ -294,7 +294,7 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage = crate::hostfile::on_ring(file, options);
+    let storage = on_ring(file, options);
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -311,9 +311,7 @@ fn open_inner(
         .read_only(read_only)
         .limits(options.limits)
         .files(files);
-    let mut backing_opts = backing_options(&driver_options);
-    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
-    let backing_driver = backing_opts.take("driver");
+    let backing_opts = backing_options(&driver_options);
     open_opts.driver_options = std::mem::take(&mut driver_options);
     open_opts.secrets = options.secrets.clone();
     let device = format.driver()?.open(storage, &open_opts)?;
@@ -330,6 +328,17 @@ fn open_inner(
         open_backing(&mut image, &dir, options, backing_opts, visited)?;
     }
     Ok(image)
+}
+
+/// The storage an image reads through: `file` itself, or `file` on the io_uring of
+/// `options` ([`ImageOptions::io_uring`]).
+fn on_ring(file: Arc<diskimg_blockio::FileStorage>, options: &ImageOptions) -> Arc<dyn Storage> {
+    #[cfg(target_os = "linux")]
+    if let Some(ring) = &options.io_uring {
+        return Arc::new(diskimg_blockio::UringStorage::from_arc(file, ring.clone()));
+    }
+    let _ = options;
+    file
 }
 
 /// Checks that `path` does not close a loop and that the chain stays within the depth
@@ -365,9 +374,11 @@ fn open_backing(
     image: &mut Image,
     dir: &Path,
     options: &ImageOptions,
-    backing_opts: OptionList,
+    mut backing_opts: OptionList,
     visited: &mut Vec<PathBuf>,
 ) -> Result<()> {
+    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
+    let backing_driver = backing_opts.take("driver");
     let Some(bref) = image.device.info().backing else {
         return Ok(());
     };

@@ -69,6 +69,9 @@ pub(crate) struct ModuleTree {
     reexports: BTreeMap<(usize, String), Vec<String>>,
     /// `module -> absolute module paths` of `pub use …::*`.
     globs: BTreeMap<usize, Vec<Vec<String>>>,
+    /// `(module, name)` of `pub use` items from other crates (`pub use diskimg_luks as
+    /// crypto`): paths through them leave the crate.
+    externals: BTreeSet<(usize, String)>,
 }
 
 impl ModuleTree {
@@ -81,6 +84,7 @@ impl ModuleTree {
             by_path: BTreeMap::new(),
             reexports: BTreeMap::new(),
             globs: BTreeMap::new(),
+            externals: BTreeSet::new(),
         };
         let src = dir.join("src");
         for f in rs_files(&src) {
@@ -181,6 +185,9 @@ impl ModuleTree {
                 cur = child;
                 continue;
             }
+            if self.externals.contains(&(cur, seg.clone())) {
+                return None;
+            }
             if depth < 8 {
                 if let Some(target) = self.reexports.get(&(cur, seg.clone())) {
                     let mut t = target.clone();
@@ -208,6 +215,7 @@ impl ModuleTree {
             }
             for (segs, alias) in expand(&tree) {
                 let Some(abs) = self.absolute(m, &segs) else {
+                    self.externals.insert((m, alias));
                     continue;
                 };
                 if alias == "*" {

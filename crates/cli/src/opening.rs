@@ -13,18 +13,22 @@ pub(crate) fn open_image(
     read_only: bool,
     backing: bool,
 ) -> Result<Image> {
-    let (path, format, opts) = crate::secrets::resolve(file, format)?;
-    // qemu's `json:{…}` and `blkdebug:` names (nested formats, null-co, …).
-    if crate::imgspec::is_spec(file) {
+    // qemu's `json:{…}` and `blkdebug:` names and `--image-opts` option strings (nested
+    // formats, null-co, blkdebug, …).
+    if crate::imgspec::is_spec_or_opts(file) {
+        let (_, _, opts) = crate::secrets::resolve("", format)?;
         let mut opts = opts
             .with_policy(OpenPolicy::qemu_compatible())
             .with_backing(backing);
         opts.read_only = read_only;
+        opts.force_share |= FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
         let img = crate::imgspec::open_arg(file, format, opts)
             .with_context(|| format!("Could not open '{file}'"))?;
+        crate::secrets::warn_legacy_aes(file, &img);
         report_open_repairs(&img);
         return Ok(img);
     }
+    let (path, format, opts) = crate::secrets::resolve(file, format)?;
     // URLs, `-`, compressed files, archive members (read-only verbs only).
     if read_only
         && path == file
