@@ -104,7 +104,7 @@ pub use layout::{
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
-pub use packed::{CompressedUnits, PackedUnit};
+pub use packed::{CompressedUnits, PackedUnit, looks_incompressible};
 pub use secrets::Secrets;
 pub use storage::{
     CrashMode, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage,

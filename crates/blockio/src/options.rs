@@ -4,10 +4,17 @@ use crate::error::{Error, Result};
 
 /// Parses a qemu size: a number with an optional `b`/`k`/`K`/`M`/`G`/`T`/`P`/`E` suffix
 /// (1024-based; no suffix means bytes). Decimal fractions are allowed with a suffix
-/// (`1.5G`), as qemu allows.
+/// (`1.5G`), as qemu allows; so are hexadecimal numbers without fraction or suffix
+/// (`0x10000`).
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let bad = || Error::invalid(format!("invalid size '{s}'"));
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
     let (num, mult): (&str, u64) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m = match c {
@@ -243,6 +250,9 @@ mod tests {
         assert_eq!(parse_size("2T").unwrap(), 2 << 40);
         assert!(parse_size("-1").is_err());
         assert!(parse_size("12x").is_err());
+        assert_eq!(parse_size("0x10000").unwrap(), 65536);
+        assert!(parse_size("0x1.8").is_err() && parse_size("0x10k").is_err());
+        assert!(parse_size("0x").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("16E").is_err());

@@ -39,7 +39,7 @@ pub(crate) struct Args {
     #[arg(short = 'F')]
     source_format: Option<String>,
     /// Granularity for --add (bytes per bit; default the cluster size; the last wins).
-    #[arg(short = 'g', action = ArgAction::Append)]
+    #[arg(short = 'g', long = "granularity", action = ArgAction::Append)]
     granularity: Vec<String>,
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format")]

@@ -115,6 +115,8 @@ pub(crate) enum Node {
     Nested(Format),
     /// qemu's `null-co` device of this size.
     Null(u64),
+    /// A `quorum` of these files, with this vote threshold.
+    Quorum(Vec<String>, usize),
 }
 
 /// What a flattened option dictionary opens.
@@ -134,6 +136,8 @@ pub(crate) struct Resolved {
     pub(crate) open_backing: bool,
     /// A `copy-on-read` filter was named above the format.
     pub(crate) copy_on_read: bool,
+    /// A `compress` filter was named above the format (qemu-io applies it).
+    pub(crate) compress: bool,
     /// `file.locking` (`on`/`auto`: true, `off`: false), when given.
     pub(crate) locking: Option<bool>,
     /// `force-share` from the options, when given.
@@ -272,6 +276,34 @@ fn raw_window(o: &mut OptionList) -> Result<Option<(u64, Option<u64>)>> {
     Ok((offset.is_some() || size.is_some()).then(|| (offset.unwrap_or(0), size)))
 }
 
+/// The children and vote threshold of a `quorum` node (`o` relative to it).
+fn quorum_node(o: &OptionList) -> Result<Node> {
+    let threshold = o
+        .get("vote-threshold")
+        .ok_or_else(|| anyhow!("Parameter 'vote-threshold' is missing"))?;
+    let threshold: usize = threshold
+        .parse()
+        .map_err(|_| anyhow!("Parameter 'vote-threshold' expects a number"))?;
+    let mut children = Vec::new();
+    for i in 0.. {
+        let c = descend(o, &format!("children.{i}"));
+        if c.is_empty() {
+            break;
+        }
+        match (c.get("driver"), c.get("filename")) {
+            (Some("file") | None, Some(f)) => children.push(f.to_string()),
+            (Some(d), _) => {
+                bail!("quorum child driver '{d}' is not supported by diskimg (only 'file')")
+            }
+            (None, None) => bail!("A block device must be specified for \"children.{i}\""),
+        }
+    }
+    if threshold < 1 || threshold > children.len() {
+        bail!("threshold may not exceed children count");
+    }
+    Ok(Node::Quorum(children, threshold))
+}
+
 fn format_named(d: &str) -> Result<Format> {
     Format::from_name(d).map_err(|_| anyhow!("Unknown driver '{d}'"))
 }
@@ -283,10 +315,14 @@ pub(crate) fn resolve(
     name: Option<&str>,
     format: Option<Format>,
 ) -> Result<Resolved> {
-    let mut copy_on_read = false;
+    let (mut copy_on_read, mut compress) = (false, false);
     // Filters above the format: the format node is their `file` child.
-    while o.get("driver") == Some("copy-on-read") {
-        copy_on_read = true;
+    loop {
+        match o.get("driver") {
+            Some("copy-on-read") => copy_on_read = true,
+            Some("compress") => compress = true,
+            _ => break,
+        }
         o = descend(&o, "file");
     }
     let mut r = Resolved {
@@ -300,6 +336,7 @@ pub(crate) fn resolve(
             .transpose()?,
         open_backing: !matches!(o.take("backing").as_deref(), Some("null" | "")),
         copy_on_read,
+        compress,
         locking: match o.take("file.locking").as_deref() {
             None => None,
             Some("on" | "auto") => Some(true),
@@ -374,6 +411,10 @@ pub(crate) fn resolve(
                 path
             }
             Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
+            Some("quorum") => {
+                r.node = quorum_node(&descend(&o, "file"))?;
+                String::new()
+            }
             Some(f) if f != "file" && Format::from_name(f).is_ok() => {
                 r.node = Node::Nested(format_named(f)?);
                 let inner = descend(&o, "file");
@@ -444,6 +485,9 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
     }
     let mut opts = base;
     opts.read_only |= r.read_only == Some(true);
+    if r.compress && !opts.read_only {
+        bail!("the compress filter is supported by diskimg's qemu-io only");
+    }
     open(&r, arg, opts)
 }
 
@@ -481,6 +525,26 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
             let dev = diskimg::open_storage(Arc::new(DeviceStorage::new(inner)), r.format, ro)?;
             let f = Format::from_name(dev.info().format).unwrap_or(Format::Raw);
             return Ok(image(dev, f));
+        }
+        Node::Quorum(children, threshold) => {
+            let mut files: Vec<Arc<dyn diskimg::Storage>> = Vec::new();
+            for c in children {
+                files.push(Arc::new(FileStorage::open(c, ro)?));
+            }
+            let q = crate::quorum::QuorumStorage::new(files, *threshold)?;
+            let dev = diskimg::open_storage(Arc::new(q), r.format, ro).map_err(|e| {
+                // A descriptor naming other files (vmdk extents) has no directory here.
+                if matches!(&e, diskimg::Error::BackingDenied { purpose, .. } if purpose.contains("extent")) {
+                    anyhow!(
+                        "Cannot use relative paths with VMDK descriptor file '{arg}': Cannot generate a base directory for quorum nodes"
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
+            let f = Format::from_name(dev.info().format).unwrap_or(Format::Raw);
+            // No directory: relative names under it cannot be resolved.
+            return Ok(Image::from_device(dev, f, PathBuf::new(), arg.to_string()));
         }
         Node::File => {}
     }

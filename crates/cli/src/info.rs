@@ -161,10 +161,13 @@ fn to_json(e: &Entry<'_>) -> Value {
         m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = backing {
-        m.insert(
-            "full-backing-filename".into(),
-            json!(full_backing_name(&e.base, &b.filename)),
-        );
+        let unresolvable = e.base.is_empty() && !b.filename.starts_with('/');
+        if !unresolvable {
+            m.insert(
+                "full-backing-filename".into(),
+                json!(full_backing_name(&e.base, &b.filename)),
+            );
+        }
         m.insert("backing-filename".into(), json!(b.filename));
     }
     m.insert("dirty-flag".into(), json!(info.dirty));
@@ -195,7 +198,10 @@ fn human(e: &Entry<'_>) -> String {
     if let Some(b) = info.backing.as_ref().filter(|b| !b.filename.is_empty()) {
         let full = full_backing_name(&e.base, &b.filename);
         s.push_str(&format!("backing file: {}", b.filename));
-        if full != b.filename {
+        if e.base.is_empty() && full == b.filename && !full.starts_with('/') {
+            // A node without a directory (quorum): qemu cannot resolve the name.
+            s.push_str(" (cannot determine actual path)");
+        } else if full != b.filename {
             s.push_str(&format!(" (actual path: {full})"));
         }
         s.push('\n');

@@ -31,6 +31,7 @@ mod measure;
 mod names;
 mod nodes;
 mod opening;
+mod quorum;
 mod rebase;
 mod resize;
 mod secrets;

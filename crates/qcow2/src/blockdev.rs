@@ -47,6 +47,10 @@ impl BlockDevice for Qcow2Device {
         self.read_guest(buf, offset)
     }
 
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
+        self.walk_guest(offset, len, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;

@@ -10,7 +10,8 @@ use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, 
 use crate::device::Qcow2Device;
 use crate::disk::ext::parse_bitmap_directory;
 use crate::disk::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    AUTOCLEAR_AT, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    INCOMPATIBLE_AT,
 };
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
@@ -133,7 +134,7 @@ impl Qcow2Device {
         let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
         if keep != autoclear {
             m.h.autoclear = keep;
-            self.file.write_all_at(&keep.to_be_bytes(), 88)?;
+            self.file.write_all_at(&keep.to_be_bytes(), AUTOCLEAR_AT)?;
             self.file.flush()?;
         }
         Ok(())
@@ -164,7 +165,7 @@ impl Qcow2Device {
             m.h.incompatible &= !INCOMPAT_DIRTY;
             let v = m.h.incompatible;
             self.file.flush()?;
-            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
             self.file.flush()?;
         }
         Ok(())

@@ -130,6 +130,17 @@ impl Qcow2Device {
         read_via(&View::new(self), buf, offset)
     }
 
+    /// [`BlockDevice::walk_runs`]: the layout walk over a [`View`] (vectored and async
+    /// reads plan with it).
+    pub(crate) fn walk_guest(
+        &self,
+        offset: u64,
+        len: u64,
+        f: &mut diskimg_blockio::RunFn<'_>,
+    ) -> Result<bool> {
+        diskimg_blockio::walk(&View::new(self), offset, len, f)
+    }
+
     /// [`BlockDevice::map`]: [`map_via`] over a [`View`].
     pub(crate) fn map_guest(&self, offset: u64, len: u64) -> Result<Extent> {
         map_via(&View::new(self), offset, len)

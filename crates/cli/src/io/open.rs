@@ -11,7 +11,7 @@ use super::blkdebug::Blkdebug;
 use super::cmds::{Cmd, bad_option, usage};
 use super::filter::Filtered;
 use super::getopt::{self, Event};
-use super::layers::{CopyOnRead, snapshot_overlay};
+use super::layers::{Compress, CopyOnRead, snapshot_overlay};
 use super::{Blk, EINVAL, Session};
 
 /// How to open an image (qemu's `BDRV_O_*` flags that matter here).
@@ -180,6 +180,9 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
     }
     if cor {
         dev = Arc::new(Filtered(CopyOnRead::new(dev, debug)));
+    }
+    if r.compress {
+        dev = Arc::new(Filtered(Compress::new(dev)));
     }
     Ok(Blk {
         img,

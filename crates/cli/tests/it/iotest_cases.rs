@@ -440,3 +440,103 @@ fn rebase_unsafe_keeps_other_qemu_backing_drivers() {
     let bad = diskimg(&["rebase", "-u", "-b", "x", "-F", "nosuch", &d]);
     assert_eq!(code(&bad), 1);
 }
+
+/// qemu's `compress` filter and hexadecimal sizes (iotest 214): unaligned writes through
+/// it are padded to whole clusters and stored compressed; a cluster already allocated
+/// cannot be written compressed (EIO).
+#[test]
+fn compress_filter_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = d.join("t.qcow2");
+        let c = if qemu {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=0x10000",
+                s(&t),
+                "2M",
+            ])
+        } else {
+            diskimg(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=0x10000",
+                s(&t),
+                "2M",
+            ])
+        };
+        assert_eq!(code(&c), 0, "{c:?}");
+        let spec = format!(
+            "json:{{'driver': 'compress', 'file': {{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{}'}}}}}}",
+            s(&t)
+        );
+        let calls = [
+            v(&["-c", "write -P 0xbb 0 229376", &spec]),
+            v(&["-c", "write -P 0xcc 278528 229376", &spec]),
+            v(&["-c", "write -P 0xdd 0 512", &spec]),
+            v(&[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0xbb 0 229376",
+                "-c",
+                "read -P 0xcc 278528 229376",
+                s(&t),
+            ]),
+        ];
+        let mut out: Vec<String> = calls
+            .iter()
+            .map(|a| {
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                let o = if qemu {
+                    crate::qemu_io_raw(&a)
+                } else {
+                    diskimg(&[&["io"], a.as_slice()].concat())
+                };
+                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+            })
+            .collect();
+        let check = qemu_img(&["check", "--output=json", s(&t)]);
+        let text = String::from_utf8_lossy(&check.stdout).to_string();
+        out.extend(
+            text.lines()
+                .filter(|l| l.contains("compressed-clusters"))
+                .map(str::to_string),
+        );
+        out
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    assert!(
+        q.iter().any(|l| l.contains("\"compressed-clusters\": 8")),
+        "{q:?}"
+    );
+    assert!(q[2].contains("Input/output error"), "{q:?}");
+}
+
+/// `bitmap --granularity` is `-g`'s long form (iotest 190).
+#[test]
+fn bitmap_granularity_long_option() {
+    let d = tempdir();
+    let t = img(d.path(), "t.qcow2", "qcow2", "16M");
+    crate::diskimg_ok(&[
+        "bitmap",
+        "--add",
+        "--granularity",
+        "512",
+        "-f",
+        "qcow2",
+        &t,
+        "b1",
+    ]);
+    let info = qemu_img_ok(&["info", "--output=json", &t]);
+    assert!(info.contains("\"granularity\": 512"), "{info}");
+}

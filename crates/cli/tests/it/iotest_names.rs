@@ -306,3 +306,26 @@ fn info_of_encrypted_image_opts_without_the_secret() {
         specific(Path::new("qemu-img"), q.path())
     );
 }
+
+/// iotest 110: a format on a `quorum` node reads through the vote; with no directory of
+/// its own, a relative backing name cannot be resolved.
+#[test]
+fn quorum_node_has_no_directory() {
+    let setup = |dir: &Path| {
+        chain(dir);
+        std::fs::copy(dir.join("t.qcow2"), dir.join("t.qcow2.copy")).unwrap();
+    };
+    let spec = "json:{'driver': 'qcow2', 'file': {'driver': 'quorum', 'vote-threshold': 1, 'children': [{'driver': 'file', 'filename': 'DIR/t.qcow2'}, {'driver': 'file', 'filename': 'DIR/t.qcow2.copy'}]}}";
+    let (q, d, link) = twins(&setup);
+    let head = |prog: &Path, dir: &Path| -> String {
+        let (text, code) = run(prog, dir, &["info".into(), spec.replace("DIR", s(dir))]);
+        assert_eq!(code, 0, "{text}");
+        text.lines()
+            .filter(|l| l.starts_with("backing file:") || l.starts_with("virtual size:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let ours = head(&link, d.path());
+    assert_eq!(ours, head(Path::new("qemu-img"), q.path()));
+    assert!(ours.contains("(cannot determine actual path)"), "{ours}");
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
+use crate::disk::header::{Header, INCOMPATIBLE_AT, MAX_HOST_OFFSET, V2_HEADER_LEN};
 use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
 use crate::engine::deferred::{Deferred, L2Update};
@@ -378,7 +378,7 @@ impl Meta {
         if self.h.version >= 3 {
             self.h.incompatible |= crate::disk::header::INCOMPAT_CORRUPT;
             let v = self.h.incompatible;
-            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
             self.file.flush()?;
         }
         Err(Error::corrupt(

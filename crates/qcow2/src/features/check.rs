@@ -9,7 +9,7 @@
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
-use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPATIBLE_AT};
 use crate::disk::table::REFT_OFFSET_MASK;
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::engine::meta::Meta;
@@ -233,8 +233,16 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     Ok((cnt, l1))
 }
 
-/// (cluster, refcount, references) of one mismatch.
-type Mismatch = (u64, u64, u64);
+/// A cluster whose refcount differs from the references found.
+#[derive(Clone, Copy, Debug)]
+struct Mismatch {
+    /// Cluster index.
+    cluster: u64,
+    /// The refcount on disk.
+    have: u64,
+    /// The references counted.
+    want: u64,
+}
 
 /// Compares the counted references with the refcounts of every cluster inside the file
 /// (qemu's `compare_refcounts` without fixing); returns the mismatches and the highest
@@ -289,7 +297,11 @@ fn compare(
             } else {
                 cnt.notes.report.corruptions += 1;
             }
-            mismatches.push((c, have, want));
+            mismatches.push(Mismatch {
+                cluster: c,
+                have,
+                want,
+            });
         }
         c += 1;
     }
@@ -300,7 +312,12 @@ fn compare(
 /// which prints every mismatch again: "Repairing …" for those it fixes).
 fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatches: &[Mismatch]) {
     let maxr = m.max_refcount();
-    for &(c, have, want) in mismatches {
+    for &Mismatch {
+        cluster: c,
+        have,
+        want,
+    } in mismatches
+    {
         let leak = have > want;
         let allowed = match repair {
             RepairMode::None => false,
@@ -366,7 +383,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let cs = m.cs();
     let (mut cnt, l1) = count(dev, &mut m)?;
     let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
-    let needs_rebuild = mismatches.iter().any(|&(_, have, _)| have == 0);
+    let needs_rebuild = mismatches.iter().any(|x| x.have == 0);
     // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
     // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
     if repair == RepairMode::Leaks && needs_rebuild {
@@ -403,7 +420,8 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         let cleared = m.h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
         if cleared != m.h.incompatible {
             dev.file.flush()?;
-            dev.file.write_all_at(&cleared.to_be_bytes(), 72)?;
+            dev.file
+                .write_all_at(&cleared.to_be_bytes(), INCOMPATIBLE_AT)?;
             dev.file.flush()?;
             m.h.incompatible = cleared;
         }
