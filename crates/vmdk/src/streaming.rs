@@ -114,11 +114,7 @@ pub(crate) fn deflate_record(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
     rec.extend_from_slice(&lba.to_le_bytes());
     rec.extend_from_slice(&[0; 4]);
     DEFLATE.with_borrow_mut(|[fast, none]| -> Result<()> {
-        let level = if stored {
-            0
-        } else {
-            DEFLATE_LEVEL
-        };
+        let level = if stored { 0 } else { DEFLATE_LEVEL };
         let c = if stored { none } else { fast };
         let c =
             c.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::new(level), true));
