@@ -364,7 +364,13 @@ fn taxonomy_foreign_damaged_and_bad_requests() {
     no_reftable[56..60].fill(0);
     let e = open(&no_reftable, true).unwrap_err();
     assert!(
-        matches!(e, Error::Corrupt { offset: Some(56), .. }),
+        matches!(
+            e,
+            Error::Corrupt {
+                offset: Some(56),
+                ..
+            }
+        ),
         "want Corrupt at 56, got {e:?}"
     );
     let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
