@@ -97,7 +97,7 @@ pub use device::{
     read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
-pub use error::{Error, Result};
+pub use error::{Error, OrCorrupt, Result};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
     HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_via,

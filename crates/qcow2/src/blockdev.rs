@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     Amend, BackingRef, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits, DeviceInfo,
-    Error, Extent, Preallocation, RepairMode, Result, Snapshots, Storage, ZeroFlags, check_range,
+    Error, Extent, Preallocation, RepairMode, Result, RunFn, Snapshots, Storage, ZeroFlags,
+    check_range,
 };
 
 use crate::device::Qcow2Device;
@@ -47,7 +48,8 @@ impl BlockDevice for Qcow2Device {
         self.read_guest(buf, offset)
     }
 
-    fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
+    /// The read path's walk (`read.rs`), for vectored reads and the async face.
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
         self.walk_guest(offset, len, f)
     }
 

@@ -85,7 +85,7 @@ impl Meta {
             ));
         }
         let avail = usize::try_from(file_len.saturating_sub(header.offset_bmap).min(region_len))
-            .map_err(|_| Error::invalid("block map too large"))?;
+            .map_err(|_| Error::internal("vdi block map larger than its allocation"))?;
         if let Some(dst) = bmap.get_mut(..avail) {
             storage.read_exact_at(dst, header.offset_bmap)?;
         }
@@ -160,7 +160,7 @@ impl Meta {
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid("vdi block index out of range"))
+            Err(Error::internal("vdi block index out of range"))
         }
     }
 
@@ -243,9 +243,9 @@ impl Meta {
                     .and_then(|e| e.checked_add(self.header.offset_bmap))
                     .and_then(sector_align)
                     .map(|e| e - self.header.offset_bmap)
-                    .ok_or_else(|| Error::invalid("vdi block index out of range"))?;
+                    .ok_or_else(|| Error::internal("vdi block index out of range"))?;
                 usize::try_from(end.min(self.bmap.len() as u64))
-                    .map_err(|_| Error::invalid("vdi block map too large"))?
+                    .map_err(|_| Error::internal("vdi block map too large"))?
             }
         };
         if map_bytes == 0 {

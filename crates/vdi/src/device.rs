@@ -195,7 +195,7 @@ impl VdiDevice {
         // next flush, after the data (see `commit_pending`).
         let mut upto = 0;
         for &(g, idx) in &fresh {
-            let v = u32::try_from(idx).map_err(|_| Error::invalid("vdi block index overflow"))?;
+            let v = u32::try_from(idx).map_err(|_| Error::internal("vdi block index overflow"))?;
             m.set_entry(g, v)?;
             m.counted += 1;
             upto = upto.max(g);

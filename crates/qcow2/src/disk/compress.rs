@@ -4,6 +4,8 @@
 use diskimg_blockio::{Error, Result};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
+use crate::errors::internal;
+
 /// Header compression_type 0.
 pub(crate) const ZLIB: u8 = 0;
 /// Header compression_type 1.
@@ -70,7 +72,7 @@ pub(crate) fn compress(ty: u8, input: &[u8]) -> Result<Option<Vec<u8>>> {
             let mut out = vec![0u8; input.len()];
             let st = c
                 .compress(input, &mut out, FlushCompress::Finish)
-                .map_err(|_| Error::invalid("deflate failed"))?;
+                .map_err(|_| internal("deflate failed"))?;
             let n = usize::try_from(c.total_out()).unwrap_or(usize::MAX);
             if st != Status::StreamEnd || n > limit {
                 return Ok(None);
@@ -79,7 +81,7 @@ pub(crate) fn compress(ty: u8, input: &[u8]) -> Result<Option<Vec<u8>>> {
             Ok(Some(out))
         }
         ZSTD => {
-            let out = zstd::bulk::compress(input, 0).map_err(|_| Error::invalid("zstd failed"))?;
+            let out = zstd::bulk::compress(input, 0).map_err(|_| internal("zstd failed"))?;
             Ok((out.len() <= limit).then_some(out))
         }
         _ => Err(Error::unsupported("qcow2", "unknown compression type")),

@@ -148,7 +148,7 @@ impl Header {
         let f32 = |o: usize| buf.be_u32(o).ok_or(bad("header truncated", 0));
         let f64 = |o: usize| buf.be_u64(o).ok_or(bad("header truncated", 0));
         if f32(0)? != MAGIC {
-            return Err(Error::invalid("Image is not in qcow2 format"));
+            return Err(crate::errors::not_qcow2());
         }
         let version = f32(4)?;
         if version != 2 && version != 3 {

@@ -175,7 +175,10 @@ fn qemu_made_case(opts: &str) {
     qio(&p, QEMU_WRITES);
     let dev = open_enc(&p, true);
     let ours = read_all(dev.as_ref());
-    assert!(ours == qemu_raw(&p), "{opts}: decrypted content differs");
+    let want = qemu_raw(&p);
+    assert!(ours == want, "{opts}: decrypted content differs");
+    let vectored = crate::read::read_vectored_all(dev.as_ref());
+    assert!(vectored == want, "{opts}: vectored reads differ");
     assert_map_like_qemu(dev.as_ref(), &p);
     assert_eq!(dev.check(Default::default()).unwrap().corruptions, 0);
     assert!(dev.info().encrypted);
