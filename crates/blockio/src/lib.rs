@@ -1,8 +1,10 @@
 //! The core of diskimg: host bytes, the guest view, and the vocabulary every format shares.
 //!
 //! - [`Storage`]: the host bytes an image lives in ([`FileStorage`], [`MemStorage`],
-//!   [`ReadOnlyStorage`], and [`FaultStorage`] for crash tests). Positional, `&self`,
-//!   `Send + Sync`.
+//!   [`ReadOnlyStorage`], [`FaultStorage`] for crash tests, and on Linux `UringStorage`, a
+//!   file on an io_uring). Positional, `&self`, `Send + Sync`.
+//! - [`AsyncDevice`]: the async face of any device, whose [`IoFuture`]s need no particular
+//!   runtime (completed by an io_uring completion thread or a small worker pool).
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
 //!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
 //!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
