@@ -66,11 +66,7 @@ impl Qcow2Device {
             meta.h.l1_table_offset,
             u64::from(meta.h.l1_size),
         )?;
-        meta.reftable = meta.read_table(
-            "Reference count table offset invalid",
-            meta.h.refcount_table_offset,
-            u64::from(meta.h.refcount_table_clusters) * cs / 8,
-        )?;
+        meta.load_reftable()?;
         let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
         if !read_only {
             meta.collect_meta();
@@ -208,7 +204,7 @@ impl Qcow2Device {
         let mut view = Meta::new(m.file.clone(), m.data.clone(), m.h.clone(), m.limits);
         view.l1_offset = snap.l1_offset;
         view.size = snap.disk_size.unwrap_or(m.h.size);
-        view.reftable = m.reftable.clone();
+        view.share_reftable(&m);
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
             return Err(Error::corrupt(

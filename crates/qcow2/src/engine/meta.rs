@@ -29,9 +29,9 @@ pub(crate) struct Meta {
     /// Guest size of the view.
     pub size: u64,
     /// Cached L2 tables.
-    pub l2: L2Cache,
+    pub(in crate::engine) l2: L2Cache,
     /// The refcount table.
-    pub reftable: Vec<u64>,
+    pub(in crate::engine) reftable: Vec<u64>,
     /// Cached refcount blocks (raw bytes).
     pub(in crate::engine) rb: HashMap<u64, Vec<u8>>,
     /// Resource limits.
@@ -90,6 +90,11 @@ pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()>
     Ok(())
 }
 
+/// How many L2 tables of `cs` bytes the cache may hold (`limits.max_cache_bytes`).
+fn cache_tables(limits: &Limits, cs: u64) -> usize {
+    usize::try_from(limits.max_cache_bytes / cs).unwrap_or(16)
+}
+
 impl Meta {
     /// The metadata of the image on `file` with header `h`, before its tables are read:
     /// the active L1 table's place and the header's size, an empty L2 cache sized from
@@ -100,7 +105,7 @@ impl Meta {
         h: Header,
         limits: Limits,
     ) -> Self {
-        let tables = usize::try_from(limits.max_cache_bytes / h.cluster_size()).unwrap_or(16);
+        let tables = cache_tables(&limits, h.cluster_size());
         Self {
             file,
             data,
@@ -121,6 +126,34 @@ impl Meta {
             reserve: crate::engine::reserve::Reserve::default(),
             h,
         }
+    }
+
+    /// Reads the refcount table the header points to (at open).
+    pub(crate) fn load_reftable(&mut self) -> Result<()> {
+        self.reftable = self.read_table(
+            "Reference count table offset invalid",
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * self.cs() / 8,
+        )?;
+        Ok(())
+    }
+
+    /// Takes `other`'s refcount table (a snapshot view of the same image).
+    pub(crate) fn share_reftable(&mut self, other: &Meta) {
+        self.reftable.clone_from(&other.reftable);
+    }
+
+    /// Host offsets of the refcount blocks (non-zero reftable entries).
+    pub(crate) fn refblock_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.reftable
+            .iter()
+            .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+    }
+
+    /// Empties the L2 cache (after tables were rewritten behind it).
+    pub(crate) fn reset_l2_cache(&mut self) {
+        self.l2 = L2Cache::new(cache_tables(&self.limits, self.cs()));
     }
 
     /// Cluster size.

@@ -10,7 +10,6 @@ use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPATIBLE_AT};
-use crate::disk::table::REFT_OFFSET_MASK;
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
@@ -207,11 +206,8 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
     );
-    for e in &m.reftable {
-        let off = e & REFT_OFFSET_MASK;
-        if off != 0 {
-            cnt.inc(off, cs);
-        }
+    for off in m.refblock_offsets() {
+        cnt.inc(off, cs);
     }
     if let Some(b) = h.ext.bitmaps.filter(|_| !dev.bitmaps.is_empty()) {
         cnt.inc(b.directory_offset, b.directory_size);
@@ -405,9 +401,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let l1_offset = m.h.l1_table_offset;
     if check_copied(dev, &mut m, &mut notes, &l1, l1_offset, fix_flags)? {
         // Reload what the caches hold of the rewritten tables.
-        m.l2 = crate::disk::table::L2Cache::new(
-            usize::try_from(m.limits.max_cache_bytes / cs).unwrap_or(16),
-        );
+        m.reset_l2_cache();
         m.l1 = m.read_table("L1 table", l1_offset, u64::from(m.h.l1_size))?;
     }
     if repair != RepairMode::None {
