@@ -14,6 +14,7 @@ use crate::common::{
 use crate::create::{known_option, parse_options, print_help};
 
 mod pipe;
+mod salvage;
 mod stdout;
 mod targets;
 
@@ -65,6 +66,10 @@ pub(crate) struct Args {
     /// Parallel workers (1..16, default 8).
     #[arg(short = 'm', long = "parallel", default_value_t = 8)]
     workers: usize,
+    /// Copy what can be read of a damaged source: unreadable sectors become zeroes
+    /// (each reported), failing block-status queries read as data.
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Allow out-of-order writes.
     #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
@@ -137,6 +142,9 @@ fn run_inner(mut a: Args) -> Result<i32> {
     if a.copy_range && a.sparse.is_some() {
         bail!("Cannot enable copy offloading when -S is used");
     }
+    if a.copy_range && a.salvage {
+        bail!("Cannot use copy offloading in salvaging mode");
+    }
     let snapshot = a
         .snapshot
         .as_deref()
@@ -175,13 +183,21 @@ fn run_inner(mut a: Args) -> Result<i32> {
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut salvaged = Vec::new();
     let mut _images = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
         let img = pipe::open_source(s, src_fmt, src_cache)?;
-        match &snapshot {
-            Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
-            None => parts.push(img.device.clone()),
+        let dev = match &snapshot {
+            Some(sel) => diskimg::snapshot_device(&img, sel)?,
+            None => img.device.clone(),
+        };
+        if a.salvage {
+            let w = salvage::wrap(dev, a.quiet);
+            salvaged.push(w.clone());
+            parts.push(w);
+        } else {
+            parts.push(dev);
         }
         _images.push(img);
     }
@@ -287,11 +303,13 @@ fn run_inner(mut a: Args) -> Result<i32> {
         target_is_zero,
         compress: a.compress,
         backing,
-        workers: a.workers,
+        // Salvage copies in order (its warnings come in offset order).
+        workers: if a.salvage { 1 } else { a.workers },
         out_of_order: a.out_of_order,
         copy_offload: a.copy_range,
         ..ConvertOptions::default()
     };
+    salvage::pre_pass(&salvaged)?;
     // qemu counts progress over the data it copies (0% was printed above), so its copy
     // loop only reaches 100% when there was data; the final 100% is printed in any case.
     let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {

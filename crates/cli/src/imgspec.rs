@@ -20,7 +20,7 @@ use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 use serde_json::Value;
 
-use crate::io::blkdebug::{Limits as BlkdebugLimits, Rule as BlkdebugRule};
+use crate::io::blkdebug::{Blkdebug, Limits as BlkdebugLimits, Rule as BlkdebugRule};
 use crate::io::filter::Filtered;
 use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
@@ -480,15 +480,18 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
         (OptionList::new(), Some(arg))
     };
     let r = resolve(dict, name, format)?;
-    if !r.blkdebug.is_empty() {
-        bail!("blkdebug error injection is not supported by diskimg's qemu-img");
-    }
     let mut opts = base;
     opts.read_only |= r.read_only == Some(true);
     if r.compress && !opts.read_only {
         bail!("the compress filter is supported by diskimg's qemu-io only");
     }
-    open(&r, arg, opts)
+    let mut img = open(&r, arg, opts)?;
+    // A blkdebug node above the format: its rules apply to the verb's requests.
+    if !r.blkdebug.is_empty() || !r.blkdebug_limits.is_none() {
+        let node = Blkdebug::new(img.device.clone(), r.blkdebug.clone(), r.blkdebug_limits);
+        img.device = Arc::new(Filtered(node));
+    }
+    Ok(img)
 }
 
 /// qemu's file-protocol checks: a directory cannot be opened for writing, and the `file`

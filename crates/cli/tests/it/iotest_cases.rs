@@ -540,3 +540,57 @@ fn bitmap_granularity_long_option() {
     let info = qemu_img_ok(&["info", "--output=json", &t]);
     assert!(info.contains("\"granularity\": 512"), "{info}");
 }
+
+/// `convert --salvage` over a blkdebug node whose rules fail block-status queries and
+/// reads at given sectors from the start (`event: none`; iotest 251): the same warnings
+/// as qemu-img, in the same order, and the same image (failed sectors as zeroes).
+#[test]
+fn convert_salvage_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> (String, i32) {
+        let orig = img(d, "orig.qcow2", "qcow2", "4M");
+        let w = crate::qemu_io_raw(&["-f", "qcow2", "-c", "write -P 42 0 4M", &orig]);
+        assert!(w.status.success());
+        let rule = |iotype: &str, ofs: u64| {
+            format!(
+                "{{'event': 'none', 'iotype': '{iotype}', 'errno': 5, 'sector': {}}}",
+                ofs / 512
+            )
+        };
+        let rules = [
+            rule("block-status", (1 << 20) + 8192),
+            rule("block-status", (2 << 20) + 512),
+            rule("read", (2 << 20) - 65536),
+            rule("read", (2 << 20) + 512),
+            rule("read", 3 << 20),
+            rule("read", (3 << 20) + 1024),
+        ]
+        .join(",");
+        let src = format!(
+            "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{orig}'}}}}, 'inject-error': [{rules}]}}"
+        );
+        let out = s(&d.join("out.qcow2")).to_string();
+        let args = ["convert", "--salvage", "-O", "qcow2", &src, &out];
+        let o = if qemu {
+            qemu_img(&args)
+        } else {
+            diskimg(&args)
+        };
+        let text = String::from_utf8_lossy(&o.stderr).to_string();
+        (text, code(&o))
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d.1, q.1);
+    assert_eq!(d.0.replace("diskimg:", "qemu-img:"), q.0);
+    assert!(
+        q.0.contains("error while reading block status at offset 1056768"),
+        "{q:?}"
+    );
+    let cmp = qemu_img(&[
+        "compare",
+        s(&qd.path().join("out.qcow2")),
+        s(&dd.path().join("out.qcow2")),
+    ]);
+    assert!(cmp.status.success(), "{cmp:?}");
+}
