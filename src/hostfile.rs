@@ -7,6 +7,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
+use diskimg_blockio::UringStorage;
 use diskimg_blockio::{CacheMode, Error, FilePurpose, FileStorage, HostFiles, Result, Storage};
 use rustix::fs::{Mode, OFlags};
 
@@ -110,6 +112,17 @@ pub(crate) fn open_user_file(
     Ok(s)
 }
 
+/// The storage an image reads through: `file` itself, or `file` on the io_uring of
+/// `options` ([`ImageOptions::io_uring`](crate::ImageOptions::io_uring)).
+pub(crate) fn on_ring(file: Arc<FileStorage>, options: &crate::ImageOptions) -> Arc<dyn Storage> {
+    #[cfg(target_os = "linux")]
+    if let Some(ring) = &options.io_uring {
+        return Arc::new(UringStorage::from_arc(file, ring.clone()));
+    }
+    let _ = options;
+    file
+}
+
 /// [`HostFiles`] for one image: names resolved against its directory under a policy.
 #[derive(Debug)]
 pub(crate) struct PolicyFiles {
@@ -125,6 +138,9 @@ pub(crate) struct PolicyFiles {
     pub(crate) locks: crate::locking::HeldLocks,
     /// The image's cache mode, for its other files too (as qemu's children).
     pub(crate) cache: CacheMode,
+    /// The image's io_uring, for its other files too.
+    #[cfg(target_os = "linux")]
+    pub(crate) io_uring: Option<Arc<diskimg_blockio::Uring>>,
 }
 
 impl HostFiles for PolicyFiles {
@@ -147,6 +163,10 @@ impl HostFiles for PolicyFiles {
             // Data files and extents are a format driver's storage, locked as such.
             self.locks
                 .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = &self.io_uring {
+            return Ok(Arc::new(UringStorage::from_arc(file, ring.clone())));
         }
         Ok(file)
     }

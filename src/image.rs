@@ -50,6 +50,11 @@ pub struct ImageOptions {
     /// Let others write the files while we read them (qemu's `-U` / `force-share=on`):
     /// read-only opens only (a writable open with it is refused, as qemu refuses it).
     pub force_share: bool,
+    /// Read and write every file of the chain through this io_uring (qemu's
+    /// `aio=io_uring`; Linux): see [`ImageOptions::with_io_uring`]. `None` (the default):
+    /// positional system calls on the calling thread.
+    #[cfg(target_os = "linux")]
+    pub io_uring: Option<Arc<crate::blockio::Uring>>,
 }
 
 impl Default for ImageOptions {
@@ -66,6 +71,8 @@ impl Default for ImageOptions {
             metadata_only: false,
             locking: true,
             force_share: false,
+            #[cfg(target_os = "linux")]
+            io_uring: None,
         }
     }
 }
@@ -107,6 +114,18 @@ impl ImageOptions {
     pub fn with_secrets(mut self, secrets: Secrets) -> Self {
         self.secrets = secrets;
         self
+    }
+
+    /// Reads and writes every file of the chain through one new io_uring with `depth`
+    /// requests in flight at most ([`Uring`](crate::blockio::Uring)): blocking calls from
+    /// many threads share it, and [`AsyncDevice`](crate::blockio::AsyncDevice) puts many
+    /// reads of one thread in flight. Fails where the kernel has no io_uring.
+    #[cfg(target_os = "linux")]
+    pub fn with_io_uring(mut self, depth: usize) -> Result<Self> {
+        let ring = crate::blockio::Uring::new(depth)
+            .map_err(|e| Error::io("could not set up io_uring", e))?;
+        self.io_uring = Some(Arc::new(ring));
+        Ok(self)
     }
 
     /// Sets the cache mode (see [`ImageOptions::cache`]).
@@ -296,13 +315,15 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage: Arc<dyn Storage> = file;
+    let storage = crate::hostfile::on_ring(file, options);
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
         policy: options.policy,
         read_only,
         cache: options.cache,
+        #[cfg(target_os = "linux")]
+        io_uring: options.io_uring.clone(),
         defer_data_files: options.metadata_only,
         lock_mode,
         locks: locks.clone(),
@@ -483,6 +504,8 @@ pub fn create(
         },
         read_only: false,
         cache: CacheMode::Writeback,
+        #[cfg(target_os = "linux")]
+        io_uring: None,
         defer_data_files: false,
         lock_mode,
         locks: HeldLocks::default(),

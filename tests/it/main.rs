@@ -18,3 +18,4 @@ mod inspect_rules;
 mod policy;
 mod probe;
 mod stress;
+mod uring;

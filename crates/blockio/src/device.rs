@@ -91,10 +91,33 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
     /// Fills `bufs` in order with guest bytes from `offset` (a scatter-gather list,
-    /// consecutive in guest space: a virtio descriptor chain). The default reads each
-    /// buffer with [`BlockDevice::read_at`] (no bounce buffer); raw uses `preadv(2)`.
+    /// consecutive in guest space: a virtio descriptor chain). The default goes through
+    /// the device's layout walk ([`BlockDevice::walk_runs`]): each host run is one
+    /// vectored storage read (`preadv(2)` for files) over the buffer parts it fills; a
+    /// device without one reads each buffer with [`BlockDevice::read_at`] (no bounce
+    /// buffer either way).
     fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
-        crate::vectored::read_each(self, bufs, offset)
+        crate::vectored::read_walked(self, bufs, offset)
+    }
+
+    /// Calls `f(layout, guest offset, length, mapping)` for each run of
+    /// `offset..offset+len`, as [`for_each_run`](crate::for_each_run) walks them, and
+    /// returns `Ok(true)`; for formats whose reads go through the guest-I/O skeleton
+    /// ([`read_via`](crate::read_via)), in one line: `walk(&self.view(), offset, len, f)`
+    /// ([`walk`](crate::walk)). It is the one place vectored reads
+    /// ([`BlockDevice::read_vectored_at`]'s default) and the async face
+    /// ([`AsyncDevice`](crate::AsyncDevice)) plan a read. The mappings may be read after
+    /// the format's lock is released (the async face does), as
+    /// [`read_via`](crate::read_via) may: a read racing with a write or discard of the
+    /// same range sees either. The default, `Ok(false)`: the device has no walk, callers
+    /// use [`BlockDevice::read_at`].
+    fn walk_runs(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _f: &mut crate::layout::RunFn<'_>,
+    ) -> Result<bool> {
+        Ok(false)
     }
 
     /// Writes `bufs` in order at guest `offset` (see [`BlockDevice::read_vectored_at`]).

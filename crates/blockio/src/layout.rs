@@ -209,6 +209,30 @@ pub fn for_each_run<L: Layout + ?Sized>(
     Ok(())
 }
 
+/// The callback of [`BlockDevice::walk_runs`]: `f(layout, guest offset, length, mapping)`
+/// for each run, the layout being the one [`read_run`] needs for the run.
+pub type RunFn<'f> = dyn for<'a> FnMut(&'a dyn Layout, u64, u64, Mapping<'a>) -> Result<()> + 'f;
+
+/// [`for_each_run`] for [`BlockDevice::walk_runs`]: what a format on this skeleton
+/// answers there (`walk(&self.view(), offset, len, f)`), always `Ok(true)` on success.
+pub fn walk<L: Layout>(layout: &L, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
+    for_each_run(layout, offset, len, |pos, n, m| f(layout, pos, n, m)).map(|()| true)
+}
+
+/// `mapping` of a run, advanced by `by` bytes into the run (for reading part of it).
+pub fn advance_mapping(mapping: Mapping<'_>, by: u64) -> Result<Mapping<'_>> {
+    Ok(match mapping {
+        Mapping::Host(mut run) => {
+            run.offset = run
+                .offset
+                .checked_add(by)
+                .ok_or(Error::invalid("host offset overflow"))?;
+            Mapping::Host(run)
+        }
+        m => m,
+    })
+}
+
 /// Fills `buf` with the guest bytes at `offset`: host runs from their storage, zero runs
 /// with zeroes, unallocated runs from the backing device, special runs through the
 /// format.

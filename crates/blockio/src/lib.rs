@@ -62,6 +62,7 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+mod aio;
 pub mod bytes;
 mod cache;
 mod capability;
@@ -83,6 +84,7 @@ mod secrets;
 mod storage;
 pub mod vectored;
 
+pub use aio::{AsyncDevice, IO_ALIGN, IoBuf, IoFuture};
 pub use cache::CacheMode;
 pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
@@ -96,7 +98,8 @@ pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenO
 pub use error::{Error, Result};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
-    HostRun, Layout, Mapping, PastEof, for_each_run, guard_write, map_via, read_run, read_via,
+    HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_via,
+    read_run, read_via, walk,
 };
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
@@ -107,3 +110,5 @@ pub use storage::{
     CrashMode, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage,
     write_zeroes_by_buffer,
 };
+#[cfg(target_os = "linux")]
+pub use storage::{Uring, UringStorage};

@@ -11,6 +11,7 @@ use std::io::{IoSlice, IoSliceMut};
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
+use crate::layout::{Mapping, PastEof};
 use crate::storage::Storage;
 
 /// Most buffers one `preadv`/`pwritev` call takes (Linux's `IOV_MAX`).
@@ -46,6 +47,79 @@ fn serve_each<B: std::ops::Deref<Target = [u8]>>(
         off += n;
     }
     Ok(())
+}
+
+/// [`BlockDevice::read_vectored_at`]'s default: through the device's layout walk
+/// ([`BlockDevice::walk_runs`]) when it has one — each host run of the request is one
+/// [`Storage::read_vectored_exact_at`] (one `preadv(2)` for files) over the parts of the
+/// buffers it fills, zero runs are filled, other runs read per buffer part — else one
+/// `read_at` per buffer ([`read_each`]).
+pub fn read_walked<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    crate::check_range(offset, len, dev.virtual_size())?;
+    let mut cur = Cursor {
+        bufs: &mut *bufs,
+        i: 0,
+        skip: 0,
+    };
+    let walked = dev.walk_runs(offset, len, &mut |layout, pos, n, mapping| {
+        let mut parts = cur.next(n);
+        match mapping {
+            Mapping::Host(run) if run.past_eof == PastEof::Fail => {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+                run.storage.read_vectored_exact_at(&mut iov, run.offset)
+            }
+            _ => {
+                let mut at = 0u64;
+                for p in parts {
+                    let m = crate::layout::advance_mapping(mapping, at)?;
+                    crate::layout::read_run(layout, pos + at, m, p)?;
+                    at += p.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    })?;
+    if walked {
+        return Ok(());
+    }
+    read_each(dev, bufs, offset)
+}
+
+/// A position in a buffer list, handing out the parts of the next `n` bytes.
+struct Cursor<'b, 'c> {
+    bufs: &'b mut [IoSliceMut<'c>],
+    i: usize,
+    skip: usize,
+}
+
+impl Cursor<'_, '_> {
+    fn next(&mut self, n: u64) -> Vec<&mut [u8]> {
+        let mut left = usize::try_from(n).unwrap_or(usize::MAX);
+        let (mut i, mut skip) = (self.i, self.skip);
+        let mut out = Vec::new();
+        for b in self.bufs.iter_mut().skip(self.i) {
+            if left == 0 {
+                break;
+            }
+            let avail = b.len().saturating_sub(skip);
+            let take = avail.min(left);
+            out.push(b.get_mut(skip..skip + take).unwrap_or_default());
+            left -= take;
+            if take == avail {
+                (i, skip) = (i + 1, 0);
+            } else {
+                skip += take;
+            }
+        }
+        (self.i, self.skip) = (i, skip);
+        out
+    }
 }
 
 /// [`BlockDevice::read_vectored_at`]'s default: one `read_at` per buffer.
@@ -96,21 +170,16 @@ pub fn storage_write_each<S: Storage + ?Sized>(
     })
 }
 
-/// A buffer list `preadv(2)` fills or `pwritev(2)` writes: the one loop below serves both.
-trait IoList: Sized {
+/// A buffer list `preadv(2)` fills or `pwritev(2)` writes: [`transfer_all`] serves both.
+pub(crate) trait IoList: Sized {
     /// What a transfer of 0 bytes before the end means.
     const AT_ZERO: std::io::ErrorKind;
-    /// One `preadv` / `pwritev` of `bufs` at `offset`.
-    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize>;
     /// Drops `n` transferred bytes from the front of `bufs`.
     fn advance(bufs: &mut &mut [Self], n: usize);
 }
 
 impl IoList for IoSliceMut<'_> {
     const AT_ZERO: std::io::ErrorKind = std::io::ErrorKind::UnexpectedEof;
-    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize> {
-        rustix::io::preadv(file, bufs, offset)
-    }
     fn advance(bufs: &mut &mut [Self], n: usize) {
         IoSliceMut::advance_slices(bufs, n);
     }
@@ -118,30 +187,28 @@ impl IoList for IoSliceMut<'_> {
 
 impl IoList for IoSlice<'_> {
     const AT_ZERO: std::io::ErrorKind = std::io::ErrorKind::WriteZero;
-    fn transfer(file: &std::fs::File, bufs: &mut [Self], offset: u64) -> rustix::io::Result<usize> {
-        rustix::io::pwritev(file, bufs, offset)
-    }
     fn advance(bufs: &mut &mut [Self], n: usize) {
         IoSlice::advance_slices(bufs, n);
     }
 }
 
-/// Transfers every buffer at `offset`, at most [`IOV_MAX`] per call, repeating after
-/// short transfers and `EINTR`.
-fn transfer_all<B: IoList>(
-    file: &std::fs::File,
+/// Transfers every buffer from `offset` with `call(buffers, offset)` (one `preadv` or
+/// `pwritev`, of at most [`IOV_MAX`] buffers), repeating after short transfers and
+/// `EINTR`; 0 bytes before the end is an error.
+pub(crate) fn transfer_all<B: IoList>(
     mut bufs: &mut [B],
     offset: u64,
+    mut call: impl FnMut(&mut [B], u64) -> std::io::Result<usize>,
 ) -> std::io::Result<()> {
     let mut off = offset;
     B::advance(&mut bufs, 0);
     while !bufs.is_empty() {
         let n = bufs.len().min(IOV_MAX);
-        let got = match B::transfer(file, bufs.get_mut(..n).unwrap_or_default(), off) {
+        let got = match call(bufs.get_mut(..n).unwrap_or_default(), off) {
             Ok(0) => return Err(B::AT_ZERO.into()),
             Ok(k) => k,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
         off += got as u64;
         B::advance(&mut bufs, got);
@@ -156,7 +223,7 @@ pub(crate) fn preadv_exact(
     bufs: &mut [IoSliceMut<'_>],
     offset: u64,
 ) -> std::io::Result<()> {
-    transfer_all(file, bufs, offset)
+    transfer_all(bufs, offset, |b, o| Ok(rustix::io::preadv(file, b, o)?))
 }
 
 /// Writes every buffer to `file` at `offset` with `pwritev(2)`, repeating after short
@@ -166,7 +233,7 @@ pub(crate) fn pwritev_all(
     bufs: &mut [IoSlice<'_>],
     offset: u64,
 ) -> std::io::Result<()> {
-    transfer_all(file, bufs, offset)
+    transfer_all(bufs, offset, |b, o| Ok(rustix::io::pwritev(file, b, o)?))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ impl Bitmaps for Qcow2Device {
         self.bitmaps()
     }
     fn read(&self, name: &str) -> Result<BitmapData> {
-        crate::bitmap::read_named(&self.lock(), name)
+        crate::features::bitmap::read_named(&self.lock(), name)
     }
 }
 

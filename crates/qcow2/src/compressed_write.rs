@@ -11,11 +11,13 @@
 
 use diskimg_blockio::{CompressedUnits, Error, PackedUnit, Result, check_range};
 
-use crate::compress;
 use crate::device::Qcow2Device;
-use crate::meta::Meta;
-use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED};
-use crate::write::{ensure_l2, idx, write};
+use crate::disk::compress;
+use crate::disk::idx;
+use crate::disk::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::Meta;
+use crate::write::{ensure_l2, write};
 
 /// Cluster size, compression type and virtual size, when the image takes compressed
 /// clusters at all.
@@ -117,7 +119,7 @@ pub(crate) fn write_units(dev: &Qcow2Device, cu: CompressedUnits) -> Result<()> 
 struct Packer {
     host: u64,
     bytes: Vec<u8>,
-    l2: Vec<(u64, u64, u64, u64)>,
+    l2: Vec<L2Update>,
 }
 
 impl Packer {
@@ -145,8 +147,12 @@ impl Packer {
         }
         self.bytes.extend_from_slice(c);
         let nsec = (host + len - 1) / 512 - host / 512;
-        self.l2
-            .push((l2, i, OFLAG_COMPRESSED | host | (nsec << x), 0));
+        self.l2.push(L2Update::new(
+            l2,
+            i,
+            OFLAG_COMPRESSED | host | (nsec << x),
+            0,
+        ));
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //!   *guest* offset / 512. Insecure; supported for compatibility, with a warning.
 //!
 //! The key comes from the driver option `encrypt.key-secret=ID` looked up in
-//! [`OpenOptions::secrets`], as in qemu. Secret material never reaches an error message.
+//! [`OpenOptions::secrets`](diskimg_blockio::OpenOptions::secrets), as in qemu. Secret material never reaches an error message.
 
 use std::sync::Mutex;
 
@@ -17,19 +17,14 @@ use diskimg_blockio::{Error, InfoValue, Result, Secrets, Storage};
 use zeroize::Zeroizing;
 
 use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
-use crate::header::Header;
-use crate::meta::read_host;
+use crate::disk::header::Header;
+use crate::engine::meta::read_host;
 use crate::open_options::Qcow2OpenOptions;
 
 /// `crypt_method` for legacy AES.
 pub(crate) const CRYPT_AES: u32 = 1;
 /// `crypt_method` for LUKS.
 pub(crate) const CRYPT_LUKS: u32 = 2;
-/// The driver option naming the secret that holds the passphrase (qemu's name).
-pub const KEY_SECRET_OPTION: &str = "encrypt.key-secret";
-/// Driver option (diskimg's own): open an encrypted image without a key for metadata
-/// only (`info`, as qemu's `BDRV_O_NO_IO`); every data read or write then fails.
-pub const NO_IO_OPTION: &str = "encrypt.no-io";
 
 const SECTOR: u64 = 512;
 

@@ -96,43 +96,28 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
-mod amend;
-mod bitmap;
+mod blockdev;
 mod capability;
-mod check;
-mod check_copied;
-mod compress;
 mod compressed_write;
 mod create;
 mod device;
-mod dirty;
-mod encrypt_create;
+mod disk;
 mod encryption;
-mod ext;
-mod header;
-mod keyslots;
-mod maint;
-mod measure;
-mod meta;
+mod engine;
+mod features;
 mod offload;
+mod open;
 mod open_options;
-mod options;
-mod rebuild;
-mod refcount;
-mod reserve;
-mod resize;
-mod snapshot;
-mod snapshot_ops;
-mod table;
+mod read;
+mod tracked;
 mod write;
 
-pub use bitmap::{edit_bitmaps, read_bitmap};
+pub use create::measure::{MeasureTarget, Measurement, bitmaps_size};
+pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
 pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
-pub use encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
-pub use measure::{MeasureTarget, Measurement, bitmaps_size};
-pub use open_options::Qcow2OpenOptions;
-pub use options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
+pub use features::bitmap::{edit_bitmaps, read_bitmap};
+pub use open_options::{KEY_SECRET_OPTION, NO_IO_OPTION, Qcow2OpenOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.
 pub static DRIVER: Qcow2Driver = Qcow2Driver;
@@ -159,7 +144,7 @@ impl Driver for Qcow2Driver {
             return 0;
         }
         match (b.be_u32(0), b.be_u32(4)) {
-            (Some(header::MAGIC), Some(2 | 3)) => 100,
+            (Some(disk::header::MAGIC), Some(2 | 3)) => 100,
             _ => 0,
         }
     }

@@ -14,8 +14,9 @@
 use diskimg_blockio::{Result, Storage, copy_range, write_from_by_buffer};
 
 use crate::device::Qcow2Device;
-use crate::meta::Meta;
-use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, Sub, classify};
+use crate::disk::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, Sub, classify};
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::Meta;
 use crate::write::{ALL_ALLOC, Pending, ensure_l2, old_ref};
 
 /// What a whole-cluster write does to one guest cluster.
@@ -103,10 +104,10 @@ fn whole_clusters(
         for (k, plan) in plans.into_iter().enumerate() {
             let i = i0 + k as u64;
             match plan {
-                Plan::InPlace(_, Some((e, bm))) => p.l2.push((l2, i, e, bm)),
+                Plan::InPlace(_, Some((e, bm))) => p.l2.push(L2Update::new(l2, i, e, bm)),
                 Plan::InPlace(_, None) => {}
                 Plan::Fresh(host, bm) => {
-                    p.l2.push((l2, i, host | OFLAG_COPIED, bm));
+                    p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, bm));
                     p.flush = true;
                 }
             }

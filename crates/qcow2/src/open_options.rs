@@ -5,7 +5,11 @@
 
 use diskimg_blockio::OpenOptions;
 
-use crate::encryption::{KEY_SECRET_OPTION, NO_IO_OPTION};
+/// The driver option naming the secret that holds the passphrase (qemu's name).
+pub const KEY_SECRET_OPTION: &str = "encrypt.key-secret";
+/// Driver option (diskimg's own): open an encrypted image without a key for metadata
+/// only (`info`, as qemu's `BDRV_O_NO_IO`); every data read or write then fails.
+pub const NO_IO_OPTION: &str = "encrypt.no-io";
 
 /// How a qcow2 image is opened beyond the generic [`OpenOptions`].
 ///

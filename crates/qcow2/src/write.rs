@@ -11,10 +11,14 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
 use crate::device::Qcow2Device;
+use crate::disk::header::AUTOCLEAR_DATA_RAW;
+use crate::disk::idx;
+use crate::disk::table::{
+    L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify,
+};
 use crate::encryption::write_data;
-use crate::header::AUTOCLEAR_DATA_RAW;
-use crate::meta::Meta;
-use crate::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Sub, classify};
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::Meta;
 
 /// All 32 subcluster allocation bits.
 pub(crate) const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -22,8 +26,8 @@ pub(crate) const ALL_ALLOC: u64 = 0xffff_ffff;
 /// Metadata updates collected during one request, applied by [`commit`].
 #[derive(Default)]
 pub(crate) struct Pending {
-    /// (L2 table offset, index, entry, bitmap).
-    pub(crate) l2: Vec<(u64, u64, u64, u64)>,
+    /// The L2 entry updates.
+    pub(crate) l2: Vec<L2Update>,
     /// Host ranges to drop one reference from once the L2 updates are durable.
     pub(crate) unref: Vec<(u64, u64)>,
     /// New clusters were allocated: flush before pointing to them.
@@ -32,10 +36,6 @@ pub(crate) struct Pending {
 
 fn commit(m: &mut Meta, p: Pending) -> Result<()> {
     m.defer(p.l2, p.unref, p.flush)
-}
-
-pub(crate) fn idx(v: u64) -> usize {
-    usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 /// The L2 table for L1 index `l1i`, allocated (or copied from a shared one) if needed.
@@ -162,7 +162,7 @@ fn write_cluster(
             full.put(idx(in_off), data);
             write_data(crypt, store.as_ref(), &full, host, cstart)?;
         }
-        p.l2.push((l2, i, host | OFLAG_COPIED, 0));
+        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, 0));
         p.flush |= needs_ordering(dev, reserved, was_zero);
         if !(copied && matches!(kind, Sub::ZeroAlloc(_)))
             && let Some(r) = old_ref(m, e).filter(|_| !copied || e & OFLAG_COMPRESSED != 0)
@@ -181,7 +181,7 @@ fn write_cluster(
         b.put(idx(in_off), data);
         let (host, _) = new_clusters(m, cstart, 1)?;
         write_data(crypt, store.as_ref(), &b, host, cstart)?;
-        p.l2.push((l2, i, host | OFLAG_COPIED, ALL_ALLOC));
+        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, ALL_ALLOC));
         p.flush = true;
         if let Some(r) = old_ref(m, e) {
             p.unref.push(r);
@@ -228,7 +228,7 @@ fn write_cluster(
         nbm = (nbm | (1 << sc)) & !(1u64 << (32 + sc));
     }
     if !allocated || nbm != bm {
-        p.l2.push((l2, i, host | OFLAG_COPIED, nbm));
+        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, nbm));
     }
     Ok(())
 }
@@ -300,7 +300,7 @@ fn fast_run(
     write_data(crypt, store.as_ref(), data, host, guest)?;
     for (k, e) in olds.into_iter().enumerate() {
         let k = k as u64;
-        p.l2.push((l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
+        p.l2.push(L2Update::new(l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
         // Fresh runs never hold a COPIED allocation: whatever was there is shared.
         if let Some(r) = old_ref(m, e) {
             p.unref.push(r);
@@ -364,109 +364,150 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
             continue;
         }
         let l1i = pos / m.h.l1_coverage();
-        let l2 = ensure_l2(&mut m, l1i)?;
-        let i = (pos / cs) % m.h.l2_entries();
-        let (e, bm, _) = m.l2_entry(pos)?;
-        let copied = e & OFLAG_COPIED != 0;
+        let table = ensure_l2(&mut m, l1i)?;
+        let index = (pos / cs) % m.h.l2_entries();
+        let (entry, bitmap, _) = m.l2_entry(pos)?;
         if raw {
             m.data_store().clone().write_zeroes(pos, n)?;
         }
-        if !ext {
-            let kind = classify(&m.h, e, bm, 0, l2)?;
-            let keep = match kind {
-                Sub::Data(h) | Sub::ZeroAlloc(h) if copied && !unmap => Some(h),
-                _ => None,
-            };
-            let new = match keep {
-                Some(h) => h | OFLAG_COPIED | OFLAG_ZERO,
-                None => OFLAG_ZERO,
-            };
-            if keep.is_none()
-                && let Some(r) = old_ref(&m, e)
-            {
-                p.unref.push(r);
-            }
-            p.l2.push((l2, i, new, 0));
-            pos += n;
-            continue;
-        }
-        // Extended L2: whole subclusters get the zero bit, edges get zero data.
-        let g = cs / 32;
-        let in_off = pos - cstart;
-        let mut first_full = in_off.div_ceil(g);
-        let mut last_full = if pos + n == size {
-            (in_off + n).div_ceil(g)
+        let at = L2Update::new(table, index, entry, bitmap);
+        if ext {
+            zero_subclusters(dev, &mut m, &zeros, at, pos..pos + n, &mut p)?;
         } else {
-            (in_off + n) / g
-        };
-        let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && !copied);
-        if !shared {
-            // Partial subclusters at the edges become zero subclusters when the rest of
-            // them already reads as zeroes (qemu's qcow2_co_pwrite_zeroes).
-            let end_in = in_off + n;
-            let unit = |sc: u64| cstart + sc * g..(cstart + (sc + 1) * g).min(size);
-            let head_sc = in_off / g;
-            if !in_off.is_multiple_of(g) {
-                let u = unit(head_sc);
-                let piece = pos..(pos + n).min(u.end);
-                let kind = classify(&m.h, e, bm, u32::try_from(head_sc).unwrap_or(0), l2)?;
-                if rest_is_zero(dev, kind, u.clone(), piece)? {
-                    first_full = head_sc;
-                    if pos + n <= u.end {
-                        last_full = head_sc + 1;
-                    }
-                }
-            }
-            let tail_sc = end_in / g;
-            let same_as_head = !in_off.is_multiple_of(g) && head_sc == tail_sc;
-            if !end_in.is_multiple_of(g) && cstart + end_in < size && !same_as_head {
-                let u = unit(tail_sc);
-                let kind = classify(&m.h, e, bm, u32::try_from(tail_sc).unwrap_or(0), l2)?;
-                if rest_is_zero(dev, kind, u.clone(), pos.max(u.start)..pos + n)? {
-                    last_full = tail_sc + 1;
-                }
-            }
-        }
-        if shared || first_full >= last_full {
-            let z = zeros.get(..idx(n)).unwrap_or(&[]);
-            write_cluster(dev, &mut m, z, pos, &mut p)?;
-            pos += n;
-            continue;
-        }
-        let head = (first_full * g).saturating_sub(in_off);
-        if head > 0 {
-            write_cluster(
-                dev,
-                &mut m,
-                zeros.get(..idx(head)).unwrap_or(&[]),
-                pos,
-                &mut p,
-            )?;
-        }
-        let mut mask = 0u64;
-        for sc in first_full..last_full.min(32) {
-            mask |= 1 << sc;
-        }
-        let (e, bm, _) = m.l2_entry(pos)?;
-        let pending_bm =
-            p.l2.iter()
-                .rev()
-                .find(|x| x.0 == l2 && x.1 == i)
-                .map(|x| (x.2, x.3));
-        let (e, bm) = pending_bm.unwrap_or((e, bm));
-        p.l2.push((l2, i, e, (bm & !mask) | (mask << 32)));
-        let tail_start = last_full * g;
-        if tail_start < in_off + n {
-            let t = in_off + n - tail_start;
-            let z = zeros.get(..idx(t)).unwrap_or(&[]);
-            // Apply the subcluster update first so the tail sees the right entry.
-            let staged = std::mem::take(&mut p);
-            commit(&mut m, staged)?;
-            write_cluster(dev, &mut m, z, cstart + tail_start, &mut p)?;
+            zero_cluster(&m, at, unmap, &mut p)?;
         }
         pos += n;
     }
     commit(&mut m, p)
+}
+
+/// A standard cluster (entry `at`) becomes a zero cluster, keeping its host cluster
+/// when it is ours and `unmap` is off.
+fn zero_cluster(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Result<()> {
+    let e = at.entry;
+    let copied = e & OFLAG_COPIED != 0;
+    let keep = match classify(&m.h, e, at.bitmap, 0, at.table)? {
+        Sub::Data(h) | Sub::ZeroAlloc(h) if copied && !unmap => Some(h),
+        _ => None,
+    };
+    let new = match keep {
+        Some(h) => h | OFLAG_COPIED | OFLAG_ZERO,
+        None => OFLAG_ZERO,
+    };
+    if keep.is_none()
+        && let Some(r) = old_ref(m, e)
+    {
+        p.unref.push(r);
+    }
+    p.l2.push(L2Update::new(at.table, at.index, new, 0));
+    Ok(())
+}
+
+/// Extended L2 (entry `at`): the whole subclusters of `r` (one cluster's part) get the
+/// zero bit, the edges get zero data.
+fn zero_subclusters(
+    dev: &Qcow2Device,
+    m: &mut Meta,
+    zeros: &[u8],
+    at: L2Update,
+    r: std::ops::Range<u64>,
+    p: &mut Pending,
+) -> Result<()> {
+    let cs = m.cs();
+    let g = cs / 32;
+    let (pos, n) = (r.start, r.end - r.start);
+    let cstart = pos - pos % cs;
+    let in_off = pos - cstart;
+    let e = at.entry;
+    let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && e & OFLAG_COPIED == 0);
+    let full = if shared {
+        None
+    } else {
+        Some(full_subclusters(dev, m, at, pos, n)?)
+    };
+    let Some((first_full, last_full)) = full.filter(|(f, l)| f < l) else {
+        let z = zeros.get(..idx(n)).unwrap_or(&[]);
+        return write_cluster(dev, m, z, pos, p);
+    };
+    let head = (first_full * g).saturating_sub(in_off);
+    if head > 0 {
+        write_cluster(dev, m, zeros.get(..idx(head)).unwrap_or(&[]), pos, p)?;
+    }
+    let mut mask = 0u64;
+    for sc in first_full..last_full.min(32) {
+        mask |= 1 << sc;
+    }
+    let (e, bm, _) = m.l2_entry(pos)?;
+    let pending_bm =
+        p.l2.iter()
+            .rev()
+            .find(|x| x.table == at.table && x.index == at.index)
+            .map(|x| (x.entry, x.bitmap));
+    let (e, bm) = pending_bm.unwrap_or((e, bm));
+    p.l2.push(L2Update::new(
+        at.table,
+        at.index,
+        e,
+        (bm & !mask) | (mask << 32),
+    ));
+    let tail_start = last_full * g;
+    if tail_start < in_off + n {
+        let t = in_off + n - tail_start;
+        let z = zeros.get(..idx(t)).unwrap_or(&[]);
+        // Apply the subcluster update first so the tail sees the right entry.
+        commit(m, std::mem::take(p))?;
+        write_cluster(dev, m, z, cstart + tail_start, p)?;
+    }
+    Ok(())
+}
+
+/// The subclusters `first..last` of `pos..pos+n` (inside one cluster, entry `at`) that
+/// become zero subclusters: the fully covered ones, plus partial ones at the edges whose
+/// rest already reads as zeroes (qemu's `qcow2_co_pwrite_zeroes`).
+fn full_subclusters(
+    dev: &Qcow2Device,
+    m: &Meta,
+    at: L2Update,
+    pos: u64,
+    n: u64,
+) -> Result<(u64, u64)> {
+    let cs = m.cs();
+    let size = m.size;
+    let g = cs / 32;
+    let cstart = pos - pos % cs;
+    let in_off = pos - cstart;
+    let mut first_full = in_off.div_ceil(g);
+    let mut last_full = if pos + n == size {
+        (in_off + n).div_ceil(g)
+    } else {
+        (in_off + n) / g
+    };
+    let end_in = in_off + n;
+    let unit = |sc: u64| cstart + sc * g..(cstart + (sc + 1) * g).min(size);
+    let kind_of = |sc: u64| {
+        let sc = u32::try_from(sc).unwrap_or(0);
+        classify(&m.h, at.entry, at.bitmap, sc, at.table)
+    };
+    let head_sc = in_off / g;
+    if !in_off.is_multiple_of(g) {
+        let u = unit(head_sc);
+        let piece = pos..(pos + n).min(u.end);
+        if rest_is_zero(dev, kind_of(head_sc)?, u.clone(), piece)? {
+            first_full = head_sc;
+            if pos + n <= u.end {
+                last_full = head_sc + 1;
+            }
+        }
+    }
+    let tail_sc = end_in / g;
+    let same_as_head = !in_off.is_multiple_of(g) && head_sc == tail_sc;
+    if !end_in.is_multiple_of(g) && cstart + end_in < size && !same_as_head {
+        let u = unit(tail_sc);
+        if rest_is_zero(dev, kind_of(tail_sc)?, u.clone(), pos.max(u.start)..pos + n)? {
+            last_full = tail_sc + 1;
+        }
+    }
+    Ok((first_full, last_full))
 }
 
 /// Whether the parts of the (sub)cluster `unit` outside `piece` read as zeroes, given
@@ -553,7 +594,7 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
                     let n = cs.min(size - c);
                     m.data_store().clone().write_zeroes(c, n)?;
                 }
-                p.l2.push((l2, i, ne, nb));
+                p.l2.push(L2Update::new(l2, i, ne, nb));
             }
         }
         c += cs;

@@ -239,6 +239,10 @@ impl BlockDevice for VhdDevice {
         read_via(&self.view(), buf, offset)
     }
 
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
+        diskimg_blockio::walk(&self.view(), offset, len, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;

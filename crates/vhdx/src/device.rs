@@ -319,6 +319,17 @@ impl VhdxDevice {
         read_via(&View { dev: self, st }, buf, offset)
     }
 
+    /// The layout walk ([`BlockDevice::walk_runs`]) with the state lock held.
+    pub(crate) fn walk_locked(
+        &self,
+        st: &State,
+        offset: u64,
+        len: u64,
+        f: &mut diskimg_blockio::RunFn<'_>,
+    ) -> Result<bool> {
+        diskimg_blockio::walk(&View { dev: self, st }, offset, len, f)
+    }
+
     /// `map` with the state lock held.
     pub(crate) fn map_locked(&self, st: &State, offset: u64, len: u64) -> Result<Extent> {
         map_via(&View { dev: self, st }, offset, len)

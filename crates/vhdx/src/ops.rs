@@ -32,6 +32,10 @@ impl BlockDevice for VhdxDevice {
         self.read_locked(&st, buf, offset)
     }
 
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
+        self.walk_locked(&self.read_state(), offset, len, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);

@@ -381,6 +381,10 @@ impl BlockDevice for VmdkDevice {
         read_via(self, buf, offset)
     }
 
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
+        diskimg_blockio::walk(self, offset, len, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         self.writable()?;

@@ -98,6 +98,17 @@ impl DirectIo {
         off.is_multiple_of(self.align as u64) && len.is_multiple_of(self.align)
     }
 
+    /// True when a request of `len` bytes at `off` from memory at `ptr` may go to the
+    /// kernel as it is (offset, length and buffer aligned).
+    pub(crate) fn fits(&self, ptr: *const u8, off: u64, len: usize) -> bool {
+        self.aligned(off, len) && ptr.align_offset(self.mem_align) == 0
+    }
+
+    /// The lock aligned writes hold shared (read-modify-writes hold it exclusively).
+    pub(crate) fn shared_write(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.rmw.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn bounce_len(&self) -> usize {
         BOUNCE.max(self.align)
     }

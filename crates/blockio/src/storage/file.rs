@@ -66,7 +66,6 @@ impl FileStorage {
         self.cache
     }
 
-    #[cfg(test)]
     pub(crate) fn direct_io(&self) -> Option<&DirectIo> {
         self.direct.as_ref()
     }

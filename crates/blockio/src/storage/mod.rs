@@ -15,11 +15,17 @@ mod fault;
 mod file;
 mod mem;
 mod read_only;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 
 pub use fault::{CrashMode, FaultStorage};
 pub use file::FileStorage;
 pub use mem::MemStorage;
 pub use read_only::ReadOnlyStorage;
+#[cfg(target_os = "linux")]
+pub(crate) use uring::{Piece, gather};
+#[cfg(target_os = "linux")]
+pub use uring::{Uring, UringStorage};
 
 /// How to preallocate host space when creating or growing a file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,6 +177,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn host_file(&self) -> Option<&File> {
         None
     }
+    /// The io_uring storage holding the bytes at the same offsets, for the async face
+    /// ([`AsyncDevice`](crate::AsyncDevice)) to read them without a blocked thread. Only
+    /// [`UringStorage`] (and `Arc`s of it) return it; a wrapper that translates,
+    /// decrypts or refuses writes must return `None` (the default).
+    #[cfg(target_os = "linux")]
+    fn uring(&self) -> Option<&UringStorage> {
+        None
+    }
 }
 
 /// Zero-fills a range with ordinary writes of at most 1 MiB.
@@ -242,5 +256,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn host_file(&self) -> Option<&File> {
         (**self).host_file()
+    }
+    #[cfg(target_os = "linux")]
+    fn uring(&self) -> Option<&UringStorage> {
+        (**self).uring()
     }
 }

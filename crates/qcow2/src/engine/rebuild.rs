@@ -11,10 +11,10 @@
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
-use crate::meta::Meta;
-use crate::refcount::{max_refcount_of, set_entry};
-use crate::table::encode_u64s;
-use crate::write::idx;
+use crate::disk::idx;
+use crate::disk::table::encode_u64s;
+use crate::engine::meta::Meta;
+use crate::engine::refcount::{max_refcount_of, set_entry};
 
 /// First-fit run of `n` clusters with no references in `refs` (extended as needed);
 /// marks them used.
@@ -155,7 +155,7 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
     m.rb.clear();
     m.free_hint = 1;
     m.alloc_floor = 0;
-    m.meta_clusters.clear();
+    m.overlap.clear();
     m.collect_meta();
     let (so, sl) = (m.h.snapshots_offset, m.snapshot_table_len);
     m.note_meta(so, sl);
@@ -199,7 +199,7 @@ pub(crate) fn change_order(m: &mut Meta, order: u32) -> Result<()> {
     let old_blocks: Vec<u64> = m
         .reftable
         .iter()
-        .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+        .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
         .filter(|&b| b != 0)
         .collect();
     rebuild_with_order(m, &mut refs, order)?;

@@ -9,9 +9,7 @@
 //! [`Qcow2CreateOptions::check_create`], both with qemu's messages. Amend checks its
 //! keys against the open image (`amend.rs`).
 
-use std::sync::Arc;
-
-use diskimg_blockio::{CreateRequest, Error, OptionList, Preallocation, Result, Storage};
+use diskimg_blockio::{Error, OptionList, Preallocation, Result};
 
 /// qcow2 version (`compat`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,7 +66,7 @@ pub struct EncryptOptions {
     /// `encrypt.format=aes` (legacy qcow2 AES, insecure) instead of `luks`.
     pub legacy_aes: bool,
     /// `encrypt.key-secret`: the id of the secret holding the passphrase
-    /// ([`CreateRequest::secrets`]); required.
+    /// ([`CreateRequest::secrets`](diskimg_blockio::CreateRequest::secrets)); required.
     pub key_secret: Option<String>,
     /// `encrypt.cipher-alg` (LUKS; default `aes-256`).
     pub cipher_alg: Option<String>,
@@ -318,7 +316,7 @@ pub struct Qcow2CreateOptions {
     /// file).
     pub backing_format: Option<String>,
     /// `data_file`: the external data file extension (0x44415441) and incompatible bit 2
-    /// (version 3); the file is created through [`CreateRequest::files`].
+    /// (version 3); the file is created through [`CreateRequest::files`](diskimg_blockio::CreateRequest::files).
     pub data_file: Option<String>,
     /// `data_file_raw`: autoclear bit 1, the data file stays a valid raw image (needs
     /// `data_file`).
@@ -560,14 +558,6 @@ impl Qcow2CreateOptions {
             ));
         }
         Ok(())
-    }
-
-    /// Writes a new, empty image of `request.size` bytes (rounded up to whole sectors, as
-    /// qemu-img does) to the empty `storage`; a data file is created through
-    /// `request.files`, an encrypted image's passphrase comes from `request.secrets`.
-    /// `request.options` is not read.
-    pub fn create(&self, storage: Arc<dyn Storage>, request: &CreateRequest) -> Result<()> {
-        crate::create::create(storage, request, self)
     }
 }
 

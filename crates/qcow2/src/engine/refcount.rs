@@ -4,11 +4,8 @@
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result};
 
-use crate::meta::Meta;
-use crate::table::encode_u64s;
-
-/// Refcount table entry bits 9–63: refcount block offset.
-pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+use crate::disk::table::{REFT_OFFSET_MASK, encode_u64s};
+use crate::engine::meta::Meta;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
 pub(crate) fn get_entry(block: &[u8], i: u64, order: u32) -> u64 {
@@ -144,7 +141,7 @@ impl Meta {
         let bytes = b.get(s..e).unwrap_or(&[]).to_vec();
         self.file.write_all_at(&bytes, off + s as u64)?;
         if v == 0 {
-            self.meta_clusters.remove(&c);
+            self.overlap.forget(c);
             if c < self.free_hint {
                 self.free_hint = c;
             }
@@ -159,7 +156,7 @@ impl Meta {
     fn find_free(&mut self, from: u64, avoid: u64) -> Result<u64> {
         let mut r = from.max(1);
         loop {
-            if r.saturating_mul(self.cs()) >= crate::header::MAX_HOST_OFFSET {
+            if r.saturating_mul(self.cs()) >= crate::disk::header::MAX_HOST_OFFSET {
                 return Err(Error::invalid("qcow2: image file too large"));
             }
             if r != avoid && self.refcount(r)? == 0 {
@@ -288,7 +285,7 @@ impl Meta {
         // The first free cluster passed over (a gap shorter than `n`): the new hint.
         let mut first_gap = None;
         'outer: loop {
-            if (c + n) * cs > crate::header::MAX_HOST_OFFSET {
+            if (c + n) * cs > crate::disk::header::MAX_HOST_OFFSET {
                 return Err(Error::invalid("qcow2: image file too large"));
             }
             for k in 0..n {

@@ -11,10 +11,10 @@ use std::collections::HashSet;
 
 use diskimg_blockio::{RepairMode, Result};
 
-use crate::check::Notes;
 use crate::device::Qcow2Device;
-use crate::meta::Meta;
-use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::engine::meta::Meta;
+use crate::features::check::Notes;
 
 /// Whether the pass may rewrite flags: always for `-r all`; for `-r leaks` only when the
 /// refcount repair left nothing unfixed (the refcounts are then exact), as qemu.

@@ -3,7 +3,7 @@
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{Error, Result, SnapshotInfo, Storage};
 
-use crate::header::{Header, MAX_L1_BYTES};
+use crate::disk::header::{Header, MAX_L1_BYTES};
 
 /// qemu's limit on the snapshot table (64 MiB).
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
@@ -88,7 +88,7 @@ pub(crate) fn read_snapshots(
         }
         if l1_offset
             .checked_add(u64::from(l1_size) * 8)
-            .is_none_or(|end| end > crate::header::MAX_HOST_OFFSET)
+            .is_none_or(|end| end > crate::disk::header::MAX_HOST_OFFSET)
         {
             return Err(e("Snapshot L1 table offset invalid"));
         }

@@ -4,7 +4,7 @@
 use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Result};
 
-use crate::ext::Extensions;
+use crate::disk::ext::Extensions;
 
 /// `QFI\xfb`.
 pub(crate) const MAGIC: u32 = 0x5146_49fb;

@@ -5,11 +5,11 @@
 use diskimg_blockio::{Error, OptionList, Preallocation, Result, Secrets};
 use zeroize::Zeroizing;
 
+use crate::create::options::EncryptOptions;
 use crate::crypto::new_area;
 use crate::device::Qcow2Device;
+use crate::disk::header::Header;
 use crate::encryption::{CRYPT_AES, CRYPT_LUKS};
-use crate::header::Header;
-use crate::options::EncryptOptions;
 
 /// A new image's encryption, prepared before its header is written.
 pub(crate) struct NewEncryption {

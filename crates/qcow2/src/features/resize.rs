@@ -4,10 +4,12 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Preallocation, Result};
 
 use crate::device::Qcow2Device;
-use crate::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
-use crate::meta::Meta;
-use crate::table::{L1E_OFFSET_MASK, OFLAG_COPIED, encode_u64s};
-use crate::write::{ALL_ALLOC, Pending, ensure_l2, idx, old_ref, write_zeroes};
+use crate::disk::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
+use crate::disk::idx;
+use crate::disk::table::{L1E_OFFSET_MASK, OFLAG_COPIED, encode_u64s};
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::Meta;
+use crate::write::{ALL_ALLOC, Pending, ensure_l2, old_ref, write_zeroes};
 
 /// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
 /// shrink (freeing clusters beyond the new end).
@@ -48,7 +50,7 @@ pub(crate) fn resize(
     }
     if new != old && !dev.bitmaps.is_empty() {
         let mut t = dev.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        crate::dirty::prepare_resize(&mut m, &mut t, new)?;
+        crate::features::dirty::prepare_resize(&mut m, &mut t, new)?;
     }
     if new < old {
         shrink_clusters(&mut m, new)?;
@@ -124,7 +126,7 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
                 p.unref.push(r);
             }
             if !whole && e != 0 {
-                p.l2.push((l2, i, 0, 0));
+                p.l2.push(L2Update::new(l2, i, 0, 0));
             }
         }
         if whole {

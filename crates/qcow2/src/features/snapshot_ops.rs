@@ -11,9 +11,11 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, Result, SnapshotInfo};
 
 use crate::device::Qcow2Device;
-use crate::meta::Meta;
-use crate::snapshot::Snapshot;
-use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_u64s};
+use crate::disk::snapshot::Snapshot;
+use crate::disk::table::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_u64s,
+};
+use crate::engine::meta::Meta;
 
 /// Adds `addend` (+1 or -1) to the refcount of every L2 table and data cluster reachable
 /// from `l1`; with `addend == 0` only recomputes the COPIED flags (active table only).
@@ -282,7 +284,13 @@ impl Qcow2Device {
         // As qemu: the disk first takes the snapshot's size (shrinking drops the active
         // tree's clusters beyond it; the L1 table grows for a larger one).
         if let Some(d) = snap.disk_size.filter(|&d| d != size) {
-            crate::resize::resize(self, d, diskimg_blockio::Preallocation::Off, true, false)?;
+            crate::features::resize::resize(
+                self,
+                d,
+                diskimg_blockio::Preallocation::Off,
+                true,
+                false,
+            )?;
         }
         let mut m = self.lock();
         m.commit_deferred()?;
@@ -293,7 +301,7 @@ impl Qcow2Device {
             u64::from(snap.l1_size),
         )?;
         if sl1.len() > m.l1.len() {
-            crate::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
+            crate::features::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
         }
         // The snapshot's clusters gain the active image's reference first (leaks only).
         update_refcounts(&mut m, &sl1, 1, false)?;

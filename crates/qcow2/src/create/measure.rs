@@ -4,7 +4,7 @@
 
 use diskimg_blockio::{Error, OptionList, Preallocation, Result};
 
-use crate::options::{Compat, Keys, Qcow2CreateOptions, Verb};
+use crate::create::options::{Compat, Keys, Qcow2CreateOptions, Verb};
 
 /// A target qcow2 layout, from `qemu-img measure -O qcow2 -o …` options.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,13 +1,16 @@
 //! The in-memory metadata of one open image: header, L1 table, L2 cache, refcount table
 //! and refcount block cache. Every method runs under the device's metadata lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::header::{Header, MAX_HOST_OFFSET};
-use crate::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
+use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
+use crate::disk::idx;
+use crate::disk::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
+use crate::engine::deferred::{Deferred, L2Update};
+use crate::engine::overlap::Overlap;
 
 /// Metadata state (see module docs).
 #[derive(Debug)]
@@ -29,29 +32,25 @@ pub(crate) struct Meta {
     /// The refcount table.
     pub reftable: Vec<u64>,
     /// Cached refcount blocks (raw bytes).
-    pub rb: HashMap<u64, Vec<u8>>,
+    pub(in crate::engine) rb: HashMap<u64, Vec<u8>>,
     /// Resource limits.
     pub limits: Limits,
     /// First cluster index that may be free.
-    pub free_hint: u64,
+    pub(in crate::engine) free_hint: u64,
     /// Refcount-block allocation searches from here (above a run being allocated).
-    pub alloc_floor: u64,
+    pub(in crate::engine) alloc_floor: u64,
     /// Next free byte in the cluster compressed data is being packed into (0 = none).
     pub free_byte: u64,
-    /// L2 updates applied in the cache but not yet written (table, index, entry, bitmap).
-    pub deferred: Vec<(u64, u64, u64, u64)>,
-    /// Host ranges to unreference once the deferred L2 updates are durable.
-    pub deferred_unref: Vec<(u64, u64)>,
-    /// The deferred updates point to new clusters: flush before writing them.
-    pub deferred_flush: bool,
+    /// L2 updates applied in the cache but not yet written.
+    pub(in crate::engine) deferred: Deferred,
     /// Host clusters holding metadata (header, tables), for qemu's overlap check.
-    pub meta_clusters: HashSet<u64>,
+    pub(in crate::engine) overlap: Overlap,
     /// The internal snapshots (table order).
-    pub snapshots: Vec<crate::snapshot::Snapshot>,
+    pub snapshots: Vec<crate::disk::snapshot::Snapshot>,
     /// Bytes of the snapshot table.
     pub snapshot_table_len: u64,
     /// Clusters allocated ahead for guest writes (see `reserve`).
-    pub reserve: crate::reserve::Reserve,
+    pub(in crate::engine) reserve: crate::engine::reserve::Reserve,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -91,6 +90,38 @@ pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()>
 }
 
 impl Meta {
+    /// The metadata of the image on `file` with header `h`, before its tables are read:
+    /// the active L1 table's place and the header's size, an empty L2 cache sized from
+    /// `limits.max_cache_bytes`, nothing allocated, deferred or reserved.
+    pub(crate) fn new(
+        file: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        h: Header,
+        limits: Limits,
+    ) -> Self {
+        let tables = usize::try_from(limits.max_cache_bytes / h.cluster_size()).unwrap_or(16);
+        Self {
+            file,
+            data,
+            l1: Vec::new(),
+            l1_offset: h.l1_table_offset,
+            size: h.size,
+            l2: L2Cache::new(tables),
+            reftable: Vec::new(),
+            rb: HashMap::new(),
+            limits,
+            free_hint: 1,
+            alloc_floor: 0,
+            free_byte: 0,
+            deferred: Deferred::default(),
+            overlap: Overlap::default(),
+            snapshots: Vec::new(),
+            snapshot_table_len: 0,
+            reserve: crate::engine::reserve::Reserve::default(),
+            h,
+        }
+    }
+
     /// Cluster size.
     pub(crate) fn cs(&self) -> u64 {
         self.h.cluster_size()
@@ -311,13 +342,7 @@ impl Meta {
     /// Remembers `off..off+len` as metadata (bounded: huge hostile tables are skipped).
     pub(crate) fn note_meta(&mut self, off: u64, len: u64) {
         let cs = self.cs();
-        if len == 0 || self.meta_clusters.len() > 1 << 20 {
-            return;
-        }
-        let last = off.saturating_add(len - 1) / cs;
-        for c in off / cs..=last.min(off / cs + (1 << 16)) {
-            self.meta_clusters.insert(c);
-        }
+        self.overlap.note(off, len, cs);
     }
 
     /// Builds the metadata set from the header and tables (at open).
@@ -332,7 +357,7 @@ impl Meta {
         let mut offs: Vec<u64> = self
             .reftable
             .iter()
-            .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+            .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
             .collect();
         offs.extend(self.l1.iter().map(|e| e & L1E_OFFSET_MASK));
         for o in offs.into_iter().filter(|&o| o != 0) {
@@ -347,12 +372,11 @@ impl Meta {
             return Ok(());
         }
         let cs = self.cs();
-        let hit = (host / cs..=(host + len - 1) / cs).any(|c| self.meta_clusters.contains(&c));
-        if !hit {
+        if !self.overlap.hits(host, len, cs) {
             return Ok(());
         }
         if self.h.version >= 3 {
-            self.h.incompatible |= crate::header::INCOMPAT_CORRUPT;
+            self.h.incompatible |= crate::disk::header::INCOMPAT_CORRUPT;
             let v = self.h.incompatible;
             self.file.write_all_at(&v.to_be_bytes(), 72)?;
             self.file.flush()?;
@@ -370,12 +394,13 @@ impl Meta {
     /// reference only after the updates are durable.
     pub(crate) fn defer(
         &mut self,
-        l2: Vec<(u64, u64, u64, u64)>,
+        l2: Vec<L2Update>,
         unref: Vec<(u64, u64)>,
         new_clusters: bool,
     ) -> Result<()> {
         let ext = self.h.extended_l2();
-        for &(t, i, e, b) in &l2 {
+        for u in &l2 {
+            let (t, i, e, b) = (u.table, u.index, u.entry, u.bitmap);
             let tab = self.l2_table(t)?;
             let k = usize::try_from(if ext { i * 2 } else { i }).unwrap_or(usize::MAX);
             if let Some(s) = tab.get_mut(k) {
@@ -386,9 +411,7 @@ impl Meta {
             }
             self.l2.dirty.insert(t);
         }
-        self.deferred.extend(l2);
-        self.deferred_unref.extend(unref);
-        self.deferred_flush |= new_clusters;
+        self.deferred.add(l2, unref, new_clusters);
         if self.deferred.len() > MAX_DEFERRED || self.l2.dirty.len() > self.l2.dirty_limit() {
             self.write_deferred()?;
         }
@@ -412,10 +435,10 @@ impl Meta {
 
     /// Writes the deferred L2 updates (see [`Meta::defer`]).
     fn write_deferred(&mut self) -> Result<()> {
-        if self.deferred.is_empty() && self.deferred_unref.is_empty() {
+        if self.deferred.is_empty() {
             return Ok(());
         }
-        if self.deferred_flush {
+        if self.deferred.needs_flush() {
             if let Some(d) = &self.data {
                 d.flush()?;
             }
@@ -424,17 +447,12 @@ impl Meta {
         // The cached tables hold every deferred update (and equal the disk elsewhere):
         // each table goes out as one write of the span its updates cover, whatever order
         // the guest wrote in (the updates become durable together at the next flush).
-        let mut spans: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
-        for (t, i, _, _) in std::mem::take(&mut self.deferred) {
-            let s = spans.entry(t).or_insert((i, i));
-            *s = (s.0.min(i), s.1.max(i));
-        }
+        let spans = self.deferred.take_spans();
         for (t, (lo, hi)) in spans {
             self.write_l2_span(t, lo, hi)?;
         }
         self.l2.dirty.clear();
-        self.deferred_flush = false;
-        let unref = std::mem::take(&mut self.deferred_unref);
+        let unref = self.deferred.written();
         if !unref.is_empty() {
             self.file.flush()?;
             for (o, l) in unref {
@@ -466,4 +484,67 @@ impl Meta {
         self.l2.insert(off, table);
         Ok(())
     }
+}
+
+/// Writes `h` as the whole header cluster: fixed fields (unknown fields of a longer v3
+/// header kept), the extensions, then the backing file name. Updates the backing name
+/// offset and length in `h`.
+pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
+    let cs = m.cs();
+    let hlen = if h.version >= 3 {
+        u64::from(h.header_length)
+    } else {
+        u64::from(V2_HEADER_LEN)
+    };
+    // Unknown bytes of a longer existing header are kept (never more than the new
+    // header's length: an upgrade from v2 must not copy old extension bytes).
+    let old_hlen = if m.h.version >= 3 {
+        u64::from(m.h.header_length)
+    } else {
+        u64::from(V2_HEADER_LEN)
+    };
+    let mut buf = m.limits.alloc("qcow2 header", cs)?;
+    let keep = buf
+        .get_mut(..idx(hlen.min(old_hlen).min(cs)))
+        .ok_or(Error::invalid("qcow2: header too large"))?;
+    read_host(m.file.as_ref(), keep, 0)?;
+    let ext = h.ext.serialise(h.version);
+    let name = h.backing_file.clone().unwrap_or_default();
+    let ext_end = hlen + ext.len() as u64;
+    let end = ext_end + name.len() as u64;
+    if end > cs {
+        return Err(Error::invalid(
+            "Cannot update the qcow2 header: the header, its extensions and the backing file \
+             name do not fit in the first cluster",
+        ));
+    }
+    if name.is_empty() {
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+    } else {
+        h.backing_file_offset = ext_end;
+        h.backing_file_size =
+            u32::try_from(name.len()).map_err(|_| Error::invalid("backing file name too long"))?;
+    }
+    // The fixed fields first: with a 104-byte v3 header the compression type byte is
+    // not part of the header, the extensions overwrite it.
+    if !h.write_fixed(&mut buf) {
+        return Err(Error::invalid("qcow2: header does not fit"));
+    }
+    if hlen < 112
+        && let Some(pad) = buf.get_mut(idx(hlen)..idx(112.min(cs)))
+    {
+        pad.fill(0);
+    }
+    if let Some(d) = buf.get_mut(idx(hlen)..idx(ext_end)) {
+        d.copy_from_slice(&ext);
+    }
+    if let Some(d) = buf.get_mut(idx(ext_end)..idx(end)) {
+        d.copy_from_slice(name.as_bytes());
+    }
+    m.file.flush()?;
+    m.file.write_all_at(&buf, 0)?;
+    m.file.flush()?;
+    m.h = h.clone();
+    Ok(())
 }

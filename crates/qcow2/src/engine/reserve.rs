@@ -22,7 +22,7 @@
 
 use diskimg_blockio::Result;
 
-use crate::meta::Meta;
+use crate::engine::meta::Meta;
 
 /// Most clusters one reserve holds (a crash leaks at most this many).
 const MAX_RESERVE: u64 = 4096;

@@ -8,12 +8,12 @@
 
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
-use crate::check_copied::{check_copied, may_repair};
 use crate::device::Qcow2Device;
-use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::meta::Meta;
-use crate::refcount::REFT_OFFSET_MASK;
-use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::disk::table::REFT_OFFSET_MASK;
+use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::engine::meta::Meta;
+use crate::features::check_copied::{check_copied, may_repair};
 
 /// Findings kept in a report; further ones are counted in one closing line.
 pub(crate) const MAX_MESSAGES: usize = 10_000;
@@ -334,7 +334,7 @@ fn rebuild_and_recheck(
 ) -> Result<CheckReport> {
     let old = cnt.notes.finish();
     let mut refs = cnt.refs;
-    crate::rebuild::rebuild(&mut m, &mut refs)?;
+    crate::engine::rebuild::rebuild(&mut m, &mut refs)?;
     drop(m);
     let fresh = check_inner(dev, RepairMode::All, false)?;
     let mut messages = old.messages;
@@ -388,7 +388,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let l1_offset = m.h.l1_table_offset;
     if check_copied(dev, &mut m, &mut notes, &l1, l1_offset, fix_flags)? {
         // Reload what the caches hold of the rewritten tables.
-        m.l2 = crate::table::L2Cache::new(
+        m.l2 = crate::disk::table::L2Cache::new(
             usize::try_from(m.limits.max_cache_bytes / cs).unwrap_or(16),
         );
         m.l1 = m.read_table("L1 table", l1_offset, u64::from(m.h.l1_size))?;

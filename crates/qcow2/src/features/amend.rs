@@ -8,17 +8,18 @@
 
 use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result, SnapshotInfo};
 
+use crate::create::options::{Compat, Keys, Verb, check_refcount_width};
 use crate::device::Qcow2Device;
-use crate::ext::Extensions;
-use crate::header::{
+use crate::disk::ext::Extensions;
+use crate::disk::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
     V3_HEADER_LEN,
 };
-use crate::maint::write_header;
-use crate::options::{Compat, Keys, Verb, check_refcount_width};
-use crate::snapshot_ops::{entry_raw, write_table};
-use crate::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
-use crate::write::idx;
+use crate::disk::idx;
+use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::write_header;
+use crate::features::snapshot_ops::{entry_raw, write_table};
 
 /// Options `amend` accepts but only `create` can apply (qemu's wording).
 const CREATE_ONLY: &[&str] = &[
@@ -123,7 +124,7 @@ impl Qcow2Device {
             self.upgrade()?;
         }
         if new_order != refcount_order {
-            crate::rebuild::change_order(&mut self.lock(), new_order)?;
+            crate::engine::rebuild::change_order(&mut self.lock(), new_order)?;
         }
         if lazy_after != cur_lazy && version >= 3 {
             self.set_lazy(lazy_after)?;
@@ -139,7 +140,7 @@ impl Qcow2Device {
             if data_file_raw == Some(false) {
                 h.autoclear &= !AUTOCLEAR_DATA_RAW;
             }
-            crate::maint::write_header(&mut m, &mut h)?;
+            crate::engine::meta::write_header(&mut m, &mut h)?;
         }
         if let Some(s) = size
             && s != self.virtual_size()
@@ -155,7 +156,7 @@ impl Qcow2Device {
     fn set_lazy(&self, on: bool) -> Result<()> {
         let dirty = self.lock().h.incompatible & INCOMPAT_DIRTY != 0;
         if !on && dirty {
-            crate::check::check(self, diskimg_blockio::RepairMode::All)?;
+            crate::features::check::check(self, diskimg_blockio::RepairMode::All)?;
         }
         let mut m = self.lock();
         m.commit_deferred()?;
@@ -218,7 +219,7 @@ impl Qcow2Device {
             )
         };
         if dirty {
-            crate::check::check(self, diskimg_blockio::RepairMode::All)?;
+            crate::features::check::check(self, diskimg_blockio::RepairMode::All)?;
         }
         if bitmaps {
             return Err(Error::unsupported(
@@ -296,7 +297,7 @@ impl Qcow2Device {
                 let l1i = guest / m.h.l1_coverage();
                 let i = (guest / cs) % m.h.l2_entries();
                 let l2 = crate::write::ensure_l2(&mut m, l1i)?;
-                m.defer(vec![(l2, i, 0, 0)], Vec::new(), false)?;
+                m.defer(vec![L2Update::new(l2, i, 0, 0)], Vec::new(), false)?;
             }
         }
         let mut m = self.lock();

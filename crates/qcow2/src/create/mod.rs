@@ -1,4 +1,10 @@
 //! `create`: every qemu-img create option for qcow2, validated with qemu's messages.
+//! [`options`] holds the typed options and the one `-o` adapter, [`encrypt`] the
+//! encryption of a new image, [`measure`] `qemu-img measure`.
+
+pub(crate) mod encrypt;
+pub(crate) mod measure;
+pub(crate) mod options;
 
 use std::sync::Arc;
 
@@ -8,15 +14,15 @@ use diskimg_blockio::{
     Result, Storage,
 };
 
+use crate::create::encrypt::NewEncryption;
+use crate::create::options::{Compat, CompressionType, Qcow2CreateOptions};
 use crate::device::Qcow2Device;
-use crate::encrypt_create::NewEncryption;
-use crate::ext::Extensions;
-use crate::header::{
+use crate::disk::ext::Extensions;
+use crate::disk::header::{
     AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use crate::options::{Compat, CompressionType, Qcow2CreateOptions};
-use crate::refcount::set_entry;
+use crate::engine::refcount::set_entry;
 
 /// The options `qemu-img create -f qcow2 -o help` lists.
 pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
@@ -127,12 +133,18 @@ pub(crate) static CREATE_OPTIONS: &[CreateOptionSpec] = &[
     },
 ];
 
-/// Creates an empty qcow2 image on `storage` (see [`Qcow2CreateOptions::create`]).
-pub(crate) fn create(
-    storage: Arc<dyn Storage>,
-    req: &CreateRequest,
-    opts: &Qcow2CreateOptions,
-) -> Result<()> {
+impl Qcow2CreateOptions {
+    /// Writes a new, empty image of `request.size` bytes (rounded up to whole sectors, as
+    /// qemu-img does) to the empty `storage`; a data file is created through
+    /// `request.files`, an encrypted image's passphrase comes from `request.secrets`.
+    /// `request.options` is not read.
+    pub fn create(&self, storage: Arc<dyn Storage>, request: &CreateRequest) -> Result<()> {
+        create(storage, request, self)
+    }
+}
+
+/// Creates an empty qcow2 image on `storage` ([`Qcow2CreateOptions::create`]).
+fn create(storage: Arc<dyn Storage>, req: &CreateRequest, opts: &Qcow2CreateOptions) -> Result<()> {
     // As qemu: the passphrase and LUKS options first, then the layout rules.
     let encryption = match &opts.encryption {
         Some(e) => Some(NewEncryption::new(e, &req.secrets)?),
@@ -148,7 +160,7 @@ pub(crate) fn create(
     // qemu's size check at create: the L1 table must fit its 32 MiB limit.
     let l2e = if opts.extended_l2 { 16 } else { 8 };
     let l2_tables = size.div_ceil(cluster_size).div_ceil(cluster_size / l2e);
-    if l2_tables.saturating_mul(8) > crate::header::MAX_L1_BYTES {
+    if l2_tables.saturating_mul(8) > crate::disk::header::MAX_L1_BYTES {
         return Err(Error::invalid(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
         ));
@@ -167,13 +179,13 @@ pub(crate) fn create(
     open.limits = req.limits;
     let dev = Qcow2Device::open(storage, &open)?;
     // Sizing a new image: no zeroing of the (backing-visible) new area.
-    crate::resize::resize(&dev, size, Preallocation::Off, false, false)?;
+    crate::features::resize::resize(&dev, size, Preallocation::Off, false, false)?;
     if let Some(e) = &encryption {
         e.install(&dev)?;
     }
     if opts.preallocation != Preallocation::Off {
         let backing = opts.backing_file.is_some();
-        crate::resize::preallocate(&dev, opts.preallocation, backing, 0)?;
+        crate::features::resize::preallocate(&dev, opts.preallocation, backing, 0)?;
     }
     dev.flush()
 }

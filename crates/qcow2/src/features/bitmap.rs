@@ -13,13 +13,13 @@ use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{BitmapData, BitmapOp, Error, OpenOptions, Result, Storage};
 
 use crate::device::Qcow2Device;
-use crate::ext::BitmapsExt;
-use crate::header::AUTOCLEAR_BITMAPS;
-use crate::maint::write_header;
-use crate::meta::{Meta, read_host};
+use crate::disk::ext::BitmapsExt;
+use crate::disk::header::AUTOCLEAR_BITMAPS;
+use crate::disk::idx;
+use crate::disk::table::L2E_OFFSET_MASK;
+use crate::engine::meta::write_header;
+use crate::engine::meta::{Meta, read_host};
 use crate::open_options::Qcow2OpenOptions;
-use crate::table::L2E_OFFSET_MASK;
-use crate::write::idx;
 
 /// A directory entry kept with its extra data.
 #[derive(Clone, Debug)]
@@ -113,15 +113,15 @@ pub fn edit_bitmaps(file: Arc<dyn Storage>, name: &str, ops: &[BitmapOp]) -> Res
     Ok(())
 }
 
+/// Applies one edit to bitmap `name`: a new bitmap directory, then the clusters it no
+/// longer points to are freed.
 fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
-    let cs = m.cs();
     let mut dir = read_directory(m)?;
     let pos = dir.iter().position(|e| e.name == name);
     let mut free: Vec<(u64, u64)> = Vec::new();
-    let opname = op.verb();
     let not_found = || {
         failed(
-            opname,
+            op.verb(),
             name,
             format_args!("Dirty bitmap '{name}' not found"),
         )
@@ -138,38 +138,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
                     format_args!("Bitmap already exists: {name}"),
                 ));
             }
-            if m.h.version < 3 {
-                return Err(failed(
-                    "add",
-                    name,
-                    "Cannot store dirty bitmaps in qcow2 v2 files",
-                ));
-            }
-            let g = granularity.unwrap_or(cs);
-            if !g.is_power_of_two() || g < 512 {
-                return Err(failed(
-                    "add",
-                    name,
-                    "Granularity must be power of 2 and at least 512",
-                ));
-            }
-            if !(512..=1u64 << 31).contains(&g) || name.is_empty() || name.len() > 1023 {
-                return Err(failed("add", name, "Invalid bitmap parameters"));
-            }
-            let bytes = m.size.div_ceil(g).div_ceil(8);
-            let entries = bytes.div_ceil(cs);
-            let tclusters = (entries * 8).div_ceil(cs).max(1);
-            let table = m.alloc_run(tclusters)?;
-            m.file.write_zeroes(table, tclusters * cs)?;
-            dir.push(Entry {
-                table_offset: table,
-                table_size: u32::try_from(entries).map_err(|_| failed("add", name, "too large"))?,
-                flags: if *enabled { 2 } else { 0 },
-                ty: 1,
-                gbits: u8::try_from(g.trailing_zeros()).unwrap_or(16),
-                extra: Vec::new(),
-                name: name.to_string(),
-            });
+            dir.push(new_entry(m, name, *granularity, *enabled)?);
         }
         BitmapOp::Remove => {
             let e = dir.remove(pos.ok_or_else(not_found)?);
@@ -180,69 +149,11 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
                 .get(pos.ok_or_else(not_found)?)
                 .cloned()
                 .ok_or_else(not_found)?;
-            let data = table_clusters(m, &e)?;
-            let zero = m
-                .limits
-                .alloc("bitmap table", u64::from(e.table_size) * 8)?;
-            m.file.write_all_at(&zero, e.table_offset)?;
-            m.file.flush()?;
-            // Everything but the table itself was data.
-            let tlen = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;
-            for (o, l) in data {
-                if o != e.table_offset || l != tlen {
-                    m.unref_range(o, l)?;
-                }
-            }
-            return Ok(());
+            return clear(m, &e);
         }
         BitmapOp::Merge(_) | BitmapOp::MergeBits { .. } => {
             let i = pos.ok_or_else(not_found)?;
-            let dst = dir.get(i).cloned().ok_or_else(not_found)?;
-            let inconsistent = |e: &Entry| {
-                failed(
-                    "merge",
-                    name,
-                    format_args!("Bitmap '{}' is inconsistent and cannot be used", e.name),
-                )
-            };
-            if dst.flags & 1 != 0 {
-                return Err(inconsistent(&dst));
-            }
-            let (sbits, sgran) = match op {
-                BitmapOp::Merge(source) => {
-                    let src = dir
-                        .iter()
-                        .find(|e| &e.name == source)
-                        .cloned()
-                        .ok_or_else(|| {
-                            failed(
-                                "merge",
-                                name,
-                                format_args!("Dirty bitmap '{source}' not found"),
-                            )
-                        })?;
-                    if src.flags & 1 != 0 {
-                        return Err(inconsistent(&src));
-                    }
-                    (read_bits(m, &src)?, 1u64 << src.gbits.min(63))
-                }
-                BitmapOp::MergeBits { granularity, bits } => (bits.clone(), *granularity),
-                _ => return Err(not_found()),
-            };
-            let mut dbits = read_bits(m, &dst)?;
-            merge_bits(
-                m.size,
-                &sbits,
-                sgran.max(1),
-                &mut dbits,
-                1u64 << dst.gbits.min(63),
-            );
-            let (table, size) = write_bits(m, &dbits)?;
-            free.extend(table_clusters(m, &dst)?);
-            if let Some(e) = dir.get_mut(i) {
-                e.table_offset = table;
-                e.table_size = size;
-            }
+            free.extend(merge(m, &mut dir, i, name, op)?);
         }
         BitmapOp::Enable | BitmapOp::Disable => {
             let e = dir
@@ -260,6 +171,128 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
         m.unref_range(o, l)?;
     }
     Ok(())
+}
+
+/// `add`: the directory entry of a new, empty bitmap with a zeroed table.
+fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) -> Result<Entry> {
+    let cs = m.cs();
+    if m.h.version < 3 {
+        return Err(failed(
+            "add",
+            name,
+            "Cannot store dirty bitmaps in qcow2 v2 files",
+        ));
+    }
+    let g = granularity.unwrap_or(cs);
+    if !g.is_power_of_two() || g < 512 {
+        return Err(failed(
+            "add",
+            name,
+            "Granularity must be power of 2 and at least 512",
+        ));
+    }
+    if !(512..=1u64 << 31).contains(&g) || name.is_empty() || name.len() > 1023 {
+        return Err(failed("add", name, "Invalid bitmap parameters"));
+    }
+    let bytes = m.size.div_ceil(g).div_ceil(8);
+    let entries = bytes.div_ceil(cs);
+    let tclusters = (entries * 8).div_ceil(cs).max(1);
+    let table = m.alloc_run(tclusters)?;
+    m.file.write_zeroes(table, tclusters * cs)?;
+    Ok(Entry {
+        table_offset: table,
+        table_size: u32::try_from(entries).map_err(|_| failed("add", name, "too large"))?,
+        flags: if enabled { 2 } else { 0 },
+        ty: 1,
+        gbits: u8::try_from(g.trailing_zeros()).unwrap_or(16),
+        extra: Vec::new(),
+        name: name.to_string(),
+    })
+}
+
+/// `clear`: the table of `e` zeroed in place, its data clusters freed (the directory
+/// stays as it is).
+fn clear(m: &mut Meta, e: &Entry) -> Result<()> {
+    let cs = m.cs();
+    let data = table_clusters(m, e)?;
+    let zero = m
+        .limits
+        .alloc("bitmap table", u64::from(e.table_size) * 8)?;
+    m.file.write_all_at(&zero, e.table_offset)?;
+    m.file.flush()?;
+    // Everything but the table itself was data.
+    let tlen = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;
+    for (o, l) in data {
+        if o != e.table_offset || l != tlen {
+            m.unref_range(o, l)?;
+        }
+    }
+    Ok(())
+}
+
+/// `merge`: the bits of another bitmap (or given bits) ORed into entry `i` of `dir`,
+/// written to new clusters; returns the old clusters to free once `dir` is written.
+fn merge(
+    m: &mut Meta,
+    dir: &mut [Entry],
+    i: usize,
+    name: &str,
+    op: &BitmapOp,
+) -> Result<Vec<(u64, u64)>> {
+    let not_found = || {
+        failed(
+            "merge",
+            name,
+            format_args!("Dirty bitmap '{name}' not found"),
+        )
+    };
+    let dst = dir.get(i).cloned().ok_or_else(not_found)?;
+    let inconsistent = |e: &Entry| {
+        failed(
+            "merge",
+            name,
+            format_args!("Bitmap '{}' is inconsistent and cannot be used", e.name),
+        )
+    };
+    if dst.flags & 1 != 0 {
+        return Err(inconsistent(&dst));
+    }
+    let (sbits, sgran) = match op {
+        BitmapOp::Merge(source) => {
+            let src = dir
+                .iter()
+                .find(|e| &e.name == source)
+                .cloned()
+                .ok_or_else(|| {
+                    failed(
+                        "merge",
+                        name,
+                        format_args!("Dirty bitmap '{source}' not found"),
+                    )
+                })?;
+            if src.flags & 1 != 0 {
+                return Err(inconsistent(&src));
+            }
+            (read_bits(m, &src)?, 1u64 << src.gbits.min(63))
+        }
+        BitmapOp::MergeBits { granularity, bits } => (bits.clone(), *granularity),
+        _ => return Err(not_found()),
+    };
+    let mut dbits = read_bits(m, &dst)?;
+    merge_bits(
+        m.size,
+        &sbits,
+        sgran.max(1),
+        &mut dbits,
+        1u64 << dst.gbits.min(63),
+    );
+    let (table, size) = write_bits(m, &dbits)?;
+    let free = table_clusters(m, &dst)?;
+    if let Some(e) = dir.get_mut(i) {
+        e.table_offset = table;
+        e.table_size = size;
+    }
+    Ok(free)
 }
 
 /// The table's clusters and the data clusters it points to.
@@ -409,7 +442,7 @@ pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
     }
     let tclusters = (entries * 8).div_ceil(cs).max(1);
     let toff = m.alloc_run(tclusters)?;
-    let mut tbuf = crate::table::encode_u64s(&table);
+    let mut tbuf = crate::disk::table::encode_u64s(&table);
     tbuf.resize(idx(tclusters * cs), 0);
     m.file.write_all_at(&tbuf, toff)?;
     m.file.flush()?;

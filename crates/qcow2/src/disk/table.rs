@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{Error, Result};
 
-use crate::header::Header;
+use crate::disk::header::Header;
 
 /// L1 entry bits 9–55: L2 table offset.
+/// Refcount table entry bits 9–63: refcount block offset.
+pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 pub(crate) const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// L2 entry bits 9–55: host cluster offset.
 pub(crate) const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;

@@ -7,73 +7,11 @@
 use diskimg_blockio::{Error, Result};
 
 use crate::device::Qcow2Device;
-use crate::header::{Header, V2_HEADER_LEN};
-use crate::meta::{Meta, read_host};
-use crate::table::L1E_OFFSET_MASK;
-use crate::write::{ensure_l2, idx, old_ref};
-
-/// Writes `h` as the whole header cluster: fixed fields (unknown fields of a longer v3
-/// header kept), the extensions, then the backing file name. Updates the backing name
-/// offset and length in `h`.
-pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
-    let cs = m.cs();
-    let hlen = if h.version >= 3 {
-        u64::from(h.header_length)
-    } else {
-        u64::from(V2_HEADER_LEN)
-    };
-    // Unknown bytes of a longer existing header are kept (never more than the new
-    // header's length: an upgrade from v2 must not copy old extension bytes).
-    let old_hlen = if m.h.version >= 3 {
-        u64::from(m.h.header_length)
-    } else {
-        u64::from(V2_HEADER_LEN)
-    };
-    let mut buf = m.limits.alloc("qcow2 header", cs)?;
-    let keep = buf
-        .get_mut(..idx(hlen.min(old_hlen).min(cs)))
-        .ok_or(Error::invalid("qcow2: header too large"))?;
-    read_host(m.file.as_ref(), keep, 0)?;
-    let ext = h.ext.serialise(h.version);
-    let name = h.backing_file.clone().unwrap_or_default();
-    let ext_end = hlen + ext.len() as u64;
-    let end = ext_end + name.len() as u64;
-    if end > cs {
-        return Err(Error::invalid(
-            "Cannot update the qcow2 header: the header, its extensions and the backing file \
-             name do not fit in the first cluster",
-        ));
-    }
-    if name.is_empty() {
-        h.backing_file_offset = 0;
-        h.backing_file_size = 0;
-    } else {
-        h.backing_file_offset = ext_end;
-        h.backing_file_size =
-            u32::try_from(name.len()).map_err(|_| Error::invalid("backing file name too long"))?;
-    }
-    // The fixed fields first: with a 104-byte v3 header the compression type byte is
-    // not part of the header, the extensions overwrite it.
-    if !h.write_fixed(&mut buf) {
-        return Err(Error::invalid("qcow2: header does not fit"));
-    }
-    if hlen < 112
-        && let Some(pad) = buf.get_mut(idx(hlen)..idx(112.min(cs)))
-    {
-        pad.fill(0);
-    }
-    if let Some(d) = buf.get_mut(idx(hlen)..idx(ext_end)) {
-        d.copy_from_slice(&ext);
-    }
-    if let Some(d) = buf.get_mut(idx(ext_end)..idx(end)) {
-        d.copy_from_slice(name.as_bytes());
-    }
-    m.file.flush()?;
-    m.file.write_all_at(&buf, 0)?;
-    m.file.flush()?;
-    m.h = h.clone();
-    Ok(())
-}
+use crate::disk::idx;
+use crate::disk::table::L1E_OFFSET_MASK;
+use crate::engine::deferred::L2Update;
+use crate::engine::meta::write_header;
+use crate::write::{ensure_l2, old_ref};
 
 impl Qcow2Device {
     /// Points the image at another backing file (`None`: no backing file), with the
@@ -132,7 +70,7 @@ impl Qcow2Device {
                 if let Some(r) = old_ref(&m, e2) {
                     unref.push(r);
                 }
-                upd.push((l2, i, 0, 0));
+                upd.push(L2Update::new(l2, i, 0, 0));
             }
             if !upd.is_empty() {
                 m.defer(upd, unref, false)?;

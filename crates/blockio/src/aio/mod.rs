@@ -1,0 +1,148 @@
+//! The async face of a [`BlockDevice`]: [`AsyncDevice`], whose requests return
+//! [`IoFuture`]s that any executor (or none: `pollster::block_on`, a hand-written poll
+//! loop) can drive. Nothing here depends on a runtime.
+//!
+//! - **Reads** are planned by the device's layout walk ([`BlockDevice::walk_runs`], the
+//!   one place every format on the guest-I/O skeleton answers): zero runs are filled at
+//!   once, and host runs in an io_uring storage ([`UringStorage`](crate::UringStorage))
+//!   are submitted together without a blocked thread; the io_uring completion thread
+//!   completes the future. Many reads of one thread are thus in flight at once (the
+//!   queue depth is the [`Uring`](crate::Uring)'s).
+//! - Everything else — writes, zeroes, discards, flushes, reads of runs that need the
+//!   format (backing files, compressed or encrypted data), reads of devices without a
+//!   walk or on other storages — runs the synchronous method on a small pool of worker
+//!   threads, which completes the future.
+//!
+//! Buffers are owned ([`IoBuf`]) and handed back by the future, so dropping a future
+//! early never leaves the kernel writing into freed memory.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use diskimg_blockio::{AsyncDevice, BlockDevice, IoBuf};
+//! # use diskimg_blockio::{DeviceInfo, Extent, ExtentKind, MemStorage, Result, Storage};
+//! # #[derive(Debug)] struct Flat(MemStorage);
+//! # impl BlockDevice for Flat {
+//! #     fn info(&self) -> DeviceInfo { DeviceInfo::new("raw", 8192) }
+//! #     fn read_at(&self, b: &mut [u8], o: u64) -> Result<()> { self.0.read_exact_at(b, o) }
+//! #     fn write_at(&self, b: &[u8], o: u64) -> Result<()> { self.0.write_all_at(b, o) }
+//! #     fn flush(&self) -> Result<()> { Ok(()) }
+//! #     fn map(&self, o: u64, l: u64) -> Result<Extent> {
+//! #         Ok(Extent { offset: o, len: l, kind: ExtentKind::Data { offset: Some(o) } }) }
+//! #     fn as_any(&self) -> &dyn std::any::Any { self }
+//! # }
+//! # let dev: Arc<dyn BlockDevice> = Arc::new(Flat(MemStorage::from_vec(vec![0; 8192])));
+//! let aio = AsyncDevice::new(dev)?;
+//! pollster::block_on(async {
+//!     let mut buf = IoBuf::new(4096);
+//!     buf.fill(0xab);
+//!     let _buf = aio.write_at(buf, 4096).await?;
+//!     aio.flush().await?;
+//!     let back = aio.read_at(IoBuf::new(4096), 4096).await?;
+//!     assert!(back.iter().all(|&b| b == 0xab));
+//!     Ok::<(), diskimg_blockio::Error>(())
+//! })?;
+//! # Ok::<(), diskimg_blockio::Error>(())
+//! ```
+
+use std::sync::Arc;
+
+use crate::device::{BlockDevice, ZeroFlags};
+use crate::error::{Error, Result};
+
+mod buf;
+mod pool;
+#[cfg(target_os = "linux")]
+mod read;
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+mod tests;
+
+pub use buf::{IO_ALIGN, IoBuf};
+pub use pool::IoFuture;
+use pool::Pool;
+
+/// Worker threads of [`AsyncDevice::new`].
+const DEFAULT_WORKERS: usize = 4;
+
+/// A [`BlockDevice`] with an async face (see the module doc); cheap to share by `Arc`.
+/// The synchronous device stays usable beside it.
+pub struct AsyncDevice {
+    dev: Arc<dyn BlockDevice>,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for AsyncDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncDevice")
+            .field("dev", &self.dev)
+            .finish()
+    }
+}
+
+impl AsyncDevice {
+    /// The async face of `dev`, with four worker threads.
+    pub fn new(dev: Arc<dyn BlockDevice>) -> Result<Self> {
+        Self::with_workers(dev, DEFAULT_WORKERS)
+    }
+
+    /// The async face of `dev` with `workers` threads for the requests that block (at
+    /// least one): as many of them run at once.
+    pub fn with_workers(dev: Arc<dyn BlockDevice>, workers: usize) -> Result<Self> {
+        let pool = Pool::new(workers).map_err(|e| Error::io("could not start workers", e))?;
+        Ok(Self { dev, pool })
+    }
+
+    /// The synchronous device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Fills `buf` with the guest bytes at `offset`; the future returns it.
+    pub fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<IoBuf> {
+        #[cfg(target_os = "linux")]
+        let buf = match read::submit(&self.dev, &self.pool.shared, buf, offset) {
+            Ok(f) => return f,
+            Err(buf) => buf,
+        };
+        self.blocking(buf, move |dev, b| dev.read_at(b.as_mut_slice(), offset))
+    }
+
+    /// Writes `buf` at guest `offset`; the future returns it.
+    pub fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<IoBuf> {
+        self.blocking(buf, move |dev, b| dev.write_at(b.as_slice(), offset))
+    }
+
+    /// [`BlockDevice::write_zeroes`].
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<()> {
+        self.blocking((), move |dev, ()| dev.write_zeroes(offset, len, flags))
+    }
+
+    /// [`BlockDevice::discard`].
+    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<()> {
+        self.blocking((), move |dev, ()| dev.discard(offset, len))
+    }
+
+    /// [`BlockDevice::flush`]: durable are the requests completed before it was called.
+    pub fn flush(&self) -> IoFuture<()> {
+        self.blocking((), |dev, ()| dev.flush())
+    }
+
+    /// Runs `op` on a worker with the device and `value`, which the future returns.
+    fn blocking<T: Send + 'static>(
+        &self,
+        mut value: T,
+        op: impl FnOnce(&dyn BlockDevice, &mut T) -> Result<()> + Send + 'static,
+    ) -> IoFuture<T> {
+        let (fut, slot) = IoFuture::new();
+        let dev = self.dev.clone();
+        self.pool.shared.spawn(move || {
+            let r = op(dev.as_ref(), &mut value).map(|()| value);
+            slot.complete(r);
+        });
+        fut
+    }
+}

@@ -1,0 +1,199 @@
+//! The [`BlockDevice`] methods of [`Qcow2Device`]: each checks what every format checks
+//! and hands over to the module doing the work (`read.rs`, `write.rs`,
+//! `compressed_write.rs`, `offload.rs`, `features/`).
+
+use std::any::Any;
+use std::sync::Arc;
+
+use diskimg_blockio::{
+    Amend, BackingRef, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits, DeviceInfo,
+    Error, Extent, Preallocation, RepairMode, Result, Snapshots, Storage, ZeroFlags, check_range,
+};
+
+use crate::device::Qcow2Device;
+use crate::disk::header::INCOMPAT_DIRTY;
+
+impl Drop for Qcow2Device {
+    /// Writes deferred metadata and the persistent dirty bitmaps, as closing an image in
+    /// qemu does (errors are ignored: call [`Qcow2Device::close`] to see them).
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl BlockDevice for Qcow2Device {
+    fn info(&self) -> DeviceInfo {
+        let m = self.lock();
+        let mut info = DeviceInfo::new("qcow2", m.size);
+        info.cluster_size = Some(m.cs());
+        info.read_only = self.read_only;
+        info.dirty = m.h.incompatible & INCOMPAT_DIRTY != 0;
+        info.encrypted = m.h.crypt_method != 0;
+        info.backing =
+            m.h.backing_file
+                .as_ref()
+                .map(|b| BackingRef::new(b.clone(), m.h.ext.backing_format.clone()));
+        info.format_specific = Some(("qcow2", self.format_specific(&m)));
+        info.snapshots = m.snapshots.iter().map(|s| s.info.clone()).collect();
+        info
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.shared().size
+    }
+
+    /// Through the shared guest-I/O skeleton (`read.rs`).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_guest(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.mark_dirty(offset, buf.len() as u64);
+        crate::write::write(self, buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
+        crate::write::write_zeroes(self, offset, len, flags.may_unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
+        crate::write::discard(self, offset, len)
+    }
+
+    /// [`Qcow2Device::close`].
+    fn close(&self) -> Result<()> {
+        Qcow2Device::close(self)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // The storage flushes run without the metadata lock (readers and writers go on).
+        let generation = self.lock().guest_flush()?;
+        if let Some(d) = &self.data {
+            d.flush()?;
+        }
+        self.file.flush()?;
+        self.lock().reserve_flushed(generation);
+        Ok(())
+    }
+
+    /// Through the shared guest-I/O skeleton (`read.rs`): the same lookups as reads.
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.map_guest(offset, len)
+    }
+
+    /// The external data file, which every host offset of `map` refers to.
+    fn host_files(&self) -> Vec<String> {
+        if self.data.is_none() {
+            return Vec::new();
+        }
+        self.lock().h.ext.data_file.clone().into_iter().collect()
+    }
+
+    fn map_file(&self, _offset: u64) -> usize {
+        usize::from(self.data.is_some())
+    }
+
+    fn compressed_write_granularity(&self) -> Option<u64> {
+        (!self.read_only && self.data.is_none() && self.crypt.is_none()).then(|| self.lock().cs())
+    }
+
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.virtual_size())?;
+        self.mark_dirty(offset, buf.len() as u64);
+        crate::compressed_write::write_compressed(self, buf, offset)
+    }
+
+    fn compress_units(&self, buf: &[u8], offset: u64) -> Result<CompressedUnits> {
+        self.writable()?;
+        crate::compressed_write::compress_units(self, buf, offset)
+    }
+
+    fn write_compressed_units(&self, units: CompressedUnits) -> Result<()> {
+        self.writable()?;
+        check_range(units.offset, units.len, self.virtual_size())?;
+        self.mark_dirty(units.offset, units.len);
+        crate::compressed_write::write_units(self, units)
+    }
+
+    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        Ok(())
+    }
+
+    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
+        self.writable()?;
+        crate::features::resize::resize(self, new_size, prealloc, shrink, true)
+    }
+
+    fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        if self.snapshot_view {
+            return Err(Error::unsupported("qcow2", "checking a snapshot view"));
+        }
+        if repair != RepairMode::None {
+            self.writable()?;
+        }
+        crate::features::check::check(self, repair)
+    }
+
+    /// The image file, or the external data file; `None` for encrypted images (their
+    /// host bytes are ciphertext).
+    fn data_storage(&self) -> Option<Arc<dyn Storage>> {
+        if self.crypt.is_some() {
+            return None;
+        }
+        Some(self.data.clone().unwrap_or_else(|| self.file.clone()))
+    }
+
+    /// Whole clusters are copied into their host clusters with
+    /// [`copy_range`](diskimg_blockio::copy_range); see `offload.rs`.
+    fn write_from(&self, offset: u64, len: u64, src: &dyn Storage, src_offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
+        crate::offload::write_from(self, offset, len, src, src_offset)
+    }
+
+    fn repaired_at_open(&self) -> Vec<String> {
+        self.open_repairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    /// Version 3 images only (version 2 cannot hold bitmaps).
+    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
+        (self.lock().h.version >= 3).then_some(self as &dyn Bitmaps)
+    }
+
+    fn as_amend(&self) -> Option<&dyn Amend> {
+        Some(self)
+    }
+
+    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
+        Some(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

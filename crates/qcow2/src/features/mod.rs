@@ -1,0 +1,15 @@
+//! What the `qemu-img` verbs need beyond guest I/O, built on the device and the metadata
+//! engine: `check` (with `check_copied` and the refcount rebuild), `resize`, `amend` and
+//! LUKS `keyslots`, internal snapshots (`snapshot_ops`), persistent bitmaps (`bitmap`
+//! edits, `dirty` tracking) and chain maintenance (`maint`: rebase, commit's
+//! make-empty). Nothing below this layer names these modules.
+
+pub(crate) mod amend;
+pub(crate) mod bitmap;
+pub(crate) mod check;
+pub(crate) mod check_copied;
+pub(crate) mod dirty;
+pub(crate) mod keyslots;
+pub(crate) mod maint;
+pub(crate) mod resize;
+pub(crate) mod snapshot_ops;

@@ -1,0 +1,234 @@
+//! Opening an image: [`Qcow2Device::open`] / [`Qcow2Device::open_with`] (header, L1 and
+//! refcount tables, snapshots, bitmaps, encryption, the external data file, and the
+//! repairs qemu makes on a read-write open) and the read-only views of internal
+//! snapshots ([`Qcow2Device::open_snapshot`]).
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, Result, Storage};
+
+use crate::device::Qcow2Device;
+use crate::disk::ext::parse_bitmap_directory;
+use crate::disk::header::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
+use crate::disk::snapshot::read_snapshots;
+use crate::encryption::Encryption;
+use crate::engine::meta::{Meta, read_host};
+use crate::open_options::Qcow2OpenOptions;
+
+impl Qcow2Device {
+    /// Opens the image on `file` (see [`crate::DRIVER`] for the options honoured; the
+    /// driver options are read by [`Qcow2OpenOptions::from_options`]).
+    pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        Self::open_with(file, opts, &Qcow2OpenOptions::from_options(opts))
+    }
+
+    /// Opens the image on `file` with typed qcow2 options (`opts.driver_options` is not
+    /// read).
+    pub fn open_with(
+        file: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        q: &Qcow2OpenOptions,
+    ) -> Result<Self> {
+        let file_len = file.len()?;
+        if file_len < 72 {
+            return Err(Error::invalid("Image is not in qcow2 format"));
+        }
+        let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
+        file.read_exact_at(&mut first, 0)?;
+        let h = Header::parse(&first)?;
+        let crypt = Encryption::open(file.as_ref(), &h, q, &opts.secrets)?.map(Arc::new);
+        let read_only = opts.read_only || file.is_read_only();
+        let checking = q.check;
+        if h.incompatible & INCOMPAT_CORRUPT != 0 && !read_only && !checking {
+            return Err(Error::invalid(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        let bitmap_edit = q.bitmap_edit;
+        let data = if h.has_data_file() {
+            let name = h
+                .ext
+                .data_file
+                .clone()
+                .ok_or(Error::invalid("'data-file' is required for this image"))?;
+            Some(opts.files.open(&name, FilePurpose::DataFile, !read_only)?)
+        } else {
+            None
+        };
+        let limits = opts.limits;
+        let cs = h.cluster_size();
+        let mut meta = Meta::new(file.clone(), data.clone(), h, limits);
+        meta.l1 = meta.read_table(
+            "Active L1 table offset invalid",
+            meta.h.l1_table_offset,
+            u64::from(meta.h.l1_size),
+        )?;
+        meta.reftable = meta.read_table(
+            "Reference count table offset invalid",
+            meta.h.refcount_table_offset,
+            u64::from(meta.h.refcount_table_clusters) * cs / 8,
+        )?;
+        let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
+        if !read_only {
+            meta.collect_meta();
+            meta.note_meta(meta.h.snapshots_offset, snapshot_table_len);
+            for s in &snapshots {
+                meta.note_meta(s.l1_offset, u64::from(s.l1_size) * 8);
+            }
+        }
+        meta.snapshots = snapshots;
+        meta.snapshot_table_len = snapshot_table_len;
+        let bitmaps = match meta.h.ext.bitmaps {
+            Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
+                if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
+                    return Err(Error::corrupt("qcow2", "invalid bitmap directory", 0));
+                }
+                let mut buf = limits.alloc("bitmap directory", b.directory_size)?;
+                read_host(file.as_ref(), &mut buf, b.directory_offset)?;
+                parse_bitmap_directory(&buf, b.nb_bitmaps)?
+            }
+            _ => Vec::new(),
+        };
+        let mut dev = Qcow2Device {
+            meta: RwLock::new(meta),
+            file,
+            data,
+            backing: RwLock::new(None),
+            read_only,
+            bitmaps,
+            tracked: Mutex::new(Vec::new()),
+            closed: diskimg_blockio::Closed::new(),
+            open_repairs: Mutex::new(Vec::new()),
+            snapshot_view: false,
+            crypt,
+        };
+        if !read_only && checking {
+            // A repair open (BDRV_O_CHECK) still drops the autoclear bits we cannot
+            // keep, as qemu's; the dirty-image repair is the check's own business.
+            dev.clear_unknown_autoclear()?;
+        }
+        if !read_only && !checking {
+            dev.open_rw_fixups()?;
+            let view = q.snapshot_view();
+            if !bitmap_edit && !view && !dev.bitmaps.is_empty() {
+                let tracked = crate::features::dirty::load(&mut dev.lock())?;
+                for b in dev.bitmaps.iter_mut() {
+                    b.in_use |= tracked.iter().any(|t| t.name == b.name);
+                }
+                *dev.tracked.get_mut().unwrap_or_else(|e| e.into_inner()) = tracked;
+            }
+        }
+        if q.snapshot_view() {
+            return dev.snapshot_view(q.snapshot_id.as_deref(), q.snapshot_name.as_deref());
+        }
+        Ok(dev)
+    }
+
+    /// Clears the autoclear bits we cannot maintain (qemu's QCOW2_AUTOCLEAR_MASK).
+    fn clear_unknown_autoclear(&self) -> Result<()> {
+        let mut m = self.lock();
+        let autoclear = m.h.autoclear;
+        let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
+        if keep != autoclear {
+            m.h.autoclear = keep;
+            self.file.write_all_at(&keep.to_be_bytes(), 88)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Clears autoclear bits we cannot maintain and repairs a dirty (lazy refcounts)
+    /// image, as qemu does on a read-write open.
+    fn open_rw_fixups(&self) -> Result<()> {
+        let (dirty, autoclear) = {
+            let m = self.lock();
+            (m.h.incompatible & INCOMPAT_DIRTY != 0, m.h.autoclear)
+        };
+        self.clear_unknown_autoclear()?;
+        // A program lacking bitmap support cleared the autoclear bit: the bitmaps are
+        // inconsistent and qemu drops the extension (their clusters leak).
+        if autoclear & AUTOCLEAR_BITMAPS == 0 {
+            let mut m = self.lock();
+            if m.h.ext.bitmaps.is_some() {
+                let mut h = m.h.clone();
+                h.ext.bitmaps = None;
+                crate::engine::meta::write_header(&mut m, &mut h)?;
+            }
+        }
+        if dirty {
+            let report = crate::features::check::check(self, RepairMode::All)?;
+            *self.open_repairs.lock().unwrap_or_else(|e| e.into_inner()) = report.messages;
+            let mut m = self.lock();
+            m.h.incompatible &= !INCOMPAT_DIRTY;
+            let v = m.h.incompatible;
+            self.file.flush()?;
+            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A read-only view of the disk as it was when snapshot `id_or_name` was taken
+    /// (matched against ids first, then names, as qemu's `snapshot.name`/`-l`).
+    /// It shares this image's backing device.
+    pub fn open_snapshot(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
+        let by_id = self
+            .lock()
+            .snapshots
+            .iter()
+            .any(|s| s.info.id == id_or_name);
+        let dev = if by_id {
+            self.snapshot_view(Some(id_or_name), None)?
+        } else {
+            self.snapshot_view(None, Some(id_or_name))?
+        };
+        Ok(Arc::new(dev))
+    }
+
+    fn snapshot_view(&self, id: Option<&str>, name: Option<&str>) -> Result<Qcow2Device> {
+        let m = self.lock();
+        let snap = m
+            .snapshots
+            .iter()
+            .find(|s| id.is_none_or(|i| s.info.id == i) && name.is_none_or(|n| s.info.name == n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "Can't find snapshot '{}'",
+                    name.or(id).unwrap_or_default()
+                ))
+            })?
+            .clone();
+        let mut view = Meta::new(m.file.clone(), m.data.clone(), m.h.clone(), m.limits);
+        view.l1_offset = snap.l1_offset;
+        view.size = snap.disk_size.unwrap_or(m.h.size);
+        view.reftable = m.reftable.clone();
+        drop(m);
+        if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
+            return Err(Error::corrupt(
+                "qcow2",
+                "Snapshot L1 table too small",
+                snap.l1_offset,
+            ));
+        }
+        view.l1 = view.read_table(
+            "Snapshot L1 table offset invalid",
+            snap.l1_offset,
+            u64::from(snap.l1_size),
+        )?;
+        Ok(Qcow2Device {
+            meta: RwLock::new(view),
+            file: self.file.clone(),
+            data: self.data.clone(),
+            backing: RwLock::new(self.backing()),
+            read_only: true,
+            bitmaps: Vec::new(),
+            tracked: Mutex::new(Vec::new()),
+            closed: diskimg_blockio::Closed::new(),
+            open_repairs: Mutex::new(Vec::new()),
+            snapshot_view: true,
+            crypt: self.crypt.clone(),
+        })
+    }
+}
