@@ -34,7 +34,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (&a.cache, a.force);
+    let _ = &a.cache;
     if a.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'diskimg amend --help' for more info");
     }
@@ -57,7 +57,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let amended = if all.is_empty() {
         Ok(())
     } else {
-        diskimg::maint::amend(&img, &all, &crate::secrets::secrets())
+        diskimg::maint::amend_forced(&img, &all, &crate::secrets::secrets(), a.force)
     };
     bar.print(100.0, 0);
     amended?;

@@ -30,6 +30,7 @@ mod hostile;
 mod inspect;
 mod io;
 mod iotest_cases;
+mod iotest_filters;
 mod iotest_names;
 mod locking;
 mod locking_chain;
