@@ -118,6 +118,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 }
 
 fn run_inner(mut a: Args) -> Result<i32> {
+    crate::optlist::check(&a.options)?;
     if let Some(t) = a.target {
         targets::apply(&mut a, t)?;
     }
@@ -132,7 +133,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
         .unwrap_or_default();
     // An unknown output format is reported once progress has started, as qemu does.
     let out_fmt = crate::common::parse_create_format(&a.output_format);
-    if a.options.iter().any(|o| o == "help" || o == "?") {
+    if crate::optlist::wants_help(&a.options) {
         // As qemu: the protocol's options too once a target file is named.
         return print_help(out_fmt?, !a.files.is_empty());
     }

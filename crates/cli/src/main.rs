@@ -29,6 +29,7 @@ mod map;
 mod measure;
 mod names;
 mod nodes;
+mod optlist;
 mod quorum;
 mod rebase;
 mod resize;
@@ -45,7 +46,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 #[command(
     name = "diskimg",
     version,
-    about = "qemu-img compatible disk image tool"
+    about = "qemu-img compatible disk image tool",
+    // As qemu-img's getopt: a repeated option's last value wins (`-f foo -f qcow2`).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

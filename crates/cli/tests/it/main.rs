@@ -32,6 +32,7 @@ mod io;
 mod iotest_cases;
 mod iotest_filters;
 mod iotest_names;
+mod iotest_options;
 mod locking;
 mod locking_chain;
 mod luks;
