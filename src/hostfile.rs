@@ -112,17 +112,6 @@ pub(crate) fn open_user_file(
     Ok(s)
 }
 
-/// The storage an image reads through: `file` itself, or `file` on the io_uring of
-/// `options` ([`ImageOptions::io_uring`](crate::ImageOptions::io_uring)).
-pub(crate) fn on_ring(file: Arc<FileStorage>, options: &crate::ImageOptions) -> Arc<dyn Storage> {
-    #[cfg(target_os = "linux")]
-    if let Some(ring) = &options.io_uring {
-        return Arc::new(UringStorage::from_arc(file, ring.clone()));
-    }
-    let _ = options;
-    file
-}
-
 /// [`HostFiles`] for one image: names resolved against its directory under a policy.
 #[derive(Debug)]
 pub(crate) struct PolicyFiles {

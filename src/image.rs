@@ -270,29 +270,8 @@ fn open_inner(
     mut driver_options: OptionList,
     visited: &mut Vec<PathBuf>,
 ) -> Result<Image> {
-    let canon = std::fs::canonicalize(path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
     let top = visited.is_empty();
-    if visited.contains(&canon) {
-        return Err(Error::invalid(format!(
-            "Backing file '{}' creates an infinite loop.",
-            path.display()
-        )));
-    }
-    let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
-    let max_depth = options
-        .policy
-        .max_chain_depth
-        .min(options.limits.max_chain_depth);
-    if depth > max_depth {
-        return Err(Error::LimitExceeded {
-            what: "backing chain depth",
-            requested: u64::from(depth),
-            limit: u64::from(max_depth),
-        });
-    }
-    visited.push(canon.clone());
-
+    let canon = enter_chain(path, options, visited)?;
     let lock_mode = LockMode::of(options.locking, options.force_share, read_only)?;
     let file = Arc::new(if top {
         open_user_file(path, read_only, options.cache)?
@@ -315,7 +294,7 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage = crate::hostfile::on_ring(file, options);
+    let storage = on_ring(file, options);
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -332,9 +311,7 @@ fn open_inner(
         .read_only(read_only)
         .limits(options.limits)
         .files(files);
-    let mut backing_opts = backing_options(&driver_options);
-    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
-    let backing_driver = backing_opts.take("driver");
+    let backing_opts = backing_options(&driver_options);
     open_opts.driver_options = std::mem::take(&mut driver_options);
     open_opts.secrets = options.secrets.clone();
     let device = format.driver()?.open(storage, &open_opts)?;
@@ -347,14 +324,66 @@ fn open_inner(
         backing: None,
         locks,
     };
-    if !options.open_backing {
-        return Ok(image);
+    if options.open_backing {
+        open_backing(&mut image, &dir, options, backing_opts, visited)?;
     }
+    Ok(image)
+}
+
+/// The storage an image reads through: `file` itself, or `file` on the io_uring of
+/// `options` ([`ImageOptions::io_uring`]).
+fn on_ring(file: Arc<diskimg_blockio::FileStorage>, options: &ImageOptions) -> Arc<dyn Storage> {
+    #[cfg(target_os = "linux")]
+    if let Some(ring) = &options.io_uring {
+        return Arc::new(diskimg_blockio::UringStorage::from_arc(file, ring.clone()));
+    }
+    let _ = options;
+    file
+}
+
+/// Checks that `path` does not close a loop and that the chain stays within the depth
+/// limits, then records it in `visited`; returns its canonical path.
+fn enter_chain(path: &Path, options: &ImageOptions, visited: &mut Vec<PathBuf>) -> Result<PathBuf> {
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    if visited.contains(&canon) {
+        return Err(Error::invalid(format!(
+            "Backing file '{}' creates an infinite loop.",
+            path.display()
+        )));
+    }
+    let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
+    let max_depth = options
+        .policy
+        .max_chain_depth
+        .min(options.limits.max_chain_depth);
+    if depth > max_depth {
+        return Err(Error::LimitExceeded {
+            what: "backing chain depth",
+            requested: u64::from(depth),
+            limit: u64::from(max_depth),
+        });
+    }
+    visited.push(canon.clone());
+    Ok(canon)
+}
+
+/// Opens the backing file `image` names (trying its alternate names in turn, as the
+/// policy allows) and attaches it. Nothing to do for an image without one.
+fn open_backing(
+    image: &mut Image,
+    dir: &Path,
+    options: &ImageOptions,
+    mut backing_opts: OptionList,
+    visited: &mut Vec<PathBuf>,
+) -> Result<()> {
+    // qemu's `backing.driver=FMT`: the backing image's format, over what the image names.
+    let backing_driver = backing_opts.take("driver");
     let Some(bref) = image.device.info().backing else {
-        return Ok(image);
+        return Ok(());
     };
     if bref.filename.is_empty() {
-        return Ok(image);
+        return Ok(());
     }
     let bformat = match backing_driver.as_deref().or(bref.format.as_deref()) {
         // qemu's wording for a backing format it has no driver for.
@@ -366,7 +395,7 @@ fn open_inner(
     let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
         // Judged by the real path it resolves to (symbolic links followed) and its type.
-        let bpath = match options.policy.resolve(FilePurpose::Backing, &dir, name) {
+        let bpath = match options.policy.resolve(FilePurpose::Backing, dir, name) {
             Ok(p) => p,
             Err(e @ Error::BackingDenied { .. }) => {
                 last_err = Some(e);
@@ -403,7 +432,7 @@ fn open_inner(
             continue;
         }
         image.backing = Some(Box::new(backing));
-        return Ok(image);
+        return Ok(());
     }
     // A file that was found but refused says more than the names that were not found.
     Err(refused

@@ -20,7 +20,12 @@
 //!   cluster in order (qemu-img bench -w -S 65536), a flush every 256 writes;
 //! - `alloc-4k-rand`: the same clusters in random order, at a random 4 KiB inside each.
 //!
-//! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`).
+//! - `read-4k-stride` / `read-4k-rand` with engine `diskimg io_uring -d 16 -t none`: the
+//!   same offsets through the library's async face on an io_uring of depth 16 with
+//!   `O_DIRECT`, 16 reads in flight from one thread (`benches/engine/uring.rs`).
+//!
+//! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`,
+//! with qemu's default thread pool and with `-i io_uring`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod engines;
+mod uring;
 
 use engines::{Engine, open_engine};
 
@@ -103,7 +109,9 @@ impl Rng {
 
 fn random_offsets(size: u64, count: usize, seed: u64) -> Vec<u64> {
     let mut r = Rng(seed | 1);
-    (0..count).map(|_| r.next() % (size / BLOCK) * BLOCK).collect()
+    (0..count)
+        .map(|_| r.next() % (size / BLOCK) * BLOCK)
+        .collect()
 }
 
 /// Every cluster once, in random order, at a random 4 KiB block inside it.
@@ -218,7 +226,7 @@ struct Row {
 fn print_row(r: &Row) {
     let s = r.best.as_secs_f64();
     println!(
-        "{:<18} {:<24} {:>10.0} {:>9.1} {:>8.3}  {}",
+        "{:<18} {:<34} {:>10.0} {:>9.1} {:>8.3}  {}",
         r.name,
         r.engine,
         r.ops as f64 / s,
@@ -239,7 +247,7 @@ fn main() {
     let cfg = Cfg::from_env();
     std::fs::create_dir_all(&cfg.dir).expect("bench dir");
     println!(
-        "{:<18} {:<24} {:>10} {:>9} {:>8}  note",
+        "{:<18} {:<34} {:>10} {:>9} {:>8}  note",
         "pattern", "engine", "ops/s", "MiB/s", "secs"
     );
     let engines = engines::names();
@@ -275,6 +283,23 @@ fn main() {
             });
         }
     }
+    for (name, offs) in [("read-4k-stride", &stride), ("read-4k-rand", &rand)] {
+        if !cfg.wants(name) || !engines.contains(&"diskimg") {
+            continue;
+        }
+        let best = (0..cfg.rounds)
+            .map(|_| uring::reads(&data, offs, BLOCK as usize, 16))
+            .min()
+            .unwrap_or_default();
+        print_row(&Row {
+            name: name.into(),
+            engine: "diskimg io_uring -d 16 -t none".into(),
+            ops: offs.len(),
+            bytes: offs.len() as u64 * BLOCK,
+            best,
+            note: String::new(),
+        });
+    }
     qemu_reads(&cfg, &data);
     let strided: Vec<u64> = (0..cfg.clusters()).map(|c| c * CLUSTER).collect();
     let shuffled = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
@@ -309,7 +334,7 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
     let n = cfg.reads.to_string();
     let step = (STRIDE_BLOCKS * BLOCK).to_string();
     let mib = (cfg.size >> 20).to_string();
-    let cases: [(&str, &str, Vec<&str>, usize, u64); 3] = [
+    let cases: [(&str, &str, Vec<&str>, usize, u64); 4] = [
         (
             "seq-read-1m",
             "qemu-img bench -d 1",
@@ -328,6 +353,15 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
             "read-4k-stride",
             "qemu-img -d 16 -t none",
             vec!["-c", &n, "-d", "16", "-t", "none", "-s", "4K", "-S", &step],
+            cfg.reads,
+            BLOCK,
+        ),
+        (
+            "read-4k-stride",
+            "qemu-img -d 16 -t none -i io_uring",
+            vec![
+                "-c", &n, "-d", "16", "-t", "none", "-i", "io_uring", "-s", "4K", "-S", &step,
+            ],
             cfg.reads,
             BLOCK,
         ),

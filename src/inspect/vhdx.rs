@@ -10,63 +10,41 @@ use super::{ReferenceKind, Report};
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-/// A GUID as stored (first three fields little-endian).
-const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
-    let (a, b, c) = (d1.to_le_bytes(), d2.to_le_bytes(), d3.to_le_bytes());
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
-        d4[6], d4[7],
-    ]
+/// A GUID written as in MS-VHDX (`2DC27766-F623-4200-9D64-115E9BFD4A08`), as stored:
+/// the first three fields little-endian, the last eight bytes in order. Evaluated at
+/// compile time only, where a short text fails the build.
+#[allow(clippy::indexing_slicing)]
+const fn guid(text: &str) -> [u8; 16] {
+    let t = text.as_bytes();
+    // Byte `i` of the stored GUID is the hex pair at this position of the text.
+    const AT: [usize; 16] = [6, 4, 2, 0, 11, 9, 16, 14, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = hex_digit(t[AT[i]]) << 4 | hex_digit(t[AT[i] + 1]);
+        i += 1;
+    }
+    out
 }
 
-const BAT: [u8; 16] = guid(
-    0x2DC2_7766,
-    0xF623,
-    0x4200,
-    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
-);
-const METADATA: [u8; 16] = guid(
-    0x8B7C_A206,
-    0x4790,
-    0x4B9A,
-    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
-);
-const FILE_PARAMS: [u8; 16] = guid(
-    0xCAA1_6737,
-    0xFA36,
-    0x4D43,
-    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
-);
-const DISK_SIZE: [u8; 16] = guid(
-    0x2FA5_4224,
-    0xCD1B,
-    0x4876,
-    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
-);
-const DISK_ID: [u8; 16] = guid(
-    0xBECA_12AB,
-    0xB2E6,
-    0x4523,
-    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
-);
-const LOGICAL: [u8; 16] = guid(
-    0x8141_BF1D,
-    0xA96F,
-    0x4709,
-    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
-);
-const PHYSICAL: [u8; 16] = guid(
-    0xCDA3_48C7,
-    0x445D,
-    0x4471,
-    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
-);
-const PARENT: [u8; 16] = guid(
-    0xA8D3_5F2B,
-    0xB30B,
-    0x454D,
-    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
-);
+/// The value of a hex digit (0 for anything else; the test below pins the texts).
+const fn hex_digit(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'A'..=b'F' => c - b'A' + 10,
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => 0,
+    }
+}
+
+const BAT: [u8; 16] = guid("2DC27766-F623-4200-9D64-115E9BFD4A08");
+const METADATA: [u8; 16] = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E");
+const FILE_PARAMS: [u8; 16] = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
+const DISK_SIZE: [u8; 16] = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
+const DISK_ID: [u8; 16] = guid("BECA12AB-B2E6-4523-93EF-C309E000C746");
+const LOGICAL: [u8; 16] = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F");
+const PHYSICAL: [u8; 16] = guid("CDA348C7-445D-4471-9CC9-E9885251C556");
+const PARENT: [u8; 16] = guid("A8D35F2B-B30B-454D-ABF7-D3D84834AB0C");
 
 fn structure(r: &mut Report, msg: impl Into<String>) {
     r.unsafe_("structure", msg);
@@ -371,6 +349,31 @@ fn bat(img: &Image<'_>, r: &mut Report, m: &Meta, off: u64, len: u64, meta: &Ran
         if let Some(what) = meta.hit(at, n) {
             structure(r, format!("a block at {at:#x} lies in the {what}"));
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_are_stored_mixed_endian() {
+        let bat = [
+            0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD,
+            0x4A, 0x08,
+        ];
+        assert_eq!(BAT, bat);
+        for g in [
+            METADATA,
+            FILE_PARAMS,
+            DISK_SIZE,
+            DISK_ID,
+            LOGICAL,
+            PHYSICAL,
+            PARENT,
+        ] {
+            assert_ne!(g, [0; 16]);
         }
     }
 }

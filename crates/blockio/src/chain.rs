@@ -41,7 +41,7 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
     loop {
         let e = cur.map(offset, len)?;
         if e.len == 0 || e.offset != offset {
-            return Err(Error::invalid(
+            return Err(Error::internal(
                 "device map returned an empty or misplaced extent",
             ));
         }

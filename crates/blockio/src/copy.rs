@@ -104,7 +104,7 @@ fn buffered_copy(
     let mut done = 0u64;
     while done < len {
         let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(0);
-        let piece = buf.get_mut(..n).ok_or(Error::invalid("copy buffer"))?;
+        let piece = buf.get_mut(..n).ok_or(Error::internal("copy buffer"))?;
         src.read_exact_at(piece, src_off + done)?;
         dst.write_all_at(piece, dst_off + done)?;
         done += n as u64;

@@ -326,7 +326,7 @@ pub fn write_from_by_buffer<D: BlockDevice + ?Sized>(
     let mut done = 0u64;
     while done < len {
         let n = usize::try_from((len - done).min(CHUNK)).unwrap_or(0);
-        let piece = buf.get_mut(..n).ok_or(Error::invalid("copy buffer"))?;
+        let piece = buf.get_mut(..n).ok_or(Error::internal("copy buffer"))?;
         src.read_exact_at(piece, src_offset + done)?;
         dev.write_at(piece, offset + done)?;
         done += n as u64;
@@ -398,7 +398,7 @@ pub fn map_all(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<Exten
     while pos < end {
         let e = dev.map(pos, end - pos)?;
         if e.len == 0 || e.offset != pos {
-            return Err(Error::invalid(
+            return Err(Error::internal(
                 "device map returned an empty or misplaced extent",
             ));
         }

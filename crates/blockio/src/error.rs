@@ -1,4 +1,6 @@
-//! The one error type shared by every diskimg crate.
+//! The one error type shared by every diskimg crate, and the taxonomy behind it.
+//!
+//! See [`Error`] for what each variant means.
 
 use std::borrow::Cow;
 
@@ -9,6 +11,33 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Messages are specific: they say *what* was wrong and, for on-disk problems, *where*.
 /// Match on the variant to decide how to react; display it to tell a person.
+///
+/// Each variant answers "whose fault is it?", so a caller can react without reading
+/// messages:
+///
+/// | variant | meaning | typical reaction |
+/// |---|---|---|
+/// | [`Error::Io`] | the host storage failed | retry, report the OS error |
+/// | [`Error::NotThisFormat`] | the bytes are not an image of the format asked for (bad magic) | probe again, or open as another format |
+/// | [`Error::Corrupt`] | the image claims to be the format but contradicts its specification | refuse the image, run `check`, report the offset |
+/// | [`Error::Unsupported`] | valid image or request that diskimg does not implement | fall back, convert elsewhere |
+/// | [`Error::LimitExceeded`] | the image would need more memory or depth than [`crate::Limits`] allow | raise the limit if the image is trusted |
+/// | [`Error::InvalidArgument`] | the caller asked for something impossible (bad option, size, name) | fix the call |
+/// | [`Error::OutOfRange`] | a guest access past the end of the disk | fix the call |
+/// | [`Error::Internal`] | a broken invariant inside diskimg: a bug, never the image's or the caller's fault | report it |
+///
+/// The remaining variants ([`Error::BackingDenied`], [`Error::ReadOnly`], [`Error::Locked`],
+/// [`Error::Closed`], [`Error::Key`]) name one situation each.
+///
+/// An image error displays as its bare message (`what`, qemu's words where qemu has
+/// them, which the CLI prints unchanged); the format and the offset are fields, and
+/// [`Error::located`] spells all three out for a log line.
+///
+/// Format crates build errors through the constructors ([`Error::corrupt`],
+/// [`Error::not_format`], [`Error::internal`], [`Error::invalid`]) or, for an `Option` from a
+/// bounds-checked parse, through [`OrCorrupt`]. Messages are the words a person reads
+/// (often qemu's own, which the CLI prints unchanged); the variant and the offset are
+/// what programs match on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -21,14 +50,27 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The image contradicts its format's specification.
-    #[error("{format} image is corrupt: {what} (at byte offset {offset:#x})")]
+    /// The image contradicts its format's specification: a field out of range, a table
+    /// pointing outside the file, a checksum that does not match, a structure cut short.
+    #[error("{what}")]
     Corrupt {
         /// Format name (`qcow2`, `vhdx`, …).
         format: &'static str,
-        /// A static phrase naming the problem ("L2 table offset not cluster-aligned").
-        what: &'static str,
-        /// Host (file) offset of the offending structure or field.
+        /// What was found ("L2 table offset not cluster-aligned", "Invalid block size 3").
+        what: Cow<'static, str>,
+        /// Host (file) offset of the offending structure or field, when there is one
+        /// (a descriptor line or a relation between two fields may have none).
+        offset: Option<u64>,
+    },
+    /// The bytes are not an image of this format at all: its magic or signature is
+    /// missing. Probing answers this before opening; an explicit `-f` meets it.
+    #[error("{what}")]
+    NotThisFormat {
+        /// The format that was asked for.
+        format: &'static str,
+        /// What was found instead ("Image not in VDI format", "invalid VPC image").
+        what: Cow<'static, str>,
+        /// Host offset of the magic that did not match.
         offset: u64,
     },
     /// The image is valid but uses something diskimg does not implement (or refuses).
@@ -59,9 +101,14 @@ pub enum Error {
         /// Virtual size.
         size: u64,
     },
-    /// The caller passed a bad argument or option.
+    /// The caller passed a bad argument or option. Never used for bad image contents.
     #[error("{0}")]
     InvalidArgument(Cow<'static, str>),
+    /// A broken invariant inside diskimg (an index the code computed itself out of
+    /// range, a worker thread gone): a bug to report, not a problem with the image or
+    /// the call.
+    #[error("internal error: {0}")]
+    Internal(Cow<'static, str>),
     /// Opening another host file (backing, data file, extent) was refused by the policy.
     #[error("refusing to open '{path}' ({purpose}): {reason}")]
     BackingDenied {
@@ -101,11 +148,34 @@ impl Error {
         }
     }
 
-    /// A corrupt-image error.
-    pub fn corrupt(format: &'static str, what: &'static str, offset: u64) -> Self {
+    /// A corrupt-image error at host offset `offset` of the image file.
+    pub fn corrupt(format: &'static str, what: impl Into<Cow<'static, str>>, offset: u64) -> Self {
         Error::Corrupt {
             format,
-            what,
+            what: what.into(),
+            offset: Some(offset),
+        }
+    }
+
+    /// A corrupt-image error with no single offending offset (a relation between
+    /// fields, a line of a text descriptor).
+    pub fn corrupt_unplaced(format: &'static str, what: impl Into<Cow<'static, str>>) -> Self {
+        Error::Corrupt {
+            format,
+            what: what.into(),
+            offset: None,
+        }
+    }
+
+    /// The bytes at `offset` are not `format`'s magic: not an image of this format.
+    pub fn not_format(
+        format: &'static str,
+        what: impl Into<Cow<'static, str>>,
+        offset: u64,
+    ) -> Self {
+        Error::NotThisFormat {
+            format,
+            what: what.into(),
             offset,
         }
     }
@@ -118,9 +188,15 @@ impl Error {
         }
     }
 
-    /// An invalid-argument error.
+    /// An invalid-argument error: the caller's request is wrong. For bad image contents
+    /// use [`Error::corrupt`]; for "cannot happen" use [`Error::internal`].
     pub fn invalid(msg: impl Into<Cow<'static, str>>) -> Self {
         Error::InvalidArgument(msg.into())
+    }
+
+    /// A broken internal invariant (a bug in diskimg).
+    pub fn internal(what: impl Into<Cow<'static, str>>) -> Self {
+        Error::Internal(what.into())
     }
 
     /// True when this error means "not implemented / not possible for this format",
@@ -128,10 +204,107 @@ impl Error {
     pub fn is_unsupported(&self) -> bool {
         matches!(self, Error::Unsupported { .. })
     }
+
+    /// True for a damaged image ([`Error::Corrupt`]) or one of another format
+    /// ([`Error::NotThisFormat`]): the image's fault, not the caller's or the host's.
+    pub fn is_bad_image(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::NotThisFormat { .. })
+    }
+
+    /// The message with, for an image error, its format and offset:
+    /// `vdi image is corrupt: header truncated (at byte offset 0x40)`. Other errors
+    /// read as their [`Display`](std::fmt::Display).
+    pub fn located(&self) -> String {
+        let at = |o: Option<u64>| {
+            o.map(|o| format!(" (at byte offset {o:#x})"))
+                .unwrap_or_default()
+        };
+        match self {
+            Error::Corrupt {
+                format,
+                what,
+                offset,
+            } => format!("{format} image is corrupt: {what}{}", at(*offset)),
+            Error::NotThisFormat {
+                format,
+                what,
+                offset,
+            } => format!("not a {format} image: {what}{}", at(Some(*offset))),
+            e => e.to_string(),
+        }
+    }
+
+    /// The host offset an image error points at, if it has one.
+    pub fn image_offset(&self) -> Option<u64> {
+        match self {
+            Error::Corrupt { offset, .. } => *offset,
+            Error::NotThisFormat { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
 }
 
 impl From<std::io::Error> for Error {
     fn from(source: std::io::Error) -> Self {
         Error::io("I/O error", source)
+    }
+}
+
+/// Turns a failed bounds-checked parse (`None`) into the right error in one call,
+/// the way gimli-rs/object's `read_error` does:
+/// `hdr.le_u32(8).or_corrupt("vdi", "header cut short", 8)?`.
+pub trait OrCorrupt<T> {
+    /// `None` becomes [`Error::Corrupt`] for `format` at host offset `offset`.
+    fn or_corrupt(self, format: &'static str, what: &'static str, offset: u64) -> Result<T>;
+    /// `None` becomes [`Error::Internal`]: the value was computed by diskimg itself, so
+    /// its absence is a bug.
+    fn or_internal(self, what: &'static str) -> Result<T>;
+}
+
+impl<T> OrCorrupt<T> for Option<T> {
+    fn or_corrupt(self, format: &'static str, what: &'static str, offset: u64) -> Result<T> {
+        self.ok_or_else(|| Error::corrupt(format, what, offset))
+    }
+    fn or_internal(self, what: &'static str) -> Result<T> {
+        self.ok_or_else(|| Error::internal(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_names_format_and_offset_when_known() {
+        let e = Error::corrupt("vdi", "bad block size", 0x180);
+        assert_eq!(e.to_string(), "bad block size");
+        assert_eq!(
+            e.located(),
+            "vdi image is corrupt: bad block size (at byte offset 0x180)"
+        );
+        assert_eq!(e.image_offset(), Some(0x180));
+        let e = Error::corrupt_unplaced("vmdk", format!("extent {} missing", 2));
+        assert_eq!(e.located(), "vmdk image is corrupt: extent 2 missing");
+        assert_eq!(e.image_offset(), None);
+        assert!(e.is_bad_image());
+    }
+
+    #[test]
+    fn not_format_internal_and_option_helpers() {
+        let e = Error::not_format("vpc", "invalid VPC image", 0);
+        assert!(e.is_bad_image());
+        assert_eq!(e.image_offset(), Some(0));
+        assert!(!Error::invalid("bad size").is_bad_image());
+        let e = None::<u32>.or_corrupt("vhdx", "region table cut short", 0x3_0000);
+        assert!(matches!(
+            e,
+            Err(Error::Corrupt {
+                offset: Some(0x3_0000),
+                ..
+            })
+        ));
+        let e = None::<u32>.or_internal("write range");
+        assert_eq!(e.unwrap_err().to_string(), "internal error: write range");
+        assert_eq!(Some(3).or_internal("x").ok(), Some(3));
     }
 }

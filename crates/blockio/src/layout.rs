@@ -174,7 +174,7 @@ pub trait Layout {
     /// Reads a [`Mapping::Special`] run (or part of it) at guest `offset` into `buf`.
     /// The default refuses: formats that return special runs override it.
     fn read_special(&self, _token: u64, _offset: u64, _buf: &mut [u8]) -> Result<()> {
-        Err(Error::invalid("this layout has no special runs"))
+        Err(Error::internal("this layout has no special runs"))
     }
 
     /// The device [`Mapping::Unallocated`] runs read from (`None`: zeroes). Asked once
@@ -199,7 +199,7 @@ pub fn for_each_run<L: Layout + ?Sized>(
     while pos < end {
         let (mapping, n) = layout.lookup(pos, end - pos)?;
         if n == 0 || n > end - pos {
-            return Err(Error::invalid(
+            return Err(Error::internal(
                 "layout lookup returned a run of a bad length",
             ));
         }
@@ -239,10 +239,10 @@ pub fn advance_mapping(mapping: Mapping<'_>, by: u64) -> Result<Mapping<'_>> {
 pub fn read_via<L: Layout + ?Sized>(layout: &L, buf: &mut [u8], offset: u64) -> Result<()> {
     let mut done = 0usize;
     for_each_run(layout, offset, buf.len() as u64, |pos, n, mapping| {
-        let n = usize::try_from(n).map_err(|_| Error::invalid("read run too long"))?;
+        let n = usize::try_from(n).map_err(|_| Error::internal("read run too long"))?;
         let chunk = buf
             .get_mut(done..done.saturating_add(n))
-            .ok_or(Error::invalid("read run outside the buffer"))?;
+            .ok_or(Error::internal("read run outside the buffer"))?;
         done += n;
         read_run(layout, pos, mapping, chunk)
     })
@@ -311,7 +311,7 @@ fn extent_of<L: Layout + ?Sized>(
 ) -> Result<(Extent, bool, StorageId)> {
     let (mapping, n) = layout.lookup(offset, len)?;
     if n == 0 || n > len {
-        return Err(Error::invalid(
+        return Err(Error::internal(
             "layout lookup returned a run of a bad length",
         ));
     }
@@ -454,7 +454,13 @@ mod tests {
             offset: 4,
         };
         let e = HostRun::new(&host, 6).past_eof(corrupt).read(&mut buf);
-        assert!(matches!(e, Err(Error::Corrupt { offset: 4, .. })));
+        assert!(matches!(
+            e,
+            Err(Error::Corrupt {
+                offset: Some(4),
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The core of diskimg: host bytes, the guest view, and the vocabulary every format shares.
 //!
 //! - [`Storage`]: the host bytes an image lives in ([`FileStorage`], [`MemStorage`],
-//!   [`ReadOnlyStorage`], and [`FaultStorage`] for crash tests). Positional, `&self`,
-//!   `Send + Sync`.
+//!   [`ReadOnlyStorage`], [`FaultStorage`] for crash tests, and on Linux `UringStorage`, a
+//!   file on an io_uring). Positional, `&self`, `Send + Sync`.
+//! - [`AsyncDevice`]: the async face of any device, whose [`IoFuture`]s need no particular
+//!   runtime (completed by an io_uring completion thread or a small worker pool).
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
 //!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
 //!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
@@ -95,7 +97,7 @@ pub use device::{
     read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
-pub use error::{Error, Result};
+pub use error::{Error, OrCorrupt, Result};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
     HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_via,
@@ -104,7 +106,7 @@ pub use layout::{
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};
 pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size};
-pub use packed::{CompressedUnits, PackedUnit};
+pub use packed::{CompressedUnits, PackedUnit, looks_incompressible};
 pub use secrets::Secrets;
 pub use storage::{
     CrashMode, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage,

@@ -187,7 +187,10 @@ mod tests {
         assert_eq!((e.0.name, e.1.name), ("header", "table"));
         assert!(matches!(
             e.to_error("x"),
-            Error::Corrupt { offset: 511, .. }
+            Error::Corrupt {
+                offset: Some(511),
+                ..
+            }
         ));
         assert!(MetaRanges::build([(u64::MAX - 1, 8, "a"), (u64::MAX - 1, 1, "b")]).is_err());
     }

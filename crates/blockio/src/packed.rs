@@ -68,6 +68,57 @@ impl CompressedUnits {
     }
 }
 
+/// Sampled entropy (bits per byte) below which a unit is taken as compressible after
+/// the first, small sample. Uniform random bytes measure about 7.82 on 1 KiB (the
+/// estimate is biased low on small samples), ordinary text and code 4.5-6.5.
+const FIRST_SAMPLE_BITS: f64 = 7.6;
+
+/// Sampled entropy from which a unit is taken as incompressible after the second,
+/// larger sample (uniform random bytes measure about 7.99 on 16 KiB).
+const SECOND_SAMPLE_BITS: f64 = 7.98;
+
+/// True when `buf` is almost surely not worth compressing: the byte histogram of a
+/// sample is nearly flat, as in already-compressed or encrypted data. A cheap test
+/// (a 1 KiB sample for nearly every unit, 16 KiB more for the few that look random)
+/// that lets a device skip deflating a unit that would not shrink: on an ext4 image of
+/// `/usr/share`, it picked 689 of 11136 data clusters: 628 of the 630 that do not
+/// shrink at all, and 61 that would shrink a little (27.8 KB in all), and it costs under
+/// 2% of the time deflate takes (docs/benchmarks.md). Units under 4 KiB are never judged.
+pub fn looks_incompressible(buf: &[u8]) -> bool {
+    if buf.len() < 4096 {
+        return false;
+    }
+    sample_entropy(buf, 1024) >= FIRST_SAMPLE_BITS
+        && sample_entropy(buf, 16384) >= SECOND_SAMPLE_BITS
+}
+
+/// Order-0 entropy in bits per byte of about `samples` bytes of `buf`, taken as
+/// 4-byte groups spread evenly over it.
+fn sample_entropy(buf: &[u8], samples: usize) -> f64 {
+    let groups = buf.len() / 4;
+    let step = (groups / (samples / 4).max(1)).max(1);
+    let mut hist = [0u32; 256];
+    let mut n = 0u32;
+    for g in buf.chunks_exact(4).step_by(step) {
+        for &b in g {
+            if let Some(h) = hist.get_mut(usize::from(b)) {
+                *h += 1;
+            }
+        }
+        n += 4;
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let total = f64::from(n);
+    let sum: f64 = hist
+        .iter()
+        .filter(|&&k| k > 0)
+        .map(|&k| f64::from(k) * f64::from(k).log2())
+        .sum();
+    total.log2() - sum / total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +142,34 @@ mod tests {
         assert!(c.unit_ranges(64).is_err());
         assert_eq!(PackedUnit::Compressed(vec![]).len(), 0);
         assert!(PackedUnit::Compressed(vec![]).is_empty());
+    }
+
+    #[test]
+    fn incompressible_data_is_told_from_the_rest() {
+        // A xorshift stream stands in for compressed or encrypted data.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect();
+        assert!(looks_incompressible(&random));
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(65536)
+            .collect();
+        assert!(!looks_incompressible(&text));
+        assert!(!looks_incompressible(&[0u8; 65536]));
+        // Half random, half zeroes compresses to about half: not skipped.
+        let mut half = random.clone();
+        half[32768..].fill(0);
+        assert!(!looks_incompressible(&half));
+        // Too short to judge.
+        assert!(!looks_incompressible(&random[..4000]));
     }
 }

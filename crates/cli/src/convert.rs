@@ -13,91 +13,13 @@ use crate::common::{
 };
 use crate::create::{known_option, parse_options, print_help};
 
+mod args;
 mod pipe;
 mod salvage;
 mod stdout;
 mod targets;
 
-/// Arguments of `convert`.
-#[derive(clap::Args, Debug)]
-pub(crate) struct Args {
-    /// Source format (probed when omitted).
-    #[arg(short = 'f', long = "source-format")]
-    format: Option<String>,
-    /// Output format (default raw).
-    #[arg(short = 'O', default_value = "raw")]
-    output_format: String,
-    /// Output format options (`-o help` lists them); may repeat.
-    #[arg(short = 'o')]
-    options: Vec<String>,
-    /// Compress the output (formats with compressed writes).
-    #[arg(short = 'c')]
-    compress: bool,
-    /// Copy offloading: data is copied with copy_file_range where the formats allow.
-    #[arg(short = 'C', long = "copy-range-offloading")]
-    copy_range: bool,
-    /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
-    #[arg(long = "bitmaps")]
-    bitmaps: bool,
-    /// With --bitmaps: skip bitmaps marked in-use instead of failing.
-    #[arg(long = "skip-broken-bitmaps")]
-    skip_broken_bitmaps: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Minimum run of zero bytes to leave unallocated (default 4k; 0 = fully allocate).
-    #[arg(short = 'S', long = "sparse-size")]
-    sparse: Option<String>,
-    /// Do not create the target: write into an existing image.
-    #[arg(short = 'n')]
-    no_create: bool,
-    /// The existing target (with -n) already reads as zeroes.
-    #[arg(long = "target-is-zero")]
-    target_is_zero: bool,
-    /// Backing file of the output (only ranges differing from it are written).
-    #[arg(short = 'B')]
-    backing: Option<String>,
-    /// Format of the -B backing file.
-    #[arg(short = 'F')]
-    backing_format: Option<String>,
-    /// Parallel workers (1..16, default 8).
-    #[arg(short = 'm', long = "parallel", default_value_t = 8)]
-    workers: usize,
-    /// Copy what can be read of a damaged source: unreadable sectors become zeroes
-    /// (each reported), failing block-status queries read as data.
-    #[arg(long = "salvage")]
-    salvage: bool,
-    /// Allow out-of-order writes.
-    #[arg(short = 'W', long = "oob-writes")]
-    out_of_order: bool,
-    /// Source internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME` or `ID_OR_NAME`.
-    #[arg(short = 'l')]
-    snapshot: Option<String>,
-    /// Source cache mode: `writeback` (default), `none`/`directsync` (O_DIRECT reads),
-    /// `writethrough`, `unsafe`.
-    #[arg(short = 'T')]
-    src_cache: Option<String>,
-    /// Target cache mode (docs/cli.md). Default: flushes skipped while the image is
-    /// built, written back as it goes, one flush at the end (durable on return).
-    /// `unsafe`: no flush at all (qemu-img's default); `writeback`: every flush honoured;
-    /// `none`: O_DIRECT; `writethrough`/`directsync`: every write durable.
-    #[arg(short = 't')]
-    cache: Option<String>,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// Output shaped for an upload: `azure` (fixed VHD, whole MiB), `esxi`
-    /// (stream-optimized VMDK for vSphere), `gcp` (`disk.raw` in an oldgnu tar.gz), `ova`
-    /// (OVF package); see docs/pipelines.md.
-    #[arg(long = "target", value_enum)]
-    target: Option<targets::Target>,
-    /// Source image(s) followed by the output file.
-    #[arg(num_args = 1..)]
-    files: Vec<String>,
-}
+pub(crate) use args::Args;
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let created = !a.no_create;
@@ -137,41 +59,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
         // As qemu: the protocol's options too once a target file is named.
         return print_help(out_fmt?, !a.files.is_empty());
     }
-    if a.copy_range && a.compress {
-        bail!("Cannot enable copy offloading when -c is used");
-    }
-    if a.copy_range && a.sparse.is_some() {
-        bail!("Cannot enable copy offloading when -S is used");
-    }
-    if a.copy_range && a.salvage {
-        bail!("Cannot use copy offloading in salvaging mode");
-    }
-    let snapshot = a
-        .snapshot
-        .as_deref()
-        .map(diskimg::SnapshotSelector::parse)
-        .transpose()?;
-    if a.target_is_zero && !a.no_create {
-        bail!("--target-is-zero requires use of -n flag");
-    }
-    if a.no_create && !a.options.is_empty() {
-        bail!("-o has no effect when skipping image creation");
-    }
-    if a.target_is_zero && a.backing.is_some() {
-        bail!("--target-is-zero cannot be used with -B");
-    }
-    if !(1..=16).contains(&a.workers) {
-        bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
-    }
-    let sparse = match &a.sparse {
-        Some(s) => {
-            let v = parse_size(s)
-                .ok()
-                .filter(|v| v % 512 == 0 && *v <= 16 << 20);
-            v.ok_or_else(|| anyhow!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."))?
-        }
-        None => diskimg_convert::DEFAULT_SPARSE,
-    };
+    let flags = Flags::from_args(&a)?;
     let Some((dst_name, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         bail!("Expecting image file name");
     };
@@ -183,13 +71,116 @@ fn run_inner(mut a: Args) -> Result<i32> {
     );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
+    let sources = open_sources(&a, srcs, src_cache, flags.snapshot.as_ref())?;
+    let (src, images) = (sources.device.as_ref(), &sources.images);
+    if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
+        return targets::run(&a, t, src, images, dst_name);
+    }
+    if dst_name == "-" {
+        return stdout::run(&a, src, images, out_fmt);
+    }
+    pipe::check_target(images, out_fmt, a.no_create)?;
+    let made = if a.no_create {
+        Made {
+            target_is_zero: a.target_is_zero,
+            key_secret: None,
+            backing: a.backing.clone(),
+        }
+    } else {
+        create_target(&a, dst_name, out_fmt, srcs.len(), src.virtual_size())?
+    };
+    // Only a target created here (no backing file to attach, not encrypted) takes the
+    // default's skipped-flush path; a new encrypted target opens with the secret it was
+    // created with (the target is a plain file name: qemu's --image-opts names sources
+    // only).
+    let fresh = !a.no_create && made.backing.is_none() && made.key_secret.is_none();
+    let dst = open_target(dst_name, out_fmt, cache, fresh, made.key_secret.as_deref())?;
+    if a.no_create && images.iter().any(pipe::unknown_length) {
+        pipe::copy_into_existing(src, images, dst.device.as_ref(), &mut |d, t| {
+            bar.fraction(d, t)
+        })
+        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        dst.finish()
+            .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
+        bar.print(100.0, 0);
+        bar.end();
+        return Ok(0);
+    }
+    copy(&a, &flags, &sources, dst, &made, (dst_name, out_fmt), &bar)?;
+    bar.end();
+    Ok(0)
+}
+
+/// The flags of `convert` checked against each other, in qemu's order of complaints.
+struct Flags {
+    snapshot: Option<diskimg::SnapshotSelector>,
+    /// `-S`: the run of zeroes left unallocated.
+    sparse: u64,
+}
+
+impl Flags {
+    fn from_args(a: &Args) -> Result<Self> {
+        if a.copy_range && a.compress {
+            bail!("Cannot enable copy offloading when -c is used");
+        }
+        if a.copy_range && a.sparse.is_some() {
+            bail!("Cannot enable copy offloading when -S is used");
+        }
+        if a.copy_range && a.salvage {
+            bail!("Cannot use copy offloading in salvaging mode");
+        }
+        let snapshot = a
+            .snapshot
+            .as_deref()
+            .map(diskimg::SnapshotSelector::parse)
+            .transpose()?;
+        if a.target_is_zero && !a.no_create {
+            bail!("--target-is-zero requires use of -n flag");
+        }
+        if a.no_create && !a.options.is_empty() {
+            bail!("-o has no effect when skipping image creation");
+        }
+        if a.target_is_zero && a.backing.is_some() {
+            bail!("--target-is-zero cannot be used with -B");
+        }
+        if !(1..=16).contains(&a.workers) {
+            bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
+        }
+        let sparse = match &a.sparse {
+            Some(s) => {
+                let v = parse_size(s)
+                    .ok()
+                    .filter(|v| v % 512 == 0 && *v <= 16 << 20);
+                v.ok_or_else(|| anyhow!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."))?
+            }
+            None => diskimg_convert::DEFAULT_SPARSE,
+        };
+        Ok(Flags { snapshot, sparse })
+    }
+}
+
+/// The opened sources: the images (kept open) and the device read from (their
+/// concatenation, or the selected snapshot).
+struct Sources {
+    device: Arc<dyn BlockDevice>,
+    images: Vec<Image>,
+    /// With `--salvage`: the sources read in salvage mode.
+    salvaged: Vec<Arc<crate::io::filter::Filtered<salvage::Salvage>>>,
+}
+
+fn open_sources(
+    a: &Args,
+    srcs: &[String],
+    cache: CacheMode,
+    snapshot: Option<&diskimg::SnapshotSelector>,
+) -> Result<Sources> {
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut images = Vec::new();
     let mut salvaged = Vec::new();
-    let mut _images = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
-        let img = pipe::open_source(s, src_fmt, src_cache)?;
-        let dev = match &snapshot {
+        let img = pipe::open_source(s, src_fmt, cache)?;
+        let dev = match snapshot {
             Some(sel) => diskimg::snapshot_device(&img, sel)?,
             None => img.device.clone(),
         };
@@ -200,108 +191,121 @@ fn run_inner(mut a: Args) -> Result<i32> {
         } else {
             parts.push(dev);
         }
-        _images.push(img);
+        images.push(img);
     }
-    let src: Arc<dyn BlockDevice> = match parts.as_slice() {
+    let device: Arc<dyn BlockDevice> = match parts.as_slice() {
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
-    if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
-        return targets::run(&a, t, src.as_ref(), &_images, dst_name);
-    }
-    if dst_name == "-" {
-        return stdout::run(&a, src.as_ref(), &_images, out_fmt);
-    }
-    let total = src.virtual_size();
-    pipe::check_target(&_images, out_fmt, a.no_create)?;
+    Ok(Sources {
+        device,
+        images,
+        salvaged,
+    })
+}
 
-    let mut target_is_zero = a.target_is_zero;
-    let mut key_secret = None;
-    let mut out_backing = a.backing.clone();
-    if !a.no_create {
-        let mut options = parse_options(&a.options)?;
-        key_secret = options
-            .get("encrypt.key-secret")
-            .or_else(|| options.get("key-secret"))
-            .map(str::to_string);
-        let specs = out_fmt.driver()?.create_options();
-        // As qemu: `-o backing_file=` is -B (and wins over it).
-        if let Some(b) = options.get("backing_file") {
-            out_backing = Some(b.to_string());
-        }
-        if srcs.len() > 1 && out_backing.is_some() {
+/// What creating the target decided.
+struct Made {
+    /// The target reads as zeroes (fresh, or `--target-is-zero`).
+    target_is_zero: bool,
+    /// The secret of an encrypted target.
+    key_secret: Option<String>,
+    /// The target's backing file (`-B` or `-o backing_file=`).
+    backing: Option<String>,
+}
+
+/// Creates the target `dst_name` of `total` bytes (`-o`, `-B`/`-F`), as qemu checks it.
+fn create_target(
+    a: &Args,
+    dst_name: &str,
+    out_fmt: Format,
+    sources: usize,
+    total: u64,
+) -> Result<Made> {
+    let mut options = parse_options(&a.options)?;
+    let key_secret = options
+        .get("encrypt.key-secret")
+        .or_else(|| options.get("key-secret"))
+        .map(str::to_string);
+    let specs = out_fmt.driver()?.create_options();
+    // As qemu: `-o backing_file=` is -B (and wins over it).
+    let backing = options
+        .get("backing_file")
+        .map(str::to_string)
+        .or_else(|| a.backing.clone());
+    if sources > 1 && backing.is_some() {
+        bail!(
+            "Having a backing file for the target makes no sense when concatenating multiple input images"
+        );
+    }
+    if let Some(b) = &backing {
+        if !specs.iter().any(|s| s.name == "backing_file") {
             bail!(
-                "Having a backing file for the target makes no sense when concatenating multiple input images"
+                "{dst_name}: Backing file not supported for file format '{}'",
+                out_fmt.name()
             );
         }
-        if let Some(b) = &out_backing {
-            if !specs.iter().any(|s| s.name == "backing_file") {
-                bail!(
-                    "{dst_name}: Backing file not supported for file format '{}'",
-                    out_fmt.name()
-                );
-            }
-            options.set("backing_file", b);
-            // qemu takes the format from -F or from -o backing_fmt=.
-            let bf = a
-                .backing_format
-                .clone()
-                .or_else(|| options.get("backing_fmt").map(str::to_string))
-                .ok_or_else(|| anyhow!("Use of backing file requires explicit backing format"))?;
-            parse_format(&bf)?;
-            options.set("backing_fmt", &bf);
+        options.set("backing_file", b);
+        // qemu takes the format from -F or from -o backing_fmt=.
+        let bf = a
+            .backing_format
+            .clone()
+            .or_else(|| options.get("backing_fmt").map(str::to_string))
+            .ok_or_else(|| anyhow!("Use of backing file requires explicit backing format"))?;
+        parse_format(&bf)?;
+        options.set("backing_fmt", &bf);
+    }
+    for (k, _) in options.entries() {
+        if !known_option(out_fmt, k)? {
+            bail!("{dst_name}: Invalid parameter '{k}'");
         }
-        for (k, _) in options.entries() {
-            if !known_option(out_fmt, k)? {
-                bail!("{dst_name}: Invalid parameter '{k}'");
-            }
-        }
-        let opts = ImageOptions::default()
-            .with_policy(OpenPolicy::qemu_compatible())
-            .with_secrets(crate::secrets::secrets());
-        diskimg::create(
-            dst_name,
-            out_fmt,
-            Some(round_to_sector(total)?),
-            options,
-            &opts,
-        )
-        .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
-        pipe::mark_created();
+    }
+    let opts = ImageOptions::default()
+        .with_policy(OpenPolicy::qemu_compatible())
+        .with_secrets(crate::secrets::secrets());
+    diskimg::create(
+        dst_name,
+        out_fmt,
+        Some(round_to_sector(total)?),
+        options,
+        &opts,
+    )
+    .map_err(|e| anyhow!("{dst_name}: error while converting {}: {e}", out_fmt.name()))?;
+    pipe::mark_created();
+    Ok(Made {
         // A fresh image reads as zeroes; with a backing file it reads as the backing.
-        target_is_zero = out_backing.is_none();
-    }
-    // Only a target created here (no backing file to attach, not encrypted) takes the
-    // default's skipped-flush path; a new encrypted target opens with the secret it was
-    // created with (the target is a plain file name: qemu's --image-opts names sources
-    // only).
-    let fresh = !a.no_create && out_backing.is_none() && key_secret.is_none();
-    let dst = open_target(dst_name, out_fmt, cache, fresh, key_secret.as_deref())?;
-    if a.no_create && _images.iter().any(pipe::unknown_length) {
-        pipe::copy_into_existing(src.as_ref(), &_images, dst.device.as_ref(), &mut |d, t| {
-            bar.fraction(d, t)
-        })
-        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-        dst.finish()
-            .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-        bar.print(100.0, 0);
-        bar.end();
-        return Ok(0);
-    }
-    if dst.device.virtual_size() < total {
+        target_is_zero: backing.is_none(),
+        key_secret,
+        backing,
+    })
+}
+
+/// Copies the sources into the opened target, finishes it and copies the bitmaps
+/// (`--bitmaps`); prints the final progress.
+fn copy(
+    a: &Args,
+    flags: &Flags,
+    sources: &Sources,
+    dst: Target,
+    made: &Made,
+    (dst_name, out_fmt): (&str, Format),
+    bar: &Progress,
+) -> Result<()> {
+    let (src, images) = (sources.device.as_ref(), &sources.images);
+    if dst.device.virtual_size() < src.virtual_size() {
         bail!("output file is smaller than input file");
     }
     if a.compress && dst.device.compressed_write_granularity().is_none() {
         bail!("Compression not supported for this file format");
     }
-    let backing = if out_backing.is_some() {
+    let backing = if made.backing.is_some() {
         dst.device.backing_device()
     } else {
         None
     };
     let opts = ConvertOptions {
-        sparse_size: sparse,
-        target_is_zero,
+        sparse_size: flags.sparse,
+        target_is_zero: made.target_is_zero,
         compress: a.compress,
         backing,
         // Salvage copies in order (its warnings come in offset order).
@@ -310,29 +314,28 @@ fn run_inner(mut a: Args) -> Result<i32> {
         copy_offload: a.copy_range,
         ..ConvertOptions::default()
     };
-    salvage::pre_pass(&salvaged)?;
+    salvage::pre_pass(&sources.salvaged)?;
+    let err = |e: diskimg::Error| anyhow!("error while writing to {dst_name}: {e}");
     // qemu counts progress over the data it copies (0% was printed above), so its copy
     // loop only reaches 100% when there was data; the final 100% is printed in any case.
-    let stats = convert(src.as_ref(), dst.device.as_ref(), &opts, &mut |d, t| {
-        let (d, t) = pipe::progress(&_images, d, t);
+    let stats = convert(src, dst.device.as_ref(), &opts, &mut |d, t| {
+        let (d, t) = pipe::progress(images, d, t);
         if d > 0 && d < t {
             bar.fraction(d, t);
         }
     })
-    .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-    dst.finish()
-        .map_err(|e| anyhow!("error while writing to {dst_name}: {e}"))?;
-    pipe::finish(&_images, dst_name, out_fmt)?;
+    .map_err(err)?;
+    dst.finish().map_err(err)?;
+    pipe::finish(images, dst_name, out_fmt)?;
     if a.bitmaps {
-        copy_bitmaps(&_images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
+        copy_bitmaps(images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }
     let copied = stats.data_bytes + stats.compressed_bytes;
-    if copied > 0 || (sparse == 0 && stats.zeroed_bytes > 0) {
+    if copied > 0 || (flags.sparse == 0 && stats.zeroed_bytes > 0) {
         bar.print(100.0, 0);
     }
     bar.print(100.0, 0);
-    bar.end();
-    Ok(0)
+    Ok(())
 }
 
 /// `convert --bitmaps`: recreate every persistent bitmap of the (single, qcow2) source in

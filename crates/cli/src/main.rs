@@ -19,6 +19,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod errmap;
 mod formatting;
 mod imgspec;
 mod info;
@@ -29,6 +30,7 @@ mod map;
 mod measure;
 mod names;
 mod nodes;
+mod opening;
 mod optlist;
 mod quorum;
 mod rebase;
@@ -40,6 +42,8 @@ mod source;
 mod stream_progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use errmap::is_broken_pipe;
+pub(crate) use errmap::message;
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -134,44 +138,6 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Serve(a) => serve::run(a),
     }
-}
-
-/// True when the error (or its cause) is a closed stdout: exit quietly like `head`.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
-}
-
-/// The message as qemu words it: each cause once (sources already included in their
-/// parent's text are skipped), Rust's " (os error N)" suffixes removed.
-pub(crate) fn message(e: &anyhow::Error) -> String {
-    let mut s = String::new();
-    for c in e.chain() {
-        // As qemu-img/qemu-io, a corrupt or unsupported image is reported by the bare
-        // reason (diskimg adds the format and the offending offset).
-        let t = match c.downcast_ref::<diskimg::Error>() {
-            Some(diskimg::Error::Corrupt { what, .. }) if common::as_qemu() => what.to_string(),
-            Some(diskimg::Error::Unsupported { what, .. }) if common::as_qemu() => what.to_string(),
-            _ => c.to_string(),
-        };
-        if s.ends_with(&t) {
-            continue;
-        }
-        if !s.is_empty() {
-            s.push_str(": ");
-        }
-        s.push_str(&t);
-    }
-    while let Some(i) = s.find(" (os error ") {
-        let end = s
-            .get(i..)
-            .and_then(|t| t.find(')'))
-            .map_or(s.len(), |j| i + j + 1);
-        s.replace_range(i..end, "");
-    }
-    s
 }
 
 fn main() {

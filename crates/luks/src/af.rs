@@ -22,12 +22,15 @@ fn diffuse(hash: HashAlg, block: &mut [u8]) {
 
 /// Recovers a `key_len`-byte key from `material` (`stripes × key_len` bytes).
 pub fn merge(hash: HashAlg, material: &[u8], key_len: usize, stripes: u32) -> Result<Vec<u8>> {
-    let stripes = usize::try_from(stripes).map_err(|_| Error::invalid("too many stripes"))?;
+    let stripes = usize::try_from(stripes).map_err(|_| Error::internal("too many stripes"))?;
     let need = key_len
         .checked_mul(stripes)
-        .ok_or(Error::invalid("key material size overflow"))?;
+        .ok_or(Error::internal("key material size overflow"))?;
     if stripes == 0 || key_len == 0 || material.len() < need {
-        return Err(Error::corrupt("luks", "LUKS key material too short", 0));
+        return Err(Error::corrupt_unplaced(
+            "luks",
+            "LUKS key material too short",
+        ));
     }
     let mut d = vec![0u8; key_len];
     let mut blocks = material.chunks_exact(key_len).take(stripes);
@@ -43,13 +46,13 @@ pub fn merge(hash: HashAlg, material: &[u8], key_len: usize, stripes: u32) -> Re
 
 /// Splits `key` into `stripes` blocks using `random` for the first stripes−1.
 pub fn split(hash: HashAlg, key: &[u8], stripes: u32, random: &[u8]) -> Result<Vec<u8>> {
-    let stripes = usize::try_from(stripes).map_err(|_| Error::invalid("too many stripes"))?;
+    let stripes = usize::try_from(stripes).map_err(|_| Error::internal("too many stripes"))?;
     let n = key.len();
     let rnd_len = n
         .checked_mul(stripes.saturating_sub(1))
-        .ok_or(Error::invalid("key material size overflow"))?;
+        .ok_or(Error::internal("key material size overflow"))?;
     if stripes == 0 || random.len() < rnd_len {
-        return Err(Error::invalid("not enough random bytes for AF split"));
+        return Err(Error::internal("not enough random bytes for AF split"));
     }
     let mut out = random.get(..rnd_len).unwrap_or(&[]).to_vec();
     let mut d = vec![0u8; n];

@@ -155,7 +155,7 @@ impl BlockDevice for LuksDevice {
         let from = idx(offset - start)?;
         let part = b
             .get(from..from + buf.len())
-            .ok_or(Error::invalid("luks read range"))?;
+            .ok_or(Error::internal("luks read range"))?;
         buf.copy_from_slice(part);
         Ok(())
     }
@@ -173,17 +173,17 @@ impl BlockDevice for LuksDevice {
         let partial = start != offset || end != offset + len;
         let _guard = partial.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
         if start != offset {
-            let head = b.get_mut(..SECTOR).ok_or(Error::invalid("luks write"))?;
+            let head = b.get_mut(..SECTOR).ok_or(Error::internal("luks write"))?;
             self.read_sectors(head, start)?;
         }
         if end != offset + len && (start == offset || end - start > SEC) {
             let t = idx(end - start - SEC)?;
-            let tail = b.get_mut(t..).ok_or(Error::invalid("luks write"))?;
+            let tail = b.get_mut(t..).ok_or(Error::internal("luks write"))?;
             self.read_sectors(tail, end - SEC)?;
         }
         let from = idx(offset - start)?;
         b.get_mut(from..from + buf.len())
-            .ok_or(Error::invalid("luks write range"))?
+            .ok_or(Error::internal("luks write range"))?
             .copy_from_slice(buf);
         cipher.encrypt(&mut b, start / SEC)?;
         self.storage.write_all_at(&b, self.payload + start)

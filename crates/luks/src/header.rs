@@ -101,7 +101,7 @@ impl LuksHeader {
     /// Parses and validates a phdr.
     pub fn parse(b: &[u8]) -> Result<Self> {
         if b.get(..6) != Some(&MAGIC[..]) {
-            return Err(corrupt("LUKS header magic missing", 0));
+            return Err(Error::not_format("luks", "LUKS header magic missing", 0));
         }
         if b.be_u16(6) != Some(1) {
             return Err(Error::unsupported("luks", "LUKS versions other than 1"));
@@ -216,11 +216,11 @@ impl LuksHeader {
     }
 
     fn key_material_len(&self, slot: &KeySlot) -> Result<usize> {
-        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::invalid("key size"))?;
-        let st = usize::try_from(slot.stripes).map_err(|_| Error::invalid("stripes"))?;
+        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::internal("key size"))?;
+        let st = usize::try_from(slot.stripes).map_err(|_| Error::internal("stripes"))?;
         let n = kb
             .checked_mul(st)
-            .ok_or(Error::invalid("key material size"))?;
+            .ok_or(Error::internal("key material size"))?;
         Ok(n.div_ceil(SECTOR) * SECTOR)
     }
 
@@ -259,14 +259,15 @@ impl LuksHeader {
         let Some(slot) = self.slots.get(i).filter(|s| s.active) else {
             return Ok(None);
         };
-        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::invalid("key size"))?;
+        let kb = usize::try_from(self.key_bytes).map_err(|_| Error::internal("key size"))?;
         let mut derived = Zeroizing::new(vec![0u8; kb]);
         self.hash
             .pbkdf2(passphrase, &slot.salt, slot.iterations, &mut derived);
         let len = self.key_material_len(slot)?;
-        let mut material = Zeroizing::new(read(u64::from(slot.key_offset_sectors) * 512, len)?);
+        let at = u64::from(slot.key_offset_sectors) * 512;
+        let mut material = Zeroizing::new(read(at, len)?);
         if material.len() != len {
-            return Err(corrupt("LUKS key material truncated", 0));
+            return Err(Error::corrupt("luks", "LUKS key material truncated", at));
         }
         self.data_cipher(&derived)?.decrypt(&mut material, 0)?;
         let mk = Zeroizing::new(af::merge(self.hash, &material, kb, slot.stripes)?);

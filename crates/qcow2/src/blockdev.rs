@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     Amend, BackingRef, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits, DeviceInfo,
-    Error, Extent, Preallocation, RepairMode, Result, Snapshots, Storage, ZeroFlags, check_range,
+    Error, Extent, Preallocation, RepairMode, Result, RunFn, Snapshots, Storage, ZeroFlags,
+    check_range,
 };
 
 use crate::device::Qcow2Device;
@@ -45,6 +46,11 @@ impl BlockDevice for Qcow2Device {
     /// Through the shared guest-I/O skeleton (`read.rs`).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_guest(buf, offset)
+    }
+
+    /// The read path's walk (`read.rs`), for vectored reads and the async face.
+    fn walk_runs(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
+        self.walk_guest(offset, len, f)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

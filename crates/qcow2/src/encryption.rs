@@ -17,8 +17,9 @@ use diskimg_blockio::{Error, InfoValue, Result, Secrets, Storage};
 use zeroize::Zeroizing;
 
 use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
-use crate::disk::header::Header;
+use crate::disk::header::{CRYPT_METHOD_AT, Header};
 use crate::engine::meta::read_host;
+use crate::errors::internal;
 use crate::open_options::Qcow2OpenOptions;
 
 /// `crypt_method` for legacy AES.
@@ -50,7 +51,7 @@ impl std::fmt::Debug for Encryption {
 }
 
 fn idx(v: u64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::invalid("encrypted I/O size"))
+    usize::try_from(v).map_err(|_| internal("encrypted I/O size"))
 }
 
 impl Encryption {
@@ -69,7 +70,7 @@ impl Encryption {
             let (off, len) = h.ext.crypto.ok_or(Error::corrupt(
                 "qcow2",
                 "Missing CRYPTO header for crypt method 2",
-                0,
+                CRYPT_METHOD_AT,
             ))?;
             let file_len = file.len()?;
             if len < 592 || off.checked_add(len).is_none_or(|e| e > file_len) {
@@ -187,7 +188,7 @@ impl Encryption {
         let l = idx(lead)?;
         dst.copy_from_slice(
             buf.get(l..l + dst.len())
-                .ok_or(Error::invalid("encrypted read range"))?,
+                .ok_or(internal("encrypted read range"))?,
         );
         Ok(())
     }
@@ -203,15 +204,13 @@ impl Encryption {
         let mut buf = vec![0u8; idx(span)?];
         let first = self.sector(start, guest.saturating_sub(lead));
         if lead != 0 {
-            let head = buf
-                .get_mut(..512)
-                .ok_or(Error::invalid("encrypted write"))?;
+            let head = buf.get_mut(..512).ok_or(internal("encrypted write"))?;
             read_host(s, head, start)?;
             cipher.decrypt(head, first)?;
         }
         if !end.is_multiple_of(SECTOR) && (lead == 0 || span > SECTOR) {
             let t = idx(span - SECTOR)?;
-            let tail = buf.get_mut(t..).ok_or(Error::invalid("encrypted write"))?;
+            let tail = buf.get_mut(t..).ok_or(internal("encrypted write"))?;
             read_host(s, tail, start + span - SECTOR)?;
             cipher.decrypt(tail, first + (span / SECTOR - 1))?;
         }

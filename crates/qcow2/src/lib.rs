@@ -104,6 +104,7 @@ mod device;
 mod disk;
 mod encryption;
 mod engine;
+mod errors;
 mod features;
 mod offload;
 mod open;

@@ -10,7 +10,8 @@ use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, 
 use crate::device::Qcow2Device;
 use crate::disk::ext::parse_bitmap_directory;
 use crate::disk::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    AUTOCLEAR_AT, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    INCOMPATIBLE_AT,
 };
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
@@ -47,7 +48,7 @@ impl Qcow2Device {
     ) -> Result<Self> {
         let file_len = file.len()?;
         if file_len < 72 {
-            return Err(Error::invalid("Image is not in qcow2 format"));
+            return Err(crate::errors::not_qcow2());
         }
         let mut first = vec![0u8; usize::try_from(file_len.min(2 << 20)).unwrap_or(4096)];
         file.read_exact_at(&mut first, 0)?;
@@ -79,11 +80,7 @@ impl Qcow2Device {
             meta.h.l1_table_offset,
             u64::from(meta.h.l1_size),
         )?;
-        meta.reftable = meta.read_table(
-            "Reference count table offset invalid",
-            meta.h.refcount_table_offset,
-            u64::from(meta.h.refcount_table_clusters) * cs / 8,
-        )?;
+        meta.load_reftable()?;
         let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
         if !read_only {
             meta.collect_meta();
@@ -97,7 +94,11 @@ impl Qcow2Device {
         let bitmaps = match meta.h.ext.bitmaps {
             Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
-                    return Err(Error::corrupt("qcow2", "invalid bitmap directory", 0));
+                    return Err(Error::corrupt(
+                        "qcow2",
+                        "invalid bitmap directory",
+                        b.directory_offset,
+                    ));
                 }
                 let mut buf = limits.alloc("bitmap directory", b.directory_size)?;
                 read_host(file.as_ref(), &mut buf, b.directory_offset)?;
@@ -147,7 +148,7 @@ impl Qcow2Device {
         let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
         if keep != autoclear {
             m.h.autoclear = keep;
-            self.file.write_all_at(&keep.to_be_bytes(), 88)?;
+            self.file.write_all_at(&keep.to_be_bytes(), AUTOCLEAR_AT)?;
             self.file.flush()?;
         }
         Ok(())
@@ -178,7 +179,7 @@ impl Qcow2Device {
             m.h.incompatible &= !INCOMPAT_DIRTY;
             let v = m.h.incompatible;
             self.file.flush()?;
-            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
             self.file.flush()?;
         }
         Ok(())
@@ -217,7 +218,7 @@ impl Qcow2Device {
         let mut view = Meta::new(m.file.clone(), m.data.clone(), m.h.clone(), m.limits);
         view.l1_offset = snap.l1_offset;
         view.size = snap.disk_size.unwrap_or(m.h.size);
-        view.reftable = m.reftable.clone();
+        view.share_reftable(&m);
         drop(m);
         if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
             return Err(Error::corrupt(

@@ -11,14 +11,15 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, map_via,
-    read_via,
+    BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, RunFn,
+    map_via, read_via, walk,
 };
 
 use crate::device::Qcow2Device;
 use crate::disk::compress;
 use crate::disk::table::Sub;
 use crate::engine::meta::{Cached, Meta, read_host};
+use crate::errors::internal;
 
 impl Qcow2Device {
     /// [`Meta::resolve`] under the shared lock when the L2 tables are cached, under the
@@ -103,9 +104,7 @@ impl Qcow2Device {
             let guest = off + done as u64;
             let (sub, n) = m.resolve(guest, (buf.len() - done) as u64)?;
             let n = usize::try_from(n).unwrap_or(0).max(1).min(buf.len() - done);
-            let dst = buf
-                .get_mut(done..done + n)
-                .ok_or(Error::invalid("read range"))?;
+            let dst = buf.get_mut(done..done + n).ok_or(internal("read range"))?;
             match sub {
                 Sub::Compressed(h, clen) => {
                     let cs = m.cs();
@@ -128,6 +127,24 @@ impl Qcow2Device {
     /// [`BlockDevice::read_at`]: [`read_via`] over a [`View`].
     pub(crate) fn read_guest(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_via(&View::new(self), buf, offset)
+    }
+
+    /// [`BlockDevice::walk_runs`]: [`walk`] over a [`View`] (vectored and async reads plan
+    /// with it), except for a writable image on io_uring storage. There the async face
+    /// reads the planned host runs after the walk returns, and a cluster freed meanwhile
+    /// (discard, copy-on-write of a compressed cluster) could be reused for other guest
+    /// data; without a walk it reads through [`BlockDevice::read_at`] on a worker, whose
+    /// lookup and read follow each other as every synchronous read's do. A read-only image
+    /// frees nothing. Vectored reads (`read_vectored_at`) read each run inside the walk.
+    pub(crate) fn walk_guest(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
+        #[cfg(target_os = "linux")]
+        if !self.read_only
+            && (self.file.uring().is_some()
+                || self.data.as_ref().is_some_and(|d| d.uring().is_some()))
+        {
+            return Ok(false);
+        }
+        walk(&View::new(self), offset, len, f)
     }
 
     /// [`BlockDevice::map`]: [`map_via`] over a [`View`].
@@ -213,13 +230,13 @@ impl Layout for View<'_> {
         let s = usize::try_from(token)
             .ok()
             .and_then(|i| self.specials.borrow().get(i).copied())
-            .ok_or(Error::invalid("qcow2: unknown special run"))?;
+            .ok_or(internal("qcow2: unknown special run"))?;
         match s {
             Special::Encrypted { guest, host } => {
                 let at = offset
                     .checked_sub(guest)
                     .and_then(|d| host.checked_add(d))
-                    .ok_or(Error::invalid("qcow2: encrypted run offset"))?;
+                    .ok_or(internal("qcow2: encrypted run offset"))?;
                 self.dev.read_data(buf, at, offset)
             }
             Special::Compressed { host, len } => {

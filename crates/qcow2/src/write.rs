@@ -7,8 +7,8 @@
 //! the L2 entry is rewritten and flushed before its refcount falls.
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
+use diskimg_blockio::Result;
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::header::AUTOCLEAR_DATA_RAW;
@@ -19,6 +19,7 @@ use crate::disk::table::{
 use crate::encryption::write_data;
 use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
+use crate::errors::internal;
 
 /// All 32 subcluster allocation bits.
 pub(crate) const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -203,7 +204,7 @@ fn write_cluster(
     if full_lo < full_hi {
         let src = data
             .get(idx(full_lo - in_off)..idx(full_hi - in_off))
-            .ok_or(Error::invalid("write range"))?;
+            .ok_or(internal("write range"))?;
         write_data(crypt, store.as_ref(), src, host + full_lo, cstart + full_lo)?;
     }
     for sc in in_off / g..=(end - 1) / g {
@@ -212,7 +213,7 @@ fn write_cluster(
         let we = (gs + g).min(end);
         let src = data
             .get(idx(ws - in_off)..idx(we - in_off))
-            .ok_or(Error::invalid("write range"))?;
+            .ok_or(internal("write range"))?;
         if ws == gs && we == gs + g {
             // Written above.
         } else if (nbm >> sc) & 1 != 0 {
@@ -286,9 +287,7 @@ fn fast_run(
     if n < 2 {
         return Ok(None);
     }
-    let data = buf
-        .get(..idx(n * cs))
-        .ok_or(Error::invalid("write range"))?;
+    let data = buf.get(..idx(n * cs)).ok_or(internal("write range"))?;
     let store = m.data_store().clone();
     let crypt = dev.crypt.as_deref();
     if mode == Some(false) {
@@ -324,9 +323,7 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
             done += idx(k);
             continue;
         }
-        let chunk = buf
-            .get(done..done + n)
-            .ok_or(Error::invalid("write range"))?;
+        let chunk = buf.get(done..done + n).ok_or(internal("write range"))?;
         write_cluster(dev, &mut m, chunk, guest, &mut p)?;
         done += n;
     }

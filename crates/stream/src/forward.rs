@@ -278,7 +278,7 @@ impl ForwardStorage {
                 n
             };
             if n == 0 {
-                return Err(Error::invalid("forward storage made no progress"));
+                return Err(Error::internal("forward storage made no progress"));
             }
             done += n;
         }

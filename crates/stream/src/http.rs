@@ -285,7 +285,7 @@ impl HttpStorage {
         let stripe = self
             .stripes
             .get(usize::try_from(idx % STRIPES as u64).unwrap_or(0))
-            .ok_or(Error::invalid("no fetch stripe"))?;
+            .ok_or(Error::internal("no fetch stripe"))?;
         let _fetching = stripe.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = self.cache_get(idx) {
             return Ok(b);
@@ -293,7 +293,7 @@ impl HttpStorage {
         let bs = self.opts.block_size;
         let start = idx * bs;
         let end = (start + bs).min(self.len);
-        let want = usize::try_from(end - start).map_err(|_| Error::invalid("block too large"))?;
+        let want = usize::try_from(end - start).map_err(|_| Error::internal("block too large"))?;
         let what = format!("read failed at offset {start}");
         let data = with_retries(&self.url, &what, &self.opts, || {
             let r = get(&self.agent, &self.url, &self.opts, Some((start, end - 1)))?;
@@ -332,10 +332,10 @@ impl Storage for HttpStorage {
             let n = usize::try_from((end - pos).min(bs - (pos - idx * bs))).unwrap_or(0);
             let src = block
                 .get(in_block..in_block + n)
-                .ok_or(Error::invalid("short block"))?;
+                .ok_or(Error::internal("short block"))?;
             let at = usize::try_from(pos - offset).unwrap_or(usize::MAX);
             buf.get_mut(at..at + n)
-                .ok_or(Error::invalid("short buffer"))?
+                .ok_or(Error::internal("short buffer"))?
                 .copy_from_slice(src);
             pos += n as u64;
         }

@@ -94,7 +94,7 @@ fn sparse_map(
     mut data: u64,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<bool>,
 ) -> Result<(SparseMap, u64, u64)> {
-    let bad = || Error::invalid(format!("'{name}': bad GNU sparse header"));
+    let bad = || Error::corrupt_unplaced("tar", format!("'{name}': bad GNU sparse header"));
     let mut map = Vec::new();
     let entries = |block: &[u8], count: usize, map: &mut Vec<(u64, u64)>| -> Result<()> {
         for i in 0..count {
@@ -202,19 +202,29 @@ fn walk(
             return Ok(None);
         }
         if !header_checksum_ok(&h) {
-            return Err(Error::invalid(format!(
-                "'{name}': bad tar header checksum at offset {off}"
-            )));
+            return Err(Error::corrupt(
+                "tar",
+                format!("'{name}': bad tar header checksum at offset {off}"),
+                off,
+            ));
         }
         let size = size_field(h.get(124..136).unwrap_or_default()).ok_or_else(|| {
-            Error::invalid(format!("'{name}': bad tar size field at offset {off}"))
+            Error::corrupt(
+                "tar",
+                format!("'{name}': bad tar size field at offset {off}"),
+                off + 124,
+            )
         })?;
         let data = off + 512;
         let next = size
             .checked_next_multiple_of(512)
             .and_then(|s| data.checked_add(s))
             .ok_or_else(|| {
-                Error::invalid(format!("'{name}': tar member too large at offset {off}"))
+                Error::corrupt(
+                    "tar",
+                    format!("'{name}': tar member too large at offset {off}"),
+                    off + 124,
+                )
             })?;
         let flag = h.get(156).copied().unwrap_or(0);
         match flag {
@@ -222,9 +232,11 @@ fn walk(
                 let n = usize::try_from(size.min(1 << 20)).unwrap_or(0);
                 let mut buf = vec![0u8; n];
                 if !read(&mut buf, data)? {
-                    return Err(Error::invalid(format!(
-                        "'{name}': truncated tar at offset {data}"
-                    )));
+                    return Err(Error::corrupt(
+                        "tar",
+                        format!("'{name}': truncated tar at offset {data}"),
+                        data,
+                    ));
                 }
                 if flag == b'L' {
                     long_name = Some(cstr(&buf));
@@ -306,10 +318,11 @@ pub fn find_in_storage(name: &str, s: &Arc<dyn Storage>, member: Option<&str>) -
     };
     let m = walk(name, &mut read, &mut wanted(member))?.ok_or_else(|| not_found(name, member))?;
     if m.offset.checked_add(m.size).is_none_or(|e| e > len) {
-        return Err(Error::invalid(format!(
-            "'{name}': member '{}' is truncated",
-            m.name
-        )));
+        return Err(Error::corrupt(
+            "tar",
+            format!("'{name}': member '{}' is truncated", m.name),
+            m.offset,
+        ));
     }
     Ok(m)
 }
@@ -326,7 +339,7 @@ pub fn find_in_stream(
         // Forward only: skip to `off`, then fill `buf`.
         let skip = off
             .checked_sub(pos)
-            .ok_or(Error::invalid("tar reader went backwards"))?;
+            .ok_or(Error::internal("tar reader went backwards"))?;
         let skipped = std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())
             .map_err(|e| Error::invalid(format!("'{name}': {e}")))?;
         pos += skipped;

@@ -121,7 +121,7 @@ pub fn write_vmdk(
             done.push(drx);
         }
         let mut emit = |r: Option<Records>| -> Result<()> {
-            let (records, end) = r.ok_or(Error::invalid("deflate thread failed"))??;
+            let (records, end) = r.ok_or(Error::internal("deflate thread failed"))??;
             for (g, rec) in records {
                 w.push(g, &rec)?;
                 grains += 1;
@@ -135,9 +135,9 @@ pub fn write_vmdk(
             if sent >= k {
                 emit(done.get(slot).and_then(|d| d.recv().ok()))?;
             }
-            let tx = work.get(slot).ok_or(Error::invalid("no deflate thread"))?;
+            let tx = work.get(slot).ok_or(Error::internal("no deflate thread"))?;
             tx.send(b?)
-                .map_err(|_| Error::invalid("deflate thread failed"))?;
+                .map_err(|_| Error::internal("deflate thread failed"))?;
             sent += 1;
         }
         drop(work);

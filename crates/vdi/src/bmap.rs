@@ -85,7 +85,7 @@ impl Meta {
             ));
         }
         let avail = usize::try_from(file_len.saturating_sub(header.offset_bmap).min(region_len))
-            .map_err(|_| Error::invalid("block map too large"))?;
+            .map_err(|_| Error::internal("vdi block map larger than its allocation"))?;
         if let Some(dst) = bmap.get_mut(..avail) {
             storage.read_exact_at(dst, header.offset_bmap)?;
         }
@@ -160,7 +160,7 @@ impl Meta {
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid("vdi block index out of range"))
+            Err(Error::internal("vdi block index out of range"))
         }
     }
 
@@ -196,7 +196,7 @@ impl Meta {
         } else {
             (0..limit).find(|&i| !self.is_used(i))
         };
-        let idx = pick.ok_or_else(|| Error::corrupt(FORMAT, "no free data block", 0))?;
+        let idx = pick.ok_or_else(|| Error::corrupt_unplaced(FORMAT, "no free data block"))?;
         self.set_used(idx, true);
         Ok(idx)
     }
@@ -219,7 +219,7 @@ impl Meta {
     pub(crate) fn host_offset(&self, idx: u64) -> Result<u64> {
         idx.checked_mul(BLOCK_SIZE)
             .and_then(|o| o.checked_add(self.header.offset_data))
-            .ok_or_else(|| Error::corrupt(FORMAT, "data block offset overflow", 0))
+            .ok_or_else(|| Error::corrupt_unplaced(FORMAT, "data block offset overflow"))
     }
 
     /// Writes the header and the block map up to the sector holding entry `upto`
@@ -243,9 +243,9 @@ impl Meta {
                     .and_then(|e| e.checked_add(self.header.offset_bmap))
                     .and_then(sector_align)
                     .map(|e| e - self.header.offset_bmap)
-                    .ok_or_else(|| Error::invalid("vdi block index out of range"))?;
+                    .ok_or_else(|| Error::internal("vdi block index out of range"))?;
                 usize::try_from(end.min(self.bmap.len() as u64))
-                    .map_err(|_| Error::invalid("vdi block map too large"))?
+                    .map_err(|_| Error::internal("vdi block map too large"))?
             }
         };
         if map_bytes == 0 {

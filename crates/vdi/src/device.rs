@@ -143,7 +143,7 @@ impl VdiDevice {
         let file_len = self.storage.len()?;
         let block_end = host
             .checked_add(BLOCK_SIZE)
-            .ok_or_else(|| Error::corrupt(FORMAT, "data block offset overflow", 0))?;
+            .ok_or_else(|| Error::corrupt_unplaced(FORMAT, "data block offset overflow"))?;
         if host >= file_len {
             // Fresh space reads as zeroes: grow the file and write only the data.
             self.storage.set_len(block_end)?;
@@ -195,7 +195,7 @@ impl VdiDevice {
         // next flush, after the data (see `commit_pending`).
         let mut upto = 0;
         for &(g, idx) in &fresh {
-            let v = u32::try_from(idx).map_err(|_| Error::invalid("vdi block index overflow"))?;
+            let v = u32::try_from(idx).map_err(|_| Error::internal("vdi block index overflow"))?;
             m.set_entry(g, v)?;
             m.counted += 1;
             upto = upto.max(g);

@@ -132,6 +132,99 @@ fn get32(b: &[u8], off: usize) -> Result<u32> {
         .ok_or_else(|| Error::corrupt(FORMAT, "header truncated", off as u64))
 }
 
+/// The block map and data offsets (fixed in 1.0, header fields in 1.1), checked as qemu
+/// does.
+fn offsets(buf: &[u8], version: u32, blocks: u64) -> Result<(u64, u64)> {
+    if version == VERSION_1_0 {
+        return Ok((V10_HEADER_END, V10_HEADER_END + blocks * 4));
+    }
+    let ob = u64::from(get32(buf, 340)?);
+    let od = u64::from(get32(buf, 344)?);
+    if ob % SECTOR != 0 {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!("unsupported VDI image (unaligned block map offset {ob:#x})"),
+        ));
+    }
+    if od % SECTOR != 0 {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!("unsupported VDI image (unaligned data offset {od:#x})"),
+        ));
+    }
+    let sector_size = get32(buf, 360)?;
+    if u64::from(sector_size) != SECTOR {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!("unsupported VDI image (sector size {sector_size} is not 512)"),
+        ));
+    }
+    Ok((ob, od))
+}
+
+/// qemu's checks of the block size and count, the link and parent UUIDs and the block
+/// extra data, in its order.
+fn check_geometry(
+    buf: &[u8],
+    version: u32,
+    layout: Layout,
+    disk_size: u64,
+    blocks: u64,
+) -> Result<()> {
+    let block_size = u64::from(get32(buf, layout.block_size)?);
+    if block_size != BLOCK_SIZE {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!("unsupported VDI image (block size {block_size} is not {BLOCK_SIZE})"),
+        ));
+    }
+    if disk_size > blocks * block_size {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!(
+                "unsupported VDI image (disk size {disk_size}, image bitmap has room for {})",
+                blocks * block_size
+            ),
+        ));
+    }
+    let uuid_at = |off: usize| -> Result<Uuid> {
+        buf.array_at::<16>(off)
+            .map(Uuid::from_disk)
+            .ok_or_else(|| Error::corrupt(FORMAT, "header truncated", off as u64))
+    };
+    if !uuid_at(layout.uuid_link)?.is_nil() {
+        return Err(Error::unsupported(
+            FORMAT,
+            "unsupported VDI image (non-NULL link UUID)",
+        ));
+    }
+    if let Some(p) = layout.uuid_parent
+        && !uuid_at(p)?.is_nil()
+    {
+        return Err(Error::unsupported(
+            FORMAT,
+            "unsupported VDI image (non-NULL parent UUID)",
+        ));
+    }
+    if blocks > BLOCKS_MAX {
+        return Err(Error::unsupported(
+            FORMAT,
+            format!("unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_MAX})"),
+        ));
+    }
+    if version == VERSION_1_1 {
+        let extra = get32(buf, 380)?;
+        if extra != 0 {
+            // qemu ignores this field and would read the wrong bytes; refuse instead.
+            return Err(Error::unsupported(
+                FORMAT,
+                format!("unsupported VDI image (block extra data {extra} is not 0)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Header {
     /// Parses and validates a header, in qemu's order and with qemu's messages.
     /// `buf` holds the first 512 bytes of the file (or fewer if the file is shorter).
@@ -160,9 +253,11 @@ impl Header {
         }
         let disk_size = raw_disk_size.div_ceil(SECTOR) * SECTOR;
         if signature != SIGNATURE {
-            return Err(Error::invalid(format!(
-                "Image not in VDI format (bad signature {signature:08x})"
-            )));
+            return Err(Error::not_format(
+                FORMAT,
+                format!("Image not in VDI format (bad signature {signature:08x})"),
+                64,
+            ));
         }
         if version != VERSION_1_1 && version != VERSION_1_0 {
             return Err(Error::unsupported(
@@ -174,84 +269,9 @@ impl Header {
                 ),
             ));
         }
-        let block_size = u64::from(get32(buf, layout.block_size)?);
         let blocks = u64::from(get32(buf, layout.blocks)?);
-        let (offset_bmap, offset_data) = if version == VERSION_1_0 {
-            (V10_HEADER_END, V10_HEADER_END + blocks * 4)
-        } else {
-            let ob = u64::from(get32(buf, 340)?);
-            let od = u64::from(get32(buf, 344)?);
-            if ob % SECTOR != 0 {
-                return Err(Error::unsupported(
-                    FORMAT,
-                    format!("unsupported VDI image (unaligned block map offset {ob:#x})"),
-                ));
-            }
-            if od % SECTOR != 0 {
-                return Err(Error::unsupported(
-                    FORMAT,
-                    format!("unsupported VDI image (unaligned data offset {od:#x})"),
-                ));
-            }
-            let sector_size = get32(buf, 360)?;
-            if u64::from(sector_size) != SECTOR {
-                return Err(Error::unsupported(
-                    FORMAT,
-                    format!("unsupported VDI image (sector size {sector_size} is not 512)"),
-                ));
-            }
-            (ob, od)
-        };
-        if block_size != BLOCK_SIZE {
-            return Err(Error::unsupported(
-                FORMAT,
-                format!("unsupported VDI image (block size {block_size} is not {BLOCK_SIZE})"),
-            ));
-        }
-        if disk_size > blocks * block_size {
-            return Err(Error::unsupported(
-                FORMAT,
-                format!(
-                    "unsupported VDI image (disk size {disk_size}, image bitmap has room for {})",
-                    blocks * block_size
-                ),
-            ));
-        }
-        let uuid_at = |off: usize| -> Result<Uuid> {
-            buf.array_at::<16>(off)
-                .map(Uuid::from_disk)
-                .ok_or_else(|| Error::corrupt(FORMAT, "header truncated", off as u64))
-        };
-        if !uuid_at(layout.uuid_link)?.is_nil() {
-            return Err(Error::unsupported(
-                FORMAT,
-                "unsupported VDI image (non-NULL link UUID)",
-            ));
-        }
-        if let Some(p) = layout.uuid_parent
-            && !uuid_at(p)?.is_nil()
-        {
-            return Err(Error::unsupported(
-                FORMAT,
-                "unsupported VDI image (non-NULL parent UUID)",
-            ));
-        }
-        if blocks > BLOCKS_MAX {
-            return Err(Error::unsupported(
-                FORMAT,
-                format!("unsupported VDI image (too many blocks {blocks}, max is {BLOCKS_MAX})"),
-            ));
-        }
-        if version == VERSION_1_1 {
-            let extra = get32(buf, 380)?;
-            if extra != 0 {
-                // qemu ignores this field and would read the wrong bytes; refuse instead.
-                return Err(Error::unsupported(
-                    FORMAT,
-                    format!("unsupported VDI image (block extra data {extra} is not 0)"),
-                ));
-            }
-        }
+        let (offset_bmap, offset_data) = offsets(buf, version, blocks)?;
+        check_geometry(buf, version, layout, disk_size, blocks)?;
         Ok(Header {
             version,
             layout,
@@ -284,7 +304,7 @@ impl Header {
     pub(crate) fn store(&self, buf: &mut [u8]) -> Result<()> {
         let l = self.layout;
         let fit32 =
-            |v: u64| u32::try_from(v).map_err(|_| Error::invalid("vdi header field overflow"));
+            |v: u64| u32::try_from(v).map_err(|_| Error::internal("vdi header field overflow"));
         let mut ok = buf.put_le_u32(l.allocated, fit32(self.allocated)?)
             && buf.put_le_u32(l.blocks, fit32(self.blocks)?)
             && buf.put_le_u64(l.disk_size, self.disk_size);
@@ -296,7 +316,7 @@ impl Header {
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid("vdi header buffer too short"))
+            Err(Error::internal("vdi header buffer too short"))
         }
     }
 
@@ -326,7 +346,7 @@ pub(crate) fn new_header_sector(
     offset_data: u64,
 ) -> Result<[u8; HEADER_SECTOR]> {
     let mut b = [0u8; HEADER_SECTOR];
-    let fit32 = |v: u64| u32::try_from(v).map_err(|_| Error::invalid("vdi header field overflow"));
+    let fit32 = |v: u64| u32::try_from(v).map_err(|_| Error::internal("vdi header field overflow"));
     let allocated = if image_type == TYPE_STATIC { blocks } else { 0 };
     let ok = b.put(0, TEXT)
         && b.put_le_u32(64, SIGNATURE)
@@ -345,7 +365,7 @@ pub(crate) fn new_header_sector(
     if ok {
         Ok(b)
     } else {
-        Err(Error::invalid("vdi header buffer too short"))
+        Err(Error::internal("vdi header buffer too short"))
     }
 }
 

@@ -11,7 +11,7 @@
 use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{Error, HostRun, PastEof, Preallocation, Result};
 
-use crate::bmap::{UNALLOCATED, is_allocated, sector_align};
+use crate::bmap::{Meta, UNALLOCATED, is_allocated, sector_align};
 use crate::device::VdiDevice;
 use crate::header::{BLOCK_SIZE, DISK_SIZE_MAX, FORMAT, SECTOR, VERSION_1_0};
 
@@ -48,12 +48,31 @@ pub(crate) fn resize(
     let mut m = dev.write_meta();
     // Pending map entries go out first, so the resize starts from a consistent disk.
     dev.commit_pending(&mut m)?;
+    let new_size = check_request(&m, new_size, prealloc, shrink)?;
+    let old_size = m.header.disk_size;
+    let new_blocks = new_size.div_ceil(BLOCK_SIZE);
+    if new_blocks <= m.header.blocks {
+        m.header.disk_size = new_size;
+        if let Err(e) = m.commit(dev.storage.as_ref(), None) {
+            m.header.disk_size = old_size;
+            return Err(e);
+        }
+        return dev.storage.flush();
+    }
+    if m.header.version == VERSION_1_0 {
+        return Err(Error::unsupported(FORMAT, "growing VDI 1.0 images"));
+    }
+    let plan = relocate_blocks(dev, &m, new_blocks, prealloc)?;
+    write_header_and_map(dev, &mut m, new_size, &plan)
+}
+
+/// The new size rounded up to a sector, once the request is one this image can take.
+fn check_request(m: &Meta, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<u64> {
     let new_size = new_size
         .checked_add(SECTOR - 1)
         .map(|v| v / SECTOR * SECTOR)
         .ok_or_else(|| Error::invalid("size overflow"))?;
-    let old_size = m.header.disk_size;
-    if new_size < old_size {
+    if new_size < m.header.disk_size {
         if shrink {
             return Err(Error::unsupported(FORMAT, "shrinking"));
         }
@@ -69,58 +88,45 @@ pub(crate) fn resize(
             ),
         ));
     }
-    let is_static = m.header.is_static();
-    if prealloc != Preallocation::Off && !is_static {
+    if prealloc != Preallocation::Off && !m.header.is_static() {
         return Err(Error::invalid("Preallocation mode not supported for vdi"));
     }
+    Ok(new_size)
+}
+
+/// What step 1 did, for step 2 to record: the grown map's geometry, the blocks copied
+/// out of its way and the blocks allocated for a static image (data indices before the
+/// shift).
+struct Plan {
+    new_blocks: u64,
+    /// Bytes of the new block map region.
+    region: u64,
+    /// Whole blocks the data area moves up by.
+    shift: u64,
+    /// The new data area start.
+    new_data: u64,
+    /// `(guest block, new data index)` of each copied block.
+    remap: Vec<(u64, u64)>,
+    /// Data indices of the new static blocks, in guest order.
+    new_static: Vec<u64>,
+}
+
+/// Step 1: copies the blocks in the way of the grown map to free blocks, allocates the
+/// new blocks of a static image, and flushes.
+fn relocate_blocks(
+    dev: &VdiDevice,
+    m: &Meta,
+    new_blocks: u64,
+    prealloc: Preallocation,
+) -> Result<Plan> {
     let blocks = m.header.blocks;
-    let new_blocks = new_size.div_ceil(BLOCK_SIZE);
-    if new_blocks <= blocks {
-        m.header.disk_size = new_size;
-        if let Err(e) = m.commit(dev.storage.as_ref(), None) {
-            m.header.disk_size = old_size;
-            return Err(e);
-        }
-        return dev.storage.flush();
-    }
-    if m.header.version == VERSION_1_0 {
-        return Err(Error::unsupported(FORMAT, "growing VDI 1.0 images"));
-    }
     let region = sector_align(new_blocks * 4).ok_or_else(|| Error::invalid("size overflow"))?;
     let need_end = m.header.offset_bmap + region;
     let old_data = m.header.offset_data;
     let shift = need_end.saturating_sub(old_data).div_ceil(BLOCK_SIZE);
     let new_data = old_data + shift * BLOCK_SIZE;
     fit32(new_data)?;
-    let space = new_blocks + shift;
-
-    // Data indices in use, in the pre-shift numbering.
-    let mut used = Bits(dev.limits.alloc_elems::<u64>(
-        "vdi block bitmap",
-        space.div_ceil(64),
-        8,
-    )?);
-    let mut max_used = None;
-    for g in 0..blocks {
-        let e = m.entry(g);
-        if is_allocated(e) {
-            used.set(u64::from(e));
-            max_used = Some(max_used.map_or(u64::from(e), |x: u64| x.max(u64::from(e))));
-        }
-    }
-    let mut cursor = max_used.map_or(0, |x| x + 1).max(shift);
-    let mut take = |used: &mut Bits| -> Result<u64> {
-        while cursor < space && used.get(cursor) {
-            cursor += 1;
-        }
-        if cursor >= space {
-            return Err(Error::corrupt(FORMAT, "no free data block", 0));
-        }
-        used.set(cursor);
-        Ok(cursor)
-    };
-
-    // Step 1: copy the blocks in the way of the grown map; allocate new static blocks.
+    let mut free = FreeBlocks::new(dev, m, new_blocks + shift, shift)?;
     let mut remap: Vec<(u64, u64)> = Vec::new();
     let mut block = vec![0u8; usize::try_from(BLOCK_SIZE).unwrap_or(0)];
     let mut file_end = dev.storage.len()?;
@@ -128,7 +134,7 @@ pub(crate) fn resize(
     for g in 0..blocks {
         let e = m.entry(g);
         if is_allocated(e) && u64::from(e) < shift {
-            let k = take(&mut used)?;
+            let k = free.take()?;
             HostRun::new(dev.storage.as_ref(), host(u64::from(e)))
                 .past_eof(PastEof::Zero)
                 .read(&mut block)?;
@@ -137,11 +143,10 @@ pub(crate) fn resize(
             remap.push((g, k));
         }
     }
-    let mut added = 0u64;
     let mut new_static: Vec<u64> = Vec::new();
-    if is_static {
+    if m.header.is_static() {
         for _ in blocks..new_blocks {
-            let k = take(&mut used)?;
+            let k = free.take()?;
             let h = host(k);
             if h < file_end {
                 dev.storage.write_zeroes(h, BLOCK_SIZE.min(file_end - h))?;
@@ -151,19 +156,72 @@ pub(crate) fn resize(
             }
             file_end = file_end.max(h + BLOCK_SIZE);
             new_static.push(k);
-            added += 1;
         }
         if dev.storage.len()? < file_end {
             dev.storage.set_len(file_end)?;
         }
     }
     dev.storage.flush()?;
+    Ok(Plan {
+        new_blocks,
+        region,
+        shift,
+        new_data,
+        remap,
+        new_static,
+    })
+}
 
-    // Step 2: the new header and block map, in one write.
-    let mut bmap = dev.limits.alloc("vdi block map", region)?;
-    for g in 0..new_blocks {
+/// The free data indices (pre-shift numbering) above every used one and the shift.
+struct FreeBlocks {
+    used: Bits,
+    cursor: u64,
+    space: u64,
+}
+
+impl FreeBlocks {
+    fn new(dev: &VdiDevice, m: &Meta, space: u64, shift: u64) -> Result<Self> {
+        let mut used = Bits(dev.limits.alloc_elems::<u64>(
+            "vdi block bitmap",
+            space.div_ceil(64),
+            8,
+        )?);
+        let mut max_used = None;
+        for g in 0..m.header.blocks {
+            let e = m.entry(g);
+            if is_allocated(e) {
+                used.set(u64::from(e));
+                max_used = Some(max_used.map_or(u64::from(e), |x: u64| x.max(u64::from(e))));
+            }
+        }
+        let cursor = max_used.map_or(0, |x| x + 1).max(shift);
+        Ok(FreeBlocks {
+            used,
+            cursor,
+            space,
+        })
+    }
+
+    fn take(&mut self) -> Result<u64> {
+        while self.cursor < self.space && self.used.get(self.cursor) {
+            self.cursor += 1;
+        }
+        if self.cursor >= self.space {
+            return Err(Error::corrupt_unplaced(FORMAT, "no free data block"));
+        }
+        self.used.set(self.cursor);
+        Ok(self.cursor)
+    }
+}
+
+/// Step 2: the new header and block map, in one write from byte 0, then flushed; the
+/// in-memory metadata follows.
+fn write_header_and_map(dev: &VdiDevice, m: &mut Meta, new_size: u64, plan: &Plan) -> Result<()> {
+    let blocks = m.header.blocks;
+    let mut bmap = dev.limits.alloc("vdi block map", plan.region)?;
+    for g in 0..plan.new_blocks {
         let pre = if g < blocks {
-            remap
+            plan.remap
                 .iter()
                 .find(|(x, _)| *x == g)
                 .map(|&(_, k)| k)
@@ -174,22 +232,22 @@ pub(crate) fn resize(
         } else {
             usize::try_from(g - blocks)
                 .ok()
-                .and_then(|i| new_static.get(i))
+                .and_then(|i| plan.new_static.get(i))
                 .copied()
         };
         let v = match pre {
-            Some(k) => fit32(k - shift)?,
+            Some(k) => fit32(k - plan.shift)?,
             None if g < blocks => m.entry(g),
             None => UNALLOCATED,
         };
-        let off = usize::try_from(g * 4).map_err(|_| Error::invalid("size overflow"))?;
+        let off = usize::try_from(g * 4).map_err(|_| Error::internal("vdi block map index"))?;
         bmap.put_le_u32(off, v);
     }
     let mut header = m.header.clone();
     header.disk_size = new_size;
-    header.blocks = new_blocks;
-    header.offset_data = new_data;
-    header.allocated = m.counted + added;
+    header.blocks = plan.new_blocks;
+    header.offset_data = plan.new_data;
+    header.allocated = m.counted + plan.new_static.len() as u64;
     let mut buf = m.prefix.clone();
     header.store(&mut buf)?;
     let prefix = buf.clone();
@@ -200,6 +258,5 @@ pub(crate) fn resize(
     m.header.disk_size = new_size;
     m.header.allocated = header.allocated;
     let limits = dev.limits;
-    m.replace_map(bmap, new_blocks, new_data, &limits)?;
-    Ok(())
+    m.replace_map(bmap, plan.new_blocks, plan.new_data, &limits)
 }

@@ -5,8 +5,8 @@
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::VhdDevice;
-use crate::open::UNALLOCATED;
-use crate::write::FOOTER_BYTES;
+use crate::footer::FOOTER_BYTES;
+use crate::header::UNALLOCATED;
 
 /// Checks `dev`, repairing leaks when `repair` allows it.
 pub(crate) fn check(dev: &VhdDevice, repair: RepairMode) -> Result<CheckReport> {

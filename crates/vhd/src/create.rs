@@ -150,7 +150,11 @@ pub fn create_differencing_in(
     name: &str,
     image_dir: Option<&std::path::Path>,
 ) -> Result<()> {
-    let (pf, _) = read_footer(parent)?;
+    // The parent is the caller's choice: one that is not a VHD is a bad argument.
+    let (pf, _) = read_footer(parent).map_err(|e| match e {
+        Error::NotThisFormat { what, .. } => Error::InvalidArgument(what),
+        e => e,
+    })?;
     let size = pf.current_size;
     let sectors = pf.virtual_size(None) / 512;
     let entries = u32::try_from(sectors.div_ceil(u64::from(BLOCK_SIZE / 512)))

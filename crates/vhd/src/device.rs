@@ -11,10 +11,10 @@ use diskimg_blockio::{
     read_via,
 };
 
-use crate::FORMAT;
+use crate::footer::FORMAT;
 use crate::footer::{DiskType, Footer};
 use crate::header::DynHeader;
-use crate::open::UNALLOCATED;
+use crate::header::UNALLOCATED;
 
 /// Allocation state of a dynamic disk, under the write lock.
 #[derive(Debug)]

@@ -4,10 +4,13 @@
 use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Result};
 
-use crate::FORMAT;
+/// qemu's name for the format.
+pub const FORMAT: &str = "vpc";
 
 /// Size of the footer (and of its copy at offset 0 in dynamic/differencing disks).
 pub const FOOTER_SIZE: usize = 512;
+/// [`FOOTER_SIZE`] as a file length (for the allocation arithmetic in `check`).
+pub(crate) const FOOTER_BYTES: u64 = FOOTER_SIZE as u64;
 /// The footer cookie ("Cookie" field).
 pub const COOKIE: &[u8; 8] = b"conectix";
 /// Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
@@ -181,10 +184,14 @@ impl Footer {
         let bad = |what| Error::corrupt(FORMAT, what, at);
         let raw: [u8; FOOTER_SIZE] = buf.array_at(0).ok_or(bad("footer truncated"))?;
         if raw.get(..8) != Some(COOKIE.as_slice()) {
-            return Err(Error::invalid("invalid VPC image"));
+            return Err(Error::not_format(FORMAT, "invalid VPC image", at));
         }
         if raw.be_u32(CHECKSUM_AT) != Some(checksum(&raw, CHECKSUM_AT)) {
-            return Err(Error::invalid("Incorrect header checksum"));
+            return Err(Error::corrupt(
+                FORMAT,
+                "Incorrect header checksum",
+                at + CHECKSUM_AT as u64,
+            ));
         }
         let disk_type = match raw.be_u32(60) {
             Some(2) => DiskType::Fixed,

@@ -4,7 +4,7 @@
 use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::FORMAT;
+use crate::footer::FORMAT;
 use crate::footer::checksum;
 
 /// Size of the dynamic disk header.
@@ -13,6 +13,12 @@ pub const HEADER_SIZE: usize = 1024;
 pub const COOKIE: &[u8; 8] = b"cxsparse";
 /// Offset of the checksum field in the header.
 const CHECKSUM_AT: usize = 36;
+/// A BAT entry meaning "block not allocated".
+pub(crate) const UNALLOCATED: u32 = u32::MAX;
+/// Offset of Max Table Entries in the dynamic disk header (spec: "Max Table Entries").
+pub(crate) const MAX_ENTRIES_AT: u64 = 28;
+/// Offset of Block Size in the dynamic disk header (spec: "Block Size").
+pub(crate) const BLOCK_SIZE_AT: u64 = 32;
 /// Offset of the first of the eight 24-byte parent locator entries.
 const LOCATORS_AT: usize = 576;
 pub use crate::locator::{MACX, W2KU, W2RU};

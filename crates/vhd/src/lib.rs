@@ -55,10 +55,8 @@ use diskimg_blockio::{
 
 pub use create::{BLOCK_SIZE, create_differencing, create_differencing_in};
 pub use device::VhdDevice;
+pub use footer::FORMAT;
 pub use options::VhdCreateOptions;
-
-/// qemu's name for the format.
-pub const FORMAT: &str = "vpc";
 
 /// The vhd driver for the `diskimg` facade's table.
 pub static DRIVER: VhdDriver = VhdDriver;

@@ -6,20 +6,23 @@ use std::sync::{Arc, Mutex, RwLock};
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{BackingRef, Error, MetaRanges, OpenOptions, Result, Storage};
 
-use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice};
+use crate::footer::FORMAT;
 use crate::footer::{DiskType, FOOTER_SIZE, Footer, MAX_SECTORS, SizeCalc};
-use crate::header::{DynHeader, HEADER_SIZE, locator_areas};
-
-/// A BAT entry meaning "block not allocated".
-pub(crate) const UNALLOCATED: u32 = u32::MAX;
+use crate::header::{
+    BLOCK_SIZE_AT, DynHeader, HEADER_SIZE, MAX_ENTRIES_AT, UNALLOCATED, locator_areas,
+};
 
 /// Reads and validates the footer: the copy at offset 0, else the one at the end
 /// (which must then describe a fixed disk), as qemu does.
 pub(crate) fn read_footer(storage: &dyn Storage) -> Result<(Footer, u64)> {
     let len = storage.len()?;
     if len < FOOTER_SIZE as u64 {
-        return Err(Error::invalid("File too small for a VHD header"));
+        return Err(Error::not_format(
+            FORMAT,
+            "File too small for a VHD header",
+            0,
+        ));
     }
     let mut buf = [0u8; FOOTER_SIZE];
     storage.read_exact_at(&mut buf, 0)?;
@@ -29,7 +32,7 @@ pub(crate) fn read_footer(storage: &dyn Storage) -> Result<(Footer, u64)> {
     let at = len - FOOTER_SIZE as u64;
     storage.read_exact_at(&mut buf, at)?;
     if buf.get(..8) != Some(crate::footer::COOKIE.as_slice()) || buf.be_u32(60) != Some(2) {
-        return Err(Error::invalid("invalid VPC image"));
+        return Err(Error::not_format(FORMAT, "invalid VPC image", at));
     }
     Ok((Footer::parse(&buf, at)?, at))
 }
@@ -105,13 +108,18 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
             let hdr_at = dev.footer.data_offset;
             let mut hbuf = [0u8; HEADER_SIZE];
             if hdr_at >= file_len {
-                return Err(Error::invalid("Error reading dynamic VHD header"));
+                // The footer's data offset field (byte 16) points past the end.
+                return Err(Error::corrupt(
+                    FORMAT,
+                    "Error reading dynamic VHD header",
+                    footer_at + 16,
+                ));
             }
             // As qemu, bytes past the end of the file read as zeroes.
             let avail = usize::try_from((file_len - hdr_at).min(HEADER_SIZE as u64)).unwrap_or(0);
             let part = hbuf
                 .get_mut(..avail)
-                .ok_or(Error::invalid("Error reading dynamic VHD header"))?;
+                .ok_or(Error::internal("dynamic VHD header buffer"))?;
             dev.storage.read_exact_at(part, hdr_at)?;
             let h = DynHeader::parse(&hbuf, hdr_at, dev.storage.as_ref(), &options.limits, diff)?;
             let mut d = load_dynamic(&dev, h, &hbuf, hdr_at, file_len, options)?;
@@ -162,22 +170,35 @@ fn load_dynamic(
 ) -> Result<Dynamic> {
     let bs = h.block_size;
     if !bs.is_power_of_two() || bs < 512 {
-        return Err(Error::invalid(format!("Invalid block size {bs}")));
+        return Err(Error::corrupt(
+            FORMAT,
+            format!("Invalid block size {bs}"),
+            hdr_at + BLOCK_SIZE_AT,
+        ));
     }
     let bs = u64::from(bs);
     let bitmap_size = (bs / (8 * 512)).next_multiple_of(512);
     if dev.size / bs > 0xffff_ffff {
-        return Err(Error::invalid("Too many blocks"));
+        return Err(Error::corrupt(
+            FORMAT,
+            "Too many blocks",
+            hdr_at + BLOCK_SIZE_AT,
+        ));
     }
     let entries = u64::from(h.max_table_entries);
     if entries.saturating_mul(bs) < dev.size {
-        return Err(Error::invalid("Page table too small"));
+        return Err(Error::corrupt(
+            FORMAT,
+            "Page table too small",
+            hdr_at + MAX_ENTRIES_AT,
+        ));
     }
     if entries > u64::from(i32::MAX.unsigned_abs() / 4) {
-        return Err(Error::invalid(format!(
-            "Max Table Entries too large ({})",
-            h.max_table_entries
-        )));
+        return Err(Error::corrupt(
+            FORMAT,
+            format!("Max Table Entries too large ({})", h.max_table_entries),
+            hdr_at + MAX_ENTRIES_AT,
+        ));
     }
     let bat_bytes = entries * 4;
     let bat_off = h.table_offset;
@@ -200,8 +221,10 @@ fn load_dynamic(
         }
     }
     if free > file_len {
-        return Err(Error::invalid(
+        return Err(Error::corrupt(
+            FORMAT,
             "block-vpc: free_data_block_offset points after the end of file. The image has been truncated.",
+            bat_off,
         ));
     }
     let diff = dev.footer.disk_type == DiskType::Differencing;

@@ -3,7 +3,7 @@
 
 use diskimg_blockio::{CreateRequest, Error, OptionList, Preallocation, Result, Storage};
 
-use crate::FORMAT;
+use crate::footer::FORMAT;
 
 /// What `qemu-img create -f vpc -o …` sets, typed.
 ///

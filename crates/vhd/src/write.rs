@@ -9,10 +9,10 @@
 
 use diskimg_blockio::{BlockDevice, Error, Result, check_range};
 
-use crate::FORMAT;
 use crate::device::{Alloc, Dynamic, VhdDevice, read_bitmap};
-use crate::footer::{DiskType, FOOTER_SIZE};
-use crate::open::UNALLOCATED;
+use crate::footer::FORMAT;
+use crate::footer::{DiskType, FOOTER_BYTES};
+use crate::header::UNALLOCATED;
 
 /// Sets the bits of sectors `first..last` (MSB first); returns whether any changed.
 fn set_bits(bm: &mut [u8], first: u64, last: u64) -> bool {
@@ -31,7 +31,7 @@ impl VhdDevice {
     fn dyn_state(&self) -> Result<&Dynamic> {
         self.dynamic
             .as_ref()
-            .ok_or(Error::invalid("not a dynamic disk"))
+            .ok_or(Error::internal("not a dynamic disk"))
     }
 
     fn lock<'a>(&self, d: &'a Dynamic) -> std::sync::MutexGuard<'a, Alloc> {
@@ -58,7 +58,7 @@ impl VhdDevice {
             if head > 0 {
                 let s = full
                     .get_mut(..512)
-                    .ok_or(Error::invalid("bad merge range"))?;
+                    .ok_or(Error::internal("bad merge range"))?;
                 self.read_at(s, start)?;
             }
             let tail_at = end.saturating_sub(512).max(start);
@@ -66,11 +66,11 @@ impl VhdDevice {
                 let t0 = usize::try_from(tail_at - start).unwrap_or(0);
                 let s = full
                     .get_mut(t0..)
-                    .ok_or(Error::invalid("bad merge range"))?;
+                    .ok_or(Error::internal("bad merge range"))?;
                 self.read_at(s, tail_at)?;
             }
             full.get_mut(head..head + buf.len())
-                .ok_or(Error::invalid("bad merge range"))?
+                .ok_or(Error::internal("bad merge range"))?
                 .copy_from_slice(buf);
             return self.write_blocks(d, &full, start);
         }
@@ -86,7 +86,7 @@ impl VhdDevice {
             let n = usize::try_from(room.min((buf.len() - done) as u64)).unwrap_or(0);
             let chunk = buf
                 .get(done..done + n)
-                .ok_or(Error::invalid("write chunk out of range"))?;
+                .ok_or(Error::internal("write chunk out of range"))?;
             self.write_chunk(d, &mut alloc, chunk, pos)?;
             done += n;
         }
@@ -228,9 +228,6 @@ impl VhdDevice {
         Ok(())
     }
 }
-
-/// Bytes of a footer (for the allocation arithmetic in `check`).
-pub(crate) const FOOTER_BYTES: u64 = FOOTER_SIZE as u64;
 
 #[cfg(test)]
 mod tests {

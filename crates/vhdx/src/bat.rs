@@ -3,7 +3,7 @@
 
 use diskimg_blockio::{Error, Result};
 
-use crate::format::{FMT, MIB};
+use crate::format::{FMT, MAX_HOST_OFFSET, MIB};
 use crate::metadata::Metadata;
 
 /// `PAYLOAD_BLOCK_NOT_PRESENT` (MS-VHDX 2.5.1.1): no space allocated; reads zero, or the
@@ -32,10 +32,6 @@ pub(crate) const SB_BLOCK_SIZE: u64 = MIB;
 pub(crate) fn entry_state(e: u64) -> u8 {
     u8::try_from(e & 7).unwrap_or(0)
 }
-
-/// Largest host offset we accept anywhere (BAT entries, regions, the log), so that
-/// adding in-block offsets can never overflow.
-pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 62;
 
 /// The file offset (`FileOffsetMB`, bits 20-63, in MiB) of a BAT entry, in bytes.
 /// Offsets beyond [`MAX_HOST_OFFSET`] (no real file is that large) read as 0, which
@@ -72,7 +68,7 @@ impl Geometry {
         let logical_sector = u64::from(m.logical_sector);
         let chunk_ratio = ((1u64 << 23) * logical_sector) / block_size;
         if chunk_ratio == 0 {
-            return Err(Error::corrupt(FMT, "invalid block size", 0));
+            return Err(Error::corrupt_unplaced(FMT, "invalid block size"));
         }
         let g = Self {
             block_size,

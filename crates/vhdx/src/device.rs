@@ -92,7 +92,7 @@ impl VhdxDevice {
         let read_only = options.read_only || storage.is_read_only();
         let check_linkage = crate::linkage::check_enabled(options)?;
         if !crate::header::has_signature(storage.as_ref()) {
-            return Err(Error::corrupt(FMT, "missing vhdxfile signature", 0));
+            return Err(Error::not_format(FMT, "missing vhdxfile signature", 0));
         }
         let (header, slot) = read_current_header(storage.as_ref())?;
         // The region table (which replay may not change) is checked before the log is
@@ -135,7 +135,14 @@ impl VhdxDevice {
         let meta_map = metadata_map(&header, &regions, &bat, &geo, check)?;
         let file_len = storage.len()?;
         if !check {
-            check_bat(&bat, &geo, meta.virtual_size, file_len, &meta_map)?;
+            check_bat(
+                &bat,
+                regions.bat.offset,
+                &geo,
+                meta.virtual_size,
+                file_len,
+                &meta_map,
+            )?;
         }
         // New blocks go after the end of the file and after all metadata (a log or
         // region past the end of a damaged file must not receive a block).

@@ -5,6 +5,10 @@ use diskimg_blockio::bytes::WriteBytes;
 /// Format name used in errors and info.
 pub(crate) const FMT: &str = "vhdx";
 
+/// Largest host offset we accept anywhere (BAT entries, regions, the log), so that
+/// adding in-block offsets can never overflow.
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 62;
+
 /// 1 MiB, the alignment unit of VHDX objects (MS-VHDX 2.1).
 pub(crate) const MIB: u64 = 1 << 20;
 /// 64 KiB, the size of the file identifier, headers and region tables slots (MS-VHDX 2.1).

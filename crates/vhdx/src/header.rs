@@ -156,7 +156,7 @@ pub(crate) fn read_current_header(storage: &dyn Storage) -> Result<(Header, usiz
     if !h.log_offset.is_multiple_of(MIB)
         || !u64::from(h.log_length).is_multiple_of(MIB)
         || h.log_offset < MIB
-        || h.log_offset > crate::bat::MAX_HOST_OFFSET
+        || h.log_offset > crate::format::MAX_HOST_OFFSET
     {
         return Err(Error::corrupt(
             FMT,
@@ -217,15 +217,17 @@ fn parse_region_table(buf: &[u8], at: u64, log: (u64, u64)) -> Result<Option<Reg
         if !r.offset.is_multiple_of(MIB)
             || !u64::from(r.length).is_multiple_of(MIB)
             || r.offset < MIB
-            || r.offset > crate::bat::MAX_HOST_OFFSET
+            || r.offset > crate::format::MAX_HOST_OFFSET
         {
             return Err(Error::corrupt(FMT, "region not aligned to 1 MiB", entry_at));
         }
         let (start, end) = (r.offset, r.offset.saturating_add(u64::from(r.length)));
         if let Some((a, b)) = seen.iter().find(|&&(a, b)| start < b && a < end) {
-            return Err(Error::invalid(format!(
-                "VHDX region {start}-{end} overlaps with region {a}-{b}"
-            )));
+            return Err(Error::corrupt(
+                FMT,
+                format!("VHDX region {start}-{end} overlaps with region {a}-{b}"),
+                entry_at,
+            ));
         }
         seen.push((start, end));
         let slot = if r.guid == BAT_GUID {

@@ -76,17 +76,21 @@ pub(crate) fn metadata_map(
 }
 
 /// qemu's `vhdx_check_bat_entries` for a normal open: every present payload block must
-/// lie inside the file (the last one may be short) and off the metadata.
+/// lie inside the file (the last one may be short) and off the metadata. `bat_at` is
+/// the BAT region's file offset (for the error's offset).
 pub(crate) fn check_bat(
     bat: &[u8],
+    bat_at: u64,
     geo: &Geometry,
     size: u64,
     file_len: u64,
     meta: &MetaRanges,
 ) -> Result<()> {
     for block in 0..geo.data_blocks {
-        let e = entry(bat, geo.payload_index(block));
+        let index = geo.payload_index(block);
+        let e = entry(bat, index);
         let off = entry_offset(e);
+        let entry_at = index.saturating_mul(8).saturating_add(bat_at);
         if !matches!(
             entry_state(e),
             PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT
@@ -98,17 +102,25 @@ pub(crate) fn check_bat(
             .block_size
             .min(size.saturating_sub(block.saturating_mul(geo.block_size)));
         if off >= file_len {
-            return Err(Error::invalid(format!(
-                "VHDX BAT entry {block} start offset {off} points after end of file \
-                 ({file_len}). Image has probably been truncated."
-            )));
+            return Err(Error::corrupt(
+                FMT,
+                format!(
+                    "VHDX BAT entry {block} start offset {off} points after end of file \
+                     ({file_len}). Image has probably been truncated."
+                ),
+                entry_at,
+            ));
         }
         if off.saturating_add(len) > file_len {
-            return Err(Error::invalid(format!(
-                "VHDX BAT entry {block} end offset {} points after end of file \
-                 ({file_len}). Image has probably been truncated.",
-                off.saturating_add(len) - 1
-            )));
+            return Err(Error::corrupt(
+                FMT,
+                format!(
+                    "VHDX BAT entry {block} end offset {} points after end of file \
+                     ({file_len}). Image has probably been truncated.",
+                    off.saturating_add(len) - 1
+                ),
+                entry_at,
+            ));
         }
         if meta.overlapping(off, geo.block_size).is_some() {
             return Err(Error::corrupt(

@@ -316,7 +316,7 @@ pub(crate) fn build_entry(p: EntryParams, sectors: &[(u64, Vec<u8>)]) -> Result<
     let header_sectors = (ENTRY_HEADER + n * DESC_SIZE).div_ceil(SECTOR);
     let total = (header_sectors + n) * SECTOR;
     let mut e = vec![0u8; total];
-    let too_big = || Error::invalid("log entry too large");
+    let too_big = || Error::internal("log entry too large");
     e.put(0, LOG_ENTRY_SIGNATURE);
     e.put_le_u32(8, u32::try_from(total).map_err(|_| too_big())?);
     e.put_le_u32(12, u32::try_from(p.tail).map_err(|_| too_big())?);
@@ -327,7 +327,7 @@ pub(crate) fn build_entry(p: EntryParams, sectors: &[(u64, Vec<u8>)]) -> Result<
     e.put_le_u64(56, p.file_size);
     for (i, (offset, data)) in sectors.iter().enumerate() {
         if data.len() != SECTOR {
-            return Err(Error::invalid("log sector must be 4 KiB"));
+            return Err(Error::internal("log sector must be 4 KiB"));
         }
         let d = ENTRY_HEADER + i * DESC_SIZE;
         e.put(d, DATA_DESC_SIGNATURE);

@@ -110,15 +110,15 @@ impl VhdxDevice {
 
     /// Sets BAT entry `i` in memory and returns its 4 KiB sector for [`Self::commit`].
     pub(crate) fn set_entry(&self, st: &mut State, i: u64, value: u64) -> Result<(u64, Vec<u8>)> {
-        let pos = usize::try_from(i * 8).map_err(|_| Error::invalid("BAT index"))?;
+        let pos = usize::try_from(i * 8).map_err(|_| Error::internal("BAT index"))?;
         if !st.bat.put_le_u64(pos, value) {
-            return Err(Error::corrupt(FMT, "BAT index out of range", 0));
+            return Err(Error::internal("BAT index out of range"));
         }
         let sector = pos / 4096 * 4096;
         let data = st
             .bat
             .get(sector..sector + 4096)
-            .ok_or(Error::corrupt(FMT, "BAT index out of range", 0))?
+            .ok_or(Error::internal("BAT index out of range"))?
             .to_vec();
         Ok((self.regions.bat.offset + sector as u64, data))
     }

@@ -8,7 +8,7 @@ use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{CreateOptionSpec, CreateRequest, Error, FilePurpose, Result, Storage};
 
 use crate::descriptor::NewDescriptor;
-use crate::device::random_u32;
+use crate::descriptor::random_u32;
 use crate::header::{
     COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
     SECTOR, SparseHeader,

@@ -94,7 +94,7 @@ impl Descriptor {
     /// files); an embedded descriptor's own file is the only extent.
     pub(crate) fn parse(text: &str, with_extents: bool) -> Result<Self> {
         let create_type = value_of(text, "createType")
-            .ok_or_else(|| Error::invalid("invalid VMDK image descriptor"))?
+            .ok_or_else(|| Error::corrupt_unplaced("vmdk", "invalid VMDK image descriptor"))?
             .to_string();
         let mut d = Descriptor {
             cid: parse_hex_u32(value_of(text, "CID"), 0xffff_ffff),
@@ -138,10 +138,13 @@ impl Descriptor {
 }
 
 fn invalid_line(line: &str) -> Error {
-    Error::invalid(format!(
-        "Invalid extent line: {}",
-        line.trim_end_matches(['\r', '\n'])
-    ))
+    Error::corrupt_unplaced(
+        "vmdk",
+        format!(
+            "Invalid extent line: {}",
+            line.trim_end_matches(['\r', '\n'])
+        ),
+    )
 }
 
 /// Parses one line as qemu does: lines that are not `ACCESS SECTORS TYPE "NAME"…`
@@ -282,6 +285,20 @@ pub(crate) fn replace_cid(text: &str, cid: u32) -> String {
         }
     }
     out
+}
+
+/// A random 32-bit value (for CIDs), from the standard library's random hasher keys.
+pub(crate) fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let v = h.finish();
+    u32::try_from(v >> 32).unwrap_or(0) ^ u32::try_from(v & 0xffff_ffff).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use diskimg_blockio::{
     Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
-use crate::descriptor::{Descriptor, replace_cid};
+use crate::descriptor::{Descriptor, random_u32, replace_cid};
 use crate::header::SECTOR;
 use crate::sparse::{Grain, SparseExtent};
 
@@ -73,20 +73,6 @@ pub struct VmdkDevice {
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     pub(crate) cid: std::sync::atomic::AtomicU32,
     pub(crate) cid_updated: AtomicBool,
-}
-
-/// A random 32-bit value (for CIDs), from the standard library's random hasher keys.
-pub(crate) fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let v = h.finish();
-    u32::try_from(v >> 32).unwrap_or(0) ^ u32::try_from(v & 0xffff_ffff).unwrap_or(0)
 }
 
 impl VmdkDevice {
@@ -267,9 +253,9 @@ impl Layout for VmdkDevice {
             // As qemu (which recurses into the file), holes of a flat extent file map as
             // zeroes.
             ExtentData::Flat { storage, offset } => {
-                let at = offset
-                    .checked_add(in_ext)
-                    .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
+                let at = offset.checked_add(in_ext).ok_or_else(|| {
+                    Error::corrupt_unplaced("vmdk", "flat extent offset overflows")
+                })?;
                 Ok((Mapping::Host(host_run(storage, at).holes(true)), n))
             }
             ExtentData::Sparse(s) => {
@@ -295,7 +281,7 @@ impl Layout for VmdkDevice {
     fn read_special(&self, token: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let ext = self.find(offset)?;
         let ExtentData::Sparse(s) = &ext.data else {
-            return Err(Error::invalid(
+            return Err(Error::internal(
                 "vmdk: compressed run outside a sparse extent",
             ));
         };
@@ -393,7 +379,7 @@ impl BlockDevice for VmdkDevice {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             let piece = buf
                 .get(d..d.saturating_add(n))
-                .ok_or_else(|| Error::invalid("write piece out of buffer"))?;
+                .ok_or_else(|| Error::internal("write piece out of buffer"))?;
             self.write_piece(ext, in_ext, piece)
         })
     }

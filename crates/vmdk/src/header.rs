@@ -69,7 +69,7 @@ impl SparseHeader {
     pub(crate) fn parse(b: &[u8]) -> Result<Self> {
         let bad = || Error::corrupt("vmdk", "sparse header truncated", 0);
         if b.get(0..4) != Some(SPARSE_MAGIC.as_slice()) {
-            return Err(Error::corrupt("vmdk", "bad sparse extent magic", 0));
+            return Err(Error::not_format("vmdk", "bad sparse extent magic", 0));
         }
         Ok(Self {
             version: b.le_u32(4).ok_or_else(bad)?,
@@ -154,7 +154,7 @@ impl CowdHeader {
     pub(crate) fn parse(b: &[u8]) -> Result<Self> {
         let bad = || Error::corrupt("vmdk", "COWD header truncated", 0);
         if b.get(0..4) != Some(COWD_MAGIC.as_slice()) {
-            return Err(Error::corrupt("vmdk", "bad COWD magic", 0));
+            return Err(Error::not_format("vmdk", "bad COWD magic", 0));
         }
         Ok(Self {
             disk_sectors: b.le_u32(12).ok_or_else(bad)?,

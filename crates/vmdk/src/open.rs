@@ -70,14 +70,18 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         return open_monolithic(storage, options, read_only);
     }
     if !looks_like_descriptor(head) {
-        return Err(Error::corrupt(
+        return Err(Error::not_format(
             "vmdk",
             "not a VMDK image (no magic, no descriptor)",
             0,
         ));
     }
     if len < 4 {
-        return Err(Error::invalid("File too small, not a valid image"));
+        return Err(Error::not_format(
+            "vmdk",
+            "File too small, not a valid image",
+            0,
+        ));
     }
     let text = read_text(storage.as_ref(), 0, MAX_DESCRIPTOR)?;
     let desc = Descriptor::parse(&text, true)?;
@@ -95,7 +99,10 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         });
     }
     if desc.extents.is_empty() {
-        return Err(Error::invalid("vmdk descriptor names no extents"));
+        return Err(Error::corrupt_unplaced(
+            "vmdk",
+            "vmdk descriptor names no extents",
+        ));
     }
     let mut extents = Vec::new();
     let mut start = 0u64;
@@ -105,10 +112,9 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
             ExtentType::Zero => (ExtentData::Zero, line.sectors),
             ExtentType::Flat | ExtentType::Vmfs => {
                 let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
-                let offset = line
-                    .offset
-                    .checked_mul(SECTOR)
-                    .ok_or_else(|| Error::invalid("flat extent offset too large"))?;
+                let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| {
+                    Error::corrupt_unplaced("vmdk", "flat extent offset too large")
+                })?;
                 (ExtentData::Flat { storage: s, offset }, line.sectors)
             }
             ExtentType::Sparse | ExtentType::VmfsSparse => {
@@ -126,7 +132,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         };
         let bytes = sectors
             .checked_mul(SECTOR)
-            .ok_or_else(|| Error::invalid("vmdk extent too large"))?;
+            .ok_or_else(|| Error::corrupt_unplaced("vmdk", "vmdk extent too large"))?;
         let type_name = match line.kind {
             ExtentType::Flat => "FLAT",
             ExtentType::Sparse => "SPARSE",
@@ -147,7 +153,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         }
         start = start
             .checked_add(bytes)
-            .ok_or_else(|| Error::invalid("vmdk disk too large"))?;
+            .ok_or_else(|| Error::corrupt_unplaced("vmdk", "vmdk disk too large"))?;
     }
     check_aliases(&extents, &storage)?;
     finish(
@@ -233,7 +239,7 @@ fn open_monolithic(
             let offset = h
                 .desc_offset
                 .checked_mul(SECTOR)
-                .ok_or_else(|| Error::invalid("descriptor offset too large"))?;
+                .ok_or_else(|| Error::corrupt("vmdk", "descriptor offset too large", 28))?;
             let room = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
             let text = read_text(storage.as_ref(), offset, room)?;
             let desc = Descriptor::parse(&text, false).unwrap_or_else(|_| Descriptor {
@@ -274,7 +280,7 @@ fn open_monolithic(
     let size = sp
         .sectors
         .checked_mul(SECTOR)
-        .ok_or_else(|| Error::invalid("vmdk capacity too large"))?;
+        .ok_or_else(|| Error::corrupt("vmdk", "vmdk capacity too large", 12))?;
     let file = desc
         .extents
         .first()

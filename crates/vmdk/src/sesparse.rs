@@ -101,7 +101,7 @@ impl SeSparse {
         }
         let l1_size = f(136).saturating_mul(SECTOR) / 8;
         if l1_size > 512 * 1024 * 1024 {
-            return Err(Error::invalid("L1 size too big"));
+            return Err(Error::corrupt("vmdk", "L1 size too big", 136));
         }
         let gd_at = f(128)
             .checked_mul(SECTOR)

@@ -22,8 +22,6 @@ use crate::sesparse::SeSparse;
 
 mod stream;
 
-pub(crate) use stream::DEFLATE_LEVEL;
-
 /// qemu's bound on grain directory entries (`vmdk_add_extent`).
 const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
 /// qemu's bound on the grain size in sectors (1 GiB).
@@ -127,7 +125,7 @@ impl SparseExtent {
         }
         h.validate(writable)?;
         if h.num_gtes_per_gt > 512 {
-            return Err(Error::invalid("L2 table size too big"));
+            return Err(Error::corrupt("vmdk", "L2 table size too big", 44));
         }
         Self::build(
             storage,
@@ -152,27 +150,35 @@ impl SparseExtent {
     fn build(storage: Arc<dyn Storage>, limits: &Limits, l: Layout) -> Result<Self> {
         let l1_entry_sectors = l.gtes_per_gt.saturating_mul(l.grain_sectors);
         if l1_entry_sectors == 0 {
-            return Err(Error::invalid("L1 entry size is invalid"));
+            return Err(Error::corrupt_unplaced("vmdk", "L1 entry size is invalid"));
         }
         // qemu (`vmdk_open_vmdk4`): everything before the first grain must be in the file,
         // else new grains would be placed over grain tables that lie past its end.
         if let Some(g) = l.grain_offset
             && l.end.div_ceil(SECTOR) < g
         {
-            return Err(Error::invalid(format!(
-                "File truncated, expecting at least {} bytes",
-                g.saturating_mul(SECTOR)
-            )));
+            // The header's grain offset (byte 64) lies past the end of the file.
+            return Err(Error::corrupt(
+                "vmdk",
+                format!(
+                    "File truncated, expecting at least {} bytes",
+                    g.saturating_mul(SECTOR)
+                ),
+                64,
+            ));
         }
         let l1_size = match l.l1_size {
             Some(n) => n,
             None => l.sectors.div_ceil(l1_entry_sectors),
         };
         if l1_size > MAX_L1_ENTRIES {
-            return Err(Error::invalid("L1 size too big"));
+            return Err(Error::corrupt_unplaced("vmdk", "L1 size too big"));
         }
         if l.grain_sectors > MAX_GRAIN_SECTORS {
-            return Err(Error::invalid("Invalid granularity, image may be corrupt"));
+            return Err(Error::corrupt_unplaced(
+                "vmdk",
+                "Invalid granularity, image may be corrupt",
+            ));
         }
         // Whole grains are held in memory (compressed grains, copy-on-write).
         limits.check("vmdk grain size", l.grain_sectors * SECTOR)?;
@@ -286,7 +292,7 @@ impl SparseExtent {
         }
         st.cache
             .get(&l1)
-            .ok_or_else(|| corrupt("grain table cache miss", 0))
+            .ok_or_else(|| Error::internal("grain table cache miss"))
     }
 
     fn lookup_locked(&self, st: &mut State, grain: u64) -> Result<Grain> {
@@ -412,7 +418,7 @@ impl SparseExtent {
     /// tables (the data it points at must already be durable).
     fn set_gte(&self, st: &mut State, grain: u64, gte: u32) -> Result<()> {
         let (l1, l2) = self.gt_index(grain);
-        let i = usize::try_from(l1).map_err(|_| corrupt("grain index overflow", 0))?;
+        let i = usize::try_from(l1).map_err(|_| Error::internal("grain index overflow"))?;
         let gt_sector = st.gd.get(i).copied().unwrap_or(0);
         if gt_sector == 0 {
             return Err(Error::unsupported("vmdk", "allocating a grain table"));
@@ -459,7 +465,7 @@ impl SparseExtent {
     ) -> Result<()> {
         let mut st = self.lock();
         let g = self.lookup_locked(&mut st, grain)?;
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| corrupt("grain size", 0))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         match g {
             Grain::Data(host) => {
                 drop(st);
@@ -476,7 +482,7 @@ impl SparseExtent {
                     fill(&mut buf)?;
                 }
                 buf.get_mut(in_grain..in_grain + data.len())
-                    .ok_or_else(|| Error::invalid("write crosses a grain"))?
+                    .ok_or_else(|| Error::internal("write crosses a grain"))?
                     .copy_from_slice(data);
                 if self.compressed {
                     return self.append_compressed(&mut st, grain, &buf);

@@ -127,7 +127,11 @@ impl ForwardStreamDevice {
     }
 
     fn err(&self, at: u64, what: impl std::fmt::Display) -> Error {
-        Error::invalid(format!("'{}': {what} (at offset {at})", self.name))
+        Error::corrupt(
+            "vmdk",
+            format!("'{}': {what} (at offset {at})", self.name),
+            at,
+        )
     }
 
     /// Walks one more record (grain, table, directory, footer or end).
@@ -211,7 +215,7 @@ impl ForwardStreamDevice {
             return Err(self.err(at, format!("compressed grain of {size} bytes is too large")));
         }
         let mut z = vec![0u8; size as usize];
-        let grain = usize::try_from(self.grain).map_err(|_| Error::invalid("grain size"))?;
+        let grain = usize::try_from(self.grain).map_err(|_| Error::internal("grain size"))?;
         w.read_exact(&self.name, &mut z)?;
         let pad = (12 + u64::from(size)).next_multiple_of(SECTOR) - 12 - u64::from(size);
         w.skip(&self.name, pad)?;
@@ -325,10 +329,12 @@ impl Walk {
         while n < buf.len() {
             match self.reader.read(buf.get_mut(n..).unwrap_or_default()) {
                 Ok(0) => {
-                    return Err(Error::invalid(format!(
-                        "'{name}': stream-optimized VMDK truncated at offset {}",
-                        self.pos + n as u64
-                    )));
+                    let at = self.pos + n as u64;
+                    return Err(Error::corrupt(
+                        "vmdk",
+                        format!("'{name}': stream-optimized VMDK truncated at offset {at}"),
+                        at,
+                    ));
                 }
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -392,7 +398,7 @@ impl BlockDevice for ForwardStreamDevice {
             match self.grain_at(&mut w, g)? {
                 Some(d) => dst.copy_from_slice(
                     d.get(in_grain..in_grain + n)
-                        .ok_or(Error::invalid("short grain"))?,
+                        .ok_or(Error::internal("short grain"))?,
                 ),
                 None => dst.fill(0),
             }

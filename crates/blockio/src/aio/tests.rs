@@ -255,3 +255,35 @@ fn devices_without_a_walk_or_uring_use_the_workers() {
         assert_eq!(&got[..], &whole[o as usize..(o + l) as usize]);
     }
 }
+
+/// The same futures on a multi-threaded tokio runtime: tasks on any worker await reads
+/// completed by the io_uring completion thread and writes completed by the pool.
+#[cfg(target_os = "linux")]
+#[test]
+fn tokio_tasks_drive_the_same_futures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, whole) = uring_dev(dir.path());
+    let aio = Arc::new(AsyncDevice::new(dev).unwrap());
+    let whole = Arc::new(whole);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..32u64)
+            .map(|i| {
+                let (aio, whole) = (aio.clone(), whole.clone());
+                tokio::spawn(async move {
+                    let (off, len) = (i * 1999 % (SIZE - 9000), 9000usize);
+                    let got = aio.read_at(IoBuf::new(len), off).await.unwrap();
+                    let o = usize::try_from(off).unwrap();
+                    assert_eq!(&got[..], &whole[o..o + len]);
+                    aio.flush().await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}

@@ -382,29 +382,4 @@ fn command_loop(s: &mut Session, cmds: &[String]) -> i32 {
     last_error
 }
 
-/// qemu's `strerror(-ret)` text for a library error.
-pub(crate) fn strerror(e: &diskimg::Error) -> String {
-    use diskimg::Error as E;
-    match e {
-        E::Io { source, .. } => os_error_text(source),
-        E::Unsupported { .. } => "Operation not supported".into(),
-        E::InvalidArgument(_) | E::Key(_) => "Invalid argument".into(),
-        E::ReadOnly => "Permission denied".into(),
-        E::LimitExceeded { .. } => "Cannot allocate memory".into(),
-        _ => "Input/output error".into(),
-    }
-}
-
-/// An OS error's `strerror` text (without Rust's " (os error N)").
-fn os_error_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => {
-            let t = std::io::Error::from_raw_os_error(n).to_string();
-            match t.find(" (os error ") {
-                Some(i) => t.get(..i).unwrap_or(&t).to_string(),
-                None => t,
-            }
-        }
-        None => "Input/output error".into(),
-    }
-}
+pub(crate) use crate::errmap::{os_error_text, strerror};

@@ -14,6 +14,12 @@ pub(crate) const V2_HEADER_LEN: u32 = 72;
 pub(crate) const V3_MIN_HEADER_LEN: u32 = 104;
 /// What qemu writes for version 3.
 pub(crate) const V3_HEADER_LEN: u32 = 112;
+/// File offset of `crypt_method` (header bytes 32-35).
+pub(crate) const CRYPT_METHOD_AT: u64 = 32;
+/// File offset of `incompatible_features` (header bytes 72-79, version 3).
+pub(crate) const INCOMPATIBLE_AT: u64 = 72;
+/// File offset of `autoclear_features` (header bytes 88-95, version 3).
+pub(crate) const AUTOCLEAR_AT: u64 = 88;
 
 /// Incompatible bit 0: refcounts may be stale.
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -142,7 +148,7 @@ impl Header {
         let f32 = |o: usize| buf.be_u32(o).ok_or(bad("header truncated", 0));
         let f64 = |o: usize| buf.be_u64(o).ok_or(bad("header truncated", 0));
         if f32(0)? != MAGIC {
-            return Err(Error::invalid("Image is not in qcow2 format"));
+            return Err(crate::errors::not_qcow2());
         }
         let version = f32(4)?;
         if version != 2 && version != 3 {

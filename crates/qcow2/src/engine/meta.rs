@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
+use crate::disk::header::{Header, INCOMPATIBLE_AT, MAX_HOST_OFFSET, V2_HEADER_LEN};
 use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
 use crate::engine::deferred::{Deferred, L2Update};
 use crate::engine::overlap::Overlap;
+use crate::errors::internal;
 
 /// Metadata state (see module docs).
 #[derive(Debug)]
@@ -28,9 +29,9 @@ pub(crate) struct Meta {
     /// Guest size of the view.
     pub size: u64,
     /// Cached L2 tables.
-    pub l2: L2Cache,
+    pub(in crate::engine) l2: L2Cache,
     /// The refcount table.
-    pub reftable: Vec<u64>,
+    pub(in crate::engine) reftable: Vec<u64>,
     /// Cached refcount blocks (raw bytes).
     pub(in crate::engine) rb: HashMap<u64, Vec<u8>>,
     /// Resource limits.
@@ -89,6 +90,11 @@ pub(crate) fn read_host(s: &dyn Storage, buf: &mut [u8], off: u64) -> Result<()>
     Ok(())
 }
 
+/// How many L2 tables of `cs` bytes the cache may hold (`limits.max_cache_bytes`).
+fn cache_tables(limits: &Limits, cs: u64) -> usize {
+    usize::try_from(limits.max_cache_bytes / cs).unwrap_or(16)
+}
+
 impl Meta {
     /// The metadata of the image on `file` with header `h`, before its tables are read:
     /// the active L1 table's place and the header's size, an empty L2 cache sized from
@@ -99,7 +105,7 @@ impl Meta {
         h: Header,
         limits: Limits,
     ) -> Self {
-        let tables = usize::try_from(limits.max_cache_bytes / h.cluster_size()).unwrap_or(16);
+        let tables = cache_tables(&limits, h.cluster_size());
         Self {
             file,
             data,
@@ -120,6 +126,34 @@ impl Meta {
             reserve: crate::engine::reserve::Reserve::default(),
             h,
         }
+    }
+
+    /// Reads the refcount table the header points to (at open).
+    pub(crate) fn load_reftable(&mut self) -> Result<()> {
+        self.reftable = self.read_table(
+            "Reference count table offset invalid",
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * self.cs() / 8,
+        )?;
+        Ok(())
+    }
+
+    /// Takes `other`'s refcount table (a snapshot view of the same image).
+    pub(crate) fn share_reftable(&mut self, other: &Meta) {
+        self.reftable.clone_from(&other.reftable);
+    }
+
+    /// Host offsets of the refcount blocks (non-zero reftable entries).
+    pub(crate) fn refblock_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.reftable
+            .iter()
+            .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+    }
+
+    /// Empties the L2 cache (after tables were rewritten behind it).
+    pub(crate) fn reset_l2_cache(&mut self) {
+        self.l2 = L2Cache::new(cache_tables(&self.limits, self.cs()));
     }
 
     /// Cluster size.
@@ -329,7 +363,7 @@ impl Meta {
 
     /// Writes the L1 entry `i` through to disk.
     pub(crate) fn write_l1_entry(&mut self, i: u64, value: u64) -> Result<()> {
-        let k = usize::try_from(i).map_err(|_| Error::invalid("L1 index"))?;
+        let k = usize::try_from(i).map_err(|_| internal("L1 index"))?;
         let slot = self
             .l1
             .get_mut(k)
@@ -378,7 +412,7 @@ impl Meta {
         if self.h.version >= 3 {
             self.h.incompatible |= crate::disk::header::INCOMPAT_CORRUPT;
             let v = self.h.incompatible;
-            self.file.write_all_at(&v.to_be_bytes(), 72)?;
+            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
             self.file.flush()?;
         }
         Err(Error::corrupt(
@@ -506,7 +540,7 @@ pub(crate) fn write_header(m: &mut Meta, h: &mut Header) -> Result<()> {
     let mut buf = m.limits.alloc("qcow2 header", cs)?;
     let keep = buf
         .get_mut(..idx(hlen.min(old_hlen).min(cs)))
-        .ok_or(Error::invalid("qcow2: header too large"))?;
+        .ok_or(internal("qcow2: header too large"))?;
     read_host(m.file.as_ref(), keep, 0)?;
     let ext = h.ext.serialise(h.version);
     let name = h.backing_file.clone().unwrap_or_default();

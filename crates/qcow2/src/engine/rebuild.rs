@@ -15,6 +15,7 @@ use crate::disk::idx;
 use crate::disk::table::encode_u64s;
 use crate::engine::meta::Meta;
 use crate::engine::refcount::{max_refcount_of, set_entry};
+use crate::errors::internal;
 
 /// First-fit run of `n` clusters with no references in `refs` (extended as needed);
 /// marks them used.
@@ -94,7 +95,7 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
             None => table = Some((alloc(refs, need, limit)?, need)),
         }
     }
-    let (t, n) = table.ok_or(Error::invalid("qcow2: refcount rebuild did not converge"))?;
+    let (t, n) = table.ok_or(internal("qcow2: refcount rebuild did not converge"))?;
     // The table may have needed refcount blocks of its own: checked by the loop above
     // only if it ran again, so verify every used range has a block.
     for (ti, &b) in blocks.iter().enumerate() {
@@ -102,11 +103,11 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
         let hi = (lo + idx(rbe)).min(refs.len());
         let used = refs.get(lo..hi).is_some_and(|s| s.iter().any(|&r| r != 0));
         if used && b == 0 {
-            return Err(Error::invalid("qcow2: refcount rebuild did not converge"));
+            return Err(internal("qcow2: refcount rebuild did not converge"));
         }
     }
     if (blocks.len() as u64 * 8) > n * cs {
-        return Err(Error::invalid("qcow2: refcount rebuild did not converge"));
+        return Err(internal("qcow2: refcount rebuild did not converge"));
     }
     for (ti, &b) in blocks.iter().enumerate() {
         if b == 0 {

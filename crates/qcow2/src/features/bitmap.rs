@@ -19,6 +19,7 @@ use crate::disk::idx;
 use crate::disk::table::L2E_OFFSET_MASK;
 use crate::engine::meta::write_header;
 use crate::engine::meta::{Meta, read_host};
+use crate::errors::internal;
 use crate::open_options::Qcow2OpenOptions;
 
 /// A directory entry kept with its extra data.
@@ -43,7 +44,11 @@ pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
         return Ok(Vec::new());
     };
     if b.directory_size > 64 << 20 {
-        return Err(Error::corrupt("qcow2", "invalid bitmap directory", 0));
+        return Err(Error::corrupt(
+            "qcow2",
+            "invalid bitmap directory",
+            b.directory_offset,
+        ));
     }
     let mut buf = m.limits.alloc("bitmap directory", b.directory_size)?;
     read_host(m.file.as_ref(), &mut buf, b.directory_offset)?;
@@ -378,7 +383,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
         let n = cs.min(bytes - start);
         let dst = out
             .get_mut(idx(start)..idx(start + n))
-            .ok_or(Error::invalid("bitmap data"))?;
+            .ok_or(internal("bitmap data"))?;
         match x & L2E_OFFSET_MASK {
             0 if x & 1 != 0 => dst.fill(0xff),
             0 => {}

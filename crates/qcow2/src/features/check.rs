@@ -9,8 +9,7 @@
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
-use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::disk::table::REFT_OFFSET_MASK;
+use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPATIBLE_AT};
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
@@ -207,11 +206,8 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
     );
-    for e in &m.reftable {
-        let off = e & REFT_OFFSET_MASK;
-        if off != 0 {
-            cnt.inc(off, cs);
-        }
+    for off in m.refblock_offsets() {
+        cnt.inc(off, cs);
     }
     if let Some(b) = h.ext.bitmaps.filter(|_| !dev.bitmaps.is_empty()) {
         cnt.inc(b.directory_offset, b.directory_size);
@@ -233,8 +229,16 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     Ok((cnt, l1))
 }
 
-/// (cluster, refcount, references) of one mismatch.
-type Mismatch = (u64, u64, u64);
+/// A cluster whose refcount differs from the references found.
+#[derive(Clone, Copy, Debug)]
+struct Mismatch {
+    /// Cluster index.
+    cluster: u64,
+    /// The refcount on disk.
+    have: u64,
+    /// The references counted.
+    want: u64,
+}
 
 /// Compares the counted references with the refcounts of every cluster inside the file
 /// (qemu's `compare_refcounts` without fixing); returns the mismatches and the highest
@@ -289,7 +293,11 @@ fn compare(
             } else {
                 cnt.notes.report.corruptions += 1;
             }
-            mismatches.push((c, have, want));
+            mismatches.push(Mismatch {
+                cluster: c,
+                have,
+                want,
+            });
         }
         c += 1;
     }
@@ -300,7 +308,12 @@ fn compare(
 /// which prints every mismatch again: "Repairing …" for those it fixes).
 fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatches: &[Mismatch]) {
     let maxr = m.max_refcount();
-    for &(c, have, want) in mismatches {
+    for &Mismatch {
+        cluster: c,
+        have,
+        want,
+    } in mismatches
+    {
         let leak = have > want;
         let allowed = match repair {
             RepairMode::None => false,
@@ -366,7 +379,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let cs = m.cs();
     let (mut cnt, l1) = count(dev, &mut m)?;
     let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
-    let needs_rebuild = mismatches.iter().any(|&(_, have, _)| have == 0);
+    let needs_rebuild = mismatches.iter().any(|x| x.have == 0);
     // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
     // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
     if repair == RepairMode::Leaks && needs_rebuild {
@@ -388,9 +401,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let l1_offset = m.h.l1_table_offset;
     if check_copied(dev, &mut m, &mut notes, &l1, l1_offset, fix_flags)? {
         // Reload what the caches hold of the rewritten tables.
-        m.l2 = crate::disk::table::L2Cache::new(
-            usize::try_from(m.limits.max_cache_bytes / cs).unwrap_or(16),
-        );
+        m.reset_l2_cache();
         m.l1 = m.read_table("L1 table", l1_offset, u64::from(m.h.l1_size))?;
     }
     if repair != RepairMode::None {
@@ -403,7 +414,8 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         let cleared = m.h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
         if cleared != m.h.incompatible {
             dev.file.flush()?;
-            dev.file.write_all_at(&cleared.to_be_bytes(), 72)?;
+            dev.file
+                .write_all_at(&cleared.to_be_bytes(), INCOMPATIBLE_AT)?;
             dev.file.flush()?;
             m.h.incompatible = cleared;
         }

@@ -10,6 +10,7 @@ use diskimg_blockio::{Error, OptionList, Result, Secrets};
 use crate::crypto::header::SLOTS;
 use crate::crypto::{LuksHeader, iterations_for};
 use crate::device::Qcow2Device;
+use crate::disk::header::CRYPT_METHOD_AT;
 use crate::encryption::Encryption;
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -102,7 +103,7 @@ impl Qcow2Device {
         let (off, len) = self.lock().h.ext.crypto.ok_or(Error::corrupt(
             "qcow2",
             "encryption header extension missing",
-            0,
+            CRYPT_METHOD_AT,
         ))?;
         // Lock order as `info`: metadata before the LUKS header.
         let limits = self.lock().limits;

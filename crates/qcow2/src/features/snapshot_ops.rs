@@ -16,6 +16,7 @@ use crate::disk::table::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_u64s,
 };
 use crate::engine::meta::Meta;
+use crate::errors::internal;
 
 /// Adds `addend` (+1 or -1) to the refcount of every L2 table and data cluster reachable
 /// from `l1`; with `addend == 0` only recomputes the COPIED flags (active table only).
@@ -279,7 +280,7 @@ impl Qcow2Device {
             let m = self.lock();
             let i = snapshot_index(&m, id_or_name)?;
             let snap = m.snapshots.get(i).cloned();
-            (snap.ok_or(Error::invalid("qcow2: snapshot index"))?, m.size)
+            (snap.ok_or(internal("qcow2: snapshot index"))?, m.size)
         };
         // As qemu: the disk first takes the snapshot's size (shrinking drops the active
         // tree's clusters beyond it; the L1 table grows for a larger one).

@@ -9,7 +9,7 @@ use diskimg_blockio::{
     OptionList, RepairMode, Storage, ZeroFlags,
 };
 use diskimg_qcow2::DRIVER;
-use diskimg_testutil::{Model, pattern, qemu_check_json, read_all, tempdir};
+use diskimg_testutil::{Model, pattern, read_all, tempdir};
 
 const SIZE: u64 = 1 << 20;
 
@@ -130,42 +130,16 @@ fn crash_all_cuts_with(options: &str, flush_every: usize, backed: bool) {
             }
         }
         assert!(fs.crashed());
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
-            // Our own check on every cut and mode; qemu-img check (a process each) on every
-            // fourth cut for the modes that keep unflushed writes.
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
+        // Our own check on every cut and mode; qemu-img check (a process each) on every
+        // fourth cut for the modes that keep unflushed writes.
+        let ro = OpenOptions::new().read_only(true);
+        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
             dev.set_backing(backing()).unwrap();
-            let r = dev.check(Default::default()).unwrap();
-            assert_eq!(
-                (r.corruptions, r.check_errors),
-                (0, 0),
-                "cut {cut} {mode:?}: {r:?}"
-            );
+            let what = format!("cut {cut} {mode:?}");
+            let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
             if cut % 4 == 0 && mode != CrashMode::DropUnflushed {
-                std::fs::write(&path, &img).unwrap();
-                let (v, _) = qemu_check_json(&path, "qcow2");
-                assert_eq!(
-                    v["corruptions"].as_u64().unwrap_or(0),
-                    0,
-                    "cut {cut} {mode:?}: {v}"
-                );
-                assert_eq!(
-                    v["check-errors"].as_u64().unwrap_or(0),
-                    0,
-                    "cut {cut} {mode:?}: {v}"
-                );
                 // Our check counts the same leaks as qemu's, and repairs them.
-                assert_eq!(
-                    v["leaks"].as_u64().unwrap_or(0),
-                    r.leaks,
-                    "cut {cut} {mode:?}: {v}"
-                );
+                crate::assert_qemu_check_agrees(&path, &img, &r, &what);
                 if r.leaks > 0 && cut % 16 == 0 {
                     let fixed = crate::open(&path, false).check(RepairMode::Leaks).unwrap();
                     assert_eq!(fixed.leaks_fixed, r.leaks);
@@ -237,15 +211,9 @@ fn crash_during_refcount_width_change() {
     for cut in 0..=count {
         let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
         let _ = amend(fs.clone());
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
+        let ro = OpenOptions::new().read_only(true);
+        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
             widths.insert(u32::from_be_bytes(img[96..100].try_into().unwrap()));
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
-            let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
             let r = dev.check(Default::default()).unwrap();
             assert_eq!(
                 (r.corruptions, r.check_errors),

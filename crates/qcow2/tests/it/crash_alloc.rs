@@ -82,38 +82,12 @@ fn run(
 fn check_cut(initial: &[u8], cut: u64, every: usize, path: &std::path::Path) {
     let (fs, durable, since) = run(initial, Some(cut), every);
     assert!(fs.crashed());
-    for mode in [
-        CrashMode::KeepAll,
-        CrashMode::DropUnflushed,
-        CrashMode::Random(cut),
-    ] {
-        let img = fs.crash_image(mode);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-        let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
-        let r = dev.check(Default::default()).unwrap();
-        assert_eq!(
-            (r.corruptions, r.check_errors),
-            (0, 0),
-            "cut {cut} {mode:?}"
-        );
+    let ro = OpenOptions::new().read_only(true);
+    for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
+        let what = format!("cut {cut} {mode:?}");
+        let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
         if cut.is_multiple_of(3) && mode != CrashMode::DropUnflushed {
-            std::fs::write(path, &img).unwrap();
-            let (v, _) = qemu_check_json(path, "qcow2");
-            assert_eq!(
-                v["corruptions"].as_u64().unwrap_or(0),
-                0,
-                "cut {cut} {mode:?}: {v}"
-            );
-            assert_eq!(
-                v["check-errors"].as_u64().unwrap_or(0),
-                0,
-                "cut {cut} {mode:?}: {v}"
-            );
-            assert_eq!(
-                v["leaks"].as_u64().unwrap_or(0),
-                r.leaks,
-                "cut {cut} {mode:?}: {v}"
-            );
+            crate::assert_qemu_check_agrees(path, &img, &r, &what);
         }
         let got = read_all(dev.as_ref());
         for (b, (g, d)) in got.chunks(BLOCK).zip(durable.chunks(BLOCK)).enumerate() {

@@ -175,7 +175,10 @@ fn qemu_made_case(opts: &str) {
     qio(&p, QEMU_WRITES);
     let dev = open_enc(&p, true);
     let ours = read_all(dev.as_ref());
-    assert!(ours == qemu_raw(&p), "{opts}: decrypted content differs");
+    let want = qemu_raw(&p);
+    assert!(ours == want, "{opts}: decrypted content differs");
+    let vectored = crate::read::read_vectored_all(dev.as_ref());
+    assert!(vectored == want, "{opts}: vectored reads differ");
     assert_map_like_qemu(dev.as_ref(), &p);
     assert_eq!(dev.check(Default::default()).unwrap().corruptions, 0);
     assert!(dev.info().encrypted);
@@ -490,7 +493,7 @@ fn create_option_errors_as_qemu() {
 /// with its key, checks clean (leaks allowed) and flushed data reads back decrypted.
 #[test]
 fn crash_at_every_cut_of_an_encrypted_workload() {
-    use diskimg_blockio::{CrashMode, FaultStorage, MemStorage};
+    use diskimg_blockio::{FaultStorage, MemStorage};
     const SIZE: u64 = 1 << 20;
     let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let mut req = diskimg_blockio::CreateRequest::new(
@@ -549,20 +552,8 @@ fn crash_at_every_cut_of_an_encrypted_workload() {
             pending = None;
         }
         drop(dev);
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
-            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-            let dev = DRIVER.open(s, &key_opts(true, SECRET)).unwrap();
-            let r = dev.check(Default::default()).unwrap();
-            assert_eq!(
-                (r.corruptions, r.check_errors),
-                (0, 0),
-                "cut {cut} {mode:?}"
-            );
+        for (mode, img, dev) in crate::crash_images(&fs, cut, &key_opts(true, SECRET)) {
+            crate::assert_cut_checks_clean(dev.as_ref(), &format!("cut {cut} {mode:?}"));
             let mut got = read_all(dev.as_ref());
             let mut want = durable.bytes.clone();
             if let Some((o, l, _)) = pending {

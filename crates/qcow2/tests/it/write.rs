@@ -578,3 +578,21 @@ fn grow_with_preallocation_like_qemu() {
         );
     }
 }
+
+/// Library `create` rounds a size that is not a multiple of 512 up to whole sectors, as
+/// `qemu-img create` does (qcow2_co_create_opts): the same bytes as qemu's image.
+#[test]
+fn create_rounds_sizes_up_to_sectors_like_qemu() {
+    let dir = tempdir();
+    for size in [1u64, 1000, 65535, (1 << 20) + 1] {
+        let ours = dir.path().join(format!("ours{size}.qcow2"));
+        let theirs = dir.path().join(format!("qemu{size}.qcow2"));
+        create(&ours, size, "").unwrap();
+        qemu_create(&theirs, "", &size.to_string());
+        assert_eq!(open(&ours, true).virtual_size(), size.next_multiple_of(512));
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "size {size}: bytes differ from qemu-img create"
+        );
+    }
+}

@@ -52,7 +52,7 @@ struct Inner {
     event_idx: AtomicBool,
     /// The guest memory (shared with the daemon, which updates it on SET_MEM_TABLE).
     mem: std::sync::RwLock<Mem>,
-    /// Per queue, the sender of its worker pool.
+    /// Per queue, the sender of its worker pool (none without workers).
     pools: Vec<Mutex<Sender<Job>>>,
 }
 
@@ -60,7 +60,9 @@ impl BlkBackend {
     pub(crate) fn new(export: Arc<Export>, config: VhostConfig, mem: Mem) -> io::Result<Self> {
         let mut pools = Vec::new();
         for q in 0..config.num_queues {
-            pools.push(Mutex::new(spawn_pool(q, config.workers_per_queue.max(1))?));
+            if config.workers_per_queue > 0 {
+                pools.push(Mutex::new(spawn_pool(q, config.workers_per_queue)?));
+            }
         }
         Ok(BlkBackend(Arc::new(Inner {
             export,
@@ -95,8 +97,10 @@ impl BlkBackend {
         c
     }
 
-    /// Pops every available request of `vring`; all but the last go to the queue's
-    /// pool, the last runs here. Returns whether any request was found.
+    /// Pops every available request of `vring` and executes them: on this thread when
+    /// the queue has no worker pool (then the used ring is updated per request and the
+    /// driver notified once for the batch), else all but the last go to the queue's
+    /// pool and the last runs here. Returns whether any request was found.
     fn drain(&self, queue: usize, vring: &VringRwLock<Mem>) -> io::Result<bool> {
         let chains: Vec<Chain> = {
             let mem = self
@@ -114,15 +118,21 @@ impl BlkBackend {
         let Some((last, rest)) = chains.split_last() else {
             return Ok(false);
         };
+        let Some(pool) = self.0.pools.get(queue) else {
+            let mut used = false;
+            for chain in chains {
+                let (head, len) = process(&self.0.export, chain);
+                used |= vring.add_used(head, len).is_ok();
+            }
+            if used {
+                self.notify(vring);
+            }
+            return Ok(true);
+        };
         for chain in rest {
             let (me, vr, chain) = (self.clone(), vring.clone(), chain.clone());
             let job: Job = Box::new(move || me.complete(&vr, chain));
-            let pool = self
-                .0
-                .pools
-                .get(queue)
-                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()));
-            if let Some(Err(e)) = pool.map(|p| p.send(job)) {
+            if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
                 (e.0)();
             }
         }
@@ -133,9 +143,14 @@ impl BlkBackend {
     /// Executes one request and returns it to the driver.
     fn complete(&self, vring: &VringRwLock<Mem>, chain: Chain) {
         let (head, len) = process(&self.0.export, chain);
-        if vring.add_used(head, len).is_err() {
-            return;
+        if vring.add_used(head, len).is_ok() {
+            self.notify(vring);
         }
+    }
+
+    /// Signals the driver that used buffers are there, unless it asked not to be
+    /// (`VIRTIO_RING_F_EVENT_IDX`: only when the used index passes its `used_event`).
+    fn notify(&self, vring: &VringRwLock<Mem>) {
         let notify =
             !self.0.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
         if notify {

@@ -28,7 +28,10 @@ pub struct VhostConfig {
     pub num_queues: u16,
     /// Largest queue the driver may set up.
     pub queue_size: u16,
-    /// Threads executing one queue's requests in parallel (besides its event thread).
+    /// Threads executing one queue's requests in parallel (besides its event thread,
+    /// which executes the last request of every batch itself). 0: the event thread
+    /// executes every request and notifies the driver once per batch, as
+    /// qemu-storage-daemon's single thread does (docs/benchmarks.md compares the two).
     pub workers_per_queue: usize,
 }
 

@@ -13,12 +13,6 @@ use diskimg_blockio::{Error, Result};
 use super::{Grain, MARKER_LEN, SparseExtent};
 use crate::header::SECTOR;
 
-/// The deflate level of grains. qemu uses zlib's default (6); level 3 (zlib-rs's fast
-/// strategy) takes 30% less CPU for 1.7% more output on real images (ext4 image of
-/// /usr/share: 0.3836 against 0.3771 of the input; docs/benchmarks.md). Any zlib inflates
-/// the streams.
-pub(crate) const DEFLATE_LEVEL: u32 = 3;
-
 fn refused() -> Error {
     Error::invalid("Could not write to allocated cluster for streamOptimized")
 }
@@ -27,7 +21,7 @@ impl SparseExtent {
     /// The records of the whole grains in `data`, the first being grain `first` (a
     /// partial last grain is padded with zeroes).
     pub(crate) fn compress_grains(&self, first: u64, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::invalid("grain size"))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         let mut padded = Vec::new();
         let mut out = Vec::new();
         for (i, piece) in data.chunks(gb.max(1)).enumerate() {
@@ -85,7 +79,7 @@ impl SparseExtent {
         self.storage.flush()?;
         let mut sector = start;
         for (i, rec) in records.iter().enumerate() {
-            let s = u32::try_from(sector).map_err(|_| Error::invalid("grain offset"))?;
+            let s = u32::try_from(sector).map_err(|_| Error::internal("grain offset"))?;
             self.set_gte(&mut st, first + i as u64, s)?;
             sector += rec.len() as u64 / SECTOR;
         }
@@ -95,7 +89,7 @@ impl SparseExtent {
     /// Writes whole grains compressed (unallocated grains only), the first being grain
     /// `first`: deflated on up to all cores, then appended in order.
     pub(crate) fn write_compressed(&self, first: u64, data: &[u8]) -> Result<()> {
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::invalid("grain size"))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         let grains = data.len().div_ceil(gb.max(1));
         let threads = std::thread::available_parallelism()
             .map(std::num::NonZeroUsize::get)
@@ -114,7 +108,7 @@ impl SparseExtent {
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err(Error::invalid("deflate thread failed")))
+                        .unwrap_or_else(|_| Err(Error::internal("deflate thread failed")))
                 })
                 .collect()
         });

@@ -57,6 +57,9 @@ struct State {
     backlog: VecDeque<squeue::Entry>,
     in_flight: usize,
     stopping: bool,
+    /// The completion thread is between two waits: it submits what is pushed meanwhile
+    /// with its next `io_uring_enter`, so submitters need not enter themselves.
+    reaper_busy: bool,
 }
 
 struct Shared {
@@ -133,8 +136,9 @@ impl Uring {
         }
         st.backlog.push_back(entry.user_data(idx as u64));
         let pushed = self.shared.fill(&mut st);
+        let busy = st.reaper_busy;
         drop(st);
-        if pushed {
+        if pushed && !busy {
             self.shared.kick();
         }
     }
@@ -248,6 +252,7 @@ impl Shared {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
             let mut st = self.lock();
+            st.reaper_busy = true;
             // SAFETY: only this thread ever takes the completion queue.
             for cqe in unsafe { self.ring.completion_shared() } {
                 let idx = cqe.user_data();
@@ -262,18 +267,18 @@ impl Shared {
                     done.push((c, cqe.result()));
                 }
             }
-            let pushed = self.fill(&mut st);
+            // What is pushed here and until `reaper_busy` is cleared goes to the kernel
+            // with the next `submit_and_wait`.
+            self.fill(&mut st);
             let finished = st.stopping && st.in_flight == 0 && st.backlog.is_empty();
             drop(st);
-            if pushed {
-                self.kick();
-            }
             for (c, res) in done.drain(..) {
                 c.complete(res);
             }
             if finished {
                 return;
             }
+            self.lock().reaper_busy = false;
         }
     }
 }

@@ -1,0 +1,87 @@
+//! The one place where library errors become the CLI's words.
+//!
+//! The library's [`diskimg::Error`] says whose fault a failure is (see the taxonomy in
+//! `diskimg_blockio::Error`'s module docs) and carries the format and file offset. qemu-img and
+//! qemu-io print only the reason, and qemu-io prints `strerror(-errno)` for failed
+//! requests; invoked as `qemu-img`/`qemu-io` the CLI must say the same. Every verb
+//! reports through [`message`] (a whole error chain) or [`strerror`] (qemu-io's
+//! request failures), so the mapping lives here once.
+
+use diskimg::Error as E;
+
+/// True when the error (or its cause) is a closed stdout: exit quietly like `head`.
+pub(crate) fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The message as qemu words it: each cause once (sources already included in their
+/// parent's text are skipped), Rust's " (os error N)" suffixes removed.
+pub(crate) fn message(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for c in e.chain() {
+        let t = match c.downcast_ref::<E>() {
+            Some(e) => words(e),
+            None => c.to_string(),
+        };
+        if s.ends_with(&t) {
+            continue;
+        }
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&t);
+    }
+    while let Some(i) = s.find(" (os error ") {
+        let end = s
+            .get(i..)
+            .and_then(|t| t.find(')'))
+            .map_or(s.len(), |j| i + j + 1);
+        s.replace_range(i..end, "");
+    }
+    s
+}
+
+/// One library error in the CLI's words. As qemu-img/qemu-io, a corrupt, foreign or
+/// unsupported image is reported by the bare reason; as `diskimg`, with the format
+/// and the offending offset ([`diskimg::Error::located`]).
+fn words(e: &E) -> String {
+    if crate::common::as_qemu() {
+        match e {
+            E::Corrupt { what, .. }
+            | E::NotThisFormat { what, .. }
+            | E::Unsupported { what, .. } => return what.to_string(),
+            _ => {}
+        }
+    }
+    e.located()
+}
+
+/// qemu's `strerror(-ret)` text for a library error: the errno qemu's block layer
+/// returns for the same failure.
+pub(crate) fn strerror(e: &E) -> String {
+    match e {
+        E::Io { source, .. } => os_error_text(source),
+        E::Unsupported { .. } => "Operation not supported".into(),
+        E::InvalidArgument(_) | E::Key(_) | E::NotThisFormat { .. } => "Invalid argument".into(),
+        E::ReadOnly => "Permission denied".into(),
+        E::LimitExceeded { .. } => "Cannot allocate memory".into(),
+        _ => "Input/output error".into(),
+    }
+}
+
+/// An OS error's `strerror` text (without Rust's " (os error N)").
+pub(crate) fn os_error_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => {
+            let t = std::io::Error::from_raw_os_error(n).to_string();
+            match t.find(" (os error ") {
+                Some(i) => t.get(..i).unwrap_or(&t).to_string(),
+                None => t,
+            }
+        }
+        None => "Input/output error".into(),
+    }
+}
