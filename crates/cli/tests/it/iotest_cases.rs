@@ -199,6 +199,23 @@ fn unknown_backing_format_as_qemu() {
     });
 }
 
+/// Runs qemu-io argument lists with qemu-io (`qemu`) or `diskimg io`: each call's exit
+/// code and output (timing lines dropped, `d` shown as DIR).
+pub(super) fn io_calls(d: &std::path::Path, calls: &[Vec<String>], qemu: bool) -> Vec<String> {
+    calls
+        .iter()
+        .map(|a| {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let o = if qemu {
+                crate::qemu_io_raw(&a)
+            } else {
+                diskimg(&[&["io"], a.as_slice()].concat())
+            };
+            format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+        })
+        .collect()
+}
+
 /// qemu-io output with the timing line dropped.
 pub(super) fn io_text(o: &std::process::Output) -> String {
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
@@ -277,18 +294,7 @@ fn copy_on_read_with_blkdebug_as_qemu() {
             v(&["-f", "qcow2", "-C", "-c", "read 30K 4K", s(&sub)]),
             v(&["-f", "qcow2", "-c", "map", s(&sub)]),
         ];
-        calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect()
+        io_calls(d, &calls, qemu)
     };
     let (qd, dd) = (tempdir(), tempdir());
     let q = run(qd.path(), true);

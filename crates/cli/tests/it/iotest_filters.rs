@@ -5,7 +5,7 @@
 
 use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
 
-use crate::iotest_cases::{img, io_text, v};
+use crate::iotest_cases::{img, io_calls, v};
 use crate::{code, diskimg, s};
 
 /// Zero writes through a blkdebug node with request limits (iotest 204): pieces smaller
@@ -48,18 +48,7 @@ fn blkdebug_limits_split_zero_writes_as_qemu() {
                 "write -z 32M 32M",
             ]),
         ];
-        let mut out: Vec<String> = calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect();
+        let mut out: Vec<String> = io_calls(d, &calls, qemu);
         // Judged by qemu-img either way.
         let map = qemu_img_ok(&["map", "-f", "qcow2", s(&t)]);
         out.push(map.replace(s(d), "DIR"));
@@ -101,18 +90,7 @@ fn raw_offset_and_size_window_as_qemu() {
             v(&["-f", "raw", "-c", "read -v 510 4", &t]),
             v(&["-f", "raw", "-c", "read -v 4606 4", &t]),
         ];
-        calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect()
+        io_calls(d, &calls, qemu)
     };
     let (qd, dd) = (tempdir(), tempdir());
     let q = run(qd.path(), true);
@@ -170,18 +148,7 @@ fn compress_filter_as_qemu() {
                 s(&t),
             ]),
         ];
-        let mut out: Vec<String> = calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect();
+        let mut out: Vec<String> = io_calls(d, &calls, qemu);
         let check = qemu_img(&["check", "--output=json", s(&t)]);
         let text = String::from_utf8_lossy(&check.stdout).to_string();
         out.extend(
