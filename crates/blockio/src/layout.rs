@@ -344,6 +344,18 @@ pub fn read_run<L: Layout + ?Sized>(
 /// At most this many lookups are merged into one extent by [`map_via`].
 const MAX_MERGE: usize = 65536;
 
+/// The extent of the one run [`Layout::lookup`] answers at `offset` (no longer than
+/// `len`), without merging following runs as [`map_via`] does: for formats whose lookup
+/// already returns the longest run it can and whose callers size their work by extent
+/// (qcow2: `convert` reads a compressed extent's clusters together).
+pub fn map_run<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<Extent> {
+    check_range(offset, len, layout.size())?;
+    if len == 0 {
+        return Err(Error::invalid("map of an empty range"));
+    }
+    Ok(extent_of(layout, offset, len)?.0)
+}
+
 /// The first extent at `offset` (no longer than `len`), from the same lookups
 /// [`read_via`] uses; following runs of the same kind (contiguous on the host for data)
 /// are merged.
@@ -510,6 +522,10 @@ mod tests {
         assert_eq!(kinds[1], (16, ExtentKind::Zero { offset: None }));
         assert_eq!(kinds[2], (16, ExtentKind::Unallocated));
         assert_eq!(kinds[3], (16, ExtentKind::Compressed));
+        // map_run: the one lookup, never merged.
+        let e = map_run(&l, 48, 16).unwrap();
+        assert_eq!((e.len, e.kind), (16, ExtentKind::Compressed));
+        assert!(map_run(&l, 0, 0).is_err() && map_run(&l, 60, 8).is_err());
         assert!(read_via(&l, &mut buf, 1).is_err(), "range checked");
     }
 
