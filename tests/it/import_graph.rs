@@ -26,7 +26,6 @@ const KNOWN_CYCLES: &[(&str, usize, &str)] = &[
         10,
         "iotests2 (src/io/; secrets, names, imgspec)",
     ),
-    ("diskimg-convert", 3, "perf (lib.rs, plan.rs, run.rs)"),
     ("diskimg-serve", 4, "perf (nbd/)"),
 ];
 
