@@ -175,6 +175,16 @@ pub fn amend(image: &Image, options: &OptionList, secrets: &Secrets) -> Result<(
     amender(image)?.amend(options, secrets)
 }
 
+/// [`amend`] with qemu-img amend's `--force` ([`Amend::amend_forced`]).
+pub fn amend_forced(
+    image: &Image,
+    options: &OptionList,
+    secrets: &Secrets,
+    force: bool,
+) -> Result<()> {
+    amender(image)?.amend_forced(options, secrets, force)
+}
+
 /// Applies `qemu-img bitmap` operations to bitmap `name` of the qcow2 image at `path`
 /// (opened read-write on its own, without its backing chain).
 #[cfg(feature = "qcow2")]

@@ -123,6 +123,13 @@ pub trait Amend: Send + Sync {
     fn check_options(&self, options: &OptionList) -> Result<()>;
     /// Applies `options`; `secrets` holds the passphrases key-slot options name by id.
     fn amend(&self, options: &OptionList, secrets: &Secrets) -> Result<()>;
+    /// [`Amend::amend`] with qemu-img amend's `--force` (`force`): changes that can lose
+    /// data (overwriting an active encryption key slot, erasing the last ones) are
+    /// allowed. The default ignores `force` (formats with nothing to force).
+    fn amend_forced(&self, options: &OptionList, secrets: &Secrets, force: bool) -> Result<()> {
+        let _ = force;
+        self.amend(options, secrets)
+    }
 }
 
 /// Maintenance of the link between an image and its backing image (`qemu-img rebase -u`

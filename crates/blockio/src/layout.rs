@@ -34,13 +34,15 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use crate::device::{
-    BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_from_backing,
+    BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_each, read_from_backing,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use crate::vectored::total_len;
 
 /// What a read of host bytes past the end of the host file means ([`HostRun::past_eof`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -231,6 +233,79 @@ pub fn advance_mapping(mapping: Mapping<'_>, by: u64) -> Result<Mapping<'_>> {
         }
         m => m,
     })
+}
+
+/// [`BlockDevice::read_vectored_at`]'s default: through the device's layout walk
+/// ([`BlockDevice::walk_runs`]) when it has one — each host run of the request is one
+/// [`Storage::read_vectored_exact_at`] (one `preadv(2)` for files) over the parts of the
+/// buffers it fills, zero runs are filled, other runs read per buffer part — else one
+/// `read_at` per buffer ([`read_each`](crate::vectored::read_each)).
+pub fn read_walked<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    check_range(offset, len, dev.virtual_size())?;
+    let mut cur = Cursor {
+        bufs: &mut *bufs,
+        i: 0,
+        skip: 0,
+    };
+    let walked = dev.walk_runs(offset, len, &mut |layout, pos, n, mapping| {
+        let mut parts = cur.next(n);
+        match mapping {
+            Mapping::Host(run) if run.past_eof == PastEof::Fail => {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+                run.storage.read_vectored_exact_at(&mut iov, run.offset)
+            }
+            _ => {
+                let mut at = 0u64;
+                for p in parts {
+                    let m = advance_mapping(mapping, at)?;
+                    read_run(layout, pos + at, m, p)?;
+                    at += p.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    })?;
+    if walked {
+        return Ok(());
+    }
+    read_each(dev, bufs, offset)
+}
+
+/// A position in a buffer list, handing out the parts of the next `n` bytes.
+struct Cursor<'b, 'c> {
+    bufs: &'b mut [IoSliceMut<'c>],
+    i: usize,
+    skip: usize,
+}
+
+impl Cursor<'_, '_> {
+    fn next(&mut self, n: u64) -> Vec<&mut [u8]> {
+        let mut left = usize::try_from(n).unwrap_or(usize::MAX);
+        let (mut i, mut skip) = (self.i, self.skip);
+        let mut out = Vec::new();
+        for b in self.bufs.iter_mut().skip(self.i) {
+            if left == 0 {
+                break;
+            }
+            let avail = b.len().saturating_sub(skip);
+            let take = avail.min(left);
+            out.push(b.get_mut(skip..skip + take).unwrap_or_default());
+            left -= take;
+            if take == avail {
+                (i, skip) = (i + 1, 0);
+            } else {
+                skip += take;
+            }
+        }
+        (self.i, self.skip) = (i, skip);
+        out
+    }
 }
 
 /// Fills `buf` with the guest bytes at `offset`: host runs from their storage, zero runs

@@ -15,6 +15,7 @@ use crate::create::{known_option, parse_options, print_help};
 
 mod args;
 mod pipe;
+mod salvage;
 mod stdout;
 mod targets;
 
@@ -39,6 +40,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 }
 
 fn run_inner(mut a: Args) -> Result<i32> {
+    crate::optlist::check(&a.options)?;
     if let Some(t) = a.target {
         targets::apply(&mut a, t)?;
     }
@@ -53,7 +55,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
         .unwrap_or_default();
     // An unknown output format is reported once progress has started, as qemu does.
     let out_fmt = crate::common::parse_create_format(&a.output_format);
-    if a.options.iter().any(|o| o == "help" || o == "?") {
+    if crate::optlist::wants_help(&a.options) {
         // As qemu: the protocol's options too once a target file is named.
         return print_help(out_fmt?, !a.files.is_empty());
     }
@@ -124,6 +126,9 @@ impl Flags {
         if a.copy_range && a.sparse.is_some() {
             bail!("Cannot enable copy offloading when -S is used");
         }
+        if a.copy_range && a.salvage {
+            bail!("Cannot use copy offloading in salvaging mode");
+        }
         let snapshot = a
             .snapshot
             .as_deref()
@@ -159,6 +164,8 @@ impl Flags {
 struct Sources {
     device: Arc<dyn BlockDevice>,
     images: Vec<Image>,
+    /// With `--salvage`: the sources read in salvage mode.
+    salvaged: Vec<Arc<crate::io::filter::Filtered<salvage::Salvage>>>,
 }
 
 fn open_sources(
@@ -169,12 +176,20 @@ fn open_sources(
 ) -> Result<Sources> {
     let mut parts: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut images = Vec::new();
+    let mut salvaged = Vec::new();
     for s in srcs {
         let src_fmt = opt_format(a.format.as_deref(), s)?;
         let img = pipe::open_source(s, src_fmt, cache)?;
-        match snapshot {
-            Some(sel) => parts.push(diskimg::snapshot_device(&img, sel)?),
-            None => parts.push(img.device.clone()),
+        let dev = match snapshot {
+            Some(sel) => diskimg::snapshot_device(&img, sel)?,
+            None => img.device.clone(),
+        };
+        if a.salvage {
+            let w = salvage::wrap(dev, a.quiet);
+            salvaged.push(w.clone());
+            parts.push(w);
+        } else {
+            parts.push(dev);
         }
         images.push(img);
     }
@@ -182,7 +197,11 @@ fn open_sources(
         [one] => one.clone(),
         _ => Arc::new(ConcatDevice::new(parts)?),
     };
-    Ok(Sources { device, images })
+    Ok(Sources {
+        device,
+        images,
+        salvaged,
+    })
 }
 
 /// What creating the target decided.
@@ -289,11 +308,13 @@ fn copy(
         target_is_zero: made.target_is_zero,
         compress: a.compress,
         backing,
-        workers: a.workers,
+        // Salvage copies in order (its warnings come in offset order).
+        workers: if a.salvage { 1 } else { a.workers },
         out_of_order: a.out_of_order,
         copy_offload: a.copy_range,
         ..ConvertOptions::default()
     };
+    salvage::pre_pass(&sources.salvaged)?;
     let err = |e: diskimg::Error| anyhow!("error while writing to {dst_name}: {e}");
     // qemu counts progress over the data it copies (0% was printed above), so its copy
     // loop only reaches 100% when there was data; the final 100% is printed in any case.

@@ -87,10 +87,17 @@ pub(crate) fn parse_options(opts: &[String]) -> Result<OptionList> {
 }
 
 pub(crate) fn run(mut a: Args) -> Result<i32> {
+    crate::optlist::check(&a.options)?;
     let name = a.file.clone().unwrap_or_default();
-    let format =
-        crate::common::parse_create_format(&a.format).map_err(|e| anyhow!("{name}: {e}"))?;
-    if a.options.iter().any(|o| o == "help" || o == "?") {
+    let format = crate::common::parse_create_format(&a.format).map_err(|e| {
+        // qemu names the file only when one was given.
+        if name.is_empty() {
+            e
+        } else {
+            anyhow!("{name}: {e}")
+        }
+    })?;
+    if crate::optlist::wants_help(&a.options) {
         return print_help(format, a.file.is_some());
     }
     let Some(file) = a.file.take() else {

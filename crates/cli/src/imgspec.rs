@@ -18,93 +18,12 @@ use std::sync::Arc;
 use anyhow::{Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
-use serde_json::Value;
 
-use crate::io::blkdebug::{Limits as BlkdebugLimits, Rule as BlkdebugRule};
+use crate::io::blkdebug::{Blkdebug, Limits as BlkdebugLimits, Rule as BlkdebugRule};
 use crate::io::filter::Filtered;
 use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
-/// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
-fn double_quotes(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    let mut in_double = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                in_double = !in_double;
-                out.push(c);
-            }
-            '\\' if in_double => {
-                out.push(c);
-                if let Some(n) = chars.next() {
-                    out.push(n);
-                }
-            }
-            '\'' if !in_double => {
-                out.push('"');
-                while let Some(n) = chars.next() {
-                    match n {
-                        '\'' => break,
-                        '"' => out.push_str("\\\""),
-                        '\\' => match chars.next() {
-                            Some('\'') => out.push('\''),
-                            Some(e) => {
-                                out.push('\\');
-                                out.push(e);
-                            }
-                            None => {}
-                        },
-                        other => out.push(other),
-                    }
-                }
-                out.push('"');
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
-/// Flattens the object of a `json:{…}` file name into dotted keys (qemu's
-/// `qdict_flatten`: `{"file":{"filename":"x"}}` → `file.filename=x`).
-pub(crate) fn flatten_json(name: &str) -> Result<OptionList> {
-    let text = name.strip_prefix("json:").unwrap_or(name);
-    let v: Value = serde_json::from_str(&double_quotes(text))
-        .map_err(|e| anyhow!("Could not parse the JSON options: {e}"))?;
-    let Value::Object(_) = v else {
-        bail!("Invalid JSON object given");
-    };
-    let mut out = OptionList::new();
-    flatten("", &v, &mut out);
-    Ok(out)
-}
-
-fn flatten(prefix: &str, v: &Value, out: &mut OptionList) {
-    let key = |k: &str| {
-        if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        }
-    };
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                flatten(&key(k), v, out);
-            }
-        }
-        Value::Array(items) => {
-            for (i, v) in items.iter().enumerate() {
-                flatten(&key(&i.to_string()), v, out);
-            }
-        }
-        Value::String(s) => out.set(prefix, s),
-        Value::Bool(b) => out.set(prefix, if *b { "on" } else { "off" }),
-        Value::Number(n) => out.set(prefix, &n.to_string()),
-        Value::Null => out.set(prefix, "null"),
-    }
-}
+pub(crate) use crate::names::flatten_json;
 
 /// What a specification opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,15 +399,18 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
         (OptionList::new(), Some(arg))
     };
     let r = resolve(dict, name, format)?;
-    if !r.blkdebug.is_empty() {
-        bail!("blkdebug error injection is not supported by diskimg's qemu-img");
-    }
     let mut opts = base;
     opts.read_only |= r.read_only == Some(true);
     if r.compress && !opts.read_only {
         bail!("the compress filter is supported by diskimg's qemu-io only");
     }
-    open(&r, arg, opts)
+    let mut img = open(&r, arg, opts)?;
+    // A blkdebug node above the format: its rules apply to the verb's requests.
+    if !r.blkdebug.is_empty() || !r.blkdebug_limits.is_none() {
+        let node = Blkdebug::new(img.device.clone(), r.blkdebug.clone(), r.blkdebug_limits);
+        img.device = Arc::new(Filtered(node));
+    }
+    Ok(img)
 }
 
 /// qemu's file-protocol checks: a directory cannot be opened for writing, and the `file`
@@ -623,9 +545,5 @@ mod tests {
         assert_eq!(r.blkdebug.len(), 1);
         assert!(r.driver_options.is_empty());
         assert!(flatten_json("json:[1]").is_err());
-        assert_eq!(
-            double_quotes(r#"{'a': 'x"y', "b": 'it\'s'}"#),
-            r#"{"a": "x\"y", "b": "it's"}"#
-        );
     }
 }

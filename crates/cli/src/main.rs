@@ -31,6 +31,7 @@ mod measure;
 mod names;
 mod nodes;
 mod opening;
+mod optlist;
 mod quorum;
 mod rebase;
 mod resize;
@@ -49,7 +50,9 @@ pub(crate) use errmap::message;
 #[command(
     name = "diskimg",
     version,
-    about = "qemu-img compatible disk image tool"
+    about = "qemu-img compatible disk image tool",
+    // As qemu-img's getopt: a repeated option's last value wins (`-f foo -f qcow2`).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

@@ -79,12 +79,18 @@ impl Amend for Qcow2Device {
     /// The format options ([`Qcow2Device::amend`]), then the key-slot options
     /// ([`Qcow2Device::amend_encryption`]).
     fn amend(&self, options: &OptionList, secrets: &Secrets) -> Result<()> {
+        self.amend_forced(options, secrets, false)
+    }
+
+    /// As [`Amend::amend`]; `force` lets key-slot changes lose data (see
+    /// [`Qcow2Device::amend_encryption_forced`]).
+    fn amend_forced(&self, options: &OptionList, secrets: &Secrets, force: bool) -> Result<()> {
         let (mut enc, plain) = split_encrypt(options);
         if !plain.is_empty() {
             Qcow2Device::amend(self, &plain)?;
         }
         if !enc.is_empty() {
-            self.amend_encryption(&mut enc, secrets)?;
+            self.amend_encryption_forced(&mut enc, secrets, force)?;
             if let Some((k, _)) = enc.entries().first() {
                 return Err(Error::invalid(format!("Invalid parameter '{k}'")));
             }

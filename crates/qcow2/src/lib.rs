@@ -110,6 +110,7 @@ mod offload;
 mod open;
 mod open_options;
 mod read;
+mod runtime_options;
 mod tracked;
 mod write;
 

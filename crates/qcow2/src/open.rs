@@ -22,6 +22,20 @@ impl Qcow2Device {
     /// Opens the image on `file` (see [`crate::DRIVER`] for the options honoured; the
     /// driver options are read by [`Qcow2OpenOptions::from_options`]).
     pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        // qemu's runtime options are checked against the header before anything else.
+        let len = file.len()?;
+        if len >= 72 {
+            let mut first = vec![0u8; usize::try_from(len.min(64 << 10)).unwrap_or(72)];
+            file.read_exact_at(&mut first, 0)?;
+            if let Ok(h) = Header::parse(&first) {
+                crate::runtime_options::check(
+                    &opts.driver_options,
+                    1u64 << h.cluster_bits.min(63),
+                    h.size,
+                    h.version,
+                )?;
+            }
+        }
         Self::open_with(file, opts, &Qcow2OpenOptions::from_options(opts))
     }
 

@@ -49,6 +49,10 @@ pub(crate) struct Args {
     /// Parallel workers (1..16, default 8).
     #[arg(short = 'm', long = "parallel", default_value_t = 8)]
     pub(super) workers: usize,
+    /// Copy what can be read of a damaged source: unreadable sectors become zeroes
+    /// (each reported), failing block-status queries read as data.
+    #[arg(long = "salvage")]
+    pub(super) salvage: bool,
     /// Allow out-of-order writes.
     #[arg(short = 'W', long = "oob-writes")]
     pub(super) out_of_order: bool,

@@ -19,8 +19,8 @@ use diskimg::{BlockDevice, OptionList, Result};
 
 use super::filter::Filter;
 
-/// The events diskimg raises.
-const EVENTS: &[&str] = &["cor_write"];
+/// The events diskimg raises (`none`: the rule is active from the start).
+const EVENTS: &[&str] = &["cor_write", "none"];
 
 /// Request kinds (qemu's `BlkdebugIOType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,7 @@ pub(super) enum IoType {
     WriteZeroes = 2,
     Discard = 3,
     Flush = 4,
+    BlockStatus = 5,
 }
 
 const IOTYPES: &[(&str, IoType)] = &[
@@ -38,6 +39,7 @@ const IOTYPES: &[(&str, IoType)] = &[
     ("write-zeroes", IoType::WriteZeroes),
     ("discard", IoType::Discard),
     ("flush", IoType::Flush),
+    ("block-status", IoType::BlockStatus),
 ];
 
 /// One `[inject-error]` rule.
@@ -217,7 +219,7 @@ const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 
 /// A blkdebug node over `inner` (its block device is `Filtered<Blkdebug>`).
 #[derive(Debug)]
-pub(super) struct Blkdebug {
+pub(crate) struct Blkdebug {
     inner: Arc<dyn BlockDevice>,
     state: Mutex<State>,
     limits: Limits,
@@ -225,13 +227,15 @@ pub(super) struct Blkdebug {
 
 impl Blkdebug {
     /// Wraps `inner` with `rules` and request `limits`.
-    pub(super) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>, limits: Limits) -> Self {
+    pub(crate) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>, limits: Limits) -> Self {
+        // Rules on the `none` event are active from the start, newest first.
+        let active = (0..rules.len())
+            .rev()
+            .filter(|&i| rules.get(i).is_some_and(|r| r.event == "none"))
+            .collect();
         Self {
             inner,
-            state: Mutex::new(State {
-                rules,
-                active: Vec::new(),
-            }),
+            state: Mutex::new(State { rules, active }),
             limits,
         }
     }
@@ -341,6 +345,10 @@ impl Filter for Blkdebug {
             len -= done;
         }
         Ok(())
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<diskimg::blockio::Extent> {
+        self.check(offset, len, IoType::BlockStatus)?;
+        self.inner.map(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, IoType::Discard)?;

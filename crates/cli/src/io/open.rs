@@ -369,11 +369,41 @@ fn reopen_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             spec.dict.take(key);
         }
     }
-    for (k, v) in extra.entries() {
-        spec.dict.set(k, v);
-    }
+    join_options(&mut spec.dict, &extra);
     spec.dict.take("read-only");
     reopen(s, spec, old)
+}
+
+/// Merges a reopen's new options into the old ones as qemu does (`bdrv_join_options`
+/// with qcow2's rules): a new overlap-check mode replaces every old overlap option, a new
+/// `cache-size` the old L2 and refcount cache sizes, and an old `cache-size` goes when the
+/// merge would set all three.
+fn join_options(old: &mut OptionList, new: &OptionList) {
+    let has = |o: &OptionList, k: &str| o.get(k).is_some();
+    if has(new, "overlap-check") || has(new, "overlap-check.template") {
+        let keys: Vec<String> = old
+            .entries()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| k == "overlap-check" || k.starts_with("overlap-check."))
+            .collect();
+        for k in keys {
+            old.take(&k);
+        }
+    }
+    if has(new, "cache-size") {
+        old.take("l2-cache-size");
+        old.take("refcount-cache-size");
+    }
+    for (k, v) in new.entries() {
+        old.set(k, v);
+    }
+    let all = ["cache-size", "l2-cache-size", "refcount-cache-size"]
+        .iter()
+        .all(|k| has(old, k));
+    if all && !has(new, "cache-size") {
+        old.take("cache-size");
+    }
 }
 
 /// The options fixed when a node is opened, on the image and its `file` and `backing`

@@ -22,13 +22,13 @@ fn same_as_qemu(setup: &dyn Fn(&std::path::Path), args: &dyn Fn(&std::path::Path
     assert_eq!(derr, qerr, "{da:?}");
 }
 
-fn img(dir: &std::path::Path, name: &str, fmt: &str, size: &str) -> String {
+pub(super) fn img(dir: &std::path::Path, name: &str, fmt: &str, size: &str) -> String {
     let p = dir.join(name);
     qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), size]);
     s(&p).to_string()
 }
 
-fn v(items: &[&str]) -> Vec<String> {
+pub(super) fn v(items: &[&str]) -> Vec<String> {
     items.iter().map(|x| x.to_string()).collect()
 }
 
@@ -199,8 +199,25 @@ fn unknown_backing_format_as_qemu() {
     });
 }
 
+/// Runs qemu-io argument lists with qemu-io (`qemu`) or `diskimg io`: each call's exit
+/// code and output (timing lines dropped, `d` shown as DIR).
+pub(super) fn io_calls(d: &std::path::Path, calls: &[Vec<String>], qemu: bool) -> Vec<String> {
+    calls
+        .iter()
+        .map(|a| {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let o = if qemu {
+                crate::qemu_io_raw(&a)
+            } else {
+                diskimg(&[&["io"], a.as_slice()].concat())
+            };
+            format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
+        })
+        .collect()
+}
+
 /// qemu-io output with the timing line dropped.
-fn io_text(o: &std::process::Output) -> String {
+pub(super) fn io_text(o: &std::process::Output) -> String {
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     text.lines()
         .filter(|l| !l.contains(" ops;"))
@@ -277,131 +294,7 @@ fn copy_on_read_with_blkdebug_as_qemu() {
             v(&["-f", "qcow2", "-C", "-c", "read 30K 4K", s(&sub)]),
             v(&["-f", "qcow2", "-c", "map", s(&sub)]),
         ];
-        calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect()
-    };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
-    assert!(q[2].contains("Input/output error"), "{q:?}");
-}
-
-/// Zero writes through a blkdebug node with request limits (iotest 204): pieces smaller
-/// than its zero alignment fall back to writes of zeroes (data), aligned pieces become
-/// zero clusters; `qemu-img map --image-opts` over the blkdebug node names the qcow2
-/// file. The image written by diskimg maps as the one written by qemu-io.
-#[test]
-fn blkdebug_limits_split_zero_writes_as_qemu() {
-    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
-        let t = d.join("t.qcow2");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1M",
-            s(&t),
-            "128M",
-        ]);
-        let base = "driver=blkdebug,image.driver=qcow2";
-        let calls: Vec<Vec<String>> = vec![
-            v(&["-f", "qcow2", "-c", "write -P 22 0 110M", s(&t)]),
-            v(&[
-                "-c",
-                &format!(
-                    "open -o {base},align=512,max-transfer=64k,opt-write-zero=1M blkdebug::{}",
-                    s(&t)
-                ),
-                "-c",
-                "write -z 8003584 2093056",
-            ]),
-            v(&[
-                "-c",
-                &format!(
-                    "open -o {base},align=512,opt-write-zero=15M,max-write-zero=15M blkdebug::{}",
-                    s(&t)
-                ),
-                "-c",
-                "write -z 32M 32M",
-            ]),
-        ];
-        let mut out: Vec<String> = calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect();
-        // Judged by qemu-img either way.
-        let map = qemu_img_ok(&["map", "-f", "qcow2", s(&t)]);
-        out.push(map.replace(s(d), "DIR"));
-        let opts = format!(
-            "{base},image.file.driver=file,image.file.filename={},align=4k",
-            s(&t)
-        );
-        let m = if qemu {
-            qemu_img(&["map", "--image-opts", &opts])
-        } else {
-            diskimg(&["map", "--image-opts", &opts])
-        };
-        out.push(String::from_utf8_lossy(&m.stdout).replace(s(d), "DIR"));
-        out
-    };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
-    // 45M..60M became zero clusters, the pieces around it data.
-    assert!(q[3].contains("0x900000        0x2400000"), "{q:?}");
-}
-
-/// The raw format's `offset`/`size` options (iotest 171): the guest sees a window of the
-/// file; requests past it fail with EIO instead of reaching the rest of the file.
-#[test]
-fn raw_offset_and_size_window_as_qemu() {
-    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
-        let t = img(d, "t.raw", "raw", "1M");
-        let json = format!(
-            r#"json:{{"driver":"raw", "offset":"512", "size":"4096", "file": {{"driver":"file", "filename":"{t}"}}}}"#
-        );
-        let calls: Vec<Vec<String>> = vec![
-            v(&["-c", "write -P 0x0a 0 4096", &json]),
-            v(&["-c", "read -P 0x0a 0 4096", &json]),
-            v(&["-c", "write 4095 2", &json]),
-            v(&["-c", "read 4096 1", &json]),
-            v(&["-c", "writev 3072 1024 1024", &json]),
-            v(&["-f", "raw", "-c", "read -v 510 4", &t]),
-            v(&["-f", "raw", "-c", "read -v 4606 4", &t]),
-        ];
-        calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect()
+        io_calls(d, &calls, qemu)
     };
     let (qd, dd) = (tempdir(), tempdir());
     let q = run(qd.path(), true);
@@ -441,87 +334,6 @@ fn rebase_unsafe_keeps_other_qemu_backing_drivers() {
     assert_eq!(code(&bad), 1);
 }
 
-/// qemu's `compress` filter and hexadecimal sizes (iotest 214): unaligned writes through
-/// it are padded to whole clusters and stored compressed; a cluster already allocated
-/// cannot be written compressed (EIO).
-#[test]
-fn compress_filter_as_qemu() {
-    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
-        let t = d.join("t.qcow2");
-        let c = if qemu {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=0x10000",
-                s(&t),
-                "2M",
-            ])
-        } else {
-            diskimg(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=0x10000",
-                s(&t),
-                "2M",
-            ])
-        };
-        assert_eq!(code(&c), 0, "{c:?}");
-        let spec = format!(
-            "json:{{'driver': 'compress', 'file': {{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{}'}}}}}}",
-            s(&t)
-        );
-        let calls = [
-            v(&["-c", "write -P 0xbb 0 229376", &spec]),
-            v(&["-c", "write -P 0xcc 278528 229376", &spec]),
-            v(&["-c", "write -P 0xdd 0 512", &spec]),
-            v(&[
-                "-f",
-                "qcow2",
-                "-c",
-                "read -P 0xbb 0 229376",
-                "-c",
-                "read -P 0xcc 278528 229376",
-                s(&t),
-            ]),
-        ];
-        let mut out: Vec<String> = calls
-            .iter()
-            .map(|a| {
-                let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                let o = if qemu {
-                    crate::qemu_io_raw(&a)
-                } else {
-                    diskimg(&[&["io"], a.as_slice()].concat())
-                };
-                format!("{:?} {}", o.status.code(), io_text(&o).replace(s(d), "DIR"))
-            })
-            .collect();
-        let check = qemu_img(&["check", "--output=json", s(&t)]);
-        let text = String::from_utf8_lossy(&check.stdout).to_string();
-        out.extend(
-            text.lines()
-                .filter(|l| l.contains("compressed-clusters"))
-                .map(str::to_string),
-        );
-        out
-    };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
-    assert!(
-        q.iter().any(|l| l.contains("\"compressed-clusters\": 8")),
-        "{q:?}"
-    );
-    assert!(q[2].contains("Input/output error"), "{q:?}");
-}
-
 /// `bitmap --granularity` is `-g`'s long form (iotest 190).
 #[test]
 fn bitmap_granularity_long_option() {
@@ -539,4 +351,107 @@ fn bitmap_granularity_long_option() {
     ]);
     let info = qemu_img_ok(&["info", "--output=json", &t]);
     assert!(info.contains("\"granularity\": 512"), "{info}");
+}
+
+/// `amend --force` on LUKS key slots (iotest 293): overwriting an active slot and erasing
+/// the last one are refused without it and done with it, as by qemu-img.
+#[test]
+fn amend_force_on_key_slots_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = s(&d.join("t.qcow2")).to_string();
+        let sec = [
+            "--object",
+            "secret,id=sec0,data=pw0",
+            "--object",
+            "secret,id=sec1,data=pw1",
+        ];
+        let mk = [
+            &["create"][..],
+            &sec[..],
+            &[
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                &t,
+                "1M",
+            ],
+        ]
+        .concat();
+        qemu_img_ok(&mk);
+        let opts = |o: &str| format!("encrypt.{o}");
+        let spec = format!("driver=qcow2,file.filename={t},encrypt.key-secret=sec0");
+        let calls: Vec<Vec<String>> = vec![
+            v(&[
+                "amend",
+                "--image-opts",
+                &spec,
+                "-o",
+                &opts("state=active,encrypt.new-secret=sec1,encrypt.keyslot=0"),
+            ]),
+            v(&[
+                "amend",
+                "--image-opts",
+                &spec,
+                "-o",
+                &opts("state=inactive,encrypt.keyslot=0"),
+            ]),
+            v(&[
+                "amend",
+                "--image-opts",
+                &spec,
+                "-o",
+                &opts("state=inactive,encrypt.keyslot=3"),
+                "--force",
+            ]),
+            v(&[
+                "amend",
+                "--image-opts",
+                &spec,
+                "-o",
+                &opts(
+                    "state=active,encrypt.new-secret=sec1,encrypt.iter-time=10,encrypt.keyslot=0",
+                ),
+                "--force",
+            ]),
+        ];
+        calls
+            .iter()
+            .map(|c| {
+                // The verb, the secrets, then its arguments (qemu-img's order).
+                let mut a: Vec<&str> = vec![c[0].as_str()];
+                a.extend(sec);
+                a.extend(c.iter().skip(1).map(String::as_str));
+                let o = if qemu { qemu_img(&a) } else { diskimg(&a) };
+                let err = String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:");
+                format!("{} {}", code(&o), err.replace(s(d), "DIR"))
+            })
+            .collect()
+    };
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    assert!(
+        q[0].contains("Refusing to overwrite active keyslot 0"),
+        "{q:?}"
+    );
+    assert!(q[3].starts_with("0 "), "{q:?}");
+    // Only sec1 opens the image now, for both.
+    for dir in [qd.path(), dd.path()] {
+        let spec = format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec1",
+            s(&dir.join("t.qcow2"))
+        );
+        let o = crate::qemu_io_raw(&[
+            "--object",
+            "secret,id=sec1,data=pw1",
+            "--image-opts",
+            "-c",
+            "read 0 4k",
+            &spec,
+        ]);
+        assert!(o.status.success(), "{o:?}");
+    }
 }

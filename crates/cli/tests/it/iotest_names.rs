@@ -64,7 +64,7 @@ fn same_in(q: &Path, d: &Path, link: &Path, args: &[&str]) -> String {
 }
 
 /// [`same_in`] on fresh twin directories set up by `setup`.
-fn same(setup: &dyn Fn(&Path), args: &[&str]) -> String {
+pub(super) fn same(setup: &dyn Fn(&Path), args: &[&str]) -> String {
     let (q, d, link) = twins(setup);
     same_in(q.path(), d.path(), &link, args)
 }

@@ -33,6 +33,8 @@ struct KeySlotRequest {
     old: Option<String>,
     /// `encrypt.iter-time` in milliseconds (default 2000).
     iter_time: u64,
+    /// qemu-img amend's `--force`: overwrite an active slot, erase the last ones.
+    force: bool,
 }
 
 impl KeySlotRequest {
@@ -67,6 +69,7 @@ impl KeySlotRequest {
             new: o.take("encrypt.new-secret"),
             old: o.take("encrypt.old-secret"),
             iter_time: o.take_u64("encrypt.iter-time")?.unwrap_or(2000),
+            force: false,
         })
     }
 }
@@ -77,13 +80,26 @@ impl Qcow2Device {
     /// named by `encrypt.new-secret` / `encrypt.old-secret` come from `secrets`. The image
     /// must have been opened read-write with its key.
     pub fn amend_encryption(&self, options: &mut OptionList, secrets: &Secrets) -> Result<()> {
+        self.amend_encryption_forced(options, secrets, false)
+    }
+
+    /// [`Qcow2Device::amend_encryption`] with qemu-img amend's `--force` (`force`): an
+    /// active slot may be overwritten, and the last active slots erased (which loses the
+    /// data irreversibly).
+    pub fn amend_encryption_forced(
+        &self,
+        options: &mut OptionList,
+        secrets: &Secrets,
+        force: bool,
+    ) -> Result<()> {
         self.writable()?;
         let crypt = self
             .crypt
             .as_ref()
             .filter(|c| c.is_luks())
             .ok_or_else(|| invalid("Encryption amend is only supported for LUKS images"))?;
-        let req = KeySlotRequest::take(options)?;
+        let mut req = KeySlotRequest::take(options)?;
+        req.force = force;
         let (off, len) = self.lock().h.ext.crypto.ok_or(Error::corrupt(
             "qcow2",
             "encryption header extension missing",
@@ -142,7 +158,7 @@ fn add_slot(
     }
     let active = active_slots(hdr);
     let slot = match req.keyslot {
-        Some(i) if active.contains(&i) => {
+        Some(i) if active.contains(&i) && !req.force => {
             return Err(invalid(format!(
                 "Refusing to overwrite active keyslot {i} - please erase it first"
             )));
@@ -194,6 +210,10 @@ fn erase_victims(
         )),
         (Some(i), pass) => {
             if !active.contains(&i) {
+                // As qemu: with --force an inactive slot is erased again (a no-op).
+                if req.force {
+                    return Ok(vec![i]);
+                }
                 return Err(invalid(format!(
                     "Given keyslot {i} is already erased (inactive) "
                 )));
@@ -206,7 +226,7 @@ fn erase_victims(
                      operation"
                 )));
             }
-            if active.len() == 1 {
+            if active.len() == 1 && !req.force {
                 return Err(invalid(format!(
                     "Attempt to erase the only active keyslot {i} which will erase all \
                      the data in the image irreversibly - refusing operation"
@@ -226,7 +246,7 @@ fn erase_victims(
                     "No keyslots match given (old) password for erase operation",
                 ));
             }
-            if v.len() == active.len() {
+            if v.len() == active.len() && !req.force {
                 return Err(invalid(
                     "All the active keyslots match the (old) password that was given and \
                      erasing them will erase all the data in the image irreversibly - \

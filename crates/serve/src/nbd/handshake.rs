@@ -5,7 +5,8 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use super::proto::*;
-use super::{Context, NbdConfig, Session};
+use super::status::Context;
+use super::{NbdConfig, Session};
 use crate::export::Export;
 use crate::listen::Shutdown;
 

@@ -18,15 +18,7 @@ use std::time::Duration;
 
 use crate::export::Export;
 use crate::listen::{Listener, Shutdown, Stream};
-
-/// A metadata context a client can select.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Context {
-    /// `base:allocation`.
-    Allocation,
-    /// `qemu:allocation-depth`.
-    Depth,
-}
+use status::Context;
 
 /// What a connection negotiated.
 #[derive(Clone, Debug, Default)]

@@ -152,6 +152,15 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A structured reply chunk header (20 bytes) for a payload of `len` bytes.
+pub(crate) fn chunk_header(out: &mut Vec<u8>, flags: u16, ty: u16, cookie: u64, len: usize) {
+    out.put32(STRUCTURED_REPLY_MAGIC);
+    out.put16(flags);
+    out.put16(ty);
+    out.put64(cookie);
+    out.put32(u32::try_from(len).unwrap_or(u32::MAX));
+}
+
 /// A big-endian field of a fixed-size header (`N` bytes from `at`; zero when out of
 /// range, which the fixed header sizes rule out).
 pub(crate) fn be<const N: usize>(buf: &[u8], at: usize) -> [u8; N] {

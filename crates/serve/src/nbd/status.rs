@@ -4,14 +4,21 @@
 
 use diskimg_blockio::MapEntry;
 
-use super::Context;
 use super::proto::*;
-use super::transmit::chunk_header;
 use crate::export::{Export, Fault};
 
 /// At most this many extents are looked up for one request (the client asks again
 /// from where the reply ended; the spec allows a short reply).
 const MAX_EXTENTS: usize = 1 << 16;
+
+/// A metadata context a client can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Context {
+    /// `base:allocation`.
+    Allocation,
+    /// `qemu:allocation-depth`.
+    Depth,
+}
 
 impl Context {
     /// Every context the server offers, in id order.

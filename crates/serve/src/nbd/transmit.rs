@@ -345,15 +345,6 @@ fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
     out.put64(cookie);
 }
 
-/// A structured reply chunk header (20 bytes) for a payload of `len` bytes.
-pub(crate) fn chunk_header(out: &mut Vec<u8>, flags: u16, ty: u16, cookie: u64, len: usize) {
-    out.put32(STRUCTURED_REPLY_MAGIC);
-    out.put16(flags);
-    out.put16(ty);
-    out.put64(cookie);
-    out.put32(u32::try_from(len).unwrap_or(u32::MAX));
-}
-
 fn fault_message(f: Fault) -> &'static str {
     match f {
         Fault::Perm => "export is read-only",
