@@ -246,7 +246,7 @@ fn print_row(r: &Row) {
 fn allocated_mib(p: &Path) -> String {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p)
-        .map(|m| format!("{} MiB on disk", m.blocks() * 512 >> 20))
+        .map(|m| format!("{} MiB on disk", (m.blocks() * 512) >> 20))
         .unwrap_or_default()
 }
 
