@@ -4,7 +4,10 @@
 # IOPS and 1 MiB sequential read/write throughput at queue depths 1 and 16, each case
 # alternating which server goes first. Prints a markdown table with ratios.
 #
-# Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 8)]
+# Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 4)]
+#   ROUNDS=3       rounds per case; each round runs both disks back to back, the first
+#                  disk alternating, so a pair of runs sees the same load. The table
+#                  gives the median of each disk and the range of the per-round ratios.
 #   DISKIMG=path   the diskimg binary (default target/release/diskimg)
 #   CASES=a,b,...  only these cases, named RW-BS-QD (e.g.
 #                  randwrite-4k-1,write-1M-16); default all eight
@@ -19,7 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-512M}
-secs=${2:-8}
+secs=${2:-4}
+rounds=${ROUNDS:-3}
 bin=${DISKIMG:-target/release/diskimg}
 [ -x "$bin" ] || { echo "build first: cargo build --release -p diskimg-cli" >&2; exit 1; }
 all="randread-4k-1,randread-4k-16,randwrite-4k-1,randwrite-4k-16,read-1M-1,read-1M-16,write-1M-1,write-1M-16"
@@ -63,13 +67,15 @@ echo GUEST-START
 n=0
 for c in $(echo "$CASES" | tr , ' '); do
     set -- $(echo "$c" | tr - ' ')
-    if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
-    n=$((n + 1))
-    for d in $order; do
-        r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 --bs=$2 \
-            --iodepth=$3 --time_based --runtime=$SECS --norandommap --randrepeat=0 \
-            --output-format=terse --terse-version=3 2>&1 | grep '^3;')
-        echo "FIO $1-$2-$3 $d $r"
+    for k in $(seq $ROUNDS); do
+        if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+        n=$((n + 1))
+        for d in $order; do
+            r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 \
+                --bs=$2 --iodepth=$3 --time_based --runtime=$SECS --norandommap \
+                --randrepeat=0 --output-format=terse --terse-version=3 2>&1 | grep '^3;')
+            echo "FIO $1-$2-$3 $d $r"
+        done
     done
 done
 echo GUEST-DONE
@@ -136,17 +142,17 @@ done
 
 cpu=(); [ "$accel" = kvm ] && cpu=(-cpu host)
 mem=1G
-timeout $((600 + 16 * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
+timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
     -m $mem -smp 2 -nodefaults -no-reboot -display none -serial stdio \
     -object memory-backend-memfd,id=mem,size=$mem,share=on -numa node,memdev=mem \
-    -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs CASES=$cases" \
+    -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs ROUNDS=$rounds CASES=$cases" \
     -chardev socket,id=c0,path="$dir/ours.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
     -chardev socket,id=c1,path="$dir/theirs.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=2 \
     </dev/null | tr -d '\r' > "$dir/console" || true
 grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest did not finish" >&2; exit 1; }
 
 python3 - "$dir/console" <<'EOF'
-import sys
+import statistics, sys
 res = {}
 for l in open(sys.argv[1]):
     f = l.split()
@@ -156,17 +162,20 @@ for l in open(sys.argv[1]):
             sys.exit(f"fio error on {f[2]}: {l}")
         rd = int(t[5]) > 0
         iops, kib = (float(t[7]), float(t[6])) if rd else (float(t[48]), float(t[47]))
-        res[(f[1], f[2])] = iops if "-4k-" in f[1] else kib / 1024
-print("| test | diskimg serve | qemu-storage-daemon | ratio |")
-print("|---|---|---|---|")
+        res.setdefault((f[1], f[2]), []).append(iops if "-4k-" in f[1] else kib / 1024)
+print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios |")
+print("|---|---|---|---|---|")
 for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
              "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
     if (case, "vda") not in res:
         continue
     a, b = res[(case, "vda")], res[(case, "vdb")]
+    ma, mb = statistics.median(a), statistics.median(b)
+    rounds = sorted(x / max(y, 1e-9) for x, y in zip(a, b))
     rw, bs, qd = case.split("-")
     unit = "IOPS" if bs == "4k" else "MiB/s"
-    print(f"| {rw} {bs} QD{qd} ({unit}) | {a:.0f} | {b:.0f} | {a / max(b, 1e-9):.2f}x |")
+    print(f"| {rw} {bs} QD{qd} ({unit}) | {ma:.0f} | {mb:.0f} | {ma / max(mb, 1e-9):.2f}x "
+          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} |")
 EOF
 echo
-echo "size=$size runtime=${secs}s accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
+echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"

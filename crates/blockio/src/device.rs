@@ -1,6 +1,7 @@
 //! The guest view of one image layer: the [`BlockDevice`] trait and what it reports.
 
 use std::any::Any;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use crate::capability::{Amend, Bitmaps, ChainLink, Snapshots};
@@ -8,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::info::{CheckReport, DeviceInfo, RepairMode};
 use crate::packed::CompressedUnits;
 use crate::storage::{Preallocation, Storage};
+use crate::vectored::{serve_each, total_len};
 
 /// What one guest byte range is, in one image layer (see [`BlockDevice::map`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +98,8 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// vectored storage read (`preadv(2)` for files) over the buffer parts it fills; a
     /// device without one reads each buffer with [`BlockDevice::read_at`] (no bounce
     /// buffer either way).
-    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
-        crate::vectored::read_walked(self, bufs, offset)
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        crate::layout::read_walked(self, bufs, offset)
     }
 
     /// Calls `f(layout, guest offset, length, mapping)` for each run of
@@ -123,8 +125,8 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Writes `bufs` in order at guest `offset` (see [`BlockDevice::read_vectored_at`]).
     /// Like consecutive [`BlockDevice::write_at`] calls (the default), not one atomic
     /// write; raw uses `pwritev(2)`.
-    fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
-        crate::vectored::write_each(self, bufs, offset)
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        write_each(self, bufs, offset)
     }
 
     /// Makes `len` bytes at `offset` read as zeroes. The default writes zero buffers.
@@ -332,6 +334,30 @@ pub fn write_from_by_buffer<D: BlockDevice + ?Sized>(
         done += n as u64;
     }
     Ok(())
+}
+
+/// [`BlockDevice::read_vectored_at`]'s default: one `read_at` per buffer.
+pub fn read_each<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    check_range(offset, len, dev.virtual_size())?;
+    serve_each(bufs.iter_mut().map(|b| &mut **b), offset, |b, o| {
+        dev.read_at(b, o)
+    })
+}
+
+/// [`BlockDevice::write_vectored_at`]'s default: one `write_at` per buffer.
+pub fn write_each<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[IoSlice<'_>],
+    offset: u64,
+) -> Result<()> {
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    check_range(offset, len, dev.virtual_size())?;
+    serve_each(bufs.iter().map(|b| &**b), offset, |b, o| dev.write_at(b, o))
 }
 
 /// Fails with [`Error::OutOfRange`] unless `offset..offset+len` lies within `size`.

@@ -34,13 +34,15 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use crate::device::{
-    BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_from_backing,
+    BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_each, read_from_backing,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use crate::vectored::total_len;
 
 /// What a read of host bytes past the end of the host file means ([`HostRun::past_eof`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -233,6 +235,79 @@ pub fn advance_mapping(mapping: Mapping<'_>, by: u64) -> Result<Mapping<'_>> {
     })
 }
 
+/// [`BlockDevice::read_vectored_at`]'s default: through the device's layout walk
+/// ([`BlockDevice::walk_runs`]) when it has one — each host run of the request is one
+/// [`Storage::read_vectored_exact_at`] (one `preadv(2)` for files) over the parts of the
+/// buffers it fills, zero runs are filled, other runs read per buffer part — else one
+/// `read_at` per buffer ([`read_each`](crate::vectored::read_each)).
+pub fn read_walked<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+    check_range(offset, len, dev.virtual_size())?;
+    let mut cur = Cursor {
+        bufs: &mut *bufs,
+        i: 0,
+        skip: 0,
+    };
+    let walked = dev.walk_runs(offset, len, &mut |layout, pos, n, mapping| {
+        let mut parts = cur.next(n);
+        match mapping {
+            Mapping::Host(run) if run.past_eof == PastEof::Fail => {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+                run.storage.read_vectored_exact_at(&mut iov, run.offset)
+            }
+            _ => {
+                let mut at = 0u64;
+                for p in parts {
+                    let m = advance_mapping(mapping, at)?;
+                    read_run(layout, pos + at, m, p)?;
+                    at += p.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    })?;
+    if walked {
+        return Ok(());
+    }
+    read_each(dev, bufs, offset)
+}
+
+/// A position in a buffer list, handing out the parts of the next `n` bytes.
+struct Cursor<'b, 'c> {
+    bufs: &'b mut [IoSliceMut<'c>],
+    i: usize,
+    skip: usize,
+}
+
+impl Cursor<'_, '_> {
+    fn next(&mut self, n: u64) -> Vec<&mut [u8]> {
+        let mut left = usize::try_from(n).unwrap_or(usize::MAX);
+        let (mut i, mut skip) = (self.i, self.skip);
+        let mut out = Vec::new();
+        for b in self.bufs.iter_mut().skip(self.i) {
+            if left == 0 {
+                break;
+            }
+            let avail = b.len().saturating_sub(skip);
+            let take = avail.min(left);
+            out.push(b.get_mut(skip..skip + take).unwrap_or_default());
+            left -= take;
+            if take == avail {
+                (i, skip) = (i + 1, 0);
+            } else {
+                skip += take;
+            }
+        }
+        (self.i, self.skip) = (i, skip);
+        out
+    }
+}
+
 /// Fills `buf` with the guest bytes at `offset`: host runs from their storage, zero runs
 /// with zeroes, unallocated runs from the backing device, special runs through the
 /// format.
@@ -268,6 +343,18 @@ pub fn read_run<L: Layout + ?Sized>(
 
 /// At most this many lookups are merged into one extent by [`map_via`].
 const MAX_MERGE: usize = 65536;
+
+/// The extent of the one run [`Layout::lookup`] answers at `offset` (no longer than
+/// `len`), without merging following runs as [`map_via`] does: for formats whose lookup
+/// already returns the longest run it can and whose callers size their work by extent
+/// (qcow2: `convert` reads a compressed extent's clusters together).
+pub fn map_run<L: Layout + ?Sized>(layout: &L, offset: u64, len: u64) -> Result<Extent> {
+    check_range(offset, len, layout.size())?;
+    if len == 0 {
+        return Err(Error::invalid("map of an empty range"));
+    }
+    Ok(extent_of(layout, offset, len)?.0)
+}
 
 /// The first extent at `offset` (no longer than `len`), from the same lookups
 /// [`read_via`] uses; following runs of the same kind (contiguous on the host for data)
@@ -435,6 +522,10 @@ mod tests {
         assert_eq!(kinds[1], (16, ExtentKind::Zero { offset: None }));
         assert_eq!(kinds[2], (16, ExtentKind::Unallocated));
         assert_eq!(kinds[3], (16, ExtentKind::Compressed));
+        // map_run: the one lookup, never merged.
+        let e = map_run(&l, 48, 16).unwrap();
+        assert_eq!((e.len, e.kind), (16, ExtentKind::Compressed));
+        assert!(map_run(&l, 0, 0).is_err() && map_run(&l, 60, 8).is_err());
         assert!(read_via(&l, &mut buf, 1).is_err(), "range checked");
     }
 

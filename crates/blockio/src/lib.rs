@@ -100,8 +100,8 @@ pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenO
 pub use error::{Error, OrCorrupt, Result};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
-    HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_via,
-    read_run, read_via, walk,
+    HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_run,
+    map_via, read_run, read_via, walk,
 };
 pub use limits::Limits;
 pub use meta::{MetaRange, MetaRanges, Overlap};

@@ -1,18 +1,20 @@
 //! Vectored (scatter-gather) I/O: a guest request as a list of buffers that are
 //! consecutive in guest space, as a virtio descriptor chain hands them over.
 //!
-//! [`BlockDevice::read_vectored_at`] and
-//! [`BlockDevice::write_vectored_at`] take such
-//! lists; the defaults here serve each buffer with one positional call (no bounce
-//! buffer), and [`Storage`] has the same pair, which `FileStorage` answers with
-//! `preadv(2)` / `pwritev(2)`.
+//! [`BlockDevice::read_vectored_at`](crate::BlockDevice::read_vectored_at) and
+//! [`BlockDevice::write_vectored_at`](crate::BlockDevice::write_vectored_at) take such
+//! lists; their defaults ([`read_walked`], [`read_each`], [`write_each`], which live
+//! with the layout walk and the device) serve each buffer with one positional call (no
+//! bounce buffer), and [`Storage`] has the same pair, whose defaults and `preadv(2)` /
+//! `pwritev(2)` loops (`FileStorage`) are here.
 
 use std::io::{IoSlice, IoSliceMut};
 
-use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::layout::{Mapping, PastEof};
 use crate::storage::Storage;
+
+pub use crate::device::{read_each, write_each};
+pub use crate::layout::read_walked;
 
 /// Most buffers one `preadv`/`pwritev` call takes (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -32,8 +34,9 @@ pub fn total_len(lens: impl Iterator<Item = usize>, offset: u64) -> Result<u64> 
 }
 
 /// Calls `f(buffer, offset)` for each non-empty buffer and its offset, the buffers
-/// consecutive from `offset`: the loop of the four defaults below.
-fn serve_each<B: std::ops::Deref<Target = [u8]>>(
+/// consecutive from `offset`: the loop of the four per-buffer defaults (two here,
+/// [`read_each`] and [`write_each`] for devices).
+pub(crate) fn serve_each<B: std::ops::Deref<Target = [u8]>>(
     bufs: impl IntoIterator<Item = B>,
     offset: u64,
     mut f: impl FnMut(B, u64) -> Result<()>,
@@ -47,103 +50,6 @@ fn serve_each<B: std::ops::Deref<Target = [u8]>>(
         off += n;
     }
     Ok(())
-}
-
-/// [`BlockDevice::read_vectored_at`]'s default: through the device's layout walk
-/// ([`BlockDevice::walk_runs`]) when it has one — each host run of the request is one
-/// [`Storage::read_vectored_exact_at`] (one `preadv(2)` for files) over the parts of the
-/// buffers it fills, zero runs are filled, other runs read per buffer part — else one
-/// `read_at` per buffer ([`read_each`]).
-pub fn read_walked<D: BlockDevice + ?Sized>(
-    dev: &D,
-    bufs: &mut [IoSliceMut<'_>],
-    offset: u64,
-) -> Result<()> {
-    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
-    crate::check_range(offset, len, dev.virtual_size())?;
-    let mut cur = Cursor {
-        bufs: &mut *bufs,
-        i: 0,
-        skip: 0,
-    };
-    let walked = dev.walk_runs(offset, len, &mut |layout, pos, n, mapping| {
-        let mut parts = cur.next(n);
-        match mapping {
-            Mapping::Host(run) if run.past_eof == PastEof::Fail => {
-                let mut iov: Vec<IoSliceMut<'_>> =
-                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
-                run.storage.read_vectored_exact_at(&mut iov, run.offset)
-            }
-            _ => {
-                let mut at = 0u64;
-                for p in parts {
-                    let m = crate::layout::advance_mapping(mapping, at)?;
-                    crate::layout::read_run(layout, pos + at, m, p)?;
-                    at += p.len() as u64;
-                }
-                Ok(())
-            }
-        }
-    })?;
-    if walked {
-        return Ok(());
-    }
-    read_each(dev, bufs, offset)
-}
-
-/// A position in a buffer list, handing out the parts of the next `n` bytes.
-struct Cursor<'b, 'c> {
-    bufs: &'b mut [IoSliceMut<'c>],
-    i: usize,
-    skip: usize,
-}
-
-impl Cursor<'_, '_> {
-    fn next(&mut self, n: u64) -> Vec<&mut [u8]> {
-        let mut left = usize::try_from(n).unwrap_or(usize::MAX);
-        let (mut i, mut skip) = (self.i, self.skip);
-        let mut out = Vec::new();
-        for b in self.bufs.iter_mut().skip(self.i) {
-            if left == 0 {
-                break;
-            }
-            let avail = b.len().saturating_sub(skip);
-            let take = avail.min(left);
-            out.push(b.get_mut(skip..skip + take).unwrap_or_default());
-            left -= take;
-            if take == avail {
-                (i, skip) = (i + 1, 0);
-            } else {
-                skip += take;
-            }
-        }
-        (self.i, self.skip) = (i, skip);
-        out
-    }
-}
-
-/// [`BlockDevice::read_vectored_at`]'s default: one `read_at` per buffer.
-pub fn read_each<D: BlockDevice + ?Sized>(
-    dev: &D,
-    bufs: &mut [IoSliceMut<'_>],
-    offset: u64,
-) -> Result<()> {
-    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
-    crate::check_range(offset, len, dev.virtual_size())?;
-    serve_each(bufs.iter_mut().map(|b| &mut **b), offset, |b, o| {
-        dev.read_at(b, o)
-    })
-}
-
-/// [`BlockDevice::write_vectored_at`]'s default: one `write_at` per buffer.
-pub fn write_each<D: BlockDevice + ?Sized>(
-    dev: &D,
-    bufs: &[IoSlice<'_>],
-    offset: u64,
-) -> Result<()> {
-    let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
-    crate::check_range(offset, len, dev.virtual_size())?;
-    serve_each(bufs.iter().map(|b| &**b), offset, |b, o| dev.write_at(b, o))
 }
 
 /// [`Storage::read_vectored_exact_at`]'s default: one `read_exact_at` per buffer.

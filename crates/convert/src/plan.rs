@@ -8,8 +8,8 @@ use diskimg_blockio::{
     read_from_backing,
 };
 
+use crate::options::{ConvertOptions, ConvertStats};
 use crate::pool::{Buf, Pool};
-use crate::{ConvertOptions, ConvertStats};
 
 /// One write [`crate::convert`] performs on the target.
 #[derive(Clone, Debug, PartialEq, Eq)]

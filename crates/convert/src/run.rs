@@ -13,7 +13,7 @@ use std::sync::{Condvar, Mutex, mpsc};
 
 use diskimg_blockio::{BlockDevice, Error, Result, block_status};
 
-use crate::ConvertStats;
+use crate::options::ConvertStats;
 use crate::plan::{Ctx, Op, apply};
 
 /// Bytes of chunks the workers may plan ahead of the ordered writer (at least one chunk

@@ -27,7 +27,10 @@ pub fn merge(hash: HashAlg, material: &[u8], key_len: usize, stripes: u32) -> Re
         .checked_mul(stripes)
         .ok_or(Error::internal("key material size overflow"))?;
     if stripes == 0 || key_len == 0 || material.len() < need {
-        return Err(Error::corrupt("luks", "LUKS key material too short", 0));
+        return Err(Error::corrupt_unplaced(
+            "luks",
+            "LUKS key material too short",
+        ));
     }
     let mut d = vec![0u8; key_len];
     let mut blocks = material.chunks_exact(key_len).take(stripes);

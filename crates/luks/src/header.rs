@@ -264,9 +264,10 @@ impl LuksHeader {
         self.hash
             .pbkdf2(passphrase, &slot.salt, slot.iterations, &mut derived);
         let len = self.key_material_len(slot)?;
-        let mut material = Zeroizing::new(read(u64::from(slot.key_offset_sectors) * 512, len)?);
+        let at = u64::from(slot.key_offset_sectors) * 512;
+        let mut material = Zeroizing::new(read(at, len)?);
         if material.len() != len {
-            return Err(corrupt("LUKS key material truncated", 0));
+            return Err(Error::corrupt("luks", "LUKS key material truncated", at));
         }
         self.data_cipher(&derived)?.decrypt(&mut material, 0)?;
         let mk = Zeroizing::new(af::merge(self.hash, &material, kb, slot.stripes)?);

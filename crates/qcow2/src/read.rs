@@ -1,5 +1,5 @@
 //! The read path: qcow2 answers the mapping lookup of the shared guest-I/O skeleton
-//! ([`diskimg_blockio::Layout`]) and blockio's [`read_via`]/[`map_via`] do the splitting,
+//! ([`diskimg_blockio::Layout`]) and blockio's [`read_via`]/[`map_run`] do the splitting,
 //! the reads and `map`, so read and map agree by construction.
 //!
 //! Lookups of cached L2 tables run under the shared metadata lock (readers do not exclude
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, RunFn,
-    map_via, read_via, walk,
+    map_run, read_via, walk,
 };
 
 use crate::device::Qcow2Device;
@@ -147,9 +147,11 @@ impl Qcow2Device {
         walk(&View::new(self), offset, len, f)
     }
 
-    /// [`BlockDevice::map`]: [`map_via`] over a [`View`].
+    /// [`BlockDevice::map`]: [`map_run`] over a [`View`]: the run one lookup resolves (as
+    /// long as the L2 tables make it), not merged further, as qcow2's `map` always
+    /// answered (`convert` sizes its reads of compressed extents by them).
     pub(crate) fn map_guest(&self, offset: u64, len: u64) -> Result<Extent> {
-        map_via(&View::new(self), offset, len)
+        map_run(&View::new(self), offset, len)
     }
 }
 

@@ -196,7 +196,7 @@ impl Meta {
         } else {
             (0..limit).find(|&i| !self.is_used(i))
         };
-        let idx = pick.ok_or_else(|| Error::corrupt(FORMAT, "no free data block", 0))?;
+        let idx = pick.ok_or_else(|| Error::corrupt_unplaced(FORMAT, "no free data block"))?;
         self.set_used(idx, true);
         Ok(idx)
     }
@@ -219,7 +219,7 @@ impl Meta {
     pub(crate) fn host_offset(&self, idx: u64) -> Result<u64> {
         idx.checked_mul(BLOCK_SIZE)
             .and_then(|o| o.checked_add(self.header.offset_data))
-            .ok_or_else(|| Error::corrupt(FORMAT, "data block offset overflow", 0))
+            .ok_or_else(|| Error::corrupt_unplaced(FORMAT, "data block offset overflow"))
     }
 
     /// Writes the header and the block map up to the sector holding entry `upto`

@@ -143,7 +143,7 @@ impl VdiDevice {
         let file_len = self.storage.len()?;
         let block_end = host
             .checked_add(BLOCK_SIZE)
-            .ok_or_else(|| Error::corrupt(FORMAT, "data block offset overflow", 0))?;
+            .ok_or_else(|| Error::corrupt_unplaced(FORMAT, "data block offset overflow"))?;
         if host >= file_len {
             // Fresh space reads as zeroes: grow the file and write only the data.
             self.storage.set_len(block_end)?;

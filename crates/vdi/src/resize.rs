@@ -207,7 +207,7 @@ impl FreeBlocks {
             self.cursor += 1;
         }
         if self.cursor >= self.space {
-            return Err(Error::corrupt(FORMAT, "no free data block", 0));
+            return Err(Error::corrupt_unplaced(FORMAT, "no free data block"));
         }
         self.used.set(self.cursor);
         Ok(self.cursor)

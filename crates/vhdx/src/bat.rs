@@ -68,7 +68,7 @@ impl Geometry {
         let logical_sector = u64::from(m.logical_sector);
         let chunk_ratio = ((1u64 << 23) * logical_sector) / block_size;
         if chunk_ratio == 0 {
-            return Err(Error::corrupt(FMT, "invalid block size", 0));
+            return Err(Error::corrupt_unplaced(FMT, "invalid block size"));
         }
         let g = Self {
             block_size,

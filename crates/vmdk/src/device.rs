@@ -253,9 +253,9 @@ impl Layout for VmdkDevice {
             // As qemu (which recurses into the file), holes of a flat extent file map as
             // zeroes.
             ExtentData::Flat { storage, offset } => {
-                let at = offset
-                    .checked_add(in_ext)
-                    .ok_or_else(|| Error::corrupt("vmdk", "flat extent offset overflows", 0))?;
+                let at = offset.checked_add(in_ext).ok_or_else(|| {
+                    Error::corrupt_unplaced("vmdk", "flat extent offset overflows")
+                })?;
                 Ok((Mapping::Host(host_run(storage, at).holes(true)), n))
             }
             ExtentData::Sparse(s) => {

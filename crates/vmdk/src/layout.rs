@@ -7,10 +7,6 @@ use diskimg_blockio::{Error, Limits, MetaRanges, Result, Storage};
 
 use crate::header::{SECTOR, SparseHeader};
 
-fn corrupt(what: &'static str, at: u64) -> Error {
-    Error::corrupt("vmdk", what, at)
-}
-
 /// Reads `n` little-endian u32 entries at `sector` (a grain directory).
 pub(crate) fn read_table(
     storage: &dyn Storage,
@@ -20,11 +16,11 @@ pub(crate) fn read_table(
 ) -> Result<Vec<u32>> {
     let bytes = n
         .checked_mul(4)
-        .ok_or_else(|| corrupt("grain table size overflows", 0))?;
+        .ok_or_else(|| Error::corrupt_unplaced("vmdk", "grain table size overflows"))?;
     let mut raw = limits.alloc("vmdk grain directory", bytes)?;
     let off = sector
         .checked_mul(SECTOR)
-        .ok_or_else(|| corrupt("table offset overflows", 0))?;
+        .ok_or_else(|| Error::corrupt_unplaced("vmdk", "table offset overflows"))?;
     storage.read_exact_at(&mut raw, off)?;
     Ok(raw
         .chunks_exact(4)

@@ -418,7 +418,7 @@ impl SparseExtent {
     /// tables (the data it points at must already be durable).
     fn set_gte(&self, st: &mut State, grain: u64, gte: u32) -> Result<()> {
         let (l1, l2) = self.gt_index(grain);
-        let i = usize::try_from(l1).map_err(|_| corrupt("grain index overflow", 0))?;
+        let i = usize::try_from(l1).map_err(|_| Error::internal("grain index overflow"))?;
         let gt_sector = st.gd.get(i).copied().unwrap_or(0);
         if gt_sector == 0 {
             return Err(Error::unsupported("vmdk", "allocating a grain table"));
@@ -465,7 +465,7 @@ impl SparseExtent {
     ) -> Result<()> {
         let mut st = self.lock();
         let g = self.lookup_locked(&mut st, grain)?;
-        let gb = usize::try_from(self.grain_bytes()).map_err(|_| corrupt("grain size", 0))?;
+        let gb = usize::try_from(self.grain_bytes()).map_err(|_| Error::internal("grain size"))?;
         match g {
             Grain::Data(host) => {
                 drop(st);

@@ -66,9 +66,14 @@ pub(crate) fn check_copied(
                 } else {
                     l1e & !OFLAG_COPIED
                 };
-                let at = l1_offset
-                    .checked_add(i as u64 * 8)
-                    .ok_or(diskimg_blockio::Error::invalid("qcow2: L1 offset overflow"))?;
+                let at =
+                    l1_offset
+                        .checked_add(i as u64 * 8)
+                        .ok_or(diskimg_blockio::Error::corrupt(
+                            "qcow2",
+                            "L1 table offset overflows",
+                            l1_offset,
+                        ))?;
                 dev.file.write_all_at(&e.to_be_bytes(), at)?;
                 notes.report.corruptions_fixed += 1;
                 rewritten = true;

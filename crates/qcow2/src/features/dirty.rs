@@ -115,11 +115,7 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
         let e = dir
             .iter_mut()
             .find(|e| e.name == t.name)
-            .ok_or(Error::corrupt(
-                "qcow2",
-                "tracked bitmap left the directory",
-                0,
-            ))?;
+            .ok_or(crate::errors::internal("tracked bitmap left the directory"))?;
         let old = e.clone();
         let (table, size) = write_bits(m, &t.bits)?;
         free.extend(table_clusters(m, &old)?);

@@ -341,3 +341,47 @@ proptest::proptest! {
         }
     }
 }
+
+/// The error taxonomy on qcow2 (the facade's `tests/it/taxonomy.rs` covers the other
+/// formats): a foreign or truncated file is `NotThisFormat` at offset 0, a damaged
+/// header field `Corrupt` at that field's offset, a bad create option `InvalidArgument`;
+/// the messages stay qemu's.
+#[test]
+fn taxonomy_foreign_damaged_and_bad_requests() {
+    let img = image("", &[]);
+    let mut foreign = img.clone();
+    foreign[..4].copy_from_slice(b"VMDK");
+    for bytes in [foreign, img[..64].to_vec()] {
+        let e = open(&bytes, true).unwrap_err();
+        assert!(
+            matches!(e, Error::NotThisFormat { offset: 0, .. }),
+            "want NotThisFormat at 0, got {e:?}"
+        );
+        assert_eq!(e.to_string(), "Image is not in qcow2 format");
+    }
+    // refcount_table_clusters (header bytes 56-59) = 0.
+    let mut no_reftable = img.clone();
+    no_reftable[56..60].fill(0);
+    let e = open(&no_reftable, true).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Corrupt {
+                offset: Some(56),
+                ..
+            }
+        ),
+        "want Corrupt at 56, got {e:?}"
+    );
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let mut req = diskimg_blockio::CreateRequest::new(
+        1 << 20,
+        diskimg_blockio::OptionList::parse("cluster_size=1000").unwrap(),
+    );
+    let e = DRIVER.create(s, &mut req).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "Cluster size must be a power of two between 512 and 2048k"
+    );
+}

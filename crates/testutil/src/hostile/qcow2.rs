@@ -18,15 +18,45 @@ const SNAP_OFF: usize = 64;
 
 pub(super) fn cases(b: &mut Builder) {
     let base = b.qemu("q", "qcow2", "", "64M");
-    let l1 = base.be64_at(L1_OFF) as usize;
-    let rt = base.be64_at(RT_OFF) as usize;
-    let l2 = (base.be64_at(l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    let len = base.len() as u64;
-    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
-        let mut v = base.clone();
-        f(&mut v);
-        v
-    };
+    let at = Offsets::of(&base);
+    header_cases(b, &at, &|f| edited(&base, f));
+    table_cases(b, &at, &|f| edited(&base, f));
+    item9(b);
+}
+
+/// Where the tables of the base image are, and its length.
+struct Offsets {
+    l1: usize,
+    rt: usize,
+    l2: usize,
+    len: u64,
+}
+
+impl Offsets {
+    fn of(base: &Vec<u8>) -> Self {
+        let l1 = base.be64_at(L1_OFF) as usize;
+        Offsets {
+            l1,
+            rt: base.be64_at(RT_OFF) as usize,
+            l2: (base.be64_at(l1) & 0x00ff_ffff_ffff_fe00) as usize,
+            len: base.len() as u64,
+        }
+    }
+}
+
+/// A copy of `base` changed by `f`.
+fn edited(base: &[u8], f: &dyn Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut v = base.to_vec();
+    f(&mut v);
+    v
+}
+
+/// A copy of the base image changed by the function given.
+type Edit<'a> = dyn Fn(&dyn Fn(&mut Vec<u8>)) -> Vec<u8> + 'a;
+
+/// qemu-iotests 080's header corruptions and unknown features.
+fn header_cases(b: &mut Builder, at: &Offsets, edit: &Edit<'_>) {
+    let Offsets { l1, len, .. } = *at;
     let header: [(&str, &'static str, Vec<u8>); 17] = [
         (
             "q-l1-huge",
@@ -114,6 +144,11 @@ pub(super) fn cases(b: &mut Builder) {
     for (name, what, bytes) in header {
         b.add(name, "qcow2", what, true, &bytes);
     }
+}
+
+/// qemu-iotests 060's overlaps and tables pointing away.
+fn table_cases(b: &mut Builder, at: &Offsets, edit: &Edit<'_>) {
+    let Offsets { l1, rt, l2, len } = *at;
     let tables: [(&str, &'static str, Vec<u8>); 9] = [
         (
             "q-l2-is-l1",
@@ -164,7 +199,6 @@ pub(super) fn cases(b: &mut Builder) {
     for (name, what, bytes) in tables {
         b.add(name, "qcow2", what, true, &bytes);
     }
-    item9(b);
 }
 
 /// Issue 15 item 9: a 4 TiB image whose 8192 L1 entries all point to one L2 table whose
