@@ -2,7 +2,7 @@
 # The engine benchmark (issue 17): diskimg vs imago 0.2.6 vs `qemu-img bench` on the same
 # qcow2 images, one table, with io_uring queue-depth-16 rows (the library's async face on
 # O_DIRECT, beside qemu-img bench -d 16 -t none). See benches/engine/engine.rs for the patterns and knobs
-# (BENCH_SIZE_MIB, BENCH_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_ENGINES, BENCH_DIR).
+# (BENCH_SIZE_MIB, BENCH_READS, BENCH_CACHED_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_ENGINES, BENCH_DIR).
 # The images (about 1 GiB at the default size) stay in BENCH_DIR; delete it afterwards.
 #
 # Usage: benches/engine.sh

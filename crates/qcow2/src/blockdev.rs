@@ -40,7 +40,7 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.shared().size
+        self.size()
     }
 
     /// Through the shared guest-I/O skeleton (`read.rs`).

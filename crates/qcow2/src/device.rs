@@ -3,6 +3,7 @@
 //! `read.rs`, the write path `write.rs`, the [`BlockDevice`] methods `blockdev.rs`; the
 //! features (`features/`) and the metadata engine (`engine/`) do the rest.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{BitmapInfo, BlockDevice, Error, InfoValue, Result, Storage};
@@ -20,6 +21,11 @@ use crate::tracked::Tracked;
 #[derive(Debug)]
 pub struct Qcow2Device {
     pub(crate) meta: RwLock<Meta>,
+    /// [`Meta::size`], readable without the lock: a read asks for the size once per
+    /// request, and taking the shared lock for it would write the lock's cache line once
+    /// more per read (threads reading one device bounce it between cores). Stored under
+    /// the exclusive lock wherever `Meta::size` changes ([`Qcow2Device::set_size`]).
+    pub(crate) size: AtomicU64,
     pub(crate) file: Arc<dyn Storage>,
     pub(crate) data: Option<Arc<dyn Storage>>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
@@ -47,6 +53,17 @@ impl Qcow2Device {
     /// The metadata, shared: reads of cached mappings do not exclude each other.
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Meta> {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest size, without taking the metadata lock.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Sets the guest size in `m` (held exclusively) and its lock-free copy.
+    pub(crate) fn set_size(&self, m: &mut Meta, size: u64) {
+        m.size = size;
+        self.size.store(size, Ordering::Release);
     }
 
     pub(crate) fn backing(&self) -> Option<Arc<dyn BlockDevice>> {

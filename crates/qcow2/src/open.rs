@@ -3,6 +3,7 @@
 //! repairs qemu makes on a read-write open) and the read-only views of internal
 //! snapshots ([`Qcow2Device::open_snapshot`]).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, Result, Storage};
@@ -107,6 +108,7 @@ impl Qcow2Device {
             _ => Vec::new(),
         };
         let mut dev = Qcow2Device {
+            size: AtomicU64::new(meta.size),
             meta: RwLock::new(meta),
             file,
             data,
@@ -233,6 +235,7 @@ impl Qcow2Device {
             u64::from(snap.l1_size),
         )?;
         Ok(Qcow2Device {
+            size: AtomicU64::new(view.size),
             meta: RwLock::new(view),
             file: self.file.clone(),
             data: self.data.clone(),

@@ -178,7 +178,7 @@ impl<'a> View<'a> {
     fn new(dev: &'a Qcow2Device) -> Self {
         Self {
             dev,
-            size: dev.shared().size,
+            size: dev.size(),
             specials: RefCell::new(Vec::new()),
         }
     }

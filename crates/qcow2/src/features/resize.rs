@@ -67,7 +67,7 @@ pub(crate) fn resize(
     }
     dev.file.write_all_at(&new.to_be_bytes(), 24)?;
     dev.file.flush()?;
-    m.size = new;
+    dev.set_size(&mut m, new);
     m.h.size = new;
     drop(m);
     for t in dev
