@@ -9,52 +9,19 @@
 //! At most [`MAX_INFLIGHT`] requests run at once; submitting more first waits for the
 //! oldest.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use diskimg::BlockDevice;
 use diskimg::blockio::ZeroFlags;
 
-use super::cmds::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
 use super::num::parse_pattern;
 use super::out::{dump, report};
 use super::rw::{alloc, iovec_len, num_arg, offset_and_iovec};
-use super::{EINVAL, Session, strerror};
-
-/// Requests running at once before a submission waits for the oldest.
-const MAX_INFLIGHT: usize = 64;
-
-/// The outstanding requests, oldest first; each thread returns its report text.
-#[derive(Default)]
-pub(super) struct Aio {
-    inflight: VecDeque<JoinHandle<String>>,
-}
-
-impl Aio {
-    /// Waits for every request; returns their reports in submission order.
-    pub(super) fn drain(&mut self) -> Vec<String> {
-        self.inflight.drain(..).map(join).collect()
-    }
-
-    /// Starts `job`; returns the report of a request that had to finish first.
-    fn submit(&mut self, job: impl FnOnce() -> String + Send + 'static) -> Option<String> {
-        let done = if self.inflight.len() >= MAX_INFLIGHT {
-            self.inflight.pop_front().map(join)
-        } else {
-            None
-        };
-        self.inflight.push_back(std::thread::spawn(job));
-        done
-    }
-}
-
-fn join(h: JoinHandle<String>) -> String {
-    h.join()
-        .unwrap_or_else(|_| "aio request failed: worker thread panicked\n".to_string())
-}
+use super::session::{EINVAL, Session};
+use crate::errmap::strerror;
 
 /// What an asynchronous request reports when it completes.
 struct Report {

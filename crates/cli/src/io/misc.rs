@@ -6,12 +6,13 @@ use std::time::Duration;
 use diskimg::BlockDevice;
 use diskimg::blockio::{ExtentKind, Preallocation};
 
-use super::cmds::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
 use super::num::cvtnum;
 use super::out::cvtstr;
 use super::rw::num_arg;
-use super::{Blk, EINVAL, ENOTSUP, Session, strerror};
+use super::session::{Blk, EINVAL, ENOTSUP, Session};
+use crate::errmap::strerror;
 
 /// Whether the top layer itself decides the content at `offset` (qemu's
 /// `bdrv_is_allocated`), and for how many bytes (0 at or past the end).

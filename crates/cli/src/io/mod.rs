@@ -13,6 +13,7 @@
 
 mod aio;
 pub(crate) mod blkdebug;
+mod cmd;
 mod cmds;
 pub(crate) mod filter;
 mod getopt;
@@ -22,57 +23,14 @@ mod num;
 mod open;
 mod out;
 mod rw;
+mod session;
 
 use std::io::BufRead;
-use std::sync::Arc;
-
-use diskimg::{BlockDevice, Image};
 
 use getopt::{Event, LongOpt};
-use open::OpenFlags;
 pub(crate) use out::Out;
-
-/// `EINVAL` as qemu-io's commands return it.
-const EINVAL: i32 = 22;
-/// `ENOTSUP` (Linux) as qemu-io's commands return it.
-const ENOTSUP: i32 = 95;
-/// qemu's largest request (`BDRV_REQUEST_MAX_BYTES`).
-const MAX_REQUEST: u64 = (i32::MAX as u64 >> 9) << 9;
-
-/// The open image.
-pub(crate) struct Blk {
-    /// The opened chain (what `map`/`alloc` look at).
-    img: Image,
-    /// Where requests go (the image, or a snapshot / copy-on-read layer over it).
-    dev: Arc<dyn BlockDevice>,
-    /// Writes are refused (`-r`, `reopen -r`).
-    read_only: bool,
-    /// Every write is followed by a flush (cache mode `writethrough`, qemu-io's default).
-    writethrough: bool,
-    /// A command asked to write since the open (qemu flushes at close only then).
-    written: std::cell::Cell<bool>,
-    /// How it was opened (for `reopen`).
-    spec: open::Spec,
-}
-
-/// One qemu-io session: output, the open image, pending asynchronous requests.
-pub(crate) struct Session {
-    out: Out,
-    blk: Option<Blk>,
-    image_opts: bool,
-    quit: bool,
-    aio: aio::Aio,
-}
-
-impl Session {
-    /// Waits for every outstanding asynchronous request and prints its report.
-    fn drain(&mut self) {
-        let done = self.aio.drain();
-        for text in done {
-            self.out.print(&text);
-        }
-    }
-}
+use session::Session;
+use session::{Aio, OpenFlags};
 
 const OBJECT: char = '\u{100}';
 const IMAGE_OPTS: char = '\u{101}';
@@ -314,7 +272,7 @@ pub(crate) fn main(argv0: &str, args: &[String]) -> i32 {
         blk: None,
         image_opts: g.image_opts,
         quit: false,
-        aio: aio::Aio::default(),
+        aio: Aio::default(),
     };
     if let Some(file) = &g.file {
         let mut dict = diskimg::OptionList::new();
@@ -382,4 +340,4 @@ fn command_loop(s: &mut Session, cmds: &[String]) -> i32 {
     last_error
 }
 
-pub(crate) use crate::errmap::{os_error_text, strerror};
+pub(crate) use crate::errmap::strerror;

@@ -8,44 +8,11 @@ use std::sync::Arc;
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy, OptionList};
 
 use super::blkdebug::Blkdebug;
-use super::cmds::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, usage};
 use super::filter::Filtered;
 use super::getopt::{self, Event};
 use super::layers::{Compress, CopyOnRead, snapshot_overlay};
-use super::{Blk, EINVAL, Session};
-
-/// How to open an image (qemu's `BDRV_O_*` flags that matter here).
-#[derive(Clone, Debug)]
-pub(super) struct OpenFlags {
-    pub(super) read_only: bool,
-    pub(super) snapshot: bool,
-    pub(super) copy_on_read: bool,
-    pub(super) nocache: bool,
-    pub(super) writethrough: bool,
-    pub(super) force_share: bool,
-}
-
-impl Default for OpenFlags {
-    fn default() -> Self {
-        Self {
-            read_only: false,
-            snapshot: false,
-            copy_on_read: false,
-            nocache: false,
-            // qemu-io's default cache mode is writethrough.
-            writethrough: true,
-            force_share: false,
-        }
-    }
-}
-
-/// What an open was asked for (kept for `reopen`).
-#[derive(Clone, Debug)]
-pub(super) struct Spec {
-    name: Option<String>,
-    dict: OptionList,
-    flags: OpenFlags,
-}
+use super::session::{Blk, EINVAL, OpenFlags, Session, Spec};
 
 /// qemu's `bdrv_parse_cache_mode`; false for an unknown mode.
 pub(super) fn parse_cache(mode: &str, f: &mut OpenFlags) -> bool {

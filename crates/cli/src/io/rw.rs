@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use diskimg::blockio::{ExtentKind, ZeroFlags};
 
-use super::cmds::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
 use super::num::{cvtnum, parse_pattern};
 use super::out::{dump, report};
-use super::{Blk, EINVAL, MAX_REQUEST, Session, strerror};
+use super::session::{Blk, EINVAL, MAX_REQUEST, Session};
+use crate::errmap::strerror;
 
 /// `ERANGE`, for requests over `INT_MAX` bytes.
 const ERANGE: i32 = 34;
@@ -363,7 +364,7 @@ fn write_buffer(s: &mut Session, o: &WriteOpts, count: u64) -> Option<Vec<u8>> {
         Ok(d) => d,
         Err(e) => {
             s.out
-                .err(&format!("{file}: {}\n", super::os_error_text(&e)));
+                .err(&format!("{file}: {}\n", crate::errmap::os_error_text(&e)));
             return None;
         }
     };

@@ -1,0 +1,121 @@
+//! The state of one qemu-io session: the open image ([`Blk`]) with how it was opened
+//! ([`Spec`], [`OpenFlags`]), the outstanding asynchronous requests ([`Aio`]) and the
+//! errno values commands return. A leaf: the command modules use it, it uses none of them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use diskimg::{BlockDevice, Image, OptionList};
+
+use super::out::Out;
+
+/// `EINVAL` as qemu-io's commands return it.
+pub(super) const EINVAL: i32 = 22;
+/// `ENOTSUP` (Linux) as qemu-io's commands return it.
+pub(super) const ENOTSUP: i32 = 95;
+/// qemu's largest request (`BDRV_REQUEST_MAX_BYTES`).
+pub(super) const MAX_REQUEST: u64 = (i32::MAX as u64 >> 9) << 9;
+
+/// The open image.
+pub(crate) struct Blk {
+    /// The opened chain (what `map`/`alloc` look at).
+    pub(super) img: Image,
+    /// Where requests go (the image, or a snapshot / copy-on-read layer over it).
+    pub(super) dev: Arc<dyn BlockDevice>,
+    /// Writes are refused (`-r`, `reopen -r`).
+    pub(super) read_only: bool,
+    /// Every write is followed by a flush (cache mode `writethrough`, qemu-io's default).
+    pub(super) writethrough: bool,
+    /// A command asked to write since the open (qemu flushes at close only then).
+    pub(super) written: std::cell::Cell<bool>,
+    /// How it was opened (for `reopen`).
+    pub(super) spec: Spec,
+}
+
+/// One qemu-io session: output, the open image, pending asynchronous requests.
+pub(crate) struct Session {
+    pub(super) out: Out,
+    pub(super) blk: Option<Blk>,
+    pub(super) image_opts: bool,
+    pub(super) quit: bool,
+    pub(super) aio: Aio,
+}
+
+impl Session {
+    /// Waits for every outstanding asynchronous request and prints its report.
+    pub(super) fn drain(&mut self) {
+        let done = self.aio.drain();
+        for text in done {
+            self.out.print(&text);
+        }
+    }
+}
+
+/// How to open an image (qemu's `BDRV_O_*` flags that matter here).
+#[derive(Clone, Debug)]
+pub(super) struct OpenFlags {
+    pub(super) read_only: bool,
+    pub(super) snapshot: bool,
+    pub(super) copy_on_read: bool,
+    pub(super) nocache: bool,
+    pub(super) writethrough: bool,
+    pub(super) force_share: bool,
+}
+
+impl Default for OpenFlags {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            snapshot: false,
+            copy_on_read: false,
+            nocache: false,
+            // qemu-io's default cache mode is writethrough.
+            writethrough: true,
+            force_share: false,
+        }
+    }
+}
+
+/// What an open was asked for (kept for `reopen`).
+#[derive(Clone, Debug)]
+pub(super) struct Spec {
+    pub(super) name: Option<String>,
+    pub(super) dict: OptionList,
+    pub(super) flags: OpenFlags,
+}
+
+/// Requests running at once before a submission waits for the oldest.
+const MAX_INFLIGHT: usize = 64;
+
+/// The outstanding requests, oldest first; each thread returns its report text.
+#[derive(Default)]
+pub(super) struct Aio {
+    inflight: VecDeque<JoinHandle<String>>,
+}
+
+impl Aio {
+    /// Waits for every request; returns their reports in submission order.
+    pub(super) fn drain(&mut self) -> Vec<String> {
+        self.inflight.drain(..).map(join).collect()
+    }
+
+    /// Starts `job`; returns the report of a request that had to finish first.
+    pub(super) fn submit(
+        &mut self,
+        job: impl FnOnce() -> String + Send + 'static,
+    ) -> Option<String> {
+        let done = if self.inflight.len() >= MAX_INFLIGHT {
+            self.inflight.pop_front().map(join)
+        } else {
+            None
+        };
+        self.inflight.push_back(std::thread::spawn(job));
+        done
+    }
+}
+
+fn join(h: JoinHandle<String>) -> String {
+    h.join()
+        .unwrap_or_else(|_| "aio request failed: worker thread panicked\n".to_string())
+}
