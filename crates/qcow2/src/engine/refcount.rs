@@ -299,6 +299,9 @@ impl Meta {
             }
             break;
         }
+        if let Some(r) = self.take_reserve_front(c, n) {
+            return Ok(r * cs);
+        }
         self.alloc_floor = c + n;
         let r = self.set_refcount_run(c, n, 1);
         self.alloc_floor = 0;

@@ -15,6 +15,10 @@
 //! host cluster was never written (it reads as zeroes). Everything else (copy-on-write,
 //! encryption, reused clusters) keeps the ordering flush.
 //!
+//! Layout: a reserve only takes clusters that existing refcount blocks cover, and an
+//! allocation that finds no free cluster below the reserve takes its first clusters, so
+//! the closed file keeps qemu's layout and length (iotests 121, 313).
+//!
 //! Crash consistency: reserved clusters are referenced by nothing, so a crash leaks them
 //! (as `qemu-img check` reports, and `check -r leaks` repairs) and corrupts nothing.
 //! Every metadata operation other than the guest's writes and flushes starts with
@@ -70,9 +74,15 @@ impl Meta {
             return Ok(self.reserve.generation);
         }
         let cs = self.cs();
-        let n = used.next_power_of_two().clamp(16, MAX_RESERVE);
         let file_len = self.file.len()?;
         let eof = file_len.div_ceil(cs);
+        // Only clusters an existing refcount block already covers: a reserve that needed
+        // a new refcount block (or a bigger refcount table) would leave that metadata
+        // past the reserve when it is given back, and the file twice qemu's size.
+        let n = self.reservable(eof, used.next_power_of_two().clamp(16, MAX_RESERVE))?;
+        if n == 0 {
+            return Ok(self.reserve.generation);
+        }
         let hint = self.free_hint;
         // Allocate past the end of the file (never-written clusters), leaving any free
         // gaps below for the usual allocations.
@@ -96,6 +106,45 @@ impl Meta {
         self.reserve.prior_len = file_len;
         self.reserve.durable = false;
         Ok(self.reserve.generation)
+    }
+
+    /// How many of the clusters `eof..eof+want` are free and covered by an existing
+    /// refcount block (counting from `eof`, stopping at the first that is not).
+    fn reservable(&mut self, eof: u64, want: u64) -> Result<u64> {
+        let rbe = self.rb_entries();
+        let mut n = 0;
+        while n < want {
+            let c = eof + n;
+            if n == 0 || c.is_multiple_of(rbe) {
+                let ti = c / rbe;
+                let covered = usize::try_from(ti)
+                    .ok()
+                    .and_then(|i| self.reftable.get(i))
+                    .is_some_and(|e| e & crate::disk::table::REFT_OFFSET_MASK != 0);
+                if !covered {
+                    break;
+                }
+            }
+            if self.refcount(c)? != 0 {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A metadata or data allocation that found no free run below the reserve: the
+    /// first `n` clusters of the reserve instead (their refcounts are already 1), so
+    /// that the file keeps qemu's layout (no reserve left between the old end and a
+    /// new cluster). `None` when there is no reserve of that size.
+    pub(in crate::engine) fn take_reserve_front(&mut self, found: u64, n: u64) -> Option<u64> {
+        let r = &mut self.reserve;
+        if r.start >= r.end || r.end - r.start < n || found < r.end {
+            return None;
+        }
+        let c = r.start;
+        r.start += n;
+        Some(c)
     }
 
     /// After the storage flush that followed [`Meta::refill_reserve`]: the reserve of

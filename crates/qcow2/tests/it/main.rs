@@ -13,6 +13,7 @@ mod crash;
 mod crash_alloc;
 mod encrypt;
 mod hostile;
+mod layout;
 mod maint;
 mod model;
 mod offload;
