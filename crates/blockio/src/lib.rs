@@ -74,6 +74,7 @@ mod copy;
 mod device;
 mod driver;
 mod error;
+mod events;
 mod info;
 mod layout;
 mod limits;
@@ -98,6 +99,7 @@ pub use device::{
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};
+pub use events::{CorruptionReporter, report_corruption, set_corruption_reporter};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
     HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_run,

@@ -85,3 +85,11 @@ pub(crate) fn os_error_text(e: &std::io::Error) -> String {
         None => "Input/output error".into(),
     }
 }
+
+/// Prints a format's corruption event as qemu does (`qcow2_signal_corruption`, to
+/// stderr, without the program-name prefix).
+pub(crate) fn report_corruption(format: &str, message: &str) {
+    eprintln!(
+        "{format}: Marking image as corrupt: {message}; further corruption events will be suppressed"
+    );
+}

@@ -17,6 +17,7 @@ use crate::disk::header::{
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
 use crate::engine::meta::{Meta, read_host};
+use crate::engine::overlap::MetaKind::{InactiveL1, SnapshotTable};
 use crate::open_options::Qcow2OpenOptions;
 
 impl Qcow2Device {
@@ -85,9 +86,9 @@ impl Qcow2Device {
         let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
         if !read_only {
             meta.collect_meta();
-            meta.note_meta(meta.h.snapshots_offset, snapshot_table_len);
+            meta.note_meta(SnapshotTable, meta.h.snapshots_offset, snapshot_table_len);
             for s in &snapshots {
-                meta.note_meta(s.l1_offset, u64::from(s.l1_size) * 8);
+                meta.note_meta(InactiveL1, s.l1_offset, u64::from(s.l1_size) * 8);
             }
         }
         meta.snapshots = snapshots;

@@ -19,6 +19,7 @@ use crate::disk::table::{
 use crate::encryption::write_data;
 use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
+use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
 
 /// All 32 subcluster allocation bits.
@@ -52,8 +53,8 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     } else {
         vec![0u64; n]
     };
-    let new = m.alloc_run(1)?;
-    m.note_meta(new, m.cs());
+    let new = m.alloc_run_for(1, Some("L2 table"))?;
+    m.note_meta(MetaKind::ActiveL2, new, m.cs());
     m.write_l2_table(new, table)?;
     m.file.flush()?;
     m.write_l1_entry(l1i, new | OFLAG_COPIED)?;

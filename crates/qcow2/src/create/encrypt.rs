@@ -74,7 +74,7 @@ impl NewEncryption {
             if dev.file.len()? < off + n * cs {
                 dev.file.set_len(off + n * cs)?;
             }
-            m.note_meta(off, n * cs);
+            m.note_meta(crate::engine::overlap::MetaKind::Header, off, n * cs);
             m.h.ext.crypto = Some((off, len));
             m.h.crypt_method = CRYPT_LUKS;
         } else {

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use diskimg_blockio::{Error, Limits, Result, Storage};
 
-use crate::disk::header::{Header, INCOMPATIBLE_AT, MAX_HOST_OFFSET, V2_HEADER_LEN};
+use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
 use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, L2Cache, Sub, classify, decode_u64s, encode_u64s};
 use crate::engine::deferred::{Deferred, L2Update};
-use crate::engine::overlap::Overlap;
+use crate::engine::overlap::{MetaKind, Overlap};
 use crate::errors::internal;
 
 /// Metadata state (see module docs).
@@ -46,6 +46,8 @@ pub(crate) struct Meta {
     pub(in crate::engine) deferred: Deferred,
     /// Host clusters holding metadata (header, tables), for qemu's overlap check.
     pub(in crate::engine) overlap: Overlap,
+    /// A corruption event was reported (qemu reports the first one only).
+    pub(in crate::engine) corruption_reported: bool,
     /// The internal snapshots (table order).
     pub snapshots: Vec<crate::disk::snapshot::Snapshot>,
     /// Bytes of the snapshot table.
@@ -116,11 +118,12 @@ impl Meta {
             reftable: Vec::new(),
             rb: HashMap::new(),
             limits,
-            free_hint: 1,
+            free_hint: 0,
             alloc_floor: 0,
             free_byte: 0,
             deferred: Deferred::default(),
             overlap: Overlap::default(),
+            corruption_reported: false,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             reserve: crate::engine::reserve::Reserve::default(),
@@ -374,52 +377,39 @@ impl Meta {
     }
 
     /// Remembers `off..off+len` as metadata (bounded: huge hostile tables are skipped).
-    pub(crate) fn note_meta(&mut self, off: u64, len: u64) {
+    pub(crate) fn note_meta(&mut self, kind: MetaKind, off: u64, len: u64) {
         let cs = self.cs();
-        self.overlap.note(off, len, cs);
+        self.overlap.note(kind, off, len, cs);
     }
 
     /// Builds the metadata set from the header and tables (at open).
     pub(crate) fn collect_meta(&mut self) {
         let cs = self.cs();
-        self.note_meta(0, cs);
-        self.note_meta(self.l1_offset, self.l1.len() as u64 * 8);
+        self.note_meta(MetaKind::Header, 0, cs);
+        self.note_meta(MetaKind::ActiveL1, self.l1_offset, self.l1.len() as u64 * 8);
         self.note_meta(
+            MetaKind::RefcountTable,
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * cs,
         );
-        let mut offs: Vec<u64> = self
+        let rbs: Vec<u64> = self
             .reftable
             .iter()
             .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
             .collect();
-        offs.extend(self.l1.iter().map(|e| e & L1E_OFFSET_MASK));
-        for o in offs.into_iter().filter(|&o| o != 0) {
-            self.note_meta(o, cs);
+        let l2s: Vec<u64> = self.l1.iter().map(|e| e & L1E_OFFSET_MASK).collect();
+        for (kind, offs) in [(MetaKind::RefcountBlock, rbs), (MetaKind::ActiveL2, l2s)] {
+            for o in offs.into_iter().filter(|&o| o != 0) {
+                self.note_meta(kind, o, cs);
+            }
         }
-    }
-
-    /// qemu's overlap check: fails (and marks a v3 image corrupt, as qemu) when a guest
-    /// data write at `host` would land on metadata.
-    pub(crate) fn check_overlap(&mut self, host: u64, len: u64) -> Result<()> {
-        if self.data.is_some() || len == 0 {
-            return Ok(());
+        if let Some(b) = self.h.ext.bitmaps {
+            self.note_meta(
+                MetaKind::BitmapDirectory,
+                b.directory_offset,
+                b.directory_size,
+            );
         }
-        let cs = self.cs();
-        if !self.overlap.hits(host, len, cs) {
-            return Ok(());
-        }
-        if self.h.version >= 3 {
-            self.h.incompatible |= crate::disk::header::INCOMPAT_CORRUPT;
-            let v = self.h.incompatible;
-            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
-            self.file.flush()?;
-        }
-        Err(Error::corrupt(
-            "qcow2",
-            "guest write would overwrite metadata (image marked corrupt)",
-            host,
-        ))
     }
 
     /// Records L2 updates: the cache sees them at once; storage gets them at the next

@@ -1,31 +1,82 @@
 //! qemu's metadata overlap check ([`Overlap`]): the host clusters that hold metadata
-//! (header, L1/L2 and refcount tables, snapshot tables), so that a guest data write
-//! landing on one fails instead of destroying the image.
+//! (header, L1/L2 and refcount tables, snapshot tables, bitmap directory), so that an
+//! allocation or a write landing on one (corrupt refcounts) fails and marks the image
+//! corrupt, as qemu's `qcow2_pre_write_overlap_check` does, instead of destroying it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
-/// The set of host cluster indexes holding metadata (bounded: huge hostile tables are
-/// only partly remembered).
+use diskimg_blockio::{Error, Result};
+
+use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPATIBLE_AT};
+use crate::engine::meta::Meta;
+
+/// What a metadata cluster holds, in qemu's overlap-check order (the first one is
+/// named when a write touches several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MetaKind {
+    /// The header cluster (and the LUKS header area of encrypted images).
+    Header,
+    /// The active L1 table.
+    ActiveL1,
+    /// An L2 table of the active L1.
+    ActiveL2,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The snapshot table.
+    SnapshotTable,
+    /// A snapshot's L1 table.
+    InactiveL1,
+    /// The bitmap directory.
+    BitmapDirectory,
+}
+
+impl MetaKind {
+    /// qemu's name (`metadata_ol_names`).
+    pub(crate) fn qemu_name(self) -> &'static str {
+        match self {
+            MetaKind::Header => "qcow2_header",
+            MetaKind::ActiveL1 => "active L1 table",
+            MetaKind::ActiveL2 => "active L2 table",
+            MetaKind::RefcountTable => "refcount table",
+            MetaKind::RefcountBlock => "refcount block",
+            MetaKind::SnapshotTable => "snapshot table",
+            MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::BitmapDirectory => "bitmap directory",
+        }
+    }
+}
+
+/// The host cluster indexes holding metadata, with what they hold (bounded: huge
+/// hostile tables are only partly remembered).
 #[derive(Debug, Default)]
 pub(crate) struct Overlap {
-    clusters: HashSet<u64>,
+    clusters: HashMap<u64, MetaKind>,
 }
 
 impl Overlap {
-    /// Remembers `off..off+len` (clusters of `cs` bytes) as metadata.
-    pub(crate) fn note(&mut self, off: u64, len: u64, cs: u64) {
+    /// Remembers `off..off+len` (clusters of `cs` bytes) as metadata of `kind`.
+    pub(crate) fn note(&mut self, kind: MetaKind, off: u64, len: u64, cs: u64) {
         if len == 0 || self.clusters.len() > 1 << 20 {
             return;
         }
         let last = off.saturating_add(len - 1) / cs;
         for c in off / cs..=last.min(off / cs + (1 << 16)) {
-            self.clusters.insert(c);
+            let k = self.clusters.entry(c).or_insert(kind);
+            *k = (*k).min(kind);
         }
     }
 
-    /// Cluster `c` no longer holds metadata (it was freed).
-    pub(crate) fn forget(&mut self, c: u64) {
-        self.clusters.remove(&c);
+    /// Clusters `c..c+n` no longer hold metadata (they were freed).
+    pub(crate) fn forget(&mut self, c: u64, n: u64) {
+        if n > self.clusters.len() as u64 {
+            self.clusters.retain(|&x, _| x < c || x - c >= n);
+        } else {
+            for x in c..c.saturating_add(n) {
+                self.clusters.remove(&x);
+            }
+        }
     }
 
     /// Forgets everything (before the set is built again).
@@ -33,8 +84,86 @@ impl Overlap {
         self.clusters.clear();
     }
 
-    /// Whether `host..host+len` (non-empty) touches a metadata cluster.
-    pub(crate) fn hits(&self, host: u64, len: u64, cs: u64) -> bool {
-        (host / cs..=(host + len - 1) / cs).any(|c| self.clusters.contains(&c))
+    /// The first (in qemu's order) kind of metadata `host..host+len` (non-empty)
+    /// touches, if any.
+    pub(crate) fn hits(&self, host: u64, len: u64, cs: u64) -> Option<MetaKind> {
+        let (first, last) = (host / cs, (host + len - 1) / cs);
+        if last - first >= self.clusters.len() as u64 {
+            return (self.clusters.iter())
+                .filter(|&(&c, _)| c >= first && c <= last)
+                .map(|(_, &k)| k)
+                .min();
+        }
+        (first..=last)
+            .filter_map(|c| self.clusters.get(&c).copied())
+            .min()
+    }
+}
+
+impl Meta {
+    /// qemu's pre-write overlap check for a guest data write at `host`: refused (and the
+    /// image marked corrupt) when it would land on metadata. Writes into an external
+    /// data file cannot.
+    pub(crate) fn check_overlap(&mut self, host: u64, len: u64) -> Result<()> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        self.refuse_on_metadata(host, len)
+    }
+
+    /// A write of `len` bytes at `host` in the image file: refused with
+    /// [`Error::Corrupt`] (and the image marked corrupt) when it touches live metadata.
+    pub(crate) fn refuse_on_metadata(&mut self, host: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.overlap.hits(host, len, self.cs()) {
+            None => Ok(()),
+            Some(k) => Err(self.corruption(
+                format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    k.qemu_name()
+                ),
+                host,
+            )),
+        }
+    }
+
+    /// A new allocation of `n` clusters at cluster `c` (corrupt refcounts can place it
+    /// anywhere): refused like qemu when it is at offset 0 (`what` names the structure,
+    /// qemu's "Preventing invalid allocation of L2 table at offset 0") or on metadata.
+    pub(crate) fn refuse_bad_alloc(&mut self, c: u64, n: u64, what: Option<&str>) -> Result<()> {
+        if let (0, Some(w)) = (c, what) {
+            let msg = format!("Preventing invalid allocation of {w} at offset 0");
+            return Err(self.corruption(msg, 0));
+        }
+        let cs = self.cs();
+        self.refuse_on_metadata(c.saturating_mul(cs), n.saturating_mul(cs))
+    }
+
+    /// Whether a corruption event was signalled: as qemu (which detaches the driver),
+    /// closing then writes nothing more to the image.
+    pub(crate) fn corruption_signalled(&self) -> bool {
+        self.corruption_reported
+    }
+
+    /// qemu's `qcow2_signal_corruption` (fatal): marks a v3 image corrupt on disk,
+    /// reports the event once per open image (blockio's corruption reporter: the CLI
+    /// prints qemu's "Marking image as corrupt" line), and returns the error to fail the
+    /// request with.
+    pub(crate) fn corruption(&mut self, what: String, offset: u64) -> Error {
+        if self.h.version >= 3 && self.h.incompatible & INCOMPAT_CORRUPT == 0 {
+            self.h.incompatible |= INCOMPAT_CORRUPT;
+            let v = self.h.incompatible;
+            // As qemu, a failure to mark (a read-only file) still fails the request
+            // with the corruption.
+            let _ = (self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT))
+                .and_then(|()| self.file.flush());
+        }
+        if !self.corruption_reported {
+            self.corruption_reported = true;
+            diskimg_blockio::report_corruption("qcow2", &what);
+        }
+        Error::corrupt("qcow2", what, offset)
     }
 }

@@ -14,6 +14,7 @@ use diskimg_blockio::{Error, Result};
 use crate::disk::idx;
 use crate::disk::table::encode_u64s;
 use crate::engine::meta::Meta;
+use crate::engine::overlap::MetaKind;
 use crate::engine::refcount::{max_refcount_of, set_entry};
 use crate::errors::internal;
 
@@ -154,19 +155,19 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
     m.h.refcount_order = order;
     m.reftable = entries;
     m.rb.clear();
-    m.free_hint = 1;
+    m.free_hint = 0;
     m.alloc_floor = 0;
     m.overlap.clear();
     m.collect_meta();
     let (so, sl) = (m.h.snapshots_offset, m.snapshot_table_len);
-    m.note_meta(so, sl);
+    m.note_meta(MetaKind::SnapshotTable, so, sl);
     let snaps: Vec<(u64, u64)> = m
         .snapshots
         .iter()
         .map(|s| (s.l1_offset, u64::from(s.l1_size) * 8))
         .collect();
     for (o, l) in snaps {
-        m.note_meta(o, l);
+        m.note_meta(MetaKind::InactiveL1, o, l);
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use diskimg_blockio::{Error, Result};
 
 use crate::disk::table::{REFT_OFFSET_MASK, encode_u64s};
 use crate::engine::meta::Meta;
+use crate::engine::overlap::MetaKind;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
 pub(crate) fn get_entry(block: &[u8], i: u64, order: u32) -> u64 {
@@ -68,17 +69,17 @@ impl Meta {
         max_refcount_of(self.h.refcount_order)
     }
 
-    fn refblock_offset(&self, ti: u64) -> Result<u64> {
+    /// The offset of refcount block `ti` (0: none). A misaligned one is a corruption
+    /// event (qemu's words; the image is marked corrupt).
+    fn refblock_offset(&mut self, ti: u64) -> Result<u64> {
         let Some(e) = usize::try_from(ti).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(0);
         };
         let off = e & REFT_OFFSET_MASK;
         if !off.is_multiple_of(self.cs()) {
-            return Err(Error::corrupt(
-                "qcow2",
-                "refcount block offset not cluster-aligned",
-                self.h.refcount_table_offset + ti * 8,
-            ));
+            let what = format!("Refblock offset {off:#x} unaligned (reftable index: {ti:#x})");
+            let at = self.h.refcount_table_offset + ti * 8;
+            return Err(self.corruption(what, at));
         }
         Ok(off)
     }
@@ -141,7 +142,7 @@ impl Meta {
         let bytes = b.get(s..e).unwrap_or(&[]).to_vec();
         self.file.write_all_at(&bytes, off + s as u64)?;
         if v == 0 {
-            self.overlap.forget(c);
+            self.overlap.forget(c, 1);
             if c < self.free_hint {
                 self.free_hint = c;
             }
@@ -170,6 +171,7 @@ impl Meta {
         let rbe = self.rb_entries();
         let from = self.alloc_floor.max(self.free_hint);
         let r = self.find_free(from, c)?;
+        self.refuse_bad_alloc(r, 1, None)?;
         let order = self.h.refcount_order;
         let mut block = self.limits.alloc("refcount block", self.cs())?;
         if r / rbe == ti {
@@ -190,7 +192,7 @@ impl Meta {
             *slot = off;
         }
         self.rb.insert(off, block);
-        self.note_meta(off, self.cs());
+        self.note_meta(MetaKind::RefcountBlock, off, self.cs());
         Ok(())
     }
 
@@ -270,7 +272,12 @@ impl Meta {
         self.h.refcount_table_offset = p * cs;
         self.h.refcount_table_clusters = u32::try_from(t).unwrap_or(u32::MAX);
         self.reftable = table;
-        self.note_meta(p * cs, (t + missing.len() as u64) * cs);
+        self.note_meta(MetaKind::RefcountTable, p * cs, t * cs);
+        self.note_meta(
+            MetaKind::RefcountBlock,
+            (p + t) * cs,
+            missing.len() as u64 * cs,
+        );
         for k in 0..old_clusters {
             self.set_refcount(old_off / cs + k, 0)?;
         }
@@ -280,8 +287,15 @@ impl Meta {
     /// Allocates `n` contiguous free clusters (refcount 1, written, not yet flushed) and
     /// returns the host offset of the first.
     pub(crate) fn alloc_run(&mut self, n: u64) -> Result<u64> {
+        self.alloc_run_for(n, None)
+    }
+
+    /// [`Meta::alloc_run`] for the structure `what` names (qemu's words in the
+    /// corruption message when corrupt refcounts place it at offset 0). An allocation
+    /// on live metadata (corrupt refcounts) is refused and marks the image corrupt.
+    pub(crate) fn alloc_run_for(&mut self, n: u64, what: Option<&str>) -> Result<u64> {
         let cs = self.cs();
-        let mut c = self.free_hint.max(1);
+        let mut c = self.free_hint;
         // The first free cluster passed over (a gap shorter than `n`): the new hint.
         let mut first_gap = None;
         'outer: loop {
@@ -299,6 +313,7 @@ impl Meta {
             }
             break;
         }
+        self.refuse_bad_alloc(c, n, what)?;
         if let Some(r) = self.take_reserve_front(c, n) {
             return Ok(r * cs);
         }
@@ -319,6 +334,10 @@ impl Meta {
     pub(crate) fn set_refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
         let rbe = self.rb_entries();
         let order = self.h.refcount_order;
+        if v == 0 {
+            self.overlap.forget(c, n);
+            self.free_hint = self.free_hint.min(c);
+        }
         let mut k = 0;
         while k < n {
             let cl = c + k;

@@ -19,6 +19,7 @@ use crate::disk::idx;
 use crate::disk::table::L2E_OFFSET_MASK;
 use crate::engine::meta::write_header;
 use crate::engine::meta::{Meta, read_host};
+use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
 use crate::open_options::Qcow2OpenOptions;
 
@@ -342,7 +343,7 @@ pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
             directory_offset: off,
         });
         h.autoclear |= AUTOCLEAR_BITMAPS;
-        m.note_meta(off, n * cs);
+        m.note_meta(MetaKind::BitmapDirectory, off, n * cs);
     }
     write_header(m, &mut h)?;
     if let Some(o) = old {

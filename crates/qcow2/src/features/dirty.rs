@@ -137,7 +137,7 @@ impl Qcow2Device {
     /// ignores errors. Writes are refused afterwards (no bitmap would see them); a
     /// second call does nothing.
     pub fn close(&self) -> Result<()> {
-        if !self.closed.close() || self.read_only {
+        if !self.closed.close() || self.read_only || self.lock().corruption_signalled() {
             return Ok(());
         }
         self.flush()?;

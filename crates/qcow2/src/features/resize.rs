@@ -9,6 +9,7 @@ use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, OFLAG_COPIED, encode_u64s};
 use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
+use crate::engine::overlap::MetaKind;
 use crate::write::{ALL_ALLOC, Pending, ensure_l2, old_ref, write_zeroes};
 
 /// `BlockDevice::resize` for qcow2: grow (zeroing the new area over a backing image) or
@@ -167,7 +168,7 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     dev.file.flush()?;
     let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
     m.l1 = table;
-    m.note_meta(host, clusters * cs);
+    m.note_meta(MetaKind::ActiveL1, host, clusters * cs);
     m.l1_offset = host;
     m.h.l1_table_offset = host;
     m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);

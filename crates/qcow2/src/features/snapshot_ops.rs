@@ -16,6 +16,7 @@ use crate::disk::table::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_u64s,
 };
 use crate::engine::meta::Meta;
+use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
 
 /// Adds `addend` (+1 or -1) to the refcount of every L2 table and data cluster reachable
@@ -134,7 +135,7 @@ pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     m.h.snapshots_offset = off;
     m.snapshot_table_len = len;
     m.snapshots = snaps;
-    m.note_meta(off, len);
+    m.note_meta(MetaKind::SnapshotTable, off, len);
     if old_len > 0 {
         m.unref_range(old_off, old_len)?;
     }
@@ -232,7 +233,7 @@ impl Qcow2Device {
             disk_size: Some(m.size),
             info,
         };
-        m.note_meta(l1_off, n * 8);
+        m.note_meta(MetaKind::InactiveL1, l1_off, n * 8);
         let mut snaps = m.snapshots.clone();
         snaps.push(snap);
         write_table(&mut m, snaps)?;

@@ -17,6 +17,7 @@ mod layout;
 mod maint;
 mod model;
 mod offload;
+mod overlap;
 mod read;
 mod snapshots;
 mod write;
