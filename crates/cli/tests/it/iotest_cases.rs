@@ -199,6 +199,16 @@ fn unknown_backing_format_as_qemu() {
     });
 }
 
+/// Runs `run` once with qemu's programs and once with diskimg, each in a fresh temporary
+/// directory, asserts the two outputs are equal and returns qemu's.
+pub(super) fn outputs_as_qemu(run: impl Fn(&std::path::Path, bool) -> Vec<String>) -> Vec<String> {
+    let (qd, dd) = (tempdir(), tempdir());
+    let q = run(qd.path(), true);
+    let d = run(dd.path(), false);
+    assert_eq!(d, q);
+    q
+}
+
 /// Runs qemu-io argument lists with qemu-io (`qemu`) or `diskimg io`: each call's exit
 /// code and output (timing lines dropped, `d` shown as DIR).
 pub(super) fn io_calls(d: &std::path::Path, calls: &[Vec<String>], qemu: bool) -> Vec<String> {
@@ -296,10 +306,7 @@ fn copy_on_read_with_blkdebug_as_qemu() {
         ];
         io_calls(d, &calls, qemu)
     };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
+    let q = outputs_as_qemu(run);
     assert!(q[2].contains("Input/output error"), "{q:?}");
 }
 

@@ -5,7 +5,7 @@
 
 use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
 
-use crate::iotest_cases::{img, io_calls, v};
+use crate::iotest_cases::{img, io_calls, outputs_as_qemu, v};
 use crate::{code, diskimg, s};
 
 /// Zero writes through a blkdebug node with request limits (iotest 204): pieces smaller
@@ -64,10 +64,7 @@ fn blkdebug_limits_split_zero_writes_as_qemu() {
         out.push(String::from_utf8_lossy(&m.stdout).replace(s(d), "DIR"));
         out
     };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
+    let q = outputs_as_qemu(run);
     // 45M..60M became zero clusters, the pieces around it data.
     assert!(q[3].contains("0x900000        0x2400000"), "{q:?}");
 }
@@ -92,10 +89,7 @@ fn raw_offset_and_size_window_as_qemu() {
         ];
         io_calls(d, &calls, qemu)
     };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
+    let q = outputs_as_qemu(run);
     assert!(q[2].contains("Input/output error"), "{q:?}");
 }
 
@@ -158,10 +152,7 @@ fn compress_filter_as_qemu() {
         );
         out
     };
-    let (qd, dd) = (tempdir(), tempdir());
-    let q = run(qd.path(), true);
-    let d = run(dd.path(), false);
-    assert_eq!(d, q);
+    let q = outputs_as_qemu(run);
     assert!(
         q.iter().any(|l| l.contains("\"compressed-clusters\": 8")),
         "{q:?}"
