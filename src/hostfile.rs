@@ -130,6 +130,8 @@ pub(crate) struct PolicyFiles {
     /// The image's io_uring, for its other files too.
     #[cfg(target_os = "linux")]
     pub(crate) io_uring: Option<Arc<diskimg_blockio::Uring>>,
+    /// Wraps the files opened here ([`crate::image::StorageHook`]).
+    pub(crate) hook: Option<crate::image::StorageHook>,
 }
 
 impl HostFiles for PolicyFiles {
@@ -153,11 +155,13 @@ impl HostFiles for PolicyFiles {
             self.locks
                 .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
         }
+        let hook = self.hook.as_ref();
         #[cfg(target_os = "linux")]
         if let Some(ring) = &self.io_uring {
-            return Ok(Arc::new(UringStorage::from_arc(file, ring.clone())));
+            let s = Arc::new(UringStorage::from_arc(file, ring.clone()));
+            return Ok(crate::image::StorageHook::wrap(hook, Some(purpose), s));
         }
-        Ok(file)
+        Ok(crate::image::StorageHook::wrap(hook, Some(purpose), file))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {

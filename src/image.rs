@@ -55,6 +55,39 @@ pub struct ImageOptions {
     /// positional system calls on the calling thread.
     #[cfg(target_os = "linux")]
     pub io_uring: Option<Arc<crate::blockio::Uring>>,
+    /// Wraps the storages of the top image (see [`StorageHook`]); `None`: none.
+    pub storage_hook: Option<StorageHook>,
+}
+
+/// A function that may wrap each storage of the top image before its format driver
+/// sees it: called with `None` for the image file and with the purpose for each file
+/// the driver opens (an external data file, an extent), it returns the storage to use.
+/// Test programs put error injection there (the CLI's `blkdebug` nodes below a format);
+/// backing images are opened without it.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct StorageHook(
+    pub Arc<dyn Fn(Option<FilePurpose>, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>,
+);
+
+impl std::fmt::Debug for StorageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageHook")
+    }
+}
+
+impl StorageHook {
+    /// The storage to use for `storage` (of `purpose`; `None`: the image file).
+    pub(crate) fn wrap(
+        hook: Option<&StorageHook>,
+        purpose: Option<FilePurpose>,
+        storage: Arc<dyn Storage>,
+    ) -> Arc<dyn Storage> {
+        match hook {
+            Some(h) => (h.0)(purpose, storage),
+            None => storage,
+        }
+    }
 }
 
 impl Default for ImageOptions {
@@ -73,6 +106,7 @@ impl Default for ImageOptions {
             force_share: false,
             #[cfg(target_os = "linux")]
             io_uring: None,
+            storage_hook: None,
         }
     }
 }
@@ -294,7 +328,8 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage = on_ring(file, options);
+    let hook = options.storage_hook.as_ref().filter(|_| top);
+    let storage = StorageHook::wrap(hook, None, on_ring(file, options));
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -306,6 +341,7 @@ fn open_inner(
         defer_data_files: options.metadata_only,
         lock_mode,
         locks: locks.clone(),
+        hook: hook.cloned(),
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -538,6 +574,7 @@ pub fn create(
         defer_data_files: false,
         lock_mode,
         locks: HeldLocks::default(),
+        hook: None,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {
