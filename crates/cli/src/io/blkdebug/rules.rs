@@ -1,17 +1,16 @@
 //! blkdebug's rules and their state machine, as qemu's `block/blkdebug.c` keeps them:
 //! `[inject-error]` and `[set-state]` rules (from a config file or `inject-error.N.*` /
-//! `set-state.N.*` options) and qemu-io's breakpoints (`break EVENT TAG`).
+//! `set-state.N.*` options). qemu-io's breakpoints (`break EVENT TAG`, suspending a
+//! request) are not implemented.
 //!
 //! An event ([`Engine::event`]) processes the rules on it whose `state` condition holds
 //! (0: any state; the state starts at 1): the inject-error rules among them become the
 //! active ones (replacing those active before), a set-state rule sets the state once all
-//! are processed, and a breakpoint suspends the thread raising the event until qemu-io
-//! resumes its tag. A request ([`Engine::check`]) then fails with the first active
+//! are processed. A request ([`Engine::check`]) then fails with the first active
 //! rule's errno whose iotype includes it and whose `sector` (if any) lies inside it; a
 //! `once` rule is dropped after it fired.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Result as AnyResult, anyhow, bail};
 use diskimg::blockio::DebugEvent;
@@ -51,8 +50,6 @@ enum Action {
     },
     /// Set the state (`[set-state]`).
     SetState(i64),
-    /// Suspend the request until its tag is resumed (a qemu-io breakpoint).
-    Suspend(String),
 }
 
 /// One rule.
@@ -221,11 +218,6 @@ struct State {
     active: Vec<u64>,
     /// The current state (qemu starts at 1).
     state: i64,
-    /// Tags of the requests suspended at a breakpoint.
-    suspended: Vec<String>,
-    /// What blkdebug prints (`blkdebug: Suspended request 'A'`), until qemu-io takes
-    /// it into its stdout ([`Engine::take_messages`]).
-    messages: Vec<String>,
 }
 
 impl State {
@@ -242,15 +234,10 @@ impl State {
     }
 }
 
-/// How long a suspended request or `wait_break` waits at most (qemu waits forever; a
-/// test script that never resumes must still end).
-const SUSPEND_LIMIT: Duration = Duration::from_secs(120);
-
 /// The rule state of one blkdebug node (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Engine {
     state: Mutex<State>,
-    changed: Condvar,
 }
 
 impl Engine {
@@ -269,7 +256,6 @@ impl Engine {
         }
         Self {
             state: Mutex::new(s),
-            changed: Condvar::new(),
         }
     }
 
@@ -283,7 +269,6 @@ impl Engine {
         let current = s.state;
         let mut new_state = current;
         let mut injected = false;
-        let mut waits = Vec::new();
         // qemu keeps each event's rules newest first.
         let hits: Vec<u64> = (s.rules.iter().rev())
             .filter(|(_, r)| r.event == event && (r.state == 0 || r.state == current))
@@ -307,25 +292,6 @@ impl Engine {
                     s.active.insert(0, id);
                 }
                 Action::SetState(n) => new_state = n,
-                Action::Suspend(tag) => {
-                    s.remove(id);
-                    s.messages
-                        .push(format!("blkdebug: Suspended request '{tag}'\n"));
-                    s.suspended.push(tag.clone());
-                    waits.push(tag);
-                }
-            }
-        }
-        if !waits.is_empty() {
-            self.changed.notify_all();
-            let deadline = Instant::now() + SUSPEND_LIMIT;
-            for tag in waits {
-                while s.suspended.contains(&tag) && Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    s = (self.changed.wait_timeout(s, left))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
             }
         }
         s.state = new_state;
@@ -364,62 +330,6 @@ impl Engine {
             s.remove(id);
         }
         Err(std::io::Error::from_raw_os_error(errno).into())
-    }
-
-    /// qemu-io's `break EVENT TAG`.
-    pub(crate) fn add_break(&self, event: DebugEvent, tag: &str) {
-        let mut s = self.lock();
-        s.add(Rule {
-            event,
-            state: 0,
-            action: Action::Suspend(tag.to_string()),
-        });
-    }
-
-    /// qemu-io's `remove_break TAG`: drops the breakpoints of `tag` and resumes its
-    /// suspended request; false when there was neither.
-    pub(crate) fn remove_break(&self, tag: &str) -> bool {
-        let mut s = self.lock();
-        let before = s.rules.len();
-        s.rules
-            .retain(|(_, r)| !matches!(&r.action, Action::Suspend(t) if t == tag));
-        let removed = s.rules.len() != before;
-        drop(s);
-        self.resume(tag) || removed
-    }
-
-    /// qemu-io's `resume TAG`: false when no request is suspended there.
-    pub(crate) fn resume(&self, tag: &str) -> bool {
-        let mut s = self.lock();
-        let Some(pos) = s.suspended.iter().position(|t| t == tag) else {
-            return false;
-        };
-        s.suspended.remove(pos);
-        s.messages
-            .push(format!("blkdebug: Resuming request '{tag}'\n"));
-        self.changed.notify_all();
-        true
-    }
-
-    /// The lines blkdebug printed since the last call.
-    pub(crate) fn take_messages(&self) -> Vec<String> {
-        std::mem::take(&mut self.lock().messages)
-    }
-
-    /// qemu-io's `wait_break TAG`: waits until a request is suspended at `tag`.
-    pub(crate) fn wait_break(&self, tag: &str) -> bool {
-        let deadline = Instant::now() + SUSPEND_LIMIT;
-        let mut s = self.lock();
-        while !s.suspended.iter().any(|t| t == tag) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s = (self.changed.wait_timeout(s, left))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
     }
 }
 
@@ -473,21 +383,5 @@ mod tests {
         }
         let set_state = "[set-state]\nevent = \"read_aio\"\nnew_state = \"2\"\n";
         assert_eq!(parse_config(set_state).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn breakpoints_suspend_until_resumed() {
-        let e = std::sync::Arc::new(Engine::new(Vec::new()));
-        e.add_break(DebugEvent::WriteAio, "A");
-        let t = {
-            let e = e.clone();
-            std::thread::spawn(move || e.event(DebugEvent::WriteAio))
-        };
-        assert!(e.wait_break("A"));
-        assert!(e.resume("A"));
-        t.join().unwrap();
-        assert!(!e.resume("A"));
-        // The breakpoint fired once and is gone.
-        e.event(DebugEvent::WriteAio);
     }
 }

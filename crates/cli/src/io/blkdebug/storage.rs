@@ -69,11 +69,11 @@ impl Storage for BlkdebugStorage {
         self.inner.set_len(len)
     }
     fn flush(&self) -> Result<()> {
-        if self.written.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.engine.check(0, 0, IoType::Flush) {
-                self.written.store(true, Ordering::Release);
-                return Err(e);
-            }
+        if self.written.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.engine.check(0, 0, IoType::Flush)
+        {
+            self.written.store(true, Ordering::Release);
+            return Err(e);
         }
         self.inner.flush()
     }
