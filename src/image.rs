@@ -9,7 +9,7 @@ use diskimg_blockio::{
 };
 
 use crate::format::{Format, probe};
-use crate::hostfile::{PolicyFiles, open_file_with, open_user_file};
+use crate::hostfile::{PolicyFiles, StorageHook, open_file_with, open_user_file};
 use crate::locking::{HeldLocks, LockMode};
 use crate::policy::{OpenPolicy, PathRule};
 
@@ -57,37 +57,6 @@ pub struct ImageOptions {
     pub io_uring: Option<Arc<crate::blockio::Uring>>,
     /// Wraps the storages of the top image (see [`StorageHook`]); `None`: none.
     pub storage_hook: Option<StorageHook>,
-}
-
-/// A function that may wrap each storage of the top image before its format driver
-/// sees it: called with `None` for the image file and with the purpose for each file
-/// the driver opens (an external data file, an extent), it returns the storage to use.
-/// Test programs put error injection there (the CLI's `blkdebug` nodes below a format);
-/// backing images are opened without it.
-#[derive(Clone)]
-#[allow(clippy::type_complexity)]
-pub struct StorageHook(
-    pub Arc<dyn Fn(Option<FilePurpose>, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>,
-);
-
-impl std::fmt::Debug for StorageHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StorageHook")
-    }
-}
-
-impl StorageHook {
-    /// The storage to use for `storage` (of `purpose`; `None`: the image file).
-    pub(crate) fn wrap(
-        hook: Option<&StorageHook>,
-        purpose: Option<FilePurpose>,
-        storage: Arc<dyn Storage>,
-    ) -> Arc<dyn Storage> {
-        match hook {
-            Some(h) => (h.0)(purpose, storage),
-            None => storage,
-        }
-    }
 }
 
 impl Default for ImageOptions {

@@ -45,7 +45,8 @@ pub use diskimg_blockio::{
 #[cfg(feature = "qcow2")]
 pub use diskimg_qcow2 as qcow2;
 pub use format::{Format, probe};
-pub use image::{Image, ImageOptions, StorageHook, create, open, open_storage, probe_path};
+pub use hostfile::StorageHook;
+pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use inspect::{
     Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,
     inspect, inspect_storage,

@@ -25,7 +25,7 @@ use crate::io::blkdebug::{
 use crate::io::filter::Filtered;
 use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
-pub(crate) use crate::names::flatten_json;
+pub(crate) use crate::names::{flatten_json, parse_bool};
 
 /// What a specification opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,15 +94,6 @@ const IGNORED: &[&str] = &[
     "file.aio-max-batch",
     "auto-read-only",
 ];
-
-/// Parses a qemu boolean option with qemu's message.
-pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
-    }
-}
 
 /// Moves every `prefix.`-key of `o` up one level (`file.file.filename` → `file.filename`).
 fn descend(o: &OptionList, prefix: &str) -> OptionList {

@@ -106,7 +106,7 @@ impl Rule {
             });
         }
         let flag = |k: &str| -> AnyResult<bool> {
-            get(k).map_or(Ok(false), |v| crate::imgspec::parse_bool(k, &v))
+            get(k).map_or(Ok(false), |v| crate::names::parse_bool(k, &v))
         };
         let errno = num("errno")?.unwrap_or(5);
         let errno =
