@@ -71,6 +71,7 @@ for c in $(echo "$CASES" | tr , ' '); do
         if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
         n=$((n + 1))
         for d in $order; do
+            echo "BEGIN $1-$2-$3 $d"
             r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 \
                 --bs=$2 --iodepth=$3 --time_based --runtime=$SECS --norandommap \
                 --randrepeat=0 --output-format=terse --terse-version=3 2>&1 | grep '^3;')
@@ -140,6 +141,29 @@ for s in ours theirs; do
     for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
 done
 
+# Each server's CPU time (user + system, all threads, /proc/PID/stat) over each fio run:
+# the guest prints BEGIN before a run and its FIO result after it, and this filter of the
+# console samples the server of that disk at both lines. Under TCG the emulated guest
+# sets the pace, so the servers' CPU per request is the load-independent figure.
+cpu_monitor='
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+pid = {"vda": sys.argv[1], "vdb": sys.argv[2]}
+def cpu(d):
+    with open(f"/proc/{pid[d]}/stat") as f:
+        t = f.read().rsplit(")", 1)[1].split()
+    return (int(t[11]) + int(t[12])) / tick
+start = {}
+for line in sys.stdin:
+    line = line.replace("\r", "")
+    sys.stdout.write(line)
+    f = line.split()
+    if len(f) == 3 and f[0] == "BEGIN":
+        start[(f[1], f[2])] = cpu(f[2])
+    elif len(f) == 4 and f[0] == "FIO" and (f[1], f[2]) in start:
+        print("CPU", f[1], f[2], cpu(f[2]) - start.pop((f[1], f[2])))
+    sys.stdout.flush()
+'
 cpu=(); [ "$accel" = kvm ] && cpu=(-cpu host)
 mem=1G
 timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
@@ -148,14 +172,16 @@ timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$acc
     -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs ROUNDS=$rounds CASES=$cases" \
     -chardev socket,id=c0,path="$dir/ours.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
     -chardev socket,id=c1,path="$dir/theirs.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=2 \
-    </dev/null | tr -d '\r' > "$dir/console" || true
+    </dev/null | python3 -c "$cpu_monitor" "${pids[0]}" "${pids[1]}" > "$dir/console" || true
 grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest did not finish" >&2; exit 1; }
 
 python3 - "$dir/console" <<'EOF'
 import statistics, sys
-res = {}
+res, cpu, ops = {}, {}, {}
 for l in open(sys.argv[1]):
     f = l.split()
+    if len(f) == 4 and f[0] == "CPU":
+        cpu.setdefault((f[1], f[2]), []).append(float(f[3]))
     if len(f) == 4 and f[0] == "FIO":
         t = f[3].split(";")
         if t[4] != "0":
@@ -163,8 +189,15 @@ for l in open(sys.argv[1]):
         rd = int(t[5]) > 0
         iops, kib = (float(t[7]), float(t[6])) if rd else (float(t[48]), float(t[47]))
         res.setdefault((f[1], f[2]), []).append(iops if "-4k-" in f[1] else kib / 1024)
-print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios |")
-print("|---|---|---|---|---|")
+        # Requests completed in the run (fio's total I/O in KiB over the block size).
+        n = int(t[5]) if rd else int(t[46])
+        ops.setdefault((f[1], f[2]), []).append(n / (4 if "-4k-" in f[1] else 1024))
+def per_op(case, d):
+    c, n = sum(cpu.get((case, d), [])), sum(ops.get((case, d), []))
+    return c * 1e6 / n if n else float("nan")
+print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios "
+      "| server CPU per request, µs: diskimg / qsd |")
+print("|---|---|---|---|---|---|")
 for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
              "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
     if (case, "vda") not in res:
@@ -175,7 +208,7 @@ for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-
     rw, bs, qd = case.split("-")
     unit = "IOPS" if bs == "4k" else "MiB/s"
     print(f"| {rw} {bs} QD{qd} ({unit}) | {ma:.0f} | {mb:.0f} | {ma / max(mb, 1e-9):.2f}x "
-          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} |")
+          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} | {per_op(case, 'vda'):.0f} / {per_op(case, 'vdb'):.0f} |")
 EOF
 echo
 echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
