@@ -64,6 +64,12 @@ export PATH=/bin:/usr/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 depmod; modprobe virtio_pci; modprobe virtio_blk
 echo GUEST-START
+# Completion interrupts of a disk so far: its virtio device's request queues, all CPUs.
+irqs() {
+    v=$(basename "$(readlink /sys/block/$1/device)")
+    awk -v v="$v-req" -v n="$(grep -c ^processor /proc/cpuinfo)" \
+        'index($0, v) { for (i = 2; i <= n + 1; i++) s += $i } END { print s + 0 }' /proc/interrupts
+}
 n=0
 for c in $(echo "$CASES" | tr , ' '); do
     set -- $(echo "$c" | tr - ' ')
@@ -72,10 +78,12 @@ for c in $(echo "$CASES" | tr , ' '); do
         n=$((n + 1))
         for d in $order; do
             echo "BEGIN $1-$2-$3 $d"
+            i0=$(irqs $d)
             r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 \
                 --bs=$2 --iodepth=$3 --time_based --runtime=$SECS --norandommap \
                 --randrepeat=0 --output-format=terse --terse-version=3 2>&1 | grep '^3;')
             echo "FIO $1-$2-$3 $d $r"
+            echo "IRQ $1-$2-$3 $d $(($(irqs $d) - i0))"
         done
     done
 done
@@ -177,11 +185,11 @@ grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest d
 
 python3 - "$dir/console" <<'EOF'
 import statistics, sys
-res, cpu, ops = {}, {}, {}
+res, cpu, irq, ops = {}, {}, {}, {}
 for l in open(sys.argv[1]):
     f = l.split()
-    if len(f) == 4 and f[0] == "CPU":
-        cpu.setdefault((f[1], f[2]), []).append(float(f[3]))
+    if len(f) == 4 and f[0] in ("CPU", "IRQ"):
+        (cpu if f[0] == "CPU" else irq).setdefault((f[1], f[2]), []).append(float(f[3]))
     if len(f) == 4 and f[0] == "FIO":
         t = f[3].split(";")
         if t[4] != "0":
@@ -192,12 +200,12 @@ for l in open(sys.argv[1]):
         # Requests completed in the run (fio's total I/O in KiB over the block size).
         n = int(t[5]) if rd else int(t[46])
         ops.setdefault((f[1], f[2]), []).append(n / (4 if "-4k-" in f[1] else 1024))
-def per_op(case, d):
-    c, n = sum(cpu.get((case, d), [])), sum(ops.get((case, d), []))
-    return c * 1e6 / n if n else float("nan")
+def per_op(what, case, d):
+    c, n = sum(what.get((case, d), [])), sum(ops.get((case, d), []))
+    return c / n if n else float("nan")
 print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios "
-      "| server CPU per request, µs: diskimg / qsd |")
-print("|---|---|---|---|---|---|")
+      "| server CPU µs per request: diskimg / qsd | guest interrupts per request |")
+print("|---|---|---|---|---|---|---|")
 for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
              "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
     if (case, "vda") not in res:
@@ -208,7 +216,8 @@ for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-
     rw, bs, qd = case.split("-")
     unit = "IOPS" if bs == "4k" else "MiB/s"
     print(f"| {rw} {bs} QD{qd} ({unit}) | {ma:.0f} | {mb:.0f} | {ma / max(mb, 1e-9):.2f}x "
-          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} | {per_op(case, 'vda'):.0f} / {per_op(case, 'vdb'):.0f} |")
+          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} | {per_op(cpu, case, 'vda') * 1e6:.0f} / {per_op(cpu, case, 'vdb') * 1e6:.0f} "
+          f"| {per_op(irq, case, 'vda'):.2f} / {per_op(irq, case, 'vdb'):.2f} |")
 EOF
 echo
 echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
