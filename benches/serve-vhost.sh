@@ -70,6 +70,11 @@ irqs() {
     awk -v v="$v-req" -v n="$(grep -c ^processor /proc/cpuinfo)" \
         'index($0, v) { for (i = 2; i <= n + 1; i++) s += $i } END { print s + 0 }' /proc/interrupts
 }
+# What the guest made of each device's limits (a request larger than these is split).
+for d in vda vdb; do
+    q=/sys/block/$d/queue
+    echo "QUEUE $d max_segment_size=$(cat $q/max_segment_size) max_segments=$(cat $q/max_segments) max_sectors_kb=$(cat $q/max_sectors_kb)"
+done
 n=0
 for c in $(echo "$CASES" | tr , ' '); do
     set -- $(echo "$c" | tr - ' ')
@@ -220,4 +225,5 @@ for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-
           f"| {per_op(irq, case, 'vda'):.2f} / {per_op(irq, case, 'vdb'):.2f} |")
 EOF
 echo
+sed -n 's/^QUEUE vda/guest queue limits: diskimg (vda)/p; s/^QUEUE vdb/guest queue limits: qemu-storage-daemon (vdb)/p' "$dir/console"
 echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
