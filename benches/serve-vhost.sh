@@ -2,7 +2,10 @@
 # vhost-user-blk: diskimg serve vs qemu-storage-daemon on copies of the same qcow2 image,
 # measured in one run from inside one guest: fio (libaio, O_DIRECT) 4 KiB random read/write
 # IOPS and 1 MiB sequential read/write throughput at queue depths 1 and 16, each case
-# alternating which server goes first. Prints a markdown table with ratios.
+# alternating which server goes first. Prints a markdown table with ratios, each
+# server's CPU time per request (host side, /proc/PID/stat over each fio run) and the
+# guest's completion interrupts per request for each disk, then the queue limits the
+# guest derived from each device.
 #
 # Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 4)]
 #   ROUNDS=3       rounds per case; each round runs both disks back to back, the first
