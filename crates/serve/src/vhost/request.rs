@@ -117,7 +117,10 @@ where
             });
             match direct {
                 Some(r) => r?,
-                None => bounce_read(export, &mut writer, offset, len)?,
+                None => bounced(len, offset, |b, o| {
+                    export.read(b, o)?;
+                    writer.write_all(b).map_err(|_| Status::IoErr)
+                })?,
             }
             written = len;
             Ok(())
@@ -132,7 +135,10 @@ where
                 Some(slices) => Ok(guest::with_shared(&slices, |bufs| {
                     export.write_vectored(bufs, offset, false)
                 })?),
-                None => bounce_write(export, &mut reader, offset, len),
+                None => bounced(len, offset, |b, o| {
+                    reader.read_exact(b).map_err(|_| Status::IoErr)?;
+                    Ok(export.write(b, o, false)?)
+                }),
             }
         }
         _ => execute(export, ty, &mut reader, &mut writer, &mut written),
@@ -200,39 +206,17 @@ where
     (left == 0).then_some(out)
 }
 
-/// A read through this thread's bounce buffer, a [`CHUNK`] at a time.
-fn bounce_read<W: Write>(
-    export: &Export,
-    writer: &mut W,
-    offset: u64,
+/// `len` bytes from `offset` through this thread's bounce buffer: `f(piece, offset)`
+/// for consecutive pieces of at most [`CHUNK`] bytes.
+fn bounced(
     len: usize,
+    offset: u64,
+    mut f: impl FnMut(&mut [u8], u64) -> Result<(), Status>,
 ) -> Result<(), Status> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK);
-        with_buf(n, |b| {
-            export.read(b, offset + done as u64)?;
-            writer.write_all(b).map_err(|_| Status::IoErr)
-        })?;
-        done += n;
-    }
-    Ok(())
-}
-
-/// A write through this thread's bounce buffer, a [`CHUNK`] at a time.
-fn bounce_write<R: Read>(
-    export: &Export,
-    reader: &mut R,
-    offset: u64,
-    len: usize,
-) -> Result<(), Status> {
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK);
-        with_buf(n, |b| {
-            reader.read_exact(b).map_err(|_| Status::IoErr)?;
-            Ok::<(), Status>(export.write(b, offset + done as u64, false)?)
-        })?;
+        with_buf(n, |b| f(b, offset + done as u64))?;
         done += n;
     }
     Ok(())

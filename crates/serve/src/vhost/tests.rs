@@ -65,6 +65,14 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn scattered_write_then_read_round_trips() {
+    scattered_round_trip();
+    // The same through the bounce buffer (the path for chains that cannot be lent).
+    super::request::FORCE_BOUNCE.with(|f| f.set(true));
+    scattered_round_trip();
+    super::request::FORCE_BOUNCE.with(|f| f.set(false));
+}
+
+fn scattered_round_trip() {
     let (mem, dev, export) = setup();
     // A write: header, then 3 data buffers of odd sizes (9216 bytes), then status.
     let data = pattern(9216, 3);
