@@ -76,7 +76,10 @@ fn claim(ctx: &Ctx<'_>, cur: &Mutex<Cursor>, total: u64) -> Result<Option<(u64, 
     // with one allocation instead of a partial cluster at either end (qemu-img aligns
     // its requests to the target's cluster size too).
     let grid = ctx.chunk.max(1);
-    let next = (pos / grid).saturating_add(1).saturating_mul(grid).min(total);
+    let next = (pos / grid)
+        .saturating_add(1)
+        .saturating_mul(grid)
+        .min(total);
     let mut len = next - pos;
     if ctx.opts.sparse_size > 0 && ctx.opts.backing.is_none() {
         let st = block_status(ctx.src, pos, total - pos)?;

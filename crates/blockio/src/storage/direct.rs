@@ -293,7 +293,9 @@ impl DirectIo {
         let mut dirty = self.dirty();
         let (mid_lo, mid_hi) = (off.div_ceil(a) * a, end / a * a);
         if mid_lo < mid_hi {
-            let mid = buf.get(idx(mid_lo - off)..idx(mid_hi - off)).unwrap_or_default();
+            let mid = buf
+                .get(idx(mid_lo - off)..idx(mid_hi - off))
+                .unwrap_or_default();
             dirty.update(mid, mid_lo, self.align);
             self.write_aligned(file, mid, mid_lo)?;
         }

@@ -64,7 +64,10 @@ impl Dirty {
     /// Copies `data` (written at `off`) into the cached blocks it overlaps.
     pub(crate) fn update(&mut self, data: &[u8], off: u64, align: usize) {
         let end = off.saturating_add(data.len() as u64);
-        for (&bo, block) in self.blocks.range_mut(off / align as u64 * align as u64..end) {
+        for (&bo, block) in self
+            .blocks
+            .range_mut(off / align as u64 * align as u64..end)
+        {
             let (lo, hi) = (bo.max(off), (bo + block.len() as u64).min(end));
             if let (Some(dst), Some(src)) = (
                 block.get_mut(idx(lo - bo)..idx(hi - bo)),
