@@ -4,13 +4,15 @@
 //! it from many threads at once. Implementations here: [`FileStorage`] (a host file through
 //! `pread`/`pwrite`), [`MemStorage`] (a growable in-memory buffer) and [`ReadOnlyStorage`]
 //! (a wrapper refusing writes); [`FaultStorage`] injects crashes for tests. One file per
-//! kind; `direct.rs` is [`FileStorage`]'s `O_DIRECT` alignment.
+//! kind; `direct.rs` is [`FileStorage`]'s `O_DIRECT` alignment, `dirty.rs` its cache of
+//! partial blocks.
 
 use std::fs::File;
 
 use crate::error::{Error, Result};
 
 pub(crate) mod direct;
+mod dirty;
 mod fault;
 mod file;
 mod mem;

@@ -55,6 +55,7 @@ impl UringStorage {
 
     /// Moves an opened file (with its cache mode and locks) onto `ring`.
     pub fn new(file: FileStorage, ring: Arc<Uring>) -> Self {
+        file.stop_block_cache();
         Self {
             file: Arc::new(file),
             ring,
@@ -63,6 +64,7 @@ impl UringStorage {
 
     /// [`UringStorage::new`] of a shared file (one whose locks others hold too).
     pub fn from_arc(file: Arc<FileStorage>, ring: Arc<Uring>) -> Self {
+        file.stop_block_cache();
         Self { file, ring }
     }
 
