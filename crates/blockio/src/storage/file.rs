@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::direct::DirectIo;
+use super::readers::Readers;
 use super::{Preallocation, Storage, write_zeroes_by_buffer};
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
@@ -21,6 +22,8 @@ pub struct FileStorage {
     direct: Option<DirectIo>,
     /// The qemu-compatible lock bytes held on the file ([`FileStorage::lock`]).
     locked: std::sync::Mutex<Option<crate::lock::LockPerms>>,
+    /// Descriptions of the file for threads reading at once (`storage/readers.rs`).
+    readers: Readers,
 }
 
 impl FileStorage {
@@ -61,6 +64,7 @@ impl FileStorage {
             cache,
             direct,
             locked: std::sync::Mutex::new(None),
+            readers: Readers::default(),
         })
     }
 
@@ -124,6 +128,7 @@ impl FileStorage {
             cache: CacheMode::Writeback,
             direct: None,
             locked: std::sync::Mutex::new(None),
+            readers: Readers::default(),
         }
     }
 
@@ -201,10 +206,13 @@ impl Drop for FileStorage {
 }
 
 impl Storage for FileStorage {
+    /// Each reading thread reads through a description of the file of its own
+    /// (`storage/readers.rs`), so threads reading at once share no per-read kernel state.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let file = self.readers.pick(&self.file);
         match &self.direct {
-            Some(d) => d.read_exact(&self.file, buf, offset),
-            None => self.file.read_exact_at(buf, offset),
+            Some(d) => d.read_exact(file, buf, offset),
+            None => file.read_exact_at(buf, offset),
         }
         .map_err(|e| {
             Error::io(
@@ -237,7 +245,7 @@ impl Storage for FileStorage {
             return crate::vectored::storage_read_each(self, bufs, offset);
         }
         let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
-        crate::vectored::preadv_exact(&self.file, bufs, offset)
+        crate::vectored::preadv_exact(self.readers.pick(&self.file), bufs, offset)
             .map_err(|e| Error::io(format!("could not read {len} bytes at offset {offset}"), e))
     }
 

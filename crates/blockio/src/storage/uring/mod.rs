@@ -26,6 +26,7 @@ use crate::aio::IoBuf;
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
 
+pub(crate) mod plug;
 mod ring;
 
 pub use ring::Uring;
