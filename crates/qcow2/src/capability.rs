@@ -24,6 +24,12 @@ impl Snapshots for Qcow2Device {
     fn open(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
         self.open_snapshot(id_or_name)
     }
+    fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        crate::features::vmstate::load(self, buf, pos)
+    }
+    fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        crate::features::vmstate::save(self, buf, pos)
+    }
 }
 
 impl Bitmaps for Qcow2Device {

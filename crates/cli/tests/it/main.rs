@@ -33,6 +33,7 @@ mod iotest_cases;
 mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
+mod iotest_qcow2;
 mod locking;
 mod locking_chain;
 mod luks;

@@ -13,3 +13,4 @@ pub(crate) mod keyslots;
 pub(crate) mod maint;
 pub(crate) mod resize;
 pub(crate) mod snapshot_ops;
+pub(crate) mod vmstate;
