@@ -94,6 +94,11 @@ impl DirectIo {
         })
     }
 
+    /// Request offsets and lengths are multiples of this (a power of two).
+    pub(crate) fn align(&self) -> u64 {
+        self.align as u64
+    }
+
     fn aligned(&self, off: u64, len: usize) -> bool {
         off.is_multiple_of(self.align as u64) && len.is_multiple_of(self.align)
     }

@@ -1,6 +1,6 @@
-//! qcow2 behaviour from qemu-iotests (VM state, lazy refcounts, zero writes, ...), each
-//! judged by qemu's own programs: the same outputs on the same files, and qemu reading
-//! what diskimg wrote.
+//! Format behaviour from qemu-iotests (qcow2 VM state, lazy refcounts, zero writes, raw
+//! map under O_DIRECT, ...), each judged by qemu's own programs: the same outputs on the
+//! same files, and qemu reading what diskimg wrote.
 
 use diskimg_testutil::qemu_img_ok;
 
@@ -43,4 +43,34 @@ fn vmstate_as_qemu() {
     };
     let q = outputs_as_qemu(run);
     assert!(q[1].contains("read 65536/65536"), "{q:?}");
+}
+
+/// `map` of a raw file whose size is not a sector multiple, opened with
+/// `cache.direct=on` (iotest 253): the data run at the end of the file counts up to the
+/// end of its block, as qemu's file driver rounds it; without O_DIRECT it does not.
+#[test]
+fn raw_map_of_odd_tail_under_o_direct_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let p = d.join("t.raw");
+        std::fs::write(&p, vec![7u8; 1048575]).unwrap();
+        let direct = format!(
+            "driver=raw,file.driver=file,file.filename={},cache.direct=on",
+            s(&p)
+        );
+        let buffered = format!("driver=raw,file.driver=file,file.filename={}", s(&p));
+        [direct, buffered]
+            .iter()
+            .map(|o| {
+                let a = ["map", "--output=json", "--image-opts", o.as_str()];
+                let out = if qemu {
+                    diskimg_testutil::qemu_img(&a)
+                } else {
+                    crate::diskimg(&a)
+                };
+                String::from_utf8_lossy(&out.stdout).to_string()
+            })
+            .collect()
+    };
+    let q = outputs_as_qemu(run);
+    assert!(q[0].contains("\"length\": 1048576"), "{q:?}");
 }
