@@ -25,17 +25,18 @@ impl Drop for Qcow2Device {
 impl BlockDevice for Qcow2Device {
     fn info(&self) -> DeviceInfo {
         let m = self.lock();
-        let mut info = DeviceInfo::new("qcow2", m.size);
+        let mut info = DeviceInfo::new("qcow2", m.size());
         info.cluster_size = Some(m.cs());
         info.read_only = self.read_only;
-        info.dirty = m.h.incompatible & INCOMPAT_DIRTY != 0;
-        info.encrypted = m.h.crypt_method != 0;
-        info.backing =
-            m.h.backing_file
-                .as_ref()
-                .map(|b| BackingRef::new(b.clone(), m.h.ext.backing_format.clone()));
+        info.dirty = m.h().incompatible & INCOMPAT_DIRTY != 0;
+        info.encrypted = m.h().crypt_method != 0;
+        info.backing = m
+            .h()
+            .backing_file
+            .as_ref()
+            .map(|b| BackingRef::new(b.clone(), m.h().ext.backing_format.clone()));
         info.format_specific = Some(("qcow2", self.format_specific(&m)));
-        info.snapshots = m.snapshots.iter().map(|s| s.info.clone()).collect();
+        info.snapshots = m.snapshots().iter().map(|s| s.info.clone()).collect();
         info
     }
 
@@ -103,7 +104,7 @@ impl BlockDevice for Qcow2Device {
         if self.data.is_none() {
             return Vec::new();
         }
-        self.lock().h.ext.data_file.clone().into_iter().collect()
+        self.lock().h().ext.data_file.clone().into_iter().collect()
     }
 
     fn map_file(&self, _offset: u64) -> usize {
@@ -188,7 +189,7 @@ impl BlockDevice for Qcow2Device {
 
     /// Version 3 images only (version 2 cannot hold bitmaps).
     fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
-        (self.lock().h.version >= 3).then_some(self as &dyn Bitmaps)
+        (self.lock().h().version >= 3).then_some(self as &dyn Bitmaps)
     }
 
     fn as_amend(&self) -> Option<&dyn Amend> {

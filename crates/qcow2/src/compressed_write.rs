@@ -29,13 +29,13 @@ fn target(dev: &Qcow2Device) -> Result<(u64, u8, u64)> {
         ));
     }
     let m = dev.lock();
-    if m.data.is_some() {
+    if m.data().is_some() {
         return Err(Error::unsupported(
             "qcow2",
             "compressed writes to images with a data file",
         ));
     }
-    Ok((m.cs(), m.h.compression_type, m.size))
+    Ok((m.cs(), m.h().compression_type, m.size()))
 }
 
 /// Refuses ranges that are not whole clusters (the last one may be the image's partial
@@ -132,10 +132,10 @@ impl Packer {
                 "qcow2: compressed cluster of an invalid size",
             ));
         }
-        let l2 = ensure_l2(m, off / m.h.l1_coverage())?;
-        let i = (off / cs) % m.h.l2_entries();
-        let host = alloc_bytes(m, len)?;
-        let x = 62 - (m.h.cluster_bits - 8);
+        let l2 = ensure_l2(m, off / m.h().l1_coverage())?;
+        let i = (off / cs) % m.h().l2_entries();
+        let host = m.alloc_bytes(len)?;
+        let x = 62 - (m.h().cluster_bits - 8);
         if host + len > 1u64 << x {
             return Err(Error::invalid(
                 "qcow2: image too large for compressed clusters",
@@ -179,40 +179,4 @@ impl Packer {
 pub(crate) fn write_compressed(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
     let cu = compress_units(dev, buf, off)?;
     write_units(dev, cu)
-}
-
-/// Allocates `size` bytes for compressed data, packing into the last partly used cluster
-/// and, as qemu does, spilling into freshly allocated clusters that directly follow it.
-/// Every cluster the range touches is referenced once more before the caller points an
-/// L2 entry at it.
-fn alloc_bytes(m: &mut Meta, size: u64) -> Result<u64> {
-    let cs = m.cs();
-    let fb = m.free_byte;
-    let next_free = |end: u64| if end.is_multiple_of(cs) { 0 } else { end };
-    if fb != 0 && !fb.is_multiple_of(cs) {
-        let c = fb / cs;
-        let r = m.refcount(c)?;
-        if r > 0 && r < m.max_refcount() {
-            let room = cs - fb % cs;
-            if size <= room {
-                m.set_refcount(c, r + 1)?;
-                m.free_byte = next_free(fb + size);
-                return Ok(fb);
-            }
-            let need = (size - room).div_ceil(cs);
-            let run = m.alloc_run(need)?;
-            if run == (c + 1) * cs {
-                m.set_refcount(c, r + 1)?;
-                m.free_byte = next_free(fb + size);
-                return Ok(fb);
-            }
-            // Not adjacent: give the run back (a crash here only leaks it).
-            for k in 0..need {
-                m.set_refcount(run / cs + k, 0)?;
-            }
-        }
-    }
-    let host = m.alloc_run(size.div_ceil(cs))?;
-    m.free_byte = next_free(host + size);
-    Ok(host)
 }

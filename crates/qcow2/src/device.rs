@@ -62,7 +62,7 @@ impl Qcow2Device {
 
     /// Sets the guest size in `m` (held exclusively) and its lock-free copy.
     pub(crate) fn set_size(&self, m: &mut Meta, size: u64) {
-        m.size = size;
+        m.set_size(size);
         self.size.store(size, Ordering::Release);
     }
 
@@ -76,7 +76,7 @@ impl Qcow2Device {
     /// The internal snapshots (id, name, sizes, dates) as `qemu-img snapshot -l` lists them.
     pub fn snapshots(&self) -> Vec<diskimg_blockio::SnapshotInfo> {
         self.lock()
-            .snapshots
+            .snapshots()
             .iter()
             .map(|s| s.info.clone())
             .collect()
@@ -105,7 +105,7 @@ impl Qcow2Device {
     }
 
     pub(crate) fn format_specific(&self, m: &Meta) -> Vec<(String, InfoValue)> {
-        let h = &m.h;
+        let h = m.h();
         let mut d: Vec<(String, InfoValue)> = Vec::new();
         let s = |v: &str| InfoValue::Str(v.to_string());
         let v3 = h.version >= 3;

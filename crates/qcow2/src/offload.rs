@@ -39,7 +39,7 @@ pub(crate) fn write_from(
 ) -> Result<()> {
     let (cs, size) = {
         let m = dev.lock();
-        (m.cs(), m.size)
+        (m.cs(), m.size())
     };
     let end = off + len;
     // The whole clusters inside the range (a partial last cluster of the disk is not).
@@ -72,10 +72,10 @@ fn whole_clusters(
     let mut pos = guest;
     let mut p = Pending::default();
     while pos < end {
-        let per = m.h.l2_entries();
+        let per = m.h().l2_entries();
         let i0 = (pos / cs) % per;
         let n = ((end - pos) / cs).min(per - i0);
-        let l1i = pos / m.h.l1_coverage();
+        let l1i = pos / m.h().l1_coverage();
         let l2 = ensure_l2(&mut m, l1i)?;
         let mut plans = plan_table(&mut m, pos, n, l2, &mut p)?;
         allocate(&mut m, pos, &mut plans)?;
@@ -129,12 +129,12 @@ fn host_of(plan: Option<&Plan>) -> u64 {
 /// latter in `p.unref`).
 fn plan_table(m: &mut Meta, pos: u64, n: u64, l2: u64, p: &mut Pending) -> Result<Vec<Plan>> {
     let cs = m.cs();
-    let ext = m.h.extended_l2();
+    let ext = m.h().extended_l2();
     let mut plans = Vec::new();
     for k in 0..n {
         let (e, bm, _) = m.l2_entry(pos + k * cs)?;
         let copied = e & OFLAG_COPIED != 0;
-        let kind = classify(&m.h, e, bm, 0, l2)?;
+        let kind = classify(m.h(), e, bm, 0, l2)?;
         let in_place = if !ext {
             match kind {
                 Sub::Data(h) if copied => Some((h, None)),
@@ -143,7 +143,7 @@ fn plan_table(m: &mut Meta, pos: u64, n: u64, l2: u64, p: &mut Pending) -> Resul
             }
         } else {
             let allocated = e & OFLAG_COMPRESSED == 0
-                && (e & L2E_OFFSET_MASK != 0 || (m.data.is_some() && copied));
+                && (e & L2E_OFFSET_MASK != 0 || (m.data().is_some() && copied));
             let h = e & L2E_OFFSET_MASK;
             (allocated && copied).then_some((h, (bm != ALL_ALLOC).then_some((e, ALL_ALLOC))))
         };
@@ -178,7 +178,7 @@ fn allocate(m: &mut Meta, pos: u64, plans: &mut [Plan]) -> Result<()> {
         while matches!(plans.get(k + run), Some(Plan::Fresh(..))) {
             run += 1;
         }
-        let host = if m.data.is_some() {
+        let host = if m.data().is_some() {
             pos + k as u64 * cs
         } else {
             m.alloc_run(run as u64)?

@@ -11,8 +11,7 @@ use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, 
 use crate::device::Qcow2Device;
 use crate::disk::ext::parse_bitmap_directory;
 use crate::disk::header::{
-    AUTOCLEAR_AT, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-    INCOMPATIBLE_AT,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
@@ -77,24 +76,20 @@ impl Qcow2Device {
         let limits = opts.limits;
         let cs = h.cluster_size();
         let mut meta = Meta::new(file.clone(), data.clone(), h, limits);
-        meta.l1 = meta.read_table(
-            "Active L1 table offset invalid",
-            meta.h.l1_table_offset,
-            u64::from(meta.h.l1_size),
-        )?;
+        let (l1_off, l1_n) = (meta.h().l1_table_offset, u64::from(meta.h().l1_size));
+        meta.load_l1("Active L1 table offset invalid", l1_off, l1_n)?;
         meta.load_reftable()?;
-        let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), &meta.h, &limits)?;
+        let (snapshots, snapshot_table_len) = read_snapshots(file.as_ref(), meta.h(), &limits)?;
         if !read_only {
             meta.collect_meta();
-            meta.note_meta(SnapshotTable, meta.h.snapshots_offset, snapshot_table_len);
+            meta.note_meta(SnapshotTable, meta.h().snapshots_offset, snapshot_table_len);
             for s in &snapshots {
                 meta.note_meta(InactiveL1, s.l1_offset, u64::from(s.l1_size) * 8);
             }
         }
-        meta.snapshots = snapshots;
-        meta.snapshot_table_len = snapshot_table_len;
-        let bitmaps = match meta.h.ext.bitmaps {
-            Some(b) if meta.h.autoclear & AUTOCLEAR_BITMAPS != 0 => {
+        meta.set_snapshots(snapshots, snapshot_table_len);
+        let bitmaps = match meta.h().ext.bitmaps {
+            Some(b) if meta.h().autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
                     return Err(Error::corrupt(
                         "qcow2",
@@ -109,7 +104,7 @@ impl Qcow2Device {
             _ => Vec::new(),
         };
         let mut dev = Qcow2Device {
-            size: AtomicU64::new(meta.size),
+            size: AtomicU64::new(meta.size()),
             meta: RwLock::new(meta),
             file,
             data,
@@ -147,12 +142,10 @@ impl Qcow2Device {
     /// Clears the autoclear bits we cannot maintain (qemu's QCOW2_AUTOCLEAR_MASK).
     fn clear_unknown_autoclear(&self) -> Result<()> {
         let mut m = self.lock();
-        let autoclear = m.h.autoclear;
+        let autoclear = m.h().autoclear;
         let keep = autoclear & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW);
         if keep != autoclear {
-            m.h.autoclear = keep;
-            self.file.write_all_at(&keep.to_be_bytes(), AUTOCLEAR_AT)?;
-            self.file.flush()?;
+            m.write_autoclear(keep)?;
         }
         Ok(())
     }
@@ -162,15 +155,15 @@ impl Qcow2Device {
     fn open_rw_fixups(&self) -> Result<()> {
         let (dirty, autoclear) = {
             let m = self.lock();
-            (m.h.incompatible & INCOMPAT_DIRTY != 0, m.h.autoclear)
+            (m.h().incompatible & INCOMPAT_DIRTY != 0, m.h().autoclear)
         };
         self.clear_unknown_autoclear()?;
         // A program lacking bitmap support cleared the autoclear bit: the bitmaps are
         // inconsistent and qemu drops the extension (their clusters leak).
         if autoclear & AUTOCLEAR_BITMAPS == 0 {
             let mut m = self.lock();
-            if m.h.ext.bitmaps.is_some() {
-                let mut h = m.h.clone();
+            if m.h().ext.bitmaps.is_some() {
+                let mut h = m.h().clone();
                 h.ext.bitmaps = None;
                 crate::engine::meta::write_header(&mut m, &mut h)?;
             }
@@ -179,11 +172,8 @@ impl Qcow2Device {
             let report = crate::features::check::check(self, RepairMode::All)?;
             *self.open_repairs.lock().unwrap_or_else(|e| e.into_inner()) = report.messages;
             let mut m = self.lock();
-            m.h.incompatible &= !INCOMPAT_DIRTY;
-            let v = m.h.incompatible;
-            self.file.flush()?;
-            self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT)?;
-            self.file.flush()?;
+            let v = m.h().incompatible & !INCOMPAT_DIRTY;
+            m.write_incompatible(v)?;
         }
         Ok(())
     }
@@ -194,7 +184,7 @@ impl Qcow2Device {
     pub fn open_snapshot(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
         let by_id = self
             .lock()
-            .snapshots
+            .snapshots()
             .iter()
             .any(|s| s.info.id == id_or_name);
         let dev = if by_id {
@@ -208,7 +198,7 @@ impl Qcow2Device {
     fn snapshot_view(&self, id: Option<&str>, name: Option<&str>) -> Result<Qcow2Device> {
         let m = self.lock();
         let snap = m
-            .snapshots
+            .snapshots()
             .iter()
             .find(|s| id.is_none_or(|i| s.info.id == i) && name.is_none_or(|n| s.info.name == n))
             .ok_or_else(|| {
@@ -218,25 +208,29 @@ impl Qcow2Device {
                 ))
             })?
             .clone();
-        let mut view = Meta::new(m.file.clone(), m.data.clone(), m.h.clone(), m.limits);
-        view.l1_offset = snap.l1_offset;
-        view.size = snap.disk_size.unwrap_or(m.h.size);
+        let mut view = Meta::new(
+            m.file().clone(),
+            m.data().cloned(),
+            m.h().clone(),
+            m.limits(),
+        );
+        view.set_size(snap.disk_size.unwrap_or(m.h().size));
         view.share_reftable(&m);
         drop(m);
-        if view.h.l1_entries_for(view.size) > u64::from(snap.l1_size) {
+        if view.h().l1_entries_for(view.size()) > u64::from(snap.l1_size) {
             return Err(Error::corrupt(
                 "qcow2",
                 "Snapshot L1 table too small",
                 snap.l1_offset,
             ));
         }
-        view.l1 = view.read_table(
+        view.load_l1(
             "Snapshot L1 table offset invalid",
             snap.l1_offset,
             u64::from(snap.l1_size),
         )?;
         Ok(Qcow2Device {
-            size: AtomicU64::new(view.size),
+            size: AtomicU64::new(view.size()),
             meta: RwLock::new(view),
             file: self.file.clone(),
             data: self.data.clone(),

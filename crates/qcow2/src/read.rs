@@ -60,7 +60,7 @@ impl Qcow2Device {
     fn read_compressed_part(&self, h: u64, clen: u64, dst: &mut [u8], guest: u64) -> Result<()> {
         let (cs, ty) = {
             let m = self.shared();
-            (m.cs(), m.h.compression_type)
+            (m.cs(), m.h().compression_type)
         };
         if guest.is_multiple_of(cs) && dst.len() as u64 == cs {
             // A whole cluster (convert reads whole chunks): inflate in place.
@@ -109,7 +109,7 @@ impl Qcow2Device {
                 Sub::Compressed(h, clen) => {
                     let cs = m.cs();
                     let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-                    self.read_compressed(m.h.compression_type, h, clen, &mut cluster)?;
+                    self.read_compressed(m.h().compression_type, h, clen, &mut cluster)?;
                     let start = usize::try_from(guest % cs).unwrap_or(0);
                     dst.copy_from_slice(cluster.get(start..start + n).ok_or(Error::corrupt(
                         "qcow2",

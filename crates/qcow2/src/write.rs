@@ -43,7 +43,7 @@ fn commit(m: &mut Meta, p: Pending) -> Result<()> {
 /// The L2 table for L1 index `l1i`, allocated (or copied from a shared one) if needed.
 pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     let l2 = m.l2_offset(l1i)?;
-    let l1e = m.l1.get(idx(l1i)).copied().unwrap_or(0);
+    let l1e = m.l1().get(idx(l1i)).copied().unwrap_or(0);
     if l2 != 0 && l1e & OFLAG_COPIED != 0 {
         return Ok(l2);
     }
@@ -56,10 +56,10 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     let new = m.alloc_run_for(1, Some("L2 table"))?;
     m.note_meta(MetaKind::ActiveL2, new, m.cs());
     m.write_l2_table(new, table)?;
-    m.file.flush()?;
+    m.file().flush()?;
     m.write_l1_entry(l1i, new | OFLAG_COPIED)?;
     if l2 != 0 {
-        m.file.flush()?;
+        m.file().flush()?;
         m.unref_range(l2, m.cs())?;
     }
     Ok(new)
@@ -69,7 +69,7 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 /// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
 /// never written.
 fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
-    if m.data.is_some() {
+    if m.data().is_some() {
         return Ok((cstart, false));
     }
     match m.take_reserved(n) {
@@ -93,10 +93,10 @@ fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
 /// system guarantees zeroes. Never for data files (the host range may hold older bytes)
 /// nor encryption (zero host bytes are not zero plaintext).
 fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Result<bool> {
-    if m.data.is_some() || dev.crypt.is_some() {
+    if m.data().is_some() || dev.crypt.is_some() {
         return Ok(false);
     }
-    Ok(reserved || host >= m.file.len()?)
+    Ok(reserved || host >= m.file().len()?)
 }
 
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
@@ -109,13 +109,13 @@ fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
 /// The old allocation an L2 entry held, to drop once it is no longer referenced.
 pub(crate) fn old_ref(m: &Meta, sub_entry: u64) -> Option<(u64, u64)> {
     if sub_entry & OFLAG_COMPRESSED != 0 {
-        let x = 62 - (m.h.cluster_bits - 8);
+        let x = 62 - (m.h().cluster_bits - 8);
         let off = sub_entry & ((1u64 << x) - 1);
         let sectors = ((sub_entry & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
         return Some((off & !511, sectors * 512));
     }
     let off = sub_entry & L2E_OFFSET_MASK;
-    (off != 0 && m.data.is_none()).then(|| (off, m.cs()))
+    (off != 0 && m.data().is_none()).then(|| (off, m.cs()))
 }
 
 fn write_cluster(
@@ -128,14 +128,14 @@ fn write_cluster(
     let cs = m.cs();
     let in_off = guest % cs;
     let cstart = guest - in_off;
-    let l2 = ensure_l2(m, guest / m.h.l1_coverage())?;
-    let i = (guest / cs) % m.h.l2_entries();
+    let l2 = ensure_l2(m, guest / m.h().l1_coverage())?;
+    let i = (guest / cs) % m.h().l2_entries();
     let (e, bm, _) = m.l2_entry(guest)?;
     let copied = e & OFLAG_COPIED != 0;
     let store = m.data_store().clone();
     let crypt = dev.crypt.as_deref();
-    if !m.h.extended_l2() {
-        let kind = classify(&m.h, e, bm, 0, l2)?;
+    if !m.h().extended_l2() {
+        let kind = classify(m.h(), e, bm, 0, l2)?;
         if let Sub::Data(h) = kind
             && copied
         {
@@ -174,9 +174,9 @@ fn write_cluster(
         return Ok(());
     }
     // Extended L2: validate, then work per subcluster.
-    classify(&m.h, e, bm, 0, l2)?;
+    classify(m.h(), e, bm, 0, l2)?;
     let allocated =
-        e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data.is_some() && copied));
+        e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data().is_some() && copied));
     if e & OFLAG_COMPRESSED != 0 || (allocated && !copied) {
         let mut b = vec![0u8; idx(cs)];
         dev.read_locked(m, &mut b, cstart)?;
@@ -247,13 +247,13 @@ fn fast_run(
     p: &mut Pending,
 ) -> Result<Option<u64>> {
     let cs = m.cs();
-    if m.h.extended_l2() || !guest.is_multiple_of(cs) || (buf.len() as u64) < 2 * cs {
+    if m.h().extended_l2() || !guest.is_multiple_of(cs) || (buf.len() as u64) < 2 * cs {
         return Ok(None);
     }
-    let per = m.h.l2_entries();
+    let per = m.h().l2_entries();
     let i0 = (guest / cs) % per;
     let max_n = (buf.len() as u64 / cs).min(per - i0);
-    let l2 = ensure_l2(m, guest / m.h.l1_coverage())?;
+    let l2 = ensure_l2(m, guest / m.h().l1_coverage())?;
     let mut n = 0u64;
     let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
     let mut host0 = 0u64;
@@ -262,7 +262,7 @@ fn fast_run(
     while n < max_n {
         let (e, bm, _) = m.l2_entry(guest + n * cs)?;
         let copied = e & OFLAG_COPIED != 0;
-        let kind = classify(&m.h, e, bm, 0, l2)?;
+        let kind = classify(m.h(), e, bm, 0, l2)?;
         let this = match kind {
             Sub::Data(h) if copied => {
                 if n == 0 {
@@ -336,9 +336,9 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
 pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -> Result<()> {
     let mut m = dev.lock();
     let cs = m.cs();
-    let size = m.size;
-    let v3 = m.h.version >= 3;
-    let raw = m.h.autoclear & AUTOCLEAR_DATA_RAW != 0;
+    let size = m.size();
+    let v3 = m.h().version >= 3;
+    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
     let zeros = vec![0u8; idx(cs)];
     let mut p = Pending::default();
     let mut pos = off;
@@ -347,12 +347,12 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
         let cstart = pos - pos % cs;
         let n = (cstart + cs).min(end) - pos;
         let mut whole = pos == cstart && (n == cs || pos + n == size);
-        let ext = m.h.extended_l2();
+        let ext = m.h().extended_l2();
         if v3 && !whole && !ext {
             // As qemu: a partial cluster becomes a zero cluster when the rest of it
             // already reads as zeroes (unallocated over zeroes, or a zero cluster).
             let (e, bm, l2o) = m.l2_entry(pos)?;
-            let kind = classify(&m.h, e, bm, 0, l2o)?;
+            let kind = classify(m.h(), e, bm, 0, l2o)?;
             whole = rest_is_zero(dev, kind, cstart..(cstart + cs).min(size), pos..pos + n)?;
         }
         if !v3 || !(whole || ext) {
@@ -361,9 +361,9 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
             pos += n;
             continue;
         }
-        let l1i = pos / m.h.l1_coverage();
+        let l1i = pos / m.h().l1_coverage();
         let table = ensure_l2(&mut m, l1i)?;
-        let index = (pos / cs) % m.h.l2_entries();
+        let index = (pos / cs) % m.h().l2_entries();
         let (entry, bitmap, _) = m.l2_entry(pos)?;
         if raw {
             m.data_store().clone().write_zeroes(pos, n)?;
@@ -384,7 +384,7 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
 fn zero_cluster(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Result<()> {
     let e = at.entry;
     let copied = e & OFLAG_COPIED != 0;
-    let keep = match classify(&m.h, e, at.bitmap, 0, at.table)? {
+    let keep = match classify(m.h(), e, at.bitmap, 0, at.table)? {
         Sub::Data(h) | Sub::ZeroAlloc(h) if copied && !unmap => Some(h),
         _ => None,
     };
@@ -470,7 +470,7 @@ fn full_subclusters(
     n: u64,
 ) -> Result<(u64, u64)> {
     let cs = m.cs();
-    let size = m.size;
+    let size = m.size();
     let g = cs / 32;
     let cstart = pos - pos % cs;
     let in_off = pos - cstart;
@@ -484,7 +484,7 @@ fn full_subclusters(
     let unit = |sc: u64| cstart + sc * g..(cstart + (sc + 1) * g).min(size);
     let kind_of = |sc: u64| {
         let sc = u32::try_from(sc).unwrap_or(0);
-        classify(&m.h, at.entry, at.bitmap, sc, at.table)
+        classify(m.h(), at.entry, at.bitmap, sc, at.table)
     };
     let head_sc = in_off / g;
     if !in_off.is_multiple_of(g) {
@@ -549,12 +549,12 @@ fn backing_zero(dev: &Qcow2Device, from: u64, to: u64) -> Result<bool> {
 /// zeroes on v3; on v2 the clusters are deallocated, or nothing happens with a backing
 /// image (as qemu, which cannot express zeroes there).
 pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
-    let has_backing = dev.backing().is_some() || dev.lock().h.backing_file.is_some();
+    let has_backing = dev.backing().is_some() || dev.lock().h().backing_file.is_some();
     let mut m = dev.lock();
     let cs = m.cs();
-    let size = m.size;
-    let v3 = m.h.version >= 3;
-    let raw = m.h.autoclear & AUTOCLEAR_DATA_RAW != 0;
+    let size = m.size();
+    let v3 = m.h().version >= 3;
+    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
     if !v3 && has_backing {
         // qemu cannot make the range read as zeroes without data writes here, and
         // exposing the backing data would change the guest view: it ignores the request.
@@ -564,8 +564,8 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     let mut c = off.div_ceil(cs) * cs;
     let end = off + len;
     while c < end && (c + cs <= end || end == size) {
-        let l1i = c / m.h.l1_coverage();
-        let i = (c / cs) % m.h.l2_entries();
+        let l1i = c / m.h().l1_coverage();
+        let i = (c / cs) % m.h().l2_entries();
         let (e, bm, l2) = m.l2_entry(c)?;
         if l2 == 0 && !(v3 && has_backing) {
             c += cs;
@@ -573,11 +573,11 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         }
         let allocated = e & OFLAG_COMPRESSED != 0
             || e & L2E_OFFSET_MASK != 0
-            || (m.data.is_some() && e & OFLAG_COPIED != 0);
+            || (m.data().is_some() && e & OFLAG_COPIED != 0);
         if has_backing || allocated {
             let (ne, nb) = if !v3 {
                 (0, 0)
-            } else if m.h.extended_l2() {
+            } else if m.h().extended_l2() {
                 (0, ALL_ALLOC << 32)
             } else {
                 (OFLAG_ZERO, 0)

@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 use crate::create::options::EncryptOptions;
 use crate::crypto::new_area;
 use crate::device::Qcow2Device;
-use crate::disk::header::{CRYPT_METHOD_AT, Header};
+use crate::disk::header::Header;
 use crate::encryption::{CRYPT_AES, CRYPT_LUKS};
 
 /// A new image's encryption, prepared before its header is written.
@@ -75,16 +75,9 @@ impl NewEncryption {
                 dev.file.set_len(off + n * cs)?;
             }
             m.note_meta(crate::engine::overlap::MetaKind::Header, off, n * cs);
-            m.h.ext.crypto = Some((off, len));
-            m.h.crypt_method = CRYPT_LUKS;
+            m.write_crypt(CRYPT_LUKS, Some((off, len)))
         } else {
-            m.h.crypt_method = CRYPT_AES;
+            m.write_crypt(CRYPT_AES, None)
         }
-        dev.file.flush()?;
-        let ext = m.h.ext.serialise(m.h.version);
-        dev.file.write_all_at(&ext, u64::from(m.h.header_length))?;
-        dev.file
-            .write_all_at(&m.h.crypt_method.to_be_bytes(), CRYPT_METHOD_AT)?;
-        dev.file.flush()
     }
 }

@@ -17,17 +17,17 @@ use crate::errors::internal;
 #[derive(Debug)]
 pub(crate) struct Meta {
     /// The image file.
-    pub file: Arc<dyn Storage>,
+    pub(in crate::engine) file: Arc<dyn Storage>,
     /// The external data file, when the image has one.
-    pub data: Option<Arc<dyn Storage>>,
+    pub(in crate::engine) data: Option<Arc<dyn Storage>>,
     /// The header as on disk.
-    pub h: Header,
+    pub(in crate::engine) h: Header,
     /// The L1 table in use (active, or a snapshot's).
-    pub l1: Vec<u64>,
+    pub(in crate::engine) l1: Vec<u64>,
     /// Where `l1` lives.
-    pub l1_offset: u64,
+    pub(in crate::engine) l1_offset: u64,
     /// Guest size of the view.
-    pub size: u64,
+    pub(in crate::engine) size: u64,
     /// Cached L2 tables.
     pub(in crate::engine) l2: L2Cache,
     /// The refcount table.
@@ -35,13 +35,13 @@ pub(crate) struct Meta {
     /// Cached refcount blocks (raw bytes).
     pub(in crate::engine) rb: HashMap<u64, Vec<u8>>,
     /// Resource limits.
-    pub limits: Limits,
+    pub(in crate::engine) limits: Limits,
     /// First cluster index that may be free.
     pub(in crate::engine) free_hint: u64,
     /// Refcount-block allocation searches from here (above a run being allocated).
     pub(in crate::engine) alloc_floor: u64,
     /// Next free byte in the cluster compressed data is being packed into (0 = none).
-    pub free_byte: u64,
+    pub(in crate::engine) free_byte: u64,
     /// L2 updates applied in the cache but not yet written.
     pub(in crate::engine) deferred: Deferred,
     /// Host clusters holding metadata (header, tables), for qemu's overlap check.
@@ -49,9 +49,9 @@ pub(crate) struct Meta {
     /// A corruption event was reported (qemu reports the first one only).
     pub(in crate::engine) corruption_reported: bool,
     /// The internal snapshots (table order).
-    pub snapshots: Vec<crate::disk::snapshot::Snapshot>,
+    pub(in crate::engine) snapshots: Vec<crate::disk::snapshot::Snapshot>,
     /// Bytes of the snapshot table.
-    pub snapshot_table_len: u64,
+    pub(in crate::engine) snapshot_table_len: u64,
     /// Clusters allocated ahead for guest writes (see `reserve`).
     pub(in crate::engine) reserve: crate::engine::reserve::Reserve,
 }

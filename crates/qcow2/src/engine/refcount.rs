@@ -59,6 +59,42 @@ pub(crate) fn max_refcount_of(order: u32) -> u64 {
 }
 
 impl Meta {
+    /// Allocates `size` bytes for compressed data (qemu's `qcow2_alloc_bytes`), packing
+    /// into the last partly used cluster and, as qemu does, spilling into freshly
+    /// allocated clusters that directly follow it. Every cluster the range touches is
+    /// referenced once more before the caller points an L2 entry at it.
+    pub(crate) fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        let cs = self.cs();
+        let fb = self.free_byte;
+        let next_free = |end: u64| if end.is_multiple_of(cs) { 0 } else { end };
+        if fb != 0 && !fb.is_multiple_of(cs) {
+            let c = fb / cs;
+            let r = self.refcount(c)?;
+            if r > 0 && r < self.max_refcount() {
+                let room = cs - fb % cs;
+                if size <= room {
+                    self.set_refcount(c, r + 1)?;
+                    self.free_byte = next_free(fb + size);
+                    return Ok(fb);
+                }
+                let need = (size - room).div_ceil(cs);
+                let run = self.alloc_run(need)?;
+                if run == (c + 1) * cs {
+                    self.set_refcount(c, r + 1)?;
+                    self.free_byte = next_free(fb + size);
+                    return Ok(fb);
+                }
+                // Not adjacent: give the run back (a crash here only leaks it).
+                for k in 0..need {
+                    self.set_refcount(run / cs + k, 0)?;
+                }
+            }
+        }
+        let host = self.alloc_run(size.div_ceil(cs))?;
+        self.free_byte = next_free(host + size);
+        Ok(host)
+    }
+
     /// Refcount entries per refcount block.
     pub(crate) fn rb_entries(&self) -> u64 {
         self.cs() * 8 / u64::from(self.h.refcount_bits())

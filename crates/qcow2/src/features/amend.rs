@@ -56,10 +56,10 @@ impl Qcow2Device {
         let (cur_version, cur_lazy, refcount_order, has_data_file) = {
             let m = self.lock();
             (
-                m.h.version,
-                m.h.compatible & COMPAT_LAZY != 0,
-                m.h.refcount_order,
-                m.data.is_some(),
+                m.h().version,
+                m.h().compatible & COMPAT_LAZY != 0,
+                m.h().refcount_order,
+                m.data().is_some(),
             )
         };
         let keys = Keys::take(&mut o, Verb::Amend)?;
@@ -91,7 +91,10 @@ impl Qcow2Device {
         let new_order = refcount_bits.map_or(refcount_order, u64::trailing_zeros);
         let (hdr_data_file, cur_raw) = {
             let m = self.lock();
-            (m.h.has_data_file(), m.h.autoclear & AUTOCLEAR_DATA_RAW != 0)
+            (
+                m.h().has_data_file(),
+                m.h().autoclear & AUTOCLEAR_DATA_RAW != 0,
+            )
         };
         if data_file.is_some() && !hdr_data_file {
             return Err(Error::invalid(
@@ -133,7 +136,7 @@ impl Qcow2Device {
             // As qemu: a new name for the external data file (an empty one drops the
             // name, the file must then be given at open), or data_file_raw cleared.
             let mut m = self.lock();
-            let mut h = m.h.clone();
+            let mut h = m.h().clone();
             if let Some(name) = data_file {
                 h.ext.data_file = Some(name).filter(|n| !n.is_empty());
             }
@@ -154,13 +157,13 @@ impl Qcow2Device {
     }
 
     fn set_lazy(&self, on: bool) -> Result<()> {
-        let dirty = self.lock().h.incompatible & INCOMPAT_DIRTY != 0;
+        let dirty = self.lock().h().incompatible & INCOMPAT_DIRTY != 0;
         if !on && dirty {
             crate::features::check::check(self, diskimg_blockio::RepairMode::All)?;
         }
         let mut m = self.lock();
         m.commit_deferred()?;
-        let mut h = m.h.clone();
+        let mut h = m.h().clone();
         if on {
             h.compatible |= COMPAT_LAZY;
         } else {
@@ -175,8 +178,8 @@ impl Qcow2Device {
     fn upgrade(&self) -> Result<()> {
         let mut m = self.lock();
         m.commit_deferred()?;
-        let size = m.size;
-        let snaps = m.snapshots.clone();
+        let size = m.size();
+        let snaps = m.snapshots().to_vec();
         if snaps
             .iter()
             .any(|s| s.raw.len() < 40 || extra_len(&s.raw) < 16)
@@ -197,7 +200,7 @@ impl Qcow2Device {
                 .collect();
             write_table(&mut m, fixed)?;
         }
-        let mut h = m.h.clone();
+        let mut h = m.h().clone();
         h.version = 3;
         h.header_length = V3_HEADER_LEN;
         h.refcount_order = 4;
@@ -214,8 +217,8 @@ impl Qcow2Device {
         let (dirty, bitmaps) = {
             let m = self.lock();
             (
-                m.h.incompatible & INCOMPAT_DIRTY != 0,
-                m.h.autoclear & AUTOCLEAR_BITMAPS != 0 && m.h.ext.bitmaps.is_some(),
+                m.h().incompatible & INCOMPAT_DIRTY != 0,
+                m.h().autoclear & AUTOCLEAR_BITMAPS != 0 && m.h().ext.bitmaps.is_some(),
             )
         };
         if dirty {
@@ -230,8 +233,8 @@ impl Qcow2Device {
         let (incompat, zstd) = {
             let m = self.lock();
             (
-                m.h.incompatible & !INCOMPAT_DIRTY,
-                m.h.compression_type != 0,
+                m.h().incompatible & !INCOMPAT_DIRTY,
+                m.h().compression_type != 0,
             )
         };
         if incompat & !INCOMPAT_COMPRESSION != 0 {
@@ -243,9 +246,9 @@ impl Qcow2Device {
         {
             // v2 snapshots have no size of their own: they must have the disk's.
             let m = self.lock();
-            if m.snapshots
+            if m.snapshots()
                 .iter()
-                .any(|s| s.disk_size.is_some_and(|d| d != m.size))
+                .any(|s| s.disk_size.is_some_and(|d| d != m.size()))
             {
                 return Err(Error::invalid(
                     "Internal snapshots prevent downgrade of image",
@@ -268,7 +271,7 @@ impl Qcow2Device {
         self.expand_zero_clusters(&scan.active_zero)?;
         let mut m = self.lock();
         m.commit_deferred()?;
-        let mut h = m.h.clone();
+        let mut h = m.h().clone();
         h.version = 2;
         h.incompatible = 0;
         h.compatible = 0;
@@ -283,7 +286,7 @@ impl Qcow2Device {
     /// Zero clusters cannot be expressed in v2: ones with a host cluster get zeroes
     /// written there, plain ones become unallocated (no backing) or zero-filled data.
     fn expand_zero_clusters(&self, zeros: &[(u64, bool)]) -> Result<()> {
-        let has_backing = self.lock().h.backing_file.is_some();
+        let has_backing = self.lock().h().backing_file.is_some();
         let cs = self.lock().cs();
         let size = self.virtual_size();
         let buf = vec![0u8; idx(cs)];
@@ -294,15 +297,15 @@ impl Qcow2Device {
                 self.write_at(buf.get(..idx(n)).unwrap_or(&[]), guest)?;
             } else {
                 let mut m = self.lock();
-                let l1i = guest / m.h.l1_coverage();
-                let i = (guest / cs) % m.h.l2_entries();
+                let l1i = guest / m.h().l1_coverage();
+                let i = (guest / cs) % m.h().l2_entries();
                 let l2 = crate::write::ensure_l2(&mut m, l1i)?;
                 m.defer(vec![L2Update::new(l2, i, 0, 0)], Vec::new(), false)?;
             }
         }
         let mut m = self.lock();
         m.commit_deferred()?;
-        m.file.flush()?;
+        m.file().flush()?;
         Ok(())
     }
 
@@ -310,10 +313,10 @@ impl Qcow2Device {
         let mut m = self.lock();
         m.commit_deferred()?;
         let cs = m.cs();
-        let per = m.h.l2_entries();
+        let per = m.h().l2_entries();
         let mut out = Scan::default();
-        let mut l1s = vec![(m.l1.clone(), true)];
-        let snaps = m.snapshots.clone();
+        let mut l1s = vec![(m.l1().to_vec(), true)];
+        let snaps = m.snapshots().to_vec();
         for s in &snaps {
             let t = m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size))?;
             l1s.push((t, false));

@@ -37,10 +37,11 @@ pub(crate) struct Entry {
 }
 
 pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
-    let Some(b) =
-        m.h.ext
-            .bitmaps
-            .filter(|_| m.h.autoclear & AUTOCLEAR_BITMAPS != 0)
+    let Some(b) = m
+        .h()
+        .ext
+        .bitmaps
+        .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0)
     else {
         return Ok(Vec::new());
     };
@@ -51,8 +52,8 @@ pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
             b.directory_offset,
         ));
     }
-    let mut buf = m.limits.alloc("bitmap directory", b.directory_size)?;
-    read_host(m.file.as_ref(), &mut buf, b.directory_offset)?;
+    let mut buf = m.limits().alloc("bitmap directory", b.directory_size)?;
+    read_host(m.file().as_ref(), &mut buf, b.directory_offset)?;
     let mut out = Vec::new();
     let mut off = 0usize;
     let trunc = || Error::corrupt("qcow2", "bitmap directory truncated", b.directory_offset);
@@ -115,7 +116,7 @@ pub fn edit_bitmaps(file: Arc<dyn Storage>, name: &str, ops: &[BitmapOp]) -> Res
     for op in ops {
         apply(&mut m, name, op)?;
     }
-    m.file.flush()?;
+    m.file().flush()?;
     Ok(())
 }
 
@@ -182,7 +183,7 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
 /// `add`: the directory entry of a new, empty bitmap with a zeroed table.
 fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) -> Result<Entry> {
     let cs = m.cs();
-    if m.h.version < 3 {
+    if m.h().version < 3 {
         return Err(failed(
             "add",
             name,
@@ -200,11 +201,11 @@ fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) 
     if !(512..=1u64 << 31).contains(&g) || name.is_empty() || name.len() > 1023 {
         return Err(failed("add", name, "Invalid bitmap parameters"));
     }
-    let bytes = m.size.div_ceil(g).div_ceil(8);
+    let bytes = m.size().div_ceil(g).div_ceil(8);
     let entries = bytes.div_ceil(cs);
     let tclusters = (entries * 8).div_ceil(cs).max(1);
     let table = m.alloc_run(tclusters)?;
-    m.file.write_zeroes(table, tclusters * cs)?;
+    m.file().write_zeroes(table, tclusters * cs)?;
     Ok(Entry {
         table_offset: table,
         table_size: u32::try_from(entries).map_err(|_| failed("add", name, "too large"))?,
@@ -222,10 +223,10 @@ fn clear(m: &mut Meta, e: &Entry) -> Result<()> {
     let cs = m.cs();
     let data = table_clusters(m, e)?;
     let zero = m
-        .limits
+        .limits()
         .alloc("bitmap table", u64::from(e.table_size) * 8)?;
-    m.file.write_all_at(&zero, e.table_offset)?;
-    m.file.flush()?;
+    m.file().write_all_at(&zero, e.table_offset)?;
+    m.file().flush()?;
     // Everything but the table itself was data.
     let tlen = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;
     for (o, l) in data {
@@ -286,7 +287,7 @@ fn merge(
     };
     let mut dbits = read_bits(m, &dst)?;
     merge_bits(
-        m.size,
+        m.size(),
         &sbits,
         sgran.max(1),
         &mut dbits,
@@ -321,12 +322,13 @@ pub(crate) fn table_clusters(m: &Meta, e: &Entry) -> Result<Vec<(u64, u64)>> {
 /// Writes `dir` to new clusters, switches the header to it, frees the old directory.
 pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
     let cs = m.cs();
-    let old =
-        m.h.ext
-            .bitmaps
-            .filter(|_| m.h.autoclear & AUTOCLEAR_BITMAPS != 0);
+    let old = m
+        .h()
+        .ext
+        .bitmaps
+        .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0);
     let bytes = serialise(dir);
-    let mut h = m.h.clone();
+    let mut h = m.h().clone();
     if dir.is_empty() {
         h.ext.bitmaps = None;
         h.autoclear &= !AUTOCLEAR_BITMAPS;
@@ -335,8 +337,8 @@ pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
         let off = m.alloc_run(n)?;
         let mut buf = bytes.clone();
         buf.resize(idx(n * cs), 0);
-        m.file.write_all_at(&buf, off)?;
-        m.file.flush()?;
+        m.file().write_all_at(&buf, off)?;
+        m.file().flush()?;
         h.ext.bitmaps = Some(BitmapsExt {
             nb_bitmaps: u32::try_from(dir.len()).map_err(|_| Error::invalid("too many bitmaps"))?,
             directory_size: bytes.len() as u64,
@@ -359,7 +361,7 @@ pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
 pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
     let cs = m.cs();
     let g = 1u64 << e.gbits.min(63);
-    let bytes = m.size.div_ceil(g).div_ceil(8);
+    let bytes = m.size().div_ceil(g).div_ceil(8);
     if u64::from(e.table_size) < bytes.div_ceil(cs) {
         return Err(Error::corrupt(
             "qcow2",
@@ -374,7 +376,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
             e.table_offset,
         ));
     }
-    let mut out = m.limits.alloc("bitmap data", bytes)?;
+    let mut out = m.limits().alloc("bitmap data", bytes)?;
     let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
     for (k, &x) in t.iter().enumerate() {
         let start = k as u64 * cs;
@@ -396,7 +398,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
                     e.table_offset,
                 ));
             }
-            off => read_host(m.file.as_ref(), dst, off)?,
+            off => read_host(m.file().as_ref(), dst, off)?,
         }
     }
     Ok(out)
@@ -431,17 +433,17 @@ fn merge_bits(size: u64, src: &[u8], gs: u64, dst: &mut [u8], gd: u64) {
 pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
     let cs = m.cs();
     let entries = (bits.len() as u64).div_ceil(cs);
-    let mut table = m.limits.alloc_elems::<u64>("bitmap table", entries, 8)?;
+    let mut table = m.limits().alloc_elems::<u64>("bitmap table", entries, 8)?;
     for (k, chunk) in bits.chunks(idx(cs)).enumerate() {
         if chunk.iter().all(|&b| b == 0) {
             continue;
         }
         let off = m.alloc_run(1)?;
-        let mut buf = m.limits.alloc("bitmap data", cs)?;
+        let mut buf = m.limits().alloc("bitmap data", cs)?;
         if let Some(d) = buf.get_mut(..chunk.len()) {
             d.copy_from_slice(chunk);
         }
-        m.file.write_all_at(&buf, off)?;
+        m.file().write_all_at(&buf, off)?;
         if let Some(t) = table.get_mut(k) {
             *t = off;
         }
@@ -450,8 +452,8 @@ pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
     let toff = m.alloc_run(tclusters)?;
     let mut tbuf = crate::disk::table::encode_u64s(&table);
     tbuf.resize(idx(tclusters * cs), 0);
-    m.file.write_all_at(&tbuf, toff)?;
-    m.file.flush()?;
+    m.file().write_all_at(&tbuf, toff)?;
+    m.file().flush()?;
     let n = u32::try_from(entries).map_err(|_| Error::invalid("bitmap too large"))?;
     Ok((toff, n))
 }

@@ -9,7 +9,7 @@
 use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
-use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPATIBLE_AT};
+use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
@@ -117,8 +117,8 @@ fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
 /// Counts the clusters one L2 table references.
 fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
     let cs = m.cs();
-    let x = 62 - (m.h.cluster_bits - 8);
-    let step = if m.h.extended_l2() { 2 } else { 1 };
+    let x = 62 - (m.h().cluster_bits - 8);
+    let step = if m.h().extended_l2() { 2 } else { 1 };
     // qemu counts fragmentation within each L2 table.
     let mut last_host = 0u64;
     for e in t.iter().step_by(step).copied() {
@@ -138,7 +138,7 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
             continue;
         }
         let off = e & L2E_OFFSET_MASK;
-        if off == 0 && !(m.data.is_some() && e & OFLAG_COPIED != 0) {
+        if off == 0 && !(m.data().is_some() && e & OFLAG_COPIED != 0) {
             continue;
         }
         if !off.is_multiple_of(cs) {
@@ -153,7 +153,7 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
             stat(&mut cnt.notes.report.fragmented_clusters);
         }
         last_host = off;
-        if m.data.is_none() {
+        if m.data().is_none() {
             cnt.inc(off, cs);
         }
     }
@@ -169,7 +169,7 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     let cs = m.cs();
     let file_len = dev.file.len()?;
     let refs = m
-        .limits
+        .limits()
         .alloc_elems::<u64>("check reference table", file_len.div_ceil(cs), 8)?;
     let mut cnt = Counter {
         refs,
@@ -179,7 +179,7 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
         notes: Notes {
             report: CheckReport {
                 allocated_clusters: Some(0),
-                total_clusters: Some(m.h.size.div_ceil(cs)),
+                total_clusters: Some(m.h().size.div_ceil(cs)),
                 fragmented_clusters: Some(0),
                 compressed_clusters: Some(0),
                 ..CheckReport::default()
@@ -188,14 +188,14 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
         },
     };
     cnt.inc(0, cs);
-    let h = m.h.clone();
+    let h = m.h().clone();
     let l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
     cnt.inc(h.l1_table_offset, u64::from(h.l1_size) * 8);
     walk_l1(m, &mut cnt, &l1, true);
     if h.nb_snapshots > 0 {
-        cnt.inc(h.snapshots_offset, m.snapshot_table_len);
+        cnt.inc(h.snapshots_offset, m.snapshot_table_len());
     }
-    for s in &m.snapshots.clone() {
+    for s in &m.snapshots().to_vec() {
         cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
         match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
             Ok(sl1) => walk_l1(m, &mut cnt, &sl1, false),
@@ -398,11 +398,12 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         fix_mismatches(&mut m, &mut notes, repair, &mismatches);
     }
     let fix_flags = may_repair(repair, &notes);
-    let l1_offset = m.h.l1_table_offset;
+    let l1_offset = m.h().l1_table_offset;
     if check_copied(dev, &mut m, &mut notes, &l1, l1_offset, fix_flags)? {
         // Reload what the caches hold of the rewritten tables.
         m.reset_l2_cache();
-        m.l1 = m.read_table("L1 table", l1_offset, u64::from(m.h.l1_size))?;
+        let n = u64::from(m.h().l1_size);
+        m.load_l1("L1 table", l1_offset, n)?;
     }
     if repair != RepairMode::None {
         dev.file.flush()?;
@@ -411,13 +412,9 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     let r = &notes.report;
     if repair != RepairMode::None && r.check_errors == 0 && r.corruptions == r.corruptions_fixed {
         // As qemu after a successful repair: the image is clean and consistent again.
-        let cleared = m.h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
-        if cleared != m.h.incompatible {
-            dev.file.flush()?;
-            dev.file
-                .write_all_at(&cleared.to_be_bytes(), INCOMPATIBLE_AT)?;
-            dev.file.flush()?;
-            m.h.incompatible = cleared;
+        let cleared = m.h().incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+        if cleared != m.h().incompatible {
+            m.write_incompatible(cleared)?;
         }
     }
     // As qemu-img's ImageCheck: statistics that are zero are absent.

@@ -105,7 +105,7 @@ pub(crate) fn check_copied(
 /// how many it flipped.
 fn check_l2(m: &mut Meta, notes: &mut Notes, t: &mut [u64], word: &str, fix: bool) -> u64 {
     let cs = m.cs();
-    let step = if m.h.extended_l2() { 2 } else { 1 };
+    let step = if m.h().extended_l2() { 2 } else { 1 };
     let mut dirty = 0;
     for k in (0..t.len()).step_by(step) {
         let Some(&e) = t.get(k) else { break };
@@ -113,7 +113,7 @@ fn check_l2(m: &mut Meta, notes: &mut Notes, t: &mut [u64], word: &str, fix: boo
             continue;
         }
         let off = e & L2E_OFFSET_MASK;
-        let external = m.data.is_some();
+        let external = m.data().is_some();
         if (off == 0 && !(external && e & OFLAG_COPIED != 0)) || !off.is_multiple_of(cs) {
             continue;
         }

@@ -50,7 +50,7 @@ pub(crate) fn load(m: &mut Meta) -> Result<Vec<Tracked>> {
     if !out.is_empty() {
         m.commit_deferred()?;
         write_directory(m, &dir)?;
-        m.file.flush()?;
+        m.file().flush()?;
     }
     Ok(out)
 }
@@ -87,10 +87,10 @@ pub(crate) fn prepare_resize(m: &mut Meta, tracked: &mut Vec<Tracked>, new: u64)
     if changed {
         m.commit_deferred()?;
         write_directory(m, &dir)?;
-        m.file.flush()?;
+        m.file().flush()?;
     }
     for t in tracked.iter() {
-        m.limits.check(
+        m.limits().check(
             "bitmap data",
             new.div_ceil(t.granularity.max(1)).div_ceil(8),
         )?;
@@ -105,10 +105,10 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
         return Ok(());
     }
     m.commit_deferred()?;
-    m.file.flush()?;
+    m.file().flush()?;
     let mut dir = read_directory(m)?;
     let mut free = Vec::new();
-    let size = m.size;
+    let size = m.size();
     for t in tracked {
         let mut t = t.clone();
         t.truncate(size);
@@ -124,11 +124,11 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
         e.flags &= !IN_USE;
     }
     write_directory(m, &dir)?;
-    m.file.flush()?;
+    m.file().flush()?;
     for (o, l) in free {
         m.unref_range(o, l)?;
     }
-    m.file.flush()
+    m.file().flush()
 }
 
 impl Qcow2Device {

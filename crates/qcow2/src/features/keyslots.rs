@@ -100,13 +100,13 @@ impl Qcow2Device {
             .ok_or_else(|| invalid("Encryption amend is only supported for LUKS images"))?;
         let mut req = KeySlotRequest::take(options)?;
         req.force = force;
-        let (off, len) = self.lock().h.ext.crypto.ok_or(Error::corrupt(
+        let (off, len) = self.lock().h().ext.crypto.ok_or(Error::corrupt(
             "qcow2",
             "encryption header extension missing",
             CRYPT_METHOD_AT,
         ))?;
         // Lock order as `info`: metadata before the LUKS header.
-        let limits = self.lock().limits;
+        let limits = self.lock().limits();
         let mut guard = crypt.header.lock().unwrap_or_else(|e| e.into_inner());
         let mut hdr = guard.clone().ok_or_else(key_required)?;
         let mut area = limits.alloc("LUKS header area", len)?;

@@ -21,7 +21,7 @@ impl Qcow2Device {
         self.writable()?;
         let mut m = self.lock();
         m.commit_deferred()?;
-        let mut h = m.h.clone();
+        let mut h = m.h().clone();
         let name = name.filter(|n| !n.is_empty());
         if name.is_some() && h.has_data_file() && h.ext.data_file.is_none() {
             return Err(Error::invalid("qcow2: data file name missing"));
@@ -37,17 +37,17 @@ impl Qcow2Device {
     pub fn make_empty(&self) -> Result<()> {
         self.writable()?;
         let mut m = self.lock();
-        if m.data.is_some() {
+        if m.data().is_some() {
             return Err(Error::unsupported(
                 "qcow2",
                 "emptying an image with an external data file",
             ));
         }
         let cs = m.cs();
-        let per_l2 = m.h.l2_entries();
-        let size = m.size;
-        for l1i in 0..m.l1.len() as u64 {
-            let l1e = m.l1.get(idx(l1i)).copied().unwrap_or(0);
+        let per_l2 = m.h().l2_entries();
+        let size = m.size();
+        for l1i in 0..m.l1().len() as u64 {
+            let l1e = m.l1().get(idx(l1i)).copied().unwrap_or(0);
             if l1e & L1E_OFFSET_MASK == 0 {
                 continue;
             }
@@ -77,18 +77,18 @@ impl Qcow2Device {
             }
         }
         m.commit_deferred()?;
-        m.file.flush()?;
+        m.file().flush()?;
         // qemu rebuilds an emptied image from scratch, so its file shrinks back to a
         // few clusters; here the freed clusters at the end of the file are cut off (the
         // tables stay where they are). Only clusters whose refcount is now zero go.
-        let end = m.file.len()?.div_ceil(cs);
+        let end = m.file().len()?.div_ceil(cs);
         let mut last = end;
         while last > 0 && m.refcount(last - 1)? == 0 {
             last -= 1;
         }
         if last < end {
-            m.file.set_len(last * cs)?;
-            m.file.flush()?;
+            m.file().set_len(last * cs)?;
+            m.file().flush()?;
         }
         Ok(())
     }

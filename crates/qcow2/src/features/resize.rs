@@ -22,7 +22,7 @@ pub(crate) fn resize(
     zero_new: bool,
 ) -> Result<()> {
     let mut m = dev.lock();
-    let old = m.size;
+    let old = m.size();
     if !new.is_multiple_of(512) {
         return Err(Error::invalid("The new size must be a multiple of 512"));
     }
@@ -36,14 +36,14 @@ pub(crate) fn resize(
             "Preallocation can only be used for growing images",
         ));
     }
-    let backed = m.h.backing_file.is_some() || dev.backing().is_some();
+    let backed = m.h().backing_file.is_some() || dev.backing().is_some();
     if prealloc != Preallocation::Off && backed {
         return Err(Error::unsupported(
             "qcow2",
             "preallocation over a backing image",
         ));
     }
-    if !m.snapshots.is_empty() && m.h.version < 3 {
+    if !m.snapshots().is_empty() && m.h().version < 3 {
         return Err(Error::unsupported(
             "qcow2",
             "resizing v2 images with internal snapshots",
@@ -56,20 +56,18 @@ pub(crate) fn resize(
     if new < old {
         shrink_clusters(&mut m, new)?;
     }
-    let need = m.h.l1_entries_for(new);
-    if need > m.l1.len() as u64 {
+    let need = m.h().l1_entries_for(new);
+    if need > m.l1().len() as u64 {
         grow_l1(dev, &mut m, need)?;
     }
-    if m.h.autoclear & AUTOCLEAR_DATA_RAW != 0
+    if m.h().autoclear & AUTOCLEAR_DATA_RAW != 0
         && let Some(d) = &dev.data
     {
         d.set_len(new)?;
         d.flush()?;
     }
-    dev.file.write_all_at(&new.to_be_bytes(), 24)?;
-    dev.file.flush()?;
+    m.write_header_size(new)?;
     dev.set_size(&mut m, new);
-    m.h.size = new;
     drop(m);
     for t in dev
         .tracked
@@ -98,9 +96,9 @@ pub(crate) fn resize(
 fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     m.commit_deferred()?;
     let cs = m.cs();
-    let cov = m.h.l1_coverage();
+    let cov = m.h().l1_coverage();
     let first = new.div_ceil(cs) * cs;
-    let l1_len = m.l1.len() as u64;
+    let l1_len = m.l1().len() as u64;
     let mut p = Pending::default();
     let mut dropped_tables = Vec::new();
     for l1i in first / cov..l1_len {
@@ -108,7 +106,7 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
         if l2 == 0 {
             continue;
         }
-        let per = m.h.l2_entries();
+        let per = m.h().l2_entries();
         let start = if l1i * cov >= first {
             0
         } else {
@@ -137,7 +135,7 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     for &(l1i, _) in &dropped_tables {
         m.write_l1_entry(l1i, 0)?;
     }
-    m.file.flush()?;
+    m.file().flush()?;
     for (_, l2) in dropped_tables {
         p.unref.push((l2, cs));
     }
@@ -152,7 +150,7 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     }
     let clusters = (need * 8).div_ceil(cs);
     let host = m.alloc_run(clusters)?;
-    let mut table = m.l1.clone();
+    let mut table = m.l1().to_vec();
     table.resize(idx(need), 0);
     // Only the table's entries, as qemu's `qcow2_grow_l1_table` writes them: a new
     // image ends right after its L1 table, like qemu's (byte-identical files).
@@ -166,12 +164,9 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     hdr.put_be_u64(4, host);
     dev.file.write_all_at(&hdr, 36)?;
     dev.file.flush()?;
-    let (old_off, old_n) = (m.l1_offset, m.l1.len() as u64);
-    m.l1 = table;
+    let (old_off, old_n) = (m.l1_offset(), m.l1().len() as u64);
+    m.replace_l1(table, host);
     m.note_meta(MetaKind::ActiveL1, host, clusters * cs);
-    m.l1_offset = host;
-    m.h.l1_table_offset = host;
-    m.h.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
     if old_n > 0 {
         m.unref_range(old_off & L1E_OFFSET_MASK, old_n * 8)?;
     }
@@ -195,21 +190,25 @@ pub(crate) fn preallocate(
     let mut m = dev.lock();
     m.commit_deferred()?;
     let cs = m.cs();
-    let size = m.size;
-    let per_l2 = m.h.l2_entries();
-    let ext = m.h.extended_l2();
+    let size = m.size();
+    let per_l2 = m.h().l2_entries();
+    let ext = m.h().extended_l2();
     let mut g = from.div_ceil(cs) * cs;
     while g < size {
-        let l1i = g / m.h.l1_coverage();
+        let l1i = g / m.h().l1_coverage();
         let l2 = ensure_l2(&mut m, l1i)?;
         let i0 = (g / cs) % per_l2;
         let n = ((size - g).div_ceil(cs)).min(per_l2 - i0);
-        let host = if m.data.is_some() { g } else { m.alloc_run(n)? };
+        let host = if m.data().is_some() {
+            g
+        } else {
+            m.alloc_run(n)?
+        };
         let store = m.data_store().clone();
         if matches!(mode, Preallocation::Falloc | Preallocation::Full) {
             store.preallocate(host, n * cs, mode)?;
         } else {
-            let want = if m.data.is_some() {
+            let want = if m.data().is_some() {
                 size
             } else {
                 host + n * cs

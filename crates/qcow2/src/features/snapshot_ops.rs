@@ -23,8 +23,8 @@ use crate::errors::internal;
 /// from `l1`; with `addend == 0` only recomputes the COPIED flags (active table only).
 fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Result<()> {
     let cs = m.cs();
-    let x = 62 - (m.h.cluster_bits - 8);
-    let step = if m.h.extended_l2() { 2 } else { 1 };
+    let x = 62 - (m.h().cluster_bits - 8);
+    let step = if m.h().extended_l2() { 2 } else { 1 };
     let bump = |m: &mut Meta, c: u64| -> Result<u64> {
         let r = m.refcount(c)?;
         let n = match addend {
@@ -100,10 +100,10 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
 /// The index of the snapshot with id `id_or_name`, or else with that name (qemu's
 /// lookup for `snapshot -a/-d`).
 fn snapshot_index(m: &Meta, id_or_name: &str) -> Result<usize> {
-    m.snapshots
+    m.snapshots()
         .iter()
         .position(|s| s.info.id == id_or_name)
-        .or_else(|| m.snapshots.iter().position(|s| s.info.name == id_or_name))
+        .or_else(|| m.snapshots().iter().position(|s| s.info.name == id_or_name))
         .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))
 }
 
@@ -121,20 +121,17 @@ pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
         m.alloc_run(len.div_ceil(cs))?
     };
     if len > 0 {
-        m.file.write_all_at(&table, off)?;
+        m.file().write_all_at(&table, off)?;
     }
-    m.file.flush()?;
+    m.file().flush()?;
     let mut hdr = [0u8; 12];
     let nb = u32::try_from(snaps.len()).map_err(|_| Error::invalid("too many snapshots"))?;
     hdr.put_be_u32(0, nb);
     hdr.put_be_u64(4, off);
-    m.file.write_all_at(&hdr, 60)?;
-    m.file.flush()?;
-    let (old_off, old_len) = (m.h.snapshots_offset, m.snapshot_table_len);
-    m.h.nb_snapshots = nb;
-    m.h.snapshots_offset = off;
-    m.snapshot_table_len = len;
-    m.snapshots = snaps;
+    m.file().write_all_at(&hdr, 60)?;
+    m.file().flush()?;
+    let (old_off, old_len) = (m.h().snapshots_offset, m.snapshot_table_len());
+    m.replace_snapshots(snaps, off, len);
     m.note_meta(MetaKind::SnapshotTable, off, len);
     if old_len > 0 {
         m.unref_range(old_off, old_len)?;
@@ -174,7 +171,7 @@ impl Qcow2Device {
     pub fn create_snapshot(&self, name: &str) -> Result<String> {
         self.writable()?;
         let mut m = self.lock();
-        if m.data.is_some() {
+        if m.data().is_some() {
             return Err(Error::unsupported(
                 "qcow2",
                 "internal snapshots with an external data file",
@@ -189,15 +186,15 @@ impl Qcow2Device {
             )));
         }
         m.commit_deferred()?;
-        m.file.flush()?;
+        m.file().flush()?;
         let id = m
-            .snapshots
+            .snapshots()
             .iter()
             .filter_map(|s| s.info.id.parse::<u64>().ok())
             .max()
             .unwrap_or(0)
             + 1;
-        let l1 = m.l1.clone();
+        let l1 = m.l1().to_vec();
         let cs = m.cs();
         // The snapshot's own L1 copy (flags cleared).
         let n = l1.len() as u64;
@@ -208,10 +205,10 @@ impl Qcow2Device {
         };
         if n > 0 {
             let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-            m.file.write_all_at(&encode_u64s(&copy), l1_off)?;
+            m.file().write_all_at(&encode_u64s(&copy), l1_off)?;
         }
         update_refcounts(&mut m, &l1, 1, true)?;
-        m.file.flush()?;
+        m.file().flush()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -223,21 +220,21 @@ impl Qcow2Device {
             date_nsec: now.subsec_nanos(),
             vm_clock_nsec: 0,
             icount: Some(0),
-            disk_size: Some(m.size),
+            disk_size: Some(m.size()),
         };
         let l1_size = u32::try_from(n).map_err(|_| Error::invalid("L1 size"))?;
         let snap = Snapshot {
-            raw: entry_raw(&info, l1_off, l1_size, m.size),
+            raw: entry_raw(&info, l1_off, l1_size, m.size()),
             l1_offset: l1_off,
             l1_size,
-            disk_size: Some(m.size),
+            disk_size: Some(m.size()),
             info,
         };
         m.note_meta(MetaKind::InactiveL1, l1_off, n * 8);
-        let mut snaps = m.snapshots.clone();
+        let mut snaps = m.snapshots().to_vec();
         snaps.push(snap);
         write_table(&mut m, snaps)?;
-        m.file.flush()?;
+        m.file().flush()?;
         Ok(id.to_string())
     }
 
@@ -248,8 +245,8 @@ impl Qcow2Device {
         let mut m = self.lock();
         let pos = snapshot_index(&m, id_or_name)?;
         m.commit_deferred()?;
-        m.file.flush()?;
-        let mut snaps = m.snapshots.clone();
+        m.file().flush()?;
+        let mut snaps = m.snapshots().to_vec();
         let snap = snaps.remove(pos);
         write_table(&mut m, snaps)?;
         let l1 = m.read_table(
@@ -261,11 +258,11 @@ impl Qcow2Device {
         if snap.l1_size > 0 {
             m.unref_range(snap.l1_offset, u64::from(snap.l1_size) * 8)?;
         }
-        m.file.flush()?;
+        m.file().flush()?;
         // Clusters only the active image still uses get their COPIED flags back.
-        let active = m.l1.clone();
+        let active = m.l1().to_vec();
         update_refcounts(&mut m, &active, 0, true)?;
-        m.file.flush()
+        m.file().flush()
     }
 
     /// Reverts the disk to snapshot `id_or_name` (as `qemu-img snapshot -a`); the
@@ -280,8 +277,8 @@ impl Qcow2Device {
         let (snap, size) = {
             let m = self.lock();
             let i = snapshot_index(&m, id_or_name)?;
-            let snap = m.snapshots.get(i).cloned();
-            (snap.ok_or(internal("qcow2: snapshot index"))?, m.size)
+            let snap = m.snapshots().get(i).cloned();
+            (snap.ok_or(internal("qcow2: snapshot index"))?, m.size())
         };
         // As qemu: the disk first takes the snapshot's size (shrinking drops the active
         // tree's clusters beyond it; the L1 table grows for a larger one).
@@ -296,31 +293,28 @@ impl Qcow2Device {
         }
         let mut m = self.lock();
         m.commit_deferred()?;
-        m.file.flush()?;
+        m.file().flush()?;
         let sl1 = m.read_table(
             "Snapshot L1 table offset invalid",
             snap.l1_offset,
             u64::from(snap.l1_size),
         )?;
-        if sl1.len() > m.l1.len() {
+        if sl1.len() > m.l1().len() {
             crate::features::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
         }
         // The snapshot's clusters gain the active image's reference first (leaks only).
         update_refcounts(&mut m, &sl1, 1, false)?;
-        m.file.flush()?;
-        let old = m.l1.clone();
+        m.file().flush()?;
+        let old = m.l1().to_vec();
         let mut new = vec![0u64; old.len()];
         for (d, s) in new.iter_mut().zip(sl1.iter()) {
             *d = *s & !OFLAG_COPIED;
         }
-        let l1_off = m.l1_offset;
-        m.file.write_all_at(&encode_u64s(&new), l1_off)?;
-        m.file.flush()?;
-        m.l1 = new;
+        m.write_l1(new)?;
         update_refcounts(&mut m, &old, -1, false)?;
-        m.file.flush()?;
-        let active = m.l1.clone();
+        m.file().flush()?;
+        let active = m.l1().to_vec();
         update_refcounts(&mut m, &active, 0, true)?;
-        m.file.flush()
+        m.file().flush()
     }
 }
