@@ -14,12 +14,13 @@ use crate::engine::meta::Meta;
 
 /// Guest offset of byte `pos` of the VM state area, and the end of `len` bytes there.
 fn span(m: &Meta, pos: u64, len: u64) -> Result<(u64, u64)> {
-    let cov = m.h.l1_coverage();
-    let start =
-        m.h.l1_entries_for(m.size)
-            .checked_mul(cov)
-            .and_then(|base| base.checked_add(pos))
-            .ok_or(Error::invalid("VM state offset out of range"))?;
+    let cov = m.h().l1_coverage();
+    let start = m
+        .h()
+        .l1_entries_for(m.size())
+        .checked_mul(cov)
+        .and_then(|base| base.checked_add(pos))
+        .ok_or(Error::invalid("VM state offset out of range"))?;
     let end = start
         .checked_add(len)
         .ok_or(Error::invalid("VM state offset out of range"))?;
@@ -55,8 +56,8 @@ pub(crate) fn save(dev: &Qcow2Device, buf: &[u8], pos: u64) -> Result<()> {
     {
         let mut m = dev.lock();
         let (_, end) = span(&m, pos, buf.len() as u64)?;
-        let need = end.div_ceil(m.h.l1_coverage());
-        let have = m.l1.len() as u64;
+        let need = end.div_ceil(m.h().l1_coverage());
+        let have = m.l1().len() as u64;
         if need > have {
             crate::features::resize::grow_l1(dev, &mut m, grown_l1_size(have, need))?;
         }
