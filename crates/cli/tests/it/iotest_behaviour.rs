@@ -74,3 +74,60 @@ fn raw_map_of_odd_tail_under_o_direct_as_qemu() {
     let q = outputs_as_qemu(run);
     assert!(q[0].contains("\"length\": 1048576"), "{q:?}");
 }
+
+/// Preallocated encrypted images (iotest 188) read as zeroes, to qemu as well; a data
+/// file created without preallocation is as long as the disk (iotest 243).
+#[test]
+fn preallocation_of_encrypted_and_data_file_images() {
+    let d = diskimg_testutil::tempdir();
+    let t = d.path().join("t.qcow2");
+    let obj = "secret,id=sec0,data=astrochicken";
+    let opts =
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation=metadata";
+    let o = crate::diskimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        obj,
+        "-o",
+        opts,
+        s(&t),
+        "1M",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let spec = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        s(&t)
+    );
+    let q = crate::qemu_io_raw(&[
+        "--object",
+        obj,
+        "--image-opts",
+        &spec,
+        "-c",
+        "read -P 0 0 1M",
+    ]);
+    assert!(
+        q.status.success() && !crate::iotest_cases::io_text(&q).contains("fail"),
+        "{q:?}"
+    );
+    let map = qemu_img_ok(&[
+        "map",
+        "--output=json",
+        "--object",
+        obj,
+        "--image-opts",
+        &spec,
+    ]);
+    assert!(
+        map.contains("\"data\": true") && !map.contains("\"data\": false"),
+        "{map}"
+    );
+    let r = d.path().join("r.qcow2");
+    let data = format!("data_file={}", s(&d.path().join("r.data")));
+    crate::diskimg_ok(&["create", "-q", "-f", "qcow2", "-o", &data, s(&r), "64M"]);
+    let len = std::fs::metadata(d.path().join("r.data")).unwrap().len();
+    assert_eq!(len, 64 << 20);
+}
