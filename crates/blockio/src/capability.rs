@@ -141,6 +141,20 @@ pub trait Amend: Send + Sync {
         let _ = force;
         self.amend(options, secrets)
     }
+    /// [`Amend::amend_forced`] reporting progress as `progress(done, total)` in work
+    /// units of the format's choosing (qemu's amend status callback: qemu-img prints
+    /// `100 * done / total`; the total may grow, so the percentage can step back). The
+    /// default reports nothing.
+    fn amend_with_progress(
+        &self,
+        options: &OptionList,
+        secrets: &Secrets,
+        force: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let _ = progress;
+        self.amend_forced(options, secrets, force)
+    }
 }
 
 /// Maintenance of the link between an image and its backing image (`qemu-img rebase -u`

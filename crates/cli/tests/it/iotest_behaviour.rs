@@ -131,3 +131,52 @@ fn preallocation_of_encrypted_and_data_file_images() {
     let len = std::fs::metadata(d.path().join("r.data")).unwrap().len();
     assert_eq!(len, 64 << 20);
 }
+
+/// `amend -p` records (iotests 061, 112): qemu's units per operation, the projection
+/// over several operations, and the step back when the refcount width change needs a
+/// fourth walk.
+#[test]
+fn amend_progress_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let tool = |a: &[&str]| {
+            let o = if qemu {
+                diskimg_testutil::qemu_img(a)
+            } else {
+                crate::diskimg(a)
+            };
+            String::from_utf8_lossy(&o.stdout).replace('\r', "\n")
+        };
+        let t = d.join("t.qcow2");
+        let t = s(&t);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1,cluster_size=512",
+            t,
+            "64k",
+        ]);
+        let w = crate::qemu_io_raw(&["-c", &format!("write 0 {}", 58 * 512), t]);
+        assert!(w.status.success());
+        let mut out = vec![tool(&["amend", "-o", "refcount_bits=64", "-p", t])];
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "compat=1.1", t, "4G"]);
+        let z: Vec<String> = (0..4).map(|g| format!("write -z {g}G 64k")).collect();
+        let mut a: Vec<&str> = z.iter().flat_map(|c| ["-c", c.as_str()]).collect();
+        a.push(t);
+        assert!(crate::qemu_io_raw(&a).status.success());
+        out.push(tool(&["amend", "-p", "-o", "compat=0.10", t]));
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", t, "1G"]);
+        out.push(tool(&[
+            "amend",
+            "-p",
+            "-o",
+            "compat=1.1,refcount_bits=8",
+            t,
+        ]));
+        out
+    };
+    let q = outputs_as_qemu(run);
+    assert!(q[0].contains("(66.67/100%)\n    (50.00/100%)"), "{q:?}");
+}

@@ -5,6 +5,7 @@
 //! make-empty). Nothing below this layer names these modules.
 
 pub(crate) mod amend;
+pub(crate) mod amend_progress;
 pub(crate) mod bitmap;
 pub(crate) mod check;
 pub(crate) mod check_copied;
