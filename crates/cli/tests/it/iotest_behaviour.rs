@@ -180,3 +180,47 @@ fn amend_progress_as_qemu() {
     let q = outputs_as_qemu(run);
     assert!(q[0].contains("(66.67/100%)\n    (50.00/100%)"), "{q:?}");
 }
+
+/// Zero writes with extended L2 (iotest 271): a whole cluster zeroed with unmap (or a
+/// compressed one) loses its host cluster, an unaligned head over a compressed cluster
+/// is written as data and the rest gets zero subclusters, and an aligned bulk that
+/// starts or ends inside a compressed cluster is written as zero data. qemu-img judges
+/// both files' maps.
+#[test]
+fn extended_l2_zero_writes_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = d.join("t.qcow2");
+        let t = s(&t);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            t,
+            "2083k",
+        ]);
+        let mut c: Vec<String> = vec!["write -P 1 0 64k".into(), "write -z -u 0 64k".into()];
+        for k in 2..12 {
+            c.push(format!("write -c -P {k} {}k 64k", k * 64));
+        }
+        c.extend(
+            [
+                "write -z 128k 192k",
+                "write -z 352k 128k",
+                "write -z 543k 129k",
+                "write -z 735k 128k",
+                "write -z 2048k 35k",
+            ]
+            .map(String::from),
+        );
+        let mut a: Vec<&str> = c.iter().flat_map(|x| ["-c", x.as_str()]).collect();
+        a.push(t);
+        let mut out = io_calls(d, &[a.iter().map(|x| x.to_string()).collect()], qemu);
+        out.push(qemu_img_ok(&["map", "--output=json", t]));
+        out.push(qemu_img_ok(&["check", t]));
+        out
+    };
+    outputs_as_qemu(run);
+}

@@ -173,11 +173,8 @@ pub(crate) fn refcount_walks(refs: &[u64], w: &Widths) -> u64 {
 /// from `hint`, which moves past them.
 fn first_fit(refs: &mut Vec<u64>, hint: &mut usize, n: usize) -> usize {
     let mut start = *hint;
-    loop {
-        match (start..start + n).find(|&c| refs.get(c).is_some_and(|&r| r != 0)) {
-            Some(used) => start = used + 1,
-            None => break,
-        }
+    while let Some(used) = (start..start + n).find(|&c| refs.get(c).is_some_and(|&r| r != 0)) {
+        start = used + 1;
     }
     if refs.len() < start + n {
         refs.resize(start + n, 0);
