@@ -347,10 +347,9 @@ fn enter_chain(path: &Path, options: &ImageOptions, visited: &mut Vec<PathBuf>) 
     let canon = std::fs::canonicalize(path)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
     if visited.contains(&canon) {
-        return Err(Error::invalid(format!(
-            "Backing file '{}' creates an infinite loop.",
-            path.display()
-        )));
+        return Err(Error::BackingLoop {
+            path: path.display().to_string(),
+        });
     }
     let depth = u32::try_from(visited.len()).unwrap_or(u32::MAX);
     let max_depth = options

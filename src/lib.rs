@@ -41,9 +41,19 @@ pub use diskimg_blockio::{
     BlockDevice, CacheMode, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList,
     Result, Secrets, Storage, block_status, map_chain, map_chain_iter, parse_size,
 };
+/// Digests of a disk image's guest content (feature `checksum`).
+#[cfg(feature = "checksum")]
+pub use diskimg_checksum as checksum;
 /// The qcow2 crate, for its own API beyond the device capabilities.
 #[cfg(feature = "qcow2")]
 pub use diskimg_qcow2 as qcow2;
+/// Export of a device over NBD and vhost-user-blk (feature `serve`).
+#[cfg(feature = "serve")]
+pub use diskimg_serve as serve;
+/// Sources and sinks that are not local image files: stdin, pipes, HTTP(S), compressed
+/// and tar/OVA inputs, streamed qcow2/VMDK/VHD/OVA outputs (feature `stream`).
+#[cfg(feature = "stream")]
+pub use diskimg_stream as stream;
 pub use format::{Format, probe};
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use inspect::{

@@ -108,10 +108,13 @@ pub fn measure(
                 bitmaps,
             })
         }
-        f => Err(Error::invalid(format!(
-            "Block driver '{}' does not support size measurement",
-            f.name()
-        ))),
+        f => Err(Error::unsupported(
+            f.name(),
+            format!(
+                "Block driver '{}' does not support size measurement",
+                f.name()
+            ),
+        )),
     }
 }
 
@@ -162,10 +165,11 @@ pub fn relink_after_commit(child: &dyn BlockDevice, parent: &dyn BlockDevice) ->
 /// The image's [`Amend`] capability, or qemu's refusal for formats without one.
 pub fn amender(image: &Image) -> Result<&dyn Amend> {
     image.device.as_amend().ok_or_else(|| {
-        Error::invalid(format!(
-            "Format driver '{}' does not support option amendment",
-            image.device.info().format
-        ))
+        let format = image.device.info().format;
+        Error::unsupported(
+            format,
+            format!("Format driver '{format}' does not support option amendment"),
+        )
     })
 }
 
@@ -218,11 +222,14 @@ pub fn edit_bitmaps(
     )?;
     if format != crate::Format::Qcow2 {
         let op = ops.first().map_or("add", BitmapOp::verb);
-        return Err(Error::invalid(format!(
-            "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \
-             Operation not supported",
-            path.display()
-        )));
+        return Err(Error::unsupported(
+            format.name(),
+            format!(
+                "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \
+                 Operation not supported",
+                path.display()
+            ),
+        ));
     }
     diskimg_qcow2::edit_bitmaps(storage, name, ops)
 }

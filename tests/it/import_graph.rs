@@ -3,10 +3,11 @@
 //! - inside each crate, the module import graph (`use crate::…`, `super::…`, `self::…`
 //!   and `child::…` references between files, re-exports followed to the file that
 //!   defines the item) has no cycle of more than two files;
-//! - the CLI depends on no format crate directly (only the facade, blockio, convert and
-//!   the service crates checksum, stream and serve);
+//! - the CLI depends on the facade, blockio and convert only (formats and the service
+//!   crates checksum, stream and serve through the facade's re-exports);
 //! - no `downcast` or `as_any()` call outside the format crates (the CLI's one error
-//!   mapping may downcast error chains; wrappers may forward `as_any`).
+//!   mapping may downcast error chains; wrappers may forward `as_any`);
+//! - no function of more than [`MAX_FN_LINES`] lines (test code aside).
 //!
 //! `DISKIMG_IMPORT_GRAPH=1 cargo test -p diskimg --test it import_graph -- --nocapture`
 //! prints each crate's graph and the crate graph (as drawn in docs/DESIGN.md).
@@ -233,17 +234,10 @@ fn diskimg_deps(manifest: &Path) -> Vec<String> {
 }
 
 #[test]
-fn the_cli_reaches_formats_only_through_the_facade() {
+fn the_cli_depends_on_the_facade_convert_and_blockio_only() {
     let deps = diskimg_deps(&root().join("crates/cli/Cargo.toml"));
     assert!(deps.contains(&"diskimg".to_string()), "{deps:?}");
-    let allowed = [
-        "diskimg",
-        "diskimg-blockio",
-        "diskimg-convert",
-        "diskimg-checksum",
-        "diskimg-stream",
-        "diskimg-serve",
-    ];
+    let allowed = ["diskimg", "diskimg-blockio", "diskimg-convert"];
     let bad: Vec<&String> = deps
         .iter()
         .filter(|d| !allowed.contains(&d.as_str()))
@@ -285,4 +279,81 @@ fn no_downcast_outside_format_crates() {
         }
     }
     assert!(bad.is_empty(), "downcasts:\n{}", bad.join("\n"));
+}
+
+/// The longest a function may be, in lines (issue 16: functions that fit on a screen).
+const MAX_FN_LINES: usize = 120;
+
+/// `(name, first line, lines)` of each function with a body in `code` (comments and
+/// strings blanked, so braces are code).
+fn functions(code: &str) -> Vec<(String, usize, usize)> {
+    let b = code.as_bytes();
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(k) = code[from..].find("fn ") {
+        let at = from + k;
+        from = at + 3;
+        if at > 0 && (b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_') {
+            continue;
+        }
+        let name: String = code[at + 3..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // The body opens at the first `{` outside brackets, unless a `;` ends the
+        // declaration first.
+        let mut nest = 0i32;
+        let mut open = None;
+        for (i, c) in code[at..].char_indices() {
+            match c {
+                '(' | '[' => nest += 1,
+                ')' | ']' => nest -= 1,
+                ';' if nest == 0 => break,
+                '{' if nest == 0 => {
+                    open = Some(at + i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = open.filter(|_| !name.is_empty()) else {
+            continue;
+        };
+        let mut depth = 0;
+        let close = code[open..].char_indices().find_map(|(i, c)| {
+            depth += match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            (depth == 0).then_some(open + i)
+        });
+        if let Some(close) = close {
+            let first = code[..at].matches('\n').count() + 1;
+            out.push((name, first, code[at..close].matches('\n').count() + 1));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_over_max_lines() {
+    let mut long = Vec::new();
+    for (name, dir) in workspace_crates(&root()) {
+        let tree = ModuleTree::load(&name, &dir);
+        for m in &tree.modules {
+            for (f, line, n) in functions(&m.code) {
+                if n > MAX_FN_LINES {
+                    long.push(format!("{name} {}:{line}: fn {f} has {n} lines", m.file));
+                }
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FN_LINES} lines (split them at their seams):\n{}",
+        long.join("\n")
+    );
+    let sample = "fn a(x: [u8; 2]) {\n    {\n    }\n}\nfn b();\n";
+    assert_eq!(functions(sample), [("a".to_string(), 1, 4)]);
 }

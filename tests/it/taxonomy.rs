@@ -1,7 +1,8 @@
 //! The error taxonomy on real images: damaged bytes give [`Error::Corrupt`] with the
 //! offset of the damaged field, a foreign file gives [`Error::NotThisFormat`], and a bad
 //! request gives [`Error::InvalidArgument`] — for every format outside qcow2 (whose
-//! own tests cover it).
+//! own tests cover it); a backing loop and a capability a format lacks have their own
+//! variants.
 
 use std::sync::Arc;
 
@@ -147,4 +148,28 @@ fn a_corrupt_image_is_reported_with_its_offset() {
     assert_eq!(e.image_offset(), Some(0x40));
     assert_eq!(e.to_string(), "header truncated");
     assert!(e.located().contains("0x40"), "{}", e.located());
+}
+
+#[test]
+fn a_backing_loop_and_a_missing_capability_have_their_own_variants() {
+    let dir = tempdir();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", a_s, "1M"]);
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", a_s, "-F", "qcow2", b_s]);
+    qemu_img_ok(&["rebase", "-u", "-f", "qcow2", "-b", b_s, "-F", "qcow2", a_s]);
+    let opts = ImageOptions::default().with_policy(diskimg::OpenPolicy::qemu_compatible());
+    let e = diskimg::open(&b, None, &opts).unwrap_err();
+    assert!(matches!(e, Error::BackingLoop { .. }), "{e:?}");
+    assert!(e.to_string().ends_with("creates an infinite loop."), "{e}");
+    // Measuring for a format that cannot: qemu's words, as Unsupported.
+    let none = OptionList::parse("").unwrap();
+    let e = diskimg::maint::measure(None, 1 << 20, Format::Vdi, &none).unwrap_err();
+    assert!(e.is_unsupported(), "{e:?}");
+    assert!(
+        matches!(&e, Error::Unsupported { what, .. }
+            if what == "Block driver 'vdi' does not support size measurement"),
+        "{e:?}"
+    );
 }

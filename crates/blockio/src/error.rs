@@ -26,8 +26,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | [`Error::OutOfRange`] | a guest access past the end of the disk | fix the call |
 /// | [`Error::Internal`] | a broken invariant inside diskimg: a bug, never the image's or the caller's fault | report it |
 ///
-/// The remaining variants ([`Error::BackingDenied`], [`Error::ReadOnly`], [`Error::Locked`],
-/// [`Error::Closed`], [`Error::Key`]) name one situation each.
+/// The remaining variants ([`Error::BackingDenied`], [`Error::BackingLoop`],
+/// [`Error::ReadOnly`], [`Error::Locked`], [`Error::Closed`], [`Error::Key`]) name one
+/// situation each.
 ///
 /// An image error displays as its bare message (`what`, qemu's words where qemu has
 /// them, which the CLI prints unchanged); the format and the offset are fields, and
@@ -119,6 +120,12 @@ pub enum Error {
         /// Which rule refused it.
         reason: &'static str,
     },
+    /// A backing chain that names an image already in it (qemu's words).
+    #[error("Backing file '{path}' creates an infinite loop.")]
+    BackingLoop {
+        /// The backing file as the image named it.
+        path: String,
+    },
     /// A write to a read-only device or storage.
     #[error("the image is opened read-only")]
     ReadOnly,
@@ -203,6 +210,76 @@ impl Error {
     /// which the CLI maps to qemu-img's "does not support" exit codes.
     pub fn is_unsupported(&self) -> bool {
         matches!(self, Error::Unsupported { .. })
+    }
+
+    /// The same error again, for state that failed once and fails every later call the
+    /// same way (a forward-only walk, a broken stream): same variant, words, format and
+    /// offset; an I/O error keeps its kind, OS error code and text.
+    pub fn replay(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(n) => std::io::Error::from_raw_os_error(n),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::Corrupt {
+                format,
+                what,
+                offset,
+            } => Error::Corrupt {
+                format,
+                what: what.clone(),
+                offset: *offset,
+            },
+            Error::NotThisFormat {
+                format,
+                what,
+                offset,
+            } => Error::NotThisFormat {
+                format,
+                what: what.clone(),
+                offset: *offset,
+            },
+            Error::Unsupported { format, what } => Error::Unsupported {
+                format,
+                what: what.clone(),
+            },
+            Error::LimitExceeded {
+                what,
+                requested,
+                limit,
+            } => Error::LimitExceeded {
+                what,
+                requested: *requested,
+                limit: *limit,
+            },
+            Error::OutOfRange { offset, len, size } => Error::OutOfRange {
+                offset: *offset,
+                len: *len,
+                size: *size,
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::BackingDenied {
+                path,
+                purpose,
+                reason,
+            } => Error::BackingDenied {
+                path: path.clone(),
+                purpose,
+                reason,
+            },
+            Error::BackingLoop { path } => Error::BackingLoop { path: path.clone() },
+            Error::ReadOnly => Error::ReadOnly,
+            Error::Locked { what, path } => Error::Locked {
+                what: what.clone(),
+                path: path.clone(),
+            },
+            Error::Closed => Error::Closed,
+            Error::Key(m) => Error::Key(m.clone()),
+        }
     }
 
     /// True for a damaged image ([`Error::Corrupt`]) or one of another format
@@ -306,5 +383,33 @@ mod tests {
         let e = None::<u32>.or_internal("write range");
         assert_eq!(e.unwrap_err().to_string(), "internal error: write range");
         assert_eq!(Some(3).or_internal("x").ok(), Some(3));
+    }
+
+    #[test]
+    fn replay_keeps_variant_words_and_offset() {
+        let e = Error::corrupt("vmdk", "bad marker", 0x200).replay();
+        assert!(matches!(
+            e,
+            Error::Corrupt {
+                offset: Some(0x200),
+                ..
+            }
+        ));
+        assert_eq!(e.to_string(), "bad marker");
+        let io = Error::io("reading 'x'", std::io::Error::from_raw_os_error(5)).replay();
+        assert!(
+            matches!(&io, Error::Io { source, .. } if source.raw_os_error() == Some(5)),
+            "{io:?}"
+        );
+        let other = Error::io("'x'", std::io::Error::other("connection reset")).replay();
+        assert_eq!(other.to_string(), "'x': connection reset");
+        let lp = Error::BackingLoop {
+            path: "a.qcow2".into(),
+        }
+        .replay();
+        assert_eq!(
+            lp.to_string(),
+            "Backing file 'a.qcow2' creates an infinite loop."
+        );
     }
 }

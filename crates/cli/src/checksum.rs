@@ -1,9 +1,9 @@
 //! `checksum [-f FMT] [--algorithm blkhash|sha256|blake3] [-m N] [-p]
 //! [--output=human|json] IMAGE`: a digest of the guest content, the same for the same
-//! guest bytes in any format and allocation (see `diskimg_checksum`).
+//! guest bytes in any format and allocation (see `diskimg::checksum`).
 
 use anyhow::{Result, anyhow};
-use diskimg_checksum::{Algorithm, Options};
+use diskimg::checksum::{Algorithm, Options};
 use serde_json::{Map, Value, json};
 
 use crate::common::{open_image, opt_format, out, parse_output};
@@ -64,7 +64,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
         None => {
             let img = open_image(&a.file, format, true, true)?;
-            let d = diskimg_checksum::checksum(img.device.as_ref(), &opts, &mut |d, t| {
+            let d = diskimg::checksum::checksum(img.device.as_ref(), &opts, &mut |d, t| {
                 bar.update(d, Some(t));
             })
             .map_err(|e| anyhow!("error while reading '{}': {e}", a.file))?;
@@ -80,7 +80,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         v.insert("virtual-size".into(), json!(size));
         v.insert("algorithm".into(), json!(algorithm.name()));
         if algorithm == Algorithm::Blkhash {
-            v.insert("block-size".into(), json!(diskimg_checksum::BLOCK_SIZE));
+            v.insert("block-size".into(), json!(diskimg::checksum::BLOCK_SIZE));
         }
         v.insert("checksum".into(), json!(digest.hex()));
         out(&format!("{}\n", pretty(&Value::Object(v))))?;

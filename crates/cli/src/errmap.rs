@@ -46,15 +46,20 @@ pub(crate) fn message(e: &anyhow::Error) -> String {
 
 /// One library error in the CLI's words. As qemu-img/qemu-io, a corrupt, foreign or
 /// unsupported image is reported by the bare reason; as `diskimg`, with the format
-/// and the offending offset ([`diskimg::Error::located`]).
+/// and the offending offset ([`diskimg::Error::located`]) — except a refusal that names
+/// its driver already (qemu's `Format driver 'raw' does not support option amendment`),
+/// which reads the same in both.
 fn words(e: &E) -> String {
-    if crate::common::as_qemu() {
-        match e {
-            E::Corrupt { what, .. }
-            | E::NotThisFormat { what, .. }
-            | E::Unsupported { what, .. } => return what.to_string(),
-            _ => {}
+    match e {
+        E::Unsupported { format, what } if what.contains(&format!("driver '{format}'")) => {
+            return what.to_string();
         }
+        E::Corrupt { what, .. } | E::NotThisFormat { what, .. } | E::Unsupported { what, .. }
+            if crate::common::as_qemu() =>
+        {
+            return what.to_string();
+        }
+        _ => {}
     }
     e.located()
 }

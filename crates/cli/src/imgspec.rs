@@ -230,12 +230,42 @@ fn format_named(d: &str) -> Result<Format> {
 /// Resolves a dictionary; `name` is a plain file name given beside it (qemu-io's
 /// `open -o OPTS FILE`), `format` the `-f` format.
 pub(crate) fn resolve(
-    mut o: OptionList,
+    o: OptionList,
     name: Option<&str>,
     format: Option<Format>,
 ) -> Result<Resolved> {
+    let (mut o, copy_on_read, compress) = below_filters(o);
+    let mut r = node_options(&mut o, format, copy_on_read, compress)?;
+    let driver = o.take("driver");
+    let file_driver = o.get("file.driver").map(str::to_string);
+    if format_driver(&mut r, &mut o, driver.as_deref(), name)? {
+        return Ok(r);
+    }
+    if driver.as_deref() == Some("raw") {
+        r.raw_window = raw_window(&mut o)?;
+    }
+    if r.path.is_empty() {
+        r.path = file_child(&mut r, &o, file_driver.as_deref(), name)?;
+        drop_subtree(&mut o, "file");
+    }
+    if let Some(p) = r.path.strip_prefix("file:") {
+        r.path = p.to_string();
+    } else if r.path.starts_with("blkdebug:") {
+        let (path, rules) = blkdebug_name(&r.path)?;
+        below_format(rules)?;
+        r.path = path;
+    }
+    for k in IGNORED {
+        o.take(k);
+    }
+    r.driver_options = o;
+    Ok(r)
+}
+
+/// The options below the filters named above the format (the format node is their
+/// `file` child), and whether `copy-on-read` and `compress` were among them.
+fn below_filters(mut o: OptionList) -> (OptionList, bool, bool) {
     let (mut copy_on_read, mut compress) = (false, false);
-    // Filters above the format: the format node is their `file` child.
     loop {
         match o.get("driver") {
             Some("copy-on-read") => copy_on_read = true,
@@ -244,7 +274,18 @@ pub(crate) fn resolve(
         }
         o = descend(&o, "file");
     }
-    let mut r = Resolved {
+    (o, copy_on_read, compress)
+}
+
+/// A [`Resolved`] with the node's generic options taken from `o` (read-only, backing,
+/// locking, force-share; the cache switches checked), its file not yet known.
+fn node_options(
+    o: &mut OptionList,
+    format: Option<Format>,
+    copy_on_read: bool,
+    compress: bool,
+) -> Result<Resolved> {
+    let r = Resolved {
         path: String::new(),
         format,
         node: Node::File,
@@ -276,9 +317,18 @@ pub(crate) fn resolve(
             parse_bool(k, v)?;
         }
     }
-    let driver = o.take("driver");
-    let file_driver = o.get("file.driver").map(str::to_string);
-    match driver.as_deref() {
+    Ok(r)
+}
+
+/// Applies the top node's `driver` to `r`: a format, a protocol (opened as raw), a
+/// `blkdebug` node or a null device. True when that settles everything (null device).
+fn format_driver(
+    r: &mut Resolved,
+    o: &mut OptionList,
+    driver: Option<&str>,
+    name: Option<&str>,
+) -> Result<bool> {
+    match driver {
         Some("null-co" | "null-aio") => {
             let size = o.take("size").unwrap_or_else(|| "1073741824".into());
             let size = diskimg::parse_size(&size).map_err(|e| anyhow!("{e}"))?;
@@ -286,7 +336,7 @@ pub(crate) fn resolve(
             // Named, never probed (no raw probing warning).
             r.format = Some(Format::Raw);
             r.path = "null-co://".into();
-            return Ok(r);
+            return Ok(true);
         }
         Some(p @ ("file" | "host_device" | "host_cdrom")) => {
             r.protocol = Some(p.to_string());
@@ -297,10 +347,10 @@ pub(crate) fn resolve(
                 .ok_or_else(|| anyhow!("Parameter 'filename' is required"))?;
         }
         Some("blkdebug") => {
-            let (path, rules) = blkdebug_node(&o, name)?;
+            let (path, rules) = blkdebug_node(o, name)?;
             r.path = path;
             r.blkdebug = rules;
-            r.blkdebug_limits = BlkdebugLimits::from_options(&o)?;
+            r.blkdebug_limits = BlkdebugLimits::from_options(o)?;
             // Over a protocol node (or an image opened as raw) blkdebug is over the
             // file's bytes.
             r.format = match o.get("image.driver") {
@@ -312,67 +362,58 @@ pub(crate) fn resolve(
             for k in BLKDEBUG_LIMITS.iter().chain(&["config"]) {
                 o.take(k);
             }
-            drop_subtree(&mut o, "image");
-            drop_subtree(&mut o, "inject-error");
-            drop_subtree(&mut o, "set-state");
+            drop_subtree(o, "image");
+            drop_subtree(o, "inject-error");
+            drop_subtree(o, "set-state");
         }
         Some(d) => r.format = Some(format_named(d)?),
         None => {}
     }
-    if driver.as_deref() == Some("raw") {
-        r.raw_window = raw_window(&mut o)?;
-    }
-    if r.path.is_empty() {
-        r.path = match file_driver.as_deref() {
-            Some("blkdebug") => {
-                let (path, rules) = blkdebug_node(&descend(&o, "file"), None)?;
-                below_format(rules)?;
-                path
+    Ok(false)
+}
+
+/// The file of the format node, from its `file` child (`file.driver` = `file_driver`):
+/// a path, a nested format's file, a blkdebug node's image or a quorum (in `r.node`).
+fn file_child(
+    r: &mut Resolved,
+    o: &OptionList,
+    file_driver: Option<&str>,
+    name: Option<&str>,
+) -> Result<String> {
+    Ok(match file_driver {
+        Some("blkdebug") => {
+            let (path, rules) = blkdebug_node(&descend(o, "file"), None)?;
+            below_format(rules)?;
+            path
+        }
+        Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
+        Some("quorum") => {
+            r.node = quorum_node(&descend(o, "file"))?;
+            String::new()
+        }
+        Some(f) if f != "file" && Format::from_name(f).is_ok() => {
+            r.node = Node::Nested(format_named(f)?);
+            let inner = descend(o, "file");
+            match (inner.get("file.filename"), inner.get("file")) {
+                (Some(p), _) | (None, Some(p)) => p.to_string(),
+                (None, None) => bail!("A block device must be specified for \"file\""),
             }
-            Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
-            Some("quorum") => {
-                r.node = quorum_node(&descend(&o, "file"))?;
-                String::new()
+        }
+        Some(p @ ("host_device" | "host_cdrom")) => {
+            r.protocol = Some(p.to_string());
+            o.get("file.filename").unwrap_or("").to_string()
+        }
+        Some(p) if p != "file" => {
+            bail!("Unknown protocol '{p}' (diskimg supports only 'file')")
+        }
+        _ => match (o.get("file.filename"), o.get("file"), name) {
+            (Some(p), None, None) | (None, Some(p), None) | (None, None, Some(p)) => p.to_string(),
+            (None, None, None) => bail!("A block device must be specified for \"file\""),
+            _ => {
+                bail!("Cannot specify both 'file' and 'file.filename', or a file name with either")
             }
-            Some(f) if f != "file" && Format::from_name(f).is_ok() => {
-                r.node = Node::Nested(format_named(f)?);
-                let inner = descend(&o, "file");
-                match (inner.get("file.filename"), inner.get("file")) {
-                    (Some(p), _) | (None, Some(p)) => p.to_string(),
-                    (None, None) => bail!("A block device must be specified for \"file\""),
-                }
-            }
-            Some(p @ ("host_device" | "host_cdrom")) => {
-                r.protocol = Some(p.to_string());
-                o.get("file.filename").unwrap_or("").to_string()
-            }
-            Some(p) if p != "file" => {
-                bail!("Unknown protocol '{p}' (diskimg supports only 'file')")
-            }
-            _ => match (o.get("file.filename"), o.get("file"), name) {
-                (Some(p), None, None) | (None, Some(p), None) | (None, None, Some(p)) => {
-                    p.to_string()
-                }
-                (None, None, None) => bail!("A block device must be specified for \"file\""),
-                _ => bail!(
-                    "Cannot specify both 'file' and 'file.filename', or a file name with either"
-                ),
-            },
-        };
-        drop_subtree(&mut o, "file");
-    }
-    if let Some(p) = r.path.strip_prefix("file:") {
-        r.path = p.to_string();
-    } else if r.path.starts_with("blkdebug:") {
-        let (path, rules) = blkdebug_name(&r.path)?;
-        below_format(rules)?;
-        r.path = path;
-    }
-    for k in IGNORED {
-        o.take(k);
-    }
-    r.driver_options = o;
-    Ok(r)
+        },
+    })
 }
 
 /// True for an image argument that is a specification rather than a file name

@@ -84,7 +84,7 @@ pub(crate) fn open_resolved(
     opts.force_share |= FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
     let img = diskimg::open(path, format, &opts).map_err(|e| {
         // qemu reports a backing loop on its own, not as an open failure of the image.
-        if e.to_string().ends_with("creates an infinite loop.") {
+        if matches!(e, diskimg::Error::BackingLoop { .. }) {
             anyhow::Error::from(e)
         } else {
             anyhow::Error::from(e).context(format!("Could not open '{arg}'"))

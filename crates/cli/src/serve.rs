@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use diskimg_serve::{
+use diskimg::serve::{
     CacheMode, DetectZeroes, Discard, Export, ExportOptions, Listener, NbdConfig, NbdServer,
     Shutdown, VhostConfig, WritePolicy, serve_vhost_user_blk,
 };

@@ -1,6 +1,6 @@
 //! Sources that are not local image files, for every verb that only reads (`info`,
 //! `map`, `compare`, `measure`, `checksum`, `convert`): `-`, `http(s)://` URLs,
-//! gzip/xz/zstd/bzip2-wrapped files, tar/OVA members (see `diskimg_stream`).
+//! gzip/xz/zstd/bzip2-wrapped files, tar/OVA members (see `diskimg::stream`).
 //!
 //! Such a source is opened on its storage without a backing chain. A forward-only
 //! source (a pipe, a decoded stream, a server without ranges) is registered here so
@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result, anyhow};
+use diskimg::stream::{ForwardStorage, Input, InputOptions, SliceStorage};
 use diskimg::{Format, Image};
-use diskimg_stream::{ForwardStorage, Input, InputOptions, SliceStorage};
 
 /// Global options for sources that are not files.
 #[derive(clap::Args, Debug, Default)]
@@ -48,7 +48,7 @@ pub(crate) fn init(a: &SourceArgs) -> Result<()> {
         ..InputOptions::default()
     };
     for h in &a.headers {
-        let kv = diskimg_stream::parse_header(h)
+        let kv = diskimg::stream::parse_header(h)
             .ok_or_else(|| anyhow!("Invalid --header '{h}' (expected 'Name: value')"))?;
         o.http.headers.push(kv);
     }
@@ -80,7 +80,7 @@ pub(crate) fn open_special(
     }
     let opts = OPTIONS.get().cloned().unwrap_or_default();
     let Some(input) =
-        diskimg_stream::open(file, &opts).with_context(|| format!("Could not open '{file}'"))?
+        diskimg::stream::open(file, &opts).with_context(|| format!("Could not open '{file}'"))?
     else {
         return Ok(None);
     };
@@ -133,10 +133,10 @@ fn forward_vmdk(
         return Ok(None);
     };
     let mut head = [0u8; 512];
-    if f.read_exact_at(&mut head, 0).is_err() || !diskimg_stream::is_forward_stream(&head) {
+    if f.read_exact_at(&mut head, 0).is_err() || !diskimg::stream::is_forward_stream(&head) {
         return Ok(None);
     }
-    let dev = diskimg_stream::ForwardStreamDevice::open(file, Box::new(f.sequential()))
+    let dev = diskimg::stream::ForwardStreamDevice::open(file, Box::new(f.sequential()))
         .with_context(|| format!("Could not open '{file}'"))?;
     Ok(Some(Arc::new(dev)))
 }
@@ -167,14 +167,14 @@ pub(crate) fn guest_len(name: &str) -> Option<u64> {
 pub(crate) fn checksum(
     name: &str,
     img: &Image,
-    opts: &mut diskimg_checksum::Options,
+    opts: &mut diskimg::checksum::Options,
     bar: &crate::stream_progress::StreamProgress,
-) -> Result<diskimg_checksum::Digest> {
+) -> Result<diskimg::checksum::Digest> {
     let o = opened(name).ok_or_else(|| anyhow!("'{name}' was not opened as a stream"))?;
     let err = |e: diskimg::Error| anyhow!("error while reading '{name}': {e}");
     match &o.forward {
         Some(f) if img.format == Format::Raw && f.known_len().is_none() => {
-            let mut h = diskimg_checksum::Hasher::new(opts.algorithm);
+            let mut h = diskimg::checksum::Hasher::new(opts.algorithm);
             let mut buf = vec![0u8; 4 << 20];
             let mut pos = 0u64;
             loop {
@@ -197,7 +197,7 @@ pub(crate) fn checksum(
             if forward.is_some() {
                 opts.workers = opts.workers.min(4);
             }
-            diskimg_checksum::checksum(img.device.as_ref(), opts, &mut |d, t| {
+            diskimg::checksum::checksum(img.device.as_ref(), opts, &mut |d, t| {
                 bar.update(d, Some(t))
             })
             .map_err(err)

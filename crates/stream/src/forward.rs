@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use diskimg_blockio::{Error, Result, Storage};
 
 use crate::recycle::Recycler;
+use crate::transport;
 
 /// Bytes at the start of a stream kept for the whole pass.
 pub const HEAD_LIMIT: u64 = 16 << 20;
@@ -185,7 +186,7 @@ impl ForwardStorage {
     /// Receives one more chunk (or the end).
     fn pull(&self, st: &mut State) -> Result<()> {
         if let Some(e) = &st.failed {
-            return Err(Error::invalid(format!("'{}': {e}", self.name)));
+            return Err(transport(format!("'{}'", self.name), e.clone()));
         }
         let msg = st.rx.as_ref().and_then(|rx| rx.recv().ok());
         match msg {
@@ -197,13 +198,13 @@ impl ForwardStorage {
                 {
                     let e = format!("input ended at offset {} before its length {d}", st.pos);
                     st.failed = Some(e.clone());
-                    return Err(Error::invalid(format!("'{}': {e}", self.name)));
+                    return Err(transport(format!("'{}'", self.name), e));
                 }
             }
             Some(Err(e)) => {
                 st.failed = Some(e.clone());
                 st.rx = None;
-                return Err(Error::invalid(format!("'{}': {e}", self.name)));
+                return Err(transport(format!("'{}'", self.name), e));
             }
             Some(Ok(mut chunk)) => {
                 let start = st.pos;
@@ -296,7 +297,7 @@ impl Storage for ForwardStorage {
             self.pull(&mut st)?;
         }
         if let Some(e) = &st.failed {
-            return Err(Error::invalid(format!("'{}': {e}", self.name)));
+            return Err(transport(format!("'{}'", self.name), e.clone()));
         }
         if st.eof && end > st.pos && self.declared.is_some() {
             return Err(Error::invalid(format!(

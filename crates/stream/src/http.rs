@@ -18,6 +18,7 @@ use diskimg_blockio::{Error, Result, Storage};
 use ureq::ResponseExt;
 
 use crate::recycle::{Recycled, Recycler};
+use crate::transport;
 
 /// How HTTP sources are fetched.
 #[derive(Clone, Debug)]
@@ -139,12 +140,12 @@ fn with_retries<T>(
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(Failure::Fatal(m)) => return Err(Error::invalid(format!("'{url}': {what}: {m}"))),
+            Err(Failure::Fatal(m)) => return Err(transport(format!("'{url}': {what}"), m)),
             Err(Failure::Retry(m)) if attempt >= opts.retries => {
-                return Err(Error::invalid(format!(
-                    "'{url}': {what}: {m} (after {} attempts)",
-                    attempt + 1
-                )));
+                return Err(transport(
+                    format!("'{url}': {what}"),
+                    format!("{m} (after {} attempts)", attempt + 1),
+                ));
             }
             Err(Failure::Retry(_)) => {
                 std::thread::sleep(delay);
@@ -199,17 +200,19 @@ impl HttpSource {
         match status {
             206 => {
                 let (start, total) = content_range(&resp).ok_or_else(|| {
-                    Error::invalid(format!("'{url}': 206 without a valid Content-Range"))
+                    transport(format!("'{url}'"), "206 without a valid Content-Range")
                 })?;
                 let total = total.ok_or_else(|| {
-                    Error::invalid(format!(
-                        "'{url}': the server does not say the length (Content-Range */*)"
-                    ))
+                    transport(
+                        format!("'{url}'"),
+                        "the server does not say the length (Content-Range */*)",
+                    )
                 })?;
                 if start != 0 {
-                    return Err(Error::invalid(format!(
-                        "'{url}': the server answered another range"
-                    )));
+                    return Err(transport(
+                        format!("'{url}'"),
+                        "the server answered another range",
+                    ));
                 }
                 let want = usize::try_from(first.min(total)).unwrap_or(0);
                 let spare = Recycler::new(opts.cache_blocks.max(1));
@@ -242,16 +245,16 @@ impl HttpSource {
                 let resp =
                     with_retries(url, "could not open", opts, || get(&plain, url, opts, None))?;
                 if resp.status().as_u16() != 200 {
-                    return Err(Error::invalid(format!(
-                        "'{url}': HTTP status {}",
-                        resp.status()
-                    )));
+                    return Err(transport(
+                        format!("'{url}'"),
+                        format!("HTTP status {}", resp.status()),
+                    ));
                 }
                 let len = resp.body().content_length();
                 let reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
                 Ok(HttpSource::Stream(Box::new(reader), len))
             }
-            s => Err(Error::invalid(format!("'{url}': HTTP status {s}"))),
+            s => Err(transport(format!("'{url}'"), format!("HTTP status {s}"))),
         }
     }
 }
@@ -355,4 +358,48 @@ pub fn parse_header(s: &str) -> Option<(String, String)> {
     let k = k.trim();
     (!k.is_empty() && !k.contains(char::is_whitespace))
         .then(|| (k.to_string(), v.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A server on 127.0.0.1 answering `n` requests with `status` and no body.
+    fn answering(status: &'static str, n: usize) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/img", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for s in l.incoming().take(n) {
+                let Ok(mut s) = s else { break };
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn server_refusals_and_failures_are_io_errors() {
+        let opts = HttpOptions {
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            timeout: Duration::from_secs(10),
+            ..HttpOptions::default()
+        };
+        let e = HttpSource::open(&answering("404 Not Found", 1), &opts).err();
+        let e = e.expect("a 404 must fail");
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(e.to_string().ends_with("': HTTP status 404"), "{e}");
+        let e = HttpSource::open(&answering("503 Service Unavailable", 2), &opts).err();
+        let e = e.expect("a 503 must fail");
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains("(after 2 attempts)"), "{e}");
+    }
 }

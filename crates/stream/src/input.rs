@@ -65,7 +65,7 @@ fn sniff(layer: Layer) -> Result<(Layer, Vec<u8>)> {
             (&mut r)
                 .take(512)
                 .read_to_end(&mut head)
-                .map_err(|e| Error::invalid(e.to_string()))?;
+                .map_err(|e| Error::io("reading the input", e))?;
             let r: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(head.clone()).chain(r));
             Ok((Layer::Stream(r, len), head))
         }
@@ -162,7 +162,7 @@ pub fn open(spec: &str, opts: &InputOptions) -> Result<Option<Input>> {
         };
         let dec = c
             .decoder(raw, opts.threads.max(1))
-            .map_err(|e| Error::invalid(format!("'{spec}': {e}")))?;
+            .map_err(|e| Error::io(format!("'{spec}'"), e))?;
         (layer, head) = sniff(Layer::Stream(
             Box::new(DecodeErrors::new(dec, c, count.clone())),
             None,

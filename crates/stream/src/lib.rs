@@ -85,3 +85,12 @@ pub use tar_out::{
     padding as tar_padding, write_device_member,
 };
 pub use vmdk_out::{VmdkStats, write_vmdk};
+
+/// A transport failure (a server's answer, a dropped connection, an input that broke
+/// off) as an [`Error::Io`](diskimg_blockio::Error::Io): displayed `{context}: {what}`.
+pub(crate) fn transport(
+    context: impl Into<std::borrow::Cow<'static, str>>,
+    what: impl Into<String>,
+) -> diskimg_blockio::Error {
+    diskimg_blockio::Error::io(context, std::io::Error::other(what.into()))
+}

@@ -41,7 +41,8 @@ struct Walk {
     /// Runs of grains seen so far `[start, end)`, merged.
     seen: Vec<(u64, u64)>,
     done: bool,
-    failed: Option<String>,
+    /// The error the walk stopped at, replayed to every later reader.
+    failed: Option<Error>,
 }
 
 /// A read-only device over a forward-only stream-optimized VMDK (see the module docs).
@@ -256,13 +257,13 @@ impl ForwardStreamDevice {
     /// Walks until grain `g` is decided.
     fn reach(&self, w: &mut Walk, g: u64) -> Result<()> {
         if let Some(e) = &w.failed {
-            return Err(Error::invalid(e.clone()));
+            return Err(e.replay());
         }
         // Once the last grain is walked, nothing but tables and the footer may follow:
         // walk on to the end, so that whoever reads the last grain has a whole stream.
         while (w.frontier <= g || w.frontier >= self.grains) && !w.done {
             if let Err(e) = self.step(w) {
-                w.failed = Some(e.to_string());
+                w.failed = Some(e.replay());
                 return Err(e);
             }
         }
@@ -307,14 +308,17 @@ impl Write for LimitedVec<'_> {
     }
 }
 
-/// An error of the input, named once (readers of named inputs name them already).
+/// A read error of the input as [`Error::Io`], the input named once (readers of named
+/// inputs name them already).
 fn input_error(name: &str, e: &std::io::Error) -> Error {
+    let ctx = format!("'{name}'");
     let msg = e.to_string();
-    if msg.starts_with(&format!("'{name}'")) {
-        Error::invalid(msg)
-    } else {
-        Error::invalid(format!("'{name}': {msg}"))
-    }
+    let source = match (msg.strip_prefix(&format!("{ctx}: ")), e.raw_os_error()) {
+        (Some(rest), _) => std::io::Error::new(e.kind(), rest.to_string()),
+        (None, Some(n)) => std::io::Error::from_raw_os_error(n),
+        (None, None) => std::io::Error::new(e.kind(), msg),
+    };
+    Error::io(ctx, source)
 }
 
 impl Walk {

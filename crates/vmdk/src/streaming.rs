@@ -126,19 +126,19 @@ pub(crate) fn deflate_record(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
             let rest = data.get(consumed..).unwrap_or(&[]);
             let st = c
                 .compress_vec(rest, &mut rec, flate2::FlushCompress::Finish)
-                .map_err(|e| Error::invalid(format!("deflate: {e}")))?;
+                .map_err(|e| Error::internal(format!("deflate: {e}")))?;
             if st == flate2::Status::StreamEnd {
                 return Ok(());
             }
             // Deflate's output is bounded (stored blocks at worst): more is a bug.
             if rec.len() > 2 * data.len() + 4096 {
-                return Err(Error::invalid("deflate did not finish"));
+                return Err(Error::internal("deflate did not finish"));
             }
             rec.reserve(rec.capacity().max(4096));
         }
     })?;
     let size = u32::try_from(rec.len() - GRAIN_MARKER)
-        .map_err(|_| Error::invalid("compressed grain too large"))?;
+        .map_err(|_| Error::internal("compressed grain too large"))?;
     if let Some(s) = rec.get_mut(8..GRAIN_MARKER) {
         s.copy_from_slice(&size.to_le_bytes());
     }
@@ -439,8 +439,15 @@ mod tests {
         swapped.extend_from_slice(&bytes[at + r1.len() + r2.len()..]);
         let d = walk(&swapped).unwrap();
         let mut buf = vec![0u8; g.len()];
-        let e = d.read_at(&mut buf, 0).unwrap_err().to_string();
-        assert!(e.contains("out of guest order"), "{e}");
+        let e = d.read_at(&mut buf, 0).unwrap_err();
+        assert!(e.to_string().contains("out of guest order"), "{e}");
+        // Every later read replays the same error: still the image's fault, same offset.
+        let again = d.read_at(&mut buf, 0).unwrap_err();
+        assert!(matches!(again, Error::Corrupt { .. }), "{again:?}");
+        assert_eq!(
+            (again.to_string(), again.image_offset()),
+            (e.to_string(), e.image_offset())
+        );
     }
 
     #[test]

@@ -144,7 +144,7 @@ pub(super) fn copy_into_existing(
         overflow: false,
     };
     let cap = dst.virtual_size();
-    let r = diskimg_stream::write_raw(src, &mut w, &end, &mut |d| {
+    let r = diskimg::stream::write_raw(src, &mut w, &end, &mut |d| {
         let (d, t) = self::progress(images, d, cap);
         progress(d, t);
     })

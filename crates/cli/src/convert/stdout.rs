@@ -35,7 +35,7 @@ pub(super) fn run(
     let err = |e: diskimg::Error| anyhow!("error while writing to stdout: {e}");
     match out_fmt {
         Format::Raw => {
-            diskimg_stream::write_raw(src, &mut out, &end, &mut |d| bar.update(d, None))
+            diskimg::stream::write_raw(src, &mut out, &end, &mut |d| bar.update(d, None))
                 .map_err(err)?;
             out.flush()?;
         }
@@ -51,9 +51,9 @@ pub(super) fn run(
                 .take_bool("azure_align")
                 .map_err(|e| anyhow!("{e}"))?
                 .unwrap_or(false);
-            let n = diskimg_stream::write_raw(src, &mut out, &end, &mut |d| bar.update(d, None))
+            let n = diskimg::stream::write_raw(src, &mut out, &end, &mut |d| bar.update(d, None))
                 .map_err(err)?;
-            diskimg_stream::finish_vhd_fixed(&mut out, n, force, azure).map_err(err)?;
+            diskimg::stream::finish_vhd_fixed(&mut out, n, force, azure).map_err(err)?;
         }
         Format::Qcow2 => {
             if let Some(s) = stream {
@@ -69,7 +69,7 @@ pub(super) fn run(
             if !cs.is_power_of_two() {
                 bail!("Cluster size must be a power of two between 512 and 2048k");
             }
-            diskimg_stream::write_qcow2(src, &mut out, cs.trailing_zeros(), &mut |d, t| {
+            diskimg::stream::write_qcow2(src, &mut out, cs.trailing_zeros(), &mut |d, t| {
                 bar.update(d, Some(t))
             })
             .map_err(err)?;
@@ -79,10 +79,10 @@ pub(super) fn run(
                 bail!("stdout takes only subformat=streamOptimized for vmdk");
             }
             let profile =
-                super::targets::vmdk_profile(&mut o, diskimg_stream::StreamProfile::qemu())?;
+                super::targets::vmdk_profile(&mut o, diskimg::stream::StreamProfile::qemu())?;
             super::targets::refuse_unknown_length(images, "a stream-optimized VMDK")?;
             let threads = super::targets::threads();
-            diskimg_stream::write_vmdk(
+            diskimg::stream::write_vmdk(
                 src,
                 &mut out,
                 "disk.vmdk",

@@ -16,8 +16,8 @@
 use std::io::Write;
 
 use anyhow::{Context, Result, anyhow, bail};
+use diskimg::stream::StreamProfile;
 use diskimg::{BlockDevice, Image, OptionList};
-use diskimg_stream::StreamProfile;
 
 use super::Args;
 use crate::create::parse_options;
@@ -208,7 +208,7 @@ pub(super) fn run(
             check_consumed(&o)?;
             let mut sink = Sink::open(dst)?;
             let name = format!("{}.vmdk", stem(dst));
-            diskimg_stream::write_vmdk(
+            diskimg::stream::write_vmdk(
                 src,
                 sink.writer(),
                 &name,
@@ -225,7 +225,7 @@ pub(super) fn run(
             let size = src.virtual_size();
             // The sparse map comes before the data: a stream can be walked only once.
             let sparse = forward_source(images).is_none();
-            diskimg_stream::write_gcp(src, sink.writer(), threads(), sparse, &mut |d| {
+            diskimg::stream::write_gcp(src, sink.writer(), threads(), sparse, &mut |d| {
                 bar.update(d, Some(size))
             })
             .map_err(err)?;
@@ -237,14 +237,14 @@ pub(super) fn run(
             let mut progress = |d, t| bar.update(d, Some(t));
             let mut sink = Sink::open(dst)?;
             match &mut sink {
-                Sink::File { w, .. } => diskimg_stream::write_ova(src, w, &spec, &mut progress),
+                Sink::File { w, .. } => diskimg::stream::write_ova(src, w, &spec, &mut progress),
                 Sink::Stdout(w) => {
                     if let Some(s) = forward_source(images) {
                         bail!(
                             "'{s}': an OVA on stdout reads its source twice (the disk's size comes before the disk): give a seekable source, or write the OVA to a file"
                         );
                     }
-                    diskimg_stream::write_ova_twice(src, w, &spec, &mut progress)
+                    diskimg::stream::write_ova_twice(src, w, &spec, &mut progress)
                 }
             }
             .map_err(err)?;
@@ -258,9 +258,9 @@ pub(super) fn run(
 
 /// The OVA's virtual machine: `-o name=,cpus=,memory=(MiB),ostype=other|linux` and
 /// the disk's `adapter_type=`, `hwversion=`, `toolsversion=`.
-fn ova_spec(o: &mut OptionList, default_name: &str) -> Result<diskimg_stream::OvaSpec> {
+fn ova_spec(o: &mut OptionList, default_name: &str) -> Result<diskimg::stream::OvaSpec> {
     let mut spec =
-        diskimg_stream::OvaSpec::new(&o.take("name").unwrap_or_else(|| default_name.into()));
+        diskimg::stream::OvaSpec::new(&o.take("name").unwrap_or_else(|| default_name.into()));
     spec.profile = vmdk_profile(o, StreamProfile::esxi())?;
     spec.threads = threads();
     if let Some(c) = o.take_u64("cpus").map_err(|e| anyhow!("{e}"))? {
