@@ -31,6 +31,16 @@ const CREATE_ONLY: &[&str] = &[
     "encryption",
 ];
 
+/// qemu's refusal of the options only `create` applies.
+fn refuse_create_only(o: &OptionList) -> Result<()> {
+    match CREATE_ONLY.iter().find(|k| o.get(k).is_some()) {
+        Some(k) => Err(Error::invalid(format!(
+            "Invalid parameter '{k}'\nThis option is only supported for image creation"
+        ))),
+        None => Ok(()),
+    }
+}
+
 const NEEDS_V3: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
 
 /// What a walk over every L2 table (active and snapshots) found.
@@ -59,13 +69,7 @@ impl Qcow2Device {
     ) -> Result<()> {
         self.writable()?;
         let mut o = opts.clone();
-        for k in CREATE_ONLY {
-            if o.get(k).is_some() {
-                return Err(Error::invalid(format!(
-                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
-                )));
-            }
-        }
+        refuse_create_only(&o)?;
         let (cur_version, cur_lazy, refcount_order, has_data_file) = {
             let m = self.lock();
             (
@@ -145,16 +149,7 @@ impl Qcow2Device {
             progress.upgrade();
         }
         if new_order != refcount_order {
-            let mut walks = |m: &Meta, refs: &[u64]| {
-                let w = Widths {
-                    cs: m.cs(),
-                    reftable: u64::from(m.h().refcount_table_clusters) * m.cs() / 8,
-                    old_bits: 1 << refcount_order.min(6),
-                    new_bits: 1 << new_order.min(6),
-                };
-                progress.refcount_walks(refcount_walks(refs, &w), w.reftable);
-            };
-            crate::engine::rebuild::change_order(&mut self.lock(), new_order, &mut walks)?;
+            self.change_width(refcount_order, new_order, &mut progress)?;
         }
         if lazy_after != cur_lazy && version >= 3 {
             self.set_lazy(lazy_after)?;
@@ -181,6 +176,20 @@ impl Qcow2Device {
             self.downgrade(&mut progress)?;
         }
         self.flush()
+    }
+
+    /// The refcount width change from `2^from` to `2^to` bits, with qemu's reports.
+    fn change_width(&self, from: u32, to: u32, progress: &mut Progress<'_>) -> Result<()> {
+        let mut walks = |m: &Meta, refs: &[u64]| {
+            let w = Widths {
+                cs: m.cs(),
+                reftable: u64::from(m.h().refcount_table_clusters) * m.cs() / 8,
+                old_bits: 1 << from.min(6),
+                new_bits: 1 << to.min(6),
+            };
+            progress.refcount_walks(refcount_walks(refs, &w), w.reftable);
+        };
+        crate::engine::rebuild::change_order(&mut self.lock(), to, &mut walks)
     }
 
     fn set_lazy(&self, on: bool) -> Result<()> {
