@@ -4,7 +4,11 @@
 //! Run it with `benches/engine.sh` (which sets the knobs below and builds in release).
 //! Environment:
 //! - `BENCH_DIR` — where the images go (default `target/engine-bench`);
-//! - `BENCH_SIZE_MIB` — virtual size of the images (default 512);
+//! - `BENCH_SIZE_MIB` — virtual size of the read image (default 512);
+//! - `BENCH_ALLOC_MIB` — virtual size of the fresh images the allocating writes fill, one
+//!   4 KiB write per 64 KiB cluster (default 2048: 32768 writes, about 0.5 s a row; at
+//!   512 a row lasted only 0.1 s and its ratio moved by ±10 % between runs). qemu-img
+//!   bench -w fills whole clusters: its image takes this much disk space while it runs;
 //! - `BENCH_READS` — 4 KiB reads per measurement of the `O_DIRECT` rows (io_uring,
 //!   `qemu-img bench`; default 200000);
 //! - `BENCH_CACHED_READS` — 4 KiB reads per measurement of the in-process page-cache rows
@@ -12,7 +16,8 @@
 //!   machine, too short for stable ratios);
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
 //! - `BENCH_ONLY` — comma-separated row names to run (default all);
-//! - `BENCH_ENGINES` — comma-separated engine names (`diskimg`, `imago`; default both).
+//! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
+//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row).
 //!
 //! Patterns (the same for every engine):
 //! - `seq-read-1m`: the whole image in 1 MiB reads;
@@ -39,7 +44,7 @@ use std::time::{Duration, Instant};
 mod engines;
 mod uring;
 
-use engines::{Engine, open_engine};
+use engines::{Engine, open_engine, wanted};
 
 const BLOCK: u64 = 4096;
 const CLUSTER: u64 = 65536;
@@ -50,6 +55,7 @@ const FLUSH_EVERY: usize = 256;
 struct Cfg {
     dir: PathBuf,
     size: u64,
+    alloc_size: u64,
     reads: usize,
     cached_reads: usize,
     rounds: usize,
@@ -70,6 +76,7 @@ impl Cfg {
         Self {
             dir,
             size: num("BENCH_SIZE_MIB", 512) << 20,
+            alloc_size: num("BENCH_ALLOC_MIB", 2048).max(1) << 20,
             reads: usize::try_from(num("BENCH_READS", 200_000)).unwrap_or(200_000),
             cached_reads: usize::try_from(num("BENCH_CACHED_READS", 1_000_000))
                 .unwrap_or(1_000_000),
@@ -86,8 +93,9 @@ impl Cfg {
             .is_none_or(|o| o.iter().any(|x| row.starts_with(x.as_str())))
     }
 
+    /// Clusters of the fresh images (one allocating write each).
     fn clusters(&self) -> u64 {
-        self.size / CLUSTER
+        self.alloc_size / CLUSTER
     }
 }
 
@@ -171,7 +179,7 @@ fn fresh_image(cfg: &Cfg) -> PathBuf {
     sh(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
-        .arg(cfg.size.to_string()));
+        .arg(cfg.alloc_size.to_string()));
     img
 }
 
@@ -294,8 +302,9 @@ fn main() {
             });
         }
     }
+    let ring = "diskimg io_uring -d 16 -t none";
     for (name, offs) in [("read-4k-stride", &stride), ("read-4k-rand", &rand)] {
-        if !cfg.wants(name) || !engines.contains(&"diskimg") {
+        if !cfg.wants(name) || !wanted(ring) {
             continue;
         }
         let best = (0..cfg.rounds)
@@ -304,7 +313,7 @@ fn main() {
             .unwrap_or_default();
         print_row(&Row {
             name: name.into(),
-            engine: "diskimg io_uring -d 16 -t none".into(),
+            engine: ring.into(),
             ops: offs.len(),
             bytes: offs.len() as u64 * BLOCK,
             best,
@@ -339,6 +348,8 @@ fn main() {
         }
     }
     qemu_writes(&cfg);
+    // The fresh images are large at the default size: only the read image is kept.
+    let _ = std::fs::remove_file(cfg.dir.join("fresh.qcow2"));
 }
 
 fn qemu_reads(cfg: &Cfg, data: &Path) {
@@ -378,7 +389,7 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
         ),
     ];
     for (name, engine, args, ops, len) in cases {
-        if !cfg.wants(name) {
+        if !cfg.wants(name) || !wanted(engine) {
             continue;
         }
         let best = (0..cfg.rounds)
@@ -397,7 +408,8 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
 }
 
 fn qemu_writes(cfg: &Cfg) {
-    if !cfg.wants("alloc-4k-stride") {
+    let engine = "qemu-img bench -w -d 1";
+    if !cfg.wants("alloc-4k-stride") || !wanted(engine) {
         return;
     }
     let count = cfg.clusters().to_string();
@@ -422,7 +434,7 @@ fn qemu_writes(cfg: &Cfg) {
     }
     print_row(&Row {
         name: "alloc-4k-stride".into(),
-        engine: "qemu-img bench -w -d 1".into(),
+        engine: engine.into(),
         ops: usize::try_from(cfg.clusters()).unwrap_or(0),
         bytes: cfg.clusters() * BLOCK,
         best,

@@ -258,22 +258,26 @@ fn fast_run(
     let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
     let mut host0 = 0u64;
     let mut olds = Vec::new();
+    // Preallocated zero clusters overwritten in place: their zero flag goes.
+    let mut unzero = Vec::new();
     let mut was_zero = true;
     while n < max_n {
         let (e, bm, _) = m.l2_entry(guest + n * cs)?;
         let copied = e & OFLAG_COPIED != 0;
         let kind = classify(m.h(), e, bm, 0, l2)?;
         let this = match kind {
-            Sub::Data(h) if copied => {
+            Sub::Data(h) | Sub::ZeroAlloc(h) if copied => {
                 if n == 0 {
                     host0 = h;
                 }
-                if h != host0 + n * cs {
+                if h != host0 + n * cs || mode == Some(true) {
                     break;
+                }
+                if matches!(kind, Sub::ZeroAlloc(_)) {
+                    unzero.push(n);
                 }
                 false
             }
-            Sub::ZeroAlloc(_) if copied => break,
             _ => true,
         };
         if *mode.get_or_insert(this) != this {
@@ -294,6 +298,15 @@ fn fast_run(
     if mode == Some(false) {
         m.check_overlap(host0, n * cs)?;
         write_data(crypt, store.as_ref(), data, host0, guest)?;
+        for k in unzero.into_iter().filter(|&k| k < n) {
+            p.l2.push(L2Update::new(
+                l2,
+                i0 + k,
+                (host0 + k * cs) | OFLAG_COPIED,
+                0,
+            ));
+            p.flush = true;
+        }
         return Ok(Some(n * cs));
     }
     let (host, reserved) = new_clusters(m, guest, n)?;
