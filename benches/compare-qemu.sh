@@ -17,6 +17,10 @@
 #   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
 #                       outputs exist one at a time: qemu-img's is deleted before diskimg runs)
 #   LOOP=1              the loop-device target case with -t none (needs root, losetup)
+#   BENCH_MEM=512M      run every timed command in a memory cgroup of this size (needs root;
+#                       cgroup v1 or v2): its page cache, the source's and the output's dirty
+#                       pages included, cannot grow past it, so BIG_DATA_GIB=3 is larger
+#                       than the page cache on any machine (a stand-in for the 8 GiB case)
 #   BENCH_SRC_DIR=/usr/share, BENCH_SIZE=4G   the ext4 input (mkfs.ext4 -d)
 #   DISKIMG=path        use this binary instead of building target/release/diskimg
 #
@@ -76,8 +80,35 @@ bin=$(realpath "$bin")
 work=$(mktemp -d -p target bench-out.XXXXXX)
 mnt=
 loopdev=
+memcg=
+# make_memcg BYTES: a memory cgroup below this shell's (v1), or below the root (v2, where
+# a cgroup holding processes cannot hand controllers to its children); prints its path.
+make_memcg() {
+    local rel dir
+    rel=$(awk -F: '$2 == "memory" { print $3 }' /proc/self/cgroup)
+    if [ -n "$rel" ]; then
+        dir=/sys/fs/cgroup/memory${rel%/}/diskimg-bench.$$
+        mkdir "$dir" && echo "$1" >"$dir/memory.limit_in_bytes"
+    else
+        echo +memory >/sys/fs/cgroup/cgroup.subtree_control
+        dir=/sys/fs/cgroup/diskimg-bench.$$
+        mkdir "$dir" && echo "$1" >"$dir/memory.max"
+    fi
+    echo "$dir"
+}
+if [ -n "${BENCH_MEM:-}" ]; then
+    memcg=$(make_memcg "$(numfmt --from=iec "$BENCH_MEM")")
+fi
+# What timed commands run under: a shell that moves itself into $memcg and then execs
+# the command (when BENCH_MEM is set).
+in_memcg=()
+if [ -n "$memcg" ]; then
+    # shellcheck disable=SC2016
+    in_memcg=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$memcg")
+fi
 cleanup() {
     set +e
+    if [ -n "$memcg" ]; then rmdir "$memcg"; fi
     if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi
     if [ -n "$mnt" ] && mountpoint -q "$mnt"; then umount "$mnt"; fi
     rm -rf "$work" "$cache/big-xfs.img" "$cache/big-mnt"
@@ -94,7 +125,7 @@ timed() {
     sync
     local start ret end
     start=$(date +%s.%N)
-    /usr/bin/time -f '%M %U %S' -o "$work/rss" "$@" >/dev/null
+    /usr/bin/time -f '%M %U %S' -o "$work/rss" "${in_memcg[@]}" "$@" >/dev/null
     ret=$(date +%s.%N)
     sync "$out"
     end=$(date +%s.%N)
@@ -110,6 +141,7 @@ ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uptime | sed 's/.*load/load/')"
 echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$bin" --version 2>/dev/null | head -1), $(qemu-img --version | head -1)"
 echo "# input: $input ($(du -h "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
+if [ -n "$memcg" ]; then echo "# every run in a memory cgroup of BENCH_MEM=$BENCH_MEM ($memcg)"; fi
 echo
 echo "| case | qemu ret | qemu dur | dimg ret | dimg dur | × ret | × dur | CPU qemu | CPU dimg | × CPU | RSS qemu | RSS dimg | size d/q |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"

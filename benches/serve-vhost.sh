@@ -2,7 +2,10 @@
 # vhost-user-blk: diskimg serve vs qemu-storage-daemon on copies of the same qcow2 image,
 # measured in one run from inside one guest: fio (libaio, O_DIRECT) 4 KiB random read/write
 # IOPS and 1 MiB sequential read/write throughput at queue depths 1 and 16, each case
-# alternating which server goes first. Prints a markdown table with ratios.
+# alternating which server goes first. Prints a markdown table with ratios, each
+# server's CPU time per request (host side, /proc/PID/stat over each fio run) and the
+# guest's completion interrupts per request for each disk, then the queue limits the
+# guest derived from each device.
 #
 # Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 4)]
 #   ROUNDS=3       rounds per case; each round runs both disks back to back, the first
@@ -64,6 +67,17 @@ export PATH=/bin:/usr/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 depmod; modprobe virtio_pci; modprobe virtio_blk
 echo GUEST-START
+# Completion interrupts of a disk so far: its virtio device's request queues, all CPUs.
+irqs() {
+    v=$(basename "$(readlink /sys/block/$1/device)")
+    awk -v v="$v-req" -v n="$(grep -c ^processor /proc/cpuinfo)" \
+        'index($0, v) { for (i = 2; i <= n + 1; i++) s += $i } END { print s + 0 }' /proc/interrupts
+}
+# What the guest made of each device's limits (a request larger than these is split).
+for d in vda vdb; do
+    q=/sys/block/$d/queue
+    echo "QUEUE $d max_segment_size=$(cat $q/max_segment_size) max_segments=$(cat $q/max_segments) max_sectors_kb=$(cat $q/max_sectors_kb)"
+done
 n=0
 for c in $(echo "$CASES" | tr , ' '); do
     set -- $(echo "$c" | tr - ' ')
@@ -71,10 +85,13 @@ for c in $(echo "$CASES" | tr , ' '); do
         if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
         n=$((n + 1))
         for d in $order; do
+            echo "BEGIN $1-$2-$3 $d"
+            i0=$(irqs $d)
             r=$(fio --name=b --filename=/dev/$d --ioengine=libaio --direct=1 --rw=$1 \
                 --bs=$2 --iodepth=$3 --time_based --runtime=$SECS --norandommap \
                 --randrepeat=0 --output-format=terse --terse-version=3 2>&1 | grep '^3;')
             echo "FIO $1-$2-$3 $d $r"
+            echo "IRQ $1-$2-$3 $d $(($(irqs $d) - i0))"
         done
     done
 done
@@ -140,6 +157,29 @@ for s in ours theirs; do
     for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
 done
 
+# Each server's CPU time (user + system, all threads, /proc/PID/stat) over each fio run:
+# the guest prints BEGIN before a run and its FIO result after it, and this filter of the
+# console samples the server of that disk at both lines. Under TCG the emulated guest
+# sets the pace, so the servers' CPU per request is the load-independent figure.
+cpu_monitor='
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+pid = {"vda": sys.argv[1], "vdb": sys.argv[2]}
+def cpu(d):
+    with open(f"/proc/{pid[d]}/stat") as f:
+        t = f.read().rsplit(")", 1)[1].split()
+    return (int(t[11]) + int(t[12])) / tick
+start = {}
+for line in sys.stdin:
+    line = line.replace("\r", "")
+    sys.stdout.write(line)
+    f = line.split()
+    if len(f) == 3 and f[0] == "BEGIN":
+        start[(f[1], f[2])] = cpu(f[2])
+    elif len(f) == 4 and f[0] == "FIO" and (f[1], f[2]) in start:
+        print("CPU", f[1], f[2], cpu(f[2]) - start.pop((f[1], f[2])))
+    sys.stdout.flush()
+'
 cpu=(); [ "$accel" = kvm ] && cpu=(-cpu host)
 mem=1G
 timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
@@ -148,14 +188,16 @@ timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$acc
     -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs ROUNDS=$rounds CASES=$cases" \
     -chardev socket,id=c0,path="$dir/ours.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
     -chardev socket,id=c1,path="$dir/theirs.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=2 \
-    </dev/null | tr -d '\r' > "$dir/console" || true
+    </dev/null | python3 -c "$cpu_monitor" "${pids[0]}" "${pids[1]}" > "$dir/console" || true
 grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest did not finish" >&2; exit 1; }
 
 python3 - "$dir/console" <<'EOF'
 import statistics, sys
-res = {}
+res, cpu, irq, ops = {}, {}, {}, {}
 for l in open(sys.argv[1]):
     f = l.split()
+    if len(f) == 4 and f[0] in ("CPU", "IRQ"):
+        (cpu if f[0] == "CPU" else irq).setdefault((f[1], f[2]), []).append(float(f[3]))
     if len(f) == 4 and f[0] == "FIO":
         t = f[3].split(";")
         if t[4] != "0":
@@ -163,8 +205,15 @@ for l in open(sys.argv[1]):
         rd = int(t[5]) > 0
         iops, kib = (float(t[7]), float(t[6])) if rd else (float(t[48]), float(t[47]))
         res.setdefault((f[1], f[2]), []).append(iops if "-4k-" in f[1] else kib / 1024)
-print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios |")
-print("|---|---|---|---|---|")
+        # Requests completed in the run (fio's total I/O in KiB over the block size).
+        n = int(t[5]) if rd else int(t[46])
+        ops.setdefault((f[1], f[2]), []).append(n / (4 if "-4k-" in f[1] else 1024))
+def per_op(what, case, d):
+    c, n = sum(what.get((case, d), [])), sum(ops.get((case, d), []))
+    return c / n if n else float("nan")
+print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios "
+      "| server CPU µs per request: diskimg / qsd | guest interrupts per request |")
+print("|---|---|---|---|---|---|---|")
 for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
              "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
     if (case, "vda") not in res:
@@ -175,7 +224,9 @@ for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-
     rw, bs, qd = case.split("-")
     unit = "IOPS" if bs == "4k" else "MiB/s"
     print(f"| {rw} {bs} QD{qd} ({unit}) | {ma:.0f} | {mb:.0f} | {ma / max(mb, 1e-9):.2f}x "
-          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} |")
+          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} | {per_op(cpu, case, 'vda') * 1e6:.0f} / {per_op(cpu, case, 'vdb') * 1e6:.0f} "
+          f"| {per_op(irq, case, 'vda'):.2f} / {per_op(irq, case, 'vdb'):.2f} |")
 EOF
 echo
+sed -n 's/^QUEUE vda/guest queue limits: diskimg (vda)/p; s/^QUEUE vdb/guest queue limits: qemu-storage-daemon (vdb)/p' "$dir/console"
 echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"

@@ -4,7 +4,11 @@
 //! Run it with `benches/engine.sh` (which sets the knobs below and builds in release).
 //! Environment:
 //! - `BENCH_DIR` — where the images go (default `target/engine-bench`);
-//! - `BENCH_SIZE_MIB` — virtual size of the images (default 512);
+//! - `BENCH_SIZE_MIB` — virtual size of the read image (default 512);
+//! - `BENCH_ALLOC_MIB` — virtual size of the fresh images the allocating writes fill, one
+//!   4 KiB write per 64 KiB cluster (default 2048: 32768 writes, about 0.5 s a row; at
+//!   512 a row lasted only 0.1 s and its ratio moved by ±10 % between runs). qemu-img
+//!   bench -w fills whole clusters: its image takes this much disk space while it runs;
 //! - `BENCH_READS` — 4 KiB reads per measurement of the `O_DIRECT` rows (io_uring,
 //!   `qemu-img bench`; default 200000);
 //! - `BENCH_CACHED_READS` — 4 KiB reads per measurement of the in-process page-cache rows
@@ -12,7 +16,8 @@
 //!   machine, too short for stable ratios);
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
 //! - `BENCH_ONLY` — comma-separated row names to run (default all);
-//! - `BENCH_ENGINES` — comma-separated engine names (`diskimg`, `imago`; default both).
+//! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
+//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row).
 //!
 //! Patterns (the same for every engine):
 //! - `seq-read-1m`: the whole image in 1 MiB reads;
@@ -29,7 +34,10 @@
 //!   `O_DIRECT`, 16 reads in flight from one thread (`benches/engine/uring.rs`).
 //!
 //! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`,
-//! with qemu's default thread pool and with `-i io_uring`).
+//! with qemu's default thread pool and with `-i io_uring`). The `O_DIRECT` and `qemu-img
+//! bench` read rows run round by round in turn, and so do the engines of an allocating
+//! row (the device, shared with whatever else the machine does, sets their pace: a
+//! disturbance then hits each of them alike).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,7 +47,7 @@ use std::time::{Duration, Instant};
 mod engines;
 mod uring;
 
-use engines::{Engine, open_engine};
+use engines::{Engine, open_engine, wanted};
 
 const BLOCK: u64 = 4096;
 const CLUSTER: u64 = 65536;
@@ -50,6 +58,7 @@ const FLUSH_EVERY: usize = 256;
 struct Cfg {
     dir: PathBuf,
     size: u64,
+    alloc_size: u64,
     reads: usize,
     cached_reads: usize,
     rounds: usize,
@@ -70,6 +79,7 @@ impl Cfg {
         Self {
             dir,
             size: num("BENCH_SIZE_MIB", 512) << 20,
+            alloc_size: num("BENCH_ALLOC_MIB", 2048).max(1) << 20,
             reads: usize::try_from(num("BENCH_READS", 200_000)).unwrap_or(200_000),
             cached_reads: usize::try_from(num("BENCH_CACHED_READS", 1_000_000))
                 .unwrap_or(1_000_000),
@@ -86,8 +96,9 @@ impl Cfg {
             .is_none_or(|o| o.iter().any(|x| row.starts_with(x.as_str())))
     }
 
+    /// Clusters of the fresh images (one allocating write each).
     fn clusters(&self) -> u64 {
-        self.size / CLUSTER
+        self.alloc_size / CLUSTER
     }
 }
 
@@ -171,7 +182,7 @@ fn fresh_image(cfg: &Cfg) -> PathBuf {
     sh(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
-        .arg(cfg.size.to_string()));
+        .arg(cfg.alloc_size.to_string()));
     img
 }
 
@@ -294,40 +305,43 @@ fn main() {
             });
         }
     }
+    // The O_DIRECT rows (the device, which other work shares, sets their pace) run
+    // round by round in turn, so that a disturbance hits all of them alike.
+    let ring = "diskimg io_uring -d 16 -t none";
+    let mut cases = Vec::new();
     for (name, offs) in [("read-4k-stride", &stride), ("read-4k-rand", &rand)] {
-        if !cfg.wants(name) || !engines.contains(&"diskimg") {
-            continue;
+        if cfg.wants(name) && wanted(ring) {
+            let data = &data;
+            cases.push(Case {
+                name,
+                engine: ring.into(),
+                ops: offs.len(),
+                bytes: offs.len() as u64 * BLOCK,
+                run: Box::new(move || uring::reads(data, offs, BLOCK as usize, 16)),
+            });
         }
-        let best = (0..cfg.rounds)
-            .map(|_| uring::reads(&data, offs, BLOCK as usize, 16))
-            .min()
-            .unwrap_or_default();
-        print_row(&Row {
-            name: name.into(),
-            engine: "diskimg io_uring -d 16 -t none".into(),
-            ops: offs.len(),
-            bytes: offs.len() as u64 * BLOCK,
-            best,
-            note: String::new(),
-        });
     }
-    qemu_reads(&cfg, &data);
+    cases.extend(qemu_reads(&cfg, &data));
+    interleaved(cfg.rounds, cases);
     let strided: Vec<u64> = (0..cfg.clusters()).map(|c| c * CLUSTER).collect();
     let shuffled = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
     for (name, offs) in [("alloc-4k-stride", &strided), ("alloc-4k-rand", &shuffled)] {
         if !cfg.wants(name) {
             continue;
         }
-        for &eng in &engines {
-            let mut best = Duration::MAX;
-            let mut note = String::new();
-            for _ in 0..cfg.rounds {
+        // Engines in turn, round by round (the disk's pace varies with other work).
+        let mut best = vec![Duration::MAX; engines.len()];
+        let mut notes = vec![String::new(); engines.len()];
+        for _ in 0..cfg.rounds {
+            for (i, &eng) in engines.iter().enumerate() {
                 let img = fresh_image(&cfg);
                 let e = open_engine(eng, &img, true);
-                best = best.min(run_writes(e.as_ref(), offs));
+                best[i] = best[i].min(run_writes(e.as_ref(), offs));
                 drop(e);
-                note = allocated_mib(&img);
+                notes[i] = allocated_mib(&img);
             }
+        }
+        for ((&eng, best), note) in engines.iter().zip(best).zip(notes) {
             print_row(&Row {
                 name: name.into(),
                 engine: eng.into(),
@@ -339,9 +353,41 @@ fn main() {
         }
     }
     qemu_writes(&cfg);
+    // The fresh images are large at the default size: only the read image is kept.
+    let _ = std::fs::remove_file(cfg.dir.join("fresh.qcow2"));
 }
 
-fn qemu_reads(cfg: &Cfg, data: &Path) {
+/// One timed case of [`interleaved`]: a row and how to measure it once.
+struct Case<'a> {
+    name: &'a str,
+    engine: String,
+    ops: usize,
+    bytes: u64,
+    run: Box<dyn Fn() -> Duration + 'a>,
+}
+
+/// Runs `cases` round by round in turn and prints the best of each.
+fn interleaved(rounds: usize, cases: Vec<Case<'_>>) {
+    let mut best = vec![Duration::MAX; cases.len()];
+    for _ in 0..rounds {
+        for (b, c) in best.iter_mut().zip(&cases) {
+            *b = (*b).min((c.run)());
+        }
+    }
+    for (best, c) in best.into_iter().zip(cases) {
+        print_row(&Row {
+            name: c.name.into(),
+            engine: c.engine,
+            ops: c.ops,
+            bytes: c.bytes,
+            best,
+            note: String::new(),
+        });
+    }
+}
+
+/// The `qemu-img bench` read rows wanted.
+fn qemu_reads<'a>(cfg: &Cfg, data: &'a Path) -> Vec<Case<'a>> {
     let n = cfg.reads.to_string();
     let step = (STRIDE_BLOCKS * BLOCK).to_string();
     let mib = (cfg.size >> 20).to_string();
@@ -377,27 +423,28 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
             BLOCK,
         ),
     ];
-    for (name, engine, args, ops, len) in cases {
-        if !cfg.wants(name) {
-            continue;
-        }
-        let best = (0..cfg.rounds)
-            .map(|_| qemu_bench(data, &args))
-            .min()
-            .unwrap_or_default();
-        print_row(&Row {
-            name: name.into(),
-            engine: engine.into(),
-            ops,
-            bytes: ops as u64 * len,
-            best,
-            note: String::new(),
-        });
-    }
+    cases
+        .into_iter()
+        .filter(|&(name, engine, ..)| cfg.wants(name) && wanted(engine))
+        .map(|(name, engine, args, ops, len)| {
+            let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+            Case {
+                name,
+                engine: engine.into(),
+                ops,
+                bytes: ops as u64 * len,
+                run: Box::new(move || {
+                    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                    qemu_bench(data, &a)
+                }),
+            }
+        })
+        .collect()
 }
 
 fn qemu_writes(cfg: &Cfg) {
-    if !cfg.wants("alloc-4k-stride") {
+    let engine = "qemu-img bench -w -d 1";
+    if !cfg.wants("alloc-4k-stride") || !wanted(engine) {
         return;
     }
     let count = cfg.clusters().to_string();
@@ -422,7 +469,7 @@ fn qemu_writes(cfg: &Cfg) {
     }
     print_row(&Row {
         name: "alloc-4k-stride".into(),
-        engine: "qemu-img bench -w -d 1".into(),
+        engine: engine.into(),
         ops: usize::try_from(cfg.clusters()).unwrap_or(0),
         bytes: cfg.clusters() * BLOCK,
         best,

@@ -16,13 +16,20 @@ pub trait Engine: Send + Sync {
     fn flush(&self);
 }
 
-/// The engines, in the order rows are printed.
-/// `BENCH_ENGINES` (comma-separated prefixes) selects some of them.
-pub fn names() -> Vec<&'static str> {
-    let all = ["diskimg", "imago 0.2.6"];
+/// True when the row of engine `label` is wanted: `BENCH_ENGINES` (comma-separated
+/// prefixes of the labels, e.g. `diskimg,imago` or `diskimg io_uring,qemu-img -d 16`)
+/// is unset or names it.
+pub fn wanted(label: &str) -> bool {
     let want = std::env::var("BENCH_ENGINES").unwrap_or_default();
-    all.into_iter()
-        .filter(|n| want.is_empty() || want.split(',').any(|w| n.starts_with(w)))
+    want.is_empty() || want.split(',').any(|w| label.starts_with(w))
+}
+
+/// The in-process engines (not `qemu-img bench`), in the order rows are printed,
+/// as [`wanted`] selects them.
+pub fn names() -> Vec<&'static str> {
+    ["diskimg", "imago 0.2.6"]
+        .into_iter()
+        .filter(|n| wanted(n))
         .collect()
 }
 

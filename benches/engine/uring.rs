@@ -1,13 +1,38 @@
 //! The io_uring row: random 4 KiB reads through the library's async face on an io_uring
 //! (`ImageOptions::with_io_uring`, `O_DIRECT` as `qemu-img bench -t none`), `depth`
-//! requests in flight from one thread, driven by `pollster::block_on` (no runtime).
+//! requests in flight from one thread. The thread polls its futures itself (no runtime):
+//! the reads that completed are replaced by the next ones, started under one
+//! [`Plug`] (one `io_uring_enter` for them all), as a virtqueue handler refills its ring
+//! and notifies once (qemu-img bench, too, submits the next requests from its completions
+//! and its event loop enters the ring once per iteration).
 
-use std::collections::VecDeque;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use diskimg::blockio::{AsyncDevice, CacheMode, IoBuf};
+use diskimg::blockio::{AsyncDevice, CacheMode, IoBuf, IoFuture, Plug};
 use diskimg::{Format, ImageOptions};
+
+/// Wakes the benchmark thread: a completion sets the flag and unparks it.
+struct Unpark {
+    woken: AtomicBool,
+    thread: Thread,
+}
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
 
 /// Reads `len` bytes at each of `offs` with `depth` in flight; the time taken.
 pub fn reads(path: &Path, offs: &[u64], len: usize, depth: usize) -> Duration {
@@ -19,19 +44,44 @@ pub fn reads(path: &Path, offs: &[u64], len: usize, depth: usize) -> Duration {
     // Workers for what cannot go to the ring (none on an allocated image whose format
     // answers the layout walk); as many as the depth so that the depth holds either way.
     let aio = AsyncDevice::with_workers(img.device.clone(), depth).expect("async face");
-    let mut free: Vec<IoBuf> = (0..depth).map(|_| IoBuf::new(len)).collect();
-    let mut q: VecDeque<diskimg::blockio::IoFuture<IoBuf>> = VecDeque::with_capacity(depth);
+    let unpark = Arc::new(Unpark {
+        woken: AtomicBool::new(false),
+        thread: std::thread::current(),
+    });
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut next = offs.iter();
     let t = Instant::now();
-    for &o in offs {
-        if q.len() == depth {
-            let f = q.pop_front().expect("in flight");
-            free.push(pollster::block_on(f).expect("read"));
+    let plug = Plug::new();
+    let mut flight: Vec<IoFuture<IoBuf>> = next
+        .by_ref()
+        .take(depth)
+        .map(|&o| aio.read_at(IoBuf::new(len), o))
+        .collect();
+    drop(plug);
+    let mut done: Vec<(usize, IoBuf)> = Vec::with_capacity(depth);
+    while !flight.is_empty() {
+        unpark.woken.store(false, Ordering::Release);
+        for (i, f) in flight.iter_mut().enumerate() {
+            if let Poll::Ready(r) = Pin::new(f).poll(&mut cx) {
+                done.push((i, r.expect("read")));
+            }
         }
-        let buf = free.pop().expect("a free buffer");
-        q.push_back(aio.read_at(buf, o));
-    }
-    for f in q {
-        pollster::block_on(f).expect("read");
+        if done.is_empty() {
+            while !unpark.woken.load(Ordering::Acquire) {
+                std::thread::park();
+            }
+            continue;
+        }
+        let plug = Plug::new();
+        // Highest index first: `swap_remove` moves only futures already looked at.
+        for (i, buf) in done.drain(..).rev() {
+            match next.next() {
+                Some(&o) => flight[i] = aio.read_at(buf, o),
+                None => drop(flight.swap_remove(i)),
+            }
+        }
+        drop(plug);
     }
     t.elapsed()
 }

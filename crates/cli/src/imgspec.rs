@@ -451,8 +451,18 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
     } else {
         (OptionList::new(), Some(arg))
     };
+    let direct = ["cache.direct", "file.cache.direct"]
+        .iter()
+        .any(|k| matches!(dict.get(k), Some("on" | "true")));
     let r = resolve(dict, name, format)?;
     let mut opts = base;
+    if direct && !opts.cache.direct() {
+        // `cache.direct=on`: O_DIRECT, as qemu's file driver opens it.
+        opts.cache = match opts.cache {
+            diskimg::CacheMode::Writethrough => diskimg::CacheMode::DirectSync,
+            _ => diskimg::CacheMode::None,
+        };
+    }
     opts.read_only |= r.read_only == Some(true);
     if r.compress && !opts.read_only {
         bail!("the compress filter is supported by diskimg's qemu-io only");

@@ -2,7 +2,7 @@
 //! out of order.
 //!
 //! Chunks are claimed from a shared cursor. A chunk is normally
-//! [`Ctx::chunk`](crate::plan::Ctx) bytes, but when the source reads as zeroes for
+//! [`Ctx::chunk`](crate::plan::Ctx) bytes (aligned to multiples of it), but when the source reads as zeroes for
 //! longer than that (a hole, unallocated clusters) and nothing needs a buffer for it (no
 //! `-S 0`, no `-B` comparison), the whole zero range is claimed at once: a sparse
 //! terabyte costs a few block-status calls, not one per 2 MiB.
@@ -70,17 +70,25 @@ fn claim(ctx: &Ctx<'_>, cur: &Mutex<Cursor>, total: u64) -> Result<Option<(u64, 
         return Ok(None);
     }
     let pos = c.pos;
-    let mut len = ctx.chunk.min(total - pos);
+    // Chunks end on the grid of `ctx.chunk` (a multiple of the compression unit): after
+    // a zero range ending anywhere, the next data chunks still start on cluster
+    // boundaries of the target, so a qcow2 target writes each chunk as whole clusters
+    // with one allocation instead of a partial cluster at either end (qemu-img aligns
+    // its requests to the target's cluster size too).
+    let grid = ctx.chunk.max(1);
+    let next = (pos / grid)
+        .saturating_add(1)
+        .saturating_mul(grid)
+        .min(total);
+    let mut len = next - pos;
     if ctx.opts.sparse_size > 0 && ctx.opts.backing.is_none() {
         let st = block_status(ctx.src, pos, total - pos)?;
-        // Keep chunk starts on compression units (`pos` is one already).
-        let zero_len = match ctx.unit {
-            0 => st.length,
-            _ if st.length == total - pos => st.length,
-            u => st.length / u * u,
+        let zero_end = match st.length == total - pos {
+            true => total,
+            false => (pos + st.length) / grid * grid,
         };
-        if st.zero && zero_len > len {
-            len = zero_len;
+        if st.zero && zero_end > pos + len {
+            len = zero_end - pos;
         }
     }
     let idx = c.idx;

@@ -4,7 +4,9 @@
 //! features (`features/`) and the metadata engine (`engine/`) do the rest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 
 use diskimg_blockio::{BitmapInfo, BlockDevice, Error, InfoValue, Result, Storage};
 
@@ -14,13 +16,20 @@ use crate::encryption::Encryption;
 use crate::engine::meta::Meta;
 use crate::tracked::Tracked;
 
+/// The metadata held exclusively ([`Qcow2Device::lock`]).
+pub(crate) type MetaGuard<'a> = ShardedLockWriteGuard<'a, Meta>;
+
 /// An open qcow2 image (or a read-only view of one of its internal snapshots).
 ///
-/// All I/O takes `&self`; metadata sits behind one mutex, guest data reads happen
-/// outside it.
+/// All I/O takes `&self`; metadata sits behind one reader-writer lock, guest data reads
+/// happen outside it.
 #[derive(Debug)]
 pub struct Qcow2Device {
-    pub(crate) meta: RwLock<Meta>,
+    /// The metadata. A sharded lock: a reader takes the shared lock of its own thread's
+    /// shard only, so threads reading cached mappings at once write no common cache line
+    /// (one `RwLock` had every read of every thread write its state twice); a writer
+    /// takes every shard.
+    pub(crate) meta: ShardedLock<Meta>,
     /// [`Meta::size`], readable without the lock: a read asks for the size once per
     /// request, and taking the shared lock for it would write the lock's cache line once
     /// more per read (threads reading one device bounce it between cores). Stored under
@@ -46,12 +55,12 @@ pub struct Qcow2Device {
 
 impl Qcow2Device {
     /// The metadata, exclusively (writers, and readers whose L2 table is not cached).
-    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, Meta> {
+    pub(crate) fn lock(&self) -> MetaGuard<'_> {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The metadata, shared: reads of cached mappings do not exclude each other.
-    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Meta> {
+    pub(crate) fn shared(&self) -> ShardedLockReadGuard<'_, Meta> {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -105,7 +105,7 @@ impl Qcow2Device {
         };
         let mut dev = Qcow2Device {
             size: AtomicU64::new(meta.size()),
-            meta: RwLock::new(meta),
+            meta: crossbeam_utils::sync::ShardedLock::new(meta),
             file,
             data,
             backing: RwLock::new(None),
@@ -231,7 +231,7 @@ impl Qcow2Device {
         )?;
         Ok(Qcow2Device {
             size: AtomicU64::new(view.size()),
-            meta: RwLock::new(view),
+            meta: crossbeam_utils::sync::ShardedLock::new(view),
             file: self.file.clone(),
             data: self.data.clone(),
             backing: RwLock::new(self.backing()),

@@ -1,6 +1,7 @@
 //! [`Export`]: one device as the protocols serve it, with the policy qemu-nbd applies
 //! between a client request and the block layer (discard, detect-zeroes, cache mode).
 
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use diskimg_blockio::{BlockDevice, Error, MapEntry, ZeroFlags, block_status, check_range};
@@ -229,18 +230,46 @@ impl Export {
         self.device.read_at(buf, offset).map_err(|e| fault(&e))
     }
 
+    /// Fills a scatter-gather list (consecutive in guest space) from `offset`: one
+    /// buffer as [`Export::read`] does, several with the device's vectored read (one
+    /// `preadv` per host run). The vhost-user-blk device reads into guest memory so.
+    pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<(), Fault> {
+        self.check(offset, vectored_len(bufs.iter().map(|b| b.len())))?;
+        let r = match bufs {
+            [buf] => self.device.read_at(buf, offset),
+            _ => self.device.read_vectored_at(bufs, offset),
+        };
+        r.map_err(|e| fault(&e))
+    }
+
     /// Writes guest bytes; `fua` makes them durable before returning.
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Fault> {
-        self.writable(offset, buf.len() as u64)?;
+        self.write_vectored(&[IoSlice::new(buf)], offset, fua)
+    }
+
+    /// Writes a scatter-gather list (consecutive in guest space) at `offset`, as
+    /// [`Export::write`] writes one buffer.
+    pub fn write_vectored(
+        &self,
+        bufs: &[IoSlice<'_>],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), Fault> {
+        let len = vectored_len(bufs.iter().map(|b| b.len()));
+        self.writable(offset, len)?;
         let p = self.options.policy;
-        if p.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
+        if p.detect_zeroes != DetectZeroes::Off && len > 0 && bufs.iter().all(|b| is_zero(b)) {
             let unmap = p.detect_zeroes == DetectZeroes::Unmap && p.discard == Discard::Unmap;
             let flags = ZeroFlags { may_unmap: unmap };
             self.device
-                .write_zeroes(offset, buf.len() as u64, flags)
+                .write_zeroes(offset, len, flags)
                 .map_err(|e| fault(&e))?;
-        } else {
+        } else if let [buf] = bufs {
             self.device.write_at(buf, offset).map_err(|e| fault(&e))?;
+        } else {
+            self.device
+                .write_vectored_at(bufs, offset)
+                .map_err(|e| fault(&e))?;
         }
         self.after_write(fua)
     }
@@ -322,6 +351,12 @@ impl Export {
         self.check(offset, len)?;
         block_status(self.device.as_ref(), offset, len).map_err(|e| fault(&e))
     }
+}
+
+/// The total length of a buffer list (saturating: an impossible length then fails the
+/// range check).
+fn vectored_len(lens: impl Iterator<Item = usize>) -> u64 {
+    lens.fold(0u64, |t, l| t.saturating_add(l as u64))
 }
 
 fn fault(e: &Error) -> Fault {

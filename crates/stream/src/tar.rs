@@ -341,7 +341,7 @@ pub fn find_in_stream(
             .checked_sub(pos)
             .ok_or(Error::internal("tar reader went backwards"))?;
         let skipped = std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())
-            .map_err(|e| Error::invalid(format!("'{name}': {e}")))?;
+            .map_err(|e| Error::io(format!("'{name}'"), e))?;
         pos += skipped;
         if skipped < skip {
             return Ok(false);
@@ -351,7 +351,7 @@ pub fn find_in_stream(
             match r.read(buf.get_mut(n..).unwrap_or_default()) {
                 Ok(0) => break,
                 Ok(k) => n += k,
-                Err(e) => return Err(Error::invalid(format!("'{name}': {e}"))),
+                Err(e) => return Err(Error::io(format!("'{name}'"), e)),
             }
         }
         pos += n as u64;
@@ -361,7 +361,7 @@ pub fn find_in_stream(
     // The walk read the member's header and stopped at its data.
     let skip = m.offset.saturating_sub(pos);
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())
-        .map_err(|e| Error::invalid(format!("'{name}': {e}")))?;
+        .map_err(|e| Error::io(format!("'{name}'"), e))?;
     let size = m.size;
     let stored: Box<dyn Read + Send> = Box::new(r.take(size));
     let reader: Box<dyn Read + Send> = match &m.sparse {

@@ -65,6 +65,64 @@ pub use buf::{IO_ALIGN, IoBuf};
 pub use pool::IoFuture;
 use pool::Pool;
 
+/// Batches the io_uring submissions of the calling thread while it is alive: reads
+/// started meanwhile ([`AsyncDevice::read_at`] on io_uring storage) go to the kernel
+/// together, in one `io_uring_enter` per ring, when the last plug of the thread is
+/// dropped — as a virtqueue handler would start every request it popped, then notify
+/// once. A thread that polls one of its requests before then (an executor about to
+/// wait) submits what is held back first, so holding a plug never stalls a request.
+/// Plugs nest; elsewhere than Linux, and for requests that run on workers, a plug
+/// changes nothing.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use diskimg_blockio::{AsyncDevice, BlockDevice, IoBuf, Plug};
+/// # fn f(aio: &AsyncDevice) -> diskimg_blockio::Result<()> {
+/// let futures: Vec<_> = {
+///     let _plug = Plug::new();
+///     (0..16u64).map(|i| aio.read_at(IoBuf::new(4096), i * 4096)).collect()
+/// }; // submitted here, together
+/// for f in futures {
+///     let _buf = pollster::block_on(f)?;
+/// }
+/// # Ok(()) }
+/// ```
+#[must_use = "the plug batches submissions only while it is held"]
+pub struct Plug {
+    /// A plug belongs to its thread.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Plug {
+    /// Plugs the calling thread (see the type's docs).
+    pub fn new() -> Self {
+        #[cfg(target_os = "linux")]
+        crate::storage::plug::enter();
+        Self {
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Default for Plug {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Plug {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        crate::storage::plug::exit();
+    }
+}
+
+impl std::fmt::Debug for Plug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Plug")
+    }
+}
+
 /// Worker threads of [`AsyncDevice::new`].
 const DEFAULT_WORKERS: usize = 4;
 

@@ -64,6 +64,10 @@ impl<T> Future for IoFuture<T> {
             Some(v) => Poll::Ready(v),
             None => {
                 st.1 = Some(cx.waker().clone());
+                drop(st);
+                // About to wait: what this thread's plug holds back must go first.
+                #[cfg(target_os = "linux")]
+                crate::storage::plug::flush();
                 Poll::Pending
             }
         }

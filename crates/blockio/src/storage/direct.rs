@@ -16,11 +16,17 @@
 //!   of one block never undo each other. A block padded past the end of the file is
 //!   trimmed back afterwards: the file keeps the length a buffered write would give it.
 //! - Reads past the end of the file fail as buffered ones do.
+//! - In cache mode `none` (not `directsync`), partial blocks inside the file are kept in
+//!   memory until the next flush instead of being read and written back at once
+//!   ([`super::dirty`]): metadata updates of a few bytes cost no device round trip.
 
 use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use super::dirty::Dirty;
 
 /// Largest bounce buffer.
 const BOUNCE: usize = 1 << 20;
@@ -34,8 +40,13 @@ pub(crate) struct DirectIo {
     align: usize,
     /// Buffers start at a multiple of this (a power of two).
     mem_align: usize,
-    /// Exclusive for read-modify-write, shared for aligned writes.
+    /// Exclusive for read-modify-write and write-back of `dirty`, shared for aligned
+    /// writes and (while partial blocks may be cached) for reads.
     rmw: RwLock<()>,
+    /// Partial blocks are cached (cache mode `none`, and no io_uring around the file).
+    caching: AtomicBool,
+    /// The cached partial blocks (lock order: `rmw`, then `dirty`).
+    dirty: Mutex<Dirty>,
 }
 
 /// `len` bytes starting at an `align` boundary inside an over-allocated vector.
@@ -67,8 +78,9 @@ fn is_pow2(v: u32) -> Option<usize> {
 }
 
 impl DirectIo {
-    /// Finds the alignment `file` (opened with `O_DIRECT`) needs.
-    pub(crate) fn probe(file: &File) -> io::Result<Self> {
+    /// Finds the alignment `file` (opened with `O_DIRECT`) needs; `caching`: partial
+    /// blocks may wait for the next flush (cache mode `none`).
+    pub(crate) fn probe(file: &File, caching: bool) -> io::Result<Self> {
         let mut align = None;
         let mut mem_align = None;
         if file.metadata()?.file_type().is_block_device() {
@@ -91,7 +103,47 @@ impl DirectIo {
             align,
             mem_align: mem_align.unwrap_or(align).max(1),
             rmw: RwLock::new(()),
+            caching: AtomicBool::new(caching),
+            dirty: Mutex::new(Dirty::default()),
         })
+    }
+
+    /// Request offsets and lengths are multiples of this (a power of two).
+    pub(crate) fn align(&self) -> u64 {
+        self.align as u64
+    }
+
+    fn dirty(&self) -> MutexGuard<'_, Dirty> {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the cached partial blocks back (before a flush, and before file operations
+    /// that bypass this module: `fallocate`, truncation, `SEEK_DATA`).
+    pub(crate) fn write_back(&self, file: &File) -> io::Result<()> {
+        if self.dirty().is_empty() {
+            return Ok(());
+        }
+        let _exclusive = self.rmw.write().unwrap_or_else(|p| p.into_inner());
+        self.write_back_locked(file, &mut self.dirty())
+    }
+
+    /// [`Self::write_back`] with `rmw` held exclusively.
+    fn write_back_locked(&self, file: &File, dirty: &mut Dirty) -> io::Result<()> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut scratch = Aligned::new(self.bounce_len(), self.mem_align.max(self.align));
+        let scratch = scratch.get(self.bounce_len());
+        dirty.write_back(scratch, |b, off| file.write_all_at(b, off))
+    }
+
+    /// Stops caching partial blocks (after writing back those cached): io_uring requests
+    /// on the file go around this module.
+    pub(crate) fn stop_caching(&self, file: &File) -> io::Result<()> {
+        let _exclusive = self.rmw.write().unwrap_or_else(|p| p.into_inner());
+        self.write_back_locked(file, &mut self.dirty())?;
+        self.caching.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn aligned(&self, off: u64, len: usize) -> bool {
@@ -118,6 +170,22 @@ impl DirectIo {
         if buf.is_empty() {
             return Ok(());
         }
+        if !self.caching.load(Ordering::Acquire) {
+            return self.read_uncached(file, buf, off);
+        }
+        // Shared: no write-back (which forgets the blocks it wrote) between the read and
+        // the overlay.
+        let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
+        self.read_uncached(file, buf, off)?;
+        let dirty = self.dirty();
+        if !dirty.is_empty() {
+            dirty.overlay(buf, off, self.align);
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `off` from the file (not the cached blocks).
+    fn read_uncached(&self, file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
         let len = buf.len();
         if self.aligned(off, len) && buf.as_ptr().align_offset(self.mem_align) == 0 {
             return match self.read_some(file, buf, off)? {
@@ -182,21 +250,74 @@ impl DirectIo {
         }
         if self.aligned(off, buf.len()) {
             let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
-            if buf.as_ptr().align_offset(self.mem_align) == 0 {
-                return file.write_all_at(buf, off);
+            {
+                // Cached blocks the write covers take its bytes (before the device does:
+                // a read meanwhile sees either the old or the new bytes).
+                let mut dirty = self.dirty();
+                if !dirty.is_empty() {
+                    dirty.update(buf, off, self.align);
+                }
             }
-            let mut bounce = Aligned::new(self.bounce_len().min(buf.len()), self.mem_align);
-            let mut done = 0usize;
-            for piece in buf.chunks(self.bounce_len()) {
-                let b = bounce.get(piece.len());
-                b.copy_from_slice(piece);
-                file.write_all_at(b, off + done as u64)?;
-                done += piece.len();
-            }
-            return Ok(());
+            return self.write_aligned(file, buf, off);
         }
         let _exclusive = self.rmw.write().unwrap_or_else(|p| p.into_inner());
+        if self.caching.load(Ordering::Acquire) && self.write_cached(file, buf, off)? {
+            return Ok(());
+        }
+        // The blocks read back below must be current.
+        self.write_back_locked(file, &mut self.dirty())?;
         self.read_modify_write(file, buf, off)
+    }
+
+    /// An aligned request, from `buf` or through a bounce buffer.
+    fn write_aligned(&self, file: &File, buf: &[u8], off: u64) -> io::Result<()> {
+        if buf.as_ptr().align_offset(self.mem_align) == 0 {
+            return file.write_all_at(buf, off);
+        }
+        let mut bounce = Aligned::new(self.bounce_len().min(buf.len()), self.mem_align);
+        let mut done = 0usize;
+        for piece in buf.chunks(self.bounce_len()) {
+            let b = bounce.get(piece.len());
+            b.copy_from_slice(piece);
+            file.write_all_at(b, off + done as u64)?;
+            done += piece.len();
+        }
+        Ok(())
+    }
+
+    /// An unaligned write whose blocks all lie inside the file (with `rmw` held
+    /// exclusively): whole blocks go to the device, the partial ones at either end into
+    /// the cache (read from the device when not cached yet). False (nothing done) for a
+    /// write reaching past the file's last whole block: that one pads and trims.
+    fn write_cached(&self, file: &File, buf: &[u8], off: u64) -> io::Result<bool> {
+        let a = self.align as u64;
+        let end = off + buf.len() as u64;
+        if end.div_ceil(a) * a > file.metadata()?.len() {
+            return Ok(false);
+        }
+        let mut dirty = self.dirty();
+        let (mid_lo, mid_hi) = (off.div_ceil(a) * a, end / a * a);
+        if mid_lo < mid_hi {
+            let mid = buf
+                .get(idx(mid_lo - off)..idx(mid_hi - off))
+                .unwrap_or_default();
+            dirty.update(mid, mid_lo, self.align);
+            self.write_aligned(file, mid, mid_lo)?;
+        }
+        for b in [off / a * a, (end - 1) / a * a] {
+            if (b >= mid_lo && b < mid_hi) || dirty.get_mut(b).is_some() {
+                continue;
+            }
+            let mut block = Aligned::new(self.align, self.mem_align.max(self.align));
+            let bytes = block.get(self.align);
+            self.read_block(file, bytes, b)?;
+            dirty.insert(b, bytes.to_vec());
+        }
+        dirty.update(buf, off, self.align);
+        if dirty.is_full(self.align) {
+            self.write_back_locked(file, &mut dirty)?;
+        }
+        Ok(true)
     }
 
     fn read_modify_write(&self, file: &File, buf: &[u8], off: u64) -> io::Result<()> {
@@ -290,6 +411,7 @@ mod tests {
         Write(u64, usize, u8, usize),
         Read(u64, usize),
         Zero(u64, u64),
+        Flush,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -299,6 +421,7 @@ mod tests {
                 .prop_map(|(o, l, b, skew)| Op::Write(o, l, b, skew)),
             2 => (off.clone(), 1usize..20_000).prop_map(|(o, l)| Op::Read(o, l)),
             1 => (off, 1u64..9000).prop_map(|(o, l)| Op::Zero(o, l)),
+            1 => Just(Op::Flush),
         ]
     }
 
@@ -333,12 +456,16 @@ mod tests {
                         s.write_zeroes(o, l).unwrap();
                         m.write_zeroes(o, l).unwrap();
                     }
+                    Op::Flush => s.flush().unwrap(),
                 }
                 prop_assert_eq!(s.len().unwrap(), m.len().unwrap());
             }
             let mut all = vec![0u8; m.len().unwrap() as usize];
             s.read_exact_at(&mut all, 0).unwrap();
-            prop_assert_eq!(all, m.to_vec());
+            prop_assert_eq!(&all, &m.to_vec());
+            // Closing writes the cached partial blocks back.
+            drop(s);
+            prop_assert_eq!(std::fs::read(dir.path().join("d")).unwrap(), all);
         }
     }
 
@@ -364,6 +491,39 @@ mod tests {
             assert!(piece.iter().all(|&b| b == (i % 8) as u8 + 1), "piece {i}");
         }
         assert_eq!(s.len().unwrap(), 8 * 64 * 100);
+    }
+
+    /// Cache mode `none` keeps partial blocks until a flush (another open of the file
+    /// does not see them yet), reads see them at once; `directsync` writes them through.
+    #[test]
+    fn partial_blocks_wait_for_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = direct_file(&dir, "w");
+        s.write_all_at(&[1; 8192], 0).unwrap();
+        s.write_all_at(&[2; 2], 4100).unwrap();
+        let on_disk = || std::fs::read(dir.path().join("w")).unwrap();
+        assert_eq!(on_disk()[4100], 1, "cached, not written yet");
+        let mut b = [0u8; 4];
+        s.read_exact_at(&mut b, 4099).unwrap();
+        assert_eq!(b, [1, 2, 2, 1]);
+        // An aligned write over the cached block replaces its bytes in the cache too.
+        let mut big = super::Aligned::new(4096, 4096);
+        let blk = big.get(4096);
+        blk.fill(3);
+        s.write_all_at(blk, 4096).unwrap();
+        s.write_all_at(&[4; 1], 4097).unwrap();
+        s.flush().unwrap();
+        let d = on_disk();
+        assert_eq!((d[4096], d[4097], d[4100], d[8191]), (3, 4, 3, 3));
+        assert!(s.direct_io().unwrap().dirty().is_empty());
+        // directsync: through at once.
+        let p = dir.path().join("w");
+        let sync = FileStorage::open_with(&p, false, CacheMode::DirectSync).unwrap();
+        sync.write_all_at(&[5; 3], 10).unwrap();
+        assert_eq!(on_disk()[10..13], [5, 5, 5]);
+        // Past the last whole block: padded and trimmed at once, as before.
+        s.write_all_at(&[6; 10], 8190).unwrap();
+        assert_eq!(on_disk().len(), 8200);
     }
 
     #[test]
@@ -415,6 +575,8 @@ mod tests {
             align: 4096,
             mem_align: 4096,
             rmw: std::sync::RwLock::new(()),
+            caching: false.into(),
+            dirty: std::sync::Mutex::default(),
         };
         let m = MemStorage::new();
         let f = s.file();

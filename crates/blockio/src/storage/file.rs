@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::direct::DirectIo;
+use super::readers::Readers;
 use super::{Preallocation, Storage, write_zeroes_by_buffer};
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
@@ -21,6 +22,8 @@ pub struct FileStorage {
     direct: Option<DirectIo>,
     /// The qemu-compatible lock bytes held on the file ([`FileStorage::lock`]).
     locked: std::sync::Mutex<Option<crate::lock::LockPerms>>,
+    /// Descriptions of the file for threads reading at once (`storage/readers.rs`).
+    readers: Readers,
 }
 
 impl FileStorage {
@@ -49,7 +52,10 @@ impl FileStorage {
     /// `O_DIRECT`, finds the alignment its requests need.
     pub fn from_file_with(file: File, read_only: bool, cache: CacheMode) -> Result<Self> {
         let direct = match cache.direct() {
-            true => Some(DirectIo::probe(&file).map_err(|e| Error::io("O_DIRECT alignment", e))?),
+            true => Some(
+                DirectIo::probe(&file, !cache.write_through())
+                    .map_err(|e| Error::io("O_DIRECT alignment", e))?,
+            ),
             false => None,
         };
         Ok(Self {
@@ -58,6 +64,7 @@ impl FileStorage {
             cache,
             direct,
             locked: std::sync::Mutex::new(None),
+            readers: Readers::default(),
         })
     }
 
@@ -68,6 +75,15 @@ impl FileStorage {
 
     pub(crate) fn direct_io(&self) -> Option<&DirectIo> {
         self.direct.as_ref()
+    }
+
+    /// Partial blocks go to the device at once from now on (io_uring requests on the
+    /// file go around the cache of `storage/dirty.rs`). A failed write-back keeps the
+    /// cache on: the error comes back at the next flush.
+    pub(crate) fn stop_block_cache(&self) {
+        if let Some(d) = &self.direct {
+            let _ = d.stop_caching(&self.file);
+        }
     }
 
     /// Creates (or truncates) a file for writing.
@@ -112,6 +128,7 @@ impl FileStorage {
             cache: CacheMode::Writeback,
             direct: None,
             locked: std::sync::Mutex::new(None),
+            readers: Readers::default(),
         }
     }
 
@@ -155,6 +172,18 @@ impl FileStorage {
         }
     }
 
+    /// Writes back the partial blocks `O_DIRECT` keeps until a flush (see
+    /// `storage/dirty.rs`): before a flush and before file operations that go around
+    /// them.
+    fn write_back(&self) -> Result<()> {
+        match &self.direct {
+            Some(d) => d
+                .write_back(&self.file)
+                .map_err(|e| Error::io("could not write cached blocks", e)),
+            None => Ok(()),
+        }
+    }
+
     fn seek(&self, whence: rustix::fs::SeekFrom) -> Result<Option<u64>> {
         match rustix::fs::seek(&self.file, whence) {
             Ok(pos) => Ok(Some(pos)),
@@ -169,15 +198,21 @@ impl Drop for FileStorage {
     /// child process forked meanwhile (another thread spawning a command) shares the
     /// open file description until its `exec`, and would hold them that long.
     fn drop(&mut self) {
+        // Partial blocks still cached (no flush since they were written) reach the file
+        // as a close without flush leaves them: written, not durable.
+        let _ = self.write_back();
         self.unlock();
     }
 }
 
 impl Storage for FileStorage {
+    /// Each reading thread reads through a description of the file of its own
+    /// (`storage/readers.rs`), so threads reading at once share no per-read kernel state.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let file = self.readers.pick(&self.file);
         match &self.direct {
-            Some(d) => d.read_exact(&self.file, buf, offset),
-            None => self.file.read_exact_at(buf, offset),
+            Some(d) => d.read_exact(file, buf, offset),
+            None => file.read_exact_at(buf, offset),
         }
         .map_err(|e| {
             Error::io(
@@ -210,7 +245,7 @@ impl Storage for FileStorage {
             return crate::vectored::storage_read_each(self, bufs, offset);
         }
         let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
-        crate::vectored::preadv_exact(&self.file, bufs, offset)
+        crate::vectored::preadv_exact(self.readers.pick(&self.file), bufs, offset)
             .map_err(|e| Error::io(format!("could not read {len} bytes at offset {offset}"), e))
     }
 
@@ -242,6 +277,7 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
+        self.write_back()?;
         self.file
             .set_len(len)
             .map_err(|e| Error::io(format!("could not resize file to {len} bytes"), e))
@@ -251,6 +287,7 @@ impl Storage for FileStorage {
         if self.read_only || self.cache.ignores_flush() {
             return Ok(());
         }
+        self.write_back()?;
         self.file
             .sync_data()
             .map_err(|e| Error::io("could not flush file", e))
@@ -273,6 +310,7 @@ impl Storage for FileStorage {
         if offset >= file_len {
             return self.set_len(end);
         }
+        self.write_back()?;
         let flags = rustix::fs::FallocateFlags::ZERO_RANGE;
         if rustix::fs::fallocate(&self.file, flags, offset, len).is_ok() {
             return Ok(());
@@ -295,6 +333,7 @@ impl Storage for FileStorage {
             return Ok(());
         }
         let len = len.min(file_len - offset);
+        self.write_back()?;
         let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
         // Discard is a hint: a file system without hole punching keeps the data.
         let _ = rustix::fs::fallocate(&self.file, punch, offset, len);
@@ -317,6 +356,7 @@ impl Storage for FileStorage {
                 if len == 0 {
                     return Ok(());
                 }
+                self.write_back()?;
                 match rustix::fs::fallocate(
                     &self.file,
                     rustix::fs::FallocateFlags::empty(),
@@ -335,6 +375,7 @@ impl Storage for FileStorage {
     // the file, so the length is only asked for where they are not supported (one
     // `statx` less per call: convert maps every chunk).
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.write_back()?;
         match self.seek(rustix::fs::SeekFrom::Data(offset)) {
             Ok(r) => Ok(r),
             // File systems without SEEK_DATA: everything is data.
@@ -343,8 +384,15 @@ impl Storage for FileStorage {
     }
 
     fn next_hole(&self, offset: u64) -> Result<u64> {
+        self.write_back()?;
         match self.seek(rustix::fs::SeekFrom::Hole(offset)) {
-            Ok(Some(pos)) => Ok(pos),
+            // Under O_DIRECT a data run ending in a partial block at the end of the
+            // file counts up to the block's end, as qemu's file driver rounds it
+            // (requests cannot end inside a block; the image size is rounded too).
+            Ok(Some(pos)) => Ok(match &self.direct {
+                Some(d) => pos.next_multiple_of(d.align()),
+                None => pos,
+            }),
             Ok(None) => Ok(offset),
             Err(_) => Ok(self.len()?.max(offset)),
         }
@@ -352,6 +400,7 @@ impl Storage for FileStorage {
 
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         use std::os::unix::fs::MetadataExt;
+        self.write_back()?;
         let md = self
             .file
             .metadata()

@@ -4,7 +4,8 @@
 //! it from many threads at once. Implementations here: [`FileStorage`] (a host file through
 //! `pread`/`pwrite`), [`MemStorage`] (a growable in-memory buffer) and [`ReadOnlyStorage`]
 //! (a wrapper refusing writes); [`FaultStorage`] injects crashes for tests. One file per
-//! kind; `direct.rs` is [`FileStorage`]'s `O_DIRECT` alignment.
+//! kind; `direct.rs` is [`FileStorage`]'s `O_DIRECT` alignment, `dirty.rs` its cache of
+//! partial blocks, `readers.rs` its reading threads' descriptions of the file.
 
 use std::fs::File;
 
@@ -12,10 +13,12 @@ use crate::error::{Error, Result};
 
 mod debug_event;
 pub(crate) mod direct;
+mod dirty;
 mod fault;
 mod file;
 mod mem;
 mod read_only;
+mod readers;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
@@ -25,7 +28,7 @@ pub use file::FileStorage;
 pub use mem::MemStorage;
 pub use read_only::ReadOnlyStorage;
 #[cfg(target_os = "linux")]
-pub(crate) use uring::{Piece, gather};
+pub(crate) use uring::{Piece, gather, plug};
 #[cfg(target_os = "linux")]
 pub use uring::{Uring, UringStorage};
 

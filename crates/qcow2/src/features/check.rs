@@ -342,7 +342,7 @@ fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatche
 /// (freeing the old structures as leaks), merging both reports as qemu does.
 fn rebuild_and_recheck(
     dev: &Qcow2Device,
-    mut m: std::sync::RwLockWriteGuard<'_, Meta>,
+    mut m: crate::device::MetaGuard<'_>,
     cnt: Counter,
 ) -> Result<CheckReport> {
     let old = cnt.notes.finish();

@@ -4,11 +4,13 @@
 //! Every queue has its own epoll thread (`queues_per_thread`), and each such thread
 //! hands all but the last request it pops to a small worker pool, executing the last one
 //! itself: a lone request is served without a thread hand-off, a burst runs in parallel.
-//! Completions go back out of order, which virtio allows.
+//! Completions go back out of order, which virtio allows; the driver is notified once
+//! per batch, by whichever of its requests finishes last (fewer interrupts for the
+//! guest; the script's "guest interrupts per request" column shows it).
 
 use std::io;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 
@@ -129,21 +131,26 @@ impl BlkBackend {
             }
             return Ok(true);
         };
+        let left = Arc::new(AtomicUsize::new(chains.len()));
         for chain in rest {
-            let (me, vr, chain) = (self.clone(), vring.clone(), chain.clone());
-            let job: Job = Box::new(move || me.complete(&vr, chain));
+            let (me, vr, chain, left) = (self.clone(), vring.clone(), chain.clone(), left.clone());
+            let job: Job = Box::new(move || me.complete(&vr, chain, &left));
             if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
                 (e.0)();
             }
         }
-        self.complete(vring, last.clone());
+        self.complete(vring, last.clone(), &left);
         Ok(true)
     }
 
-    /// Executes one request and returns it to the driver.
-    fn complete(&self, vring: &VringRwLock<Mem>, chain: Chain) {
+    /// Executes one request of a batch and puts it in the used ring; the last of the
+    /// batch to finish notifies the driver for all of them (`left` counts the batch's
+    /// unfinished requests), so a burst costs the guest one interrupt, not one per
+    /// request.
+    fn complete(&self, vring: &VringRwLock<Mem>, chain: Chain, left: &AtomicUsize) {
         let (head, len) = process(&self.0.export, chain);
-        if vring.add_used(head, len).is_ok() {
+        let _ = vring.add_used(head, len);
+        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.notify(vring);
         }
     }

@@ -7,7 +7,10 @@
 //! [`Shutdown`] is triggered; the export is flushed after every frontend and at the end.
 
 mod backend;
+mod guest;
 mod request;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::sync::{Arc, Mutex};

@@ -7,8 +7,10 @@ use std::io::{Read, Write};
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemory;
+use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
+use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
+use super::guest;
 use crate::export::{Export, Fault};
 
 /// Request types (`VIRTIO_BLK_T_*`).
@@ -24,6 +26,8 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
+/// Length of `struct virtio_blk_req`'s header (type, reserved, sector).
+const HEADER: usize = 16;
 /// Sector size of every virtio-blk offset.
 pub(crate) const SECTOR: u64 = 512;
 /// Most discard / write-zeroes segments in one request (`max_discard_seg`).
@@ -38,6 +42,12 @@ thread_local! {
     /// Each thread's bounce buffer between the image and guest memory, reused so a
     /// request costs neither an allocation nor zeroing.
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: every read and write goes through the bounce buffer (to compare the paths).
+    pub(crate) static FORCE_BOUNCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `f` on this thread's buffer, `len` (at most [`CHUNK`]) bytes long.
@@ -98,7 +108,42 @@ where
         return (head, 0);
     };
     let mut written = 0usize;
-    let status = match execute(export, &mut reader, &mut writer, &mut written) {
+    let result = header(&mut reader).and_then(|(ty, offset)| match ty {
+        T_IN => {
+            let len = writer.avail();
+            in_range(export, offset, len)?;
+            let direct = data_slices(&chain, mem, true, len).and_then(|slices| {
+                guest::with_mut(&slices, |bufs| export.read_vectored(bufs, offset))
+            });
+            match direct {
+                Some(r) => r?,
+                None => bounced(len, offset, |b, o| {
+                    export.read(b, o)?;
+                    writer.write_all(b).map_err(|_| Status::IoErr)
+                })?,
+            }
+            written = len;
+            Ok(())
+        }
+        T_OUT => {
+            let len = reader.avail();
+            in_range(export, offset, len)?;
+            if export.read_only() {
+                return Err(Status::IoErr);
+            }
+            match data_slices(&chain, mem, false, len) {
+                Some(slices) => Ok(guest::with_shared(&slices, |bufs| {
+                    export.write_vectored(bufs, offset, false)
+                })?),
+                None => bounced(len, offset, |b, o| {
+                    reader.read_exact(b).map_err(|_| Status::IoErr)?;
+                    Ok(export.write(b, o, false)?)
+                }),
+            }
+        }
+        _ => execute(export, ty, &mut reader, &mut writer, &mut written),
+    });
+    let status = match result {
         Ok(()) => S_OK,
         Err(Status::IoErr) => S_IOERR,
         Err(Status::Unsupp) => S_UNSUPP,
@@ -109,50 +154,83 @@ where
     (head, u32::try_from(written + 1).unwrap_or(u32::MAX))
 }
 
+/// The request type and byte offset from the 16-byte `virtio_blk_req` header.
+fn header<R: Read>(reader: &mut R) -> Result<(u32, u64), Status> {
+    let mut hdr = [0u8; HEADER];
+    reader.read_exact(&mut hdr).map_err(|_| Status::IoErr)?;
+    let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
+    Ok((ty, sector.checked_mul(SECTOR).ok_or(Status::IoErr)?))
+}
+
+/// The request's data buffers in guest memory, `len` bytes in all: the driver-writable
+/// bytes before the status byte (`writable`, a read request) or the driver-readable ones
+/// after the header (a write). `None` when they cannot be had (a descriptor outside
+/// guest memory: the bounce path then fails the request as before).
+fn data_slices<'a, M, B>(
+    chain: &DescriptorChain<M>,
+    mem: &'a M::Target,
+    writable: bool,
+    len: usize,
+) -> Option<Vec<VolatileSlice<'a, B>>>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+    <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a, S = B>,
+    B: BitmapSlice,
+{
+    #[cfg(test)]
+    if FORCE_BOUNCE.with(std::cell::Cell::get) {
+        return None;
+    }
+    let (descs, perm, skip) = if writable {
+        (chain.clone().writable(), Permissions::Write, 0)
+    } else {
+        (chain.clone().readable(), Permissions::Read, HEADER)
+    };
+    let mut out = Vec::new();
+    let mut skip = skip;
+    let mut left = len;
+    for d in descs {
+        for s in mem.get_slices(d.addr(), d.len() as usize, perm).ok()? {
+            let s = s.ok()?;
+            let drop = skip.min(s.len());
+            skip -= drop;
+            let take = (s.len() - drop).min(left);
+            if take > 0 {
+                out.push(s.subslice(drop, take).ok()?);
+                left -= take;
+            }
+        }
+    }
+    (left == 0).then_some(out)
+}
+
+/// `len` bytes from `offset` through this thread's bounce buffer: `f(piece, offset)`
+/// for consecutive pieces of at most [`CHUNK`] bytes.
+fn bounced(
+    len: usize,
+    offset: u64,
+    mut f: impl FnMut(&mut [u8], u64) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        with_buf(n, |b| f(b, offset + done as u64))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The requests other than reads and writes.
 fn execute<R: Read + Avail, W: Write + Avail>(
     export: &Export,
+    ty: u32,
     reader: &mut R,
     writer: &mut W,
     written: &mut usize,
 ) -> Result<(), Status> {
-    let mut hdr = [0u8; 16];
-    reader.read_exact(&mut hdr).map_err(|_| Status::IoErr)?;
-    let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
-    let offset = sector.checked_mul(SECTOR).ok_or(Status::IoErr)?;
     match ty {
-        T_IN => {
-            let len = writer.avail();
-            in_range(export, offset, len)?;
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                with_buf(n, |b| {
-                    export.read(b, offset + done as u64)?;
-                    writer.write_all(b).map_err(|_| Status::IoErr)
-                })?;
-                done += n;
-            }
-            *written = len;
-            Ok(())
-        }
-        T_OUT => {
-            let len = reader.avail();
-            in_range(export, offset, len)?;
-            if export.read_only() {
-                return Err(Status::IoErr);
-            }
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                with_buf(n, |b| {
-                    reader.read_exact(b).map_err(|_| Status::IoErr)?;
-                    Ok::<(), Status>(export.write(b, offset + done as u64, false)?)
-                })?;
-                done += n;
-            }
-            Ok(())
-        }
         T_FLUSH => Ok(export.flush()?),
         T_GET_ID => {
             let n = writer.avail().min(20);

@@ -26,6 +26,7 @@ use crate::aio::IoBuf;
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
 
+pub(crate) mod plug;
 mod ring;
 
 pub use ring::Uring;
@@ -55,6 +56,7 @@ impl UringStorage {
 
     /// Moves an opened file (with its cache mode and locks) onto `ring`.
     pub fn new(file: FileStorage, ring: Arc<Uring>) -> Self {
+        file.stop_block_cache();
         Self {
             file: Arc::new(file),
             ring,
@@ -63,6 +65,7 @@ impl UringStorage {
 
     /// [`UringStorage::new`] of a shared file (one whose locks others hold too).
     pub fn from_arc(file: Arc<FileStorage>, ring: Arc<Uring>) -> Self {
+        file.stop_block_cache();
         Self { file, ring }
     }
 

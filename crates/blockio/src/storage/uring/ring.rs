@@ -62,7 +62,7 @@ struct State {
     reaper_busy: bool,
 }
 
-struct Shared {
+pub(super) struct Shared {
     ring: IoUring,
     state: Mutex<State>,
     depth: usize,
@@ -123,6 +123,17 @@ impl Uring {
     /// read or written by anyone else (for a kernel write: not even read), until
     /// `done.complete` has been called.
     pub(crate) unsafe fn submit(&self, entry: squeue::Entry, done: Box<dyn Complete>) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.submit_with(entry, done, true) }
+    }
+
+    /// [`Uring::submit`]; `may_defer`: while the thread holds a [`Plug`](crate::Plug),
+    /// the entry waits in the submission queue for the plug's one `io_uring_enter`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Uring::submit`].
+    unsafe fn submit_with(&self, entry: squeue::Entry, done: Box<dyn Complete>, may_defer: bool) {
         let mut st = self.shared.lock();
         let idx = match st.free.pop() {
             Some(i) => i,
@@ -138,7 +149,7 @@ impl Uring {
         let pushed = self.shared.fill(&mut st);
         let busy = st.reaper_busy;
         drop(st);
-        if pushed && !busy {
+        if pushed && !busy && !(may_defer && super::plug::defer(&self.shared)) {
             self.shared.kick();
         }
     }
@@ -195,7 +206,8 @@ impl Uring {
         let waiter = Arc::new(Waiter::default());
         // SAFETY: the memory outlives this call (the caller's promise) and this call
         // returns only once the request has completed (`wait` below cannot return early).
-        unsafe { self.submit(entry, Box::new(WakeThread(waiter.clone()))) };
+        // Never deferred by a plug: this thread waits for it right away.
+        unsafe { self.submit_with(entry, Box::new(WakeThread(waiter.clone())), false) };
         waiter.wait()
     }
 }
@@ -229,7 +241,7 @@ impl Shared {
 
     /// Tells the kernel about pushed entries (`io_uring_enter` without waiting); a
     /// failure leaves them queued for the completion thread's next `enter`.
-    fn kick(&self) {
+    pub(super) fn kick(&self) {
         for _ in 0..1000 {
             match self.ring.submit() {
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::AGAIN.raw_os_error()) => {
