@@ -224,3 +224,36 @@ fn extended_l2_zero_writes_as_qemu() {
     };
     outputs_as_qemu(run);
 }
+
+/// `bitmap --add` stores the existing bitmaps anew, as qemu-img does when it closes the
+/// image, and writes only the directory's bytes (iotest 190): the same file length as
+/// qemu's after two adds, and qemu-img check clean.
+#[test]
+fn bitmap_add_layout_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = d.join("t.qcow2");
+        let t = s(&t);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            t,
+            "2T",
+        ]);
+        for (name, g) in [("b1", "512"), ("b2", "2M")] {
+            let a = ["bitmap", "--add", "-g", g, "-f", "qcow2", t, name];
+            let o = if qemu {
+                diskimg_testutil::qemu_img(&a)
+            } else {
+                crate::diskimg(&a)
+            };
+            assert!(o.status.success(), "{o:?}");
+        }
+        let len = std::fs::metadata(t).unwrap().len();
+        vec![len.to_string(), qemu_img_ok(&["check", t])]
+    };
+    outputs_as_qemu(run);
+}

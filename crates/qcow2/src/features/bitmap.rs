@@ -145,7 +145,15 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
                     format_args!("Bitmap already exists: {name}"),
                 ));
             }
-            dir.push(new_entry(m, name, *granularity, *enabled)?);
+            // As qemu-img, which stores every bitmap anew when it closes the image: the
+            // existing bitmaps get new tables (and data clusters), then the new one its
+            // table, then the directory; the old tables are freed after.
+            let g = check_new(m, name, *granularity)?;
+            for e in &mut dir {
+                free.extend(table_clusters(m, e)?);
+                e.table_offset = store_anew(m, e)?;
+            }
+            dir.push(new_entry(m, name, g, *enabled)?);
         }
         BitmapOp::Remove => {
             let e = dir.remove(pos.ok_or_else(not_found)?);
@@ -180,9 +188,8 @@ fn apply(m: &mut Meta, name: &str, op: &BitmapOp) -> Result<()> {
     Ok(())
 }
 
-/// `add`: the directory entry of a new, empty bitmap with a zeroed table.
-fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) -> Result<Entry> {
-    let cs = m.cs();
+/// `add`'s refusals, before anything is written (qemu's words); the granularity.
+fn check_new(m: &Meta, name: &str, granularity: Option<u64>) -> Result<u64> {
     if m.h().version < 3 {
         return Err(failed(
             "add",
@@ -190,7 +197,7 @@ fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) 
             "Cannot store dirty bitmaps in qcow2 v2 files",
         ));
     }
-    let g = granularity.unwrap_or(cs);
+    let g = granularity.unwrap_or(m.cs());
     if !g.is_power_of_two() || g < 512 {
         return Err(failed(
             "add",
@@ -201,11 +208,19 @@ fn new_entry(m: &mut Meta, name: &str, granularity: Option<u64>, enabled: bool) 
     if !(512..=1u64 << 31).contains(&g) || name.is_empty() || name.len() > 1023 {
         return Err(failed("add", name, "Invalid bitmap parameters"));
     }
+    Ok(g)
+}
+
+/// `add`: the directory entry of a new, empty bitmap of granularity `g` with a zeroed
+/// table.
+fn new_entry(m: &mut Meta, name: &str, g: u64, enabled: bool) -> Result<Entry> {
+    let cs = m.cs();
     let bytes = m.size().div_ceil(g).div_ceil(8);
     let entries = bytes.div_ceil(cs);
     let tclusters = (entries * 8).div_ceil(cs).max(1);
     let table = m.alloc_run(tclusters)?;
-    m.file().write_zeroes(table, tclusters * cs)?;
+    // As qemu: the table's bytes only (the file may end inside its cluster).
+    m.file().write_zeroes(table, (entries * 8).max(8))?;
     Ok(Entry {
         table_offset: table,
         table_size: u32::try_from(entries).map_err(|_| failed("add", name, "too large"))?,
@@ -335,9 +350,8 @@ pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
     } else {
         let n = (bytes.len() as u64).div_ceil(cs);
         let off = m.alloc_run(n)?;
-        let mut buf = bytes.clone();
-        buf.resize(idx(n * cs), 0);
-        m.file().write_all_at(&buf, off)?;
+        // As qemu: the directory's bytes only (the file may end inside its cluster).
+        m.file().write_all_at(&bytes, off)?;
         m.file().flush()?;
         h.ext.bitmaps = Some(BitmapsExt {
             nb_bitmaps: u32::try_from(dir.len()).map_err(|_| Error::invalid("too many bitmaps"))?,
@@ -428,6 +442,36 @@ fn merge_bits(size: u64, src: &[u8], gs: u64, dst: &mut [u8], gd: u64) {
     }
 }
 
+/// Stores bitmap `e` anew, as qemu's `store_bitmap`: its data clusters copied to new
+/// clusters one at a time (all-zero ones left unallocated), then a new table of the
+/// same size. Returns the new table's offset.
+fn store_anew(m: &mut Meta, e: &Entry) -> Result<u64> {
+    let cs = m.cs();
+    let mut table = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
+    let mut buf = m.limits().alloc("bitmap data", cs)?;
+    for x in &mut table {
+        let off = *x & L2E_OFFSET_MASK;
+        match off {
+            0 if *x & 1 != 0 => buf.fill(0xff),
+            0 => continue,
+            _ => read_host(m.file().as_ref(), &mut buf, off)?,
+        }
+        *x = if buf.iter().all(|&b| b == 0) {
+            0
+        } else {
+            let new = m.alloc_run(1)?;
+            m.file().write_all_at(&buf, new)?;
+            new
+        };
+    }
+    let tclusters = (table.len() as u64 * 8).div_ceil(cs).max(1);
+    let toff = m.alloc_run(tclusters)?;
+    m.file()
+        .write_all_at(&crate::disk::table::encode_u64s(&table), toff)?;
+    m.file().flush()?;
+    Ok(toff)
+}
+
 /// Writes bitmap data to new clusters (all-zero clusters stay unallocated) and a new
 /// table; returns the table's offset and entry count. Flushed before returning.
 pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
@@ -450,8 +494,7 @@ pub(crate) fn write_bits(m: &mut Meta, bits: &[u8]) -> Result<(u64, u32)> {
     }
     let tclusters = (entries * 8).div_ceil(cs).max(1);
     let toff = m.alloc_run(tclusters)?;
-    let mut tbuf = crate::disk::table::encode_u64s(&table);
-    tbuf.resize(idx(tclusters * cs), 0);
+    let tbuf = crate::disk::table::encode_u64s(&table);
     m.file().write_all_at(&tbuf, toff)?;
     m.file().flush()?;
     let n = u32::try_from(entries).map_err(|_| Error::invalid("bitmap too large"))?;
