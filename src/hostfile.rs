@@ -130,6 +130,8 @@ pub(crate) struct PolicyFiles {
     /// The image's io_uring, for its other files too.
     #[cfg(target_os = "linux")]
     pub(crate) io_uring: Option<Arc<diskimg_blockio::Uring>>,
+    /// Wraps the files opened here ([`StorageHook`]).
+    pub(crate) hook: Option<StorageHook>,
 }
 
 impl HostFiles for PolicyFiles {
@@ -153,11 +155,13 @@ impl HostFiles for PolicyFiles {
             self.locks
                 .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
         }
+        let hook = self.hook.as_ref();
         #[cfg(target_os = "linux")]
         if let Some(ring) = &self.io_uring {
-            return Ok(Arc::new(UringStorage::from_arc(file, ring.clone())));
+            let s = Arc::new(UringStorage::from_arc(file, ring.clone()));
+            return Ok(StorageHook::wrap(hook, Some(purpose), s));
         }
-        Ok(file)
+        Ok(StorageHook::wrap(hook, Some(purpose), file))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
@@ -227,5 +231,36 @@ impl Storage for Unopened {
     }
     fn is_read_only(&self) -> bool {
         true
+    }
+}
+
+/// A function that may wrap each storage of the top image before its format driver
+/// sees it: called with `None` for the image file and with the purpose for each file
+/// the driver opens (an external data file, an extent), it returns the storage to use.
+/// Test programs put error injection there (the CLI's `blkdebug` nodes below a format);
+/// backing images are opened without it.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct StorageHook(
+    pub Arc<dyn Fn(Option<FilePurpose>, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>,
+);
+
+impl std::fmt::Debug for StorageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageHook")
+    }
+}
+
+impl StorageHook {
+    /// The storage to use for `storage` (of `purpose`; `None`: the image file).
+    pub(crate) fn wrap(
+        hook: Option<&StorageHook>,
+        purpose: Option<FilePurpose>,
+        storage: Arc<dyn Storage>,
+    ) -> Arc<dyn Storage> {
+        match hook {
+            Some(h) => (h.0)(purpose, storage),
+            None => storage,
+        }
     }
 }

@@ -9,7 +9,7 @@ use diskimg_blockio::{
 };
 
 use crate::format::{Format, probe};
-use crate::hostfile::{PolicyFiles, open_file_with, open_user_file};
+use crate::hostfile::{PolicyFiles, StorageHook, open_file_with, open_user_file};
 use crate::locking::{HeldLocks, LockMode};
 use crate::policy::{OpenPolicy, PathRule};
 
@@ -55,6 +55,8 @@ pub struct ImageOptions {
     /// positional system calls on the calling thread.
     #[cfg(target_os = "linux")]
     pub io_uring: Option<Arc<crate::blockio::Uring>>,
+    /// Wraps the storages of the top image (see [`StorageHook`]); `None`: none.
+    pub storage_hook: Option<StorageHook>,
 }
 
 impl Default for ImageOptions {
@@ -73,6 +75,7 @@ impl Default for ImageOptions {
             force_share: false,
             #[cfg(target_os = "linux")]
             io_uring: None,
+            storage_hook: None,
         }
     }
 }
@@ -294,7 +297,8 @@ fn open_inner(
         let perms = mode.perms(Some(format), !read_only);
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
-    let storage = on_ring(file, options);
+    let hook = options.storage_hook.as_ref().filter(|_| top);
+    let storage = StorageHook::wrap(hook, None, on_ring(file, options));
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -306,6 +310,7 @@ fn open_inner(
         defer_data_files: options.metadata_only,
         lock_mode,
         locks: locks.clone(),
+        hook: hook.cloned(),
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -537,6 +542,7 @@ pub fn create(
         defer_data_files: false,
         lock_mode,
         locks: HeldLocks::default(),
+        hook: None,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

@@ -55,6 +55,7 @@ pub use diskimg_serve as serve;
 #[cfg(feature = "stream")]
 pub use diskimg_stream as stream;
 pub use format::{Format, probe};
+pub use hostfile::StorageHook;
 pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
 pub use inspect::{
     Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,

@@ -189,6 +189,18 @@ pub fn amend_forced(
     amender(image)?.amend_forced(options, secrets, force)
 }
 
+/// [`amend_forced`] reporting progress ([`Amend::amend_with_progress`]:
+/// `progress(done, total)`, qemu's amend status callback).
+pub fn amend_with_progress(
+    image: &Image,
+    options: &OptionList,
+    secrets: &Secrets,
+    force: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    amender(image)?.amend_with_progress(options, secrets, force, progress)
+}
+
 /// Applies `qemu-img bitmap` operations to bitmap `name` of the qcow2 image at `path`
 /// (opened read-write on its own, without its backing chain).
 #[cfg(feature = "qcow2")]

@@ -34,7 +34,10 @@
 //!   `O_DIRECT`, 16 reads in flight from one thread (`benches/engine/uring.rs`).
 //!
 //! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`,
-//! with qemu's default thread pool and with `-i io_uring`).
+//! with qemu's default thread pool and with `-i io_uring`). The `O_DIRECT` and `qemu-img
+//! bench` read rows run round by round in turn, and so do the engines of an allocating
+//! row (the device, shared with whatever else the machine does, sets their pace: a
+//! disturbance then hits each of them alike).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -302,41 +305,43 @@ fn main() {
             });
         }
     }
+    // The O_DIRECT rows (the device, which other work shares, sets their pace) run
+    // round by round in turn, so that a disturbance hits all of them alike.
     let ring = "diskimg io_uring -d 16 -t none";
+    let mut cases = Vec::new();
     for (name, offs) in [("read-4k-stride", &stride), ("read-4k-rand", &rand)] {
-        if !cfg.wants(name) || !wanted(ring) {
-            continue;
+        if cfg.wants(name) && wanted(ring) {
+            let data = &data;
+            cases.push(Case {
+                name,
+                engine: ring.into(),
+                ops: offs.len(),
+                bytes: offs.len() as u64 * BLOCK,
+                run: Box::new(move || uring::reads(data, offs, BLOCK as usize, 16)),
+            });
         }
-        let best = (0..cfg.rounds)
-            .map(|_| uring::reads(&data, offs, BLOCK as usize, 16))
-            .min()
-            .unwrap_or_default();
-        print_row(&Row {
-            name: name.into(),
-            engine: ring.into(),
-            ops: offs.len(),
-            bytes: offs.len() as u64 * BLOCK,
-            best,
-            note: String::new(),
-        });
     }
-    qemu_reads(&cfg, &data);
+    cases.extend(qemu_reads(&cfg, &data));
+    interleaved(cfg.rounds, cases);
     let strided: Vec<u64> = (0..cfg.clusters()).map(|c| c * CLUSTER).collect();
     let shuffled = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
     for (name, offs) in [("alloc-4k-stride", &strided), ("alloc-4k-rand", &shuffled)] {
         if !cfg.wants(name) {
             continue;
         }
-        for &eng in &engines {
-            let mut best = Duration::MAX;
-            let mut note = String::new();
-            for _ in 0..cfg.rounds {
+        // Engines in turn, round by round (the disk's pace varies with other work).
+        let mut best = vec![Duration::MAX; engines.len()];
+        let mut notes = vec![String::new(); engines.len()];
+        for _ in 0..cfg.rounds {
+            for (i, &eng) in engines.iter().enumerate() {
                 let img = fresh_image(&cfg);
                 let e = open_engine(eng, &img, true);
-                best = best.min(run_writes(e.as_ref(), offs));
+                best[i] = best[i].min(run_writes(e.as_ref(), offs));
                 drop(e);
-                note = allocated_mib(&img);
+                notes[i] = allocated_mib(&img);
             }
+        }
+        for ((&eng, best), note) in engines.iter().zip(best).zip(notes) {
             print_row(&Row {
                 name: name.into(),
                 engine: eng.into(),
@@ -352,7 +357,37 @@ fn main() {
     let _ = std::fs::remove_file(cfg.dir.join("fresh.qcow2"));
 }
 
-fn qemu_reads(cfg: &Cfg, data: &Path) {
+/// One timed case of [`interleaved`]: a row and how to measure it once.
+struct Case<'a> {
+    name: &'a str,
+    engine: String,
+    ops: usize,
+    bytes: u64,
+    run: Box<dyn Fn() -> Duration + 'a>,
+}
+
+/// Runs `cases` round by round in turn and prints the best of each.
+fn interleaved(rounds: usize, cases: Vec<Case<'_>>) {
+    let mut best = vec![Duration::MAX; cases.len()];
+    for _ in 0..rounds {
+        for (b, c) in best.iter_mut().zip(&cases) {
+            *b = (*b).min((c.run)());
+        }
+    }
+    for (best, c) in best.into_iter().zip(cases) {
+        print_row(&Row {
+            name: c.name.into(),
+            engine: c.engine,
+            ops: c.ops,
+            bytes: c.bytes,
+            best,
+            note: String::new(),
+        });
+    }
+}
+
+/// The `qemu-img bench` read rows wanted.
+fn qemu_reads<'a>(cfg: &Cfg, data: &'a Path) -> Vec<Case<'a>> {
     let n = cfg.reads.to_string();
     let step = (STRIDE_BLOCKS * BLOCK).to_string();
     let mib = (cfg.size >> 20).to_string();
@@ -388,23 +423,23 @@ fn qemu_reads(cfg: &Cfg, data: &Path) {
             BLOCK,
         ),
     ];
-    for (name, engine, args, ops, len) in cases {
-        if !cfg.wants(name) || !wanted(engine) {
-            continue;
-        }
-        let best = (0..cfg.rounds)
-            .map(|_| qemu_bench(data, &args))
-            .min()
-            .unwrap_or_default();
-        print_row(&Row {
-            name: name.into(),
-            engine: engine.into(),
-            ops,
-            bytes: ops as u64 * len,
-            best,
-            note: String::new(),
-        });
-    }
+    cases
+        .into_iter()
+        .filter(|&(name, engine, ..)| cfg.wants(name) && wanted(engine))
+        .map(|(name, engine, args, ops, len)| {
+            let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+            Case {
+                name,
+                engine: engine.into(),
+                ops,
+                bytes: ops as u64 * len,
+                run: Box::new(move || {
+                    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                    qemu_bench(data, &a)
+                }),
+            }
+        })
+        .collect()
 }
 
 fn qemu_writes(cfg: &Cfg) {

@@ -37,6 +37,17 @@ pub trait Snapshots: Send + Sync {
     /// A read-only device showing the disk as it was when snapshot `id_or_name` was
     /// taken; it shares this device's backing device.
     fn open(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>>;
+    /// Reads `buf.len()` bytes at `pos` of the VM state area (qemu's `bdrv_load_vmstate`;
+    /// qemu-io `read -b`): the saved RAM and devices of a running VM, stored in the image
+    /// next to the disk. Formats without one: `Unsupported`.
+    fn load_vmstate(&self, _buf: &mut [u8], _pos: u64) -> Result<()> {
+        Err(crate::Error::unsupported("image", "VM state"))
+    }
+    /// Writes `buf` at `pos` of the VM state area (qemu's `bdrv_save_vmstate`; qemu-io
+    /// `write -b`), see [`Snapshots::load_vmstate`].
+    fn save_vmstate(&self, _buf: &[u8], _pos: u64) -> Result<()> {
+        Err(crate::Error::unsupported("image", "VM state"))
+    }
 }
 
 /// One persistent dirty bitmap (qcow2 spec "Bitmap directory"), as `qemu-img info`
@@ -129,6 +140,20 @@ pub trait Amend: Send + Sync {
     fn amend_forced(&self, options: &OptionList, secrets: &Secrets, force: bool) -> Result<()> {
         let _ = force;
         self.amend(options, secrets)
+    }
+    /// [`Amend::amend_forced`] reporting progress as `progress(done, total)` in work
+    /// units of the format's choosing (qemu's amend status callback: qemu-img prints
+    /// `100 * done / total`; the total may grow, so the percentage can step back). The
+    /// default reports nothing.
+    fn amend_with_progress(
+        &self,
+        options: &OptionList,
+        secrets: &Secrets,
+        force: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let _ = progress;
+        self.amend_forced(options, secrets, force)
     }
 }
 

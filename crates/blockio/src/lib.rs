@@ -111,8 +111,8 @@ pub use options::{CreateOptionSpec, FILE_CREATE_OPTIONS, OptionList, parse_size}
 pub use packed::{CompressedUnits, PackedUnit, looks_incompressible};
 pub use secrets::Secrets;
 pub use storage::{
-    CrashMode, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage, Storage,
-    write_zeroes_by_buffer,
+    CrashMode, DebugEvent, FaultStorage, FileStorage, MemStorage, Preallocation, ReadOnlyStorage,
+    Storage, write_zeroes_by_buffer,
 };
 #[cfg(target_os = "linux")]
 pub use storage::{Uring, UringStorage};

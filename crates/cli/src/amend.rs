@@ -71,7 +71,20 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let amended = if all.is_empty() {
         Ok(())
     } else {
-        diskimg::maint::amend_forced(&img, &all, &crate::secrets::secrets(), a.force)
+        // qemu-img's amend_status_cb: `100.f * offset / total_work_size` in float.
+        #[allow(clippy::cast_precision_loss)]
+        let mut report = |done: u64, total: u64| {
+            if total > 0 {
+                bar.print(100.0f32 * done as f32 / total as f32, 0);
+            }
+        };
+        diskimg::maint::amend_with_progress(
+            &img,
+            &all,
+            &crate::secrets::secrets(),
+            a.force,
+            &mut report,
+        )
     };
     bar.print(100.0, 0);
     amended?;

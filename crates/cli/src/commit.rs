@@ -45,8 +45,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let mut opts = opts.with_policy(OpenPolicy::qemu_compatible());
     opts.read_only = false;
     opts.backing_writable = true;
-    let img = diskimg::open(&path, format, &opts)
-        .with_context(|| format!("Could not open '{}'", a.file))?;
+    let img = if crate::imgspec::is_spec(&a.file) {
+        // `json:{…}` and `blkdebug:` names (iotest 098 injects errors while emptying).
+        crate::imgspec::open_arg(&a.file, format, opts)?
+    } else {
+        diskimg::open(&path, format, &opts)
+            .with_context(|| format!("Could not open '{}'", a.file))?
+    };
     crate::common::report_open_repairs(&img);
     // As qemu: progress starts once the image is open.
     let bar = Progress::new(a.progress && !a.quiet, 1.0);
@@ -112,7 +117,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // As qemu: formats that cannot be emptied (vmdk) keep their data.
         match diskimg::maint::make_empty(&img) {
             Err(e) if e.is_unsupported() => {}
-            r => r.map_err(|e| anyhow!("Could not empty {}: {e}", a.file))?,
+            r => r.map_err(|e| {
+                let why = crate::errmap::strerror(&e);
+                anyhow!("Failed to empty {}: {why}", a.file)
+            })?,
         }
     }
     // Stores what the images keep until closed (qcow2 bitmaps), in base and top.

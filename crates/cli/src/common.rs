@@ -203,7 +203,12 @@ impl Progress {
             current = 100.0;
         }
         self.current.set(current);
-        if current > self.last_print.get() + self.min_skip || current == 100.0 || current == 0.0 {
+        let last = self.last_print.get();
+        if current > last + self.min_skip
+            || current < last - self.min_skip
+            || current == 100.0
+            || current == 0.0
+        {
             self.last_print.set(current);
             if self.enabled {
                 let mut o = std::io::stdout().lock();

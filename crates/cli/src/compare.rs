@@ -45,10 +45,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     crate::common::set_force_share(a.force_share);
     // As qemu: progress starts before the images open; its newline ends every path.
     let bar = Progress::new(a.progress && !a.quiet, 2.0);
-    let res = compare(&a, &bar);
+    // Without progress reports qemu's messages stay in stdout's buffer until exit,
+    // behind an error on stderr.
+    let held = std::cell::RefCell::new(String::new());
+    let res = compare(&a, &bar, &held);
     bar.end();
-    match res {
-        Ok(code) => Ok(code),
+    let code = match res {
+        Ok(code) => code,
         Err(f) => {
             let (code, e) = match f {
                 Fail::Open(e) => (2, e),
@@ -56,9 +59,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 Fail::Read(e) => (4, e),
             };
             eprintln!("{}: {}", crate::common::prog(), crate::message(&e));
-            Ok(code)
+            code
         }
-    }
+    };
+    out(&held.borrow())?;
+    Ok(code)
 }
 
 /// First differing sector offset within `n` bytes (qemu reports 512-byte granularity).
@@ -66,11 +71,19 @@ fn first_diff(x: &[u8], y: &[u8]) -> Option<u64> {
     x.iter().zip(y).position(|(p, q)| p != q).map(|i| i as u64)
 }
 
-fn compare(a: &Args, bar: &Progress) -> std::result::Result<i32, Fail> {
-    // Messages go out as they arise, between the progress reports (as qemu's qprintf).
+fn compare(
+    a: &Args,
+    bar: &Progress,
+    held: &std::cell::RefCell<String>,
+) -> std::result::Result<i32, Fail> {
+    // With progress, messages go out as they arise, between the progress reports (as
+    // qemu's qprintf, flushed by each report); otherwise they are `held`.
     let say = |m: &str| {
-        if !a.quiet {
+        if a.quiet {
+        } else if a.progress {
             out(m).map_err(Fail::Read)?;
+        } else {
+            held.borrow_mut().push_str(m);
         }
         Ok::<(), Fail>(())
     };
@@ -103,7 +116,7 @@ fn compare(a: &Args, bar: &Progress) -> std::result::Result<i32, Fail> {
             return Ok(1);
         }
         if !(ea.zero && eb.zero) {
-            let (x, y) = (read(da, pos, n)?, read(db, pos, n)?);
+            let (x, y) = (read(da, &a.a, pos, n)?, read(db, &a.b, pos, n)?);
             if let Some(d) = first_diff(&x, &y) {
                 say(&format!(
                     "Content mismatch at offset {}!\n",
@@ -125,7 +138,8 @@ fn compare(a: &Args, bar: &Progress) -> std::result::Result<i32, Fail> {
         let e = block_status(larger, pos, CHUNK.min(total - pos))
             .map_err(|e| Fail::Status(e.into()))?;
         if !e.zero {
-            let x = read(larger, pos, e.length)?;
+            let name = if sa > sb { &a.a } else { &a.b };
+            let x = read(larger, name, pos, e.length)?;
             if let Some(i) = x.iter().position(|&b| b != 0) {
                 let off = (pos + i as u64) & !511;
                 say(&format!("Content mismatch at offset {off}!\n"))?;
@@ -139,10 +153,13 @@ fn compare(a: &Args, bar: &Progress) -> std::result::Result<i32, Fail> {
     Ok(0)
 }
 
-fn read(d: &dyn BlockDevice, off: u64, len: u64) -> std::result::Result<Vec<u8>, Fail> {
+/// Reads `len` bytes at `off` of image `name` (qemu's message names it on failure).
+fn read(d: &dyn BlockDevice, name: &str, off: u64, len: u64) -> std::result::Result<Vec<u8>, Fail> {
     let n = usize::try_from(len).map_err(|_| Fail::Read(anyhow!("chunk too large")))?;
     let mut buf = vec![0u8; n];
-    d.read_at(&mut buf, off)
-        .map_err(|e| Fail::Read(anyhow!("Error while reading offset {off}: {e}")))?;
+    d.read_at(&mut buf, off).map_err(|e| {
+        let why = crate::errmap::strerror(&e);
+        Fail::Read(anyhow!("Error while reading offset {off} of {name}: {why}"))
+    })?;
     Ok(buf)
 }

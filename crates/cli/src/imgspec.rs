@@ -19,11 +19,13 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 
-use crate::io::blkdebug::{Blkdebug, Limits as BlkdebugLimits, Rule as BlkdebugRule};
+use crate::io::blkdebug::{
+    Blkdebug, BlkdebugStorage, Engine, Limits as BlkdebugLimits, Rule as BlkdebugRule,
+};
 use crate::io::filter::Filtered;
 use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
 
-pub(crate) use crate::names::flatten_json;
+pub(crate) use crate::names::{flatten_json, parse_bool};
 
 /// What a specification opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +70,10 @@ pub(crate) struct Resolved {
     pub(crate) blkdebug: Vec<BlkdebugRule>,
     /// Request limits of that blkdebug node (how zero writes are split).
     pub(crate) blkdebug_limits: BlkdebugLimits,
+    /// The rules of a blkdebug node below the format (the image file's storage).
+    pub(crate) file_debug: Option<Arc<Engine>>,
+    /// The rules of a blkdebug node below the external data file.
+    pub(crate) data_debug: Option<Arc<Engine>>,
     /// The raw format's `offset` and `size` options: a window into the file.
     pub(crate) raw_window: Option<(u64, Option<u64>)>,
 }
@@ -88,15 +94,6 @@ const IGNORED: &[&str] = &[
     "file.aio-max-batch",
     "auto-read-only",
 ];
-
-/// Parses a qemu boolean option with qemu's message.
-pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
-    }
-}
 
 /// Moves every `prefix.`-key of `o` up one level (`file.file.filename` → `file.filename`).
 fn descend(o: &OptionList, prefix: &str) -> OptionList {
@@ -172,13 +169,25 @@ fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<Blkd
     Ok((path, rules))
 }
 
-/// Refuses rules of a blkdebug node below a format: its events are the format
-/// driver's own and its offsets the file's.
-fn below_format(rules: Vec<BlkdebugRule>) -> Result<()> {
-    if !rules.is_empty() {
-        bail!("blkdebug error injection below a format is not supported by diskimg");
-    }
-    Ok(())
+/// The rule engine of a blkdebug node below a format: its events are the format
+/// driver's own and its offsets the file's ([`BlkdebugStorage`]).
+fn below_format(rules: Vec<BlkdebugRule>) -> Option<Arc<Engine>> {
+    Some(Arc::new(Engine::new(rules)))
+}
+
+/// A blkdebug node below the image's external data file (`data-file.file.driver=
+/// blkdebug` over a raw node, or `data-file.driver=blkdebug`): its engine; the
+/// `data-file` keys are taken. Other `data-file` options are left to the driver.
+fn data_file_node(o: &mut OptionList) -> Result<Option<Arc<Engine>>> {
+    let d = descend(o, "data-file");
+    let node = match (d.get("driver"), d.get("file.driver")) {
+        (Some("blkdebug"), _) => d,
+        (Some("raw") | None, Some("blkdebug")) => descend(&d, "file"),
+        _ => return Ok(None),
+    };
+    let (_, rules) = blkdebug_node(&node, None)?;
+    drop_subtree(o, "data-file");
+    Ok(below_format(rules))
 }
 
 /// Takes the raw format's `offset`/`size` options (qemu's "raw" driver).
@@ -252,9 +261,10 @@ pub(crate) fn resolve(
         r.path = p.to_string();
     } else if r.path.starts_with("blkdebug:") {
         let (path, rules) = blkdebug_name(&r.path)?;
-        below_format(rules)?;
+        r.file_debug = below_format(rules);
         r.path = path;
     }
+    r.data_debug = data_file_node(&mut o)?;
     for k in IGNORED {
         o.take(k);
     }
@@ -310,6 +320,8 @@ fn node_options(
         driver_options: OptionList::new(),
         blkdebug: Vec::new(),
         blkdebug_limits: BlkdebugLimits::default(),
+        file_debug: None,
+        data_debug: None,
         raw_window: None,
     };
     for k in ["cache.direct", "cache.no-flush", "auto-read-only"] {
@@ -383,7 +395,7 @@ fn file_child(
     Ok(match file_driver {
         Some("blkdebug") => {
             let (path, rules) = blkdebug_node(&descend(o, "file"), None)?;
-            below_format(rules)?;
+            r.file_debug = below_format(rules);
             path
         }
         Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
@@ -439,8 +451,18 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
     } else {
         (OptionList::new(), Some(arg))
     };
+    let direct = ["cache.direct", "file.cache.direct"]
+        .iter()
+        .any(|k| matches!(dict.get(k), Some("on" | "true")));
     let r = resolve(dict, name, format)?;
     let mut opts = base;
+    if direct && !opts.cache.direct() {
+        // `cache.direct=on`: O_DIRECT, as qemu's file driver opens it.
+        opts.cache = match opts.cache {
+            diskimg::CacheMode::Writethrough => diskimg::CacheMode::DirectSync,
+            _ => diskimg::CacheMode::None,
+        };
+    }
     opts.read_only |= r.read_only == Some(true);
     if r.compress && !opts.read_only {
         bail!("the compress filter is supported by diskimg's qemu-io only");
@@ -527,12 +549,31 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
         opts.locking = l;
     }
     opts.force_share |= r.force_share == Some(true);
+    if r.file_debug.is_some() || r.data_debug.is_some() {
+        opts.storage_hook = Some(debug_hook(r));
+    }
     let mut img = diskimg::open(&r.path, r.format, &opts)?;
     if let Some((offset, size)) = r.raw_window {
         let window = RawWindow::new(img.device.clone(), offset, size)?;
         img.device = Arc::new(Filtered(window));
     }
     Ok(img)
+}
+
+/// Puts the blkdebug nodes below the format of `r` under the image's storages.
+fn debug_hook(r: &Resolved) -> diskimg::StorageHook {
+    let (file, data) = (r.file_debug.clone(), r.data_debug.clone());
+    diskimg::StorageHook(Arc::new(move |purpose, storage| {
+        let engine = match purpose {
+            None => &file,
+            Some(diskimg::blockio::FilePurpose::DataFile) => &data,
+            Some(_) => &None,
+        };
+        match engine {
+            Some(e) => Arc::new(BlkdebugStorage::new(storage, e.clone())),
+            None => storage,
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -177,6 +177,15 @@ fn flatten(prefix: &str, v: &Value, out: &mut OptionList) {
     }
 }
 
+/// Parses a qemu boolean option with qemu's message.
+pub(crate) fn parse_bool(key: &str, v: &str) -> anyhow::Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => anyhow::bail!("Parameter '{key}' expects 'on' or 'off'"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

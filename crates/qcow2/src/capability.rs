@@ -24,6 +24,12 @@ impl Snapshots for Qcow2Device {
     fn open(&self, id_or_name: &str) -> Result<Arc<dyn BlockDevice>> {
         self.open_snapshot(id_or_name)
     }
+    fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        crate::features::vmstate::load(self, buf, pos)
+    }
+    fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        crate::features::vmstate::save(self, buf, pos)
+    }
 }
 
 impl Bitmaps for Qcow2Device {
@@ -85,9 +91,21 @@ impl Amend for Qcow2Device {
     /// As [`Amend::amend`]; `force` lets key-slot changes lose data (see
     /// [`Qcow2Device::amend_encryption_forced`]).
     fn amend_forced(&self, options: &OptionList, secrets: &Secrets, force: bool) -> Result<()> {
+        Amend::amend_with_progress(self, options, secrets, force, &mut |_, _| {})
+    }
+
+    /// As [`Amend::amend_forced`], with qemu's progress reports
+    /// ([`Qcow2Device::amend_with_progress`]).
+    fn amend_with_progress(
+        &self,
+        options: &OptionList,
+        secrets: &Secrets,
+        force: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let (mut enc, plain) = split_encrypt(options);
         if !plain.is_empty() {
-            Qcow2Device::amend(self, &plain)?;
+            Qcow2Device::amend_with_progress(self, &plain, !enc.is_empty(), progress)?;
         }
         if !enc.is_empty() {
             self.amend_encryption_forced(&mut enc, secrets, force)?;

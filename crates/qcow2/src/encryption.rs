@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, InfoValue, Result, Secrets, Storage};
+use diskimg_blockio::{DebugEvent, Error, InfoValue, Result, Secrets, Storage};
 use zeroize::Zeroizing;
 
 use crate::crypto::{LuksHeader, SectorCipher, legacy_aes};
@@ -228,6 +228,7 @@ pub(crate) fn write_data(
     host: u64,
     guest: u64,
 ) -> Result<()> {
+    s.debug_event(DebugEvent::WriteAio);
     match crypt {
         Some(c) => c.write(s, src, host, guest),
         None => s.write_all_at(src, host),

@@ -11,8 +11,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result, RunFn,
-    map_run, read_via, walk,
+    BlockDevice, DebugEvent, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result,
+    RunFn, map_run, read_via, walk,
 };
 
 use crate::device::Qcow2Device;
@@ -49,6 +49,7 @@ impl Qcow2Device {
     /// Reads guest data at host `h` (in the data file when there is one), decrypting.
     fn read_data(&self, dst: &mut [u8], h: u64, guest: u64) -> Result<()> {
         let s = self.data.as_ref().unwrap_or(&self.file);
+        s.debug_event(DebugEvent::ReadAio);
         match &self.crypt {
             Some(c) => c.read(s.as_ref(), dst, h, guest),
             None => read_host(s.as_ref(), dst, h),
@@ -81,6 +82,7 @@ impl Qcow2Device {
         // `clen` counts whole sectors and may reach past the end of the file (the last
         // cluster): the length is only asked for when the whole read fails.
         let mut input = vec![0u8; usize::try_from(clen).unwrap_or(0)];
+        self.file.debug_event(DebugEvent::ReadCompressed);
         if self.file.read_exact_at(&mut input, h).is_err() {
             let len = self.file.len()?;
             let n = clen.min(len.saturating_sub(h));
@@ -126,7 +128,7 @@ impl Qcow2Device {
 
     /// [`BlockDevice::read_at`]: [`read_via`] over a [`View`].
     pub(crate) fn read_guest(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        read_via(&View::new(self), buf, offset)
+        read_via(&View::reading(self), buf, offset)
     }
 
     /// [`BlockDevice::walk_runs`]: [`walk`] over a [`View`] (vectored and async reads plan
@@ -144,7 +146,7 @@ impl Qcow2Device {
         {
             return Ok(false);
         }
-        walk(&View::new(self), offset, len, f)
+        walk(&View::reading(self), offset, len, f)
     }
 
     /// [`BlockDevice::map`]: [`map_run`] over a [`View`]: the run one lookup resolves (as
@@ -170,6 +172,9 @@ struct View<'a> {
     dev: &'a Qcow2Device,
     /// The image's size when the request started.
     size: u64,
+    /// The request reads the runs it looks up (not `map`): each host run raises
+    /// [`DebugEvent::ReadAio`] on its storage, as qemu's read tasks do.
+    reads: bool,
     /// The special runs handed out so far (the token is the index).
     specials: RefCell<Vec<Special>>,
 }
@@ -179,7 +184,16 @@ impl<'a> View<'a> {
         Self {
             dev,
             size: dev.size(),
+            reads: false,
             specials: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A view for a request that reads what it looks up.
+    fn reading(dev: &'a Qcow2Device) -> Self {
+        Self {
+            reads: true,
+            ..Self::new(dev)
         }
     }
 
@@ -206,6 +220,9 @@ impl Layout for View<'_> {
         let mapping = match sub {
             Sub::Data(host) if clear => {
                 let s = self.dev.data.as_ref().unwrap_or(&self.dev.file);
+                if self.reads {
+                    s.debug_event(DebugEvent::ReadAio);
+                }
                 // qemu reads past the end of the file as zeroes.
                 Mapping::Host(HostRun::new(s.as_ref(), host).past_eof(PastEof::Zero))
             }

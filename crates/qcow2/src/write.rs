@@ -258,22 +258,26 @@ fn fast_run(
     let mut mode: Option<bool> = None; // Some(true) = fresh, Some(false) = in place
     let mut host0 = 0u64;
     let mut olds = Vec::new();
+    // Preallocated zero clusters overwritten in place: their zero flag goes.
+    let mut unzero = Vec::new();
     let mut was_zero = true;
     while n < max_n {
         let (e, bm, _) = m.l2_entry(guest + n * cs)?;
         let copied = e & OFLAG_COPIED != 0;
         let kind = classify(m.h(), e, bm, 0, l2)?;
         let this = match kind {
-            Sub::Data(h) if copied => {
+            Sub::Data(h) | Sub::ZeroAlloc(h) if copied => {
                 if n == 0 {
                     host0 = h;
                 }
-                if h != host0 + n * cs {
+                if h != host0 + n * cs || mode == Some(true) {
                     break;
+                }
+                if matches!(kind, Sub::ZeroAlloc(_)) {
+                    unzero.push(n);
                 }
                 false
             }
-            Sub::ZeroAlloc(_) if copied => break,
             _ => true,
         };
         if *mode.get_or_insert(this) != this {
@@ -294,6 +298,15 @@ fn fast_run(
     if mode == Some(false) {
         m.check_overlap(host0, n * cs)?;
         write_data(crypt, store.as_ref(), data, host0, guest)?;
+        for k in unzero.into_iter().filter(|&k| k < n) {
+            p.l2.push(L2Update::new(
+                l2,
+                i0 + k,
+                (host0 + k * cs) | OFLAG_COPIED,
+                0,
+            ));
+            p.flush = true;
+        }
         return Ok(Some(n * cs));
     }
     let (host, reserved) = new_clusters(m, guest, n)?;
@@ -332,17 +345,88 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
 }
 
 /// `BlockDevice::write_zeroes` for qcow2: zero flags on whole clusters (v3), zero
-/// buffers elsewhere.
+/// buffers elsewhere. With extended L2 the request is split as qemu's block layer splits
+/// it at subcluster alignment: an unaligned head, the aligned bulk, an unaligned tail
+/// (see [`zero_pieces`]).
 pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -> Result<()> {
     let mut m = dev.lock();
+    let cs = m.cs();
+    let zeros = vec![0u8; idx(cs)];
+    let mut p = Pending::default();
+    let pieces = if m.h().version >= 3 && m.h().extended_l2() {
+        zero_pieces(off, off + len, cs / 32)
+    } else {
+        [off..off + len, 0..0, 0..0]
+    };
+    for (k, r) in pieces.into_iter().enumerate() {
+        if r.is_empty() {
+            continue;
+        }
+        // Each piece sees the entries the previous one left.
+        commit(&mut m, std::mem::take(&mut p))?;
+        if k == 1 && bulk_as_data(&mut m, &r)? {
+            // qemu cannot zero part of a compressed cluster: its block layer writes the
+            // whole aligned bulk as zero data instead.
+            let mut pos = r.start;
+            while pos < r.end {
+                let n = (cs - pos % cs).min(r.end - pos);
+                write_cluster(dev, &mut m, zeros.get(..idx(n)).unwrap_or(&[]), pos, &mut p)?;
+                pos += n;
+            }
+            continue;
+        }
+        zero_range(dev, &mut m, &zeros, r, unmap, &mut p)?;
+    }
+    commit(&mut m, p)
+}
+
+/// `start..end` split at subcluster alignment `g` into qemu's pieces: the unaligned head,
+/// the aligned bulk, the unaligned tail (empty ranges where there is none).
+fn zero_pieces(start: u64, end: u64, g: u64) -> [std::ops::Range<u64>; 3] {
+    let a1 = if start.is_multiple_of(g) {
+        start
+    } else {
+        start.next_multiple_of(g).min(end)
+    };
+    let a2 = (end - end % g).max(a1);
+    [start..a1, a1..a2, a2..end]
+}
+
+/// Whether the aligned bulk `r` starts or ends inside a compressed cluster (after the
+/// head piece was applied).
+fn bulk_as_data(m: &mut Meta, r: &std::ops::Range<u64>) -> Result<bool> {
+    let cs = m.cs();
+    let mut edges = Vec::new();
+    if !r.start.is_multiple_of(cs) {
+        edges.push(r.start);
+    }
+    if !r.end.is_multiple_of(cs) && r.end < m.size() {
+        edges.push(r.end - 1);
+    }
+    for g in edges {
+        if m.l2_entry(g)?.0 & OFLAG_COMPRESSED != 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Zeroes `r` cluster by cluster: zero flags (v3) on whole clusters, subclusters
+/// (extended L2), zero data elsewhere.
+fn zero_range(
+    dev: &Qcow2Device,
+    m: &mut Meta,
+    zeros: &[u8],
+    r: std::ops::Range<u64>,
+    unmap: bool,
+    p: &mut Pending,
+) -> Result<()> {
     let cs = m.cs();
     let size = m.size();
     let v3 = m.h().version >= 3;
     let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
-    let zeros = vec![0u8; idx(cs)];
-    let mut p = Pending::default();
-    let mut pos = off;
-    let end = off + len;
+    let mut pos = r.start;
+    let end = r.end;
     while pos < end {
         let cstart = pos - pos % cs;
         let n = (cstart + cs).min(end) - pos;
@@ -357,12 +441,12 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
         }
         if !v3 || !(whole || ext) {
             let z = zeros.get(..idx(n)).unwrap_or(&[]);
-            write_cluster(dev, &mut m, z, pos, &mut p)?;
+            write_cluster(dev, m, z, pos, p)?;
             pos += n;
             continue;
         }
         let l1i = pos / m.h().l1_coverage();
-        let table = ensure_l2(&mut m, l1i)?;
+        let table = ensure_l2(m, l1i)?;
         let index = (pos / cs) % m.h().l2_entries();
         let (entry, bitmap, _) = m.l2_entry(pos)?;
         if raw {
@@ -370,13 +454,13 @@ pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -
         }
         let at = L2Update::new(table, index, entry, bitmap);
         if ext {
-            zero_subclusters(dev, &mut m, &zeros, at, pos..pos + n, &mut p)?;
+            zero_subclusters(dev, m, zeros, at, pos..pos + n, unmap, p)?;
         } else {
-            zero_cluster(&m, at, unmap, &mut p)?;
+            zero_cluster(m, at, unmap, p)?;
         }
         pos += n;
     }
-    commit(&mut m, p)
+    Ok(())
 }
 
 /// A standard cluster (entry `at`) becomes a zero cluster, keeping its host cluster
@@ -401,14 +485,28 @@ fn zero_cluster(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Result<
     Ok(())
 }
 
+/// Extended L2, a whole cluster (entry `at`), as qemu's `zero_in_l2_slice`: every
+/// subcluster reads as zeroes; a compressed cluster, or with `unmap` an allocated one,
+/// loses its host cluster.
+fn zero_whole_ext(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) {
+    let e = at.entry;
+    let drop = e & OFLAG_COMPRESSED != 0 || (unmap && e & L2E_OFFSET_MASK != 0);
+    let entry = if drop { 0 } else { e };
+    if drop && let Some(r) = old_ref(m, e) {
+        p.unref.push(r);
+    }
+    p.l2.push(L2Update::new(at.table, at.index, entry, ALL_ALLOC << 32));
+}
+
 /// Extended L2 (entry `at`): the whole subclusters of `r` (one cluster's part) get the
-/// zero bit, the edges get zero data.
+/// zero bit, the edges get zero data (a whole cluster: [`zero_whole_ext`]).
 fn zero_subclusters(
     dev: &Qcow2Device,
     m: &mut Meta,
     zeros: &[u8],
     at: L2Update,
     r: std::ops::Range<u64>,
+    unmap: bool,
     p: &mut Pending,
 ) -> Result<()> {
     let cs = m.cs();
@@ -417,6 +515,25 @@ fn zero_subclusters(
     let cstart = pos - pos % cs;
     let in_off = pos - cstart;
     let e = at.entry;
+    // A whole cluster as qemu's block layer hands it over: an image end inside the
+    // cluster counts only on a subcluster boundary (else the end is a piece of its own).
+    if in_off == 0 && (n == cs || (pos + n == m.size() && m.size().is_multiple_of(g))) {
+        zero_whole_ext(m, at, unmap, p);
+        return Ok(());
+    }
+    if e & OFLAG_COMPRESSED != 0 && !in_off.is_multiple_of(g) {
+        // As qemu: the unaligned head is written as data (copying the compressed
+        // cluster into a new one), then the rest zeroes subclusters of that cluster.
+        let head = (g - in_off % g).min(n);
+        write_cluster(dev, m, zeros.get(..idx(head)).unwrap_or(&[]), pos, p)?;
+        if head == n {
+            return Ok(());
+        }
+        commit(m, std::mem::take(p))?;
+        let (e, bm, _) = m.l2_entry(pos + head)?;
+        let at = L2Update::new(at.table, at.index, e, bm);
+        return zero_subclusters(dev, m, zeros, at, pos + head..r.end, unmap, p);
+    }
     let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && e & OFLAG_COPIED == 0);
     let full = if shared {
         None

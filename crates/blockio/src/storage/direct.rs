@@ -108,6 +108,11 @@ impl DirectIo {
         })
     }
 
+    /// Request offsets and lengths are multiples of this (a power of two).
+    pub(crate) fn align(&self) -> u64 {
+        self.align as u64
+    }
+
     fn dirty(&self) -> MutexGuard<'_, Dirty> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }

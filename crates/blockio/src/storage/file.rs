@@ -386,7 +386,13 @@ impl Storage for FileStorage {
     fn next_hole(&self, offset: u64) -> Result<u64> {
         self.write_back()?;
         match self.seek(rustix::fs::SeekFrom::Hole(offset)) {
-            Ok(Some(pos)) => Ok(pos),
+            // Under O_DIRECT a data run ending in a partial block at the end of the
+            // file counts up to the block's end, as qemu's file driver rounds it
+            // (requests cannot end inside a block; the image size is rounded too).
+            Ok(Some(pos)) => Ok(match &self.direct {
+                Some(d) => pos.next_multiple_of(d.align()),
+                None => pos,
+            }),
             Ok(None) => Ok(offset),
             Err(_) => Ok(self.len()?.max(offset)),
         }

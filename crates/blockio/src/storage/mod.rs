@@ -11,6 +11,7 @@ use std::fs::File;
 
 use crate::error::{Error, Result};
 
+mod debug_event;
 pub(crate) mod direct;
 mod dirty;
 mod fault;
@@ -21,6 +22,7 @@ mod readers;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
+pub use debug_event::DebugEvent;
 pub use fault::{CrashMode, FaultStorage};
 pub use file::FileStorage;
 pub use mem::MemStorage;
@@ -188,6 +190,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn uring(&self) -> Option<&UringStorage> {
         None
     }
+    /// Tells the storage that the format is about to do the host I/O `event` names
+    /// (qemu's `BLKDBG_EVENT`; see [`DebugEvent`]). Test storages (the CLI's `blkdebug`
+    /// node) fail the I/O that follows as their rules say; every other storage ignores
+    /// it (the default does nothing). Wrappers that pass I/O on unchanged forward it.
+    fn debug_event(&self, _event: DebugEvent) {}
 }
 
 /// Zero-fills a range with ordinary writes of at most 1 MiB.
@@ -232,6 +239,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn debug_event(&self, event: DebugEvent) {
+        (**self).debug_event(event)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (**self).write_zeroes(offset, len)

@@ -1,19 +1,23 @@
 //! `aio_read`, `aio_write`, `aio_flush`: requests that run concurrently.
 //!
-//! Each request runs on its own thread against the shared device (`Arc<dyn BlockDevice>`,
-//! `&self` I/O with the format's internal locking), so overlapping and interleaved
-//! requests really race inside the library, as qemu's coroutines do. Completions are
+//! Requests go through the library's async face ([`diskimg::blockio::AsyncDevice`] over
+//! the open device): reads are planned onto io_uring where the storage has one (`-i
+//! io_uring`), everything else runs on the face's worker threads against the shared
+//! device, so overlapping and interleaved requests really race inside the library, as
+//! qemu's coroutines do. Completions are
 //! reported in submission order when the session drains: at `aio_flush`, before any
 //! other command, and at exit (qemu-io prints a completion when its main loop next
 //! runs; scripts that issue several requests sort their output or drain explicitly).
 //! At most [`MAX_INFLIGHT`] requests run at once; submitting more first waits for the
 //! oldest.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 
 use diskimg::BlockDevice;
-use diskimg::blockio::ZeroFlags;
+use diskimg::blockio::{IoBuf, IoFuture, ZeroFlags};
 
 use super::cmd::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
@@ -66,14 +70,23 @@ fn aio_read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         quiet,
         machine,
     };
-    let done = s.aio.submit(move || {
-        let Some(mut buf) = alloc(count, 0xab) else {
-            return "readv failed: Cannot allocate memory\n".to_string();
-        };
-        let start = Instant::now();
-        if let Err(e) = dev.read_at(&mut buf, r.offset) {
-            return format!("readv failed: {}\n", strerror(&e));
+    let Some(buf) = alloc(count, 0xab) else {
+        s.out.print("readv failed: Cannot allocate memory\n");
+        return 0;
+    };
+    let start = Instant::now();
+    let fut = match s.aio.face(&dev) {
+        Ok(face) => face.read_at(IoBuf::from_vec(buf), offset),
+        Err(e) => {
+            s.out.print(&format!("readv failed: {}\n", strerror(&e)));
+            return 0;
         }
+    };
+    let done = s.aio.submit(Box::new(move || {
+        let buf = match block_on(fut) {
+            Ok(b) => b,
+            Err(e) => return format!("readv failed: {}\n", strerror(&e)),
+        };
         let t = start.elapsed();
         let mut text = String::new();
         if let Some(p) = pattern
@@ -92,7 +105,7 @@ fn aio_read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         }
         text.push_str(&report("read", t, r.offset, count, count, 1, r.machine));
         text
-    });
+    }));
     if let Some(t) = done {
         s.out.print(&t);
     }
@@ -174,28 +187,69 @@ fn aio_write_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         quiet,
         machine,
     };
-    let done = s.aio.submit(move || {
-        let start = Instant::now();
-        let res = if zero {
-            dev.write_zeroes(r.offset, count, ZeroFlags { may_unmap: unmap })
-        } else {
-            match alloc(count, pattern) {
-                Some(buf) => dev.write_at(&buf, r.offset),
-                None => return "aio_write failed: Cannot allocate memory\n".to_string(),
-            }
+    let buf = if zero { None } else { alloc(count, pattern) };
+    if !zero && buf.is_none() {
+        s.out.print("aio_write failed: Cannot allocate memory\n");
+        return 0;
+    }
+    let start = Instant::now();
+    let face = match s.aio.face(&dev) {
+        Ok(f) => f,
+        Err(e) => {
+            s.out
+                .print(&format!("aio_write failed: {}\n", strerror(&e)));
+            return 0;
+        }
+    };
+    let write = match buf {
+        Some(buf) => Write::Data(face.write_at(IoBuf::from_vec(buf), offset)),
+        None => Write::Zeroes(face.write_zeroes(offset, count, ZeroFlags { may_unmap: unmap })),
+    };
+    // Writethrough and FUA: the flush follows the write, as qemu's completes it.
+    let flushed = flush.then(|| face.device().clone());
+    let done = s.aio.submit(Box::new(move || {
+        let res = match write {
+            Write::Data(f) => block_on(f).map(drop),
+            Write::Zeroes(f) => block_on(f),
         };
-        let res = res.and_then(|()| if flush { dev.flush() } else { Ok(()) });
+        let res = res.and_then(|()| flushed.map_or(Ok(()), |d| d.flush()));
         let t = start.elapsed();
         match res {
             Err(e) => format!("aio_write failed: {}\n", strerror(&e)),
             Ok(()) if r.quiet => String::new(),
             Ok(()) => report("wrote", t, r.offset, count, count, 1, r.machine),
         }
-    });
+    }));
     if let Some(t) = done {
         s.out.print(&t);
     }
     0
+}
+
+/// An `aio_write` in flight: data or zeroes.
+enum Write {
+    Data(IoFuture<IoBuf>),
+    Zeroes(IoFuture<()>),
+}
+
+/// Waits for `f` on this thread (the futures need no runtime: the thread that
+/// completes a request wakes this one).
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 fn device(s: &Session) -> Option<Arc<dyn BlockDevice>> {

@@ -108,7 +108,7 @@ impl CopyOnRead {
             let mut chunk = vec![0u8; usize::try_from(n).unwrap_or(0)];
             self.inner.read_at(&mut chunk, at)?;
             if let Some(d) = &self.debug {
-                d.event("cor_write");
+                d.event(diskimg::blockio::DebugEvent::CorWrite);
             }
             if chunk.iter().all(|&b| b == 0) {
                 self.inner.write_zeroes(at, n, ZeroFlags::default())?;

@@ -264,14 +264,25 @@ fn abort_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
     std::process::abort()
 }
 
-/// `read -b`: VM state is a qcow2 feature diskimg does not implement.
-pub(super) fn load_vmstate(b: &Blk, _buf: &mut [u8], _offset: u64) -> diskimg::Result<()> {
-    Err(diskimg::Error::unsupported(b.dev.info().format, "VM state"))
+/// `read -b`: the VM state area of formats with internal snapshots (qcow2), read from
+/// the opened image itself (not a snapshot or copy-on-read layer over it, as qemu's
+/// `bdrv_load_vmstate` goes to the format node).
+pub(super) fn load_vmstate(b: &Blk, buf: &mut [u8], offset: u64) -> diskimg::Result<()> {
+    match b.dev.as_snapshots() {
+        Some(s) => s.load_vmstate(buf, offset),
+        None => Err(diskimg::Error::unsupported(b.dev.info().format, "VM state")),
+    }
 }
 
 /// `write -b` (see [`load_vmstate`]).
-pub(super) fn save_vmstate(b: &Blk, _buf: &[u8], _offset: u64) -> diskimg::Result<()> {
-    Err(diskimg::Error::unsupported(b.dev.info().format, "VM state"))
+pub(super) fn save_vmstate(b: &Blk, buf: &[u8], offset: u64) -> diskimg::Result<()> {
+    if b.read_only {
+        return Err(diskimg::Error::ReadOnly);
+    }
+    match b.dev.as_snapshots() {
+        Some(s) => s.save_vmstate(buf, offset),
+        None => Err(diskimg::Error::unsupported(b.dev.info().format, "VM state")),
+    }
 }
 
 /// `map`, `alloc`, `info`, `length`, `truncate`, `sleep`, `sigraise`, `abort`.

@@ -3,8 +3,8 @@
 //! The command line, the command language and the output are qemu-io 10's
 //! (`qemu-io-cmds.c`): commands from `-c` or, without any `-c`, from stdin with a
 //! `PROG> ` prompt; `open`/`close`/`reopen`; `read`/`readv`/`write`/`writev`/`discard`/
-//! `flush`; `aio_read`/`aio_write`/`aio_flush` (requests run concurrently on threads over
-//! the shared `&self` device); `map`, `alloc`, `info`, `length`, `truncate`, `sleep`,
+//! `flush`; `aio_read`/`aio_write`/`aio_flush` (requests run concurrently through the
+//! library's async face, `AsyncDevice`); `map`, `alloc`, `info`, `length`, `truncate`, `sleep`,
 //! `sigraise`, `abort`, `help`, `quit`. Flags are parsed as glibc's getopt does
 //! (`-pP 0xa`, `-P0xa`, options after operands). Reports go to a glibc-buffered stdout
 //! and errors straight to stderr, so `2>&1` captures interleave as qemu-io's do.

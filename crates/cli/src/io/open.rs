@@ -177,11 +177,22 @@ fn close_blk(s: &mut Session, b: &Blk) {
     };
     // qemu flushes at close only what was written since the last flush: an image that
     // was only read closes quietly (a character device cannot be flushed at all).
-    if let Err(e) = res
-        && b.written.get()
-    {
-        s.out.error(&crate::message(&e.into()));
+    let Err(e) = res else { return };
+    if !b.written.get() {
+        return;
     }
+    // qcow2 writes its metadata back and flushes the file at close; qemu does so per
+    // metadata cache and, when the file fails (a blkdebug rule, iotests 026/066), says
+    // so for each of its two caches.
+    if b.img.format == diskimg::Format::Qcow2 && matches!(e, diskimg::Error::Io { .. }) {
+        let why = crate::errmap::strerror(&e);
+        s.out
+            .error(&format!("Failed to flush the L2 table cache: {why}"));
+        s.out
+            .error(&format!("Failed to flush the refcount block cache: {why}"));
+        return;
+    }
+    s.out.error(&crate::message(&e.into()));
 }
 
 fn close_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {

@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
+use diskimg::blockio::AsyncDevice;
 use diskimg::{BlockDevice, Image, OptionList};
 
 use super::out::Out;
@@ -85,37 +85,54 @@ pub(super) struct Spec {
     pub(super) flags: OpenFlags,
 }
 
-/// Requests running at once before a submission waits for the oldest.
+/// Requests running at once before a submission waits for the oldest; also the worker
+/// threads of the async face (requests that block, e.g. at a blkdebug breakpoint, each
+/// hold one, as each of qemu's coroutines may).
 const MAX_INFLIGHT: usize = 64;
 
-/// The outstanding requests, oldest first; each thread returns its report text.
+/// Completes one request (waits for its future) and returns its report text.
+pub(super) type Completion = Box<dyn FnOnce() -> String>;
+
+/// The outstanding requests, oldest first, on the async face of the open device
+/// ([`AsyncDevice`], made at the first request after a drain and dropped at the drain,
+/// so a later `close`/`open` sees no reference to the old device).
 #[derive(Default)]
 pub(super) struct Aio {
-    inflight: VecDeque<JoinHandle<String>>,
+    face: Option<AsyncDevice>,
+    inflight: VecDeque<Completion>,
 }
 
 impl Aio {
-    /// Waits for every request; returns their reports in submission order.
-    pub(super) fn drain(&mut self) -> Vec<String> {
-        self.inflight.drain(..).map(join).collect()
+    /// The async face of `dev` for new requests.
+    pub(super) fn face(&mut self, dev: &Arc<dyn BlockDevice>) -> diskimg::Result<&AsyncDevice> {
+        if !self
+            .face
+            .as_ref()
+            .is_some_and(|f| Arc::ptr_eq(f.device(), dev))
+        {
+            self.face = Some(AsyncDevice::with_workers(dev.clone(), MAX_INFLIGHT)?);
+        }
+        self.face
+            .as_ref()
+            .ok_or(diskimg::Error::internal("async face"))
     }
 
-    /// Starts `job`; returns the report of a request that had to finish first.
-    pub(super) fn submit(
-        &mut self,
-        job: impl FnOnce() -> String + Send + 'static,
-    ) -> Option<String> {
-        let done = if self.inflight.len() >= MAX_INFLIGHT {
-            self.inflight.pop_front().map(join)
+    /// Waits for every request; returns their reports in submission order.
+    pub(super) fn drain(&mut self) -> Vec<String> {
+        let done = self.inflight.drain(..).map(|c| c()).collect();
+        self.face = None;
+        done
+    }
+
+    /// Queues `done` (the completion of a request already submitted); returns the report
+    /// of a request that had to finish first.
+    pub(super) fn submit(&mut self, done: Completion) -> Option<String> {
+        let first = if self.inflight.len() >= MAX_INFLIGHT {
+            self.inflight.pop_front().map(|c| c())
         } else {
             None
         };
-        self.inflight.push_back(std::thread::spawn(job));
-        done
+        self.inflight.push_back(done);
+        first
     }
-}
-
-fn join(h: JoinHandle<String>) -> String {
-    h.join()
-        .unwrap_or_else(|_| "aio request failed: worker thread panicked\n".to_string())
 }

@@ -213,3 +213,86 @@ fn convert_salvage_as_qemu() {
     ]);
     assert!(cmp.status.success(), "{cmp:?}");
 }
+
+/// blkdebug below the format (iotests 066, 089, 289): qcow2 raises its internal events
+/// on its storage. An `l2_load` rule fails the read that loads the L2 table; set-state
+/// rules on `write_aio` let one write over data, a preallocated zero cluster and data
+/// through (one host write) and fail the next; a `write_aio` rule below the external data
+/// file fails the data write; qcow2's close reports the failing flush as qemu's two
+/// metadata caches do. The same output and exit codes as qemu-io.
+#[test]
+fn blkdebug_below_the_format_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = img(d, "t.qcow2", "qcow2", "1M");
+        let file = |rules: &str| {
+            format!(
+                "json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', 'image.filename': '{t}', {rules}}}}}"
+            )
+        };
+        let states = "'set-state': [{'event': 'write_aio', 'new_state': 2}], \
+                      'inject-error': [{'event': 'write_aio', 'state': 2}]";
+        let data = s(&d.join("d.qcow2")).to_string();
+        let raw = s(&d.join("d.raw")).to_string();
+        let made = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={raw}"),
+            &data,
+            "64k",
+        ]);
+        assert!(made.status.success(), "{made:?}");
+        let conf = d.join("blkdebug.conf");
+        std::fs::write(
+            &conf,
+            "[inject-error]\nevent = \"write_aio\"\nonce = \"on\"\n",
+        )
+        .unwrap();
+        let in_data = format!(
+            "json:{{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{data}'}}, \
+             'data-file': {{'driver': 'raw', 'file': {{'driver': 'blkdebug', 'config': '{}', \
+             'image': {{'driver': 'file', 'filename': '{raw}'}}}}}}}}",
+            s(&conf)
+        );
+        let calls = vec![
+            v(&[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 42 0 192k",
+                "-c",
+                "write -z 64k 64k",
+                &t,
+            ]),
+            v(&[
+                "-c",
+                "read -P 42 0 512",
+                &file("'inject-error': [{'event': 'l2_load'}]"),
+            ]),
+            v(&[
+                "-c",
+                "write -P 1 0 192k",
+                "-c",
+                "write -P 2 0 64k",
+                &file(states),
+            ]),
+            v(&["-c", "write 0 64k", &in_data]),
+        ];
+        // Invoked as `diskimg`, the error lines carry our program name.
+        let mut out: Vec<String> = (io_calls(d, &calls, qemu).into_iter())
+            .map(|o| o.replace("diskimg:", "qemu-io:"))
+            .collect();
+        let map = qemu_img(&["map", s(&d.join("t.qcow2"))]);
+        out.push(String::from_utf8_lossy(&map.stdout).replace(s(d), "DIR"));
+        out
+    };
+    let q = outputs_as_qemu(run);
+    assert!(q[1].contains("read failed: Input/output error"), "{q:?}");
+    assert!(
+        q[2].contains("wrote 196608/196608") && q[2].contains("write failed"),
+        "{q:?}"
+    );
+    assert!(q[3].contains("write failed: Input/output error"), "{q:?}");
+}

@@ -29,6 +29,7 @@ mod hostfiles;
 mod hostile;
 mod inspect;
 mod io;
+mod iotest_behaviour;
 mod iotest_cases;
 mod iotest_filters;
 mod iotest_names;

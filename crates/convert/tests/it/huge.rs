@@ -1,4 +1,5 @@
-//! A terabyte of holes costs a handful of block-status calls, not one per chunk.
+//! A terabyte of holes costs a handful of block-status calls, not one per chunk; data after
+//! a hole still goes out in chunks on the chunk grid.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -81,5 +82,68 @@ fn terabyte_of_holes_is_skipped_in_few_calls() {
             dst.read_at(&mut buf, off).unwrap();
             assert!(buf.iter().all(|&x| x == b), "at {off}");
         }
+    }
+}
+
+/// A target that records its writes.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn BlockDevice>,
+    writes: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl BlockDevice for Recording {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.writes.lock().unwrap().push((off, buf.len() as u64));
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        self.inner.map(off, len)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Data after a hole of any length still goes out in chunks on the 2 MiB grid (whole
+/// clusters of a qcow2 target, one allocation per chunk), not in chunks starting where
+/// the hole ended.
+#[test]
+fn chunks_after_a_hole_stay_on_the_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mib = 1u64 << 20;
+    // 64 KiB pieces from 5 MiB + 64 KiB to 9 MiB: the hole before ends off the grid.
+    let data: Vec<(u64, u8)> = (0..63).map(|k| (5 * mib + (k + 1) * 65536, 7)).collect();
+    let src = sparse_raw(&dir.path().join("src.raw"), &data);
+    for workers in [1usize, 4] {
+        let dst = Recording {
+            inner: sparse_raw(&dir.path().join(format!("dst{workers}.raw")), &[]),
+            writes: std::sync::Mutex::default(),
+        };
+        let opts = ConvertOptions {
+            target_is_zero: true,
+            workers,
+            ..ConvertOptions::default()
+        };
+        let st = convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
+        assert_eq!(st.data_bytes, 63 * 65536);
+        let writes = dst.writes.lock().unwrap().clone();
+        assert!(
+            writes
+                .iter()
+                .all(|&(o, l)| o / (2 * mib) == (o + l - 1) / (2 * mib)),
+            "workers {workers}: {writes:?}"
+        );
+        // 5 MiB + 64 KiB .. 6 MiB, 6..8 MiB, 8..9 MiB.
+        assert_eq!(writes.len(), 3, "{writes:?}");
     }
 }

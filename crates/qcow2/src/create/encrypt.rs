@@ -2,7 +2,7 @@
 //! (allocated right after the L1 table, pointed to by the 0x0537be77 extension, as
 //! qemu lays it out) and legacy AES (`encrypt.format=aes`, `encryption=on`).
 
-use diskimg_blockio::{Error, OptionList, Preallocation, Result, Secrets};
+use diskimg_blockio::{Error, OptionList, Result, Secrets};
 use zeroize::Zeroizing;
 
 use crate::create::options::EncryptOptions;
@@ -41,14 +41,7 @@ impl NewEncryption {
 
     /// Checks the other options and reserves the header extension in `h` (its offset is
     /// filled in by [`NewEncryption::install`]).
-    pub(crate) fn prepare(&self, h: &mut Header, prealloc: Preallocation) -> Result<()> {
-        if prealloc != Preallocation::Off {
-            // qemu allows it, but preallocated clusters then read as decrypted garbage.
-            return Err(Error::unsupported(
-                "qcow2",
-                "preallocation of encrypted images",
-            ));
-        }
+    pub(crate) fn prepare(&self, h: &mut Header) -> Result<()> {
         if let Some(a) = &self.area {
             h.ext.crypto = Some((0, a.len() as u64));
         }

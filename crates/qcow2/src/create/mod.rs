@@ -167,7 +167,7 @@ fn create(storage: Arc<dyn Storage>, req: &CreateRequest, opts: &Qcow2CreateOpti
     }
     let mut h = new_header(opts);
     if let Some(e) = &encryption {
-        e.prepare(&mut h, opts.preallocation)?;
+        e.prepare(&mut h)?;
     }
     write_initial_layout(storage.as_ref(), &mut h, opts.backing_file.as_deref())?;
     if let Some(name) = &opts.data_file {
@@ -183,10 +183,30 @@ fn create(storage: Arc<dyn Storage>, req: &CreateRequest, opts: &Qcow2CreateOpti
     if let Some(e) = &encryption {
         e.install(&dev)?;
     }
-    if opts.preallocation != Preallocation::Off {
-        let backing = opts.backing_file.is_some();
-        crate::features::resize::preallocate(&dev, opts.preallocation, backing, 0)?;
+    if opts.preallocation == Preallocation::Off {
+        return dev.flush();
     }
+    let dev = match opts
+        .encryption
+        .as_ref()
+        .and_then(|e| e.key_secret.as_deref())
+    {
+        // Preallocated clusters of an encrypted image are written as encrypted zeroes:
+        // that needs the image opened with its key.
+        Some(id) => {
+            dev.flush()?;
+            let storage = dev.file.clone();
+            drop(dev);
+            let mut keyed = open.secrets(req.secrets.clone());
+            keyed
+                .driver_options
+                .set(crate::open_options::KEY_SECRET_OPTION, id);
+            Qcow2Device::open(storage, &keyed)?
+        }
+        None => dev,
+    };
+    let backing = opts.backing_file.is_some();
+    crate::features::resize::preallocate(&dev, opts.preallocation, backing, 0)?;
     dev.flush()
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use diskimg_blockio::{Error, Limits, Result, Storage};
+use diskimg_blockio::{DebugEvent, Error, Limits, Result, Storage};
 
 use crate::disk::header::{Header, MAX_HOST_OFFSET, V2_HEADER_LEN};
 use crate::disk::idx;
@@ -187,6 +187,7 @@ impl Meta {
     pub(crate) fn l2_table(&mut self, off: u64) -> Result<&mut Vec<u64>> {
         if self.l2.get_mut(off).is_none() {
             let n = self.cs() / 8;
+            self.file.debug_event(DebugEvent::L2Load);
             let t = self.read_table("L2 table beyond the end of the file", off, n)?;
             self.l2.insert(off, t);
         }

@@ -175,7 +175,13 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
 /// Changes the refcount width to `2^order` bits (qemu's `qcow2_change_refcount_order`):
 /// the current refcounts are read, checked against the new maximum, written into new
 /// structures (see [`rebuild_with_order`]), and the old table and blocks are freed.
-pub(crate) fn change_order(m: &mut Meta, order: u32) -> Result<()> {
+/// `on_refs` sees the refcounts (index = host cluster) before anything changes (amend's
+/// progress reports are derived from them).
+pub(crate) fn change_order(
+    m: &mut Meta,
+    order: u32,
+    on_refs: &mut dyn FnMut(&Meta, &[u64]),
+) -> Result<()> {
     if order == m.h.refcount_order {
         return Ok(());
     }
@@ -194,6 +200,7 @@ pub(crate) fn change_order(m: &mut Meta, order: u32) -> Result<()> {
             )));
         }
     }
+    on_refs(m, &refs);
     let old_table = (
         m.h.refcount_table_offset,
         u64::from(m.h.refcount_table_clusters),

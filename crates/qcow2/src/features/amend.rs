@@ -18,7 +18,8 @@ use crate::disk::header::{
 use crate::disk::idx;
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use crate::engine::deferred::L2Update;
-use crate::engine::meta::write_header;
+use crate::engine::meta::{Meta, write_header};
+use crate::features::amend_progress::{Progress, Widths, refcount_walks};
 use crate::features::snapshot_ops::{entry_raw, write_table};
 
 /// Options `amend` accepts but only `create` can apply (qemu's wording).
@@ -29,6 +30,16 @@ const CREATE_ONLY: &[&str] = &[
     "compression_type",
     "encryption",
 ];
+
+/// qemu's refusal of the options only `create` applies.
+fn refuse_create_only(o: &OptionList) -> Result<()> {
+    match CREATE_ONLY.iter().find(|k| o.get(k).is_some()) {
+        Some(k) => Err(Error::invalid(format!(
+            "Invalid parameter '{k}'\nThis option is only supported for image creation"
+        ))),
+        None => Ok(()),
+    }
+}
 
 const NEEDS_V3: &str = "compatibility level 1.1 and above (use compat=1.1 or greater)";
 
@@ -44,15 +55,21 @@ struct Scan {
 impl Qcow2Device {
     /// Applies `qemu-img amend -o` options (see the module docs for what is supported).
     pub fn amend(&self, opts: &OptionList) -> Result<()> {
+        self.amend_with_progress(opts, false, &mut |_, _| {})
+    }
+
+    /// [`Qcow2Device::amend`] reporting `progress(done, total)` as qemu's qcow2 driver
+    /// does (see `amend_progress`); `encryption` says key-slot options follow (one more
+    /// operation in qemu's count).
+    pub fn amend_with_progress(
+        &self,
+        opts: &OptionList,
+        encryption: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         self.writable()?;
         let mut o = opts.clone();
-        for k in CREATE_ONLY {
-            if o.get(k).is_some() {
-                return Err(Error::invalid(format!(
-                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
-                )));
-            }
-        }
+        refuse_create_only(&o)?;
         let (cur_version, cur_lazy, refcount_order, has_data_file) = {
             let m = self.lock();
             (
@@ -123,11 +140,16 @@ impl Qcow2Device {
                 return Err(Error::invalid("Cannot downgrade an image with a data file"));
             }
         }
+        let ops = u64::from(version != cur_version)
+            + u64::from(new_order != refcount_order)
+            + u64::from(encryption);
+        let mut progress = Progress::new(progress, ops);
         if version > cur_version {
             self.upgrade()?;
+            progress.upgrade();
         }
         if new_order != refcount_order {
-            crate::engine::rebuild::change_order(&mut self.lock(), new_order)?;
+            self.change_width(refcount_order, new_order, &mut progress)?;
         }
         if lazy_after != cur_lazy && version >= 3 {
             self.set_lazy(lazy_after)?;
@@ -151,9 +173,23 @@ impl Qcow2Device {
             self.resize(s, Preallocation::Off, true)?;
         }
         if version < cur_version {
-            self.downgrade()?;
+            self.downgrade(&mut progress)?;
         }
         self.flush()
+    }
+
+    /// The refcount width change from `2^from` to `2^to` bits, with qemu's reports.
+    fn change_width(&self, from: u32, to: u32, progress: &mut Progress<'_>) -> Result<()> {
+        let mut walks = |m: &Meta, refs: &[u64]| {
+            let w = Widths {
+                cs: m.cs(),
+                reftable: u64::from(m.h().refcount_table_clusters) * m.cs() / 8,
+                old_bits: 1 << from.min(6),
+                new_bits: 1 << to.min(6),
+            };
+            progress.refcount_walks(refcount_walks(refs, &w), w.reftable);
+        };
+        crate::engine::rebuild::change_order(&mut self.lock(), to, &mut walks)
     }
 
     fn set_lazy(&self, on: bool) -> Result<()> {
@@ -213,7 +249,7 @@ impl Qcow2Device {
     }
 
     /// 1.1 → 0.10: zero clusters expanded, v3-only features refused, v2 header.
-    fn downgrade(&self) -> Result<()> {
+    fn downgrade(&self, progress: &mut Progress<'_>) -> Result<()> {
         let (dirty, bitmaps) = {
             let m = self.lock();
             (
@@ -268,6 +304,11 @@ impl Qcow2Device {
                 "downgrading an image whose internal snapshots hold zero clusters",
             ));
         }
+        progress.downgrade({
+            let m = self.lock();
+            let snaps: u64 = m.snapshots().iter().map(|s| u64::from(s.l1_size)).sum();
+            m.l1().len() as u64 + snaps
+        });
         self.expand_zero_clusters(&scan.active_zero)?;
         let mut m = self.lock();
         m.commit_deferred()?;

@@ -1,8 +1,9 @@
 //! Header rewrites and whole-image operations behind `qemu-img rebase` and `commit`:
 //! [`Qcow2Device::set_backing_file`] rewrites the header cluster (spec "Header", "Header
 //! extensions": backing file name and backing format extension) as qemu's
-//! `qcow2_update_header` does; [`Qcow2Device::make_empty`] drops every cluster of the
-//! active L1 table, as qemu's `bdrv_make_empty` after a commit.
+//! `qcow2_update_header` does; [`Qcow2Device::make_empty`] empties the image as qemu's
+//! `bdrv_make_empty` after a commit: from scratch where qemu does so
+//! (`engine::empty`), otherwise by dropping every cluster of the active L1 table.
 
 use diskimg_blockio::{Error, Result};
 
@@ -42,6 +43,15 @@ impl Qcow2Device {
                 "qcow2",
                 "emptying an image with an external data file",
             ));
+        }
+        let bitmaps = !self.bitmaps.is_empty() || m.h().ext.bitmaps.is_some();
+        if m.can_empty_completely(bitmaps, m.h().crypt_method == 2) {
+            // As qemu: the image is rebuilt from scratch; after a failure part way its
+            // metadata is broken until the next open repairs it (it is marked dirty), so
+            // this device takes no more requests.
+            return m.empty_completely().inspect_err(|_| {
+                self.closed.close();
+            });
         }
         let cs = m.cs();
         let per_l2 = m.h().l2_entries();

@@ -5,6 +5,7 @@
 //! make-empty). Nothing below this layer names these modules.
 
 pub(crate) mod amend;
+pub(crate) mod amend_progress;
 pub(crate) mod bitmap;
 pub(crate) mod check;
 pub(crate) mod check_copied;
@@ -13,3 +14,4 @@ pub(crate) mod keyslots;
 pub(crate) mod maint;
 pub(crate) mod resize;
 pub(crate) mod snapshot_ops;
+pub(crate) mod vmstate;

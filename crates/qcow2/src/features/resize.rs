@@ -60,7 +60,10 @@ pub(crate) fn resize(
     if need > m.l1().len() as u64 {
         grow_l1(dev, &mut m, need)?;
     }
-    if m.h().autoclear & AUTOCLEAR_DATA_RAW != 0
+    // As qemu's `qcow2_co_truncate`: without preallocation an external data file takes
+    // the new size (so a new image's data file is as long as the disk); a raw one
+    // always does.
+    if (m.h().autoclear & AUTOCLEAR_DATA_RAW != 0 || prealloc == Preallocation::Off)
         && let Some(d) = &dev.data
     {
         d.set_len(new)?;
@@ -173,6 +176,29 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     Ok(())
 }
 
+/// Writes encrypted zeroes over `len` preallocated bytes at `host` (guest `guest`): with
+/// encryption, clusters whose host bytes were never written would read back as
+/// decrypted garbage (qemu's do; convert then writes the zeroes itself, its target
+/// lacking zero-init), here they read as zeroes like those of any other image.
+fn encrypt_zeroes(
+    c: &crate::encryption::Encryption,
+    store: &dyn diskimg_blockio::Storage,
+    host: u64,
+    guest: u64,
+    len: u64,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; idx(CHUNK.min(len))];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        let buf = zeroes.get(..idx(n)).unwrap_or_default();
+        c.write(store, buf, host + done, guest + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).
 pub(crate) fn preallocate(
     dev: &Qcow2Device,
@@ -180,13 +206,6 @@ pub(crate) fn preallocate(
     backing: bool,
     from: u64,
 ) -> Result<()> {
-    if dev.crypt.is_some() {
-        // Preallocated clusters would read back as decrypted garbage.
-        return Err(Error::unsupported(
-            "qcow2",
-            "preallocation of encrypted images",
-        ));
-    }
     let mut m = dev.lock();
     m.commit_deferred()?;
     let cs = m.cs();
@@ -216,6 +235,9 @@ pub(crate) fn preallocate(
             if store.len()? < want {
                 store.set_len(want)?;
             }
+        }
+        if let Some(c) = dev.crypt.as_deref() {
+            encrypt_zeroes(c, store.as_ref(), host, g, n * cs)?;
         }
         dev.file.flush()?;
         if let Some(d) = &dev.data {

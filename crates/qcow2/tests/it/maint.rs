@@ -144,7 +144,23 @@ fn make_empty_and_set_backing_survive_crashes() {
         false,
         &|d| qdev(d).make_empty(),
         &|crashed, cut, mode| {
-            check_clean(crashed, cut, mode);
+            // Emptying from scratch (as qemu) breaks the refcounts on the way, under
+            // the dirty bit: a crash image with broken refcounts is marked dirty, and
+            // the repair of the next read-write open makes it clean.
+            let r = open_mem(crashed, true)
+                .unwrap()
+                .check(RepairMode::None)
+                .unwrap();
+            let dirty = crashed.get(79).is_some_and(|b| b & 1 != 0);
+            assert!(r.corruptions == 0 || dirty, "cut {cut} {mode:?}: {r:?}");
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(crashed.to_vec()));
+            let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
+            let r = dev.check(RepairMode::None).unwrap();
+            assert_eq!(
+                (r.corruptions, r.check_errors),
+                (0, 0),
+                "cut {cut} {mode:?}: {r:?}"
+            );
         },
     );
     let before = read_all(open_mem(&img, true).unwrap().as_ref());
