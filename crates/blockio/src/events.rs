@@ -2,7 +2,9 @@
 //! (qemu's `qcow2_signal_corruption`) reports it here once per open image, and the
 //! program decides how to show it (the CLI prints qemu's "Marking image as corrupt"
 //! line on stderr). Libraries never print; without a reporter the event is dropped
-//! (the request still fails with [`crate::Error::Corrupt`]).
+//! (the request still fails with [`crate::Error::Corrupt`]). Failures a format steps past
+//! (the request goes on, e.g. clusters that could not be freed leak) are reported the
+//! same way ([`report_failure`]).
 
 use std::sync::OnceLock;
 
@@ -20,5 +22,25 @@ pub fn set_corruption_reporter(f: CorruptionReporter) -> bool {
 pub fn report_corruption(format: &str, message: &str) {
     if let Some(f) = REPORTER.get() {
         f(format, message);
+    }
+}
+
+/// A reporter of failures a format steps past: `(what failed, the error)`.
+pub type FailureReporter = fn(&str, &crate::Error);
+
+static FAILURES: OnceLock<FailureReporter> = OnceLock::new();
+
+/// Installs the process-wide reporter of failures formats step past; `false` when one
+/// was installed already.
+pub fn set_failure_reporter(f: FailureReporter) -> bool {
+    FAILURES.set(f).is_ok()
+}
+
+/// Reports that `what` failed with `error` and the format carried on without it, as
+/// qemu's drivers print such failures and go on (qcow2's `qcow2_free_clusters failed`:
+/// the clusters leak). Without a reporter the failure is dropped.
+pub fn report_failure(what: &str, error: &crate::Error) {
+    if let Some(f) = FAILURES.get() {
+        f(what, error);
     }
 }

@@ -99,7 +99,10 @@ pub use device::{
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};
-pub use events::{CorruptionReporter, report_corruption, set_corruption_reporter};
+pub use events::{
+    CorruptionReporter, FailureReporter, report_corruption, report_failure,
+    set_corruption_reporter, set_failure_reporter,
+};
 pub use info::{BackingRef, CheckReport, DeviceInfo, InfoValue, RepairMode, SnapshotInfo};
 pub use layout::{
     HostRun, Layout, Mapping, PastEof, RunFn, advance_mapping, for_each_run, guard_write, map_run,

@@ -144,6 +144,7 @@ fn main() {
     // qemu's block drivers print their corruption events themselves (qcow2's
     // "Marking image as corrupt" line); the libraries report them here.
     diskimg_blockio::set_corruption_reporter(errmap::report_corruption);
+    diskimg_blockio::set_failure_reporter(errmap::report_failure);
     // qemu-io's command line is not clap's (getopt permutation, clustered flags): invoked
     // as `qemu-io` (a symlink, how a drop-in is installed) or as `diskimg io`, it has its
     // own parser.

@@ -8,7 +8,7 @@
 //! flag mismatches that `check -r all` repairs (qemu has the same window).
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Result, SnapshotInfo};
+use diskimg_blockio::{DebugEvent, Error, Result, SnapshotInfo, report_failure};
 
 use crate::device::Qcow2Device;
 use crate::disk::snapshot::Snapshot;
@@ -134,7 +134,11 @@ pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     m.replace_snapshots(snaps, off, len);
     m.note_meta(MetaKind::SnapshotTable, off, len);
     if old_len > 0 {
-        m.unref_range(old_off, old_len)?;
+        // As qemu's `qcow2_free_clusters`: a failure leaks the old table, reported.
+        m.file().debug_event(DebugEvent::ClusterFree);
+        if let Err(e) = m.unref_range(old_off, old_len) {
+            report_failure("qcow2_free_clusters failed", &e);
+        }
     }
     Ok(())
 }
@@ -249,14 +253,26 @@ impl Qcow2Device {
         let mut snaps = m.snapshots().to_vec();
         let snap = snaps.remove(pos);
         write_table(&mut m, snaps)?;
-        let l1 = m.read_table(
-            "Snapshot L1 table offset invalid",
-            snap.l1_offset,
-            u64::from(snap.l1_size),
-        )?;
-        update_refcounts(&mut m, &l1, -1, false)?;
+        // The snapshot is gone from the table: a failure from here on leaks clusters.
+        let freed = |e: Error| match e {
+            Error::Io { source, .. } => {
+                Error::io("Failed to free the cluster and L1 table", source)
+            }
+            e => e,
+        };
+        let l1 = m
+            .read_table(
+                "Snapshot L1 table offset invalid",
+                snap.l1_offset,
+                u64::from(snap.l1_size),
+            )
+            .map_err(freed)?;
+        update_refcounts(&mut m, &l1, -1, false).map_err(freed)?;
         if snap.l1_size > 0 {
-            m.unref_range(snap.l1_offset, u64::from(snap.l1_size) * 8)?;
+            m.file().debug_event(DebugEvent::ClusterFree);
+            if let Err(e) = m.unref_range(snap.l1_offset, u64::from(snap.l1_size) * 8) {
+                report_failure("qcow2_free_clusters failed", &e);
+            }
         }
         m.file().flush()?;
         // Clusters only the active image still uses get their COPIED flags back.
