@@ -7,6 +7,15 @@ use diskimg_testutil::qemu_img_ok;
 use crate::iotest_cases::{img, io_calls, outputs_as_qemu, v};
 use crate::s;
 
+/// Runs qemu-img (`qemu`) or diskimg with `a`.
+fn img_tool(qemu: bool, a: &[&str]) -> std::process::Output {
+    if qemu {
+        diskimg_testutil::qemu_img(a)
+    } else {
+        crate::diskimg(a)
+    }
+}
+
 /// `write -b`/`read -b` (iotests 022, 029): the VM state area after the disk survives a
 /// snapshot round trip, qemu-io reads what `diskimg io` saved, and the image checks clean.
 #[test]
@@ -62,12 +71,7 @@ fn raw_map_of_odd_tail_under_o_direct_as_qemu() {
             .iter()
             .map(|o| {
                 let a = ["map", "--output=json", "--image-opts", o.as_str()];
-                let out = if qemu {
-                    diskimg_testutil::qemu_img(&a)
-                } else {
-                    crate::diskimg(&a)
-                };
-                String::from_utf8_lossy(&out.stdout).to_string()
+                String::from_utf8_lossy(&img_tool(qemu, &a).stdout).to_string()
             })
             .collect()
     };
@@ -138,14 +142,8 @@ fn preallocation_of_encrypted_and_data_file_images() {
 #[test]
 fn amend_progress_as_qemu() {
     let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
-        let tool = |a: &[&str]| {
-            let o = if qemu {
-                diskimg_testutil::qemu_img(a)
-            } else {
-                crate::diskimg(a)
-            };
-            String::from_utf8_lossy(&o.stdout).replace('\r', "\n")
-        };
+        let tool =
+            |a: &[&str]| String::from_utf8_lossy(&img_tool(qemu, a).stdout).replace('\r', "\n");
         let t = d.join("t.qcow2");
         let t = s(&t);
         qemu_img_ok(&[
@@ -245,11 +243,7 @@ fn bitmap_add_layout_as_qemu() {
         ]);
         for (name, g) in [("b1", "512"), ("b2", "2M")] {
             let a = ["bitmap", "--add", "-g", g, "-f", "qcow2", t, name];
-            let o = if qemu {
-                diskimg_testutil::qemu_img(&a)
-            } else {
-                crate::diskimg(&a)
-            };
+            let o = img_tool(qemu, &a);
             assert!(o.status.success(), "{o:?}");
         }
         let len = std::fs::metadata(t).unwrap().len();
