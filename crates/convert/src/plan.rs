@@ -170,7 +170,10 @@ impl Ctx<'_> {
             zero_map.push((pos, st.length, st.zero));
             pos += st.length;
         }
-        if zero_map.iter().all(|z| z.2) {
+        // With -S 0 zero units are compressed too (qemu-img writes compressed clusters
+        // for all of the image then).
+        let sparse = self.opts.sparse_size > 0;
+        if sparse && zero_map.iter().all(|z| z.2) {
             return self.push_zero(offset, len, ops);
         }
         let mut buf = self.pool.take(len)?;
@@ -185,7 +188,7 @@ impl Ctx<'_> {
             let known_zero = zero_map
                 .iter()
                 .any(|z| z.2 && z.0 <= off && off + n as u64 <= z.0 + z.1);
-            let kind = if known_zero || (self.opts.sparse_size > 0 && is_zero(piece)) {
+            let kind = if sparse && (known_zero || is_zero(piece)) {
                 Unit::Zero
             } else if self.equals_backing(piece, off)? {
                 Unit::Skip
@@ -278,6 +281,13 @@ impl Ctx<'_> {
 
     /// Data read from the source: split out zero blocks at `-S` granularity.
     fn push_data(&self, offset: u64, buf: Buf, ops: &mut Vec<Op>) -> Result<()> {
+        if self.opts.sparse_size > 0 && is_zero(&buf) {
+            // Data that reads as zeroes throughout is sparse whatever its length, as
+            // qemu-img's is_allocated_sectors_min takes a leading zero run (here: all).
+            let len = buf.len() as u64;
+            self.pool.put(buf);
+            return self.push_zero(offset, len, ops);
+        }
         let runs = zero_runs(&buf, offset, self.opts.sparse_size);
         if runs.len() == 1 && runs.first().is_some_and(|r| !r.2) {
             return self.push_data_raw(offset, buf, ops);

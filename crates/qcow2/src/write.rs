@@ -349,6 +349,38 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
 /// it at subcluster alignment: an unaligned head, the aligned bulk, an unaligned tail
 /// (see [`zero_pieces`]).
 pub(crate) fn write_zeroes(dev: &Qcow2Device, off: u64, len: u64, unmap: bool) -> Result<()> {
+    let end = off + len;
+    let Some(bulk) = v2_discard_bulk(dev, off, end) else {
+        return zero_pieces_of(dev, off, end, unmap);
+    };
+    // v2 without a backing file: whole clusters are discarded, as qemu's
+    // qcow2_subcluster_zeroize does there (unallocated clusters read as zeroes).
+    if off < bulk.start {
+        zero_pieces_of(dev, off, bulk.start, unmap)?;
+    }
+    discard(dev, bulk.start, bulk.end - bulk.start)?;
+    if bulk.end < end {
+        zero_pieces_of(dev, bulk.end, end, unmap)?;
+    }
+    Ok(())
+}
+
+/// The whole clusters of `off..end` (the end of the image counting as a cluster end)
+/// when the image is v2 without a backing file, which has no zero flag.
+fn v2_discard_bulk(dev: &Qcow2Device, off: u64, end: u64) -> Option<std::ops::Range<u64>> {
+    let has_backing = dev.backing().is_some();
+    let m = dev.lock();
+    if m.h().version >= 3 || has_backing || m.h().backing_file.is_some() {
+        return None;
+    }
+    let cs = m.cs();
+    let a1 = off.next_multiple_of(cs).min(end);
+    let a2 = if end == m.size() { end } else { end - end % cs }.max(a1);
+    (a1 < a2).then_some(a1..a2)
+}
+
+fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<()> {
+    let len = end - off;
     let mut m = dev.lock();
     let cs = m.cs();
     let zeros = vec![0u8; idx(cs)];

@@ -251,3 +251,75 @@ fn bitmap_add_layout_as_qemu() {
     };
     outputs_as_qemu(run);
 }
+
+/// Convert of zero areas (iotest 122), judged by qemu-img's map of the output: `-c -S 0`
+/// compresses the zero and unallocated areas too, data reading as zeroes that is shorter
+/// than `-S` stays sparse, and `-n` into a v2 image without a backing file discards
+/// (v2 has no zero flag) instead of allocating zeroes.
+#[test]
+fn convert_of_zero_areas_as_qemu() {
+    let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
+        let t = img(d, "t.qcow2", "qcow2", "4M");
+        crate::qemu_io_raw(&["-c", "write -P 0x22 0 1M", &t]);
+        let k = d.join("k.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=1k",
+            s(&k),
+            "4M",
+        ]);
+        crate::qemu_io_raw(&["-c", "write 0 1k", "-c", "write -P 0 65k 1k", s(&k)]);
+        let e = img(d, "e.qcow2", "qcow2", "4M");
+        let v2 = d.join("v2.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            s(&v2),
+            "4M",
+        ]);
+        crate::qemu_io_raw(&["-c", "write -P 7 0 1M", s(&v2)]);
+        let o = s(&d.join("o.qcow2")).to_string();
+        let calls: [Vec<&str>; 3] = [
+            vec!["convert", "-O", "qcow2", "-c", "-S", "0", &t, &o],
+            vec![
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=1k",
+                "-S",
+                "4k",
+                s(&k),
+                &o,
+            ],
+            vec!["convert", "-O", "qcow2", "-n", &e, s(&v2)],
+        ];
+        calls
+            .iter()
+            .map(|a| {
+                let st = img_tool(qemu, a).status.code();
+                let out = if a.contains(&"-n") {
+                    s(&v2)
+                } else {
+                    o.as_str()
+                };
+                let m = qemu_img_ok(&["map", "--output=json", out]);
+                let m: Vec<&str> = m
+                    .lines()
+                    .map(|l| l.split(", \"offset\"").next().unwrap_or(l))
+                    .collect();
+                format!("{st:?} {}", m.join("\n"))
+            })
+            .collect()
+    };
+    let q = outputs_as_qemu(run);
+    assert!(q[0].contains("\"compressed\": true}]"), "{q:?}");
+}
