@@ -261,31 +261,16 @@ fn convert_of_zero_areas_as_qemu() {
     let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
         let t = img(d, "t.qcow2", "qcow2", "4M");
         crate::qemu_io_raw(&["-c", "write -P 0x22 0 1M", &t]);
-        let k = d.join("k.qcow2");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1k",
-            s(&k),
-            "4M",
-        ]);
-        crate::qemu_io_raw(&["-c", "write 0 1k", "-c", "write -P 0 65k 1k", s(&k)]);
+        let with = |name: &str, opt: &str| -> String {
+            let p = s(&d.join(name)).to_string();
+            qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", opt, &p, "4M"]);
+            p
+        };
+        let k = with("k.qcow2", "cluster_size=1k");
+        crate::qemu_io_raw(&["-c", "write 0 1k", "-c", "write -P 0 65k 1k", &k]);
         let e = img(d, "e.qcow2", "qcow2", "4M");
-        let v2 = d.join("v2.qcow2");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            s(&v2),
-            "4M",
-        ]);
-        crate::qemu_io_raw(&["-c", "write -P 7 0 1M", s(&v2)]);
+        let v2 = with("v2.qcow2", "compat=0.10");
+        crate::qemu_io_raw(&["-c", "write -P 7 0 1M", &v2]);
         let o = s(&d.join("o.qcow2")).to_string();
         let calls: [Vec<&str>; 3] = [
             vec!["convert", "-O", "qcow2", "-c", "-S", "0", &t, &o],
@@ -297,20 +282,16 @@ fn convert_of_zero_areas_as_qemu() {
                 "cluster_size=1k",
                 "-S",
                 "4k",
-                s(&k),
+                &k,
                 &o,
             ],
-            vec!["convert", "-O", "qcow2", "-n", &e, s(&v2)],
+            vec!["convert", "-O", "qcow2", "-n", &e, &v2],
         ];
         calls
             .iter()
             .map(|a| {
                 let st = img_tool(qemu, a).status.code();
-                let out = if a.contains(&"-n") {
-                    s(&v2)
-                } else {
-                    o.as_str()
-                };
+                let out = if a.contains(&"-n") { &v2 } else { &o };
                 let m = qemu_img_ok(&["map", "--output=json", out]);
                 let m: Vec<&str> = m
                     .lines()
