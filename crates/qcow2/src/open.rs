@@ -11,7 +11,7 @@ use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, 
 use crate::device::Qcow2Device;
 use crate::disk::ext::parse_bitmap_directory;
 use crate::disk::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
@@ -37,7 +37,16 @@ impl Qcow2Device {
                 )?;
             }
         }
-        Self::open_with(file, opts, &Qcow2OpenOptions::from_options(opts))
+        let dev = Self::open_with(file, opts, &Qcow2OpenOptions::from_options(opts))?;
+        // The runtime option overrides the image's lazy_refcounts bit (qemu's
+        // `lazy-refcounts`; version 2 refusing `on` was checked above).
+        if let Some(v) = opts.driver_options.get("lazy-refcounts")
+            && !dev.read_only
+            && !dev.snapshot_view
+        {
+            dev.lock().set_lazy_refcounts(v == "on")?;
+        }
+        Ok(dev)
     }
 
     /// Opens the image on `file` with typed qcow2 options (`opts.driver_options` is not
@@ -124,6 +133,11 @@ impl Qcow2Device {
         }
         if !read_only && !checking {
             dev.open_rw_fixups()?;
+            let lazy = {
+                let m = dev.lock();
+                m.h().version >= 3 && m.h().compatible & COMPAT_LAZY != 0
+            };
+            dev.lock().set_lazy_refcounts(lazy)?;
             let view = q.snapshot_view();
             if !bitmap_edit && !view && !dev.bitmaps.is_empty() {
                 let tracked = crate::features::dirty::load(&mut dev.lock())?;

@@ -69,6 +69,7 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 /// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
 /// never written.
 fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
+    m.lazy_mark_dirty()?;
     if m.data().is_some() {
         return Ok((cstart, false));
     }

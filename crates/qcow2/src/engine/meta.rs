@@ -54,6 +54,8 @@ pub(crate) struct Meta {
     pub(in crate::engine) snapshot_table_len: u64,
     /// Clusters allocated ahead for guest writes (see `reserve`).
     pub(in crate::engine) reserve: crate::engine::reserve::Reserve,
+    /// Lazy refcounts and the refcount blocks they hold (see `lazy`).
+    pub(in crate::engine) lazy: crate::engine::lazy::Lazy,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -127,6 +129,7 @@ impl Meta {
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             reserve: crate::engine::reserve::Reserve::default(),
+            lazy: crate::engine::lazy::Lazy::default(),
             h,
         }
     }
@@ -447,7 +450,8 @@ impl Meta {
     /// (see `reserve`): every metadata operation other than guest writes starts here.
     pub(crate) fn commit_deferred(&mut self) -> Result<()> {
         self.release_reserve()?;
-        self.write_deferred()
+        self.write_deferred()?;
+        self.write_held()
     }
 
     /// A guest flush: writes the deferred L2 updates and allocates the next reserve.

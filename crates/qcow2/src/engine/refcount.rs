@@ -124,6 +124,7 @@ impl Meta {
         if !self.rb.contains_key(&off) {
             let cap = usize::try_from(self.limits.max_cache_bytes / 2 / self.cs()).unwrap_or(16);
             if self.rb.len() >= cap.max(4) {
+                self.write_held()?;
                 self.rb.clear();
             }
             let mut buf = self.limits.alloc("refcount block", self.cs())?;
@@ -176,7 +177,7 @@ impl Meta {
         let b = self.refblock(off)?;
         let (s, e) = set_entry(b, c % rbe, order, v);
         let bytes = b.get(s..e).unwrap_or(&[]).to_vec();
-        self.file.write_all_at(&bytes, off + s as u64)?;
+        self.put_refblock(off, s, &bytes)?;
         if v == 0 {
             self.overlap.forget(c, 1);
             if c < self.free_hint {
@@ -290,7 +291,7 @@ impl Meta {
                 let b = self.refblock(off)?;
                 let (s, e) = set_entry(b, cl % rbe, order, 1);
                 let bytes = b.get(s..e).unwrap_or(&[]).to_vec();
-                self.file.write_all_at(&bytes, off + s as u64)?;
+                self.put_refblock(off, s, &bytes)?;
             }
         }
         self.file.write_all_at(&encode_u64s(&table), p * cs)?;
@@ -397,7 +398,7 @@ impl Meta {
                 hi = hi.max(e);
             }
             let bytes = b.get(lo..hi).unwrap_or(&[]).to_vec();
-            self.file.write_all_at(&bytes, off + lo as u64)?;
+            self.put_refblock(off, lo, &bytes)?;
             k += last - cl;
         }
         Ok(())

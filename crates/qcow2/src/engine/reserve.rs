@@ -31,6 +31,12 @@ use crate::engine::meta::Meta;
 /// Most clusters one reserve holds (a crash leaks at most this many).
 const MAX_RESERVE: u64 = 4096;
 
+/// Fewest clusters the guest must have allocated since its last flush for a reserve.
+/// A guest that flushes after every single allocation (a writethrough cache, qemu-io's
+/// default) gets none: qemu leaves such an image clean after a crash (iotest 039), and
+/// a reserve would leak.
+const MIN_USED: u64 = 2;
+
 /// The clusters allocated ahead (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Reserve {
@@ -70,7 +76,11 @@ impl Meta {
     /// Returns the generation to pass to [`Meta::reserve_flushed`] after the flush.
     pub(crate) fn refill_reserve(&mut self) -> Result<u64> {
         let used = std::mem::take(&mut self.reserve.used);
-        if self.reserve.start < self.reserve.end || used == 0 || self.data.is_some() {
+        if self.reserve.start < self.reserve.end
+            || used < MIN_USED
+            || self.data.is_some()
+            || self.lazy_refcounts()
+        {
             return Ok(self.reserve.generation);
         }
         let cs = self.cs();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{Limits, Result, Storage};
 
-use crate::disk::header::{AUTOCLEAR_AT, CRYPT_METHOD_AT, Header, INCOMPATIBLE_AT};
+use crate::disk::header::{AUTOCLEAR_AT, CRYPT_METHOD_AT, Header, INCOMPAT_DIRTY, INCOMPATIBLE_AT};
 use crate::disk::snapshot::Snapshot;
 use crate::disk::table::encode_u64s;
 use crate::engine::meta::Meta;
@@ -118,6 +118,10 @@ impl Meta {
 
     /// Writes the incompatible feature bits into the header, between flushes.
     pub(crate) fn write_incompatible(&mut self, bits: u64) -> Result<()> {
+        if bits & INCOMPAT_DIRTY == 0 {
+            // Refcounts held while dirty (see `lazy`) must be durable before it clears.
+            self.write_held()?;
+        }
         self.file.flush()?;
         self.file
             .write_all_at(&bits.to_be_bytes(), INCOMPATIBLE_AT)?;

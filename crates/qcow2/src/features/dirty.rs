@@ -146,7 +146,9 @@ impl Qcow2Device {
             self.file.flush()?;
         }
         let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
-        store(&mut self.lock(), &tracked)
+        store(&mut self.lock(), &tracked)?;
+        // Lazy refcounts: the held refcounts go out and the dirty bit is cleared.
+        self.lock().lazy_clean()
     }
 
     /// Sets the bits covering `off..off+len` in every bitmap that tracks writes.

@@ -14,6 +14,7 @@ mod crash_alloc;
 mod encrypt;
 mod hostile;
 mod layout;
+mod lazy;
 mod maint;
 mod model;
 mod offload;
