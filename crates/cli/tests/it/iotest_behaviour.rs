@@ -4,17 +4,8 @@
 
 use diskimg_testutil::qemu_img_ok;
 
-use crate::iotest_cases::{img, io_calls, outputs_as_qemu, v};
+use crate::iotest_cases::{img, img_tool, io_calls, outputs_as_qemu, v};
 use crate::s;
-
-/// Runs qemu-img (`qemu`) or diskimg with `a`.
-fn img_tool(qemu: bool, a: &[&str]) -> std::process::Output {
-    if qemu {
-        diskimg_testutil::qemu_img(a)
-    } else {
-        crate::diskimg(a)
-    }
-}
 
 /// `write -b`/`read -b` (iotests 022, 029): the VM state area after the disk survives a
 /// snapshot round trip, qemu-io reads what `diskimg io` saved, and the image checks clean.

@@ -199,6 +199,11 @@ fn unknown_backing_format_as_qemu() {
     });
 }
 
+/// Runs qemu-img (`qemu`) or diskimg with `a`.
+pub(super) fn img_tool(qemu: bool, a: &[&str]) -> std::process::Output {
+    if qemu { qemu_img(a) } else { diskimg(a) }
+}
+
 /// Runs `run` once with qemu's programs and once with diskimg, each in a fresh temporary
 /// directory, asserts the two outputs are equal and returns qemu's.
 pub(super) fn outputs_as_qemu(run: impl Fn(&std::path::Path, bool) -> Vec<String>) -> Vec<String> {
@@ -430,7 +435,7 @@ fn amend_force_on_key_slots_as_qemu() {
                 let mut a: Vec<&str> = vec![c[0].as_str()];
                 a.extend(sec);
                 a.extend(c.iter().skip(1).map(String::as_str));
-                let o = if qemu { qemu_img(&a) } else { diskimg(&a) };
+                let o = img_tool(qemu, &a);
                 let err = String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:");
                 format!("{} {}", code(&o), err.replace(s(d), "DIR"))
             })

@@ -5,7 +5,7 @@
 
 use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
 
-use crate::iotest_cases::{img, io_calls, io_text, outputs_as_qemu, v};
+use crate::iotest_cases::{img, img_tool, io_calls, io_text, outputs_as_qemu, v};
 use crate::{code, diskimg, s};
 
 /// Zero writes through a blkdebug node with request limits (iotest 204): pieces smaller
@@ -56,11 +56,7 @@ fn blkdebug_limits_split_zero_writes_as_qemu() {
             "{base},image.file.driver=file,image.file.filename={},align=4k",
             s(&t)
         );
-        let m = if qemu {
-            qemu_img(&["map", "--image-opts", &opts])
-        } else {
-            diskimg(&["map", "--image-opts", &opts])
-        };
+        let m = img_tool(qemu, &["map", "--image-opts", &opts]);
         out.push(String::from_utf8_lossy(&m.stdout).replace(s(d), "DIR"));
         out
     };
@@ -189,11 +185,7 @@ fn convert_salvage_as_qemu() {
         );
         let out = s(&d.join("out.qcow2")).to_string();
         let args = ["convert", "--salvage", "-O", "qcow2", &src, &out];
-        let o = if qemu {
-            qemu_img(&args)
-        } else {
-            diskimg(&args)
-        };
+        let o = img_tool(qemu, &args);
         let text = String::from_utf8_lossy(&o.stderr).to_string();
         (text, code(&o))
     };
@@ -306,7 +298,7 @@ fn blkdebug_below_the_format_as_qemu() {
 fn blkdebug_failing_qcow2_steps_as_qemu() {
     let run = |d: &std::path::Path, qemu: bool| -> Vec<String> {
         let prog = |args: &[&str]| {
-            let o = if qemu { qemu_img(args) } else { diskimg(args) };
+            let o = img_tool(qemu, args);
             let text = String::from_utf8_lossy(&o.stdout).to_string()
                 + &String::from_utf8_lossy(&o.stderr);
             format!("{} {}", code(&o), text.replace("diskimg:", "qemu-img:"))
