@@ -85,35 +85,6 @@ fn terabyte_of_holes_is_skipped_in_few_calls() {
     }
 }
 
-/// A target that records its writes.
-#[derive(Debug)]
-struct Recording {
-    inner: Arc<dyn BlockDevice>,
-    writes: std::sync::Mutex<Vec<(u64, u64)>>,
-}
-
-impl BlockDevice for Recording {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.writes.lock().unwrap().push((off, buf.len() as u64));
-        self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        self.inner.map(off, len)
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
 /// Data after a hole of any length still goes out in chunks on the 2 MiB grid (whole
 /// clusters of a qcow2 target, one allocation per chunk), not in chunks starting where
 /// the hole ended.
@@ -125,8 +96,9 @@ fn chunks_after_a_hole_stay_on_the_grid() {
     let data: Vec<(u64, u8)> = (0..63).map(|k| (5 * mib + (k + 1) * 65536, 7)).collect();
     let src = sparse_raw(&dir.path().join("src.raw"), &data);
     for workers in [1usize, 4] {
-        let dst = Recording {
+        let dst = crate::modes::Probe {
             inner: sparse_raw(&dir.path().join(format!("dst{workers}.raw")), &[]),
+            bad: u64::MAX,
             writes: std::sync::Mutex::default(),
         };
         let opts = ConvertOptions {

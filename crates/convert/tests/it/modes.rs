@@ -261,12 +261,12 @@ fn compression_in_whole_units() {
     assert!(convert(src.as_ref(), dst.as_ref(), &opts, &mut |_, _| {}).is_err());
 }
 
-/// A device that fails reads at or after `bad`, and records write offsets.
+/// A device that fails reads at or after `bad`, and records its writes (offset, length).
 #[derive(Debug)]
-struct Probe {
-    inner: Arc<dyn BlockDevice>,
-    bad: u64,
-    writes: Mutex<Vec<u64>>,
+pub(crate) struct Probe {
+    pub(crate) inner: Arc<dyn BlockDevice>,
+    pub(crate) bad: u64,
+    pub(crate) writes: Mutex<Vec<(u64, u64)>>,
 }
 
 impl BlockDevice for Probe {
@@ -280,7 +280,7 @@ impl BlockDevice for Probe {
         self.inner.read_at(buf, off)
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.writes.lock().unwrap().push(off);
+        self.writes.lock().unwrap().push((off, buf.len() as u64));
         self.inner.write_at(buf, off)
     }
     fn flush(&self) -> Result<()> {
@@ -314,7 +314,7 @@ fn ordered_parallel_writes_stay_in_order() {
             ..ConvertOptions::default()
         };
         convert(src.as_ref(), &dst, &opts, &mut |_, _| {}).unwrap();
-        let w = dst.writes.lock().unwrap().clone();
+        let w: Vec<u64> = dst.writes.lock().unwrap().iter().map(|w| w.0).collect();
         assert_eq!(w.len(), 256);
         if !ooo {
             assert!(w.windows(2).all(|p| p[0] < p[1]), "{workers}: out of order");
