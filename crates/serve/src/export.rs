@@ -258,7 +258,10 @@ impl Export {
         let len = vectored_len(bufs.iter().map(|b| b.len()));
         self.writable(offset, len)?;
         let p = self.options.policy;
-        if p.detect_zeroes != DetectZeroes::Off && len > 0 && bufs.iter().all(|b| is_zero(b)) {
+        if p.detect_zeroes != DetectZeroes::Off
+            && len > 0
+            && bufs.iter().all(|b| diskimg_blockio::bytes::is_zero(b))
+        {
             let unmap = p.detect_zeroes == DetectZeroes::Unmap && p.discard == Discard::Unmap;
             let flags = ZeroFlags { may_unmap: unmap };
             self.device
@@ -361,10 +364,4 @@ fn vectored_len(lens: impl Iterator<Item = usize>) -> u64 {
 
 fn fault(e: &Error) -> Fault {
     Fault::from_error(e)
-}
-
-/// True when every byte is zero (compared a word at a time).
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    let (chunks, rest) = buf.as_chunks::<16>();
-    chunks.iter().all(|c| u128::from_ne_bytes(*c) == 0) && rest.iter().all(|&b| b == 0)
 }
