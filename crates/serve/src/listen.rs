@@ -45,7 +45,24 @@ impl Listener {
         {
             std::fs::remove_file(path)?;
         }
-        let l = UnixListener::bind(path)?;
+        // Bound under a temporary name and renamed into place once listening,
+        // so the socket file appears only when a client can connect (a script
+        // waiting for the file, or a test, never races bind(2) and listen(2)).
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let l = match UnixListener::bind(&tmp) {
+            Ok(l) => {
+                if let Err(e) = std::fs::rename(&tmp, path) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                l
+            }
+            // A temporary name past the 107-byte limit: bind in place.
+            Err(_) => UnixListener::bind(path)?,
+        };
         l.set_nonblocking(true)?;
         Ok(Listener {
             kind: Kind::Unix(l, path.to_path_buf()),
