@@ -30,7 +30,9 @@ struct Trace {
 /// `<unfinished …>` first half).
 fn pwrite_len(line: &str, fd: i32) -> Option<(String, u64)> {
     let (tid, call) = line.split_once(' ')?;
-    let args = call.trim_start().strip_prefix(&format!("pwrite64({fd}, "))?;
+    let args = call
+        .trim_start()
+        .strip_prefix(&format!("pwrite64({fd}, "))?;
     let args = args.split(" <unfinished").next()?.split(") =").next()?;
     let mut it = args.rsplitn(3, ", ");
     let _offset = it.next()?;
@@ -139,7 +141,10 @@ fn target_cache_modes_mean_what_qemu_means() {
         let n = run(&["-t", "none"]);
         assert!(n.target_flags.contains("O_DIRECT"), "{n:?}");
         assert!(n.flushes >= 1 && n.fadvise == 0, "{fmt} none: {n:?}");
-        assert!(!n.big_writers.is_empty() && !n.small_writers.is_empty(), "{n:?}");
+        assert!(
+            !n.big_writers.is_empty() && !n.small_writers.is_empty(),
+            "{n:?}"
+        );
         if fmt == "qcow2" {
             // The data goes out on write-behind threads, while the ordered writer
             // updates the metadata.
