@@ -8,19 +8,7 @@
 //! request; fio on the benchmark's XFS image (docs/benchmarks.md) writes 2 MiB requests
 //! about 1.5× faster with four in flight than with one.
 //!
-//! What it promises is cache mode `none`'s (a volatile write cache, as qemu reports to
-//! a guest): a completed write is seen by every later read through this storage, and
-//! is durable after the next [`Storage::flush`], which first waits for every write in
-//! flight. Writes that overlap one in flight wait for it, so they land in the order
-//! they were made; reads wait for the writes they overlap. Everything that goes around
-//! the writes (`set_len`, `write_zeroes`, `discard`, `preallocate`, `SEEK_DATA`,
-//! `allocated_bytes`) waits for all of them first. [`Storage::len`] counts the writes
-//! in flight. A write that fails in the background is reported by the next call (a
-//! write, read or flush), and every later call fails the same way: the target is
-//! broken, as after a failed `fsync` of a page-cached file.
-//!
-//! Small writes (metadata) go through at once, after any overlapping large write. At
-//! most `depth` large writes (and their copies) are outstanding.
+//! [`WriteBehind`] says what it promises.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -35,8 +23,21 @@ pub const MIN_BEHIND: usize = 64 << 10;
 /// Writes longer than this go through at once (their copy would be too large).
 pub const MAX_BEHIND: usize = 8 << 20;
 
-/// A [`Storage`] with up to `depth` large writes in flight; see the
-/// [module docs](self).
+/// A [`Storage`] with up to `depth` large writes in flight.
+///
+/// What it promises is cache mode `none`'s (a volatile write cache, as qemu reports to
+/// a guest): a completed write is seen by every later read through this storage, and
+/// is durable after the next [`Storage::flush`], which first waits for every write in
+/// flight. Writes that overlap one in flight wait for it, so they land in the order
+/// they were made; reads wait for the writes they overlap. Everything that goes around
+/// the writes (`set_len`, `write_zeroes`, `discard`, `preallocate`, `SEEK_DATA`,
+/// `allocated_bytes`) waits for all of them first. [`Storage::len`] counts the writes
+/// in flight. A write that fails in the background is reported by the next call (a
+/// write, read or flush), and every later call fails the same way: the target is
+/// broken, as after a failed `fsync` of a page-cached file.
+///
+/// Small writes (metadata) go through at once, after any overlapping large write. At
+/// most `depth` large writes (and their copies) are outstanding.
 #[derive(Debug)]
 pub struct WriteBehind {
     shared: Arc<Shared>,
