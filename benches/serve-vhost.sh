@@ -8,7 +8,7 @@
 # guest derived from each device.
 #
 # Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 4)]
-#   ROUNDS=3       rounds per case; each round runs both disks back to back, the first
+#   ROUNDS=3       rounds per case; each round runs the disks back to back, the first
 #                  disk alternating, so a pair of runs sees the same load. The table
 #                  gives the median of each disk and the range of the per-round ratios.
 #   DISKIMG=path   the diskimg binary (default target/release/diskimg)
