@@ -152,11 +152,18 @@ const BLKDEBUG_LIMITS: &[&str] = &[
     "max-discard",
 ];
 
+/// The rules of a `blkdebug` node's options (`o` relative to it): `inject-error.N.*`,
+/// `set-state.N.*` and those of its `config` file.
+pub(crate) fn node_rules(o: &OptionList) -> Result<Vec<BlkdebugRule>> {
+    let mut rules = crate::io::blkdebug::option_rules(o)?;
+    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    Ok(rules)
+}
+
 /// Resolves a `blkdebug` node's options (`o` relative to it; `name` a file name given
 /// beside them, qemu's `x-image`) to its image's file name and its rules.
 fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<BlkdebugRule>)> {
-    let mut rules = crate::io::blkdebug::option_rules(o)?;
-    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    let mut rules = node_rules(o)?;
     // The image: a file, or a format on a file (`image.file.filename`).
     let file = o
         .get("image.filename")

@@ -66,6 +66,23 @@ impl Limits {
     }
 }
 
+/// The facade's driver for blkdebug nodes inside `json:{…}` backing file names
+/// ([`diskimg::ImageOptions::node_drivers`]): the node's rules and alignment over the
+/// storage of its `image` child.
+pub(crate) fn node_drivers() -> diskimg::NodeDrivers {
+    let open: diskimg::NodeDriver = Arc::new(|o: &OptionList| {
+        let invalid = |e: anyhow::Error| diskimg::Error::invalid(crate::message(&e));
+        let rules = crate::imgspec::node_rules(o).map_err(invalid)?;
+        let align = Limits::from_options(o).map_err(invalid)?.align;
+        let engine = Arc::new(Engine::new(rules));
+        Ok(diskimg::FilterNode {
+            child: "image".into(),
+            wrap: Arc::new(move |s| Arc::new(BlkdebugStorage::new(s, engine.clone(), align))),
+        })
+    });
+    diskimg::NodeDrivers(vec![("blkdebug".into(), open)])
+}
+
 /// qemu's bounce-buffer bound for zero writes that fall back to writes.
 const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 
