@@ -417,10 +417,12 @@ fn open_backing(
                 Ok(n) => Some(Arc::new(n)),
                 // A policy that refuses backing files says so first.
                 Err(e) => {
-                    last_err = Some(match options.policy.resolve(FilePurpose::Backing, dir, name) {
-                        Err(d @ Error::BackingDenied { .. }) => d,
-                        _ => e,
-                    });
+                    last_err = Some(
+                        match options.policy.resolve(FilePurpose::Backing, dir, name) {
+                            Err(d @ Error::BackingDenied { .. }) => d,
+                            _ => e,
+                        },
+                    );
                     continue;
                 }
             },

@@ -66,13 +66,31 @@ impl Limits {
     }
 }
 
+/// The rules of a blkdebug config file (none for an empty name).
+pub(crate) fn config_rules(config: &str) -> AnyResult<Vec<Rule>> {
+    if config.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
+    parse_config(&text)
+}
+
+/// The rules of a blkdebug node's options (`o` relative to it): `inject-error.N.*`,
+/// `set-state.N.*` and those of its `config` file.
+pub(crate) fn node_rules(o: &OptionList) -> AnyResult<Vec<Rule>> {
+    let mut rules = option_rules(o)?;
+    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    Ok(rules)
+}
+
 /// The facade's driver for blkdebug nodes inside `json:{…}` backing file names
 /// ([`diskimg::ImageOptions::node_drivers`]): the node's rules and alignment over the
 /// storage of its `image` child.
 pub(crate) fn node_drivers() -> diskimg::NodeDrivers {
     let open: diskimg::NodeDriver = Arc::new(|o: &OptionList| {
         let invalid = |e: anyhow::Error| diskimg::Error::invalid(crate::message(&e));
-        let rules = crate::imgspec::node_rules(o).map_err(invalid)?;
+        let rules = node_rules(o).map_err(invalid)?;
         let align = Limits::from_options(o).map_err(invalid)?.align;
         let engine = Arc::new(Engine::new(rules));
         Ok(diskimg::FilterNode {
