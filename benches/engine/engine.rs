@@ -17,7 +17,9 @@
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
 //! - `BENCH_ONLY` — comma-separated row names to run (default all);
 //! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
-//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row).
+//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row);
+//! - `BENCH_URING_PLUG=1`, `BENCH_URING_PARK=std` — variants of the io_uring row's
+//!   driver (`benches/engine/uring.rs`).
 //!
 //! Patterns (the same for every engine):
 //! - `seq-read-1m`: the whole image in 1 MiB reads;
