@@ -167,7 +167,10 @@ impl std::fmt::Debug for Plug {
 /// ```
 pub fn park_until(ready: impl Fn() -> bool) {
     #[cfg(target_os = "linux")]
-    crate::storage::park_until(&ready);
+    {
+        crate::storage::plug::flush();
+        crate::storage::park_until(&ready);
+    }
     #[cfg(not(target_os = "linux"))]
     while !ready() {
         std::thread::park();

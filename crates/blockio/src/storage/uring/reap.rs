@@ -204,9 +204,8 @@ pub(super) fn note(ring: &Arc<Shared>) {
 
 /// Blocks until `ready()`; meanwhile reaps the calling thread's last ring when it has
 /// requests in flight and no other thread waits in it, else parks the thread (see
-/// [`crate::park_until`]).
+/// [`crate::park_until`], which first submits what the thread's plug holds back).
 pub(crate) fn park_until(ready: &dyn Fn() -> bool) {
-    super::plug::flush();
     loop {
         if ready() {
             return;
