@@ -104,8 +104,9 @@ impl Shared {
 
     /// Waits in the ring for completions (the calling thread must have taken it with
     /// [`Shared::try_take`]), submitting what is queued in the same call; reaps them,
-    /// gives the ring back and runs them here.
-    pub(super) fn reap_here(&self) {
+    /// gives the ring back and runs them here. False when the kernel refused the wait
+    /// (the caller then waits for the completion thread instead of retrying at once).
+    pub(super) fn reap_here(&self) -> bool {
         let mut done = Done::new();
         loop {
             let failed = match self.ring.submit_and_wait(1) {
@@ -136,7 +137,7 @@ impl Shared {
             for (c, res) in done.drain(..) {
                 c.complete(res);
             }
-            return;
+            return !failed;
         }
     }
 
@@ -149,8 +150,7 @@ impl Shared {
             return false;
         }
         drop(st);
-        self.reap_here();
-        true
+        self.reap_here()
     }
 
     /// The completion thread: reaps whenever no other thread waits in the ring, and

@@ -216,7 +216,9 @@ impl Uring {
         let mine = self.shared.try_take(&mut st);
         drop(st);
         if mine {
-            self.shared.reap_here();
+            if !self.shared.reap_here() {
+                self.shared.kick();
+            }
         } else if pushed {
             self.shared.kick();
         }
