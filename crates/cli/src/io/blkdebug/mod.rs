@@ -1,6 +1,6 @@
 //! qemu's `blkdebug` driver for qemu-io and qemu-img: error-injection rules
 //! ([`rules`]: `[inject-error]`/`[set-state]` from a config file or options, qemu-io's
-//! breakpoints) that make requests fail once their event has happened.
+//! breakpoints, [`breaks`]) that make requests fail, or wait, once their event has happened.
 //!
 //! A blkdebug node sits either above a format ([`Blkdebug`], a filter over the opened
 //! image: the events raised there are the generic block layer's, `cor_write` from
@@ -17,8 +17,10 @@ use diskimg::{BlockDevice, OptionList, Result};
 
 use super::filter::Filter;
 
+mod breaks;
 pub(crate) mod rules;
 mod storage;
+mod tracked;
 
 pub(crate) use rules::{Engine, IoType, Rule, option_rules, parse_config};
 pub(crate) use storage::BlkdebugStorage;
@@ -41,12 +43,21 @@ impl Limits {
                 diskimg::parse_size(v).map_err(|_| anyhow!("Parameter '{k}' expects a size"))
             })
         };
+        let align = get("align")?;
+        if align != 0 && (align >= i32::MAX as u64 || !align.is_power_of_two()) {
+            return Err(anyhow!("Cannot meet constraints with align {align}"));
+        }
         Ok(Limits {
-            align: get("align")?,
+            align,
             max_transfer: get("max-transfer")?,
             opt_write_zero: get("opt-write-zero")?,
             max_write_zero: get("max-write-zero")?,
         })
+    }
+
+    /// The request alignment (`align`; 0: none).
+    pub(crate) fn align(&self) -> u64 {
+        self.align
     }
 
     /// True when no limit is set.
@@ -62,7 +73,7 @@ const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 #[derive(Debug)]
 pub(crate) struct Blkdebug {
     inner: Arc<dyn BlockDevice>,
-    engine: Engine,
+    engine: Arc<Engine>,
     limits: Limits,
 }
 
@@ -71,9 +82,14 @@ impl Blkdebug {
     pub(crate) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>, limits: Limits) -> Self {
         Self {
             inner,
-            engine: Engine::new(rules),
+            engine: Arc::new(Engine::new(rules)),
             limits,
         }
+    }
+
+    /// The node's rule engine (qemu-io's breakpoints go there).
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Raises `event` on the node.
