@@ -210,24 +210,87 @@ pub fn edit_bitmaps(
     name: &str,
     ops: &[BitmapOp],
 ) -> Result<()> {
-    let storage = std::sync::Arc::new(diskimg_blockio::FileStorage::open(path, false)?);
-    let format = match format {
-        Some(f) => f,
-        None => crate::probe(storage.as_ref()),
-    };
+    let storage = diskimg_blockio::FileStorage::open(path, false)?;
     // Written like any writable open: qemu's lock bytes first.
     storage.lock(
         diskimg_blockio::lock::LockPerms::format_file(true, false),
         &path.to_string_lossy(),
     )?;
+    edit_bitmaps_on(
+        std::sync::Arc::new(storage),
+        &path.to_string_lossy(),
+        format,
+        name,
+        ops,
+    )
+}
+
+/// [`edit_bitmaps`] on the image `image` names: a file, or a `json:{…}` name (the
+/// format on its file, under `raw` `offset`/`size` windows and the filter nodes of
+/// `drivers`), as qemu-img's other verbs open them.
+#[cfg(feature = "qcow2")]
+pub fn edit_bitmaps_named(
+    image: &str,
+    format: Option<crate::Format>,
+    drivers: &crate::NodeDrivers,
+    name: &str,
+    ops: &[BitmapOp],
+) -> Result<()> {
+    let (storage, named) = bitmap_file(image, drivers, false)?;
+    edit_bitmaps_on(storage, image, format.or(named), name, ops)
+}
+
+/// The storage (and named format) of the image `image` names for a bitmap operation:
+/// the file, under the nodes of a `json:{…}` name; locked as qemu locks it when
+/// writable (a read-only merge source is read unlocked).
+#[cfg(feature = "qcow2")]
+pub fn bitmap_file(
+    image: &str,
+    drivers: &crate::NodeDrivers,
+    read_only: bool,
+) -> Result<(
+    std::sync::Arc<dyn diskimg_blockio::Storage>,
+    Option<crate::Format>,
+)> {
+    let node = match image.starts_with("json:") {
+        true => Some(crate::jsonname::backing_node(image, drivers)?),
+        false => None,
+    };
+    let path = node.as_ref().map_or(image, |n| n.path.as_str());
+    let file = diskimg_blockio::FileStorage::open(path, read_only)?;
+    if !read_only {
+        // Written like any writable open: qemu's lock bytes first.
+        file.lock(
+            diskimg_blockio::lock::LockPerms::format_file(true, false),
+            path,
+        )?;
+    }
+    let file: std::sync::Arc<dyn diskimg_blockio::Storage> = std::sync::Arc::new(file);
+    Ok(match node {
+        Some(n) => (n.wrap(file), n.format),
+        None => (file, None),
+    })
+}
+
+#[cfg(feature = "qcow2")]
+fn edit_bitmaps_on(
+    storage: std::sync::Arc<dyn diskimg_blockio::Storage>,
+    shown: &str,
+    format: Option<crate::Format>,
+    name: &str,
+    ops: &[BitmapOp],
+) -> Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe(storage.as_ref()),
+    };
     if format != crate::Format::Qcow2 {
         let op = ops.first().map_or("add", BitmapOp::verb);
         return Err(Error::unsupported(
             format.name(),
             format!(
-                "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {}: \
-                 Operation not supported",
-                path.display()
+                "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {shown}: \
+                 Operation not supported"
             ),
         ));
     }

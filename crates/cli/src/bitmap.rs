@@ -111,7 +111,8 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
     let granularity = a.granularity.last().map(|g| parse_size(g)).transpose()?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let apply = |ops: &[BitmapOp]| {
-        diskimg::maint::edit_bitmaps(std::path::Path::new(&a.file), format, &a.bitmap, ops)
+        let drivers = crate::io::blkdebug::node_drivers();
+        diskimg::maint::edit_bitmaps_named(&a.file, format, &drivers, &a.bitmap, ops)
     };
     let mut ops = Vec::new();
     for act in acts {
@@ -152,10 +153,9 @@ fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
             a.bitmap
         );
     }
-    let storage = std::sync::Arc::new(
-        diskimg::blockio::FileStorage::open(f, true)
-            .with_context(|| format!("Could not open '{f}'"))?,
-    );
+    let drivers = crate::io::blkdebug::node_drivers();
+    let (storage, _) = diskimg::maint::bitmap_file(f, &drivers, true)
+        .with_context(|| format!("Could not open '{f}'"))?;
     let data = diskimg::maint::read_bitmap(storage, src)
         .map_err(|e| anyhow::anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap))?;
     Ok(BitmapOp::MergeBits {

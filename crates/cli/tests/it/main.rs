@@ -31,6 +31,7 @@ mod inspect;
 mod io;
 mod iotest_behaviour;
 mod iotest_cases;
+mod iotest_close;
 mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
