@@ -92,11 +92,14 @@ impl Qcow2Device {
         if !read_only {
             meta.collect_meta();
             meta.note_meta(SnapshotTable, meta.h().snapshots_offset, snapshot_table_len);
-            for s in &snapshots {
+            for s in snapshots.iter().filter(|s| s.l1_problem(cs).is_none()) {
                 meta.note_meta(InactiveL1, s.l1_offset, u64::from(s.l1_size) * 8);
             }
         }
         meta.set_snapshots(snapshots, snapshot_table_len);
+        if !read_only && q.inactive_l2_check {
+            meta.check_inactive_l2();
+        }
         let bitmaps = match meta.h().ext.bitmaps {
             Some(b) if meta.h().autoclear & AUTOCLEAR_BITMAPS != 0 => {
                 if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
@@ -222,6 +225,7 @@ impl Qcow2Device {
                 ))
             })?
             .clone();
+        snap.check_l1(m.cs())?;
         let mut view = Meta::new(
             m.file().clone(),
             m.data().cloned(),

@@ -311,7 +311,8 @@ impl Header {
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(bad("Snapshot table too large", 60));
         }
-        if self.nb_snapshots > 0 {
+        // As qemu, an unaligned offset is invalid even when there are no snapshots.
+        if self.nb_snapshots > 0 || !self.snapshots_offset.is_multiple_of(cs) {
             check_table(
                 self.snapshots_offset,
                 u64::from(self.nb_snapshots) * 40,

@@ -3,7 +3,7 @@
 use diskimg_blockio::bytes::ReadBytes;
 use diskimg_blockio::{Error, Result, SnapshotInfo, Storage};
 
-use crate::disk::header::{Header, MAX_L1_BYTES};
+use crate::disk::header::{Header, MAX_HOST_OFFSET, MAX_L1_BYTES};
 
 /// qemu's limit on the snapshot table (64 MiB).
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
@@ -25,6 +25,59 @@ pub(crate) struct Snapshot {
     pub raw: Vec<u8>,
 }
 
+/// Why a snapshot's L1 table cannot be used, as qemu's `qcow2_validate_table` of the
+/// "Snapshot L1 table" says it when the snapshot is used (listing, opening the image
+/// and taking new snapshots do not look at it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum L1Problem {
+    /// More entries than qemu's `QCOW_MAX_L1_SIZE` (32 MiB) holds (`EFBIG`).
+    TooLarge,
+    /// Not cluster-aligned, or ending beyond the largest host offset (`EINVAL`).
+    OffsetInvalid,
+}
+
+impl L1Problem {
+    /// qemu's words.
+    pub(crate) fn words(self) -> &'static str {
+        match self {
+            L1Problem::TooLarge => "Snapshot L1 table too large",
+            L1Problem::OffsetInvalid => "Snapshot L1 table offset invalid",
+        }
+    }
+
+    /// The errno qemu returns with them (Linux numbers: `EFBIG`, `EINVAL`).
+    pub(crate) fn errno(self) -> i32 {
+        match self {
+            L1Problem::TooLarge => 27,
+            L1Problem::OffsetInvalid => 22,
+        }
+    }
+}
+
+impl Snapshot {
+    /// What is wrong with this snapshot's L1 table reference, if anything.
+    pub(crate) fn l1_problem(&self, cluster_size: u64) -> Option<L1Problem> {
+        let bytes = u64::from(self.l1_size) * 8;
+        if bytes > MAX_L1_BYTES {
+            return Some(L1Problem::TooLarge);
+        }
+        let beyond = self
+            .l1_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > MAX_HOST_OFFSET);
+        (beyond || !self.l1_offset.is_multiple_of(cluster_size)).then_some(L1Problem::OffsetInvalid)
+    }
+
+    /// The snapshot's L1 table reference, validated ([`Error::Corrupt`] in qemu's words
+    /// otherwise) before the snapshot is used.
+    pub(crate) fn check_l1(&self, cluster_size: u64) -> Result<()> {
+        match self.l1_problem(cluster_size) {
+            Some(p) => Err(bad(p.words(), self.l1_offset)),
+            None => Ok(()),
+        }
+    }
+}
+
 fn bad(what: &'static str, off: u64) -> Error {
     Error::corrupt("qcow2", what, off)
 }
@@ -41,11 +94,18 @@ pub(crate) fn read_snapshots(
     }
     let base = h.snapshots_offset;
     let file_len = file.len()?;
-    let avail = file_len.saturating_sub(base).min(MAX_SNAPSHOT_TABLE);
-    let mut buf = limits.alloc("snapshot table", avail)?;
-    file.read_exact_at(&mut buf, base)?;
+    // As qemu's reads, the part of the table beyond the end of the file reads as
+    // zeros (empty entries of 40 bytes each; the header allows 65536 of them).
+    let claimed = u64::from(h.nb_snapshots) * 40;
+    let in_file = file_len.saturating_sub(base).min(MAX_SNAPSHOT_TABLE);
+    let mut buf = limits.alloc(
+        "snapshot table",
+        in_file.max(claimed).min(MAX_SNAPSHOT_TABLE),
+    )?;
+    if let Some(head) = buf.get_mut(..usize::try_from(in_file).unwrap_or(0)) {
+        file.read_exact_at(head, base)?;
+    }
     let mut off = 0usize;
-    let cs = h.cluster_size();
     for _ in 0..h.nb_snapshots {
         let at = base + off as u64;
         let e = |what| bad(what, at);
@@ -83,15 +143,6 @@ pub(crate) fn read_snapshots(
         let name = buf
             .get(ids + id_len..ids + id_len + name_len)
             .ok_or(e("snapshot table truncated"))?;
-        if l1_offset % cs != 0 || u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(e("Snapshot L1 table offset invalid"));
-        }
-        if l1_offset
-            .checked_add(u64::from(l1_size) * 8)
-            .is_none_or(|end| end > crate::disk::header::MAX_HOST_OFFSET)
-        {
-            return Err(e("Snapshot L1 table offset invalid"));
-        }
         let raw = buf
             .get(off..ids + id_len + name_len)
             .ok_or(e("snapshot table truncated"))?

@@ -359,6 +359,7 @@ impl Qcow2Device {
         let mut l1s = vec![(m.l1().to_vec(), true)];
         let snaps = m.snapshots().to_vec();
         for s in &snaps {
+            s.check_l1(cs)?;
             let t = m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size))?;
             l1s.push((t, false));
         }
