@@ -77,6 +77,15 @@ impl Served {
             assert!(Instant::now() < deadline, "{cmd} did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // qemu-nbd's socket file appears at bind(2), before listen(2): wait
+        // until a connection is accepted (diskimg renames its socket into
+        // place once listening; a vhost-user socket takes one client only).
+        if cmd == "qemu-nbd" {
+            while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                assert!(Instant::now() < deadline, "{cmd} did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Served {
             child: Some(child),
             sock,

@@ -1,11 +1,11 @@
-//! Creating encrypted images: qemu's `encrypt.*` create options, the LUKS header area
-//! (allocated right after the L1 table, pointed to by the 0x0537be77 extension, as
-//! qemu lays it out) and legacy AES (`encrypt.format=aes`, `encryption=on`).
+//! Creating encrypted images: the typed `encrypt.*` create options ([`EncryptOptions`],
+//! qemu's names and defaults), the LUKS header area (allocated right after the L1 table,
+//! pointed to by the 0x0537be77 extension, as qemu lays it out) and legacy AES
+//! (`encrypt.format=aes`, `encryption=on`).
 
 use diskimg_blockio::{Error, OptionList, Result, Secrets};
 use zeroize::Zeroizing;
 
-use crate::create::options::EncryptOptions;
 use crate::crypto::new_area;
 use crate::device::Qcow2Device;
 use crate::disk::header::Header;
@@ -72,5 +72,121 @@ impl NewEncryption {
         } else {
             m.write_crypt(CRYPT_AES, None)
         }
+    }
+}
+
+/// Encryption of a new image (`encrypt.*` and the deprecated `encryption`). Algorithm
+/// names are qemu's; they are checked when the image is created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EncryptOptions {
+    /// `encrypt.format=aes` (legacy qcow2 AES, insecure) instead of `luks`.
+    pub legacy_aes: bool,
+    /// `encrypt.key-secret`: the id of the secret holding the passphrase
+    /// ([`CreateRequest::secrets`](diskimg_blockio::CreateRequest::secrets)); required.
+    pub key_secret: Option<String>,
+    /// `encrypt.cipher-alg` (LUKS; default `aes-256`).
+    pub cipher_alg: Option<String>,
+    /// `encrypt.cipher-mode` (LUKS; default `xts`).
+    pub cipher_mode: Option<String>,
+    /// `encrypt.ivgen-alg` (LUKS; default `plain64`).
+    pub ivgen_alg: Option<String>,
+    /// `encrypt.ivgen-hash-alg` (LUKS, with `essiv`; default `sha256`).
+    pub ivgen_hash_alg: Option<String>,
+    /// `encrypt.hash-alg` (LUKS; default `sha256`).
+    pub hash_alg: Option<String>,
+    /// `encrypt.iter-time` in milliseconds (LUKS; default 2000).
+    pub iter_time: Option<u64>,
+}
+
+/// The `encrypt.*` keys only LUKS takes (qemu: "Parameter '…' is unexpected" for aes).
+const LUKS_ONLY: &[&str] = &[
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
+];
+
+impl EncryptOptions {
+    /// LUKS with qemu's defaults and the passphrase in secret `key_secret`.
+    pub fn luks(key_secret: impl Into<String>) -> Self {
+        Self {
+            key_secret: Some(key_secret.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Takes `encryption` and the `encrypt.*` keys from `o`; `None` when no encryption
+    /// format is given (a lone `encrypt.key-secret` is dropped, as qemu ignores it).
+    pub fn take(o: &mut OptionList) -> Result<Option<Self>> {
+        let legacy = o.take_bool("encryption")?;
+        let format = o.get("encrypt.format").map(str::to_string);
+        if legacy.is_some() && format.is_some() {
+            return Err(Error::invalid(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time",
+            ));
+        }
+        let format = match (format, legacy) {
+            (Some(_), _) => o.take_enum("encrypt.format", &["luks", "aes"])?,
+            (None, Some(true)) => Some("aes".to_string()),
+            (None, _) => None,
+        };
+        let Some(format) = format else {
+            o.take("encrypt.key-secret");
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            legacy_aes: format == "aes",
+            key_secret: o.take("encrypt.key-secret"),
+            cipher_alg: o.take("encrypt.cipher-alg"),
+            cipher_mode: o.take("encrypt.cipher-mode"),
+            ivgen_alg: o.take("encrypt.ivgen-alg"),
+            ivgen_hash_alg: o.take("encrypt.ivgen-hash-alg"),
+            hash_alg: o.take("encrypt.hash-alg"),
+            iter_time: o.take_u64("encrypt.iter-time")?,
+        }))
+    }
+
+    /// The `-o` keys [`EncryptOptions::take`] turns back into these options.
+    pub fn to_options(&self, o: &mut OptionList) {
+        o.set(
+            "encrypt.format",
+            if self.legacy_aes { "aes" } else { "luks" },
+        );
+        let keys = [
+            ("encrypt.key-secret", &self.key_secret),
+            ("encrypt.cipher-alg", &self.cipher_alg),
+            ("encrypt.cipher-mode", &self.cipher_mode),
+            ("encrypt.ivgen-alg", &self.ivgen_alg),
+            ("encrypt.ivgen-hash-alg", &self.ivgen_hash_alg),
+            ("encrypt.hash-alg", &self.hash_alg),
+        ];
+        for (k, v) in keys {
+            if let Some(v) = v {
+                o.set(k, v);
+            }
+        }
+        if let Some(t) = self.iter_time {
+            o.set("encrypt.iter-time", &t.to_string());
+        }
+    }
+
+    /// The LUKS-only keys set on a legacy AES request (qemu refuses them).
+    pub(crate) fn unexpected_for_aes(&self) -> Option<&'static str> {
+        let set = [
+            self.cipher_alg.is_some(),
+            self.cipher_mode.is_some(),
+            self.ivgen_alg.is_some(),
+            self.ivgen_hash_alg.is_some(),
+            self.hash_alg.is_some(),
+            self.iter_time.is_some(),
+        ];
+        LUKS_ONLY
+            .iter()
+            .zip(set)
+            .find(|(_, on)| *on)
+            .map(|(k, _)| *k)
     }
 }
