@@ -120,3 +120,37 @@ fn snapshot_of_l2_entries_without_refcounts_as_qemu() {
     );
     assert!(out.contains("Resource temporarily unavailable"), "{out}");
 }
+
+/// Amend and resize around snapshots (iotest 061): a v2 image with snapshots refuses a
+/// resize in qemu's words; a downgrade expands the zero clusters of the snapshots' own L2
+/// tables too (with and without a backing file), leaving an image qemu-img checks clean
+/// and whose snapshot reads the same; amending the backing file to what it already is
+/// is no change.
+#[test]
+fn amend_with_snapshots_as_qemu() {
+    let out = as_qemu(
+        "qemu-img create -q -f qcow2 -o compat=0.10 \"$T\" 32M\n\
+         qemu-img snapshot -c foo \"$T\"\n\
+         qemu-img resize \"$T\" 64M; echo resize $?\n\
+         for b in '' '-b base.qcow2 -F qcow2'; do\n\
+         qemu-img create -q -f qcow2 base.qcow2 64M\n\
+         qemu-img create -q -f qcow2 -o compat=1.1 $b \"$T\" 64M\n\
+         qemu-io -c 'write -P 0x2a 0 128k' -c 'write -z 64k 64k' \"$T\" >/dev/null\n\
+         qemu-io -c 'write -z 0 64k' \"$T\" >/dev/null\n\
+         qemu-img snapshot -c foo \"$T\"\n\
+         qemu-io -c 'write -P 0x11 0 128k' \"$T\" >/dev/null\n\
+         qemu-img amend -o compat=0.10 \"$T\"; echo amend $?\n\
+         qemu-img check \"$T\"\n\
+         qemu-img snapshot -a foo \"$T\"\n\
+         qemu-io -c 'read -P 0 0 128k' \"$T\"\n\
+         done\n\
+         qemu-img rebase -u -b base.qcow2 -F qcow2 \"$T\"\n\
+         qemu-img amend -o backing_file=base.qcow2,backing_fmt=qcow2 \"$T\"; echo same $?\n\
+         qemu-img amend -o backing_file=base.qcow2 \"$T\"; echo half $?\n",
+    );
+    assert!(
+        out.contains("Can't resize a v2 image which has snapshots"),
+        "{out}"
+    );
+    assert!(out.contains("amend 0") && out.contains("same 0"), "{out}");
+}
