@@ -10,6 +10,7 @@ fn table() -> Vec<&'static Cmd> {
     let mut v: Vec<&'static Cmd> = Vec::new();
     v.extend(super::rw::COMMANDS);
     v.extend(super::aio::COMMANDS);
+    v.extend(super::breaks::COMMANDS);
     v.extend(super::misc::COMMANDS);
     v.extend(super::open::COMMANDS);
     v.extend(GLOBAL_COMMANDS);
@@ -38,8 +39,14 @@ pub(super) fn run(s: &mut Session, line: &str) -> i32 {
         return -EINVAL;
     };
     // Completions of earlier asynchronous requests are reported before anything else
-    // happens (qemu-io's main loop runs them while a later request waits).
-    if !matches!(c.name, "aio_read" | "aio_write") {
+    // happens (qemu-io's main loop runs them while a later request waits) — but not
+    // before commands that submit more or steer requests suspended at a blkdebug
+    // breakpoint (those may be among them), nor before `sleep` (which waits beside them).
+    s.print_notes();
+    if !matches!(
+        c.name,
+        "aio_read" | "aio_write" | "break" | "wait_break" | "resume" | "remove_break" | "sleep"
+    ) {
         s.drain();
     }
     if !c.global && !c.nofile_ok && s.blk.is_none() {
@@ -74,7 +81,9 @@ pub(super) fn run(s: &mut Session, line: &str) -> i32 {
     if let Some(b) = s.blk.as_ref().filter(|_| c.write) {
         b.written.set(true);
     }
-    (c.func)(s, first, args)
+    let r = (c.func)(s, first, args);
+    s.print_notes();
+    r
 }
 
 fn help_line(c: &Cmd, name: &str) -> String {

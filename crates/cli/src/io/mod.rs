@@ -4,7 +4,8 @@
 //! (`qemu-io-cmds.c`): commands from `-c` or, without any `-c`, from stdin with a
 //! `PROG> ` prompt; `open`/`close`/`reopen`; `read`/`readv`/`write`/`writev`/`discard`/
 //! `flush`; `aio_read`/`aio_write`/`aio_flush` (requests run concurrently through the
-//! library's async face, `AsyncDevice`); `map`, `alloc`, `info`, `length`, `truncate`, `sleep`,
+//! library's async face, `AsyncDevice`); blkdebug's `break`/`wait_break`/`resume`/
+//! `remove_break`; `map`, `alloc`, `info`, `length`, `truncate`, `sleep`,
 //! `sigraise`, `abort`, `help`, `quit`. Flags are parsed as glibc's getopt does
 //! (`-pP 0xa`, `-P0xa`, options after operands). Reports go to a glibc-buffered stdout
 //! and errors straight to stderr, so `2>&1` captures interleave as qemu-io's do.
@@ -13,6 +14,7 @@
 
 mod aio;
 pub(crate) mod blkdebug;
+mod breaks;
 mod cmd;
 mod cmds;
 pub(crate) mod filter;
@@ -296,7 +298,6 @@ pub(crate) fn main(argv0: &str, args: &[String]) -> i32 {
         }
     }
     let last_error = command_loop(&mut s, &g.cmds);
-    s.drain();
     open::close(&mut s);
     s.out.flush();
     i32::from(last_error < 0)

@@ -136,12 +136,14 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
     }
     let mut debug = None;
+    let mut engine = r.file_debug.clone();
     if !r.blkdebug.is_empty() || !r.blkdebug_limits.is_none() {
         let b = Arc::new(Filtered(Blkdebug::new(
             dev,
             r.blkdebug.clone(),
             r.blkdebug_limits,
         )));
+        engine = Some(b.engine().clone());
         dev = b.clone();
         debug = Some(b);
     }
@@ -158,11 +160,16 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         writethrough: flags.writethrough,
         written: std::cell::Cell::new(false),
         spec: spec.clone(),
+        debug: engine,
     })
 }
 
 /// Closes the open image (if any), reporting what closing fails with.
 pub(super) fn close(s: &mut Session) {
+    // Requests still suspended at a breakpoint go on (qemu would wait for them forever).
+    if let Some(e) = s.blk.as_ref().and_then(|b| b.debug.as_ref()) {
+        e.release_all();
+    }
     s.drain();
     if let Some(b) = s.blk.take() {
         close_blk(s, &b);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use diskimg::blockio::AsyncDevice;
 use diskimg::{BlockDevice, Image, OptionList};
 
+use super::blkdebug::Engine;
 use super::out::Out;
 
 /// `EINVAL` as qemu-io's commands return it.
@@ -31,6 +32,9 @@ pub(crate) struct Blk {
     pub(super) written: std::cell::Cell<bool>,
     /// How it was opened (for `reopen`).
     pub(super) spec: Spec,
+    /// The rule engine of the topmost blkdebug node (qemu's `bdrv_find_debug_node`),
+    /// where `break`/`resume`/`wait_break` go.
+    pub(super) debug: Option<Arc<Engine>>,
 }
 
 /// One qemu-io session: output, the open image, pending asynchronous requests.
@@ -46,9 +50,26 @@ impl Session {
     /// Waits for every outstanding asynchronous request and prints its report.
     pub(super) fn drain(&mut self) {
         let done = self.aio.drain();
+        self.print_notes();
         for text in done {
             self.out.print(&text);
         }
+    }
+
+    /// Prints what the blkdebug node said since the last call (suspended and resumed
+    /// requests).
+    pub(super) fn print_notes(&mut self) {
+        let Some(e) = self.blk.as_ref().and_then(|b| b.debug.as_ref()) else {
+            return;
+        };
+        for n in e.take_notes() {
+            self.out.print(&n);
+        }
+    }
+
+    /// True while asynchronous requests are outstanding (not yet reported).
+    pub(super) fn in_flight(&self) -> bool {
+        self.aio.pending() > 0
     }
 }
 
@@ -115,6 +136,11 @@ impl Aio {
         self.face
             .as_ref()
             .ok_or(diskimg::Error::internal("async face"))
+    }
+
+    /// The number of requests not yet reported.
+    pub(super) fn pending(&self) -> usize {
+        self.inflight.len()
     }
 
     /// Waits for every request; returns their reports in submission order.

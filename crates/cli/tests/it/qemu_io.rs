@@ -436,3 +436,36 @@ fn backing_driver_overrides_the_named_format() {
         same(dir.path(), &top, "qcow2", &args, "");
     }
 }
+
+/// blkdebug breakpoints (iotest 046): `break` suspends the request raising the event,
+/// `wait_break` waits for it, `resume` lets it go on while later requests wait behind it;
+/// qemu's `Suspended`/`Resuming` lines and the refusals for unknown events and tags.
+#[test]
+fn blkdebug_breakpoints_suspend_and_resume_requests() {
+    let dir = tempdir();
+    let base = image(dir.path(), "qcow2", "8M");
+    let script = [
+        "break write_aio A",
+        "aio_write -P 10 0x18000 0x2000",
+        "wait_break A",
+        "resume A",
+        "aio_flush",
+        "break write_aio B",
+        "aio_write -P 161 0x10c000 0x8000",
+        "wait_break B",
+        "aio_write -P 160 0x104000 0x18000",
+        "sleep 10",
+        "resume B",
+        "aio_flush",
+        "read -P 160 0x104000 0x8000",
+        "resume B",
+        "break no_such_event C",
+        "remove_break X",
+        "break write_aio D",
+        "remove_break D",
+        "write -P 3 0 4k",
+        "help wait_break",
+    ]
+    .join("\n");
+    same(dir.path(), &base, "qcow2", &["blkdebug::FILE"], &script);
+}

@@ -1,6 +1,6 @@
 //! qemu's `blkdebug` driver for qemu-io and qemu-img: error-injection rules
 //! ([`rules`]: `[inject-error]`/`[set-state]` from a config file or options, qemu-io's
-//! breakpoints) that make requests fail once their event has happened.
+//! breakpoints, [`breaks`]) that make requests fail, or wait, once their event has happened.
 //!
 //! A blkdebug node sits either above a format ([`Blkdebug`], a filter over the opened
 //! image: the events raised there are the generic block layer's, `cor_write` from
@@ -17,6 +17,7 @@ use diskimg::{BlockDevice, OptionList, Result};
 
 use super::filter::Filter;
 
+mod breaks;
 pub(crate) mod rules;
 mod storage;
 
@@ -62,7 +63,7 @@ const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 #[derive(Debug)]
 pub(crate) struct Blkdebug {
     inner: Arc<dyn BlockDevice>,
-    engine: Engine,
+    engine: Arc<Engine>,
     limits: Limits,
 }
 
@@ -71,9 +72,14 @@ impl Blkdebug {
     pub(crate) fn new(inner: Arc<dyn BlockDevice>, rules: Vec<Rule>, limits: Limits) -> Self {
         Self {
             inner,
-            engine: Engine::new(rules),
+            engine: Arc::new(Engine::new(rules)),
             limits,
         }
+    }
+
+    /// The node's rule engine (qemu-io's breakpoints go there).
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Raises `event` on the node.

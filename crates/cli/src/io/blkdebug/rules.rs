@@ -1,7 +1,7 @@
 //! blkdebug's rules and their state machine, as qemu's `block/blkdebug.c` keeps them:
 //! `[inject-error]` and `[set-state]` rules (from a config file or `inject-error.N.*` /
-//! `set-state.N.*` options). qemu-io's breakpoints (`break EVENT TAG`, suspending a
-//! request) are not implemented.
+//! `set-state.N.*` options) and qemu-io's breakpoints (`break EVENT TAG`: the request
+//! raising the event is suspended until `resume TAG`; see [`super::breaks`]).
 //!
 //! An event ([`Engine::event`]) processes the rules on it whose `state` condition holds
 //! (0: any state; the state starts at 1): the inject-error rules among them become the
@@ -10,7 +10,7 @@
 //! rule's errno whose iotype includes it and whose `sector` (if any) lies inside it; a
 //! `once` rule is dropped after it fired.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use anyhow::{Result as AnyResult, anyhow, bail};
 use diskimg::blockio::DebugEvent;
@@ -38,7 +38,7 @@ const IOTYPES: &[(&str, IoType)] = &[
 
 /// What a rule does when its event happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Action {
+pub(super) enum Action {
     /// Fail the following requests (`[inject-error]`).
     Inject {
         errno: i32,
@@ -50,15 +50,18 @@ enum Action {
     },
     /// Set the state (`[set-state]`).
     SetState(i64),
+    /// Suspend the request raising the event, tagged so (qemu-io's `break`); the rule
+    /// goes once it fired.
+    Suspend(String),
 }
 
 /// One rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rule {
-    event: DebugEvent,
+    pub(super) event: DebugEvent,
     /// The state the rule is for (0: any).
-    state: i64,
-    action: Action,
+    pub(super) state: i64,
+    pub(super) action: Action,
 }
 
 impl Rule {
@@ -210,25 +213,29 @@ pub(crate) fn option_rules(o: &OptionList) -> AnyResult<Vec<Rule>> {
 }
 
 #[derive(Debug, Default)]
-struct State {
+pub(super) struct State {
     /// The rules with their ids, oldest first.
-    rules: Vec<(u64, Rule)>,
-    next_id: u64,
+    pub(super) rules: Vec<(u64, Rule)>,
+    pub(super) next_id: u64,
     /// Ids of the active inject-error rules, in the order they are tried.
     active: Vec<u64>,
     /// The current state (qemu starts at 1).
     state: i64,
+    /// Suspended requests (id, tag), the most recent first.
+    pub(super) suspended: Vec<(u64, String)>,
+    /// Messages for qemu-io's stdout (`blkdebug: Suspended request 'A'`), oldest first.
+    pub(super) notes: Vec<String>,
 }
 
 impl State {
-    fn add(&mut self, rule: Rule) -> u64 {
+    pub(super) fn add(&mut self, rule: Rule) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.rules.push((id, rule));
         id
     }
 
-    fn remove(&mut self, id: u64) {
+    pub(super) fn remove(&mut self, id: u64) {
         self.rules.retain(|(i, _)| *i != id);
         self.active.retain(|i| *i != id);
     }
@@ -238,6 +245,8 @@ impl State {
 #[derive(Debug, Default)]
 pub(crate) struct Engine {
     state: Mutex<State>,
+    /// Signalled when a request is suspended or resumed.
+    pub(super) changed: Condvar,
 }
 
 impl Engine {
@@ -256,16 +265,19 @@ impl Engine {
         }
         Self {
             state: Mutex::new(s),
+            changed: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Processes the rules on `event` (qemu's `blkdebug_debug_event`).
+    /// Processes the rules on `event` (qemu's `blkdebug_debug_event`); a breakpoint on
+    /// it suspends the calling request until it is resumed.
     pub(crate) fn event(&self, event: DebugEvent) {
         let mut s = self.lock();
+        let mut waits = Vec::new();
         let current = s.state;
         let mut new_state = current;
         let mut injected = false;
@@ -292,9 +304,14 @@ impl Engine {
                     s.active.insert(0, id);
                 }
                 Action::SetState(n) => new_state = n,
+                Action::Suspend(tag) => waits.push(s.suspend(id, tag)),
             }
         }
         s.state = new_state;
+        if !waits.is_empty() {
+            self.changed.notify_all();
+            self.wait_resumed(s, &waits);
+        }
     }
 
     /// Fails a request of `len` bytes at `offset` as the first matching active rule says
