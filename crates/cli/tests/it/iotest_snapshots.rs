@@ -154,3 +154,40 @@ fn amend_with_snapshots_as_qemu() {
     );
     assert!(out.contains("amend 0") && out.contains("same 0"), "{out}");
 }
+
+/// A snapshot table entry with 64 KiB of extra data (iotest 261): the image is refused
+/// with qemu's hint, `check` fails with EFBIG, and `check -r all` cuts the extra data to
+/// 1024 bytes, rebuilds the refcounts the overlong table broke and writes the table anew.
+#[test]
+fn snapshot_table_extra_data_repair_as_qemu() {
+    let out = as_qemu(
+        "qemu-img create -q -f qcow2 \"$T\" 64M\n\
+         qemu-img snapshot -c sn0 \"$T\"\n\
+         qemu-img snapshot -c sn1 \"$T\"\n\
+         off=$(od -An -tu8 --endian=big -j64 -N8 \"$T\" | tr -d ' ')\n\
+         second=$((off + 64 + 8))\n\
+         poke $((second + 36)) '\\0\\1\\0\\0'\n\
+         qemu-img info \"$T\" >/dev/null; echo info $?\n\
+         qemu-img check \"$T\"; echo check $?\n\
+         qemu-img check -r all \"$T\"; echo repair $?\n\
+         qemu-img snapshot -l \"$T\" | sed 's/ 20[0-9-]* [0-9:]* / DATE /'\n",
+    );
+    assert!(out.contains("force-remove this extra metadata"), "{out}");
+    assert!(out.contains("repair 0"), "{out}");
+}
+
+/// More than 65536 snapshots (iotest 261): `check` refuses the table with qemu's hint;
+/// `check -r all` drops the overhanging ones (and frees what only they used).
+#[test]
+fn too_many_snapshots_repair_as_qemu() {
+    let out = as_qemu(
+        "qemu-img create -q -f qcow2 -o compat=0.10 \"$T\" 64M\n\
+         poke 64 '\\0\\0\\0\\0\\0\\20\\0\\0'\n\
+         poke 60 '\\0\\2\\0\\0'\n\
+         truncate -s $((1048576 + 40 * 131072)) \"$T\"\n\
+         qemu-img check \"$T\"; echo check $?\n\
+         qemu-img check -r all \"$T\" | tail -8; echo repair $?\n\
+         qemu-img info \"$T\" | grep -c '^ \\{30\\}'\n",
+    );
+    assert!(out.contains("65536 overhanging snapshots"), "{out}");
+}

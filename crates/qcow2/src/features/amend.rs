@@ -16,6 +16,7 @@ use crate::disk::header::{
     V3_HEADER_LEN,
 };
 use crate::disk::idx;
+use crate::disk::snapshot::Snapshot;
 use crate::disk::table::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -222,20 +223,7 @@ impl Qcow2Device {
             .iter()
             .any(|s| s.raw.len() < 40 || extra_len(&s.raw) < 16)
         {
-            let fixed = snaps
-                .into_iter()
-                .map(|mut s| {
-                    if extra_len(&s.raw) < 16 {
-                        let disk = s.disk_size.unwrap_or(size);
-                        s.raw = with_vm_state(
-                            &s.info,
-                            entry_raw(&s.info, s.l1_offset, s.l1_size, disk),
-                        );
-                        s.disk_size = Some(disk);
-                    }
-                    s
-                })
-                .collect();
+            let fixed = snaps.into_iter().map(|s| completed(s, size)).collect();
             write_table(&mut m, fixed)?;
         }
         let mut h = m.h().clone();
@@ -445,7 +433,20 @@ impl Qcow2Device {
     }
 }
 
-fn extra_len(raw: &[u8]) -> u32 {
+/// `s` with the extra data v3 requires (VM state size and disk size, 16 bytes; written
+/// as qemu writes entries, 24 bytes with the icount) when it lacks them; `size`: the
+/// disk size of entries without one.
+pub(crate) fn completed(mut s: Snapshot, size: u64) -> Snapshot {
+    if extra_len(&s.raw) < 16 {
+        let disk = s.disk_size.unwrap_or(size);
+        s.raw = with_vm_state(&s.info, entry_raw(&s.info, s.l1_offset, s.l1_size, disk));
+        s.disk_size = Some(disk);
+    }
+    s
+}
+
+/// The extra data size of a stored entry.
+pub(crate) fn extra_len(raw: &[u8]) -> u32 {
     raw.get(36..40)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_be_bytes)

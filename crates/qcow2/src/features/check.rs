@@ -74,6 +74,14 @@ impl Counter {
             return;
         }
         for c in off / self.cs..=(end - 1) / self.cs {
+            // As qemu, the last cluster may lie partly past the end of the file: the
+            // counters grow to cover it (less than one cluster past it, checked above).
+            if let Ok(i) = usize::try_from(c)
+                && i >= self.refs.len()
+                && i <= self.refs.len() + 1
+            {
+                self.refs.resize(i + 1, 0);
+            }
             match usize::try_from(c).ok().and_then(|c| self.refs.get_mut(c)) {
                 Some(r) if *r >= self.max => {
                     self.notes.report.corruptions += 1;
@@ -162,7 +170,13 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
 
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
 pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport> {
-    check_inner(dev, repair, true)
+    let pass = match crate::features::check_snapshots::read_pass(dev, repair)? {
+        Ok(pass) => pass,
+        Err(report) => return Ok(report),
+    };
+    let mut report = check_inner(dev, repair, true)?;
+    crate::features::check_snapshots::finish(dev, repair, pass, &mut report)?;
+    Ok(report)
 }
 
 /// Counts every reference in the image (qemu's `calculate_refcounts`).
@@ -278,7 +292,7 @@ fn compare(
     let rbe = m.rb_entries();
     // As qemu, only clusters inside the file are compared (refcounts beyond its end
     // are invisible until the file grows over them).
-    let top = cnt.file_len.div_ceil(cnt.cs);
+    let top = cnt.file_len.div_ceil(cnt.cs).max(cnt.refs.len() as u64);
     let mut highest = 0u64;
     let mut c = 0u64;
     let mut mismatches: Vec<Mismatch> = Vec::new();

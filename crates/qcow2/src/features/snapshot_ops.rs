@@ -191,7 +191,7 @@ pub(crate) fn entry_raw(
     raw.put_be_u32(36, 24);
     raw.put_be_u64(40, 0);
     raw.put_be_u64(48, disk_size);
-    raw.put_be_u64(56, 0);
+    raw.put_be_u64(56, info.icount.unwrap_or(u64::MAX));
     raw.extend_from_slice(id);
     raw.extend_from_slice(name);
     raw
