@@ -72,6 +72,8 @@ pub(crate) struct Resolved {
     pub(crate) blkdebug_limits: BlkdebugLimits,
     /// The rules of a blkdebug node below the format (the image file's storage).
     pub(crate) file_debug: Option<Arc<Engine>>,
+    /// That node's request alignment (`file.align`; 0: none).
+    pub(crate) file_align: u64,
     /// The rules of a blkdebug node below the external data file.
     pub(crate) data_debug: Option<Arc<Engine>>,
     /// The raw format's `offset` and `size` options: a window into the file.
@@ -253,6 +255,8 @@ pub(crate) fn resolve(
     if driver.as_deref() == Some("raw") {
         r.raw_window = raw_window(&mut o)?;
     }
+    // The limits of a blkdebug node below the format (`file.align`, …).
+    let file_limits = BlkdebugLimits::from_options(&descend(&o, "file"))?;
     if r.path.is_empty() {
         r.path = file_child(&mut r, &o, file_driver.as_deref(), name)?;
         drop_subtree(&mut o, "file");
@@ -263,6 +267,9 @@ pub(crate) fn resolve(
         let (path, rules) = blkdebug_name(&r.path)?;
         r.file_debug = below_format(rules);
         r.path = path;
+    }
+    if r.file_debug.is_some() {
+        r.file_align = file_limits.align();
     }
     r.data_debug = data_file_node(&mut o)?;
     for k in IGNORED {
@@ -321,6 +328,7 @@ fn node_options(
         blkdebug: Vec::new(),
         blkdebug_limits: BlkdebugLimits::default(),
         file_debug: None,
+        file_align: 0,
         data_debug: None,
         raw_window: None,
     };
@@ -563,14 +571,15 @@ pub(crate) fn open(r: &Resolved, arg: &str, mut opts: ImageOptions) -> Result<Im
 /// Puts the blkdebug nodes below the format of `r` under the image's storages.
 fn debug_hook(r: &Resolved) -> diskimg::StorageHook {
     let (file, data) = (r.file_debug.clone(), r.data_debug.clone());
+    let align = r.file_align;
     diskimg::StorageHook(Arc::new(move |purpose, storage| {
-        let engine = match purpose {
-            None => &file,
-            Some(diskimg::blockio::FilePurpose::DataFile) => &data,
-            Some(_) => &None,
+        let (engine, align) = match purpose {
+            None => (&file, align),
+            Some(diskimg::blockio::FilePurpose::DataFile) => (&data, 0),
+            Some(_) => (&None, 0),
         };
         match engine {
-            Some(e) => Arc::new(BlkdebugStorage::new(storage, e.clone())),
+            Some(e) => Arc::new(BlkdebugStorage::new(storage, e.clone(), align)),
             None => storage,
         }
     }))

@@ -6,7 +6,7 @@
 //! device, so overlapping and interleaved requests really race inside the library, as
 //! qemu's coroutines do. Completions are
 //! reported in submission order when the session drains: at `aio_flush`, before any
-//! other command, and at exit (qemu-io prints a completion when its main loop next
+//! other command (but `aio_*`, `sleep` and the blkdebug breakpoint commands), and at exit (qemu-io prints a completion when its main loop next
 //! runs; scripts that issue several requests sort their output or drain explicitly).
 //! At most [`MAX_INFLIGHT`] requests run at once; submitting more first waits for the
 //! oldest.

@@ -20,6 +20,7 @@ use super::filter::Filter;
 mod breaks;
 pub(crate) mod rules;
 mod storage;
+mod tracked;
 
 pub(crate) use rules::{Engine, IoType, Rule, option_rules, parse_config};
 pub(crate) use storage::BlkdebugStorage;
@@ -42,12 +43,21 @@ impl Limits {
                 diskimg::parse_size(v).map_err(|_| anyhow!("Parameter '{k}' expects a size"))
             })
         };
+        let align = get("align")?;
+        if align != 0 && (align >= i32::MAX as u64 || !align.is_power_of_two()) {
+            return Err(anyhow!("Cannot meet constraints with align {align}"));
+        }
         Ok(Limits {
-            align: get("align")?,
+            align,
             max_transfer: get("max-transfer")?,
             opt_write_zero: get("opt-write-zero")?,
             max_write_zero: get("max-write-zero")?,
         })
+    }
+
+    /// The request alignment (`align`; 0: none).
+    pub(crate) fn align(&self) -> u64 {
+        self.align
     }
 
     /// True when no limit is set.
