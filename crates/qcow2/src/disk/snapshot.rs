@@ -116,8 +116,8 @@ impl Window<'_> {
             let size = Self::SIZE.max(n);
             self.buf = vec![0u8; idx(size)];
             let have = self.file_len.saturating_sub(off).min(size);
-            if have > 0 {
-                self.file.read_exact_at(&mut self.buf[..idx(have)], off)?;
+            if let Some(head) = self.buf.get_mut(..idx(have)).filter(|h| !h.is_empty()) {
+                self.file.read_exact_at(head, off)?;
             }
             self.at = off;
         }
