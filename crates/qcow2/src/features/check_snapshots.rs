@@ -11,8 +11,7 @@ use diskimg_blockio::{CheckReport, Error, RepairMode, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::snapshot::{TableRepairs, read_snapshots, read_snapshots_repairing};
-use crate::features::amend::{completed, extra_len};
-use crate::features::snapshot_ops::write_table;
+use crate::features::snapshot_ops::{completed, extra_len, write_table};
 
 /// The first half's findings, kept for [`finish`].
 #[derive(Debug, Default)]

@@ -373,3 +373,33 @@ impl Qcow2Device {
         m.file().flush()
     }
 }
+
+/// `s` with the extra data v3 requires (VM state size and disk size, 16 bytes; written
+/// as qemu writes entries, 24 bytes with the icount) when it lacks them; `size`: the
+/// disk size of entries without one.
+pub(crate) fn completed(mut s: Snapshot, size: u64) -> Snapshot {
+    if extra_len(&s.raw) < 16 {
+        let disk = s.disk_size.unwrap_or(size);
+        s.raw = with_vm_state(&s.info, entry_raw(&s.info, s.l1_offset, s.l1_size, disk));
+        s.disk_size = Some(disk);
+    }
+    s
+}
+
+/// The extra data size of a stored entry.
+pub(crate) fn extra_len(raw: &[u8]) -> u32 {
+    raw.get(36..40)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+fn with_vm_state(info: &SnapshotInfo, mut raw: Vec<u8>) -> Vec<u8> {
+    let v = info.vm_state_size;
+    if let Some(b) = raw.get_mut(32..36) {
+        b.copy_from_slice(&u32::try_from(v).unwrap_or(0).to_be_bytes());
+    }
+    if let Some(b) = raw.get_mut(40..48) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
+    raw
+}
