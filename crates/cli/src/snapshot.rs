@@ -109,7 +109,10 @@ pub(crate) fn table(list: &[SnapshotInfo]) -> String {
             secs % 60,
             (sn.vm_clock_nsec / 1_000_000) % 1000
         );
-        let icount = sn.icount.map_or_else(String::new, |i| i.to_string());
+        // qemu shows an unknown icount (-1) as "--".
+        let icount = sn
+            .icount
+            .map_or_else(|| "--".to_string(), |i| i.to_string());
         s.push_str(&format!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             sn.id,
