@@ -27,7 +27,9 @@
 //!   opened image (each thread does half of the reads);
 //! - `alloc-4k-stride`: into a fresh image, one 4 KiB write at the start of every 64 KiB
 //!   cluster in order (qemu-img bench -w -S 65536), a flush every 256 writes;
-//! - `alloc-4k-rand`: the same clusters in random order, at a random 4 KiB inside each.
+//! - `alloc-4k-rand`: the same clusters in random order, at a random 4 KiB inside each;
+//! - `overwrite-4k-rand[-2t]`: random 4 KiB writes into the allocated data image, on one
+//!   and two threads sharing one opened image (`benches/engine/overwrite.rs`).
 //!
 //! - `read-4k-stride` / `read-4k-rand` with engine `diskimg io_uring -d 16 -t none`: the
 //!   same offsets through the library's async face on an io_uring of depth 16 with
@@ -45,6 +47,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod engines;
+mod overwrite;
 mod uring;
 
 use engines::{Engine, open_engine, wanted};
@@ -323,6 +326,7 @@ fn main() {
     }
     cases.extend(qemu_reads(&cfg, &data));
     interleaved(cfg.rounds, cases);
+    overwrite::rows(&cfg, &data);
     let strided: Vec<u64> = (0..cfg.clusters()).map(|c| c * CLUSTER).collect();
     let shuffled = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
     for (name, offs) in [("alloc-4k-stride", &strided), ("alloc-4k-rand", &shuffled)] {

@@ -109,6 +109,7 @@ mod features;
 mod offload;
 mod open;
 mod open_options;
+mod overwrite;
 mod read;
 mod runtime_options;
 mod tracked;

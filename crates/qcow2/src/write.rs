@@ -324,8 +324,12 @@ fn fast_run(
     Ok(Some(n * cs))
 }
 
-/// `BlockDevice::write_at` for qcow2.
+/// `BlockDevice::write_at` for qcow2: in place under the shared lock when no metadata
+/// changes (`overwrite`), else cluster by cluster under the exclusive lock.
 pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
+    if crate::overwrite::overwrite_shared(dev, buf, off)? {
+        return Ok(());
+    }
     let mut m = dev.lock();
     let cs = m.cs();
     let mut p = Pending::default();

@@ -136,6 +136,13 @@ impl Meta {
         self.refuse_on_metadata(host, len)
     }
 
+    /// Whether a guest data write at `host` would fail [`Meta::check_overlap`] (shared
+    /// access: the in-place overwrites under the shared lock leave a hit to the
+    /// exclusive path, which reports it).
+    pub(crate) fn overlaps_metadata(&self, host: u64, len: u64) -> bool {
+        self.data.is_none() && len != 0 && self.overlap.hits(host, len, self.cs()).is_some()
+    }
+
     /// A write of `len` bytes at `host` in the image file: refused with
     /// [`Error::Corrupt`] (and the image marked corrupt) when it touches live metadata.
     pub(crate) fn refuse_on_metadata(&mut self, host: u64, len: u64) -> Result<()> {

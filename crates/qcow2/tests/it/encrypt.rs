@@ -331,7 +331,7 @@ fn json(v: &diskimg_blockio::InfoValue) -> serde_json::Value {
     }
 }
 
-fn our_create(p: &Path, size: u64, opts: &str) -> diskimg_blockio::Result<()> {
+pub(crate) fn our_create(p: &Path, size: u64, opts: &str) -> diskimg_blockio::Result<()> {
     let s: Arc<dyn Storage> = Arc::new(FileStorage::create(p)?);
     let mut req =
         diskimg_blockio::CreateRequest::new(size, diskimg_blockio::OptionList::parse(opts)?)

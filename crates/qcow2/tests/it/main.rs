@@ -20,6 +20,8 @@ mod model;
 mod offload;
 mod overlap;
 mod read;
+mod shared_stress;
+mod shared_write;
 mod snapshots;
 mod write;
 

@@ -1,0 +1,102 @@
+//! The overwrite rows (issues 17/21/20): random 4 KiB writes into the allocated data
+//! image (every cluster `COPIED`), on one thread and on two threads sharing one opened
+//! image (each thread does half of the writes). qcow2 overwrites such clusters in place
+//! under its shared metadata lock, so two threads' writes can be in flight at once.
+//!
+//! Engines: diskimg and imago through the page cache, and diskimg with `-t none`
+//! (`O_DIRECT`), round by round in turn. `BENCH_OVERWRITES` writes per measurement
+//! (default 100000). The writes are not flushed inside the timing (a flush after each
+//! measurement writes them back before the next starts). They change the data image's
+//! bytes, which the read rows do not look at.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diskimg::blockio::{BlockDevice, CacheMode};
+use diskimg::{Format, ImageOptions};
+
+use crate::engines::{Engine, open_engine, wanted};
+use crate::{BLOCK, Cfg, Row, print_row, random_offsets};
+
+/// `O_DIRECT` diskimg (`-t none`), for the rows beside the page-cache engines.
+struct Direct(Arc<dyn BlockDevice>);
+
+impl Engine for Direct {
+    fn read(&self, buf: &mut [u8], off: u64) {
+        self.0.read_at(buf, off).expect("diskimg read");
+    }
+    fn write(&self, buf: &[u8], off: u64) {
+        self.0.write_at(buf, off).expect("diskimg write");
+    }
+    fn flush(&self) {
+        self.0.flush().expect("diskimg flush");
+    }
+}
+
+const DIRECT: &str = "diskimg -t none";
+
+fn open(name: &str, path: &Path) -> Arc<dyn Engine> {
+    if name == DIRECT {
+        let opts = ImageOptions::read_only(false).with_cache(CacheMode::None);
+        let img = diskimg::open(path, Some(Format::Qcow2), &opts).expect("diskimg open");
+        return Arc::new(Direct(img.device));
+    }
+    open_engine(name, path, true)
+}
+
+/// Writes 4 KiB at each of `offs` on `threads` threads sharing `e`; the time taken.
+fn run(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in offs.chunks(offs.len().div_ceil(threads)) {
+            let e = e.clone();
+            s.spawn(move || {
+                let buf = vec![0x5au8; BLOCK as usize];
+                for &o in part {
+                    e.write(&buf, o);
+                }
+            });
+        }
+    });
+    let took = t.elapsed();
+    e.flush();
+    took
+}
+
+/// Prints the overwrite rows wanted (`BENCH_ONLY`, `BENCH_ENGINES`).
+pub fn rows(cfg: &Cfg, data: &Path) {
+    let n = std::env::var("BENCH_OVERWRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000usize);
+    let offs = random_offsets(cfg.size, n, 0x2545_f491_4f6c_dd1d);
+    let mut cases = Vec::new();
+    for (name, threads) in [("overwrite-4k-rand", 1), ("overwrite-4k-rand-2t", 2)] {
+        if !cfg.wants(name) {
+            continue;
+        }
+        for eng in ["diskimg", "imago 0.2.6", DIRECT] {
+            if wanted(eng) {
+                cases.push((name, eng, threads));
+            }
+        }
+    }
+    let mut best = vec![Duration::MAX; cases.len()];
+    for _ in 0..cfg.rounds {
+        // One engine opens the image at a time (diskimg locks it for writing).
+        for (b, &(_, eng, threads)) in best.iter_mut().zip(&cases) {
+            *b = (*b).min(run(&open(eng, data), &offs, threads));
+        }
+    }
+    for (best, (name, eng, threads)) in best.into_iter().zip(cases) {
+        print_row(&Row {
+            name: name.into(),
+            engine: eng.into(),
+            ops: n,
+            bytes: n as u64 * BLOCK,
+            best,
+            note: format!("{threads} thread(s), one device"),
+        });
+    }
+}
