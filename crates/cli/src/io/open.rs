@@ -122,6 +122,7 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
     let mut opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
+    opts.node_drivers = super::blkdebug::node_drivers();
     // With -s the image itself is only read; writes go to the overlay.
     opts.read_only = read_only || flags.snapshot;
     opts.force_share = flags.force_share;
