@@ -192,7 +192,9 @@ fn close_blk(s: &mut Session, b: &Blk) {
     // qcow2 writes its metadata back and flushes the file at close; qemu does so per
     // metadata cache and, when the file fails (a blkdebug rule, iotests 026/066), says
     // so for each of its two caches.
-    if b.img.format == diskimg::Format::Qcow2 && matches!(e, diskimg::Error::Io { .. }) {
+    // (An error that names its cache already is said as it is.)
+    let named = matches!(&e, diskimg::Error::Io { context, .. } if context.starts_with("Failed to flush the "));
+    if b.img.format == diskimg::Format::Qcow2 && matches!(e, diskimg::Error::Io { .. }) && !named {
         let why = crate::errmap::strerror(&e);
         s.out
             .error(&format!("Failed to flush the L2 table cache: {why}"));

@@ -35,6 +35,7 @@ mod iotest_close;
 mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
+mod iotest_snapshots;
 mod locking;
 mod locking_chain;
 mod luks;
