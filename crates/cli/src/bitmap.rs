@@ -129,16 +129,29 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
                 Ok(op) => op,
                 Err(e) => {
                     // As qemu: the operations before the failing merge are done.
-                    if !ops.is_empty() {
-                        apply(&ops)?;
+                    if !ops.is_empty()
+                        && let Err(e) = apply(&ops)
+                    {
+                        return closing(e);
                     }
                     return Err(e);
                 }
             },
         });
     }
-    apply(&ops)?;
-    Ok(0)
+    match apply(&ops) {
+        Ok(()) => Ok(0),
+        Err(e) => closing(e),
+    }
+}
+
+/// An edit's failure; a bitmap that could not be stored is reported as qemu-img reports
+/// it when the image closes (see [`crate::close_errors`]).
+fn closing(e: diskimg::Error) -> Result<i32> {
+    match crate::close_errors::report_bitmap(&e) {
+        true => Ok(1),
+        false => Err(e.into()),
+    }
 }
 
 /// A `--merge SRC`: from this image, or read from the `-b` image.

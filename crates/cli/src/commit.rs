@@ -96,7 +96,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
     }
     // Stores what the images keep until closed (qcow2 bitmaps), in base and top.
-    img.close()?;
+    if let Err(e) = img.close() {
+        if crate::close_errors::report_commit(&e) {
+            return Ok(1);
+        }
+        return Err(e.into());
+    }
     bar.end();
     if !a.quiet {
         out("Image committed.\n")?;

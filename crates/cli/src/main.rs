@@ -13,6 +13,7 @@ mod bench;
 mod bitmap;
 mod check;
 mod checksum;
+mod close_errors;
 mod commit;
 mod common;
 mod compare;

@@ -101,6 +101,17 @@ fn serialise(entries: &[Entry]) -> Vec<u8> {
     out
 }
 
+/// A failed write of bitmap `name`'s tables or data, in qemu's words (`store_bitmap`:
+/// "Failed to write bitmap 'NAME' to file", with the OS error).
+pub(crate) fn write_failed(name: &str, e: Error) -> Error {
+    match e {
+        Error::Io { source, .. } => {
+            Error::io(format!("Failed to write bitmap '{name}' to file"), source)
+        }
+        e => e,
+    }
+}
+
 fn failed(op: &str, name: &str, why: impl std::fmt::Display) -> Error {
     Error::invalid(format!("Operation {op} on bitmap {name} failed: {why}"))
 }
@@ -308,7 +319,8 @@ fn merge(
         &mut dbits,
         1u64 << dst.gbits.min(63),
     );
-    let (table, size) = write_bits(m, &dbits)?;
+    // qemu stores the merged bits when the image closes: a failure is the close's.
+    let (table, size) = write_bits(m, &dbits).map_err(|e| write_failed(&dst.name, e))?;
     let free = table_clusters(m, &dst)?;
     if let Some(e) = dir.get_mut(i) {
         e.table_offset = table;

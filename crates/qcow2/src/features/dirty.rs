@@ -20,7 +20,7 @@ use diskimg_blockio::{BlockDevice, Error, Result};
 use crate::device::Qcow2Device;
 use crate::engine::meta::Meta;
 use crate::features::bitmap::{
-    read_bits, read_directory, table_clusters, write_bits, write_directory,
+    read_bits, read_directory, table_clusters, write_bits, write_directory, write_failed,
 };
 use crate::tracked::Tracked;
 
@@ -109,7 +109,8 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
     let mut dir = read_directory(m)?;
     let mut free = Vec::new();
     let size = m.size();
-    for t in tracked {
+    // Newest first, as qemu walks its bitmap list (the first that fails is named).
+    for t in tracked.iter().rev() {
         let mut t = t.clone();
         t.truncate(size);
         let e = dir
@@ -117,7 +118,7 @@ pub(crate) fn store(m: &mut Meta, tracked: &[Tracked]) -> Result<()> {
             .find(|e| e.name == t.name)
             .ok_or(crate::errors::internal("tracked bitmap left the directory"))?;
         let old = e.clone();
-        let (table, size) = write_bits(m, &t.bits)?;
+        let (table, size) = write_bits(m, &t.bits).map_err(|e| write_failed(&t.name, e))?;
         free.extend(table_clusters(m, &old)?);
         e.table_offset = table;
         e.table_size = size;
