@@ -18,6 +18,8 @@
 //! Layout: a reserve only takes clusters that existing refcount blocks cover, and an
 //! allocation that finds no free cluster below the reserve takes its first clusters, so
 //! the closed file keeps qemu's layout and length (iotests 121, 313).
+//! A file that cannot grow (a `raw` node with a `size`) gets no reserve: writes then
+//! allocate as usual and fail only where qemu's would (iotest qemu-img-close-errors).
 //!
 //! Crash consistency: reserved clusters are referenced by nothing, so a crash leaks them
 //! (as `qemu-img check` reports, and `check -r leaks` repairs) and corrupts nothing.
@@ -107,8 +109,11 @@ impl Meta {
             return Ok(self.reserve.generation);
         }
         let end = (c + n) * cs;
-        if end > self.file.len()? {
-            self.file.set_len(end)?;
+        if end > self.file.len()? && self.file.set_len(end).is_err() {
+            // A file that cannot grow (a size-limited raw node): no reserve; the writes
+            // allocate as usual and fail only where qemu's would.
+            self.free_reserved(c, c + n)?;
+            return Ok(self.reserve.generation);
         }
         self.reserve.start = c;
         self.reserve.end = c + n;
