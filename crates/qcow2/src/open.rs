@@ -124,6 +124,7 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
+            inflight: Default::default(),
             crypt,
         };
         if !read_only && checking {
@@ -255,6 +256,7 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
+            inflight: Default::default(),
             crypt: self.crypt.clone(),
         })
     }
