@@ -124,7 +124,6 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
-            inflight: Default::default(),
             crypt,
         };
         if !read_only && checking {
@@ -256,7 +255,6 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
-            inflight: Default::default(),
             crypt: self.crypt.clone(),
         })
     }
