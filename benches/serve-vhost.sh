@@ -8,13 +8,17 @@
 # guest derived from each device.
 #
 # Usage: benches/serve-vhost.sh [SIZE (default 512M)] [SECONDS per fio run (default 4)]
-#   ROUNDS=3       rounds per case; each round runs both disks back to back, the first
+#   ROUNDS=3       rounds per case; each round runs the disks back to back, the first
 #                  disk alternating, so a pair of runs sees the same load. The table
 #                  gives the median of each disk and the range of the per-round ratios.
 #   DISKIMG=path   the diskimg binary (default target/release/diskimg)
 #   CASES=a,b,...  only these cases, named RW-BS-QD (e.g.
 #                  randwrite-4k-1,write-1M-16); default all eight
 #   DISKIMG_ARGS   extra arguments for `diskimg serve` (e.g. "--cache none")
+#   DISKIMG_B=path a second diskimg binary (e.g. a build of main) served as a third disk
+#                  (vdc) from its own copy of the image, for an A/B of two builds in one
+#                  run: the disks' order rotates per round, and the table gains its
+#                  columns (DISKIMG_B_ARGS: its extra arguments, default DISKIMG_ARGS)
 # Needs: a release build (cargo build --release -p diskimg-cli), qemu-img, qemu-io,
 # qemu-storage-daemon, qemu-system-x86_64, fio (copied into the guest with its
 # libraries), busybox-static, python3, and the Debian kernel the guest test caches in
@@ -29,6 +33,9 @@ secs=${2:-4}
 rounds=${ROUNDS:-3}
 bin=${DISKIMG:-target/release/diskimg}
 [ -x "$bin" ] || { echo "build first: cargo build --release -p diskimg-cli" >&2; exit 1; }
+bin_b=${DISKIMG_B:-}
+[ -z "$bin_b" ] || [ -x "$bin_b" ] || { echo "DISKIMG_B=$bin_b is not executable" >&2; exit 1; }
+disks=vda,vdb; [ -n "$bin_b" ] && disks=vda,vdb,vdc
 all="randread-4k-1,randread-4k-16,randwrite-4k-1,randwrite-4k-16,read-1M-1,read-1M-16,write-1M-1,write-1M-16"
 cases=${CASES:-$all}
 for t in qemu-img qemu-io qemu-storage-daemon qemu-system-x86_64 fio busybox python3 \
@@ -74,7 +81,7 @@ irqs() {
         'index($0, v) { for (i = 2; i <= n + 1; i++) s += $i } END { print s + 0 }' /proc/interrupts
 }
 # What the guest made of each device's limits (a request larger than these is split).
-for d in vda vdb; do
+for d in $(echo $DISKS | tr , ' '); do
     q=/sys/block/$d/queue
     echo "QUEUE $d max_segment_size=$(cat $q/max_segment_size) max_segments=$(cat $q/max_segments) max_sectors_kb=$(cat $q/max_sectors_kb)"
 done
@@ -82,7 +89,8 @@ n=0
 for c in $(echo "$CASES" | tr , ' '); do
     set -- $(echo "$c" | tr - ' ')
     for k in $(seq $ROUNDS); do
-        if [ $((n % 2)) = 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+        # Rotate the disks' order by one per round.
+        order=$(echo $DISKS | tr , ' ' | awk -v n=$n '{ for (i = 0; i < NF; i++) printf "%s ", $((i + n) % NF + 1) }')
         n=$((n + 1))
         for d in $order; do
             echo "BEGIN $1-$2-$3 $d"
@@ -144,6 +152,7 @@ qemu-img create -q -f qcow2 "$dir/src.qcow2" "$size"
 qemu-io -f qcow2 -c "write -P 0x5a 0 $size" "$dir/src.qcow2" >/dev/null
 cp "$dir/src.qcow2" "$dir/ours.qcow2"
 cp "$dir/src.qcow2" "$dir/theirs.qcow2"
+[ -n "$bin_b" ] && cp "$dir/src.qcow2" "$dir/b.qcow2"
 rm "$dir/src.qcow2"
 
 # shellcheck disable=SC2086
@@ -153,7 +162,13 @@ qemu-storage-daemon \
     --blockdev driver=qcow2,node-name=q,file=f \
     --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$dir/theirs.sock,writable=on,num-queues=2" \
     & pids+=($!)
-for s in ours theirs; do
+socks="ours theirs"
+if [ -n "$bin_b" ]; then
+    # shellcheck disable=SC2086
+    "$bin_b" serve --vhost-user-blk "$dir/b.sock" --num-queues 2 ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}} -f qcow2 "$dir/b.qcow2" & pids+=($!)
+    socks="ours theirs b"
+fi
+for s in $socks; do
     for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
 done
 
@@ -164,7 +179,7 @@ done
 cpu_monitor='
 import os, sys
 tick = os.sysconf("SC_CLK_TCK")
-pid = {"vda": sys.argv[1], "vdb": sys.argv[2]}
+pid = dict(zip(["vda", "vdb", "vdc"], sys.argv[1:]))
 def cpu(d):
     with open(f"/proc/{pid[d]}/stat") as f:
         t = f.read().rsplit(")", 1)[1].split()
@@ -175,20 +190,21 @@ for line in sys.stdin:
     sys.stdout.write(line)
     f = line.split()
     if len(f) == 3 and f[0] == "BEGIN":
-        start[(f[1], f[2])] = cpu(f[2])
+        start[(f[1], f[2])] = cpu(f[2]) if f[2] in pid else 0
     elif len(f) == 4 and f[0] == "FIO" and (f[1], f[2]) in start:
         print("CPU", f[1], f[2], cpu(f[2]) - start.pop((f[1], f[2])))
     sys.stdout.flush()
 '
 cpu=(); [ "$accel" = kvm ] && cpu=(-cpu host)
+third=(); [ -n "$bin_b" ] && third=(-chardev socket,id=c2,path="$dir/b.sock" -device vhost-user-blk-pci,chardev=c2,num-queues=2)
 mem=1G
 timeout $((600 + 16 * rounds * (secs + 5) * 20)) qemu-system-x86_64 -accel "$accel" "${cpu[@]}" \
     -m $mem -smp 2 -nodefaults -no-reboot -display none -serial stdio \
     -object memory-backend-memfd,id=mem,size=$mem,share=on -numa node,memdev=mem \
-    -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs ROUNDS=$rounds CASES=$cases" \
+    -kernel "$vmlinuz" -initrd "$dir/initrd" -append "console=ttyS0 panic=-1 quiet SECS=$secs ROUNDS=$rounds CASES=$cases DISKS=$disks" \
     -chardev socket,id=c0,path="$dir/ours.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
     -chardev socket,id=c1,path="$dir/theirs.sock" -device vhost-user-blk-pci,chardev=c1,num-queues=2 \
-    </dev/null | python3 -c "$cpu_monitor" "${pids[0]}" "${pids[1]}" > "$dir/console" || true
+    "${third[@]}" </dev/null | python3 -c "$cpu_monitor" "${pids[@]}" > "$dir/console" || true
 grep -q GUEST-DONE "$dir/console" || { cat "$dir/console" >&2; echo "the guest did not finish" >&2; exit 1; }
 
 python3 - "$dir/console" <<'EOF'
@@ -211,22 +227,33 @@ for l in open(sys.argv[1]):
 def per_op(what, case, d):
     c, n = sum(what.get((case, d), [])), sum(ops.get((case, d), []))
     return c / n if n else float("nan")
-print("| test | diskimg serve | qemu-storage-daemon | ratio | per-round ratios "
-      "| server CPU µs per request: diskimg / qsd | guest interrupts per request |")
-print("|---|---|---|---|---|---|---|")
+b3 = any(d == "vdc" for _, d in res)
+cols = [("vda", "diskimg serve")] + ([("vdc", "diskimg B")] if b3 else [])
+head = "| test | " + " | ".join(n for _, n in cols) + " | qemu-storage-daemon | "
+head += " | ".join(f"{n}: ratio | per-round ratios" for _, n in cols)
+names = " / ".join(["diskimg"] + (["B"] if b3 else []) + ["qsd"])
+head += f" | server CPU µs per request: {names} | guest interrupts per request: {names} |"
+print(head)
+print("|---" * (head.count("|") - 1) + "|")
 for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-16",
              "read-1M-1", "read-1M-16", "write-1M-1", "write-1M-16"]:
     if (case, "vda") not in res:
         continue
-    a, b = res[(case, "vda")], res[(case, "vdb")]
-    ma, mb = statistics.median(a), statistics.median(b)
-    rounds = sorted(x / max(y, 1e-9) for x, y in zip(a, b))
+    b = res[(case, "vdb")]
+    mb = statistics.median(b)
     rw, bs, qd = case.split("-")
     unit = "IOPS" if bs == "4k" else "MiB/s"
-    print(f"| {rw} {bs} QD{qd} ({unit}) | {ma:.0f} | {mb:.0f} | {ma / max(mb, 1e-9):.2f}x "
-          f"| {rounds[0]:.2f}–{rounds[-1]:.2f} | {per_op(cpu, case, 'vda') * 1e6:.0f} / {per_op(cpu, case, 'vdb') * 1e6:.0f} "
-          f"| {per_op(irq, case, 'vda'):.2f} / {per_op(irq, case, 'vdb'):.2f} |")
+    row = f"| {rw} {bs} QD{qd} ({unit}) | "
+    row += " | ".join(f"{statistics.median(res[(case, d)]):.0f}" for d, _ in cols) + f" | {mb:.0f} | "
+    for d, _ in cols:
+        a = res[(case, d)]
+        rounds = sorted(x / max(y, 1e-9) for x, y in zip(a, b))
+        row += f"{statistics.median(a) / max(mb, 1e-9):.2f}x | {rounds[0]:.2f}–{rounds[-1]:.2f} | "
+    ds = [d for d, _ in cols] + ["vdb"]
+    row += " / ".join(f"{per_op(cpu, case, d) * 1e6:.0f}" for d in ds) + " | "
+    row += " / ".join(f"{per_op(irq, case, d):.2f}" for d in ds) + " |"
+    print(row)
 EOF
 echo
-sed -n 's/^QUEUE vda/guest queue limits: diskimg (vda)/p; s/^QUEUE vdb/guest queue limits: qemu-storage-daemon (vdb)/p' "$dir/console"
-echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
+sed -n 's/^QUEUE vda/guest queue limits: diskimg (vda)/p; s/^QUEUE vdb/guest queue limits: qemu-storage-daemon (vdb)/p; s/^QUEUE vdc/guest queue limits: diskimg B (vdc)/p' "$dir/console"
+echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-}${bin_b:+ B=$bin_b ${DISKIMG_B_ARGS:-}} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"

@@ -238,7 +238,8 @@ pub fn advance_mapping(mapping: Mapping<'_>, by: u64) -> Result<Mapping<'_>> {
 /// [`BlockDevice::read_vectored_at`]'s default: through the device's layout walk
 /// ([`BlockDevice::walk_runs`]) when it has one — each host run of the request is one
 /// [`Storage::read_vectored_exact_at`] (one `preadv(2)` for files) over the parts of the
-/// buffers it fills, zero runs are filled, other runs read per buffer part — else one
+/// buffers it fills (again per part when that fails on a run that may reach past the
+/// file's end), zero runs are filled, other runs read per buffer part — else one
 /// `read_at` per buffer ([`read_each`](crate::vectored::read_each)).
 pub fn read_walked<D: BlockDevice + ?Sized>(
     dev: &D,
@@ -254,22 +255,23 @@ pub fn read_walked<D: BlockDevice + ?Sized>(
     };
     let walked = dev.walk_runs(offset, len, &mut |layout, pos, n, mapping| {
         let mut parts = cur.next(n);
-        match mapping {
-            Mapping::Host(run) if run.past_eof == PastEof::Fail => {
-                let mut iov: Vec<IoSliceMut<'_>> =
-                    parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
-                run.storage.read_vectored_exact_at(&mut iov, run.offset)
-            }
-            _ => {
-                let mut at = 0u64;
-                for p in parts {
-                    let m = advance_mapping(mapping, at)?;
-                    read_run(layout, pos + at, m, p)?;
-                    at += p.len() as u64;
-                }
-                Ok(())
+        if let Mapping::Host(run) = mapping {
+            let mut iov: Vec<IoSliceMut<'_>> =
+                parts.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+            let whole = run.storage.read_vectored_exact_at(&mut iov, run.offset);
+            // A run cut short by the file's end reads per part below, where
+            // `HostRun::read` treats the missing bytes as its `past_eof` says.
+            if whole.is_ok() || run.past_eof == PastEof::Fail {
+                return whole;
             }
         }
+        let mut at = 0u64;
+        for p in parts {
+            let m = advance_mapping(mapping, at)?;
+            read_run(layout, pos + at, m, p)?;
+            at += p.len() as u64;
+        }
+        Ok(())
     })?;
     if walked {
         return Ok(());

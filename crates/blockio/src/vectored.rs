@@ -4,9 +4,10 @@
 //! [`BlockDevice::read_vectored_at`](crate::BlockDevice::read_vectored_at) and
 //! [`BlockDevice::write_vectored_at`](crate::BlockDevice::write_vectored_at) take such
 //! lists; their defaults ([`read_walked`], [`read_each`], [`write_each`], which live
-//! with the layout walk and the device) serve each buffer with one positional call (no
-//! bounce buffer), and [`Storage`] has the same pair, whose defaults and `preadv(2)` /
-//! `pwritev(2)` loops (`FileStorage`) are here.
+//! with the layout walk and the device) read each host run with one vectored call and
+//! write each buffer, or a run of small ones gathered, with one positional call, and
+//! [`Storage`] has the same pair, whose defaults and `preadv(2)` / `pwritev(2)` loops
+//! (`FileStorage`) are here.
 
 use std::io::{IoSlice, IoSliceMut};
 
@@ -170,6 +171,71 @@ mod tests {
         let mut rb = [IoSliceMut::new(&mut x), IoSliceMut::new(&mut z)];
         assert!(s.read_vectored_exact_at(&mut rb, 7950).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A device of 4 MiB in memory that records each `write_at` call.
+    #[derive(Debug, Default)]
+    struct Calls {
+        data: std::sync::Mutex<Vec<u8>>,
+        writes: std::sync::Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl crate::BlockDevice for Calls {
+        fn info(&self) -> crate::DeviceInfo {
+            crate::DeviceInfo::new("calls", 4 << 20)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let d = self.data.lock().unwrap();
+            let at = usize::try_from(offset).unwrap();
+            buf.copy_from_slice(&d[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.writes.lock().unwrap().push((offset, buf.len()));
+            let mut d = self.data.lock().unwrap();
+            d.resize(4 << 20, 0);
+            let at = usize::try_from(offset).unwrap();
+            d[at..at + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn map(&self, offset: u64, len: u64) -> Result<crate::Extent> {
+            Err(Error::invalid(format!("no map {offset} {len}")))
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn device_writes_gather_small_buffers() {
+        use crate::BlockDevice;
+        let dev = Calls::default();
+        // 3 pages, one large buffer, 300 pages (more than 1 MiB gathered), an empty one.
+        let page = |i: usize| vec![u8::try_from(i % 251).unwrap(); 4096];
+        let mut owned: Vec<Vec<u8>> = (0..3).map(page).collect();
+        owned.push(vec![0xee; 128 << 10]);
+        owned.extend((3..303).map(page));
+        owned.push(Vec::new());
+        let bufs: Vec<IoSlice<'_>> = owned.iter().map(|b| IoSlice::new(b)).collect();
+        dev.write_vectored_at(&bufs, 512).unwrap();
+        let k = 512 + (140 << 10);
+        let calls = dev.writes.lock().unwrap().clone();
+        let want = [
+            (512, 12 << 10),
+            (512 + (12 << 10), 128 << 10),
+            (k, 1 << 20),
+            (k + (1 << 20), 300 * 4096 - (1 << 20)),
+        ];
+        assert_eq!(calls, want.map(|(o, n)| (o as u64, n)));
+        let mut back = vec![0u8; owned.iter().map(Vec::len).sum()];
+        dev.read_at(&mut back, 512).unwrap();
+        assert_eq!(back, owned.concat());
+        // Out of range: refused before any write.
+        assert!(dev.write_vectored_at(&bufs, 3 << 20).is_err());
+        assert_eq!(dev.writes.lock().unwrap().len(), 4);
     }
 
     #[test]

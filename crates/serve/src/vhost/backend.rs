@@ -6,13 +6,16 @@
 //! itself: a lone request is served without a thread hand-off, a burst runs in parallel.
 //! Completions go back out of order, which virtio allows; the driver is notified once
 //! per batch, by whichever of its requests finishes last (fewer interrupts for the
-//! guest; the script's "guest interrupts per request" column shows it).
+//! guest; the script's "guest interrupts per request" column shows it). A large read or
+//! write that finds its queue idle runs as pieces on the event thread and the workers at
+//! once (`split.rs`).
 
 use std::io;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -25,11 +28,18 @@ use vmm_sys_util::event::{
 
 use super::VhostConfig;
 use super::request::{MAX_SEGMENTS, SECTOR, process};
+use super::split::Split;
 use crate::export::Export;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 type Job = Box<dyn FnOnce() + Send>;
+
+/// What one thread executes: a whole request, or piece `.1` of a split one.
+enum Work {
+    Whole(Chain),
+    Piece(Arc<Split<GuestMemoryLoadGuard<GuestMemoryMmap>>>, usize),
+}
 
 /// Feature bits (virtio 1.2 section 5.2.3, section 6).
 const F_SEG_MAX: u64 = 1 << 2;
@@ -56,6 +66,13 @@ struct Inner {
     mem: std::sync::RwLock<Mem>,
     /// Per queue, the sender of its worker pool (none without workers).
     pools: Vec<Mutex<Sender<Job>>>,
+    /// Per queue, requests popped and not yet in the used ring.
+    busy: Vec<AtomicUsize>,
+    /// Pieces a split request is cut into at most (see [`VhostConfig::split_min`]).
+    pieces: usize,
+    /// Requests of all queues in flight, and its waiters ([`BlkBackend::quiesce`]).
+    in_flight: AtomicUsize,
+    idle: (Mutex<()>, Condvar),
 }
 
 impl BlkBackend {
@@ -66,13 +83,45 @@ impl BlkBackend {
                 pools.push(Mutex::new(spawn_pool(q, config.workers_per_queue)?));
             }
         }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Ok(BlkBackend(Arc::new(Inner {
             export,
             config,
             event_idx: AtomicBool::new(false),
             mem: std::sync::RwLock::new(mem),
             pools,
+            busy: (0..config.num_queues)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            pieces: cores.min(config.workers_per_queue.saturating_add(1)),
+            in_flight: AtomicUsize::new(0),
+            idle: (Mutex::new(()), Condvar::new()),
         })))
+    }
+
+    /// Waits until every request popped so far is in its used ring (the workers may
+    /// still be executing some after the frontend went away), so that a flush after this
+    /// covers them. Bounded only by the requests themselves.
+    pub(crate) fn quiesce(&self) {
+        let (lock, cv) = &self.0.idle;
+        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The timeout covers a wake-up between the load and the wait.
+        while self.0.in_flight.load(Ordering::Acquire) > 0 {
+            g = match cv.wait_timeout(g, Duration::from_millis(20)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// Counts `n` more (`more`) or fewer requests in flight.
+    fn in_flight(&self, more: bool, n: usize) {
+        if more {
+            self.0.in_flight.fetch_add(n, Ordering::AcqRel);
+        } else if self.0.in_flight.fetch_sub(n, Ordering::AcqRel) == n {
+            let _g = self.0.idle.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.0.idle.1.notify_all();
+        }
     }
 
     /// `struct virtio_blk_config` (virtio 1.2 section 5.2.4), little endian.
@@ -102,7 +151,8 @@ impl BlkBackend {
     /// Pops every available request of `vring` and executes them: on this thread when
     /// the queue has no worker pool (then the used ring is updated per request and the
     /// driver notified once for the batch), else all but the last go to the queue's
-    /// pool and the last runs here. Returns whether any request was found.
+    /// pool and the last runs here; a lone large request on an idle queue is split into
+    /// pieces first. Returns whether any request was found.
     fn drain(&self, queue: usize, vring: &VringRwLock<Mem>) -> io::Result<bool> {
         let chains: Vec<Chain> = {
             let mem = self
@@ -117,42 +167,79 @@ impl BlkBackend {
                 Err(_) => return Ok(false),
             }
         };
-        let Some((last, rest)) = chains.split_last() else {
+        if chains.is_empty() {
             return Ok(false);
-        };
+        }
+        self.in_flight(true, chains.len());
         let Some(pool) = self.0.pools.get(queue) else {
-            let mut used = false;
+            let (mut used, n) = (false, chains.len());
             for chain in chains {
                 let (head, len) = process(&self.0.export, chain);
                 used |= vring.add_used(head, len).is_ok();
             }
+            self.in_flight(false, n);
             if used {
                 self.notify(vring);
             }
             return Ok(true);
         };
+        let busy = self.0.busy.get(queue);
+        let idle = busy.is_none_or(|b| b.fetch_add(chains.len(), Ordering::AcqRel) == 0);
         let left = Arc::new(AtomicUsize::new(chains.len()));
-        for chain in rest {
-            let (me, vr, chain, left) = (self.clone(), vring.clone(), chain.clone(), left.clone());
-            let job: Job = Box::new(move || me.complete(&vr, chain, &left));
+        let mut work = self.plan(idle, chains);
+        let Some(last) = work.pop() else {
+            return Ok(true);
+        };
+        for w in work {
+            let (me, vr, left) = (self.clone(), vring.clone(), left.clone());
+            let job: Job = Box::new(move || me.run(&vr, queue, w, &left));
             if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
                 (e.0)();
             }
         }
-        self.complete(vring, last.clone(), &left);
+        self.run(vring, queue, last, &left);
         Ok(true)
     }
 
-    /// Executes one request of a batch and puts it in the used ring; the last of the
-    /// batch to finish notifies the driver for all of them (`left` counts the batch's
-    /// unfinished requests), so a burst costs the guest one interrupt, not one per
-    /// request.
-    fn complete(&self, vring: &VringRwLock<Mem>, chain: Chain, left: &AtomicUsize) {
-        let (head, len) = process(&self.0.export, chain);
+    /// The work of a batch: its requests, or the pieces of a lone large request when
+    /// the queue was `idle` before it.
+    fn plan(&self, idle: bool, mut chains: Vec<Chain>) -> Vec<Work> {
+        let min = self.0.config.split_min;
+        let split = match chains.as_slice() {
+            [chain] if idle && min > 0 && self.0.pieces > 1 => {
+                Split::plan(&self.0.export, chain, min, self.0.pieces)
+            }
+            _ => None,
+        };
+        if let Some(split) = split {
+            let split = Arc::new(split);
+            return (0..split.pieces())
+                .map(|i| Work::Piece(split.clone(), i))
+                .collect();
+        }
+        chains.drain(..).map(Work::Whole).collect()
+    }
+
+    /// Executes one piece of work of a batch; when that completes its request, puts it
+    /// in the used ring, and the last request of the batch to finish notifies the
+    /// driver for all of them (`left` counts the batch's unfinished requests), so a
+    /// burst costs the guest one interrupt, not one per request.
+    fn run(&self, vring: &VringRwLock<Mem>, queue: usize, work: Work, left: &AtomicUsize) {
+        let done = match work {
+            Work::Whole(chain) => Some(process(&self.0.export, chain)),
+            Work::Piece(split, i) => split.run(&self.0.export, i),
+        };
+        let Some((head, len)) = done else {
+            return;
+        };
         let _ = vring.add_used(head, len);
+        if let Some(b) = self.0.busy.get(queue) {
+            b.fetch_sub(1, Ordering::AcqRel);
+        }
         if left.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.notify(vring);
         }
+        self.in_flight(false, 1);
     }
 
     /// Signals the driver that used buffers are there, unless it asked not to be

@@ -80,15 +80,7 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
         .filter(|s| !s.is_empty())
         .map(VolatileSlice::ptr_guard_mut)
         .collect();
-    let mut spans: Vec<(usize, usize)> = guards
-        .iter()
-        .map(|g| (g.as_ptr() as usize, g.len()))
-        .collect();
-    spans.sort_unstable();
-    let disjoint = spans
-        .windows(2)
-        .all(|w| matches!(w, [(a, n), (b, _)] if a.checked_add(*n).is_some_and(|end| end <= *b)));
-    if !disjoint {
+    if !disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len()))) {
         return None;
     }
     let mut bufs: Vec<IoSliceMut<'_>> = guards
@@ -104,4 +96,24 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
         s.bitmap().mark_dirty(0, s.len());
     }
     Some(r)
+}
+
+/// Whether no two of `slices` share a byte (what [`with_mut`] requires; the pieces of
+/// one request run on several threads only when its buffers pass this).
+pub(crate) fn disjoint<B: BitmapSlice>(slices: &[VolatileSlice<'_, B>]) -> bool {
+    let guards: Vec<_> = slices
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(VolatileSlice::ptr_guard)
+        .collect();
+    disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len())))
+}
+
+/// Whether the (address, length) spans are pairwise disjoint.
+fn disjoint_spans(spans: impl Iterator<Item = (usize, usize)>) -> bool {
+    let mut spans: Vec<(usize, usize)> = spans.collect();
+    spans.sort_unstable();
+    spans
+        .windows(2)
+        .all(|w| matches!(w, [(a, n), (b, _)] if a.checked_add(*n).is_some_and(|end| end <= *b)))
 }

@@ -14,17 +14,17 @@ use super::guest;
 use crate::export::{Export, Fault};
 
 /// Request types (`VIRTIO_BLK_T_*`).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub(super) const T_IN: u32 = 0;
+pub(super) const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
 
 /// Status values (`VIRTIO_BLK_S_*`).
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+pub(super) const S_OK: u8 = 0;
+pub(super) const S_IOERR: u8 = 1;
+pub(super) const S_UNSUPP: u8 = 2;
 
 /// Length of `struct virtio_blk_req`'s header (type, reserved, sector).
 const HEADER: usize = 16;
@@ -63,7 +63,7 @@ fn with_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
 
 /// Fails unless `len` bytes at `offset` lie inside the export, so a request never
 /// half-executes before failing on the range.
-fn in_range(export: &Export, offset: u64, len: usize) -> Result<(), Status> {
+pub(super) fn in_range(export: &Export, offset: u64, len: usize) -> Result<(), Status> {
     let end = offset.checked_add(len as u64).ok_or(Status::IoErr)?;
     if end > export.size() {
         return Err(Status::IoErr);
@@ -72,7 +72,7 @@ fn in_range(export: &Export, offset: u64, len: usize) -> Result<(), Status> {
 }
 
 /// What a request failed with: virtio's status byte.
-enum Status {
+pub(super) enum Status {
     IoErr,
     Unsupp,
 }
@@ -112,7 +112,7 @@ where
         T_IN => {
             let len = writer.avail();
             in_range(export, offset, len)?;
-            let direct = data_slices(&chain, mem, true, len).and_then(|slices| {
+            let direct = data_slices(&chain, mem, true, 0, len).and_then(|slices| {
                 guest::with_mut(&slices, |bufs| export.read_vectored(bufs, offset))
             });
             match direct {
@@ -131,7 +131,7 @@ where
             if export.read_only() {
                 return Err(Status::IoErr);
             }
-            match data_slices(&chain, mem, false, len) {
+            match data_slices(&chain, mem, false, 0, len) {
                 Some(slices) => Ok(guest::with_shared(&slices, |bufs| {
                     export.write_vectored(bufs, offset, false)
                 })?),
@@ -155,7 +155,7 @@ where
 }
 
 /// The request type and byte offset from the 16-byte `virtio_blk_req` header.
-fn header<R: Read>(reader: &mut R) -> Result<(u32, u64), Status> {
+pub(super) fn header<R: Read>(reader: &mut R) -> Result<(u32, u64), Status> {
     let mut hdr = [0u8; HEADER];
     reader.read_exact(&mut hdr).map_err(|_| Status::IoErr)?;
     let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -163,14 +163,16 @@ fn header<R: Read>(reader: &mut R) -> Result<(u32, u64), Status> {
     Ok((ty, sector.checked_mul(SECTOR).ok_or(Status::IoErr)?))
 }
 
-/// The request's data buffers in guest memory, `len` bytes in all: the driver-writable
-/// bytes before the status byte (`writable`, a read request) or the driver-readable ones
-/// after the header (a write). `None` when they cannot be had (a descriptor outside
-/// guest memory: the bounce path then fails the request as before).
-fn data_slices<'a, M, B>(
+/// The request's data buffers in guest memory, `len` bytes from byte `start` of the
+/// data: the driver-writable bytes before the status byte (`writable`, a read request)
+/// or the driver-readable ones after the header (a write). `None` when they cannot be
+/// had (a descriptor outside guest memory: the bounce path then fails the request as
+/// before).
+pub(crate) fn data_slices<'a, M, B>(
     chain: &DescriptorChain<M>,
     mem: &'a M::Target,
     writable: bool,
+    start: usize,
     len: usize,
 ) -> Option<Vec<VolatileSlice<'a, B>>>
 where
@@ -189,9 +191,12 @@ where
         (chain.clone().readable(), Permissions::Read, HEADER)
     };
     let mut out = Vec::new();
-    let mut skip = skip;
+    let mut skip = skip.checked_add(start)?;
     let mut left = len;
     for d in descs {
+        if left == 0 {
+            break;
+        }
         for s in mem.get_slices(d.addr(), d.len() as usize, perm).ok()? {
             let s = s.ok()?;
             let drop = skip.min(s.len());

@@ -14,12 +14,12 @@ use super::request::process;
 use crate::export::{Export, ExportOptions};
 
 /// `VRING_DESC_F_WRITE`: the device writes this buffer.
-const W: u16 = 2;
+pub(super) const W: u16 = 2;
 const MEM: usize = 0x10_0000;
 /// Where the test requests' buffers live (past the mock queue's rings).
-const BUFS: u64 = 0x1_0000;
+pub(super) const BUFS: u64 = 0x1_0000;
 
-fn setup() -> (GuestMemoryMmap, Arc<dyn BlockDevice>, Export) {
+pub(super) fn setup() -> (GuestMemoryMmap, Arc<dyn BlockDevice>, Export) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let s: Arc<dyn diskimg_blockio::Storage> = Arc::new(MemStorage::new());
     let req = &mut CreateRequest::new(1 << 20, OptionList::new());
@@ -29,12 +29,12 @@ fn setup() -> (GuestMemoryMmap, Arc<dyn BlockDevice>, Export) {
     (mem, dev, export)
 }
 
-fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+pub(super) fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
 }
 
 /// Puts a request header (type, sector) at `addr`.
-fn header(mem: &GuestMemoryMmap, addr: u64, ty: u32, sector: u64) {
+pub(super) fn header(mem: &GuestMemoryMmap, addr: u64, ty: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[..4].copy_from_slice(&ty.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
@@ -52,7 +52,7 @@ fn run(mem: &GuestMemoryMmap, export: &Export, descs: &[RawDescriptor], status: 
     (len, s[0])
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| {
             u8::try_from(i % 251)
