@@ -47,28 +47,14 @@ fn open(name: &str, path: &Path) -> Arc<dyn Engine> {
     open_engine(name, path, true)
 }
 
-/// Writes 4 KiB at each of `offs` on `threads` threads sharing `e`; the time taken.
-fn run(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for part in offs.chunks(offs.len().div_ceil(threads)) {
-            let e = e.clone();
-            s.spawn(move || {
-                let buf = vec![0x5au8; BLOCK as usize];
-                for &o in part {
-                    e.write(&buf, o);
-                }
-            });
-        }
-    });
-    let took = t.elapsed();
-    e.flush();
-    took
-}
-
-/// Allocating 4 KiB writes (`alloc-4k-rand`'s offsets) into a fresh image on `threads`
-/// threads sharing it, each flushing after every [`FLUSH_EVERY`] of its writes.
-fn alloc(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
+/// Writes 4 KiB at each of `offs` on `threads` threads sharing `e`, each thread flushing
+/// after every `flush_every` of its writes and at its end (`None`: never); the time taken.
+fn writes(
+    e: &Arc<dyn Engine>,
+    offs: &[u64],
+    threads: usize,
+    flush_every: Option<usize>,
+) -> Duration {
     let t = Instant::now();
     std::thread::scope(|s| {
         for part in offs.chunks(offs.len().div_ceil(threads)) {
@@ -77,15 +63,24 @@ fn alloc(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
                 let buf = vec![0x5au8; BLOCK as usize];
                 for (i, &o) in part.iter().enumerate() {
                     e.write(&buf, o);
-                    if (i + 1) % FLUSH_EVERY == 0 {
+                    if flush_every.is_some_and(|n| (i + 1) % n == 0) {
                         e.flush();
                     }
                 }
-                e.flush();
+                if flush_every.is_some() {
+                    e.flush();
+                }
             });
         }
     });
     t.elapsed()
+}
+
+/// The overwrites, not flushed inside the timing (a flush after it).
+fn run(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
+    let took = writes(e, offs, threads, None);
+    e.flush();
+    took
 }
 
 /// `alloc-4k-rand-mt`: allocating writes on one and two threads sharing one fresh image
@@ -108,7 +103,8 @@ pub fn alloc_rows(cfg: &Cfg) {
     for _ in 0..cfg.rounds {
         for (b, &(eng, threads)) in best.iter_mut().zip(&cases) {
             let img = fresh_image(cfg);
-            *b = (*b).min(alloc(&open(eng, &img), &offs, threads));
+            let e = open(eng, &img);
+            *b = (*b).min(writes(&e, &offs, threads, Some(FLUSH_EVERY)));
         }
     }
     for (best, (eng, threads)) in best.into_iter().zip(cases) {
