@@ -9,7 +9,7 @@
 # give both tools that mode, so "ret" compares like with like.
 #
 # Usage: benches/compare-qemu.sh            (as root for the big and loop-device cases)
-#   RUNS=3              runs per tool and case (the fastest is reported)
+#   RUNS=3              runs per tool and case (the fastest is reported, see STAT)
 #   CASES="a b ..."     only these cases (names as printed)
 #   BIG=1               the larger-than-dirty-limits case (needs root: XFS image, mount)
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
@@ -21,6 +21,13 @@
 #                       cgroup v1 or v2): its page cache, the source's and the output's dirty
 #                       pages included, cannot grow past it, so BIG_DATA_GIB=3 is larger
 #                       than the page cache on any machine (a stand-in for the 8 GiB case)
+#   BIG_LOOP_DIO=1      the big case's XFS image sits on a loop device with --direct-io=on
+#                       (0: `mount -o loop`, buffered: one kernel thread copies every request
+#                       into the host page cache, which then holds all the data, so the case
+#                       is neither larger than the page cache nor sensitive to queue depth)
+#   BENCH_RT=1          timed commands run at real-time priority (chrt -f 10), so that other
+#                       work on a shared machine does not decide the times
+#   STAT=min            report the fastest run of each tool (median: the middle one)
 #   BENCH_SRC_DIR=/usr/share, BENCH_SIZE=4G   the ext4 input (mkfs.ext4 -d)
 #   DISKIMG=path        use this binary instead of building target/release/diskimg
 #
@@ -106,11 +113,12 @@ if [ -n "$memcg" ]; then
     # shellcheck disable=SC2016
     in_memcg=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$memcg")
 fi
+if [ "${BENCH_RT:-0}" = 1 ]; then in_memcg+=(chrt -f 10); fi
 cleanup() {
     set +e
     if [ -n "$memcg" ]; then rmdir "$memcg"; fi
-    if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi
     if [ -n "$mnt" ] && mountpoint -q "$mnt"; then umount "$mnt"; fi
+    if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi
     rm -rf "$work" "$cache/big-xfs.img" "$cache/big-mnt"
 }
 trap cleanup EXIT
@@ -134,7 +142,13 @@ timed() {
     echo "$(echo "$ret - $start" | bc) $(echo "$end - $start" | bc) $rss $(echo "$u + $sy" | bc)"
 }
 
-min() { printf '%s\n' "$@" | sort -g | head -1; }
+min() {
+    if [ "${STAT:-min}" = median ]; then
+        printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    else
+        printf '%s\n' "$@" | sort -g | head -1
+    fi
+}
 max() { printf '%s\n' "$@" | sort -g | tail -1; }
 ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 
@@ -142,6 +156,9 @@ echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uptime | sed 's/.*lo
 echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$bin" --version 2>/dev/null | head -1), $(qemu-img --version | head -1)"
 echo "# input: $input ($(du -h "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
 if [ -n "$memcg" ]; then echo "# every run in a memory cgroup of BENCH_MEM=$BENCH_MEM ($memcg)"; fi
+rt=
+if [ "${BENCH_RT:-0}" = 1 ]; then rt=", real-time priority (chrt -f 10)"; fi
+echo "# times: ${STAT:-min} of the runs$rt"
 echo
 echo "| case | qemu ret | qemu dur | dimg ret | dimg dur | × ret | × dur | CPU qemu | CPU dimg | × CPU | RSS qemu | RSS dimg | size d/q |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -252,7 +269,12 @@ if [ "$run_big" = 1 ]; then
     truncate -s 200G "$img"
     mkfs.xfs -q -m reflink=1 "$img"
     mkdir -p "$mnt"
-    mount -o loop "$img" "$mnt"
+    if [ "${BIG_LOOP_DIO:-1}" = 1 ]; then
+        loopdev=$(losetup --direct-io=on -f --show "$img")
+        mount "$loopdev" "$mnt"
+    else
+        mount -o loop "$img" "$mnt"
+    fi
     cp --sparse=always "$input" "$mnt/ext4.raw"
     big=$mnt/big.raw
     truncate -s 100G "$big"
@@ -261,8 +283,12 @@ if [ "$run_big" = 1 ]; then
         xfs_io -c "reflink $mnt/ext4.raw 0 $((k * step))G $size" "$big" >/dev/null
     done
     sync
-    echo "# big: $big, 100 GiB virtual, $copies reflinked copies ($(qemu-img map -f raw --output=json "$big" | grep -c '"data": true') data extents), dirty limits: ratio $(cat /proc/sys/vm/dirty_ratio)%, background $(cat /proc/sys/vm/dirty_background_ratio)% of $(free -g | awk '/Mem:/{print $2}') GiB"
-    cold() { dd if="$big" iflag=nocache count=0 status=none; }
+    echo "# big: $big (XFS on $(if [ -n "$loopdev" ]; then echo "a direct-io loop device"; else echo "a buffered loop device"; fi)), 100 GiB virtual, $copies reflinked copies ($(qemu-img map -f raw --output=json "$big" | grep -c '"data": true') data extents), dirty limits: ratio $(cat /proc/sys/vm/dirty_ratio)%, background $(cat /proc/sys/vm/dirty_background_ratio)% of $(free -g | awk '/Mem:/{print $2}') GiB"
+    # Deleted outputs free the image's space only when trimmed.
+    cold() {
+        fstrim "$mnt" 2>/dev/null || true
+        dd if="$big" iflag=nocache count=0 status=none
+    }
     work_saved=$work
     work=$mnt
     n=${BIG_RUNS:-1}
@@ -270,6 +296,8 @@ if [ "$run_big" = 1 ]; then
     bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n" 1
     work=$work_saved
     umount "$mnt"
+    if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi
+    loopdev=
     rm -rf "$img" "$mnt"
     mnt=
 fi

@@ -132,6 +132,8 @@ pub(crate) struct PolicyFiles {
     pub(crate) io_uring: Option<Arc<diskimg_blockio::Uring>>,
     /// Wraps the files opened here ([`StorageHook`]).
     pub(crate) hook: Option<StorageHook>,
+    /// Filter drivers for `json:` backing names ([`crate::ImageOptions::node_drivers`]).
+    pub(crate) drivers: crate::NodeDrivers,
 }
 
 impl HostFiles for PolicyFiles {
@@ -141,6 +143,13 @@ impl HostFiles for PolicyFiles {
                 name: name.to_string(),
             }));
         }
+        // A `json:{…}` backing name (a parent a format reads itself, vmdk's): its file,
+        // under the nodes it names.
+        let node = match purpose == FilePurpose::Backing && name.starts_with("json:") {
+            true => Some(crate::jsonname::backing_node(name, &self.drivers)?),
+            false => None,
+        };
+        let name = node.as_ref().map_or(name, |n| n.path.as_str());
         let path = self.policy.resolve(purpose, &self.dir, name)?;
         let ro = self.read_only || !writable;
         let file = Arc::new(open_file_with(
@@ -157,11 +166,16 @@ impl HostFiles for PolicyFiles {
         }
         let hook = self.hook.as_ref();
         #[cfg(target_os = "linux")]
-        if let Some(ring) = &self.io_uring {
-            let s = Arc::new(UringStorage::from_arc(file, ring.clone()));
-            return Ok(StorageHook::wrap(hook, Some(purpose), s));
+        let mut s: Arc<dyn Storage> = match &self.io_uring {
+            Some(ring) => Arc::new(UringStorage::from_arc(file, ring.clone())),
+            None => file,
+        };
+        #[cfg(not(target_os = "linux"))]
+        let mut s: Arc<dyn Storage> = file;
+        if let Some(n) = &node {
+            s = n.wrap(s);
         }
-        Ok(StorageHook::wrap(hook, Some(purpose), file))
+        Ok(StorageHook::wrap(hook, Some(purpose), s))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {

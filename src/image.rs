@@ -10,6 +10,7 @@ use diskimg_blockio::{
 
 use crate::format::{Format, probe};
 use crate::hostfile::{PolicyFiles, StorageHook, open_file_with, open_user_file};
+use crate::jsonname::{BackingNode, NodeDrivers, backing_node};
 use crate::locking::{HeldLocks, LockMode};
 use crate::policy::{OpenPolicy, PathRule};
 
@@ -57,6 +58,12 @@ pub struct ImageOptions {
     pub io_uring: Option<Arc<crate::blockio::Uring>>,
     /// Wraps the storages of the top image (see [`StorageHook`]); `None`: none.
     pub storage_hook: Option<StorageHook>,
+    /// Filter drivers for nodes inside `json:{…}` backing file names (the CLI's
+    /// `blkdebug`); formats, `file` and `raw` (`offset`/`size`) nodes need none.
+    pub node_drivers: NodeDrivers,
+    /// The nodes between the backing image being opened and its file (from its `json:`
+    /// name).
+    node: Option<Arc<BackingNode>>,
 }
 
 impl Default for ImageOptions {
@@ -76,6 +83,8 @@ impl Default for ImageOptions {
             #[cfg(target_os = "linux")]
             io_uring: None,
             storage_hook: None,
+            node_drivers: NodeDrivers::default(),
+            node: None,
         }
     }
 }
@@ -298,7 +307,10 @@ fn open_inner(
         locks.lock(&file, perms, &path.to_string_lossy())?;
     }
     let hook = options.storage_hook.as_ref().filter(|_| top);
-    let storage = StorageHook::wrap(hook, None, on_ring(file, options));
+    let mut storage = StorageHook::wrap(hook, None, on_ring(file, options));
+    if let Some(node) = options.node.as_ref().filter(|_| !top) {
+        storage = node.wrap(storage);
+    }
     let dir = dir_of(path);
     let files = Arc::new(PolicyFiles {
         dir: dir.clone(),
@@ -311,6 +323,7 @@ fn open_inner(
         lock_mode,
         locks: locks.clone(),
         hook: hook.cloned(),
+        drivers: options.node_drivers.clone(),
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -398,8 +411,35 @@ fn open_backing(
     };
     let (mut last_err, mut refused) = (None, None);
     for name in std::iter::once(&bref.filename).chain(bref.alternates.iter()) {
+        // A `json:{…}` name: the format on the file (and nodes) it names.
+        let node = match name.starts_with("json:") {
+            true => match backing_node(name, &options.node_drivers) {
+                Ok(n) => Some(Arc::new(n)),
+                // A policy that refuses backing files says so first.
+                Err(e) => {
+                    last_err = Some(
+                        match options.policy.resolve(FilePurpose::Backing, dir, name) {
+                            Err(d @ Error::BackingDenied { .. }) => d,
+                            _ => e,
+                        },
+                    );
+                    continue;
+                }
+            },
+            false => None,
+        };
+        let file = node.as_ref().map_or(name.clone(), |n| n.path.clone());
+        let bformat = node.as_ref().and_then(|n| n.format).or(bformat);
+        let mut opts = backing_opts.clone();
+        for (k, v) in node.iter().flat_map(|n| n.driver_options.entries()) {
+            opts.set(k, v);
+        }
+        let node_options = ImageOptions {
+            node,
+            ..options.clone()
+        };
         // Judged by the real path it resolves to (symbolic links followed) and its type.
-        let bpath = match options.policy.resolve(FilePurpose::Backing, dir, name) {
+        let bpath = match options.policy.resolve(FilePurpose::Backing, dir, &file) {
             Ok(p) => p,
             Err(e @ Error::BackingDenied { .. }) => {
                 last_err = Some(e);
@@ -411,7 +451,7 @@ fn open_backing(
                 last_err = Some(Error::io(
                     format!(
                         "Could not open backing file: Could not open '{}'",
-                        dir.join(name).display()
+                        dir.join(&file).display()
                     ),
                     std::io::Error::from_raw_os_error(2),
                 ));
@@ -423,9 +463,9 @@ fn open_backing(
             &bpath,
             name,
             bformat,
-            options,
+            &node_options,
             !options.backing_writable,
-            backing_opts.clone(),
+            opts,
             visited,
         )?;
         // A candidate the image refuses as its parent (VHD unique id, VHDX linkage) does
@@ -543,6 +583,7 @@ pub fn create(
         lock_mode,
         locks: HeldLocks::default(),
         hook: None,
+        drivers: image_options.node_drivers.clone(),
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

@@ -31,6 +31,7 @@ mod format;
 mod hostfile;
 mod image;
 mod inspect;
+mod jsonname;
 mod locking;
 pub mod maint;
 mod policy;
@@ -61,5 +62,6 @@ pub use inspect::{
     Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,
     inspect, inspect_storage,
 };
+pub use jsonname::{FilterNode, NodeDriver, NodeDrivers, WrapStorage, json_options};
 pub use policy::{OpenPolicy, PathRule, SpecialFiles};
 pub use snapshot::{SnapshotSelector, snapshot_device};

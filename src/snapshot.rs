@@ -67,7 +67,19 @@ pub fn snapshot_device(image: &Image, sel: &SnapshotSelector) -> Result<Arc<dyn 
         )));
     };
     match image.device.as_snapshots() {
-        Some(s) => s.open(&found.id),
+        // qemu-img's words for any failure to load it (`Failed to load snapshot: …`).
+        Some(s) => s.open(&found.id).map_err(|e| match e {
+            Error::Corrupt {
+                format,
+                what,
+                offset,
+            } => Error::Corrupt {
+                format,
+                what: format!("Failed to load snapshot: {what}").into(),
+                offset,
+            },
+            e => e,
+        }),
         None => Err(Error::unsupported(info.format, "internal snapshots")),
     }
 }

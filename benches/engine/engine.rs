@@ -17,7 +17,9 @@
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
 //! - `BENCH_ONLY` — comma-separated row names to run (default all);
 //! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
-//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row).
+//!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row);
+//! - `BENCH_URING_PLUG=1`, `BENCH_URING_PARK=std` — variants of the io_uring row's
+//!   driver (`benches/engine/uring.rs`).
 //!
 //! Patterns (the same for every engine):
 //! - `seq-read-1m`: the whole image in 1 MiB reads;
@@ -37,8 +39,8 @@
 //!
 //! `qemu-img bench` runs the stride patterns with `-d 1` (and the read with `-d 16 -t none`,
 //! with qemu's default thread pool and with `-i io_uring`). The `O_DIRECT` and `qemu-img
-//! bench` read rows run round by round in turn, and so do the engines of an allocating
-//! row (the device, shared with whatever else the machine does, sets their pace: a
+//! bench` read rows run round by round in turn, and so do the engines of every other row
+//! (the device or the CPUs, shared with whatever else the machine does, set their pace: a
 //! disturbance then hits each of them alike).
 
 use std::path::{Path, PathBuf};
@@ -288,25 +290,26 @@ fn main() {
         ("read-4k-rand", &rand_c, BLOCK as usize, 1),
         ("read-4k-rand-2t", &rand_c, BLOCK as usize, 2),
     ];
+    // The engines of a page-cache row, too, run round by round in turn: the CPUs are
+    // shared with other work whose load changes between rounds.
     for (name, offs, len, threads) in reads {
         if !cfg.wants(name) {
             continue;
         }
-        for &eng in &engines {
-            let e = open_engine(eng, &data, false);
-            let best = (0..cfg.rounds)
-                .map(|_| run_reads(&e, offs, len, threads))
-                .min()
-                .unwrap_or_default();
-            print_row(&Row {
-                name: name.into(),
-                engine: eng.into(),
-                ops: offs.len(),
-                bytes: offs.len() as u64 * len as u64,
-                best,
-                note: String::new(),
-            });
-        }
+        let cases = engines
+            .iter()
+            .map(|&eng| {
+                let e = open_engine(eng, &data, false);
+                Case {
+                    name,
+                    engine: eng.into(),
+                    ops: offs.len(),
+                    bytes: offs.len() as u64 * len as u64,
+                    run: Box::new(move || run_reads(&e, offs, len, threads)),
+                }
+            })
+            .collect();
+        interleaved(cfg.rounds, cases);
     }
     // The O_DIRECT rows (the device, which other work shares, sets their pace) run
     // round by round in turn, so that a disturbance hits all of them alike.

@@ -1,10 +1,14 @@
 //! The io_uring row: random 4 KiB reads through the library's async face on an io_uring
 //! (`ImageOptions::with_io_uring`, `O_DIRECT` as `qemu-img bench -t none`), `depth`
 //! requests in flight from one thread. The thread polls its futures itself (no runtime):
-//! the reads that completed are replaced by the next ones, started under one
-//! [`Plug`] (one `io_uring_enter` for them all), as a virtqueue handler refills its ring
-//! and notifies once (qemu-img bench, too, submits the next requests from its completions
-//! and its event loop enters the ring once per iteration).
+//! the reads that completed are replaced by the next ones, each submitted as it is
+//! started; when none is ready the thread waits with [`park_until`], which reaps the
+//! ring on this thread (no hop through the ring's completion thread).
+//!
+//! Two knobs give the variants measured against (docs/benchmarks.md, session 6):
+//! `BENCH_URING_PLUG=1` starts each round of refills under one [`Plug`] (one
+//! `io_uring_enter` for them; measured 15 % slower on this virtio disk),
+//! `BENCH_URING_PARK=std` parks with `std::thread::park` (the completion thread reaps).
 
 use std::future::Future;
 use std::path::Path;
@@ -15,7 +19,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use diskimg::blockio::{AsyncDevice, CacheMode, IoBuf, IoFuture, Plug};
+use diskimg::blockio::{AsyncDevice, CacheMode, IoBuf, IoFuture, Plug, park_until};
 use diskimg::{Format, ImageOptions};
 
 /// Wakes the benchmark thread: a completion sets the flag and unparks it.
@@ -50,6 +54,8 @@ pub fn reads(path: &Path, offs: &[u64], len: usize, depth: usize) -> Duration {
     });
     let waker = Waker::from(unpark.clone());
     let mut cx = Context::from_waker(&waker);
+    let batch = std::env::var("BENCH_URING_PLUG").is_ok_and(|v| v == "1");
+    let std_park = std::env::var("BENCH_URING_PARK").is_ok_and(|v| v == "std");
     let mut next = offs.iter();
     let t = Instant::now();
     let plug = Plug::new();
@@ -68,12 +74,16 @@ pub fn reads(path: &Path, offs: &[u64], len: usize, depth: usize) -> Duration {
             }
         }
         if done.is_empty() {
-            while !unpark.woken.load(Ordering::Acquire) {
-                std::thread::park();
+            if std_park {
+                while !unpark.woken.load(Ordering::Acquire) {
+                    std::thread::park();
+                }
+            } else {
+                park_until(|| unpark.woken.load(Ordering::Acquire));
             }
             continue;
         }
-        let plug = Plug::new();
+        let plug = batch.then(Plug::new);
         // Highest index first: `swap_remove` moves only futures already looked at.
         for (i, buf) in done.drain(..).rev() {
             match next.next() {

@@ -260,3 +260,79 @@ fn policy_rules_survive_directory_symlinks() {
     let img = open(root.path().join("link/disk.vmdk"), Some(Format::Vmdk), &o).unwrap();
     assert_eq!(img.device.virtual_size(), 4096);
 }
+
+/// A `json:{…}` backing name opens the format on the file it names, through a `raw` node
+/// with `size` (writes past it fail with ENOSPC, as qemu's raw driver) and through filter
+/// nodes the caller supplies; its file is judged by the policy like any backing file, and
+/// a filter driver the caller does not supply is refused with qemu's message.
+#[test]
+fn json_backing_names_open_through_their_nodes_under_the_policy() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    let io = std::process::Command::new("qemu-io")
+        .args(["-c", "write -P 0x5a 0 64k", s(&base)])
+        .output()
+        .expect("qemu-io is not installed (apt-get install qemu-utils)");
+    assert!(io.status.success(), "{io:?}");
+    let len = std::fs::metadata(&base).unwrap().len();
+    let make = |name: &str, backing: &str| {
+        let top = d.join(name);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            s(&top),
+            "1M",
+        ]);
+        top
+    };
+    let raw = format!(
+        "json:{{'driver': 'qcow2', 'file': {{'driver': 'raw', 'size': {len}, 'file': {{'driver': 'file', 'filename': '{}'}}}}}}",
+        s(&base)
+    );
+    let top = make("top.qcow2", &raw);
+    let mut opts = ImageOptions::default().with_policy(OpenPolicy::qemu_compatible());
+    opts.backing_writable = true;
+    let img = open(&top, None, &opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.device.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    // The raw node is `len` bytes: a new cluster of the backing image does not fit.
+    let backing = img.backing.as_ref().unwrap();
+    let e = backing.device.write_at(&buf, 512 << 10).unwrap_err();
+    assert!(e.to_string().contains("No space left on device"), "{e}");
+    drop(img);
+    // The default policy opens no backing file, json: names included.
+    let e = open(&top, None, &ImageOptions::read_only(true)).unwrap_err();
+    assert!(denied(&e), "{e}");
+    // A filter node needs its driver.
+    let blkdebug = format!(
+        "json:{{'driver': 'qcow2', 'file': {{'driver': 'blkdebug', 'image': {{'driver': 'file', 'filename': '{}'}}}}}}",
+        s(&base)
+    );
+    let top = make("top2.qcow2", &blkdebug);
+    let ro = ImageOptions::read_only(true).with_policy(OpenPolicy::qemu_compatible());
+    let e = open(&top, None, &ro).unwrap_err();
+    assert!(e.to_string().contains("Unknown driver 'blkdebug'"), "{e}");
+    let mut with = ro.clone();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = seen.clone();
+    let driver: diskimg::NodeDriver = std::sync::Arc::new(move |_o: &OptionList| {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(diskimg::FilterNode {
+            child: "image".into(),
+            wrap: std::sync::Arc::new(|s| s),
+        })
+    });
+    with.node_drivers = diskimg::NodeDrivers(vec![("blkdebug".into(), driver)]);
+    assert!(open(&top, None, &with).unwrap().backing.is_some());
+    assert!(seen.load(std::sync::atomic::Ordering::SeqCst));
+}

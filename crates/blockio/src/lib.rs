@@ -87,7 +87,7 @@ mod secrets;
 mod storage;
 pub mod vectored;
 
-pub use aio::{AsyncDevice, IO_ALIGN, IoBuf, IoFuture, Plug};
+pub use aio::{AsyncDevice, IO_ALIGN, IoBuf, IoFuture, Plug, park_until};
 pub use cache::CacheMode;
 pub use capability::{Amend, BitmapData, BitmapInfo, BitmapOp, Bitmaps, ChainLink, Snapshots};
 pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};

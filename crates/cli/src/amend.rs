@@ -87,7 +87,14 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         )
     };
     bar.print(100.0, 0);
-    amended?;
+    amended.map_err(|e| match crate::errmap::snapshot_l1_refusal(&e) {
+        // qemu meets it expanding the snapshots' zero clusters in a downgrade.
+        Some((what, errno)) => {
+            eprintln!("{}: {what}", crate::common::prog());
+            anyhow!("Failed to turn zero into data clusters: {errno}")
+        }
+        None => e.into(),
+    })?;
     img.close()?;
     bar.end();
     Ok(0)

@@ -65,6 +65,19 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         Err(e) => bail!("Check failed: {e}"),
     };
     for m in &first.messages {
+        if m.starts_with("ERROR failed to read the snapshot table")
+            || m.starts_with("ERROR snapshot table ")
+        {
+            // qemu's error_report (with the program prefix); the check fails with the
+            // errno of the refusal.
+            eprintln!("{}: {m}", crate::common::prog());
+            let errno = if m.starts_with("ERROR snapshot table offset invalid") {
+                "Invalid argument"
+            } else {
+                "File too large"
+            };
+            bail!("Check failed: {errno}");
+        }
         eprintln!("{m}");
     }
     if first.check_errors > 0 && first.messages.iter().any(|m| m.contains("need to rebuild")) {

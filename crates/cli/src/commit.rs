@@ -62,15 +62,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     let depth = match &a.base {
         None => 1,
-        Some(b) => {
-            let want = std::fs::canonicalize(b).ok();
-            chain
-                .iter()
-                .skip(1)
-                .position(|i| want.is_some() && std::fs::canonicalize(&i.path).ok() == want)
-                .map(|p| p + 1)
-                .ok_or_else(|| anyhow!("Did not find '{b}' in the backing chain of '{}'", a.file))?
-        }
+        Some(b) => find_base(&chain, b)
+            .ok_or_else(|| anyhow!("Did not find '{b}' in the backing chain of '{}'", a.file))?,
     };
     let base = chain
         .get(depth)
@@ -84,30 +77,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     let depth_index = depth;
     let depth = u32::try_from(depth)?;
-    let chunk = 4u64 << 20;
-    let mut buf = vec![0u8; usize::try_from(chunk)?];
-    let mut pos = 0u64;
-    while pos < size {
-        let e = diskimg::block_status(top, pos, (size - pos).min(chunk))?;
-        let n = e.length.max(1).min(size - pos);
-        if e.present && e.depth < depth {
-            if e.zero {
-                base.device
-                    .write_zeroes(pos, n, ZeroFlags { may_unmap: true })?;
-            } else {
-                let b = buf
-                    .get_mut(..usize::try_from(n)?)
-                    .ok_or_else(|| anyhow!("buffer"))?;
-                top.read_at(b, pos)?;
-                base.device.write_at(b, pos)?;
-            }
-        }
-        pos += n;
-        bar.fraction(pos, size);
-    }
-    base.device.flush()?;
-    // The image directly above BASE keeps its data; where the format links it to BASE's
-    // state (VHDX parent_linkage), record BASE's new state.
+    // As qemu-img, a failure while copying is the block job's.
+    copy_down(top, base.device.as_ref(), depth, &bar)
+        .map_err(|e| anyhow!("Block job failed: {}", crate::errmap::strerror(&e)))?;
     if let Some(above) = depth_index.checked_sub(1).and_then(|i| chain.get(i)) {
         diskimg::maint::relink_after_commit(above.device.as_ref(), base.device.as_ref())
             .with_context(|| "Could not relink the image above the base")?;
@@ -130,4 +102,55 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         out("Image committed.\n")?;
     }
     Ok(0)
+}
+
+/// The depth in `chain` of the image `-b` names (qemu's `bdrv_find_backing_image`): an
+/// absolute name is compared as it is, a relative one against the directory of each image
+/// whose backing file is compared (as backing names are relative to their overlay).
+fn find_base(chain: &[&diskimg::Image], b: &str) -> Option<usize> {
+    let absolute = std::path::Path::new(b).is_absolute();
+    (1..chain.len()).find(|&i| {
+        let (Some(above), Some(img)) = (chain.get(i - 1), chain.get(i)) else {
+            return false;
+        };
+        let want = match absolute {
+            true => std::path::PathBuf::from(b),
+            false => above.path.parent().map_or_else(|| b.into(), |d| d.join(b)),
+        };
+        let want = std::fs::canonicalize(want).ok();
+        want.is_some() && std::fs::canonicalize(&img.path).ok() == want
+    })
+}
+
+/// Copies what the images above `base` (at `depth` below `top`) hold into it, then
+/// flushes it.
+fn copy_down(
+    top: &dyn diskimg::BlockDevice,
+    base: &dyn diskimg::BlockDevice,
+    depth: u32,
+    bar: &Progress,
+) -> diskimg::Result<()> {
+    let size = top.virtual_size();
+    let chunk = 4u64 << 20;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let e = diskimg::block_status(top, pos, (size - pos).min(chunk))?;
+        let n = e.length.max(1).min(size - pos);
+        if e.present && e.depth < depth {
+            if e.zero {
+                base.write_zeroes(pos, n, ZeroFlags { may_unmap: true })?;
+            } else {
+                let len = usize::try_from(n).map_err(|_| diskimg::Error::internal("chunk"))?;
+                let b = buf
+                    .get_mut(..len)
+                    .ok_or(diskimg::Error::internal("chunk"))?;
+                top.read_at(b, pos)?;
+                base.write_at(b, pos)?;
+            }
+        }
+        pos += n;
+        bar.fraction(pos, size);
+    }
+    base.flush()
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, CacheMode, Format, Image, ImageOptions, OpenPolicy};
-use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, convert};
+use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, WriteBehind, convert};
 
 use crate::common::{
     Progress, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
@@ -404,6 +404,13 @@ fn open_target(
             });
         }
     }
+    if cache == Some(CacheMode::None)
+        && fresh
+        && fmt != Format::Raw
+        && let Some(t) = open_behind(name, fmt)?
+    {
+        return Ok(t);
+    }
     let opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
     let img = open_resolved(name, name, Some(fmt), opts, false, true)?;
     Ok(Target {
@@ -411,6 +418,29 @@ fn open_target(
         _image: Some(img),
         cache: None,
     })
+}
+
+/// Large writes in flight for `-t none` ([`open_behind`]).
+const BEHIND_DEPTH: usize = 4;
+
+/// `-t none` onto a single-file image created here (not raw, whose workers write in
+/// parallel themselves): `O_DIRECT`, with up to [`BEHIND_DEPTH`] large writes in flight
+/// ([`WriteBehind`]: the ordered writer goes on while the device writes; every flush is
+/// honoured and waits for them). `None` when the image needs more than its file (the
+/// usual open then reports what is wrong).
+fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
+    let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
+        return Ok(None);
+    };
+    crate::common::lock_own_file(&file, fmt, name)?;
+    let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH));
+    Ok(diskimg::open_storage(storage, Some(fmt), false)
+        .ok()
+        .map(|device| Target {
+            device,
+            _image: None,
+            cache: None,
+        }))
 }
 
 impl Target {

@@ -160,10 +160,16 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
             opts.read_only = true;
             opts.metadata_only = true;
             opts.driver_options.set("encrypt.no-io", "on");
-            let img = diskimg::open(&path, fmt, &opts).map_err(|e| {
+            let img = if b.starts_with("json:") {
+                // A `json:{…}` name is opened as qemu-img opens one given as an image.
+                crate::imgspec::open_arg(b, fmt, opts)
+            } else {
+                diskimg::open(&path, fmt, &opts).map_err(Into::into)
+            }
+            .map_err(|e| {
                 anyhow!(
                     "{file}: {}\nCould not open backing image.",
-                    crate::message(&e.into())
+                    crate::message(&e)
                 )
             })?;
             if fmt.is_none() {
@@ -183,9 +189,10 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
     if !a.quiet {
         out(&format!("{line}\n"))?;
     }
-    let opts = ImageOptions::default()
+    let mut opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
+    opts.node_drivers = crate::io::blkdebug::node_drivers();
     diskimg::create(
         crate::names::host_path(&file),
         format,

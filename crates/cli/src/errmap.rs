@@ -77,6 +77,24 @@ pub(crate) fn strerror(e: &E) -> String {
     }
 }
 
+/// qcow2's refusal of a snapshot's L1 table when the snapshot is used (qemu's
+/// `qcow2_validate_table`: "Snapshot L1 table too large" / "… offset invalid"), with the
+/// `strerror` text of the errno qemu returns with it (`EFBIG` / `EINVAL`). qemu prints
+/// the words on a line of their own and the operation's failure with the errno after.
+pub(crate) fn snapshot_l1_refusal(e: &E) -> Option<(String, &'static str)> {
+    match e {
+        E::Corrupt { what, .. } if what.starts_with("Snapshot L1 table ") => {
+            let errno = if what.ends_with(" too large") {
+                "File too large"
+            } else {
+                "Invalid argument"
+            };
+            Some((what.to_string(), errno))
+        }
+        _ => None,
+    }
+}
+
 /// An OS error's `strerror` text (without Rust's " (os error N)").
 pub(crate) fn os_error_text(e: &std::io::Error) -> String {
     match e.raw_os_error() {

@@ -21,6 +21,7 @@ use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
 
 use crate::io::blkdebug::{
     Blkdebug, BlkdebugStorage, Engine, Limits as BlkdebugLimits, Rule as BlkdebugRule,
+    config_rules, node_rules,
 };
 use crate::io::filter::Filtered;
 use crate::nodes::{DeviceStorage, NullDevice, RawWindow};
@@ -123,16 +124,6 @@ fn drop_subtree(o: &mut OptionList, prefix: &str) {
     }
 }
 
-/// The rules of a blkdebug config file (none for an empty name).
-fn config_rules(config: &str) -> Result<Vec<BlkdebugRule>> {
-    if config.is_empty() {
-        return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
-    crate::io::blkdebug::parse_config(&text)
-}
-
 /// The image and rules of a `blkdebug:CONFIG:FILE` name.
 fn blkdebug_name(name: &str) -> Result<(String, Vec<BlkdebugRule>)> {
     let rest = name.strip_prefix("blkdebug:").unwrap_or(name);
@@ -155,8 +146,7 @@ const BLKDEBUG_LIMITS: &[&str] = &[
 /// Resolves a `blkdebug` node's options (`o` relative to it; `name` a file name given
 /// beside them, qemu's `x-image`) to its image's file name and its rules.
 fn blkdebug_node(o: &OptionList, name: Option<&str>) -> Result<(String, Vec<BlkdebugRule>)> {
-    let mut rules = crate::io::blkdebug::option_rules(o)?;
-    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    let mut rules = node_rules(o)?;
     // The image: a file, or a format on a file (`image.file.filename`).
     let file = o
         .get("image.filename")

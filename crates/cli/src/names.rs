@@ -9,9 +9,8 @@
 //! A `file:` prefix names the file protocol explicitly; qemu shows the name without it,
 //! behind `./` when the rest would read as another protocol prefix (`image:top.qcow2`).
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use diskimg::OptionList;
-use serde_json::Value;
 
 /// The host path of a file name: without qemu's `file:` protocol prefix.
 pub(crate) fn host_path(arg: &str) -> &str {
@@ -95,86 +94,10 @@ fn plain_file(d: &OptionList) -> Option<String> {
     file
 }
 
-/// qemu's JSON parser also takes single-quoted strings: rewrites them as JSON strings.
-fn double_quotes(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    let mut in_double = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                in_double = !in_double;
-                out.push(c);
-            }
-            '\\' if in_double => {
-                out.push(c);
-                if let Some(n) = chars.next() {
-                    out.push(n);
-                }
-            }
-            '\'' if !in_double => {
-                out.push('"');
-                while let Some(n) = chars.next() {
-                    match n {
-                        '\'' => break,
-                        '"' => out.push_str("\\\""),
-                        '\\' => match chars.next() {
-                            Some('\'') => out.push('\''),
-                            Some(e) => {
-                                out.push('\\');
-                                out.push(e);
-                            }
-                            None => {}
-                        },
-                        other => out.push(other),
-                    }
-                }
-                out.push('"');
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
-/// Flattens the object of a `json:{…}` file name into dotted keys (qemu's
-/// `qdict_flatten`: `{"file":{"filename":"x"}}` → `file.filename=x`).
+/// Flattens the object of a `json:{…}` file name into dotted keys
+/// ([`diskimg::json_options`]).
 pub(crate) fn flatten_json(name: &str) -> Result<OptionList> {
-    let text = name.strip_prefix("json:").unwrap_or(name);
-    let v: Value = serde_json::from_str(&double_quotes(text))
-        .map_err(|e| anyhow!("Could not parse the JSON options: {e}"))?;
-    let Value::Object(_) = v else {
-        bail!("Invalid JSON object given");
-    };
-    let mut out = OptionList::new();
-    flatten("", &v, &mut out);
-    Ok(out)
-}
-
-fn flatten(prefix: &str, v: &Value, out: &mut OptionList) {
-    let key = |k: &str| {
-        if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        }
-    };
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                flatten(&key(k), v, out);
-            }
-        }
-        Value::Array(items) => {
-            for (i, v) in items.iter().enumerate() {
-                flatten(&key(&i.to_string()), v, out);
-            }
-        }
-        Value::String(s) => out.set(prefix, s),
-        Value::Bool(b) => out.set(prefix, if *b { "on" } else { "off" }),
-        Value::Number(n) => out.set(prefix, &n.to_string()),
-        Value::Null => out.set(prefix, "null"),
-    }
+    diskimg::json_options(name).map_err(|e| anyhow!("{e}"))
 }
 
 /// Parses a qemu boolean option with qemu's message.
@@ -189,14 +112,6 @@ pub(crate) fn parse_bool(key: &str, v: &str) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn single_quotes_become_json_strings() {
-        assert_eq!(
-            double_quotes(r#"{'a': 'x"y', "b": 'it\'s'}"#),
-            r#"{"a": "x\"y", "b": "it's"}"#
-        );
-    }
 
     #[test]
     fn names_as_qemu_shows_them() {

@@ -153,6 +153,7 @@ pub(crate) fn resolve(
 ) -> Result<(String, Option<Format>, ImageOptions)> {
     let s = state();
     let mut opts = ImageOptions::default().with_secrets(s.secrets.clone());
+    opts.node_drivers = crate::io::blkdebug::node_drivers();
     if s.no_io {
         // As qemu-img info: external data files are not opened either.
         opts.metadata_only = true;

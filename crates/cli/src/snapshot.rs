@@ -49,6 +49,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 "Operation not supported".to_string()
             } else if e.to_string().contains("refcount overflow") {
                 "Invalid argument".to_string()
+            } else if let diskimg::Error::Io { source, .. } = &e {
+                // qemu-img prints strerror(-ret) of the driver's failure.
+                crate::errmap::os_error_text(source)
             } else {
                 e.to_string()
             };
@@ -64,8 +67,15 @@ pub(crate) fn run(a: Args) -> Result<i32> {
                 "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
             );
         }
-        diskimg::maint::apply_snapshot(&img, name)
-            .map_err(|e| anyhow!("Could not apply snapshot '{name}': {e}"))?;
+        diskimg::maint::apply_snapshot(&img, name).map_err(|e| {
+            if let Some((what, errno)) = crate::errmap::snapshot_l1_refusal(&e) {
+                eprintln!("{}: {what}", crate::common::prog());
+                return anyhow!(
+                    "Could not apply snapshot '{name}': Failed to load snapshot: {errno}"
+                );
+            }
+            anyhow!("Could not apply snapshot '{name}': {e}")
+        })?;
     } else if let Some(name) = &a.delete {
         let known = img.device.info().snapshots;
         if !known.iter().any(|s| &s.id == name || &s.name == name) {
@@ -99,7 +109,10 @@ pub(crate) fn table(list: &[SnapshotInfo]) -> String {
             secs % 60,
             (sn.vm_clock_nsec / 1_000_000) % 1000
         );
-        let icount = sn.icount.map_or_else(String::new, |i| i.to_string());
+        // qemu shows an unknown icount (-1) as "--".
+        let icount = sn
+            .icount
+            .map_or_else(|| "--".to_string(), |i| i.to_string());
         s.push_str(&format!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             sn.id,

@@ -54,6 +54,7 @@
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```
 
+mod behind;
 mod cache;
 mod concat;
 mod options;
@@ -62,6 +63,7 @@ mod pool;
 mod run;
 use diskimg_blockio::{BlockDevice, Error, Result};
 
+pub use behind::{MAX_BEHIND, MIN_BEHIND, WriteBehind};
 pub use cache::UnsafeCache;
 pub use concat::ConcatDevice;
 pub use options::{ConvertOptions, ConvertStats, DEFAULT_CHUNK, DEFAULT_SPARSE};

@@ -47,6 +47,10 @@ pub struct Qcow2OpenOptions {
     pub snapshot_id: Option<String>,
     /// `snapshot.name`: open a read-only view of the internal snapshot with this name.
     pub snapshot_name: Option<String>,
+    /// qemu's overlap check of inactive L2 tables (`overlap-check.inactive-l2=on`, or
+    /// `overlap-check=all`): it reads every snapshot's L1 table, so with a snapshot whose
+    /// L1 table cannot be used, every write fails as in qemu.
+    pub inactive_l2_check: bool,
 }
 
 impl Qcow2OpenOptions {
@@ -67,6 +71,10 @@ impl Qcow2OpenOptions {
             no_io: on(NO_IO_OPTION),
             snapshot_id: s("snapshot.id"),
             snapshot_name: s("snapshot.name"),
+            inactive_l2_check: match d.get("overlap-check.inactive-l2") {
+                Some(v) => v == "on",
+                None => d.get("overlap-check").or(d.get("overlap-check.template")) == Some("all"),
+            },
         }
     }
 

@@ -176,6 +176,7 @@ impl VmdkDevice {
         match &ext.data {
             ExtentData::Zero => Err(Error::unsupported("vmdk", "writes to a ZERO extent")),
             ExtentData::Flat { storage, offset } => {
+                storage.debug_event(diskimg_blockio::DebugEvent::WriteAio);
                 storage.write_all_at(data, offset.saturating_add(in_ext))
             }
             ExtentData::Sparse(s) => {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use diskimg_blockio::bytes::ReadBytes;
-use diskimg_blockio::{Error, Limits, MetaRanges, Result, Storage};
+use diskimg_blockio::{DebugEvent, Error, Limits, MetaRanges, Result, Storage};
 
 use crate::header::{
     CowdHeader, FLAG_COMPRESS, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN, GD_AT_END, SECTOR,
@@ -471,6 +471,7 @@ impl SparseExtent {
                 drop(st);
                 let at = host.saturating_add(in_grain as u64);
                 self.meta.guard_write("vmdk", at, data.len() as u64)?;
+                self.storage.debug_event(DebugEvent::WriteAio);
                 self.storage.write_all_at(data, at)
             }
             Grain::Compressed(_) => Err(Error::invalid(
@@ -490,6 +491,8 @@ impl SparseExtent {
                 let sector = self.alloc(&mut st, self.grain_sectors)?;
                 self.meta
                     .guard_write("vmdk", sector * SECTOR, buf.len() as u64)?;
+                // qemu's vmdk_write_extent raises write_aio before writing guest data.
+                self.storage.debug_event(DebugEvent::WriteAio);
                 self.storage.write_all_at(&buf, sector * SECTOR)?;
                 self.storage.flush()?;
                 self.set_gte(&mut st, grain, u32::try_from(sector).unwrap_or(0))

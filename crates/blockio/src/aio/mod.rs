@@ -123,6 +123,60 @@ impl std::fmt::Debug for Plug {
     }
 }
 
+/// Blocks the calling thread until `ready()` returns true: the parking step of a
+/// hand-written executor (poll the futures; if none is ready, park until a waker runs),
+/// which lets the thread reap its own io_uring completions.
+///
+/// While `ready()` is false: if the ring this thread submitted to last has requests in
+/// flight and no other thread waits in it, this thread waits in the ring itself
+/// (`io_uring_enter` with `IORING_ENTER_GETEVENTS`, submitting what its [`Plug`] held
+/// back in the same call) and runs the completions there — its own and other threads' —
+/// instead of the ring's completion thread running them and waking it: one wakeup per
+/// batch instead of two hand-offs. Otherwise it parks ([`std::thread::park`]): the
+/// futures' wakers must then unpark it (as a waker built on [`std::thread::Thread`]
+/// does), and `ready()` should read what they set.
+///
+/// A wake from elsewhere than the ring (a request that ran on a worker) is seen once the
+/// ring wait returns, that is after the next of the ring's requests completes; elsewhere
+/// than Linux this is `std::thread::park` in a loop.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use std::sync::atomic::{AtomicBool, Ordering};
+/// # use std::task::{Context, Poll, Wake, Waker};
+/// # use diskimg_blockio::{AsyncDevice, IoBuf};
+/// struct Flag(AtomicBool, std::thread::Thread);
+/// impl Wake for Flag {
+///     fn wake(self: Arc<Self>) {
+///         self.0.store(true, Ordering::Release);
+///         self.1.unpark();
+///     }
+/// }
+/// # fn f(aio: &AsyncDevice) -> diskimg_blockio::Result<()> {
+/// let flag = Arc::new(Flag(AtomicBool::new(false), std::thread::current()));
+/// let waker = Waker::from(flag.clone());
+/// let mut fut = std::pin::pin!(aio.read_at(IoBuf::new(4096), 0));
+/// let buf = loop {
+///     flag.0.store(false, Ordering::Release);
+///     if let Poll::Ready(r) = fut.as_mut().poll(&mut Context::from_waker(&waker)) {
+///         break r?;
+///     }
+///     diskimg_blockio::park_until(|| flag.0.load(Ordering::Acquire));
+/// };
+/// # Ok(()) }
+/// ```
+pub fn park_until(ready: impl Fn() -> bool) {
+    #[cfg(target_os = "linux")]
+    {
+        crate::storage::plug::flush();
+        crate::storage::park_until(&ready);
+    }
+    #[cfg(not(target_os = "linux"))]
+    while !ready() {
+        std::thread::park();
+    }
+}
+
 /// Worker threads of [`AsyncDevice::new`].
 const DEFAULT_WORKERS: usize = 4;
 

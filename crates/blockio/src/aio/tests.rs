@@ -316,3 +316,73 @@ fn tokio_tasks_drive_the_same_futures() {
         }
     });
 }
+
+/// Sets a flag and unparks the thread that polls (a hand-written executor's waker).
+struct Flag(std::sync::atomic::AtomicBool, std::thread::Thread);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+        self.1.unpark();
+    }
+}
+
+/// Hand-written executors on three threads sharing one ring, parking with
+/// [`park_until`] (which reaps the ring on the waiting thread when none other does):
+/// ring reads and worker flushes in flight together all complete with the right bytes.
+#[cfg(target_os = "linux")]
+#[test]
+fn park_until_drives_ring_and_worker_futures_on_several_threads() {
+    use std::future::Future;
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Poll};
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, whole) = uring_dev(dir.path());
+    let aio = AsyncDevice::with_workers(dev, 2).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..3u64 {
+            let (aio, whole) = (&aio, &whole);
+            s.spawn(move || {
+                let flag = Arc::new(Flag(Default::default(), std::thread::current()));
+                let waker = std::task::Waker::from(flag.clone());
+                let mut cx = Context::from_waker(&waker);
+                let at = |i: u64| (i * 7919 + t * 512) % (SIZE - 4096);
+                let (mut next, mut left) = (0u64, 0usize);
+                let mut reads: Vec<(u64, IoFuture<IoBuf>)> = Vec::new();
+                let mut flushes: Vec<IoFuture<()>> = Vec::new();
+                while next < 200 || !reads.is_empty() || !flushes.is_empty() {
+                    while next < 200 && reads.len() < 16 {
+                        let _plug = Plug::new();
+                        reads.push((next, aio.read_at(IoBuf::new(4096), at(next))));
+                        if next % 50 == 0 {
+                            flushes.push(aio.flush());
+                        }
+                        next += 1;
+                    }
+                    flag.0.store(false, Ordering::Release);
+                    let before = (left, flushes.len());
+                    reads.retain_mut(|(i, f)| match std::pin::Pin::new(f).poll(&mut cx) {
+                        Poll::Ready(got) => {
+                            let o = usize::try_from(at(*i)).unwrap();
+                            assert_eq!(&got.unwrap()[..], &whole[o..o + 4096], "read {i}");
+                            left += 1;
+                            false
+                        }
+                        Poll::Pending => true,
+                    });
+                    flushes.retain_mut(|f| match std::pin::Pin::new(f).poll(&mut cx) {
+                        Poll::Ready(r) => {
+                            r.unwrap();
+                            false
+                        }
+                        Poll::Pending => true,
+                    });
+                    if before == (left, flushes.len()) {
+                        park_until(|| flag.0.load(Ordering::Acquire));
+                    }
+                }
+                assert_eq!(left, 200);
+            });
+        }
+    });
+}

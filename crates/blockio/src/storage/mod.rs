@@ -28,7 +28,7 @@ pub use file::FileStorage;
 pub use mem::MemStorage;
 pub use read_only::ReadOnlyStorage;
 #[cfg(target_os = "linux")]
-pub(crate) use uring::{Piece, gather, plug};
+pub(crate) use uring::{Piece, gather, park_until, plug};
 #[cfg(target_os = "linux")]
 pub use uring::{Uring, UringStorage};
 

@@ -122,6 +122,7 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
     let mut opts = ImageOptions::default()
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
+    opts.node_drivers = super::blkdebug::node_drivers();
     // With -s the image itself is only read; writes go to the overlay.
     opts.read_only = read_only || flags.snapshot;
     opts.force_share = flags.force_share;
@@ -191,7 +192,9 @@ fn close_blk(s: &mut Session, b: &Blk) {
     // qcow2 writes its metadata back and flushes the file at close; qemu does so per
     // metadata cache and, when the file fails (a blkdebug rule, iotests 026/066), says
     // so for each of its two caches.
-    if b.img.format == diskimg::Format::Qcow2 && matches!(e, diskimg::Error::Io { .. }) {
+    // (An error that names its cache already is said as it is.)
+    let named = matches!(&e, diskimg::Error::Io { context, .. } if context.starts_with("Failed to flush the "));
+    if b.img.format == diskimg::Format::Qcow2 && matches!(e, diskimg::Error::Io { .. }) && !named {
         let why = crate::errmap::strerror(&e);
         s.out
             .error(&format!("Failed to flush the L2 table cache: {why}"));

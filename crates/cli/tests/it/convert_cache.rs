@@ -20,6 +20,23 @@ struct Trace {
     flushes: usize,
     /// `fadvise64` calls on it (write-behind).
     fadvise: usize,
+    /// Threads that wrote 1 MiB or more at once to it, and threads that wrote less than
+    /// 64 KiB (metadata, small pieces of data).
+    big_writers: std::collections::BTreeSet<String>,
+    small_writers: std::collections::BTreeSet<String>,
+}
+
+/// `(thread, length)` of a traced `pwrite64(fd, "…"…, LEN, OFF) = N` (or of its
+/// `<unfinished …>` first half).
+fn pwrite_len(line: &str, fd: i32) -> Option<(String, u64)> {
+    let (tid, call) = line.split_once(' ')?;
+    let args = call
+        .trim_start()
+        .strip_prefix(&format!("pwrite64({fd}, "))?;
+    let args = args.split(" <unfinished").next()?.split(") =").next()?;
+    let mut it = args.rsplitn(3, ", ");
+    let _offset = it.next()?;
+    Some((tid.to_string(), it.next()?.trim().parse().ok()?))
 }
 
 fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
@@ -30,7 +47,7 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
         "-o",
         s(&log),
         "-e",
-        "trace=open,openat,fdatasync,fsync,fadvise64",
+        "trace=open,openat,fdatasync,fsync,fadvise64,pwrite64",
     ]);
     cmd.arg(env!("CARGO_BIN_EXE_diskimg"))
         .arg("convert")
@@ -59,6 +76,8 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
             t.target_flags = line.to_string();
             t.flushes = 0;
             t.fadvise = 0;
+            t.big_writers.clear();
+            t.small_writers.clear();
             continue;
         }
         let Some(fd) = fd else { continue };
@@ -73,6 +92,11 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
         if line.contains(&format!("fadvise64({fd},")) {
             t.fadvise += 1;
         }
+        match pwrite_len(line, fd) {
+            Some((tid, n)) if n >= 1 << 20 => t.big_writers.insert(tid),
+            Some((tid, n)) if n < 64 << 10 => t.small_writers.insert(tid),
+            _ => false,
+        };
     }
     t
 }
@@ -117,6 +141,15 @@ fn target_cache_modes_mean_what_qemu_means() {
         let n = run(&["-t", "none"]);
         assert!(n.target_flags.contains("O_DIRECT"), "{n:?}");
         assert!(n.flushes >= 1 && n.fadvise == 0, "{fmt} none: {n:?}");
+        assert!(
+            !n.big_writers.is_empty() && !n.small_writers.is_empty(),
+            "{n:?}"
+        );
+        if fmt == "qcow2" {
+            // The data goes out on write-behind threads, while the ordered writer
+            // updates the metadata.
+            assert!(n.big_writers.is_disjoint(&n.small_writers), "{n:?}");
+        }
         // writethrough / directsync: every write synchronous.
         let wt = run(&["-t", "writethrough"]);
         assert!(wt.target_flags.contains("O_SYNC") && !wt.target_flags.contains("O_DIRECT"));

@@ -467,3 +467,49 @@ fn amend_force_on_key_slots_as_qemu() {
         assert!(o.status.success(), "{o:?}");
     }
 }
+
+/// commit into a backing file named by a `json:{…}` name with a blkdebug node that fails
+/// the first guest-data write with ENOSPC (iotest 020): qemu's "Block job failed"; and
+/// `-b` names taken relative to the overlay, not the working directory.
+#[test]
+fn commit_into_json_blkdebug_backing_and_relative_bases_as_qemu() {
+    let failing = |d: &std::path::Path| {
+        let base = img(d, "t.qcow2.base", "qcow2", "1M");
+        let json = format!(
+            "json:{{'driver': 'qcow2', 'file': {{ 'driver': 'blkdebug', 'inject-error': [{{ 'event': 'write_aio', 'errno': 28, 'once': true }}], 'image': {{ 'driver': 'file', 'filename': '{base}' }}}}}}"
+        );
+        let top = s(&d.join("t.qcow2")).to_string();
+        qemu_img_ok(&[
+            "create", "-q", "-f", "qcow2", "-b", &json, "-F", "qcow2", &top,
+        ]);
+        let o = std::process::Command::new("qemu-io")
+            .args(["-c", "write 0 64k", &top])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    same_as_qemu(&failing, &|d| v(&["commit", s(&d.join("t.qcow2"))]));
+    let chain = |d: &std::path::Path| {
+        std::fs::create_dir(d.join("subdir")).unwrap();
+        img(d, "subdir/t.qcow2.base", "qcow2", "1M");
+        for (name, backing) in [("t.qcow2.mid", "t.qcow2.base"), ("t.qcow2", "t.qcow2.mid")] {
+            let p = d.join("subdir").join(name);
+            qemu_img_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                "qcow2",
+                s(&p),
+            ]);
+        }
+    };
+    for base in ["t.qcow2.mid", "subdir/t.qcow2.mid"] {
+        same_as_qemu(&chain, &|d| {
+            v(&["commit", "-b", base, s(&d.join("subdir/t.qcow2"))])
+        });
+    }
+}

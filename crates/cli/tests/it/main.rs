@@ -34,6 +34,7 @@ mod iotest_cases;
 mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
+mod iotest_snapshots;
 mod locking;
 mod locking_chain;
 mod luks;

@@ -6,6 +6,7 @@
 )]
 //! Integration tests of diskimg-convert on in-memory raw devices.
 
+mod behind;
 mod huge;
 mod model;
 mod modes;

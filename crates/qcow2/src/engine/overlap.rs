@@ -53,6 +53,13 @@ impl MetaKind {
 #[derive(Debug, Default)]
 pub(crate) struct Overlap {
     clusters: HashMap<u64, MetaKind>,
+    /// With qemu's inactive-L2 overlap check on (`overlap-check.inactive-l2=on`), a
+    /// snapshot whose L1 table cannot be read: qemu's every check then fails with the
+    /// errno of its `qcow2_validate_table` (what [`Overlap::break_with`] set).
+    broken: Option<i32>,
+    /// An allocation failed that way: qemu's refcount cache was left dirty, and its
+    /// write-back at close fails the same way.
+    broken_alloc: bool,
 }
 
 impl Overlap {
@@ -77,6 +84,24 @@ impl Overlap {
                 self.clusters.remove(&x);
             }
         }
+    }
+
+    /// Every check fails with `errno` from now on (see [`Overlap::broken`]).
+    pub(crate) fn break_with(&mut self, errno: i32) {
+        self.broken = Some(errno);
+    }
+
+    /// The failure of a broken check ([`Overlap::break_with`]), if it is broken.
+    fn broken_error(&self, what: &'static str) -> Option<Error> {
+        self.broken
+            .map(|n| Error::io(what, std::io::Error::from_raw_os_error(n)))
+    }
+
+    /// After an allocation failed its broken check, the close's failure (qemu's
+    /// refcount cache write-back runs the same check).
+    pub(crate) fn close_error(&self) -> Option<Error> {
+        self.broken_error("Failed to flush the refcount block cache")
+            .filter(|_| self.broken_alloc)
     }
 
     /// Forgets everything (before the set is built again).
@@ -121,6 +146,12 @@ impl Meta {
     /// A write of `len` bytes at `host` in the image file: refused with
     /// [`Error::Corrupt`] (and the image marked corrupt) when it touches live metadata.
     pub(crate) fn refuse_on_metadata(&mut self, host: u64, len: u64) -> Result<()> {
+        if let Some(e) = self
+            .overlap
+            .broken_error("overlap check of the inactive L2 tables")
+        {
+            return Err(e);
+        }
         if len == 0 {
             return Ok(());
         }
@@ -145,7 +176,23 @@ impl Meta {
             return Err(self.corruption(msg, 0));
         }
         let cs = self.cs();
+        self.overlap.broken_alloc |= self.overlap.broken.is_some();
         self.refuse_on_metadata(c.saturating_mul(cs), n.saturating_mul(cs))
+    }
+
+    /// What closing fails with after a broken overlap check ([`Overlap::close_error`]).
+    pub(crate) fn overlap_close_error(&self) -> Option<Error> {
+        self.overlap.close_error()
+    }
+
+    /// qemu's inactive-L2 overlap check reads every snapshot's L1 table: with it on,
+    /// one that cannot be used fails every later check (see [`Overlap::broken`]).
+    pub(crate) fn check_inactive_l2(&mut self) {
+        let cs = self.cs();
+        let problem = self.snapshots.iter().find_map(|s| s.l1_problem(cs));
+        if let Some(p) = problem {
+            self.overlap.break_with(p.errno());
+        }
     }
 
     /// Whether a corruption event was signalled: as qemu (which detaches the driver),

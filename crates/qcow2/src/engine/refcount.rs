@@ -146,6 +146,12 @@ impl Meta {
             .ok_or(Error::corrupt("qcow2", "refcount cache", off))
     }
 
+    /// True when a refcount block covers host cluster `c`.
+    pub(crate) fn refblock_covers(&mut self, c: u64) -> Result<bool> {
+        let rbe = self.rb_entries();
+        Ok(self.refblock_offset(c / rbe)? != 0)
+    }
+
     /// The refcount of host cluster `c` (0 where no refcount block exists).
     pub(crate) fn refcount(&mut self, c: u64) -> Result<u64> {
         let rbe = self.rb_entries();

@@ -6,7 +6,7 @@
 //! `keyslots.rs`'s; the [`Amend`](diskimg_blockio::Amend) capability routes them there.
 //! Backing file changes are refused as in qemu 10 (use rebase).
 
-use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result, SnapshotInfo};
+use diskimg_blockio::{BlockDevice, Error, OptionList, Preallocation, Result};
 
 use crate::create::options::{Compat, Keys, Verb, check_refcount_width};
 use crate::device::Qcow2Device;
@@ -16,11 +16,13 @@ use crate::disk::header::{
     V3_HEADER_LEN,
 };
 use crate::disk::idx;
-use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use crate::disk::table::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
 use crate::engine::deferred::L2Update;
 use crate::engine::meta::{Meta, write_header};
 use crate::features::amend_progress::{Progress, Widths, refcount_walks};
-use crate::features::snapshot_ops::{entry_raw, write_table};
+use crate::features::snapshot_ops::{completed, extra_len, write_table};
 
 /// Options `amend` accepts but only `create` can apply (qemu's wording).
 const CREATE_ONLY: &[&str] = &[
@@ -84,7 +86,7 @@ impl Qcow2Device {
         let lazy = keys.lazy_refcounts;
         let size = o.take_size("size")?;
         let refcount_bits = keys.refcount_bits;
-        let backing = keys.backing_file.is_some() || keys.backing_fmt.is_some();
+        let backing = self.changes_backing(&keys);
         let data_file = keys.data_file;
         let data_file_raw = keys.data_file_raw;
         let encrypt = o.entries().iter().any(|(k, _)| k.starts_with("encrypt."));
@@ -220,20 +222,7 @@ impl Qcow2Device {
             .iter()
             .any(|s| s.raw.len() < 40 || extra_len(&s.raw) < 16)
         {
-            let fixed = snaps
-                .into_iter()
-                .map(|mut s| {
-                    if extra_len(&s.raw) < 16 {
-                        let disk = s.disk_size.unwrap_or(size);
-                        s.raw = with_vm_state(
-                            &s.info,
-                            entry_raw(&s.info, s.l1_offset, s.l1_size, disk),
-                        );
-                        s.disk_size = Some(disk);
-                    }
-                    s
-                })
-                .collect();
+            let fixed = snaps.into_iter().map(|s| completed(s, size)).collect();
             write_table(&mut m, fixed)?;
         }
         let mut h = m.h().clone();
@@ -298,18 +287,15 @@ impl Qcow2Device {
                  clusters",
             ));
         }
-        if scan.snapshot_zero {
-            return Err(Error::unsupported(
-                "qcow2",
-                "downgrading an image whose internal snapshots hold zero clusters",
-            ));
-        }
         progress.downgrade({
             let m = self.lock();
             let snaps: u64 = m.snapshots().iter().map(|s| u64::from(s.l1_size)).sum();
             m.l1().len() as u64 + snaps
         });
         self.expand_zero_clusters(&scan.active_zero)?;
+        if scan.snapshot_zero {
+            self.expand_snapshot_zero_clusters()?;
+        }
         let mut m = self.lock();
         m.commit_deferred()?;
         let mut h = m.h().clone();
@@ -350,6 +336,64 @@ impl Qcow2Device {
         Ok(())
     }
 
+    /// Whether `backing_file`/`backing_fmt` options ask for a change, which qemu refuses:
+    /// given, both must name what the image has (an option left out names nothing).
+    fn changes_backing(&self, keys: &Keys) -> bool {
+        if keys.backing_file.is_none() && keys.backing_fmt.is_none() {
+            return false;
+        }
+        let m = self.lock();
+        keys.backing_file.as_deref() != m.h().backing_file.as_deref()
+            || keys.backing_fmt.as_deref() != m.h().ext.backing_format.as_deref()
+    }
+
+    /// The zero clusters the snapshots' L2 tables still hold (those shared with the
+    /// active table were expanded with it), expanded as qemu's
+    /// `expand_zero_clusters_in_l1` does for inactive tables: a plain zero cluster
+    /// becomes unallocated without a backing file, else a new cluster of zeroes with the
+    /// L2 table's refcount; a preallocated one gets zeroes written and stays. The entry
+    /// is COPIED when its L2 table is not shared.
+    fn expand_snapshot_zero_clusters(&self) -> Result<()> {
+        let has_backing = self.lock().h().backing_file.is_some() || self.backing().is_some();
+        let mut m = self.lock();
+        let cs = m.cs();
+        let zeroes = vec![0u8; idx(cs)];
+        for s in m.snapshots().to_vec() {
+            s.check_l1(cs)?;
+            let l1 = m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size))?;
+            for l2 in l1.iter().map(|e| e & L1E_OFFSET_MASK).filter(|&o| o != 0) {
+                let shared = m.refcount(l2 / cs)?;
+                let mut t = m.l2_table(l2)?.clone();
+                let mut dirty = false;
+                for e in t.iter_mut() {
+                    if *e & OFLAG_COMPRESSED != 0 || *e & OFLAG_ZERO == 0 {
+                        continue;
+                    }
+                    let mut host = *e & L2E_OFFSET_MASK;
+                    dirty = true;
+                    if host == 0 && !has_backing {
+                        *e = 0;
+                        continue;
+                    }
+                    if host == 0 {
+                        host = m.alloc_run(1)?;
+                        if shared > 1 {
+                            m.set_refcount(host / cs, shared)?;
+                        }
+                    }
+                    m.check_overlap(host, cs)?;
+                    m.file().write_all_at(&zeroes, host)?;
+                    *e = host | if shared == 1 { OFLAG_COPIED } else { 0 };
+                }
+                if dirty {
+                    m.file().flush()?;
+                    m.write_l2_table(l2, t)?;
+                }
+            }
+        }
+        m.file().flush()
+    }
+
     fn scan(&self) -> Result<Scan> {
         let mut m = self.lock();
         m.commit_deferred()?;
@@ -359,6 +403,7 @@ impl Qcow2Device {
         let mut l1s = vec![(m.l1().to_vec(), true)];
         let snaps = m.snapshots().to_vec();
         for s in &snaps {
+            s.check_l1(cs)?;
             let t = m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size))?;
             l1s.push((t, false));
         }
@@ -385,21 +430,4 @@ impl Qcow2Device {
         }
         Ok(out)
     }
-}
-
-fn extra_len(raw: &[u8]) -> u32 {
-    raw.get(36..40)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_be_bytes)
-}
-
-fn with_vm_state(info: &SnapshotInfo, mut raw: Vec<u8>) -> Vec<u8> {
-    let v = info.vm_state_size;
-    if let Some(b) = raw.get_mut(32..36) {
-        b.copy_from_slice(&u32::try_from(v).unwrap_or(0).to_be_bytes());
-    }
-    if let Some(b) = raw.get_mut(40..48) {
-        b.copy_from_slice(&v.to_be_bytes());
-    }
-    raw
 }

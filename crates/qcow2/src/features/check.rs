@@ -10,6 +10,7 @@ use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::disk::snapshot::{L1Problem, Snapshot};
 use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
@@ -73,6 +74,14 @@ impl Counter {
             return;
         }
         for c in off / self.cs..=(end - 1) / self.cs {
+            // As qemu, the last cluster may lie partly past the end of the file: the
+            // counters grow to cover it (less than one cluster past it, checked above).
+            if let Ok(i) = usize::try_from(c)
+                && i >= self.refs.len()
+                && i <= self.refs.len() + 1
+            {
+                self.refs.resize(i + 1, 0);
+            }
             match usize::try_from(c).ok().and_then(|c| self.refs.get_mut(c)) {
                 Some(r) if *r >= self.max => {
                     self.notes.report.corruptions += 1;
@@ -161,7 +170,13 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
 
 /// Checks (and with `repair`, fixes) the refcounts of `dev`.
 pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport> {
-    check_inner(dev, repair, true)
+    let pass = match crate::features::check_snapshots::read_pass(dev, repair)? {
+        Ok(pass) => pass,
+        Err(report) => return Ok(report),
+    };
+    let mut report = check_inner(dev, repair, true)?;
+    crate::features::check_snapshots::finish(dev, repair, pass, &mut report)?;
+    Ok(report)
 }
 
 /// Counts every reference in the image (qemu's `calculate_refcounts`).
@@ -192,15 +207,11 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     let l1 = m.read_table("L1 table", h.l1_table_offset, u64::from(h.l1_size))?;
     cnt.inc(h.l1_table_offset, u64::from(h.l1_size) * 8);
     walk_l1(m, &mut cnt, &l1, true);
+    for s in &m.snapshots().to_vec() {
+        count_snapshot(m, &mut cnt, s);
+    }
     if h.nb_snapshots > 0 {
         cnt.inc(h.snapshots_offset, m.snapshot_table_len());
-    }
-    for s in &m.snapshots().to_vec() {
-        cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
-        match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
-            Ok(sl1) => walk_l1(m, &mut cnt, &sl1, false),
-            Err(_) => cnt.notes.report.check_errors += 1,
-        }
     }
     cnt.inc(
         h.refcount_table_offset,
@@ -229,6 +240,35 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
     Ok((cnt, l1))
 }
 
+/// Counts one snapshot's L1 table and what it references; an unusable L1 reference is
+/// a corruption of the snapshot table entry (qemu's words), and nothing is counted.
+fn count_snapshot(m: &mut Meta, cnt: &mut Counter, s: &Snapshot) {
+    let (id, name) = (&s.info.id, &s.info.name);
+    if !s.l1_offset.is_multiple_of(m.cs()) {
+        cnt.notes.report.corruptions += 1;
+        cnt.notes.say(format_args!(
+            "ERROR snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster aligned; \
+             snapshot table entry corrupted",
+            s.l1_offset
+        ));
+        return;
+    }
+    if s.l1_problem(m.cs()) == Some(L1Problem::TooLarge) {
+        cnt.notes.report.corruptions += 1;
+        cnt.notes.say(format_args!(
+            "ERROR snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; snapshot \
+             table entry corrupted",
+            s.l1_size
+        ));
+        return;
+    }
+    cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
+    match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
+        Ok(sl1) => walk_l1(m, cnt, &sl1, false),
+        Err(_) => cnt.notes.report.check_errors += 1,
+    }
+}
+
 /// A cluster whose refcount differs from the references found.
 #[derive(Clone, Copy, Debug)]
 struct Mismatch {
@@ -252,7 +292,7 @@ fn compare(
     let rbe = m.rb_entries();
     // As qemu, only clusters inside the file are compared (refcounts beyond its end
     // are invisible until the file grows over them).
-    let top = cnt.file_len.div_ceil(cnt.cs);
+    let top = cnt.file_len.div_ceil(cnt.cs).max(cnt.refs.len() as u64);
     let mut highest = 0u64;
     let mut c = 0u64;
     let mut mismatches: Vec<Mismatch> = Vec::new();

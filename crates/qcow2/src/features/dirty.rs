@@ -141,6 +141,9 @@ impl Qcow2Device {
             return Ok(());
         }
         self.flush()?;
+        if let Some(e) = self.lock().overlap_close_error() {
+            return Err(e);
+        }
         // The clusters allocated ahead go back: a closed image has no leaks.
         if self.lock().release_reserve()? {
             self.file.flush()?;

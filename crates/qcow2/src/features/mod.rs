@@ -9,6 +9,7 @@ pub(crate) mod amend_progress;
 pub(crate) mod bitmap;
 pub(crate) mod check;
 pub(crate) mod check_copied;
+pub(crate) mod check_snapshots;
 pub(crate) mod dirty;
 pub(crate) mod keyslots;
 pub(crate) mod maint;

@@ -44,9 +44,9 @@ pub(crate) fn resize(
         ));
     }
     if !m.snapshots().is_empty() && m.h().version < 3 {
-        return Err(Error::unsupported(
-            "qcow2",
-            "resizing v2 images with internal snapshots",
+        // qemu's refusal (v2 snapshots have no size of their own).
+        return Err(Error::invalid(
+            "Can't resize a v2 image which has snapshots",
         ));
     }
     if new != old && !dev.bitmaps.is_empty() {

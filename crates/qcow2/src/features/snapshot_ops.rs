@@ -26,6 +26,9 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
     let x = 62 - (m.h().cluster_bits - 8);
     let step = if m.h().extended_l2() { 2 } else { 1 };
     let bump = |m: &mut Meta, c: u64| -> Result<u64> {
+        if addend == 1 && !m.refblock_covers(c)? {
+            return Err(uncovered(m, c));
+        }
         let r = m.refcount(c)?;
         let n = match addend {
             1 => r.checked_add(1).filter(|&n| n <= m.max_refcount()),
@@ -95,8 +98,31 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
     Ok(())
 }
 
-/// Writes `snaps` as a new snapshot table and points the header at it, then frees the
-/// old table.
+/// qemu's `EFBIG` and `EAGAIN` (Linux numbers), the errors its snapshot operations
+/// return for the cases below.
+const EFBIG: i32 = 27;
+const EAGAIN: i32 = 11;
+/// qemu's `QCOW_MAX_SNAPSHOTS`.
+const MAX_SNAPSHOTS: usize = 65536;
+
+/// A table entry references cluster `c`, which no refcount block covers (a corrupt
+/// entry: every cluster in use has a refcount). qemu's `update_refcount` allocates a
+/// refcount block for it and then fails the snapshot operation with `EAGAIN`, or with
+/// `EFBIG` when the refcount table would outgrow its 8 MiB limit; so does this (without
+/// allocating; increments made before stay, which only leaks).
+fn uncovered(m: &Meta, c: u64) -> Error {
+    let table_entries = c / m.rb_entries();
+    let errno = if table_entries >= (8 << 20) / 8 {
+        EFBIG
+    } else {
+        EAGAIN
+    };
+    Error::io(
+        format!("updating the refcount of cluster {c}"),
+        std::io::Error::from_raw_os_error(errno),
+    )
+}
+
 /// The index of the snapshot with id `id_or_name`, or else with that name (qemu's
 /// lookup for `snapshot -a/-d`).
 fn snapshot_index(m: &Meta, id_or_name: &str) -> Result<usize> {
@@ -107,6 +133,8 @@ fn snapshot_index(m: &Meta, id_or_name: &str) -> Result<usize> {
         .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{id_or_name}'")))
 }
 
+/// Writes `snaps` as a new snapshot table and points the header at it, then frees the
+/// old table.
 pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     let cs = m.cs();
     let mut table = Vec::new();
@@ -163,7 +191,7 @@ pub(crate) fn entry_raw(
     raw.put_be_u32(36, 24);
     raw.put_be_u64(40, 0);
     raw.put_be_u64(48, disk_size);
-    raw.put_be_u64(56, 0);
+    raw.put_be_u64(56, info.icount.unwrap_or(u64::MAX));
     raw.extend_from_slice(id);
     raw.extend_from_slice(name);
     raw
@@ -188,6 +216,12 @@ impl Qcow2Device {
             return Err(Error::invalid(format!(
                 "Could not create snapshot '{name}': invalid name"
             )));
+        }
+        if m.snapshots().len() >= MAX_SNAPSHOTS {
+            return Err(Error::io(
+                "the snapshot table is full",
+                std::io::Error::from_raw_os_error(EFBIG),
+            ));
         }
         m.commit_deferred()?;
         m.file().flush()?;
@@ -248,6 +282,9 @@ impl Qcow2Device {
         self.writable()?;
         let mut m = self.lock();
         let pos = snapshot_index(&m, id_or_name)?;
+        if let Some(s) = m.snapshots().get(pos) {
+            s.check_l1(m.cs())?;
+        }
         m.commit_deferred()?;
         m.file().flush()?;
         let mut snaps = m.snapshots().to_vec();
@@ -294,7 +331,9 @@ impl Qcow2Device {
             let m = self.lock();
             let i = snapshot_index(&m, id_or_name)?;
             let snap = m.snapshots().get(i).cloned();
-            (snap.ok_or(internal("qcow2: snapshot index"))?, m.size())
+            let snap = snap.ok_or(internal("qcow2: snapshot index"))?;
+            snap.check_l1(m.cs())?;
+            (snap, m.size())
         };
         // As qemu: the disk first takes the snapshot's size (shrinking drops the active
         // tree's clusters beyond it; the L1 table grows for a larger one).
@@ -333,4 +372,34 @@ impl Qcow2Device {
         update_refcounts(&mut m, &active, 0, true)?;
         m.file().flush()
     }
+}
+
+/// `s` with the extra data v3 requires (VM state size and disk size, 16 bytes; written
+/// as qemu writes entries, 24 bytes with the icount) when it lacks them; `size`: the
+/// disk size of entries without one.
+pub(crate) fn completed(mut s: Snapshot, size: u64) -> Snapshot {
+    if extra_len(&s.raw) < 16 {
+        let disk = s.disk_size.unwrap_or(size);
+        s.raw = with_vm_state(&s.info, entry_raw(&s.info, s.l1_offset, s.l1_size, disk));
+        s.disk_size = Some(disk);
+    }
+    s
+}
+
+/// The extra data size of a stored entry.
+pub(crate) fn extra_len(raw: &[u8]) -> u32 {
+    raw.get(36..40)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+fn with_vm_state(info: &SnapshotInfo, mut raw: Vec<u8>) -> Vec<u8> {
+    let v = info.vm_state_size;
+    if let Some(b) = raw.get_mut(32..36) {
+        b.copy_from_slice(&u32::try_from(v).unwrap_or(0).to_be_bytes());
+    }
+    if let Some(b) = raw.get_mut(40..48) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
+    raw
 }

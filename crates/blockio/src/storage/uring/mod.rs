@@ -27,7 +27,10 @@ use crate::cache::CacheMode;
 use crate::error::{Error, Result};
 
 pub(crate) mod plug;
+mod reap;
 mod ring;
+
+pub(crate) use reap::park_until;
 
 pub use ring::Uring;
 pub(crate) use ring::{Piece, gather};

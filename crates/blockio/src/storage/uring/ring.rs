@@ -1,5 +1,6 @@
 //! One io_uring instance shared by any number of threads: submissions from any thread,
-//! completions reaped by one thread of its own.
+//! completions reaped by a thread waiting for them, or else by a completion thread of
+//! the ring's own (`reap.rs`).
 //!
 //! # Why this module uses `unsafe`
 //!
@@ -14,12 +15,15 @@
 //!   buffer into the completion object itself, which the ring owns until it completes.
 //! - The io-uring crate's `submission_shared` / `completion_shared` hand out the rings'
 //!   queues from `&self` on the promise that no other handle to the same queue exists:
-//!   every submission-queue access here happens under [`Shared::state`]'s lock, and only
-//!   the completion thread ever touches the completion queue.
+//!   every submission-queue and completion-queue access happens under
+//!   [`Shared::state`]'s lock.
 //!
 //! A request is only ever pushed to the submission queue while fewer than `depth`
 //! requests are in flight (the rest wait in a backlog the completion thread drains), so
 //! the completion queue (twice the submission queue) cannot overflow.
+//!
+//! The kernel also writes the eventfd registered with the ring (`reap.rs`), which it
+//! holds a reference to of its own.
 
 #![allow(unsafe_code)]
 
@@ -32,11 +36,13 @@ use std::thread::JoinHandle;
 
 use io_uring::{IoUring, opcode, squeue, types::Fd};
 
+use super::reap::{self, Notify};
 use crate::aio::IoBuf;
 
 /// What runs when a request completes: gets the kernel's result (bytes, or `-errno`).
 pub(crate) trait Complete: Send {
-    /// Called once, on the completion thread, after the kernel is done with the memory.
+    /// Called once, on the thread that reaped the completion (the ring's completion
+    /// thread or one that waited in the ring), after the kernel is done with the memory.
     fn complete(self: Box<Self>, result: i32);
 }
 
@@ -46,26 +52,29 @@ const MAX_IO: u32 = 1 << 30;
 const IOV_MAX: usize = 1024;
 
 /// The `user_data` of the entry that stops the completion thread.
-const STOP: u64 = u64::MAX;
+pub(super) const STOP: u64 = u64::MAX;
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     /// Completion of each request in flight, indexed by its `user_data`.
-    slots: Vec<Option<Box<dyn Complete>>>,
-    free: Vec<usize>,
+    pub(super) slots: Vec<Option<Box<dyn Complete>>>,
+    pub(super) free: Vec<usize>,
     /// Entries waiting for room (more than `depth` requests asked for).
-    backlog: VecDeque<squeue::Entry>,
-    in_flight: usize,
-    stopping: bool,
-    /// The completion thread is between two waits: it submits what is pushed meanwhile
-    /// with its next `io_uring_enter`, so submitters need not enter themselves.
-    reaper_busy: bool,
+    pub(super) backlog: VecDeque<squeue::Entry>,
+    pub(super) in_flight: usize,
+    pub(super) stopping: bool,
+    /// A thread other than the completion thread waits in the ring for completions
+    /// (`reap.rs`); it alone reaps meanwhile.
+    pub(super) user_reaping: bool,
+    /// The completion thread sleeps until signalled (nothing was in flight).
+    pub(super) idle: bool,
 }
 
 pub(super) struct Shared {
-    ring: IoUring,
+    pub(super) ring: IoUring,
     state: Mutex<State>,
     depth: usize,
+    pub(super) notify: Notify,
 }
 
 /// One io_uring instance and the thread that reaps its completions, shared by any
@@ -94,15 +103,18 @@ impl Uring {
         let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(2))
             .build(entries)?;
+        let notify = Notify::new()?;
+        ring.submitter().register_eventfd(notify.fd().as_raw_fd())?;
         let shared = Arc::new(Shared {
             ring,
             state: Mutex::new(State::default()),
             depth,
+            notify,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("diskimg-uring".into())
-            .spawn(move || s.reap())?;
+            .spawn(move || s.completion_thread())?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -135,21 +147,11 @@ impl Uring {
     /// As for [`Uring::submit`].
     unsafe fn submit_with(&self, entry: squeue::Entry, done: Box<dyn Complete>, may_defer: bool) {
         let mut st = self.shared.lock();
-        let idx = match st.free.pop() {
-            Some(i) => i,
-            None => {
-                st.slots.push(None);
-                st.slots.len() - 1
-            }
-        };
-        if let Some(slot) = st.slots.get_mut(idx) {
-            *slot = Some(done);
-        }
-        st.backlog.push_back(entry.user_data(idx as u64));
-        let pushed = self.shared.fill(&mut st);
-        let busy = st.reaper_busy;
+        // SAFETY: the caller's promise, passed on.
+        let pushed = unsafe { self.shared.push(&mut st, entry, done) };
         drop(st);
-        if pushed && !busy && !(may_defer && super::plug::defer(&self.shared)) {
+        reap::note(&self.shared);
+        if pushed && !(may_defer && super::plug::defer(&self.shared)) {
             self.shared.kick();
         }
     }
@@ -204,22 +206,78 @@ impl Uring {
     /// not accessed by anyone else meanwhile (the caller's `&mut` / `&` borrows).
     pub(crate) unsafe fn run(&self, entry: squeue::Entry) -> i32 {
         let waiter = Arc::new(Waiter::default());
+        let done = Box::new(WakeThread(waiter.clone()));
+        let mut st = self.shared.lock();
         // SAFETY: the memory outlives this call (the caller's promise) and this call
         // returns only once the request has completed (`wait` below cannot return early).
         // Never deferred by a plug: this thread waits for it right away.
-        unsafe { self.submit_with(entry, Box::new(WakeThread(waiter.clone())), false) };
-        waiter.wait()
+        let pushed = unsafe { self.shared.push(&mut st, entry, done) };
+        // Waiting in the ring, this thread submits and waits in one `io_uring_enter`.
+        let mine = self.shared.try_take(&mut st);
+        drop(st);
+        if mine {
+            if !self.shared.reap_here() {
+                self.shared.kick();
+            }
+        } else if pushed {
+            self.shared.kick();
+        }
+        waiter.wait(&self.shared)
     }
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `entry` with `done` as its completion (setting its `user_data`) and moves
+    /// what fits into the submission queue; true when anything was pushed there.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Uring::submit`].
+    unsafe fn push(&self, st: &mut State, entry: squeue::Entry, done: Box<dyn Complete>) -> bool {
+        let idx = match st.free.pop() {
+            Some(i) => i,
+            None => {
+                st.slots.push(None);
+                st.slots.len() - 1
+            }
+        };
+        if let Some(slot) = st.slots.get_mut(idx) {
+            *slot = Some(done);
+        }
+        st.backlog.push_back(entry.user_data(idx as u64));
+        self.fill(st)
+    }
+
+    /// Calls `f` with the `user_data` and result of each completion posted, taking them
+    /// off the completion queue; `st` (the locked state) proves that no other handle to
+    /// that queue exists.
+    pub(super) fn take_completions(&self, st: &mut State, mut f: impl FnMut(&mut State, u64, i32)) {
+        // SAFETY: every completion-queue access happens under the state lock, held by
+        // the caller (`st`).
+        for cqe in unsafe { self.ring.completion_shared() } {
+            f(st, cqe.user_data(), cqe.result());
+        }
+    }
+
+    /// Turns the kernel's eventfd signals on or off (`IORING_CQ_EVENTFD_DISABLED`, a
+    /// flag of the completion queue: `_st` as for [`Shared::take_completions`]).
+    pub(super) fn set_eventfd(&self, _st: &mut State, on: bool) {
+        // SAFETY: as in `take_completions`.
+        let cq = unsafe { self.ring.completion_shared() };
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
     }
 
     /// Moves backlog entries into the submission queue while there is room; true when
     /// any was pushed. Called with the state locked (the only submission-queue access).
-    fn fill(&self, st: &mut State) -> bool {
+    pub(super) fn fill(&self, st: &mut State) -> bool {
         let mut pushed = false;
         // SAFETY: the state lock is held, so no other submission-queue handle exists.
         let mut sq = unsafe { self.ring.submission_shared() };
@@ -252,47 +310,6 @@ impl Shared {
             }
         }
     }
-
-    /// The completion thread: waits for completions, runs them, refills from the
-    /// backlog; stops once asked to and nothing is left in flight.
-    fn reap(&self) {
-        let mut done: Vec<(Box<dyn Complete>, i32)> = Vec::new();
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
-            }
-            let mut st = self.lock();
-            st.reaper_busy = true;
-            // SAFETY: only this thread ever takes the completion queue.
-            for cqe in unsafe { self.ring.completion_shared() } {
-                let idx = cqe.user_data();
-                if idx == STOP {
-                    st.in_flight -= 1;
-                    continue;
-                }
-                let idx = usize::try_from(idx).unwrap_or(usize::MAX);
-                if let Some(c) = st.slots.get_mut(idx).and_then(Option::take) {
-                    st.in_flight -= 1;
-                    st.free.push(idx);
-                    done.push((c, cqe.result()));
-                }
-            }
-            // What is pushed here and until `reaper_busy` is cleared goes to the kernel
-            // with the next `submit_and_wait`.
-            self.fill(&mut st);
-            let finished = st.stopping && st.in_flight == 0 && st.backlog.is_empty();
-            drop(st);
-            for (c, res) in done.drain(..) {
-                c.complete(res);
-            }
-            if finished {
-                return;
-            }
-            self.lock().reaper_busy = false;
-        }
-    }
 }
 
 impl Drop for Uring {
@@ -308,6 +325,7 @@ impl Drop for Uring {
         if pushed {
             self.shared.kick();
         }
+        self.shared.notify.signal();
         // Dropped by a completion (the last handle held by what it woke): the thread
         // stops by itself once nothing is in flight.
         if let Some(t) = self.thread.take()
@@ -326,13 +344,22 @@ struct Waiter {
 }
 
 impl Waiter {
-    fn wait(&self) -> i32 {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
+    /// The result: reaping `ring` on this thread while no other thread does, else
+    /// waiting to be woken by whoever reaps.
+    fn wait(&self, ring: &Shared) -> i32 {
         loop {
+            let r = self.result.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = *r {
                 return v;
             }
-            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            drop(r);
+            if ring.wait_in_ring() {
+                continue;
+            }
+            let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
+            while r.is_none() {
+                r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 }

@@ -66,6 +66,41 @@ impl Limits {
     }
 }
 
+/// The rules of a blkdebug config file (none for an empty name).
+pub(crate) fn config_rules(config: &str) -> AnyResult<Vec<Rule>> {
+    if config.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| anyhow!("Could not read blkdebug config file: {e}"))?;
+    parse_config(&text)
+}
+
+/// The rules of a blkdebug node's options (`o` relative to it): `inject-error.N.*`,
+/// `set-state.N.*` and those of its `config` file.
+pub(crate) fn node_rules(o: &OptionList) -> AnyResult<Vec<Rule>> {
+    let mut rules = option_rules(o)?;
+    rules.extend(config_rules(o.get("config").unwrap_or(""))?);
+    Ok(rules)
+}
+
+/// The facade's driver for blkdebug nodes inside `json:{…}` backing file names
+/// ([`diskimg::ImageOptions::node_drivers`]): the node's rules and alignment over the
+/// storage of its `image` child.
+pub(crate) fn node_drivers() -> diskimg::NodeDrivers {
+    let open: diskimg::NodeDriver = Arc::new(|o: &OptionList| {
+        let invalid = |e: anyhow::Error| diskimg::Error::invalid(crate::message(&e));
+        let rules = node_rules(o).map_err(invalid)?;
+        let align = Limits::from_options(o).map_err(invalid)?.align;
+        let engine = Arc::new(Engine::new(rules));
+        Ok(diskimg::FilterNode {
+            child: "image".into(),
+            wrap: Arc::new(move |s| Arc::new(BlkdebugStorage::new(s, engine.clone(), align))),
+        })
+    });
+    diskimg::NodeDrivers(vec![("blkdebug".into(), open)])
+}
+
 /// qemu's bounce-buffer bound for zero writes that fall back to writes.
 const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 
