@@ -9,7 +9,7 @@
 # give both tools that mode, so "ret" compares like with like.
 #
 # Usage: benches/compare-qemu.sh            (as root for the big and loop-device cases)
-#   RUNS=3              runs per tool and case (the fastest is reported)
+#   RUNS=3              runs per tool and case (the fastest is reported, see STAT)
 #   CASES="a b ..."     only these cases (names as printed)
 #   BIG=1               the larger-than-dirty-limits case (needs root: XFS image, mount)
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)

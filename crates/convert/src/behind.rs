@@ -185,14 +185,36 @@ impl Shared {
                 continue;
             };
             drop(st);
-            let res = self.inner.write_all_at(&data, offset);
             let end = offset + data.len() as u64;
+            let guard = Unfinished(self, offset, end);
+            let res = self.inner.write_all_at(&data, offset);
+            std::mem::forget(guard);
             self.pool.put(data);
             st = self.lock();
             if let Err(e) = res {
                 st.error.get_or_insert(e);
             }
             self.finish(&mut st, offset, end);
+        }
+    }
+}
+
+/// A write a writer thread started: if the inner storage panics, the range (and every
+/// queued one) is given up with an error instead of being waited for forever.
+struct Unfinished<'a>(&'a Shared, u64, u64);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        let e = std::io::Error::other("write-behind thread panicked");
+        st.error.get_or_insert(Error::io(
+            format!("could not write at offset {}", self.1),
+            e,
+        ));
+        self.0.finish(&mut st, self.1, self.2);
+        // The storage is broken from now on: nothing queued is waited for either.
+        while let Some((offset, data)) = st.queue.pop_front() {
+            self.0.finish(&mut st, offset, offset + data.len() as u64);
         }
     }
 }

@@ -21,6 +21,7 @@ struct Slow {
     now: AtomicUsize,
     most: AtomicUsize,
     fail_at: Option<u64>,
+    panic_at: Option<u64>,
 }
 
 impl Storage for Slow {
@@ -33,6 +34,7 @@ impl Storage for Slow {
         if buf.len() >= MIN_BEHIND {
             std::thread::sleep(Duration::from_millis(3));
         }
+        assert!(self.panic_at != Some(offset), "injected panic");
         let r = match self.fail_at {
             Some(f) if offset >= f => Err(Error::io(
                 format!("could not write {} bytes at offset {offset}", buf.len()),
@@ -127,6 +129,21 @@ fn a_failed_write_in_flight_is_reported() {
     assert_eq!(slow.mem.to_vec()[..MIN_BEHIND], pattern(1, MIN_BEHIND)[..]);
     drop(wb);
     assert_eq!(slow.writes.lock().unwrap().len(), 2);
+}
+
+/// A storage that panics under a writer thread fails the calls after it instead of
+/// leaving them waiting.
+#[test]
+fn a_panicking_write_in_flight_is_an_error() {
+    let slow = Arc::new(Slow {
+        panic_at: Some(0),
+        ..Slow::default()
+    });
+    let wb = WriteBehind::new(slow, 1);
+    wb.write_all_at(&pattern(1, MIN_BEHIND), 0).unwrap();
+    let e = wb.flush().unwrap_err().to_string();
+    assert!(e.contains("panicked"), "{e}");
+    assert!(wb.write_all_at(&pattern(1, MIN_BEHIND), 1 << 20).is_err());
 }
 
 fn qcow2_source(dir: &std::path::Path, size: usize) -> (std::path::PathBuf, Arc<dyn BlockDevice>) {
