@@ -31,7 +31,9 @@
 //!   cluster in order (qemu-img bench -w -S 65536), a flush every 256 writes;
 //! - `alloc-4k-rand`: the same clusters in random order, at a random 4 KiB inside each;
 //! - `overwrite-4k-rand[-2t]`: random 4 KiB writes into the allocated data image, on one
-//!   and two threads sharing one opened image (`benches/engine/overwrite.rs`).
+//!   and two threads sharing one opened image (`benches/engine/overwrite.rs`);
+//! - `alloc-4k-rand-mt`: `alloc-4k-rand` on one and on two threads sharing one fresh image
+//!   (each thread half of the writes, flushing after every 256 of its own).
 //!
 //! - `read-4k-stride` / `read-4k-rand` with engine `diskimg io_uring -d 16 -t none`: the
 //!   same offsets through the library's async face on an io_uring of depth 16 with
@@ -360,6 +362,7 @@ fn main() {
         }
     }
     qemu_writes(&cfg);
+    overwrite::alloc_rows(&cfg);
     // The fresh images are large at the default size: only the read image is kept.
     let _ = std::fs::remove_file(cfg.dir.join("fresh.qcow2"));
 }

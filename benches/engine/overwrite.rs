@@ -17,7 +17,9 @@ use diskimg::blockio::{BlockDevice, CacheMode};
 use diskimg::{Format, ImageOptions};
 
 use crate::engines::{Engine, open_engine, wanted};
-use crate::{BLOCK, Cfg, Row, print_row, random_offsets};
+use crate::{
+    BLOCK, Cfg, FLUSH_EVERY, Row, fresh_image, print_row, random_cluster_offsets, random_offsets,
+};
 
 /// `O_DIRECT` diskimg (`-t none`), for the rows beside the page-cache engines.
 struct Direct(Arc<dyn BlockDevice>);
@@ -45,23 +47,76 @@ fn open(name: &str, path: &Path) -> Arc<dyn Engine> {
     open_engine(name, path, true)
 }
 
-/// Writes 4 KiB at each of `offs` on `threads` threads sharing `e`; the time taken.
-fn run(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
+/// Writes 4 KiB at each of `offs` on `threads` threads sharing `e`, each thread flushing
+/// after every `flush_every` of its writes and at its end (`None`: never); the time taken.
+fn writes(
+    e: &Arc<dyn Engine>,
+    offs: &[u64],
+    threads: usize,
+    flush_every: Option<usize>,
+) -> Duration {
     let t = Instant::now();
     std::thread::scope(|s| {
         for part in offs.chunks(offs.len().div_ceil(threads)) {
             let e = e.clone();
             s.spawn(move || {
                 let buf = vec![0x5au8; BLOCK as usize];
-                for &o in part {
+                for (i, &o) in part.iter().enumerate() {
                     e.write(&buf, o);
+                    if flush_every.is_some_and(|n| (i + 1) % n == 0) {
+                        e.flush();
+                    }
+                }
+                if flush_every.is_some() {
+                    e.flush();
                 }
             });
         }
     });
-    let took = t.elapsed();
+    t.elapsed()
+}
+
+/// The overwrites, not flushed inside the timing (a flush after it).
+fn run(e: &Arc<dyn Engine>, offs: &[u64], threads: usize) -> Duration {
+    let took = writes(e, offs, threads, None);
     e.flush();
     took
+}
+
+/// `alloc-4k-rand-mt`: allocating writes on one and two threads sharing one fresh image
+/// (diskimg, imago, diskimg `-t none`), round by round in turn (docs/benchmarks.md,
+/// session 6: what dropping qcow2's lock during an allocation's data write did).
+pub fn alloc_rows(cfg: &Cfg) {
+    if !cfg.wants("alloc-4k-rand-mt") {
+        return;
+    }
+    let offs = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
+    let mut cases = Vec::new();
+    for threads in [1, 2] {
+        for eng in ["diskimg", "imago 0.2.6", DIRECT] {
+            if wanted(eng) {
+                cases.push((eng, threads));
+            }
+        }
+    }
+    let mut best = vec![Duration::MAX; cases.len()];
+    for _ in 0..cfg.rounds {
+        for (b, &(eng, threads)) in best.iter_mut().zip(&cases) {
+            let img = fresh_image(cfg);
+            let e = open(eng, &img);
+            *b = (*b).min(writes(&e, &offs, threads, Some(FLUSH_EVERY)));
+        }
+    }
+    for (best, (eng, threads)) in best.into_iter().zip(cases) {
+        print_row(&Row {
+            name: "alloc-4k-rand-mt".into(),
+            engine: eng.into(),
+            ops: offs.len(),
+            bytes: offs.len() as u64 * BLOCK,
+            best,
+            note: format!("{threads} thread(s), one device"),
+        });
+    }
 }
 
 /// Prints the overwrite rows wanted (`BENCH_ONLY`, `BENCH_ENGINES`).

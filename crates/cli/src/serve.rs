@@ -87,6 +87,10 @@ pub(crate) struct Args {
     /// Virtqueues offered over vhost-user-blk.
     #[arg(long = "num-queues", default_value_t = 1)]
     num_queues: u16,
+    /// vhost-user-blk: run a read or write of at least twice this many KiB that finds
+    /// its queue idle as pieces on several threads (0, the default: never).
+    #[arg(long = "split-kib", default_value_t = 0, value_name = "KIB")]
+    split_kib: usize,
     /// The image.
     file: String,
 }
@@ -161,6 +165,7 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
     let listener = Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?;
     let mut config = VhostConfig::default();
     config.num_queues = a.num_queues;
+    config.split_min = a.split_kib.saturating_mul(1024);
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")

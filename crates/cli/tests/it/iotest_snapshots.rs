@@ -191,3 +191,31 @@ fn too_many_snapshots_repair_as_qemu() {
     );
     assert!(out.contains("65536 overhanging snapshots"), "{out}");
 }
+
+/// Extended L2 entries qemu's check judges (iotest 271): a compressed cluster with a
+/// subcluster bitmap reads and is overwritten as compressed (the bitmap is unused) and
+/// check reports it; an unaligned preallocated cluster without allocated subclusters is
+/// repaired into zero subclusters and reads as before.
+#[test]
+fn extended_l2_entries_checked_as_qemu() {
+    let out = as_qemu(
+        "qemu-img create -q -f qcow2 -o extended_l2=on \"$T\" 1M\n\
+         qemu-io -c 'write -q -P 11 -c 0 64k' \"$T\"\n\
+         poke $((262144 + 11)) '\\1\\200'\n\
+         qemu-io -c 'read -q -P 11 0 64k' \"$T\"; echo read $?\n\
+         qemu-img check \"$T\"; echo check $?\n\
+         qemu-io -c 'write -q -P 12 0 64k' \"$T\"; echo write $?\n\
+         qemu-img create -q -f raw base.raw 128k\n\
+         qemu-io -f raw -c 'write -q -P 0xff 0 128k' base.raw\n\
+         qemu-img create -q -f qcow2 -o extended_l2=on -F raw -b base.raw \"$T\"\n\
+         qemu-io -c 'write -q -P 1 4k 2k' -c 'write -q -z 4k 2k' \"$T\"\n\
+         poke $((262144 + 6)) '\\2'\n\
+         qemu-img check -r all \"$T\"; echo repair $?\n\
+         qemu-io -c 'read -q -P 0xff 0 4k' -c 'read -q -P 0 4k 2k' \"$T\"\n",
+    );
+    assert!(out.contains("read 0") && out.contains("repair 0"), "{out}");
+    assert!(
+        out.contains("non-zero subcluster allocation bitmap"),
+        "{out}"
+    );
+}

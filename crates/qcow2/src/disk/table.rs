@@ -44,9 +44,8 @@ pub(crate) fn classify(h: &Header, entry: u64, bitmap: u64, sc: u32, l2_off: u64
         if h.has_data_file() {
             return Err(bad("compressed cluster in an image with a data file"));
         }
-        if h.extended_l2() && bitmap != 0 {
-            return Err(bad("compressed cluster with a non-zero subcluster bitmap"));
-        }
+        // As qemu, a subcluster bitmap on a compressed entry is ignored by reads and
+        // writes (the compressed cluster is used); `check` reports it.
         let x = 62 - (h.cluster_bits - 8);
         let off = entry & ((1u64 << x) - 1);
         let sectors = ((entry & !OFLAG_COMPRESSED & !OFLAG_COPIED) >> x) + 1;

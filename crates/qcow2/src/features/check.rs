@@ -11,7 +11,9 @@ use diskimg_blockio::{CheckReport, RepairMode, Result};
 use crate::device::Qcow2Device;
 use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::disk::snapshot::{L1Problem, Snapshot};
-use crate::disk::table::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::disk::table::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
 
@@ -54,6 +56,10 @@ struct Counter {
     /// "overflow cluster"), as a repair could not store more.
     max: u64,
     notes: Notes,
+    /// `-r all`: L2 entries qemu fixes while counting are fixed.
+    fix: bool,
+    /// An L2 entry was rewritten on disk (the L2 cache is stale).
+    rewrote: bool,
 }
 
 impl Counter {
@@ -117,26 +123,47 @@ fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
         }
         cnt.inc(l2, cs);
         match m.read_table("L2 table", l2, cs / 8) {
-            Ok(t) => walk_l2(m, cnt, &t, active),
+            Ok(t) => walk_l2(m, cnt, l2, &t, active),
             Err(_) => cnt.notes.report.check_errors += 1,
         }
     }
 }
 
-/// Counts the clusters one L2 table references.
-fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
+/// Subcluster bitmap halves of an extended L2 entry (spec "Extended L2 Entries").
+const ALL_ALLOC: u64 = 0xffff_ffff;
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// Counts the clusters the L2 table `t` (at host offset `l2`) references, with qemu's
+/// findings per entry (`check_refcounts_l2`); with `cnt.fix`, an unaligned preallocated
+/// cluster becomes a zero cluster (qemu's `fix_l2_entry_by_zero`).
+fn walk_l2(m: &Meta, cnt: &mut Counter, l2: u64, t: &[u64], active: bool) {
     let cs = m.cs();
     let x = 62 - (m.h().cluster_bits - 8);
-    let step = if m.h().extended_l2() { 2 } else { 1 };
+    let ext = m.h().extended_l2();
+    let step = if ext { 2 } else { 1 };
     // qemu counts fragmentation within each L2 table.
     let mut last_host = 0u64;
-    for e in t.iter().step_by(step).copied() {
+    for (i, k) in (0..t.len()).step_by(step).enumerate() {
+        let e = t.get(k).copied().unwrap_or(0);
+        let bm = if ext {
+            t.get(k + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
         let stat = |c: &mut Option<u64>| {
             if active && let Some(c) = c.as_mut() {
                 *c += 1;
             }
         };
         if e & OFLAG_COMPRESSED != 0 {
+            if bm != 0 {
+                cnt.notes.report.corruptions += 1;
+                cnt.notes.say(format_args!(
+                    "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, \
+                     entry={e:#x}"
+                ));
+                continue;
+            }
             let off = e & ((1u64 << x) - 1);
             let sectors = ((e & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
             // As qemu: compressed clusters count as fragmented.
@@ -150,11 +177,14 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
         if off == 0 && !(m.data().is_some() && e & OFLAG_COPIED != 0) {
             continue;
         }
-        if !off.is_multiple_of(cs) {
+        if (bm >> 32) & bm != 0 {
             cnt.notes.report.corruptions += 1;
             cnt.notes.say(format_args!(
-                "ERROR offset={off:#x}: Cluster is not properly aligned; L2 entry corrupted."
+                "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation \
+                 bitmap"
             ));
+        }
+        if !off.is_multiple_of(cs) && unaligned(m, cnt, (l2, i), e, bm) {
             continue;
         }
         stat(&mut cnt.notes.report.allocated_clusters);
@@ -164,6 +194,61 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, t: &[u64], active: bool) {
         last_host = off;
         if m.data().is_none() {
             cnt.inc(off, cs);
+        }
+    }
+}
+
+/// An L2 entry (`at`: table offset and index) with an unaligned host offset: a
+/// corruption; one holding no data is made a zero cluster when fixing (true: it
+/// references nothing now). qemu still counts the clusters of the others.
+fn unaligned(m: &Meta, cnt: &mut Counter, at: (u64, usize), e: u64, bm: u64) -> bool {
+    let off = e & L2E_OFFSET_MASK;
+    let ext = m.h().extended_l2();
+    cnt.notes.report.corruptions += 1;
+    let data = if ext {
+        bm & ALL_ALLOC != 0
+    } else {
+        e & OFLAG_ZERO == 0
+    };
+    if data {
+        cnt.notes.say(format_args!(
+            "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+        ));
+        return false;
+    }
+    let word = if cnt.fix { "Repairing" } else { "ERROR" };
+    cnt.notes.say(format_args!(
+        "{word} offset={off:x}: Preallocated cluster is not properly aligned; L2 entry \
+         corrupted."
+    ));
+    if !cnt.fix {
+        return false;
+    }
+    let mut bytes = Vec::new();
+    if ext {
+        bytes.extend_from_slice(&0u64.to_be_bytes());
+        bytes.extend_from_slice(&((bm | bm << 32) & ALL_ZERO).to_be_bytes());
+    } else {
+        bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
+    }
+    let pos = at.0 + at.1 as u64 * bytes.len() as u64;
+    match m
+        .file()
+        .write_all_at(&bytes, pos)
+        .and_then(|()| m.file().flush())
+    {
+        Ok(()) => {
+            cnt.notes.report.corruptions -= 1;
+            cnt.notes.report.corruptions_fixed += 1;
+            cnt.rewrote = true;
+            true
+        }
+        Err(e) => {
+            cnt.notes.report.check_errors += 1;
+            cnt.notes.say(format_args!(
+                "ERROR: Failed to overwrite L2 table entry: {e}"
+            ));
+            false
         }
     }
 }
@@ -180,7 +265,7 @@ pub(crate) fn check(dev: &Qcow2Device, repair: RepairMode) -> Result<CheckReport
 }
 
 /// Counts every reference in the image (qemu's `calculate_refcounts`).
-fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
+fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64>)> {
     let cs = m.cs();
     let file_len = dev.file.len()?;
     let refs = m
@@ -201,6 +286,8 @@ fn count(dev: &Qcow2Device, m: &mut Meta) -> Result<(Counter, Vec<u64>)> {
             },
             dropped: 0,
         },
+        fix,
+        rewrote: false,
     };
     cnt.inc(0, cs);
     let h = m.h().clone();
@@ -417,7 +504,11 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         m.commit_deferred()?;
     }
     let cs = m.cs();
-    let (mut cnt, l1) = count(dev, &mut m)?;
+    let fix = repair == RepairMode::All && !dev.read_only;
+    let (mut cnt, l1) = count(dev, &mut m, fix)?;
+    if cnt.rewrote {
+        m.reset_l2_cache();
+    }
     let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
     let needs_rebuild = mismatches.iter().any(|x| x.have == 0);
     // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
