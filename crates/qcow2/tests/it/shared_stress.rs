@@ -34,6 +34,9 @@ struct Sect {
     fill: u8,
     maybe_zero: bool,
     writing: bool,
+    /// A discard of the cluster reached this sector while `writing` (its owner
+    /// may have read the sequence before that discard began).
+    dropped: bool,
     /// The cluster's discard sequence read after the last write.
     s2: u64,
 }
@@ -66,7 +69,11 @@ impl Shared<'_> {
 
     /// Owner `id`: writes (or zeroes) sector `s` with `fill`.
     fn write(&self, s: u64, fill: u8, unmap: Option<bool>) {
-        self.sects[s as usize].lock().unwrap().writing = true;
+        {
+            let mut st = self.sects[s as usize].lock().unwrap();
+            st.writing = true;
+            st.dropped = false;
+        }
         let s1 = self.seq(s);
         match unmap {
             None => self
@@ -82,8 +89,9 @@ impl Shared<'_> {
         let mut st = self.sects[s as usize].lock().unwrap();
         *st = Sect {
             fill,
-            maybe_zero: s1 != s2 || s1 % 2 == 1,
+            maybe_zero: s1 != s2 || s1 % 2 == 1 || st.dropped,
             writing: false,
+            dropped: false,
             s2,
         };
     }
@@ -114,16 +122,21 @@ impl Shared<'_> {
                 self.dev.write_zeroes(c * CS, CS, flags).unwrap()
             }
         }
-        self.dseq[c as usize].fetch_add(1, Ordering::SeqCst);
+        // The sequence stays odd until the model is updated too: a reader that saw
+        // it even again would otherwise compare zeroes with a not yet dropped sector.
         for s in c * CS / SECTOR..(c + 1) * CS / SECTOR {
             let mut st = self.sects[s as usize].lock().unwrap();
             // A write that returned before the discard began is gone; one overlapping
-            // it is marked by its owner; a later one stands.
-            if !st.writing && st.s2 < d_start {
+            // it is marked by its owner (or here, when the owner has not recorded it
+            // yet: its sequence may predate this discard); a later one stands.
+            if st.writing {
+                st.dropped = true;
+            } else if st.s2 < d_start {
                 st.fill = 0;
                 st.maybe_zero = false;
             }
         }
+        self.dseq[c as usize].fetch_add(1, Ordering::SeqCst);
     }
 }
 
