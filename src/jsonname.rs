@@ -152,18 +152,6 @@ impl BackingNode {
     }
 }
 
-/// Every key of `o` under `prefix.`, without the prefix.
-fn descend(o: &OptionList, prefix: &str) -> OptionList {
-    let mut out = OptionList::new();
-    let p = format!("{prefix}.");
-    for (k, v) in o.entries() {
-        if let Some(rest) = k.strip_prefix(&p) {
-            out.set(rest, v);
-        }
-    }
-    out
-}
-
 /// Resolves the backing name `name` (`json:{…}`) with the filter `drivers` the caller has.
 pub(crate) fn backing_node(name: &str, drivers: &NodeDrivers) -> Result<BackingNode> {
     let o = json_options(name)?;
@@ -175,7 +163,7 @@ pub(crate) fn backing_node(name: &str, drivers: &NodeDrivers) -> Result<BackingN
     let path = match (o.get("driver"), o.get("file")) {
         (Some("file"), _) => file_name(&o)?,
         (_, Some(f)) => f.to_string(),
-        _ => file_node(&descend(&o, "file"), drivers, &mut wraps, 0)?,
+        _ => file_node(&o.subtree("file"), drivers, &mut wraps, 0)?,
     };
     let mut driver_options = OptionList::new();
     for (k, v) in o.entries() {
@@ -225,7 +213,7 @@ fn file_node(
             }));
             match o.get("file") {
                 Some(f) => Ok(f.to_string()),
-                None => file_node(&descend(&o, "file"), drivers, wraps, depth + 1),
+                None => file_node(&o.subtree("file"), drivers, wraps, depth + 1),
             }
         }
         Some(d) => {
@@ -236,7 +224,7 @@ fn file_node(
             wraps.push(node.wrap);
             match o.get(&node.child) {
                 Some(f) => Ok(f.to_string()),
-                None => file_node(&descend(o, &node.child), drivers, wraps, depth + 1),
+                None => file_node(&o.subtree(&node.child), drivers, wraps, depth + 1),
             }
         }
     }

@@ -133,6 +133,19 @@ impl OptionList {
         &self.entries
     }
 
+    /// Every key under `prefix.`, moved up one level (`file.file.filename` under
+    /// `file` is `file.filename`): the options of a child node in qemu's dotted syntax.
+    pub fn subtree(&self, prefix: &str) -> OptionList {
+        let mut out = OptionList::new();
+        let p = format!("{prefix}.");
+        for (k, v) in self.entries() {
+            if let Some(rest) = k.strip_prefix(&p) {
+                out.set(rest, v);
+            }
+        }
+        out
+    }
+
     /// Removes and returns `key`'s value.
     pub fn take(&mut self, key: &str) -> Option<String> {
         let i = self.entries.iter().position(|(k, _)| k == key)?;

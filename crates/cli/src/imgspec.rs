@@ -98,18 +98,6 @@ const IGNORED: &[&str] = &[
     "auto-read-only",
 ];
 
-/// Moves every `prefix.`-key of `o` up one level (`file.file.filename` → `file.filename`).
-fn descend(o: &OptionList, prefix: &str) -> OptionList {
-    let mut out = OptionList::new();
-    let p = format!("{prefix}.");
-    for (k, v) in o.entries() {
-        if let Some(rest) = k.strip_prefix(&p) {
-            out.set(rest, v);
-        }
-    }
-    out
-}
-
 /// Removes every key of `o` under `prefix.` (and `prefix` itself).
 fn drop_subtree(o: &mut OptionList, prefix: &str) {
     let p = format!("{prefix}.");
@@ -171,10 +159,10 @@ fn below_format(rules: Vec<BlkdebugRule>) -> Option<Arc<Engine>> {
 /// blkdebug` over a raw node, or `data-file.driver=blkdebug`): its engine; the
 /// `data-file` keys are taken. Other `data-file` options are left to the driver.
 fn data_file_node(o: &mut OptionList) -> Result<Option<Arc<Engine>>> {
-    let d = descend(o, "data-file");
+    let d = o.subtree("data-file");
     let node = match (d.get("driver"), d.get("file.driver")) {
         (Some("blkdebug"), _) => d,
-        (Some("raw") | None, Some("blkdebug")) => descend(&d, "file"),
+        (Some("raw") | None, Some("blkdebug")) => d.subtree("file"),
         _ => return Ok(None),
     };
     let (_, rules) = blkdebug_node(&node, None)?;
@@ -206,7 +194,7 @@ fn quorum_node(o: &OptionList) -> Result<Node> {
         .map_err(|_| anyhow!("Parameter 'vote-threshold' expects a number"))?;
     let mut children = Vec::new();
     for i in 0.. {
-        let c = descend(o, &format!("children.{i}"));
+        let c = o.subtree(&format!("children.{i}"));
         if c.is_empty() {
             break;
         }
@@ -246,7 +234,7 @@ pub(crate) fn resolve(
         r.raw_window = raw_window(&mut o)?;
     }
     // The limits of a blkdebug node below the format (`file.align`, …).
-    let file_limits = BlkdebugLimits::from_options(&descend(&o, "file"))?;
+    let file_limits = BlkdebugLimits::from_options(&o.subtree("file"))?;
     if r.path.is_empty() {
         r.path = file_child(&mut r, &o, file_driver.as_deref(), name)?;
         drop_subtree(&mut o, "file");
@@ -279,7 +267,7 @@ fn below_filters(mut o: OptionList) -> (OptionList, bool, bool) {
             Some("compress") => compress = true,
             _ => break,
         }
-        o = descend(&o, "file");
+        o = o.subtree("file");
     }
     (o, copy_on_read, compress)
 }
@@ -392,18 +380,18 @@ fn file_child(
 ) -> Result<String> {
     Ok(match file_driver {
         Some("blkdebug") => {
-            let (path, rules) = blkdebug_node(&descend(o, "file"), None)?;
+            let (path, rules) = blkdebug_node(&o.subtree("file"), None)?;
             r.file_debug = below_format(rules);
             path
         }
         Some("null-co" | "null-aio") => bail!("diskimg opens a format only on a file"),
         Some("quorum") => {
-            r.node = quorum_node(&descend(o, "file"))?;
+            r.node = quorum_node(&o.subtree("file"))?;
             String::new()
         }
         Some(f) if f != "file" && Format::from_name(f).is_ok() => {
             r.node = Node::Nested(format_named(f)?);
-            let inner = descend(o, "file");
+            let inner = o.subtree("file");
             match (inner.get("file.filename"), inner.get("file")) {
                 (Some(p), _) | (None, Some(p)) => p.to_string(),
                 (None, None) => bail!("A block device must be specified for \"file\""),
