@@ -502,7 +502,6 @@ fn preallocated_encrypted_image_reads_zeroes() {
 
 /// Crash test on an encrypted image: cut at every write and flush; the image opens
 /// with its key, checks clean (leaks allowed) and flushed data reads back decrypted.
-
 mod keyslots;
 mod robust;
 
