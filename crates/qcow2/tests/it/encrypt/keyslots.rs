@@ -2,6 +2,7 @@
 
 use super::*;
 
+/// Key-slot management (`qemu-img amend -o encrypt.*`) both ways with qemu.
 #[test]
 fn key_slots_amend_interop() {
     let dir = tempdir();

@@ -129,8 +129,6 @@ fn hostile_luks_headers_give_clean_errors() {
     assert!(DRIVER.open(s, &key_opts(true, SECRET)).is_err());
 }
 
-/// Key-slot management (`qemu-img amend -o encrypt.*`) both ways with qemu.
-
 mod model {
     //! proptest: random operations on encrypted images against a `Model`, reopened
     //! (unlocked again) in between.
