@@ -426,7 +426,7 @@ const BEHIND_DEPTH: usize = 4;
 /// `-t none` onto a single-file image created here (not raw, whose workers write in
 /// parallel themselves): `O_DIRECT`, with up to [`BEHIND_DEPTH`] large writes in flight
 /// ([`WriteBehind`]: the ordered writer goes on while the device writes; every flush is
-/// honoured and waits for them). `None` when the image needs more than its file (the
+/// honoured and waits for them), and qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more than its file (the
 /// usual open then reports what is wrong).
 fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
@@ -434,7 +434,13 @@ fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     };
     crate::common::lock_own_file(&file, fmt, name)?;
     let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH));
-    Ok(diskimg::open_storage(storage, Some(fmt), false)
+    // A new image filled front to back: qcow2 writes its new L2 tables with the other
+    // deferred metadata, one flush for many (crash consistent, see docs/cli.md).
+    let mut opts = diskimg::blockio::OpenOptions::new();
+    opts.driver_options.set("x-deferred-tables", "on");
+    Ok(fmt
+        .driver()
+        .and_then(|d| d.open(storage, &opts))
         .ok()
         .map(|device| Target {
             device,
