@@ -411,7 +411,11 @@ fn open_target(
     {
         return Ok(t);
     }
-    let opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
+    let mut opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
+    if fresh {
+        // See `open_behind`.
+        opts.driver_options.set(DEFERRED_TABLES, "on");
+    }
     let img = open_resolved(name, name, Some(fmt), opts, false, true)?;
     Ok(Target {
         device: img.device.clone(),
@@ -419,6 +423,10 @@ fn open_target(
         cache: None,
     })
 }
+
+/// qcow2's driver option for a new image filled front to back: new L2 tables are
+/// written with the other deferred metadata, one flush for many (crash consistent).
+const DEFERRED_TABLES: &str = "x-deferred-tables";
 
 /// Large writes in flight for `-t none` ([`open_behind`]).
 const BEHIND_DEPTH: usize = 4;
@@ -434,10 +442,8 @@ fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     };
     crate::common::lock_own_file(&file, fmt, name)?;
     let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH));
-    // A new image filled front to back: qcow2 writes its new L2 tables with the other
-    // deferred metadata, one flush for many (crash consistent, see docs/cli.md).
     let mut opts = diskimg::blockio::OpenOptions::new();
-    opts.driver_options.set("x-deferred-tables", "on");
+    opts.driver_options.set(DEFERRED_TABLES, "on");
     Ok(fmt
         .driver()
         .and_then(|d| d.open(storage, &opts))

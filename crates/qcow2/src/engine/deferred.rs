@@ -57,7 +57,14 @@ impl Deferred {
         unref: Vec<(u64, u64)>,
         new_clusters: bool,
     ) {
-        self.updates.extend(updates);
+        // A new table is written whole: its updates need no span of their own (so a
+        // table being filled does not count towards the bound on pending updates).
+        let tables = &self.tables;
+        self.updates.extend(
+            updates
+                .into_iter()
+                .filter(|u| tables.is_empty() || !tables.iter().any(|&(_, t)| t == u.table)),
+        );
         self.unref.extend(unref);
         self.flush |= new_clusters;
     }
