@@ -30,6 +30,7 @@ mod hostile;
 mod inspect;
 mod io;
 mod iotest_behaviour;
+mod iotest_blkdebug;
 mod iotest_cases;
 mod iotest_close;
 mod iotest_filters;
@@ -96,6 +97,22 @@ pub fn s(p: &Path) -> &str {
 /// Exit code of an output.
 pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
+}
+
+/// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT TOP`: an overlay made by qemu-img
+/// (its size is the backing file's).
+pub fn qemu_overlay(fmt: &str, backing: &str, backing_fmt: &str, top: &str) {
+    diskimg_testutil::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        top,
+    ]);
 }
 
 /// A sparse raw image of `size` bytes made by qemu-img with qemu-io writes applied.

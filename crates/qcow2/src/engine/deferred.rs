@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use diskimg_blockio::{Error, Result};
+use diskimg_blockio::{DebugEvent, Error, Result};
 
 use crate::disk::table::{OFLAG_COPIED, encode_u64s};
 use crate::engine::meta::Meta;
@@ -129,6 +129,7 @@ impl Meta {
         let tables = self.deferred.tables().to_vec();
         for &(_, t) in &tables {
             let raw = encode_u64s(self.l2_table(t)?);
+            self.file.debug_event(DebugEvent::L2AllocWrite);
             self.file.write_all_at(&raw, t)?;
         }
         if self.deferred.needs_flush() {
@@ -171,6 +172,7 @@ impl Meta {
             l2_off,
         ))?;
         let raw = encode_u64s(span);
+        self.file.debug_event(DebugEvent::L2Update);
         self.file.write_all_at(&raw, l2_off + lo * per * 8)
     }
 
@@ -232,6 +234,7 @@ impl Meta {
                 .and_then(|(a, b)| self.l1.get(a..b))
                 .ok_or(Error::corrupt("qcow2", "L1 index out of range", lo))?;
             let raw = encode_u64s(span);
+            self.file.debug_event(DebugEvent::L1Update);
             self.file.write_all_at(&raw, self.l1_offset + lo * 8)?;
         }
         Ok(())

@@ -380,6 +380,7 @@ impl Meta {
             .get_mut(k)
             .ok_or(Error::corrupt("qcow2", "L1 index out of range", i))?;
         *slot = value;
+        self.file.debug_event(DebugEvent::L1Update);
         self.file
             .write_all_at(&value.to_be_bytes(), self.l1_offset + i * 8)
     }
@@ -468,6 +469,7 @@ impl Meta {
 
     /// Writes a whole fresh L2 table to `off` and caches it.
     pub(crate) fn write_l2_table(&mut self, off: u64, table: Vec<u64>) -> Result<()> {
+        self.file.debug_event(DebugEvent::L2Update);
         self.file.write_all_at(&encode_u64s(&table), off)?;
         self.l2.insert(off, table);
         Ok(())
