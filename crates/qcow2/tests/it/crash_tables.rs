@@ -19,9 +19,16 @@ const CLUSTER: usize = 512;
 /// Guest bytes one L2 table maps (64 entries of 512-byte clusters).
 const L2_SPAN: u64 = 32 << 10;
 
+/// One write: (offset, length, fill byte).
+type Op = (u64, usize, u8);
+
+/// What a run leaves: the storage, the contents at the last completed flush, the writes
+/// since.
+type Outcome = (Arc<FaultStorage>, Vec<u8>, Vec<Op>);
+
 /// (offset, length, fill byte): whole-cluster runs and partial clusters spread over many
 /// L2 ranges, some ranges written again.
-fn ops() -> Vec<(u64, usize, u8)> {
+fn ops() -> Vec<Op> {
     let mut v = Vec::new();
     for k in 0..36u64 {
         let table = (k * 7) % (SIZE / L2_SPAN);
@@ -52,11 +59,7 @@ fn deferred(on: bool) -> OpenOptions {
 
 /// Runs the workload with a flush every `every` writes; the cut is `cut`, or none.
 /// Returns the storage, the contents at the last completed flush and the writes since.
-fn run(
-    initial: &[u8],
-    cut: Option<u64>,
-    every: usize,
-) -> (Arc<FaultStorage>, Vec<u8>, Vec<(u64, usize, u8)>) {
+fn run(initial: &[u8], cut: Option<u64>, every: usize) -> Outcome {
     let fs = Arc::new(FaultStorage::new(initial.to_vec(), cut));
     let dev = DRIVER.open(fs.clone(), &deferred(true)).unwrap();
     let mut now = vec![0u8; SIZE as usize];
@@ -85,7 +88,7 @@ fn run(
 
 /// Whether 256-byte piece `g` at `off` is what the last flush left or one of the writes
 /// since left there.
-fn old_or_new(g: &[u8], d: &[u8], off: u64, since: &[(u64, usize, u8)]) -> bool {
+fn old_or_new(g: &[u8], d: &[u8], off: u64, since: &[Op]) -> bool {
     g == d
         || since.iter().any(|&(o, l, v)| {
             o <= off && off + g.len() as u64 <= o + l as u64 && g.iter().all(|&x| x == v)
