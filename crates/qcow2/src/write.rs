@@ -21,6 +21,7 @@ use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
 use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
+use crate::ext_alloc;
 
 /// All 32 subcluster allocation bits.
 pub(crate) const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -34,6 +35,9 @@ pub(crate) struct Pending {
     pub(crate) unref: Vec<(u64, u64)>,
     /// New clusters were allocated: flush before pointing to them.
     pub(crate) flush: bool,
+    /// Host clusters allocated ahead as one run for the next clusters of an extended
+    /// L2 request (first offset, count; see `ext_alloc`).
+    pub(crate) planned: Option<(u64, u64)>,
 }
 
 fn commit(m: &mut Meta, p: Pending) -> Result<()> {
@@ -68,7 +72,7 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 /// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
 /// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
 /// never written.
-fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
+pub(crate) fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     m.lazy_mark_dirty()?;
     if m.data().is_some() {
         return Ok((cstart, false));
@@ -179,12 +183,22 @@ fn write_cluster(
     let allocated =
         e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data().is_some() && copied));
     if e & OFLAG_COMPRESSED != 0 || (allocated && !copied) {
-        let mut b = vec![0u8; idx(cs)];
-        dev.read_locked(m, &mut b, cstart)?;
-        b.put(idx(in_off), data);
-        let (host, _) = new_clusters(m, cstart, 1)?;
-        write_data(crypt, store.as_ref(), &b, host, cstart)?;
-        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, ALL_ALLOC));
+        // qemu's copy-on-write span: a compressed cluster whole, a shared one from its
+        // first allocated subcluster (or the write) to its last, the rest of its bitmap
+        // kept (see `ext_alloc`).
+        let (from, to, nbm) = if e & OFLAG_COMPRESSED != 0 {
+            (0, cs, ALL_ALLOC)
+        } else {
+            let g = cs / 32;
+            let (f, t) = ext_alloc::cow_span(bm, in_off, in_off + data.len() as u64, g);
+            (f, t, ext_alloc::bitmap_after(bm, f, t, g))
+        };
+        let mut b = vec![0u8; idx(to - from)];
+        dev.read_locked(m, &mut b, cstart + from)?;
+        b.put(idx(in_off - from), data);
+        let host = ext_alloc::take_planned(m, p, cstart)?;
+        write_data(crypt, store.as_ref(), &b, host + from, cstart + from)?;
+        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, nbm));
         p.flush = true;
         if let Some(r) = old_ref(m, e) {
             p.unref.push(r);
@@ -196,7 +210,7 @@ fn write_cluster(
         (e & L2E_OFFSET_MASK, bm)
     } else {
         p.flush = true;
-        (new_clusters(m, cstart, 1)?.0, bm & !ALL_ALLOC)
+        (ext_alloc::take_planned(m, p, cstart)?, bm & !ALL_ALLOC)
     };
     let g = cs / 32;
     let end = in_off + data.len() as u64;
@@ -343,9 +357,11 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
             continue;
         }
         let chunk = buf.get(done..done + n).ok_or(internal("write range"))?;
+        ext_alloc::plan_run(&mut m, &mut p, guest, off + buf.len() as u64)?;
         write_cluster(dev, &mut m, chunk, guest, &mut p)?;
         done += n;
     }
+    ext_alloc::drop_planned(&mut m, &mut p)?;
     commit(&mut m, p)
 }
 
@@ -400,16 +416,24 @@ fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<
             continue;
         }
         // Each piece sees the entries the previous one left.
+        let freed = !p.unref.is_empty();
         commit(&mut m, std::mem::take(&mut p))?;
         if k == 1 && bulk_as_data(&mut m, &r)? {
+            if freed {
+                // As qemu, which frees what the head's copy-on-write replaced at once:
+                // the bulk's allocation may reuse it (iotest 271's host offsets).
+                m.commit_deferred()?;
+            }
             // qemu cannot zero part of a compressed cluster: its block layer writes the
             // whole aligned bulk as zero data instead.
             let mut pos = r.start;
             while pos < r.end {
                 let n = (cs - pos % cs).min(r.end - pos);
+                ext_alloc::plan_run(&mut m, &mut p, pos, r.end)?;
                 write_cluster(dev, &mut m, zeros.get(..idx(n)).unwrap_or(&[]), pos, &mut p)?;
                 pos += n;
             }
+            ext_alloc::drop_planned(&mut m, &mut p)?;
             continue;
         }
         zero_range(dev, &mut m, &zeros, r, unmap, &mut p)?;
@@ -571,8 +595,9 @@ fn zero_subclusters(
         let at = L2Update::new(at.table, at.index, e, bm);
         return zero_subclusters(dev, m, zeros, at, pos + head..r.end, unmap, p);
     }
-    let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && e & OFLAG_COPIED == 0);
-    let full = if shared {
+    // As qemu's `zero_l2_subclusters`: the bits of an allocated cluster shared with a
+    // snapshot change in place (only a compressed cluster cannot be partly zeroed).
+    let full = if e & OFLAG_COMPRESSED != 0 {
         None
     } else {
         Some(full_subclusters(dev, m, at, pos, n)?)
@@ -751,5 +776,14 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         }
         c += cs;
     }
-    commit(&mut m, p)
+    // As qemu, whose freed clusters are free at once: the updates are written now and
+    // the clusters unreferenced (and punched), so the next allocation can reuse them
+    // (iotest 250's layout). Discards that free nothing stay deferred.
+    let frees = !p.unref.is_empty();
+    m.punch_when_freed(&p.unref);
+    commit(&mut m, p)?;
+    if frees {
+        m.commit_deferred()?;
+    }
+    Ok(())
 }

@@ -36,6 +36,8 @@ impl L2Update {
 pub(crate) struct Deferred {
     updates: Vec<L2Update>,
     unref: Vec<(u64, u64)>,
+    /// Host ranges to punch once their clusters are free (see `engine::punch`).
+    punch: Vec<(u64, u64)>,
     flush: bool,
 }
 
@@ -52,6 +54,16 @@ impl Deferred {
         self.flush |= new_clusters;
     }
 
+    /// Queues host ranges to punch once their clusters are free (after the updates).
+    pub(crate) fn add_punch(&mut self, ranges: &[(u64, u64)]) {
+        self.punch.extend_from_slice(ranges);
+    }
+
+    /// Takes the ranges queued by [`Deferred::add_punch`].
+    pub(crate) fn take_punch(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.punch)
+    }
+
     /// Number of queued L2 updates.
     pub(crate) fn len(&self) -> usize {
         self.updates.len()
@@ -59,7 +71,7 @@ impl Deferred {
 
     /// Nothing queued at all.
     pub(crate) fn is_empty(&self) -> bool {
-        self.updates.is_empty() && self.unref.is_empty()
+        self.updates.is_empty() && self.unref.is_empty() && self.punch.is_empty()
     }
 
     /// Whether a storage flush must come before the updates are written.

@@ -488,6 +488,10 @@ impl Meta {
                 self.unref_range(o, l)?;
             }
         }
+        let punch = self.deferred.take_punch();
+        if !punch.is_empty() {
+            self.punch_freed(punch);
+        }
         Ok(())
     }
 
