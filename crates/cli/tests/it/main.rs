@@ -37,6 +37,7 @@ mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
 mod iotest_snapshots;
+mod iotest_subclusters;
 mod locking;
 mod locking_chain;
 mod luks;
