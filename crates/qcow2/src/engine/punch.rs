@@ -38,15 +38,16 @@ impl Meta {
         }
         clusters.sort_unstable();
         clusters.dedup();
-        let mut k = 0;
-        while k < clusters.len() {
-            let first = clusters[k];
-            let mut n = 1;
-            while clusters.get(k + n as usize) == Some(&(first + n)) {
-                n += 1;
+        // Contiguous runs: (first cluster, count).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in clusters {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == c => *n += 1,
+                _ => runs.push((c, 1)),
             }
+        }
+        for (first, n) in runs {
             let _ = self.file.discard(first * cs, n * cs);
-            k += n as usize;
         }
     }
 }
