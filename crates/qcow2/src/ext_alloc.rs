@@ -6,10 +6,15 @@
 //! write) to the last one, keeping the rest of the bitmap.
 
 use diskimg_blockio::Result;
+use diskimg_blockio::bytes::WriteBytes;
 
+use crate::device::Qcow2Device;
+use crate::disk::idx;
 use crate::disk::table::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::encryption::write_data;
+use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
-use crate::write::{Pending, ensure_l2, new_clusters};
+use crate::write::{ALL_ALLOC, Pending, ensure_l2, new_clusters, old_ref};
 
 /// Whether an extended L2 entry needs a new host cluster for a write (qemu's
 /// `cluster_needs_new_alloc`): unallocated, compressed, or shared (no COPIED flag).
@@ -65,6 +70,49 @@ pub(crate) fn drop_planned(m: &mut Meta, p: &mut Pending) -> Result<()> {
     if let Some((host, n)) = p.planned.take() {
         let cs = m.cs();
         m.set_refcount_run(host / cs, n, 0)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` at guest `guest` into the compressed or shared extended-L2 cluster of
+/// entry `at` through a new host cluster: qemu's copy-on-write span (a compressed
+/// cluster whole, a shared one from its first allocated subcluster, or the write, to its
+/// last) is copied with the data, the rest of the bitmap is kept.
+pub(crate) fn copy_on_write(
+    dev: &Qcow2Device,
+    m: &mut Meta,
+    data: &[u8],
+    guest: u64,
+    at: L2Update,
+    p: &mut Pending,
+) -> Result<()> {
+    let cs = m.cs();
+    let in_off = guest % cs;
+    let cstart = guest - in_off;
+    let (e, bm) = (at.entry, at.bitmap);
+    let (from, to, nbm) = if e & OFLAG_COMPRESSED != 0 {
+        (0, cs, ALL_ALLOC)
+    } else {
+        let g = cs / 32;
+        let (f, t) = cow_span(bm, in_off, in_off + data.len() as u64, g);
+        (f, t, bitmap_after(bm, f, t, g))
+    };
+    let mut b = vec![0u8; idx(to - from)];
+    dev.read_locked(m, &mut b, cstart + from)?;
+    b.put(idx(in_off - from), data);
+    let host = take_planned(m, p, cstart)?;
+    let store = m.data_store().clone();
+    write_data(
+        dev.crypt.as_deref(),
+        store.as_ref(),
+        &b,
+        host + from,
+        cstart + from,
+    )?;
+    p.l2.push(L2Update::new(at.table, at.index, host | OFLAG_COPIED, nbm));
+    p.flush = true;
+    if let Some(r) = old_ref(m, e) {
+        p.unref.push(r);
     }
     Ok(())
 }

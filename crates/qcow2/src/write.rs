@@ -183,27 +183,8 @@ fn write_cluster(
     let allocated =
         e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data().is_some() && copied));
     if e & OFLAG_COMPRESSED != 0 || (allocated && !copied) {
-        // qemu's copy-on-write span: a compressed cluster whole, a shared one from its
-        // first allocated subcluster (or the write) to its last, the rest of its bitmap
-        // kept (see `ext_alloc`).
-        let (from, to, nbm) = if e & OFLAG_COMPRESSED != 0 {
-            (0, cs, ALL_ALLOC)
-        } else {
-            let g = cs / 32;
-            let (f, t) = ext_alloc::cow_span(bm, in_off, in_off + data.len() as u64, g);
-            (f, t, ext_alloc::bitmap_after(bm, f, t, g))
-        };
-        let mut b = vec![0u8; idx(to - from)];
-        dev.read_locked(m, &mut b, cstart + from)?;
-        b.put(idx(in_off - from), data);
-        let host = ext_alloc::take_planned(m, p, cstart)?;
-        write_data(crypt, store.as_ref(), &b, host + from, cstart + from)?;
-        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, nbm));
-        p.flush = true;
-        if let Some(r) = old_ref(m, e) {
-            p.unref.push(r);
-        }
-        return Ok(());
+        let at = L2Update::new(l2, i, e, bm);
+        return ext_alloc::copy_on_write(dev, m, data, guest, at, p);
     }
     let (host, mut nbm) = if allocated {
         m.check_overlap(e & L2E_OFFSET_MASK, cs)?;
