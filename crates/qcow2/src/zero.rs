@@ -74,7 +74,7 @@ fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<
             if freed {
                 // As qemu, which frees what the head's copy-on-write replaced at once:
                 // the bulk's allocation may reuse it (iotest 271's host offsets).
-                m.commit_deferred()?;
+                m.write_deferred()?;
             }
             // qemu cannot zero part of a compressed cluster: its block layer writes the
             // whole aligned bulk as zero data instead.
@@ -435,7 +435,10 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     m.punch_when_freed(&p.unref);
     commit(&mut m, p)?;
     if frees {
-        m.commit_deferred()?;
+        // Not `commit_deferred`: giving the reserve back here races with the guest
+        // I/O of other threads (tests/it/stress.rs), and the reserve is not needed for
+        // the reuse (`take_reserved` prefers free runs below it).
+        m.write_deferred()?;
     }
     Ok(())
 }

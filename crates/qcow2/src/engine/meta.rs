@@ -464,7 +464,7 @@ impl Meta {
     }
 
     /// Writes the deferred L2 updates (see [`Meta::defer`]).
-    fn write_deferred(&mut self) -> Result<()> {
+    pub(crate) fn write_deferred(&mut self) -> Result<()> {
         if self.deferred.is_empty() {
             return Ok(());
         }
