@@ -11,6 +11,7 @@ mod check;
 mod compressed;
 mod crash;
 mod crash_alloc;
+mod crash_tables;
 mod encrypt;
 mod hostile;
 mod layout;
@@ -23,6 +24,7 @@ mod read;
 mod shared_stress;
 mod shared_write;
 mod snapshots;
+mod vectored_write;
 mod write;
 
 use std::path::{Path, PathBuf};
