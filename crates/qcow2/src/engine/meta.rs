@@ -467,11 +467,12 @@ impl Meta {
         if self.deferred.is_empty() {
             return Ok(());
         }
-        if self.deferred.needs_flush() {
+        if self.deferred.needs_flush() || self.reserve_owes_flush() {
             if let Some(d) = &self.data {
                 d.flush()?;
             }
             self.file.flush()?;
+            self.reserve_flushed_now();
         }
         // The cached tables hold every deferred update (and equal the disk elsewhere):
         // each table goes out as one write of the span its updates cover, whatever order
