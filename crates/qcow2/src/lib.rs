@@ -106,6 +106,7 @@ mod encryption;
 mod engine;
 mod errors;
 mod features;
+mod inflight;
 mod offload;
 mod open;
 mod open_options;

@@ -136,6 +136,7 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
+            inflight: Default::default(),
             crypt,
         };
         if !read_only && checking {
@@ -268,6 +269,7 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
+            inflight: Default::default(),
             crypt: self.crypt.clone(),
         })
     }

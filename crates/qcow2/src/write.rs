@@ -68,7 +68,7 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 /// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
 /// offset), and whether they come from the reserve (see `reserve`): never written, and
 /// L2 entries pointing to them wait for their refcounts to be durable.
-fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
+pub(crate) fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     m.lazy_mark_dirty()?;
     if m.data().is_some() {
         return Ok((cstart, false));
@@ -81,7 +81,7 @@ fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
 
 /// Whether guest cluster `cstart` of kind `kind` reads as zeroes (a zero cluster, or
 /// unallocated with nothing below).
-fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
+pub(crate) fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
     match kind {
         Sub::Zero | Sub::ZeroAlloc(_) => true,
         Sub::Unalloc => dev.backing().is_none_or(|b| b.virtual_size() <= cstart),
@@ -93,7 +93,12 @@ fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
 /// `reserved` (never written) or at or past the end of the image file, where the file
 /// system guarantees zeroes. Never for data files (the host range may hold older bytes)
 /// nor encryption (zero host bytes are not zero plaintext).
-fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Result<bool> {
+pub(crate) fn host_reads_zero(
+    dev: &Qcow2Device,
+    m: &Meta,
+    host: u64,
+    reserved: bool,
+) -> Result<bool> {
     if m.data().is_some() || dev.crypt.is_some() {
         return Ok(false);
     }
@@ -103,7 +108,7 @@ fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Re
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
 /// they come from the reserve (whose refcounts the reserve makes durable first) and
 /// losing their data in a crash leaves what the guest saw before (zeroes), see `reserve`.
-fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
+pub(crate) fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
     !(reserved && was_zero && dev.crypt.is_none())
 }
 
@@ -327,8 +332,17 @@ fn fast_run(
 /// `BlockDevice::write_at` for qcow2: in place under the shared lock when no metadata
 /// changes (`overwrite`), else cluster by cluster under the exclusive lock.
 pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
-    if crate::overwrite::overwrite_shared(dev, buf, off)? {
-        return Ok(());
+    use crate::inflight::{Outcome, alloc_unlocked};
+    // Bounded: each retry follows another write's allocation of the same cluster.
+    for _ in 0..64 {
+        if crate::overwrite::overwrite_shared(dev, buf, off)? {
+            return Ok(());
+        }
+        match alloc_unlocked(dev, buf, off)? {
+            Outcome::Done => return Ok(()),
+            Outcome::Retry => continue,
+            Outcome::Fallback => break,
+        }
     }
     let mut m = dev.lock();
     let cs = m.cs();
