@@ -14,7 +14,6 @@ use crate::disk::ext::BitmapEntry;
 use crate::disk::header::{AUTOCLEAR_DATA_RAW, COMPAT_LAZY, INCOMPAT_CORRUPT};
 use crate::encryption::Encryption;
 use crate::engine::meta::Meta;
-use crate::inflight::InFlight;
 use crate::tracked::Tracked;
 
 /// The metadata held exclusively ([`Qcow2Device::lock`]).
@@ -52,29 +51,11 @@ pub struct Qcow2Device {
     pub(crate) snapshot_view: bool,
     /// The data cipher of an encrypted image.
     pub(crate) crypt: Option<Arc<Encryption>>,
-    /// Allocating writes between their two locked steps (`inflight.rs`).
-    pub(crate) inflight: InFlight,
 }
 
 impl Qcow2Device {
-    /// The metadata, exclusively, with no allocating write in flight (`inflight.rs`):
-    /// what every metadata operation and every write but those allocations takes.
+    /// The metadata, exclusively (writers, and readers whose L2 table is not cached).
     pub(crate) fn lock(&self) -> MetaGuard<'_> {
-        let m = self.lock_raw();
-        if self.inflight.idle() {
-            return m;
-        }
-        drop(m);
-        // No new allocation registers from here on; the ones in flight finish.
-        self.inflight.block_and_drain();
-        let m = self.lock_raw();
-        self.inflight.unblock();
-        m
-    }
-
-    /// The metadata, exclusively, while allocating writes may be in flight: their own
-    /// locked steps, and readers loading an L2 table.
-    pub(crate) fn lock_raw(&self) -> MetaGuard<'_> {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 

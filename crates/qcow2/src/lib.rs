@@ -106,7 +106,6 @@ mod encryption;
 mod engine;
 mod errors;
 mod features;
-mod inflight;
 mod offload;
 mod open;
 mod open_options;

@@ -136,7 +136,6 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
-            inflight: Default::default(),
             crypt,
         };
         if !read_only && checking {
@@ -269,7 +268,6 @@ impl Qcow2Device {
             closed: diskimg_blockio::Closed::new(),
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
-            inflight: Default::default(),
             crypt: self.crypt.clone(),
         })
     }

@@ -28,8 +28,7 @@ impl Qcow2Device {
         if let Cached::Hit((sub, n, _)) = self.shared().resolve_cached(guest, max)? {
             return Ok((sub, n));
         }
-        // Allocations in flight do not change what a read may see: no need to wait.
-        self.lock_raw().resolve(guest, max)
+        self.lock().resolve(guest, max)
     }
 
     /// Reads one run resolved under the lock into `dst` (copy-on-write's reads).

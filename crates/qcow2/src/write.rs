@@ -70,7 +70,7 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 /// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
 /// offset), and whether they come from the reserve (see `reserve`): never written, and
 /// L2 entries pointing to them wait for their refcounts to be durable.
-pub(crate) fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
+fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     m.lazy_mark_dirty()?;
     if m.data().is_some() {
         return Ok((cstart, false));
@@ -92,7 +92,7 @@ fn abort_clusters(m: &mut Meta, host: u64, n: u64) {
 
 /// Whether guest cluster `cstart` of kind `kind` reads as zeroes (a zero cluster, or
 /// unallocated with nothing below).
-pub(crate) fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
+fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
     match kind {
         Sub::Zero | Sub::ZeroAlloc(_) => true,
         Sub::Unalloc => dev.backing().is_none_or(|b| b.virtual_size() <= cstart),
@@ -104,12 +104,7 @@ pub(crate) fn reads_zero(dev: &Qcow2Device, kind: Sub, cstart: u64) -> bool {
 /// `reserved` (never written) or at or past the end of the image file, where the file
 /// system guarantees zeroes. Never for data files (the host range may hold older bytes)
 /// nor encryption (zero host bytes are not zero plaintext).
-pub(crate) fn host_reads_zero(
-    dev: &Qcow2Device,
-    m: &Meta,
-    host: u64,
-    reserved: bool,
-) -> Result<bool> {
+fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Result<bool> {
     if m.data().is_some() || dev.crypt.is_some() {
         return Ok(false);
     }
@@ -119,7 +114,7 @@ pub(crate) fn host_reads_zero(
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
 /// they come from the reserve (whose refcounts the reserve makes durable first) and
 /// losing their data in a crash leaves what the guest saw before (zeroes), see `reserve`.
-pub(crate) fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
+fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
     !(reserved && was_zero && dev.crypt.is_none())
 }
 
@@ -346,17 +341,8 @@ fn fast_run(
 /// `BlockDevice::write_at` for qcow2: in place under the shared lock when no metadata
 /// changes (`overwrite`), else cluster by cluster under the exclusive lock.
 pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
-    use crate::inflight::{Outcome, alloc_unlocked};
-    // Bounded: each retry follows another write's allocation of the same cluster.
-    for _ in 0..64 {
-        if crate::overwrite::overwrite_shared(dev, buf, off)? {
-            return Ok(());
-        }
-        match alloc_unlocked(dev, buf, off)? {
-            Outcome::Done => return Ok(()),
-            Outcome::Retry => continue,
-            Outcome::Fallback => break,
-        }
+    if crate::overwrite::overwrite_shared(dev, buf, off)? {
+        return Ok(());
     }
     let mut m = dev.lock();
     let cs = m.cs();

@@ -423,9 +423,6 @@ impl Storage for FileStorage {
     fn host_file(&self) -> Option<&File> {
         self.direct.is_none().then_some(&self.file)
     }
-    fn bypasses_cache(&self) -> bool {
-        self.cache.direct()
-    }
 }
 
 #[cfg(test)]

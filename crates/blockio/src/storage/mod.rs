@@ -190,14 +190,6 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn uring(&self) -> Option<&UringStorage> {
         None
     }
-    /// Whether writes bypass the page cache (`O_DIRECT`: cache modes `none` and
-    /// `directsync`), so that a data write takes the device's time rather than a memory
-    /// copy's. Formats may then drop their metadata locks around data writes, letting
-    /// writes of several threads overlap (qcow2's allocating writes do). Wrappers that
-    /// pass I/O on unchanged forward it; the default is `false`.
-    fn bypasses_cache(&self) -> bool {
-        false
-    }
     /// Tells the storage that the format is about to do the host I/O `event` names
     /// (qemu's `BLKDBG_EVENT`; see [`DebugEvent`]). Test storages (the CLI's `blkdebug`
     /// node) fail the I/O that follows as their rules say; every other storage ignores
@@ -247,9 +239,6 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
-    }
-    fn bypasses_cache(&self) -> bool {
-        (**self).bypasses_cache()
     }
     fn debug_event(&self, event: DebugEvent) {
         (**self).debug_event(event)

@@ -236,9 +236,6 @@ impl Storage for UringStorage {
     fn uring(&self) -> Option<&UringStorage> {
         Some(self)
     }
-    fn bypasses_cache(&self) -> bool {
-        self.file.bypasses_cache()
-    }
 }
 
 #[cfg(test)]
