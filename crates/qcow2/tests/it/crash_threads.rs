@@ -20,29 +20,6 @@ const CLUSTER: u64 = 65536;
 const WRITES: u64 = 24;
 const EVERY: u64 = 3;
 
-/// A storage whose flushes take a while (so that the other thread runs meanwhile).
-#[derive(Debug)]
-struct SlowFlush(Arc<FaultStorage>);
-
-impl Storage for SlowFlush {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.0.set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        std::thread::sleep(Duration::from_micros(300));
-        self.0.flush()
-    }
-}
-
 /// Thread `t`'s `k`-th write: a block inside guest cluster `2k + t`, and its byte.
 fn op(t: u64, k: u64) -> (u64, u8) {
     let c = 2 * k + t;
@@ -77,7 +54,7 @@ fn thread_run(dev: &dyn BlockDevice, t: u64) -> Log {
 /// Runs both threads on one device over `initial`, cut at `cut` (or never).
 fn run(initial: &[u8], cut: Option<u64>) -> (Arc<FaultStorage>, Log) {
     let fs = Arc::new(FaultStorage::new(initial.to_vec(), cut));
-    let s: Arc<dyn Storage> = Arc::new(SlowFlush(fs.clone()));
+    let s: Arc<dyn Storage> = Arc::new(Baton::new(fs.clone(), true));
     let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
     let logs: Vec<Log> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..2)
@@ -151,13 +128,28 @@ fn crash_during_two_threads_allocating_and_flushing() {
     );
 }
 
-/// A storage that, at the first flush thread A makes while `hook` is set, runs the hook
-/// (the other thread's work, on its own thread) before flushing: deterministically the
-/// window in which a guest flush of A has dropped the metadata lock.
+/// A storage whose flushes take a while when `slow` (so that the other thread runs
+/// meanwhile), and that, at the first flush thread `a` makes while `hook` is set, runs
+/// the hook (the other thread's work, on its own thread) before flushing:
+/// deterministically the window in which a guest flush of `a` has dropped the metadata
+/// lock.
 struct Baton {
     inner: Arc<FaultStorage>,
+    slow: bool,
     a: std::thread::ThreadId,
     hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Baton {
+    /// Thread `a` is the caller.
+    fn new(inner: Arc<FaultStorage>, slow: bool) -> Self {
+        Self {
+            inner,
+            slow,
+            a: std::thread::current().id(),
+            hook: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl std::fmt::Debug for Baton {
@@ -180,6 +172,9 @@ impl Storage for Baton {
         self.inner.set_len(len)
     }
     fn flush(&self) -> Result<()> {
+        if self.slow {
+            std::thread::sleep(Duration::from_micros(300));
+        }
         let hook = (std::thread::current().id() == self.a)
             .then(|| self.hook.lock().unwrap().take())
             .flatten();
@@ -203,11 +198,7 @@ impl Storage for Baton {
 /// the new clusters' refcounts durable. Returns the storage and B's blocks.
 fn baton_run(initial: &[u8], cut: Option<u64>) -> (Arc<FaultStorage>, Vec<(u64, u8)>) {
     let fs = Arc::new(FaultStorage::new(initial.to_vec(), cut));
-    let baton = Arc::new(Baton {
-        inner: fs.clone(),
-        a: std::thread::current().id(),
-        hook: std::sync::Mutex::new(None),
-    });
+    let baton = Arc::new(Baton::new(fs.clone(), false));
     let s: Arc<dyn Storage> = baton.clone();
     let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
     let b_ops: Vec<(u64, u8)> = (40..43).map(|c| (c * CLUSTER, c as u8)).collect();
