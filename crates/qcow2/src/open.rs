@@ -88,6 +88,7 @@ impl Qcow2Device {
         let limits = opts.limits;
         let cs = h.cluster_size();
         let mut meta = Meta::new(file.clone(), data.clone(), h, limits);
+        meta.set_deferred_tables(q.deferred_tables && !read_only);
         let (l1_off, l1_n) = (meta.h().l1_table_offset, u64::from(meta.h().l1_size));
         meta.load_l1("Active L1 table offset invalid", l1_off, l1_n)?;
         meta.load_reftable()?;
@@ -137,6 +138,7 @@ impl Qcow2Device {
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
             crypt,
+            prealloc_map: std::sync::OnceLock::new(),
         };
         if !read_only && checking {
             // A repair open (BDRV_O_CHECK) still drops the autoclear bits we cannot
@@ -269,6 +271,7 @@ impl Qcow2Device {
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
             crypt: self.crypt.clone(),
+            prealloc_map: std::sync::OnceLock::new(),
         })
     }
 }
