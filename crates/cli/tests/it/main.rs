@@ -32,6 +32,7 @@ mod io;
 mod iotest_behaviour;
 mod iotest_cases;
 mod iotest_close;
+mod iotest_datafile;
 mod iotest_filters;
 mod iotest_names;
 mod iotest_options;
