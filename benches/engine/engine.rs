@@ -18,6 +18,7 @@
 //! - `BENCH_ONLY` — comma-separated row names to run (default all);
 //! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
 //!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row);
+//! - `BENCH_MT_THREADS` — thread counts of `alloc-4k-rand-mt` (default `1,2`);
 //! - `BENCH_URING_PLUG=1`, `BENCH_URING_PARK=std` — variants of the io_uring row's
 //!   driver (`benches/engine/uring.rs`).
 //!

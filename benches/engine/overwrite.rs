@@ -92,7 +92,7 @@ pub fn alloc_rows(cfg: &Cfg) {
     }
     let offs = random_cluster_offsets(cfg.clusters(), 0x2545_f491_4f6c_dd1d);
     let mut cases = Vec::new();
-    for threads in [1, 2] {
+    for threads in mt_threads() {
         for eng in ["diskimg", "imago 0.2.6", DIRECT] {
             if wanted(eng) {
                 cases.push((eng, threads));
@@ -117,6 +117,14 @@ pub fn alloc_rows(cfg: &Cfg) {
             note: format!("{threads} thread(s), one device"),
         });
     }
+}
+
+/// The thread counts of `alloc-4k-rand-mt` (`BENCH_MT_THREADS`, comma-separated; default
+/// `1,2`).
+fn mt_threads() -> Vec<usize> {
+    let v = std::env::var("BENCH_MT_THREADS").unwrap_or_default();
+    let t: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    if t.is_empty() { vec![1, 2] } else { t }
 }
 
 /// Prints the overwrite rows wanted (`BENCH_ONLY`, `BENCH_ENGINES`).

@@ -14,6 +14,7 @@ mod differencing;
 mod formats;
 mod hostile;
 mod import_graph;
+mod import_lex;
 mod import_parse;
 mod inspect;
 mod inspect_rules;

@@ -45,15 +45,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let img = open_image(&a.file, format, listing, false)?;
     if let Some(name) = &a.create {
         diskimg::maint::create_snapshot(&img, name).map_err(|e| {
-            let why = if e.is_unsupported() {
-                "Operation not supported".to_string()
-            } else if e.to_string().contains("refcount overflow") {
-                "Invalid argument".to_string()
-            } else if let diskimg::Error::Io { source, .. } = &e {
-                // qemu-img prints strerror(-ret) of the driver's failure.
-                crate::errmap::os_error_text(source)
-            } else {
-                e.to_string()
+            // qemu-img prints strerror(-ret) of the driver's failure (EINVAL for a
+            // refcount overflow, ENOTSUP, or the host's errno).
+            let why = match &e {
+                diskimg::Error::Unsupported { .. }
+                | diskimg::Error::InvalidArgument(_)
+                | diskimg::Error::Io { .. } => crate::errmap::strerror(&e),
+                _ => e.to_string(),
             };
             anyhow!("Could not create snapshot '{name}': {why}")
         })?;

@@ -114,6 +114,7 @@ mod read;
 mod runtime_options;
 mod tracked;
 mod write;
+mod zero;
 
 pub use create::measure::{MeasureTarget, Measurement, bitmaps_size};
 pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};

@@ -9,6 +9,7 @@ use super::session::{EINVAL, Session};
 fn table() -> Vec<&'static Cmd> {
     let mut v: Vec<&'static Cmd> = Vec::new();
     v.extend(super::rw::COMMANDS);
+    v.extend(super::write::COMMANDS);
     v.extend(super::aio::COMMANDS);
     v.extend(super::breaks::COMMANDS);
     v.extend(super::misc::COMMANDS);

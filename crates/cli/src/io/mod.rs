@@ -26,6 +26,7 @@ mod open;
 mod out;
 mod rw;
 mod session;
+mod write;
 
 use std::io::BufRead;
 

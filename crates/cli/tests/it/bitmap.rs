@@ -333,17 +333,7 @@ fn guest_writes_through_the_cli_update_bitmaps_like_qemu() {
     let (qt, dt) = (dir.path().join("qt.qcow2"), dir.path().join("dt.qcow2"));
     for (b, t) in [(&qb, &qt), (&db, &dt)] {
         tracked_image(b, None);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(b),
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        crate::qemu_overlay("qcow2", s(b), "qcow2", s(t));
         qemu_io(t, "qcow2", &["write -P 5 4M 200k", "write -z 9M 64k"]);
     }
     crate::diskimg_ok(&["commit", s(&dt)]);

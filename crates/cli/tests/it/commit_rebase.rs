@@ -162,17 +162,7 @@ fn commit_vmdk_on_vmdk_like_qemu() {
         let (b, t) = (d.join("b.vmdk"), d.join("t.vmdk"));
         qemu_img_ok(&["create", "-q", "-f", "vmdk", s(&b), "4M"]);
         qemu_io(&b, "vmdk", &["write -P 1 1M 1M"]);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "b.vmdk",
-            "-F",
-            "vmdk",
-            s(&t),
-        ]);
+        crate::qemu_overlay("vmdk", "b.vmdk", "vmdk", s(&t));
         qemu_io(&t, "vmdk", &["write -P 3 0 64k", "write -P 4 1536k 64k"]);
         let expected = raw_of(&t, &d.join("e.raw"));
         let a = ["commit", s(&t)];

@@ -46,17 +46,7 @@ fn exit_codes_and_json() {
     }
     // Unsafe: a backing file, named in the reasons.
     let b = d.join("b.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&q),
-        "-F",
-        "qcow2",
-        s(&b),
-    ]);
+    crate::qemu_overlay("qcow2", s(&q), "qcow2", s(&b));
     let (v, c) = json(&["inspect", "--output=json", s(&b)]);
     assert_eq!(c, 1);
     assert_eq!(v["verdict"], "unsafe");

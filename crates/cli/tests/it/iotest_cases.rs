@@ -90,17 +90,7 @@ fn convert_o_backing_file_is_b() {
         &["write -P 42 1M 64k"],
     );
     let top = d.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &base,
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    crate::qemu_overlay("qcow2", &base, "qcow2", s(&top));
     diskimg_testutil::qemu_io(&top, "qcow2", &["write -P 43 2M 64k"]);
     for (name, opt) in [("q.qcow2", true), ("d.qcow2", false)] {
         let out = d.join(name);
@@ -256,17 +246,7 @@ fn copy_on_read_with_blkdebug_as_qemu() {
             "[inject-error]\nevent = \"cor_write\"\nsector = \"2048\"\n",
         )
         .unwrap();
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &base,
-            "-F",
-            "raw",
-            s(&wrap),
-        ]);
+        crate::qemu_overlay("qcow2", &base, "raw", s(&wrap));
         let tiny = d.join("tiny.qcow2");
         qemu_img_ok(&[
             "create",
@@ -479,9 +459,7 @@ fn commit_into_json_blkdebug_backing_and_relative_bases_as_qemu() {
             "json:{{'driver': 'qcow2', 'file': {{ 'driver': 'blkdebug', 'inject-error': [{{ 'event': 'write_aio', 'errno': 28, 'once': true }}], 'image': {{ 'driver': 'file', 'filename': '{base}' }}}}}}"
         );
         let top = s(&d.join("t.qcow2")).to_string();
-        qemu_img_ok(&[
-            "create", "-q", "-f", "qcow2", "-b", &json, "-F", "qcow2", &top,
-        ]);
+        crate::qemu_overlay("qcow2", &json, "qcow2", &top);
         let o = std::process::Command::new("qemu-io")
             .args(["-c", "write 0 64k", &top])
             .output()
@@ -494,17 +472,7 @@ fn commit_into_json_blkdebug_backing_and_relative_bases_as_qemu() {
         img(d, "subdir/t.qcow2.base", "qcow2", "1M");
         for (name, backing) in [("t.qcow2.mid", "t.qcow2.base"), ("t.qcow2", "t.qcow2.mid")] {
             let p = d.join("subdir").join(name);
-            qemu_img_ok(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                backing,
-                "-F",
-                "qcow2",
-                s(&p),
-            ]);
+            crate::qemu_overlay("qcow2", backing, "qcow2", s(&p));
         }
     };
     for base in ["t.qcow2.mid", "subdir/t.qcow2.mid"] {

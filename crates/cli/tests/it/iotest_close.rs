@@ -149,9 +149,7 @@ fn commit_into_size_limited_raw_node_as_qemu() {
         let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
         f.set_len(len).unwrap();
         let json = raw_node_json(base, len);
-        qemu_img_ok(&[
-            "create", "-q", "-f", "qcow2", "-b", &json, "-F", "qcow2", top,
-        ]);
+        crate::qemu_overlay("qcow2", &json, "qcow2", top);
         let io = crate::qemu_io_raw(&["-c", "write 0 30m", top]);
         assert!(io.status.success(), "{io:?}");
         len

@@ -314,9 +314,7 @@ fn blkdebug_failing_qcow2_steps_as_qemu() {
             "cluster_free",
         ] {
             let base = img(d, "t.qcow2.base", "qcow2", "64M");
-            qemu_img_ok(&[
-                "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &t,
-            ]);
+            crate::qemu_overlay("qcow2", &base, "qcow2", &t);
             let w = crate::qemu_io_raw(&["-c", "write 0 64k", &t]);
             assert!(w.status.success(), "{w:?}");
             std::fs::write(&conf, format!("[inject-error]\nevent = \"{ev}\"\n")).unwrap();

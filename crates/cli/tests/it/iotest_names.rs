@@ -78,17 +78,7 @@ fn chain(dir: &Path) {
         s(&dir.join("t.qcow2.base")),
         "1M",
     ]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "t.qcow2.base",
-        "-F",
-        "qcow2",
-        s(&dir.join("t.qcow2")),
-    ]);
+    crate::qemu_overlay("qcow2", "t.qcow2.base", "qcow2", s(&dir.join("t.qcow2")));
 }
 
 /// iotests 110 and 279: a `json:` or `--image-opts` name that only says which format is
@@ -156,17 +146,12 @@ fn file_prefix_names_as_qemu() {
             s(&dir.join("base.qcow2")),
             "1M",
         ]);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
+        crate::qemu_overlay(
             "qcow2",
-            "-b",
             "base.qcow2",
-            "-F",
             "qcow2",
             s(&dir.join("image:top.qcow2")),
-        ]);
+        );
     };
     let out = same(&base, &["info", "file:image:top.qcow2"]);
     assert!(out.starts_with("image: ./image:top.qcow2\n"), "{out}");

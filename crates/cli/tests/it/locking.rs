@@ -160,17 +160,7 @@ fn backing_files_and_raw_images_locked_as_qemu() {
     let dir = tempdir();
     let base = qcow2(dir.path(), "base.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    crate::qemu_overlay("qcow2", s(&base), "qcow2", s(&top));
     let opts = ImageOptions::read_only(false).with_policy(diskimg::OpenPolicy::qemu_compatible());
     let img = diskimg::open(&top, None, &opts).unwrap();
     // The backing file is held read-only: readers welcome, writers not.

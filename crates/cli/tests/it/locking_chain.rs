@@ -23,17 +23,7 @@ fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     );
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&new), "4M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    crate::qemu_overlay("qcow2", s(&base), "qcow2", s(&top));
     diskimg_testutil::qemu_io(&base, "qcow2", &["write -P 0x11 0 1M"]);
     diskimg_testutil::qemu_io(&top, "qcow2", &["write -P 0x22 1M 64k"]);
     (base, top, new)

@@ -99,6 +99,22 @@ pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
+/// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT TOP`: an overlay made by qemu-img
+/// (its size is the backing file's).
+pub fn qemu_overlay(fmt: &str, backing: &str, backing_fmt: &str, top: &str) {
+    diskimg_testutil::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        top,
+    ]);
+}
+
 /// A sparse raw image of `size` bytes made by qemu-img with qemu-io writes applied.
 pub fn qemu_raw(dir: &Path, name: &str, size: &str, cmds: &[&str]) -> std::path::PathBuf {
     let p = dir.join(name);

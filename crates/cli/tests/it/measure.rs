@@ -88,17 +88,7 @@ fn measure_images_like_qemu() {
         ],
     );
     let top = d.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    crate::qemu_overlay("qcow2", s(&base), "qcow2", s(&top));
     qemu_io(&top, "qcow2", &["write -P 5 20M 70k"]);
     let v2 = d.join("v2.qcow2");
     qemu_img_ok(&[

@@ -182,17 +182,7 @@ pub(crate) fn sample_as(dir: &Path, fmt: &str, stem: &str) -> PathBuf {
             "raw",
             &["write -P 0x61 0 3M", "write -P 0x62 9M 64k"],
         );
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&p),
-        ]);
+        crate::qemu_overlay("qcow2", "base.raw", "raw", s(&p));
     } else {
         qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), "16M"]);
     }
