@@ -154,11 +154,11 @@ impl HostFiles for PolicyFiles {
         };
         let name = node.as_ref().map_or(name, |n| n.path.as_str());
         let path = self.policy.resolve(purpose, &self.dir, name)?;
-        let s = self.open_path(&path, purpose, writable, self.policy.special_files)?;
-        Ok(match &node {
-            Some(n) => n.wrap(s),
-            None => s,
-        })
+        let mut s = self.open_path(&path, purpose, writable, self.policy.special_files)?;
+        if let Some(n) = &node {
+            s = n.wrap(s);
+        }
+        Ok(StorageHook::wrap(self.hook.as_ref(), Some(purpose), s))
     }
 
     fn open_given(
@@ -173,7 +173,8 @@ impl HostFiles for PolicyFiles {
         }
         // The user named it beside the image: opened as given, as the image is.
         let path = PathBuf::from(name);
-        self.open_path(&path, purpose, writable, SpecialFiles::Allow)
+        let s = self.open_path(&path, purpose, writable, SpecialFiles::Allow)?;
+        Ok(StorageHook::wrap(self.hook.as_ref(), Some(purpose), s))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
@@ -187,8 +188,8 @@ impl HostFiles for PolicyFiles {
 }
 
 impl PolicyFiles {
-    /// Opens `path` (already judged) as this image's file of `purpose`: locked, on the
-    /// image's ring and under its hook.
+    /// Opens `path` (already judged) as this image's file of `purpose`: locked and on the
+    /// image's ring (the caller puts it under the image's hook).
     fn open_path(
         &self,
         path: &Path,
@@ -203,15 +204,11 @@ impl PolicyFiles {
             self.locks
                 .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
         }
-        let hook = self.hook.as_ref();
         #[cfg(target_os = "linux")]
-        let s: Arc<dyn Storage> = match &self.io_uring {
-            Some(ring) => Arc::new(UringStorage::from_arc(file, ring.clone())),
-            None => file,
-        };
-        #[cfg(not(target_os = "linux"))]
-        let s: Arc<dyn Storage> = file;
-        Ok(StorageHook::wrap(hook, Some(purpose), s))
+        if let Some(ring) = &self.io_uring {
+            return Ok(Arc::new(UringStorage::from_arc(file, ring.clone())));
+        }
+        Ok(file)
     }
 
     /// Where a new file named `name` goes: beside the image, except that a relative data

@@ -54,14 +54,17 @@ impl Entry {
     }
 }
 
-/// The bitmap directory (empty without the extension or its autoclear bit).
-pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
-    let Some(b) = m
-        .h()
+/// The bitmaps extension, when its autoclear bit says it is valid.
+fn live_ext(m: &Meta) -> Option<BitmapsExt> {
+    m.h()
         .ext
         .bitmaps
         .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0)
-    else {
+}
+
+/// The bitmap directory (empty without the extension or its autoclear bit).
+pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
+    let Some(b) = live_ext(m) else {
         return Ok(Vec::new());
     };
     if b.directory_size > 64 << 20 {
@@ -155,11 +158,7 @@ pub(crate) fn table_clusters(m: &Meta, e: &Entry) -> Result<Vec<(u64, u64)>> {
 /// Writes `dir` to new clusters, switches the header to it, frees the old directory.
 pub(crate) fn write_directory(m: &mut Meta, dir: &[Entry]) -> Result<()> {
     let cs = m.cs();
-    let old = m
-        .h()
-        .ext
-        .bitmaps
-        .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0);
+    let old = live_ext(m);
     let bytes = serialise(dir);
     let mut h = m.h().clone();
     if dir.is_empty() {
@@ -344,12 +343,7 @@ pub(crate) fn free_all(m: &mut Meta, clusters: &[(u64, u64)]) {
 /// written and flushed, and the bit set again. A crash in between loses the bitmaps
 /// (their clusters leak) but never leaves the image unreadable; nothing is allocated.
 pub(crate) fn write_directory_in_place(m: &mut Meta, dir: &[Entry]) -> Result<()> {
-    let Some(b) = m
-        .h()
-        .ext
-        .bitmaps
-        .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0)
-    else {
+    let Some(b) = live_ext(m) else {
         return Err(internal("bitmap directory in place without the extension"));
     };
     let bytes = serialise(dir);
