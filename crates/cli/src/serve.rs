@@ -87,10 +87,18 @@ pub(crate) struct Args {
     /// Virtqueues offered over vhost-user-blk.
     #[arg(long = "num-queues", default_value_t = 1)]
     num_queues: u16,
-    /// vhost-user-blk: run a read or write of at least twice this many KiB that finds
-    /// its queue idle as pieces on several threads (0, the default: never).
-    #[arg(long = "split-kib", default_value_t = 0, value_name = "KIB")]
+    /// vhost-user-blk: at queue depth 1, run a read or write of at least twice this
+    /// many KiB as pieces on several threads (0: never).
+    #[arg(long = "split-kib", default_value_t = 512, value_name = "KIB")]
     split_kib: usize,
+    /// vhost-user-blk: most data segments per request the guest may send (virtio's
+    /// `seg_max`; 0, the default: the queue size less 2).
+    #[arg(long = "seg-max", default_value_t = 0, value_name = "N")]
+    seg_max: u32,
+    /// vhost-user-blk: largest data segment in bytes (virtio's `size_max`; 0, the
+    /// default: no limit).
+    #[arg(long = "size-max", default_value_t = 0, value_name = "BYTES")]
+    size_max: u32,
     /// The image.
     file: String,
 }
@@ -166,6 +174,8 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
     let mut config = VhostConfig::default();
     config.num_queues = a.num_queues;
     config.split_min = a.split_kib.saturating_mul(1024);
+    config.seg_max = a.seg_max;
+    config.size_max = a.size_max;
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")

@@ -3,12 +3,14 @@
 //! `compressed_write.rs`, `offload.rs`, `features/`).
 
 use std::any::Any;
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use diskimg_blockio::{
     Amend, BackingRef, Bitmaps, BlockDevice, ChainLink, CheckReport, CompressedUnits, DeviceInfo,
     Error, Extent, Preallocation, RepairMode, Result, RunFn, Snapshots, Storage, ZeroFlags,
     check_range,
+    vectored::{total_len, write_each},
 };
 
 use crate::device::Qcow2Device;
@@ -59,6 +61,19 @@ impl BlockDevice for Qcow2Device {
         check_range(offset, buf.len() as u64, self.virtual_size())?;
         self.mark_dirty(offset, buf.len() as u64);
         crate::write::write(self, buf, offset)
+    }
+
+    /// In place from the caller's buffers when it can (`overwrite_vectored.rs`), else
+    /// gathered into `write_at`s as every format's default does.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let len = total_len(bufs.iter().map(|b| b.len()), offset)?;
+        check_range(offset, len, self.virtual_size())?;
+        self.mark_dirty(offset, len);
+        if crate::overwrite_vectored::overwrite_vectored(self, bufs, offset)? {
+            return Ok(());
+        }
+        write_each(self, bufs, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

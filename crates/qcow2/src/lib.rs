@@ -110,6 +110,7 @@ mod offload;
 mod open;
 mod open_options;
 mod overwrite;
+mod overwrite_vectored;
 mod read;
 mod runtime_options;
 mod tracked;

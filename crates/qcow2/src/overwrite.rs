@@ -35,10 +35,10 @@ const CRYPT_SECTOR: u64 = 512;
 
 /// One host write of a planned overwrite: `len` guest bytes from `guest` go to `host`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Run {
-    guest: u64,
-    host: u64,
-    len: u64,
+pub(crate) struct Run {
+    pub(crate) guest: u64,
+    pub(crate) host: u64,
+    pub(crate) len: u64,
 }
 
 /// Writes `buf` at guest `off` in place under the shared lock when every byte lands in
@@ -75,7 +75,7 @@ pub(crate) fn overwrite_shared(dev: &Qcow2Device, buf: &[u8], off: u64) -> Resul
 /// The host runs `off..off+len` is written to in place (neighbouring clusters with
 /// contiguous host offsets merged into one run), or `None` when any part of it needs
 /// the exclusive path (see the module docs). Answers from the L2 cache alone.
-fn plan(m: &Meta, off: u64, len: u64) -> Result<Option<Vec<Run>>> {
+pub(crate) fn plan(m: &Meta, off: u64, len: u64) -> Result<Option<Vec<Run>>> {
     if m.corruption_signalled() {
         return Ok(None);
     }

@@ -8,8 +8,8 @@
 //! the L2 entry is rewritten and flushed before its refcount falls.
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
-use diskimg_blockio::Result;
 use diskimg_blockio::bytes::WriteBytes;
+use diskimg_blockio::{DebugEvent, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::idx;
@@ -49,12 +49,14 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     }
     let n = idx(m.cs() / 8);
     let table = if l2 != 0 {
+        m.file().debug_event(DebugEvent::L2AllocCowRead);
         m.l2_table(l2)?.clone()
     } else {
         vec![0u64; n]
     };
     let new = m.alloc_run_for(1, Some("L2 table"))?;
     m.note_meta(MetaKind::ActiveL2, new, m.cs());
+    m.file().debug_event(DebugEvent::L2AllocWrite);
     m.write_l2_table(new, table)?;
     m.file().flush()?;
     m.write_l1_entry(l1i, new | OFLAG_COPIED)?;
@@ -76,6 +78,15 @@ fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     match m.take_reserved(n) {
         Some(h) => Ok((h, true)),
         None => Ok((m.alloc_run(n)?, false)),
+    }
+}
+
+/// Gives back `n` clusters from `host` that [`new_clusters`] allocated when their data
+/// write failed (qemu's `qcow2_alloc_cluster_abort`): nothing points to them yet, so
+/// freeing them is safe; if that fails too they only leak.
+fn abort_clusters(m: &mut Meta, host: u64, n: u64) {
+    if m.data().is_none() {
+        let _ = m.set_refcount_run(host / m.cs(), n, 0);
     }
 }
 
@@ -311,7 +322,10 @@ fn fast_run(
         return Ok(Some(n * cs));
     }
     let (host, reserved) = new_clusters(m, guest, n)?;
-    write_data(crypt, store.as_ref(), data, host, guest)?;
+    if let Err(e) = write_data(crypt, store.as_ref(), data, host, guest) {
+        abort_clusters(m, host, n);
+        return Err(e);
+    }
     for (k, e) in olds.into_iter().enumerate() {
         let k = k as u64;
         p.l2.push(L2Update::new(l2, i0 + k, (host + k * cs) | OFLAG_COPIED, 0));
@@ -334,17 +348,23 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
     let cs = m.cs();
     let mut p = Pending::default();
     let mut done = 0usize;
-    while done < buf.len() {
-        let guest = off + done as u64;
-        let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
-        let rest = buf.get(done..).unwrap_or(&[]);
-        if let Some(k) = fast_run(dev, &mut m, rest, guest, &mut p)? {
-            done += idx(k);
-            continue;
+    let res = (|| {
+        while done < buf.len() {
+            let guest = off + done as u64;
+            let n = idx((cs - guest % cs).min((buf.len() - done) as u64));
+            let rest = buf.get(done..).unwrap_or(&[]);
+            if let Some(k) = fast_run(dev, &mut m, rest, guest, &mut p)? {
+                done += idx(k);
+                continue;
+            }
+            let chunk = buf.get(done..done + n).ok_or(internal("write range"))?;
+            write_cluster(dev, &mut m, chunk, guest, &mut p)?;
+            done += n;
         }
-        let chunk = buf.get(done..done + n).ok_or(internal("write range"))?;
-        write_cluster(dev, &mut m, chunk, guest, &mut p)?;
-        done += n;
-    }
-    commit(&mut m, p)
+        Ok(())
+    })();
+    // The clusters written before a failure are linked all the same (as qemu links
+    // each finished part of a request), so they do not leak.
+    let committed = commit(&mut m, p);
+    res.and(committed)
 }

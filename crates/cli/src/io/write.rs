@@ -158,7 +158,8 @@ fn write_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
     };
     let start = Instant::now();
     let res = if o.vmstate {
-        super::misc::save_vmstate(b, &buf, offset)
+        // qemu's `blk_save_vmstate` flushes too when the write cache is off.
+        super::misc::save_vmstate(b, &buf, offset).and_then(|()| write_done(b, false))
     } else if o.zero {
         b.dev
             .write_zeroes(offset, count, ZeroFlags { may_unmap: o.unmap })

@@ -30,6 +30,7 @@ mod hostile;
 mod inspect;
 mod io;
 mod iotest_behaviour;
+mod iotest_blkdebug;
 mod iotest_cases;
 mod iotest_close;
 mod iotest_datafile;

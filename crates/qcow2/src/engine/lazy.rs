@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 
-use diskimg_blockio::Result;
+use diskimg_blockio::{DebugEvent, Result};
 
 use crate::disk::header::INCOMPAT_DIRTY;
 use crate::engine::meta::Meta;
@@ -75,6 +75,7 @@ impl Meta {
             self.lazy.held.insert(off);
             return Ok(());
         }
+        self.file.debug_event(DebugEvent::RefblockUpdatePart);
         self.file.write_all_at(bytes, off + lo as u64)
     }
 
@@ -83,6 +84,7 @@ impl Meta {
         let held: Vec<u64> = self.lazy.held.drain().collect();
         for off in held {
             if let Some(b) = self.rb.get(&off) {
+                self.file.debug_event(DebugEvent::RefblockUpdatePart);
                 self.file.write_all_at(b, off)?;
             }
         }

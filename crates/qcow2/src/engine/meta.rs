@@ -376,6 +376,7 @@ impl Meta {
             .get_mut(k)
             .ok_or(Error::corrupt("qcow2", "L1 index out of range", i))?;
         *slot = value;
+        self.file.debug_event(DebugEvent::L1Update);
         self.file
             .write_all_at(&value.to_be_bytes(), self.l1_offset + i * 8)
     }
@@ -504,11 +505,13 @@ impl Meta {
             l2_off,
         ))?;
         let raw = encode_u64s(span);
+        self.file.debug_event(DebugEvent::L2Update);
         self.file.write_all_at(&raw, l2_off + lo * per * 8)
     }
 
     /// Writes a whole fresh L2 table to `off` and caches it.
     pub(crate) fn write_l2_table(&mut self, off: u64, table: Vec<u64>) -> Result<()> {
+        self.file.debug_event(DebugEvent::L2Update);
         self.file.write_all_at(&encode_u64s(&table), off)?;
         self.l2.insert(off, table);
         Ok(())

@@ -2,7 +2,7 @@
 //! refcount blocks and refcount table growth, ordered so that a crash leaves at most leaks.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Result};
+use diskimg_blockio::{DebugEvent, Error, Result};
 
 use crate::disk::table::{REFT_OFFSET_MASK, encode_u64s};
 use crate::engine::meta::Meta;
@@ -64,6 +64,7 @@ impl Meta {
     /// allocated clusters that directly follow it. Every cluster the range touches is
     /// referenced once more before the caller points an L2 entry at it.
     pub(crate) fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        self.file.debug_event(DebugEvent::ClusterAllocBytes);
         let cs = self.cs();
         let fb = self.free_byte;
         let next_free = |end: u64| if end.is_multiple_of(cs) { 0 } else { end };
@@ -175,10 +176,12 @@ impl Meta {
         if ti >= self.reftable.len() as u64 {
             self.grow_reftable(ti, c)?;
         }
+        self.file.debug_event(DebugEvent::RefblockAlloc);
         let off = self.refblock_offset(ti)?;
         if off == 0 {
             return self.new_refblock(ti, c, v);
         }
+        self.file.debug_event(DebugEvent::RefblockLoad);
         let order = self.h.refcount_order;
         let b = self.refblock(off)?;
         let (s, e) = set_entry(b, c % rbe, order, v);
@@ -224,9 +227,11 @@ impl Meta {
         }
         set_entry(&mut block, c % rbe, order, v);
         let off = r * self.cs();
+        self.file.debug_event(DebugEvent::RefblockAllocWrite);
         self.file.write_all_at(&block, off)?;
         self.file.flush()?;
         let entry_off = self.h.refcount_table_offset + ti * 8;
+        self.file.debug_event(DebugEvent::RefblockAllocHookup);
         self.file.write_all_at(&off.to_be_bytes(), entry_off)?;
         if let Some(slot) = usize::try_from(ti)
             .ok()
@@ -242,6 +247,7 @@ impl Meta {
     /// Moves the refcount table to a bigger one that has an entry `ti`, placed past the
     /// end of the file (and past cluster `avoid`).
     fn grow_reftable(&mut self, ti: u64, avoid: u64) -> Result<()> {
+        self.file.debug_event(DebugEvent::ReftableGrow);
         let cs = self.cs();
         let rbe = self.rb_entries();
         let file_end = self.file.len()?.div_ceil(cs);
@@ -278,6 +284,7 @@ impl Meta {
         for (dst, src) in table.iter_mut().zip(self.reftable.iter()) {
             *dst = *src;
         }
+        self.file.debug_event(DebugEvent::RefblockAllocWriteBlocks);
         for (k, blk) in missing.iter().enumerate() {
             let boff = (p + t + k as u64) * cs;
             let mut block = self.limits.alloc("refcount block", cs)?;
@@ -300,6 +307,7 @@ impl Meta {
                 self.put_refblock(off, s, &bytes)?;
             }
         }
+        self.file.debug_event(DebugEvent::RefblockAllocWriteTable);
         self.file.write_all_at(&encode_u64s(&table), p * cs)?;
         self.file.flush()?;
         let mut hdr = [0u8; 12];
@@ -308,6 +316,7 @@ impl Meta {
             8,
             u32::try_from(t).map_err(|_| Error::invalid("reftable size"))?,
         );
+        self.file.debug_event(DebugEvent::RefblockAllocSwitchTable);
         self.file.write_all_at(&hdr, 48)?;
         self.file.flush()?;
         let old_off = self.h.refcount_table_offset;
@@ -337,6 +346,7 @@ impl Meta {
     /// corruption message when corrupt refcounts place it at offset 0). An allocation
     /// on live metadata (corrupt refcounts) is refused and marks the image corrupt.
     pub(crate) fn alloc_run_for(&mut self, n: u64, what: Option<&str>) -> Result<u64> {
+        self.file.debug_event(DebugEvent::ClusterAlloc);
         let cs = self.cs();
         // qemu's `alloc_clusters_noref`: the search starts at the hint and the hint
         // moves past the run found, over any shorter gap passed on the way; only a
@@ -392,6 +402,8 @@ impl Meta {
                 continue;
             }
             let last = (c + n).min((ti + 1) * rbe);
+            self.file.debug_event(DebugEvent::RefblockAlloc);
+            self.file.debug_event(DebugEvent::RefblockLoad);
             let b = self.refblock(off)?;
             let (mut lo, mut hi) = (usize::MAX, 0usize);
             for x in cl..last {

@@ -1,7 +1,7 @@
 //! Resizing (grow with optional preallocation, shrink) and create-time preallocation.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{Error, Preallocation, Result};
+use diskimg_blockio::{DebugEvent, Error, Preallocation, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::header::{AUTOCLEAR_DATA_RAW, MAX_L1_BYTES};
@@ -152,11 +152,13 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
         return Err(Error::invalid("qcow2: Image is too big"));
     }
     let clusters = (need * 8).div_ceil(cs);
+    dev.file.debug_event(DebugEvent::L1GrowAllocTable);
     let host = m.alloc_run(clusters)?;
     let mut table = m.l1().to_vec();
     table.resize(idx(need), 0);
     // Only the table's entries, as qemu's `qcow2_grow_l1_table` writes them: a new
     // image ends right after its L1 table, like qemu's (byte-identical files).
+    dev.file.debug_event(DebugEvent::L1GrowWriteTable);
     dev.file.write_all_at(&encode_u64s(&table), host)?;
     dev.file.flush()?;
     let mut hdr = [0u8; 12];
@@ -165,6 +167,7 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
         u32::try_from(need).map_err(|_| Error::invalid("L1 size"))?,
     );
     hdr.put_be_u64(4, host);
+    dev.file.debug_event(DebugEvent::L1GrowActivateTable);
     dev.file.write_all_at(&hdr, 36)?;
     dev.file.flush()?;
     let (old_off, old_n) = (m.l1_offset(), m.l1().len() as u64);

@@ -23,6 +23,7 @@ mod read;
 mod shared_stress;
 mod shared_write;
 mod snapshots;
+mod vectored_write;
 mod write;
 
 use std::path::{Path, PathBuf};

@@ -7,8 +7,8 @@
 //! Completions go back out of order, which virtio allows; the driver is notified once
 //! per batch, by whichever of its requests finishes last (fewer interrupts for the
 //! guest; the script's "guest interrupts per request" column shows it). A large read or
-//! write that finds its queue idle runs as pieces on the event thread and the workers at
-//! once (`split.rs`).
+//! write at queue depth 1 (its queue idle, and the batches before it lone requests too)
+//! runs as pieces on the event thread and the workers at once (`split.rs`).
 
 use std::io;
 use std::ops::Deref;
@@ -42,6 +42,7 @@ enum Work {
 }
 
 /// Feature bits (virtio 1.2 section 5.2.3, section 6).
+const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -53,6 +54,11 @@ const F_INDIRECT_DESC: u64 = 1 << 28;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_VERSION_1: u64 = 1 << 32;
+
+/// Batches in a row of one request each, on an idle queue, before a large request is
+/// split ([`VhostConfig::split_min`]): the driver is then waiting for each request
+/// before it sends the next (queue depth 1), not just momentarily behind.
+const LONE_STREAK: usize = 3;
 
 /// The backend handed to the daemon (cheap to clone: the daemon wants `Clone`).
 #[derive(Clone)]
@@ -68,6 +74,8 @@ struct Inner {
     pools: Vec<Mutex<Sender<Job>>>,
     /// Per queue, requests popped and not yet in the used ring.
     busy: Vec<AtomicUsize>,
+    /// Per queue, how many batches in a row were one request on an idle queue.
+    lone: Vec<AtomicUsize>,
     /// Pieces a split request is cut into at most (see [`VhostConfig::split_min`]).
     pieces: usize,
     /// Requests of all queues in flight, and its waiters ([`BlkBackend::quiesce`]).
@@ -91,6 +99,9 @@ impl BlkBackend {
             mem: std::sync::RwLock::new(mem),
             pools,
             busy: (0..config.num_queues)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            lone: (0..config.num_queues)
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
             pieces: cores.min(config.workers_per_queue.saturating_add(1)),
@@ -129,8 +140,12 @@ impl BlkBackend {
         let e = &self.0.export;
         let mut c = Vec::new();
         c.extend_from_slice(&(e.size() / SECTOR).to_le_bytes()); // capacity
-        c.extend_from_slice(&0u32.to_le_bytes()); // size_max
-        let seg_max = u32::from(self.0.config.queue_size.saturating_sub(2)).max(1);
+        let config = &self.0.config;
+        c.extend_from_slice(&config.size_max.to_le_bytes());
+        let seg_max = match config.seg_max {
+            0 => u32::from(config.queue_size.saturating_sub(2)).max(1),
+            n => n,
+        };
         c.extend_from_slice(&seg_max.to_le_bytes());
         c.extend_from_slice(&[0; 4]); // geometry
         c.extend_from_slice(&512u32.to_le_bytes()); // blk_size
@@ -185,8 +200,9 @@ impl BlkBackend {
         };
         let busy = self.0.busy.get(queue);
         let idle = busy.is_none_or(|b| b.fetch_add(chains.len(), Ordering::AcqRel) == 0);
+        let lone = self.lone_streak(queue, idle && chains.len() == 1);
         let left = Arc::new(AtomicUsize::new(chains.len()));
-        let mut work = self.plan(idle, chains);
+        let mut work = self.plan(lone >= LONE_STREAK, chains);
         let Some(last) = work.pop() else {
             return Ok(true);
         };
@@ -201,12 +217,28 @@ impl BlkBackend {
         Ok(true)
     }
 
+    /// Counts a batch of `queue`: whether it was `lone` (one request, found the queue
+    /// idle); returns how many batches in a row were, this one included.
+    fn lone_streak(&self, queue: usize, lone: bool) -> usize {
+        let Some(n) = self.0.lone.get(queue) else {
+            return 0;
+        };
+        if lone {
+            n.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+        } else {
+            n.store(0, Ordering::Release);
+            0
+        }
+    }
+
     /// The work of a batch: its requests, or the pieces of a lone large request when
-    /// the queue was `idle` before it.
-    fn plan(&self, idle: bool, mut chains: Vec<Chain>) -> Vec<Work> {
+    /// the queue has been serving one request at a time (`alone`: queue depth 1, where
+    /// the other threads would otherwise idle; a deeper queue keeps them busy anyway,
+    /// and splitting there only adds hand-offs).
+    fn plan(&self, alone: bool, mut chains: Vec<Chain>) -> Vec<Work> {
         let min = self.0.config.split_min;
         let split = match chains.as_slice() {
-            [chain] if idle && min > 0 && self.0.pieces > 1 => {
+            [chain] if alone && min > 0 && self.0.pieces > 1 => {
                 Split::plan(&self.0.export, chain, min, self.0.pieces)
             }
             _ => None,
@@ -296,6 +328,9 @@ impl VhostUserBackend for BlkBackend {
             | F_VERSION_1;
         if self.0.config.num_queues > 1 {
             f |= F_MQ;
+        }
+        if self.0.config.size_max > 0 {
+            f |= F_SIZE_MAX;
         }
         if self.0.export.read_only() {
             f |= F_RO;

@@ -42,11 +42,22 @@ pub struct VhostConfig {
     /// qemu-storage-daemon's single thread does (docs/benchmarks.md compares the two).
     pub workers_per_queue: usize,
     /// A read or write of at least twice this many bytes that arrives while its queue
-    /// is otherwise idle is executed as pieces of at least this size on the queue's
-    /// threads at once (as many as the host has cores, at most `workers_per_queue + 1`).
-    /// 0 (the default): never split; on the 2-core benchmark machine the hand-off cost
-    /// more CPU than the parallel copy saved (docs/benchmarks.md).
+    /// has been serving one request at a time (queue depth 1: the last few batches were
+    /// one request each, found the queue idle) is executed as pieces of at least this
+    /// size on the queue's threads at once (as many as the host has cores, at most
+    /// `workers_per_queue + 1`), so the copy of one large request uses more than one
+    /// core, as qemu-storage-daemon's thread pool does with the pieces the guest cuts
+    /// for it. 0: never split. Default 512 KiB: a 1 MiB request becomes two
+    /// (docs/benchmarks.md, "Session 7").
     pub split_min: usize,
+    /// Most data segments the driver may put in one request (`seg_max`, offered with
+    /// `VIRTIO_BLK_F_SEG_MAX`); 0 (the default): `queue_size - 2`.
+    pub seg_max: u32,
+    /// Largest data segment in bytes (`size_max`); 0 (the default): no limit, and
+    /// `VIRTIO_BLK_F_SIZE_MAX` is not offered. Linux raises a limit under its page size
+    /// to the page size, so `seg_max` pages then bound a request: qemu-storage-daemon's
+    /// 126 and 4096 make the guest cut a 1 MiB read or write into three requests.
+    pub size_max: u32,
 }
 
 impl Default for VhostConfig {
@@ -55,7 +66,9 @@ impl Default for VhostConfig {
             num_queues: 1,
             queue_size: 1024,
             workers_per_queue: 4,
-            split_min: 0,
+            split_min: 512 << 10,
+            seg_max: 0,
+            size_max: 0,
         }
     }
 }

@@ -3,8 +3,9 @@
 //! qemu-storage-daemon advertises 4 KiB segments and at most 126 of them, so the guest
 //! splits a 1 MiB request into two or three that its thread pool runs side by side;
 //! diskimg takes the request whole (no segment limits, fewer requests for the guest) and
-//! splits it itself, but only when the queue is otherwise idle (a lone request at queue
-//! depth 1: the other threads have nothing else to do). Each piece moves its own byte
+//! splits it itself, but only at queue depth 1 (the queue idle, and the last batches
+//! lone requests as well: the other threads have nothing else to do; at a deeper queue
+//! they are busy with other requests and a split only adds hand-offs). Each piece moves its own byte
 //! range of the request's data straight between guest memory and the image; whichever
 //! piece finishes last writes the status byte (an error if any piece failed), so the
 //! request completes exactly once.

@@ -32,11 +32,10 @@ fn data(k: u16) -> u64 {
     0x4_0000 + u64::from(k) * 0x4000
 }
 
+type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
 /// A queue of 64 entries over `mem`, ready as the driver would leave it.
-fn vring(
-    mem: &GuestMemoryMmap,
-    q: &MockSplitQueue<GuestMemoryMmap>,
-) -> VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>> {
+fn vring(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> Vring {
     let vr = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 64).unwrap();
     vr.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
         .unwrap();
@@ -49,9 +48,19 @@ fn vring(
 /// Requests `(type, sector, bytes)`, each a chain of header, data and status byte at
 /// table indices 3k..3k+2, put in the available ring at once.
 fn submit(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, reqs: &[(u32, u64, u32)]) {
+    submit_from(mem, q, 0, reqs);
+}
+
+/// As [`submit`], numbering the requests from `first` (after earlier submissions).
+fn submit_from(
+    mem: &GuestMemoryMmap,
+    q: &MockSplitQueue<GuestMemoryMmap>,
+    first: u16,
+    reqs: &[(u32, u64, u32)],
+) {
     let mut descs = Vec::new();
-    for (k, &(ty, sector, len)) in reqs.iter().enumerate() {
-        let k = u16::try_from(k).unwrap();
+    for (i, &(ty, sector, len)) in reqs.iter().enumerate() {
+        let k = first + u16::try_from(i).unwrap();
         header(mem, hdr(k), ty, sector);
         mem.write_slice(&[0xff], GuestAddress(hdr(k) + 0x80))
             .unwrap();
@@ -63,7 +72,7 @@ fn submit(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, reqs: &[(u
         descs.push(d(data(k), len, NEXT | w, 3 * k + 2));
         descs.push(d(hdr(k) + 0x80, 1, W, 0));
     }
-    q.add_desc_chains(&descs, 0).unwrap();
+    q.add_desc_chains(&descs, 3 * first).unwrap();
 }
 
 /// The used ring: descriptor head to used length, asserting no head appears twice.
@@ -133,25 +142,65 @@ fn a_batch_completes_every_request_exactly_once() {
     assert_eq!(w, want, "each request's data written exactly once");
 }
 
+/// Submits 128 KiB writes `ks` (from `data(k)` to sector `256 k`) as one batch and
+/// runs them; returns how many device writes each became.
+fn write_batch(
+    be: &BlkBackend,
+    rec: &super::tests_split::Recording,
+    (q, vr): (&MockSplitQueue<GuestMemoryMmap>, &Vring),
+    mem: &GuestMemoryMmap,
+    ks: std::ops::Range<u16>,
+) -> Vec<usize> {
+    let reqs: Vec<_> = ks
+        .clone()
+        .map(|k| (1, u64::from(k) * 256, 128 << 10))
+        .collect();
+    rec.writes.lock().unwrap().clear();
+    submit_from(mem, q, ks.start, &reqs);
+    be.handle_event(0, EventSet::IN, std::slice::from_ref(vr), 0)
+        .unwrap();
+    be.quiesce();
+    let w = rec.writes.lock().unwrap().clone();
+    ks.map(|k| {
+        let at = u64::from(k) * (128 << 10);
+        w.iter()
+            .filter(|(o, _)| (at..at + (128 << 10)).contains(o))
+            .count()
+    })
+    .collect()
+}
+
 #[test]
-fn a_lone_large_write_is_split_and_completes_once() {
+fn a_lone_large_write_is_split_at_queue_depth_one_and_completes_once() {
     let (mem, rec, export) = recording_slow(None, Duration::ZERO);
     let be = backend(export, &mem);
     let q = MockSplitQueue::new(&mem, 64);
     let vr = vring(&mem, &q);
-    let bytes = pattern(128 << 10, 7);
+    let bytes = pattern(0x4_0000, 7);
     mem.write_slice(&bytes, GuestAddress(data(0))).unwrap();
-    submit(&mem, &q, &[(1, 0, 128 << 10)]);
-    be.handle_event(0, EventSet::IN, std::slice::from_ref(&vr), 0)
-        .unwrap();
-    be.quiesce();
-    assert_eq!(used(&mem, &q), BTreeMap::from([(0, 1)]));
-    let w = rec.writes.lock().unwrap().clone();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    assert_eq!(w.len(), if cores > 1 { 2 } else { 1 }, "{w:?}");
-    let mut back = vec![0u8; 128 << 10];
-    rec.read_at(&mut back, 0).unwrap();
-    assert_eq!(back, bytes);
+    let split = if cores > 1 { 2 } else { 1 };
+    // The first lone requests run whole; from the third in a row on, they are split.
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 0..1), [1]);
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 1..2), [1]);
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 2..3), [split]);
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 3..4), [split]);
+    // Two at once (a deeper queue) run whole and start the count again.
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 4..6), [1, 1]);
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 6..7), [1]);
+    let done = used(&mem, &q);
+    assert_eq!(done.len(), 7, "every request completes once: {done:?}");
+    assert!(done.values().all(|&len| len == 1));
+    for k in 0..7u16 {
+        let mut st = [0u8];
+        mem.read_slice(&mut st, GuestAddress(hdr(k) + 0x80))
+            .unwrap();
+        assert_eq!(st[0], 0, "status of write {k}");
+        let mut back = vec![0u8; 128 << 10];
+        rec.read_at(&mut back, u64::from(k) * (128 << 10)).unwrap();
+        let from = usize::from(k) * 0x4000;
+        assert!(back == bytes[from..from + (128 << 10)], "data of write {k}");
+    }
 }
 
 #[test]
@@ -171,4 +220,32 @@ fn quiesce_waits_for_requests_in_flight() {
     be.quiesce();
     assert_eq!(used(&mem, &q).len(), 3);
     assert_eq!(rec.writes.lock().unwrap().len(), 2);
+}
+
+/// `size_max` and `seg_max` (bytes 8..16 of `virtio_blk_config`) and the feature bits
+/// that tell the driver to read them.
+fn limits(config: VhostConfig) -> (u32, u32, u64) {
+    let (mem, _, export) = super::tests::setup();
+    let be = BlkBackend::new(Arc::new(export), config, GuestMemoryAtomic::new(mem)).unwrap();
+    let c = be.get_config(8, 8);
+    let size_max = u32::from_le_bytes(c[..4].try_into().unwrap());
+    let seg_max = u32::from_le_bytes(c[4..].try_into().unwrap());
+    (size_max, seg_max, be.features() & 0b110)
+}
+
+#[test]
+fn segment_limits_in_the_config_space() {
+    // Default: no segment size limit (VIRTIO_BLK_F_SIZE_MAX off), queue size - 2 segments.
+    assert_eq!(limits(VhostConfig::default()), (0, 1022, 0b100));
+    let config = VhostConfig {
+        seg_max: 126,
+        size_max: 4096,
+        ..VhostConfig::default()
+    };
+    assert_eq!(limits(config), (4096, 126, 0b110));
+    let config = VhostConfig {
+        queue_size: 128,
+        ..VhostConfig::default()
+    };
+    assert_eq!(limits(config), (0, 126, 0b100));
 }
