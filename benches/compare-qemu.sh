@@ -14,6 +14,8 @@
 #   BIG=1               the larger-than-dirty-limits case (needs root: XFS image, mount)
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
 #   BIG_RUNS=1          runs of the big case per tool
+#                       (its cases: big-qcow2 = each tool's default, big-qcow2-none = -t none,
+#                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides)
 #   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
 #                       outputs exist one at a time: qemu-img's is deleted before diskimg runs)
 #   LOOP=1              the loop-device target case with -t none (needs root, losetup)
@@ -30,6 +32,8 @@
 #   STAT=min            report the fastest run of each tool (median: the middle one)
 #   BENCH_SRC_DIR=/usr/share, BENCH_SIZE=4G   the ext4 input (mkfs.ext4 -d)
 #   DISKIMG=path        use this binary instead of building target/release/diskimg
+#   DISKIMG_B=path      also time this binary (after diskimg, each run): a second row
+#                       "NAME (B)" against the same qemu-img runs (an A/B in one run)
 #
 # Inputs are cached under target/bench-input/: a raw ext4 image of BENCH_SRC_DIR, qemu-img's
 # qcow2, compressed qcow2 and streamOptimized VMDK copies of it, a 1 TiB sparse raw. The big
@@ -84,6 +88,8 @@ if [ -z "$bin" ]; then
     bin=target/release/diskimg
 fi
 bin=$(realpath "$bin")
+bin_b=
+if [ -n "${DISKIMG_B:-}" ]; then bin_b=$(realpath "$DISKIMG_B"); fi
 work=$(mktemp -d -p target bench-out.XXXXXX)
 mnt=
 loopdev=
@@ -154,7 +160,8 @@ ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uptime | sed 's/.*load/load/')"
 echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$bin" --version 2>/dev/null | head -1), $(qemu-img --version | head -1)"
-echo "# input: $input ($(du -h "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
+if [ -n "$bin_b" ]; then echo "# B: $bin_b"; fi
+echo "# input: $input ($(du -hL "$input" | cut -f1) allocated of $size, from $srcdir), runs=$runs"
 if [ -n "$memcg" ]; then echo "# every run in a memory cgroup of BENCH_MEM=$BENCH_MEM ($memcg)"; fi
 rt=
 if [ "${BENCH_RT:-0}" = 1 ]; then rt=", real-time priority (chrt -f 10)"; fi
@@ -173,6 +180,7 @@ bench_case() {
     local n=${9:-$runs} solo=${10:-0}
     if [ -n "${CASES:-}" ] && ! [[ " $CASES " == *" $name "* ]]; then return; fi
     local qr=() qd=() dr=() dd=() rq=() rd=() cq=() cd=() r qsize=0
+    local br=() bd=() rb=() cb=()
     local ext=$ofmt
     if [ "$ofmt" = vpc ]; then ext=vhd; fi
     local qo=${fixed:-$work/q.$ext} do=${fixed:-$work/d.$ext} same=0
@@ -195,6 +203,14 @@ bench_case() {
         r=$(timed "$do" "$bin" convert -f "$sfmt" -O "$ofmt" $dargs "$src" "$do")
         read -r a b c e <<<"$r"
         dr+=("$a"); dd+=("$b"); rd+=("$c"); cd+=("$e")
+        if [ -n "$bin_b" ]; then
+            # The other binary, on the same output path (removed first by `timed`).
+            $prep
+            # shellcheck disable=SC2086
+            r=$(timed "$do" "$bin_b" convert -f "$sfmt" -O "$ofmt" $dargs "$src" "$do")
+            read -r a b c e <<<"$r"
+            br+=("$a"); bd+=("$b"); rb+=("$c"); cb+=("$e")
+        fi
     done
     local bqr bqd bdr bdd sizer=-
     bqr=$(min "${qr[@]}"); bqd=$(min "${qd[@]}")
@@ -209,6 +225,14 @@ bench_case() {
         "$name" "$bqr" "$bqd" "$bdr" "$bdd" "$(ratio "$bqr" "$bdr")" "$(ratio "$bqd" "$bdd")" \
         "$bcq" "$bcd" "$(ratio "$bcq" "$bcd")" \
         "$(($(max "${rq[@]}") / 1024))" "$(($(max "${rd[@]}") / 1024))" "$sizer"
+    if [ -n "$bin_b" ]; then
+        local b1 b2 b3
+        b1=$(min "${br[@]}"); b2=$(min "${bd[@]}"); b3=$(min "${cb[@]}")
+        printf '| %s (B) | %.2f s | %.2f s | %.2f s | %.2f s | **%s×** | **%s×** | %.2f s | %.2f s | %s× | %d MB | %d MB | - |\n' \
+            "$name" "$bqr" "$bqd" "$b1" "$b2" "$(ratio "$bqr" "$b1")" "$(ratio "$bqd" "$b2")" \
+            "$bcq" "$b3" "$(ratio "$bcq" "$b3")" \
+            "$(($(max "${rq[@]}") / 1024))" "$(($(max "${rb[@]}") / 1024))"
+    fi
     # The outputs must hold the source's guest content.
     local other=$qo ofmt2=$ofmt
     if [ $same = 1 ] || [ "$solo" = 1 ]; then other=$src; ofmt2=$sfmt; fi
@@ -294,6 +318,10 @@ if [ "$run_big" = 1 ]; then
     n=${BIG_RUNS:-1}
     bench_case big-qcow2 raw "$big" qcow2 "" "" "" cold "$n" 1
     bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n" 1
+    # The same cache mode on both sides for the page-cache case: qemu-img's default
+    # (unsafe: compare "ret") and writeback (every flush honoured, durable on return).
+    bench_case big-qcow2-unsafe raw "$big" qcow2 "$unsafe" "$unsafe" "" cold "$n" 1
+    bench_case big-qcow2-wb raw "$big" qcow2 "-t writeback" "-t writeback" "" cold "$n" 1
     work=$work_saved
     umount "$mnt"
     if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi

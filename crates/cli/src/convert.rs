@@ -411,7 +411,11 @@ fn open_target(
     {
         return Ok(t);
     }
-    let opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
+    let mut opts = crate::secrets::with_key(key).with_cache(cache.unwrap_or_default());
+    if fresh {
+        // See `open_behind`.
+        opts.driver_options.set(DEFERRED_TABLES, "on");
+    }
     let img = open_resolved(name, name, Some(fmt), opts, false, true)?;
     Ok(Target {
         device: img.device.clone(),
@@ -420,13 +424,17 @@ fn open_target(
     })
 }
 
+/// qcow2's driver option for a new image filled front to back: new L2 tables are
+/// written with the other deferred metadata, one flush for many (crash consistent).
+const DEFERRED_TABLES: &str = "x-deferred-tables";
+
 /// Large writes in flight for `-t none` ([`open_behind`]).
 const BEHIND_DEPTH: usize = 4;
 
 /// `-t none` onto a single-file image created here (not raw, whose workers write in
 /// parallel themselves): `O_DIRECT`, with up to [`BEHIND_DEPTH`] large writes in flight
 /// ([`WriteBehind`]: the ordered writer goes on while the device writes; every flush is
-/// honoured and waits for them). `None` when the image needs more than its file (the
+/// honoured and waits for them), and qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more than its file (the
 /// usual open then reports what is wrong).
 fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
@@ -434,7 +442,11 @@ fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     };
     crate::common::lock_own_file(&file, fmt, name)?;
     let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH));
-    Ok(diskimg::open_storage(storage, Some(fmt), false)
+    let mut opts = diskimg::blockio::OpenOptions::new();
+    opts.driver_options.set(DEFERRED_TABLES, "on");
+    Ok(fmt
+        .driver()
+        .and_then(|d| d.open(storage, &opts))
         .ok()
         .map(|device| Target {
             device,

@@ -56,6 +56,10 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
     };
     let new = m.alloc_run_for(1, Some("L2 table"))?;
     m.note_meta(MetaKind::ActiveL2, new, m.cs());
+    if l2 == 0 && m.deferred_tables() {
+        m.new_l2_deferred(l1i, new, table)?;
+        return Ok(new);
+    }
     m.file().debug_event(DebugEvent::L2AllocWrite);
     m.write_l2_table(new, table)?;
     m.file().flush()?;

@@ -191,6 +191,19 @@ fn convert_to_qcow2_with_writes_in_flight_matches_qemu() {
 /// corruption, whichever unflushed writes survive.
 #[test]
 fn a_crash_during_convert_leaves_a_consistent_qcow2() {
+    crash_during_convert("cluster_size=16k", OpenOptions::new());
+}
+
+/// The same with qcow2's deferred L2 tables (`x-deferred-tables=on`, as `convert -t
+/// none` opens its target) and small clusters, so that many tables are new.
+#[test]
+fn a_crash_during_convert_with_deferred_tables_leaves_a_consistent_qcow2() {
+    let mut o = OpenOptions::new();
+    o.driver_options.set("x-deferred-tables", "on");
+    crash_during_convert("cluster_size=2k", o);
+}
+
+fn crash_during_convert(create: &str, open: OpenOptions) {
     let size = 3u64 << 20;
     let src: Arc<dyn BlockDevice> = {
         let mut b = vec![0u8; size as usize];
@@ -204,7 +217,7 @@ fn a_crash_during_convert_leaves_a_consistent_qcow2() {
         Arc::new(RawDevice::new(Arc::new(MemStorage::from_vec(b)), true).unwrap())
     };
     let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let opts = OptionList::parse("cluster_size=16k").unwrap();
+    let opts = OptionList::parse(create).unwrap();
     diskimg_qcow2::DRIVER
         .create(base.clone(), &mut CreateRequest::new(size, opts))
         .unwrap();
@@ -218,7 +231,7 @@ fn a_crash_during_convert_leaves_a_consistent_qcow2() {
         .unwrap();
     let run = |fs: Arc<FaultStorage>| -> bool {
         let wb: Arc<dyn Storage> = Arc::new(WriteBehind::new(fs, 3));
-        let Ok(dst) = diskimg_qcow2::DRIVER.open(wb, &OpenOptions::new()) else {
+        let Ok(dst) = diskimg_qcow2::DRIVER.open(wb, &open) else {
             return false;
         };
         let opts = ConvertOptions {
@@ -240,7 +253,10 @@ fn a_crash_during_convert_leaves_a_consistent_qcow2() {
         .unwrap();
     assert!(diskimg_testutil::read_all(dev.as_ref()) == diskimg_testutil::read_all(src.as_ref()));
     assert!(count > 20, "{count} operations");
-    for cut in (0..count).step_by(usize::try_from(count / 40).unwrap_or(1).max(1)) {
+    let dir = diskimg_testutil::tempdir();
+    let qpath = dir.path().join("cut.qcow2");
+    let step = usize::try_from(count / 40).unwrap_or(1).max(1);
+    for (k, cut) in (0..count).step_by(step).enumerate() {
         let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
         let ok = run(fs.clone());
         assert_eq!(ok, !fs.crashed(), "cut {cut} of {count}, {} ops", fs.ops());
@@ -259,6 +275,17 @@ fn a_crash_during_convert_leaves_a_consistent_qcow2() {
                 (0, 0),
                 "cut {cut} {mode:?}: {r:?}"
             );
+            if k % 4 == 0 && mode != CrashMode::KeepAll {
+                std::fs::write(&qpath, fs.crash_image(mode)).unwrap();
+                let (v, _) = diskimg_testutil::qemu_check_json(&qpath, "qcow2");
+                let n = |k: &str| v[k].as_u64().unwrap_or(0);
+                assert_eq!(
+                    (n("corruptions"), n("check-errors")),
+                    (0, 0),
+                    "cut {cut}: {v}"
+                );
+                assert_eq!(n("leaks"), r.leaks, "cut {cut} {mode:?}: {v}");
+            }
         }
     }
 }

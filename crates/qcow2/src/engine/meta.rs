@@ -56,6 +56,9 @@ pub(crate) struct Meta {
     pub(in crate::engine) reserve: crate::engine::reserve::Reserve,
     /// Lazy refcounts and the refcount blocks they hold (see `lazy`).
     pub(in crate::engine) lazy: crate::engine::lazy::Lazy,
+    /// New L2 tables wait in the cache for the next deferred write (see
+    /// [`Meta::set_deferred_tables`]).
+    pub(in crate::engine) deferred_tables: bool,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -130,6 +133,7 @@ impl Meta {
             snapshot_table_len: 0,
             reserve: crate::engine::reserve::Reserve::default(),
             lazy: crate::engine::lazy::Lazy::default(),
+            deferred_tables: false,
             h,
         }
     }
@@ -461,52 +465,6 @@ impl Meta {
     pub(crate) fn guest_flush(&mut self) -> Result<u64> {
         self.write_deferred()?;
         self.refill_reserve()
-    }
-
-    /// Writes the deferred L2 updates (see [`Meta::defer`]).
-    fn write_deferred(&mut self) -> Result<()> {
-        if self.deferred.is_empty() {
-            return Ok(());
-        }
-        if self.deferred.needs_flush() {
-            if let Some(d) = &self.data {
-                d.flush()?;
-            }
-            self.file.flush()?;
-        }
-        // The cached tables hold every deferred update (and equal the disk elsewhere):
-        // each table goes out as one write of the span its updates cover, whatever order
-        // the guest wrote in (the updates become durable together at the next flush).
-        let spans = self.deferred.take_spans();
-        for (t, (lo, hi)) in spans {
-            self.write_l2_span(t, lo, hi)?;
-        }
-        self.l2.dirty.clear();
-        let unref = self.deferred.written();
-        if !unref.is_empty() {
-            self.file.flush()?;
-            for (o, l) in unref {
-                self.unref_range(o, l)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes entries `lo..=hi` of the cached L2 table at `l2_off` with one storage write.
-    fn write_l2_span(&mut self, l2_off: u64, lo: u64, hi: u64) -> Result<()> {
-        let per = if self.h.extended_l2() { 2 } else { 1 };
-        let t = self.l2_table(l2_off)?;
-        let range = usize::try_from(lo * per)
-            .ok()
-            .zip(usize::try_from((hi + 1) * per).ok());
-        let span = range.and_then(|(a, b)| t.get(a..b)).ok_or(Error::corrupt(
-            "qcow2",
-            "L2 index out of range",
-            l2_off,
-        ))?;
-        let raw = encode_u64s(span);
-        self.file.debug_event(DebugEvent::L2Update);
-        self.file.write_all_at(&raw, l2_off + lo * per * 8)
     }
 
     /// Writes a whole fresh L2 table to `off` and caches it.

@@ -151,6 +151,9 @@ pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> 
     if need * 8 > MAX_L1_BYTES {
         return Err(Error::invalid("qcow2: Image is too big"));
     }
+    // New L2 tables waiting for their L1 entries must be on disk before the table is
+    // copied (see `Meta::set_deferred_tables`).
+    m.write_new_tables()?;
     let clusters = (need * 8).div_ceil(cs);
     dev.file.debug_event(DebugEvent::L1GrowAllocTable);
     let host = m.alloc_run(clusters)?;

@@ -11,6 +11,7 @@ mod check;
 mod compressed;
 mod crash;
 mod crash_alloc;
+mod crash_tables;
 mod encrypt;
 mod hostile;
 mod layout;

@@ -27,7 +27,7 @@ pub(super) const S_IOERR: u8 = 1;
 pub(super) const S_UNSUPP: u8 = 2;
 
 /// Length of `struct virtio_blk_req`'s header (type, reserved, sector).
-const HEADER: usize = 16;
+pub(super) const HEADER: usize = 16;
 /// Sector size of every virtio-blk offset.
 pub(crate) const SECTOR: u64 = 512;
 /// Most discard / write-zeroes segments in one request (`max_discard_seg`).
@@ -94,6 +94,9 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory + Sized,
 {
+    if let Some(done) = super::fast::read_or_write(export, &chain) {
+        return done;
+    }
     let head = chain.head_index();
     let mem = chain.memory();
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.clone().writer(mem))
