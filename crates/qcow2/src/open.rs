@@ -129,6 +129,7 @@ impl Qcow2Device {
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: false,
             crypt,
+            prealloc_map: std::sync::OnceLock::new(),
         };
         if !read_only && checking {
             // A repair open (BDRV_O_CHECK) still drops the autoclear bits we cannot
@@ -261,6 +262,7 @@ impl Qcow2Device {
             open_repairs: Mutex::new(Vec::new()),
             snapshot_view: true,
             crypt: self.crypt.clone(),
+            prealloc_map: std::sync::OnceLock::new(),
         })
     }
 }

@@ -67,9 +67,41 @@ impl Meta {
         if !r.durable || r.end - r.start < n {
             return None;
         }
+        // As qemu's first-fit allocator: a free run below the reserve (clusters a
+        // discard freed) is used first, so the file keeps qemu's layout (iotest 250).
+        if self.free_run_below(self.reserve.start, n) {
+            return None;
+        }
+        let r = &mut self.reserve;
         let c = r.start;
         r.start += n;
         Some(c * self.cs())
+    }
+
+    /// Whether `n` contiguous free clusters lie between the free-cluster hint and
+    /// `limit`. Moves the hint up past the clusters it finds in use, so that repeated
+    /// calls scan each cluster once. A refcount that cannot be read counts as a free
+    /// run (the caller's usual allocation reports the error).
+    fn free_run_below(&mut self, limit: u64, n: u64) -> bool {
+        let mut c = self.free_hint.max(1);
+        let mut first_free = None;
+        let mut run = 0;
+        while c < limit {
+            match self.refcount(c) {
+                Ok(0) => {
+                    first_free.get_or_insert(c);
+                    run += 1;
+                    if run >= n {
+                        return true;
+                    }
+                }
+                Ok(_) => run = 0,
+                Err(_) => return true,
+            }
+            c += 1;
+        }
+        self.free_hint = first_free.unwrap_or(limit).max(self.free_hint);
+        false
     }
 
     /// Before a guest flush: when the guest allocated clusters since the last one and

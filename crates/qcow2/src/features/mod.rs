@@ -14,6 +14,7 @@ pub(crate) mod check_snapshots;
 pub(crate) mod dirty;
 pub(crate) mod keyslots;
 pub(crate) mod maint;
+pub(crate) mod prealloc_map;
 pub(crate) mod resize;
 pub(crate) mod snapshot_ops;
 pub(crate) mod vmstate;
