@@ -3,7 +3,7 @@
 //! backing differ and FILE holds nothing; `-u` only rewrites the header; `-b ""` detaches.
 
 use anyhow::{Context, Result, anyhow, bail};
-use diskimg::blockio::{ExtentKind, ZeroFlags};
+use diskimg::blockio::{ExtentKind, InfoValue, ZeroFlags};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 
 use crate::common::{Progress, full_backing_name, opt_format, parse_format};
@@ -119,7 +119,15 @@ fn copy_differences(
     compress: bool,
 ) -> Result<()> {
     let size = top.virtual_size();
-    let piece = top.info().cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
+    let info = top.info();
+    let piece = info.cluster_size.unwrap_or(65536).clamp(512, 2 << 20);
+    // As qemu: differences are written at the target's subcluster granularity (holes
+    // between differing subclusters stay unallocated); compressed writes go per cluster.
+    let extended = info.format_specific.as_ref().is_some_and(|(_, d)| {
+        d.iter()
+            .any(|(k, v)| k == "extended-l2" && matches!(v, InfoValue::Bool(true)))
+    });
+    let align = usize::try_from(if extended { piece / 32 } else { piece })?.max(512);
     let new_size = new.map_or(0, BlockDevice::virtual_size);
     // Past the old backing file's end the top read zeroes: qemu writes zeroes there
     // (zero clusters), data elsewhere.
@@ -157,12 +165,41 @@ fn copy_differences(
                     Some(g) if pos.is_multiple_of(g) && (n == g || pos + n == size) => {
                         top.write_compressed(old, pos)?;
                     }
-                    _ => top.write_at(old, pos)?,
+                    _ => write_differing(top, old, newb, pos, align)?,
                 }
             }
             pos += n;
             bar.fraction(pos, size);
         }
+    }
+    Ok(())
+}
+
+/// Writes the runs of `align`-sized chunks of `old` (guest bytes at `pos`) that differ
+/// from `new`, as qemu-img's `compare_buffers` walk does.
+fn write_differing(
+    top: &dyn BlockDevice,
+    old: &[u8],
+    new: &[u8],
+    pos: u64,
+    align: usize,
+) -> Result<()> {
+    let differs = |k: usize| {
+        let e = k.saturating_add(align).min(old.len());
+        old.get(k..e) != new.get(k..e)
+    };
+    let mut i = 0;
+    while i < old.len() {
+        let d = differs(i);
+        let mut j = i;
+        while j < old.len() && differs(j) == d {
+            j = j.saturating_add(align).min(old.len());
+        }
+        if d {
+            let run = old.get(i..j).ok_or_else(|| anyhow!("buffer"))?;
+            top.write_at(run, pos + i as u64)?;
+        }
+        i = j;
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use diskimg_blockio::{
 
 use crate::device::Qcow2Device;
 use crate::disk::header::INCOMPAT_DIRTY;
+use crate::invalid_entry::Request;
 
 impl Drop for Qcow2Device {
     /// Writes deferred metadata and the persistent dirty bitmaps, as closing an image in
@@ -48,19 +49,22 @@ impl BlockDevice for Qcow2Device {
 
     /// Through the shared guest-I/O skeleton (`read.rs`).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_guest(buf, offset)
+        let r = self.read_guest(buf, offset);
+        self.signal_invalid(r, offset, buf.len() as u64, Request::Read)
     }
 
     /// The read path's walk (`read.rs`), for vectored reads and the async face.
     fn walk_runs(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
-        self.walk_guest(offset, len, f)
+        let r = self.walk_guest(offset, len, f);
+        self.signal_invalid(r, offset, len, Request::Read)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
         self.mark_dirty(offset, buf.len() as u64);
-        crate::write::write(self, buf, offset)
+        let r = crate::write::write(self, buf, offset);
+        self.signal_invalid(r, offset, buf.len() as u64, Request::Write)
     }
 
     /// In place from the caller's buffers when it can (`overwrite_vectored.rs`), else
@@ -80,7 +84,8 @@ impl BlockDevice for Qcow2Device {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
         self.mark_dirty(offset, len);
-        crate::write::write_zeroes(self, offset, len, flags.may_unmap)
+        let r = crate::write::write_zeroes(self, offset, len, flags.may_unmap);
+        self.signal_invalid(r, offset, len, Request::Write)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

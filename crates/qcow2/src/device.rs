@@ -51,6 +51,9 @@ pub struct Qcow2Device {
     pub(crate) snapshot_view: bool,
     /// The data cipher of an encrypted image.
     pub(crate) crypt: Option<Arc<Encryption>>,
+    /// Whether the image looked metadata-preallocated at its first `map`
+    /// (`features::prealloc_map`).
+    pub(crate) prealloc_map: std::sync::OnceLock<bool>,
 }
 
 impl Qcow2Device {

@@ -105,7 +105,9 @@ mod disk;
 mod encryption;
 mod engine;
 mod errors;
+mod ext_alloc;
 mod features;
+mod invalid_entry;
 mod offload;
 mod open;
 mod open_options;
@@ -121,7 +123,8 @@ pub use create::measure::{MeasureTarget, Measurement, bitmaps_size};
 pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
 pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
-pub use features::bitmap::{edit_bitmaps, read_bitmap};
+pub use features::bitmap::read_bitmap;
+pub use features::bitmap_edit::edit_bitmaps;
 pub use open_options::{KEY_SECRET_OPTION, NO_IO_OPTION, Qcow2OpenOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.

@@ -223,8 +223,14 @@ impl Layout for View<'_> {
                 if self.reads {
                     s.debug_event(DebugEvent::ReadAio);
                 }
-                // qemu reads past the end of the file as zeroes.
-                Mapping::Host(HostRun::new(s.as_ref(), host).past_eof(PastEof::Zero))
+                // qemu reads past the end of the file as zeroes. `map` of a
+                // metadata-preallocated image reports the file's holes as zeroes.
+                let holes = !self.reads && self.dev.map_sees_holes();
+                Mapping::Host(
+                    HostRun::new(s.as_ref(), host)
+                        .past_eof(PastEof::Zero)
+                        .holes(holes),
+                )
             }
             Sub::Data(host) => self.special(
                 ExtentKind::Data { offset: None },

@@ -19,6 +19,7 @@ use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
 use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
+use crate::ext_alloc;
 
 pub(crate) use crate::zero::{discard, write_zeroes};
 
@@ -34,6 +35,9 @@ pub(crate) struct Pending {
     pub(crate) unref: Vec<(u64, u64)>,
     /// New clusters were allocated: flush before pointing to them.
     pub(crate) flush: bool,
+    /// Host clusters allocated ahead as one run for the next clusters of an extended
+    /// L2 request (first offset, count; see `ext_alloc`).
+    pub(crate) planned: Option<(u64, u64)>,
 }
 
 pub(crate) fn commit(m: &mut Meta, p: Pending) -> Result<()> {
@@ -72,9 +76,9 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 }
 
 /// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
-/// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
-/// never written.
-fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
+/// offset), and whether they come from the reserve (see `reserve`): never written, and
+/// L2 entries pointing to them wait for their refcounts to be durable.
+pub(crate) fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     m.lazy_mark_dirty()?;
     if m.data().is_some() {
         return Ok((cstart, false));
@@ -116,8 +120,8 @@ fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Re
 }
 
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
-/// they come from the durable reserve and losing their data in a crash leaves what the
-/// guest saw before (zeroes), see `reserve`.
+/// they come from the reserve (whose refcounts the reserve makes durable first) and
+/// losing their data in a crash leaves what the guest saw before (zeroes), see `reserve`.
 fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
     !(reserved && was_zero && dev.crypt.is_none())
 }
@@ -194,24 +198,15 @@ pub(crate) fn write_cluster(
     let allocated =
         e & OFLAG_COMPRESSED == 0 && (e & L2E_OFFSET_MASK != 0 || (m.data().is_some() && copied));
     if e & OFLAG_COMPRESSED != 0 || (allocated && !copied) {
-        let mut b = vec![0u8; idx(cs)];
-        dev.read_locked(m, &mut b, cstart)?;
-        b.put(idx(in_off), data);
-        let (host, _) = new_clusters(m, cstart, 1)?;
-        write_data(crypt, store.as_ref(), &b, host, cstart)?;
-        p.l2.push(L2Update::new(l2, i, host | OFLAG_COPIED, ALL_ALLOC));
-        p.flush = true;
-        if let Some(r) = old_ref(m, e) {
-            p.unref.push(r);
-        }
-        return Ok(());
+        let at = L2Update::new(l2, i, e, bm);
+        return ext_alloc::copy_on_write(dev, m, data, guest, at, p);
     }
     let (host, mut nbm) = if allocated {
         m.check_overlap(e & L2E_OFFSET_MASK, cs)?;
         (e & L2E_OFFSET_MASK, bm)
     } else {
         p.flush = true;
-        (new_clusters(m, cstart, 1)?.0, bm & !ALL_ALLOC)
+        (ext_alloc::take_planned(m, p, cstart)?, bm & !ALL_ALLOC)
     };
     let g = cs / 32;
     let end = in_off + data.len() as u64;
@@ -362,13 +357,16 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
                 continue;
             }
             let chunk = buf.get(done..done + n).ok_or(internal("write range"))?;
+            ext_alloc::plan_run(&mut m, &mut p, guest, off + buf.len() as u64)?;
             write_cluster(dev, &mut m, chunk, guest, &mut p)?;
             done += n;
         }
         Ok(())
     })();
+    // Planned clusters an error left unused go back (free).
+    let dropped = ext_alloc::drop_planned(&mut m, &mut p);
     // The clusters written before a failure are linked all the same (as qemu links
     // each finished part of a request), so they do not leak.
     let committed = commit(&mut m, p);
-    res.and(committed)
+    res.and(dropped).and(committed)
 }

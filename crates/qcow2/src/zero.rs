@@ -14,6 +14,7 @@ use crate::disk::table::{
 };
 use crate::engine::deferred::L2Update;
 use crate::engine::meta::Meta;
+use crate::ext_alloc;
 use crate::write::{ALL_ALLOC, Pending, commit, ensure_l2, old_ref, write_cluster};
 
 /// `BlockDevice::write_zeroes` for qcow2: zero flags on whole clusters (v3), zero
@@ -67,16 +68,24 @@ fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<
             continue;
         }
         // Each piece sees the entries the previous one left.
+        let freed = !p.unref.is_empty();
         commit(&mut m, std::mem::take(&mut p))?;
         if k == 1 && bulk_as_data(&mut m, &r)? {
+            if freed {
+                // As qemu, which frees what the head's copy-on-write replaced at once:
+                // the bulk's allocation may reuse it (iotest 271's host offsets).
+                m.write_deferred()?;
+            }
             // qemu cannot zero part of a compressed cluster: its block layer writes the
             // whole aligned bulk as zero data instead.
             let mut pos = r.start;
             while pos < r.end {
                 let n = (cs - pos % cs).min(r.end - pos);
+                ext_alloc::plan_run(&mut m, &mut p, pos, r.end)?;
                 write_cluster(dev, &mut m, zeros.get(..idx(n)).unwrap_or(&[]), pos, &mut p)?;
                 pos += n;
             }
+            ext_alloc::drop_planned(&mut m, &mut p)?;
             continue;
         }
         zero_range(dev, &mut m, &zeros, r, unmap, &mut p)?;
@@ -244,8 +253,9 @@ fn zero_subclusters(
         let at = L2Update::new(at.table, at.index, e, bm);
         return zero_subclusters(dev, m, zeros, at, pos + head..r.end, unmap, p);
     }
-    let shared = e & OFLAG_COMPRESSED != 0 || (e & L2E_OFFSET_MASK != 0 && e & OFLAG_COPIED == 0);
-    let full = if shared {
+    // As qemu's `zero_l2_subclusters`: the bits of an allocated cluster shared with a
+    // snapshot change in place (only a compressed cluster cannot be partly zeroed).
+    let full = if e & OFLAG_COMPRESSED != 0 {
         None
     } else {
         Some(full_subclusters(dev, m, at, pos, n)?)
@@ -424,5 +434,17 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
         }
         c += cs;
     }
-    commit(&mut m, p)
+    // As qemu, whose freed clusters are free at once: the updates are written now and
+    // the clusters unreferenced (and punched), so the next allocation can reuse them
+    // (iotest 250's layout). Discards that free nothing stay deferred.
+    let frees = !p.unref.is_empty();
+    m.punch_when_freed(&p.unref);
+    commit(&mut m, p)?;
+    if frees {
+        // Not `commit_deferred`: giving the reserve back here races with the guest
+        // I/O of other threads (tests/it/stress.rs), and the reserve is not needed for
+        // the reuse (`take_reserved` prefers free runs below it).
+        m.write_deferred()?;
+    }
+    Ok(())
 }

@@ -46,6 +46,8 @@ pub(crate) struct Deferred {
     /// their L1 entries only after the flush that makes them durable.
     tables: Vec<(u64, u64)>,
     unref: Vec<(u64, u64)>,
+    /// Host ranges to punch once their clusters are free (see `engine::punch`).
+    punch: Vec<(u64, u64)>,
     flush: bool,
 }
 
@@ -69,6 +71,16 @@ impl Deferred {
         self.flush |= new_clusters;
     }
 
+    /// Queues host ranges to punch once their clusters are free (after the updates).
+    pub(crate) fn add_punch(&mut self, ranges: &[(u64, u64)]) {
+        self.punch.extend_from_slice(ranges);
+    }
+
+    /// Takes the ranges queued by [`Deferred::add_punch`].
+    pub(crate) fn take_punch(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.punch)
+    }
+
     /// Queues the new L2 table at `table` for L1 index `l1i` (a flush must come before
     /// its L1 entry is written).
     pub(crate) fn add_table(&mut self, l1i: u64, table: u64) {
@@ -88,7 +100,10 @@ impl Deferred {
 
     /// Nothing queued at all.
     pub(crate) fn is_empty(&self) -> bool {
-        self.updates.is_empty() && self.unref.is_empty() && self.tables.is_empty()
+        self.updates.is_empty()
+            && self.unref.is_empty()
+            && self.tables.is_empty()
+            && self.punch.is_empty()
     }
 
     /// Whether a storage flush must come before the updates are written.
@@ -119,7 +134,7 @@ impl Deferred {
 impl Meta {
     /// Writes the deferred L2 updates (see [`Meta::defer`]) and the new L2 tables with
     /// their L1 entries (see [`Meta::set_deferred_tables`]).
-    pub(in crate::engine) fn write_deferred(&mut self) -> Result<()> {
+    pub(crate) fn write_deferred(&mut self) -> Result<()> {
         if self.deferred.is_empty() {
             return Ok(());
         }
@@ -132,11 +147,14 @@ impl Meta {
             self.file.debug_event(DebugEvent::L2AllocWrite);
             self.file.write_all_at(&raw, t)?;
         }
-        if self.deferred.needs_flush() {
+        // Reserved clusters whose refcounts no flush covered yet (see `reserve`) count
+        // as new clusters here.
+        if self.deferred.needs_flush() || self.reserve_owes_flush() {
             if let Some(d) = &self.data {
                 d.flush()?;
             }
             self.file.flush()?;
+            self.reserve_flushed_now();
         }
         self.write_l1_entries(tables.iter().map(|&(i, _)| i))?;
         // The cached tables hold every deferred update (and equal the disk elsewhere):
@@ -155,6 +173,10 @@ impl Meta {
             for (o, l) in unref {
                 self.unref_range(o, l)?;
             }
+        }
+        let punch = self.deferred.take_punch();
+        if !punch.is_empty() {
+            self.punch_freed(punch);
         }
         Ok(())
     }

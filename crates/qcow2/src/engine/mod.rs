@@ -11,6 +11,7 @@ pub(crate) mod empty;
 pub(crate) mod lazy;
 pub(crate) mod meta;
 pub(crate) mod overlap;
+pub(crate) mod punch;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;
 pub(crate) mod reserve;

@@ -490,7 +490,12 @@ fn rebuild_and_recheck(
     Ok(CheckReport {
         corruptions: old.corruptions + fresh.corruptions,
         leaks: old.leaks,
-        corruptions_fixed: old.corruptions + fresh.corruptions_fixed,
+        // As qemu: the rebuild fixed what the recheck no longer finds (an entry it
+        // cannot repair, such as an unaligned data cluster, is still counted).
+        corruptions_fixed: old
+            .corruptions
+            .saturating_sub(fresh.corruptions.saturating_sub(fresh.corruptions_fixed))
+            + fresh.corruptions_fixed,
         leaks_fixed: old.leaks,
         check_errors: old.check_errors + fresh.check_errors,
         messages,

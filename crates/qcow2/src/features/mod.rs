@@ -7,12 +7,14 @@
 pub(crate) mod amend;
 pub(crate) mod amend_progress;
 pub(crate) mod bitmap;
+pub(crate) mod bitmap_edit;
 pub(crate) mod check;
 pub(crate) mod check_copied;
 pub(crate) mod check_snapshots;
 pub(crate) mod dirty;
 pub(crate) mod keyslots;
 pub(crate) mod maint;
+pub(crate) mod prealloc_map;
 pub(crate) mod resize;
 pub(crate) mod snapshot_ops;
 pub(crate) mod vmstate;

@@ -37,12 +37,6 @@ pub(crate) fn resize(
         ));
     }
     let backed = m.h().backing_file.is_some() || dev.backing().is_some();
-    if prealloc != Preallocation::Off && backed {
-        return Err(Error::unsupported(
-            "qcow2",
-            "preallocation over a backing image",
-        ));
-    }
     if !m.snapshots().is_empty() && m.h().version < 3 {
         // qemu's refusal (v2 snapshots have no size of their own).
         return Err(Error::invalid(
@@ -81,7 +75,9 @@ pub(crate) fn resize(
         t.truncate(new);
     }
     if new > old && prealloc != Preallocation::Off {
-        preallocate(dev, prealloc, false, old)?;
+        // Over a backing image the new clusters are zeroed below (as qemu's block
+        // layer asks for a zero write there), their subclusters first unallocated.
+        preallocate(dev, prealloc, backed, old)?;
     }
     if new > old && backed && zero_new {
         // As qemu: the new area must not show the backing image's data.
@@ -123,11 +119,12 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
             l2 = ensure_l2(m, l1i)?;
         }
         for i in start..per {
-            let (e, _, _) = m.l2_entry(l1i * cov + i * cs)?;
+            let (e, bm, _) = m.l2_entry(l1i * cov + i * cs)?;
             if let Some(r) = old_ref(m, e) {
                 p.unref.push(r);
             }
-            if !whole && e != 0 {
+            // As qemu's full discard: the entry and its subcluster bitmap are cleared.
+            if !whole && (e != 0 || bm != 0) {
                 p.l2.push(L2Update::new(l2, i, 0, 0));
             }
         }
@@ -142,8 +139,29 @@ fn shrink_clusters(m: &mut Meta, new: u64) -> Result<()> {
     for (_, l2) in dropped_tables {
         p.unref.push((l2, cs));
     }
+    m.punch_when_freed(&p.unref);
     m.defer(p.l2, p.unref, false)?;
-    m.commit_deferred()
+    m.commit_deferred()?;
+    truncate_tail(m)
+}
+
+/// As qemu after a shrink: the file ends after its last cluster in use (a failure only
+/// leaves the file longer, as qemu's warning does).
+fn truncate_tail(m: &mut Meta) -> Result<()> {
+    if m.data().is_some() {
+        return Ok(());
+    }
+    let cs = m.cs();
+    let len = m.file().len()?;
+    let mut last = len.div_ceil(cs);
+    while last > 0 && m.refcount(last - 1)? == 0 {
+        last -= 1;
+    }
+    if last > 0 && last * cs < len {
+        m.file().flush()?;
+        let _ = m.file().set_len(last * cs);
+    }
+    Ok(())
 }
 
 pub(crate) fn grow_l1(dev: &Qcow2Device, m: &mut Meta, need: u64) -> Result<()> {

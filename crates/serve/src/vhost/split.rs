@@ -14,10 +14,12 @@ use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemory;
+use vm_memory::{Address, Bytes, GuestMemory};
 
 use super::guest;
-use super::request::{S_IOERR, S_OK, S_UNSUPP, Status, T_IN, T_OUT, data_slices, header, in_range};
+use super::request::{
+    HEADER, S_IOERR, S_OK, S_UNSUPP, Status, T_IN, T_OUT, data_slices, header, in_range,
+};
 use crate::export::{Export, Fault};
 
 /// Piece boundaries fall on multiples of this many bytes of the request's data (a
@@ -63,12 +65,17 @@ where
         let mem = chain.memory();
         let mut reader = chain.clone().reader(mem).ok()?;
         let (ty, offset) = header(&mut reader).ok()?;
+        // Lengths from the descriptors alone (virtio-queue's reader or writer over the
+        // data would look up every guest page once more).
+        let bytes = |writable: bool| {
+            chain
+                .clone()
+                .filter(|d| d.is_write_only() == writable)
+                .try_fold(0usize, |n, d| n.checked_add(d.len() as usize))
+        };
         let (read, len) = match ty {
-            T_IN => {
-                let writer = chain.clone().writer(mem).ok()?;
-                (true, writer.available_bytes().checked_sub(1)?)
-            }
-            T_OUT if !export.read_only() => (false, reader.available_bytes()),
+            T_IN => (true, bytes(true)?.checked_sub(1)?),
+            T_OUT if !export.read_only() => (false, bytes(false)?.checked_sub(HEADER)?),
             _ => return None,
         };
         let n = (len / min.max(1)).min(most);
@@ -140,15 +147,19 @@ where
         let head = self.chain.head_index();
         let status = self.status.load(Ordering::Acquire);
         let mem = self.chain.memory();
-        let Ok(mut writer) = self.chain.clone().writer(mem) else {
+        // The status byte: the last byte of the last non-empty driver-writable
+        // descriptor (where virtio-queue's writer would put it, without its walk of
+        // every page of a read's data).
+        let last = self
+            .chain
+            .clone()
+            .filter(|d| d.is_write_only() && d.len() > 0)
+            .last();
+        let at = last.and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1));
+        let Some(at) = at else {
             return (head, 0);
         };
-        let avail = writer.available_bytes();
-        let written = avail.checked_sub(1).and_then(|n| writer.split_at(n).ok());
-        let Some(mut status_w) = written else {
-            return (head, 0);
-        };
-        if std::io::Write::write_all(&mut status_w, &[status]).is_err() {
+        if mem.write_slice(&[status], at).is_err() {
             return (head, 0);
         }
         let data = if self.read && status == S_OK {
