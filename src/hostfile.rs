@@ -134,6 +134,9 @@ pub(crate) struct PolicyFiles {
     pub(crate) hook: Option<StorageHook>,
     /// Filter drivers for `json:` backing names ([`crate::ImageOptions::node_drivers`]).
     pub(crate) drivers: crate::NodeDrivers,
+    /// The image's driver options are the user's (the top image), so files they name
+    /// ([`HostFiles::open_given`]) are opened as given rather than judged by the policy.
+    pub(crate) user_options: bool,
 }
 
 impl HostFiles for PolicyFiles {
@@ -151,31 +154,27 @@ impl HostFiles for PolicyFiles {
         };
         let name = node.as_ref().map_or(name, |n| n.path.as_str());
         let path = self.policy.resolve(purpose, &self.dir, name)?;
-        let ro = self.read_only || !writable;
-        let file = Arc::new(open_file_with(
-            &path,
-            ro,
-            self.policy.special_files,
-            Some(purpose),
-            self.cache,
-        )?);
-        if let Some(mode) = self.lock_mode {
-            // Data files and extents are a format driver's storage, locked as such.
-            self.locks
-                .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
-        }
-        let hook = self.hook.as_ref();
-        #[cfg(target_os = "linux")]
-        let mut s: Arc<dyn Storage> = match &self.io_uring {
-            Some(ring) => Arc::new(UringStorage::from_arc(file, ring.clone())),
-            None => file,
-        };
-        #[cfg(not(target_os = "linux"))]
-        let mut s: Arc<dyn Storage> = file;
+        let mut s = self.open_path(&path, purpose, writable, self.policy.special_files)?;
         if let Some(n) = &node {
             s = n.wrap(s);
         }
-        Ok(StorageHook::wrap(hook, Some(purpose), s))
+        Ok(StorageHook::wrap(self.hook.as_ref(), Some(purpose), s))
+    }
+
+    fn open_given(
+        &self,
+        name: &str,
+        purpose: FilePurpose,
+        writable: bool,
+    ) -> Result<Arc<dyn Storage>> {
+        if !self.user_options || self.defer_data_files && purpose == FilePurpose::DataFile {
+            // Options a backing image's `json:` name carries: judged as names it stores.
+            return self.open(name, purpose, writable);
+        }
+        // The user named it beside the image: opened as given, as the image is.
+        let path = PathBuf::from(name);
+        let s = self.open_path(&path, purpose, writable, SpecialFiles::Allow)?;
+        Ok(StorageHook::wrap(self.hook.as_ref(), Some(purpose), s))
     }
 
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>> {
@@ -189,6 +188,29 @@ impl HostFiles for PolicyFiles {
 }
 
 impl PolicyFiles {
+    /// Opens `path` (already judged) as this image's file of `purpose`: locked and on the
+    /// image's ring (the caller puts it under the image's hook).
+    fn open_path(
+        &self,
+        path: &Path,
+        purpose: FilePurpose,
+        writable: bool,
+        kinds: SpecialFiles,
+    ) -> Result<Arc<dyn Storage>> {
+        let ro = self.read_only || !writable;
+        let file = Arc::new(open_file_with(path, ro, kinds, Some(purpose), self.cache)?);
+        if let Some(mode) = self.lock_mode {
+            // Data files and extents are a format driver's storage, locked as such.
+            self.locks
+                .lock(&file, mode.perms(None, !ro), &path.to_string_lossy())?;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = &self.io_uring {
+            return Ok(Arc::new(UringStorage::from_arc(file, ring.clone())));
+        }
+        Ok(file)
+    }
+
     /// Where a new file named `name` goes: beside the image, except that a relative data
     /// file name under [`PathRule::Any`](crate::PathRule::Any) is created where qemu-img
     /// creates it (against the working directory), so qemu opens what we create.

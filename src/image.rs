@@ -324,6 +324,7 @@ fn open_inner(
         locks: locks.clone(),
         hook: hook.cloned(),
         drivers: options.node_drivers.clone(),
+        user_options: top,
     });
     let mut open_opts = OpenOptions::new()
         .read_only(read_only)
@@ -584,6 +585,7 @@ pub fn create(
         locks: HeldLocks::default(),
         hook: None,
         drivers: image_options.node_drivers.clone(),
+        user_options: true,
     });
     let mut req = CreateRequest::new(size, options).files(files);
     if let Some(name) = path.file_name() {

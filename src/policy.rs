@@ -184,10 +184,12 @@ impl OpenPolicy {
             let real = match std::fs::canonicalize(&cand) {
                 Ok(r) => r,
                 Err(e) => {
-                    last.get_or_insert(Error::io(
-                        format!("Could not open '{}'", cand.display()),
-                        e,
-                    ));
+                    // qemu names a data file as the image stores it, as it opens it.
+                    let shown = match purpose {
+                        FilePurpose::DataFile => name.to_string(),
+                        _ => cand.display().to_string(),
+                    };
+                    last.get_or_insert(Error::io(format!("Could not open '{shown}'"), e));
                     continue;
                 }
             };

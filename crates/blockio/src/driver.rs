@@ -45,6 +45,18 @@ pub trait HostFiles: Send + Sync + std::fmt::Debug {
     fn open(&self, name: &str, purpose: FilePurpose, writable: bool) -> Result<Arc<dyn Storage>>;
     /// Creates (or truncates) a file the image will name.
     fn create(&self, name: &str, purpose: FilePurpose) -> Result<Arc<dyn Storage>>;
+    /// Opens a file the caller named in the open options instead of the one the image
+    /// names (qemu's `data-file.filename`). By default it is judged as a name the image
+    /// stores ([`HostFiles::open`]); a host that knows the options came from its user
+    /// opens it as given.
+    fn open_given(
+        &self,
+        name: &str,
+        purpose: FilePurpose,
+        writable: bool,
+    ) -> Result<Arc<dyn Storage>> {
+        self.open(name, purpose, writable)
+    }
 }
 
 /// The default [`HostFiles`]: refuses every other file.

@@ -88,6 +88,9 @@ fn plain_file(d: &OptionList) -> Option<String> {
             "driver" => {}
             "file.driver" if v == "file" => {}
             "file" | "file.filename" if file.is_none() => file = Some(v.clone()),
+            // The data file's node: qemu names the image by its file all the same.
+            "data-file.driver" if v == "file" => {}
+            "data-file.filename" => {}
             _ => return None,
         }
     }

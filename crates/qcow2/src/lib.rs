@@ -123,7 +123,8 @@ pub use create::measure::{MeasureTarget, Measurement, bitmaps_size};
 pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOptions};
 pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
-pub use features::bitmap::{edit_bitmaps, read_bitmap};
+pub use features::bitmap::read_bitmap;
+pub use features::bitmap_edit::edit_bitmaps;
 pub use open_options::{KEY_SECRET_OPTION, NO_IO_OPTION, Qcow2OpenOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.

@@ -75,16 +75,7 @@ impl Qcow2Device {
             ));
         }
         let bitmap_edit = q.bitmap_edit;
-        let data = if h.has_data_file() {
-            let name = h
-                .ext
-                .data_file
-                .clone()
-                .ok_or(Error::invalid("'data-file' is required for this image"))?;
-            Some(opts.files.open(&name, FilePurpose::DataFile, !read_only)?)
-        } else {
-            None
-        };
+        let data = open_data_file(&h, opts, q, read_only)?;
         let limits = opts.limits;
         let cs = h.cluster_size();
         let mut meta = Meta::new(file.clone(), data.clone(), h, limits);
@@ -273,5 +264,27 @@ impl Qcow2Device {
             crypt: self.crypt.clone(),
             prealloc_map: std::sync::OnceLock::new(),
         })
+    }
+}
+
+/// The external data file of the image with header `h`: the one the open options name
+/// ([`Qcow2OpenOptions::data_file`], qemu's `data-file` child) or else the one the image
+/// names; `None` for an image without one. qemu's refusals: an image with the data-file
+/// feature but no name and no option, and the option for an image without the feature.
+fn open_data_file(
+    h: &Header,
+    opts: &OpenOptions,
+    q: &Qcow2OpenOptions,
+    read_only: bool,
+) -> Result<Option<Arc<dyn Storage>>> {
+    let purpose = FilePurpose::DataFile;
+    match (h.has_data_file(), &q.data_file, &h.ext.data_file) {
+        (true, Some(given), _) => Ok(Some(opts.files.open_given(given, purpose, !read_only)?)),
+        (true, None, Some(name)) => Ok(Some(opts.files.open(name, purpose, !read_only)?)),
+        (true, None, None) => Err(Error::invalid("'data-file' is required for this image")),
+        (false, Some(_), _) => Err(Error::invalid(
+            "'data-file' can only be set for images with an external data file",
+        )),
+        (false, None, _) => Ok(None),
     }
 }

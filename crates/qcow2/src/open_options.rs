@@ -51,6 +51,10 @@ pub struct Qcow2OpenOptions {
     /// `overlap-check=all`): it reads every snapshot's L1 table, so with a snapshot whose
     /// L1 table cannot be used, every write fails as in qemu.
     pub inactive_l2_check: bool,
+    /// `data-file.filename` (with `data-file.driver` absent or `file`): the external data
+    /// file to open instead of the one the image names (qemu's `data-file` child),
+    /// through [`HostFiles::open_given`](diskimg_blockio::HostFiles::open_given).
+    pub data_file: Option<String>,
     /// `x-deferred-tables=on` (diskimg's own): a new L2 table is written with the other
     /// deferred metadata at the next flush (or when the cache's dirty tables reach their
     /// bound), one storage flush for all new tables since the last, instead of one flush
@@ -82,6 +86,10 @@ impl Qcow2OpenOptions {
             inactive_l2_check: match d.get("overlap-check.inactive-l2") {
                 Some(v) => v == "on",
                 None => d.get("overlap-check").or(d.get("overlap-check.template")) == Some("all"),
+            },
+            data_file: match d.get("data-file.driver") {
+                None | Some("file") => s("data-file.filename"),
+                Some(_) => None,
             },
         }
     }

@@ -76,8 +76,8 @@ pub(crate) fn ensure_l2(m: &mut Meta, l1i: u64) -> Result<u64> {
 }
 
 /// `n` new host clusters for guest clusters from `cstart` (data files: host = guest
-/// offset), and whether they come from the reserve (see `reserve`): refcounts durable,
-/// never written.
+/// offset), and whether they come from the reserve (see `reserve`): never written, and
+/// L2 entries pointing to them wait for their refcounts to be durable.
 pub(crate) fn new_clusters(m: &mut Meta, cstart: u64, n: u64) -> Result<(u64, bool)> {
     m.lazy_mark_dirty()?;
     if m.data().is_some() {
@@ -120,8 +120,8 @@ fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Re
 }
 
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
-/// they come from the durable reserve and losing their data in a crash leaves what the
-/// guest saw before (zeroes), see `reserve`.
+/// they come from the reserve (whose refcounts the reserve makes durable first) and
+/// losing their data in a crash leaves what the guest saw before (zeroes), see `reserve`.
 fn needs_ordering(dev: &Qcow2Device, reserved: bool, was_zero: bool) -> bool {
     !(reserved && was_zero && dev.crypt.is_none())
 }

@@ -88,11 +88,13 @@ fn steps_on_full_node(
             .replace("diskimg: ", "qemu-img: ");
         out.push((code(&o), err));
     }
-    // Clean, and where the file ends (qemu's copy fragments differently).
+    // Clean, and where the file ends (qemu's copy fragments differently), and the
+    // bitmaps with their flags.
     let check = qemu_img(&["check", &base]);
     let text = String::from_utf8_lossy(&check.stdout);
     let kept: Vec<&str> = text.lines().filter(|l| !l.contains("fragmented")).collect();
-    (out, kept.join("\n"))
+    let (bitmaps, _) = bitmaps_seen(&base);
+    (out, format!("{}\n{bitmaps}", kept.join("\n")))
 }
 
 /// Replaces qemu's generated node names (`#block123`), as the iotests' filter does.
@@ -157,4 +159,57 @@ fn commit_into_size_limited_raw_node_as_qemu() {
     let d = steps_on_full_node(false, &setup, steps);
     assert_eq!(d, q);
     assert_eq!(q.0[0].0, 0, "{q:?}");
+}
+
+/// The iotest's own scenario on a smaller node (16 MiB, the same 32 clusters to spare):
+/// `max` bitmaps in the base, a commit of a top that fills the node but for those
+/// clusters, then `bitmap --add` and `--merge` on the `json:` name. qemu marks the
+/// bitmaps in use in place at open and stores every one anew at close, its allocator
+/// skipping gaps too short for a run: with 6 bitmaps the merge runs out of room on
+/// 'good-bitmap', with 7 the commit already on 'stale-bitmap-7'. diskimg fails at the
+/// same steps with the same lines and leaves the same bitmaps, flags and layout.
+#[test]
+fn bitmaps_run_out_of_room_where_qemus_do() {
+    for max in [6, 7] {
+        let setup = |base: &str, top: &str| {
+            qemu_img_ok(&["create", "-q", "-f", "qcow2", base, "1G"]);
+            for i in 1..=max {
+                qemu_img_ok(&["bitmap", "--add", base, &format!("stale-bitmap-{i}")]);
+            }
+            let len = 16u64 << 20;
+            let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+            f.set_len(len).unwrap();
+            let json = raw_node_json(base, len);
+            qemu_img_ok(&[
+                "create", "-q", "-f", "qcow2", "-b", &json, "-F", "qcow2", top,
+            ]);
+            qemu_img_ok(&["bitmap", "--add", top, "good-bitmap"]);
+            let io = crate::qemu_io_raw(&["-c", "write 0 14m", top]);
+            assert!(io.status.success(), "{io:?}");
+            len
+        };
+        let steps: &[&[&str]] = &[
+            &["commit", "-d", "{T}"],
+            &["bitmap", "--add", "{J}", "good-bitmap"],
+            &[
+                "bitmap",
+                "--merge",
+                "good-bitmap",
+                "-b",
+                "{T}",
+                "{J}",
+                "good-bitmap",
+            ],
+        ];
+        let filtered = |(v, c): (Vec<(i32, String)>, String)| {
+            let v: Vec<(i32, String)> = v.iter().map(|(k, e)| (*k, node_names(e))).collect();
+            (v, c)
+        };
+        let q = filtered(steps_on_full_node(true, &setup, steps));
+        let d = filtered(steps_on_full_node(false, &setup, steps));
+        assert_eq!(d, q, "{max} bitmaps");
+        let failing = if max == 6 { 2 } else { 0 };
+        assert_eq!(q.0[failing].0, 1, "{q:?}");
+        assert!(q.0[failing].1.contains("No space left on device"), "{q:?}");
+    }
 }

@@ -33,6 +33,7 @@ mod iotest_behaviour;
 mod iotest_blkdebug;
 mod iotest_cases;
 mod iotest_close;
+mod iotest_datafile;
 mod iotest_discard;
 mod iotest_filters;
 mod iotest_names;

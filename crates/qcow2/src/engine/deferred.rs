@@ -147,11 +147,14 @@ impl Meta {
             self.file.debug_event(DebugEvent::L2AllocWrite);
             self.file.write_all_at(&raw, t)?;
         }
-        if self.deferred.needs_flush() {
+        // Reserved clusters whose refcounts no flush covered yet (see `reserve`) count
+        // as new clusters here.
+        if self.deferred.needs_flush() || self.reserve_owes_flush() {
             if let Some(d) = &self.data {
                 d.flush()?;
             }
             self.file.flush()?;
+            self.reserve_flushed_now();
         }
         self.write_l1_entries(tables.iter().map(|&(i, _)| i))?;
         // The cached tables hold every deferred update (and equal the disk elsewhere):

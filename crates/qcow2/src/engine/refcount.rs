@@ -348,18 +348,18 @@ impl Meta {
     pub(crate) fn alloc_run_for(&mut self, n: u64, what: Option<&str>) -> Result<u64> {
         self.file.debug_event(DebugEvent::ClusterAlloc);
         let cs = self.cs();
+        // qemu's `alloc_clusters_noref`: the search starts at the hint and the hint
+        // moves past the run found, over any shorter gap passed on the way; only a
+        // cluster freed below it brings it back. So a gap too short for one allocation
+        // is not reused by the next ones either, and the file's layout (and where a
+        // size-limited file runs out of room) is qemu's.
         let mut c = self.free_hint;
-        // The first free cluster passed over (a gap shorter than `n`): the new hint.
-        let mut first_gap = None;
         'outer: loop {
             if (c + n) * cs > crate::disk::header::MAX_HOST_OFFSET {
                 return Err(Error::invalid("qcow2: image file too large"));
             }
             for k in 0..n {
                 if self.refcount(c + k)? != 0 {
-                    if k > 0 && first_gap.is_none() {
-                        first_gap = Some(c);
-                    }
                     c += k + 1;
                     continue 'outer;
                 }
@@ -374,11 +374,7 @@ impl Meta {
         let r = self.set_refcount_run(c, n, 1);
         self.alloc_floor = 0;
         r?;
-        // Every cluster below the old hint was in use, and so is every one scanned
-        // before `first_gap` (or before `c + n` when the scan found no gap): without
-        // this, each allocation rescanned every cluster allocated since the image was
-        // opened (quadratic in the number of allocations).
-        self.free_hint = first_gap.unwrap_or(c + n);
+        self.free_hint = c + n;
         Ok(c * cs)
     }
 

@@ -15,6 +15,17 @@
 //! host cluster was never written (it reads as zeroes). Everything else (copy-on-write,
 //! encryption, reused clusters) keeps the ordering flush.
 //!
+//! Several threads: a guest flush releases the metadata lock during its storage flush,
+//! so other threads allocate meanwhile. The reserve then grows before it runs out (a
+//! refill adds to it when the guest allocated more since its last flush than it holds),
+//! and the clusters a refill added are handed out before the flush that makes their
+//! refcounts durable is done: each refill has a generation, a finished flush covers
+//! every generation up to the one its guest flush returned ([`Meta::reserve_flushed`]),
+//! and L2 entries pointing to clusters of a generation no flush has covered yet wait for
+//! one (`Meta::write_deferred` flushes first, [`Meta::reserve_owes_flush`]). Refcount
+//! durability before the L2 entry, the invariant, is the same as before; only who pays
+//! the flush changes.
+//!
 //! Layout: a reserve only takes clusters that existing refcount blocks cover, and an
 //! allocation that finds no free cluster below the reserve takes its first clusters, so
 //! the closed file keeps qemu's layout and length (iotests 121, 313).
@@ -39,6 +50,9 @@ const MAX_RESERVE: u64 = 4096;
 /// a reserve would leak.
 const MIN_USED: u64 = 2;
 
+/// Most refills a reserve remembers as not yet flushed (older ones count as the next).
+const MAX_UNFLUSHED: usize = 16;
+
 /// The clusters allocated ahead (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Reserve {
@@ -48,23 +62,33 @@ pub(crate) struct Reserve {
     /// Where the reserve began, and the file's length before it was grown over it.
     first: u64,
     prior_len: u64,
-    /// A storage flush followed the refcount writes: writes may use the clusters
-    /// without ordering flushes.
-    durable: bool,
+    /// Clusters of the reserve below this index have durable refcounts: a storage
+    /// flush followed the refill that reserved them.
+    durable_to: u64,
+    /// Refills no storage flush has covered yet: (generation, end of the reserve then).
+    unflushed: Vec<(u64, u64)>,
     /// Changes whenever the range changes (see [`Meta::reserve_flushed`]).
     generation: u64,
+    /// The newest generation a storage flush covered.
+    flushed: u64,
+    /// The newest generation whose clusters were handed out before a flush covered
+    /// them: L2 entries pointing to them wait for that flush ([`Meta::reserve_owes_flush`]).
+    owed: u64,
     /// Clusters allocated by guest writes since the last guest flush (sizes the next
     /// reserve).
     used: u64,
 }
 
 impl Meta {
-    /// `n` contiguous clusters from a durable reserve: their host offset, or `None`
-    /// (the caller allocates as usual). Counts the allocation either way.
+    /// `n` contiguous clusters from the reserve: their host offset, or `None` (the
+    /// caller allocates as usual). Counts the allocation either way. Clusters whose
+    /// refcounts no flush has covered yet are handed out all the same (they are never
+    /// written, so they read as zeroes); the L2 entries pointing to them then wait for
+    /// that flush ([`Meta::reserve_owes_flush`]).
     pub(crate) fn take_reserved(&mut self, n: u64) -> Option<u64> {
         let r = &mut self.reserve;
         r.used = r.used.saturating_add(n);
-        if !r.durable || r.end - r.start < n {
+        if r.end - r.start < n {
             return None;
         }
         // As qemu's first-fit allocator: a free run below the reserve (clusters a
@@ -75,7 +99,22 @@ impl Meta {
         let r = &mut self.reserve;
         let c = r.start;
         r.start += n;
+        if c + n > r.durable_to {
+            // The refill that reserved the last of them (an older one forgotten: the next).
+            let g = r
+                .unflushed
+                .iter()
+                .find(|&&(_, end)| end >= c + n)
+                .map_or(r.generation, |&(g, _)| g);
+            r.owed = r.owed.max(g);
+        }
         Some(c * self.cs())
+    }
+
+    /// Whether L2 entries must wait for a storage flush: they may point to reserved
+    /// clusters whose refcounts are not yet durable.
+    pub(crate) fn reserve_owes_flush(&self) -> bool {
+        self.reserve.owed > self.reserve.flushed
     }
 
     /// Whether `n` contiguous free clusters lie between the free-cluster hint and
@@ -104,55 +143,70 @@ impl Meta {
         false
     }
 
-    /// Before a guest flush: when the guest allocated clusters since the last one and
-    /// the reserve is used up, allocates the next reserve past the end of the file (as
-    /// many clusters as were allocated, within bounds) and grows the file over it.
-    /// Returns the generation to pass to [`Meta::reserve_flushed`] after the flush.
+    /// Before a guest flush: when the guest allocated more clusters since the last one
+    /// than the reserve holds, grows the reserve past the end of the file (to as many
+    /// clusters as were allocated, within bounds) and the file over it. Returns the
+    /// generation to pass to [`Meta::reserve_flushed`] after the flush.
     pub(crate) fn refill_reserve(&mut self) -> Result<u64> {
         let used = std::mem::take(&mut self.reserve.used);
-        if self.reserve.start < self.reserve.end
-            || used < MIN_USED
-            || self.data.is_some()
-            || self.lazy_refcounts()
-        {
+        let left = self.reserve.end - self.reserve.start;
+        if left >= used || used < MIN_USED || self.data.is_some() || self.lazy_refcounts() {
             return Ok(self.reserve.generation);
         }
         let cs = self.cs();
         let file_len = self.file.len()?;
         let eof = file_len.div_ceil(cs);
+        if left > 0 && self.reserve.end != eof {
+            // Something was allocated past the reserve: it cannot grow in one piece.
+            return Ok(self.reserve.generation);
+        }
         // Only clusters an existing refcount block already covers: a reserve that needed
         // a new refcount block (or a bigger refcount table) would leave that metadata
         // past the reserve when it is given back, and the file twice qemu's size.
-        let n = self.reservable(eof, used.next_power_of_two().clamp(16, MAX_RESERVE))?;
+        let want = used.next_power_of_two().clamp(16, MAX_RESERVE);
+        let n = self.reservable(eof, want.saturating_sub(left).max(1))?;
         if n == 0 {
             return Ok(self.reserve.generation);
         }
-        let hint = self.free_hint;
-        // Allocate past the end of the file (never-written clusters), leaving any free
-        // gaps below for the usual allocations.
-        self.free_hint = hint.max(eof);
-        let got = self.alloc_run(n);
-        self.free_hint = hint;
-        let c = got? / cs;
+        let c = self.alloc_past_end(eof, n)?;
         self.reserve.generation += 1;
-        if c < eof {
-            // Not past the end (cannot happen with the hint above): not usable.
+        if c != eof {
+            // Not right at the end (cannot happen with the hint): not usable.
             self.free_reserved(c, c + n)?;
             return Ok(self.reserve.generation);
         }
-        let end = (c + n) * cs;
-        if end > self.file.len()? && self.file.set_len(end).is_err() {
+        if self.file.set_len((c + n) * cs).is_err() {
             // A file that cannot grow (a size-limited raw node): no reserve; the writes
             // allocate as usual and fail only where qemu's would.
             self.free_reserved(c, c + n)?;
             return Ok(self.reserve.generation);
         }
-        self.reserve.start = c;
-        self.reserve.end = c + n;
-        self.reserve.first = c;
-        self.reserve.prior_len = file_len;
-        self.reserve.durable = false;
-        Ok(self.reserve.generation)
+        let r = &mut self.reserve;
+        if left == 0 {
+            r.start = c;
+            r.first = c;
+            r.prior_len = file_len;
+            r.durable_to = c;
+        }
+        r.end = c + n;
+        if r.unflushed.len() >= MAX_UNFLUSHED {
+            r.unflushed.remove(0);
+        }
+        r.unflushed.push((r.generation, r.end));
+        Ok(r.generation)
+    }
+
+    /// `n` clusters allocated from `eof` on (never written), as a usual allocation
+    /// (refcounts, overlap checks) but past any free gaps below and not from the reserve.
+    fn alloc_past_end(&mut self, eof: u64, n: u64) -> Result<u64> {
+        let hint = self.free_hint;
+        let kept = (self.reserve.start, self.reserve.end);
+        self.free_hint = hint.max(eof);
+        (self.reserve.start, self.reserve.end) = (0, 0);
+        let got = self.alloc_run(n);
+        self.free_hint = hint;
+        (self.reserve.start, self.reserve.end) = kept;
+        Ok(got? / self.cs())
     }
 
     /// How many of the clusters `eof..eof+want` are free and covered by an existing
@@ -194,12 +248,25 @@ impl Meta {
         Some(c)
     }
 
-    /// After the storage flush that followed [`Meta::refill_reserve`]: the reserve of
-    /// that generation is durable.
+    /// After the storage flush that followed [`Meta::refill_reserve`] (or
+    /// [`Meta::guest_flush`]) returned `generation`: the refcounts of every refill up to
+    /// it are durable.
     pub(crate) fn reserve_flushed(&mut self, generation: u64) {
-        if self.reserve.generation == generation {
-            self.reserve.durable = true;
-        }
+        let r = &mut self.reserve;
+        r.flushed = r.flushed.max(generation);
+        let mut to = r.durable_to;
+        r.unflushed.retain(|&(g, end)| {
+            if g <= generation {
+                to = to.max(end);
+            }
+            g > generation
+        });
+        r.durable_to = to;
+    }
+
+    /// A storage flush under the lock just covered every refcount written so far.
+    pub(crate) fn reserve_flushed_now(&mut self) {
+        self.reserve_flushed(self.reserve.generation);
     }
 
     /// Gives the unused reserve back (refcounts to 0; the file shrinks back when the
@@ -208,7 +275,8 @@ impl Meta {
         let (start, end) = (self.reserve.start, self.reserve.end);
         self.reserve.start = 0;
         self.reserve.end = 0;
-        self.reserve.durable = false;
+        self.reserve.durable_to = 0;
+        self.reserve.unflushed.clear();
         self.reserve.generation += 1;
         if start >= end {
             return Ok(false);

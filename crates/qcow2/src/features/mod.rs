@@ -7,6 +7,7 @@
 pub(crate) mod amend;
 pub(crate) mod amend_progress;
 pub(crate) mod bitmap;
+pub(crate) mod bitmap_edit;
 pub(crate) mod check;
 pub(crate) mod check_copied;
 pub(crate) mod check_snapshots;

@@ -36,7 +36,7 @@ fn write(dev: &dyn BlockDevice, (off, b): (u64, u8)) -> diskimg_blockio::Result<
     dev.write_at(&[b; BLOCK], off)
 }
 
-fn image() -> Vec<u8> {
+pub(crate) fn image() -> Vec<u8> {
     let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let mut req = CreateRequest::new(SIZE, OptionList::parse("").unwrap());
     DRIVER.create(base.clone(), &mut req).unwrap();

@@ -12,6 +12,7 @@ mod compressed;
 mod crash;
 mod crash_alloc;
 mod crash_tables;
+mod crash_threads;
 mod encrypt;
 mod hostile;
 mod layout;
