@@ -30,6 +30,10 @@ use super::dirty::Dirty;
 
 /// Largest bounce buffer.
 const BOUNCE: usize = 1 << 20;
+
+/// Largest vectored request [`DirectIo::read_gathered`] / [`DirectIo::write_gathered`]
+/// serve as one request through one aligned buffer; larger ones go buffer by buffer.
+const GATHER_MAX: usize = 8 << 20;
 /// The alignment used when probing finds no constraint (qemu's `MAX_BLOCKSIZE`).
 const SAFE_ALIGN: usize = 4096;
 
@@ -411,6 +415,69 @@ fn probe_by_reading(file: &File) -> io::Result<usize> {
         ErrorKind::InvalidInput,
         "Could not find working O_DIRECT alignment (try cache.direct=off)",
     ))
+}
+
+impl DirectIo {
+    /// A vectored read as one read of the whole range into an aligned buffer, copied out
+    /// to `bufs`: with `O_DIRECT` every buffer read on its own is a device request of its
+    /// own (a 1 MiB request of 4 KiB guest pages would be 256). `None` when there is less
+    /// than two buffers or more than [`GATHER_MAX`] bytes (the caller reads buffer by
+    /// buffer).
+    pub(crate) fn read_gathered(
+        &self,
+        file: &File,
+        bufs: &mut [io::IoSliceMut<'_>],
+        off: u64,
+    ) -> Option<io::Result<()>> {
+        let len = gather_len(bufs.iter().map(|b| b.len()))?;
+        let mut bounce = Aligned::new(len, self.mem_align);
+        let mut all: &[u8] = {
+            let whole = bounce.get(len);
+            if let Err(e) = self.read_exact(file, whole, off) {
+                return Some(Err(e));
+            }
+            whole
+        };
+        for b in bufs.iter_mut() {
+            let (head, rest) = all.split_at_checked(b.len())?;
+            b.copy_from_slice(head);
+            all = rest;
+        }
+        Some(Ok(()))
+    }
+
+    /// A vectored write gathered into one aligned buffer and written as one request (see
+    /// [`Self::read_gathered`]); `None` in the same cases.
+    pub(crate) fn write_gathered(
+        &self,
+        file: &File,
+        bufs: &[io::IoSlice<'_>],
+        off: u64,
+    ) -> Option<io::Result<()>> {
+        let len = gather_len(bufs.iter().map(|b| b.len()))?;
+        let mut bounce = Aligned::new(len, self.mem_align);
+        let whole = bounce.get(len);
+        let mut at = 0usize;
+        for b in bufs {
+            let end = at.checked_add(b.len())?;
+            whole.get_mut(at..end)?.copy_from_slice(b);
+            at = end;
+        }
+        Some(self.write_all(file, whole, off))
+    }
+}
+
+/// The total of a vectored request worth gathering: two buffers or more, at most
+/// [`GATHER_MAX`] bytes.
+fn gather_len(lens: impl ExactSizeIterator<Item = usize>) -> Option<usize> {
+    if lens.len() < 2 {
+        return None;
+    }
+    let mut total = 0usize;
+    for n in lens {
+        total = total.checked_add(n).filter(|&t| t <= GATHER_MAX)?;
+    }
+    Some(total)
 }
 
 #[cfg(test)]

@@ -241,20 +241,31 @@ impl Storage for FileStorage {
         bufs: &mut [std::io::IoSliceMut<'_>],
         offset: u64,
     ) -> Result<()> {
-        if self.direct.is_some() {
-            return crate::vectored::storage_read_each(self, bufs, offset);
-        }
         let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        if let Some(d) = &self.direct {
+            let file = self.readers.pick(&self.file);
+            return match d.read_gathered(file, bufs, offset) {
+                Some(r) => r.map_err(|e| {
+                    Error::io(format!("could not read {len} bytes at offset {offset}"), e)
+                }),
+                None => crate::vectored::storage_read_each(self, bufs, offset),
+            };
+        }
         crate::vectored::preadv_exact(self.readers.pick(&self.file), bufs, offset)
             .map_err(|e| Error::io(format!("could not read {len} bytes at offset {offset}"), e))
     }
 
     fn write_vectored_all_at(&self, bufs: &[std::io::IoSlice<'_>], offset: u64) -> Result<()> {
         self.check_writable()?;
-        if self.direct.is_some() {
-            return crate::vectored::storage_write_each(self, bufs, offset);
-        }
         let len = crate::vectored::total_len(bufs.iter().map(|b| b.len()), offset)?;
+        if let Some(d) = &self.direct {
+            return match d.write_gathered(&self.file, bufs, offset) {
+                Some(r) => r.map_err(|e| {
+                    Error::io(format!("could not write {len} bytes at offset {offset}"), e)
+                }),
+                None => crate::vectored::storage_write_each(self, bufs, offset),
+            };
+        }
         let mut list = bufs.to_vec();
         crate::vectored::pwritev_all(&self.file, &mut list, offset)
             .map_err(|e| Error::io(format!("could not write {len} bytes at offset {offset}"), e))
