@@ -119,11 +119,10 @@ pub fn assert_qemu_check_agrees(
     assert_eq!(n("leaks"), ours.leaks, "{what}: {v}");
 }
 
-/// Asserts our map of `dev` equals `qemu-img map --output=json` of `path`.
-pub fn assert_map_matches(dev: &dyn BlockDevice, path: &Path) {
-    let q = diskimg_testutil::qemu_map_json(path, "qcow2");
-    let ours = map_chain(dev, 0, dev.virtual_size()).unwrap();
-    let ours: Vec<serde_json::Value> = ours
+/// Our map of `dev` in the shape of `qemu-img map --output=json`'s entries.
+pub fn map_json(dev: &dyn BlockDevice) -> Vec<serde_json::Value> {
+    map_chain(dev, 0, dev.virtual_size())
+        .unwrap()
         .iter()
         .map(|e| {
             let mut v = serde_json::json!({
@@ -136,7 +135,13 @@ pub fn assert_map_matches(dev: &dyn BlockDevice, path: &Path) {
             }
             v
         })
-        .collect();
+        .collect()
+}
+
+/// Asserts our map of `dev` equals `qemu-img map --output=json` of `path`.
+pub fn assert_map_matches(dev: &dyn BlockDevice, path: &Path) {
+    let q = diskimg_testutil::qemu_map_json(path, "qcow2");
+    let ours = map_json(dev);
     let strip = |mut v: serde_json::Value| {
         // qemu also reports the host offset of unallocated subclusters in allocated
         // clusters (extended L2), which ExtentKind::Unallocated cannot carry.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, Driver, Error, ExtentKind, FileStorage, OpenOptions, Secrets, Storage, ZeroFlags,
-    map_chain,
 };
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{Model, pattern, read_all, tempdir};
@@ -142,22 +141,7 @@ fn assert_map_like_qemu(dev: &dyn BlockDevice, p: &Path) {
         &image_opts(p),
     ]))
     .unwrap();
-    let ours: Vec<serde_json::Value> = map_chain(dev, 0, dev.virtual_size())
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let mut v = serde_json::json!({
-                "start": e.start, "length": e.length, "depth": e.depth,
-                "present": e.present, "zero": e.zero, "data": e.data,
-                "compressed": e.compressed,
-            });
-            if let Some(o) = e.offset {
-                v["offset"] = o.into();
-            }
-            v
-        })
-        .collect();
-    assert_eq!(serde_json::Value::Array(ours), q);
+    assert_eq!(serde_json::Value::Array(crate::map_json(dev)), q);
 }
 
 const QEMU_WRITES: &[&str] = &[
