@@ -57,7 +57,9 @@ fn bitmap_table_too_small_for_a_huge_disk_is_refused_before_sizing() {
     let entry = bitmap_entry(&img);
     assert_eq!(img[entry + 17], 31, "granularity bits of -g 2G");
     img[entry + 17] = 9;
-    let e = open_rw(img.clone()).err().expect("a bitmap table too small for its disk");
+    let e = open_rw(img.clone())
+        .err()
+        .expect("a bitmap table too small for its disk");
     assert!(e.to_string().contains("bitmap table too small"), "{e}");
     // Out of qemu's range (9..=31): refused when the directory is parsed.
     img[entry + 17] = 0;
