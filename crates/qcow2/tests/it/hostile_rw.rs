@@ -110,9 +110,9 @@ fn bitmap_directory_over_the_snapshot_table_is_not_rewritten() {
         0x0001_0002,
         "snapshot name length changed"
     );
-    let e = opened
-        .err()
-        .expect("the in-place directory write is refused");
+    let Err(e) = opened else {
+        panic!("the in-place directory write was not refused");
+    };
     assert!(
         e.to_string().contains("overlaps with snapshot table"),
         "{e}"
