@@ -53,6 +53,30 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -q -f qcow2 -b BACKING -F BACKING_FMT FILE [SIZE]`: a qcow2 overlay
+/// made by qemu (without `size`, the backing image's).
+pub fn qemu_create_overlay(
+    file: impl AsRef<Path>,
+    backing: &str,
+    backing_fmt: &str,
+    size: Option<&str>,
+) -> String {
+    let file = file.as_ref().to_string_lossy();
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        &file,
+    ];
+    args.extend(size);
+    qemu_img_ok(&args)
+}
+
 /// Runs `qemu-io -f FMT -c CMD… FILE`, panicking unless it succeeds and prints no
 /// failure; returns stdout.
 pub fn qemu_io(file: &Path, fmt: &str, cmds: &[&str]) -> String {
