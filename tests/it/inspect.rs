@@ -235,7 +235,7 @@ fn qcow2_backing_and_data_files_are_unsafe() {
     assert_verdict(&check(&plain, None), Verdict::Safe, "plain");
     let back = d.join("b.qcow2");
     let bs = s(&d.join("backing")).to_string();
-    qemu_create_overlay(s(&back), &bs, "raw", Some("5M"));
+    qemu_create_overlay(s(&back), "qcow2", &bs, "raw", Some("5M"));
     let r = check(&back, None);
     assert_verdict(&r, Verdict::Unsafe, "backing");
     assert!(has(&r, "backing-file", &bs) && has(&r, "backing-file", "format raw"));

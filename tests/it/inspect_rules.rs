@@ -272,7 +272,7 @@ fn cve_2024_40767_format_not_pinned() {
     let dir = tempdir();
     let d = dir.path();
     let q = d.join("up.raw");
-    qemu_create_overlay(s(&q), "/etc/passwd", "raw", Some("1M"));
+    qemu_create_overlay(s(&q), "qcow2", "/etc/passwd", "raw", Some("1M"));
     let r = check(&q, Some(Format::Raw));
     assert_verdict(&r, Verdict::Unsafe, "qcow2 as raw");
     assert!(has(&r, "format-mismatch", "content is qcow2"));

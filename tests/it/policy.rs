@@ -97,7 +97,7 @@ fn symlinked_backing_file_under_relative_only() {
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&outside), "1M"]);
     symlink(&outside, img_dir.join("base.raw")).unwrap();
     let top = img_dir.join("top.qcow2");
-    qemu_create_overlay(s(&top), "base.raw", "raw", Some("1M"));
+    qemu_create_overlay(s(&top), "qcow2", "base.raw", "raw", Some("1M"));
     let rel = ImageOptions::read_only(true).with_policy(OpenPolicy::relative_only());
     let e = open(&top, None, &rel).unwrap_err();
     assert!(denied(&e) && e.to_string().contains("outside"), "{e}");
@@ -119,7 +119,7 @@ fn fifos_and_devices_are_refused_without_hanging() {
     // A backing file, a data file and an extent that are FIFOs.
     let top = d.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&d.join("b.raw")), "1M"]);
-    qemu_create_overlay(s(&top), "b.raw", "raw", Some("1M"));
+    qemu_create_overlay(s(&top), "qcow2", "b.raw", "raw", Some("1M"));
     qemu_img_ok(&["rebase", "-u", "-b", "fifo", "-F", "raw", s(&top)]);
     let df = with_data_file(&d, "df.qcow2", "data.raw");
     std::fs::remove_file(d.join("data.raw")).unwrap();

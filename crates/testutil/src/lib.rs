@@ -53,10 +53,11 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `qemu-img create -q -f qcow2 -b BACKING -F BACKING_FMT FILE [SIZE]`: a qcow2 overlay
-/// made by qemu (without `size`, the backing image's).
+/// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT FILE [SIZE]`: an overlay made by
+/// qemu (without `size`, the backing image's).
 pub fn qemu_create_overlay(
     file: impl AsRef<Path>,
+    fmt: &str,
     backing: &str,
     backing_fmt: &str,
     size: Option<&str>,
@@ -66,7 +67,7 @@ pub fn qemu_create_overlay(
         "create",
         "-q",
         "-f",
-        "qcow2",
+        fmt,
         "-b",
         backing,
         "-F",

@@ -26,9 +26,9 @@ fn chain(dir: &Path, sub: &str) -> (PathBuf, PathBuf, PathBuf) {
         "qcow2",
         &["write -P 1 0 3M", "write -P 9 3584k 512k"],
     );
-    qemu_create_overlay(s(&mid), "base.qcow2", "qcow2", Some("4M"));
+    qemu_create_overlay(s(&mid), "qcow2", "base.qcow2", "qcow2", Some("4M"));
     qemu_io(&mid, "qcow2", &["write -P 2 1M 256k", "write -z 2M 128k"]);
-    qemu_create_overlay(s(&top), "mid.qcow2", "qcow2", Some("6M"));
+    qemu_create_overlay(s(&top), "qcow2", "mid.qcow2", "qcow2", Some("6M"));
     qemu_io(
         &top,
         "qcow2",

@@ -180,7 +180,7 @@ fn bitmaps_run_out_of_room_where_qemus_do() {
             let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
             f.set_len(len).unwrap();
             let json = raw_node_json(base, len);
-            qemu_create_overlay(top, &json, "qcow2", None);
+            qemu_create_overlay(top, "qcow2", &json, "qcow2", None);
             qemu_img_ok(&["bitmap", "--add", top, "good-bitmap"]);
             let io = crate::qemu_io_raw(&["-c", "write 0 14m", top]);
             assert!(io.status.success(), "{io:?}");

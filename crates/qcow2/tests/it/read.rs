@@ -137,7 +137,7 @@ fn backing_chains_raw_and_qcow2_bases() {
     qemu_img_ok(&["create", "-q", "-f", "raw", &raw.to_string_lossy(), "4M"]);
     qemu_io(&raw, "raw", &["write -P 0x5a 0 4M"]);
     let mid = d.join("mid.qcow2");
-    qemu_create_overlay(&mid, "base.raw", "raw", Some("6M"));
+    qemu_create_overlay(&mid, "qcow2", "base.raw", "raw", Some("6M"));
     qemu_io(
         &mid,
         "qcow2",
