@@ -19,7 +19,7 @@ for run in $RUNS; do
     t=${run%%:*}
     secs=${run#*:}
     mkdir -p "fuzz/corpus/$t"
-    case $t in vhd_open | vhdx_open | probe) extra=-max_len=4194304 ;; *) extra= ;; esac
+    case $t in vhd_open | vhdx_open | probe | luks_open) extra=-max_len=4194304 ;; *) extra= ;; esac
     nice -n 19 cargo "+$TOOLCHAIN" fuzz run -O -a -s none "$t" -- -max_total_time="$secs" \
         -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 $extra >"$LOGS/$t.log" 2>&1
     rc=$?
