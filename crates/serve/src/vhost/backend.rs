@@ -71,8 +71,9 @@ struct Inner {
     busy: Vec<AtomicUsize>,
     /// Per queue, how many batches in a row were one request on an idle queue.
     lone: Vec<AtomicUsize>,
-    /// Threads that execute the pieces of a split request at most: the host's cores,
-    /// at most the queue's workers and its event thread ([`VhostConfig::split_min`]).
+    /// Threads that execute the pieces of a split request at most: the queue's workers
+    /// and its event thread, or 1 (nothing is split) on a host of one core
+    /// ([`VhostConfig::split_min`]).
     threads: usize,
     /// Requests of all queues in flight, and its waiters ([`BlkBackend::quiesce`]).
     in_flight: AtomicUsize,
@@ -100,7 +101,12 @@ impl BlkBackend {
             lone: (0..config.num_queues)
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
-            threads: cores.min(config.workers_per_queue.saturating_add(1)),
+            // One core: nothing would run side by side.
+            threads: if cores > 1 {
+                config.workers_per_queue.saturating_add(1)
+            } else {
+                1
+            },
             in_flight: AtomicUsize::new(0),
             idle: (Mutex::new(()), Condvar::new()),
         })))
@@ -241,11 +247,11 @@ impl BlkBackend {
         if !alone || min == 0 || self.0.threads < 2 {
             return None;
         }
-        Split::plan(&self.0.export, chain, min, self.0.threads.saturating_mul(4))
+        Split::plan(&self.0.export, chain, min, self.0.threads)
     }
 
     /// Executes a split request: wakes as many helpers from the queue's pool as there
-    /// are pieces beyond the first (at most the host's cores less one) and executes
+    /// are pieces beyond the first (at most the queue's workers) and executes
     /// pieces itself until none is left; the thread that finishes the last piece
     /// completes the request and notifies the driver.
     fn run_split(
