@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use diskimg_testutil::{
-    assert_qemu_check_clean, qemu_compare, qemu_img, qemu_img_ok, qemu_io, qemu_map_json, tempdir,
+    assert_qemu_check_clean, qemu_compare, qemu_create_overlay, qemu_img, qemu_img_ok, qemu_io,
+    qemu_map_json, tempdir,
 };
 
 use crate::{code, diskimg, diskimg_ok, s};
@@ -25,31 +26,9 @@ fn chain(dir: &Path, sub: &str) -> (PathBuf, PathBuf, PathBuf) {
         "qcow2",
         &["write -P 1 0 3M", "write -P 9 3584k 512k"],
     );
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&mid),
-        "4M",
-    ]);
+    qemu_create_overlay(s(&mid), "qcow2", "base.qcow2", "qcow2", Some("4M"));
     qemu_io(&mid, "qcow2", &["write -P 2 1M 256k", "write -z 2M 128k"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "6M",
-    ]);
+    qemu_create_overlay(s(&top), "qcow2", "mid.qcow2", "qcow2", Some("6M"));
     qemu_io(
         &top,
         "qcow2",
