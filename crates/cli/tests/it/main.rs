@@ -56,6 +56,7 @@ mod serve_lock;
 mod serve_write;
 mod servers;
 mod snapshot;
+mod zero_unmap;
 
 use std::path::Path;
 use std::process::{Command, Output};
