@@ -11,6 +11,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bitmap_live;
 mod bounded;
 mod check_repair;
 mod checksum;
