@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use diskimg_blockio::{
     BlockDevice, CacheMode, CrashMode, CreateRequest, Driver, Error, FaultStorage, FileStorage,
-    MemStorage, OpenOptions, OptionList, Result, Storage,
+    MemStorage, OpenOptions, OptionList, Result, Storage, forward_storage,
 };
 use diskimg_convert::{ConvertOptions, MIN_BEHIND, WriteBehind, convert};
 use diskimg_raw::RawDevice;
@@ -25,9 +25,7 @@ struct Slow {
 }
 
 impl Storage for Slow {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.mem.read_exact_at(buf, offset)
-    }
+    forward_storage!(mem: read_exact_at, len, set_len);
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(n, Ordering::SeqCst);
@@ -45,12 +43,6 @@ impl Storage for Slow {
         self.writes.lock().unwrap().push((offset, buf.len()));
         self.now.fetch_sub(1, Ordering::SeqCst);
         r
-    }
-    fn len(&self) -> Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.mem.set_len(len)
     }
     fn flush(&self) -> Result<()> {
         Ok(())

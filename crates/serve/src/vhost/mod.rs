@@ -16,6 +16,8 @@ mod tests;
 #[cfg(test)]
 mod tests_backend;
 #[cfg(test)]
+mod tests_hostile;
+#[cfg(test)]
 mod tests_split;
 
 use std::io;
