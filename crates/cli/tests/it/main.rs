@@ -15,6 +15,7 @@ mod bitmap_live;
 mod bounded;
 mod check_repair;
 mod checksum;
+mod close_both;
 mod commit_rebase;
 mod compare;
 mod convert;
