@@ -11,15 +11,35 @@
 //! pick add / clear / disable / remove), bit 1 opens with `x-deferred-tables=on`, bit 2
 //! opens with `check=on` and runs `check -r all`, bit 3 reads the first two snapshots
 //! through their views, bit 4 applies the first snapshot, bit 5 deletes it; a snapshot is
-//! created after the ops when bits 4 and 5 are both clear.
+//! created after the ops when bits 4 and 5 are both clear. The storage claims a quarter
+//! to the power of bits 6-7 of its bytes are allocated on the host (the
+//! metadata-preallocation test of `map`).
 #![no_main]
 #[path = "../common/ops.rs"]
 mod ops;
 
-use diskimg_blockio::{BitmapOp, BlockDevice, Driver, OpenOptions, RepairMode, Storage};
+use diskimg_blockio::{
+    BitmapOp, BlockDevice, Driver, MemStorage, OpenOptions, RepairMode, Result, Storage,
+    forward_storage,
+};
 use diskimg_qcow2::DRIVER;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
+
+/// A memory storage that claims `len >> shift` bytes are allocated on the host, so the
+/// metadata-preallocation test of `map` (`features/prealloc_map.rs`) runs.
+#[derive(Debug)]
+struct Sparse {
+    inner: MemStorage,
+    shift: u32,
+}
+
+impl Storage for Sparse {
+    forward_storage!(inner: read_exact_at, write_all_at, len, set_len, flush, write_zeroes, discard);
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        Ok(Some(self.inner.len()? >> self.shift))
+    }
+}
 
 fn options(flags: u8) -> OpenOptions {
     let mut o = OpenOptions::new();
@@ -110,7 +130,11 @@ fuzz_target!(|data: &[u8]| {
     let Some(storage) = ops::storage_with(image) else {
         return;
     };
-    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let shift = 2 * u32::from(flags >> 6);
+    let storage: Arc<dyn Storage> = Arc::new(Sparse {
+        inner: storage,
+        shift,
+    });
     if flags & 1 != 0 {
         edit_offline(&storage, flags);
     }

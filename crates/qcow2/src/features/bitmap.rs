@@ -353,6 +353,7 @@ pub(crate) fn write_directory_in_place(m: &mut Meta, dir: &[Entry]) -> Result<()
     if bytes.len() as u64 != b.directory_size {
         return Err(internal("bitmap directory in place of another size"));
     }
+    m.refuse_directory_in_place(b.directory_offset, b.directory_size)?;
     let autoclear = m.h().autoclear;
     m.write_autoclear(autoclear & !AUTOCLEAR_BITMAPS)?;
     m.file().write_all_at(&bytes, b.directory_offset)?;

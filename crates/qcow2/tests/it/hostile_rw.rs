@@ -68,3 +68,53 @@ fn bitmap_table_too_small_for_a_huge_disk_is_refused_before_sizing() {
     let e = open_err(img);
     assert!(e.to_string().contains("granularity out of range"), "{e}");
 }
+
+/// A bitmap directory laid over the snapshot table (its first entry read as a directory
+/// entry: the snapshot's L1 table as the bitmap table, its id and name lengths as the
+/// flags). Marking the bitmap in use rewrites the directory in place, which would set
+/// bit 0 of the snapshot's name length; as qemu's `bitmap_list_store`, the write is
+/// refused because it overlaps other metadata, and the snapshot table is left alone.
+#[test]
+fn bitmap_directory_over_the_snapshot_table_is_not_rewritten() {
+    let dir = tempdir();
+    let p = dir.path().join("o.qcow2");
+    let ps = p.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &ps, "1M"]);
+    diskimg_testutil::qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", &ps]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "65536", &ps, "b0"]);
+    let mut img = std::fs::read(&p).unwrap();
+    let snap = be64(&img, 64) as usize;
+    // The snapshot entry as a directory entry: type 1, 64 KiB granules, a 2-byte name
+    // "b0" (in the date and VM clock fields), no extra data.
+    img[snap + 16..snap + 26].copy_from_slice(&[1, 16, 0, 2, 0, 0, 0, 0, b'b', b'0']);
+    assert_eq!(
+        be32(&img, snap + 12),
+        0x0001_0002,
+        "id and name lengths as flags"
+    );
+    let ext = {
+        let mut off = be32(&img, 100) as usize;
+        while be32(&img, off) != 0x2385_2875 {
+            off += 8 + (be32(&img, off + 4) as usize).next_multiple_of(8);
+        }
+        off
+    };
+    img[ext + 24..ext + 32].copy_from_slice(&(snap as u64).to_be_bytes());
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+    let opened = DRIVER.open(s.clone(), &OpenOptions::new());
+    let mut after = vec![0u8; s.len().unwrap() as usize];
+    s.read_exact_at(&mut after, 0).unwrap();
+    assert_eq!(
+        be32(&after, snap + 12),
+        0x0001_0002,
+        "snapshot name length changed"
+    );
+    let Err(e) = opened else {
+        panic!("the in-place directory write was not refused");
+    };
+    assert!(
+        e.to_string().contains("overlaps with snapshot table"),
+        "{e}"
+    );
+}

@@ -77,6 +77,25 @@ pub fn create(path: &Path, size: u64, options: &str) -> Result<()> {
     req.options.clone().finish("qcow2")
 }
 
+/// The guest bytes of snapshot `sel` (`snapshot.name=N` / `snapshot.id=I`) of the qcow2
+/// image at `img`, as `qemu-img convert -l` reads them.
+pub fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
+    let out = img.with_extension("snap.raw");
+    diskimg_testutil::qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        sel,
+        &img.to_string_lossy(),
+        &out.to_string_lossy(),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
 /// Our map of `dev` in the shape of `qemu-img map --output=json`'s entries.
 pub fn map_json(dev: &dyn BlockDevice) -> Vec<serde_json::Value> {
     map_chain(dev, 0, dev.virtual_size())
