@@ -21,6 +21,7 @@ mod maint;
 mod model;
 mod offload;
 mod overlap;
+mod reserve_release;
 mod read;
 mod shared_stress;
 mod shared_write;
