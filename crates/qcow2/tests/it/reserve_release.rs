@@ -47,7 +47,10 @@ fn survives(give_back: impl Fn(&dyn BlockDevice)) {
     let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
     assert!(holds(dev.as_ref(), 0, 1));
     assert!(holds(dev.as_ref(), CLUSTER, 2));
-    assert!(holds(dev.as_ref(), late, 3), "reopened: the write was cut off");
+    assert!(
+        holds(dev.as_ref(), late, 3),
+        "reopened: the write was cut off"
+    );
     let report = dev.check(diskimg_blockio::RepairMode::None).unwrap();
     assert_eq!(report.corruptions, 0, "{report:?}");
     assert_eq!(report.leaks, 0, "{report:?}");
@@ -60,5 +63,8 @@ fn close_keeps_data_written_past_the_old_end() {
 
 #[test]
 fn resize_keeps_data_written_past_the_old_end() {
-    survives(|dev| dev.resize(32 << 20, diskimg_blockio::Preallocation::Off, false).unwrap());
+    survives(|dev| {
+        dev.resize(32 << 20, diskimg_blockio::Preallocation::Off, false)
+            .unwrap()
+    });
 }
