@@ -267,6 +267,7 @@ const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
 
 impl Storage for WindowStorage {
+    diskimg_blockio::forward_storage!(inner: flush, is_read_only, debug_event);
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let at = self.place(offset, buf.len() as u64, EINVAL)?;
         self.inner.read_exact_at(buf, at)
@@ -289,12 +290,6 @@ impl Storage for WindowStorage {
             None => self.inner.set_len(len.saturating_add(self.offset)),
         }
     }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let at = self.place(offset, len, ENOSPC)?;
         self.inner.write_zeroes(at, len)
@@ -302,9 +297,6 @@ impl Storage for WindowStorage {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let at = self.place(offset, len, ENOSPC)?;
         self.inner.discard(at, len)
-    }
-    fn debug_event(&self, event: diskimg_blockio::DebugEvent) {
-        self.inner.debug_event(event);
     }
 }
 

@@ -27,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod create;
 mod format;
 mod hostfile;
 mod image;
@@ -37,6 +38,7 @@ pub mod maint;
 mod policy;
 mod snapshot;
 
+pub use create::create;
 pub use diskimg_blockio as blockio;
 pub use diskimg_blockio::{
     BlockDevice, CacheMode, DeviceInfo, Error, Extent, ExtentKind, Limits, MapEntry, OptionList,
@@ -57,7 +59,7 @@ pub use diskimg_serve as serve;
 pub use diskimg_stream as stream;
 pub use format::{Format, probe};
 pub use hostfile::StorageHook;
-pub use image::{Image, ImageOptions, create, open, open_storage, probe_path};
+pub use image::{Image, ImageOptions, open, open_storage, probe_path};
 pub use inspect::{
     Finding, InspectOptions, Reference, ReferenceKind, Report, Severity, Signature, Verdict,
     inspect, inspect_storage,

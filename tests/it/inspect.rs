@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use diskimg::{Format, InspectOptions, Report, Verdict, inspect};
-use diskimg_testutil::{qemu_img_ok, qemu_info_json, qemu_io, tempdir};
+use diskimg_testutil::{qemu_create_overlay, qemu_img_ok, qemu_info_json, qemu_io, tempdir};
 
 pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -235,18 +235,7 @@ fn qcow2_backing_and_data_files_are_unsafe() {
     assert_verdict(&check(&plain, None), Verdict::Safe, "plain");
     let back = d.join("b.qcow2");
     let bs = s(&d.join("backing")).to_string();
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &bs,
-        "-F",
-        "raw",
-        s(&back),
-        "5M",
-    ]);
+    qemu_create_overlay(s(&back), "qcow2", &bs, "raw", Some("5M"));
     let r = check(&back, None);
     assert_verdict(&r, Verdict::Unsafe, "backing");
     assert!(has(&r, "backing-file", &bs) && has(&r, "backing-file", "format raw"));

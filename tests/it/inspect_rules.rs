@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList, ReferenceKind, Verdict, create};
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create_overlay, qemu_img_ok, tempdir};
 
 use crate::inspect::{assert_verdict, check, has, patch, qemu_create, s};
 
@@ -272,18 +272,7 @@ fn cve_2024_40767_format_not_pinned() {
     let dir = tempdir();
     let d = dir.path();
     let q = d.join("up.raw");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        s(&q),
-        "1M",
-    ]);
+    qemu_create_overlay(s(&q), "qcow2", "/etc/passwd", "raw", Some("1M"));
     let r = check(&q, Some(Format::Raw));
     assert_verdict(&r, Verdict::Unsafe, "qcow2 as raw");
     assert!(has(&r, "format-mismatch", "content is qcow2"));

@@ -12,7 +12,7 @@ use std::time::Duration;
 use diskimg::{
     Error, Format, ImageOptions, OpenPolicy, OptionList, PathRule, SpecialFiles, create, open,
 };
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create_overlay, qemu_img_ok, tempdir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -97,18 +97,7 @@ fn symlinked_backing_file_under_relative_only() {
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&outside), "1M"]);
     symlink(&outside, img_dir.join("base.raw")).unwrap();
     let top = img_dir.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&top),
-        "1M",
-    ]);
+    qemu_create_overlay(s(&top), "qcow2", "base.raw", "raw", Some("1M"));
     let rel = ImageOptions::read_only(true).with_policy(OpenPolicy::relative_only());
     let e = open(&top, None, &rel).unwrap_err();
     assert!(denied(&e) && e.to_string().contains("outside"), "{e}");
@@ -130,18 +119,7 @@ fn fifos_and_devices_are_refused_without_hanging() {
     // A backing file, a data file and an extent that are FIFOs.
     let top = d.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&d.join("b.raw")), "1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.raw",
-        "-F",
-        "raw",
-        s(&top),
-        "1M",
-    ]);
+    qemu_create_overlay(s(&top), "qcow2", "b.raw", "raw", Some("1M"));
     qemu_img_ok(&["rebase", "-u", "-b", "fifo", "-F", "raw", s(&top)]);
     let df = with_data_file(&d, "df.qcow2", "data.raw");
     std::fs::remove_file(d.join("data.raw")).unwrap();

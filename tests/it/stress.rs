@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use diskimg::blockio::ZeroFlags;
 use diskimg::{BlockDevice, Format, ImageOptions, OpenPolicy, OptionList, create, open};
-use diskimg_testutil::{pattern, qemu_check_json, qemu_compare, qemu_img_ok, read_all, tempdir};
+use diskimg_testutil::{
+    Rng, pattern, qemu_check_json, qemu_compare, qemu_img_ok, read_all, tempdir,
+};
 
 const SIZE: u64 = 8 << 20;
 const THREADS: u64 = 4;
@@ -31,19 +33,6 @@ const SECTOR: u64 = 512;
 const SHARED: u64 = SIZE / 2;
 /// Each thread's private range (whole clusters for every format's discard).
 const PRIVATE: u64 = (SIZE - SHARED) / THREADS;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn opts(ro: bool) -> ImageOptions {
     ImageOptions::read_only(ro).with_policy(OpenPolicy::qemu_compatible())
@@ -99,7 +88,7 @@ impl Worker<'_> {
 
     fn step(&mut self, tick: u64) {
         let zero = ZeroFlags {
-            may_unmap: self.rng.next() & 1 == 0,
+            may_unmap: self.rng.next_u64() & 1 == 0,
         };
         match self.rng.below(20) {
             0..=8 => {

@@ -28,6 +28,16 @@ impl Closed {
         self.0.load(Ordering::Acquire)
     }
 
+    /// The whole of a format's [`BlockDevice::close`](crate::BlockDevice::close) when
+    /// closing means writing out what is pending: marks the device closed and, the first
+    /// time only and unless it is `read_only`, runs `flush`.
+    pub fn close_with(&self, read_only: bool, flush: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !self.close() || read_only {
+            return Ok(());
+        }
+        flush()
+    }
+
     /// `Err(Error::Closed)` once closed.
     pub fn check(&self) -> Result<()> {
         if self.is_closed() {
@@ -49,5 +59,22 @@ mod tests {
         assert!(c.close());
         assert!(!c.close());
         assert!(matches!(c.check(), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn close_with_flushes_once_and_only_when_writable() {
+        let flushes = std::cell::Cell::new(0);
+        let flush = || {
+            flushes.set(flushes.get() + 1);
+            Ok(())
+        };
+        let c = Closed::new();
+        assert!(c.close_with(false, flush).is_ok());
+        assert!(c.close_with(false, flush).is_ok());
+        assert_eq!(flushes.get(), 1);
+        let ro = Closed::new();
+        assert!(ro.close_with(true, flush).is_ok());
+        assert!(ro.is_closed());
+        assert_eq!(flushes.get(), 1);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`Storage`]: the host bytes an image lives in ([`FileStorage`], [`MemStorage`],
 //!   [`ReadOnlyStorage`], [`FaultStorage`] for crash tests, and on Linux `UringStorage`, a
-//!   file on an io_uring). Positional, `&self`, `Send + Sync`.
+//!   file on an io_uring). Positional, `&self`, `Send + Sync`. Wrappers pass the methods
+//!   they leave alone on with [`forward_storage!`].
 //! - [`AsyncDevice`]: the async face of any device, whose [`IoFuture`]s need no particular
 //!   runtime (completed by an io_uring completion thread or a small worker pool).
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
@@ -75,6 +76,7 @@ mod device;
 mod driver;
 mod error;
 mod events;
+mod forward;
 mod info;
 mod layout;
 mod limits;
@@ -95,7 +97,7 @@ pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
-    read_from_backing, write_from_by_buffer,
+    read_from_backing, write_from_by_buffer, zero_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};

@@ -184,10 +184,7 @@ impl BlockDevice for RawDevice {
     fn close(&self) -> Result<()> {
         // One shared meaning (blockio::Closed): later writes are refused, a second
         // close does nothing.
-        if !self.closed.close() || self.read_only {
-            return Ok(());
-        }
-        self.flush()
+        self.closed.close_with(self.read_only, || self.flush())
     }
 
     fn flush(&self) -> Result<()> {

@@ -53,6 +53,31 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT FILE [SIZE]`: an overlay made by
+/// qemu (without `size`, the backing image's).
+pub fn qemu_create_overlay(
+    file: impl AsRef<Path>,
+    fmt: &str,
+    backing: &str,
+    backing_fmt: &str,
+    size: Option<&str>,
+) -> String {
+    let file = file.as_ref().to_string_lossy();
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        &file,
+    ];
+    args.extend(size);
+    qemu_img_ok(&args)
+}
+
 /// Runs `qemu-io -f FMT -c CMD… FILE`, panicking unless it succeeds and prints no
 /// failure; returns stdout.
 pub fn qemu_io(file: &Path, fmt: &str, cmds: &[&str]) -> String {
@@ -174,15 +199,32 @@ pub fn qemu_info_json(file: &Path, fmt: &str) -> serde_json::Value {
     serde_json::from_str(&s).expect("info JSON")
 }
 
+/// A small deterministic generator (xorshift64) for workloads: the same seed gives the
+/// same sequence. The seed must not be 0.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next value reduced below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), different per `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out

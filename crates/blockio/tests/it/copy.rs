@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use diskimg_blockio::{
     BlockDevice, DeviceInfo, Error, Extent, ExtentKind, FileStorage, MemStorage, ReadOnlyStorage,
-    Result, Storage, check_range, copy_range,
+    Result, Storage, check_range, copy_range, forward_storage,
 };
 
 fn bytes(seed: u8, len: usize) -> Vec<u8> {
@@ -35,21 +35,10 @@ struct Hints {
 }
 
 impl Storage for Hints {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
+    forward_storage!(inner: read_exact_at, len, set_len, flush);
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         *self.writes.lock().unwrap() += 1;
         self.inner.write_all_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         self.hints.lock().unwrap().push((offset, len));

@@ -19,9 +19,8 @@ use std::time::Instant;
 use diskimg::BlockDevice;
 use diskimg::blockio::{IoBuf, IoFuture, ZeroFlags};
 
-use super::cmd::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, pattern_opt, usage};
 use super::getopt::{self, Event};
-use super::num::parse_pattern;
 use super::out::{dump, report};
 use super::rw::{alloc, iovec_len, num_arg, offset_and_iovec};
 use super::session::{EINVAL, Session};
@@ -42,12 +41,9 @@ fn aio_read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         match ev {
             Event::Error(m) => return bad_option(s, c, &m),
             Event::Opt('C', _) => machine = true,
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+            Event::Opt('P', a) => match pattern_opt(s, a) {
                 Ok(p) => pattern = Some(p),
-                Err(m) => {
-                    s.out.print(&m);
-                    return -EINVAL;
-                }
+                Err(e) => return e,
             },
             Event::Opt('i', _) => {
                 s.out.print("injecting invalid read request\n");
@@ -126,12 +122,9 @@ fn aio_write_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt('q', _) => quiet = true,
             Event::Opt('r', _) => registered = true,
             Event::Opt('u', _) => unmap = true,
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+            Event::Opt('P', a) => match pattern_opt(s, a) {
                 Ok(p) => pattern = p,
-                Err(m) => {
-                    s.out.print(&m);
-                    return -EINVAL;
-                }
+                Err(e) => return e,
             },
             Event::Opt('i', _) => {
                 s.out.print("injecting invalid write request\n");

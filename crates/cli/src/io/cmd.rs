@@ -1,6 +1,7 @@
 //! A qemu-io command's description (`cmdinfo_t`) and the two messages every command
 //! prints for a bad invocation. The table of commands is in `cmds.rs`.
 
+use super::num::parse_pattern;
 use super::session::{EINVAL, Session};
 
 /// A command's handler: the session and its words (the command name first); returns 0
@@ -54,6 +55,15 @@ pub(super) fn usage(s: &mut Session, c: &Cmd) {
         c.args.unwrap_or("(null)"),
         c.oneline
     ));
+}
+
+/// The byte of a `-P` option (qemu-io's `parse_pattern`); for a bad one, prints qemu-io's
+/// message and gives the command's return value, `-EINVAL`.
+pub(super) fn pattern_opt(s: &mut Session, arg: Option<String>) -> Result<u8, i32> {
+    parse_pattern(&arg.unwrap_or_default()).map_err(|m| {
+        s.out.print(&m);
+        -EINVAL
+    })
 }
 
 /// Prints a getopt error (stderr) and the command's usage line; returns `-EINVAL`.

@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use super::cmd::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, pattern_opt, usage};
 use super::getopt::{self, Event};
-use super::num::{cvtnum, parse_pattern};
+use super::num::cvtnum;
 use super::out::{dump, report};
 use super::session::{Blk, EINVAL, MAX_REQUEST, Session};
 use crate::errmap::strerror;
@@ -130,12 +130,9 @@ fn read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
                 Ok(v) => o.pat_len = Some(v),
                 Err(e) => return e,
             },
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+            Event::Opt('P', a) => match pattern_opt(s, a) {
                 Ok(p) => o.pattern = Some(p),
-                Err(m) => {
-                    s.out.print(&m);
-                    return -EINVAL;
-                }
+                Err(e) => return e,
             },
             Event::Opt('q', _) => o.quiet = true,
             Event::Opt('s', a) => match num_arg(s, &a.unwrap_or_default()) {
@@ -181,6 +178,20 @@ fn read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         s.out.print(&format!("read failed: {}\n", strerror(&e)));
         return -5;
     }
+    finish_read(s, &o, &buf, (offset, count), (pat_off, pat_len), t)
+}
+
+/// The end of `read` and `readv` of `count` bytes at `offset` into `buf`: the `-P`
+/// check of `pat_len` bytes from `pat_off`, then, unless `-q`, the dump (`-v`) and the
+/// timing line. Returns the command's value.
+fn finish_read(
+    s: &mut Session,
+    o: &ReadOpts,
+    buf: &[u8],
+    (offset, count): (u64, u64),
+    (pat_off, pat_len): (u64, u64),
+    t: std::time::Duration,
+) -> i32 {
     let mut ret = 0;
     if let Some(p) = o.pattern {
         let from = usize::try_from(pat_off).unwrap_or(usize::MAX);
@@ -198,7 +209,7 @@ fn read_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         return ret;
     }
     if o.verbose {
-        s.out.print(&dump(&buf, offset));
+        s.out.print(&dump(buf, offset));
     }
     s.out
         .print(&report("read", t, offset, count, count, 1, o.machine));
@@ -230,12 +241,9 @@ fn readv_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         match ev {
             Event::Error(m) => return bad_option(s, c, &m),
             Event::Opt('C', _) => o.machine = true,
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+            Event::Opt('P', a) => match pattern_opt(s, a) {
                 Ok(p) => o.pattern = Some(p),
-                Err(m) => {
-                    s.out.print(&m);
-                    return -EINVAL;
-                }
+                Err(e) => return e,
             },
             Event::Opt('q', _) => o.quiet = true,
             Event::Opt('v', _) => o.verbose = true,
@@ -260,24 +268,7 @@ fn readv_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
         s.out.print(&format!("readv failed: {}\n", strerror(&e)));
         return -5;
     }
-    let mut ret = 0;
-    if let Some(p) = o.pattern
-        && buf.iter().any(|&b| b != p)
-    {
-        s.out.print(&format!(
-            "Pattern verification failed at offset {offset}, {count} bytes\n"
-        ));
-        ret = -EINVAL;
-    }
-    if o.quiet {
-        return ret;
-    }
-    if o.verbose {
-        s.out.print(&dump(&buf, offset));
-    }
-    s.out
-        .print(&report("read", t, offset, count, count, 1, o.machine));
-    ret
+    finish_read(s, &o, &buf, (offset, count), (0, count), t)
 }
 
 fn discard_f(s: &mut Session, name: &str, args: &[String]) -> i32 {

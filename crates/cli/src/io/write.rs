@@ -5,9 +5,8 @@ use std::time::Instant;
 
 use diskimg::blockio::{ExtentKind, ZeroFlags};
 
-use super::cmd::{Cmd, bad_option, usage};
+use super::cmd::{Cmd, bad_option, pattern_opt, usage};
 use super::getopt::{self, Event};
-use super::num::parse_pattern;
 use super::out::report;
 use super::rw::{ERANGE, alloc, blk, num_arg, offset_and_iovec, sector_aligned, write_done};
 use super::session::{Blk, EINVAL, MAX_REQUEST, Session};
@@ -45,13 +44,7 @@ fn write_opts(
             Event::Opt('C', _) => o.machine = true,
             Event::Opt('f', _) => o.fua = true,
             Event::Opt('n', _) => o.no_fallback = true,
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
-                Ok(p) => o.pattern = Some(p),
-                Err(m) => {
-                    s.out.print(&m);
-                    return Err(-EINVAL);
-                }
-            },
+            Event::Opt('P', a) => o.pattern = Some(pattern_opt(s, a)?),
             Event::Opt('q', _) => o.quiet = true,
             Event::Opt('r', _) => o.registered = true,
             Event::Opt('s', a) => o.source = a,
@@ -222,12 +215,9 @@ fn writev_f(s: &mut Session, name: &str, args: &[String]) -> i32 {
             Event::Opt('C', _) => machine = true,
             Event::Opt('f', _) => fua = true,
             Event::Opt('q', _) => quiet = true,
-            Event::Opt('P', a) => match parse_pattern(&a.unwrap_or_default()) {
+            Event::Opt('P', a) => match pattern_opt(s, a) {
                 Ok(p) => pattern = p,
-                Err(m) => {
-                    s.out.print(&m);
-                    return -EINVAL;
-                }
+                Err(e) => return e,
             },
             Event::Opt(_, _) => {}
         }

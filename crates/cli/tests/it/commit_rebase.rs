@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use diskimg_testutil::{
-    assert_qemu_check_clean, qemu_compare, qemu_img, qemu_img_ok, qemu_io, qemu_map_json, tempdir,
+    assert_qemu_check_clean, qemu_compare, qemu_create_overlay, qemu_img, qemu_img_ok, qemu_io,
+    qemu_map_json, tempdir,
 };
 
 use crate::{code, diskimg, diskimg_ok, s};
@@ -25,31 +26,9 @@ fn chain(dir: &Path, sub: &str) -> (PathBuf, PathBuf, PathBuf) {
         "qcow2",
         &["write -P 1 0 3M", "write -P 9 3584k 512k"],
     );
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&mid),
-        "4M",
-    ]);
+    qemu_create_overlay(s(&mid), "qcow2", "base.qcow2", "qcow2", Some("4M"));
     qemu_io(&mid, "qcow2", &["write -P 2 1M 256k", "write -z 2M 128k"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "6M",
-    ]);
+    qemu_create_overlay(s(&top), "qcow2", "mid.qcow2", "qcow2", Some("6M"));
     qemu_io(
         &top,
         "qcow2",
@@ -288,7 +267,6 @@ fn rebase_like_qemu() {
         String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
         String::from_utf8_lossy(&q.stderr)
     );
-    let _ = diskimg_ok;
 }
 
 #[test]
@@ -355,7 +333,7 @@ fn commit_vhdx_relinks_the_child() {
     let (base, top) = (d.join("base.vhdx"), d.join("top.vhdx"));
     qemu_img_ok(&["create", "-q", "-f", "vhdx", s(&base), "8M"]);
     qemu_io(&base, "vhdx", &["write -P 1 0 2M"]);
-    crate::diskimg_ok(&[
+    diskimg_ok(&[
         "create",
         "-q",
         "-f",
@@ -366,13 +344,10 @@ fn commit_vhdx_relinks_the_child() {
         "vhdx",
         s(&top),
     ]);
-    crate::diskimg_ok(&["io", "-c", "write -P 2 1M 2M", s(&top)]);
+    diskimg_ok(&["io", "-c", "write -P 2 1M 2M", s(&top)]);
     let before = d.join("before.raw");
-    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&before)]);
-    assert_eq!(
-        crate::diskimg_ok(&["commit", s(&top)]),
-        "Image committed.\n"
-    );
+    diskimg_ok(&["convert", "-O", "raw", s(&top), s(&before)]);
+    assert_eq!(diskimg_ok(&["commit", s(&top)]), "Image committed.\n");
     assert_qemu_check_clean(&base, "vhdx");
     qemu_io(
         &base,
@@ -380,7 +355,7 @@ fn commit_vhdx_relinks_the_child() {
         &["read -P 1 0 1M", "read -P 2 1M 2M", "read -P 0 3M 5M"],
     );
     let after = d.join("after.raw");
-    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&after)]);
+    diskimg_ok(&["convert", "-O", "raw", s(&top), s(&after)]);
     assert_eq!(
         std::fs::read(&after).unwrap(),
         std::fs::read(&before).unwrap()

@@ -30,6 +30,29 @@ fn q(tool: &str, args: &[&str]) -> String {
     so
 }
 
+/// `qemu-io` (`qemu = true`) or our `io` running `cmds` on the encrypted image `io`
+/// (image-opts) with the secret; asserts success.
+fn io_cmds(qemu: bool, io: &str, cmds: &[&str]) {
+    let mut a = vec!["--object", OBJ, "--image-opts"];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    a.push(io);
+    if qemu {
+        q("qemu-io", &a);
+    } else {
+        a.insert(0, "io");
+        diskimg_ok(&a);
+    }
+}
+
+/// `qemu-img check` of the encrypted image `io` finds no errors; returns its report.
+fn qemu_check_clean(io: &str) -> String {
+    let chk = q("qemu-img", &["check", "--object", OBJ, "--image-opts", io]);
+    assert!(chk.contains("No errors were found"), "{chk}");
+    chk
+}
+
 fn qemu_luks(p: &Path, opts: &str, size: &str, writes: &[&str]) {
     q(
         "qemu-img",
@@ -46,13 +69,7 @@ fn qemu_luks(p: &Path, opts: &str, size: &str, writes: &[&str]) {
             size,
         ],
     );
-    let io = iopts(p);
-    let mut a = vec!["--object", OBJ, "--image-opts"];
-    for w in writes {
-        a.extend(["-c", w]);
-    }
-    a.push(&io);
-    q("qemu-io", &a);
+    io_cmds(true, &iopts(p), writes);
 }
 
 /// The guest content as qemu decrypts it (image-opts string `io`).
@@ -111,7 +128,7 @@ fn qemu_encrypted_images_read_through_the_cli() {
         qemu_luks(&p, opts, "2M", WRITES);
         let io = iopts(&p);
         assert!(ours_content(dir.path(), &io) == qemu_content(dir.path(), &io), "{opts}");
-        diskimg_ok(&["io", "--object", OBJ, "--image-opts", "-c", "read -P 0x11 0 64k", "-c", "read -P 0 1M 64k", &io]);
+        io_cmds(false, &io, &["read -P 0x11 0 64k", "read -P 0 1M 64k"]);
         // info without a key, as qemu-img info.
         assert_eq!(
             diskimg_ok(&["info", "--output=json", s(&p)]).replace(' ', ""),
@@ -174,8 +191,7 @@ fn create_and_convert_encrypted_open_in_qemu() {
             "qemu-img",
             &["compare", "--object", OBJ, "--image-opts", &io, &r],
         );
-        let chk = q("qemu-img", &["check", "--object", OBJ, "--image-opts", &io]);
-        assert!(chk.contains("No errors were found"), "{chk}");
+        qemu_check_clean(&io);
         let file = std::fs::read(&dst).unwrap();
         assert!(
             !file.windows(marker.len()).any(|w| w == marker),
@@ -196,30 +212,9 @@ fn create_and_convert_encrypted_open_in_qemu() {
             "1M",
         ]);
         let io = iopts(&c);
-        diskimg_ok(&[
-            "io",
-            "--object",
-            OBJ,
-            "--image-opts",
-            "-c",
-            "write -P 0x42 1000 10000",
-            &io,
-        ]);
-        q(
-            "qemu-io",
-            &[
-                "--object",
-                OBJ,
-                "--image-opts",
-                "-c",
-                "read -P 0x42 1000 10000",
-                "-c",
-                "read -P 0 0 1000",
-                &io,
-            ],
-        );
-        let chk = q("qemu-img", &["check", "--object", OBJ, "--image-opts", &io]);
-        assert!(chk.contains("No errors were found"), "{chk}");
+        io_cmds(false, &io, &["write -P 0x42 1000 10000"]);
+        io_cmds(true, &io, &["read -P 0x42 1000 10000", "read -P 0 0 1000"]);
+        qemu_check_clean(&io);
     }
 }
 
@@ -322,15 +317,7 @@ fn backing_chains_with_encryption() {
         "driver=qcow2,file.filename={},backing.encrypt.key-secret=sec0",
         s(&top)
     );
-    diskimg_ok(&[
-        "io",
-        "--object",
-        OBJ,
-        "--image-opts",
-        "-c",
-        "write -P 0x62 4096 1000",
-        &io,
-    ]);
+    io_cmds(false, &io, &["write -P 0x62 4096 1000"]);
     assert!(ours_content(dir.path(), &io) == qemu_content(dir.path(), &io));
     let o = diskimg(&["io", "-c", "read 0 512", s(&top)]);
     assert_eq!(code(&o), 1, "the encrypted backing needs its key");
@@ -366,20 +353,13 @@ fn backing_chains_with_encryption() {
         s(&etop),
     ]);
     let io = iopts(&etop);
-    diskimg_ok(&[
-        "io",
-        "--object",
-        OBJ,
-        "--image-opts",
-        "-c",
-        "write -P 0x63 70000 3000",
-        "-c",
-        "write -z 200k 64k",
+    io_cmds(
+        false,
         &io,
-    ]);
+        &["write -P 0x63 70000 3000", "write -z 200k 64k"],
+    );
     assert!(ours_content(dir.path(), &io) == qemu_content(dir.path(), &io));
-    let chk = q("qemu-img", &["check", "--object", OBJ, "--image-opts", &io]);
-    assert!(chk.contains("No errors were found"), "{chk}");
+    qemu_check_clean(&io);
 }
 
 /// qemu-iotests 284: checking (and repairing) encrypted images keeps them intact.
@@ -399,8 +379,7 @@ fn check_repair_on_encrypted_images() {
     let ours = diskimg(&a);
     assert_eq!(code(&ours), 0, "{}", String::from_utf8_lossy(&ours.stderr));
     assert!(qemu_content(dir.path(), &io) == expect);
-    let chk = q("qemu-img", &["check", "--object", OBJ, "--image-opts", &io]);
-    assert!(chk.contains("No errors were found"), "{chk}");
+    let chk = qemu_check_clean(&io);
     assert_eq!(String::from_utf8_lossy(&ours.stdout), chk);
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create_overlay, qemu_img_ok, tempdir};
 
 use crate::s;
 
@@ -165,18 +165,7 @@ fn fifo_backing_files_and_extents_are_refused_promptly() {
     mkfifo(&d.join("fifo"));
     let top = d.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "raw", s(&d.join("b.raw")), "1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.raw",
-        "-F",
-        "raw",
-        s(&top),
-        "1M",
-    ]);
+    qemu_create_overlay(s(&top), "qcow2", "b.raw", "raw", Some("1M"));
     qemu_img_ok(&["rebase", "-u", "-b", "fifo", "-F", "raw", s(&top)]);
     let vmdk = d.join("d.vmdk");
     std::fs::write(

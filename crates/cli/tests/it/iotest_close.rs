@@ -1,7 +1,7 @@
 //! iotest `qemu-img-close-errors`: `qemu-img bitmap` on `json:{…}` names (a qcow2 image
 //! on a size-limited `raw` node), judged by qemu-img on the same files.
 
-use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create_overlay, qemu_img, qemu_img_ok, tempdir};
 
 use crate::iotest_cases::img;
 use crate::{code, diskimg, s};
@@ -180,9 +180,7 @@ fn bitmaps_run_out_of_room_where_qemus_do() {
             let f = std::fs::OpenOptions::new().write(true).open(base).unwrap();
             f.set_len(len).unwrap();
             let json = raw_node_json(base, len);
-            qemu_img_ok(&[
-                "create", "-q", "-f", "qcow2", "-b", &json, "-F", "qcow2", top,
-            ]);
+            qemu_create_overlay(top, "qcow2", &json, "qcow2", None);
             qemu_img_ok(&["bitmap", "--add", top, "good-bitmap"]);
             let io = crate::qemu_io_raw(&["-c", "write 0 14m", top]);
             assert!(io.status.success(), "{io:?}");

@@ -105,17 +105,7 @@ pub fn code(o: &Output) -> i32 {
 /// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT TOP`: an overlay made by qemu-img
 /// (its size is the backing file's).
 pub fn qemu_overlay(fmt: &str, backing: &str, backing_fmt: &str, top: &str) {
-    diskimg_testutil::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        fmt,
-        "-b",
-        backing,
-        "-F",
-        backing_fmt,
-        top,
-    ]);
+    diskimg_testutil::qemu_create_overlay(top, fmt, backing, backing_fmt, None);
 }
 
 /// A sparse raw image of `size` bytes made by qemu-img with qemu-io writes applied.

@@ -63,30 +63,8 @@ fn map_of_chains_with_short_backing_images_matches_qemu() {
     let top = dir.path().join("top.qcow2");
     diskimg_testutil::qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "32M"]);
     crate::qemu_io_raw(&["-c", "write -P 1 1M 1M", s(&base)]);
-    diskimg_testutil::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&mid),
-        "64M",
-    ]);
-    diskimg_testutil::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "64M",
-    ]);
+    diskimg_testutil::qemu_create_overlay(s(&mid), "qcow2", "base.qcow2", "qcow2", Some("64M"));
+    diskimg_testutil::qemu_create_overlay(s(&top), "qcow2", "mid.qcow2", "qcow2", Some("64M"));
     crate::qemu_io_raw(&[
         "-c",
         "write -P 2 40M 64k",

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{
     BlockDevice, CompressedUnits, DeviceInfo, Error, Extent, FileStorage, MemStorage, PackedUnit,
-    Result, Storage, map_all,
+    Result, Storage, forward_storage, map_all,
 };
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 use diskimg_raw::RawDevice;
@@ -445,21 +445,13 @@ struct ThreadLog {
 }
 
 impl Storage for ThreadLog {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.mem.read_exact_at(buf, offset)
-    }
+    forward_storage!(mem: read_exact_at, len, set_len);
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writers
             .lock()
             .unwrap()
             .push(std::thread::current().id());
         self.mem.write_all_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.mem.set_len(len)
     }
     fn flush(&self) -> Result<()> {
         Ok(())

@@ -167,6 +167,22 @@ impl Meta {
         }
     }
 
+    /// qemu's check before the bitmap directory is rewritten in place at `off`
+    /// (`bitmap_list_store`, which ignores only the directory itself): refused, and the
+    /// image marked corrupt, when the directory shares a cluster with other metadata.
+    pub(crate) fn refuse_directory_in_place(&mut self, off: u64, len: u64) -> Result<()> {
+        match (len > 0).then(|| self.overlap.hits(off, len, self.cs())) {
+            Some(Some(k)) if k != MetaKind::BitmapDirectory => Err(self.corruption(
+                format!(
+                    "Preventing invalid write on metadata (overlaps with {})",
+                    k.qemu_name()
+                ),
+                off,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A new allocation of `n` clusters at cluster `c` (corrupt refcounts can place it
     /// anywhere): refused like qemu when it is at offset 0 (`what` names the structure,
     /// qemu's "Preventing invalid allocation of L2 table at offset 0") or on metadata.

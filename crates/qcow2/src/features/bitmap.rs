@@ -230,9 +230,12 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
 pub(crate) fn load_tracked(m: &Meta, e: &Entry) -> Result<Tracked> {
     let cs = m.cs();
     let g = 1u64 << e.gbits.min(63);
-    let mut t = Tracked::new(&e.name, g, e.flags & 2 != 0, m.size(), cs);
-    check_table(m, e, t.chunk_count() as u64)?;
+    // The table is checked and read (it lies in the file) before the bitmap is sized by
+    // the disk: a tiny granularity on a huge disk would otherwise reserve a chunk slot per
+    // cluster of bits (16 bytes each; 2^28 for 2^61 bytes at 512-byte granules) first.
+    check_table(m, e, m.size().div_ceil(g).div_ceil(8).div_ceil(cs))?;
     let table = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
+    let mut t = Tracked::new(&e.name, g, e.flags & 2 != 0, m.size(), cs);
     let mut buf = m.limits().alloc("bitmap data", cs)?;
     for (k, &x) in table.iter().enumerate().take(t.chunk_count()) {
         match x & L2E_OFFSET_MASK {
@@ -350,6 +353,7 @@ pub(crate) fn write_directory_in_place(m: &mut Meta, dir: &[Entry]) -> Result<()
     if bytes.len() as u64 != b.directory_size {
         return Err(internal("bitmap directory in place of another size"));
     }
+    m.refuse_directory_in_place(b.directory_offset, b.directory_size)?;
     let autoclear = m.h().autoclear;
     m.write_autoclear(autoclear & !AUTOCLEAR_BITMAPS)?;
     m.file().write_all_at(&bytes, b.directory_offset)?;

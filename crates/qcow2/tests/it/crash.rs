@@ -11,6 +11,8 @@ use diskimg_blockio::{
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{Model, pattern, read_all, tempdir};
 
+use crate::crash_harness::{Judge, image};
+
 const SIZE: u64 = 1 << 20;
 
 fn ops() -> Vec<(u64, u64, u8)> {
@@ -80,33 +82,12 @@ fn crash_all_cuts_with(options: &str, flush_every: usize, backed: bool) {
     } else {
         options.to_string()
     };
-    let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let mut req = CreateRequest::new(SIZE, OptionList::parse(&options).unwrap());
-    DRIVER.create(base.clone(), &mut req).unwrap();
-    let mut initial = vec![0u8; base.len().unwrap() as usize];
-    base.read_exact_at(&mut initial, 0).unwrap();
+    let initial = image(SIZE, &options);
 
-    // Count the operations of a clean run.
-    let count = {
-        let fs = Arc::new(FaultStorage::new(initial.clone(), None));
-        let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
-        dev.set_backing(backing()).unwrap();
-        let mut m = Model {
-            bytes: base_bytes.clone(),
-        };
-        let n_ops = ops().len();
-        for (k, op) in ops().into_iter().enumerate() {
-            apply(dev.as_ref(), &mut m, op).unwrap();
-            if (k + 1) % flush_every == 0 || k + 1 == n_ops {
-                dev.flush().unwrap();
-            }
-        }
-        fs.ops()
-    };
-    assert!(count > 20, "{count}");
-    let path = dir.path().join("crash.qcow2");
-    for cut in 0..count {
-        let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
+    // A run cut at `cut` (or not: then nothing may fail): the storage, the model at the
+    // last completed flush and the ranges touched since (whole clusters and more).
+    let run = |cut: Option<u64>| {
+        let fs = Arc::new(FaultStorage::new(initial.clone(), cut));
         let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
         dev.set_backing(backing()).unwrap();
         let mut m = Model {
@@ -118,35 +99,44 @@ fn crash_all_cuts_with(options: &str, flush_every: usize, backed: bool) {
         for (k, op) in ops().into_iter().enumerate() {
             let g = 65536u64;
             touched_after.push((op.0 / g * g, op.1 + g));
-            if apply(dev.as_ref(), &mut m, op).is_err() {
+            let r = apply(dev.as_ref(), &mut m, op);
+            if r.is_err() {
+                assert!(cut.is_some(), "{r:?}");
                 break;
             }
             if (k + 1) % flush_every == 0 || k + 1 == n_ops {
-                if dev.flush().is_err() {
+                let r = dev.flush();
+                if r.is_err() {
+                    assert!(cut.is_some(), "{r:?}");
                     break;
                 }
                 durable = m.clone();
                 touched_after.clear();
             }
         }
+        (fs, durable, touched_after)
+    };
+    let count = run(None).0.ops();
+    assert!(count > 20, "{count}");
+    let path = dir.path().join("crash.qcow2");
+    let set_backing = |dev: &dyn BlockDevice| dev.set_backing(backing()).unwrap();
+    let judge = Judge {
+        prepare: Some(&set_backing),
+        ..Judge::new(&path, 4, CrashMode::DropUnflushed)
+    };
+    for cut in 0..count {
+        let (fs, durable, touched_after) = run(Some(cut));
         assert!(fs.crashed());
         // Our own check on every cut and mode; qemu-img check (a process each) on every
         // fourth cut for the modes that keep unflushed writes.
-        let ro = OpenOptions::new().read_only(true);
-        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
-            dev.set_backing(backing()).unwrap();
-            let what = format!("cut {cut} {mode:?}");
-            let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
-            if cut % 4 == 0 && mode != CrashMode::DropUnflushed {
+        judge.images(&fs, cut, |c| {
+            if c.report.leaks > 0 && cut % 16 == 0 && judge.qemu_judges(cut, c.mode) {
                 // Our check counts the same leaks as qemu's, and repairs them.
-                crate::assert_qemu_check_agrees(&path, &img, &r, &what);
-                if r.leaks > 0 && cut % 16 == 0 {
-                    let fixed = crate::open(&path, false).check(RepairMode::Leaks).unwrap();
-                    assert_eq!(fixed.leaks_fixed, r.leaks);
-                    diskimg_testutil::assert_qemu_check_clean(&path, "qcow2");
-                }
+                let fixed = crate::open(&path, false).check(RepairMode::Leaks).unwrap();
+                assert_eq!(fixed.leaks_fixed, c.report.leaks);
+                diskimg_testutil::assert_qemu_check_clean(&path, "qcow2");
             }
-            let got = read_all(dev.as_ref());
+            let got = read_all(c.dev);
             let mut want = durable.bytes.clone();
             let mut got_masked = got.clone();
             for (o, l) in &touched_after {
@@ -154,8 +144,8 @@ fn crash_all_cuts_with(options: &str, flush_every: usize, backed: bool) {
                 want[*o as usize..end].fill(0);
                 got_masked[*o as usize..end].fill(0);
             }
-            assert!(got_masked == want, "cut {cut} {mode:?}: flushed data lost");
-        }
+            assert!(got_masked == want, "{}: flushed data lost", c.what);
+        });
     }
 }
 
@@ -208,23 +198,14 @@ fn crash_during_refcount_width_change() {
     };
     assert!(count > 4, "{count}");
     let mut widths = std::collections::BTreeSet::new();
+    let judge = Judge::ours_only();
     for cut in 0..=count {
         let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
         let _ = amend(fs.clone());
-        let ro = OpenOptions::new().read_only(true);
-        for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
-            widths.insert(u32::from_be_bytes(img[96..100].try_into().unwrap()));
-            let r = dev.check(Default::default()).unwrap();
-            assert_eq!(
-                (r.corruptions, r.check_errors),
-                (0, 0),
-                "cut {cut} {mode:?}: {r:?}"
-            );
-            assert!(
-                read_all(dev.as_ref()) == want,
-                "cut {cut} {mode:?}: data changed"
-            );
-        }
+        judge.images(&fs, cut, |c| {
+            widths.insert(u32::from_be_bytes(c.img[96..100].try_into().unwrap()));
+            assert!(read_all(c.dev) == want, "{}: data changed", c.what);
+        });
     }
     // Both the old width (order 4) and the new one (order 2) were seen.
     assert_eq!(widths.into_iter().collect::<Vec<_>>(), vec![2, 4]);

@@ -10,9 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use diskimg_blockio::{BlockDevice, Driver, FaultStorage, OpenOptions, Result, Storage};
+use diskimg_blockio::{
+    BlockDevice, CrashMode, Driver, FaultStorage, OpenOptions, Result, Storage, forward_storage,
+};
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::read_all;
+
+use crate::crash_harness::{Judge, assert_qemu_no_leaks_or_corruptions};
 
 const BLOCK: usize = 4096;
 const CLUSTER: u64 = 65536;
@@ -71,19 +75,13 @@ fn run(initial: &[u8], cut: Option<u64>) -> (Arc<FaultStorage>, Log) {
     (fs, logs.concat())
 }
 
-fn check_cut(initial: &[u8], cut: u64, path: &std::path::Path) -> bool {
+fn check_cut(initial: &[u8], cut: u64, judge: &Judge<'_>) -> bool {
     let (fs, log) = run(initial, Some(cut));
     if !fs.crashed() {
         return false;
     }
-    let ro = OpenOptions::new().read_only(true);
-    for (mode, img, dev) in crate::crash_images(&fs, cut, &ro) {
-        let what = format!("cut {cut} {mode:?}");
-        let r = crate::assert_cut_checks_clean(dev.as_ref(), &what);
-        if cut.is_multiple_of(4) && mode != diskimg_blockio::CrashMode::DropUnflushed {
-            crate::assert_qemu_check_agrees(path, &img, &r, &what);
-        }
-        let got = read_all(dev.as_ref());
+    judge.images(&fs, cut, |c| {
+        let got = read_all(c.dev);
         for (b, g) in got.chunks(BLOCK).enumerate() {
             let off = (b * BLOCK) as u64;
             let ok = match log.iter().find(|x| x.0 == off) {
@@ -91,9 +89,13 @@ fn check_cut(initial: &[u8], cut: u64, path: &std::path::Path) -> bool {
                 Some(&(_, v, false)) => g.iter().all(|&x| x == v) || g.iter().all(|&x| x == 0),
                 None => g.iter().all(|&x| x == 0),
             };
-            assert!(ok, "{what}: block at {off} holds what no write put there");
+            assert!(
+                ok,
+                "{}: block at {off} holds what no write put there",
+                c.what
+            );
         }
-    }
+    });
     true
 }
 
@@ -106,11 +108,9 @@ fn crash_during_two_threads_allocating_and_flushing() {
     let dir = diskimg_testutil::tempdir();
     let path = dir.path().join("crash.qcow2");
     // A clean run: every write reads back, no leaks (the reserve went back at close).
-    let img = fs.crash_image(diskimg_blockio::CrashMode::DropUnflushed);
+    let img = fs.crash_image(CrashMode::DropUnflushed);
     std::fs::write(&path, &img).unwrap();
-    let (v, _) = diskimg_testutil::qemu_check_json(&path, "qcow2");
-    assert_eq!(v["leaks"].as_u64().unwrap_or(0), 0, "{v}");
-    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{v}");
+    assert_qemu_no_leaks_or_corruptions(&path);
     let dev = crate::open(&path, true);
     let got = read_all(dev.as_ref());
     for &(off, b, _) in &log {
@@ -119,8 +119,9 @@ fn crash_during_two_threads_allocating_and_flushing() {
     }
     drop(dev);
     // Interleavings differ from run to run: a cut past a run's last operation is no cut.
+    let judge = Judge::new(&path, 4, CrashMode::DropUnflushed);
     let crashed = (0..count)
-        .filter(|&cut| check_cut(&initial, cut, &path))
+        .filter(|&cut| check_cut(&initial, cut, &judge))
         .count();
     assert!(
         crashed as u64 > count / 2,
@@ -159,18 +160,7 @@ impl std::fmt::Debug for Baton {
 }
 
 impl Storage for Baton {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
+    forward_storage!(inner: read_exact_at, write_all_at, len, set_len);
     fn flush(&self) -> Result<()> {
         if self.slow {
             std::thread::sleep(Duration::from_micros(300));
@@ -234,7 +224,7 @@ fn crash_while_another_thread_allocates_during_a_flush() {
     let (fs, b_ops) = baton_run(&initial, None);
     let count = fs.ops();
     // After both flushes every write is durable.
-    let img = fs.crash_image(diskimg_blockio::CrashMode::DropUnflushed);
+    let img = fs.crash_image(CrashMode::DropUnflushed);
     let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::MemStorage::from_vec(img));
     let dev = DRIVER.open(s, &OpenOptions::new().read_only(true)).unwrap();
     let got = read_all(dev.as_ref());
@@ -252,7 +242,7 @@ fn crash_while_another_thread_allocates_during_a_flush() {
         // Many subsets of the unflushed writes: an L2 entry kept whose cluster's
         // refcount write was lost is what a missing ordering flush leaves.
         for seed in 0..24 {
-            let img = fs.crash_image(diskimg_blockio::CrashMode::Random(seed * 7919 + cut));
+            let img = fs.crash_image(CrashMode::Random(seed * 7919 + cut));
             let s: Arc<dyn Storage> = Arc::new(diskimg_blockio::MemStorage::from_vec(img));
             let dev = DRIVER.open(s, &ro).unwrap();
             crate::assert_cut_checks_clean(dev.as_ref(), &format!("cut {cut} seed {seed}"));

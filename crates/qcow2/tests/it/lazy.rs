@@ -9,11 +9,11 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use diskimg_blockio::{
-    CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions, OptionList, Storage,
-};
+use diskimg_blockio::{CrashMode, Driver, MemStorage, OpenOptions, Storage};
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{qemu_check_json, qemu_img_ok, read_all, tempdir};
+
+use crate::crash_harness::{Workload, Write, assert_old_or_new, crash_images, image};
 
 const SIZE: u64 = 4 << 20;
 const BLOCK: usize = 4096;
@@ -24,94 +24,58 @@ fn incompatible(img: &[u8]) -> u64 {
     u64::from_be_bytes(img[72..80].try_into().unwrap())
 }
 
-fn lazy_image() -> Vec<u8> {
-    let base: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let o = OptionList::parse("compat=1.1,lazy_refcounts=on").unwrap();
-    DRIVER
-        .create(base.clone(), &mut CreateRequest::new(SIZE, o))
-        .unwrap();
-    let mut img = vec![0u8; base.len().unwrap() as usize];
-    base.read_exact_at(&mut img, 0).unwrap();
-    img
-}
-
-/// (offset, fill byte): small writes into fresh clusters, some into the same cluster.
-fn ops() -> Vec<(u64, u8)> {
-    (0..24u64)
+/// Small writes into fresh clusters, some into the same cluster, with a flush every 4
+/// writes, on an image with lazy refcounts.
+fn workload() -> Workload {
+    let ops = (0..24u64)
         .map(|k| {
             let c = (k * 7) % (SIZE / CLUSTER);
-            (c * CLUSTER + (k % 4) * BLOCK as u64, 1 + k as u8)
-        })
-        .collect()
-}
-
-/// The workload with a flush every 4 writes, cut at `cut` (or not): the storage, the
-/// contents at the last completed flush and the writes since.
-fn run(initial: &[u8], cut: Option<u64>) -> (Arc<FaultStorage>, Vec<u8>, Vec<(u64, u8)>) {
-    let fs = Arc::new(FaultStorage::new(initial.to_vec(), cut));
-    let dev = DRIVER.open(fs.clone(), &OpenOptions::new()).unwrap();
-    let (mut now, mut since) = (vec![0u8; SIZE as usize], Vec::new());
-    let mut durable = now.clone();
-    for (k, (off, b)) in ops().into_iter().enumerate() {
-        since.push((off, b));
-        if dev.write_at(&[b; BLOCK], off).is_err() {
-            break;
-        }
-        now[off as usize..off as usize + BLOCK].fill(b);
-        if k % 4 == 3 {
-            if dev.flush().is_err() {
-                break;
+            Write {
+                off: c * CLUSTER + (k % 4) * BLOCK as u64,
+                len: BLOCK,
+                byte: 1 + k as u8,
             }
-            durable = now.clone();
-            since.clear();
-        }
+        })
+        .collect();
+    Workload {
+        initial: image(SIZE, "compat=1.1,lazy_refcounts=on"),
+        size: SIZE,
+        ops,
+        every: 4,
+        open: OpenOptions::new(),
     }
-    if cut.is_none() {
-        dev.close().unwrap();
-    }
-    (fs, durable, since)
 }
 
 #[test]
 fn clean_close_clears_the_dirty_bit() {
-    let (fs, want, _) = run(&lazy_image(), None);
-    let img = fs.crash_image(diskimg_blockio::CrashMode::DropUnflushed);
+    let clean = workload().run(None);
+    let img = clean.fs.crash_image(CrashMode::DropUnflushed);
     assert_eq!(incompatible(&img) & 1, 0);
     let dir = tempdir();
     let path = dir.path().join("clean.qcow2");
     std::fs::write(&path, &img).unwrap();
     let (v, code) = qemu_check_json(&path, "qcow2");
     assert_eq!(code, 0, "{v}");
-    assert!(read_all(crate::open(&path, true).as_ref()) == want);
+    assert!(read_all(crate::open(&path, true).as_ref()) == clean.durable);
 }
 
 #[test]
 fn crash_at_every_cut_is_repaired_at_open() {
-    let initial = lazy_image();
-    let count = run(&initial, None).0.ops();
+    let w = workload();
+    let count = w.run(None).fs.ops();
     let dir = tempdir();
     let path = dir.path().join("crash.qcow2");
     let mut dirty_seen = false;
     for cut in 0..count {
-        let (fs, durable, since) = run(&initial, Some(cut));
-        for (mode, img, _) in crate::crash_images(&fs, cut, &OpenOptions::new().read_only(true)) {
+        let o = w.run(Some(cut));
+        for (mode, img, _) in crash_images(&o.fs, cut, &OpenOptions::new().read_only(true)) {
             let what = format!("cut {cut} {mode:?}");
             let dirty = incompatible(&img) & 1 != 0;
             dirty_seen |= dirty;
             let s = Arc::new(MemStorage::from_vec(img));
             let dev = DRIVER.open(s.clone(), &OpenOptions::new()).unwrap();
             crate::assert_cut_checks_clean(dev.as_ref(), &what);
-            let got = read_all(dev.as_ref());
-            for (b, (g, d)) in got.chunks(BLOCK).zip(durable.chunks(BLOCK)).enumerate() {
-                let off = (b * BLOCK) as u64;
-                let new = since
-                    .iter()
-                    .any(|&(o, v)| o == off && g.iter().all(|&x| x == v));
-                assert!(
-                    g == d || new,
-                    "{what}: block at {off} holds neither old nor new data"
-                );
-            }
+            assert_old_or_new(&read_all(dev.as_ref()), &o, BLOCK, &what);
             drop(dev);
             if cut.is_multiple_of(4) {
                 let mut out = vec![0u8; s.len().unwrap() as usize];

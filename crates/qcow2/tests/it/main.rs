@@ -11,10 +11,12 @@ mod check;
 mod compressed;
 mod crash;
 mod crash_alloc;
+pub mod crash_harness;
 mod crash_tables;
 mod crash_threads;
 mod encrypt;
 mod hostile;
+mod hostile_rw;
 mod layout;
 mod lazy;
 mod maint;
@@ -37,6 +39,8 @@ use diskimg_blockio::{
     map_chain,
 };
 use diskimg_qcow2::DRIVER;
+
+pub use crash_harness::{assert_cut_checks_clean, assert_qemu_check_agrees, crash_images};
 
 /// Opens names relative to one directory (test stand-in for the facade's policy).
 #[derive(Debug)]
@@ -74,50 +78,23 @@ pub fn create(path: &Path, size: u64, options: &str) -> Result<()> {
     req.options.clone().finish("qcow2")
 }
 
-/// The three images a crash at `cut` can leave on `fs` (every write kept, the unflushed
-/// ones dropped, a random subset), each with its mode and opened with `opts`.
-pub fn crash_images(
-    fs: &diskimg_blockio::FaultStorage,
-    cut: u64,
-    opts: &OpenOptions,
-) -> Vec<(diskimg_blockio::CrashMode, Vec<u8>, Arc<dyn BlockDevice>)> {
-    use diskimg_blockio::{CrashMode, MemStorage};
-    [
-        CrashMode::KeepAll,
-        CrashMode::DropUnflushed,
-        CrashMode::Random(cut),
-    ]
-    .into_iter()
-    .map(|mode| {
-        let img = fs.crash_image(mode);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-        (mode, img, DRIVER.open(s, opts).unwrap())
-    })
-    .collect()
-}
-
-/// Our check of a crash image `dev`: no corruption and no check error (`what` names the
-/// cut). Returns the report.
-pub fn assert_cut_checks_clean(dev: &dyn BlockDevice, what: &str) -> diskimg_blockio::CheckReport {
-    let r = dev.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.check_errors), (0, 0), "{what}: {r:?}");
-    r
-}
-
-/// qemu-img check of `img` (written to `path`): no corruption, no check error, and as
-/// many leaks as our check found (`ours`).
-pub fn assert_qemu_check_agrees(
-    path: &Path,
-    img: &[u8],
-    ours: &diskimg_blockio::CheckReport,
-    what: &str,
-) {
-    std::fs::write(path, img).unwrap();
-    let (v, _) = diskimg_testutil::qemu_check_json(path, "qcow2");
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    assert_eq!(n("corruptions"), 0, "{what}: {v}");
-    assert_eq!(n("check-errors"), 0, "{what}: {v}");
-    assert_eq!(n("leaks"), ours.leaks, "{what}: {v}");
+/// The guest bytes of snapshot `sel` (`snapshot.name=N` / `snapshot.id=I`) of the qcow2
+/// image at `img`, as `qemu-img convert -l` reads them.
+pub fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
+    let out = img.with_extension("snap.raw");
+    diskimg_testutil::qemu_img_ok(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        sel,
+        &img.to_string_lossy(),
+        &out.to_string_lossy(),
+    ]);
+    std::fs::read(&out).unwrap()
 }
 
 /// Our map of `dev` in the shape of `qemu-img map --output=json`'s entries.

@@ -1,7 +1,9 @@
 //! Images written by qemu read back byte-identical; map and info agree with qemu-img.
 
 use diskimg_blockio::{BlockDevice, Driver, OpenOptions, OptionList, Storage};
-use diskimg_testutil::{qemu_img_ok, qemu_info_json, qemu_io, qemu_read_raw, read_all, tempdir};
+use diskimg_testutil::{
+    qemu_create_overlay, qemu_img_ok, qemu_info_json, qemu_io, qemu_read_raw, read_all, tempdir,
+};
 use std::sync::Arc;
 
 use crate::{assert_map_matches, info_json, open};
@@ -135,18 +137,7 @@ fn backing_chains_raw_and_qcow2_bases() {
     qemu_img_ok(&["create", "-q", "-f", "raw", &raw.to_string_lossy(), "4M"]);
     qemu_io(&raw, "raw", &["write -P 0x5a 0 4M"]);
     let mid = d.join("mid.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &mid.to_string_lossy(),
-        "6M",
-    ]);
+    qemu_create_overlay(&mid, "qcow2", "base.raw", "raw", Some("6M"));
     qemu_io(
         &mid,
         "qcow2",
@@ -230,25 +221,12 @@ fn internal_snapshots_read_as_qemu_convert_l() {
     )
     .unwrap();
     for name in ["first", "second", "1"] {
-        let out = dir.path().join("snap.raw");
         let sel = if name == "1" {
             "snapshot.id=1".to_string()
         } else {
             format!("snapshot.name={name}")
         };
-        qemu_img_ok(&[
-            "convert",
-            "-U",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "-l",
-            &sel,
-            &p.to_string_lossy(),
-            &out.to_string_lossy(),
-        ]);
-        let want = std::fs::read(&out).unwrap();
+        let want = crate::qemu_snapshot_raw(&p, &sel);
         let view = q2.open_snapshot(name).unwrap();
         assert_eq!(read_all(view.as_ref()), want, "snapshot {name}");
         assert!(view.write_at(&[1], 0).is_err());

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use diskimg_blockio::{BlockDevice, ZeroFlags};
-use diskimg_testutil::{pattern, qemu_check_json, qemu_compare, read_all, tempdir};
+use diskimg_testutil::{Rng, pattern, qemu_check_json, qemu_compare, read_all, tempdir};
 
 const SIZE: u64 = 4 << 20;
 const CS: u64 = 65536;
@@ -46,16 +46,6 @@ struct Shared<'a> {
     sects: Vec<Mutex<Sect>>,
     /// Per cluster of the shared half: discards so far, twice (odd while one runs).
     dseq: Vec<AtomicU64>,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 fn fill_of(s: u64) -> u8 {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use diskimg_blockio::{BlockDevice, Driver, MemStorage, OpenOptions, Result, Storage, ZeroFlags};
+use diskimg_blockio::{
+    BlockDevice, Driver, MemStorage, OpenOptions, Result, Storage, ZeroFlags, forward_storage,
+};
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::read_all;
 
@@ -97,24 +99,13 @@ impl Held {
 }
 
 impl Storage for Held {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
+    forward_storage!(inner: read_exact_at, len, set_len, flush);
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let marked = buf.len() >= 512 && buf.iter().all(|&b| b == OVERWRITE);
         if marked && self.armed.load(Ordering::SeqCst) {
             self.hold();
         }
         self.inner.write_all_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
     }
 }
 

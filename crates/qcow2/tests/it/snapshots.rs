@@ -3,10 +3,9 @@
 use diskimg_testutil::{
     assert_qemu_check_clean, qemu_compare, qemu_img_ok, qemu_io, qemu_read_raw, read_all, tempdir,
 };
-use std::path::Path;
 
-use crate::open;
 use crate::write::{qemu_create, run_both, workload};
+use crate::{open, qemu_snapshot_raw};
 
 #[test]
 fn writes_after_internal_snapshot_copy_shared_clusters() {
@@ -33,42 +32,12 @@ fn writes_after_internal_snapshot_copy_shared_clusters() {
         }
         let before = qemu_read_raw(&ours, "qcow2");
         run_both(&ours, &theirs, &workload(), None);
-        let out = d.join("snap.raw");
-        qemu_img_ok(&[
-            "convert",
-            "-U",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "-l",
-            "snapshot.name=snap",
-            &ours.to_string_lossy(),
-            &out.to_string_lossy(),
-        ]);
         assert_eq!(
-            std::fs::read(&out).unwrap(),
+            qemu_snapshot_raw(&ours, "snapshot.name=snap"),
             before,
             "snapshot changed ({o})"
         );
     }
-}
-
-fn qemu_snapshot_raw(img: &Path, sel: &str) -> Vec<u8> {
-    let out = img.with_extension("snap.raw");
-    qemu_img_ok(&[
-        "convert",
-        "-U",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "-l",
-        sel,
-        &img.to_string_lossy(),
-        &out.to_string_lossy(),
-    ]);
-    std::fs::read(&out).unwrap()
 }
 
 #[test]

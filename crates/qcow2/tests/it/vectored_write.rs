@@ -7,7 +7,7 @@ use std::io::IoSlice;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use diskimg_blockio::{BlockDevice, Driver, FileStorage, Result, Storage};
+use diskimg_blockio::{BlockDevice, Driver, FileStorage, Result, Storage, forward_storage};
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{Model, assert_qemu_check_clean, pattern, qemu_read_raw, read_all};
 
@@ -24,9 +24,7 @@ struct Counting {
 }
 
 impl Storage for Counting {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
+    forward_storage!(inner: read_exact_at, len, set_len, flush, host_file);
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.seen.lock().unwrap().2 += 1;
         self.inner.write_all_at(buf, offset)
@@ -36,18 +34,6 @@ impl Storage for Counting {
         s.0 += 1;
         s.1 += bufs.len();
         self.inner.write_vectored_all_at(bufs, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn host_file(&self) -> Option<&std::fs::File> {
-        self.inner.host_file()
     }
 }
 

@@ -1,23 +1,11 @@
 //! The same workload applied by us and by qemu-io to copies gives identical images.
 
 use diskimg_blockio::ZeroFlags;
-use diskimg_testutil::{Model, assert_qemu_check_clean, qemu_compare, qemu_io, read_all, tempdir};
+use diskimg_testutil::{
+    Model, Rng, assert_qemu_check_clean, qemu_compare, qemu_io, read_all, tempdir,
+};
 
 use crate::{create, open};
-
-/// A small deterministic generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[test]
 fn random_workload_matches_qemu_io() {

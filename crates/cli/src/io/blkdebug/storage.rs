@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use diskimg::blockio::{DebugEvent, Preallocation};
+use diskimg::blockio::{DebugEvent, forward_storage};
 use diskimg::{Result, Storage};
 
 use super::tracked::{Tracked, Tracker};
@@ -139,6 +139,15 @@ impl BlkdebugStorage {
 }
 
 impl Storage for BlkdebugStorage {
+    forward_storage!(
+        inner: len,
+        set_len,
+        is_read_only,
+        discard_zeroes,
+        preallocate,
+        allocated_bytes,
+        start_writeback,
+    );
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.engine.check(offset, buf.len() as u64, IoType::Read)?;
         self.inner.read_exact_at(buf, offset)
@@ -169,12 +178,6 @@ impl Storage for BlkdebugStorage {
         self.engine.event(DebugEvent::PwritevDone);
         Ok(())
     }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
     fn flush(&self) -> Result<()> {
         if self.written.swap(false, Ordering::AcqRel)
             && let Err(e) = self.engine.check(0, 0, IoType::Flush)
@@ -183,9 +186,6 @@ impl Storage for BlkdebugStorage {
             return Err(e);
         }
         self.inner.flush()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let req = self.tracker.begin(offset, offset.saturating_add(len));
@@ -200,12 +200,6 @@ impl Storage for BlkdebugStorage {
         self.write_check(offset, len, IoType::Discard)?;
         self.inner.discard(offset, len)
     }
-    fn discard_zeroes(&self) -> bool {
-        self.inner.discard_zeroes()
-    }
-    fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
-        self.inner.preallocate(offset, len, mode)
-    }
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
         self.engine.check(offset, 1, IoType::BlockStatus)?;
         self.inner.next_data(offset)
@@ -213,12 +207,6 @@ impl Storage for BlkdebugStorage {
     fn next_hole(&self, offset: u64) -> Result<u64> {
         self.engine.check(offset, 1, IoType::BlockStatus)?;
         self.inner.next_hole(offset)
-    }
-    fn allocated_bytes(&self) -> Result<Option<u64>> {
-        self.inner.allocated_bytes()
-    }
-    fn start_writeback(&self, offset: u64, len: u64) {
-        self.inner.start_writeback(offset, len);
     }
     fn debug_event(&self, event: DebugEvent) {
         self.engine.event(event);

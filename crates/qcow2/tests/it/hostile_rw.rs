@@ -1,0 +1,120 @@
+//! Hostile input met by read-write use (what the `qcow2_rw` fuzz target reaches):
+//! persistent bitmaps loaded at a read-write open, offline bitmap edits, repairs,
+//! snapshots. Each case ends in a clean error or a clean open, with memory bounded by the
+//! file, never by what a header claims.
+
+use std::sync::Arc;
+
+use diskimg_blockio::{Driver, MemStorage, OpenOptions, Storage};
+use diskimg_qcow2::DRIVER;
+use diskimg_testutil::{qemu_img_ok, tempdir};
+
+/// `qemu-img create -f qcow2 -o OPTS SIZE` + `qemu-img bitmap --add ARGS b0`, as bytes.
+fn with_bitmap(opts: &str, size: &str, add: &[&str]) -> Vec<u8> {
+    let dir = tempdir();
+    let p = dir.path().join("b.qcow2");
+    let ps = p.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", opts, &ps, size]);
+    let mut args = vec!["bitmap", "--add"];
+    args.extend_from_slice(add);
+    args.extend([ps.as_str(), "b0"]);
+    qemu_img_ok(&args);
+    std::fs::read(&p).unwrap()
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The file offset of the first bitmap directory entry (header extension 0x23852875).
+fn bitmap_entry(img: &[u8]) -> usize {
+    let mut off = be32(img, 100) as usize;
+    loop {
+        let (ty, len) = (be32(img, off), be32(img, off + 4) as usize);
+        assert_ne!(ty, 0, "no bitmaps extension");
+        if ty == 0x2385_2875 {
+            return be64(img, off + 8 + 16) as usize;
+        }
+        off += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// The error of a read-write open of `img`.
+fn open_err(img: Vec<u8>) -> diskimg_blockio::Error {
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+    match DRIVER.open(s, &OpenOptions::new()) {
+        Ok(_) => panic!("hostile image opened read-write"),
+        Err(e) => e,
+    }
+}
+
+/// A bitmap of 512-byte granules on a 64 PiB disk of 2 MiB clusters needs 2^23 table
+/// entries; this one has 2. The table is checked (and read from the file) before the
+/// bitmap is sized by the disk, which would reserve 2^23 chunk slots (128 MiB) first.
+#[test]
+fn bitmap_table_too_small_for_a_huge_disk_is_refused_before_sizing() {
+    let mut img = with_bitmap("cluster_size=2M", "64P", &["-g", "2G"]);
+    let entry = bitmap_entry(&img);
+    assert_eq!(img[entry + 17], 31, "granularity bits of -g 2G");
+    img[entry + 17] = 9;
+    let e = open_err(img.clone());
+    assert!(e.to_string().contains("bitmap table too small"), "{e}");
+    // Out of qemu's range (9..=31): refused when the directory is parsed.
+    img[entry + 17] = 0;
+    let e = open_err(img);
+    assert!(e.to_string().contains("granularity out of range"), "{e}");
+}
+
+/// A bitmap directory laid over the snapshot table (its first entry read as a directory
+/// entry: the snapshot's L1 table as the bitmap table, its id and name lengths as the
+/// flags). Marking the bitmap in use rewrites the directory in place, which would set
+/// bit 0 of the snapshot's name length; as qemu's `bitmap_list_store`, the write is
+/// refused because it overlaps other metadata, and the snapshot table is left alone.
+#[test]
+fn bitmap_directory_over_the_snapshot_table_is_not_rewritten() {
+    let dir = tempdir();
+    let p = dir.path().join("o.qcow2");
+    let ps = p.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &ps, "1M"]);
+    diskimg_testutil::qemu_io(&p, "qcow2", &["write -P 1 0 64k"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", &ps]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "65536", &ps, "b0"]);
+    let mut img = std::fs::read(&p).unwrap();
+    let snap = be64(&img, 64) as usize;
+    // The snapshot entry as a directory entry: type 1, 64 KiB granules, a 2-byte name
+    // "b0" (in the date and VM clock fields), no extra data.
+    img[snap + 16..snap + 26].copy_from_slice(&[1, 16, 0, 2, 0, 0, 0, 0, b'b', b'0']);
+    assert_eq!(
+        be32(&img, snap + 12),
+        0x0001_0002,
+        "id and name lengths as flags"
+    );
+    let ext = {
+        let mut off = be32(&img, 100) as usize;
+        while be32(&img, off) != 0x2385_2875 {
+            off += 8 + (be32(&img, off + 4) as usize).next_multiple_of(8);
+        }
+        off
+    };
+    img[ext + 24..ext + 32].copy_from_slice(&(snap as u64).to_be_bytes());
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+    let opened = DRIVER.open(s.clone(), &OpenOptions::new());
+    let mut after = vec![0u8; s.len().unwrap() as usize];
+    s.read_exact_at(&mut after, 0).unwrap();
+    assert_eq!(
+        be32(&after, snap + 12),
+        0x0001_0002,
+        "snapshot name length changed"
+    );
+    let Err(e) = opened else {
+        panic!("the in-place directory write was not refused");
+    };
+    assert!(
+        e.to_string().contains("overlaps with snapshot table"),
+        "{e}"
+    );
+}
