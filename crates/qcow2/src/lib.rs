@@ -96,6 +96,7 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod behind;
 mod blockdev;
 mod capability;
 mod compressed_write;
