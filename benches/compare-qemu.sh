@@ -15,7 +15,9 @@
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
 #   BIG_RUNS=1          runs of the big case per tool
 #                       (its cases: big-qcow2 = each tool's default, big-qcow2-none = -t none,
-#                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides)
+#                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides;
+#                       big-ceiling = fio's O_DIRECT read/write/mixed rows on the same device
+#                       first, only when named in CASES; CEIL_GIB=4 GiB per fio job)
 #   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
 #                       outputs exist one at a time: qemu-img's is deleted before diskimg runs)
 #   LOOP=1              the loop-device target case with -t none (needs root, losetup)

@@ -17,9 +17,9 @@
 ///
 /// Every method of the trait can be named: `read_exact_at`, `write_all_at`,
 /// `read_vectored_exact_at`, `write_vectored_all_at`, `len`, `is_empty`, `set_len`,
-/// `flush`, `is_read_only`, `write_zeroes`, `discard`, `discard_zeroes`, `preallocate`,
-/// `next_data`, `next_hole`, `allocated_bytes`, `start_writeback`, `host_file`, `uring`
-/// (Linux) and `debug_event`. Methods not named keep the trait's defaults.
+/// `flush`, `is_read_only`, `write_zeroes`, `write_zeroes_unmap`, `discard`,
+/// `discard_zeroes`, `preallocate`, `next_data`, `next_hole`, `allocated_bytes`,
+/// `start_writeback`, `host_file`, `uring` (Linux) and `debug_event`. Methods not named keep the trait's defaults.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,6 +109,11 @@ macro_rules! forward_storage {
     (@one $f:ident write_zeroes) => {
         fn write_zeroes(&self, offset: u64, len: u64) -> $crate::Result<()> {
             $crate::Storage::write_zeroes(&self.$f, offset, len)
+        }
+    };
+    (@one $f:ident write_zeroes_unmap) => {
+        fn write_zeroes_unmap(&self, offset: u64, len: u64) -> $crate::Result<()> {
+            $crate::Storage::write_zeroes_unmap(&self.$f, offset, len)
         }
     };
     (@one $f:ident discard) => {

@@ -17,15 +17,9 @@
 //! waited in the page cache until that flush: on the benchmark input the conversion
 //! took 0.25 s and the flush another 0.35 s (docs/benchmarks.md). Small scattered writes
 //! (metadata updates) are never handed over, so their pages stay cached for the next
-//! update of the same table. The hand-over itself (`posix_fadvise`, which submits the
-//! pages for writeback and may wait for room in the device's queue: 0.43 ms a call,
-//! 1.65 s of a 6 s run on the ordered writer in docs/benchmarks.md) runs on a helper
-//! thread, so the writer goes on with the next chunk.
+//! update of the same table.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use diskimg_blockio::{Preallocation, Result, Storage};
 
@@ -37,21 +31,7 @@ pub struct UnsafeCache {
     inner: Arc<dyn Storage>,
     /// The run of consecutive writes not yet handed to `start_writeback`.
     run: Mutex<Run>,
-    /// The helper thread that hands runs over, once started.
-    helper: Mutex<Option<Helper>>,
-    /// Set when the cache is dropped: the helper skips what is left.
-    stop: Arc<AtomicBool>,
 }
-
-/// The hand-over thread and its queue of ranges.
-#[derive(Debug)]
-struct Helper {
-    tx: SyncSender<(u64, u64)>,
-    thread: JoinHandle<()>,
-}
-
-/// Ranges queued for the helper; a writer that gets this far ahead waits for it.
-const HANDOVER_QUEUE: usize = 64;
 
 /// Bytes of consecutive writes handed to [`Storage::start_writeback`] at once.
 const WRITE_BEHIND_CHUNK: u64 = 4 << 20;
@@ -71,37 +51,6 @@ impl UnsafeCache {
         Self {
             inner,
             run: Mutex::new(Run::default()),
-            helper: Mutex::new(None),
-            stop: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Hands `r` to the inner storage's `start_writeback` on the helper thread
-    /// (started on first use; on this thread when none can be started).
-    fn hand_over(&self, r: Run) {
-        let (offset, len) = (r.start, r.end - r.start);
-        let mut h = self.helper.lock().unwrap_or_else(|p| p.into_inner());
-        if h.is_none() {
-            let (tx, rx) = sync_channel::<(u64, u64)>(HANDOVER_QUEUE);
-            let (inner, stop) = (self.inner.clone(), self.stop.clone());
-            let spawned = std::thread::Builder::new()
-                .name("write-back".into())
-                .spawn(move || {
-                    for (o, l) in rx {
-                        if !stop.load(Ordering::Relaxed) {
-                            inner.start_writeback(o, l);
-                        }
-                    }
-                });
-            if let Ok(thread) = spawned {
-                *h = Some(Helper { tx, thread });
-            }
-        }
-        let tx = h.as_ref().map(|h| h.tx.clone());
-        drop(h);
-        match tx {
-            Some(tx) if tx.send((offset, len)).is_ok() => {}
-            _ => self.inner.start_writeback(offset, len),
         }
     }
 
@@ -129,34 +78,13 @@ impl UnsafeCache {
             }
         }
         for r in hand.into_iter().flatten() {
-            self.hand_over(r);
+            self.inner.start_writeback(r.start, r.end - r.start);
         }
     }
 
     /// Makes every completed write durable (the real flush).
     pub fn flush_inner(&self) -> Result<()> {
         self.inner.flush()
-    }
-}
-
-impl UnsafeCache {
-    /// Stops the helper thread once it has handed over what is queued (`skip`: once it
-    /// has skipped it). A later hand-over starts a new one.
-    fn stop_helper(&self, skip: bool) {
-        self.stop.store(skip, Ordering::Relaxed);
-        let h = self.helper.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(Helper { tx, thread }) = h {
-            drop(tx);
-            let _ = thread.join();
-        }
-        self.stop.store(false, Ordering::Relaxed);
-    }
-}
-
-impl Drop for UnsafeCache {
-    /// Stops the helper (ranges still queued are skipped: nothing depends on them).
-    fn drop(&mut self) {
-        self.stop_helper(true);
     }
 }
 
@@ -286,7 +214,6 @@ mod tests {
         s.write_all_at(&block[..256 << 10], 40 * mib + (256 << 10))
             .unwrap();
         s.write_all_at(&[4; 8], 8).unwrap();
-        s.stop_helper(false);
         let handed = rec.handed.lock().unwrap().clone();
         assert_eq!(
             handed,
@@ -310,7 +237,6 @@ mod tests {
         for k in 0..3 {
             s.start_writeback(k * 2 * mib, 2 * mib);
         }
-        s.stop_helper(false);
         assert_eq!(*rec.handed.lock().unwrap(), vec![(0, 4 * mib)]);
         let dir = tempfile::tempdir().unwrap();
         let f = diskimg_blockio::FileStorage::create(dir.path().join("f")).unwrap();
