@@ -15,7 +15,9 @@
 #   BIG_DATA_GIB=8      GiB of data in its 100 GiB sparse source (0.76 GiB per copy)
 #   BIG_RUNS=1          runs of the big case per tool
 #                       (its cases: big-qcow2 = each tool's default, big-qcow2-none = -t none,
-#                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides)
+#                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides;
+#                       big-ceiling = fio's O_DIRECT read/write/mixed rows on the same device
+#                       first, only when named in CASES; CEIL_GIB=4 GiB per fio job)
 #   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
 #                       outputs exist one at a time: qemu-img's is deleted before diskimg runs)
 #   LOOP=1              the loop-device target case with -t none (needs root, losetup)
@@ -284,6 +286,66 @@ if [ "${BIG:-1}" = 1 ] && { [ -z "${CASES:-}" ] || [[ " $CASES " == *" big-"* ]]
         run_big=0
     fi
 fi
+# fio_row LABEL FIO-ARGS...: one fio run of one or more jobs (run at once) on the big
+# case's file system; prints a row: MB/s of the reading and the writing jobs, the wall
+# time until all finish, and that time scaled to the big case's BIG_DATA_GIB.
+fio_row() {
+    local label=$1
+    shift
+    fio --output-format=json --direct=1 --bs=2M --fallocate=none "$@" >"$work_saved/fio.json"
+    python3 - "$label" "$ceil_gib" "$gib" "$work_saved/fio.json" <<'PY'
+import json, sys
+label, ceil, gib, path = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+text = open(path).read()
+jobs = json.loads(text[text.index("{"):])["jobs"]  # fio may print a job line first
+rd = sum(j["read"]["bw_bytes"] for j in jobs) / 1e6
+wr = sum(j["write"]["bw_bytes"] for j in jobs) / 1e6
+wall = max(j["job_runtime"] for j in jobs) / 1000
+fmt = lambda v: f"{v:.0f} MB/s" if v else "-"
+print(f"| {label} | {fmt(rd)} | {fmt(wr)} | {wall:.2f} s | {wall * gib / ceil:.2f} s |")
+PY
+}
+
+# The device's ceiling under the big case's load (CASES="big-ceiling"): O_DIRECT 2 MiB
+# sequential reads of a CEIL_GIB file, writes of a new file (allocating, as a growing
+# qcow2), and both at once, at the queue depths the tools use (qemu-img: 8 reads, one
+# write in flight; diskimg -t none: 8 reads, 4 writes), then the real source read alone.
+big_ceiling() {
+    ceil_gib=${CEIL_GIB:-4}
+    local c=$mnt/ceil sz=${ceil_gib}G
+    # The data the big case moves (its reflinked copies), in GiB.
+    gib=$(qemu-img map -f raw --output=json "$big" | python3 -c \
+        'import json,sys; print("%.2f" % (sum(e["length"] for e in json.load(sys.stdin) if e["data"]) / 2**30))')
+    echo "# ceiling: fio $(fio --version), O_DIRECT 2 MiB sequential, $ceil_gib GiB per job, on $mnt; last column: the wall time scaled to $gib GiB"
+    echo
+    echo "| load | read | write | wall | × $gib GiB |"
+    echo "|---|---|---|---|---|"
+    fio_row "write new file, QD1" --name=w --filename="$c.src" --rw=write --size="$sz" --ioengine=psync
+    fio_row "write new file, QD4" --name=w --filename="$c.dst" --rw=write --size="$sz" --ioengine=libaio --iodepth=4
+    rm -f "$c.dst"; fstrim "$mnt" 2>/dev/null || true
+    fio_row "read, QD1" --name=r --filename="$c.src" --rw=read --size="$sz" --ioengine=psync
+    fio_row "read, QD8" --name=r --filename="$c.src" --rw=read --size="$sz" --ioengine=libaio --iodepth=8
+    local qd
+    for qd in 1 4; do
+        fio_row "read QD8 + write new file QD$qd" --name=r --filename="$c.src" --rw=read --size="$sz" \
+            --ioengine=libaio --iodepth=8 --name=w --filename="$c.dst" --rw=write --size="$sz" \
+            --ioengine=libaio --iodepth=$qd
+        rm -f "$c.dst"; fstrim "$mnt" 2>/dev/null || true
+    done
+    rm -f "$c.src"; fstrim "$mnt" 2>/dev/null || true
+    local t0 t1 tc
+    for tc in none writeback; do
+        dd if="$big" iflag=nocache count=0 status=none
+        t0=$(date +%s.%N)
+        qemu-img convert -n -f raw -T $tc "$big" --target-image-opts \
+            "driver=null-co,size=$(stat -c %s "$big")"
+        t1=$(date +%s.%N)
+        printf '| the big source read alone (qemu-img -T %s → null-co) | %.0f MB/s | - | %.2f s | %.2f s |\n' \
+            "$tc" "$(echo "$gib * 1073.741824 / ($t1 - $t0)" | bc -l)" "$(echo "$t1 - $t0" | bc)" "$(echo "$t1 - $t0" | bc)"
+    done
+    echo
+    gib=${BIG_DATA_GIB:-8}
+}
 if [ "$run_big" = 1 ]; then
     copies=$(((gib * 100 + 75) / 76))
     if [ "$copies" -gt 25 ]; then copies=25; fi
@@ -315,6 +377,7 @@ if [ "$run_big" = 1 ]; then
     }
     work_saved=$work
     work=$mnt
+    if [[ " ${CASES:-} " == *" big-ceiling "* ]]; then big_ceiling; fi
     n=${BIG_RUNS:-1}
     bench_case big-qcow2 raw "$big" qcow2 "" "" "" cold "$n" 1
     bench_case big-qcow2-none raw "$big" qcow2 "-t none" "-t none" "" cold "$n" 1

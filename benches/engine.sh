@@ -2,7 +2,7 @@
 # The engine benchmark (issue 17): diskimg vs imago 0.2.6 vs `qemu-img bench` on the same
 # qcow2 images, one table, with io_uring queue-depth-16 rows (the library's async face on
 # O_DIRECT, beside qemu-img bench -d 16 -t none). See benches/engine/engine.rs for the patterns and knobs
-# (BENCH_SIZE_MIB, BENCH_ALLOC_MIB, BENCH_READS, BENCH_CACHED_READS, BENCH_ROUNDS, BENCH_ONLY,
+# (BENCH_SIZE_MIB, BENCH_ALLOC_MIB, BENCH_READS, BENCH_CACHED_READS, BENCH_ROUNDS, BENCH_ONLY, BENCH_EXTRA,
 # BENCH_ENGINES, BENCH_DIR). The read image (512 MiB at the default size) stays in BENCH_DIR;
 # delete it afterwards. The allocating rows need BENCH_ALLOC_MIB (2 GiB) free while they run.
 #

@@ -15,6 +15,9 @@
 #   CASES=a,b,...  only these cases, named RW-BS-QD (e.g.
 #                  randwrite-4k-1,write-1M-16); default all eight
 #   DISKIMG_ARGS   extra arguments for `diskimg serve` (e.g. "--cache none")
+#   DIRECT=1       O_DIRECT on every server: `--cache none` for diskimg (A and B) and
+#                  cache.direct=on for qemu-storage-daemon (default: the page cache,
+#                  diskimg's default writeback against qemu-storage-daemon's cache.direct=off)
 #   DISKIMG_B=path a second diskimg binary (e.g. a build of main) served as a third disk
 #                  (vdc) from its own copy of the image, for an A/B of two builds in one
 #                  run: the disks' order rotates per round, and the table gains its
@@ -155,17 +158,19 @@ cp "$dir/src.qcow2" "$dir/theirs.qcow2"
 [ -n "$bin_b" ] && cp "$dir/src.qcow2" "$dir/b.qcow2"
 rm "$dir/src.qcow2"
 
+direct=off; cache_args=()
+if [ -n "${DIRECT:-}" ]; then direct=on; cache_args=(--cache none); fi
 # shellcheck disable=SC2086
-"$bin" serve --vhost-user-blk "$dir/ours.sock" --num-queues 2 ${DISKIMG_ARGS:-} -f qcow2 "$dir/ours.qcow2" & pids+=($!)
+"$bin" serve --vhost-user-blk "$dir/ours.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_ARGS:-} -f qcow2 "$dir/ours.qcow2" & pids+=($!)
 qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f,filename=$dir/theirs.qcow2,cache.direct=off" \
+    --blockdev "driver=file,node-name=f,filename=$dir/theirs.qcow2,cache.direct=$direct" \
     --blockdev driver=qcow2,node-name=q,file=f \
     --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$dir/theirs.sock,writable=on,num-queues=2" \
     & pids+=($!)
 socks="ours theirs"
 if [ -n "$bin_b" ]; then
     # shellcheck disable=SC2086
-    "$bin_b" serve --vhost-user-blk "$dir/b.sock" --num-queues 2 ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}} -f qcow2 "$dir/b.qcow2" & pids+=($!)
+    "$bin_b" serve --vhost-user-blk "$dir/b.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}} -f qcow2 "$dir/b.qcow2" & pids+=($!)
     socks="ours theirs b"
 fi
 for s in $socks; do
@@ -256,4 +261,4 @@ for case in ["randread-4k-1", "randread-4k-16", "randwrite-4k-1", "randwrite-4k-
 EOF
 echo
 sed -n 's/^QUEUE vda/guest queue limits: diskimg (vda)/p; s/^QUEUE vdb/guest queue limits: qemu-storage-daemon (vdb)/p; s/^QUEUE vdc/guest queue limits: diskimg B (vdc)/p' "$dir/console"
-echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel binary=$bin ${DISKIMG_ARGS:-}${bin_b:+ B=$bin_b ${DISKIMG_B_ARGS:-}} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
+echo "size=$size runtime=${secs}s rounds=$rounds accel=$accel cache.direct=$direct binary=$bin ${DISKIMG_ARGS:-}${bin_b:+ B=$bin_b ${DISKIMG_B_ARGS:-}} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"

@@ -216,13 +216,14 @@ pub fn edit_bitmaps(
         diskimg_blockio::lock::LockPerms::format_file(true, false),
         &path.to_string_lossy(),
     )?;
-    edit_bitmaps_on(
+    let (done, closed) = edit_bitmaps_on(
         std::sync::Arc::new(storage),
         &path.to_string_lossy(),
         format,
         name,
         ops,
-    )
+    );
+    done.and(closed)
 }
 
 /// [`edit_bitmaps`] on the image `image` names: a file, or a `json:{…}` name (the
@@ -236,8 +237,25 @@ pub fn edit_bitmaps_named(
     name: &str,
     ops: &[BitmapOp],
 ) -> Result<()> {
-    let (storage, named) = bitmap_file(image, drivers, false)?;
-    edit_bitmaps_on(storage, image, format.or(named), name, ops)
+    let (done, closed) = edit_bitmaps_named_then_close(image, format, drivers, name, ops);
+    done.and(closed)
+}
+
+/// [`edit_bitmaps_named`] with the two results apart: the operations' (the open's, or
+/// the first failing operation's error) and the close's (storing the bitmaps), as
+/// `qemu-img bitmap` reports both.
+#[cfg(feature = "qcow2")]
+pub fn edit_bitmaps_named_then_close(
+    image: &str,
+    format: Option<crate::Format>,
+    drivers: &crate::NodeDrivers,
+    name: &str,
+    ops: &[BitmapOp],
+) -> (Result<()>, Result<()>) {
+    match bitmap_file(image, drivers, false) {
+        Ok((storage, named)) => edit_bitmaps_on(storage, image, format.or(named), name, ops),
+        Err(e) => (Err(e), Ok(())),
+    }
 }
 
 /// The storage (and named format) of the image `image` names for a bitmap operation:
@@ -279,22 +297,23 @@ fn edit_bitmaps_on(
     format: Option<crate::Format>,
     name: &str,
     ops: &[BitmapOp],
-) -> Result<()> {
+) -> (Result<()>, Result<()>) {
     let format = match format {
         Some(f) => f,
         None => crate::probe(storage.as_ref()),
     };
     if format != crate::Format::Qcow2 {
         let op = ops.first().map_or("add", BitmapOp::verb);
-        return Err(Error::unsupported(
+        let e = Err(Error::unsupported(
             format.name(),
             format!(
                 "Operation {op} on bitmap {name} failed: Can't store persistent bitmaps to {shown}: \
                  Operation not supported"
             ),
         ));
+        return (e, Ok(()));
     }
-    diskimg_qcow2::edit_bitmaps(storage, name, ops)
+    diskimg_qcow2::edit_bitmaps_then_close(storage, name, ops)
 }
 
 /// The stored bits of bitmap `name` of the qcow2 image on `storage` (opened read-only on

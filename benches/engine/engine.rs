@@ -15,9 +15,12 @@
 //!   (diskimg and imago `read-4k-*`; default 1000000: 200000 took only 0.1 s on a quiet
 //!   machine, too short for stable ratios);
 //! - `BENCH_ROUNDS` — rounds per measurement, the best is reported (default 3);
-//! - `BENCH_ONLY` — comma-separated row names to run (default all);
+//! - `BENCH_ONLY` — comma-separated prefixes of the row names to run (default all; a
+//!   name ending in `$` selects that row only, e.g. `alloc-4k-rand$` without `-mt`);
 //! - `BENCH_ENGINES` — comma-separated prefixes of the engine column (`diskimg`, `imago`,
 //!   `diskimg io_uring`, `qemu-img`, `qemu-img -d 16`, …; default every row);
+//! - `BENCH_EXTRA` — more diskimg rows with driver options, `;`-separated, e.g.
+//!   `diskimg x-write-behind=off` (an A/B row run in the same rounds; `engines.rs`);
 //! - `BENCH_MT_THREADS` — thread counts of `alloc-4k-rand-mt` (default `1,2`);
 //! - `BENCH_URING_PLUG=1`, `BENCH_URING_PARK=std` — variants of the io_uring row's
 //!   driver (`benches/engine/uring.rs`).
@@ -99,9 +102,12 @@ impl Cfg {
     }
 
     fn wants(&self, row: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|x| row.starts_with(x.as_str())))
+        self.only.as_ref().is_none_or(|o| {
+            o.iter().any(|x| match x.strip_suffix('$') {
+                Some(exact) => row == exact,
+                None => row.starts_with(x.as_str()),
+            })
+        })
     }
 
     /// Clusters of the fresh images (one allocating write each).
@@ -269,6 +275,58 @@ fn allocated_mib(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// This process's `write_bytes` (bytes it sent towards the storage, counted when page
+/// cache pages are dirtied) and `syscw` (write-type system calls), from `/proc/self/io`.
+fn proc_io() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("write_bytes:"), field("syscw:"))
+}
+
+/// The extents of `p` as `filefrag` counts them (empty when it is not installed).
+fn extents(p: &Path) -> String {
+    Command::new("filefrag")
+        .arg(p)
+        .output()
+        .ok()
+        .and_then(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).into_owned();
+            let n = s
+                .rsplit(": ")
+                .next()?
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(format!(", {n} extents"))
+        })
+        .unwrap_or_default()
+}
+
+/// One allocating run of engine `eng` on a fresh image: its time and a note (space on
+/// disk, bytes dirtied and write calls per flush group of the run, extents at the end).
+fn alloc_round(cfg: &Cfg, eng: &str, offs: &[u64]) -> (Duration, String) {
+    let img = fresh_image(cfg);
+    let e = open_engine(eng, &img, true);
+    let (wb0, sc0) = proc_io();
+    let t = run_writes(e.as_ref(), offs);
+    let (wb1, sc1) = proc_io();
+    drop(e);
+    let groups = offs.len().div_ceil(FLUSH_EVERY).max(1) as u64;
+    let note = format!(
+        "{}, {} KiB dirtied and {} writes per flush group{}",
+        allocated_mib(&img),
+        ((wb1 - wb0) / groups) >> 10,
+        (sc1 - sc0) / groups,
+        extents(&img)
+    );
+    (t, note)
+}
+
 fn main() {
     let cfg = Cfg::from_env();
     std::fs::create_dir_all(&cfg.dir).expect("bench dir");
@@ -340,25 +398,29 @@ fn main() {
             continue;
         }
         // Engines in turn, round by round (the disk's pace varies with other work).
-        let mut best = vec![Duration::MAX; engines.len()];
+        let mut times = vec![Vec::new(); engines.len()];
         let mut notes = vec![String::new(); engines.len()];
         for _ in 0..cfg.rounds {
             for (i, &eng) in engines.iter().enumerate() {
-                let img = fresh_image(&cfg);
-                let e = open_engine(eng, &img, true);
-                best[i] = best[i].min(run_writes(e.as_ref(), offs));
-                drop(e);
-                notes[i] = allocated_mib(&img);
+                let (t, note) = alloc_round(&cfg, eng, offs);
+                times[i].push(t);
+                notes[i] = note;
             }
         }
-        for ((&eng, best), note) in engines.iter().zip(best).zip(notes) {
+        for ((&eng, mut t), note) in engines.iter().zip(times).zip(notes) {
+            t.sort();
+            let median = t[t.len() / 2];
+            let ops = offs.len();
             print_row(&Row {
                 name: name.into(),
                 engine: eng.into(),
-                ops: offs.len(),
-                bytes: offs.len() as u64 * BLOCK,
-                best,
-                note,
+                ops,
+                bytes: ops as u64 * BLOCK,
+                best: t[0],
+                note: format!(
+                    "median {:.0} ops/s; {note}",
+                    ops as f64 / median.as_secs_f64()
+                ),
             });
         }
     }

@@ -25,10 +25,15 @@ pub fn wanted(label: &str) -> bool {
 }
 
 /// The in-process engines (not `qemu-img bench`), in the order rows are printed,
-/// as [`wanted`] selects them.
+/// as [`wanted`] selects them: diskimg, imago, then those `BENCH_EXTRA` names
+/// (`;`-separated; `diskimg k=v,k2=v2` opens diskimg with those driver options, e.g.
+/// `BENCH_EXTRA="diskimg x-write-behind=off"` for an A/B row in the same rounds).
 pub fn names() -> Vec<&'static str> {
+    let extra = std::env::var("BENCH_EXTRA").unwrap_or_default();
+    let extra: &'static str = Box::leak(extra.into_boxed_str());
     ["diskimg", "imago 0.2.6"]
         .into_iter()
+        .chain(extra.split(';').filter(|s| !s.is_empty()))
         .filter(|n| wanted(n))
         .collect()
 }
@@ -39,6 +44,17 @@ pub fn open_engine(name: &str, path: &Path, write: bool) -> Arc<dyn Engine> {
         "diskimg" => {
             let img = diskimg::open(path, Some(Format::Qcow2), &ImageOptions::read_only(!write))
                 .expect("diskimg open");
+            Arc::new(Diskimg(img.device))
+        }
+        opts if opts.starts_with("diskimg ") && opts.contains('=') => {
+            // Driver options for an A/B row, e.g. `diskimg x-write-behind=off`.
+            let mut o = ImageOptions::read_only(!write);
+            for kv in opts["diskimg ".len()..].split(',') {
+                if let Some((k, v)) = kv.split_once('=') {
+                    o.driver_options.set(k, v);
+                }
+            }
+            let img = diskimg::open(path, Some(Format::Qcow2), &o).expect("diskimg open");
             Arc::new(Diskimg(img.device))
         }
         "imago 0.2.6" => {

@@ -64,7 +64,7 @@ pub struct BitmapInfo {
     pub auto: bool,
 }
 
-/// The bits of one persistent bitmap, as stored.
+/// The bits of one persistent bitmap (see [`Bitmaps::read`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapData {
     /// Guest bytes per bit.
@@ -123,7 +123,9 @@ impl BitmapOp {
 pub trait Bitmaps: Send + Sync {
     /// The bitmaps the image holds.
     fn list(&self) -> Vec<BitmapInfo>;
-    /// The stored bits of bitmap `name`.
+    /// The bits of bitmap `name` as the open image sees them: on a read-write device
+    /// the bits held in memory, including what its writes set since the open (as
+    /// qemu's block layer and `qemu-nbd -B` show them); otherwise the stored bits.
     fn read(&self, name: &str) -> Result<BitmapData>;
 }
 

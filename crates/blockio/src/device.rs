@@ -133,16 +133,7 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Makes `len` bytes at `offset` read as zeroes. The default writes zero buffers.
     fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
         check_range(offset, len, self.virtual_size())?;
-        const CHUNK: u64 = 1 << 20;
-        let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            let chunk = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
-            self.write_at(chunk, offset + done)?;
-            done += n;
-        }
-        Ok(())
+        zero_by_buffer(offset, len, |zero, at| self.write_at(zero, at))
     }
 
     /// Tells the device the range is no longer needed. Like qemu's discard this is a hint:
@@ -309,6 +300,26 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// the format crates uses the capability accessors instead
     /// ([`BlockDevice::as_snapshots`] and the others).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Writes `len` zero bytes at `offset` with `write(buf, at)` calls of at most 1 MiB from
+/// one zero buffer: [`BlockDevice::write_zeroes`]'s default, and the zero path of formats
+/// that can only write zeroes as data.
+pub fn zero_by_buffer(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let chunk = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
+        write(chunk, offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// [`BlockDevice::write_from`] through a buffer: reads of at most 1 MiB from `src`, each

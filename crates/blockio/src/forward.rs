@@ -1,5 +1,7 @@
 //! [`forward_storage!`](crate::forward_storage): the methods of a [`Storage`](crate::Storage)
-//! wrapper that only pass the call on to the storage it wraps.
+//! wrapper that only pass the call on to the storage it wraps; and
+//! [`read_only_storage!`](crate::read_only_storage): the write side of a storage that
+//! refuses writes.
 //!
 //! A wrapper that watches or changes one or two methods (a test storage counting writes,
 //! holding a flush, recording hints) writes those and names the rest in one
@@ -15,9 +17,9 @@
 ///
 /// Every method of the trait can be named: `read_exact_at`, `write_all_at`,
 /// `read_vectored_exact_at`, `write_vectored_all_at`, `len`, `is_empty`, `set_len`,
-/// `flush`, `is_read_only`, `write_zeroes`, `discard`, `discard_zeroes`, `preallocate`,
-/// `next_data`, `next_hole`, `allocated_bytes`, `start_writeback`, `host_file`, `uring`
-/// (Linux) and `debug_event`. Methods not named keep the trait's defaults.
+/// `flush`, `is_read_only`, `write_zeroes`, `write_zeroes_unmap`, `discard`,
+/// `discard_zeroes`, `preallocate`, `next_data`, `next_hole`, `allocated_bytes`,
+/// `start_writeback`, `host_file`, `uring` (Linux) and `debug_event`. Methods not named keep the trait's defaults.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,6 +111,11 @@ macro_rules! forward_storage {
             $crate::Storage::write_zeroes(&self.$f, offset, len)
         }
     };
+    (@one $f:ident write_zeroes_unmap) => {
+        fn write_zeroes_unmap(&self, offset: u64, len: u64) -> $crate::Result<()> {
+            $crate::Storage::write_zeroes_unmap(&self.$f, offset, len)
+        }
+    };
     (@one $f:ident discard) => {
         fn discard(&self, offset: u64, len: u64) -> $crate::Result<()> {
             $crate::Storage::discard(&self.$f, offset, len)
@@ -163,6 +170,52 @@ macro_rules! forward_storage {
     (@one $f:ident debug_event) => {
         fn debug_event(&self, event: $crate::DebugEvent) {
             $crate::Storage::debug_event(&self.$f, event)
+        }
+    };
+}
+
+/// The write side of a read-only [`Storage`](crate::Storage), inside its `impl Storage`:
+/// `write_all_at` and `set_len` fail with [`Error::ReadOnly`](crate::Error::ReadOnly),
+/// `flush` does nothing, `is_read_only` is true. The other write methods keep the
+/// trait's defaults (which write through the refused `write_all_at`/`set_len`, or do
+/// nothing).
+///
+/// ```
+/// use diskimg_blockio::{Error, Result, Storage, read_only_storage};
+///
+/// /// A storage of `n` zero bytes.
+/// #[derive(Debug)]
+/// struct Zeroes(u64);
+///
+/// impl Storage for Zeroes {
+///     fn read_exact_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+///         buf.fill(0);
+///         Ok(())
+///     }
+///     fn len(&self) -> Result<u64> {
+///         Ok(self.0)
+///     }
+///     read_only_storage!();
+/// }
+///
+/// let z = Zeroes(512);
+/// assert!(z.is_read_only());
+/// assert!(matches!(z.write_all_at(b"x", 0), Err(Error::ReadOnly)));
+/// ```
+#[macro_export]
+macro_rules! read_only_storage {
+    () => {
+        fn write_all_at(&self, _buf: &[u8], _offset: u64) -> $crate::Result<()> {
+            Err($crate::Error::ReadOnly)
+        }
+        fn set_len(&self, _len: u64) -> $crate::Result<()> {
+            Err($crate::Error::ReadOnly)
+        }
+        fn flush(&self) -> $crate::Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            true
         }
     };
 }

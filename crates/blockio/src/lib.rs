@@ -97,7 +97,7 @@ pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
-    read_from_backing, write_from_by_buffer,
+    read_from_backing, write_from_by_buffer, zero_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};

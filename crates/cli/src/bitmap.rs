@@ -112,7 +112,7 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let apply = |ops: &[BitmapOp]| {
         let drivers = crate::io::blkdebug::node_drivers();
-        diskimg::maint::edit_bitmaps_named(&a.file, format, &drivers, &a.bitmap, ops)
+        diskimg::maint::edit_bitmaps_named_then_close(&a.file, format, &drivers, &a.bitmap, ops)
     };
     let mut ops = Vec::new();
     for act in acts {
@@ -128,30 +128,26 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
             Act::Merge(src) => match merge_op(&a, &src) {
                 Ok(op) => op,
                 Err(e) => {
-                    // As qemu: the operations before the failing merge are done.
-                    if !ops.is_empty()
-                        && let Err(e) = apply(&ops)
-                    {
-                        return closing(e);
+                    // As qemu: the image is open (and the operations before the failing
+                    // merge done) before the merge's error, which comes before what
+                    // closing the image reports.
+                    let (done, closed) = apply(&ops);
+                    if let Err(done) = done {
+                        return crate::close_errors::finish_bitmap(Err(done), closed);
                     }
-                    return Err(e);
+                    if closed.is_ok() {
+                        return Err(e);
+                    }
+                    eprintln!("{}: {}", crate::common::prog(), crate::errmap::message(&e));
+                    return crate::close_errors::finish_bitmap(Ok(()), closed).map(|_| 1);
                 }
             },
         });
     }
-    match apply(&ops) {
-        Ok(()) => Ok(0),
-        Err(e) => closing(e),
-    }
-}
-
-/// An edit's failure; a bitmap that could not be stored is reported as qemu-img reports
-/// it when the image closes (see [`crate::close_errors`]).
-fn closing(e: diskimg::Error) -> Result<i32> {
-    match crate::close_errors::report_bitmap(&e) {
-        true => Ok(1),
-        false => Err(e.into()),
-    }
+    // An edit's failure, and a bitmap that could not be stored at close, are reported as
+    // qemu-img reports them (see [`crate::close_errors`]).
+    let (done, closed) = apply(&ops);
+    crate::close_errors::finish_bitmap(done, closed)
 }
 
 /// A `--merge SRC`: from this image, or read from the `-b` image.

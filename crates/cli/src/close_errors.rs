@@ -5,6 +5,11 @@
 //! `bdrv_inactivate_all` returns `EINVAL`). qemu tries to store the bitmaps twice (when
 //! it inactivates the image, and again when it closes it, since the inactivation failed),
 //! so the "Lost" line appears twice; diskimg stores once and prints qemu's lines.
+//!
+//! When the verb's operation failed as well, qemu-img reports both: `bitmap` prints the
+//! operation's error at once and the close error after it ([`finish_bitmap`]); `commit`
+//! prints the "Lost" lines (from the close) and then the operation's error, without
+//! "Error while closing" ([`finish_commit`]).
 
 use diskimg::Error as E;
 
@@ -26,16 +31,51 @@ pub(crate) fn lost_bitmaps(e: &E) -> Option<String> {
     }
 }
 
-/// Reports a bitmap store failure at close as qemu-img's `commit` does (both "Lost"
-/// lines, then the close error); false when `e` is another error.
-pub(crate) fn report_commit(e: &E) -> bool {
-    report(e, &[true, true, false])
+/// `commit`'s outcome as qemu-img's `img_commit` reports it, from the operation's result
+/// `done` and the close's `closed`: a bitmap store failure at close prints both "Lost"
+/// lines, then the operation's error if it failed (returned, for `main` to print), else
+/// the close error (exit 1). Another close error counts only when the operation succeeded.
+pub(crate) fn finish_commit(
+    done: anyhow::Result<()>,
+    closed: diskimg::Result<()>,
+) -> anyhow::Result<i32> {
+    match (done, closed) {
+        (done, Ok(())) => done.map(|()| 0),
+        (Err(op), Err(e)) => {
+            if let Some(lost) = lost_bitmaps(&e) {
+                let p = prog();
+                eprintln!("{p}: {lost}\n{p}: {lost}");
+            }
+            Err(op)
+        }
+        (Ok(()), Err(e)) => match report(&e, &[true, true, false]) {
+            true => Ok(1),
+            false => Err(e.into()),
+        },
+    }
 }
 
-/// Reports a bitmap store failure at close as qemu-img's `bitmap` does (the close
-/// error between the two "Lost" lines); false when `e` is another error.
-pub(crate) fn report_bitmap(e: &E) -> bool {
-    report(e, &[true, false, true])
+/// `bitmap`'s outcome as qemu-img's `img_bitmap` reports it, from the operations' result
+/// `done` and the close's `closed`: the operation's error first (printed here when the
+/// close failed too), then a bitmap store failure at close as the close error between
+/// the two "Lost" lines (exit 1).
+pub(crate) fn finish_bitmap(
+    done: diskimg::Result<()>,
+    closed: diskimg::Result<()>,
+) -> anyhow::Result<i32> {
+    let e = match (done, closed) {
+        (done, Ok(())) => return done.map(|()| 0).map_err(Into::into),
+        (Err(op), Err(e)) if lost_bitmaps(&e).is_some() => {
+            eprintln!("{}: {}", prog(), crate::errmap::message(&op.into()));
+            e
+        }
+        (Err(op), Err(_)) => return Err(op.into()),
+        (Ok(()), Err(e)) => e,
+    };
+    match report(&e, &[true, false, true]) {
+        true => Ok(1),
+        false => Err(e.into()),
+    }
 }
 
 /// Prints "Lost" lines (true) and the close error (false) in `order`.

@@ -56,6 +56,22 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // As qemu: progress starts once the image is open.
     let bar = Progress::new(a.progress && !a.quiet, 1.0);
     bar.print(0.0, 100);
+    let done = commit_open(&a, &img, &bar);
+    // Stores what the images keep until closed (qcow2 bitmaps), in base and top, also
+    // after a failure; both failures are reported as qemu-img reports them.
+    let code = crate::close_errors::finish_commit(done, img.close())?;
+    if code != 0 {
+        return Ok(code);
+    }
+    bar.end();
+    if !a.quiet {
+        out("Image committed.\n")?;
+    }
+    Ok(0)
+}
+
+/// The commit itself, on the open image `img` (the chain's images closed by the caller).
+fn commit_open(a: &Args, img: &diskimg::Image, bar: &Progress) -> Result<()> {
     let chain = img.chain();
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
@@ -78,7 +94,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let depth_index = depth;
     let depth = u32::try_from(depth)?;
     // As qemu-img, a failure while copying is the block job's.
-    copy_down(top, base.device.as_ref(), depth, &bar)
+    copy_down(top, base.device.as_ref(), depth, bar)
         .map_err(|e| anyhow!("Block job failed: {}", crate::errmap::strerror(&e)))?;
     if let Some(above) = depth_index.checked_sub(1).and_then(|i| chain.get(i)) {
         diskimg::maint::relink_after_commit(above.device.as_ref(), base.device.as_ref())
@@ -87,7 +103,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     bar.print(100.0, 0);
     if !a.keep && a.base.is_none() {
         // As qemu: formats that cannot be emptied (vmdk) keep their data.
-        match diskimg::maint::make_empty(&img) {
+        match diskimg::maint::make_empty(img) {
             Err(e) if e.is_unsupported() => {}
             r => r.map_err(|e| {
                 let why = crate::errmap::strerror(&e);
@@ -95,18 +111,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             })?,
         }
     }
-    // Stores what the images keep until closed (qcow2 bitmaps), in base and top.
-    if let Err(e) = img.close() {
-        if crate::close_errors::report_commit(&e) {
-            return Ok(1);
-        }
-        return Err(e.into());
-    }
-    bar.end();
-    if !a.quiet {
-        out("Image committed.\n")?;
-    }
-    Ok(0)
+    Ok(())
 }
 
 /// The depth in `chain` of the image `-b` names (qemu's `bdrv_find_backing_image`): an

@@ -431,17 +431,22 @@ const DEFERRED_TABLES: &str = "x-deferred-tables";
 /// Large writes in flight for `-t none` ([`open_behind`]).
 const BEHIND_DEPTH: usize = 4;
 
+/// How far ahead of its writes a `-t none` target file is grown
+/// ([`WriteBehind::grow_ahead`]: XFS serialises direct writes past the end of a file).
+const GROW_AHEAD: u64 = 128 << 20;
+
 /// `-t none` onto a single-file image created here (not raw, whose workers write in
 /// parallel themselves): `O_DIRECT`, with up to [`BEHIND_DEPTH`] large writes in flight
 /// ([`WriteBehind`]: the ordered writer goes on while the device writes; every flush is
-/// honoured and waits for them), and qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more than its file (the
-/// usual open then reports what is wrong).
+/// honoured and waits for them), the file grown ahead of them ([`GROW_AHEAD`]), and
+/// qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more
+/// than its file (the usual open then reports what is wrong).
 fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
     let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
         return Ok(None);
     };
     crate::common::lock_own_file(&file, fmt, name)?;
-    let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH));
+    let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH).grow_ahead(GROW_AHEAD));
     let mut opts = diskimg::blockio::OpenOptions::new();
     opts.driver_options.set(DEFERRED_TABLES, "on");
     Ok(fmt

@@ -100,6 +100,10 @@ impl Storage for DeviceStorage {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.dev.write_zeroes(offset, len, ZeroFlags::default())
     }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.dev
+            .write_zeroes(offset, len, ZeroFlags { may_unmap: true })
+    }
 }
 
 /// qemu's raw format with `offset`/`size` options: the guest sees `size` bytes of

@@ -22,8 +22,11 @@ use crate::pool::{Buf, Pool};
 pub const MIN_BEHIND: usize = 64 << 10;
 /// Writes longer than this go through at once (their copy would be too large).
 pub const MAX_BEHIND: usize = 8 << 20;
+/// [`WriteBehind::grow_ahead`] grows files in multiples of this.
+const GROW_UNIT: u64 = 1 << 20;
 
-/// A [`Storage`] with up to `depth` large writes in flight.
+/// A [`Storage`] with up to `depth` large writes in flight (and, with
+/// [`WriteBehind::grow_ahead`], a file grown ahead of them).
 ///
 /// What it promises is cache mode `none`'s (a volatile write cache, as qemu reports to
 /// a guest): a completed write is seen by every later read through this storage, and
@@ -42,6 +45,19 @@ pub const MAX_BEHIND: usize = 8 << 20;
 pub struct WriteBehind {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Bytes the file is grown by ahead of the writes (0: never).
+    grow: u64,
+    /// The file's lengths while it is grown ahead.
+    sizes: Mutex<Option<Sizes>>,
+}
+
+/// The lengths of a file grown ahead of its writes.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    /// What the file's length would be without growing ahead ([`Storage::len`]).
+    logical: u64,
+    /// The inner storage's length (at least `logical`).
+    physical: u64,
 }
 
 #[derive(Debug)]
@@ -88,7 +104,25 @@ impl WriteBehind {
                 pool: Pool::new(depth),
             }),
             threads: Mutex::new(Vec::new()),
+            grow: 0,
+            sizes: Mutex::new(None),
         }
+    }
+
+    /// Grows the file `step` bytes (rounded to 1 MiB) ahead of writes past its end, and
+    /// cuts it back to what was written at every flush and when dropped.
+    ///
+    /// Why: a file system may serialise `O_DIRECT` writes that start past the end of
+    /// the file: XFS waits for every direct write in flight before one that starts
+    /// beyond the current size (the size is updated when a write completes), so the
+    /// appending writes of a growing image never overlap at the device. Writes inside
+    /// the file's size run side by side. [`Storage::len`] and reads still see the
+    /// written length; a crash may leave the file up to `step` bytes longer, a hole
+    /// at its end.
+    #[must_use]
+    pub fn grow_ahead(mut self, step: u64) -> Self {
+        self.grow = step.div_ceil(GROW_UNIT).saturating_mul(GROW_UNIT);
+        self
     }
 
     /// Waits until no write is in flight; the first background error, if any.
@@ -102,6 +136,56 @@ impl WriteBehind {
             Some(e) => Err(e.replay()),
             None => Ok(()),
         }
+    }
+
+    /// Before a write ending at `end` (with [`WriteBehind::grow_ahead`]): counts it in
+    /// the written length, and grows the file when the write reaches past it.
+    fn grow_for(&self, end: u64) -> Result<()> {
+        if self.grow == 0 {
+            return Ok(());
+        }
+        let mut g = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = match *g {
+            Some(s) => s,
+            None => {
+                let n = self.shared.inner.len()?;
+                Sizes {
+                    logical: n,
+                    physical: n,
+                }
+            }
+        };
+        if end > s.physical {
+            let want = end
+                .checked_add(self.grow)
+                .map(|v| v / GROW_UNIT * GROW_UNIT)
+                .ok_or(Error::invalid("write past the largest offset"))?;
+            // Writes in flight lie inside the old length; growing does not move them.
+            self.shared.inner.set_len(want)?;
+            s.physical = want;
+        }
+        s.logical = s.logical.max(end);
+        *g = Some(s);
+        Ok(())
+    }
+
+    /// Waits for the writes in flight and cuts a file grown ahead back to its written
+    /// length; the next write past it reads the lengths afresh.
+    fn settle(&self) -> Result<()> {
+        self.drain()?;
+        let mut g = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = g.take()
+            && s.physical > s.logical
+        {
+            self.shared.inner.set_len(s.logical)?;
+        }
+        Ok(())
+    }
+
+    /// The written length of a file grown ahead (`None`: not grown).
+    fn logical_len(&self) -> Option<u64> {
+        let g = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        g.map(|s| s.logical)
     }
 
     /// Queues a copy of `buf` for a writer thread (starting one when fewer than `depth`
@@ -223,7 +307,7 @@ impl Drop for WriteBehind {
     /// Writes what is in flight (as a close without flush: written, not durable), then
     /// stops the writer threads.
     fn drop(&mut self) {
-        let _ = self.drain();
+        let _ = self.settle();
         self.shared.lock().closing = true;
         self.shared.work.notify_all();
         let threads = std::mem::take(self.threads.get_mut().unwrap_or_else(|p| p.into_inner()));
@@ -236,6 +320,13 @@ impl Drop for WriteBehind {
 impl Storage for WriteBehind {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
+        if self.logical_len().is_some_and(|n| end > n) {
+            // The hole a file grown ahead ends with is not there to read.
+            return Err(Error::io(
+                format!("could not read {} bytes at offset {offset}", buf.len()),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
         let idle = {
             let st = self.shared.wait(|s| !s.overlaps(offset, end))?;
             st.pending.is_empty()
@@ -254,53 +345,60 @@ impl Storage for WriteBehind {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or(Error::invalid("write past the largest offset"))?;
+        self.grow_for(end)?;
         if (MIN_BEHIND..=MAX_BEHIND).contains(&buf.len()) && self.queue(buf, offset, end)? {
             return Ok(());
         }
         drop(self.shared.wait(|s| !s.overlaps(offset, end))?);
         self.shared.inner.write_all_at(buf, offset)
     }
-    /// The inner length, or the end of the furthest write in flight.
+    /// The inner length, or the end of the furthest write in flight (the written
+    /// length of a file grown ahead).
     fn len(&self) -> Result<u64> {
+        if let Some(n) = self.logical_len() {
+            return Ok(n);
+        }
         let queued = self.shared.lock().pending.iter().map(|r| r.1).max();
         Ok(self.shared.inner.len()?.max(queued.unwrap_or(0)))
     }
     fn set_len(&self, len: u64) -> Result<()> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.set_len(len)
     }
+    /// Waits for the writes in flight (and cuts a file grown ahead back to its written
+    /// length), then flushes.
     fn flush(&self) -> Result<()> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.flush()
     }
     fn is_read_only(&self) -> bool {
         self.shared.inner.is_read_only()
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.write_zeroes(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.discard(offset, len)
     }
     fn discard_zeroes(&self) -> bool {
         self.shared.inner.discard_zeroes()
     }
     fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.preallocate(offset, len, mode)
     }
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.next_data(offset)
     }
     fn next_hole(&self, offset: u64) -> Result<u64> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.next_hole(offset)
     }
     fn allocated_bytes(&self) -> Result<Option<u64>> {
-        self.drain()?;
+        self.settle()?;
         self.shared.inner.allocated_bytes()
     }
     fn start_writeback(&self, offset: u64, len: u64) {

@@ -37,7 +37,7 @@ impl Bitmaps for Qcow2Device {
         self.bitmaps()
     }
     fn read(&self, name: &str) -> Result<BitmapData> {
-        crate::features::bitmap::read_named(&self.lock(), name)
+        crate::features::bitmap::read_current(self, name)
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Qcow2Device {
     /// Whether the image looked metadata-preallocated at its first `map`
     /// (`features::prealloc_map`).
     pub(crate) prealloc_map: std::sync::OnceLock<bool>,
+    /// Write-behind of small writes into fresh clusters (`behind.rs`).
+    pub(crate) behind: crate::behind::Behind,
 }
 
 impl Qcow2Device {

@@ -96,6 +96,7 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod behind;
 mod blockdev;
 mod capability;
 mod compressed_write;
@@ -124,7 +125,7 @@ pub use create::options::{Compat, CompressionType, EncryptOptions, Qcow2CreateOp
 pub use device::Qcow2Device;
 pub use diskimg_blockio::{BitmapInfo, BitmapOp};
 pub use features::bitmap::read_bitmap;
-pub use features::bitmap_edit::edit_bitmaps;
+pub use features::bitmap_edit::{edit_bitmaps, edit_bitmaps_then_close};
 pub use open_options::{KEY_SECRET_OPTION, NO_IO_OPTION, Qcow2OpenOptions};
 
 /// The qcow2 driver for the `diskimg` facade's table.

@@ -130,6 +130,7 @@ impl Qcow2Device {
             snapshot_view: false,
             crypt,
             prealloc_map: std::sync::OnceLock::new(),
+            behind: crate::behind::Behind::new(!q.no_write_behind),
         };
         if !read_only && checking {
             // A repair open (BDRV_O_CHECK) still drops the autoclear bits we cannot
@@ -263,6 +264,7 @@ impl Qcow2Device {
             snapshot_view: true,
             crypt: self.crypt.clone(),
             prealloc_map: std::sync::OnceLock::new(),
+            behind: crate::behind::Behind::default(),
         })
     }
 }

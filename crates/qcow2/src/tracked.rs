@@ -81,10 +81,14 @@ impl Tracked {
         self.chunks.iter().flatten().count() as u64 * self.chunk as u64
     }
 
-    /// The bits as one buffer of `len` bytes.
-    #[cfg(test)]
-    pub(crate) fn to_dense(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.len];
+    /// Bytes of bits for the disk's size (what [`Tracked::copy_to`] fills).
+    pub(crate) fn dense_len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies the bits into `out` (the first [`Tracked::dense_len`] bytes; bytes of
+    /// chunks not held are left as they are, so `out` should start zeroed).
+    pub(crate) fn copy_to(&self, out: &mut [u8]) {
         for (k, c) in self.chunks.iter().enumerate() {
             if let Some(c) = c {
                 let lo = k * self.chunk;
@@ -94,6 +98,13 @@ impl Tracked {
                 }
             }
         }
+    }
+
+    /// The bits as one buffer of `len` bytes.
+    #[cfg(test)]
+    pub(crate) fn to_dense(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len];
+        self.copy_to(&mut out);
         out
     }
 

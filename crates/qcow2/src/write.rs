@@ -176,6 +176,8 @@ pub(crate) fn write_cluster(
             // The rest of the cluster reads as zeroes, and so does the host file there
             // (a hole or past its end): only the guest's bytes are written.
             write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
+            dev.behind
+                .wrote(store.as_ref(), cs, host + in_off, data.len() as u64);
         } else {
             let mut full = vec![0u8; idx(cs)];
             if !matches!(kind, Sub::Zero | Sub::ZeroAlloc(_)) {

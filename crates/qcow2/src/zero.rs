@@ -58,6 +58,9 @@ fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<
     let cs = m.cs();
     let zeros = vec![0u8; idx(cs)];
     let mut p = Pending::default();
+    // Host clusters the zero write frees (qemu's `QCOW2_DISCARD_REQUEST` frees), punched
+    // once the updates are written.
+    let mut punch = Vec::new();
     let pieces = if m.h().version >= 3 && m.h().extended_l2() {
         zero_pieces(off, off + len, cs / 32)
     } else {
@@ -88,8 +91,9 @@ fn zero_pieces_of(dev: &Qcow2Device, off: u64, end: u64, unmap: bool) -> Result<
             ext_alloc::drop_planned(&mut m, &mut p)?;
             continue;
         }
-        zero_range(dev, &mut m, &zeros, r, unmap, &mut p)?;
+        zero_range(dev, &mut m, &zeros, r, (unmap, &mut punch), &mut p)?;
     }
+    m.punch_when_freed(&punch);
     commit(&mut m, p)
 }
 
@@ -125,13 +129,14 @@ fn bulk_as_data(m: &mut Meta, r: &std::ops::Range<u64>) -> Result<bool> {
 }
 
 /// Zeroes `r` cluster by cluster: zero flags (v3) on whole clusters, subclusters
-/// (extended L2), zero data elsewhere.
+/// (extended L2), zero data elsewhere. `unmap`: the request may deallocate; the host
+/// clusters it frees are added to `punch` (a data file's are discarded at once).
 fn zero_range(
     dev: &Qcow2Device,
     m: &mut Meta,
     zeros: &[u8],
     r: std::ops::Range<u64>,
-    unmap: bool,
+    (unmap, punch): (bool, &mut Vec<(u64, u64)>),
     p: &mut Pending,
 ) -> Result<()> {
     let cs = m.cs();
@@ -162,23 +167,49 @@ fn zero_range(
         let table = ensure_l2(m, l1i)?;
         let index = (pos / cs) % m.h().l2_entries();
         let (entry, bitmap, _) = m.l2_entry(pos)?;
-        if raw {
+        if raw && unmap {
+            // As qemu, which passes the request down to a raw data file.
+            m.data_store().clone().write_zeroes_unmap(pos, n)?;
+        } else if raw {
             m.data_store().clone().write_zeroes(pos, n)?;
         }
         let at = L2Update::new(table, index, entry, bitmap);
-        if ext {
-            zero_subclusters(dev, m, zeros, at, pos..pos + n, unmap, p)?;
+        let dropped = if ext {
+            zero_subclusters(dev, m, zeros, at, pos..pos + n, unmap, p)?
         } else {
-            zero_cluster(m, at, unmap, p)?;
+            zero_cluster(m, at, unmap, p)?
+        };
+        match dropped {
+            Some(r) if m.data().is_none() => punch.push(r),
+            // A data file's cluster is no one else's: discarded now (a raw one was
+            // zeroed above).
+            Some((h, len)) if !raw => m.data_store().clone().discard(h, len)?,
+            _ => {}
         }
         pos += n;
     }
     Ok(())
 }
 
+/// The host range entry `e` stops pointing to when it is dropped: its refcounted
+/// clusters ([`old_ref`]), or its cluster in the external data file.
+fn dropped_range(m: &Meta, e: u64) -> Option<(u64, u64)> {
+    if m.data().is_some() {
+        let allocated = e & (L2E_OFFSET_MASK | OFLAG_COPIED) != 0;
+        return allocated.then(|| (e & L2E_OFFSET_MASK, m.cs()));
+    }
+    old_ref(m, e)
+}
+
 /// A standard cluster (entry `at`) becomes a zero cluster, keeping its host cluster
-/// when it is ours and `unmap` is off.
-fn zero_cluster(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Result<()> {
+/// when it is ours and `unmap` is off. Returns the host range it dropped (see
+/// [`dropped_range`]).
+fn zero_cluster(
+    m: &Meta,
+    at: L2Update,
+    unmap: bool,
+    p: &mut Pending,
+) -> Result<Option<(u64, u64)>> {
     let e = at.entry;
     let copied = e & OFLAG_COPIED != 0;
     let keep = match classify(m.h(), e, at.bitmap, 0, at.table)? {
@@ -199,13 +230,13 @@ fn zero_cluster(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Result<
     if new != e {
         p.l2.push(L2Update::new(at.table, at.index, new, 0));
     }
-    Ok(())
+    Ok(keep.is_none().then(|| dropped_range(m, e)).flatten())
 }
 
 /// Extended L2, a whole cluster (entry `at`), as qemu's `zero_in_l2_slice`: every
 /// subcluster reads as zeroes; a compressed cluster, or with `unmap` an allocated one,
-/// loses its host cluster.
-fn zero_whole_ext(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) {
+/// loses its host cluster (returned, see [`dropped_range`]).
+fn zero_whole_ext(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) -> Option<(u64, u64)> {
     let e = at.entry;
     let drop = e & OFLAG_COMPRESSED != 0 || (unmap && e & L2E_OFFSET_MASK != 0);
     let entry = if drop { 0 } else { e };
@@ -215,10 +246,12 @@ fn zero_whole_ext(m: &Meta, at: L2Update, unmap: bool, p: &mut Pending) {
     if (entry, ALL_ALLOC << 32) != (e, at.bitmap) {
         p.l2.push(L2Update::new(at.table, at.index, entry, ALL_ALLOC << 32));
     }
+    drop.then(|| dropped_range(m, e)).flatten()
 }
 
 /// Extended L2 (entry `at`): the whole subclusters of `r` (one cluster's part) get the
-/// zero bit, the edges get zero data (a whole cluster: [`zero_whole_ext`]).
+/// zero bit, the edges get zero data (a whole cluster: [`zero_whole_ext`], whose dropped
+/// host range is returned).
 fn zero_subclusters(
     dev: &Qcow2Device,
     m: &mut Meta,
@@ -227,7 +260,7 @@ fn zero_subclusters(
     r: std::ops::Range<u64>,
     unmap: bool,
     p: &mut Pending,
-) -> Result<()> {
+) -> Result<Option<(u64, u64)>> {
     let cs = m.cs();
     let g = cs / 32;
     let (pos, n) = (r.start, r.end - r.start);
@@ -237,8 +270,7 @@ fn zero_subclusters(
     // A whole cluster as qemu's block layer hands it over: an image end inside the
     // cluster counts only on a subcluster boundary (else the end is a piece of its own).
     if in_off == 0 && (n == cs || (pos + n == m.size() && m.size().is_multiple_of(g))) {
-        zero_whole_ext(m, at, unmap, p);
-        return Ok(());
+        return Ok(zero_whole_ext(m, at, unmap, p));
     }
     if e & OFLAG_COMPRESSED != 0 && !in_off.is_multiple_of(g) {
         // As qemu: the unaligned head is written as data (copying the compressed
@@ -246,7 +278,7 @@ fn zero_subclusters(
         let head = (g - in_off % g).min(n);
         write_cluster(dev, m, zeros.get(..idx(head)).unwrap_or(&[]), pos, p)?;
         if head == n {
-            return Ok(());
+            return Ok(None);
         }
         commit(m, std::mem::take(p))?;
         let (e, bm, _) = m.l2_entry(pos + head)?;
@@ -262,7 +294,7 @@ fn zero_subclusters(
     };
     let Some((first_full, last_full)) = full.filter(|(f, l)| f < l) else {
         let z = zeros.get(..idx(n)).unwrap_or(&[]);
-        return write_cluster(dev, m, z, pos, p);
+        return write_cluster(dev, m, z, pos, p).map(|()| None);
     };
     let head = (first_full * g).saturating_sub(in_off);
     if head > 0 {
@@ -293,7 +325,7 @@ fn zero_subclusters(
         commit(m, std::mem::take(p))?;
         write_cluster(dev, m, z, cstart + tail_start, p)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The subclusters `first..last` of `pos..pos+n` (inside one cluster, entry `at`) that
@@ -425,9 +457,15 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
                 if let Some(r) = old_ref(&m, e2) {
                     p.unref.push(r);
                 }
+                // As qemu, which discards a data file's clusters (a raw one must read
+                // as zeroes: punched, or zeroed where it cannot be).
                 if raw {
                     let n = cs.min(size - c);
-                    m.data_store().clone().write_zeroes(c, n)?;
+                    m.data_store().clone().write_zeroes_unmap(c, n)?;
+                } else if m.data().is_some()
+                    && let Some((h, n)) = dropped_range(&m, e2)
+                {
+                    m.data_store().clone().discard(h, n)?;
                 }
                 p.l2.push(L2Update::new(l2, i, ne, nb));
             }

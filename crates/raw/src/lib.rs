@@ -169,9 +169,14 @@ impl BlockDevice for RawDevice {
         self.storage.write_vectored_all_at(bufs, offset)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.virtual_size())?;
+        // As qemu's raw driver, which passes `BDRV_REQ_MAY_UNMAP` down: a file gets a
+        // hole punched.
+        if flags.may_unmap {
+            return self.storage.write_zeroes_unmap(offset, len);
+        }
         self.storage.write_zeroes(offset, len)
     }
 

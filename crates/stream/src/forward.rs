@@ -310,7 +310,7 @@ impl Storage for ForwardStorage {
         self.copy_out(&st, buf, offset)
     }
 
-    read_only_storage!();
+    diskimg_blockio::read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.known_len().unwrap_or(PROVISIONAL_LEN))

@@ -345,7 +345,7 @@ impl Storage for HttpStorage {
         Ok(())
     }
 
-    read_only_storage!();
+    diskimg_blockio::read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.len)

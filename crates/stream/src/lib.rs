@@ -38,25 +38,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-/// The write side of a read-only [`Storage`](diskimg_blockio::Storage): writes,
-/// `set_len` refused, `flush` a no-op, `is_read_only` true.
-macro_rules! read_only_storage {
-    () => {
-        fn write_all_at(&self, _buf: &[u8], _offset: u64) -> diskimg_blockio::Result<()> {
-            Err(diskimg_blockio::Error::ReadOnly)
-        }
-        fn set_len(&self, _len: u64) -> diskimg_blockio::Result<()> {
-            Err(diskimg_blockio::Error::ReadOnly)
-        }
-        fn flush(&self) -> diskimg_blockio::Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            true
-        }
-    };
-}
-
 mod codec;
 mod forward;
 mod gzip_out;

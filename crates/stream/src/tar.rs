@@ -399,7 +399,7 @@ impl Storage for SliceStorage {
         }
         self.inner.read_exact_at(buf, self.offset + offset)
     }
-    read_only_storage!();
+    diskimg_blockio::read_only_storage!();
 
     fn len(&self) -> Result<u64> {
         Ok(self.len)

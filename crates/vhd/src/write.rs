@@ -7,7 +7,7 @@
 //! BAT write leaves an unreferenced block (a leak), never a reference to garbage. In a
 //! differencing disk, data is flushed before bitmap bits that expose it are set.
 
-use diskimg_blockio::{BlockDevice, Error, Result, check_range};
+use diskimg_blockio::{BlockDevice, Error, Result, check_range, zero_by_buffer};
 
 use crate::device::{Alloc, Dynamic, VhdDevice, read_bitmap};
 use crate::footer::FORMAT;
@@ -200,16 +200,7 @@ impl VhdDevice {
             return self.storage.write_zeroes(offset, len);
         };
         if self.footer.disk_type == DiskType::Differencing {
-            const CHUNK: u64 = 1 << 20;
-            let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                let z = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
-                self.write_inner(z, offset + done)?;
-                done += n;
-            }
-            return Ok(());
+            return zero_by_buffer(offset, len, |z, at| self.write_inner(z, at));
         }
         let _alloc = self.lock(self.dyn_state()?);
         let mut pos = offset;

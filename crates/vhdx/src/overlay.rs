@@ -68,25 +68,11 @@ impl Storage for ReplayedStorage {
         Ok(())
     }
 
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
     fn len(&self) -> Result<u64> {
         Ok(self.inner.len()?.max(self.replay.last_file_offset))
     }
 
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
-    }
+    diskimg_blockio::read_only_storage!();
 }
 
 #[cfg(test)]

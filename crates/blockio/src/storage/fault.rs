@@ -187,6 +187,10 @@ impl Storage for FaultStorage {
         self.step(Some(Op::Zero(offset, len)))?;
         self.live.write_zeroes(offset, len)
     }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.step(Some(Op::Zero(offset, len)))?;
+        self.live.write_zeroes_unmap(offset, len)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // A discard may or may not reach the disk; model it as a zeroing write.
         let end = offset.saturating_add(len).min(self.live.len()?);

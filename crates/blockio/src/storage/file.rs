@@ -337,6 +337,26 @@ impl Storage for FileStorage {
         write_zeroes_by_buffer(self, offset, len)
     }
 
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let file_len = self.len()?;
+        if len == 0 || offset >= file_len {
+            return self.write_zeroes(offset, len);
+        }
+        // As qemu's file-posix (`handle_aiocb_write_zeroes_unmap`): a punched hole reads
+        // as zeroes; where the file system cannot punch, zeroes are written instead.
+        self.write_back()?;
+        let in_file = len.min(file_len - offset);
+        let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(&self.file, punch, offset, in_file).is_err() {
+            return self.write_zeroes(offset, len);
+        }
+        if in_file < len {
+            return self.write_zeroes(offset + in_file, len - in_file);
+        }
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         let file_len = self.len()?;

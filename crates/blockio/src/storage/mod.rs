@@ -127,6 +127,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         write_zeroes_by_buffer(self, offset, len)
     }
+    /// As [`Storage::write_zeroes`], releasing the host space where the storage can
+    /// while guaranteeing zeroes (qemu's write-zeroes with `BDRV_REQ_MAY_UNMAP`: a hole
+    /// punched in a file). The default writes zeroes.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
     /// Hints that `len` bytes at `offset` are no longer needed. Afterwards they read as
     /// zeroes if [`Storage::discard_zeroes`] is true, otherwise as unspecified data.
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
@@ -245,6 +251,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes_unmap(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)

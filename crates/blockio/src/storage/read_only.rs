@@ -31,6 +31,9 @@ impl<S: Storage> Storage for ReadOnlyStorage<S> {
     fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<()> {
         Err(Error::ReadOnly)
     }
+    fn write_zeroes_unmap(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::ReadOnly)
+    }
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Err(Error::ReadOnly)
     }

@@ -267,7 +267,6 @@ fn rebase_like_qemu() {
         String::from_utf8_lossy(&o.stderr).replace("diskimg:", "qemu-img:"),
         String::from_utf8_lossy(&q.stderr)
     );
-    let _ = diskimg_ok;
 }
 
 #[test]
@@ -334,7 +333,7 @@ fn commit_vhdx_relinks_the_child() {
     let (base, top) = (d.join("base.vhdx"), d.join("top.vhdx"));
     qemu_img_ok(&["create", "-q", "-f", "vhdx", s(&base), "8M"]);
     qemu_io(&base, "vhdx", &["write -P 1 0 2M"]);
-    crate::diskimg_ok(&[
+    diskimg_ok(&[
         "create",
         "-q",
         "-f",
@@ -345,13 +344,10 @@ fn commit_vhdx_relinks_the_child() {
         "vhdx",
         s(&top),
     ]);
-    crate::diskimg_ok(&["io", "-c", "write -P 2 1M 2M", s(&top)]);
+    diskimg_ok(&["io", "-c", "write -P 2 1M 2M", s(&top)]);
     let before = d.join("before.raw");
-    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&before)]);
-    assert_eq!(
-        crate::diskimg_ok(&["commit", s(&top)]),
-        "Image committed.\n"
-    );
+    diskimg_ok(&["convert", "-O", "raw", s(&top), s(&before)]);
+    assert_eq!(diskimg_ok(&["commit", s(&top)]), "Image committed.\n");
     assert_qemu_check_clean(&base, "vhdx");
     qemu_io(
         &base,
@@ -359,7 +355,7 @@ fn commit_vhdx_relinks_the_child() {
         &["read -P 1 0 1M", "read -P 2 1M 2M", "read -P 0 3M 5M"],
     );
     let after = d.join("after.raw");
-    crate::diskimg_ok(&["convert", "-O", "raw", s(&top), s(&after)]);
+    diskimg_ok(&["convert", "-O", "raw", s(&top), s(&after)]);
     assert_eq!(
         std::fs::read(&after).unwrap(),
         std::fs::read(&before).unwrap()

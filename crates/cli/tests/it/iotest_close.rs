@@ -7,7 +7,7 @@ use crate::iotest_cases::img;
 use crate::{code, diskimg, s};
 
 /// qcow2 on a `raw` node of `size` bytes over `file`, as the iotest names it.
-fn raw_node_json(file: &str, size: u64) -> String {
+pub(crate) fn raw_node_json(file: &str, size: u64) -> String {
     format!(
         r#"json:{{"driver": "qcow2", "file": {{"driver": "raw", "size": {size},
             "file": {{"driver": "file", "filename": "{file}"}}}}}}"#
@@ -61,7 +61,7 @@ fn bitmap_add_merge_on_json_raw_node_as_qemu() {
 /// top image) with qemu-img or diskimg on a base of `base_len` bytes on a raw node of
 /// that size (made by `setup`, which gets the base's and the top's paths); returns each
 /// step's exit code and stderr, and what `qemu-img check` says of the base.
-fn steps_on_full_node(
+pub(crate) fn steps_on_full_node(
     qemu: bool,
     setup: &dyn Fn(&str, &str) -> u64,
     steps: &[&[&str]],
@@ -98,7 +98,7 @@ fn steps_on_full_node(
 }
 
 /// Replaces qemu's generated node names (`#block123`), as the iotests' filter does.
-fn node_names(text: &str) -> String {
+pub(crate) fn node_names(text: &str) -> String {
     let mut out = String::new();
     let mut rest = text;
     while let Some(i) = rest.find("#block") {

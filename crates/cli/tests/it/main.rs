@@ -11,9 +11,11 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod bitmap_live;
 mod bounded;
 mod check_repair;
 mod checksum;
+mod close_both;
 mod commit_rebase;
 mod compare;
 mod convert;
@@ -56,6 +58,7 @@ mod serve_lock;
 mod serve_write;
 mod servers;
 mod snapshot;
+mod zero_unmap;
 
 use std::path::Path;
 use std::process::{Command, Output};

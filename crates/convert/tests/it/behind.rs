@@ -99,6 +99,60 @@ fn writes_land_once_in_order_and_reads_see_them() {
     assert_eq!(slow.mem.len().unwrap(), tail + 8192);
 }
 
+/// A file grown ahead of its writes: the inner file grows in steps while `len` and
+/// reads see what was written; every flush (and the drop) cuts it back to that length.
+#[test]
+fn a_file_grown_ahead_shows_and_keeps_only_what_was_written() {
+    let slow = Arc::new(Slow::default());
+    let step = 1u64 << 20;
+    let wb = WriteBehind::new(slow.clone(), 4).grow_ahead(step - 1000);
+    let model = MemStorage::new();
+    let big = MIN_BEHIND * 2;
+    let mut grown = 0;
+    for k in 0..30u64 {
+        let off = k * big as u64 + if k > 20 { 5000 } else { 0 };
+        let data = pattern(k, big);
+        wb.write_all_at(&data, off).unwrap();
+        model.write_all_at(&data, off).unwrap();
+        // Metadata-sized writes past the end grow the file as well.
+        if k % 7 == 6 {
+            let at = model.len().unwrap() + 512;
+            wb.write_all_at(&[9; 512], at).unwrap();
+            model.write_all_at(&[9; 512], at).unwrap();
+        }
+        let (len, inner) = (model.len().unwrap(), slow.mem.len().unwrap());
+        assert_eq!(wb.len().unwrap(), len, "write {k}");
+        assert!(
+            inner >= len && inner % step == 0,
+            "write {k}: {inner} for {len}"
+        );
+        if inner > grown {
+            // A step ahead of the write that grew it.
+            assert!(
+                inner >= len + step - 2 * big as u64,
+                "write {k}: {inner} for {len}"
+            );
+            grown = inner;
+        }
+        let mut b = [0u8; 16];
+        assert!(
+            wb.read_exact_at(&mut b, len - 8).is_err(),
+            "read past the end"
+        );
+        wb.read_exact_at(&mut b, len - 16).unwrap();
+        let mut m = [0u8; 16];
+        model.read_exact_at(&mut m, len - 16).unwrap();
+        assert_eq!(b, m);
+        if k == 12 {
+            wb.flush().unwrap();
+            assert_eq!(slow.mem.to_vec(), model.to_vec(), "after a flush");
+        }
+    }
+    assert!(grown >= 4 * step && grown < 6 * step, "grown to {grown}");
+    drop(wb);
+    assert_eq!(slow.mem.to_vec(), model.to_vec(), "after the drop");
+}
+
 /// A write that fails on a helper thread is reported by the next call and by every
 /// later one; the caller's write returned before it failed.
 #[test]
@@ -183,7 +237,7 @@ fn convert_to_qcow2_with_writes_in_flight_matches_qemu() {
 /// corruption, whichever unflushed writes survive.
 #[test]
 fn a_crash_during_convert_leaves_a_consistent_qcow2() {
-    crash_during_convert("cluster_size=16k", OpenOptions::new());
+    crash_during_convert("cluster_size=16k", OpenOptions::new(), 0);
 }
 
 /// The same with qcow2's deferred L2 tables (`x-deferred-tables=on`, as `convert -t
@@ -192,10 +246,19 @@ fn a_crash_during_convert_leaves_a_consistent_qcow2() {
 fn a_crash_during_convert_with_deferred_tables_leaves_a_consistent_qcow2() {
     let mut o = OpenOptions::new();
     o.driver_options.set("x-deferred-tables", "on");
-    crash_during_convert("cluster_size=2k", o);
+    crash_during_convert("cluster_size=2k", o, 0);
 }
 
-fn crash_during_convert(create: &str, open: OpenOptions) {
+/// The same with the file grown ahead of the writes (as `convert -t none` does): a
+/// crash may leave a hole at the end of the file, never a corrupt image.
+#[test]
+fn a_crash_during_convert_into_a_file_grown_ahead_leaves_a_consistent_qcow2() {
+    let mut o = OpenOptions::new();
+    o.driver_options.set("x-deferred-tables", "on");
+    crash_during_convert("cluster_size=4k", o, 256 << 10);
+}
+
+fn crash_during_convert(create: &str, open: OpenOptions, grow: u64) {
     let size = 3u64 << 20;
     let src: Arc<dyn BlockDevice> = {
         let mut b = vec![0u8; size as usize];
@@ -222,7 +285,7 @@ fn crash_during_convert(create: &str, open: OpenOptions) {
         })
         .unwrap();
     let run = |fs: Arc<FaultStorage>| -> bool {
-        let wb: Arc<dyn Storage> = Arc::new(WriteBehind::new(fs, 3));
+        let wb: Arc<dyn Storage> = Arc::new(WriteBehind::new(fs, 3).grow_ahead(grow));
         let Ok(dst) = diskimg_qcow2::DRIVER.open(wb, &open) else {
             return false;
         };

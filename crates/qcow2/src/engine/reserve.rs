@@ -271,6 +271,14 @@ impl Meta {
 
     /// Gives the unused reserve back (refcounts to 0; the file shrinks back when the
     /// reserve is its tail). Returns whether there was one (the caller flushes if it cares).
+    ///
+    /// Callers hold the metadata lock exclusively (`&mut self`), so no guest write is in
+    /// flight: allocating writes take the same lock and in-place overwrites hold it
+    /// shared until their data is written (`overwrite.rs`). Guest reads read data
+    /// outside the lock, but only from clusters an L2 entry points to, which the reserve
+    /// never holds; and the file is never cut below a byte that is not zero (see
+    /// [`Meta::unreserved_len`]), so a read racing the truncation sees what it would
+    /// have seen anyway.
     pub(crate) fn release_reserve(&mut self) -> Result<bool> {
         let (start, end) = (self.reserve.start, self.reserve.end);
         self.reserve.start = 0;
@@ -284,14 +292,32 @@ impl Meta {
         self.free_reserved(start, end)?;
         let cs = self.cs();
         if self.file.len()? == end * cs {
-            let unused = if start == self.reserve.first {
-                self.reserve.prior_len
-            } else {
-                start * cs
-            };
+            let unused = self.unreserved_len(start)?;
             self.file.set_len(unused)?;
         }
         Ok(true)
+    }
+
+    /// The file length to go back to when the reserve (unused from cluster `start` on)
+    /// is the file's tail: the length before it was grown over the reserve when nothing
+    /// of it was used, else the end of the clusters used. A small write into a fresh
+    /// cluster at the end of the file writes only its own bytes, so the old length may
+    /// lie inside the cluster before the reserve; an in-place write further into that
+    /// cluster since then must not be cut off, so that cluster is kept whole unless it
+    /// reads as zeroes past the old length.
+    fn unreserved_len(&self, start: u64) -> Result<u64> {
+        let cs = self.cs();
+        let (first, prior) = (self.reserve.first, self.reserve.prior_len);
+        if start != first || prior >= first * cs {
+            return Ok(start * cs);
+        }
+        let mut tail = vec![0u8; usize::try_from(first * cs - prior).unwrap_or(0)];
+        self.file.read_exact_at(&mut tail, prior)?;
+        Ok(if tail.iter().all(|&b| b == 0) {
+            prior
+        } else {
+            first * cs
+        })
     }
 
     fn free_reserved(&mut self, start: u64, end: u64) -> Result<()> {

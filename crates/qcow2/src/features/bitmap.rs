@@ -369,6 +369,26 @@ pub fn read_bitmap(file: Arc<dyn Storage>, name: &str) -> Result<(u64, Vec<u8>)>
     Ok((granularity, bits))
 }
 
+/// Bitmap `name` as the open device sees it, as qemu's block layer does (what
+/// `qemu-nbd -B NAME` exports as `qemu:dirty-bitmap:NAME`): a bitmap held in memory
+/// since a read-write open, with the bits the writes since then have set; otherwise
+/// (read-only opens, bitmaps `in_use` at open, after close) the stored bits.
+pub(crate) fn read_current(dev: &Qcow2Device, name: &str) -> Result<BitmapData> {
+    let limits = dev.lock().limits();
+    {
+        let held = dev.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = held.iter().find(|t| t.name == name) {
+            let mut bits = limits.alloc("bitmap data", t.dense_len() as u64)?;
+            t.copy_to(&mut bits);
+            return Ok(BitmapData {
+                granularity: t.granularity,
+                bits,
+            });
+        }
+    }
+    read_named(&dev.lock(), name)
+}
+
 /// The stored bits of bitmap `name`.
 pub(crate) fn read_named(m: &Meta, name: &str) -> Result<BitmapData> {
     let e = read_directory(m)?

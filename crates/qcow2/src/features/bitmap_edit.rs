@@ -18,8 +18,25 @@ use crate::tracked::Tracked;
 /// `qemu-img bitmap` does; the bitmaps are stored when the image closes, also after a
 /// failed operation (as qemu-img's), whose error is returned then.
 pub fn edit_bitmaps(file: Arc<dyn Storage>, name: &str, ops: &[BitmapOp]) -> Result<()> {
-    let dev = Qcow2Device::open(file, &OpenOptions::new())?;
-    dev.writable()?;
+    let (done, closed) = edit_bitmaps_then_close(file, name, ops);
+    done.and(closed)
+}
+
+/// [`edit_bitmaps`] with the two results apart: the operations' (the open's, or the
+/// first failing operation's error) and the close's (storing the bitmaps), for callers
+/// that report both as qemu-img does.
+pub fn edit_bitmaps_then_close(
+    file: Arc<dyn Storage>,
+    name: &str,
+    ops: &[BitmapOp],
+) -> (Result<()>, Result<()>) {
+    let dev = match Qcow2Device::open(file, &OpenOptions::new()) {
+        Ok(dev) => dev,
+        Err(e) => return (Err(e), Ok(())),
+    };
+    if let Err(e) = dev.writable() {
+        return (Err(e), Ok(()));
+    }
     let mut done = Ok(());
     for op in ops {
         done = apply(&dev, name, op);
@@ -27,8 +44,7 @@ pub fn edit_bitmaps(file: Arc<dyn Storage>, name: &str, ops: &[BitmapOp]) -> Res
             break;
         }
     }
-    let closed = dev.close();
-    done.and(closed)
+    (done, dev.close())
 }
 
 /// The bitmaps of an image being edited: those held in memory and the directory's

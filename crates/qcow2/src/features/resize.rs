@@ -211,16 +211,9 @@ fn encrypt_zeroes(
     guest: u64,
     len: u64,
 ) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zeroes = vec![0u8; idx(CHUNK.min(len))];
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done);
-        let buf = zeroes.get(..idx(n)).unwrap_or_default();
-        c.write(store, buf, host + done, guest + done)?;
-        done += n;
-    }
-    Ok(())
+    diskimg_blockio::zero_by_buffer(0, len, |buf, done| {
+        c.write(store, buf, host + done, guest + done)
+    })
 }
 
 /// Allocates every cluster of the disk (`preallocation=metadata|falloc|full`).

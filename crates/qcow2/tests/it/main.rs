@@ -24,6 +24,7 @@ mod model;
 mod offload;
 mod overlap;
 mod read;
+mod reserve_release;
 mod shared_stress;
 mod shared_write;
 mod snapshots;

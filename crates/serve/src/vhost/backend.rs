@@ -32,14 +32,9 @@ use super::split::Split;
 use crate::export::Export;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+type Chain = DescriptorChain<MemGuard>;
 type Job = Box<dyn FnOnce() + Send>;
-
-/// What one thread executes: a whole request, or piece `.1` of a split one.
-enum Work {
-    Whole(Chain),
-    Piece(Arc<Split<GuestMemoryLoadGuard<GuestMemoryMmap>>>, usize),
-}
 
 /// Feature bits (virtio 1.2 section 5.2.3, section 6).
 const F_SIZE_MAX: u64 = 1 << 1;
@@ -76,8 +71,10 @@ struct Inner {
     busy: Vec<AtomicUsize>,
     /// Per queue, how many batches in a row were one request on an idle queue.
     lone: Vec<AtomicUsize>,
-    /// Pieces a split request is cut into at most (see [`VhostConfig::split_min`]).
-    pieces: usize,
+    /// Threads that execute the pieces of a split request at most: the queue's workers
+    /// and its event thread, or 1 (nothing is split) on a host of one core
+    /// ([`VhostConfig::split_min`]).
+    threads: usize,
     /// Requests of all queues in flight, and its waiters ([`BlkBackend::quiesce`]).
     in_flight: AtomicUsize,
     idle: (Mutex<()>, Condvar),
@@ -104,7 +101,12 @@ impl BlkBackend {
             lone: (0..config.num_queues)
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
-            pieces: cores.min(config.workers_per_queue.saturating_add(1)),
+            // One core: nothing would run side by side.
+            threads: if cores > 1 {
+                config.workers_per_queue.saturating_add(1)
+            } else {
+                1
+            },
             in_flight: AtomicUsize::new(0),
             idle: (Mutex::new(()), Condvar::new()),
         })))
@@ -201,14 +203,20 @@ impl BlkBackend {
         let busy = self.0.busy.get(queue);
         let idle = busy.is_none_or(|b| b.fetch_add(chains.len(), Ordering::AcqRel) == 0);
         let lone = self.lone_streak(queue, idle && chains.len() == 1);
+        let mut chains = chains;
+        if let [chain] = chains.as_slice()
+            && let Some(split) = self.split(lone >= LONE_STREAK, chain)
+        {
+            self.run_split(vring, queue, pool, split);
+            return Ok(true);
+        }
         let left = Arc::new(AtomicUsize::new(chains.len()));
-        let mut work = self.plan(lone >= LONE_STREAK, chains);
-        let Some(last) = work.pop() else {
+        let Some(last) = chains.pop() else {
             return Ok(true);
         };
-        for w in work {
+        for chain in chains {
             let (me, vr, left) = (self.clone(), vring.clone(), left.clone());
-            let job: Job = Box::new(move || me.run(&vr, queue, w, &left));
+            let job: Job = Box::new(move || me.run(&vr, queue, chain, &left));
             if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
                 (e.0)();
             }
@@ -231,39 +239,63 @@ impl BlkBackend {
         }
     }
 
-    /// The work of a batch: its requests, or the pieces of a lone large request when
-    /// the queue has been serving one request at a time (`alone`: queue depth 1, where
-    /// the other threads would otherwise idle; a deeper queue keeps them busy anyway,
-    /// and splitting there only adds hand-offs).
-    fn plan(&self, alone: bool, mut chains: Vec<Chain>) -> Vec<Work> {
+    /// The pieces of a lone large request when the queue has been serving one request
+    /// at a time (`alone`: queue depth 1, where the other threads would otherwise idle;
+    /// a deeper queue keeps them busy anyway, and splitting there only adds hand-offs).
+    fn split(&self, alone: bool, chain: &Chain) -> Option<Split<MemGuard>> {
         let min = self.0.config.split_min;
-        let split = match chains.as_slice() {
-            [chain] if alone && min > 0 && self.0.pieces > 1 => {
-                Split::plan(&self.0.export, chain, min, self.0.pieces)
-            }
-            _ => None,
-        };
-        if let Some(split) = split {
-            let split = Arc::new(split);
-            return (0..split.pieces())
-                .map(|i| Work::Piece(split.clone(), i))
-                .collect();
+        if !alone || min == 0 || self.0.threads < 2 {
+            return None;
         }
-        chains.drain(..).map(Work::Whole).collect()
+        Split::plan(&self.0.export, chain, min, self.0.threads)
     }
 
-    /// Executes one piece of work of a batch; when that completes its request, puts it
-    /// in the used ring, and the last request of the batch to finish notifies the
-    /// driver for all of them (`left` counts the batch's unfinished requests), so a
-    /// burst costs the guest one interrupt, not one per request.
-    fn run(&self, vring: &VringRwLock<Mem>, queue: usize, work: Work, left: &AtomicUsize) {
-        let done = match work {
-            Work::Whole(chain) => Some(process(&self.0.export, chain)),
-            Work::Piece(split, i) => split.run(&self.0.export, i),
-        };
-        let Some((head, len)) = done else {
-            return;
-        };
+    /// Executes a split request: wakes as many helpers from the queue's pool as there
+    /// are pieces beyond the first (at most the queue's workers) and executes
+    /// pieces itself until none is left; the thread that finishes the last piece
+    /// completes the request and notifies the driver.
+    fn run_split(
+        &self,
+        vring: &VringRwLock<Mem>,
+        queue: usize,
+        pool: &Mutex<Sender<Job>>,
+        split: Split<MemGuard>,
+    ) {
+        let split = Arc::new(split);
+        let helpers = split.pieces().min(self.0.threads).saturating_sub(1);
+        for _ in 0..helpers {
+            let (me, s) = (self.clone(), split.clone());
+            let vr = vring.clone();
+            let job: Job = Box::new(move || {
+                if let Some(done) = s.work(&me.0.export) {
+                    me.completed(&vr, queue, done, &AtomicUsize::new(1));
+                }
+            });
+            if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
+                (e.0)();
+            }
+        }
+        if let Some(done) = split.work(&self.0.export) {
+            self.completed(vring, queue, done, &AtomicUsize::new(1));
+        }
+    }
+
+    /// Executes one request of a batch and completes it ([`BlkBackend::completed`]).
+    fn run(&self, vring: &VringRwLock<Mem>, queue: usize, chain: Chain, left: &AtomicUsize) {
+        let done = process(&self.0.export, chain);
+        self.completed(vring, queue, done, left);
+    }
+
+    /// Puts a finished request in the used ring; the last request of the batch to
+    /// finish notifies the driver for all of them (`left` counts the batch's unfinished
+    /// requests), so a burst costs the guest one interrupt, not one per request.
+    fn completed(
+        &self,
+        vring: &VringRwLock<Mem>,
+        queue: usize,
+        (head, len): (u16, u32),
+        left: &AtomicUsize,
+    ) {
         let _ = vring.add_used(head, len);
         if let Some(b) = self.0.busy.get(queue) {
             b.fetch_sub(1, Ordering::AcqRel);

@@ -171,7 +171,7 @@ pub(super) fn header<R: Read>(reader: &mut R) -> Result<(u32, u64), Status> {
 /// or the driver-readable ones after the header (a write). `None` when they cannot be
 /// had (a descriptor outside guest memory: the bounce path then fails the request as
 /// before).
-pub(crate) fn data_slices<'a, M, B>(
+fn data_slices<'a, M, B>(
     chain: &DescriptorChain<M>,
     mem: &'a M::Target,
     writable: bool,

@@ -252,3 +252,126 @@ fn what_is_not_split() {
     ];
     assert!(!plan(0, 0, &overlapping));
 }
+
+#[test]
+fn pieces_go_to_whichever_thread_claims_them_first() {
+    // A write of four pieces, claimed by this thread and two helpers at once (each
+    // device write slow enough for them to meet), and by a helper that comes after
+    // the request finished: every piece runs once, the request completes once.
+    let (mem, rec, export) = recording_slow(None, Duration::from_millis(5));
+    let len = 256 << 10;
+    let data = pattern(len, 23);
+    header(&mem, BUFS, 1, 64);
+    mem.write_slice(&data, GuestAddress(0x4_0000)).unwrap();
+    let descs = [
+        desc(BUFS, 16, 0),
+        desc(0x4_0000, u32::try_from(len).unwrap(), 0),
+        desc(BUFS + 0x100, 1, W),
+    ];
+    let q = MockSplitQueue::new(&mem, 16);
+    let chain = q.build_desc_chain(&descs).unwrap();
+    let split = Split::plan(&export, &chain, MIN, 8).expect("a write of 256 KiB splits");
+    assert_eq!(split.pieces(), 4);
+    let done = std::thread::scope(|s| {
+        let helpers: Vec<_> = (0..2).map(|_| s.spawn(|| split.work(&export))).collect();
+        let mut done: Vec<_> = split.work(&export).into_iter().collect();
+        for h in helpers {
+            done.extend(h.join().unwrap());
+        }
+        done
+    });
+    assert_eq!(done, [(chain.head_index(), 1)], "completes exactly once");
+    assert_eq!(split.work(&export), None, "nothing left for a late helper");
+    let mut writes = rec.writes.lock().unwrap().clone();
+    writes.sort_unstable();
+    let want: Vec<_> = (0..4u64)
+        .map(|i| (64 * 512 + i * MIN as u64, MIN))
+        .collect();
+    assert_eq!(writes, want, "each piece written exactly once");
+    let mut back = vec![0u8; len];
+    rec.read_at(&mut back, 64 * 512).unwrap();
+    assert_eq!(back, data);
+}
+
+/// Not a check but a measurement (ignored by default; timings are never asserted):
+/// the host time (median) of the steps of a 1 MiB read laid out as Linux sends it (a
+/// descriptor per 4 KiB guest page), on a raw image in memory:
+/// `cargo test --release -p diskimg-serve --lib split_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn split_cost() {
+    use std::time::Instant;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let s: Arc<dyn diskimg_blockio::Storage> = Arc::new(diskimg_blockio::MemStorage::new());
+    let req = &mut diskimg_blockio::CreateRequest::new(4 << 20, diskimg_blockio::OptionList::new());
+    use diskimg_blockio::Driver;
+    diskimg_raw::DRIVER.create(s.clone(), req).unwrap();
+    let dev = diskimg_raw::DRIVER
+        .open(s, &diskimg_blockio::OpenOptions::new())
+        .unwrap();
+    let export = Export::new(dev, ExportOptions::named("cost"));
+    header(&mem, BUFS, 0, 0);
+    let mut descs = vec![desc(BUFS, 16, 0)];
+    // Pages in reverse order: no two adjacent, as a guest's scattered buffer.
+    for p in (0..256u64).rev() {
+        descs.push(desc((1 << 20) + p * 8192, 4096, W));
+    }
+    descs.push(desc(BUFS + 0x100, 1, W));
+    let q = MockSplitQueue::new(&mem, 512);
+    let chain = q.build_desc_chain(&descs).unwrap();
+    let time = |f: &mut dyn FnMut()| {
+        let mut t: Vec<f64> = (0..300)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let plain = super::fast::Plain::parse(&export, &chain).unwrap();
+    println!("| step | µs |\n|---|---|");
+    println!(
+        "| collect the chain | {:.1} |",
+        time(&mut || {
+            let v: Vec<_> = chain.clone().collect();
+            assert_eq!(v.len(), 258);
+        })
+    );
+    println!(
+        "| parse | {:.1} |",
+        time(&mut || {
+            super::fast::Plain::parse(&export, &chain).unwrap();
+        })
+    );
+    println!(
+        "| disjoint | {:.1} |",
+        time(&mut || assert!(plain.disjoint(&mem)))
+    );
+    println!(
+        "| slices | {:.1} |",
+        time(&mut || {
+            plain.slices(&mem, 0..plain.len).unwrap();
+        })
+    );
+    println!(
+        "| whole (one walk) | {:.1} |",
+        time(&mut || {
+            super::fast::read_or_write(&export, &chain).unwrap();
+        })
+    );
+    println!(
+        "| split plan | {:.1} |",
+        time(&mut || {
+            Split::plan(&export, &chain, 256 << 10, 4).unwrap();
+        })
+    );
+    println!(
+        "| split, one thread | {:.1} |",
+        time(&mut || {
+            let s = Split::plan(&export, &chain, 256 << 10, 4).unwrap();
+            assert!(s.work(&export).is_some());
+        })
+    );
+}

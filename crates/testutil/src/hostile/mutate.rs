@@ -219,19 +219,8 @@ impl Storage for Patched {
         self.fill(buf, off);
         Ok(())
     }
-    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
     fn len(&self) -> Result<u64> {
         Ok(self.len as u64)
     }
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn is_read_only(&self) -> bool {
-        true
-    }
+    diskimg_blockio::read_only_storage!();
 }

@@ -209,6 +209,9 @@ impl Storage for UringStorage {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.file.write_zeroes(offset, len)
     }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.file.write_zeroes_unmap(offset, len)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.file.discard(offset, len)
     }

@@ -130,6 +130,22 @@ impl BlkdebugStorage {
         Ok(())
     }
 
+    /// A zero write (`unmap`: the inner storage may release the space), under the
+    /// rules of a `write_zeroes` request.
+    fn zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let req = self.tracker.begin(offset, offset.saturating_add(len));
+        req.wait_serialising();
+        self.engine.event(DebugEvent::PwritevZero);
+        self.write_check(offset, len, IoType::WriteZeroes)?;
+        if unmap {
+            self.inner.write_zeroes_unmap(offset, len)?;
+        } else {
+            self.inner.write_zeroes(offset, len)?;
+        }
+        self.engine.event(DebugEvent::PwritevDone);
+        Ok(())
+    }
+
     /// Checks a write-like request; failed or not, it counts as written (qemu bumps
     /// the write generation either way).
     fn write_check(&self, offset: u64, len: u64, ty: IoType) -> Result<()> {
@@ -188,13 +204,10 @@ impl Storage for BlkdebugStorage {
         self.inner.flush()
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let req = self.tracker.begin(offset, offset.saturating_add(len));
-        req.wait_serialising();
-        self.engine.event(DebugEvent::PwritevZero);
-        self.write_check(offset, len, IoType::WriteZeroes)?;
-        self.inner.write_zeroes(offset, len)?;
-        self.engine.event(DebugEvent::PwritevDone);
-        Ok(())
+        self.zeroes(offset, len, false)
+    }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.zeroes(offset, len, true)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_check(offset, len, IoType::Discard)?;
