@@ -50,8 +50,9 @@ pub struct VhostConfig {
     /// size on the queue's threads at once (at most `workers_per_queue + 1` pieces; not
     /// on a host of one core), so the copy of one large request uses more than one
     /// core, as qemu-storage-daemon's thread pool does with the pieces the guest cuts
-    /// for it. 0: never split. Default 256 KiB: a 1 MiB request becomes four, run
-    /// by the event thread and up to three workers, whichever claims each first
+    /// for it. 0 (the default): never split; 256 KiB makes a 1 MiB request four
+    /// pieces, run by the event thread and up to three workers, whichever claims each
+    /// first. Splitting gained under a loaded host and lost on a quieter one
     /// (docs/benchmarks.md, "Session 8").
     pub split_min: usize,
     /// Most data segments the driver may put in one request (`seg_max`, offered with
@@ -70,7 +71,7 @@ impl Default for VhostConfig {
             num_queues: 1,
             queue_size: 1024,
             workers_per_queue: 4,
-            split_min: 256 << 10,
+            split_min: 0,
             seg_max: 0,
             size_max: 0,
         }

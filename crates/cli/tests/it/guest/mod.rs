@@ -76,7 +76,16 @@ fn serve(dir: &Path, d: &Disk) -> (Served, PathBuf) {
         } else {
             &["--discard", "unmap"]
         };
-        let mut args = vec!["--vhost-user-blk", &k, "--num-queues", "2"];
+        // Splitting is off by default; the guest's large requests at queue depth 1
+        // exercise it here.
+        let mut args = vec![
+            "--vhost-user-blk",
+            &k,
+            "--num-queues",
+            "2",
+            "--split-kib",
+            "64",
+        ];
         args.extend_from_slice(mode);
         args.extend_from_slice(&["-f", d.fmt, s(&d.image)]);
         (Served::diskimg_at(&sock, &args), sock)
