@@ -5,7 +5,7 @@
 //! clusters. Left alone, the page cache writes them back only inside the guest's next
 //! flush (`fdatasync`), which then waits for that data before it can commit the file
 //! system's journal. Handing each run of [`WRITE_BEHIND`] such writes to
-//! [`Storage::start_writeback`] as soon as it is complete starts that write-back while
+//! `Storage::start_writeback` as soon as it is complete starts that write-back while
 //! the guest goes on writing (the device is otherwise idle then), so the flush finds
 //! most of the data on its way or done. Only runs of consecutive host clusters are
 //! handed over (the range is bounded and holds nothing but the run's clusters: an L2
@@ -18,8 +18,6 @@
 //! Measured in `docs/benchmarks.md` ("Session 8: write-behind of allocating writes").
 
 use std::sync::Mutex;
-
-use diskimg_blockio::Storage;
 
 /// Small writes into consecutive fresh clusters handed to write-back at once.
 pub(crate) const WRITE_BEHIND: u64 = 8;
@@ -52,15 +50,16 @@ impl Behind {
     }
 
     /// A small write into a fresh cluster went to host bytes `host..host+len` (cluster
-    /// size `cs`): hands the runs it completes or breaks to `file`'s write-back.
-    pub(crate) fn wrote(&self, file: &dyn Storage, cs: u64, host: u64, len: u64) {
-        if !self.on {
-            return;
-        }
-        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
-        for (lo, hi) in add(&mut run, cs, host, len).into_iter().flatten() {
-            file.start_writeback(lo, hi - lo);
-        }
+    /// size `cs`): the runs it completes or breaks, to hand to the storage's write-back
+    /// (after the metadata lock is dropped).
+    pub(crate) fn wrote(&self, cs: u64, host: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let done = if self.on {
+            let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
+            add(&mut run, cs, host, len)
+        } else {
+            [None, None]
+        };
+        done.into_iter().flatten()
     }
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Pending {
     /// Host clusters allocated ahead as one run for the next clusters of an extended
     /// L2 request (first offset, count; see `ext_alloc`).
     pub(crate) planned: Option<(u64, u64)>,
+    /// Host ranges to hand to write-back once the metadata lock is dropped (`behind`).
+    pub(crate) writeback: Vec<(u64, u64)>,
 }
 
 pub(crate) fn commit(m: &mut Meta, p: Pending) -> Result<()> {
@@ -176,8 +178,8 @@ pub(crate) fn write_cluster(
             // The rest of the cluster reads as zeroes, and so does the host file there
             // (a hole or past its end): only the guest's bytes are written.
             write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
-            dev.behind
-                .wrote(store.as_ref(), cs, host + in_off, data.len() as u64);
+            let done = dev.behind.wrote(cs, host + in_off, data.len() as u64);
+            p.writeback.extend(done);
         } else {
             let mut full = vec![0u8; idx(cs)];
             if !matches!(kind, Sub::Zero | Sub::ZeroAlloc(_)) {
@@ -369,6 +371,12 @@ pub(crate) fn write(dev: &Qcow2Device, buf: &[u8], off: u64) -> Result<()> {
     let dropped = ext_alloc::drop_planned(&mut m, &mut p);
     // The clusters written before a failure are linked all the same (as qemu links
     // each finished part of a request), so they do not leak.
+    let writeback = std::mem::take(&mut p.writeback);
     let committed = commit(&mut m, p);
+    drop(m);
+    // Outside the lock: the hand-over allocates the delayed blocks and submits the I/O.
+    for (lo, hi) in writeback {
+        dev.file.start_writeback(lo, hi - lo);
+    }
     res.and(dropped).and(committed)
 }
