@@ -6,6 +6,9 @@
 //! its file names (resolved against the policy; `top.qcow2` itself makes a loop) all meet
 //! real files, and the chain is mapped, read and checked.
 #![no_main]
+#[path = "../common/touch.rs"]
+mod touch;
+
 use diskimg::{Format, ImageOptions, OpenPolicy};
 use diskimg_blockio::{
     BlockDevice, CreateRequest, Driver, MemStorage, OptionList, RepairMode, Storage,
@@ -63,21 +66,9 @@ fn scratch() -> &'static Scratch {
     })
 }
 
-fn touch(dev: &dyn BlockDevice) {
-    let size = dev.virtual_size();
-    let mut buf = vec![0u8; 16 << 10];
-    let mut pos = 0u64;
-    for _ in 0..16 {
-        let Some(left) = size.checked_sub(pos).filter(|l| *l > 0) else {
-            break;
-        };
-        let Ok(e) = dev.map(pos, left) else {
-            break;
-        };
-        let n = e.len.min(buf.len() as u64) as usize;
-        let _ = dev.read_at(&mut buf[..n], pos);
-        pos = pos.saturating_add(e.len.max(1));
-    }
+/// Reads what `dev` shows (a budget of 16 extents), then checks it.
+fn touch_and_check(dev: &dyn BlockDevice) {
+    touch::touch(dev, 16);
     let _ = dev.check(RepairMode::None);
 }
 
@@ -103,6 +94,6 @@ fuzz_target!(|data: &[u8]| {
     opts.locking = false;
     opts.policy = OpenPolicy::relative_only();
     if let Ok(image) = diskimg::open(&s.top, Some(Format::Qcow2), &opts) {
-        touch(image.device.as_ref());
+        touch_and_check(image.device.as_ref());
     }
 });

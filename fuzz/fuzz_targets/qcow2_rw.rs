@@ -17,6 +17,8 @@
 #![no_main]
 #[path = "../common/ops.rs"]
 mod ops;
+#[path = "../common/touch.rs"]
+mod touch;
 
 use diskimg_blockio::{
     BitmapOp, BlockDevice, Driver, MemStorage, OpenOptions, RepairMode, Result, Storage,
@@ -52,23 +54,6 @@ fn options(flags: u8) -> OpenOptions {
     o
 }
 
-/// Maps and reads (within a small budget) what `dev` shows.
-fn touch(dev: &dyn BlockDevice) {
-    let size = dev.virtual_size();
-    let mut buf = vec![0u8; 16 << 10];
-    let mut pos = 0u64;
-    for _ in 0..32 {
-        let Some(left) = size.checked_sub(pos).filter(|l| *l > 0) else {
-            break;
-        };
-        let Ok(e) = dev.map(pos, left) else {
-            break;
-        };
-        let n = e.len.min(buf.len() as u64) as usize;
-        let _ = dev.read_at(&mut buf[..n], pos);
-        pos = pos.saturating_add(e.len.max(1));
-    }
-}
 
 fn bitmaps(dev: &dyn BlockDevice) {
     if let Some(b) = dev.as_bitmaps() {
@@ -86,7 +71,7 @@ fn snapshots(dev: &dyn BlockDevice, flags: u8) {
     if flags & 8 != 0 {
         for id in ids.iter().take(2) {
             if let Ok(view) = s.open(id) {
-                touch(view.as_ref());
+                touch::touch(view.as_ref(), 32);
             }
         }
     }
