@@ -54,7 +54,6 @@ fn options(flags: u8) -> OpenOptions {
     o
 }
 
-
 fn bitmaps(dev: &dyn BlockDevice) {
     if let Some(b) = dev.as_bitmaps() {
         for info in b.list().iter().take(4) {
