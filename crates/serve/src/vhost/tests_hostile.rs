@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::{CreateRequest, Driver, MemStorage, OpenOptions, OptionList};
+use diskimg_testutil::Rng;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -27,21 +28,9 @@ const REGIONS: [(u64, usize); 3] = [(0, 0x10_0000), (0x10_0000, 0x1_0000), (0x20
 /// The exported image's size.
 const SIZE: u64 = 256 << 10;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<T: Copy, const N: usize>(&mut self, items: [T; N]) -> T {
-        items[self.below(N as u64) as usize]
-    }
+/// One of `items`, chosen by `r`.
+fn pick<T: Copy, const N: usize>(r: &mut Rng, items: [T; N]) -> T {
+    items[r.below(N as u64) as usize]
 }
 
 fn export(read_only: bool, unmap: bool) -> Export {
@@ -66,7 +55,7 @@ fn addr(r: &mut Rng) -> u64 {
         2 => 0x20_0000 + r.below(0x1_0000),
         3 => {
             let far = u64::MAX - r.below(0x1000);
-            r.pick([0x18_0000, 0x3000_0000, far])
+            pick(r, [0x18_0000, 0x3000_0000, far])
         }
         _ => 0x1_0000 + r.below(0xe_0000),
     }
@@ -74,18 +63,18 @@ fn addr(r: &mut Rng) -> u64 {
 
 fn len(r: &mut Rng) -> u32 {
     match r.below(6) {
-        0 => r.pick([0, 1, 15, 16, 17, 512]),
-        1 => r.pick([u32::MAX, 0x10_0000, 0x8000_0000]),
+        0 => pick(r, [0, 1, 15, 16, 17, 512]),
+        1 => pick(r, [u32::MAX, 0x10_0000, 0x8000_0000]),
         _ => r.below(0x1_2000) as u32,
     }
 }
 
 /// A request header (type, sector) and discard/write-zeroes segments at `at`.
 fn request_bytes(mem: &GuestMemoryMmap, r: &mut Rng, at: u64) {
-    let any = r.next() as u32;
-    let ty = r.pick([0u32, 1, 4, 8, 11, 13, 0, 1, any]);
+    let any = r.next_u64() as u32;
+    let ty = pick(r, [0u32, 1, 4, 8, 11, 13, 0, 1, any]);
     let sector = match r.below(4) {
-        0 => r.pick([0, SIZE / 512 - 1, SIZE / 512, u64::MAX / 512, u64::MAX]),
+        0 => pick(r, [0, SIZE / 512 - 1, SIZE / 512, u64::MAX / 512, u64::MAX]),
         _ => r.below(SIZE / 512),
     };
     let mut b = vec![0u8; 16 + 16 * 34];
@@ -93,12 +82,12 @@ fn request_bytes(mem: &GuestMemoryMmap, r: &mut Rng, at: u64) {
     b[8..16].copy_from_slice(&sector.to_le_bytes());
     for seg in b[16..].chunks_exact_mut(16) {
         let s = match r.below(3) {
-            0 => r.next(),
+            0 => r.next_u64(),
             _ => r.below(SIZE / 512),
         };
         seg[..8].copy_from_slice(&s.to_le_bytes());
         let small = r.below(64) as u32;
-        let n = r.pick([0u32, 1, 8, u32::MAX, small]);
+        let n = pick(r, [0u32, 1, 8, u32::MAX, small]);
         seg[8..12].copy_from_slice(&n.to_le_bytes());
         seg[12..].copy_from_slice(&(r.below(3) as u32).to_le_bytes());
     }
@@ -115,7 +104,7 @@ fn chain(mem: &GuestMemoryMmap, r: &mut Rng) -> Vec<RawDescriptor> {
         let (a, l) = match i {
             0 if r.below(4) != 0 => {
                 let other = len(r);
-                (head_at, r.pick([16, 16, 16 + 16 * 33, 8, other]))
+                (head_at, pick(r, [16, 16, 16 + 16 * 33, 8, other]))
             }
             _ => (addr(r), len(r)),
         };
