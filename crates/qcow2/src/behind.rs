@@ -15,7 +15,8 @@
 //! a flush still waits for everything. Storages without a page cache (`O_DIRECT`,
 //! io_uring, memory) ignore `start_writeback`.
 //!
-//! Measured in `docs/benchmarks.md` ("Session 8: write-behind of allocating writes").
+//! Measured in `docs/benchmarks.md` ("Session 8: allocating writes against imago, where the
+//! time goes, write-behind").
 
 use std::sync::Mutex;
 
