@@ -42,10 +42,7 @@ pub(crate) fn finish_commit(
     match (done, closed) {
         (done, Ok(())) => done.map(|()| 0),
         (Err(op), Err(e)) => {
-            if let Some(lost) = lost_bitmaps(&e) {
-                let p = prog();
-                eprintln!("{p}: {lost}\n{p}: {lost}");
-            }
+            report(&e, &[true, true]);
             Err(op)
         }
         (Ok(()), Err(e)) => match report(&e, &[true, true, false]) {
