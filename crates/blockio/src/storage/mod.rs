@@ -203,10 +203,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn debug_event(&self, _event: DebugEvent) {}
 }
 
-/// Zero-fills a range with ordinary writes of at most 1 MiB ([`crate::zero_by_buffer`]
-/// through the storage's `write_all_at`).
+/// Zero-fills a range with ordinary writes of at most 1 MiB.
 pub fn write_zeroes_by_buffer<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
-    crate::zero_by_buffer(offset, len, |buf, at| s.write_all_at(buf, at))
+    const CHUNK: u64 = 1 << 20;
+    let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let buf = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
+        s.write_all_at(buf, offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
