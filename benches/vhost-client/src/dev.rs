@@ -12,6 +12,10 @@
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags, iovec};
 use std::mem::MaybeUninit;
+use std::time::Duration;
+
+/// Longest [`Device::wait`] waits for its completions.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// What a finished request reports: the tag it was queued with and its result (0 or
 /// a negative errno).
@@ -48,6 +52,9 @@ pub struct Limits {
     pub read_only: bool,
 }
 
+/// A queued request: the caller's tag and its iovec array, if any.
+type Pending = (usize, Option<Box<[iovec]>>);
+
 /// A connected device with one queue and one shared buffer.
 pub struct Device {
     // Field order matters: the queue is dropped before `Blkio`, which frees the region.
@@ -58,7 +65,7 @@ pub struct Device {
     // Requests queued or in flight, by the user_data given to libblkio: the caller's tag
     // and the iovec array, which libblkio reads when it builds the descriptors (for a
     // request backlogged behind a full ring, at a later do_io), so it lives until then.
-    slots: Vec<Option<(usize, Option<Box<[iovec]>>)>>,
+    slots: Vec<Option<Pending>>,
     free: Vec<usize>,
     completions: Vec<MaybeUninit<Completion>>,
 }
@@ -70,10 +77,17 @@ fn err(e: blkio::Error) -> String {
 impl Device {
     /// Connects to the vhost-user-blk socket at `path` with one queue of `queue_size`
     /// descriptors and a shared buffer of `buf_len` bytes (rounded up to the region
-    /// alignment).
-    pub fn connect(path: &str, queue_size: i32, buf_len: usize) -> Result<Device, String> {
+    /// alignment). libblkio refuses to start a writable driver on a device that offers
+    /// `VIRTIO_BLK_F_RO` (`EROFS`), and fails writes of a `read_only` one itself.
+    pub fn connect(
+        path: &str,
+        queue_size: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> Result<Device, String> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
         b.set_str("path", path).map_err(err)?;
+        b.set_bool("read-only", read_only).map_err(err)?;
         b.connect().map_err(err)?;
         b.set_i32("num-queues", 1).map_err(err)?;
         b.set_i32("queue-size", queue_size).map_err(err)?;
@@ -120,7 +134,9 @@ impl Device {
         // SAFETY: the region is ours, mapped read/write for `len` bytes until `blkio` and
         // `queue` are dropped (they outlive the returned borrow of `self`), and no request
         // is in flight, so the server does not touch it now.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) })
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len)
+        })
     }
 
     fn iovecs(&self, segs: &[Seg]) -> Result<Box<[iovec]>, String> {
@@ -128,7 +144,10 @@ impl Device {
             .map(|s| {
                 let end = s.off.checked_add(s.len).ok_or("segment overflows")?;
                 if end > self.region.len {
-                    return Err(format!("segment {s:?} outside the {}-byte buffer", self.region.len));
+                    return Err(format!(
+                        "segment {s:?} outside the {}-byte buffer",
+                        self.region.len
+                    ));
                 }
                 Ok(iovec {
                     iov_base: (self.region.addr + s.off) as *mut _,
@@ -186,7 +205,11 @@ impl Device {
 
     /// Queues a write-zeroes of `len` bytes at `start` (`unmap`: the server may free them).
     pub fn write_zeroes(&mut self, start: u64, len: u64, unmap: bool, tag: usize) {
-        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
         let id = self.slot(tag, None);
         self.queue.write_zeroes(start, len, id, flags);
     }
@@ -199,10 +222,16 @@ impl Device {
             self.completions.resize_with(want, MaybeUninit::uninit);
         }
         let min = min.min(self.inflight);
+        // Bounded: a request the ring can never hold (more descriptors than the queue
+        // has) would otherwise wait forever in libblkio's backlog.
+        let mut timeout = WAIT_LIMIT;
         let n = self
             .queue
-            .do_io(&mut self.completions[..want], min, None, None)
+            .do_io(&mut self.completions[..want], min, Some(&mut timeout), None)
             .map_err(err)?;
+        if n < min {
+            return Err(format!("no completion within {WAIT_LIMIT:?}"));
+        }
         for c in self.completions.iter().take(n) {
             // SAFETY: do_io initialised the first `n` entries.
             let c = unsafe { c.assume_init_ref() };

@@ -4,7 +4,7 @@
 //! user buffer is rarely physically contiguous: the guest sent 258-descriptor requests
 //! for 1 MiB) and no more segments per request than the device's `seg_max`.
 
-use crate::dev::{Device, Done, Limits, Seg};
+use diskimg_vhost_client::dev::{Device, Done, Limits, Seg};
 use std::time::{Duration, Instant};
 
 /// The access pattern of a case.
@@ -52,7 +52,9 @@ impl Case {
             "1M" => 1 << 20,
             _ => return Err(format!("case {s}: block size 4k, 64k or 1M")),
         };
-        let qd = qd.parse().map_err(|_| format!("case {s}: bad queue depth"))?;
+        let qd = qd
+            .parse()
+            .map_err(|_| format!("case {s}: bad queue depth"))?;
         if qd == 0 || qd > 256 {
             return Err(format!("case {s}: queue depth 1..=256"));
         }
@@ -113,7 +115,13 @@ impl Rng {
 }
 
 /// Runs `case` on `dev` for `secs`, over the first `size` bytes of the device.
-pub fn run(dev: &mut Device, case: Case, shape: Shape, size: u64, secs: f64) -> Result<Stats, String> {
+pub fn run(
+    dev: &mut Device,
+    case: Case,
+    shape: Shape,
+    size: u64,
+    secs: f64,
+) -> Result<Stats, String> {
     let bs = case.bs as u64;
     let blocks = size / bs;
     if blocks == 0 {
@@ -124,11 +132,17 @@ pub fn run(dev: &mut Device, case: Case, shape: Shape, size: u64, secs: f64) -> 
     // Requests still pending per I/O slot.
     let mut pending = vec![0usize; case.qd];
     let mut stats = Stats::default();
-    let mut done: Vec<Done> = Vec::with_capacity(case.qd * 4);
+    let mut done: Vec<Done> = Vec::new();
     let start = Instant::now();
     let stop = start + Duration::from_secs_f64(secs);
-    for slot in 0..case.qd {
-        pending[slot] = submit(dev, case, shape, slot, next_block(case, &mut rng, &mut seq, blocks))?;
+    for (slot, p) in pending.iter_mut().enumerate() {
+        *p = submit(
+            dev,
+            case,
+            shape,
+            slot,
+            next_block(case, &mut rng, &mut seq, blocks),
+        )?;
     }
     let mut last = start;
     while dev.inflight() > 0 {
@@ -140,7 +154,9 @@ pub fn run(dev: &mut Device, case: Case, shape: Shape, size: u64, secs: f64) -> 
                 return Err(format!("request failed: errno {}", -d.ret));
             }
             stats.requests += 1;
-            let p = pending.get_mut(d.tag).ok_or("completion for an unknown slot")?;
+            let p = pending
+                .get_mut(d.tag)
+                .ok_or("completion for an unknown slot")?;
             *p = p.saturating_sub(1);
             if *p == 0 {
                 stats.ios += 1;
@@ -169,17 +185,26 @@ fn next_block(case: Case, rng: &mut Rng, seq: &mut u64, blocks: u64) -> u64 {
 
 /// Queues I/O `slot` (its buffer is the slot's `bs` bytes) at `block`: one or more
 /// requests; returns how many.
-fn submit(dev: &mut Device, case: Case, shape: Shape, slot: usize, block: u64) -> Result<usize, String> {
+fn submit(
+    dev: &mut Device,
+    case: Case,
+    shape: Shape,
+    slot: usize,
+    block: u64,
+) -> Result<usize, String> {
     let base = slot * case.bs;
     let mut off = 0usize;
     let mut n = 0;
-    let mut segs = Vec::with_capacity(shape.segs);
+    let mut segs = Vec::new();
     while off < case.bs {
         segs.clear();
         let req_start = off;
         while off < case.bs && segs.len() < shape.segs {
             let len = shape.seg.min(case.bs - off);
-            segs.push(Seg { off: base + off, len });
+            segs.push(Seg {
+                off: base + off,
+                len,
+            });
             off += len;
         }
         let at = block * case.bs as u64 + req_start as u64;

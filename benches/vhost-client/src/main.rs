@@ -14,11 +14,10 @@
 //! I/O. benches/serve-vhost-host.sh starts the servers and runs it.
 #![deny(unsafe_code)]
 
-mod dev;
 mod load;
 mod table;
 
-use dev::Device;
+use diskimg_vhost_client::dev::Device;
 use load::{Case, Shape};
 use std::process::ExitCode;
 
@@ -77,7 +76,11 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             _ => return Err(format!("unknown argument {a}")),
         }
     }
-    o.cases = cases.split(',').filter(|c| !c.is_empty()).map(Case::parse).collect::<Result<_, _>>()?;
+    o.cases = cases
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(Case::parse)
+        .collect::<Result<_, _>>()?;
     if o.targets.is_empty() || o.rounds == 0 || o.seg_kib == 0 {
         return Err("need --target, --rounds >= 1 and --seg-kib >= 1".into());
     }
@@ -89,20 +92,29 @@ fn bench(args: &[String]) -> Result<(), String> {
     let buf = o.cases.iter().map(|c| c.bs * c.qd).max().unwrap_or(4096);
     let mut targets = Vec::new();
     for (name, sock, pid) in &o.targets {
-        let dev = Device::connect(sock, o.queue_size, buf).map_err(|e| format!("{name} ({sock}): {e}"))?;
+        let dev = Device::connect(sock, o.queue_size, buf, false)
+            .map_err(|e| format!("{name} ({sock}): {e}"))?;
         let l = dev.limits()?;
         let shape = Shape::guest(&l, o.seg_kib * 1024);
         eprintln!("{name}: {l:?} -> {shape:?}");
-        targets.push(Target { name: name.clone(), dev, shape, pid: *pid });
+        targets.push(Target {
+            name: name.clone(),
+            dev,
+            shape,
+            pid: *pid,
+        });
     }
-    let size = targets.iter().map(|t| t.dev.limits().map(|l| l.capacity)).collect::<Result<Vec<_>, _>>()?;
+    let size = targets
+        .iter()
+        .map(|t| t.dev.limits().map(|l| l.capacity))
+        .collect::<Result<Vec<_>, _>>()?;
     let size = size.into_iter().min().unwrap_or(0);
     table::run(&mut targets, &o.cases, size, o.secs, o.rounds)
 }
 
 fn info(args: &[String]) -> Result<(), String> {
     let sock = args.first().ok_or("info SOCKET")?;
-    let dev = Device::connect(sock, 256, 4096)?;
+    let dev = Device::connect(sock, 256, 4096, false)?;
     println!("{:?}", dev.limits()?);
     Ok(())
 }

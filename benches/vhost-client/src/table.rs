@@ -47,19 +47,32 @@ fn name(c: Case) -> String {
         Rw::Read => "read",
         Rw::Write => "write",
     };
-    let bs = if c.bs >= 1 << 20 { format!("{}M", c.bs >> 20) } else { format!("{}k", c.bs >> 10) };
+    let bs = if c.bs >= 1 << 20 {
+        format!("{}M", c.bs >> 20)
+    } else {
+        format!("{}k", c.bs >> 10)
+    };
     format!("{rw} {bs} QD{}", c.qd)
 }
 
 /// Runs every case in `rounds` rounds on every target and prints the table.
-pub fn run(ts: &mut [Target], cases: &[Case], size: u64, secs: f64, rounds: usize) -> Result<(), String> {
+pub fn run(
+    ts: &mut [Target],
+    cases: &[Case],
+    size: u64,
+    secs: f64,
+    rounds: usize,
+) -> Result<(), String> {
     let n = ts.len();
     let names: Vec<&str> = ts.iter().map(|t| t.name.as_str()).collect();
     let mut head = format!("| test | {} |", names.join(" | "));
     for t in &names[..n - 1] {
         head += &format!(" {t}: ratio | per-round ratios |");
     }
-    head += &format!(" server CPU µs per I/O: {} | requests per I/O |", names.join(" / "));
+    head += &format!(
+        " server CPU µs per I/O: {} | requests per I/O |",
+        names.join(" / ")
+    );
     println!("{head}");
     println!("{}|", "|---".repeat(head.matches('|').count() - 1));
     let mut turn = 0;
@@ -70,7 +83,8 @@ pub fn run(ts: &mut [Target], cases: &[Case], size: u64, secs: f64, rounds: usiz
                 let i = (k + turn) % n;
                 let t = &mut ts[i];
                 let c0 = cpu(t.pid);
-                let s = load::run(&mut t.dev, case, t.shape, size, secs).map_err(|e| format!("{}: {e}", t.name))?;
+                let s = load::run(&mut t.dev, case, t.shape, size, secs)
+                    .map_err(|e| format!("{}: {e}", t.name))?;
                 if let (Some(a), Some(b)) = (c0, cpu(t.pid)) {
                     cells[i].cpu += b.saturating_sub(a);
                 }
@@ -87,7 +101,12 @@ pub fn run(ts: &mut [Target], cases: &[Case], size: u64, secs: f64, rounds: usiz
         }
         let r = &cells[n - 1].rates;
         for c in &cells[..n - 1] {
-            let mut per: Vec<f64> = c.rates.iter().zip(r).map(|(a, b)| a / b.max(1e-9)).collect();
+            let mut per: Vec<f64> = c
+                .rates
+                .iter()
+                .zip(r)
+                .map(|(a, b)| a / b.max(1e-9))
+                .collect();
             per.sort_by(f64::total_cmp);
             let m = median(&c.rates) / median(r).max(1e-9);
             row += &format!(" {m:.2}x | {:.2}–{:.2} |", per[0], per[per.len() - 1]);
@@ -100,7 +119,10 @@ pub fn run(ts: &mut [Target], cases: &[Case], size: u64, secs: f64, rounds: usiz
                 None => "-".into(),
             })
             .collect();
-        let rq: Vec<String> = cells.iter().map(|c| format!("{:.2}", c.requests as f64 / c.ios.max(1) as f64)).collect();
+        let rq: Vec<String> = cells
+            .iter()
+            .map(|c| format!("{:.2}", c.requests as f64 / c.ios.max(1) as f64))
+            .collect();
         row += &format!(" {} | {} |", us.join(" / "), rq.join(" / "));
         println!("{row}");
     }

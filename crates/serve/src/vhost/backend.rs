@@ -4,6 +4,8 @@
 //! Every queue has its own epoll thread (`queues_per_thread`), and each such thread
 //! hands all but the last request it pops to a small worker pool, executing the last one
 //! itself: a lone request is served without a thread hand-off, a burst runs in parallel.
+//! A large last request (64 KiB or more) goes to the pool as well unless the queue is
+//! at depth 1, so that its copy never keeps the thread from popping the next request.
 //! Completions go back out of order, which virtio allows; the driver is notified once
 //! per batch, by whichever of its requests finishes last (fewer interrupts for the
 //! guest; the script's "guest interrupts per request" column shows it). A large read or

@@ -63,6 +63,7 @@ impl Plain {
             all.extend(chain.clone());
             let (first, rest) = all.split_first()?;
             let (last, data) = rest.split_last()?;
+            #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
             let mut kept = Vec::with_capacity(data.len());
             kept.extend(data.iter().filter(|d| d.len() > 0).copied());
             Some((*first, *last, kept))
@@ -110,6 +111,7 @@ impl Plain {
         } else {
             Permissions::Read
         };
+        #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
         let mut out = Vec::with_capacity(self.data.len());
         let mut at = 0usize;
         for d in &self.data {

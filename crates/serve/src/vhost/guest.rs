@@ -52,6 +52,7 @@ pub(crate) fn with_shared<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&[IoSlice<'_>]) -> R,
 ) -> R {
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
     let mut guards = Vec::with_capacity(slices.len());
     guards.extend(
         slices
@@ -77,6 +78,7 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&mut [IoSliceMut<'_>]) -> R,
 ) -> Option<R> {
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
     let mut guards = Vec::with_capacity(slices.len());
     guards.extend(
         slices
@@ -105,6 +107,7 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
 /// Whether no two of `slices` share a byte (what [`with_mut`] requires; the pieces of
 /// one request run on several threads only when its buffers pass this).
 pub(crate) fn disjoint<B: BitmapSlice>(slices: &[VolatileSlice<'_, B>]) -> bool {
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
     let mut guards = Vec::with_capacity(slices.len());
     guards.extend(
         slices
