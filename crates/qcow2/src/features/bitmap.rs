@@ -197,8 +197,10 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
     let g = 1u64 << e.gbits.min(63);
     let bytes = m.size().div_ceil(g).div_ceil(8);
     check_table(m, e, bytes.div_ceil(cs))?;
-    let mut out = m.limits().alloc("bitmap data", bytes)?;
+    // The table first (it must lie in the file): the bits are sized by the disk, and
+    // there are at most a cluster of them per table entry.
     let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
+    let mut out = m.limits().alloc("bitmap data", bytes)?;
     for (k, &x) in t.iter().enumerate() {
         let start = k as u64 * cs;
         if start >= bytes {
