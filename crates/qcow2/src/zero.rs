@@ -142,7 +142,7 @@ fn zero_range(
     let cs = m.cs();
     let size = m.size();
     let v3 = m.h().version >= 3;
-    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
+    let raw = raw_data_file(m);
     let mut pos = r.start;
     let end = r.end;
     while pos < end {
@@ -189,6 +189,14 @@ fn zero_range(
         pos += n;
     }
     Ok(())
+}
+
+/// Whether the image has a raw external data file (which must read as the guest does).
+/// The header bit alone does not make one: without a data file, "raw" zeroing would
+/// write the guest range into the image file itself (qemu refuses such an image,
+/// "data-file-raw requires a data file").
+fn raw_data_file(m: &Meta) -> bool {
+    m.h().autoclear & AUTOCLEAR_DATA_RAW != 0 && m.data().is_some()
 }
 
 /// The host range entry `e` stops pointing to when it is dropped: its refcounted
@@ -423,7 +431,7 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     let cs = m.cs();
     let size = m.size();
     let v3 = m.h().version >= 3;
-    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
+    let raw = raw_data_file(&m);
     if !v3 && has_backing {
         // qemu cannot make the range read as zeroes without data writes here, and
         // exposing the backing data would change the guest view: it ignores the request.
