@@ -57,6 +57,7 @@
 mod behind;
 mod cache;
 mod concat;
+mod huge;
 mod options;
 mod plan;
 mod pool;
