@@ -14,6 +14,7 @@ use crate::common::{
 use crate::create::{known_option, parse_options, print_help};
 
 mod args;
+mod big;
 mod pipe;
 mod salvage;
 mod stdout;
@@ -71,7 +72,9 @@ fn run_inner(mut a: Args) -> Result<i32> {
     );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
-    let sources = open_sources(&a, srcs, src_cache, flags.snapshot.as_ref())?;
+    // Sources (and output) larger than the page cache's dirty limits: see `big.rs`.
+    let big = big::wanted(srcs);
+    let sources = open_sources_for(&a, srcs, src_cache, flags.snapshot.as_ref(), big)?;
     let (src, images) = (sources.device.as_ref(), &sources.images);
     if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
         return targets::run(&a, t, src, images, dst_name);
@@ -94,7 +97,15 @@ fn run_inner(mut a: Args) -> Result<i32> {
     // created with (the target is a plain file name: qemu's --image-opts names sources
     // only).
     let fresh = !a.no_create && made.backing.is_none() && made.key_secret.is_none();
-    let dst = open_target(dst_name, out_fmt, cache, fresh, made.key_secret.as_deref())?;
+    // The durable default of an output larger than the dirty limits: `O_DIRECT`.
+    let direct = cache.is_none() && fresh && !a.compress && big;
+    let dst = open_target(
+        dst_name,
+        out_fmt,
+        (cache, direct),
+        fresh,
+        made.key_secret.as_deref(),
+    )?;
     if a.no_create && images.iter().any(pipe::unknown_length) {
         pipe::copy_into_existing(src, images, dst.device.as_ref(), &mut |d, t| {
             bar.fraction(d, t)
@@ -166,6 +177,28 @@ struct Sources {
     images: Vec<Image>,
     /// With `--salvage`: the sources read in salvage mode.
     salvaged: Vec<Arc<crate::io::filter::Filtered<salvage::Salvage>>>,
+}
+
+/// [`open_sources`], but without `-T`, raw sources larger than the dirty limits
+/// (`big`) are read with `O_DIRECT` (`big.rs`; as `-T none`, where the file system takes
+/// it; not with `-l`, `--salvage` or other formats).
+fn open_sources_for(
+    a: &Args,
+    srcs: &[String],
+    cache: CacheMode,
+    snapshot: Option<&diskimg::SnapshotSelector>,
+    big: bool,
+) -> Result<Sources> {
+    if big
+        && a.src_cache.is_none()
+        && snapshot.is_none()
+        && !a.salvage
+        && let Ok(s) = open_sources(a, srcs, CacheMode::None, None)
+        && s.images.iter().all(|i| i.format == Format::Raw)
+    {
+        return Ok(s);
+    }
+    open_sources(a, srcs, cache, snapshot)
 }
 
 fn open_sources(
@@ -381,16 +414,29 @@ struct Target {
 /// created here is opened on an [`UnsafeCache`] storage (the format's ordering flushes
 /// are skipped while the image is built, finished runs are written back as they
 /// complete) and flushed once at the end; other targets (`-n`, `-B`, encrypted, images
-/// with extent or data files) are opened with every flush honoured.
+/// with extent or data files) are opened with every flush honoured. With `direct` (an
+/// output larger than the dirty limits, `big.rs`) a fresh image other than raw is
+/// written as with `-t none` ([`open_behind`]) unless its format only takes compressed
+/// writes.
 fn open_target(
     name: &str,
     fmt: Format,
-    cache: Option<CacheMode>,
+    (cache, direct): (Option<CacheMode>, bool),
     fresh: bool,
     key: Option<&str>,
 ) -> Result<Target> {
     // `-U` is for the sources.
     crate::common::set_force_share(false);
+    if direct
+        && fmt != Format::Raw
+        && let Some(t) = open_behind(name, fmt)?
+    {
+        if !t.device.needs_compressed_writes() {
+            return Ok(t);
+        }
+        // Dropped (closing the file, releasing its lock) before the usual open.
+        drop(t);
+    }
     if cache.is_none() && fresh {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;

@@ -8,7 +8,7 @@
 //! request; fio on the benchmark's XFS image (docs/benchmarks.md) writes 2 MiB requests
 //! about 1.5× faster with four in flight than with one.
 //!
-//! The copies live on transparent huge pages where the kernel gives them
+//! Copies of 2 MiB and more live on transparent huge pages where the kernel gives them
 //! ([`crate::huge`]): a 2 MiB `O_DIRECT` write from one huge page reaches a loop
 //! device as two requests instead of four.
 //!
@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 
 use diskimg_blockio::{DebugEvent, Error, Preallocation, Result, Storage};
 
-use crate::huge::{HugeBuf, HugePool};
+use crate::pool::{Buf, Pool};
 
 /// Writes shorter than this go through at once (metadata, partial clusters).
 pub const MIN_BEHIND: usize = 64 << 10;
@@ -73,13 +73,13 @@ struct Shared {
     /// A write was queued, or the storage is closing (the writer threads).
     work: Condvar,
     depth: usize,
-    pool: HugePool,
+    pool: Pool,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Copies waiting for a writer thread.
-    queue: VecDeque<(u64, HugeBuf)>,
+    queue: VecDeque<(u64, Buf)>,
     /// Byte ranges `(start, end)` queued or being written.
     pending: Vec<(u64, u64)>,
     /// The first background write that failed.
@@ -105,7 +105,7 @@ impl WriteBehind {
                 done: Condvar::new(),
                 work: Condvar::new(),
                 depth,
-                pool: HugePool::new(depth),
+                pool: Pool::new(depth),
             }),
             threads: Mutex::new(Vec::new()),
             grow: 0,

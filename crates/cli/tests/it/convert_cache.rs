@@ -40,8 +40,20 @@ fn pwrite_len(line: &str, fd: i32) -> Option<(String, u64)> {
 }
 
 fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
+    traced_convert_env(dir, src, dst, args, &[])
+}
+
+/// [`traced_convert`] with environment variables set for diskimg.
+fn traced_convert_env(
+    dir: &Path,
+    src: &Path,
+    dst: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Trace {
     let log = dir.join("strace.log");
     let mut cmd = Command::new("strace");
+    cmd.envs(env.iter().copied());
     cmd.args([
         "-f",
         "-o",
@@ -182,4 +194,46 @@ fn cache_modes_on_every_format_and_bad_names() {
         String::from_utf8_lossy(&o.stderr).trim(),
         "diskimg: Invalid cache option: bogus"
     );
+}
+
+/// Sources larger than the dirty limits (forced here with `DISKIMG_CONVERT_DIRECT=1`):
+/// the durable default reads a raw source and writes a new image other than raw with
+/// `O_DIRECT`, flushed, into the same bytes as through the page cache; `-T`, `-c`, raw
+/// targets and formats that only take compressed writes keep the page cache.
+#[test]
+fn big_default_reads_and_writes_direct() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    let run = |fmt: &str, extra: &[&str], direct: &str| {
+        let dst = dir.path().join(format!("o-{direct}.{fmt}"));
+        let mut args = vec!["-f", "raw", "-O", fmt];
+        args.extend(extra);
+        let env = [("DISKIMG_CONVERT_DIRECT", direct)];
+        let t = traced_convert_env(dir.path(), &src, &dst, &args, &env);
+        assert!(qemu_compare(&src, "raw", &dst, fmt), "{fmt} {extra:?}");
+        (t, std::fs::read(&dst).unwrap())
+    };
+    let (d, bytes) = run("qcow2", &[], "1");
+    assert!(d.source_flags.contains("O_DIRECT"), "{d:?}");
+    assert!(d.target_flags.contains("O_DIRECT"), "{d:?}");
+    assert!(d.flushes >= 1 && d.fadvise == 0, "{d:?}");
+    assert_qemu_check_clean(&dir.path().join("o-1.qcow2"), "qcow2");
+    let (p, page_cache_bytes) = run("qcow2", &[], "0");
+    assert!(!p.source_flags.contains("O_DIRECT") && !p.target_flags.contains("O_DIRECT"));
+    assert!(bytes == page_cache_bytes, "the same image either way");
+    // -T given: the source as asked; -c: the page cache for the target.
+    let (t, _) = run("qcow2", &["-T", "writeback"], "1");
+    assert!(!t.source_flags.contains("O_DIRECT") && t.target_flags.contains("O_DIRECT"));
+    let (c, _) = run("qcow2", &["-c"], "1");
+    assert!(c.source_flags.contains("O_DIRECT") && !c.target_flags.contains("O_DIRECT"));
+    // Raw targets and streamOptimized vmdk stay in the page cache.
+    let (r, _) = run("raw", &[], "1");
+    assert!(
+        !r.target_flags.contains("O_DIRECT") && r.flushes >= 1,
+        "{r:?}"
+    );
+    let (v, _) = run("vmdk", &["-o", "subformat=streamOptimized"], "1");
+    assert!(!v.target_flags.contains("O_DIRECT"), "{v:?}");
+    let (x, _) = run("vhdx", &[], "1");
+    assert!(x.target_flags.contains("O_DIRECT"), "{x:?}");
 }
