@@ -118,3 +118,36 @@ fn bitmap_directory_over_the_snapshot_table_is_not_rewritten() {
         "{e}"
     );
 }
+
+/// The data-file-raw autoclear bit on an image without a data file (qemu refuses to do
+/// I/O on it). Zero writes and discards used to zero the guest range in the image file
+/// itself — here its header and tables. They must leave the image intact: with the bit
+/// cleared again qemu finds it clean and reading zeroes where the guest zeroed.
+#[test]
+fn data_file_raw_bit_without_a_data_file_never_zeroes_the_image_file() {
+    let dir = tempdir();
+    let p = dir.path().join("r.qcow2");
+    let ps = p.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &ps, "1M"]);
+    diskimg_testutil::qemu_io(&p, "qcow2", &["write -P 5 0 256k"]);
+    let mut img = std::fs::read(&p).unwrap();
+    let autoclear = be64(&img, 88);
+    img[88..96].copy_from_slice(&(autoclear | 2).to_be_bytes());
+    let mem = Arc::new(MemStorage::from_vec(img));
+    let s: Arc<dyn Storage> = mem.clone();
+    let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
+    for may_unmap in [false, true] {
+        let at = if may_unmap { 64 << 10 } else { 0 };
+        let flags = diskimg_blockio::ZeroFlags { may_unmap };
+        dev.write_zeroes(at, 64 << 10, flags).unwrap();
+    }
+    dev.discard(128 << 10, 64 << 10).unwrap();
+    dev.flush().unwrap();
+    drop(dev);
+    let mut img = mem.to_vec();
+    assert_eq!(&img[..4], b"QFI\xfb", "header overwritten");
+    img[88..96].copy_from_slice(&autoclear.to_be_bytes());
+    std::fs::write(&p, &img).unwrap();
+    qemu_img_ok(&["check", "-q", "-f", "qcow2", &ps]);
+    diskimg_testutil::qemu_io(&p, "qcow2", &["read -P 0 0 192k", "read -P 5 192k 64k"]);
+}
