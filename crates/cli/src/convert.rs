@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, CacheMode, Format, Image, ImageOptions, OpenPolicy};
-use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, WriteBehind, convert};
+use diskimg_convert::{
+    ConcatDevice, ConvertOptions, LazyGrowth, UnsafeCache, WriteBehind, convert,
+};
 
 use crate::common::{
     Progress, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
@@ -407,6 +409,8 @@ struct Target {
     _image: Option<Image>,
     /// The default mode: the storage to flush once the device is closed.
     cache: Option<Arc<UnsafeCache>>,
+    /// `-t unsafe`: the storage to give its recorded length once the device is closed.
+    lazy: Option<Arc<LazyGrowth>>,
 }
 
 /// Opens the target in cache mode `cache` (qemu's meaning of each mode; see
@@ -447,6 +451,7 @@ fn open_target(
                 device,
                 _image: None,
                 cache: Some(cache),
+                lazy: None,
             });
         }
     }
@@ -454,6 +459,12 @@ fn open_target(
         && fresh
         && fmt != Format::Raw
         && let Some(t) = open_behind(name, fmt)?
+    {
+        return Ok(t);
+    }
+    if cache == Some(CacheMode::Unsafe)
+        && fresh
+        && let Some(t) = open_unsafe(name, fmt)?
     {
         return Ok(t);
     }
@@ -467,6 +478,7 @@ fn open_target(
         device: img.device.clone(),
         _image: Some(img),
         cache: None,
+        lazy: None,
     })
 }
 
@@ -488,11 +500,38 @@ const GROW_AHEAD: u64 = 128 << 20;
 /// qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more
 /// than its file (the usual open then reports what is wrong).
 fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
-    let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
+    open_wrapped(name, fmt, CacheMode::None, |file| {
+        Arc::new(WriteBehind::new(file, BEHIND_DEPTH).grow_ahead(GROW_AHEAD))
+    })
+}
+
+/// `-t unsafe` onto a single-file image created here: the file grown in name only until
+/// it is closed ([`LazyGrowth`]: a qcow2's reserve is cut back at close, and on XFS a
+/// file that was cut back writes back all its dirty pages when closed), new L2 tables
+/// deferred. `None` as [`open_behind`].
+fn open_unsafe(name: &str, fmt: Format) -> Result<Option<Target>> {
+    let mut lazy = None;
+    let t = open_wrapped(name, fmt, CacheMode::Unsafe, |file| {
+        let l = Arc::new(LazyGrowth::new(file));
+        lazy = Some(l.clone());
+        l
+    })?;
+    Ok(t.map(|t| Target { lazy, ..t }))
+}
+
+/// The target file `name` opened in cache mode `mode`, on the storage `wrap` makes of
+/// it, as a `fmt` image created here (qcow2's new L2 tables deferred).
+fn open_wrapped(
+    name: &str,
+    fmt: Format,
+    mode: CacheMode,
+    wrap: impl FnOnce(Arc<dyn diskimg::blockio::Storage>) -> Arc<dyn diskimg::blockio::Storage>,
+) -> Result<Option<Target>> {
+    let Ok(file) = FileStorage::open_with(name, false, mode) else {
         return Ok(None);
     };
     crate::common::lock_own_file(&file, fmt, name)?;
-    let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH).grow_ahead(GROW_AHEAD));
+    let storage = wrap(Arc::new(file));
     let mut opts = diskimg::blockio::OpenOptions::new();
     opts.driver_options.set(DEFERRED_TABLES, "on");
     Ok(fmt
@@ -503,6 +542,7 @@ fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
             device,
             _image: None,
             cache: None,
+            lazy: None,
         }))
 }
 
@@ -513,6 +553,7 @@ impl Target {
             device,
             _image,
             cache,
+            lazy,
         } = self;
         // Drivers may write on close (qcow2 stores bitmaps); report their errors.
         device.close()?;
@@ -521,6 +562,9 @@ impl Target {
         }
         drop(device);
         drop(_image);
+        if let Some(l) = lazy {
+            l.finish()?;
+        }
         match cache {
             Some(c) => c.flush_inner(),
             None => Ok(()),
