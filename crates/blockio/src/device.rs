@@ -10,6 +10,7 @@ use crate::info::{CheckReport, DeviceInfo, RepairMode};
 use crate::packed::CompressedUnits;
 use crate::storage::{Preallocation, Storage};
 use crate::vectored::{serve_each, total_len};
+use crate::zero::zero_by_buffer;
 
 /// What one guest byte range is, in one image layer (see [`BlockDevice::map`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,26 +301,6 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// the format crates uses the capability accessors instead
     /// ([`BlockDevice::as_snapshots`] and the others).
     fn as_any(&self) -> &dyn Any;
-}
-
-/// Writes `len` zero bytes at `offset` with `write(buf, at)` calls of at most 1 MiB from
-/// one zero buffer: [`BlockDevice::write_zeroes`]'s default, and the zero path of formats
-/// that can only write zeroes as data.
-pub fn zero_by_buffer(
-    offset: u64,
-    len: u64,
-    mut write: impl FnMut(&[u8], u64) -> Result<()>,
-) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK);
-        let chunk = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
-        write(chunk, offset + done)?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// [`BlockDevice::write_from`] through a buffer: reads of at most 1 MiB from `src`, each

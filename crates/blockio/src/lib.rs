@@ -88,6 +88,7 @@ pub mod parent_path;
 mod secrets;
 mod storage;
 pub mod vectored;
+mod zero;
 
 pub use aio::{AsyncDevice, IO_ALIGN, IoBuf, IoFuture, Plug, park_until};
 pub use cache::CacheMode;
@@ -97,7 +98,7 @@ pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
     BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
-    read_from_backing, write_from_by_buffer, zero_by_buffer,
+    read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
 pub use error::{Error, OrCorrupt, Result};
@@ -121,3 +122,4 @@ pub use storage::{
 };
 #[cfg(target_os = "linux")]
 pub use storage::{Uring, UringStorage};
+pub use zero::zero_by_buffer;

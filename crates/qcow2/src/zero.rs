@@ -142,7 +142,6 @@ fn zero_range(
     let cs = m.cs();
     let size = m.size();
     let v3 = m.h().version >= 3;
-    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
     let mut pos = r.start;
     let end = r.end;
     while pos < end {
@@ -167,28 +166,59 @@ fn zero_range(
         let table = ensure_l2(m, l1i)?;
         let index = (pos / cs) % m.h().l2_entries();
         let (entry, bitmap, _) = m.l2_entry(pos)?;
-        if raw && unmap {
-            // As qemu, which passes the request down to a raw data file.
-            m.data_store().clone().write_zeroes_unmap(pos, n)?;
-        } else if raw {
-            m.data_store().clone().write_zeroes(pos, n)?;
-        }
         let at = L2Update::new(table, index, entry, bitmap);
-        let dropped = if ext {
-            zero_subclusters(dev, m, zeros, at, pos..pos + n, unmap, p)?
-        } else {
-            zero_cluster(m, at, unmap, p)?
-        };
-        match dropped {
-            Some(r) if m.data().is_none() => punch.push(r),
-            // A data file's cluster is no one else's: discarded now (a raw one was
-            // zeroed above).
-            Some((h, len)) if !raw => m.data_store().clone().discard(h, len)?,
-            _ => {}
+        let dropped = in_data_file(m, pos..pos + n, unmap, |m| {
+            if ext {
+                zero_subclusters(dev, m, zeros, at, pos..pos + n, unmap, p)
+            } else {
+                zero_cluster(m, at, unmap, p)
+            }
+        })?;
+        if let Some(r) = dropped
+            && m.data().is_none()
+        {
+            punch.push(r);
         }
         pos += n;
     }
     Ok(())
+}
+
+/// Changes the L2 entry of guest range `guest` with `change` (which returns the host
+/// range the entry drops, see [`dropped_range`]) and keeps an external data file in
+/// step, in qemu's order: a raw data file, which must read as the guest does, is zeroed
+/// there first (punched with `unmap`; a discard always unmaps), whatever the entry
+/// keeps, as qemu's `qcow2_subcluster_zeroize` does before it touches L2 (zeroing after
+/// `change` wrote an edge piece as zero data would punch what qemu leaves allocated:
+/// cli `zero_unmap.rs`). Any other data file's dropped cluster is no one else's and is
+/// discarded once the entry no longer points to it (in a discard no I/O lies between
+/// the two, so the order is moot there). Without a data file only `change`
+/// runs (the caller frees the refcounted clusters): the raw bit alone does not make one,
+/// and must not make the guest range zeroed in the image file itself (qemu refuses such
+/// an image, "data-file-raw requires a data file").
+fn in_data_file(
+    m: &mut Meta,
+    guest: std::ops::Range<u64>,
+    unmap: bool,
+    change: impl FnOnce(&mut Meta) -> Result<Option<(u64, u64)>>,
+) -> Result<Option<(u64, u64)>> {
+    let Some(store) = m.data().cloned() else {
+        return change(m);
+    };
+    if m.h().autoclear & AUTOCLEAR_DATA_RAW != 0 {
+        let (pos, n) = (guest.start, guest.end - guest.start);
+        if unmap {
+            store.write_zeroes_unmap(pos, n)?;
+        } else {
+            store.write_zeroes(pos, n)?;
+        }
+        return change(m);
+    }
+    let dropped = change(m)?;
+    if let Some((h, len)) = dropped {
+        store.discard(h, len)?;
+    }
+    Ok(dropped)
 }
 
 /// The host range entry `e` stops pointing to when it is dropped: its refcounted
@@ -423,7 +453,6 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
     let cs = m.cs();
     let size = m.size();
     let v3 = m.h().version >= 3;
-    let raw = m.h().autoclear & AUTOCLEAR_DATA_RAW != 0;
     if !v3 && has_backing {
         // qemu cannot make the range read as zeroes without data writes here, and
         // exposing the backing data would change the guest view: it ignores the request.
@@ -454,20 +483,13 @@ pub(crate) fn discard(dev: &Qcow2Device, off: u64, len: u64) -> Result<()> {
             if (ne, nb) != (e, bm) {
                 let l2 = ensure_l2(&mut m, l1i)?;
                 let (e2, _, _) = m.l2_entry(c)?;
-                if let Some(r) = old_ref(&m, e2) {
-                    p.unref.push(r);
-                }
-                // As qemu, which discards a data file's clusters (a raw one must read
-                // as zeroes: punched, or zeroed where it cannot be).
-                if raw {
-                    let n = cs.min(size - c);
-                    m.data_store().clone().write_zeroes_unmap(c, n)?;
-                } else if m.data().is_some()
-                    && let Some((h, n)) = dropped_range(&m, e2)
-                {
-                    m.data_store().clone().discard(h, n)?;
-                }
-                p.l2.push(L2Update::new(l2, i, ne, nb));
+                in_data_file(&mut m, c..c + cs.min(size - c), true, |m| {
+                    if let Some(r) = old_ref(m, e2) {
+                        p.unref.push(r);
+                    }
+                    p.l2.push(L2Update::new(l2, i, ne, nb));
+                    Ok(dropped_range(m, e2))
+                })?;
             }
         }
         c += cs;

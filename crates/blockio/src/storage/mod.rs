@@ -203,18 +203,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn debug_event(&self, _event: DebugEvent) {}
 }
 
-/// Zero-fills a range with ordinary writes of at most 1 MiB.
+/// Zero-fills a range with ordinary writes of at most 1 MiB (the loop is
+/// [`zero_by_buffer`](crate::zero_by_buffer)'s).
 pub fn write_zeroes_by_buffer<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zero = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK);
-        let buf = zero.get(..usize::try_from(n).unwrap_or(0)).unwrap_or(&[]);
-        s.write_all_at(buf, offset + done)?;
-        done += n;
-    }
-    Ok(())
+    crate::zero::zero_by_buffer(offset, len, |buf, at| s.write_all_at(buf, at))
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
