@@ -53,6 +53,7 @@ mod pipelines_out;
 mod pipelines_targets;
 mod progress;
 mod qemu_io;
+mod qemu_layout;
 mod serve;
 mod serve_lock;
 mod serve_write;

@@ -18,6 +18,7 @@ mod encrypt;
 mod hostile;
 mod hostile_bounded;
 mod hostile_rw;
+mod image_end;
 mod layout;
 mod lazy;
 mod maint;
