@@ -16,6 +16,7 @@ mod bounded;
 mod check_repair;
 mod checksum;
 mod close_both;
+mod commit_enospc;
 mod commit_rebase;
 mod compare;
 mod convert;
