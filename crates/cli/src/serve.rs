@@ -18,7 +18,8 @@ use diskimg::serve::{
     Shutdown, VhostConfig, WritePolicy, serve_vhost_user_blk,
 };
 
-use crate::common::{open_image, opt_format};
+use crate::args::FormatArg;
+use crate::common::open_image;
 
 /// Environment variable telling a `--fork` child to report readiness on stdout.
 const READY_ENV: &str = "DISKIMG_SERVE_READY";
@@ -26,9 +27,8 @@ const READY_ENV: &str = "DISKIMG_SERVE_READY";
 /// Arguments of `serve`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
@@ -120,7 +120,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if a.fork && std::env::var_os(READY_ENV).is_none() {
         return fork_and_wait();
     }
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     // Locked as qemu-nbd locks it: a writable export excludes other writers and plain
     // readers (qemu's included) for as long as it runs.
     crate::common::set_force_share(a.force_share);

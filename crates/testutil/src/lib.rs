@@ -10,6 +10,8 @@
 //! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
 //! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
+//! - crash tests: [`crash`] cuts a workload at every storage operation and hands each
+//!   image a crash can leave to the test ([`crash::sweep`], [`crash::Durable`]);
 //! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`;
 //!   [`hostile`] generates the hostile-image corpus (CVE images, corrupt tables, loops,
 //!   huge tables, FIFOs, symbolic links), truncations and mutants.
@@ -18,6 +20,7 @@
 //! when they are missing (`.ci/run` installs `qemu-utils`), so a missing oracle can never
 //! turn into a silently passing test.
 
+pub mod crash;
 pub mod hostile;
 
 use std::path::{Path, PathBuf};
