@@ -44,12 +44,16 @@ fn num(s: &str) -> u64 {
     n.parse::<u64>().unwrap() * mul
 }
 
-/// Runs one qemu-io `write` command on our device.
-fn apply(dev: &dyn BlockDevice, cmd: &str) {
+/// Runs one qemu-io `write` command (`write -P N OFF LEN`, `write -z [-u] OFF LEN`) on
+/// our device.
+pub(crate) fn apply(dev: &dyn BlockDevice, cmd: &str) {
     let w: Vec<&str> = cmd.split_whitespace().collect();
     match w.as_slice() {
         ["write", "-z", off, len] => dev
             .write_zeroes(num(off), num(len), ZeroFlags::default())
+            .unwrap(),
+        ["write", "-z", "-u", off, len] => dev
+            .write_zeroes(num(off), num(len), ZeroFlags { may_unmap: true })
             .unwrap(),
         ["write", "-P", p, off, len] => {
             let buf = vec![p.parse::<u8>().unwrap(); num(len) as usize];
