@@ -10,7 +10,7 @@ use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteG
 
 use diskimg_blockio::{BitmapInfo, BlockDevice, Error, InfoValue, Result, Storage};
 
-use crate::disk::ext::BitmapEntry;
+use crate::disk::bitmap_dir::BitmapEntry;
 use crate::disk::header::{AUTOCLEAR_DATA_RAW, COMPAT_LAZY, INCOMPAT_CORRUPT};
 use crate::encryption::Encryption;
 use crate::engine::meta::Meta;

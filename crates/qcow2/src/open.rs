@@ -9,13 +9,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use diskimg_blockio::{BlockDevice, Error, FilePurpose, OpenOptions, RepairMode, Result, Storage};
 
 use crate::device::Qcow2Device;
-use crate::disk::ext::parse_bitmap_directory;
+use crate::disk::bitmap_dir::{
+    check_ext as check_bitmaps_ext, parse_bitmap_directory, read_directory_bytes,
+};
 use crate::disk::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_RAW, COMPAT_LAZY, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use crate::disk::snapshot::read_snapshots;
 use crate::encryption::Encryption;
-use crate::engine::meta::{Meta, read_host};
+use crate::engine::meta::Meta;
 use crate::engine::overlap::MetaKind::{InactiveL1, SnapshotTable};
 use crate::open_options::Qcow2OpenOptions;
 
@@ -103,16 +105,17 @@ impl Qcow2Device {
         }
         let bitmaps = match meta.h().ext.bitmaps {
             Some(b) if meta.h().autoclear & AUTOCLEAR_BITMAPS != 0 => {
-                if b.directory_offset % cs != 0 || b.directory_size > 64 << 20 {
-                    return Err(Error::corrupt(
-                        "qcow2",
-                        "invalid bitmap directory",
-                        b.directory_offset,
-                    ));
-                }
-                let mut buf = limits.alloc("bitmap directory", b.directory_size)?;
-                read_host(file.as_ref(), &mut buf, b.directory_offset)?;
-                parse_bitmap_directory(&buf, b.nb_bitmaps)?
+                check_bitmaps_ext(&b, cs)?;
+                let buf = read_directory_bytes(file.as_ref(), &limits, &b)?;
+                let dir = parse_bitmap_directory(
+                    &buf,
+                    b.directory_offset,
+                    b.nb_bitmaps,
+                    cs,
+                    meta.size(),
+                )?;
+                crate::features::bitmap::check_tables(&meta, &dir)?;
+                dir
             }
             _ => Vec::new(),
         };

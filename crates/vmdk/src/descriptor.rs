@@ -267,26 +267,6 @@ impl NewDescriptor<'_> {
     }
 }
 
-/// Replaces the value of the `CID=` line (qemu `vmdk_write_cid`), keeping the rest.
-pub(crate) fn replace_cid(text: &str, cid: u32) -> String {
-    let mut out = String::new();
-    for line in text.split_inclusive('\n') {
-        if line.starts_with("CID=") {
-            let eol = if line.ends_with("\r\n") {
-                "\r\n"
-            } else if line.ends_with('\n') {
-                "\n"
-            } else {
-                ""
-            };
-            out.push_str(&format!("CID={cid:x}{eol}"));
-        } else {
-            out.push_str(line);
-        }
-    }
-    out
-}
-
 /// A random 32-bit value (for CIDs), from the standard library's random hasher keys.
 pub(crate) fn random_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
@@ -336,9 +316,6 @@ mod tests {
         assert_eq!(text, QEMU_FLAT);
         assert!(looks_like_descriptor(QEMU_FLAT.as_bytes()));
         assert!(!looks_like_descriptor(b"KDMV"));
-        let r = replace_cid(QEMU_FLAT, 0x1234);
-        assert_eq!(Descriptor::parse(&r, true).unwrap().cid, 0x1234);
-        assert!(r.contains("\nCID=1234\n"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use diskimg_blockio::{
     Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
-use crate::descriptor::{Descriptor, random_u32, replace_cid};
+use crate::descriptor::{Descriptor, random_u32};
 use crate::header::SECTOR;
 use crate::sparse::{Grain, SparseExtent};
 
@@ -48,18 +48,7 @@ pub(crate) struct Ext {
     pub data: ExtentData,
 }
 
-/// Where the descriptor text lives, for CID updates.
-#[derive(Debug)]
-pub(crate) struct DescLocation {
-    /// The file holding it.
-    pub storage: Arc<dyn Storage>,
-    /// Byte offset of the text.
-    pub offset: u64,
-    /// Room for the text (embedded descriptors), or `None` for a separate file.
-    pub room: Option<u64>,
-    /// The text as read.
-    pub text: String,
-}
+pub(crate) use crate::cid::DescLocation;
 
 /// An open VMDK image.
 #[derive(Debug)]
@@ -124,23 +113,7 @@ impl VmdkDevice {
             return Ok(());
         };
         let cid = random_u32();
-        let text = replace_cid(&loc.text, cid);
-        match loc.room {
-            Some(room) => {
-                let old = loc.text.len() as u64;
-                if text.len() as u64 > room {
-                    return Ok(());
-                }
-                let mut bytes = text.into_bytes();
-                let pad = usize::try_from(old.saturating_sub(bytes.len() as u64)).unwrap_or(0);
-                bytes.resize(bytes.len() + pad, 0);
-                loc.storage.write_all_at(&bytes, loc.offset)?;
-            }
-            None => {
-                loc.storage.write_all_at(text.as_bytes(), loc.offset)?;
-                loc.storage.set_len(loc.offset + text.len() as u64)?;
-            }
-        }
+        loc.write_cid(cid)?;
         self.cid.store(cid, Ordering::Release);
         Ok(())
     }

@@ -40,6 +40,7 @@ use diskimg_blockio::{
     BlockDevice, CreateOptionSpec, CreateRequest, Driver, OpenOptions, Result, Storage,
 };
 
+mod cid;
 mod create;
 mod descriptor;
 mod device;

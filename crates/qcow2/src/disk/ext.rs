@@ -209,69 +209,6 @@ impl Extensions {
     }
 }
 
-/// One bitmap directory entry, as `info` shows it (spec "Bitmap directory").
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct BitmapEntry {
-    /// Bitmap name.
-    pub name: String,
-    /// Bytes per bit.
-    pub granularity: u64,
-    /// Flag bit 0.
-    pub in_use: bool,
-    /// Flag bit 1.
-    pub auto: bool,
-    /// Bitmap table offset.
-    pub table_offset: u64,
-    /// Bitmap table entries.
-    pub table_size: u32,
-}
-
-/// Parses a bitmap directory.
-pub(crate) fn parse_bitmap_directory(buf: &[u8], nb: u32) -> Result<Vec<BitmapEntry>> {
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    for _ in 0..nb {
-        let e = |what| bad(what, u64::try_from(off).unwrap_or(0));
-        let table_offset = buf.be_u64(off).ok_or(e("bitmap directory truncated"))?;
-        let table_size = buf.be_u32(off + 8).ok_or(e("bitmap directory truncated"))?;
-        let flags = buf
-            .be_u32(off + 12)
-            .ok_or(e("bitmap directory truncated"))?;
-        let gbits = *buf.get(off + 17).ok_or(e("bitmap directory truncated"))?;
-        let name_size = usize::from(
-            buf.be_u16(off + 18)
-                .ok_or(e("bitmap directory truncated"))?,
-        );
-        let extra = buf
-            .be_u32(off + 20)
-            .ok_or(e("bitmap directory truncated"))?;
-        let extra = usize::try_from(extra).map_err(|_| e("bitmap extra data too large"))?;
-        if !(9..=31).contains(&gbits) {
-            return Err(e("bitmap granularity out of range"));
-        }
-        let name_start = off
-            .checked_add(24)
-            .and_then(|x| x.checked_add(extra))
-            .ok_or(e("bitmap directory truncated"))?;
-        let name_end = name_start
-            .checked_add(name_size)
-            .ok_or(e("bitmap directory truncated"))?;
-        let name = buf
-            .get(name_start..name_end)
-            .ok_or(e("bitmap directory truncated"))?;
-        out.push(BitmapEntry {
-            name: String::from_utf8_lossy(name).into_owned(),
-            granularity: 1u64 << gbits,
-            in_use: flags & 1 != 0,
-            auto: flags & 2 != 0,
-            table_offset,
-            table_size,
-        });
-        off = name_end.next_multiple_of(8);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

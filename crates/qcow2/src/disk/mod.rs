@@ -2,6 +2,7 @@
 //! extensions", "Cluster mapping", "Snapshots", "Compressed clusters"): no I/O beyond
 //! what a caller hands in, and nothing above this layer is named here.
 
+pub(crate) mod bitmap_dir;
 pub(crate) mod compress;
 pub(crate) mod ext;
 pub(crate) mod header;

@@ -177,13 +177,16 @@ impl Meta {
     }
 
     /// Reads a table of `n` u64 entries at `off` (bounded by the limits and the file).
+    ///
+    /// The range is checked against the file's length before anything is allocated, so
+    /// a header claiming a huge table costs memory proportional to the file only.
     pub(crate) fn read_table(&self, what: &'static str, off: u64, n: u64) -> Result<Vec<u64>> {
         let bytes = n.checked_mul(8).ok_or(Error::corrupt("qcow2", what, off))?;
-        let mut raw = self.limits.alloc(what, bytes)?;
         match off.checked_add(bytes) {
             Some(end) if end <= self.file.len()? || bytes == 0 => {}
             _ => return Err(Error::corrupt("qcow2", what, off)),
         }
+        let mut raw = self.limits.alloc(what, bytes)?;
         self.file.read_exact_at(&mut raw, off)?;
         let mut out = self.limits.alloc_elems::<u64>(what, n, 8)?;
         decode_u64s(&raw, &mut out);

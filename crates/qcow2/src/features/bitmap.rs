@@ -16,6 +16,7 @@ use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
 use diskimg_blockio::{BitmapData, Error, OpenOptions, Result, Storage};
 
 use crate::device::Qcow2Device;
+use crate::disk::bitmap_dir::read_directory_bytes;
 use crate::disk::ext::BitmapsExt;
 use crate::disk::header::AUTOCLEAR_BITMAPS;
 use crate::disk::idx;
@@ -67,15 +68,7 @@ pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
     let Some(b) = live_ext(m) else {
         return Ok(Vec::new());
     };
-    if b.directory_size > 64 << 20 {
-        return Err(Error::corrupt(
-            "qcow2",
-            "invalid bitmap directory",
-            b.directory_offset,
-        ));
-    }
-    let mut buf = m.limits().alloc("bitmap directory", b.directory_size)?;
-    read_host(m.file().as_ref(), &mut buf, b.directory_offset)?;
+    let buf = read_directory_bytes(m.file().as_ref(), &m.limits(), &b)?;
     let mut out = Vec::new();
     let mut off = 0usize;
     let trunc = || Error::corrupt("qcow2", "bitmap directory truncated", b.directory_offset);
@@ -197,8 +190,10 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
     let g = 1u64 << e.gbits.min(63);
     let bytes = m.size().div_ceil(g).div_ceil(8);
     check_table(m, e, bytes.div_ceil(cs))?;
+    // The table first (it must lie in the file): the bits are sized by the disk, and
+    // there are at most a cluster of them per table entry.
+    let t = read_checked_table(m, e)?;
     let mut out = m.limits().alloc("bitmap data", bytes)?;
-    let t = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
     for (k, &x) in t.iter().enumerate() {
         let start = k as u64 * cs;
         if start >= bytes {
@@ -211,14 +206,6 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
         match x & L2E_OFFSET_MASK {
             0 if x & 1 != 0 => dst.fill(0xff),
             0 => {}
-            // qemu's `check_table_entry`: data clusters are cluster-aligned.
-            off if !off.is_multiple_of(cs) => {
-                return Err(Error::corrupt(
-                    "qcow2",
-                    "bitmap table entry not cluster-aligned",
-                    e.table_offset,
-                ));
-            }
             off => read_host(m.file().as_ref(), dst, off)?,
         }
     }
@@ -234,24 +221,56 @@ pub(crate) fn load_tracked(m: &Meta, e: &Entry) -> Result<Tracked> {
     // the disk: a tiny granularity on a huge disk would otherwise reserve a chunk slot per
     // cluster of bits (16 bytes each; 2^28 for 2^61 bytes at 512-byte granules) first.
     check_table(m, e, m.size().div_ceil(g).div_ceil(8).div_ceil(cs))?;
-    let table = m.read_table("bitmap table", e.table_offset, u64::from(e.table_size))?;
+    let table = read_checked_table(m, e)?;
     let mut t = Tracked::new(&e.name, g, e.flags & 2 != 0, m.size(), cs);
     let mut buf = m.limits().alloc("bitmap data", cs)?;
     for (k, &x) in table.iter().enumerate().take(t.chunk_count()) {
         match x & L2E_OFFSET_MASK {
             0 if x & 1 != 0 => buf.fill(0xff),
             0 => continue,
-            off if !off.is_multiple_of(cs) => {
-                return Err(Error::corrupt(
-                    "qcow2",
-                    "bitmap table entry not cluster-aligned",
-                    e.table_offset,
-                ));
-            }
             off => read_host(m.file().as_ref(), &mut buf, off)?,
         }
         m.limits().check("bitmap data", t.held_bytes() + cs)?;
         t.set_chunk(k, &buf);
+    }
+    Ok(t)
+}
+
+/// Bitmap table entry bits no version of the spec defines (1-8 and 56-63; qemu's
+/// `BME_TABLE_ENTRY_RESERVED_MASK`).
+const TABLE_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
+
+/// The bitmap table of `e`, every entry checked as qemu's `bitmap_table_load` checks
+/// it (`check_table_entry`): no reserved bit, and a data cluster offset aligned and
+/// without the all-ones flag.
+fn read_checked_table(m: &Meta, e: &Entry) -> Result<Vec<u64>> {
+    checked_table(m, &e.name, e.table_offset, e.table_size)
+}
+
+/// The table of every bitmap in `dir` that is not in use, checked as
+/// [`read_checked_table`] (qemu loads them at every open, read-only too).
+pub(crate) fn check_tables(m: &Meta, dir: &[crate::disk::bitmap_dir::BitmapEntry]) -> Result<()> {
+    for e in dir.iter().filter(|e| !e.in_use) {
+        checked_table(m, &e.name, e.table_offset, e.table_size)?;
+    }
+    Ok(())
+}
+
+fn checked_table(m: &Meta, name: &str, off: u64, size: u32) -> Result<Vec<u64>> {
+    let t = m.read_table("bitmap table", off, u64::from(size))?;
+    let bad = |x: u64| {
+        let off = x & L2E_OFFSET_MASK;
+        x & TABLE_ENTRY_RESERVED != 0 || (off != 0 && (x & 1 != 0 || !off.is_multiple_of(m.cs())))
+    };
+    if t.iter().any(|&x| bad(x)) {
+        return Err(Error::corrupt(
+            "qcow2",
+            format!(
+                "Could not read bitmap_table table from image for bitmap '{name}': Invalid \
+                 argument"
+            ),
+            off,
+        ));
     }
     Ok(t)
 }

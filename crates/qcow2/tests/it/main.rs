@@ -16,6 +16,7 @@ mod crash_tables;
 mod crash_threads;
 mod encrypt;
 mod hostile;
+mod hostile_bounded;
 mod hostile_rw;
 mod layout;
 mod lazy;

@@ -10,6 +10,7 @@ mod common;
 mod crash;
 mod create;
 mod extents;
+mod first_write;
 mod fuzz_regressions;
 mod guard;
 mod hostile;
