@@ -9,7 +9,8 @@
 //!
 //! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_create`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
-//! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
+//! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths),
+//!   [`GuestOp`] (a write, zero write or discard, applied here and replayed by qemu-io);
 //! - crash tests: [`crash`] cuts a workload at every storage operation and hands each
 //!   image a crash can leave to the test ([`crash::sweep`], [`crash::Durable`]);
 //! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`;
@@ -281,6 +282,55 @@ impl Model {
     /// Applies write-zeroes (or a discard on a device without backing).
     pub fn zero(&mut self, off: usize, len: usize) {
         self.bytes[off..off + len].fill(0);
+    }
+}
+
+/// One guest operation a workload applies to our device and replays with qemu-io.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestOp {
+    /// `len` bytes of `byte` at `off` (`write -P BYTE OFF LEN`).
+    Write {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The fill byte.
+        byte: u8,
+    },
+    /// A zero write without unmap (`write -z OFF LEN`).
+    Zero {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A discard (`discard OFF LEN`).
+    Discard {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl GuestOp {
+    /// Applies the operation to `dev`, panicking when it fails.
+    pub fn apply(self, dev: &dyn BlockDevice) {
+        match self {
+            Self::Write { off, len, byte } => dev.write_at(&vec![byte; len as usize], off),
+            Self::Zero { off, len } => dev.write_zeroes(off, len, Default::default()),
+            Self::Discard { off, len } => dev.discard(off, len),
+        }
+        .unwrap_or_else(|e| panic!("{self:?}: {e}"));
+    }
+
+    /// The qemu-io command doing the same.
+    pub fn qemu_io(self) -> String {
+        match self {
+            Self::Write { off, len, byte } => format!("write -P {byte} {off} {len}"),
+            Self::Zero { off, len } => format!("write -z {off} {len}"),
+            Self::Discard { off, len } => format!("discard {off} {len}"),
+        }
     }
 }
 
