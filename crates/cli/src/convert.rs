@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
 use diskimg::{BlockDevice, CacheMode, Format, Image, ImageOptions, OpenPolicy};
-use diskimg_convert::{ConcatDevice, ConvertOptions, UnsafeCache, WriteBehind, convert};
+use diskimg_convert::{
+    ConcatDevice, ConvertOptions, LazyGrowth, UnsafeCache, WriteBehind, convert,
+};
 
 use crate::common::{
     Progress, open_resolved, opt_format, parse_format, parse_size, round_to_sector,
@@ -14,6 +16,7 @@ use crate::common::{
 use crate::create::{known_option, parse_options, print_help};
 
 mod args;
+mod big;
 mod pipe;
 mod salvage;
 mod stdout;
@@ -71,7 +74,9 @@ fn run_inner(mut a: Args) -> Result<i32> {
     );
     bar.print(0.0, 100);
     let out_fmt = out_fmt?;
-    let sources = open_sources(&a, srcs, src_cache, flags.snapshot.as_ref())?;
+    // Sources (and output) larger than the page cache's dirty limits: see `big.rs`.
+    let big = big::wanted(srcs);
+    let sources = open_sources_for(&a, srcs, src_cache, flags.snapshot.as_ref(), big)?;
     let (src, images) = (sources.device.as_ref(), &sources.images);
     if let Some(t) = a.target.filter(|&t| targets::writes_itself(Some(t))) {
         return targets::run(&a, t, src, images, dst_name);
@@ -94,7 +99,15 @@ fn run_inner(mut a: Args) -> Result<i32> {
     // created with (the target is a plain file name: qemu's --image-opts names sources
     // only).
     let fresh = !a.no_create && made.backing.is_none() && made.key_secret.is_none();
-    let dst = open_target(dst_name, out_fmt, cache, fresh, made.key_secret.as_deref())?;
+    // The durable default of an output larger than the dirty limits: `O_DIRECT`.
+    let direct = cache.is_none() && fresh && !a.compress && big;
+    let dst = open_target(
+        dst_name,
+        out_fmt,
+        (cache, direct),
+        fresh,
+        made.key_secret.as_deref(),
+    )?;
     if a.no_create && images.iter().any(pipe::unknown_length) {
         pipe::copy_into_existing(src, images, dst.device.as_ref(), &mut |d, t| {
             bar.fraction(d, t)
@@ -166,6 +179,28 @@ struct Sources {
     images: Vec<Image>,
     /// With `--salvage`: the sources read in salvage mode.
     salvaged: Vec<Arc<crate::io::filter::Filtered<salvage::Salvage>>>,
+}
+
+/// [`open_sources`], but without `-T`, raw sources larger than the dirty limits
+/// (`big`) are read with `O_DIRECT` (`big.rs`; as `-T none`, where the file system takes
+/// it; not with `-l`, `--salvage` or other formats).
+fn open_sources_for(
+    a: &Args,
+    srcs: &[String],
+    cache: CacheMode,
+    snapshot: Option<&diskimg::SnapshotSelector>,
+    big: bool,
+) -> Result<Sources> {
+    if big
+        && a.src_cache.is_none()
+        && snapshot.is_none()
+        && !a.salvage
+        && let Ok(s) = open_sources(a, srcs, CacheMode::None, None)
+        && s.images.iter().all(|i| i.format == Format::Raw)
+    {
+        return Ok(s);
+    }
+    open_sources(a, srcs, cache, snapshot)
 }
 
 fn open_sources(
@@ -374,6 +409,8 @@ struct Target {
     _image: Option<Image>,
     /// The default mode: the storage to flush once the device is closed.
     cache: Option<Arc<UnsafeCache>>,
+    /// `-t unsafe`: the storage to give its recorded length once the device is closed.
+    lazy: Option<Arc<LazyGrowth>>,
 }
 
 /// Opens the target in cache mode `cache` (qemu's meaning of each mode; see
@@ -381,16 +418,29 @@ struct Target {
 /// created here is opened on an [`UnsafeCache`] storage (the format's ordering flushes
 /// are skipped while the image is built, finished runs are written back as they
 /// complete) and flushed once at the end; other targets (`-n`, `-B`, encrypted, images
-/// with extent or data files) are opened with every flush honoured.
+/// with extent or data files) are opened with every flush honoured. With `direct` (an
+/// output larger than the dirty limits, `big.rs`) a fresh image other than raw is
+/// written as with `-t none` ([`open_behind`]) unless its format only takes compressed
+/// writes.
 fn open_target(
     name: &str,
     fmt: Format,
-    cache: Option<CacheMode>,
+    (cache, direct): (Option<CacheMode>, bool),
     fresh: bool,
     key: Option<&str>,
 ) -> Result<Target> {
     // `-U` is for the sources.
     crate::common::set_force_share(false);
+    if direct
+        && fmt != Format::Raw
+        && let Some(t) = open_behind(name, fmt)?
+    {
+        if !t.device.needs_compressed_writes() {
+            return Ok(t);
+        }
+        // Dropped (closing the file, releasing its lock) before the usual open.
+        drop(t);
+    }
     if cache.is_none() && fresh {
         let file =
             FileStorage::open(name, false).with_context(|| format!("Could not open '{name}'"))?;
@@ -401,6 +451,7 @@ fn open_target(
                 device,
                 _image: None,
                 cache: Some(cache),
+                lazy: None,
             });
         }
     }
@@ -408,6 +459,12 @@ fn open_target(
         && fresh
         && fmt != Format::Raw
         && let Some(t) = open_behind(name, fmt)?
+    {
+        return Ok(t);
+    }
+    if cache == Some(CacheMode::Unsafe)
+        && fresh
+        && let Some(t) = open_unsafe(name, fmt)?
     {
         return Ok(t);
     }
@@ -421,6 +478,7 @@ fn open_target(
         device: img.device.clone(),
         _image: Some(img),
         cache: None,
+        lazy: None,
     })
 }
 
@@ -442,11 +500,38 @@ const GROW_AHEAD: u64 = 128 << 20;
 /// qcow2's new L2 tables deferred (`x-deferred-tables`). `None` when the image needs more
 /// than its file (the usual open then reports what is wrong).
 fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
-    let Ok(file) = FileStorage::open_with(name, false, CacheMode::None) else {
+    open_wrapped(name, fmt, CacheMode::None, |file| {
+        Arc::new(WriteBehind::new(file, BEHIND_DEPTH).grow_ahead(GROW_AHEAD))
+    })
+}
+
+/// `-t unsafe` onto a single-file image created here: the file grown in name only until
+/// it is closed ([`LazyGrowth`]: a qcow2's reserve is cut back at close, and on XFS a
+/// file that was cut back writes back all its dirty pages when closed), new L2 tables
+/// deferred. `None` as [`open_behind`].
+fn open_unsafe(name: &str, fmt: Format) -> Result<Option<Target>> {
+    let mut lazy = None;
+    let t = open_wrapped(name, fmt, CacheMode::Unsafe, |file| {
+        let l = Arc::new(LazyGrowth::new(file));
+        lazy = Some(l.clone());
+        l
+    })?;
+    Ok(t.map(|t| Target { lazy, ..t }))
+}
+
+/// The target file `name` opened in cache mode `mode`, on the storage `wrap` makes of
+/// it, as a `fmt` image created here (qcow2's new L2 tables deferred).
+fn open_wrapped(
+    name: &str,
+    fmt: Format,
+    mode: CacheMode,
+    wrap: impl FnOnce(Arc<dyn diskimg::blockio::Storage>) -> Arc<dyn diskimg::blockio::Storage>,
+) -> Result<Option<Target>> {
+    let Ok(file) = FileStorage::open_with(name, false, mode) else {
         return Ok(None);
     };
     crate::common::lock_own_file(&file, fmt, name)?;
-    let storage = Arc::new(WriteBehind::new(Arc::new(file), BEHIND_DEPTH).grow_ahead(GROW_AHEAD));
+    let storage = wrap(Arc::new(file));
     let mut opts = diskimg::blockio::OpenOptions::new();
     opts.driver_options.set(DEFERRED_TABLES, "on");
     Ok(fmt
@@ -457,6 +542,7 @@ fn open_behind(name: &str, fmt: Format) -> Result<Option<Target>> {
             device,
             _image: None,
             cache: None,
+            lazy: None,
         }))
 }
 
@@ -467,6 +553,7 @@ impl Target {
             device,
             _image,
             cache,
+            lazy,
         } = self;
         // Drivers may write on close (qcow2 stores bitmaps); report their errors.
         device.close()?;
@@ -475,6 +562,9 @@ impl Target {
         }
         drop(device);
         drop(_image);
+        if let Some(l) = lazy {
+            l.finish()?;
+        }
         match cache {
             Some(c) => c.flush_inner(),
             None => Ok(()),

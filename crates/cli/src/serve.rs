@@ -88,8 +88,9 @@ pub(crate) struct Args {
     #[arg(long = "num-queues", default_value_t = 1)]
     num_queues: u16,
     /// vhost-user-blk: at queue depth 1, run a read or write of at least twice this
-    /// many KiB as pieces on several threads (0, the default: never).
-    #[arg(long = "split-kib", default_value_t = 0, value_name = "KIB")]
+    /// many KiB as pieces on several threads (default 256: a 1 MiB request in four
+    /// pieces; 0: never).
+    #[arg(long = "split-kib", default_value_t = 256, value_name = "KIB")]
     split_kib: usize,
     /// vhost-user-blk: most data segments per request the guest may send (virtio's
     /// `seg_max`; 0, the default: the queue size less 2).

@@ -57,6 +57,8 @@
 mod behind;
 mod cache;
 mod concat;
+mod huge;
+mod lazy;
 mod options;
 mod plan;
 mod pool;
@@ -66,6 +68,7 @@ use diskimg_blockio::{BlockDevice, Error, Result};
 pub use behind::{MAX_BEHIND, MIN_BEHIND, WriteBehind};
 pub use cache::UnsafeCache;
 pub use concat::ConcatDevice;
+pub use lazy::LazyGrowth;
 pub use options::{ConvertOptions, ConvertStats, DEFAULT_CHUNK, DEFAULT_SPARSE};
 pub use plan::{Op, is_zero, zero_runs};
 pub use pool::Buf;

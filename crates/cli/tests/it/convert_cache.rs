@@ -24,6 +24,8 @@ struct Trace {
     /// 64 KiB (metadata, small pieces of data).
     big_writers: std::collections::BTreeSet<String>,
     small_writers: std::collections::BTreeSet<String>,
+    /// Lengths the target was truncated to (`ftruncate`), in order.
+    truncates: Vec<u64>,
 }
 
 /// `(thread, length)` of a traced `pwrite64(fd, "…"…, LEN, OFF) = N` (or of its
@@ -40,14 +42,26 @@ fn pwrite_len(line: &str, fd: i32) -> Option<(String, u64)> {
 }
 
 fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
+    traced_convert_env(dir, src, dst, args, &[])
+}
+
+/// [`traced_convert`] with environment variables set for diskimg.
+fn traced_convert_env(
+    dir: &Path,
+    src: &Path,
+    dst: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Trace {
     let log = dir.join("strace.log");
     let mut cmd = Command::new("strace");
+    cmd.envs(env.iter().copied());
     cmd.args([
         "-f",
         "-o",
         s(&log),
         "-e",
-        "trace=open,openat,fdatasync,fsync,fadvise64,pwrite64",
+        "trace=open,openat,fdatasync,fsync,fadvise64,pwrite64,ftruncate",
     ]);
     cmd.arg(env!("CARGO_BIN_EXE_diskimg"))
         .arg("convert")
@@ -78,6 +92,7 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
             t.fadvise = 0;
             t.big_writers.clear();
             t.small_writers.clear();
+            t.truncates.clear();
             continue;
         }
         let Some(fd) = fd else { continue };
@@ -91,6 +106,11 @@ fn traced_convert(dir: &Path, src: &Path, dst: &Path, args: &[&str]) -> Trace {
         }
         if line.contains(&format!("fadvise64({fd},")) {
             t.fadvise += 1;
+        }
+        if let Some(rest) = line.split(&format!("ftruncate({fd}, ")).nth(1)
+            && let Some(len) = rest.split(')').next().and_then(|v| v.parse().ok())
+        {
+            t.truncates.push(len);
         }
         match pwrite_len(line, fd) {
             Some((tid, n)) if n >= 1 << 20 => t.big_writers.insert(tid),
@@ -134,6 +154,9 @@ fn target_cache_modes_mean_what_qemu_means() {
         // unsafe given explicitly: no flush and no forced write-back at all.
         let u = run(&["-t", "unsafe"]);
         assert_eq!((u.flushes, u.fadvise), (0, 0), "{fmt} unsafe: {u:?}");
+        // ... and the file never cut back (XFS writes a file that was cut back out at
+        // close): qcow2's reserve grows it in name only.
+        assert!(u.truncates.is_sorted(), "{fmt} unsafe: {u:?}");
         // writeback: flushed, nothing forced.
         let w = run(&["-t", "writeback"]);
         assert!(w.flushes >= 1 && w.fadvise == 0, "{fmt} writeback: {w:?}");
@@ -168,7 +191,7 @@ fn cache_modes_on_every_format_and_bad_names() {
     let dir = tempdir();
     let src = source(dir.path());
     for fmt in ["vmdk", "vdi", "vhdx", "vpc"] {
-        for t in ["none", "directsync", "writethrough"] {
+        for t in ["none", "directsync", "writethrough", "unsafe"] {
             let out = dir.path().join(format!("o-{t}.{fmt}"));
             crate::diskimg_ok(&["convert", "-t", t, "-T", t, "-O", fmt, s(&src), s(&out)]);
             assert!(qemu_compare(&src, "raw", &out, fmt), "{fmt} -t {t}");
@@ -182,4 +205,46 @@ fn cache_modes_on_every_format_and_bad_names() {
         String::from_utf8_lossy(&o.stderr).trim(),
         "diskimg: Invalid cache option: bogus"
     );
+}
+
+/// Sources larger than the dirty limits (forced here with `DISKIMG_CONVERT_DIRECT=1`):
+/// the durable default reads a raw source and writes a new image other than raw with
+/// `O_DIRECT`, flushed, into the same bytes as through the page cache; `-T`, `-c`, raw
+/// targets and formats that only take compressed writes keep the page cache.
+#[test]
+fn big_default_reads_and_writes_direct() {
+    let dir = tempdir();
+    let src = source(dir.path());
+    let run = |fmt: &str, extra: &[&str], direct: &str| {
+        let dst = dir.path().join(format!("o-{direct}.{fmt}"));
+        let mut args = vec!["-f", "raw", "-O", fmt];
+        args.extend(extra);
+        let env = [("DISKIMG_CONVERT_DIRECT", direct)];
+        let t = traced_convert_env(dir.path(), &src, &dst, &args, &env);
+        assert!(qemu_compare(&src, "raw", &dst, fmt), "{fmt} {extra:?}");
+        (t, std::fs::read(&dst).unwrap())
+    };
+    let (d, bytes) = run("qcow2", &[], "1");
+    assert!(d.source_flags.contains("O_DIRECT"), "{d:?}");
+    assert!(d.target_flags.contains("O_DIRECT"), "{d:?}");
+    assert!(d.flushes >= 1 && d.fadvise == 0, "{d:?}");
+    assert_qemu_check_clean(&dir.path().join("o-1.qcow2"), "qcow2");
+    let (p, page_cache_bytes) = run("qcow2", &[], "0");
+    assert!(!p.source_flags.contains("O_DIRECT") && !p.target_flags.contains("O_DIRECT"));
+    assert!(bytes == page_cache_bytes, "the same image either way");
+    // -T given: the source as asked; -c: the page cache for the target.
+    let (t, _) = run("qcow2", &["-T", "writeback"], "1");
+    assert!(!t.source_flags.contains("O_DIRECT") && t.target_flags.contains("O_DIRECT"));
+    let (c, _) = run("qcow2", &["-c"], "1");
+    assert!(c.source_flags.contains("O_DIRECT") && !c.target_flags.contains("O_DIRECT"));
+    // Raw targets and streamOptimized vmdk stay in the page cache.
+    let (r, _) = run("raw", &[], "1");
+    assert!(
+        !r.target_flags.contains("O_DIRECT") && r.flushes >= 1,
+        "{r:?}"
+    );
+    let (v, _) = run("vmdk", &["-o", "subformat=streamOptimized"], "1");
+    assert!(!v.target_flags.contains("O_DIRECT"), "{v:?}");
+    let (x, _) = run("vhdx", &[], "1");
+    assert!(x.target_flags.contains("O_DIRECT"), "{x:?}");
 }
