@@ -30,13 +30,7 @@ fn committed(qemu: bool, room: u64) -> u64 {
         "qemu {qemu}: {err}"
     );
     let map = qemu_img_ok(&["map", "--output=json", &json]);
-    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
+    crate::convert::data_bytes(&serde_json::from_str(&map).unwrap())
 }
 
 #[test]

@@ -17,7 +17,7 @@ mod crash_threads;
 mod encrypt;
 mod hostile;
 mod hostile_bounded;
-mod hostile_rw;
+pub(crate) mod hostile_rw;
 pub(crate) mod image_end;
 mod layout;
 mod lazy;
