@@ -6,26 +6,23 @@
 use anyhow::{Result, anyhow, bail};
 use diskimg::OptionList;
 
-use crate::common::{Progress, open_image, opt_format};
+use crate::args::{CacheArg, FormatArg, ProgressArg, QuietArg};
+use crate::common::{Progress, open_image};
 
 /// Arguments of `amend`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// The options to change (may repeat).
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Cache mode (accepted).
-    #[arg(short = 't')]
-    cache: Option<String>,
+    #[command(flatten)]
+    progress: ProgressArg,
+    #[command(flatten)]
+    quiet: QuietArg,
+    #[command(flatten)]
+    cache: CacheArg,
     /// Allow dangerous changes (accepted).
     #[arg(long = "force")]
     force: bool,
@@ -34,13 +31,13 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = &a.cache;
+    let _ = a.cache.mode();
     crate::optlist::check(&a.options)?;
     if a.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'diskimg amend --help' for more info");
     }
     if crate::optlist::wants_help(&a.options) {
-        return match (&a.format, &a.file) {
+        return match (&a.format.format, &a.file) {
             (Some(f), _) => print_help(f),
             (None, Some(file)) => {
                 let img = open_image(file, None, true, false)?;
@@ -53,12 +50,12 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         bail!("Expecting one image file name");
     };
     // As qemu: progress starts before the image opens; 0% and 100% around the change.
-    let bar = Progress::new(a.progress && !a.quiet, 1.0);
+    let bar = Progress::new(a.progress.on() && !a.quiet.on(), 1.0);
     let mut all = OptionList::new();
     for o in &a.options {
         all.extend_from(o).map_err(|e| anyhow!("{e}"))?;
     }
-    let format = opt_format(a.format.as_deref(), &file)?;
+    let format = a.format.of(&file)?;
     let img = open_image(&file, format, false, false)?;
     if !all.is_empty() {
         // Refused before any progress, as qemu does for drivers without amend; options

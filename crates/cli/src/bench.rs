@@ -16,7 +16,8 @@ use std::time::Instant;
 use anyhow::{Result, anyhow, bail};
 use diskimg::BlockDevice;
 
-use crate::common::{open_image, opt_format, warn_probed_raw};
+use crate::args::{ForceShareArg, FormatArg};
+use crate::common::{open_image, warn_probed_raw};
 
 /// Threads used at most, whatever `-d` asks (qemu keeps `DEPTH` requests in flight on
 /// one thread; one OS thread per request would not scale to qemu's limit of 2^31).
@@ -31,9 +32,8 @@ pub(crate) struct Args {
     /// Requests in parallel (default 64).
     #[arg(short = 'd')]
     depth: Option<String>,
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Flush after every N requests (write tests only).
     #[arg(long = "flush-interval")]
     flush_interval: Option<String>,
@@ -67,9 +67,8 @@ pub(crate) struct Args {
     /// Write test (default: read).
     #[arg(short = 'w', long = "write")]
     write: bool,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ForceShareArg,
     /// The image.
     file: String,
 }
@@ -182,9 +181,9 @@ fn parse(a: &Args) -> Result<Plan> {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = (a.native, a.quiet);
-    crate::common::set_force_share(a.force_share);
+    a.force_share.apply();
     let plan = parse(&a)?;
-    let fmt = opt_format(a.format.as_deref(), &a.file)?;
+    let fmt = a.format.of(&a.file)?;
     let img = open_image(&a.file, fmt, !plan.write, true)?;
     if plan.write {
         warn_probed_raw(&a.file, fmt, &img);

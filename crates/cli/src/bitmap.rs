@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::ArgAction;
 use diskimg::blockio::BitmapOp;
 
+use crate::args::FormatArg;
 use crate::common::{opt_format, parse_size};
 
 /// Arguments of `bitmap`.
@@ -41,9 +42,8 @@ pub(crate) struct Args {
     /// Granularity for --add (bytes per bit; default the cluster size; the last wins).
     #[arg(short = 'g', long = "granularity", action = ArgAction::Append)]
     granularity: Vec<String>,
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// The image.
     file: String,
     /// The bitmap's name.
@@ -109,7 +109,7 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
         bail!("Merge bitmap source file only supported with --merge");
     }
     let granularity = a.granularity.last().map(|g| parse_size(g)).transpose()?;
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     let apply = |ops: &[BitmapOp]| {
         let drivers = crate::io::blkdebug::node_drivers();
         diskimg::maint::edit_bitmaps_named_then_close(&a.file, format, &drivers, &a.bitmap, ops)

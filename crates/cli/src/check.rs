@@ -5,41 +5,38 @@ use anyhow::{Result, bail};
 use diskimg::blockio::{CheckReport, RepairMode};
 use serde_json::{Map, Value, json};
 
-use crate::common::{open_resolved, opt_format, out, parse_output};
+use crate::args::{ForceShareArg, FormatArg, OutputArg, QuietArg};
+use crate::common::{open_resolved, out};
 use crate::json::pretty;
 
 /// Arguments of `check`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    output: OutputArg,
     /// Repair: `leaks` or `all`.
     #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    quiet: QuietArg,
+    #[command(flatten)]
+    force_share: ForceShareArg,
     /// The image.
     file: String,
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
-    let json = parse_output(&a.output)?;
+    a.force_share.apply();
+    let json = a.output.json()?;
     let repair = match a.repair.as_deref() {
         None => RepairMode::None,
         Some("leaks") => RepairMode::Leaks,
         Some("all") => RepairMode::All,
         Some(r) => bail!("--repair (-r) expects 'leaks' or 'all' not '{r}'"),
     };
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     // qemu opens for a check with BDRV_O_CHECK: a dirty or corrupt-flagged qcow2 image
     // is left for the check to repair instead of being repaired or refused at open.
     let (path, format, mut opts) = crate::secrets::resolve(&a.file, format)?;
@@ -103,7 +100,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     if json {
         out(&format!("{}\n", pretty(&to_json(&report, &a.file, fmt))))?;
-    } else if !a.quiet {
+    } else if !a.quiet.on() {
         text.push_str(&human(&report));
         out(&text)?;
     }

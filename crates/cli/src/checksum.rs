@@ -6,16 +6,16 @@ use anyhow::{Result, anyhow};
 use diskimg::checksum::{Algorithm, Options};
 use serde_json::{Map, Value, json};
 
-use crate::common::{open_image, opt_format, out, parse_output};
+use crate::args::{FormatArg, ReadOnlyShareArg};
+use crate::common::{open_image, out, parse_output};
 use crate::json::pretty;
 use crate::stream_progress::StreamProgress;
 
 /// Arguments of `checksum`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// `blkhash` (default: blksum's digest, SHA-256 over 64 KiB blocks), `sha256` or
     /// `blake3` (the plain guest bytes, as sha256sum/b3sum of the raw image).
     #[arg(short = 'a', long = "algorithm", default_value = "blkhash")]
@@ -29,15 +29,14 @@ pub(crate) struct Args {
     /// Output format: human (`DIGEST  IMAGE`, as blksum) or json.
     #[arg(long = "output", default_value = "human")]
     output: String,
-    /// Accepted for compatibility (images are opened read-only).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ReadOnlyShareArg,
     /// The image.
     file: String,
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
+    a.force_share.apply();
     let json = parse_output(&a.output)?;
     let algorithm = Algorithm::parse(&a.algorithm).ok_or_else(|| {
         anyhow!(
@@ -55,7 +54,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
         opts.workers = n;
     }
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     let bar = StreamProgress::new(a.progress);
     let (img, digest) = match crate::source::open_special(&a.file, format, false)? {
         Some(img) => {

@@ -4,6 +4,7 @@
 use anyhow::{Result, anyhow};
 use diskimg::{BlockDevice, block_status};
 
+use crate::args::ForceShareArg;
 use crate::common::{Progress, open_image, opt_format, out};
 
 /// Arguments of `compare`.
@@ -24,9 +25,8 @@ pub(crate) struct Args {
     /// Show progress.
     #[arg(short = 'p', long = "progress")]
     progress: bool,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ForceShareArg,
     /// First image.
     a: String,
     /// Second image.
@@ -42,7 +42,7 @@ enum Fail {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
+    a.force_share.apply();
     // As qemu: progress starts before the images open; its newline ends every path.
     let bar = Progress::new(a.progress && !a.quiet, 2.0);
     // Without progress reports qemu's messages stay in stdout's buffer until exit,

@@ -6,6 +6,7 @@
 use anyhow::{Result, anyhow, bail};
 use diskimg::{Format, ImageOptions, OpenPolicy, OptionList};
 
+use crate::args::ForceShareArg;
 use crate::common::{open_image, opt_format, parse_format, parse_size, round_to_sector};
 
 /// Arguments of `dd`.
@@ -17,15 +18,14 @@ pub(crate) struct Args {
     /// Output format (default raw).
     #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ForceShareArg,
     /// Operands: `bs=`, `count=`, `skip=`, `if=`, `of=`.
     operands: Vec<String>,
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
+    a.force_share.apply();
     let (mut bs, mut count, mut skip) = (512u64, None, None);
     let (mut input, mut output) = (None, None);
     for op in &a.operands {

@@ -5,24 +5,22 @@ use diskimg::Image;
 use diskimg::blockio::InfoValue;
 use serde_json::{Map, Value, json};
 
-use crate::common::{full_backing_name, human_size, open_image, opt_format, out, parse_output};
+use crate::args::{FormatArg, OutputArg, ReadOnlyShareArg};
+use crate::common::{full_backing_name, human_size, open_image, out};
 use crate::json::{info_map, pretty};
 
 /// Arguments of `info`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    output: OutputArg,
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     backing_chain: bool,
-    /// Accepted for compatibility (images are opened read-only).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ReadOnlyShareArg,
     /// The image.
     file: String,
 }
@@ -36,9 +34,9 @@ struct Entry<'a> {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
-    let json = parse_output(&a.output)?;
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    a.force_share.apply();
+    let json = a.output.json()?;
+    let format = a.format.of(&a.file)?;
     // As qemu-img info: encrypted images open without their key (metadata only).
     crate::secrets::set_metadata_only();
     let img = open_image(&a.file, format, true, a.backing_chain)?;

@@ -9,7 +9,8 @@ use anyhow::Result;
 use diskimg::{InspectOptions, Report, Verdict};
 use serde_json::{Value, json};
 
-use crate::common::{human_size, opt_format, out, parse_output};
+use crate::args::OutputArg;
+use crate::common::{human_size, opt_format, out};
 use crate::json::pretty;
 
 /// Arguments of `inspect`.
@@ -19,15 +20,14 @@ pub(crate) struct Args {
     /// omitted.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[command(flatten)]
+    output: OutputArg,
     /// The image.
     file: String,
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let json = parse_output(&a.output)?;
+    let json = a.output.json()?;
     let format = opt_format(a.format.as_deref(), &a.file)?;
     let opts = InspectOptions::default().with_format(format);
     let report = match diskimg::inspect(&a.file, &opts) {

@@ -9,6 +9,7 @@
 //! defines other codes (check, compare).
 
 mod amend;
+mod args;
 mod bench;
 mod bitmap;
 mod check;

@@ -5,27 +5,25 @@ use diskimg::{Image, MapEntry};
 
 use std::io::Write;
 
-use crate::common::{full_backing_name, open_image, opt_format, parse_output, parse_size};
+use crate::args::{FormatArg, OutputArg, ReadOnlyShareArg};
+use crate::common::{full_backing_name, open_image, parse_size};
 use crate::json::map_entry;
 
 /// Arguments of `map`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    output: OutputArg,
     /// First guest byte to map.
     #[arg(short = 's', long = "start-offset")]
     start_offset: Option<String>,
     /// Map at most this many bytes.
     #[arg(short = 'l', long = "max-length")]
     max_length: Option<String>,
-    /// Accepted for compatibility (images are opened read-only).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
+    #[command(flatten)]
+    force_share: ReadOnlyShareArg,
     /// The image.
     file: String,
 }
@@ -56,9 +54,9 @@ fn entry_file(img: &Image, top: &str, e: &MapEntry) -> String {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    crate::common::set_force_share(a.force_share);
-    let json = parse_output(&a.output)?;
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    a.force_share.apply();
+    let json = a.output.json()?;
+    let format = a.format.of(&a.file)?;
     let img = open_image(&a.file, format, true, true)?;
     let size = img.device.virtual_size();
     let start = match &a.start_offset {

@@ -5,15 +5,15 @@ use anyhow::{Result, anyhow, bail};
 use diskimg::OptionList;
 use serde_json::{Map, Value, json};
 
-use crate::common::{open_image, opt_format, out, parse_format, parse_output, parse_size};
+use crate::args::OutputArg;
+use crate::common::{open_image, opt_format, out, parse_format, parse_size};
 use crate::json::pretty;
 
 /// Arguments of `measure`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[command(flatten)]
+    output: OutputArg,
     /// Target format (default raw).
     #[arg(short = 'O', default_value = "raw")]
     target_format: String,
@@ -38,7 +38,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args) -> Result<i32> {
     crate::common::set_force_share(a.force_share);
-    let json = parse_output(&a.output)?;
+    let json = a.output.json()?;
     let target = parse_format(&a.target_format)?;
     let mut opts = OptionList::new();
     for o in &a.options {

@@ -6,14 +6,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use diskimg::blockio::{ExtentKind, InfoValue, ZeroFlags};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 
-use crate::common::{Progress, full_backing_name, opt_format, parse_format};
+use crate::args::{CacheArg, FormatArg, ProgressArg, QuietArg};
+use crate::common::{Progress, full_backing_name, parse_format};
 
 /// Arguments of `rebase`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// The new backing file ("" detaches).
     #[arg(short = 'b', long = "backing", required = true)]
     backing: Option<String>,
@@ -23,18 +23,15 @@ pub(crate) struct Args {
     /// Unsafe: only rewrite the backing file name.
     #[arg(short = 'u')]
     unsafe_: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressArg,
     /// Write the copied clusters compressed.
     #[arg(short = 'c', long = "compress")]
     compress: bool,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Cache mode (accepted).
-    #[arg(short = 't')]
-    cache: Option<String>,
+    #[command(flatten)]
+    quiet: QuietArg,
+    #[command(flatten)]
+    cache: CacheArg,
     /// Source cache mode (accepted).
     #[arg(short = 'T')]
     src_cache: Option<String>,
@@ -43,12 +40,12 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (&a.cache, &a.src_cache);
+    let _ = (a.cache.mode(), &a.src_cache);
     // As qemu: progress starts before the image opens.
-    let bar = Progress::new(a.progress && !a.quiet, 2.0);
+    let bar = Progress::new(a.progress.on() && !a.quiet.on(), 2.0);
     bar.print(0.0, 100);
     let backing = a.backing.clone().unwrap_or_default();
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     if let Some(f) = &a.backing_format {
         if a.unsafe_ {
             crate::common::check_backing_format_name(f)?;

@@ -3,23 +3,22 @@
 use anyhow::{Result, bail};
 use diskimg::blockio::Preallocation;
 
-use crate::common::{open_image, opt_format, out, warn_probed_raw};
+use crate::args::{FormatArg, QuietArg};
+use crate::common::{open_image, out, warn_probed_raw};
 
 /// Arguments of `resize`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Allow shrinking (data beyond the new end is lost).
     #[arg(long = "shrink")]
     shrink: bool,
     /// Preallocation of the grown area: off, falloc, full (metadata where supported).
     #[arg(long = "preallocation")]
     preallocation: Option<String>,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
+    #[command(flatten)]
+    quiet: QuietArg,
     /// The image.
     file: String,
     /// New size, or `+SIZE`/`-SIZE` relative to the current one.
@@ -28,7 +27,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     let prealloc = match &a.preallocation {
         Some(p) => Preallocation::parse(p)?,
         None => Preallocation::Off,
@@ -81,7 +80,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         }
     })?;
     img.close()?;
-    if !a.quiet {
+    if !a.quiet.on() {
         out("Image resized.\n")?;
     }
     Ok(0)

@@ -18,7 +18,8 @@ use diskimg::serve::{
     Shutdown, VhostConfig, WritePolicy, serve_vhost_user_blk,
 };
 
-use crate::common::{open_image, opt_format};
+use crate::args::FormatArg;
+use crate::common::open_image;
 
 /// Environment variable telling a `--fork` child to report readiness on stdout.
 const READY_ENV: &str = "DISKIMG_SERVE_READY";
@@ -26,9 +27,8 @@ const READY_ENV: &str = "DISKIMG_SERVE_READY";
 /// Arguments of `serve`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
@@ -88,8 +88,9 @@ pub(crate) struct Args {
     #[arg(long = "num-queues", default_value_t = 1)]
     num_queues: u16,
     /// vhost-user-blk: at queue depth 1, run a read or write of at least twice this
-    /// many KiB as pieces on several threads (0, the default: never).
-    #[arg(long = "split-kib", default_value_t = 0, value_name = "KIB")]
+    /// many KiB as pieces on several threads (default 256: a 1 MiB request in four
+    /// pieces; 0: never).
+    #[arg(long = "split-kib", default_value_t = 256, value_name = "KIB")]
     split_kib: usize,
     /// vhost-user-blk: most data segments per request the guest may send (virtio's
     /// `seg_max`; 0, the default: the queue size less 2).
@@ -120,7 +121,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if a.fork && std::env::var_os(READY_ENV).is_none() {
         return fork_and_wait();
     }
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let format = a.format.of(&a.file)?;
     // Locked as qemu-nbd locks it: a writable export excludes other writers and plain
     // readers (qemu's included) for as long as it runs.
     crate::common::set_force_share(a.force_share);

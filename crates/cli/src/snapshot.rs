@@ -4,14 +4,14 @@
 use anyhow::{Result, anyhow, bail};
 use diskimg::blockio::SnapshotInfo;
 
-use crate::common::{human_size, open_image, opt_format, out};
+use crate::args::{FormatArg, QuietArg};
+use crate::common::{human_size, open_image, out};
 
 /// Arguments of `snapshot`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// List the snapshots (the default).
     #[arg(short = 'l', conflicts_with_all = ["create", "apply", "delete"])]
     list: bool,
@@ -24,9 +24,8 @@ pub(crate) struct Args {
     /// Delete a snapshot.
     #[arg(short = 'd', value_name = "SNAPSHOT")]
     delete: Option<String>,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
+    #[command(flatten)]
+    quiet: QuietArg,
     /// Open read-only shared (only with -l).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -35,8 +34,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<i32> {
-    let _ = (a.list, a.quiet);
-    let format = opt_format(a.format.as_deref(), &a.file)?;
+    let _ = (a.list, a.quiet.on());
+    let format = a.format.of(&a.file)?;
     let listing = a.create.is_none() && a.apply.is_none() && a.delete.is_none();
     if a.force_share && !listing {
         bail!("--force-share/-U can only be used with -l");

@@ -156,24 +156,14 @@ pub fn assert_old_or_new(got: &[u8], o: &Outcome, piece: usize, what: &str) {
 }
 
 /// The three images a crash at `cut` can leave on `fs` (every write kept, the unflushed
-/// ones dropped, a random subset), each with its mode and opened with `opts`.
+/// ones dropped, a random subset: `diskimg_testutil::crash::images`), each with its mode
+/// and opened with `opts`.
 pub fn crash_images(
     fs: &FaultStorage,
     cut: u64,
     opts: &OpenOptions,
 ) -> Vec<(CrashMode, Vec<u8>, Arc<dyn BlockDevice>)> {
-    [
-        CrashMode::KeepAll,
-        CrashMode::DropUnflushed,
-        CrashMode::Random(cut),
-    ]
-    .into_iter()
-    .map(|mode| {
-        let img = fs.crash_image(mode);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-        (mode, img, DRIVER.open(s, opts).unwrap())
-    })
-    .collect()
+    diskimg_testutil::crash::images(&DRIVER, fs, cut, opts)
 }
 
 /// Our check of a crash image `dev`: no corruption and no check error (`what` names the

@@ -52,11 +52,14 @@ pub(crate) fn with_shared<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&[IoSlice<'_>]) -> R,
 ) -> R {
-    let guards: Vec<_> = slices
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(VolatileSlice::ptr_guard)
-        .collect();
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
+    let mut guards = Vec::with_capacity(slices.len());
+    guards.extend(
+        slices
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(VolatileSlice::ptr_guard),
+    );
     let bufs: Vec<IoSlice<'_>> = guards
         .iter()
         .map(|g| {
@@ -75,11 +78,14 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&mut [IoSliceMut<'_>]) -> R,
 ) -> Option<R> {
-    let guards: Vec<_> = slices
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(VolatileSlice::ptr_guard_mut)
-        .collect();
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
+    let mut guards = Vec::with_capacity(slices.len());
+    guards.extend(
+        slices
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(VolatileSlice::ptr_guard_mut),
+    );
     if !disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len()))) {
         return None;
     }
@@ -101,11 +107,14 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
 /// Whether no two of `slices` share a byte (what [`with_mut`] requires; the pieces of
 /// one request run on several threads only when its buffers pass this).
 pub(crate) fn disjoint<B: BitmapSlice>(slices: &[VolatileSlice<'_, B>]) -> bool {
-    let guards: Vec<_> = slices
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(VolatileSlice::ptr_guard)
-        .collect();
+    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
+    let mut guards = Vec::with_capacity(slices.len());
+    guards.extend(
+        slices
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(VolatileSlice::ptr_guard),
+    );
     disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len())))
 }
 

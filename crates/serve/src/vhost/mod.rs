@@ -40,7 +40,8 @@ pub struct VhostConfig {
     /// Largest queue the driver may set up.
     pub queue_size: u16,
     /// Threads executing one queue's requests in parallel (besides its event thread,
-    /// which executes the last request of every batch itself). 0: the event thread
+    /// which executes the last request of every batch itself, unless it is large and
+    /// the queue not at depth 1). 0: the event thread
     /// executes every request and notifies the driver once per batch, as
     /// qemu-storage-daemon's single thread does (docs/benchmarks.md compares the two).
     pub workers_per_queue: usize,
@@ -50,10 +51,11 @@ pub struct VhostConfig {
     /// size on the queue's threads at once (at most `workers_per_queue + 1` pieces; not
     /// on a host of one core), so the copy of one large request uses more than one
     /// core, as qemu-storage-daemon's thread pool does with the pieces the guest cuts
-    /// for it. 0 (the default): never split; 256 KiB makes a 1 MiB request four
-    /// pieces, run by the event thread and up to three workers, whichever claims each
-    /// first. Splitting gained under a loaded host and lost on a quieter one
-    /// (docs/benchmarks.md, "Session 8").
+    /// for it. 256 KiB (the default) makes a 1 MiB request four pieces, run by the
+    /// event thread and up to three workers, whichever claims each first; 0: never
+    /// split. Measured from the host (benches/serve-vhost-host.sh), splitting took a
+    /// 1 MiB read at depth 1 from 0.67x qemu-storage-daemon's throughput to 0.90-0.97x
+    /// and left writes as they were (docs/benchmarks.md, "Session 9").
     pub split_min: usize,
     /// Most data segments the driver may put in one request (`seg_max`, offered with
     /// `VIRTIO_BLK_F_SEG_MAX`); 0 (the default): `queue_size - 2`.
@@ -71,7 +73,7 @@ impl Default for VhostConfig {
             num_queues: 1,
             queue_size: 1024,
             workers_per_queue: 4,
-            split_min: 0,
+            split_min: 256 << 10,
             seg_max: 0,
             size_max: 0,
         }

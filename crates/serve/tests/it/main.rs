@@ -15,6 +15,7 @@ mod bad_clients;
 mod client;
 mod protocol;
 mod vhost_bad;
+mod vhost_client;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,12 +1,14 @@
 //! Crash consistency: cut a workload at every storage operation, then the image must open,
-//! pass qemu-img check (leaks are fine) and hold everything flushed before the cut.
+//! pass qemu-img check (leaks are fine) and hold everything flushed before the cut
+//! (the sweep: `diskimg_testutil::crash`).
 
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    CrashMode, Driver, FaultStorage, MemStorage, OpenOptions, Storage, ZeroFlags,
+    CrashMode, Driver, FaultStorage, MemStorage, OpenOptions, RepairMode, Storage, ZeroFlags,
 };
-use diskimg_testutil::{Model, assert_qemu_check_clean, read_all, tempdir};
+use diskimg_testutil::crash::{Durable, count_ops, open_image, sweep};
+use diskimg_testutil::{assert_qemu_check_clean, read_all, tempdir};
 
 fn base_image(opts: &str, size: u64) -> Vec<u8> {
     let s = Arc::new(MemStorage::new());
@@ -43,35 +45,28 @@ fn workload() -> Vec<Op> {
     ]
 }
 
-/// Runs the workload until it fails; returns the model at the last successful flush and
-/// which bytes were written (or attempted) after it.
-fn run(storage: Arc<FaultStorage>, size: u64) -> (Model, Vec<bool>) {
-    let mut model = Model::zeroed(size as usize);
-    let mut durable = model.clone();
-    let mut touched = vec![false; size as usize];
+/// Runs the workload until it fails; returns what the guest held at the last successful
+/// flush and which bytes were written (or attempted) after it.
+fn run(storage: Arc<FaultStorage>, size: u64) -> Durable {
+    let mut guest = Durable::new(vec![0; size as usize]);
     let st: Arc<dyn Storage> = storage;
     let Ok(dev) = diskimg_vdi::DRIVER.open(st, &OpenOptions::new()) else {
-        return (durable, touched);
+        return guest;
     };
     for op in workload() {
         let r = match op {
             Op::Write(off, len, pat) => {
-                touched[off as usize..off as usize + len].fill(true);
-                let r = dev.write_at(&vec![pat; len], off);
-                model.write(off as usize, &vec![pat; len]);
-                r
+                guest.write(off, &vec![pat; len]);
+                dev.write_at(&vec![pat; len], off)
             }
             Op::Zero(off, len) => {
-                touched[off as usize..(off + len) as usize].fill(true);
-                let r = dev.write_zeroes(off, len, ZeroFlags::default());
-                model.zero(off as usize, len as usize);
-                r
+                guest.zero(off, len);
+                dev.write_zeroes(off, len, ZeroFlags::default())
             }
             Op::Flush => {
                 let r = dev.flush();
                 if r.is_ok() {
-                    durable = model.clone();
-                    touched.fill(false);
+                    guest.flushed();
                 }
                 r
             }
@@ -80,58 +75,48 @@ fn run(storage: Arc<FaultStorage>, size: u64) -> (Model, Vec<bool>) {
             break;
         }
     }
-    (durable, touched)
+    guest
 }
 
 #[test]
 fn crash_at_every_operation() {
     let dir = tempdir();
     let size = 8u64 << 20;
+    let ro = OpenOptions::new().read_only(true);
     for opts in ["", "static=on"] {
         let base = base_image(opts, size);
-        let counter = Arc::new(FaultStorage::new(base.clone(), None));
-        let (full, _) = run(counter.clone(), size);
-        let total = counter.ops();
+        let total = count_ops(&base, |fs| {
+            run(fs, size);
+        });
         assert!(total > 10, "{total}");
-        for cut in 0..=total {
-            for mode in [
-                CrashMode::KeepAll,
-                CrashMode::DropUnflushed,
-                CrashMode::Random(cut * 31 + 1),
-            ] {
-                let fs = Arc::new(FaultStorage::new(base.clone(), Some(cut)));
-                let (durable, touched) = run(fs.clone(), size);
-                let img = fs.crash_image(mode);
-                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-                let dev = diskimg_vdi::DRIVER
-                    .open(s, &OpenOptions::new().read_only(true))
-                    .unwrap_or_else(|e| panic!("cut {cut} {mode:?}: {e}"));
-                let got = read_all(dev.as_ref());
-                // Every byte flushed before the cut reads back, unless a later
-                // (unflushed) write may have changed it.
-                for (i, (&g, &d)) in got.iter().zip(durable.bytes.iter()).enumerate() {
-                    assert!(
-                        g == d || touched[i],
-                        "cut {cut} {mode:?}: byte {i} is {g}, flushed {d}"
-                    );
-                }
-                let r = dev.check(diskimg_blockio::RepairMode::None).unwrap();
-                assert_eq!(r.corruptions, 0, "cut {cut} {mode:?}: {:?}", r.messages);
+        sweep(
+            &base,
+            0..=total,
+            |cut| cut * 31 + 1,
+            |fs| run(fs, size),
+            |c| {
+                let what = format!("{opts} {}", c.what());
+                let dev = open_image(&diskimg_vdi::DRIVER, &c.img, &ro, &what);
+                // Every byte flushed before the cut reads back, unless a later (unflushed)
+                // write may have changed it.
+                c.ran.assert_holds(&read_all(dev.as_ref()), &what);
+                let r = dev.check(RepairMode::None).unwrap();
+                assert_eq!(r.corruptions, 0, "{what}: {:?}", r.messages);
                 // qemu agrees (sampled: qemu-img is slow to spawn).
-                if cut % 7 == 0 && matches!(mode, CrashMode::Random(_)) {
+                if c.cut % 7 == 0 && matches!(c.mode, CrashMode::Random(_)) {
                     let p = dir.path().join("crash.vdi");
-                    std::fs::write(&p, &img).unwrap();
+                    std::fs::write(&p, &c.img).unwrap();
                     assert_qemu_check_clean(&p, "vdi");
                 }
-            }
-        }
-        assert_eq!(full.bytes.len(), size as usize);
+            },
+        );
     }
 }
 
 #[test]
 fn crash_during_resize_keeps_old_or_new_image() {
     let dir = tempdir();
+    let ro = OpenOptions::new().read_only(true);
     for opts in ["", "static=on"] {
         let base = base_image(opts, 3 << 20);
         // Data in block 0, which the grown block map displaces.
@@ -151,45 +136,34 @@ fn crash_during_resize_keeps_old_or_new_image() {
             let dev = diskimg_vdi::DRIVER.open(st, &OpenOptions::new())?;
             dev.resize(new_size, diskimg_blockio::Preallocation::Off, false)
         };
-        let counter = Arc::new(FaultStorage::new(base.clone(), None));
-        grow(counter.clone()).unwrap();
-        let total = counter.ops();
-        for cut in 0..=total {
-            for mode in [
-                CrashMode::KeepAll,
-                CrashMode::DropUnflushed,
-                CrashMode::Random(cut + 3),
-            ] {
-                let fs = Arc::new(FaultStorage::new(base.clone(), Some(cut)));
-                let _ = grow(fs.clone());
-                let img = fs.crash_image(mode);
-                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-                let dev = diskimg_vdi::DRIVER
-                    .open(s, &OpenOptions::new().read_only(true))
-                    .unwrap_or_else(|e| panic!("{opts} cut {cut} {mode:?}: {e}"));
+        let total = count_ops(&base, |fs| grow(fs).unwrap());
+        sweep(
+            &base,
+            0..=total,
+            |cut| cut + 3,
+            grow,
+            |c| {
+                let what = format!("{opts} {}", c.what());
+                let dev = open_image(&diskimg_vdi::DRIVER, &c.img, &ro, &what);
                 let size = dev.virtual_size();
                 assert!(size == 3 << 20 || size == new_size, "{size}");
                 let mut got = vec![0u8; expect.len() + (1 << 20)];
                 let n = got.len().min(size as usize);
                 dev.read_at(&mut got[..n], 0).unwrap();
-                assert_eq!(got[..expect.len()], expect[..], "{opts} cut {cut} {mode:?}");
+                assert_eq!(got[..expect.len()], expect[..], "{what}");
                 assert!(got[expect.len()..].iter().all(|&b| b == 0));
                 let mut tail = vec![1u8; 1 << 20];
                 dev.read_at(&mut tail, size - (1 << 20)).unwrap();
                 assert!(size == 3 << 20 || tail.iter().all(|&b| b == 0));
-                let r = dev.check(diskimg_blockio::RepairMode::None).unwrap();
-                assert_eq!(
-                    r.corruptions, 0,
-                    "{opts} cut {cut} {mode:?}: {:?}",
-                    r.messages
-                );
-                if matches!(mode, CrashMode::Random(_)) {
+                let r = dev.check(RepairMode::None).unwrap();
+                assert_eq!(r.corruptions, 0, "{what}: {:?}", r.messages);
+                if matches!(c.mode, CrashMode::Random(_)) {
                     let p = dir.path().join("crash.vdi");
-                    std::fs::write(&p, &img).unwrap();
+                    std::fs::write(&p, &c.img).unwrap();
                     assert_qemu_check_clean(&p, "vdi");
                 }
-            }
-        }
+            },
+        );
     }
 }
 
@@ -211,11 +185,9 @@ fn block_allocations_are_committed_once_per_flush() {
     // The block's data (and the zeroes completing it) only: no flush, no map write.
     assert_eq!(fs.ops() - first, 2 * 39);
     // Unflushed: a crash now keeps the old map (the blocks are unreferenced).
+    let ro = OpenOptions::new().read_only(true);
     let lost = fs.crash_image(CrashMode::KeepAll);
-    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(lost));
-    let old = diskimg_vdi::DRIVER
-        .open(s, &OpenOptions::new().read_only(true))
-        .unwrap();
+    let old = open_image(&diskimg_vdi::DRIVER, &lost, &ro, "unflushed");
     assert!(
         read_all(old.as_ref())[mib as usize..]
             .iter()
@@ -225,12 +197,8 @@ fn block_allocations_are_committed_once_per_flush() {
     dev.flush().unwrap();
     // flush (data), the header and map in one write, flush.
     assert_eq!(fs.ops() - before_flush, 3);
-    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(
-        fs.crash_image(CrashMode::DropUnflushed),
-    ));
-    let new = diskimg_vdi::DRIVER
-        .open(s, &OpenOptions::new().read_only(true))
-        .unwrap();
+    let flushed = fs.crash_image(CrashMode::DropUnflushed);
+    let new = open_image(&diskimg_vdi::DRIVER, &flushed, &ro, "flushed");
     let bytes = read_all(new.as_ref());
     for k in 1..40u64 {
         let at = (k * mib + 512) as usize;

@@ -1,6 +1,7 @@
 //! Crash consistency: cut a workload at every storage write/flush, reopen the crash
-//! image in every mode; it opens (here and in qemu), has no corruption, data flushed
-//! before the cut reads back, and `check -r all` trims leaked space.
+//! image in every mode (the sweep: `diskimg_testutil::crash`); it opens (here and in
+//! qemu), has no corruption, data flushed before the cut reads back, and `check -r all`
+//! trims leaked space.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use diskimg_blockio::{
     BlockDevice, CrashMode, CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions,
     OptionList, RepairMode, Storage,
 };
+use diskimg_testutil::crash::{Durable, count_ops, sweep};
 use diskimg_testutil::{pattern, qemu_read_raw, read_all, tempdir};
 
 const SIZE: u64 = 6 << 20;
@@ -32,32 +34,17 @@ fn fresh(opts: &str) -> Vec<u8> {
     bytes_of(&s)
 }
 
-/// The workload: writes into new and existing blocks, a flush after each step.
-/// Pushes the expected content after each completed flush.
-fn workload(
-    dev: &dyn BlockDevice,
-    base: &[u8],
-    models: &mut Vec<Vec<u8>>,
-) -> diskimg_blockio::Result<()> {
-    let mut m = base.to_vec();
+/// The workload: writes into new and existing blocks, a flush after each step, recorded
+/// in `guest`.
+fn workload(dev: &dyn BlockDevice, guest: &mut Durable) -> diskimg_blockio::Result<()> {
     for (i, (off, len)) in STEPS.into_iter().enumerate() {
         let d = pattern(i as u64 + 3, len);
+        guest.write(off as u64, &d);
         dev.write_at(&d, off as u64)?;
-        m[off..off + len].copy_from_slice(&d);
         dev.flush()?;
-        models.push(m.clone());
+        guest.flushed();
     }
     Ok(())
-}
-
-/// Bytes of the last flushed state must read back, except where a later (unflushed)
-/// step wrote.
-fn flushed_ok(got: &[u8], flushed: &[u8], done_steps: usize) -> bool {
-    let later = &STEPS[done_steps.min(STEPS.len())..];
-    got.iter()
-        .zip(flushed)
-        .enumerate()
-        .all(|(i, (a, b))| a == b || later.iter().any(|&(o, l)| i >= o && i < o + l))
 }
 
 fn open_mem(img: Vec<u8>, parent: &Option<Arc<dyn BlockDevice>>) -> Arc<dyn BlockDevice> {
@@ -69,40 +56,30 @@ fn open_mem(img: Vec<u8>, parent: &Option<Arc<dyn BlockDevice>>) -> Arc<dyn Bloc
     dev
 }
 
-fn sweep(init: Vec<u8>, parent: Option<Arc<dyn BlockDevice>>, base: Vec<u8>, qemu: bool) {
+fn crash_sweep(init: Vec<u8>, parent: Option<Arc<dyn BlockDevice>>, base: Vec<u8>, qemu: bool) {
     let dir = tempdir();
-    let total = {
-        let fs = Arc::new(FaultStorage::new(init.clone(), None));
-        let dev = diskimg_vhd::DRIVER
-            .open(fs.clone(), &OpenOptions::new())
-            .unwrap();
+    let run = |fs: Arc<FaultStorage>| {
+        let dev = diskimg_vhd::DRIVER.open(fs, &OpenOptions::new()).unwrap();
         dev.set_backing(parent.clone()).unwrap();
-        workload(dev.as_ref(), &base, &mut Vec::new()).unwrap();
-        fs.ops()
+        let mut guest = Durable::new(base.clone());
+        let done = workload(dev.as_ref(), &mut guest).is_ok();
+        (guest, done)
     };
+    let total = count_ops(&init, |fs| assert!(run(fs).1));
     assert!(total > 10);
     let mut repaired = 0;
-    for cut in 0..total {
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let fs = Arc::new(FaultStorage::new(init.clone(), Some(cut)));
-            let dev = diskimg_vhd::DRIVER
-                .open(fs.clone(), &OpenOptions::new())
-                .unwrap();
-            dev.set_backing(parent.clone()).unwrap();
-            let mut models = Vec::new();
-            let _ = workload(dev.as_ref(), &base, &mut models);
-            drop(dev);
-            let img = fs.crash_image(mode);
-            let dev = open_mem(img.clone(), &parent);
+    sweep(
+        &init,
+        0..total,
+        |cut| cut,
+        run,
+        |c| {
+            let what = c.what();
+            let dev = open_mem(c.img.clone(), &parent);
             let r = dev.check(RepairMode::None).unwrap();
-            assert_eq!(r.corruptions, 0, "cut {cut} {mode:?}: {r:?}");
+            assert_eq!(r.corruptions, 0, "{what}: {r:?}");
             let got = read_all(dev.as_ref());
-            let last = models.last().unwrap_or(&base);
-            assert!(flushed_ok(&got, last, models.len()), "cut {cut} {mode:?}");
+            c.ran.0.assert_holds(&got, &what);
             if r.leaks > 0 {
                 let r = dev.check(RepairMode::All).unwrap();
                 assert!(r.leaks_fixed > 0 && r.leaks == 0, "{r:?}");
@@ -110,17 +87,17 @@ fn sweep(init: Vec<u8>, parent: Option<Arc<dyn BlockDevice>>, base: Vec<u8>, qem
                 assert_eq!(dev.check(RepairMode::None).unwrap().leaks, 0);
                 repaired += 1;
             }
-            if qemu && cut % 5 == 0 && mode == CrashMode::Random(cut) {
+            if qemu && c.cut % 5 == 0 && c.mode == CrashMode::Random(c.cut) {
                 let p = dir.path().join("crash.vhd");
-                std::fs::write(&p, &img).unwrap();
+                std::fs::write(&p, &c.img).unwrap();
                 assert_eq!(
                     qemu_read_raw(&p, "vpc"),
                     got,
                     "qemu reads the crash image differently"
                 );
             }
-        }
-    }
+        },
+    );
     assert!(
         repaired > 0,
         "no crash left leaked space: the leak check is untested"
@@ -129,7 +106,7 @@ fn sweep(init: Vec<u8>, parent: Option<Arc<dyn BlockDevice>>, base: Vec<u8>, qem
 
 #[test]
 fn crash_dynamic() {
-    sweep(fresh(""), None, vec![0u8; fresh_size()], true);
+    crash_sweep(fresh(""), None, vec![0u8; fresh_size()], true);
 }
 
 fn fresh_size() -> usize {
@@ -153,7 +130,7 @@ fn crash_differencing() {
     parent.flush().unwrap();
     let child = MemStorage::new();
     diskimg_vhd::create_differencing(&child, ps.as_ref(), "parent.vhd").unwrap();
-    sweep(bytes_of(&child), Some(parent), base, false);
+    crash_sweep(bytes_of(&child), Some(parent), base, false);
 }
 
 /// New blocks reach the on-disk BAT at the next flush: per new block one footer flush

@@ -1,6 +1,7 @@
 //! Crash consistency: cut the storage at every write and flush of a workload, rebuild
-//! what a disk could hold (every `CrashMode`), reopen (replaying the log), and check
-//! that the image is consistent (qemu-img check) and that flushed data is intact.
+//! what a disk could hold (every `CrashMode`; the sweep: `diskimg_testutil::crash`),
+//! reopen (replaying the log), and check that the image is consistent (qemu-img check)
+//! and that flushed data is intact.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use diskimg_blockio::{
     BlockDevice, CrashMode, CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions,
     OptionList, RepairMode, Storage, ZeroFlags,
 };
+use diskimg_testutil::crash::{count_ops, sweep};
 use diskimg_testutil::{assert_qemu_check_clean, pattern, tempdir};
 
 /// (offset, len, flush after) — disjoint ranges so each can be verified on its own.
@@ -91,53 +93,48 @@ fn verify(img: &[u8], flushed: usize, parent: Option<Arc<dyn BlockDevice>>, what
 
 fn crash_sweep(opts: &str, parent: Option<Arc<dyn BlockDevice>>, qemu: bool) {
     let initial = base_image(opts);
-    let counter = Arc::new(FaultStorage::new(initial.clone(), None));
-    {
+    let total = count_ops(&initial, |fs| {
         let dev = diskimg_vhdx::DRIVER
-            .open(counter.clone(), &crate::common::unlinked())
+            .open(fs, &crate::common::unlinked())
             .unwrap();
         dev.set_backing(parent.clone()).unwrap();
         assert_eq!(workload(dev.as_ref()), WRITES.len());
-    }
-    let total = counter.ops();
+    });
     eprintln!("{opts}: {total} ops");
     assert!(total > 20, "workload too small: {total} ops");
     let dir = tempdir();
     let file = dir.path().join("crash.vhdx");
     let mut replays = 0;
-    for cut in 0..=total {
-        let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
-        let flushed = match diskimg_vhdx::DRIVER.open(fs.clone(), &crate::common::unlinked()) {
+    let run =
+        |fs: Arc<FaultStorage>| match diskimg_vhdx::DRIVER.open(fs, &crate::common::unlinked()) {
             Ok(dev) => {
                 dev.set_backing(parent.clone()).unwrap();
-                let f = workload(dev.as_ref());
-                drop(dev);
-                f
+                workload(dev.as_ref())
             }
             Err(_) => 0,
         };
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let img = fs.crash_image(mode);
-            let what = format!("{opts} cut {cut}/{total} {mode:?}");
-            let after = verify(&img, flushed, parent.clone(), &what);
-            if log_in_use(&img) {
+    sweep(
+        &initial,
+        0..=total,
+        |cut| cut,
+        run,
+        |c| {
+            let what = format!("{opts} cut {}/{total} {:?}", c.cut, c.mode);
+            let after = verify(&c.img, *c.ran, parent.clone(), &what);
+            if log_in_use(&c.img) {
                 replays += 1;
             }
-            let m = match mode {
+            let m = match c.mode {
                 CrashMode::KeepAll => 0,
                 CrashMode::DropUnflushed => 1,
                 CrashMode::Random(_) => 2,
             };
-            if qemu && cut % 3 == m {
+            if qemu && c.cut % 3 == m {
                 std::fs::write(&file, &after).unwrap();
                 assert_qemu_check_clean(&file, "vhdx");
             }
-        }
-    }
+        },
+    );
     assert!(replays > 0, "no crash image needed a log replay");
 }
 

@@ -1,12 +1,15 @@
 //! Crash consistency: cut the workload at every storage operation, reopen the crash
-//! image in every mode, qemu-img check it and find the flushed data.
+//! image in every mode (the sweep: `diskimg_testutil::crash`), qemu-img check it and find
+//! the flushed data.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, CrashMode, CreateRequest, Driver, FaultStorage, MemStorage, OpenOptions,
-    OptionList, Storage,
+    OptionList,
 };
+use diskimg_testutil::crash::{Crash, Durable, count_ops, open_image, sweep};
 use diskimg_testutil::{assert_qemu_check_clean, pattern, read_all, tempdir};
 
 const SIZE: u64 = 2 << 20;
@@ -19,14 +22,9 @@ fn fresh_image() -> Vec<u8> {
     s.to_vec()
 }
 
-/// Runs the workload; returns the regions (offset, data) durable after each flush.
-/// `pending` collects every region attempted since the last flush (they may or may not
-/// have survived a crash).
-fn workload(
-    dev: &dyn BlockDevice,
-    flushed: &mut Vec<(u64, Vec<u8>)>,
-    pending: &mut Vec<(u64, Vec<u8>)>,
-) -> diskimg_blockio::Result<()> {
+/// Runs the workload, recording it in `guest` (each write before it is made, each
+/// completed flush).
+fn workload(dev: &dyn BlockDevice, guest: &mut Durable) -> diskimg_blockio::Result<()> {
     let steps: &[(u64, usize)] = &[
         (0, 4096),
         (70_000, 1000),
@@ -36,92 +34,82 @@ fn workload(
     ];
     for (i, (off, len)) in steps.iter().enumerate() {
         let data = pattern(i as u64 + 1, *len);
-        pending.push((*off, data.clone()));
+        guest.write(*off, &data);
         dev.write_at(&data, *off)?;
         if i % 2 == 1 {
             dev.flush()?;
-            flushed.append(pending);
+            guest.flushed();
         }
     }
-    pending.push((1 << 20, vec![0; 65536]));
+    guest.zero(1 << 20, 65536);
     dev.write_zeroes(1 << 20, 65536, Default::default())?;
     dev.flush()?;
-    flushed.append(pending);
+    guest.flushed();
     Ok(())
+}
+
+/// Runs `work` on `fs` (opened read-write); returns the guest it recorded and whether
+/// the workload failed (the storage was cut).
+fn run(
+    fs: Arc<FaultStorage>,
+    work: impl Fn(&dyn BlockDevice, &mut Durable) -> diskimg_blockio::Result<()>,
+) -> (Durable, bool) {
+    let dev = diskimg_vmdk::DRIVER.open(fs, &OpenOptions::new()).unwrap();
+    let mut guest = Durable::new(vec![0; SIZE as usize]);
+    let failed = work(dev.as_ref(), &mut guest).is_err();
+    (guest, failed)
+}
+
+/// Judges one crash image: the workload was cut, the image opens read-only, every byte
+/// flushed before the cut reads back unless a later (unflushed) write may have changed
+/// it, and with `qemu` (a scratch directory) `qemu-img check` finds it clean.
+fn judge(c: &Crash<'_, (Durable, bool)>, qemu: Option<&Path>) {
+    let what = c.what();
+    let (guest, failed) = c.ran;
+    assert!(*failed, "{what}: did not crash");
+    let ro = OpenOptions::new().read_only(true);
+    let dev = open_image(&diskimg_vmdk::DRIVER, &c.img, &ro, &what);
+    guest.assert_holds(&read_all(dev.as_ref()), &what);
+    if let Some(dir) = qemu {
+        let path = dir.join("crash.vmdk");
+        std::fs::write(&path, &c.img).unwrap();
+        assert_qemu_check_clean(&path, "vmdk");
+    }
 }
 
 #[test]
 fn crash_at_every_operation() {
     let initial = fresh_image();
-    let counter = Arc::new(FaultStorage::new(initial.clone(), None));
-    let dev = diskimg_vmdk::DRIVER
-        .open(counter.clone(), &OpenOptions::new())
-        .unwrap();
-    workload(dev.as_ref(), &mut Vec::new(), &mut Vec::new()).unwrap();
-    let total = counter.ops();
+    let total = count_ops(&initial, |fs| assert!(!run(fs, workload).1));
     assert!(total > 10, "{total}");
     let dir = tempdir();
-    for cut in 0..total {
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut),
-        ] {
-            let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
-            let dev = diskimg_vmdk::DRIVER
-                .open(fs.clone(), &OpenOptions::new())
-                .unwrap();
-            let mut flushed = Vec::new();
-            let mut pending = Vec::new();
-            assert!(
-                workload(dev.as_ref(), &mut flushed, &mut pending).is_err(),
-                "cut {cut} did not crash"
-            );
-            drop(dev);
-            let img = fs.crash_image(mode);
-            let ms: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-            let dev = diskimg_vmdk::DRIVER
-                .open(ms, &OpenOptions::new().read_only(true))
-                .unwrap_or_else(|e| panic!("cut {cut} {mode:?}: {e}"));
-            let content = read_all(dev.as_ref());
-            // Later (unflushed) writes may have landed over flushed data: skip those bytes.
-            let mut expect: Vec<Option<u8>> = vec![None; SIZE as usize];
-            for (off, data) in &flushed {
-                for (i, b) in data.iter().enumerate() {
-                    expect[*off as usize + i] = Some(*b);
-                }
-            }
-            for (off, data) in &pending {
-                expect[*off as usize..*off as usize + data.len()].fill(None);
-            }
-            let bad = expect
-                .iter()
-                .zip(&content)
-                .position(|(e, c)| e.is_some_and(|e| e != *c));
-            assert!(
-                bad.is_none(),
-                "cut {cut} {mode:?}: flushed byte lost at {bad:?}"
-            );
-            if cut % 3 == 0 || mode == CrashMode::Random(cut) {
-                let path = dir.path().join("crash.vmdk");
-                std::fs::write(&path, &img).unwrap();
-                assert_qemu_check_clean(&path, "vmdk");
-            }
-        }
-    }
+    let cut_run = |fs| run(fs, workload);
+    sweep(
+        &initial,
+        0..total,
+        |cut| cut,
+        cut_run,
+        |c| {
+            // qemu-img check is slow to spawn: every third cut and every random image.
+            let qemu = c.cut % 3 == 0 || c.mode == CrashMode::Random(c.cut);
+            judge(&c, qemu.then(|| dir.path()));
+        },
+    );
 }
 
-fn stream_workload(dev: &dyn BlockDevice, flushed: &mut Vec<u64>) -> diskimg_blockio::Result<()> {
+fn stream_workload(dev: &dyn BlockDevice, guest: &mut Durable) -> diskimg_blockio::Result<()> {
     let g = dev.compressed_write_granularity().unwrap();
     for (i, grain) in [0u64, 3, 4, 17, 31].iter().enumerate() {
-        dev.write_compressed(&pattern(*grain, g as usize), grain * g)?;
+        let data = pattern(*grain, g as usize);
+        guest.write(grain * g, &data);
+        dev.write_compressed(&data, grain * g)?;
         if i % 2 == 1 {
             dev.flush()?;
-            flushed.extend([0u64, 3, 4, 17, 31].iter().take(i + 1));
+            guest.flushed();
         }
     }
     dev.flush()?;
-    flushed.extend([0u64, 3, 4, 17, 31]);
+    guest.flushed();
     Ok(())
 }
 
@@ -135,42 +123,16 @@ fn stream_optimized_crash_at_every_operation() {
     .image_name("s.vmdk");
     diskimg_vmdk::DRIVER.create(s.clone(), &mut req).unwrap();
     let initial = s.to_vec();
-    let counter = Arc::new(FaultStorage::new(initial.clone(), None));
-    let dev = diskimg_vmdk::DRIVER
-        .open(counter.clone(), &OpenOptions::new())
-        .unwrap();
-    stream_workload(dev.as_ref(), &mut Vec::new()).unwrap();
-    let total = counter.ops();
+    let total = count_ops(&initial, |fs| assert!(!run(fs, stream_workload).1));
     let dir = tempdir();
-    for cut in 0..total {
-        for mode in [
-            CrashMode::KeepAll,
-            CrashMode::DropUnflushed,
-            CrashMode::Random(cut * 7),
-        ] {
-            let fs = Arc::new(FaultStorage::new(initial.clone(), Some(cut)));
-            let dev = diskimg_vmdk::DRIVER
-                .open(fs.clone(), &OpenOptions::new())
-                .unwrap();
-            let mut flushed = Vec::new();
-            assert!(stream_workload(dev.as_ref(), &mut flushed).is_err());
-            drop(dev);
-            let img = fs.crash_image(mode);
-            let ms: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
-            let dev = diskimg_vmdk::DRIVER
-                .open(ms, &OpenOptions::new().read_only(true))
-                .unwrap();
-            let content = read_all(dev.as_ref());
-            for grain in flushed {
-                let o = (grain * 65536) as usize;
-                assert!(
-                    content[o..o + 65536] == pattern(grain, 65536)[..],
-                    "cut {cut} {mode:?} grain {grain}"
-                );
-            }
-            let path = dir.path().join("crash.vmdk");
-            std::fs::write(&path, &img).unwrap();
-            assert_qemu_check_clean(&path, "vmdk");
-        }
-    }
+    let cut_run = |fs| run(fs, stream_workload);
+    sweep(
+        &initial,
+        0..total,
+        |cut| cut * 7,
+        cut_run,
+        |c| {
+            judge(&c, Some(dir.path()));
+        },
+    );
 }
