@@ -16,6 +16,8 @@
 #   BIG_RUNS=1          runs of the big case per tool
 #                       (its cases: big-qcow2 = each tool's default, big-qcow2-none = -t none,
 #                       big-qcow2-unsafe = -t unsafe, big-qcow2-wb = -t writeback on both sides;
+#                       big-qcow2-direct = -T none -t none, big-qcow2-none-Twb = -T writeback
+#                       -t none, big-qcow2-unsafe-Twb = -T writeback -t unsafe on both sides;
 #                       big-ceiling = fio's O_DIRECT read/write/mixed rows on the same device
 #                       first, only when named in CASES; CEIL_GIB=4 GiB per fio job)
 #   MIN_FREE_GIB=15     the big case is skipped unless this much disk stays free (its
@@ -385,6 +387,11 @@ if [ "$run_big" = 1 ]; then
     # (unsafe: compare "ret") and writeback (every flush honoured, durable on return).
     bench_case big-qcow2-unsafe raw "$big" qcow2 "$unsafe" "$unsafe" "" cold "$n" 1
     bench_case big-qcow2-wb raw "$big" qcow2 "-t writeback" "-t writeback" "" cold "$n" 1
+    # Source cache modes given on both sides: -T none (O_DIRECT reads, which diskimg uses
+    # by default for a raw source larger than the dirty limits) and -T writeback.
+    bench_case big-qcow2-direct raw "$big" qcow2 "-T none -t none" "-T none -t none" "" cold "$n" 1
+    bench_case big-qcow2-none-Twb raw "$big" qcow2 "-T writeback -t none" "-T writeback -t none" "" cold "$n" 1
+    bench_case big-qcow2-unsafe-Twb raw "$big" qcow2 "-T writeback -t unsafe" "-T writeback -t unsafe" "" cold "$n" 1
     work=$work_saved
     umount "$mnt"
     if [ -n "$loopdev" ]; then losetup -d "$loopdev"; fi

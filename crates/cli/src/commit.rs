@@ -129,6 +129,12 @@ fn find_base(chain: &[&diskimg::Image], b: &str) -> Option<usize> {
     })
 }
 
+/// The most one copy request moves: qemu-img's commit is the mirror-based active
+/// commit job, whose requests are at most `MAX_IO_BYTES` (1 MiB). A base that runs out
+/// of space then keeps what qemu's keeps: every request that fitted, whole (a failed
+/// request loses only its own clusters; with 4 MiB requests we kept up to 63 fewer).
+const COMMIT_CHUNK: usize = 1 << 20;
+
 /// Copies what the images above `base` (at `depth` below `top`) hold into it, then
 /// flushes it.
 fn copy_down(
@@ -138,8 +144,8 @@ fn copy_down(
     bar: &Progress,
 ) -> diskimg::Result<()> {
     let size = top.virtual_size();
-    let chunk = 4u64 << 20;
-    let mut buf = vec![0u8; 4 << 20];
+    let chunk = COMMIT_CHUNK as u64;
+    let mut buf = vec![0u8; COMMIT_CHUNK];
     let mut pos = 0u64;
     while pos < size {
         let e = diskimg::block_status(top, pos, (size - pos).min(chunk))?;

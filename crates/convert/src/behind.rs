@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use diskimg_blockio::{DebugEvent, Error, Preallocation, Result, Storage};
+use diskimg_blockio::{Error, Preallocation, Result, Storage, forward_storage};
 
 use crate::pool::{Buf, Pool};
 
@@ -48,6 +48,8 @@ const GROW_UNIT: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct WriteBehind {
     shared: Arc<Shared>,
+    /// The storage written to (also in `shared`): what only passes through.
+    inner: Arc<dyn Storage>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Bytes the file is grown by ahead of the writes (0: never).
     grow: u64,
@@ -99,6 +101,7 @@ impl WriteBehind {
     pub fn new(inner: Arc<dyn Storage>, depth: usize) -> Self {
         let depth = depth.clamp(1, 64);
         Self {
+            inner: inner.clone(),
             shared: Arc::new(Shared {
                 inner,
                 state: Mutex::new(State::default()),
@@ -322,6 +325,7 @@ impl Drop for WriteBehind {
 }
 
 impl Storage for WriteBehind {
+    forward_storage!(inner: is_read_only, discard_zeroes, start_writeback, debug_event);
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
         if self.logical_len().is_some_and(|n| end > n) {
@@ -375,9 +379,6 @@ impl Storage for WriteBehind {
         self.settle()?;
         self.shared.inner.flush()
     }
-    fn is_read_only(&self) -> bool {
-        self.shared.inner.is_read_only()
-    }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.settle()?;
         self.shared.inner.write_zeroes(offset, len)
@@ -385,9 +386,6 @@ impl Storage for WriteBehind {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.settle()?;
         self.shared.inner.discard(offset, len)
-    }
-    fn discard_zeroes(&self) -> bool {
-        self.shared.inner.discard_zeroes()
     }
     fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
         self.settle()?;
@@ -404,11 +402,5 @@ impl Storage for WriteBehind {
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.settle()?;
         self.shared.inner.allocated_bytes()
-    }
-    fn start_writeback(&self, offset: u64, len: u64) {
-        self.shared.inner.start_writeback(offset, len);
-    }
-    fn debug_event(&self, event: DebugEvent) {
-        self.shared.inner.debug_event(event);
     }
 }

@@ -21,7 +21,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use diskimg_blockio::{Preallocation, Result, Storage};
+use diskimg_blockio::{Result, Storage, forward_storage};
 
 /// A [`Storage`] that forwards everything to `inner` except [`Storage::flush`], which
 /// does nothing. Call [`UnsafeCache::flush_inner`] (or flush the inner storage) when the
@@ -89,49 +89,27 @@ impl UnsafeCache {
 }
 
 impl Storage for UnsafeCache {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
+    forward_storage!(
+        inner: read_exact_at,
+        len,
+        is_empty,
+        set_len,
+        is_read_only,
+        write_zeroes,
+        discard,
+        discard_zeroes,
+        preallocate,
+        next_data,
+        next_hole,
+        allocated_bytes,
+    );
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.inner.write_all_at(buf, offset)?;
         self.note_write(offset, buf.len() as u64);
         Ok(())
     }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn is_empty(&self) -> Result<bool> {
-        self.inner.is_empty()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
     fn flush(&self) -> Result<()> {
         Ok(())
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn discard_zeroes(&self) -> bool {
-        self.inner.discard_zeroes()
-    }
-    fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
-        self.inner.preallocate(offset, len, mode)
-    }
-    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
-        self.inner.next_data(offset)
-    }
-    fn next_hole(&self, offset: u64) -> Result<u64> {
-        self.inner.next_hole(offset)
-    }
-    fn allocated_bytes(&self) -> Result<Option<u64>> {
-        self.inner.allocated_bytes()
     }
     /// Counted as a completed write of the range, so that it joins the runs handed to
     /// the inner storage: [`copy_range`](diskimg_blockio::copy_range) writes into

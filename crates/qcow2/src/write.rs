@@ -9,7 +9,7 @@
 //! A crash can therefore leak clusters but never leave a dangling reference.
 
 use diskimg_blockio::bytes::WriteBytes;
-use diskimg_blockio::{DebugEvent, Result};
+use diskimg_blockio::{DebugEvent, Result, Storage};
 
 use crate::device::Qcow2Device;
 use crate::disk::idx;
@@ -121,6 +121,17 @@ fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Re
     Ok(reserved || host >= m.file().len()?)
 }
 
+/// Makes the file reach `end`, the end of a new cluster only partly written: qemu
+/// writes zeroes over the rest of a fresh cluster (`handle_alloc_space`), so its file
+/// never ends inside a data cluster, and `qemu-img check`'s image end offset is the
+/// file's length. A hole here costs nothing and reads as the zeroes qemu writes.
+fn cover_cluster(store: &dyn Storage, end: u64) -> Result<()> {
+    if store.len()? < end {
+        store.set_len(end)?;
+    }
+    Ok(())
+}
+
 /// Whether new clusters need a storage flush before an L2 entry points to them: unless
 /// they come from the reserve (whose refcounts the reserve makes durable first) and
 /// losing their data in a crash leaves what the guest saw before (zeroes), see `reserve`.
@@ -178,6 +189,7 @@ pub(crate) fn write_cluster(
             // The rest of the cluster reads as zeroes, and so does the host file there
             // (a hole or past its end): only the guest's bytes are written.
             write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
+            cover_cluster(store.as_ref(), host + cs)?;
             let done = dev.behind.wrote(cs, host + in_off, data.len() as u64);
             p.writeback.extend(done);
         } else {

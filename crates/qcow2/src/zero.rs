@@ -231,9 +231,11 @@ fn dropped_range(m: &Meta, e: u64) -> Option<(u64, u64)> {
     old_ref(m, e)
 }
 
-/// A standard cluster (entry `at`) becomes a zero cluster, keeping its host cluster
-/// when it is ours and `unmap` is off. Returns the host range it dropped (see
-/// [`dropped_range`]).
+/// A standard cluster (entry `at`) becomes a zero cluster, as qemu's
+/// `zero_in_l2_slice`: the entry keeps what it has (host offset, and the COPIED flag
+/// or its absence: a cluster a snapshot shares stays shared, read as zeroes) and gains
+/// the zero flag; a compressed cluster, or with `unmap` an allocated one, loses its host
+/// cluster. Returns the host range it dropped (see [`dropped_range`]).
 fn zero_cluster(
     m: &Meta,
     at: L2Update,
@@ -241,18 +243,13 @@ fn zero_cluster(
     p: &mut Pending,
 ) -> Result<Option<(u64, u64)>> {
     let e = at.entry;
-    let copied = e & OFLAG_COPIED != 0;
-    let keep = match classify(m.h(), e, at.bitmap, 0, at.table)? {
-        Sub::Data(h) | Sub::ZeroAlloc(h) if copied && !unmap => Some(h),
-        _ => None,
+    let drop = match classify(m.h(), e, at.bitmap, 0, at.table)? {
+        Sub::Compressed(..) => true,
+        Sub::Data(_) | Sub::ZeroAlloc(_) => unmap,
+        Sub::Zero | Sub::Unalloc => false,
     };
-    let new = match keep {
-        Some(h) => h | OFLAG_COPIED | OFLAG_ZERO,
-        None => OFLAG_ZERO,
-    };
-    if keep.is_none()
-        && let Some(r) = old_ref(m, e)
-    {
+    let new = if drop { OFLAG_ZERO } else { e | OFLAG_ZERO };
+    if drop && let Some(r) = old_ref(m, e) {
         p.unref.push(r);
     }
     // An entry that already says so is not written again (qemu's `zero_in_l2_slice`:
@@ -260,7 +257,7 @@ fn zero_cluster(
     if new != e {
         p.l2.push(L2Update::new(at.table, at.index, new, 0));
     }
-    Ok(keep.is_none().then(|| dropped_range(m, e)).flatten())
+    Ok(drop.then(|| dropped_range(m, e)).flatten())
 }
 
 /// Extended L2, a whole cluster (entry `at`), as qemu's `zero_in_l2_slice`: every

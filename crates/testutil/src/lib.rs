@@ -7,9 +7,10 @@
     clippy::disallowed_methods
 )]
 //!
-//! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
+//! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_create`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
-//! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
+//! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths),
+//!   [`GuestOp`] (a write, zero write or discard, applied here and replayed by qemu-io);
 //! - crash tests: [`crash`] cuts a workload at every storage operation and hands each
 //!   image a crash can leave to the test ([`crash::sweep`], [`crash::Durable`]);
 //! - fixtures: [`corpus_file`] decompresses a sample from the repository's `tests/corpus`;
@@ -54,6 +55,19 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] FILE [SIZE]`: an image made by qemu (no `-o`
+/// when `opts` is empty; without `size`, the size of the backing file `opts` names).
+pub fn qemu_create(file: impl AsRef<Path>, fmt: &str, opts: &str, size: Option<&str>) -> String {
+    let file = file.as_ref().to_string_lossy();
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.push(&file);
+    args.extend(size);
+    qemu_img_ok(&args)
 }
 
 /// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT FILE [SIZE]`: an overlay made by
@@ -268,6 +282,55 @@ impl Model {
     /// Applies write-zeroes (or a discard on a device without backing).
     pub fn zero(&mut self, off: usize, len: usize) {
         self.bytes[off..off + len].fill(0);
+    }
+}
+
+/// One guest operation a workload applies to our device and replays with qemu-io.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestOp {
+    /// `len` bytes of `byte` at `off` (`write -P BYTE OFF LEN`).
+    Write {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The fill byte.
+        byte: u8,
+    },
+    /// A zero write without unmap (`write -z OFF LEN`).
+    Zero {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A discard (`discard OFF LEN`).
+    Discard {
+        /// Guest offset.
+        off: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl GuestOp {
+    /// Applies the operation to `dev`, panicking when it fails.
+    pub fn apply(self, dev: &dyn BlockDevice) {
+        match self {
+            Self::Write { off, len, byte } => dev.write_at(&vec![byte; len as usize], off),
+            Self::Zero { off, len } => dev.write_zeroes(off, len, Default::default()),
+            Self::Discard { off, len } => dev.discard(off, len),
+        }
+        .unwrap_or_else(|e| panic!("{self:?}: {e}"));
+    }
+
+    /// The qemu-io command doing the same.
+    pub fn qemu_io(self) -> String {
+        match self {
+            Self::Write { off, len, byte } => format!("write -P {byte} {off} {len}"),
+            Self::Zero { off, len } => format!("write -z {off} {len}"),
+            Self::Discard { off, len } => format!("discard {off} {len}"),
+        }
     }
 }
 

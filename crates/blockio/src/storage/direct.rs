@@ -174,18 +174,36 @@ impl DirectIo {
         if buf.is_empty() {
             return Ok(());
         }
-        if !self.caching.load(Ordering::Acquire) {
-            return self.read_uncached(file, buf, off);
-        }
-        // Shared: no write-back (which forgets the blocks it wrote) between the read and
-        // the overlay.
-        let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.overlay_guard();
         self.read_uncached(file, buf, off)?;
-        let dirty = self.dirty();
-        if !dirty.is_empty() {
-            dirty.overlay(buf, off, self.align);
+        if guard.is_some() {
+            self.overlay([buf], off);
         }
         Ok(())
+    }
+
+    /// What a read from the file holds until it has laid the cached partial blocks over
+    /// the bytes it read ([`Self::overlay`]): `rmw` shared while blocks may be cached, so
+    /// no write-back (which forgets the blocks it wrote) comes between the two; `None`
+    /// when nothing is cached (no overlay needed).
+    fn overlay_guard(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        self.caching
+            .load(Ordering::Acquire)
+            .then(|| self.rmw.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Lays the cached partial blocks over `bufs`, read one after the other from `off`
+    /// on (with [`Self::overlay_guard`] held since before the read).
+    fn overlay<'b>(&self, bufs: impl IntoIterator<Item = &'b mut [u8]>, off: u64) {
+        let dirty = self.dirty();
+        if dirty.is_empty() {
+            return;
+        }
+        let mut at = off;
+        for b in bufs {
+            dirty.overlay(b, at, self.align);
+            at += b.len() as u64;
+        }
     }
 
     /// Reads exactly `buf.len()` bytes at `off` from the file (not the cached blocks).
@@ -471,23 +489,14 @@ impl DirectIo {
             }
             at = at.checked_add(b.len() as u64)?;
         }
-        let caching = self.caching.load(Ordering::Acquire);
-        // As in `read_exact`: no write-back between the read and the overlay.
-        let _shared = caching.then(|| self.rmw.read().unwrap_or_else(|p| p.into_inner()));
+        let guard = self.overlay_guard();
         match rustix::io::preadv(file, bufs, off) {
             Ok(n) if n as u64 == at - off => {}
             Ok(_) | Err(rustix::io::Errno::INTR) => return None,
             Err(e) => return Some(Err(e.into())),
         }
-        if caching {
-            let dirty = self.dirty();
-            if !dirty.is_empty() {
-                let mut at = off;
-                for b in bufs.iter_mut() {
-                    dirty.overlay(b, at, self.align);
-                    at += b.len() as u64;
-                }
-            }
+        if guard.is_some() {
+            self.overlay(bufs.iter_mut().map(|b| &mut **b), off);
         }
         Some(Ok(()))
     }

@@ -6,7 +6,8 @@ use diskimg_testutil::{
 
 use crate::{FORMATS, code, diskimg, diskimg_ok, qemu_raw, s};
 
-fn data_bytes(map: &serde_json::Value) -> u64 {
+/// Bytes of the `data: true` extents of a `qemu-img map --output=json` answer.
+pub(crate) fn data_bytes(map: &serde_json::Value) -> u64 {
     map.as_array()
         .unwrap()
         .iter()

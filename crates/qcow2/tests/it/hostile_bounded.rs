@@ -10,6 +10,8 @@ use diskimg_blockio::{Driver, Error, Limits, MemStorage, OpenOptions, Storage};
 use diskimg_qcow2::DRIVER;
 use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
 
+use crate::hostile_rw::bitmaps_ext;
+
 fn small_limits() -> Limits {
     let mut l = Limits::default();
     l.max_metadata_bytes = 1 << 20;
@@ -33,20 +35,6 @@ fn open(img: &[u8], limits: Limits) -> diskimg_blockio::Result<()> {
     DRIVER
         .open(s, &OpenOptions::new().read_only(true).limits(limits))
         .map(drop)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-/// Offset in the header of the bitmaps extension's data.
-fn bitmaps_ext(img: &[u8]) -> usize {
-    let mut off = be32(img, 100) as usize;
-    while be32(img, off) != 0x2385_2875 {
-        assert_ne!(be32(img, off), 0, "no bitmaps extension");
-        off += 8 + (be32(img, off + 4) as usize).next_multiple_of(8);
-    }
-    off + 8
 }
 
 fn assert_corrupt(img: &[u8], what: &str) {

@@ -30,17 +30,19 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// The file offset of the first bitmap directory entry (header extension 0x23852875).
-fn bitmap_entry(img: &[u8]) -> usize {
+/// Offset in the header of the bitmaps extension's data (header extension 0x23852875).
+pub(crate) fn bitmaps_ext(img: &[u8]) -> usize {
     let mut off = be32(img, 100) as usize;
-    loop {
-        let (ty, len) = (be32(img, off), be32(img, off + 4) as usize);
-        assert_ne!(ty, 0, "no bitmaps extension");
-        if ty == 0x2385_2875 {
-            return be64(img, off + 8 + 16) as usize;
-        }
-        off += 8 + len.next_multiple_of(8);
+    while be32(img, off) != 0x2385_2875 {
+        assert_ne!(be32(img, off), 0, "no bitmaps extension");
+        off += 8 + (be32(img, off + 4) as usize).next_multiple_of(8);
     }
+    off + 8
+}
+
+/// The file offset of the first bitmap directory entry.
+fn bitmap_entry(img: &[u8]) -> usize {
+    be64(img, bitmaps_ext(img) + 16) as usize
 }
 
 /// The error of a read-write open of `img`.
@@ -95,14 +97,8 @@ fn bitmap_directory_over_the_snapshot_table_is_not_rewritten() {
     assert_eq!(be32(&img, snap + 12), 2, "id and name lengths as flags");
     let l1 = be64(&img, snap) as usize;
     img[l1] &= 0x7f;
-    let ext = {
-        let mut off = be32(&img, 100) as usize;
-        while be32(&img, off) != 0x2385_2875 {
-            off += 8 + (be32(&img, off + 4) as usize).next_multiple_of(8);
-        }
-        off
-    };
-    img[ext + 24..ext + 32].copy_from_slice(&(snap as u64).to_be_bytes());
+    let ext = bitmaps_ext(&img);
+    img[ext + 16..ext + 24].copy_from_slice(&(snap as u64).to_be_bytes());
     let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
     let opened = DRIVER.open(s.clone(), &OpenOptions::new());
     let mut after = vec![0u8; s.len().unwrap() as usize];
@@ -149,13 +145,7 @@ fn bitmap_directory_constraints_as_qemu() {
     let img = with_bitmap("cluster_size=64k", "64M", &["-g", "64k"]);
     let entry = bitmap_entry(&img);
     let table = be64(&img, entry) as usize;
-    let ext = {
-        let mut off = be32(&img, 100) as usize;
-        while be32(&img, off) != 0x2385_2875 {
-            off += 8 + (be32(&img, off + 4) as usize).next_multiple_of(8);
-        }
-        off + 8
-    };
+    let ext = bitmaps_ext(&img);
     let cases: [(&str, usize, &[u8]); 11] = [
         ("reserved flag bit 2", entry + 12, &[0, 0, 0, 6]),
         ("reserved flag bit 31", entry + 12, &[0x80, 0, 0, 2]),

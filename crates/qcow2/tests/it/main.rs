@@ -17,7 +17,8 @@ mod crash_threads;
 mod encrypt;
 mod hostile;
 mod hostile_bounded;
-mod hostile_rw;
+pub(crate) mod hostile_rw;
+pub(crate) mod image_end;
 mod layout;
 mod lazy;
 mod maint;
@@ -31,6 +32,7 @@ mod shared_write;
 mod snapshots;
 mod vectored_write;
 mod write;
+mod zero_shared;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use diskimg_blockio::{BlockDevice, RepairMode, ZeroFlags};
-use diskimg_testutil::{pattern, qemu_img, qemu_img_ok, qemu_io, qemu_read_raw, read_all, tempdir};
+use diskimg_testutil::{pattern, qemu_create, qemu_img, qemu_io, qemu_read_raw, read_all, tempdir};
 
 use crate::common::{create, open};
 
@@ -31,15 +31,7 @@ fn child_of(
 fn differencing_reads_parent_and_own_sectors() {
     let dir = tempdir();
     let base = dir.path().join("base.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        base.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_create(&base, "vhdx", "block_size=1M", Some("8M"));
     qemu_io(&base, "vhdx", &["write -P 0x11 0 8M"]);
     let mut expect = qemu_read_raw(&base, "vhdx");
     let base_dev = open(&base, true);

@@ -1,10 +1,10 @@
 //! Images we create and write: qemu-img check clean, compare identical, and workloads
 //! matching a qemu-io replica.
 
-use diskimg_blockio::{RepairMode, ZeroFlags};
+use diskimg_blockio::RepairMode;
 use diskimg_testutil::{
-    assert_qemu_check_clean, pattern, qemu_compare, qemu_img_ok, qemu_info_json, qemu_io,
-    qemu_read_raw, read_all, tempdir,
+    GuestOp, assert_qemu_check_clean, pattern, qemu_compare, qemu_create, qemu_img_ok,
+    qemu_info_json, qemu_io, qemu_read_raw, read_all, tempdir,
 };
 
 use crate::common::{create, open};
@@ -129,21 +129,17 @@ fn workload_matches_qemu_io_replica() {
         let dev = open(&a, false);
         let mut cmds = Vec::new();
         for (i, &(kind, off, len)) in OPS.iter().enumerate() {
-            let data = vec![(i as u8).wrapping_mul(37) | 1; len as usize];
-            match kind {
-                0 => {
-                    dev.write_at(&data, off).unwrap();
-                    cmds.push(format!("write -P {} {off} {len}", data[0]));
-                }
-                1 => {
-                    dev.write_zeroes(off, len, ZeroFlags::default()).unwrap();
-                    cmds.push(format!("write -z {off} {len}"));
-                }
-                _ => {
-                    dev.discard(off, len).unwrap();
-                    cmds.push(format!("discard {off} {len}"));
-                }
-            }
+            let op = match kind {
+                0 => GuestOp::Write {
+                    off,
+                    len,
+                    byte: (i as u8).wrapping_mul(37) | 1,
+                },
+                1 => GuestOp::Zero { off, len },
+                _ => GuestOp::Discard { off, len },
+            };
+            op.apply(dev.as_ref());
+            cmds.push(op.qemu_io());
         }
         dev.flush().unwrap();
         let r = dev.check(RepairMode::None).unwrap();
@@ -282,15 +278,7 @@ fn grow_dynamic_images() {
         if *maker == "ours" {
             create(&img, (5 << 20) + 512, opts);
         } else {
-            qemu_img_ok(&[
-                "create",
-                "-f",
-                "vhdx",
-                "-o",
-                opts,
-                img.to_str().unwrap(),
-                "5243392",
-            ]);
+            qemu_create(&img, "vhdx", opts, Some("5243392"));
         }
         let dev = open(&img, false);
         dev.write_at(&[0x77; 512], 5 << 20).unwrap();
@@ -357,16 +345,7 @@ fn grow_fixed_images() {
         if maker == "ours" {
             create(&img, old, opts);
         } else {
-            qemu_img_ok(&[
-                "create",
-                "-q",
-                "-f",
-                "vhdx",
-                "-o",
-                opts,
-                img.to_str().unwrap(),
-                &old.to_string(),
-            ]);
+            qemu_create(&img, "vhdx", opts, Some(&old.to_string()));
         }
         qemu_io(
             &img,

@@ -1,11 +1,11 @@
 //! The same random workload applied by us and by qemu-io to copies gives identical images.
 
-use diskimg_blockio::ZeroFlags;
 use diskimg_testutil::{
-    assert_qemu_check_clean, qemu_compare, qemu_img_ok, qemu_io, qemu_read_raw, read_all, tempdir,
+    GuestOp, assert_qemu_check_clean, qemu_compare, qemu_create, qemu_io, qemu_read_raw, read_all,
+    tempdir,
 };
 
-use crate::common::{open, p};
+use crate::common::open;
 
 fn ops(seed: u64, size: u64, n: usize) -> Vec<(u8, u64, u64, u8)> {
     let r = diskimg_testutil::pattern(seed, n * 24);
@@ -40,43 +40,28 @@ fn workloads_match_qemu_io() {
         let b = dir.path().join("b.vmdk");
         let size = 6u64 << 20;
         let extra = if seed == 4 { ",zeroed_grain=on" } else { "" };
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
+        qemu_create(
+            &a,
             "vmdk",
-            "-o",
             &format!("subformat={sub}{extra}"),
-            &p(&a),
-            &size.to_string(),
-        ]);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
+            Some(&size.to_string()),
+        );
+        qemu_create(
+            &b,
             "vmdk",
-            "-o",
             &format!("subformat={sub}{extra}"),
-            &p(&b),
-            &size.to_string(),
-        ]);
+            Some(&size.to_string()),
+        );
         let dev = open(&a, false).unwrap();
         let mut cmds = Vec::new();
         for (kind, off, len, byte) in ops(seed, size, 40) {
-            match kind {
-                0 | 1 => {
-                    dev.write_at(&vec![byte; len as usize], off).unwrap();
-                    cmds.push(format!("write -P {byte} {off} {len}"));
-                }
-                2 => {
-                    dev.write_zeroes(off, len, ZeroFlags::default()).unwrap();
-                    cmds.push(format!("write -z {off} {len}"));
-                }
-                _ => {
-                    dev.discard(off, len).unwrap();
-                    cmds.push(format!("discard {off} {len}"));
-                }
-            }
+            let op = match kind {
+                0 | 1 => GuestOp::Write { off, len, byte },
+                2 => GuestOp::Zero { off, len },
+                _ => GuestOp::Discard { off, len },
+            };
+            op.apply(dev.as_ref());
+            cmds.push(op.qemu_io());
         }
         dev.flush().unwrap();
         let ours = read_all(dev.as_ref());

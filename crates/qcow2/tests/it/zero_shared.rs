@@ -1,0 +1,64 @@
+//! Zero writes over clusters an internal snapshot shares, as qemu's `zero_in_l2_slice`:
+//! without unmap the entry keeps its host cluster (still shared, no COPIED flag) and
+//! gains the zero flag; with unmap, and for compressed clusters, the reference is
+//! dropped. Twin images, one changed by qemu-io and one by us, must be byte-identical,
+//! check clean, keep the snapshot's contents, and stay identical after the snapshot is
+//! deleted by each tool.
+
+use diskimg_testutil::{qemu_img_ok, qemu_io, tempdir};
+
+use crate::image_end::apply;
+use crate::{open, qemu_snapshot_raw};
+
+const ZERO_WRITES: &[&str] = &[
+    "write -z 0 64k",
+    "write -z 100k 200k",
+    "write -z 2M 64k",
+    "write -z -u 512k 64k",
+    "write -z 700k 4k",
+];
+
+#[test]
+fn zero_writes_on_snapshot_shared_clusters_as_qemu() {
+    let dir = tempdir();
+    let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
+    let qs = q.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &qs, "4M"]);
+    qemu_io(&q, "qcow2", &["write -P 1 0 1M", "write -c -P 2 2M 64k"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", &qs]);
+    std::fs::copy(&q, &d).unwrap();
+    let before = qemu_snapshot_raw(&q, "snapshot.name=s1");
+    qemu_io(&q, "qcow2", ZERO_WRITES);
+    let dev = open(&d, false);
+    for c in ZERO_WRITES {
+        apply(dev.as_ref(), c);
+    }
+    dev.close().unwrap();
+    drop(dev);
+    let (qb, db) = (std::fs::read(&q).unwrap(), std::fs::read(&d).unwrap());
+    assert!(db == qb, "the images differ after the zero writes");
+    diskimg_testutil::assert_qemu_check_clean(&d, "qcow2");
+    assert!(
+        qemu_snapshot_raw(&d, "snapshot.name=s1") == before,
+        "snapshot changed"
+    );
+    // The snapshot's references go: the zeroed clusters it shared become COPIED again.
+    qemu_img_ok(&["snapshot", "-d", "s1", &qs]);
+    let dev = open(&d, false);
+    let snaps = dev.as_snapshots().expect("qcow2 snapshots");
+    snaps.delete("s1").unwrap();
+    dev.close().unwrap();
+    drop(dev);
+    diskimg_testutil::assert_qemu_check_clean(&d, "qcow2");
+    let entries = |p: &std::path::Path| {
+        let b = std::fs::read(p).unwrap();
+        let be = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+        let l2 = (be(be(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+        (0..64).map(|i| be(l2 + 8 * i)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        entries(&d),
+        entries(&q),
+        "L2 entries after the snapshot is deleted"
+    );
+}
