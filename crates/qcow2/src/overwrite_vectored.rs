@@ -8,10 +8,12 @@
 //! guest's I/O vector to the file as it is. This does the same, under exactly the
 //! conditions of `overwrite.rs` (the same `plan`: every byte in place, nothing but guest
 //! data written, mapping changes waiting on the lock), and only where a vectored storage
-//! write is one system call: a buffered host file ([`Storage::host_file`]; an
-//! `O_DIRECT` file or a wrapper writes buffer by buffer, where the staging copy is
-//! cheaper). Encrypted images keep the staging path (data is enciphered in place in a
-//! buffer of its own).
+//! write is one request: a buffered host file ([`Storage::host_file`]) or any storage
+//! that says so ([`Storage::writes_vectored`]: an `O_DIRECT` host file, whose aligned
+//! pages go out as one `pwritev` and anything else through one aligned buffer; before,
+//! the staging copy was copied once more into that buffer). A wrapper writes buffer by
+//! buffer, where the staging copy is cheaper. Encrypted images keep the staging path
+//! (data is enciphered in place in a buffer of its own).
 
 use std::io::IoSlice;
 
@@ -35,7 +37,7 @@ pub(crate) fn overwrite_vectored(
     }
     let m = dev.shared();
     let store = m.data_store();
-    if store.host_file().is_none() {
+    if store.host_file().is_none() && !store.writes_vectored() {
         return Ok(false);
     }
     let Some(runs) = plan(&m, off, len)? else {

@@ -454,6 +454,9 @@ impl Storage for FileStorage {
     fn host_file(&self) -> Option<&File> {
         self.direct.is_none().then_some(&self.file)
     }
+    fn writes_vectored(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

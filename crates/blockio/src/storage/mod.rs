@@ -188,6 +188,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn host_file(&self) -> Option<&File> {
         None
     }
+    /// Whether [`Storage::write_vectored_all_at`] writes a scatter-gather list as one
+    /// request (a host file, buffered or `O_DIRECT`), so that a format may hand it a
+    /// guest's pages as they are instead of gathering them into a buffer first; false
+    /// (the default): the list is written buffer by buffer.
+    fn writes_vectored(&self) -> bool {
+        false
+    }
     /// The io_uring storage holding the bytes at the same offsets, for the async face
     /// ([`AsyncDevice`](crate::AsyncDevice)) to read them without a blocked thread. Only
     /// [`UringStorage`] (and `Arc`s of it) return it; a wrapper that translates,
@@ -270,6 +277,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn host_file(&self) -> Option<&File> {
         (**self).host_file()
+    }
+    fn writes_vectored(&self) -> bool {
+        (**self).writes_vectored()
     }
     #[cfg(target_os = "linux")]
     fn uring(&self) -> Option<&UringStorage> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use diskimg_blockio::{BlockDevice, Driver, FileStorage, OpenOptions, Storage};
+use diskimg_blockio::{BlockDevice, CacheMode, Driver, FileStorage, OpenOptions, Storage};
 use diskimg_serve::{Discard, Export, ExportOptions, Listener, Shutdown, VhostConfig};
 use diskimg_testutil::{Rng, assert_qemu_check_clean, qemu_compare, qemu_img_ok, qemu_map_json};
 use diskimg_vhost_client::dev::{Device, Done, Seg};
@@ -23,8 +23,9 @@ struct Server {
 }
 
 impl Server {
-    fn start(image: &Path, sock: &Path, read_only: bool) -> Server {
-        let s: Arc<dyn Storage> = Arc::new(FileStorage::open(image, read_only).unwrap());
+    fn start(image: &Path, sock: &Path, read_only: bool, cache: CacheMode) -> Server {
+        let s: Arc<dyn Storage> =
+            Arc::new(FileStorage::open_with(image, read_only, cache).unwrap());
         let o = OpenOptions::new().read_only(read_only);
         let dev: Arc<dyn BlockDevice> = diskimg_qcow2::DRIVER.open(s, &o).unwrap();
         let mut opts = ExportOptions::default();
@@ -86,11 +87,23 @@ fn segs(off: usize, len: usize, pieces: usize) -> Vec<Seg> {
 
 #[test]
 fn libblkio_requests_land_in_the_qcow2() {
+    requests_land(CacheMode::Writeback);
+}
+
+/// The same with the image `O_DIRECT` (`serve --cache none`): a guest's aligned pages
+/// go to the file as one `pwritev` (qcow2 `overwrite_vectored`, blockio
+/// `DirectIo::write_aligned_vectored`).
+#[test]
+fn libblkio_requests_land_in_the_qcow2_with_o_direct() {
+    requests_land(CacheMode::None);
+}
+
+fn requests_land(cache: CacheMode) {
     let dir = diskimg_testutil::tempdir();
     let image = dir.path().join("disk.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]);
     let sock = dir.path().join("blk.sock");
-    let srv = Server::start(&image, &sock, false);
+    let srv = Server::start(&image, &sock, false, cache);
     let mut dev = Device::connect(sock.to_str().unwrap(), 1024, 2 << 20, false).unwrap();
     let l = dev.limits().unwrap();
     assert_eq!(l.capacity, SIZE);
@@ -183,7 +196,7 @@ fn libblkio_read_only_export() {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]);
     diskimg_testutil::qemu_io(&image, "qcow2", &["write -P 0x33 0 64k"]);
     let sock = dir.path().join("ro.sock");
-    let srv = Server::start(&image, &sock, true);
+    let srv = Server::start(&image, &sock, true, CacheMode::Writeback);
     let sock = sock.to_str().unwrap();
     // A writable driver is refused (the device offers VIRTIO_BLK_F_RO).
     let e = Device::connect(sock, 256, 65536, false).err().unwrap();
