@@ -125,7 +125,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // Locked as qemu-nbd locks it: a writable export excludes other writers and plain
     // readers (qemu's included) for as long as it runs.
     crate::common::set_force_share(a.force_share);
-    let img = open_image(&a.file, format, a.read_only, true)?;
+    let img = open_served(&a, format)?;
     let mut opts = ExportOptions::named(a.export_name.clone());
     opts.description = a.description.clone();
     opts.read_only = a.read_only;
@@ -146,6 +146,24 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     served?;
     closed?;
     Ok(0)
+}
+
+/// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
+/// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`); the other modes go
+/// through it, and the export's write policy ([`policy`]) adds the flushes.
+fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<diskimg::Image> {
+    let cache = if a.nocache { "none" } else { a.cache.as_str() };
+    let host = match cache {
+        "none" | "off" => diskimg::CacheMode::None,
+        "directsync" => diskimg::CacheMode::DirectSync,
+        _ => return open_image(&a.file, format, a.read_only, true),
+    };
+    if crate::imgspec::is_spec_or_opts(&a.file) {
+        return open_image(&a.file, format, a.read_only, true);
+    }
+    let (path, format, opts) = crate::secrets::resolve(&a.file, format)?;
+    let opts = opts.with_cache(host);
+    crate::opening::open_resolved(&a.file, &path, format, opts, a.read_only, true)
 }
 
 fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {

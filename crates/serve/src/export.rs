@@ -52,8 +52,9 @@ impl DetectZeroes {
     }
 }
 
-/// When writes reach stable storage (qemu `--cache`; the host page cache is always
-/// used: `none` and `directsync` flush like `writeback` and `writethrough`).
+/// When writes reach stable storage (qemu `--cache`: `none` and `directsync` flush
+/// like `writeback` and `writethrough`; whether the host page cache is used is the
+/// device's business — `diskimg serve` opens the image `O_DIRECT` for them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheMode {
     /// Writes are durable after a flush or FUA (qemu's default).
