@@ -100,13 +100,29 @@ fn buffered_copy(
     dst_off: u64,
     len: u64,
 ) -> Result<()> {
+    copy_by_buffer(
+        len,
+        |piece, done| src.read_exact_at(piece, src_off + done),
+        |piece, done| dst.write_all_at(piece, dst_off + done),
+    )
+}
+
+/// Copies `len` bytes through one buffer of at most [`BUFFER`] bytes, piece by piece:
+/// `read(piece, done)` fills it, `write(piece, done)` puts it where it goes (`done`: the
+/// bytes copied before it). [`copy_range`]'s fallback and
+/// [`write_from_by_buffer`](crate::write_from_by_buffer).
+pub(crate) fn copy_by_buffer(
+    len: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
     let mut buf = vec![0u8; usize::try_from(len.min(BUFFER)).unwrap_or(1 << 20)];
     let mut done = 0u64;
     while done < len {
         let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(0);
         let piece = buf.get_mut(..n).ok_or(Error::internal("copy buffer"))?;
-        src.read_exact_at(piece, src_off + done)?;
-        dst.write_all_at(piece, dst_off + done)?;
+        read(piece, done)?;
+        write(piece, done)?;
         done += n as u64;
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use crate::capability::{Amend, Bitmaps, ChainLink, Snapshots};
+use crate::copy::copy_by_buffer;
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, DeviceInfo, RepairMode};
 use crate::packed::CompressedUnits;
@@ -312,21 +313,15 @@ pub fn write_from_by_buffer<D: BlockDevice + ?Sized>(
     src: &dyn Storage,
     src_offset: u64,
 ) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
     check_range(offset, len, dev.virtual_size())?;
     if src_offset.checked_add(len).is_none() {
         return Err(Error::invalid("copy range overflows"));
     }
-    let mut buf = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from((len - done).min(CHUNK)).unwrap_or(0);
-        let piece = buf.get_mut(..n).ok_or(Error::internal("copy buffer"))?;
-        src.read_exact_at(piece, src_offset + done)?;
-        dev.write_at(piece, offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    copy_by_buffer(
+        len,
+        |piece, done| src.read_exact_at(piece, src_offset + done),
+        |piece, done| dev.write_at(piece, offset + done),
+    )
 }
 
 /// [`BlockDevice::read_vectored_at`]'s default: one `read_at` per buffer.

@@ -47,7 +47,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
     if let Some(t) = a.target {
         targets::apply(&mut a, t)?;
     }
-    crate::common::set_force_share(a.force_share);
+    a.force_share.apply();
     // None: the durable default (see `open_target`).
     let cache = a.cache.as_deref().map(CacheMode::parse).transpose()?;
     let src_cache = a
@@ -69,7 +69,7 @@ fn run_inner(mut a: Args) -> Result<i32> {
     // As qemu: progress starts (and its final newline is due) before the sources open.
     // With stdout as the target, progress goes to stderr (`stdout::run`).
     let bar = Progress::new(
-        a.progress && !a.quiet && dst_name != "-" && !targets::writes_itself(a.target),
+        a.progress.on() && !a.quiet.on() && dst_name != "-" && !targets::writes_itself(a.target),
         1.0,
     );
     bar.print(0.0, 100);
@@ -220,7 +220,7 @@ fn open_sources(
             None => img.device.clone(),
         };
         if a.salvage {
-            let w = salvage::wrap(dev, a.quiet);
+            let w = salvage::wrap(dev, a.quiet.on());
             salvaged.push(w.clone());
             parts.push(w);
         } else {

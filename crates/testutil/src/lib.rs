@@ -7,7 +7,7 @@
     clippy::disallowed_methods
 )]
 //!
-//! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_io`], [`qemu_read_raw`],
+//! - qemu oracles: [`qemu_img`], [`qemu_img_ok`], [`qemu_create`], [`qemu_io`], [`qemu_read_raw`],
 //!   [`qemu_check_json`], [`qemu_compare`], [`qemu_map_json`];
 //! - data: [`pattern`], [`read_all`], [`Model`] (an in-memory oracle for write paths);
 //! - crash tests: [`crash`] cuts a workload at every storage operation and hands each
@@ -54,6 +54,19 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] FILE [SIZE]`: an image made by qemu (no `-o`
+/// when `opts` is empty; without `size`, the size of the backing file `opts` names).
+pub fn qemu_create(file: impl AsRef<Path>, fmt: &str, opts: &str, size: Option<&str>) -> String {
+    let file = file.as_ref().to_string_lossy();
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.push(&file);
+    args.extend(size);
+    qemu_img_ok(&args)
 }
 
 /// `qemu-img create -q -f FMT -b BACKING -F BACKING_FMT FILE [SIZE]`: an overlay made by

@@ -1,6 +1,8 @@
 //! The command line of `convert` (qemu-img's flags, plus `--bitmaps`, `-t`/`-T` modes
 //! and `--target` profiles).
 
+use crate::args::{ForceShareArg, ProgressArg, QuietArg};
+
 /// Arguments of `convert`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -25,12 +27,10 @@ pub(crate) struct Args {
     /// With --bitmaps: skip bitmaps marked in-use instead of failing.
     #[arg(long = "skip-broken-bitmaps")]
     pub(super) skip_broken_bitmaps: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    pub(super) progress: bool,
-    /// Quiet.
-    #[arg(short = 'q')]
-    pub(super) quiet: bool,
+    #[command(flatten)]
+    pub(super) progress: ProgressArg,
+    #[command(flatten)]
+    pub(super) quiet: QuietArg,
     /// Minimum run of zero bytes to leave unallocated (default 4k; 0 = fully allocate).
     #[arg(short = 'S', long = "sparse-size")]
     pub(super) sparse: Option<String>,
@@ -69,9 +69,8 @@ pub(crate) struct Args {
     /// `none`: O_DIRECT; `writethrough`/`directsync`: every write durable.
     #[arg(short = 't')]
     pub(super) cache: Option<String>,
-    /// Accepted for compatibility.
-    #[arg(short = 'U', long = "force-share")]
-    pub(super) force_share: bool,
+    #[command(flatten)]
+    pub(super) force_share: ForceShareArg,
     /// Output shaped for an upload: `azure` (fixed VHD, whole MiB), `esxi`
     /// (stream-optimized VMDK for vSphere), `gcp` (`disk.raw` in an oldgnu tar.gz), `ova`
     /// (OVF package); see docs/pipelines.md.

@@ -30,7 +30,7 @@ pub(super) fn run(
         .map(|i| i.filename.clone())
         .unwrap_or_default();
     let end = || crate::source::guest_len(&name).unwrap_or_else(|| src.virtual_size());
-    let bar = StreamProgress::new(a.progress && !a.quiet);
+    let bar = StreamProgress::new(a.progress.on() && !a.quiet.on());
     let mut out = std::io::BufWriter::with_capacity(4 << 20, std::io::stdout().lock());
     let err = |e: diskimg::Error| anyhow!("error while writing to stdout: {e}");
     match out_fmt {

@@ -200,7 +200,7 @@ pub(super) fn run(
 ) -> Result<i32> {
     let mut o = parse_options(&a.options)?;
     refuse_unknown_length(images, "this target")?;
-    let bar = StreamProgress::new(a.progress && !a.quiet);
+    let bar = StreamProgress::new(a.progress.on() && !a.quiet.on());
     let err = |e: diskimg::Error| anyhow!("error while writing to {dst}: {e}");
     match t {
         Target::Esxi => {

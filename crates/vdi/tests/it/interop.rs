@@ -2,8 +2,8 @@
 
 use diskimg_blockio::{Driver, MemStorage, RepairMode, Storage, map_chain};
 use diskimg_testutil::{
-    assert_qemu_check_clean, pattern, qemu_check_json, qemu_compare, qemu_img, qemu_img_ok,
-    qemu_info_json, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
+    assert_qemu_check_clean, pattern, qemu_check_json, qemu_compare, qemu_create, qemu_img,
+    qemu_img_ok, qemu_info_json, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
 };
 
 use crate::{create, open};
@@ -17,16 +17,7 @@ fn qemu_images_read_identical() {
         ("odd.vdi", "static=off", "3001k"),
     ] {
         let p = dir.path().join(name);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vdi",
-            "-o",
-            opts,
-            &p.to_string_lossy(),
-            size,
-        ]);
+        qemu_create(&p, "vdi", opts, Some(size));
         qemu_io(
             &p,
             "vdi",
@@ -144,16 +135,7 @@ fn created_layout_matches_qemu() {
     ] {
         let q = dir.path().join("q.vdi");
         let d = dir.path().join("d.vdi");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vdi",
-            "-o",
-            opts,
-            &q.to_string_lossy(),
-            &size.to_string(),
-        ]);
+        qemu_create(&q, "vdi", opts, Some(&size.to_string()));
         create(&d, size, opts);
         let qb = std::fs::read(&q).unwrap();
         let db = std::fs::read(&d).unwrap();

@@ -2,7 +2,8 @@
 
 use diskimg_blockio::{ExtentKind, ZeroFlags, map_all};
 use diskimg_testutil::{
-    pattern, qemu_compare, qemu_img_ok, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
+    pattern, qemu_compare, qemu_create, qemu_img_ok, qemu_io, qemu_map_json, qemu_read_raw,
+    read_all, tempdir,
 };
 
 use crate::{create, open, qemu_size};
@@ -45,16 +46,7 @@ fn our_images_match_qemu_sizes_and_layout() {
             let ours = dir.path().join("ours.vhd");
             let theirs = dir.path().join("theirs.vhd");
             create(&ours, size, o);
-            qemu_img_ok(&[
-                "create",
-                "-q",
-                "-f",
-                "vpc",
-                "-o",
-                o,
-                theirs.to_str().unwrap(),
-                &size.to_string(),
-            ]);
+            qemu_create(&theirs, "vpc", o, Some(&size.to_string()));
             let a = std::fs::read(&ours).unwrap();
             let b = std::fs::read(&theirs).unwrap();
             assert_eq!(a.len(), b.len(), "{o} {size}");

@@ -3,7 +3,7 @@
 //! is compared with qemu-io's `write -z`.)
 
 use diskimg_blockio::ZeroFlags;
-use diskimg_testutil::{qemu_compare, qemu_img_ok, qemu_io, qemu_read_raw, tempdir};
+use diskimg_testutil::{qemu_compare, qemu_create, qemu_io, qemu_read_raw, tempdir};
 
 use crate::open;
 
@@ -19,16 +19,7 @@ fn random_workload_matches_qemu_io() {
     let dir = tempdir();
     for (k, o) in ["subformat=dynamic", "subformat=fixed"].iter().enumerate() {
         let orig = dir.path().join("orig.vhd");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vpc",
-            "-o",
-            o,
-            orig.to_str().unwrap(),
-            "10M",
-        ]);
+        qemu_create(&orig, "vpc", o, Some("10M"));
         let ours = dir.path().join("ours.vhd");
         let theirs = dir.path().join("theirs.vhd");
         std::fs::copy(&orig, &ours).unwrap();

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use diskimg_blockio::{Error, MemStorage, OpenOptions, Storage};
-use diskimg_testutil::{qemu_img, qemu_img_ok, qemu_io, tempdir};
+use diskimg_testutil::{qemu_create, qemu_img, qemu_io, tempdir};
 
 use crate::common::{create, open, open_for_check, try_open};
 
@@ -49,16 +49,7 @@ fn hex(b: &[u8]) -> String {
 
 /// A qemu-made 8 MiB image with 1 MiB blocks and block 0 written.
 fn qemu_image(path: &Path) -> Vec<u8> {
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        path.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_create(path, "vhdx", "block_size=1M", Some("8M"));
     qemu_io(path, "vhdx", &["write -P 0x5a 0 1M"]);
     std::fs::read(path).unwrap()
 }

@@ -1,7 +1,7 @@
 //! Reading images qemu and other tools wrote, byte-identical to qemu's reading.
 
 use diskimg_blockio::RepairMode;
-use diskimg_testutil::{corpus_file, qemu_img, qemu_img_ok, qemu_io, tempdir};
+use diskimg_testutil::{corpus_file, qemu_create, qemu_img, qemu_img_ok, qemu_io, tempdir};
 
 use crate::common::{assert_reads_like_raw, open, qemu_to_raw};
 
@@ -94,15 +94,7 @@ fn qemu_created_images_read_identical() {
     .enumerate()
     {
         let img = dir.path().join(format!("q{i}.vhdx"));
-        qemu_img_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            "24M",
-        ]);
+        qemu_create(&img, "vhdx", opts, Some("24M"));
         qemu_io(
             &img,
             "vhdx",
@@ -143,15 +135,7 @@ fn large_sparse_qemu_image() {
 fn check_matches_qemu_on_truncated_image() {
     let dir = tempdir();
     let img = dir.path().join("t.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        img.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_create(&img, "vhdx", "block_size=1M", Some("8M"));
     qemu_io(&img, "vhdx", &["write 1M 2M", "write 6M 1M"]);
     let len = std::fs::metadata(&img).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();

@@ -3,8 +3,8 @@
 
 use diskimg_blockio::{RepairMode, ZeroFlags};
 use diskimg_testutil::{
-    assert_qemu_check_clean, pattern, qemu_compare, qemu_img_ok, qemu_info_json, qemu_io,
-    qemu_read_raw, read_all, tempdir,
+    assert_qemu_check_clean, pattern, qemu_compare, qemu_create, qemu_img_ok, qemu_info_json,
+    qemu_io, qemu_read_raw, read_all, tempdir,
 };
 
 use crate::common::{create, open};
@@ -282,15 +282,7 @@ fn grow_dynamic_images() {
         if *maker == "ours" {
             create(&img, (5 << 20) + 512, opts);
         } else {
-            qemu_img_ok(&[
-                "create",
-                "-f",
-                "vhdx",
-                "-o",
-                opts,
-                img.to_str().unwrap(),
-                "5243392",
-            ]);
+            qemu_create(&img, "vhdx", opts, Some("5243392"));
         }
         let dev = open(&img, false);
         dev.write_at(&[0x77; 512], 5 << 20).unwrap();
@@ -357,16 +349,7 @@ fn grow_fixed_images() {
         if maker == "ours" {
             create(&img, old, opts);
         } else {
-            qemu_img_ok(&[
-                "create",
-                "-q",
-                "-f",
-                "vhdx",
-                "-o",
-                opts,
-                img.to_str().unwrap(),
-                &old.to_string(),
-            ]);
+            qemu_create(&img, "vhdx", opts, Some(&old.to_string()));
         }
         qemu_io(
             &img,

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use diskimg_blockio::{Error, ExtentKind};
-use diskimg_testutil::{qemu_img, qemu_img_ok, qemu_io, tempdir};
+use diskimg_testutil::{qemu_create, qemu_img, qemu_img_ok, qemu_io, tempdir};
 
 use crate::common::{open, p};
 
@@ -47,16 +47,7 @@ fn truncated_sparse_is_refused_like_qemu() {
     // The reproduction: 100 GiB, cut to 10 MiB inside its grain tables.
     let dir = tempdir();
     let img = dir.path().join("t.vmdk");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicSparse",
-        &p(&img),
-        "100G",
-    ]);
+    qemu_create(&img, "vmdk", "subformat=monolithicSparse", Some("100G"));
     std::fs::OpenOptions::new()
         .write(true)
         .open(&img)

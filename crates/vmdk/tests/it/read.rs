@@ -2,7 +2,7 @@
 
 use diskimg_blockio::{ExtentKind, map_all};
 use diskimg_testutil::{
-    corpus_file, qemu_img_ok, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
+    corpus_file, qemu_create, qemu_img_ok, qemu_io, qemu_map_json, qemu_read_raw, read_all, tempdir,
 };
 
 use crate::common::{SUBFORMATS, open, p};
@@ -20,16 +20,7 @@ fn qemu_subformats_read_identical() {
     for sub in SUBFORMATS {
         let dir = tempdir();
         let img = dir.path().join("q.vmdk");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            &p(&img),
-            "8M",
-        ]);
+        qemu_create(&img, "vmdk", &format!("subformat={sub}"), Some("8M"));
         if *sub == "streamOptimized" {
             // qemu writes streamOptimized only whole grains, through convert.
             let raw = dir.path().join("src.raw");
@@ -69,16 +60,7 @@ fn map_agrees_with_qemu() {
     for sub in ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat"] {
         let dir = tempdir();
         let img = dir.path().join("m.vmdk");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            &p(&img),
-            "8M",
-        ]);
+        qemu_create(&img, "vmdk", &format!("subformat={sub}"), Some("8M"));
         qemu_io(&img, "vmdk", WRITES);
         let dev = open(&img, true).unwrap();
         let ours = map_all(dev.as_ref(), 0, 8 << 20).unwrap();
@@ -164,15 +146,12 @@ fn delta_disk_reads_through_parent() {
     let child = dir.path().join("child.vmdk");
     qemu_img_ok(&["create", "-q", "-f", "vmdk", &p(&base), "4M"]);
     qemu_io(&base, "vmdk", &["write -P 0xaa 0 1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
+    qemu_create(
+        &child,
         "vmdk",
-        "-o",
         "backing_file=base.vmdk,backing_fmt=vmdk",
-        &p(&child),
-    ]);
+        None,
+    );
     qemu_io(&child, "vmdk", &["write -P 0xbb 512k 100k"]);
     let dev = open(&child, true).unwrap();
     let b = dev.info().backing.unwrap();
@@ -202,16 +181,7 @@ fn large_sparse_sizes_iotest_059() {
     let dir = tempdir();
     // Big twoGbMaxExtentFlat made by qemu: 500 extent files, written near the end.
     let big = dir.path().join("big.vmdk");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=twoGbMaxExtentFlat",
-        &p(&big),
-        "1000G",
-    ]);
+    qemu_create(&big, "vmdk", "subformat=twoGbMaxExtentFlat", Some("1000G"));
     qemu_io(&big, "vmdk", &["write -P 0x5a 999G 64k"]);
     let dev = open(&big, false).unwrap();
     assert_eq!(dev.virtual_size(), 1000 << 30);
@@ -265,16 +235,7 @@ fn format_specific_info_matches_qemu() {
     for sub in SUBFORMATS {
         let dir = tempdir();
         let img = dir.path().join("i.vmdk");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            &p(&img),
-            "3G",
-        ]);
+        qemu_create(&img, "vmdk", &format!("subformat={sub}"), Some("3G"));
         let q = diskimg_testutil::qemu_info_json(&img, "vmdk");
         let mut qd = q["format-specific"]["data"].clone();
         let info = open(&img, true).unwrap().info();

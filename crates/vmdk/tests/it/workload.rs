@@ -2,10 +2,10 @@
 
 use diskimg_blockio::ZeroFlags;
 use diskimg_testutil::{
-    assert_qemu_check_clean, qemu_compare, qemu_img_ok, qemu_io, qemu_read_raw, read_all, tempdir,
+    assert_qemu_check_clean, qemu_compare, qemu_create, qemu_io, qemu_read_raw, read_all, tempdir,
 };
 
-use crate::common::{open, p};
+use crate::common::open;
 
 fn ops(seed: u64, size: u64, n: usize) -> Vec<(u8, u64, u64, u8)> {
     let r = diskimg_testutil::pattern(seed, n * 24);
@@ -40,26 +40,18 @@ fn workloads_match_qemu_io() {
         let b = dir.path().join("b.vmdk");
         let size = 6u64 << 20;
         let extra = if seed == 4 { ",zeroed_grain=on" } else { "" };
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
+        qemu_create(
+            &a,
             "vmdk",
-            "-o",
             &format!("subformat={sub}{extra}"),
-            &p(&a),
-            &size.to_string(),
-        ]);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
+            Some(&size.to_string()),
+        );
+        qemu_create(
+            &b,
             "vmdk",
-            "-o",
             &format!("subformat={sub}{extra}"),
-            &p(&b),
-            &size.to_string(),
-        ]);
+            Some(&size.to_string()),
+        );
         let dev = open(&a, false).unwrap();
         let mut cmds = Vec::new();
         for (kind, off, len, byte) in ops(seed, size, 40) {
