@@ -156,6 +156,14 @@ fn zero_range(
             let kind = classify(m.h(), e, bm, 0, l2o)?;
             whole = rest_is_zero(dev, kind, cstart..(cstart + cs).min(size), pos..pos + n)?;
         }
+        if !v3 && v2_reads_zero(dev, m, pos)? {
+            // As qemu: the rest of an unallocated cluster reads as zeroes without a
+            // backing file, so the request grows to the whole cluster, which v2 zeroes
+            // by discarding it (qcow2_co_pwrite_zeroes, qcow2_subcluster_zeroize): no
+            // data cluster is allocated.
+            pos += n;
+            continue;
+        }
         if !v3 || !(whole || ext) {
             let z = zeros.get(..idx(n)).unwrap_or(&[]);
             write_cluster(dev, m, z, pos, p)?;
@@ -182,6 +190,16 @@ fn zero_range(
         pos += n;
     }
     Ok(())
+}
+
+/// v2 (no zero flag): whether the cluster holding `pos` is unallocated with no backing
+/// file below, so it reads as zeroes whatever part of it a zero write names.
+fn v2_reads_zero(dev: &Qcow2Device, m: &mut Meta, pos: u64) -> Result<bool> {
+    if dev.backing().is_some() || m.h().backing_file.is_some() {
+        return Ok(false);
+    }
+    let (e, bm, l2o) = m.l2_entry(pos)?;
+    Ok(matches!(classify(m.h(), e, bm, 0, l2o)?, Sub::Unalloc))
 }
 
 /// Changes the L2 entry of guest range `guest` with `change` (which returns the host
