@@ -290,6 +290,12 @@ fn open_data_file(
         (false, Some(_), _) => Err(Error::invalid(
             "'data-file' can only be set for images with an external data file",
         )),
+        // qemu's qcow2_do_open: the raw bit promises a data file that reads as the guest
+        // does; without one, zero writes and discards would have nowhere to go. Not for
+        // metadata only (`info`), which like qemu's BDRV_O_NO_IO skips data files.
+        (false, None, _) if h.autoclear & AUTOCLEAR_DATA_RAW != 0 && !q.no_io => {
+            Err(Error::invalid("data-file-raw requires a data file"))
+        }
         (false, None, _) => Ok(None),
     }
 }
