@@ -125,8 +125,12 @@ fn host_reads_zero(dev: &Qcow2Device, m: &Meta, host: u64, reserved: bool) -> Re
 /// writes zeroes over the rest of a fresh cluster (`handle_alloc_space`), so its file
 /// never ends inside a data cluster, and `qemu-img check`'s image end offset is the
 /// file's length. A hole here costs nothing and reads as the zeroes qemu writes.
-fn cover_cluster(store: &dyn Storage, end: u64) -> Result<()> {
-    if store.len()? < end {
+/// Nothing to do for a `reserved` cluster: the file was grown over the whole reserve
+/// when it was taken (`engine/reserve.rs`), and it is only cut back under the
+/// exclusive metadata lock this write holds.
+fn cover_cluster(store: &dyn Storage, end: u64, reserved: bool) -> Result<()> {
+    debug_assert!(!reserved || store.len().is_ok_and(|l| l >= end));
+    if !reserved && store.len()? < end {
         store.set_len(end)?;
     }
     Ok(())
@@ -189,7 +193,7 @@ pub(crate) fn write_cluster(
             // The rest of the cluster reads as zeroes, and so does the host file there
             // (a hole or past its end): only the guest's bytes are written.
             write_data(crypt, store.as_ref(), data, host + in_off, guest)?;
-            cover_cluster(store.as_ref(), host + cs)?;
+            cover_cluster(store.as_ref(), host + cs, reserved)?;
             let done = dev.behind.wrote(cs, host + in_off, data.len() as u64);
             p.writeback.extend(done);
         } else {
