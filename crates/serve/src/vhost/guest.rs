@@ -52,14 +52,7 @@ pub(crate) fn with_shared<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&[IoSlice<'_>]) -> R,
 ) -> R {
-    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
-    let mut guards = Vec::with_capacity(slices.len());
-    guards.extend(
-        slices
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(VolatileSlice::ptr_guard),
-    );
+    let guards = guards(slices, VolatileSlice::ptr_guard);
     let bufs: Vec<IoSlice<'_>> = guards
         .iter()
         .map(|g| {
@@ -78,14 +71,7 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
     slices: &[VolatileSlice<'_, B>],
     f: impl FnOnce(&mut [IoSliceMut<'_>]) -> R,
 ) -> Option<R> {
-    #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
-    let mut guards = Vec::with_capacity(slices.len());
-    guards.extend(
-        slices
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(VolatileSlice::ptr_guard_mut),
-    );
+    let guards = guards(slices, VolatileSlice::ptr_guard_mut);
     if !disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len()))) {
         return None;
     }
@@ -107,15 +93,20 @@ pub(crate) fn with_mut<B: BitmapSlice, R>(
 /// Whether no two of `slices` share a byte (what [`with_mut`] requires; the pieces of
 /// one request run on several threads only when its buffers pass this).
 pub(crate) fn disjoint<B: BitmapSlice>(slices: &[VolatileSlice<'_, B>]) -> bool {
+    let guards = guards(slices, VolatileSlice::ptr_guard);
+    disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len())))
+}
+
+/// What `guard` makes of each non-empty slice of `slices` (the pointer guards the
+/// callers turn into byte slices), in order, in one allocation of the list's size.
+fn guards<'m, B: BitmapSlice, G>(
+    slices: &[VolatileSlice<'m, B>],
+    guard: impl Fn(&VolatileSlice<'m, B>) -> G,
+) -> Vec<G> {
     #[allow(clippy::disallowed_methods, reason = "sized by a list in memory")]
     let mut guards = Vec::with_capacity(slices.len());
-    guards.extend(
-        slices
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(VolatileSlice::ptr_guard),
-    );
-    disjoint_spans(guards.iter().map(|g| (g.as_ptr() as usize, g.len())))
+    guards.extend(slices.iter().filter(|s| !s.is_empty()).map(guard));
+    guards
 }
 
 /// Whether the (address, length) spans are pairwise disjoint.
