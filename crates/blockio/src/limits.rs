@@ -55,6 +55,30 @@ impl Limits {
         Ok(vec![0u8; n])
     }
 
+    /// A zeroed buffer for the `bytes` of a table at `offset` of a file `file_len` long.
+    ///
+    /// A table that does not lie wholly inside the file is refused as
+    /// [`Error::Corrupt`] (`format`, `what`, at `offset`) **before** anything is
+    /// allocated, so whatever a header claims costs memory proportional to the file;
+    /// then the metadata limit applies as in [`Limits::alloc`].
+    pub fn alloc_in_file(
+        &self,
+        format: &'static str,
+        what: &'static str,
+        offset: u64,
+        bytes: u64,
+        file_len: u64,
+    ) -> Result<Vec<u8>> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= file_len => self.alloc(what, bytes),
+            _ => Err(Error::corrupt(
+                format,
+                format!("{what} lies beyond the end of the file"),
+                offset,
+            )),
+        }
+    }
+
     /// Like [`Limits::alloc`] for `count` elements of `elem_size` bytes, returning a
     /// `Vec<T>` of defaults.
     pub fn alloc_elems<T: Default + Clone>(
@@ -91,5 +115,31 @@ mod tests {
         ));
         assert!(l.alloc_elems::<u64>("t", u64::MAX, 8).is_err());
         assert_eq!(l.alloc_elems::<u64>("t", 128, 8).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn in_file_checks_the_range_before_the_limit() {
+        let l = Limits {
+            max_metadata_bytes: 1024,
+            ..Limits::default()
+        };
+        assert_eq!(
+            l.alloc_in_file("f", "t", 512, 512, 1024).unwrap().len(),
+            512
+        );
+        // Past the end: corrupt, even though it is also over the limit.
+        assert!(matches!(
+            l.alloc_in_file("f", "t", 0, 4096, 2048),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            l.alloc_in_file("f", "t", u64::MAX, 2, u64::MAX),
+            Err(Error::Corrupt { .. })
+        ));
+        // Inside the file but over the limit.
+        assert!(matches!(
+            l.alloc_in_file("f", "t", 0, 2048, 4096),
+            Err(Error::LimitExceeded { .. })
+        ));
     }
 }

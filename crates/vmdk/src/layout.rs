@@ -8,6 +8,11 @@ use diskimg_blockio::{Error, Limits, MetaRanges, Result, Storage};
 use crate::header::{SECTOR, SparseHeader};
 
 /// Reads `n` little-endian u32 entries at `sector` (a grain directory).
+///
+/// Only the part of the directory inside the file is read and held: qemu reads bytes
+/// past the end of the file as zeroes, so entries there are unallocated tables, which
+/// is what a missing entry means to the lookups. A header claiming a huge directory
+/// thus costs memory proportional to the file, never to the claim.
 pub(crate) fn read_table(
     storage: &dyn Storage,
     limits: &Limits,
@@ -17,10 +22,11 @@ pub(crate) fn read_table(
     let bytes = n
         .checked_mul(4)
         .ok_or_else(|| Error::corrupt_unplaced("vmdk", "grain table size overflows"))?;
-    let mut raw = limits.alloc("vmdk grain directory", bytes)?;
     let off = sector
         .checked_mul(SECTOR)
         .ok_or_else(|| Error::corrupt_unplaced("vmdk", "table offset overflows"))?;
+    let in_file = storage.len()?.saturating_sub(off).min(bytes) / 4 * 4;
+    let mut raw = limits.alloc("vmdk grain directory", in_file)?;
     storage.read_exact_at(&mut raw, off)?;
     Ok(raw
         .chunks_exact(4)

@@ -30,7 +30,10 @@ fn bad(what: &'static str, at: u64) -> Error {
 pub(crate) struct SeSparse {
     /// Capacity in sectors.
     pub(crate) capacity: u64,
+    /// The directory entries inside the file (the rest read as zero).
     gd: Vec<u64>,
+    /// Directory entries the header claims (`grain_dir_size`).
+    gd_entries: u64,
     gt_offset: u64,
     grains_offset: u64,
     cache: Mutex<HashMap<u64, Vec<u64>>>,
@@ -100,13 +103,16 @@ impl SeSparse {
             ));
         }
         let l1_size = f(136).saturating_mul(SECTOR) / 8;
-        if l1_size > 512 * 1024 * 1024 {
+        if l1_size > 32 * 1024 * 1024 {
             return Err(Error::corrupt("vmdk", "L1 size too big", 136));
         }
         let gd_at = f(128)
             .checked_mul(SECTOR)
             .ok_or_else(|| bad("grain directory offset overflows", 128))?;
-        let mut raw = limits.alloc("vmdk seSparse grain directory", l1_size * 8)?;
+        // Only the part inside the file is read and held (qemu reads past the end as
+        // zeroes: unallocated tables), so memory is proportional to the file.
+        let in_file = storage.len()?.saturating_sub(gd_at).min(l1_size * 8) / 8 * 8;
+        let mut raw = limits.alloc("vmdk seSparse grain directory", in_file)?;
         storage.read_exact_at(&mut raw, gd_at)?;
         let gd = raw
             .chunks_exact(8)
@@ -117,6 +123,7 @@ impl SeSparse {
         Ok(Self {
             capacity: f(16),
             gd,
+            gd_entries: l1_size,
             gt_offset: f(144),
             grains_offset: f(192),
             cache: Mutex::new(HashMap::new()),
@@ -129,22 +136,37 @@ impl SeSparse {
         8
     }
 
+    /// The directory entry for table `l1`: zero past the end of the file, None past the
+    /// end of the directory.
+    fn gde(&self, l1: u64) -> Option<u64> {
+        if l1 >= self.gd_entries {
+            return None;
+        }
+        Some(
+            usize::try_from(l1)
+                .ok()
+                .and_then(|i| self.gd.get(i))
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
     /// When the grain table holding `grain` has a zero directory entry, the first grain of
-    /// the next table.
+    /// the next table (past the part of the directory in the file: its end).
     pub(crate) fn next_table_if_unallocated(&self, grain: u64) -> Option<u64> {
         let l1 = grain / GT_ENTRIES;
-        let gde = usize::try_from(l1).ok().and_then(|i| self.gd.get(i))?;
-        (*gde == 0).then(|| l1.saturating_add(1).saturating_mul(GT_ENTRIES))
+        if l1 >= self.gd.len() as u64 && l1 < self.gd_entries {
+            return Some(self.gd_entries.saturating_mul(GT_ENTRIES));
+        }
+        (self.gde(l1)? == 0).then(|| l1.saturating_add(1).saturating_mul(GT_ENTRIES))
     }
 
     /// What grain number `grain` is.
     pub(crate) fn lookup(&self, storage: &dyn Storage, grain: u64) -> Result<Grain> {
         let l1 = grain / GT_ENTRIES;
         let l2 = grain % GT_ENTRIES;
-        let gde = usize::try_from(l1)
-            .ok()
-            .and_then(|i| self.gd.get(i))
-            .copied()
+        let gde = self
+            .gde(l1)
             .ok_or_else(|| bad("grain beyond the seSparse grain directory", 0))?;
         if gde == 0 {
             return Ok(Grain::Unallocated);

@@ -22,12 +22,16 @@ use crate::sesparse::SeSparse;
 
 mod stream;
 
-/// qemu's bound on grain directory entries (`vmdk_add_extent`).
-const MAX_L1_ENTRIES: u64 = 512 * 1024 * 1024;
+/// qemu's bound on grain directory entries (`vmdk_add_extent`: 32 Mi since qemu 2.11,
+/// enough for 8 TB of the smallest grains and tables).
+const MAX_L1_ENTRIES: u64 = 32 * 1024 * 1024;
 /// qemu's bound on the grain size in sectors (1 GiB).
 const MAX_GRAIN_SECTORS: u64 = 0x20_0000;
 /// Size of a grain marker before compressed data: `lba` (u64) and `size` (u32).
 const MARKER_LEN: u64 = 12;
+/// Reads of compressed grains up to this size are sized by the grain alone; larger ones
+/// also by what the file holds (one length query).
+const BIG_READ: u64 = 1 << 20;
 
 /// What one grain is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,10 +364,15 @@ impl SparseExtent {
     pub(crate) fn read_compressed_into(&self, host: u64, out: &mut [u8]) -> Result<()> {
         let grain = self.grain_bytes();
         // Without markers the stream's length is unknown: read what qemu reads.
-        let first = match self.markers {
+        let mut first = match self.markers {
             true => (grain + MARKER_LEN).div_ceil(SECTOR) * SECTOR,
             false => (grain + MARKER_LEN) * 2,
         };
+        if first > BIG_READ {
+            // A large grain (the header says up to 1 GiB): no buffer larger than what
+            // the file holds from `host`.
+            first = first.min(self.storage.len()?.saturating_sub(host));
+        }
         let mut raw = vec![0u8; usize::try_from(first).unwrap_or(0)];
         self.read_upto(&mut raw, host)?;
         let data = if self.markers {
@@ -377,6 +386,10 @@ impl SparseExtent {
                 return Err(corrupt("compressed grain size invalid", host));
             }
             if 12 + size > raw.len() {
+                let end = host.saturating_add(12 + size as u64);
+                if end > self.storage.len()? {
+                    return Err(corrupt("compressed grain size invalid", host));
+                }
                 let mut rest = vec![0u8; 12 + size - raw.len()];
                 self.read_upto(&mut rest, host + raw.len() as u64)?;
                 raw.extend_from_slice(&rest);

@@ -91,7 +91,7 @@ fn zero_extents_read_as_zeroes() {
 
 /// A 1 MiB seSparse extent built from qemu's layout: const header, volatile header at
 /// sector 1, grain directory at 2, grain tables from 3, grains from 67.
-fn sesparse() -> Vec<u8> {
+pub(crate) fn sesparse() -> Vec<u8> {
     let mut f = vec![0u8; 512 * (67 + 16)];
     let put =
         |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());

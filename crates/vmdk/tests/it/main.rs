@@ -14,6 +14,7 @@ mod first_write;
 mod fuzz_regressions;
 mod guard;
 mod hostile;
+mod hostile_bounded;
 mod model;
 mod read;
 mod stream;
