@@ -72,7 +72,6 @@ impl Meta {
         } else {
             sector_align(entries_len).unwrap_or(entries_len)
         };
-        let mut bmap = limits.alloc("vdi block map", region_len)?;
         let bmap_end = header
             .offset_bmap
             .checked_add(entries_len)
@@ -84,6 +83,9 @@ impl Meta {
                 header.offset_bmap,
             ));
         }
+        // Only now, with its entries known to lie in the file (the padding of the last
+        // sector may not), is the map allocated: memory proportional to the file.
+        let mut bmap = limits.alloc("vdi block map", region_len)?;
         let avail = usize::try_from(file_len.saturating_sub(header.offset_bmap).min(region_len))
             .map_err(|_| Error::internal("vdi block map larger than its allocation"))?;
         if let Some(dst) = bmap.get_mut(..avail) {

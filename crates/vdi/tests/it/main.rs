@@ -15,6 +15,7 @@ use diskimg_blockio::{
 
 mod crash;
 mod hostile;
+mod hostile_bounded;
 mod interop;
 mod model;
 mod resize;
