@@ -129,7 +129,15 @@ impl VhdxDevice {
         let bat_len = bat_bytes
             .next_multiple_of(LOG_SECTOR)
             .min(u64::from(regions.bat.length));
-        let mut bat = options.limits.alloc("VHDX BAT", bat_len)?;
+        // The BAT must lie in the file; checked before it is allocated, so a header's
+        // claim costs memory proportional to the file.
+        let mut bat = options.limits.alloc_in_file(
+            FMT,
+            "VHDX BAT",
+            regions.bat.offset,
+            bat_len,
+            storage.len()?,
+        )?;
         storage.read_exact_at(&mut bat, regions.bat.offset)?;
         let check = options.driver_options.get("check") == Some("on");
         let meta_map = metadata_map(&header, &regions, &bat, &geo, check)?;

@@ -194,7 +194,14 @@ pub(crate) fn find_replay(
     if header.log_guid.is_zero() || header.log_length == 0 {
         return Ok(None);
     }
-    let mut log = limits.alloc("VHDX log", u64::from(header.log_length))?;
+    // In the file before it is allocated: memory proportional to the file.
+    let mut log = limits.alloc_in_file(
+        FMT,
+        "VHDX log",
+        header.log_offset,
+        u64::from(header.log_length),
+        file_len,
+    )?;
     storage.read_exact_at(&mut log, header.log_offset)?;
     let mut valid: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut off = 0u64;

@@ -113,8 +113,9 @@ pub(crate) fn read_metadata(
 ) -> Result<Metadata> {
     let at = region.offset;
     let region_len = u64::from(region.length);
-    let table = limits.alloc("VHDX metadata table", KIB64)?;
-    let mut table = table;
+    // Each structure is checked against the file before it is allocated.
+    let file_len = storage.len()?;
+    let mut table = limits.alloc_in_file(FMT, "VHDX metadata table", at, KIB64, file_len)?;
     storage.read_exact_at(&mut table, at)?;
     if table.get(0..8) != Some(METADATA_SIGNATURE.as_slice()) {
         return Err(Error::corrupt(FMT, "bad metadata table signature", at));
@@ -156,7 +157,7 @@ pub(crate) fn read_metadata(
                 e_at,
             ));
         }
-        let mut data = limits.alloc("VHDX metadata item", len)?;
+        let mut data = limits.alloc_in_file(FMT, "VHDX metadata item", at + off, len, file_len)?;
         storage.read_exact_at(&mut data, at + off)?;
         items.push((id, data, at + off));
     }

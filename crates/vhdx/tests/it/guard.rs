@@ -12,29 +12,29 @@ use diskimg_testutil::{qemu_create, qemu_img, qemu_io, tempdir};
 use crate::common::{create, open, open_for_check, try_open};
 
 const MIB: u64 = 1 << 20;
-const METADATA_GUID: &str = "06a27c8b90479a4bb8fe575f050f886e";
+pub(crate) const METADATA_GUID: &str = "06a27c8b90479a4bb8fe575f050f886e";
 
-fn le32(b: &[u8], at: u64) -> u32 {
+pub(crate) fn le32(b: &[u8], at: u64) -> u32 {
     u32::from_le_bytes(b[at as usize..at as usize + 4].try_into().unwrap())
 }
 
-fn le64(b: &[u8], at: u64) -> u64 {
+pub(crate) fn le64(b: &[u8], at: u64) -> u64 {
     u64::from_le_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
 }
 
-fn put(b: &mut [u8], at: u64, v: &[u8]) {
+pub(crate) fn put(b: &mut [u8], at: u64, v: &[u8]) {
     b[at as usize..at as usize + v.len()].copy_from_slice(v);
 }
 
 /// Recomputes the CRC-32C at byte 4 of the `len`-byte structure at `at`.
-fn fix_crc(b: &mut [u8], at: u64, len: usize) {
+pub(crate) fn fix_crc(b: &mut [u8], at: u64, len: usize) {
     put(b, at + 4, &[0; 4]);
     let c = crc32c::crc32c(&b[at as usize..at as usize + len]);
     put(b, at + 4, &c.to_le_bytes());
 }
 
 /// (offset, length) of the region whose GUID (on-disk bytes, hex) is `guid`.
-fn region(b: &[u8], guid: &str) -> (u64, u64) {
+pub(crate) fn region(b: &[u8], guid: &str) -> (u64, u64) {
     let rt = 192 << 10;
     (0..u64::from(le32(b, rt + 8)))
         .map(|i| rt + 16 + 32 * i)
@@ -43,12 +43,12 @@ fn region(b: &[u8], guid: &str) -> (u64, u64) {
         .unwrap()
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A qemu-made 8 MiB image with 1 MiB blocks and block 0 written.
-fn qemu_image(path: &Path) -> Vec<u8> {
+pub(crate) fn qemu_image(path: &Path) -> Vec<u8> {
     qemu_create(path, "vhdx", "block_size=1M", Some("8M"));
     qemu_io(path, "vhdx", &["write -P 0x5a 0 1M"]);
     std::fs::read(path).unwrap()

@@ -11,6 +11,7 @@ mod crash;
 mod diff;
 mod guard;
 mod hostile;
+mod hostile_bounded;
 mod model;
 mod read;
 mod write;

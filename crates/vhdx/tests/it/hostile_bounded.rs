@@ -1,0 +1,113 @@
+//! Memory proportional to the file: the BAT, the metadata table and items, and the log
+//! a header or region table claims are checked against the file before they are
+//! allocated. Each image is opened under a 1 MiB metadata limit; a structure past the
+//! end of the file must be refused as corrupt, not as over the limit (which would mean
+//! its buffer was sized first).
+
+use std::sync::Arc;
+
+use diskimg_blockio::{Driver, Error, Limits, MemStorage, OpenOptions, Storage};
+use diskimg_testutil::{qemu_create, qemu_img, tempdir};
+
+use crate::guard::{METADATA_GUID, fix_crc, le32, put, qemu_image, region};
+
+const MIB: u64 = 1 << 20;
+const BAT_GUID: &str = "6677c22d23f600429d64115e9bfd4a08";
+/// The virtual disk size item's GUID, on-disk bytes.
+const SIZE_ITEM: [u8; 16] = [
+    0x24, 0x42, 0xa5, 0x2f, 0x1b, 0xcd, 0x76, 0x48, 0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8,
+];
+
+fn open_small(img: &[u8]) -> diskimg_blockio::Result<()> {
+    let mut limits = Limits::default();
+    limits.max_metadata_bytes = MIB;
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.to_vec()));
+    diskimg_vhdx::DRIVER
+        .open(s, &OpenOptions::new().read_only(true).limits(limits))
+        .map(drop)
+}
+
+/// Sets the region `guid` to `offset`/`length` in both region tables.
+fn move_region(b: &mut [u8], guid: &str, offset: u64, length: u64) {
+    for rt in [192u64 << 10, 256 << 10] {
+        let e = (0..u64::from(le32(b, rt + 8)))
+            .map(|i| rt + 16 + 32 * i)
+            .find(|&e| crate::guard::hex(&b[e as usize..e as usize + 16]) == guid)
+            .unwrap();
+        put(b, e + 16, &offset.to_le_bytes());
+        put(b, e + 24, &(length as u32).to_le_bytes());
+        fix_crc(b, rt, 64 << 10);
+    }
+}
+
+/// The metadata table entry (its file offset) of the virtual disk size item.
+fn size_entry(b: &[u8]) -> u64 {
+    let (meta, _) = region(b, METADATA_GUID);
+    (0..u64::from(u16::from_le_bytes([
+        b[meta as usize + 10],
+        b[meta as usize + 11],
+    ])))
+        .map(|i| meta + 32 + 32 * i)
+        .find(|&e| b[e as usize..e as usize + 16] == SIZE_ITEM)
+        .unwrap()
+}
+
+/// Refused as corrupt with `what` in the message, under the small limit; and qemu-img's
+/// verdict on the same bytes (true when it opens them).
+fn assert_refused(b: &[u8], what: &str) -> bool {
+    match open_small(b) {
+        Err(e @ Error::Corrupt { .. }) => assert!(e.to_string().contains(what), "{e}"),
+        Err(e) => panic!("{what}: sized before the range was checked: {e}"),
+        Ok(()) => panic!("{what}: opened"),
+    }
+    let dir = tempdir();
+    let p = dir.path().join("h.vhdx");
+    std::fs::write(&p, b).unwrap();
+    let q = qemu_img(&["info", "-f", "vhdx", p.to_str().unwrap()]);
+    eprintln!("{what}: qemu-img: {}", String::from_utf8_lossy(&q.stderr));
+    q.status.success()
+}
+
+#[test]
+fn structures_past_the_end_of_the_file_are_refused_before_allocation() {
+    let dir = tempdir();
+    let good = qemu_image(&dir.path().join("g.vhdx"));
+    assert!(open_small(&good).is_ok(), "the untouched image");
+    assert!((good.len() as u64) < 16 * MIB);
+    // A 2 TiB disk of 1 MiB blocks: a 16 MiB BAT, in a region moved past the end.
+    let mut bat = good.clone();
+    let size_at = u64::from(le32(&bat, size_entry(&bat) + 16)) + region(&bat, METADATA_GUID).0;
+    put(&mut bat, size_at, &(2u64 << 40).to_le_bytes());
+    move_region(&mut bat, BAT_GUID, 64 * MIB, 17 * MIB);
+    // qemu opens each of these (bytes past the end of the file read as zeroes: an empty
+    // BAT, a zero size, an empty log); we refuse a structure the file does not hold.
+    assert!(assert_refused(
+        &bat,
+        "VHDX BAT lies beyond the end of the file"
+    ));
+    // A 32 MiB virtual size item in a 64 MiB metadata region reaching past the end (in
+    // an image with no block allocated, which qemu would take for an overlap).
+    let empty = dir.path().join("e.vhdx");
+    qemu_create(&empty, "vhdx", "block_size=1M", Some("8M"));
+    let mut item = std::fs::read(&empty).unwrap();
+    let (meta, _) = region(&item, METADATA_GUID);
+    move_region(&mut item, METADATA_GUID, meta, 64 * MIB);
+    let e = size_entry(&item);
+    put(&mut item, e + 20, &(32u32 << 20).to_le_bytes());
+    assert!(assert_refused(
+        &item,
+        "VHDX metadata item lies beyond the end of the file"
+    ));
+    // A dirty 16 MiB log past the end.
+    let mut log = good.clone();
+    for h in [64u64 << 10, 128 << 10] {
+        put(&mut log, h + 48, &[0x42; 16]);
+        put(&mut log, h + 68, &(16u32 << 20).to_le_bytes());
+        put(&mut log, h + 72, &(64 * MIB).to_le_bytes());
+        fix_crc(&mut log, h, 4096);
+    }
+    assert!(assert_refused(
+        &log,
+        "VHDX log lies beyond the end of the file"
+    ));
+}
