@@ -11,6 +11,7 @@ mod crash;
 mod differencing;
 mod guard;
 mod hostile;
+mod hostile_bounded;
 mod interop;
 mod model;
 mod workload;
