@@ -84,8 +84,9 @@ fn circular(log: &[u8], off: u64, len: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses and validates the entry starting at log offset `off`.
-fn parse_entry(log: &[u8], off: u64, guid: Guid) -> Option<Entry> {
+/// Parses and validates the entry starting at log offset `off`, adding the bytes it
+/// copies and checksums to `spent`.
+fn parse_entry(log: &[u8], off: u64, guid: Guid, spent: &mut u64) -> Option<Entry> {
     let log_len = u64::try_from(log.len()).ok()?;
     let hdr = circular(log, off, ENTRY_HEADER)?;
     if hdr.get(0..4)? != LOG_ENTRY_SIGNATURE || Guid(hdr.array_at(32)?) != guid {
@@ -113,6 +114,7 @@ fn parse_entry(log: &[u8], off: u64, guid: Guid) -> Option<Entry> {
     if header_sectors.checked_mul(SECTOR)? > length_us {
         return None;
     }
+    *spent = spent.saturating_add(header_bytes as u64);
     let descs = circular(log, off, header_bytes)?;
     let data_count = (0..count)
         .filter(|i| {
@@ -123,6 +125,7 @@ fn parse_entry(log: &[u8], off: u64, guid: Guid) -> Option<Entry> {
     if (header_sectors + data_count).checked_mul(SECTOR)? != length_us {
         return None;
     }
+    *spent = spent.saturating_add(length);
     let entry = circular(log, off, length_us)?;
     if checksum(&entry, 4) != hdr.le_u32(4)? {
         return None;
@@ -182,6 +185,26 @@ fn parse_entry(log: &[u8], off: u64, guid: Guid) -> Option<Entry> {
     })
 }
 
+/// Bytes the search of a log of `log_length` bytes may copy and checksum (and walk, a
+/// sector a step). Every candidate entry is checksummed over its whole length, and
+/// candidates may overlap: a hostile log whose every sector starts an entry spanning
+/// most of the log costs time quadratic in its size. A real log is checksummed about
+/// once (valid entries are skipped over whole, a torn one costs itself once), so eight
+/// times the log plus 16 MiB is never reached by one.
+fn search_budget(log_length: u32) -> u64 {
+    u64::from(log_length)
+        .saturating_mul(8)
+        .saturating_add(16 * MIB)
+}
+
+fn too_costly(header: &Header) -> Error {
+    Error::corrupt(
+        FMT,
+        "log entries overlap too much to search (more than eight times the log checksummed)",
+        header.log_offset,
+    )
+}
+
 /// Finds what must be replayed for `header` (None when the log is empty or holds no
 /// valid entry). `file_len` is the current file size (a log whose entries claim a larger
 /// flushed size means the file was truncated).
@@ -205,8 +228,13 @@ pub(crate) fn find_replay(
     storage.read_exact_at(&mut log, header.log_offset)?;
     let mut valid: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut off = 0u64;
+    let mut spent = 0u64;
+    let budget = search_budget(header.log_length);
     while off < u64::from(header.log_length) {
-        match parse_entry(&log, off, header.log_guid) {
+        if spent > budget {
+            return Err(too_costly(header));
+        }
+        match parse_entry(&log, off, header.log_guid, &mut spent) {
             Some(e) => {
                 // Valid entries do not overlap: continue after this one.
                 let len = e.length;
@@ -228,6 +256,12 @@ pub(crate) fn find_replay(
         let mut pos = head.tail;
         let mut ok = false;
         for _ in 0..=valid.len() {
+            // Each step costs a sector of the budget: walks from many heads over one
+            // long run are quadratic in the number of entries.
+            spent = spent.saturating_add(LOG_SECTOR);
+            if spent > budget {
+                return Err(too_costly(header));
+            }
             let Some(e) = valid.get(&pos) else { break };
             if let Some(prev) = seq_entries.last()
                 && prev.sequence.checked_add(1) != Some(e.sequence)
@@ -380,7 +414,7 @@ mod tests {
         let mut log = vec![0u8; 16384];
         log[12288..].copy_from_slice(&e[..4096]);
         log[..4096].copy_from_slice(&e[4096..]);
-        let parsed = parse_entry(&log, 12288, guid).unwrap();
+        let parsed = parse_entry(&log, 12288, guid, &mut 0).unwrap();
         assert_eq!(parsed.sequence, 0x1_0000_0005);
         assert_eq!(
             parsed.changes,
@@ -389,8 +423,8 @@ mod tests {
                 data
             }]
         );
-        assert!(parse_entry(&log, 12288, Guid::random()).is_none());
+        assert!(parse_entry(&log, 12288, Guid::random(), &mut 0).is_none());
         log[100] ^= 1;
-        assert!(parse_entry(&log, 12288, guid).is_none());
+        assert!(parse_entry(&log, 12288, guid, &mut 0).is_none());
     }
 }
