@@ -106,6 +106,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
     }
     let mut extents = Vec::new();
     let mut start = 0u64;
+    let mut sparse_files = std::collections::HashSet::new();
     for line in &desc.extents {
         let ro = read_only || line.access != "RW";
         let (data, sectors) = match line.kind {
@@ -119,12 +120,14 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
             }
             ExtentType::Sparse | ExtentType::VmfsSparse => {
                 let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                first_use(&mut sparse_files, &s)?;
                 let sp = SparseExtent::open(s, !ro, &options.limits)?;
                 let sectors = sp.sectors;
                 (ExtentData::Sparse(Box::new(sp)), sectors)
             }
             ExtentType::SeSparse => {
                 let s = options.files.open(&line.file, FilePurpose::Extent, !ro)?;
+                first_use(&mut sparse_files, &s)?;
                 let sp = SparseExtent::open_sesparse(s, !ro, &options.limits)?;
                 let sectors = sp.sectors;
                 (ExtentData::Sparse(Box::new(sp)), sectors)
@@ -168,6 +171,25 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         }),
         read_only,
     )
+}
+
+/// Refuses a sparse extent file already opened for an earlier line, before its tables
+/// are read: a descriptor naming one file thousands of times would otherwise hold its
+/// grain directory once per line until [`check_aliases`] refused the image.
+fn first_use(seen: &mut std::collections::HashSet<(u64, u64)>, s: &Arc<dyn Storage>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(m) = s.host_file().and_then(|f| f.metadata().ok()) else {
+        return Ok(());
+    };
+    if seen.insert((m.dev(), m.ino())) {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            "vmdk",
+            "one sparse extent file named twice",
+            0,
+        ))
+    }
 }
 
 /// True when `a` and `b` are the same host file (the same storage, or files with the

@@ -170,3 +170,55 @@ fn directories_beyond_qemus_bound_are_refused_like_qemu() {
         }
     }
 }
+
+/// Counts the extent files a descriptor makes us open.
+#[derive(Debug)]
+struct CountingFiles(DirFiles, AtomicUsize);
+
+impl diskimg_blockio::HostFiles for CountingFiles {
+    fn open(
+        &self,
+        name: &str,
+        purpose: diskimg_blockio::FilePurpose,
+        writable: bool,
+    ) -> Result<Arc<dyn Storage>> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.open(name, purpose, writable)
+    }
+    fn create(
+        &self,
+        name: &str,
+        purpose: diskimg_blockio::FilePurpose,
+    ) -> Result<Arc<dyn Storage>> {
+        self.0.create(name, purpose)
+    }
+}
+
+#[test]
+fn a_sparse_file_named_many_times_is_refused_at_its_second_line() {
+    let dir = tempdir();
+    let img = dir.path().join("s.vmdk");
+    qemu_img_ok(&["create", "-q", "-f", "vmdk", &p(&img), "1M"]);
+    // 4000 lines naming the same sparse file: each would hold its grain directory.
+    let mut text = String::from(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\n\n",
+    );
+    for _ in 0..4000 {
+        text.push_str("RW 2048 SPARSE \"s.vmdk\"\n");
+    }
+    let desc = dir.path().join("d.vmdk");
+    std::fs::write(&desc, &text).unwrap();
+    let files = Arc::new(CountingFiles(
+        DirFiles(dir.path().to_path_buf()),
+        AtomicUsize::new(0),
+    ));
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(text.into_bytes()));
+    let opts = OpenOptions::new().read_only(true).files(files.clone());
+    let e = diskimg_vmdk::DRIVER.open(s, &opts).map(drop).unwrap_err();
+    assert!(e.to_string().contains("named twice"), "{e}");
+    assert_eq!(
+        files.1.load(Ordering::Relaxed),
+        2,
+        "stopped at the second line"
+    );
+}
