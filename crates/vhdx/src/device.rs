@@ -112,7 +112,15 @@ impl VhdxDevice {
                 replay = LogReplay::OnDisk;
             }
         }
-        let meta = read_metadata(storage.as_ref(), &regions.metadata, &options.limits)?;
+        // Tables are checked against the file as it was before the replay: a log entry's
+        // LastFileOffset may grow it (with zeroes) to any size, and regions are laid out
+        // at create time, inside the file.
+        let meta = read_metadata(
+            storage.as_ref(),
+            &regions.metadata,
+            file_len,
+            &options.limits,
+        )?;
         let geo = Geometry::new(&meta)?;
         let bat_bytes = geo.entries.checked_mul(8).ok_or(Error::corrupt(
             FMT,
@@ -131,13 +139,10 @@ impl VhdxDevice {
             .min(u64::from(regions.bat.length));
         // The BAT must lie in the file; checked before it is allocated, so a header's
         // claim costs memory proportional to the file.
-        let mut bat = options.limits.alloc_in_file(
-            FMT,
-            "VHDX BAT",
-            regions.bat.offset,
-            bat_len,
-            storage.len()?,
-        )?;
+        let mut bat =
+            options
+                .limits
+                .alloc_in_file(FMT, "VHDX BAT", regions.bat.offset, bat_len, file_len)?;
         storage.read_exact_at(&mut bat, regions.bat.offset)?;
         let check = options.driver_options.get("check") == Some("on");
         let meta_map = metadata_map(&header, &regions, &bat, &geo, check)?;

@@ -105,16 +105,17 @@ fn parse_parent_locator(item: &[u8], at: u64) -> Result<ParentLocator> {
     })
 }
 
-/// Reads and validates the metadata region.
+/// Reads and validates the metadata region of a file `file_len` long (what lies past it
+/// is refused before it is allocated).
 pub(crate) fn read_metadata(
     storage: &dyn Storage,
     region: &Region,
+    file_len: u64,
     limits: &Limits,
 ) -> Result<Metadata> {
     let at = region.offset;
     let region_len = u64::from(region.length);
     // Each structure is checked against the file before it is allocated.
-    let file_len = storage.len()?;
     let mut table = limits.alloc_in_file(FMT, "VHDX metadata table", at, KIB64, file_len)?;
     storage.read_exact_at(&mut table, at)?;
     if table.get(0..8) != Some(METADATA_SIGNATURE.as_slice()) {
@@ -334,7 +335,7 @@ mod tests {
             length: 1 << 20,
             required: true,
         };
-        let mut back = read_metadata(&s, &region, &Limits::default()).unwrap();
+        let mut back = read_metadata(&s, &region, s.len().unwrap(), &Limits::default()).unwrap();
         assert_eq!(back.virtual_size_at, (2 << 20) + (64 << 10) + 8);
         back.virtual_size_at = 0;
         // The linkage value's place is recorded for relinking: 76 bytes of UTF-16.

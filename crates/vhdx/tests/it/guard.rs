@@ -116,7 +116,12 @@ fn bat_entries_aimed_at_metadata() {
 }
 
 /// One log entry of `sequence` with data sectors `(file offset, 4 KiB)`, in `guid`'s log.
-fn log_entry(guid: &[u8], sequence: u64, file_size: u64, sectors: &[(u64, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn log_entry(
+    guid: &[u8],
+    sequence: u64,
+    file_size: u64,
+    sectors: &[(u64, Vec<u8>)],
+) -> Vec<u8> {
     let n = sectors.len() as u64;
     let header_sectors = (64 + 32 * n).div_ceil(4096);
     let len = (header_sectors + n) * 4096;
@@ -146,7 +151,7 @@ fn log_entry(guid: &[u8], sequence: u64, file_size: u64, sectors: &[(u64, Vec<u8
 }
 
 /// `good` with a dirty log whose one entry writes `sectors`.
-fn with_log(good: &[u8], sectors: &[(u64, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn with_log(good: &[u8], sectors: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut b = good.to_vec();
     let guid = [0x42u8; 16];
     let h = 64 << 10;

@@ -110,6 +110,20 @@ fn structures_past_the_end_of_the_file_are_refused_before_allocation() {
         &log,
         "VHDX log lies beyond the end of the file"
     ));
+    // A valid log entry whose LastFileOffset grows the file to 1 TiB (zeroes) does not
+    // make room for the BAT moved past the real end.
+    let (meta, _) = region(&bat, METADATA_GUID);
+    let same = bat[meta as usize..meta as usize + 4096].to_vec();
+    let mut grown = crate::guard::with_log(&bat, &[(meta, same)]);
+    let entry = crate::guard::le64(&grown, (64 << 10) + 72);
+    put(&mut grown, entry + 56, &(1u64 << 40).to_le_bytes());
+    let len = le32(&grown, entry + 8) as usize;
+    fix_crc(&mut grown, entry, len);
+    // (qemu-img info refuses it read-only: the log needs replaying.)
+    assert!(!assert_refused(
+        &grown,
+        "VHDX BAT lies beyond the end of the file"
+    ));
 }
 
 /// A log whose every sector starts an entry spanning almost the whole log (checksums
