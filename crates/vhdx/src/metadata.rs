@@ -83,12 +83,24 @@ fn parse_parent_locator(item: &[u8], at: u64) -> Result<ParentLocator> {
     let count = item.le_u16(18).ok_or_else(bad)?;
     let mut entries = Vec::new();
     let mut linkage_at = None;
+    // Keys and values may point at the same bytes; decoding each would hold up to
+    // 65535 x 2 x 64 KiB of strings for one small item. Real locators' entries are
+    // disjoint, so together they are no longer than the item.
+    let mut decoded = 0usize;
     for i in 0..usize::from(count) {
         let e = 20 + 12 * i;
         let ko = usize::try_from(item.le_u32(e).ok_or_else(bad)?).map_err(|_| bad())?;
         let vo = usize::try_from(item.le_u32(e + 4).ok_or_else(bad)?).map_err(|_| bad())?;
         let kl = usize::from(item.le_u16(e + 8).ok_or_else(bad)?);
         let vl = usize::from(item.le_u16(e + 10).ok_or_else(bad)?);
+        decoded = decoded.saturating_add(kl).saturating_add(vl);
+        if decoded > item.len() {
+            return Err(Error::corrupt(
+                FMT,
+                "parent locator entries overlap (more key and value bytes than the item holds)",
+                at,
+            ));
+        }
         let key = item.get(ko..ko.checked_add(kl).ok_or_else(bad)?);
         let val = item.get(vo..vo.checked_add(vl).ok_or_else(bad)?);
         let (Some(key), Some(val)) = (key.and_then(utf16), val.and_then(utf16)) else {

@@ -207,7 +207,7 @@ fn log_entries_aimed_at_headers_or_the_log_are_refused() {
 }
 
 /// An 8 MiB `base.vhdx` and its differencing `child.vhdx` (1 MiB blocks), made by us.
-fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let base = dir.join("base.vhdx");
     create(&base, 8 * MIB, "block_size=1M");
     let child = dir.join("child.vhdx");

@@ -172,3 +172,46 @@ fn a_log_of_overlapping_entries_is_refused_not_searched_forever() {
     }
     open_small(&b).expect("a log of torn one-sector entries");
 }
+
+/// The parent locator item's GUID, on-disk bytes.
+const LOCATOR_ITEM: &str = "2b5fd3a80bb34d45abf7d3d84834ab0c";
+
+#[test]
+fn parent_locator_entries_sharing_their_bytes_are_refused() {
+    let dir = tempdir();
+    let (_, child) = crate::guard::chain(dir.path());
+    let mut b = std::fs::read(&child).unwrap();
+    let (meta, meta_len) = region(&b, METADATA_GUID);
+    let n = u64::from(u16::from_le_bytes([
+        b[meta as usize + 10],
+        b[meta as usize + 11],
+    ]));
+    let e = (0..n)
+        .map(|i| meta + 32 + 32 * i)
+        .find(|&e| crate::guard::hex(&b[e as usize..e as usize + 16]) == LOCATOR_ITEM)
+        .unwrap();
+    let item = meta + u64::from(le32(&b, e + 16));
+    // 2000 entries whose keys and values are all the same 32 KiB of UTF-16 'a's: a 56 KiB
+    // item that would decode to 125 MiB of strings.
+    let (count, units) = (2000u64, 16384u64);
+    let blob = 20 + 12 * count;
+    let len = blob + 2 * units;
+    assert!(item + len <= meta + meta_len);
+    put(&mut b, e + 20, &(len as u32).to_le_bytes());
+    put(&mut b, item + 18, &(count as u16).to_le_bytes());
+    for i in 0..count {
+        let at = item + 20 + 12 * i;
+        put(&mut b, at, &(blob as u32).to_le_bytes());
+        put(&mut b, at + 4, &(blob as u32).to_le_bytes());
+        put(&mut b, at + 8, &((2 * units) as u16).to_le_bytes());
+        put(&mut b, at + 10, &((2 * units) as u16).to_le_bytes());
+    }
+    for k in 0..units {
+        put(&mut b, item + blob + 2 * k, &[b'a', 0]);
+    }
+    match open_small(&b) {
+        Err(e @ Error::Corrupt { .. }) => assert!(e.to_string().contains("overlap"), "{e}"),
+        Err(e) => panic!("{e}"),
+        Ok(()) => panic!("opened"),
+    }
+}
