@@ -1,8 +1,10 @@
 //! Host clusters freed by guest discards and by shrinking are discarded in the image
 //! file (holes punched), as qemu passes such frees down (`pass-discard-request` and
 //! `QCOW2_DISCARD_ALWAYS`, both on by default): the file's host usage drops (iotest 250).
-//! Frees of other kinds (copy-on-write, compressed rewrites) leave the file as it is,
-//! as qemu's `pass-discard-other` default does.
+//! Snapshot operations punch what they free the same way
+//! (`features::snapshot_ops`, qemu's `pass-discard-snapshot`). Frees of other kinds
+//! (copy-on-write, compressed rewrites) leave the file as it is, as qemu's
+//! `pass-discard-other` default does.
 //!
 //! Crash consistency: a cluster is punched only after the L2 updates that stopped
 //! referencing it are durable and its refcount dropped to 0 (see
@@ -23,7 +25,7 @@ impl Meta {
 
     /// Punches the whole clusters of `ranges` whose refcount is 0, in contiguous runs.
     /// Discard is a hint: failures are ignored, as qemu ignores them.
-    pub(in crate::engine) fn punch_freed(&mut self, ranges: Vec<(u64, u64)>) {
+    pub(crate) fn punch_freed(&mut self, ranges: Vec<(u64, u64)>) {
         let cs = self.cs();
         let mut clusters: Vec<u64> = Vec::new();
         for (off, len) in ranges {

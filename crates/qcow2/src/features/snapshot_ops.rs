@@ -21,11 +21,19 @@ use crate::errors::internal;
 
 /// Adds `addend` (+1 or -1) to the refcount of every L2 table and data cluster reachable
 /// from `l1`; with `addend == 0` only recomputes the COPIED flags (active table only).
-fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Result<()> {
+/// Clusters whose refcount drops to 0 are added to `freed` (as host ranges), to be
+/// discarded once the change is durable (see [`discard_freed`]).
+fn update_refcounts(
+    m: &mut Meta,
+    l1: &[u64],
+    addend: i64,
+    active: bool,
+    freed: &mut Vec<(u64, u64)>,
+) -> Result<()> {
     let cs = m.cs();
     let x = 62 - (m.h().cluster_bits - 8);
     let step = if m.h().extended_l2() { 2 } else { 1 };
-    let bump = |m: &mut Meta, c: u64| -> Result<u64> {
+    let mut bump = |m: &mut Meta, c: u64| -> Result<u64> {
         if addend == 1 && !m.refblock_covers(c)? {
             return Err(uncovered(m, c));
         }
@@ -38,6 +46,9 @@ fn update_refcounts(m: &mut Meta, l1: &[u64], addend: i64, active: bool) -> Resu
         .ok_or(Error::invalid("qcow2: refcount overflow"))?;
         if n != r {
             m.set_refcount(c, n)?;
+            if n == 0 {
+                freed.push((c * cs, cs));
+            }
         }
         Ok(n)
     };
@@ -134,13 +145,15 @@ fn snapshot_index(m: &Meta, id_or_name: &str) -> Result<usize> {
 }
 
 /// Writes `snaps` as a new snapshot table and points the header at it, then frees the
-/// old table.
+/// old table and discards its clusters (as qemu's `qcow2_write_snapshots`, with
+/// `QCOW2_DISCARD_SNAPSHOT`). The table is `snapshots_size` bytes, as qemu writes it:
+/// entries start 8-aligned, the last one is not padded.
 pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     let cs = m.cs();
     let mut table = Vec::new();
     for s in &snaps {
-        table.extend_from_slice(&s.raw);
         table.resize(table.len().next_multiple_of(8), 0);
+        table.extend_from_slice(&s.raw);
     }
     let len = table.len() as u64;
     let off = if len == 0 {
@@ -164,11 +177,26 @@ pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
     if old_len > 0 {
         // As qemu's `qcow2_free_clusters`: a failure leaks the old table, reported.
         m.file().debug_event(DebugEvent::ClusterFree);
-        if let Err(e) = m.unref_range(old_off, old_len) {
-            report_failure("qcow2_free_clusters failed", &e);
+        match m.unref_range(old_off, old_len) {
+            Ok(()) => discard_freed(m, vec![(old_off, old_len)]),
+            Err(e) => report_failure("qcow2_free_clusters failed", &e),
         }
     }
     Ok(())
+}
+
+/// Discards the clusters of `freed` that are free (refcount 0) in the image file, as
+/// qemu passes the frees of snapshot operations down (`pass-discard-snapshot`, on by
+/// default): the old data of a deleted snapshot does not stay readable in the file.
+/// The refcount drops are flushed first, so a crash before or during the discard
+/// leaves at worst a leaked cluster, never a live mapping to a punched one. A discard
+/// is a hint: failures (of the flush too) only skip it, as qemu ignores them. Images
+/// with an external data file are left alone (their data clusters lie in that file).
+fn discard_freed(m: &mut Meta, freed: Vec<(u64, u64)>) {
+    if freed.is_empty() || m.data().is_some() || m.file().flush().is_err() {
+        return;
+    }
+    m.punch_freed(freed);
 }
 
 pub(crate) fn entry_raw(
@@ -245,7 +273,7 @@ impl Qcow2Device {
             let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
             m.file().write_all_at(&encode_u64s(&copy), l1_off)?;
         }
-        update_refcounts(&mut m, &l1, 1, true)?;
+        update_refcounts(&mut m, &l1, 1, true, &mut Vec::new())?;
         m.file().flush()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -304,17 +332,21 @@ impl Qcow2Device {
                 u64::from(snap.l1_size),
             )
             .map_err(freed)?;
-        update_refcounts(&mut m, &l1, -1, false).map_err(freed)?;
+        let mut gone = Vec::new();
+        update_refcounts(&mut m, &l1, -1, false, &mut gone).map_err(freed)?;
         if snap.l1_size > 0 {
             m.file().debug_event(DebugEvent::ClusterFree);
-            if let Err(e) = m.unref_range(snap.l1_offset, u64::from(snap.l1_size) * 8) {
-                report_failure("qcow2_free_clusters failed", &e);
+            let l1 = (snap.l1_offset, u64::from(snap.l1_size) * 8);
+            match m.unref_range(l1.0, l1.1) {
+                Ok(()) => gone.push(l1),
+                Err(e) => report_failure("qcow2_free_clusters failed", &e),
             }
         }
         m.file().flush()?;
+        discard_freed(&mut m, gone);
         // Clusters only the active image still uses get their COPIED flags back.
         let active = m.l1().to_vec();
-        update_refcounts(&mut m, &active, 0, true)?;
+        update_refcounts(&mut m, &active, 0, true, &mut Vec::new())?;
         m.file().flush()
     }
 
@@ -358,7 +390,7 @@ impl Qcow2Device {
             crate::features::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
         }
         // The snapshot's clusters gain the active image's reference first (leaks only).
-        update_refcounts(&mut m, &sl1, 1, false)?;
+        update_refcounts(&mut m, &sl1, 1, false, &mut Vec::new())?;
         m.file().flush()?;
         let old = m.l1().to_vec();
         let mut new = vec![0u64; old.len()];
@@ -366,10 +398,12 @@ impl Qcow2Device {
             *d = *s & !OFLAG_COPIED;
         }
         m.write_l1(new)?;
-        update_refcounts(&mut m, &old, -1, false)?;
+        let mut gone = Vec::new();
+        update_refcounts(&mut m, &old, -1, false, &mut gone)?;
         m.file().flush()?;
+        discard_freed(&mut m, gone);
         let active = m.l1().to_vec();
-        update_refcounts(&mut m, &active, 0, true)?;
+        update_refcounts(&mut m, &active, 0, true, &mut Vec::new())?;
         m.file().flush()
     }
 }

@@ -12,6 +12,7 @@ mod compressed;
 mod crash;
 mod crash_alloc;
 pub mod crash_harness;
+mod crash_snapshot;
 mod crash_tables;
 mod crash_threads;
 mod encrypt;
