@@ -28,13 +28,18 @@ const TYPE_DIRTY_TRACKING: u8 = 1;
 /// `check_dir_entry` refuses (table size 0), so nothing more is ever needed.
 const PAST_EOF_SLACK: u64 = 24 + MAX_NAME_SIZE as u64 + 7;
 
-/// One bitmap directory entry, as `info` shows it (spec "Bitmap directory").
+/// One bitmap directory entry (spec "Bitmap directory"), checked by
+/// [`parse_bitmap_directory`]: its type is 1 and it has no extra data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct BitmapEntry {
     /// Bitmap name.
     pub name: String,
-    /// Bytes per bit.
+    /// Bytes per bit (`1 << granularity_bits`).
     pub granularity: u64,
+    /// `granularity_bits` (9..=31).
+    pub gbits: u8,
+    /// Flags (bit 0 `in_use`, bit 1 `auto`; no reserved bit).
+    pub flags: u32,
     /// Flag bit 0.
     pub in_use: bool,
     /// Flag bit 1.
@@ -43,6 +48,18 @@ pub(crate) struct BitmapEntry {
     pub table_offset: u64,
     /// Bitmap table entries.
     pub table_size: u32,
+}
+
+/// The bitmap table entries (clusters of bits) a bitmap of `2^gbits`-byte granules needs
+/// for a disk of `disk_len` bytes with `cs`-byte clusters: qemu's `load_bitmap_data`
+/// wants exactly this many (`size_to_clusters` of the serialisation size, 64-bit words
+/// of bits, which for clusters of 512 bytes or more is the same count).
+pub(crate) fn table_entries_needed(disk_len: u64, gbits: u8, cs: u64) -> u64 {
+    disk_len
+        .div_ceil(1u64 << gbits.min(63))
+        .div_ceil(64)
+        .saturating_mul(8)
+        .div_ceil(cs.max(1))
 }
 
 fn bad(what: impl Into<std::borrow::Cow<'static, str>>, off: u64) -> Error {
@@ -166,6 +183,8 @@ pub(crate) fn parse_bitmap_directory(
         out.push(BitmapEntry {
             name,
             granularity: 1u64 << gbits,
+            gbits,
+            flags,
             in_use: flags & 1 != 0,
             auto: flags & 2 != 0,
             table_offset,

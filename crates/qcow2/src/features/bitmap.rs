@@ -12,11 +12,13 @@
 
 use std::sync::Arc;
 
-use diskimg_blockio::bytes::{ReadBytes, WriteBytes};
+use diskimg_blockio::bytes::WriteBytes;
 use diskimg_blockio::{BitmapData, Error, OpenOptions, Result, Storage};
 
 use crate::device::Qcow2Device;
-use crate::disk::bitmap_dir::read_directory_bytes;
+use crate::disk::bitmap_dir::{
+    BitmapEntry, parse_bitmap_directory, read_directory_bytes, table_entries_needed,
+};
 use crate::disk::ext::BitmapsExt;
 use crate::disk::header::AUTOCLEAR_BITMAPS;
 use crate::disk::idx;
@@ -27,16 +29,15 @@ use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
 use crate::tracked::Tracked;
 
-/// A directory entry kept with its extra data.
+/// A directory entry as the edits change it (type 1, no extra data: the only entries
+/// [`parse_bitmap_directory`] accepts, and the only ones qemu writes).
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
     pub(crate) table_offset: u64,
     pub(crate) table_size: u32,
     /// Bit 0 `in_use`, bit 1 `auto`.
     pub(crate) flags: u32,
-    ty: u8,
     pub(crate) gbits: u8,
-    extra: Vec<u8>,
     pub(crate) name: String,
 }
 
@@ -47,10 +48,20 @@ impl Entry {
             table_offset: table,
             table_size,
             flags,
-            ty: 1,
             gbits,
-            extra: Vec::new(),
             name: name.to_string(),
+        }
+    }
+}
+
+impl From<BitmapEntry> for Entry {
+    fn from(e: BitmapEntry) -> Self {
+        Entry {
+            table_offset: e.table_offset,
+            table_size: e.table_size,
+            flags: e.flags,
+            gbits: e.gbits,
+            name: e.name,
         }
     }
 }
@@ -63,39 +74,16 @@ fn live_ext(m: &Meta) -> Option<BitmapsExt> {
         .filter(|_| m.h().autoclear & AUTOCLEAR_BITMAPS != 0)
 }
 
-/// The bitmap directory (empty without the extension or its autoclear bit).
+/// The bitmap directory (empty without the extension or its autoclear bit), read and
+/// checked by the parser the open uses ([`parse_bitmap_directory`], qemu's
+/// `bitmap_list_load`), so an edit sees the directory exactly as the open judged it.
 pub(crate) fn read_directory(m: &Meta) -> Result<Vec<Entry>> {
     let Some(b) = live_ext(m) else {
         return Ok(Vec::new());
     };
     let buf = read_directory_bytes(m.file().as_ref(), &m.limits(), &b)?;
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    let trunc = || Error::corrupt("qcow2", "bitmap directory truncated", b.directory_offset);
-    for _ in 0..b.nb_bitmaps {
-        let table_offset = buf.be_u64(off).ok_or_else(trunc)?;
-        let table_size = buf.be_u32(off + 8).ok_or_else(trunc)?;
-        let flags = buf.be_u32(off + 12).ok_or_else(trunc)?;
-        let ty = *buf.get(off + 16).ok_or_else(trunc)?;
-        let gbits = *buf.get(off + 17).ok_or_else(trunc)?;
-        let name_size = usize::from(buf.be_u16(off + 18).ok_or_else(trunc)?);
-        let extra_size =
-            usize::try_from(buf.be_u32(off + 20).ok_or_else(trunc)?).map_err(|_| trunc())?;
-        let x0 = off.checked_add(24).ok_or_else(trunc)?;
-        let n0 = x0.checked_add(extra_size).ok_or_else(trunc)?;
-        let n1 = n0.checked_add(name_size).ok_or_else(trunc)?;
-        out.push(Entry {
-            table_offset,
-            table_size,
-            flags,
-            ty,
-            gbits,
-            extra: buf.get(x0..n0).ok_or_else(trunc)?.to_vec(),
-            name: String::from_utf8_lossy(buf.get(n0..n1).ok_or_else(trunc)?).into_owned(),
-        });
-        off = n1.next_multiple_of(8);
-    }
-    Ok(out)
+    let dir = parse_bitmap_directory(&buf, b.directory_offset, b.nb_bitmaps, m.cs(), m.size())?;
+    Ok(dir.into_iter().map(Entry::from).collect())
 }
 
 fn serialise(entries: &[Entry]) -> Vec<u8> {
@@ -106,10 +94,8 @@ fn serialise(entries: &[Entry]) -> Vec<u8> {
         out.put_be_u64(start, e.table_offset);
         out.put_be_u32(start + 8, e.table_size);
         out.put_be_u32(start + 12, e.flags);
-        out.put(start + 16, &[e.ty, e.gbits]);
+        out.put(start + 16, &[1, e.gbits]);
         out.put_be_u16(start + 18, u16::try_from(e.name.len()).unwrap_or(0));
-        out.put_be_u32(start + 20, u32::try_from(e.extra.len()).unwrap_or(0));
-        out.extend_from_slice(&e.extra);
         out.extend_from_slice(e.name.as_bytes());
         out.resize(out.len().next_multiple_of(8), 0);
     }
@@ -189,7 +175,7 @@ pub(crate) fn read_bits(m: &Meta, e: &Entry) -> Result<Vec<u8>> {
     let cs = m.cs();
     let g = 1u64 << e.gbits.min(63);
     let bytes = m.size().div_ceil(g).div_ceil(8);
-    check_table(m, e, bytes.div_ceil(cs))?;
+    check_table(m, e)?;
     // The table first (it must lie in the file): the bits are sized by the disk, and
     // there are at most a cluster of them per table entry.
     let t = read_checked_table(m, e)?;
@@ -220,7 +206,7 @@ pub(crate) fn load_tracked(m: &Meta, e: &Entry) -> Result<Tracked> {
     // The table is checked and read (it lies in the file) before the bitmap is sized by
     // the disk: a tiny granularity on a huge disk would otherwise reserve a chunk slot per
     // cluster of bits (16 bytes each; 2^28 for 2^61 bytes at 512-byte granules) first.
-    check_table(m, e, m.size().div_ceil(g).div_ceil(8).div_ceil(cs))?;
+    check_table(m, e)?;
     let table = read_checked_table(m, e)?;
     let mut t = Tracked::new(&e.name, g, e.flags & 2 != 0, m.size(), cs);
     let mut buf = m.limits().alloc("bitmap data", cs)?;
@@ -247,11 +233,26 @@ fn read_checked_table(m: &Meta, e: &Entry) -> Result<Vec<u64>> {
     checked_table(m, &e.name, e.table_offset, e.table_size)
 }
 
-/// The table of every bitmap in `dir` that is not in use, checked as
-/// [`read_checked_table`] (qemu loads them at every open, read-only too).
-pub(crate) fn check_tables(m: &Meta, dir: &[crate::disk::bitmap_dir::BitmapEntry]) -> Result<()> {
+/// The table of every bitmap in `dir` that is not in use, checked as qemu's
+/// `load_bitmap` checks it at every open (read-only too), bitmap by bitmap: each entry
+/// ([`read_checked_table`]), then the size (exactly the entries the disk needs).
+pub(crate) fn check_tables(m: &Meta, dir: &[BitmapEntry]) -> Result<()> {
     for e in dir.iter().filter(|e| !e.in_use) {
         checked_table(m, &e.name, e.table_offset, e.table_size)?;
+        table_size_fits(m, &e.name, e.gbits, e.table_offset, e.table_size)?;
+    }
+    Ok(())
+}
+
+/// qemu's `load_bitmap_data` check: the table has exactly as many entries as the disk
+/// needs (one too many is refused as one too few), in qemu's words.
+fn table_size_fits(m: &Meta, name: &str, gbits: u8, off: u64, size: u32) -> Result<()> {
+    if u64::from(size) != table_entries_needed(m.size(), gbits, m.cs()) {
+        return Err(Error::corrupt(
+            "qcow2",
+            format!("Could not read bitmap '{name}' from image: Invalid argument"),
+            off,
+        ));
     }
     Ok(())
 }
@@ -275,24 +276,18 @@ fn checked_table(m: &Meta, name: &str, off: u64, size: u32) -> Result<Vec<u64>> 
     Ok(t)
 }
 
-/// qemu's checks of a bitmap's table before its bits are read: big enough for the
-/// disk (`chunks` entries) and cluster-aligned.
-fn check_table(m: &Meta, e: &Entry, chunks: u64) -> Result<()> {
-    if u64::from(e.table_size) < chunks {
-        return Err(Error::corrupt(
-            "qcow2",
-            "bitmap table too small",
-            e.table_offset,
-        ));
-    }
+/// qemu's checks of a bitmap's table before its bits are read (`check_dir_entry`'s
+/// offset rules, `load_bitmap_data`'s size rule), in qemu's words. The open checked
+/// them for every bitmap not in use; this covers those read after (in use at open).
+fn check_table(m: &Meta, e: &Entry) -> Result<()> {
     if e.table_offset == 0 || !e.table_offset.is_multiple_of(m.cs()) {
         return Err(Error::corrupt(
             "qcow2",
-            "bitmap table offset not cluster-aligned",
+            format!("Bitmap '{}' doesn't satisfy the constraints", e.name),
             e.table_offset,
         ));
     }
-    Ok(())
+    table_size_fits(m, &e.name, e.gbits, e.table_offset, e.table_size)
 }
 
 /// A bitmap written by [`write_bits`]: its table and every cluster allocated for it.

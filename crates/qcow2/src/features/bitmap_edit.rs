@@ -76,7 +76,10 @@ impl Bitmaps<'_> {
                 failed(
                     op,
                     dst,
-                    format_args!("Bitmap '{name}' is inconsistent and cannot be used"),
+                    format_args!(
+                        "Bitmap '{name}' is inconsistent and cannot be used\n\
+                         Try block-dirty-bitmap-remove to delete this bitmap from disk"
+                    ),
                 )
             })
     }

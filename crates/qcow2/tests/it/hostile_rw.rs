@@ -146,13 +146,21 @@ fn bitmap_directory_constraints_as_qemu() {
     let entry = bitmap_entry(&img);
     let table = be64(&img, entry) as usize;
     let ext = bitmaps_ext(&img);
-    let cases: [(&str, usize, &[u8]); 11] = [
+    let cases: [(&str, usize, &[u8]); 14] = [
         ("reserved flag bit 2", entry + 12, &[0, 0, 0, 6]),
         ("reserved flag bit 31", entry + 12, &[0x80, 0, 0, 2]),
         ("type 2", entry + 16, &[2]),
         ("no table", entry + 8, &[0, 0, 0, 0]),
         ("misaligned table", entry + 6, &[2, 0]),
         ("granularity 2^32", entry + 17, &[32]),
+        // The disk needs one entry: qemu's load_bitmap_data wants exactly that many.
+        ("table one entry too large", entry + 8, &[0, 0, 0, 2]),
+        (
+            "table of 8193 entries (over 512 MiB)",
+            entry + 8,
+            &[0, 0, 0x20, 1],
+        ),
+        ("table of 2^27 + 1 entries", entry + 8, &[8, 0, 0, 1]),
         ("table entry reserved bit", table, &[0x80]),
         ("no bitmaps", ext, &[0, 0, 0, 0]),
         ("2^16 bitmaps", ext, &[0, 1, 0, 0]),
@@ -202,4 +210,50 @@ fn data_file_raw_bit_without_a_data_file_is_refused_as_qemu() {
     let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
     let o = OpenOptions::new().driver_option(diskimg_qcow2::NO_IO_OPTION, "on");
     DRIVER.open(s, &o).expect("metadata-only open");
+}
+
+/// A bitmap marked in use with a table of the wrong size (one entry too many, and none
+/// of the 256 a 64 GiB disk at 512-byte granules needs): qemu never reads an in-use
+/// bitmap, so both images open (read-only and read-write) and are clean; editing the
+/// bitmap is refused as inconsistent in qemu's words, with its hint, and `--remove`
+/// removes it as qemu does.
+#[test]
+fn in_use_bitmap_with_a_table_of_the_wrong_size_opens_as_qemu() {
+    use diskimg_blockio::BitmapOp;
+    for (size, gran, table_size) in [("64M", "65536", 2u32), ("64G", "512", 1)] {
+        let mut img = with_bitmap("cluster_size=64k", size, &["-g", gran]);
+        let entry = bitmap_entry(&img);
+        img[entry + 8..entry + 12].copy_from_slice(&table_size.to_be_bytes());
+        img[entry + 12..entry + 16].copy_from_slice(&3u32.to_be_bytes());
+        let dir = tempdir();
+        let p = dir.path().join("u.qcow2");
+        let ps = p.to_string_lossy().into_owned();
+        std::fs::write(&p, &img).unwrap();
+        diskimg_testutil::assert_qemu_check_clean(&p, "qcow2");
+        for ro in [true, false] {
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+            let dev = DRIVER.open(s, &OpenOptions::new().read_only(ro)).unwrap();
+            let r = dev.check(Default::default()).unwrap();
+            assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+        }
+        let q = diskimg_testutil::qemu_img(&["bitmap", "--clear", &ps, "b0"]);
+        assert!(!q.status.success(), "{size}: qemu-img cleared it");
+        let qerr = String::from_utf8_lossy(&q.stderr);
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.clone()));
+        let e = diskimg_qcow2::edit_bitmaps(s, "b0", &[BitmapOp::Clear]).unwrap_err();
+        assert_eq!(
+            format!("qemu-img: {e}\n"),
+            qerr,
+            "{size}: the refusal of --clear"
+        );
+        let s = Arc::new(MemStorage::from_vec(img.clone()));
+        diskimg_qcow2::edit_bitmaps(s.clone(), "b0", &[BitmapOp::Remove]).unwrap();
+        std::fs::write(&p, s.to_vec()).unwrap();
+        diskimg_testutil::assert_qemu_check_clean(&p, "qcow2");
+        let info = diskimg_testutil::qemu_img(&["info", &ps]);
+        assert!(
+            !String::from_utf8_lossy(&info.stdout).contains("b0"),
+            "{size}"
+        );
+    }
 }
