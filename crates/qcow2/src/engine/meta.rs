@@ -153,12 +153,14 @@ impl Meta {
         self.reftable.clone_from(&other.reftable);
     }
 
-    /// Host offsets of the refcount blocks (non-zero reftable entries).
-    pub(crate) fn refblock_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+    /// The refcount blocks: (refcount table index, host offset) of the non-zero
+    /// reftable entries.
+    pub(crate) fn refblock_offsets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.reftable
             .iter()
             .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
-            .filter(|&o| o != 0)
+            .enumerate()
+            .filter(|&(_, o)| o != 0)
     }
 
     /// Empties the L2 cache (after tables were rewritten behind it).

@@ -10,12 +10,19 @@ use diskimg_blockio::{CheckReport, RepairMode, Result};
 
 use crate::device::Qcow2Device;
 use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::disk::snapshot::{L1Problem, Snapshot};
 use crate::disk::table::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
+use crate::features::check_snapshots::count_snapshot;
+
+/// L1 entry bits no version of the spec defines (1-8 and 56-62; spec "L1 table",
+/// qemu's `L1E_RESERVED_MASK`).
+const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Standard cluster descriptor bits no version of the spec defines (1-8 and 56-61;
+/// spec "Standard Cluster Descriptor", qemu's `L2E_STD_RESERVED_MASK`).
+const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// Findings kept in a report; further ones are counted in one closing line.
 pub(crate) const MAX_MESSAGES: usize = 10_000;
@@ -48,22 +55,25 @@ impl Notes {
     }
 }
 
-struct Counter {
+pub(crate) struct Counter {
     refs: Vec<u64>,
     cs: u64,
     file_len: u64,
     /// The largest refcount the image's width holds: counting stops there (qemu's
     /// "overflow cluster"), as a repair could not store more.
     max: u64,
-    notes: Notes,
+    pub(crate) notes: Notes,
     /// `-r all`: L2 entries qemu fixes while counting are fixed.
     fix: bool,
     /// An L2 entry was rewritten on disk (the L2 cache is stale).
     rewrote: bool,
+    /// A refcount block is also used as something else: the refcount structures must
+    /// be rebuilt (qemu's `check_refblocks` setting `rebuild`).
+    rebuild: bool,
 }
 
 impl Counter {
-    fn inc(&mut self, off: u64, len: u64) {
+    pub(crate) fn inc(&mut self, off: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -107,21 +117,28 @@ impl Counter {
 
 /// Walks one L1 table: counts its L2 tables and their clusters (and, for the active
 /// table, the allocation statistics). One L2 table is in memory at a time.
-fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
+pub(crate) fn walk_l1(m: &mut Meta, cnt: &mut Counter, l1: &[u64], active: bool) {
     let cs = m.cs();
     for &l1e in l1 {
+        if l1e & L1E_RESERVED != 0 {
+            cnt.notes.report.corruptions += 1;
+            cnt.notes.say(format_args!(
+                "ERROR found L1 entry with reserved bits set: {l1e:x}"
+            ));
+        }
         let l2 = l1e & L1E_OFFSET_MASK;
         if l2 == 0 {
             continue;
         }
+        // As qemu's `check_refcounts_l1`: counted, reported, and walked where the entry
+        // points (what lies there is judged as an L2 table).
+        cnt.inc(l2, cs);
         if !l2.is_multiple_of(cs) {
             cnt.notes.report.corruptions += 1;
             cnt.notes.say(format_args!(
-                "ERROR l2_offset={l2:#x}: Table is not cluster aligned"
+                "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
             ));
-            continue;
         }
-        cnt.inc(l2, cs);
         match m.read_table("L2 table", l2, cs / 8) {
             Ok(t) => walk_l2(m, cnt, l2, &t, active),
             Err(_) => cnt.notes.report.check_errors += 1,
@@ -155,7 +172,21 @@ fn walk_l2(m: &Meta, cnt: &mut Counter, l2: u64, t: &[u64], active: bool) {
                 *c += 1;
             }
         };
+        if e & OFLAG_COMPRESSED == 0 && e & L2E_STD_RESERVED != 0 {
+            cnt.notes.report.corruptions += 1;
+            cnt.notes.say(format_args!(
+                "ERROR found l2 entry with reserved bits set: {e:x}"
+            ));
+        }
         if e & OFLAG_COMPRESSED != 0 {
+            if e & OFLAG_COPIED != 0 {
+                cnt.notes.report.corruptions += 1;
+                cnt.notes.say(format_args!(
+                    "ERROR: coffset={:#x}: copied flag must never be set for compressed \
+                     clusters",
+                    e & ((1u64 << x) - 1)
+                ));
+            }
             if bm != 0 {
                 cnt.notes.report.corruptions += 1;
                 cnt.notes.say(format_args!(
@@ -288,6 +319,7 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
         },
         fix,
         rewrote: false,
+        rebuild: false,
     };
     cnt.inc(0, cs);
     let h = m.h().clone();
@@ -304,9 +336,6 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
     );
-    for off in m.refblock_offsets() {
-        cnt.inc(off, cs);
-    }
     if let Some(b) = h.ext.bitmaps.filter(|_| !dev.bitmaps.is_empty()) {
         cnt.inc(b.directory_offset, b.directory_size);
         for bm in &dev.bitmaps {
@@ -324,35 +353,27 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
     if let Some((off, len)) = h.ext.crypto {
         cnt.inc(off, len);
     }
+    count_refblocks(m, &mut cnt);
     Ok((cnt, l1))
 }
 
-/// Counts one snapshot's L1 table and what it references; an unusable L1 reference is
-/// a corruption of the snapshot table entry (qemu's words), and nothing is counted.
-fn count_snapshot(m: &mut Meta, cnt: &mut Counter, s: &Snapshot) {
-    let (id, name) = (&s.info.id, &s.info.name);
-    if !s.l1_offset.is_multiple_of(m.cs()) {
-        cnt.notes.report.corruptions += 1;
-        cnt.notes.say(format_args!(
-            "ERROR snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster aligned; \
-             snapshot table entry corrupted",
-            s.l1_offset
-        ));
-        return;
-    }
-    if s.l1_problem(m.cs()) == Some(L1Problem::TooLarge) {
-        cnt.notes.report.corruptions += 1;
-        cnt.notes.say(format_args!(
-            "ERROR snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; snapshot \
-             table entry corrupted",
-            s.l1_size
-        ));
-        return;
-    }
-    cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
-    match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
-        Ok(sl1) => walk_l1(m, cnt, &sl1, false),
-        Err(_) => cnt.notes.report.check_errors += 1,
+/// Counts the refcount blocks, last, as qemu's `check_refblocks`: a block that
+/// something else also uses (its count is then above 1) is a corruption that makes a
+/// repair rebuild the refcount structures (`ERROR refcount block N refcount=R`).
+fn count_refblocks(m: &Meta, cnt: &mut Counter) {
+    let cs = cnt.cs;
+    for (i, off) in m.refblock_offsets() {
+        cnt.inc(off, cs);
+        let n = usize::try_from(off / cs)
+            .ok()
+            .and_then(|c| cnt.refs.get(c))
+            .copied();
+        if let Some(n) = n.filter(|&n| n != 1) {
+            cnt.notes
+                .say(format_args!("ERROR refcount block {i} refcount={n}"));
+            cnt.notes.report.corruptions += 1;
+            cnt.rebuild = true;
+        }
     }
 }
 
@@ -515,7 +536,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
         m.reset_l2_cache();
     }
     let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
-    let needs_rebuild = mismatches.iter().any(|x| x.have == 0);
+    let needs_rebuild = cnt.rebuild || mismatches.iter().any(|x| x.have == 0);
     // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
     // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
     if repair == RepairMode::Leaks && needs_rebuild {

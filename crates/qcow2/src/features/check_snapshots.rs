@@ -5,12 +5,17 @@
 //! (EFBIG); with it, too much extra data is cut to 1024 bytes, snapshots beyond 64 MiB of
 //! table are dropped (the header's count first: their clusters leak and the refcount
 //! check frees them), v3 entries without the disk size get it, and the table is written
-//! anew after the refcounts are fixed.
+//! anew after the refcounts are fixed. [`count_snapshot`] counts each snapshot's
+//! references for the refcount check.
 
 use diskimg_blockio::{CheckReport, Error, RepairMode, Result};
 
 use crate::device::Qcow2Device;
-use crate::disk::snapshot::{TableRepairs, read_snapshots, read_snapshots_repairing};
+use crate::disk::snapshot::{
+    L1Problem, Snapshot, TableRepairs, read_snapshots, read_snapshots_repairing,
+};
+use crate::engine::meta::Meta;
+use crate::features::check::{Counter, walk_l1};
 use crate::features::snapshot_ops::{completed, extra_len, write_table};
 
 /// The first half's findings, kept for [`finish`].
@@ -147,4 +152,33 @@ pub(crate) fn finish(
         report.corruptions_fixed += pass.corruptions;
     }
     Ok(())
+}
+
+/// Counts one snapshot's L1 table and what it references; an unusable L1 reference is
+/// a corruption of the snapshot table entry (qemu's words), and nothing is counted.
+pub(crate) fn count_snapshot(m: &mut Meta, cnt: &mut Counter, s: &Snapshot) {
+    let (id, name) = (&s.info.id, &s.info.name);
+    if !s.l1_offset.is_multiple_of(m.cs()) {
+        cnt.notes.report.corruptions += 1;
+        cnt.notes.say(format_args!(
+            "ERROR snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster aligned; \
+             snapshot table entry corrupted",
+            s.l1_offset
+        ));
+        return;
+    }
+    if s.l1_problem(m.cs()) == Some(L1Problem::TooLarge) {
+        cnt.notes.report.corruptions += 1;
+        cnt.notes.say(format_args!(
+            "ERROR snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; snapshot \
+             table entry corrupted",
+            s.l1_size
+        ));
+        return;
+    }
+    cnt.inc(s.l1_offset, u64::from(s.l1_size) * 8);
+    match m.read_table("snapshot L1 table", s.l1_offset, u64::from(s.l1_size)) {
+        Ok(sl1) => walk_l1(m, cnt, &sl1, false),
+        Err(_) => cnt.notes.report.check_errors += 1,
+    }
 }
