@@ -153,14 +153,14 @@ impl Meta {
         self.reftable.clone_from(&other.reftable);
     }
 
-    /// The refcount blocks: (refcount table index, host offset) of the non-zero
-    /// reftable entries.
-    pub(crate) fn refblock_offsets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+    /// The non-zero refcount table entries, as stored (offset and any reserved bits),
+    /// with their index.
+    pub(crate) fn reftable_entries(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.reftable
             .iter()
-            .map(|e| e & crate::disk::table::REFT_OFFSET_MASK)
+            .copied()
             .enumerate()
-            .filter(|&(_, o)| o != 0)
+            .filter(|&(_, e)| e != 0)
     }
 
     /// Empties the L2 cache (after tables were rewritten behind it).

@@ -11,7 +11,7 @@ use diskimg_blockio::{CheckReport, RepairMode, Result};
 use crate::device::Qcow2Device;
 use crate::disk::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::disk::table::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
 use crate::engine::meta::Meta;
 use crate::features::check_copied::{check_copied, may_repair};
@@ -23,6 +23,10 @@ const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Standard cluster descriptor bits no version of the spec defines (1-8 and 56-61;
 /// spec "Standard Cluster Descriptor", qemu's `L2E_STD_RESERVED_MASK`).
 const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// Refcount table entry bits no version of the spec defines (0-8; qemu's
+/// `REFT_RESERVED_MASK`).
+const REFT_RESERVED: u64 = 0x1ff;
 
 /// Findings kept in a report; further ones are counted in one closing line.
 pub(crate) const MAX_MESSAGES: usize = 10_000;
@@ -357,12 +361,31 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
     Ok((cnt, l1))
 }
 
-/// Counts the refcount blocks, last, as qemu's `check_refblocks`: a block that
-/// something else also uses (its count is then above 1) is a corruption that makes a
-/// repair rebuild the refcount structures (`ERROR refcount block N refcount=R`).
+/// Counts the refcount blocks, last, as qemu's `check_refblocks`, with its findings: a
+/// table entry with reserved bits (not counted; `-r all` rebuilds), a block outside the
+/// file (not counted; `-r all` rebuilds without it, where qemu grows the file over it),
+/// a block something else also uses (its count is then above 1; `-r all` rebuilds).
 fn count_refblocks(m: &Meta, cnt: &mut Counter) {
     let cs = cnt.cs;
-    for (i, off) in m.refblock_offsets() {
+    let clusters = cnt.file_len.div_ceil(cs);
+    for (i, e) in m.reftable_entries() {
+        let off = e & REFT_OFFSET_MASK;
+        if e & REFT_RESERVED != 0 {
+            cnt.notes.say(format_args!(
+                "ERROR refcount table entry {i} has reserved bits set"
+            ));
+            cnt.notes.report.corruptions += 1;
+            cnt.rebuild = true;
+            continue;
+        }
+        if off / cs >= clusters {
+            let word = if cnt.fix { "Repairing" } else { "ERROR" };
+            cnt.notes
+                .say(format_args!("{word} refcount block {i} is outside image"));
+            cnt.notes.report.corruptions += 1;
+            cnt.rebuild |= cnt.fix;
+            continue;
+        }
         cnt.inc(off, cs);
         let n = usize::try_from(off / cs)
             .ok()
