@@ -100,6 +100,11 @@ pub(crate) struct Args {
     /// default: no limit).
     #[arg(long = "size-max", default_value_t = 0, value_name = "BYTES")]
     size_max: u32,
+    /// vhost-user-blk: threads per queue that execute its requests besides the queue's
+    /// own (default: 4 with the host page cache, 16 with `--cache none`/`directsync`,
+    /// where each one keeps a request waiting at the disk).
+    #[arg(long = "queue-workers", value_name = "N")]
+    queue_workers: Option<usize>,
     /// The image.
     file: String,
 }
@@ -151,6 +156,18 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 /// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
 /// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`); the other modes go
 /// through it, and the export's write policy ([`policy`]) adds the flushes.
+/// Workers per vhost-user-blk queue on an `O_DIRECT` image: every request waits for the
+/// disk in its own thread, so a queue depth of 16 (fio's, a guest's busy queue) needs as
+/// many to keep 16 at the disk, as qemu-storage-daemon's thread pool (up to 64) and Linux
+/// AIO do; with 4, 4 KiB random I/O at depth 16 was 0.57x qemu-storage-daemon's IOPS
+/// (docs/benchmarks.md, "Session 10").
+const DIRECT_WORKERS: usize = 16;
+
+/// Whether the image is opened `O_DIRECT` (`--cache none` or `directsync`).
+fn direct(a: &Args) -> bool {
+    a.nocache || matches!(a.cache.as_str(), "none" | "off" | "directsync")
+}
+
 fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<diskimg::Image> {
     let cache = if a.nocache { "none" } else { a.cache.as_str() };
     let host = match cache {
@@ -195,6 +212,12 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
     config.split_min = a.split_kib.saturating_mul(1024);
     config.seg_max = a.seg_max;
     config.size_max = a.size_max;
+    config.workers_per_queue = match a.queue_workers {
+        Some(n) if n > 256 => bail!("--queue-workers must be at most 256"),
+        Some(n) => n,
+        None if direct(a) => DIRECT_WORKERS,
+        None => config.workers_per_queue,
+    };
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")
