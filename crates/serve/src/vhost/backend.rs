@@ -15,7 +15,6 @@
 use std::io;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ use vmm_sys_util::event::{
 };
 
 use super::VhostConfig;
+use super::pool::{Job, Pool};
 use super::request::{MAX_SEGMENTS, SECTOR, process};
 use super::split::Split;
 use crate::export::Export;
@@ -36,7 +36,6 @@ use crate::export::Export;
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<MemGuard>;
-type Job = Box<dyn FnOnce() + Send>;
 
 /// Feature bits (virtio 1.2 section 5.2.3, section 6).
 const F_SIZE_MAX: u64 = 1 << 1;
@@ -71,8 +70,8 @@ struct Inner {
     event_idx: AtomicBool,
     /// The guest memory (shared with the daemon, which updates it on SET_MEM_TABLE).
     mem: std::sync::RwLock<Mem>,
-    /// Per queue, the sender of its worker pool (none without workers).
-    pools: Vec<Mutex<Sender<Job>>>,
+    /// Per queue, its worker pool (none without workers).
+    pools: Vec<Pool>,
     /// Per queue, requests popped and not yet in the used ring.
     busy: Vec<AtomicUsize>,
     /// Per queue, how many batches in a row were one request on an idle queue.
@@ -91,7 +90,7 @@ impl BlkBackend {
         let mut pools = Vec::new();
         for q in 0..config.num_queues {
             if config.workers_per_queue > 0 {
-                pools.push(Mutex::new(spawn_pool(q, config.workers_per_queue)?));
+                pools.push(Pool::spawn(q, config.workers_per_queue)?);
             }
         }
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -230,13 +229,10 @@ impl BlkBackend {
         } else {
             Some(last)
         };
-        for chain in chains {
+        pool.submit(chains.into_iter().map(|chain| {
             let (me, vr, left) = (self.clone(), vring.clone(), left.clone());
-            let job: Job = Box::new(move || me.run(&vr, queue, chain, &left));
-            if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
-                (e.0)();
-            }
-        }
+            Box::new(move || me.run(&vr, queue, chain, &left)) as Job
+        }));
         if let Some(last) = last {
             self.run(vring, queue, last, &left);
         }
@@ -276,23 +272,20 @@ impl BlkBackend {
         &self,
         vring: &VringRwLock<Mem>,
         queue: usize,
-        pool: &Mutex<Sender<Job>>,
+        pool: &Pool,
         split: Split<MemGuard>,
     ) {
         let split = Arc::new(split);
         let helpers = split.pieces().min(self.0.threads).saturating_sub(1);
-        for _ in 0..helpers {
+        pool.submit((0..helpers).map(|_| {
             let (me, s) = (self.clone(), split.clone());
             let vr = vring.clone();
-            let job: Job = Box::new(move || {
+            Box::new(move || {
                 if let Some(done) = s.work(&me.0.export) {
                     me.completed(&vr, queue, done, &AtomicUsize::new(1));
                 }
-            });
-            if let Err(e) = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
-                (e.0)();
-            }
-        }
+            }) as Job
+        }));
         if let Some(done) = split.work(&self.0.export) {
             self.completed(vring, queue, done, &AtomicUsize::new(1));
         }
@@ -344,27 +337,6 @@ fn large(chain: &Chain) -> bool {
         bytes = bytes.saturating_add(u64::from(d.len()));
     }
     bytes >= LARGE
-}
-
-/// Starts `n` workers sharing one job channel.
-fn spawn_pool(queue: u16, n: usize) -> io::Result<Sender<Job>> {
-    let (tx, rx) = channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..n {
-        let rx = rx.clone();
-        std::thread::Builder::new()
-            .name(format!("vublk-q{queue}-{i}"))
-            .spawn(move || {
-                loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                }
-            })?;
-    }
-    Ok(tx)
 }
 
 impl VhostUserBackend for BlkBackend {

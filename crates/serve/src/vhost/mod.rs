@@ -9,6 +9,7 @@
 mod backend;
 mod fast;
 mod guest;
+mod pool;
 mod request;
 mod split;
 #[cfg(test)]

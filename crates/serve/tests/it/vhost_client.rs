@@ -35,8 +35,13 @@ impl Server {
         let listener = Listener::unix(sock).unwrap();
         let shutdown = Shutdown::new();
         let sd = shutdown.clone();
+        // As `diskimg serve --cache none` sets it up: a worker per request at the disk.
+        let mut config = VhostConfig::default();
+        if cache == CacheMode::None {
+            config.workers_per_queue = 16;
+        }
         let thread = std::thread::spawn(move || {
-            diskimg_serve::serve_vhost_user_blk(export, &listener, VhostConfig::default(), &sd)
+            diskimg_serve::serve_vhost_user_blk(export, &listener, config, &sd)
         });
         Server {
             shutdown,
@@ -92,7 +97,7 @@ fn libblkio_requests_land_in_the_qcow2() {
 
 /// The same with the image `O_DIRECT` (`serve --cache none`): a guest's aligned pages
 /// go to the file as one `pwritev` (qcow2 `overwrite_vectored`, blockio
-/// `DirectIo::write_aligned_vectored`).
+/// `DirectIo::write_aligned_vectored`), with 16 workers per queue as the CLI gives it.
 #[test]
 fn libblkio_requests_land_in_the_qcow2_with_o_direct() {
     requests_land(CacheMode::None);

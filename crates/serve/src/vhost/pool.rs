@@ -1,0 +1,98 @@
+//! A queue's worker threads: one list of jobs under a mutex, and a condition variable
+//! that wakes one idle worker per job.
+//!
+//! This replaced an `mpsc` channel whose receiver the workers shared behind a mutex:
+//! there the worker holding the mutex slept in `recv` while the others slept on the
+//! mutex, so every job woke two threads (the receiver, then the next one to queue up
+//! in `recv`), which cost a 4 KiB request at queue depth 16 on an `O_DIRECT` image
+//! more CPU time than qemu-storage-daemon's whole request (docs/benchmarks.md,
+//! "Session 10"). Here a job wakes one worker, and a batch of jobs is queued under one
+//! lock.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Work for a worker.
+pub(super) type Job = Box<dyn FnOnce() + Send>;
+
+/// The jobs not yet taken, and whether the pool is being dropped.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled once per queued job, and for every worker when the pool is dropped.
+    more: Condvar,
+}
+
+/// The workers of one queue. Dropping it lets them run every queued job, then ends
+/// them (without waiting: a job may own the last reference to the pool's owner).
+pub(super) struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// Starts `n` workers named after `queue`.
+    pub(super) fn spawn(queue: u16, n: usize) -> io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        for i in 0..n {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("vublk-q{queue}-{i}"))
+                .spawn(move || s.work())?;
+        }
+        Ok(Pool { shared })
+    }
+
+    /// Queues `jobs` (under one lock) and wakes a worker for each.
+    pub(super) fn submit(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut n = 0usize;
+        {
+            let mut q = self.shared.lock();
+            for job in jobs {
+                q.jobs.push_back(job);
+                n += 1;
+            }
+        }
+        for _ in 0..n {
+            self.shared.more.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker: runs jobs until the pool is dropped and no job is left.
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                loop {
+                    if let Some(job) = q.jobs.pop_front() {
+                        break job;
+                    }
+                    if q.stop {
+                        return;
+                    }
+                    q = self.more.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            job();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.more.notify_all();
+    }
+}
