@@ -218,6 +218,8 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
         None if direct(a) => DIRECT_WORKERS,
         None => config.workers_per_queue,
     };
+    // Requests that wait for the disk finish at different times: each tells the guest.
+    config.notify_each = direct(a);
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")

@@ -7,10 +7,12 @@
 //! A large last request (64 KiB or more) goes to the pool as well unless the queue is
 //! at depth 1, so that its copy never keeps the thread from popping the next request.
 //! Completions go back out of order, which virtio allows; the driver is notified once
-//! per batch, by whichever of its requests finishes last (fewer interrupts for the
-//! guest; the script's "guest interrupts per request" column shows it). A large read or
-//! write at queue depth 1 (its queue idle, and the batches before it lone requests too)
-//! runs as pieces on the event thread and the workers at once (`split.rs`).
+//! per batch of small requests, by whichever of them finishes last (fewer interrupts
+//! for the guest; the script's "guest interrupts per request" column shows it), and by
+//! every large request on the pool as it finishes (or by every request:
+//! [`VhostConfig::notify_each`]). A large read or write at queue depth 1 (its queue
+//! idle, and the batches before it lone requests too) runs as pieces on the event
+//! thread and the workers at once (`split.rs`).
 
 use std::io;
 use std::ops::Deref;
@@ -233,15 +235,19 @@ impl BlkBackend {
         // the whole batch, three 1 MiB requests on two cores left one idle while the
         // third finished (page cache, 1 MiB at queue depth 16: 0.76x qemu-storage-
         // daemon's throughput; docs/benchmarks.md, "Session 10").
+        // With `notify_each` every request does (an `O_DIRECT` image: its requests
+        // wait for the disk and finish at different times).
+        let each = self.0.config.notify_each;
         let chains: Vec<(Chain, bool)> = chains
             .into_iter()
             .map(|c| {
-                let l = large(&c);
+                let l = each || large(&c);
                 (c, l)
             })
             .collect();
-        let small = chains.iter().filter(|(_, l)| !l).count() + usize::from(last.is_some());
-        let left = Arc::new(AtomicUsize::new(small));
+        let small =
+            chains.iter().filter(|(_, l)| !l).count() + usize::from(last.is_some() && !each);
+        let left = Arc::new(AtomicUsize::new(if each { 1 } else { small }));
         pool.submit(chains.into_iter().map(|(chain, alone)| {
             let (me, vr) = (self.clone(), vring.clone());
             let left = if alone {

@@ -58,6 +58,14 @@ pub struct VhostConfig {
     /// 1 MiB read at depth 1 from 0.67x qemu-storage-daemon's throughput to 0.90-0.97x
     /// and left writes as they were (docs/benchmarks.md, "Session 9").
     pub split_min: usize,
+    /// Notify the driver as each request completes, not once per batch (by the
+    /// batch's last request to finish; a large request always notifies on its own).
+    /// Worth it when requests finish at different times, as on an `O_DIRECT` image
+    /// where each waits for the disk: `diskimg serve --cache none` sets it, and 4 KiB
+    /// at queue depth 16 went from 0.85-1.00x qemu-storage-daemon's IOPS to
+    /// 1.03-1.12x (docs/benchmarks.md, "Session 10"). Off by default: fewer guest
+    /// interrupts for a burst from the page cache.
+    pub notify_each: bool,
     /// Most data segments the driver may put in one request (`seg_max`, offered with
     /// `VIRTIO_BLK_F_SEG_MAX`); 0 (the default): `queue_size - 2`.
     pub seg_max: u32,
@@ -75,6 +83,7 @@ impl Default for VhostConfig {
             queue_size: 1024,
             workers_per_queue: 4,
             split_min: 256 << 10,
+            notify_each: false,
             seg_max: 0,
             size_max: 0,
         }

@@ -96,3 +96,48 @@ impl Drop for Pool {
         self.shared.more.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::channel;
+    use std::sync::{Arc, Barrier};
+
+    use super::{Job, Pool};
+
+    /// Every job of a batch runs, four at once on four workers (each waits at a barrier
+    /// that only four threads together pass), and jobs queued before the pool is
+    /// dropped still run.
+    #[test]
+    fn runs_every_job_side_by_side_and_after_drop() {
+        let pool = Pool::spawn(0, 4).unwrap();
+        let barrier = Arc::new(Barrier::new(4));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = channel();
+        let jobs = (0..4).map(|_| {
+            let (b, r, tx) = (barrier.clone(), ran.clone(), tx.clone());
+            Box::new(move || {
+                b.wait();
+                r.fetch_add(1, Ordering::AcqRel);
+                tx.send(()).unwrap();
+            }) as Job
+        });
+        pool.submit(jobs);
+        for _ in 0..4 {
+            rx.recv().unwrap();
+        }
+        assert_eq!(ran.load(Ordering::Acquire), 4);
+        pool.submit((0..100).map(|_| {
+            let (r, tx) = (ran.clone(), tx.clone());
+            Box::new(move || {
+                r.fetch_add(1, Ordering::AcqRel);
+                tx.send(()).unwrap();
+            }) as Job
+        }));
+        drop(pool);
+        for _ in 0..100 {
+            rx.recv().unwrap();
+        }
+        assert_eq!(ran.load(Ordering::Acquire), 104);
+    }
+}

@@ -39,6 +39,7 @@ impl Server {
         let mut config = VhostConfig::default();
         if cache == CacheMode::None {
             config.workers_per_queue = 16;
+            config.notify_each = true;
         }
         let thread = std::thread::spawn(move || {
             diskimg_serve::serve_vhost_user_blk(export, &listener, config, &sd)
@@ -97,7 +98,8 @@ fn libblkio_requests_land_in_the_qcow2() {
 
 /// The same with the image `O_DIRECT` (`serve --cache none`): a guest's aligned pages
 /// go to the file as one `pwritev` (qcow2 `overwrite_vectored`, blockio
-/// `DirectIo::write_aligned_vectored`), with 16 workers per queue as the CLI gives it.
+/// `DirectIo::write_aligned_vectored`), with 16 workers per queue and a notification per
+/// request, as the CLI sets it up.
 #[test]
 fn libblkio_requests_land_in_the_qcow2_with_o_direct() {
     requests_land(CacheMode::None);
