@@ -123,6 +123,9 @@ fn policy(a: &Args) -> Result<WritePolicy> {
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.allocation_depth;
     let policy = policy(&a)?;
+    if a.queue_workers.is_some_and(|n| n > MAX_WORKERS) {
+        bail!("--queue-workers must be at most {MAX_WORKERS}");
+    }
     if a.fork && std::env::var_os(READY_ENV).is_none() {
         return fork_and_wait();
     }
@@ -162,6 +165,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
 /// AIO do; with 4, 4 KiB random I/O at depth 16 was 0.57x qemu-storage-daemon's IOPS
 /// (docs/benchmarks.md, "Session 10").
 const DIRECT_WORKERS: usize = 16;
+
+/// Most workers per vhost-user-blk queue `--queue-workers` accepts.
+const MAX_WORKERS: usize = 256;
 
 /// Whether the image is opened `O_DIRECT` (`--cache none` or `directsync`).
 fn direct(a: &Args) -> bool {
@@ -213,7 +219,6 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
     config.seg_max = a.seg_max;
     config.size_max = a.size_max;
     config.workers_per_queue = match a.queue_workers {
-        Some(n) if n > 256 => bail!("--queue-workers must be at most 256"),
         Some(n) => n,
         None if direct(a) => DIRECT_WORKERS,
         None => config.workers_per_queue,

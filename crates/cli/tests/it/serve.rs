@@ -341,4 +341,17 @@ fn fork_pid_file_and_read_only() {
     let o = crate::diskimg(&["serve", "-k", s(&sock), s(&dir.path().join("missing"))]);
     assert_eq!(crate::code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("Could not open"));
+    // More vhost-user-blk workers than allowed: refused before anything listens.
+    let vsock = dir.path().join("v.sock");
+    let o = crate::diskimg(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&vsock),
+        "--queue-workers",
+        "257",
+        s(&img),
+    ]);
+    assert_eq!(crate::code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--queue-workers must be at most 256"));
+    assert!(!vsock.exists());
 }
