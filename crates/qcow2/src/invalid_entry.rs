@@ -29,7 +29,7 @@ fn entry_problem(what: &str) -> bool {
 }
 
 /// qemu's `%#x`: `0` for zero, `0x…` otherwise.
-fn hex(v: u64) -> String {
+pub(crate) fn hex(v: u64) -> String {
     if v == 0 {
         "0".into()
     } else {

@@ -114,7 +114,10 @@ impl Meta {
         };
         let off = e & REFT_OFFSET_MASK;
         if !off.is_multiple_of(self.cs()) {
-            let what = format!("Refblock offset {off:#x} unaligned (reftable index: {ti:#x})");
+            let what = format!(
+                "Refblock offset {off:#x} unaligned (reftable index: {})",
+                crate::invalid_entry::hex(ti)
+            );
             let at = self.h.refcount_table_offset + ti * 8;
             return Err(self.corruption(what, at));
         }

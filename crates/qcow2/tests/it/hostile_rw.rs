@@ -257,3 +257,35 @@ fn in_use_bitmap_with_a_table_of_the_wrong_size_opens_as_qemu() {
         );
     }
 }
+
+/// A misaligned refcount block offset met by an allocating write: the corruption event
+/// names it in qemu's words, whose `%#x` prints the reftable index 0 as `0`.
+#[test]
+fn misaligned_refcount_block_named_as_qemu() {
+    let dir = tempdir();
+    let p = dir.path().join("m.qcow2");
+    let ps = p.to_string_lossy().into_owned();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", &ps, "1M"]);
+    let mut img = std::fs::read(&p).unwrap();
+    let rt = be64(&img, 48) as usize;
+    let rb = be64(&img, rt);
+    img[rt..rt + 8].copy_from_slice(&(rb + 512).to_be_bytes());
+    std::fs::write(&p, &img).unwrap();
+    let q = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 64k", &ps])
+        .output()
+        .unwrap();
+    let want = format!(
+        "Refblock offset {:#x} unaligned (reftable index: 0)",
+        rb + 512
+    );
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    assert!(
+        qerr.contains(&format!("Marking image as corrupt: {want};")),
+        "{qerr}"
+    );
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+    let dev = DRIVER.open(s, &OpenOptions::new()).unwrap();
+    let e = dev.write_at(&[1; 65536], 0).unwrap_err();
+    assert_eq!(e.to_string(), want);
+}
