@@ -46,11 +46,9 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
             ));
         }
         len = len.min(e.len);
-        let file = match e.kind {
-            ExtentKind::Data { offset: Some(_) } | ExtentKind::Zero { offset: Some(_) } => {
-                cur.map_file(offset)
-            }
-            _ => 0,
+        let file = match e.kind.host_offset() {
+            Some(_) => cur.map_file(offset),
+            None => 0,
         };
         let entry = |present, zero, data, compressed, off| MapEntry {
             start: offset,
@@ -66,6 +64,9 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
         match e.kind {
             ExtentKind::Data { offset: o } => return Ok(entry(true, false, true, false, o)),
             ExtentKind::Zero { offset: o } => return Ok(entry(true, true, false, false, o)),
+            ExtentKind::DataZero { offset: o } => {
+                return Ok(entry(true, true, true, false, Some(o)));
+            }
             ExtentKind::Compressed => return Ok(entry(true, false, true, true, None)),
             ExtentKind::Unallocated => {}
         }

@@ -23,6 +23,15 @@ pub enum ExtentKind {
         /// Host byte offset of the first byte of the extent.
         offset: Option<u64>,
     },
+    /// Allocated data stored in this layer at host `offset` whose host bytes are a hole
+    /// of the host file (or past its end), so it reads as zeroes: space a format
+    /// allocated but never wrote (qcow2 `preallocation=metadata`, static VDI blocks,
+    /// VMDK flat extents, fixed VHDs). qemu reports it as `"data": true, "zero": true`
+    /// (its block layer adds the file's zero flag to the format's data extent).
+    DataZero {
+        /// Host byte offset of the first byte of the extent.
+        offset: u64,
+    },
     /// Reads as zeroes, decided by this layer (a zero flag, a hole in a raw file).
     Zero {
         /// Host offset when the zeroes are backed by host space (raw holes, preallocated).
@@ -38,7 +47,15 @@ pub enum ExtentKind {
 impl ExtentKind {
     /// True when a read returns zeroes without consulting another layer.
     pub fn is_zero(self) -> bool {
-        matches!(self, ExtentKind::Zero { .. })
+        matches!(self, ExtentKind::Zero { .. } | ExtentKind::DataZero { .. })
+    }
+    /// The host offset of the extent's first byte, when it has one.
+    pub fn host_offset(self) -> Option<u64> {
+        match self {
+            ExtentKind::Data { offset } | ExtentKind::Zero { offset } => offset,
+            ExtentKind::DataZero { offset } => Some(offset),
+            ExtentKind::Unallocated | ExtentKind::Compressed => None,
+        }
     }
     /// True when this layer determines the content.
     pub fn is_present(self) -> bool {
@@ -175,8 +192,8 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
-    /// Which host file the host offset of the [`ExtentKind::Data`] or [`ExtentKind::Zero`]
-    /// extent that `map(offset, …)` returns refers to: 0 for the image's own file, `i + 1`
+    /// Which host file the host offset of the [`ExtentKind::Data`], [`ExtentKind::DataZero`]
+    /// or [`ExtentKind::Zero`] extent that `map(offset, …)` returns refers to: 0 for the image's own file, `i + 1`
     /// for [`BlockDevice::host_files`]`()[i]` (qemu-img map's "File" column). The default:
     /// 0, for formats that keep their data in their own file.
     fn map_file(&self, _offset: u64) -> usize {
@@ -435,22 +452,56 @@ pub fn read_from_backing(
     Ok(())
 }
 
+/// What a host hole under a format's data means to `map` ([`map_host_run`],
+/// [`HostRun::holes`](crate::HostRun::holes)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Holes {
+    /// Host holes are not looked for: the run maps as [`ExtentKind::Data`] whatever the
+    /// host file holds (qemu's formats without recursion into their file).
+    #[default]
+    Ignored,
+    /// Holes map as [`ExtentKind::Zero`] with their offset: the format passes the file's
+    /// status through (qemu's `BDRV_BLOCK_RAW`: raw images).
+    Zero,
+    /// Holes map as [`ExtentKind::DataZero`]: the format's data extent gains the file's
+    /// zero flag (qemu's `BDRV_BLOCK_RECURSE`: fixed VHDs, static VDIs, VMDK flat
+    /// extents, metadata-preallocated qcow2).
+    DataZero,
+}
+
 /// Maps guest bytes stored contiguously in `storage`: `len` (> 0) guest bytes at `guest`
 /// live at host offset `host`. Returns the first run, which is either data or a host hole
-/// (reported as [`ExtentKind::Zero`], since holes read as zeroes), using
-/// [`Storage::next_data`]/[`Storage::next_hole`]. Raw images, fixed VHDs and static VDIs
-/// map this way.
-pub fn map_host_run(storage: &dyn Storage, guest: u64, host: u64, len: u64) -> Result<Extent> {
+/// (or the range past the file's end), which reads as zeroes and maps as `holes` says,
+/// using [`Storage::next_data`]/[`Storage::next_hole`].
+pub fn map_host_run(
+    storage: &dyn Storage,
+    guest: u64,
+    host: u64,
+    len: u64,
+    holes: Holes,
+) -> Result<Extent> {
     if len == 0 {
         return Err(Error::invalid("map of an empty range"));
     }
+    let data = ExtentKind::Data { offset: Some(host) };
+    if holes == Holes::Ignored {
+        return Ok(Extent {
+            offset: guest,
+            len,
+            kind: data,
+        });
+    }
+    let hole = match holes {
+        Holes::DataZero => ExtentKind::DataZero { offset: host },
+        _ => ExtentKind::Zero { offset: Some(host) },
+    };
     let (kind, run) = match storage.next_data(host)? {
         Some(d) if d <= host => {
-            let hole = storage.next_hole(host)?.max(host + 1);
-            (ExtentKind::Data { offset: Some(host) }, hole - host)
+            let end = storage.next_hole(host)?.max(host + 1);
+            (data, end - host)
         }
-        Some(d) => (ExtentKind::Zero { offset: Some(host) }, d - host),
-        None => (ExtentKind::Zero { offset: Some(host) }, len),
+        Some(d) => (hole, d - host),
+        None => (hole, len),
     };
     Ok(Extent {
         offset: guest,
@@ -496,6 +547,9 @@ fn mergeable(a: &Extent, b: &Extent) -> bool {
     match (a.kind, b.kind) {
         (ExtentKind::Data { offset: x }, ExtentKind::Data { offset: y }) => contiguous(x, y),
         (ExtentKind::Zero { offset: x }, ExtentKind::Zero { offset: y }) => contiguous(x, y),
+        (ExtentKind::DataZero { offset: x }, ExtentKind::DataZero { offset: y }) => {
+            contiguous(Some(x), Some(y))
+        }
         (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
         (ExtentKind::Compressed, ExtentKind::Compressed) => true,
         _ => false,

@@ -38,7 +38,8 @@ use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use crate::device::{
-    BlockDevice, Extent, ExtentKind, check_range, map_host_run, read_each, read_from_backing,
+    BlockDevice, Extent, ExtentKind, Holes, check_range, map_host_run, read_each,
+    read_from_backing,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -73,10 +74,12 @@ pub struct HostRun<'a> {
     pub offset: u64,
     /// What reading past the end of `storage` means.
     pub past_eof: PastEof,
-    /// True when host holes are reported by `map` as [`ExtentKind::Zero`] (raw files,
-    /// fixed VHDs, static VDIs: qemu's file layer reports them so); otherwise the run
-    /// maps as [`ExtentKind::Data`] whatever the host file holds.
-    pub holes: bool,
+    /// How `map` reports host holes under the run ([`Holes`]): not at all (the run is
+    /// [`ExtentKind::Data`] whatever the host file holds, the default), as
+    /// [`ExtentKind::Zero`] (raw files) or as [`ExtentKind::DataZero`] (fixed VHDs,
+    /// static VDIs, VMDK flat extents, metadata-preallocated qcow2), as qemu's block
+    /// layer reports them.
+    pub holes: Holes,
 }
 
 impl<'a> HostRun<'a> {
@@ -86,7 +89,7 @@ impl<'a> HostRun<'a> {
             storage,
             offset,
             past_eof: PastEof::Fail,
-            holes: false,
+            holes: Holes::Ignored,
         }
     }
 
@@ -97,7 +100,7 @@ impl<'a> HostRun<'a> {
     }
 
     /// Sets [`HostRun::holes`].
-    pub fn holes(mut self, holes: bool) -> Self {
+    pub fn holes(mut self, holes: Holes) -> Self {
         self.holes = holes;
         self
     }
@@ -405,8 +408,8 @@ fn extent_of<L: Layout + ?Sized>(
         ));
     }
     let kind = match mapping {
-        Mapping::Host(run) if run.holes => {
-            let e = map_host_run(run.storage, offset, run.offset, n)?;
+        Mapping::Host(run) if run.holes != Holes::Ignored => {
+            let e = map_host_run(run.storage, offset, run.offset, n, run.holes)?;
             return Ok((e, e.len == n, storage_id(&mapping)));
         }
         Mapping::Host(run) => ExtentKind::Data {
@@ -453,7 +456,10 @@ impl KindAtEnd for Extent {
             ExtentKind::Zero { offset } => ExtentKind::Zero {
                 offset: at(offset)?,
             },
-            k => k,
+            ExtentKind::DataZero { offset } => ExtentKind::DataZero {
+                offset: offset.checked_add(n)?,
+            },
+            k @ (ExtentKind::Unallocated | ExtentKind::Compressed) => k,
         })
     }
 }

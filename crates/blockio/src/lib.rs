@@ -97,7 +97,7 @@ pub use chain::{MapChain, MapEntry, block_status, map_chain, map_chain_iter};
 pub use closed::Closed;
 pub use copy::copy_range;
 pub use device::{
-    BlockDevice, Extent, ExtentKind, ZeroFlags, check_range, map_all, map_host_run,
+    BlockDevice, Extent, ExtentKind, Holes, ZeroFlags, check_range, map_all, map_host_run,
     read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};

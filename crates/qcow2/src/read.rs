@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, DebugEvent, Error, Extent, ExtentKind, HostRun, Layout, Mapping, PastEof, Result,
+    BlockDevice, DebugEvent, Error, Extent, ExtentKind, Holes, HostRun, Layout, Mapping, PastEof, Result,
     RunFn, map_run, read_via, walk,
 };
 
@@ -224,8 +224,13 @@ impl Layout for View<'_> {
                     s.debug_event(DebugEvent::ReadAio);
                 }
                 // qemu reads past the end of the file as zeroes. `map` of a
-                // metadata-preallocated image reports the file's holes as zeroes.
-                let holes = !self.reads && self.dev.map_sees_holes();
+                // metadata-preallocated image reports the file's holes as data that
+                // reads as zeroes (qemu's recursion into the file).
+                let holes = if !self.reads && self.dev.map_sees_holes() {
+                    Holes::DataZero
+                } else {
+                    Holes::Ignored
+                };
                 Mapping::Host(
                     HostRun::new(s.as_ref(), host)
                         .past_eof(PastEof::Zero)

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, HostRun,
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, Holes, HostRun,
     Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, check_range,
     copy_range, map_via, read_via,
 };
@@ -121,7 +121,7 @@ impl Layout for RawDevice {
     fn lookup(&self, offset: u64, max: u64) -> Result<(Mapping<'_>, u64)> {
         let run = HostRun::new(self.storage.as_ref(), offset)
             .past_eof(PastEof::Zero)
-            .holes(true);
+            .holes(Holes::Zero);
         Ok((Mapping::Host(run), max))
     }
 }

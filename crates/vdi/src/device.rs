@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, HostRun, Layout, Limits, Mapping, PastEof,
+    BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout, Limits, Mapping, PastEof,
     Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via, read_via,
 };
 
@@ -249,7 +249,11 @@ impl Layout for View<'_> {
             let host = self.m.host_offset(u64::from(e))? + in_block;
             let run = HostRun::new(self.storage, host)
                 .past_eof(PastEof::Zero)
-                .holes(self.m.header.is_static());
+                .holes(if self.m.header.is_static() {
+                    Holes::DataZero
+                } else {
+                    Holes::Ignored
+                });
             return Ok((Mapping::Host(run), stop.min(end) - offset));
         }
         while stop < end && !is_allocated(self.m.entry(stop / BLOCK_SIZE)) {

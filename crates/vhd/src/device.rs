@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, HostRun, Layout, Mapping,
+    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout, Mapping,
     MetaRanges, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via,
     read_via,
 };
@@ -172,7 +172,7 @@ impl Layout for View<'_> {
         let storage = self.dev.storage.as_ref();
         let Some(d) = &self.dev.dynamic else {
             return Ok((
-                Mapping::Host(HostRun::new(storage, offset).holes(true)),
+                Mapping::Host(HostRun::new(storage, offset).holes(Holes::DataZero)),
                 max,
             ));
         };

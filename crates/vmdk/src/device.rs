@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode, Result,
+    Holes, HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode, Result,
     Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
@@ -225,12 +225,12 @@ impl Layout for VmdkDevice {
         match &ext.data {
             ExtentData::Zero => Ok((Mapping::Zero { host: None }, n)),
             // As qemu (which recurses into the file), holes of a flat extent file map as
-            // zeroes.
+            // data that reads as zeroes.
             ExtentData::Flat { storage, offset } => {
                 let at = offset.checked_add(in_ext).ok_or_else(|| {
                     Error::corrupt_unplaced("vmdk", "flat extent offset overflows")
                 })?;
-                Ok((Mapping::Host(host_run(storage, at).holes(true)), n))
+                Ok((Mapping::Host(host_run(storage, at).holes(Holes::DataZero)), n))
             }
             ExtentData::Sparse(s) => {
                 let gb = s.grain_bytes();

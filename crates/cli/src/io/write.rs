@@ -193,7 +193,10 @@ fn write_compressed(b: &Blk, buf: &[u8], offset: u64) -> diskimg::Result<()> {
     for chunk in buf.chunks(step) {
         // Compression never overwrites: qemu fails a cluster that holds data with EIO.
         let e = b.dev.map(pos, chunk.len() as u64)?;
-        if matches!(e.kind, ExtentKind::Data { .. } | ExtentKind::Compressed) {
+        if matches!(
+            e.kind,
+            ExtentKind::Data { .. } | ExtentKind::DataZero { .. } | ExtentKind::Compressed
+        ) {
             return Err(diskimg::Error::io(
                 "compressed write over allocated data",
                 std::io::Error::from_raw_os_error(5),
