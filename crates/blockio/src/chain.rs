@@ -61,15 +61,15 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
             offset: off,
             file,
         };
-        match e.kind {
+        let reserved = match e.kind {
             ExtentKind::Data { offset: o } => return Ok(entry(true, false, true, false, o)),
             ExtentKind::Zero { offset: o } => return Ok(entry(true, true, false, false, o)),
             ExtentKind::DataZero { offset: o } => {
                 return Ok(entry(true, true, true, false, Some(o)));
             }
             ExtentKind::Compressed => return Ok(entry(true, false, true, true, None)),
-            ExtentKind::Unallocated => {}
-        }
+            ExtentKind::Unallocated { offset: o } => o,
+        };
         match cur.backing_device() {
             Some(b) if offset < b.virtual_size() => {
                 len = len.min(b.virtual_size() - offset);
@@ -80,9 +80,9 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<MapE
                 cur = holder.as_ref();
             }
             // Beyond the end of the backing image: zeroes, reported at the depth of the
-            // layer whose backing is too short (as qemu does).
-            Some(_) => return Ok(entry(false, true, false, false, None)),
-            None => return Ok(entry(false, true, false, false, None)),
+            // layer whose backing is too short (as qemu does), with the host space that
+            // layer reserved there, if any.
+            Some(_) | None => return Ok(entry(false, true, false, false, reserved)),
         }
     }
 }

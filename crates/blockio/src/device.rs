@@ -39,7 +39,12 @@ pub enum ExtentKind {
     },
     /// This layer holds nothing here: reads come from the backing device, or are
     /// zeroes when there is none.
-    Unallocated,
+    Unallocated {
+        /// Host offset of space this layer reserved for the range without using it
+        /// (unwritten subclusters of an allocated qcow2 extended-L2 cluster), which
+        /// qemu-img map prints when no lower layer decides the range.
+        offset: Option<u64>,
+    },
     /// Compressed data stored in this layer (no plain host offset).
     Compressed,
 }
@@ -52,14 +57,16 @@ impl ExtentKind {
     /// The host offset of the extent's first byte, when it has one.
     pub fn host_offset(self) -> Option<u64> {
         match self {
-            ExtentKind::Data { offset } | ExtentKind::Zero { offset } => offset,
+            ExtentKind::Data { offset }
+            | ExtentKind::Zero { offset }
+            | ExtentKind::Unallocated { offset } => offset,
             ExtentKind::DataZero { offset } => Some(offset),
-            ExtentKind::Unallocated | ExtentKind::Compressed => None,
+            ExtentKind::Compressed => None,
         }
     }
     /// True when this layer determines the content.
     pub fn is_present(self) -> bool {
-        !matches!(self, ExtentKind::Unallocated)
+        !matches!(self, ExtentKind::Unallocated { .. })
     }
 }
 
@@ -550,7 +557,9 @@ fn mergeable(a: &Extent, b: &Extent) -> bool {
         (ExtentKind::DataZero { offset: x }, ExtentKind::DataZero { offset: y }) => {
             contiguous(Some(x), Some(y))
         }
-        (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
+        (ExtentKind::Unallocated { offset: x }, ExtentKind::Unallocated { offset: y }) => {
+            contiguous(x, y)
+        }
         (ExtentKind::Compressed, ExtentKind::Compressed) => true,
         _ => false,
     }

@@ -149,8 +149,12 @@ pub enum Mapping<'a> {
         host: Option<u64>,
     },
     /// This layer holds nothing here: reads come from [`Layout::backing`], or are
-    /// zeroes without one.
-    Unallocated,
+    /// zeroes without one; `host` is space the layer reserved for the range without
+    /// using it, if any (what `map` reports, [`ExtentKind::Unallocated`]).
+    Unallocated {
+        /// Host offset of the reserved space.
+        host: Option<u64>,
+    },
     /// Bytes the format decodes itself ([`Layout::read_special`]): compressed or
     /// encrypted data. `kind` is what `map` reports; `token` is handed back to
     /// `read_special` (a table entry or host offset, so it need not look up again).
@@ -341,7 +345,7 @@ pub fn read_run<L: Layout + ?Sized>(
             chunk.fill(0);
             Ok(())
         }
-        Mapping::Unallocated => read_from_backing(layout.backing().as_deref(), chunk, offset),
+        Mapping::Unallocated { .. } => read_from_backing(layout.backing().as_deref(), chunk, offset),
         Mapping::Special { token, .. } => layout.read_special(token, offset, chunk),
     }
 }
@@ -416,7 +420,7 @@ fn extent_of<L: Layout + ?Sized>(
             offset: Some(run.offset),
         },
         Mapping::Zero { host } => ExtentKind::Zero { offset: host },
-        Mapping::Unallocated => ExtentKind::Unallocated,
+        Mapping::Unallocated { host } => ExtentKind::Unallocated { offset: host },
         Mapping::Special { kind, .. } => kind,
     };
     Ok((
@@ -459,7 +463,10 @@ impl KindAtEnd for Extent {
             ExtentKind::DataZero { offset } => ExtentKind::DataZero {
                 offset: offset.checked_add(n)?,
             },
-            k @ (ExtentKind::Unallocated | ExtentKind::Compressed) => k,
+            ExtentKind::Unallocated { offset } => ExtentKind::Unallocated {
+                offset: at(offset)?,
+            },
+            ExtentKind::Compressed => ExtentKind::Compressed,
         })
     }
 }
@@ -493,7 +500,7 @@ mod tests {
             let m = match offset / 16 {
                 0 => Mapping::Host(HostRun::new(self.host, offset)),
                 1 => Mapping::Zero { host: None },
-                2 => Mapping::Unallocated,
+                2 => Mapping::Unallocated { host: None },
                 _ => Mapping::Special {
                     kind: ExtentKind::Compressed,
                     token: 9,
@@ -528,7 +535,7 @@ mod tests {
             .collect();
         assert_eq!(kinds[0], (16, ExtentKind::Data { offset: Some(0) }));
         assert_eq!(kinds[1], (16, ExtentKind::Zero { offset: None }));
-        assert_eq!(kinds[2], (16, ExtentKind::Unallocated));
+        assert_eq!(kinds[2], (16, ExtentKind::Unallocated { offset: None }));
         assert_eq!(kinds[3], (16, ExtentKind::Compressed));
         // map_run: the one lookup, never merged.
         let e = map_run(&l, 48, 16).unwrap();

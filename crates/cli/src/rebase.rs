@@ -3,7 +3,7 @@
 //! backing differ and FILE holds nothing; `-u` only rewrites the header; `-b ""` detaches.
 
 use anyhow::{Context, Result, anyhow, bail};
-use diskimg::blockio::{ExtentKind, InfoValue, ZeroFlags};
+use diskimg::blockio::{InfoValue, ZeroFlags};
 use diskimg::{BlockDevice, ImageOptions, OpenPolicy};
 
 use crate::args::{CacheArg, FormatArg, ProgressArg, QuietArg};
@@ -135,7 +135,7 @@ fn copy_differences(
     while pos < size {
         let e = top.map(pos, size - pos)?;
         let end = pos.saturating_add(e.len.max(1)).min(size);
-        if e.kind != ExtentKind::Unallocated {
+        if e.kind.is_present() {
             pos = end;
             bar.fraction(pos, size);
             continue;

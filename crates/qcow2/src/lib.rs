@@ -81,7 +81,7 @@
 //! dev.read_at(&mut buf, 8192)?;
 //! assert_eq!(buf, [0xab; 512]);
 //! assert!(matches!(dev.map(8192, 4096)?.kind, ExtentKind::Data { .. }));
-//! assert_eq!(dev.map(0, 4096)?.kind, ExtentKind::Unallocated);
+//! assert_eq!(dev.map(0, 4096)?.kind, ExtentKind::Unallocated { offset: None });
 //! assert_eq!(dev.check(Default::default())?.corruptions, 0);
 //! # Ok::<(), diskimg_blockio::Error>(())
 //! ```

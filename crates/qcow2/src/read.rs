@@ -248,7 +248,13 @@ impl Layout for View<'_> {
                 host: Some(h).filter(|_| clear),
             },
             Sub::Zero => Mapping::Zero { host: None },
-            Sub::Unalloc => Mapping::Unallocated,
+            // `map` (not reads) reports the space an extended-L2 cluster reserved for
+            // its unwritten subclusters, as qemu (not for encrypted images).
+            Sub::Unalloc if !self.reads && clear => {
+                let (host, m) = self.dev.unallocated_host(offset, n)?;
+                return Ok((Mapping::Unallocated { host }, m.clamp(1, n)));
+            }
+            Sub::Unalloc => Mapping::Unallocated { host: None },
             Sub::Compressed(host, len) => {
                 self.special(ExtentKind::Compressed, Special::Compressed { host, len })
             }

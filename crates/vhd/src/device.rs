@@ -188,7 +188,7 @@ impl Layout for View<'_> {
                 stop = stop.saturating_add(d.block_size);
             }
             let m = if diff {
-                Mapping::Unallocated
+                Mapping::Unallocated { host: None }
             } else {
                 Mapping::Zero { host: None }
             };
@@ -203,7 +203,7 @@ impl Layout for View<'_> {
         let m = if present {
             Mapping::Host(host)
         } else {
-            Mapping::Unallocated
+            Mapping::Unallocated { host: None }
         };
         Ok((m, block_start + stop - offset))
     }

@@ -299,7 +299,7 @@ impl VhdxDevice {
         let e = st.entry(self.geo.payload_index(block));
         let off = entry_offset(e);
         let kind = match entry_state(e) {
-            PAYLOAD_NOT_PRESENT => ExtentKind::Unallocated,
+            PAYLOAD_NOT_PRESENT => ExtentKind::Unallocated { offset: None },
             PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => {
                 ExtentKind::Zero { offset: None }
             }
@@ -319,7 +319,7 @@ impl VhdxDevice {
                         offset: Some(off + in_off),
                     }
                 } else {
-                    ExtentKind::Unallocated
+                    ExtentKind::Unallocated { offset: None }
                 };
                 return Ok((kind, run_end - in_off));
             }
@@ -381,7 +381,7 @@ impl Layout for View<'_> {
                 };
                 Mapping::Host(HostRun::new(self.dev.storage.as_ref(), h).past_eof(past_eof))
             }
-            ExtentKind::Unallocated => Mapping::Unallocated,
+            ExtentKind::Unallocated { .. } => Mapping::Unallocated { host: None },
             ExtentKind::Zero { offset } => Mapping::Zero { host: offset },
             kind => Mapping::Special { kind, token: 0 },
         };

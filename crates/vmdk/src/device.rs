@@ -236,7 +236,7 @@ impl Layout for VmdkDevice {
                 let gb = s.grain_bytes();
                 let in_grain = in_ext % gb;
                 let m = match s.lookup(in_ext / gb)? {
-                    Grain::Unallocated => Mapping::Unallocated,
+                    Grain::Unallocated => Mapping::Unallocated { host: None },
                     Grain::Zero => Mapping::Zero { host: None },
                     Grain::Data(h) => {
                         Mapping::Host(host_run(&s.storage, h.saturating_add(in_grain)))

@@ -441,7 +441,7 @@ impl BlockDevice for ForwardStreamDevice {
         let kind = if data {
             ExtentKind::Compressed
         } else {
-            ExtentKind::Unallocated
+            ExtentKind::Unallocated { offset: None }
         };
         Ok(Extent { offset, len, kind })
     }

@@ -43,7 +43,7 @@ impl Layout for Dev {
         let m = match (i, HOST[i]) {
             (_, Some(h)) => Mapping::Host(HostRun::new(self.host.as_ref(), h * B + offset % B)),
             (2, None) => Mapping::Zero { host: None },
-            (5, None) => Mapping::Unallocated,
+            (5, None) => Mapping::Unallocated { host: None },
             _ => Mapping::Special {
                 kind: crate::ExtentKind::Compressed,
                 token: 0x77,

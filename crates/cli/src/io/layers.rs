@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use diskimg::blockio::{DeviceInfo, ExtentKind, InfoValue, ZeroFlags};
+use diskimg::blockio::{DeviceInfo, InfoValue, ZeroFlags};
 
 use super::blkdebug::Blkdebug;
 use super::filter::{Filter, Filtered};
@@ -87,7 +87,7 @@ impl CopyOnRead {
                 let r = usize::try_from(a - offset).ok()?..usize::try_from(b - offset).ok()?;
                 (a < b && r.end <= buf.len()).then_some(r)
             };
-            if e.kind == ExtentKind::Unallocated {
+            if !e.kind.is_present() {
                 self.copy_up(pos, n, buf, offset)?;
             } else if let Some(dst) = part(buf).and_then(|r| buf.get_mut(r)) {
                 self.inner.read_at(dst, a)?;
@@ -181,7 +181,7 @@ impl Filter for Compress {
         let mut pos = start;
         while pos < stop {
             let e = self.inner.map(pos, stop - pos)?;
-            if e.kind != ExtentKind::Unallocated {
+            if e.kind.is_present() {
                 return Err(std::io::Error::from_raw_os_error(5).into());
             }
             pos += e.len.max(1);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use diskimg::BlockDevice;
-use diskimg::blockio::{ExtentKind, Preallocation};
+use diskimg::blockio::Preallocation;
 
 use super::cmd::{Cmd, bad_option, usage};
 use super::getopt::{self, Event};
@@ -25,7 +25,7 @@ fn is_allocated(dev: &dyn BlockDevice, offset: u64, bytes: u64) -> diskimg::Resu
     // Formats qemu cannot layer (vpc, vdi, vhdx, raw) report unallocated ranges as zero,
     // which counts as allocated; qcow2 and vmdk leave them to the (absent) backing file.
     let layered = matches!(dev.info().format, "qcow2" | "vmdk") || dev.backing_device().is_some();
-    let alloc = !matches!(e.kind, ExtentKind::Unallocated) || !layered;
+    let alloc = e.kind.is_present() || !layered;
     Ok((alloc, e.len))
 }
 
