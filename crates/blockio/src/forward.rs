@@ -18,7 +18,7 @@
 /// Every method of the trait can be named: `read_exact_at`, `write_all_at`,
 /// `read_vectored_exact_at`, `write_vectored_all_at`, `len`, `is_empty`, `set_len`,
 /// `flush`, `is_read_only`, `write_zeroes`, `write_zeroes_unmap`, `discard`,
-/// `discard_zeroes`, `preallocate`, `next_data`, `next_hole`, `allocated_bytes`,
+/// `discard_zeroes`, `preallocate`, `peek_exact_at`, `next_data`, `next_hole`, `allocated_bytes`,
 /// `start_writeback`, `host_file`, `uring` (Linux) and `debug_event`. Methods not named keep the trait's defaults.
 ///
 /// ```
@@ -134,6 +134,11 @@ macro_rules! forward_storage {
             mode: $crate::Preallocation,
         ) -> $crate::Result<()> {
             $crate::Storage::preallocate(&self.$f, offset, len, mode)
+        }
+    };
+    (@one $f:ident peek_exact_at) => {
+        fn peek_exact_at(&self, buf: &mut [u8], offset: u64) -> $crate::Result<()> {
+            $crate::Storage::peek_exact_at(&self.$f, buf, offset)
         }
     };
     (@one $f:ident next_data) => {

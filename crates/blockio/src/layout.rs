@@ -38,8 +38,7 @@ use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use crate::device::{
-    BlockDevice, Extent, ExtentKind, Holes, check_range, map_host_run, read_each,
-    read_from_backing,
+    BlockDevice, Extent, ExtentKind, Holes, check_range, map_host_run, read_each, read_from_backing,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -345,7 +344,9 @@ pub fn read_run<L: Layout + ?Sized>(
             chunk.fill(0);
             Ok(())
         }
-        Mapping::Unallocated { .. } => read_from_backing(layout.backing().as_deref(), chunk, offset),
+        Mapping::Unallocated { .. } => {
+            read_from_backing(layout.backing().as_deref(), chunk, offset)
+        }
         Mapping::Special { token, .. } => layout.read_special(token, offset, chunk),
     }
 }

@@ -1,9 +1,9 @@
 //! `map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] FILE`.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use diskimg::{Image, MapEntry};
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use crate::args::{FormatArg, OutputArg, ReadOnlyShareArg};
 use crate::common::{full_backing_name, open_image, parse_size};
@@ -112,8 +112,17 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         for e in entries {
             let e = e?;
             if e.data && e.offset.is_none() {
+                // Reported as qemu-img's buffered stdout orders it: on a terminal the
+                // lines so far come first, into a pipe or file they follow the message.
+                if std::io::stdout().is_terminal() {
+                    o.flush()?;
+                }
+                eprintln!(
+                    "{}: File contains external, encrypted or compressed clusters.",
+                    crate::common::prog()
+                );
                 o.flush()?;
-                bail!("File contains external, encrypted or compressed clusters.");
+                return Ok(1);
             }
             if let (true, false, Some(off)) = (e.data, e.zero, e.offset) {
                 writeln!(

@@ -11,8 +11,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use diskimg_blockio::{
-    BlockDevice, DebugEvent, Error, Extent, ExtentKind, Holes, HostRun, Layout, Mapping, PastEof, Result,
-    RunFn, map_run, read_via, walk,
+    BlockDevice, DebugEvent, Error, Extent, ExtentKind, Holes, HostRun, Layout, Mapping, PastEof,
+    Result, RunFn, map_run, read_via, walk,
 };
 
 use crate::device::Qcow2Device;

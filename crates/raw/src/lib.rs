@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use diskimg_blockio::{
-    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, Holes, HostRun,
-    Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags, check_range,
-    copy_range, map_via, read_via,
+    BlockDevice, CreateOptionSpec, CreateRequest, DeviceInfo, Driver, Error, Extent, Holes,
+    HostRun, Layout, Mapping, OpenOptions, PastEof, Preallocation, Result, Storage, ZeroFlags,
+    check_range, copy_range, map_via, read_via,
 };
 
 /// The raw driver for the facade's table. Its probe never claims a file: raw is the

@@ -51,24 +51,15 @@ pub fn is_stream_spec(spec: &str) -> bool {
     spec == "-" || spec.starts_with("http://") || spec.starts_with("https://")
 }
 
-/// Bytes of the page cache a 512-byte read at offset 0 may fill: Linux's largest
-/// default read-ahead window.
-const SNIFF_READAHEAD: u64 = 128 << 10;
-
 /// Reads up to 512 bytes of a layer without losing them.
 fn sniff(layer: Layer) -> Result<(Layer, Vec<u8>)> {
     match layer {
         Layer::Seek(s) => {
             let n = s.len()?.min(512);
             let mut head = vec![0u8; usize::try_from(n).unwrap_or(0)];
-            s.read_exact_at(&mut head, 0)?;
-            // The sniff must leave no trace: on ext4 and XFS, cached pages of an
-            // unwritten (fallocated or zero-ranged) extent make `SEEK_DATA` report it as
-            // data, so a raw image's `map` (ours and qemu-img's after us) would show the
-            // read-ahead head of the file as data where qemu-img, which reads nothing
-            // with `-f raw`, shows a hole. Drop the read-ahead pages again (clean pages
-            // only; a no-op for storages without a page cache).
-            s.start_writeback(0, SNIFF_READAHEAD.min(s.len()?));
+            // Leaves the page cache as it was: a plain image file is opened again
+            // the usual way, and its map must not change because it was sniffed.
+            s.peek_exact_at(&mut head, 0)?;
             Ok((Layer::Seek(s), head))
         }
         Layer::Stream(mut r, len) => {

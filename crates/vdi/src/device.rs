@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
-    BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout, Limits, Mapping, PastEof,
-    Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via, read_via,
+    BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout, Limits, Mapping,
+    PastEof, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via, read_via,
 };
 
 use crate::bmap::{Meta, is_allocated};

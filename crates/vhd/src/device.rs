@@ -6,9 +6,9 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex, RwLock};
 
 use diskimg_blockio::{
-    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout, Mapping,
-    MetaRanges, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range, map_via,
-    read_via,
+    BackingRef, BlockDevice, CheckReport, DeviceInfo, Error, Extent, Holes, HostRun, Layout,
+    Mapping, MetaRanges, Preallocation, RepairMode, Result, Storage, ZeroFlags, check_range,
+    map_via, read_via,
 };
 
 use crate::footer::FORMAT;

@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use diskimg_blockio::{
     BackingRef, BlockDevice, CheckReport, CompressedUnits, DeviceInfo, Error, Extent, ExtentKind,
-    Holes, HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode, Result,
-    Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
+    Holes, HostRun, InfoValue, Layout, Mapping, PackedUnit, PastEof, Preallocation, RepairMode,
+    Result, Storage, ZeroFlags, check_range, map_via, read_from_backing, read_via,
 };
 
 use crate::descriptor::{Descriptor, random_u32};
@@ -230,7 +230,10 @@ impl Layout for VmdkDevice {
                 let at = offset.checked_add(in_ext).ok_or_else(|| {
                     Error::corrupt_unplaced("vmdk", "flat extent offset overflows")
                 })?;
-                Ok((Mapping::Host(host_run(storage, at).holes(Holes::DataZero)), n))
+                Ok((
+                    Mapping::Host(host_run(storage, at).holes(Holes::DataZero)),
+                    n,
+                ))
             }
             ExtentData::Sparse(s) => {
                 let gb = s.grain_bytes();

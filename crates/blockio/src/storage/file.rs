@@ -441,6 +441,21 @@ impl Storage for FileStorage {
     /// `posix_fadvise(POSIX_FADV_DONTNEED)`: Linux submits the range's dirty pages for
     /// writeback without waiting and drops the pages already clean (only whole pages
     /// inside the range).
+    /// Through a second, `O_DIRECT` description of the file (`/proc/self/fd/N`), which
+    /// neither fills nor drops cached pages; a plain read where that cannot be had
+    /// (file systems without `O_DIRECT`, no `/proc`).
+    fn peek_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if self.direct.is_none() && !buf.is_empty() {
+            let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+            if let Ok(d) = Self::open_with(&path, true, CacheMode::None)
+                && d.read_exact_at(buf, offset).is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.read_exact_at(buf, offset)
+    }
     fn start_writeback(&self, offset: u64, len: u64) {
         if self.direct.is_some() {
             return;

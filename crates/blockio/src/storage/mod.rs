@@ -159,6 +159,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
             }
         }
     }
+    /// Reads exactly `buf.len()` bytes at `offset` as [`Storage::read_exact_at`] does,
+    /// leaving the host's page cache as it was: for a format sniff that the caller may
+    /// not need (on ext4 and XFS, cached pages of an unwritten extent make `SEEK_DATA`
+    /// report it as data, so a read of a raw image's zeroed head would change its map).
+    /// The default is [`Storage::read_exact_at`].
+    fn peek_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_exact_at(buf, offset)
+    }
     /// Where the next byte range holding data begins at or after `offset`, or `None` if
     /// only holes remain. Storages that do not track holes report everything as data.
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
@@ -219,6 +227,9 @@ pub fn write_zeroes_by_buffer<S: Storage + ?Sized>(s: &S, offset: u64, len: u64)
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         (**self).read_exact_at(buf, offset)
+    }
+    fn peek_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).peek_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         (**self).write_all_at(buf, offset)

@@ -47,6 +47,7 @@ mod locking;
 mod locking_chain;
 mod luks;
 mod map;
+mod map_formats;
 mod measure;
 mod offload;
 mod pipelines;
