@@ -30,7 +30,7 @@ impl BlockDevice for TwoFiles {
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         check_range(off, len, 16384)?;
         let kind = if off >= 12288 {
-            ExtentKind::Unallocated
+            ExtentKind::Unallocated { offset: None }
         } else {
             ExtentKind::Data { offset: Some(off) }
         };

@@ -55,7 +55,7 @@ fn flat_vmfs_vmfssparse_read_like_qemu() {
             (ExtentKind::Data { offset: Some(o) }, Some(qo)) => {
                 assert_eq!(o + (s - e.offset), qo, "at {s}")
             }
-            (ExtentKind::Unallocated, None) => assert!(!q["data"].as_bool().unwrap()),
+            (ExtentKind::Unallocated { .. }, None) => assert!(!q["data"].as_bool().unwrap()),
             (k, _) => panic!("at {s}: {k:?} vs {q}"),
         }
     }
