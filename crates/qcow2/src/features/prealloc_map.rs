@@ -8,7 +8,7 @@
 use diskimg_blockio::{Error, Result};
 
 use crate::device::Qcow2Device;
-use crate::disk::table::L2E_OFFSET_MASK;
+use crate::disk::table::{L2E_OFFSET_MASK, OFLAG_COPIED};
 
 impl Qcow2Device {
     /// Whether `map` reports host holes under data clusters as zeroes: decided once per
@@ -52,16 +52,20 @@ impl Qcow2Device {
     /// it); the run then ends with the cluster. Otherwise the run ends before the next
     /// allocated cluster (at most 65536 clusters are looked at: callers loop).
     pub(crate) fn unallocated_host(&self, guest: u64, n: u64) -> Result<(Option<u64>, u64)> {
-        let mut m = self.lock();
-        if !m.h().extended_l2() {
+        // Standard L2 entries have no such offset: no exclusive lock for them.
+        if !self.shared().h().extended_l2() {
             return Ok((None, n));
         }
+        let mut m = self.lock();
         let cs = m.cs();
         let cov = m.h().l1_coverage();
+        // As `classify`: with a data file, host offset 0 is a cluster too.
+        let data_file = m.h().has_data_file();
+        let allocated = |e: u64| e & L2E_OFFSET_MASK != 0 || (data_file && e & OFLAG_COPIED != 0);
         let (entry, _, _) = m.l2_entry(guest)?;
         let to_end = cs - guest % cs;
         let host = entry & L2E_OFFSET_MASK;
-        if host != 0 {
+        if allocated(entry) {
             let at = host
                 .checked_add(guest % cs)
                 .ok_or_else(|| Error::corrupt("qcow2", "cluster offset overflows", 0))?;
@@ -79,7 +83,7 @@ impl Qcow2Device {
                 len = len.saturating_add(cov - next % cov);
                 continue;
             }
-            if entry & L2E_OFFSET_MASK != 0 {
+            if allocated(entry) {
                 break;
             }
             len = len.saturating_add(cs);
