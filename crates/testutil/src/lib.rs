@@ -361,6 +361,25 @@ pub fn corpus_file(name: &str, dir: &Path) -> PathBuf {
     dst
 }
 
+/// Opens `bytes` (in memory) read-only with `driver` under a metadata limit of
+/// `max_metadata_bytes`, then drops the device: the hostile-bounds tests' open, where a
+/// table past the end of the file must come back as corrupt, not as over the limit
+/// (which would mean its buffer was sized before its range was checked).
+pub fn open_under_limit(
+    driver: &dyn diskimg_blockio::Driver,
+    bytes: &[u8],
+    max_metadata_bytes: u64,
+) -> diskimg_blockio::Result<()> {
+    use diskimg_blockio::{Limits, MemStorage, OpenOptions, Storage};
+    use std::sync::Arc;
+    let mut limits = Limits::default();
+    limits.max_metadata_bytes = max_metadata_bytes;
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes.to_vec()));
+    driver
+        .open(s, &OpenOptions::new().read_only(true).limits(limits))
+        .map(drop)
+}
+
 /// Opens `bytes` with `driver` read-only and exercises it the way a fuzzer should:
 /// info, map over the disk, reads of the mapped extents (bounded), and a check.
 /// Returns whether the image opened. Any panic inside is the bug being hunted.

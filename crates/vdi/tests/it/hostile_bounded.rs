@@ -3,18 +3,11 @@
 //! map past the end of the file must be refused as corrupt, not as over the limit
 //! (which would mean its buffer was sized first).
 
-use std::sync::Arc;
-
-use diskimg_blockio::{Driver, Error, Limits, MemStorage, OpenOptions, Storage};
-use diskimg_testutil::{qemu_img, qemu_img_ok, tempdir};
+use diskimg_blockio::Error;
+use diskimg_testutil::{open_under_limit, qemu_img, qemu_img_ok, tempdir};
 
 fn open_small(img: &[u8]) -> diskimg_blockio::Result<()> {
-    let mut limits = Limits::default();
-    limits.max_metadata_bytes = 1 << 20;
-    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.to_vec()));
-    diskimg_vdi::DRIVER
-        .open(s, &OpenOptions::new().read_only(true).limits(limits))
-        .map(drop)
+    open_under_limit(&diskimg_vdi::DRIVER, img, 1 << 20)
 }
 
 #[test]

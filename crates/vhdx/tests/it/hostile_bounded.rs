@@ -4,10 +4,8 @@
 //! end of the file must be refused as corrupt, not as over the limit (which would mean
 //! its buffer was sized first).
 
-use std::sync::Arc;
-
-use diskimg_blockio::{Driver, Error, Limits, MemStorage, OpenOptions, Storage};
-use diskimg_testutil::{qemu_create, qemu_img, tempdir};
+use diskimg_blockio::Error;
+use diskimg_testutil::{open_under_limit, qemu_create, qemu_img, tempdir};
 
 use crate::guard::{METADATA_GUID, fix_crc, le32, put, qemu_image, region};
 
@@ -19,12 +17,7 @@ const SIZE_ITEM: [u8; 16] = [
 ];
 
 fn open_small(img: &[u8]) -> diskimg_blockio::Result<()> {
-    let mut limits = Limits::default();
-    limits.max_metadata_bytes = MIB;
-    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img.to_vec()));
-    diskimg_vhdx::DRIVER
-        .open(s, &OpenOptions::new().read_only(true).limits(limits))
-        .map(drop)
+    open_under_limit(&diskimg_vhdx::DRIVER, img, MIB)
 }
 
 /// Sets the region `guid` to `offset`/`length` in both region tables.
