@@ -178,8 +178,11 @@ run_mode() {
           TEST_DIR=$D/scratch SOCK_DIR=$D/sock \
           timeout -k 30 "${IOTESTS_FORMAT_TIMEOUT:-5400}" \
           python3 ./check --color off -j "$JOBS" "-$fmt" "${tests[@]}" ) > "$D/$fmt.log" 2>&1
-        # result lines: "NAME  STATUS  [hh:mm:ss] [hh:mm:ss]  TIME  DESCRIPTION"
+        # result lines: "NAME  STATUS  [hh:mm:ss] [hh:mm:ss]  TIME  DESCRIPTION". With
+        # -j, two workers' lines can land on one line ("008 pass [..] ...  001 pass [..] ..."):
+        # every record after the first starts a line of its own again.
         tr '\r' '\n' < "$D/$fmt.log" |
+            sed -E 's/ {2,}([^ ]+ +(pass|fail|not run|started) +\[[0-9:]+\])/\n\1/g' |
             sed -nE 's/^([^ ]+) +(pass|fail|not run) +\[[0-9:]+\] +\[[0-9:]+\] +[^ ]* *(.*)$/\1\t\2\t\3/p' |
             awk -F'\t' -v f="$fmt" 'BEGIN{OFS="\t"} {sub(/^\(last: [^)]*\) */, "", $3); sub(/ +$/, "", $3); print $1, f, $2, $3}' >> "$D/results.tsv"
         mkdir -p "$D/bad/$fmt"
