@@ -1,7 +1,9 @@
 //! `serve [-f FMT] [-r] [-U] [-x NAME] [-k SOCKET | -b ADDR -p PORT] [-e N] [-t] [--cache M]
 //! [--discard M] [--detect-zeroes M] [--pid-file F] [--fork] [--vhost-user-blk SOCKET]
 //! FILE`: export an image (with its backing chain) over NBD, with qemu-nbd's flags, or
-//! over vhost-user-blk (`--vhost-user-blk SOCKET [--num-queues N]`).
+//! over vhost-user-blk (`--vhost-user-blk SOCKET [--num-queues N]`). Under systemd
+//! socket activation (`nbdinfo [ diskimg serve … FILE ]`) it serves NBD on the socket
+//! passed as descriptor 3, as qemu-nbd does.
 //!
 //! The image is opened as every verb opens it (format probed or `-f`, backing chain
 //! under the qemu-compatible open policy, `--image-opts`/`--object secret` for
@@ -45,12 +47,12 @@ pub(crate) struct Args {
     /// Listen on this unix socket instead of TCP.
     #[arg(short = 'k', long = "socket")]
     socket: Option<String>,
-    /// TCP address to listen on.
-    #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
-    bind: String,
-    /// TCP port to listen on.
-    #[arg(short = 'p', long = "port", default_value_t = 10809)]
-    port: u16,
+    /// TCP address to listen on [default: 0.0.0.0].
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// TCP port to listen on [default: 10809].
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
     /// Most clients at once (0 = unlimited).
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
@@ -126,6 +128,9 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     if a.queue_workers.is_some_and(|n| n > MAX_WORKERS) {
         bail!("--queue-workers must be at most {MAX_WORKERS}");
     }
+    if Listener::activation_count() > 0 {
+        activation_opts(&a)?;
+    }
     if a.fork && std::env::var_os(READY_ENV).is_none() {
         return fork_and_wait();
     }
@@ -154,6 +159,29 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     served?;
     closed?;
     Ok(0)
+}
+
+/// Under socket activation the socket is given: refuses what would name another, with
+/// qemu-nbd's messages (`socket_activation_validate_opts`), and more than one socket.
+fn activation_opts(a: &Args) -> Result<()> {
+    if a.socket.is_some() || a.vhost_user_blk.is_some() {
+        bail!("Unix socket can't be set when using socket activation");
+    }
+    if a.bind.is_some() {
+        bail!("The interface can't be set when using socket activation");
+    }
+    if a.port.is_some() {
+        bail!("TCP port number can't be set when using socket activation");
+    }
+    // qemu-nbd forks and keeps the socket; `--fork` here starts a new process, which
+    // the activation protocol (LISTEN_PID) does not name.
+    if a.fork {
+        bail!("--fork can't be set when using socket activation");
+    }
+    if Listener::activation_count() > 1 {
+        bail!("diskimg does not support socket activation with LISTEN_FDS > 1");
+    }
+    Ok(())
 }
 
 /// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
@@ -191,12 +219,17 @@ fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<diskimg::Ima
 
 fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
     let listener = match &a.socket {
+        _ if Listener::activation_count() > 0 => {
+            Listener::activated().context("Failed to use socket activation")?
+        }
         Some(path) => Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?,
         None => {
-            let addr = if a.bind.contains(':') && !a.bind.starts_with('[') {
-                format!("[{}]:{}", a.bind, a.port)
+            let bind = a.bind.as_deref().unwrap_or("0.0.0.0");
+            let port = a.port.unwrap_or(10809);
+            let addr = if bind.contains(':') && !bind.starts_with('[') {
+                format!("[{bind}]:{port}")
             } else {
-                format!("{}:{}", a.bind, a.port)
+                format!("{bind}:{port}")
             };
             Listener::tcp(&addr).with_context(|| format!("cannot listen on '{addr}'"))?
         }

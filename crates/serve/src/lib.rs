@@ -11,7 +11,8 @@
 //! - [`serve_vhost_user_blk`]: the export as a vhost-user-blk device (rust-vmm's
 //!   `vhost-user-backend`, `virtio-queue`, `vm-memory`): several queues served in
 //!   parallel, flush, discard and write-zeroes, read-only mode ([`VhostConfig`]).
-//! - [`Listener`]/[`Stream`]: TCP or unix sockets; [`Shutdown`]: stops a server
+//! - [`Listener`]/[`Stream`]: TCP or unix sockets, bound here or passed by systemd
+//!   socket activation ([`Listener::activated`]); [`Shutdown`]: stops a server
 //!   cleanly (requests in flight finish, the export is flushed).
 //!
 //! A Rust program can export a device it built itself; the `diskimg serve` command is
@@ -42,6 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod activation;
 mod export;
 mod listen;
 mod nbd;

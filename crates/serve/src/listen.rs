@@ -21,8 +21,8 @@ pub struct Listener {
 #[derive(Debug)]
 enum Kind {
     Tcp(TcpListener),
-    /// The path is removed on drop.
-    Unix(UnixListener, PathBuf),
+    /// The path, if we bound it, is removed on drop.
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 impl Listener {
@@ -65,7 +65,37 @@ impl Listener {
         };
         l.set_nonblocking(true)?;
         Ok(Listener {
-            kind: Kind::Unix(l, path.to_path_buf()),
+            kind: Kind::Unix(l, Some(path.to_path_buf())),
+            wake: Wake::new()?,
+        })
+    }
+
+    /// How many sockets systemd socket activation passed to this process (0: not
+    /// activated): `LISTEN_PID` is our pid and `LISTEN_FDS` a number, as qemu-nbd checks
+    /// (`sd_listen_fds(3)`). Clients of libnbd start a server this way:
+    /// `nbdinfo [ diskimg serve -f qcow2 disk.qcow2 ]`.
+    pub fn activation_count() -> u32 {
+        crate::activation::listen_fds()
+    }
+
+    /// The listening socket passed by socket activation as descriptor 3, unix or TCP
+    /// (its address tells). Call it when [`Listener::activation_count`] is 1; an error
+    /// if descriptor 3 is not a socket or was taken already. The socket's file, if
+    /// any, belongs to whoever bound it and is left in place on drop.
+    pub fn activated() -> io::Result<Self> {
+        use crate::activation::{Activated, take_listener};
+        let kind = match take_listener()? {
+            Activated::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Kind::Tcp(l)
+            }
+            Activated::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Kind::Unix(l, None)
+            }
+        };
+        Ok(Listener {
+            kind,
             wake: Wake::new()?,
         })
     }
@@ -82,7 +112,7 @@ impl Listener {
     pub fn path(&self) -> Option<&Path> {
         match &self.kind {
             Kind::Tcp(_) => None,
-            Kind::Unix(_, p) => Some(p),
+            Kind::Unix(_, p) => p.as_deref(),
         }
     }
 
@@ -151,7 +181,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Kind::Unix(_, path) = &self.kind {
+        if let Kind::Unix(_, Some(path)) = &self.kind {
             let _ = std::fs::remove_file(path);
         }
     }

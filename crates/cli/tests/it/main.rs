@@ -57,6 +57,7 @@ mod progress;
 mod qemu_io;
 mod qemu_layout;
 mod serve;
+mod serve_activation;
 mod serve_lock;
 mod serve_write;
 mod servers;

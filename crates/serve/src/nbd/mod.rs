@@ -164,11 +164,13 @@ impl NbdServer {
                     server.connection(stream, &sd);
                     let mut n = act.lock();
                     n.0 -= 1;
-                    if n.0 == 0 && !server.config.persistent {
-                        drop(n);
+                    let last = n.0 == 0;
+                    // Always: `serve` may wait for this count after a trigger (a
+                    // signal) already ran, so triggering again would wake nobody.
+                    act.changed.notify_all();
+                    drop(n);
+                    if last && !server.config.persistent {
                         sd.trigger();
-                    } else {
-                        act.changed.notify_all();
                     }
                 });
             if spawned.is_err() {
