@@ -5,7 +5,7 @@
 //! check clean, keep the snapshot's contents, and stay identical after the snapshot is
 //! deleted by each tool.
 
-use diskimg_testutil::{qemu_img_ok, qemu_io, tempdir};
+use diskimg_testutil::{qemu_create, qemu_img_ok, qemu_io, tempdir};
 
 use crate::image_end::apply;
 use crate::{open, qemu_snapshot_raw};
@@ -71,17 +71,7 @@ fn zero_writes_on_snapshot_shared_clusters_as_qemu() {
 fn v2_partial_zero_writes_allocate_no_data() {
     let dir = tempdir();
     let (q, d) = (dir.path().join("q.qcow2"), dir.path().join("d.qcow2"));
-    let qs = q.to_string_lossy().into_owned();
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        &qs,
-        "64M",
-    ]);
+    qemu_create(&q, "qcow2", "compat=0.10", Some("64M"));
     std::fs::copy(&q, &d).unwrap();
     let cmds = [
         "write -z 5M 4k",
