@@ -184,9 +184,6 @@ fn activation_opts(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
-/// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`); the other modes go
-/// through it, and the export's write policy ([`policy`]) adds the flushes.
 /// Workers per vhost-user-blk queue on an `O_DIRECT` image: every request waits for the
 /// disk in its own thread, so a queue depth of 16 (fio's, a guest's busy queue) needs as
 /// many to keep 16 at the disk, as qemu-storage-daemon's thread pool (up to 64) and Linux
@@ -197,17 +194,29 @@ const DIRECT_WORKERS: usize = 16;
 /// Most workers per vhost-user-blk queue `--queue-workers` accepts.
 const MAX_WORKERS: usize = 256;
 
-/// Whether the image is opened `O_DIRECT` (`--cache none` or `directsync`).
-fn direct(a: &Args) -> bool {
-    a.nocache || matches!(a.cache.as_str(), "none" | "off" | "directsync")
+/// The host cache mode `--cache` asks for when it bypasses the page cache (`none`/`off`
+/// and `-n`: `O_DIRECT`; `directsync`: `O_DIRECT|O_SYNC`), `None` for the modes that go
+/// through it.
+fn bypass(a: &Args) -> Option<diskimg::CacheMode> {
+    let cache = if a.nocache { "none" } else { a.cache.as_str() };
+    match cache {
+        "none" | "off" => Some(diskimg::CacheMode::None),
+        "directsync" => Some(diskimg::CacheMode::DirectSync),
+        _ => None,
+    }
 }
 
+/// Whether the image is opened `O_DIRECT` (`--cache none` or `directsync`).
+fn direct(a: &Args) -> bool {
+    bypass(a).is_some()
+}
+
+/// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
+/// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`); the other modes go
+/// through it, and the export's write policy ([`policy`]) adds the flushes.
 fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<diskimg::Image> {
-    let cache = if a.nocache { "none" } else { a.cache.as_str() };
-    let host = match cache {
-        "none" | "off" => diskimg::CacheMode::None,
-        "directsync" => diskimg::CacheMode::DirectSync,
-        _ => return open_image(&a.file, format, a.read_only, true),
+    let Some(host) = bypass(a) else {
+        return open_image(&a.file, format, a.read_only, true);
     };
     if crate::imgspec::is_spec_or_opts(&a.file) {
         return open_image(&a.file, format, a.read_only, true);
