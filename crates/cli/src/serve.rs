@@ -90,10 +90,11 @@ pub(crate) struct Args {
     #[arg(long = "num-queues", default_value_t = 1)]
     num_queues: u16,
     /// vhost-user-blk: at queue depth 1, run a read or write of at least twice this
-    /// many KiB as pieces on several threads (default 256: a 1 MiB request in four
-    /// pieces; 0: never).
-    #[arg(long = "split-kib", default_value_t = 256, value_name = "KIB")]
-    split_kib: usize,
+    /// many KiB as pieces on several threads (default 256 with the host page cache: a
+    /// 1 MiB request in four pieces; 0, the default with `--cache none`/`directsync`:
+    /// never).
+    #[arg(long = "split-kib", value_name = "KIB")]
+    split_kib: Option<usize>,
     /// vhost-user-blk: most data segments per request the guest may send (virtio's
     /// `seg_max`; 0, the default: the queue size less 2).
     #[arg(long = "seg-max", default_value_t = 0, value_name = "N")]
@@ -257,7 +258,13 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
     let listener = Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?;
     let mut config = VhostConfig::default();
     config.num_queues = a.num_queues;
-    config.split_min = a.split_kib.saturating_mul(1024);
+    config.split_min = match a.split_kib {
+        Some(k) => k.saturating_mul(1024),
+        // One `preadv`/`pwritev` of the whole request is one request at the disk; in
+        // pieces it costs twice the CPU and was slower (docs/benchmarks.md, "Session 11").
+        None if direct(a) => 0,
+        None => config.split_min,
+    };
     config.seg_max = a.seg_max;
     config.size_max = a.size_max;
     config.workers_per_queue = match a.queue_workers {
