@@ -15,7 +15,14 @@
 # flight as QUEUE_SIZE descriptors hold (3 at 1024), on both servers alike.
 #
 # Usage: benches/serve-vhost-host.sh [SIZE (default 512M)] [SECONDS per run (default 2)]
-#   ROUNDS=5        rounds per case (the table gives medians and per-round ratio ranges)
+#   ROUNDS=2        rounds per case and rotation (the table gives medians and per-round
+#                   ratio ranges over all rotations)
+#   ROTATE=1        every server serves every copy of the image in turn (one rotation per
+#                   server: the servers restart on the next copy in between). A copy's
+#                   place on the disk decides a lot on `O_DIRECT` (the same binary got 1.34x
+#                   qemu-storage-daemon's 1 MiB QD1 reads on one copy and 0.90x on
+#                   another: docs/benchmarks.md, "Session 11"); ROTATE=0: one rotation
+#   RAW=file        also keep every round's measurement there (`vhost-client table FILE`)
 #   CASES=a,b,...   only these cases, named RW-BS-QD as serve-vhost.sh's (e.g. read-1M-1)
 #   DISKIMG=path    the diskimg binary (default target/release/diskimg)
 #   DISKIMG_ARGS    extra arguments for `diskimg serve` (e.g. "--split-kib 256")
@@ -57,37 +64,62 @@ trap cleanup EXIT
 
 # A fully allocated qcow2 (64 KiB clusters), one copy per server, made as serve-vhost.sh
 # makes them (cp, so that no copy sits in the page cache in large folios).
+names=(diskimg ${bin_b:+B} qsd)
+n=${#names[@]}
 qemu-img create -q -f qcow2 "$dir/src.qcow2" "$size"
 qemu-io -f qcow2 -c "write -P 0x5a 0 $size" "$dir/src.qcow2" >/dev/null
-cp "$dir/src.qcow2" "$dir/ours.qcow2"
-cp "$dir/src.qcow2" "$dir/theirs.qcow2"
-[ -n "$bin_b" ] && cp "$dir/src.qcow2" "$dir/b.qcow2"
+for ((i = 0; i < n; i++)); do cp "$dir/src.qcow2" "$dir/copy$i.qcow2"; done
 rm "$dir/src.qcow2"
 
 rt=(); [ "${RT:-0}" = 1 ] && rt=(chrt -f 10)
 direct=off; cache_args=()
 if [ -n "${DIRECT:-}" ]; then direct=on; cache_args=(--cache none); fi
-# shellcheck disable=SC2086
-"${rt[@]}" "$bin" serve --vhost-user-blk "$dir/ours.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_ARGS:-} -f qcow2 "$dir/ours.qcow2" & pids+=($!)
-targets=(--target "diskimg=$dir/ours.sock,$!")
-if [ -n "$bin_b" ]; then
+
+# Starts the servers, server i on copy (i + $1) mod n; sets targets and pids.
+start() {
+    local rot=$1 i=0
+    targets=(); pids=()
+    f() { echo "$dir/copy$(( (i + rot) % n )).qcow2"; }
     # shellcheck disable=SC2086
-    "${rt[@]}" "$bin_b" serve --vhost-user-blk "$dir/b.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}} -f qcow2 "$dir/b.qcow2" & pids+=($!)
-    targets+=(--target "B=$dir/b.sock,$!")
-fi
-"${rt[@]}" qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f,filename=$dir/theirs.qcow2,cache.direct=$direct" \
-    --blockdev driver=qcow2,node-name=q,file=f \
-    --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$dir/theirs.sock,writable=on,num-queues=2" \
-    & pids+=($!)
-targets+=(--target "qsd=$dir/theirs.sock,$!")
-for s in ours theirs ${bin_b:+b}; do
-    for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
-done
+    "${rt[@]}" "$bin" serve --vhost-user-blk "$dir/diskimg.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_ARGS:-} -f qcow2 "$(f)" & pids+=($!)
+    targets+=(--target "diskimg=$dir/diskimg.sock,$!"); i=$((i + 1))
+    if [ -n "$bin_b" ]; then
+        # shellcheck disable=SC2086
+        "${rt[@]}" "$bin_b" serve --vhost-user-blk "$dir/B.sock" --num-queues 2 "${cache_args[@]}" ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}} -f qcow2 "$(f)" & pids+=($!)
+        targets+=(--target "B=$dir/B.sock,$!"); i=$((i + 1))
+    fi
+    "${rt[@]}" qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$(f),cache.direct=$direct" \
+        --blockdev driver=qcow2,node-name=q,file=f \
+        --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$dir/qsd.sock,writable=on,num-queues=2" \
+        & pids+=($!)
+    targets+=(--target "qsd=$dir/qsd.sock,$!")
+    for s in "${names[@]}"; do
+        for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
+    done
+}
+
+# Stops the servers (each flushes and closes its image) and removes their sockets.
+stop() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+    rm -f "$dir"/*.sock
+}
 
 all="randread-4k-1,randread-4k-16,randwrite-4k-1,randwrite-4k-16,read-1M-1,read-1M-16,write-1M-1,write-1M-16"
-"${rt[@]}" "$client" bench "${targets[@]}" --cases "${CASES:-$all}" --secs "$secs" --rounds "${ROUNDS:-5}" \
-    --seg-kib "${SEG_KIB:-4}" --queue-size "${QUEUE_SIZE:-1024}" 2>"$dir/client.err" \
-    || { cat "$dir/client.err" >&2; exit 1; }
+rounds=${ROUNDS:-2}
+rotations=$n; [ "${ROTATE:-1}" = 0 ] && rotations=1
+for ((rot = 0; rot < rotations; rot++)); do
+    start "$rot"
+    echo "rotation $rot: $(for ((i = 0; i < n; i++)); do printf '%s=copy%d ' "${names[i]}" $(( (i + rot) % n )); done)" >&2
+    "${rt[@]}" "$client" bench "${targets[@]}" --cases "${CASES:-$all}" --secs "$secs" --rounds "$rounds" \
+        --seg-kib "${SEG_KIB:-4}" --queue-size "${QUEUE_SIZE:-1024}" \
+        --raw "$dir/raw.tsv" --first-round $((rot * rounds)) >&2 2>"$dir/client.err" \
+        || { cat "$dir/client.err" >&2; exit 1; }
+    stop
+done
+"$client" table "$dir/raw.tsv"
+[ -z "${RAW:-}" ] || cp "$dir/raw.tsv" "$RAW"
 echo
-echo "size=$size runtime=${secs}s rounds=${ROUNDS:-5} seg=${SEG_KIB:-4}KiB queue=${QUEUE_SIZE:-1024} rt=${RT:-0} cache.direct=$direct binary=$bin ${DISKIMG_ARGS:-}${bin_b:+ B=$bin_b ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}}} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
+echo "size=$size runtime=${secs}s rounds=$((rounds * rotations)) (${rotations} rotations of the copies) seg=${SEG_KIB:-4}KiB queue=${QUEUE_SIZE:-1024} rt=${RT:-0} cache.direct=$direct binary=$bin ${DISKIMG_ARGS:-}${bin_b:+ B=$bin_b ${DISKIMG_B_ARGS:-${DISKIMG_ARGS:-}}} commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"

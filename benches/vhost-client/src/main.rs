@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! vhost-client bench --target NAME=SOCKET[,PID] ... [--cases a,b] [--secs S] [--rounds R]
-//!                    [--queue-size N] [--seg-kib K]
+//!                    [--queue-size N] [--seg-kib K] [--raw FILE] [--first-round N]
+//! vhost-client table FILE
 //! vhost-client info SOCKET
 //! ```
 //! `bench` connects to every target once, then runs each case in rounds, each round every
@@ -11,7 +12,11 @@
 //! medians: IOPS (4 KiB rows) or MiB/s, each target's ratio to the last target (the
 //! reference, e.g. qemu-storage-daemon) with the range of per-round ratios, the server's
 //! CPU time per I/O (user + system of PID from /proc, when given) and virtio requests per
-//! I/O. benches/serve-vhost-host.sh starts the servers and runs it.
+//! I/O. `--raw FILE` also appends every round's measurement to FILE (rounds numbered from
+//! `--first-round`), and `table FILE` prints the table of all the runs recorded there:
+//! benches/serve-vhost-host.sh starts the servers once per rotation of the image copies
+//! among them (a copy's place on the disk can be worth 30% on `O_DIRECT`), runs `bench`
+//! each time and prints the combined table.
 #![deny(unsafe_code)]
 
 mod load;
@@ -40,6 +45,8 @@ struct Opts {
     rounds: usize,
     queue_size: i32,
     seg_kib: usize,
+    raw: Option<String>,
+    first_round: usize,
 }
 
 const ALL: &str = "randread-4k-1,randread-4k-16,randwrite-4k-1,randwrite-4k-16,\
@@ -53,6 +60,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         rounds: 5,
         queue_size: 1024,
         seg_kib: 4,
+        raw: None,
+        first_round: 0,
     };
     let mut cases = ALL.to_string();
     let mut it = args.iter();
@@ -73,6 +82,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--rounds" => o.rounds = val()?.parse().map_err(|_| "bad --rounds")?,
             "--queue-size" => o.queue_size = val()?.parse().map_err(|_| "bad --queue-size")?,
             "--seg-kib" => o.seg_kib = val()?.parse().map_err(|_| "bad --seg-kib")?,
+            "--raw" => o.raw = Some(val()?),
+            "--first-round" => {
+                o.first_round = val()?.parse().map_err(|_| "bad --first-round")?;
+            }
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -109,7 +122,32 @@ fn bench(args: &[String]) -> Result<(), String> {
         .map(|t| t.dev.limits().map(|l| l.capacity))
         .collect::<Result<Vec<_>, _>>()?;
     let size = size.into_iter().min().unwrap_or(0);
-    table::run(&mut targets, &o.cases, size, o.secs, o.rounds)
+    let records = table::run(&mut targets, &o.cases, size, o.secs, o.rounds, o.first_round)?;
+    if let Some(path) = &o.raw {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        for r in &records {
+            writeln!(f, "{}", r.line()).map_err(|e| format!("{path}: {e}"))?;
+        }
+    }
+    print!("{}", table::print(&records));
+    Ok(())
+}
+
+fn table(args: &[String]) -> Result<(), String> {
+    let path = args.first().ok_or("table FILE")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let records = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(table::Record::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{}", table::print(&records));
+    Ok(())
 }
 
 fn info(args: &[String]) -> Result<(), String> {
@@ -124,7 +162,8 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("info") => info(&args[1..]),
-        _ => Err("usage: vhost-client bench|info ... (see src/main.rs)".into()),
+        Some("table") => table(&args[1..]),
+        _ => Err("usage: vhost-client bench|table|info ... (see src/main.rs)".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
