@@ -122,7 +122,14 @@ fn bench(args: &[String]) -> Result<(), String> {
         .map(|t| t.dev.limits().map(|l| l.capacity))
         .collect::<Result<Vec<_>, _>>()?;
     let size = size.into_iter().min().unwrap_or(0);
-    let records = table::run(&mut targets, &o.cases, size, o.secs, o.rounds, o.first_round)?;
+    let records = table::run(
+        &mut targets,
+        &o.cases,
+        size,
+        o.secs,
+        o.rounds,
+        o.first_round,
+    )?;
     if let Some(path) = &o.raw {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()

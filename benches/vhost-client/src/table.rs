@@ -167,18 +167,27 @@ pub fn print(records: &[Record]) -> String {
     for n in others {
         t += &format!(" {n}: ratio | per-round ratios |");
     }
-    t += &format!(" server CPU µs per I/O: {} | requests per I/O |\n", names.join(" / "));
+    t += &format!(
+        " server CPU µs per I/O: {} | requests per I/O |\n",
+        names.join(" / ")
+    );
     let cols = t.matches('|').count() - 1;
     t += &format!("{}|\n", "|---".repeat(cols));
     for case in cases {
         let of = |n: &str| -> Vec<&Record> {
-            let mut v: Vec<&Record> =
-                records.iter().filter(|r| r.case == case && r.target == n).collect();
+            let mut v: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.case == case && r.target == n)
+                .collect();
             v.sort_by_key(|r| r.round);
             v
         };
         let rates = |v: &[&Record]| v.iter().map(|r| r.rate).collect::<Vec<f64>>();
-        let unit = if case.contains(" 4k ") { "IOPS" } else { "MiB/s" };
+        let unit = if case.contains(" 4k ") {
+            "IOPS"
+        } else {
+            "MiB/s"
+        };
         let _ = write!(t, "| {case} ({unit}) |");
         for n in &names {
             let _ = write!(t, " {:.0} |", median(&rates(&of(n))));
