@@ -4,6 +4,8 @@
 # 16, then nbdcopy of the whole export to null:. Prints a markdown table with ratios.
 #
 # Usage: benches/serve-nbd.sh [SIZE (default 1G)] [SECONDS per fio run (default 5)]
+#   ROUNDS=3   fio runs per case and server (nbdcopy: ROUNDS + 2), alternating which server
+#              goes first; the table gives medians and the range of per-round ratios
 # Needs: a release build (cargo build --release -p diskimg-cli), qemu-img, qemu-nbd, fio,
 # nbdcopy. Both servers: unix socket, writeback cache, one shared image file each (copies
 # of the same image), default thread settings.
@@ -53,19 +55,47 @@ print(round(side["iops"]) if unit == "iops" else round(side["bw_bytes"] / 104857
 ' "$([ "$bs" = 4k ] && echo iops || echo mib)" <<<"$out"
 }
 
-echo "| test | diskimg serve | qemu-nbd | ratio |"
-echo "|---|---|---|---|"
+# median of the arguments
+med() { python3 -c 'import statistics, sys; m = statistics.median(float(a) for a in sys.argv[1:]); print(f"{m:.0f}" if m >= 100 else f"{m:.2f}")' "$@"; }
+# ratio A B [invert]: "R.RRx (lo–hi)" of the medians and the per-round ratios of two lists
+ratios() {
+    python3 - "$@" <<'PY'
+import statistics, sys
+a = [float(x) for x in sys.argv[1].split()]
+b = [float(x) for x in sys.argv[2].split()]
+inv = len(sys.argv) > 3
+r = [(y / x if inv else x / y) for x, y in zip(a, b)]
+m = statistics.median(b) / statistics.median(a) if inv else statistics.median(a) / statistics.median(b)
+print(f"{m:.2f}x | {min(r):.2f}–{max(r):.2f}")
+PY
+}
+
+rounds=${ROUNDS:-3}
+echo "| test | diskimg serve | qemu-nbd | ratio | per-round ratios |"
+echo "|---|---|---|---|---|"
 for case in "randread 4k 1" "randread 4k 16" "randwrite 4k 1" "randwrite 4k 16" \
             "read 1M 1" "read 1M 16" "write 1M 1" "write 1M 16"; do
     set -- $case
-    a=$(fio_run "$1" "$2" "$3" "$dir/ours.sock")
-    b=$(fio_run "$1" "$2" "$3" "$dir/theirs.sock")
+    as=(); bs=()
+    # Rounds alternate which server goes first.
+    for ((r = 0; r < rounds; r++)); do
+        if ((r % 2 == 0)); then
+            as+=("$(fio_run "$1" "$2" "$3" "$dir/ours.sock")")
+            bs+=("$(fio_run "$1" "$2" "$3" "$dir/theirs.sock")")
+        else
+            bs+=("$(fio_run "$1" "$2" "$3" "$dir/theirs.sock")")
+            as+=("$(fio_run "$1" "$2" "$3" "$dir/ours.sock")")
+        fi
+    done
     unit=$([ "$2" = 4k ] && echo IOPS || echo MiB/s)
-    ratio=$(python3 -c "print(f'{$a / max($b, 1):.2f}x')")
-    echo "| $1 $2 QD$3 ($unit) | $a | $b | $ratio |"
+    echo "| $1 $2 QD$3 ($unit) | $(med "${as[@]}") | $(med "${bs[@]}") | $(ratios "${as[*]}" "${bs[*]}") |"
 done
-t() { local s=$(date +%s.%N); nbdcopy "nbd+unix:///?socket=$1" null: ; python3 -c "import time; print(f'{time.time() - $s:.2f}')"; }
-a=$(t "$dir/ours.sock"); b=$(t "$dir/theirs.sock")
-echo "| nbdcopy whole image to null: (s, lower is better) | $a | $b | $(python3 -c "print(f'{$b / $a:.2f}x')") |"
+t() { local s=$(date +%s.%N); nbdcopy "nbd+unix:///?socket=$1" null: ; python3 -c "import time; print(f'{time.time() - $s:.3f}')"; }
+as=(); bs=()
+for ((r = 0; r < rounds + 2; r++)); do
+    if ((r % 2 == 0)); then as+=("$(t "$dir/ours.sock")"); bs+=("$(t "$dir/theirs.sock")")
+    else bs+=("$(t "$dir/theirs.sock")"); as+=("$(t "$dir/ours.sock")"); fi
+done
+echo "| nbdcopy whole image to null: (s, lower is better) | $(med "${as[@]}") | $(med "${bs[@]}") | $(ratios "${as[*]}" "${bs[*]}" inv) |"
 echo
-echo "size=$size runtime=${secs}s commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
+echo "size=$size runtime=${secs}s rounds=$rounds (nbdcopy: $((rounds + 2))) commit=$(git rev-parse --short HEAD) $(uptime | sed 's/.*load/load/')"
