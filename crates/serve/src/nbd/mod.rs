@@ -72,16 +72,63 @@ pub struct NbdServer {
     config: NbdConfig,
 }
 
-/// Connections currently open, and whether any ever was.
+/// Connections currently open.
 #[derive(Default)]
 struct Active {
-    count: Mutex<(usize, bool)>,
+    count: Mutex<usize>,
     changed: Condvar,
 }
 
 impl Active {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
         self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One open connection in [`Active`]'s count, for as long as it lives: dropped when its
+/// thread ends, however it ends (a panic in a request included, or a thread that could
+/// not be started), it takes the connection off the count, wakes `serve` and the accept
+/// loop, and ends a non-persistent server after its last client. Done by hand after the
+/// connection returned, a panic would skip it and `serve` would wait forever, holding
+/// the image (and its lock) unflushed.
+struct Counted {
+    active: Arc<Active>,
+    shutdown: Shutdown,
+    persistent: bool,
+}
+
+impl Counted {
+    fn new(active: &Arc<Active>, shutdown: &Shutdown, persistent: bool) -> Self {
+        *active.lock() += 1;
+        Counted {
+            active: active.clone(),
+            shutdown: shutdown.clone(),
+            persistent,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut n = self.active.lock();
+        *n = n.saturating_sub(1);
+        let last = *n == 0;
+        // Always: `serve` may wait for this count after a trigger (a signal) already
+        // ran, so triggering again would wake nobody.
+        self.active.changed.notify_all();
+        drop(n);
+        if last && !self.persistent {
+            self.shutdown.trigger();
+        }
+    }
+}
+
+/// Forgets a [`Shutdown`] action when dropped (a panic included).
+struct Forget<'a>(&'a Shutdown, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
     }
 }
 
@@ -112,7 +159,7 @@ impl NbdServer {
         shutdown.forget(wake_listener);
         shutdown.forget(wake_waiters);
         let mut n = active.lock();
-        while n.0 > 0 {
+        while *n > 0 {
             n = active.changed.wait(n).unwrap_or_else(|e| e.into_inner());
         }
         drop(n);
@@ -133,7 +180,7 @@ impl NbdServer {
             {
                 let mut n = active.lock();
                 let max = self.config.max_connections;
-                while max > 0 && n.0 >= max && !shutdown.is_triggered() {
+                while max > 0 && *n >= max && !shutdown.is_triggered() {
                     n = active.changed.wait(n).unwrap_or_else(|e| e.into_inner());
                 }
             }
@@ -152,30 +199,15 @@ impl NbdServer {
             if shutdown.is_triggered() {
                 return Ok(());
             }
-            {
-                let mut n = active.lock();
-                n.0 += 1;
-                n.1 = true;
-            }
-            let (server, sd, act) = (self.clone(), shutdown.clone(), active.clone());
-            let spawned = std::thread::Builder::new()
+            let counted = Counted::new(active, shutdown, self.config.persistent);
+            let (server, sd) = (self.clone(), shutdown.clone());
+            // A thread that cannot start drops the closure, and `counted` with it.
+            let _ = std::thread::Builder::new()
                 .name("nbd-conn".into())
                 .spawn(move || {
+                    let _counted = counted;
                     server.connection(stream, &sd);
-                    let mut n = act.lock();
-                    n.0 -= 1;
-                    let last = n.0 == 0;
-                    // Always: `serve` may wait for this count after a trigger (a
-                    // signal) already ran, so triggering again would wake nobody.
-                    act.changed.notify_all();
-                    drop(n);
-                    if last && !server.config.persistent {
-                        sd.trigger();
-                    }
                 });
-            if spawned.is_err() {
-                active.lock().0 -= 1;
-            }
         }
     }
 
@@ -185,8 +217,8 @@ impl NbdServer {
             return;
         };
         let key = shutdown.on_trigger(Box::new(move || control.shutdown(How::Read)));
+        let _forget = Forget(shutdown, key);
         let _ = self.negotiate_and_serve(stream, shutdown);
-        shutdown.forget(key);
     }
 
     fn negotiate_and_serve(&self, mut stream: Stream, shutdown: &Shutdown) -> io::Result<()> {

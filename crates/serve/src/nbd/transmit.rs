@@ -88,8 +88,15 @@ impl Conn {
     }
 
     /// Serves the connection on this thread (and helpers it spawns) until it closes.
+    /// Returns (or unwinds, if a request panicked here) only once every helper ended
+    /// and the connection is shut down.
     pub(crate) fn run(self: &Arc<Self>) {
+        let _end = End(self);
         self.worker();
+    }
+
+    /// Waits for every helper to end, then shuts the connection down.
+    fn end(&self) {
         loop {
             let handles: Vec<_> = lock(&self.spawned).drain(..).collect();
             if handles.is_empty() {
@@ -103,6 +110,10 @@ impl Conn {
     }
 
     fn worker(self: &Arc<Self>) {
+        // A request that panics leaves the client without its reply: stop reading
+        // requests, let the others finish, and close, so the client sees the end of
+        // the stream instead of waiting for that reply forever.
+        let _close = CloseOnPanic(self);
         let mut payload = Vec::new();
         let mut out = Vec::new();
         let mut data = Vec::new();
@@ -304,6 +315,26 @@ impl Conn {
             simple_reply(out, req.cookie, 0);
         }
         Ok(len)
+    }
+}
+
+/// Ends the connection when [`Conn::run`] returns or unwinds.
+struct End<'a>(&'a Conn);
+
+impl Drop for End<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Closes the connection if the worker holding it unwinds.
+struct CloseOnPanic<'a>(&'a Conn);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close();
+        }
     }
 }
 

@@ -196,12 +196,11 @@ impl BlkBackend {
         }
         self.in_flight(true, chains.len());
         let Some(pool) = self.0.pools.get(queue) else {
-            let (mut used, n) = (false, chains.len());
+            let (mut used, _flight) = (false, Flight(self, chains.len()));
             for chain in chains {
                 let (head, len) = process(&self.0.export, chain);
                 used |= vring.add_used(head, len).is_ok();
             }
-            self.in_flight(false, n);
             if used {
                 self.notify(vring);
             }
@@ -299,46 +298,31 @@ impl BlkBackend {
         pool: &Pool,
         split: Split<MemGuard>,
     ) {
-        let split = Arc::new(split);
-        let helpers = split.pieces().min(self.0.threads).saturating_sub(1);
+        let split = Arc::new(Pieces {
+            split,
+            be: self.clone(),
+            vring: vring.clone(),
+            queue,
+            left: AtomicUsize::new(1),
+            finished: AtomicBool::new(false),
+        });
+        let helpers = split.split.pieces().min(self.0.threads).saturating_sub(1);
         pool.submit((0..helpers).map(|_| {
-            let (me, s) = (self.clone(), split.clone());
-            let vr = vring.clone();
-            Box::new(move || {
-                if let Some(done) = s.work(&me.0.export) {
-                    me.completed(&vr, queue, done, &AtomicUsize::new(1));
-                }
-            }) as Job
+            let s = split.clone();
+            Box::new(move || s.work()) as Job
         }));
-        if let Some(done) = split.work(&self.0.export) {
-            self.completed(vring, queue, done, &AtomicUsize::new(1));
-        }
+        split.work();
     }
 
-    /// Executes one request of a batch and completes it ([`BlkBackend::completed`]).
+    /// Executes one request of a batch and completes it ([`Finish`]).
     fn run(&self, vring: &VringRwLock<Mem>, queue: usize, chain: Chain, left: &AtomicUsize) {
-        let done = process(&self.0.export, chain);
-        self.completed(vring, queue, done, left);
-    }
-
-    /// Puts a finished request in the used ring; the last request of the batch to
-    /// finish notifies the driver for all of them (`left` counts the batch's unfinished
-    /// requests), so a burst costs the guest one interrupt, not one per request.
-    fn completed(
-        &self,
-        vring: &VringRwLock<Mem>,
-        queue: usize,
-        (head, len): (u16, u32),
-        left: &AtomicUsize,
-    ) {
-        let _ = vring.add_used(head, len);
-        if let Some(b) = self.0.busy.get(queue) {
-            b.fetch_sub(1, Ordering::AcqRel);
-        }
-        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.notify(vring);
-        }
-        self.in_flight(false, 1);
+        let finish = Finish {
+            be: self,
+            vring,
+            queue,
+            left,
+        };
+        finish.used(process(&self.0.export, chain));
     }
 
     /// Signals the driver that used buffers are there, unless it asked not to be
@@ -348,6 +332,89 @@ impl BlkBackend {
             !self.0.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
         if notify {
             let _ = vring.signal_used_queue();
+        }
+    }
+}
+
+/// The completion of one request of a batch executed on the pool or the event thread:
+/// [`Finish::used`] puts it in the used ring, and the drop that follows takes it off its
+/// queue's busy count, notifies the driver if it was the last of its batch to finish
+/// (`left` counts the batch's unfinished requests, so a burst costs the guest one
+/// interrupt, not one per request), and takes it off the requests in flight. Dropped
+/// unused, when executing the request panicked, it does the same, so neither the batch's
+/// notification nor [`BlkBackend::quiesce`] (and the flush after it) waits for it forever.
+struct Finish<'a> {
+    be: &'a BlkBackend,
+    vring: &'a VringRwLock<Mem>,
+    queue: usize,
+    left: &'a AtomicUsize,
+}
+
+impl Finish<'_> {
+    fn used(self, (head, len): (u16, u32)) {
+        let _ = self.vring.add_used(head, len);
+    }
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.be.0.busy.get(self.queue) {
+            b.fetch_sub(1, Ordering::AcqRel);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.be.notify(self.vring);
+        }
+        self.be.in_flight(false, 1);
+    }
+}
+
+/// Requests executed on the event thread without a pool, off the requests in flight when
+/// dropped (a panic included).
+struct Flight<'a>(&'a BlkBackend, usize);
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight(false, self.1);
+    }
+}
+
+/// A split request shared by the threads executing its pieces: the one that finishes
+/// the last piece completes it ([`Finish`]). If a piece panicked, none does, and the
+/// request is counted as finished when the last thread lets go of it.
+struct Pieces {
+    split: Split<MemGuard>,
+    be: BlkBackend,
+    vring: VringRwLock<Mem>,
+    queue: usize,
+    /// 1: the request is a batch of its own.
+    left: AtomicUsize,
+    finished: AtomicBool,
+}
+
+impl Pieces {
+    /// Executes pieces until none is left ([`Split::work`]), completing the request
+    /// if this thread finished its last piece.
+    fn work(&self) {
+        if let Some(done) = self.split.work(&self.be.0.export) {
+            self.finished.store(true, Ordering::Release);
+            self.finish().used(done);
+        }
+    }
+
+    fn finish(&self) -> Finish<'_> {
+        Finish {
+            be: &self.be,
+            vring: &self.vring,
+            queue: self.queue,
+            left: &self.left,
+        }
+    }
+}
+
+impl Drop for Pieces {
+    fn drop(&mut self) {
+        if !*self.finished.get_mut() {
+            drop(self.finish());
         }
     }
 }

@@ -85,7 +85,10 @@ impl Shared {
                     q = self.more.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            job();
+            // A job that panics (its request is counted as finished all the same,
+            // `backend.rs`) must not take the worker with it: with every worker gone, the
+            // jobs queued after it would never run, and the server would wait for them.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
         }
     }
 }

@@ -249,3 +249,141 @@ fn segment_limits_in_the_config_space() {
     };
     assert_eq!(limits(config), (0, 126, 0b100));
 }
+
+/// A device whose writes at the given offsets panic (a library user's own device, or a
+/// bug): `Recording`'s writes otherwise.
+#[derive(Debug)]
+struct Panicky(Arc<super::tests_split::Recording>, Vec<u64>);
+
+impl BlockDevice for Panicky {
+    fn info(&self) -> diskimg_blockio::DeviceInfo {
+        self.0.info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> diskimg_blockio::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> diskimg_blockio::Result<()> {
+        self.write_vectored_at(&[std::io::IoSlice::new(buf)], offset)
+    }
+    fn write_vectored_at(
+        &self,
+        bufs: &[std::io::IoSlice<'_>],
+        offset: u64,
+    ) -> diskimg_blockio::Result<()> {
+        assert!(!self.1.contains(&offset), "the test device panics here");
+        self.0.write_vectored_at(bufs, offset)
+    }
+    fn write_zeroes(
+        &self,
+        o: u64,
+        l: u64,
+        f: diskimg_blockio::ZeroFlags,
+    ) -> diskimg_blockio::Result<()> {
+        self.0.write_zeroes(o, l, f)
+    }
+    fn flush(&self) -> diskimg_blockio::Result<()> {
+        self.0.flush()
+    }
+    fn map(&self, o: u64, l: u64) -> diskimg_blockio::Result<diskimg_blockio::Extent> {
+        self.0.map(o, l)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A backend over a device whose writes at `panics` panic.
+fn panicky(
+    panics: Vec<u64>,
+) -> (
+    GuestMemoryMmap,
+    Arc<super::tests_split::Recording>,
+    BlkBackend,
+) {
+    let (mem, rec, _) = recording_slow(None, Duration::ZERO);
+    let dev = Arc::new(Panicky(rec.clone(), panics));
+    let export = Export::new(dev, crate::export::ExportOptions::named("panics"));
+    let be = backend(export, &mem);
+    (mem, rec, be)
+}
+
+/// Runs the queue's kick as the event thread does; whether it panicked.
+fn kick_panics(be: &BlkBackend, vr: &Vring) -> bool {
+    let run = || be.handle_event(0, EventSet::IN, std::slice::from_ref(vr), 0);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(r) => {
+            r.unwrap();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// [`BlkBackend::quiesce`], failing the test if it has not returned within 10 s.
+fn quiesce_bounded(be: &BlkBackend) {
+    let b = be.clone();
+    let t = std::thread::spawn(move || b.quiesce());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !t.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "quiesce waits for a request whose execution panicked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().unwrap();
+}
+
+#[test]
+fn requests_that_panic_on_the_workers_or_the_event_thread_end_in_flight() {
+    // Four writes that panic on the workers (as many as the pool has), the last request
+    // of the batch (a read) on the event thread.
+    let (mem, rec, be) = panicky((0..4).map(|k| k * 8 * 512).collect());
+    let q = MockSplitQueue::new(&mem, 64);
+    let vr = vring(&mem, &q);
+    let mut reqs: Vec<_> = (0..4).map(|k| (1, k * 8, 4096)).collect();
+    reqs.push((0, 64, 4096));
+    submit(&mem, &q, &reqs);
+    assert!(!kick_panics(&be, &vr));
+    quiesce_bounded(&be);
+    assert_eq!(used(&mem, &q).keys().copied().collect::<Vec<_>>(), [12]);
+    // The workers survived: a batch that needs them still completes.
+    let reqs: Vec<_> = (5..9).map(|k| (1, k * 8, 4096)).collect();
+    submit_from(&mem, &q, 5, &reqs);
+    assert!(!kick_panics(&be, &vr));
+    quiesce_bounded(&be);
+    assert_eq!(used(&mem, &q).len(), 5);
+    assert_eq!(rec.writes.lock().unwrap().len(), 4);
+    // A lone write that panics on the event thread itself.
+    submit_from(&mem, &q, 9, &[(1, 0, 4096)]);
+    assert!(kick_panics(&be, &vr));
+    quiesce_bounded(&be);
+    assert_eq!(used(&mem, &q).len(), 5);
+}
+
+#[test]
+fn a_split_request_whose_piece_panics_ends_in_flight() {
+    // The third lone 128 KiB write in a row is split in two; its second piece panics.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores < 2 {
+        return; // nothing is split on one core (the test above covers the rest)
+    }
+    let (mem, rec, be) = panicky(vec![2 * (128 << 10) + (64 << 10)]);
+    let q = MockSplitQueue::new(&mem, 64);
+    let vr = vring(&mem, &q);
+    for k in 0..3u16 {
+        submit_from(&mem, &q, k, &[(1, u64::from(k) * 256, 128 << 10)]);
+        let panicked = kick_panics(&be, &vr);
+        assert!(k == 2 || !panicked);
+        quiesce_bounded(&be);
+    }
+    assert_eq!(
+        used(&mem, &q).len(),
+        2,
+        "the panicked request is not completed"
+    );
+    // The queue is idle again (the panicked request left its busy count): the next lone
+    // write is split too.
+    assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 3..4), [2]);
+    assert_eq!(used(&mem, &q).len(), 3);
+}

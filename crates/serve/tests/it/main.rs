@@ -13,6 +13,7 @@
 
 mod bad_clients;
 mod client;
+mod panics;
 mod protocol;
 mod vhost_bad;
 mod vhost_client;
