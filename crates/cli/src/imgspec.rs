@@ -24,7 +24,7 @@ use crate::io::blkdebug::{
 };
 
 pub(crate) use crate::names::{flatten_json, parse_bool};
-pub(crate) use open::{is_spec, is_spec_or_opts, open, open_arg};
+pub(crate) use open::{arg_cache, is_spec, is_spec_or_opts, open, open_arg};
 
 /// What a specification opens.
 #[derive(Debug, Clone, PartialEq, Eq)]

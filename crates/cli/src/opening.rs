@@ -2,7 +2,7 @@
 //! and driver options, the qemu-compatible open policy, `-U`, and qemu's messages.
 
 use anyhow::{Context, Result};
-use diskimg::{Format, Image, ImageOptions, OpenPolicy};
+use diskimg::{CacheMode, Format, Image, ImageOptions, OpenPolicy};
 
 /// Opens `file` as qemu-img does: the given or probed format, backing chains followed
 /// under [`OpenPolicy::qemu_compatible`] (unless `backing` is false).
@@ -13,13 +13,28 @@ pub(crate) fn open_image(
     read_only: bool,
     backing: bool,
 ) -> Result<Image> {
+    open_image_cached(file, format, read_only, backing, CacheMode::default())
+}
+
+/// [`open_image`] with every file of the chain in host cache mode `cache` (qemu-nbd's
+/// `--cache`), unless a `json:`/`--image-opts` argument sets its own `cache.direct`
+/// ([`crate::imgspec::arg_cache`]). Special sources (URLs, `-`) are opened as
+/// [`open_image`] opens them only in the default mode.
+pub(crate) fn open_image_cached(
+    file: &str,
+    format: Option<Format>,
+    read_only: bool,
+    backing: bool,
+    cache: CacheMode,
+) -> Result<Image> {
     // qemu's `json:{…}` and `blkdebug:` names and `--image-opts` option strings (nested
     // formats, null-co, blkdebug, …).
     if crate::imgspec::is_spec_or_opts(file) {
         let (_, _, opts) = crate::secrets::resolve("", format)?;
         let mut opts = opts
             .with_policy(OpenPolicy::qemu_compatible())
-            .with_backing(backing);
+            .with_backing(backing)
+            .with_cache(cache);
         opts.read_only = read_only;
         opts.force_share |= FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
         let img = crate::imgspec::open_arg(file, format, opts)
@@ -29,8 +44,10 @@ pub(crate) fn open_image(
         return Ok(img);
     }
     let (path, format, opts) = crate::secrets::resolve(file, format)?;
+    let opts = opts.with_cache(cache);
     // URLs, `-`, compressed files, archive members (read-only verbs only).
     if read_only
+        && cache == CacheMode::default()
         && path == file
         && let Some(img) = crate::source::open_special(file, format, true)?
     {

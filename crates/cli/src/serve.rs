@@ -21,7 +21,6 @@ use diskimg::serve::{
 };
 
 use crate::args::FormatArg;
-use crate::common::open_image;
 
 /// Environment variable telling a `--fork` child to report readiness on stdout.
 const READY_ENV: &str = "DISKIMG_SERVE_READY";
@@ -139,7 +138,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // Locked as qemu-nbd locks it: a writable export excludes other writers and plain
     // readers (qemu's included) for as long as it runs.
     crate::common::set_force_share(a.force_share);
-    let img = open_served(&a, format)?;
+    let (img, direct) = open_served(&a, format)?;
     let mut opts = ExportOptions::named(a.export_name.clone());
     opts.description = a.description.clone();
     opts.read_only = a.read_only;
@@ -149,7 +148,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let shutdown = Shutdown::new();
     let signals = watch_signals(&shutdown)?;
     let served = match &a.vhost_user_blk {
-        Some(path) => serve_vhost(&a, path, export, &shutdown),
+        Some(path) => serve_vhost(&a, path, direct, export, &shutdown),
         None => serve_nbd(&a, export, &shutdown),
     };
     signals.close();
@@ -195,36 +194,30 @@ const DIRECT_WORKERS: usize = 16;
 /// Most workers per vhost-user-blk queue `--queue-workers` accepts.
 const MAX_WORKERS: usize = 256;
 
-/// The host cache mode `--cache` asks for when it bypasses the page cache (`none`/`off`
-/// and `-n`: `O_DIRECT`; `directsync`: `O_DIRECT|O_SYNC`), `None` for the modes that go
-/// through it.
-fn bypass(a: &Args) -> Option<diskimg::CacheMode> {
+/// The host cache mode `--cache` asks for (`none`/`off` and `-n`: `O_DIRECT`;
+/// `directsync`: `O_DIRECT|O_SYNC`; the others go through the page cache).
+fn host_cache(a: &Args) -> diskimg::CacheMode {
     let cache = if a.nocache { "none" } else { a.cache.as_str() };
     match cache {
-        "none" | "off" => Some(diskimg::CacheMode::None),
-        "directsync" => Some(diskimg::CacheMode::DirectSync),
-        _ => None,
+        "none" | "off" => diskimg::CacheMode::None,
+        "directsync" => diskimg::CacheMode::DirectSync,
+        _ => diskimg::CacheMode::Writeback,
     }
-}
-
-/// Whether the image is opened `O_DIRECT` (`--cache none` or `directsync`).
-fn direct(a: &Args) -> bool {
-    bypass(a).is_some()
 }
 
 /// Opens the image as qemu-nbd does for `--cache`: `none` and `directsync` bypass the
-/// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`); the other modes go
-/// through it, and the export's write policy ([`policy`]) adds the flushes.
-fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<diskimg::Image> {
-    let Some(host) = bypass(a) else {
-        return open_image(&a.file, format, a.read_only, true);
-    };
+/// host page cache (`O_DIRECT`, and `O_SYNC` for `directsync`) for every file of the
+/// chain, unless a `json:`/`--image-opts` argument sets `cache.direct` itself (which
+/// wins either way, as in qemu-nbd); the other modes go through it, and the export's
+/// write policy ([`policy`]) adds the flushes. Returns the image and whether its files
+/// bypass the page cache, which the vhost-user-blk defaults follow.
+fn open_served(a: &Args, format: Option<diskimg::Format>) -> Result<(diskimg::Image, bool)> {
+    let mut cache = host_cache(a);
     if crate::imgspec::is_spec_or_opts(&a.file) {
-        return open_image(&a.file, format, a.read_only, true);
+        cache = crate::imgspec::arg_cache(&a.file, cache)?;
     }
-    let (path, format, opts) = crate::secrets::resolve(&a.file, format)?;
-    let opts = opts.with_cache(host);
-    crate::opening::open_resolved(&a.file, &path, format, opts, a.read_only, true)
+    let img = crate::opening::open_image_cached(&a.file, format, a.read_only, true, cache)?;
+    Ok((img, cache.direct()))
 }
 
 fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
@@ -254,7 +247,15 @@ fn serve_nbd(a: &Args, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
         .context("NBD server failed")
 }
 
-fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -> Result<()> {
+/// Serves vhost-user-blk; `direct`: the image's files bypass the page cache, which
+/// sets the defaults of `--split-kib`, `--queue-workers` and per-request notifications.
+fn serve_vhost(
+    a: &Args,
+    path: &str,
+    direct: bool,
+    export: Arc<Export>,
+    shutdown: &Shutdown,
+) -> Result<()> {
     let listener = Listener::unix(path).with_context(|| format!("cannot listen on '{path}'"))?;
     let mut config = VhostConfig::default();
     config.num_queues = a.num_queues;
@@ -262,18 +263,18 @@ fn serve_vhost(a: &Args, path: &str, export: Arc<Export>, shutdown: &Shutdown) -
         Some(k) => k.saturating_mul(1024),
         // One `preadv`/`pwritev` of the whole request is one request at the disk; in
         // pieces it costs twice the CPU and was slower (docs/benchmarks.md, "Session 11").
-        None if direct(a) => 0,
+        None if direct => 0,
         None => config.split_min,
     };
     config.seg_max = a.seg_max;
     config.size_max = a.size_max;
     config.workers_per_queue = match a.queue_workers {
         Some(n) => n,
-        None if direct(a) => DIRECT_WORKERS,
+        None if direct => DIRECT_WORKERS,
         None => config.workers_per_queue,
     };
     // Requests that wait for the disk finish at different times: each tells the guest.
-    config.notify_each = direct(a);
+    config.notify_each = direct;
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use diskimg::blockio::FileStorage;
-use diskimg::{BlockDevice, Format, Image, ImageOptions, OptionList};
+use diskimg::{BlockDevice, CacheMode, Format, Image, ImageOptions, OptionList};
 
 use super::{Node, Resolved, flatten_json, resolve};
 use crate::io::blkdebug::{Blkdebug, BlkdebugStorage};
@@ -30,26 +30,10 @@ pub(crate) fn is_spec_or_opts(arg: &str) -> bool {
 /// [`is_spec_or_opts`]) with `base`
 /// options (secrets, policy, read-only).
 pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) -> Result<Image> {
-    let (dict, name) = if arg.starts_with("json:") {
-        (flatten_json(arg)?, None)
-    } else if !is_spec(arg) {
-        // An `--image-opts` option string.
-        (OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?, None)
-    } else {
-        (OptionList::new(), Some(arg))
-    };
-    let direct = ["cache.direct", "file.cache.direct"]
-        .iter()
-        .any(|k| matches!(dict.get(k), Some("on" | "true")));
-    let r = resolve(dict, name, format)?;
+    let (dict, name) = arg_dict(arg)?;
     let mut opts = base;
-    if direct && !opts.cache.direct() {
-        // `cache.direct=on`: O_DIRECT, as qemu's file driver opens it.
-        opts.cache = match opts.cache {
-            diskimg::CacheMode::Writethrough => diskimg::CacheMode::DirectSync,
-            _ => diskimg::CacheMode::None,
-        };
-    }
+    opts.cache = spec_cache(&dict, opts.cache);
+    let r = resolve(dict, name, format)?;
     opts.read_only |= r.read_only == Some(true);
     if r.compress && !opts.read_only {
         bail!("the compress filter is supported by diskimg's qemu-io only");
@@ -61,6 +45,47 @@ pub(crate) fn open_arg(arg: &str, format: Option<Format>, base: ImageOptions) ->
         img.device = Arc::new(Filtered(node));
     }
     Ok(img)
+}
+
+/// The options of a `json:`/`--image-opts` argument, or the name of a `blkdebug:` one.
+fn arg_dict(arg: &str) -> Result<(OptionList, Option<&str>)> {
+    Ok(if arg.starts_with("json:") {
+        (flatten_json(arg)?, None)
+    } else if !is_spec(arg) {
+        // An `--image-opts` option string.
+        (OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?, None)
+    } else {
+        (OptionList::new(), Some(arg))
+    })
+}
+
+/// The host cache mode [`open_arg`] opens `arg`'s files in when the verb asks for
+/// `base` (`diskimg serve --cache`): what `serve` tunes its threads for.
+pub(crate) fn arg_cache(arg: &str, base: CacheMode) -> Result<CacheMode> {
+    Ok(spec_cache(&arg_dict(arg)?.0, base))
+}
+
+/// `base` (the verb's `--cache`/`-t`) as the options `dict` amend it: their own
+/// `file.cache.direct` or else `cache.direct` wins, as in qemu, where the verb's mode
+/// only sets these keys' defaults (`qdict_set_default_str`); `on` is `O_DIRECT`, as
+/// qemu's file driver opens it, `off` the page cache. qemu-nbd 10 opens
+/// `--cache none --image-opts …,cache.direct=off` without `O_DIRECT`, the same
+/// without the key with it.
+fn spec_cache(dict: &OptionList, base: CacheMode) -> CacheMode {
+    let set = ["file.cache.direct", "cache.direct"]
+        .iter()
+        .find_map(|k| dict.get(k));
+    match set {
+        Some("on" | "true" | "yes") if !base.direct() => match base {
+            CacheMode::Writethrough => CacheMode::DirectSync,
+            _ => CacheMode::None,
+        },
+        Some("off" | "false" | "no") if base.direct() => match base {
+            CacheMode::DirectSync => CacheMode::Writethrough,
+            _ => CacheMode::Writeback,
+        },
+        _ => base,
+    }
 }
 
 /// qemu's file-protocol checks: a directory cannot be opened for writing, and the `file`

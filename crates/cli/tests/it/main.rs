@@ -58,6 +58,7 @@ mod qemu_io;
 mod qemu_layout;
 mod serve;
 mod serve_activation;
+mod serve_cache;
 mod serve_lock;
 mod serve_write;
 mod servers;

@@ -92,6 +92,11 @@ impl Served {
         }
     }
 
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// The NBD URI of the export (default name).
     pub(crate) fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.sock.display())
