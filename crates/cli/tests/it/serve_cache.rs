@@ -17,7 +17,7 @@ use crate::serve::Served;
 const O_DIRECT: u32 = 0o40000;
 
 /// Whether process `pid` has `file` open with `O_DIRECT` (`None`: not open at all).
-fn direct_of(pid: u32, file: &Path) -> Option<bool> {
+pub(crate) fn direct_of(pid: u32, file: &Path) -> Option<bool> {
     let file = file.canonicalize().unwrap();
     let mut found = None;
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {

@@ -1,5 +1,8 @@
-//! A real KVM guest on disks served by `diskimg serve`: three over vhost-user-blk and
-//! three over NBD, from qcow2 (with a raw backing file), vhdx and vmdk images. The guest
+//! A real KVM guest on disks served by `diskimg serve`: four over vhost-user-blk and
+//! three over NBD, from qcow2 (with a raw backing file), vhdx and vmdk images. One
+//! vhost-user-blk disk is served with `--cache none`, so that its `O_DIRECT` defaults
+//! (16 workers per queue, the driver notified per request, nothing split) meet a
+//! guest's filesystem I/O; the others use the page cache. The guest
 //! makes ext4 filesystems, writes and deletes trees of fsync'd files, runs fstrim and
 //! verifies its sums; afterwards every image passes `qemu-img check`, `e2fsck` on the
 //! converted raw is clean and the files read back (debugfs) with the guest's sums. On
@@ -34,6 +37,8 @@ struct Disk {
     vhost: bool,
     /// Served read-only (`-r`); the guest only reads it.
     ro: bool,
+    /// Served with `--cache none` (vhost-user-blk: `O_DIRECT` and its defaults).
+    direct: bool,
     image: PathBuf,
 }
 
@@ -77,16 +82,16 @@ fn serve(dir: &Path, d: &Disk) -> (Served, PathBuf) {
         } else {
             &["--discard", "unmap"]
         };
-        // Splitting is off by default; the guest's large requests at queue depth 1
-        // exercise it here.
-        let mut args = vec![
-            "--vhost-user-blk",
-            &k,
-            "--num-queues",
-            "2",
-            "--split-kib",
-            "64",
-        ];
+        let mut args = vec!["--vhost-user-blk", &k, "--num-queues", "2"];
+        if d.direct {
+            // `O_DIRECT` with its defaults: 16 workers per queue, the driver notified
+            // per request, nothing split.
+            args.extend_from_slice(&["--cache", "none"]);
+        } else {
+            // Page cache: the guest's large requests at queue depth 1 are split (64
+            // KiB pieces, so that its 128-256 KiB requests are too).
+            args.extend_from_slice(&["--split-kib", "64"]);
+        }
         args.extend_from_slice(mode);
         args.extend_from_slice(&["-f", d.fmt, s(&d.image)]);
         (Served::diskimg_at(&sock, &args), sock)
@@ -114,31 +119,40 @@ fn kvm_guest_on_served_disks() {
     let initrd = dir.path().join("initramfs.cpio");
     std::fs::write(&initrd, kit::initramfs(&kernel, init)).unwrap();
 
-    // (guest device in PCI order, format, over vhost-user?, read-only?)
+    // (guest device in PCI order, format, over vhost-user?, read-only?, --cache none?)
     let disks: Vec<Disk> = [
-        ("vda", "qcow2", true, false),
-        ("vdb", "qcow2", false, false),
-        ("vdc", "vhdx", true, false),
-        ("vdd", "vmdk", false, false),
-        ("vde", "qcow2", false, false),
-        ("vdf", "qcow2", true, true),
+        ("vda", "qcow2", true, false, false),
+        ("vdb", "qcow2", false, false, false),
+        ("vdc", "vhdx", true, false, false),
+        ("vdd", "vmdk", false, false, false),
+        ("vde", "qcow2", false, false, false),
+        ("vdf", "qcow2", true, true, false),
+        ("vdg", "qcow2", true, false, true),
     ]
     .into_iter()
-    .map(|(dev, fmt, vhost, ro)| Disk {
+    .map(|(dev, fmt, vhost, ro, direct)| Disk {
         dev,
         fmt,
         vhost,
         ro,
+        direct,
         image: make_image(dir.path(), dev, fmt, ro),
     })
     .collect();
     let ro_files_before = ro_file_sums(&disks[5]);
     let mut servers: Vec<(Served, PathBuf)> = disks.iter().map(|d| serve(dir.path(), d)).collect();
+    for (d, (srv, _)) in disks.iter().zip(&servers) {
+        let base = d.image.with_file_name(format!("{}-base.raw", d.dev));
+        for f in [&d.image, &base].into_iter().filter(|f| f.exists()) {
+            let direct = crate::serve_cache::direct_of(srv.pid(), f);
+            assert_eq!(direct, Some(d.direct), "{}: O_DIRECT of {f:?}", d.dev);
+        }
+    }
 
     let files = if long { 60 } else { 8 };
     let crash_files = if long { 120 } else { 24 };
     let cmdline = format!(
-        "console=ttyS0 panic=-1 quiet FILES={files} TREE_DISKS=vda,vdb,vdc,vdd RO_DISK=vdf CRASH_DISK=vde CRASH_FILES={crash_files}"
+        "console=ttyS0 panic=-1 quiet FILES={files} TREE_DISKS=vda,vdb,vdc,vdd,vdg RO_DISK=vdf CRASH_DISK=vde CRASH_FILES={crash_files}"
     );
     let socks: Vec<PathBuf> = servers.iter().map(|(_, p)| p.clone()).collect();
     let (mut qemu, rx) = boot_until_console(&kernel.vmlinuz, &initrd, &cmdline, &disks, &socks);
@@ -185,7 +199,8 @@ fn kvm_guest_on_served_disks() {
     }
     assert!(fsynced_before_kill > 0);
     check_read_only(dir.path(), &disks[5], &text, &ro_files_before);
-    check_disks(dir.path(), &disks[..5], &log, crash_files, kill_at);
+    let rw: Vec<&Disk> = disks.iter().filter(|d| !d.ro).collect();
+    check_disks(dir.path(), &rw, &log, crash_files, kill_at);
 }
 
 /// sha256 of the read-only disk's files (the qcow2 and its backing file).
@@ -375,7 +390,7 @@ fn reported_sums(log: &[String], kill_at: usize) -> BTreeMap<&str, Vec<(&str, &s
     sums
 }
 
-fn check_disks(dir: &Path, disks: &[Disk], log: &[String], crash_files: usize, kill_at: usize) {
+fn check_disks(dir: &Path, disks: &[&Disk], log: &[String], crash_files: usize, kill_at: usize) {
     let sums = reported_sums(log, kill_at);
     for d in disks {
         let text = log.join("\n");
