@@ -63,6 +63,7 @@ mod serve_lock;
 mod serve_write;
 mod servers;
 mod snapshot;
+mod snapshot_parity;
 mod zero_unmap;
 
 use std::path::Path;

@@ -300,7 +300,8 @@ impl Meta {
 
     /// The file length to go back to when the reserve (unused from cluster `start` on)
     /// is the file's tail: the length before it was grown over the reserve when nothing
-    /// of it was used, else the end of the clusters used. A small write into a fresh
+    /// of it was used, else the end of the clusters used (of the compressed bytes in
+    /// the last one, when compressed clusters are still being packed into it). A small write into a fresh
     /// cluster at the end of the file writes only its own bytes, so the old length may
     /// lie inside the cluster before the reserve; an in-place write further into that
     /// cluster since then must not be cut off, so that cluster is kept whole unless it
@@ -309,6 +310,12 @@ impl Meta {
         let cs = self.cs();
         let (first, prior) = (self.reserve.first, self.reserve.prior_len);
         if start != first || prior >= first * cs {
+            // A cluster still being packed with compressed data ends the used part: the
+            // file ends where its bytes end, as qemu's (which writes no more of it).
+            let fb = self.free_byte;
+            if fb != 0 && fb / cs + 1 == start && fb > prior {
+                return Ok(fb);
+            }
             return Ok(start * cs);
         }
         let mut tail = vec![0u8; usize::try_from(first * cs - prior).unwrap_or(0)];

@@ -17,4 +17,5 @@ pub(crate) mod maint;
 pub(crate) mod prealloc_map;
 pub(crate) mod resize;
 pub(crate) mod snapshot_ops;
+pub(crate) mod snapshot_refs;
 pub(crate) mod vmstate;

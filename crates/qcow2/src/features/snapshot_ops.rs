@@ -12,127 +12,14 @@ use diskimg_blockio::{DebugEvent, Error, Result, SnapshotInfo, report_failure};
 
 use crate::device::Qcow2Device;
 use crate::disk::snapshot::Snapshot;
-use crate::disk::table::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_u64s,
-};
+use crate::disk::table::{OFLAG_COPIED, encode_u64s};
 use crate::engine::meta::Meta;
 use crate::engine::overlap::MetaKind;
 use crate::errors::internal;
+use crate::features::snapshot_refs::{EFBIG, Flags, update_refcounts};
 
-/// Adds `addend` (+1 or -1) to the refcount of every L2 table and data cluster reachable
-/// from `l1`; with `addend == 0` only recomputes the COPIED flags (active table only).
-/// Clusters whose refcount drops to 0 are added to `freed` (as host ranges), to be
-/// discarded once the change is durable (see [`discard_freed`]).
-fn update_refcounts(
-    m: &mut Meta,
-    l1: &[u64],
-    addend: i64,
-    active: bool,
-    freed: &mut Vec<(u64, u64)>,
-) -> Result<()> {
-    let cs = m.cs();
-    let x = 62 - (m.h().cluster_bits - 8);
-    let step = if m.h().extended_l2() { 2 } else { 1 };
-    let mut bump = |m: &mut Meta, c: u64| -> Result<u64> {
-        if addend == 1 && !m.refblock_covers(c)? {
-            return Err(uncovered(m, c));
-        }
-        let r = m.refcount(c)?;
-        let n = match addend {
-            1 => r.checked_add(1).filter(|&n| n <= m.max_refcount()),
-            -1 => r.checked_sub(1),
-            _ => Some(r),
-        }
-        .ok_or(Error::invalid("qcow2: refcount overflow"))?;
-        if n != r {
-            m.set_refcount(c, n)?;
-            if n == 0 {
-                freed.push((c * cs, cs));
-            }
-        }
-        Ok(n)
-    };
-    for (i, &l1e) in l1.iter().enumerate() {
-        let l2 = l1e & L1E_OFFSET_MASK;
-        if l2 == 0 {
-            continue;
-        }
-        let mut table = m.l2_table(l2)?.clone();
-        let mut changed = false;
-        for k in (0..table.len()).step_by(step) {
-            let e = table.get(k).copied().unwrap_or(0);
-            if e & OFLAG_COMPRESSED != 0 {
-                if addend != 0 {
-                    let off = e & ((1u64 << x) - 1);
-                    let sectors = ((e & !(OFLAG_COMPRESSED | OFLAG_COPIED)) >> x) + 1;
-                    let start = off & !511;
-                    for c in start / cs..=(start + sectors * 512 - 1) / cs {
-                        bump(m, c)?;
-                    }
-                }
-                continue;
-            }
-            let off = e & L2E_OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            let r = bump(m, off / cs)?;
-            if active {
-                let ne = if r == 1 {
-                    e | OFLAG_COPIED
-                } else {
-                    e & !OFLAG_COPIED
-                };
-                if ne != e {
-                    if let Some(s) = table.get_mut(k) {
-                        *s = ne;
-                    }
-                    changed = true;
-                }
-            }
-        }
-        if changed {
-            m.write_l2_table(l2, table)?;
-        }
-        let r = bump(m, l2 / cs)?;
-        if active {
-            let ne = if r == 1 {
-                l1e | OFLAG_COPIED
-            } else {
-                l1e & !OFLAG_COPIED
-            };
-            if ne != l1e {
-                m.write_l1_entry(i as u64, ne)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// qemu's `EFBIG` and `EAGAIN` (Linux numbers), the errors its snapshot operations
-/// return for the cases below.
-const EFBIG: i32 = 27;
-const EAGAIN: i32 = 11;
 /// qemu's `QCOW_MAX_SNAPSHOTS`.
 const MAX_SNAPSHOTS: usize = 65536;
-
-/// A table entry references cluster `c`, which no refcount block covers (a corrupt
-/// entry: every cluster in use has a refcount). qemu's `update_refcount` allocates a
-/// refcount block for it and then fails the snapshot operation with `EAGAIN`, or with
-/// `EFBIG` when the refcount table would outgrow its 8 MiB limit; so does this (without
-/// allocating; increments made before stay, which only leaks).
-fn uncovered(m: &Meta, c: u64) -> Error {
-    let table_entries = c / m.rb_entries();
-    let errno = if table_entries >= (8 << 20) / 8 {
-        EFBIG
-    } else {
-        EAGAIN
-    };
-    Error::io(
-        format!("updating the refcount of cluster {c}"),
-        std::io::Error::from_raw_os_error(errno),
-    )
-}
 
 /// The index of the snapshot with id `id_or_name`, or else with that name (qemu's
 /// lookup for `snapshot -a/-d`).
@@ -262,7 +149,8 @@ impl Qcow2Device {
             + 1;
         let l1 = m.l1().to_vec();
         let cs = m.cs();
-        // The snapshot's own L1 copy (flags cleared).
+        // The snapshot's own L1 copy, flags and all (as qemu copies it before the
+        // increment; they are cleared where it is applied).
         let n = l1.len() as u64;
         let l1_off = if n == 0 {
             0
@@ -270,10 +158,10 @@ impl Qcow2Device {
             m.alloc_run((n * 8).div_ceil(cs))?
         };
         if n > 0 {
-            let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-            m.file().write_all_at(&encode_u64s(&copy), l1_off)?;
+            m.file().write_all_at(&encode_u64s(&l1), l1_off)?;
         }
-        update_refcounts(&mut m, &l1, 1, true, &mut Vec::new())?;
+        let at = Flags::TablesAndL1(m.l1_offset());
+        update_refcounts(&mut m, &l1, 1, at, &mut Vec::new())?;
         m.file().flush()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -333,7 +221,7 @@ impl Qcow2Device {
             )
             .map_err(freed)?;
         let mut gone = Vec::new();
-        update_refcounts(&mut m, &l1, -1, false, &mut gone).map_err(freed)?;
+        update_refcounts(&mut m, &l1, -1, Flags::None, &mut gone).map_err(freed)?;
         if snap.l1_size > 0 {
             m.file().debug_event(DebugEvent::ClusterFree);
             let l1 = (snap.l1_offset, u64::from(snap.l1_size) * 8);
@@ -344,9 +232,13 @@ impl Qcow2Device {
         }
         m.file().flush()?;
         discard_freed(&mut m, gone);
-        // Clusters only the active image still uses get their COPIED flags back.
-        let active = m.l1().to_vec();
-        update_refcounts(&mut m, &active, 0, true, &mut Vec::new())?;
+        // Now that the drops are durable, clusters left with one reference get their
+        // COPIED flags back: in the deleted snapshot's L2 tables that another snapshot
+        // or the active image still uses (as qemu's decrementing pass sets them), then
+        // in the active tables.
+        update_refcounts(&mut m, &l1, 0, Flags::Tables, &mut Vec::new())?;
+        let (active, at) = (m.l1().to_vec(), Flags::TablesAndL1(m.l1_offset()));
+        update_refcounts(&mut m, &active, 0, at, &mut Vec::new())?;
         m.file().flush()
     }
 
@@ -390,7 +282,8 @@ impl Qcow2Device {
             crate::features::resize::grow_l1(self, &mut m, sl1.len() as u64)?;
         }
         // The snapshot's clusters gain the active image's reference first (leaks only).
-        update_refcounts(&mut m, &sl1, 1, false, &mut Vec::new())?;
+        let at = Flags::TablesAndL1(snap.l1_offset);
+        update_refcounts(&mut m, &sl1, 1, at, &mut Vec::new())?;
         m.file().flush()?;
         let old = m.l1().to_vec();
         let mut new = vec![0u64; old.len()];
@@ -399,11 +292,13 @@ impl Qcow2Device {
         }
         m.write_l1(new)?;
         let mut gone = Vec::new();
-        update_refcounts(&mut m, &old, -1, false, &mut gone)?;
+        update_refcounts(&mut m, &old, -1, Flags::None, &mut gone)?;
         m.file().flush()?;
         discard_freed(&mut m, gone);
-        let active = m.l1().to_vec();
-        update_refcounts(&mut m, &active, 0, true, &mut Vec::new())?;
+        // The flags the drops justify, once durable (as in `delete_snapshot`).
+        update_refcounts(&mut m, &old, 0, Flags::Tables, &mut Vec::new())?;
+        let (active, at) = (m.l1().to_vec(), Flags::TablesAndL1(m.l1_offset()));
+        update_refcounts(&mut m, &active, 0, at, &mut Vec::new())?;
         m.file().flush()
     }
 }
