@@ -105,6 +105,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         out(&text)?;
     }
     Ok(if report.check_errors > 0 {
+        // As qemu-img: after the report, the check fails (exit 1).
+        eprintln!("{}: Check failed", crate::common::prog());
         1
     } else if report.corruptions > 0 {
         2

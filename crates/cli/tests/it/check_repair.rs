@@ -371,3 +371,41 @@ fn repair_pass_messages_like_qemu() {
         q.2
     );
 }
+
+/// A refcount table entry pointing to a misaligned refcount block: `check` and
+/// `check -r leaks` print what qemu-img prints (the finding, qemu's corruption event —
+/// non-fatal on the read-only open, marking the image corrupt with `-r` — a check error
+/// per cluster, "Check failed"), exit as it does and leave the header as it does.
+#[test]
+fn misaligned_refcount_block_as_qemu() {
+    let dir = tempdir();
+    let p = qcow2_with_data(dir.path(), "mis.qcow2", "cluster_size=65536");
+    let mut img = std::fs::read(&p).unwrap();
+    let rt = u64::from_be_bytes(img[48..56].try_into().unwrap()) as usize;
+    let rb = refblock0(&img) as u64;
+    img[rt..rt + 8].copy_from_slice(&(rb + 512).to_be_bytes());
+    std::fs::write(&p, &img).unwrap();
+    for r in [None, Some("leaks")] {
+        let (q, d) = copies(dir.path(), &p);
+        let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, f: &Path| {
+            let mut a = vec!["check"];
+            if let Some(r) = r {
+                a.extend(["-r", r]);
+            }
+            a.push(s(f));
+            let o = tool(&a);
+            let err = String::from_utf8_lossy(&o.stderr)
+                .replace("qemu-img:", "TOOL:")
+                .replace("diskimg:", "TOOL:");
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            (code(&o), out, err, std::fs::read(f).unwrap())
+        };
+        let want = run(&|a| qemu_img(a), &q);
+        assert!(
+            want.2.contains("Can't get refcount for cluster 0"),
+            "{}",
+            want.2
+        );
+        assert_eq!(run(&|a| diskimg(a), &d), want, "{r:?}");
+    }
+}

@@ -217,6 +217,33 @@ impl Meta {
         self.corruption_reported
     }
 
+    /// qemu's `qcow2_signal_corruption` as `check` meets it (reading a refcount): the
+    /// event's line is returned, for the check's findings in their order, instead of
+    /// being reported; `None` once one was signalled. Fatal on a writable image (marked
+    /// corrupt on disk, as [`Meta::corruption`]); on a read-only one qemu only says so.
+    pub(crate) fn corruption_line(&mut self, what: &str, writable: bool) -> Option<String> {
+        if self.corruption_reported {
+            return None;
+        }
+        self.corruption_reported = true;
+        if !writable {
+            return Some(format!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will \
+                 be suppressed"
+            ));
+        }
+        if self.h.version >= 3 && self.h.incompatible & INCOMPAT_CORRUPT == 0 {
+            self.h.incompatible |= INCOMPAT_CORRUPT;
+            let v = self.h.incompatible;
+            let _ = (self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT))
+                .and_then(|()| self.file.flush());
+        }
+        Some(format!(
+            "qcow2: Marking image as corrupt: {what}; further corruption events will be \
+             suppressed"
+        ))
+    }
+
     /// qemu's `qcow2_signal_corruption` (fatal): marks a v3 image corrupt on disk,
     /// reports the event once per open image (blockio's corruption reporter: the CLI
     /// prints qemu's "Marking image as corrupt" line), and returns the error to fail the

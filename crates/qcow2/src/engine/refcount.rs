@@ -113,15 +113,26 @@ impl Meta {
             return Ok(0);
         };
         let off = e & REFT_OFFSET_MASK;
-        if !off.is_multiple_of(self.cs()) {
-            let what = format!(
-                "Refblock offset {off:#x} unaligned (reftable index: {})",
-                crate::invalid_entry::hex(ti)
-            );
+        if let Some(what) = self.refblock_misaligned(ti) {
             let at = self.h.refcount_table_offset + ti * 8;
             return Err(self.corruption(what, at));
         }
         Ok(off)
+    }
+
+    /// When the refcount table entry `ti` points to a misaligned refcount block: the
+    /// corruption event's words (qemu's `get_refblock_offset`).
+    pub(crate) fn refblock_misaligned(&self, ti: u64) -> Option<String> {
+        let e = usize::try_from(ti)
+            .ok()
+            .and_then(|i| self.reftable.get(i))?;
+        let off = e & REFT_OFFSET_MASK;
+        (!off.is_multiple_of(self.cs())).then(|| {
+            format!(
+                "Refblock offset {off:#x} unaligned (reftable index: {})",
+                crate::invalid_entry::hex(ti)
+            )
+        })
     }
 
     fn refblock(&mut self, off: u64) -> Result<&mut Vec<u8>> {

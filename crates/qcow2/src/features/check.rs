@@ -14,6 +14,7 @@ use crate::disk::table::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
 use crate::engine::meta::Meta;
+use crate::features::check_compare::{compare, fix_mismatches};
 use crate::features::check_copied::{check_copied, may_repair};
 use crate::features::check_snapshots::count_snapshot;
 
@@ -60,9 +61,9 @@ impl Notes {
 }
 
 pub(crate) struct Counter {
-    refs: Vec<u64>,
-    cs: u64,
-    file_len: u64,
+    pub(crate) refs: Vec<u64>,
+    pub(crate) cs: u64,
+    pub(crate) file_len: u64,
     /// The largest refcount the image's width holds: counting stops there (qemu's
     /// "overflow cluster"), as a repair could not store more.
     max: u64,
@@ -73,7 +74,9 @@ pub(crate) struct Counter {
     rewrote: bool,
     /// A refcount block is also used as something else: the refcount structures must
     /// be rebuilt (qemu's `check_refblocks` setting `rebuild`).
-    rebuild: bool,
+    pub(crate) rebuild: bool,
+    /// Clusters whose refcount could not be read (each a check error).
+    pub(crate) unreadable: u64,
 }
 
 impl Counter {
@@ -324,6 +327,7 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
         fix,
         rewrote: false,
         rebuild: false,
+        unreadable: 0,
     };
     cnt.inc(0, cs);
     let h = m.h().clone();
@@ -362,7 +366,8 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
 }
 
 /// Counts the refcount blocks, last, as qemu's `check_refblocks`, with its findings: a
-/// table entry with reserved bits (not counted; `-r all` rebuilds), a block outside the
+/// table entry with reserved bits or a misaligned block (not counted; `-r all`
+/// rebuilds), a block outside the
 /// file (not counted; `-r all` rebuilds without it, where qemu grows the file over it),
 /// a block something else also uses (its count is then above 1; `-r all` rebuilds).
 fn count_refblocks(m: &Meta, cnt: &mut Counter) {
@@ -373,6 +378,14 @@ fn count_refblocks(m: &Meta, cnt: &mut Counter) {
         if e & REFT_RESERVED != 0 {
             cnt.notes.say(format_args!(
                 "ERROR refcount table entry {i} has reserved bits set"
+            ));
+            cnt.notes.report.corruptions += 1;
+            cnt.rebuild = true;
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            cnt.notes.say(format_args!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
             ));
             cnt.notes.report.corruptions += 1;
             cnt.rebuild = true;
@@ -400,115 +413,6 @@ fn count_refblocks(m: &Meta, cnt: &mut Counter) {
     }
 }
 
-/// A cluster whose refcount differs from the references found.
-#[derive(Clone, Copy, Debug)]
-struct Mismatch {
-    /// Cluster index.
-    cluster: u64,
-    /// The refcount on disk.
-    have: u64,
-    /// The references counted.
-    want: u64,
-}
-
-/// Compares the counted references with the refcounts of every cluster inside the file
-/// (qemu's `compare_refcounts` without fixing); returns the mismatches and the highest
-/// cluster in use by either.
-fn compare(
-    m: &mut Meta,
-    cnt: &mut Counter,
-    repair: RepairMode,
-    may_rebuild: bool,
-) -> (Vec<Mismatch>, u64) {
-    let rbe = m.rb_entries();
-    // As qemu, only clusters inside the file are compared (refcounts beyond its end
-    // are invisible until the file grows over them).
-    let top = cnt.file_len.div_ceil(cnt.cs).max(cnt.refs.len() as u64);
-    let mut highest = 0u64;
-    let mut c = 0u64;
-    let mut mismatches: Vec<Mismatch> = Vec::new();
-    while c < top {
-        let ti = c / rbe;
-        let want = usize::try_from(c)
-            .ok()
-            .and_then(|i| cnt.refs.get(i))
-            .copied()
-            .unwrap_or(0);
-        let have = match m.refcount(c) {
-            Ok(v) => v,
-            Err(_) if repair == RepairMode::All && may_rebuild => {
-                // An unusable refcount block (misaligned, beyond the end of the file):
-                // its clusters count as refcount 0, which makes the repair rebuild.
-                cnt.notes.say(format_args!(
-                    "ERROR refcount block {ti} is unusable; its refcounts are rebuilt"
-                ));
-                0
-            }
-            Err(_) => {
-                cnt.notes.report.check_errors += 1;
-                c = (ti + 1) * rbe;
-                continue;
-            }
-        };
-        if want > 0 || have > 0 {
-            highest = c;
-        }
-        if have != want {
-            let leak = have > want;
-            let word = if leak { "Leaked" } else { "ERROR" };
-            cnt.notes.say(format_args!(
-                "{word} cluster {c} refcount={have} reference={want}"
-            ));
-            if leak {
-                cnt.notes.report.leaks += 1;
-            } else {
-                cnt.notes.report.corruptions += 1;
-            }
-            mismatches.push(Mismatch {
-                cluster: c,
-                have,
-                want,
-            });
-        }
-        c += 1;
-    }
-    (mismatches, highest)
-}
-
-/// Fixes what `repair` allows of `mismatches` (qemu's second `compare_refcounts` pass,
-/// which prints every mismatch again: "Repairing …" for those it fixes).
-fn fix_mismatches(m: &mut Meta, notes: &mut Notes, repair: RepairMode, mismatches: &[Mismatch]) {
-    let maxr = m.max_refcount();
-    for &Mismatch {
-        cluster: c,
-        have,
-        want,
-    } in mismatches
-    {
-        let leak = have > want;
-        let allowed = match repair {
-            RepairMode::None => false,
-            RepairMode::Leaks => leak,
-            RepairMode::All => true,
-        };
-        let word = match (allowed, leak) {
-            (true, _) => "Repairing",
-            (false, true) => "Leaked",
-            (false, false) => "ERROR",
-        };
-        notes.say(format_args!(
-            "{word} cluster {c} refcount={have} reference={want}"
-        ));
-        if allowed && m.set_refcount(c, want.min(maxr)).is_ok() {
-            if leak {
-                notes.report.leaks_fixed += 1;
-            } else {
-                notes.report.corruptions_fixed += 1;
-            }
-        }
-    }
-}
-
 /// Rebuilds the refcount structures from the counted references, then checks again
 /// (freeing the old structures as leaks), merging both reports as qemu does.
 fn rebuild_and_recheck(
@@ -516,6 +420,7 @@ fn rebuild_and_recheck(
     mut m: crate::device::MetaGuard<'_>,
     cnt: Counter,
 ) -> Result<CheckReport> {
+    let unreadable = cnt.unreadable;
     let old = cnt.notes.finish();
     let mut refs = cnt.refs;
     crate::engine::rebuild::rebuild(&mut m, &mut refs)?;
@@ -541,7 +446,9 @@ fn rebuild_and_recheck(
             .saturating_sub(fresh.corruptions.saturating_sub(fresh.corruptions_fixed))
             + fresh.corruptions_fixed,
         leaks_fixed: old.leaks,
-        check_errors: old.check_errors + fresh.check_errors,
+        // Refcounts that could not be read were replaced by the rebuild: unlike qemu's
+        // (whose rebuild fails after the corruption event), the repair succeeded.
+        check_errors: old.check_errors.saturating_sub(unreadable) + fresh.check_errors,
         messages,
         ..fresh
     })
@@ -558,7 +465,7 @@ fn check_inner(dev: &Qcow2Device, repair: RepairMode, may_rebuild: bool) -> Resu
     if cnt.rewrote {
         m.reset_l2_cache();
     }
-    let (mismatches, highest) = compare(&mut m, &mut cnt, repair, may_rebuild);
+    let (mismatches, highest) = compare(&mut m, &mut cnt, repair, !dev.read_only);
     let needs_rebuild = cnt.rebuild || mismatches.iter().any(|x| x.have == 0);
     // A referenced cluster with refcount 0 needs the refcount structures rebuilt, which
     // only `-r all` may do: qemu refuses `-r leaks` then (check error, EIO).
