@@ -372,40 +372,56 @@ fn repair_pass_messages_like_qemu() {
     );
 }
 
-/// A refcount table entry pointing to a misaligned refcount block: `check` and
-/// `check -r leaks` print what qemu-img prints (the finding, qemu's corruption event —
-/// non-fatal on the read-only open, marking the image corrupt with `-r` — a check error
-/// per cluster, "Check failed"), exit as it does and leave the header as it does.
+/// Refcount table entries qemu's `check_refblocks` rejects: `check`, `-r leaks` and (but
+/// for a misaligned block, where qemu's rebuild fails after its corruption event and
+/// ours succeeds) `-r all` print what qemu-img prints, exit as it does and leave the
+/// same file, byte for byte. A misaligned block: the finding, qemu's corruption event
+/// (non-fatal on the read-only open, marking the image corrupt under `-r`), a check
+/// error per cluster, "Check failed". A block outside the file: `-r all` grows the file
+/// over it, rebuilds, and discards the old structures.
 #[test]
-fn misaligned_refcount_block_as_qemu() {
+fn refcount_table_entries_as_qemu() {
     let dir = tempdir();
-    let p = qcow2_with_data(dir.path(), "mis.qcow2", "cluster_size=65536");
-    let mut img = std::fs::read(&p).unwrap();
+    let p = qcow2_with_data(dir.path(), "rt.qcow2", "cluster_size=65536");
+    let img = std::fs::read(&p).unwrap();
     let rt = u64::from_be_bytes(img[48..56].try_into().unwrap()) as usize;
     let rb = refblock0(&img) as u64;
-    img[rt..rt + 8].copy_from_slice(&(rb + 512).to_be_bytes());
-    std::fs::write(&p, &img).unwrap();
-    for r in [None, Some("leaks")] {
-        let (q, d) = copies(dir.path(), &p);
-        let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, f: &Path| {
-            let mut a = vec!["check"];
-            if let Some(r) = r {
-                a.extend(["-r", r]);
+    let outside = (img.len() as u64).div_ceil(65536) * 65536 + (20 << 16);
+    let cases: [(&str, usize, u64, &[&str]); 2] = [
+        ("misaligned", rt, rb + 512, &["leaks"]),
+        ("outside", rt + 8, outside, &["leaks", "all"]),
+    ];
+    for (what, at, v, repairs) in cases {
+        let mut bad = img.clone();
+        bad[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        std::fs::write(&p, &bad).unwrap();
+        for r in std::iter::once(None).chain(repairs.iter().map(Some)) {
+            let (q, d) = copies(dir.path(), &p);
+            let run = |tool: &dyn Fn(&[&str]) -> std::process::Output, f: &Path| {
+                let mut a = vec!["check"];
+                if let Some(r) = r {
+                    a.extend(["-r", r]);
+                }
+                a.push(s(f));
+                let o = tool(&a);
+                let err = String::from_utf8_lossy(&o.stderr)
+                    .replace("qemu-img:", "TOOL:")
+                    .replace("diskimg:", "TOOL:");
+                let out = String::from_utf8_lossy(&o.stdout).into_owned();
+                (code(&o), out, err, std::fs::read(f).unwrap())
+            };
+            let want = run(&|a| qemu_img(a), &q);
+            if what == "misaligned" {
+                assert!(
+                    want.2.contains("Can't get refcount for cluster 0"),
+                    "{}",
+                    want.2
+                );
             }
-            a.push(s(f));
-            let o = tool(&a);
-            let err = String::from_utf8_lossy(&o.stderr)
-                .replace("qemu-img:", "TOOL:")
-                .replace("diskimg:", "TOOL:");
-            let out = String::from_utf8_lossy(&o.stdout).into_owned();
-            (code(&o), out, err, std::fs::read(f).unwrap())
-        };
-        let want = run(&|a| qemu_img(a), &q);
-        assert!(
-            want.2.contains("Can't get refcount for cluster 0"),
-            "{}",
-            want.2
-        );
-        assert_eq!(run(&|a| diskimg(a), &d), want, "{r:?}");
+            let got = run(&|a| diskimg(a), &d);
+            assert_eq!(got.0, want.0, "{what} {r:?}: exit code");
+            assert_eq!((&got.1, &got.2), (&want.1, &want.2), "{what} {r:?}: output");
+            assert!(got.3 == want.3, "{what} {r:?}: the file after");
+        }
     }
 }

@@ -367,12 +367,12 @@ fn count(dev: &Qcow2Device, m: &mut Meta, fix: bool) -> Result<(Counter, Vec<u64
 
 /// Counts the refcount blocks, last, as qemu's `check_refblocks`, with its findings: a
 /// table entry with reserved bits or a misaligned block (not counted; `-r all`
-/// rebuilds), a block outside the
-/// file (not counted; `-r all` rebuilds without it, where qemu grows the file over it),
+/// rebuilds), a block outside the file (`-r all` grows the file over it as qemu, see
+/// [`grow_over`]),
 /// a block something else also uses (its count is then above 1; `-r all` rebuilds).
 fn count_refblocks(m: &Meta, cnt: &mut Counter) {
     let cs = cnt.cs;
-    let clusters = cnt.file_len.div_ceil(cs);
+    let mut clusters = cnt.file_len.div_ceil(cs);
     for (i, e) in m.reftable_entries() {
         let off = e & REFT_OFFSET_MASK;
         if e & REFT_RESERVED != 0 {
@@ -395,6 +395,13 @@ fn count_refblocks(m: &Meta, cnt: &mut Counter) {
             let word = if cnt.fix { "Repairing" } else { "ERROR" };
             cnt.notes
                 .say(format_args!("{word} refcount block {i} is outside image"));
+            if cnt.fix && grow_over(m, cnt, off) {
+                // No check of its count: it was just allocated, zeroed (as qemu).
+                clusters = cnt.file_len.div_ceil(cs);
+                cnt.notes.report.corruptions_fixed += 1;
+                cnt.inc(off, cs);
+                continue;
+            }
             cnt.notes.report.corruptions += 1;
             cnt.rebuild |= cnt.fix;
             continue;
@@ -411,6 +418,30 @@ fn count_refblocks(m: &Meta, cnt: &mut Counter) {
             cnt.rebuild = true;
         }
     }
+}
+
+/// qemu's repair of a refcount block outside the file (`check_refblocks`): the file
+/// grows over it, so that it reads as an empty block, to be counted. Only while the
+/// counters of the grown file stay within the metadata limit, as any table read from a
+/// file that long would; otherwise (`false`) the rebuild drops the block instead.
+fn grow_over(m: &Meta, cnt: &mut Counter, off: u64) -> bool {
+    let cs = cnt.cs;
+    let Some(len) = off.checked_add(cs) else {
+        return false;
+    };
+    let n = len.div_ceil(cs);
+    let limit = m
+        .limits()
+        .check("check reference table", n.saturating_mul(8));
+    let Ok(n) = usize::try_from(n) else {
+        return false;
+    };
+    if limit.is_err() || m.file().set_len(len).is_err() {
+        return false;
+    }
+    cnt.file_len = len;
+    cnt.refs.resize(n.max(cnt.refs.len()), 0);
+    true
 }
 
 /// Rebuilds the refcount structures from the counted references, then checks again
@@ -441,9 +472,10 @@ fn rebuild_and_recheck(
         leaks: old.leaks,
         // As qemu: the rebuild fixed what the recheck no longer finds (an entry it
         // cannot repair, such as an unaligned data cluster, is still counted).
-        corruptions_fixed: old
-            .corruptions
-            .saturating_sub(fresh.corruptions.saturating_sub(fresh.corruptions_fixed))
+        corruptions_fixed: old.corruptions_fixed
+            + old
+                .corruptions
+                .saturating_sub(fresh.corruptions.saturating_sub(fresh.corruptions_fixed))
             + fresh.corruptions_fixed,
         leaks_fixed: old.leaks,
         // Refcounts that could not be read were replaced by the rebuild: unlike qemu's
