@@ -2,7 +2,7 @@
 //! [`OpenOptions::driver_options`] carries as qemu-style strings (`check=on`,
 //! `x-bitmap-edit=on`, `x-deferred-tables=on`, `x-write-behind=off`, `encrypt.key-secret=ID`,
 //! `encrypt.no-io=on`, `snapshot.id=`,
-//! `snapshot.name=`), read in one place ([`Qcow2OpenOptions::from_options`]).
+//! `snapshot.name=`, `pass-discard-snapshot=off`), read in one place ([`Qcow2OpenOptions::from_options`]).
 
 use diskimg_blockio::OpenOptions;
 
@@ -68,6 +68,10 @@ pub struct Qcow2OpenOptions {
     /// by default: a flush after many allocating writes then waits less). For A/B
     /// measurements (`benches/engine.sh`).
     pub no_write_behind: bool,
+    /// `pass-discard-snapshot=off` (qemu's runtime option): the clusters snapshot
+    /// operations free (`snapshot -d`/`-a`, old snapshot tables) are not discarded in the
+    /// image file, so their old contents stay there (qemu's default, `on`, punches them).
+    pub keep_snapshot_frees: bool,
 }
 
 impl Qcow2OpenOptions {
@@ -86,6 +90,7 @@ impl Qcow2OpenOptions {
             bitmap_edit: on("x-bitmap-edit"),
             deferred_tables: on("x-deferred-tables"),
             no_write_behind: d.get("x-write-behind") == Some("off"),
+            keep_snapshot_frees: d.get("pass-discard-snapshot") == Some("off"),
             key_secret: s(KEY_SECRET_OPTION),
             no_io: on(NO_IO_OPTION),
             snapshot_id: s("snapshot.id"),

@@ -1,6 +1,7 @@
 //! qemu's qcow2 runtime options that tune its block layer (metadata cache sizes,
-//! `lazy-refcounts`, overlap checks, `cache-clean-interval`). diskimg's caches and checks
-//! are its own, so valid values change nothing here; values qemu refuses are refused
+//! `lazy-refcounts`, overlap checks, `cache-clean-interval`, `pass-discard-*`).
+//! diskimg's caches and checks are its own, so valid values change nothing here (but
+//! `pass-discard-snapshot=off`, read by `Qcow2OpenOptions`); values qemu refuses are refused
 //! with qemu's messages, in qemu's order (`qcow2_update_options_prepare`), so a typo is
 //! not silently accepted.
 
@@ -46,6 +47,15 @@ pub(crate) fn check(
             ));
         }
     };
+    for key in [
+        "pass-discard-request",
+        "pass-discard-snapshot",
+        "pass-discard-other",
+    ] {
+        if d.get(key).is_some_and(|v| v != "on" && v != "off") {
+            return Err(invalid(format!("Parameter '{key}' expects 'on' or 'off'")));
+        }
+    }
     let combined = size(d, "cache-size")?;
     let l2 = size(d, "l2-cache-size")?;
     let refcount = size(d, "refcount-cache-size")?;
@@ -165,6 +175,11 @@ mod tests {
                 .unwrap()
                 .starts_with("Unsupported value 'blubb'")
         );
+        assert_eq!(
+            c("pass-discard-snapshot=bogus").unwrap(),
+            "Parameter 'pass-discard-snapshot' expects 'on' or 'off'"
+        );
+        assert_eq!(c("pass-discard-snapshot=off,pass-discard-request=on"), None);
         assert_eq!(
             c("cache-clean-interval=-1").unwrap(),
             "Cache clean interval too big"

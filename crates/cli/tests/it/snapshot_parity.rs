@@ -12,12 +12,17 @@ use diskimg_testutil::{qemu_img, qemu_img_ok, qemu_io, tempdir};
 
 use crate::{diskimg_ok, s};
 
-/// One step of a scenario: qemu-io commands, or a `snapshot` option and its argument.
+/// One step of a scenario: qemu-io commands, or a `snapshot` option and its argument
+/// (with `SnapWith`: on `--image-opts driver=qcow2,OPTIONS,file.filename=…`).
 enum Step {
     Io(&'static [&'static str]),
     Snap(&'static str, &'static str),
+    SnapWith(&'static str, &'static str, &'static str),
 }
-use Step::{Io, Snap};
+use Step::{Io, Snap, SnapWith};
+
+/// qemu's runtime option that keeps the clusters snapshot operations free unpunched.
+const KEEP: &str = "pass-discard-snapshot=off";
 
 const FIRST: &[&str] = &[
     "write -P 1 0 256k",
@@ -27,7 +32,8 @@ const FIRST: &[&str] = &[
 ];
 
 /// The scenarios: two snapshots deleted in both orders, a table both snapshots share
-/// but the active image no longer does, applying a snapshot.
+/// but the active image no longer does, applying a snapshot, and deleting / applying
+/// with `pass-discard-snapshot=off` (the freed clusters keep their old data, as qemu's).
 fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     let two = |first: &'static str, second: &'static str| {
         vec![
@@ -73,12 +79,28 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Snap("-d", "b"),
             ],
         ),
+        (
+            "pass-discard-snapshot=off",
+            vec![
+                Io(FIRST),
+                Snap("-c", "a"),
+                Io(&["write -P 4 0 256k", "write -P 5 1M 64k"]),
+                Snap("-c", "b"),
+                Io(&["write -P 6 0 128k"]),
+                SnapWith("-d", "a", KEEP),
+                SnapWith("-a", "b", KEEP),
+                Io(&["write -P 7 64k 4k"]),
+                SnapWith("-d", "b", KEEP),
+            ],
+        ),
     ]
 }
 
 /// The file with each snapshot entry's date (spec "Snapshot table": bytes 16..24 of
-/// an entry) zeroed, the one thing two runs of the same steps cannot share.
-fn undated(p: &Path) -> Vec<u8> {
+/// an entry) zeroed, the one thing two runs of the same steps cannot share. `dates`
+/// gathers where the dates of every table seen so far lie: with
+/// `pass-discard-snapshot=off` an old table stays in the file after it is replaced.
+fn undated(p: &Path, dates: &mut Vec<usize>) -> Vec<u8> {
     let mut b = std::fs::read(p).unwrap();
     let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
     let be16 = |b: &[u8], at: usize| u16::from_be_bytes(b[at..at + 2].try_into().unwrap());
@@ -87,8 +109,13 @@ fn undated(p: &Path) -> Vec<u8> {
     for _ in 0..n {
         let extra = be32(&b, at + 36) as usize;
         let names = be16(&b, at + 12) as usize + be16(&b, at + 14) as usize;
-        b[at + 16..at + 24].fill(0);
+        dates.push(at + 16);
         at = (at + 40 + extra + names).next_multiple_of(8);
+    }
+    for &d in dates.iter() {
+        if let Some(f) = b.get_mut(d..d + 8) {
+            f.fill(0);
+        }
     }
     b
 }
@@ -111,6 +138,7 @@ fn run(dir: &Path, what: &str, steps: &[Step], backing: bool) {
     }
     qemu_img_ok(&[create.as_slice(), &[s(&q), "4M"]].concat());
     diskimg_ok(&[create.as_slice(), &[s(&d), "4M"]].concat());
+    let mut dates = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         match step {
             Io(cmds) => {
@@ -126,9 +154,15 @@ fn run(dir: &Path, what: &str, steps: &[Step], backing: bool) {
                 qemu_img_ok(&["snapshot", op, name, s(&q)]);
                 diskimg_ok(&["snapshot", op, name, s(&d)]);
             }
+            SnapWith(op, name, opts) => {
+                let spec = |p: &Path| format!("driver=qcow2,{opts},file.filename={}", s(p));
+                let (qs, ds) = (spec(&q), spec(&d));
+                qemu_img_ok(&["snapshot", op, name, "--image-opts", &qs]);
+                diskimg_ok(&["snapshot", op, name, "--image-opts", &ds]);
+            }
         }
         let at = format!("{what} (backing: {backing}), after step {i}");
-        let (a, b) = (undated(&q), undated(&d));
+        let (a, b) = (undated(&q, &mut dates), undated(&d, &mut dates));
         if a != b {
             let first = a.iter().zip(&b).position(|(x, y)| x != y);
             panic!(

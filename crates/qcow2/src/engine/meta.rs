@@ -59,6 +59,8 @@ pub(crate) struct Meta {
     /// New L2 tables wait in the cache for the next deferred write (see
     /// [`Meta::set_deferred_tables`]).
     pub(in crate::engine) deferred_tables: bool,
+    /// `pass-discard-snapshot=off` (see [`Meta::set_keep_snapshot_frees`]).
+    pub(in crate::engine) keep_snapshot_frees: bool,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -134,6 +136,7 @@ impl Meta {
             reserve: crate::engine::reserve::Reserve::default(),
             lazy: crate::engine::lazy::Lazy::default(),
             deferred_tables: false,
+            keep_snapshot_frees: false,
             h,
         }
     }

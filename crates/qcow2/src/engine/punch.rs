@@ -2,7 +2,8 @@
 //! file (holes punched), as qemu passes such frees down (`pass-discard-request` and
 //! `QCOW2_DISCARD_ALWAYS`, both on by default): the file's host usage drops (iotest 250).
 //! Snapshot operations punch what they free the same way
-//! (`features::snapshot_ops`, qemu's `pass-discard-snapshot`). Frees of other kinds
+//! (`features::snapshot_ops`, qemu's `pass-discard-snapshot`), unless opened with
+//! `pass-discard-snapshot=off` ([`Meta::set_keep_snapshot_frees`]). Frees of other kinds
 //! (copy-on-write, compressed rewrites) leave the file as it is, as qemu's
 //! `pass-discard-other` default does.
 //!
@@ -14,6 +15,18 @@
 use crate::engine::meta::Meta;
 
 impl Meta {
+    /// `pass-discard-snapshot=off` (qemu's runtime option): clusters snapshot
+    /// operations free stay in the file unpunched.
+    pub(crate) fn set_keep_snapshot_frees(&mut self, on: bool) {
+        self.keep_snapshot_frees = on;
+    }
+
+    /// Whether snapshot operations leave what they free unpunched (see
+    /// [`Meta::set_keep_snapshot_frees`]).
+    pub(crate) fn keep_snapshot_frees(&self) -> bool {
+        self.keep_snapshot_frees
+    }
+
     /// The host ranges `ranges` (the deferred unreferences of a discard or shrink) are
     /// punched in the image file once the deferred L2 updates are written and the
     /// ranges' clusters are free (refcount 0).

@@ -78,9 +78,14 @@ pub(crate) fn write_table(m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
 /// The refcount drops are flushed first, so a crash before or during the discard
 /// leaves at worst a leaked cluster, never a live mapping to a punched one. A discard
 /// is a hint: failures (of the flush too) only skip it, as qemu ignores them. Images
-/// with an external data file are left alone (their data clusters lie in that file).
+/// with an external data file are left alone (their data clusters lie in that file),
+/// and so is every image opened with `pass-discard-snapshot=off`.
 fn discard_freed(m: &mut Meta, freed: Vec<(u64, u64)>) {
-    if freed.is_empty() || m.data().is_some() || m.file().flush().is_err() {
+    if freed.is_empty()
+        || m.data().is_some()
+        || m.keep_snapshot_frees()
+        || m.file().flush().is_err()
+    {
         return;
     }
     m.punch_freed(freed);
