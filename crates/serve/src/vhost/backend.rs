@@ -31,7 +31,7 @@ use vmm_sys_util::event::{
 
 use super::VhostConfig;
 use super::pool::{Job, Pool};
-use super::request::{MAX_SEGMENTS, SECTOR, process};
+use super::request::{MAX_SEGMENTS, S_IOERR, SECTOR, process};
 use super::split::Split;
 use crate::export::Export;
 
@@ -213,7 +213,8 @@ impl BlkBackend {
         if let [chain] = chains.as_slice()
             && let Some(split) = self.split(lone >= LONE_STREAK, chain)
         {
-            self.run_split(vring, queue, pool, split);
+            let chain = chain.clone();
+            self.run_split(vring, (queue, chain), pool, split);
             return Ok(true);
         }
         let Some(last) = chains.pop() else {
@@ -294,12 +295,13 @@ impl BlkBackend {
     fn run_split(
         &self,
         vring: &VringRwLock<Mem>,
-        queue: usize,
+        (queue, chain): (usize, Chain),
         pool: &Pool,
         split: Split<MemGuard>,
     ) {
         let split = Arc::new(Pieces {
             split,
+            chain,
             be: self.clone(),
             vring: vring.clone(),
             queue,
@@ -321,6 +323,7 @@ impl BlkBackend {
             vring,
             queue,
             left,
+            chain: Some(chain.clone()),
         };
         finish.used(process(&self.0.export, chain));
     }
@@ -341,23 +344,31 @@ impl BlkBackend {
 /// queue's busy count, notifies the driver if it was the last of its batch to finish
 /// (`left` counts the batch's unfinished requests, so a burst costs the guest one
 /// interrupt, not one per request), and takes it off the requests in flight. Dropped
-/// unused, when executing the request panicked, it does the same, so neither the batch's
-/// notification nor [`BlkBackend::quiesce`] (and the flush after it) waits for it forever.
+/// unused, when executing the request panicked, it completes `chain` with an I/O error
+/// ([`failed`]) and does the same, so neither the driver, nor the batch's notification,
+/// nor [`BlkBackend::quiesce`] (and the flush after it) waits for it forever.
 struct Finish<'a> {
     be: &'a BlkBackend,
     vring: &'a VringRwLock<Mem>,
     queue: usize,
     left: &'a AtomicUsize,
+    /// The request, until it is completed.
+    chain: Option<Chain>,
 }
 
 impl Finish<'_> {
-    fn used(self, (head, len): (u16, u32)) {
+    fn used(mut self, (head, len): (u16, u32)) {
+        self.chain = None;
         let _ = self.vring.add_used(head, len);
     }
 }
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
+        if let Some(chain) = self.chain.take() {
+            let (head, len) = failed(chain);
+            let _ = self.vring.add_used(head, len);
+        }
         if let Some(b) = self.be.0.busy.get(self.queue) {
             b.fetch_sub(1, Ordering::AcqRel);
         }
@@ -380,9 +391,10 @@ impl Drop for Flight<'_> {
 
 /// A split request shared by the threads executing its pieces: the one that finishes
 /// the last piece completes it ([`Finish`]). If a piece panicked, none does, and the
-/// request is counted as finished when the last thread lets go of it.
+/// request fails ([`failed`]) when the last thread lets go of it.
 struct Pieces {
     split: Split<MemGuard>,
+    chain: Chain,
     be: BlkBackend,
     vring: VringRwLock<Mem>,
     queue: usize,
@@ -407,6 +419,7 @@ impl Pieces {
             vring: &self.vring,
             queue: self.queue,
             left: &self.left,
+            chain: None,
         }
     }
 }
@@ -414,9 +427,32 @@ impl Pieces {
 impl Drop for Pieces {
     fn drop(&mut self) {
         if !*self.finished.get_mut() {
-            drop(self.finish());
+            let chain = self.chain.clone();
+            let mut finish = self.finish();
+            finish.chain = Some(chain);
+            drop(finish);
         }
     }
+}
+
+/// Completes a request whose execution panicked with `VIRTIO_BLK_S_IOERR`, written to
+/// its last driver-writable byte (what its data buffers hold is unspecified): the
+/// driver sees an error, not a request that never ends. Used length 1, or 0 for a chain
+/// without a writable byte (as [`process`] completes one).
+fn failed(chain: Chain) -> (u16, u32) {
+    use std::io::Write;
+    let head = chain.head_index();
+    let mem = chain.memory();
+    let Ok(mut writer) = chain.clone().writer(mem) else {
+        return (head, 0);
+    };
+    let Some(last) = writer.available_bytes().checked_sub(1) else {
+        return (head, 0);
+    };
+    let written = writer
+        .split_at(last)
+        .is_ok_and(|mut status| status.write_all(&[S_IOERR]).is_ok());
+    (head, u32::from(written))
 }
 
 /// Whether `chain` moves at least [`LARGE`] data bytes, from at most its first 18

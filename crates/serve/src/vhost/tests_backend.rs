@@ -307,6 +307,14 @@ fn panicky(
     (mem, rec, be)
 }
 
+/// The status byte of request `k`.
+fn status(mem: &GuestMemoryMmap, k: u16) -> u8 {
+    let mut st = [0u8];
+    mem.read_slice(&mut st, GuestAddress(hdr(k) + 0x80))
+        .unwrap();
+    st[0]
+}
+
 /// Runs the queue's kick as the event thread does; whether it panicked.
 fn kick_panics(be: &BlkBackend, vr: &Vring) -> bool {
     let run = || be.handle_event(0, EventSet::IN, std::slice::from_ref(vr), 0);
@@ -335,7 +343,7 @@ fn quiesce_bounded(be: &BlkBackend) {
 }
 
 #[test]
-fn requests_that_panic_on_the_workers_or_the_event_thread_end_in_flight() {
+fn requests_that_panic_on_the_workers_or_the_event_thread_fail_and_end_in_flight() {
     // Four writes that panic on the workers (as many as the pool has), the last request
     // of the batch (a read) on the event thread.
     let (mem, rec, be) = panicky((0..4).map(|k| k * 8 * 512).collect());
@@ -346,23 +354,31 @@ fn requests_that_panic_on_the_workers_or_the_event_thread_end_in_flight() {
     submit(&mem, &q, &reqs);
     assert!(!kick_panics(&be, &vr));
     quiesce_bounded(&be);
-    assert_eq!(used(&mem, &q).keys().copied().collect::<Vec<_>>(), [12]);
+    // Each panicked write completes with an I/O error (its status byte only).
+    let done = used(&mem, &q);
+    assert_eq!(done.len(), 5, "{done:?}");
+    for k in 0..4u16 {
+        assert_eq!((done[&(3 * k)], status(&mem, k)), (1, 1), "write {k}");
+    }
+    assert_eq!((done[&12], status(&mem, 4)), (4097, 0), "the read");
     // The workers survived: a batch that needs them still completes.
     let reqs: Vec<_> = (5..9).map(|k| (1, k * 8, 4096)).collect();
     submit_from(&mem, &q, 5, &reqs);
     assert!(!kick_panics(&be, &vr));
     quiesce_bounded(&be);
-    assert_eq!(used(&mem, &q).len(), 5);
+    assert_eq!(used(&mem, &q).len(), 9);
+    assert!((5..9).all(|k| status(&mem, k) == 0));
     assert_eq!(rec.writes.lock().unwrap().len(), 4);
     // A lone write that panics on the event thread itself.
     submit_from(&mem, &q, 9, &[(1, 0, 4096)]);
     assert!(kick_panics(&be, &vr));
     quiesce_bounded(&be);
-    assert_eq!(used(&mem, &q).len(), 5);
+    assert_eq!(used(&mem, &q).len(), 10);
+    assert_eq!(status(&mem, 9), 1);
 }
 
 #[test]
-fn a_split_request_whose_piece_panics_ends_in_flight() {
+fn a_split_request_whose_piece_panics_fails_and_ends_in_flight() {
     // The third lone 128 KiB write in a row is split in two; its second piece panics.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     if cores < 2 {
@@ -377,13 +393,15 @@ fn a_split_request_whose_piece_panics_ends_in_flight() {
         assert!(k == 2 || !panicked);
         quiesce_bounded(&be);
     }
+    // Its status is an I/O error, written once nobody held the request any more.
+    assert_eq!(used(&mem, &q).len(), 3);
     assert_eq!(
-        used(&mem, &q).len(),
-        2,
-        "the panicked request is not completed"
+        (status(&mem, 0), status(&mem, 1), status(&mem, 2)),
+        (0, 0, 1)
     );
     // The queue is idle again (the panicked request left its busy count): the next lone
     // write is split too.
     assert_eq!(write_batch(&be, &rec, (&q, &vr), &mem, 3..4), [2]);
-    assert_eq!(used(&mem, &q).len(), 3);
+    assert_eq!(used(&mem, &q).len(), 4);
+    assert_eq!(status(&mem, 3), 0);
 }
