@@ -191,6 +191,11 @@ impl Progress {
         }
     }
 
+    /// Whether records are printed (`-p` without `-q`).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// `qemu_progress_print(delta, max)`: with `max == 0`, `delta` is the absolute
     /// percentage; otherwise it advances by `delta` percent of `max` percent.
     pub(crate) fn print(&self, delta: f32, max: u8) {

@@ -18,6 +18,7 @@ use crate::create::{known_option, parse_options, print_help};
 mod args;
 mod big;
 mod pipe;
+mod progress;
 mod salvage;
 mod stdout;
 mod targets;
@@ -176,6 +177,8 @@ impl Flags {
 /// concatenation, or the selected snapshot).
 struct Sources {
     device: Arc<dyn BlockDevice>,
+    /// The devices `device` joins, in order.
+    parts: Vec<Arc<dyn BlockDevice>>,
     images: Vec<Image>,
     /// With `--salvage`: the sources read in salvage mode.
     salvaged: Vec<Arc<crate::io::filter::Filtered<salvage::Salvage>>>,
@@ -230,10 +233,11 @@ fn open_sources(
     }
     let device: Arc<dyn BlockDevice> = match parts.as_slice() {
         [one] => one.clone(),
-        _ => Arc::new(ConcatDevice::new(parts)?),
+        _ => Arc::new(ConcatDevice::new(parts.clone())?),
     };
     Ok(Sources {
         device,
+        parts,
         images,
         salvaged,
     })
@@ -338,6 +342,10 @@ fn copy(
     } else {
         None
     };
+    let target_backing = backing
+        .as_ref()
+        .filter(|_| !a.no_create)
+        .map(|b| b.virtual_size());
     let opts = ConvertOptions {
         sparse_size: flags.sparse,
         target_is_zero: made.target_is_zero,
@@ -351,13 +359,18 @@ fn copy(
     };
     salvage::pre_pass(&sources.salvaged)?;
     let err = |e: diskimg::Error| anyhow!("error while writing to {dst_name}: {e}");
-    // qemu counts progress over the data it copies (0% was printed above), so its copy
-    // loop only reaches 100% when there was data; the final 100% is printed in any case.
+    // qemu's records (0% was printed above), replayed from the sources' block status.
+    let setup = progress::Setup {
+        parts: &sources.parts,
+        target: dst.device.as_ref(),
+        compress: a.compress || dst.device.needs_compressed_writes(),
+        count_zeroes: flags.sparse == 0,
+        target_has_backing: made.backing.is_some(),
+        target_backing,
+    };
+    let mut report = progress::Reporter::new(bar, images, &setup);
     let stats = convert(src, dst.device.as_ref(), &opts, &mut |d, t| {
-        let (d, t) = pipe::progress(images, d, t);
-        if d > 0 && d < t {
-            bar.fraction(d, t);
-        }
+        report.update(d, t);
     })
     .map_err(err)?;
     dst.finish().map_err(err)?;
@@ -366,9 +379,7 @@ fn copy(
         copy_bitmaps(images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
     }
     let copied = stats.data_bytes + stats.compressed_bytes;
-    if copied > 0 || (flags.sparse == 0 && stats.zeroed_bytes > 0) {
-        bar.print(100.0, 0);
-    }
+    report.finish(copied > 0 || (flags.sparse == 0 && stats.zeroed_bytes > 0));
     bar.print(100.0, 0);
     Ok(())
 }

@@ -59,6 +59,12 @@ pub(super) fn check_target(images: &[Image], out_fmt: Format, no_create: bool) -
     Ok(())
 }
 
+/// Whether the (single) source is a stream whose progress is the input read.
+pub(super) fn streamed(images: &[Image]) -> bool {
+    let [img] = images else { return false };
+    crate::source::opened(&img.filename).is_some_and(|o| o.forward.is_some())
+}
+
 /// Progress as bytes of the input read of its length, for a stream source whose input
 /// length is known; otherwise the copy's own `(done, total)`.
 pub(super) fn progress(images: &[Image], done: u64, total: u64) -> (u64, u64) {

@@ -22,6 +22,7 @@ mod compare;
 mod convert;
 mod convert_cache;
 mod convert_perf;
+mod convert_progress;
 mod create_info;
 mod dd_resize;
 mod encrypt;
