@@ -61,8 +61,11 @@ fn double_quotes(text: &str) -> String {
 /// JSON parser takes them.
 pub fn json_options(name: &str) -> Result<OptionList> {
     let text = name.strip_prefix("json:").unwrap_or(name);
-    let v: Value = serde_json::from_str(&double_quotes(text))
-        .map_err(|e| Error::invalid(format!("Could not parse the JSON options: {e}")))?;
+    let v: Value = serde_json::from_str(&double_quotes(text)).map_err(|e| {
+        // In qemu's words where its parser refuses the text too.
+        let why = crate::jsonerr::qemu_words(text).unwrap_or_else(|| e.to_string());
+        Error::invalid(format!("Could not parse the JSON options: {why}"))
+    })?;
     let Value::Object(_) = v else {
         return Err(Error::invalid("Invalid JSON object given"));
     };

@@ -32,6 +32,7 @@ mod format;
 mod hostfile;
 mod image;
 mod inspect;
+mod jsonerr;
 mod jsonname;
 mod locking;
 pub mod maint;

@@ -5,7 +5,7 @@
 //! stay done. `--merge` takes its source from the same image or, with `-b SOURCE_FILE
 //! [-F FMT]`, from another qcow2 image; `-g` (the last one given) applies to every `--add`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::ArgAction;
 use diskimg::blockio::BitmapOp;
 
@@ -147,26 +147,64 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
     // An edit's failure, and a bitmap that could not be stored at close, are reported as
     // qemu-img reports them (see [`crate::close_errors`]).
     let (done, closed) = apply(&ops);
+    let done = done.map_err(|e| open_failure(&a.file, e, closed.is_ok()));
     crate::close_errors::finish_bitmap(done, closed)
 }
 
-/// A `--merge SRC`: from this image, or read from the `-b` image.
+/// qemu opens the image before any operation, and reports a failure to open it as
+/// `Could not open 'FILE': REASON` (a missing file: `Could not open 'FILE': Could not
+/// open 'PATH': No such file or directory`); the operations' own refusals start with
+/// `Operation`. `closed`: the image was not open or closed cleanly.
+fn open_failure(file: &str, e: diskimg::Error, closed: bool) -> diskimg::Error {
+    let op = match &e {
+        diskimg::Error::Unsupported { what, .. } => what.starts_with("Operation "),
+        e => e.to_string().starts_with("Operation "),
+    };
+    if op || !closed {
+        return e;
+    }
+    diskimg::Error::invalid(format!(
+        "Could not open '{file}': {}",
+        crate::errmap::message(&capitalized(e))
+    ))
+}
+
+/// The file layer's `could not open 'PATH'` in qemu's words (`Could not open`).
+pub(crate) fn capitalized(e: diskimg::Error) -> anyhow::Error {
+    match e {
+        diskimg::Error::Io { context, source } if context.starts_with("could not open ") => {
+            let c = format!("C{}", context.get(1..).unwrap_or_default());
+            anyhow::Error::from(source).context(c)
+        }
+        e => e.into(),
+    }
+}
+
+/// A `--merge SRC`: from this image, or read from the `-b` image (opened as `-F`, the
+/// format its `json:` name gives, or the probed one; a format without bitmaps has no
+/// `SRC`).
 fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
     let Some(f) = &a.source_file else {
         return Ok(BitmapOp::Merge(src.to_string()));
     };
-    let fmt = opt_format(a.source_format.as_deref(), f)?;
-    if fmt.is_some_and(|f| f != diskimg::Format::Qcow2) {
-        bail!(
-            "Operation merge on bitmap {} failed: Dirty bitmap '{src}' not found",
-            a.bitmap
-        );
-    }
+    let given = opt_format(a.source_format.as_deref(), f)?;
     let drivers = crate::io::blkdebug::node_drivers();
-    let (storage, _) = diskimg::maint::bitmap_file(f, &drivers, true)
-        .with_context(|| format!("Could not open '{f}'"))?;
-    let data = diskimg::maint::read_bitmap(storage, src)
-        .map_err(|e| anyhow::anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap))?;
+    let (storage, named) = diskimg::maint::bitmap_file(f, &drivers, true)
+        .map_err(|e| anyhow::Error::from(open_failure(f, e, true)))?;
+    let fmt = given
+        .or(named)
+        .unwrap_or_else(|| diskimg::probe(storage.as_ref()));
+    let failed =
+        |why: String| anyhow::anyhow!("Operation merge on bitmap {} failed: {why}", a.bitmap);
+    if fmt != diskimg::Format::Qcow2 {
+        return Err(failed(format!("Dirty bitmap '{src}' not found")));
+    }
+    let data = diskimg::maint::read_bitmap(storage, src).map_err(|e| match e {
+        diskimg::Error::NotThisFormat { .. } | diskimg::Error::Corrupt { .. } => {
+            anyhow::Error::from(open_failure(f, e, true))
+        }
+        e => failed(crate::errmap::message(&e.into())),
+    })?;
     Ok(BitmapOp::MergeBits {
         granularity: data.granularity,
         bits: data.bits,

@@ -1,7 +1,7 @@
 //! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] FILE`: exit 0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks only, 63 when the format has no check.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use diskimg::blockio::{CheckReport, RepairMode};
 use serde_json::{Map, Value, json};
 
@@ -41,14 +41,19 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     // is left for the check to repair instead of being repaired or refused at open.
     let (path, format, mut opts) = crate::secrets::resolve(&a.file, format)?;
     opts.driver_options.set("check", "on");
-    let img = open_resolved(
-        &a.file,
-        &path,
-        format,
-        opts,
-        repair == RepairMode::None,
-        false,
-    )?;
+    let read_only = repair == RepairMode::None;
+    let img = if crate::imgspec::is_spec(&a.file) {
+        // `json:{…}` and `blkdebug:` names, as on every verb.
+        opts.read_only = read_only;
+        opts.force_share |= crate::opening::force_share();
+        let opts = opts
+            .with_policy(diskimg::OpenPolicy::qemu_compatible())
+            .with_backing(false);
+        crate::imgspec::open_arg(&a.file, format, opts)
+            .with_context(|| format!("Could not open '{}'", a.file))?
+    } else {
+        open_resolved(&a.file, &path, format, opts, read_only, false)?
+    };
     let fmt = img.format.name();
     let first = match img.device.check(repair) {
         Ok(r) => r,

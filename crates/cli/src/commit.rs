@@ -44,7 +44,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     opts.backing_writable = true;
     let img = if crate::imgspec::is_spec(&a.file) {
         // `json:{…}` and `blkdebug:` names (iotest 098 injects errors while emptying).
-        crate::imgspec::open_arg(&a.file, format, opts)?
+        crate::imgspec::open_arg(&a.file, format, opts)
+            .with_context(|| format!("Could not open '{}'", a.file))?
     } else {
         diskimg::open(&path, format, &opts)
             .with_context(|| format!("Could not open '{}'", a.file))?

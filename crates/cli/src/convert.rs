@@ -261,6 +261,7 @@ fn create_target(
     sources: usize,
     total: u64,
 ) -> Result<Made> {
+    crate::opening::check_create_name(dst_name)?;
     let mut options = parse_options(&a.options)?;
     let key_secret = options
         .get("encrypt.key-secret")

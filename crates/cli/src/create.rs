@@ -107,6 +107,7 @@ pub(crate) fn run(mut a: Args) -> Result<i32> {
 }
 
 fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
+    crate::opening::check_create_name(&file).map_err(|e| anyhow!("{file}: {e}"))?;
     let mut options = parse_options(&a.options)?;
     let specs = format.driver()?.create_options();
     if let Some(b) = &a.backing {

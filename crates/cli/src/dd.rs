@@ -52,6 +52,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let in_fmt = opt_format(a.format.as_deref(), &input)?;
     let out_fmt: Format = parse_format(&a.output_format)?;
     let src = open_image(&input, in_fmt, true, true)?;
+    crate::opening::check_create_name(&output)?;
     let in_size = src.device.virtual_size();
     let mut size = match count {
         Some(c) if c <= in_size / bs => c * bs,

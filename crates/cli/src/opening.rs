@@ -67,6 +67,21 @@ pub(crate) fn set_force_share(on: bool) {
     FORCE_SHARE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the verb's `-U` is in force ([`set_force_share`]).
+pub(crate) fn force_share() -> bool {
+    FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// qemu creates images through a protocol driver found from the name: `json:{…}` names
+/// one it does not have (`Unknown protocol 'json'`); diskimg refuses them too rather than
+/// create a file of that name.
+pub(crate) fn check_create_name(name: &str) -> Result<()> {
+    if name.starts_with("json:") {
+        anyhow::bail!("Unknown protocol 'json'");
+    }
+    Ok(())
+}
+
 /// The lock permissions the CLI takes on a file it opens itself (`-t unsafe` targets):
 /// as the library locks an image of `format`.
 pub(crate) fn lock_own_file(

@@ -59,8 +59,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(!a.unsafe_);
     opts.read_only = false;
-    let img = diskimg::open(&path, format, &opts)
-        .with_context(|| format!("Could not open '{}'", a.file))?;
+    let img = if crate::imgspec::is_spec(&a.file) {
+        // `json:{…}` and `blkdebug:` names, as on every verb.
+        crate::imgspec::open_arg(&a.file, format, opts)
+    } else {
+        diskimg::open(&path, format, &opts).map_err(Into::into)
+    }
+    .with_context(|| format!("Could not open '{}'", a.file))?;
     crate::common::report_open_repairs(&img);
     if a.compress && img.device.compressed_write_granularity().is_none() {
         bail!("Compression not supported for this file format");

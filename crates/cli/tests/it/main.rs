@@ -51,6 +51,7 @@ mod map;
 mod map_formats;
 mod measure;
 mod offload;
+mod open_errors;
 mod pipelines;
 mod pipelines_out;
 mod pipelines_targets;
