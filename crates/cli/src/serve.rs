@@ -102,6 +102,11 @@ pub(crate) struct Args {
     /// default: no limit).
     #[arg(long = "size-max", default_value_t = 0, value_name = "BYTES")]
     size_max: u32,
+    /// vhost-user-blk: µs a queue's thread watches for the next request after a batch
+    /// before it sleeps, as qemu's `poll-max-ns` (default 50 with the host page cache;
+    /// 0, never, the default with `--cache none`/`directsync`).
+    #[arg(long = "poll-us", value_name = "US")]
+    poll_us: Option<u64>,
     /// vhost-user-blk: threads per queue that execute its requests besides the queue's
     /// own (default: 4 with the host page cache, 16 with `--cache none`/`directsync`,
     /// where each one keeps a request waiting at the disk).
@@ -125,6 +130,9 @@ fn policy(a: &Args) -> Result<WritePolicy> {
 pub(crate) fn run(a: Args) -> Result<i32> {
     let _ = a.allocation_depth;
     let policy = policy(&a)?;
+    if a.poll_us.is_some_and(|us| us > MAX_POLL_US) {
+        bail!("--poll-us must be at most {MAX_POLL_US}");
+    }
     if a.queue_workers.is_some_and(|n| n > MAX_WORKERS) {
         bail!("--queue-workers must be at most {MAX_WORKERS}");
     }
@@ -193,6 +201,10 @@ const DIRECT_WORKERS: usize = 16;
 
 /// Most workers per vhost-user-blk queue `--queue-workers` accepts.
 const MAX_WORKERS: usize = 256;
+
+/// Longest poll `--poll-us` accepts (1 ms: a queue's thread spins at most that long per
+/// batch).
+const MAX_POLL_US: u64 = 1000;
 
 /// The host cache mode `--cache` asks for (`none`/`off` and `-n`: `O_DIRECT`;
 /// `directsync`: `O_DIRECT|O_SYNC`; the others go through the page cache).
@@ -267,6 +279,13 @@ fn serve_vhost(
         None => config.split_min,
     };
     config.seg_max = a.seg_max;
+    config.poll_us = match a.poll_us {
+        Some(us) => us,
+        // A request that waits for the disk leaves the next one tens of µs away or more: the
+        // poll mostly misses and costs a core (docs/benchmarks.md, "Session 11, end").
+        None if direct => 0,
+        None => config.poll_us,
+    };
     config.size_max = a.size_max;
     config.workers_per_queue = match a.queue_workers {
         Some(n) => n,

@@ -359,4 +359,16 @@ fn fork_pid_file_and_read_only() {
     assert_eq!(crate::code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--queue-workers must be at most 256"));
     assert!(!vsock.exists());
+    // A poll longer than 1 ms: refused the same way.
+    let o = crate::diskimg(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&vsock),
+        "--poll-us",
+        "1001",
+        s(&img),
+    ]);
+    assert_eq!(crate::code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--poll-us must be at most 1000"));
+    assert!(!vsock.exists());
 }
