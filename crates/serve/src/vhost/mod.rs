@@ -81,7 +81,9 @@ pub struct VhostConfig {
     /// on a VM's vCPUs. Measured from the host, 50 µs took 4 KiB reads at queue depth 1
     /// in the page cache from 1.35x to 3.67x qemu-storage-daemon's IOPS and writes from
     /// 0.90x to 1.55x (docs/benchmarks.md, "Session 11, end"), for one core kept busy
-    /// while the requests keep coming; an idle queue costs nothing.
+    /// while the requests keep coming; an idle queue costs nothing. Not while any of
+    /// the queue's requests still runs on its pool (a deeper queue: the workers need
+    /// the cores).
     pub poll_us: u64,
 }
 
