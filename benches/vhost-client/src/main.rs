@@ -4,7 +4,7 @@
 //! ```text
 //! vhost-client bench --target NAME=SOCKET[,PID] ... [--cases a,b] [--secs S] [--rounds R]
 //!                    [--queue-size N] [--seg-kib K] [--raw FILE] [--first-round N]
-//! vhost-client table FILE
+//! vhost-client table FILE...
 //! vhost-client info SOCKET
 //! ```
 //! `bench` connects to every target once, then runs each case in rounds, each round every
@@ -13,7 +13,8 @@
 //! reference, e.g. qemu-storage-daemon) with the range of per-round ratios, the server's
 //! CPU time per I/O (user + system of PID from /proc, when given) and virtio requests per
 //! I/O. `--raw FILE` also appends every round's measurement to FILE (rounds numbered from
-//! `--first-round`), and `table FILE` prints the table of all the runs recorded there:
+//! `--first-round`), and `table FILE...` prints the table of all the runs recorded there
+//! (several files: each one's rounds numbered after the previous ones'):
 //! benches/serve-vhost-host.sh starts the servers once per rotation of the image copies
 //! among them (a copy's place on the disk can be worth 30% on `O_DIRECT`), runs `bench`
 //! each time and prints the combined table.
@@ -145,14 +146,26 @@ fn bench(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints the table of the records in one or more `--raw` files; each file's rounds are
+/// renumbered after the previous files' so that rounds of separate runs stay unpaired.
 fn table(args: &[String]) -> Result<(), String> {
-    let path = args.first().ok_or("table FILE")?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-    let records = text
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(table::Record::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+    if args.is_empty() {
+        return Err("table FILE...".into());
+    }
+    let mut records = Vec::new();
+    for path in args {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let first = records
+            .iter()
+            .map(|r: &table::Record| r.round + 1)
+            .max()
+            .unwrap_or(0);
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let mut r = table::Record::parse(line)?;
+            r.round += first;
+            records.push(r);
+        }
+    }
     print!("{}", table::print(&records));
     Ok(())
 }
