@@ -10,7 +10,7 @@ use crate::s;
 use crate::serve::{Served, sample_as, tool, tool_ok, visible_map};
 
 /// The qemu-io script run through both servers.
-const SCRIPT: &[&str] = &[
+pub(crate) const SCRIPT: &[&str] = &[
     "write -P 0x11 0 64k",
     "write -P 0x22 100k 8k",
     "write -z 1M 128k",
@@ -26,7 +26,7 @@ const SCRIPT: &[&str] = &[
     "flush",
 ];
 
-fn qemu_io_nbd(uri: &str, cmds: &[&str]) {
+pub(crate) fn qemu_io_nbd(uri: &str, cmds: &[&str]) {
     let mut args = vec!["-f", "raw"];
     for c in cmds {
         args.extend_from_slice(&["-c", c]);
