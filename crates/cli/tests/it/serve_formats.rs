@@ -159,7 +159,7 @@ fn drive(sock: &Path, mut model: Vec<u8>, seed: u64, what: &str) -> Vec<u8> {
     let mut at = 0u64;
     while at < size {
         let len = (size - at).min(2 * MIB) as usize;
-        let segs = if len % 4096 == 0 {
+        let segs = if len.is_multiple_of(4096) {
             pages(0, len)
         } else {
             vec![Seg { off: 0, len }]
