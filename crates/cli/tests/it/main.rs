@@ -61,6 +61,7 @@ mod qemu_layout;
 mod serve;
 mod serve_activation;
 mod serve_cache;
+mod serve_ext;
 mod serve_formats;
 mod serve_lock;
 mod serve_write;

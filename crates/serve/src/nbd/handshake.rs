@@ -109,9 +109,23 @@ impl<S: Read + Write> Haggle<'_, S> {
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     self.error(opt, REP_ERR_INVALID, "option takes no data")?;
+                } else if self.session.extended {
+                    self.error(opt, REP_ERR_EXT_HEADER_REQD, "extended headers already on")?;
                 } else if self.session.structured {
                     self.error(opt, REP_ERR_INVALID, "structured replies already on")?;
                 } else {
+                    self.session.structured = true;
+                    self.reply(opt, REP_ACK, &[])?;
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    self.error(opt, REP_ERR_INVALID, "option takes no data")?;
+                } else if self.session.extended {
+                    self.error(opt, REP_ERR_INVALID, "extended headers already on")?;
+                } else {
+                    // Takes the place of structured replies (which may be on already).
+                    self.session.extended = true;
                     self.session.structured = true;
                     self.reply(opt, REP_ACK, &[])?;
                 }
@@ -239,7 +253,11 @@ impl<S: Read + Write> Haggle<'_, S> {
             self.meta_export = None;
         }
         if !self.session.structured {
-            return self.error(opt, REP_ERR_INVALID, "structured replies not negotiated");
+            return self.error(
+                opt,
+                REP_ERR_INVALID,
+                "structured replies or extended headers not negotiated",
+            );
         }
         let mut c = Cursor::new(data);
         let parsed = (|| {

@@ -23,7 +23,10 @@ use status::Context;
 /// What a connection negotiated.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Session {
+    /// Replies may be chunks (structured replies or extended headers).
     pub(crate) structured: bool,
+    /// Extended headers: 32-byte requests and extended reply chunks only.
+    pub(crate) extended: bool,
     pub(crate) no_zeroes: bool,
     pub(crate) contexts: Vec<Context>,
     /// Transmission flags sent to the client.

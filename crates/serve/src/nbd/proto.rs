@@ -37,6 +37,10 @@ pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
 pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
 pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
+/// The `EXTENDED_HEADERS` extension (`doc/proto.md` of the NBD project's
+/// `extension-ext-header` branch): 32-byte requests with 64-bit lengths, and every reply
+/// a 32-byte extended chunk header.
+pub(crate) const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option replies ("Option reply types").
 pub(crate) const REP_ACK: u32 = 1;
@@ -49,6 +53,7 @@ pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub(crate) const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub(crate) const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 pub(crate) const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub(crate) const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
 /// `NBD_INFO_*` types.
 pub(crate) const INFO_EXPORT: u16 = 0;
@@ -58,6 +63,8 @@ pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Requests ("Request message", "Request types").
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// An extended request (after `OPT_EXTENDED_HEADERS`): 32 bytes, 64-bit length.
+pub(crate) const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 pub(crate) const CMD_READ: u16 = 0;
 pub(crate) const CMD_WRITE: u16 = 1;
 pub(crate) const CMD_DISC: u16 = 2;
@@ -73,14 +80,19 @@ pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
 pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub(crate) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the length field is the payload's length (a write's data).
+pub(crate) const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Replies.
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub(crate) const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub(crate) const REPLY_TYPE_NONE: u16 = 0;
 pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Block status with 64-bit extent lengths and status values (extended headers only).
+pub(crate) const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 /// `base:allocation` flags.
@@ -152,13 +164,39 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A structured reply chunk header (20 bytes) for a payload of `len` bytes.
-pub(crate) fn chunk_header(out: &mut Vec<u8>, flags: u16, ty: u16, cookie: u64, len: usize) {
-    out.put32(STRUCTURED_REPLY_MAGIC);
-    out.put16(flags);
-    out.put16(ty);
-    out.put64(cookie);
-    out.put32(u32::try_from(len).unwrap_or(u32::MAX));
+/// How replies are framed on a connection: structured chunks (20-byte header) or, with
+/// extended headers, extended chunks (32 bytes, naming the request's offset).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Framing {
+    /// Extended headers were negotiated.
+    pub(crate) extended: bool,
+    /// The request's offset (extended chunks repeat it).
+    pub(crate) offset: u64,
+}
+
+/// A reply chunk header for a payload of `len` bytes, framed as `f` says.
+pub(crate) fn chunk_header(
+    out: &mut Vec<u8>,
+    f: Framing,
+    flags: u16,
+    ty: u16,
+    cookie: u64,
+    len: usize,
+) {
+    if f.extended {
+        out.put32(EXTENDED_REPLY_MAGIC);
+        out.put16(flags);
+        out.put16(ty);
+        out.put64(cookie);
+        out.put64(f.offset);
+        out.put64(u64::try_from(len).unwrap_or(u64::MAX));
+    } else {
+        out.put32(STRUCTURED_REPLY_MAGIC);
+        out.put16(flags);
+        out.put16(ty);
+        out.put64(cookie);
+        out.put32(u32::try_from(len).unwrap_or(u32::MAX));
+    }
 }
 
 /// A big-endian field of a fixed-size header (`N` bytes from `at`; zero when out of

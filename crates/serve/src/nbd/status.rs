@@ -65,7 +65,7 @@ impl Context {
 pub(crate) fn block_status_reply(
     export: &Export,
     contexts: &[Context],
-    cookie: u64,
+    (framing, cookie): (Framing, u64),
     offset: u64,
     len: u64,
     one: bool,
@@ -103,13 +103,21 @@ pub(crate) fn block_status_reply(
         } else {
             0
         };
-        chunk_header(
-            out,
-            flags,
-            REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            4 + 8 * descs.len(),
-        );
+        if framing.extended {
+            // `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: a descriptor count, 64-bit lengths and
+            // status values (the high half zero for both contexts).
+            let ty = REPLY_TYPE_BLOCK_STATUS_EXT;
+            chunk_header(out, framing, flags, ty, cookie, 8 + 16 * descs.len());
+            out.put32(ctx.id());
+            out.put32(u32::try_from(descs.len()).unwrap_or(u32::MAX));
+            for (l, v) in descs {
+                out.put64(l);
+                out.put64(u64::from(v));
+            }
+            continue;
+        }
+        let ty = REPLY_TYPE_BLOCK_STATUS;
+        chunk_header(out, framing, flags, ty, cookie, 4 + 8 * descs.len());
         out.put32(ctx.id());
         for (l, v) in descs {
             // Lengths are bounded by the request's 32-bit length.

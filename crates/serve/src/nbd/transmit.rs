@@ -18,14 +18,16 @@ use super::{NbdConfig, Session};
 use crate::export::{Export, Fault};
 use crate::listen::Stream;
 
-/// One request header (`NBD_REQUEST_MAGIC` layout, 28 bytes).
+/// One request header (`NBD_REQUEST_MAGIC`, 28 bytes, or with extended headers
+/// `NBD_EXTENDED_REQUEST_MAGIC`, 32 bytes with a 64-bit length).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Request {
     pub(crate) flags: u16,
     pub(crate) ty: u16,
     pub(crate) cookie: u64,
     pub(crate) offset: u64,
-    pub(crate) len: u32,
+    /// The effect length, or a write's payload length.
+    pub(crate) len: u64,
 }
 
 /// A connection in transmission.
@@ -54,6 +56,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 enum Next {
     /// A request to execute (a write's payload is in the buffer).
     Run(Request),
+    /// A request to answer with this error (its payload, if any, was consumed).
+    Fail(Request, Fault),
     /// Disconnect: `NBD_CMD_DISC`, end of stream, or a protocol violation after which
     /// the stream cannot be trusted (wrong magic, oversized write). `Some` is a last
     /// error reply to send first.
@@ -124,12 +128,21 @@ impl Conn {
                 if self.closing.load(Ordering::SeqCst) {
                     Next::Close(None)
                 } else {
-                    read_request(&mut *r, &mut payload).unwrap_or(Next::Close(None))
+                    read_request(&mut *r, &mut payload, self.session.extended)
+                        .unwrap_or(Next::Close(None))
                 }
             };
             let idle = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
             let req = match next {
                 Next::Run(req) => req,
+                Next::Fail(req, f) => {
+                    self.error_reply(&req, f, &mut out);
+                    if self.send(&out).is_err() {
+                        self.close();
+                        break;
+                    }
+                    continue;
+                }
                 Next::Close(last) => {
                     self.close();
                     if let Some((req, f)) = last {
@@ -210,7 +223,11 @@ impl Conn {
         };
         match r {
             Ok(n) => {
-                if out.is_empty() {
+                if out.is_empty() && self.session.extended {
+                    // Extended headers: no simple replies.
+                    let f = self.framing(req);
+                    chunk_header(out, f, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+                } else if out.is_empty() {
                     simple_reply(out, req.cookie, 0);
                 }
                 n
@@ -222,12 +239,21 @@ impl Conn {
         }
     }
 
+    /// How this connection frames the replies to `req`.
+    fn framing(&self, req: &Request) -> Framing {
+        Framing {
+            extended: self.session.extended,
+            offset: req.offset,
+        }
+    }
+
     fn error_reply(&self, req: &Request, f: Fault, out: &mut Vec<u8>) {
         out.clear();
         if self.session.structured {
             let msg = fault_message(f).as_bytes();
             chunk_header(
                 out,
+                self.framing(req),
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_ERROR,
                 req.cookie,
@@ -245,7 +271,7 @@ impl Conn {
         let e = &self.export;
         let flags_ok = |allowed: u16| req.flags & !(allowed | CMD_FLAG_FUA) == 0;
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let (off, len) = (req.offset, u64::from(req.len));
+        let (off, len) = (req.offset, req.len);
         match req.ty {
             CMD_WRITE if flags_ok(0) => e.write(payload, off, fua),
             CMD_FLUSH if flags_ok(0) => {
@@ -266,7 +292,9 @@ impl Conn {
                     return Err(Fault::Inval);
                 }
                 let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-                block_status_reply(e, &self.session.contexts, req.cookie, off, len, one, out)
+                let f = self.framing(req);
+                let contexts = &self.session.contexts;
+                block_status_reply(e, contexts, (f, req.cookie), off, len, one, out)
             }
             _ => Err(Fault::Inval),
         }
@@ -285,16 +313,17 @@ impl Conn {
             return Err(Fault::Inval);
         }
         let len = usize::try_from(req.len).map_err(|_| Fault::Inval)?;
-        if req.len > MAX_PAYLOAD {
+        if req.len > u64::from(MAX_PAYLOAD) {
             return Err(if self.session.structured {
                 Fault::Overflow
             } else {
                 Fault::Inval
             });
         }
-        self.export.check(req.offset, u64::from(req.len))?;
+        self.export.check(req.offset, req.len)?;
+        let f = self.framing(req);
         if self.session.structured && len == 0 {
-            chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            chunk_header(out, f, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
             return Ok(0);
         }
         if data.len() < len {
@@ -305,6 +334,7 @@ impl Conn {
         if self.session.structured {
             chunk_header(
                 out,
+                f,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 req.cookie,
@@ -338,36 +368,55 @@ impl Drop for CloseOnPanic<'_> {
     }
 }
 
-/// Reads one request; a write's payload goes into `payload`.
-fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> io::Result<Next> {
-    let mut h = [0u8; 28];
-    r.read_exact(&mut h)?;
-    if u32::from_be_bytes(be(&h, 0)) != REQUEST_MAGIC {
+/// Reads one request (28 bytes, or 32 with `extended` headers); a write's payload goes
+/// into `payload`.
+fn read_request<R: Read>(r: &mut R, payload: &mut Vec<u8>, extended: bool) -> io::Result<Next> {
+    let mut h = [0u8; 32];
+    let (size, magic) = if extended {
+        (32, EXTENDED_REQUEST_MAGIC)
+    } else {
+        (28, REQUEST_MAGIC)
+    };
+    r.read_exact(h.get_mut(..size).unwrap_or_default())?;
+    if u32::from_be_bytes(be(&h, 0)) != magic {
         return Ok(Next::Close(None));
     }
-    let req = Request {
+    let mut req = Request {
         flags: u16::from_be_bytes(be(&h, 4)),
         ty: u16::from_be_bytes(be(&h, 6)),
         cookie: u64::from_be_bytes(be(&h, 8)),
         offset: u64::from_be_bytes(be(&h, 16)),
-        len: u32::from_be_bytes(be(&h, 24)),
+        len: if extended {
+            u64::from_be_bytes(be(&h, 24))
+        } else {
+            u64::from(u32::from_be_bytes(be(&h, 24)))
+        },
     };
     payload.clear();
-    match req.ty {
-        CMD_DISC => Ok(Next::Close(None)),
-        CMD_WRITE if req.len > MAX_PAYLOAD => {
-            // The payload cannot be accepted, and the stream would be out of step if it
-            // were skipped: answer and disconnect (the spec allows it for such sizes).
-            Ok(Next::Close(Some((req, Fault::Inval))))
-        }
-        CMD_WRITE => {
-            let n = usize::try_from(req.len).unwrap_or(0);
-            payload.resize(n, 0);
-            r.read_exact(payload)?;
-            Ok(Next::Run(req))
-        }
-        _ => Ok(Next::Run(req)),
+    // What follows the header: a write's data, and with extended headers whatever
+    // `NBD_CMD_FLAG_PAYLOAD_LEN` announces. The extension says a write announces its
+    // data too; qemu's client (10.0) sends it without the flag, as qemu-nbd accepts.
+    let announced = extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    if req.ty == CMD_DISC {
+        return Ok(Next::Close(None));
     }
+    if req.ty != CMD_WRITE && !announced {
+        return Ok(Next::Run(req));
+    }
+    if req.len > u64::from(MAX_PAYLOAD) {
+        // The payload cannot be accepted, and the stream would be out of step if it
+        // were skipped: answer and disconnect (the spec allows it for such sizes).
+        return Ok(Next::Close(Some((req, Fault::Inval))));
+    }
+    payload.resize(usize::try_from(req.len).unwrap_or(0), 0);
+    r.read_exact(payload)?;
+    req.flags &= !CMD_FLAG_PAYLOAD_LEN;
+    if req.ty != CMD_WRITE {
+        // No other command takes a payload here (block status's payload form is not
+        // offered): consumed, and refused.
+        return Ok(Next::Fail(req, Fault::Inval));
+    }
+    Ok(Next::Run(req))
 }
 
 fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {

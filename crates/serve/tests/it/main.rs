@@ -13,6 +13,7 @@
 
 mod bad_clients;
 mod client;
+mod extended;
 mod panics;
 mod protocol;
 mod vhost_bad;
