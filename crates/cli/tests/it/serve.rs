@@ -178,16 +178,19 @@ pub(crate) fn sample(dir: &Path, fmt: &str) -> PathBuf {
 
 /// [`sample`] named `STEM.FMT`.
 pub(crate) fn sample_as(dir: &Path, fmt: &str, stem: &str) -> PathBuf {
+    sample_over(dir, fmt, (fmt == "qcow2").then_some("raw"), stem)
+}
+
+/// [`sample_as`] over a backing file of format `backing` (`STEM-base.BACKING`) with data
+/// of its own, or alone.
+pub(crate) fn sample_over(dir: &Path, fmt: &str, backing: Option<&str>, stem: &str) -> PathBuf {
     let p = dir.join(format!("{stem}.{fmt}"));
-    if fmt == "qcow2" {
-        let base = dir.join("base.raw");
-        qemu_img_ok(&["create", "-q", "-f", "raw", s(&base), "16M"]);
-        qemu_io(
-            &base,
-            "raw",
-            &["write -P 0x61 0 3M", "write -P 0x62 9M 64k"],
-        );
-        crate::qemu_overlay("qcow2", "base.raw", "raw", s(&p));
+    if let Some(bfmt) = backing {
+        let name = format!("{stem}-base.{bfmt}");
+        let base = dir.join(&name);
+        qemu_img_ok(&["create", "-q", "-f", bfmt, s(&base), "16M"]);
+        qemu_io(&base, bfmt, &["write -P 0x61 0 3M", "write -P 0x62 9M 64k"]);
+        crate::qemu_overlay(fmt, &name, bfmt, s(&p));
     } else {
         qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), "16M"]);
     }

@@ -7,13 +7,13 @@
 //! The reads of every format through both exports are in serve.rs (NBD clients against
 //! qemu-nbd) and in the guest test (a guest's filesystem over vhost-user-blk).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use diskimg_testutil::{Rng, assert_qemu_check_clean, qemu_img_ok, qemu_io, tempdir};
+use diskimg_testutil::{Rng, assert_qemu_check_clean, qemu_img_ok, tempdir};
 use diskimg_vhost_client::dev::{Device, Done, Seg};
 
 use crate::s;
-use crate::serve::Served;
+use crate::serve::{Served, sample_over};
 use crate::serve_write::{SCRIPT, qemu_io_nbd};
 
 const MIB: u64 = 1 << 20;
@@ -36,32 +36,6 @@ fn checkable(fmt: &str) -> bool {
     !matches!(fmt, "raw" | "vpc")
 }
 
-/// A 16 MiB image made by qemu-img with data in it (and in its backing file, made for it
-/// as `STEM-base.FMT`), as `serve::sample` makes them.
-fn image(dir: &Path, fmt: &str, backing: Option<&str>, stem: &str) -> PathBuf {
-    let p = dir.join(format!("{stem}.{fmt}"));
-    if let Some(bfmt) = backing {
-        let name = format!("{stem}-base.{bfmt}");
-        let base = dir.join(&name);
-        qemu_img_ok(&["create", "-q", "-f", bfmt, s(&base), "16M"]);
-        qemu_io(&base, bfmt, &["write -P 0x61 0 3M", "write -P 0x62 9M 64k"]);
-        crate::qemu_overlay(fmt, &name, bfmt, s(&p));
-    } else {
-        qemu_img_ok(&["create", "-q", "-f", fmt, s(&p), "16M"]);
-    }
-    qemu_io(
-        &p,
-        fmt,
-        &[
-            "write -P 0x71 1M 1M",
-            "write -P 0x72 6M 4k",
-            "write -z 2M 512k",
-            "write -P 0x73 15M 1M",
-        ],
-    );
-    p
-}
-
 fn name(fmt: &str, backing: Option<&str>) -> String {
     backing.map_or(fmt.to_string(), |b| format!("{fmt} over {b}"))
 }
@@ -71,8 +45,8 @@ fn qemu_io_writes_every_format_through_nbd_like_qemu_nbd() {
     let dir = tempdir();
     for (i, &(fmt, backing)) in IMAGES.iter().enumerate() {
         let what = name(fmt, backing);
-        let a = image(dir.path(), fmt, backing, &format!("ours{i}"));
-        let b = image(dir.path(), fmt, backing, &format!("theirs{i}"));
+        let a = sample_over(dir.path(), fmt, backing, &format!("ours{i}"));
+        let b = sample_over(dir.path(), fmt, backing, &format!("theirs{i}"));
         let ours = Served::diskimg(dir.path(), "w-d", &["-f", fmt, "--discard", "unmap", s(&a)]);
         let theirs = Served::qemu_nbd(dir.path(), "w-q", &["-f", fmt, "--discard", "unmap", s(&b)]);
         // vpc: diskimg zeroes a discarded range where qemu's vpc leaves the data
@@ -181,7 +155,7 @@ fn libblkio_writes_every_format_through_vhost_user_blk() {
     let dir = tempdir();
     for (i, &(fmt, backing)) in IMAGES.iter().enumerate() {
         let what = name(fmt, backing);
-        let img = image(dir.path(), fmt, backing, &format!("v{i}"));
+        let img = sample_over(dir.path(), fmt, backing, &format!("v{i}"));
         let before = dir.path().join(format!("v{i}-before.raw"));
         qemu_img_ok(&["convert", "-f", fmt, "-O", "raw", s(&img), s(&before)]);
         let sock = dir.path().join(format!("v{i}.sock"));

@@ -8,6 +8,7 @@ use std::time::Duration;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const EXT_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 pub const SIMPLE: u32 = 0x6744_6698;
 pub const STRUCTURED: u32 = 0x668e_33ef;
 
@@ -113,12 +114,50 @@ impl Client {
     }
 
     pub fn request(&mut self, flags: u16, ty: u16, cookie: u64, off: u64, len: u32, data: &[u8]) {
-        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        self.send_request(
+            REQUEST_MAGIC,
+            (flags, ty),
+            cookie,
+            off,
+            &len.to_be_bytes(),
+            data,
+        );
+    }
+
+    /// An extended request (32 bytes, 64-bit length; after `NBD_OPT_EXTENDED_HEADERS`).
+    pub fn request_ext(
+        &mut self,
+        (flags, ty): (u16, u16),
+        cookie: u64,
+        off: u64,
+        len: u64,
+        data: &[u8],
+    ) {
+        self.send_request(
+            EXT_REQUEST_MAGIC,
+            (flags, ty),
+            cookie,
+            off,
+            &len.to_be_bytes(),
+            data,
+        );
+    }
+
+    fn send_request(
+        &mut self,
+        magic: u32,
+        (flags, ty): (u16, u16),
+        cookie: u64,
+        off: u64,
+        len: &[u8],
+        data: &[u8],
+    ) {
+        let mut m = magic.to_be_bytes().to_vec();
         m.extend_from_slice(&flags.to_be_bytes());
         m.extend_from_slice(&ty.to_be_bytes());
         m.extend_from_slice(&cookie.to_be_bytes());
         m.extend_from_slice(&off.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(len);
         m.extend_from_slice(data);
         self.s.write_all(&m).unwrap();
     }

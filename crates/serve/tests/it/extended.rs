@@ -3,7 +3,7 @@
 //! reply an extended chunk naming the request's offset, 64-bit block status. qemu-img and
 //! qemu-io negotiate them as clients (crates/cli/tests/it/serve_ext.rs).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 
 use diskimg_blockio::{
@@ -15,7 +15,6 @@ use crate::Running;
 use crate::client::*;
 
 const OPT_EXTENDED: u32 = 11;
-const EXT_REQUEST: u32 = 0x21e4_1c71;
 const EXT_REPLY: u32 = 0x6e8a_278c;
 const PAYLOAD_LEN: u16 = 1 << 5;
 const ERR_INVALID: u32 = (1 << 31) + 3;
@@ -56,18 +55,6 @@ fn go_extended(c: &mut Client) -> u16 {
     assert_eq!(r.last().unwrap().ty, 1, "{r:?}");
     let info = r.iter().find(|r| r.data[..2] == [0, 0]).unwrap();
     u16::from_be_bytes([info.data[10], info.data[11]])
-}
-
-/// Sends a 32-byte extended request.
-fn request(c: &mut Client, (flags, ty): (u16, u16), cookie: u64, off: u64, len: u64, data: &[u8]) {
-    let mut m = EXT_REQUEST.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&ty.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&off.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(data);
-    c.s.write_all(&m).unwrap();
 }
 
 /// Reads the chunks of one reply up to the one flagged done, checking that each
@@ -145,22 +132,22 @@ fn commands_with_64_bit_lengths() {
     // A write carries its payload length; the reply names its offset.
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     let at = 5 * GIB + 4096;
-    request(&mut c, (PAYLOAD_LEN, CMD_WRITE), 1, at, 8192, &data);
+    c.request_ext((PAYLOAD_LEN, CMD_WRITE), 1, at, 8192, &data);
     assert_none(&reply(&mut c, 1, at));
     // Read: one OFFSET_DATA chunk whose payload starts with the offset.
-    request(&mut c, (0, CMD_READ), 2, at, 8192, &[]);
+    c.request_ext((0, CMD_READ), 2, at, 8192, &[]);
     let r = reply(&mut c, 2, at);
     assert_eq!((r.len(), r[0].0, r[0].1), (1, 1, 1));
     assert_eq!(&r[0].2[..8], &at.to_be_bytes());
     assert_eq!(&r[0].2[8..], &data[..]);
     // No simple replies: flush and a zero-length read answer with NONE chunks.
-    request(&mut c, (0, CMD_FLUSH), 3, 0, 0, &[]);
+    c.request_ext((0, CMD_FLUSH), 3, 0, 0, &[]);
     assert_none(&reply(&mut c, 3, 0));
-    request(&mut c, (0, CMD_READ), 4, 4096, 0, &[]);
+    c.request_ext((0, CMD_READ), 4, 4096, 0, &[]);
     assert_none(&reply(&mut c, 4, 4096));
     // Block status over 6 GiB (more than 32 bits): 64-bit extent lengths, one chunk per
     // context, the descriptor count first.
-    request(&mut c, (0, CMD_BLOCK_STATUS), 5, 0, 6 * GIB, &[]);
+    c.request_ext((0, CMD_BLOCK_STATUS), 5, 0, 6 * GIB, &[]);
     let r = reply(&mut c, 5, 0);
     assert_eq!(r.len(), 2, "{r:?}");
     let be32 = |p: &[u8], i: usize| u32::from_be_bytes(p[i..i + 4].try_into().unwrap());
@@ -178,14 +165,14 @@ fn commands_with_64_bit_lengths() {
         assert_eq!([descs[0].1, descs[1].1], want, "context {}", be32(p, 0));
     }
     // Write-zeroes and trim with effect lengths over 4 GiB.
-    request(&mut c, (0, CMD_WRITE_ZEROES), 6, 0, 5 * GIB, &[]);
+    c.request_ext((0, CMD_WRITE_ZEROES), 6, 0, 5 * GIB, &[]);
     assert_none(&reply(&mut c, 6, 0));
-    request(&mut c, (0, CMD_TRIM), 7, GIB, 7 * GIB, &[]);
+    c.request_ext((0, CMD_TRIM), 7, GIB, 7 * GIB, &[]);
     assert_none(&reply(&mut c, 7, GIB));
-    request(&mut c, (0, CMD_READ), 8, at, 8192, &[]);
+    c.request_ext((0, CMD_READ), 8, at, 8192, &[]);
     assert!(reply(&mut c, 8, at)[0].2[8..].iter().all(|&b| b == 0));
     // Beyond the end: an error, not a hang.
-    request(&mut c, (0, CMD_WRITE_ZEROES), 9, 7 * GIB, 2 * GIB, &[]);
+    c.request_ext((0, CMD_WRITE_ZEROES), 9, 7 * GIB, 2 * GIB, &[]);
     assert_ne!(error_of(&reply(&mut c, 9, 7 * GIB)), 0);
 }
 
@@ -196,22 +183,22 @@ fn payload_framing_errors() {
     go_extended(&mut c);
     // A write whose payload is not announced still carries it (as qemu's client sends
     // writes, and qemu-nbd takes them).
-    request(&mut c, (0, CMD_WRITE), 1, 0, 4, b"wxyz");
+    c.request_ext((0, CMD_WRITE), 1, 0, 4, b"wxyz");
     assert_none(&reply(&mut c, 1, 0));
     // A payload on a command that takes none is read past and refused; the stream
     // stays in step.
-    request(&mut c, (PAYLOAD_LEN, CMD_TRIM), 2, 0, 16, &[7; 16]);
+    c.request_ext((PAYLOAD_LEN, CMD_TRIM), 2, 0, 16, &[7; 16]);
     assert_eq!(error_of(&reply(&mut c, 2, 0)), EINVAL);
-    request(&mut c, (PAYLOAD_LEN, CMD_WRITE), 3, 512, 3, b"abc");
+    c.request_ext((PAYLOAD_LEN, CMD_WRITE), 3, 512, 3, b"abc");
     assert_none(&reply(&mut c, 3, 512));
-    request(&mut c, (0, CMD_READ), 4, 0, 515, &[]);
+    c.request_ext((0, CMD_READ), 4, 0, 515, &[]);
     let r = reply(&mut c, 4, 0);
     assert_eq!(
         (&r[0].2[8..12], &r[0].2[8 + 512..]),
         (&b"wxyz"[..], &b"abc"[..])
     );
     // A payload over the advertised maximum (32 MiB): an error, then the server hangs up.
-    request(&mut c, (PAYLOAD_LEN, CMD_WRITE), 5, 0, (32 << 20) + 1, &[]);
+    c.request_ext((PAYLOAD_LEN, CMD_WRITE), 5, 0, (32 << 20) + 1, &[]);
     assert_eq!(error_of(&reply(&mut c, 5, 0)), EINVAL);
     assert!(c.closed());
 }
