@@ -198,7 +198,7 @@ impl BlkBackend {
         let Some(pool) = self.0.pools.get(queue) else {
             let (mut used, _flight) = (false, Flight(self, chains.len()));
             for chain in chains {
-                let (head, len) = process(&self.0.export, chain);
+                let (head, len) = self.execute(chain);
                 used |= vring.add_used(head, len).is_ok();
             }
             if used {
@@ -313,7 +313,8 @@ impl BlkBackend {
             let s = split.clone();
             Box::new(move || s.work()) as Job
         }));
-        split.work();
+        // A piece that panics here fails the request (`Pieces`' drop), not the queue.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| split.work()));
     }
 
     /// Executes one request of a batch and completes it ([`Finish`]).
@@ -323,9 +324,20 @@ impl BlkBackend {
             vring,
             queue,
             left,
-            chain: Some(chain.clone()),
+            chain: None,
+            done: None,
         };
-        finish.used(process(&self.0.export, chain));
+        finish.used(self.execute(chain));
+    }
+
+    /// Executes one request: its head and used length, or, if executing it panicked,
+    /// those of its failure ([`failed`]). The panic stops here, on whichever thread
+    /// executes requests (the queue's event thread included): the rest of the batch
+    /// still runs and completes, and the queue goes on being served.
+    fn execute(&self, chain: Chain) -> (u16, u32) {
+        let keep = chain.clone();
+        let run = std::panic::AssertUnwindSafe(|| process(&self.0.export, chain));
+        std::panic::catch_unwind(run).unwrap_or_else(|_| failed(keep))
     }
 
     /// Signals the driver that used buffers are there, unless it asked not to be
@@ -340,37 +352,51 @@ impl BlkBackend {
 }
 
 /// The completion of one request of a batch executed on the pool or the event thread:
-/// [`Finish::used`] puts it in the used ring, and the drop that follows takes it off its
-/// queue's busy count, notifies the driver if it was the last of its batch to finish
-/// (`left` counts the batch's unfinished requests, so a burst costs the guest one
-/// interrupt, not one per request), and takes it off the requests in flight. Dropped
-/// unused, when executing the request panicked, it completes `chain` with an I/O error
-/// ([`failed`]) and does the same, so neither the driver, nor the batch's notification,
-/// nor [`BlkBackend::quiesce`] (and the flush after it) waits for it forever.
+/// [`Finish::used`] gives its head and used length, and the drop that follows takes it
+/// off its queue's busy count, puts it in the used ring, notifies the driver if it was
+/// the last of its batch to finish (`left` counts the batch's unfinished requests, so a
+/// burst costs the guest one interrupt, not one per request), and takes it off the
+/// requests in flight. Dropped unused, when executing the request panicked, it completes
+/// `chain` with an I/O error ([`failed`]) and does the same, so neither the driver, nor
+/// the batch's notification, nor [`BlkBackend::quiesce`] (and the flush after it) waits
+/// for it forever.
+///
+/// The busy count drops before the used entry is published: a driver that sees the
+/// entry may send its next request at once, and the event thread must then find the
+/// queue idle if nothing else runs on it, or a queue at depth 1 looks deeper than it is
+/// and its lone large requests are not split ([`BlkBackend::lone_streak`]). The other
+/// order costs nothing that this one keeps: the request is still in flight
+/// ([`BlkBackend::quiesce`] waits) until it is in the used ring, and a busy count that
+/// is low for that moment only lets the event thread poll or split a little early.
 struct Finish<'a> {
     be: &'a BlkBackend,
     vring: &'a VringRwLock<Mem>,
     queue: usize,
     left: &'a AtomicUsize,
-    /// The request, until it is completed.
+    /// The request, until it is completed (`None`: nothing to fail if it is not).
     chain: Option<Chain>,
+    /// Its head and used length, once executed.
+    done: Option<(u16, u32)>,
 }
 
 impl Finish<'_> {
-    fn used(mut self, (head, len): (u16, u32)) {
+    fn used(mut self, done: (u16, u32)) {
         self.chain = None;
-        let _ = self.vring.add_used(head, len);
+        self.done = Some(done);
     }
 }
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        if let Some(chain) = self.chain.take() {
-            let (head, len) = failed(chain);
-            let _ = self.vring.add_used(head, len);
-        }
+        let done = match (self.done.take(), self.chain.take()) {
+            (Some(done), _) => Some(done),
+            (None, chain) => chain.map(failed),
+        };
         if let Some(b) = self.be.0.busy.get(self.queue) {
             b.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some((head, len)) = done {
+            let _ = self.vring.add_used(head, len);
         }
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.be.notify(self.vring);
@@ -380,7 +406,7 @@ impl Drop for Finish<'_> {
 }
 
 /// Requests executed on the event thread without a pool, off the requests in flight when
-/// dropped (a panic included).
+/// dropped (however `drain` ends).
 struct Flight<'a>(&'a BlkBackend, usize);
 
 impl Drop for Flight<'_> {
@@ -420,6 +446,7 @@ impl Pieces {
             queue: self.queue,
             left: &self.left,
             chain: None,
+            done: None,
         }
     }
 }
@@ -605,6 +632,17 @@ impl BlkBackend {
             }
             std::hint::spin_loop();
         }
+    }
+}
+
+#[cfg(test)]
+impl BlkBackend {
+    /// `queue`'s busy count: its requests popped and not yet off it.
+    pub(super) fn busy(&self, queue: usize) -> usize {
+        self.0
+            .busy
+            .get(queue)
+            .map_or(0, |b| b.load(Ordering::Acquire))
     }
 }
 

@@ -369,12 +369,96 @@ fn requests_that_panic_on_the_workers_or_the_event_thread_fail_and_end_in_flight
     assert_eq!(used(&mem, &q).len(), 9);
     assert!((5..9).all(|k| status(&mem, k) == 0));
     assert_eq!(rec.writes.lock().unwrap().len(), 4);
-    // A lone write that panics on the event thread itself.
+    // A lone write that panics on the event thread itself: the panic stops there.
     submit_from(&mem, &q, 9, &[(1, 0, 4096)]);
-    assert!(kick_panics(&be, &vr));
+    assert!(
+        !kick_panics(&be, &vr),
+        "the panic reached the queue's thread"
+    );
     quiesce_bounded(&be);
     assert_eq!(used(&mem, &q).len(), 10);
     assert_eq!(status(&mem, 9), 1);
+}
+
+#[test]
+fn without_workers_a_panicking_request_fails_alone_and_the_queue_goes_on() {
+    // `--queue-workers 0`: the event thread executes the whole batch; its second write
+    // panics. The others complete as usual, and the next batch is served.
+    let (mem, rec, _) = recording_slow(None, Duration::ZERO);
+    let dev = Arc::new(Panicky(rec.clone(), vec![8 * 512]));
+    let export = Export::new(dev, crate::export::ExportOptions::named("panics"));
+    let config = VhostConfig {
+        workers_per_queue: 0,
+        ..VhostConfig::default()
+    };
+    let be = BlkBackend::new(
+        Arc::new(export),
+        config,
+        GuestMemoryAtomic::new(mem.clone()),
+    )
+    .unwrap();
+    let q = MockSplitQueue::new(&mem, 64);
+    let vr = vring(&mem, &q);
+    submit(
+        &mem,
+        &q,
+        &[(1, 0, 4096), (1, 8, 4096), (1, 16, 4096), (0, 64, 4096)],
+    );
+    assert!(
+        !kick_panics(&be, &vr),
+        "the panic reached the queue's thread"
+    );
+    quiesce_bounded(&be);
+    let done = used(&mem, &q);
+    assert_eq!(
+        done.len(),
+        4,
+        "every request of the batch completes: {done:?}"
+    );
+    let statuses: Vec<_> = (0..4).map(|k| status(&mem, k)).collect();
+    assert_eq!(statuses, [0, 1, 0, 0]);
+    assert_eq!(
+        (done[&3], done[&9]),
+        (1, 4097),
+        "the panicked write, the read"
+    );
+    submit_from(&mem, &q, 4, &[(1, 24, 4096)]);
+    assert!(!kick_panics(&be, &vr));
+    quiesce_bounded(&be);
+    assert_eq!((used(&mem, &q).len(), status(&mem, 4)), (5, 0));
+    assert_eq!(rec.writes.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn a_request_leaves_its_busy_count_before_its_used_entry_is_published() {
+    // A driver that sees the used entry may send its next request at once: the queue
+    // must look idle then (depth-1 detection), so the worker finishing a request takes
+    // it off the busy count before it puts it in the used ring. The used ring is held
+    // here, so the worker stops in between.
+    let (mem, rec, export) = recording_slow(None, Duration::ZERO);
+    let be = backend(export, &mem);
+    let q = MockSplitQueue::new(&mem, 64);
+    let vr = vring(&mem, &q);
+    // A lone 128 KiB write: large, it goes to a worker, and waits at the gate.
+    submit(&mem, &q, &[(1, 0, 128 << 10)]);
+    let closed = rec.gate.write().unwrap();
+    be.handle_event(0, EventSet::IN, std::slice::from_ref(&vr), 0)
+        .unwrap();
+    assert_eq!(be.busy(0), 1);
+    let ring = vr.get_mut();
+    drop(closed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while be.busy(0) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let busy = be.busy(0);
+    drop(ring);
+    assert_eq!(
+        busy, 0,
+        "still busy while its used entry waits to be published"
+    );
+    quiesce_bounded(&be);
+    assert_eq!((used(&mem, &q).len(), status(&mem, 0)), (1, 0));
 }
 
 #[test]
