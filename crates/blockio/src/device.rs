@@ -103,6 +103,7 @@ pub struct ZeroFlags {
 /// - keep the on-disk image consistent if the process dies between any two storage writes
 ///   (leaked space is acceptable, dangling references are not);
 /// - refuse writes with [`Error::ReadOnly`] when opened read-only.
+// A new method goes into `forward_device!` (forward_device.rs) too.
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Format, size, backing reference and other facts about the image.
     fn info(&self) -> DeviceInfo;

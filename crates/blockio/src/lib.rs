@@ -9,6 +9,7 @@
 //! - [`BlockDevice`]: the guest view of one image layer: read, write, write-zeroes,
 //!   discard, flush and [`map`](BlockDevice::map) (what a range is: data at a host
 //!   offset, zero, unallocated, compressed). Object-safe, `&self`, safe from many threads.
+//!   Wrappers pass the methods they leave alone on with [`forward_device!`].
 //! - Capabilities some formats add, reached through the device without downcasts:
 //!   [`Snapshots`], [`Bitmaps`], [`Amend`], [`ChainLink`] ([`BlockDevice::as_snapshots`]
 //!   and its siblings).
@@ -77,6 +78,7 @@ mod driver;
 mod error;
 mod events;
 mod forward;
+mod forward_device;
 mod info;
 mod layout;
 mod limits;

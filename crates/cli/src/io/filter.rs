@@ -2,13 +2,9 @@
 //! says what it does to the requests it takes, [`Filtered`] is its block device, which
 //! hands every other request, and every query, to the inner device unchanged.
 
-use std::any::Any;
 use std::sync::Arc;
 
-use diskimg::blockio::{
-    Amend, Bitmaps, ChainLink, CheckReport, DeviceInfo, Extent, Preallocation, RepairMode,
-    Snapshots, ZeroFlags,
-};
+use diskimg::blockio::{DeviceInfo, Extent, ZeroFlags, forward_device};
 use diskimg::{BlockDevice, Result, Storage};
 
 /// A filter's own part: each request method defaults to the inner device's.
@@ -61,6 +57,14 @@ impl<F> std::ops::Deref for Filtered<F> {
 }
 
 impl<F: Filter> BlockDevice for Filtered<F> {
+    // Every method not named here goes to the inner device: its requests are the
+    // filter's (below), the vectored and copy paths route through them (the trait's
+    // defaults), and the host bytes are not handed out. A method added to the trait is
+    // forwarded too.
+    forward_device!(inner(): all except info, virtual_size, read_at, write_at,
+        read_vectored_at, walk_runs, write_vectored_at, write_zeroes, discard, flush, map,
+        host_files, map_file, write_compressed, compress_units, write_compressed_units,
+        fixed_layout, needs_compressed_writes, data_storage, write_from);
     fn info(&self) -> DeviceInfo {
         self.0.info()
     }
@@ -79,50 +83,14 @@ impl<F: Filter> BlockDevice for Filtered<F> {
     fn flush(&self) -> Result<()> {
         self.0.flush()
     }
-    fn close(&self) -> Result<()> {
-        self.0.inner().close()
-    }
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
         self.0.map(offset, len)
-    }
-    fn compressed_write_granularity(&self) -> Option<u64> {
-        self.0.inner().compressed_write_granularity()
     }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.0.write_compressed(buf, offset)
     }
-    fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
-        self.0.inner().set_backing(backing)
-    }
-    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.0.inner().backing_device()
-    }
-    fn resize(&self, new_size: u64, prealloc: Preallocation, shrink: bool) -> Result<()> {
-        self.0.inner().resize(new_size, prealloc, shrink)
-    }
-    fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        self.0.inner().check(repair)
-    }
     /// None: requests must pass the filter, never go to the host bytes directly.
     fn data_storage(&self) -> Option<Arc<dyn Storage>> {
         None
-    }
-    fn repaired_at_open(&self) -> Vec<String> {
-        self.0.inner().repaired_at_open()
-    }
-    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
-        self.0.inner().as_snapshots()
-    }
-    fn as_bitmaps(&self) -> Option<&dyn Bitmaps> {
-        self.0.inner().as_bitmaps()
-    }
-    fn as_amend(&self) -> Option<&dyn Amend> {
-        self.0.inner().as_amend()
-    }
-    fn as_chain_link(&self) -> Option<&dyn ChainLink> {
-        self.0.inner().as_chain_link()
-    }
-    fn as_any(&self) -> &dyn Any {
-        self.0.inner().as_any()
     }
 }

@@ -256,12 +256,7 @@ fn segment_limits_in_the_config_space() {
 struct Panicky(Arc<super::tests_split::Recording>, Vec<u64>);
 
 impl BlockDevice for Panicky {
-    fn info(&self) -> diskimg_blockio::DeviceInfo {
-        self.0.info()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> diskimg_blockio::Result<()> {
-        self.0.read_at(buf, offset)
-    }
+    diskimg_blockio::forward_device!(0: info, read_at, write_zeroes, flush, map);
     fn write_at(&self, buf: &[u8], offset: u64) -> diskimg_blockio::Result<()> {
         self.write_vectored_at(&[std::io::IoSlice::new(buf)], offset)
     }
@@ -272,20 +267,6 @@ impl BlockDevice for Panicky {
     ) -> diskimg_blockio::Result<()> {
         assert!(!self.1.contains(&offset), "the test device panics here");
         self.0.write_vectored_at(bufs, offset)
-    }
-    fn write_zeroes(
-        &self,
-        o: u64,
-        l: u64,
-        f: diskimg_blockio::ZeroFlags,
-    ) -> diskimg_blockio::Result<()> {
-        self.0.write_zeroes(o, l, f)
-    }
-    fn flush(&self) -> diskimg_blockio::Result<()> {
-        self.0.flush()
-    }
-    fn map(&self, o: u64, l: u64) -> diskimg_blockio::Result<diskimg_blockio::Extent> {
-        self.0.map(o, l)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -7,7 +7,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use diskimg_blockio::{BlockDevice, DeviceInfo, Extent, Result, ZeroFlags};
+use diskimg_blockio::{BlockDevice, Result, forward_device};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -43,9 +43,7 @@ impl Recording {
 }
 
 impl BlockDevice for Recording {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
+    forward_device!(inner: info, write_zeroes, flush, map);
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len())?;
         self.inner.read_at(buf, offset)
@@ -64,15 +62,6 @@ impl BlockDevice for Recording {
         std::thread::sleep(self.delay);
         self.writes.lock().unwrap().push((offset, len));
         self.inner.write_vectored_at(bufs, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.inner.write_zeroes(offset, len, flags)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.map(offset, len)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

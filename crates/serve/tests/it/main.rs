@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use diskimg_blockio::{
-    BlockDevice, CreateRequest, DeviceInfo, Driver, Extent, MemStorage, OpenOptions, OptionList,
-    Result, Storage, ZeroFlags,
+    BlockDevice, CreateRequest, Driver, MemStorage, OpenOptions, OptionList, Result, Storage,
+    ZeroFlags, forward_device,
 };
 use diskimg_serve::{Export, ExportOptions, Listener, NbdConfig, NbdServer, Shutdown};
 
@@ -38,12 +38,7 @@ pub struct Tracked {
 }
 
 impl BlockDevice for Tracked {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
+    forward_device!(inner: info, read_at, discard, map);
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.dirty.store(true, Ordering::SeqCst);
         self.inner.write_at(buf, offset)
@@ -52,16 +47,10 @@ impl BlockDevice for Tracked {
         self.dirty.store(true, Ordering::SeqCst);
         self.inner.write_zeroes(offset, len, flags)
     }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len)
-    }
     fn flush(&self) -> Result<()> {
         self.dirty.store(false, Ordering::SeqCst);
         self.flushes.fetch_add(1, Ordering::SeqCst);
         self.inner.flush()
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.inner.map(offset, len)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

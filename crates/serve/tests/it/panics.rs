@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use diskimg_blockio::{BlockDevice, DeviceInfo, Extent, Result, ZeroFlags};
+use diskimg_blockio::{BlockDevice, Result, forward_device};
 use diskimg_serve::{Export, ExportOptions, Listener, NbdConfig, NbdServer, Shutdown};
 
 use crate::client::*;
@@ -25,9 +25,7 @@ const SLOW: Duration = Duration::from_millis(300);
 pub struct Panicky(pub Arc<dyn BlockDevice>);
 
 impl BlockDevice for Panicky {
-    fn info(&self) -> DeviceInfo {
-        self.0.info()
-    }
+    forward_device!(0: info, write_zeroes, discard, flush, map);
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         assert_ne!(offset, PANIC_AT, "the test device panics here");
         self.0.read_at(buf, offset)
@@ -37,18 +35,6 @@ impl BlockDevice for Panicky {
             std::thread::sleep(SLOW);
         }
         self.0.write_at(buf, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.0.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.0.discard(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.0.flush()
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.0.map(offset, len)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
