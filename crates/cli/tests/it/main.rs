@@ -49,6 +49,7 @@ mod locking_chain;
 mod luks;
 mod map;
 mod map_formats;
+mod map_vpc;
 mod measure;
 mod offload;
 mod open_errors;
