@@ -99,7 +99,16 @@ fn dynamic_vpc_maps_like_qemu_across_sizes_and_states() {
 fn probed_fixed_vpc_is_raw_to_qemu_and_vpc_to_diskimg() {
     let dir = tempdir();
     let f = dir.path().join("p.vhd");
-    qemu_img_ok(&["create", "-q", "-f", "vpc", "-o", "subformat=fixed", s(&f), "10M"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        s(&f),
+        "10M",
+    ]);
     qemu_io(&f, "vpc", &["write -P 1 0 64k"]);
     let info = qemu_img_ok(&["info", "--output=json", s(&f)]);
     assert!(
@@ -111,9 +120,15 @@ fn probed_fixed_vpc_is_raw_to_qemu_and_vpc_to_diskimg() {
     let theirs = qemu_img_ok(&["map", "--output=json", s(&f)]);
     let footer = format!("\"start\": {}, \"length\": 512", virtual_size(&f));
     assert!(theirs.contains(&footer), "{theirs}");
-    assert_eq!(theirs, diskimg_ok(&["map", "-f", "raw", "--output=json", s(&f)]));
+    assert_eq!(
+        theirs,
+        diskimg_ok(&["map", "-f", "raw", "--output=json", s(&f)])
+    );
     // diskimg's probed map is qemu-img's with `-f vpc`: the footer is not guest data.
     let ours = diskimg_ok(&["map", "--output=json", s(&f)]);
-    assert_eq!(ours, qemu_img_ok(&["map", "-f", "vpc", "--output=json", s(&f)]));
+    assert_eq!(
+        ours,
+        qemu_img_ok(&["map", "-f", "vpc", "--output=json", s(&f)])
+    );
     assert!(!ours.contains(&footer), "{ours}");
 }

@@ -113,25 +113,25 @@ fn our_writes_read_back_in_qemu_and_map_agrees() {
         let raw = dir.path().join("m.raw");
         std::fs::write(&raw, &model).unwrap();
         assert!(qemu_compare(&p, "vpc", &raw, "raw"), "{o}");
-        // map: data extents and host offsets agree with qemu for dynamic disks.
-        if !o.contains("fixed") {
-            let dev = open(&p, true);
-            let ours = map_all(dev.as_ref(), 0, size).unwrap();
-            let theirs = qemu_map_json(&p, "vpc");
-            let theirs = theirs.as_array().unwrap();
-            assert_eq!(ours.len(), theirs.len(), "{ours:?} vs {theirs:?}");
-            for (e, t) in ours.iter().zip(theirs) {
-                assert_eq!(e.offset, t["start"].as_u64().unwrap());
-                assert_eq!(e.len, t["length"].as_u64().unwrap());
-                match e.kind {
-                    ExtentKind::Data { offset } => {
-                        assert!(t["data"].as_bool().unwrap());
-                        assert_eq!(offset, t["offset"].as_u64());
-                    }
-                    ExtentKind::Zero { .. } => assert!(t["zero"].as_bool().unwrap()),
-                    k => panic!("unexpected {k:?}"),
-                }
-            }
+        // map: extents, flags and host offsets agree with qemu (fixed disks: the host
+        // file's holes are data that reads as zeroes).
+        let dev = open(&p, true);
+        let ours = map_all(dev.as_ref(), 0, size).unwrap();
+        let theirs = qemu_map_json(&p, "vpc");
+        let theirs = theirs.as_array().unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{o}: {ours:?} vs {theirs:?}");
+        for (e, t) in ours.iter().zip(theirs) {
+            assert_eq!(e.offset, t["start"].as_u64().unwrap());
+            assert_eq!(e.len, t["length"].as_u64().unwrap());
+            let flags = (t["data"].as_bool().unwrap(), t["zero"].as_bool().unwrap());
+            let (want, host) = match e.kind {
+                ExtentKind::Data { offset } => ((true, false), offset),
+                ExtentKind::DataZero { offset } => ((true, true), Some(offset)),
+                ExtentKind::Zero { offset } => ((false, true), offset),
+                k => panic!("unexpected {k:?}"),
+            };
+            assert_eq!(flags, want, "{o}: {e:?} vs {t}");
+            assert_eq!(host, t["offset"].as_u64(), "{o}: {e:?} vs {t}");
         }
     }
 }
