@@ -30,14 +30,15 @@ use vmm_sys_util::event::{
 };
 
 use super::VhostConfig;
+use super::complete::{Finish, Flight, Pieces, failed};
 use super::pool::{Job, Pool};
-use super::request::{MAX_SEGMENTS, S_IOERR, SECTOR, process};
+use super::request::{MAX_SEGMENTS, SECTOR, process};
 use super::split::Split;
 use crate::export::Export;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
-type Chain = DescriptorChain<MemGuard>;
+pub(super) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub(super) type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+pub(super) type Chain = DescriptorChain<MemGuard>;
 
 /// Feature bits (virtio 1.2 section 5.2.3, section 6).
 const F_SIZE_MAX: u64 = 1 << 1;
@@ -135,7 +136,7 @@ impl BlkBackend {
     }
 
     /// Counts `n` more (`more`) or fewer requests in flight.
-    fn in_flight(&self, more: bool, n: usize) {
+    pub(super) fn in_flight(&self, more: bool, n: usize) {
         if more {
             self.0.in_flight.fetch_add(n, Ordering::AcqRel);
         } else if self.0.in_flight.fetch_sub(n, Ordering::AcqRel) == n {
@@ -342,144 +343,13 @@ impl BlkBackend {
 
     /// Signals the driver that used buffers are there, unless it asked not to be
     /// (`VIRTIO_RING_F_EVENT_IDX`: only when the used index passes its `used_event`).
-    fn notify(&self, vring: &VringRwLock<Mem>) {
+    pub(super) fn notify(&self, vring: &VringRwLock<Mem>) {
         let notify =
             !self.0.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
         if notify {
             let _ = vring.signal_used_queue();
         }
     }
-}
-
-/// The completion of one request of a batch executed on the pool or the event thread:
-/// [`Finish::used`] gives its head and used length, and the drop that follows takes it
-/// off its queue's busy count, puts it in the used ring, notifies the driver if it was
-/// the last of its batch to finish (`left` counts the batch's unfinished requests, so a
-/// burst costs the guest one interrupt, not one per request), and takes it off the
-/// requests in flight. Dropped unused, when executing the request panicked, it completes
-/// `chain` with an I/O error ([`failed`]) and does the same, so neither the driver, nor
-/// the batch's notification, nor [`BlkBackend::quiesce`] (and the flush after it) waits
-/// for it forever.
-///
-/// The busy count drops before the used entry is published: a driver that sees the
-/// entry may send its next request at once, and the event thread must then find the
-/// queue idle if nothing else runs on it, or a queue at depth 1 looks deeper than it is
-/// and its lone large requests are not split ([`BlkBackend::lone_streak`]). The other
-/// order costs nothing that this one keeps: the request is still in flight
-/// ([`BlkBackend::quiesce`] waits) until it is in the used ring, and a busy count that
-/// is low for that moment only lets the event thread poll or split a little early.
-struct Finish<'a> {
-    be: &'a BlkBackend,
-    vring: &'a VringRwLock<Mem>,
-    queue: usize,
-    left: &'a AtomicUsize,
-    /// The request, until it is completed (`None`: nothing to fail if it is not).
-    chain: Option<Chain>,
-    /// Its head and used length, once executed.
-    done: Option<(u16, u32)>,
-}
-
-impl Finish<'_> {
-    fn used(mut self, done: (u16, u32)) {
-        self.chain = None;
-        self.done = Some(done);
-    }
-}
-
-impl Drop for Finish<'_> {
-    fn drop(&mut self) {
-        let done = match (self.done.take(), self.chain.take()) {
-            (Some(done), _) => Some(done),
-            (None, chain) => chain.map(failed),
-        };
-        if let Some(b) = self.be.0.busy.get(self.queue) {
-            b.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some((head, len)) = done {
-            let _ = self.vring.add_used(head, len);
-        }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.be.notify(self.vring);
-        }
-        self.be.in_flight(false, 1);
-    }
-}
-
-/// Requests executed on the event thread without a pool, off the requests in flight when
-/// dropped (however `drain` ends).
-struct Flight<'a>(&'a BlkBackend, usize);
-
-impl Drop for Flight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight(false, self.1);
-    }
-}
-
-/// A split request shared by the threads executing its pieces: the one that finishes
-/// the last piece completes it ([`Finish`]). If a piece panicked, none does, and the
-/// request fails ([`failed`]) when the last thread lets go of it.
-struct Pieces {
-    split: Split<MemGuard>,
-    chain: Chain,
-    be: BlkBackend,
-    vring: VringRwLock<Mem>,
-    queue: usize,
-    /// 1: the request is a batch of its own.
-    left: AtomicUsize,
-    finished: AtomicBool,
-}
-
-impl Pieces {
-    /// Executes pieces until none is left ([`Split::work`]), completing the request
-    /// if this thread finished its last piece.
-    fn work(&self) {
-        if let Some(done) = self.split.work(&self.be.0.export) {
-            self.finished.store(true, Ordering::Release);
-            self.finish().used(done);
-        }
-    }
-
-    fn finish(&self) -> Finish<'_> {
-        Finish {
-            be: &self.be,
-            vring: &self.vring,
-            queue: self.queue,
-            left: &self.left,
-            chain: None,
-            done: None,
-        }
-    }
-}
-
-impl Drop for Pieces {
-    fn drop(&mut self) {
-        if !*self.finished.get_mut() {
-            let chain = self.chain.clone();
-            let mut finish = self.finish();
-            finish.chain = Some(chain);
-            drop(finish);
-        }
-    }
-}
-
-/// Completes a request whose execution panicked with `VIRTIO_BLK_S_IOERR`, written to
-/// its last driver-writable byte (what its data buffers hold is unspecified): the
-/// driver sees an error, not a request that never ends. Used length 1, or 0 for a chain
-/// without a writable byte (as [`process`] completes one).
-fn failed(chain: Chain) -> (u16, u32) {
-    use std::io::Write;
-    let head = chain.head_index();
-    let mem = chain.memory();
-    let Ok(mut writer) = chain.clone().writer(mem) else {
-        return (head, 0);
-    };
-    let Some(last) = writer.available_bytes().checked_sub(1) else {
-        return (head, 0);
-    };
-    let written = writer
-        .split_at(last)
-        .is_ok_and(|mut status| status.write_all(&[S_IOERR]).is_ok());
-    (head, u32::from(written))
 }
 
 /// Whether `chain` moves at least [`LARGE`] data bytes, from at most its first 18
@@ -635,13 +505,17 @@ impl BlkBackend {
     }
 }
 
-#[cfg(test)]
 impl BlkBackend {
-    /// `queue`'s busy count: its requests popped and not yet off it.
+    /// `queue`'s busy count: its requests popped and not yet off it (none without a
+    /// pool: the event thread runs every request there).
+    pub(super) fn busy_count(&self, queue: usize) -> Option<&AtomicUsize> {
+        self.0.busy.get(queue)
+    }
+
+    /// `queue`'s busy count now.
+    #[cfg(test)]
     pub(super) fn busy(&self, queue: usize) -> usize {
-        self.0
-            .busy
-            .get(queue)
+        self.busy_count(queue)
             .map_or(0, |b| b.load(Ordering::Acquire))
     }
 }

@@ -7,6 +7,7 @@
 //! [`Shutdown`] is triggered; the export is flushed after every frontend and at the end.
 
 mod backend;
+mod complete;
 mod fast;
 mod guest;
 mod pool;
