@@ -106,8 +106,11 @@ pub fn zero_runs(buf: &[u8], offset: u64, granule: u64) -> Vec<(usize, usize, bo
         let misalign = usize::try_from((offset + pos as u64) % granule).unwrap_or(0);
         let end = (pos + (g - misalign)).min(buf.len());
         let piece = buf.get(pos..end).unwrap_or(&[]);
-        // Only whole blocks count as zero; partial head/tail blocks stay data.
-        let zero = end - pos == g && is_zero(piece);
+        // Whole blocks count as zero, and so does a block cut short by the end of the
+        // buffer (the image's tail: qemu-img's zero run reaching the end of its buffer
+        // is zero whatever its length); a partial head block stays data.
+        let whole = end - pos == g || (misalign == 0 && end == buf.len());
+        let zero = whole && is_zero(piece);
         match out.last_mut() {
             Some(last) if last.2 == zero => last.1 += end - pos,
             _ => out.push((pos, end - pos, zero)),
@@ -451,7 +454,17 @@ mod tests {
             zero_runs(&buf[1000..], 1000, 4096)[0],
             (0, 3096 + 4096, false)
         );
-        // a zero granule larger than the buffer: never zero
-        assert_eq!(zero_runs(&[0; 512], 0, 4096), vec![(0, 512, false)]);
+        // a zero granule larger than the buffer, misaligned: never zero
+        assert_eq!(zero_runs(&[0; 512], 512, 4096), vec![(0, 512, false)]);
+        // a zero tail shorter than a block at the end of the buffer: zero (qemu-img
+        // leaves an image's short zero tail sparse)
+        let mut tail = vec![0u8; 4096 + 2048];
+        tail[0] = 1;
+        assert_eq!(
+            zero_runs(&tail, 0, 4096),
+            vec![(0, 4096, false), (4096, 2048, true)]
+        );
+        tail[5000] = 1;
+        assert_eq!(zero_runs(&tail, 0, 4096), vec![(0, 6144, false)]);
     }
 }

@@ -255,3 +255,32 @@ fn large_sparse_image_converts_sparsely() {
     let o = diskimg(&["compare", "-f", "raw", "-F", "raw", s(&ours), s(&theirs)]);
     assert_eq!(code(&o), 0);
 }
+
+/// A source whose size is not a multiple of 4 KiB, written out in full (a dense file, all
+/// of it data): a zero tail shorter than a block is left sparse as qemu-img leaves it,
+/// and a tail with data is written.
+#[test]
+fn short_zero_tail_stays_sparse_like_qemu() {
+    let dir = tempdir();
+    for (size, at) in [(1_079_296, 0), (1_079_296, 1_079_295), (1_049_088, 4096)] {
+        let src = dir.path().join("dense.raw");
+        let mut bytes = vec![0u8; size];
+        bytes[at] = 1;
+        std::fs::write(&src, &bytes).unwrap();
+        for fmt in ["raw", "qcow2"] {
+            let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+            diskimg_ok(&["convert", "-f", "raw", "-O", fmt, s(&src), s(&ours)]);
+            qemu_img_ok(&["convert", "-f", "raw", "-O", fmt, s(&src), s(&theirs)]);
+            assert!(qemu_compare(&src, "raw", &ours, fmt), "{size} {at} {fmt}");
+            let (mo, mq) = (qemu_map_json(&ours, fmt), qemu_map_json(&theirs, fmt));
+            assert_eq!(
+                data_bytes(&mo),
+                data_bytes(&mq),
+                "{size} {at} {fmt}: {mo} vs {mq}"
+            );
+            if fmt == "raw" {
+                assert_eq!(mo, mq, "{size} {at}");
+            }
+        }
+    }
+}
