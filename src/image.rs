@@ -429,7 +429,26 @@ fn open_backing(
             },
             false => None,
         };
-        let file = node.as_ref().map_or(name.clone(), |n| n.path.clone());
+        let mut file = node.as_ref().map_or(name.clone(), |n| n.path.clone());
+        let qemu_names = options.policy.backing == crate::PathRule::Any && node.is_none();
+        // As qemu: a stored `foo:bar` names a protocol, not a file beside the image, and
+        // `file:F` names F as given (a relative one against the working directory).
+        let (mut dir, mut shown) = (dir, name.clone());
+        if qemu_names && let Some(rest) = file.strip_prefix("file:").map(str::to_string) {
+            dir = Path::new(".");
+            // qemu names it as its file driver does (`./foo:bar` for `file:foo:bar`).
+            shown = match crate::protocol_of(&rest) {
+                Some(_) => format!("./{rest}"),
+                None => rest.clone(),
+            };
+            file = rest;
+        } else if qemu_names && let Some(p) = crate::protocol_of(&file) {
+            last_err = Some(Error::invalid(format!(
+                "Could not open backing file: {}",
+                crate::protocol_refusal(p)
+            )));
+            continue;
+        }
         let bformat = node.as_ref().and_then(|n| n.format).or(bformat);
         let mut opts = backing_opts.clone();
         for (k, v) in node.iter().flat_map(|n| n.driver_options.entries()) {
@@ -462,7 +481,7 @@ fn open_backing(
         let depth_before = visited.len();
         let backing = open_inner(
             &bpath,
-            name,
+            &shown,
             bformat,
             &node_options,
             !options.backing_writable,

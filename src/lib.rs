@@ -37,6 +37,7 @@ mod jsonname;
 mod locking;
 pub mod maint;
 mod policy;
+mod protocol;
 mod snapshot;
 
 pub use create::create;
@@ -67,4 +68,5 @@ pub use inspect::{
 };
 pub use jsonname::{FilterNode, NodeDriver, NodeDrivers, WrapStorage, json_options};
 pub use policy::{OpenPolicy, PathRule, SpecialFiles};
+pub use protocol::{protocol_of, protocol_refusal};
 pub use snapshot::{SnapshotSelector, snapshot_device};

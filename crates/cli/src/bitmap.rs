@@ -110,9 +110,13 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
     }
     let granularity = a.granularity.last().map(|g| parse_size(g)).transpose()?;
     let format = a.format.of(&a.file)?;
+    if let Some(e) = crate::names::protocol_error(&a.file, false) {
+        return Err(open_failure(&a.file, e, true).into());
+    }
+    let file = crate::names::host_path(&a.file);
     let apply = |ops: &[BitmapOp]| {
         let drivers = crate::io::blkdebug::node_drivers();
-        diskimg::maint::edit_bitmaps_named_then_close(&a.file, format, &drivers, &a.bitmap, ops)
+        diskimg::maint::edit_bitmaps_named_then_close(&file, format, &drivers, &a.bitmap, ops)
     };
     let mut ops = Vec::new();
     for act in acts {
@@ -189,7 +193,10 @@ fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
     };
     let given = opt_format(a.source_format.as_deref(), f)?;
     let drivers = crate::io::blkdebug::node_drivers();
-    let (storage, named) = diskimg::maint::bitmap_file(f, &drivers, true)
+    if let Some(e) = crate::names::protocol_error(f, false) {
+        return Err(open_failure(f, e, true).into());
+    }
+    let (storage, named) = diskimg::maint::bitmap_file(&crate::names::host_path(f), &drivers, true)
         .map_err(|e| anyhow::Error::from(open_failure(f, e, true)))?;
     let fmt = given
         .or(named)

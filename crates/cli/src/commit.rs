@@ -47,7 +47,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         crate::imgspec::open_arg(&a.file, format, opts)
             .with_context(|| format!("Could not open '{}'", a.file))?
     } else {
-        diskimg::open(&path, format, &opts)
+        crate::names::check_protocol(&a.file, false)
+            .and_then(|()| Ok(diskimg::open(&path, format, &opts)?))
             .with_context(|| format!("Could not open '{}'", a.file))?
     };
     crate::common::report_open_repairs(&img);

@@ -153,7 +153,8 @@ pub(crate) fn dir_of(file: &str) -> PathBuf {
 
 /// qemu's `path_combine`: a backing name relative to the image's directory.
 pub(crate) fn full_backing_name(image: &str, backing: &str) -> String {
-    if Path::new(backing).is_absolute() {
+    // As qemu's `bdrv_make_absolute_filename`: a protocol name (`foo:bar`) is kept.
+    if Path::new(backing).is_absolute() || diskimg::protocol_of(backing).is_some() {
         return backing.to_string();
     }
     dir_of(image).join(backing).to_string_lossy().into_owned()

@@ -304,7 +304,7 @@ fn create_target(
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
     diskimg::create(
-        dst_name,
+        crate::names::host_path(dst_name),
         out_fmt,
         Some(round_to_sector(total)?),
         options,
@@ -375,9 +375,10 @@ fn copy(
     })
     .map_err(err)?;
     dst.finish().map_err(err)?;
-    pipe::finish(images, dst_name, out_fmt)?;
+    let path = crate::names::host_path(dst_name);
+    pipe::finish(images, &path, out_fmt)?;
     if a.bitmaps {
-        copy_bitmaps(images, dst_name, out_fmt, a.skip_broken_bitmaps)?;
+        copy_bitmaps(images, &path, out_fmt, a.skip_broken_bitmaps)?;
     }
     let copied = stats.data_bytes + stats.compressed_bytes;
     report.finish(copied > 0 || (flags.sparse == 0 && stats.zeroed_bytes > 0));
@@ -443,6 +444,12 @@ fn open_target(
 ) -> Result<Target> {
     // `-U` is for the sources.
     crate::common::set_force_share(false);
+    // `-n` targets: `foo:bar` names a protocol; `file:` a file.
+    crate::names::check_protocol(name, false)
+        .with_context(|| format!("Could not open '{name}'"))?;
+    let arg = name;
+    let path = crate::names::host_path(name);
+    let name = path.as_str();
     if direct
         && fmt != Format::Raw
         && let Some(t) = open_behind(name, fmt)?
@@ -485,7 +492,7 @@ fn open_target(
         // See `open_behind`.
         opts.driver_options.set(DEFERRED_TABLES, "on");
     }
-    let img = open_resolved(name, name, Some(fmt), opts, false, true)?;
+    let img = open_resolved(arg, name, Some(fmt), opts, false, true)?;
     Ok(Target {
         device: img.device.clone(),
         _image: Some(img),

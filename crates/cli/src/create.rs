@@ -153,7 +153,7 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
         } else {
             // As qemu: the backing file is opened first (its metadata only), which names
             // the format it detected when none was given, and gives the size.
-            let full = full_backing_name(crate::names::host_path(&file), b);
+            let full = full_backing_name(&crate::names::host_path(&file), b);
             let (path, _, mut opts) = crate::secrets::resolve(&full, fmt)?;
             opts = opts
                 .with_policy(OpenPolicy::qemu_compatible())
@@ -165,7 +165,8 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
                 // A `json:{…}` name is opened as qemu-img opens one given as an image.
                 crate::imgspec::open_arg(b, fmt, opts)
             } else {
-                diskimg::open(&path, fmt, &opts).map_err(Into::into)
+                crate::names::check_protocol(&full, false)
+                    .and_then(|()| Ok(diskimg::open(&path, fmt, &opts)?))
             }
             .map_err(|e| {
                 anyhow!(

@@ -70,7 +70,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         .with_policy(OpenPolicy::qemu_compatible())
         .with_secrets(crate::secrets::secrets());
     diskimg::create(
-        &output,
+        crate::names::host_path(&output),
         out_fmt,
         Some(round_to_sector(size)?),
         OptionList::new(),

@@ -237,8 +237,9 @@ pub(crate) fn resolve(
         r.path = file_child(&mut r, &o, file_driver.as_deref(), name)?;
         drop_subtree(&mut o, "file");
     }
-    if let Some(p) = r.path.strip_prefix("file:") {
-        r.path = p.to_string();
+    // A `file:` prefix of a file name (in options, `filename` is the file's name as is).
+    if r.path.starts_with("file:") && name == Some(r.path.as_str()) {
+        r.path = crate::names::host_path(&r.path);
     } else if r.path.starts_with("blkdebug:") {
         let (path, rules) = blkdebug_name(&r.path)?;
         r.file_debug = below_format(rules);

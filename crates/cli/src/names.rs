@@ -12,9 +12,37 @@
 use anyhow::{Result, anyhow};
 use diskimg::OptionList;
 
-/// The host path of a file name: without qemu's `file:` protocol prefix.
-pub(crate) fn host_path(arg: &str) -> &str {
-    arg.strip_prefix("file:").unwrap_or(arg)
+/// The host path of a file name: without qemu's `file:` protocol prefix, behind `./`
+/// when the rest would read as a protocol prefix (qemu's file driver names
+/// `file:foo:bar` `./foo:bar`).
+pub(crate) fn host_path(arg: &str) -> String {
+    match arg.strip_prefix("file:") {
+        Some(p) if diskimg::protocol_of(p).is_some() => format!("./{p}"),
+        Some(p) => p.to_string(),
+        None => arg.to_string(),
+    }
+}
+
+/// Refuses an image name with a protocol prefix diskimg does not open
+/// ([`diskimg::protocol_of`]): qemu's `Unknown protocol 'foo'` for `foo:bar`, where
+/// diskimg would otherwise open or create a file of that name. `file:`, `json:` and
+/// `blkdebug:` pass (their callers read them), and `http(s)://` URLs when `url_ok` (a
+/// source a read-only verb opens).
+pub(crate) fn check_protocol(name: &str, url_ok: bool) -> Result<()> {
+    protocol_error(name, url_ok).map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// The refusal [`check_protocol`] reports, as a library error.
+pub(crate) fn protocol_error(name: &str, url_ok: bool) -> Option<diskimg::Error> {
+    // An `--image-opts` option string names its file in `file.filename`.
+    if crate::secrets::image_opts() && name.contains('=') {
+        return None;
+    }
+    match diskimg::protocol_of(name) {
+        None | Some("file" | "json" | "blkdebug") => None,
+        Some(_) if url_ok && diskimg::stream::is_stream_spec(name) => None,
+        Some(p) => Some(diskimg::protocol_refusal(p)),
+    }
 }
 
 /// qemu's `path_has_protocol`: a colon before the first slash.
@@ -118,7 +146,8 @@ mod tests {
 
     #[test]
     fn names_as_qemu_shows_them() {
-        assert_eq!(host_path("file:a:b.qcow2"), "a:b.qcow2");
+        assert_eq!(host_path("file:a:b.qcow2"), "./a:b.qcow2");
+        assert_eq!(host_path("file:d/a:b.qcow2"), "d/a:b.qcow2");
         assert_eq!(host_path("/x/a:b.qcow2"), "/x/a:b.qcow2");
         assert_eq!(shown("file:image:top.qcow2", false), "./image:top.qcow2");
         assert_eq!(shown("file:/d/a:b.qcow2", false), "/d/a:b.qcow2");
@@ -146,6 +175,10 @@ mod tests {
             shown("driver=qcow2,file.filename=t", false),
             "driver=qcow2,file.filename=t"
         );
+        assert!(check_protocol("foo:bar", true).is_err());
+        assert!(check_protocol("http://h/x", false).is_err());
+        assert!(check_protocol("http://h/x", true).is_ok());
+        assert!(check_protocol("./foo:bar", false).is_ok());
         let debug = "json:{'driver':'qcow2','file':{'driver':'blkdebug','image':{'driver':'file','filename':'t'}}}";
         assert_eq!(shown(debug, false), debug);
     }

@@ -43,6 +43,9 @@ pub(crate) fn open_image_cached(
         report_open_repairs(&img);
         return Ok(img);
     }
+    // `foo:bar` names a protocol (`Unknown protocol 'foo'`), URLs only read-only sources.
+    crate::names::check_protocol(file, read_only && cache == CacheMode::default())
+        .with_context(|| format!("Could not open '{file}'"))?;
     let (path, format, opts) = crate::secrets::resolve(file, format)?;
     let opts = opts.with_cache(cache);
     // URLs, `-`, compressed files, archive members (read-only verbs only).
@@ -72,14 +75,15 @@ pub(crate) fn force_share() -> bool {
     FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// qemu creates images through a protocol driver found from the name: `json:{…}` names
-/// one it does not have (`Unknown protocol 'json'`); diskimg refuses them too rather than
-/// create a file of that name.
+/// qemu creates images through a protocol driver found from the name: `json:{…}` and
+/// `foo:bar` name ones it does not have (`Unknown protocol 'json'`, `'foo'`); diskimg
+/// refuses every prefix but `file:` rather than create a file of that name
+/// ([`diskimg::protocol_of`]).
 pub(crate) fn check_create_name(name: &str) -> Result<()> {
-    if name.starts_with("json:") {
-        anyhow::bail!("Unknown protocol 'json'");
+    match diskimg::protocol_of(name) {
+        None | Some("file") => Ok(()),
+        Some(p) => Err(diskimg::protocol_refusal(p).into()),
     }
-    Ok(())
 }
 
 /// The lock permissions the CLI takes on a file it opens itself (`-t unsafe` targets):
@@ -109,6 +113,8 @@ pub(crate) fn open_resolved(
     read_only: bool,
     backing: bool,
 ) -> Result<Image> {
+    crate::names::check_protocol(arg, read_only)
+        .with_context(|| format!("Could not open '{arg}'"))?;
     let mut opts = opts
         .with_policy(OpenPolicy::qemu_compatible())
         .with_backing(backing);

@@ -165,7 +165,7 @@ pub(crate) fn resolve(
         }
     }
     if !s.image_opts || !arg.contains('=') {
-        return Ok((crate::names::host_path(arg).to_string(), format, opts));
+        return Ok((crate::names::host_path(arg), format, opts));
     }
     drop(s);
     let mut o = OptionList::parse(arg).map_err(|e| anyhow!("{e}"))?;

@@ -104,6 +104,13 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         }
         name = None;
     }
+    // `foo:bar` names a protocol (`Unknown protocol 'foo'`), not a file.
+    if let Some(e) = name
+        .as_deref()
+        .and_then(|n| crate::names::protocol_error(n, false))
+    {
+        return Err(e.to_string());
+    }
     let r = crate::imgspec::resolve(dict, name.as_deref(), None).map_err(|e| crate::message(&e))?;
     let flags = &spec.flags;
     let read_only = flags.read_only || r.read_only == Some(true);

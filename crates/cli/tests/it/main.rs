@@ -53,6 +53,7 @@ mod map_vpc;
 mod measure;
 mod offload;
 mod open_errors;
+mod open_protocols;
 mod pipelines;
 mod pipelines_out;
 mod pipelines_targets;

@@ -3,7 +3,9 @@
 //! qemu-img's, byte for byte: diskimg installed as `qemu-img` (a symlink) and the real
 //! qemu-img run the same command line in the same directory. Creating verbs refuse a
 //! `json:` target as qemu does (`Unknown protocol 'json'`) instead of creating a file of
-//! that name.
+//! that name. A name with a protocol prefix (`foo:bar`, a colon before any `/`) names a
+//! protocol, even when a file of that name exists (`Unknown protocol 'foo'`), and
+//! `file:foo:bar` the file `./foo:bar` (`open_protocols.rs` has the names that open).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,7 +15,7 @@ use diskimg_testutil::{qemu_create, qemu_img_ok, tempdir};
 use crate::s;
 
 /// A `qemu-img` symlink to the diskimg binary in `dir/bin`.
-fn as_qemu_img(dir: &Path) -> PathBuf {
+pub(crate) fn as_qemu_img(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let link = bin.join("qemu-img");
@@ -68,9 +70,16 @@ const CASES: &[(&str, &str, &str)] = &[
     ("json: two values", "", r#"json:{"a":1}{}"#),
     ("json: empty", "", "json:"),
     ("json: not an object", "", "json:[1]"),
+    ("unknown protocol", "", "foo:bar"),
+    // A file of that name exists: the name is a protocol's all the same.
+    ("unknown protocol, file exists", "", "foo:ok.qcow2"),
+    ("unknown protocol before a slash", "", "a:b/c"),
+    ("empty protocol", "", ":bar"),
+    ("format name as protocol", "", "qcow2:ok.qcow2"),
+    ("file: of a protocol-like missing name", "", "file:foo:bar"),
 ];
 
-fn run(prog: &Path, dir: &Path, args: &[String]) -> Output {
+pub(crate) fn run(prog: &Path, dir: &Path, args: &[String]) -> Output {
     Command::new(prog)
         .args(args)
         .current_dir(dir)
@@ -79,7 +88,7 @@ fn run(prog: &Path, dir: &Path, args: &[String]) -> Output {
 }
 
 /// The files of `dir` (but `bin`), sorted.
-fn listing(dir: &Path) -> Vec<String> {
+pub(crate) fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -98,6 +107,7 @@ fn open_failures_like_qemu_img() {
     qemu_create(dir.join("ok.raw"), "raw", "", Some("1M"));
     // The merge target's bitmap exists: the source is what fails.
     qemu_img_ok(&["bitmap", "--add", s(&dir.join("ok.qcow2")), "b1"]);
+    qemu_create(dir.join("foo:ok.qcow2"), "qcow2", "", Some("1M"));
     let files = listing(dir);
     let mut differ = Vec::new();
     for (case, fmt, image) in CASES {
