@@ -1,15 +1,19 @@
 //! Corruption events: a format that finds its image corrupt while serving a request
 //! (qemu's `qcow2_signal_corruption`) reports it here once per open image, and the
 //! program decides how to show it (the CLI prints qemu's "Marking image as corrupt"
-//! line on stderr). Libraries never print; without a reporter the event is dropped
-//! (the request still fails with [`crate::Error::Corrupt`]). Failures a format steps past
+//! line on stderr for a fatal event, its "Image is corrupt" line for a non-fatal one).
+//! An event is fatal when the format could mark the image corrupt: the image is open
+//! read-write (qemu's `bdrv_is_writable`); on a read-only open it is only reported.
+//! Libraries never print; without a reporter the event is dropped (the request still
+//! fails with [`crate::Error::Corrupt`]). Failures a format steps past
 //! (the request goes on, e.g. clusters that could not be freed leak) are reported the
 //! same way ([`report_failure`]).
 
 use std::sync::OnceLock;
 
-/// A reporter: `(format, message)`.
-pub type CorruptionReporter = fn(&str, &str);
+/// A reporter: `(format, message, fatal)`; `fatal`: the image was marked corrupt (it
+/// is open read-write), else the event is only reported.
+pub type CorruptionReporter = fn(&str, &str, bool);
 
 static REPORTER: OnceLock<CorruptionReporter> = OnceLock::new();
 
@@ -18,10 +22,12 @@ pub fn set_corruption_reporter(f: CorruptionReporter) -> bool {
     REPORTER.set(f).is_ok()
 }
 
-/// Reports that `format` marked an image corrupt because of `message` (qemu's words).
-pub fn report_corruption(format: &str, message: &str) {
+/// Reports that `format` found an image corrupt because of `message` (qemu's words):
+/// `fatal` when it marked the image corrupt (a read-write open), else a non-fatal event
+/// (a read-only open, which cannot be marked).
+pub fn report_corruption(format: &str, message: &str, fatal: bool) {
     if let Some(f) = REPORTER.get() {
-        f(format, message);
+        f(format, message, fatal);
     }
 }
 

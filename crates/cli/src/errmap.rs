@@ -109,15 +109,22 @@ pub(crate) fn os_error_text(e: &std::io::Error) -> String {
     }
 }
 
-/// Prints a format's corruption event as qemu does (`qcow2_signal_corruption`, to
-/// stderr, without the program-name prefix).
 /// A failure a format stepped past, as qemu's drivers print it (`WHAT: strerror`).
 pub(crate) fn report_failure(what: &str, e: &E) {
     eprintln!("{what}: {}", strerror(e));
 }
 
-pub(crate) fn report_corruption(format: &str, message: &str) {
-    eprintln!(
-        "{format}: Marking image as corrupt: {message}; further corruption events will be suppressed"
-    );
+/// Prints a format's corruption event as qemu does (`qcow2_signal_corruption`, to
+/// stderr, without the program-name prefix): a fatal one marked the image corrupt, a
+/// non-fatal one (a read-only open) only says so.
+pub(crate) fn report_corruption(format: &str, message: &str, fatal: bool) {
+    if fatal {
+        eprintln!(
+            "{format}: Marking image as corrupt: {message}; further corruption events will be suppressed"
+        );
+    } else {
+        eprintln!(
+            "{format}: Image is corrupt: {message}; further non-fatal corruption events will be suppressed"
+        );
+    }
 }

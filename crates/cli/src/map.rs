@@ -94,7 +94,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
             o.write_all(map_entry(&empty).as_bytes())?;
         }
         for (i, e) in entries.enumerate() {
-            let e = e?;
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => return metadata_failure(&mut o, e),
+            };
             if i > 0 {
                 o.write_all(b",\n")?;
             }
@@ -110,7 +113,10 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         };
         writeln!(o, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to")?;
         for e in entries {
-            let e = e?;
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => return metadata_failure(&mut o, e),
+            };
             if e.data && e.offset.is_none() {
                 // Reported as qemu-img's buffered stdout orders it: on a terminal the
                 // lines so far come first, into a pipe or file they follow the message.
@@ -147,4 +153,24 @@ fn hex(v: u64) -> String {
     } else {
         format!("{v:#x}")
     }
+}
+
+/// A failure to map (a corrupt table met on the way) as qemu-img's map reports it:
+/// `Could not read file metadata: strerror`, exit 1, the entries so far printed as its
+/// buffered stdout orders them (on a terminal first, into a pipe or file after it).
+fn metadata_failure(o: &mut impl Write, e: diskimg::Error) -> Result<i32> {
+    if std::io::stdout().is_terminal() {
+        o.flush()?;
+    }
+    let why = if crate::common::as_qemu() {
+        crate::errmap::strerror(&e)
+    } else {
+        crate::errmap::message(&e.into())
+    };
+    eprintln!(
+        "{}: Could not read file metadata: {why}",
+        crate::common::prog()
+    );
+    o.flush()?;
+    Ok(1)
 }

@@ -116,7 +116,8 @@ impl BlockDevice for Qcow2Device {
 
     /// Through the shared guest-I/O skeleton (`read.rs`): the same lookups as reads.
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.map_guest(offset, len)
+        let r = self.map_guest(offset, len);
+        self.signal_invalid(r, offset, len, Request::Read)
     }
 
     /// The external data file, which every host offset of `map` refers to.

@@ -1,7 +1,8 @@
-//! qemu's corruption events for invalid L2 entries met by guest reads and writes
+//! qemu's corruption events for invalid L1 and L2 entries met by guest reads and writes
 //! (`qcow2_signal_corruption` in `qcow2_get_host_offset` and `calculate_l2_meta`): the
-//! request fails with EIO as before, and a writable image is marked corrupt with qemu's
-//! words, which the CLI prints as qemu's "Marking image as corrupt" line (iotest 271).
+//! request fails with EIO as before, and the event is signalled with qemu's words: a
+//! writable image is marked corrupt (the CLI prints qemu's "Marking image as corrupt"
+//! line, iotest 271), a read-only one is only reported ("Image is corrupt", iotest 060).
 
 use diskimg_blockio::{Error, Result};
 
@@ -24,6 +25,7 @@ const MAX_SCAN: u64 = 1 << 16;
 /// Whether `what` is one of the entry problems `classify` reports.
 fn entry_problem(what: &str) -> bool {
     what.starts_with("subcluster both allocated and zero")
+        || what.starts_with("L2 table offset not cluster-aligned")
         || what.starts_with("allocated subclusters in an unallocated cluster")
         || what.starts_with("Cluster allocation offset unaligned")
 }
@@ -39,7 +41,7 @@ pub(crate) fn hex(v: u64) -> String {
 
 impl Qcow2Device {
     /// `r`, the result of guest request `req` over `off..off+len`; an invalid-entry
-    /// error is signalled as qemu's corruption event (on a writable image) first.
+    /// error is signalled as qemu's corruption event first (fatal on a writable image).
     pub(crate) fn signal_invalid<T>(
         &self,
         r: Result<T>,
@@ -54,7 +56,7 @@ impl Qcow2Device {
         let Error::Corrupt { what, .. } = &e else {
             return Err(e);
         };
-        if self.read_only || !entry_problem(what) {
+        if !entry_problem(what) {
             return Err(e);
         }
         Err(self.signal_entry(off, len, req).unwrap_or(e))
@@ -67,6 +69,15 @@ impl Qcow2Device {
         let first = off / cs;
         let last = (off + len.max(1) - 1) / cs;
         for c in first..=last.min(first + MAX_SCAN) {
+            let l1_index = c * cs / m.h().l1_coverage();
+            if let Some((l2, at)) = m.l1_misaligned(l1_index) {
+                let what = format!(
+                    "L2 table offset {} unaligned (L1 index: {})",
+                    hex(l2),
+                    hex(l1_index)
+                );
+                return Some(m.corruption(what, at));
+            }
             let (e, bm, l2) = m.l2_entry(c * cs).ok()?;
             if classify(m.h(), e, bm, 0, l2).is_ok() {
                 continue;
@@ -74,7 +85,14 @@ impl Qcow2Device {
             let index = c % m.h().l2_entries();
             let host = e & crate::disk::table::L2E_OFFSET_MASK;
             let gap = if req == Request::Read { "  " } else { " " };
-            let what = if host & (cs - 1) != 0 {
+            let what = if host & (cs - 1) != 0 && req == Request::Write {
+                // qemu's write path (`handle_copied`) names the guest offset.
+                format!(
+                    "Data cluster offset {} unaligned (guest offset: {})",
+                    hex(host),
+                    hex(off.max(c * cs))
+                )
+            } else if host & (cs - 1) != 0 {
                 format!(
                     "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
                     hex(host),

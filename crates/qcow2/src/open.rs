@@ -82,6 +82,7 @@ impl Qcow2Device {
         let cs = h.cluster_size();
         let mut meta = Meta::new(file.clone(), data.clone(), h, limits);
         meta.set_deferred_tables(q.deferred_tables && !read_only);
+        meta.set_read_only(read_only);
         meta.set_keep_snapshot_frees(q.keep_snapshot_frees);
         let (l1_off, l1_n) = (meta.h().l1_table_offset, u64::from(meta.h().l1_size));
         meta.load_l1("Active L1 table offset invalid", l1_off, l1_n)?;

@@ -46,8 +46,15 @@ pub(crate) struct Meta {
     pub(in crate::engine) deferred: Deferred,
     /// Host clusters holding metadata (header, tables), for qemu's overlap check.
     pub(in crate::engine) overlap: Overlap,
-    /// A corruption event was reported (qemu reports the first one only).
+    /// A corruption event was reported (qemu reports the first one only, and a fatal
+    /// one after non-fatal ones).
     pub(in crate::engine) corruption_reported: bool,
+    /// A fatal corruption event was signalled: the image was marked corrupt (qemu then
+    /// detaches the driver).
+    pub(in crate::engine) corruption_fatal: bool,
+    /// The image is open read-only: corruption events are not fatal (qemu's
+    /// `bdrv_is_writable`), nothing is marked.
+    pub(in crate::engine) read_only: bool,
     /// The internal snapshots (table order).
     pub(in crate::engine) snapshots: Vec<crate::disk::snapshot::Snapshot>,
     /// Bytes of the snapshot table.
@@ -131,6 +138,8 @@ impl Meta {
             deferred: Deferred::default(),
             overlap: Overlap::default(),
             corruption_reported: false,
+            corruption_fatal: false,
+            read_only: false,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             reserve: crate::engine::reserve::Reserve::default(),
@@ -209,6 +218,14 @@ impl Meta {
         self.l2
             .get_mut(off)
             .ok_or(Error::corrupt("qcow2", "L2 cache", off))
+    }
+
+    /// The L2 table offset L1 entry `i` holds and where the entry is in the file, when
+    /// the offset is not cluster-aligned (qemu's `L2 table offset … unaligned` event).
+    pub(crate) fn l1_misaligned(&self, i: u64) -> Option<(u64, u64)> {
+        let e = usize::try_from(i).ok().and_then(|i| self.l1.get(i))?;
+        let off = e & L1E_OFFSET_MASK;
+        (!off.is_multiple_of(self.cs())).then(|| (off, self.l1_offset + i * 8))
     }
 
     /// The L2 table offset for L1 index `i` (0 = none), validated.

@@ -211,10 +211,16 @@ impl Meta {
         }
     }
 
-    /// Whether a corruption event was signalled: as qemu (which detaches the driver),
-    /// closing then writes nothing more to the image.
+    /// Whether a fatal corruption event was signalled: as qemu (which detaches the
+    /// driver), closing then writes nothing more to the image.
     pub(crate) fn corruption_signalled(&self) -> bool {
-        self.corruption_reported
+        self.corruption_fatal
+    }
+
+    /// Records that the image is open read-only: its corruption events are then
+    /// non-fatal (reported, nothing marked), as qemu's on an image it cannot write.
+    pub(crate) fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
     }
 
     /// qemu's `qcow2_signal_corruption` as `check` meets it (reading a refcount): the
@@ -226,6 +232,7 @@ impl Meta {
             return None;
         }
         self.corruption_reported = true;
+        self.corruption_fatal = writable;
         if !writable {
             return Some(format!(
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will \
@@ -244,22 +251,26 @@ impl Meta {
         ))
     }
 
-    /// qemu's `qcow2_signal_corruption` (fatal): marks a v3 image corrupt on disk,
-    /// reports the event once per open image (blockio's corruption reporter: the CLI
-    /// prints qemu's "Marking image as corrupt" line), and returns the error to fail the
-    /// request with.
+    /// qemu's `qcow2_signal_corruption` (fatal where qemu's is): on a read-write open
+    /// marks a v3 image corrupt on disk; reports the event (blockio's corruption
+    /// reporter: the CLI prints qemu's "Marking image as corrupt" line, or on a
+    /// read-only open, where the event is not fatal, its "Image is corrupt" line) once
+    /// per open image, as qemu: the first event, and a fatal one after non-fatal ones;
+    /// returns the error to fail the request with.
     pub(crate) fn corruption(&mut self, what: String, offset: u64) -> Error {
-        if self.h.version >= 3 && self.h.incompatible & INCOMPAT_CORRUPT == 0 {
+        let fatal = !self.read_only;
+        if (fatal && !self.corruption_fatal) || !self.corruption_reported {
+            self.corruption_reported = true;
+            self.corruption_fatal |= fatal;
+            diskimg_blockio::report_corruption("qcow2", &what, fatal);
+        }
+        if fatal && self.h.version >= 3 && self.h.incompatible & INCOMPAT_CORRUPT == 0 {
             self.h.incompatible |= INCOMPAT_CORRUPT;
             let v = self.h.incompatible;
             // As qemu, a failure to mark (a read-only file) still fails the request
             // with the corruption.
             let _ = (self.file.write_all_at(&v.to_be_bytes(), INCOMPATIBLE_AT))
                 .and_then(|()| self.file.flush());
-        }
-        if !self.corruption_reported {
-            self.corruption_reported = true;
-            diskimg_blockio::report_corruption("qcow2", &what);
         }
         Error::corrupt("qcow2", what, offset)
     }
