@@ -32,6 +32,9 @@
 #                   own copy as a third column (DISKIMG_B_ARGS: its extra arguments)
 #   SEG_KIB=4       bytes per data segment the client sends (4: a guest's pages)
 #   QUEUE_SIZE=1024 descriptors in the client's ring (both servers' maximum is 1024)
+#   SYNC=N          after copying the image, `sync` and wait N seconds before measuring (the
+#                   copies' writeback otherwise shares the disk with the first `O_DIRECT`
+#                   rows: docs/benchmarks.md "Session 12, end")
 #   RT=1            servers and client at real-time priority (`chrt -f 10`, root): on a
 #                   machine other work keeps busy they then get the CPUs they ask for,
 #                   which steadies the ratios a lot (keep such runs short: they starve
@@ -70,6 +73,7 @@ qemu-img create -q -f qcow2 "$dir/src.qcow2" "$size"
 qemu-io -f qcow2 -c "write -P 0x5a 0 $size" "$dir/src.qcow2" >/dev/null
 for ((i = 0; i < n; i++)); do cp "$dir/src.qcow2" "$dir/copy$i.qcow2"; done
 rm "$dir/src.qcow2"
+[ -z "${SYNC:-}" ] || { sync; sleep "$SYNC"; }
 
 rt=(); [ "${RT:-0}" = 1 ] && rt=(chrt -f 10)
 direct=off; cache_args=()
