@@ -434,14 +434,11 @@ fn open_backing(
         // As qemu: a stored `foo:bar` names a protocol, not a file beside the image, and
         // `file:F` names F as given (a relative one against the working directory).
         let (mut dir, mut shown) = (dir, name.clone());
-        if qemu_names && let Some(rest) = file.strip_prefix("file:").map(str::to_string) {
+        if qemu_names && let Some(path) = crate::file_protocol_path(&file) {
             dir = Path::new(".");
             // qemu names it as its file driver does (`./foo:bar` for `file:foo:bar`).
-            shown = match crate::protocol_of(&rest) {
-                Some(_) => format!("./{rest}"),
-                None => rest.clone(),
-            };
-            file = rest;
+            file = file.split_off("file:".len());
+            shown = path;
         } else if qemu_names && let Some(p) = crate::protocol_of(&file) {
             last_err = Some(Error::invalid(format!(
                 "Could not open backing file: {}",

@@ -68,5 +68,5 @@ pub use inspect::{
 };
 pub use jsonname::{FilterNode, NodeDriver, NodeDrivers, WrapStorage, json_options};
 pub use policy::{OpenPolicy, PathRule, SpecialFiles};
-pub use protocol::{protocol_of, protocol_refusal};
+pub use protocol::{file_protocol_path, protocol_of, protocol_refusal};
 pub use snapshot::{SnapshotSelector, snapshot_device};

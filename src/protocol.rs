@@ -59,6 +59,17 @@ pub fn protocol_of(name: &str) -> Option<&str> {
     first.find(':').map(|i| &first[..i])
 }
 
+/// The file a `file:` name names, as qemu's file driver shows it: the rest of the name,
+/// behind `./` when the rest would itself read as a protocol prefix (`file:foo:bar` names
+/// `./foo:bar`); `None` for a name without the `file:` prefix.
+pub fn file_protocol_path(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("file:")?;
+    Some(match protocol_of(rest) {
+        Some(_) => format!("./{rest}"),
+        None => rest.to_string(),
+    })
+}
+
 /// Why a name with protocol prefix `protocol` is not opened: qemu's
 /// `Unknown protocol 'P'` for a prefix qemu has no driver for either, else that diskimg
 /// has no driver for it. (`file` and `json` are not refused here: callers handle them.)
@@ -82,6 +93,9 @@ mod tests {
         assert_eq!(protocol_of("file:a:b"), Some("file"));
         assert_eq!(protocol_of("d/a:b"), None);
         assert_eq!(protocol_of("plain.qcow2"), None);
+        assert_eq!(file_protocol_path("file:a:b").as_deref(), Some("./a:b"));
+        assert_eq!(file_protocol_path("file:d/a:b").as_deref(), Some("d/a:b"));
+        assert_eq!(file_protocol_path("a:b"), None);
         assert_eq!(protocol_of(""), None);
         assert!(
             protocol_refusal("nbd")

@@ -16,11 +16,7 @@ use diskimg::OptionList;
 /// when the rest would read as a protocol prefix (qemu's file driver names
 /// `file:foo:bar` `./foo:bar`).
 pub(crate) fn host_path(arg: &str) -> String {
-    match arg.strip_prefix("file:") {
-        Some(p) if diskimg::protocol_of(p).is_some() => format!("./{p}"),
-        Some(p) => p.to_string(),
-        None => arg.to_string(),
-    }
+    diskimg::file_protocol_path(arg).unwrap_or_else(|| arg.to_string())
 }
 
 /// Refuses an image name with a protocol prefix diskimg does not open
@@ -45,22 +41,11 @@ pub(crate) fn protocol_error(name: &str, url_ok: bool) -> Option<diskimg::Error>
     }
 }
 
-/// qemu's `path_has_protocol`: a colon before the first slash.
-fn looks_like_protocol(path: &str) -> bool {
-    path.split('/')
-        .next()
-        .is_some_and(|first| first.contains(':'))
-}
-
 /// The name qemu's tools show for the image argument `arg` (`image_opts`: the argument is
 /// an `--image-opts` option string).
 pub(crate) fn shown(arg: &str, image_opts: bool) -> String {
-    if let Some(path) = arg.strip_prefix("file:") {
-        return if looks_like_protocol(path) {
-            format!("./{path}")
-        } else {
-            path.to_string()
-        };
+    if let Some(path) = diskimg::file_protocol_path(arg) {
+        return path;
     }
     let dict = if arg.starts_with("json:") {
         flatten_json(arg).ok()

@@ -183,18 +183,18 @@ pub(crate) fn chunk_header(
     cookie: u64,
     len: usize,
 ) {
+    out.put32(if f.extended {
+        EXTENDED_REPLY_MAGIC
+    } else {
+        STRUCTURED_REPLY_MAGIC
+    });
+    out.put16(flags);
+    out.put16(ty);
+    out.put64(cookie);
     if f.extended {
-        out.put32(EXTENDED_REPLY_MAGIC);
-        out.put16(flags);
-        out.put16(ty);
-        out.put64(cookie);
         out.put64(f.offset);
         out.put64(u64::try_from(len).unwrap_or(u64::MAX));
     } else {
-        out.put32(STRUCTURED_REPLY_MAGIC);
-        out.put16(flags);
-        out.put16(ty);
-        out.put64(cookie);
         out.put32(u32::try_from(len).unwrap_or(u32::MAX));
     }
 }

@@ -223,12 +223,8 @@ impl Conn {
         };
         match r {
             Ok(n) => {
-                if out.is_empty() && self.session.extended {
-                    // Extended headers: no simple replies.
-                    let f = self.framing(req);
-                    chunk_header(out, f, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
-                } else if out.is_empty() {
-                    simple_reply(out, req.cookie, 0);
+                if out.is_empty() {
+                    self.ok_reply(req, out);
                 }
                 n
             }
@@ -236,6 +232,17 @@ impl Conn {
                 self.error_reply(req, f, out);
                 0
             }
+        }
+    }
+
+    /// A success without payload: a simple reply, or with extended headers (which allow
+    /// no simple replies) a `NONE` chunk.
+    fn ok_reply(&self, req: &Request, out: &mut Vec<u8>) {
+        if self.session.extended {
+            let f = self.framing(req);
+            chunk_header(out, f, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+        } else {
+            simple_reply(out, req.cookie, 0);
         }
     }
 
