@@ -47,8 +47,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         crate::imgspec::open_arg(&a.file, format, opts)
             .with_context(|| format!("Could not open '{}'", a.file))?
     } else {
-        crate::names::check_protocol(&a.file, false)
-            .and_then(|()| Ok(diskimg::open(&path, format, &opts)?))
+        crate::names::open_file(&a.file, &path, format, &opts)
             .with_context(|| format!("Could not open '{}'", a.file))?
     };
     crate::common::report_open_repairs(&img);

@@ -165,8 +165,7 @@ fn run_file(a: Args, format: Format, file: String) -> Result<i32> {
                 // A `json:{…}` name is opened as qemu-img opens one given as an image.
                 crate::imgspec::open_arg(b, fmt, opts)
             } else {
-                crate::names::check_protocol(&full, false)
-                    .and_then(|()| Ok(diskimg::open(&path, fmt, &opts)?))
+                crate::names::open_file(&full, &path, fmt, &opts)
             }
             .map_err(|e| {
                 anyhow!(

@@ -28,6 +28,18 @@ pub(crate) fn check_protocol(name: &str, url_ok: bool) -> Result<()> {
     protocol_error(name, url_ok).map_or(Ok(()), |e| Err(e.into()))
 }
 
+/// Opens the host file `path` for the image argument `name`, unless `name` has a
+/// protocol prefix diskimg does not open ([`check_protocol`], no URLs).
+pub(crate) fn open_file(
+    name: &str,
+    path: &str,
+    format: Option<diskimg::Format>,
+    opts: &diskimg::ImageOptions,
+) -> Result<diskimg::Image> {
+    check_protocol(name, false)?;
+    Ok(diskimg::open(path, format, opts)?)
+}
+
 /// The refusal [`check_protocol`] reports, as a library error.
 pub(crate) fn protocol_error(name: &str, url_ok: bool) -> Option<diskimg::Error> {
     // An `--image-opts` option string names its file in `file.filename`.

@@ -63,8 +63,7 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         // `json:{…}` and `blkdebug:` names, as on every verb.
         crate::imgspec::open_arg(&a.file, format, opts)
     } else {
-        crate::names::check_protocol(&a.file, false)
-            .and_then(|()| Ok(diskimg::open(&path, format, &opts)?))
+        crate::names::open_file(&a.file, &path, format, &opts)
     }
     .with_context(|| format!("Could not open '{}'", a.file))?;
     crate::common::report_open_repairs(&img);
@@ -84,12 +83,8 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         } else {
             let path = full_backing_name(&a.file, &backing);
             let bf = a.backing_format.as_deref().map(parse_format).transpose()?;
-            let nb = crate::names::check_protocol(&path, false)
-                .and_then(|()| {
-                    let opts =
-                        ImageOptions::read_only(true).with_policy(OpenPolicy::qemu_compatible());
-                    Ok(diskimg::open(crate::names::host_path(&path), bf, &opts)?)
-                })
+            let opts = ImageOptions::read_only(true).with_policy(OpenPolicy::qemu_compatible());
+            let nb = crate::names::open_file(&path, &crate::names::host_path(&path), bf, &opts)
                 .with_context(|| format!("Could not open new backing file '{path}'"))?;
             Some(nb.device)
         };
