@@ -5,8 +5,10 @@
 # serve-vhost.sh's rows (4 KiB random read/write at QD1 and QD16, 1 MiB sequential
 # read/write at QD1 and QD16) against each server's export of its own copy of the same
 # qcow2, in rounds with the first server rotating, and prints one markdown table: medians,
-# the ratio to qemu-storage-daemon with the range of per-round ratios, each server's CPU
-# time per I/O (/proc/PID/stat over the runs) and virtio requests per I/O.
+# the ratio to qemu-storage-daemon with the range of per-round ratios and their geometric
+# mean with its 95 % confidence interval (each round pairs the servers a few seconds
+# apart, so the disk's drift cancels out of its ratio), each server's CPU time per I/O
+# (/proc/PID/stat over the runs) and virtio requests per I/O.
 #
 # The client cuts each I/O as a guest's block layer does (4 KiB data segments, at most
 # the device's seg_max per request: 1 MiB is one 258-descriptor request for diskimg,

@@ -89,6 +89,36 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The geometric mean of paired per-round ratios `per` and its 95 % confidence interval
+/// (Student's t on the logarithms: rounds are paired in time, so the disk's drift from
+/// minute to minute, which moves both servers, cancels out of each ratio).
+fn paired(per: &[f64]) -> (f64, f64, f64) {
+    let logs: Vec<f64> = per.iter().filter(|r| **r > 0.0).map(|r| r.ln()).collect();
+    let n = logs.len();
+    if n < 2 {
+        let g = logs.first().map_or(f64::NAN, |l| l.exp());
+        return (g, f64::NAN, f64::NAN);
+    }
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = t95(n - 1) * (var / n as f64).sqrt();
+    (mean.exp(), (mean - half).exp(), (mean + half).exp())
+}
+
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom.
+fn t95(df: usize) -> f64 {
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=10 => T[df - 1],
+        11..=20 => 2.1,
+        21..=40 => 2.03,
+        _ => 1.98,
+    }
+}
+
 fn name(c: Case) -> String {
     let rw = match c.rw {
         Rw::RandRead => "randread",
@@ -156,7 +186,8 @@ fn firsts<'a>(v: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
 }
 
 /// The markdown table of `records`: per case, each target's median rate, its ratio to
-/// the last target's (with the range of per-round ratios), CPU µs and requests per I/O.
+/// the last target's (with the range of per-round ratios, and their geometric mean with
+/// its 95 % confidence interval), CPU µs and requests per I/O.
 pub fn print(records: &[Record]) -> String {
     let names = firsts(records.iter().map(|r| r.target.as_str()));
     let cases = firsts(records.iter().map(|r| r.case.as_str()));
@@ -165,7 +196,7 @@ pub fn print(records: &[Record]) -> String {
     };
     let mut t = format!("| test | {} |", names.join(" | "));
     for n in others {
-        t += &format!(" {n}: ratio | per-round ratios |");
+        t += &format!(" {n}: ratio | per-round ratios | paired geomean (95% CI) |");
     }
     t += &format!(
         " server CPU µs per I/O: {} | requests per I/O |\n",
@@ -206,9 +237,10 @@ pub fn print(records: &[Record]) -> String {
             per.sort_by(f64::total_cmp);
             let (lo, hi) = (per.first().copied(), per.last().copied());
             let m = median(&rates(&mine)) / m_ref;
+            let (g, g_lo, g_hi) = paired(&per);
             let _ = write!(
                 t,
-                " {m:.2}x | {:.2}–{:.2} |",
+                " {m:.2}x | {:.2}–{:.2} | {g:.3}x ({g_lo:.3}–{g_hi:.3}) |",
                 lo.unwrap_or(f64::NAN),
                 hi.unwrap_or(f64::NAN)
             );
@@ -226,4 +258,21 @@ pub fn print(records: &[Record]) -> String {
         let _ = writeln!(t, " {} | {} |", us.join(" / "), rq.join(" / "));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired;
+
+    #[test]
+    fn paired_geomean_and_interval() {
+        let (g, lo, hi) = paired(&[0.5, 2.0]);
+        assert!((g - 1.0).abs() < 1e-12);
+        assert!(lo < 1.0 && hi > 1.0);
+        let (g, lo, hi) = paired(&[1.1, 1.1, 1.1]);
+        assert!((g - 1.1).abs() < 1e-12 && (lo - 1.1).abs() < 1e-12 && (hi - 1.1).abs() < 1e-12);
+        let (g, lo, hi) = paired(&[1.05, 1.10, 1.15, 1.08, 1.12, 1.09]);
+        assert!(lo > 1.0 && lo < g && g < hi);
+        assert!(paired(&[1.2]).1.is_nan());
+    }
 }
