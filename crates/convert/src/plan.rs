@@ -88,8 +88,11 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Splits `buf` (starting at guest `offset`) into runs `(start, len, zero)`, where a
-/// zero run consists of whole `granule`-aligned blocks (aligned to guest offsets) that
-/// are entirely zero. `granule` 0 means no detection: one data run.
+/// zero run consists of `granule`-aligned blocks (aligned to guest offsets) that are
+/// entirely zero. The blocks cut short by the buffer's ends count as well: the head up to
+/// the first block boundary and the tail after the last (qemu-img's zero run at the start
+/// or the end of its buffer is zero whatever its length). `granule` 0 means no
+/// detection: one data run.
 pub fn zero_runs(buf: &[u8], offset: u64, granule: u64) -> Vec<(usize, usize, bool)> {
     let mut out: Vec<(usize, usize, bool)> = Vec::new();
     if buf.is_empty() {
@@ -105,12 +108,9 @@ pub fn zero_runs(buf: &[u8], offset: u64, granule: u64) -> Vec<(usize, usize, bo
     while pos < buf.len() {
         let misalign = usize::try_from((offset + pos as u64) % granule).unwrap_or(0);
         let end = (pos + (g - misalign)).min(buf.len());
-        let piece = buf.get(pos..end).unwrap_or(&[]);
-        // Whole blocks count as zero, and so does a block cut short by the end of the
-        // buffer (the image's tail: qemu-img's zero run reaching the end of its buffer
-        // is zero whatever its length); a partial head block stays data.
-        let whole = end - pos == g || (misalign == 0 && end == buf.len());
-        let zero = whole && is_zero(piece);
+        // Every piece is a whole block but the first and the last, which may be cut
+        // short by the buffer's ends; a zero piece is a zero run either way.
+        let zero = is_zero(buf.get(pos..end).unwrap_or(&[]));
         match out.last_mut() {
             Some(last) if last.2 == zero => last.1 += end - pos,
             _ => out.push((pos, end - pos, zero)),
@@ -449,13 +449,19 @@ mod tests {
         );
         // -S 0: no scan
         assert_eq!(zero_runs(&buf, 0, 0), vec![(0, 16384, false)]);
-        // misaligned start: partial head block stays data
+        // misaligned start: a zero head up to the first block boundary is zero (qemu-img's
+        // leading zero run), a head with data is data up to the boundary
         assert_eq!(
-            zero_runs(&buf[1000..], 1000, 4096)[0],
-            (0, 3096 + 4096, false)
+            zero_runs(&buf[1000..], 1000, 4096)[..2],
+            [(0, 3096, true), (3096, 4096, false)]
         );
-        // a zero granule larger than the buffer, misaligned: never zero
-        assert_eq!(zero_runs(&[0; 512], 512, 4096), vec![(0, 512, false)]);
+        assert_eq!(
+            zero_runs(&buf[4608..], 4608, 4096)[..2],
+            [(0, 3584, false), (3584, 8192, true)]
+        );
+        // a buffer inside one block, misaligned: zero when it reads as zeroes
+        assert_eq!(zero_runs(&[0; 512], 512, 4096), vec![(0, 512, true)]);
+        assert_eq!(zero_runs(&[1; 512], 512, 4096), vec![(0, 512, false)]);
         // a zero tail shorter than a block at the end of the buffer: zero (qemu-img
         // leaves an image's short zero tail sparse)
         let mut tail = vec![0u8; 4096 + 2048];

@@ -23,6 +23,7 @@ mod convert;
 mod convert_cache;
 mod convert_perf;
 mod convert_progress;
+mod convert_zero_head;
 mod corrupt_events;
 mod create_info;
 mod dd_resize;
