@@ -5,7 +5,7 @@ use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use diskimg_blockio::{BlockDevice, DeviceInfo, Extent, FileStorage, Result, Storage};
+use diskimg_blockio::{BlockDevice, Extent, FileStorage, Result, Storage, forward_device};
 use diskimg_convert::{ConvertOptions, convert};
 use diskimg_raw::RawDevice;
 
@@ -19,18 +19,7 @@ struct Counting {
 }
 
 impl BlockDevice for Counting {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
+    forward_device!(inner: info, read_at, write_at, flush);
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         self.maps.fetch_add(1, Ordering::Relaxed);
         self.inner.map(off, len)

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use diskimg_blockio::{BlockDevice, MemStorage, Storage};
+use diskimg_blockio::{BlockDevice, MemStorage, Storage, forward_device};
 use diskimg_convert::{ConvertOptions, convert};
 use diskimg_raw::RawDevice;
 use proptest::prelude::*;
@@ -84,21 +84,10 @@ struct Overlay {
 }
 
 impl BlockDevice for Overlay {
-    fn info(&self) -> diskimg_blockio::DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> diskimg_blockio::Result<()> {
-        self.inner.read_at(buf, off)
-    }
+    forward_device!(inner: info, read_at, flush, map);
     fn write_at(&self, buf: &[u8], off: u64) -> diskimg_blockio::Result<()> {
         self.written.lock().unwrap().push((off, buf.len() as u64));
         self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> diskimg_blockio::Result<()> {
-        Ok(())
-    }
-    fn map(&self, off: u64, len: u64) -> diskimg_blockio::Result<diskimg_blockio::Extent> {
-        self.inner.map(off, len)
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -4,8 +4,8 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use diskimg_blockio::{
-    BlockDevice, CompressedUnits, DeviceInfo, Error, Extent, FileStorage, MemStorage, PackedUnit,
-    Result, Storage, forward_storage, map_all,
+    BlockDevice, CompressedUnits, Error, FileStorage, MemStorage, PackedUnit, Result, Storage,
+    forward_device, forward_storage, map_all,
 };
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 use diskimg_raw::RawDevice;
@@ -155,21 +155,7 @@ struct Compressing {
 }
 
 impl BlockDevice for Compressing {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        self.inner.map(off, len)
-    }
+    forward_device!(inner: info, read_at, write_at, flush, map);
     fn compressed_write_granularity(&self) -> Option<u64> {
         Some(4096)
     }
@@ -270,9 +256,7 @@ pub(crate) struct Probe {
 }
 
 impl BlockDevice for Probe {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
+    forward_device!(inner: info, flush, map);
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         if off + buf.len() as u64 > self.bad {
             return Err(diskimg_blockio::Error::invalid("injected read error"));
@@ -282,12 +266,6 @@ impl BlockDevice for Probe {
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.writes.lock().unwrap().push((off, buf.len() as u64));
         self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        self.inner.map(off, len)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -349,21 +327,7 @@ struct Precompressing {
 }
 
 impl BlockDevice for Precompressing {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        self.inner.map(off, len)
-    }
+    forward_device!(inner: info, read_at, write_at, flush, map);
     fn compressed_write_granularity(&self) -> Option<u64> {
         Some(4096)
     }

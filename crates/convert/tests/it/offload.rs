@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use diskimg_blockio::{
     BlockDevice, CreateRequest, Driver, FileStorage, MemStorage, OpenOptions, OptionList, Storage,
-    ZeroFlags,
+    ZeroFlags, forward_device,
 };
 use diskimg_convert::{ConcatDevice, ConvertOptions, convert};
 use diskimg_raw::RawDevice;
@@ -144,21 +144,9 @@ fn sources_without_data_storage_and_conflicting_options() {
 struct Opaque(Arc<dyn BlockDevice>);
 
 impl BlockDevice for Opaque {
-    fn info(&self) -> diskimg_blockio::DeviceInfo {
-        self.0.info()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> diskimg_blockio::Result<()> {
-        self.0.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> diskimg_blockio::Result<()> {
-        self.0.write_at(buf, off)
-    }
-    fn flush(&self) -> diskimg_blockio::Result<()> {
-        self.0.flush()
-    }
-    fn map(&self, off: u64, len: u64) -> diskimg_blockio::Result<diskimg_blockio::Extent> {
-        self.0.map(off, len)
-    }
+    // Not data_storage (the point of the wrapper), nor as_any (a downcast must not find
+    // the raw device inside).
+    forward_device!(0: info, read_at, write_at, flush, map);
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
