@@ -61,11 +61,12 @@ fn double_quotes(text: &str) -> String {
 /// JSON parser takes them.
 pub fn json_options(name: &str) -> Result<OptionList> {
     let text = name.strip_prefix("json:").unwrap_or(name);
-    let v: Value = serde_json::from_str(&double_quotes(text)).map_err(|e| {
-        // In qemu's words where its parser refuses the text too.
-        let why = crate::jsonerr::qemu_words(text).unwrap_or_else(|| e.to_string());
-        Error::invalid(format!("Could not parse the JSON options: {why}"))
-    })?;
+    // What qemu's parser refuses is refused in its words, the rest by serde_json's.
+    let why = |why: String| Error::invalid(format!("Could not parse the JSON options: {why}"));
+    if let Some(qemu) = crate::jsonerr::qemu_words(text) {
+        return Err(why(qemu));
+    }
+    let v: Value = serde_json::from_str(&double_quotes(text)).map_err(|e| why(e.to_string()))?;
     let Value::Object(_) = v else {
         return Err(Error::invalid("Invalid JSON object given"));
     };

@@ -18,6 +18,7 @@ mod import_lex;
 mod import_parse;
 mod inspect;
 mod inspect_rules;
+mod json_errors;
 mod policy;
 mod probe;
 mod stress;
