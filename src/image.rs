@@ -260,9 +260,13 @@ pub fn open(
     options: &ImageOptions,
 ) -> Result<Image> {
     let path = path.as_ref();
+    let naming = Naming {
+        filename: &path.to_string_lossy(),
+        qemu: path,
+    };
     open_inner(
         path,
-        &path.to_string_lossy(),
+        naming,
         format,
         options,
         options.read_only,
@@ -271,11 +275,32 @@ pub fn open(
     )
 }
 
+/// How an image of a chain is named.
+#[derive(Clone, Copy)]
+struct Naming<'a> {
+    /// The name it is shown by ([`Image::filename`]).
+    filename: &'a str,
+    /// The name qemu knows it by: the user's, or for a backing image, its stored name
+    /// combined with its image's (`d/x` for `x` stored in `d/top.qcow2`). Messages name
+    /// its own backing file as combined with this (not with the real path it opened).
+    qemu: &'a Path,
+}
+
+/// qemu's `path_combine`: `name` (stored in the image qemu knows as `image`) as qemu
+/// names it, relative to the image's directory as given (`x` beside `top.qcow2`, not
+/// `./x`).
+fn qemu_combine(image: &Path, name: &str) -> PathBuf {
+    match image.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
 /// Opens the image at `path` (the user's, when `visited` is empty; otherwise a backing
 /// file the policy already resolved to a real path).
 fn open_inner(
     path: &Path,
-    filename: &str,
+    naming: Naming<'_>,
     format: Option<Format>,
     options: &ImageOptions,
     read_only: bool,
@@ -339,12 +364,19 @@ fn open_inner(
         device,
         format,
         path: path.to_path_buf(),
-        filename: filename.to_string(),
+        filename: naming.filename.to_string(),
         backing: None,
         locks,
     };
     if options.open_backing {
-        open_backing(&mut image, &dir, options, backing_opts, visited)?;
+        open_backing(
+            &mut image,
+            &dir,
+            naming.qemu,
+            options,
+            backing_opts,
+            visited,
+        )?;
     }
     Ok(image)
 }
@@ -387,10 +419,12 @@ fn enter_chain(path: &Path, options: &ImageOptions, visited: &mut Vec<PathBuf>) 
 }
 
 /// Opens the backing file `image` names (trying its alternate names in turn, as the
-/// policy allows) and attaches it. Nothing to do for an image without one.
+/// policy allows) and attaches it. Nothing to do for an image without one. `qemu`: the
+/// name qemu knows the image by ([`Naming::qemu`]).
 fn open_backing(
     image: &mut Image,
     dir: &Path,
+    qemu: &Path,
     options: &ImageOptions,
     mut backing_opts: OptionList,
     visited: &mut Vec<PathBuf>,
@@ -434,10 +468,12 @@ fn open_backing(
         // As qemu: a stored `foo:bar` names a protocol, not a file beside the image, and
         // `file:F` names F as given (a relative one against the working directory).
         let (mut dir, mut shown) = (dir, name.clone());
+        let mut qemu_name = qemu_combine(qemu, &file);
         if qemu_names && let Some(path) = crate::file_protocol_path(&file) {
             dir = Path::new(".");
             // qemu names it as its file driver does (`./foo:bar` for `file:foo:bar`).
             file = file.split_off("file:".len());
+            qemu_name = PathBuf::from(&path);
             shown = path;
         } else if qemu_names && let Some(p) = crate::protocol_of(&file) {
             last_err = Some(Error::invalid(format!(
@@ -468,7 +504,7 @@ fn open_backing(
                 last_err = Some(Error::io(
                     format!(
                         "Could not open backing file: Could not open '{}'",
-                        dir.join(&file).display()
+                        qemu_name.display()
                     ),
                     std::io::Error::from_raw_os_error(2),
                 ));
@@ -476,15 +512,20 @@ fn open_backing(
             }
         };
         let depth_before = visited.len();
+        let naming = Naming {
+            filename: &shown,
+            qemu: &qemu_name,
+        };
         let backing = open_inner(
             &bpath,
-            &shown,
+            naming,
             bformat,
             &node_options,
             !options.backing_writable,
             opts,
             visited,
-        )?;
+        )
+        .map_err(nested_backing_error)?;
         // A candidate the image refuses as its parent (VHD unique id, VHDX linkage) does
         // not end the search: another locator may name the right file.
         if let Err(e) = image.device.set_backing(Some(backing.device.clone())) {
@@ -499,6 +540,18 @@ fn open_backing(
     Err(refused
         .or(last_err)
         .unwrap_or_else(|| Error::invalid("backing file could not be opened")))
+}
+
+/// qemu prefixes every level of a chain that fails below it: `Could not open backing
+/// file: Could not open backing file: Could not open 'b.raw': No such file or directory`
+/// for a missing file two levels down.
+fn nested_backing_error(e: Error) -> Error {
+    match e {
+        Error::Io { context, source } if context.starts_with("Could not open backing file: ") => {
+            Error::io(format!("Could not open backing file: {context}"), source)
+        }
+        e => e,
+    }
 }
 
 /// Opens an image held in any [`Storage`] (memory, a custom transport). No backing

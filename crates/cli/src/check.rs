@@ -48,11 +48,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
         opts.force_share |= crate::opening::force_share();
         let opts = opts
             .with_policy(diskimg::OpenPolicy::qemu_compatible())
-            .with_backing(false);
+            .with_backing(true);
         crate::imgspec::open_arg(&a.file, format, opts)
             .with_context(|| format!("Could not open '{}'", a.file))?
     } else {
-        open_resolved(&a.file, &path, format, opts, read_only, false)?
+        // As qemu-img check, the backing chain is opened too: a backing file that does
+        // not open fails the check before it starts (exit 1).
+        open_resolved(&a.file, &path, format, opts, read_only, true)?
     };
     let fmt = img.format.name();
     let first = match img.device.check(repair) {

@@ -17,6 +17,17 @@ pub(crate) fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// True when the error (or its cause) is one only a whole chain has: a backing loop,
+/// or a file the open policy refused ([`crate::layers`] does not open such files).
+pub(crate) fn is_chain_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<E>(),
+            Some(E::BackingLoop { .. } | E::BackingDenied { .. })
+        )
+    })
+}
+
 /// The message as qemu words it: each cause once (sources already included in their
 /// parent's text are skipped), Rust's " (os error N)" suffixes removed.
 pub(crate) fn message(e: &anyhow::Error) -> String {
@@ -128,3 +139,4 @@ pub(crate) fn report_corruption(format: &str, message: &str, fatal: bool) {
         );
     }
 }
+

@@ -39,7 +39,13 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     let format = a.format.of(&a.file)?;
     // As qemu-img info: encrypted images open without their key (metadata only).
     crate::secrets::set_metadata_only();
-    let img = open_image(&a.file, format, true, a.backing_chain)?;
+    let img = match open_image(&a.file, format, true, a.backing_chain) {
+        Ok(img) => img,
+        Err(e) if a.backing_chain && !crate::imgspec::is_spec_or_opts(&a.file) => {
+            return Err(crate::layers::chain_failure(&a.file, format, e));
+        }
+        Err(e) => return Err(e),
+    };
     let name = crate::names::shown(&a.file, crate::secrets::image_opts());
     // A name qemu cannot reconstruct (`json:{…}`) still has the file's directory.
     let base = if name.starts_with("json:") {

@@ -28,6 +28,7 @@ mod info;
 mod inspect;
 mod io;
 mod json;
+mod layers;
 mod map;
 mod measure;
 mod names;

@@ -9,6 +9,7 @@
 //! Format-generic tests loop over [`FORMATS`]: adding a format is one line there.
 
 mod amend;
+mod backing_errors;
 mod bench;
 mod bitmap;
 mod bitmap_live;

@@ -162,6 +162,8 @@ fn stored_backing_names_with_protocols() {
         for args in [
             vec!["map", "top.qcow2"],
             vec!["info", "top.qcow2"],
+            // qemu opens each layer by itself: a failure names the backing file.
+            vec!["info", "--backing-chain", "top.qcow2"],
             vec!["convert", "-O", "raw", "top.qcow2", "out.raw"],
             vec!["compare", "top.qcow2", "./foo:bar"],
             vec![
