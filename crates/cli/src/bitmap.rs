@@ -130,7 +130,10 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
             Act::Enable => BitmapOp::Enable,
             Act::Disable => BitmapOp::Disable,
             Act::Merge(src) => match merge_op(&a, &src) {
-                Ok(op) => op,
+                Ok(Ok(op)) => op,
+                Ok(Err(lookup)) => {
+                    return merge_failed(lookup, apply(&ops), || target_missing(&a, &file));
+                }
                 Err(e) => {
                     // As qemu: the image is open (and the operations before the failing
                     // merge done) before the merge's error, which comes before what
@@ -153,6 +156,50 @@ pub(crate) fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<i32> {
     let (done, closed) = apply(&ops);
     let done = done.map_err(|e| open_failure(&a.file, e, closed.is_ok()));
     crate::close_errors::finish_bitmap(done, closed)
+}
+
+/// Reports a `--merge` whose source bitmap was not read (`e`), after the operations
+/// before it (`applied`: their result and the close's). As qemu, which looks the
+/// target bitmap up first, a target that does not exist (`target_missing`, asked after
+/// those operations closed cleanly) is the error reported.
+fn merge_failed(
+    e: anyhow::Error,
+    applied: (diskimg::Result<()>, diskimg::Result<()>),
+    target_missing: impl FnOnce() -> Option<anyhow::Error>,
+) -> Result<i32> {
+    let (done, closed) = applied;
+    if let Err(done) = done {
+        return crate::close_errors::finish_bitmap(Err(done), closed);
+    }
+    if closed.is_ok() {
+        // (The image as stored is the image qemu has open only after a clean close.)
+        return Err(target_missing().unwrap_or(e));
+    }
+    eprintln!("{}: {}", crate::common::prog(), crate::errmap::message(&e));
+    crate::close_errors::finish_bitmap(Ok(()), closed).map(|_| 1)
+}
+
+/// qemu's error for a `--merge` whose target bitmap is not in the image `file` (a
+/// qcow2 image read as it is now), if it is not.
+fn target_missing(a: &Args, file: &str) -> Option<anyhow::Error> {
+    let drivers = crate::io::blkdebug::node_drivers();
+    let (storage, named) = diskimg::maint::bitmap_file(file, &drivers, true).ok()?;
+    let fmt = a
+        .format
+        .of(&a.file)
+        .ok()
+        .flatten()
+        .or(named)
+        .unwrap_or_else(|| diskimg::probe(storage.as_ref()));
+    let missing = fmt != diskimg::Format::Qcow2
+        || diskimg::maint::read_bitmap(storage, &a.bitmap)
+            .is_err_and(|e| e.to_string().ends_with(" not found"));
+    missing.then(|| {
+        anyhow::anyhow!(
+            "Operation merge on bitmap {0} failed: Dirty bitmap '{0}' not found",
+            a.bitmap
+        )
+    })
 }
 
 /// qemu opens the image before any operation, and reports a failure to open it as
@@ -186,10 +233,10 @@ pub(crate) fn capitalized(e: diskimg::Error) -> anyhow::Error {
 
 /// A `--merge SRC`: from this image, or read from the `-b` image (opened as `-F`, the
 /// format its `json:` name gives, or the probed one; a format without bitmaps has no
-/// `SRC`).
-fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
+/// `SRC`). `Err`: the `-b` image did not open; `Ok(Err)`: `SRC` was not read from it.
+fn merge_op(a: &Args, src: &str) -> Result<Result<BitmapOp>> {
     let Some(f) = &a.source_file else {
-        return Ok(BitmapOp::Merge(src.to_string()));
+        return Ok(Ok(BitmapOp::Merge(src.to_string())));
     };
     let given = opt_format(a.source_format.as_deref(), f)?;
     let drivers = crate::io::blkdebug::node_drivers();
@@ -204,16 +251,16 @@ fn merge_op(a: &Args, src: &str) -> Result<BitmapOp> {
     let failed =
         |why: String| anyhow::anyhow!("Operation merge on bitmap {} failed: {why}", a.bitmap);
     if fmt != diskimg::Format::Qcow2 {
-        return Err(failed(format!("Dirty bitmap '{src}' not found")));
+        return Ok(Err(failed(format!("Dirty bitmap '{src}' not found"))));
     }
-    let data = diskimg::maint::read_bitmap(storage, src).map_err(|e| match e {
-        diskimg::Error::NotThisFormat { .. } | diskimg::Error::Corrupt { .. } => {
-            anyhow::Error::from(open_failure(f, e, true))
+    Ok(match diskimg::maint::read_bitmap(storage, src) {
+        Ok(data) => Ok(BitmapOp::MergeBits {
+            granularity: data.granularity,
+            bits: data.bits,
+        }),
+        Err(e @ (diskimg::Error::NotThisFormat { .. } | diskimg::Error::Corrupt { .. })) => {
+            return Err(open_failure(f, e, true).into());
         }
-        e => failed(crate::errmap::message(&e.into())),
-    })?;
-    Ok(BitmapOp::MergeBits {
-        granularity: data.granularity,
-        bits: data.bits,
+        Err(e) => Err(failed(crate::errmap::message(&e.into()))),
     })
 }

@@ -406,6 +406,10 @@ fn bitmap_ops_in_command_line_order_like_qemu() {
             "sb",
             "t",
         ],
+        // Neither bitmap exists: qemu looks the target up first.
+        &["--merge", "nope", "-b", "SRC", "v"],
+        // The target is gone by the time of the merge.
+        &["--add", "--remove", "--merge", "nope", "-b", "SRC", "v"],
         &["--remove", "--remove", "w"],
     ];
     let bits_of = |p: &std::path::Path| {
