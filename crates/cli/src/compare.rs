@@ -103,8 +103,8 @@ fn compare(
     let mut pos = 0u64;
     while pos < common {
         let len = CHUNK.min(common - pos);
-        let ea = block_status(da, pos, len).map_err(|e| Fail::Status(e.into()))?;
-        let eb = block_status(db, pos, len).map_err(|e| Fail::Status(e.into()))?;
+        let ea = block_status(da, pos, len).map_err(|_| status_failed(&a.a))?;
+        let eb = block_status(db, pos, len).map_err(|_| status_failed(&a.b))?;
         let n = ea.length.min(eb.length);
         // qemu compares the whole block status (allocated, data, zero, offset valid).
         let status =
@@ -134,11 +134,11 @@ fn compare(
     }
     // The larger image must read as zeroes beyond the smaller one.
     let larger: &dyn BlockDevice = if sa > sb { da } else { db };
+    let name = if sa > sb { &a.a } else { &a.b };
     while pos < total {
-        let e = block_status(larger, pos, CHUNK.min(total - pos))
-            .map_err(|e| Fail::Status(e.into()))?;
+        let e =
+            block_status(larger, pos, CHUNK.min(total - pos)).map_err(|_| status_failed(name))?;
         if !e.zero {
-            let name = if sa > sb { &a.a } else { &a.b };
             let x = read(larger, name, pos, e.length)?;
             if let Some(i) = x.iter().position(|&b| b != 0) {
                 let off = (pos + i as u64) & !511;
@@ -151,6 +151,12 @@ fn compare(
     }
     say("Images are identical.\n")?;
     Ok(0)
+}
+
+/// qemu's words for a block status query of image `name` that failed (whatever the
+/// reason: qemu-img compare does not say it).
+fn status_failed(name: &str) -> Fail {
+    Fail::Status(anyhow!("Sector allocation test failed for {name}"))
 }
 
 /// Reads `len` bytes at `off` of image `name` (qemu's message names it on failure).

@@ -130,6 +130,7 @@ pub(crate) fn report_failure(what: &str, e: &E) {
 /// non-fatal one (a read-only open) only says so.
 pub(crate) fn report_corruption(format: &str, message: &str, fatal: bool) {
     if fatal {
+        FATAL_EVENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         eprintln!(
             "{format}: Marking image as corrupt: {message}; further corruption events will be suppressed"
         );
@@ -140,3 +141,11 @@ pub(crate) fn report_corruption(format: &str, message: &str, fatal: bool) {
     }
 }
 
+/// How many fatal corruption events were reported ([`report_corruption`]).
+static FATAL_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of fatal corruption events so far: an image opened read-write before
+/// one is gone after it (qemu-io's `No medium found`, `crate::io`).
+pub(crate) fn fatal_events() -> u64 {
+    FATAL_EVENTS.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -11,7 +11,7 @@ use super::getopt::{self, Event};
 use super::num::cvtnum;
 use super::out::cvtstr;
 use super::rw::num_arg;
-use super::session::{Blk, EINVAL, ENOTSUP, Session};
+use super::session::{Blk, EINVAL, ENOMEDIUM, ENOTSUP, Session};
 use crate::errmap::strerror;
 
 /// Whether the top layer itself decides the content at `offset` (qemu's
@@ -78,6 +78,10 @@ fn map_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
     let Some(b) = s.blk.as_ref() else {
         return -EINVAL;
     };
+    if b.gone() {
+        s.out.error("Failed to query image length: No medium found");
+        return -ENOMEDIUM;
+    }
     let dev = b.dev.clone();
     let size = dev.virtual_size();
     let mut offset = 0u64;
@@ -126,6 +130,10 @@ fn length_f(s: &mut Session, _name: &str, _args: &[String]) -> i32 {
     let Some(b) = s.blk.as_ref() else {
         return -EINVAL;
     };
+    if b.gone() {
+        s.out.print("getlength: No medium found\n");
+        return -ENOMEDIUM;
+    }
     #[allow(clippy::cast_precision_loss)]
     let t = cvtstr(b.dev.virtual_size() as f64);
     s.out.print(&format!("{t}\n"));

@@ -20,6 +20,7 @@ mod cmds;
 pub(crate) mod filter;
 mod getopt;
 mod layers;
+mod medium;
 mod misc;
 mod num;
 mod open;

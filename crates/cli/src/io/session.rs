@@ -15,6 +15,8 @@ use super::out::Out;
 pub(super) const EINVAL: i32 = 22;
 /// `ENOTSUP` (Linux) as qemu-io's commands return it.
 pub(super) const ENOTSUP: i32 = 95;
+/// No medium found (a node whose driver a fatal corruption event took away).
+pub(super) const ENOMEDIUM: i32 = 123;
 /// qemu's largest request (`BDRV_REQUEST_MAX_BYTES`).
 pub(super) const MAX_REQUEST: u64 = (i32::MAX as u64 >> 9) << 9;
 
@@ -35,6 +37,9 @@ pub(crate) struct Blk {
     /// The rule engine of the topmost blkdebug node (qemu's `bdrv_find_debug_node`),
     /// where `break`/`resume`/`wait_break` go.
     pub(super) debug: Option<Arc<Engine>>,
+    /// The image opened writable: the fatal corruption events before its open
+    /// ([`crate::errmap::fatal_events`]); one more, and it is gone ([`Blk::gone`]).
+    pub(super) events_at_open: Option<u64>,
 }
 
 /// One qemu-io session: output, the open image, pending asynchronous requests.
@@ -44,6 +49,15 @@ pub(crate) struct Session {
     pub(super) image_opts: bool,
     pub(super) quit: bool,
     pub(super) aio: Aio,
+}
+
+impl Blk {
+    /// True after a fatal corruption event of the writable image: qemu's node has no
+    /// driver left, and its length cannot be queried (`No medium found`).
+    pub(super) fn gone(&self) -> bool {
+        self.events_at_open
+            .is_some_and(|n| n != crate::errmap::fatal_events())
+    }
 }
 
 impl Session {

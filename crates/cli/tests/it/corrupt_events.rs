@@ -5,7 +5,8 @@
 //! events will be suppressed`), printed once, and nothing is marked. diskimg installed
 //! as `qemu-img`/`qemu-io` (symlinks) and the real tools run the same command lines on
 //! fresh copies of the same image; stdout, stderr, exit code and the image's `corrupt`
-//! flag afterwards must be equal.
+//! flag afterwards must be equal. After a fatal event the image is gone, as qemu's node
+//! without a driver: later requests fail with `No medium found`.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,6 +42,31 @@ const CALLS: &[&[&str]] = &[
     &["qemu-img", "map", "--output=json", "IMG"],
     &["qemu-io", "-c", "read -q 0 64k", "IMG"],
     &["qemu-io", "-c", "write -q 0 64k", "IMG"],
+    // After a fatal event the image has no driver left: `No medium found`.
+    &[
+        "qemu-io",
+        "-c",
+        "read -q 0 64k",
+        "-c",
+        "read -q 0 64k",
+        "-c",
+        "write -q 0 64k",
+        "-c",
+        "flush",
+        "IMG",
+    ],
+    &[
+        "qemu-io",
+        "-c",
+        "write -q 0 64k",
+        "-c",
+        "read -q 64k 64k",
+        "-c",
+        "map",
+        "IMG",
+    ],
+    // A block status that fails: qemu-img compare does not say why.
+    &["qemu-img", "compare", "IMG", "IMG"],
 ];
 
 /// A fresh corrupt image at `t`: 128 KiB written, then the case's entry.
