@@ -91,25 +91,10 @@ fn missing_backing_files_like_qemu_img() {
             }
             let q = crate::open_errors::run(Path::new("qemu-img"), dir, &args);
             let _ = std::fs::remove_file(dir.join("out.raw"));
-            if (&d.stdout, &d.stderr, d.status.code()) != (&q.stdout, &q.stderr, q.status.code()) {
-                differ.push(format!(
-                    "{args:?}\n  diskimg ({:?}): {}{}\n  qemu-img ({:?}): {}{}",
-                    d.status.code(),
-                    String::from_utf8_lossy(&d.stdout),
-                    String::from_utf8_lossy(&d.stderr),
-                    q.status.code(),
-                    String::from_utf8_lossy(&q.stdout),
-                    String::from_utf8_lossy(&q.stderr),
-                ));
-            }
+            differ.extend(crate::open_errors::mismatch(&format!("{args:?}"), &d, &q));
         }
     }
-    assert!(
-        differ.is_empty(),
-        "{} differ:\n{}",
-        differ.len(),
-        differ.join("\n")
-    );
+    crate::open_errors::assert_none_differ(&differ);
 }
 
 /// Whether `qemu-img ARGS` is still running after `wait` (then killed).

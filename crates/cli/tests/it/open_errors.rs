@@ -132,19 +132,31 @@ fn open_failures_like_qemu_img() {
                 }
             }
             // (`compare -f qcow2 ok.qcow2 ok.raw` opens both: the outputs are what count.)
-            if (&d.stdout, &d.stderr, d.status.code()) != (&q.stdout, &q.stderr, q.status.code()) {
-                differ.push(format!(
-                    "{case}: {args:?}\n  diskimg ({:?}): {}{}\n  qemu-img ({:?}): {}{}",
-                    d.status.code(),
-                    String::from_utf8_lossy(&d.stdout),
-                    String::from_utf8_lossy(&d.stderr),
-                    q.status.code(),
-                    String::from_utf8_lossy(&q.stdout),
-                    String::from_utf8_lossy(&q.stderr),
-                ));
-            }
+            differ.extend(mismatch(&format!("{case}: {args:?}"), &d, &q));
         }
     }
+    assert_none_differ(&differ);
+}
+
+/// `what` with both tools' exit codes and output when diskimg's stdout, stderr or exit
+/// code differ from qemu-img's, else `None`.
+pub(crate) fn mismatch(what: &str, d: &Output, q: &Output) -> Option<String> {
+    let same = (&d.stdout, &d.stderr, d.status.code()) == (&q.stdout, &q.stderr, q.status.code());
+    (!same).then(|| {
+        format!(
+            "{what}\n  diskimg ({:?}): {}{}\n  qemu-img ({:?}): {}{}",
+            d.status.code(),
+            String::from_utf8_lossy(&d.stdout),
+            String::from_utf8_lossy(&d.stderr),
+            q.status.code(),
+            String::from_utf8_lossy(&q.stdout),
+            String::from_utf8_lossy(&q.stderr),
+        )
+    })
+}
+
+/// Fails listing every mismatch ([`mismatch`]) found.
+pub(crate) fn assert_none_differ(differ: &[String]) {
     assert!(
         differ.is_empty(),
         "{} differ:\n{}",
