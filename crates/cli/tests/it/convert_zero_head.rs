@@ -2,7 +2,7 @@
 //! zero head up to the first block boundary is left sparse as qemu-img leaves it (its
 //! leading zero run is zero whatever its length), a head with data is written.
 
-use diskimg_testutil::{qemu_compare, qemu_img_ok, qemu_io, qemu_map_json, tempdir};
+use diskimg_testutil::{qemu_compare, qemu_create, qemu_img_ok, qemu_io, qemu_map_json, tempdir};
 
 use crate::{diskimg_ok, s};
 
@@ -47,16 +47,7 @@ fn misaligned_zero_head_stays_sparse_like_qemu() {
     ];
     for (i, cmds) in layouts.iter().enumerate() {
         let src = dir.path().join("src.qcow2");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            s(&src),
-            "128K",
-        ]);
+        qemu_create(&src, "qcow2", "cluster_size=512", Some("128K"));
         qemu_io(&src, "qcow2", cmds);
         for sparse in ["4k", "8k"] {
             for (fmt, opts) in [

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use diskimg_testutil::{qemu_create, qemu_img_ok, tempdir};
 
-use crate::open_errors::{as_qemu_img, listing, run};
+use crate::open_errors::{as_qemu_img, assert_none_differ, listing, run};
 use crate::s;
 
 /// Runs `args` with both tools in `dir` (diskimg first); returns how they differ. The
@@ -45,15 +45,6 @@ fn differ(ours: &Path, dir: &Path, args: &[&str], keep: bool) -> Option<String> 
     })
 }
 
-fn assert_none(diffs: Vec<String>) {
-    assert!(
-        diffs.is_empty(),
-        "{} differ:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}
-
 #[test]
 fn creating_verbs_refuse_protocol_names() {
     let tmp = tempdir();
@@ -74,7 +65,7 @@ fn creating_verbs_refuse_protocol_names() {
             diffs.extend(differ(&ours, dir, &args, false));
         }
     }
-    assert_none(diffs);
+    assert_none_differ(&diffs);
     assert_eq!(listing(dir), ["ok.raw"]);
 }
 
@@ -144,7 +135,7 @@ fn file_names_with_colons_open_the_file() {
         std::fs::remove_file(dir.join("foo:bar")).unwrap();
         qemu_img_ok(&["rebase", "-u", "-b", "", s(&dir.join("ok.qcow2"))]);
     }
-    assert_none(diffs);
+    assert_none_differ(&diffs);
 }
 
 #[test]
@@ -182,7 +173,7 @@ fn stored_backing_names_with_protocols() {
             diffs.extend(differ(&ours, dir, &args, false));
         }
     }
-    assert_none(diffs);
+    assert_none_differ(&diffs);
 }
 
 #[test]
@@ -225,6 +216,6 @@ fn qemu_io_opens_names_as_qemu_io() {
             ));
         }
     }
-    assert_none(diffs);
+    assert_none_differ(&diffs);
     assert_eq!(listing(dir), ["foo:bar"]);
 }
