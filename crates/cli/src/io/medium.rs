@@ -11,25 +11,39 @@ use diskimg::{BlockDevice, Error, Result};
 
 use super::filter::Filter;
 
-/// The filter: requests pass until a fatal corruption event after its creation.
+/// The fatal corruption events reported when a writable image was opened
+/// ([`crate::errmap::fatal_events`]): one more, and the image is gone.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct OpenedAt(u64);
+
+impl OpenedAt {
+    /// The count now.
+    pub(super) fn now() -> Self {
+        Self(crate::errmap::fatal_events())
+    }
+
+    /// True after a fatal corruption event since the open: qemu's node has no driver
+    /// left.
+    pub(super) fn gone(self) -> bool {
+        crate::errmap::fatal_events() != self.0
+    }
+}
+
+/// The filter: requests pass until a fatal corruption event after the image's open.
 #[derive(Debug)]
 pub(super) struct Medium {
     inner: Arc<dyn BlockDevice>,
-    /// [`crate::errmap::fatal_events`] when the image was opened.
-    events_at_open: u64,
+    opened: OpenedAt,
 }
 
 impl Medium {
-    pub(super) fn new(inner: Arc<dyn BlockDevice>) -> Self {
-        Self {
-            inner,
-            events_at_open: crate::errmap::fatal_events(),
-        }
+    pub(super) fn new(inner: Arc<dyn BlockDevice>, opened: OpenedAt) -> Self {
+        Self { inner, opened }
     }
 
     /// `Err(ENOMEDIUM)` once the image met a fatal corruption event.
     fn present(&self) -> Result<()> {
-        if crate::errmap::fatal_events() == self.events_at_open {
+        if !self.opened.gone() {
             return Ok(());
         }
         Err(Error::io(

@@ -140,9 +140,10 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         crate::common::warn_probed_raw(&r.path, r.format, &img);
     }
     let mut dev: Arc<dyn BlockDevice> = img.device.clone();
-    if !opts.read_only {
+    let opened = (!opts.read_only).then(super::medium::OpenedAt::now);
+    if let Some(at) = opened {
         // Gone after a fatal corruption event, as qemu's node without a driver.
-        dev = Arc::new(Filtered(super::medium::Medium::new(dev)));
+        dev = Arc::new(Filtered(super::medium::Medium::new(dev, at)));
     }
     if flags.snapshot {
         dev = snapshot_overlay(&img).map_err(|e| crate::message(&e))?;
@@ -173,7 +174,7 @@ fn open_spec(spec: &Spec) -> Result<Blk, String> {
         written: std::cell::Cell::new(false),
         spec: spec.clone(),
         debug: engine,
-        events_at_open: (!opts.read_only).then(crate::errmap::fatal_events),
+        opened,
     })
 }
 

@@ -9,6 +9,7 @@ use diskimg::blockio::AsyncDevice;
 use diskimg::{BlockDevice, Image, OptionList};
 
 use super::blkdebug::Engine;
+use super::medium::OpenedAt;
 use super::out::Out;
 
 /// `EINVAL` as qemu-io's commands return it.
@@ -37,9 +38,9 @@ pub(crate) struct Blk {
     /// The rule engine of the topmost blkdebug node (qemu's `bdrv_find_debug_node`),
     /// where `break`/`resume`/`wait_break` go.
     pub(super) debug: Option<Arc<Engine>>,
-    /// The image opened writable: the fatal corruption events before its open
-    /// ([`crate::errmap::fatal_events`]); one more, and it is gone ([`Blk::gone`]).
-    pub(super) events_at_open: Option<u64>,
+    /// The image opened writable: when ([`OpenedAt`]); gone after a fatal corruption
+    /// event since ([`Blk::gone`]).
+    pub(super) opened: Option<OpenedAt>,
 }
 
 /// One qemu-io session: output, the open image, pending asynchronous requests.
@@ -55,8 +56,7 @@ impl Blk {
     /// True after a fatal corruption event of the writable image: qemu's node has no
     /// driver left, and its length cannot be queried (`No medium found`).
     pub(super) fn gone(&self) -> bool {
-        self.events_at_open
-            .is_some_and(|n| n != crate::errmap::fatal_events())
+        self.opened.is_some_and(OpenedAt::gone)
     }
 }
 
