@@ -184,16 +184,9 @@ fn merge_failed(
 fn target_missing(a: &Args, file: &str) -> Option<anyhow::Error> {
     let drivers = crate::io::blkdebug::node_drivers();
     let (storage, named) = diskimg::maint::bitmap_file(file, &drivers, true).ok()?;
-    let fmt = a
-        .format
-        .of(&a.file)
-        .ok()
-        .flatten()
-        .or(named)
-        .unwrap_or_else(|| diskimg::probe(storage.as_ref()));
-    let missing = fmt != diskimg::Format::Qcow2
-        || diskimg::maint::read_bitmap(storage, &a.bitmap)
-            .is_err_and(|e| e.to_string().ends_with(" not found"));
+    let given = a.format.of(&a.file).ok().flatten();
+    let missing = stored_bitmap(storage, given.or(named), &a.bitmap)
+        .is_none_or(|r| r.is_err_and(|e| e.to_string().ends_with(" not found")));
     missing.then(|| {
         anyhow::anyhow!(
             "Operation merge on bitmap {0} failed: Dirty bitmap '{0}' not found",
@@ -245,22 +238,28 @@ fn merge_op(a: &Args, src: &str) -> Result<Result<BitmapOp>> {
     }
     let (storage, named) = diskimg::maint::bitmap_file(&crate::names::host_path(f), &drivers, true)
         .map_err(|e| anyhow::Error::from(open_failure(f, e, true)))?;
-    let fmt = given
-        .or(named)
-        .unwrap_or_else(|| diskimg::probe(storage.as_ref()));
     let failed =
         |why: String| anyhow::anyhow!("Operation merge on bitmap {} failed: {why}", a.bitmap);
-    if fmt != diskimg::Format::Qcow2 {
-        return Ok(Err(failed(format!("Dirty bitmap '{src}' not found"))));
-    }
-    Ok(match diskimg::maint::read_bitmap(storage, src) {
-        Ok(data) => Ok(BitmapOp::MergeBits {
+    Ok(match stored_bitmap(storage, given.or(named), src) {
+        None => Err(failed(format!("Dirty bitmap '{src}' not found"))),
+        Some(Ok(data)) => Ok(BitmapOp::MergeBits {
             granularity: data.granularity,
             bits: data.bits,
         }),
-        Err(e @ (diskimg::Error::NotThisFormat { .. } | diskimg::Error::Corrupt { .. })) => {
+        Some(Err(e @ (diskimg::Error::NotThisFormat { .. } | diskimg::Error::Corrupt { .. }))) => {
             return Err(open_failure(f, e, true).into());
         }
-        Err(e) => Err(failed(crate::errmap::message(&e.into()))),
+        Some(Err(e)) => Err(failed(crate::errmap::message(&e.into()))),
     })
+}
+
+/// Reads bitmap `name` of the image in `storage`, of format `format` or else the probed
+/// one; `None` when that format has no bitmaps (only qcow2 stores them).
+fn stored_bitmap(
+    storage: std::sync::Arc<dyn diskimg::Storage>,
+    format: Option<diskimg::Format>,
+    name: &str,
+) -> Option<diskimg::Result<diskimg::blockio::BitmapData>> {
+    let fmt = format.unwrap_or_else(|| diskimg::probe(storage.as_ref()));
+    (fmt == diskimg::Format::Qcow2).then(|| diskimg::maint::read_bitmap(storage, name))
 }
