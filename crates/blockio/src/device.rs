@@ -149,6 +149,23 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// A count that moves whenever host bytes that [`BlockDevice::walk_runs`] may have
+    /// reported as a guest range's home ([`Mapping::Host`](crate::Mapping::Host)) stop
+    /// being it: the host space is freed for reuse, moved, or given other guest data.
+    /// A caller that reads reported runs after the walk returned (a detached read: an
+    /// io_uring read the kernel completes later) takes it before the walk and again
+    /// after its read completed; equal values mean the bytes read are the guest data the
+    /// walk mapped (or, for a range written or discarded meanwhile, what a read racing
+    /// with that write or discard may return), different ones that it must read again.
+    /// Writes in place, allocations of fresh space and reads do not move it.
+    ///
+    /// `None` (the default): the device cannot tell, and runs must be read inside the
+    /// walk (as [`BlockDevice::read_vectored_at`]'s default does). A device that answers
+    /// includes every layer its walk reports runs of (its backing device's count).
+    fn host_epoch(&self) -> Option<u64> {
+        None
+    }
+
     /// Writes `bufs` in order at guest `offset` (see [`BlockDevice::read_vectored_at`]).
     /// Like consecutive [`BlockDevice::write_at`] calls (the default, which gathers small
     /// buffers into calls of up to 1 MiB: [`write_each`]), not one atomic write; raw uses

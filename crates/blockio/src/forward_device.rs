@@ -31,7 +31,7 @@
 ///   error); `forward_device!(inner: all)` forwards everything.
 ///
 /// The methods, in the trait's order: `info`, `virtual_size`, `read_at`, `write_at`,
-/// `read_vectored_at`, `walk_runs`, `write_vectored_at`, `write_zeroes`, `discard`,
+/// `read_vectored_at`, `walk_runs`, `host_epoch`, `write_vectored_at`, `write_zeroes`, `discard`,
 /// `flush`, `close`, `map`, `host_files`, `map_file`, `compressed_write_granularity`,
 /// `write_compressed`, `compress_units`, `write_compressed_units`, `fixed_layout`,
 /// `needs_compressed_writes`, `set_backing`, `backing_device`, `resize`, `check`,
@@ -140,8 +140,8 @@ macro_rules! forward_device {
     // Every method of the trait, in its order.
     (@all $r:tt $x:tt) => {
         $crate::forward_device!(@walk $r $x
-            info virtual_size read_at write_at read_vectored_at walk_runs write_vectored_at
-            write_zeroes discard flush close map host_files map_file
+            info virtual_size read_at write_at read_vectored_at walk_runs host_epoch
+            write_vectored_at write_zeroes discard flush close map host_files map_file
             compressed_write_granularity write_compressed compress_units
             write_compressed_units fixed_layout needs_compressed_writes set_backing
             backing_device resize check data_storage write_from repaired_at_open
@@ -169,6 +169,7 @@ macro_rules! forward_device {
     (@skip $r:tt [write_at $($xs:ident)*] write_at [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
     (@skip $r:tt [read_vectored_at $($xs:ident)*] read_vectored_at [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
     (@skip $r:tt [walk_runs $($xs:ident)*] walk_runs [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
+    (@skip $r:tt [host_epoch $($xs:ident)*] host_epoch [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
     (@skip $r:tt [write_vectored_at $($xs:ident)*] write_vectored_at [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
     (@skip $r:tt [write_zeroes $($xs:ident)*] write_zeroes [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
     (@skip $r:tt [discard $($xs:ident)*] discard [$($ms:ident)*]) => { $crate::forward_device!(@walk $r [$($xs)*] $($ms)*); };
@@ -236,6 +237,11 @@ macro_rules! forward_device {
             f: &mut $crate::RunFn<'_>,
         ) -> $crate::Result<bool> {
             $crate::forward_device!(@call self [$($r)+] walk_runs(offset, len, f))
+        }
+    };
+    (@one [$($r:tt)+] host_epoch) => {
+        fn host_epoch(&self) -> ::std::option::Option<u64> {
+            $crate::forward_device!(@call self [$($r)+] host_epoch())
         }
     };
     (@one [$($r:tt)+] write_vectored_at) => {

@@ -145,6 +145,12 @@ impl BlockDevice for RawDevice {
         diskimg_blockio::walk(self, offset, len, f)
     }
 
+    /// Never moves: guest byte `x` always lives at host byte `x` (plus the fixed
+    /// `offset` option); a discard punches a hole the same guest range reads as zeroes.
+    fn host_epoch(&self) -> Option<u64> {
+        Some(0)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
