@@ -19,7 +19,7 @@
 /// `read_vectored_exact_at`, `write_vectored_all_at`, `len`, `is_empty`, `set_len`,
 /// `flush`, `is_read_only`, `write_zeroes`, `write_zeroes_unmap`, `discard`,
 /// `discard_zeroes`, `preallocate`, `peek_exact_at`, `next_data`, `next_hole`, `allocated_bytes`,
-/// `start_writeback`, `host_file`, `uring` (Linux) and `debug_event`. Methods not named keep the trait's defaults.
+/// `start_writeback`, `host_file`, `uring` and `plain_read` (Linux) and `debug_event`. Methods not named keep the trait's defaults.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -170,6 +170,12 @@ macro_rules! forward_storage {
         #[cfg(target_os = "linux")]
         fn uring(&self) -> Option<&$crate::UringStorage> {
             $crate::Storage::uring(&self.$f)
+        }
+    };
+    (@one $f:ident plain_read) => {
+        #[cfg(target_os = "linux")]
+        fn plain_read(&self, offset: u64, len: u64) -> Option<$crate::PlainRead<'_>> {
+            $crate::Storage::plain_read(&self.$f, offset, len)
         }
     };
     (@one $f:ident debug_event) => {

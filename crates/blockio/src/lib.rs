@@ -123,5 +123,5 @@ pub use storage::{
     Storage, write_zeroes_by_buffer,
 };
 #[cfg(target_os = "linux")]
-pub use storage::{Uring, UringStorage};
+pub use storage::{PlainRead, RawBuf, Uring, UringStorage};
 pub use zero::zero_by_buffer;

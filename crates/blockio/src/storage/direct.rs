@@ -160,6 +160,21 @@ impl DirectIo {
         self.aligned(off, len) && ptr.align_offset(self.mem_align) == 0
     }
 
+    /// The buffer and length alignment of a plain read of `len` bytes at `off` straight
+    /// from the file ([`Storage::plain_read`](crate::Storage::plain_read)); `None` when
+    /// the range is not aligned or a partial block inside it is cached (the file does
+    /// not hold its bytes yet).
+    pub(crate) fn plain_read(&self, off: u64, len: u64) -> Option<(usize, usize)> {
+        let n = usize::try_from(len).ok()?;
+        if !self.aligned(off, n) {
+            return None;
+        }
+        if self.caching.load(Ordering::Acquire) && self.dirty().overlaps(off, len, self.align) {
+            return None;
+        }
+        Some((self.mem_align, self.align))
+    }
+
     /// The lock aligned writes hold shared (read-modify-writes hold it exclusively).
     pub(crate) fn shared_write(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.rmw.read().unwrap_or_else(|p| p.into_inner())

@@ -416,3 +416,43 @@ fn aligned_vectored_writes_go_straight_from_the_buffers() {
     let two = [std::io::IoSlice::new(&odd[1..]), std::io::IoSlice::new(&[])];
     assert!(d.write_aligned_vectored(s.file(), &two, 4096).is_none());
 }
+
+/// A plain read straight from the file is offered only where it returns what
+/// `read_exact_at` does: aligned with `O_DIRECT`, and not over a cached partial block.
+#[test]
+fn plain_reads_only_where_the_file_holds_the_bytes() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let s = direct_file(&dir, "p");
+    let d = s.direct_io().unwrap();
+    let align = d.align as u64;
+    s.set_len(4 * align).unwrap();
+    s.flush().unwrap();
+    let p = s.plain_read(0, 2 * align).expect("aligned, nothing cached");
+    assert_eq!(p.fd.as_raw_fd(), s.file().as_raw_fd());
+    assert_eq!((p.mem_align, p.len_align), (d.mem_align, d.align));
+    assert!(p.fits(0, d.align) && !p.fits(1, d.align) && !p.fits(0, d.align + 1));
+    if align > 1 {
+        assert!(s.plain_read(1, align).is_none(), "unaligned offset");
+        assert!(s.plain_read(0, align + 1).is_none(), "unaligned length");
+        // A partial write of block 1 stays in memory until the flush (cache mode none):
+        // the file does not hold it yet.
+        s.write_all_at(&[9], align + 3).unwrap();
+        assert!(s.plain_read(align, align).is_none());
+        assert!(s.plain_read(0, 2 * align).is_none());
+        assert!(
+            s.plain_read(2 * align, align).is_some(),
+            "other blocks still are"
+        );
+        s.flush().unwrap();
+        assert!(s.plain_read(0, 2 * align).is_some());
+    }
+    // Wrappers that pass bytes on unchanged forward it; the page cache needs no alignment.
+    let ro = crate::ReadOnlyStorage(s);
+    assert!(ro.plain_read(0, align).is_some());
+    let b = FileStorage::open(dir.path().join("p"), true).unwrap();
+    let p = b.plain_read(1, 3).unwrap();
+    assert_eq!((p.mem_align, p.len_align), (1, 1));
+    // A storage that is not a host file has none.
+    assert!(MemStorage::new().plain_read(0, 512).is_none());
+}

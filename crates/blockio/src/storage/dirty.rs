@@ -47,6 +47,14 @@ impl Dirty {
         self.blocks.insert(off, block);
     }
 
+    /// Whether a cached block holds any byte of `off..off + len`.
+    pub(crate) fn overlaps(&self, off: u64, len: u64, align: usize) -> bool {
+        let end = off.saturating_add(len);
+        self.blocks
+            .range(off / align as u64 * align as u64..end)
+            .any(|(&bo, b)| bo.saturating_add(b.len() as u64) > off)
+    }
+
     /// Copies the cached bytes inside `off..off + buf.len()` into `buf` (a read).
     pub(crate) fn overlay(&self, buf: &mut [u8], off: u64, align: usize) {
         let end = off.saturating_add(buf.len() as u64);

@@ -472,6 +472,21 @@ impl Storage for FileStorage {
     fn writes_vectored(&self) -> bool {
         true
     }
+    /// The file itself; with `O_DIRECT` only for an aligned range holding no partial
+    /// block cached in memory (`storage/dirty.rs`).
+    #[cfg(target_os = "linux")]
+    fn plain_read(&self, offset: u64, len: u64) -> Option<super::PlainRead<'_>> {
+        use std::os::fd::AsFd;
+        let (mem_align, len_align) = match &self.direct {
+            None => (1, 1),
+            Some(d) => d.plain_read(offset, len)?,
+        };
+        Some(super::PlainRead {
+            fd: self.file.as_fd(),
+            mem_align,
+            len_align,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub use read_only::ReadOnlyStorage;
 #[cfg(target_os = "linux")]
 pub(crate) use uring::{Piece, gather, park_until, plug};
 #[cfg(target_os = "linux")]
-pub use uring::{Uring, UringStorage};
+pub use uring::{RawBuf, Uring, UringStorage};
 
 /// How to preallocate host space when creating or growing a file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -211,6 +211,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn uring(&self) -> Option<&UringStorage> {
         None
     }
+    /// How to read `len` bytes at `offset` with one plain `preadv(2)` of a host file that
+    /// returns exactly what [`Storage::read_exact_at`] would (for a detached read the
+    /// kernel completes later: [`Uring::readv_detached`]); `None` when there is no such
+    /// read. The default is `None`: only a host file's own storage answers (and
+    /// wrappers that pass every byte on unchanged forward it); one that injects faults,
+    /// decrypts, translates offsets or keeps bytes in memory must not. The descriptor is
+    /// valid as long as the storage is.
+    #[cfg(target_os = "linux")]
+    fn plain_read(&self, _offset: u64, _len: u64) -> Option<PlainRead<'_>> {
+        None
+    }
     /// Tells the storage that the format is about to do the host I/O `event` names
     /// (qemu's `BLKDBG_EVENT`; see [`DebugEvent`]). Test storages (the CLI's `blkdebug`
     /// node) fail the I/O that follows as their rules say; every other storage ignores
@@ -295,5 +306,30 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     #[cfg(target_os = "linux")]
     fn uring(&self) -> Option<&UringStorage> {
         (**self).uring()
+    }
+    #[cfg(target_os = "linux")]
+    fn plain_read(&self, offset: u64, len: u64) -> Option<PlainRead<'_>> {
+        (**self).plain_read(offset, len)
+    }
+}
+
+/// A plain read of a host file ([`Storage::plain_read`]): its descriptor, and what the
+/// read's buffers must be aligned to (`O_DIRECT`; 1 for a file in the page cache).
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug)]
+pub struct PlainRead<'a> {
+    /// The file.
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// Every buffer's address is a multiple of this.
+    pub mem_align: usize,
+    /// Every buffer's length is a multiple of this.
+    pub len_align: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl PlainRead<'_> {
+    /// Whether a buffer of `len` bytes at `addr` may take part in the read.
+    pub fn fits(&self, addr: usize, len: usize) -> bool {
+        addr.is_multiple_of(self.mem_align.max(1)) && len.is_multiple_of(self.len_align.max(1))
     }
 }

@@ -55,4 +55,8 @@ impl<S: Storage> Storage for ReadOnlyStorage<S> {
     fn host_file(&self) -> Option<&File> {
         self.0.host_file()
     }
+    #[cfg(target_os = "linux")]
+    fn plain_read(&self, offset: u64, len: u64) -> Option<super::PlainRead<'_>> {
+        self.0.plain_read(offset, len)
+    }
 }

@@ -14,7 +14,8 @@
 //! requests to its thread pool), and a file system that refuses `O_DIRECT` fails the
 //! open as [`FileStorage::open_with`] does and as qemu does.
 //!
-//! The one module with `unsafe` code in the crate is `ring.rs` (why: see its doc).
+//! The modules with `unsafe` code in the crate are `ring.rs` and `owned.rs` (why: see
+//! their docs).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsFd;
@@ -26,12 +27,14 @@ use crate::aio::IoBuf;
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
 
+mod owned;
 pub(crate) mod plug;
 mod reap;
 mod ring;
 
 pub(crate) use reap::park_until;
 
+pub use owned::RawBuf;
 pub use ring::Uring;
 pub(crate) use ring::{Piece, gather};
 
@@ -238,6 +241,9 @@ impl Storage for UringStorage {
     }
     fn uring(&self) -> Option<&UringStorage> {
         Some(self)
+    }
+    fn plain_read(&self, offset: u64, len: u64) -> Option<super::PlainRead<'_>> {
+        self.file.plain_read(offset, len)
     }
 }
 

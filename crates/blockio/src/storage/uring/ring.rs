@@ -24,6 +24,9 @@
 //!
 //! The kernel also writes the eventfd registered with the ring (`reap.rs`), which it
 //! holds a reference to of its own.
+//!
+//! `owned.rs` (a ring its owner reaps, with detached reads into memory the caller
+//! vouches for) pushes entries through [`Shared::push`] under the same rules.
 
 #![allow(unsafe_code)]
 
@@ -49,7 +52,7 @@ pub(crate) trait Complete: Send {
 /// Largest single read or write (longer requests are continued by the caller).
 const MAX_IO: u32 = 1 << 30;
 /// Most buffers in one vectored request (Linux's `IOV_MAX`).
-const IOV_MAX: usize = 1024;
+pub(super) const IOV_MAX: usize = 1024;
 
 /// The `user_data` of the entry that stops the completion thread.
 pub(super) const STOP: u64 = u64::MAX;
@@ -73,7 +76,7 @@ pub(super) struct State {
 pub(super) struct Shared {
     pub(super) ring: IoUring,
     state: Mutex<State>,
-    depth: usize,
+    pub(super) depth: usize,
     pub(super) notify: Notify,
 }
 
@@ -81,8 +84,9 @@ pub(super) struct Shared {
 /// number of [`UringStorage`](super::UringStorage)s and threads (`Arc<Uring>`).
 /// Dropping the last handle waits for every request still in flight.
 pub struct Uring {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    pub(super) shared: Arc<Shared>,
+    /// The completion thread (`None`: an owned ring, `owned.rs`).
+    pub(super) thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -98,19 +102,7 @@ impl Uring {
     /// a queue of their own. Fails where the kernel has no io_uring (or it is disabled:
     /// `/proc/sys/kernel/io_uring_disabled`).
     pub fn new(depth: usize) -> io::Result<Self> {
-        let depth = depth.clamp(1, 4096);
-        let entries = u32::try_from(depth).unwrap_or(4096);
-        let ring = IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(2))
-            .build(entries)?;
-        let notify = Notify::new()?;
-        ring.submitter().register_eventfd(notify.fd().as_raw_fd())?;
-        let shared = Arc::new(Shared {
-            ring,
-            state: Mutex::new(State::default()),
-            depth,
-            notify,
-        });
+        let shared = Shared::new(depth)?;
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("diskimg-uring".into())
@@ -227,6 +219,24 @@ impl Uring {
 }
 
 impl Shared {
+    /// A ring of `depth` entries (clamped to 1..=4096) whose completions signal an
+    /// eventfd.
+    pub(super) fn new(depth: usize) -> io::Result<Arc<Self>> {
+        let depth = depth.clamp(1, 4096);
+        let entries = u32::try_from(depth).unwrap_or(4096);
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(2))
+            .build(entries)?;
+        let notify = Notify::new()?;
+        ring.submitter().register_eventfd(notify.fd().as_raw_fd())?;
+        Ok(Arc::new(Shared {
+            ring,
+            state: Mutex::new(State::default()),
+            depth,
+            notify,
+        }))
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -237,7 +247,12 @@ impl Shared {
     /// # Safety
     ///
     /// As for [`Uring::submit`].
-    unsafe fn push(&self, st: &mut State, entry: squeue::Entry, done: Box<dyn Complete>) -> bool {
+    pub(super) unsafe fn push(
+        &self,
+        st: &mut State,
+        entry: squeue::Entry,
+        done: Box<dyn Complete>,
+    ) -> bool {
         let idx = match st.free.pop() {
             Some(i) => i,
             None => {
@@ -316,6 +331,11 @@ impl Drop for Uring {
     /// Waits for every request in flight (their memory must stay valid until then),
     /// then stops the completion thread.
     fn drop(&mut self) {
+        if self.thread.is_none() {
+            // An owned ring (`owned.rs`): its owner's requests complete here.
+            self.finish_owned();
+            return;
+        }
         let mut st = self.shared.lock();
         st.stopping = true;
         st.backlog
