@@ -59,6 +59,16 @@ impl BlockDevice for Qcow2Device {
         self.signal_invalid(r, offset, len, Request::Read)
     }
 
+    /// The image's count (`engine::epoch`) plus its backing device's, whose runs the
+    /// walk reports for unallocated ranges (`None` when the backing cannot tell).
+    fn host_epoch(&self) -> Option<u64> {
+        let own = self.epoch.get();
+        match self.backing() {
+            None => Some(own),
+            Some(b) => b.host_epoch().map(|e| own.wrapping_add(e)),
+        }
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.virtual_size())?;
@@ -156,7 +166,15 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
-        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        let old = std::mem::replace(
+            &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
+            backing,
+        );
+        // Runs a walk reported in the old backing device are no longer what unallocated
+        // ranges read. `host_epoch` adds the backing's count, which may be lower in the
+        // new one: moving our own past the old one's keeps the sum growing.
+        let was = old.and_then(|b| b.host_epoch()).unwrap_or(0);
+        self.epoch.advance(was.wrapping_add(1));
         Ok(())
     }
 

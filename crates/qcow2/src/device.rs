@@ -56,6 +56,8 @@ pub struct Qcow2Device {
     pub(crate) prealloc_map: std::sync::OnceLock<bool>,
     /// Write-behind of small writes into fresh clusters (`behind.rs`).
     pub(crate) behind: crate::behind::Behind,
+    /// The host epoch, shared with the metadata (`engine::epoch`), read without the lock.
+    pub(crate) epoch: crate::engine::epoch::HostEpoch,
 }
 
 impl Qcow2Device {

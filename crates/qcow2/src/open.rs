@@ -123,6 +123,7 @@ impl Qcow2Device {
         };
         let mut dev = Qcow2Device {
             size: AtomicU64::new(meta.size()),
+            epoch: meta.epoch().clone(),
             meta: crossbeam_utils::sync::ShardedLock::new(meta),
             file,
             data,
@@ -242,6 +243,8 @@ impl Qcow2Device {
         );
         view.set_size(snap.disk_size.unwrap_or(m.h().size));
         view.share_reftable(&m);
+        // The view's clusters are freed by operations on this image.
+        view.share_epoch(&m);
         drop(m);
         if view.h().l1_entries_for(view.size()) > u64::from(snap.l1_size) {
             return Err(Error::corrupt(
@@ -257,6 +260,7 @@ impl Qcow2Device {
         )?;
         Ok(Qcow2Device {
             size: AtomicU64::new(view.size()),
+            epoch: self.epoch.clone(),
             meta: crossbeam_utils::sync::ShardedLock::new(view),
             file: self.file.clone(),
             data: self.data.clone(),

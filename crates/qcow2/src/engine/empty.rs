@@ -47,6 +47,8 @@ impl Meta {
         self.file.debug_event(DebugEvent::L1Update);
         self.file.write_zeroes(self.l1_offset, l1_clusters * cs)?;
         self.l1.iter_mut().for_each(|e| *e = 0);
+        // Every data cluster is free from now on (the refcounts are rebuilt below).
+        self.epoch.bump();
 
         self.file.debug_event(DebugEvent::EmptyImagePrepare);
         self.file.write_zeroes(cs, (2 + l1_clusters) * cs)?;

@@ -68,6 +68,8 @@ pub(crate) struct Meta {
     pub(in crate::engine) deferred_tables: bool,
     /// `pass-discard-snapshot=off` (see [`Meta::set_keep_snapshot_frees`]).
     pub(in crate::engine) keep_snapshot_frees: bool,
+    /// Moves before a host cluster can become another guest range's home (see `epoch`).
+    pub(in crate::engine) epoch: crate::engine::epoch::HostEpoch,
 }
 
 /// An answer from the L2 cache, or the host offset of the L2 table to load first.
@@ -146,6 +148,7 @@ impl Meta {
             lazy: crate::engine::lazy::Lazy::default(),
             deferred_tables: false,
             keep_snapshot_frees: false,
+            epoch: crate::engine::epoch::HostEpoch::default(),
             h,
         }
     }

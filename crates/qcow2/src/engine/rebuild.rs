@@ -155,6 +155,8 @@ pub(crate) fn rebuild_with_order(m: &mut Meta, refs: &mut Vec<u64>, order: u32) 
     m.h.refcount_order = order;
     m.reftable = entries;
     m.rb.clear();
+    // Clusters the old structures counted but nothing references are free from now on.
+    m.epoch.bump();
     m.free_hint = 0;
     m.alloc_floor = 0;
     m.overlap.clear();

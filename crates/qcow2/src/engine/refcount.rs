@@ -181,9 +181,13 @@ impl Meta {
 
     /// Sets the refcount of host cluster `c`, creating refcount blocks and growing the
     /// refcount table as needed (each new structure is flushed before it is referenced).
+    /// Setting 0 moves the host epoch (`epoch`): the cluster may be reused from now on.
     pub(crate) fn set_refcount(&mut self, c: u64, v: u64) -> Result<()> {
         if v > self.max_refcount() {
             return Err(Error::invalid("qcow2: refcount overflow"));
+        }
+        if v == 0 {
+            self.epoch.bump();
         }
         let rbe = self.rb_entries();
         let ti = c / rbe;
@@ -393,8 +397,19 @@ impl Meta {
     }
 
     /// Sets the refcounts of clusters `c..c+n` to `v`, writing each touched refcount
-    /// block once (one byte range) where the block exists.
+    /// block once (one byte range) where the block exists. Setting 0 moves the host
+    /// epoch (`epoch`), as [`Meta::set_refcount`] does.
     pub(crate) fn set_refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
+        if v == 0 {
+            self.epoch.bump();
+        }
+        self.refcount_run(c, n, v)
+    }
+
+    /// [`Meta::set_refcount_run`] without moving the host epoch for its own sake: for
+    /// clusters no L2 entry ever pointed to (the write reserve given back). Entries
+    /// without a refcount block still go through [`Meta::set_refcount`].
+    pub(in crate::engine) fn refcount_run(&mut self, c: u64, n: u64, v: u64) -> Result<()> {
         let rbe = self.rb_entries();
         let order = self.h.refcount_order;
         if v == 0 {

@@ -327,8 +327,11 @@ impl Meta {
         })
     }
 
+    /// Refcounts of reserved clusters back to 0. The host epoch does not move: no L2
+    /// entry ever pointed to them, so no walk reported them (a reserve given back at
+    /// every metadata operation would otherwise make detached reads retry).
     fn free_reserved(&mut self, start: u64, end: u64) -> Result<()> {
-        self.set_refcount_run(start, end - start, 0)?;
+        self.refcount_run(start, end - start, 0)?;
         self.free_hint = self.free_hint.min(start);
         Ok(())
     }

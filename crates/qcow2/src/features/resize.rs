@@ -48,6 +48,9 @@ pub(crate) fn resize(
         crate::features::dirty::prepare_resize(&mut m, &mut t, new)?;
     }
     if new < old {
+        // Frees clusters (which moves the host epoch); the bump here also covers an
+        // external data file cut short, whose bytes past `new` stop being guest data.
+        m.epoch().bump();
         shrink_clusters(&mut m, new)?;
     }
     let need = m.h().l1_entries_for(new);
