@@ -138,6 +138,10 @@ impl Qcow2Device {
     /// data; without a walk it reads through [`BlockDevice::read_at`] on a worker, whose
     /// lookup and read follow each other as every synchronous read's do. A read-only image
     /// frees nothing. Vectored reads (`read_vectored_at`) read each run inside the walk.
+    /// The host epoch (`engine::epoch`, [`BlockDevice::host_epoch`]) is what lets a
+    /// detached reader notice such a reuse: this refusal stays until the async face
+    /// checks it (taken before the walk, compared after the reads completed); callers
+    /// that check it themselves can plan on storages without a ring of their own.
     pub(crate) fn walk_guest(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
         #[cfg(target_os = "linux")]
         if !self.read_only

@@ -16,6 +16,7 @@ mod crash_snapshot;
 mod crash_tables;
 mod crash_threads;
 mod encrypt;
+mod epoch;
 mod hostile;
 mod hostile_bounded;
 pub(crate) mod hostile_rw;
