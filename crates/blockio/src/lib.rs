@@ -75,6 +75,7 @@ mod closed;
 mod copy;
 mod device;
 mod driver;
+mod epoch;
 mod error;
 mod events;
 mod forward;
@@ -103,6 +104,7 @@ pub use device::{
     read_from_backing, write_from_by_buffer,
 };
 pub use driver::{CreateRequest, DenyFiles, Driver, FilePurpose, HostFiles, OpenOptions};
+pub use epoch::BackingEpoch;
 pub use error::{Error, OrCorrupt, Result};
 pub use events::{
     CorruptionReporter, FailureReporter, report_corruption, report_failure,

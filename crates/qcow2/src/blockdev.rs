@@ -62,11 +62,8 @@ impl BlockDevice for Qcow2Device {
     /// The image's count (`engine::epoch`) plus its backing device's, whose runs the
     /// walk reports for unallocated ranges (`None` when the backing cannot tell).
     fn host_epoch(&self) -> Option<u64> {
-        let own = self.epoch.get();
-        match self.backing() {
-            None => Some(own),
-            Some(b) => b.host_epoch().map(|e| own.wrapping_add(e)),
-        }
+        self.backing_epoch
+            .host_epoch(self.epoch.get(), self.backing().as_deref())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -170,11 +167,7 @@ impl BlockDevice for Qcow2Device {
             &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
             backing,
         );
-        // Runs a walk reported in the old backing device are no longer what unallocated
-        // ranges read. `host_epoch` adds the backing's count, which may be lower in the
-        // new one: moving our own past the old one's keeps the sum growing.
-        let was = old.and_then(|b| b.host_epoch()).unwrap_or(0);
-        self.epoch.advance(was.wrapping_add(1));
+        self.backing_epoch.replaced(old.as_deref());
         Ok(())
     }
 

@@ -58,6 +58,8 @@ pub struct Qcow2Device {
     pub(crate) behind: crate::behind::Behind,
     /// The host epoch, shared with the metadata (`engine::epoch`), read without the lock.
     pub(crate) epoch: crate::engine::epoch::HostEpoch,
+    /// The backing device's part of the host epoch.
+    pub(crate) backing_epoch: diskimg_blockio::BackingEpoch,
 }
 
 impl Qcow2Device {

@@ -22,6 +22,7 @@
 //! turn into a silently passing test.
 
 pub mod crash;
+pub mod epoch;
 pub mod hostile;
 
 use std::path::{Path, PathBuf};

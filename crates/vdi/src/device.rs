@@ -7,7 +7,7 @@
 //! leaves either the old map or the new one, never an entry pointing at unwritten data.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use diskimg_blockio::{
@@ -29,6 +29,11 @@ pub struct VdiDevice {
     pub(crate) limits: Limits,
     /// Set once the modification UUID was renewed for this session.
     modified: AtomicBool,
+    /// The host epoch ([`BlockDevice::host_epoch`]): moved when growing the image moves
+    /// blocks out of the grown block map's way (`resize.rs`), the only time host bytes
+    /// of a block stop being its home (blocks are allocated past the used ones, never
+    /// freed; VDI has no discard).
+    pub(crate) epoch: AtomicU64,
 }
 
 /// One piece of a guest request that stays inside one block.
@@ -71,6 +76,7 @@ impl VdiDevice {
             meta: RwLock::new(meta),
             limits,
             modified: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -291,6 +297,11 @@ impl BlockDevice for VdiDevice {
 
     fn walk_runs(&self, offset: u64, len: u64, f: &mut diskimg_blockio::RunFn<'_>) -> Result<bool> {
         diskimg_blockio::walk(&self.view(), offset, len, f)
+    }
+
+    /// See [`VdiDevice::epoch`] (VDI has no backing file).
+    fn host_epoch(&self) -> Option<u64> {
+        Some(self.epoch.load(Ordering::SeqCst))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -252,6 +252,11 @@ fn write_header_and_map(dev: &VdiDevice, m: &mut Meta, new_size: u64, plan: &Pla
     header.store(&mut buf)?;
     let prefix = buf.clone();
     buf.extend_from_slice(&bmap);
+    // The grown map overwrites the blocks moved out of its way (host bytes a walk may
+    // have reported): detached readers must read again. Walks wait for the lock held.
+    if plan.shift > 0 || !plan.remap.is_empty() {
+        dev.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     dev.storage.write_all_at(&buf, 0)?;
     dev.storage.flush()?;
     m.prefix = prefix;

@@ -70,6 +70,8 @@ pub struct VhdDevice {
     pub(crate) footer: Footer,
     pub(crate) dynamic: Option<Dynamic>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// The backing device's part of the host epoch (`BlockDevice::host_epoch`).
+    pub(crate) backing_epoch: diskimg_blockio::BackingEpoch,
     pub(crate) backing_ref: Option<BackingRef>,
 }
 
@@ -243,6 +245,15 @@ impl BlockDevice for VhdDevice {
         diskimg_blockio::walk(&self.view(), offset, len, f)
     }
 
+    /// A constant, plus the parent's count: host bytes a walk reported stay that guest
+    /// range's home while the image is open. A fixed disk maps guest byte x to host byte
+    /// x; a dynamic one appends new blocks past every used one (`write.rs`) and never
+    /// clears a BAT entry (zero writes and discards write zeroes in place); a repair cuts
+    /// only the unused tail; the image cannot be resized.
+    fn host_epoch(&self) -> Option<u64> {
+        self.backing_epoch.host_epoch(0, self.backing().as_deref())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
@@ -307,7 +318,11 @@ impl BlockDevice for VhdDevice {
                 ));
             }
         }
-        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        let old = std::mem::replace(
+            &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
+            backing,
+        );
+        self.backing_epoch.replaced(old.as_deref());
         Ok(())
     }
 

@@ -85,6 +85,7 @@ pub(crate) fn open(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<V
         footer,
         dynamic: None,
         backing: RwLock::new(None),
+        backing_epoch: diskimg_blockio::BackingEpoch::default(),
         backing_ref: None,
     };
     match dev.footer.disk_type {

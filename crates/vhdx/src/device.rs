@@ -81,6 +81,8 @@ pub struct VhdxDevice {
     pub(crate) replay: LogReplay,
     pub(crate) state: RwLock<State>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// The backing device's part of the host epoch (`BlockDevice::host_epoch`).
+    pub(crate) backing_epoch: diskimg_blockio::BackingEpoch,
     /// Verify a VHDX parent's `DataWriteGuid` against `parent_linkage` (see `linkage`).
     pub(crate) check_linkage: bool,
 }
@@ -181,6 +183,7 @@ impl VhdxDevice {
                 log_active: false,
             }),
             backing: RwLock::new(None),
+            backing_epoch: diskimg_blockio::BackingEpoch::default(),
             check_linkage,
         };
         if replay == LogReplay::OnDisk {

@@ -36,6 +36,16 @@ impl BlockDevice for VhdxDevice {
         self.walk_locked(&self.read_state(), offset, len, f)
     }
 
+    /// A constant, plus the parent's count: host bytes a walk reported stay that guest
+    /// range's home while the image is open. Payload and sector bitmap blocks are only
+    /// allocated at the end of the file (`VhdxDevice::allocate`), never freed: zero
+    /// writes zero fully present blocks in place, a block set to the zero state leaks
+    /// its payload, discard does nothing and growing keeps every block where it is.
+    fn host_epoch(&self) -> Option<u64> {
+        self.backing_epoch
+            .host_epoch(0, self.backing_dev().as_deref())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -114,7 +124,11 @@ impl BlockDevice for VhdxDevice {
         if let Some(b) = backing.as_ref() {
             self.verify_linkage(b.as_any().downcast_ref::<VhdxDevice>())?;
         }
-        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        let old = std::mem::replace(
+            &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
+            backing,
+        );
+        self.backing_epoch.replaced(old.as_deref());
         Ok(())
     }
 

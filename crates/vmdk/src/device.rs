@@ -60,6 +60,8 @@ pub struct VmdkDevice {
     pub(crate) read_only: bool,
     pub(crate) closed: diskimg_blockio::Closed,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// The backing device's part of the host epoch (`BlockDevice::host_epoch`).
+    pub(crate) backing_epoch: diskimg_blockio::BackingEpoch,
     pub(crate) cid: std::sync::atomic::AtomicU32,
     pub(crate) cid_updated: AtomicBool,
 }
@@ -348,6 +350,15 @@ impl BlockDevice for VmdkDevice {
         diskimg_blockio::walk(self, offset, len, f)
     }
 
+    /// A constant, plus the backing's count: host bytes a walk reported stay that guest
+    /// range's home while the image is open. Grains are only appended (the extent's end
+    /// moves up, `SparseExtent::alloc`), a zeroed grain's old sectors leak rather than
+    /// being reused, flat extents map every guest byte to one fixed place, discard does
+    /// nothing and the image cannot be resized.
+    fn host_epoch(&self) -> Option<u64> {
+        self.backing_epoch.host_epoch(0, self.backing().as_deref())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         self.writable()?;
@@ -514,10 +525,14 @@ impl BlockDevice for VmdkDevice {
                 parent.cid()
             )));
         }
-        *self
-            .backing
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = backing;
+        let old = std::mem::replace(
+            &mut *self
+                .backing
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            backing,
+        );
+        self.backing_epoch.replaced(old.as_deref());
         Ok(())
     }
 

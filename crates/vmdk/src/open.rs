@@ -343,6 +343,7 @@ fn finish(
         read_only,
         closed: diskimg_blockio::Closed::new(),
         backing: RwLock::new(None),
+        backing_epoch: diskimg_blockio::BackingEpoch::default(),
         cid_updated: AtomicBool::new(false),
     })
 }

@@ -35,12 +35,7 @@ impl HostEpoch {
 
     /// Moves the count (see the module docs for when).
     pub(crate) fn bump(&self) {
-        self.advance(1);
-    }
-
-    /// Moves the count by `n` (wrapping).
-    pub(crate) fn advance(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::SeqCst);
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 

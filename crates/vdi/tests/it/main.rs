@@ -14,6 +14,7 @@ use diskimg_blockio::{
 };
 
 mod crash;
+mod epoch;
 mod hostile;
 mod hostile_bounded;
 mod interop;

@@ -26,7 +26,7 @@ impl HostFiles for Dir {
     }
 }
 
-fn make_child(dir: &std::path::Path, child: &str, parent: &str) {
+pub(crate) fn make_child(dir: &std::path::Path, child: &str, parent: &str) {
     let s: Arc<dyn Storage> = Arc::new(FileStorage::create(dir.join(child)).unwrap());
     let opts = OptionList::parse(&format!("backing_file={parent},backing_fmt=vpc")).unwrap();
     let mut req = CreateRequest::new(0, opts).files(Arc::new(Dir(dir.to_path_buf())));

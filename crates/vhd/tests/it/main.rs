@@ -9,6 +9,7 @@
 mod corpus;
 mod crash;
 mod differencing;
+mod epoch;
 mod guard;
 mod hostile;
 mod hostile_bounded;

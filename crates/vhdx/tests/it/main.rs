@@ -9,6 +9,7 @@
 mod common;
 mod crash;
 mod diff;
+mod epoch;
 mod guard;
 mod hostile;
 mod hostile_bounded;

@@ -9,6 +9,7 @@
 mod common;
 mod crash;
 mod create;
+mod epoch;
 mod extents;
 mod first_write;
 mod fuzz_regressions;

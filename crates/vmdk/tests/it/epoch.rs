@@ -1,0 +1,34 @@
+//! The host epoch (`BlockDevice::host_epoch`): a constant for vmdk (grains are only
+//! appended, never freed or moved), plus the backing image's count.
+
+use diskimg_testutil::epoch::{check_backing_epoch, check_constant_epoch};
+use diskimg_testutil::{qemu_img_ok, tempdir};
+
+use crate::common::open;
+
+#[test]
+fn constant_while_open() {
+    check_constant_epoch(&diskimg_vmdk::DRIVER, "vmdk", "", 64 << 10);
+    check_constant_epoch(&diskimg_vmdk::DRIVER, "vmdk", "zeroed_grain=on", 64 << 10);
+}
+
+#[test]
+fn chain_adds_the_backing_count() {
+    let dir = tempdir();
+    let base = dir.path().join("base.vmdk");
+    let child = dir.path().join("child.vmdk");
+    qemu_img_ok(&["create", "-q", "-f", "vmdk", base.to_str().unwrap(), "1M"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        child.to_str().unwrap(),
+    ]);
+    let parent = open(&base, true).unwrap();
+    check_backing_epoch(open(&child, false).unwrap().as_ref(), parent);
+}
