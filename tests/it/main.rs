@@ -11,6 +11,7 @@ mod close;
 mod corpus;
 mod create;
 mod differencing;
+mod epoch;
 mod formats;
 mod hostile;
 mod import_graph;

@@ -59,10 +59,10 @@ impl<F> std::ops::Deref for Filtered<F> {
 impl<F: Filter> BlockDevice for Filtered<F> {
     // Every method not named here goes to the inner device: its requests are the
     // filter's (below), the vectored and copy paths route through them (the trait's
-    // defaults), and the host bytes are not handed out. A method added to the trait is
-    // forwarded too.
+    // defaults), and the host bytes are not handed out (no walk, so no host epoch
+    // either). A method added to the trait is forwarded too.
     forward_device!(inner(): all except info, virtual_size, read_at, write_at,
-        read_vectored_at, walk_runs, write_vectored_at, write_zeroes, discard, flush, map,
+        read_vectored_at, walk_runs, host_epoch, write_vectored_at, write_zeroes, discard, flush, map,
         host_files, map_file, write_compressed, compress_units, write_compressed_units,
         fixed_layout, needs_compressed_writes, data_storage, write_from);
     fn info(&self) -> DeviceInfo {

@@ -4,8 +4,8 @@
 //!
 //! A host cluster becomes another guest range's home (or metadata) only by being
 //! allocated again, and the allocator takes only clusters whose refcount is 0. So the
-//! count moves wherever a refcount is set to 0 ([`Meta::set_refcount`],
-//! [`Meta::set_refcount_run`]; `unref_range`, deferred unreferences, snapshot and bitmap
+//! count moves wherever a refcount is set to 0 (`Meta::set_refcount`,
+//! `Meta::set_refcount_run`; `unref_range`, deferred unreferences, snapshot and bitmap
 //! frees, shrinking, compressed copy-on-write and the giving back of unused allocations
 //! all go through them) and wherever the refcount structures are replaced wholesale
 //! (the rebuild of a repair or of an amend, emptying the image). Every such change
@@ -21,8 +21,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::meta::Meta;
-
 /// The count itself, shared by the device, its metadata and its snapshot views.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HostEpoch(Arc<AtomicU64>);
@@ -36,17 +34,5 @@ impl HostEpoch {
     /// Moves the count (see the module docs for when).
     pub(crate) fn bump(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Meta {
-    /// The image's host epoch (see the module docs).
-    pub(crate) fn epoch(&self) -> &HostEpoch {
-        &self.epoch
-    }
-
-    /// Uses `other`'s count (a snapshot view of the same image).
-    pub(crate) fn share_epoch(&mut self, other: &Meta) {
-        self.epoch = other.epoch.clone();
     }
 }

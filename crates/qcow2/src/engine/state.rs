@@ -42,6 +42,16 @@ impl Meta {
         self.l1_offset
     }
 
+    /// The image's host epoch (see `epoch`).
+    pub(crate) fn epoch(&self) -> &crate::engine::epoch::HostEpoch {
+        &self.epoch
+    }
+
+    /// Uses `other`'s host epoch (a snapshot view of the same image).
+    pub(crate) fn share_epoch(&mut self, other: &Meta) {
+        self.epoch = other.epoch.clone();
+    }
+
     /// Guest size of the view.
     pub(crate) fn size(&self) -> u64 {
         self.size
