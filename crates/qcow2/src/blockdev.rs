@@ -186,6 +186,11 @@ impl BlockDevice for Qcow2Device {
         }
         if repair != RepairMode::None {
             self.writable()?;
+            let r = crate::features::check::check(self, repair);
+            // Repairs rewrite refcounts and tables (the frees and rebuilds moved the
+            // host epoch already; this covers entries a repair changed in place).
+            self.epoch.bump();
+            return r;
         }
         crate::features::check::check(self, repair)
     }

@@ -105,7 +105,11 @@ impl Amend for Qcow2Device {
     ) -> Result<()> {
         let (mut enc, plain) = split_encrypt(options);
         if !plain.is_empty() {
-            Qcow2Device::amend_with_progress(self, &plain, !enc.is_empty(), progress)?;
+            let r = Qcow2Device::amend_with_progress(self, &plain, !enc.is_empty(), progress);
+            // Amends rewrite tables wholesale (zero clusters expanded, refcounts
+            // rebuilt): the frees moved the host epoch already; this covers the rest.
+            self.epoch.bump();
+            r?;
         }
         if !enc.is_empty() {
             self.amend_encryption_forced(&mut enc, secrets, force)?;
