@@ -8,6 +8,10 @@ use diskimg_blockio::{BlockDevice, Mapping, Storage};
 /// A host run a walk reported: guest offset, length, host offset.
 pub type HostRunAt = (u64, u64, u64);
 
+/// An operation run between a walk and the late read: returns the guest ranges
+/// (offset, length) it changed.
+pub type LateOp<'a> = dyn FnMut(&dyn BlockDevice) -> Vec<(u64, u64)> + 'a;
+
 /// Walks `off..off+len` of `dev` and returns its host runs, asserting that each lies
 /// in `file` (single-file images).
 pub fn host_runs(dev: &dyn BlockDevice, file: &dyn Storage, off: u64, len: u64) -> Vec<HostRunAt> {
@@ -49,7 +53,7 @@ pub fn late_read(
     file: &dyn Storage,
     off: u64,
     len: u64,
-    op: &mut dyn FnMut(&dyn BlockDevice) -> Vec<(u64, u64)>,
+    op: &mut LateOp<'_>,
 ) -> bool {
     let e = dev.host_epoch().expect("the device answers its host epoch");
     let mut before = vec![0u8; usize::try_from(len).expect("length")];
@@ -122,7 +126,7 @@ pub fn check_constant_epoch(
     dev.write_at(&crate::pattern(1, 2 * block as usize), 0)
         .expect("write");
     let flags = ZeroFlags { may_unmap: true };
-    type Op<'a> = Box<dyn FnMut(&dyn BlockDevice) -> Vec<(u64, u64)> + 'a>;
+    type Op<'a> = Box<LateOp<'a>>;
     let ops: Vec<(&str, Op)> = vec![
         (
             "write in place",
