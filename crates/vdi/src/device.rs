@@ -299,7 +299,8 @@ impl BlockDevice for VdiDevice {
         diskimg_blockio::walk(&self.view(), offset, len, f)
     }
 
-    /// See [`VdiDevice::epoch`] (VDI has no backing file).
+    /// A count moved only when growing the image moves data blocks out of the grown
+    /// block map's way (`resize.rs`); VDI has no backing file.
     fn host_epoch(&self) -> Option<u64> {
         Some(self.epoch.load(Ordering::SeqCst))
     }
