@@ -63,7 +63,7 @@ impl BlockDevice for Qcow2Device {
     /// walk reports for unallocated ranges (`None` when the backing cannot tell).
     fn host_epoch(&self) -> Option<u64> {
         self.backing_epoch
-            .host_epoch(self.epoch.get(), self.backing().as_deref())
+            .host_epoch(self.epoch.get(), || self.backing())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -163,11 +163,12 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn set_backing(&self, backing: Option<Arc<dyn BlockDevice>>) -> Result<()> {
+        let present = backing.is_some();
         let old = std::mem::replace(
             &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
             backing,
         );
-        self.backing_epoch.replaced(old.as_deref());
+        self.backing_epoch.replaced(old.as_deref(), present);
         Ok(())
     }
 

@@ -266,7 +266,7 @@ impl Qcow2Device {
             file: self.file.clone(),
             data: self.data.clone(),
             backing: RwLock::new(self.backing()),
-            backing_epoch: diskimg_blockio::BackingEpoch::default(),
+            backing_epoch: diskimg_blockio::BackingEpoch::new(self.backing().is_some()),
             read_only: true,
             bitmaps: Vec::new(),
             tracked: Mutex::new(Vec::new()),

@@ -251,7 +251,7 @@ impl BlockDevice for VhdDevice {
     /// clears a BAT entry (zero writes and discards write zeroes in place); a repair cuts
     /// only the unused tail; the image cannot be resized.
     fn host_epoch(&self) -> Option<u64> {
-        self.backing_epoch.host_epoch(0, self.backing().as_deref())
+        self.backing_epoch.host_epoch(0, || self.backing())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -318,11 +318,12 @@ impl BlockDevice for VhdDevice {
                 ));
             }
         }
+        let present = backing.is_some();
         let old = std::mem::replace(
             &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
             backing,
         );
-        self.backing_epoch.replaced(old.as_deref());
+        self.backing_epoch.replaced(old.as_deref(), present);
         Ok(())
     }
 

@@ -42,8 +42,7 @@ impl BlockDevice for VhdxDevice {
     /// writes zero fully present blocks in place, a block set to the zero state leaks
     /// its payload, discard does nothing and growing keeps every block where it is.
     fn host_epoch(&self) -> Option<u64> {
-        self.backing_epoch
-            .host_epoch(0, self.backing_dev().as_deref())
+        self.backing_epoch.host_epoch(0, || self.backing_dev())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -124,11 +123,12 @@ impl BlockDevice for VhdxDevice {
         if let Some(b) = backing.as_ref() {
             self.verify_linkage(b.as_any().downcast_ref::<VhdxDevice>())?;
         }
+        let present = backing.is_some();
         let old = std::mem::replace(
             &mut *self.backing.write().unwrap_or_else(|e| e.into_inner()),
             backing,
         );
-        self.backing_epoch.replaced(old.as_deref());
+        self.backing_epoch.replaced(old.as_deref(), present);
         Ok(())
     }
 

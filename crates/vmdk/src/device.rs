@@ -356,7 +356,7 @@ impl BlockDevice for VmdkDevice {
     /// being reused, flat extents map every guest byte to one fixed place, discard does
     /// nothing and the image cannot be resized.
     fn host_epoch(&self) -> Option<u64> {
-        self.backing_epoch.host_epoch(0, self.backing().as_deref())
+        self.backing_epoch.host_epoch(0, || self.backing())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -525,6 +525,7 @@ impl BlockDevice for VmdkDevice {
                 parent.cid()
             )));
         }
+        let present = backing.is_some();
         let old = std::mem::replace(
             &mut *self
                 .backing
@@ -532,7 +533,7 @@ impl BlockDevice for VmdkDevice {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             backing,
         );
-        self.backing_epoch.replaced(old.as_deref());
+        self.backing_epoch.replaced(old.as_deref(), present);
         Ok(())
     }
 

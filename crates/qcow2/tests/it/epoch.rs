@@ -354,7 +354,9 @@ fn backing_and_snapshot_views_answer() {
     let e1 = w.dev.host_epoch().expect("raw backing answers");
     assert_ne!(e1, e, "a new backing device must move the epoch");
     // A backing device that cannot tell: neither can the image.
-    w.dev.set_backing(Some(Arc::new(NoEpoch(base)))).unwrap();
+    w.dev
+        .set_backing(Some(Arc::new(NoEpoch(base.clone()))))
+        .unwrap();
     assert_eq!(w.dev.host_epoch(), None);
     w.dev.set_backing(None).unwrap();
     let e2 = w.dev.host_epoch().unwrap();
@@ -366,6 +368,9 @@ fn backing_and_snapshot_views_answer() {
     w.dev.write_at(&[2u8; 8192], 0).unwrap();
     let view = snaps.open("a").unwrap();
     let v = view.host_epoch().unwrap();
+    // A view made over a backing device asks it too.
+    w.dev.set_backing(Some(Arc::new(NoEpoch(base)))).unwrap();
+    assert_eq!(snaps.open("a").unwrap().host_epoch(), None);
     snaps.delete("a").unwrap();
     assert_ne!(
         view.host_epoch().unwrap(),
