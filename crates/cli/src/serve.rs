@@ -112,6 +112,13 @@ pub(crate) struct Args {
     /// where each one keeps a request waiting at the disk).
     #[arg(long = "queue-workers", value_name = "N")]
     queue_workers: Option<usize>,
+    /// How reads reach the image, as qemu-nbd's `--aio`: `threads` (the workers),
+    /// `io_uring` or `native` (vhost-user-blk: each queue's thread submits plain reads
+    /// to an io_uring of its own and completes them itself; `native`, Linux AIO in
+    /// qemu, is served the same way). Default: `io_uring` with `--cache
+    /// none`/`directsync`, else `threads`. NBD reads always go through its workers.
+    #[arg(long = "aio", value_name = "MODE")]
+    aio: Option<String>,
     /// The image.
     file: String,
 }
@@ -135,6 +142,11 @@ pub(crate) fn run(a: Args) -> Result<i32> {
     }
     if a.queue_workers.is_some_and(|n| n > MAX_WORKERS) {
         bail!("--queue-workers must be at most {MAX_WORKERS}");
+    }
+    if let Some(m) = &a.aio
+        && !["threads", "native", "io_uring"].contains(&m.as_str())
+    {
+        bail!("Invalid aio mode '{m}'");
     }
     if Listener::activation_count() > 0 {
         activation_opts(&a)?;
@@ -198,6 +210,10 @@ fn activation_opts(a: &Args) -> Result<()> {
 /// AIO do; with 4, 4 KiB random I/O at depth 16 was 0.57x qemu-storage-daemon's IOPS
 /// (docs/benchmarks.md, "Session 10").
 const DIRECT_WORKERS: usize = 16;
+
+/// Entries of each vhost-user-blk queue's io_uring (`--aio io_uring`): more reads in
+/// flight than this wait for room on the queue's thread.
+const RING_DEPTH: u16 = 256;
 
 /// Most workers per vhost-user-blk queue `--queue-workers` accepts.
 const MAX_WORKERS: usize = 256;
@@ -294,6 +310,14 @@ fn serve_vhost(
     };
     // Requests that wait for the disk finish at different times: each tells the guest.
     config.notify_each = direct;
+    config.ring_depth = match a.aio.as_deref() {
+        Some("threads") => 0,
+        Some(_) => RING_DEPTH,
+        // Reads that wait for the disk cost a worker's two wake-ups each on the thread
+        // path (docs/benchmarks.md, "Session 14").
+        None if direct => RING_DEPTH,
+        None => 0,
+    };
     ready(a)?;
     serve_vhost_user_blk(export, &listener, config, shutdown)
         .context("vhost-user-blk server failed")

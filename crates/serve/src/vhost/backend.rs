@@ -29,6 +29,8 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
+use diskimg_blockio::Uring;
+
 use super::VhostConfig;
 use super::complete::{Finish, Flight, Pieces, failed};
 use super::pool::{Job, Pool};
@@ -86,6 +88,9 @@ struct Inner {
     /// Requests of all queues in flight, and its waiters ([`BlkBackend::quiesce`]).
     in_flight: AtomicUsize,
     idle: (Mutex<()>, Condvar),
+    /// Per queue, its own io_uring for plain reads (`ring.rs`; none when
+    /// [`VhostConfig::ring_depth`] is 0 or the kernel has no io_uring).
+    rings: Vec<Uring>,
 }
 
 impl BlkBackend {
@@ -97,7 +102,16 @@ impl BlkBackend {
             }
         }
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let rings = match config.ring_depth {
+            0 => Vec::new(),
+            d => (0..config.num_queues)
+                .map(|_| Uring::owned(usize::from(d)))
+                .collect::<io::Result<Vec<_>>>()
+                // No io_uring here (an old kernel, a sandbox): the workers read.
+                .unwrap_or_default(),
+        };
         Ok(BlkBackend(Arc::new(Inner {
+            rings,
             export,
             config,
             event_idx: AtomicBool::new(false),
@@ -128,7 +142,14 @@ impl BlkBackend {
         let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
         // The timeout covers a wake-up between the load and the wait.
         while self.0.in_flight.load(Ordering::Acquire) > 0 {
-            g = match cv.wait_timeout(g, Duration::from_millis(20)) {
+            // Reads on the queues' rings complete only when reaped, and the queues'
+            // threads have stopped: reap here (their completions take `in_flight` down).
+            drop(g);
+            let ringed = self.0.rings.iter().map(Uring::reap).sum::<usize>()
+                + self.0.rings.iter().map(Uring::in_flight).sum::<usize>();
+            g = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let wait = if ringed > 0 { 1 } else { 20 };
+            g = match cv.wait_timeout(g, Duration::from_millis(wait)) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
@@ -217,6 +238,18 @@ impl BlkBackend {
             let chain = chain.clone();
             self.run_split(vring, (queue, chain), pool, split);
             return Ok(true);
+        }
+        if let Some(ring) = self.ring(queue) {
+            {
+                // One `io_uring_enter` for the batch's reads.
+                let _plug = diskimg_blockio::Plug::new();
+                chains.retain(|c| !super::ring::try_submit(self, ring, vring, queue, c));
+            }
+            // A lone read on an idle queue (depth 1): wait for it here rather than
+            // sleep in `epoll` and be woken for it.
+            if chains.is_empty() && idle && ring.wait() > 0 {
+                self.notify(vring);
+            }
         }
         let Some(last) = chains.pop() else {
             return Ok(true);
@@ -319,7 +352,13 @@ impl BlkBackend {
     }
 
     /// Executes one request of a batch and completes it ([`Finish`]).
-    fn run(&self, vring: &VringRwLock<Mem>, queue: usize, chain: Chain, left: &AtomicUsize) {
+    pub(super) fn run(
+        &self,
+        vring: &VringRwLock<Mem>,
+        queue: usize,
+        chain: Chain,
+        left: &AtomicUsize,
+    ) {
         let finish = Finish {
             be: self,
             vring,
@@ -442,6 +481,15 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::other("unexpected event set"));
         }
         let q = usize::from(device_event);
+        // A queue's ring (`ring.rs`; its id follows the daemon's exit event's).
+        if let Some(rq) = q.checked_sub(self.num_queues() + 1) {
+            if let (Some(ring), Some(vring)) = (self.ring(rq), vrings.get(rq))
+                && ring.reap() > 0
+            {
+                self.notify(vring);
+            }
+            return Ok(());
+        }
         let Some(vring) = vrings.get(q) else {
             return Err(io::Error::other("event for an unknown queue"));
         };
@@ -506,6 +554,16 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// `queue`'s own io_uring (`ring.rs`), when it has one.
+    pub(super) fn ring(&self, queue: usize) -> Option<&Uring> {
+        self.0.rings.get(queue)
+    }
+
+    /// The epoll id of `queue`'s ring eventfd (after the queues' and the exit event's).
+    pub(super) fn ring_event(&self, queue: usize) -> u64 {
+        u64::from(self.0.config.num_queues) + 1 + queue as u64
+    }
+
     /// `queue`'s busy count: its requests popped and not yet off it (none without a
     /// pool: the event thread runs every request there).
     pub(super) fn busy_count(&self, queue: usize) -> Option<&AtomicUsize> {

@@ -25,17 +25,17 @@ use crate::export::Export;
 /// `VRING_DESC_F_NEXT`.
 const NEXT: u16 = 1;
 /// Where request `k`'s header, status byte and data live in guest memory.
-fn hdr(k: u16) -> u64 {
+pub(super) fn hdr(k: u16) -> u64 {
     0x1_0000 + u64::from(k) * 0x100
 }
-fn data(k: u16) -> u64 {
+pub(super) fn data(k: u16) -> u64 {
     0x4_0000 + u64::from(k) * 0x4000
 }
 
-type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub(super) type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 /// A queue of 64 entries over `mem`, ready as the driver would leave it.
-fn vring(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> Vring {
+pub(super) fn vring(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> Vring {
     let vr = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 64).unwrap();
     vr.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
         .unwrap();
@@ -47,12 +47,16 @@ fn vring(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> Vring {
 
 /// Requests `(type, sector, bytes)`, each a chain of header, data and status byte at
 /// table indices 3k..3k+2, put in the available ring at once.
-fn submit(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, reqs: &[(u32, u64, u32)]) {
+pub(super) fn submit(
+    mem: &GuestMemoryMmap,
+    q: &MockSplitQueue<GuestMemoryMmap>,
+    reqs: &[(u32, u64, u32)],
+) {
     submit_from(mem, q, 0, reqs);
 }
 
 /// As [`submit`], numbering the requests from `first` (after earlier submissions).
-fn submit_from(
+pub(super) fn submit_from(
     mem: &GuestMemoryMmap,
     q: &MockSplitQueue<GuestMemoryMmap>,
     first: u16,
@@ -76,7 +80,10 @@ fn submit_from(
 }
 
 /// The used ring: descriptor head to used length, asserting no head appears twice.
-fn used(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> BTreeMap<u16, u32> {
+pub(super) fn used(
+    mem: &GuestMemoryMmap,
+    q: &MockSplitQueue<GuestMemoryMmap>,
+) -> BTreeMap<u16, u32> {
     let base = q.used_addr().0;
     let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
     let mut out = BTreeMap::new();

@@ -35,11 +35,13 @@ impl Server {
         let listener = Listener::unix(sock).unwrap();
         let shutdown = Shutdown::new();
         let sd = shutdown.clone();
-        // As `diskimg serve --cache none` sets it up: a worker per request at the disk.
+        // As `diskimg serve --cache none` sets it up: a worker per request at the disk,
+        // and plain reads on each queue's own io_uring.
         let mut config = VhostConfig::default();
         if cache == CacheMode::None {
             config.workers_per_queue = 16;
             config.notify_each = true;
+            config.ring_depth = 256;
         }
         let thread = std::thread::spawn(move || {
             diskimg_serve::serve_vhost_user_blk(export, &listener, config, &sd)
@@ -98,8 +100,8 @@ fn libblkio_requests_land_in_the_qcow2() {
 
 /// The same with the image `O_DIRECT` (`serve --cache none`): a guest's aligned pages
 /// go to the file as one `pwritev` (qcow2 `overwrite_vectored`, blockio
-/// `DirectIo::write_aligned_vectored`), with 16 workers per queue and a notification per
-/// request, as the CLI sets it up.
+/// `DirectIo::write_aligned_vectored`), with 16 workers per queue, a notification per
+/// request and reads on the queues' io_urings, as the CLI sets it up.
 #[test]
 fn libblkio_requests_land_in_the_qcow2_with_o_direct() {
     requests_land(CacheMode::None);

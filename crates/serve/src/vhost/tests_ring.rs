@@ -1,0 +1,356 @@
+//! Plain reads on the queue's own io_uring (`ring.rs`), on a real split virtqueue over
+//! a raw image in a host file: they complete once each with the file's bytes without a
+//! device read; a lone read completes before the handler returns; a moved host epoch,
+//! a device that cannot tell, and writes take the worker path; `quiesce` reaps reads
+//! no event loop will.
+
+use std::io::{IoSliceMut, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use diskimg_blockio::{
+    BlockDevice, CacheMode, Driver, FileStorage, OpenOptions, Result, RunFn, Storage,
+    forward_device,
+};
+use vhost_user_backend::VhostUserBackend;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::VhostConfig;
+use super::backend::BlkBackend;
+use super::tests::pattern;
+use super::tests_backend::{Vring, data, hdr, submit, used, vring};
+use crate::export::{Export, ExportOptions};
+
+/// A device that counts the reads it executes itself and can make its host epoch move
+/// at every look.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn BlockDevice>,
+    reads: AtomicUsize,
+    moving: AtomicBool,
+    looks: AtomicU64,
+}
+
+impl BlockDevice for Counting {
+    forward_device!(inner: info, walk_runs, write_at, write_vectored_at, flush, map);
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_vectored_at(bufs, offset)
+    }
+    fn host_epoch(&self) -> Option<u64> {
+        let e = self.inner.host_epoch()?;
+        if self.moving.load(Ordering::SeqCst) {
+            return Some(e + self.looks.fetch_add(1, Ordering::SeqCst));
+        }
+        Some(e)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+const IMAGE: usize = 1 << 20;
+
+/// A guest memory, a raw image of [`IMAGE`] pattern bytes in a host file, the counting
+/// device over it, and a backend with queue rings (`ring_depth`; 0: none).
+struct Rig {
+    _dir: tempfile::TempDir,
+    mem: GuestMemoryMmap,
+    dev: Arc<Counting>,
+    bytes: Vec<u8>,
+    be: BlkBackend,
+    q: MockSplitQueue<'static, GuestMemoryMmap>,
+    vr: Vring,
+}
+
+fn rig(ring_depth: u16, read_only: bool) -> Rig {
+    rig_cached(ring_depth, read_only, CacheMode::Writeback)
+}
+
+fn rig_cached(ring_depth: u16, read_only: bool, cache: CacheMode) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.raw");
+    let bytes = pattern(IMAGE, 3);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open_with(&path, read_only, cache).unwrap());
+    let inner = diskimg_raw::DRIVER.open(file, &OpenOptions::new()).unwrap();
+    let dev = Arc::new(Counting {
+        inner,
+        reads: AtomicUsize::new(0),
+        moving: AtomicBool::new(false),
+        looks: AtomicU64::new(0),
+    });
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    // The mock queue borrows the memory for the test's length: leak one clone.
+    let leaked: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
+    let q = MockSplitQueue::new(leaked, 64);
+    let vr = vring(&mem, &q);
+    let mut opts = ExportOptions::named("t");
+    opts.read_only = read_only;
+    let export = Arc::new(Export::new(dev.clone(), opts));
+    let config = VhostConfig {
+        ring_depth,
+        ..VhostConfig::default()
+    };
+    let be = BlkBackend::new(export, config, GuestMemoryAtomic::new(mem.clone())).unwrap();
+    Rig {
+        _dir: dir,
+        mem,
+        dev,
+        bytes,
+        be,
+        q,
+        vr,
+    }
+}
+
+impl Rig {
+    /// Kicks queue 0, then handles its ring's events (as its event loop would) until
+    /// `n` requests are in the used ring.
+    fn run_until(&self, n: usize) {
+        self.be
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vr), 0)
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while used(&self.mem, &self.q).len() < n {
+            assert!(Instant::now() < end, "requests never completed");
+            if let Some(ring) = self.be.ring(0) {
+                let fd = ring.event_fd();
+                let mut fds = [rustix::event::PollFd::new(
+                    &fd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let ts = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 10_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&ts));
+                let ev = u16::try_from(self.be.ring_event(0)).unwrap();
+                self.be
+                    .handle_event(ev, EventSet::IN, std::slice::from_ref(&self.vr), 0)
+                    .unwrap();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Request `k` read sectors from `sector` on: its status and data are right.
+    fn assert_read(&self, k: u16, sector: u64, len: usize) {
+        let mut st = [0u8];
+        self.mem
+            .read_slice(&mut st, GuestAddress(hdr(k) + 0x80))
+            .unwrap();
+        assert_eq!(st[0], 0, "status of read {k}");
+        let mut got = vec![0u8; len];
+        self.mem
+            .read_slice(&mut got, GuestAddress(data(k)))
+            .unwrap();
+        let at = usize::try_from(sector * 512).unwrap();
+        assert!(got == self.bytes[at..at + len], "data of read {k}");
+        assert_eq!(
+            used(&self.mem, &self.q).get(&(3 * k)),
+            Some(&(u32::try_from(len).unwrap() + 1))
+        );
+    }
+}
+
+/// Sixteen reads of 8 KiB at distinct sectors, as one batch.
+fn sixteen_reads() -> Vec<(u32, u64, u32)> {
+    (0..16u64).map(|k| (0, k * 40 + 1, 8192)).collect()
+}
+
+#[test]
+fn a_batch_of_reads_completes_once_each_from_the_ring_without_a_device_read() {
+    let r = rig(8, false);
+    assert!(r.be.ring(0).is_some(), "this kernel has io_uring");
+    submit(&r.mem, &r.q, &sixteen_reads());
+    r.run_until(16);
+    assert_eq!(used(&r.mem, &r.q).len(), 16);
+    for k in 0..16u16 {
+        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
+    }
+    assert_eq!(
+        r.dev.reads.load(Ordering::SeqCst),
+        0,
+        "every read went to the ring"
+    );
+    assert_eq!(r.be.ring(0).unwrap().in_flight(), 0);
+    assert_eq!(r.be.busy(0), 0);
+}
+
+#[test]
+fn o_direct_reads_go_to_the_ring_too() {
+    let r = rig_cached(8, false, CacheMode::None);
+    submit(&r.mem, &r.q, &sixteen_reads());
+    r.run_until(16);
+    for k in 0..16u16 {
+        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
+    }
+    assert_eq!(
+        r.dev.reads.load(Ordering::SeqCst),
+        0,
+        "aligned: every read on the ring"
+    );
+}
+
+#[test]
+fn a_lone_read_on_an_idle_queue_completes_before_the_handler_returns() {
+    let r = rig(8, true);
+    submit(&r.mem, &r.q, &[(0, 7, 4096)]);
+    r.be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 0)
+        .unwrap();
+    assert_eq!(used(&r.mem, &r.q).len(), 1, "completed in the handler");
+    r.assert_read(0, 7, 4096);
+    assert_eq!(r.dev.reads.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn reads_whose_host_epoch_moved_are_read_again_by_the_device() {
+    let r = rig(8, false);
+    r.dev.moving.store(true, Ordering::SeqCst);
+    submit(&r.mem, &r.q, &sixteen_reads());
+    r.run_until(16);
+    for k in 0..16u16 {
+        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
+    }
+    assert_eq!(
+        r.dev.reads.load(Ordering::SeqCst),
+        16,
+        "each read again, once"
+    );
+}
+
+#[test]
+fn without_rings_or_a_host_epoch_the_device_reads_and_writes_take_the_workers() {
+    // No ring configured.
+    let r = rig(0, false);
+    assert!(r.be.ring(0).is_none());
+    submit(&r.mem, &r.q, &sixteen_reads());
+    r.run_until(16);
+    assert_eq!(r.dev.reads.load(Ordering::SeqCst), 16);
+    // A device that cannot tell (a memory image: no host file, no epoch).
+    let (mem, _dev, export) = super::tests::setup();
+    let be = BlkBackend::new(
+        Arc::new(export),
+        VhostConfig {
+            ring_depth: 8,
+            ..VhostConfig::default()
+        },
+        GuestMemoryAtomic::new(mem.clone()),
+    )
+    .unwrap();
+    let q = MockSplitQueue::new(&mem, 64);
+    let vr = vring(&mem, &q);
+    submit(&mem, &q, &[(0, 0, 4096), (0, 8, 4096)]);
+    be.handle_event(0, EventSet::IN, std::slice::from_ref(&vr), 0)
+        .unwrap();
+    be.quiesce();
+    assert_eq!(used(&mem, &q).len(), 2);
+    assert_eq!(
+        be.ring(0).unwrap().in_flight(),
+        0,
+        "nothing went to the ring"
+    );
+    // Writes, beside reads, on a ring backend.
+    let r = rig(8, false);
+    let new = pattern(4096, 9);
+    r.mem.write_slice(&new, GuestAddress(data(1))).unwrap();
+    submit(&r.mem, &r.q, &[(0, 100, 4096), (1, 200, 4096)]);
+    r.run_until(2);
+    r.assert_read(0, 100, 4096);
+    let mut back = vec![0u8; 4096];
+    r.dev.read_at(&mut back, 200 * 512).unwrap();
+    assert_eq!(back, new);
+}
+
+#[test]
+fn quiesce_reaps_ring_reads_no_event_loop_will() {
+    let r = rig(4, false);
+    submit(&r.mem, &r.q, &sixteen_reads());
+    r.be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 0)
+        .unwrap();
+    // The frontend went away: nobody handles the ring's events.
+    r.be.quiesce();
+    assert_eq!(used(&r.mem, &r.q).len(), 16);
+    for k in 0..16u16 {
+        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
+    }
+}
+
+#[test]
+fn a_walk_past_the_files_end_is_read_by_the_device() {
+    // A run the walk reports past the host file's end comes back short from the
+    // kernel; the device (which zero-fills) reads it again.
+    #[derive(Debug)]
+    struct Past(Arc<dyn BlockDevice>, Arc<dyn Storage>, AtomicUsize);
+    impl BlockDevice for Past {
+        forward_device!(0: info, flush, map);
+        fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+            Err(diskimg_blockio::Error::ReadOnly)
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+            self.2.fetch_add(1, Ordering::SeqCst);
+            buf.fill(0xee);
+            Ok(())
+        }
+        fn walk_runs(&self, offset: u64, len: u64, f: &mut RunFn<'_>) -> Result<bool> {
+            let run = diskimg_blockio::HostRun::new(self.1.as_ref(), offset + (1 << 30));
+            f(&Lay, offset, len, diskimg_blockio::Mapping::Host(run))?;
+            Ok(true)
+        }
+        fn host_epoch(&self) -> Option<u64> {
+            Some(0)
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+    struct Lay;
+    impl diskimg_blockio::Layout for Lay {
+        fn size(&self) -> u64 {
+            IMAGE as u64
+        }
+        fn lookup(&self, _: u64, max: u64) -> Result<(diskimg_blockio::Mapping<'_>, u64)> {
+            Ok((diskimg_blockio::Mapping::Zero { host: None }, max))
+        }
+    }
+    let r = rig(8, true);
+    let file: Arc<dyn Storage> =
+        Arc::new(FileStorage::open(r._dir.path().join("img.raw"), true).unwrap());
+    let past = Arc::new(Past(r.dev.clone(), file, AtomicUsize::new(0)));
+    let mut opts = ExportOptions::named("p");
+    opts.read_only = true;
+    let be = BlkBackend::new(
+        Arc::new(Export::new(past.clone(), opts)),
+        VhostConfig {
+            ring_depth: 8,
+            ..VhostConfig::default()
+        },
+        GuestMemoryAtomic::new(r.mem.clone()),
+    )
+    .unwrap();
+    submit(&r.mem, &r.q, &[(0, 3, 4096)]);
+    be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 0)
+        .unwrap();
+    be.quiesce();
+    assert_eq!(used(&r.mem, &r.q).get(&0), Some(&4097));
+    let mut got = vec![0u8; 4096];
+    r.mem.read_slice(&mut got, GuestAddress(data(0))).unwrap();
+    assert_eq!(
+        got,
+        vec![0xee; 4096],
+        "the device's bytes, not the short read's"
+    );
+    assert_eq!(past.2.load(Ordering::SeqCst), 1);
+}
