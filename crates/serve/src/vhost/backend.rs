@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
 use diskimg_blockio::Uring;
 
 use super::VhostConfig;
-use super::complete::{Finish, Flight, Pieces, failed};
+use super::complete::{Finish, Flight, Pieces, RingFinish, failed};
 use super::pool::{Job, Pool};
 use super::request::{MAX_SEGMENTS, SECTOR, process};
 use super::split::Split;
@@ -243,7 +243,14 @@ impl BlkBackend {
             {
                 // One `io_uring_enter` for the batch's reads.
                 let _plug = diskimg_blockio::Plug::new();
-                chains.retain(|c| !super::ring::try_submit(self, ring, vring, queue, c));
+                chains.retain(|c| {
+                    let finish = || RingFinish {
+                        be: self.clone(),
+                        vring: vring.clone(),
+                        queue,
+                    };
+                    !super::ring::try_submit(&self.0.export, ring, c, finish)
+                });
             }
             // A lone read on an idle queue (depth 1): wait for it here rather than
             // sleep in `epoll` and be woken for it.

@@ -8,6 +8,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 
 use super::backend::{BlkBackend, Chain, Mem, MemGuard};
 use super::request::S_IOERR;
+use super::ring::Finisher;
 use super::split::Split;
 
 /// The completion of one request of a batch executed on the pool or the event thread:
@@ -61,6 +62,35 @@ impl Drop for Finish<'_> {
             self.be.notify(self.vring);
         }
         self.be.in_flight(false, 1);
+    }
+}
+
+/// The completion of a read served from its queue's io_uring (`ring.rs`): never the
+/// last of a batch (`left` starts at 2), since whoever reaped it notifies the driver
+/// once for all it reaped.
+pub(super) struct RingFinish {
+    pub(super) be: BlkBackend,
+    pub(super) vring: VringRwLock<Mem>,
+    pub(super) queue: usize,
+}
+
+impl Finisher<MemGuard> for RingFinish {
+    fn done(&self, chain: &Chain, len: u32) {
+        let left = AtomicUsize::new(2);
+        let finish = Finish {
+            be: &self.be,
+            vring: &self.vring,
+            queue: self.queue,
+            left: &left,
+            chain: None,
+            done: None,
+        };
+        finish.used((chain.head_index(), len));
+    }
+
+    fn again(&self, chain: Chain) {
+        self.be
+            .run(&self.vring, self.queue, chain, &AtomicUsize::new(2));
     }
 }
 

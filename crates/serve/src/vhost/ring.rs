@@ -33,34 +33,44 @@
 //! [`Uring::readv_detached`] is an `unsafe fn`: the descriptor must stay open and the
 //! buffers mapped until the completion runs. Both hold by ownership: the completion
 //! owns the request ([`RingRead`]), which owns the descriptor chain (and so the guard
-//! that keeps the guest memory mapped, as `guest.rs` relies on) and the backend (and so
-//! the export and the device whose storage owns the descriptor). A ring's requests all
+//! that keeps the guest memory mapped, as `guest.rs` relies on) and the export (and so
+//! the device whose storage owns the descriptor). A ring's requests all
 //! complete before it is dropped (it waits), and [`BlkBackend::quiesce`] reaps the rings
 //! when the frontend has gone.
 
 #![allow(unsafe_code)]
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use diskimg_blockio::{Mapping, RawBuf, Uring};
-use vhost_user_backend::VringRwLock;
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemory, Permissions};
 
-use super::backend::{BlkBackend, Chain, Mem};
-use super::complete::Finish;
 use super::fast::Plain;
 use super::request::S_OK;
+use crate::export::Export;
 
 /// Most buffers in one host read (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
-/// A read in flight on a queue's ring: completed when its last run is.
-struct RingRead {
-    be: BlkBackend,
-    vring: VringRwLock<Mem>,
-    queue: usize,
-    chain: Chain,
+/// What completes a request read on the ring (the queue's used ring and notification
+/// live with the backend).
+pub(super) trait Finisher<M>: Send + Sync + 'static {
+    /// The read succeeded and its status byte is written: put `chain` in the used ring
+    /// with used length `len`.
+    fn done(&self, chain: &DescriptorChain<M>, len: u32);
+    /// Execute `chain` again on the worker path (which completes it).
+    fn again(&self, chain: DescriptorChain<M>);
+}
+
+/// A read in flight on a queue's ring: completed when its last run is. It owns the
+/// chain (and so the guard keeping guest memory mapped) and the export (and so the
+/// device whose storages own the descriptors read).
+struct RingRead<M, F> {
+    export: Arc<Export>,
+    chain: DescriptorChain<M>,
     plain: Plain,
     /// The device's host epoch before the walk.
     epoch: u64,
@@ -68,9 +78,15 @@ struct RingRead {
     left: AtomicUsize,
     /// A run failed or came back short.
     failed: AtomicBool,
+    finish: F,
 }
 
-impl RingRead {
+impl<M, F> RingRead<M, F>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+    F: Finisher<M>,
+{
     /// One run's kernel result (`want` bytes expected).
     fn run_done(&self, res: i32, want: usize) {
         if usize::try_from(res).ok() != Some(want) {
@@ -79,24 +95,13 @@ impl RingRead {
         if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        // Two: never the last of a batch; whoever reaped notifies once for all.
-        let left = AtomicUsize::new(2);
-        let unmoved = self.be.device().host_epoch() == Some(self.epoch);
+        let unmoved = self.export.device().host_epoch() == Some(self.epoch);
         if self.failed.load(Ordering::Acquire) || !unmoved {
-            self.be
-                .run(&self.vring, self.queue, self.chain.clone(), &left);
+            self.finish.again(self.chain.clone());
             return;
         }
         let len = self.plain.complete(self.chain.memory(), S_OK);
-        let finish = Finish {
-            be: &self.be,
-            vring: &self.vring,
-            queue: self.queue,
-            left: &left,
-            chain: None,
-            done: None,
-        };
-        finish.used((self.chain.head_index(), len));
+        self.finish.done(&self.chain, len);
     }
 }
 
@@ -108,16 +113,20 @@ struct HostRead {
     len: usize,
 }
 
-/// Submits `chain` to `ring` when it can take this path (module docs); false, having
-/// done nothing, when it must take the worker path.
-pub(super) fn try_submit(
-    be: &BlkBackend,
+/// Submits `chain` to `ring` when it can take this path (module docs), to be completed
+/// by `finish()`; false, having done nothing, when it must take the worker path.
+pub(super) fn try_submit<M, F>(
+    export: &Arc<Export>,
     ring: &Uring,
-    vring: &VringRwLock<Mem>,
-    queue: usize,
-    chain: &Chain,
-) -> bool {
-    let Some(plain) = Plain::parse(be, chain).filter(|p| p.read) else {
+    chain: &DescriptorChain<M>,
+    finish: impl FnOnce() -> F,
+) -> bool
+where
+    M: Deref + Clone + Send + Sync + 'static,
+    M::Target: GuestMemory + Sized,
+    F: Finisher<M>,
+{
+    let Some(plain) = Plain::parse(export, chain).filter(|p| p.read) else {
         return false;
     };
     let mem = chain.memory();
@@ -126,7 +135,7 @@ pub(super) fn try_submit(
         .ok()
         .and_then(|mut i| i.next())
         .is_some_and(|r| r.is_ok());
-    let Some(epoch) = be.device().host_epoch().filter(|_| status_ok) else {
+    let Some(epoch) = export.device().host_epoch().filter(|_| status_ok) else {
         return false;
     };
     let Some(spans) = plain.slices(mem, 0..plain.len).map(|s| {
@@ -137,25 +146,24 @@ pub(super) fn try_submit(
     }) else {
         return false;
     };
-    let Some(reads) = plan(be, &plain, &spans) else {
+    let Some(reads) = plan(export, &plain, &spans) else {
         return false;
     };
     let req = Arc::new(RingRead {
-        be: be.clone(),
-        vring: vring.clone(),
-        queue,
+        export: export.clone(),
         chain: chain.clone(),
         plain,
         epoch,
         left: AtomicUsize::new(reads.len()),
         failed: AtomicBool::new(false),
+        finish: finish(),
     });
     for r in reads {
         let (me, want) = (req.clone(), r.len);
         let done = Box::new(move |res: i32| me.run_done(res, want));
         // SAFETY: `done` owns the request, and so the chain (whose memory guard keeps
-        // `bufs` mapped) and the backend (whose export's device owns the storage and
-        // its descriptor), until it has run (module docs).
+        // `bufs` mapped) and the export (whose device owns the storage and its
+        // descriptor), until it has run (module docs).
         unsafe { ring.readv_detached(r.fd, r.bufs.into(), r.host, done) };
     }
     true
@@ -164,7 +172,7 @@ pub(super) fn try_submit(
 /// The host reads of `plain`'s data: one per host run the device maps it to, each
 /// with the guest buffers (`spans`: address, length) covering its bytes; `None` when
 /// any byte is not in a plain host run or a buffer misses the file's alignment.
-fn plan(be: &BlkBackend, plain: &Plain, spans: &[(usize, usize)]) -> Option<Vec<HostRead>> {
+fn plan(export: &Export, plain: &Plain, spans: &[(usize, usize)]) -> Option<Vec<HostRead>> {
     let mut reads: Vec<HostRead> = Vec::new();
     let mut refuse = |_: &dyn diskimg_blockio::Layout, pos: u64, n: u64, m: Mapping<'_>| {
         let Mapping::Host(run) = m else {
@@ -193,7 +201,7 @@ fn plan(be: &BlkBackend, plain: &Plain, spans: &[(usize, usize)]) -> Option<Vec<
         });
         Ok(())
     };
-    let walked = be
+    let walked = export
         .device()
         .walk_runs(plain.offset, plain.len as u64, &mut refuse);
     (matches!(walked, Ok(true)) && !reads.is_empty()).then_some(reads)

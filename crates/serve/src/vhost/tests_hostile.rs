@@ -24,12 +24,13 @@ use crate::export::{Discard, Export, ExportOptions};
 
 /// Guest memory: 1 MiB, a 64 KiB region right after it (descriptors may cross into it),
 /// and a 64 KiB region past a gap.
-const REGIONS: [(u64, usize); 3] = [(0, 0x10_0000), (0x10_0000, 0x1_0000), (0x20_0000, 0x1_0000)];
+pub(super) const REGIONS: [(u64, usize); 3] =
+    [(0, 0x10_0000), (0x10_0000, 0x1_0000), (0x20_0000, 0x1_0000)];
 /// The exported image's size.
-const SIZE: u64 = 256 << 10;
+pub(super) const SIZE: u64 = 256 << 10;
 
 /// One of `items`, chosen by `r`.
-fn pick<T: Copy, const N: usize>(r: &mut Rng, items: [T; N]) -> T {
+pub(super) fn pick<T: Copy, const N: usize>(r: &mut Rng, items: [T; N]) -> T {
     items[r.below(N as u64) as usize]
 }
 
@@ -48,7 +49,7 @@ fn export(read_only: bool, unmap: bool) -> Export {
 
 /// A buffer address: usually in the first region past the rings, sometimes over the
 /// rings, at a region's end, in the far region or outside memory.
-fn addr(r: &mut Rng) -> u64 {
+pub(super) fn addr(r: &mut Rng) -> u64 {
     match r.below(8) {
         0 => r.below(0x400),
         1 => 0x10_0000 - r.below(0x2000),
@@ -61,7 +62,7 @@ fn addr(r: &mut Rng) -> u64 {
     }
 }
 
-fn len(r: &mut Rng) -> u32 {
+pub(super) fn len(r: &mut Rng) -> u32 {
     match r.below(6) {
         0 => pick(r, [0, 1, 15, 16, 17, 512]),
         1 => pick(r, [u32::MAX, 0x10_0000, 0x8000_0000]),
@@ -95,7 +96,7 @@ fn request_bytes(mem: &GuestMemoryMmap, r: &mut Rng, at: u64) {
 }
 
 /// A random chain of 1 to 8 descriptors, the first a header buffer holding a request.
-fn chain(mem: &GuestMemoryMmap, r: &mut Rng) -> Vec<RawDescriptor> {
+pub(super) fn chain(mem: &GuestMemoryMmap, r: &mut Rng) -> Vec<RawDescriptor> {
     let n = 1 + r.below(8) as usize;
     let head_at = 0x1_0000 + r.below(0xe_0000);
     request_bytes(mem, r, head_at);
@@ -118,7 +119,7 @@ fn chain(mem: &GuestMemoryMmap, r: &mut Rng) -> Vec<RawDescriptor> {
 }
 
 /// Bytes the device may write through `descs` (driver-writable lengths), saturating.
-fn writable_bytes(descs: &[RawDescriptor]) -> u64 {
+pub(super) fn writable_bytes(descs: &[RawDescriptor]) -> u64 {
     descs
         .iter()
         .map(|d| SplitDescriptor::from(*d))

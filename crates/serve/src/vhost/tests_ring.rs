@@ -20,9 +20,10 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::VhostConfig;
 use super::backend::BlkBackend;
-use super::tests::pattern;
+use super::tests::{W, desc, pattern};
 use super::tests_backend::{Vring, data, hdr, submit, used, vring};
 use crate::export::{Export, ExportOptions};
+use virtio_queue::desc::RawDescriptor;
 
 /// A device that counts the reads it executes itself and can make its host epoch move
 /// at every look.
@@ -353,4 +354,99 @@ fn a_walk_past_the_files_end_is_read_by_the_device() {
         "the device's bytes, not the short read's"
     );
     assert_eq!(past.2.load(Ordering::SeqCst), 1);
+}
+
+/// A read chain as a driver lays one out, then mangled at random: buffers anywhere
+/// (over the rings or the header, outside memory, across regions), any lengths, a
+/// sector anywhere, a read-only status byte or data buffer now and then.
+fn read_chain(mem: &GuestMemoryMmap, r: &mut diskimg_testutil::Rng) -> Vec<RawDescriptor> {
+    use super::tests_hostile::{SIZE, addr, len, pick};
+    let head = 0x1_0000 + r.below(0xe_0000);
+    let sector = match r.below(4) {
+        0 => pick(r, [SIZE / 512 - 1, SIZE / 512, u64::MAX / 512]),
+        _ => r.below(SIZE / 512),
+    };
+    super::tests::header(mem, head, 0, sector);
+    let mut descs = vec![desc(head, 16, 0)];
+    for _ in 0..1 + r.below(6) {
+        let (a, l) = match r.below(3) {
+            0 => (addr(r), len(r)),
+            _ => (
+                0x1_0000 + r.below(0xe_0000),
+                u32::try_from(512 * (1 + r.below(16))).unwrap(),
+            ),
+        };
+        let f = if r.below(20) == 0 { 0 } else { W };
+        descs.push(desc(a, l, f));
+    }
+    let st = if r.below(10) == 0 {
+        addr(r)
+    } else {
+        head + 0x80
+    };
+    let f = if r.below(20) == 0 { 0 } else { W };
+    descs.push(desc(st, 1, f));
+    descs
+}
+
+/// A [`Finisher`](super::ring::Finisher) that records how each chain completed.
+#[derive(Clone, Default)]
+struct Record(Arc<std::sync::Mutex<Vec<Outcome>>>);
+
+/// A chain's head and its used length (`None`: sent back to the worker path).
+type Outcome = (u16, Option<u32>);
+
+impl<M: std::ops::Deref + Clone + Send + Sync + 'static> super::ring::Finisher<M> for Record
+where
+    M::Target: vm_memory::GuestMemory + Sized,
+{
+    fn done(&self, chain: &virtio_queue::DescriptorChain<M>, len: u32) {
+        self.0.lock().unwrap().push((chain.head_index(), Some(len)));
+    }
+    fn again(&self, chain: virtio_queue::DescriptorChain<M>) {
+        self.0.lock().unwrap().push((chain.head_index(), None));
+    }
+}
+
+#[test]
+fn hostile_chains_on_the_ring_complete_once_without_panics() {
+    use super::tests_hostile::{REGIONS, SIZE, writable_bytes};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.raw");
+    std::fs::write(&path, pattern(usize::try_from(SIZE).unwrap(), 5)).unwrap();
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, false).unwrap());
+    let dev = diskimg_raw::DRIVER.open(file, &OpenOptions::new()).unwrap();
+    let export = Arc::new(Export::new(dev, ExportOptions::named("h")));
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+        GuestMemoryMmap::from_ranges(&REGIONS.map(|(a, n)| (GuestAddress(a), n))).unwrap(),
+    ));
+    let ring = diskimg_blockio::Uring::owned(16).unwrap();
+    let mut r = diskimg_testutil::Rng(0x51_7cc1_b727_220a);
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let descs = read_chain(mem, &mut r);
+        // A fresh queue each time (a request may have written over the last one's rings).
+        let q: &'static MockSplitQueue<GuestMemoryMmap> =
+            Box::leak(Box::new(MockSplitQueue::new(mem, 16)));
+        let Ok(c) = q.build_desc_chain(&descs) else {
+            continue;
+        };
+        let rec = Record::default();
+        if !super::ring::try_submit(&export, &ring, &c, || rec.clone()) {
+            continue;
+        }
+        accepted += 1;
+        while ring.in_flight() > 0 {
+            ring.wait();
+        }
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{descs:?}: completed {got:?}");
+        if let (_, Some(len)) = got[0] {
+            assert!(
+                u64::from(len) <= writable_bytes(&descs),
+                "{descs:?}: used {len}"
+            );
+        }
+    }
+    assert!(accepted > 1000, "only {accepted} chains were plain reads");
 }
