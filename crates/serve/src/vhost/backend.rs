@@ -359,13 +359,7 @@ impl BlkBackend {
     }
 
     /// Executes one request of a batch and completes it ([`Finish`]).
-    pub(super) fn run(
-        &self,
-        vring: &VringRwLock<Mem>,
-        queue: usize,
-        chain: Chain,
-        left: &AtomicUsize,
-    ) {
+    fn run(&self, vring: &VringRwLock<Mem>, queue: usize, chain: Chain, left: &AtomicUsize) {
         let finish = Finish {
             be: self,
             vring,
@@ -375,6 +369,20 @@ impl BlkBackend {
             done: None,
         };
         finish.used(self.execute(chain));
+    }
+
+    /// Executes `chain` again on `queue`'s pool, where it completes and notifies the
+    /// driver on its own (a read from the queue's ring whose runs may have moved: the
+    /// queue's thread, which reaped it, goes on serving the queue meanwhile); without a
+    /// pool, here, inside the reap whose reaper notifies.
+    pub(super) fn retry(&self, vring: &VringRwLock<Mem>, queue: usize, chain: Chain) {
+        let Some(pool) = self.0.pools.get(queue) else {
+            self.run(vring, queue, chain, &AtomicUsize::new(2));
+            return;
+        };
+        let (me, vr) = (self.clone(), vring.clone());
+        let job = move || me.run(&vr, queue, chain, &AtomicUsize::new(1));
+        pool.submit(std::iter::once(Box::new(job) as Job));
     }
 
     /// Executes one request: its head and used length, or, if executing it panicked,

@@ -67,7 +67,8 @@ impl Drop for Finish<'_> {
 
 /// The completion of a read served from its queue's io_uring (`ring.rs`): never the
 /// last of a batch (`left` starts at 2), since whoever reaped it notifies the driver
-/// once for all it reaped.
+/// once for all it reaped; one read again goes to the queue's pool
+/// ([`BlkBackend::retry`]).
 pub(super) struct RingFinish {
     pub(super) be: BlkBackend,
     pub(super) vring: VringRwLock<Mem>,
@@ -89,8 +90,7 @@ impl Finisher<MemGuard> for RingFinish {
     }
 
     fn again(&self, chain: Chain) {
-        self.be
-            .run(&self.vring, self.queue, chain, &AtomicUsize::new(2));
+        self.be.retry(&self.vring, self.queue, chain);
     }
 }
 
