@@ -490,22 +490,26 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[Self::Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other("unexpected event set"));
         }
-        let q = usize::from(device_event);
-        // A queue's ring (`ring.rs`; its id follows the daemon's exit event's).
-        if let Some(rq) = q.checked_sub(self.num_queues() + 1) {
-            if let (Some(ring), Some(vring)) = (self.ring(rq), vrings.get(rq))
+        // The daemon numbers a thread's queues from 0 in its events and `vrings`; each
+        // thread serves one queue (`queues_per_thread`), so the thread's index is the
+        // queue's (its pool, busy count and ring).
+        let local = usize::from(device_event);
+        let q = thread_id;
+        // The queue's ring (`ring.rs`; its id follows the daemon's own events').
+        if local > self.num_queues() {
+            if let (Some(ring), Some(vring)) = (self.ring(q), vrings.first())
                 && ring.reap() > 0
             {
                 self.notify(vring);
             }
             return Ok(());
         }
-        let Some(vring) = vrings.get(q) else {
+        let Some(vring) = vrings.get(local) else {
             return Err(io::Error::other("event for an unknown queue"));
         };
         if self.0.event_idx.load(Ordering::Relaxed) {

@@ -206,6 +206,53 @@ fn o_direct_reads_go_to_the_ring_too() {
 }
 
 #[test]
+fn each_queue_thread_serves_and_reaps_its_own_queue() {
+    // Two queues; the daemon hands thread 1 its one vring as `vrings[0]` and numbers its
+    // kick event 0 (vhost-user-backend numbers a thread's queues from 0).
+    let r = rig(0, false);
+    let be = BlkBackend::new(
+        Arc::new(Export::new(r.dev.clone(), ExportOptions::named("2"))),
+        VhostConfig {
+            num_queues: 2,
+            ring_depth: 8,
+            ..VhostConfig::default()
+        },
+        GuestMemoryAtomic::new(r.mem.clone()),
+    )
+    .unwrap();
+    submit(&r.mem, &r.q, &sixteen_reads());
+    be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 1)
+        .unwrap();
+    assert_eq!(
+        be.ring(0).unwrap().in_flight(),
+        0,
+        "queue 0's ring untouched"
+    );
+    let ring = be.ring(1).unwrap();
+    let ev = u16::try_from(be.ring_event(1)).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while used(&r.mem, &r.q).len() < 16 {
+        assert!(Instant::now() < end, "queue 1's reads never completed");
+        let fd = ring.event_fd();
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+        be.handle_event(ev, EventSet::IN, std::slice::from_ref(&r.vr), 1)
+            .unwrap();
+    }
+    for k in 0..16u16 {
+        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
+    }
+    assert_eq!((be.busy(0), be.busy(1)), (0, 0));
+}
+
+#[test]
 fn a_lone_read_on_an_idle_queue_completes_before_the_handler_returns() {
     let r = rig(8, true);
     submit(&r.mem, &r.q, &[(0, 7, 4096)]);
