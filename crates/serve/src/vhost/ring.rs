@@ -46,10 +46,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use diskimg_blockio::{Mapping, RawBuf, Uring};
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::fast::Plain;
-use super::request::S_OK;
+use super::request::{S_OK, T_IN};
 use crate::export::Export;
 
 /// Most buffers in one host read (Linux's `IOV_MAX`).
@@ -126,6 +126,15 @@ where
     M::Target: GuestMemory + Sized,
     F: Finisher<M>,
 {
+    // The header's type first: a write is not parsed twice (here and on the workers).
+    let ty = chain
+        .clone()
+        .next()
+        .and_then(|h| chain.memory().read_obj::<u32>(h.addr()).ok())
+        .map(u32::from_le);
+    if ty != Some(T_IN) {
+        return false;
+    }
     let Some(plain) = Plain::parse(export, chain).filter(|p| p.read) else {
         return false;
     };
