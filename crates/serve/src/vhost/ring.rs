@@ -191,7 +191,9 @@ fn plan(export: &Export, plain: &Plain, spans: &[(usize, usize)]) -> Option<Vec<
             .storage
             .plain_read(run.offset, n)
             .ok_or_else(|| diskimg_blockio::Error::invalid("no plain read"))?;
-        let at = usize::try_from(pos - plain.offset).ok();
+        let at = pos
+            .checked_sub(plain.offset)
+            .and_then(|a| usize::try_from(a).ok());
         let n = usize::try_from(n).ok();
         let bufs = at
             .zip(n)

@@ -119,31 +119,7 @@ impl Rig {
     /// Kicks queue 0, then handles its ring's events (as its event loop would) until
     /// `n` requests are in the used ring.
     fn run_until(&self, n: usize) {
-        self.be
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vr), 0)
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(10);
-        while used(&self.mem, &self.q).len() < n {
-            assert!(Instant::now() < end, "requests never completed");
-            if let Some(ring) = self.be.ring(0) {
-                let fd = ring.event_fd();
-                let mut fds = [rustix::event::PollFd::new(
-                    &fd,
-                    rustix::event::PollFlags::IN,
-                )];
-                let ts = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 10_000_000,
-                };
-                let _ = rustix::event::poll(&mut fds, Some(&ts));
-                let ev = u16::try_from(self.be.ring_event(0)).unwrap();
-                self.be
-                    .handle_event(ev, EventSet::IN, std::slice::from_ref(&self.vr), 0)
-                    .unwrap();
-            } else {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        serve_until(&self.be, 0, &self.vr, n, || used(&self.mem, &self.q).len());
     }
 
     /// Request `k` read sectors from `sector` on: its status and data are right.
@@ -163,6 +139,33 @@ impl Rig {
             used(&self.mem, &self.q).get(&(3 * k)),
             Some(&(u32::try_from(len).unwrap() + 1))
         );
+    }
+}
+
+/// Kicks queue `thread` (its thread's only vring, `vr`), then handles its ring's events
+/// as its event loop would until `done()` counts `n` completions.
+fn serve_until(be: &BlkBackend, thread: usize, vr: &Vring, n: usize, done: impl Fn() -> usize) {
+    let vrs = std::slice::from_ref(vr);
+    be.handle_event(0, EventSet::IN, vrs, thread).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while done() < n {
+        assert!(Instant::now() < end, "requests never completed");
+        let Some(ring) = be.ring(thread) else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        let fd = ring.event_fd();
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+        let ev = u16::try_from(be.ring_event(thread)).unwrap();
+        be.handle_event(ev, EventSet::IN, vrs, thread).unwrap();
     }
 }
 
@@ -221,31 +224,12 @@ fn each_queue_thread_serves_and_reaps_its_own_queue() {
     )
     .unwrap();
     submit(&r.mem, &r.q, &sixteen_reads());
-    be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 1)
-        .unwrap();
+    serve_until(&be, 1, &r.vr, 16, || used(&r.mem, &r.q).len());
     assert_eq!(
         be.ring(0).unwrap().in_flight(),
         0,
         "queue 0's ring untouched"
     );
-    let ring = be.ring(1).unwrap();
-    let ev = u16::try_from(be.ring_event(1)).unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while used(&r.mem, &r.q).len() < 16 {
-        assert!(Instant::now() < end, "queue 1's reads never completed");
-        let fd = ring.event_fd();
-        let mut fds = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let ts = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 10_000_000,
-        };
-        let _ = rustix::event::poll(&mut fds, Some(&ts));
-        be.handle_event(ev, EventSet::IN, std::slice::from_ref(&r.vr), 1)
-            .unwrap();
-    }
     for k in 0..16u16 {
         r.assert_read(k, u64::from(k) * 40 + 1, 8192);
     }
