@@ -6,7 +6,7 @@
 
 use diskimg::blockio::CacheMode;
 use diskimg::{Format, ImageOptions, OpenPolicy, open};
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create, qemu_create_overlay, tempdir};
 
 fn served(path: &std::path::Path, fmt: Format, read_only: bool) -> diskimg::Image {
     let opts = ImageOptions::read_only(read_only)
@@ -22,20 +22,9 @@ fn served_raw_and_qcow2_answer() {
     let raw = dir.path().join("base.raw");
     let q = dir.path().join("top.qcow2");
     let lone = dir.path().join("lone.qcow2");
-    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
-    qemu_img_ok(&["create", "-q", "-f", "raw", &p(&raw), "4M"]);
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", &p(&lone), "4M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &p(&q),
-    ]);
+    qemu_create(&raw, "raw", "", Some("4M"));
+    qemu_create(&lone, "qcow2", "", Some("4M"));
+    qemu_create_overlay(&q, "qcow2", "base.raw", "raw", None);
     for ro in [false, true] {
         for (path, fmt, layers) in [
             (&raw, Format::Raw, 1),

@@ -122,6 +122,13 @@ impl Rig {
         serve_until(&self.be, 0, &self.vr, n, || used(&self.mem, &self.q).len());
     }
 
+    /// Every request of [`sixteen_reads`] completed with its data.
+    fn assert_sixteen_reads(&self) {
+        for k in 0..16u16 {
+            self.assert_read(k, sector(k), 8192);
+        }
+    }
+
     /// Request `k` read sectors from `sector` on: its status and data are right.
     fn assert_read(&self, k: u16, sector: u64, len: usize) {
         let mut st = [0u8];
@@ -169,9 +176,29 @@ fn serve_until(be: &BlkBackend, thread: usize, vr: &Vring, n: usize, done: impl 
     }
 }
 
-/// Sixteen reads of 8 KiB at distinct sectors, as one batch.
+/// A backend of `num_queues` queues with rings of 8 entries over `export`.
+fn ring_backend(export: Export, num_queues: u16, mem: &GuestMemoryMmap) -> BlkBackend {
+    let config = VhostConfig {
+        num_queues,
+        ring_depth: 8,
+        ..VhostConfig::default()
+    };
+    BlkBackend::new(
+        Arc::new(export),
+        config,
+        GuestMemoryAtomic::new(mem.clone()),
+    )
+    .unwrap()
+}
+
+/// Sixteen reads of 8 KiB at distinct sectors ([`sector`]), as one batch.
 fn sixteen_reads() -> Vec<(u32, u64, u32)> {
-    (0..16u64).map(|k| (0, k * 40 + 1, 8192)).collect()
+    (0..16u16).map(|k| (0, sector(k), 8192)).collect()
+}
+
+/// The first sector [`sixteen_reads`]' request `k` reads.
+fn sector(k: u16) -> u64 {
+    u64::from(k) * 40 + 1
 }
 
 #[test]
@@ -181,9 +208,7 @@ fn a_batch_of_reads_completes_once_each_from_the_ring_without_a_device_read() {
     submit(&r.mem, &r.q, &sixteen_reads());
     r.run_until(16);
     assert_eq!(used(&r.mem, &r.q).len(), 16);
-    for k in 0..16u16 {
-        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
-    }
+    r.assert_sixteen_reads();
     assert_eq!(
         r.dev.reads.load(Ordering::SeqCst),
         0,
@@ -198,9 +223,7 @@ fn o_direct_reads_go_to_the_ring_too() {
     let r = rig_cached(8, false, CacheMode::None);
     submit(&r.mem, &r.q, &sixteen_reads());
     r.run_until(16);
-    for k in 0..16u16 {
-        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
-    }
+    r.assert_sixteen_reads();
     assert_eq!(
         r.dev.reads.load(Ordering::SeqCst),
         0,
@@ -213,16 +236,8 @@ fn each_queue_thread_serves_and_reaps_its_own_queue() {
     // Two queues; the daemon hands thread 1 its one vring as `vrings[0]` and numbers its
     // kick event 0 (vhost-user-backend numbers a thread's queues from 0).
     let r = rig(0, false);
-    let be = BlkBackend::new(
-        Arc::new(Export::new(r.dev.clone(), ExportOptions::named("2"))),
-        VhostConfig {
-            num_queues: 2,
-            ring_depth: 8,
-            ..VhostConfig::default()
-        },
-        GuestMemoryAtomic::new(r.mem.clone()),
-    )
-    .unwrap();
+    let export = Export::new(r.dev.clone(), ExportOptions::named("2"));
+    let be = ring_backend(export, 2, &r.mem);
     submit(&r.mem, &r.q, &sixteen_reads());
     serve_until(&be, 1, &r.vr, 16, || used(&r.mem, &r.q).len());
     assert_eq!(
@@ -230,9 +245,7 @@ fn each_queue_thread_serves_and_reaps_its_own_queue() {
         0,
         "queue 0's ring untouched"
     );
-    for k in 0..16u16 {
-        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
-    }
+    r.assert_sixteen_reads();
     assert_eq!((be.busy(0), be.busy(1)), (0, 0));
 }
 
@@ -253,9 +266,7 @@ fn reads_whose_host_epoch_moved_are_read_again_by_the_device() {
     r.dev.moving.store(true, Ordering::SeqCst);
     submit(&r.mem, &r.q, &sixteen_reads());
     r.run_until(16);
-    for k in 0..16u16 {
-        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
-    }
+    r.assert_sixteen_reads();
     assert_eq!(
         r.dev.reads.load(Ordering::SeqCst),
         16,
@@ -273,15 +284,7 @@ fn without_rings_or_a_host_epoch_the_device_reads_and_writes_take_the_workers() 
     assert_eq!(r.dev.reads.load(Ordering::SeqCst), 16);
     // A device that cannot tell (a memory image: no host file, no epoch).
     let (mem, _dev, export) = super::tests::setup();
-    let be = BlkBackend::new(
-        Arc::new(export),
-        VhostConfig {
-            ring_depth: 8,
-            ..VhostConfig::default()
-        },
-        GuestMemoryAtomic::new(mem.clone()),
-    )
-    .unwrap();
+    let be = ring_backend(export, 1, &mem);
     let q = MockSplitQueue::new(&mem, 64);
     let vr = vring(&mem, &q);
     submit(&mem, &q, &[(0, 0, 4096), (0, 8, 4096)]);
@@ -315,9 +318,7 @@ fn quiesce_reaps_ring_reads_no_event_loop_will() {
     // The frontend went away: nobody handles the ring's events.
     r.be.quiesce();
     assert_eq!(used(&r.mem, &r.q).len(), 16);
-    for k in 0..16u16 {
-        r.assert_read(k, u64::from(k) * 40 + 1, 8192);
-    }
+    r.assert_sixteen_reads();
 }
 
 #[test]
@@ -363,15 +364,7 @@ fn a_walk_past_the_files_end_is_read_by_the_device() {
     let past = Arc::new(Past(r.dev.clone(), file, AtomicUsize::new(0)));
     let mut opts = ExportOptions::named("p");
     opts.read_only = true;
-    let be = BlkBackend::new(
-        Arc::new(Export::new(past.clone(), opts)),
-        VhostConfig {
-            ring_depth: 8,
-            ..VhostConfig::default()
-        },
-        GuestMemoryAtomic::new(r.mem.clone()),
-    )
-    .unwrap();
+    let be = ring_backend(Export::new(past.clone(), opts), 1, &r.mem);
     submit(&r.mem, &r.q, &[(0, 3, 4096)]);
     be.handle_event(0, EventSet::IN, std::slice::from_ref(&r.vr), 0)
         .unwrap();

@@ -4,7 +4,7 @@
 
 use diskimg_blockio::{Driver, FileStorage, Preallocation, Storage};
 use diskimg_testutil::epoch::{check_constant_epoch, host_bytes, host_runs, late_read};
-use diskimg_testutil::{pattern, qemu_img_ok, tempdir};
+use diskimg_testutil::{pattern, qemu_create, tempdir};
 
 use crate::open;
 
@@ -18,7 +18,7 @@ fn constant_while_open() {
 fn growing_moves_blocks_and_the_epoch() {
     let dir = tempdir();
     let p = dir.path().join("g.vdi");
-    qemu_img_ok(&["create", "-q", "-f", "vdi", p.to_str().unwrap(), "3M"]);
+    qemu_create(&p, "vdi", "", Some("3M"));
     let s: std::sync::Arc<dyn Storage> = std::sync::Arc::new(FileStorage::open(&p, false).unwrap());
     let dev = diskimg_vdi::DRIVER
         .open(s.clone(), &Default::default())

@@ -2,7 +2,7 @@
 //! appended, BAT entries never cleared), plus the parent's count.
 
 use diskimg_testutil::epoch::{check_backing_epoch, check_constant_epoch};
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create, tempdir};
 
 use crate::differencing::make_child;
 use crate::open;
@@ -17,7 +17,7 @@ fn constant_while_open() {
 fn chain_adds_the_parent_count() {
     let dir = tempdir();
     let base = dir.path().join("base.vhd");
-    qemu_img_ok(&["create", "-q", "-f", "vpc", base.to_str().unwrap(), "4M"]);
+    qemu_create(&base, "vpc", "", Some("4M"));
     make_child(dir.path(), "child.vhd", "base.vhd");
     let child = open(&dir.path().join("child.vhd"), false);
     check_backing_epoch(child.as_ref(), open(&base, true));

@@ -2,7 +2,7 @@
 //! only allocated at the end of the file, never freed), plus the parent's count.
 
 use diskimg_testutil::epoch::{check_backing_epoch, check_constant_epoch};
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create, tempdir};
 
 use crate::common::{create, open};
 
@@ -21,7 +21,7 @@ fn constant_while_open() {
 fn chain_adds_the_parent_count() {
     let dir = tempdir();
     let base = dir.path().join("base.vhdx");
-    qemu_img_ok(&["create", "-q", "-f", "vhdx", base.to_str().unwrap(), "4M"]);
+    qemu_create(&base, "vhdx", "", Some("4M"));
     let child = dir.path().join("child.vhdx");
     create(
         &child,

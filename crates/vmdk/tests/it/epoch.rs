@@ -2,7 +2,7 @@
 //! appended, never freed or moved), plus the backing image's count.
 
 use diskimg_testutil::epoch::{check_backing_epoch, check_constant_epoch};
-use diskimg_testutil::{qemu_img_ok, tempdir};
+use diskimg_testutil::{qemu_create, qemu_create_overlay, tempdir};
 
 use crate::common::open;
 
@@ -17,18 +17,8 @@ fn chain_adds_the_backing_count() {
     let dir = tempdir();
     let base = dir.path().join("base.vmdk");
     let child = dir.path().join("child.vmdk");
-    qemu_img_ok(&["create", "-q", "-f", "vmdk", base.to_str().unwrap(), "1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        child.to_str().unwrap(),
-    ]);
+    qemu_create(&base, "vmdk", "", Some("1M"));
+    qemu_create_overlay(&child, "vmdk", "base.vmdk", "vmdk", None);
     let parent = open(&base, true).unwrap();
     check_backing_epoch(open(&child, false).unwrap().as_ref(), parent);
 }
