@@ -171,8 +171,7 @@ impl Uring {
     /// request must stay valid until it completes).
     pub(super) fn finish_owned(&self) {
         while self.in_flight() > 0 {
-            let _ = self.shared.ring.submit_and_wait(1);
-            self.run_posted();
+            self.wait();
         }
     }
 }
@@ -227,6 +226,26 @@ mod tests {
         }
     }
 
+    /// Submits a read of `buf.len()` bytes of `f` at 0 into `buf`; the kernel's result
+    /// lands in what it returns once reaped.
+    ///
+    /// # Safety
+    ///
+    /// `buf` must not be touched or dropped until the read is reaped.
+    unsafe fn read_at_0(
+        ring: &Uring,
+        f: &std::fs::File,
+        buf: &mut [u8],
+    ) -> Arc<Mutex<Option<i32>>> {
+        let res = Arc::new(Mutex::new(None));
+        let r = res.clone();
+        let raw = vec![RawBuf::new(buf.as_mut_ptr(), buf.len())];
+        let done = Box::new(move |n| *r.lock().unwrap() = Some(n));
+        // SAFETY: the caller's promise for `buf`; `f` outlives the test's ring.
+        unsafe { ring.readv_detached(f.as_raw_fd(), raw.into(), 0, done) };
+        res
+    }
+
     #[test]
     fn the_eventfd_signals_and_reap_does_not_block() {
         let (_t, f) = file_of(&[7u8; 4096]);
@@ -234,18 +253,8 @@ mod tests {
         assert_eq!(ring.reap(), 0, "nothing in flight: nothing to run, no wait");
         assert_eq!(ring.wait(), 0);
         let mut buf = vec![0u8; 4096];
-        let res = Arc::new(Mutex::new(None));
-        let r = res.clone();
-        let raw = vec![RawBuf::new(buf.as_mut_ptr(), buf.len())];
         // SAFETY: `buf` is not touched until the request is reaped below.
-        unsafe {
-            ring.readv_detached(
-                f.as_raw_fd(),
-                raw.into(),
-                0,
-                Box::new(move |n| *r.lock().unwrap() = Some(n)),
-            );
-        }
+        let res = unsafe { read_at_0(&ring, &f, &mut buf) };
         let efd = ring.event_fd();
         let mut fds = [rustix::event::PollFd::new(
             &efd,
@@ -265,18 +274,8 @@ mod tests {
         assert_eq!(buf, vec![7u8; 4096]);
         // Past the end: a short read, reported as such.
         let mut tail = vec![0u8; 8192];
-        let res2 = Arc::new(Mutex::new(None));
-        let r = res2.clone();
-        let raw = vec![RawBuf::new(tail.as_mut_ptr(), tail.len())];
         // SAFETY: as above.
-        unsafe {
-            ring.readv_detached(
-                f.as_raw_fd(),
-                raw.into(),
-                0,
-                Box::new(move |n| *r.lock().unwrap() = Some(n)),
-            );
-        }
+        let res2 = unsafe { read_at_0(&ring, &f, &mut tail) };
         ring.wait();
         assert_eq!(*res2.lock().unwrap(), Some(4096));
     }
