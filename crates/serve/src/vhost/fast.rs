@@ -99,6 +99,14 @@ impl Plain {
         })
     }
 
+    /// Whether the status byte can be written (checked before the image is touched).
+    pub(super) fn status_writable<G: GuestMemory>(&self, mem: &G) -> bool {
+        mem.get_slices(self.status, 1, Permissions::Write)
+            .ok()
+            .and_then(|mut i| i.next())
+            .is_some_and(|r| r.is_ok())
+    }
+
     /// Guest memory of data bytes `range`, one slice per descriptor (part); `None`
     /// when a descriptor is not inside one memory region.
     pub(super) fn slices<'m, G: GuestMemory>(
@@ -199,11 +207,9 @@ where
     }
     let plain = Plain::parse(export, chain)?;
     let mem = chain.memory();
-    // The status byte must be writable before the image is touched.
-    mem.get_slices(plain.status, 1, Permissions::Write)
-        .ok()?
-        .next()?
-        .ok()?;
+    if !plain.status_writable(mem) {
+        return None;
+    }
     let byte = status_of(plain.transfer(export, mem, 0..plain.len)?);
     Some((chain.head_index(), plain.complete(mem, byte)))
 }

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use diskimg_blockio::{Mapping, RawBuf, Uring};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory};
 
 use super::fast::Plain;
 use super::request::{S_OK, T_IN};
@@ -139,12 +139,10 @@ where
         return false;
     };
     let mem = chain.memory();
-    let status_ok = mem
-        .get_slices(plain.status, 1, Permissions::Write)
-        .ok()
-        .and_then(|mut i| i.next())
-        .is_some_and(|r| r.is_ok());
-    let Some(epoch) = export.device().host_epoch().filter(|_| status_ok) else {
+    if !plain.status_writable(mem) {
+        return false;
+    }
+    let Some(epoch) = export.device().host_epoch() else {
         return false;
     };
     let Some(spans) = plain.slices(mem, 0..plain.len).map(|s| {
